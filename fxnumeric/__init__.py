@@ -1,0 +1,66 @@
+"""fxnumeric: find where a quantized PyTorch model loses accuracy.
+
+The pipeline, one module per stage::
+
+    trace -> match -> instrument -> run -> compare -> report
+
+The eager Numeric Suite API (``compare_weights``, ``compare_model_outputs``, ...) is a thin
+layer on top, so ``import fxnumeric as ns`` runs the PyTorch Numeric Suite tutorial.
+"""
+
+from .eager import (
+    NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST,
+    compare_model_outputs,
+    compare_model_stub,
+    compare_weights,
+    get_default_compare_output_module_list,
+    get_logger_dict,
+    get_matching_activations,
+    prepare_model_outputs,
+    prepare_model_with_stubs,
+    remove_instrumentation,
+)
+from .errors import FxNumericError, InputError, InstrumentationError, MatchError, TraceError
+from .instrument import add_loggers, add_shadows, loggers_of
+from .loggers import Logger, OutputLogger, Shadow, ShadowLogger
+from .match import Matching, Pair, Unmatched, match
+from .ops import register_op
+from .trace import trace
+from .weights import extract_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # eager-compatible API
+    "compare_weights",
+    "compare_model_outputs",
+    "prepare_model_outputs",
+    "get_matching_activations",
+    "compare_model_stub",
+    "prepare_model_with_stubs",
+    "get_logger_dict",
+    "get_default_compare_output_module_list",
+    "NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST",
+    "Logger",
+    "OutputLogger",
+    "ShadowLogger",
+    "Shadow",
+    "remove_instrumentation",
+    # graph-native API
+    "trace",
+    "match",
+    "Matching",
+    "Pair",
+    "Unmatched",
+    "add_loggers",
+    "add_shadows",
+    "loggers_of",
+    "extract_weights",
+    "register_op",
+    # errors
+    "FxNumericError",
+    "TraceError",
+    "MatchError",
+    "InstrumentationError",
+    "InputError",
+]

@@ -1,0 +1,401 @@
+"""The eager Numeric Suite API (``torch.ao.ns._numeric_suite``), on top of the graph stages.
+
+Same names, signatures and semantics, so ``import fxnumeric as ns`` runs the PyTorch Numeric
+Suite tutorial unchanged. Underneath nothing is paired by module name: each call traces both
+models, pairs their nodes (:func:`fxnumeric.match`) and instruments copies of the graphs
+(:func:`fxnumeric.add_loggers`, :func:`fxnumeric.add_shadows`).
+
+``prepare_model_outputs`` and ``prepare_model_with_stubs`` act in place, as in eager mode:
+the model's ``forward`` is routed through the instrumented graph (which shares the model's
+submodules), so calling the model fills the loggers. Preparing again replaces the previous
+instrumentation; :func:`remove_instrumentation` undoes it. ``compare_model_outputs`` and
+``compare_model_stub`` leave both models untouched (eager modifies them in place).
+
+Where fxnumeric deliberately differs from the eager suite, see ``docs/eager_compat.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.ao.nn.quantized as nnq
+import torch.ao.nn.quantized.dynamic as nnqd
+import torch.fx as fx
+from torch import nn
+
+from .errors import InstrumentationError
+from .instrument import add_loggers, add_shadows, loggers_of
+from .loggers import Logger, OutputLogger, ShadowLogger
+from .match import Matching, Pair, match
+from .run import run_model
+from .trace import LeafSpec
+from .weights import extract_weights
+
+__all__ = [
+    "compare_weights",
+    "compare_model_outputs",
+    "prepare_model_outputs",
+    "get_matching_activations",
+    "compare_model_stub",
+    "prepare_model_with_stubs",
+    "get_logger_dict",
+    "remove_instrumentation",
+    "get_default_compare_output_module_list",
+    "NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST",
+]
+
+NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST = {nnqd.Linear, nnq.Linear, nnqd.LSTM, nn.LSTM}
+"""Modules with children that still get an output logger (as in torch's eager suite)."""
+
+_STATE_ATTR = "_fxnumeric_instrumented"
+
+
+def get_default_compare_output_module_list() -> set[type]:
+    """Module types whose outputs ``compare_model_outputs`` logs by default (torch's list)."""
+    from torch.ao.quantization.quantization_mappings import get_default_compare_output_module_list as _torch_list
+
+    return _torch_list()
+
+
+# ---------------------------------------------------------------- compare_weights
+
+
+def _find_match(keys: Iterable[str], key: str, postfix: str) -> str | None:
+    """torch's name matching for state dicts: ``conv1.weight`` ~ ``conv1.0.weight``."""
+    parts = key.split(".")
+    if parts[-1] != postfix:
+        return None
+    targets = ["".join(parts[:-1])]
+    if postfix == "_packed_params":
+        targets.append("".join(parts[:-2]))
+    for target in targets:
+        if not target:
+            continue
+        for candidate in keys:
+            c = candidate.split(".")
+            if target in ("".join(c[:-1]), "".join(c[:-2])):
+                return candidate
+    return None
+
+
+def _compare_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    weight_dict: dict[str, dict[str, Any]] = {}
+    for key, value in quantized_dict.items():
+        match_key = _find_match(float_dict, key, "weight")
+        if match_key is not None:
+            weight_dict[key] = {"float": float_dict[match_key], "quantized": value}
+            continue
+        match_key = _find_match(float_dict, key, "_packed_params")
+        if match_key is not None:
+            weight_dict[key] = {"float": float_dict[match_key], "quantized": value[0]}
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[-1] == "param" and parts[-3] == "_all_weight_values":
+            layer, module = parts[-2], ".".join(parts[:-3])
+            ih, hh = f"{module}.weight_ih_l{layer}", f"{module}.weight_hh_l{layer}"
+            if ih in float_dict and hh in float_dict:
+                packed = value.__getstate__()[0][4]
+                weight_dict[f"{key}.weight_ih"] = {"float": float_dict[ih], "quantized": packed[0].__getstate__()[0][0]}
+                weight_dict[f"{key}.weight_hh"] = {"float": float_dict[hh], "quantized": packed[1].__getstate__()[0][0]}
+    return weight_dict
+
+
+def compare_weights(float_dict: Any, quantized_dict: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Compare the weights of a float model with those of its quantized counterpart.
+
+    Args:
+        float_dict: the float model's ``state_dict()``, or the float model itself.
+        quantized_dict: the quantized model's ``state_dict()``, or the quantized model.
+
+    Returns:
+        ``{key: {"float": tensor, "quantized": tensor}}``, keyed by the quantized state_dict's
+        names (``conv1.weight``, ``fc._packed_params._packed_params``). With state dicts,
+        weights are paired by name as torch's eager suite does. With two models they are
+        paired through the graph, so it works when names differ; where the quantized op
+        absorbed a BatchNorm the float entry is the BN-folded float weight, so the
+        comparison measures quantization error only. A dynamic LSTM layer N gives two keys,
+        ``rnn._all_weight_values.N.param.weight_ih`` and ``...weight_hh`` (torch's eager
+        suite overwrote the first with the second under one key).
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+        >>> q = quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+        >>> list(compare_weights(f.state_dict(), q.state_dict()))
+        ['0._packed_params._packed_params']
+    """
+    if isinstance(float_dict, nn.Module) and isinstance(quantized_dict, nn.Module):
+        return extract_weights(match(float_dict, quantized_dict))
+    if isinstance(float_dict, nn.Module) or isinstance(quantized_dict, nn.Module):
+        from .errors import InputError
+
+        raise InputError("compare_weights takes two state dicts or two models, not one of each")
+    return _compare_state_dicts(float_dict, quantized_dict)
+
+
+# ---------------------------------------------------------------- in-place instrumentation
+
+
+def _install(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Route ``model.forward`` through ``gm`` (which shares its submodules)."""
+    gm.__dict__["_fxnumeric_order_model"] = model
+    model.__dict__[_STATE_ATTR] = gm
+    model.__dict__["forward"] = gm.forward
+
+
+def remove_instrumentation(model: nn.Module) -> nn.Module:
+    """Undo ``prepare_model_outputs`` / ``prepare_model_with_stubs`` on ``model``.
+
+    Returns the model itself, with its own forward back and no fxnumeric state left.
+    """
+    model.__dict__.pop(_STATE_ATTR, None)
+    if "forward" in model.__dict__ and getattr(model.__dict__["forward"], "__self__", None) is not model:
+        model.__dict__.pop("forward")
+    return model
+
+
+def _instrumented(model: nn.Module) -> fx.GraphModule | None:
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def _quant_module_of(matching: Matching, pair: Pair) -> nn.Module | None:
+    """The module that owns the pair's quantized output (a FloatFunctional for its ops)."""
+    try:
+        return matching.quant_model.get_submodule(pair.name)
+    except AttributeError:
+        return None
+
+
+def _output_selector(allow_list: set[type]):
+    allowed = set(allow_list) | NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST
+
+    def select(pair: Pair, matching: Matching) -> bool:
+        module = _quant_module_of(matching, pair)
+        if module is not None:
+            return type(module) in allowed
+        # FX-quantized graphs: quantized functional ops (torch.ops.quantized.*) are logged too
+        return pair.quantized
+
+    return select
+
+
+def _eager_order(gm: fx.GraphModule, keys: Iterable[str]) -> list[str]:
+    """Order keys as torch's get_logger_dict would: module registration order, then the rest."""
+    model = gm.__dict__.get("_fxnumeric_order_model", gm)
+    rank = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    keys = list(keys)
+    return sorted(keys, key=lambda k: (rank.get(k, len(rank)), keys.index(k)))
+
+
+def prepare_model_outputs(
+    float_module: nn.Module,
+    q_module: nn.Module,
+    logger_cls: type = OutputLogger,
+    allow_list: set[type] | None = None,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+) -> None:
+    """Attach loggers to the outputs of matching float and quantized ops, in place.
+
+    After it, ``float_module(x)`` and ``q_module(x)`` fill the loggers and
+    :func:`get_matching_activations` reads them. Ops are paired through the graph; a
+    quantized op is logged when its module type is in ``allow_list`` (torch's default list
+    when None), or, in FX-quantized graphs, when it is a quantized functional op. Preparing
+    again replaces the previous loggers (they never stack).
+    """
+    if allow_list is None:
+        allow_list = get_default_compare_output_module_list()
+    for model in (float_module, q_module):
+        remove_instrumentation(model)
+    matching = match(float_module, q_module, leaf_modules=leaf_modules).check()
+    float_gm, quant_gm = add_loggers(
+        float_module, q_module, logger_cls, select=_output_selector(allow_list), matching=matching
+    )
+    _install(float_module, float_gm)
+    _install(q_module, quant_gm)
+
+
+def _logged(stats: dict) -> bool:
+    return "tensor_val" not in stats or len(stats["tensor_val"]) > 0
+
+
+def get_matching_activations(float_module: nn.Module, q_module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Return ``{key: {"float": [...], "quantized": [...]}}`` from prepared models.
+
+    Keys are the quantized model's names with ``.stats`` (``conv1.stats``). With
+    OutputLogger the values are the lists of logged tensors, one per forward call. With a
+    custom logger that keeps no ``tensor_val`` list, each side is that logger's whole
+    ``stats`` dict (torch's eager suite raises ``KeyError: 'tensor_val'`` there).
+
+    Raises:
+        InstrumentationError: if the models were not prepared, or nothing was logged yet.
+    """
+    float_gm, quant_gm = _instrumented(float_module), _instrumented(q_module)
+    if float_gm is None or quant_gm is None:
+        raise InstrumentationError(
+            "the models are not prepared: call fxnumeric.prepare_model_outputs(float_model, "
+            "q_model) first, then run both models"
+        )
+    float_loggers, quant_loggers = loggers_of(float_gm), loggers_of(quant_gm)
+    if quant_loggers and not any(_logged(lg.stats) for lg in list(float_loggers.values()) + list(quant_loggers.values())):
+        raise InstrumentationError(
+            "no activations were logged yet: run a forward pass of both prepared models "
+            "(float_model(x); q_model(x)) before get_matching_activations"
+        )
+    result: dict[str, dict[str, Any]] = {}
+    for name in _eager_order(quant_gm, quant_loggers):
+        f_stats, q_stats = float_loggers[name].stats, quant_loggers[name].stats
+        if "tensor_val" in q_stats and "tensor_val" in f_stats:
+            if not q_stats["tensor_val"]:
+                continue
+            result[f"{name}.stats"] = {"float": f_stats["tensor_val"], "quantized": q_stats["tensor_val"]}
+        else:
+            result[f"{name}.stats"] = {"float": f_stats, "quantized": q_stats}
+    return result
+
+
+def compare_model_outputs(
+    float_model: nn.Module,
+    q_model: nn.Module,
+    *data: Any,
+    logger_cls: type = OutputLogger,
+    allow_list: set[type] | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Compare float and quantized activations at matching places for one input.
+
+    Same result as :func:`prepare_model_outputs`, one forward of each model and
+    :func:`get_matching_activations`, but neither model is modified.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+        >>> q = quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+        >>> d = compare_model_outputs(f, q, torch.randn(2, 4))
+        >>> list(d), d["0.stats"]["float"][0].shape
+        (['0.stats', '1.stats'], torch.Size([2, 4]))
+    """
+    if allow_list is None:
+        allow_list = get_default_compare_output_module_list()
+    matching = match(float_model, q_model, leaf_modules=leaf_modules).check()
+    float_gm, quant_gm = add_loggers(
+        float_model, q_model, logger_cls, select=_output_selector(allow_list), matching=matching
+    )
+    float_gm.__dict__["_fxnumeric_order_model"] = float_model
+    quant_gm.__dict__["_fxnumeric_order_model"] = q_model
+    run_model(float_gm, data, which="float")
+    run_model(quant_gm, data, which="quantized")
+    return get_matching_activations(_Prepared(float_gm), _Prepared(quant_gm)) if loggers_of(quant_gm) else {}
+
+
+class _Prepared(nn.Module):
+    """A throwaway holder so the in-place readers can read an instrumented copy's loggers."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.__dict__[_STATE_ATTR] = gm
+
+
+# ---------------------------------------------------------------- shadows
+
+
+def _is_identical_module_type(a: nn.Module, b: nn.Module) -> bool:
+    return [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+
+
+def _stub_selector(module_swap_list: Iterable[type]):
+    swap = tuple(module_swap_list)
+
+    def select(pair: Pair, matching: Matching) -> bool:
+        if len(pair.float_nodes) != 1 or len(pair.quant_nodes) != 1:
+            return False
+        fnode = next(n for n in matching.float_graph.graph.nodes if n.name == pair.float_nodes[0])
+        qnode = next(n for n in matching.quant_graph.graph.nodes if n.name == pair.quant_nodes[0])
+        if fnode.op != "call_module" or qnode.op != "call_module":
+            return False
+        fmod = matching.float_graph.get_submodule(fnode.target)
+        qmod = matching.quant_graph.get_submodule(qnode.target)
+        return type(fmod) in swap and not _is_identical_module_type(fmod, qmod)
+
+    return select
+
+
+def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: Iterable[type],
+                logger_cls: type, leaf_modules: Iterable[LeafSpec] | None) -> fx.GraphModule:
+    leaves = list(module_swap_list) + list(leaf_modules or ())
+    matching = match(float_model, q_model, leaf_modules=leaves).check()
+    quant_gm, skipped = add_shadows(
+        float_model, q_model, logger_cls, select=_stub_selector(module_swap_list), matching=matching
+    )
+    if skipped:
+        name, reason = next(iter(skipped.items()))
+        raise InstrumentationError(f"cannot shadow quantized `{name}`: {reason}")
+    return quant_gm
+
+
+def prepare_model_with_stubs(
+    float_module: nn.Module,
+    q_module: nn.Module,
+    module_swap_list: Iterable[type],
+    logger_cls: type,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+) -> None:
+    """Shadow each quantized op whose float counterpart's type is in ``module_swap_list``.
+
+    In place on ``q_module``: after it, ``q_module(x)`` runs each such quantized op and a
+    copy of its float counterpart on the same (dequantized) input, and the logger receives
+    ``(quantized_output, float_output)``; :func:`get_logger_dict` reads them. The float
+    model is not modified.
+    """
+    remove_instrumentation(q_module)
+    _install(q_module, _stub_graph(float_module, q_module, module_swap_list, logger_cls, leaf_modules))
+
+
+def compare_model_stub(
+    float_model: nn.Module,
+    q_model: nn.Module,
+    module_swap_list: Iterable[type],
+    *data: Any,
+    logger_cls: type = ShadowLogger,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+) -> dict[str, dict]:
+    """Compare each quantized op of the listed types with its float shadow on the same input.
+
+    Returns ``{"<name>.stats": {"float": [...], "quantized": [...]}}`` as torch's eager
+    suite does (with ShadowLogger; a custom logger's ``stats`` otherwise). Neither model is
+    modified. ShadowLogger keeps whole batches; torch's keeps only sample 0.
+    """
+    quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules)
+    quant_gm.__dict__["_fxnumeric_order_model"] = q_model
+    run_model(quant_gm, data, which="quantized")
+    return get_logger_dict(_Prepared(quant_gm))
+
+
+def get_logger_dict(mod: nn.Module, prefix: str = "") -> dict[str, dict]:
+    """Return ``{"<name>.stats": logger.stats}`` for every logger of ``mod``.
+
+    Works on models prepared by fxnumeric and, as torch's version does, on any module tree
+    containing Logger submodules (for example :class:`fxnumeric.Shadow` modules).
+    """
+    gm = _instrumented(mod)
+    lead = f"{prefix}." if prefix else ""
+    if gm is not None:
+        loggers = loggers_of(gm)
+        return {f"{lead}{name}.stats": loggers[name].stats for name in _eager_order(gm, loggers)}
+    target: dict[str, dict] = {}
+    _logger_dict_helper(mod, target, prefix)
+    return target
+
+
+def _logger_dict_helper(mod: nn.Module, target: dict[str, dict], prefix: str) -> None:
+    lead = f"{prefix}." if prefix else ""
+    for child in mod.children():
+        if isinstance(child, Logger):
+            target[f"{lead}stats"] = child.stats
+            break
+    for name, child in mod.named_children():
+        _logger_dict_helper(child, target, f"{lead}{name}")

@@ -1,0 +1,34 @@
+"""One exception family for everything a user can trigger.
+
+Every message says what failed, where (node, module path, which model) and what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxNumericError",
+    "TraceError",
+    "MatchError",
+    "InstrumentationError",
+    "InputError",
+]
+
+
+class FxNumericError(Exception):
+    """Base class of every error fxnumeric raises on purpose."""
+
+
+class TraceError(FxNumericError):
+    """A model could not be symbolically traced with ``torch.fx``."""
+
+
+class MatchError(FxNumericError):
+    """The float and quantized graphs could not be paired."""
+
+
+class InstrumentationError(FxNumericError):
+    """Loggers or shadows could not be inserted, or were used wrongly."""
+
+
+class InputError(FxNumericError, ValueError):
+    """An argument (model, data batch, option) is not what fxnumeric needs."""

@@ -1,0 +1,281 @@
+"""Stage 3, instrument: new GraphModules with logger nodes or float shadow subgraphs.
+
+Loggers and shadows hang off the graph as side branches: their results are never used, so
+the instrumented model's outputs are bit-identical to the original's. The new GraphModules
+share the user's submodules (nothing is copied or changed) except the float subgraphs run as
+shadows, which are deep copies, so running a shadow never touches the float model.
+
+Each instrumented GraphModule records its loggers by pair name in ``gm.fxnumeric_loggers``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .errors import InstrumentationError
+from .loggers import OutputLogger, ShadowLogger, _dequantize
+from .match import Matching, Pair, match
+from .trace import LeafSpec
+
+__all__ = ["add_loggers", "add_shadows", "loggers_of", "PairFilter"]
+
+PairFilter = Callable[[Pair, Matching], bool]
+"""Called as ``select(pair, matching)``; return True to instrument that pair."""
+
+_LOGGERS_ATTR = "fxnumeric_loggers"
+
+
+def loggers_of(gm: nn.Module) -> dict[str, nn.Module]:
+    """The loggers of an instrumented GraphModule, by pair name (empty if none)."""
+    return gm.__dict__.get(_LOGGERS_ATTR, {})
+
+
+def _make_logger(logger_cls: type) -> nn.Module:
+    try:
+        logger = logger_cls()
+    except TypeError as exc:
+        raise InstrumentationError(
+            f"could not build a logger with {getattr(logger_cls, '__name__', logger_cls)}(): {exc}. "
+            "Pass a Logger subclass whose __init__ takes no arguments."
+        ) from exc
+    if not isinstance(logger, nn.Module) or not isinstance(getattr(logger, "stats", None), dict):
+        raise InstrumentationError(
+            f"{type(logger).__name__} is not a logger: subclass fxnumeric.Logger (an nn.Module "
+            "with a `stats` dict)."
+        )
+    return logger
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    return new, {n.name: n for n in new.graph.nodes}
+
+
+def _mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a later op overwrites ``node``'s output in place (then the logger gets a copy)."""
+    for user in node.users:
+        if user.op == "call_module" and getattr(modules.get(user.target), "inplace", False):
+            return True
+        if user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is node:
+            return True
+        if user.op == "call_function":
+            name = getattr(user.target, "__name__", "")
+            if user.kwargs.get("inplace") or (name.startswith("i") and name in ("iadd", "imul", "isub", "itruediv")) or (
+                name.endswith("_") and not name.startswith("_") and user.args and user.args[0] is node
+            ):
+                return True
+    return False
+
+
+def _select(matching: Matching, select: PairFilter | Iterable[str] | None) -> list[Pair]:
+    if select is None:
+        return list(matching.pairs)
+    if callable(select):
+        return [p for p in matching.pairs if select(p, matching)]
+    names = set(select)
+    unknown = names - {p.name for p in matching.pairs}
+    if unknown:
+        raise InstrumentationError(
+            f"no pair is named {sorted(unknown)[:5]}; see Matching.table() for pair names"
+        )
+    return [p for p in matching.pairs if p.name in names]
+
+
+def _attach(gm: fx.GraphModule, nodes: dict[str, fx.Node], modules: dict[str, nn.Module],
+            node_name: str, module: nn.Module, target: str, extra_args: tuple = ()) -> None:
+    gm.add_submodule(target, module)
+    node = nodes[node_name]
+    with gm.graph.inserting_after(node):
+        logged = node
+        if _mutated_in_place(node, modules):
+            logged = gm.graph.call_method("clone", (node,))
+        with gm.graph.inserting_after(logged):
+            gm.graph.call_module(target, (logged, *extra_args))
+
+
+def _resolve_matching(float_model: nn.Module, quant_model: nn.Module, matching: Matching | None,
+                      leaf_modules: Iterable[LeafSpec] | None) -> Matching:
+    return matching if matching is not None else match(float_model, quant_model, leaf_modules=leaf_modules)
+
+
+def add_loggers(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    logger_cls: type = OutputLogger,
+    *,
+    select: PairFilter | Iterable[str] | None = None,
+    matching: Matching | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Return new float and quantized GraphModules that log the output of every paired op.
+
+    The same pair name gets one logger per side; a module called twice logs twice into it, as
+    in torch's eager suite.
+
+    Args:
+        float_model: the float model (not modified).
+        quant_model: the quantized model (not modified).
+        logger_cls: logger class, called as ``logger(output)``.
+        select: which pairs to log: pair names, or ``select(pair, matching) -> bool``.
+        matching: a :func:`match` result to reuse instead of matching again.
+        leaf_modules: passed to :func:`match`.
+
+    Returns:
+        ``(float_gm, quant_gm)``; their loggers are in :func:`loggers_of`.
+    """
+    matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
+    float_gm, float_nodes = _copy_graph_module(matching.float_graph)
+    quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
+    float_loggers: dict[str, nn.Module] = {}
+    quant_loggers: dict[str, nn.Module] = {}
+    float_modules, quant_modules = dict(float_gm.named_modules()), dict(quant_gm.named_modules())
+    for i, pair in enumerate(_select(matching, select)):
+        if pair.name not in quant_loggers:
+            float_loggers[pair.name] = _make_logger(logger_cls)
+            quant_loggers[pair.name] = _make_logger(logger_cls)
+        target = f"fxnumeric_logger_{i}"
+        _attach(float_gm, float_nodes, float_modules, pair.float_nodes[-1], float_loggers[pair.name], target)
+        _attach(quant_gm, quant_nodes, quant_modules, pair.quant_nodes[-1], quant_loggers[pair.name], target)
+    for gm, loggers in ((float_gm, float_loggers), (quant_gm, quant_loggers)):
+        gm.recompile()
+        gm.__dict__[_LOGGERS_ATTR] = loggers
+    return float_gm, quant_gm
+
+
+class _ShadowProbe(nn.Module):
+    """Runs a float subgraph on the dequantized inputs of a quantized op and logs both outputs."""
+
+    def __init__(self, float_fn: nn.Module, logger: nn.Module) -> None:
+        super().__init__()
+        self.float_fn = float_fn
+        self.logger = logger
+
+    def forward(self, quant_out: Any, *quant_inputs: Any) -> None:
+        self.logger(quant_out, self.float_fn(*_dequantize(quant_inputs)))
+
+
+def _extract_float_subgraph(matching: Matching, pair: Pair) -> tuple[fx.GraphModule, list[str]]:
+    """Copy the pair's float nodes (and plumbing between them) into a standalone GraphModule.
+
+    Returns the module and the names of the float nodes that feed it, in argument order.
+    """
+    from .ops import classify
+
+    gm = matching.float_graph
+    modules = dict(gm.named_modules())
+    by_name = {n.name: n for n in gm.graph.nodes}
+    chain = [by_name[n] for n in pair.float_nodes]
+    inside = set(chain)
+    # plumbing nodes between chain members belong inside too
+    frontier = list(chain)
+    while frontier:
+        n = frontier.pop()
+        for i in n.all_input_nodes:
+            if i in inside or i.op in ("placeholder", "get_attr"):
+                continue
+            if i.op in ("call_module", "call_function", "call_method"):
+                c = classify(i, modules)
+                if c is not None and c.role == "plumbing" and _feeds_from(i, inside):
+                    inside.add(i)
+                    frontier.append(i)
+    ordered = [n for n in gm.graph.nodes if n in inside]
+    external: list[fx.Node] = []
+    for n in ordered:
+        for i in n.all_input_nodes:
+            if i not in inside and i.op != "get_attr" and i not in external:
+                external.append(i)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {e: graph.placeholder(f"input_{k}") for k, e in enumerate(external)}
+    for n in ordered:
+        for i in n.all_input_nodes:
+            if i.op == "get_attr" and i not in env:
+                env[i] = graph.get_attr(i.target)
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[chain[-1]])
+    sub = copy.deepcopy(fx.GraphModule(gm, graph, class_name="FloatShadow"))
+    return sub, [e.name for e in external]
+
+
+def _feeds_from(node: fx.Node, inside: set) -> bool:
+    """Whether ``node`` (plumbing) reads, through plumbing only, from a node in ``inside``."""
+    seen = node
+    while seen.all_input_nodes:
+        seen = seen.all_input_nodes[0]
+        if seen in inside:
+            return True
+        if seen.op in ("placeholder", "get_attr"):
+            return False
+    return False
+
+
+def add_shadows(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    logger_cls: type = ShadowLogger,
+    *,
+    select: PairFilter | Iterable[str] | None = None,
+    matching: Matching | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Return a new quantized GraphModule in which every selected pair has a float shadow.
+
+    The shadow is a copy of the pair's float subgraph, fed the dequantized inputs of the
+    quantized op, so it measures the error that op adds on its own. The logger is called as
+    ``logger(quantized_output, float_output)``. Pairs whose float subgraph reads a value that
+    has no quantized counterpart cannot be shadowed; they are returned with the reason.
+
+    Returns:
+        ``(quant_gm, skipped)``: the instrumented model (loggers in :func:`loggers_of`) and
+        ``{pair name: reason}`` for pairs that could not be shadowed.
+    """
+    matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
+    quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
+    float_to_quant: dict[str, str] = {}
+    for q, f in matching.quant_to_float.items():
+        float_to_quant.setdefault(f, q)  # earliest quantized node carrying that value
+    loggers: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    order = {n.name: i for i, n in enumerate(quant_gm.graph.nodes)}
+    quant_modules = dict(quant_gm.named_modules())
+    for i, pair in enumerate(_select(matching, select)):
+        sub, float_inputs = _extract_float_subgraph(matching, pair)
+        head_inputs = _quant_head_inputs(matching, pair)
+        quant_inputs = []
+        for f in float_inputs:
+            q = head_inputs.get(f) or float_to_quant.get(f)
+            if q is None or order[q] > order[pair.quant_nodes[-1]]:
+                skipped[pair.name] = f"float input `{f}` of the shadow has no quantized counterpart"
+                break
+            quant_inputs.append(quant_nodes[q])
+        else:
+            if pair.name not in loggers:
+                loggers[pair.name] = _make_logger(logger_cls)
+            probe = _ShadowProbe(sub, loggers[pair.name])
+            _attach(quant_gm, quant_nodes, quant_modules, pair.quant_nodes[-1], probe,
+                    f"fxnumeric_shadow_{i}", tuple(quant_inputs))
+    quant_gm.recompile()
+    quant_gm.__dict__[_LOGGERS_ATTR] = loggers
+    return quant_gm, skipped
+
+
+def _quant_head_inputs(matching: Matching, pair: Pair) -> dict[str, str]:
+    """Float node name -> quantized node name, for the values the quantized chain reads."""
+    gm = matching.quant_graph
+    by_name = {n.name: n for n in gm.graph.nodes}
+    chain = {by_name[n] for n in pair.quant_nodes}
+    out: dict[str, str] = {}
+    for n in chain:
+        for i in n.all_input_nodes:
+            node = i
+            # walk back through plumbing to the node that carries a float counterpart
+            while node.name not in matching.quant_to_float and node.all_input_nodes and node not in chain:
+                node = node.all_input_nodes[0]
+            f = matching.quant_to_float.get(node.name)
+            if f is not None and node not in chain:
+                out.setdefault(f, node.name)
+    return out

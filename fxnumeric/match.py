@@ -1,0 +1,420 @@
+"""Stage 2, match: pair the nodes of a float graph with those of its quantized graph.
+
+Both graphs are condensed into ``networkx`` DiGraphs of ops: plumbing nodes (Identity,
+DeQuantStub, ``dequantize``, eval-mode dropout, observers) disappear and their edges pass
+through; ``get_attr`` nodes (weights, scales) are not dataflow. Pairing is then a single
+walk over the quantized ops in topological order. For each one it looks among the float ops
+that consume the float counterparts of its inputs, and aligns *chains*: a quantized op and a
+float op pair when their kinds agree, and a fused op pairs with a chain of float ops whose
+kinds add up to its signature, a BatchNorm after a conv or linear being absorbed (folded)::
+
+    float:      x -> conv1 -> bn1 -> relu -> maxpool          (unfused nn.Module)
+    quantized:  x -> quantize -> conv1 (ConvReLU2d) -> maxpool (eager or FX quantized)
+
+    pairs:      ('conv2d-relu', float=(conv1, bn1, relu), quantized=(conv1,))
+                ('max_pool2d',  float=(maxpool,),         quantized=(maxpool,))
+
+Among several float candidates (parallel branches) the one with the same module name, then the
+same module attributes (channels, kernel, features), then the earliest in graph order wins,
+so symmetric branches pair branch to branch. The walk is linear in the number of nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch.fx as fx
+from tabulate import tabulate
+from torch import nn
+
+from .errors import MatchError
+from .ops import BN_FOLDING_KINDS, OpClass, classify
+from .trace import LeafSpec, trace
+
+__all__ = ["Pair", "Unmatched", "Matching", "match"]
+
+_ATTRS = (
+    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+    "in_features", "out_features", "num_features", "normalized_shape", "num_embeddings",
+    "embedding_dim", "input_size", "hidden_size", "num_layers", "bidirectional",
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A float subgraph and the quantized subgraph that computes the same thing.
+
+    Attributes:
+        name: the quantized side's name for it: module path (``layer1.0.conv1``), the
+            FloatFunctional that owns a functional op (``layer1.0.add_relu``), or node name.
+        kind: the op kinds, joined: ``conv2d-relu``.
+        float_nodes: names of the float graph nodes, in order; the last one's output is the
+            pair's float output.
+        quant_nodes: names of the quantized graph nodes, in order.
+        quantized: whether the quantized side computes in quantized form (False for ops
+            left in float, such as an ``nn.Embedding`` under dynamic quantization).
+    """
+
+    name: str
+    kind: str
+    float_nodes: tuple[str, ...]
+    quant_nodes: tuple[str, ...]
+    quantized: bool
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A node that found no partner, with the reason a person can act on."""
+
+    node: str
+    kind: str
+    reason: str
+    quantized: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Matching:
+    """The result of :func:`match`: pairs, misses and the two traced graphs.
+
+    The node names in ``pairs`` and the misses refer to ``float_graph`` and ``quant_graph``.
+    """
+
+    pairs: tuple[Pair, ...]
+    unmatched_float: tuple[Unmatched, ...]
+    unmatched_quant: tuple[Unmatched, ...]
+    float_graph: fx.GraphModule = field(repr=False)
+    quant_graph: fx.GraphModule = field(repr=False)
+    quant_to_float: dict[str, str] = field(repr=False, default_factory=dict)
+    """For each quantized node whose output has a float counterpart, that float node's name."""
+    float_model: nn.Module | None = field(repr=False, default=None)
+    quant_model: nn.Module | None = field(repr=False, default=None)
+    """The user's models (not modified); module paths in pair names refer to them."""
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the quantized graph's quantized compute ops that were paired."""
+        paired = sum(1 for p in self.pairs if p.quantized)
+        missed = sum(1 for u in self.unmatched_quant if u.quantized)
+        return 1.0 if paired + missed == 0 else paired / (paired + missed)
+
+    def check(self) -> Matching:
+        """Raise :class:`MatchError` if a quantized compute op found no float partner."""
+        missed = [u for u in self.unmatched_quant if u.quantized]
+        if missed or not self.pairs:
+            raise MatchError(_summary(self, missed))
+        return self
+
+    def table(self, tablefmt: str = "simple") -> str:
+        """Render pairs and misses as a tabulate table (``simple``, ``github``, ``plain`` ...)."""
+        rows = [
+            (p.name, p.kind, ", ".join(p.float_nodes), ", ".join(p.quant_nodes), "")
+            for p in self.pairs
+        ]
+        rows += [(u.node, u.kind, u.node, "-", u.reason) for u in self.unmatched_float]
+        rows += [(u.node, u.kind, "-", u.node, u.reason) for u in self.unmatched_quant]
+        headers = ("name", "kind", "float nodes", "quantized nodes", "unpaired because")
+        summary = (
+            f"{len(self.pairs)} pairs, {len(self.unmatched_float)} float and "
+            f"{len(self.unmatched_quant)} quantized nodes unpaired, "
+            f"coverage of quantized ops {self.coverage:.0%}"
+        )
+        return tabulate(rows, headers=headers, tablefmt=tablefmt) + "\n" + summary
+
+    def pair(self, name: str) -> Pair:
+        """Return the pair called ``name``."""
+        for p in self.pairs:
+            if p.name == name:
+                return p
+        raise MatchError(f"no pair named {name!r}; names are: {', '.join(p.name for p in self.pairs[:20])} ...")
+
+
+def _summary(m: Matching, missed: list[Unmatched]) -> str:
+    lines = [
+        f"could not pair the float and quantized models: {len(m.pairs)} pairs, "
+        f"{len(m.unmatched_quant)} quantized and {len(m.unmatched_float)} float nodes without a partner."
+    ]
+    for side, items in (("quantized", missed or list(m.unmatched_quant)), ("float", list(m.unmatched_float))):
+        for u in items[:5]:
+            lines.append(f"  {side} `{u.node}` ({u.kind}): {u.reason}")
+        if len(items) > 5:
+            lines.append(f"  ... and {len(items) - 5} more {side} nodes")
+    lines.append(
+        "Are these a float model and the quantized model made from it? If an op is custom, "
+        "declare it with fxnumeric.register_op; see Matching.table() for every pair."
+    )
+    return "\n".join(lines)
+
+
+class _View:
+    """A traced graph condensed to its ops, with what the matcher needs to know about each."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.cls: dict[fx.Node, OpClass] = {}
+        self.resolved: dict[fx.Node, fx.Node | None] = {}
+        self.inputs: dict[fx.Node, list[fx.Node]] = {}
+        self.graph = nx.DiGraph()
+        self.placeholders: list[fx.Node] = []
+        self.output: fx.Node | None = None
+        for n in self.nodes:
+            if n.op == "get_attr":
+                self.resolved[n] = None
+                continue
+            ins = list(dict.fromkeys(
+                r for r in (self.resolved.get(i) for i in n.all_input_nodes) if r is not None
+            ))
+            if n.op == "placeholder":
+                self.placeholders.append(n)
+            elif n.op == "output":
+                self.output = n
+            else:
+                c = classify(n, self.modules)
+                assert c is not None
+                self.cls[n] = c
+                if c.role == "plumbing":
+                    self.resolved[n] = ins[0] if ins else None
+                    continue
+            self.resolved[n] = n
+            self.inputs[n] = ins
+            self.graph.add_node(n)
+            self.graph.add_edges_from((i, n) for i in ins)
+
+    def is_op(self, n: fx.Node) -> bool:
+        c = self.cls.get(n)
+        return c is not None and c.role != "plumbing"
+
+    def consumers(self, n: fx.Node) -> list[fx.Node]:
+        return list(self.graph.successors(n))
+
+    def sole_consumer(self, n: fx.Node) -> fx.Node | None:
+        users = self.consumers(n)
+        return users[0] if len(users) == 1 and self.is_op(users[0]) else None
+
+    def name(self, n: fx.Node) -> str:
+        """Module path, owning FloatFunctional path, or node name."""
+        if n.op == "call_module":
+            return str(n.target)
+        if len(n.users) == 1:
+            (user,) = n.users
+            if user.op == "call_module" and str(user.target).endswith(".activation_post_process"):
+                return str(user.target)[: -len(".activation_post_process")]
+        return n.name
+
+    def attrs(self, n: fx.Node) -> tuple[Any, ...]:
+        if n.op == "call_module":
+            mod = self.modules[n.target]
+            if isinstance(mod, nn.Sequential) and len(mod):
+                mod = mod[0]
+            return tuple(getattr(mod, a, None) for a in _ATTRS)
+        if self.cls[n].signature == ("getitem",):
+            return (n.args[1],)
+        return ()
+
+    def module(self, n: fx.Node) -> nn.Module | None:
+        return self.modules[n.target] if n.op == "call_module" else None
+
+
+def _align(
+    fv: _View, qv: _View, f0: fx.Node, q0: fx.Node, taken_f: set, taken_q: set
+) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """Grow chains from ``f0`` and ``q0`` until their signatures agree, or give up."""
+    f_chain, q_chain = [f0], [q0]
+    fs, qs = list(fv.cls[f0].signature), list(qv.cls[q0].signature)
+    i = j = 0
+    while True:
+        while i < len(fs) and j < len(qs):
+            if fs[i] == qs[j]:
+                i, j = i + 1, j + 1
+            elif fs[i] == "batch_norm" and i > 0 and fs[i - 1] in BN_FOLDING_KINDS:
+                i += 1  # folded into the quantized conv/linear
+            else:
+                return None
+        if i == len(fs) and j == len(qs):
+            nxt = fv.sole_consumer(f_chain[-1])
+            if (
+                nxt is not None and nxt not in taken_f and fs[-1] in BN_FOLDING_KINDS
+                and fv.cls[nxt].signature == ("batch_norm",)
+            ):
+                q_nxt = qv.sole_consumer(q_chain[-1])
+                if q_nxt is None or qv.cls[q_nxt].signature[0] != "batch_norm":
+                    f_chain.append(nxt)
+            return f_chain, q_chain
+        view, chain, seq, taken = (fv, f_chain, fs, taken_f) if i == len(fs) else (qv, q_chain, qs, taken_q)
+        nxt = view.sole_consumer(chain[-1])
+        if nxt is None or nxt in taken:
+            return None
+        chain.append(nxt)
+        seq.extend(view.cls[nxt].signature)
+
+
+def _candidates(fv: _View, qv: _View, q: fx.Node, mapped: list, taken_f: set) -> list[fx.Node]:
+    head = qv.cls[q].signature[0]
+    known = [m for m in mapped if m is not None]
+    if known:
+        pool = [f for f in fv.consumers(known[0]) if all(k in fv.inputs.get(f, ()) for k in known[1:])]
+    elif not qv.inputs[q]:
+        pool = [f for f in fv.cls if not fv.inputs.get(f)]
+    else:  # inputs unpaired upstream: only a same-named op will do
+        qname = qv.name(q)
+        pool = [f for f in fv.cls if fv.name(f) == qname]
+    pool = [f for f in pool if fv.is_op(f) and f not in taken_f and fv.cls[f].signature[0] == head]
+    qname, qattrs = qv.name(q), qv.attrs(q)
+    if head == "getitem":
+        pool = [f for f in pool if fv.attrs(f) == qattrs]
+    return sorted(pool, key=lambda f: (fv.name(f) != qname, fv.attrs(f) != qattrs, fv.order[f]))
+
+
+def _quant_miss_reason(fv: _View, qv: _View, q: fx.Node, mapped: list, tried: list) -> str:
+    kind = qv.cls[q].kind
+    unpaired_inputs = [i.name for i, m in zip(qv.inputs[q], mapped) if m is None]
+    if unpaired_inputs and all(m is None for m in mapped):
+        return (
+            f"its input `{unpaired_inputs[0]}` has no float counterpart, so there is no place "
+            f"in the float graph to look for a `{kind}`"
+        )
+    if tried:
+        names = ", ".join(f"`{f.name}` ({fv.cls[f].kind})" for f in tried[:3])
+        return f"float candidates {names} start like it, but their op chain does not add up to `{kind}`"
+    anchor = next(m for m in mapped if m is not None) if any(mapped) else None
+    near = [f"`{f.name}` ({fv.cls[f].kind})" for f in (fv.consumers(anchor) if anchor is not None else []) if fv.is_op(f)]
+    where = f"the float counterpart `{anchor.name}` of its input" if anchor is not None else "the float graph's inputs"
+    nearest = f"; nearest candidates: {', '.join(near[:3])}" if near else ""
+    return f"no float op of kind `{qv.cls[q].signature[0]}` consumes {where}{nearest}"
+
+
+def _float_miss_reason(fv: _View, qv: _View, f: fx.Node, pair_of: dict, inverse: dict) -> str:
+    kind = fv.cls[f].kind
+    for nb in list(fv.graph.predecessors(f)) + fv.consumers(f):
+        if nb in pair_of:
+            p = pair_of[nb]
+            return (
+                f"float `{f.name}` ({kind}) has no quantized counterpart: its neighbour `{nb.name}` "
+                f"was paired with quantized `{p.name}` ({p.kind}), which does not compute a `{kind}`"
+            )
+    ins = [i for i in fv.inputs[f] if i in inverse]
+    if ins:
+        q_in = inverse[ins[0]]
+        cons = [f"`{c.name}` ({qv.cls[c].kind})" for c in qv.consumers(q_in) if qv.is_op(c)]
+        return (
+            f"no quantized op of kind `{kind}` consumes `{q_in.name}`, the quantized counterpart "
+            f"of its input" + (f"; it feeds {', '.join(cons[:3])}" if cons else "")
+        )
+    return f"none of its inputs has a quantized counterpart, so `{kind}` could not be placed"
+
+
+def _pair_views(fv: _View, qv: _View) -> tuple[list[Pair], list[Unmatched], list[Unmatched], dict]:
+    if len(fv.placeholders) != len(qv.placeholders):
+        raise MatchError(
+            f"the float model takes {len(fv.placeholders)} inputs "
+            f"({', '.join(p.name for p in fv.placeholders)}) but the quantized model takes "
+            f"{len(qv.placeholders)} ({', '.join(p.name for p in qv.placeholders)}); "
+            "compare a float model with the quantized model made from it."
+        )
+    anchor: dict[fx.Node, fx.Node | None] = dict(zip(qv.placeholders, fv.placeholders))
+    taken_f: set = set()
+    taken_q: set = set()
+    pairs: list[Pair] = []
+    pair_of: dict[fx.Node, Pair] = {}
+    miss_q: list[Unmatched] = []
+    for q in qv.nodes:
+        if q in taken_q or not qv.is_op(q):
+            continue
+        mapped = [anchor.get(i) for i in qv.inputs[q]]
+        tried: list[fx.Node] = []
+        found = None
+        for f in _candidates(fv, qv, q, mapped, taken_f):
+            tried.append(f)
+            found = _align(fv, qv, f, q, taken_f, taken_q)
+            if found:
+                break
+        if found is None:
+            c = qv.cls[q]
+            if c.role == "optional":
+                anchor[q] = mapped[0] if mapped else None
+            else:
+                anchor[q] = None
+                miss_q.append(Unmatched(q.name, c.kind, _quant_miss_reason(fv, qv, q, mapped, tried), c.quantized))
+            continue
+        f_chain, q_chain = found
+        kinds = [k for n in q_chain for k in qv.cls[n].signature]
+        p = Pair(
+            name=qv.name(q_chain[-1]) if qv.name(q_chain[-1]) != q_chain[-1].name else qv.name(q_chain[0]),
+            kind="-".join(kinds),
+            float_nodes=tuple(n.name for n in f_chain),
+            quant_nodes=tuple(n.name for n in q_chain),
+            quantized=any(qv.cls[n].quantized for n in q_chain),
+        )
+        pairs.append(p)
+        taken_f.update(f_chain)
+        taken_q.update(q_chain)
+        for n in f_chain:
+            pair_of[n] = p
+        for n in q_chain:
+            anchor[n] = f_chain[-1]
+    inverse = {f: q for q, f in anchor.items() if f is not None}
+    miss_f = [
+        Unmatched(f.name, fv.cls[f].kind, _float_miss_reason(fv, qv, f, pair_of, inverse), False)
+        for f in fv.nodes
+        if fv.is_op(f) and f not in taken_f and fv.cls[f].role == "op"
+    ]
+    return pairs, miss_f, miss_q, anchor
+
+
+def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None, which: str) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule) and not leaf_modules:
+        # Keep the user's node names: they are the keys of FX-mode results.
+        return fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
+    return trace(model, leaf_modules=leaf_modules, which=which)
+
+
+def match(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+) -> Matching:
+    """Pair the ops of a float model with those of the quantized model made from it.
+
+    Works for eager-quantized models (fused or not), FX-quantized GraphModules
+    (``convert_fx`` and ``convert_to_reference_fx``) and dynamic quantization; the module
+    names of the two models need not agree. Neither model is modified.
+
+    Args:
+        float_model: the float model.
+        quant_model: the quantized model.
+        example_inputs: optional input (tensor or tuple); when given, both traced graphs are
+            run once to check they accept it.
+        leaf_modules: module types or names to keep whole instead of tracing through them.
+
+    Returns:
+        A :class:`Matching`. Misses are listed with reasons; call ``.check()`` to turn a
+        missing quantized op into a :class:`MatchError`.
+
+    Example:
+        >>> import torch, copy
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+        >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
+        >>> [(p.kind, p.float_nodes, p.quant_nodes) for p in m.pairs]
+        [('linear', ('_0',), ('_0',)), ('relu', ('_1',), ('_1',))]
+    """
+    float_gm = _as_graph_module(float_model, leaf_modules, "float")
+    quant_gm = _as_graph_module(quant_model, leaf_modules, "quantized")
+    if example_inputs is not None:
+        from .run import run_model
+
+        run_model(float_gm, example_inputs, which="float")
+        run_model(quant_gm, example_inputs, which="quantized")
+    pairs, miss_f, miss_q, anchor = _pair_views(_View(float_gm), _View(quant_gm))
+    quant_to_float = {q.name: f.name for q, f in anchor.items() if f is not None}
+    return Matching(
+        tuple(pairs), tuple(miss_f), tuple(miss_q), float_gm, quant_gm, quant_to_float, float_model, quant_model
+    )

@@ -1,0 +1,278 @@
+"""Op tables: what each graph node *is*, as data the matcher reads.
+
+Every node of a traced graph gets a :class:`OpClass`:
+
+* ``signature``: the sequence of base op kinds it computes. A float ``Conv2d`` is
+  ``("conv2d",)``; a fused ``ConvReLU2d`` (float intrinsic, QAT or quantized) is
+  ``("conv2d", "relu")``; ``torch.ops.quantized.add_relu`` is ``("add", "relu")``. The matcher
+  pairs a chain of float nodes with a chain of quantized nodes when their signatures agree,
+  so fusion needs no pattern list of its own: a fused module is simply a longer signature.
+* ``role``: ``"op"`` (pairable), ``"plumbing"`` (transparent: Identity, DeQuantStub,
+  ``dequantize``, eval-mode dropout, observers, loggers) or ``"optional"`` (quantize: paired
+  when both sides have one, otherwise transparent).
+
+The float, QAT, quantized, dynamic and reference forms of a module share a class name
+(``Conv2d``, ``LinearReLU``, ``LSTM`` ...), so the module table is keyed by class name and
+applies only to classes that live in ``torch.nn`` / ``torch.ao.nn``. Users add their own ops
+with :func:`register_op`.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["OpClass", "classify", "register_op", "BN_FOLDING_KINDS", "is_quantized_module"]
+
+
+@dataclass(frozen=True)
+class OpClass:
+    """What a node computes, as the matcher sees it."""
+
+    signature: tuple[str, ...]
+    role: str = "op"  # "op" | "plumbing" | "optional"
+    quantized: bool = False  # a quantized compute op (must be paired for full coverage)
+
+    @property
+    def kind(self) -> str:
+        """The signature joined with ``-``, e.g. ``conv2d-relu``."""
+        return "-".join(self.signature)
+
+
+PLUMBING = OpClass(("plumbing",), "plumbing")
+QUANTIZE = OpClass(("quantize",), "optional")
+
+# Kinds that absorb a following batch_norm when quantized (BN folding).
+BN_FOLDING_KINDS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "linear", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+)
+
+# --- modules: class name -> signature. Same name across float/QAT/quantized/dynamic/reference.
+_MODULE_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "Linear": ("linear",),
+    "NonDynamicallyQuantizableLinear": ("linear",),
+    "LinearReLU": ("linear", "relu"),
+    "LinearBn1d": ("linear", "batch_norm"),
+    "LinearLeakyReLU": ("linear", "leaky_relu"),
+    "LinearTanh": ("linear", "tanh"),
+    "ConvAdd2d": ("conv2d", "add"),
+    "ConvAddReLU2d": ("conv2d", "add", "relu"),
+    "BatchNorm1d": ("batch_norm",),
+    "BatchNorm2d": ("batch_norm",),
+    "BatchNorm3d": ("batch_norm",),
+    "BNReLU2d": ("batch_norm", "relu"),
+    "BNReLU3d": ("batch_norm", "relu"),
+    "LayerNorm": ("layer_norm",),
+    "GroupNorm": ("group_norm",),
+    "InstanceNorm1d": ("instance_norm",),
+    "InstanceNorm2d": ("instance_norm",),
+    "InstanceNorm3d": ("instance_norm",),
+    "Embedding": ("embedding",),
+    "EmbeddingBag": ("embedding_bag",),
+    "LSTM": ("lstm",),
+    "GRU": ("gru",),
+    "RNN": ("rnn",),
+    "LSTMCell": ("lstm_cell",),
+    "GRUCell": ("gru_cell",),
+    "RNNCell": ("rnn_cell",),
+    "ReLU": ("relu",),
+    "ReLU6": ("relu6",),
+    "Hardswish": ("hardswish",),
+    "Hardsigmoid": ("hardsigmoid",),
+    "Hardtanh": ("hardtanh",),
+    "Sigmoid": ("sigmoid",),
+    "Tanh": ("tanh",),
+    "LeakyReLU": ("leaky_relu",),
+    "ELU": ("elu",),
+    "GELU": ("gelu",),
+    "SiLU": ("silu",),
+    "Softmax": ("softmax",),
+    "PReLU": ("prelu",),
+    "Flatten": ("flatten",),
+    "Upsample": ("interpolate",),
+    "MultiheadAttention": ("multi_head_attention",),
+}
+for _n in (1, 2, 3):
+    _MODULE_SIGNATURES.update(
+        {
+            f"Conv{_n}d": (f"conv{_n}d",),
+            f"ConvTranspose{_n}d": (f"conv_transpose{_n}d",),
+            f"ConvReLU{_n}d": (f"conv{_n}d", "relu"),
+            f"ConvBn{_n}d": (f"conv{_n}d", "batch_norm"),
+            f"ConvBnReLU{_n}d": (f"conv{_n}d", "batch_norm", "relu"),
+            f"MaxPool{_n}d": (f"max_pool{_n}d",),
+            f"AvgPool{_n}d": (f"avg_pool{_n}d",),
+            f"AdaptiveAvgPool{_n}d": (f"adaptive_avg_pool{_n}d",),
+            f"AdaptiveMaxPool{_n}d": (f"adaptive_max_pool{_n}d",),
+        }
+    )
+
+_PLUMBING_MODULE_NAMES = frozenset(
+    {"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+     "FeatureAlphaDropout", "DeQuantStub", "DeQuantize"}
+)
+_QUANTIZE_MODULE_NAMES = frozenset({"QuantStub", "Quantize"})
+
+# --- functions and methods: normalised name -> signature
+_NAME_ALIASES: dict[str, tuple[str, ...]] = {
+    "iadd": ("add",), "add": ("add",), "radd": ("add",),
+    "imul": ("mul",), "mul": ("mul",), "multiply": ("mul",),
+    "isub": ("sub",), "subtract": ("sub",),
+    "truediv": ("div",), "itruediv": ("div",), "divide": ("div",),
+    "concat": ("cat",), "concatenate": ("cat",),
+    "view": ("reshape",),
+    "matmul": ("matmul",), "bmm": ("matmul",),
+    "max_pool2d_with_indices": ("max_pool2d",),
+}
+_PLUMBING_NAMES = frozenset(
+    {"dequantize", "contiguous", "detach", "to", "float", "dropout", "dropout1d", "dropout2d",
+     "dropout3d", "alpha_dropout", "feature_alpha_dropout", "identity"}
+)
+_QUANTIZE_NAMES = frozenset(
+    {"quantize_per_tensor", "quantize_per_channel", "quantize_per_tensor_dynamic"}
+)
+
+# --- user registrations (checked first)
+_REGISTERED: dict[Any, OpClass] = {}
+
+
+def register_op(target: type | Callable | str, signature: str | tuple[str, ...], *, role: str = "op") -> None:
+    """Tell the matcher what a custom module, function or method computes.
+
+    Args:
+        target: a module class, a function (``call_function`` target) or a method name.
+        signature: a kind (``"my_gelu"``) or a tuple of kinds for a fused op
+            (``("conv2d", "my_act")``). A float op and a quantized op pair when their kinds
+            agree; fused ops pair with chains of float ops whose kinds add up to the tuple.
+        role: ``"op"``, ``"plumbing"`` (transparent) or ``"optional"`` (like a quantize).
+
+    Example:
+        >>> import torch
+        >>> class MyAct(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * torch.sigmoid(x)
+        >>> register_op(MyAct, "my_act")
+    """
+    if role not in ("op", "plumbing", "optional"):
+        raise ValueError(f"role must be 'op', 'plumbing' or 'optional', got {role!r}")
+    sig = (signature,) if isinstance(signature, str) else tuple(signature)
+    if not sig or not all(isinstance(s, str) and s for s in sig):
+        raise ValueError(f"signature must be a non-empty string or tuple of strings, got {signature!r}")
+    _REGISTERED[target] = OpClass(sig, role)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def _is_torch_class(cls: type) -> bool:
+    mod = cls.__module__
+    return mod.startswith("torch.nn.") or mod.startswith("torch.ao.nn.")
+
+
+_QUANTIZED_PREFIXES = (
+    "torch.ao.nn.quantized",
+    "torch.ao.nn.intrinsic.quantized",
+    "torch.nn.quantized",
+    "torch.nn.intrinsic.quantized",
+)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """Whether ``module`` computes in quantized form (static, dynamic or reference)."""
+    name = type(module).__name__
+    if name in _QUANTIZE_MODULE_NAMES or name in _PLUMBING_MODULE_NAMES:
+        return False
+    if type(module).__module__.startswith(_QUANTIZED_PREFIXES):
+        return True
+    # reference fused modules: a float intrinsic wrapper around a reference conv/linear
+    return any(type(c).__module__.startswith(_QUANTIZED_PREFIXES) for c in module.children())
+
+
+def _module_class(module: nn.Module) -> OpClass:
+    cls = type(module)
+    for klass in cls.__mro__:
+        if klass in _REGISTERED:
+            return _REGISTERED[klass]
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    from .loggers import Logger
+
+    if isinstance(module, (ObserverBase, FakeQuantizeBase, Logger)):
+        return PLUMBING
+    name = cls.__name__
+    if cls.__module__.startswith("torch."):
+        if name in _PLUMBING_MODULE_NAMES:
+            return PLUMBING
+        if name in _QUANTIZE_MODULE_NAMES:
+            return QUANTIZE
+    if _is_torch_class(cls):
+        sig = _MODULE_SIGNATURES.get(name) or (_snake(name),)
+        return OpClass(sig, "op", is_quantized_module(module))
+    return OpClass((f"module:{cls.__qualname__}",), "op", False)
+
+
+def _normalise_name(name: str) -> tuple[str, ...]:
+    if name in _NAME_ALIASES:
+        return _NAME_ALIASES[name]
+    stripped = name.rstrip("_")
+    return _NAME_ALIASES.get(stripped, (stripped,))
+
+
+def _quantized_op_signature(name: str) -> tuple[str, ...]:
+    """``add_relu`` -> (add, relu); ``linear_dynamic`` -> (linear,); ``batch_norm2d`` -> (batch_norm,)."""
+    name = name.replace("_dynamic", "").replace("_fp16", "")
+    tail: tuple[str, ...] = ()
+    if name.endswith("_relu"):
+        name, tail = name[: -len("_relu")], ("relu",)
+    name = re.sub(r"_scalar$", "", name)
+    name = re.sub(r"^batch_norm\dd$", "batch_norm", name)
+    name = re.sub(r"^embedding_(bag_)?(byte|4bit).*$", lambda m: "embedding_bag" if m.group(1) else "embedding", name)
+    name = re.sub(r"_prepack$", "", name)
+    return _normalise_name(name) + tail
+
+
+def _function_class(target: Any) -> OpClass:
+    if target in _REGISTERED:
+        return _REGISTERED[target]
+    if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        qualified = target._qualified_op_name if isinstance(target, torch._ops.OpOverloadPacket) else target._overloadpacket._qualified_op_name
+        namespace, _, name = qualified.partition("::")
+        if namespace == "quantized":
+            return OpClass(_quantized_op_signature(name), "op", True)
+        return OpClass(_normalise_name(name), "op", False)
+    name = getattr(target, "__name__", None) or str(target)
+    if name in _PLUMBING_NAMES:
+        return PLUMBING
+    if name in _QUANTIZE_NAMES:
+        return QUANTIZE
+    if target is operator.getitem:
+        return OpClass(("getitem",))
+    return OpClass(_normalise_name(name))
+
+
+def _method_class(name: str) -> OpClass:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _PLUMBING_NAMES:
+        return PLUMBING
+    return OpClass(_normalise_name(name))
+
+
+def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
+    """Classify a node; ``None`` for placeholders, outputs and ``get_attr`` nodes."""
+    if node.op == "call_module":
+        return _module_class(modules[node.target])
+    if node.op == "call_function":
+        return _function_class(node.target)
+    if node.op == "call_method":
+        return _method_class(node.target)
+    return None

@@ -1,0 +1,46 @@
+"""Stage 4, run: feed batches to (instrumented) models, turning input mistakes into clear errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+__all__ = ["run_model", "as_args"]
+
+
+def as_args(batch: Any) -> tuple[Any, ...]:
+    """A batch as positional arguments: a tuple or list is spread, anything else is one input."""
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
+    """Call ``model`` on one batch under ``torch.no_grad()``.
+
+    Raises:
+        InputError: when the model rejects the batch (shape, dtype, device, arity), naming
+            the model side and the shapes that were passed.
+    """
+    args = as_args(batch)
+    try:
+        with torch.no_grad():
+            return model(*args)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        shapes = ", ".join(_describe(a) for a in args)
+        raise InputError(
+            f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "Check the input shape, dtype and device; a batch that is a tuple is passed as "
+            "several positional inputs."
+        ) from exc
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{list(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in x) + ")"
+    return type(x).__name__

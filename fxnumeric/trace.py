@@ -1,0 +1,146 @@
+"""Stage 1, trace: turn a user's ``nn.Module`` into a ``torch.fx.GraphModule``.
+
+The traced GraphModule shares its submodules with the user's model (nothing is copied and
+nothing is changed), and its leaves are what the matcher pairs: every module from ``torch.nn``
+or ``torch.ao.nn`` (float, QAT, quantized, dynamic and reference forms), fused intrinsic
+modules such as ``ConvReLU2d`` kept whole, observers, fxnumeric's loggers, and whatever the
+user names in ``leaf_modules``.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+from collections.abc import Iterable
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+
+__all__ = ["trace", "LeafSpec"]
+
+LeafSpec = Union[type, str]
+"""A module type, or a qualified module name such as ``"encoder.layers.0"``."""
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(__file__)
+
+
+def _always_leaf_types() -> tuple[type, ...]:
+    from torch.ao.nn.intrinsic import _FusedModule
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+    from torch.ao.quantization.stubs import DeQuantStub, QuantStub
+
+    from .loggers import Logger
+
+    return (_FusedModule, ObserverBase, FakeQuantizeBase, Logger, QuantStub, DeQuantStub)
+
+
+class _Tracer(fx.Tracer):
+    """A tracer whose leaves are torch's modules, fused modules and the user's choices."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+        super().__init__()
+        self._leaf_types = _always_leaf_types() + leaf_types
+        self._leaf_names = leaf_names
+        self.scope_path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        # Remember where we are so a failure can name the module; popped only on success,
+        # so after an exception the list ends with the innermost module being traced.
+        self.scope_path.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.scope_path.pop()
+        return out
+
+
+def _split_leaves(leaf_modules: Iterable[LeafSpec] | None) -> tuple[tuple[type, ...], frozenset[str]]:
+    types: list[type] = []
+    names: set[str] = set()
+    for spec in leaf_modules or ():
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            types.append(spec)
+        elif isinstance(spec, str):
+            names.add(spec)
+        else:
+            raise TraceError(
+                f"leaf_modules entries must be nn.Module subclasses or qualified module names, "
+                f"got {spec!r}"
+            )
+    return tuple(types), frozenset(names)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """Return ``file:line: source`` of the innermost frame outside torch and fxnumeric."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(_TORCH_DIR) or path.startswith(_PACKAGE_DIR):
+            continue
+        line = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
+        return f"{frame.filename}:{frame.lineno}: {line}"
+    return "(no frame outside torch)"
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    which: str = "model",
+) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule that shares its submodules.
+
+    Args:
+        model: the float or quantized model. A GraphModule is re-traced so that its leaves
+            follow fxnumeric's rules; its nodes keep their names.
+        leaf_modules: module types or qualified names to keep whole (not traced through).
+            Use this for submodules that ``torch.fx`` cannot trace (data-dependent control
+            flow, ``len()`` of a proxy, shape asserts).
+        which: ``"float"`` or ``"quantized"``, used in error messages.
+
+    Returns:
+        A new GraphModule; ``model`` is not modified.
+
+    Raises:
+        TraceError: naming the module and the source line that failed, with the remedy.
+
+    Example:
+        >>> import torch
+        >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"the {which} model must be a torch.nn.Module, got {type(model).__name__}")
+    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    tracer = _Tracer(leaf_types, leaf_names)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
+        where = tracer.scope_path[-1] if tracer.scope_path else ""
+        module = f"`{where}` ({type(model.get_submodule(where)).__name__})" if where else (
+            f"the top-level {type(model).__name__}"
+        )
+        hint = (
+            f"leaf_modules=[\"{where}\"] or leaf_modules=[{type(model.get_submodule(where)).__name__}]"
+            if where
+            else "leaf_modules=[...] naming the submodule that fails"
+        )
+        raise TraceError(
+            f"torch.fx could not trace the {which} model in {module}: "
+            f"{type(exc).__name__}: {exc}\n  at {_user_frame(exc)}\n"
+            f"Fix: keep that module whole by passing {hint}, or make its forward traceable "
+            f"(no data-dependent `if`, no len()/assert on tensor shapes)."
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(model, graph, class_name=name)

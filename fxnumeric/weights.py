@@ -1,0 +1,136 @@
+"""Weights of paired ops: the float weight (BN-folded where the quantized op absorbed a
+BatchNorm) beside the quantized weight, keyed like the quantized model's state_dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from .match import Matching, Pair
+
+__all__ = ["extract_weights"]
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _leaf_parts(module: nn.Module) -> list[nn.Module]:
+    """A fused float module's parts (Conv, BN, ReLU), or the module itself."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    if isinstance(module, _FusedModule):
+        return list(module.children())
+    return [module]
+
+
+def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
+    weight = weighted.weight.detach()
+    if bn is None:
+        return weight
+    if bn.running_mean is None or bn.running_var is None:
+        return weight
+    bias = weighted.bias.detach() if getattr(weighted, "bias", None) is not None else None
+    if isinstance(weighted, nn.Linear):
+        w, _ = fuse_linear_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    else:
+        transpose = isinstance(weighted, nn.modules.conv._ConvTransposeNd)
+        w, _ = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, transpose)
+    return w.detach()
+
+
+def _float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
+    mods = dict(matching.float_graph.named_modules())
+    nodes = {n.name: n for n in matching.float_graph.graph.nodes}
+    parts: list[nn.Module] = []
+    for name in pair.float_nodes:
+        node = nodes[name]
+        if node.op == "call_module":
+            parts.extend(_leaf_parts(mods[node.target]))
+    weighted = next((m for m in parts if isinstance(getattr(m, "weight", None), torch.Tensor)), None)
+    if weighted is None:
+        return None
+    bn = next((m for m in parts[parts.index(weighted) + 1:] if isinstance(m, _BN_TYPES)), None)
+    # QAT ConvBn modules carry their BN as an attribute
+    if bn is None and isinstance(getattr(weighted, "bn", None), _BN_TYPES):
+        bn = weighted.bn
+    if bn is weighted:
+        return None
+    return _fold(weighted, bn)
+
+
+def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
+    """The quantized weight(s) of ``module`` under their state_dict keys."""
+    state_keys = list(module.state_dict().keys())
+    if "_packed_params._packed_params" in state_keys:
+        return {f"{path}._packed_params._packed_params": module.weight()}
+    lstm_keys = [k for k in state_keys if k.startswith("_all_weight_values.") and k.endswith(".param")]
+    if lstm_keys:
+        out = {}
+        state = module.state_dict()
+        for k in lstm_keys:
+            packed = state[k].__getstate__()[0][4]
+            out[f"{path}.{k}.weight_ih"] = packed[0].__getstate__()[0][0]
+            out[f"{path}.{k}.weight_hh"] = packed[1].__getstate__()[0][0]
+        return out
+    if hasattr(module, "get_quantized_weight"):  # reference modules
+        return {f"{path}.weight": module.get_quantized_weight()}
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(weight, torch.Tensor):
+        return {f"{path}.weight": weight()}
+    if isinstance(weight, torch.Tensor):
+        return {f"{path}.weight": weight.detach()}
+    for child in _leaf_parts(module):
+        if child is not module:
+            found = _quant_weights(child, path)
+            if found:
+                return found
+    return {}
+
+
+def _lstm_float_weights(module: nn.Module) -> list[torch.Tensor]:
+    out = []
+    for layer in range(module.num_layers):
+        for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
+            out.append((getattr(module, f"weight_ih_l{layer}{suffix}"), getattr(module, f"weight_hh_l{layer}{suffix}")))
+    return out
+
+
+def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
+    """Pair float and quantized weights through the graph.
+
+    Returns ``{key: {"float": tensor, "quantized": tensor}}`` with keys as in the quantized
+    model's state_dict (``conv1.weight``, ``fc._packed_params._packed_params``); a dynamic
+    LSTM gives ``rnn._all_weight_values.N.param.weight_ih`` and ``.weight_hh``. When the
+    quantized op absorbed a BatchNorm, the float weight is the BN-folded one, so the
+    comparison measures quantization error only.
+    """
+    qmods = dict(matching.quant_graph.named_modules())
+    fmods = dict(matching.float_graph.named_modules())
+    qnodes = {n.name: n for n in matching.quant_graph.graph.nodes}
+    fnodes = {n.name: n for n in matching.float_graph.graph.nodes}
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    for pair in matching.pairs:
+        qnode = qnodes[pair.quant_nodes[0]]
+        if qnode.op != "call_module":
+            continue
+        qweights = _quant_weights(qmods[qnode.target], str(qnode.target))
+        if not qweights:
+            continue
+        fnode = fnodes[pair.float_nodes[0]]
+        fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
+        if fmod is not None and isinstance(fmod, nn.LSTM) and any(k.endswith(".weight_ih") for k in qweights):
+            pairs_ih_hh = _lstm_float_weights(fmod)
+            ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
+            for (w_ih, w_hh), k in zip(pairs_ih_hh, ih_keys):
+                base = k[: -len(".weight_ih")]
+                result[f"{base}.weight_ih"] = {"float": w_ih.detach(), "quantized": qweights[f"{base}.weight_ih"]}
+                result[f"{base}.weight_hh"] = {"float": w_hh.detach(), "quantized": qweights[f"{base}.weight_hh"]}
+            continue
+        fweight = _float_weight(matching, pair)
+        if fweight is None:
+            continue
+        for key, qw in qweights.items():
+            result[key] = {"float": fweight, "quantized": qw}
+    return result
