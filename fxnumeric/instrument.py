@@ -133,7 +133,7 @@ def add_loggers(
     quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
     float_loggers: dict[str, nn.Module] = {}
     quant_loggers: dict[str, nn.Module] = {}
-    float_modules, quant_modules = dict(float_gm.named_modules()), dict(quant_gm.named_modules())
+    float_modules, quant_modules = dict(float_gm.named_modules(remove_duplicate=False)), dict(quant_gm.named_modules(remove_duplicate=False))
     for i, pair in enumerate(_select(matching, select)):
         if pair.name not in quant_loggers:
             float_loggers[pair.name] = _make_logger(logger_cls)
@@ -167,7 +167,7 @@ def _extract_float_subgraph(matching: Matching, pair: Pair) -> tuple[fx.GraphMod
     from .ops import classify
 
     gm = matching.float_graph
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     by_name = {n.name: n for n in gm.graph.nodes}
     chain = [by_name[n] for n in pair.float_nodes]
     inside = set(chain)
@@ -241,7 +241,7 @@ def add_shadows(
     loggers: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     order = {n.name: i for i, n in enumerate(quant_gm.graph.nodes)}
-    quant_modules = dict(quant_gm.named_modules())
+    quant_modules = dict(quant_gm.named_modules(remove_duplicate=False))
     for i, pair in enumerate(_select(matching, select)):
         sub, float_inputs = _extract_float_subgraph(matching, pair)
         head_inputs = _quant_head_inputs(matching, pair)

@@ -41,7 +41,7 @@ def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
 
 
 def _float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
-    mods = dict(matching.float_graph.named_modules())
+    mods = dict(matching.float_graph.named_modules(remove_duplicate=False))
     nodes = {n.name: n for n in matching.float_graph.graph.nodes}
     parts: list[nn.Module] = []
     for name in pair.float_nodes:
@@ -106,8 +106,8 @@ def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
     quantized op absorbed a BatchNorm, the float weight is the BN-folded one, so the
     comparison measures quantization error only.
     """
-    qmods = dict(matching.quant_graph.named_modules())
-    fmods = dict(matching.float_graph.named_modules())
+    qmods = dict(matching.quant_graph.named_modules(remove_duplicate=False))
+    fmods = dict(matching.float_graph.named_modules(remove_duplicate=False))
     qnodes = {n.name: n for n in matching.quant_graph.graph.nodes}
     fnodes = {n.name: n for n in matching.float_graph.graph.nodes}
     result: dict[str, dict[str, torch.Tensor]] = {}
