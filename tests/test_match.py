@@ -1,0 +1,187 @@
+"""Stage 2, match: which float ops pair with which quantized ops, and why misses happen."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.ao.quantization import QuantStub, DeQuantStub, default_qconfig, quantize, default_eval_fn
+
+import fxnumeric as ns
+from fxnumeric.demo import sqnr
+
+
+def _pairs(m: ns.Matching) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    return {p.name: (p.kind, p.float_nodes, p.quant_nodes) for p in m.pairs}
+
+
+def test_fused_eager_resnet18_pairs_one_to_one(make_resnet18_pair):
+    float_model, qmodel, _ = make_resnet18_pair()
+    m = ns.match(float_model, qmodel)
+    pairs = _pairs(m)
+    assert pairs["conv1"] == ("conv2d-relu", ("conv1",), ("conv1",))
+    assert pairs["quant"] == ("quantize", ("quant",), ("quant",))
+    assert pairs["layer1.0.add_relu"] == ("add-relu", ("add", "relu_1"), ("add_relu",))
+    assert pairs["fc"] == ("linear", ("fc",), ("fc",))
+    assert len(m.pairs) == 33 and not m.unmatched_float and not m.unmatched_quant
+    assert m.coverage == 1.0
+
+
+def test_unfused_float_pairs_conv_bn_relu_chains(make_resnet18_unfused_pair):
+    float_model, qmodel, _ = make_resnet18_unfused_pair()
+    pairs = _pairs(ns.match(float_model, qmodel))
+    assert pairs["conv1"] == ("conv2d-relu", ("conv1", "bn1", "relu"), ("conv1",))
+    assert pairs["layer2.0.downsample.0"][1] == ("layer2_0_downsample_0", "layer2_0_downsample_1")
+    assert pairs["layer1.0.conv2"][1] == ("layer1_0_conv2", "layer1_0_bn2")
+
+
+def test_fx_quantized_resnet18_pairs_functional_adds(make_fx_resnet18_pair):
+    float_model, qmodel, _ = make_fx_resnet18_pair()
+    m = ns.match(float_model, qmodel)
+    pairs = _pairs(m)
+    assert pairs["conv1"] == ("conv2d-relu", ("conv1", "bn1", "relu"), ("conv1",))
+    # torchvision's BasicBlock: `out += identity; out = self.relu(out)` -> quantized.add_relu
+    assert pairs["add_relu"] == ("add-relu", ("add", "layer1_0_relu_1"), ("add_relu",))
+    assert m.coverage == 1.0 and not m.unmatched_float
+
+
+def test_dynamic_lstm_pairs_tuple_outputs(make_lstm_pair):
+    float_model, qmodel, *_ = make_lstm_pair()
+    pairs = _pairs(ns.match(float_model, qmodel))
+    assert pairs["rnn"] == ("lstm", ("rnn",), ("rnn",))
+    assert pairs["getitem"] == ("getitem", ("getitem",), ("getitem",))
+    assert pairs["getitem_1"] == ("getitem", ("getitem_1",), ("getitem_1",))
+    assert [p.quantized for p in ns.match(float_model, qmodel).pairs] == [False, True, False, False, True]
+
+
+class _Branches(nn.Module):
+    """Two parallel branches with identical ops and shapes, differing only in weights."""
+
+    def __init__(self, names=("left", "right")):
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        setattr(self, names[0], nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+        setattr(self, names[1], nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+        self.names = names
+        self.cat = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        x = self.quant(x)
+        a, b = getattr(self, self.names[0])(x), getattr(self, self.names[1])(x)
+        return self.dequant(self.cat.cat([a, b * 1.0 if False else b], dim=1))
+
+
+def _quantize_static(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model.qconfig = default_qconfig
+    return quantize(model, default_eval_fn, [[(x, None)]], inplace=False)
+
+
+def test_symmetric_branches_pair_branch_to_branch():
+    torch.manual_seed(0)
+    float_model = _Branches().eval()
+    with torch.no_grad():
+        float_model.right[0].weight.mul_(-3.0)  # make the branches clearly different
+    x = torch.rand(2, 3, 8, 8)
+    qmodel = _quantize_static(copy.deepcopy(float_model), x)
+    m = ns.match(float_model, qmodel)
+    assert _pairs(m)["left.0"][1] == ("left_0",)
+    assert _pairs(m)["right.0"][1] == ("right_0",)
+    acts = ns.compare_model_outputs(float_model, qmodel, x)
+    for key in ("left.0.stats", "right.0.stats"):
+        assert sqnr(acts[key]["float"][0], acts[key]["quantized"][0]) > 25
+
+
+def test_pairs_models_whose_names_differ():
+    """Name-based pairing finds nothing here; the graph pairs every op."""
+    torch.manual_seed(0)
+    float_model = _Branches(("left", "right")).eval()
+    x = torch.rand(2, 3, 8, 8)
+    renamed = _Branches(("a_branch", "b_branch")).eval()
+    renamed.load_state_dict({k.replace("left", "a_branch").replace("right", "b_branch"): v
+                             for k, v in float_model.state_dict().items()})
+    qmodel = _quantize_static(renamed, x)
+    m = ns.match(float_model, qmodel)
+    assert m.coverage == 1.0
+    assert _pairs(m)["a_branch.0"][1] == ("left_0",)
+    assert _pairs(m)["b_branch.0"][1] == ("right_0",)
+    import torch.ao.ns._numeric_suite as torch_ns
+
+    eager = torch_ns.compare_model_outputs(copy.deepcopy(float_model), copy.deepcopy(qmodel), x)
+    ours = ns.compare_model_outputs(float_model, qmodel, x)
+    assert "a_branch.0.stats" not in eager and "a_branch.0.stats" in ours
+    assert torch.equal(ours["a_branch.0.stats"]["float"][0], float_model.left[0](x))
+
+
+def test_unrelated_models_raise_match_error_listing_misses():
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    b = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.Sigmoid()).eval(), {nn.Linear})
+    m = ns.match(a, b)
+    assert [u.node for u in m.unmatched_quant] == ["_0", "_1"]
+    assert [u.node for u in m.unmatched_float] == ["_0", "_1"]
+    with pytest.raises(ns.MatchError, match=r"quantized `_0` \(linear\): no float op of kind `linear`"):
+        m.check()
+
+
+def test_different_input_counts_raise():
+    class Two(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    with pytest.raises(ns.MatchError, match="float model takes 1 inputs"):
+        ns.match(nn.ReLU(), Two())
+
+
+def test_register_op_lets_custom_ops_pair():
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), Swish()
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    f = Net().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    before = _pairs(ns.match(f, q))
+    assert "act" not in before  # traced through: mul and sigmoid pair individually
+    ns.register_op(Swish, "swish")
+    try:
+        after = _pairs(ns.match(f, q, leaf_modules=[Swish]))
+        assert after["act"] == ("swish", ("act",), ("act",))
+    finally:
+        from fxnumeric.ops import _REGISTERED
+
+        _REGISTERED.pop(Swish)
+
+
+def test_table_lists_pairs_and_misses(make_lstm_pair):
+    float_model, qmodel, *_ = make_lstm_pair()
+    table = ns.match(float_model, qmodel).table(tablefmt="github")
+    assert "| rnn " in table and "lstm" in table
+    assert table.splitlines()[-1].startswith("5 pairs, 0 float and 0 quantized nodes unpaired")
+
+
+def test_same_pairs_whatever_the_hash_seed():
+    code = (
+        "import warnings; warnings.filterwarnings('ignore');"
+        "import torch, torchvision, copy, fxnumeric as ns;"
+        "from torch.ao.quantization import get_default_qconfig_mapping;"
+        "from torch.ao.quantization.quantize_fx import prepare_fx, convert_fx;"
+        "torch.manual_seed(0); f = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False).eval();"
+        "x = torch.rand(1, 3, 64, 64); p = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping('x86'), (x,)); p(x);"
+        "print([(p.name, p.float_nodes, p.quant_nodes) for p in ns.match(f, convert_fx(p)).pairs])"
+    )
+    outs = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+    assert len(outs) == 1 and "inception3a" in outs.pop()
