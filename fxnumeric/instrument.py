@@ -189,6 +189,16 @@ def _extract_float_subgraph(matching: Matching, pair: Pair) -> tuple[fx.GraphMod
         for i in n.all_input_nodes:
             if i not in inside and i.op != "get_attr" and i not in external:
                 external.append(i)
+
+    def carrier(node: fx.Node) -> fx.Node:
+        # plumbing passes its input's value through: name the node that carries it
+        while node.op in ("call_module", "call_function", "call_method") and node.all_input_nodes:
+            c = classify(node, modules)
+            if c is None or c.role != "plumbing":
+                break
+            node = node.all_input_nodes[0]
+        return node
+
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {e: graph.placeholder(f"input_{k}") for k, e in enumerate(external)}
     for n in ordered:
@@ -198,7 +208,7 @@ def _extract_float_subgraph(matching: Matching, pair: Pair) -> tuple[fx.GraphMod
         env[n] = graph.node_copy(n, lambda x: env[x])
     graph.output(env[chain[-1]])
     sub = copy.deepcopy(fx.GraphModule(gm, graph, class_name="FloatShadow"))
-    return sub, [e.name for e in external]
+    return sub, [carrier(e).name for e in external]
 
 
 def _feeds_from(node: fx.Node, inside: set) -> bool:

@@ -1,0 +1,157 @@
+"""Stage 3, instrument: loggers and shadows change no output and no user model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxnumeric as ns
+from fxnumeric.demo import sqnr
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: (v.dequantize() if v.is_quantized else v).clone() for k, v in model.state_dict().items()
+                  if isinstance(v, torch.Tensor)},
+        "keys": list(model.state_dict().keys()),
+        "modules": [(n, type(m)) for n, m in model.named_modules()],
+        "training": [m.training for m in model.modules()],
+        "dict": sorted(model.__dict__),
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    assert before["keys"] == after["keys"]
+    assert before["modules"] == after["modules"]
+    assert before["training"] == after["training"]
+    assert before["dict"] == after["dict"]
+    assert before["hooks"] == after["hooks"]
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        a2 = a.dequantize() if a.is_quantized else a
+        b2 = b.dequantize() if b.is_quantized else b
+        return torch.equal(a2, b2)
+    return all(_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(params=["eager_static", "fx_static", "dynamic_lstm"])
+def pair(request, make_resnet18_pair, make_fx_resnet18_pair, make_lstm_pair):
+    if request.param == "eager_static":
+        f, q, data = make_resnet18_pair()
+        return f, q, (data[0][0],)
+    if request.param == "fx_static":
+        f, q, data = make_fx_resnet18_pair()
+        return f, q, (data[0][0],)
+    f, q, inp, hidden = make_lstm_pair()
+    return f, q, (inp, hidden)
+
+
+def test_loggers_and_shadows_keep_outputs_bit_identical(pair):
+    float_model, qmodel, args = pair
+    with torch.no_grad():
+        ref_f, ref_q = float_model(*args), qmodel(*args)
+        float_gm, quant_gm = ns.add_loggers(float_model, qmodel)
+        assert _equal(float_gm(*args), ref_f) and _equal(quant_gm(*args), ref_q)
+        shadow_gm, skipped = ns.add_shadows(float_model, qmodel)
+        assert not skipped
+        assert _equal(shadow_gm(*args), ref_q)
+    assert len(ns.loggers_of(quant_gm)) == len({p.name for p in ns.match(float_model, qmodel).pairs})
+
+
+def test_public_calls_leave_the_models_untouched(pair):
+    float_model, qmodel, args = pair
+    before_f, before_q = _snapshot(float_model), _snapshot(qmodel)
+    with torch.no_grad():
+        out_q = qmodel(*args)
+    ns.match(float_model, qmodel)
+    ns.add_loggers(float_model, qmodel)
+    ns.add_shadows(float_model, qmodel)
+    ns.compare_weights(float_model, qmodel)
+    ns.compare_model_outputs(float_model, qmodel, *args)
+    _assert_same(before_f, _snapshot(float_model))
+    _assert_same(before_q, _snapshot(qmodel))
+    with torch.no_grad():
+        assert _equal(qmodel(*args), out_q)
+
+
+def test_shadows_cover_add_pool_flatten_and_measure_local_error(make_fx_resnet18_pair):
+    float_model, qmodel, data = make_fx_resnet18_pair()
+    gm, skipped = ns.add_shadows(float_model, qmodel)
+    assert skipped == {}
+    gm(data[0][0])
+    stats = {name: lg.stats for name, lg in ns.loggers_of(gm).items()}
+    for name in ("add_relu", "maxpool", "avgpool", "flatten", "fc", "conv1"):
+        s = stats[name]
+        assert len(s["float"]) == 1 and s["float"][0].shape == s["quantized"][0].shape
+        assert sqnr(s["float"][0], s["quantized"][0]) > 20, name
+
+
+def test_prepare_twice_does_not_stack_and_remove_restores(make_resnet18_pair):
+    float_model, qmodel, data = make_resnet18_pair()
+    x = data[0][0]
+    before = _snapshot(qmodel)
+    with torch.no_grad():
+        ref = qmodel(x)
+    ns.prepare_model_outputs(float_model, qmodel)
+    ns.prepare_model_outputs(float_model, qmodel)
+    float_model(x)
+    out = qmodel(x)
+    assert torch.equal(out, ref)
+    acts = ns.get_matching_activations(float_model, qmodel)
+    assert all(len(v["float"]) == 1 and len(v["quantized"]) == 1 for v in acts.values())
+    ns.remove_instrumentation(float_model)
+    ns.remove_instrumentation(qmodel)
+    _assert_same(before, _snapshot(qmodel))
+    with pytest.raises(ns.InstrumentationError, match="not prepared"):
+        ns.get_matching_activations(float_model, qmodel)
+
+
+def test_logger_of_an_op_overwritten_in_place_keeps_its_value():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    torch.manual_seed(0)
+    f = Net().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    x = torch.randn(3, 4)
+    float_gm, _ = ns.add_loggers(f, q, select=["fc"])
+    float_gm(x)
+    logged = ns.loggers_of(float_gm)["fc"].stats["tensor_val"][0]
+    assert torch.equal(logged, f.fc(x)) and (logged < 0).any()
+
+
+def test_custom_logger_that_returns_none_cannot_change_outputs(make_lstm_pair):
+    float_model, qmodel, inp, hidden = make_lstm_pair()
+
+    class Silent(ns.Logger):
+        def forward(self, x):
+            self.stats.setdefault("calls", 0)
+            self.stats["calls"] += 1
+
+    f_gm, q_gm = ns.add_loggers(float_model, qmodel, Silent)
+    with torch.no_grad():
+        assert _equal(q_gm(inp, hidden), qmodel(inp, hidden))
+    assert ns.loggers_of(q_gm)["rnn"].stats == {"calls": 1}
+
+
+def test_bad_logger_class_is_reported():
+    f = nn.Sequential(nn.Linear(2, 2)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    with pytest.raises(ns.InstrumentationError, match="not a logger"):
+        ns.add_loggers(f, q, nn.Identity)
+    with pytest.raises(ns.InstrumentationError, match="no pair is named"):
+        ns.add_loggers(f, q, select=["nope"])
