@@ -1,0 +1,847 @@
+"""Oracle tests: fxnumeric's eager-compatible API against torch's own eager Numeric Suite.
+
+Each test runs ``torch.ao.ns._numeric_suite`` (the oracle) and ``fxnumeric`` on separate fresh
+copies of the same float/quantized pair and compares keys and tensors. Where fxnumeric
+deviates from the eager suite on purpose, the test asserts the documented deviation exactly:
+
+(a) ShadowLogger keeps the whole tensor (eager keeps only sample 0 of a batch); for tuple
+    outputs both keep element 0 of the tuple.
+(b) compare_weights splits a dynamic LSTM layer's ``..._all_weight_values.N.param`` into
+    ``...param.weight_ih`` and ``...param.weight_hh`` (eager overwrites ih with hh).
+(c) OutputLogger stores detached tensors: values are compared, not autograd history.
+(d) compare_model_outputs / compare_model_stub leave both models untouched.
+(e) get_matching_activations works with custom loggers: it returns their ``.stats`` dicts
+    (eager crashes with ``KeyError: 'tensor_val'``).
+(f) get_matching_activations before any forward pass raises FxNumericError (eager: ``{}``).
+(g) float and quantized ops are paired by graph, so an unfused float model pairs with the
+    quantized model of its fused copy at the fused-op outputs.
+(h) prepare_model_outputs is idempotent: preparing twice does not stack loggers.
+
+One more eager quirk, found while writing these tests and not copied by fxnumeric: eager logs
+the float output of a fused ``nn.Sequential`` module (``nni.ConvReLU2d``, ...) twice per
+forward pass (see ``_eager_entries``); fxnumeric logs every site once per pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import torch.ao.ns._numeric_suite as tns
+import torch.nn as nn
+import torchvision
+
+import fxnumeric as ns
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _qparams(t: torch.Tensor) -> tuple:
+    """Return the quantization parameters of a quantized tensor, comparable with ``==``."""
+    scheme = t.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return (scheme, t.q_scale(), t.q_zero_point())
+    return (
+        scheme,
+        t.q_per_channel_scales().tolist(),
+        t.q_per_channel_zero_points().tolist(),
+        t.q_per_channel_axis(),
+    )
+
+
+def assert_same(actual: Any, expected: Any, where: str = "value") -> None:
+    """Assert that two (nested) values hold exactly the same tensors.
+
+    Tensors are compared by value (``torch.equal`` after ``detach``; autograd history is
+    ignored, deviation (c)); quantized tensors must also be quantized with the same dtype,
+    scheme, scale and zero point, and equal integer representation. Tuples and lists are
+    interchangeable containers, dicts must have the same keys, TorchScript objects (packed
+    LSTM cell params) are compared through ``__getstate__``.
+    """
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: expected a tensor, got {type(actual)}"
+        assert actual.shape == expected.shape, f"{where}: shape {actual.shape} != {expected.shape}"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        if expected.is_quantized:
+            assert actual.is_quantized, f"{where}: expected a quantized tensor"
+            assert _qparams(actual) == _qparams(expected), f"{where}: quantization params differ"
+            assert torch.equal(actual.int_repr(), expected.int_repr()), f"{where}: int_repr differs"
+            assert torch.equal(actual.dequantize(), expected.dequantize()), (
+                f"{where}: values differ"
+            )
+        else:
+            assert not actual.is_quantized, f"{where}: unexpected quantized tensor"
+            assert torch.equal(actual.detach(), expected.detach()), (
+                f"{where}: values differ (max abs diff "
+                f"{(actual.detach() - expected.detach()).abs().max().item():.3g})"
+            )
+    elif isinstance(expected, (tuple, list)):
+        assert isinstance(actual, (tuple, list)), (
+            f"{where}: expected a sequence, got {type(actual)}"
+        )
+        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, e, f"{where}[{i}]")
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: expected a dict, got {type(actual)}"
+        assert set(actual) == set(expected), f"{where}: keys {sorted(actual)} != {sorted(expected)}"
+        for k in expected:
+            assert_same(actual[k], expected[k], f"{where}[{k!r}]")
+    elif isinstance(expected, torch.ScriptObject):
+        assert isinstance(actual, torch.ScriptObject), f"{where}: expected a ScriptObject"
+        assert_same(actual.__getstate__(), expected.__getstate__(), f"{where}.__getstate__()")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def assert_close(actual: Any, expected: Any, where: str = "value", atol: float = 1e-5) -> None:
+    """Like :func:`assert_same` for float tensors, but allow float reordering noise."""
+    if isinstance(expected, (tuple, list)):
+        assert isinstance(actual, (tuple, list)) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, f"{where}[{i}]", atol)
+        return
+    assert isinstance(actual, torch.Tensor) and not actual.is_quantized, where
+    assert actual.shape == expected.shape, f"{where}: shape {actual.shape} != {expected.shape}"
+    assert torch.allclose(actual.detach(), expected.detach(), atol=atol), (
+        f"{where}: max abs diff {(actual.detach() - expected.detach()).abs().max().item():.3g}"
+    )
+
+
+def sqnr_db(ref: torch.Tensor, actual: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``actual`` against ``ref``, in dB."""
+    ref = ref.detach().float()
+    actual = actual.detach().dequantize() if actual.is_quantized else actual.detach()
+    return float(20 * torch.log10(ref.norm() / (ref - actual).norm()))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """All tensors in a nested tuple/list value, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in _tensors(v)]
+
+
+def _is_logger(mod: nn.Module) -> bool:
+    return isinstance(mod, (ns.Logger, tns.Logger))
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    model_type: type
+    module_names: list[str]
+    module_types: list[type]
+    state: dict[str, Any]
+    hooks: dict[str, tuple[int, int]]
+    output: Any
+
+
+def _snapshot(model: nn.Module, data: tuple) -> _Snapshot:
+    with torch.no_grad():
+        output = model(*data)
+    return _Snapshot(
+        model_type=type(model),
+        module_names=[n for n, _ in model.named_modules()],
+        module_types=[type(m) for _, m in model.named_modules()],
+        state=copy.deepcopy(model.state_dict()),
+        hooks={
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()
+        },
+        output=output,
+    )
+
+
+def assert_unchanged(model: nn.Module, before: _Snapshot, data: tuple, which: str) -> None:
+    """Assert deviation (d): ``model`` is exactly as it was when ``before`` was taken."""
+    after = _snapshot(model, data)
+    assert after.model_type is before.model_type, f"{which} model: type changed"
+    assert after.module_names == before.module_names, f"{which} model: submodules changed"
+    assert after.module_types == before.module_types, f"{which} model: submodule types changed"
+    loggers = [n for n, m in model.named_modules() if _is_logger(m)]
+    assert not loggers, f"{which} model: loggers left behind at {loggers}"
+    assert list(after.state) == list(before.state), f"{which} model: state_dict keys changed"
+    assert_same(after.state, before.state, f"{which}.state_dict()")
+    assert after.hooks == before.hooks, f"{which} model: forward hooks left behind"
+    assert "forward" not in vars(model), f"{which} model: forward was patched on the instance"
+    assert_same(after.output, before.output, f"{which} model output")
+
+
+# --------------------------------------------------------------------------------------------
+# The model pairs under test
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One float/quantized pair, the tutorial's inputs for it and its shadow swap list."""
+
+    name: str
+    make: Callable[[], tuple[nn.Module, nn.Module]]
+    data: tuple  # the positional inputs of one forward pass
+    batches: list[tuple]  # inputs of the two forward passes used with prepare_*
+    swap_list: list[type]
+    batch_size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _image_case(name: str, make_pair, swap_list: list[type]) -> Case:
+    _, _, img_data = make_pair()
+
+    def make():
+        float_model, qmodel, _ = make_pair()
+        return float_model, qmodel
+
+    return Case(
+        name=name,
+        make=make,
+        data=(img_data[0][0],),
+        batches=[(image,) for image, _ in img_data],
+        swap_list=swap_list,
+        batch_size=img_data[0][0].shape[0],
+    )
+
+
+def _lstm_case(make_pair) -> Case:
+    _, _, input_, hidden = make_pair()
+    other_input = (input_ + 3) % 10  # a second, different token for the second pass
+
+    def make():
+        float_model, qmodel, _, _ = make_pair()
+        return float_model, qmodel
+
+    return Case(
+        name="lstm",
+        make=make,
+        data=(input_, hidden),
+        batches=[(input_, hidden), (other_input, hidden)],
+        swap_list=[nn.Linear, nn.LSTM],
+        batch_size=1,
+    )
+
+
+def _make_case(request: pytest.FixtureRequest, name: str) -> Case:
+    if name == "resnet18":
+        return _image_case(
+            name,
+            request.getfixturevalue("make_resnet18_pair"),
+            [torchvision.models.quantization.resnet.QuantizableBasicBlock],
+        )
+    if name == "mobilenet_v2":
+        return _image_case(
+            name,
+            request.getfixturevalue("make_mobilenet_v2_pair"),
+            [torchvision.models.quantization.mobilenetv2.QuantizableInvertedResidual],
+        )
+    if name == "lstm":
+        return _lstm_case(request.getfixturevalue("make_lstm_pair"))
+    raise ValueError(name)
+
+
+ALL_CASES = ["resnet18", "lstm", "mobilenet_v2"]
+STATIC_CASES = ["resnet18", "mobilenet_v2"]
+
+
+@pytest.fixture(params=ALL_CASES)
+def case(request) -> Case:
+    return _make_case(request, request.param)
+
+
+@pytest.fixture(params=STATIC_CASES)
+def static_case(request) -> Case:
+    return _make_case(request, request.param)
+
+
+@pytest.fixture
+def resnet18_case(request) -> Case:
+    return _make_case(request, "resnet18")
+
+
+def _shadow_view(fx_value: Any, case: Case) -> Any:
+    """Map an fxnumeric ShadowLogger entry to what eager's ShadowLogger keeps (deviation (a))."""
+    if isinstance(fx_value, torch.Tensor) and case.batch_size > 1:
+        assert fx_value.shape[0] == case.batch_size, (
+            f"fxnumeric's ShadowLogger should keep the whole batch, got shape {fx_value.shape}"
+        )
+        return fx_value[0]
+    return fx_value
+
+
+def _assert_shadow_dicts_match(fx: dict, eager: dict, case: Case, n_passes: int) -> None:
+    assert set(fx) == set(eager)
+    assert eager, "the oracle logged nothing: the test setup is broken"
+    for key in eager:
+        assert set(fx[key]) == {"float", "quantized"}, key
+        for side in ("float", "quantized"):
+            assert len(eager[key][side]) == n_passes, (key, side)
+            assert len(fx[key][side]) == n_passes, (key, side)
+            for i, (f_val, e_val) in enumerate(zip(fx[key][side], eager[key][side], strict=True)):
+                assert_same(_shadow_view(f_val, case), e_val, f"{key}[{side!r}][{i}]")
+
+
+def _eager_entries(entries: list, side: str, n_passes: int, where: str) -> list:
+    """Return the eager OutputLogger entries of one key, one per forward pass.
+
+    Eager quirk (not copied by fxnumeric): a fused float module that is an ``nn.Sequential``
+    (``nni.ConvReLU2d``, ``nni.LinearReLU``, ...) gets its logger as an extra *child*, so
+    ``Sequential.forward`` runs the logger once more besides the observer hook, and every
+    forward pass is logged twice (the very same tensor). fxnumeric logs it once per pass.
+    """
+    if side == "float" and len(entries) == 2 * n_passes:
+        firsts, seconds = entries[0::2], entries[1::2]
+        for i, (a, b) in enumerate(zip(firsts, seconds, strict=True)):
+            assert a is b, f"{where}: eager's duplicated entry {i} is not the same tensor"
+        return firsts
+    assert len(entries) == n_passes, f"{where}: eager logged {len(entries)} entries"
+    return entries
+
+
+def _assert_activation_dicts_match(fx: dict, eager: dict, n_passes: int) -> None:
+    assert list(fx) == list(eager), "keys differ or are in a different order"
+    assert eager, "the oracle logged nothing: the test setup is broken"
+    for key in eager:
+        assert set(fx[key]) == {"float", "quantized"}, key
+        for side in ("float", "quantized"):
+            where = f"{key}[{side!r}]"
+            expected = _eager_entries(eager[key][side], side, n_passes, where)
+            assert len(fx[key][side]) == n_passes, f"{where}: {len(fx[key][side])} entries"
+            assert_same(fx[key][side], expected, where)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. compare_weights on state dicts
+# --------------------------------------------------------------------------------------------
+
+
+def test_compare_weights_state_dicts_match_eager(static_case: Case) -> None:
+    float_model, qmodel = static_case.make()
+    eager = tns.compare_weights(float_model.state_dict(), qmodel.state_dict())
+    float_model, qmodel = static_case.make()
+    fx = ns.compare_weights(float_model.state_dict(), qmodel.state_dict())
+
+    assert eager
+    assert set(fx) == set(eager)
+    for key in eager:
+        assert_same(fx[key], eager[key], key)
+
+
+def test_compare_weights_lstm_splits_ih_and_hh(make_lstm_pair) -> None:
+    """Deviation (b): one key per LSTM weight matrix; eager keeps only weight_hh."""
+    float_model, qmodel, _, _ = make_lstm_pair()
+    eager = tns.compare_weights(float_model.state_dict(), qmodel.state_dict())
+    float_model, qmodel, _, _ = make_lstm_pair()
+    q_state = qmodel.state_dict()
+    fx = ns.compare_weights(float_model.state_dict(), q_state)
+
+    lstm_keys = [k for k in eager if "._all_weight_values." in k]
+    assert lstm_keys == [f"rnn._all_weight_values.{n}.param" for n in range(5)]
+    other_keys = set(eager) - set(lstm_keys)
+    assert other_keys == {"encoder.weight", "decoder._packed_params._packed_params"}
+    expected_keys = other_keys | {f"{k}.{w}" for k in lstm_keys for w in ("weight_ih", "weight_hh")}
+    assert set(fx) == expected_keys
+    for key in lstm_keys:
+        assert key not in fx
+
+    for key in other_keys:
+        assert_same(fx[key], eager[key], key)
+
+    for key in lstm_keys:
+        layer = key.split(".")[-2]
+        # weight_hh: what eager ends up reporting under the bare key
+        assert_same(fx[f"{key}.weight_hh"], eager[key], f"{key}.weight_hh")
+        assert torch.equal(
+            fx[f"{key}.weight_hh"]["float"],
+            getattr(float_model.rnn, f"weight_hh_l{layer}").detach(),
+        )
+
+        # weight_ih: what eager computes and then overwrites
+        ih = fx[f"{key}.weight_ih"]
+        assert set(ih) == {"float", "quantized"}
+        float_ih = getattr(float_model.rnn, f"weight_ih_l{layer}").detach()
+        assert_same(ih["float"], float_ih, f"{key}.weight_ih float")
+        q_ih = ih["quantized"]
+        assert isinstance(q_ih, torch.Tensor) and q_ih.is_quantized
+        assert q_ih.dtype == torch.qint8
+        assert q_ih.shape == float_ih.shape
+        packed_ih = q_state[key].__getstate__()[0][4][0].__getstate__()[0][0]
+        assert_same(q_ih, packed_ih, f"{key}.weight_ih quantized")
+        assert (q_ih.dequantize() - float_ih).abs().max() <= q_ih.q_scale()
+        assert sqnr_db(float_ih, q_ih) > 30
+
+
+# --------------------------------------------------------------------------------------------
+# 2. compare_model_outputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_compare_model_outputs_matches_eager(case: Case) -> None:
+    float_model, qmodel = case.make()
+    eager = tns.compare_model_outputs(float_model, qmodel, *case.data)
+    float_model, qmodel = case.make()
+    fx = ns.compare_model_outputs(float_model, qmodel, *case.data)
+
+    _assert_activation_dicts_match(fx, eager, n_passes=1)
+
+
+def test_compare_model_outputs_lstm_logs_output_and_state_tuples(make_lstm_pair) -> None:
+    float_model, qmodel, input_, hidden = make_lstm_pair()
+    fx = ns.compare_model_outputs(float_model, qmodel, input_, hidden)
+    assert list(fx) == ["encoder.stats", "rnn.stats", "decoder.stats"]
+    for side in ("float", "quantized"):
+        output, (h, c) = fx["rnn.stats"][side][0]
+        assert output.shape == (1, 1, 256)
+        assert h.shape == c.shape == (5, 1, 256)
+
+
+@pytest.mark.parametrize("api", ["compare_model_outputs", "prepare_model_outputs"])
+def test_output_logger_stores_detached_tensors(case: Case, api: str) -> None:
+    """Deviation (c): fxnumeric's OutputLogger detaches; eager keeps the autograd graph.
+
+    The prepare path runs the user's own forward passes with autograd enabled.
+    """
+    float_model, qmodel = case.make()
+    eager = tns.compare_model_outputs(float_model, qmodel, *case.data)
+    assert any(  # the eager quirk
+        t.grad_fn is not None for t in _tensors(eager[next(iter(eager))]["float"])
+    )
+
+    float_model, qmodel = case.make()
+    with torch.enable_grad():
+        if api == "compare_model_outputs":
+            fx = ns.compare_model_outputs(float_model, qmodel, *case.data)
+        else:
+            ns.prepare_model_outputs(float_model, qmodel)
+            float_model(*case.data)
+            qmodel(*case.data)
+            fx = ns.get_matching_activations(float_model, qmodel)
+    assert fx
+    for key, entry in fx.items():
+        for side in ("float", "quantized"):
+            for t in _tensors(entry[side]):
+                assert t.grad_fn is None and not t.requires_grad, (key, side)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. prepare_model_outputs + forward passes + get_matching_activations
+# --------------------------------------------------------------------------------------------
+
+
+def test_prepare_model_outputs_and_get_matching_activations_match_eager(case: Case) -> None:
+    float_model, qmodel = case.make()
+    tns.prepare_model_outputs(float_model, qmodel)
+    for batch in case.batches:
+        float_model(*batch)
+        qmodel(*batch)
+    eager = tns.get_matching_activations(float_model, qmodel)
+
+    float_model, qmodel = case.make()
+    ns.prepare_model_outputs(float_model, qmodel)
+    for batch in case.batches:
+        float_model(*batch)
+        qmodel(*batch)
+    fx = ns.get_matching_activations(float_model, qmodel)
+
+    _assert_activation_dicts_match(fx, eager, n_passes=len(case.batches))
+
+
+def test_fused_sequential_float_output_logged_once_per_pass(resnet18_case: Case) -> None:
+    """Eager logs the fused ``conv1`` (an ``nni.ConvReLU2d`` Sequential) twice; fxnumeric once."""
+    float_model, qmodel = resnet18_case.make()
+    eager = tns.compare_model_outputs(float_model, qmodel, *resnet18_case.data)
+    assert len(eager["conv1.stats"]["float"]) == 2  # the eager quirk
+    assert eager["conv1.stats"]["float"][0] is eager["conv1.stats"]["float"][1]
+    assert len(eager["conv1.stats"]["quantized"]) == 1
+
+    float_model, qmodel = resnet18_case.make()
+    fx = ns.compare_model_outputs(float_model, qmodel, *resnet18_case.data)
+    assert len(fx["conv1.stats"]["float"]) == 1
+    assert len(fx["conv1.stats"]["quantized"]) == 1
+    assert_same(fx["conv1.stats"]["float"][0], eager["conv1.stats"]["float"][0])
+
+
+# --------------------------------------------------------------------------------------------
+# 4. compare_model_stub
+# --------------------------------------------------------------------------------------------
+
+
+def test_compare_model_stub_matches_eager(case: Case) -> None:
+    float_model, qmodel = case.make()
+    eager = tns.compare_model_stub(float_model, qmodel, case.swap_list, *case.data)
+    float_model, qmodel = case.make()
+    fx = ns.compare_model_stub(float_model, qmodel, case.swap_list, *case.data)
+
+    _assert_shadow_dicts_match(fx, eager, case, n_passes=1)
+
+
+def test_shadow_logger_keeps_whole_batch(resnet18_case: Case) -> None:
+    """Deviation (a), spelled out on the tutorial's printout: eager keeps sample 0 only."""
+    float_model, qmodel = resnet18_case.make()
+    eager = tns.compare_model_stub(
+        float_model, qmodel, resnet18_case.swap_list, *resnet18_case.data
+    )
+    float_model, qmodel = resnet18_case.make()
+    fx = ns.compare_model_stub(float_model, qmodel, resnet18_case.swap_list, *resnet18_case.data)
+
+    assert eager["layer1.0.stats"]["float"][0].shape == (64, 3, 3)
+    assert fx["layer1.0.stats"]["float"][0].shape == (2, 64, 3, 3)
+    assert fx["layer1.0.stats"]["quantized"][0].shape == (2, 64, 3, 3)
+    for side in ("float", "quantized"):
+        assert_same(fx["layer1.0.stats"][side][0][0], eager["layer1.0.stats"][side][0])
+
+
+# --------------------------------------------------------------------------------------------
+# 5. prepare_model_with_stubs + forward passes + get_logger_dict
+# --------------------------------------------------------------------------------------------
+
+
+def test_prepare_model_with_stubs_and_get_logger_dict_match_eager(case: Case) -> None:
+    float_model, qmodel = case.make()
+    tns.prepare_model_with_stubs(float_model, qmodel, case.swap_list, tns.ShadowLogger)
+    for batch in case.batches:
+        qmodel(*batch)
+    eager = tns.get_logger_dict(qmodel)
+
+    float_model, qmodel = case.make()
+    ns.prepare_model_with_stubs(float_model, qmodel, case.swap_list, ns.ShadowLogger)
+    for batch in case.batches:
+        qmodel(*batch)
+    fx = ns.get_logger_dict(qmodel)
+
+    _assert_shadow_dicts_match(fx, eager, case, n_passes=len(case.batches))
+
+
+def _my_shadow_logger(base: type) -> type:
+    """The tutorial's MyShadowLogger, on top of ``base`` (fxnumeric's or torch's Logger)."""
+
+    class MyShadowLogger(base):
+        r"""Customized logger class"""
+
+        def __init__(self):
+            super().__init__()
+
+        def forward(self, x, y):
+            # Custom functionalities
+            # ...
+            return x
+
+    return MyShadowLogger
+
+
+@pytest.mark.parametrize("api", ["compare_model_stub", "prepare_model_with_stubs"])
+def test_tutorial_custom_shadow_logger_matches_eager(resnet18_case: Case, api: str) -> None:
+    """The tutorial's MyShadowLogger records nothing: every key maps to an empty stats dict."""
+    case = resnet18_case
+    results = []
+    for suite in (tns, ns):
+        float_model, qmodel = case.make()
+        logger_cls = _my_shadow_logger(suite.Logger)
+        if api == "compare_model_stub":
+            results.append(
+                suite.compare_model_stub(
+                    float_model, qmodel, case.swap_list, *case.data, logger_cls=logger_cls
+                )
+            )
+        else:
+            suite.prepare_model_with_stubs(float_model, qmodel, case.swap_list, logger_cls)
+            for batch in case.batches:
+                qmodel(*batch)
+            results.append(suite.get_logger_dict(qmodel))
+    eager, fx = results
+    assert len(eager) == 8 and all(v == {} for v in eager.values())
+    assert fx == eager
+
+
+# --------------------------------------------------------------------------------------------
+# 6. compare_weights on two models (fxnumeric-only extension)
+# --------------------------------------------------------------------------------------------
+
+
+def test_compare_weights_of_models_matches_eager_on_state_dicts(static_case: Case) -> None:
+    float_model, qmodel = static_case.make()
+    eager = tns.compare_weights(float_model.state_dict(), qmodel.state_dict())
+    float_model, qmodel = static_case.make()
+    fx = ns.compare_weights(float_model, qmodel)
+
+    assert set(fx) == set(eager)
+    for key in eager:
+        assert_same(fx[key], eager[key], key)
+
+
+# --------------------------------------------------------------------------------------------
+# Key order (the tutorial prints ``.keys()``): beyond the key sets compared above
+# --------------------------------------------------------------------------------------------
+
+
+def _split_lstm_keys(keys: list[str]) -> list[str]:
+    """Eager's key order with each bare LSTM ``...param`` key replaced by its ih, hh keys."""
+    out = []
+    for key in keys:
+        if "._all_weight_values." in key:
+            out += [f"{key}.weight_ih", f"{key}.weight_hh"]
+        else:
+            out.append(key)
+    return out
+
+
+def test_key_order_matches_eager(case: Case) -> None:
+    float_model, qmodel = case.make()
+    eager_weights = tns.compare_weights(float_model.state_dict(), qmodel.state_dict())
+    fx_weights = ns.compare_weights(float_model.state_dict(), qmodel.state_dict())
+    fx_model_weights = ns.compare_weights(float_model, qmodel)
+    assert list(fx_weights) == _split_lstm_keys(list(eager_weights))
+    assert list(fx_model_weights) == list(fx_weights)
+
+    eager_stub = tns.compare_model_stub(float_model, qmodel, case.swap_list, *case.data)
+    float_model, qmodel = case.make()
+    fx_stub = ns.compare_model_stub(float_model, qmodel, case.swap_list, *case.data)
+    assert list(fx_stub) == list(eager_stub)
+
+
+# --------------------------------------------------------------------------------------------
+# (d) compare_model_outputs and compare_model_stub leave the models untouched
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["compare_model_outputs", "compare_model_stub"])
+def test_compare_functions_do_not_modify_models(case: Case, api: str) -> None:
+    float_model, qmodel = case.make()
+    float_before = _snapshot(float_model, case.data)
+    q_before = _snapshot(qmodel, case.data)
+
+    if api == "compare_model_outputs":
+        result = ns.compare_model_outputs(float_model, qmodel, *case.data)
+    else:
+        result = ns.compare_model_stub(float_model, qmodel, case.swap_list, *case.data)
+    assert result
+
+    assert_unchanged(float_model, float_before, case.data, "float")
+    assert_unchanged(qmodel, q_before, case.data, "quantized")
+
+
+def test_eager_compare_model_outputs_does_modify_models(resnet18_case: Case) -> None:
+    """The eager quirk that deviation (d) removes, so the contrast stays documented."""
+    float_model, qmodel = resnet18_case.make()
+    tns.compare_model_outputs(float_model, qmodel, *resnet18_case.data)
+    assert any(_is_logger(m) for m in float_model.modules())
+    assert any(_is_logger(m) for m in qmodel.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# (e) custom loggers with get_matching_activations
+# --------------------------------------------------------------------------------------------
+
+
+def _my_output_logger(base: type) -> type:
+    """The tutorial's MyOutputLogger, on top of ``base`` (fxnumeric's or torch's Logger)."""
+
+    class MyOutputLogger(base):
+        r"""Customized logger class"""
+
+        def __init__(self):
+            super().__init__()
+
+        def forward(self, x):
+            # Custom functionalities
+            # ...
+            return x
+
+    return MyOutputLogger
+
+
+def _max_logger(base: type) -> type:
+    """A custom logger that records the maximum of every output it sees."""
+
+    class MaxLogger(base):
+        def __init__(self):
+            super().__init__()
+            self.stats["max"] = []
+
+        def forward(self, x):
+            t = x.dequantize() if x.is_quantized else x
+            self.stats["max"].append(t.detach().max())
+            return x
+
+    return MaxLogger
+
+
+def test_eager_crashes_on_tutorial_custom_output_logger(resnet18_case: Case) -> None:
+    """The eager quirk behind deviation (e)."""
+    my_logger = _my_output_logger(tns.Logger)
+    float_model, qmodel = resnet18_case.make()
+    with pytest.raises(KeyError, match="tensor_val"):
+        tns.compare_model_outputs(float_model, qmodel, *resnet18_case.data, logger_cls=my_logger)
+
+    float_model, qmodel = resnet18_case.make()
+    tns.prepare_model_outputs(float_model, qmodel, my_logger)
+    for batch in resnet18_case.batches:
+        float_model(*batch)
+        qmodel(*batch)
+    with pytest.raises(KeyError, match="tensor_val"):
+        tns.get_matching_activations(float_model, qmodel)
+
+
+def test_custom_output_logger_returns_its_stats(case: Case) -> None:
+    """Deviation (e): the tutorial's MyOutputLogger records nothing, so every entry is empty."""
+    my_logger = _my_output_logger(ns.Logger)
+    float_model, qmodel = case.make()
+    reference_keys = set(ns.compare_model_outputs(float_model, qmodel, *case.data))
+    assert reference_keys
+
+    float_model, qmodel = case.make()
+    one_shot = ns.compare_model_outputs(float_model, qmodel, *case.data, logger_cls=my_logger)
+    assert set(one_shot) == reference_keys
+    for key, entry in one_shot.items():
+        assert entry == {"float": {}, "quantized": {}}, key
+
+    float_model, qmodel = case.make()
+    ns.prepare_model_outputs(float_model, qmodel, my_logger)
+    for batch in case.batches:
+        float_model(*batch)
+        qmodel(*batch)
+    prepared = ns.get_matching_activations(float_model, qmodel)
+    assert set(prepared) == reference_keys
+    for key, entry in prepared.items():
+        assert entry == {"float": {}, "quantized": {}}, key
+
+
+def test_recording_custom_logger_returns_recorded_stats(resnet18_case: Case) -> None:
+    float_model, qmodel = resnet18_case.make()
+    tns.prepare_model_outputs(float_model, qmodel)
+    for batch in resnet18_case.batches:
+        float_model(*batch)
+        qmodel(*batch)
+    eager = tns.get_matching_activations(float_model, qmodel)
+
+    float_model, qmodel = resnet18_case.make()
+    ns.prepare_model_outputs(float_model, qmodel, _max_logger(ns.Logger))
+    for batch in resnet18_case.batches:
+        float_model(*batch)
+        qmodel(*batch)
+    fx = ns.get_matching_activations(float_model, qmodel)
+
+    assert list(fx) == list(eager)
+    for key in eager:
+        assert set(fx[key]) == {"float", "quantized"}
+        for side in ("float", "quantized"):
+            stats = fx[key][side]
+            assert set(stats) == {"max"}, (key, side)
+            eager_entries = _eager_entries(eager[key][side], side, 2, f"{key}[{side!r}]")
+            expected = [
+                t.dequantize().max() if t.is_quantized else t.detach().max() for t in eager_entries
+            ]
+            assert len(stats["max"]) == len(resnet18_case.batches)
+            assert_same(list(stats["max"]), expected, f"{key}[{side!r}]['max']")
+
+
+# --------------------------------------------------------------------------------------------
+# (f) get_matching_activations before any forward pass
+# --------------------------------------------------------------------------------------------
+
+
+def test_get_matching_activations_before_forward_raises(case: Case) -> None:
+    float_model, qmodel = case.make()
+    tns.prepare_model_outputs(float_model, qmodel)
+    assert tns.get_matching_activations(float_model, qmodel) == {}  # eager: silently empty
+
+    float_model, qmodel = case.make()
+    ns.prepare_model_outputs(float_model, qmodel)
+    with pytest.raises(ns.FxNumericError, match="forward"):
+        ns.get_matching_activations(float_model, qmodel)
+
+
+# --------------------------------------------------------------------------------------------
+# (g) an unfused float model pairs by graph with the quantized model of its fused copy
+# --------------------------------------------------------------------------------------------
+
+
+def test_unfused_float_model_pairs_at_fused_outputs(
+    make_resnet18_pair, make_resnet18_unfused_pair
+) -> None:
+    fused_float, qmodel, img_data = make_resnet18_pair()
+    x = img_data[0][0]
+    eager_fused = tns.compare_model_outputs(fused_float, qmodel, x)
+
+    unfused_float, qmodel, _ = make_resnet18_unfused_pair()
+    fx = ns.compare_model_outputs(unfused_float, qmodel, x)
+
+    assert list(fx) == list(eager_fused)
+    for key in eager_fused:
+        assert len(fx[key]["float"]) == 1 and len(fx[key]["quantized"]) == 1, key
+        expected_float = _eager_entries(eager_fused[key]["float"], "float", 1, key)
+        assert_close(fx[key]["float"], expected_float, f"{key}['float']")
+        assert_same(fx[key]["quantized"], eager_fused[key]["quantized"], f"{key}['quantized']")
+
+    # The eager quirk: pairing by module name logs the unfused conv1 before BN and ReLU.
+    unfused_float, qmodel, _ = make_resnet18_unfused_pair()
+    eager_unfused = tns.compare_model_outputs(unfused_float, qmodel, x)
+    eager_conv1 = eager_unfused["conv1.stats"]["float"][0].detach()
+    fused_conv1 = eager_fused["conv1.stats"]["float"][0].detach()
+    assert eager_conv1.shape == fused_conv1.shape
+    assert not torch.allclose(eager_conv1, fused_conv1, atol=1e-3)
+    assert (eager_conv1 < 0).any()  # pre-ReLU values, which the quantized conv1 never outputs
+
+
+# --------------------------------------------------------------------------------------------
+# (h) preparing twice does not stack loggers
+# --------------------------------------------------------------------------------------------
+
+
+def test_prepare_model_outputs_twice_does_not_stack_loggers(case: Case) -> None:
+    float_model, qmodel = case.make()
+    reference_keys = list(tns.compare_model_outputs(float_model, qmodel, *case.data))
+
+    float_model, qmodel = case.make()
+    ns.prepare_model_outputs(float_model, qmodel)
+    ns.prepare_model_outputs(float_model, qmodel)
+    float_model(*case.data)
+    qmodel(*case.data)
+    fx = ns.get_matching_activations(float_model, qmodel)
+
+    assert list(fx) == reference_keys
+    for key, entry in fx.items():
+        assert len(entry["float"]) == 1, key
+        assert len(entry["quantized"]) == 1, key
+
+
+# --------------------------------------------------------------------------------------------
+# FX-quantized torchvision resnet18 (eager's suite cannot pair these; fxnumeric pairs by graph)
+# --------------------------------------------------------------------------------------------
+
+
+def test_compare_model_outputs_on_fx_quantized_resnet18(make_fx_resnet18_pair) -> None:
+    float_model, qmodel, img_data = make_fx_resnet18_pair()
+    x = img_data[0][0]
+    result = ns.compare_model_outputs(float_model, qmodel, x)
+
+    assert result
+    assert all(key.endswith(".stats") for key in result), list(result)
+    for key in ("conv1.stats", "layer1.0.conv1.stats", "fc.stats"):
+        assert key in result, (key, list(result))
+    add_nodes = [
+        n.name
+        for n in qmodel.graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.quantized.add_relu
+    ]
+    assert len(add_nodes) == 8
+    for name in add_nodes:
+        assert f"{name}.stats" in result, (name, list(result))
+
+    for key, entry in result.items():
+        assert set(entry) == {"float", "quantized"}, key
+        assert len(entry["float"]) == 1 and len(entry["quantized"]) == 1, key
+        f_val, q_val = entry["float"][0], entry["quantized"][0]
+        assert isinstance(f_val, torch.Tensor) and isinstance(q_val, torch.Tensor), key
+        assert f_val.shape == q_val.shape, (key, f_val.shape, q_val.shape)
+
+    conv1 = result["conv1.stats"]
+    assert conv1["float"][0].shape == (2, 64, 16, 16)
+    assert sqnr_db(conv1["float"][0], conv1["quantized"][0]) > 15
+    assert not math.isnan(
+        sqnr_db(result["fc.stats"]["float"][0], result["fc.stats"]["quantized"][0])
+    )
