@@ -310,10 +310,9 @@ def _stub_selector(module_swap_list: Iterable[type]):
     swap = tuple(module_swap_list)
 
     def select(pair: Pair, matching: Matching) -> bool:
-        if len(pair.float_nodes) != 1 or len(pair.quant_nodes) != 1:
-            return False
-        fnode = next(n for n in matching.float_graph.graph.nodes if n.name == pair.float_nodes[0])
-        qnode = next(n for n in matching.quant_graph.graph.nodes if n.name == pair.quant_nodes[0])
+        # the float head decides (a conv whose bn and relu the quantized op absorbed counts)
+        fnode = matching.float_node(pair.float_nodes[0])
+        qnode = matching.quant_node(pair.quant_nodes[0])
         if fnode.op != "call_module" or qnode.op != "call_module":
             return False
         fmod = matching.float_graph.get_submodule(fnode.target)

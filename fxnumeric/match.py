@@ -124,12 +124,27 @@ class Matching:
         )
         return tabulate(rows, headers=headers, tablefmt=tablefmt) + "\n" + summary
 
+    def float_node(self, name: str) -> fx.Node:
+        """The float graph's node called ``name``."""
+        return _node_index(self.float_graph)[name]
+
+    def quant_node(self, name: str) -> fx.Node:
+        """The quantized graph's node called ``name``."""
+        return _node_index(self.quant_graph)[name]
+
     def pair(self, name: str) -> Pair:
         """Return the pair called ``name``."""
         for p in self.pairs:
             if p.name == name:
                 return p
         raise MatchError(f"no pair named {name!r}; names are: {', '.join(p.name for p in self.pairs[:20])} ...")
+
+
+def _node_index(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    index = gm.__dict__.get("_fxnumeric_node_index")
+    if index is None or len(index) != len(gm.graph.nodes):
+        index = gm.__dict__["_fxnumeric_node_index"] = {n.name: n for n in gm.graph.nodes}
+    return index
 
 
 def _summary(m: Matching, missed: list[Unmatched]) -> str:

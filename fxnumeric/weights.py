@@ -89,7 +89,7 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     return {}
 
 
-def _lstm_float_weights(module: nn.Module) -> list[torch.Tensor]:
+def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
     out = []
     for layer in range(module.num_layers):
         for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
@@ -120,8 +120,8 @@ def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
             continue
         fnode = fnodes[pair.float_nodes[0]]
         fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
-        if fmod is not None and isinstance(fmod, nn.LSTM) and any(k.endswith(".weight_ih") for k in qweights):
-            pairs_ih_hh = _lstm_float_weights(fmod)
+        if fmod is not None and isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
+            pairs_ih_hh = _rnn_float_weights(fmod)
             ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
             for (w_ih, w_hh), k in zip(pairs_ih_hh, ih_keys):
                 base = k[: -len(".weight_ih")]

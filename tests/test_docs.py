@@ -125,16 +125,21 @@ def _check_tutorial_namespace(ns: dict) -> None:
         assert set(entry) == {"float", "quantized"}, key
         assert len(entry["float"]) == len(entry["quantized"]) == 1, key
 
-    # The LSTM part only calls compare_*(), which (unlike eager) leave the models untouched.
-    assert type(float_model.rnn) is nn.LSTM and type(float_model.decoder) is nn.Linear
+    # The LSTM part only calls compare_*(), which (unlike eager) leave the models untouched:
+    # same module tree, same instance attributes and no hooks, as freshly built models.
+    fresh_float = ns["LSTMModel"](ntoken=ns["ntokens"], ninp=512, nhid=256, nlayers=5).eval()
+    fresh_q = torch.ao.quantization.quantize_dynamic(
+        fresh_float, {nn.LSTM, nn.Linear}, dtype=torch.qint8
+    )
     assert type(qmodel.rnn) is nnqd.LSTM and type(qmodel.decoder) is nnqd.Linear
-    for model in (float_model, qmodel):
-        leftovers = [
-            name
-            for name, mod in model.named_modules()
-            if isinstance(mod, ns["ns"].Logger) or type(mod).__name__ == "Shadow"
-        ]
-        assert leftovers == [], leftovers
+    for model, fresh in ((float_model, fresh_float), (qmodel, fresh_q)):
+        tree = [(name, type(mod)) for name, mod in model.named_modules()]
+        assert tree == [(name, type(mod)) for name, mod in fresh.named_modules()]
+        pairs = zip(model.named_modules(), fresh.named_modules(), strict=True)
+        for (name, mod), (_, ref) in pairs:
+            assert set(vars(mod)) == set(vars(ref)), (name, set(vars(mod)) ^ set(vars(ref)))
+            hooks = [h for h in vars(mod) if h.endswith("_hooks")]
+            assert [len(vars(mod)[h]) for h in hooks] == [len(vars(ref)[h]) for h in hooks], name
 
     m = ns["m"]
     for attr in ("pairs", "unmatched_float", "unmatched_quant"):

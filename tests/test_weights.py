@@ -1,0 +1,58 @@
+"""compare (weights): float and quantized weights paired through the graph."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+import fxnumeric as ns
+from fxnumeric.demo import sqnr
+
+
+def test_unfused_float_weights_are_bn_folded(make_resnet18_pair, make_resnet18_unfused_pair):
+    fused, qmodel, _ = make_resnet18_pair()
+    unfused, _, _ = make_resnet18_unfused_pair()
+    ours = ns.compare_weights(unfused, qmodel)
+    by_name = ns.compare_weights(fused.state_dict(), qmodel.state_dict())
+    assert list(ours) == list(by_name)
+    for key in ("conv1.weight", "layer2.0.downsample.0.weight", "fc._packed_params._packed_params"):
+        assert torch.allclose(ours[key]["float"], by_name[key]["float"], atol=1e-6), key
+        assert torch.equal(ours[key]["quantized"].int_repr(), by_name[key]["quantized"].int_repr())
+    # the raw (unfolded) conv weight is a different tensor: name matching would compare it
+    assert not torch.allclose(unfused.conv1.weight, ours["conv1.weight"]["float"])
+
+
+def test_dynamic_gru_weights_are_paired_per_layer():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.fc = nn.GRU(8, 16, 2), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.gru(x)[0])
+
+    torch.manual_seed(0)
+    f = Net().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.GRU, nn.Linear})
+    w = ns.compare_weights(f, q)
+    assert list(w) == [
+        "gru._all_weight_values.0.param.weight_ih", "gru._all_weight_values.0.param.weight_hh",
+        "gru._all_weight_values.1.param.weight_ih", "gru._all_weight_values.1.param.weight_hh",
+        "fc._packed_params._packed_params",
+    ]
+    assert torch.equal(w["gru._all_weight_values.1.param.weight_hh"]["float"], f.gru.weight_hh_l1)
+    assert all(sqnr(v["float"], v["quantized"]) > 35 for v in w.values())
+    assert list(ns.compare_model_outputs(f, q, torch.randn(5, 3, 8))) == ["gru.stats", "fc.stats"]
+
+
+def test_fx_quantized_weights_and_stubs(make_fx_resnet18_pair):
+    float_model, qmodel, data = make_fx_resnet18_pair()
+    w = ns.compare_weights(float_model, qmodel)
+    assert len(w) == 21 and list(w)[0] == "conv1.weight" and list(w)[-1] == "fc._packed_params._packed_params"
+    assert all(sqnr(v["float"], v["quantized"]) > 30 for v in w.values())
+    stubs = ns.compare_model_stub(float_model, qmodel, [nn.Conv2d, nn.Linear], data[0][0])
+    assert len(stubs) == 21 and "layer4.1.conv2.stats" in stubs
+    s = stubs["conv1.stats"]
+    assert s["float"][0].shape == s["quantized"][0].shape and sqnr(s["float"][0], s["quantized"][0]) > 25
