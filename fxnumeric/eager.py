@@ -54,7 +54,9 @@ _STATE_ATTR = "_fxnumeric_instrumented"
 
 def get_default_compare_output_module_list() -> set[type]:
     """Module types whose outputs ``compare_model_outputs`` logs by default (torch's list)."""
-    from torch.ao.quantization.quantization_mappings import get_default_compare_output_module_list as _torch_list
+    from torch.ao.quantization.quantization_mappings import (
+        get_default_compare_output_module_list as _torch_list,
+    )
 
     return _torch_list()
 

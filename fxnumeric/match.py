@@ -288,7 +288,7 @@ def _candidates(fv: _View, qv: _View, q: fx.Node, mapped: list, taken_f: set) ->
 
 def _quant_miss_reason(fv: _View, qv: _View, q: fx.Node, mapped: list, tried: list) -> str:
     kind = qv.cls[q].kind
-    unpaired_inputs = [i.name for i, m in zip(qv.inputs[q], mapped) if m is None]
+    unpaired_inputs = [i.name for i, m in zip(qv.inputs[q], mapped, strict=True) if m is None]
     if unpaired_inputs and all(m is None for m in mapped):
         return (
             f"its input `{unpaired_inputs[0]}` has no float counterpart, so there is no place "
@@ -332,7 +332,7 @@ def _pair_views(fv: _View, qv: _View) -> tuple[list[Pair], list[Unmatched], list
             f"{len(qv.placeholders)} ({', '.join(p.name for p in qv.placeholders)}); "
             "compare a float model with the quantized model made from it."
         )
-    anchor: dict[fx.Node, fx.Node | None] = dict(zip(qv.placeholders, fv.placeholders))
+    anchor: dict[fx.Node, fx.Node | None] = dict(zip(qv.placeholders, fv.placeholders, strict=True))
     taken_f: set = set()
     taken_q: set = set()
     pairs: list[Pair] = []

@@ -13,7 +13,7 @@ import linecache
 import os
 import traceback
 from collections.abc import Iterable
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -23,7 +23,7 @@ from .errors import TraceError
 
 __all__ = ["trace", "LeafSpec"]
 
-LeafSpec = Union[type, str]
+LeafSpec = type | str
 """A module type, or a qualified module name such as ``"encoder.layers.0"``."""
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

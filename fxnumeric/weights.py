@@ -123,7 +123,7 @@ def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
         if fmod is not None and isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
             pairs_ih_hh = _rnn_float_weights(fmod)
             ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
-            for (w_ih, w_hh), k in zip(pairs_ih_hh, ih_keys):
+            for (w_ih, w_hh), k in zip(pairs_ih_hh, ih_keys, strict=True):
                 base = k[: -len(".weight_ih")]
                 result[f"{base}.weight_ih"] = {"float": w_ih.detach(), "quantized": qweights[f"{base}.weight_ih"]}
                 result[f"{base}.weight_hh"] = {"float": w_hh.detach(), "quantized": qweights[f"{base}.weight_hh"]}

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from torch.ao.quantization import QuantStub, DeQuantStub, default_qconfig, quantize, default_eval_fn
+from torch.ao.quantization import DeQuantStub, QuantStub, default_eval_fn, default_qconfig, quantize
 
 import fxnumeric as ns
 from fxnumeric.demo import sqnr
