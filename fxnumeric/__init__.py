@@ -8,6 +8,7 @@ The eager Numeric Suite API (``compare_weights``, ``compare_model_outputs``, ...
 layer on top, so ``import fxnumeric as ns`` runs the PyTorch Numeric Suite tutorial.
 """
 
+from .compare import compare
 from .eager import (
     NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST,
     compare_model_outputs,
@@ -24,7 +25,9 @@ from .errors import FxNumericError, InputError, InstrumentationError, MatchError
 from .instrument import add_loggers, add_shadows, loggers_of
 from .loggers import Logger, OutputLogger, Shadow, ShadowLogger
 from .match import Matching, Pair, Unmatched, match
+from .metrics import cosine, max_abs_error, mse, sqnr
 from .ops import register_op
+from .report import Report, ReportRow
 from .trace import trace
 from .weights import extract_weights
 
@@ -57,6 +60,14 @@ __all__ = [
     "loggers_of",
     "extract_weights",
     "register_op",
+    # metrics and reports
+    "compare",
+    "Report",
+    "ReportRow",
+    "sqnr",
+    "cosine",
+    "mse",
+    "max_abs_error",
     # errors
     "FxNumericError",
     "TraceError",

@@ -129,15 +129,29 @@ def add_loggers(
         ``(float_gm, quant_gm)``; their loggers are in :func:`loggers_of`.
     """
     matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
+    return _add_output_loggers(
+        matching, _select(matching, select),
+        lambda name: _make_logger(logger_cls), lambda name, twin: _make_logger(logger_cls),
+    )
+
+
+def _add_output_loggers(
+    matching: Matching,
+    pairs: list[Pair],
+    make_float: Callable[[str], nn.Module],
+    make_quant: Callable[[str, nn.Module], nn.Module],
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Log ``pairs`` on both sides; ``make_quant(name, float_logger)`` builds the quantized one."""
     float_gm, float_nodes = _copy_graph_module(matching.float_graph)
     quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
     float_loggers: dict[str, nn.Module] = {}
     quant_loggers: dict[str, nn.Module] = {}
-    float_modules, quant_modules = dict(float_gm.named_modules(remove_duplicate=False)), dict(quant_gm.named_modules(remove_duplicate=False))
-    for i, pair in enumerate(_select(matching, select)):
+    float_modules = dict(float_gm.named_modules(remove_duplicate=False))
+    quant_modules = dict(quant_gm.named_modules(remove_duplicate=False))
+    for i, pair in enumerate(pairs):
         if pair.name not in quant_loggers:
-            float_loggers[pair.name] = _make_logger(logger_cls)
-            quant_loggers[pair.name] = _make_logger(logger_cls)
+            float_loggers[pair.name] = make_float(pair.name)
+            quant_loggers[pair.name] = make_quant(pair.name, float_loggers[pair.name])
         target = f"fxnumeric_logger_{i}"
         _attach(float_gm, float_nodes, float_modules, pair.float_nodes[-1], float_loggers[pair.name], target)
         _attach(quant_gm, quant_nodes, quant_modules, pair.quant_nodes[-1], quant_loggers[pair.name], target)
@@ -244,6 +258,13 @@ def add_shadows(
         ``{pair name: reason}`` for pairs that could not be shadowed.
     """
     matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
+    return _add_shadow_loggers(matching, _select(matching, select), lambda name: _make_logger(logger_cls))
+
+
+def _add_shadow_loggers(
+    matching: Matching, pairs: list[Pair], make_logger: Callable[[str], nn.Module]
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Shadow ``pairs`` in a copy of the quantized graph; ``make_logger(name)`` builds loggers."""
     quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
     float_to_quant: dict[str, str] = {}
     for q, f in matching.quant_to_float.items():
@@ -252,7 +273,7 @@ def add_shadows(
     skipped: dict[str, str] = {}
     order = {n.name: i for i, n in enumerate(quant_gm.graph.nodes)}
     quant_modules = dict(quant_gm.named_modules(remove_duplicate=False))
-    for i, pair in enumerate(_select(matching, select)):
+    for i, pair in enumerate(pairs):
         sub, float_inputs = _extract_float_subgraph(matching, pair)
         head_inputs = _quant_head_inputs(matching, pair)
         quant_inputs = []
@@ -264,7 +285,7 @@ def add_shadows(
             quant_inputs.append(quant_nodes[q])
         else:
             if pair.name not in loggers:
-                loggers[pair.name] = _make_logger(logger_cls)
+                loggers[pair.name] = make_logger(pair.name)
             probe = _ShadowProbe(sub, loggers[pair.name])
             _attach(quant_gm, quant_nodes, quant_modules, pair.quant_nodes[-1], probe,
                     f"fxnumeric_shadow_{i}", tuple(quant_inputs))

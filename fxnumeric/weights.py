@@ -11,7 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .match import Matching, Pair
 
-__all__ = ["extract_weights"]
+__all__ = ["extract_weights", "pair_weights"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -97,40 +97,41 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
-    """Pair float and quantized weights through the graph.
-
-    Returns ``{key: {"float": tensor, "quantized": tensor}}`` with keys as in the quantized
-    model's state_dict (``conv1.weight``, ``fc._packed_params._packed_params``); a dynamic
-    LSTM gives ``rnn._all_weight_values.N.param.weight_ih`` and ``.weight_hh``. When the
-    quantized op absorbed a BatchNorm, the float weight is the BN-folded one, so the
-    comparison measures quantization error only.
-    """
+def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
+    """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights."""
     qmods = dict(matching.quant_graph.named_modules(remove_duplicate=False))
     fmods = dict(matching.float_graph.named_modules(remove_duplicate=False))
-    qnodes = {n.name: n for n in matching.quant_graph.graph.nodes}
-    fnodes = {n.name: n for n in matching.float_graph.graph.nodes}
-    result: dict[str, dict[str, torch.Tensor]] = {}
+    out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
     for pair in matching.pairs:
-        qnode = qnodes[pair.quant_nodes[0]]
+        qnode = matching.quant_node(pair.quant_nodes[0])
         if qnode.op != "call_module":
             continue
         qweights = _quant_weights(qmods[qnode.target], str(qnode.target))
         if not qweights:
             continue
-        fnode = fnodes[pair.float_nodes[0]]
+        fnode = matching.float_node(pair.float_nodes[0])
         fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
-        if fmod is not None and isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
-            pairs_ih_hh = _rnn_float_weights(fmod)
+        if isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
             ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
-            for (w_ih, w_hh), k in zip(pairs_ih_hh, ih_keys, strict=True):
+            for (w_ih, w_hh), k in zip(_rnn_float_weights(fmod), ih_keys, strict=True):
                 base = k[: -len(".weight_ih")]
-                result[f"{base}.weight_ih"] = {"float": w_ih.detach(), "quantized": qweights[f"{base}.weight_ih"]}
-                result[f"{base}.weight_hh"] = {"float": w_hh.detach(), "quantized": qweights[f"{base}.weight_hh"]}
+                out.append((pair, f"{base}.weight_ih", w_ih.detach(), qweights[f"{base}.weight_ih"]))
+                out.append((pair, f"{base}.weight_hh", w_hh.detach(), qweights[f"{base}.weight_hh"]))
             continue
         fweight = _float_weight(matching, pair)
         if fweight is None:
             continue
-        for key, qw in qweights.items():
-            result[key] = {"float": fweight, "quantized": qw}
-    return result
+        out.extend((pair, key, fweight, qw) for key, qw in qweights.items())
+    return out
+
+
+def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
+    """Pair float and quantized weights through the graph.
+
+    Returns ``{key: {"float": tensor, "quantized": tensor}}`` with keys as in the quantized
+    model's state_dict (``conv1.weight``, ``fc._packed_params._packed_params``); a dynamic
+    LSTM or GRU gives ``rnn._all_weight_values.N.param.weight_ih`` and ``.weight_hh``. When
+    the quantized op absorbed a BatchNorm, the float weight is the BN-folded one, so the
+    comparison measures quantization error only.
+    """
+    return {key: {"float": fw, "quantized": qw} for _, key, fw, qw in pair_weights(matching)}

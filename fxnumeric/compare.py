@@ -1,0 +1,278 @@
+"""Stage 5, compare: per-layer metrics for a float/quantized pair over many batches, in one call.
+
+For each batch the float graph runs first; its loggers keep only that batch's outputs. The
+quantized graph runs next; each of its loggers compares its output with the float twin's and
+adds to running sums (:class:`fxnumeric.metrics.Accumulator`), then the float outputs are
+dropped. Shadows compare each quantized op with a copy of its float subgraph fed the same
+dequantized input. Peak memory is one batch of activations, whatever the number of batches.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .instrument import _add_output_loggers, _add_shadow_loggers
+from .loggers import Logger, _detach, _first_output
+from .match import Matching, match
+from .metrics import BUILTIN_METRICS, Accumulator, MetricFn
+from .report import Report, ReportRow, WeightHistogram
+from .run import as_args, run_model
+from .trace import LeafSpec
+from .weights import pair_weights
+
+__all__ = ["compare", "COMPARISONS"]
+
+COMPARISONS = ("weights", "outputs", "shadows")
+
+
+class _FloatOutputs(Logger):
+    """Keeps the float outputs of the current batch, in call order, for the quantized twin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Any] = []
+
+    def forward(self, x: Any) -> None:
+        self.pending.append(_detach(_first_output(x)))
+
+
+class _CompareToFloat(Logger):
+    """Compares each quantized output with the float twin's pending output."""
+
+    def __init__(self, twin: _FloatOutputs, acc: Accumulator) -> None:
+        super().__init__()
+        self.twin = [twin]  # a list, so the twin is not registered as a submodule
+        self.acc = acc
+
+    def forward(self, x: Any) -> None:
+        pending = self.twin[0].pending
+        if pending:
+            self.acc.update(pending.pop(0), _first_output(x))
+
+
+class _ShadowMetrics(Logger):
+    def __init__(self, acc: Accumulator) -> None:
+        super().__init__()
+        self.acc = acc
+
+    def forward(self, x: Any, y: Any) -> None:  # type: ignore[override]
+        self.acc.update(_first_output(y), _first_output(x))
+
+
+def _resolve_metrics(metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None) -> tuple[list[str], dict[str, MetricFn]]:
+    if metrics is None:
+        return list(BUILTIN_METRICS), {}
+    if isinstance(metrics, dict):
+        return list(BUILTIN_METRICS) + list(metrics), dict(metrics)
+    names: list[str] = []
+    custom: dict[str, MetricFn] = {}
+    for m in metrics:
+        if isinstance(m, str):
+            if m not in BUILTIN_METRICS:
+                raise InputError(f"unknown metric {m!r}; built-in metrics are {', '.join(BUILTIN_METRICS)}, "
+                                 "or pass a function (ref, actual) -> float")
+            names.append(m)
+        elif callable(m):
+            name = getattr(m, "__name__", f"metric_{len(custom)}")
+            custom[name] = m
+            names.append(name)
+        else:
+            raise InputError(f"metrics entries must be names or functions, got {m!r}")
+    return names, custom
+
+
+class _Progress:
+    def __init__(self, enabled: bool | None, total: int | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total = total
+        self.start = time.perf_counter()
+
+    def step(self, i: int) -> None:
+        if not self.enabled:
+            return
+        total = f"/{self.total}" if self.total else ""
+        width = 30
+        bar = ""
+        if self.total:
+            done = int(width * i / self.total)
+            bar = "[" + "#" * done + "." * (width - done) + "] "
+        sys.stderr.write(f"\r{bar}batch {i}{total}  {time.perf_counter() - self.start:.1f}s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _histogram(ref: torch.Tensor, actual: torch.Tensor, bins: int = 60) -> WeightHistogram:
+    r = ref.detach().double().flatten()
+    a = (actual.dequantize() if actual.is_quantized else actual).detach().double().flatten()
+    lo, hi = float(min(r.min(), a.min())), float(max(r.max(), a.max()))
+    if lo == hi:
+        hi = lo + 1.0
+    return WeightHistogram(
+        lo, hi,
+        tuple(int(c) for c in torch.histc(r, bins, lo, hi)),
+        tuple(int(c) for c in torch.histc(a, bins, lo, hi)),
+    )
+
+
+def compare(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    data: Iterable[Any],
+    *,
+    comparisons: Iterable[str] = COMPARISONS,
+    metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None = None,
+    keep_activations: bool = False,
+    matching: Matching | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    progress: bool | None = None,
+    max_batches: int | None = None,
+) -> Report:
+    """Compare a float model with its quantized counterpart, layer by layer, over ``data``.
+
+    Args:
+        float_model: the float model (not modified).
+        quant_model: the quantized model (not modified).
+        data: an iterable of batches (a DataLoader works); each batch is a tensor or a tuple
+            of inputs. A ``(inputs, label)`` pair from a labelled DataLoader is passed whole,
+            so wrap such loaders as ``(x for x, _ in loader)``.
+        comparisons: any of ``"weights"``, ``"outputs"`` (cumulative error: both models
+            run on the same input) and ``"shadows"`` (local error: each quantized op against
+            its float twin fed the same dequantized input).
+        metrics: built-in metric names (``sqnr``, ``cosine``, ``mse``, ``max_abs_error``)
+            and/or functions ``fn(ref, actual) -> float`` (or a ``{name: fn}`` dict, added to
+            the built-ins). User metrics are averaged over batches.
+        keep_activations: keep every logged ``(float, quantized)`` tensor pair in
+            ``row.activations`` (memory then grows with the data).
+        matching: a :func:`fxnumeric.match` result to reuse.
+        leaf_modules: module types or names to keep whole when tracing.
+        progress: show a progress bar on stderr (default: only when stderr is a terminal).
+        max_batches: stop after this many batches.
+
+    Returns:
+        A :class:`fxnumeric.Report` with one row per paired layer.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> f = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+        >>> q = quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+        >>> report = compare(f, q, [torch.randn(4, 8) for _ in range(3)])
+        >>> [row.name for row in report.rows], report.batches
+        (['0', '1'], 3)
+    """
+    wanted = tuple(comparisons)
+    unknown = set(wanted) - set(COMPARISONS)
+    if unknown:
+        raise InputError(f"unknown comparisons {sorted(unknown)}; choose from {', '.join(COMPARISONS)}")
+    names, custom = _resolve_metrics(metrics)
+    matching = matching or match(float_model, quant_model, leaf_modules=leaf_modules)
+    pairs = list(matching.pairs)
+    out_acc = {p.name: Accumulator(custom, keep_activations) for p in pairs} if "outputs" in wanted else {}
+    shadow_acc = {p.name: Accumulator(custom, keep_activations) for p in pairs} if "shadows" in wanted else {}
+    model_acc = Accumulator(custom)
+
+    float_gm = quant_gm = shadow_gm = None
+    twins: list[_FloatOutputs] = []
+    if out_acc:
+        def make_quant(name: str, twin: nn.Module) -> nn.Module:
+            twins.append(twin)  # type: ignore[arg-type]
+            return _CompareToFloat(twin, out_acc[name])  # type: ignore[arg-type]
+
+        float_gm, quant_gm = _add_output_loggers(matching, pairs, lambda name: _FloatOutputs(), make_quant)
+    skipped: dict[str, str] = {}
+    if shadow_acc:
+        shadow_gm, skipped = _add_shadow_loggers(matching, pairs, lambda name: _ShadowMetrics(shadow_acc[name]))
+
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    bar = _Progress(progress, total)
+    batches = 0
+    try:
+        for batch in data:
+            if max_batches is not None and batches >= max_batches:
+                break
+            args = as_args(batch)
+            float_out = run_model(float_gm if float_gm is not None else matching.float_graph, args, which="float")
+            quant_out = run_model(quant_gm if quant_gm is not None else matching.quant_graph, args, which="quantized")
+            model_acc.update(_first_output(float_out), _first_output(quant_out))
+            if shadow_gm is not None:
+                run_model(shadow_gm, args, which="quantized (with shadows)")
+            for twin in twins:
+                twin.pending.clear()
+            batches += 1
+            bar.step(batches)
+    finally:
+        bar.close()
+    if batches == 0:
+        raise InputError("data yielded no batches: pass an iterable of input tensors (or tuples of inputs)")
+
+    weights: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    if "weights" in wanted:
+        for pair, key, fw, qw in pair_weights(matching):
+            weights.setdefault(pair.name, []).append((key, fw, qw))
+
+    rows = []
+    seen: set[str] = set()
+    for p in pairs:
+        if p.name in seen:
+            continue
+        seen.add(p.name)
+        w_acc = None
+        hist = None
+        if p.name in weights:
+            w_acc = Accumulator()
+            for _, fw, qw in weights[p.name]:
+                w_acc.update(fw, qw)
+            _, fw, qw = weights[p.name][0]
+            hist = _histogram(fw, qw)
+        oa, sa = out_acc.get(p.name), shadow_acc.get(p.name)
+        rows.append(ReportRow(
+            name=p.name,
+            kind=p.kind,
+            quantized=p.quantized,
+            weight_sqnr=w_acc.value("sqnr") if w_acc else None,
+            output=oa.values(names) if oa and oa.batches else {},
+            shadow=sa.values(names) if sa and sa.batches else {},
+            weight_keys=tuple(k for k, _, _ in weights.get(p.name, ())),
+            float_nodes=p.float_nodes,
+            quant_nodes=p.quant_nodes,
+            note=_note(oa, sa, skipped.get(p.name)),
+            weight_histogram=hist,
+            activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
+        ))
+    return Report(
+        rows=tuple(rows),
+        metrics=tuple(names),
+        comparisons=wanted,
+        batches=batches,
+        model_output=model_acc.values(names),
+        unmatched=tuple((u.node, "float", u.reason) for u in matching.unmatched_float)
+        + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
+        torch_version=torch.__version__,
+    )
+
+
+def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None) -> str:
+    notes = []
+    for label, acc in (("output", oa), ("shadow", sa)):
+        if acc is None:
+            continue
+        if acc.shape_mismatch:
+            notes.append(f"{label} shapes differ: float {acc.shape_mismatch[0]} vs quantized {acc.shape_mismatch[1]}")
+        if acc.nonfinite_batches:
+            notes.append(f"{label}: NaN/Inf in {acc.nonfinite_batches} batches")
+    if skipped:
+        notes.append(f"no shadow: {skipped}")
+    return "; ".join(notes)
+
