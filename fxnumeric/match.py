@@ -178,6 +178,7 @@ class _View:
         self.graph = nx.DiGraph()
         self.placeholders: list[fx.Node] = []
         self.output: fx.Node | None = None
+        self._attrs: dict[fx.Node, tuple[Any, ...]] = {}
         for n in self.nodes:
             if n.op == "get_attr":
                 self.resolved[n] = None
@@ -223,6 +224,12 @@ class _View:
         return n.name
 
     def attrs(self, n: fx.Node) -> tuple[Any, ...]:
+        cached = self._attrs.get(n)
+        if cached is None:
+            cached = self._attrs[n] = self._compute_attrs(n)
+        return cached
+
+    def _compute_attrs(self, n: fx.Node) -> tuple[Any, ...]:
         if n.op == "call_module":
             mod = self.modules[n.target]
             if isinstance(mod, nn.Sequential) and len(mod):

@@ -19,6 +19,7 @@ with :func:`register_op`.
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Callable
@@ -196,17 +197,23 @@ def is_quantized_module(module: nn.Module) -> bool:
     return any(type(c).__module__.startswith(_QUANTIZED_PREFIXES) for c in module.children())
 
 
-def _module_class(module: nn.Module) -> OpClass:
-    cls = type(module)
-    for klass in cls.__mro__:
-        if klass in _REGISTERED:
-            return _REGISTERED[klass]
+@functools.cache
+def _transparent_types() -> tuple[type, ...]:
+    """Observers, fake-quants and loggers: modules that pass their input through."""
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
     from torch.ao.quantization.observer import ObserverBase
 
     from .loggers import Logger
 
-    if isinstance(module, (ObserverBase, FakeQuantizeBase, Logger)):
+    return (ObserverBase, FakeQuantizeBase, Logger)
+
+
+def _module_class(module: nn.Module) -> OpClass:
+    cls = type(module)
+    for klass in cls.__mro__:
+        if klass in _REGISTERED:
+            return _REGISTERED[klass]
+    if isinstance(module, _transparent_types()):
         return PLUMBING
     name = cls.__name__
     if cls.__module__.startswith("torch."):

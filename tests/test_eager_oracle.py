@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -188,7 +188,6 @@ class Case:
     batches: list[tuple]  # inputs of the two forward passes used with prepare_*
     swap_list: list[type]
     batch_size: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _image_case(name: str, make_pair, swap_list: list[type]) -> Case:
@@ -246,10 +245,17 @@ def _make_case(request: pytest.FixtureRequest, name: str) -> Case:
 
 ALL_CASES = ["resnet18", "lstm", "mobilenet_v2"]
 STATIC_CASES = ["resnet18", "mobilenet_v2"]
+CORE_CASES = ["resnet18", "lstm"]
 
 
 @pytest.fixture(params=ALL_CASES)
 def case(request) -> Case:
+    return _make_case(request, request.param)
+
+
+@pytest.fixture(params=CORE_CASES)
+def core_case(request) -> Case:
+    """The tutorial's two pairs: enough for the deviation tests, cheaper than ALL_CASES."""
     return _make_case(request, request.param)
 
 
@@ -400,25 +406,25 @@ def test_compare_model_outputs_lstm_logs_output_and_state_tuples(make_lstm_pair)
 
 
 @pytest.mark.parametrize("api", ["compare_model_outputs", "prepare_model_outputs"])
-def test_output_logger_stores_detached_tensors(case: Case, api: str) -> None:
+def test_output_logger_stores_detached_tensors(core_case: Case, api: str) -> None:
     """Deviation (c): fxnumeric's OutputLogger detaches; eager keeps the autograd graph.
 
     The prepare path runs the user's own forward passes with autograd enabled.
     """
-    float_model, qmodel = case.make()
-    eager = tns.compare_model_outputs(float_model, qmodel, *case.data)
+    float_model, qmodel = core_case.make()
+    eager = tns.compare_model_outputs(float_model, qmodel, *core_case.data)
     assert any(  # the eager quirk
         t.grad_fn is not None for t in _tensors(eager[next(iter(eager))]["float"])
     )
 
-    float_model, qmodel = case.make()
+    float_model, qmodel = core_case.make()
     with torch.enable_grad():
         if api == "compare_model_outputs":
-            fx = ns.compare_model_outputs(float_model, qmodel, *case.data)
+            fx = ns.compare_model_outputs(float_model, qmodel, *core_case.data)
         else:
             ns.prepare_model_outputs(float_model, qmodel)
-            float_model(*case.data)
-            qmodel(*case.data)
+            float_model(*core_case.data)
+            qmodel(*core_case.data)
             fx = ns.get_matching_activations(float_model, qmodel)
     assert fx
     for key, entry in fx.items():
@@ -609,19 +615,19 @@ def test_key_order_matches_eager(case: Case) -> None:
 
 
 @pytest.mark.parametrize("api", ["compare_model_outputs", "compare_model_stub"])
-def test_compare_functions_do_not_modify_models(case: Case, api: str) -> None:
-    float_model, qmodel = case.make()
-    float_before = _snapshot(float_model, case.data)
-    q_before = _snapshot(qmodel, case.data)
+def test_compare_functions_do_not_modify_models(core_case: Case, api: str) -> None:
+    float_model, qmodel = core_case.make()
+    float_before = _snapshot(float_model, core_case.data)
+    q_before = _snapshot(qmodel, core_case.data)
 
     if api == "compare_model_outputs":
-        result = ns.compare_model_outputs(float_model, qmodel, *case.data)
+        result = ns.compare_model_outputs(float_model, qmodel, *core_case.data)
     else:
-        result = ns.compare_model_stub(float_model, qmodel, case.swap_list, *case.data)
+        result = ns.compare_model_stub(float_model, qmodel, core_case.swap_list, *core_case.data)
     assert result
 
-    assert_unchanged(float_model, float_before, case.data, "float")
-    assert_unchanged(qmodel, q_before, case.data, "quantized")
+    assert_unchanged(float_model, float_before, core_case.data, "float")
+    assert_unchanged(qmodel, q_before, core_case.data, "quantized")
 
 
 def test_eager_compare_model_outputs_does_modify_models(resnet18_case: Case) -> None:
@@ -686,22 +692,22 @@ def test_eager_crashes_on_tutorial_custom_output_logger(resnet18_case: Case) -> 
         tns.get_matching_activations(float_model, qmodel)
 
 
-def test_custom_output_logger_returns_its_stats(case: Case) -> None:
+def test_custom_output_logger_returns_its_stats(core_case: Case) -> None:
     """Deviation (e): the tutorial's MyOutputLogger records nothing, so every entry is empty."""
     my_logger = _my_output_logger(ns.Logger)
-    float_model, qmodel = case.make()
-    reference_keys = set(ns.compare_model_outputs(float_model, qmodel, *case.data))
+    float_model, qmodel = core_case.make()
+    reference_keys = set(ns.compare_model_outputs(float_model, qmodel, *core_case.data))
     assert reference_keys
 
-    float_model, qmodel = case.make()
-    one_shot = ns.compare_model_outputs(float_model, qmodel, *case.data, logger_cls=my_logger)
+    float_model, qmodel = core_case.make()
+    one_shot = ns.compare_model_outputs(float_model, qmodel, *core_case.data, logger_cls=my_logger)
     assert set(one_shot) == reference_keys
     for key, entry in one_shot.items():
         assert entry == {"float": {}, "quantized": {}}, key
 
-    float_model, qmodel = case.make()
+    float_model, qmodel = core_case.make()
     ns.prepare_model_outputs(float_model, qmodel, my_logger)
-    for batch in case.batches:
+    for batch in core_case.batches:
         float_model(*batch)
         qmodel(*batch)
     prepared = ns.get_matching_activations(float_model, qmodel)
@@ -744,12 +750,12 @@ def test_recording_custom_logger_returns_recorded_stats(resnet18_case: Case) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def test_get_matching_activations_before_forward_raises(case: Case) -> None:
-    float_model, qmodel = case.make()
+def test_get_matching_activations_before_forward_raises(core_case: Case) -> None:
+    float_model, qmodel = core_case.make()
     tns.prepare_model_outputs(float_model, qmodel)
     assert tns.get_matching_activations(float_model, qmodel) == {}  # eager: silently empty
 
-    float_model, qmodel = case.make()
+    float_model, qmodel = core_case.make()
     ns.prepare_model_outputs(float_model, qmodel)
     with pytest.raises(ns.FxNumericError, match="forward"):
         ns.get_matching_activations(float_model, qmodel)
@@ -792,15 +798,15 @@ def test_unfused_float_model_pairs_at_fused_outputs(
 # --------------------------------------------------------------------------------------------
 
 
-def test_prepare_model_outputs_twice_does_not_stack_loggers(case: Case) -> None:
-    float_model, qmodel = case.make()
-    reference_keys = list(tns.compare_model_outputs(float_model, qmodel, *case.data))
+def test_prepare_model_outputs_twice_does_not_stack_loggers(core_case: Case) -> None:
+    float_model, qmodel = core_case.make()
+    reference_keys = list(tns.compare_model_outputs(float_model, qmodel, *core_case.data))
 
-    float_model, qmodel = case.make()
+    float_model, qmodel = core_case.make()
     ns.prepare_model_outputs(float_model, qmodel)
     ns.prepare_model_outputs(float_model, qmodel)
-    float_model(*case.data)
-    qmodel(*case.data)
+    float_model(*core_case.data)
+    qmodel(*core_case.data)
     fx = ns.get_matching_activations(float_model, qmodel)
 
     assert list(fx) == reference_keys
