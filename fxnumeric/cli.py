@@ -1,21 +1,61 @@
-"""The ``fxnumeric`` command."""
+"""The ``fxnumeric`` command: ``demo``, ``report`` and ``match``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 __all__ = ["main"]
 
 _EXAMPLES = """examples:
-  fxnumeric demo        pair and compare torchvision's quantizable resnet18 and the
-                        tutorial's LSTM (random weights, no network needed)
+  fxnumeric demo
+      pair and compare torchvision's quantizable resnet18 and the tutorial's LSTM
+      (random weights, no network needed)
+  fxnumeric report --model torchvision:resnet18 --quant static --input-shape 1,3,224,224 --batches 8
+  fxnumeric report --model torchvision:mobilenet_v2 --quant fx --format html -o report.html
+  fxnumeric report --model mypkg.models:make_model --quant dynamic --input-shape 4,128 --top-k 10 --sort shadow_sqnr
+  fxnumeric match --model torchvision:googlenet --quant fx --input-shape 1,3,64,64
+
+--model package.module:factory imports that module and calls factory(); it must return the float
+model or a (float_model, quantized_model) pair. This runs your code: only use specs you trust.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-shape takes comma-separated integers like 1,3,224,224, got {text!r}") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise argparse.ArgumentTypeError(f"--input-shape needs positive sizes, got {text!r}")
+    return shape
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
+    p.add_argument("--quant", choices=("static", "dynamic", "fx"), default="static",
+                   help="how to quantize the float model (ignored when the factory returns a pair)")
+    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="e.g. 1,3,224,224")
+    p.add_argument("--input-dtype", choices=("float", "long"), default="float",
+                   help="long: integer token ids in [0, --vocab)")
+    p.add_argument("--vocab", type=_positive, default=10, help="range of token ids for --input-dtype long")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--float-weights", help="state_dict file for the float model (read with weights_only=True)")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxnumeric",
         description="Find where a quantized PyTorch model loses accuracy.",
@@ -25,21 +65,88 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the built-in demo")
-    args = parser.parse_args(argv)
+    rep = sub.add_parser("report", help="per-layer comparison of a float model and its quantized version",
+                         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(rep)
+    rep.add_argument("--batches", type=_positive, default=8, help="number of random input batches")
+    rep.add_argument("--format", choices=("table", "json", "csv", "html"), default="table")
+    rep.add_argument("--tablefmt", default="simple", help="tabulate format for --format table (github, plain, ...)")
+    rep.add_argument("--comparisons", default="weights,outputs,shadows", help="any of weights,outputs,shadows")
+    rep.add_argument("--sort", choices=("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr"), default="graph")
+    rep.add_argument("--top-k", type=_positive, help="show only the k worst layers (with --sort)")
+    rep.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    rep.add_argument("-o", "--output", help="write to this file instead of stdout (required for html)")
+    mat = sub.add_parser("match", help="print how the float and quantized graphs pair",
+                         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(mat)
+    mat.add_argument("--tablefmt", default="simple")
+    return parser
+
+
+def _pair(args: argparse.Namespace):
+    from .models import build_pair, random_batches
+
+    calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype, high=args.vocab)
+    return build_pair(args.model, args.quant, calibration, float_weights=args.float_weights)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .compare import compare
+    from .errors import InputError
+    from .models import random_batches
+
+    if args.format in ("html", "csv") and not args.output:
+        raise InputError(f"--format {args.format} writes a file: add -o FILE")
+    float_model, quant_model = _pair(args)
+    data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype, high=args.vocab)
+    report = compare(
+        float_model, quant_model, data,
+        comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
+        progress=False if args.no_progress else None,
+    )
+    if args.format == "table":
+        text = report.table(tablefmt=args.tablefmt, sort=args.sort, top_k=args.top_k)
+    elif args.format == "json":
+        text = report.to_json()
+    elif args.format == "csv":
+        text = f"wrote {report.to_csv(args.output)}"
+    else:
+        text = f"wrote {report.to_html(args.output)}\n{report.summary()}"
+    if args.output and args.format in ("table", "json"):
+        Path(args.output).write_text(text + "\n")
+        text = f"wrote {args.output}"
+    print(text)
+
+
+def _match(args: argparse.Namespace) -> None:
+    from .match import match
+
+    float_model, quant_model = _pair(args)
+    print(match(float_model, quant_model).table(tablefmt=args.tablefmt))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (2 for user errors)."""
+    args = _parser().parse_args(argv)
     from .errors import FxNumericError
 
     try:
         with warnings.catch_warnings():
-            # torch warns that eager/FX quantization is deprecated on every call; the demo uses it.
+            # torch warns on every call that eager/FX quantization is deprecated; the CLI uses it.
             warnings.filterwarnings("ignore", message=".*deprecat.*")
             if args.command == "demo":
                 from .demo import run_demo
 
                 run_demo()
+            elif args.command == "report":
+                _report(args)
+            else:
+                _match(args)
     except FxNumericError as exc:
         if args.debug:
             raise
-        print(f"fxnumeric: error: {exc}", file=sys.stderr)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fxnumeric: error: {first}", file=sys.stderr)
         return 2
     return 0
 
