@@ -104,7 +104,8 @@ class Matching:
     def check(self) -> Matching:
         """Raise :class:`MatchError` if a quantized compute op found no float partner."""
         missed = [u for u in self.unmatched_quant if u.quantized]
-        if missed or not self.pairs:
+        nothing_paired = not self.pairs and (self.unmatched_quant or self.unmatched_float)
+        if missed or nothing_paired:
             raise MatchError(_summary(self, missed))
         return self
 

@@ -254,6 +254,8 @@ def _function_class(target: Any) -> OpClass:
         qualified = target._qualified_op_name if isinstance(target, torch._ops.OpOverloadPacket) else target._overloadpacket._qualified_op_name
         namespace, _, name = qualified.partition("::")
         if namespace == "quantized":
+            if name in _PLUMBING_NAMES:  # convert_fx turns F.dropout into quantized.dropout
+                return PLUMBING
             return OpClass(_quantized_op_signature(name), "op", True)
         return OpClass(_normalise_name(name), "op", False)
     name = getattr(target, "__name__", None) or str(target)

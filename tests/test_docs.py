@@ -150,11 +150,13 @@ def _check_tutorial_namespace(ns: dict) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [pytest.param(TUTORIAL, id="docs/tutorial.md"), pytest.param(README, id="README.md")],
+    [pytest.param(TUTORIAL, id="docs/tutorial.md"), pytest.param(README, id="README.md"),
+     pytest.param(ROOT / "docs" / "reports.md", id="docs/reports.md")],
 )
-def test_python_blocks_run(path: Path) -> None:
+def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not path.exists():
         pytest.skip(f"{path.relative_to(ROOT)} does not exist")
+    monkeypatch.chdir(tmp_path)  # examples may write report files
     namespace = run_python_blocks(path)
     if path == TUTORIAL:
         _check_tutorial_namespace(namespace)

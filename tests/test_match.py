@@ -190,3 +190,16 @@ def test_same_pairs_whatever_the_hash_seed():
         env = dict(os.environ, PYTHONHASHSEED=seed)
         outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
     assert len(outs) == 1 and "b3.2" in outs.pop()
+
+
+def test_model_without_compute_ops_pairs_nothing_without_error():
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    f = nn.Sequential(nn.Dropout(0.5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    p = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (x,))
+    p(x)
+    q = convert_fx(p)
+    assert ns.match(f, q).check().pairs == ()
+    assert ns.compare_model_outputs(f, q, x) == {}
