@@ -27,7 +27,6 @@ import math
 import os
 import warnings
 
-import pytest
 import torch
 import torch.ao.nn.quantized as nnq
 import torch.nn as nn
