@@ -48,7 +48,11 @@ from torch import nn  # noqa: E402
 from torch.ao.ns._numeric_suite_fx import NSTracer, _get_observed_graph_module_attr  # noqa: E402
 from torch.ao.ns.fx.graph_matcher import get_matching_subgraph_pairs  # noqa: E402
 from torch.ao.quantization import (  # noqa: E402
-    MinMaxObserver, QConfig, QConfigMapping, default_per_channel_weight_observer, get_default_qconfig_mapping,
+    MinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    default_per_channel_weight_observer,
+    get_default_qconfig_mapping,
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: E402
 
@@ -207,7 +211,7 @@ class ResidualChain(nn.Module):
         self.relus = nn.ModuleList(nn.ReLU() for _ in range(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, relu in zip(self.convs, self.relus):
+        for conv, relu in zip(self.convs, self.relus, strict=True):
             x = x + relu(conv(x))
         return x
 
@@ -223,7 +227,7 @@ class WideConcat(nn.Module):
         self.reduce = nn.ModuleList(nn.Conv2d(ch * width, ch, 1) for _ in range(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for branches, reduce in zip(self.branches, self.reduce):
+        for branches, reduce in zip(self.branches, self.reduce, strict=True):
             x = reduce(torch.cat([b(x) for b in branches], 1))
         return x
 

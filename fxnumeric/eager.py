@@ -308,17 +308,31 @@ def _is_identical_module_type(a: nn.Module, b: nn.Module) -> bool:
     return [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
 
 
+def _owner(model: nn.Module | None, gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a node belongs to: its call_module target, or the FloatFunctional owning it."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)
+    for user in node.users:
+        if user.op == "call_module" and str(user.target).endswith(".activation_post_process") and model is not None:
+            return model.get_submodule(str(user.target)[: -len(".activation_post_process")])
+    return None
+
+
 def _stub_selector(module_swap_list: Iterable[type]):
     swap = tuple(module_swap_list)
 
     def select(pair: Pair, matching: Matching) -> bool:
-        # the float head decides (a conv whose bn and relu the quantized op absorbed counts)
-        fnode = matching.float_node(pair.float_nodes[0])
-        qnode = matching.quant_node(pair.quant_nodes[0])
-        if fnode.op != "call_module" or qnode.op != "call_module":
+        # the float head decides (a conv whose bn and relu the quantized op absorbed counts);
+        # functional ops count through the FloatFunctional that owns them
+        fnode, qnode = matching.float_node(pair.float_nodes[0]), matching.quant_node(pair.quant_nodes[0])
+        fmod = _owner(matching.float_model, matching.float_graph, fnode)
+        if fmod is None and fnode.op != "call_module":
+            fmod = _owner(matching.float_model, matching.float_graph, matching.float_node(pair.float_nodes[-1]))
+        qmod = _owner(matching.quant_model, matching.quant_graph, qnode)
+        if qmod is None:
+            qmod = _owner(matching.quant_model, matching.quant_graph, matching.quant_node(pair.quant_nodes[-1]))
+        if fmod is None or qmod is None:
             return False
-        fmod = matching.float_graph.get_submodule(fnode.target)
-        qmod = matching.quant_graph.get_submodule(qnode.target)
         return type(fmod) in swap and not _is_identical_module_type(fmod, qmod)
 
     return select

@@ -28,13 +28,13 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     try:
         with torch.no_grad():
             return model(*args)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
         shapes = ", ".join(_describe(a) for a in args)
         raise InputError(
             f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
-            "Check the input shape, dtype and device; a batch that is a tuple is passed as "
-            "several positional inputs."
+            "Check the input shape, dtype and device (a batch that is a tuple is passed as "
+            "several positional inputs), and that the model runs on it outside fxnumeric."
         ) from exc
 
 

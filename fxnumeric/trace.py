@@ -81,15 +81,36 @@ def _split_leaves(leaf_modules: Iterable[LeafSpec] | None) -> tuple[tuple[type, 
 
 
 def _user_frame(exc: BaseException) -> str:
-    """Return ``file:line: source`` of the innermost frame outside torch and fxnumeric."""
+    """``file:line: source`` of the innermost frame in user code (else in a torch module)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(_TORCH_DIR) or path.startswith(_PACKAGE_DIR):
-            continue
-        line = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
-        return f"{frame.filename}:{frame.lineno}: {line}"
-    return "(no frame outside torch)"
+    fx_dir = os.path.join(_TORCH_DIR, "fx")
+    for outside_torch in (True, False):
+        for frame in reversed(frames):
+            path = os.path.abspath(frame.filename)
+            if path.startswith(_PACKAGE_DIR) or path.startswith(fx_dir):
+                continue
+            if outside_torch and path.startswith(_TORCH_DIR):
+                continue
+            line = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
+            return f"{frame.filename}:{frame.lineno}: {line}"
+    return "(no source frame)"
+
+
+def _single_call_graph(model: nn.Module) -> fx.GraphModule:
+    """A graph that calls ``model`` whole: for a root that is itself a leaf."""
+    import inspect
+
+    graph = fx.Graph()
+    params = [
+        p for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    args = tuple(
+        graph.placeholder(p.name, default_value=p.default if p.default is not p.empty else inspect.Signature.empty)
+        for p in params
+    )
+    graph.output(graph.call_module("root", args))
+    return fx.GraphModule({"root": model}, graph, class_name=type(model).__name__)
 
 
 def trace(
@@ -124,6 +145,8 @@ def trace(
         raise TraceError(f"the {which} model must be a torch.nn.Module, got {type(model).__name__}")
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     tracer = _Tracer(leaf_types, leaf_names)
+    if "" in leaf_names or tracer.is_leaf_module(model, ""):
+        return _single_call_graph(model)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
@@ -134,7 +157,7 @@ def trace(
         hint = (
             f"leaf_modules=[\"{where}\"] or leaf_modules=[{type(model.get_submodule(where)).__name__}]"
             if where
-            else "leaf_modules=[...] naming the submodule that fails"
+            else "leaf_modules=[\"\"] (the whole model as one op) or leaf_modules=[...] naming the submodule that fails"
         )
         raise TraceError(
             f"torch.fx could not trace the {which} model in {module}: "

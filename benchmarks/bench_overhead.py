@@ -1,0 +1,397 @@
+"""Overhead of numeric-suite instrumentation: torch eager suite vs torch FX suite vs fxnumeric.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_overhead.py [--quick] [--models resnet18,...] [--batches 1,16]
+                                                  [--profile]
+
+For each torchvision model two (float, quantized) pairs are built:
+
+* ``eager``: torchvision.models.quantization.<model>(quantize=False), fuse_model(), x86 qconfig,
+  prepare / calibrate once / convert. The float side is the fused float model.
+* ``fx``: torchvision.models.<model>, prepare_fx / calibrate once / convert_fx with
+  get_default_qconfig_mapping("x86"). The float side is the plain float model.
+
+Flows timed for N batches of 1x3x224x224 (seeded), all under torch.no_grad():
+
+* ``floor``: float forward + quantized forward per batch.
+* ``torch-eager outputs``: prepare_model_outputs + N x (float, quant) forwards + get_matching_activations.
+* ``torch-eager stubs``: prepare_model_with_stubs + N x quant forwards + get_logger_dict.
+* ``torch-fx loggers``: add_loggers + N x (a, b) forwards + extract_logger_info.
+* ``torch-fx shadows``: add_shadow_loggers + N x shadow forwards + extract_shadow_logger_info.
+* ``fxnumeric outputs``: ns.prepare_model_outputs + N x (float, quant) forwards + ns.get_matching_activations.
+* ``fxnumeric stubs``: ns.prepare_model_with_stubs + N x quant forwards + ns.get_logger_dict.
+* ``fxnumeric graph``: ns.match + ns.add_loggers + ns.add_shadows (one-time, matching reused)
+  + N x (float_gm, quant_gm, shadow_gm) forwards (per batch) + ns.loggers_of.
+
+Every flow that mutates a model gets deep copies; deepcopy is not timed. Totals are medians of 3
+runs when N == 1, a single run otherwise. "ratio" is total / floor total for the same pair.
+The "stubs"/"shadows" flows run only the quantized (shadowed) model per batch, yet are still
+divided by the floor of float+quant, as both models' work is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import cProfile
+import io
+import os
+import platform
+import pstats
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.ao.ns._numeric_suite as tns  # noqa: E402
+import torch.ao.ns._numeric_suite_fx as tnsfx  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torchvision  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from torch.ao.quantization import (  # noqa: E402
+    convert,
+    get_default_qconfig,
+    get_default_qconfig_mapping,
+    prepare,
+)
+from torch.ao.quantization.quantization_mappings import (  # noqa: E402
+    get_default_static_quant_module_mappings,
+)
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: E402
+
+import fxnumeric as ns  # noqa: E402
+
+ALL_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "shufflenet_v2_x1_0", "googlenet"]
+
+
+# ---------------------------------------------------------------- model building
+
+
+def _model_kwargs(name: str) -> dict:
+    kw: dict = {"weights": None}
+    if name == "googlenet":
+        kw.update(aux_logits=False, init_weights=False)
+    return kw
+
+
+def make_inputs(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 3, 224, 224, generator=g) for _ in range(n)]
+
+
+def build_eager_pair(name: str, calib: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    m = getattr(torchvision.models.quantization, name)(quantize=False, **_model_kwargs(name)).eval()
+    m.fuse_model()
+    float_model = copy.deepcopy(m)
+    m.qconfig = get_default_qconfig("x86")
+    prepare(m, inplace=True)
+    with torch.no_grad():
+        m(calib)
+    convert(m, inplace=True)
+    return float_model, m.eval()
+
+
+def build_fx_pair(name: str, calib: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    float_model = getattr(torchvision.models, name)(**_model_kwargs(name)).eval()
+    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"), (calib,))
+    with torch.no_grad():
+        prepared(calib)
+    return float_model, convert_fx(prepared).eval()
+
+
+def swap_list(float_model: nn.Module) -> set[type]:
+    """Float types of quantizable layers: torch's static mapping keys + fused types present."""
+    types = set(get_default_static_quant_module_mappings().keys())
+    for m in float_model.modules():
+        if type(m).__module__.startswith("torch.ao.nn.intrinsic"):
+            types.add(type(m))
+    return types
+
+
+# ---------------------------------------------------------------- flows
+# Each flow: fn(float_model, quant_model, inputs) -> (phases dict of seconds, counts dict).
+# Models passed in are fresh deep copies (made outside the timer).
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.phases[phase] = timer.phases.get(phase, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()
+
+
+def flow_floor(f, q, xs, swaps):
+    t = Timer()
+    with t("run"):
+        for x in xs:
+            f(x)
+            q(x)
+    return t.phases, {}
+
+
+def flow_torch_eager_outputs(f, q, xs, swaps):
+    t = Timer()
+    with t("setup"):
+        tns.prepare_model_outputs(f, q)
+    with t("run"):
+        for x in xs:
+            f(x)
+            q(x)
+    with t("extract"):
+        d = tns.get_matching_activations(f, q)
+    return t.phases, {"logged": len(d)}
+
+
+def flow_torch_eager_stubs(f, q, xs, swaps):
+    t = Timer()
+    with t("setup"):
+        tns.prepare_model_with_stubs(f, q, swaps, tns.ShadowLogger)
+    with t("run"):
+        for x in xs:
+            q(x)
+    with t("extract"):
+        d = tns.get_logger_dict(q)
+    return t.phases, {"shadowed": len(d)}
+
+
+def flow_torch_fx_loggers(f, q, xs, swaps):
+    t = Timer()
+    with t("setup"):
+        a, b = tnsfx.add_loggers("a", f, "b", q, tnsfx.OutputLogger)
+    with t("run"):
+        for x in xs:
+            a(x)
+            b(x)
+    with t("extract"):
+        d = tnsfx.extract_logger_info(a, b, tnsfx.OutputLogger, "b")
+    return t.phases, {"logged": len(d)}
+
+
+def flow_torch_fx_shadows(f, q, xs, swaps):
+    t = Timer()
+    with t("setup"):
+        s = tnsfx.add_shadow_loggers("a", f, "b", q, tnsfx.OutputLogger)
+    with t("run"):
+        for x in xs:
+            s(x)
+    with t("extract"):
+        d = tnsfx.extract_shadow_logger_info(s, tnsfx.OutputLogger, "b")
+    return t.phases, {"shadowed": len(d)}
+
+
+def flow_fxn_outputs(f, q, xs, swaps):
+    t = Timer()
+    with t("setup"):
+        ns.prepare_model_outputs(f, q)
+    with t("run"):
+        for x in xs:
+            f(x)
+            q(x)
+    with t("extract"):
+        d = ns.get_matching_activations(f, q)
+    return t.phases, {"logged": len(d)}
+
+
+def flow_fxn_stubs(f, q, xs, swaps):
+    t = Timer()
+    with t("setup"):
+        ns.prepare_model_with_stubs(f, q, swaps, ns.ShadowLogger)
+    with t("run"):
+        for x in xs:
+            q(x)
+    with t("extract"):
+        d = ns.get_logger_dict(q)
+    return t.phases, {"shadowed": len(d)}
+
+
+def fxn_graph_setup(f, q):
+    m = ns.match(f, q)
+    float_gm, quant_gm = ns.add_loggers(f, q, matching=m)
+    shadow_gm, skipped = ns.add_shadows(f, q, matching=m)
+    return float_gm, quant_gm, shadow_gm, skipped
+
+
+def fxn_graph_run(float_gm, quant_gm, shadow_gm, xs):
+    for x in xs:
+        float_gm(x)
+        quant_gm(x)
+        shadow_gm(x)
+
+
+def flow_fxn_graph(f, q, xs, swaps):
+    t = Timer()
+    with t("setup"):
+        float_gm, quant_gm, shadow_gm, skipped = fxn_graph_setup(f, q)
+    with t("run"):
+        fxn_graph_run(float_gm, quant_gm, shadow_gm, xs)
+    with t("extract"):
+        logged, shadowed = ns.loggers_of(quant_gm), ns.loggers_of(shadow_gm)
+        n_vals = sum(len(lg.stats.get("tensor_val", ())) for lg in logged.values())
+    return t.phases, {"logged": len(logged), "shadowed": len(shadowed), "skipped": len(skipped),
+                      "_tensor_vals": n_vals}
+
+
+FLOWS = [
+    ("floor", flow_floor, {"eager", "fx"}),
+    ("torch-eager outputs", flow_torch_eager_outputs, {"eager"}),
+    ("torch-eager stubs", flow_torch_eager_stubs, {"eager"}),
+    ("torch-fx loggers", flow_torch_fx_loggers, {"eager", "fx"}),
+    ("torch-fx shadows", flow_torch_fx_shadows, {"eager", "fx"}),
+    ("fxnumeric outputs", flow_fxn_outputs, {"eager", "fx"}),
+    ("fxnumeric stubs", flow_fxn_stubs, {"eager", "fx"}),
+    ("fxnumeric graph (match+add_*)", flow_fxn_graph, {"eager", "fx"}),
+]
+
+
+def run_flow(fn, f, q, xs, swaps, reps):
+    """Median over reps of the flow's total; phases and counts of the median run."""
+    results = []
+    for _ in range(reps):
+        fc, qc = copy.deepcopy(f), copy.deepcopy(q)  # not timed
+        # torch's FX suite prints one "skipping shadow loggers ..." line per unshadowable node
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            phases, counts = fn(fc, qc, xs, swaps)
+        results.append((sum(phases.values()), phases, counts))
+        del fc, qc
+    results.sort(key=lambda r: r[0])
+    return results[len(results) // 2]
+
+
+def fmt(v):
+    return "" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="resnet18 only, batches 1 and 4")
+    p.add_argument("--models", default=",".join(ALL_MODELS))
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (median) for 1-batch runs")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile fxnumeric's per-batch path (graph API forwards) on the first model")
+    args = p.parse_args()
+    models = ["resnet18"] if args.quick else args.models.split(",")
+    batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
+
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"threads={torch.get_num_threads()}, cores={os.cpu_count()}, "
+          f"python {platform.python_version()}, {platform.machine()}")
+    print(f"models={models} batches={batches} reps(1-batch)={args.reps} loadavg={os.getloadavg()}")
+
+    calib = make_inputs(1, seed=1234)[0]
+    rows: dict[int, list] = {b: [] for b in batches}
+    counts_rows: list = []
+    errors: list = []
+    t_start = time.perf_counter()
+
+    for name in models:
+        for kind, builder in (("eager", build_eager_pair), ("fx", build_fx_pair)):
+            try:
+                f, q = builder(name, calib)
+            except Exception as e:  # noqa: BLE001
+                errors.append((name, kind, "build", f"{type(e).__name__}: {e}"))
+                continue
+            swaps = swap_list(f)
+            warm = make_inputs(1, seed=99)
+            with torch.no_grad():
+                f(warm[0]), q(warm[0])
+            counts: dict[str, dict] = {}
+            for nb in batches:
+                xs = make_inputs(nb, seed=0)
+                reps = args.reps if nb == 1 else 1
+                floor_total = None
+                for flow_name, fn, kinds in FLOWS:
+                    if kind not in kinds:
+                        rows[nb].append([name, kind, flow_name, "n/a", "", "", "", ""])
+                        continue
+                    try:
+                        total, phases, c = run_flow(fn, f, q, xs, swaps, reps)
+                    except Exception as e:  # noqa: BLE001
+                        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        errors.append((name, kind, flow_name, msg))
+                        if not flow_name.startswith("torch-fx") or kind != "eager":
+                            traceback.print_exc()
+                        rows[nb].append([name, kind, flow_name, f"fails ({type(e).__name__})", "", "", "", ""])
+                        counts.setdefault(flow_name, {"fails": type(e).__name__})
+                        continue
+                    if flow_name == "floor":
+                        floor_total = total
+                    ratio = total / floor_total if floor_total else None
+                    rows[nb].append([name, kind, flow_name, fmt(total), f"{ratio:.2f}x" if ratio else "",
+                                     fmt(phases.get("setup")), fmt(phases.get("run")), fmt(phases.get("extract"))])
+                    if c:
+                        counts[flow_name] = c
+                print(f"  done {name}/{kind} batches={nb} ({time.perf_counter() - t_start:.0f}s elapsed)",
+                      file=sys.stderr, flush=True)
+            cr = [name, kind]
+            for flow_name, _, kinds in FLOWS[1:]:
+                if kind not in kinds:
+                    cr.append("n/a")
+                    continue
+                c = counts.get(flow_name, {})
+                if "fails" in c:
+                    cr.append("fails")
+                elif "skipped" in c:
+                    cr.append(f"{c['logged']} / {c['shadowed']} (+{c['skipped']} skipped)")
+                else:
+                    cr.append(str(c.get("logged", c.get("shadowed", "?"))))
+            counts_rows.append(cr)
+
+            if args.profile and name == models[0] and kind == "fx":
+                profile_per_batch(f, q, max(batches))
+            del f, q
+
+    headers = ["model", "pair", "flow", "total s", "ratio", "setup s", "run s", "extract s"]
+    for nb in batches:
+        note = f"median of {args.reps}" if nb == 1 else "single run"
+        print(f"\n### {nb} batch{'es' if nb > 1 else ''} of 1x3x224x224 ({note})\n")
+        print(tabulate(rows[nb], headers=headers, tablefmt="github"))
+    print("\n### layers logged / shadowed (len of each tool's result dict)\n")
+    print(tabulate(counts_rows, headers=["model", "pair"] + [fl[0] for fl in FLOWS[1:]], tablefmt="github"))
+    if errors:
+        print("\n### exceptions\n")
+        seen = set()
+        uniq = []
+        for e in errors:
+            if e not in seen:
+                seen.add(e)
+                uniq.append(e)
+        print(tabulate(uniq, headers=["model", "pair", "flow", "message"], tablefmt="github"))
+    print(f"\nwall time {time.perf_counter() - t_start:.0f}s, loadavg={os.getloadavg()}")
+
+
+def profile_per_batch(f, q, nb):
+    xs = make_inputs(nb, seed=0)
+    with torch.no_grad():
+        float_gm, quant_gm, shadow_gm, _ = fxn_graph_setup(copy.deepcopy(f), copy.deepcopy(q))
+        fxn_graph_run(float_gm, quant_gm, shadow_gm, xs[:1])  # warm-up
+        pr = cProfile.Profile()
+        pr.enable()
+        fxn_graph_run(float_gm, quant_gm, shadow_gm, xs)
+        pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(5)
+    print(f"\n### cProfile: fxnumeric per-batch path (float_gm, quant_gm, shadow_gm forwards), "
+          f"{nb} batches, fx pair\n")
+    print(s.getvalue())
+
+
+if __name__ == "__main__":
+    main()

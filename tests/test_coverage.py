@@ -1,0 +1,160 @@
+"""Matcher coverage: every quantized compute op paired, on the models users quantize.
+
+The fast subset runs by default; ``pytest -m slow`` runs the rest of the zoo.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.ao.quantization import (
+    QConfigMapping,
+    default_eval_fn,
+    get_default_qconfig,
+    get_default_qconfig_mapping,
+    quantize,
+)
+from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
+
+import fxnumeric as ns
+
+_KW = {"googlenet": {"aux_logits": False, "init_weights": False},
+       "inception_v3": {"aux_logits": False, "init_weights": False}}
+_SIZE = {"inception_v3": 80}
+
+FX_FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "googlenet", "shufflenet_v2_x0_5",
+           "mnasnet0_5", "squeezenet1_1", "regnet_x_400mf", "efficientnet_b0", "alexnet"]
+FX_SLOW = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v3_large", "mnasnet1_0",
+           "efficientnet_v2_s", "regnet_y_400mf", "densenet121", "vgg11", "vgg11_bn", "squeezenet1_0",
+           "shufflenet_v2_x1_0", "inception_v3"]
+EAGER_FAST = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "googlenet"]
+EAGER_SLOW = ["resnet50", "mobilenet_v3_large", "inception_v3", "resnext101_32x8d"]
+
+
+def _input(name: str) -> torch.Tensor:
+    size = _SIZE.get(name, 64)
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _assert_full(m: ns.Matching) -> None:
+    missed = [u for u in m.unmatched_quant if u.quantized]
+    assert m.coverage == 1.0, missed[:3]
+    assert not m.unmatched_float, m.unmatched_float[:3]
+    assert not m.unmatched_quant, m.unmatched_quant[:3]
+
+
+def _fx(name: str) -> None:
+    torch.manual_seed(0)
+    float_model = getattr(torchvision.models, name)(weights=None, **_KW.get(name, {})).eval()
+    x = _input(name)
+    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"), (x,))
+    prepared(x)
+    for convert in (convert_fx, convert_to_reference_fx):
+        _assert_full(ns.match(float_model, convert(copy.deepcopy(prepared))))
+
+
+def _eager(name: str) -> None:
+    torch.manual_seed(0)
+    unfused = getattr(torchvision.models.quantization, name)(weights=None, quantize=False, **_KW.get(name, {})).eval()
+    fused = copy.deepcopy(unfused)
+    fused.fuse_model()
+    fused.qconfig = get_default_qconfig("x86")
+    qmodel = quantize(fused, default_eval_fn, [[(_input(name), None)]], inplace=False)
+    for float_model in (fused, unfused):
+        _assert_full(ns.match(float_model, qmodel))
+
+
+@pytest.mark.parametrize("name", FX_FAST)
+def test_fx_quantized_torchvision(name):
+    _fx(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FX_SLOW)
+def test_fx_quantized_torchvision_slow(name):
+    _fx(name)
+
+
+@pytest.mark.parametrize("name", EAGER_FAST)
+def test_eager_quantized_torchvision_fused_and_unfused(name):
+    _eager(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EAGER_SLOW)
+def test_eager_quantized_torchvision_slow(name):
+    _eager(name)
+
+
+def test_partial_quantization_pairs_float_ops_too():
+    torch.manual_seed(0)
+    float_model = torchvision.models.resnet18(weights=None).eval()
+    x = _input("resnet18")
+    qconfig = QConfigMapping().set_global(get_default_qconfig("x86")).set_module_name("layer4", None).set_module_name("fc", None)
+    prepared = prepare_fx(copy.deepcopy(float_model), qconfig, (x,))
+    prepared(x)
+    qmodel = convert_fx(prepared)
+    m = ns.match(float_model, qmodel)
+    _assert_full(m)
+    left_float = {p.name for p in m.pairs if not p.quantized}
+    assert {"layer4.0.conv1", "layer4.1.conv2", "add_7", "fc"} <= left_float
+    report = ns.compare(float_model, qmodel, [x], comparisons=["shadows"], matching=m)
+    assert report.row("add_7").shadow_sqnr == math.inf  # float vs float: no error added
+    assert report.row("layer4.0.conv1").shadow_sqnr > 80  # only BN-folding rounding
+
+
+class _Attention(nn.Module):
+    """A transformer block in plain tensor ops: Linear, LayerNorm, softmax attention, GELU MLP."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ff1, self.ff2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.ff2(F.gelu(self.ff1(self.ln2(x))))
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.blocks = nn.Sequential(_Attention(), _Attention())
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids):
+        return self.head(self.blocks(self.emb(ids)).mean(1))
+
+
+def test_dynamic_transformer_encoder_in_plain_ops():
+    torch.manual_seed(0)
+    f = _Encoder().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    m = ns.match(f, q)
+    _assert_full(m)
+    assert sum(p.quantized for p in m.pairs) == 9  # qkv, proj, ff1, ff2 per block, and the head
+    report = ns.compare(f, q, [torch.randint(0, 50, (2, 7))])
+    assert report.row("blocks.1.ff2").shadow_sqnr > 30
+
+
+def test_torch_transformer_encoder_is_one_op_and_its_run_failure_is_reported():
+    te = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
+    qte = torch.ao.quantization.quantize_dynamic(copy.deepcopy(te), {nn.Linear})
+    m = ns.match(te, qte)
+    assert [(p.kind, p.float_nodes) for p in m.pairs] == [("transformer_encoder", ("root",))]
+    # torch 2.14's fast path cannot run dynamically quantized Linear weights
+    with pytest.raises(ns.InputError, match="quantized model failed on the input"):
+        ns.compare_model_outputs(te, qte, torch.randn(2, 5, 32))
