@@ -161,43 +161,30 @@ def _add_output_loggers(
     return float_gm, quant_gm
 
 
-class _ShadowProbe(nn.Module):
-    """Runs a float subgraph on the dequantized inputs of a quantized op and logs both outputs."""
+def _float_subgraph(
+    matching: Matching, pair: Pair, modules: dict[str, nn.Module]
+) -> tuple[list[fx.Node], list[fx.Node], list[str]]:
+    """The pair's float nodes with the plumbing between them, in graph order.
 
-    def __init__(self, float_fn: nn.Module, logger: nn.Module) -> None:
-        super().__init__()
-        self.float_fn = float_fn
-        self.logger = logger
-
-    def forward(self, quant_out: Any, *quant_inputs: Any) -> None:
-        self.logger(quant_out, self.float_fn(*_dequantize(quant_inputs)))
-
-
-def _extract_float_subgraph(matching: Matching, pair: Pair) -> tuple[fx.GraphModule, list[str]]:
-    """Copy the pair's float nodes (and plumbing between them) into a standalone GraphModule.
-
-    Returns the module and the names of the float nodes that feed it, in argument order.
+    Returns ``(nodes, external, carriers)``: the nodes to copy, the outside nodes they read
+    (get_attr excepted) and, for each of those, the name of the node carrying its value
+    (plumbing such as Identity passes its input through).
     """
     from .ops import classify
 
-    gm = matching.float_graph
-    modules = dict(gm.named_modules(remove_duplicate=False))
-    by_name = {n.name: n for n in gm.graph.nodes}
-    chain = [by_name[n] for n in pair.float_nodes]
+    chain = [matching.float_node(n) for n in pair.float_nodes]
     inside = set(chain)
-    # plumbing nodes between chain members belong inside too
     frontier = list(chain)
     while frontier:
         n = frontier.pop()
         for i in n.all_input_nodes:
-            if i in inside or i.op in ("placeholder", "get_attr"):
+            if i in inside or i.op not in ("call_module", "call_function", "call_method"):
                 continue
-            if i.op in ("call_module", "call_function", "call_method"):
-                c = classify(i, modules)
-                if c is not None and c.role == "plumbing" and _feeds_from(i, inside):
-                    inside.add(i)
-                    frontier.append(i)
-    ordered = [n for n in gm.graph.nodes if n in inside]
+            c = classify(i, modules)
+            if c is not None and c.role == "plumbing" and _feeds_from(i, inside):
+                inside.add(i)
+                frontier.append(i)
+    ordered = sorted(inside, key=_graph_position(matching.float_graph))
     external: list[fx.Node] = []
     for n in ordered:
         for i in n.all_input_nodes:
@@ -205,7 +192,6 @@ def _extract_float_subgraph(matching: Matching, pair: Pair) -> tuple[fx.GraphMod
                 external.append(i)
 
     def carrier(node: fx.Node) -> fx.Node:
-        # plumbing passes its input's value through: name the node that carries it
         while node.op in ("call_module", "call_function", "call_method") and node.all_input_nodes:
             c = classify(node, modules)
             if c is None or c.role != "plumbing":
@@ -213,16 +199,14 @@ def _extract_float_subgraph(matching: Matching, pair: Pair) -> tuple[fx.GraphMod
             node = node.all_input_nodes[0]
         return node
 
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {e: graph.placeholder(f"input_{k}") for k, e in enumerate(external)}
-    for n in ordered:
-        for i in n.all_input_nodes:
-            if i.op == "get_attr" and i not in env:
-                env[i] = graph.get_attr(i.target)
-        env[n] = graph.node_copy(n, lambda x: env[x])
-    graph.output(env[chain[-1]])
-    sub = copy.deepcopy(fx.GraphModule(gm, graph, class_name="FloatShadow"))
-    return sub, [carrier(e).name for e in external]
+    return ordered, external, [carrier(e).name for e in external]
+
+
+def _graph_position(gm: fx.GraphModule) -> Callable[[fx.Node], int]:
+    index = gm.__dict__.get("_fxnumeric_position")
+    if index is None or len(index) != len(gm.graph.nodes):
+        index = gm.__dict__["_fxnumeric_position"] = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return index.__getitem__
 
 
 def _feeds_from(node: fx.Node, inside: set) -> bool:
@@ -264,20 +248,28 @@ def add_shadows(
 def _add_shadow_loggers(
     matching: Matching, pairs: list[Pair], make_logger: Callable[[str], nn.Module]
 ) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Shadow ``pairs`` in a copy of the quantized graph; ``make_logger(name)`` builds loggers."""
+    """Shadow ``pairs`` in a copy of the quantized graph; ``make_logger(name)`` builds loggers.
+
+    Each shadow is the pair's float nodes copied into the quantized graph right after the
+    quantized output, reading dequantized copies of the quantized inputs, with deep copies of
+    the float modules they call. The graph is recompiled once.
+    """
     quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
+    graph = quant_gm.graph
+    float_gm = matching.float_graph
+    float_modules = dict(float_gm.named_modules(remove_duplicate=False))
+    quant_modules = dict(quant_gm.named_modules(remove_duplicate=False))
     float_to_quant: dict[str, str] = {}
     for q, f in matching.quant_to_float.items():
         float_to_quant.setdefault(f, q)  # earliest quantized node carrying that value
     loggers: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
-    order = {n.name: i for i, n in enumerate(quant_gm.graph.nodes)}
-    quant_modules = dict(quant_gm.named_modules(remove_duplicate=False))
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
     for i, pair in enumerate(pairs):
-        sub, float_inputs = _extract_float_subgraph(matching, pair)
+        nodes, external, carriers = _float_subgraph(matching, pair, float_modules)
         head_inputs = _quant_head_inputs(matching, pair)
         quant_inputs = []
-        for f in float_inputs:
+        for f in carriers:
             q = head_inputs.get(f) or float_to_quant.get(f)
             if q is None or order[q] > order[pair.quant_nodes[-1]]:
                 skipped[pair.name] = f"float input `{f}` of the shadow has no quantized counterpart"
@@ -286,12 +278,73 @@ def _add_shadow_loggers(
         else:
             if pair.name not in loggers:
                 loggers[pair.name] = make_logger(pair.name)
-            probe = _ShadowProbe(sub, loggers[pair.name])
-            _attach(quant_gm, quant_nodes, quant_modules, pair.quant_nodes[-1], probe,
-                    f"fxnumeric_shadow_{i}", tuple(quant_inputs))
+            _insert_shadow(quant_gm, quant_modules, float_gm, float_modules, quant_nodes[pair.quant_nodes[-1]],
+                           nodes, dict(zip(external, quant_inputs, strict=True)), loggers[pair.name], f"fxnumeric_shadow_{i}")
     quant_gm.recompile()
     quant_gm.__dict__[_LOGGERS_ATTR] = loggers
     return quant_gm, skipped
+
+
+def _insert_shadow(
+    quant_gm: fx.GraphModule,
+    quant_modules: dict[str, nn.Module],
+    float_gm: fx.GraphModule,
+    float_modules: dict[str, nn.Module],
+    anchor: fx.Node,
+    nodes: list[fx.Node],
+    inputs: dict[fx.Node, fx.Node],
+    logger: nn.Module,
+    prefix: str,
+) -> None:
+    """Copy float ``nodes`` after ``anchor``, fed dequantized ``inputs``, and log both outputs."""
+    graph = quant_gm.graph
+    holder = nn.Module()
+    quant_gm.add_submodule(prefix, holder)
+    cursor = anchor
+    env: dict[fx.Node, fx.Node] = {}
+
+    def emit(make: Callable[[], fx.Node]) -> fx.Node:
+        nonlocal cursor
+        with graph.inserting_after(cursor):
+            cursor = make()
+        return cursor
+
+    for float_node, quant_node in inputs.items():
+        env[float_node] = emit(lambda q=quant_node: graph.call_function(_dequantize, (q,)))
+    copied: dict[str, str] = {}
+    for n in nodes:
+        for attr_node in n.all_input_nodes:
+            if attr_node.op == "get_attr" and attr_node not in env:
+                name = f"attr{len(copied)}"
+                value = copy.deepcopy(_get_attr(float_gm, str(attr_node.target)))
+                if isinstance(value, nn.Module):
+                    holder.add_module(name, value)
+                else:
+                    setattr(holder, name, value)
+                copied[str(attr_node.target)] = name
+                env[attr_node] = emit(lambda name=name: graph.get_attr(f"{prefix}.{name}"))
+        if n.op == "call_module":
+            local = copied.get(str(n.target))
+            if local is None:
+                local = copied[str(n.target)] = f"m{len(copied)}"
+                holder.add_module(local, copy.deepcopy(float_modules[n.target]))
+            env[n] = emit(lambda n=n, local=local: graph.create_node(
+                "call_module", f"{prefix}.{local}",
+                fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)))
+        else:
+            env[n] = emit(lambda n=n: graph.node_copy(n, env.__getitem__))
+    logged = anchor
+    if _mutated_in_place(anchor, quant_modules):
+        logged = emit(lambda: graph.call_method("clone", (anchor,)))
+    holder.add_module("logger", logger)
+    emit(lambda: graph.call_module(f"{prefix}.logger", (logged, env[nodes[-1]])))
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _quant_head_inputs(matching: Matching, pair: Pair) -> dict[str, str]:
