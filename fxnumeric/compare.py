@@ -23,7 +23,7 @@ from .loggers import Logger, _detach, _first_output
 from .match import Matching, match
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn
 from .report import Report, ReportRow, WeightHistogram
-from .run import as_args, run_model
+from .run import as_args, check_devices, run_model
 from .trace import LeafSpec
 from .weights import pair_weights
 
@@ -203,6 +203,8 @@ def compare(
             if max_batches is not None and batches >= max_batches:
                 break
             args = as_args(batch)
+            if batches == 0:
+                check_devices(float_model, quant_model, args)
             float_out = run_model(float_gm if float_gm is not None else matching.float_graph, args, which="float")
             quant_out = run_model(quant_gm if quant_gm is not None else matching.quant_graph, args, which="quantized")
             model_acc.update(_first_output(float_out), _first_output(quant_out))

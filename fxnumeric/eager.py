@@ -29,7 +29,7 @@ from .errors import InstrumentationError
 from .instrument import add_loggers, add_shadows, loggers_of
 from .loggers import Logger, OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
-from .run import run_model
+from .run import check_devices, run_model
 from .trace import LeafSpec
 from .weights import extract_weights
 
@@ -288,6 +288,7 @@ def compare_model_outputs(
     )
     float_gm.__dict__["_fxnumeric_order_model"] = float_model
     quant_gm.__dict__["_fxnumeric_order_model"] = q_model
+    check_devices(float_model, q_model, data)
     run_model(float_gm, data, which="float")
     run_model(quant_gm, data, which="quantized")
     return get_matching_activations(_Prepared(float_gm), _Prepared(quant_gm)) if loggers_of(quant_gm) else {}
@@ -386,6 +387,7 @@ def compare_model_stub(
     """
     quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules)
     quant_gm.__dict__["_fxnumeric_order_model"] = q_model
+    check_devices(float_model, q_model, data)
     run_model(quant_gm, data, which="quantized")
     return get_logger_dict(_Prepared(quant_gm))
 

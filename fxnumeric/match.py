@@ -22,6 +22,7 @@ so symmetric branches pair branch to branch. The walk is linear in the number of
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ from .ops import BN_FOLDING_KINDS, OpClass, classify
 from .trace import LeafSpec, trace
 
 __all__ = ["Pair", "Unmatched", "Matching", "match"]
+
+_log = logging.getLogger(__name__)
 
 _ATTRS = (
     "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -107,6 +110,9 @@ class Matching:
         nothing_paired = not self.pairs and (self.unmatched_quant or self.unmatched_float)
         if missed or nothing_paired:
             raise MatchError(_summary(self, missed))
+        for side, items in (("float", self.unmatched_float), ("quantized", self.unmatched_quant)):
+            for u in items:
+                _log.warning("%s node `%s` (%s) is not compared: %s", side, u.node, u.kind, u.reason)
         return self
 
     def table(self, tablefmt: str = "simple") -> str:
@@ -291,7 +297,26 @@ def _candidates(fv: _View, qv: _View, q: fx.Node, mapped: list, taken_f: set) ->
     qname, qattrs = qv.name(q), qv.attrs(q)
     if head == "getitem":
         pool = [f for f in pool if fv.attrs(f) == qattrs]
+    elif qattrs:
+        pool = [f for f in pool if _same_shape(fv.attrs(f), qattrs)]
     return sorted(pool, key=lambda f: (fv.name(f) != qname, fv.attrs(f) != qattrs, fv.order[f]))
+
+
+# Quantization never changes these: a float and a quantized module that differ in them are
+# not counterparts (attributes missing on either side are not compared).
+_SHAPE_ATTRS = tuple(
+    _ATTRS.index(a) for a in ("in_channels", "out_channels", "kernel_size", "groups", "in_features",
+                              "out_features", "num_embeddings", "embedding_dim", "input_size", "hidden_size")
+)
+
+
+def _same_shape(float_attrs: tuple[Any, ...], quant_attrs: tuple[Any, ...]) -> bool:
+    if len(float_attrs) != len(_ATTRS) or len(quant_attrs) != len(_ATTRS):
+        return True
+    return all(
+        float_attrs[i] is None or quant_attrs[i] is None or float_attrs[i] == quant_attrs[i]
+        for i in _SHAPE_ATTRS
+    )
 
 
 def _quant_miss_reason(fv: _View, qv: _View, q: fx.Node, mapped: list, tried: list) -> str:
@@ -306,6 +331,14 @@ def _quant_miss_reason(fv: _View, qv: _View, q: fx.Node, mapped: list, tried: li
         names = ", ".join(f"`{f.name}` ({fv.cls[f].kind})" for f in tried[:3])
         return f"float candidates {names} start like it, but their op chain does not add up to `{kind}`"
     anchor = next(m for m in mapped if m is not None) if any(mapped) else None
+    head, qattrs = qv.cls[q].signature[0], qv.attrs(q)
+    for f in fv.consumers(anchor) if anchor is not None else []:
+        if fv.is_op(f) and fv.cls[f].signature[0] == head and not _same_shape(fv.attrs(f), qattrs):
+            diffs = ", ".join(
+                f"{_ATTRS[i]} {fv.attrs(f)[i]} vs {qattrs[i]}" for i in _SHAPE_ATTRS
+                if fv.attrs(f)[i] is not None and qattrs[i] is not None and fv.attrs(f)[i] != qattrs[i]
+            )
+            return f"float `{f.name}` is a `{head}` on the same input but its shape differs ({diffs})"
     near = [f"`{f.name}` ({fv.cls[f].kind})" for f in (fv.consumers(anchor) if anchor is not None else []) if fv.is_op(f)]
     where = f"the float counterpart `{anchor.name}` of its input" if anchor is not None else "the float graph's inputs"
     nearest = f"; nearest candidates: {', '.join(near[:3])}" if near else ""

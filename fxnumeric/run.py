@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["run_model", "as_args"]
+__all__ = ["run_model", "as_args", "check_devices"]
 
 
 def as_args(batch: Any) -> tuple[Any, ...]:
@@ -44,3 +44,32 @@ def _describe(x: Any) -> str:
     if isinstance(x, (tuple, list)):
         return "(" + ", ".join(_describe(v) for v in x) + ")"
     return type(x).__name__
+
+
+def _devices(model: nn.Module) -> set[torch.device]:
+    return {t.device for t in (*model.parameters(), *model.buffers())}
+
+
+def _input_devices(x: Any) -> set[torch.device]:
+    if isinstance(x, torch.Tensor):
+        return {x.device}
+    if isinstance(x, (tuple, list)):
+        return set().union(*(_input_devices(v) for v in x)) if x else set()
+    if isinstance(x, dict):
+        return _input_devices(list(x.values()))
+    return set()
+
+
+def check_devices(float_model: nn.Module, quant_model: nn.Module, batch: Any = None) -> None:
+    """Raise :class:`InputError` when the models (or the batch) live on different devices."""
+    float_dev, quant_dev = _devices(float_model), _devices(quant_model)
+    names = {"float model": float_dev, "quantized model": quant_dev}
+    if batch is not None:
+        names["input"] = _input_devices(as_args(batch))
+    seen = set().union(*names.values())
+    if len(seen) > 1:
+        where = "; ".join(f"{k} on {', '.join(sorted(str(d) for d in v))}" for k, v in names.items() if v)
+        raise InputError(
+            f"the models and inputs must be on one device, but the {where}. "
+            "Move them first, e.g. float_model.to('cpu') (quantized kernels run on CPU)."
+        )

@@ -56,7 +56,20 @@ def _fx(name: str) -> None:
     prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"), (x,))
     prepared(x)
     for convert in (convert_fx, convert_to_reference_fx):
-        _assert_full(ns.match(float_model, convert(copy.deepcopy(prepared))))
+        qmodel = convert(copy.deepcopy(prepared))
+        m = ns.match(float_model, qmodel)
+        _assert_full(m)
+        _assert_instrumentation_changes_nothing(float_model, qmodel, m, x)
+
+
+def _assert_instrumentation_changes_nothing(float_model, qmodel, m, x) -> None:
+    with torch.no_grad():
+        ref_f, ref_q = float_model(x), qmodel(x)
+        float_gm, quant_gm = ns.add_loggers(float_model, qmodel, matching=m)
+        shadow_gm, skipped = ns.add_shadows(float_model, qmodel, matching=m)
+        assert not skipped
+        assert torch.equal(float_gm(x), ref_f)
+        assert torch.equal(quant_gm(x), ref_q) and torch.equal(shadow_gm(x), ref_q)
 
 
 def _eager(name: str) -> None:
@@ -67,7 +80,9 @@ def _eager(name: str) -> None:
     fused.qconfig = get_default_qconfig("x86")
     qmodel = quantize(fused, default_eval_fn, [[(_input(name), None)]], inplace=False)
     for float_model in (fused, unfused):
-        _assert_full(ns.match(float_model, qmodel))
+        m = ns.match(float_model, qmodel)
+        _assert_full(m)
+        _assert_instrumentation_changes_nothing(float_model, qmodel, m, _input(name))
 
 
 @pytest.mark.parametrize("name", FX_FAST)

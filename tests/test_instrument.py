@@ -75,7 +75,11 @@ def test_public_calls_leave_the_models_untouched(pair):
     ns.add_loggers(float_model, qmodel)
     ns.add_shadows(float_model, qmodel)
     ns.compare_weights(float_model, qmodel)
+    ns.extract_weights(ns.match(float_model, qmodel))
     ns.compare_model_outputs(float_model, qmodel, *args)
+    ns.compare_model_stub(float_model, qmodel, [nn.Conv2d, nn.Linear, nn.LSTM], *args)
+    ns.compare(float_model, qmodel, [args])
+    ns.trace(float_model)
     _assert_same(before_f, _snapshot(float_model))
     _assert_same(before_q, _snapshot(qmodel))
     with torch.no_grad():

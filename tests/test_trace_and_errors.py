@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -103,3 +104,110 @@ def test_public_signatures_extend_torchs():
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):]), name
     assert ns.NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST == torch_ns.NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST
     assert ns.get_default_compare_output_module_list() == torch_ns.get_default_compare_output_module_list()
+
+
+def _lin():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    return f, torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+
+
+def _case_untraceable():
+    f, q = _dynamic_pair()
+    ns.compare(f, q, [torch.randn(2, 4)])
+
+
+def _case_unsupported_op():
+    f, q = _lin()
+    q.add_module("2", torch.ao.nn.quantized.Quantize(0.1, 0, torch.quint8))
+    q.add_module("3", torch.ao.nn.quantized.Hardswish(0.1, 0))  # a quantized op the float model lacks
+    ns.compare_model_outputs(f, q, torch.randn(2, 4))
+
+
+def _case_unrelated():
+    f, _ = _lin()
+    other = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 2), nn.Sigmoid()).eval(), {nn.Linear})
+    ns.compare_model_outputs(f, other, torch.randn(2, 4))
+
+
+def _case_shape():
+    f, q = _lin()
+    ns.compare(f, q, [torch.randn(2, 5)])
+
+
+def _case_dtype():
+    f, q = _lin()
+    ns.compare(f, q, [torch.randint(0, 3, (2, 4))])
+
+
+def _case_input_device():
+    f, q = _lin()
+    ns.compare(f, q, [torch.randn(2, 4, device="meta")])
+
+
+def _case_model_devices():
+    f, q = _lin()
+    ns.compare_model_outputs(f.to("meta"), q, torch.randn(2, 4))
+
+
+def _case_empty():
+    f, q = _lin()
+    ns.compare(f, q, iter(()))
+
+
+def _case_logger_not_a_logger():
+    f, q = _lin()
+    ns.compare_model_outputs(f, q, torch.randn(2, 4), logger_cls=nn.ReLU)
+
+
+def _case_logger_needs_arguments():
+    class Needy(ns.Logger):
+        def __init__(self, path):
+            super().__init__()
+
+    f, q = _lin()
+    ns.prepare_model_outputs(f, q, Needy)
+
+
+def _case_read_before_prepare():
+    f, q = _lin()
+    ns.get_matching_activations(f, q)
+
+
+def _case_read_before_forward():
+    f, q = _lin()
+    ns.prepare_model_outputs(f, q)
+    ns.get_matching_activations(f, q)
+
+
+def _case_unknown_pair():
+    f, q = _lin()
+    ns.add_loggers(f, q, select=["decoder"])
+
+
+def _case_bad_metric():
+    f, q = _lin()
+    ns.compare(f, q, [torch.randn(2, 4)], metrics=[lambda ref, actual: 1 / 0])
+
+
+@pytest.mark.parametrize("case, error, message", [
+    (_case_untraceable, ns.TraceError, r"in `gate` \(_Gate\).*if x.sum\(\) > 0.*leaf_modules="),
+    (_case_unsupported_op, ns.MatchError, r"quantized `_3` \(hardswish\): no float op of kind `hardswish` consumes the float counterpart `_1`"),
+    (_case_unrelated, ns.MatchError, r"could not pair the float and quantized models"),
+    (_case_shape, ns.InputError, r"float model failed on the input \(Tensor\[2, 5\] float32 on cpu\)"),
+    (_case_dtype, ns.InputError, r"float model failed on the input \(Tensor\[2, 4\] int64 on cpu\)"),
+    (_case_input_device, ns.InputError, r"must be on one device, but the float model on cpu; input on meta"),
+    (_case_model_devices, ns.InputError, r"but the float model on meta; input on cpu"),
+    (_case_empty, ns.InputError, r"data yielded no batches"),
+    (_case_logger_not_a_logger, ns.InstrumentationError, r"ReLU is not a logger: subclass fxnumeric.Logger"),
+    (_case_logger_needs_arguments, ns.InstrumentationError, r"could not build a logger with Needy\(\)"),
+    (_case_read_before_prepare, ns.InstrumentationError, r"not prepared: call fxnumeric.prepare_model_outputs"),
+    (_case_read_before_forward, ns.InstrumentationError, r"run a forward pass of both prepared models"),
+    (_case_unknown_pair, ns.InstrumentationError, r"no pair is named \['decoder'\]"),
+    (_case_bad_metric, ns.InputError, r"custom metric '<lambda>' failed: ZeroDivisionError"),
+])
+def test_user_reachable_failures(case, error, message):
+    with pytest.raises(error) as info:
+        case()
+    assert isinstance(info.value, ns.FxNumericError)
+    assert re.search(message, str(info.value), re.S), str(info.value)
