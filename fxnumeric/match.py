@@ -115,8 +115,73 @@ class Matching:
                 _log.warning("%s node `%s` (%s) is not compared: %s", side, u.node, u.kind, u.reason)
         return self
 
-    def table(self, tablefmt: str = "simple") -> str:
-        """Render pairs and misses as a tabulate table (``simple``, ``github``, ``plain`` ...)."""
+    def explain(self, node: str, *, radius: int = 2, tablefmt: str = "simple") -> str:
+        """Show the float and quantized graphs side by side around ``node``.
+
+        Args:
+            node: a float or quantized node name (an unpaired one, typically) or a pair name.
+            radius: how many ops before and after it to show.
+            tablefmt: tabulate format.
+
+        Returns:
+            A table with one row per op in the neighbourhood: the float nodes, the quantized
+            nodes they pair with, and ``<- unpaired: reason`` where a node found no partner.
+        """
+        fv, qv = _View(self.float_graph), _View(self.quant_graph)
+        fnodes = {n.name: n for n in fv.nodes}
+        qnodes = {n.name: n for n in qv.nodes}
+        focus_f: list[fx.Node] = []
+        focus_q: list[fx.Node] = []
+        for p in self.pairs:
+            if node == p.name or node in p.float_nodes or node in p.quant_nodes:
+                focus_f += [fnodes[n] for n in p.float_nodes]
+                focus_q += [qnodes[n] for n in p.quant_nodes]
+        if not focus_f and not focus_q:
+            if node in fnodes and node in {u.node for u in self.unmatched_float}:
+                focus_f.append(fnodes[node])
+            if node in qnodes and node in {u.node for u in self.unmatched_quant}:
+                focus_q.append(qnodes[node])
+        if not focus_f and not focus_q:
+            raise MatchError(f"no pair or unpaired node is called {node!r}; see Matching.table()")
+        near_f = _neighbourhood(fv, focus_f, radius)
+        near_q = _neighbourhood(qv, focus_q, radius)
+        # the counterparts of what is near on one side are near on the other
+        for f in list(near_f):
+            q = next((qnodes[qn] for qn, fn in self.quant_to_float.items() if fn == f.name and qn in qnodes), None)
+            if q is not None and qv.is_op(q):
+                near_q.add(q)
+        for q in list(near_q):
+            f = fnodes.get(self.quant_to_float.get(q.name, ""))
+            if f is not None and fv.is_op(f):
+                near_f.add(f)
+        rows: list[tuple[int, str, str, str, str]] = []
+        done_f: set[str] = set()
+        done_q: set[str] = set()
+        for p in self.pairs:
+            if any(fnodes[n] in near_f for n in p.float_nodes) or any(qnodes[n] in near_q for n in p.quant_nodes):
+                pos = fv.order[fnodes[p.float_nodes[0]]]
+                rows.append((pos, ", ".join(p.float_nodes), p.kind, ", ".join(p.quant_nodes), ""))
+                done_f.update(p.float_nodes)
+                done_q.update(p.quant_nodes)
+        misses_f = {u.node: u for u in self.unmatched_float}
+        misses_q = {u.node: u for u in self.unmatched_quant}
+        for f in near_f:
+            if f.name not in done_f and f.name in misses_f:
+                rows.append((fv.order[f], f.name, misses_f[f.name].kind, "-", f"<- unpaired: {misses_f[f.name].reason}"))
+        for q in near_q:
+            if q.name not in done_q and q.name in misses_q:
+                before = [fnodes[self.quant_to_float[i.name]] for i in qv.inputs.get(q, ()) if i.name in self.quant_to_float]
+                pos = max((fv.order[b] for b in before), default=-1)
+                rows.append((pos, "-", misses_q[q.name].kind, q.name, f"<- unpaired: {misses_q[q.name].reason}"))
+        rows.sort(key=lambda r: r[0])
+        return tabulate([r[1:] for r in rows], headers=("float", "kind", "quantized", ""), tablefmt=tablefmt)
+
+    def table(self, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
+        """Render pairs and misses as a tabulate table (``simple``, ``github``, ``plain`` ...).
+
+        With ``around_misses=True``, each unpaired node is followed by :meth:`explain` of it:
+        the two graphs side by side around the miss.
+        """
         rows = [
             (p.name, p.kind, ", ".join(p.float_nodes), ", ".join(p.quant_nodes), "")
             for p in self.pairs
@@ -129,7 +194,11 @@ class Matching:
             f"{len(self.unmatched_quant)} quantized nodes unpaired, "
             f"coverage of quantized ops {self.coverage:.0%}"
         )
-        return tabulate(rows, headers=headers, tablefmt=tablefmt) + "\n" + summary
+        text = tabulate(rows, headers=headers, tablefmt=tablefmt) + "\n" + summary
+        if around_misses:
+            for u in (*self.unmatched_float, *self.unmatched_quant):
+                text += f"\n\naround `{u.node}`:\n" + self.explain(u.node, tablefmt=tablefmt)
+        return text
 
     def float_node(self, name: str) -> fx.Node:
         """The float graph's node called ``name``."""
@@ -145,6 +214,15 @@ class Matching:
             if p.name == name:
                 return p
         raise MatchError(f"no pair named {name!r}; names are: {', '.join(p.name for p in self.pairs[:20])} ...")
+
+
+def _neighbourhood(view: _View, focus: list[fx.Node], radius: int) -> set[fx.Node]:
+    near: set[fx.Node] = set()
+    undirected = view.graph.to_undirected(as_view=True)
+    for n in focus:
+        if n in view.graph:
+            near.update(nx.single_source_shortest_path_length(undirected, n, cutoff=radius))
+    return {n for n in near if view.is_op(n)}
 
 
 def _node_index(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -347,6 +425,18 @@ def _quant_miss_reason(fv: _View, qv: _View, q: fx.Node, mapped: list, tried: li
 
 def _float_miss_reason(fv: _View, qv: _View, f: fx.Node, pair_of: dict, inverse: dict) -> str:
     kind = fv.cls[f].kind
+    head = fv.cls[f].signature[0]
+    for i in fv.inputs[f]:
+        for qc in qv.consumers(inverse[i]) if i in inverse else ():
+            if qv.is_op(qc) and qv.cls[qc].signature[0] == head:
+                chain, nxt = [fv.cls[f].kind], fv.sole_consumer(f)
+                while nxt is not None and len(chain) < 4:
+                    chain.append(fv.cls[nxt].kind)
+                    nxt = fv.sole_consumer(nxt)
+                return (
+                    f"quantized `{qc.name}` ({qv.cls[qc].kind}) reads the same input, but the float ops "
+                    f"from here compute {' -> '.join(chain)}: a float op it fused is missing or different"
+                )
     for nb in list(fv.graph.predecessors(f)) + fv.consumers(f):
         if nb in pair_of:
             p = pair_of[nb]

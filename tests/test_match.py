@@ -203,3 +203,26 @@ def test_model_without_compute_ops_pairs_nothing_without_error():
     q = convert_fx(p)
     assert ns.match(f, q).check().pairs == ()
     assert ns.compare_model_outputs(f, q, x) == {}
+
+
+def test_misses_explain_themselves_side_by_side(make_fx_resnet18_pair):
+    float_model, qmodel, _ = make_fx_resnet18_pair()
+    changed = copy.deepcopy(float_model)
+    changed.layer3[1].relu = nn.GELU()  # the float graph changed after quantization
+    m = ns.match(changed, qmodel)
+    reasons = {u.node: u.reason for u in m.unmatched_float}
+    assert reasons["layer3_1_conv1"].startswith(
+        "quantized `layer3_1_conv1` (conv2d-relu) reads the same input, but the float ops from here "
+        "compute conv2d -> batch_norm -> gelu")
+    assert "which does not compute a `gelu`" in reasons["layer3_1_relu"]
+    side = m.explain("layer3_1_conv1").splitlines()
+    assert side[0].split() == ["float", "kind", "quantized"]
+    rows = [line for line in side if "layer3_1_conv1" in line]
+    assert any(line.startswith("-") and "<- unpaired" in line for line in rows)  # quantized side
+    assert any(line.startswith("layer3_1_conv1") and "<- unpaired" in line for line in rows)  # float side
+    assert any(line.startswith("layer3_1_conv2, layer3_1_bn2") for line in side)  # paired context
+    assert "around `layer3_1_relu`:" in m.table(around_misses=True)
+    with pytest.raises(ns.MatchError, match="no pair or unpaired node is called 'nope'"):
+        m.explain("nope")
+    with pytest.raises(ns.MatchError, match=r"quantized `layer3_1_conv1` \(conv2d-relu\)"):
+        m.check()
