@@ -247,6 +247,19 @@ def flow_fxn_graph(f, q, xs, swaps):
                       "_tensor_vals": n_vals}
 
 
+def _flow_fxn_compare(comparisons):
+    def flow(f, q, xs, swaps):
+        t = Timer()
+        with t("setup"):
+            m = ns.match(f, q)
+        with t("run"):  # instrumentation, every batch, and building the report
+            report = ns.compare(f, q, xs, comparisons=comparisons, matching=m, progress=False)
+        return t.phases, {"logged": len(report.rows) if "outputs" in comparisons else 0,
+                          "shadowed": sum(r.shadow_sqnr is not None for r in report.rows)}
+
+    return flow
+
+
 FLOWS = [
     ("floor", flow_floor, {"eager", "fx"}),
     ("torch-eager outputs", flow_torch_eager_outputs, {"eager"}),
@@ -256,6 +269,8 @@ FLOWS = [
     ("fxnumeric outputs", flow_fxn_outputs, {"eager", "fx"}),
     ("fxnumeric stubs", flow_fxn_stubs, {"eager", "fx"}),
     ("fxnumeric graph (match+add_*)", flow_fxn_graph, {"eager", "fx"}),
+    ("fxnumeric compare (outputs)", _flow_fxn_compare(("outputs",)), {"eager", "fx"}),
+    ("fxnumeric compare (outputs+shadows)", _flow_fxn_compare(("outputs", "shadows")), {"eager", "fx"}),
 ]
 
 

@@ -1,6 +1,8 @@
 """Metrics between a reference (float) tensor and an actual (quantized) one.
 
-Every metric takes ``(ref, actual)`` and is computed in float64. Over many batches the
+Every metric takes ``(ref, actual)``; sums and products are accumulated in float64 (the
+difference ``ref - actual`` is taken in the tensors' own precision, exact for float32 values
+within a factor of two of each other). Over many batches the
 built-in metrics are accumulated from sums (signal and noise energy, dot products, counts),
 so the value for 500 batches is exact, not an average of per-batch values, and memory does
 not grow with the number of batches.
@@ -22,10 +24,19 @@ MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 BUILTIN_METRICS = ("sqnr", "cosine", "mse", "max_abs_error")
 
 
-def _as_float64(x: torch.Tensor) -> torch.Tensor:
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """A real-valued, contiguous view of ``x`` (quantized convs return channels_last)."""
     if x.is_quantized:
         x = x.dequantize()
-    return x.detach().to(torch.float64)
+    x = x.detach()
+    if not x.is_floating_point():
+        x = x.double()
+    return x.contiguous()
+
+
+def _energy(x: torch.Tensor) -> float:
+    """``sum(x**2)`` accumulated in float64."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
 
 
 def _db(signal: float, noise: float) -> float:
@@ -102,30 +113,28 @@ class Accumulator:
         """Add one batch; non-tensor values are ignored."""
         if not isinstance(ref, torch.Tensor) or not isinstance(actual, torch.Tensor):
             return
-        r, a = _as_float64(ref), _as_float64(actual)
+        r, a = _as_float(ref), _as_float(actual)
         if r.shape != a.shape:
             self.shape_mismatch = (tuple(r.shape), tuple(a.shape))
             return
         if self.kept is not None:
             self.kept.append((ref.detach(), actual.detach()))
         self.batches += 1
-        rf, af = r.reshape(-1), a.reshape(-1)
-        err = rf - af
-        signal, noise = float(torch.dot(rf, rf)), float(torch.dot(err, err))
-        dot, actual_energy = float(torch.dot(rf, af)), float(torch.dot(af, af))
+        err = r - a
+        signal, noise, actual_energy = _energy(r), _energy(err), _energy(a)
         if not all(math.isfinite(v) for v in (signal, noise, actual_energy)):
             self.nonfinite_batches += 1  # NaN/Inf propagate into the sums: the metrics say so
         self.signal += signal
         self.noise += noise
-        self.dot += dot
+        self.dot += (signal + actual_energy - noise) / 2  # = sum(ref * actual)
         self.actual_energy += actual_energy
-        self.count += rf.numel()
-        if rf.numel():
-            batch_max = float(err.abs().max())
+        self.count += r.numel()
+        if r.numel():
+            batch_max = float(torch.linalg.vector_norm(err, ord=math.inf))
             self.max_abs = math.nan if math.isnan(batch_max) or math.isnan(self.max_abs) else max(self.max_abs, batch_max)
         for name, fn in self.custom.items():
             try:
-                self.custom_sums[name] += float(fn(r, a))
+                self.custom_sums[name] += float(fn(r.double(), a.double()))
             except Exception as exc:
                 from .errors import InputError
 
