@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -43,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
 import torchvision  # noqa: E402
+from _synthetic import SHAPES, make_pair  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.ao.ns._numeric_suite_fx import NSTracer, _get_observed_graph_module_attr  # noqa: E402
@@ -202,88 +204,28 @@ TORCHVISION_HEADERS = [
 # --------------------------------------------------------------------------- part 2
 
 
-class ResidualChain(nn.Module):
-    """``blocks`` x (conv1x1 -> relu -> add skip): 3 fx nodes a block, plus input and output."""
+def bench_synthetic(sizes: list[int], repeat: int) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Pairing time per node on generated models from ~100 to ~10,000 nodes.
 
-    def __init__(self, blocks: int, ch: int = 4) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(ch, ch, 1) for _ in range(blocks))
-        self.relus = nn.ModuleList(nn.ReLU() for _ in range(blocks))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, relu in zip(self.convs, self.relus, strict=True):
-            x = x + relu(conv(x))
-        return x
-
-
-class WideConcat(nn.Module):
-    """``blocks`` x (``width`` parallel conv1x1 branches -> cat -> conv1x1 reduce): width+2 nodes a block."""
-
-    def __init__(self, blocks: int, width: int = 8, ch: int = 4) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(
-            nn.ModuleList(nn.Conv2d(ch, ch, 1) for _ in range(width)) for _ in range(blocks)
-        )
-        self.reduce = nn.ModuleList(nn.Conv2d(ch * width, ch, 1) for _ in range(blocks))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for branches, reduce in zip(self.branches, self.reduce, strict=True):
-            x = reduce(torch.cat([b(x) for b in branches], 1))
-        return x
-
-
-WIDTH = 8
-SHAPES: dict[str, tuple[Callable[[int], nn.Module], Callable[[int], int]]] = {
-    # shape: (constructor from block count, block count for a target number of float nodes)
-    "residual chain": (ResidualChain, lambda n: max(1, round((n - 2) / 3))),
-    f"wide concat (width {WIDTH})": (lambda b: WideConcat(b, WIDTH), lambda n: max(1, round((n - 2) / (WIDTH + 2)))),
-}
-
-
-def quantize_deep(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """quantize(), raising the recursion limit only if torch's internals need it."""
-    try:
-        return quantize(model, example, synthetic_qconfig_mapping())[1]
-    except RecursionError:
-        limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(limit * 10, 100_000))
-        NOTES.append(
-            f"sys.setrecursionlimit raised from {limit} to {sys.getrecursionlimit()}: "
-            f"prepare_fx/convert_fx hit RecursionError on {type(model).__name__}"
-        )
-        return quantize(model, example, synthetic_qconfig_mapping())[1]
-
-
-def bench_synthetic(sizes: list[int], repeat: int, budget_s: float) -> tuple[list[list[Any]], list[list[Any]]]:
-    example = torch.randn(1, 4, 4, 4)
+    The models are eager-quantized (``_synthetic.make_pair``): prepare_fx grows faster than
+    linearly with graph size, eager prepare/convert does not. The garbage collector runs and
+    then freezes the heap before each timing, so earlier, larger graphs do not slow later ones.
+    """
     rows, summary = [], []
-    for shape, (make, blocks_for) in SHAPES.items():
+    for shape in SHAPES:
         per_node: dict[int, float] = {}
         per_node_e2e: dict[int, float] = {}
-        prev: tuple[int, float] | None = None  # (float nodes, prepare_fx+convert_fx seconds)
         for target in sizes:
-            blocks = blocks_for(target)
-            if prev is not None:
-                # prepare_fx grows faster than linearly (measured exponent ~1.5): extrapolate with 1.6
-                est = prev[1] * (target / prev[0]) ** 1.6
-                if est > budget_s:
-                    scaled = int(prev[0] * (budget_s / prev[1]) ** (1 / 1.6))
-                    NOTES.append(
-                        f"{shape}: ~{target} nodes would take ~{est:.0f}s to quantize "
-                        f"({prev[1]:.1f}s measured at {prev[0]} nodes); scaled down to ~{scaled} nodes"
-                    )
-                    target = scaled
-                    blocks = blocks_for(target)
-            torch.manual_seed(0)
-            float_model = make(blocks).eval()
             t0 = time.perf_counter()
-            quant_model = quantize_deep(float_model, example)
+            float_model, quant_model = make_pair(shape, target)
             t_quant = time.perf_counter() - t0
             pair_fn, n_float, n_quant = fxnumeric_pairing(float_model, quant_model)
-            prev = (n_float, t_quant)
+            gc.collect()
+            gc.freeze()
             reps = repeat if n_float < 5000 else max(3, repeat - 2)
             t_pair, _ = timed(pair_fn, reps)
             t_e2e, m = timed(lambda: fxnumeric.match(float_model, quant_model), reps)
+            gc.unfreeze()
             us_pair = t_pair * 1e3 / n_float
             us_e2e = t_e2e * 1e3 / n_float
             per_node[n_float] = us_pair
@@ -294,7 +236,7 @@ def bench_synthetic(sizes: list[int], repeat: int, budget_s: float) -> tuple[lis
                     + "; ".join(f"{u.node} ({u.kind}): {u.reason}" for u in m.unmatched_quant[:2])
                 )
             rows.append([
-                shape, blocks, n_float, n_quant, f"{t_quant:.1f}", fmt(t_pair), f"{us_pair:.1f}",
+                shape, n_float, n_quant, f"{t_quant:.1f}", fmt(t_pair), f"{us_pair:.1f}",
                 fmt(t_e2e), f"{us_e2e:.1f}", len(m.pairs), f"{m.coverage:.0%}",
             ])
             print(f"  {shape}, {n_float} nodes: quantized in {t_quant:.1f}s, pairing {t_pair:.1f} ms",
@@ -308,7 +250,7 @@ def bench_synthetic(sizes: list[int], repeat: int, budget_s: float) -> tuple[lis
 
 
 SYNTH_HEADERS = [
-    "shape", "blocks", "float nodes", "quant nodes", "prepare+convert (s)",
+    "shape", "float nodes", "quant nodes", "eager prepare+convert (s)",
     "fxnumeric\npairing (ms)", "pairing\n(µs/node)", "fxnumeric match\n(ms, tracing incl.)",
     "match\n(µs/node)", "pairs", "coverage",
 ]
@@ -346,7 +288,6 @@ def main() -> None:
     models = ["resnet18", "mobilenet_v2"] if args.quick else [
         "resnet18", "resnet50", "mobilenet_v2", "shufflenet_v2_x1_0", "googlenet"]
     sizes = [100, 1000] if args.quick else [100, 1000, 10000]
-    budget_s = 8.0 if args.quick else 60.0  # max prepare_fx+convert_fx time per synthetic model
 
     t_start = time.perf_counter()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
@@ -359,7 +300,7 @@ def main() -> None:
     print(tabulate(rows, headers=TORCHVISION_HEADERS, tablefmt=args.tablefmt, disable_numparse=True))
     print()
 
-    synth_rows, summary = bench_synthetic(sizes, repeat, budget_s)
+    synth_rows, summary = bench_synthetic(sizes, repeat)
     print("## synthetic graphs (µs per float fx node)\n")
     print(tabulate(synth_rows, headers=SYNTH_HEADERS, tablefmt=args.tablefmt, disable_numparse=True))
     print()

@@ -389,7 +389,39 @@ def main() -> None:
                 seen.add(e)
                 uniq.append(e)
         print(tabulate(uniq, headers=["model", "pair", "flow", "message"], tablefmt="github"))
+    if not args.quick:
+        print("\n### one-time cost on large generated graphs (stacks of conv1x1-relu-add blocks)\n")
+        print(tabulate(large_graph_rows([1000, 5000, 20000]), tablefmt="github", headers=[
+            "float fx nodes", "trace s", "match s", "add_loggers s", "add_shadows s", "total s", "µs / node"]))
     print(f"\nwall time {time.perf_counter() - t_start:.0f}s, loadavg={os.getloadavg()}")
+
+
+def large_graph_rows(sizes: list[int]) -> list[list]:
+    """trace, match and instrument generated models of growing size: the cost should grow linearly."""
+    import gc
+
+    from _synthetic import make_pair
+
+    rows = []
+    for nodes in sizes:
+        f, q = make_pair("residual chain", nodes)
+        gc.collect()
+        gc.freeze()
+        t0 = time.perf_counter()
+        float_gm = ns.trace(f)
+        t1 = time.perf_counter()
+        m = ns.match(f, q)
+        t2 = time.perf_counter()
+        ns.add_loggers(f, q, matching=m)
+        t3 = time.perf_counter()
+        ns.add_shadows(f, q, matching=m)
+        t4 = time.perf_counter()
+        gc.unfreeze()
+        n = len(float_gm.graph.nodes)
+        total = (t2 - t1) + (t3 - t2) + (t4 - t3)  # match traces both models itself
+        rows.append([n, fmt(t1 - t0), fmt(t2 - t1), fmt(t3 - t2), fmt(t4 - t3), fmt(total), f"{total * 1e6 / n:.0f}"])
+        print(f"  large graph {n} nodes: {total:.1f}s", file=sys.stderr, flush=True)
+    return rows
 
 
 def profile_per_batch(f, q, nb):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .instrument import _add_output_loggers, _add_shadow_loggers
+from .instrument import _GraphCopy, _log_outputs, _shadow
 from .loggers import Logger, _detach, _first_output
 from .match import Matching, match
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn
@@ -182,17 +182,20 @@ def compare(
     shadow_acc = {p.name: Accumulator(custom, keep_activations) for p in pairs} if "shadows" in wanted else {}
     model_acc = Accumulator(custom)
 
-    float_gm = quant_gm = shadow_gm = None
+    # one float graph with output loggers; one quantized graph with output comparators and
+    # shadows, so each batch runs each model once
+    float_copy, quant_copy = _GraphCopy(matching.float_graph), _GraphCopy(matching.quant_graph)
     twins: list[_FloatOutputs] = []
     if out_acc:
         def make_quant(name: str, twin: nn.Module) -> nn.Module:
             twins.append(twin)  # type: ignore[arg-type]
             return _CompareToFloat(twin, out_acc[name])  # type: ignore[arg-type]
 
-        float_gm, quant_gm = _add_output_loggers(matching, pairs, lambda name: _FloatOutputs(), make_quant)
+        _log_outputs(float_copy, quant_copy, pairs, lambda name: _FloatOutputs(), make_quant)
     skipped: dict[str, str] = {}
     if shadow_acc:
-        shadow_gm, skipped = _add_shadow_loggers(matching, pairs, lambda name: _ShadowMetrics(shadow_acc[name]))
+        _, skipped = _shadow(matching, quant_copy, pairs, lambda name: _ShadowMetrics(shadow_acc[name]))
+    float_gm, quant_gm = float_copy.finish({}), quant_copy.finish({})
 
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
@@ -206,11 +209,9 @@ def compare(
             args = as_args(batch)
             if batches == 0:
                 check_devices(float_model, quant_model, args)
-            float_out = run_model(float_gm if float_gm is not None else matching.float_graph, args, which="float")
-            quant_out = run_model(quant_gm if quant_gm is not None else matching.quant_graph, args, which="quantized")
+            float_out = run_model(float_gm, args, which="float")
+            quant_out = run_model(quant_gm, args, which="quantized")
             model_acc.update(_first_output(float_out), _first_output(quant_out))
-            if shadow_gm is not None:
-                run_model(shadow_gm, args, which="quantized (with shadows)")
             for twin in twins:
                 twin.pending.clear()
             batches += 1

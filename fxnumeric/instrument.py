@@ -129,36 +129,46 @@ def add_loggers(
         ``(float_gm, quant_gm)``; their loggers are in :func:`loggers_of`.
     """
     matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
-    return _add_output_loggers(
-        matching, _select(matching, select),
+    float_copy, quant_copy = _GraphCopy(matching.float_graph), _GraphCopy(matching.quant_graph)
+    float_loggers, quant_loggers = _log_outputs(
+        float_copy, quant_copy, _select(matching, select),
         lambda name: _make_logger(logger_cls), lambda name, twin: _make_logger(logger_cls),
     )
+    return float_copy.finish(float_loggers), quant_copy.finish(quant_loggers)
 
 
-def _add_output_loggers(
-    matching: Matching,
+class _GraphCopy:
+    """A copy of a traced graph being instrumented; :meth:`finish` recompiles it once."""
+
+    def __init__(self, source: fx.GraphModule) -> None:
+        self.gm, self.nodes = _copy_graph_module(source)
+        self.modules = dict(self.gm.named_modules(remove_duplicate=False))
+
+    def finish(self, loggers: dict[str, nn.Module]) -> fx.GraphModule:
+        self.gm.recompile()
+        self.gm.__dict__[_LOGGERS_ATTR] = loggers
+        return self.gm
+
+
+def _log_outputs(
+    float_copy: _GraphCopy,
+    quant_copy: _GraphCopy,
     pairs: list[Pair],
     make_float: Callable[[str], nn.Module],
     make_quant: Callable[[str, nn.Module], nn.Module],
-) -> tuple[fx.GraphModule, fx.GraphModule]:
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Log ``pairs`` on both sides; ``make_quant(name, float_logger)`` builds the quantized one."""
-    float_gm, float_nodes = _copy_graph_module(matching.float_graph)
-    quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
     float_loggers: dict[str, nn.Module] = {}
     quant_loggers: dict[str, nn.Module] = {}
-    float_modules = dict(float_gm.named_modules(remove_duplicate=False))
-    quant_modules = dict(quant_gm.named_modules(remove_duplicate=False))
     for i, pair in enumerate(pairs):
         if pair.name not in quant_loggers:
             float_loggers[pair.name] = make_float(pair.name)
             quant_loggers[pair.name] = make_quant(pair.name, float_loggers[pair.name])
         target = f"fxnumeric_logger_{i}"
-        _attach(float_gm, float_nodes, float_modules, pair.float_nodes[-1], float_loggers[pair.name], target)
-        _attach(quant_gm, quant_nodes, quant_modules, pair.quant_nodes[-1], quant_loggers[pair.name], target)
-    for gm, loggers in ((float_gm, float_loggers), (quant_gm, quant_loggers)):
-        gm.recompile()
-        gm.__dict__[_LOGGERS_ATTR] = loggers
-    return float_gm, quant_gm
+        for copy_, node, logger in ((float_copy, pair.float_nodes[-1], float_loggers[pair.name]),
+                                    (quant_copy, pair.quant_nodes[-1], quant_loggers[pair.name])):
+            _attach(copy_.gm, copy_.nodes, copy_.modules, node, logger, target)
+    return float_loggers, quant_loggers
 
 
 def _float_subgraph(
@@ -181,7 +191,7 @@ def _float_subgraph(
             if i in inside or i.op not in ("call_module", "call_function", "call_method"):
                 continue
             c = classify(i, modules)
-            if c is not None and c.role == "plumbing" and _feeds_from(i, inside):
+            if c is not None and c.role == "plumbing" and _feeds_from(i, inside, modules):
                 inside.add(i)
                 frontier.append(i)
     ordered = sorted(inside, key=_graph_position(matching.float_graph))
@@ -209,14 +219,19 @@ def _graph_position(gm: fx.GraphModule) -> Callable[[fx.Node], int]:
     return index.__getitem__
 
 
-def _feeds_from(node: fx.Node, inside: set) -> bool:
+def _feeds_from(node: fx.Node, inside: set, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` (plumbing) reads, through plumbing only, from a node in ``inside``."""
+    from .ops import classify
+
     seen = node
     while seen.all_input_nodes:
         seen = seen.all_input_nodes[0]
         if seen in inside:
             return True
-        if seen.op in ("placeholder", "get_attr"):
+        if seen.op not in ("call_module", "call_function", "call_method"):
+            return False
+        c = classify(seen, modules)
+        if c is None or c.role != "plumbing":
             return False
     return False
 
@@ -242,23 +257,24 @@ def add_shadows(
         ``{pair name: reason}`` for pairs that could not be shadowed.
     """
     matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
-    return _add_shadow_loggers(matching, _select(matching, select), lambda name: _make_logger(logger_cls))
+    quant_copy = _GraphCopy(matching.quant_graph)
+    loggers, skipped = _shadow(matching, quant_copy, _select(matching, select), lambda name: _make_logger(logger_cls))
+    return quant_copy.finish(loggers), skipped
 
 
-def _add_shadow_loggers(
-    matching: Matching, pairs: list[Pair], make_logger: Callable[[str], nn.Module]
-) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Shadow ``pairs`` in a copy of the quantized graph; ``make_logger(name)`` builds loggers.
+def _shadow(
+    matching: Matching, quant_copy: _GraphCopy, pairs: list[Pair], make_logger: Callable[[str], nn.Module]
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Shadow ``pairs`` in ``quant_copy``; ``make_logger(name)`` builds the loggers.
 
     Each shadow is the pair's float nodes copied into the quantized graph right after the
     quantized output, reading dequantized copies of the quantized inputs, with deep copies of
-    the float modules they call. The graph is recompiled once.
+    the float modules they call. Returns the loggers and ``{pair name: reason}`` for skips.
     """
-    quant_gm, quant_nodes = _copy_graph_module(matching.quant_graph)
+    quant_gm, quant_nodes, quant_modules = quant_copy.gm, quant_copy.nodes, quant_copy.modules
     graph = quant_gm.graph
     float_gm = matching.float_graph
     float_modules = dict(float_gm.named_modules(remove_duplicate=False))
-    quant_modules = dict(quant_gm.named_modules(remove_duplicate=False))
     float_to_quant: dict[str, str] = {}
     for q, f in matching.quant_to_float.items():
         float_to_quant.setdefault(f, q)  # earliest quantized node carrying that value
@@ -280,9 +296,7 @@ def _add_shadow_loggers(
                 loggers[pair.name] = make_logger(pair.name)
             _insert_shadow(quant_gm, quant_modules, float_gm, float_modules, quant_nodes[pair.quant_nodes[-1]],
                            nodes, dict(zip(external, quant_inputs, strict=True)), loggers[pair.name], f"fxnumeric_shadow_{i}")
-    quant_gm.recompile()
-    quant_gm.__dict__[_LOGGERS_ATTR] = loggers
-    return quant_gm, skipped
+    return loggers, skipped
 
 
 def _insert_shadow(
@@ -349,9 +363,7 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
 
 def _quant_head_inputs(matching: Matching, pair: Pair) -> dict[str, str]:
     """Float node name -> quantized node name, for the values the quantized chain reads."""
-    gm = matching.quant_graph
-    by_name = {n.name: n for n in gm.graph.nodes}
-    chain = {by_name[n] for n in pair.quant_nodes}
+    chain = {matching.quant_node(n) for n in pair.quant_nodes}
     out: dict[str, str] = {}
     for n in chain:
         for i in n.all_input_nodes:
