@@ -137,6 +137,7 @@ def compare(
     leaf_modules: Iterable[LeafSpec] | None = None,
     progress: bool | None = None,
     max_batches: int | None = None,
+    precision: torch.dtype = torch.float32,
 ) -> Report:
     """Compare a float model with its quantized counterpart, layer by layer, over ``data``.
 
@@ -158,6 +159,9 @@ def compare(
         leaf_modules: module types or names to keep whole when tracing.
         progress: show a progress bar on stderr (default: only when stderr is a terminal).
         max_batches: stop after this many batches.
+        precision: dtype of the per-batch reductions; sums over batches are always float64
+            (see :mod:`fxnumeric.metrics`). ``torch.float64`` is exact and about six times
+            slower per activation.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
@@ -178,9 +182,9 @@ def compare(
     names, custom = _resolve_metrics(metrics)
     matching = matching or match(float_model, quant_model, leaf_modules=leaf_modules)
     pairs = list(matching.pairs)
-    out_acc = {p.name: Accumulator(custom, keep_activations) for p in pairs} if "outputs" in wanted else {}
-    shadow_acc = {p.name: Accumulator(custom, keep_activations) for p in pairs} if "shadows" in wanted else {}
-    model_acc = Accumulator(custom)
+    out_acc = {p.name: Accumulator(custom, keep_activations, precision) for p in pairs} if "outputs" in wanted else {}
+    shadow_acc = {p.name: Accumulator(custom, keep_activations, precision) for p in pairs} if "shadows" in wanted else {}
+    model_acc = Accumulator(custom, precision=precision)
 
     # one float graph with output loggers; one quantized graph with output comparators and
     # shadows, so each batch runs each model once
@@ -235,7 +239,7 @@ def compare(
         w_acc = None
         hist = None
         if p.name in weights:
-            w_acc = Accumulator()
+            w_acc = Accumulator(precision=torch.float64)  # weights are small: exact
             for _, fw, qw in weights[p.name]:
                 w_acc.update(fw, qw)
             _, fw, qw = weights[p.name][0]

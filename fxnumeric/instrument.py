@@ -65,9 +65,10 @@ def _mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             return True
         if user.op == "call_function":
             name = getattr(user.target, "__name__", "")
-            if user.kwargs.get("inplace") or (name.startswith("i") and name in ("iadd", "imul", "isub", "itruediv")) or (
-                name.endswith("_") and not name.startswith("_") and user.args and user.args[0] is node
-            ):
+            first = bool(user.args) and user.args[0] is node
+            if user.kwargs.get("inplace") and first:
+                return True
+            if first and (name in ("iadd", "imul", "isub", "itruediv") or (name.endswith("_") and not name.startswith("_"))):
                 return True
     return False
 
