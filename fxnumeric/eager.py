@@ -152,9 +152,9 @@ def remove_instrumentation(model: nn.Module) -> nn.Module:
 
     Returns the model itself, with its own forward back and no fxnumeric state left.
     """
-    model.__dict__.pop(_STATE_ATTR, None)
-    if "forward" in model.__dict__ and getattr(model.__dict__["forward"], "__self__", None) is not model:
-        model.__dict__.pop("forward")
+    gm = model.__dict__.pop(_STATE_ATTR, None)
+    if gm is not None and getattr(model.__dict__.get("forward"), "__self__", None) is gm:
+        del model.__dict__["forward"]  # only the forward fxnumeric installed
     return model
 
 
@@ -187,8 +187,8 @@ def _eager_order(gm: fx.GraphModule, keys: Iterable[str]) -> list[str]:
     """Order keys as torch's get_logger_dict would: module registration order, then the rest."""
     model = gm.__dict__.get("_fxnumeric_order_model", gm)
     rank = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    keys = list(keys)
-    return sorted(keys, key=lambda k: (rank.get(k, len(rank)), keys.index(k)))
+    position = {k: i for i, k in enumerate(keys)}
+    return sorted(position, key=lambda k: (rank.get(k, len(rank)), position[k]))
 
 
 def prepare_model_outputs(

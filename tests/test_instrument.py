@@ -159,3 +159,18 @@ def test_bad_logger_class_is_reported():
         ns.add_loggers(f, q, nn.Identity)
     with pytest.raises(ns.InstrumentationError, match="no pair is named"):
         ns.add_loggers(f, q, select=["nope"])
+
+
+def test_shadow_module_and_get_logger_dict_on_plain_module_trees():
+    """The eager-style Shadow wrapper works as torch's, and get_logger_dict walks Logger children."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(4, 4)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    holder = nn.Sequential(ns.Shadow(q[0], f[0], ns.ShadowLogger))
+    x = torch.randn(3, 4)
+    assert torch.equal(holder(x), q[0](x))
+    stats = ns.get_logger_dict(holder)
+    assert list(stats) == ["0.stats"]
+    assert torch.equal(stats["0.stats"]["float"][0], f[0](x).detach())
+    assert stats["0.stats"]["quantized"][0].shape == (3, 4)  # whole batch kept
+    assert ns.get_logger_dict(holder, prefix="model") == {"model.0.stats": stats["0.stats"]}
