@@ -62,30 +62,29 @@ def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
     >>> round(sqnr(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5])), 2)
     20.0
     """
-    acc = Accumulator(precision=torch.float64)
-    acc.update(ref, actual)
-    return acc.value("sqnr")
+    return _one("sqnr", ref, actual)
 
 
 def cosine(ref: torch.Tensor, actual: torch.Tensor) -> float:
     """Cosine similarity of the flattened tensors (1.0 for two zero tensors)."""
-    acc = Accumulator(precision=torch.float64)
-    acc.update(ref, actual)
-    return acc.value("cosine")
+    return _one("cosine", ref, actual)
 
 
 def mse(ref: torch.Tensor, actual: torch.Tensor) -> float:
     """Mean squared error."""
-    acc = Accumulator(precision=torch.float64)
-    acc.update(ref, actual)
-    return acc.value("mse")
+    return _one("mse", ref, actual)
 
 
 def max_abs_error(ref: torch.Tensor, actual: torch.Tensor) -> float:
     """Largest absolute difference."""
+    return _one("max_abs_error", ref, actual)
+
+
+def _one(metric: str, ref: torch.Tensor, actual: torch.Tensor) -> float:
+    """``metric`` of one pair of tensors, in float64 throughout."""
     acc = Accumulator(precision=torch.float64)
     acc.update(ref, actual)
-    return acc.value("max_abs_error")
+    return acc.value(metric)
 
 
 class Accumulator:

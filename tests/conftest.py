@@ -48,6 +48,11 @@ def _randomize_batchnorms(model: nn.Module, seed: int) -> None:
                 mod.running_var.copy_(torch.rand(n, generator=gen) * 1.0 + 0.5)
 
 
+def _copies(*objects):
+    """A factory returning fresh deep copies of ``objects`` on every call."""
+    return lambda: tuple(copy.deepcopy(o) for o in objects)
+
+
 def _image_batches(shape: tuple[int, ...], seed: int, n: int = 2):
     """Return the tutorial's calibration data: ``n`` batches of (image, label)."""
     gen = torch.Generator().manual_seed(seed)
@@ -100,14 +105,7 @@ def make_resnet18_pair(_resnet18_build) -> Callable[[], tuple[nn.Module, nn.Modu
     """
     b = _resnet18_build
 
-    def make():
-        return (
-            copy.deepcopy(b.float_model),
-            copy.deepcopy(b.qmodel),
-            copy.deepcopy(b.img_data),
-        )
-
-    return make
+    return _copies(b.float_model, b.qmodel, b.img_data)
 
 
 @pytest.fixture(scope="session")
@@ -119,14 +117,7 @@ def make_resnet18_unfused_pair(_resnet18_build) -> Callable[[], tuple[nn.Module,
     """
     b = _resnet18_build
 
-    def make():
-        return (
-            copy.deepcopy(b.unfused_float),
-            copy.deepcopy(b.qmodel),
-            copy.deepcopy(b.img_data),
-        )
-
-    return make
+    return _copies(b.unfused_float, b.qmodel, b.img_data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,14 +204,7 @@ def make_mobilenet_v2_pair(_mobilenet_v2_build) -> Callable[[], tuple[nn.Module,
     """
     b = _mobilenet_v2_build
 
-    def make():
-        return (
-            copy.deepcopy(b.float_model),
-            copy.deepcopy(b.qmodel),
-            copy.deepcopy(b.img_data),
-        )
-
-    return make
+    return _copies(b.float_model, b.qmodel, b.img_data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,11 +253,4 @@ def make_fx_resnet18_pair(_fx_resnet18_build) -> Callable[[], tuple[nn.Module, n
     """
     b = _fx_resnet18_build
 
-    def make():
-        return (
-            copy.deepcopy(b.float_model),
-            copy.deepcopy(b.qmodel),
-            copy.deepcopy(b.img_data),
-        )
-
-    return make
+    return _copies(b.float_model, b.qmodel, b.img_data)
