@@ -162,19 +162,35 @@ def _instrumented(model: nn.Module) -> fx.GraphModule | None:
     return model.__dict__.get(_STATE_ATTR)
 
 
-def _quant_module_of(matching: Matching, pair: Pair) -> nn.Module | None:
-    """The module that owns the pair's quantized output (a FloatFunctional for its ops)."""
-    try:
-        return matching.quant_model.get_submodule(pair.name)
-    except AttributeError:
-        return None
+def _owner(model: nn.Module | None, gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a node belongs to: its call_module target, or the FloatFunctional owning it."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)
+    for user in node.users:
+        if user.op == "call_module" and str(user.target).endswith(".activation_post_process") and model is not None:
+            return model.get_submodule(str(user.target)[: -len(".activation_post_process")])
+    return None
+
+
+def _pair_module(matching: Matching, pair: Pair, side: str, *, head_first: bool) -> nn.Module | None:
+    """The module behind one side of a pair, looking at its head or its output node first."""
+    if side == "float":
+        model, gm, names, node_of = matching.float_model, matching.float_graph, pair.float_nodes, matching.float_node
+    else:
+        model, gm, names, node_of = matching.quant_model, matching.quant_graph, pair.quant_nodes, matching.quant_node
+    for name in (names[0], names[-1]) if head_first else (names[-1], names[0]):
+        module = _owner(model, gm, node_of(name))
+        if module is not None:
+            return module
+    return None
 
 
 def _output_selector(allow_list: set[type]):
     allowed = set(allow_list) | NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST
 
     def select(pair: Pair, matching: Matching) -> bool:
-        module = _quant_module_of(matching, pair)
+        # the logger sits on the module that produces the quantized output, as in eager mode
+        module = _pair_module(matching, pair, "quantized", head_first=False)
         if module is not None:
             return type(module) in allowed
         # FX-quantized graphs: quantized functional ops (torch.ops.quantized.*) are logged too
@@ -309,29 +325,14 @@ def _is_identical_module_type(a: nn.Module, b: nn.Module) -> bool:
     return [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
 
 
-def _owner(model: nn.Module | None, gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a node belongs to: its call_module target, or the FloatFunctional owning it."""
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)
-    for user in node.users:
-        if user.op == "call_module" and str(user.target).endswith(".activation_post_process") and model is not None:
-            return model.get_submodule(str(user.target)[: -len(".activation_post_process")])
-    return None
-
-
 def _stub_selector(module_swap_list: Iterable[type]):
     swap = tuple(module_swap_list)
 
     def select(pair: Pair, matching: Matching) -> bool:
         # the float head decides (a conv whose bn and relu the quantized op absorbed counts);
         # functional ops count through the FloatFunctional that owns them
-        fnode, qnode = matching.float_node(pair.float_nodes[0]), matching.quant_node(pair.quant_nodes[0])
-        fmod = _owner(matching.float_model, matching.float_graph, fnode)
-        if fmod is None and fnode.op != "call_module":
-            fmod = _owner(matching.float_model, matching.float_graph, matching.float_node(pair.float_nodes[-1]))
-        qmod = _owner(matching.quant_model, matching.quant_graph, qnode)
-        if qmod is None:
-            qmod = _owner(matching.quant_model, matching.quant_graph, matching.quant_node(pair.quant_nodes[-1]))
+        fmod = _pair_module(matching, pair, "float", head_first=True)
+        qmod = _pair_module(matching, pair, "quantized", head_first=True)
         if fmod is None or qmod is None:
             return False
         return type(fmod) in swap and not _is_identical_module_type(fmod, qmod)

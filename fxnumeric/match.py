@@ -324,8 +324,6 @@ class _View:
             return (n.args[1],)
         return ()
 
-    def module(self, n: fx.Node) -> nn.Module | None:
-        return self.modules[n.target] if n.op == "call_module" else None
 
 
 def _align(
