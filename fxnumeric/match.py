@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+import torch
 import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
@@ -317,8 +318,8 @@ class _View:
     def _compute_attrs(self, n: fx.Node) -> tuple[Any, ...]:
         if n.op == "call_module":
             mod = self.modules[n.target]
-            if isinstance(mod, nn.Sequential) and len(mod):
-                mod = mod[0]
+            if isinstance(mod, nn.Sequential) and len(mod) and not isinstance(getattr(mod, "weight", None), torch.Tensor):
+                mod = mod[0]  # a fused float module: the conv/linear is its first part (QAT ones hold it)
             return tuple(getattr(mod, a, None) for a in _ATTRS)
         if self.cls[n].signature == ("getitem",):
             return (n.args[1],)
@@ -341,6 +342,12 @@ def _align(
                 i += 1  # folded into the quantized conv/linear
             else:
                 return None
+        if j == len(qs) and i < len(fs) and fs[i] == "batch_norm" and fs[i - 1] in BN_FOLDING_KINDS:
+            # a fused float conv-bn (QAT ConvBn2d) whose BN the quantized conv folded
+            q_nxt = qv.sole_consumer(q_chain[-1])
+            if q_nxt is None or qv.cls[q_nxt].signature[0] != "batch_norm":
+                i += 1
+                continue
         if i == len(fs) and j == len(qs):
             nxt = fv.sole_consumer(f_chain[-1])
             if (
@@ -423,6 +430,8 @@ def _quant_miss_reason(fv: _View, qv: _View, q: fx.Node, mapped: list, tried: li
 
 def _float_miss_reason(fv: _View, qv: _View, f: fx.Node, pair_of: dict, inverse: dict) -> str:
     kind = fv.cls[f].kind
+    if not f.users:
+        return "its result is never used (dead code the quantized graph dropped), so there is nothing to compare"
     head = fv.cls[f].signature[0]
     for i in fv.inputs[f]:
         for qc in qv.consumers(inverse[i]) if i in inverse else ():

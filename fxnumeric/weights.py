@@ -20,7 +20,8 @@ def _leaf_parts(module: nn.Module) -> list[nn.Module]:
     """A fused float module's parts (Conv, BN, ReLU), or the module itself."""
     from torch.ao.nn.intrinsic import _FusedModule
 
-    if isinstance(module, _FusedModule):
+    # QAT ConvBn modules are _FusedModules too, but carry the weight themselves
+    if isinstance(module, _FusedModule) and not isinstance(getattr(module, "weight", None), torch.Tensor):
         return list(module.children())
     return [module]
 

@@ -173,3 +173,52 @@ def test_torch_transformer_encoder_is_one_op_and_its_run_failure_is_reported():
     # torch 2.14's fast path cannot run dynamically quantized Linear weights
     with pytest.raises(ns.InputError, match="quantized model failed on the input"):
         ns.compare_model_outputs(te, qte, torch.randn(2, 5, 32))
+
+
+def test_qat_models_pair_with_their_converted_form():
+    """Eager QAT (fused ConvBnReLU2d modules carrying the BN) and FX QAT, against convert."""
+    from torch.ao.quantization import get_default_qat_qconfig
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    torch.manual_seed(0)
+    x = _input("mobilenet_v2")
+    qat = torchvision.models.quantization.mobilenet_v2(weights=None, quantize=False).train()
+    qat.fuse_model(is_qat=True)
+    qat.qconfig = get_default_qat_qconfig("x86")
+    torch.ao.quantization.prepare_qat(qat, inplace=True)
+    qat(torch.rand(2, 3, 64, 64))
+    qat.eval()
+    converted = torch.ao.quantization.convert(copy.deepcopy(qat))
+    m = ns.match(qat, converted)
+    _assert_full(m)
+    assert m.pair("features.0.0").float_nodes == ("features_0_0",)  # ConvBnReLU2d, BN folded
+    weights = ns.compare_weights(qat, converted)
+    w = weights["features.0.0.weight"]
+    assert w["float"].shape == w["quantized"].shape and ns.sqnr(w["float"], w["quantized"]) > 25
+
+    fx_qat = prepare_qat_fx(copy.deepcopy(torchvision.models.resnet18(weights=None).train()),
+                            get_default_qconfig_mapping("x86"), (x,))
+    fx_qat(x)
+    fx_qat.eval()
+    _assert_full(ns.match(fx_qat, convert_fx(copy.deepcopy(fx_qat))))
+
+
+def test_dead_float_nodes_are_explained():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)  # the state is never used: convert_fx drops it
+            return self.fc(out)
+
+    from torch.ao.quantization import default_dynamic_qconfig
+
+    f = Net().eval()
+    x = torch.randn(3, 2, 8)
+    qmodel = convert_fx(prepare_fx(copy.deepcopy(f), QConfigMapping().set_global(default_dynamic_qconfig), (x,)))
+    m = ns.match(f, qmodel)
+    assert m.coverage == 1.0 and not m.unmatched_quant
+    assert [(u.node, u.reason) for u in m.unmatched_float] == [
+        ("getitem_1", "its result is never used (dead code the quantized graph dropped), so there is nothing to compare")]
