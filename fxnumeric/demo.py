@@ -14,8 +14,9 @@ from torch import nn
 
 from . import eager
 from .match import match
+from .metrics import sqnr
 
-__all__ = ["LSTMModel", "resnet18_pair", "lstm_pair", "sqnr", "run_demo"]
+__all__ = ["LSTMModel", "resnet18_pair", "lstm_pair", "run_demo"]
 
 
 class LSTMModel(nn.Module):
@@ -41,18 +42,6 @@ class LSTMModel(nn.Module):
     def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = next(self.parameters())
         return (weight.new_zeros(self.nlayers, bsz, self.nhid), weight.new_zeros(self.nlayers, bsz, self.nhid))
-
-
-def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB, computed in float64 (inf when identical)."""
-    ref = ref.dequantize() if ref.is_quantized else ref
-    actual = actual.dequantize() if actual.is_quantized else actual
-    ref, actual = ref.detach().double(), actual.detach().double()
-    noise = torch.linalg.vector_norm(ref - actual)
-    signal = torch.linalg.vector_norm(ref)
-    if noise == 0:
-        return float("inf")
-    return float(20 * torch.log10(signal / noise))
 
 
 def resnet18_pair(seed: int = 0, input_shape: tuple[int, ...] = (2, 3, 32, 32)):

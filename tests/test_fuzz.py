@@ -45,7 +45,7 @@ from torch.ao.quantization import (
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import fxnumeric as ns
-from fxnumeric.demo import sqnr
+from fxnumeric import sqnr
 
 if "x86" in torch.backends.quantized.supported_engines:
     torch.backends.quantized.engine = "x86"

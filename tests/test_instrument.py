@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fxnumeric as ns
-from fxnumeric.demo import sqnr
+from fxnumeric import sqnr
 
 
 def _snapshot(model: nn.Module) -> dict:

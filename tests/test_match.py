@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.ao.quantization import DeQuantStub, QuantStub, default_eval_fn, default_qconfig, quantize
 
 import fxnumeric as ns
-from fxnumeric.demo import sqnr
+from fxnumeric import sqnr
 
 
 def _pairs(m: ns.Matching) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:

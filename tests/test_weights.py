@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxnumeric as ns
-from fxnumeric.demo import sqnr
+from fxnumeric import sqnr
 
 
 def test_unfused_float_weights_are_bn_folded(make_resnet18_pair, make_resnet18_unfused_pair):
