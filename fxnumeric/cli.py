@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"fxnumeric: error: {first}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`fxnumeric report | head`): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
