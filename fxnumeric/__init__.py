@@ -26,7 +26,7 @@ from .instrument import add_loggers, add_shadows, loggers_of
 from .loggers import Logger, OutputLogger, Shadow, ShadowLogger
 from .match import Matching, Pair, Unmatched, match
 from .metrics import cosine, max_abs_error, mse, sqnr
-from .ops import register_op
+from .ops import register_op, unregister_op
 from .report import Report, ReportRow
 from .trace import trace
 from .weights import extract_weights
@@ -60,6 +60,7 @@ __all__ = [
     "loggers_of",
     "extract_weights",
     "register_op",
+    "unregister_op",
     # metrics and reports
     "compare",
     "Report",

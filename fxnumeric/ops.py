@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["OpClass", "classify", "register_op", "BN_FOLDING_KINDS", "is_quantized_module"]
+__all__ = ["OpClass", "classify", "register_op", "unregister_op", "BN_FOLDING_KINDS", "is_quantized_module"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,11 @@ def register_op(target: type | Callable | str, signature: str | tuple[str, ...],
     if not sig or not all(isinstance(s, str) and s for s in sig):
         raise ValueError(f"signature must be a non-empty string or tuple of strings, got {signature!r}")
     _REGISTERED[target] = OpClass(sig, role)
+
+
+def unregister_op(target: type | Callable | str) -> None:
+    """Forget what :func:`register_op` said about ``target`` (no error if it said nothing)."""
+    _REGISTERED.pop(target, None)
 
 
 def _snake(name: str) -> str:

@@ -158,9 +158,7 @@ def test_register_op_lets_custom_ops_pair():
         after = _pairs(ns.match(f, q, leaf_modules=[Swish]))
         assert after["act"] == ("swish", ("act",), ("act",))
     finally:
-        from fxnumeric.ops import _REGISTERED
-
-        _REGISTERED.pop(Swish)
+        ns.unregister_op(Swish)
 
 
 def test_table_lists_pairs_and_misses(make_lstm_pair):
@@ -226,3 +224,46 @@ def test_misses_explain_themselves_side_by_side(make_fx_resnet18_pair):
         m.explain("nope")
     with pytest.raises(ns.MatchError, match=r"quantized `layer3_1_conv1` \(conv2d-relu\)"):
         m.check()
+
+
+def test_register_op_declares_a_custom_fusion():
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    class LinearSwish(nn.Module):
+        """A user's fused quantized kernel: dynamic-quantized linear followed by swish."""
+
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = torch.ao.nn.quantized.dynamic.Linear.from_float(linear)
+
+        def forward(self, x):
+            y = self.linear(x)
+            return y * torch.sigmoid(y)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(4, 4), Swish(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.act(self.fc(x)))
+
+    torch.manual_seed(0)
+    f = Net().eval()
+    q = copy.deepcopy(f)
+    q.fc.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    q.fc, q.act = LinearSwish(q.fc), nn.Identity()
+    ns.register_op(Swish, "swish")
+    ns.register_op(LinearSwish, ("linear", "swish"))
+    try:
+        m = ns.match(f, q, leaf_modules=[Swish, LinearSwish])
+        assert _pairs(m)["fc"] == ("linear-swish", ("fc", "act"), ("fc",))
+        assert _pairs(m)["out"] == ("linear", ("out",), ("out",))
+        x = torch.randn(3, 4)
+        acts = ns.compare(f, q, [x], leaf_modules=[Swish, LinearSwish], comparisons=["outputs"])
+        assert acts.row("fc").output_sqnr > 30
+    finally:
+        ns.unregister_op(Swish)
+        ns.unregister_op(LinearSwish)
