@@ -211,3 +211,10 @@ def test_user_reachable_failures(case, error, message):
         case()
     assert isinstance(info.value, ns.FxNumericError)
     assert re.search(message, str(info.value), re.S), str(info.value)
+
+
+def test_match_checks_example_inputs():
+    f, q = _lin()
+    assert ns.match(f, q, example_inputs=torch.randn(2, 4)).coverage == 1.0
+    with pytest.raises(ns.InputError, match=r"float model failed on the input \(Tensor\[2, 3\]"):
+        ns.match(f, q, example_inputs=torch.randn(2, 3))
