@@ -222,3 +222,16 @@ def test_dead_float_nodes_are_explained():
     assert m.coverage == 1.0 and not m.unmatched_quant
     assert [(u.node, u.reason) for u in m.unmatched_float] == [
         ("getitem_1", "its result is never used (dead code the quantized graph dropped), so there is nothing to compare")]
+
+
+def test_float16_dynamic_quantization(make_lstm_pair):
+    float_model, _, inp, hidden = make_lstm_pair()
+    q16 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.LSTM, nn.Linear}, dtype=torch.float16)
+    m = ns.match(float_model, q16)
+    _assert_full(m)
+    weights = ns.compare_weights(float_model, q16)
+    assert "decoder._packed_params._packed_params" in weights
+    assert ns.sqnr(weights["decoder._packed_params._packed_params"]["float"],
+                   weights["decoder._packed_params._packed_params"]["quantized"]) > 60
+    report = ns.compare(float_model, q16, [(inp, hidden)])
+    assert report.row("decoder").shadow_sqnr > 60
