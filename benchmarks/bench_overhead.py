@@ -145,29 +145,37 @@ def flow_floor(f, q, xs, swaps):
     return t.phases, {}
 
 
-def flow_torch_eager_outputs(f, q, xs, swaps):
-    t = Timer()
-    with t("setup"):
-        tns.prepare_model_outputs(f, q)
-    with t("run"):
-        for x in xs:
-            f(x)
-            q(x)
-    with t("extract"):
-        d = tns.get_matching_activations(f, q)
-    return t.phases, {"logged": len(d)}
+def _outputs_flow(suite):
+    """prepare_model_outputs + forwards + get_matching_activations of an eager-API suite."""
+    def flow(f, q, xs, swaps):
+        t = Timer()
+        with t("setup"):
+            suite.prepare_model_outputs(f, q)
+        with t("run"):
+            for x in xs:
+                f(x)
+                q(x)
+        with t("extract"):
+            d = suite.get_matching_activations(f, q)
+        return t.phases, {"logged": len(d)}
+
+    return flow
 
 
-def flow_torch_eager_stubs(f, q, xs, swaps):
-    t = Timer()
-    with t("setup"):
-        tns.prepare_model_with_stubs(f, q, swaps, tns.ShadowLogger)
-    with t("run"):
-        for x in xs:
-            q(x)
-    with t("extract"):
-        d = tns.get_logger_dict(q)
-    return t.phases, {"shadowed": len(d)}
+def _stubs_flow(suite):
+    """prepare_model_with_stubs + forwards + get_logger_dict of an eager-API suite."""
+    def flow(f, q, xs, swaps):
+        t = Timer()
+        with t("setup"):
+            suite.prepare_model_with_stubs(f, q, swaps, suite.ShadowLogger)
+        with t("run"):
+            for x in xs:
+                q(x)
+        with t("extract"):
+            d = suite.get_logger_dict(q)
+        return t.phases, {"shadowed": len(d)}
+
+    return flow
 
 
 def flow_torch_fx_loggers(f, q, xs, swaps):
@@ -192,31 +200,6 @@ def flow_torch_fx_shadows(f, q, xs, swaps):
             s(x)
     with t("extract"):
         d = tnsfx.extract_shadow_logger_info(s, tnsfx.OutputLogger, "b")
-    return t.phases, {"shadowed": len(d)}
-
-
-def flow_fxn_outputs(f, q, xs, swaps):
-    t = Timer()
-    with t("setup"):
-        ns.prepare_model_outputs(f, q)
-    with t("run"):
-        for x in xs:
-            f(x)
-            q(x)
-    with t("extract"):
-        d = ns.get_matching_activations(f, q)
-    return t.phases, {"logged": len(d)}
-
-
-def flow_fxn_stubs(f, q, xs, swaps):
-    t = Timer()
-    with t("setup"):
-        ns.prepare_model_with_stubs(f, q, swaps, ns.ShadowLogger)
-    with t("run"):
-        for x in xs:
-            q(x)
-    with t("extract"):
-        d = ns.get_logger_dict(q)
     return t.phases, {"shadowed": len(d)}
 
 
@@ -262,12 +245,12 @@ def _flow_fxn_compare(comparisons):
 
 FLOWS = [
     ("floor", flow_floor, {"eager", "fx"}),
-    ("torch-eager outputs", flow_torch_eager_outputs, {"eager"}),
-    ("torch-eager stubs", flow_torch_eager_stubs, {"eager"}),
+    ("torch-eager outputs", _outputs_flow(tns), {"eager"}),
+    ("torch-eager stubs", _stubs_flow(tns), {"eager"}),
     ("torch-fx loggers", flow_torch_fx_loggers, {"eager", "fx"}),
     ("torch-fx shadows", flow_torch_fx_shadows, {"eager", "fx"}),
-    ("fxnumeric outputs", flow_fxn_outputs, {"eager", "fx"}),
-    ("fxnumeric stubs", flow_fxn_stubs, {"eager", "fx"}),
+    ("fxnumeric outputs", _outputs_flow(ns), {"eager", "fx"}),
+    ("fxnumeric stubs", _stubs_flow(ns), {"eager", "fx"}),
     ("fxnumeric graph (match+add_*)", flow_fxn_graph, {"eager", "fx"}),
     ("fxnumeric compare (outputs)", _flow_fxn_compare(("outputs",)), {"eager", "fx"}),
     ("fxnumeric compare (outputs+shadows)", _flow_fxn_compare(("outputs", "shadows")), {"eager", "fx"}),
