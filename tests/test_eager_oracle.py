@@ -438,20 +438,22 @@ def test_output_logger_stores_detached_tensors(core_case: Case, api: str) -> Non
 # --------------------------------------------------------------------------------------------
 
 
-def test_prepare_model_outputs_and_get_matching_activations_match_eager(case: Case) -> None:
+def _prepared_activations(suite, case: Case, logger_cls=None) -> dict:
+    """prepare_model_outputs on fresh models, one forward of each per batch, then read them."""
     float_model, qmodel = case.make()
-    tns.prepare_model_outputs(float_model, qmodel)
+    if logger_cls is None:
+        suite.prepare_model_outputs(float_model, qmodel)
+    else:
+        suite.prepare_model_outputs(float_model, qmodel, logger_cls)
     for batch in case.batches:
         float_model(*batch)
         qmodel(*batch)
-    eager = tns.get_matching_activations(float_model, qmodel)
+    return suite.get_matching_activations(float_model, qmodel)
 
-    float_model, qmodel = case.make()
-    ns.prepare_model_outputs(float_model, qmodel)
-    for batch in case.batches:
-        float_model(*batch)
-        qmodel(*batch)
-    fx = ns.get_matching_activations(float_model, qmodel)
+
+def test_prepare_model_outputs_and_get_matching_activations_match_eager(case: Case) -> None:
+    eager = _prepared_activations(tns, case)
+    fx = _prepared_activations(ns, case)
 
     _assert_activation_dicts_match(fx, eager, n_passes=len(case.batches))
 
@@ -683,13 +685,8 @@ def test_eager_crashes_on_tutorial_custom_output_logger(resnet18_case: Case) -> 
     with pytest.raises(KeyError, match="tensor_val"):
         tns.compare_model_outputs(float_model, qmodel, *resnet18_case.data, logger_cls=my_logger)
 
-    float_model, qmodel = resnet18_case.make()
-    tns.prepare_model_outputs(float_model, qmodel, my_logger)
-    for batch in resnet18_case.batches:
-        float_model(*batch)
-        qmodel(*batch)
     with pytest.raises(KeyError, match="tensor_val"):
-        tns.get_matching_activations(float_model, qmodel)
+        _prepared_activations(tns, resnet18_case, my_logger)
 
 
 def test_custom_output_logger_returns_its_stats(core_case: Case) -> None:
@@ -705,31 +702,15 @@ def test_custom_output_logger_returns_its_stats(core_case: Case) -> None:
     for key, entry in one_shot.items():
         assert entry == {"float": {}, "quantized": {}}, key
 
-    float_model, qmodel = core_case.make()
-    ns.prepare_model_outputs(float_model, qmodel, my_logger)
-    for batch in core_case.batches:
-        float_model(*batch)
-        qmodel(*batch)
-    prepared = ns.get_matching_activations(float_model, qmodel)
+    prepared = _prepared_activations(ns, core_case, my_logger)
     assert set(prepared) == reference_keys
     for key, entry in prepared.items():
         assert entry == {"float": {}, "quantized": {}}, key
 
 
 def test_recording_custom_logger_returns_recorded_stats(resnet18_case: Case) -> None:
-    float_model, qmodel = resnet18_case.make()
-    tns.prepare_model_outputs(float_model, qmodel)
-    for batch in resnet18_case.batches:
-        float_model(*batch)
-        qmodel(*batch)
-    eager = tns.get_matching_activations(float_model, qmodel)
-
-    float_model, qmodel = resnet18_case.make()
-    ns.prepare_model_outputs(float_model, qmodel, _max_logger(ns.Logger))
-    for batch in resnet18_case.batches:
-        float_model(*batch)
-        qmodel(*batch)
-    fx = ns.get_matching_activations(float_model, qmodel)
+    eager = _prepared_activations(tns, resnet18_case)
+    fx = _prepared_activations(ns, resnet18_case, _max_logger(ns.Logger))
 
     assert list(fx) == list(eager)
     for key in eager:
