@@ -13,6 +13,7 @@ from tabulate import tabulate
 from torch import nn
 
 from . import eager
+from .loggers import _first_output
 from .match import match
 from .metrics import sqnr
 
@@ -67,12 +68,6 @@ def lstm_pair(seed: int = 0):
     return float_model, qmodel, inputs
 
 
-def _first(x):
-    while isinstance(x, (tuple, list)):
-        x = x[0]
-    return x
-
-
 def _section(title: str, float_model: nn.Module, qmodel: nn.Module, inputs: tuple, swap: list, out: Callable[[str], None]) -> None:
     out(f"== {title}")
     m = match(float_model, qmodel)
@@ -82,7 +77,7 @@ def _section(title: str, float_model: nn.Module, qmodel: nn.Module, inputs: tupl
     acts = eager.compare_model_outputs(float_model, qmodel, *inputs)
     stubs = eager.compare_model_stub(float_model, qmodel, swap, *inputs)
     rows = [(k, "weight", sqnr(v["float"], v["quantized"])) for k, v in weights.items()]
-    rows += [(k, "output (cumulative)", sqnr(_first(v["float"][0]), _first(v["quantized"][0]))) for k, v in acts.items()]
+    rows += [(k, "output (cumulative)", sqnr(_first_output(v["float"][0]), _first_output(v["quantized"][0]))) for k, v in acts.items()]
     rows += [(k, "shadow (local)", sqnr(v["float"][0], v["quantized"][0])) for k, v in stubs.items()]
     out(tabulate(rows, headers=("key", "comparison", "SQNR dB"), floatfmt=".2f"))
     out("")

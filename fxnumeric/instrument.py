@@ -88,7 +88,7 @@ def _select(matching: Matching, select: PairFilter | Iterable[str] | None) -> li
 
 
 def _attach(gm: fx.GraphModule, nodes: dict[str, fx.Node], modules: dict[str, nn.Module],
-            node_name: str, module: nn.Module, target: str, extra_args: tuple = ()) -> None:
+            node_name: str, module: nn.Module, target: str) -> None:
     gm.add_submodule(target, module)
     node = nodes[node_name]
     with gm.graph.inserting_after(node):
@@ -96,7 +96,7 @@ def _attach(gm: fx.GraphModule, nodes: dict[str, fx.Node], modules: dict[str, nn
         if _mutated_in_place(node, modules):
             logged = gm.graph.call_method("clone", (node,))
         with gm.graph.inserting_after(logged):
-            gm.graph.call_module(target, (logged, *extra_args))
+            gm.graph.call_module(target, (logged,))
 
 
 def _resolve_matching(float_model: nn.Module, quant_model: nn.Module, matching: Matching | None,
