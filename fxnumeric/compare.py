@@ -12,15 +12,17 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._tensors import detach, first_output
 from .errors import InputError
-from .instrument import _GraphCopy, _log_outputs, _shadow
-from .loggers import Logger, _detach, _first_output
-from .match import Matching, match
+from .instrument import Instrumented, instrument, resolve_matching
+from .loggers import Logger
+from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn
 from .report import Report, ReportRow, WeightHistogram
 from .run import as_args, check_devices, run_model
@@ -40,7 +42,7 @@ class _FloatOutputs(Logger):
         self.pending: list[Any] = []
 
     def forward(self, x: Any) -> None:
-        self.pending.append(_detach(_first_output(x)))
+        self.pending.append(detach(first_output(x)))
 
 
 class _CompareToFloat(Logger):
@@ -54,7 +56,7 @@ class _CompareToFloat(Logger):
     def forward(self, x: Any) -> None:
         pending = self.twin[0].pending
         if pending:
-            self.acc.update(pending.pop(0), _first_output(x))
+            self.acc.update(pending.pop(0), first_output(x))
 
 
 class _ShadowMetrics(Logger):
@@ -63,7 +65,7 @@ class _ShadowMetrics(Logger):
         self.acc = acc
 
     def forward(self, x: Any, y: Any) -> None:  # type: ignore[override]
-        self.acc.update(_first_output(y), _first_output(x))
+        self.acc.update(first_output(y), first_output(x))
 
 
 def _resolve_metrics(metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None) -> tuple[list[str], dict[str, MetricFn]]:
@@ -155,7 +157,8 @@ def compare(
             the built-ins). User metrics are averaged over batches.
         keep_activations: keep every logged ``(float, quantized)`` tensor pair in
             ``row.activations`` (memory then grows with the data).
-        matching: a :func:`fxnumeric.match` result to reuse.
+        matching: a :func:`fxnumeric.match` result to reuse; it must have been built from
+            ``float_model`` and ``quant_model``.
         leaf_modules: module types or names to keep whole when tracing.
         progress: show a progress bar on stderr (default: only when stderr is a terminal).
         max_batches: stop after this many batches.
@@ -175,32 +178,64 @@ def compare(
         >>> [row.name for row in report.rows], report.batches
         (['0', '1'], 3)
     """
+    plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
+                 leaf_modules, precision)
+    batches = _run(plan, data, progress, max_batches)
+    return _collect(plan, batches)
+
+
+@dataclass
+class _Plan:
+    """Everything :func:`compare` decided before the first batch."""
+
+    matching: Matching
+    comparisons: tuple[str, ...]
+    metrics: list[str]
+    built: Instrumented
+    outputs: dict[str, Accumulator]
+    shadows: dict[str, Accumulator]
+    model: Accumulator
+    twins: list[_FloatOutputs]
+
+
+def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
+          metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None, keep: bool,
+          matching: Matching | None, leaf_modules: Iterable[LeafSpec] | None,
+          precision: torch.dtype) -> _Plan:
+    """Validate the options, match, and build one instrumented graph per side."""
     wanted = tuple(comparisons)
     unknown = set(wanted) - set(COMPARISONS)
     if unknown:
-        raise InputError(f"unknown comparisons {sorted(unknown)}; choose from {', '.join(COMPARISONS)}")
+        raise InputError(f"unknown comparisons {sorted(unknown)}; "
+                         f"choose from {', '.join(COMPARISONS)}")
     names, custom = _resolve_metrics(metrics)
-    matching = matching or match(float_model, quant_model, leaf_modules=leaf_modules)
-    pairs = list(matching.pairs)
-    out_acc = {p.name: Accumulator(custom, keep_activations, precision) for p in pairs} if "outputs" in wanted else {}
-    shadow_acc = {p.name: Accumulator(custom, keep_activations, precision) for p in pairs} if "shadows" in wanted else {}
-    model_acc = Accumulator(custom, precision=precision)
-
-    # one float graph with output loggers; one quantized graph with output comparators and
-    # shadows, so each batch runs each model once
-    float_copy, quant_copy = _GraphCopy(matching.float_graph), _GraphCopy(matching.quant_graph)
+    matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
+    outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
+    shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     twins: list[_FloatOutputs] = []
-    if out_acc:
-        def make_quant(name: str, twin: nn.Module) -> nn.Module:
-            twins.append(twin)  # type: ignore[arg-type]
-            return _CompareToFloat(twin, out_acc[name])  # type: ignore[arg-type]
 
-        _log_outputs(float_copy, quant_copy, pairs, lambda name: _FloatOutputs(), make_quant)
-    skipped: dict[str, str] = {}
-    if shadow_acc:
-        _, skipped = _shadow(matching, quant_copy, pairs, lambda name: _ShadowMetrics(shadow_acc[name]))
-    float_gm, quant_gm = float_copy.finish({}), quant_copy.finish({})
+    def output_observers(pair: Pair) -> tuple[nn.Module, nn.Module]:
+        twin = _FloatOutputs()
+        twins.append(twin)
+        return twin, _CompareToFloat(twin, outputs[pair.name])
 
+    # each batch runs each model once: the quantized graph holds both the output
+    # comparators and the shadows
+    built = instrument(
+        matching,
+        outputs=output_observers if "outputs" in wanted else None,
+        shadows=(lambda pair: _ShadowMetrics(shadows[pair.name])) if "shadows" in wanted else None,
+    )
+    return _Plan(matching, wanted, names, built,
+                 outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
+                 Accumulator(custom, precision=precision), twins)
+
+
+def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
+         max_batches: int | None) -> int:
+    """Feed every batch to both instrumented models; return how many batches ran."""
+    float_gm = plan.built.float_model or plan.matching.float_graph
+    quant_gm = plan.built.quant_model
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
@@ -212,59 +247,64 @@ def compare(
                 break
             args = as_args(batch)
             if batches == 0:
-                check_devices(float_model, quant_model, args)
+                check_devices(plan.matching.float_model or float_gm,
+                              plan.matching.quant_model or quant_gm, args)
             float_out = run_model(float_gm, args, which="float")
             quant_out = run_model(quant_gm, args, which="quantized")
-            model_acc.update(_first_output(float_out), _first_output(quant_out))
-            for twin in twins:
+            plan.model.update(first_output(float_out), first_output(quant_out))
+            for twin in plan.twins:
                 twin.pending.clear()
             batches += 1
             bar.step(batches)
     finally:
         bar.close()
     if batches == 0:
-        raise InputError("data yielded no batches: pass an iterable of input tensors (or tuples of inputs)")
+        raise InputError("data yielded no batches: pass an iterable of input tensors "
+                         "(or tuples of inputs)")
+    return batches
 
+
+def _collect(plan: _Plan, batches: int) -> Report:
+    """One report row per pair name, from the accumulators and the weights."""
+    matching = plan.matching
     weights: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
-    if "weights" in wanted:
+    if "weights" in plan.comparisons:
         for pair, key, fw, qw in pair_weights(matching):
             weights.setdefault(pair.name, []).append((key, fw, qw))
-
     rows = []
     seen: set[str] = set()
-    for p in pairs:
+    for p in matching.pairs:
         if p.name in seen:
             continue
         seen.add(p.name)
-        w_acc = None
-        hist = None
+        w_acc = hist = None
         if p.name in weights:
             w_acc = Accumulator(precision=torch.float64)  # weights are small: exact
             for _, fw, qw in weights[p.name]:
                 w_acc.update(fw, qw)
             _, fw, qw = weights[p.name][0]
             hist = _histogram(fw, qw)
-        oa, sa = out_acc.get(p.name), shadow_acc.get(p.name)
+        oa, sa = plan.outputs.get(p.name), plan.shadows.get(p.name)
         rows.append(ReportRow(
             name=p.name,
             kind=p.kind,
             quantized=p.quantized,
             weight_sqnr=w_acc.value("sqnr") if w_acc else None,
-            output=oa.values(names) if oa and oa.batches else {},
-            shadow=sa.values(names) if sa and sa.batches else {},
+            output=oa.values(plan.metrics) if oa and oa.batches else {},
+            shadow=sa.values(plan.metrics) if sa and sa.batches else {},
             weight_keys=tuple(k for k, _, _ in weights.get(p.name, ())),
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
-            note=_note(oa, sa, skipped.get(p.name)),
+            note=_note(oa, sa, plan.built.skipped.get(p.name)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
         ))
     return Report(
         rows=tuple(rows),
-        metrics=tuple(names),
-        comparisons=wanted,
+        metrics=tuple(plan.metrics),
+        comparisons=plan.comparisons,
         batches=batches,
-        model_output=model_acc.values(names),
+        model_output=plan.model.values(plan.metrics),
         unmatched=tuple((u.node, "float", u.reason) for u in matching.unmatched_float)
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,

@@ -13,7 +13,7 @@ from tabulate import tabulate
 from torch import nn
 
 from . import eager
-from .loggers import _first_output
+from ._tensors import first_output
 from .match import match
 from .metrics import sqnr
 
@@ -77,7 +77,7 @@ def _section(title: str, float_model: nn.Module, qmodel: nn.Module, inputs: tupl
     acts = eager.compare_model_outputs(float_model, qmodel, *inputs)
     stubs = eager.compare_model_stub(float_model, qmodel, swap, *inputs)
     rows = [(k, "weight", sqnr(v["float"], v["quantized"])) for k, v in weights.items()]
-    rows += [(k, "output (cumulative)", sqnr(_first_output(v["float"][0]), _first_output(v["quantized"][0]))) for k, v in acts.items()]
+    rows += [(k, "output (cumulative)", sqnr(first_output(v["float"][0]), first_output(v["quantized"][0]))) for k, v in acts.items()]
     rows += [(k, "shadow (local)", sqnr(v["float"][0], v["quantized"][0])) for k, v in stubs.items()]
     out(tabulate(rows, headers=("key", "comparison", "SQNR dB"), floatfmt=".2f"))
     out("")

@@ -16,7 +16,9 @@ Where fxnumeric deliberately differs from the eager suite, see ``docs/eager_comp
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from .loggers import Logger, OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
 from .run import check_devices, run_model
 from .trace import LeafSpec
-from .weights import extract_weights
+from .weights import extract_weights, rnn_cell_weights
 
 __all__ = [
     "compare_weights",
@@ -48,8 +50,6 @@ __all__ = [
 
 NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST = {nnqd.Linear, nnq.Linear, nnqd.LSTM, nn.LSTM}
 """Modules with children that still get an output logger (as in torch's eager suite)."""
-
-_STATE_ATTR = "_fxnumeric_instrumented"
 
 
 def get_default_compare_output_module_list() -> set[type]:
@@ -97,9 +97,9 @@ def _compare_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, A
             layer, module = parts[-2], ".".join(parts[:-3])
             ih, hh = f"{module}.weight_ih_l{layer}", f"{module}.weight_hh_l{layer}"
             if ih in float_dict and hh in float_dict:
-                packed = value.__getstate__()[0][4]
-                weight_dict[f"{key}.weight_ih"] = {"float": float_dict[ih], "quantized": packed[0].__getstate__()[0][0]}
-                weight_dict[f"{key}.weight_hh"] = {"float": float_dict[hh], "quantized": packed[1].__getstate__()[0][0]}
+                q_ih, q_hh = rnn_cell_weights(value)
+                weight_dict[f"{key}.weight_ih"] = {"float": float_dict[ih], "quantized": q_ih}
+                weight_dict[f"{key}.weight_hh"] = {"float": float_dict[hh], "quantized": q_hh}
     return weight_dict
 
 
@@ -140,11 +140,31 @@ def compare_weights(float_dict: Any, quantized_dict: Any) -> dict[str, dict[str,
 # ---------------------------------------------------------------- in-place instrumentation
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """An instrumented copy of a model's graph, and how the model orders its modules."""
+
+    gm: fx.GraphModule
+    rank: dict[str, int]  # module path -> registration order, for torch's key order
+
+    @classmethod
+    def of(cls, model: nn.Module, gm: fx.GraphModule) -> _Prepared:
+        return cls(gm, {name: i for i, (name, _) in enumerate(model.named_modules())})
+
+    def ordered(self, keys: Iterable[str]) -> list[str]:
+        """``keys`` as torch's get_logger_dict orders them: registration order, then the rest."""
+        position = {k: i for i, k in enumerate(keys)}
+        return sorted(position, key=lambda k: (self.rank.get(k, len(self.rank)), position[k]))
+
+
+# The models prepared in place, each with its instrumented graph (weak: never keeps one alive).
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, _Prepared] = weakref.WeakKeyDictionary()
+
+
 def _install(model: nn.Module, gm: fx.GraphModule) -> None:
     """Route ``model.forward`` through ``gm`` (which shares its submodules)."""
-    gm.__dict__["_fxnumeric_order_model"] = model
-    model.__dict__[_STATE_ATTR] = gm
-    model.__dict__["forward"] = gm.forward
+    _PREPARED[model] = _Prepared.of(model, gm)
+    model.forward = gm.forward  # the in-place part of the eager API, undone by remove_instrumentation
 
 
 def remove_instrumentation(model: nn.Module) -> nn.Module:
@@ -152,34 +172,18 @@ def remove_instrumentation(model: nn.Module) -> nn.Module:
 
     Returns the model itself, with its own forward back and no fxnumeric state left.
     """
-    gm = model.__dict__.pop(_STATE_ATTR, None)
-    if gm is not None and getattr(model.__dict__.get("forward"), "__self__", None) is gm:
+    prepared = _PREPARED.pop(model, None)
+    if prepared is not None and getattr(model.__dict__.get("forward"), "__self__", None) is prepared.gm:
         del model.__dict__["forward"]  # only the forward fxnumeric installed
     return model
 
 
-def _instrumented(model: nn.Module) -> fx.GraphModule | None:
-    return model.__dict__.get(_STATE_ATTR)
-
-
-def _owner(model: nn.Module | None, gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a node belongs to: its call_module target, or the FloatFunctional owning it."""
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)
-    for user in node.users:
-        if user.op == "call_module" and str(user.target).endswith(".activation_post_process") and model is not None:
-            return model.get_submodule(str(user.target)[: -len(".activation_post_process")])
-    return None
-
-
 def _pair_module(matching: Matching, pair: Pair, side: str, *, head_first: bool) -> nn.Module | None:
     """The module behind one side of a pair, looking at its head or its output node first."""
-    if side == "float":
-        model, gm, names, node_of = matching.float_model, matching.float_graph, pair.float_nodes, matching.float_node
-    else:
-        model, gm, names, node_of = matching.quant_model, matching.quant_graph, pair.quant_nodes, matching.quant_node
+    view, names = ((matching.float_view, pair.float_nodes) if side == "float"
+                   else (matching.quant_view, pair.quant_nodes))
     for name in (names[0], names[-1]) if head_first else (names[-1], names[0]):
-        module = _owner(model, gm, node_of(name))
+        module = view.module(view.node(name))
         if module is not None:
             return module
     return None
@@ -197,14 +201,6 @@ def _output_selector(allow_list: set[type]):
         return pair.quantized
 
     return select
-
-
-def _eager_order(gm: fx.GraphModule, keys: Iterable[str]) -> list[str]:
-    """Order keys as torch's get_logger_dict would: module registration order, then the rest."""
-    model = gm.__dict__.get("_fxnumeric_order_model", gm)
-    rank = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    position = {k: i for i, k in enumerate(keys)}
-    return sorted(position, key=lambda k: (rank.get(k, len(rank)), position[k]))
 
 
 def prepare_model_outputs(
@@ -250,20 +246,24 @@ def get_matching_activations(float_module: nn.Module, q_module: nn.Module) -> di
     Raises:
         InstrumentationError: if the models were not prepared, or nothing was logged yet.
     """
-    float_gm, quant_gm = _instrumented(float_module), _instrumented(q_module)
-    if float_gm is None or quant_gm is None:
+    float_prep, quant_prep = _PREPARED.get(float_module), _PREPARED.get(q_module)
+    if float_prep is None or quant_prep is None:
         raise InstrumentationError(
             "the models are not prepared: call fxnumeric.prepare_model_outputs(float_model, "
             "q_model) first, then run both models"
         )
-    float_loggers, quant_loggers = loggers_of(float_gm), loggers_of(quant_gm)
+    return _activations(float_prep, quant_prep)
+
+
+def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict[str, Any]]:
+    float_loggers, quant_loggers = loggers_of(float_prep.gm), loggers_of(quant_prep.gm)
     if quant_loggers and not any(_logged(lg.stats) for lg in list(float_loggers.values()) + list(quant_loggers.values())):
         raise InstrumentationError(
             "no activations were logged yet: run a forward pass of both prepared models "
             "(float_model(x); q_model(x)) before get_matching_activations"
         )
     result: dict[str, dict[str, Any]] = {}
-    for name in _eager_order(quant_gm, quant_loggers):
+    for name in quant_prep.ordered(quant_loggers):
         f_stats, q_stats = float_loggers[name].stats, quant_loggers[name].stats
         if "tensor_val" in q_stats and "tensor_val" in f_stats:
             if not q_stats["tensor_val"]:
@@ -302,20 +302,12 @@ def compare_model_outputs(
     float_gm, quant_gm = add_loggers(
         float_model, q_model, logger_cls, select=_output_selector(allow_list), matching=matching
     )
-    float_gm.__dict__["_fxnumeric_order_model"] = float_model
-    quant_gm.__dict__["_fxnumeric_order_model"] = q_model
     check_devices(float_model, q_model, data)
     run_model(float_gm, data, which="float")
     run_model(quant_gm, data, which="quantized")
-    return get_matching_activations(_Prepared(float_gm), _Prepared(quant_gm)) if loggers_of(quant_gm) else {}
-
-
-class _Prepared(nn.Module):
-    """A throwaway holder so the in-place readers can read an instrumented copy's loggers."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__()
-        self.__dict__[_STATE_ATTR] = gm
+    if not loggers_of(quant_gm):
+        return {}
+    return _activations(_Prepared.of(float_model, float_gm), _Prepared.of(q_model, quant_gm))
 
 
 # ---------------------------------------------------------------- shadows
@@ -387,10 +379,9 @@ def compare_model_stub(
     modified. ShadowLogger keeps whole batches; torch's keeps only sample 0.
     """
     quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules)
-    quant_gm.__dict__["_fxnumeric_order_model"] = q_model
     check_devices(float_model, q_model, data)
     run_model(quant_gm, data, which="quantized")
-    return get_logger_dict(_Prepared(quant_gm))
+    return _logger_dict(_Prepared.of(q_model, quant_gm), "")
 
 
 def get_logger_dict(mod: nn.Module, prefix: str = "") -> dict[str, dict]:
@@ -399,14 +390,18 @@ def get_logger_dict(mod: nn.Module, prefix: str = "") -> dict[str, dict]:
     Works on models prepared by fxnumeric and, as torch's version does, on any module tree
     containing Logger submodules (for example :class:`fxnumeric.Shadow` modules).
     """
-    gm = _instrumented(mod)
-    lead = f"{prefix}." if prefix else ""
-    if gm is not None:
-        loggers = loggers_of(gm)
-        return {f"{lead}{name}.stats": loggers[name].stats for name in _eager_order(gm, loggers)}
+    prepared = _PREPARED.get(mod)
+    if prepared is not None:
+        return _logger_dict(prepared, prefix)
     target: dict[str, dict] = {}
     _logger_dict_helper(mod, target, prefix)
     return target
+
+
+def _logger_dict(prepared: _Prepared, prefix: str) -> dict[str, dict]:
+    lead = f"{prefix}." if prefix else ""
+    loggers = loggers_of(prepared.gm)
+    return {f"{lead}{name}.stats": loggers[name].stats for name in prepared.ordered(loggers)}
 
 
 def _logger_dict_helper(mod: nn.Module, target: dict[str, dict], prefix: str) -> None:

@@ -1,112 +1,179 @@
-"""Stage 3, instrument: new GraphModules with logger nodes or float shadow subgraphs.
+"""Stage 3, instrument: new GraphModules with observers on paired outputs and float shadows.
 
-Loggers and shadows hang off the graph as side branches: their results are never used, so
-the instrumented model's outputs are bit-identical to the original's. The new GraphModules
-share the user's submodules (nothing is copied or changed) except the float subgraphs run as
-shadows, which are deep copies, so running a shadow never touches the float model.
+One building block, :func:`instrument`, attaches observers to a :class:`~fxnumeric.Matching`'s
+pairs: on the outputs of both sides, and/or on a float *shadow* of each pair inlined into the
+quantized graph. :func:`add_loggers`, :func:`add_shadows`, :func:`fxnumeric.compare` and the
+eager-compatible API all call it::
 
-Each instrumented GraphModule records its loggers by pair name in ``gm.fxnumeric_loggers``.
+    float graph:      x -> conv1 -> relu -> fc
+                                ^ float observer
+    quantized graph:  x -> q -> conv1_relu -> fc
+                                 ^ quant observer(quant_out)
+                                 ^ shadow: dequantize(q) -> conv1 -> relu (float copies)
+                                           -> shadow observer(quant_out, float_out)
+
+Observers hang off the graph as side branches: their results are never used, so instrumented
+models give bit-identical outputs. The new GraphModules share the user's submodules (nothing is
+copied or changed) except the float modules run as shadows, which are deep copies, so running
+a shadow never touches the float model.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
+from ._tensors import dequantize_all
 from .errors import InstrumentationError
-from .loggers import OutputLogger, ShadowLogger, _dequantize
+from .loggers import OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
 from .trace import LeafSpec
+from .view import GraphView
 
-__all__ = ["add_loggers", "add_shadows", "loggers_of", "PairFilter"]
+__all__ = [
+    "instrument", "Instrumented", "add_loggers", "add_shadows", "loggers_of", "PairFilter",
+    "resolve_matching",
+]
 
 PairFilter = Callable[[Pair, Matching], bool]
 """Called as ``select(pair, matching)``; return True to instrument that pair."""
 
-_LOGGERS_ATTR = "fxnumeric_loggers"
+OutputObservers = Callable[[Pair], tuple[nn.Module, nn.Module]]
+"""Called once per pair name as ``make(pair)``; returns ``(float_observer, quant_observer)``,
+each then called as ``observer(output)``."""
+
+ShadowObserver = Callable[[Pair], nn.Module]
+"""Called once per pair name as ``make(pair)``; the observer is then called as
+``observer(quantized_output, float_shadow_output)``."""
+
+# Each instrumented GraphModule's loggers by pair name, for loggers_of (weak: the registry
+# never keeps a model alive, and nothing is stored on the model itself).
+_LOGGERS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def loggers_of(gm: nn.Module) -> dict[str, nn.Module]:
-    """The loggers of an instrumented GraphModule, by pair name (empty if none)."""
-    return gm.__dict__.get(_LOGGERS_ATTR, {})
+    """The loggers of a GraphModule made by :func:`add_loggers` or :func:`add_shadows`.
+
+    Returns ``{pair name: logger}`` (empty for any other module).
+    """
+    return _LOGGERS.get(gm, {})
 
 
-def _make_logger(logger_cls: type) -> nn.Module:
-    try:
-        logger = logger_cls()
-    except TypeError as exc:
-        raise InstrumentationError(
-            f"could not build a logger with {getattr(logger_cls, '__name__', logger_cls)}(): {exc}. "
-            "Pass a Logger subclass whose __init__ takes no arguments."
-        ) from exc
-    if not isinstance(logger, nn.Module) or not isinstance(getattr(logger, "stats", None), dict):
-        raise InstrumentationError(
-            f"{type(logger).__name__} is not a logger: subclass fxnumeric.Logger (an nn.Module "
-            "with a `stats` dict)."
-        )
-    return logger
+@dataclass(frozen=True)
+class Instrumented:
+    """What :func:`instrument` built.
+
+    Attributes:
+        float_model: the float GraphModule with output observers, or None when no output
+            observers were asked for (the float side is then not copied).
+        quant_model: the quantized GraphModule with output observers and/or shadows.
+        float_observers: ``{pair name: observer}`` on the float outputs.
+        quant_observers: ``{pair name: observer}`` on the quantized outputs.
+        shadow_observers: ``{pair name: observer}`` fed ``(quantized, float shadow)``.
+        skipped: ``{pair name: reason}`` for pairs that could not be shadowed.
+    """
+
+    float_model: fx.GraphModule | None
+    quant_model: fx.GraphModule
+    float_observers: dict[str, nn.Module] = field(default_factory=dict)
+    quant_observers: dict[str, nn.Module] = field(default_factory=dict)
+    shadow_observers: dict[str, nn.Module] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    return new, {n.name: n for n in new.graph.nodes}
+def instrument(
+    matching: Matching,
+    *,
+    select: PairFilter | Iterable[str] | None = None,
+    outputs: OutputObservers | None = None,
+    shadows: ShadowObserver | None = None,
+) -> Instrumented:
+    """Attach observers to the selected pairs of ``matching``, into one copy of each graph.
+
+    Args:
+        matching: a :func:`fxnumeric.match` result.
+        select: which pairs: pair names, or ``select(pair, matching) -> bool``; all if None.
+        outputs: builds the observers of each pair's float and quantized outputs. The
+            quantized output is the value the next op reads (after the pair's own output
+            quantize, see :meth:`Matching.output_nodes`). A name shared by several pairs (a
+            module called twice) shares one observer per side, called once per call.
+        shadows: builds the observer of each pair's float shadow: a copy of the pair's float
+            subgraph fed the dequantized inputs of the quantized op, inserted after it.
+
+    Returns:
+        An :class:`Instrumented`; the models given are not modified.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> from fxnumeric import OutputLogger, ShadowLogger, match
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+        >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
+        >>> built = instrument(m, outputs=lambda p: (OutputLogger(), OutputLogger()),
+        ...                    shadows=lambda p: ShadowLogger())
+        >>> sorted(built.quant_observers), sorted(built.shadow_observers), built.skipped
+        (['0', '1'], ['0', '1'], {})
+    """
+    pairs = _select(matching, select)
+    quant_copy = _GraphCopy(matching.quant_view)
+    float_copy = _GraphCopy(matching.float_view) if outputs is not None else None
+    built_f: dict[str, nn.Module] = {}
+    built_q: dict[str, nn.Module] = {}
+    built_s: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for i, pair in enumerate(pairs):
+        float_out, quant_out = matching.output_nodes(pair)
+        if outputs is not None and float_copy is not None:
+            if pair.name not in built_q:
+                built_f[pair.name], built_q[pair.name] = outputs(pair)
+            float_copy.observe(float_out.name, built_f[pair.name], f"fxnumeric_logger_{i}")
+            quant_copy.observe(quant_out.name, built_q[pair.name], f"fxnumeric_logger_{i}")
+        if shadows is not None:
+            inputs = _shadow_inputs(matching, pair)
+            if isinstance(inputs, str):
+                skipped[pair.name] = inputs
+                continue
+            if pair.name not in built_s:
+                built_s[pair.name] = shadows(pair)
+            quant_copy.shadow(quant_out.name, matching.float_view, _float_subgraph(matching, pair),
+                              inputs, built_s[pair.name], f"fxnumeric_shadow_{i}")
+    return Instrumented(
+        float_copy.finish() if float_copy is not None else None, quant_copy.finish(),
+        built_f, built_q, built_s, skipped,
+    )
 
 
-def _mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether a later op overwrites ``node``'s output in place (then the logger gets a copy)."""
-    for user in node.users:
-        if user.op == "call_module" and getattr(modules.get(user.target), "inplace", False):
-            return True
-        if user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is node:
-            return True
-        if user.op == "call_function":
-            name = getattr(user.target, "__name__", "")
-            first = bool(user.args) and user.args[0] is node
-            if user.kwargs.get("inplace") and first:
-                return True
-            if first and (name in ("iadd", "imul", "isub", "itruediv") or (name.endswith("_") and not name.startswith("_"))):
-                return True
-    return False
+# ---------------------------------------------------------------- the public wrappers
 
 
-def _select(matching: Matching, select: PairFilter | Iterable[str] | None) -> list[Pair]:
-    if select is None:
-        return list(matching.pairs)
-    if callable(select):
-        return [p for p in matching.pairs if select(p, matching)]
-    names = set(select)
-    unknown = names - {p.name for p in matching.pairs}
-    if unknown:
-        raise InstrumentationError(
-            f"no pair is named {sorted(unknown)[:5]}; see Matching.table() for pair names"
-        )
-    return [p for p in matching.pairs if p.name in names]
-
-
-def _attach(gm: fx.GraphModule, nodes: dict[str, fx.Node], modules: dict[str, nn.Module],
-            node_name: str, module: nn.Module, target: str) -> None:
-    gm.add_submodule(target, module)
-    node = nodes[node_name]
-    with gm.graph.inserting_after(node):
-        logged = node
-        if _mutated_in_place(node, modules):
-            logged = gm.graph.call_method("clone", (node,))
-        with gm.graph.inserting_after(logged):
-            gm.graph.call_module(target, (logged,))
-
-
-def _resolve_matching(float_model: nn.Module, quant_model: nn.Module, matching: Matching | None,
-                      leaf_modules: Iterable[LeafSpec] | None) -> Matching:
-    return matching if matching is not None else match(float_model, quant_model, leaf_modules=leaf_modules)
+def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | None,
+                     matching: Matching | None,
+                     leaf_modules: Iterable[LeafSpec] | None) -> Matching:
+    """``matching``, checked against the models passed beside it, or a new :func:`match`."""
+    if matching is None:
+        if float_model is None or quant_model is None:
+            raise InstrumentationError("pass the float and quantized models, or a matching")
+        return match(float_model, quant_model, leaf_modules=leaf_modules)
+    for side, given, used in (("float", float_model, matching.float_model),
+                              ("quantized", quant_model, matching.quant_model)):
+        if given is not None and given is not used:
+            raise InstrumentationError(
+                f"the {side} model passed is not the one `matching` was built from; pass the "
+                "models that fxnumeric.match was called with, or only the matching "
+                "(float_model=None, quant_model=None)"
+            )
+    return matching
 
 
 def add_loggers(
-    float_model: nn.Module,
-    quant_model: nn.Module,
+    float_model: nn.Module | None,
+    quant_model: nn.Module | None,
     logger_cls: type = OutputLogger,
     *,
     select: PairFilter | Iterable[str] | None = None,
@@ -119,127 +186,29 @@ def add_loggers(
     in torch's eager suite.
 
     Args:
-        float_model: the float model (not modified).
-        quant_model: the quantized model (not modified).
+        float_model: the float model (not modified); None when ``matching`` is given.
+        quant_model: the quantized model (not modified); None when ``matching`` is given.
         logger_cls: logger class, called as ``logger(output)``.
         select: which pairs to log: pair names, or ``select(pair, matching) -> bool``.
-        matching: a :func:`match` result to reuse instead of matching again.
+        matching: a :func:`match` result to reuse instead of matching again; models passed
+            beside it must be the ones it was built from.
         leaf_modules: passed to :func:`match`.
 
     Returns:
         ``(float_gm, quant_gm)``; their loggers are in :func:`loggers_of`.
     """
-    matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
-    float_copy, quant_copy = _GraphCopy(matching.float_graph), _GraphCopy(matching.quant_graph)
-    float_loggers, quant_loggers = _log_outputs(
-        float_copy, quant_copy, _select(matching, select),
-        lambda name: _make_logger(logger_cls), lambda name, twin: _make_logger(logger_cls),
-    )
-    return float_copy.finish(float_loggers), quant_copy.finish(quant_loggers)
-
-
-class _GraphCopy:
-    """A copy of a traced graph being instrumented; :meth:`finish` recompiles it once."""
-
-    def __init__(self, source: fx.GraphModule) -> None:
-        self.gm, self.nodes = _copy_graph_module(source)
-        self.modules = dict(self.gm.named_modules(remove_duplicate=False))
-
-    def finish(self, loggers: dict[str, nn.Module]) -> fx.GraphModule:
-        self.gm.recompile()
-        self.gm.__dict__[_LOGGERS_ATTR] = loggers
-        return self.gm
-
-
-def _log_outputs(
-    float_copy: _GraphCopy,
-    quant_copy: _GraphCopy,
-    pairs: list[Pair],
-    make_float: Callable[[str], nn.Module],
-    make_quant: Callable[[str, nn.Module], nn.Module],
-) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """Log ``pairs`` on both sides; ``make_quant(name, float_logger)`` builds the quantized one."""
-    float_loggers: dict[str, nn.Module] = {}
-    quant_loggers: dict[str, nn.Module] = {}
-    for i, pair in enumerate(pairs):
-        if pair.name not in quant_loggers:
-            float_loggers[pair.name] = make_float(pair.name)
-            quant_loggers[pair.name] = make_quant(pair.name, float_loggers[pair.name])
-        target = f"fxnumeric_logger_{i}"
-        for copy_, node, logger in ((float_copy, pair.float_nodes[-1], float_loggers[pair.name]),
-                                    (quant_copy, pair.quant_nodes[-1], quant_loggers[pair.name])):
-            _attach(copy_.gm, copy_.nodes, copy_.modules, node, logger, target)
-    return float_loggers, quant_loggers
-
-
-def _float_subgraph(
-    matching: Matching, pair: Pair, modules: dict[str, nn.Module]
-) -> tuple[list[fx.Node], list[fx.Node], list[str]]:
-    """The pair's float nodes with the plumbing between them, in graph order.
-
-    Returns ``(nodes, external, carriers)``: the nodes to copy, the outside nodes they read
-    (get_attr excepted) and, for each of those, the name of the node carrying its value
-    (plumbing such as Identity passes its input through).
-    """
-    from .ops import classify
-
-    chain = [matching.float_node(n) for n in pair.float_nodes]
-    inside = set(chain)
-    frontier = list(chain)
-    while frontier:
-        n = frontier.pop()
-        for i in n.all_input_nodes:
-            if i in inside or i.op not in ("call_module", "call_function", "call_method"):
-                continue
-            c = classify(i, modules)
-            if c is not None and c.role == "plumbing" and _feeds_from(i, inside, modules):
-                inside.add(i)
-                frontier.append(i)
-    ordered = sorted(inside, key=_graph_position(matching.float_graph))
-    external: list[fx.Node] = []
-    for n in ordered:
-        for i in n.all_input_nodes:
-            if i not in inside and i.op != "get_attr" and i not in external:
-                external.append(i)
-
-    def carrier(node: fx.Node) -> fx.Node:
-        while node.op in ("call_module", "call_function", "call_method") and node.all_input_nodes:
-            c = classify(node, modules)
-            if c is None or c.role != "plumbing":
-                break
-            node = node.all_input_nodes[0]
-        return node
-
-    return ordered, external, [carrier(e).name for e in external]
-
-
-def _graph_position(gm: fx.GraphModule) -> Callable[[fx.Node], int]:
-    index = gm.__dict__.get("_fxnumeric_position")
-    if index is None or len(index) != len(gm.graph.nodes):
-        index = gm.__dict__["_fxnumeric_position"] = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return index.__getitem__
-
-
-def _feeds_from(node: fx.Node, inside: set, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` (plumbing) reads, through plumbing only, from a node in ``inside``."""
-    from .ops import classify
-
-    seen = node
-    while seen.all_input_nodes:
-        seen = seen.all_input_nodes[0]
-        if seen in inside:
-            return True
-        if seen.op not in ("call_module", "call_function", "call_method"):
-            return False
-        c = classify(seen, modules)
-        if c is None or c.role != "plumbing":
-            return False
-    return False
+    matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
+    built = instrument(matching, select=select,
+                       outputs=lambda p: (_make_logger(logger_cls), _make_logger(logger_cls)))
+    assert built.float_model is not None  # outputs were asked for
+    _LOGGERS[built.float_model] = built.float_observers
+    _LOGGERS[built.quant_model] = built.quant_observers
+    return built.float_model, built.quant_model
 
 
 def add_shadows(
-    float_model: nn.Module,
-    quant_model: nn.Module,
+    float_model: nn.Module | None,
+    quant_model: nn.Module | None,
     logger_cls: type = ShadowLogger,
     *,
     select: PairFilter | Iterable[str] | None = None,
@@ -257,102 +226,159 @@ def add_shadows(
         ``(quant_gm, skipped)``: the instrumented model (loggers in :func:`loggers_of`) and
         ``{pair name: reason}`` for pairs that could not be shadowed.
     """
-    matching = _resolve_matching(float_model, quant_model, matching, leaf_modules)
-    quant_copy = _GraphCopy(matching.quant_graph)
-    loggers, skipped = _shadow(matching, quant_copy, _select(matching, select), lambda name: _make_logger(logger_cls))
-    return quant_copy.finish(loggers), skipped
+    matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
+    built = instrument(matching, select=select, shadows=lambda p: _make_logger(logger_cls))
+    _LOGGERS[built.quant_model] = built.shadow_observers
+    return built.quant_model, built.skipped
 
 
-def _shadow(
-    matching: Matching, quant_copy: _GraphCopy, pairs: list[Pair], make_logger: Callable[[str], nn.Module]
-) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Shadow ``pairs`` in ``quant_copy``; ``make_logger(name)`` builds the loggers.
+def _make_logger(logger_cls: type) -> nn.Module:
+    try:
+        logger = logger_cls()
+    except TypeError as exc:
+        name = getattr(logger_cls, "__name__", logger_cls)
+        raise InstrumentationError(
+            f"could not build a logger with {name}(): {exc}. "
+            "Pass a Logger subclass whose __init__ takes no arguments."
+        ) from exc
+    if not isinstance(logger, nn.Module) or not isinstance(getattr(logger, "stats", None), dict):
+        raise InstrumentationError(
+            f"{type(logger).__name__} is not a logger: subclass fxnumeric.Logger (an nn.Module "
+            "with a `stats` dict)."
+        )
+    return logger
 
-    Each shadow is the pair's float nodes copied into the quantized graph right after the
-    quantized output, reading dequantized copies of the quantized inputs, with deep copies of
-    the float modules they call. Returns the loggers and ``{pair name: reason}`` for skips.
+
+def _select(matching: Matching, select: PairFilter | Iterable[str] | None) -> list[Pair]:
+    if select is None:
+        return list(matching.pairs)
+    if callable(select):
+        return [p for p in matching.pairs if select(p, matching)]
+    names = set(select)
+    unknown = names - {p.name for p in matching.pairs}
+    if unknown:
+        raise InstrumentationError(
+            f"no pair is named {sorted(unknown)[:5]}; see Matching.table() for pair names"
+        )
+    return [p for p in matching.pairs if p.name in names]
+
+
+# ---------------------------------------------------------------- what a shadow copies and reads
+
+
+def _float_subgraph(matching: Matching, pair: Pair) -> list[fx.Node]:
+    """The pair's float nodes with the plumbing between them, in graph order."""
+    view = matching.float_view
+    return view.with_plumbing([view.node(n) for n in pair.float_nodes])
+
+
+def _shadow_inputs(matching: Matching, pair: Pair) -> dict[fx.Node, str] | str:
+    """``{float node read by the shadow: quantized node carrying its value}``, or why not.
+
+    The quantized chain's own inputs are preferred (they are what the quantized op read);
+    otherwise the earliest quantized node carrying the float value.
     """
-    quant_gm, quant_nodes, quant_modules = quant_copy.gm, quant_copy.nodes, quant_copy.modules
-    graph = quant_gm.graph
-    float_gm = matching.float_graph
-    float_modules = dict(float_gm.named_modules(remove_duplicate=False))
-    float_to_quant: dict[str, str] = {}
-    for q, f in matching.quant_to_float.items():
-        float_to_quant.setdefault(f, q)  # earliest quantized node carrying that value
-    loggers: dict[str, nn.Module] = {}
-    skipped: dict[str, str] = {}
-    order = {n.name: i for i, n in enumerate(graph.nodes)}
-    for i, pair in enumerate(pairs):
-        nodes, external, carriers = _float_subgraph(matching, pair, float_modules)
-        head_inputs = _quant_head_inputs(matching, pair)
-        quant_inputs = []
-        for f in carriers:
-            q = head_inputs.get(f) or float_to_quant.get(f)
-            if q is None or order[q] > order[pair.quant_nodes[-1]]:
-                skipped[pair.name] = f"float input `{f}` of the shadow has no quantized counterpart"
-                break
-            quant_inputs.append(quant_nodes[q])
-        else:
-            if pair.name not in loggers:
-                loggers[pair.name] = make_logger(pair.name)
-            _insert_shadow(quant_gm, quant_modules, float_gm, float_modules, quant_nodes[pair.quant_nodes[-1]],
-                           nodes, dict(zip(external, quant_inputs, strict=True)), loggers[pair.name], f"fxnumeric_shadow_{i}")
-    return loggers, skipped
-
-
-def _insert_shadow(
-    quant_gm: fx.GraphModule,
-    quant_modules: dict[str, nn.Module],
-    float_gm: fx.GraphModule,
-    float_modules: dict[str, nn.Module],
-    anchor: fx.Node,
-    nodes: list[fx.Node],
-    inputs: dict[fx.Node, fx.Node],
-    logger: nn.Module,
-    prefix: str,
-) -> None:
-    """Copy float ``nodes`` after ``anchor``, fed dequantized ``inputs``, and log both outputs."""
-    graph = quant_gm.graph
-    holder = nn.Module()
-    quant_gm.add_submodule(prefix, holder)
-    cursor = anchor
-    env: dict[fx.Node, fx.Node] = {}
-
-    def emit(make: Callable[[], fx.Node]) -> fx.Node:
-        nonlocal cursor
-        with graph.inserting_after(cursor):
-            cursor = make()
-        return cursor
-
-    for float_node, quant_node in inputs.items():
-        env[float_node] = emit(lambda q=quant_node: graph.call_function(_dequantize, (q,)))
-    copied: dict[str, str] = {}
+    fv, qv = matching.float_view, matching.quant_view
+    chain = [qv.node(n) for n in pair.quant_nodes]
+    read: dict[fx.Node, fx.Node] = {}
+    for n in chain:
+        for i in n.all_input_nodes:
+            q = qv.producer(i)
+            f = matching.float_counterpart(q) if q is not None and q not in chain else None
+            if f is not None:
+                read.setdefault(f, q)
+    last = qv.position(chain[-1])
+    nodes = _float_subgraph(matching, pair)
+    inside = set(nodes)
+    inputs: dict[fx.Node, str] = {}
     for n in nodes:
-        for attr_node in n.all_input_nodes:
-            if attr_node.op == "get_attr" and attr_node not in env:
-                name = f"attr{len(copied)}"
-                value = copy.deepcopy(_get_attr(float_gm, str(attr_node.target)))
-                if isinstance(value, nn.Module):
-                    holder.add_module(name, value)
-                else:
-                    setattr(holder, name, value)
-                copied[str(attr_node.target)] = name
-                env[attr_node] = emit(lambda name=name: graph.get_attr(f"{prefix}.{name}"))
-        if n.op == "call_module":
-            local = copied.get(str(n.target))
-            if local is None:
-                local = copied[str(n.target)] = f"m{len(copied)}"
-                holder.add_module(local, copy.deepcopy(float_modules[n.target]))
-            env[n] = emit(lambda n=n, local=local: graph.create_node(
-                "call_module", f"{prefix}.{local}",
-                fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)))
-        else:
-            env[n] = emit(lambda n=n: graph.node_copy(n, env.__getitem__))
-    logged = anchor
-    if _mutated_in_place(anchor, quant_modules):
-        logged = emit(lambda: graph.call_method("clone", (anchor,)))
-    holder.add_module("logger", logger)
-    emit(lambda: graph.call_module(f"{prefix}.logger", (logged, env[nodes[-1]])))
+        for e in n.all_input_nodes:
+            if e in inside or e.op == "get_attr" or e in inputs:
+                continue
+            f = fv.producer(e)
+            q = (read.get(f) or matching.quant_counterpart(f)) if f is not None else None
+            if q is None or qv.position(q) > last:
+                carrier = f.name if f is not None else e.name
+                return f"float input `{carrier}` of the shadow has no quantized counterpart"
+            inputs[e] = q.name
+    return inputs
+
+
+# ---------------------------------------------------------------- editing a graph copy
+
+
+class _GraphCopy:
+    """A copy of a traced graph being instrumented; :meth:`finish` recompiles it once."""
+
+    def __init__(self, view: GraphView) -> None:
+        source = view.gm
+        self.gm = fx.GraphModule(source, copy.deepcopy(source.graph),
+                                 class_name=type(source).__name__)
+        self.nodes = {n.name: n for n in self.gm.graph.nodes}
+        self.modules = view.modules  # the copy shares the source's submodules
+
+    def finish(self) -> fx.GraphModule:
+        self.gm.recompile()
+        return self.gm
+
+    def observe(self, node_name: str, observer: nn.Module, target: str) -> None:
+        """Call ``observer(value of node)`` right after the node."""
+        self.gm.add_submodule(target, observer)
+        node = self.nodes[node_name]
+        graph = self.gm.graph
+        with graph.inserting_after(node):
+            logged = node
+            if _mutated_in_place(node, self.modules):
+                logged = graph.call_method("clone", (node,))
+            with graph.inserting_after(logged):
+                graph.call_module(target, (logged,))
+
+    def shadow(self, anchor_name: str, float_view: GraphView, nodes: list[fx.Node],
+               inputs: dict[fx.Node, str], observer: nn.Module, prefix: str) -> None:
+        """Copy float ``nodes`` after ``anchor``, fed dequantized ``inputs``; observe both."""
+        graph = self.gm.graph
+        anchor = self.nodes[anchor_name]
+        holder = nn.Module()
+        self.gm.add_submodule(prefix, holder)
+        cursor = anchor
+        env: dict[fx.Node, fx.Node] = {}
+
+        def emit(make: Callable[[], fx.Node]) -> fx.Node:
+            nonlocal cursor
+            with graph.inserting_after(cursor):
+                cursor = make()
+            return cursor
+
+        for float_node, quant_name in inputs.items():
+            quant_node = self.nodes[quant_name]
+            env[float_node] = emit(lambda q=quant_node: graph.call_function(dequantize_all, (q,)))
+        copied: dict[str, str] = {}
+        for n in nodes:
+            for attr_node in n.all_input_nodes:
+                if attr_node.op == "get_attr" and attr_node not in env:
+                    name = f"attr{len(copied)}"
+                    value = copy.deepcopy(_get_attr(float_view.gm, str(attr_node.target)))
+                    if isinstance(value, nn.Module):
+                        holder.add_module(name, value)
+                    else:
+                        setattr(holder, name, value)
+                    copied[str(attr_node.target)] = name
+                    env[attr_node] = emit(lambda name=name: graph.get_attr(f"{prefix}.{name}"))
+            if n.op == "call_module":
+                local = copied.get(str(n.target))
+                if local is None:
+                    local = copied[str(n.target)] = f"m{len(copied)}"
+                    holder.add_module(local, copy.deepcopy(float_view.modules[n.target]))
+                env[n] = emit(lambda n=n, local=local: graph.create_node(
+                    "call_module", f"{prefix}.{local}",
+                    fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)))
+            else:
+                env[n] = emit(lambda n=n: graph.node_copy(n, env.__getitem__))
+        logged = anchor
+        if _mutated_in_place(anchor, self.modules):
+            logged = emit(lambda: graph.call_method("clone", (anchor,)))
+        holder.add_module("logger", observer)
+        emit(lambda: graph.call_module(f"{prefix}.logger", (logged, env[nodes[-1]])))
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -362,17 +388,21 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _quant_head_inputs(matching: Matching, pair: Pair) -> dict[str, str]:
-    """Float node name -> quantized node name, for the values the quantized chain reads."""
-    chain = {matching.quant_node(n) for n in pair.quant_nodes}
-    out: dict[str, str] = {}
-    for n in chain:
-        for i in n.all_input_nodes:
-            node = i
-            # walk back through plumbing to the node that carries a float counterpart
-            while node.name not in matching.quant_to_float and node.all_input_nodes and node not in chain:
-                node = node.all_input_nodes[0]
-            f = matching.quant_to_float.get(node.name)
-            if f is not None and node not in chain:
-                out.setdefault(f, node.name)
-    return out
+_INPLACE_FUNCTIONS = frozenset({"iadd", "imul", "isub", "itruediv"})
+
+
+def _mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a later op overwrites ``node``'s output in place (then the logger gets a copy)."""
+    for user in node.users:
+        first = bool(user.args) and user.args[0] is node
+        if user.op == "call_module" and getattr(modules.get(user.target), "inplace", False):
+            return True
+        if user.op == "call_method" and str(user.target).endswith("_") and first:
+            return True
+        if user.op == "call_function" and first:
+            name = getattr(user.target, "__name__", "")
+            if user.kwargs.get("inplace") or name in _INPLACE_FUNCTIONS:
+                return True
+            if name.endswith("_") and not name.startswith("_"):
+                return True
+    return False

@@ -11,31 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._tensors import dequantize_all, detach, first_output
+
 __all__ = ["Logger", "OutputLogger", "ShadowLogger", "Shadow"]
-
-
-def _first_output(x: Any) -> Any:
-    """The tensor a logger records for an output: element 0 of a tuple/list, else ``x``."""
-    while isinstance(x, (tuple, list)):
-        x = x[0]
-    return x
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detach(v) for v in x)
-    return x
-
-
-def _dequantize(x: Any) -> Any:
-    """Dequantize every quantized tensor in ``x`` (tensors, tuples, lists)."""
-    if isinstance(x, torch.Tensor):
-        return x.dequantize() if x.is_quantized else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_dequantize(v) for v in x)
-    return x
 
 
 class Logger(nn.Module):
@@ -75,7 +53,7 @@ class OutputLogger(Logger):
         self.stats["tensor_val"] = []
 
     def forward(self, x: Any) -> Any:
-        self.stats["tensor_val"].append(_detach(x))
+        self.stats["tensor_val"].append(detach(x))
         return x
 
 
@@ -94,8 +72,8 @@ class ShadowLogger(Logger):
         self.stats["quantized"] = []
 
     def forward(self, x: Any, y: Any) -> None:  # type: ignore[override]
-        self.stats["quantized"].append(_detach(_first_output(x)))
-        self.stats["float"].append(_detach(_first_output(y)))
+        self.stats["quantized"].append(detach(first_output(x)))
+        self.stats["float"].append(detach(first_output(y)))
 
 
 class Shadow(nn.Module):
@@ -119,12 +97,12 @@ class Shadow(nn.Module):
 
     def forward(self, *x: Any) -> Any:
         output = self.orig_module(*x)
-        self.logger(output, self.shadow_module(*_dequantize(x)))
+        self.logger(output, self.shadow_module(*dequantize_all(x)))
         return output
 
     def _binary(self, op: str, x: Any, y: Any) -> Any:
         output = getattr(self.orig_module, op)(x, y)
-        self.logger(output, getattr(self.shadow_module, op)(*_dequantize((x, y))))
+        self.logger(output, getattr(self.shadow_module, op)(*dequantize_all((x, y))))
         return output
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -144,5 +122,5 @@ class Shadow(nn.Module):
 
     def cat(self, x: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         output = self.orig_module.cat(x, dim)
-        self.logger(output, self.shadow_module.cat(_dequantize(list(x)), dim))
+        self.logger(output, self.shadow_module.cat(dequantize_all(list(x)), dim))
         return output

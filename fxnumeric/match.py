@@ -1,8 +1,10 @@
 """Stage 2, match: pair the nodes of a float graph with those of its quantized graph.
 
-Both graphs are condensed into ``networkx`` DiGraphs of ops: plumbing nodes (Identity,
-DeQuantStub, ``dequantize``, eval-mode dropout, observers) disappear and their edges pass
-through; ``get_attr`` nodes (weights, scales) are not dataflow. Pairing is then a single
+Both graphs are condensed into views of their ops (:class:`fxnumeric.GraphView`, whose
+``graph`` is a ``networkx`` DiGraph): plumbing nodes (Identity, DeQuantStub, ``dequantize``,
+eval-mode dropout, observers) disappear and their edges pass through; ``get_attr`` nodes
+(weights, scales) are not dataflow. The views are kept in the :class:`Matching`, for every
+later stage to read. Pairing is then a single
 walk over the quantized ops in topological order. For each one it looks among the float ops
 that consume the float counterparts of its inputs, and aligns *chains*: a quantized op and a
 float op pair when their kinds agree, and a fused op pairs with a chain of float ops whose
@@ -21,32 +23,23 @@ so symmetric branches pair branch to branch. The walk is linear in the number of
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
-import torch
 import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
 from .errors import MatchError
-from .ops import BN_FOLDING_KINDS, OpClass, classify
+from .ops import BN_FOLDING_KINDS
 from .trace import LeafSpec, trace
+from .view import MODULE_ATTRS, GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "match"]
 
 _log = logging.getLogger(__name__)
-
-_ATTRS = (
-    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-    "in_features", "out_features", "num_features", "normalized_shape", "num_embeddings",
-    "embedding_dim", "input_size", "hidden_size", "num_layers", "bidirectional",
-)
-
 
 @dataclass(frozen=True)
 class Pair:
@@ -82,21 +75,75 @@ class Unmatched:
 
 @dataclass(frozen=True, eq=False)
 class Matching:
-    """The result of :func:`match`: pairs, misses and the two traced graphs.
+    """The result of :func:`match`: pairs, misses and a view of each traced graph.
 
     The node names in ``pairs`` and the misses refer to ``float_graph`` and ``quant_graph``.
+    ``float_view`` and ``quant_view`` (:class:`fxnumeric.GraphView`) are built once, by
+    :func:`match`, and every later stage reads them: what each node computes, where it sits,
+    which op produced the value it reads. The lookups below answer "which pair, which
+    counterpart" for a node without searching.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+        >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
+        >>> pair = m.pair("0")
+        >>> m.pair_of(m.quant_view.node("_0")) is pair, m.output_nodes(pair)[1].name
+        (True, '_0')
     """
 
     pairs: tuple[Pair, ...]
     unmatched_float: tuple[Unmatched, ...]
     unmatched_quant: tuple[Unmatched, ...]
-    float_graph: fx.GraphModule = field(repr=False)
-    quant_graph: fx.GraphModule = field(repr=False)
+    float_view: GraphView = field(repr=False)
+    quant_view: GraphView = field(repr=False)
     quant_to_float: dict[str, str] = field(repr=False, default_factory=dict)
     """For each quantized node whose output has a float counterpart, that float node's name."""
     float_model: nn.Module | None = field(repr=False, default=None)
     quant_model: nn.Module | None = field(repr=False, default=None)
     """The user's models (not modified); module paths in pair names refer to them."""
+
+    def __post_init__(self) -> None:
+        by_name: dict[str, Pair] = {}
+        by_node: dict[fx.Node, Pair] = {}
+        for p in self.pairs:
+            by_name.setdefault(p.name, p)
+            by_node.update((self.float_view.node(n), p) for n in p.float_nodes)
+            by_node.update((self.quant_view.node(n), p) for n in p.quant_nodes)
+        to_quant: dict[fx.Node, fx.Node] = {}
+        to_float: dict[fx.Node, fx.Node] = {}
+        for q, f in self.quant_to_float.items():
+            qn, fn = self.quant_view.node(q), self.float_view.node(f)
+            to_float[qn] = fn
+            to_quant.setdefault(fn, qn)  # the earliest quantized node carrying that value
+        claimed = set(by_node)
+        passable = frozenset(
+            n for n in self.quant_view.nodes
+            if n not in claimed and (c := self.quant_view.op_class(n)) is not None
+            and c.role == "optional"
+        )
+        outputs = {
+            id(p): (self.float_view.node(p.float_nodes[-1]),
+                    self.quant_view.value_node(self.quant_view.node(p.quant_nodes[-1]), passable))
+            for p in self.pairs
+        }
+        # caches derived from the fields above, set once: the dataclass stays frozen
+        object.__setattr__(self, "_by_name", by_name)
+        object.__setattr__(self, "_by_node", by_node)
+        object.__setattr__(self, "_to_quant", to_quant)
+        object.__setattr__(self, "_to_float", to_float)
+        object.__setattr__(self, "_outputs", outputs)
+
+    @property
+    def float_graph(self) -> fx.GraphModule:
+        """The traced float GraphModule."""
+        return self.float_view.gm
+
+    @property
+    def quant_graph(self) -> fx.GraphModule:
+        """The traced quantized GraphModule."""
+        return self.quant_view.gm
 
     @property
     def coverage(self) -> float:
@@ -113,9 +160,48 @@ class Matching:
             raise MatchError(_summary(self, missed))
         for side, items in (("float", self.unmatched_float), ("quantized", self.unmatched_quant)):
             for u in items:
-                _log.warning("%s node `%s` (%s) is not compared: %s", side, u.node, u.kind, u.reason)
+                _log.warning("%s node `%s` (%s) is not compared: %s", side, u.node, u.kind,
+                             u.reason)
         return self
 
+    # ------------------------------------------------------------------ lookups
+    def pair(self, name: str) -> Pair:
+        """The (first) pair called ``name``."""
+        found = self._by_name.get(name)  # type: ignore[attr-defined]
+        if found is None:
+            names = ", ".join(p.name for p in self.pairs[:20])
+            raise MatchError(f"no pair named {name!r}; names are: {names} ...")
+        return found
+
+    def pair_of(self, node: fx.Node) -> Pair | None:
+        """The pair a float or quantized node belongs to, if any."""
+        return self._by_node.get(node)  # type: ignore[attr-defined]
+
+    def float_counterpart(self, node: fx.Node) -> fx.Node | None:
+        """The float node computing the value that quantized ``node`` carries, if any."""
+        return self._to_float.get(node)  # type: ignore[attr-defined]
+
+    def quant_counterpart(self, node: fx.Node) -> fx.Node | None:
+        """The earliest quantized node carrying the value of float ``node``, if any."""
+        return self._to_quant.get(node)  # type: ignore[attr-defined]
+
+    def output_nodes(self, pair: Pair) -> tuple[fx.Node, fx.Node]:
+        """``(float_node, quant_node)`` whose outputs are the pair's values.
+
+        On the quantized side that is the value the next op reads: after the pair's own
+        output quantize (and dequantize) where the graph has one (reference FX, pt2e).
+        """
+        return self._outputs[id(pair)]  # type: ignore[attr-defined]
+
+    def float_node(self, name: str) -> fx.Node:
+        """The float graph's node called ``name``."""
+        return self.float_view.node(name)
+
+    def quant_node(self, name: str) -> fx.Node:
+        """The quantized graph's node called ``name``."""
+        return self.quant_view.node(name)
+
+    # ------------------------------------------------------------------ explanations
     def explain(self, node: str, *, radius: int = 2, tablefmt: str = "simple") -> str:
         """Show the float and quantized graphs side by side around ``node``.
 
@@ -128,54 +214,8 @@ class Matching:
             A table with one row per op in the neighbourhood: the float nodes, the quantized
             nodes they pair with, and ``<- unpaired: reason`` where a node found no partner.
         """
-        fv, qv = _View(self.float_graph), _View(self.quant_graph)
-        fnodes = {n.name: n for n in fv.nodes}
-        qnodes = {n.name: n for n in qv.nodes}
-        focus_f: list[fx.Node] = []
-        focus_q: list[fx.Node] = []
-        for p in self.pairs:
-            if node == p.name or node in p.float_nodes or node in p.quant_nodes:
-                focus_f += [fnodes[n] for n in p.float_nodes]
-                focus_q += [qnodes[n] for n in p.quant_nodes]
-        if not focus_f and not focus_q:
-            if node in fnodes and node in {u.node for u in self.unmatched_float}:
-                focus_f.append(fnodes[node])
-            if node in qnodes and node in {u.node for u in self.unmatched_quant}:
-                focus_q.append(qnodes[node])
-        if not focus_f and not focus_q:
-            raise MatchError(f"no pair or unpaired node is called {node!r}; see Matching.table()")
-        near_f = _neighbourhood(fv, focus_f, radius)
-        near_q = _neighbourhood(qv, focus_q, radius)
-        # the counterparts of what is near on one side are near on the other
-        for f in list(near_f):
-            q = next((qnodes[qn] for qn, fn in self.quant_to_float.items() if fn == f.name and qn in qnodes), None)
-            if q is not None and qv.is_op(q):
-                near_q.add(q)
-        for q in list(near_q):
-            f = fnodes.get(self.quant_to_float.get(q.name, ""))
-            if f is not None and fv.is_op(f):
-                near_f.add(f)
-        rows: list[tuple[int, str, str, str, str]] = []
-        done_f: set[str] = set()
-        done_q: set[str] = set()
-        for p in self.pairs:
-            if any(fnodes[n] in near_f for n in p.float_nodes) or any(qnodes[n] in near_q for n in p.quant_nodes):
-                pos = fv.order[fnodes[p.float_nodes[0]]]
-                rows.append((pos, ", ".join(p.float_nodes), p.kind, ", ".join(p.quant_nodes), ""))
-                done_f.update(p.float_nodes)
-                done_q.update(p.quant_nodes)
-        misses_f = {u.node: u for u in self.unmatched_float}
-        misses_q = {u.node: u for u in self.unmatched_quant}
-        for f in near_f:
-            if f.name not in done_f and f.name in misses_f:
-                rows.append((fv.order[f], f.name, misses_f[f.name].kind, "-", f"<- unpaired: {misses_f[f.name].reason}"))
-        for q in near_q:
-            if q.name not in done_q and q.name in misses_q:
-                before = [fnodes[self.quant_to_float[i.name]] for i in qv.inputs.get(q, ()) if i.name in self.quant_to_float]
-                pos = max((fv.order[b] for b in before), default=-1)
-                rows.append((pos, "-", misses_q[q.name].kind, q.name, f"<- unpaired: {misses_q[q.name].reason}"))
-        rows.sort(key=lambda r: r[0])
-        return tabulate([r[1:] for r in rows], headers=("float", "kind", "quantized", ""), tablefmt=tablefmt)
+        rows = _explain_rows(self, node, radius)
+        return tabulate(rows, headers=("float", "kind", "quantized", ""), tablefmt=tablefmt)
 
     def table(self, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
         """Render pairs and misses as a tabulate table (``simple``, ``github``, ``plain`` ...).
@@ -201,36 +241,58 @@ class Matching:
                 text += f"\n\naround `{u.node}`:\n" + self.explain(u.node, tablefmt=tablefmt)
         return text
 
-    def float_node(self, name: str) -> fx.Node:
-        """The float graph's node called ``name``."""
-        return _node_index(self.float_graph)[name]
 
-    def quant_node(self, name: str) -> fx.Node:
-        """The quantized graph's node called ``name``."""
-        return _node_index(self.quant_graph)[name]
-
-    def pair(self, name: str) -> Pair:
-        """Return the pair called ``name``."""
-        for p in self.pairs:
-            if p.name == name:
-                return p
-        raise MatchError(f"no pair named {name!r}; names are: {', '.join(p.name for p in self.pairs[:20])} ...")
-
-
-def _neighbourhood(view: _View, focus: list[fx.Node], radius: int) -> set[fx.Node]:
-    near: set[fx.Node] = set()
-    undirected = view.graph.to_undirected(as_view=True)
-    for n in focus:
-        if n in view.graph:
-            near.update(nx.single_source_shortest_path_length(undirected, n, cutoff=radius))
-    return {n for n in near if view.is_op(n)}
-
-
-def _node_index(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    index = gm.__dict__.get("_fxnumeric_node_index")
-    if index is None or len(index) != len(gm.graph.nodes):
-        index = gm.__dict__["_fxnumeric_node_index"] = {n.name: n for n in gm.graph.nodes}
-    return index
+def _explain_rows(m: Matching, node: str, radius: int) -> list[tuple[str, str, str, str]]:
+    """Rows of :meth:`Matching.explain`, in float graph order."""
+    fv, qv = m.float_view, m.quant_view
+    focus_f: list[fx.Node] = []
+    focus_q: list[fx.Node] = []
+    for p in m.pairs:
+        if node == p.name or node in p.float_nodes or node in p.quant_nodes:
+            focus_f += [fv.node(n) for n in p.float_nodes]
+            focus_q += [qv.node(n) for n in p.quant_nodes]
+    misses_f = {u.node: u for u in m.unmatched_float}
+    misses_q = {u.node: u for u in m.unmatched_quant}
+    if not focus_f and not focus_q:
+        if node in misses_f:
+            focus_f.append(fv.node(node))
+        if node in misses_q:
+            focus_q.append(qv.node(node))
+    if not focus_f and not focus_q:
+        raise MatchError(f"no pair or unpaired node is called {node!r}; see Matching.table()")
+    near_f = fv.neighbourhood(focus_f, radius)
+    near_q = qv.neighbourhood(focus_q, radius)
+    # the counterparts of what is near on one side are near on the other
+    for f in list(near_f):
+        q = m.quant_counterpart(f)
+        if q is not None and qv.is_op(q):
+            near_q.add(q)
+    for q in list(near_q):
+        f = m.float_counterpart(q)
+        if f is not None and fv.is_op(f):
+            near_f.add(f)
+    rows: list[tuple[int, str, str, str, str]] = []
+    done: set[fx.Node] = set()
+    for f in sorted(near_f, key=fv.position) + sorted(near_q, key=qv.position):
+        p = m.pair_of(f)
+        if p is None or f in done:
+            continue
+        done.update(fv.node(n) for n in p.float_nodes)
+        done.update(qv.node(n) for n in p.quant_nodes)
+        pos = fv.position(fv.node(p.float_nodes[0]))
+        rows.append((pos, ", ".join(p.float_nodes), p.kind, ", ".join(p.quant_nodes), ""))
+    for f in near_f:
+        if f not in done and f.name in misses_f:
+            u = misses_f[f.name]
+            rows.append((fv.position(f), f.name, u.kind, "-", f"<- unpaired: {u.reason}"))
+    for q in near_q:
+        if q not in done and q.name in misses_q:
+            u = misses_q[q.name]
+            before = [b for b in map(m.float_counterpart, qv.inputs(q)) if b is not None]
+            pos = max((fv.position(b) for b in before), default=-1)
+            rows.append((pos, "-", u.kind, q.name, f"<- unpaired: {u.reason}"))
+    rows.sort(key=lambda r: r[0])
+    return [r[1:] for r in rows]
 
 
 def _summary(m: Matching, missed: list[Unmatched]) -> str:
@@ -250,89 +312,13 @@ def _summary(m: Matching, missed: list[Unmatched]) -> str:
     return "\n".join(lines)
 
 
-class _View:
-    """A traced graph condensed to its ops, with what the matcher needs to know about each."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules(remove_duplicate=False))
-        self.nodes = list(gm.graph.nodes)
-        self.order = {n: i for i, n in enumerate(self.nodes)}
-        self.cls: dict[fx.Node, OpClass] = {}
-        self.resolved: dict[fx.Node, fx.Node | None] = {}
-        self.inputs: dict[fx.Node, list[fx.Node]] = {}
-        self.graph = nx.DiGraph()
-        self.placeholders: list[fx.Node] = []
-        self.output: fx.Node | None = None
-        self._attrs: dict[fx.Node, tuple[Any, ...]] = {}
-        for n in self.nodes:
-            if n.op == "get_attr":
-                self.resolved[n] = None
-                continue
-            ins = list(dict.fromkeys(
-                r for r in (self.resolved.get(i) for i in n.all_input_nodes) if r is not None
-            ))
-            if n.op == "placeholder":
-                self.placeholders.append(n)
-            elif n.op == "output":
-                self.output = n
-            else:
-                c = classify(n, self.modules)
-                assert c is not None
-                self.cls[n] = c
-                if c.role == "plumbing":
-                    self.resolved[n] = ins[0] if ins else None
-                    continue
-            self.resolved[n] = n
-            self.inputs[n] = ins
-            self.graph.add_node(n)
-            self.graph.add_edges_from((i, n) for i in ins)
-
-    def is_op(self, n: fx.Node) -> bool:
-        c = self.cls.get(n)
-        return c is not None and c.role != "plumbing"
-
-    def consumers(self, n: fx.Node) -> list[fx.Node]:
-        return list(self.graph.successors(n))
-
-    def sole_consumer(self, n: fx.Node) -> fx.Node | None:
-        users = self.consumers(n)
-        return users[0] if len(users) == 1 and self.is_op(users[0]) else None
-
-    def name(self, n: fx.Node) -> str:
-        """Module path, owning FloatFunctional path, or node name."""
-        if n.op == "call_module":
-            return str(n.target)
-        if len(n.users) == 1:
-            (user,) = n.users
-            if user.op == "call_module" and str(user.target).endswith(".activation_post_process"):
-                return str(user.target)[: -len(".activation_post_process")]
-        return n.name
-
-    def attrs(self, n: fx.Node) -> tuple[Any, ...]:
-        cached = self._attrs.get(n)
-        if cached is None:
-            cached = self._attrs[n] = self._compute_attrs(n)
-        return cached
-
-    def _compute_attrs(self, n: fx.Node) -> tuple[Any, ...]:
-        if n.op == "call_module":
-            mod = self.modules[n.target]
-            if isinstance(mod, nn.Sequential) and len(mod) and not isinstance(getattr(mod, "weight", None), torch.Tensor):
-                mod = mod[0]  # a fused float module: the conv/linear is its first part (QAT ones hold it)
-            return tuple(getattr(mod, a, None) for a in _ATTRS)
-        if self.cls[n].signature == ("getitem",):
-            return (n.args[1],)
-        return ()
-
-
 
 def _align(
-    fv: _View, qv: _View, f0: fx.Node, q0: fx.Node, taken_f: set, taken_q: set
+    fv: GraphView, qv: GraphView, f0: fx.Node, q0: fx.Node, taken_f: set, taken_q: set
 ) -> tuple[list[fx.Node], list[fx.Node]] | None:
     """Grow chains from ``f0`` and ``q0`` until their signatures agree, or give up."""
     f_chain, q_chain = [f0], [q0]
-    fs, qs = list(fv.cls[f0].signature), list(qv.cls[q0].signature)
+    fs, qs = list(fv.op_class(f0).signature), list(qv.op_class(q0).signature)
     i = j = 0
     while True:
         while i < len(fs) and j < len(qs):
@@ -345,17 +331,17 @@ def _align(
         if j == len(qs) and i < len(fs) and fs[i] == "batch_norm" and fs[i - 1] in BN_FOLDING_KINDS:
             # a fused float conv-bn (QAT ConvBn2d) whose BN the quantized conv folded
             q_nxt = qv.sole_consumer(q_chain[-1])
-            if q_nxt is None or qv.cls[q_nxt].signature[0] != "batch_norm":
+            if q_nxt is None or qv.op_class(q_nxt).signature[0] != "batch_norm":
                 i += 1
                 continue
         if i == len(fs) and j == len(qs):
             nxt = fv.sole_consumer(f_chain[-1])
             if (
                 nxt is not None and nxt not in taken_f and fs[-1] in BN_FOLDING_KINDS
-                and fv.cls[nxt].signature == ("batch_norm",)
+                and fv.op_class(nxt).signature == ("batch_norm",)
             ):
                 q_nxt = qv.sole_consumer(q_chain[-1])
-                if q_nxt is None or qv.cls[q_nxt].signature[0] != "batch_norm":
+                if q_nxt is None or qv.op_class(q_nxt).signature[0] != "batch_norm":
                     f_chain.append(nxt)
             return f_chain, q_chain
         view, chain, seq, taken = (fv, f_chain, fs, taken_f) if i == len(fs) else (qv, q_chain, qs, taken_q)
@@ -363,38 +349,38 @@ def _align(
         if nxt is None or nxt in taken:
             return None
         chain.append(nxt)
-        seq.extend(view.cls[nxt].signature)
+        seq.extend(view.op_class(nxt).signature)
 
 
-def _candidates(fv: _View, qv: _View, q: fx.Node, mapped: list, taken_f: set) -> list[fx.Node]:
-    head = qv.cls[q].signature[0]
+def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, taken_f: set) -> list[fx.Node]:
+    head = qv.op_class(q).signature[0]
     known = [m for m in mapped if m is not None]
     if known:
-        pool = [f for f in fv.consumers(known[0]) if all(k in fv.inputs.get(f, ()) for k in known[1:])]
-    elif not qv.inputs[q]:
-        pool = [f for f in fv.cls if not fv.inputs.get(f)]
+        pool = [f for f in fv.consumers(known[0]) if all(k in fv.inputs(f) for k in known[1:])]
+    elif not qv.inputs(q):
+        pool = [f for f in fv.ops() if not fv.inputs(f)]
     else:  # inputs unpaired upstream: only a same-named op will do
         qname = qv.name(q)
-        pool = [f for f in fv.cls if fv.name(f) == qname]
-    pool = [f for f in pool if fv.is_op(f) and f not in taken_f and fv.cls[f].signature[0] == head]
+        pool = [f for f in fv.ops() if fv.name(f) == qname]
+    pool = [f for f in pool if fv.is_op(f) and f not in taken_f and fv.op_class(f).signature[0] == head]
     qname, qattrs = qv.name(q), qv.attrs(q)
     if head == "getitem":
         pool = [f for f in pool if fv.attrs(f) == qattrs]
     elif qattrs:
         pool = [f for f in pool if _same_shape(fv.attrs(f), qattrs)]
-    return sorted(pool, key=lambda f: (fv.name(f) != qname, fv.attrs(f) != qattrs, fv.order[f]))
+    return sorted(pool, key=lambda f: (fv.name(f) != qname, fv.attrs(f) != qattrs, fv.position(f)))
 
 
 # Quantization never changes these: a float and a quantized module that differ in them are
 # not counterparts (attributes missing on either side are not compared).
 _SHAPE_ATTRS = tuple(
-    _ATTRS.index(a) for a in ("in_channels", "out_channels", "kernel_size", "groups", "in_features",
+    MODULE_ATTRS.index(a) for a in ("in_channels", "out_channels", "kernel_size", "groups", "in_features",
                               "out_features", "num_embeddings", "embedding_dim", "input_size", "hidden_size")
 )
 
 
 def _same_shape(float_attrs: tuple[Any, ...], quant_attrs: tuple[Any, ...]) -> bool:
-    if len(float_attrs) != len(_ATTRS) or len(quant_attrs) != len(_ATTRS):
+    if len(float_attrs) != len(MODULE_ATTRS) or len(quant_attrs) != len(MODULE_ATTRS):
         return True
     return all(
         float_attrs[i] is None or quant_attrs[i] is None or float_attrs[i] == quant_attrs[i]
@@ -402,59 +388,59 @@ def _same_shape(float_attrs: tuple[Any, ...], quant_attrs: tuple[Any, ...]) -> b
     )
 
 
-def _quant_miss_reason(fv: _View, qv: _View, q: fx.Node, mapped: list, tried: list) -> str:
-    kind = qv.cls[q].kind
-    unpaired_inputs = [i.name for i, m in zip(qv.inputs[q], mapped, strict=True) if m is None]
+def _quant_miss_reason(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, tried: list) -> str:
+    kind = qv.op_class(q).kind
+    unpaired_inputs = [i.name for i, m in zip(qv.inputs(q), mapped, strict=True) if m is None]
     if unpaired_inputs and all(m is None for m in mapped):
         return (
             f"its input `{unpaired_inputs[0]}` has no float counterpart, so there is no place "
             f"in the float graph to look for a `{kind}`"
         )
     if tried:
-        names = ", ".join(f"`{f.name}` ({fv.cls[f].kind})" for f in tried[:3])
+        names = ", ".join(f"`{f.name}` ({fv.op_class(f).kind})" for f in tried[:3])
         return f"float candidates {names} start like it, but their op chain does not add up to `{kind}`"
     anchor = next(m for m in mapped if m is not None) if any(mapped) else None
-    head, qattrs = qv.cls[q].signature[0], qv.attrs(q)
+    head, qattrs = qv.op_class(q).signature[0], qv.attrs(q)
     for f in fv.consumers(anchor) if anchor is not None else []:
-        if fv.is_op(f) and fv.cls[f].signature[0] == head and not _same_shape(fv.attrs(f), qattrs):
+        if fv.is_op(f) and fv.op_class(f).signature[0] == head and not _same_shape(fv.attrs(f), qattrs):
             diffs = ", ".join(
-                f"{_ATTRS[i]} {fv.attrs(f)[i]} vs {qattrs[i]}" for i in _SHAPE_ATTRS
+                f"{MODULE_ATTRS[i]} {fv.attrs(f)[i]} vs {qattrs[i]}" for i in _SHAPE_ATTRS
                 if fv.attrs(f)[i] is not None and qattrs[i] is not None and fv.attrs(f)[i] != qattrs[i]
             )
             return f"float `{f.name}` is a `{head}` on the same input but its shape differs ({diffs})"
-    near = [f"`{f.name}` ({fv.cls[f].kind})" for f in (fv.consumers(anchor) if anchor is not None else []) if fv.is_op(f)]
+    near = [f"`{f.name}` ({fv.op_class(f).kind})" for f in (fv.consumers(anchor) if anchor is not None else []) if fv.is_op(f)]
     where = f"the float counterpart `{anchor.name}` of its input" if anchor is not None else "the float graph's inputs"
     nearest = f"; nearest candidates: {', '.join(near[:3])}" if near else ""
-    return f"no float op of kind `{qv.cls[q].signature[0]}` consumes {where}{nearest}"
+    return f"no float op of kind `{qv.op_class(q).signature[0]}` consumes {where}{nearest}"
 
 
-def _float_miss_reason(fv: _View, qv: _View, f: fx.Node, pair_of: dict, inverse: dict) -> str:
-    kind = fv.cls[f].kind
+def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict, inverse: dict) -> str:
+    kind = fv.op_class(f).kind
     if not f.users:
         return "its result is never used (dead code the quantized graph dropped), so there is nothing to compare"
-    head = fv.cls[f].signature[0]
-    for i in fv.inputs[f]:
+    head = fv.op_class(f).signature[0]
+    for i in fv.inputs(f):
         for qc in qv.consumers(inverse[i]) if i in inverse else ():
-            if qv.is_op(qc) and qv.cls[qc].signature[0] == head:
-                chain, nxt = [fv.cls[f].kind], fv.sole_consumer(f)
+            if qv.is_op(qc) and qv.op_class(qc).signature[0] == head:
+                chain, nxt = [fv.op_class(f).kind], fv.sole_consumer(f)
                 while nxt is not None and len(chain) < 4:
-                    chain.append(fv.cls[nxt].kind)
+                    chain.append(fv.op_class(nxt).kind)
                     nxt = fv.sole_consumer(nxt)
                 return (
-                    f"quantized `{qc.name}` ({qv.cls[qc].kind}) reads the same input, but the float ops "
+                    f"quantized `{qc.name}` ({qv.op_class(qc).kind}) reads the same input, but the float ops "
                     f"from here compute {' -> '.join(chain)}: a float op it fused is missing or different"
                 )
-    for nb in list(fv.graph.predecessors(f)) + fv.consumers(f):
+    for nb in fv.inputs(f) + fv.consumers(f):
         if nb in pair_of:
             p = pair_of[nb]
             return (
                 f"float `{f.name}` ({kind}) has no quantized counterpart: its neighbour `{nb.name}` "
                 f"was paired with quantized `{p.name}` ({p.kind}), which does not compute a `{kind}`"
             )
-    ins = [i for i in fv.inputs[f] if i in inverse]
+    ins = [i for i in fv.inputs(f) if i in inverse]
     if ins:
         q_in = inverse[ins[0]]
-        cons = [f"`{c.name}` ({qv.cls[c].kind})" for c in qv.consumers(q_in) if qv.is_op(c)]
+        cons = [f"`{c.name}` ({qv.op_class(c).kind})" for c in qv.consumers(q_in) if qv.is_op(c)]
         return (
             f"no quantized op of kind `{kind}` consumes `{q_in.name}`, the quantized counterpart "
             f"of its input" + (f"; it feeds {', '.join(cons[:3])}" if cons else "")
@@ -462,7 +448,7 @@ def _float_miss_reason(fv: _View, qv: _View, f: fx.Node, pair_of: dict, inverse:
     return f"none of its inputs has a quantized counterpart, so `{kind}` could not be placed"
 
 
-def _pair_views(fv: _View, qv: _View) -> tuple[list[Pair], list[Unmatched], list[Unmatched], dict]:
+def _pair_views(fv: GraphView, qv: GraphView) -> tuple[list[Pair], list[Unmatched], list[Unmatched], dict]:
     if len(fv.placeholders) != len(qv.placeholders):
         raise MatchError(
             f"the float model takes {len(fv.placeholders)} inputs "
@@ -479,7 +465,7 @@ def _pair_views(fv: _View, qv: _View) -> tuple[list[Pair], list[Unmatched], list
     for q in qv.nodes:
         if q in taken_q or not qv.is_op(q):
             continue
-        mapped = [anchor.get(i) for i in qv.inputs[q]]
+        mapped = [anchor.get(i) for i in qv.inputs(q)]
         tried: list[fx.Node] = []
         found = None
         for f in _candidates(fv, qv, q, mapped, taken_f):
@@ -488,7 +474,7 @@ def _pair_views(fv: _View, qv: _View) -> tuple[list[Pair], list[Unmatched], list
             if found:
                 break
         if found is None:
-            c = qv.cls[q]
+            c = qv.op_class(q)
             if c.role == "optional":
                 anchor[q] = mapped[0] if mapped else None
             else:
@@ -496,13 +482,13 @@ def _pair_views(fv: _View, qv: _View) -> tuple[list[Pair], list[Unmatched], list
                 miss_q.append(Unmatched(q.name, c.kind, _quant_miss_reason(fv, qv, q, mapped, tried), c.quantized))
             continue
         f_chain, q_chain = found
-        kinds = [k for n in q_chain for k in qv.cls[n].signature]
+        kinds = [k for n in q_chain for k in qv.op_class(n).signature]
         p = Pair(
             name=qv.name(q_chain[-1]) if qv.name(q_chain[-1]) != q_chain[-1].name else qv.name(q_chain[0]),
             kind="-".join(kinds),
             float_nodes=tuple(n.name for n in f_chain),
             quant_nodes=tuple(n.name for n in q_chain),
-            quantized=any(qv.cls[n].quantized for n in q_chain),
+            quantized=any(qv.op_class(n).quantized for n in q_chain),
         )
         pairs.append(p)
         taken_f.update(f_chain)
@@ -513,17 +499,19 @@ def _pair_views(fv: _View, qv: _View) -> tuple[list[Pair], list[Unmatched], list
             anchor[n] = f_chain[-1]
     inverse = {f: q for q, f in anchor.items() if f is not None}
     miss_f = [
-        Unmatched(f.name, fv.cls[f].kind, _float_miss_reason(fv, qv, f, pair_of, inverse), False)
+        Unmatched(f.name, fv.op_class(f).kind, _float_miss_reason(fv, qv, f, pair_of, inverse), False)
         for f in fv.nodes
-        if fv.is_op(f) and f not in taken_f and fv.cls[f].role == "op"
+        if fv.is_op(f) and f not in taken_f and fv.op_class(f).role == "op"
     ]
     return pairs, miss_f, miss_q, anchor
 
 
-def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None, which: str) -> fx.GraphModule:
+def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,
+                     which: str) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and not leaf_modules:
-        # Keep the user's node names: they are the keys of FX-mode results.
-        return fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
+        # Read as it is: its node names are the keys of FX-mode results, and nothing
+        # downstream writes to it (instrumentation copies the graph).
+        return model
     return trace(model, leaf_modules=leaf_modules, which=which)
 
 
@@ -566,8 +554,9 @@ def match(
 
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
-    pairs, miss_f, miss_q, anchor = _pair_views(_View(float_gm), _View(quant_gm))
+    float_view = GraphView(float_gm, root=float_model)
+    quant_view = GraphView(quant_gm, root=quant_model)
+    pairs, miss_f, miss_q, anchor = _pair_views(float_view, quant_view)
     quant_to_float = {q.name: f.name for q, f in anchor.items() if f is not None}
-    return Matching(
-        tuple(pairs), tuple(miss_f), tuple(miss_q), float_gm, quant_gm, quant_to_float, float_model, quant_model
-    )
+    return Matching(tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view,
+                    quant_to_float, float_model, quant_model)

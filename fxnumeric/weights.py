@@ -11,7 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .match import Matching, Pair
 
-__all__ = ["extract_weights", "pair_weights"]
+__all__ = ["extract_weights", "pair_weights", "rnn_cell_weights"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -42,13 +42,12 @@ def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
 
 
 def _float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
-    mods = dict(matching.float_graph.named_modules(remove_duplicate=False))
-    nodes = {n.name: n for n in matching.float_graph.graph.nodes}
+    view = matching.float_view
     parts: list[nn.Module] = []
     for name in pair.float_nodes:
-        node = nodes[name]
+        node = view.node(name)
         if node.op == "call_module":
-            parts.extend(_leaf_parts(mods[node.target]))
+            parts.extend(_leaf_parts(view.modules[node.target]))
     weighted = next((m for m in parts if isinstance(getattr(m, "weight", None), torch.Tensor)), None)
     if weighted is None:
         return None
@@ -71,9 +70,7 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
         out = {}
         state = module.state_dict()
         for k in lstm_keys:
-            packed = state[k].__getstate__()[0][4]
-            out[f"{path}.{k}.weight_ih"] = packed[0].__getstate__()[0][0]
-            out[f"{path}.{k}.weight_hh"] = packed[1].__getstate__()[0][0]
+            out[f"{path}.{k}.weight_ih"], out[f"{path}.{k}.weight_hh"] = rnn_cell_weights(state[k])
         return out
     if hasattr(module, "get_quantized_weight"):  # reference modules
         return {f"{path}.weight": module.get_quantized_weight()}
@@ -90,6 +87,16 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     return {}
 
 
+def rnn_cell_weights(packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight_ih, weight_hh)`` of one layer of a dynamic quantized LSTM/GRU.
+
+    ``packed`` is a ``_all_weight_values.N.param`` entry of its state_dict: a
+    ``CellParamsBase`` whose state holds the two packed linear weights.
+    """
+    linears = packed.__getstate__()[0][4]
+    return linears[0].__getstate__()[0][0], linears[1].__getstate__()[0][0]
+
+
 def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
     out = []
     for layer in range(module.num_layers):
@@ -100,8 +107,7 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
 
 def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
     """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights."""
-    qmods = dict(matching.quant_graph.named_modules(remove_duplicate=False))
-    fmods = dict(matching.float_graph.named_modules(remove_duplicate=False))
+    qmods, fmods = matching.quant_view.modules, matching.float_view.modules
     out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
     for pair in matching.pairs:
         qnode = matching.quant_node(pair.quant_nodes[0])

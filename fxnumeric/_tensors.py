@@ -1,0 +1,34 @@
+"""Small helpers on logged values (tensors, or tuples and lists of them), shared by stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["first_output", "detach", "dequantize_all"]
+
+
+def first_output(x: Any) -> Any:
+    """The tensor a logger records for an output: element 0 of a tuple/list, else ``x``."""
+    while isinstance(x, (tuple, list)):
+        x = x[0]
+    return x
+
+
+def detach(x: Any) -> Any:
+    """``x`` with every tensor in it detached."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(detach(v) for v in x)
+    return x
+
+
+def dequantize_all(x: Any) -> Any:
+    """Dequantize every quantized tensor in ``x`` (tensors, tuples, lists)."""
+    if isinstance(x, torch.Tensor):
+        return x.dequantize() if x.is_quantized else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(dequantize_all(v) for v in x)
+    return x

@@ -1,0 +1,267 @@
+"""The graph view: one condensed picture of a traced graph, built once, read by every stage.
+
+A :class:`GraphView` answers, for each node of a traced GraphModule, the questions that
+matching, instrumentation, weight pairing, explanations and reports all ask:
+
+* what it computes (:meth:`GraphView.op_class`, from :mod:`fxnumeric.ops`) and whether it is
+  an op at all, or plumbing that passes its input through (Identity, DeQuantStub,
+  ``dequantize``, observers, eval-mode dropout);
+* where it sits (:meth:`GraphView.position`) and what its user calls it
+  (:meth:`GraphView.name`: module path, owning FloatFunctional, or node name);
+* which op really produced the value it reads (:meth:`GraphView.producer`: plumbing
+  resolved), and which ops read its value (:meth:`GraphView.consumers`).
+
+Plumbing vanishes from the condensed graph; its edges pass through::
+
+    traced:     x -> quant -> conv1 -> dequant -> fc -> output
+    condensed:  x -> quant -> conv1 ----------> fc -> output
+                producer(dequant) is conv1; consumers(conv1) == [fc]
+
+A :class:`fxnumeric.Matching` owns one view per side (``matching.float_view``,
+``matching.quant_view``), so no later stage re-derives any of this from node names.
+The view reads the GraphModule and never changes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .ops import OpClass, classify
+
+__all__ = ["GraphView", "MODULE_ATTRS"]
+
+MODULE_ATTRS = (
+    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+    "in_features", "out_features", "num_features", "normalized_shape", "num_embeddings",
+    "embedding_dim", "input_size", "hidden_size", "num_layers", "bidirectional",
+)
+"""Module attributes compared between counterparts, in the order :meth:`GraphView.attrs` gives."""
+
+_CALLS = ("call_module", "call_function", "call_method")
+_APP = ".activation_post_process"
+
+
+class GraphView:
+    """A traced graph condensed to its ops.
+
+    Args:
+        gm: the traced GraphModule (read, never modified).
+        root: the user's model ``gm`` was traced from, to find modules the GraphModule does
+            not hold itself (the FloatFunctional that owns a functional op). Defaults to
+            ``gm``.
+
+    Attributes:
+        gm: the GraphModule.
+        modules: ``gm``'s submodules by qualified name (duplicates kept).
+        nodes: every node, in graph order.
+        graph: the condensed ``networkx.DiGraph`` of ops, placeholders and the output node;
+            an edge ``a -> b`` means op ``b`` reads the value ``a`` produced.
+        placeholders: the input nodes.
+        output: the output node.
+
+    Example:
+        >>> import torch
+        >>> from fxnumeric import trace
+        >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Identity(),
+        ...                                torch.nn.ReLU()))
+        >>> view = GraphView(gm)
+        >>> [n.name for n in view.ops()]
+        ['_0', '_2']
+        >>> view.producer(view.node("_1")).name, [c.name for c in view.consumers(view.node("_0"))]
+        ('_0', ['_2'])
+    """
+
+    def __init__(self, gm: fx.GraphModule, root: nn.Module | None = None) -> None:
+        self.gm = gm
+        self.root = root if root is not None else gm
+        self.modules: dict[str, nn.Module] = dict(gm.named_modules(remove_duplicate=False))
+        self.nodes: list[fx.Node] = list(gm.graph.nodes)
+        self.placeholders: list[fx.Node] = []
+        self.output: fx.Node | None = None
+        self._by_name = {n.name: n for n in self.nodes}
+        self._position = {n: i for i, n in enumerate(self.nodes)}
+        self._cls: dict[fx.Node, OpClass] = {}
+        self._producer: dict[fx.Node, fx.Node | None] = {}
+        self._inputs: dict[fx.Node, list[fx.Node]] = {}
+        self._consumers: dict[fx.Node, list[fx.Node]] = {}
+        self._attrs: dict[fx.Node, tuple[Any, ...]] = {}
+        self._graph: nx.DiGraph | None = None
+        for n in self.nodes:
+            if n.op == "get_attr":
+                self._producer[n] = None
+                continue
+            ins = list(dict.fromkeys(
+                p for p in (self._producer.get(i) for i in n.all_input_nodes) if p is not None
+            ))
+            if n.op == "placeholder":
+                self.placeholders.append(n)
+            elif n.op == "output":
+                self.output = n
+            else:
+                c = classify(n, self.modules)
+                assert c is not None  # every call_* node has a class
+                self._cls[n] = c
+                if c.role == "plumbing":
+                    self._producer[n] = ins[0] if ins else None
+                    continue
+            self._producer[n] = n
+            self._inputs[n] = ins
+            self._consumers[n] = []
+            for i in ins:
+                self._consumers[i].append(n)
+
+    # ------------------------------------------------------------------ lookups
+    def node(self, name: str) -> fx.Node:
+        """The node called ``name`` (``KeyError`` if there is none)."""
+        return self._by_name[name]
+
+    def has_node(self, name: str) -> bool:
+        """Whether the graph has a node called ``name``."""
+        return name in self._by_name
+
+    def position(self, n: fx.Node) -> int:
+        """``n``'s index in graph (topological) order."""
+        return self._position[n]
+
+    def op_class(self, n: fx.Node) -> OpClass | None:
+        """What ``n`` computes; ``None`` for placeholders, outputs and ``get_attr`` nodes."""
+        return self._cls.get(n)
+
+    def is_op(self, n: fx.Node) -> bool:
+        """Whether ``n`` computes something (it is not plumbing, an input or the output)."""
+        c = self._cls.get(n)
+        return c is not None and c.role != "plumbing"
+
+    def ops(self) -> list[fx.Node]:
+        """Every op, in graph order."""
+        return [n for n in self.nodes if self.is_op(n)]
+
+    def module(self, n: fx.Node) -> nn.Module | None:
+        """The module ``n`` calls, or the FloatFunctional owning a functional op, else None."""
+        if n.op == "call_module":
+            return self.modules[n.target]
+        owner = self._owner_path(n)
+        return self.root.get_submodule(owner) if owner is not None else None
+
+    # ------------------------------------------------------------------ dataflow
+    def producer(self, n: fx.Node) -> fx.Node | None:
+        """The op (or input) whose value ``n`` carries: ``n`` itself unless it is plumbing.
+
+        ``None`` for ``get_attr`` nodes and plumbing that reads no value.
+        """
+        return self._producer.get(n)
+
+    def inputs(self, n: fx.Node) -> list[fx.Node]:
+        """The producers of the values op ``n`` reads, without duplicates, in argument order."""
+        return self._inputs.get(n, [])
+
+    def consumers(self, n: fx.Node) -> list[fx.Node]:
+        """The ops (and the output node) that read the value op ``n`` produced."""
+        return self._consumers.get(n, [])
+
+    def sole_consumer(self, n: fx.Node) -> fx.Node | None:
+        """The one op that reads ``n``'s value, if exactly one does."""
+        users = self._consumers.get(n, ())
+        return users[0] if len(users) == 1 and self.is_op(users[0]) else None
+
+    def with_plumbing(self, chain: list[fx.Node]) -> list[fx.Node]:
+        """``chain`` plus the plumbing between its ops, in graph order.
+
+        The plumbing kept is what a chain node reads, through plumbing only, from another
+        chain node: copying these nodes reproduces the chain's computation exactly.
+        """
+        inside = set(chain)
+        frontier = list(chain)
+        while frontier:
+            n = frontier.pop()
+            for i in n.all_input_nodes:
+                if i not in inside and self._is_plumbing(i) and self._producer.get(i) in inside:
+                    inside.add(i)
+                    frontier.append(i)
+        return sorted(inside, key=self._position.__getitem__)
+
+    def value_node(self, n: fx.Node, passable: set[fx.Node] | frozenset = frozenset()) -> fx.Node:
+        """The node carrying ``n``'s value as the next op reads it.
+
+        Where ``n``'s output is quantized by a quantize node of its own (a reference FX or
+        pt2e graph: ``conv -> quantize -> dequantize -> next op``), that is the last node of
+        the chain, the value the lowered kernel produces. Otherwise ``n``. Only quantize
+        nodes in ``passable`` (those no pair claims) are crossed.
+        """
+        cur, best, crossed = n, n, False
+        while True:
+            users = list(cur.users)
+            if not users:
+                return best
+            c = self._cls.get(users[0])
+            if c is not None and c.role == "optional" and len(users) == 1 and users[0] in passable:
+                cur = best = users[0]
+                crossed = True
+            elif crossed and all(self._is_plumbing(u) for u in users):
+                # one dequantize per consumer (pt2e duplicates them): they all carry one value
+                cur = best = min(users, key=self._position.__getitem__)
+            else:
+                return best
+
+    def _is_plumbing(self, n: fx.Node) -> bool:
+        c = self._cls.get(n)
+        return c is not None and c.role == "plumbing"
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The condensed graph as a ``networkx.DiGraph`` (built on first use)."""
+        if self._graph is None:
+            g = nx.DiGraph()
+            g.add_nodes_from(self._inputs)
+            g.add_edges_from((i, n) for n, ins in self._inputs.items() for i in ins)
+            self._graph = g
+        return self._graph
+
+    def neighbourhood(self, focus: list[fx.Node], radius: int) -> set[fx.Node]:
+        """The ops within ``radius`` edges of ``focus`` (either direction)."""
+        undirected = self.graph.to_undirected(as_view=True)
+        near: set[fx.Node] = set()
+        for n in focus:
+            if n in undirected:
+                near.update(nx.single_source_shortest_path_length(undirected, n, cutoff=radius))
+        return {n for n in near if self.is_op(n)}
+
+    # ------------------------------------------------------------------ naming
+    def name(self, n: fx.Node) -> str:
+        """Module path, owning FloatFunctional path, or node name."""
+        if n.op == "call_module":
+            return str(n.target)
+        owner = self._owner_path(n)
+        return owner if owner is not None else n.name
+
+    def _owner_path(self, n: fx.Node) -> str | None:
+        # a FloatFunctional's op is followed by its activation_post_process (observer)
+        if len(n.users) == 1:
+            (user,) = n.users
+            if user.op == "call_module" and str(user.target).endswith(_APP):
+                return str(user.target)[: -len(_APP)]
+        return None
+
+    def attrs(self, n: fx.Node) -> tuple[Any, ...]:
+        """The module attributes in :data:`MODULE_ATTRS` (None where absent); for a
+        ``getitem`` its index; ``()`` for other functions."""
+        cached = self._attrs.get(n)
+        if cached is None:
+            cached = self._attrs[n] = self._compute_attrs(n)
+        return cached
+
+    def _compute_attrs(self, n: fx.Node) -> tuple[Any, ...]:
+        if n.op == "call_module":
+            mod = self.modules[n.target]
+            if (isinstance(mod, nn.Sequential) and len(mod)
+                    and not isinstance(getattr(mod, "weight", None), torch.Tensor)):
+                mod = mod[0]  # a fused float module: its first part is the conv/linear
+            return tuple(getattr(mod, a, None) for a in MODULE_ATTRS)
+        if self._cls[n].signature == ("getitem",):
+            return (n.args[1],)
+        return ()
