@@ -4,6 +4,10 @@ The pipeline, one module per stage::
 
     trace -> match -> instrument -> run -> compare -> report
 
+``match`` builds one :class:`GraphView` per side and keeps both in the :class:`Matching`;
+every later stage reads them. :func:`instrument` is the one building block that attaches
+observers (loggers, comparators, shadows) to pairs.
+
 The eager Numeric Suite API (``compare_weights``, ``compare_model_outputs``, ...) is a thin
 layer on top, so ``import fxnumeric as ns`` runs the PyTorch Numeric Suite tutorial.
 """
@@ -22,13 +26,14 @@ from .eager import (
     remove_instrumentation,
 )
 from .errors import FxNumericError, InputError, InstrumentationError, MatchError, TraceError
-from .instrument import add_loggers, add_shadows, loggers_of
+from .instrument import Instrumented, add_loggers, add_shadows, instrument, loggers_of
 from .loggers import Logger, OutputLogger, Shadow, ShadowLogger
 from .match import Matching, Pair, Unmatched, match
 from .metrics import cosine, max_abs_error, mse, sqnr
 from .ops import register_op, unregister_op
 from .report import Report, ReportRow
 from .trace import trace
+from .view import GraphView
 from .weights import extract_weights
 
 __version__ = "0.1.0"
@@ -55,6 +60,9 @@ __all__ = [
     "Matching",
     "Pair",
     "Unmatched",
+    "GraphView",
+    "instrument",
+    "Instrumented",
     "add_loggers",
     "add_shadows",
     "loggers_of",

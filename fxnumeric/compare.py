@@ -23,7 +23,7 @@ from .errors import InputError
 from .instrument import Instrumented, instrument, resolve_matching
 from .loggers import Logger
 from .match import Matching, Pair
-from .metrics import BUILTIN_METRICS, Accumulator, MetricFn
+from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
 from .report import Report, ReportRow, WeightHistogram
 from .run import as_args, check_devices, run_model
 from .trace import LeafSpec
@@ -32,6 +32,30 @@ from .weights import pair_weights
 __all__ = ["compare", "COMPARISONS"]
 
 COMPARISONS = ("weights", "outputs", "shadows")
+
+
+class _QuantValue:
+    """A pair's quantized output in the current batch, dequantized once with its energy.
+
+    The output comparator and the shadow of a pair both read it; sharing saves one
+    dequantize and one reduction per pair and batch (metrics are memory-bound).
+    """
+
+    def __init__(self, precision: torch.dtype) -> None:
+        self.precision = precision
+        self._seen: Any = None
+        self._value: tuple[torch.Tensor, float] | None = None
+
+    def get(self, x: Any) -> tuple[Any, float | None]:
+        if not isinstance(x, torch.Tensor):
+            return x, None
+        if x is not self._seen:
+            self._seen, self._value = x, prepare_actual(x, self.precision)
+        assert self._value is not None
+        return self._value
+
+    def clear(self) -> None:
+        self._seen = self._value = None
 
 
 class _FloatOutputs(Logger):
@@ -48,24 +72,28 @@ class _FloatOutputs(Logger):
 class _CompareToFloat(Logger):
     """Compares each quantized output with the float twin's pending output."""
 
-    def __init__(self, twin: _FloatOutputs, acc: Accumulator) -> None:
+    def __init__(self, twin: _FloatOutputs, acc: Accumulator, value: _QuantValue) -> None:
         super().__init__()
         self.twin = [twin]  # a list, so the twin is not registered as a submodule
         self.acc = acc
+        self.value = value
 
     def forward(self, x: Any) -> None:
         pending = self.twin[0].pending
         if pending:
-            self.acc.update(pending.pop(0), first_output(x))
+            actual, energy = self.value.get(first_output(x))
+            self.acc.update(pending.pop(0), actual, actual_energy=energy)
 
 
 class _ShadowMetrics(Logger):
-    def __init__(self, acc: Accumulator) -> None:
+    def __init__(self, acc: Accumulator, value: _QuantValue) -> None:
         super().__init__()
         self.acc = acc
+        self.value = value
 
     def forward(self, x: Any, y: Any) -> None:  # type: ignore[override]
-        self.acc.update(first_output(y), first_output(x))
+        actual, energy = self.value.get(first_output(x))
+        self.acc.update(first_output(y), actual, actual_energy=energy)
 
 
 def _resolve_metrics(metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None) -> tuple[list[str], dict[str, MetricFn]]:
@@ -196,6 +224,7 @@ class _Plan:
     shadows: dict[str, Accumulator]
     model: Accumulator
     twins: list[_FloatOutputs]
+    values: list[_QuantValue]
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
@@ -213,22 +242,26 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     twins: list[_FloatOutputs] = []
+    values = {p.name: _QuantValue(precision) for p in matching.pairs}
 
     def output_observers(pair: Pair) -> tuple[nn.Module, nn.Module]:
         twin = _FloatOutputs()
         twins.append(twin)
-        return twin, _CompareToFloat(twin, outputs[pair.name])
+        return twin, _CompareToFloat(twin, outputs[pair.name], values[pair.name])
+
+    def shadow_observer(pair: Pair) -> nn.Module:
+        return _ShadowMetrics(shadows[pair.name], values[pair.name])
 
     # each batch runs each model once: the quantized graph holds both the output
     # comparators and the shadows
     built = instrument(
         matching,
         outputs=output_observers if "outputs" in wanted else None,
-        shadows=(lambda pair: _ShadowMetrics(shadows[pair.name])) if "shadows" in wanted else None,
+        shadows=shadow_observer if "shadows" in wanted else None,
     )
     return _Plan(matching, wanted, names, built,
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
-                 Accumulator(custom, precision=precision), twins)
+                 Accumulator(custom, precision=precision), twins, list(values.values()))
 
 
 def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
@@ -254,6 +287,8 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             plan.model.update(first_output(float_out), first_output(quant_out))
             for twin in plan.twins:
                 twin.pending.clear()
+            for value in plan.values:
+                value.clear()
             batches += 1
             bar.step(batches)
     finally:

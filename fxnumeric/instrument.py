@@ -33,7 +33,7 @@ from ._tensors import dequantize_all
 from .errors import InstrumentationError
 from .loggers import OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
-from .trace import LeafSpec
+from .trace import LeafSpec, graph_module
 from .view import GraphView
 
 __all__ = [
@@ -312,8 +312,7 @@ class _GraphCopy:
 
     def __init__(self, view: GraphView) -> None:
         source = view.gm
-        self.gm = fx.GraphModule(source, copy.deepcopy(source.graph),
-                                 class_name=type(source).__name__)
+        self.gm = graph_module(source, copy.deepcopy(source.graph), type(source).__name__)
         self.nodes = {n.name: n for n in self.gm.graph.nodes}
         self.modules = view.modules  # the copy shares the source's submodules
 

@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["sqnr", "cosine", "mse", "max_abs_error", "MetricFn", "Accumulator", "BUILTIN_METRICS"]
+__all__ = [
+    "sqnr", "cosine", "mse", "max_abs_error", "MetricFn", "Accumulator", "BUILTIN_METRICS",
+    "prepare_actual",
+]
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 """A user metric, called as ``fn(ref, actual)`` with float64 tensors; returns a float."""
@@ -39,6 +42,13 @@ def _as_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _energy(x: torch.Tensor) -> float:
     """``sum(x**2)``: one strided reduction, whatever the layout (channels_last included)."""
     return float(torch.linalg.vector_norm(x)) ** 2
+
+
+def prepare_actual(actual: torch.Tensor, precision: torch.dtype) -> tuple[torch.Tensor, float]:
+    """``actual`` as :class:`Accumulator` reads it (dequantized, in ``precision``) and its
+    energy, for an actual tensor compared with several references."""
+    a = _as_float(actual, precision)
+    return a, _energy(a)
 
 
 def _db(signal: float, noise: float) -> float:
@@ -112,8 +122,12 @@ class Accumulator:
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep else None
         self.shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
-    def update(self, ref: Any, actual: Any) -> None:
-        """Add one batch; non-tensor values are ignored."""
+    def update(self, ref: Any, actual: Any, *, actual_energy: float | None = None) -> None:
+        """Add one batch; non-tensor values are ignored.
+
+        ``actual_energy``, when given, is ``sum(actual**2)`` already computed by
+        :func:`prepare_actual` for an ``actual`` that several accumulators share.
+        """
         if not isinstance(ref, torch.Tensor) or not isinstance(actual, torch.Tensor):
             return
         r, a = _as_float(ref, self.precision), _as_float(actual, self.precision)
@@ -124,7 +138,9 @@ class Accumulator:
             self.kept.append((ref.detach(), actual.detach()))
         self.batches += 1
         err = r - a
-        signal, noise, actual_energy = _energy(r), _energy(err), _energy(a)
+        signal, noise = _energy(r), _energy(err)
+        if actual_energy is None:
+            actual_energy = _energy(a)
         if not all(math.isfinite(v) for v in (signal, noise, actual_energy)):
             self.nonfinite_batches += 1  # NaN/Inf propagate into the sums: the metrics say so
         self.signal += signal

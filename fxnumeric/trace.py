@@ -21,13 +21,30 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["trace", "LeafSpec"]
+__all__ = ["trace", "LeafSpec", "graph_module"]
 
 LeafSpec = type | str
 """A module type, or a qualified module name such as ``"encoder.layers.0"``."""
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(__file__)
+
+
+def graph_module(root: nn.Module | dict[str, Any], graph: fx.Graph,
+                 class_name: str = "GraphModule") -> fx.GraphModule:
+    """A GraphModule whose Python code is generated on first use, not on construction.
+
+    fxnumeric reads most graphs without running them (matching reads the graph; only the
+    instrumented copies run), and generating and compiling the code of a GraphModule took
+    about a third of ``prepare_model_outputs`` on mobilenet_v2. torch's
+    ``_LazyGraphModule`` (the GraphModule torch.compile uses) defers it; where it is missing,
+    a plain GraphModule is made.
+    """
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule as cls
+    except ImportError:  # pragma: no cover - older or newer torch
+        cls = fx.GraphModule
+    return cls(root, graph, class_name=class_name)
 
 
 def _always_leaf_types() -> tuple[type, ...]:
@@ -110,7 +127,7 @@ def _single_call_graph(model: nn.Module) -> fx.GraphModule:
         for p in params
     )
     graph.output(graph.call_module("root", args))
-    return fx.GraphModule({"root": model}, graph, class_name=type(model).__name__)
+    return graph_module({"root": model}, graph, class_name=type(model).__name__)
 
 
 def trace(
@@ -166,4 +183,4 @@ def trace(
             f"(no data-dependent `if`, no len()/assert on tensor shapes)."
         ) from exc
     name = type(model).__name__
-    return fx.GraphModule(model, graph, class_name=name)
+    return graph_module(model, graph, class_name=name)

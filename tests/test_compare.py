@@ -125,3 +125,23 @@ def test_renderings(tmp_path, make_lstm_pair):
     assert "<polyline" in page and report.summary().split(";")[0] in page
     with pytest.raises(ns.InputError, match="sort must be one of"):
         report.table(sort="name")
+
+
+@pytest.mark.parametrize("which", ["eager", "fx"])
+def test_every_metric_agrees_with_float64_to_1e6(which, make_resnet18_pair, make_fx_resnet18_pair):
+    """The float32 per-batch path (shared dequantized outputs included) loses no accuracy."""
+    f, q, data = make_resnet18_pair() if which == "eager" else make_fx_resnet18_pair()
+    batches = [x for x, _ in data]
+    m = ns.match(f, q)
+    fast = ns.compare(f, q, batches, matching=m, comparisons=("outputs", "shadows"))
+    exact = ns.compare(f, q, batches, matching=m, comparisons=("outputs", "shadows"),
+                       precision=torch.float64)
+    compared = 0
+    for r_fast, r_exact in zip(fast.rows, exact.rows, strict=True):
+        for side in ("output", "shadow"):
+            for metric, value in getattr(r_exact, side).items():
+                got = getattr(r_fast, side)[metric]
+                if math.isfinite(value):
+                    assert got == pytest.approx(value, rel=1e-6, abs=1e-12), (r_fast.name, side, metric)
+                    compared += 1
+    assert compared > 100
