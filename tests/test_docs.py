@@ -150,10 +150,8 @@ def _check_tutorial_namespace(ns: dict) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [pytest.param(TUTORIAL, id="docs/tutorial.md"), pytest.param(README, id="README.md"),
-     pytest.param(ROOT / "docs" / "reports.md", id="docs/reports.md"),
-     pytest.param(ROOT / "docs" / "matching.md", id="docs/matching.md"),
-     pytest.param(ROOT / "docs" / "tracing.md", id="docs/tracing.md")],
+    [pytest.param(p, id=str(p.relative_to(ROOT))) for p in
+     [README, *sorted((ROOT / "docs").glob("*.md"))]],
 )
 def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not path.exists():
