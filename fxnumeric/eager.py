@@ -203,6 +203,17 @@ def _output_selector(allow_list: set[type]):
     return select
 
 
+def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type,
+                    allow_list: set[type] | None,
+                    leaf_modules: Iterable[LeafSpec] | None) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Logged copies of both models, on the pairs whose quantized module is allowed."""
+    if allow_list is None:
+        allow_list = get_default_compare_output_module_list()
+    matching = match(float_model, q_model, leaf_modules=leaf_modules).check()
+    return add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
+                       matching=matching)
+
+
 def prepare_model_outputs(
     float_module: nn.Module,
     q_module: nn.Module,
@@ -219,14 +230,10 @@ def prepare_model_outputs(
     when None), or, in FX-quantized graphs, when it is a quantized functional op. Preparing
     again replaces the previous loggers (they never stack).
     """
-    if allow_list is None:
-        allow_list = get_default_compare_output_module_list()
     for model in (float_module, q_module):
         remove_instrumentation(model)
-    matching = match(float_module, q_module, leaf_modules=leaf_modules).check()
-    float_gm, quant_gm = add_loggers(
-        float_module, q_module, logger_cls, select=_output_selector(allow_list), matching=matching
-    )
+    float_gm, quant_gm = _output_loggers(float_module, q_module, logger_cls, allow_list,
+                                         leaf_modules)
     _install(float_module, float_gm)
     _install(q_module, quant_gm)
 
@@ -274,14 +281,10 @@ def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict
     return result
 
 
-def compare_model_outputs(
-    float_model: nn.Module,
-    q_model: nn.Module,
-    *data: Any,
-    logger_cls: type = OutputLogger,
-    allow_list: set[type] | None = None,
-    leaf_modules: Iterable[LeafSpec] | None = None,
-) -> dict[str, dict[str, Any]]:
+def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any,
+                          logger_cls: type = OutputLogger, allow_list: set[type] | None = None,
+                          leaf_modules: Iterable[LeafSpec] | None = None,
+                          ) -> dict[str, dict[str, Any]]:
     """Compare float and quantized activations at matching places for one input.
 
     Same result as :func:`prepare_model_outputs`, one forward of each model and
@@ -296,12 +299,7 @@ def compare_model_outputs(
         >>> list(d), d["0.stats"]["float"][0].shape
         (['0.stats', '1.stats'], torch.Size([2, 4]))
     """
-    if allow_list is None:
-        allow_list = get_default_compare_output_module_list()
-    matching = match(float_model, q_model, leaf_modules=leaf_modules).check()
-    float_gm, quant_gm = add_loggers(
-        float_model, q_model, logger_cls, select=_output_selector(allow_list), matching=matching
-    )
+    float_gm, quant_gm = _output_loggers(float_model, q_model, logger_cls, allow_list, leaf_modules)
     check_devices(float_model, q_model, data)
     run_model(float_gm, data, which="float")
     run_model(quant_gm, data, which="quantized")
