@@ -82,7 +82,8 @@ def _find_match(keys: Iterable[str], key: str, postfix: str) -> str | None:
     return None
 
 
-def _compare_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _compare_state_dicts(float_dict: dict[str, Any],
+                         quantized_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
     weight_dict: dict[str, dict[str, Any]] = {}
     for key, value in quantized_dict.items():
         match_key = _find_match(float_dict, key, "weight")
@@ -164,7 +165,8 @@ _PREPARED: weakref.WeakKeyDictionary[nn.Module, _Prepared] = weakref.WeakKeyDict
 def _install(model: nn.Module, gm: fx.GraphModule) -> None:
     """Route ``model.forward`` through ``gm`` (which shares its submodules)."""
     _PREPARED[model] = _Prepared.of(model, gm)
-    model.forward = gm.forward  # the in-place part of the eager API, undone by remove_instrumentation
+    # the in-place part of the eager API, undone by remove_instrumentation
+    model.forward = gm.forward
 
 
 def remove_instrumentation(model: nn.Module) -> nn.Module:
@@ -173,12 +175,14 @@ def remove_instrumentation(model: nn.Module) -> nn.Module:
     Returns the model itself, with its own forward back and no fxnumeric state left.
     """
     prepared = _PREPARED.pop(model, None)
-    if prepared is not None and getattr(model.__dict__.get("forward"), "__self__", None) is prepared.gm:
+    installed = getattr(model.__dict__.get("forward"), "__self__", None)
+    if prepared is not None and installed is prepared.gm:
         del model.__dict__["forward"]  # only the forward fxnumeric installed
     return model
 
 
-def _pair_module(matching: Matching, pair: Pair, side: str, *, head_first: bool) -> nn.Module | None:
+def _pair_module(matching: Matching, pair: Pair, side: str, *,
+                 head_first: bool) -> nn.Module | None:
     """The module behind one side of a pair, looking at its head or its output node first."""
     view, names = ((matching.float_view, pair.float_nodes) if side == "float"
                    else (matching.quant_view, pair.quant_nodes))
@@ -205,7 +209,8 @@ def _output_selector(allow_list: set[type]):
 
 def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type,
                     allow_list: set[type] | None,
-                    leaf_modules: Iterable[LeafSpec] | None) -> tuple[fx.GraphModule, fx.GraphModule]:
+                    leaf_modules: Iterable[LeafSpec] | None,
+                    ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Logged copies of both models, on the pairs whose quantized module is allowed."""
     if allow_list is None:
         allow_list = get_default_compare_output_module_list()
@@ -242,7 +247,8 @@ def _logged(stats: dict) -> bool:
     return "tensor_val" not in stats or len(stats["tensor_val"]) > 0
 
 
-def get_matching_activations(float_module: nn.Module, q_module: nn.Module) -> dict[str, dict[str, Any]]:
+def get_matching_activations(float_module: nn.Module,
+                             q_module: nn.Module) -> dict[str, dict[str, Any]]:
     """Return ``{key: {"float": [...], "quantized": [...]}}`` from prepared models.
 
     Keys are the quantized model's names with ``.stats`` (``conv1.stats``). With
@@ -264,7 +270,8 @@ def get_matching_activations(float_module: nn.Module, q_module: nn.Module) -> di
 
 def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict[str, Any]]:
     float_loggers, quant_loggers = loggers_of(float_prep.gm), loggers_of(quant_prep.gm)
-    if quant_loggers and not any(_logged(lg.stats) for lg in list(float_loggers.values()) + list(quant_loggers.values())):
+    every = [*float_loggers.values(), *quant_loggers.values()]
+    if quant_loggers and not any(_logged(lg.stats) for lg in every):
         raise InstrumentationError(
             "no activations were logged yet: run a forward pass of both prepared models "
             "(float_model(x); q_model(x)) before get_matching_activations"
@@ -275,7 +282,8 @@ def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict
         if "tensor_val" in q_stats and "tensor_val" in f_stats:
             if not q_stats["tensor_val"]:
                 continue
-            result[f"{name}.stats"] = {"float": f_stats["tensor_val"], "quantized": q_stats["tensor_val"]}
+            result[f"{name}.stats"] = {"float": f_stats["tensor_val"],
+                                       "quantized": q_stats["tensor_val"]}
         else:
             result[f"{name}.stats"] = {"float": f_stats, "quantized": q_stats}
     return result
@@ -359,7 +367,8 @@ def prepare_model_with_stubs(
     model is not modified.
     """
     remove_instrumentation(q_module)
-    _install(q_module, _stub_graph(float_module, q_module, module_swap_list, logger_cls, leaf_modules))
+    gm = _stub_graph(float_module, q_module, module_swap_list, logger_cls, leaf_modules)
+    _install(q_module, gm)
 
 
 def compare_model_stub(

@@ -298,9 +298,11 @@ def _explain_rows(m: Matching, node: str, radius: int) -> list[tuple[str, str, s
 def _summary(m: Matching, missed: list[Unmatched]) -> str:
     lines = [
         f"could not pair the float and quantized models: {len(m.pairs)} pairs, "
-        f"{len(m.unmatched_quant)} quantized and {len(m.unmatched_float)} float nodes without a partner."
+        f"{len(m.unmatched_quant)} quantized and {len(m.unmatched_float)} float nodes without "
+        "a partner."
     ]
-    for side, items in (("quantized", missed or list(m.unmatched_quant)), ("float", list(m.unmatched_float))):
+    sides = (("quantized", missed or list(m.unmatched_quant)), ("float", list(m.unmatched_float)))
+    for side, items in sides:
         for u in items[:5]:
             lines.append(f"  {side} `{u.node}` ({u.kind}): {u.reason}")
         if len(items) > 5:
@@ -344,7 +346,8 @@ def _align(
                 if q_nxt is None or qv.op_class(q_nxt).signature[0] != "batch_norm":
                     f_chain.append(nxt)
             return f_chain, q_chain
-        view, chain, seq, taken = (fv, f_chain, fs, taken_f) if i == len(fs) else (qv, q_chain, qs, taken_q)
+        view, chain, seq, taken = ((fv, f_chain, fs, taken_f) if i == len(fs)
+                                   else (qv, q_chain, qs, taken_q))
         nxt = view.sole_consumer(chain[-1])
         if nxt is None or nxt in taken:
             return None
@@ -352,7 +355,8 @@ def _align(
         seq.extend(view.op_class(nxt).signature)
 
 
-def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, taken_f: set) -> list[fx.Node]:
+def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list,
+                taken_f: set) -> list[fx.Node]:
     head = qv.op_class(q).signature[0]
     known = [m for m in mapped if m is not None]
     if known:
@@ -362,7 +366,8 @@ def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, taken_f:
     else:  # inputs unpaired upstream: only a same-named op will do
         qname = qv.name(q)
         pool = [f for f in fv.ops() if fv.name(f) == qname]
-    pool = [f for f in pool if fv.is_op(f) and f not in taken_f and fv.op_class(f).signature[0] == head]
+    pool = [f for f in pool
+            if fv.is_op(f) and f not in taken_f and fv.op_class(f).signature[0] == head]
     qname, qattrs = qv.name(q), qv.attrs(q)
     if head == "getitem":
         pool = [f for f in pool if fv.attrs(f) == qattrs]
@@ -374,8 +379,10 @@ def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, taken_f:
 # Quantization never changes these: a float and a quantized module that differ in them are
 # not counterparts (attributes missing on either side are not compared).
 _SHAPE_ATTRS = tuple(
-    MODULE_ATTRS.index(a) for a in ("in_channels", "out_channels", "kernel_size", "groups", "in_features",
-                              "out_features", "num_embeddings", "embedding_dim", "input_size", "hidden_size")
+    MODULE_ATTRS.index(a) for a in (
+        "in_channels", "out_channels", "kernel_size", "groups", "in_features", "out_features",
+        "num_embeddings", "embedding_dim", "input_size", "hidden_size",
+    )
 )
 
 
@@ -398,26 +405,33 @@ def _quant_miss_reason(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, t
         )
     if tried:
         names = ", ".join(f"`{f.name}` ({fv.op_class(f).kind})" for f in tried[:3])
-        return f"float candidates {names} start like it, but their op chain does not add up to `{kind}`"
+        return (f"float candidates {names} start like it, but their op chain does not add up "
+                f"to `{kind}`")
     anchor = next(m for m in mapped if m is not None) if any(mapped) else None
     head, qattrs = qv.op_class(q).signature[0], qv.attrs(q)
     for f in fv.consumers(anchor) if anchor is not None else []:
-        if fv.is_op(f) and fv.op_class(f).signature[0] == head and not _same_shape(fv.attrs(f), qattrs):
+        same_head = fv.is_op(f) and fv.op_class(f).signature[0] == head
+        if same_head and not _same_shape(fv.attrs(f), qattrs):
             diffs = ", ".join(
                 f"{MODULE_ATTRS[i]} {fv.attrs(f)[i]} vs {qattrs[i]}" for i in _SHAPE_ATTRS
-                if fv.attrs(f)[i] is not None and qattrs[i] is not None and fv.attrs(f)[i] != qattrs[i]
+                if None not in (fv.attrs(f)[i], qattrs[i]) and fv.attrs(f)[i] != qattrs[i]
             )
-            return f"float `{f.name}` is a `{head}` on the same input but its shape differs ({diffs})"
-    near = [f"`{f.name}` ({fv.op_class(f).kind})" for f in (fv.consumers(anchor) if anchor is not None else []) if fv.is_op(f)]
-    where = f"the float counterpart `{anchor.name}` of its input" if anchor is not None else "the float graph's inputs"
+            return (f"float `{f.name}` is a `{head}` on the same input but its shape differs "
+                    f"({diffs})")
+    around = fv.consumers(anchor) if anchor is not None else []
+    near = [f"`{f.name}` ({fv.op_class(f).kind})" for f in around if fv.is_op(f)]
+    where = (f"the float counterpart `{anchor.name}` of its input" if anchor is not None
+             else "the float graph's inputs")
     nearest = f"; nearest candidates: {', '.join(near[:3])}" if near else ""
     return f"no float op of kind `{qv.op_class(q).signature[0]}` consumes {where}{nearest}"
 
 
-def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict, inverse: dict) -> str:
+def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict,
+                       inverse: dict) -> str:
     kind = fv.op_class(f).kind
     if not f.users:
-        return "its result is never used (dead code the quantized graph dropped), so there is nothing to compare"
+        return ("its result is never used (dead code the quantized graph dropped), so there is "
+                "nothing to compare")
     head = fv.op_class(f).signature[0]
     for i in fv.inputs(f):
         for qc in qv.consumers(inverse[i]) if i in inverse else ():
@@ -427,15 +441,17 @@ def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict, 
                     chain.append(fv.op_class(nxt).kind)
                     nxt = fv.sole_consumer(nxt)
                 return (
-                    f"quantized `{qc.name}` ({qv.op_class(qc).kind}) reads the same input, but the float ops "
-                    f"from here compute {' -> '.join(chain)}: a float op it fused is missing or different"
+                    f"quantized `{qc.name}` ({qv.op_class(qc).kind}) reads the same input, but "
+                    f"the float ops from here compute {' -> '.join(chain)}: a float op it fused "
+                    "is missing or different"
                 )
     for nb in fv.inputs(f) + fv.consumers(f):
         if nb in pair_of:
             p = pair_of[nb]
             return (
-                f"float `{f.name}` ({kind}) has no quantized counterpart: its neighbour `{nb.name}` "
-                f"was paired with quantized `{p.name}` ({p.kind}), which does not compute a `{kind}`"
+                f"float `{f.name}` ({kind}) has no quantized counterpart: its neighbour "
+                f"`{nb.name}` was paired with quantized `{p.name}` ({p.kind}), which does not "
+                f"compute a `{kind}`"
             )
     ins = [i for i in fv.inputs(f) if i in inverse]
     if ins:
@@ -448,7 +464,8 @@ def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict, 
     return f"none of its inputs has a quantized counterpart, so `{kind}` could not be placed"
 
 
-def _pair_views(fv: GraphView, qv: GraphView) -> tuple[list[Pair], list[Unmatched], list[Unmatched], dict]:
+def _pair_views(fv: GraphView, qv: GraphView,
+                ) -> tuple[list[Pair], list[Unmatched], list[Unmatched], dict]:
     if len(fv.placeholders) != len(qv.placeholders):
         raise MatchError(
             f"the float model takes {len(fv.placeholders)} inputs "
@@ -479,12 +496,13 @@ def _pair_views(fv: GraphView, qv: GraphView) -> tuple[list[Pair], list[Unmatche
                 anchor[q] = mapped[0] if mapped else None
             else:
                 anchor[q] = None
-                miss_q.append(Unmatched(q.name, c.kind, _quant_miss_reason(fv, qv, q, mapped, tried), c.quantized))
+                reason = _quant_miss_reason(fv, qv, q, mapped, tried)
+                miss_q.append(Unmatched(q.name, c.kind, reason, c.quantized))
             continue
         f_chain, q_chain = found
         kinds = [k for n in q_chain for k in qv.op_class(n).signature]
         p = Pair(
-            name=qv.name(q_chain[-1]) if qv.name(q_chain[-1]) != q_chain[-1].name else qv.name(q_chain[0]),
+            name=_pair_name(qv, q_chain),
             kind="-".join(kinds),
             float_nodes=tuple(n.name for n in f_chain),
             quant_nodes=tuple(n.name for n in q_chain),
@@ -499,11 +517,17 @@ def _pair_views(fv: GraphView, qv: GraphView) -> tuple[list[Pair], list[Unmatche
             anchor[n] = f_chain[-1]
     inverse = {f: q for q, f in anchor.items() if f is not None}
     miss_f = [
-        Unmatched(f.name, fv.op_class(f).kind, _float_miss_reason(fv, qv, f, pair_of, inverse), False)
+        Unmatched(f.name, fv.op_class(f).kind, _float_miss_reason(fv, qv, f, pair_of, inverse))
         for f in fv.nodes
         if fv.is_op(f) and f not in taken_f and fv.op_class(f).role == "op"
     ]
     return pairs, miss_f, miss_q, anchor
+
+
+def _pair_name(qv: GraphView, q_chain: list[fx.Node]) -> str:
+    """The name of the module computing the chain's output, else of its head, else a node's."""
+    last = qv.name(q_chain[-1])
+    return last if last != q_chain[-1].name else qv.name(q_chain[0])
 
 
 def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,

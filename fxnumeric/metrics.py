@@ -151,15 +151,18 @@ class Accumulator:
         if r.numel():
             low, high = (float(v) for v in torch.aminmax(err))
             batch_max = math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
-            self.max_abs = math.nan if math.isnan(batch_max) or math.isnan(self.max_abs) else max(self.max_abs, batch_max)
+            nan = math.isnan(batch_max) or math.isnan(self.max_abs)
+            self.max_abs = math.nan if nan else max(self.max_abs, batch_max)
         for name, fn in self.custom.items():
             try:
                 self.custom_sums[name] += float(fn(r.double(), a.double()))
             except Exception as exc:
                 from .errors import InputError
 
-                raise InputError(f"custom metric {name!r} failed: {type(exc).__name__}: {exc}; "
-                                 "a metric is called as fn(ref, actual) with float64 tensors and returns a float") from exc
+                raise InputError(
+                    f"custom metric {name!r} failed: {type(exc).__name__}: {exc}; a metric is "
+                    "called as fn(ref, actual) with float64 tensors and returns a float"
+                ) from exc
 
     def value(self, name: str) -> float:
         """The metric ``name`` over everything seen so far (``nan`` before any batch)."""

@@ -68,7 +68,8 @@ def check_devices(float_model: nn.Module, quant_model: nn.Module, batch: Any = N
         names["input"] = _input_devices(as_args(batch))
     seen = set().union(*names.values())
     if len(seen) > 1:
-        where = "; ".join(f"{k} on {', '.join(sorted(str(d) for d in v))}" for k, v in names.items() if v)
+        where = "; ".join(f"{k} on {', '.join(sorted(str(d) for d in v))}"
+                          for k, v in names.items() if v)
         raise InputError(
             f"the models and inputs must be on one device, but the {where}. "
             "Move them first, e.g. float_model.to('cpu') (quantized kernels run on CPU)."
