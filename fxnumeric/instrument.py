@@ -14,8 +14,9 @@ eager-compatible API all call it::
 
 Observers hang off the graph as side branches: their results are never used, so instrumented
 models give bit-identical outputs. The new GraphModules share the user's submodules (nothing is
-copied or changed) except the float modules run as shadows, which are deep copies, so running
-a shadow never touches the float model.
+copied or changed). A shadow calls the float model's own modules where calling them changes
+nothing (torch's modules in eval mode) and deep copies of the others (observers, fake-quants,
+modules in training mode, user classes), so running a shadow never touches the float model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -33,6 +35,7 @@ from ._tensors import dequantize_all
 from .errors import InstrumentationError
 from .loggers import OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
+from .ops import is_pure
 from .trace import LeafSpec, graph_module
 from .view import GraphView
 
@@ -356,7 +359,7 @@ class _GraphCopy:
             for attr_node in n.all_input_nodes:
                 if attr_node.op == "get_attr" and attr_node not in env:
                     name = f"attr{len(copied)}"
-                    value = copy.deepcopy(_get_attr(float_view.gm, str(attr_node.target)))
+                    value = _shadow_copy(_get_attr(float_view.gm, str(attr_node.target)))
                     if isinstance(value, nn.Module):
                         holder.add_module(name, value)
                     else:
@@ -367,7 +370,7 @@ class _GraphCopy:
                 local = copied.get(str(n.target))
                 if local is None:
                     local = copied[str(n.target)] = f"m{len(copied)}"
-                    holder.add_module(local, copy.deepcopy(float_view.modules[n.target]))
+                    holder.add_module(local, _shadow_copy(float_view.modules[n.target]))
                 env[n] = emit(lambda n=n, local=local: graph.create_node(
                     "call_module", f"{prefix}.{local}",
                     fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)))
@@ -378,6 +381,15 @@ class _GraphCopy:
             logged = emit(lambda: graph.call_method("clone", (anchor,)))
         holder.add_module("logger", observer)
         emit(lambda: graph.call_module(f"{prefix}.logger", (logged, env[nodes[-1]])))
+
+
+def _shadow_copy(value: Any) -> Any:
+    """What a shadow calls in place of a float module or constant: the object itself where
+    calling it changes nothing (no copy of the weights), else a deep copy, so running a shadow
+    never touches the float model (an observer in a QAT float model keeps its statistics)."""
+    if isinstance(value, torch.Tensor) or (isinstance(value, nn.Module) and is_pure(value)):
+        return value
+    return copy.deepcopy(value)
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:

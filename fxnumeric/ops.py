@@ -30,7 +30,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["OpClass", "classify", "register_op", "unregister_op", "BN_FOLDING_KINDS", "is_quantized_module"]
+__all__ = [
+    "OpClass", "classify", "register_op", "unregister_op", "BN_FOLDING_KINDS",
+    "is_quantized_module", "is_pure",
+]
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,20 @@ def _transparent_types() -> tuple[type, ...]:
     from .loggers import Logger
 
     return (ObserverBase, FakeQuantizeBase, Logger)
+
+
+def is_pure(module: nn.Module) -> bool:
+    """Whether calling ``module`` leaves it (and everything in it) unchanged.
+
+    True for torch's own modules in eval mode with no observer, fake-quantize or logger
+    inside: a shadow may then call the float model's module itself instead of a copy. A
+    module of the user's own class, or one in training mode, may record what it sees.
+    """
+    stateful = _transparent_types()
+    return all(
+        not m.training and type(m).__module__.startswith("torch.") and not isinstance(m, stateful)
+        for m in module.modules()
+    )
 
 
 def _module_class(module: nn.Module) -> OpClass:

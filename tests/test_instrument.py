@@ -174,3 +174,39 @@ def test_shadow_module_and_get_logger_dict_on_plain_module_trees():
     assert torch.equal(stats["0.stats"]["float"][0], f[0](x).detach())
     assert stats["0.stats"]["quantized"][0].shape == (3, 4)  # whole batch kept
     assert ns.get_logger_dict(holder, prefix="model") == {"model.0.stats": stats["0.stats"]}
+
+
+def test_shadows_share_pure_float_modules_and_copy_stateful_ones():
+    """A shadow calls the float model's own eval-mode torch modules (no copy of the weights),
+    but copies observers and fake-quants, whose statistics running it must not change."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    shadowed, _ = ns.add_shadows(f, convert_fx(_prepared(f, x)))
+    shared = {id(m) for m in shadowed.modules()}
+    assert id(f[0]) in shared and id(f[2]) in shared  # no copy of pure modules
+
+    qat = prepare_qat_fx(copy.deepcopy(f).train(), get_default_qat_qconfig_mapping("x86"), (x,))
+    qat(x)
+    qat.eval()
+    converted = convert_fx(copy.deepcopy(qat))
+    before = {k: v.clone() for k, v in qat.state_dict().items() if isinstance(v, torch.Tensor)}
+    shadowed, skipped = ns.add_shadows(qat, converted)
+    assert not skipped
+    with torch.no_grad():
+        shadowed(x * 3)  # new ranges: an observer that ran would move
+    after = qat.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not ({id(m) for m in qat.modules() if list(m.buffers())} & {id(m) for m in shadowed.modules()})
+
+
+def _prepared(f: nn.Module, x: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    p = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (x,))
+    p(x)
+    return p
