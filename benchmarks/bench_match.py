@@ -286,7 +286,8 @@ def main() -> None:
     torch.set_num_threads(1)
     repeat = args.repeat or (3 if args.quick else 5)
     models = ["resnet18", "mobilenet_v2"] if args.quick else [
-        "resnet18", "resnet50", "mobilenet_v2", "shufflenet_v2_x1_0", "googlenet"]
+        "resnet18", "resnet50", "mobilenet_v2", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+        "googlenet"]
     sizes = [100, 1000] if args.quick else [100, 1000, 10000]
 
     t_start = time.perf_counter()
