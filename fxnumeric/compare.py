@@ -9,9 +9,7 @@ dequantized input. Peak memory is one batch of activations, whatever the number 
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +18,12 @@ from torch import nn
 
 from ._tensors import detach, first_output
 from .errors import InputError
+from .guards import nothing_quantized
 from .instrument import Instrumented, instrument, resolve_matching
 from .loggers import Logger
 from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
+from .progress import Progress, phase
 from .report import Report, ReportRow, WeightHistogram
 from .run import as_args, check_devices, run_model
 from .trace import LeafSpec
@@ -118,29 +118,6 @@ def _resolve_metrics(metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | N
     return names, custom
 
 
-class _Progress:
-    def __init__(self, enabled: bool | None, total: int | None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.total = total
-        self.start = time.perf_counter()
-
-    def step(self, i: int) -> None:
-        if not self.enabled:
-            return
-        total = f"/{self.total}" if self.total else ""
-        width = 30
-        bar = ""
-        if self.total:
-            done = int(width * i / self.total)
-            bar = "[" + "#" * done + "." * (width - done) + "] "
-        sys.stderr.write(f"\r{bar}batch {i}{total}  {time.perf_counter() - self.start:.1f}s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def _histogram(ref: torch.Tensor, actual: torch.Tensor, bins: int = 60) -> WeightHistogram:
     # float32 is exact enough for bin counts and halves the transient memory of float64
     r = ref.detach().float().flatten()
@@ -168,6 +145,7 @@ def compare(
     progress: bool | None = None,
     max_batches: int | None = None,
     precision: torch.dtype = torch.float32,
+    inputs: int | Callable[[Any], Any] | None = None,
 ) -> Report:
     """Compare a float model with its quantized counterpart, layer by layer, over ``data``.
 
@@ -175,8 +153,8 @@ def compare(
         float_model: the float model (not modified).
         quant_model: the quantized model (not modified).
         data: an iterable of batches (a DataLoader works); each batch is a tensor or a tuple
-            of inputs. A ``(inputs, label)`` pair from a labelled DataLoader is passed whole,
-            so wrap such loaders as ``(x for x, _ in loader)``.
+            of positional inputs. A single tensor is one batch. For a labelled DataLoader
+            that yields ``(x, label)``, pass ``inputs=0``.
         comparisons: any of ``"weights"``, ``"outputs"`` (cumulative error: both models
             run on the same input) and ``"shadows"`` (local error: each quantized op against
             its float twin fed the same dequantized input).
@@ -188,11 +166,16 @@ def compare(
         matching: a :func:`fxnumeric.match` result to reuse; it must have been built from
             ``float_model`` and ``quant_model``.
         leaf_modules: module types or names to keep whole when tracing.
-        progress: show a progress bar on stderr (default: only when stderr is a terminal).
+        progress: show progress on stderr: tracing and pairing, the batches, the weight
+            comparison (default: when stderr is a terminal or in a Jupyter notebook).
         max_batches: stop after this many batches.
         precision: dtype of the per-batch reductions; sums over batches are always float64
             (see :mod:`fxnumeric.metrics`). ``torch.float64`` is exact and about six times
             slower per activation.
+        inputs: what of each batch the models take: an index (``inputs=0`` feeds
+            ``batch[0]``, dropping the labels of a ``(x, label)`` loader) or a function
+            ``inputs(batch)`` returning the input or a tuple of inputs. Default: the whole
+            batch.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
@@ -207,9 +190,9 @@ def compare(
         (['0', '1'], 3)
     """
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
-                 leaf_modules, precision)
-    batches = _run(plan, data, progress, max_batches)
-    return _collect(plan, batches)
+                 leaf_modules, precision, progress)
+    batches = _run(plan, data, progress, max_batches, inputs)
+    return _collect(plan, batches, progress)
 
 
 @dataclass
@@ -230,7 +213,7 @@ class _Plan:
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
           metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None, keep: bool,
           matching: Matching | None, leaf_modules: Iterable[LeafSpec] | None,
-          precision: torch.dtype) -> _Plan:
+          precision: torch.dtype, progress: bool | None = None) -> _Plan:
     """Validate the options, match, and build one instrumented graph per side."""
     wanted = tuple(comparisons)
     unknown = set(wanted) - set(COMPARISONS)
@@ -238,7 +221,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         raise InputError(f"unknown comparisons {sorted(unknown)}; "
                          f"choose from {', '.join(COMPARISONS)}")
     names, custom = _resolve_metrics(metrics)
-    matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
+    with phase("tracing and pairing the models", progress and matching is None):
+        matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     twins: list[_FloatOutputs] = []
@@ -265,24 +249,28 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
 
 
 def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
-         max_batches: int | None) -> int:
+         max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None) -> int:
     """Feed every batch to both instrumented models; return how many batches ran."""
     float_gm = plan.built.float_model or plan.matching.float_graph
     quant_gm = plan.built.quant_model
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
-    bar = _Progress(progress, total)
+    if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
+        data, total = [data], 1
+    bar = Progress(total, "comparing batches", progress)
     batches = 0
     try:
         for batch in data:
             if max_batches is not None and batches >= max_batches:
                 break
-            args = as_args(batch)
+            args = as_args(_pick_inputs(batch, inputs))
             if batches == 0:
                 check_devices(plan.matching.float_model or float_gm,
                               plan.matching.quant_model or quant_gm, args)
-            float_out = run_model(float_gm, args, which="float")
+                float_out = _first_run(float_gm, args, batch, inputs)
+            else:
+                float_out = run_model(float_gm, args, which="float")
             quant_out = run_model(quant_gm, args, which="quantized")
             plan.model.update(first_output(float_out), first_output(quant_out))
             for twin in plan.twins:
@@ -290,7 +278,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             for value in plan.values:
                 value.clear()
             batches += 1
-            bar.step(batches)
+            bar.update()
     finally:
         bar.close()
     if batches == 0:
@@ -299,13 +287,14 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
     return batches
 
 
-def _collect(plan: _Plan, batches: int) -> Report:
+def _collect(plan: _Plan, batches: int, progress: bool | None = None) -> Report:
     """One report row per pair name, from the accumulators and the weights."""
     matching = plan.matching
     weights: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     if "weights" in plan.comparisons:
-        for pair, key, fw, qw in pair_weights(matching):
-            weights.setdefault(pair.name, []).append((key, fw, qw))
+        with phase("comparing weights", progress):
+            for pair, key, fw, qw in pair_weights(matching):
+                weights.setdefault(pair.name, []).append((key, fw, qw))
     rows = []
     seen: set[str] = set()
     for p in matching.pairs:
@@ -333,6 +322,7 @@ def _collect(plan: _Plan, batches: int) -> Report:
             note=_note(oa, sa, plan.built.skipped.get(p.name)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
+            float_rms=_rms(oa if oa and oa.batches else sa),
         ))
     return Report(
         rows=tuple(rows),
@@ -343,7 +333,51 @@ def _collect(plan: _Plan, batches: int) -> Report:
         unmatched=tuple((u.node, "float", u.reason) for u in matching.unmatched_float)
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,
+        notes=("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
+        if nothing_quantized(matching.quant_graph) else (),
+        model_output_rms=_rms(plan.model),
     )
+
+
+def _rms(acc: Accumulator | None) -> float | None:
+    """Root mean square of the float (reference) tensors an accumulator has seen."""
+    if acc is None or not acc.batches or not acc.count:
+        return None
+    return (acc.signal / acc.count) ** 0.5
+
+
+def _pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:
+    if inputs is None:
+        return batch
+    if callable(inputs):
+        return inputs(batch)
+    try:
+        return batch[inputs]
+    except (IndexError, KeyError, TypeError) as exc:
+        raise InputError(f"inputs={inputs!r} cannot index a batch of type {type(batch).__name__}: "
+                         f"{exc}; pass an index into each batch or a function batch -> inputs")\
+            from exc
+
+
+def _looks_labelled(batch: Any) -> bool:
+    """A ``(x, label)`` pair: two items, the second a tensor of integer class ids."""
+    return (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and isinstance(batch[1], torch.Tensor) and batch[1].ndim <= 1
+            and not batch[1].is_floating_point())
+
+
+def _first_run(float_gm: nn.Module, args: tuple, batch: Any, inputs: Any) -> Any:
+    """Run the first batch; if it is rejected and looks like ``(x, label)``, suggest inputs=."""
+    try:
+        return run_model(float_gm, args, which="float")
+    except InputError as exc:
+        if inputs is None and _looks_labelled(batch):
+            raise InputError(
+                f"{exc.args[0].splitlines()[0]}\nThe batch looks like (inputs, labels) from a "
+                "labelled DataLoader. Fix: compare(..., inputs=0) feeds only batch[0] to the "
+                "models (or pass inputs=lambda batch: ...)."
+            ) from exc
+        raise
 
 
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None) -> str:

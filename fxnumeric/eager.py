@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import InstrumentationError
+from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
 from .loggers import Logger, OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
@@ -135,6 +136,7 @@ def compare_weights(float_dict: Any, quantized_dict: Any) -> dict[str, dict[str,
         from .errors import InputError
 
         raise InputError("compare_weights takes two state dicts or two models, not one of each")
+    check_state_dicts(float_dict, quantized_dict)  # quantized tensors under 'float': swapped
     return _compare_state_dicts(float_dict, quantized_dict)
 
 

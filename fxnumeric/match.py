@@ -33,6 +33,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .errors import MatchError
+from .guards import check_pair
 from .ops import BN_FOLDING_KINDS
 from .trace import LeafSpec, trace
 from .view import MODULE_ATTRS, GraphView
@@ -223,23 +224,19 @@ class Matching:
         With ``around_misses=True``, each unpaired node is followed by :meth:`explain` of it:
         the two graphs side by side around the miss.
         """
-        rows = [
-            (p.name, p.kind, ", ".join(p.float_nodes), ", ".join(p.quant_nodes), "")
-            for p in self.pairs
-        ]
-        rows += [(u.node, u.kind, u.node, "-", u.reason) for u in self.unmatched_float]
-        rows += [(u.node, u.kind, "-", u.node, u.reason) for u in self.unmatched_quant]
-        headers = ("name", "kind", "float nodes", "quantized nodes", "unpaired because")
-        summary = (
-            f"{len(self.pairs)} pairs, {len(self.unmatched_float)} float and "
-            f"{len(self.unmatched_quant)} quantized nodes unpaired, "
-            f"coverage of quantized ops {self.coverage:.0%}"
-        )
-        text = tabulate(rows, headers=headers, tablefmt=tablefmt) + "\n" + summary
-        if around_misses:
-            for u in (*self.unmatched_float, *self.unmatched_quant):
-                text += f"\n\naround `{u.node}`:\n" + self.explain(u.node, tablefmt=tablefmt)
-        return text
+        from .render import matching_table
+
+        return matching_table(self, tablefmt, around_misses=around_misses)
+
+    def __repr__(self) -> str:
+        from .render import matching_summary
+
+        return f"<Matching: {matching_summary(self)}>"
+
+    def _repr_html_(self) -> str:
+        from .render import matching_fragment
+
+        return matching_fragment(self)
 
 
 def _explain_rows(m: Matching, node: str, radius: int) -> list[tuple[str, str, str, str]]:
@@ -573,6 +570,7 @@ def match(
     """
     float_gm = _as_graph_module(float_model, leaf_modules, "float")
     quant_gm = _as_graph_module(quant_model, leaf_modules, "quantized")
+    check_pair(float_gm, quant_gm)  # swapped, unconverted or unquantized: see fxnumeric.guards
     if example_inputs is not None:
         from .run import run_model
 

@@ -1,26 +1,30 @@
-"""Stage 6, report: what :func:`fxnumeric.compare` found, as tables, JSON, CSV and HTML.
+"""Stage 6, report: what :func:`fxnumeric.compare` found, as data.
 
 A :class:`Report` is a frozen dataclass of :class:`ReportRow` s; nothing in it prints
-tensors. Rendering is tabulate straight from the rows; the HTML page is self-contained
-(inline SVG charts, no plotting library needed).
+tensors. It answers the questions (which layer is worst, in what order to show the rows, is a
+row's signal too small to measure); every rendering (tables, CSV, HTML, notebook display)
+lives in :mod:`fxnumeric.render`, and the methods here only delegate to it.
 """
 
 from __future__ import annotations
 
-import csv
-import html
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
-__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS"]
+__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS"]
 
 TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 _SORT_KEYS = ("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr")
+_WORST_FIRST = ("shadow_sqnr", "output_sqnr", "weight_sqnr")
+_LABELS = {"shadow_sqnr": "shadow SQNR", "output_sqnr": "output SQNR", "weight_sqnr": "weight SQNR"}
+
+DEGENERATE_RMS = 1e-6
+"""Below this RMS a float activation is "collapsed": torch's observers never choose a scale
+under float32's eps (1.2e-7), so such a signal spans a few 8-bit steps at most and its SQNR,
+cosine and MSE measure rounding of almost nothing (typically 0 dB, cosine 0, MSE ~1e-19)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class ReportRow:
 
     ``output`` holds the cumulative metrics (both models fed the same input, so the error
     accumulated up to this layer); ``shadow`` the local ones (this quantized op against its
-    float twin fed the same dequantized input: the error this layer adds).
+    float twin fed the same dequantized input: the error this layer adds). ``float_rms`` is
+    the root mean square of the float activation over all batches (``None`` when unknown).
     """
 
     name: str
@@ -54,6 +59,7 @@ class ReportRow:
     note: str = ""
     weight_histogram: WeightHistogram | None = field(default=None, repr=False)
     activations: tuple | None = field(default=None, repr=False)
+    float_rms: float | None = None
 
     @property
     def output_sqnr(self) -> float | None:
@@ -75,6 +81,26 @@ class ReportRow:
     def max_abs_error(self) -> float | None:
         return self.output.get("max_abs_error")
 
+    @property
+    def degenerate(self) -> bool:
+        """Whether the float activation collapsed (RMS below :data:`DEGENERATE_RMS`)."""
+        return self.float_rms is not None and self.float_rms < DEGENERATE_RMS
+
+    @property
+    def notes(self) -> str:
+        """``note`` plus what the row's numbers cannot tell (a collapsed signal)."""
+        parts = [self.note] if self.note else []
+        if self.degenerate:
+            parts.append(f"float signal collapsed (RMS {self.float_rms:.1e}): SQNR meaningless")
+        return "; ".join(parts)
+
+    def __repr__(self) -> str:
+        def db(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        return (f"ReportRow({self.name!r}, {self.kind}, weight {db(self.weight_sqnr)} dB, "
+                f"output {db(self.output_sqnr)} dB, shadow {db(self.shadow_sqnr)} dB)")
+
 
 def _num(x: float | None) -> Any:
     """JSON-safe number: inf/nan become strings, None stays None."""
@@ -93,7 +119,11 @@ def _sort_value(x: float | None) -> float:
 
 @dataclass(frozen=True)
 class Report:
-    """Per-layer comparison of a float model and its quantized counterpart."""
+    """Per-layer comparison of a float model and its quantized counterpart.
+
+    ``notes`` are report-wide caveats (random weights, nothing quantized) shown above the
+    summary in every rendering; ``model_output_rms`` is the float model output's RMS.
+    """
 
     rows: tuple[ReportRow, ...]
     metrics: tuple[str, ...]
@@ -102,6 +132,8 @@ class Report:
     model_output: dict[str, float]
     unmatched: tuple[tuple[str, str, str], ...] = ()
     torch_version: str = ""
+    notes: tuple[str, ...] = ()
+    model_output_rms: float | None = None
 
     # ------------------------------------------------------------------ queries
     def row(self, name: str) -> ReportRow:
@@ -112,14 +144,26 @@ class Report:
         raise KeyError(f"no row named {name!r}")
 
     @property
+    def degenerate_rows(self) -> tuple[ReportRow, ...]:
+        """Rows whose float signal collapsed: their metrics measure nothing."""
+        return tuple(r for r in self.rows if r.degenerate)
+
+    @property
     def worst_layer(self) -> ReportRow | None:
-        """Where the most error enters: lowest shadow SQNR, else the largest output-SQNR drop."""
-        with_shadow = [r for r in self.rows if r.shadow_sqnr is not None and not math.isnan(r.shadow_sqnr)]
+        """Where the most error enters: lowest shadow SQNR, else the largest output-SQNR drop.
+
+        Rows with a collapsed float signal are never chosen, nor a layer that adds no error
+        at all (shadow SQNR ``inf``).
+        """
+        live = [r for r in self.rows if not r.degenerate]
+        with_shadow = [r for r in live
+                       if r.shadow_sqnr is not None and not math.isnan(r.shadow_sqnr)]
         if with_shadow:
-            return min(with_shadow, key=lambda r: r.shadow_sqnr)
+            worst = min(with_shadow, key=lambda r: r.shadow_sqnr)
+            return worst if worst.shadow_sqnr != math.inf else None
         best, prev = None, None
-        drop_best = -math.inf
-        for r in self.rows:
+        drop_best = 0.0
+        for r in live:
             s = r.output_sqnr
             if s is None or math.isnan(s):
                 continue
@@ -133,69 +177,86 @@ class Report:
         parts = [f"{self.batches} batches", f"{len(self.rows)} layers"]
         overall = self.model_output.get("sqnr")
         if overall is not None:
-            parts.append(f"model output SQNR {overall:.2f} dB")
+            collapsed = self.model_output_rms is not None and self.model_output_rms < DEGENERATE_RMS
+            parts.append(f"model output SQNR {overall:.2f} dB"
+                         + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
+                            if collapsed else ""))
         worst = self.worst_layer
         if worst is not None:
             how = (f"shadow SQNR {worst.shadow_sqnr:.2f} dB" if worst.shadow_sqnr is not None
                    else f"output SQNR {worst.output_sqnr:.2f} dB")
             parts.append(f"most error enters at {worst.name} ({worst.kind}, {how})")
+        elif self.rows:
+            parts.append("no layer named as culprit")
+        dead = len(self.degenerate_rows)
+        if dead:
+            parts.append(f"float signal collapsed in {dead} layers (RMS < {DEGENERATE_RMS:g}): "
+                         "their SQNRs mean nothing")
         if self.unmatched:
             parts.append(f"{len(self.unmatched)} nodes unpaired")
         return "; ".join(parts)
 
-    def sorted_rows(self, sort: str = "graph", top_k: int | None = None) -> list[ReportRow]:
-        """Rows in graph order, or worst first by ``output_sqnr``/``shadow_sqnr``/``weight_sqnr``."""
-        if sort not in _SORT_KEYS:
+    def sort_key(self, sort: str | None = None, top_k: int | None = None) -> tuple[str, str]:
+        """The column rows are ordered by, and a note when it is not the one asked for.
+
+        ``sort=None`` means graph order, or worst first when ``top_k`` is given. A metric
+        that this report does not hold (``shadow_sqnr`` without shadows) falls back to the
+        first one it holds of shadow, output, weight SQNR, and the note says so.
+        """
+        if sort is not None and sort not in _SORT_KEYS:
             from .errors import InputError
 
             raise InputError(f"sort must be one of {', '.join(_SORT_KEYS)}, got {sort!r}")
+        if sort is None:
+            sort = "graph" if top_k is None else "worst"
+        if sort == "graph":
+            return "graph", ""
+        present = [k for k in _WORST_FIRST if any(getattr(r, k) is not None for r in self.rows)]
+        if sort == "worst":
+            return (present[0], "") if present else ("graph", "")
+        if sort in present:
+            return sort, ""
+        if not present:
+            return "graph", f"no {_LABELS[sort]} in this report: rows in graph order"
+        return present[0], (f"no {_LABELS[sort]} in this report (comparisons: "
+                             f"{', '.join(self.comparisons)}): sorted by {_LABELS[present[0]]}")
+
+    def sorted_rows(self, sort: str | None = None, top_k: int | None = None) -> list[ReportRow]:
+        """Rows in graph order, or worst first (see :meth:`sort_key`); collapsed rows last."""
+        key, _ = self.sort_key(sort, top_k)
         rows = list(self.rows)
-        if sort != "graph":
-            rows.sort(key=lambda r: _sort_value(getattr(r, sort)))
+        if key != "graph":
+            rows.sort(key=lambda r: (r.degenerate, _sort_value(getattr(r, key))))
         return rows[:top_k] if top_k is not None else rows
 
     # ------------------------------------------------------------------ rendering
-    def _columns(self) -> list[tuple[str, Any]]:
-        cols: list[tuple[str, Any]] = [("layer", lambda r: r.name), ("kind", lambda r: r.kind)]
-        if "weights" in self.comparisons:
-            cols.append(("weight SQNR", lambda r: r.weight_sqnr))
-        if "outputs" in self.comparisons:
-            for m in self.metrics:
-                label = "output SQNR" if m == "sqnr" else m
-                cols.append((label, lambda r, m=m: r.output.get(m)))
-        if "shadows" in self.comparisons:
-            cols.append(("shadow SQNR", lambda r: r.shadow.get("sqnr")))
-            for m in self.metrics:
-                if m != "sqnr" and m not in ("cosine", "mse", "max_abs_error"):
-                    cols.append((f"shadow {m}", lambda r, m=m: r.shadow.get(m)))
-        cols.append(("note", lambda r: r.note))
-        return cols
-
-    def table(self, tablefmt: str = "simple", *, sort: str = "graph", top_k: int | None = None) -> str:
-        """Render the rows with tabulate, followed by the summary line.
+    def table(self, tablefmt: str = "simple", *, sort: str | None = None,
+              top_k: int | None = None) -> str:
+        """Render the rows with tabulate, then the notes and the summary line (last).
 
         Args:
             tablefmt: any tabulate format (``simple``, ``plain``, ``github``, ``markdown`` ...).
             sort: ``graph`` order, or worst first by ``output_sqnr``, ``shadow_sqnr`` or
-                ``weight_sqnr``.
+                ``weight_sqnr``. Default: graph order, or worst first when ``top_k`` is given.
             top_k: keep only the first ``k`` rows after sorting.
         """
-        if tablefmt == "markdown":
-            tablefmt = "pipe"
-        cols = self._columns()
-        rows = [[fn(r) for _, fn in cols] for r in self.sorted_rows(sort, top_k)]
-        return tabulate(rows, headers=[c for c, _ in cols], tablefmt=tablefmt, floatfmt=".4g", missingval="-") + "\n" + self.summary()
+        from .render import report_table
+
+        return report_table(self, tablefmt, sort=sort, top_k=top_k)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-safe: inf and nan are strings)."""
+        worst = self.worst_layer
         return {
             "summary": self.summary(),
+            "notes": list(self.notes),
             "batches": self.batches,
             "comparisons": list(self.comparisons),
             "metrics": list(self.metrics),
             "torch_version": self.torch_version,
             "model_output": {k: _num(v) for k, v in self.model_output.items()},
-            "worst_layer": self.worst_layer.name if self.worst_layer else None,
+            "model_output_rms": _num(self.model_output_rms),
+            "worst_layer": worst.name if worst else None,
             "layers": [
                 {
                     "name": r.name, "kind": r.kind, "quantized": r.quantized,
@@ -203,7 +264,8 @@ class Report:
                     "output": {k: _num(v) for k, v in r.output.items()},
                     "shadow": {k: _num(v) for k, v in r.shadow.items()},
                     "float_nodes": list(r.float_nodes), "quant_nodes": list(r.quant_nodes),
-                    "note": r.note,
+                    "float_rms": _num(r.float_rms), "degenerate": r.degenerate,
+                    "note": r.notes,
                 }
                 for r in self.rows
             ],
@@ -219,13 +281,10 @@ class Report:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one CSV row per layer (metrics as columns) and return the path."""
-        cols = self._columns()
+        from .render import report_csv
+
         path = Path(path)
-        with path.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow([c for c, _ in cols])
-            for r in self.rows:
-                writer.writerow(["" if v is None else v for v in (fn(r) for _, fn in cols)])
+        path.write_text(report_csv(self))
         return path
 
     def to_html(self, path: str | Path, *, histogram_layers: list[str] | int = 3) -> Path:
@@ -236,100 +295,16 @@ class Report:
             histogram_layers: layer names to draw weight histograms for, or ``k`` for the
                 ``k`` layers with the lowest weight SQNR.
         """
-        if isinstance(histogram_layers, int):
-            chosen = [r for r in self.sorted_rows("weight_sqnr") if r.weight_histogram is not None][:histogram_layers]
-        else:
-            chosen = [self.row(n) for n in histogram_layers]
-        missing = [r.name for r in chosen if r.weight_histogram is None]
-        parts = [
-            "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric report</title>",
-            "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
-            "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-            "td:first-child,td:nth-child(2){text-align:left}.legend span{margin-right:1.5em}</style></head><body>",
-            "<h1>fxnumeric report</h1>",
-            f"<p>{html.escape(self.summary())}</p>",
-            f"<p>torch {html.escape(self.torch_version)}; comparisons: {html.escape(', '.join(self.comparisons))}</p>",
-            "<h2>SQNR per layer</h2>",
-            "<p class='legend'><span style='color:#1f77b4'>&#9632; output SQNR (cumulative)</span>"
-            "<span style='color:#d62728'>&#9632; shadow SQNR (local)</span>"
-            "<span style='color:#2ca02c'>&#9632; weight SQNR</span></p>",
-            _sqnr_chart(self.rows),
-            "<h2>Weight histograms</h2>",
-        ]
-        if missing:
-            parts.append(f"<p>No weights to draw for: {html.escape(', '.join(missing))}.</p>")
-        if not chosen:
-            parts.append("<p>No weight comparison in this report (run compare with comparisons including 'weights').</p>")
-        for r in chosen:
-            if r.weight_histogram is not None:
-                parts.append(f"<h3>{html.escape(r.name)} (weight SQNR {r.weight_sqnr:.2f} dB)</h3>")
-                parts.append(_histogram_svg(r.weight_histogram))
-        parts.append("<h2>Layers</h2>")
-        parts.append(_html_table(self))
-        parts.append("</body></html>")
+        from .render import report_page
+
         path = Path(path)
-        path.write_text("\n".join(parts))
+        path.write_text(report_page(self, histogram_layers=histogram_layers))
         return path
 
+    def _repr_html_(self) -> str:
+        from .render import report_fragment
 
-def _html_table(report: Report) -> str:
-    cols = report._columns()
-    rows = [[fn(r) for _, fn in cols] for r in report.rows]
-    return tabulate(rows, headers=[c for c, _ in cols], tablefmt="html", floatfmt=".4g", missingval="-")
+        return report_fragment(self)
 
-
-def _finite(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
-
-
-def _sqnr_chart(rows: tuple[ReportRow, ...], width: int = 1100, height: int = 320) -> str:
-    series = {
-        "#1f77b4": [_finite(r.output_sqnr) for r in rows],
-        "#d62728": [_finite(r.shadow_sqnr) for r in rows],
-        "#2ca02c": [_finite(r.weight_sqnr) for r in rows],
-    }
-    values = [v for s in series.values() for v in s if v is not None]
-    if not values or len(rows) < 1:
-        return "<p>No finite SQNR values to plot.</p>"
-    lo, hi = min(0.0, min(values)), max(values) + 5
-    pad = 40
-    n = max(len(rows) - 1, 1)
-
-    def xy(i: int, v: float) -> tuple[float, float]:
-        return pad + i * (width - 2 * pad) / n, height - pad - (v - lo) * (height - 2 * pad) / (hi - lo)
-
-    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='SQNR per layer'>",
-           f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#888'/>",
-           f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' stroke='#888'/>"]
-    for tick in range(int(lo // 10 * 10), int(hi) + 1, 10):
-        _, y = xy(0, tick)
-        out.append(f"<text x='4' y='{y + 4:.1f}' font-size='10'>{tick} dB</text>")
-        out.append(f"<line x1='{pad}' y1='{y:.1f}' x2='{width - pad}' y2='{y:.1f}' stroke='#eee'/>")
-    for color, vals in series.items():
-        pts = " ".join(f"{x:.1f},{y:.1f}" for i, v in enumerate(vals) if v is not None for x, y in [xy(i, v)])
-        if pts:
-            out.append(f"<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{pts}'/>")
-    for i, r in enumerate(rows):
-        if r.output_sqnr is not None or r.shadow_sqnr is not None:
-            x, _ = xy(i, lo)
-            out.append(f"<title>{html.escape(r.name)}</title>")
-            if len(rows) <= 60 or i % max(1, len(rows) // 60) == 0:
-                out.append(f"<text x='{x:.1f}' y='{height - pad + 12}' font-size='8' transform='rotate(60 {x:.1f} {height - pad + 12})'>{html.escape(r.name)}</text>")
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def _histogram_svg(h: WeightHistogram, width: int = 520, height: int = 160) -> str:
-    peak = max(max(h.float_counts, default=0), max(h.quant_counts, default=0), 1)
-    bins = len(h.float_counts)
-    bw = (width - 20) / max(bins, 1)
-    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 20}'>"]
-    for counts, color, offset in ((h.float_counts, "#1f77b4", 0.0), (h.quant_counts, "#ff7f0e", bw / 2)):
-        for i, c in enumerate(counts):
-            bh = c * height / peak
-            out.append(f"<rect x='{10 + i * bw + offset:.1f}' y='{height - bh:.1f}' width='{bw / 2:.1f}' height='{bh:.1f}' fill='{color}'/>")
-    out.append(f"<text x='10' y='{height + 15}' font-size='10'>{h.low:.3g}</text>")
-    out.append(f"<text x='{width - 60}' y='{height + 15}' font-size='10'>{h.high:.3g}</text>")
-    out.append(f"<text x='{width / 2 - 60:.0f}' y='{height + 15}' font-size='10'>float (blue) vs quantized (orange)</text>")
-    out.append("</svg>")
-    return "\n".join(out)
+    def __repr__(self) -> str:
+        return f"<Report: {self.summary()}>"

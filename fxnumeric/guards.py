@@ -1,0 +1,164 @@
+"""Guards against the wrong pair of models, judged by what the graphs contain.
+
+Three mistakes give numbers that look fine and mean nothing, so they are caught before any
+batch runs:
+
+* **swapped arguments**: the "float" graph computes quantized ops and the "quantized" graph
+  none (``compare(q, f, data)``); an error.
+* **prepared but not converted**: the "quantized" graph holds observers and no quantized op
+  (``prepare`` / ``prepare_fx`` without ``convert``): it computes exactly the float model;
+  an error.
+* **nothing quantized**: the "quantized" graph has no quantized op, no quantize node and no
+  fake-quant (``compare(f, copy.deepcopy(f), data)``); a warning, and coverage reads n/a.
+
+What counts is the ops, never the names: a node is quantized when :func:`fxnumeric.ops.classify`
+says so (quantized modules and ``torch.ops.quantized`` functions, static, dynamic, float16 or
+reference), or when it quantizes (``quantize_per_tensor``, a converted ``Quantize`` module:
+pt2e and reference graphs keep float ops between quantize/dequantize pairs). A QAT-prepared
+*float* model (fake-quants in the float graph) and partially quantized models pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import InputError
+from .ops import classify, is_quantized_module
+
+__all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized"]
+
+
+@dataclass(frozen=True)
+class GraphContents:
+    """What one traced graph computes, counted by kind (names of up to three examples each)."""
+
+    quantized_ops: tuple[str, ...]
+    quantize_nodes: tuple[str, ...]
+    observers: tuple[str, ...]
+    fake_quants: tuple[str, ...]
+    ops: int
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether anything in the graph computes in, or converts to, quantized form."""
+        return bool(self.quantized_ops or self.quantize_nodes)
+
+
+def _observer_types() -> tuple[type, type]:
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    return ObserverBase, FakeQuantizeBase
+
+
+def _is_quantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        # a converted eager model's Quantize, not the float model's no-op QuantStub
+        from torch.ao.nn.quantized import Quantize
+
+        return isinstance(modules[node.target], Quantize)
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    return name.split(".")[0].startswith("quantize_per_")
+
+
+def contents(gm: fx.GraphModule) -> GraphContents:
+    """Count the quantized ops, quantize nodes, observers and fake-quants of ``gm``.
+
+    A called module counts by what it holds: observers attached by eager ``prepare`` (through
+    forward hooks), quantized layers inside a module kept whole (``leaf_modules``).
+    """
+    observer_t, fake_t = _observer_types()
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    found: dict[str, list[str]] = {"q": [], "qz": [], "obs": [], "fq": []}
+    ops = 0
+    for node in gm.graph.nodes:
+        cls = classify(node, modules)
+        if cls is None:
+            continue
+        ops += cls.role == "op"
+        leaf = modules[node.target] if node.op == "call_module" else None
+        if cls.quantized or (leaf is not None and any(map(is_quantized_module, leaf.modules()))):
+            found["q"].append(node.name)  # a leaf kept whole counts by what it holds
+        elif node.op != "call_method" and _is_quantize(node, modules):
+            found["qz"].append(node.name)
+        if leaf is not None:
+            for sub in leaf.modules():
+                if isinstance(sub, fake_t):
+                    found["fq"].append(node.name)
+                    break
+                if isinstance(sub, observer_t):
+                    found["obs"].append(node.name)
+                    break
+    return GraphContents(
+        tuple(found["q"]), tuple(found["qz"]), tuple(found["obs"]), tuple(found["fq"]), ops
+    )
+
+
+def _examples(names: tuple[str, ...]) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:3])
+    return shown + (", ..." if len(names) > 3 else "")
+
+
+def check_pair(float_gm: fx.GraphModule, quant_gm: fx.GraphModule) -> None:
+    """Raise :class:`InputError` for a swapped or unconverted pair; warn when nothing is quantized.
+
+    Args:
+        float_gm: the traced float model.
+        quant_gm: the traced quantized model.
+    """
+    f, q = contents(float_gm), contents(quant_gm)
+    if f.quantizes and not q.quantizes:
+        raise InputError(
+            f"the arguments look swapped: the float model has {len(f.quantized_ops)} quantized "
+            f"ops ({_examples(f.quantized_ops or f.quantize_nodes)}) and the quantized model "
+            "none. Fix: pass the float model first, then the quantized one."
+        )
+    if not q.quantizes and q.observers and not q.fake_quants:
+        raise InputError(
+            f"the quantized model was prepared but not converted: it has {len(q.observers)} "
+            f"observers ({_examples(q.observers)}) and no quantized op, so it computes exactly "
+            "the float model. Fix: calibrate it, then call convert (eager) or convert_fx (FX) "
+            "and pass the result."
+        )
+    if not q.quantizes:
+        simulated = (f" It simulates quantization with {len(q.fake_quants)} fake-quants."
+                     if q.fake_quants else "")
+        warnings.warn(
+            f"the quantized model has no quantized op (all {q.ops} ops are float).{simulated} "
+            "Coverage is n/a; is it the model returned by convert / convert_fx / "
+            "quantize_dynamic?",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def nothing_quantized(quant_gm: fx.GraphModule) -> bool:
+    """Whether the quantized graph has no quantized op and no quantize node at all."""
+    return not contents(quant_gm).quantizes
+
+
+def _holds_quantized(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_quantized
+    if isinstance(value, (tuple, list)):
+        return any(_holds_quantized(v) for v in value)
+    return isinstance(value, torch.ScriptObject)  # packed params of dynamic LSTM / Linear
+
+
+def check_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, Any]) -> None:
+    """Raise :class:`InputError` when quantized tensors sit in the float state dict only."""
+    in_float = [k for k, v in float_dict.items() if _holds_quantized(v)]
+    in_quant = [k for k, v in quantized_dict.items() if _holds_quantized(v)]
+    if in_float and not in_quant:
+        raise InputError(
+            f"the arguments look swapped: the float state dict holds {len(in_float)} quantized "
+            f"tensors ({_examples(tuple(in_float))}) and the quantized one none. Fix: "
+            "compare_weights(float_model.state_dict(), quantized_model.state_dict())."
+        )

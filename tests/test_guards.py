@@ -1,0 +1,135 @@
+"""Guards: swapped, unconverted and unquantized pairs are caught by what the graphs contain."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.ao import quantization as tq
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+import fxnumeric as ns
+from fxnumeric.guards import contents
+
+_NOTHING = "the quantized model has no quantized op"
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.conv(self.quant(x)))
+        return self.dequant(self.fc(x.mean((2, 3))))
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.rand(2, 3, 8, 8, generator=gen) for _ in range(2)]
+
+
+def _eager_pair():
+    torch.manual_seed(0)
+    f = _Net().eval()
+    prepared = copy.deepcopy(f)
+    prepared.qconfig = tq.get_default_qconfig("x86")
+    tq.prepare(prepared, inplace=True)
+    for x in _data():
+        prepared(x)
+    unconverted = copy.deepcopy(prepared)
+    return f, tq.convert(prepared), unconverted
+
+
+def _no_guard_warning(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=_NOTHING)
+        return fn(*args, **kwargs)
+
+
+def test_unquantized_model_warns_and_names_no_culprit():
+    f, _, _ = _eager_pair()
+    with pytest.warns(UserWarning, match="no quantized op .all 4 ops are float.*Coverage is n/a"):
+        report = ns.compare(f, copy.deepcopy(f), _data())
+    assert report.model_output["sqnr"] == math.inf
+    assert report.worst_layer is None  # every layer adds 0 error: no culprit at inf dB
+    assert "most error enters" not in report.summary()
+    assert any("nothing was quantized" in n for n in report.notes)
+    assert "note: the quantized model has no quantized op" in report.table()
+    with pytest.warns(UserWarning, match=_NOTHING):
+        m = ns.match(f, copy.deepcopy(f))
+    assert "coverage of quantized ops n/a" in m.table() and "100%" not in m.table()
+
+
+def test_prepared_but_not_converted_is_an_error():
+    f, _, unconverted = _eager_pair()
+    with pytest.raises(ns.InputError, match=r"prepared but not converted: it has \d+ observers"):
+        ns.compare(f, unconverted, _data())
+    prepared_fx = prepare_fx(copy.deepcopy(f), tq.get_default_qconfig_mapping("x86"), (_data()[0],))
+    with pytest.raises(ns.InputError, match="call convert .eager. or convert_fx") as info:
+        ns.match(f, prepared_fx)
+    assert "`activation_post_process_0`" in str(info.value)
+
+
+@pytest.mark.parametrize("call", ["compare", "compare_model_outputs", "match"])
+def test_swapped_models_are_an_error_with_a_short_message(call):
+    f, q, _ = _eager_pair()
+    x = _data()[0]
+    run = {
+        "compare": lambda: ns.compare(q, f, [x]),
+        "compare_model_outputs": lambda: ns.compare_model_outputs(q, f, x),
+        "match": lambda: ns.match(q, f),
+    }[call]
+    with pytest.raises(ns.InputError, match="look swapped: the float model has 2 quantized ops") \
+            as info:
+        run()
+    assert len(str(info.value)) < 300 and "Fix: pass the float model first" in str(info.value)
+
+
+def test_swapped_state_dicts_are_an_error():
+    f, q, _ = _eager_pair()
+    with pytest.raises(ns.InputError, match="float state dict holds \\d+ quantized tensors"):
+        ns.compare_weights(q.state_dict(), f.state_dict())
+    dyn = tq.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    with pytest.raises(ns.InputError, match="look swapped"):
+        ns.compare_weights(dyn.state_dict(), f.state_dict())
+    assert list(_no_guard_warning(ns.compare_weights, f.state_dict(), dyn.state_dict()))
+
+
+def test_legit_pairs_pass_without_warning():
+    f, q, _ = _eager_pair()
+    x = _data()[0]
+    _no_guard_warning(ns.match, f, q).check()
+    example = (x,)
+    fx_q = convert_fx(_calibrated(prepare_fx(copy.deepcopy(f), tq.get_default_qconfig_mapping(
+        "x86"), example)))
+    assert _no_guard_warning(ns.match, f, fx_q).coverage == 1.0
+    for dtype in (torch.qint8, torch.float16):
+        dyn = tq.quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=dtype)
+        assert _no_guard_warning(ns.match, f, dyn).coverage == 1.0
+    # a QAT-prepared float side (fake-quants in the float graph) against its converted form
+    qat = prepare_qat_fx(copy.deepcopy(f).train(), tq.get_default_qat_qconfig_mapping("x86"),
+                         example)
+    _calibrated(qat)
+    qat.eval()
+    assert _no_guard_warning(ns.match, qat, convert_fx(copy.deepcopy(qat))).pairs
+    # partially quantized: only the conv
+    partial = copy.deepcopy(f)
+    partial.qconfig = None
+    partial.conv.qconfig = tq.get_default_qconfig("x86")
+    partial = tq.convert(_calibrated(tq.prepare(partial)))
+    assert contents(ns.trace(partial)).quantized_ops == ("conv",)
+
+
+def _calibrated(model):
+    with torch.no_grad():
+        for x in _data():
+            model(x)
+    return model
