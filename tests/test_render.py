@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
