@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
 _EXAMPLES = """examples:
   fxnumeric demo
       pair and compare torchvision's quantizable resnet18 and the tutorial's LSTM
-      (random weights, no network needed)
+      (random weights, seeded: no network needed)
   fxnumeric report --model torchvision:resnet18 --quant static --input-shape 1,3,224,224 --batches 8
   fxnumeric report --model torchvision:mobilenet_v2 --quant fx --format html -o report.html
-  fxnumeric report --model mypkg.models:make_model --quant dynamic --input-shape 4,128 --top-k 10 --sort shadow_sqnr
+  fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128 --top-k 10
   fxnumeric match --model torchvision:googlenet --quant fx --input-shape 1,3,64,64
 
---model package.module:factory imports that module and calls factory(); it must return the float
-model or a (float_model, quantized_model) pair. This runs your code: only use specs you trust.
+--model package.module:factory imports that module (the current folder is searched first, so
+mymodels.py beside you works) and calls factory(); it must return the float model or a
+(float_model, quantized_model) pair. This runs your code: only use specs you trust.
+--seed seeds the random weights as well as the data, so two runs print the same numbers.
 """
 
 
@@ -27,7 +32,9 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-shape takes comma-separated integers like 1,3,224,224, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--input-shape takes comma-separated integers like 1,3,224,224, got {text!r}"
+        ) from None
     if not shape or any(v <= 0 for v in shape):
         raise argparse.ArgumentTypeError(f"--input-shape needs positive sizes, got {text!r}")
     return shape
@@ -43,19 +50,36 @@ def _positive(text: str) -> int:
     return value
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
     p.add_argument("--quant", choices=("static", "dynamic", "fx"), default="static",
                    help="how to quantize the float model (ignored when the factory returns a pair)")
-    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="e.g. 1,3,224,224")
+    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
+                   help="e.g. 1,3,224,224")
     p.add_argument("--input-dtype", choices=("float", "long"), default="float",
                    help="long: integer token ids in [0, --vocab)")
-    p.add_argument("--vocab", type=_positive, default=10, help="range of token ids for --input-dtype long")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--float-weights", help="state_dict file for the float model (read with weights_only=True)")
+    p.add_argument("--vocab", type=_positive, default=10,
+                   help="range of token ids for --input-dtype long")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the random weights and the data (default 0)")
+    p.add_argument("--float-weights",
+                   help="state_dict file for the float model (read with weights_only=True)")
+    p.add_argument("--leaf-modules", type=_names, default=[],
+                   help="comma-separated module paths (encoder.layers.0) or class names "
+                        "(TransformerEncoderLayer) to keep whole when torch.fx cannot trace them")
+    p.add_argument("--no-progress", action="store_true", help="never show progress")
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --debug is accepted before and after the subcommand; SUPPRESS keeps a subcommand's
+    # unset flag from overwriting the top-level one
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks for errors")
     parser = argparse.ArgumentParser(
         prog="fxnumeric",
         description="Find where a quantized PyTorch model loses accuracy.",
@@ -64,30 +88,72 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the built-in demo")
-    rep = sub.add_parser("report", help="per-layer comparison of a float model and its quantized version",
+    demo = sub.add_parser("demo", help="run the built-in demo", parents=[debug])
+    demo.add_argument("-o", "--output", default="fxnumeric-demo.html",
+                      help="where to write the demo's HTML report (default: %(default)s)")
+    rep = sub.add_parser("report", parents=[debug],
+                         help="per-layer comparison of a float model and its quantized version",
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(rep)
     rep.add_argument("--batches", type=_positive, default=8, help="number of random input batches")
     rep.add_argument("--format", choices=("table", "json", "csv", "html"), default="table")
-    rep.add_argument("--tablefmt", default="simple", help="tabulate format for --format table (github, plain, ...)")
-    rep.add_argument("--comparisons", default="weights,outputs,shadows", help="any of weights,outputs,shadows")
-    rep.add_argument("--sort", choices=("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr"), default="graph")
-    rep.add_argument("--top-k", type=_positive, help="show only the k worst layers (with --sort)")
-    rep.add_argument("--no-progress", action="store_true", help="never show the progress bar")
-    rep.add_argument("-o", "--output", help="write to this file instead of stdout (required for html)")
-    mat = sub.add_parser("match", help="print how the float and quantized graphs pair",
+    rep.add_argument("--tablefmt", default="simple",
+                     help="tabulate format for --format table (github, plain, ...)")
+    rep.add_argument("--comparisons", default="weights,outputs,shadows",
+                     help="any of weights,outputs,shadows")
+    rep.add_argument("--sort", choices=("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr"),
+                     help="row order (default: graph order, or worst first with --top-k)")
+    rep.add_argument("--top-k", type=_positive,
+                     help="show only the k worst layers (by shadow SQNR unless --sort says)")
+    rep.add_argument("-o", "--output",
+                     help="write to this file instead of stdout (required for html and csv)")
+    mat = sub.add_parser("match", parents=[debug],
+                         help="print how the float and quantized graphs pair",
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(mat)
     mat.add_argument("--tablefmt", default="simple")
     return parser
 
 
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _importable_here() -> None:
+    """Let ``--model mymodels:make`` import ``mymodels.py`` from the current folder.
+
+    ``python -m`` puts the current folder on ``sys.path``; an installed console script does
+    not, so the CLI does it, as ``python -m fxnumeric`` would.
+    """
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+
+
+def _leaf_modules(names: list[str], *models: Any) -> list[Any]:
+    """Module paths stay strings; a class name becomes every class of that name in the models."""
+    leaves: list[Any] = []
+    for name in names:
+        if "." not in name and name[:1].isupper():
+            types = {type(m) for model in models for m in model.modules()
+                     if type(m).__name__ == name}
+            if types:
+                leaves.extend(sorted(types, key=lambda t: t.__module__))
+                continue
+        leaves.append(name)
+    return leaves
+
+
 def _pair(args: argparse.Namespace):
     from .models import build_pair, random_batches
 
-    calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype, high=args.vocab)
-    return build_pair(args.model, args.quant, calibration, float_weights=args.float_weights)
+    _importable_here()
+    calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
+                                 high=args.vocab)
+    built = build_pair(args.model, args.quant, calibration, float_weights=args.float_weights,
+                       seed=args.seed, progress=_progress(args))
+    leaves = _leaf_modules(args.leaf_modules, built.float_model, built.quant_model)
+    return built, leaves
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -97,13 +163,16 @@ def _report(args: argparse.Namespace) -> None:
 
     if args.format in ("html", "csv") and not args.output:
         raise InputError(f"--format {args.format} writes a file: add -o FILE")
-    float_model, quant_model = _pair(args)
-    data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype, high=args.vocab)
+    built, leaves = _pair(args)
+    data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
+                          high=args.vocab)
     report = compare(
-        float_model, quant_model, data,
+        built.float_model, built.quant_model, data,
         comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
-        progress=False if args.no_progress else None,
+        leaf_modules=leaves or None,
+        progress=_progress(args),
     )
+    report = dataclasses.replace(report, notes=built.notes + report.notes)
     if args.format == "table":
         text = report.table(tablefmt=args.tablefmt, sort=args.sort, top_k=args.top_k)
     elif args.format == "json":
@@ -120,9 +189,12 @@ def _report(args: argparse.Namespace) -> None:
 
 def _match(args: argparse.Namespace) -> None:
     from .match import match
+    from .progress import phase
 
-    float_model, quant_model = _pair(args)
-    print(match(float_model, quant_model).table(tablefmt=args.tablefmt))
+    built, leaves = _pair(args)
+    with phase("tracing and pairing the models", _progress(args)):
+        matching = match(built.float_model, built.quant_model, leaf_modules=leaves or None)
+    print(matching.table(tablefmt=args.tablefmt))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "demo":
                 from .demo import run_demo
 
-                run_demo()
+                run_demo(html_path=args.output)
             elif args.command == "report":
                 _report(args)
             else:
@@ -145,13 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     except FxNumericError as exc:
         if args.debug:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"fxnumeric: error: {first}", file=sys.stderr)
+        # the whole message: its later lines say where (source line) and what to do (Fix:)
+        print(f"fxnumeric: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # the reader went away (`fxnumeric report | head`): stop quietly, as Unix tools do
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0

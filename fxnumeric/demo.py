@@ -1,21 +1,24 @@
 """The built-in demo: torchvision's quantizable resnet18 and the tutorial's LSTM.
 
-Random weights and seeded data, so it runs on a fresh install without network.
+Random weights (seeded) and seeded data, so it runs on a fresh install without network and
+prints the same numbers every time. It ends with the report table, where the HTML report
+was written, and what to try next.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
-from . import eager
-from ._tensors import first_output
+from .compare import compare
 from .match import match
-from .metrics import sqnr
+from .models import calibrate_batchnorm
+from .report import Report
 
 __all__ = ["LSTMModel", "resnet18_pair", "lstm_pair", "run_demo"]
 
@@ -46,15 +49,23 @@ class LSTMModel(nn.Module):
 
 
 def resnet18_pair(seed: int = 0, input_shape: tuple[int, ...] = (2, 3, 32, 32)):
-    """The tutorial's static setup: fused quantizable resnet18, default_qconfig, calibrated."""
+    """The tutorial's static setup: fused quantizable resnet18, default_qconfig, calibrated.
+
+    Random weights seeded by ``seed``, BatchNorm statistics from seeded inputs
+    (:func:`fxnumeric.models.calibrate_batchnorm`) so that activations keep their scale.
+    Returns ``(float_model, quantized_model, example_input)``.
+    """
     import torchvision
     from torch.ao.quantization import default_eval_fn, default_qconfig, quantize
 
     torch.manual_seed(seed)
     float_model = torchvision.models.quantization.resnet18(weights=None, quantize=False).eval()
+    calibrate_batchnorm(float_model, input_shape, seed=seed)
     float_model.fuse_model()
     float_model.qconfig = default_qconfig
-    data = [(torch.rand(*input_shape), torch.zeros(input_shape[0], dtype=torch.long)) for _ in range(2)]
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = [(torch.rand(*input_shape, generator=gen), torch.zeros(input_shape[0], dtype=torch.long))
+            for _ in range(2)]
     qmodel = quantize(float_model, default_eval_fn, [data], inplace=False)
     return float_model, qmodel, data[0][0]
 
@@ -63,32 +74,50 @@ def lstm_pair(seed: int = 0):
     """The tutorial's dynamic setup: LSTMModel with LSTM and Linear quantized to qint8."""
     torch.manual_seed(seed)
     float_model = LSTMModel().eval()
-    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model),
+                                                    {nn.LSTM, nn.Linear}, dtype=torch.qint8)
     inputs = (torch.randint(10, (1, 1), dtype=torch.long), float_model.init_hidden(1))
     return float_model, qmodel, inputs
 
 
-def _section(title: str, float_model: nn.Module, qmodel: nn.Module, inputs: tuple, swap: list, out: Callable[[str], None]) -> None:
+_NEXT = """next:
+  open {html}    the SQNR chart (hover a layer), weight histograms, the full table
+  fxnumeric report --model torchvision:mobilenet_v2 --quant fx --input-shape 1,3,64,64 --top-k 10
+  fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128
+      your own model: mymodels.py in this folder, make() returns the float model or a
+      (float, quantized) pair; add --float-weights FILE for trained weights
+  python: report = fxnumeric.compare(float_model, quantized_model, loader, inputs=0)
+      then report.table(top_k=10), report.to_html("report.html"); docs/reports.md explains
+      every column, docs/tutorial.md the eager Numeric Suite API"""
+
+
+def _section(title: str, float_model: nn.Module, qmodel: nn.Module, data: list,
+             out: Callable[[str], None], note: str) -> Report:
     out(f"== {title}")
     m = match(float_model, qmodel)
     out(f"paired {len(m.pairs)} ops; quantized-op coverage {m.coverage:.0%}; "
         f"unpaired: {len(m.unmatched_float)} float, {len(m.unmatched_quant)} quantized")
-    weights = eager.compare_weights(float_model, qmodel)
-    acts = eager.compare_model_outputs(float_model, qmodel, *inputs)
-    stubs = eager.compare_model_stub(float_model, qmodel, swap, *inputs)
-    rows = [(k, "weight", sqnr(v["float"], v["quantized"])) for k, v in weights.items()]
-    rows += [(k, "output (cumulative)", sqnr(first_output(v["float"][0]), first_output(v["quantized"][0]))) for k, v in acts.items()]
-    rows += [(k, "shadow (local)", sqnr(v["float"][0], v["quantized"][0])) for k, v in stubs.items()]
-    out(tabulate(rows, headers=("key", "comparison", "SQNR dB"), floatfmt=".2f"))
+    report = compare(float_model, qmodel, data, matching=m, progress=False)
+    report = dataclasses.replace(report, notes=(note, *report.notes))
+    out(report.table())
     out("")
+    return report
 
 
-def run_demo(out: Callable[[str], None] = print) -> None:
-    """Run both tutorial setups through fxnumeric and print SQNR per layer."""
-    import torchvision
-
-    f, q, x = resnet18_pair()
-    _section("resnet18, eager static quantization (random weights)", f, q, (x,),
-             [torchvision.models.quantization.resnet.QuantizableBasicBlock], out)
-    f, q, inputs = lstm_pair()
-    _section("LSTM word-language model, dynamic quantization", f, q, inputs, [nn.Linear, nn.LSTM], out)
+def run_demo(out: Callable[[str], None] = print, *,
+             html_path: str | Path = "fxnumeric-demo.html") -> None:
+    """Compare both tutorial setups, print their report tables, write the resnet18 HTML page."""
+    f, q, _ = resnet18_pair()
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(2, 3, 32, 32, generator=gen) for _ in range(4)]
+    random = ("random weights (seed 0{}): the numbers describe an untrained model; "
+              "run `fxnumeric report --float-weights FILE` for a trained one")
+    report = _section("resnet18, eager static quantization", f, q, images, out,
+                      random.format("; BatchNorm statistics from 3 seeded batches"))
+    f, q, (tokens, hidden) = lstm_pair()
+    sentences = [(torch.randint(10, (5, 1), generator=gen), hidden) for _ in range(4)]
+    _section("LSTM word-language model, dynamic quantization", f, q, sentences, out,
+             random.format(""))
+    path = report.to_html(html_path).resolve()
+    out(f"HTML report of resnet18: {path}")
+    out(_NEXT.format(html=path))

@@ -1,5 +1,12 @@
 """Build float/quantized pairs for the CLI: ``torchvision:NAME`` or ``package.module:factory``.
 
+Runs are reproducible: ``seed`` seeds the random weights (torchvision's ``weights=None``
+initialisation, or whatever a factory draws) as well as the data. A randomly initialised
+torchvision model has BatchNorm statistics of a fresh layer (mean 0, variance 1) that do not
+match its activations, so they shrink or blow up layer after layer (mobilenet_v2's output
+falls to ~1e-10, and every SQNR reads 0 dB). :func:`calibrate_batchnorm` gives them the
+statistics of seeded inputs, as training would, before the model is quantized.
+
 ``package.module:factory`` imports and runs your code (the factory); only name specs you trust.
 Nothing here evaluates strings, and checkpoint files are read with
 ``torch.load(..., weights_only=True)``.
@@ -9,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +26,14 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .progress import Progress
 from .run import run_model
 
-__all__ = ["QUANT_MODES", "load_float_model", "build_pair", "random_batches"]
+__all__ = ["QUANT_MODES", "load_float_model", "build_pair", "random_batches",
+           "calibrate_batchnorm", "BuiltPair"]
 
 QUANT_MODES = ("static", "dynamic", "fx")
+_BN_PASSES = 3
 _TORCHVISION_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": False},
     "inception_v3": {"aux_logits": False, "init_weights": False},
@@ -56,11 +68,14 @@ def _torchvision_model(name: str, quant: str) -> nn.Module:
     return factory(**kwargs).eval()
 
 
-def load_float_model(spec: str, quant: str) -> nn.Module | tuple[nn.Module, nn.Module]:
+def load_float_model(spec: str, quant: str, *,
+                     seed: int = 0) -> nn.Module | tuple[nn.Module, nn.Module]:
     """Resolve ``torchvision:NAME`` or ``package.module:factory`` (which runs that factory).
 
-    The factory returns the float model, or a ``(float_model, quantized_model)`` pair.
+    The factory returns the float model, or a ``(float_model, quantized_model)`` pair. The
+    global RNG is seeded with ``seed`` first, so random initial weights are reproducible.
     """
+    torch.manual_seed(seed)
     if ":" not in spec:
         raise InputError(f"--model {spec!r} must look like torchvision:resnet18 or package.module:factory")
     module_name, _, attr = spec.partition(":")
@@ -92,7 +107,40 @@ def random_batches(shape: Sequence[int], count: int, *, seed: int = 0, dtype: st
     return [torch.rand(*shape, generator=gen) for _ in range(count)]
 
 
-def _quantize(float_model: nn.Module, quant: str, batches: list[Any]) -> nn.Module:
+def calibrate_batchnorm(model: nn.Module, shape: Sequence[int], *, seed: int = 0,
+                        passes: int = _BN_PASSES, progress: bool | None = False) -> int:
+    """Give every BatchNorm of ``model`` the statistics of seeded uniform inputs, in place.
+
+    Runs ``passes`` forwards in train mode (under ``no_grad``; batches of at least 8 so
+    that a 1x1 feature map still has a variance) with each BatchNorm averaging over all of
+    them (``momentum=None``), then restores eval mode and the momenta. Returns the number of
+    BatchNorm layers updated (0: nothing ran).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    gen = torch.Generator().manual_seed(seed)
+    batch_shape = (max(int(shape[0]), 8), *shape[1:])
+    with torch.no_grad(), Progress(passes, "BatchNorm statistics", progress, unit="pass") as bar:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the passes
+        model.train()
+        try:
+            for _ in range(passes):
+                run_model(model, torch.rand(*batch_shape, generator=gen),
+                          which="float (BatchNorm statistics)")
+                bar.update()
+        finally:
+            model.eval()
+            for bn, momentum in zip(bns, momenta, strict=True):
+                bn.momentum = momentum
+    return len(bns)
+
+
+def _quantize(float_model: nn.Module, quant: str, batches: list[Any],
+              progress: bool | None = False) -> nn.Module:
     from torch.ao import quantization as tq
 
     if quant == "dynamic":
@@ -104,8 +152,7 @@ def _quantize(float_model: nn.Module, quant: str, batches: list[Any]) -> nn.Modu
             prepared = prepare_fx(copy.deepcopy(float_model), tq.get_default_qconfig_mapping("x86"), (batches[0],))
         except Exception as exc:  # torch.fx / prepare_fx raise many types
             raise InputError(f"prepare_fx failed on the float model: {type(exc).__name__}: {exc}") from exc
-        for b in batches:
-            run_model(prepared, b, which="float (calibration)")
+        _calibrate(prepared, batches, progress)
         return convert_fx(prepared)
     model = copy.deepcopy(float_model)
     if not any(isinstance(m, tq.QuantStub) for m in model.modules()):
@@ -114,22 +161,58 @@ def _quantize(float_model: nn.Module, quant: str, batches: list[Any]) -> nn.Modu
         model.fuse_model()
     model.qconfig = tq.get_default_qconfig("x86")
     tq.prepare(model, inplace=True)
-    for b in batches:
-        run_model(model, b, which="float (calibration)")
-    return tq.convert(model, inplace=True)
+    _calibrate(model, batches, progress)
+    with warnings.catch_warnings():
+        # An observer that never ran belongs to a module the forward never calls (torchvision's
+        # mobilenet_v2 has a skip_add in every block and uses it only in some): the module is
+        # not in the computation, so torch's "must run observer" warning is noise here.
+        warnings.filterwarnings("ignore", message="must run observer before calling")
+        return tq.convert(model, inplace=True)
 
 
-def build_pair(spec: str, quant: str, batches: list[Any], *, float_weights: str | Path | None = None) -> tuple[nn.Module, nn.Module]:
-    """The float model named by ``spec`` and its quantized counterpart (calibrated on ``batches``)."""
+def _calibrate(model: nn.Module, batches: list[Any], progress: bool | None) -> None:
+    with Progress(len(batches), "calibrating", progress) as bar:
+        for b in batches:
+            run_model(model, b, which="float (calibration)")
+            bar.update()
+
+
+@dataclass(frozen=True)
+class BuiltPair:
+    """A float model, its quantized counterpart, and what a report should say about them."""
+
+    float_model: nn.Module
+    quant_model: nn.Module
+    notes: tuple[str, ...] = ()
+
+
+def build_pair(spec: str, quant: str, batches: list[Any], *,
+               float_weights: str | Path | None = None, seed: int = 0,
+               progress: bool | None = False) -> BuiltPair:
+    """The float model named by ``spec`` and its quantized counterpart (calibrated on ``batches``).
+
+    A torchvision model without ``float_weights`` has random weights (seeded by ``seed``) and
+    BatchNorm statistics from :func:`calibrate_batchnorm`; ``notes`` says so.
+    """
     if quant not in QUANT_MODES:
         raise InputError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
-    made = load_float_model(spec, quant)
+    made = load_float_model(spec, quant, seed=seed)
     if isinstance(made, tuple):
-        return made
+        return BuiltPair(*made)
+    notes: tuple[str, ...] = ()
     if float_weights is not None:
         try:
             state = torch.load(float_weights, map_location="cpu", weights_only=True)
             made.load_state_dict(state)
         except (OSError, RuntimeError, KeyError) as exc:
             raise InputError(f"cannot load --float-weights {str(float_weights)!r}: {exc}") from exc
-    return made, _quantize(made, quant, batches)
+    elif spec.startswith("torchvision:"):
+        shape = tuple(batches[0].shape) if batches and isinstance(batches[0], torch.Tensor) else ()
+        run_model(made, batches[0], which="float (calibration)")  # the input fits, in its shape
+        calibrated = (calibrate_batchnorm(made, shape, seed=seed, progress=progress)
+                      if len(shape) > 1 and batches[0].is_floating_point() else 0)
+        notes = (f"random weights (torchvision weights=None, seed {seed}"
+                 + (f"; BatchNorm statistics from {_BN_PASSES} seeded batches" if calibrated else "")
+                 + "): these numbers describe an untrained model; pass --float-weights FILE "
+                 "for a trained one",)
+    return BuiltPair(made, _quantize(made, quant, batches, progress), notes)

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import sys
 
+import pytest
+import torch
+
+import fxnumeric as ns
 from fxnumeric.cli import main
 
 
-def test_demo_prints_sqnr_tables(capsys):
-    assert main(["demo"]) == 0
+def test_demo_ends_with_the_report_the_html_path_and_next_steps(tmp_path, capsys):
+    html = tmp_path / "demo.html"
+    assert main(["demo", "-o", str(html)]) == 0
     out = capsys.readouterr().out
     assert "quantized-op coverage 100%" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    conv1 = float(lines["conv1.weight"].split()[-1])
-    assert 30 < conv1 < 60
-    assert lines["encoder.weight"].split()[-1] == "inf"
-    assert "rnn._all_weight_values.4.param.weight_hh" in lines
+    conv1_weight_sqnr = float(lines["conv1"].split()[2])
+    assert 30 < conv1_weight_sqnr < 60
+    assert lines["encoder"].split()[2] == "inf"  # the embedding stays float under dynamic
+    assert "note: random weights (seed 0; BatchNorm statistics from 3 seeded batches)" in out
+    tail = out[out.index("HTML report of resnet18:"):].splitlines()
+    assert tail[0] == f"HTML report of resnet18: {html.resolve()}" and html.exists()
+    assert tail[1] == "next:" and any("fxnumeric report --model" in t for t in tail)
+    assert "<svg" in html.read_text()
 
 
 def test_bad_arguments_exit_nonzero(capsys):
@@ -35,7 +45,8 @@ def test_report_table_json_csv_html(tmp_path, capsys):
     common = ["report", "--model", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--batches", "2", "--no-progress"]
     assert main(common + ["--top-k", "3", "--sort", "shadow_sqnr"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 + 3 + 1 and out[-1].startswith("2 batches; 33 layers; model output SQNR")
+    assert len(out) == 2 + 3 + 2 and out[-1].startswith("2 batches; 33 layers; model output SQNR")
+    assert out[-2].startswith("note: random weights (torchvision weights=None, seed 0;")
     assert main(common + ["--format", "json", "--comparisons", "outputs"]) == 0
     import json
 
@@ -77,14 +88,126 @@ def test_match_command_prints_pairs(capsys):
     (["report", "--model", "torchvision:vgg11"], "no quantizable 'vgg11'"),
     (["report", "--model", "resnet18"], "must look like torchvision:resnet18"),
 ])
-def test_user_errors_are_one_line_with_exit_2(argv, message, capsys):
+def test_user_errors_exit_2_without_traceback(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("fxnumeric: error: ") and message in err and "Traceback" not in err
-    assert err.count("\n") == 1
 
 
 def test_bad_shape_argument(capsys):
     with pytest.raises(SystemExit) as info:
         main(["report", "--model", "torchvision:resnet18", "--input-shape", "a,b"])
     assert info.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
+_RESNET = ["report", "--model", "torchvision:resnet18", "--input-shape", "1,3,64,64",
+           "--batches", "1", "--no-progress"]
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The data rows of a `simple` table: the lines between the rule and the notes."""
+    lines = text.splitlines()
+    return [line.split() for line in lines[2:] if line and not line.startswith("note:")
+            and "batches;" not in line]
+
+
+def test_seed_makes_runs_reproducible_and_changes_the_weights(capsys):
+    """--seed seeds the random weights too: the same command twice prints the same table."""
+    main(_RESNET + ["--top-k", "3", "--sort", "shadow_sqnr"])
+    first = capsys.readouterr().out
+    torch.manual_seed(1234)  # whatever the global RNG did in between
+    main(_RESNET + ["--top-k", "3", "--sort", "shadow_sqnr"])
+    assert capsys.readouterr().out == first
+    main(_RESNET + ["--top-k", "3", "--sort", "shadow_sqnr", "--seed", "1"])
+    assert capsys.readouterr().out != first
+
+
+def test_random_torchvision_weights_get_batchnorm_statistics_and_a_note(capsys):
+    """mobilenet_v2 with fresh BatchNorm statistics collapsed to ~1e-10 (0 dB, cosine 0)."""
+    argv = ["report", "--model", "torchvision:mobilenet_v2", "--quant", "fx", "--input-shape",
+            "1,3,32,32", "--batches", "1", "--format", "json", "--no-progress"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model_output_rms"] > 0.01 and data["model_output"]["cosine"] > 0.3
+    assert not any(layer["degenerate"] for layer in data["layers"])
+    assert data["notes"][0].startswith("random weights (torchvision weights=None, seed 0; "
+                                       "BatchNorm statistics from 3 seeded batches)")
+
+
+def test_top_k_alone_is_worst_first_and_sort_fallback_is_announced(capsys):
+    main(_RESNET + ["--top-k", "4"])
+    rows = _rows(capsys.readouterr().out)
+    shadow = [float(r[7]) for r in rows]  # layer kind weight output cosine mse max shadow
+    assert len(rows) == 4 and shadow == sorted(shadow)
+    main(_RESNET + ["--top-k", "3", "--sort", "shadow_sqnr", "--comparisons", "outputs"])
+    out = capsys.readouterr().out
+    assert ("note: no shadow SQNR in this report (comparisons: outputs): sorted by output SQNR"
+            in out)
+    output_sqnr = [float(r[2]) for r in _rows(out)]
+    assert output_sqnr == sorted(output_sqnr)
+
+
+def test_static_mobilenet_leaks_no_observer_warning(recwarn, capsys):
+    argv = ["report", "--model", "torchvision:mobilenet_v2", "--quant", "static",
+            "--input-shape", "1,3,32,32", "--batches", "1", "--comparisons", "outputs",
+            "--no-progress"]
+    assert main(argv) == 0
+    assert not [w for w in recwarn if "must run observer" in str(w.message)]
+
+
+_UNTRACEABLE = """import torch
+
+
+class Gate(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace this
+            return torch.relu(x)
+        return x
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate, self.out = torch.nn.Linear(8, 8), Gate(), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.gate(self.fc(x)))
+
+
+def make():
+    return Net()
+"""
+
+
+def _in_fresh_folder(tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(_UNTRACEABLE)
+    monkeypatch.chdir(tmp_path)
+    # as in an installed `fxnumeric` script: the current folder is not on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "mymodels", raising=False)
+
+
+def test_model_from_the_current_folder_and_full_trace_errors(tmp_path, monkeypatch, capsys):
+    _in_fresh_folder(tmp_path, monkeypatch)
+    argv = ["report", "--model", "mymodels:make", "--quant", "dynamic", "--input-shape", "4,8",
+            "--batches", "2", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No module named" not in err
+    assert err.startswith("fxnumeric: error: torch.fx could not trace the float model in `gate`")
+    assert "mymodels.py" in err and "if x.sum() > 0" in err  # the source line
+    assert 'Fix: keep that module whole by passing leaf_modules=["gate"]' in err
+    for leaves in ("gate", "Gate"):  # a module path or a class name
+        assert main(argv + ["--leaf-modules", leaves, "--format", "json"]) == 0
+        layers = [layer["name"] for layer in json.loads(capsys.readouterr().out)["layers"]]
+        assert layers == ["fc", "gate", "out"]
+
+
+def test_debug_is_accepted_after_the_subcommand(tmp_path, monkeypatch):
+    _in_fresh_folder(tmp_path, monkeypatch)
+    with pytest.raises(ns.TraceError, match="could not trace the float model"):
+        main(["report", "--model", "mymodels:make", "--quant", "dynamic", "--input-shape",
+              "4,8", "--debug"])
+    with pytest.raises(ns.TraceError):
+        main(["--debug", "match", "--model", "mymodels:make", "--quant", "dynamic",
+              "--input-shape", "4,8"])
