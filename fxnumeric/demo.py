@@ -26,7 +26,8 @@ __all__ = ["LSTMModel", "resnet18_pair", "lstm_pair", "run_demo"]
 class LSTMModel(nn.Module):
     """The tutorial's word-language model: embedding, LSTM, linear decoder."""
 
-    def __init__(self, ntoken: int = 10, ninp: int = 512, nhid: int = 256, nlayers: int = 5, dropout: float = 0.5) -> None:
+    def __init__(self, ntoken: int = 10, ninp: int = 512, nhid: int = 256, nlayers: int = 5,
+                 dropout: float = 0.5) -> None:
         super().__init__()
         self.encoder = nn.Embedding(ntoken, ninp)
         self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=dropout)
@@ -45,7 +46,8 @@ class LSTMModel(nn.Module):
 
     def init_hidden(self, bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = next(self.parameters())
-        return (weight.new_zeros(self.nlayers, bsz, self.nhid), weight.new_zeros(self.nlayers, bsz, self.nhid))
+        return (weight.new_zeros(self.nlayers, bsz, self.nhid),
+                weight.new_zeros(self.nlayers, bsz, self.nhid))
 
 
 def resnet18_pair(seed: int = 0, input_shape: tuple[int, ...] = (2, 3, 32, 32)):

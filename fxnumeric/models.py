@@ -77,7 +77,8 @@ def load_float_model(spec: str, quant: str, *,
     """
     torch.manual_seed(seed)
     if ":" not in spec:
-        raise InputError(f"--model {spec!r} must look like torchvision:resnet18 or package.module:factory")
+        raise InputError(f"--model {spec!r} must look like torchvision:resnet18 or "
+                         "package.module:factory")
     module_name, _, attr = spec.partition(":")
     if module_name == "torchvision":
         return _torchvision_model(attr, quant)
@@ -94,12 +95,15 @@ def load_float_model(spec: str, quant: str, *,
         raise InputError(f"{spec} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(made, nn.Module):
         return made.eval()
-    if isinstance(made, (tuple, list)) and len(made) == 2 and all(isinstance(m, nn.Module) for m in made):
+    pair = isinstance(made, (tuple, list)) and len(made) == 2
+    if pair and all(isinstance(m, nn.Module) for m in made):
         return made[0].eval(), made[1].eval()
-    raise InputError(f"{spec} returned {type(made).__name__}; it must return a model or a (float, quantized) pair")
+    raise InputError(f"{spec} returned {type(made).__name__}; it must return a model or a "
+                     "(float, quantized) pair")
 
 
-def random_batches(shape: Sequence[int], count: int, *, seed: int = 0, dtype: str = "float", high: int = 10) -> list[torch.Tensor]:
+def random_batches(shape: Sequence[int], count: int, *, seed: int = 0, dtype: str = "float",
+                   high: int = 10) -> list[torch.Tensor]:
     """Seeded input batches: uniform floats, or integers in ``[0, high)`` for ``dtype='long'``."""
     gen = torch.Generator().manual_seed(seed)
     if dtype == "long":
@@ -144,14 +148,17 @@ def _quantize(float_model: nn.Module, quant: str, batches: list[Any],
     from torch.ao import quantization as tq
 
     if quant == "dynamic":
-        return tq.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8)
+        return tq.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear, nn.LSTM, nn.GRU},
+                                   dtype=torch.qint8)
     if quant == "fx":
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
         try:
-            prepared = prepare_fx(copy.deepcopy(float_model), tq.get_default_qconfig_mapping("x86"), (batches[0],))
+            prepared = prepare_fx(copy.deepcopy(float_model), tq.get_default_qconfig_mapping("x86"),
+                                  (batches[0],))
         except Exception as exc:  # torch.fx / prepare_fx raise many types
-            raise InputError(f"prepare_fx failed on the float model: {type(exc).__name__}: {exc}") from exc
+            raise InputError(f"prepare_fx failed on the float model: {type(exc).__name__}: "
+                             f"{exc}") from exc
         _calibrate(prepared, batches, progress)
         return convert_fx(prepared)
     model = copy.deepcopy(float_model)
@@ -212,7 +219,8 @@ def build_pair(spec: str, quant: str, batches: list[Any], *,
         calibrated = (calibrate_batchnorm(made, shape, seed=seed, progress=progress)
                       if len(shape) > 1 and batches[0].is_floating_point() else 0)
         notes = (f"random weights (torchvision weights=None, seed {seed}"
-                 + (f"; BatchNorm statistics from {_BN_PASSES} seeded batches" if calibrated else "")
+                 + (f"; BatchNorm statistics from {_BN_PASSES} seeded batches"
+                    if calibrated else "")
                  + "): these numbers describe an untrained model; pass --float-weights FILE "
                  "for a trained one",)
     return BuiltPair(made, _quantize(made, quant, batches, progress), notes)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +44,8 @@ def test_help_shows_examples(capsys):
 
 
 def test_report_table_json_csv_html(tmp_path, capsys):
-    common = ["report", "--model", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--batches", "2", "--no-progress"]
+    common = ["report", "--model", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+              "--batches", "2", "--no-progress"]
     assert main(common + ["--top-k", "3", "--sort", "shadow_sqnr"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 + 3 + 2 and out[-1].startswith("2 batches; 33 layers; model output SQNR")
@@ -63,7 +66,8 @@ def test_report_user_factory_and_dynamic(tmp_path, monkeypatch, capsys):
         "import torch\n"
         "def make():\n"
         "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(32, 4))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     code = main(["report", "--model", "userzoo:make", "--quant", "dynamic", "--input-shape", "4,16",
@@ -76,7 +80,8 @@ def test_report_user_factory_and_dynamic(tmp_path, monkeypatch, capsys):
 
 
 def test_match_command_prints_pairs(capsys):
-    assert main(["match", "--model", "torchvision:mobilenet_v2", "--quant", "fx", "--input-shape", "1,3,32,32"]) == 0
+    assert main(["match", "--model", "torchvision:mobilenet_v2", "--quant", "fx",
+                 "--input-shape", "1,3,32,32"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("coverage of quantized ops 100%")
 
 
@@ -211,3 +216,18 @@ def test_debug_is_accepted_after_the_subcommand(tmp_path, monkeypatch):
     with pytest.raises(ns.TraceError):
         main(["--debug", "match", "--model", "mymodels:make", "--quant", "dynamic",
               "--input-shape", "4,8"])
+
+
+def test_the_table_in_docs_reports_is_what_the_command_prints(capsys):
+    """docs/reports.md shows a command and its output: a reader reproduces it exactly."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text()
+    command = re.search(r"^OMP_NUM_THREADS=1 fxnumeric (report .*)$", doc, re.M)
+    shown = re.search(r"prints exactly this.*?```text\n(.*?)\n```", doc, re.S)
+    assert command and shown
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(command[1].split()) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.rstrip("\n") == shown[1]

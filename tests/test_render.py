@@ -224,3 +224,21 @@ def test_chart_renders_readably_in_chromium(n, tmp_path):
     left, right = int(float(labels[0].get("x"))) - 8, int(float(labels[-1].get("x"))) + 8
     columns = [any(_dark(img, x, y) for y in band) for x in range(left, right)]
     assert _ink_strips(columns) == len(labels)
+
+
+def test_a_real_collapsed_signal_is_flagged_not_blamed():
+    """Weights of 1e-9 make activations of ~1e-10: quantized to zero, 0 dB, cosine 0."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        f[0].weight.mul_(1e-9)
+        f[0].bias.zero_()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    report = ns.compare(f, q, [torch.randn(4, 16) for _ in range(2)])
+    first = report.row("0")
+    assert first.output_sqnr == 0.0 and first.cosine == 0.0  # what used to be shown plainly
+    assert first.degenerate and [r.name for r in report.degenerate_rows] == ["0", "1"]
+    assert "float signal collapsed (RMS 5.6e-10): SQNR meaningless" in report.table()
+    assert report.worst_layer is None  # not layer 0 at 0 dB
+    assert "float signal collapsed in 2 layers" in report.summary()
+    assert report.to_dict()["layers"][0]["degenerate"] is True
