@@ -130,8 +130,8 @@ def _report_html_table(report: Report, rows: Sequence[ReportRow]) -> str:
                       [num for _, _, num in cols], classes)
 
 
-_CSS = (
-    "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+_PAGE_CSS = "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+_CSS = (  # scoped to fxnumeric's own elements, so a notebook's styles are left alone
     "table.fxn{border-collapse:collapse;font-size:12px}"
     "table.fxn td,table.fxn th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
     "table.fxn .num{text-align:right;font-variant-numeric:tabular-nums}"
@@ -154,7 +154,7 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3) -> str
     missing = [r.name for r in chosen if r.weight_histogram is None]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric report</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{_PAGE_CSS}{_CSS}</style></head><body>",
         "<h1>fxnumeric report</h1>",
         f"<p>{html.escape(report.summary())}</p>",
         _notes_html(report),
@@ -185,7 +185,7 @@ def report_fragment(report: Report, *, max_rows: int = 200) -> str:
     more = len(rows) - max_rows
     tail = (f"<p>... {more} more layers: report.table() or report.to_html(path) shows all.</p>"
             if more > 0 else "")
-    return (f"<div><style>{_CSS.replace('body{', '.fxn-none{')}</style>"
+    return (f"<div><style>{_CSS}</style>"
             f"<p><b>fxnumeric report</b>: {html.escape(report.summary())}</p>"
             f"{_notes_html(report)}<div class='fxn-chart'>{sqnr_chart(report.rows)}</div>"
             f"{_report_html_table(report, rows[:max_rows])}{tail}</div>")
@@ -232,7 +232,7 @@ def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool
 
 def matching_fragment(m: Matching) -> str:
     """What a notebook shows for a matching: the summary and the pairing table."""
-    return (f"<div><style>{_CSS.replace('body{', '.fxn-none{')}</style>"
+    return (f"<div><style>{_CSS}</style>"
             f"<p><b>fxnumeric matching</b>: {html.escape(matching_summary(m))}</p>"
             + html_table(_MATCH_HEADERS, _matching_rows(m), [False] * 5) + "</div>")
 
