@@ -331,34 +331,42 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
         tick += step
     out.append(f"<line x1='{left}' y1='{y0}' x2='{width - right}' y2='{y0}' stroke='#888'/>"
                f"<line x1='{left}' y1='{top}' x2='{left}' y2='{y0}' stroke='#888'/>")
-    # one polyline per run of present values; isolated points as dots; off-axis as triangles
+    # one polyline per run of on-axis values; a missing (None, nan) or off-axis value (inf,
+    # above the top, below the bottom) ends a run, so no line claims a value it does not have;
+    # off-axis values are triangles on the edge, and every on-axis value is a dot
+    dots = n <= 150
     for attr, _, colour in _SERIES:
         run: list[str] = []
         runs: list[list[str]] = []
         for i, r in enumerate(rows):
             v = getattr(r, attr)
-            if v is None or math.isnan(v):
+            on_axis = v is not None and lo <= v <= hi
+            if not on_axis:
                 if run:
                     runs.append(run)
                 run = []
+            if v is None or math.isnan(v):
                 continue
-            x, y = x_of(i), y_of(v)
-            run.append(f"{x:.1f},{y:.1f}")
+            x = x_of(i)
             if v > hi:
-                out.append(f"<path class='over' d='M{x - 4:.1f} {y0 - plot_height + 7:.1f} "
+                out.append(f"<path class='over' d='M{x - 4:.1f} {top + 7:.1f} "
                            f"l4 -7 l4 7 z' fill='{colour}'/>")
             elif v < lo:
                 out.append(f"<path class='under' d='M{x - 4:.1f} {y0 - 7:.1f} l4 7 l4 -7 z' "
                            f"fill='{colour}'/>")
+            else:
+                run.append(f"{x:.1f},{y_of(v):.1f}")
         if run:
             runs.append(run)
         for pts in runs:
-            if len(pts) == 1:
-                x, y = pts[0].split(",")
-                out.append(f"<circle cx='{x}' cy='{y}' r='2.5' fill='{colour}'/>")
-            else:
+            if len(pts) > 1:
                 out.append(f"<polyline fill='none' stroke='{colour}' stroke-width='1.5' "
                            f"points='{' '.join(pts)}'/>")
+            if dots or len(pts) == 1:
+                for pt in pts:
+                    x, y = pt.split(",")
+                    out.append(f"<circle cx='{x}' cy='{y}' r='{2 if dots else 2.5}' "
+                               f"fill='{colour}'/>")
     # x labels, thinned by pitch; rotated to read upwards, ending at the axis
     for i, r in enumerate(rows):
         if i % stride:
@@ -374,7 +382,7 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
                    f"<title>{_tooltip(r)}</title></rect>")
     if stride > 1:
         out.append(f"<text x='{width - right}' y='{top - 8}' font-size='{_FONT}' "
-                   f"text-anchor='end' fill='#666'>{n} layers, every {stride}th labelled; hover "
+                   f"text-anchor='end' fill='#666'>{n} layers, 1 in {stride} labelled; hover "
                    "for the others</text>")
     out.append("</svg>")
     return "\n".join(out)

@@ -82,6 +82,11 @@ def test_lines_break_where_values_are_missing_and_off_axis_values_are_marked():
     red_over = [p for p in svg.iter(f"{SVG}path")
                 if p.get("class") == "over" and p.get("fill") == "#d62728"]
     assert len(red_over) == 2  # the 140 dB spike and the inf
+    # and no line runs through them: a line is drawn only between values on the axis
+    off_axis = {p.get("d").split()[0][1:] for p in red_over}  # x - 4 of each triangle
+    red_xs = {float(pt.split(",")[0]) for p in svg.iter(f"{SVG}polyline")
+              if p.get("stroke") == "#d62728" for pt in p.get("points").split()}
+    assert not {round(float(x) + 4, 1) for x in off_axis} & {round(x, 1) for x in red_xs}
     assert [p for p in svg.iter(f"{SVG}path") if p.get("class") == "under"]  # the -inf
 
 
