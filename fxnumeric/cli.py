@@ -197,6 +197,12 @@ def _match(args: argparse.Namespace) -> None:
     print(matching.table(tablefmt=args.tablefmt))
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """One line per warning, as for errors: no library file path and source line."""
+    print(f"fxnumeric: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for user errors)."""
     args = _parser().parse_args(argv)
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             # torch warns on every call that eager/FX quantization is deprecated; the CLI uses it.
             warnings.filterwarnings("ignore", message=".*deprecat.*")
+            warnings.showwarning = _show_warning  # restored when the block ends
             if args.command == "demo":
                 from .demo import run_demo
 

@@ -158,6 +158,23 @@ def test_static_mobilenet_leaks_no_observer_warning(recwarn, capsys):
             "--no-progress"]
     assert main(argv) == 0
     assert not [w for w in recwarn if "must run observer" in str(w.message)]
+    assert "must run observer" not in capsys.readouterr().err
+
+
+def test_warnings_are_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "twins.py").write_text(
+        "import copy, torch\n"
+        "def make():\n"
+        "    f = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()\n"
+        "    return f, copy.deepcopy(f)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["match", "--model", "twins:make", "--input-shape", "2,4", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("fxnumeric: warning: the quantized model has no quantized op (all 1 "
+                            "ops are float). Coverage is n/a; is it the model returned by convert "
+                            "/ convert_fx / quantize_dynamic?\n")
+    assert captured.out.rstrip().endswith(
+        "coverage of quantized ops n/a (the quantized model has no quantized op)")
 
 
 _UNTRACEABLE = """import torch
