@@ -221,7 +221,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         raise InputError(f"unknown comparisons {sorted(unknown)}; "
                          f"choose from {', '.join(COMPARISONS)}")
     names, custom = _resolve_metrics(metrics)
-    with phase("tracing and pairing the models", progress and matching is None):
+    with phase("tracing and pairing the models", False if matching is not None else progress):
         matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}

@@ -65,6 +65,8 @@ def test_progress_shows_in_a_notebook_and_names_the_long_phases(monkeypatch, cap
     assert "tracing and pairing the models ..." in err
     assert "comparing batches" in err and "3/3" in err
     assert "comparing weights ..." in err
+    ns.compare(f, q, [torch.randn(2, 16)], matching=ns.match(f, q))
+    assert "tracing" not in capsys.readouterr().err  # nothing is traced for a given matching
     ns.compare(f, q, [torch.randn(2, 16)], progress=False)
     assert capsys.readouterr().err == ""
 
