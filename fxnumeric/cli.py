@@ -147,7 +147,8 @@ def _leaf_modules(names: list[str], *models: Any) -> list[Any]:
 def _pair(args: argparse.Namespace):
     from .models import build_pair, random_batches
 
-    _importable_here()
+    if not args.model.startswith("torchvision:"):
+        _importable_here()
     calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
                                  high=args.vocab)
     built = build_pair(args.model, args.quant, calibration, float_weights=args.float_weights,
