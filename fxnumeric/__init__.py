@@ -25,7 +25,14 @@ from .eager import (
     prepare_model_with_stubs,
     remove_instrumentation,
 )
-from .errors import FxNumericError, InputError, InstrumentationError, MatchError, TraceError
+from .errors import (
+    FxNumericError,
+    FxNumericWarning,
+    InputError,
+    InstrumentationError,
+    MatchError,
+    TraceError,
+)
 from .instrument import Instrumented, add_loggers, add_shadows, instrument, loggers_of
 from .loggers import Logger, OutputLogger, Shadow, ShadowLogger
 from .match import Matching, Pair, Unmatched, match
@@ -83,4 +90,5 @@ __all__ = [
     "MatchError",
     "InstrumentationError",
     "InputError",
+    "FxNumericWarning",
 ]

@@ -11,6 +11,7 @@ __all__ = [
     "MatchError",
     "InstrumentationError",
     "InputError",
+    "FxNumericWarning",
 ]
 
 
@@ -32,3 +33,9 @@ class InstrumentationError(FxNumericError):
 
 class InputError(FxNumericError, ValueError):
     """An argument (model, data batch, option) is not what fxnumeric needs."""
+
+
+class FxNumericWarning(UserWarning):
+    """A result that is computed but probably not what the user meant (for instance, a
+    "quantized" model with no quantized op). Filter it with
+    ``warnings.filterwarnings("ignore", category=fxnumeric.FxNumericWarning)``."""

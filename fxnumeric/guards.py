@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import InputError
+from .errors import FxNumericWarning, InputError
 from .ops import classify, is_quantized_module
 
 __all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized"]
@@ -134,7 +134,7 @@ def check_pair(float_gm: fx.GraphModule, quant_gm: fx.GraphModule) -> None:
             f"the quantized model has no quantized op (all {q.ops} ops are float).{simulated} "
             "Coverage is n/a; is it the model returned by convert / convert_fx / "
             "quantize_dynamic?",
-            UserWarning,
+            FxNumericWarning,
             stacklevel=3,
         )
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
-from tabulate import tabulate
 from torch import nn
 
 from .errors import MatchError
@@ -215,8 +214,9 @@ class Matching:
             A table with one row per op in the neighbourhood: the float nodes, the quantized
             nodes they pair with, and ``<- unpaired: reason`` where a node found no partner.
         """
-        rows = _explain_rows(self, node, radius)
-        return tabulate(rows, headers=("float", "kind", "quantized", ""), tablefmt=tablefmt)
+        from .render import explain_table
+
+        return explain_table(_explain_rows(self, node, radius), tablefmt)
 
     def table(self, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
         """Render pairs and misses as a tabulate table (``simple``, ``github``, ``plain`` ...).

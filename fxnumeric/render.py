@@ -230,6 +230,11 @@ def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool
     return text
 
 
+def explain_table(rows: Sequence[tuple[str, str, str, str]], tablefmt: str = "simple") -> str:
+    """The rows of :meth:`Matching.explain` (float nodes, kind, quantized nodes, note)."""
+    return tabulate(rows, headers=("float", "kind", "quantized", ""), tablefmt=tablefmt)
+
+
 def matching_fragment(m: Matching) -> str:
     """What a notebook shows for a matching: the summary and the pairing table."""
     return (f"<div><style>{_CSS}</style>"

@@ -56,14 +56,14 @@ def _no_guard_warning(fn, *args, **kwargs):
 
 def test_unquantized_model_warns_and_names_no_culprit():
     f, _, _ = _eager_pair()
-    with pytest.warns(UserWarning, match="no quantized op .all 4 ops are float.*Coverage is n/a"):
+    with pytest.warns(ns.FxNumericWarning, match="no quantized op .all 4 ops are float.*Coverage is n/a"):
         report = ns.compare(f, copy.deepcopy(f), _data())
     assert report.model_output["sqnr"] == math.inf
     assert report.worst_layer is None  # every layer adds 0 error: no culprit at inf dB
     assert "most error enters" not in report.summary()
     assert any("nothing was quantized" in n for n in report.notes)
     assert "note: the quantized model has no quantized op" in report.table()
-    with pytest.warns(UserWarning, match=_NOTHING):
+    with pytest.warns(ns.FxNumericWarning, match=_NOTHING):
         m = ns.match(f, copy.deepcopy(f))
     assert "coverage of quantized ops n/a" in m.table() and "100%" not in m.table()
 

@@ -127,6 +127,7 @@ def test_unrelated_models_raise_match_error_listing_misses():
         m.check()
 
 
+@pytest.mark.filterwarnings("ignore::fxnumeric.FxNumericWarning")  # ReLU vs an add: float both
 def test_different_input_counts_raise():
     class Two(nn.Module):
         def forward(self, x, y):
