@@ -96,7 +96,10 @@ class _ShadowMetrics(Logger):
         self.acc.update(first_output(y), actual, actual_energy=energy)
 
 
-def _resolve_metrics(metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None) -> tuple[list[str], dict[str, MetricFn]]:
+MetricSpec = Iterable[str | MetricFn] | dict[str, MetricFn] | None
+
+
+def _resolve_metrics(metrics: MetricSpec) -> tuple[list[str], dict[str, MetricFn]]:
     if metrics is None:
         return list(BUILTIN_METRICS), {}
     if isinstance(metrics, dict):
@@ -106,8 +109,9 @@ def _resolve_metrics(metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | N
     for m in metrics:
         if isinstance(m, str):
             if m not in BUILTIN_METRICS:
-                raise InputError(f"unknown metric {m!r}; built-in metrics are {', '.join(BUILTIN_METRICS)}, "
-                                 "or pass a function (ref, actual) -> float")
+                raise InputError(f"unknown metric {m!r}; built-in metrics are "
+                                 f"{', '.join(BUILTIN_METRICS)}, or pass a function "
+                                 "(ref, actual) -> float")
             names.append(m)
         elif callable(m):
             name = getattr(m, "__name__", f"metric_{len(custom)}")
@@ -138,7 +142,7 @@ def compare(
     data: Iterable[Any],
     *,
     comparisons: Iterable[str] = COMPARISONS,
-    metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None = None,
+    metrics: MetricSpec = None,
     keep_activations: bool = False,
     matching: Matching | None = None,
     leaf_modules: Iterable[LeafSpec] | None = None,
@@ -211,7 +215,7 @@ class _Plan:
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
-          metrics: Iterable[str | MetricFn] | dict[str, MetricFn] | None, keep: bool,
+          metrics: MetricSpec, keep: bool,
           matching: Matching | None, leaf_modules: Iterable[LeafSpec] | None,
           precision: torch.dtype, progress: bool | None = None) -> _Plan:
     """Validate the options, match, and build one instrumented graph per side."""
@@ -386,7 +390,8 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None) -
         if acc is None:
             continue
         if acc.shape_mismatch:
-            notes.append(f"{label} shapes differ: float {acc.shape_mismatch[0]} vs quantized {acc.shape_mismatch[1]}")
+            float_shape, quant_shape = acc.shape_mismatch
+            notes.append(f"{label} shapes differ: float {float_shape} vs quantized {quant_shape}")
         if acc.nonfinite_batches:
             notes.append(f"{label}: NaN/Inf in {acc.nonfinite_batches} batches")
     if skipped:
