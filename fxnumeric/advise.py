@@ -1,0 +1,459 @@
+"""From "where" to "what to do": per-layer sensitivity and which layers to keep in float.
+
+Both run *hybrid* models (:mod:`fxnumeric.hybrid`): the float graph with one layer quantized,
+or the quantized graph with some layers float, made from the two models the user already has.
+Nothing is re-quantized, so a hybrid costs the part of one forward pass downstream of its
+swapped layers.
+
+:func:`sensitivity` measures, for each layer, the end metric of "only this layer quantized"
+and of "all but this layer quantized". :func:`advise` searches for the smallest set of layers
+to keep float so that the end metric reaches a target: it ranks layers by sensitivity, then
+adds layers one at a time, each step verifying the best few candidates on the real hybrid and
+keeping the one that helps most. Ranking alone is not the answer (errors interact); the
+verified curve is.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from .errors import InputError
+from .hybrid import HybridRunner, Swap, module_path, to_float
+from .loggers import _first_output
+from .match import Matching, match
+from .metrics import cosine, sqnr
+from .run import check_devices
+
+__all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
+
+EndMetric = Callable[[torch.Tensor, torch.Tensor], float]
+"""Called as ``fn(float_output, candidate_output) -> float``, higher is better; the outputs of
+all batches are concatenated along dim 0 (so a metric can take the worst sample)."""
+
+
+def min_cosine(ref: torch.Tensor, actual: torch.Tensor) -> float:
+    """The lowest cosine similarity over samples (dim 0) of two outputs."""
+    r = ref.detach().double().reshape(ref.shape[0], -1)
+    a = actual.detach().double().reshape(actual.shape[0], -1)
+    return float(torch.nn.functional.cosine_similarity(r, a, dim=1, eps=1e-30).min())
+
+
+END_METRICS: dict[str, EndMetric] = {"sqnr": sqnr, "cosine": cosine, "min_cosine": min_cosine}
+"""Built-in end metrics: output SQNR (dB), cosine of the whole output, lowest per-sample cosine."""
+
+
+def _resolve_metric(metric: str | EndMetric) -> tuple[str, EndMetric]:
+    if isinstance(metric, str):
+        if metric not in END_METRICS:
+            raise InputError(
+                f"unknown metric {metric!r}; built-in end metrics are {', '.join(END_METRICS)}, "
+                "or pass a function (float_output, candidate_output) -> float, higher is better"
+            )
+        return metric, END_METRICS[metric]
+    if callable(metric):
+        return getattr(metric, "__name__", "metric"), metric
+    raise InputError(f"metric must be a name or a function, got {metric!r}")
+
+
+class _Progress:
+    """A one-line progress counter on stderr (until fxnumeric.progress lands, issue 13)."""
+
+    def __init__(self, enabled: bool | None, total: int, label: str) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total, self.label, self.done = total, label, 0
+        self.start = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.enabled:
+            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total} hybrids  "
+                             f"{time.perf_counter() - self.start:.1f}s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _concat(outputs: list[torch.Tensor]) -> torch.Tensor:
+    if outputs[0].dim() == 0:
+        return torch.stack(outputs)
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _as_output(value: Any) -> torch.Tensor:
+    out = _first_output(to_float(value))
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"the model output is a {type(out).__name__}, not a tensor; the end "
+                         "metric needs the model to return a tensor (or a tuple starting with one)")
+    return out.detach()
+
+
+class _Search:
+    """The models, the data and the metric of one sensitivity or advise call."""
+
+    def __init__(self, float_model: nn.Module, quant_model: nn.Module, data: Iterable[Any],
+                 metric: str | EndMetric, matching: Matching | None, progress: bool | None) -> None:
+        self.metric_name, self.metric = _resolve_metric(metric)
+        self.matching = matching or match(float_model, quant_model)
+        self.runner = HybridRunner(self.matching)
+        self.batches = list(data)
+        if not self.batches:
+            raise InputError("data yielded no batches: pass an iterable of input tensors "
+                             "(or tuples of inputs)")
+        check_devices(float_model, quant_model, self.batches[0])
+        self.progress = progress
+        self.evaluations = 0
+        self._float_out: torch.Tensor | None = None
+
+    def score(self, outputs: list[torch.Tensor]) -> float:
+        assert self._float_out is not None
+        return float(self.metric(self._float_out, _concat(outputs)))
+
+    def evaluate(self, hybrids: Sequence[tuple[str, tuple[Swap, ...], tuple[Swap, ...]]],
+                 label: str) -> list[float]:
+        """End metric of each ``(base, shared swaps, own swaps)`` hybrid over all batches.
+
+        Per batch, the reference runs and the hybrid with the shared swaps are computed once;
+        each hybrid then recomputes only what its own swaps change.
+        """
+        outputs: list[list[torch.Tensor]] = [[] for _ in hybrids]
+        float_outs: list[torch.Tensor] = []
+        bar = _Progress(self.progress, len(hybrids) * len(self.batches), label)
+        try:
+            for batch in self.batches:
+                ref = self.runner.reference(batch)
+                float_outs.append(_as_output(self.runner.output(ref.float, "float")))
+                shared_env: dict[tuple[str, tuple[Swap, ...]], dict[str, Any]] = {}
+                for i, (base, shared, own) in enumerate(hybrids):
+                    key = (base, shared)
+                    if key not in shared_env:
+                        shared_env[key] = self.runner.run(ref, base, shared)
+                    env = self.runner.run(ref, base, shared + own, start=shared_env[key], new=own)
+                    outputs[i].append(_as_output(self.runner.output(env, base)))
+                    bar.step()
+        finally:
+            bar.close()
+        if self._float_out is None:
+            self._float_out = _concat(float_outs)
+        self.evaluations += len(hybrids)
+        return [self.score(o) for o in outputs]
+
+    def swaps(self, names: Iterable[str], base: str) -> tuple[Swap, ...]:
+        return tuple(s for n in names for s in self.runner.swaps(n, base))
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """End metric of the two hybrids of one layer.
+
+    Attributes:
+        name: the layer (pair) name.
+        module: the float model's module path of it.
+        kind: op kinds, e.g. ``linear`` or ``conv2d-relu``.
+        only: the float model with only this layer quantized.
+        all_but: the quantized model with only this layer float.
+    """
+
+    name: str
+    module: str
+    kind: str
+    only: float
+    all_but: float
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Per-layer sensitivity: :func:`sensitivity`'s result.
+
+    Attributes:
+        metric: the end metric's name.
+        quantized: the metric of the quantized model itself (float model's output as reference).
+        layers: one entry per layer, in graph order.
+        batches: how many batches were run.
+    """
+
+    metric: str
+    quantized: float
+    layers: tuple[LayerSensitivity, ...] = field(repr=False)
+    batches: int = 0
+
+    def __repr__(self) -> str:
+        worst = self.ranking()[:3]
+        return (f"Sensitivity(metric={self.metric!r}, quantized={self.quantized:.4g}, "
+                f"layers={len(self.layers)}, most sensitive={worst})")
+
+    def ranking(self) -> list[str]:
+        """Layer names, the one whose float version helps most first.
+
+        Sorted by ``all_but`` (higher first), ties broken by ``only`` (lower first).
+        """
+        order = sorted(self.layers, key=lambda s: (-_finite(s.all_but), _finite(s.only)))
+        return [s.name for s in order]
+
+    def layer(self, name: str) -> LayerSensitivity:
+        """The entry for layer ``name`` (pair name or module path)."""
+        for s in self.layers:
+            if name in (s.name, s.module):
+                return s
+        raise InputError(f"no layer {name!r} in this sensitivity result")
+
+    def table(self, tablefmt: str = "simple", *, sort: bool = True, top_k: int | None = None) -> str:
+        """The layers as a table, most sensitive first (``sort=False``: graph order)."""
+        rows = [self.layer(n) for n in self.ranking()] if sort else list(self.layers)
+        rows = rows[:top_k] if top_k else rows
+        return tabulate(
+            [(s.module, s.kind, s.only, s.all_but) for s in rows],
+            headers=("layer", "kind", f"only this quantized ({self.metric})",
+                     f"all but this quantized ({self.metric})"),
+            tablefmt=tablefmt, floatfmt=".4g",
+        ) + f"\nquantized model: {self.metric} {self.quantized:.4g}"
+
+
+def _finite(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def sensitivity(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    data: Iterable[Any],
+    metric: str | EndMetric = "sqnr",
+    *,
+    layers: Iterable[str] | None = None,
+    matching: Matching | None = None,
+    progress: bool | None = None,
+) -> Sensitivity:
+    """Measure each layer's effect on the end metric, with two hybrid models per layer.
+
+    For each paired quantized layer: *only this layer quantized* (the float graph with the
+    layer's float subgraph replaced by its quantized subgraph, inputs quantized with the qparams
+    the quantized model uses there) and *all but this layer quantized* (the quantized graph with
+    the layer replaced by its float subgraph, dequantized before and quantized after with the
+    qparams the quantized model already uses). Nothing is re-quantized.
+
+    Args:
+        float_model: the float model (not modified).
+        quant_model: the quantized model made from it (eager, FX or dynamic; not modified).
+        data: batches (tensors or tuples of inputs); all are run for every hybrid.
+        metric: ``"sqnr"``, ``"cosine"``, ``"min_cosine"`` or a function
+            ``(float_output, candidate_output) -> float`` (higher is better), called once on
+            the outputs of all batches concatenated along dim 0.
+        layers: restrict to these layer (pair) names.
+        matching: a :func:`fxnumeric.match` result to reuse.
+        progress: show progress on stderr (default: when stderr is a terminal).
+
+    Returns:
+        A :class:`Sensitivity`.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> torch.manual_seed(0) and None
+        >>> f = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> q = quantize_dynamic(copy.deepcopy(f.eval()), {torch.nn.Linear})
+        >>> s = sensitivity(f, q, [torch.randn(16, 8)], metric="cosine")
+        >>> [layer.module for layer in s.layers]
+        ['0', '2']
+    """
+    search = _Search(float_model, quant_model, data, metric, matching, progress)
+    names = search.runner.layers if layers is None else list(layers)
+    hybrids: list[tuple[str, tuple[Swap, ...], tuple[Swap, ...]]] = [("quant", (), ())]
+    for name in names:
+        hybrids.append(("float", (), search.swaps([name], "float")))
+        hybrids.append(("quant", (), search.swaps([name], "quant")))
+    values = search.evaluate(hybrids, "sensitivity")
+    kinds = {p.name: p.kind for p in search.matching.pairs}
+    entries = tuple(
+        LayerSensitivity(name, module_path(search.matching, name), kinds[name],
+                         values[1 + 2 * i], values[2 + 2 * i])
+        for i, name in enumerate(names)
+    )
+    return Sensitivity(search.metric_name, values[0], entries, len(search.batches))
+
+
+@dataclass(frozen=True)
+class Advice:
+    """Which layers to keep in float: :func:`advise`'s result.
+
+    Attributes:
+        keep_float: float-model module paths of the layers to keep float, in the order chosen.
+        curve: the metric of the quantized model (``curve[0]``), then after keeping each of
+            ``keep_float`` float in turn (``curve[i]``: the first ``i`` layers float).
+        value: the metric reached (``curve[-1]``).
+        target: the target asked for.
+        reached: whether ``value >= target``.
+        metric: the end metric's name.
+        message: one line saying what was found (and, if the target was missed, why).
+        evaluations: how many hybrid models were run.
+        seconds: how long the search took.
+    """
+
+    keep_float: tuple[str, ...]
+    curve: tuple[float, ...]
+    value: float
+    target: float
+    reached: bool
+    metric: str
+    message: str
+    evaluations: int = 0
+    seconds: float = 0.0
+    sensitivity: Sensitivity | None = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return (f"Advice(keep_float={list(self.keep_float)}, {self.metric}={self.value:.4g}, "
+                f"target={self.target:.4g}, reached={self.reached})")
+
+    def qconfig_mapping(self, base: Any = None) -> Any:
+        """A ``QConfigMapping`` for ``prepare_fx`` with ``None`` for every layer to keep float.
+
+        Args:
+            base: the mapping the model was quantized with (copied, not modified); default
+                ``get_default_qconfig_mapping()``.
+        """
+        import copy
+
+        from torch.ao.quantization import get_default_qconfig_mapping
+
+        mapping = get_default_qconfig_mapping() if base is None else copy.deepcopy(base)
+        for name in self.keep_float:
+            mapping.set_module_name(name, None)
+        return mapping
+
+    def eager_lines(self, model: str = "model") -> str:
+        """The eager-mode assignments (before ``prepare``) that keep the layers float.
+
+        In eager mode a float module between quantized ones also needs a ``DeQuantStub``
+        before it and a ``QuantStub`` after it in the model's ``forward``.
+        """
+        return "\n".join(f"{model}.get_submodule({name!r}).qconfig = None" for name in self.keep_float)
+
+    def pt2e_lines(self, quantizer: str = "quantizer") -> str:
+        """The pt2e quantizer calls (before ``prepare_pt2e``) that keep the layers float."""
+        return "\n".join(f"{quantizer}.set_module_name({name!r}, None)" for name in self.keep_float)
+
+    def table(self, tablefmt: str = "simple") -> str:
+        """The curve: the metric after each layer is kept float."""
+        rows = [(0, "(quantized model)", self.curve[0])]
+        rows += [(i + 1, name, v) for i, (name, v) in enumerate(zip(self.keep_float, self.curve[1:],
+                                                                   strict=True))]
+        return tabulate(rows, headers=("step", "keep float", self.metric), tablefmt=tablefmt,
+                        floatfmt=".4g")
+
+    def summary(self) -> str:
+        """Message, curve and what to feed back to the quantization flow."""
+        parts = [self.message, "", self.table()]
+        if self.keep_float:
+            names = ", ".join(repr(n) for n in self.keep_float)
+            parts += ["", "FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...)",
+                      f"    i.e. mapping.set_module_name(name, None) for {names}",
+                      "eager (before prepare):", _indent(self.eager_lines()),
+                      "pt2e (before prepare_pt2e):", _indent(self.pt2e_lines())]
+        return "\n".join(parts)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def advise(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    data: Iterable[Any],
+    *,
+    metric: str | EndMetric,
+    target: float,
+    max_float_layers: int | None = None,
+    candidates: int = 4,
+    layers: Iterable[str] | None = None,
+    matching: Matching | None = None,
+    progress: bool | None = None,
+) -> Advice:
+    """Find a small set of layers to keep float so that the end metric reaches ``target``.
+
+    Greedy forward selection verified on hybrids: layers are ranked by :func:`sensitivity`
+    ("all but this layer quantized"); each step runs the quantized model with the layers
+    chosen so far plus one of the ``candidates`` best-ranked remaining layers kept float, and
+    keeps the candidate that gives the highest metric. It stops when the metric reaches
+    ``target``, after ``max_float_layers`` layers, or when no layer is left.
+
+    Args:
+        float_model: the float model (not modified).
+        quant_model: the quantized model made from it (not modified).
+        data: batches; every hybrid runs on all of them.
+        metric: ``"sqnr"``, ``"cosine"``, ``"min_cosine"`` or a function
+            ``(float_output, candidate_output) -> float``, higher is better (see
+            :func:`sensitivity`).
+        target: the metric value to reach.
+        max_float_layers: keep at most this many layers float.
+        candidates: how many top-ranked layers each step verifies (more: better choices,
+            proportionally more hybrids run).
+        layers: restrict the search to these layer (pair) names.
+        matching: a :func:`fxnumeric.match` result to reuse.
+        progress: show progress on stderr (default: when stderr is a terminal).
+
+    Returns:
+        An :class:`Advice`; when the target is not reached, ``reached`` is False, the message
+        says so and the best set found is returned.
+    """
+    if candidates < 1:
+        raise InputError(f"candidates must be at least 1, got {candidates}")
+    if max_float_layers is not None and max_float_layers < 0:
+        raise InputError(f"max_float_layers must be >= 0, got {max_float_layers}")
+    started = time.perf_counter()
+    search = _Search(float_model, quant_model, data, metric, matching, progress)
+    names = search.runner.layers if layers is None else list(layers)
+    hybrids = [("quant", (), ())] + [("quant", (), search.swaps([n], "quant")) for n in names]
+    values = search.evaluate(hybrids, "ranking layers")
+    quantized = values[0]
+    kinds = {p.name: p.kind for p in search.matching.pairs}
+    sens = Sensitivity(search.metric_name, quantized, tuple(
+        LayerSensitivity(n, module_path(search.matching, n), kinds[n], math.nan, v)
+        for n, v in zip(names, values[1:], strict=True)
+    ), len(search.batches))
+    priority = {n: _finite(v) for n, v in zip(names, values[1:], strict=True)}
+    limit = len(names) if max_float_layers is None else min(max_float_layers, len(names))
+
+    chosen: list[str] = []
+    curve = [quantized]
+    while curve[-1] < target and len(chosen) < limit:
+        remaining = sorted((n for n in names if n not in chosen), key=lambda n: -priority[n])
+        tried = remaining[:candidates]
+        if len(chosen) == 0:
+            scores = [priority[n] for n in tried]  # measured in the ranking round already
+        else:
+            shared = search.swaps(chosen, "quant")
+            scores = search.evaluate(
+                [("quant", shared, search.swaps([n], "quant")) for n in tried],
+                f"step {len(chosen) + 1}",
+            )
+        for n, v in zip(tried, scores, strict=True):
+            priority[n] = _finite(v)
+        best = max(range(len(tried)), key=lambda i: _finite(scores[i]))
+        chosen.append(tried[best])
+        curve.append(scores[best])
+
+    value = curve[-1]
+    reached = value >= target
+    paths = tuple(module_path(search.matching, n) for n in chosen)
+    if reached and not chosen:
+        message = f"the quantized model already reaches {search.metric_name} {value:.4g} >= {target:g}"
+    elif reached:
+        message = (f"keep {len(chosen)} layer{'s' if len(chosen) != 1 else ''} float to reach "
+                   f"{search.metric_name} {value:.4g} >= {target:g} (quantized: {quantized:.4g})")
+    else:
+        why = (f"max_float_layers={max_float_layers} reached" if len(chosen) < len(names)
+               else f"even with all {len(names)} layers float")
+        message = (f"target {search.metric_name} >= {target:g} NOT reached ({why}): best found "
+                   f"{value:.4g} with {len(chosen)} layers float (quantized: {quantized:.4g})")
+    return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
+                  search.evaluations, time.perf_counter() - started, sens)

@@ -1,0 +1,399 @@
+"""Hybrid models: the float graph with some layers quantized, or the quantized graph with some
+layers float, built from a :class:`~fxnumeric.Matching` without re-quantizing anything.
+
+A *swap* replaces one pair's subgraph in a *base* graph with the pair's subgraph from the
+other graph::
+
+    base = quantized, pair `fc2` kept float ("all but fc2 quantized"):
+
+        q_x -> qfc1 -> [dequantize -> float fc2 -> quantize(scale, zp of qfc2's output)] -> ...
+
+    base = float, pair `fc2` quantized ("only fc2 quantized"):
+
+        x -> fc1 -> [quantize(scale, zp of qfc2's input) -> qfc2 -> dequantize] -> ...
+
+Values cross between the two sides in the form the quantized model uses at that point: a
+float value entering the quantized side is quantized with the qparams of the quantized
+model's own tensor there (read from a reference run of the quantized model); a quantized
+value entering the float side is dequantized; dynamic-quantized layers take and return float
+tensors, so nothing is converted around them.
+
+:class:`HybridRunner` runs both reference models node by node once per batch and keeps every
+node's value, so a hybrid recomputes only the nodes downstream of its swaps (the common
+prefix, and parallel branches that do not read a swapped layer, are reused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import InstrumentationError
+from .match import Matching, Pair
+from .ops import classify
+from .run import as_args
+
+__all__ = ["Swap", "HybridRunner", "layer_names", "module_path"]
+
+
+def layer_names(matching: Matching) -> list[str]:
+    """Names of the pairs that compute in quantized form, in graph order, without repeats.
+
+    These are the layers a hybrid can swap (a module called twice is one layer).
+    """
+    return list(dict.fromkeys(p.name for p in matching.pairs if p.quantized))
+
+
+def module_path(matching: Matching, name: str) -> str:
+    """The float model's module path of layer ``name`` (the name the user's flow configures)."""
+    for p in matching.pairs:
+        if p.name == name:
+            for node_name in p.float_nodes:
+                node = matching.float_node(node_name)
+                if node.op == "call_module":
+                    return str(node.target)
+    return name
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One pair's subgraph from the ``other`` graph in place of its subgraph in the base graph.
+
+    Attributes:
+        name: the pair's name.
+        base: ``"float"`` or ``"quant"``: which graph the swap is made in.
+        skip: base-graph nodes not run (the pair's chain and the plumbing inside it).
+        out: the base-graph node whose value the swap provides.
+        nodes: other-graph nodes run instead, in order (get_attr nodes are read on demand).
+        inputs: ``(other-graph node, base-graph node)``: where each outside value the other
+            subgraph reads comes from in the base graph.
+        other_out: the other-graph node whose value becomes ``out``'s value.
+    """
+
+    name: str
+    base: str
+    skip: frozenset[str]
+    out: str
+    nodes: tuple[str, ...]
+    inputs: tuple[tuple[str, str], ...]
+    other_out: str
+
+
+_COMPUTE = ("call_module", "call_function", "call_method")
+
+
+class _Graph:
+    """One traced graph, with what running it node by node needs."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.by_name = {n.name: n for n in self.nodes}
+        self.position = {n.name: i for i, n in enumerate(self.nodes)}
+        self.modules = dict(gm.named_modules(remove_duplicate=False))
+        self._attrs: dict[str, Any] = {}
+        self.writes_input = {n.name for n in self.nodes if _writes_first_input(n, self.modules)}
+
+    def attr(self, node: fx.Node) -> Any:
+        if node.name not in self._attrs:
+            obj: Any = self.gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            self._attrs[node.name] = obj
+        return self._attrs[node.name]
+
+    def execute(self, node: fx.Node, env: dict[str, Any]) -> Any:
+        """Run one compute node on the values in ``env`` (keyed by node name)."""
+
+        def value(n: fx.Node) -> Any:
+            return self.attr(n) if n.op == "get_attr" else env[n.name]
+
+        args = fx.map_arg(node.args, value)
+        kwargs = fx.map_arg(node.kwargs, value)
+        if node.name in self.writes_input and args and isinstance(args[0], torch.Tensor):
+            args = (args[0].clone(), *args[1:])  # never let a hybrid write into a shared value
+        if node.op == "call_module":
+            return self.modules[str(node.target)](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+
+    def plumbing(self, node: fx.Node) -> bool:
+        if node.op not in _COMPUTE:
+            return False
+        c = classify(node, self.modules)
+        return c is not None and c.role == "plumbing"
+
+    def inside(self, chain: Sequence[str]) -> list[str]:
+        """``chain`` with the nodes on paths between its nodes, in graph order."""
+        first = min(self.position[n] for n in chain)
+        last = max(self.position[n] for n in chain)
+        span = self.nodes[first:last + 1]
+        reached = set(chain[:1])
+        for n in span:  # downstream of the chain's first node ...
+            if n.name in chain or any(i.name in reached for i in n.all_input_nodes):
+                reached.add(n.name)
+        needed = {chain[-1]}
+        for n in reversed(span):  # ... and upstream of its last
+            if n.name in needed or n.name in chain:
+                needed.update(i.name for i in n.all_input_nodes)
+        return [n.name for n in span if n.name in chain or (n.name in reached and n.name in needed)]
+
+    def external_inputs(self, inside: Sequence[str]) -> list[str]:
+        """Nodes outside ``inside`` that it reads (get_attr excepted), in first-use order."""
+        members = set(inside)
+        out: list[str] = []
+        for name in inside:
+            for i in self.by_name[name].all_input_nodes:
+                if i.name not in members and i.op != "get_attr" and i.name not in out:
+                    out.append(i.name)
+        return out
+
+    def carrier(self, name: str) -> str:
+        """Walk back through plumbing to the node that computes ``name``'s value."""
+        node = self.by_name[name]
+        while self.plumbing(node) and node.all_input_nodes:
+            node = node.all_input_nodes[0]
+        return node.name
+
+
+def _writes_first_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.kwargs.get("inplace"):
+        return True
+    return name in ("iadd", "imul", "isub", "itruediv") or (name.endswith("_") and not name.startswith("_"))
+
+
+def _is_dequantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(str(node.target))).__name__ in ("DeQuantize", "DeQuantStub")
+    return getattr(node.target, "__name__", str(node.target)) == "dequantize"
+
+
+def to_float(value: Any) -> Any:
+    """``value`` with every quantized tensor dequantized (tuples and lists too)."""
+    if isinstance(value, torch.Tensor):
+        return value.dequantize() if value.is_quantized else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_float(v) for v in value)
+    return value
+
+
+def like(value: Any, ref: Any) -> Any:
+    """``value`` (float) in the form of ``ref``: quantized with ``ref``'s qparams if it is."""
+    if isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor):
+        if not ref.is_quantized:
+            return value
+        value = value.dequantize() if value.is_quantized else value
+        if ref.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            return torch.quantize_per_tensor(value, ref.q_scale(), ref.q_zero_point(), ref.dtype)
+        return torch.quantize_per_channel(
+            value, ref.q_per_channel_scales(), ref.q_per_channel_zero_points(),
+            ref.q_per_channel_axis(), ref.dtype,
+        )
+    if isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)) and len(ref) == len(value):
+        return type(ref)(like(v, r) for v, r in zip(value, ref, strict=True))
+    return value
+
+
+def _float_to_quant(matching: Matching) -> dict[str, str]:
+    """Float node -> the quantized node carrying its value (a pair's output; else the earliest)."""
+    out = {p.float_nodes[-1]: p.quant_nodes[-1] for p in matching.pairs}
+    for q, f in matching.quant_to_float.items():  # graph order: placeholders first
+        out.setdefault(f, q)
+    return out
+
+
+class HybridRunner:
+    """Runs hybrids of one float/quantized pair, reusing the reference runs of both models.
+
+    Call :meth:`reference` once per batch; then :meth:`run` any number of hybrids on it.
+    Nothing here modifies the user's models: nodes call the models' own modules in eval mode.
+    """
+
+    def __init__(self, matching: Matching) -> None:
+        self.matching = matching
+        self.float = _Graph(matching.float_graph)
+        self.quant = _Graph(matching.quant_graph)
+        self._f2q = _float_to_quant(matching)
+        self._swaps: dict[tuple[str, str], tuple[Swap, ...]] = {}
+        self.layers = layer_names(matching)
+
+    # ------------------------------------------------------------------ building swaps
+    def swaps(self, name: str, base: str) -> tuple[Swap, ...]:
+        """The swaps that replace layer ``name`` (every call of it) in the ``base`` graph."""
+        key = (name, base)
+        if key not in self._swaps:
+            pairs = [p for p in self.matching.pairs if p.name == name]
+            if not pairs:
+                raise InstrumentationError(
+                    f"no layer is named {name!r}; layers are: {', '.join(self.layers[:20])}"
+                )
+            self._swaps[key] = tuple(self._swap(p, base) for p in pairs)
+        return self._swaps[key]
+
+    def _swap(self, pair: Pair, base: str) -> Swap:
+        if base == "quant":
+            base_g, other_g = self.quant, self.float
+            base_chain, other_chain = pair.quant_nodes, pair.float_nodes
+        else:
+            base_g, other_g = self.float, self.quant
+            base_chain, other_chain = pair.float_nodes, pair.quant_nodes
+        other_inside = other_g.inside(other_chain)
+        inputs = []
+        for ext in other_g.external_inputs(other_inside):
+            provider = self._provider(ext, base)
+            if provider is None or base_g.position[provider] >= base_g.position[base_chain[-1]]:
+                side = "float" if base == "quant" else "quantized"
+                raise InstrumentationError(
+                    f"layer `{pair.name}`: the {side} subgraph reads `{ext}`, which has no "
+                    "counterpart before the layer in the other model, so the layer cannot be "
+                    "swapped. Leave it out of the search (see Matching.explain)."
+                )
+            inputs.append((ext, provider))
+        return Swap(
+            name=pair.name, base=base, skip=frozenset(base_g.inside(base_chain)),
+            out=base_chain[-1], nodes=tuple(n for n in other_inside),
+            inputs=tuple(inputs), other_out=other_chain[-1],
+        )
+
+    def _provider(self, other_node: str, base: str) -> str | None:
+        """The base-graph node that carries the value ``other_node`` holds in its own graph."""
+        if base == "quant":  # other = float
+            return self._f2q.get(self.float.carrier(other_node))
+        node = self.quant.by_name[other_node]
+        while node.name not in self.matching.quant_to_float:
+            if not (self.quant.plumbing(node) and node.all_input_nodes):
+                return None
+            node = node.all_input_nodes[0]
+        return self.matching.quant_to_float[node.name]
+
+    # ------------------------------------------------------------------ running
+    def reference(self, batch: Any) -> _Reference:
+        """Run both models on ``batch``, keeping every node's value."""
+        args = as_args(batch)
+        with torch.no_grad():
+            return _Reference(self._run_all(self.float, args), self._run_all(self.quant, args))
+
+    def _run_all(self, g: _Graph, args: tuple[Any, ...]) -> dict[str, Any]:
+        env: dict[str, Any] = {}
+        placeholders = iter(args)
+        for node in g.nodes:
+            if node.op == "placeholder":
+                env[node.name] = next(placeholders, node.args[0] if node.args else None)
+            elif node.op == "output":
+                env[node.name] = fx.map_arg(node.args[0], lambda n: env[n.name])
+            elif node.op != "get_attr":
+                value = g.execute(node, env)
+                if isinstance(value, torch.Tensor) and any(u.name in g.writes_input for u in node.users):
+                    value = value.clone()  # keep the value before an in-place user changes it
+                env[node.name] = value
+        return env
+
+    def run(
+        self,
+        ref: _Reference,
+        base: str,
+        swaps: Iterable[Swap],
+        start: dict[str, Any] | None = None,
+        new: Iterable[Swap] | None = None,
+    ) -> dict[str, Any]:
+        """Every node value of the ``base`` graph with ``swaps`` applied.
+
+        Args:
+            ref: the reference runs of this batch.
+            base: ``"float"`` or ``"quant"``.
+            swaps: all swaps of the hybrid.
+            start: values of a hybrid that already has every swap but ``new`` (default: the
+                base model's reference run); only what ``new`` changes is recomputed.
+            new: the swaps ``start`` lacks (default: all of ``swaps``).
+        """
+        g = self.float if base == "float" else self.quant
+        other = self.quant if base == "float" else self.float
+        other_ref = ref.quant if base == "float" else ref.float
+        swaps = tuple(swaps)
+        new = swaps if new is None else tuple(new)
+        env = dict((ref.float if base == "float" else ref.quant) if start is None else start)
+        by_out = {s.out: s for s in swaps}
+        skipped = set().union(*(s.skip for s in swaps)) if swaps else set()
+        changed = {s.out for s in new}
+        if not changed:
+            return env
+        begin = min(min(g.position[n] for n in s.skip) for s in new)
+        with torch.no_grad():
+            for node in g.nodes[begin:]:
+                name = node.name
+                swap = by_out.get(name)
+                if swap is not None:
+                    if name in changed or any(p in changed for _, p in swap.inputs):
+                        requantize = base == "quant" and self._feeds_quantized_op(name, skipped)
+                        env[name] = self._swapped(swap, env, other, other_ref, ref, requantize)
+                        changed.add(name)
+                    continue
+                if name in skipped or node.op in ("placeholder", "get_attr"):
+                    continue
+                if not any(i.name in changed for i in node.all_input_nodes):
+                    continue
+                if node.op == "output":
+                    env[name] = fx.map_arg(node.args[0], lambda n: env[n.name])
+                else:
+                    env[name] = g.execute(node, env)
+                changed.add(name)
+        return env
+
+    def _feeds_quantized_op(self, name: str, skipped: set[str]) -> bool:
+        """Whether the quantized graph reads ``name``'s value as a quantized tensor somewhere.
+
+        A float layer's output is requantized only then: when every reader is float (another
+        layer kept float, a ``dequantize``, the model output), it stays float, as it would in a
+        model re-quantized with those layers float.
+        """
+        g = self.quant
+        todo = list(g.by_name[name].users)
+        seen: set[str] = set()
+        while todo:
+            user = todo.pop()
+            if user.name in seen or user.op == "output" or user.name in skipped:
+                continue
+            seen.add(user.name)
+            c = classify(user, g.modules) if user.op in _COMPUTE else None
+            if c is None or c.quantized or c.role == "optional":
+                return True
+            if c.role == "plumbing" and _is_dequantize(user, g.modules):
+                continue
+            todo.extend(user.users)  # plumbing and float-capable ops pass the value on
+        return False
+
+    def _swapped(self, swap: Swap, env: dict[str, Any], other: _Graph, other_ref: dict[str, Any],
+                 ref: _Reference, requantize: bool = True) -> Any:
+        local: dict[str, Any] = {}
+        for ext, provider in swap.inputs:
+            value = env[provider]
+            # into the float side: dequantize; into the quantized side: the form it has there
+            local[ext] = to_float(value) if swap.base == "quant" else like(to_float(value), other_ref[ext])
+        for name in swap.nodes:
+            local[name] = other.execute(other.by_name[name], local)
+        result = local[swap.other_out]
+        if swap.base == "quant" and requantize:
+            return like(to_float(result), ref.quant[swap.out])
+        return to_float(result)
+
+    def output(self, env: dict[str, Any], base: str) -> Any:
+        """The model output held in ``env``."""
+        g = self.float if base == "float" else self.quant
+        return env[g.nodes[-1].name]
+
+
+@dataclass(frozen=True, eq=False)
+class _Reference:
+    """Every node value of the float and quantized models on one batch."""
+
+    float: dict[str, Any]
+    quant: dict[str, Any]
