@@ -361,6 +361,24 @@ class Advice:
         return "\n".join(parts)
 
 
+def _prune(search: _Search, chosen: list[str], curve: list[float],
+           target: float) -> tuple[list[str], list[float]]:
+    """Drop chosen layers the target does without, least useful first; re-measure the curve."""
+    gains = {n: curve[i + 1] - curve[i] for i, n in enumerate(chosen)}
+    kept = list(chosen)
+    for name in sorted(chosen, key=lambda n: gains[n]):
+        rest = [n for n in kept if n != name]
+        if not rest:
+            break
+        (value,) = search.evaluate([("quant", (), search.swaps(rest, "quant"))], "pruning")
+        if value >= target:
+            kept = rest
+    if kept == chosen:
+        return chosen, curve
+    prefixes = [("quant", (), search.swaps(kept[:i], "quant")) for i in range(1, len(kept) + 1)]
+    return kept, [curve[0], *search.evaluate(prefixes, "final curve")]
+
+
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
@@ -373,7 +391,8 @@ def advise(
     metric: str | EndMetric,
     target: float,
     max_float_layers: int | None = None,
-    candidates: int = 4,
+    candidates: int = 16,
+    prune: bool = True,
     layers: Iterable[str] | None = None,
     matching: Matching | None = None,
     progress: bool | None = None,
@@ -384,7 +403,8 @@ def advise(
     ("all but this layer quantized"); each step runs the quantized model with the layers
     chosen so far plus one of the ``candidates`` best-ranked remaining layers kept float, and
     keeps the candidate that gives the highest metric. It stops when the metric reaches
-    ``target``, after ``max_float_layers`` layers, or when no layer is left.
+    ``target``, after ``max_float_layers`` layers, or when no layer is left; then layers the
+    target can do without are dropped again (``prune``).
 
     Args:
         float_model: the float model (not modified).
@@ -397,6 +417,8 @@ def advise(
         max_float_layers: keep at most this many layers float.
         candidates: how many top-ranked layers each step verifies (more: better choices,
             proportionally more hybrids run).
+        prune: once the target is reached, drop every chosen layer the target can do without
+            (each drop verified), then measure the curve of what is left.
         layers: restrict the search to these layer (pair) names.
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress on stderr (default: when stderr is a terminal).
@@ -442,6 +464,8 @@ def advise(
         chosen.append(tried[best])
         curve.append(scores[best])
 
+    if prune and curve[-1] >= target and len(chosen) > 1:
+        chosen, curve = _prune(search, chosen, curve, target)
     value = curve[-1]
     reached = value >= target
     paths = tuple(module_path(search.matching, n) for n in chosen)

@@ -352,8 +352,9 @@ class HybridRunner:
         """Whether the quantized graph reads ``name``'s value as a quantized tensor somewhere.
 
         A float layer's output is requantized only then: when every reader is float (another
-        layer kept float, a ``dequantize``, the model output), it stays float, as it would in a
-        model re-quantized with those layers float.
+        layer kept float, a ``dequantize``, the model output) or quantizes it itself (FX's
+        ``quantize_per_tensor`` before the next layer), it stays float, as it would in a model
+        re-quantized with those layers float.
         """
         g = self.quant
         todo = list(g.by_name[name].users)
@@ -364,10 +365,10 @@ class HybridRunner:
                 continue
             seen.add(user.name)
             c = classify(user, g.modules) if user.op in _COMPUTE else None
-            if c is None or c.quantized or c.role == "optional":
+            if c is None or c.quantized:
                 return True
-            if c.role == "plumbing" and _is_dequantize(user, g.modules):
-                continue
+            if c.role == "optional" or (c.role == "plumbing" and _is_dequantize(user, g.modules)):
+                continue  # it quantizes (FX's quantize_per_tensor) or dequantizes by itself
             todo.extend(user.users)  # plumbing and float-capable ops pass the value on
         return False
 

@@ -1,0 +1,277 @@
+"""Hybrid models, sensitivity and advise: values checked against the models run by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.ao.quantization import (
+    DeQuantStub,
+    QConfigMapping,
+    QuantStub,
+    convert,
+    default_qconfig,
+    get_default_qconfig,
+    get_default_qconfig_mapping,
+    prepare,
+    quantize_dynamic,
+)
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+import fxnumeric
+from fxnumeric import InputError
+from fxnumeric.advise import advise, min_cosine, sensitivity
+from fxnumeric.hybrid import HybridRunner
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 32)
+        self.fc4 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc4(torch.relu(self.fc3(x)))
+
+
+class EagerNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.add = nn.quantized.FloatFunctional()
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv(self.quant(x)))
+        z = self.conv2(y)
+        return self.dequant(self.add.add(z, z))
+
+
+def _batches(shape: tuple[int, ...], n: int = 3) -> list[torch.Tensor]:
+    return [torch.randn(*shape, generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def _fx_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    float_model = MLP().eval()
+    data = _batches((16, 16))
+    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"), (data[0],))
+    for batch in data:
+        prepared(batch)
+    return float_model, convert_fx(prepared), data
+
+
+def _eager_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    float_model = EagerNet().eval()
+    float_model.qconfig = default_qconfig
+    data = _batches((2, 3, 12, 12))
+    prepared = prepare(copy.deepcopy(float_model))
+    for batch in data:
+        prepared(batch)
+    return float_model, convert(prepared), data
+
+
+def _dynamic_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    float_model = MLP().eval()
+    return float_model, quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}), _batches((16, 16))
+
+
+PAIRS = {"fx": _fx_pair, "eager": _eager_pair, "dynamic": _dynamic_pair}
+
+
+@pytest.mark.parametrize("flow", PAIRS)
+def test_hybrids_without_swaps_are_the_models_bit_for_bit(flow: str) -> None:
+    float_model, quant_model, data = PAIRS[flow]()
+    runner = HybridRunner(fxnumeric.match(float_model, quant_model))
+    for batch in data:
+        ref = runner.reference(batch)
+        with torch.no_grad():
+            assert torch.equal(runner.output(runner.run(ref, "float", ()), "float"), float_model(batch))
+            assert torch.equal(runner.output(runner.run(ref, "quant", ()), "quant"), quant_model(batch))
+
+
+@pytest.mark.parametrize("flow", PAIRS)
+def test_all_layers_swapped_give_the_other_model(flow: str) -> None:
+    """Every layer float in the quantized graph: the float model, up to eager's input quantize."""
+    float_model, quant_model, data = PAIRS[flow]()
+    runner = HybridRunner(fxnumeric.match(float_model, quant_model))
+    swaps = tuple(s for n in runner.layers for s in runner.swaps(n, "quant"))
+    ref = runner.reference(data[0])
+    out = runner.output(runner.run(ref, "quant", swaps), "quant")
+    with torch.no_grad():
+        expected = float_model(data[0])
+    if flow == "eager":  # the model's own QuantStub still quantizes the input
+        assert fxnumeric.sqnr(expected, out) > fxnumeric.sqnr(expected, quant_model(data[0]))
+    else:
+        assert torch.equal(out, expected)
+
+
+def test_only_this_layer_is_the_quantized_layer_run_in_isolation() -> None:
+    float_model, q, data = _fx_pair()
+    s = sensitivity(float_model, q, data, metric="sqnr")
+    float_outs, only_fc2, all_but_fc2 = [], [], []
+    with torch.no_grad():
+        for x in data:
+            h = torch.relu(float_model.fc1(x))
+            # the quantized model quantizes fc2's input with these qparams (FX: `_scale_0`)
+            qh = torch.quantize_per_tensor(h, float(q._scale_0), int(q._zero_point_0), torch.quint8)
+            y = q.fc2(qh).dequantize()
+            only_fc2.append(float_model.fc4(torch.relu(float_model.fc3(torch.relu(y)))))
+            float_outs.append(float_model(x))
+            # all but fc2: fc2 float on fc1's float output (FX quantizes it only for fc2), and
+            # fc2's output left float: the quantize before fc3 requantizes it anyway
+            qx = torch.quantize_per_tensor(x, float(q.fc1_input_scale_0), int(q.fc1_input_zero_point_0),
+                                           torch.quint8)
+            y = float_model.fc2(torch.relu(q.fc1(qx).dequantize()))
+            z = torch.quantize_per_tensor(torch.relu(y), float(q._scale_1), int(q._zero_point_1),
+                                          torch.quint8)
+            z = q.fc3(z).dequantize()
+            z = torch.quantize_per_tensor(torch.relu(z), float(q._scale_2), int(q._zero_point_2),
+                                          torch.quint8)
+            all_but_fc2.append(q.fc4(z).dequantize())
+    ref = torch.cat(float_outs)
+    assert s.layer("fc2").only == fxnumeric.sqnr(ref, torch.cat(only_fc2))
+    assert s.layer("fc2").all_but == fxnumeric.sqnr(ref, torch.cat(all_but_fc2))
+    assert s.quantized == fxnumeric.sqnr(ref, torch.cat([q(x) for x in data]))
+
+
+def test_only_this_layer_under_dynamic_quantization_needs_no_conversion() -> None:
+    float_model, q, data = _dynamic_pair()
+    s = sensitivity(float_model, q, data, metric="cosine")
+    with torch.no_grad():
+        outs = [float_model.fc4(torch.relu(float_model.fc3(torch.relu(float_model.fc2(
+            torch.relu(q.fc1(x))))))) for x in data]
+        ref = torch.cat([float_model(x) for x in data])
+    assert s.layer("fc1").only == fxnumeric.cosine(ref, torch.cat(outs))
+    assert [layer.module for layer in s.layers] == ["fc1", "fc2", "fc3", "fc4"]
+
+
+def test_eager_sensitivity_covers_convs_and_float_functional() -> None:
+    float_model, q, data = _eager_pair()
+    s = sensitivity(float_model, q, data, metric="sqnr")
+    assert [(layer.name, layer.kind) for layer in s.layers] == [
+        ("conv", "conv2d"), ("conv2", "conv2d"), ("add", "add")
+    ]
+    with torch.no_grad():
+        ref = torch.cat([float_model(x) for x in data])
+        # only conv2 quantized: its input quantized with conv's output qparams, as in the model
+        outs = []
+        for x in data:
+            y = torch.relu(float_model.conv(x))
+            qy = torch.quantize_per_tensor(y, q.conv.scale, q.conv.zero_point, torch.quint8)
+            z = q.conv2(qy).dequantize()
+            outs.append(z + z)
+    assert s.layer("conv2").only == fxnumeric.sqnr(ref, torch.cat(outs))
+    with torch.no_grad():
+        # all but conv: float conv on the dequantized input, requantized with conv's own qparams
+        # because the quantized conv2 reads it
+        outs = []
+        for x in data:
+            y = float_model.conv(q.quant(x).dequantize())
+            y = q.relu(torch.quantize_per_tensor(y, q.conv.scale, q.conv.zero_point, torch.quint8))
+            outs.append(q.dequant(q.add.add(q.conv2(y), q.conv2(y))))
+    assert s.layer("conv").all_but == fxnumeric.sqnr(ref, torch.cat(outs))
+
+
+def _bad_layer_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    float_model, q, data = _fx_pair()
+    q.fc2.scale = q.fc2.scale * 40  # a far too coarse output step: fc2 is badly quantized
+    return float_model, q, data
+
+
+def test_advise_keeps_the_badly_quantized_layer_float() -> None:
+    float_model, q, data = _bad_layer_pair()
+    advice = advise(float_model, q, data, metric="sqnr", target=30.0)
+    assert advice.keep_float == ("fc2",)
+    assert advice.reached
+    assert advice.curve[0] < 20 < 30 <= advice.curve[1] == advice.value
+    assert "keep 1 layer float" in advice.message
+    mapping = advice.qconfig_mapping(get_default_qconfig_mapping("x86"))
+    assert mapping.module_name_qconfigs == {"fc2": None}
+    prepared = prepare_fx(copy.deepcopy(float_model), mapping, (data[0],))
+    for batch in data:
+        prepared(batch)
+    requantized = convert_fx(prepared)
+    assert type(requantized.fc2) is nn.Linear
+    assert type(requantized.fc1).__module__.startswith("torch.ao.nn.quantized")
+    assert advice.eager_lines() == "model.get_submodule('fc2').qconfig = None"
+    assert advice.pt2e_lines() == "quantizer.set_module_name('fc2', None)"
+    assert repr(advice).startswith("Advice(keep_float=['fc2'], sqnr=")
+
+
+def test_advise_says_when_the_target_is_out_of_reach() -> None:
+    float_model, q, data = _bad_layer_pair()
+    advice = advise(float_model, q, data, metric="sqnr", target=1000.0, max_float_layers=2)
+    assert not advice.reached
+    assert len(advice.keep_float) == 2 and advice.keep_float[0] == "fc2"
+    assert advice.value == max(advice.curve[1:]) or advice.value == advice.curve[-1]
+    assert "NOT reached" in advice.message and "max_float_layers=2" in advice.message
+
+
+def test_advise_with_nothing_to_do() -> None:
+    float_model, q, data = _fx_pair()
+    advice = advise(float_model, q, data, metric="cosine", target=0.5)
+    assert advice.keep_float == () and advice.reached and len(advice.curve) == 1
+    assert "already reaches" in advice.message
+
+
+def test_callable_metric_gets_all_outputs_concatenated() -> None:
+    float_model, q, data = _bad_layer_pair()
+    seen: list[tuple[int, ...]] = []
+
+    def top1_agreement(ref: torch.Tensor, actual: torch.Tensor) -> float:
+        seen.append(tuple(actual.shape))
+        return float((ref.argmax(dim=1) == actual.argmax(dim=1)).double().mean())
+
+    advice = advise(float_model, q, data, metric=top1_agreement, target=0.99)
+    assert seen[0] == (48, 8)
+    with torch.no_grad():
+        ref = torch.cat([float_model(x) for x in data])
+        quant = torch.cat([q(x) for x in data])
+    assert advice.curve[0] == top1_agreement(ref, quant)
+    assert advice.metric == "top1_agreement"
+    assert advice.reached and advice.keep_float[0] == "fc2"
+
+
+def test_min_cosine_is_the_worst_sample() -> None:
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    actual = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert min_cosine(ref, actual) == pytest.approx(2 ** -0.5)
+
+
+def test_unknown_metric_and_no_data_are_input_errors() -> None:
+    float_model, q, data = _fx_pair()
+    with pytest.raises(InputError, match="unknown metric 'top5'.*min_cosine"):
+        sensitivity(float_model, q, data, metric="top5")
+    with pytest.raises(InputError, match="no batches"):
+        advise(float_model, q, [], metric="sqnr", target=1.0)
+
+
+def test_models_are_not_modified() -> None:
+    float_model, q, data = _bad_layer_pair()
+    before_f = {k: v.clone() for k, v in float_model.state_dict().items()}
+    before_q = q(data[0])
+    advise(float_model, q, data, metric="sqnr", target=30.0)
+    assert all(torch.equal(v, float_model.state_dict()[k]) for k, v in before_f.items())
+    assert torch.equal(q(data[0]), before_q)
+
+
+def test_qconfig_mapping_copies_the_base() -> None:
+    float_model, q, data = _bad_layer_pair()
+    advice = advise(float_model, q, data, metric="sqnr", target=30.0)
+    base = QConfigMapping().set_object_type(nn.Linear, get_default_qconfig("x86"))
+    mapping = advice.qconfig_mapping(base)
+    assert base.module_name_qconfigs == {}
+    assert mapping.module_name_qconfigs == {"fc2": None}
+    assert mapping.object_type_qconfigs[nn.Linear] is not None
