@@ -26,9 +26,9 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
+from ._tensors import dequantize_all, first_output
 from .errors import InputError
-from .hybrid import HybridRunner, Swap, module_path, to_float
-from .loggers import _first_output
+from .hybrid import HybridRunner, Swap, module_path
 from .match import Matching, match
 from .metrics import cosine, sqnr
 from .run import check_devices
@@ -91,7 +91,7 @@ def _concat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _as_output(value: Any) -> torch.Tensor:
-    out = _first_output(to_float(value))
+    out = first_output(dequantize_all(value))
     if not isinstance(out, torch.Tensor):
         raise InputError(f"the model output is a {type(out).__name__}, not a tensor; the end "
                          "metric needs the model to return a tensor (or a tuple starting with one)")

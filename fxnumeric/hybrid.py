@@ -33,10 +33,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._tensors import dequantize_all
 from .errors import InstrumentationError
 from .match import Matching, Pair
-from .ops import classify
 from .run import as_args
+from .view import GraphView
 
 __all__ = ["Swap", "HybridRunner", "layer_names", "module_path"]
 
@@ -84,20 +85,20 @@ class Swap:
     other_out: str
 
 
-_COMPUTE = ("call_module", "call_function", "call_method")
-
-
 class _Graph:
-    """One traced graph, with what running it node by node needs."""
+    """One side's :class:`~fxnumeric.GraphView`, with what running it node by node needs."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.nodes = list(gm.graph.nodes)
-        self.by_name = {n.name: n for n in self.nodes}
-        self.position = {n.name: i for i, n in enumerate(self.nodes)}
-        self.modules = dict(gm.named_modules(remove_duplicate=False))
+    def __init__(self, view: GraphView) -> None:
+        self.view = view
+        self.gm = view.gm
+        self.nodes = view.nodes
+        self.modules = view.modules
+        self.position = {n.name: view.position(n) for n in self.nodes}
         self._attrs: dict[str, Any] = {}
         self.writes_input = {n.name for n in self.nodes if _writes_first_input(n, self.modules)}
+
+    def node(self, name: str) -> fx.Node:
+        return self.view.node(name)
 
     def attr(self, node: fx.Node) -> Any:
         if node.name not in self._attrs:
@@ -123,48 +124,26 @@ class _Graph:
             return node.target(*args, **kwargs)  # type: ignore[operator]
         return getattr(args[0], str(node.target))(*args[1:], **kwargs)
 
-    def plumbing(self, node: fx.Node) -> bool:
-        if node.op not in _COMPUTE:
-            return False
-        c = classify(node, self.modules)
-        return c is not None and c.role == "plumbing"
-
     def inside(self, chain: Sequence[str]) -> list[str]:
-        """``chain`` with the nodes on paths between its nodes, in graph order."""
-        first = min(self.position[n] for n in chain)
-        last = max(self.position[n] for n in chain)
-        span = self.nodes[first:last + 1]
-        reached = set(chain[:1])
-        for n in span:  # downstream of the chain's first node ...
-            if n.name in chain or any(i.name in reached for i in n.all_input_nodes):
-                reached.add(n.name)
-        needed = {chain[-1]}
-        for n in reversed(span):  # ... and upstream of its last
-            if n.name in needed or n.name in chain:
-                needed.update(i.name for i in n.all_input_nodes)
-        return [n.name for n in span if n.name in chain or (n.name in reached and n.name in needed)]
+        """``chain`` with the plumbing between its nodes, in graph order."""
+        return [n.name for n in self.view.with_plumbing([self.node(c) for c in chain])]
 
     def external_inputs(self, inside: Sequence[str]) -> list[str]:
         """Nodes outside ``inside`` that it reads (get_attr excepted), in first-use order."""
         members = set(inside)
         out: list[str] = []
         for name in inside:
-            for i in self.by_name[name].all_input_nodes:
+            for i in self.node(name).all_input_nodes:
                 if i.name not in members and i.op != "get_attr" and i.name not in out:
                     out.append(i.name)
         return out
-
-    def carrier(self, name: str) -> str:
-        """Walk back through plumbing to the node that computes ``name``'s value."""
-        node = self.by_name[name]
-        while self.plumbing(node) and node.all_input_nodes:
-            node = node.all_input_nodes[0]
-        return node.name
 
 
 def _writes_first_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op not in ("call_function", "call_method"):
+        return False
     name = getattr(node.target, "__name__", str(node.target))
     if node.kwargs.get("inplace"):
         return True
@@ -175,15 +154,6 @@ def _is_dequantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return type(modules.get(str(node.target))).__name__ in ("DeQuantize", "DeQuantStub")
     return getattr(node.target, "__name__", str(node.target)) == "dequantize"
-
-
-def to_float(value: Any) -> Any:
-    """``value`` with every quantized tensor dequantized (tuples and lists too)."""
-    if isinstance(value, torch.Tensor):
-        return value.dequantize() if value.is_quantized else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_float(v) for v in value)
-    return value
 
 
 def like(value: Any, ref: Any) -> Any:
@@ -203,14 +173,6 @@ def like(value: Any, ref: Any) -> Any:
     return value
 
 
-def _float_to_quant(matching: Matching) -> dict[str, str]:
-    """Float node -> the quantized node carrying its value (a pair's output; else the earliest)."""
-    out = {p.float_nodes[-1]: p.quant_nodes[-1] for p in matching.pairs}
-    for q, f in matching.quant_to_float.items():  # graph order: placeholders first
-        out.setdefault(f, q)
-    return out
-
-
 class HybridRunner:
     """Runs hybrids of one float/quantized pair, reusing the reference runs of both models.
 
@@ -220,9 +182,8 @@ class HybridRunner:
 
     def __init__(self, matching: Matching) -> None:
         self.matching = matching
-        self.float = _Graph(matching.float_graph)
-        self.quant = _Graph(matching.quant_graph)
-        self._f2q = _float_to_quant(matching)
+        self.float = _Graph(matching.float_view)
+        self.quant = _Graph(matching.quant_view)
         self._swaps: dict[tuple[str, str], tuple[Swap, ...]] = {}
         self.layers = layer_names(matching)
 
@@ -265,15 +226,25 @@ class HybridRunner:
         )
 
     def _provider(self, other_node: str, base: str) -> str | None:
-        """The base-graph node that carries the value ``other_node`` holds in its own graph."""
+        """The base-graph node that carries the value ``other_node`` holds in its own graph.
+
+        Into a quantized base, a float input comes from the quantized node computing the same
+        value: a pair's own output, else the earliest carrier (a model input rather than the
+        quantize in front of one layer, as in a model re-quantized with that layer float).
+        """
+        m = self.matching
         if base == "quant":  # other = float
-            return self._f2q.get(self.float.carrier(other_node))
-        node = self.quant.by_name[other_node]
-        while node.name not in self.matching.quant_to_float:
-            if not (self.quant.plumbing(node) and node.all_input_nodes):
+            carrier = m.float_view.producer(m.float_node(other_node))
+            if carrier is None:
                 return None
-            node = node.all_input_nodes[0]
-        return self.matching.quant_to_float[node.name]
+            pair = m.pair_of(carrier)
+            if pair is not None and pair.float_nodes[-1] == carrier.name:
+                return pair.quant_nodes[-1]
+            q = m.quant_counterpart(carrier)
+            return None if q is None else q.name
+        producer = m.quant_view.producer(m.quant_node(other_node))
+        f = m.float_counterpart(producer) if producer is not None else None
+        return None if f is None else f.name
 
     # ------------------------------------------------------------------ running
     def reference(self, batch: Any) -> _Reference:
@@ -357,14 +328,14 @@ class HybridRunner:
         re-quantized with those layers float.
         """
         g = self.quant
-        todo = list(g.by_name[name].users)
+        todo = list(g.node(name).users)
         seen: set[str] = set()
         while todo:
             user = todo.pop()
             if user.name in seen or user.op == "output" or user.name in skipped:
                 continue
             seen.add(user.name)
-            c = classify(user, g.modules) if user.op in _COMPUTE else None
+            c = g.view.op_class(user)
             if c is None or c.quantized:
                 return True
             if c.role == "optional" or (c.role == "plumbing" and _is_dequantize(user, g.modules)):
@@ -378,13 +349,13 @@ class HybridRunner:
         for ext, provider in swap.inputs:
             value = env[provider]
             # into the float side: dequantize; into the quantized side: the form it has there
-            local[ext] = to_float(value) if swap.base == "quant" else like(to_float(value), other_ref[ext])
+            local[ext] = dequantize_all(value) if swap.base == "quant" else like(dequantize_all(value), other_ref[ext])
         for name in swap.nodes:
-            local[name] = other.execute(other.by_name[name], local)
+            local[name] = other.execute(other.node(name), local)
         result = local[swap.other_out]
         if swap.base == "quant" and requantize:
-            return like(to_float(result), ref.quant[swap.out])
-        return to_float(result)
+            return like(dequantize_all(result), ref.quant[swap.out])
+        return dequantize_all(result)
 
     def output(self, env: dict[str, Any], base: str) -> Any:
         """The model output held in ``env``."""
