@@ -12,7 +12,9 @@ The eager Numeric Suite API (``compare_weights``, ``compare_model_outputs``, ...
 layer on top, so ``import fxnumeric as ns`` runs the PyTorch Numeric Suite tutorial.
 """
 
+from .advise import Advice, Sensitivity, advise, sensitivity
 from .compare import compare
+from .diagnose import Diagnosis, diagnose
 from .eager import (
     NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST,
     compare_model_outputs,
@@ -78,6 +80,13 @@ __all__ = [
     "unregister_op",
     # metrics and reports
     "compare",
+    # what to do: sensitivity, float-fallback advice, why a layer is bad
+    "sensitivity",
+    "Sensitivity",
+    "advise",
+    "Advice",
+    "diagnose",
+    "Diagnosis",
     "Report",
     "ReportRow",
     "sqnr",

@@ -188,29 +188,37 @@ class HybridRunner:
         self.layers = layer_names(matching)
 
     # ------------------------------------------------------------------ building swaps
-    def swaps(self, name: str, base: str) -> tuple[Swap, ...]:
-        """The swaps that replace layer ``name`` (every call of it) in the ``base`` graph."""
-        key = (name, base)
+    def swaps(self, name: str, base: str, *, shadow: bool = False) -> tuple[Swap, ...]:
+        """The swaps that replace layer ``name`` (every call of it) in the ``base`` graph.
+
+        With ``shadow=True`` (quantized base only) the float subgraph reads exactly the values
+        the quantized layer reads (FX's quantize in front of it included), as a shadow does:
+        what :meth:`local_float` needs to measure the error the layer adds by itself.
+        """
+        key = (name, base, shadow)
         if key not in self._swaps:
             pairs = [p for p in self.matching.pairs if p.name == name]
             if not pairs:
                 raise InstrumentationError(
                     f"no layer is named {name!r}; layers are: {', '.join(self.layers[:20])}"
                 )
-            self._swaps[key] = tuple(self._swap(p, base) for p in pairs)
+            self._swaps[key] = tuple(self._swap(p, base, shadow) for p in pairs)
         return self._swaps[key]
 
-    def _swap(self, pair: Pair, base: str) -> Swap:
+    def _swap(self, pair: Pair, base: str, shadow: bool = False) -> Swap:
         if base == "quant":
             base_g, other_g = self.quant, self.float
             base_chain, other_chain = pair.quant_nodes, pair.float_nodes
         else:
             base_g, other_g = self.float, self.quant
             base_chain, other_chain = pair.float_nodes, pair.quant_nodes
+        read = self._chain_reads(pair) if shadow and base == "quant" else {}
         other_inside = other_g.inside(other_chain)
         inputs = []
         for ext in other_g.external_inputs(other_inside):
-            provider = self._provider(ext, base)
+            carrier = self.matching.float_view.producer(self.matching.float_node(ext)) if read else None
+            provider = read.get(carrier.name) if carrier is not None else None
+            provider = provider or self._provider(ext, base)
             if provider is None or base_g.position[provider] >= base_g.position[base_chain[-1]]:
                 side = "float" if base == "quant" else "quantized"
                 raise InstrumentationError(
@@ -224,6 +232,19 @@ class HybridRunner:
             out=base_chain[-1], nodes=tuple(n for n in other_inside),
             inputs=tuple(inputs), other_out=other_chain[-1],
         )
+
+    def _chain_reads(self, pair: Pair) -> dict[str, str]:
+        """Float node -> the quantized node whose value the pair's quantized chain reads."""
+        m = self.matching
+        chain = {m.quant_node(n) for n in pair.quant_nodes}
+        read: dict[str, str] = {}
+        for n in chain:
+            for i in n.all_input_nodes:
+                q = m.quant_view.producer(i)
+                f = m.float_counterpart(q) if q is not None and q not in chain else None
+                if f is not None:
+                    read.setdefault(f.name, q.name)
+        return read
 
     def _provider(self, other_node: str, base: str) -> str | None:
         """The base-graph node that carries the value ``other_node`` holds in its own graph.
@@ -356,6 +377,14 @@ class HybridRunner:
         if swap.base == "quant" and requantize:
             return like(dequantize_all(result), ref.quant[swap.out])
         return dequantize_all(result)
+
+    def local_float(self, swap: Swap, ref: _Reference) -> Any:
+        """A quantized-base swap's float subgraph run on the quantized model's own values.
+
+        This is the layer's float twin fed the same (dequantized) inputs as the quantized
+        layer, the reference for the error the layer adds by itself (a shadow's output).
+        """
+        return self._swapped(swap, ref.quant, self.float, ref.float, ref, requantize=False)
 
     def output(self, env: dict[str, Any], base: str) -> Any:
         """The model output held in ``env``."""

@@ -57,6 +57,8 @@ class ReportRow:
     float_nodes: tuple[str, ...] = ()
     quant_nodes: tuple[str, ...] = ()
     note: str = ""
+    flags: tuple[str, ...] = ()
+    """Why the layer is bad, as flag codes (:func:`fxnumeric.diagnose.annotate` sets them)."""
     weight_histogram: WeightHistogram | None = field(default=None, repr=False)
     activations: tuple | None = field(default=None, repr=False)
     float_rms: float | None = None
@@ -265,7 +267,7 @@ class Report:
                     "shadow": {k: _num(v) for k, v in r.shadow.items()},
                     "float_nodes": list(r.float_nodes), "quant_nodes": list(r.quant_nodes),
                     "float_rms": _num(r.float_rms), "degenerate": r.degenerate,
-                    "note": r.notes,
+                    "note": r.notes, "flags": list(r.flags),
                 }
                 for r in self.rows
             ],

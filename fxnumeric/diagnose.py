@@ -1,0 +1,355 @@
+"""Why a layer is bad: the usual causes of quantization error, measured per layer, with fixes.
+
+For each quantized layer, over the data:
+
+* **weights**: range utilisation (the fraction of the integer grid a typical output channel's
+  weights span: median over channels of ``range_c / (scale_c * (qmax - qmin))``) and channel
+  outliers (max / median of the channel ranges). One per-tensor scale for channels whose
+  ranges differ tenfold leaves most channels a few levels.
+* **activation clipping**: the fraction of the layer's float output (its float twin fed the
+  quantized model's inputs) outside the range its quantized output can represent.
+* **noise vs step**: the rms of the local error (quantized layer vs its float twin on the same
+  input) in units of the output's quantization step. Rounding alone gives white noise of
+  ``step / sqrt(12)``, 0.29 steps; far above that means clipping or error from the weights;
+  at that level but with a low local SQNR, the step is too coarse for the signal (a few
+  outliers set the range).
+* **error amplification**: cumulative SQNR (the quantized model vs the float model at this
+  layer) against local SQNR (the error this layer adds), and the first layer where the
+  cumulative SQNR falls below a threshold.
+
+Each flag names the usual fix: per-channel weights, a histogram observer, recalibration,
+keeping the layer float (:func:`fxnumeric.advise`), cross-layer equalization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from ._tensors import dequantize_all, first_output
+from .errors import InputError
+from .hybrid import HybridRunner, module_path
+from .match import Matching, match
+from .report import Report
+from .run import check_devices
+from .weights import pair_weights
+
+__all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
+
+WHITE_NOISE_STEPS = 1 / math.sqrt(12)
+"""rms of uniform rounding noise, in quantization steps (0.289)."""
+
+_QRANGE = {torch.quint8: (0, 255), torch.qint8: (-128, 127), torch.qint32: (-(2**31), 2**31 - 1),
+           torch.quint4x2: (0, 15)}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One reason a layer is bad: a short code, what was measured, and the usual fix."""
+
+    code: str
+    text: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.text}. Fix: {self.fix}."
+
+
+@dataclass(frozen=True)
+class LayerDiagnosis:
+    """The measurements behind the flags of one layer (``None`` where they do not apply).
+
+    Attributes:
+        name: the layer (pair) name.
+        module: the float model's module path.
+        kind: op kinds.
+        per_channel: whether the weights are quantized per channel.
+        weight_utilisation: median over output channels of the fraction of the integer grid
+            the channel's weights span.
+        channel_outlier_ratio: max / median of the output channels' weight ranges.
+        clipped: fraction of the layer's float output outside its quantized output range.
+        noise_steps: rms of the local error in output quantization steps (white rounding
+            noise: 0.289).
+        local_sqnr: dB, the quantized layer against its float twin on the same input.
+        cumulative_sqnr: dB, the quantized model against the float model at this layer.
+        flags: what is wrong, each with its fix.
+    """
+
+    name: str
+    module: str
+    kind: str
+    per_channel: bool | None = None
+    weight_utilisation: float | None = None
+    channel_outlier_ratio: float | None = None
+    clipped: float | None = None
+    noise_steps: float | None = None
+    local_sqnr: float | None = None
+    cumulative_sqnr: float | None = None
+    flags: tuple[Flag, ...] = ()
+
+    @property
+    def amplification(self) -> float | None:
+        """dB by which the accumulated error exceeds this layer's own (local - cumulative)."""
+        if self.local_sqnr is None or self.cumulative_sqnr is None:
+            return None
+        if math.isinf(self.local_sqnr) and math.isinf(self.cumulative_sqnr):
+            return 0.0
+        return self.local_sqnr - self.cumulative_sqnr
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """:func:`diagnose`'s result: one :class:`LayerDiagnosis` per quantized layer.
+
+    Attributes:
+        layers: in graph order.
+        threshold_db: the cumulative-SQNR threshold used for the amplification flag.
+        first_below: the first layer whose cumulative SQNR is below ``threshold_db``.
+        batches: how many batches were run.
+    """
+
+    layers: tuple[LayerDiagnosis, ...] = field(repr=False)
+    threshold_db: float
+    first_below: str | None
+    batches: int
+
+    def __repr__(self) -> str:
+        flagged = [d.module for d in self.flagged()]
+        return (f"Diagnosis(layers={len(self.layers)}, flagged={flagged[:5]}"
+                f"{' ...' if len(flagged) > 5 else ''}, first_below={self.first_below!r})")
+
+    def flagged(self) -> list[LayerDiagnosis]:
+        """The layers with at least one flag, in graph order."""
+        return [d for d in self.layers if d.flags]
+
+    def layer(self, name: str) -> LayerDiagnosis:
+        """The entry for layer ``name`` (pair name or module path)."""
+        for d in self.layers:
+            if name in (d.name, d.module):
+                return d
+        raise InputError(f"no layer {name!r} in this diagnosis")
+
+    def text(self) -> str:
+        """A short paragraph per flagged layer: what is wrong and the usual fix."""
+        if not self.flagged():
+            return "no layer flagged"
+        return "\n".join(
+            f"{d.module} ({d.kind}):\n" + "\n".join(f"  - {f}" for f in d.flags)
+            for d in self.flagged()
+        )
+
+    def table(self, tablefmt: str = "simple") -> str:
+        """The measurements as a table, one row per layer."""
+        rows = [(d.module, d.kind, _pc(d.per_channel), d.weight_utilisation,
+                 d.channel_outlier_ratio, d.clipped, d.noise_steps, d.local_sqnr,
+                 d.cumulative_sqnr, ", ".join(f.code for f in d.flags))
+                for d in self.layers]
+        headers = ("layer", "kind", "weights", "w util", "ch max/med", "clipped",
+                   "err rms/step", "local SQNR", "cum. SQNR", "flags")
+        return tabulate(rows, headers=headers, tablefmt=tablefmt, floatfmt=".3g", missingval="-")
+
+
+def _pc(per_channel: bool | None) -> str | None:
+    return None if per_channel is None else ("per-channel" if per_channel else "per-tensor")
+
+
+class _Sums:
+    """Float64 sums over batches for one layer."""
+
+    def __init__(self) -> None:
+        self.local_signal = self.local_noise = self.cum_signal = self.cum_noise = 0.0
+        self.count = 0
+        self.clipped = 0
+        self.steps: set[float] = set()
+        self.quantized = False
+
+    def update(self, local: torch.Tensor, quant_value: Any, float_value: torch.Tensor) -> None:
+        q = first_output(quant_value)
+        if not isinstance(q, torch.Tensor) or not isinstance(local, torch.Tensor):
+            return
+        deq = q.dequantize().double() if q.is_quantized else q.double()
+        local = local.double()
+        if deq.shape != local.shape:
+            return
+        self.local_signal += float(local.square().sum())
+        self.local_noise += float((deq - local).square().sum())
+        self.cum_signal += float(float_value.double().square().sum())
+        self.cum_noise += float((deq - float_value.double()).square().sum())
+        self.count += local.numel()
+        if q.is_quantized and q.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            self.quantized = True
+            scale, zp = q.q_scale(), q.q_zero_point()
+            qmin, qmax = _QRANGE.get(q.dtype, (0, 255))
+            low, high = (qmin - zp - 0.5) * scale, (qmax - zp + 0.5) * scale
+            self.clipped += int(((local < low) | (local > high)).sum())
+            self.steps.add(scale)
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, float | None, float]:
+    w = fw.detach().double()
+    w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+    ranges = w.amax(dim=1).clamp(min=0) - w.amin(dim=1).clamp(max=0)
+    median = float(ranges.median())
+    outliers = float(ranges.max()) / median if median > 0 else math.inf
+    if not qw.is_quantized:
+        return None, None, outliers
+    qmin, qmax = _QRANGE.get(qw.dtype, (-128, 127))
+    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        if qw.q_per_channel_axis() != 0:
+            return True, None, outliers
+        scales = qw.q_per_channel_scales().double()
+        return True, float((ranges / (scales * (qmax - qmin))).median()), outliers
+    return False, float((ranges / (qw.q_scale() * (qmax - qmin))).median()), outliers
+
+
+def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
+    flags: list[Flag] = []
+    if d.per_channel is False and d.channel_outlier_ratio is not None and d.channel_outlier_ratio > 10:
+        flags.append(Flag(
+            "weight_outliers",
+            f"weight channel ranges differ {d.channel_outlier_ratio:.0f}x under one per-tensor "
+            f"scale: a typical channel spans {_pct(d.weight_utilisation)} of the integer grid",
+            "per-channel weights (per_channel_weight_observer; the x86/fbgemm default)",
+        ))
+    elif d.per_channel is False and d.weight_utilisation is not None and d.weight_utilisation < 0.1:
+        flags.append(Flag(
+            "weight_range",
+            f"a typical weight channel spans only {_pct(d.weight_utilisation)} of the integer grid",
+            "per-channel weights",
+        ))
+    if d.clipped is not None and d.clipped > 1e-3:
+        flags.append(Flag(
+            "clipping",
+            f"{_pct(d.clipped)} of the layer's outputs fall outside its quantized range and are "
+            "clipped",
+            "recalibrate on data covering this range (a histogram observer if the tail is rare), "
+            "or keep the layer float",
+        ))
+    if d.noise_steps is not None and d.noise_steps > 1.0:
+        flags.append(Flag(
+            "noise",
+            f"local error rms is {d.noise_steps:.2f} output steps, far above rounding noise "
+            f"({WHITE_NOISE_STEPS:.2f}): clipping or the weights' quantization, not the output step",
+            ("recalibration on representative data" if d.per_channel else
+             "per-channel weights or recalibration") + "; keep the layer float if it persists",
+        ))
+    elif (d.noise_steps is not None and d.noise_steps < 0.6 and d.local_sqnr is not None
+          and d.local_sqnr < 20):
+        flags.append(Flag(
+            "coarse_step",
+            f"the error is rounding noise ({d.noise_steps:.2f} steps) but the step is coarse for "
+            f"the signal (local SQNR {d.local_sqnr:.1f} dB): a few outliers set the range",
+            "a histogram observer (clips rare outliers for a finer step), or equalization",
+        ))
+    if first_below and d.cumulative_sqnr is not None:
+        amp = d.amplification
+        why = (f"this layer alone adds {d.local_sqnr:.1f} dB SQNR worth of error: the earlier "
+               f"layers' error is amplified {amp:.1f} dB"
+               if amp is not None and amp > 3 and d.local_sqnr is not None
+               else "mostly this layer's own error")
+        flags.append(Flag(
+            "amplification",
+            f"first layer where the cumulative SQNR ({d.cumulative_sqnr:.1f} dB) is below "
+            f"{threshold_db:g} dB; {why}",
+            "keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
+            "equalization",
+        ))
+    return tuple(flags)
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.2g}%"
+
+
+def diagnose(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    data: Iterable[Any],
+    *,
+    threshold_db: float = 20.0,
+    matching: Matching | None = None,
+) -> Diagnosis:
+    """Measure why each quantized layer loses accuracy, and flag the usual causes.
+
+    Args:
+        float_model: the float model (not modified).
+        quant_model: the quantized model made from it (not modified).
+        data: batches (tensors or tuples of inputs).
+        threshold_db: cumulative SQNR below which the first such layer is flagged.
+        matching: a :func:`fxnumeric.match` result to reuse.
+
+    Returns:
+        A :class:`Diagnosis`; ``.text()`` explains each flagged layer, ``.table()`` shows the
+        measurements, :func:`annotate` adds the flags to a :class:`fxnumeric.Report`.
+    """
+    matching = matching or match(float_model, quant_model)
+    runner = HybridRunner(matching)
+    sums = {name: _Sums() for name in runner.layers}
+    batches = 0
+    for batch in data:
+        if batches == 0:
+            check_devices(float_model, quant_model, batch)
+        ref = runner.reference(batch)
+        with torch.no_grad():
+            for name in runner.layers:
+                pairs = [p for p in matching.pairs if p.name == name]
+                for pair, swap in zip(pairs, runner.swaps(name, "quant", shadow=True), strict=True):
+                    float_node, quant_node = matching.output_nodes(pair)
+                    local = first_output(dequantize_all(runner.local_float(swap, ref)))
+                    float_value = first_output(dequantize_all(ref.float[float_node.name]))
+                    sums[name].update(local, ref.quant[quant_node.name], float_value)
+        batches += 1
+    if batches == 0:
+        raise InputError("data yielded no batches: pass an iterable of input tensors "
+                         "(or tuples of inputs)")
+
+    weights: dict[str, tuple[bool | None, float | None, float]] = {}
+    for pair, _, fw, qw in pair_weights(matching):
+        weights.setdefault(pair.name, _weight_stats(fw, qw))
+    kinds = {p.name: p.kind for p in matching.pairs}
+    layers: list[LayerDiagnosis] = []
+    first_below = None
+    for name in runner.layers:
+        s = sums[name]
+        per_channel, util, outliers = weights.get(name, (None, None, None))
+        step = next(iter(s.steps)) if len(s.steps) == 1 else None
+        d = LayerDiagnosis(
+            name=name, module=module_path(matching, name), kind=kinds[name],
+            per_channel=per_channel, weight_utilisation=util, channel_outlier_ratio=outliers,
+            clipped=s.clipped / s.count if s.quantized and s.count else None,
+            noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,
+            local_sqnr=_db(s.local_signal, s.local_noise) if s.count else None,
+            cumulative_sqnr=_db(s.cum_signal, s.cum_noise) if s.count else None,
+        )
+        is_first = (first_below is None and d.cumulative_sqnr is not None
+                    and d.cumulative_sqnr < threshold_db)
+        if is_first:
+            first_below = d.module
+        layers.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
+    return Diagnosis(tuple(layers), threshold_db, first_below, batches)
+
+
+def annotate(report: Report, diagnosis: Diagnosis) -> Report:
+    """``report`` with each row's ``flags`` set from ``diagnosis`` (a new Report)."""
+    by_name = {d.name: d for d in diagnosis.layers}
+    rows = tuple(
+        dataclasses.replace(r, flags=tuple(f.code for f in by_name[r.name].flags))
+        if r.name in by_name else r
+        for r in report.rows
+    )
+    return dataclasses.replace(report, rows=rows)
