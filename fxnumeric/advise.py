@@ -329,6 +329,10 @@ class Advice:
             mapping.set_module_name(name, None)
         return mapping
 
+    def fx_lines(self, mapping: str = "qconfig_mapping") -> str:
+        """The ``QConfigMapping`` calls that :meth:`qconfig_mapping` makes, as source lines."""
+        return "\n".join(f"{mapping}.set_module_name({name!r}, None)" for name in self.keep_float)
+
     def eager_lines(self, model: str = "model") -> str:
         """The eager-mode assignments (before ``prepare``) that keep the layers float.
 
@@ -353,10 +357,10 @@ class Advice:
         """Message, curve and what to feed back to the quantization flow."""
         parts = [self.message, "", self.table()]
         if self.keep_float:
-            names = ", ".join(repr(n) for n in self.keep_float)
-            parts += ["", "FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...)",
-                      f"    i.e. mapping.set_module_name(name, None) for {names}",
-                      "eager (before prepare):", _indent(self.eager_lines()),
+            parts += ["", "FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...), i.e.",
+                      _indent(self.fx_lines()),
+                      "eager (before prepare; a DeQuantStub/QuantStub pair around each):",
+                      _indent(self.eager_lines()),
                       "pt2e (before prepare_pt2e):", _indent(self.pt2e_lines())]
         return "\n".join(parts)
 

@@ -1,4 +1,4 @@
-"""The ``fxnumeric`` command: ``demo``, ``report`` and ``match``."""
+"""The ``fxnumeric`` command: ``demo``, ``report``, ``match`` and ``advise``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ _EXAMPLES = """examples:
   fxnumeric report --model torchvision:mobilenet_v2 --quant fx --format html -o report.html
   fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128 --top-k 10
   fxnumeric match --model torchvision:googlenet --quant fx --input-shape 1,3,64,64
+  fxnumeric advise --model torchvision:resnet18 --quant fx --metric cosine --target 0.999
+  fxnumeric advise --model fxnumeric.zoo:minilm_cli_pair --input-shape 4,16 --input-dtype long \
+      --vocab 30522 --metric min_cosine --target 0.97
 
 --model package.module:factory imports that module (the current folder is searched first, so
 mymodels.py beside you works) and calls factory(); it must return the float model or a
@@ -112,6 +115,17 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(mat)
     mat.add_argument("--tablefmt", default="simple")
+    adv = sub.add_parser("advise", help="which layers to keep float so a metric reaches a target",
+                         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(adv)
+    adv.add_argument("--target", type=float, required=True, help="metric value to reach")
+    adv.add_argument("--metric", choices=("sqnr", "cosine", "min_cosine"), default="sqnr",
+                     help="end metric of the model output (higher is better)")
+    adv.add_argument("--batches", type=_positive, default=4, help="number of random input batches")
+    adv.add_argument("--max-float-layers", type=_positive, help="keep at most this many float")
+    adv.add_argument("--candidates", type=_positive, default=16,
+                     help="layers verified per step of the search")
+    adv.add_argument("--no-progress", action="store_true", help="never show progress")
     return parser
 
 
@@ -204,6 +218,20 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"fxnumeric: warning: {message}", file=sys.stderr)
 
 
+def _advise(args: argparse.Namespace) -> int:
+    from .advise import advise
+    from .models import random_batches
+
+    float_model, quant_model = _pair(args)
+    data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
+                          high=args.vocab)
+    advice = advise(float_model, quant_model, data, metric=args.metric, target=args.target,
+                    max_float_layers=args.max_float_layers, candidates=args.candidates,
+                    progress=False if args.no_progress else None)
+    print(advice.summary())
+    return 0 if advice.reached else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for user errors)."""
     args = _parser().parse_args(argv)
@@ -220,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_demo(html_path=args.output)
             elif args.command == "report":
                 _report(args)
+            elif args.command == "advise":
+                return _advise(args)
             else:
                 _match(args)
     except FxNumericError as exc:

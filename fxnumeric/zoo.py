@@ -31,7 +31,10 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["MiniLM", "minilm", "minilm_fx_pair", "tokenize", "SENTENCES", "minilm_available"]
+__all__ = [
+    "MiniLM", "MiniLMIds", "minilm", "minilm_fx_pair", "minilm_cli_pair", "tokenize", "SENTENCES",
+    "minilm_available",
+]
 
 SENTENCES = (
     "A man is playing a guitar on the stage.",
@@ -243,4 +246,32 @@ def minilm_fx_pair(calibration: Iterable[tuple[torch.Tensor, torch.Tensor]],
     with torch.no_grad():
         for batch in batches:
             prepared(*batch)
+    return float_model, convert_fx(prepared)
+
+
+class MiniLMIds(nn.Module):
+    """:class:`MiniLM` taking token ids only (one input, as the CLI feeds): padding (id 0) is
+    masked out."""
+
+    def __init__(self, encoder: MiniLM) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, (input_ids != 0).long())
+
+
+def minilm_cli_pair() -> tuple[nn.Module, nn.Module]:
+    """For ``fxnumeric advise --model fxnumeric.zoo:minilm_cli_pair``: :class:`MiniLMIds` and its
+    FX quantization (Linear layers, x86 default), calibrated on :data:`SENTENCES`."""
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    float_model = MiniLMIds(minilm()).eval()
+    batches = [tokenize(SENTENCES[i:i + 4])[0] for i in range(0, len(SENTENCES), 4)]
+    mapping = QConfigMapping().set_object_type(nn.Linear, get_default_qconfig("x86"))
+    prepared = prepare_fx(copy.deepcopy(float_model), mapping, (batches[0],))
+    with torch.no_grad():
+        for ids in batches:
+            prepared(ids)
     return float_model, convert_fx(prepared)

@@ -275,3 +275,27 @@ def test_qconfig_mapping_copies_the_base() -> None:
     assert base.module_name_qconfigs == {}
     assert mapping.module_name_qconfigs == {"fc2": None}
     assert mapping.object_type_qconfigs[nn.Linear] is not None
+
+
+def test_cli_advise_prints_the_advice_and_the_curve(tmp_path, monkeypatch, capsys) -> None:
+    from fxnumeric.cli import main
+
+    (tmp_path / "advzoo.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(32, 32), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(32, 4))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["advise", "--model", "advzoo:make", "--quant", "fx", "--input-shape", "8,16",
+              "--batches", "2", "--no-progress", "--metric", "cosine"]
+    assert main(common + ["--target", "1.5"]) == 1  # out of reach: exit code 1, best found
+    out = capsys.readouterr().out
+    assert "NOT reached" in out and "(quantized model)" in out
+    assert main(common + ["--target", "1.5", "--max-float-layers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "max_float_layers=1 reached" in out
+    assert main(common + ["--target", "-1"]) == 0
+    assert "already reaches" in capsys.readouterr().out
