@@ -211,12 +211,14 @@ class Sensitivity:
         """The layers as a table, most sensitive first (``sort=False``: graph order)."""
         rows = [self.layer(n) for n in self.ranking()] if sort else list(self.layers)
         rows = rows[:top_k] if top_k else rows
-        return tabulate(
-            [(s.module, s.kind, s.only, s.all_but) for s in rows],
-            headers=("layer", "kind", f"only this quantized ({self.metric})",
-                     f"all but this quantized ({self.metric})"),
-            tablefmt=tablefmt, floatfmt=".4g",
-        ) + f"\nquantized model: {self.metric} {self.quantized:.4g}"
+        headers = ["layer", "kind", f"only this quantized ({self.metric})",
+                   f"all but this quantized ({self.metric})"]
+        table = [[s.module, s.kind, s.only, s.all_but] for s in rows]
+        if all(math.isnan(s.only) for s in self.layers):  # advise() measures only all_but
+            del headers[2]
+            table = [r[:2] + r[3:] for r in table]
+        return tabulate(table, headers=headers, tablefmt=tablefmt, floatfmt=".4g") + (
+            f"\nquantized model: {self.metric} {self.quantized:.4g}")
 
 
 def _finite(x: float) -> float:

@@ -254,7 +254,8 @@ def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[F
             "coarse_step",
             f"the error is rounding noise ({d.noise_steps:.2f} steps) but the step is coarse for "
             f"the signal (local SQNR {d.local_sqnr:.1f} dB): a few outliers set the range",
-            "a histogram observer (clips rare outliers for a finer step), or equalization",
+            "a histogram observer if the layer has a MinMax one (the x86/fbgemm defaults "
+            "already use it); else keep the layer float, or equalization to spread the outliers",
         ))
     if first_below and d.cumulative_sqnr is not None:
         amp = d.amplification

@@ -318,7 +318,13 @@ class HybridRunner:
         changed = {s.out for s in new}
         if not changed:
             return env
-        begin = min(min(g.position[n] for n in s.skip) for s in new)
+        if base == "quant" and start is not None:
+            # a layer kept float earlier is requantized only while a quantized op reads it:
+            # the new swaps may have made all its readers float
+            before = skipped - set().union(*(s.skip for s in new))
+            changed.update(s.out for s in swaps if s not in new and (
+                self._feeds_quantized_op(s.out, before) != self._feeds_quantized_op(s.out, skipped)))
+        begin = min(min(g.position[n] for n in by_out[out].skip) for out in changed)
         with torch.no_grad():
             for node in g.nodes[begin:]:
                 name = node.name

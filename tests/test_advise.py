@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -182,6 +183,40 @@ def test_eager_sensitivity_covers_convs_and_float_functional() -> None:
             y = q.relu(torch.quantize_per_tensor(y, q.conv.scale, q.conv.zero_point, torch.quint8))
             outs.append(q.dequant(q.add.add(q.conv2(y), q.conv2(y))))
     assert s.layer("conv").all_but == fxnumeric.sqnr(ref, torch.cat(outs))
+
+
+def _chain_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """Quantized layers that read each other directly (no quantize between them)."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                                nn.Linear(32, 8)).eval()
+    data = _batches((16, 16))
+    prepared = prepare_fx(copy.deepcopy(float_model),
+                          QConfigMapping().set_global(default_qconfig), (data[0],))
+    for batch in data:
+        prepared(batch)
+    return float_model, convert_fx(prepared), data
+
+
+@pytest.mark.parametrize("make", [_fx_pair, _chain_pair, _eager_pair], ids=["fx", "chain", "eager"])
+def test_hybrids_built_step_by_step_equal_hybrids_built_at_once(make) -> None:
+    """advise() adds one float layer at a time to a cached hybrid: no difference allowed."""
+    import itertools
+
+    float_model, quant_model, data = make()
+    runner = HybridRunner(fxnumeric.match(float_model, quant_model))
+    ref = runner.reference(data[0])
+    for first, second in itertools.permutations(runner.layers, 2):
+        a, b = runner.swaps(first, "quant"), runner.swaps(second, "quant")
+        at_once = runner.output(runner.run(ref, "quant", a + b), "quant")
+        step = runner.run(ref, "quant", a + b, start=runner.run(ref, "quant", a), new=b)
+        assert torch.equal(runner.output(step, "quant"), at_once), (first, second)
+
+
+def test_every_layer_float_in_a_chain_is_the_float_model() -> None:
+    float_model, quant_model, data = _chain_pair()
+    advice = advise(float_model, quant_model, data, metric="sqnr", target=math.inf)
+    assert advice.reached and advice.value == math.inf and len(advice.keep_float) == 3
 
 
 def _bad_layer_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
