@@ -334,3 +334,15 @@ def test_cli_advise_prints_the_advice_and_the_curve(tmp_path, monkeypatch, capsy
     assert "max_float_layers=1 reached" in out
     assert main(common + ["--target", "-1"]) == 0
     assert "already reaches" in capsys.readouterr().out
+
+
+def test_sensitivity_chart_and_page(tmp_path) -> None:
+    from fxnumeric.advise import sensitivity_svg
+
+    float_model, q, data = _bad_layer_pair()
+    s = sensitivity(float_model, q, data, metric="cosine")
+    svg = sensitivity_svg(s)
+    assert svg.startswith("<svg") and svg.count("<circle") == 2 * len(s.layers)
+    assert "<title>fc2: " in svg
+    page = s.to_html(tmp_path / "s.html").read_text()
+    assert "<svg" in page and "<table>" in page and "fc2" in page
