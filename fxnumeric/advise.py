@@ -227,7 +227,8 @@ class Sensitivity:
         )
         return path
 
-    def table(self, tablefmt: str = "simple", *, sort: bool = True, top_k: int | None = None) -> str:
+    def table(self, tablefmt: str = "simple", *, sort: bool = True,
+              top_k: int | None = None) -> str:
         """The layers as a table, most sensitive first (``sort=False``: graph order)."""
         rows = [self.layer(n) for n in self.ranking()] if sort else list(self.layers)
         rows = rows[:top_k] if top_k else rows
@@ -271,7 +272,8 @@ def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260
         return top + plot_height * (high - v) / (high - low)
 
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' "
-             f"height='{top + plot_height + label_h + 10}' font-family='sans-serif' font-size='10'>",
+             f"height='{top + plot_height + label_h + 10}' font-family='sans-serif' "
+             "font-size='10'>",
              f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
              "stroke='#999'/>"]
     for k in range(5):
@@ -417,7 +419,8 @@ class Advice:
         In eager mode a float module between quantized ones also needs a ``DeQuantStub``
         before it and a ``QuantStub`` after it in the model's ``forward``.
         """
-        return "\n".join(f"{model}.get_submodule({name!r}).qconfig = None" for name in self.keep_float)
+        return "\n".join(f"{model}.get_submodule({name!r}).qconfig = None"
+                         for name in self.keep_float)
 
     def pt2e_lines(self, quantizer: str = "quantizer") -> str:
         """The pt2e quantizer calls (before ``prepare_pt2e``) that keep the layers float."""
@@ -552,7 +555,8 @@ def advise(
     reached = value >= target
     paths = tuple(module_path(search.matching, n) for n in chosen)
     if reached and not chosen:
-        message = f"the quantized model already reaches {search.metric_name} {value:.4g} >= {target:g}"
+        message = (f"the quantized model already reaches {search.metric_name} {value:.4g} "
+                   f">= {target:g}")
     elif reached:
         message = (f"keep {len(chosen)} layer{'s' if len(chosen) != 1 else ''} float to reach "
                    f"{search.metric_name} {value:.4g} >= {target:g} (quantized: {quantized:.4g})")

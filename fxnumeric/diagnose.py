@@ -219,7 +219,8 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, floa
 
 def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
     flags: list[Flag] = []
-    if d.per_channel is False and d.channel_outlier_ratio is not None and d.channel_outlier_ratio > 10:
+    outliers = d.channel_outlier_ratio
+    if d.per_channel is False and outliers is not None and outliers > 10:
         flags.append(Flag(
             "weight_outliers",
             f"weight channel ranges differ {d.channel_outlier_ratio:.0f}x under one per-tensor "
@@ -244,7 +245,8 @@ def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[F
         flags.append(Flag(
             "noise",
             f"local error rms is {d.noise_steps:.2f} output steps, far above rounding noise "
-            f"({WHITE_NOISE_STEPS:.2f}): clipping or the weights' quantization, not the output step",
+            f"({WHITE_NOISE_STEPS:.2f}): clipping or the weights' quantization, not the "
+            "output step",
             ("recalibration on representative data" if d.per_channel else
              "per-channel weights or recalibration") + "; keep the layer float if it persists",
         ))

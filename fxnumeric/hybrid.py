@@ -51,13 +51,22 @@ def layer_names(matching: Matching) -> list[str]:
 
 
 def module_path(matching: Matching, name: str) -> str:
-    """The float model's module path of layer ``name`` (the name the user's flow configures)."""
+    """The float model's module path of layer ``name`` (the name the user's flow configures).
+
+    The module a float node calls; for an exported (pt2e) graph, whose ops are functions, the
+    innermost module of the node's ``nn_module_stack``; else the pair name.
+    """
     for p in matching.pairs:
         if p.name == name:
             for node_name in p.float_nodes:
                 node = matching.float_node(node_name)
                 if node.op == "call_module":
                     return str(node.target)
+                stack = node.meta.get("nn_module_stack")
+                if stack:
+                    path = list(stack.values())[-1][0]
+                    if path:
+                        return str(path)
     return name
 
 
@@ -147,7 +156,8 @@ def _writes_first_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     name = getattr(node.target, "__name__", str(node.target))
     if node.kwargs.get("inplace"):
         return True
-    return name in ("iadd", "imul", "isub", "itruediv") or (name.endswith("_") and not name.startswith("_"))
+    return name in ("iadd", "imul", "isub", "itruediv") or (
+        name.endswith("_") and not name.startswith("_"))
 
 
 def _is_dequantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -156,7 +166,7 @@ def _is_dequantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return getattr(node.target, "__name__", str(node.target)) == "dequantize"
 
 
-def like(value: Any, ref: Any) -> Any:
+def _like(value: Any, ref: Any) -> Any:
     """``value`` (float) in the form of ``ref``: quantized with ``ref``'s qparams if it is."""
     if isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor):
         if not ref.is_quantized:
@@ -168,8 +178,9 @@ def like(value: Any, ref: Any) -> Any:
             value, ref.q_per_channel_scales(), ref.q_per_channel_zero_points(),
             ref.q_per_channel_axis(), ref.dtype,
         )
-    if isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)) and len(ref) == len(value):
-        return type(ref)(like(v, r) for v, r in zip(value, ref, strict=True))
+    if (isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list))
+            and len(ref) == len(value)):
+        return type(ref)(_like(v, r) for v, r in zip(value, ref, strict=True))
     return value
 
 
@@ -216,7 +227,8 @@ class HybridRunner:
         other_inside = other_g.inside(other_chain)
         inputs = []
         for ext in other_g.external_inputs(other_inside):
-            carrier = self.matching.float_view.producer(self.matching.float_node(ext)) if read else None
+            carrier = (self.matching.float_view.producer(self.matching.float_node(ext))
+                       if read else None)
             provider = read.get(carrier.name) if carrier is not None else None
             provider = provider or self._provider(ext, base)
             if provider is None or base_g.position[provider] >= base_g.position[base_chain[-1]]:
@@ -284,7 +296,8 @@ class HybridRunner:
                 env[node.name] = fx.map_arg(node.args[0], lambda n: env[n.name])
             elif node.op != "get_attr":
                 value = g.execute(node, env)
-                if isinstance(value, torch.Tensor) and any(u.name in g.writes_input for u in node.users):
+                if (isinstance(value, torch.Tensor)
+                        and any(u.name in g.writes_input for u in node.users)):
                     value = value.clone()  # keep the value before an in-place user changes it
                 env[node.name] = value
         return env
@@ -323,7 +336,8 @@ class HybridRunner:
             # the new swaps may have made all its readers float
             before = skipped - set().union(*(s.skip for s in new))
             changed.update(s.out for s in swaps if s not in new and (
-                self._feeds_quantized_op(s.out, before) != self._feeds_quantized_op(s.out, skipped)))
+                self._feeds_quantized_op(s.out, before)
+                != self._feeds_quantized_op(s.out, skipped)))
         begin = min(min(g.position[n] for n in by_out[out].skip) for out in changed)
         with torch.no_grad():
             for node in g.nodes[begin:]:
@@ -376,12 +390,13 @@ class HybridRunner:
         for ext, provider in swap.inputs:
             value = env[provider]
             # into the float side: dequantize; into the quantized side: the form it has there
-            local[ext] = dequantize_all(value) if swap.base == "quant" else like(dequantize_all(value), other_ref[ext])
+            value = dequantize_all(value)
+            local[ext] = value if swap.base == "quant" else _like(value, other_ref[ext])
         for name in swap.nodes:
             local[name] = other.execute(other.node(name), local)
         result = local[swap.other_out]
         if swap.base == "quant" and requantize:
-            return like(dequantize_all(result), ref.quant[swap.out])
+            return _like(dequantize_all(result), ref.quant[swap.out])
         return dequantize_all(result)
 
     def local_float(self, swap: Swap, ref: _Reference) -> Any:

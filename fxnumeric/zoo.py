@@ -149,7 +149,8 @@ class MiniLM(nn.Module):
     """
 
     def __init__(self, vocab: int = 30522, hidden: int = 384, layers: int = 6, heads: int = 12,
-                 inner: int = 1536, positions: int = 512, types: int = 2, eps: float = 1e-12) -> None:
+                 inner: int = 1536, positions: int = 512, types: int = 2,
+                 eps: float = 1e-12) -> None:
         super().__init__()
         self.embeddings = _Embeddings(vocab, hidden, positions, types, eps)
         self.encoder = _Encoder(layers, hidden, heads, inner, eps)
@@ -201,7 +202,8 @@ def minilm() -> MiniLM:
         inner=config["intermediate_size"], positions=config["max_position_embeddings"],
         types=config["type_vocab_size"], eps=config["layer_norm_eps"],
     )
-    wanted = {k: v for k, v in state.items() if not k.startswith("pooler.") and "position_ids" not in k}
+    wanted = {k: v for k, v in state.items()
+              if not k.startswith("pooler.") and "position_ids" not in k}
     model.load_state_dict(wanted, strict=True)
     return model.eval()
 

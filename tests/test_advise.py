@@ -65,7 +65,8 @@ def _fx_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
     float_model = MLP().eval()
     data = _batches((16, 16))
-    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"), (data[0],))
+    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"),
+                          (data[0],))
     for batch in data:
         prepared(batch)
     return float_model, convert_fx(prepared), data
@@ -85,7 +86,8 @@ def _eager_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
 def _dynamic_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
     float_model = MLP().eval()
-    return float_model, quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}), _batches((16, 16))
+    quant_model = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    return float_model, quant_model, _batches((16, 16))
 
 
 PAIRS = {"fx": _fx_pair, "eager": _eager_pair, "dynamic": _dynamic_pair}
@@ -98,8 +100,10 @@ def test_hybrids_without_swaps_are_the_models_bit_for_bit(flow: str) -> None:
     for batch in data:
         ref = runner.reference(batch)
         with torch.no_grad():
-            assert torch.equal(runner.output(runner.run(ref, "float", ()), "float"), float_model(batch))
-            assert torch.equal(runner.output(runner.run(ref, "quant", ()), "quant"), quant_model(batch))
+            float_out = runner.output(runner.run(ref, "float", ()), "float")
+            quant_out = runner.output(runner.run(ref, "quant", ()), "quant")
+            assert torch.equal(float_out, float_model(batch))
+            assert torch.equal(quant_out, quant_model(batch))
 
 
 @pytest.mark.parametrize("flow", PAIRS)
@@ -132,8 +136,8 @@ def test_only_this_layer_is_the_quantized_layer_run_in_isolation() -> None:
             float_outs.append(float_model(x))
             # all but fc2: fc2 float on fc1's float output (FX quantizes it only for fc2), and
             # fc2's output left float: the quantize before fc3 requantizes it anyway
-            qx = torch.quantize_per_tensor(x, float(q.fc1_input_scale_0), int(q.fc1_input_zero_point_0),
-                                           torch.quint8)
+            qx = torch.quantize_per_tensor(x, float(q.fc1_input_scale_0),
+                                           int(q.fc1_input_zero_point_0), torch.quint8)
             y = float_model.fc2(torch.relu(q.fc1(qx).dequantize()))
             z = torch.quantize_per_tensor(torch.relu(y), float(q._scale_1), int(q._zero_point_1),
                                           torch.quint8)

@@ -111,7 +111,8 @@ def test_cumulative_and_local_sqnr_and_the_first_layer_below_threshold() -> None
     assert d.first_below == "fc1"
     assert [f.code for f in d.layer("fc1").flags] == ["amplification"]
     for name in ("fc1", "fc2", "fc3"):
-        assert d.layer(name).cumulative_sqnr == pytest.approx(report.row(name).output_sqnr, abs=1e-3)
+        expected = report.row(name).output_sqnr
+        assert d.layer(name).cumulative_sqnr == pytest.approx(expected, abs=1e-3)
     fc1 = d.layer("fc1")
     assert fc1.amplification == pytest.approx(fc1.local_sqnr - fc1.cumulative_sqnr)
     assert diagnose(float_model, q, data, threshold_db=-1000).first_below is None
