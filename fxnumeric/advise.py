@@ -15,6 +15,7 @@ verified curve is.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -28,7 +29,7 @@ from tabulate import tabulate
 from torch import nn
 
 from ._tensors import dequantize_all, first_output
-from .errors import InputError
+from .errors import InputError, InstrumentationError
 from .hybrid import HybridRunner, Swap, module_path
 from .match import Matching, match
 from .metrics import cosine, sqnr
@@ -38,6 +39,8 @@ __all__ = [
     "sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS",
     "sensitivity_svg",
 ]
+
+_log = logging.getLogger(__name__)
 
 EndMetric = Callable[[torch.Tensor, torch.Tensor], float]
 """Called as ``fn(float_output, candidate_output) -> float``, higher is better; the outputs of
@@ -153,6 +156,33 @@ class _Search:
         self.evaluations += len(hybrids)
         return [self.score(o) for o in outputs]
 
+    def layers(self, wanted: Iterable[str] | None, bases: tuple[str, ...]
+               ) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+        """The layers to search (``wanted`` or all) that can be swapped, and why others cannot."""
+        names = self.runner.layers if wanted is None else list(dict.fromkeys(wanted))
+        unknown = [n for n in names if n not in self.runner.layers]
+        if unknown:
+            raise InputError(f"no quantized layer is named {unknown[:5]}; layers are: "
+                             f"{', '.join(self.runner.layers[:20])}")
+        usable: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        for name in names:
+            try:
+                for base in bases:
+                    self.runner.swaps(name, base)
+            except InstrumentationError as exc:
+                _log.warning("layer %s is left out: %s", name, exc)
+                skipped.append((name, str(exc)))
+            else:
+                usable.append(name)
+        if not usable:
+            raise InputError(
+                "no quantized layer to swap: the matching paired no op that computes in "
+                "quantized form" + (f" ({len(skipped)} could not be swapped)" if skipped else "")
+                + "; see fxnumeric.match(float_model, quant_model).table()"
+            )
+        return usable, tuple(skipped)
+
     def swaps(self, names: Iterable[str], base: str) -> tuple[Swap, ...]:
         return tuple(s for n in names for s in self.runner.swaps(n, base))
 
@@ -191,6 +221,8 @@ class Sensitivity:
     quantized: float
     layers: tuple[LayerSensitivity, ...] = field(repr=False)
     batches: int = 0
+    skipped: tuple[tuple[str, str], ...] = ()
+    """``(layer, reason)`` for layers left out because they could not be swapped."""
 
     def __repr__(self) -> str:
         worst = self.ranking()[:3]
@@ -235,7 +267,7 @@ class Sensitivity:
         headers = ["layer", "kind", f"only this quantized ({self.metric})",
                    f"all but this quantized ({self.metric})"]
         table = [[s.module, s.kind, s.only, s.all_but] for s in rows]
-        if all(math.isnan(s.only) for s in self.layers):  # advise() measures only all_but
+        if self.layers and all(math.isnan(s.only) for s in self.layers):  # advise: all_but only
             del headers[2]
             table = [r[:2] + r[3:] for r in table]
         return tabulate(table, headers=headers, tablefmt=tablefmt, floatfmt=".4g") + (
@@ -346,7 +378,7 @@ def sensitivity(
         ['0', '2']
     """
     search = _Search(float_model, quant_model, data, metric, matching, progress)
-    names = search.runner.layers if layers is None else list(layers)
+    names, skipped = search.layers(layers, ("float", "quant"))
     hybrids: list[tuple[str, tuple[Swap, ...], tuple[Swap, ...]]] = [("quant", (), ())]
     for name in names:
         hybrids.append(("float", (), search.swaps([name], "float")))
@@ -358,7 +390,7 @@ def sensitivity(
                          values[1 + 2 * i], values[2 + 2 * i])
         for i, name in enumerate(names)
     )
-    return Sensitivity(search.metric_name, values[0], entries, len(search.batches))
+    return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped)
 
 
 @dataclass(frozen=True)
@@ -518,7 +550,7 @@ def advise(
         raise InputError(f"max_float_layers must be >= 0, got {max_float_layers}")
     started = time.perf_counter()
     search = _Search(float_model, quant_model, data, metric, matching, progress)
-    names = search.runner.layers if layers is None else list(layers)
+    names, skipped = search.layers(layers, ("quant",))
     hybrids = [("quant", (), ())] + [("quant", (), search.swaps([n], "quant")) for n in names]
     values = search.evaluate(hybrids, "ranking layers")
     quantized = values[0]
@@ -526,7 +558,7 @@ def advise(
     sens = Sensitivity(search.metric_name, quantized, tuple(
         LayerSensitivity(n, module_path(search.matching, n), kinds[n], math.nan, v)
         for n, v in zip(names, values[1:], strict=True)
-    ), len(search.batches))
+    ), len(search.batches), skipped)
     priority = {n: _finite(v) for n, v in zip(names, values[1:], strict=True)}
     limit = len(names) if max_float_layers is None else min(max_float_layers, len(names))
 
@@ -565,5 +597,7 @@ def advise(
                else f"even with all {len(names)} layers float")
         message = (f"target {search.metric_name} >= {target:g} NOT reached ({why}): best found "
                    f"{value:.4g} with {len(chosen)} layers float (quantized: {quantized:.4g})")
+    if skipped:
+        message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
     return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
                   search.evaluations, time.perf_counter() - started, sens)

@@ -350,3 +350,15 @@ def test_sensitivity_chart_and_page(tmp_path) -> None:
     assert "<title>fc2: " in svg
     page = s.to_html(tmp_path / "s.html").read_text()
     assert "<svg" in page and "<table>" in page and "fc2" in page
+
+
+def test_layer_selection_errors_name_the_layers() -> None:
+    float_model, q, data = _fx_pair()
+    s = sensitivity(float_model, q, data, layers=["fc3", "fc1"])
+    assert [layer.name for layer in s.layers] == ["fc3", "fc1"] and s.skipped == ()
+    with pytest.raises(InputError, match=r"no quantized layer is named \['fc9'\]; layers are: fc1"):
+        advise(float_model, q, data, metric="sqnr", target=30, layers=["fc9"])
+    conv = nn.Sequential(nn.Conv2d(3, 3, 1)).eval()  # dynamic quantization leaves convs float
+    with pytest.raises(InputError, match="no quantized layer to swap"):
+        sensitivity(conv, quantize_dynamic(copy.deepcopy(conv), {nn.Linear}),
+                    [torch.randn(1, 3, 4, 4)])
