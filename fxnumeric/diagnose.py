@@ -315,7 +315,8 @@ def diagnose(
                     float_node, quant_node = matching.output_nodes(pair)
                     local = first_output(dequantize_all(runner.local_float(swap, ref)))
                     float_value = first_output(dequantize_all(ref.float[float_node.name]))
-                    sums[name].update(local, ref.quant[quant_node.name], float_value)
+                    held, _ = runner.held_quantized(quant_node.name, ref.quant)
+                    sums[name].update(local, held, float_value)
         batches += 1
     if batches == 0:
         raise InputError("data yielded no batches: pass an iterable of input tensors "

@@ -166,6 +166,10 @@ def _is_dequantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return getattr(node.target, "__name__", str(node.target)) == "dequantize"
 
 
+def _is_quantized(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_quantized
+
+
 def _like(value: Any, ref: Any) -> Any:
     """``value`` (float) in the form of ``ref``: quantized with ``ref``'s qparams if it is."""
     if isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor):
@@ -225,13 +229,22 @@ class HybridRunner:
             base_chain, other_chain = pair.float_nodes, pair.quant_nodes
         read = self._chain_reads(pair) if shadow and base == "quant" else {}
         other_inside = other_g.inside(other_chain)
+        base_inside = base_g.inside(base_chain)
+        other_out, out = other_chain[-1], base_chain[-1]
+        # where the quantized graph quantizes the layer's output itself (reference FX, pt2e:
+        # op -> quantize -> dequantize), the layer ends after that
+        tail = self._output_tail(pair)
+        if tail and base == "float":
+            other_inside, other_out = other_inside + tail, tail[-1]
+        elif tail:
+            base_inside, out = base_inside + tail, tail[-1]
         inputs = []
         for ext in other_g.external_inputs(other_inside):
             carrier = (self.matching.float_view.producer(self.matching.float_node(ext))
                        if read else None)
             provider = read.get(carrier.name) if carrier is not None else None
             provider = provider or self._provider(ext, base)
-            if provider is None or base_g.position[provider] >= base_g.position[base_chain[-1]]:
+            if provider is None or base_g.position[provider] >= base_g.position[out]:
                 side = "float" if base == "quant" else "quantized"
                 raise InstrumentationError(
                     f"layer `{pair.name}`: the {side} subgraph reads `{ext}`, which has no "
@@ -240,10 +253,19 @@ class HybridRunner:
                 )
             inputs.append((ext, provider))
         return Swap(
-            name=pair.name, base=base, skip=frozenset(base_g.inside(base_chain)),
-            out=base_chain[-1], nodes=tuple(n for n in other_inside),
-            inputs=tuple(inputs), other_out=other_chain[-1],
+            name=pair.name, base=base, skip=frozenset(base_inside), out=out,
+            nodes=tuple(other_inside), inputs=tuple(inputs), other_out=other_out,
         )
+
+    def _output_tail(self, pair: Pair) -> list[str]:
+        """The quantized nodes from the pair's last op to its value node, in order (or none)."""
+        value_node = self.matching.output_nodes(pair)[1]
+        tail: list[str] = []
+        node = value_node
+        while node.name != pair.quant_nodes[-1] and node.all_input_nodes:
+            tail.append(node.name)
+            node = node.all_input_nodes[0]
+        return list(reversed(tail)) if node.name == pair.quant_nodes[-1] else []
 
     def _chain_reads(self, pair: Pair) -> dict[str, str]:
         """Float node -> the quantized node whose value the pair's quantized chain reads."""
@@ -391,13 +413,44 @@ class HybridRunner:
             value = env[provider]
             # into the float side: dequantize; into the quantized side: the form it has there
             value = dequantize_all(value)
-            local[ext] = value if swap.base == "quant" else _like(value, other_ref[ext])
+            local[ext] = value if swap.base == "quant" else self._into_quant(value, ext, other_ref)
         for name in swap.nodes:
             local[name] = other.execute(other.node(name), local)
         result = local[swap.other_out]
         if swap.base == "quant" and requantize:
-            return _like(dequantize_all(result), ref.quant[swap.out])
+            return self._into_quant(dequantize_all(result), swap.out, ref.quant)
         return dequantize_all(result)
+
+    def held_quantized(self, name: str, quant_ref: dict[str, Any]) -> tuple[Any, bool]:
+        """The quantized tensor behind quantized-graph node ``name``'s value.
+
+        Returns ``(value, behind)``: the value of ``name`` itself if it is quantized, else the
+        quantized value its ``dequantize`` (and other plumbing) reads, with ``behind=True``;
+        ``name``'s own (float) value when there is none.
+        """
+        node = self.quant.node(name)
+        held = quant_ref[name]
+        while not _is_quantized(held) and node.all_input_nodes:
+            c = self.quant.view.op_class(node)
+            if c is None or c.role != "plumbing" or node.all_input_nodes[0].name not in quant_ref:
+                break
+            node = node.all_input_nodes[0]
+            if _is_quantized(quant_ref[node.name]):
+                return quant_ref[node.name], True
+        return held, False
+
+    def _into_quant(self, value: Any, name: str, quant_ref: dict[str, Any]) -> Any:
+        """Float ``value`` as the quantized graph holds it at node ``name``.
+
+        Quantized with the qparams of the quantized model's tensor there; if ``name`` is a
+        ``dequantize`` (reference FX, pt2e), quantized with the qparams before it, then
+        dequantized.
+        """
+        held, behind = self.held_quantized(name, quant_ref)
+        if not _is_quantized(held):
+            return value
+        quantized = _like(value, held)
+        return dequantize_all(quantized) if behind else quantized
 
     def local_float(self, swap: Swap, ref: _Reference) -> Any:
         """A quantized-base swap's float subgraph run on the quantized model's own values.

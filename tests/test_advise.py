@@ -362,3 +362,27 @@ def test_layer_selection_errors_name_the_layers() -> None:
     with pytest.raises(InputError, match="no quantized layer to swap"):
         sensitivity(conv, quantize_dynamic(copy.deepcopy(conv), {nn.Linear}),
                     [torch.randn(1, 3, 4, 4)])
+
+
+def test_reference_fx_gives_the_sensitivity_of_convert_fx() -> None:
+    """A reference model quantizes each output itself (op -> quantize -> dequantize): the
+    layer ends after that, so both forms of one FX model measure the same hybrids."""
+    from torch.ao.quantization.quantize_fx import convert_to_reference_fx
+
+    torch.manual_seed(0)
+    float_model = MLP().eval()
+    data = _batches((16, 16))
+    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"),
+                          (data[0],))
+    for batch in data:
+        prepared(batch)
+    reference = convert_to_reference_fx(copy.deepcopy(prepared))
+    converted = convert_fx(prepared)
+    ref_s = sensitivity(float_model, reference, data)
+    conv_s = sensitivity(float_model, converted, data)
+    for a, b in zip(ref_s.layers, conv_s.layers, strict=True):
+        assert a.name == b.name
+        assert a.only == pytest.approx(b.only, abs=0.05)
+        assert a.all_but == pytest.approx(b.all_but, abs=0.05)
+    d = fxnumeric.diagnose(float_model, reference, data)
+    assert 0.2 < d.layer("fc2").noise_steps < 0.4  # the reference layer's own rounding noise
