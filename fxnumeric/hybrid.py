@@ -104,6 +104,7 @@ class _Graph:
         self.modules = view.modules
         self.position = {n.name: view.position(n) for n in self.nodes}
         self._attrs: dict[str, Any] = {}
+        self._constant: dict[str, bool] = {}
         self.writes_input = {n.name for n in self.nodes if _writes_first_input(n, self.modules)}
 
     def node(self, name: str) -> fx.Node:
@@ -146,6 +147,29 @@ class _Graph:
                 if i.name not in members and i.op != "get_attr" and i.name not in out:
                     out.append(i.name)
         return out
+
+    def with_constants(self, inside: list[str]) -> list[str]:
+        """``inside`` plus the outside nodes it reads that compute from constants only (a
+        pt2e weight's ``dequantize`` of its int8 parameter), in graph order."""
+        members = set(inside)
+        todo = [n for n in self.external_inputs(inside) if self.constant(self.node(n))]
+        while todo:
+            name = todo.pop()
+            if name not in members:
+                members.add(name)
+                todo += [i.name for i in self.node(name).all_input_nodes if i.op != "get_attr"]
+        return sorted(members, key=self.position.__getitem__)
+
+    def constant(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value depends on no model input (only attributes)."""
+        if node.name not in self._constant:
+            if node.op in ("placeholder", "output"):
+                self._constant[node.name] = False
+            elif node.op == "get_attr":
+                self._constant[node.name] = True
+            else:
+                self._constant[node.name] = all(self.constant(i) for i in node.all_input_nodes)
+        return self._constant[node.name]
 
 
 def _writes_first_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -238,6 +262,14 @@ class HybridRunner:
             other_inside, other_out = other_inside + tail, tail[-1]
         elif tail:
             base_inside, out = base_inside + tail, tail[-1]
+        other_inside = other_g.with_constants(other_inside)
+        if base == "float":
+            # the quantized model's own quantize (and dequantize) nodes in front of the layer
+            # are run again on the float values: the inputs get exactly its qparams
+            other_inside = self.quant.with_constants(sorted(
+                set(other_inside).union(*(self._quantize_path(e)
+                                          for e in other_g.external_inputs(other_inside))),
+                key=self.quant.position.__getitem__))
         inputs = []
         for ext in other_g.external_inputs(other_inside):
             carrier = (self.matching.float_view.producer(self.matching.float_node(ext))
@@ -256,6 +288,20 @@ class HybridRunner:
             name=pair.name, base=base, skip=frozenset(base_inside), out=out,
             nodes=tuple(other_inside), inputs=tuple(inputs), other_out=other_out,
         )
+
+    def _quantize_path(self, name: str) -> list[str]:
+        """The quantize and plumbing nodes from quantized node ``name`` back to the op (or
+        input) whose value they carry, ``name`` included; empty if ``name`` is that op."""
+        g = self.quant
+        node = g.node(name)
+        path: list[str] = []
+        while node.all_input_nodes and node.all_input_nodes[0].op != "get_attr":
+            c = g.view.op_class(node)
+            if c is None or c.role not in ("plumbing", "optional"):
+                break
+            path.append(node.name)
+            node = node.all_input_nodes[0]
+        return path
 
     def _output_tail(self, pair: Pair) -> list[str]:
         """The quantized nodes from the pair's last op to its value node, in order (or none)."""
@@ -277,7 +323,7 @@ class HybridRunner:
                 q = m.quant_view.producer(i)
                 f = m.float_counterpart(q) if q is not None and q not in chain else None
                 if f is not None:
-                    read.setdefault(f.name, q.name)
+                    read.setdefault(f.name, i.name)  # the value as the chain reads it
         return read
 
     def _provider(self, other_node: str, base: str) -> str | None:
@@ -294,7 +340,10 @@ class HybridRunner:
                 return None
             pair = m.pair_of(carrier)
             if pair is not None and pair.float_nodes[-1] == carrier.name:
-                return pair.quant_nodes[-1]
+                # a quantized layer's output as the next op reads it (after its own quantize
+                # in reference FX and pt2e); a float op's own output, not the quantize FX puts
+                # in front of the next layer
+                return m.output_nodes(pair)[1].name if pair.quantized else pair.quant_nodes[-1]
             q = m.quant_counterpart(carrier)
             return None if q is None else q.name
         producer = m.quant_view.producer(m.quant_node(other_node))
