@@ -13,10 +13,12 @@ other graph::
         x -> fc1 -> [quantize(scale, zp of qfc2's input) -> qfc2 -> dequantize] -> ...
 
 Values cross between the two sides in the form the quantized model uses at that point: a
-float value entering the quantized side is quantized with the qparams of the quantized
-model's own tensor there (read from a reference run of the quantized model); a quantized
-value entering the float side is dequantized; dynamic-quantized layers take and return float
-tensors, so nothing is converted around them.
+float value entering the quantized side runs through the quantized model's own quantize (and
+dequantize) nodes in front of the layer, or is quantized with the qparams of the quantized
+model's own tensor there (read from a reference run of the quantized model) when the layer
+reads another quantized op directly; a quantized value entering the float side is
+dequantized; dynamic-quantized layers take and return float tensors, so nothing is converted
+around them. A float layer's output is requantized only where a quantized op reads it.
 
 :class:`HybridRunner` runs both reference models node by node once per batch and keeps every
 node's value, so a hybrid recomputes only the nodes downstream of its swaps (the common
