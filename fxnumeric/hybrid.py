@@ -6,7 +6,8 @@ other graph::
 
     base = quantized, pair `fc2` kept float ("all but fc2 quantized"):
 
-        q_x -> qfc1 -> [dequantize -> float fc2 -> quantize(scale, zp of qfc2's output)] -> ...
+        q_x -> qfc1 -> [dequantize -> float fc2 -> quantize(scale, zp of qfc2's output)] -> qfc3
+                                                    (only where a quantized op reads it)
 
     base = float, pair `fc2` quantized ("only fc2 quantized"):
 
