@@ -58,7 +58,7 @@ class ReportRow:
     quant_nodes: tuple[str, ...] = ()
     note: str = ""
     flags: tuple[str, ...] = ()
-    """Why the layer is bad, as flag codes (:func:`fxnumeric.diagnose.annotate` sets them)."""
+    """Why the layer is bad, as flag codes (``annotate`` in ``fxnumeric.diagnose`` sets them)."""
     weight_histogram: WeightHistogram | None = field(default=None, repr=False)
     activations: tuple | None = field(default=None, repr=False)
     float_rms: float | None = None

@@ -386,3 +386,12 @@ def test_reference_fx_gives_the_sensitivity_of_convert_fx() -> None:
         assert a.all_but == pytest.approx(b.all_but, abs=0.05)
     d = fxnumeric.diagnose(float_model, reference, data)
     assert 0.2 < d.layer("fc2").noise_steps < 0.4  # the reference layer's own rounding noise
+
+
+def test_progress_counts_hybrids_on_stderr(capsys) -> None:
+    float_model, q, data = _fx_pair()
+    sensitivity(float_model, q, data, progress=True)
+    err = capsys.readouterr().err
+    assert "sensitivity: 27/27 hybrids" in err  # (1 + 2 x 4 layers) x 3 batches
+    sensitivity(float_model, q, data, progress=False)
+    assert capsys.readouterr().err == ""
