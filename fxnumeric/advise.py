@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from .errors import InputError, InstrumentationError
 from .hybrid import HybridRunner, Swap, module_path
 from .match import Matching, match
 from .metrics import cosine, sqnr
+from .progress import Progress
 from .run import check_devices
 
 __all__ = [
@@ -69,27 +69,6 @@ def _resolve_metric(metric: str | EndMetric) -> tuple[str, EndMetric]:
     if callable(metric):
         return getattr(metric, "__name__", "metric"), metric
     raise InputError(f"metric must be a name or a function, got {metric!r}")
-
-
-class _Progress:
-    """A one-line counter on stderr, with the interface of ``fxnumeric.progress.Progress``
-    (issue 13), which replaces it once both have landed."""
-
-    def __init__(self, total: int | None, desc: str, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.total, self.desc, self.done = total, desc, 0
-        self.start = time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.enabled:
-            sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} hybrids  "
-                             f"{time.perf_counter() - self.start:.1f}s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def _concat(outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -136,7 +115,7 @@ class _Search:
         """
         outputs: list[list[torch.Tensor]] = [[] for _ in hybrids]
         float_outs: list[torch.Tensor] = []
-        bar = _Progress(len(hybrids) * len(self.batches), label, self.progress)
+        bar = Progress(len(hybrids) * len(self.batches), label, self.progress, unit="hybrid")
         try:
             for batch in self.batches:
                 ref = self.runner.reference(batch)

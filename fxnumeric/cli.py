@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(mat)
     mat.add_argument("--tablefmt", default="simple")
-    adv = sub.add_parser("advise", help="which layers to keep float so a metric reaches a target",
+    adv = sub.add_parser("advise", parents=[debug],
+                         help="which layers to keep float so a metric reaches a target",
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(adv)
     adv.add_argument("--target", type=float, required=True, help="metric value to reach")
@@ -125,7 +126,6 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--max-float-layers", type=_positive, help="keep at most this many float")
     adv.add_argument("--candidates", type=_positive, default=16,
                      help="layers verified per step of the search")
-    adv.add_argument("--no-progress", action="store_true", help="never show progress")
     return parser
 
 
@@ -220,14 +220,20 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 def _advise(args: argparse.Namespace) -> int:
     from .advise import advise
+    from .match import match
     from .models import random_batches
+    from .progress import phase
 
-    float_model, quant_model = _pair(args)
+    built, leaves = _pair(args)
     data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
                           high=args.vocab)
-    advice = advise(float_model, quant_model, data, metric=args.metric, target=args.target,
-                    max_float_layers=args.max_float_layers, candidates=args.candidates,
-                    progress=False if args.no_progress else None)
+    with phase("tracing and pairing the models", _progress(args)):
+        matching = match(built.float_model, built.quant_model, leaf_modules=leaves or None)
+    advice = advise(built.float_model, built.quant_model, data, metric=args.metric,
+                    target=args.target, max_float_layers=args.max_float_layers,
+                    candidates=args.candidates, matching=matching, progress=_progress(args))
+    for note in built.notes:
+        print(f"note: {note}")
     print(advice.summary())
     return 0 if advice.reached else 1
 

@@ -66,6 +66,8 @@ def report_columns(report: Report) -> list[Column]:
         for m in report.metrics:
             if m != "sqnr" and m not in ("cosine", "mse", "max_abs_error"):
                 cols.append((f"shadow {m}", lambda r, m=m: r.shadow.get(m), True))
+    if any(r.flags for r in report.rows):  # set by fxnumeric.diagnose's annotate()
+        cols.append(("flags", lambda r: ", ".join(r.flags), False))
     cols.append(("note", lambda r: r.notes, False))
     return cols
 

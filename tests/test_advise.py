@@ -359,7 +359,8 @@ def test_layer_selection_errors_name_the_layers() -> None:
     with pytest.raises(InputError, match=r"no quantized layer is named \['fc9'\]; layers are: fc1"):
         advise(float_model, q, data, metric="sqnr", target=30, layers=["fc9"])
     conv = nn.Sequential(nn.Conv2d(3, 3, 1)).eval()  # dynamic quantization leaves convs float
-    with pytest.raises(InputError, match="no quantized layer to swap"):
+    with pytest.warns(UserWarning, match="no quantized op"), \
+            pytest.raises(InputError, match="no quantized layer to swap"):
         sensitivity(conv, quantize_dynamic(copy.deepcopy(conv), {nn.Linear}),
                     [torch.randn(1, 3, 4, 4)])
 
@@ -392,6 +393,6 @@ def test_progress_counts_hybrids_on_stderr(capsys) -> None:
     float_model, q, data = _fx_pair()
     sensitivity(float_model, q, data, progress=True)
     err = capsys.readouterr().err
-    assert "sensitivity: 27/27 hybrids" in err  # (1 + 2 x 4 layers) x 3 batches
+    assert "sensitivity" in err and "27/27" in err  # (1 + 2 x 4 layers) x 3 batches
     sensitivity(float_model, q, data, progress=False)
     assert capsys.readouterr().err == ""
