@@ -35,10 +35,7 @@ from .metrics import cosine, sqnr
 from .progress import Progress
 from .run import check_devices
 
-__all__ = [
-    "sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS",
-    "sensitivity_svg",
-]
+__all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
 
 _log = logging.getLogger(__name__)
 
@@ -224,18 +221,14 @@ class Sensitivity:
         raise InputError(f"no layer {name!r} in this sensitivity result")
 
     def to_html(self, path: str | Path) -> Path:
-        """Write a self-contained HTML page: the chart (:func:`sensitivity_svg`) and the table."""
-        import html
+        """Write a self-contained HTML page: the chart of both hybrids per layer and the table.
+
+        ``Report.to_html(path, sensitivity=...)`` puts the same section in a report's page.
+        """
+        from .render import sensitivity_page
 
         path = Path(path)
-        path.write_text(
-            "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric sensitivity"
-            "</title></head><body style='font-family:sans-serif'><h1>Sensitivity</h1>"
-            f"<p>{html.escape(repr(self))}</p><p><span style='color:#1f77b4'>&#9679; all but "
-            "this layer quantized</span> &nbsp; <span style='color:#d62728'>&#9679; only this "
-            "layer quantized</span> &nbsp; - - quantized model</p>"
-            f"{sensitivity_svg(self)}{self.table(tablefmt='html')}</body></html>\n"
-        )
+        path.write_text(sensitivity_page(self))
         return path
 
     def table(self, tablefmt: str = "simple", *, sort: bool = True,
@@ -251,63 +244,6 @@ class Sensitivity:
             table = [r[:2] + r[3:] for r in table]
         return tabulate(table, headers=headers, tablefmt=tablefmt, floatfmt=".4g") + (
             f"\nquantized model: {self.metric} {self.quantized:.4g}")
-
-
-def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260) -> str:
-    """An inline SVG chart of a :class:`Sensitivity`: both hybrids per layer, in graph order.
-
-    Blue: the quantized model with only this layer float (higher: floating it helps more);
-    red: the float model with only this layer quantized (lower: it hurts more); dashed: the
-    quantized model. Non-finite values (an exact output gives ``inf`` dB) sit on the top edge.
-    """
-    import html
-
-    layers = sens.layers
-    series = [("#1f77b4", [s.all_but for s in layers]), ("#d62728", [s.only for s in layers])]
-    values = [v for _, vs in series for v in vs if math.isfinite(v)]
-    values += [sens.quantized] if math.isfinite(sens.quantized) else []
-    low, high = (min(values), max(values)) if values else (0.0, 1.0)
-    pad = (high - low) * 0.05 or 1.0
-    low, high = low - pad, high + pad
-    label_h = min(200, 7 * max((len(s.module) for s in layers), default=4))
-    left, top = 60, 10
-    plot_w = width - left - 80  # room for the last rotated labels
-    step = plot_w / max(len(layers), 1)
-
-    def x(i: int) -> float:
-        return left + step * (i + 0.5)
-
-    def y(v: float) -> float:
-        if not math.isfinite(v):
-            return top if v > 0 or math.isnan(v) else top + plot_height
-        return top + plot_height * (high - v) / (high - low)
-
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' "
-             f"height='{top + plot_height + label_h + 10}' font-family='sans-serif' "
-             "font-size='10'>",
-             f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
-             "stroke='#999'/>"]
-    for k in range(5):
-        v = low + (high - low) * k / 4
-        parts.append(f"<text x='{left - 4}' y='{y(v) + 3:.1f}' text-anchor='end'>{v:.4g}</text>")
-    if math.isfinite(sens.quantized):
-        parts.append(f"<line x1='{left}' x2='{left + plot_w}' y1='{y(sens.quantized):.1f}' "
-                     f"y2='{y(sens.quantized):.1f}' stroke='#555' stroke-dasharray='4 3'/>")
-    for color, vs in series:
-        for i, v in enumerate(vs):
-            if math.isnan(v):
-                continue
-            name = html.escape(layers[i].module)
-            parts.append(f"<circle cx='{x(i):.1f}' cy='{y(v):.1f}' r='3' fill='{color}'>"
-                         f"<title>{name}: {v:.4g}</title></circle>")
-    every = max(1, math.ceil(12 / step))  # keep labels 12 px apart
-    for i, layer in enumerate(layers):
-        if i % every == 0:
-            ly = top + plot_height + 6
-            parts.append(f"<text x='{x(i):.1f}' y='{ly}' transform='rotate(60 {x(i):.1f} {ly})'>"
-                         f"{html.escape(layer.module)}</text>")
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def _finite(x: float) -> float:

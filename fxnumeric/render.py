@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 if TYPE_CHECKING:
+    from .advise import Sensitivity
     from .match import Matching
     from .report import Report, ReportRow, WeightHistogram
 
 __all__ = [
     "report_columns", "report_table", "report_csv", "report_page", "report_fragment",
     "matching_table", "matching_fragment", "sqnr_chart", "histogram_svg", "html_table",
+    "sensitivity_svg", "sensitivity_section", "sensitivity_page",
 ]
 
 Column = tuple[str, Callable[["ReportRow"], Any], bool]  # header, value, numeric
@@ -146,8 +148,10 @@ def _notes_html(report: Report) -> str:
     return "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in report.notes)
 
 
-def report_page(report: Report, *, histogram_layers: list[str] | int = 3) -> str:
-    """The self-contained HTML page: summary, notes, SQNR chart, weight histograms, table."""
+def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
+                sensitivity: Sensitivity | None = None) -> str:
+    """The self-contained HTML page: summary, notes, SQNR chart, the sensitivity section
+    (when given), weight histograms, table."""
     if isinstance(histogram_layers, int):
         chosen = [r for r in report.sorted_rows("weight_sqnr")
                   if r.weight_histogram is not None][:histogram_layers]
@@ -166,6 +170,7 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3) -> str
         "<p>Hover over a layer for its values. Where the red line dips, error enters; where "
         "only the blue line falls, it is inherited.</p>",
         f"<div class='fxn-chart'>{sqnr_chart(report.rows)}</div>",
+        sensitivity_section(sensitivity) if sensitivity is not None else "",
         "<h2>Weight histograms</h2>",
     ]
     if missing:
@@ -446,3 +451,80 @@ def histogram_svg(h: WeightHistogram, width: int = 560, plot_height: int = 150) 
                "count</text>")
     out.append("</svg>")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- sensitivity (fxnumeric.advise)
+
+
+def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260) -> str:
+    """An inline SVG chart of a :class:`Sensitivity`: both hybrids per layer, in graph order.
+
+    Blue: the quantized model with only this layer float (higher: floating it helps more);
+    red: the float model with only this layer quantized (lower: it hurts more); dashed: the
+    quantized model. Non-finite values (an exact output gives ``inf`` dB) sit on the top edge.
+    """
+    layers = sens.layers
+    series = [("#1f77b4", [s.all_but for s in layers]), ("#d62728", [s.only for s in layers])]
+    values = [v for _, vs in series for v in vs if math.isfinite(v)]
+    values += [sens.quantized] if math.isfinite(sens.quantized) else []
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    pad = (high - low) * 0.05 or 1.0
+    low, high = low - pad, high + pad
+    label_h = min(200, 7 * max((len(s.module) for s in layers), default=4))
+    left, top = 60, 10
+    plot_w = width - left - 80  # room for the last rotated labels
+    step = plot_w / max(len(layers), 1)
+
+    def x(i: int) -> float:
+        return left + step * (i + 0.5)
+
+    def y(v: float) -> float:
+        if not math.isfinite(v):
+            return top if v > 0 or math.isnan(v) else top + plot_height
+        return top + plot_height * (high - v) / (high - low)
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' "
+             f"height='{top + plot_height + label_h + 10}' font-family='sans-serif' "
+             "font-size='10'>",
+             f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
+             "stroke='#999'/>"]
+    for k in range(5):
+        v = low + (high - low) * k / 4
+        parts.append(f"<text x='{left - 4}' y='{y(v) + 3:.1f}' text-anchor='end'>{v:.4g}</text>")
+    if math.isfinite(sens.quantized):
+        parts.append(f"<line x1='{left}' x2='{left + plot_w}' y1='{y(sens.quantized):.1f}' "
+                     f"y2='{y(sens.quantized):.1f}' stroke='#555' stroke-dasharray='4 3'/>")
+    for color, vs in series:
+        for i, v in enumerate(vs):
+            if math.isnan(v):
+                continue
+            name = html.escape(layers[i].module)
+            parts.append(f"<circle cx='{x(i):.1f}' cy='{y(v):.1f}' r='3' fill='{color}'>"
+                         f"<title>{name}: {v:.4g}</title></circle>")
+    every = max(1, math.ceil(12 / step))  # keep labels 12 px apart
+    for i, layer in enumerate(layers):
+        if i % every == 0:
+            ly = top + plot_height + 6
+            parts.append(f"<text x='{x(i):.1f}' y='{ly}' transform='rotate(60 {x(i):.1f} {ly})'>"
+                         f"{html.escape(layer.module)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def sensitivity_section(sens: Sensitivity) -> str:
+    """The sensitivity part of a page: heading, legend, chart, table."""
+    return (
+        "<h2>Sensitivity</h2>"
+        f"<p>{html.escape(repr(sens))}. Each layer's end metric ({html.escape(sens.metric)}) "
+        "with <span style='color:#1f77b4'>&#9679; all but this layer quantized</span> and "
+        "<span style='color:#d62728'>&#9679; only this layer quantized</span>; dashed: the "
+        "quantized model.</p>"
+        f"<div class='fxn-chart'>{sensitivity_svg(sens)}</div>{sens.table(tablefmt='html')}"
+    )
+
+
+def sensitivity_page(sens: Sensitivity) -> str:
+    """A self-contained HTML page for a :class:`fxnumeric.Sensitivity`."""
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric sensitivity"
+            f"</title><style>{_PAGE_CSS}{_CSS}</style></head><body>"
+            f"{sensitivity_section(sens)}</body></html>\n")

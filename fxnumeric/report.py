@@ -289,18 +289,21 @@ class Report:
         path.write_text(report_csv(self))
         return path
 
-    def to_html(self, path: str | Path, *, histogram_layers: list[str] | int = 3) -> Path:
+    def to_html(self, path: str | Path, *, histogram_layers: list[str] | int = 3,
+                sensitivity: Any = None) -> Path:
         """Write a self-contained HTML page: summary, SQNR chart, weight histograms, table.
 
         Args:
             path: where to write.
             histogram_layers: layer names to draw weight histograms for, or ``k`` for the
                 ``k`` layers with the lowest weight SQNR.
+            sensitivity: a :func:`fxnumeric.sensitivity` result to chart on the same page.
         """
         from .render import report_page
 
         path = Path(path)
-        path.write_text(report_page(self, histogram_layers=histogram_layers))
+        path.write_text(report_page(self, histogram_layers=histogram_layers,
+                                    sensitivity=sensitivity))
         return path
 
     def _repr_html_(self) -> str:

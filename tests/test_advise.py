@@ -341,7 +341,7 @@ def test_cli_advise_prints_the_advice_and_the_curve(tmp_path, monkeypatch, capsy
 
 
 def test_sensitivity_chart_and_page(tmp_path) -> None:
-    from fxnumeric.advise import sensitivity_svg
+    from fxnumeric.render import sensitivity_svg
 
     float_model, q, data = _bad_layer_pair()
     s = sensitivity(float_model, q, data, metric="cosine")
@@ -350,6 +350,9 @@ def test_sensitivity_chart_and_page(tmp_path) -> None:
     assert "<title>fc2: " in svg
     page = s.to_html(tmp_path / "s.html").read_text()
     assert "<svg" in page and "<table>" in page and "fc2" in page
+    report = fxnumeric.compare(float_model, q, data)
+    page = report.to_html(tmp_path / "r.html", sensitivity=s).read_text()
+    assert "<h2>Sensitivity</h2>" in page and page.count("<svg") >= 2
 
 
 def test_layer_selection_errors_name_the_layers() -> None:
