@@ -101,7 +101,16 @@ class _Search:
 
     def score(self, outputs: list[torch.Tensor]) -> float:
         assert self._float_out is not None
-        return float(self.metric(self._float_out, _concat(outputs)))
+        candidate = _concat(outputs)
+        try:
+            return float(self.metric(self._float_out, candidate))
+        except Exception as exc:  # the user's metric: say which and on what
+            raise InputError(
+                f"metric {self.metric_name!r} failed on outputs of shape "
+                f"{list(self._float_out.shape)}: {type(exc).__name__}: {exc}. It is called as "
+                "fn(float_output, candidate_output) with the outputs of all batches "
+                "concatenated along dim 0, and must return a float."
+            ) from exc
 
     def evaluate(self, hybrids: Sequence[tuple[str, tuple[Swap, ...], tuple[Swap, ...]]],
                  label: str) -> list[float]:

@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from ._tensors import dequantize_all
-from .errors import InstrumentationError
+from .errors import InputError, InstrumentationError
 from .match import Matching, Pair
 from .run import as_args
 from .view import GraphView
@@ -131,11 +131,14 @@ class _Graph:
         kwargs = fx.map_arg(node.kwargs, value)
         if node.name in self.writes_input and args and isinstance(args[0], torch.Tensor):
             args = (args[0].clone(), *args[1:])  # never let a hybrid write into a shared value
-        if node.op == "call_module":
-            return self.modules[str(node.target)](*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)  # type: ignore[operator]
-        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        try:
+            if node.op == "call_module":
+                return self.modules[str(node.target)](*args, **kwargs)
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)  # type: ignore[operator]
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise _NodeFailure(node, exc) from exc
 
     def inside(self, chain: Sequence[str]) -> list[str]:
         """``chain`` with the plumbing between its nodes, in graph order."""
@@ -355,10 +358,25 @@ class HybridRunner:
 
     # ------------------------------------------------------------------ running
     def reference(self, batch: Any) -> _Reference:
-        """Run both models on ``batch``, keeping every node's value."""
+        """Run both models on ``batch``, keeping every node's value.
+
+        Raises:
+            InputError: when a model fails on the batch, naming the model and the node.
+        """
         args = as_args(batch)
+        envs = []
         with torch.no_grad():
-            return _Reference(self._run_all(self.float, args), self._run_all(self.quant, args))
+            for which, g in (("float", self.float), ("quantized", self.quant)):
+                try:
+                    envs.append(self._run_all(g, args))
+                except _NodeFailure as failure:
+                    raise InputError(
+                        f"the {which} model failed on the input at node "
+                        f"`{failure.node.format_node()}`: {failure.message}\n"
+                        "Check the input shape, dtype and device (a batch that is a tuple is "
+                        "passed as several positional inputs)."
+                    ) from failure.__cause__
+        return _Reference(*envs)
 
     def _run_all(self, g: _Graph, args: tuple[Any, ...]) -> dict[str, Any]:
         env: dict[str, Any] = {}
@@ -413,6 +431,22 @@ class HybridRunner:
                 self._feeds_quantized_op(s.out, before)
                 != self._feeds_quantized_op(s.out, skipped)))
         begin = min(min(g.position[n] for n in by_out[out].skip) for out in changed)
+        try:
+            self._recompute(g, other, other_ref, ref, env, base, by_out, skipped, changed, begin)
+        except _NodeFailure as failure:
+            kept = "float" if base == "quant" else "quantized"
+            raise InstrumentationError(
+                f"the hybrid with {', '.join(sorted({s.name for s in swaps}))} {kept} failed at "
+                f"node `{failure.node.format_node()}`: {failure.message}\n"
+                "A value crossed between the float and quantized graphs in a form this op "
+                "does not take; leave that layer out (layers=...) and report the model."
+            ) from failure.__cause__
+        return env
+
+    def _recompute(self, g: _Graph, other: _Graph, other_ref: dict[str, Any], ref: _Reference,
+                   env: dict[str, Any], base: str, by_out: dict[str, Swap], skipped: set[str],
+                   changed: set[str], begin: int) -> None:
+        """Recompute, from position ``begin``, the nodes that read a changed value."""
         with torch.no_grad():
             for node in g.nodes[begin:]:
                 name = node.name
@@ -432,7 +466,6 @@ class HybridRunner:
                 else:
                     env[name] = g.execute(node, env)
                 changed.add(name)
-        return env
 
     def _feeds_quantized_op(self, name: str, skipped: set[str]) -> bool:
         """Whether the quantized graph reads ``name``'s value as a quantized tensor somewhere.
@@ -510,12 +543,27 @@ class HybridRunner:
         This is the layer's float twin fed the same (dequantized) inputs as the quantized
         layer, the reference for the error the layer adds by itself (a shadow's output).
         """
-        return self._swapped(swap, ref.quant, self.float, ref.float, ref, requantize=False)
+        try:
+            return self._swapped(swap, ref.quant, self.float, ref.float, ref, requantize=False)
+        except _NodeFailure as failure:
+            raise InstrumentationError(
+                f"the float twin of layer `{swap.name}` failed at node "
+                f"`{failure.node.format_node()}`: {failure.message}"
+            ) from failure.__cause__
 
     def output(self, env: dict[str, Any], base: str) -> Any:
         """The model output held in ``env``."""
         g = self.float if base == "float" else self.quant
         return env[g.nodes[-1].name]
+
+
+class _NodeFailure(Exception):
+    """A node raised while a graph ran node by node (turned into a user-facing error above)."""
+
+    def __init__(self, node: fx.Node, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.node = node
+        self.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 @dataclass(frozen=True, eq=False)

@@ -399,3 +399,15 @@ def test_progress_counts_hybrids_on_stderr(capsys) -> None:
     assert "sensitivity" in err and "27/27" in err  # (1 + 2 x 4 layers) x 3 batches
     sensitivity(float_model, q, data, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_bad_batch_or_a_failing_metric_is_an_input_error() -> None:
+    float_model, q, data = _fx_pair()
+    with pytest.raises(InputError, match="float model failed on the input at node `%fc1 .*4x7"):
+        sensitivity(float_model, q, [torch.randn(4, 7)])
+
+    def broken(ref, actual):
+        raise ValueError("nope")
+
+    with pytest.raises(InputError, match="metric 'broken' failed on outputs of shape \\[48, 8\\]"):
+        advise(float_model, q, data, metric=broken, target=1.0)
