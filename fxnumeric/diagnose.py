@@ -37,6 +37,7 @@ from ._tensors import dequantize_all, first_output
 from .errors import InputError
 from .hybrid import HybridRunner, module_path
 from .match import Matching, match
+from .progress import Progress
 from .report import Report
 from .run import check_devices
 from .weights import pair_weights
@@ -286,6 +287,7 @@ def diagnose(
     *,
     threshold_db: float = 20.0,
     matching: Matching | None = None,
+    progress: bool | None = None,
 ) -> Diagnosis:
     """Measure why each quantized layer loses accuracy, and flag the usual causes.
 
@@ -295,6 +297,7 @@ def diagnose(
         data: batches (tensors or tuples of inputs).
         threshold_db: cumulative SQNR below which the first such layer is flagged.
         matching: a :func:`fxnumeric.match` result to reuse.
+        progress: show progress over batches on stderr (default: on a terminal or notebook).
 
     Returns:
         A :class:`Diagnosis`; ``.text()`` explains each flagged layer, ``.table()`` shows the
@@ -304,20 +307,14 @@ def diagnose(
     runner = HybridRunner(matching)
     sums = {name: _Sums() for name in runner.layers}
     batches = 0
-    for batch in data:
-        if batches == 0:
-            check_devices(float_model, quant_model, batch)
-        ref = runner.reference(batch)
-        with torch.no_grad():
-            for name in runner.layers:
-                pairs = [p for p in matching.pairs if p.name == name]
-                for pair, swap in zip(pairs, runner.swaps(name, "quant", shadow=True), strict=True):
-                    float_node, quant_node = matching.output_nodes(pair)
-                    local = first_output(dequantize_all(runner.local_float(swap, ref)))
-                    float_value = first_output(dequantize_all(ref.float[float_node.name]))
-                    held, _ = runner.held_quantized(quant_node.name, ref.quant)
-                    sums[name].update(local, held, float_value)
-        batches += 1
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    with Progress(total, "diagnosing", progress) as bar:
+        for batch in data:
+            if batches == 0:
+                check_devices(float_model, quant_model, batch)
+            _diagnose_batch(runner, matching, sums, batch)
+            batches += 1
+            bar.update()
     if batches == 0:
         raise InputError("data yielded no batches: pass an iterable of input tensors "
                          "(or tuples of inputs)")
@@ -346,6 +343,20 @@ def diagnose(
             first_below = d.module
         layers.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
     return Diagnosis(tuple(layers), threshold_db, first_below, batches)
+
+
+def _diagnose_batch(runner: HybridRunner, matching: Matching, sums: dict[str, _Sums],
+                    batch: Any) -> None:
+    ref = runner.reference(batch)
+    with torch.no_grad():
+        for name in runner.layers:
+            pairs = [p for p in matching.pairs if p.name == name]
+            for pair, swap in zip(pairs, runner.swaps(name, "quant", shadow=True), strict=True):
+                float_node, quant_node = matching.output_nodes(pair)
+                local = first_output(dequantize_all(runner.local_float(swap, ref)))
+                float_value = first_output(dequantize_all(ref.float[float_node.name]))
+                held, _ = runner.held_quantized(quant_node.name, ref.quant)
+                sums[name].update(local, held, float_value)
 
 
 def annotate(report: Report, diagnosis: Diagnosis) -> Report:
