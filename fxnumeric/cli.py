@@ -20,6 +20,8 @@ _EXAMPLES = """examples:
   fxnumeric report --model torchvision:mobilenet_v2 --quant fx --format html -o report.html
   fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128 --top-k 10
   fxnumeric match --model torchvision:googlenet --quant fx --input-shape 1,3,64,64
+  fxnumeric report --model torchvision:resnet18 --quant fx --why --sensitivity sqnr \
+      --format html -o report.html
   fxnumeric advise --model torchvision:resnet18 --quant fx --metric cosine --target 0.999
   fxnumeric advise --model fxnumeric.zoo:minilm_cli_pair --input-shape 4,16 --input-dtype long \
       --vocab 30522 --metric min_cosine --target 0.97
@@ -110,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="show only the k worst layers (by shadow SQNR unless --sort says)")
     rep.add_argument("-o", "--output",
                      help="write to this file instead of stdout (required for html and csv)")
+    rep.add_argument("--why", action="store_true",
+                     help="add a flags column: why each layer is bad (fxnumeric.diagnose)")
+    rep.add_argument("--sensitivity", choices=("sqnr", "cosine", "min_cosine"),
+                     help="with --format html: chart each layer's effect on this end metric "
+                          "(two hybrid models per layer, fxnumeric.sensitivity)")
     mat = sub.add_parser("match", parents=[debug],
                          help="print how the float and quantized graphs pair",
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,20 +181,37 @@ def _pair(args: argparse.Namespace):
 def _report(args: argparse.Namespace) -> None:
     from .compare import compare
     from .errors import InputError
+    from .match import match
     from .models import random_batches
+    from .progress import phase
 
     if args.format in ("html", "csv") and not args.output:
         raise InputError(f"--format {args.format} writes a file: add -o FILE")
+    if args.sensitivity and args.format != "html":
+        raise InputError("--sensitivity draws a chart in the HTML page: add --format html -o FILE")
     built, leaves = _pair(args)
     data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
                           high=args.vocab)
+    with phase("tracing and pairing the models", _progress(args)):
+        matching = match(built.float_model, built.quant_model, leaf_modules=leaves or None)
     report = compare(
         built.float_model, built.quant_model, data,
         comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
-        leaf_modules=leaves or None,
+        matching=matching,
         progress=_progress(args),
     )
     report = dataclasses.replace(report, notes=built.notes + report.notes)
+    if args.why:
+        from .diagnose import annotate, diagnose
+
+        report = annotate(report, diagnose(built.float_model, built.quant_model, data,
+                                           matching=matching, progress=_progress(args)))
+    sens = None
+    if args.sensitivity:
+        from .advise import sensitivity
+
+        sens = sensitivity(built.float_model, built.quant_model, data, args.sensitivity,
+                           matching=matching, progress=_progress(args))
     if args.format == "table":
         text = report.table(tablefmt=args.tablefmt, sort=args.sort, top_k=args.top_k)
     elif args.format == "json":
@@ -195,7 +219,7 @@ def _report(args: argparse.Namespace) -> None:
     elif args.format == "csv":
         text = f"wrote {report.to_csv(args.output)}"
     else:
-        text = f"wrote {report.to_html(args.output)}\n{report.summary()}"
+        text = f"wrote {report.to_html(args.output, sensitivity=sens)}\n{report.summary()}"
     if args.output and args.format in ("table", "json"):
         Path(args.output).write_text(text + "\n")
         text = f"wrote {args.output}"

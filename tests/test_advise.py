@@ -411,3 +411,29 @@ def test_a_bad_batch_or_a_failing_metric_is_an_input_error() -> None:
 
     with pytest.raises(InputError, match="metric 'broken' failed on outputs of shape \\[48, 8\\]"):
         advise(float_model, q, data, metric=broken, target=1.0)
+
+
+def test_cli_report_with_flags_and_the_sensitivity_chart(tmp_path, monkeypatch, capsys) -> None:
+    from fxnumeric.cli import main
+
+    (tmp_path / "whyzoo.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),\n"
+        "                            torch.nn.Linear(32, 4))\n"
+        "    with torch.no_grad():\n"
+        "        m[2].weight[1] *= 40\n"
+        "    return m\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["report", "--model", "whyzoo:make", "--quant", "static", "--input-shape", "8,16",
+              "--batches", "2", "--no-progress"]
+    assert main(common + ["--why"]) == 0
+    out = capsys.readouterr().out
+    assert "flags" in out.splitlines()[0]
+    html_path = tmp_path / "r.html"
+    assert main(common + ["--sensitivity", "cosine", "--format", "html", "-o", str(html_path)]) == 0
+    assert "<h2>Sensitivity</h2>" in html_path.read_text()
+    assert main(common + ["--sensitivity", "cosine"]) == 2
+    assert "add --format html" in capsys.readouterr().err
