@@ -29,7 +29,7 @@ from torch import nn
 
 from ._tensors import dequantize_all, first_output
 from .errors import InputError, InstrumentationError
-from .hybrid import HybridRunner, Swap, module_path
+from .hybrid import HybridRunner, Swap, function_target, module_path
 from .match import Matching, match
 from .metrics import cosine, sqnr
 from .progress import Progress
@@ -332,6 +332,9 @@ class Advice:
         message: one line saying what was found (and, if the target was missed, why).
         evaluations: how many hybrid models were run.
         seconds: how long the search took.
+        functions: for each of ``keep_float`` that is a function op rather than a module
+            (a residual ``add``), ``(module path, function, index)`` as FX's
+            ``set_module_name_object_type_order`` names it; ``None`` for modules.
     """
 
     keep_float: tuple[str, ...]
@@ -344,6 +347,11 @@ class Advice:
     evaluations: int = 0
     seconds: float = 0.0
     sensitivity: Sensitivity | None = field(default=None, repr=False, compare=False)
+    functions: tuple[tuple[str, Any, int] | None, ...] = field(default=(), repr=False)
+
+    def _targets(self) -> list[tuple[str, tuple[str, Any, int] | None]]:
+        functions = self.functions or (None,) * len(self.keep_float)
+        return list(zip(self.keep_float, functions, strict=True))
 
     def __repr__(self) -> str:
         return (f"Advice(keep_float={list(self.keep_float)}, {self.metric}={self.value:.4g}, "
@@ -361,13 +369,24 @@ class Advice:
         from torch.ao.quantization import get_default_qconfig_mapping
 
         mapping = get_default_qconfig_mapping() if base is None else copy.deepcopy(base)
-        for name in self.keep_float:
-            mapping.set_module_name(name, None)
+        for name, function in self._targets():
+            if function is None:
+                mapping.set_module_name(name, None)
+            else:
+                mapping.set_module_name_object_type_order(*function, None)
         return mapping
 
     def fx_lines(self, mapping: str = "qconfig_mapping") -> str:
         """The ``QConfigMapping`` calls that :meth:`qconfig_mapping` makes, as source lines."""
-        return "\n".join(f"{mapping}.set_module_name({name!r}, None)" for name in self.keep_float)
+        lines = []
+        for name, function in self._targets():
+            if function is None:
+                lines.append(f"{mapping}.set_module_name({name!r}, None)")
+            else:
+                scope, target, index = function
+                lines.append(f"{mapping}.set_module_name_object_type_order({scope!r}, "
+                             f"{_qualified(target)}, {index}, None)  # {name}")
+        return "\n".join(lines)
 
     def eager_lines(self, model: str = "model") -> str:
         """The eager-mode assignments (before ``prepare``) that keep the layers float.
@@ -375,12 +394,20 @@ class Advice:
         In eager mode a float module between quantized ones also needs a ``DeQuantStub``
         before it and a ``QuantStub`` after it in the model's ``forward``.
         """
-        return "\n".join(f"{model}.get_submodule({name!r}).qconfig = None"
-                         for name in self.keep_float)
+        return "\n".join(
+            f"{model}.get_submodule({name!r}).qconfig = None" if function is None
+            else f"# {name}: a function op; in eager mode make it a FloatFunctional to configure it"
+            for name, function in self._targets()
+        )
 
     def pt2e_lines(self, quantizer: str = "quantizer") -> str:
         """The pt2e quantizer calls (before ``prepare_pt2e``) that keep the layers float."""
-        return "\n".join(f"{quantizer}.set_module_name({name!r}, None)" for name in self.keep_float)
+        return "\n".join(
+            f"{quantizer}.set_module_name({name!r}, None)" if function is None
+            else f"# {name}: {_qualified(function[1])} inside {function[0]!r} has no "
+                 "module of its own to name"
+            for name, function in self._targets()
+        )
 
     def table(self, tablefmt: str = "simple") -> str:
         """The curve: the metric after each layer is kept float."""
@@ -418,6 +445,14 @@ def _prune(search: _Search, chosen: list[str], curve: list[float],
         return chosen, curve
     prefixes = [("quant", (), search.swaps(kept[:i], "quant")) for i in range(1, len(kept) + 1)]
     return kept, [curve[0], *search.evaluate(prefixes, "final curve")]
+
+
+def _qualified(target: Any) -> str:
+    """``operator.add``, ``torch.add``, ``torch.matmul``: a function as source code names it."""
+    module = getattr(target, "__module__", None) or ""
+    module = {"_operator": "operator", "torch._C._VariableFunctions": "torch"}.get(module, module)
+    name = getattr(target, "__name__", repr(target))
+    return f"{module}.{name}" if module else name
 
 
 def _indent(text: str) -> str:
@@ -510,6 +545,7 @@ def advise(
     value = curve[-1]
     reached = value >= target
     paths = tuple(module_path(search.matching, n) for n in chosen)
+    functions = tuple(function_target(search.matching, n) for n in chosen)
     if reached and not chosen:
         message = (f"the quantized model already reaches {search.metric_name} {value:.4g} "
                    f">= {target:g}")
@@ -524,4 +560,5 @@ def advise(
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
     return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
-                  search.evaluations, time.perf_counter() - started, sens)
+                  search.evaluations, time.perf_counter() - started, sens,
+                  functions if any(functions) else ())

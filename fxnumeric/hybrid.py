@@ -42,7 +42,7 @@ from .match import Matching, Pair
 from .run import as_args
 from .view import GraphView
 
-__all__ = ["Swap", "HybridRunner", "layer_names", "module_path"]
+__all__ = ["Swap", "HybridRunner", "layer_names", "module_path", "function_target"]
 
 
 def layer_names(matching: Matching) -> list[str]:
@@ -57,7 +57,9 @@ def module_path(matching: Matching, name: str) -> str:
     """The float model's module path of layer ``name`` (the name the user's flow configures).
 
     The module a float node calls; for an exported (pt2e) graph, whose ops are functions, the
-    innermost module of the node's ``nn_module_stack``; else the pair name.
+    innermost module of the node's ``nn_module_stack`` when that is a leaf module (a Linear);
+    else the pair name (a function op such as a residual ``add``: see
+    :func:`function_target`).
     """
     for p in matching.pairs:
         if p.name == name:
@@ -65,12 +67,49 @@ def module_path(matching: Matching, name: str) -> str:
                 node = matching.float_node(node_name)
                 if node.op == "call_module":
                     return str(node.target)
-                stack = node.meta.get("nn_module_stack")
-                if stack:
-                    path = list(stack.values())[-1][0]
-                    if path:
-                        return str(path)
+                path = _scope(node)
+                if path and _is_leaf(matching, path):
+                    return path
     return name
+
+
+def function_target(matching: Matching, name: str) -> tuple[str, Any, int] | None:
+    """For a layer that is a function op (no module of its own), what FX's ``QConfigMapping``
+    names it by: ``(module path, function, index)`` for ``set_module_name_object_type_order``
+    (the index counts the calls of that function inside that module, in graph order)."""
+    if module_path(matching, name) != name:
+        return None
+    pair = next((p for p in matching.pairs if p.name == name), None)
+    if pair is None:
+        return None
+    node = matching.float_node(pair.float_nodes[0])
+    if node.op != "call_function":
+        return None
+    scope = _scope(node) or ""
+    index = 0
+    for other in matching.float_view.nodes:
+        if other is node:
+            return scope, node.target, index
+        if other.op == "call_function" and other.target == node.target and (
+                (_scope(other) or "") == scope):
+            index += 1
+    return None
+
+
+def _scope(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return str(list(stack.values())[-1][0]) or None
+
+
+def _is_leaf(matching: Matching, path: str) -> bool:
+    root = matching.float_view.root
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return True  # an exported graph keeps no module tree: trust its stack
+    return not any(True for _ in module.children())
 
 
 @dataclass(frozen=True)

@@ -437,3 +437,55 @@ def test_cli_report_with_flags_and_the_sensitivity_chart(tmp_path, monkeypatch, 
     assert "<h2>Sensitivity</h2>" in html_path.read_text()
     assert main(common + ["--sensitivity", "cosine"]) == 2
     assert "add --format html" in capsys.readouterr().err
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x) + x)  # a function op: FX names it by module and order
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(_Block(), _Block())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def test_a_function_op_is_fed_back_by_module_and_order() -> None:
+    import operator
+
+    torch.manual_seed(0)
+    float_model = _Residual().eval()
+    data = _batches((16, 8))
+    mapping = get_default_qconfig_mapping("x86")
+    prepared = prepare_fx(copy.deepcopy(float_model), mapping, (data[0],))
+    for batch in data:
+        prepared(batch)
+    quant_model = convert_fx(prepared)
+    s = sensitivity(float_model, quant_model, data, metric="sqnr")
+    add = next(layer for layer in s.layers if layer.kind.startswith("add"))
+    assert add.module == add.name  # no module of its own
+    advice = advise(float_model, quant_model, data, metric="sqnr", target=math.inf,
+                    layers=[add.name])
+    assert advice.functions == (("blocks.1", operator.add, 0),) or advice.functions == (
+        ("blocks.0", operator.add, 0),)
+    scope = advice.functions[0][0]
+    assert f"set_module_name_object_type_order({scope!r}, operator.add, 0, None)" in (
+        advice.fx_lines())
+    prepared = prepare_fx(copy.deepcopy(float_model), advice.qconfig_mapping(mapping),
+                          (data[0],))
+    for batch in data:
+        prepared(batch)
+    requantized = convert_fx(prepared)
+    def quantized_adds(model: nn.Module) -> int:
+        return sum(1 for n in model.graph.nodes
+                   if "add" in str(n.target) and "quantized" in str(n.target))
+
+    assert quantized_adds(quant_model) == 2
+    assert quantized_adds(requantized) == 1  # the other block's add stays quantized
