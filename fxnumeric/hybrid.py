@@ -56,20 +56,20 @@ def layer_names(matching: Matching) -> list[str]:
 def module_path(matching: Matching, name: str) -> str:
     """The float model's module path of layer ``name`` (the name the user's flow configures).
 
-    The module a float node calls; for an exported (pt2e) graph, whose ops are functions, the
-    innermost module of the node's ``nn_module_stack`` when that is a leaf module (a Linear);
-    else the pair name (a function op such as a residual ``add``: see
-    :func:`function_target`).
+    The module the layer's first float node (its head op) calls; for an exported (pt2e) graph,
+    whose ops are functions, the innermost module of the node's ``nn_module_stack`` when that
+    is a leaf module (a Linear); else the pair name (a function op such as a residual ``add``,
+    whose fused ``relu`` module is not the layer: see :func:`function_target`).
     """
     for p in matching.pairs:
         if p.name == name:
-            for node_name in p.float_nodes:
-                node = matching.float_node(node_name)
-                if node.op == "call_module":
-                    return str(node.target)
-                path = _scope(node)
-                if path and _is_leaf(matching, path):
-                    return path
+            node = matching.float_node(p.float_nodes[0])  # the head op: conv of conv-bn-relu
+            if node.op == "call_module":
+                return str(node.target)
+            path = _scope(node)
+            if path and _is_leaf(matching, path):
+                return path
+            break
     return name
 
 
