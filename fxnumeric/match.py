@@ -123,9 +123,12 @@ class Matching:
             if n not in claimed and (c := self.quant_view.op_class(n)) is not None
             and c.role == "optional"
         )
+        # A quantized op's value is what it hands on after its own output quantize; an op left
+        # in float hands on its float value (a quantize after it belongs to the next layer).
         outputs = {
             id(p): (self.float_view.node(p.float_nodes[-1]),
-                    self.quant_view.value_node(self.quant_view.node(p.quant_nodes[-1]), passable))
+                    self.quant_view.value_node(self.quant_view.node(p.quant_nodes[-1]),
+                                               passable if p.quantized else frozenset()))
             for p in self.pairs
         }
         # caches derived from the fields above, set once: the dataclass stays frozen
@@ -189,7 +192,9 @@ class Matching:
         """``(float_node, quant_node)`` whose outputs are the pair's values.
 
         On the quantized side that is the value the next op reads: after the pair's own
-        output quantize (and dequantize) where the graph has one (reference FX, pt2e).
+        output quantize (and dequantize) where the graph has one (reference FX, pt2e), for
+        pairs that compute in quantized form; a layer left in float is observed before the
+        quantize that feeds the next quantized layer.
         """
         return self._outputs[id(pair)]  # type: ignore[attr-defined]
 

@@ -136,3 +136,19 @@ def test_nothing_is_stored_on_user_models(make_resnet18_pair):
     ns.remove_instrumentation(f)
     ns.remove_instrumentation(q)
     assert (sorted(f.__dict__), sorted(q.__dict__)) == before
+
+
+def test_a_layer_left_float_is_observed_before_the_next_layers_quantize():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    qconfig = get_default_qconfig_mapping("x86").set_module_name("0", None)
+    prepared = prepare_fx(copy.deepcopy(f), qconfig, (x,))
+    prepared(x)
+    q = convert_fx(prepared)
+    m = ns.match(f, q)
+    first = m.pair("0")
+    assert not first.quantized
+    _, quant_out = m.output_nodes(first)
+    assert quant_out.name == first.quant_nodes[-1]  # not the quantize_per_tensor after it
+    assert ns.compare(f, q, [x]).row("0").output_sqnr == float("inf")
