@@ -13,6 +13,7 @@ layer on top, so ``import fxnumeric as ns`` runs the PyTorch Numeric Suite tutor
 """
 
 from .advise import Advice, Sensitivity, advise, sensitivity
+from .capture import trace
 from .compare import compare
 from .diagnose import Diagnosis, diagnose
 from .eager import (
@@ -41,7 +42,6 @@ from .match import Matching, Pair, Unmatched, match
 from .metrics import cosine, max_abs_error, mse, sqnr
 from .ops import register_op, unregister_op
 from .report import Report, ReportRow
-from .trace import trace
 from .view import GraphView
 from .weights import extract_weights
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._tensors import detach, first_output
+from .capture import LeafSpec
 from .errors import InputError
 from .guards import nothing_quantized
 from .instrument import Instrumented, instrument, resolve_matching
@@ -26,7 +27,6 @@ from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
 from .progress import Progress, phase
 from .report import Report, ReportRow, WeightHistogram
 from .run import as_args, check_devices, run_model
-from .trace import LeafSpec
 from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]

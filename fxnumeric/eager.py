@@ -27,13 +27,13 @@ import torch.ao.nn.quantized.dynamic as nnqd
 import torch.fx as fx
 from torch import nn
 
+from .capture import LeafSpec
 from .errors import InstrumentationError
 from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
 from .loggers import Logger, OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
 from .run import check_devices, run_model
-from .trace import LeafSpec
 from .weights import extract_weights, rnn_cell_weights
 
 __all__ = [

@@ -32,11 +32,11 @@ import torch.fx as fx
 from torch import nn
 
 from ._tensors import dequantize_all
+from .capture import LeafSpec, graph_module
 from .errors import InstrumentationError
 from .loggers import OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
 from .ops import is_pure
-from .trace import LeafSpec, graph_module
 from .view import GraphView
 
 __all__ = [

@@ -31,10 +31,10 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from .capture import LeafSpec, trace
 from .errors import MatchError
 from .guards import check_pair
 from .ops import BN_FOLDING_KINDS
-from .trace import LeafSpec, trace
 from .view import MODULE_ATTRS, GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "match"]

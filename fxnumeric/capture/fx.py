@@ -13,21 +13,25 @@ import linecache
 import os
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from ..errors import TraceError
 
-__all__ = ["trace", "LeafSpec", "graph_module"]
+__all__ = [
+    "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
+    "graph_module",
+]
 
 LeafSpec = type | str
 """A module type, or a qualified module name such as ``"encoder.layers.0"``."""
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_PACKAGE_DIR = os.path.dirname(__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(__file__))
 
 
 def graph_module(root: nn.Module | dict[str, Any], graph: fx.Graph,
@@ -53,7 +57,7 @@ def _always_leaf_types() -> tuple[type, ...]:
     from torch.ao.quantization.observer import ObserverBase
     from torch.ao.quantization.stubs import DeQuantStub, QuantStub
 
-    from .loggers import Logger
+    from ..loggers import Logger
 
     return (_FusedModule, ObserverBase, FakeQuantizeBase, Logger, QuantStub, DeQuantStub)
 
@@ -61,14 +65,16 @@ def _always_leaf_types() -> tuple[type, ...]:
 class _Tracer(fx.Tracer):
     """A tracer whose leaves are torch's modules, fused modules and the user's choices."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], prefix: str = "") -> None:
         super().__init__()
         self._leaf_types = _always_leaf_types() + leaf_types
         self._leaf_names = leaf_names
+        self._prefix = f"{prefix}." if prefix else ""  # where the traced module sits in the model
         self.scope_path: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+        qualified = f"{self._prefix}{module_qualified_name}".rstrip(".")
+        if qualified in self._leaf_names or isinstance(m, self._leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -113,7 +119,50 @@ def _user_frame(exc: BaseException) -> str:
     return "(no source frame)"
 
 
-def _single_call_graph(model: nn.Module) -> fx.GraphModule:
+def is_leaf(module: nn.Module, path: str, leaf_modules: Iterable[LeafSpec] | None = None) -> bool:
+    """Whether ``module`` (at ``path`` in its model) is kept whole when tracing."""
+    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    return _Tracer(leaf_types, leaf_names).is_leaf_module(module, path)
+
+
+@dataclass(frozen=True)
+class TraceFailure:
+    """Why torch.fx could not trace a module.
+
+    Attributes:
+        scope: path, relative to the traced module, of the innermost submodule being traced
+            when it failed; ``""`` when the module's own ``forward`` failed.
+        reason: the exception, one line, with the user's source line.
+    """
+
+    scope: str
+    reason: str
+
+
+def trace_submodule(
+    module: nn.Module,
+    path: str,
+    *,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule | TraceFailure:
+    """Trace the submodule at ``path`` on its own; a failure is returned, not raised.
+
+    ``leaf_modules`` names are qualified from the model's root, as in :func:`trace`.
+    ``concrete_args`` fixes arguments (``None`` values are asserted at run time by torch.fx).
+    """
+    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    tracer = _Tracer(leaf_types, leaf_names, path)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        scope = tracer.scope_path[-1] if tracer.scope_path else ""
+        return TraceFailure(scope, f"{type(exc).__name__}: {first_line} (at {_user_frame(exc)})")
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def single_call_graph(model: nn.Module) -> fx.GraphModule:
     """A graph that calls ``model`` whole: for a root that is itself a leaf."""
     import inspect
 
@@ -163,7 +212,7 @@ def trace(
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     tracer = _Tracer(leaf_types, leaf_names)
     if "" in leaf_names or tracer.is_leaf_module(model, ""):
-        return _single_call_graph(model)
+        return single_call_graph(model)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"

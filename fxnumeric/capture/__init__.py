@@ -1,0 +1,25 @@
+"""Stage 1, capture: turn the user's models into what the matcher pairs.
+
+Where ``torch.fx`` traces a whole model, the result is one GraphModule per model
+(:func:`trace`, :mod:`fxnumeric.capture.fx`). Where it cannot, :mod:`fxnumeric.capture.tree`
+keeps the failing module whole and goes inside it: its children are traced as graphs of
+their own, or descended into in turn, and the leaf modules reached that way pair through
+the module tree. :mod:`fxnumeric.capture.hooks` instruments such models: copies whose
+graph regions are instrumented GraphModules and whose tree-paired modules carry forward
+hooks (the user's models are never touched).
+"""
+
+from .fx import (
+    LeafSpec,
+    TraceFailure,
+    graph_module,
+    is_leaf,
+    single_call_graph,
+    trace,
+    trace_submodule,
+)
+
+__all__ = [
+    "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
+    "graph_module",
+]
