@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,9 +11,10 @@ __all__ = ["first_output", "detach", "dequantize_all"]
 
 
 def first_output(x: Any) -> Any:
-    """The tensor a logger records for an output: element 0 of a tuple/list, else ``x``."""
-    while isinstance(x, (tuple, list)):
-        x = x[0]
+    """The tensor a logger records for an output: element 0 of a tuple/list, the first value
+    of a dict (a Hugging Face ``ModelOutput`` is one), else ``x``."""
+    while isinstance(x, (tuple, list, Mapping)) and len(x):
+        x = next(iter(x.values())) if isinstance(x, Mapping) else x[0]
     return x
 
 

@@ -26,7 +26,7 @@ from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
 from .progress import Progress, phase
 from .report import Report, ReportRow, WeightHistogram
-from .run import as_args, check_devices, run_model
+from .run import check_devices, run_model
 from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]
@@ -156,9 +156,10 @@ def compare(
     Args:
         float_model: the float model (not modified).
         quant_model: the quantized model (not modified).
-        data: an iterable of batches (a DataLoader works); each batch is a tensor or a tuple
-            of positional inputs. A single tensor is one batch. For a labelled DataLoader
-            that yields ``(x, label)``, pass ``inputs=0``.
+        data: an iterable of batches (a DataLoader works); each batch is a tensor, a tuple
+            of positional inputs or a dict of keyword inputs (``{"input_ids": ids,
+            "attention_mask": mask}``). A single tensor is one batch. For a labelled
+            DataLoader that yields ``(x, label)``, pass ``inputs=0``.
         comparisons: any of ``"weights"``, ``"outputs"`` (cumulative error: both models
             run on the same input) and ``"shadows"`` (local error: each quantized op against
             its float twin fed the same dequantized input).
@@ -268,14 +269,14 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         for batch in data:
             if max_batches is not None and batches >= max_batches:
                 break
-            args = as_args(_pick_inputs(batch, inputs))
+            model_inputs = _pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
             if batches == 0:
                 check_devices(plan.matching.float_model or float_gm,
-                              plan.matching.quant_model or quant_gm, args)
-                float_out = _first_run(float_gm, args, batch, inputs)
+                              plan.matching.quant_model or quant_gm, model_inputs)
+                float_out = _first_run(float_gm, model_inputs, batch, inputs)
             else:
-                float_out = run_model(float_gm, args, which="float")
-            quant_out = run_model(quant_gm, args, which="quantized")
+                float_out = run_model(float_gm, model_inputs, which="float")
+            quant_out = run_model(quant_gm, model_inputs, which="quantized")
             plan.model.update(first_output(float_out), first_output(quant_out))
             for twin in plan.twins:
                 twin.pending.clear()
@@ -370,10 +371,10 @@ def _looks_labelled(batch: Any) -> bool:
             and not batch[1].is_floating_point())
 
 
-def _first_run(float_gm: nn.Module, args: tuple, batch: Any, inputs: Any) -> Any:
+def _first_run(float_gm: nn.Module, model_inputs: Any, batch: Any, inputs: Any) -> Any:
     """Run the first batch; if it is rejected and looks like ``(x, label)``, suggest inputs=."""
     try:
-        return run_model(float_gm, args, which="float")
+        return run_model(float_gm, model_inputs, which="float")
     except InputError as exc:
         if inputs is None and _looks_labelled(batch):
             raise InputError(

@@ -1,7 +1,13 @@
-"""Stage 4, run: feed batches to (instrumented) models, turning input mistakes into clear errors."""
+"""Stage 4, run: feed batches to (instrumented) models, turning input mistakes into clear errors.
+
+A batch is a tensor (one input), a tuple or list (several positional inputs) or a dict
+(keyword inputs: ``{"input_ids": ids, "attention_mask": mask}`` calls
+``model(input_ids=ids, attention_mask=mask)``).
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -9,12 +15,38 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["run_model", "as_args", "check_devices"]
+__all__ = ["run_model", "as_args", "as_call", "check_devices"]
 
 
 def as_args(batch: Any) -> tuple[Any, ...]:
     """A batch as positional arguments: a tuple or list is spread, anything else is one input."""
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch as ``(args, kwargs)``: a dict gives keyword inputs, anything else positional ones."""
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    return as_args(batch), {}
+
+
+def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) -> None:
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        params = signature.parameters
+        unknown = [k for k in kwargs if k not in params]
+        problem = (f"unexpected keyword input {', '.join(map(repr, unknown))}" if unknown
+                   else str(exc))
+        raise InputError(
+            f"the {which} model ({type(model).__name__}) cannot be called with these inputs: "
+            f"{problem}. Its forward takes ({', '.join(params)}). A batch that is a dict is "
+            "passed as keyword arguments, a tuple as positional ones."
+        ) from exc
 
 
 def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
@@ -24,17 +56,20 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
         InputError: when the model rejects the batch (shape, dtype, device, arity), naming
             the model side and the shapes that were passed.
     """
-    args = as_args(batch)
+    args, kwargs = as_call(batch)
+    _check_signature(model, args, kwargs, which)
     try:
         with torch.no_grad():
-            return model(*args)
+            return model(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        shapes = ", ".join(_describe(a) for a in args)
+        shapes = ", ".join([_describe(a) for a in args]
+                           + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
         raise InputError(
             f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
             "Check the input shape, dtype and device (a batch that is a tuple is passed as "
-            "several positional inputs), and that the model runs on it outside fxnumeric."
+            "several positional inputs, a dict as keyword inputs), and that the model runs on "
+            "it outside fxnumeric."
         ) from exc
 
 
