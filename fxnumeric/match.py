@@ -31,13 +31,13 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .capture import LeafSpec, trace
-from .errors import MatchError
+from .capture import LeafSpec, single_call_graph, trace
+from .errors import MatchError, TraceError
 from .guards import check_pair
-from .ops import BN_FOLDING_KINDS
+from .ops import BN_FOLDING_KINDS, classify_module
 from .view import MODULE_ATTRS, GraphView
 
-__all__ = ["Pair", "Unmatched", "Matching", "match"]
+__all__ = ["Pair", "Unmatched", "Matching", "RegionMatching", "match"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +54,12 @@ class Pair:
         quant_nodes: names of the quantized graph nodes, in order.
         quantized: whether the quantized side computes in quantized form (False for ops
             left in float, such as an ``nn.Embedding`` under dynamic quantization).
+        found_by: ``"graph"`` (paired by the graph matcher) or ``"module"`` (a leaf module
+            of a model torch.fx cannot trace whole, paired through the module tree; its
+            ``float_nodes`` and ``quant_nodes`` are then module paths).
+        region: for a graph pair inside a submodule captured as a graph of its own (see
+            :mod:`fxnumeric.capture.tree`), that submodule's quantized path; its name and
+            node names are prefixed with it. ``""`` otherwise.
     """
 
     name: str
@@ -61,6 +67,8 @@ class Pair:
     float_nodes: tuple[str, ...]
     quant_nodes: tuple[str, ...]
     quantized: bool
+    found_by: str = "graph"
+    region: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,12 +111,32 @@ class Matching:
     float_model: nn.Module | None = field(repr=False, default=None)
     quant_model: nn.Module | None = field(repr=False, default=None)
     """The user's models (not modified); module paths in pair names refer to them."""
+    regions: tuple[RegionMatching, ...] = field(repr=False, default=())
+    """For models torch.fx cannot trace whole: the submodules captured as graphs of their own
+    (the whole models, with some submodules kept whole, have paths ``""``)."""
+    untraced: tuple[tuple[str, str], ...] = ()
+    """``(float module path, reason)`` of modules torch.fx could not trace: each is kept
+    whole and its children are compared, but the code of its own ``forward`` is not."""
+    origin: dict[Pair, tuple[RegionMatching, Pair]] = field(repr=False, default_factory=dict)
+    """For each pair found in a region: the region and the pair as its own matching has it."""
+
+    @property
+    def whole_graph(self) -> bool:
+        """Whether both models were traced whole, so every pair lives in the two views.
+
+        When not, pairs live in :attr:`regions` (see :attr:`origin`) or were found through
+        the module tree (``found_by == "module"``), and ``float_view``/``quant_view`` show
+        only the outermost graphs.
+        """
+        return not self.untraced
 
     def __post_init__(self) -> None:
         by_name: dict[str, Pair] = {}
         by_node: dict[fx.Node, Pair] = {}
         for p in self.pairs:
             by_name.setdefault(p.name, p)
+        graph_pairs = [p for p in self.pairs if p.found_by == "graph" and p not in self.origin]
+        for p in graph_pairs:
             by_node.update((self.float_view.node(n), p) for n in p.float_nodes)
             by_node.update((self.quant_view.node(n), p) for n in p.quant_nodes)
         to_quant: dict[fx.Node, fx.Node] = {}
@@ -129,7 +157,7 @@ class Matching:
             id(p): (self.float_view.node(p.float_nodes[-1]),
                     self.quant_view.value_node(self.quant_view.node(p.quant_nodes[-1]),
                                                passable if p.quantized else frozenset()))
-            for p in self.pairs
+            for p in graph_pairs
         }
         # caches derived from the fields above, set once: the dataclass stays frozen
         object.__setattr__(self, "_by_name", by_name)
@@ -221,6 +249,22 @@ class Matching:
         """
         from .render import explain_table
 
+        for p in self.pairs:
+            if node not in (p.name, *p.float_nodes, *p.quant_nodes):
+                continue
+            if p in self.origin:  # found in a region: explain it inside the region's graphs
+                region, local = self.origin[p]
+                return region.matching.explain(local.name, radius=radius, tablefmt=tablefmt)
+            if p.found_by == "module":
+                note = "paired through the module tree"
+                return explain_table([(p.float_nodes[0], p.kind, p.quant_nodes[0], note)], tablefmt)
+        if not self.whole_graph:  # a module-tree miss, or a region's: no whole graph around it
+            rows = [(u.node, u.kind, "-", f"<- unpaired: {u.reason}") for u in self.unmatched_float
+                    if u.node == node]
+            rows += [("-", u.kind, u.node, f"<- unpaired: {u.reason}") for u in self.unmatched_quant
+                     if u.node == node]
+            if rows:
+                return explain_table(rows, tablefmt)
         return explain_table(_explain_rows(self, node, radius), tablefmt)
 
     def table(self, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
@@ -242,6 +286,15 @@ class Matching:
         from .render import matching_fragment
 
         return matching_fragment(self)
+
+
+@dataclass(frozen=True, eq=False)
+class RegionMatching:
+    """A float submodule and its quantized counterpart, captured and paired as graphs."""
+
+    float_path: str
+    quant_path: str
+    matching: Matching
 
 
 def _explain_rows(m: Matching, node: str, radius: int) -> list[tuple[str, str, str, str]]:
@@ -554,11 +607,20 @@ def match(
     (``convert_fx`` and ``convert_to_reference_fx``) and dynamic quantization; the module
     names of the two models need not agree. Neither model is modified.
 
+    When ``torch.fx`` cannot trace a model whole (Hugging Face transformers, for one), the
+    failing module is kept whole and its children are captured in turn: those that trace
+    pair as graphs, leaf modules reached below pair through the module tree (same path, or
+    same position and type), so every layer is still compared. Such pairs say so in
+    ``Pair.found_by`` / ``Pair.region``; ``Matching.untraced`` lists the modules kept whole.
+
     Args:
         float_model: the float model.
         quant_model: the quantized model.
-        example_inputs: optional input (tensor or tuple); when given, both traced graphs are
-            run once to check they accept it.
+        example_inputs: optional input: a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs (``{"input_ids": ids, "attention_mask": mask}``). When given, both
+            models are run once to check they accept it, and for models torch.fx cannot trace
+            whole that run records how each submodule is called, so that more of them are
+            captured as graphs.
         leaf_modules: module types or names to keep whole instead of tracing through them.
 
     Returns:
@@ -573,17 +635,115 @@ def match(
         >>> [(p.kind, p.float_nodes, p.quant_nodes) for p in m.pairs]
         [('linear', ('_0',), ('_0',)), ('relu', ('_1',), ('_1',))]
     """
-    float_gm = _as_graph_module(float_model, leaf_modules, "float")
-    quant_gm = _as_graph_module(quant_model, leaf_modules, "quantized")
+    try:
+        float_gm = _as_graph_module(float_model, leaf_modules, "float")
+        quant_gm = _as_graph_module(quant_model, leaf_modules, "quantized")
+    except TraceError as exc:
+        if not isinstance(float_model, nn.Module) or not isinstance(quant_model, nn.Module):
+            raise
+        _log.info("capturing through the module tree: %s", str(exc).splitlines()[0])
+        return _match_tree(float_model, quant_model, example_inputs, leaf_modules)
     check_pair(float_gm, quant_gm)  # swapped, unconverted or unquantized: see fxnumeric.guards
     if example_inputs is not None:
         from .run import run_model
 
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
+    return _graph_matching(float_gm, quant_gm, float_model, quant_model)
+
+
+def _graph_matching(float_gm: fx.GraphModule, quant_gm: fx.GraphModule,
+                    float_model: nn.Module, quant_model: nn.Module) -> Matching:
     float_view = GraphView(float_gm, root=float_model)
     quant_view = GraphView(quant_gm, root=quant_model)
     pairs, miss_f, miss_q, anchor = _pair_views(float_view, quant_view)
     quant_to_float = {q.name: f.name for q, f in anchor.items() if f is not None}
     return Matching(tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view,
                     quant_to_float, float_model, quant_model)
+
+
+def _prefixed(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: Any,
+                leaf_modules: Iterable[LeafSpec] | None) -> Matching:
+    """Pair models torch.fx cannot trace whole: graphs where it can, the module tree elsewhere.
+
+    Every region (:mod:`fxnumeric.capture.tree`) is paired as graphs and its pairs are listed
+    under prefixed names; leaf modules reached through the module tree pair as modules.
+    """
+    from .capture.tree import capture_tree, record_calls
+
+    float_calls = quant_calls = None
+    if example_inputs is not None:
+        float_calls = record_calls(float_model, example_inputs, which="float")
+        quant_calls = record_calls(quant_model, example_inputs, which="quantized")
+    tree = capture_tree(float_model, quant_model, leaf_modules=list(leaf_modules or ()),
+                        float_calls=float_calls, quant_calls=quant_calls)
+    regions: list[RegionMatching] = []
+    origin: dict[Pair, tuple[RegionMatching, Pair]] = {}
+    local_index: dict[Pair, int] = {}
+    pairs: list[Pair] = []
+    miss_f: list[Unmatched] = []
+    miss_q: list[Unmatched] = []
+    for region in tree.regions:
+        fpath, qpath = region.float_path, region.quant_path
+        sub = _graph_matching(region.float_graph, region.quant_graph,
+                              float_model.get_submodule(fpath), quant_model.get_submodule(qpath))
+        rm = RegionMatching(fpath, qpath, sub)
+        regions.append(rm)
+        for i, p in enumerate(sub.pairs):
+            flat = Pair(
+                name=_prefixed(qpath, p.name), kind=p.kind,
+                float_nodes=tuple(_prefixed(fpath, n) for n in p.float_nodes),
+                quant_nodes=tuple(_prefixed(qpath, n) for n in p.quant_nodes),
+                quantized=p.quantized, region=qpath,
+            )
+            pairs.append(flat)
+            origin[flat] = (rm, p)
+            local_index[flat] = i
+        miss_f += [Unmatched(_prefixed(fpath, u.node), u.kind, u.reason, u.quantized)
+                   for u in sub.unmatched_float]
+        miss_q += [Unmatched(_prefixed(qpath, u.node), u.kind, u.reason, u.quantized)
+                   for u in sub.unmatched_quant]
+    for fpath, qpath in tree.leaves:
+        f_cls = classify_module(float_model.get_submodule(fpath))
+        q_cls = classify_module(quant_model.get_submodule(qpath))
+        if f_cls.role == "plumbing" or q_cls.role == "plumbing":
+            continue  # dropout, identity, observers: transparent, as in the graph matcher
+        if f_cls.signature == q_cls.signature:
+            pairs.append(Pair(qpath, q_cls.kind, (fpath,), (qpath,), q_cls.quantized,
+                              found_by="module"))
+            continue
+        reason = (
+            f"float `{fpath}` ({f_cls.kind}) and quantized `{qpath}` ({q_cls.kind}) sit at the "
+            "same place in the module tree but compute different ops"
+        )
+        miss_f.append(Unmatched(fpath, f_cls.kind, reason, False))
+        miss_q.append(Unmatched(qpath, q_cls.kind, reason, q_cls.quantized))
+    for path, side, reason in tree.orphans:
+        cls = classify_module((float_model if side == "float" else quant_model).get_submodule(path))
+        if side == "float":
+            miss_f.append(Unmatched(path, cls.kind, reason, False))
+        else:
+            miss_q.append(Unmatched(path, cls.kind, reason, cls.quantized))
+    rank = {name: i for i, (name, _) in enumerate(quant_model.named_modules(remove_duplicate=False))}
+
+    def position(p: Pair) -> tuple[int, int]:
+        """Registration order of the module or region holding the pair, then graph order."""
+        if p in origin:
+            return rank.get(p.region, 0), local_index[p]
+        return rank.get(p.quant_nodes[0], 0), 0
+
+    pairs.sort(key=position)
+    root = next((r.matching for r in regions if not r.float_path and not r.quant_path), None)
+    if root is not None:
+        float_view, quant_view = root.float_view, root.quant_view
+    else:
+        float_view = GraphView(single_call_graph(float_model), root=float_model)
+        quant_view = GraphView(single_call_graph(quant_model), root=quant_model)
+    return Matching(
+        tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view, {},
+        float_model, quant_model, regions=tuple(regions), untraced=tree.untraced, origin=origin,
+    )

@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = [
-    "OpClass", "classify", "register_op", "unregister_op", "BN_FOLDING_KINDS",
+    "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
     "is_quantized_module", "is_pure",
 ]
 
@@ -137,7 +137,9 @@ _NAME_ALIASES: dict[str, tuple[str, ...]] = {
 }
 _PLUMBING_NAMES = frozenset(
     {"dequantize", "contiguous", "detach", "to", "float", "dropout", "dropout1d", "dropout2d",
-     "dropout3d", "alpha_dropout", "feature_alpha_dropout", "identity"}
+     "dropout3d", "alpha_dropout", "feature_alpha_dropout", "identity",
+     # torch.fx's guard on an argument fixed to None when a submodule is traced as called
+     "_assert_is_none"}
 )
 _QUANTIZE_NAMES = frozenset(
     {"quantize_per_tensor", "quantize_per_channel", "quantize_per_tensor_dynamic"}
@@ -296,6 +298,11 @@ def _method_class(name: str) -> OpClass:
     if name in _PLUMBING_NAMES:
         return PLUMBING
     return OpClass(_normalise_name(name))
+
+
+def classify_module(module: nn.Module) -> OpClass:
+    """Classify a module called as one op (a ``call_module`` node, or a module-tree leaf)."""
+    return _module_class(module)
 
 
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:

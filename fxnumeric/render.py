@@ -201,15 +201,36 @@ def report_fragment(report: Report, *, max_rows: int = 200) -> str:
 # ---------------------------------------------------------------- matching
 
 
-def _matching_rows(m: Matching) -> list[tuple[str, str, str, str, str]]:
-    rows = [(p.name, p.kind, ", ".join(p.float_nodes), ", ".join(p.quant_nodes), "")
-            for p in m.pairs]
+def _matching_rows(m: Matching) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [
+        (p.name, p.kind, ", ".join(p.float_nodes), ", ".join(p.quant_nodes), "")
+        for p in m.pairs
+    ]
     rows += [(u.node, u.kind, u.node, "-", u.reason) for u in m.unmatched_float]
     rows += [(u.node, u.kind, "-", u.node, u.reason) for u in m.unmatched_quant]
+    if not m.whole_graph:  # captured through the module tree: say how each pair was found
+        found = [p.found_by for p in m.pairs] + ["-"] * (len(rows) - len(m.pairs))
+        rows = [(*r[:4], how, r[4]) for r, how in zip(rows, found, strict=True)]
     return rows
 
 
 _MATCH_HEADERS = ("name", "kind", "float nodes", "quantized nodes", "unpaired because")
+
+
+def _matching_headers(m: Matching) -> tuple[str, ...]:
+    if m.whole_graph:
+        return _MATCH_HEADERS
+    return (*_MATCH_HEADERS[:4], "found by", _MATCH_HEADERS[4])
+
+
+def _kept_whole_text(m: Matching) -> str:
+    """The modules torch.fx could not trace, for models captured through the module tree."""
+    if not m.untraced:
+        return ""
+    names = ", ".join(f"`{path or '<root>'}`" for path, _ in m.untraced[:8])
+    more = " ..." if len(m.untraced) > 8 else ""
+    return (f"{len(m.untraced)} modules torch.fx could not trace are kept whole (their children "
+            f"are compared, the code of their own forward is not): {names}{more}")
 
 
 def matching_coverage_text(m: Matching) -> str:
@@ -229,8 +250,10 @@ def matching_summary(m: Matching) -> str:
 
 def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
     """Pairs and misses as a tabulate table, the summary line, and optionally explanations."""
-    text = tabulate(_matching_rows(m), headers=_MATCH_HEADERS, tablefmt=tablefmt)
+    text = tabulate(_matching_rows(m), headers=_matching_headers(m), tablefmt=tablefmt)
     text += "\n" + matching_summary(m)
+    if m.untraced:
+        text += "\n" + _kept_whole_text(m)
     if around_misses:
         for u in (*m.unmatched_float, *m.unmatched_quant):
             text += f"\n\naround `{u.node}`:\n" + m.explain(u.node, tablefmt=tablefmt)
@@ -246,7 +269,8 @@ def matching_fragment(m: Matching) -> str:
     """What a notebook shows for a matching: the summary and the pairing table."""
     return (f"<div><style>{_CSS}</style>"
             f"<p><b>fxnumeric matching</b>: {html.escape(matching_summary(m))}</p>"
-            + html_table(_MATCH_HEADERS, _matching_rows(m), [False] * 5) + "</div>")
+            + html_table(_matching_headers(m), _matching_rows(m),
+                         [False] * len(_matching_headers(m))) + "</div>")
 
 
 # ---------------------------------------------------------------- SVG charts

@@ -1,0 +1,318 @@
+"""Capture a float/quantized pair that torch.fx cannot trace whole: graphs where it can,
+the module tree where it cannot.
+
+Both models are walked together from the root. A module is captured as a *region* (a
+GraphModule of its own, paired by the graph matcher) when it and its counterpart both trace;
+a failure inside one of its submodules keeps that submodule whole, as ``leaf_modules`` would,
+and the trace is retried. A module whose own ``forward`` cannot be traced is *kept whole* for
+the graph around it, and its children are captured in turn. Leaf modules reached that way
+(``nn.Linear``, ``nnqd.Linear``, ``nn.LayerNorm`` ...) pair through the module tree: same
+path, or same position and type when the names differ. On a transformers ``BertModel``::
+
+    BertModel                                  own forward untraceable: kept whole, descend
+      embeddings (BertEmbeddings)              untraceable: descend
+        word_embeddings (Embedding)            leaf: module-tree pair
+      encoder.layer.0.attention.self           untraceable: descend
+        query (Linear ~ dynamic Linear)        leaf: module-tree pair
+      encoder.layer.0.intermediate             traced: region (dense -> gelu, paired as graphs)
+      pooler                                   traced: region
+
+A submodule is traced as a region only when it is known how it is called: with example
+inputs, one run records every call (tensor arguments become graph inputs, ``None`` ones are
+fixed and asserted by torch.fx; a module called with other Python values is descended into
+instead); without them, only modules whose ``forward`` takes required arguments alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .clone import module_tree_copy
+from .fx import LeafSpec, TraceFailure, is_leaf, trace_submodule
+
+__all__ = ["Region", "TreeCapture", "CallSpecs", "record_calls", "capture_tree"]
+
+CallSpecs = dict[str, "dict[str, Any] | None"]
+"""Module path -> the arguments to fix when tracing it (``None``: calls that cannot be traced)."""
+
+_MAX_KEPT_WHOLE = 64  # retries per region; each keeps one more failing submodule whole
+
+
+@dataclass(frozen=True)
+class Region:
+    """A float submodule and its quantized counterpart, each captured as a graph."""
+
+    float_path: str
+    quant_path: str
+    float_graph: fx.GraphModule
+    quant_graph: fx.GraphModule
+
+
+@dataclass(frozen=True)
+class TreeCapture:
+    """What :func:`capture_tree` found, for the matcher to pair.
+
+    Attributes:
+        regions: submodule pairs captured as graphs, outermost first (the root's, if the
+            root traced once some submodules were kept whole, has paths ``""``).
+        leaves: ``(float_path, quant_path)`` of leaf modules paired through the module tree.
+        orphans: ``(path, side, reason)`` of submodules with no counterpart on the other side.
+        untraced: ``(float_path, reason)`` of modules kept whole whose own code is not
+            compared (what they compute between their children has no logger).
+    """
+
+    regions: tuple[Region, ...]
+    leaves: tuple[tuple[str, str], ...]
+    orphans: tuple[tuple[str, str, str], ...]
+    untraced: tuple[tuple[str, str], ...]
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
+
+
+def _call_spec(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The arguments to fix when tracing ``module`` as it was called, or None if it cannot be."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    fixed: dict[str, Any] = {}
+    for name, param in signature.parameters.items():
+        passed = name in bound.arguments
+        value = bound.arguments.get(name, param.default)
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if passed and value:
+                return None  # torch.fx cannot give *args / **kwargs placeholders
+            continue
+        if isinstance(value, torch.Tensor):
+            continue
+        if value is None or not passed:
+            fixed[name] = value  # None is asserted by torch.fx at run time
+        else:
+            return None  # a Python value (int, bool, cache object): it could change per call
+    return fixed
+
+
+def _static_spec(module: nn.Module) -> dict[str, Any] | None:
+    """Without a recorded call: traceable only if every argument is required."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    plain = all(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        for p in params
+    )
+    return {} if plain else None
+
+
+def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallSpecs:
+    """Run ``model`` once on ``batch`` (on a copy with hooks) and record how each module is called.
+
+    Raises:
+        InputError: when the model does not run on ``batch``.
+    """
+    from ..run import run_model
+
+    twin = module_tree_copy(model)
+    by_module: dict[int, dict[str, Any] | None] = {}
+
+    def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        spec = _call_spec(module, args, kwargs)
+        key = id(module)
+        if key in by_module and by_module[key] != spec:
+            spec = None  # called in two ways: no single graph fits
+        by_module[key] = spec
+
+    for module in twin.modules():
+        module.register_forward_pre_hook(remember, with_kwargs=True)
+    run_model(twin, batch, which=which)
+    return {
+        path: by_module[id(module)]
+        for path, module in twin.named_modules(remove_duplicate=False)
+        if id(module) in by_module
+    }
+
+
+def _compatible(float_module: nn.Module, quant_module: nn.Module) -> bool:
+    from ..ops import classify_module
+
+    if type(float_module).__name__ == type(quant_module).__name__:
+        return True
+    return classify_module(float_module).signature == classify_module(quant_module).signature
+
+
+def _is_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict))
+
+
+def _owns_weight(module: nn.Module) -> bool:
+    """A childless module holding its own ``weight`` (transformers' ``Conv1D``, RMSNorm) is a
+    layer: it is kept whole so that it pairs, and its weight compares, as one op."""
+    return not module._modules and isinstance(module._parameters.get("weight"), torch.Tensor)
+
+
+def _weight_layers(module: nn.Module, path: str) -> list[str]:
+    return [
+        _join(path, name) for name, sub in module.named_modules()
+        if name and _owns_weight(sub) and not type(sub).__module__.startswith("torch.")
+    ]
+
+
+class _Walk:
+    def __init__(
+        self,
+        leaf_modules: list[LeafSpec],
+        float_calls: CallSpecs | None,
+        quant_calls: CallSpecs | None,
+    ) -> None:
+        self.leaf_modules = leaf_modules
+        self.calls = {"float": float_calls, "quantized": quant_calls}
+        self.regions: list[Region] = []
+        self.leaves: list[tuple[str, str]] = []
+        self.orphans: list[tuple[str, str, str]] = []
+        self.untraced: list[tuple[str, str]] = []
+
+    def spec(self, module: nn.Module, path: str, side: str) -> dict[str, Any] | None:
+        calls = self.calls[side]
+        if calls is None:
+            return {} if path == "" else _static_spec(module)
+        return calls.get(path)
+
+    def is_leaf(self, module: nn.Module, path: str) -> bool:
+        if _is_container(module):
+            return False
+        return is_leaf(module, path, self.leaf_modules) or _owns_weight(module)
+
+    def visit(self, fm: nn.Module, qm: nn.Module, fpath: str, qpath: str) -> None:
+        f_leaf, q_leaf = self.is_leaf(fm, fpath), self.is_leaf(qm, qpath)
+        if f_leaf and q_leaf:
+            self.leaves.append((fpath, qpath))
+            return
+        if f_leaf or q_leaf:
+            whole, inside = (("float", fpath, fm), ("quantized", qpath, qm))[:: 1 if f_leaf else -1]
+            reason = (
+                f"the {whole[0]} side `{whole[1]}` ({type(whole[2]).__name__}) is one op but the "
+                f"{inside[0]} side `{inside[1]}` ({type(inside[2]).__name__}) is not; keep both "
+                f"whole with leaf_modules=[\"{inside[1]}\"]"
+            )
+            self.orphans += [(fpath, "float", reason), (qpath, "quantized", reason)]
+            return
+        if not _is_container(fm):
+            found = self.region(fm, qm, fpath, qpath)
+            if isinstance(found, tuple):
+                region, kept_whole = found
+                self.regions.append(region)
+                for rel in kept_whole:
+                    self.visit(fm.get_submodule(rel), qm.get_submodule(rel),
+                               _join(fpath, rel), _join(qpath, rel))
+                return
+            self.untraced.append((fpath, found))
+        for f_name, q_name in self.child_pairs(fm, qm, fpath, qpath):
+            self.visit(fm.get_submodule(f_name), qm.get_submodule(q_name),
+                       _join(fpath, f_name), _join(qpath, q_name))
+
+    def region(
+        self, fm: nn.Module, qm: nn.Module, fpath: str, qpath: str
+    ) -> tuple[Region, list[str]] | str:
+        """Trace both sides, keeping failing submodules whole; the reason if it cannot."""
+        f_spec, q_spec = self.spec(fm, fpath, "float"), self.spec(qm, qpath, "quantized")
+        if f_spec is None or q_spec is None:
+            return (
+                "not traced on its own: it takes optional or non-tensor arguments; pass "
+                "example_inputs to match() so fxnumeric records how it is called"
+                if self.calls["float"] is None
+                else "not traced on its own: it is never called, or called with Python "
+                "values (ints, flags, caches) that could change from call to call"
+            )
+        kept: list[str] = []  # relative paths kept whole, on both sides
+        for _ in range(_MAX_KEPT_WHOLE):
+            leaves_f = [*self.leaf_modules, *(_join(fpath, k) for k in kept),
+                        *_weight_layers(fm, fpath)]
+            leaves_q = [*self.leaf_modules, *(_join(qpath, k) for k in kept),
+                        *_weight_layers(qm, qpath)]
+            f_graph = trace_submodule(fm, fpath, leaf_modules=leaves_f,
+                                      concrete_args=f_spec or None)
+            q_graph = trace_submodule(qm, qpath, leaf_modules=leaves_q,
+                                      concrete_args=q_spec or None)
+            failure = next((g for g in (f_graph, q_graph) if isinstance(g, TraceFailure)), None)
+            if failure is None:
+                assert isinstance(f_graph, fx.GraphModule) and isinstance(q_graph, fx.GraphModule)
+                return Region(fpath, qpath, f_graph, q_graph), kept
+            scope = failure.scope
+            paired = _has(fm, scope) and _has(qm, scope)
+            if scope == "" or scope in kept or not paired:
+                return failure.reason
+            kept.append(scope)
+        return f"more than {_MAX_KEPT_WHOLE} of its submodules cannot be traced"
+
+    def child_pairs(
+        self, fm: nn.Module, qm: nn.Module, fpath: str, qpath: str
+    ) -> list[tuple[str, str]]:
+        """Children paired by name, then the rest by position and type; orphans recorded."""
+        from ..ops import classify_module
+
+        f_children, q_children = list(fm.named_children()), list(qm.named_children())
+        q_names = {name for name, _ in q_children}
+        f_names = {name for name, _ in f_children}
+        pairs = [(name, name) for name, _ in f_children if name in q_names]
+        left_q = {i: (n, c) for i, (n, c) in enumerate(q_children) if n not in f_names}
+        for i, (name, child) in enumerate(f_children):
+            if name in q_names:
+                continue
+            twin = left_q.get(i)
+            if twin is not None and _compatible(child, twin[1]):
+                pairs.append((name, twin[0]))
+                del left_q[i]
+            elif classify_module(child).role != "plumbing":
+                self.orphans.append((_join(fpath, name), "float", (
+                    f"no quantized submodule `{_join(qpath, name)}`, nor one of type "
+                    f"{type(child).__name__} at the same position under `{qpath or '<root>'}`"
+                )))
+        for name, child in left_q.values():
+            if classify_module(child).role != "plumbing":
+                self.orphans.append((_join(qpath, name), "quantized", (
+                    f"no float submodule `{_join(fpath, name)}`, nor one of type "
+                    f"{type(child).__name__} at the same position under `{fpath or '<root>'}`"
+                )))
+        return pairs
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def capture_tree(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    *,
+    leaf_modules: list[LeafSpec] | None = None,
+    float_calls: CallSpecs | None = None,
+    quant_calls: CallSpecs | None = None,
+) -> TreeCapture:
+    """Walk both models together, capturing graphs where torch.fx can and leaves elsewhere.
+
+    Args:
+        float_model: the float model (not modified).
+        quant_model: the quantized model (not modified).
+        leaf_modules: module types or qualified names to keep whole, as in :func:`trace`.
+        float_calls: how each float module is called (:func:`record_calls`), or None.
+        quant_calls: the same for the quantized model.
+    """
+    walk = _Walk(list(leaf_modules or ()), float_calls, quant_calls)
+    walk.visit(float_model, quant_model, "", "")
+    return TreeCapture(
+        tuple(walk.regions), tuple(walk.leaves), tuple(walk.orphans), tuple(walk.untraced)
+    )
