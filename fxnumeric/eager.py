@@ -186,6 +186,10 @@ def remove_instrumentation(model: nn.Module) -> nn.Module:
 def _pair_module(matching: Matching, pair: Pair, side: str, *,
                  head_first: bool) -> nn.Module | None:
     """The module behind one side of a pair, looking at its head or its output node first."""
+    if pair.found_by == "module":  # paired through the module tree: the nodes are module paths
+        model = matching.float_model if side == "float" else matching.quant_model
+        path = pair.float_nodes[0] if side == "float" else pair.quant_nodes[0]
+        return model.get_submodule(path) if model is not None else None
     view, names = ((matching.float_view, pair.float_nodes) if side == "float"
                    else (matching.quant_view, pair.quant_nodes))
     for name in (names[0], names[-1]) if head_first else (names[-1], names[0]):
@@ -298,7 +302,9 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
     """Compare float and quantized activations at matching places for one input.
 
     Same result as :func:`prepare_model_outputs`, one forward of each model and
-    :func:`get_matching_activations`, but neither model is modified.
+    :func:`get_matching_activations`, but neither model is modified. ``data`` are the
+    model's positional inputs; a single dict is passed as keyword inputs
+    (``compare_model_outputs(f, q, {"input_ids": ids, "attention_mask": mask})``).
 
     Example:
         >>> import copy, torch
@@ -310,6 +316,7 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
         (['0.stats', '1.stats'], torch.Size([2, 4]))
     """
     float_gm, quant_gm = _output_loggers(float_model, q_model, logger_cls, allow_list, leaf_modules)
+    data = _batch(data)
     check_devices(float_model, q_model, data)
     run_model(float_gm, data, which="float")
     run_model(quant_gm, data, which="quantized")
@@ -319,6 +326,11 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
 
 
 # ---------------------------------------------------------------- shadows
+
+
+def _batch(data: tuple[Any, ...]) -> Any:
+    """The ``*data`` of the eager calls as one batch: a lone dict holds keyword inputs."""
+    return data[0] if len(data) == 1 and isinstance(data[0], dict) else data
 
 
 def _is_identical_module_type(a: nn.Module, b: nn.Module) -> bool:
@@ -388,6 +400,7 @@ def compare_model_stub(
     modified. ShadowLogger keeps whole batches; torch's keeps only sample 0.
     """
     quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules)
+    data = _batch(data)
     check_devices(float_model, q_model, data)
     run_model(quant_gm, data, which="quantized")
     return _logger_dict(_Prepared.of(q_model, quant_gm), "")

@@ -74,16 +74,18 @@ class Instrumented:
 
     Attributes:
         float_model: the float GraphModule with output observers, or None when no output
-            observers were asked for (the float side is then not copied).
-        quant_model: the quantized GraphModule with output observers and/or shadows.
+            observers were asked for (the float side is then not copied). For a model
+            captured through the module tree, a copy of the model instead (see
+            :mod:`fxnumeric.capture.hooks`).
+        quant_model: the quantized GraphModule (or copy) with output observers and/or shadows.
         float_observers: ``{pair name: observer}`` on the float outputs.
         quant_observers: ``{pair name: observer}`` on the quantized outputs.
         shadow_observers: ``{pair name: observer}`` fed ``(quantized, float shadow)``.
         skipped: ``{pair name: reason}`` for pairs that could not be shadowed.
     """
 
-    float_model: fx.GraphModule | None
-    quant_model: fx.GraphModule
+    float_model: nn.Module | None
+    quant_model: nn.Module
     float_observers: dict[str, nn.Module] = field(default_factory=dict)
     quant_observers: dict[str, nn.Module] = field(default_factory=dict)
     shadow_observers: dict[str, nn.Module] = field(default_factory=dict)
@@ -124,6 +126,10 @@ def instrument(
         (['0', '1'], ['0', '1'], {})
     """
     pairs = _select(matching, select)
+    if not matching.whole_graph:  # captured through the module tree: regions and hooks
+        from .capture.hooks import instrument_tree
+
+        return instrument_tree(matching, pairs, outputs=outputs, shadows=shadows)
     quant_copy = _GraphCopy(matching.quant_view)
     float_copy = _GraphCopy(matching.float_view) if outputs is not None else None
     built_f: dict[str, nn.Module] = {}
@@ -256,7 +262,7 @@ def _select(matching: Matching, select: PairFilter | Iterable[str] | None) -> li
     if select is None:
         return list(matching.pairs)
     if callable(select):
-        return [p for p in matching.pairs if select(p, matching)]
+        return [p for p in matching.pairs if _selected(select, p, matching)]
     names = set(select)
     unknown = names - {p.name for p in matching.pairs}
     if unknown:
@@ -264,6 +270,14 @@ def _select(matching: Matching, select: PairFilter | Iterable[str] | None) -> li
             f"no pair is named {sorted(unknown)[:5]}; see Matching.table() for pair names"
         )
     return [p for p in matching.pairs if p.name in names]
+
+
+def _selected(select: PairFilter, pair: Pair, matching: Matching) -> bool:
+    """Ask ``select`` about a pair found in a region as that region's own matching has it."""
+    if pair in matching.origin:
+        region, local = matching.origin[pair]
+        return select(local, region.matching)
+    return select(pair, matching)
 
 
 # ---------------------------------------------------------------- what a shadow copies and reads

@@ -107,29 +107,70 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
 
 def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
     """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights."""
+    if not matching.whole_graph:
+        return _tree_pair_weights(matching)
     qmods, fmods = matching.quant_view.modules, matching.float_view.modules
     out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
     for pair in matching.pairs:
         qnode = matching.quant_node(pair.quant_nodes[0])
         if qnode.op != "call_module":
             continue
-        qweights = _quant_weights(qmods[qnode.target], str(qnode.target))
-        if not qweights:
-            continue
         fnode = matching.float_node(pair.float_nodes[0])
         fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
-        if isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
-            ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
-            for (w_ih, w_hh), k in zip(_rnn_float_weights(fmod), ih_keys, strict=True):
-                base = k[: -len(".weight_ih")]
-                out.append((pair, f"{base}.weight_ih", w_ih.detach(), qweights[f"{base}.weight_ih"]))
-                out.append((pair, f"{base}.weight_hh", w_hh.detach(), qweights[f"{base}.weight_hh"]))
-            continue
-        fweight = _float_weight(matching, pair)
-        if fweight is None:
-            continue
-        out.extend((pair, key, fweight, qw) for key, qw in qweights.items())
+        out += _module_weights(pair, fmod, qmods[qnode.target], str(qnode.target),
+                               lambda pair=pair: _float_weight(matching, pair))
     return out
+
+
+def _module_weights(
+    pair: Pair, fmod: nn.Module | None, qmod: nn.Module, qpath: str, float_weight: Any
+) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
+    """The weights of one pair whose quantized side is the module ``qmod`` at ``qpath``;
+    ``float_weight()`` gives the float weight (BN-folded where the pair absorbed one)."""
+    qweights = _quant_weights(qmod, qpath)
+    if not qweights:
+        return []
+    if isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
+        out = []
+        ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
+        for (w_ih, w_hh), k in zip(_rnn_float_weights(fmod), ih_keys, strict=True):
+            base = k[: -len(".weight_ih")]
+            out.append((pair, f"{base}.weight_ih", w_ih.detach(), qweights[f"{base}.weight_ih"]))
+            out.append((pair, f"{base}.weight_hh", w_hh.detach(), qweights[f"{base}.weight_hh"]))
+        return out
+    fweight = float_weight()
+    if fweight is None:
+        return []
+    return [(pair, key, fweight, qw) for key, qw in qweights.items()]
+
+
+def _tree_pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
+    """Weights of a model captured through the module tree: its regions, then module pairs."""
+    assert matching.float_model is not None and matching.quant_model is not None
+    flat_of = {(id(region), local): flat for flat, (region, local) in matching.origin.items()}
+    out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
+    for region in matching.regions:
+        lead = f"{region.quant_path}." if region.quant_path else ""
+        for local, key, fw, qw in pair_weights(region.matching):
+            out.append((flat_of[(id(region), local)], lead + key, fw, qw))
+    for pair in matching.pairs:
+        if pair.found_by != "module":
+            continue
+        fmod = matching.float_model.get_submodule(pair.float_nodes[0])
+        qmod = matching.quant_model.get_submodule(pair.quant_nodes[0])
+        out += _module_weights(pair, fmod, qmod, pair.quant_nodes[0],
+                               lambda fmod=fmod: _leaf_float_weight(fmod))
+    return out
+
+
+def _leaf_float_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float weight of a module paired whole (BN-folded for a fused conv-bn or linear-bn)."""
+    parts = _leaf_parts(module)
+    weighted = next((m for m in parts if isinstance(getattr(m, "weight", None), torch.Tensor)), None)
+    if weighted is None:
+        return None
+    bn = next((m for m in parts[parts.index(weighted) + 1:] if isinstance(m, _BN_TYPES)), None)
+    return _fold(weighted, bn)
 
 
 def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
