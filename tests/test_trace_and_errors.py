@@ -36,13 +36,25 @@ def _dynamic_pair():
 
 
 def test_untraceable_module_is_named_with_line_and_remedy():
-    f, q = _dynamic_pair()
+    f, _ = _dynamic_pair()
     with pytest.raises(ns.TraceError) as info:
-        ns.match(f, q)
+        ns.trace(f, which="float")
     msg = str(info.value)
     assert "float model in `gate` (_Gate)" in msg
     assert "if x.sum() > 0" in msg and "test_trace_and_errors.py" in msg
     assert 'leaf_modules=["gate"]' in msg
+
+
+def test_match_keeps_an_untraceable_submodule_whole_without_being_told():
+    f, q = _dynamic_pair()
+    m = ns.match(f, q)
+    assert [(p.name, p.found_by) for p in m.pairs] == [("fc", "graph"), ("gate", "graph")]
+    (path, reason), = m.untraced
+    assert path == "gate" and "if x.sum() > 0" in reason
+    assert "kept whole" in m.table() and "`gate`" in m.table()
+    report = ns.compare(f, q, [torch.randn(2, 4)])
+    assert [r.name for r in report.rows] == ["fc", "gate"]
+    assert [u for u in f.modules() if u._forward_hooks] == []
 
 
 @pytest.mark.parametrize("leaf", ["gate", _Gate])
@@ -113,8 +125,8 @@ def _lin():
 
 
 def _case_untraceable():
-    f, q = _dynamic_pair()
-    ns.compare(f, q, [torch.randn(2, 4)])
+    f, _ = _dynamic_pair()
+    ns.trace(f, which="float")
 
 
 def _case_unsupported_op():

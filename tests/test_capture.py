@@ -1,0 +1,181 @@
+"""Capture of models torch.fx cannot trace whole: regions, module-tree pairs, kept-whole modules.
+
+Small hand-written models whose ``forward`` has data-dependent control flow, so the
+structure of each capture is known exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import fxnumeric as ns
+from fxnumeric.capture.clone import module_tree_copy
+
+
+class _Untraceable(nn.Module):
+    """Its own forward branches on data; its children are plain layers."""
+
+    def __init__(self, names=("proj", "out")):
+        super().__init__()
+        self.first, self.second = names
+        setattr(self, names[0], nn.Linear(4, 8))
+        setattr(self, names[1], nn.Linear(8, 4))
+        self.mlp = _Mlp()
+
+    def forward(self, x):
+        h = getattr(self, self.first)(x)
+        if h.sum() > 0:  # data-dependent: torch.fx cannot trace this
+            h = h * 2
+        return self.mlp(getattr(self, self.second)(h))
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + x
+
+
+class _Masked(nn.Module):
+    """Traceable only once it is known that ``mask`` is None."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        y = self.fc(x)
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.masked = _Masked()
+        self.gate = _Gated()
+
+    def forward(self, x):
+        return self.gate(self.masked(x))
+
+
+class _Gated(nn.Module):
+    """Untraceable, kept whole inside the traced root; its child is compared through hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > 0 else -self.inner(x)
+
+
+def _dyn(model: nn.Module) -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+
+
+def test_untraceable_root_pairs_children_as_modules_and_regions():
+    torch.manual_seed(0)
+    f = _Untraceable().eval()
+    m = ns.match(f, _dyn(f))
+    found = {p.name: (p.found_by, p.region, p.kind) for p in m.pairs}
+    assert found == {
+        "proj": ("module", "", "linear"),
+        "out": ("module", "", "linear"),
+        "mlp.fc": ("graph", "mlp", "linear"),
+        "mlp.relu": ("graph", "mlp", "relu"),
+        "mlp.add": ("graph", "mlp", "add"),
+    }
+    assert [path for path, _ in m.untraced] == [""]
+    assert "h.sum() > 0" in m.untraced[0][1]
+    assert "paired through the module tree" in m.explain("proj")
+    assert "mlp.fc" in m.table() and "found by" in m.table()
+
+
+def test_children_with_other_names_pair_by_position_and_type():
+    torch.manual_seed(0)
+    f = _Untraceable().eval()
+    renamed = _Untraceable(names=("projection", "output")).eval()
+    renamed.load_state_dict({k.replace("proj.", "projection.").replace("out.", "output."): v
+                             for k, v in f.state_dict().items()})
+    m = ns.match(f, _dyn(renamed))
+    by_module = {p.float_nodes[0]: p.quant_nodes[0] for p in m.pairs if p.found_by == "module"}
+    assert by_module == {"proj": "projection", "out": "output"}
+    assert m.coverage == 1.0
+
+
+def test_a_layer_without_counterpart_is_a_miss_with_a_reason():
+    torch.manual_seed(0)
+    f = _Untraceable().eval()
+    q = _dyn(f)
+    q.extra = nn.Linear(4, 4)  # not in the float model, not at the same position either
+    m = ns.match(f, q)
+    (miss,) = m.unmatched_quant
+    assert miss.node == "extra"
+    assert "no float submodule `extra`" in miss.reason
+
+
+def test_outputs_and_weights_through_hooks_equal_plain_forwards():
+    torch.manual_seed(0)
+    f = _Untraceable().eval()
+    q = _dyn(f)
+    x = _x()
+    acts = ns.compare_model_outputs(f, q, x)
+    with torch.no_grad():
+        expected = f.proj(x)
+    assert torch.equal(acts["proj.stats"]["float"][0], expected)
+    assert set(acts) == {"proj.stats", "out.stats", "mlp.fc.stats"}
+    weights = ns.compare_weights(f, q)
+    assert set(weights) == {f"{n}._packed_params._packed_params" for n in ("proj", "out", "mlp.fc")}
+    assert torch.equal(weights["proj._packed_params._packed_params"]["float"], f.proj.weight)
+    assert not any(m._forward_hooks for m in (*f.modules(), *q.modules()))
+
+
+def test_submodule_kept_whole_inside_a_traced_root_is_still_compared_inside():
+    torch.manual_seed(0)
+    f = _Outer().eval()
+    q = _dyn(f)
+    m = ns.match(f, q)
+    found = {p.name: p.found_by for p in m.pairs}
+    assert found == {"masked.fc": "graph", "gate": "graph", "gate.inner": "module"}
+    report = ns.compare(f, q, [_x(), -_x()])
+    rows = {r.name: r for r in report.rows}
+    assert rows["gate.inner"].output["sqnr"] > 20  # its hook ran inside the root's graph
+    # gate returns +-inner(x): the same error, seen from outside and from inside
+    assert abs(rows["gate"].output["sqnr"] - rows["gate.inner"].output["sqnr"]) < 1e-6
+    assert rows["gate.inner"].shadow and rows["masked.fc"].shadow
+
+
+def test_example_inputs_let_modules_with_optional_arguments_be_traced():
+    torch.manual_seed(0)
+    f = _Untraceable().eval()
+    f.mlp = _Masked()
+    q = _dyn(f)
+    without = ns.match(f, q)
+    assert "mlp" in dict(without.untraced)
+    assert without.pair("mlp.fc").found_by == "module"
+    with_inputs = ns.match(f, q, example_inputs=_x())
+    assert "mlp" not in dict(with_inputs.untraced)
+    fc = with_inputs.pair("mlp.fc")
+    assert (fc.found_by, fc.region) == ("graph", "mlp")
+    report = ns.compare(f, q, [_x()], matching=with_inputs)
+    assert {r.name for r in report.rows} == {"proj", "out", "mlp.fc"}
+
+
+def test_module_tree_copy_shares_weights_not_modules():
+    f = _Untraceable()
+    twin = module_tree_copy(f)
+    assert twin.proj is not f.proj and twin.proj.weight is f.proj.weight
+    twin.set_submodule("mlp", nn.Identity())
+    twin.proj.register_forward_hook(lambda *a: None)
+    assert isinstance(f.mlp, _Mlp) and not f.proj._forward_hooks

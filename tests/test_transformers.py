@@ -1,0 +1,228 @@
+"""Oracle tests on Hugging Face transformers models, which torch.fx cannot trace whole.
+
+Tiny configs, random weights under a fixed seed, nothing downloaded. Each model is
+dynamically quantized (qint8 Linear, and float16 where torch runs it) and compared by torch's
+eager Numeric Suite (the oracle) and by fxnumeric, on fresh copies:
+
+* ``compare_model_outputs`` and ``compare_weights`` (model and state-dict forms) return every
+  key the eager suite returns, with identical tensors;
+* ``compare()``'s output SQNR of each Linear equals the SQNR of the eager suite's tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.ao.ns._numeric_suite as tns
+from torch import nn
+
+import fxnumeric as ns
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 8
+BATCH = 2
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], torch.Tensor]  # the model's first positional input
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 99, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _pixels() -> torch.Tensor:
+    return torch.randn(BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _bert() -> nn.Module:
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37,
+                                  max_position_embeddings=32)
+    return transformers.BertModel(cfg)
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _vit() -> nn.Module:
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    return transformers.ViTModel(cfg)
+
+
+def _distilbert() -> nn.Module:
+    cfg = transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4,
+                                        hidden_dim=37, max_position_embeddings=32)
+    return transformers.DistilBertModel(cfg)
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+CASES = [
+    Case("bert", _bert, _ids),
+    Case("gpt2", _gpt2, _ids),
+    Case("vit", _vit, _pixels),
+    Case("distilbert", _distilbert, _ids),
+    Case("llama", _llama, _ids),
+]
+DTYPES = {"qint8": torch.qint8, "float16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[tuple[str, str], tuple[nn.Module, nn.Module]]:
+    """Pristine float/quantized pairs; tests take deep copies (the eager suite mutates)."""
+    built = {}
+    for case in CASES:
+        torch.manual_seed(0)
+        float_model = case.build().eval()
+        for dtype_name, dtype in DTYPES.items():
+            quant = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(float_model), {nn.Linear}, dtype=dtype
+            )
+            built[case.name, dtype_name] = (float_model, quant)
+    return built
+
+
+def _fresh(pairs, key) -> tuple[nn.Module, nn.Module]:
+    float_model, quant = pairs[key]
+    return copy.deepcopy(float_model), copy.deepcopy(quant)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.is_quantized or b.is_quantized:
+            return a.is_quantized and b.is_quantized and torch.equal(a.int_repr(), b.int_repr())
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _assert_superset_and_equal(ours: dict, theirs: dict) -> None:
+    missing = sorted(set(theirs) - set(ours))
+    assert not missing, f"keys torch's eager suite returns and fxnumeric does not: {missing}"
+    for key in theirs:
+        for side in ("float", "quantized"):
+            assert _same(ours[key][side], theirs[key][side]), f"{key} [{side}] differs"
+
+
+KEYS = [(c.name, d) for c in CASES for d in DTYPES]
+CASE_OF = {c.name: c for c in CASES}
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[f"{m}-{d}" for m, d in KEYS])
+def test_compare_model_outputs_matches_eager(pairs, key):
+    x = CASE_OF[key[0]].inputs()
+    theirs = tns.compare_model_outputs(*_fresh(pairs, key), x)
+    float_model, quant = pairs[key]
+    ours = ns.compare_model_outputs(float_model, quant, x)
+    assert theirs, "the oracle logged nothing: the test would prove nothing"
+    _assert_superset_and_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[f"{m}-{d}" for m, d in KEYS])
+def test_compare_weights_matches_eager(pairs, key):
+    float_model, quant = pairs[key]
+    theirs = tns.compare_weights(float_model.state_dict(), quant.state_dict())
+    assert theirs
+    by_state_dict = ns.compare_weights(float_model.state_dict(), quant.state_dict())
+    _assert_superset_and_equal(by_state_dict, theirs)
+    by_model = ns.compare_weights(float_model, quant)
+    missing = sorted(set(theirs) - set(by_model))
+    assert not missing, f"model form misses {missing}"
+    for k in theirs:
+        assert torch.equal(by_model[k]["float"], theirs[k]["float"]), k
+        assert _same(by_model[k]["quantized"], theirs[k]["quantized"]), k
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[f"{m}-{d}" for m, d in KEYS])
+def test_compare_sqnr_of_each_linear_equals_eager(pairs, key):
+    x = CASE_OF[key[0]].inputs()
+    theirs = tns.compare_model_outputs(*_fresh(pairs, key), x)
+    float_model, quant = pairs[key]
+    report = ns.compare(float_model, quant, [x], comparisons=("outputs",))
+    rows = {row.name: row for row in report.rows}
+    linears = [k for k in theirs if isinstance(quant.get_submodule(k[: -len(".stats")]), nn.Module)
+               and "linear" in type(quant.get_submodule(k[: -len(".stats")])).__name__.lower()]
+    assert linears
+    for k in linears:
+        (ref,), (actual,) = theirs[k]["float"], theirs[k]["quantized"]
+        expected = ns.sqnr(ref, actual)
+        got = rows[k[: -len(".stats")]].output["sqnr"]
+        assert abs(got - expected) < 0.01, (k, got, expected)
+
+
+def test_pairs_say_how_they_were_found(pairs):
+    float_model, quant = pairs["bert", "qint8"]
+    m = ns.match(float_model, quant)
+    by_name = {p.name: p for p in m.pairs}
+    assert by_name["encoder.layer.0.attention.self.query"].found_by == "module"
+    dense = by_name["encoder.layer.0.intermediate.dense"]
+    assert (dense.found_by, dense.region) == ("graph", "encoder.layer.0.intermediate")
+    assert "encoder.layer.0.attention.self" in dict(m.untraced)
+    assert m.coverage == 1.0 and not m.unmatched_float and not m.unmatched_quant
+
+
+def test_user_models_untouched_and_outputs_unchanged(pairs):
+    float_model, quant = pairs["bert", "qint8"]
+    x = _ids()
+    before = [dict(mod._forward_hooks) for mod in quant.modules()]
+    with torch.no_grad():
+        expected = quant(x).last_hidden_state
+    float_gm, quant_gm = ns.add_loggers(float_model, quant)
+    with torch.no_grad():
+        got = quant_gm(x).last_hidden_state
+    assert torch.equal(got, expected)
+    assert [dict(mod._forward_hooks) for mod in quant.modules()] == before
+    assert ns.loggers_of(quant_gm)["encoder.layer.1.output.dense"].stats["tensor_val"]
+    assert not any(isinstance(mod, ns.Logger) for mod in quant.modules())
+
+
+def test_keyword_inputs(pairs):
+    float_model, quant = pairs["bert", "qint8"]
+    batch = {"input_ids": _ids(), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+    batch["attention_mask"][:, -2:] = 0
+    m = ns.match(float_model, quant, example_inputs=batch)
+    report = ns.compare(float_model, quant, [batch, batch], matching=m)
+    assert report.batches == 2
+    row = {r.name: r for r in report.rows}["encoder.layer.1.output.dense"]
+    assert row.output["sqnr"] > 10
+    acts = ns.compare_model_outputs(float_model, quant, batch)
+    assert "pooler.dense.stats" in acts
+
+
+def test_inputs_the_model_cannot_run_name_the_argument(pairs):
+    float_model, quant = pairs["bert", "qint8"]
+    with pytest.raises(ns.InputError, match=r"input_ids=Tensor\[2, 8\] float32"):
+        ns.compare(float_model, quant, [{"input_ids": _ids().float()}])
+    with pytest.raises(ns.InputError, match=r"input_ids=Tensor\[2, 8\] float32"):
+        ns.match(float_model, quant, example_inputs={"input_ids": _ids().float()})
+    lin = nn.Sequential(nn.Linear(4, 4)).eval()
+    qlin = torch.ao.quantization.quantize_dynamic(copy.deepcopy(lin), {nn.Linear})
+    with pytest.raises(ns.InputError, match="unexpected keyword input 'inputs'.*takes \\(input\\)"):
+        ns.compare(lin, qlin, [{"inputs": torch.randn(2, 4)}])
+
+
+def test_shadows_on_module_tree_pairs(pairs):
+    float_model, quant = pairs["bert", "qint8"]
+    quant_gm, skipped = ns.add_shadows(float_model, quant)
+    quant_gm(_ids())
+    stats = ns.loggers_of(quant_gm)["encoder.layer.0.attention.self.query"].stats
+    assert stats["float"][0].shape == stats["quantized"][0].shape == (BATCH, SEQ, 32)
+    assert ns.sqnr(stats["float"][0], stats["quantized"][0]) > 20
