@@ -65,7 +65,8 @@ def _always_leaf_types() -> tuple[type, ...]:
 class _Tracer(fx.Tracer):
     """A tracer whose leaves are torch's modules, fused modules and the user's choices."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], prefix: str = "") -> None:
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str],
+                 prefix: str = "") -> None:
         super().__init__()
         self._leaf_types = _always_leaf_types() + leaf_types
         self._leaf_names = leaf_names
@@ -87,7 +88,9 @@ class _Tracer(fx.Tracer):
         return out
 
 
-def _split_leaves(leaf_modules: Iterable[LeafSpec] | None) -> tuple[tuple[type, ...], frozenset[str]]:
+def _split_leaves(
+    leaf_modules: Iterable[LeafSpec] | None,
+) -> tuple[tuple[type, ...], frozenset[str]]:
     types: list[type] = []
     names: set[str] = set()
     for spec in leaf_modules or ():
@@ -172,7 +175,9 @@ def single_call_graph(model: nn.Module) -> fx.GraphModule:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     args = tuple(
-        graph.placeholder(p.name, default_value=p.default if p.default is not p.empty else inspect.Signature.empty)
+        graph.placeholder(
+            p.name, default_value=p.default if p.default is not p.empty else inspect.Signature.empty
+        )
         for p in params
     )
     graph.output(graph.call_module("root", args))
@@ -221,9 +226,11 @@ def trace(
             f"the top-level {type(model).__name__}"
         )
         hint = (
-            f"leaf_modules=[\"{where}\"] or leaf_modules=[{type(model.get_submodule(where)).__name__}]"
+            f"leaf_modules=[\"{where}\"] or "
+            f"leaf_modules=[{type(model.get_submodule(where)).__name__}]"
             if where
-            else "leaf_modules=[\"\"] (the whole model as one op) or leaf_modules=[...] naming the submodule that fails"
+            else "leaf_modules=[\"\"] (the whole model as one op) or leaf_modules=[...] naming "
+            "the submodule that fails"
         )
         raise TraceError(
             f"torch.fx could not trace the {which} model in {module}: "
