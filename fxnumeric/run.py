@@ -11,6 +11,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .errors import InputError
@@ -30,10 +31,34 @@ def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return as_args(batch), {}
 
 
-def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) -> None:
+def _signature(model: nn.Module) -> inspect.Signature | None:
+    """The forward's signature; a GraphModule's from its placeholders (its code may not exist
+    yet: fxnumeric generates it lazily)."""
+    if isinstance(model, fx.GraphModule):
+        params = []
+        for node in model.graph.find_nodes(op="placeholder"):
+            target = str(node.target)
+            if target.startswith("**"):
+                params.append(inspect.Parameter(target[2:], inspect.Parameter.VAR_KEYWORD))
+            elif target.startswith("*"):
+                params.append(inspect.Parameter(target[1:], inspect.Parameter.VAR_POSITIONAL))
+            else:
+                default = node.args[0] if node.args else inspect.Parameter.empty
+                params.append(inspect.Parameter(target, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                default=default))
+        try:
+            return inspect.Signature(params)
+        except ValueError:
+            return None
     try:
-        signature = inspect.signature(model.forward)
+        return inspect.signature(model.forward)
     except (TypeError, ValueError):
+        return None
+
+
+def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) -> None:
+    signature = _signature(model)
+    if signature is None:
         return
     try:
         signature.bind(*args, **kwargs)

@@ -162,7 +162,7 @@ def trace_submodule(
         first_line = (str(exc).splitlines() or [""])[0][:200]
         scope = tracer.scope_path[-1] if tracer.scope_path else ""
         return TraceFailure(scope, f"{type(exc).__name__}: {first_line} (at {_user_frame(exc)})")
-    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+    return graph_module(module, graph, class_name=type(module).__name__)
 
 
 def single_call_graph(model: nn.Module) -> fx.GraphModule:
