@@ -47,7 +47,8 @@ def keys_table() -> str:
         for dtype_name, dtype in cases.DTYPES.items():
             quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear},
                                                            dtype=dtype)
-            theirs_out = tns.compare_model_outputs(copy.deepcopy(float_model), copy.deepcopy(quant), x)
+            theirs_out = tns.compare_model_outputs(copy.deepcopy(float_model),
+                                                   copy.deepcopy(quant), x)
             ours_out = ns.compare_model_outputs(float_model, quant, x)
             theirs_w = tns.compare_weights(float_model.state_dict(), quant.state_dict())
             ours_w = ns.compare_weights(float_model, quant)

@@ -226,3 +226,42 @@ def test_shadows_on_module_tree_pairs(pairs):
     stats = ns.loggers_of(quant_gm)["encoder.layer.0.attention.self.query"].stats
     assert stats["float"][0].shape == stats["quantized"][0].shape == (BATCH, SEQ, 32)
     assert ns.sqnr(stats["float"][0], stats["quantized"][0]) > 20
+
+
+def test_prepare_in_place_and_stubs_on_a_module_tree_capture(pairs):
+    float_model, quant = _fresh(pairs, ("bert", "qint8"))
+    x = _ids()
+    ns.prepare_model_outputs(float_model, quant)
+    float_model(x)
+    quant(x)
+    acts = ns.get_matching_activations(float_model, quant)
+    theirs = tns.compare_model_outputs(*_fresh(pairs, ("bert", "qint8")), x)
+    _assert_superset_and_equal(acts, theirs)
+    ns.remove_instrumentation(float_model)
+    ns.remove_instrumentation(quant)
+    assert "forward" not in quant.__dict__
+    stubs = ns.compare_model_stub(*pairs["bert", "qint8"], [nn.Linear], x)
+    their_stubs = tns.compare_model_stub(*_fresh(pairs, ("bert", "qint8")), [nn.Linear], x)
+    assert set(their_stubs) <= set(stubs)
+    entry = stubs["encoder.layer.0.output.dense.stats"]
+    assert ns.sqnr(entry["float"][0], entry["quantized"][0]) > 20
+
+
+def test_cli_report_on_a_transformers_factory(tmp_path, monkeypatch, capsys):
+    from fxnumeric.cli import main
+
+    (tmp_path / "hfzoo.py").write_text(
+        "import torch, transformers\n"
+        "def bert():\n"
+        "    torch.manual_seed(0)\n"
+        "    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,\n"
+        "                                  num_attention_heads=4, intermediate_size=37)\n"
+        "    return transformers.BertModel(cfg)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["report", "--model", "hfzoo:bert", "--quant", "dynamic", "--input-shape", "2,8",
+                 "--input-dtype", "long", "--vocab", "99", "--batches", "2", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.0.attention.self.query" in out
+    assert out.rstrip().splitlines()[-1].startswith("2 batches; ")
