@@ -256,7 +256,10 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
 def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
          max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None) -> int:
     """Feed every batch to both instrumented models; return how many batches ran."""
-    float_gm = plan.built.float_model or plan.matching.float_graph
+    float_gm = plan.built.float_model
+    if float_gm is None:  # nothing to observe on the float side: run it as it is
+        matching = plan.matching
+        float_gm = matching.float_graph if matching.whole_graph else matching.float_model
     quant_gm = plan.built.quant_model
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:

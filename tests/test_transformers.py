@@ -265,3 +265,11 @@ def test_cli_report_on_a_transformers_factory(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "encoder.layer.0.attention.self.query" in out
     assert out.rstrip().splitlines()[-1].startswith("2 batches; ")
+
+
+@pytest.mark.parametrize("comparisons", [("weights",), ("shadows",)])
+def test_compare_without_float_observers_runs_the_float_model_as_it_is(pairs, comparisons):
+    float_model, quant = pairs["bert", "qint8"]
+    batch = {"input_ids": _ids(), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+    report = ns.compare(float_model, quant, [batch], comparisons=comparisons)
+    assert report.model_output["sqnr"] > 10
