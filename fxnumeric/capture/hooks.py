@@ -10,8 +10,9 @@ not module objects). In each copy:
   for a whole-model graph; the innermost regions go first, and each region's graph calls the
   copy's submodules, so what was instrumented inside a submodule kept whole stays in;
 * every module-tree pair gets a forward hook on the copy's module: output observers receive
-  its output; a shadow (a deep copy of the float module) runs on its dequantized inputs and
-  its observer receives ``(quantized output, float output)``.
+  its output; a shadow (the float module itself, or a deep copy when calling it could change
+  it) runs on its dequantized inputs, and its observer receives ``(quantized output, float
+  output)``.
 
 The user's models carry no hook and no new submodule afterwards.
 """
@@ -25,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._tensors import dequantize_all
+from ..ops import is_pure
 from .clone import module_tree_copy
 
 if TYPE_CHECKING:
@@ -157,7 +159,9 @@ def _hook(
         if pair.name not in built.shadow_observers:
             built.shadow_observers[pair.name] = shadows(pair)
         observer = built.shadow_observers[pair.name]
-        shadow = copy.deepcopy(matching.float_model.get_submodule(float_path))
+        float_module = matching.float_model.get_submodule(float_path)
+        # as for graph shadows: torch's own eval-mode modules are called as they are
+        shadow = float_module if is_pure(float_module) else copy.deepcopy(float_module)
 
         def run_shadow(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             float_output = shadow(*dequantize_all(args),
