@@ -99,6 +99,7 @@ def test_untraceable_root_pairs_children_as_modules_and_regions():
     assert [path for path, _ in m.untraced] == [""]
     assert "h.sum() > 0" in m.untraced[0][1]
     assert "paired through the module tree" in m.explain("proj")
+    assert "relu" in m.explain("mlp.fc")  # drawn inside the region's own graphs
     assert "mlp.fc" in m.table() and "found by" in m.table()
 
 
