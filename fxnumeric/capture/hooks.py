@@ -20,6 +20,7 @@ The user's models carry no hook and no new submodule afterwards.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
@@ -53,7 +54,7 @@ def instrument_tree(
     assert matching.float_model is not None and matching.quant_model is not None
     float_copy = module_tree_copy(matching.float_model) if outputs is not None else None
     quant_copy = module_tree_copy(matching.quant_model)
-    built = Instrumented(float_copy, quant_copy)
+    built = Instrumented(float_copy, quant_copy)  # collects the observers as they are made
     for pair in pairs:
         if pair.found_by == "module":
             _hook(matching, pair, built, outputs, shadows)
@@ -71,9 +72,7 @@ def instrument_tree(
             float_root = _put(float_root, region.float_path, float_gm)
             quant_root = _put(quant_root, region.quant_path, quant_gm)
     # the root region, if any, replaced the whole copy
-    object.__setattr__(built, "float_model", float_root)
-    object.__setattr__(built, "quant_model", quant_root)
-    return built
+    return dataclasses.replace(built, float_model=float_root, quant_model=quant_root)
 
 
 def _depth(path: str) -> int:
