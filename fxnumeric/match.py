@@ -675,6 +675,9 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     """
     from .capture.tree import capture_tree, record_calls
 
+    # the guards judge each whole model as one op, by the modules it holds
+    float_whole, quant_whole = single_call_graph(float_model), single_call_graph(quant_model)
+    check_pair(float_whole, quant_whole)
     float_calls = quant_calls = None
     if example_inputs is not None:
         float_calls = record_calls(float_model, example_inputs, which="float")
@@ -741,8 +744,8 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     if root is not None:
         float_view, quant_view = root.float_view, root.quant_view
     else:
-        float_view = GraphView(single_call_graph(float_model), root=float_model)
-        quant_view = GraphView(single_call_graph(quant_model), root=quant_model)
+        float_view = GraphView(float_whole, root=float_model)
+        quant_view = GraphView(quant_whole, root=quant_model)
     return Matching(
         tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view, {},
         float_model, quant_model, regions=tuple(regions), untraced=tree.untraced, origin=origin,

@@ -273,3 +273,9 @@ def test_compare_without_float_observers_runs_the_float_model_as_it_is(pairs, co
     batch = {"input_ids": _ids(), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
     report = ns.compare(float_model, quant, [batch], comparisons=comparisons)
     assert report.model_output["sqnr"] > 10
+
+
+def test_swapped_models_are_caught_by_the_guards(pairs):
+    float_model, quant = pairs["bert", "qint8"]
+    with pytest.raises(ns.InputError, match="look swapped"):
+        ns.match(quant, float_model)
