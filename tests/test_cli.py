@@ -209,30 +209,27 @@ def _in_fresh_folder(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "mymodels", raising=False)
 
 
-def test_model_from_the_current_folder_and_full_trace_errors(tmp_path, monkeypatch, capsys):
+def test_model_from_the_current_folder_with_an_untraceable_module(tmp_path, monkeypatch, capsys):
     _in_fresh_folder(tmp_path, monkeypatch)
     argv = ["report", "--model", "mymodels:make", "--quant", "dynamic", "--input-shape", "4,8",
-            "--batches", "2", "--no-progress"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "No module named" not in err
-    assert err.startswith("fxnumeric: error: torch.fx could not trace the float model in `gate`")
-    assert "mymodels.py" in err and "if x.sum() > 0" in err  # the source line
-    assert 'Fix: keep that module whole by passing leaf_modules=["gate"]' in err
-    for leaves in ("gate", "Gate"):  # a module path or a class name
-        assert main(argv + ["--leaf-modules", leaves, "--format", "json"]) == 0
-        layers = [layer["name"] for layer in json.loads(capsys.readouterr().out)["layers"]]
+            "--batches", "2", "--no-progress", "--format", "json"]
+    # `gate` cannot be traced: it is kept whole without being told (see docs/tracing.md)
+    for extra in ([], ["--leaf-modules", "gate"], ["--leaf-modules", "Gate"]):
+        assert main(argv + extra) == 0
+        captured = capsys.readouterr()
+        assert "No module named" not in captured.err
+        layers = [layer["name"] for layer in json.loads(captured.out)["layers"]]
         assert layers == ["fc", "gate", "out"]
 
 
 def test_debug_is_accepted_after_the_subcommand(tmp_path, monkeypatch):
     _in_fresh_folder(tmp_path, monkeypatch)
-    with pytest.raises(ns.TraceError, match="could not trace the float model"):
+    with pytest.raises(ns.InputError, match="float model failed on the input"):
         main(["report", "--model", "mymodels:make", "--quant", "dynamic", "--input-shape",
-              "4,8", "--debug"])
-    with pytest.raises(ns.TraceError):
-        main(["--debug", "match", "--model", "mymodels:make", "--quant", "dynamic",
-              "--input-shape", "4,8"])
+              "4,5", "--debug"])
+    with pytest.raises(ns.InputError):
+        main(["--debug", "report", "--model", "mymodels:make", "--quant", "dynamic",
+              "--input-shape", "4,5"])
 
 
 def test_the_table_in_docs_reports_is_what_the_command_prints(capsys):
