@@ -13,6 +13,8 @@ Part 2, time: ``fxnumeric.compare()`` (match + instrument + one batch, all three
 on a ``BertModel`` with the all-MiniLM-L6-v2 shape (6 layers, 384 wide, 12 heads, random
 weights), dynamic qint8, one batch of 8 sentences x 16 tokens, one thread, against its anchor:
 one float forward plus one quantized forward on the same batch (medians of ``--repeat`` runs).
+The last line is what each batch after the first adds, (9 batches - 1 batch) / 8: the setup
+(capture, instrumentation, weight comparison) is paid once per call.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def time_table(repeat: int) -> str:
     def compare_outputs_only() -> None:
         ns.compare(float_model, quant, [batch], comparisons=("outputs",))
 
+    def compare_nine_batches() -> None:
+        ns.compare(float_model, quant, [batch] * 9)
+
     forwards()  # warm up kernels and lazy imports once
     compare()
     floor = _median_time(forwards, repeat)
@@ -101,6 +106,10 @@ def time_table(repeat: int) -> str:
                       ("fxnumeric.compare() outputs only", compare_outputs_only)):
         t = _median_time(fn, repeat)
         rows.append((label, t, t / floor))
+    # what each batch after the first costs: setup (capture, instrumentation, weights) once
+    one, nine = rows[1][1], _median_time(compare_nine_batches, max(1, repeat // 2))
+    per_batch = (nine - one) / 8
+    rows.append(("  each further batch (9 batches - 1 batch) / 8", per_batch, per_batch / floor))
     table = tabulate(rows, headers=("BertModel 6x384, 8x16 tokens", "seconds", "ratio"),
                      floatfmt=".3f")
     return table + f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s)"
