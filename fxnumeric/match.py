@@ -684,18 +684,47 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
         quant_calls = record_calls(quant_model, example_inputs, which="quantized")
     tree = capture_tree(float_model, quant_model, leaf_modules=list(leaf_modules or ()),
                         float_calls=float_calls, quant_calls=quant_calls)
-    regions: list[RegionMatching] = []
-    origin: dict[Pair, tuple[RegionMatching, Pair]] = {}
-    local_index: dict[Pair, int] = {}
-    pairs: list[Pair] = []
-    miss_f: list[Unmatched] = []
-    miss_q: list[Unmatched] = []
+    found = _Found()
     for region in tree.regions:
-        fpath, qpath = region.float_path, region.quant_path
-        sub = _graph_matching(region.float_graph, region.quant_graph,
-                              float_model.get_submodule(fpath), quant_model.get_submodule(qpath))
-        rm = RegionMatching(fpath, qpath, sub)
-        regions.append(rm)
+        found.add_region(RegionMatching(region.float_path, region.quant_path, _graph_matching(
+            region.float_graph, region.quant_graph,
+            float_model.get_submodule(region.float_path),
+            quant_model.get_submodule(region.quant_path),
+        )))
+    for float_path, quant_path in tree.leaves:
+        found.add_leaves(float_path, float_model.get_submodule(float_path),
+                         quant_path, quant_model.get_submodule(quant_path))
+    for path, side, reason in tree.orphans:
+        found.add_orphan(path, side, (float_model if side == "float" else quant_model)
+                         .get_submodule(path), reason)
+    root = next((r.matching for r in found.regions if not r.float_path and not r.quant_path), None)
+    if root is not None:
+        float_view, quant_view = root.float_view, root.quant_view
+    else:
+        float_view = GraphView(float_whole, root=float_model)
+        quant_view = GraphView(quant_whole, root=quant_model)
+    return Matching(
+        found.ordered_pairs(quant_model), tuple(found.miss_f), tuple(found.miss_q),
+        float_view, quant_view, {}, float_model, quant_model,
+        regions=tuple(found.regions), untraced=tree.untraced, origin=found.origin,
+    )
+
+
+class _Found:
+    """Pairs and misses of a module-tree capture, gathered region by region and leaf by leaf."""
+
+    def __init__(self) -> None:
+        self.regions: list[RegionMatching] = []
+        self.origin: dict[Pair, tuple[RegionMatching, Pair]] = {}
+        self.local_index: dict[Pair, int] = {}
+        self.pairs: list[Pair] = []
+        self.miss_f: list[Unmatched] = []
+        self.miss_q: list[Unmatched] = []
+
+    def add_region(self, region: RegionMatching) -> None:
+        """The region's pairs and misses, renamed with its paths as prefixes."""
+        fpath, qpath, sub = region.float_path, region.quant_path, region.matching
+        self.regions.append(region)
         for i, p in enumerate(sub.pairs):
             flat = Pair(
                 name=_prefixed(qpath, p.name), kind=p.kind,
@@ -703,50 +732,47 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
                 quant_nodes=tuple(_prefixed(qpath, n) for n in p.quant_nodes),
                 quantized=p.quantized, region=qpath,
             )
-            pairs.append(flat)
-            origin[flat] = (rm, p)
-            local_index[flat] = i
-        miss_f += [Unmatched(_prefixed(fpath, u.node), u.kind, u.reason, u.quantized)
-                   for u in sub.unmatched_float]
-        miss_q += [Unmatched(_prefixed(qpath, u.node), u.kind, u.reason, u.quantized)
-                   for u in sub.unmatched_quant]
-    for fpath, qpath in tree.leaves:
-        f_cls = classify_module(float_model.get_submodule(fpath))
-        q_cls = classify_module(quant_model.get_submodule(qpath))
+            self.pairs.append(flat)
+            self.origin[flat] = (region, p)
+            self.local_index[flat] = i
+        self.miss_f += [Unmatched(_prefixed(fpath, u.node), u.kind, u.reason, u.quantized)
+                        for u in sub.unmatched_float]
+        self.miss_q += [Unmatched(_prefixed(qpath, u.node), u.kind, u.reason, u.quantized)
+                        for u in sub.unmatched_quant]
+
+    def add_leaves(self, fpath: str, float_module: nn.Module,
+                   qpath: str, quant_module: nn.Module) -> None:
+        """Two leaf modules at the same place of the module tree: a pair if they agree."""
+        f_cls, q_cls = classify_module(float_module), classify_module(quant_module)
         if f_cls.role == "plumbing" or q_cls.role == "plumbing":
-            continue  # dropout, identity, observers: transparent, as in the graph matcher
+            return  # dropout, identity, observers: transparent, as in the graph matcher
         if f_cls.signature == q_cls.signature:
-            pairs.append(Pair(qpath, q_cls.kind, (fpath,), (qpath,), q_cls.quantized,
-                              found_by="module"))
-            continue
+            self.pairs.append(Pair(qpath, q_cls.kind, (fpath,), (qpath,), q_cls.quantized,
+                                   found_by="module"))
+            return
         reason = (
             f"float `{fpath}` ({f_cls.kind}) and quantized `{qpath}` ({q_cls.kind}) sit at the "
             "same place in the module tree but compute different ops"
         )
-        miss_f.append(Unmatched(fpath, f_cls.kind, reason, False))
-        miss_q.append(Unmatched(qpath, q_cls.kind, reason, q_cls.quantized))
-    for path, side, reason in tree.orphans:
-        cls = classify_module((float_model if side == "float" else quant_model).get_submodule(path))
+        self.miss_f.append(Unmatched(fpath, f_cls.kind, reason, False))
+        self.miss_q.append(Unmatched(qpath, q_cls.kind, reason, q_cls.quantized))
+
+    def add_orphan(self, path: str, side: str, module: nn.Module, reason: str) -> None:
+        """A submodule without counterpart on the other side."""
+        cls = classify_module(module)
         if side == "float":
-            miss_f.append(Unmatched(path, cls.kind, reason, False))
+            self.miss_f.append(Unmatched(path, cls.kind, reason, False))
         else:
-            miss_q.append(Unmatched(path, cls.kind, reason, cls.quantized))
-    rank = {name: i for i, (name, _) in enumerate(quant_model.named_modules(remove_duplicate=False))}
+            self.miss_q.append(Unmatched(path, cls.kind, reason, cls.quantized))
 
-    def position(p: Pair) -> tuple[int, int]:
-        """Registration order of the module or region holding the pair, then graph order."""
-        if p in origin:
-            return rank.get(p.region, 0), local_index[p]
-        return rank.get(p.quant_nodes[0], 0), 0
+    def ordered_pairs(self, quant_model: nn.Module) -> tuple[Pair, ...]:
+        """Pairs in module registration order of what holds them, then in graph order."""
+        rank = {name: i for i, (name, _) in
+                enumerate(quant_model.named_modules(remove_duplicate=False))}
 
-    pairs.sort(key=position)
-    root = next((r.matching for r in regions if not r.float_path and not r.quant_path), None)
-    if root is not None:
-        float_view, quant_view = root.float_view, root.quant_view
-    else:
-        float_view = GraphView(float_whole, root=float_model)
-        quant_view = GraphView(quant_whole, root=quant_model)
-    return Matching(
-        tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view, {},
-        float_model, quant_model, regions=tuple(regions), untraced=tree.untraced, origin=origin,
-    )
+        def position(p: Pair) -> tuple[int, int]:
+            if p in self.origin:
+                return rank.get(p.region, 0), self.local_index[p]
+            return rank.get(p.quant_nodes[0], 0), 0
+
+        return tuple(sorted(self.pairs, key=position))

@@ -38,7 +38,7 @@ from .fx import LeafSpec, TraceFailure, is_leaf, trace_submodule
 
 __all__ = ["Region", "TreeCapture", "CallSpecs", "record_calls", "capture_tree"]
 
-CallSpecs = dict[str, "dict[str, Any] | None"]
+CallSpecs = dict[str, dict[str, Any] | None]
 """Module path -> the arguments to fix when tracing it (``None``: calls that cannot be traced)."""
 
 _MAX_KEPT_WHOLE = 64  # retries per region; each keeps one more failing submodule whole
