@@ -107,7 +107,11 @@ class GraphView:
                 assert c is not None  # every call_* node has a class
                 self._cls[n] = c
                 if c.role == "plumbing":
-                    self._producer[n] = ins[0] if ins else None
+                    # it passes on its first argument: `inv_freq.to(device=x.device)` carries
+                    # the constant inv_freq (no producer), not the device
+                    data = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+                    self._producer[n] = (self._producer.get(data) if data is not None
+                                         else ins[0] if ins else None)
                     continue
             self._producer[n] = n
             self._inputs[n] = ins
@@ -173,14 +177,18 @@ class GraphView:
         """``chain`` plus the plumbing between its ops, in graph order.
 
         The plumbing kept is what a chain node reads, through plumbing only, from another
-        chain node: copying these nodes reproduces the chain's computation exactly.
+        chain node or from a constant (``inv_freq.to(x.device)``): copying these nodes
+        reproduces the chain's computation exactly.
         """
         inside = set(chain)
         frontier = list(chain)
         while frontier:
             n = frontier.pop()
             for i in n.all_input_nodes:
-                if i not in inside and self._is_plumbing(i) and self._producer.get(i) in inside:
+                if i in inside or not self._is_plumbing(i):
+                    continue
+                source = self._producer.get(i)
+                if source is None or source in inside:
                     inside.add(i)
                     frontier.append(i)
         return sorted(inside, key=self._position.__getitem__)

@@ -180,3 +180,26 @@ def test_module_tree_copy_shares_weights_not_modules():
     twin.set_submodule("mlp", nn.Identity())
     twin.proj.register_forward_hook(lambda *a: None)
     assert isinstance(f.mlp, _Mlp) and not f.proj._forward_hooks
+
+
+class _Rotary(nn.Module):
+    """Rotary embeddings move a constant to the input's device: `inv.to(device=x.device)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv", torch.linspace(0.5, 1.5, 4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * self.inv.to(device=x.device)
+
+
+def test_plumbing_of_a_constant_carries_the_constant_not_its_other_argument():
+    torch.manual_seed(0)
+    f = _Rotary().eval()
+    view = ns.GraphView(ns.trace(f))
+    to = next(n for n in view.nodes if n.op == "call_method" and n.target == "to")
+    assert view.producer(to) is None  # the buffer, a constant; not `x.device`
+    report = ns.compare(f, _dyn(f), [_x()])
+    # the shadow copies `inv.to(...)` and reads the constant, not a device
+    assert report.row("mul").shadow["sqnr"] > 20 and not report.row("mul").note
