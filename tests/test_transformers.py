@@ -279,3 +279,12 @@ def test_swapped_models_are_caught_by_the_guards(pairs):
     float_model, quant = pairs["bert", "qint8"]
     with pytest.raises(ns.InputError, match="look swapped"):
         ns.match(quant, float_model)
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2", "vit"])
+def test_full_compare_shadows_every_linear(pairs, model):
+    float_model, quant = pairs[model, "qint8"]
+    report = ns.compare(float_model, quant, [CASE_OF[model].inputs()])
+    linears = [r for r in report.rows if r.kind == "linear"]
+    assert linears and all(r.shadow.get("sqnr", 0) > 10 and r.weight_sqnr for r in linears)
+    assert not [r.note for r in report.rows if r.note.startswith("no shadow")]
