@@ -150,6 +150,7 @@ def instrument(
                 continue
             if pair.name not in built_s:
                 built_s[pair.name] = shadows(pair)
+            inputs = {f: quant_copy.before_overwrite(q, pair.quant_nodes) for f, q in inputs.items()}
             quant_copy.shadow(quant_out.name, matching.float_view, _float_subgraph(matching, pair),
                               inputs, built_s[pair.name], f"fxnumeric_shadow_{i}")
     return Instrumented(
@@ -303,7 +304,9 @@ def _shadow_inputs(matching: Matching, pair: Pair) -> dict[fx.Node, str] | str:
             q = qv.producer(i)
             f = matching.float_counterpart(q) if q is not None and q not in chain else None
             if f is not None:
-                read.setdefault(f, q)
+                # the value the op reads (`i`), not its producer: in a pt2e graph that is a
+                # quantize whose raw int8 output only its dequantize can read
+                read.setdefault(f, i)
     last = qv.position(chain[-1])
     nodes = _float_subgraph(matching, pair)
     inside = set(nodes)
@@ -349,6 +352,17 @@ class _GraphCopy:
             with graph.inserting_after(logged):
                 graph.call_module(target, (logged,))
 
+    def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
+        """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
+        in place (``aten.add_`` writes into its first input, which a shadow must read as it was).
+        """
+        node = self.nodes[node_name]
+        ops = [self.nodes[n] for n in chain]
+        if not any(_overwrites(u, node, self.modules) for u in node.users if u in ops):
+            return node_name
+        with self.gm.graph.inserting_before(ops[0]):
+            return self.gm.graph.call_method("clone", (node,)).name
+
     def shadow(self, anchor_name: str, float_view: GraphView, nodes: list[fx.Node],
                inputs: dict[fx.Node, str], observer: nn.Module, prefix: str) -> None:
         """Copy float ``nodes`` after ``anchor``, fed dequantized ``inputs``; observe both."""
@@ -368,6 +382,10 @@ class _GraphCopy:
         for float_node, quant_name in inputs.items():
             quant_node = self.nodes[quant_name]
             env[float_node] = emit(lambda q=quant_node: graph.call_function(dequantize_all, (q,)))
+            if any(_overwrites(u, float_node, float_view.modules) for u in float_node.users
+                   if u in nodes):
+                # the copy writes into its input, which may be the quantized graph's own tensor
+                env[float_node] = emit(lambda d=env[float_node]: graph.call_method("clone", (d,)))
         copied: dict[str, str] = {}
         for n in nodes:
             for attr_node in n.all_input_nodes:
@@ -418,16 +436,20 @@ _INPLACE_FUNCTIONS = frozenset({"iadd", "imul", "isub", "itruediv"})
 
 def _mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether a later op overwrites ``node``'s output in place (then the logger gets a copy)."""
-    for user in node.users:
-        first = bool(user.args) and user.args[0] is node
-        if user.op == "call_module" and getattr(modules.get(user.target), "inplace", False):
-            return True
-        if user.op == "call_method" and str(user.target).endswith("_") and first:
-            return True
-        if user.op == "call_function" and first:
-            name = getattr(user.target, "__name__", "")
-            if user.kwargs.get("inplace") or name in _INPLACE_FUNCTIONS:
-                return True
-            if name.endswith("_") and not name.startswith("_"):
-                return True
-    return False
+    return any(_overwrites(user, node, modules) for user in node.users)
+
+
+def _overwrites(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``user`` writes its result into ``node``'s output (``relu_``, ``inplace=True``)."""
+    if user.op == "call_module":
+        return bool(getattr(modules.get(user.target), "inplace", False))
+    first = bool(user.args) and user.args[0] is node
+    if user.op == "call_method":
+        return first and str(user.target).endswith("_")
+    if user.op != "call_function" or not first:
+        return False
+    if isinstance(user.target, torch._ops.OpOverload):  # aten.relu_, aten.add_ (torch.export)
+        return user.target._schema.is_mutable
+    name = getattr(user.target, "__name__", "")
+    return (bool(user.kwargs.get("inplace")) or name in _INPLACE_FUNCTIONS
+            or (name.endswith("_") and not name.startswith("_")))

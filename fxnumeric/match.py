@@ -31,6 +31,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from . import flows
 from .capture import LeafSpec, single_call_graph, trace
 from .errors import MatchError, TraceError
 from .guards import check_pair
@@ -635,9 +636,12 @@ def match(
         >>> [(p.kind, p.float_nodes, p.quant_nodes) for p in m.pairs]
         [('linear', ('_0',), ('_0',)), ('relu', ('_1',), ('_1',))]
     """
+    # what a flow reads differently (an ExportedProgram is traced as its .module())
+    float_root = flows.normalise_model(float_model, "float")
+    quant_root = flows.normalise_model(quant_model, "quantized")
     try:
-        float_gm = _as_graph_module(float_model, leaf_modules, "float")
-        quant_gm = _as_graph_module(quant_model, leaf_modules, "quantized")
+        float_gm = _as_graph_module(float_root, leaf_modules, "float")
+        quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized")
     except TraceError as exc:
         if not isinstance(float_model, nn.Module) or not isinstance(quant_model, nn.Module):
             raise
@@ -649,13 +653,17 @@ def match(
 
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
-    return _graph_matching(float_gm, quant_gm, float_model, quant_model)
+    return _graph_matching(float_gm, quant_gm, float_model, quant_model, float_root, quant_root)
 
 
 def _graph_matching(float_gm: fx.GraphModule, quant_gm: fx.GraphModule,
-                    float_model: nn.Module, quant_model: nn.Module) -> Matching:
-    float_view = GraphView(float_gm, root=float_model)
-    quant_view = GraphView(quant_gm, root=quant_model)
+                    float_model: nn.Module, quant_model: nn.Module,
+                    float_root: nn.Module | None = None,
+                    quant_root: nn.Module | None = None) -> Matching:
+    """Pair two traced graphs; the roots (default: the models) hold the modules the graphs'
+    nodes name (an ExportedProgram's ``.module()``)."""
+    float_view = GraphView(float_gm, root=float_root if float_root is not None else float_model)
+    quant_view = GraphView(quant_gm, root=quant_root if quant_root is not None else quant_model)
     pairs, miss_f, miss_q, anchor = _pair_views(float_view, quant_view)
     quant_to_float = {q.name: f.name for q, f in anchor.items() if f is not None}
     return Matching(tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view,

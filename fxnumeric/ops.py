@@ -32,7 +32,7 @@ from torch import nn
 
 __all__ = [
     "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
-    "is_quantized_module", "is_pure",
+    "is_quantized_module", "is_pure", "PLUMBING", "QUANTIZE",
 ]
 
 
@@ -305,8 +305,13 @@ def classify_module(module: nn.Module) -> OpClass:
     return _module_class(module)
 
 
-def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
-    """Classify a node; ``None`` for placeholders, outputs and ``get_attr`` nodes."""
+def _is_registered(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return any(klass in _REGISTERED for klass in type(modules[node.target]).__mro__)
+    return node.target in _REGISTERED
+
+
+def _table_class(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
     if node.op == "call_module":
         return _module_class(modules[node.target])
     if node.op == "call_function":
@@ -314,3 +319,21 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
     if node.op == "call_method":
         return _method_class(node.target)
     return None
+
+
+def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
+    """Classify a node; ``None`` for placeholders, outputs and ``get_attr`` nodes.
+
+    Order: the user's :func:`register_op` entries, then the quantization flows
+    (:mod:`fxnumeric.flows`: pt2e's ATen and q/dq ops, torchao's weights), then the tables here.
+    """
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    from . import flows
+
+    cls = None if _is_registered(node, modules) else flows.classify(node, modules)
+    if cls is None:
+        cls = _table_class(node, modules)
+    if cls is not None and cls.role == "op" and not cls.quantized and flows.is_quantized(node, modules):
+        cls = OpClass(cls.signature, cls.role, True)
+    return cls

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import flows
 from .ops import OpClass, classify
 
 __all__ = ["GraphView", "MODULE_ATTRS"]
@@ -241,7 +242,10 @@ class GraphView:
 
     # ------------------------------------------------------------------ naming
     def name(self, n: fx.Node) -> str:
-        """Module path, owning FloatFunctional path, or node name."""
+        """Module path, owning FloatFunctional path, a flow's name for it, or node name."""
+        flow_name = flows.pair_name(n)
+        if flow_name is not None:
+            return flow_name
         if n.op == "call_module":
             return str(n.target)
         owner = self._owner_path(n)

@@ -1,0 +1,161 @@
+"""Quantization flows: what each flow's graphs look like, kept in one place per flow.
+
+The shared stages (``trace``/``match``, ``ops.classify``, ``weights``) know nothing about any
+particular flow. Where a flow's graphs need knowledge of their own, a stage asks every
+:class:`Flow` in :data:`FLOWS` through one of the hooks below and takes the first answer that is
+not ``None``. Adding a flow is then one new module here and one entry in :data:`FLOWS`.
+
+==========================  ==================================  ===============================
+hook                        called by                           answers
+==========================  ==================================  ===============================
+``normalise_model``         capture, before tracing             the model to trace instead
+``classify``                :func:`fxnumeric.ops.classify`      an :class:`~fxnumeric.ops.OpClass`
+``is_quantized``            :func:`fxnumeric.ops.classify`      whether an op counts as quantized
+``pair_name``               the matcher                         the name a pair is reported as
+``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
+``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
+``comparable_weight``       :mod:`fxnumeric.weights`            a plain float tensor for a weight
+==========================  ==================================  ===============================
+
+Flows shipped: :mod:`fxnumeric.flows.pt2e` (``torch.export`` graphs, ``prepare_pt2e`` /
+``convert_pt2e``) and :mod:`fxnumeric.flows.torchao` (``torchao.quantization.quantize_``).
+Neither imports ``torchao`` unless a torchao object is already in the user's hands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..ops import OpClass
+
+__all__ = ["Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
+           "pair_name", "weight_input", "batch_norm_params", "comparable_weight"]
+
+
+@dataclass(frozen=True)
+class BatchNormParams:
+    """The constants of an inference BatchNorm: what folding it into a conv or linear needs."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    eps: float
+
+
+class Flow:
+    """A quantization flow's knowledge, as hooks; every hook returns ``None`` for "not mine".
+
+    Subclass it, override the hooks your flow needs, and add an instance to :data:`FLOWS`.
+    """
+
+    name = "flow"
+
+    def normalise_model(self, model: Any, which: str) -> nn.Module | None:
+        """Called as ``normalise_model(model, "float" | "quantized")`` before tracing; return
+        the ``nn.Module`` to trace instead (never modify ``model``), or ``None``."""
+        return None
+
+    def classify(self, node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
+        """What ``node`` computes (for ops of this flow), or ``None`` to leave it to the tables."""
+        return None
+
+    def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+        """Whether ``node`` (a pairable op) computes in quantized form under this flow."""
+        return False
+
+    def pair_name(self, node: fx.Node) -> str | None:
+        """The user-facing name of the op at ``node`` (a module path), or ``None``."""
+        return None
+
+    def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
+        """The input node carrying the weight of a functional op of ``kind``, or ``None``."""
+        return None
+
+    def batch_norm_params(self, node: fx.Node, gm: fx.GraphModule) -> BatchNormParams | None:
+        """The constants of a functional BatchNorm ``node`` in ``gm``, or ``None``."""
+        return None
+
+    def comparable_weight(self, weight: Any) -> torch.Tensor | None:
+        """A plain float tensor for a weight this flow stores in its own form, or ``None``."""
+        return None
+
+
+def _flows() -> tuple[Flow, ...]:
+    from .pt2e import Pt2eFlow
+    from .torchao import TorchaoFlow
+
+    return (Pt2eFlow(), TorchaoFlow())
+
+
+FLOWS: tuple[Flow, ...] = _flows()
+"""The flows every stage consults, in order."""
+
+
+def normalise_model(model: Any, which: str) -> Any:
+    """The model to trace for ``model``: the first flow's answer, else ``model`` itself."""
+    for flow in FLOWS:
+        found = flow.normalise_model(model, which)
+        if found is not None:
+            return found
+    return model
+
+
+def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
+    """The first flow's classification of ``node``, or ``None``."""
+    for flow in FLOWS:
+        found = flow.classify(node, modules)
+        if found is not None:
+            return found
+    return None
+
+
+def is_quantized(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether any flow counts the op at ``node`` as quantized."""
+    return any(flow.is_quantized(node, modules) for flow in FLOWS)
+
+
+def pair_name(node: fx.Node) -> str | None:
+    """The first flow's name for the op at ``node``, or ``None``."""
+    for flow in FLOWS:
+        found = flow.pair_name(node)
+        if found is not None:
+            return found
+    return None
+
+
+def weight_input(node: fx.Node, kind: str) -> fx.Node | None:
+    """The node feeding the weight of the functional op ``node`` of ``kind``, or ``None``."""
+    for flow in FLOWS:
+        found = flow.weight_input(node, kind)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_norm_params(node: fx.Node, gm: fx.GraphModule) -> BatchNormParams | None:
+    """The constants of the functional BatchNorm ``node``, or ``None``."""
+    for flow in FLOWS:
+        found = flow.batch_norm_params(node, gm)
+        if found is not None:
+            return found
+    return None
+
+
+def comparable_weight(weight: Any) -> Any:
+    """``weight`` as a tensor the metrics can subtract from a float one.
+
+    torch's quantized tensors stay as they are (the metrics dequantize them); a flow's own
+    weight types (torchao tensor subclasses) are dequantized by that flow.
+    """
+    for flow in FLOWS:
+        found = flow.comparable_weight(weight)
+        if found is not None:
+            return found
+    return weight

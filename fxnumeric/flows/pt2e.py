@@ -1,0 +1,353 @@
+"""The pt2e flow: ``torch.export`` graphs quantized by torchao's ``prepare_pt2e`` / ``convert_pt2e``.
+
+What its graphs look like (resnet18's stem, XNNPACK symmetric quantizer)::
+
+    float (export(model).module()):   x -> conv2d -> batch_norm -> relu_ -> max_pool2d
+                                           ^ get_attr conv1_weight
+
+    quantized (convert_pt2e):         x -> quantize -> dequantize -> conv2d -> relu_
+                                           -> quantize -> dequantize -> max_pool2d ...
+                                                   ^ dequantize(get_attr _frozen_param0)
+
+ATen ops are the same kinds as the torch functions they come from (:data:`ATEN_KINDS`);
+``quantize_*`` / ``dequantize_*`` ops (``quantized_decomposed`` and torchao's own,
+:data:`QDQ_ROLES`) are quantize roles or plumbing; the quantized conv absorbed the BatchNorm, so
+the matcher pairs ``(conv2d, batch_norm)`` with ``conv2d`` as it does for any BN-folded conv.
+An op counts as quantized when it reads a dequantized (or, in a ``prepare_pt2e`` model,
+observed) value. Pairs are named by module path from ``nn_module_stack``.
+
+:func:`quantize_pt2e` builds such a pair from an ``nn.Module`` (what ``fxnumeric report --quant
+pt2e`` runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import InputError
+from ..ops import PLUMBING, QUANTIZE, OpClass
+from . import BatchNormParams, Flow
+
+__all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES", "quantize_pt2e", "QUANTIZERS"]
+
+# --- q/dq ops: (namespace, op name) -> role. "quantize" ops become optional (paired when both
+# sides have one, else transparent); "dequantize" and "qparams" ops are plumbing.
+QDQ_ROLES: dict[tuple[str, str], str] = {
+    **{("quantized_decomposed", f"quantize_per_{g}"): "quantize"
+       for g in ("tensor", "channel", "token", "channel_group")},
+    **{("quantized_decomposed", f"dequantize_per_{g}"): "dequantize"
+       for g in ("tensor", "channel", "token", "channel_group")},
+    ("quantized_decomposed", "choose_qparams"): "qparams",
+    ("quantized_decomposed", "choose_qparams_symmetric"): "qparams",
+    ("quantized_decomposed", "choose_qparams_per_token_asymmetric"): "qparams",
+    ("quantized_decomposed", "fake_quant_per_channel"): "dequantize",
+    ("torchao", "quantize_affine"): "quantize",
+    ("torchao", "quantize_affine_float8_non_decomposed"): "quantize",
+    ("torchao", "dequantize_affine"): "dequantize",
+    ("torchao", "dequantize_affine_float8_non_decomposed"): "dequantize",
+    ("torchao", "choose_qparams_affine"): "qparams",
+}
+
+# --- ATen ops (overload packet name, in-place ``_`` stripped) whose kind is not their name.
+# Everything else keeps its name (``conv2d``, ``linear``, ``max_pool2d``, ``add``), which is what
+# the torch functions and modules of the float model are called too.
+ATEN_KINDS: dict[str, tuple[str, ...]] = {
+    "_native_batch_norm_legit_no_training": ("batch_norm",),
+    "_native_batch_norm_legit": ("batch_norm",),
+    "native_batch_norm": ("batch_norm",),
+    "native_layer_norm": ("layer_norm",),
+    "max_pool2d_with_indices": ("max_pool2d",),
+    "_adaptive_avg_pool2d": ("adaptive_avg_pool2d",),
+    "_softmax": ("softmax",),
+    "_log_softmax": ("log_softmax",),
+    "view": ("reshape",),
+    "_unsafe_view": ("reshape",),
+    "mm": ("matmul",),
+    "bmm": ("matmul",),
+    "mul": ("mul",),
+    "div": ("div",),
+    "sub": ("sub",),
+    "concat": ("cat",),
+}
+# ATen ops that only move, copy or check a value: transparent.
+ATEN_PLUMBING = frozenset(
+    {"detach", "clone", "contiguous", "alias", "_assert_tensor_metadata", "_to_copy", "to",
+     "dropout", "lift_fresh_copy", "_assert_async", "sym_constrain_range_for_size"}
+)
+# ATen ops with several outputs of which getitem 0 is "the" result (the others are saved
+# statistics or indices): that getitem is plumbing, so BN folding sees conv2d -> batch_norm.
+ATEN_MULTI_OUTPUT = frozenset(
+    {"_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
+     "native_layer_norm", "max_pool2d_with_indices"}
+)
+# Argument positions of a BatchNorm's constants: (weight, bias, running_mean, running_var, eps).
+_BATCH_NORM_ARGS: dict[str, tuple[int, int, int, int, int]] = {
+    "batch_norm": (1, 2, 3, 4, 7),
+    "_native_batch_norm_legit_no_training": (1, 2, 3, 4, 6),
+    "native_batch_norm": (1, 2, 3, 4, 7),
+}
+# Which argument of a weighted ATen op is its weight.
+_WEIGHT_ARG: dict[str, int] = {
+    **{f"conv{n}d": 1 for n in (1, 2, 3)},
+    **{f"conv_transpose{n}d": 1 for n in (1, 2, 3)},
+    "linear": 1,
+    "embedding": 0,
+}
+# torch.nn modules that export to one op: ops inside them are named by the module path alone.
+_ONE_OP_MODULES = frozenset(
+    {"Linear", "Bilinear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
+     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "Embedding", "ReLU", "ReLU6",
+     "Hardtanh", "Hardswish", "Hardsigmoid", "Sigmoid", "Tanh", "GELU", "SiLU", "Mish",
+     "LeakyReLU", "ELU", "PReLU", "Softmax", "LogSoftmax", "Flatten", "Dropout", "Identity",
+     "Upsample"}
+    | {f"{k}{n}d" for k in ("Conv", "ConvTranspose", "MaxPool", "AvgPool", "AdaptiveAvgPool",
+                           "AdaptiveMaxPool") for n in (1, 2, 3)}
+)
+_GUARDS = "_guards_fn"
+
+
+def _op_name(target: Any) -> tuple[str, str] | None:
+    """``(namespace, name)`` of an ATen/custom op target, else ``None``."""
+    if isinstance(target, torch._ops.OpOverload):
+        target = target._overloadpacket
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        namespace, _, name = target._qualified_op_name.partition("::")
+        return namespace, name
+    return None
+
+
+def _qdq_role(node: fx.Node) -> str | None:
+    if node.op != "call_function":
+        return None
+    op = _op_name(node.target)
+    return QDQ_ROLES.get(op) if op is not None else None
+
+
+def _is_transparent_module(module: nn.Module) -> bool:
+    """torchao's pt2e observers and fake-quants (their own class tree, not torch.ao's)."""
+    return any(
+        klass.__name__ in ("ObserverBase", "FakeQuantizeBase")
+        and klass.__module__.startswith("torchao.")
+        for klass in type(module).__mro__
+    )
+
+
+def _reads_constant(node: fx.Node) -> bool:
+    """Whether ``node``'s first input is a constant (a weight), not an activation."""
+    first = node.args[0] if node.args else None
+    return isinstance(first, fx.Node) and first.op == "get_attr"
+
+
+def _aten_class(node: fx.Node, name: str) -> OpClass:
+    base = name.rstrip("_") if name not in ATEN_KINDS else name
+    if base in ATEN_PLUMBING:
+        return PLUMBING
+    if base == "hardtanh" and tuple(node.args[1:3]) == (0.0, 6.0):
+        return OpClass(("relu6",))
+    if base == "convolution":
+        return _convolution_class(node)
+    return OpClass(ATEN_KINDS.get(base, (base,)))
+
+
+def _convolution_class(node: fx.Node) -> OpClass:
+    """``aten.convolution`` (after decompositions): conv{1,2,3}d or conv_transpose{1,2,3}d."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+    if val is None:
+        return OpClass(("convolution",))
+    transposed = bool(node.args[6]) if len(node.args) > 6 else False
+    return OpClass((f"conv{'_transpose' if transposed else ''}{val.dim() - 2}d",))
+
+
+class Pt2eFlow(Flow):
+    """``torch.export`` graphs and their ``prepare_pt2e`` / ``convert_pt2e`` forms."""
+
+    name = "pt2e"
+
+    def normalise_model(self, model: Any, which: str) -> nn.Module | None:
+        """An ``ExportedProgram`` becomes its ``.module()``; a ``_guards_fn`` call is dropped.
+
+        ``_guards_fn`` checks input shapes for ``torch.export``; it computes nothing the models
+        are compared on, and tracing it as a layer would report it as an unpaired op.
+        """
+        if isinstance(model, torch.export.ExportedProgram):
+            return _without_guards(model.module())
+        if isinstance(model, fx.GraphModule) and any(_is_guard(n) for n in model.graph.nodes):
+            return _without_guards(model)
+        return None
+
+    def classify(self, node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
+        if node.op == "call_module":
+            if node.target == _GUARDS or _is_transparent_module(modules[node.target]):
+                return PLUMBING
+            return None
+        if node.op != "call_function":
+            return None
+        if node.target is operator.getitem:
+            source = node.args[0]
+            if isinstance(source, fx.Node) and source.op == "call_function":
+                op = _op_name(source.target)
+                if op is not None and (
+                    (op[0] == "aten" and op[1] in ATEN_MULTI_OUTPUT and node.args[1] == 0)
+                    or QDQ_ROLES.get(op) == "qparams"
+                ):
+                    return PLUMBING
+            return None
+        op = _op_name(node.target)
+        if op is None:
+            return None
+        role = QDQ_ROLES.get(op)
+        if role == "quantize":
+            # quantizing a weight is part of the weight, not a step of the dataflow
+            return PLUMBING if _reads_constant(node) else QUANTIZE
+        if role is not None:
+            return PLUMBING
+        if op[0] == "aten":
+            return _aten_class(node, op[1])
+        return None
+
+    def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+        """An op that reads a dequantized value (or, before convert, an observed one)."""
+        for i in node.all_input_nodes:
+            if _qdq_role(i) == "dequantize":
+                return True
+            if i.op == "call_module" and _is_transparent_module(modules[i.target]):
+                return True
+        return False
+
+    def pair_name(self, node: fx.Node) -> str | None:
+        """The module path from ``nn_module_stack``: ``layer1.0.conv1`` for the conv of that
+        ``Conv2d``, ``layer1.0.add_`` for an op a bigger module computes itself."""
+        if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
+            return None
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        path, module_type = list(stack.values())[-1]
+        type_name = module_type if isinstance(module_type, str) else (
+            f"{module_type.__module__}.{module_type.__qualname__}"
+        )
+        if type_name.startswith("torch.nn.") and type_name.rsplit(".", 1)[-1] in _ONE_OP_MODULES:
+            return path
+        return f"{path}.{node.name}" if path else None
+
+    def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
+        if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
+            return None
+        position = _WEIGHT_ARG.get(kind)
+        if position is None or len(node.args) <= position:
+            return None
+        weight = node.args[position]
+        return weight if isinstance(weight, fx.Node) else None
+
+    def batch_norm_params(self, node: fx.Node, gm: fx.GraphModule) -> BatchNormParams | None:
+        if node.op == "call_function" and node.target is operator.getitem:
+            node = node.args[0]  # type: ignore[assignment]
+        op = _op_name(node.target) if node.op == "call_function" else None
+        if op is None or op[0] != "aten" or op[1] not in _BATCH_NORM_ARGS:
+            return None
+        w, b, mean, var, eps = (_arg(node, i) for i in _BATCH_NORM_ARGS[op[1]])
+        mean_t, var_t = _constant(mean, gm), _constant(var, gm)
+        if mean_t is None or var_t is None:
+            return None
+        return BatchNormParams(_constant(w, gm), _constant(b, gm), mean_t, var_t, float(eps))
+
+
+def _arg(node: fx.Node, i: int) -> Any:
+    return node.args[i] if len(node.args) > i else None
+
+
+def _constant(node: Any, gm: fx.GraphModule) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value: Any = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value.detach() if isinstance(value, torch.Tensor) else None
+
+
+def _is_guard(node: fx.Node) -> bool:
+    return node.op == "call_module" and node.target == _GUARDS
+
+
+def _without_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule like ``gm`` without its ``_guards_fn`` call (``gm`` is not modified)."""
+    graph = copy.deepcopy(gm.graph)
+    for node in [n for n in graph.nodes if _is_guard(n)]:
+        graph.erase_node(node)
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+# --- building a pt2e pair (the CLI's --quant pt2e) -------------------------------------------
+
+QUANTIZERS = ("xnnpack", "x86")
+"""Quantizers :func:`quantize_pt2e` knows: XNNPACK symmetric (default), x86 inductor."""
+
+
+def _quantizer(name: str) -> Any:
+    if name == "xnnpack":
+        from torchao.testing.pt2e._xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    if name == "x86":
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    raise InputError(f"unknown pt2e quantizer {name!r}; choose from {', '.join(QUANTIZERS)}")
+
+
+def quantize_pt2e(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    *,
+    quantizer: str = "xnnpack",
+    fold_quantize: bool = True,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Export ``model`` and quantize it with pt2e: ``(exported float, converted quantized)``.
+
+    Args:
+        model: the float model (not modified; exported in eval mode).
+        calibration: batches (tensors or tuples of inputs); the first one is the example input
+            for ``torch.export``.
+        quantizer: ``"xnnpack"`` (symmetric, per-tensor) or ``"x86"`` (x86 inductor default).
+        fold_quantize: passed to ``convert_pt2e``.
+
+    Raises:
+        InputError: when torchao is missing or export, prepare or convert fails.
+    """
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        raise InputError(
+            f"pt2e quantization needs torchao ({exc}). Fix: pip install 'fxnumeric[torchao]'"
+        ) from exc
+    from ..run import as_args, run_model
+
+    batches = list(calibration)
+    if not batches:
+        raise InputError("quantize_pt2e needs at least one calibration batch")
+    try:
+        exported = torch.export.export(copy.deepcopy(model).eval(), as_args(batches[0]))
+    except Exception as exc:  # torch.export raises many types; all mean "cannot export"
+        raise InputError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    float_gm = exported.module()
+    prepared = prepare_pt2e(exported.module(), _quantizer(quantizer))
+    for batch in batches:
+        run_model(prepared, batch, which="prepared (calibration)")
+    return float_gm, convert_pt2e(prepared, fold_quantize=fold_quantize)
