@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from . import flows
 from .match import Matching, Pair
+from .ops import classify
 
 __all__ = ["extract_weights", "pair_weights", "rnn_cell_weights"]
 
@@ -114,6 +117,9 @@ def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torc
     for pair in matching.pairs:
         qnode = matching.quant_node(pair.quant_nodes[0])
         if qnode.op != "call_module":
+            found = _graph_weight(matching, pair, fmods, qmods)
+            if found is not None:
+                out.append((pair, f"{pair.name}.weight", *found))
             continue
         fnode = matching.float_node(pair.float_nodes[0])
         fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
@@ -141,7 +147,7 @@ def _module_weights(
     fweight = float_weight()
     if fweight is None:
         return []
-    return [(pair, key, fweight, qw) for key, qw in qweights.items()]
+    return [(pair, key, fweight, flows.comparable_weight(qw)) for key, qw in qweights.items()]
 
 
 def _tree_pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
@@ -171,6 +177,78 @@ def _leaf_float_weight(module: nn.Module) -> torch.Tensor | None:
         return None
     bn = next((m for m in parts[parts.index(weighted) + 1:] if isinstance(m, _BN_TYPES)), None)
     return _fold(weighted, bn)
+
+
+# --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants
+
+def _graph_weight(
+    matching: Matching, pair: Pair, fmods: dict[str, nn.Module], qmods: dict[str, nn.Module]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The float and quantized weight a functional op reads, each evaluated from the constants
+    that feed it (``dequantize(int8 constant)`` on the quantized side); the float one BN-folded
+    when the pair's float chain has a BatchNorm after the weighted op."""
+    quant = _read_weight(matching.quant_graph, [matching.quant_node(n) for n in pair.quant_nodes], qmods)
+    if quant is None:
+        return None
+    float_nodes = [matching.float_node(n) for n in pair.float_nodes]
+    if float_nodes[0].op == "call_module":
+        weight = _float_weight(matching, pair)
+        return None if weight is None else (weight, quant[1])
+    found = _read_weight(matching.float_graph, float_nodes, fmods)
+    if found is None:
+        return None
+    weighted, weight = found
+    kind = classify(weighted, fmods).signature[0]  # type: ignore[union-attr]
+    rest = float_nodes[float_nodes.index(weighted) + 1:]
+    bn = next((n for n in rest if classify(n, fmods).signature[0] == "batch_norm"), None)  # type: ignore[union-attr]
+    params = flows.batch_norm_params(bn, matching.float_graph) if bn is not None else None
+    if params is not None:
+        weight, _ = fuse_conv_bn_weights(
+            weight, None, params.running_mean, params.running_var, params.eps,
+            params.weight, params.bias, kind.startswith("conv_transpose"),
+        )
+    return weight.detach(), quant[1]
+
+
+def _read_weight(
+    gm: nn.Module, chain: list[fx.Node], modules: dict[str, nn.Module]
+) -> tuple[fx.Node, torch.Tensor] | None:
+    """The first node of ``chain`` that reads a weight, and that weight's value."""
+    for node in chain:
+        cls = classify(node, modules)
+        source = flows.weight_input(node, cls.signature[0]) if cls is not None else None
+        value = _evaluate_constant(source, gm, modules) if source is not None else None
+        if isinstance(value, torch.Tensor):
+            return node, flows.comparable_weight(value.detach())
+    return None
+
+
+def _evaluate_constant(node: Any, gm: nn.Module, modules: dict[str, nn.Module]) -> Any:
+    """Compute ``node`` from graph constants alone (``None`` if it depends on an input).
+
+    Observers and fake-quants are passed through, not run: running one would update its
+    statistics, and the user's model must not change.
+    """
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        value: Any = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value
+    if node.op == "call_module":
+        cls = classify(node, modules)
+        if cls is None or cls.role != "plumbing" or not node.args:
+            return None
+        return _evaluate_constant(node.args[0], gm, modules)
+    if node.op != "call_function":
+        return None
+    args = [_evaluate_constant(a, gm, modules) for a in node.args]
+    if any(v is None and isinstance(a, fx.Node) for a, v in zip(node.args, args, strict=True)):
+        return None
+    kwargs = {k: _evaluate_constant(v, gm, modules) for k, v in node.kwargs.items()}
+    with torch.no_grad():
+        return node.target(*args, **kwargs)
 
 
 def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
