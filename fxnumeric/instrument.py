@@ -361,7 +361,9 @@ class _GraphCopy:
         if not any(_overwrites(u, node, self.modules) for u in node.users if u in ops):
             return node_name
         with self.gm.graph.inserting_before(ops[0]):
-            return self.gm.graph.call_method("clone", (node,)).name
+            copied = self.gm.graph.call_method("clone", (node,))
+        self.nodes[copied.name] = copied
+        return copied.name
 
     def shadow(self, anchor_name: str, float_view: GraphView, nodes: list[fx.Node],
                inputs: dict[fx.Node, str], observer: nn.Module, prefix: str) -> None:

@@ -12,7 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from . import flows
 from .match import Matching, Pair
-from .ops import classify
+from .view import GraphView
 
 __all__ = ["extract_weights", "pair_weights", "rnn_cell_weights"]
 
@@ -117,7 +117,7 @@ def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torc
     for pair in matching.pairs:
         qnode = matching.quant_node(pair.quant_nodes[0])
         if qnode.op != "call_module":
-            found = _graph_weight(matching, pair, fmods, qmods)
+            found = _graph_weight(matching, pair)
             if found is not None:
                 out.append((pair, f"{pair.name}.weight", *found))
             continue
@@ -181,49 +181,48 @@ def _leaf_float_weight(module: nn.Module) -> torch.Tensor | None:
 
 # --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants
 
-def _graph_weight(
-    matching: Matching, pair: Pair, fmods: dict[str, nn.Module], qmods: dict[str, nn.Module]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _graph_weight(matching: Matching, pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The float and quantized weight a functional op reads, each evaluated from the constants
     that feed it (``dequantize(int8 constant)`` on the quantized side); the float one BN-folded
     when the pair's float chain has a BatchNorm after the weighted op."""
-    quant = _read_weight(matching.quant_graph, [matching.quant_node(n) for n in pair.quant_nodes], qmods)
+    quant = _read_weight(matching.quant_view, pair.quant_nodes)
     if quant is None:
         return None
-    float_nodes = [matching.float_node(n) for n in pair.float_nodes]
-    if float_nodes[0].op == "call_module":
+    fv = matching.float_view
+    if fv.node(pair.float_nodes[0]).op == "call_module":
         weight = _float_weight(matching, pair)
         return None if weight is None else (weight, quant[1])
-    found = _read_weight(matching.float_graph, float_nodes, fmods)
+    found = _read_weight(fv, pair.float_nodes)
     if found is None:
         return None
     weighted, weight = found
-    kind = classify(weighted, fmods).signature[0]  # type: ignore[union-attr]
-    rest = float_nodes[float_nodes.index(weighted) + 1:]
-    bn = next((n for n in rest if classify(n, fmods).signature[0] == "batch_norm"), None)  # type: ignore[union-attr]
-    params = flows.batch_norm_params(bn, matching.float_graph) if bn is not None else None
+    chain = [fv.node(n) for n in pair.float_nodes]
+    bn = next((n for n in chain[chain.index(weighted) + 1:] if _kind(fv, n) == "batch_norm"), None)
+    params = flows.batch_norm_params(bn, fv.gm) if bn is not None else None
     if params is not None:
         weight, _ = fuse_conv_bn_weights(
             weight, None, params.running_mean, params.running_var, params.eps,
-            params.weight, params.bias, kind.startswith("conv_transpose"),
+            params.weight, params.bias, _kind(fv, weighted).startswith("conv_transpose"),
         )
     return weight.detach(), quant[1]
 
 
-def _read_weight(
-    gm: nn.Module, chain: list[fx.Node], modules: dict[str, nn.Module]
-) -> tuple[fx.Node, torch.Tensor] | None:
-    """The first node of ``chain`` that reads a weight, and that weight's value."""
-    for node in chain:
-        cls = classify(node, modules)
-        source = flows.weight_input(node, cls.signature[0]) if cls is not None else None
-        value = _evaluate_constant(source, gm, modules) if source is not None else None
+def _kind(view: GraphView, node: fx.Node) -> str:
+    cls = view.op_class(node)
+    return cls.signature[0] if cls is not None else ""
+
+
+def _read_weight(view: GraphView, names: tuple[str, ...]) -> tuple[fx.Node, torch.Tensor] | None:
+    """The first node of the chain that reads a weight, and that weight's value."""
+    for node in (view.node(n) for n in names):
+        source = flows.weight_input(node, _kind(view, node))
+        value = _evaluate_constant(source, view) if source is not None else None
         if isinstance(value, torch.Tensor):
             return node, flows.comparable_weight(value.detach())
     return None
 
 
-def _evaluate_constant(node: Any, gm: nn.Module, modules: dict[str, nn.Module]) -> Any:
+def _evaluate_constant(node: Any, view: GraphView) -> Any:
     """Compute ``node`` from graph constants alone (``None`` if it depends on an input).
 
     Observers and fake-quants are passed through, not run: running one would update its
@@ -232,21 +231,21 @@ def _evaluate_constant(node: Any, gm: nn.Module, modules: dict[str, nn.Module]) 
     if not isinstance(node, fx.Node):
         return node
     if node.op == "get_attr":
-        value: Any = gm
+        value: Any = view.gm
         for part in str(node.target).split("."):
             value = getattr(value, part)
         return value
     if node.op == "call_module":
-        cls = classify(node, modules)
+        cls = view.op_class(node)
         if cls is None or cls.role != "plumbing" or not node.args:
             return None
-        return _evaluate_constant(node.args[0], gm, modules)
+        return _evaluate_constant(node.args[0], view)
     if node.op != "call_function":
         return None
-    args = [_evaluate_constant(a, gm, modules) for a in node.args]
+    args = [_evaluate_constant(a, view) for a in node.args]
     if any(v is None and isinstance(a, fx.Node) for a, v in zip(node.args, args, strict=True)):
         return None
-    kwargs = {k: _evaluate_constant(v, gm, modules) for k, v in node.kwargs.items()}
+    kwargs = {k: _evaluate_constant(v, view) for k, v in node.kwargs.items()}
     with torch.no_grad():
         return node.target(*args, **kwargs)
 
