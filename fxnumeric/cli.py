@@ -61,8 +61,11 @@ def _names(text: str) -> list[str]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
-    p.add_argument("--quant", choices=("static", "dynamic", "fx"), default="static",
-                   help="how to quantize the float model (ignored when the factory returns a pair)")
+    p.add_argument("--quant", choices=("static", "dynamic", "fx", "pt2e", "pt2e-x86"),
+                   default="static",
+                   help="how to quantize the float model (ignored when the factory returns a pair); "
+                        "pt2e: torch.export + torchao's XNNPACK symmetric quantizer, pt2e-x86: "
+                        "its x86 inductor quantizer")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
                    help="e.g. 1,3,224,224")
     p.add_argument("--input-dtype", choices=("float", "long"), default="float",
@@ -101,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(rep)
     rep.add_argument("--batches", type=_positive, default=8, help="number of random input batches")
-    rep.add_argument("--format", choices=("table", "json", "csv", "html"), default="table")
+    rep.add_argument("--format", choices=("table", "json", "csv", "html", "model-explorer"),
+                     default="table", help="model-explorer: node-data overlays in the -o directory")
     rep.add_argument("--tablefmt", default="simple",
                      help="tabulate format for --format table (github, plain, ...)")
     rep.add_argument("--comparisons", default="weights,outputs,shadows",
@@ -172,8 +176,15 @@ def _pair(args: argparse.Namespace):
         _importable_here()
     calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
                                  high=args.vocab)
-    built = build_pair(args.model, args.quant, calibration, float_weights=args.float_weights,
-                       seed=args.seed, progress=_progress(args))
+    if args.quant.startswith("pt2e"):
+        from .flows.pt2e import build_pair as build_pt2e_pair
+
+        built = build_pt2e_pair(args.model, calibration, float_weights=args.float_weights,
+                                seed=args.seed, progress=_progress(args),
+                                quantizer="x86" if args.quant == "pt2e-x86" else "xnnpack")
+    else:
+        built = build_pair(args.model, args.quant, calibration, float_weights=args.float_weights,
+                           seed=args.seed, progress=_progress(args))
     leaves = _leaf_modules(args.leaf_modules, built.float_model, built.quant_model)
     return built, leaves
 
@@ -185,7 +196,7 @@ def _report(args: argparse.Namespace) -> None:
     from .models import random_batches
     from .progress import phase
 
-    if args.format in ("html", "csv") and not args.output:
+    if args.format in ("html", "csv", "model-explorer") and not args.output:
         raise InputError(f"--format {args.format} writes a file: add -o FILE")
     if args.sensitivity and args.format != "html":
         raise InputError("--sensitivity draws a chart in the HTML page: add --format html -o FILE")
@@ -218,6 +229,8 @@ def _report(args: argparse.Namespace) -> None:
         text = report.to_json()
     elif args.format == "csv":
         text = f"wrote {report.to_csv(args.output)}"
+    elif args.format == "model-explorer":
+        text = "wrote " + ", ".join(str(p) for p in report.to_model_explorer(args.output).values())
     else:
         text = f"wrote {report.to_html(args.output, sensitivity=sens)}\n{report.summary()}"
     if args.output and args.format in ("table", "json"):

@@ -396,6 +396,8 @@ class _GraphCopy:
                     value = _shadow_copy(_get_attr(float_view.gm, str(attr_node.target)))
                     if isinstance(value, nn.Module):
                         holder.add_module(name, value)
+                    elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                        holder.register_buffer(name, value)  # e.g. an exported BN's running_mean
                     else:
                         setattr(holder, name, value)
                     copied[str(attr_node.target)] = name

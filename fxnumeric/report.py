@@ -289,6 +289,13 @@ class Report:
         path.write_text(report_csv(self))
         return path
 
+    def to_model_explorer(self, path: str | Path) -> dict[str, Path]:
+        """Write Model Explorer node data (output SQNR and shadow SQNR overlays) into the
+        directory ``path``; see :mod:`fxnumeric.overlays`. Returns ``{overlay name: file}``."""
+        from .overlays import write_model_explorer
+
+        return write_model_explorer(self, path)
+
     def to_html(self, path: str | Path, *, histogram_layers: list[str] | int = 3,
                 sensitivity: Any = None) -> Path:
         """Write a self-contained HTML page: summary, SQNR chart, weight histograms, table.

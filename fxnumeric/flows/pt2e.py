@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..ops import PLUMBING, QUANTIZE, OpClass
 from . import BatchNormParams, Flow
 
-__all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES", "quantize_pt2e", "QUANTIZERS"]
+__all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES", "quantize_pt2e", "QUANTIZERS", "build_pair"]
 
 # --- q/dq ops: (namespace, op name) -> role. "quantize" ops become optional (paired when both
 # sides have one, else transparent); "dequantize" and "qparams" ops are plumbing.
@@ -351,3 +351,33 @@ def quantize_pt2e(
     for batch in batches:
         run_model(prepared, batch, which="prepared (calibration)")
     return float_gm, convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
+def build_pair(spec: str, calibration: list[Any], *, float_weights: str | None = None,
+               seed: int = 0, quantizer: str = "xnnpack", progress: bool | None = False) -> Any:
+    """The CLI's ``--quant pt2e``: the model named by ``spec``, exported and pt2e-quantized.
+
+    The float model is prepared as :func:`fxnumeric.models.build_pair` prepares it (weights
+    from ``float_weights``, else seeded random weights with BatchNorm statistics from
+    :func:`~fxnumeric.models.calibrate_batchnorm`); returns a ``BuiltPair`` whose float model
+    is the exported program's ``.module()``, so overlays name the exported nodes.
+    """
+    from ..models import BuiltPair, calibrate_batchnorm, load_float_model
+
+    made = load_float_model(spec, "pt2e", seed=seed)
+    if isinstance(made, tuple):
+        return BuiltPair(*made)
+    notes: tuple[str, ...] = ()
+    if float_weights is not None:
+        try:
+            made.load_state_dict(torch.load(float_weights, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise InputError(f"cannot load --float-weights {str(float_weights)!r}: {exc}") from exc
+    elif spec.startswith("torchvision:"):
+        first = calibration[0]
+        if isinstance(first, torch.Tensor) and first.is_floating_point() and first.dim() > 1:
+            calibrate_batchnorm(made, tuple(first.shape), seed=seed, progress=progress)
+        notes = (f"random weights (torchvision weights=None, seed {seed}): these numbers describe "
+                 "an untrained model; pass --float-weights FILE for a trained one",)
+    float_gm, quant = quantize_pt2e(made, calibration, quantizer=quantizer)
+    return BuiltPair(float_gm, quant, notes)

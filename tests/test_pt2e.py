@@ -1,0 +1,176 @@
+"""pt2e: torch.export graphs quantized by torchao's prepare_pt2e / convert_pt2e.
+
+Oracle: torchao's own numeric debugger (prepare_for_propagation_comparison,
+extract_results_from_loggers, compare_results) on the same pairs. Where it compares the same
+float node with the same quantized value as fxnumeric, the SQNRs agree within 0.01 dB (with
+torchao's definition: it takes the *quantized* tensor as the signal). Where they differ, the
+test states why (see ``_pt2e_models.oracle_rows``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+import _pt2e_models as M  # noqa: E402
+
+import fxnumeric as fxn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return M.pt2e_pair("resnet18")
+
+
+def test_resnet18_pairs_every_op_with_module_path_names(resnet18):
+    ep, float_gm, quant = resnet18
+    m = fxn.match(ep, quant)
+    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (49, 0, 0)
+    assert m.coverage == 1.0
+    # quantized = reads a dequantized value; a relu_ fused after its conv or add reads the
+    # conv's float result directly (XNNPACK lowers the pair as one kernel)
+    assert {p.kind for p in m.pairs if not p.quantized} == {"relu"}
+    assert sum(p.quantized for p in m.pairs) == 32
+    assert not any("guards" in p.name or "guards" in p.kind for p in m.pairs)
+    conv = m.pair("layer1.0.conv1")
+    assert (conv.kind, conv.float_nodes, conv.quant_nodes) == (
+        "conv2d", ("conv2d_1", "batch_norm_1"), ("conv2d_1",))  # BN folded into the conv
+    assert [p.name for p in m.pairs if p.kind == "add"][:2] == ["layer1.0.add_", "layer1.1.add__1"]
+    # the ExportedProgram and its .module() give the same pairs
+    assert fxn.match(float_gm, quant).pairs == m.pairs
+    # the user's converted model keeps its _guards_fn: fxnumeric only reads it
+    assert any(n.target == "_guards_fn" for n in quant.graph.nodes)
+
+
+def test_dequantize_nodes_are_plumbing_and_quantize_nodes_unpaired_roles(resnet18):
+    ep, _, quant = resnet18
+    m = fxn.match(ep, quant)
+    qv = m.quant_view
+    roles = Counter(qv.op_class(n).role for n in qv.nodes if qv.op_class(n) is not None)
+    dequantize = [n for n in quant.graph.nodes if "dequantize" in str(n.target)]
+    assert len(dequantize) > 50 and all(not qv.is_op(qv.node(n.name)) for n in dequantize)
+    assert roles["optional"] == sum(
+        1 for n in quant.graph.nodes
+        if "quantize_per_tensor" in str(n.target) and "dequantize" not in str(n.target))
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v2", "transformer"])
+def test_torchao_numeric_debugger_agrees_where_it_compares_the_same_values(model_name):
+    ep, _, quant = M.pt2e_pair(model_name)
+    x = M.batches(model_name, 1, seed=5)[0]
+    rows = M.oracle_rows(ep, quant, x)
+    categories = Counter(r[-1] for r in rows)
+    same = [r for r in rows if r[-1] == "same"]
+    assert len(same) >= 20
+    for name, _, _, fx_sqnr, fx_quant_signal, torchao_sqnr, _, _ in same:
+        assert abs(fx_quant_signal - torchao_sqnr) < 0.01, name
+        assert abs(fx_sqnr - torchao_sqnr) < 0.2, name  # the two SQNR definitions stay close
+    # torchao's value of an add_ is read after the relu_ that overwrites it in place; fxnumeric
+    # logs a copy. Put through that relu_, fxnumeric's values give torchao's number.
+    for name, _, _, _, explained, torchao_sqnr, _, category in rows:
+        if category == "in-place":
+            assert abs(explained - torchao_sqnr) < 0.01, name
+    folded = [r for r in rows if r[-1] == "bn-folded"]
+    if model_name == "transformer":
+        assert not folded and categories["absent"] == 0
+    else:
+        # torchao compares the float conv *before* its BatchNorm with the quantized conv that
+        # absorbed it: a meaningless number. fxnumeric pairs the conv+BN chain.
+        assert len(folded) == {"resnet18": 20, "mobilenet_v2": 52}[model_name]
+        for name, _, _, fx_sqnr, _, torchao_sqnr, _, _ in folded:
+            assert fx_sqnr > 10 and fx_sqnr - torchao_sqnr > 5, name
+
+
+def test_fold_quantize_off_gives_the_same_pairs_and_weights(resnet18):
+    ep, _, folded = resnet18
+    _, _, unfolded = M.pt2e_pair("resnet18", fold_quantize=False)
+    m_folded, m_unfolded = fxn.match(ep, folded), fxn.match(ep, unfolded)
+    assert [(p.name, p.float_nodes) for p in m_unfolded.pairs] == [
+        (p.name, p.float_nodes) for p in m_folded.pairs]
+    assert m_unfolded.coverage == 1.0 and not m_unfolded.unmatched_quant
+    w_folded, w_unfolded = fxn.extract_weights(m_folded), fxn.extract_weights(m_unfolded)
+    assert sorted(w_folded) == sorted(w_unfolded) and len(w_folded) == 21  # 20 convs + fc
+    for key in w_folded:
+        torch.testing.assert_close(w_folded[key]["quantized"], w_unfolded[key]["quantized"])
+
+
+def test_weights_are_bn_folded_float_against_dequantized(resnet18):
+    ep, float_gm, quant = resnet18
+    weights = fxn.extract_weights(fxn.match(ep, quant))
+    pair = weights["layer1.0.conv1.weight"]
+    block = M.vision("resnet18").layer1[0]  # the same seeded weights the pair was made from
+    scale = block.bn1.weight / torch.sqrt(block.bn1.running_var + block.bn1.eps)
+    expected = block.conv1.weight * scale.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(pair["float"], expected.detach())
+    assert pair["quantized"].dtype == torch.float32
+    assert 30 < fxn.sqnr(pair["float"], pair["quantized"]) < 60
+    report = fxn.compare(ep, quant, M.batches("resnet18", 1), comparisons=("weights",))
+    assert all(r.weight_sqnr is not None for r in report.rows if r.kind in ("conv2d", "linear"))
+
+
+def test_prepared_models_pair_with_observers_transparent():
+    ep, _, prepared = M.pt2e_pair("resnet18", convert=False)
+    m = fxn.match(ep, prepared)
+    assert (len(m.pairs), len(m.unmatched_quant), m.coverage) == (49, 0, 1.0)
+    # ops reading an observed value count as quantized, as they will read a dequantized one
+    assert {p.kind for p in m.pairs if not p.quantized} == {"relu"}
+    report = fxn.compare(ep, prepared, M.batches("resnet18", 1), comparisons=("outputs",))
+    # observers pass values through: the prepared model computes the float model exactly,
+    # except that its convs read the unfolded weight and apply BN after (same math)
+    assert report.model_output["sqnr"] > 80
+
+
+def test_qat_prepared_models_pair():
+    ep, _, prepared = M.pt2e_pair("resnet18", convert=False, qat=True)
+    m = fxn.match(ep, prepared)
+    convs = [p for p in m.pairs if p.kind.startswith("conv2d")]
+    assert len(convs) == 20 and m.coverage == 1.0
+
+
+def test_loggers_shadows_and_eager_calls_work_on_pt2e(resnet18):
+    ep, float_gm, quant = resnet18
+    x = M.batches("resnet18", 1, seed=3)[0]
+    m = fxn.match(ep, quant)
+    f_logged, q_logged = fxn.add_loggers(ep, quant, matching=m)
+    with torch.no_grad():
+        assert torch.equal(q_logged(x), quant(x))  # loggers change nothing
+        f_logged(x)
+    # the conv's float value is taken before the relu_ that overwrites it in place
+    conv = fxn.loggers_of(f_logged)["conv1"].stats["tensor_val"][0]
+    assert conv.min() < 0
+    shadowed, skipped = fxn.add_shadows(ep, quant, matching=m)
+    assert not skipped
+    with torch.no_grad():
+        assert torch.equal(shadowed(x), quant(x))  # shadows read copies where ops write in place
+    report = fxn.compare(ep, quant, [x])
+    add = report.row("layer1.0.add_")
+    assert add.shadow_sqnr == math.inf  # add_ has no output quantize of its own under XNNPACK
+    assert 25 < report.row("layer1.0.conv1").shadow_sqnr < 60
+    eager = fxn.compare_model_outputs(float_gm, copy.deepcopy(quant), x)
+    assert "layer1.0.conv1.stats" in eager
+    assert eager["fc.stats"]["quantized"][0].shape == (1, 1000)
+
+
+def test_transformer_block_pairs():
+    ep, _, quant = M.pt2e_pair("transformer")
+    m = fxn.match(ep, quant)
+    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (24, 0, 0)
+    linears = [p.name for p in m.pairs if p.kind == "linear"]
+    assert linears == ["q", "k", "v", "proj", "fc1", "fc2"]
+    assert m.coverage == 1.0
+
+
+def test_cli_report_quant_pt2e(capsys):
+    from fxnumeric.cli import main
+
+    code = main(["report", "--model", "torchvision:resnet18", "--quant", "pt2e",
+                 "--input-shape", "1,3,32,32", "--batches", "1", "--no-progress",
+                 "--comparisons", "outputs"])
+    out = capsys.readouterr().out
+    assert code == 0 and "layer1.0.conv1" in out and "_guards_fn" not in out
