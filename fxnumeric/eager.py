@@ -27,6 +27,7 @@ import torch.ao.nn.quantized.dynamic as nnqd
 import torch.fx as fx
 from torch import nn
 
+from . import flows
 from .capture import LeafSpec
 from .errors import InstrumentationError
 from .guards import check_state_dicts
@@ -89,7 +90,9 @@ def _compare_state_dicts(float_dict: dict[str, Any],
     for key, value in quantized_dict.items():
         match_key = _find_match(float_dict, key, "weight")
         if match_key is not None:
-            weight_dict[key] = {"float": float_dict[match_key], "quantized": value}
+            # a torchao tensor subclass is dequantized (ordinary tensors pass unchanged)
+            weight_dict[key] = {"float": float_dict[match_key],
+                                "quantized": flows.comparable_weight(value)}
             continue
         match_key = _find_match(float_dict, key, "_packed_params")
         if match_key is not None:

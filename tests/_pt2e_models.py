@@ -106,7 +106,8 @@ def torchao_oracle(float_gm, quant_gm, x):
     with torch.no_grad():
         ref(x)
         actual(x)
-    results = compare_results(extract_results_from_loggers(ref), extract_results_from_loggers(actual))
+    results = compare_results(extract_results_from_loggers(ref),
+                              extract_results_from_loggers(actual))
     return {
         s.ref_node_name: (s.actual_node_name, float(s.results[0].sqnr))
         for s in results.values()

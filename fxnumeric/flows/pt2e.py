@@ -1,4 +1,4 @@
-"""The pt2e flow: ``torch.export`` graphs quantized by torchao's ``prepare_pt2e`` / ``convert_pt2e``.
+"""The pt2e flow: ``torch.export`` graphs quantized by ``prepare_pt2e`` / ``convert_pt2e``.
 
 What its graphs look like (resnet18's stem, XNNPACK symmetric quantizer)::
 

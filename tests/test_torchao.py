@@ -1,0 +1,115 @@
+"""torchao ``quantize_``: modules keep their class, weights become torchao tensor subclasses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchao")
+
+import fxnumeric as fxn  # noqa: E402
+from fxnumeric.flows.torchao import is_torchao_tensor  # noqa: E402
+
+
+class LlamaMLP(nn.Module):
+    """A Llama-style stack: RMS-free pre-norm, SwiGLU MLP, residual."""
+
+    def __init__(self, dim: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.act = nn.SiLU()
+        self.head = nn.Linear(dim, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        x = x + self.down(self.act(self.gate(h)) * self.up(h))
+        return self.head(x)
+
+
+def _configs():
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        PerGroup,
+    )
+
+    return {
+        "int8-weight-only": (Int8WeightOnlyConfig(), 40),
+        "int8-dynamic": (Int8DynamicActivationInt8WeightConfig(), 35),
+        # Int4WeightOnlyConfig has no CPU kernel here (plain/preshuffled need mslk, the tile
+        # packed format CUDA); IntxWeightOnlyConfig(int4) is torchao's int4 weight-only on CPU
+        "int4-weight-only": (IntxWeightOnlyConfig(weight_dtype=torch.int4,
+                                                  granularity=PerGroup(32)), 15),
+    }
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    torch.manual_seed(0)
+    return LlamaMLP().eval()
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 8, 64, generator=gen) for _ in range(3)]
+
+
+@pytest.mark.parametrize("config", ["int8-weight-only", "int8-dynamic", "int4-weight-only"])
+def test_quantize_pairs_counts_and_compares(float_model, config):
+    from torchao.quantization import quantize_
+
+    cfg, min_weight_sqnr = _configs()[config]
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, cfg)
+    m = fxn.match(float_model, quant)
+    assert not m.unmatched_float and not m.unmatched_quant
+    assert [p.name for p in m.pairs if p.quantized] == ["gate", "up", "down", "head"]
+    assert m.coverage == 1.0
+    weights = fxn.compare_weights(float_model.state_dict(), quant.state_dict())
+    assert sorted(weights) == ["down.weight", "gate.weight", "head.weight", "norm.weight",
+                               "up.weight"]
+    assert not any(is_torchao_tensor(w["quantized"]) for w in weights.values())  # dequantized
+    assert torch.equal(weights["norm.weight"]["float"], weights["norm.weight"]["quantized"])
+    report = fxn.compare(float_model, quant, _data())
+    for name in ("gate", "up", "down", "head"):
+        row = report.row(name)
+        assert row.weight_sqnr > min_weight_sqnr, (name, row.weight_sqnr)
+        assert min_weight_sqnr - 15 < row.output_sqnr < 80
+        assert row.shadow_sqnr > min_weight_sqnr - 15
+    # weight-only: the shadow of a linear sees exactly the weight error on the same input
+    if config != "int8-dynamic":
+        gate = report.row("gate")
+        assert gate.shadow_sqnr == pytest.approx(gate.output_sqnr, abs=1e-6)
+
+
+def test_weight_subclass_is_dequantized_for_the_comparison(float_model):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, Int8WeightOnlyConfig())
+    with pytest.raises(NotImplementedError):
+        float_model.gate.weight - quant.gate.weight  # what crashed compare() before
+    pair = fxn.extract_weights(fxn.match(float_model, quant))["gate.weight"]
+    torch.testing.assert_close(pair["quantized"], quant.gate.weight.dequantize())
+    assert fxn.sqnr(pair["float"], pair["quantized"]) > 40
+
+
+def test_loggers_and_shadows_on_quantize_(float_model):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, Int8DynamicActivationInt8WeightConfig())
+    x = _data()[0]
+    f_gm, q_gm = fxn.add_loggers(float_model, quant)
+    shadowed, skipped = fxn.add_shadows(float_model, quant)
+    with torch.no_grad():
+        assert torch.equal(q_gm(x), quant(x)) and torch.equal(shadowed(x), quant(x))
+        f_gm(x)
+    assert not skipped and sorted(fxn.loggers_of(shadowed)) == sorted(fxn.loggers_of(q_gm))
