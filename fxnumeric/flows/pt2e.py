@@ -347,7 +347,15 @@ def quantize_pt2e(
             f"{str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     float_gm = exported.module()
-    prepared = prepare_pt2e(exported.module(), _quantizer(quantizer))
+    chosen = _quantizer(quantizer)
+    try:
+        prepared = prepare_pt2e(exported.module(), chosen)
+    except Exception as exc:  # a quantizer that cannot annotate this graph
+        raise InputError(
+            f"prepare_pt2e with the {quantizer} quantizer failed on {type(model).__name__}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"Fix: try another quantizer ({', '.join(QUANTIZERS)})"
+        ) from exc
     for batch in batches:
         run_model(prepared, batch, which="prepared (calibration)")
     return float_gm, convert_pt2e(prepared, fold_quantize=fold_quantize)
