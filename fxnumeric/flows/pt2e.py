@@ -172,19 +172,16 @@ class Pt2eFlow(Flow):
     name = "pt2e"
 
     def normalise_model(self, model: Any, which: str) -> nn.Module | None:
-        """An ``ExportedProgram`` becomes its ``.module()``; a ``_guards_fn`` call is dropped.
-
-        ``_guards_fn`` checks input shapes for ``torch.export``; it computes nothing the models
-        are compared on, and tracing it as a layer would report it as an unpaired op.
-        """
+        """An ``ExportedProgram`` is read as its ``.module()`` (a new GraphModule)."""
         if isinstance(model, torch.export.ExportedProgram):
-            return _without_guards(model.module())
-        if isinstance(model, fx.GraphModule) and any(_is_guard(n) for n in model.graph.nodes):
-            return _without_guards(model)
+            return model.module()
         return None
 
     def classify(self, node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
         if node.op == "call_module":
+            # _guards_fn checks input shapes for torch.export and computes nothing compared:
+            # plumbing, so it is never a layer (copying the graph to erase it cost 87% of
+            # match() on mobilenet_v2)
             if node.target == _GUARDS or _is_transparent_module(modules[node.target]):
                 return PLUMBING
             return None
@@ -271,18 +268,6 @@ def _constant(node: Any, gm: fx.GraphModule) -> torch.Tensor | None:
     for part in str(node.target).split("."):
         value = getattr(value, part)
     return value.detach() if isinstance(value, torch.Tensor) else None
-
-
-def _is_guard(node: fx.Node) -> bool:
-    return node.op == "call_module" and node.target == _GUARDS
-
-
-def _without_guards(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule like ``gm`` without its ``_guards_fn`` call (``gm`` is not modified)."""
-    graph = copy.deepcopy(gm.graph)
-    for node in [n for n in graph.nodes if _is_guard(n)]:
-        graph.erase_node(node)
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 # --- building a pt2e pair (the CLI's --quant pt2e) -------------------------------------------
