@@ -388,7 +388,7 @@ def _align(
                 return None
         if j == len(qs) and i < len(fs) and fs[i] == "batch_norm" and fs[i - 1] in BN_FOLDING_KINDS:
             # a fused float conv-bn (QAT ConvBn2d) whose BN the quantized conv folded
-            q_nxt = qv.sole_consumer(q_chain[-1])
+            q_nxt = _op_after(qv, q_chain[-1])
             if q_nxt is None or qv.op_class(q_nxt).signature[0] != "batch_norm":
                 i += 1
                 continue
@@ -398,7 +398,7 @@ def _align(
                 nxt is not None and nxt not in taken_f and fs[-1] in BN_FOLDING_KINDS
                 and fv.op_class(nxt).signature == ("batch_norm",)
             ):
-                q_nxt = qv.sole_consumer(q_chain[-1])
+                q_nxt = _op_after(qv, q_chain[-1])
                 if q_nxt is None or qv.op_class(q_nxt).signature[0] != "batch_norm":
                     f_chain.append(nxt)
             return f_chain, q_chain
@@ -409,6 +409,15 @@ def _align(
             return None
         chain.append(nxt)
         seq.extend(view.op_class(nxt).signature)
+
+
+def _op_after(view: GraphView, n: fx.Node) -> fx.Node | None:
+    """The sole consumer of ``n``'s value past optional nodes (a quantize, or the scale a QAT
+    conv divides back out): the quantized side still has its own BatchNorm after those."""
+    nxt = view.sole_consumer(n)
+    while nxt is not None and view.op_class(nxt).role == "optional":
+        nxt = view.sole_consumer(nxt)
+    return nxt
 
 
 def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list,

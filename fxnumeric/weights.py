@@ -215,10 +215,14 @@ def _kind(view: GraphView, node: fx.Node) -> str:
 def _read_weight(view: GraphView, names: tuple[str, ...]) -> tuple[fx.Node, torch.Tensor] | None:
     """The first node of the chain that reads a weight, and that weight's value."""
     for node in (view.node(n) for n in names):
-        source = flows.weight_input(node, _kind(view, node))
+        kind = _kind(view, node)
+        source = flows.weight_input(node, kind)
         value = _evaluate_constant(source, view) if source is not None else None
         if isinstance(value, torch.Tensor):
-            return node, flows.comparable_weight(value.detach())
+            value = flows.comparable_weight(value.detach())
+            scale = flows.weight_scale(node, kind)  # a QAT conv's weight carries its BN scale
+            factor = _evaluate_constant(scale, view) if scale is not None else None
+            return node, value / factor if isinstance(factor, torch.Tensor) else value
     return None
 
 

@@ -13,6 +13,7 @@ hook                        called by                           answers
 ``is_quantized``            :func:`fxnumeric.ops.classify`      whether an op counts as quantized
 ``pair_name``               the matcher                         the name a pair is reported as
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
+``weight_scale``            :mod:`fxnumeric.weights`            a scale folded into that weight
 ``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
 ``comparable_weight``       :mod:`fxnumeric.weights`            a plain float tensor for a weight
 ==========================  ==================================  ===============================
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from ..ops import OpClass
 
 __all__ = ["Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
-           "pair_name", "weight_input", "batch_norm_params", "comparable_weight"]
+           "pair_name", "weight_input", "weight_scale", "batch_norm_params", "comparable_weight"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class Flow:
 
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
         """The input node carrying the weight of a functional op of ``kind``, or ``None``."""
+        return None
+
+    def weight_scale(self, node: fx.Node, kind: str) -> fx.Node | None:
+        """A constant the op's weight was multiplied by before quantization (a QAT conv's BN
+        scale), to divide back out before comparing, or ``None``."""
         return None
 
     def batch_norm_params(self, node: fx.Node, gm: fx.GraphModule) -> BatchNormParams | None:
@@ -134,6 +140,15 @@ def weight_input(node: fx.Node, kind: str) -> fx.Node | None:
     """The node feeding the weight of the functional op ``node`` of ``kind``, or ``None``."""
     for flow in FLOWS:
         found = flow.weight_input(node, kind)
+        if found is not None:
+            return found
+    return None
+
+
+def weight_scale(node: fx.Node, kind: str) -> fx.Node | None:
+    """The node of a scale folded into the weight of ``node``, or ``None``."""
+    for flow in FLOWS:
+        found = flow.weight_scale(node, kind)
         if found is not None:
             return found
     return None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -87,6 +88,14 @@ ATEN_MULTI_OUTPUT = frozenset(
     {"_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
      "native_layer_norm", "max_pool2d_with_indices"}
 )
+# QAT conv-bn simulation (prepare_qat_pt2e): the conv reads ``weight * bn_scale`` (computed
+# from constants, so plumbing) and its output is divided by that scale again (and the conv bias
+# added) before the BatchNorm. Those ops restore the conv's own value: they get the optional
+# role, like a quantize of the conv's output (transparent for pairing, and the conv's value is
+# read after them), and the weight is compared with the scale divided back out.
+_QAT_UNSCALE = frozenset({"div", "add"})
+_WEIGHTED = frozenset({"conv1d", "conv2d", "conv3d", "linear", "conv_transpose1d",
+                       "conv_transpose2d", "conv_transpose3d"})
 # Argument positions of a BatchNorm's constants: (weight, bias, running_mean, running_var, eps).
 _BATCH_NORM_ARGS: dict[str, tuple[int, int, int, int, int]] = {
     "batch_norm": (1, 2, 3, 4, 7),
@@ -111,6 +120,7 @@ _ONE_OP_MODULES = frozenset(
                            "AdaptiveMaxPool") for n in (1, 2, 3)}
 )
 _GUARDS = "_guards_fn"
+QAT_UNSCALE = OpClass(("qat_unscale",), "optional")
 
 
 def _op_name(target: Any) -> tuple[str, str] | None:
@@ -171,6 +181,10 @@ class Pt2eFlow(Flow):
 
     name = "pt2e"
 
+    def __init__(self) -> None:
+        # per-node answers of _is_constant; weak, so graphs are not kept alive
+        self._constant: weakref.WeakKeyDictionary[fx.Node, bool] = weakref.WeakKeyDictionary()
+
     def normalise_model(self, model: Any, which: str) -> nn.Module | None:
         """An ``ExportedProgram`` is read as its ``.module()`` (a new GraphModule)."""
         if isinstance(model, torch.export.ExportedProgram):
@@ -207,8 +221,19 @@ class Pt2eFlow(Flow):
         if role is not None:
             return PLUMBING
         if op[0] == "aten":
+            if self._is_constant(node, modules):
+                return PLUMBING
+            if _undoes_qat_scale(node, op[1], self, modules):
+                return QAT_UNSCALE
             return _aten_class(node, op[1])
         return None
+
+    def _is_constant(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+        """Whether ``node`` is computed from graph constants alone (a weight's expression)."""
+        known = self._constant.get(node)
+        if known is None:
+            known = self._constant[node] = _computes_constant(node, self, modules)
+        return known
 
     def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         """An op that reads a dequantized value (or, before convert, an observed one)."""
@@ -244,6 +269,18 @@ class Pt2eFlow(Flow):
         weight = node.args[position]
         return weight if isinstance(weight, fx.Node) else None
 
+    def weight_scale(self, node: fx.Node, kind: str) -> fx.Node | None:
+        """The BN scale a QAT conv's weight was multiplied by (``weight * scale`` feeding its
+        fake-quant), reshaped like the weight: the weight is compared divided by it."""
+        weight = self.weight_input(node, kind)
+        while weight is not None and weight.op == "call_module" and weight.args:
+            weight = weight.args[0] if isinstance(weight.args[0], fx.Node) else None
+        if weight is None or weight.op != "call_function" or _op_name(weight.target) != (
+                "aten", "mul"):
+            return None
+        scale = weight.args[1]
+        return scale if isinstance(scale, fx.Node) and scale.op == "call_function" else None
+
     def batch_norm_params(self, node: fx.Node, gm: fx.GraphModule) -> BatchNormParams | None:
         if node.op == "call_function" and node.target is operator.getitem:
             node = node.args[0]  # type: ignore[assignment]
@@ -255,6 +292,34 @@ class Pt2eFlow(Flow):
         if mean_t is None or var_t is None:
             return None
         return BatchNormParams(_constant(w, gm), _constant(b, gm), mean_t, var_t, float(eps))
+
+
+def _computes_constant(node: fx.Node, flow: Pt2eFlow, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "get_attr":
+        return True
+    inputs = node.all_input_nodes
+    if node.op == "call_module":  # an observer or fake-quant on a weight
+        return (node.target != _GUARDS and _is_transparent_module(modules[node.target])
+                and bool(inputs) and flow._is_constant(inputs[0], modules))
+    if node.op != "call_function" or not inputs:
+        return False
+    op = _op_name(node.target)
+    return op is not None and op[0] == "aten" and all(flow._is_constant(i, modules) for i in inputs)
+
+
+def _undoes_qat_scale(node: fx.Node, name: str, flow: Pt2eFlow,
+                      modules: dict[str, nn.Module]) -> bool:
+    """``div(conv_out, scale)`` / ``add(that, bias)`` of a QAT conv-bn (see ``_QAT_UNSCALE``)."""
+    if name not in _QAT_UNSCALE or len(node.args) < 2:
+        return False
+    data, other = node.args[0], node.args[1]
+    if not (isinstance(data, fx.Node) and isinstance(other, fx.Node)
+            and flow._is_constant(other, modules)):
+        return False
+    while data.op == "call_function" and (_op_name(data.target) or ("", ""))[1] in _QAT_UNSCALE:
+        data = data.args[0]  # div then add: walk back to the conv
+    op = _op_name(data.target) if data.op == "call_function" else None
+    return op is not None and op[1] in _WEIGHTED
 
 
 def _arg(node: fx.Node, i: int) -> Any:
