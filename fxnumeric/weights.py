@@ -147,7 +147,8 @@ def _module_weights(
     fweight = float_weight()
     if fweight is None:
         return []
-    return [(pair, key, fweight, flows.comparable_weight(qw)) for key, qw in qweights.items()]
+    return [(pair, key, fweight, flows.comparable_weight(qw))
+            for key, qw in qweights.items()]
 
 
 def _tree_pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
