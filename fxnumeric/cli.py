@@ -63,9 +63,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
     p.add_argument("--quant", choices=("static", "dynamic", "fx", "pt2e", "pt2e-x86"),
                    default="static",
-                   help="how to quantize the float model (ignored when the factory returns a pair); "
-                        "pt2e: torch.export + torchao's XNNPACK symmetric quantizer, pt2e-x86: "
-                        "its x86 inductor quantizer")
+                   help="how to quantize the float model (ignored when the factory returns a "
+                        "pair); pt2e: torch.export + torchao's XNNPACK symmetric quantizer, "
+                        "pt2e-x86: its x86 inductor quantizer")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
                    help="e.g. 1,3,224,224")
     p.add_argument("--input-dtype", choices=("float", "long"), default="float",
@@ -230,7 +230,8 @@ def _report(args: argparse.Namespace) -> None:
     elif args.format == "csv":
         text = f"wrote {report.to_csv(args.output)}"
     elif args.format == "model-explorer":
-        text = "wrote " + ", ".join(str(p) for p in report.to_model_explorer(args.output).values())
+        written = report.to_model_explorer(args.output)
+        text = "wrote " + ", ".join(str(p) for p in written.values())
     else:
         text = f"wrote {report.to_html(args.output, sensitivity=sens)}\n{report.summary()}"
     if args.output and args.format in ("table", "json"):

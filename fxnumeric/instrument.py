@@ -150,7 +150,8 @@ def instrument(
                 continue
             if pair.name not in built_s:
                 built_s[pair.name] = shadows(pair)
-            inputs = {f: quant_copy.before_overwrite(q, pair.quant_nodes) for f, q in inputs.items()}
+            inputs = {f: quant_copy.before_overwrite(q, pair.quant_nodes)
+                      for f, q in inputs.items()}
             quant_copy.shadow(quant_out.name, matching.float_view, _float_subgraph(matching, pair),
                               inputs, built_s[pair.name], f"fxnumeric_shadow_{i}")
     return Instrumented(

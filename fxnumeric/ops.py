@@ -334,6 +334,7 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
     cls = None if _is_registered(node, modules) else flows.classify(node, modules)
     if cls is None:
         cls = _table_class(node, modules)
-    if cls is not None and cls.role == "op" and not cls.quantized and flows.is_quantized(node, modules):
+    if (cls is not None and cls.role == "op" and not cls.quantized
+            and flows.is_quantized(node, modules)):
         cls = OpClass(cls.signature, cls.role, True)
     return cls
