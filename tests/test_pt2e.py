@@ -247,3 +247,35 @@ def test_cli_report_quant_pt2e(capsys):
                  "--comparisons", "outputs"])
     out = capsys.readouterr().out
     assert code == 0 and "layer1.0.conv1" in out and "_guards_fn" not in out
+
+
+def test_tiny_bert_encoder_pairs_with_constant_subgraphs_as_plumbing():
+    transformers = pytest.importorskip("transformers")
+    from fxnumeric.flows.pt2e import quantize_pt2e
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            config = transformers.BertConfig(
+                vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=32)
+            self.bert = transformers.BertModel(config).eval()
+
+        def forward(self, ids):
+            return self.bert(input_ids=ids).last_hidden_state
+
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 100, (2, 16), generator=gen) for _ in range(2)]
+    float_gm, quant = quantize_pt2e(Encoder().eval(), data)
+    m = fxn.match(float_gm, quant)
+    # position ids and the default mask (arange, ones, ...) are computed from constants:
+    # convert_pt2e folds them, so they are not layers on either side
+    assert not m.unmatched_quant and m.coverage == 1.0
+    # the pooler is dead code (only last_hidden_state is returned); the quantized graph
+    # dropped it, and each float node says so or points at the dead chain
+    assert [u.node for u in m.unmatched_float] == ["select", "linear_12", "tanh"]
+    assert "never used" in m.unmatched_float[-1].reason
+    assert sum(p.kind == "linear" for p in m.pairs) == 12  # q, k, v, out, up, down x 2 layers
+    report = fxn.compare(float_gm, quant, data)
+    assert report.model_output["sqnr"] > 25

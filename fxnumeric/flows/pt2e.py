@@ -301,8 +301,10 @@ def _computes_constant(node: fx.Node, flow: Pt2eFlow, modules: dict[str, nn.Modu
     if node.op == "call_module":  # an observer or fake-quant on a weight
         return (node.target != _GUARDS and _is_transparent_module(modules[node.target])
                 and bool(inputs) and flow._is_constant(inputs[0], modules))
-    if node.op != "call_function" or not inputs:
+    if node.op != "call_function":
         return False
+    # an ATen op reading no input at all (arange, ones: position ids, default masks) is a
+    # constant too: convert_pt2e folds such subgraphs into one
     op = _op_name(node.target)
     return op is not None and op[0] == "aten" and all(flow._is_constant(i, modules) for i in inputs)
 
