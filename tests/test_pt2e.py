@@ -190,6 +190,24 @@ def test_aten_tables_normalise_decomposed_batch_norm_and_relu6():
     torch.testing.assert_close(w[key]["float"], w_d[key]["float"])
 
 
+def test_a_models_own_linear_plus_parameter_is_an_add_not_a_qat_scale():
+    from fxnumeric.flows.pt2e import quantize_pt2e
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.pos = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return torch.relu(self.fc(x) + self.pos)
+
+    float_gm, quant = quantize_pt2e(Net().eval(), [torch.randn(2, 8)])
+    m = fxn.match(float_gm, quant)
+    assert [(p.name, p.kind) for p in m.pairs] == [("fc", "linear"), ("add", "add"),
+                                                   ("relu", "relu")]
+
+
 def test_plain_float_module_pairs_with_a_pt2e_model():
     _, _, quant = M.pt2e_pair("resnet18")
     m = fxn.match(M.model("resnet18"), quant)  # float side traced by torch.fx

@@ -318,10 +318,13 @@ def _undoes_qat_scale(node: fx.Node, name: str, flow: Pt2eFlow,
     if not (isinstance(data, fx.Node) and isinstance(other, fx.Node)
             and flow._is_constant(other, modules)):
         return False
-    while data.op == "call_function" and (_op_name(data.target) or ("", ""))[1] in _QAT_UNSCALE:
+    while (data.op == "call_function" and (_op_name(data.target) or ("", ""))[1] in _QAT_UNSCALE
+           and data.args and isinstance(data.args[0], fx.Node)):
         data = data.args[0]  # div then add: walk back to the conv
     op = _op_name(data.target) if data.op == "call_function" else None
-    return op is not None and op[1] in _WEIGHTED
+    # only a conv whose weight was multiplied by a scale (the QAT pattern), so that a model's
+    # own `linear(x) + constant` stays an ordinary add
+    return op is not None and op[1] in _WEIGHTED and flow.weight_scale(data, op[1]) is not None
 
 
 def _arg(node: fx.Node, i: int) -> Any:
