@@ -349,7 +349,10 @@ def _stub_selector(module_swap_list: Iterable[type]):
         fmod = _pair_module(matching, pair, "float", head_first=True)
         qmod = _pair_module(matching, pair, "quantized", head_first=True)
         if fmod is None or qmod is None:
-            return False
+            # a functional op (a pt2e graph): the module class it came from, if it computes
+            # in quantized form
+            head = flows.module_type(matching.float_node(pair.float_nodes[0]))
+            return head in swap and pair.quantized
         return type(fmod) in swap and not _is_identical_module_type(fmod, qmod)
 
     return select

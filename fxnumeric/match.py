@@ -35,7 +35,7 @@ from . import flows
 from .capture import LeafSpec, single_call_graph, trace
 from .errors import MatchError, TraceError
 from .guards import check_pair
-from .ops import BN_FOLDING_KINDS, classify_module
+from .ops import BN_FOLDING_KINDS, classify, classify_module
 from .view import MODULE_ATTRS, GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "RegionMatching", "match"]
@@ -597,11 +597,20 @@ def _pair_name(qv: GraphView, q_chain: list[fx.Node]) -> str:
 
 def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,
                      which: str) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule) and not leaf_modules:
+    if isinstance(model, fx.GraphModule) and (not leaf_modules or _calls_no_layer(model)):
         # Read as it is: its node names are the keys of FX-mode results, and nothing
-        # downstream writes to it (instrumentation copies the graph).
+        # downstream writes to it (instrumentation copies the graph). A graph of functions
+        # (torch.export, pt2e) has no module to keep whole; re-tracing it would only lose its
+        # node metadata (nn_module_stack).
         return model
     return trace(model, leaf_modules=leaf_modules, which=which)
+
+
+def _calls_no_layer(gm: fx.GraphModule) -> bool:
+    """Whether every module ``gm`` calls is plumbing (observers, torch.export's guards)."""
+    modules = dict(gm.named_modules())
+    return all(classify(n, modules).role == "plumbing"  # type: ignore[union-attr]
+               for n in gm.graph.nodes if n.op == "call_module")
 
 
 def match(

@@ -169,6 +169,12 @@ def test_loggers_shadows_and_eager_calls_work_on_pt2e(resnet18):
     eager = fxn.compare_model_outputs(float_gm, copy.deepcopy(quant), x)
     assert "layer1.0.conv1.stats" in eager
     assert eager["fc.stats"]["quantized"][0].shape == (1, 1000)
+    # module_swap_list selects by the module class each op came from (nn_module_stack)
+    stubs = fxn.compare_model_stub(float_gm, copy.deepcopy(quant),
+                                   [torch.nn.Conv2d, torch.nn.Linear], x)
+    assert len(stubs) == 21 and "layer4.1.conv2.stats" in stubs and "fc.stats" in stubs
+    entry = stubs["layer1.0.conv1.stats"]
+    assert 25 < fxn.sqnr(entry["float"][0], entry["quantized"][0]) < 60
 
 
 def test_aten_tables_normalise_decomposed_batch_norm_and_relu6():

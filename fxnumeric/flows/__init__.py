@@ -12,6 +12,7 @@ hook                        called by                           answers
 ``classify``                :func:`fxnumeric.ops.classify`      an :class:`~fxnumeric.ops.OpClass`
 ``is_quantized``            :func:`fxnumeric.ops.classify`      whether an op counts as quantized
 ``pair_name``               the matcher                         the name a pair is reported as
+``module_type``             the eager layer (stub selection)    the module class an op came from
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
 ``weight_scale``            :mod:`fxnumeric.weights`            a scale folded into that weight
 ``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from ..ops import OpClass
 
 __all__ = ["Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
-           "pair_name", "weight_input", "weight_scale", "batch_norm_params", "comparable_weight"]
+           "pair_name", "module_type", "weight_input", "weight_scale", "batch_norm_params", "comparable_weight"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class Flow:
 
     def pair_name(self, node: fx.Node) -> str | None:
         """The user-facing name of the op at ``node`` (a module path), or ``None``."""
+        return None
+
+    def module_type(self, node: fx.Node) -> type | None:
+        """The ``nn.Module`` class whose forward computed the functional op at ``node`` (for
+        selections by module type, such as ``compare_model_stub``'s), or ``None``."""
         return None
 
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
@@ -131,6 +137,15 @@ def pair_name(node: fx.Node) -> str | None:
     """The first flow's name for the op at ``node``, or ``None``."""
     for flow in FLOWS:
         found = flow.pair_name(node)
+        if found is not None:
+            return found
+    return None
+
+
+def module_type(node: fx.Node) -> type | None:
+    """The first flow's module class for the functional op at ``node``, or ``None``."""
+    for flow in FLOWS:
+        found = flow.module_type(node)
         if found is not None:
             return found
     return None

@@ -23,6 +23,7 @@ pt2e`` runs).
 from __future__ import annotations
 
 import copy
+import importlib
 import operator
 import weakref
 from collections.abc import Iterable
@@ -244,19 +245,25 @@ class Pt2eFlow(Flow):
                 return True
         return False
 
+    def module_type(self, node: fx.Node) -> type | None:
+        """The ``torch.nn`` one-op module (``Conv2d``, ``ReLU`` ...) in ``nn_module_stack``."""
+        found = _innermost_module(node)
+        if found is None or not _is_one_op_module(found[1]):
+            return None
+        module_type = found[1]
+        if isinstance(module_type, type):
+            return module_type
+        module_name, _, class_name = module_type.rpartition(".")
+        return getattr(importlib.import_module(module_name), class_name, None)
+
     def pair_name(self, node: fx.Node) -> str | None:
         """The module path from ``nn_module_stack``: ``layer1.0.conv1`` for the conv of that
         ``Conv2d``, ``layer1.0.add_`` for an op a bigger module computes itself."""
-        if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
+        found = _innermost_module(node)
+        if found is None:
             return None
-        stack = node.meta.get("nn_module_stack")
-        if not stack:
-            return None
-        path, module_type = list(stack.values())[-1]
-        type_name = module_type if isinstance(module_type, str) else (
-            f"{module_type.__module__}.{module_type.__qualname__}"
-        )
-        if type_name.startswith("torch.nn.") and type_name.rsplit(".", 1)[-1] in _ONE_OP_MODULES:
+        path, module_type = found
+        if _is_one_op_module(module_type):
             return path
         return f"{path}.{node.name}" if path else None
 
@@ -325,6 +332,20 @@ def _undoes_qat_scale(node: fx.Node, name: str, flow: Pt2eFlow,
     # only a conv whose weight was multiplied by a scale (the QAT pattern), so that a model's
     # own `linear(x) + constant` stays an ordinary add
     return op is not None and op[1] in _WEIGHTED and flow.weight_scale(data, op[1]) is not None
+
+
+def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
+    """``(path, type or type name)`` of the module an ATen op of an exported graph ran in."""
+    if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
+        return None
+    stack = node.meta.get("nn_module_stack")
+    return tuple(list(stack.values())[-1]) if stack else None  # type: ignore[return-value]
+
+
+def _is_one_op_module(module_type: Any) -> bool:
+    name = module_type if isinstance(module_type, str) else (
+        f"{module_type.__module__}.{module_type.__qualname__}")
+    return name.startswith("torch.nn.") and name.rsplit(".", 1)[-1] in _ONE_OP_MODULES
 
 
 def _arg(node: fx.Node, i: int) -> Any:
