@@ -36,8 +36,11 @@ from torch import nn
 if TYPE_CHECKING:
     from ..ops import OpClass
 
-__all__ = ["Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
-           "pair_name", "module_type", "weight_input", "weight_scale", "batch_norm_params", "comparable_weight"]
+__all__ = [
+    "Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
+    "pair_name", "module_type", "weight_input", "weight_scale", "batch_norm_params",
+    "comparable_weight",
+]
 
 
 @dataclass(frozen=True)
