@@ -150,6 +150,10 @@ def _is_transparent_module(module: nn.Module) -> bool:
     )
 
 
+def _is_observer_call(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and _is_transparent_module(modules[node.target])
+
+
 def _reads_constant(node: fx.Node) -> bool:
     """Whether ``node``'s first input is a constant (a weight), not an activation."""
     first = node.args[0] if node.args else None
@@ -237,13 +241,14 @@ class Pt2eFlow(Flow):
         return known
 
     def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-        """An op that reads a dequantized value (or, before convert, an observed one)."""
+        """An op that reads a dequantized value (or, before convert, an observed one), or
+        whose output is quantized (observed): a ``relu_`` fused after its conv reads the conv's
+        float result, but runs in the same quantized kernel."""
         for i in node.all_input_nodes:
-            if _qdq_role(i) == "dequantize":
+            if _qdq_role(i) == "dequantize" or _is_observer_call(i, modules):
                 return True
-            if i.op == "call_module" and _is_transparent_module(modules[i.target]):
-                return True
-        return False
+        return any(_qdq_role(u) == "quantize" or _is_observer_call(u, modules)
+                   for u in node.users)
 
     def module_type(self, node: fx.Node) -> type | None:
         """The ``torch.nn`` one-op module (``Conv2d``, ``ReLU`` ...) in ``nn_module_stack``."""
