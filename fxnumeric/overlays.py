@@ -14,6 +14,9 @@ names of the exported program). :func:`write_model_explorer` writes one such fil
 ``model_explorer.visualize_pytorch(name, exported_program, node_data=[...])``; see
 ``docs/pt2e.md``.
 
+A module called twice has one report row for both calls (as in torch's eager suite), which
+lists the nodes of its first call: the second call's nodes stay uncoloured.
+
 Values Model Explorer cannot show are mapped, not dropped: ``inf`` (an exact match) becomes
 the overlay's largest finite value, ``-inf`` its smallest; rows whose value is ``nan`` or
 absent (a pair without a shadow) get no entry, so those nodes stay uncoloured.
