@@ -306,6 +306,8 @@ def classify_module(module: nn.Module) -> OpClass:
 
 
 def _is_registered(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if not _REGISTERED:
+        return False
     if node.op == "call_module":
         return any(klass in _REGISTERED for klass in type(modules[node.target]).__mro__)
     return node.target in _REGISTERED

@@ -23,6 +23,7 @@ pt2e`` runs).
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import operator
 import weakref
@@ -143,10 +144,15 @@ def _qdq_role(node: fx.Node) -> str | None:
 
 def _is_transparent_module(module: nn.Module) -> bool:
     """torchao's pt2e observers and fake-quants (their own class tree, not torch.ao's)."""
+    return _is_transparent_type(type(module))
+
+
+@functools.cache
+def _is_transparent_type(cls: type) -> bool:
     return any(
         klass.__name__ in ("ObserverBase", "FakeQuantizeBase")
         and klass.__module__.startswith("torchao.")
-        for klass in type(module).__mro__
+        for klass in cls.__mro__
     )
 
 
@@ -244,6 +250,8 @@ class Pt2eFlow(Flow):
         """An op that reads a dequantized value (or, before convert, an observed one), or
         whose output is quantized (observed): a ``relu_`` fused after its conv reads the conv's
         float result, but runs in the same quantized kernel."""
+        if node.op != "call_function" or _op_name(node.target) is None:
+            return False  # not an exported graph's op
         for i in node.all_input_nodes:
             if _qdq_role(i) == "dequantize" or _is_observer_call(i, modules):
                 return True

@@ -39,8 +39,8 @@ class TorchaoFlow(Flow):
     name = "torchao"
 
     def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-        if node.op != "call_module":
-            return False
+        if node.op != "call_module" or "torchao.utils" not in sys.modules:
+            return False  # no torchao tensor can exist before torchao is imported
         module = modules[node.target]
         return any(is_torchao_tensor(p) for p in module.parameters(recurse=False))
 
