@@ -302,7 +302,12 @@ def _method_class(name: str) -> OpClass:
 
 def classify_module(module: nn.Module) -> OpClass:
     """Classify a module called as one op (a ``call_module`` node, or a module-tree leaf)."""
-    return _module_class(module)
+    from . import flows
+
+    cls = _module_class(module)
+    if cls.role == "op" and not cls.quantized and flows.is_quantized_module(module):
+        cls = OpClass(cls.signature, cls.role, True)  # e.g. a torchao tensor-subclass weight
+    return cls
 
 
 def _is_registered(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -113,3 +113,25 @@ def test_loggers_and_shadows_on_quantize_(float_model):
         assert torch.equal(q_gm(x), quant(x)) and torch.equal(shadowed(x), quant(x))
         f_gm(x)
     assert not skipped and sorted(fxn.loggers_of(shadowed)) == sorted(fxn.loggers_of(q_gm))
+
+
+def test_hugging_face_llama_under_quantize_counts_every_linear():
+    """A model torch.fx cannot trace whole is paired through the module tree; its Linear
+    leaves with torchao weights count as quantized there too."""
+    transformers = pytest.importorskip("transformers")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    float_model = transformers.LlamaModel(config).eval()
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, Int8WeightOnlyConfig())
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    m = fxn.match(float_model, quant, ids)
+    linears = [p for p in m.pairs if p.kind == "linear"]
+    assert len(linears) == 14 and all(p.quantized for p in linears)  # 7 per layer
+    assert m.coverage == 1.0 and not m.unmatched_quant
+    report = fxn.compare(float_model, quant, [ids])
+    assert all(report.row(p.name).weight_sqnr > 40 for p in linears)

@@ -11,6 +11,7 @@ hook                        called by                           answers
 ``normalise_model``         capture, before tracing             the model to trace instead
 ``classify``                :func:`fxnumeric.ops.classify`      an :class:`~fxnumeric.ops.OpClass`
 ``is_quantized``            :func:`fxnumeric.ops.classify`      whether an op counts as quantized
+``is_quantized_module``     ``ops.classify_module`` (tree)      whether a module counts as quantized
 ``pair_name``               the matcher                         the name a pair is reported as
 ``module_type``             the eager layer (stub selection)    the module class an op came from
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
+    "is_quantized_module",
     "pair_name", "module_type", "weight_input", "weight_scale", "batch_norm_params",
     "comparable_weight",
 ]
@@ -73,6 +75,10 @@ class Flow:
 
     def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         """Whether ``node`` (a pairable op) computes in quantized form under this flow."""
+        return False
+
+    def is_quantized_module(self, module: nn.Module) -> bool:
+        """Whether ``module``, paired whole (a module-tree leaf), computes in quantized form."""
         return False
 
     def pair_name(self, node: fx.Node) -> str | None:
@@ -134,6 +140,11 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
 def is_quantized(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether any flow counts the op at ``node`` as quantized."""
     return any(flow.is_quantized(node, modules) for flow in FLOWS)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """Whether any flow counts ``module`` (paired whole) as quantized."""
+    return any(flow.is_quantized_module(module) for flow in FLOWS)
 
 
 def pair_name(node: fx.Node) -> str | None:

@@ -39,9 +39,11 @@ class TorchaoFlow(Flow):
     name = "torchao"
 
     def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-        if node.op != "call_module" or "torchao.utils" not in sys.modules:
+        return node.op == "call_module" and self.is_quantized_module(modules[node.target])
+
+    def is_quantized_module(self, module: nn.Module) -> bool:
+        if "torchao.utils" not in sys.modules:
             return False  # no torchao tensor can exist before torchao is imported
-        module = modules[node.target]
         return any(is_torchao_tensor(p) for p in module.parameters(recurse=False))
 
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
