@@ -197,14 +197,19 @@ _QUANTIZED_PREFIXES = (
 
 
 def is_quantized_module(module: nn.Module) -> bool:
-    """Whether ``module`` computes in quantized form (static, dynamic or reference)."""
+    """Whether ``module`` computes in quantized form (static, dynamic or reference, or a
+    flow's own form: a torchao tensor-subclass weight, see :mod:`fxnumeric.flows`)."""
+    from . import flows
+
     name = type(module).__name__
     if name in _QUANTIZE_MODULE_NAMES or name in _PLUMBING_MODULE_NAMES:
         return False
     if type(module).__module__.startswith(_QUANTIZED_PREFIXES):
         return True
     # reference fused modules: a float intrinsic wrapper around a reference conv/linear
-    return any(type(c).__module__.startswith(_QUANTIZED_PREFIXES) for c in module.children())
+    if any(type(c).__module__.startswith(_QUANTIZED_PREFIXES) for c in module.children()):
+        return True
+    return flows.is_quantized_module(module)
 
 
 @functools.cache
@@ -302,12 +307,7 @@ def _method_class(name: str) -> OpClass:
 
 def classify_module(module: nn.Module) -> OpClass:
     """Classify a module called as one op (a ``call_module`` node, or a module-tree leaf)."""
-    from . import flows
-
-    cls = _module_class(module)
-    if cls.role == "op" and not cls.quantized and flows.is_quantized_module(module):
-        cls = OpClass(cls.signature, cls.role, True)  # e.g. a torchao tensor-subclass weight
-    return cls
+    return _module_class(module)
 
 
 def _is_registered(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

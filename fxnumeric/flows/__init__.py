@@ -11,7 +11,7 @@ hook                        called by                           answers
 ``normalise_model``         capture, before tracing             the model to trace instead
 ``classify``                :func:`fxnumeric.ops.classify`      an :class:`~fxnumeric.ops.OpClass`
 ``is_quantized``            :func:`fxnumeric.ops.classify`      whether an op counts as quantized
-``is_quantized_module``     ``ops.classify_module`` (tree)      whether a module counts as quantized
+``is_quantized_module``     ``ops.is_quantized_module``         whether a module counts as quantized
 ``pair_name``               the matcher                         the name a pair is reported as
 ``module_type``             the eager layer (stub selection)    the module class an op came from
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight

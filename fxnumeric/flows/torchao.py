@@ -18,7 +18,6 @@ import sys
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from . import Flow
@@ -37,9 +36,6 @@ class TorchaoFlow(Flow):
     """Models quantized in place by ``torchao.quantization.quantize_``."""
 
     name = "torchao"
-
-    def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-        return node.op == "call_module" and self.is_quantized_module(modules[node.target])
 
     def is_quantized_module(self, module: nn.Module) -> bool:
         if "torchao.utils" not in sys.modules:
