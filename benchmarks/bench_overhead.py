@@ -230,6 +230,27 @@ def flow_fxn_graph(f, q, xs, swaps):
                       "_tensor_vals": n_vals}
 
 
+class _NoOp(ns.Logger):
+    """An observer that records nothing: what running the graphs costs without any metric."""
+
+    def forward(self, *args):
+        return None
+
+
+def flow_fxn_shadow_floor(f, q, xs, swaps):
+    """The floor of compare(outputs+shadows): the same instrumented graphs, observers that do
+    nothing (so every float op runs twice: in the float model and as a shadow)."""
+    t = Timer()
+    with t("setup"):
+        m = ns.match(f, q)
+        built = ns.instrument(m, outputs=lambda p: (_NoOp(), _NoOp()), shadows=lambda p: _NoOp())
+    with t("run"):
+        for x in xs:
+            built.float_model(x)
+            built.quant_model(x)
+    return t.phases, {"shadowed": len(built.shadow_observers)}
+
+
 def _flow_fxn_compare(comparisons):
     def flow(f, q, xs, swaps):
         t = Timer()
@@ -254,6 +275,7 @@ FLOWS = [
     ("fxnumeric graph (match+add_*)", flow_fxn_graph, {"eager", "fx"}),
     ("fxnumeric compare (outputs)", _flow_fxn_compare(("outputs",)), {"eager", "fx"}),
     ("fxnumeric compare (outputs+shadows)", _flow_fxn_compare(("outputs", "shadows")), {"eager", "fx"}),
+    ("fxnumeric no-op observers + shadows", flow_fxn_shadow_floor, {"eager", "fx"}),
 ]
 
 
