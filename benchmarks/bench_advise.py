@@ -28,7 +28,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import fxnumeric
-from fxnumeric.advise import advise, min_cosine, sensitivity
+from fxnumeric.advice.search import advise, min_cosine, sensitivity
 
 warnings.filterwarnings("ignore")
 

@@ -12,10 +12,10 @@ The eager Numeric Suite API (``compare_weights``, ``compare_model_outputs``, ...
 layer on top, so ``import fxnumeric as ns`` runs the PyTorch Numeric Suite tutorial.
 """
 
-from .advise import Advice, Sensitivity, advise, sensitivity
+from .advice.diagnose import Diagnosis, diagnose
+from .advice.search import Advice, Sensitivity, advise, sensitivity
 from .capture import trace
 from .compare import compare
-from .diagnose import Diagnosis, diagnose
 from .eager import (
     NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST,
     compare_model_outputs,

@@ -213,13 +213,13 @@ def _report(args: argparse.Namespace) -> None:
     )
     report = dataclasses.replace(report, notes=built.notes + report.notes)
     if args.why:
-        from .diagnose import annotate, diagnose
+        from .advice.diagnose import annotate, diagnose
 
         report = annotate(report, diagnose(built.float_model, built.quant_model, data,
                                            matching=matching, progress=_progress(args)))
     sens = None
     if args.sensitivity:
-        from .advise import sensitivity
+        from .advice.search import sensitivity
 
         sens = sensitivity(built.float_model, built.quant_model, data, args.sensitivity,
                            matching=matching, progress=_progress(args))
@@ -257,7 +257,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from .advise import advise
+    from .advice.search import advise
     from .match import match
     from .models import random_batches
     from .progress import phase

@@ -248,7 +248,7 @@ class Matching:
             A table with one row per op in the neighbourhood: the float nodes, the quantized
             nodes they pair with, and ``<- unpaired: reason`` where a node found no partner.
         """
-        from .render import explain_table
+        from .report.render import explain_table
 
         for p in self.pairs:
             if node not in (p.name, *p.float_nodes, *p.quant_nodes):
@@ -274,17 +274,17 @@ class Matching:
         With ``around_misses=True``, each unpaired node is followed by :meth:`explain` of it:
         the two graphs side by side around the miss.
         """
-        from .render import matching_table
+        from .report.render import matching_table
 
         return matching_table(self, tablefmt, around_misses=around_misses)
 
     def __repr__(self) -> str:
-        from .render import matching_summary
+        from .report.render import matching_summary
 
         return f"<Matching: {matching_summary(self)}>"
 
     def _repr_html_(self) -> str:
-        from .render import matching_fragment
+        from .report.render import matching_fragment
 
         return matching_fragment(self)
 

@@ -23,8 +23,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import fxnumeric
 from fxnumeric import InputError
-from fxnumeric.advise import advise, min_cosine, sensitivity
-from fxnumeric.hybrid import HybridRunner
+from fxnumeric.advice.hybrid import HybridRunner
+from fxnumeric.advice.search import advise, min_cosine, sensitivity
 
 
 class MLP(nn.Module):
@@ -341,7 +341,7 @@ def test_cli_advise_prints_the_advice_and_the_curve(tmp_path, monkeypatch, capsy
 
 
 def test_sensitivity_chart_and_page(tmp_path) -> None:
-    from fxnumeric.render import sensitivity_svg
+    from fxnumeric.report.render import sensitivity_svg
 
     float_model, q, data = _bad_layer_pair()
     s = sensitivity(float_model, q, data, metric="cosine")

@@ -12,7 +12,7 @@ from torch.ao.quantization import QConfigMapping, default_qconfig, get_default_q
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import fxnumeric
-from fxnumeric.diagnose import WHITE_NOISE_STEPS, annotate, diagnose
+from fxnumeric.advice.diagnose import WHITE_NOISE_STEPS, annotate, diagnose
 
 
 class MLP(nn.Module):

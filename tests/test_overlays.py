@@ -12,7 +12,7 @@ pytest.importorskip("torchao")
 import _pt2e_models as M  # noqa: E402
 
 import fxnumeric as fxn  # noqa: E402
-from fxnumeric.overlays import OVERLAYS, node_data  # noqa: E402
+from fxnumeric.report.overlays import OVERLAYS, node_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

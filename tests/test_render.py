@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 import fxnumeric as ns
-from fxnumeric.render import _CHAR_W, _FONT, histogram_svg, sqnr_chart
 from fxnumeric.report import Report, ReportRow, WeightHistogram
+from fxnumeric.report.render import _CHAR_W, _FONT, histogram_svg, sqnr_chart
 
 SVG = "{http://www.w3.org/2000/svg}"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .report import Report, ReportRow
+    from .data import Report, ReportRow
 
 __all__ = ["OVERLAYS", "GRADIENT", "node_data", "write_model_explorer"]
 
@@ -57,7 +57,7 @@ def node_data(report: Report, overlay: str, *, graph_id: str = "graph") -> dict:
         graph_id: Model Explorer's graph id; ``"graph"`` for a PyTorch ExportedProgram.
     """
     if overlay not in OVERLAYS:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"unknown overlay {overlay!r}; choose from {', '.join(OVERLAYS)}")
     values: dict[str, float] = {}

@@ -3,7 +3,7 @@
 A :class:`Report` is a frozen dataclass of :class:`ReportRow` s; nothing in it prints
 tensors. It answers the questions (which layer is worst, in what order to show the rows, is a
 row's signal too small to measure); every rendering (tables, CSV, HTML, notebook display)
-lives in :mod:`fxnumeric.render`, and the methods here only delegate to it.
+lives in :mod:`fxnumeric.report.render`, and the methods here only delegate to it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ReportRow:
     quant_nodes: tuple[str, ...] = ()
     note: str = ""
     flags: tuple[str, ...] = ()
-    """Why the layer is bad, as flag codes (``annotate`` in ``fxnumeric.diagnose`` sets them)."""
+    """Why the layer is bad, as flag codes (``fxnumeric.advice.annotate`` sets them)."""
     weight_histogram: WeightHistogram | None = field(default=None, repr=False)
     activations: tuple | None = field(default=None, repr=False)
     float_rms: float | None = None
@@ -206,7 +206,7 @@ class Report:
         first one it holds of shadow, output, weight SQNR, and the note says so.
         """
         if sort is not None and sort not in _SORT_KEYS:
-            from .errors import InputError
+            from ..errors import InputError
 
             raise InputError(f"sort must be one of {', '.join(_SORT_KEYS)}, got {sort!r}")
         if sort is None:
@@ -291,7 +291,7 @@ class Report:
 
     def to_model_explorer(self, path: str | Path) -> dict[str, Path]:
         """Write Model Explorer node data (output SQNR and shadow SQNR overlays) into the
-        directory ``path``; see :mod:`fxnumeric.overlays`. Returns ``{overlay name: file}``."""
+        directory ``path``; see :mod:`fxnumeric.report.overlays`. Returns ``{overlay name: file}``."""
         from .overlays import write_model_explorer
 
         return write_model_explorer(self, path)

@@ -33,14 +33,14 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from ._tensors import dequantize_all, first_output
-from .errors import InputError
+from .._tensors import dequantize_all, first_output
+from ..errors import InputError
+from ..match import Matching, match
+from ..progress import Progress
+from ..report import Report
+from ..run import check_devices
+from ..weights import pair_weights
 from .hybrid import HybridRunner, module_path
-from .match import Matching, match
-from .progress import Progress
-from .report import Report
-from .run import check_devices
-from .weights import pair_weights
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
 

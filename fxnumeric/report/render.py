@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 if TYPE_CHECKING:
-    from .advise import Sensitivity
-    from .match import Matching
-    from .report import Report, ReportRow, WeightHistogram
+    from ..advice.search import Sensitivity
+    from ..match import Matching
+    from .data import Report, ReportRow, WeightHistogram
 
 __all__ = [
     "report_columns", "report_table", "report_csv", "report_page", "report_fragment",

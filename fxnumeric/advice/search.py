@@ -1,6 +1,6 @@
 """From "where" to "what to do": per-layer sensitivity and which layers to keep in float.
 
-Both run *hybrid* models (:mod:`fxnumeric.hybrid`): the float graph with one layer quantized,
+Both run *hybrid* models (:mod:`fxnumeric.advice.hybrid`): the float graph with one layer quantized,
 or the quantized graph with some layers float, made from the two models the user already has.
 Nothing is re-quantized, so a hybrid costs the part of one forward pass downstream of its
 swapped layers.
@@ -27,13 +27,13 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from ._tensors import dequantize_all, first_output
-from .errors import InputError, InstrumentationError
+from .._tensors import dequantize_all, first_output
+from ..errors import InputError, InstrumentationError
+from ..match import Matching, match
+from ..metrics import cosine, sqnr
+from ..progress import Progress
+from ..run import check_devices
 from .hybrid import HybridRunner, Swap, function_target, module_path
-from .match import Matching, match
-from .metrics import cosine, sqnr
-from .progress import Progress
-from .run import check_devices
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
 
@@ -234,7 +234,7 @@ class Sensitivity:
 
         ``Report.to_html(path, sensitivity=...)`` puts the same section in a report's page.
         """
-        from .render import sensitivity_page
+        from ..report.render import sensitivity_page
 
         path = Path(path)
         path.write_text(sensitivity_page(self))

@@ -36,11 +36,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._tensors import dequantize_all
-from .errors import InputError, InstrumentationError
-from .match import Matching, Pair
-from .run import as_args
-from .view import GraphView
+from .._tensors import dequantize_all
+from ..errors import InputError, InstrumentationError
+from ..match import Matching, Pair
+from ..run import as_args
+from ..view import GraphView
 
 __all__ = ["Swap", "HybridRunner", "layer_names", "module_path", "function_target"]
 
