@@ -55,7 +55,8 @@ QUANTIZE = OpClass(("quantize",), "optional")
 
 # Kinds that absorb a following batch_norm when quantized (BN folding).
 BN_FOLDING_KINDS = frozenset(
-    {"conv1d", "conv2d", "conv3d", "linear", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+    {"conv1d", "conv2d", "conv3d", "linear",
+     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 )
 
 # --- modules: class name -> signature. Same name across float/QAT/quantized/dynamic/reference.
@@ -149,7 +150,8 @@ _QUANTIZE_NAMES = frozenset(
 _REGISTERED: dict[Any, OpClass] = {}
 
 
-def register_op(target: type | Callable | str, signature: str | tuple[str, ...], *, role: str = "op") -> None:
+def register_op(target: type | Callable | str, signature: str | tuple[str, ...], *,
+                role: str = "op") -> None:
     """Tell the matcher what a custom module, function or method computes.
 
     Args:
@@ -170,7 +172,8 @@ def register_op(target: type | Callable | str, signature: str | tuple[str, ...],
         raise ValueError(f"role must be 'op', 'plumbing' or 'optional', got {role!r}")
     sig = (signature,) if isinstance(signature, str) else tuple(signature)
     if not sig or not all(isinstance(s, str) and s for s in sig):
-        raise ValueError(f"signature must be a non-empty string or tuple of strings, got {signature!r}")
+        raise ValueError(
+            f"signature must be a non-empty string or tuple of strings, got {signature!r}")
     _REGISTERED[target] = OpClass(sig, role)
 
 
@@ -264,14 +267,16 @@ def _normalise_name(name: str) -> tuple[str, ...]:
 
 
 def _quantized_op_signature(name: str) -> tuple[str, ...]:
-    """``add_relu`` -> (add, relu); ``linear_dynamic`` -> (linear,); ``batch_norm2d`` -> (batch_norm,)."""
+    """``add_relu`` -> (add, relu); ``linear_dynamic`` -> (linear,);
+    ``batch_norm2d`` -> (batch_norm,)."""
     name = name.replace("_dynamic", "").replace("_fp16", "")
     tail: tuple[str, ...] = ()
     if name.endswith("_relu"):
         name, tail = name[: -len("_relu")], ("relu",)
     name = re.sub(r"_scalar$", "", name)
     name = re.sub(r"^batch_norm\dd$", "batch_norm", name)
-    name = re.sub(r"^embedding_(bag_)?(byte|4bit).*$", lambda m: "embedding_bag" if m.group(1) else "embedding", name)
+    name = re.sub(r"^embedding_(bag_)?(byte|4bit).*$",
+                  lambda m: "embedding_bag" if m.group(1) else "embedding", name)
     name = re.sub(r"_prepack$", "", name)
     return _normalise_name(name) + tail
 
@@ -280,7 +285,9 @@ def _function_class(target: Any) -> OpClass:
     if target in _REGISTERED:
         return _REGISTERED[target]
     if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
-        qualified = target._qualified_op_name if isinstance(target, torch._ops.OpOverloadPacket) else target._overloadpacket._qualified_op_name
+        packet = (target if isinstance(target, torch._ops.OpOverloadPacket)
+                  else target._overloadpacket)
+        qualified = packet._qualified_op_name
         namespace, _, name = qualified.partition("::")
         if namespace == "quantized":
             if name in _PLUMBING_NAMES:  # convert_fx turns F.dropout into quantized.dropout

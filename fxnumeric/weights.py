@@ -24,7 +24,8 @@ def _leaf_parts(module: nn.Module) -> list[nn.Module]:
     from torch.ao.nn.intrinsic import _FusedModule
 
     # QAT ConvBn modules are _FusedModules too, but carry the weight themselves
-    if isinstance(module, _FusedModule) and not isinstance(getattr(module, "weight", None), torch.Tensor):
+    holds_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
+    if isinstance(module, _FusedModule) and not holds_weight:
         return list(module.children())
     return [module]
 
@@ -37,10 +38,12 @@ def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
         return weight
     bias = weighted.bias.detach() if getattr(weighted, "bias", None) is not None else None
     if isinstance(weighted, nn.Linear):
-        w, _ = fuse_linear_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        w, _ = fuse_linear_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps,
+                                      bn.weight, bn.bias)
     else:
         transpose = isinstance(weighted, nn.modules.conv._ConvTransposeNd)
-        w, _ = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, transpose)
+        w, _ = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps,
+                                    bn.weight, bn.bias, transpose)
     return w.detach()
 
 
@@ -51,7 +54,13 @@ def _float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
         node = view.node(name)
         if node.op == "call_module":
             parts.extend(_leaf_parts(view.modules[node.target]))
-    weighted = next((m for m in parts if isinstance(getattr(m, "weight", None), torch.Tensor)), None)
+    return _folded_weight(parts)
+
+
+def _folded_weight(parts: list[nn.Module]) -> torch.Tensor | None:
+    """The weight of the first weighted module in ``parts``, folded with a BatchNorm after it."""
+    weighted = next((m for m in parts if isinstance(getattr(m, "weight", None), torch.Tensor)),
+                    None)
     if weighted is None:
         return None
     bn = next((m for m in parts[parts.index(weighted) + 1:] if isinstance(m, _BN_TYPES)), None)
@@ -68,7 +77,8 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     state_keys = list(module.state_dict().keys())
     if "_packed_params._packed_params" in state_keys:
         return {f"{path}._packed_params._packed_params": module.weight()}
-    lstm_keys = [k for k in state_keys if k.startswith("_all_weight_values.") and k.endswith(".param")]
+    lstm_keys = [k for k in state_keys
+                 if k.startswith("_all_weight_values.") and k.endswith(".param")]
     if lstm_keys:
         out = {}
         state = module.state_dict()
@@ -104,7 +114,8 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
     out = []
     for layer in range(module.num_layers):
         for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
-            out.append((getattr(module, f"weight_ih_l{layer}{suffix}"), getattr(module, f"weight_hh_l{layer}{suffix}")))
+            out.append((getattr(module, f"weight_ih_l{layer}{suffix}"),
+                        getattr(module, f"weight_hh_l{layer}{suffix}")))
     return out
 
 
@@ -172,12 +183,7 @@ def _tree_pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor
 
 def _leaf_float_weight(module: nn.Module) -> torch.Tensor | None:
     """The float weight of a module paired whole (BN-folded for a fused conv-bn or linear-bn)."""
-    parts = _leaf_parts(module)
-    weighted = next((m for m in parts if isinstance(getattr(m, "weight", None), torch.Tensor)), None)
-    if weighted is None:
-        return None
-    bn = next((m for m in parts[parts.index(weighted) + 1:] if isinstance(m, _BN_TYPES)), None)
-    return _fold(weighted, bn)
+    return _folded_weight(_leaf_parts(module))
 
 
 # --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants

@@ -291,7 +291,9 @@ class Report:
 
     def to_model_explorer(self, path: str | Path) -> dict[str, Path]:
         """Write Model Explorer node data (output SQNR and shadow SQNR overlays) into the
-        directory ``path``; see :mod:`fxnumeric.report.overlays`. Returns ``{overlay name: file}``."""
+        directory ``path``; see :mod:`fxnumeric.report.overlays`.
+
+        Returns ``{overlay name: file}``."""
         from .overlays import write_model_explorer
 
         return write_model_explorer(self, path)
