@@ -9,6 +9,7 @@ dequantized input. Peak memory is one batch of activations, whatever the number 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,7 @@ def compare(
     max_batches: int | None = None,
     precision: torch.dtype = torch.float32,
     inputs: int | Callable[[Any], Any] | None = None,
+    capture: str = "fx",
 ) -> Report:
     """Compare a float model with its quantized counterpart, layer by layer, over ``data``.
 
@@ -181,6 +183,9 @@ def compare(
             ``batch[0]``, dropping the labels of a ``(x, label)`` loader) or a function
             ``inputs(batch)`` returning the input or a tuple of inputs. Default: the whole
             batch.
+        capture: ``"fx"``, ``"export"`` or ``"auto"``, as in :func:`fxnumeric.match`; the
+            first batch is the example input of ``torch.export`` (an exported graph is
+            specialised to its shapes, so every batch must have them).
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
@@ -194,8 +199,11 @@ def compare(
         >>> [row.name for row in report.rows], report.batches
         (['0', '1'], 3)
     """
+    example = None
+    if capture != "fx" and matching is None:
+        example, data = _first_batch(data, inputs)
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
-                 leaf_modules, precision, progress)
+                 leaf_modules, precision, progress, capture, example)
     batches = _run(plan, data, progress, max_batches, inputs)
     return _collect(plan, batches, progress)
 
@@ -218,7 +226,8 @@ class _Plan:
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
           metrics: MetricSpec, keep: bool,
           matching: Matching | None, leaf_modules: Iterable[LeafSpec] | None,
-          precision: torch.dtype, progress: bool | None = None) -> _Plan:
+          precision: torch.dtype, progress: bool | None = None, capture: str = "fx",
+          example_inputs: Any = None) -> _Plan:
     """Validate the options, match, and build one instrumented graph per side."""
     wanted = tuple(comparisons)
     unknown = set(wanted) - set(COMPARISONS)
@@ -227,7 +236,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                          f"choose from {', '.join(COMPARISONS)}")
     names, custom = _resolve_metrics(metrics)
     with phase("tracing and pairing the models", False if matching is not None else progress):
-        matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
+        matching = resolve_matching(float_model, quant_model, matching, leaf_modules,
+                                    capture=capture, example_inputs=example_inputs)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     twins: list[_FloatOutputs] = []
@@ -341,8 +351,9 @@ def _collect(plan: _Plan, batches: int, progress: bool | None = None) -> Report:
         unmatched=tuple((u.node, "float", u.reason) for u in matching.unmatched_float)
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,
-        notes=("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
-        if nothing_quantized(matching.quant_graph) else (),
+        notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
+               if nothing_quantized(matching.quant_graph) else ())
+        + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes),
         model_output_rms=_rms(plan.model),
     )
 
@@ -352,6 +363,24 @@ def _rms(acc: Accumulator | None) -> float | None:
     if acc is None or not acc.batches or not acc.count:
         return None
     return (acc.signal / acc.count) ** 0.5
+
+
+def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
+                 ) -> tuple[Any, Iterable[Any]]:
+    """The model inputs of the first batch (torch.export's example), and ``data`` still whole
+    (an iterator is chained back together)."""
+    if isinstance(data, torch.Tensor):
+        return data, data
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if len(data) == 0:  # type: ignore[arg-type]
+            raise InputError("data yielded no batches: capture='export' needs a first batch")
+        return _pick_inputs(data[0], inputs), data  # type: ignore[index]
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise InputError("data yielded no batches: capture='export' needs a first batch") from None
+    return _pick_inputs(first, inputs), itertools.chain([first], iterator)
 
 
 def _pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:

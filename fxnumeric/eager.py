@@ -218,12 +218,14 @@ def _output_selector(allow_list: set[type]):
 
 def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type,
                     allow_list: set[type] | None,
-                    leaf_modules: Iterable[LeafSpec] | None,
+                    leaf_modules: Iterable[LeafSpec] | None, capture: str = "fx",
+                    example_inputs: Any = None,
                     ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Logged copies of both models, on the pairs whose quantized module is allowed."""
     if allow_list is None:
         allow_list = get_default_compare_output_module_list()
-    matching = match(float_model, q_model, leaf_modules=leaf_modules).check()
+    matching = match(float_model, q_model, example_inputs if capture != "fx" else None,
+                     leaf_modules=leaf_modules, capture=capture).check()
     return add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
                        matching=matching)
 
@@ -301,6 +303,7 @@ def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict
 def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any,
                           logger_cls: type = OutputLogger, allow_list: set[type] | None = None,
                           leaf_modules: Iterable[LeafSpec] | None = None,
+                          capture: str = "fx",
                           ) -> dict[str, dict[str, Any]]:
     """Compare float and quantized activations at matching places for one input.
 
@@ -308,6 +311,7 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
     :func:`get_matching_activations`, but neither model is modified. ``data`` are the
     model's positional inputs; a single dict is passed as keyword inputs
     (``compare_model_outputs(f, q, {"input_ids": ids, "attention_mask": mask})``).
+    ``capture`` is :func:`fxnumeric.match`'s (``"export"`` exports on ``data``).
 
     Example:
         >>> import copy, torch
@@ -318,8 +322,9 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
         >>> list(d), d["0.stats"]["float"][0].shape
         (['0.stats', '1.stats'], torch.Size([2, 4]))
     """
-    float_gm, quant_gm = _output_loggers(float_model, q_model, logger_cls, allow_list, leaf_modules)
     data = _batch(data)
+    float_gm, quant_gm = _output_loggers(float_model, q_model, logger_cls, allow_list, leaf_modules,
+                                         capture, data)
     check_devices(float_model, q_model, data)
     run_model(float_gm, data, which="float")
     run_model(quant_gm, data, which="quantized")
@@ -359,9 +364,11 @@ def _stub_selector(module_swap_list: Iterable[type]):
 
 
 def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: Iterable[type],
-                logger_cls: type, leaf_modules: Iterable[LeafSpec] | None) -> fx.GraphModule:
+                logger_cls: type, leaf_modules: Iterable[LeafSpec] | None,
+                capture: str = "fx", example_inputs: Any = None) -> fx.GraphModule:
     leaves = list(module_swap_list) + list(leaf_modules or ())
-    matching = match(float_model, q_model, leaf_modules=leaves).check()
+    matching = match(float_model, q_model, example_inputs if capture != "fx" else None,
+                     leaf_modules=leaves, capture=capture).check()
     quant_gm, skipped = add_shadows(
         float_model, q_model, logger_cls, select=_stub_selector(module_swap_list), matching=matching
     )
@@ -398,15 +405,18 @@ def compare_model_stub(
     *data: Any,
     logger_cls: type = ShadowLogger,
     leaf_modules: Iterable[LeafSpec] | None = None,
+    capture: str = "fx",
 ) -> dict[str, dict]:
     """Compare each quantized op of the listed types with its float shadow on the same input.
 
     Returns ``{"<name>.stats": {"float": [...], "quantized": [...]}}`` as torch's eager
     suite does (with ShadowLogger; a custom logger's ``stats`` otherwise). Neither model is
-    modified. ShadowLogger keeps whole batches; torch's keeps only sample 0.
+    modified. ShadowLogger keeps whole batches; torch's keeps only sample 0. ``capture`` is
+    :func:`fxnumeric.match`'s (``"export"`` exports on ``data``).
     """
-    quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules)
     data = _batch(data)
+    quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules,
+                           capture, data)
     check_devices(float_model, q_model, data)
     run_model(quant_gm, data, which="quantized")
     return _logger_dict(_Prepared.of(q_model, quant_gm), "")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.fx as fx
@@ -33,6 +33,7 @@ from torch import nn
 
 from . import flows
 from .capture import LeafSpec, single_call_graph, trace
+from .capture.export import check_capture, export_module, is_export_graph
 from .errors import MatchError, TraceError
 from .guards import check_pair
 from .ops import BN_FOLDING_KINDS, classify, classify_module
@@ -120,6 +121,10 @@ class Matching:
     whole and its children are compared, but the code of its own ``forward`` is not."""
     origin: dict[Pair, tuple[RegionMatching, Pair]] = field(repr=False, default_factory=dict)
     """For each pair found in a region: the region and the pair as its own matching has it."""
+    capture_notes: tuple[tuple[str, str], ...] = ()
+    """``(side, note)``: how a side was captured where that is not the ``capture=`` asked for
+    (``capture="export"`` on a model torch.export cannot capture, which torch.fx traced
+    instead), or where ``capture="auto"`` exported it."""
 
     @property
     def whole_graph(self) -> bool:
@@ -619,6 +624,7 @@ def match(
     example_inputs: Any = None,
     *,
     leaf_modules: Iterable[LeafSpec] | None = None,
+    capture: str = "fx",
 ) -> Matching:
     """Pair the ops of a float model with those of the quantized model made from it.
 
@@ -640,7 +646,18 @@ def match(
             models are run once to check they accept it, and for models torch.fx cannot trace
             whole that run records how each submodule is called, so that more of them are
             captured as graphs.
-        leaf_modules: module types or names to keep whole instead of tracing through them.
+        leaf_modules: module types or names to keep whole instead of tracing through them
+            (torch.fx only: an exported graph has no modules to keep whole).
+        capture: how a model becomes a graph (:mod:`fxnumeric.capture.export`):
+            ``"fx"`` (default) traces with torch.fx, and through the module tree where it
+            cannot trace a model whole. ``"export"`` captures each ``nn.Module`` side with
+            ``torch.export`` on ``example_inputs`` (required): ATen graphs, so the code of
+            every module (attention's ``matmul``/``softmax`` too) is compared, with pairs
+            named by module path from ``nn_module_stack``; a side torch.export cannot capture
+            is traced by torch.fx instead, and ``Matching.capture_notes`` says why.
+            ``"auto"`` is ``"fx"``, except that a float model torch.fx cannot trace whole is
+            exported when the quantized model is a ``torch.export`` graph (pt2e) and
+            ``example_inputs`` are given.
 
     Returns:
         A :class:`Matching`. Misses are listed with reasons; call ``.check()`` to turn a
@@ -654,24 +671,82 @@ def match(
         >>> [(p.kind, p.float_nodes, p.quant_nodes) for p in m.pairs]
         [('linear', ('_0',), ('_0',)), ('relu', ('_1',), ('_1',))]
     """
+    check_capture(capture, example_inputs)
     # what a flow reads differently (an ExportedProgram is traced as its .module())
     float_root = flows.normalise_model(float_model, "float")
     quant_root = flows.normalise_model(quant_model, "quantized")
+    notes: list[tuple[str, str]] = []
+    if capture == "export":
+        float_root = _exported(float_root, example_inputs, "float", notes)
+        quant_root = _exported(quant_root, example_inputs, "quantized", notes)
     try:
         float_gm = _as_graph_module(float_root, leaf_modules, "float")
+    except TraceError as exc:
+        exported = (export_module(float_root, example_inputs, "float")
+                    if _auto_exports(capture, example_inputs, quant_root) else None)
+        if not isinstance(exported, fx.GraphModule):
+            if exported is not None:
+                notes.append(("float", exported.reason))
+            return _fall_back_to_tree(float_model, quant_model, example_inputs, leaf_modules,
+                                      exc, notes)
+        float_gm = float_root = exported
+        notes.append(("float", "captured with torch.export (capture='auto'): torch.fx could "
+                      f"not trace it whole ({_first_line(exc)})"))
+    try:
         quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized")
     except TraceError as exc:
-        if not isinstance(float_model, nn.Module) or not isinstance(quant_model, nn.Module):
-            raise
-        _log.info("capturing through the module tree: %s", str(exc).splitlines()[0])
-        return _match_tree(float_model, quant_model, example_inputs, leaf_modules)
+        return _fall_back_to_tree(float_model, quant_model, example_inputs, leaf_modules,
+                                  exc, notes)
     check_pair(float_gm, quant_gm)  # swapped, unconverted or unquantized: see fxnumeric.guards
     if example_inputs is not None:
         from .run import run_model
 
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
-    return _graph_matching(float_gm, quant_gm, float_model, quant_model, float_root, quant_root)
+    found = _graph_matching(float_gm, quant_gm, float_model, quant_model, float_root, quant_root)
+    return replace(found, capture_notes=tuple(notes)) if notes else found
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _exported(root: Any, example_inputs: Any, which: str,
+              notes: list[tuple[str, str]]) -> Any:
+    """``root`` captured by torch.export; a graph as it is; on failure ``root`` itself (for
+    torch.fx), with the reason in ``notes``."""
+    if not isinstance(root, nn.Module) or isinstance(root, fx.GraphModule):
+        return root  # already a graph (pt2e, convert_fx): read as it is
+    exported = export_module(root, example_inputs, which)
+    if isinstance(exported, fx.GraphModule):
+        return exported
+    notes.append((which, f"{exported.reason}; traced with torch.fx instead"))
+    return root
+
+
+def _auto_exports(capture: str, example_inputs: Any, quant_root: Any) -> bool:
+    """``capture="auto"``: export a float model torch.fx cannot trace whole when the quantized
+    model is a torch.export graph, which the module tree cannot walk (its modules are gone).
+    Not when the quantized model is an ``nn.Module``: its own export (torchao's ``quantize_``
+    computes a Linear as ``_int_mm`` and scale ops) would not pair op for op, while the module
+    tree pairs it layer by layer."""
+    return capture == "auto" and example_inputs is not None and is_export_graph(quant_root)
+
+
+def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: Any,
+                       leaf_modules: Iterable[LeafSpec] | None, exc: TraceError,
+                       notes: list[tuple[str, str]]) -> Matching:
+    """torch.fx cannot trace a model whole: capture both through the module tree."""
+    if not isinstance(float_model, nn.Module) or not isinstance(quant_model, nn.Module):
+        raise exc
+    _log.info("capturing through the module tree: %s", _first_line(exc))
+    found = _match_tree(float_model, quant_model, example_inputs, leaf_modules)
+    if not notes:
+        return found
+    # the module tree pairs modules of both models, so an exported side is not used either
+    notes.append(("both", "captured through the module tree: torch.fx could not trace a "
+                  f"model whole ({_first_line(exc)}), and the tree pairs modules of both models"))
+    return replace(found, capture_notes=tuple(notes))
 
 
 def _graph_matching(float_gm: fx.GraphModule, quant_gm: fx.GraphModule,

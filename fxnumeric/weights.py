@@ -49,6 +49,9 @@ def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
 
 def _float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
     view = matching.float_view
+    if view.node(pair.float_nodes[0]).op != "call_module":
+        # a functional op (a torch.export float graph) paired with a quantized module
+        return _graph_float_weight(matching, pair)
     parts: list[nn.Module] = []
     for name in pair.float_nodes:
         node = view.node(name)
@@ -195,10 +198,14 @@ def _graph_weight(matching: Matching, pair: Pair) -> tuple[torch.Tensor, torch.T
     quant = _read_weight(matching.quant_view, pair.quant_nodes)
     if quant is None:
         return None
+    weight = _float_weight(matching, pair)
+    return None if weight is None else (weight, quant[1])
+
+
+def _graph_float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
+    """The weight a functional float op reads, BN-folded when the pair's float chain has a
+    BatchNorm after it."""
     fv = matching.float_view
-    if fv.node(pair.float_nodes[0]).op == "call_module":
-        weight = _float_weight(matching, pair)
-        return None if weight is None else (weight, quant[1])
     found = _read_weight(fv, pair.float_nodes)
     if found is None:
         return None
@@ -211,7 +218,7 @@ def _graph_weight(matching: Matching, pair: Pair) -> tuple[torch.Tensor, torch.T
             weight, None, params.running_mean, params.running_var, params.eps,
             params.weight, params.bias, _kind(fv, weighted).startswith("conv_transpose"),
         )
-    return weight.detach(), quant[1]
+    return weight.detach()
 
 
 def _kind(view: GraphView, node: fx.Node) -> str:

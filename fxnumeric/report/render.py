@@ -254,6 +254,8 @@ def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool
     text += "\n" + matching_summary(m)
     if m.untraced:
         text += "\n" + _kept_whole_text(m)
+    for side, note in m.capture_notes:
+        text += f"\ncapture ({side}): {note}"
     if around_misses:
         for u in (*m.unmatched_float, *m.unmatched_quant):
             text += f"\n\naround `{u.node}`:\n" + m.explain(u.node, tablefmt=tablefmt)

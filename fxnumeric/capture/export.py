@@ -1,0 +1,89 @@
+"""Capture with ``torch.export``: an ATen graph whose nodes name the user's modules.
+
+``torch.fx`` traces Python symbolically and stops at data-dependent code; ``torch.export``
+runs the model on example inputs (fake tensors, ``strict=False``) and records every ATen op
+it reaches, with ``nn_module_stack`` metadata naming the module each op ran in. The graph
+of ``exported.module()`` is read exactly as a pt2e float graph is
+(:mod:`fxnumeric.flows.pt2e`: ATen kinds, ``_guards_fn`` as plumbing, pair names such as
+``encoder.layer.0.attention.self.query`` from ``nn_module_stack``), so nothing here knows
+about ATen ops: this module only decides which side is exported and says why one is not.
+
+Captures (the ``capture=`` option of :func:`fxnumeric.match`):
+
+========  ========================================================================
+``fx``    torch.fx, and the module tree where torch.fx cannot trace a model whole
+``export``  torch.export for every side that is an ``nn.Module`` (a GraphModule or
+          ``ExportedProgram`` is read as it is); a side that cannot be exported is
+          traced by torch.fx instead, and the reason is kept
+``auto``  torch.fx, except that a float model torch.fx cannot trace whole is exported
+          when the quantized model is already a ``torch.export`` graph (pt2e)
+========  ========================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import InputError
+
+__all__ = ["CAPTURES", "ExportFailure", "export_module", "is_export_graph", "check_capture"]
+
+CAPTURES = ("fx", "export", "auto")
+
+
+@dataclass(frozen=True)
+class ExportFailure:
+    """Why ``torch.export`` could not capture one side (``which``: "float" or "quantized")."""
+
+    which: str
+    reason: str
+
+
+def check_capture(capture: str, example_inputs: Any) -> None:
+    """Raise :class:`InputError` for an unknown capture or an export without inputs."""
+    if capture not in CAPTURES:
+        raise InputError(f"unknown capture {capture!r}; choose from {', '.join(CAPTURES)}")
+    if capture == "export" and example_inputs is None:
+        raise InputError(
+            "capture='export' runs torch.export on example inputs, and none were given. Fix: "
+            "pass example_inputs= to match() (a tensor, a tuple of positional inputs or a "
+            "dict of keyword inputs such as {'input_ids': ids, 'attention_mask': mask})"
+        )
+
+
+def is_export_graph(model: Any) -> bool:
+    """Whether ``model`` is a ``torch.export`` graph already (an ExportedProgram, its
+    ``.module()``, or a pt2e model made from one): a graph of ATen ops."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return True
+    if not isinstance(model, fx.GraphModule):
+        return False
+    return any(isinstance(n.target, torch._ops.OpOverload)
+               for n in model.graph.nodes if n.op == "call_function")
+
+
+def export_module(model: nn.Module, example_inputs: Any,
+                  which: str) -> fx.GraphModule | ExportFailure:
+    """``torch.export.export(model, args, kwargs, strict=False).module()``, or why not.
+
+    ``example_inputs`` is a batch as everywhere in fxnumeric: a tensor, a tuple of positional
+    inputs, or a dict of keyword inputs. ``model`` is not modified. The graph is specialised
+    to the shapes of ``example_inputs``: batches of other shapes fail its input guards.
+    """
+    from ..run import as_call
+
+    args, kwargs = as_call(example_inputs)
+    try:
+        exported = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # torch.export raises many types; all mean "cannot export"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return ExportFailure(which, (
+            f"torch.export could not capture the {which} model ({type(model).__name__}): "
+            f"{type(exc).__name__}: {first}"
+        ))
+    return exported.module()

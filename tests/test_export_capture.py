@@ -1,0 +1,176 @@
+"""capture="export": torch.export as a second tracer, on models torch.fx cannot trace whole."""
+
+import copy
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+import fxnumeric as fxn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("torchao")
+
+
+def _pt2e(model: nn.Module, batch: dict) -> torch.fx.GraphModule:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    exported = torch.export.export(model, (), batch, strict=False)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    prepared(**batch)
+    return convert_pt2e(prepared)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """A tiny BertModel (random weights, eager attention: matmul + softmax) and its pt2e twin."""
+    config = transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids}  # a keyword input
+    return model, _pt2e(model, batch), batch
+
+
+def _sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
+    ref, actual = ref.double(), actual.double()
+    return 20 * math.log10(ref.norm().item() / (ref - actual).norm().item())
+
+
+def test_export_pairs_name_the_users_modules_and_attention_internals(bert):
+    model, quant, batch = bert
+    m = fxn.match(model, quant, batch, capture="export")
+    assert not m.unmatched_quant and m.coverage == 1.0 and m.whole_graph
+    modules = dict(model.named_modules())
+    linears = [p.name for p in m.pairs if p.kind == "linear"]
+    assert len(linears) == 13 and all(isinstance(modules[n], nn.Linear) for n in linears)
+    assert "encoder.layer.0.attention.self.query" in linears
+    # what BertSelfAttention computes itself pairs too, named after it
+    for layer in (0, 1):
+        inside = [p.kind for p in m.pairs
+                  if p.name.startswith(f"encoder.layer.{layer}.attention.self.")
+                  and p.name.rpartition(".")[0] == f"encoder.layer.{layer}.attention.self"]
+        assert inside.count("matmul") == 2 and inside.count("softmax") == 1
+    assert m.pair("encoder.layer.0.attention.self.softmax").quantized
+    # the default, torch.fx, cannot pair a module tree with a flat pt2e graph at all
+    assert fxn.match(model, quant, batch).pairs == ()
+
+
+def test_linear_output_sqnr_equals_the_logged_tensors(bert):
+    model, quant, batch = bert
+    report = fxn.compare(model, quant, [batch], capture="export", comparisons=("outputs",))
+    logged = fxn.compare_model_outputs(model, quant, batch, capture="export")
+    # the float values logged on the exported graph are the eager model's own Linear outputs
+    eager: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, name=name: eager.__setitem__(name, o))
+             for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    checked = 0
+    for row in report.rows:
+        if row.kind != "linear":
+            continue
+        stats = logged[f"{row.name}.stats"]
+        ref, actual = stats["float"][0], stats["quantized"][0]
+        torch.testing.assert_close(ref, eager[row.name], rtol=1e-5, atol=1e-6)
+        assert row.output["sqnr"] == pytest.approx(_sqnr(ref, actual), abs=0.01)
+        checked += 1
+    assert checked == 13
+
+
+def test_auto_exports_the_float_side_against_a_pt2e_model(bert):
+    model, quant, batch = bert
+    auto = fxn.match(model, quant, batch, capture="auto")
+    export = fxn.match(model, quant, batch, capture="export")
+    assert [p.name for p in auto.pairs] == [p.name for p in export.pairs]
+    assert dict(auto.capture_notes)["float"].startswith("captured with torch.export")
+    # at least every layer the module tree pairs (float vs the dynamic quantized model)
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    tree = fxn.match(model, dynamic, batch)
+    assert tree.untraced
+    modules = dict(model.named_modules())
+    tree_layers = {p.name for p in tree.pairs if p.name in modules}
+    # but the two embeddings of constant ids (positions, token types), which convert_pt2e
+    # folds into constants: the pt2e model has no such op left to compare
+    folded = {"embeddings.position_embeddings", "embeddings.token_type_embeddings"}
+    assert tree_layers - {p.name for p in auto.pairs} == folded
+    # and at least as many ops of every kind (attention's matmul/softmax are new)
+    tree_kinds = Counter(p.kind for p in tree.pairs)
+    tree_kinds["select"] += tree_kinds.pop("getitem")  # hidden[:, 0]: a select in ATen
+    assert tree_kinds - Counter(p.kind for p in auto.pairs) == Counter({"embedding": 2})
+    assert (len(tree.pairs), len(auto.pairs)) == (29, 57)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x, attention_mask=None):
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / 4
+        if attention_mask is not None:
+            scores = scores.masked_fill(attention_mask[:, None, :] == 0, -1e4)
+        return self.out(scores.softmax(-1) @ self.v(x))
+
+
+def test_keyword_inputs_attention_mask():
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[:, -2:] = 0
+    batch = {"x": torch.randn(2, 6, 16), "attention_mask": mask}
+    quant = _pt2e(model, batch)
+    m = fxn.match(model, quant, batch, capture="export")
+    assert {"q", "k", "v", "out", "softmax"} <= {p.name for p in m.pairs}
+    report = fxn.compare(model, quant, [batch, batch], capture="export")
+    assert report.batches == 2 and report.row("out").output["sqnr"] > 20
+    stub = fxn.compare_model_stub(model, quant, [nn.Linear], batch, capture="export")
+    assert "q.stats" in stub
+
+
+def test_a_side_torch_export_cannot_capture_is_traced_by_fx_and_says_why():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    x = torch.randn(3, 8)
+    m = fxn.match(model, dynamic, x, capture="export")
+    # an ATen linear (exported float) pairs with the dynamic quantized Linear module (torch.fx)
+    assert [(p.name, p.kind, p.float_nodes) for p in m.pairs] == [
+        ("0", "linear", ("linear",)), ("1", "relu", ("relu",)), ("2", "linear", ("linear_1",))]
+    (side, note), = m.capture_notes
+    assert side == "quantized"
+    assert "torch.export could not capture the quantized model (Sequential)" in note
+    assert "__obj_flatten__" in note and "traced with torch.fx instead" in note
+    assert "capture (quantized): torch.export could not" in m.table()
+    report = fxn.compare(model, dynamic, [x], capture="export")
+    assert report.row("0").weight_sqnr > 30 and "traced with torch.fx" in " ".join(report.notes)
+
+
+def test_bert_with_a_dynamic_quantized_side_falls_back_to_the_module_tree(bert):
+    model, _, batch = bert
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    m = fxn.match(model, dynamic, batch, capture="export")
+    assert [p.name for p in m.pairs] == [p.name for p in fxn.match(model, dynamic, batch).pairs]
+    notes = dict(m.capture_notes)
+    assert "LinearPackedParamsBase" in notes["quantized"]
+    assert "captured through the module tree" in notes["both"]
+
+
+def test_export_needs_example_inputs_and_a_known_capture():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    with pytest.raises(fxn.InputError, match="capture='export' runs torch.export on example"):
+        fxn.match(model, dynamic, capture="export")
+    with pytest.raises(fxn.InputError, match="unknown capture 'dynamo'; choose from fx, export"):
+        fxn.match(model, dynamic, torch.randn(1, 4), capture="dynamo")
