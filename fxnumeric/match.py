@@ -33,7 +33,7 @@ from torch import nn
 
 from . import flows
 from .capture import LeafSpec, single_call_graph, trace
-from .capture.export import check_capture, export_module, is_export_graph
+from .capture.export import auto_exports_float, check_capture, export_module, export_side
 from .errors import MatchError, TraceError
 from .guards import check_pair
 from .ops import BN_FOLDING_KINDS, classify, classify_module
@@ -645,7 +645,7 @@ def match(
             keyword inputs (``{"input_ids": ids, "attention_mask": mask}``). When given, both
             models are run once to check they accept it, and for models torch.fx cannot trace
             whole that run records how each submodule is called, so that more of them are
-            captured as graphs.
+            captured as graphs. ``capture="export"`` exports on it.
         leaf_modules: module types or names to keep whole instead of tracing through them
             (torch.fx only: an exported graph has no modules to keep whole).
         capture: how a model becomes a graph (:mod:`fxnumeric.capture.export`):
@@ -677,13 +677,15 @@ def match(
     quant_root = flows.normalise_model(quant_model, "quantized")
     notes: list[tuple[str, str]] = []
     if capture == "export":
-        float_root = _exported(float_root, example_inputs, "float", notes)
-        quant_root = _exported(quant_root, example_inputs, "quantized", notes)
+        float_root, float_note = export_side(float_root, example_inputs, "float")
+        quant_root, quant_note = export_side(quant_root, example_inputs, "quantized")
+        notes += [(side, note) for side, note in (("float", float_note),
+                                                  ("quantized", quant_note)) if note]
     try:
         float_gm = _as_graph_module(float_root, leaf_modules, "float")
     except TraceError as exc:
         exported = (export_module(float_root, example_inputs, "float")
-                    if _auto_exports(capture, example_inputs, quant_root) else None)
+                    if auto_exports_float(capture, example_inputs, quant_root) else None)
         if not isinstance(exported, fx.GraphModule):
             if exported is not None:
                 notes.append(("float", exported.reason))
@@ -709,28 +711,6 @@ def match(
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _exported(root: Any, example_inputs: Any, which: str,
-              notes: list[tuple[str, str]]) -> Any:
-    """``root`` captured by torch.export; a graph as it is; on failure ``root`` itself (for
-    torch.fx), with the reason in ``notes``."""
-    if not isinstance(root, nn.Module) or isinstance(root, fx.GraphModule):
-        return root  # already a graph (pt2e, convert_fx): read as it is
-    exported = export_module(root, example_inputs, which)
-    if isinstance(exported, fx.GraphModule):
-        return exported
-    notes.append((which, f"{exported.reason}; traced with torch.fx instead"))
-    return root
-
-
-def _auto_exports(capture: str, example_inputs: Any, quant_root: Any) -> bool:
-    """``capture="auto"``: export a float model torch.fx cannot trace whole when the quantized
-    model is a torch.export graph, which the module tree cannot walk (its modules are gone).
-    Not when the quantized model is an ``nn.Module``: its own export (torchao's ``quantize_``
-    computes a Linear as ``_int_mm`` and scale ops) would not pair op for op, while the module
-    tree pairs it layer by layer."""
-    return capture == "auto" and example_inputs is not None and is_export_graph(quant_root)
 
 
 def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: Any,

@@ -6,7 +6,9 @@ keeps the failing module whole and goes inside it: its children are traced as gr
 their own, or descended into in turn, and the leaf modules reached that way pair through
 the module tree. :mod:`fxnumeric.capture.hooks` instruments such models: copies whose
 graph regions are instrumented GraphModules and whose tree-paired modules carry forward
-hooks (the user's models are never touched).
+hooks (the user's models are never touched). :mod:`fxnumeric.capture.export` captures with
+``torch.export`` instead (``match(..., capture="export")``): ATen graphs named after the
+user's modules, read by the pt2e flow.
 """
 
 from .fx import (

@@ -31,7 +31,10 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["CAPTURES", "ExportFailure", "export_module", "is_export_graph", "check_capture"]
+__all__ = [
+    "CAPTURES", "ExportFailure", "export_module", "export_side", "auto_exports_float",
+    "is_export_graph", "check_capture",
+]
 
 CAPTURES = ("fx", "export", "auto")
 
@@ -87,3 +90,29 @@ def export_module(model: nn.Module, example_inputs: Any,
             f"{type(exc).__name__}: {first}"
         ))
     return exported.module()
+
+
+def export_side(model: Any, example_inputs: Any, which: str) -> tuple[Any, str | None]:
+    """``capture="export"`` for one side: ``(what to pair, why it is not exported or None)``.
+
+    An ``nn.Module`` is exported; a GraphModule (pt2e, ``convert_fx``) is already a graph and
+    is read as it is; a module torch.export cannot capture is returned as it is, for torch.fx,
+    with torch.export's reason.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+        return model, None
+    exported = export_module(model, example_inputs, which)
+    if isinstance(exported, ExportFailure):
+        return model, f"{exported.reason}; traced with torch.fx instead"
+    return exported, None
+
+
+def auto_exports_float(capture: str, example_inputs: Any, quant_model: Any) -> bool:
+    """``capture="auto"``: whether to export a float model torch.fx cannot trace whole.
+
+    Only against a quantized model that is a torch.export graph, which the module tree cannot
+    walk (its modules are gone). Not against an ``nn.Module``: its own export (torchao's
+    ``quantize_`` computes a Linear as ``_int_mm`` and scale ops) would not pair op for op
+    with the float ``linear``, while the module tree pairs it layer by layer.
+    """
+    return capture == "auto" and example_inputs is not None and is_export_graph(quant_model)
