@@ -185,7 +185,8 @@ def compare(
             batch.
         capture: ``"fx"``, ``"export"`` or ``"auto"``, as in :func:`fxnumeric.match`; the
             first batch is the example input of ``torch.export`` (an exported graph is
-            specialised to its shapes, so every batch must have them).
+            specialised to its shapes, so every batch must have them). Ignored when
+            ``matching`` is given: it was captured already.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.

@@ -86,15 +86,22 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     try:
         with torch.no_grad():
             return model(*args, **kwargs)
-    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError,
+            AssertionError) as exc:  # AssertionError: a torch.export graph's input guards
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        exported = (
+            " It is a torch.export graph (capture='export', pt2e), specialised to the shapes "
+            "it was exported with: give every batch those shapes."
+            if first.startswith("Guard failed") else ""
+        )
         raise InputError(
             f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            f"{first}\n"
             "Check the input shape, dtype and device (a batch that is a tuple is passed as "
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
-            "it outside fxnumeric."
+            f"it outside fxnumeric.{exported}"
         ) from exc
 
 

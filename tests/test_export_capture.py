@@ -174,3 +174,11 @@ def test_export_needs_example_inputs_and_a_known_capture():
         fxn.match(model, dynamic, capture="export")
     with pytest.raises(fxn.InputError, match="unknown capture 'dynamo'; choose from fx, export"):
         fxn.match(model, dynamic, torch.randn(1, 4), capture="dynamo")
+
+
+def test_a_batch_of_other_shapes_than_the_export_names_the_cause():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval()
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    with pytest.raises(fxn.InputError, match=r"(?s)Tensor\[5, 4\].*Guard failed.*specialised to "
+                       "the shapes it was exported with"):
+        fxn.compare(model, dynamic, [torch.randn(3, 4), torch.randn(5, 4)], capture="export")
