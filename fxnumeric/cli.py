@@ -79,6 +79,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leaf-modules", type=_names, default=[],
                    help="comma-separated module paths (encoder.layers.0) or class names "
                         "(TransformerEncoderLayer) to keep whole when torch.fx cannot trace them")
+    p.add_argument("--capture", choices=("fx", "export", "auto"), default="fx",
+                   help="how the models become graphs: torch.fx (default, the module tree where "
+                        "it cannot trace), torch.export on the first input batch, or auto "
+                        "(torch.export for a float model torch.fx cannot trace, against pt2e)")
     p.add_argument("--no-progress", action="store_true", help="never show progress")
 
 
@@ -192,7 +196,6 @@ def _pair(args: argparse.Namespace):
 def _report(args: argparse.Namespace) -> None:
     from .compare import compare
     from .errors import InputError
-    from .match import match
     from .models import random_batches
     from .progress import phase
 
@@ -204,7 +207,7 @@ def _report(args: argparse.Namespace) -> None:
     data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
                           high=args.vocab)
     with phase("tracing and pairing the models", _progress(args)):
-        matching = match(built.float_model, built.quant_model, leaf_modules=leaves or None)
+        matching = _matching(args, built, leaves, data[0])
     report = compare(
         built.float_model, built.quant_model, data,
         comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
@@ -240,13 +243,26 @@ def _report(args: argparse.Namespace) -> None:
     print(text)
 
 
-def _match(args: argparse.Namespace) -> None:
+def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:
+    """``match`` of the built pair with the command's ``--capture`` (exporting on ``example``)."""
     from .match import match
+
+    return match(built.float_model, built.quant_model,
+                 example if args.capture != "fx" else None,
+                 leaf_modules=leaves or None, capture=args.capture)
+
+
+def _match(args: argparse.Namespace) -> None:
+    from .models import random_batches
     from .progress import phase
 
     built, leaves = _pair(args)
+    example = None
+    if args.capture != "fx":
+        example = random_batches(args.input_shape, 1, seed=args.seed, dtype=args.input_dtype,
+                                 high=args.vocab)[0]
     with phase("tracing and pairing the models", _progress(args)):
-        matching = match(built.float_model, built.quant_model, leaf_modules=leaves or None)
+        matching = _matching(args, built, leaves, example)
     print(matching.table(tablefmt=args.tablefmt))
 
 
@@ -258,7 +274,6 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 def _advise(args: argparse.Namespace) -> int:
     from .advice.search import advise
-    from .match import match
     from .models import random_batches
     from .progress import phase
 
@@ -266,7 +281,7 @@ def _advise(args: argparse.Namespace) -> int:
     data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
                           high=args.vocab)
     with phase("tracing and pairing the models", _progress(args)):
-        matching = match(built.float_model, built.quant_model, leaf_modules=leaves or None)
+        matching = _matching(args, built, leaves, data[0])
     advice = advise(built.float_model, built.quant_model, data, metric=args.metric,
                     target=args.target, max_float_layers=args.max_float_layers,
                     candidates=args.candidates, matching=matching, progress=_progress(args))

@@ -182,3 +182,25 @@ def test_a_batch_of_other_shapes_than_the_export_names_the_cause():
     with pytest.raises(fxn.InputError, match=r"(?s)Tensor\[5, 4\].*Guard failed.*specialised to "
                        "the shapes it was exported with"):
         fxn.compare(model, dynamic, [torch.randn(3, 4), torch.randn(5, 4)], capture="export")
+
+
+def test_cli_capture_export(tmp_path, monkeypatch, capsys):
+    from fxnumeric.cli import main
+
+    (tmp_path / "exportzoo.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(32, 4))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--model", "exportzoo:make", "--quant", "dynamic", "--input-shape", "4,16",
+              "--capture", "export", "--no-progress"]
+    assert main(["match", *common]) == 0
+    out = capsys.readouterr().out  # exported float ATen ops paired with fx-traced modules
+    assert "linear_1" in out and "0 float and 0 quantized nodes unpaired" in out
+    assert "capture (quantized): torch.export could not capture" in out
+    assert main(["report", *common, "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 batches; 3 layers" in out and "traced with torch.fx instead" in out
