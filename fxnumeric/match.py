@@ -33,7 +33,13 @@ from torch import nn
 
 from . import flows
 from .capture import LeafSpec, single_call_graph, trace
-from .capture.export import auto_exports_float, check_capture, export_module, export_side
+from .capture.export import (
+    auto_exports_float,
+    check_capture,
+    export_module,
+    export_side,
+    is_export_graph,
+)
 from .errors import MatchError, TraceError
 from .guards import check_pair
 from .ops import BN_FOLDING_KINDS, classify, classify_module
@@ -721,12 +727,19 @@ def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_i
         raise exc
     _log.info("capturing through the module tree: %s", _first_line(exc))
     found = _match_tree(float_model, quant_model, example_inputs, leaf_modules)
-    if not notes:
-        return found
-    # the module tree pairs modules of both models, so an exported side is not used either
-    notes.append(("both", "captured through the module tree: torch.fx could not trace a "
-                  f"model whole ({_first_line(exc)}), and the tree pairs modules of both models"))
-    return replace(found, capture_notes=tuple(notes))
+    export_tried = any(side == "float" for side, _ in notes)
+    if not export_tried and is_export_graph(flows.normalise_model(quant_model, "quantized")):
+        notes.append(("float", (
+            "torch.fx could not trace it whole, and the quantized model is a torch.export graph "
+            "(pt2e), which the module tree cannot walk (its modules are gone). Fix: pass "
+            "example_inputs and capture='export' (or 'auto') to capture the float model with "
+            "torch.export too")))
+    elif notes:
+        # the module tree pairs modules of both models, so an exported side is not used either
+        notes.append(("both", "captured through the module tree: torch.fx could not trace a "
+                      f"model whole ({_first_line(exc)}), and the tree pairs modules of both "
+                      "models"))
+    return replace(found, capture_notes=tuple(notes)) if notes else found
 
 
 def _graph_matching(float_gm: fx.GraphModule, quant_gm: fx.GraphModule,

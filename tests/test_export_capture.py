@@ -61,8 +61,10 @@ def test_export_pairs_name_the_users_modules_and_attention_internals(bert):
                   and p.name.rpartition(".")[0] == f"encoder.layer.{layer}.attention.self"]
         assert inside.count("matmul") == 2 and inside.count("softmax") == 1
     assert m.pair("encoder.layer.0.attention.self.softmax").quantized
-    # the default, torch.fx, cannot pair a module tree with a flat pt2e graph at all
-    assert fxn.match(model, quant, batch).pairs == ()
+    # the default, torch.fx, cannot pair a module tree with a flat pt2e graph at all; it says
+    # what to do
+    fx = fxn.match(model, quant, batch)
+    assert fx.pairs == () and "Fix: pass example_inputs and capture='export'" in fx.table()
 
 
 def test_linear_output_sqnr_equals_the_logged_tensors(bert):
