@@ -728,7 +728,7 @@ def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_i
     _log.info("capturing through the module tree: %s", _first_line(exc))
     found = _match_tree(float_model, quant_model, example_inputs, leaf_modules)
     export_tried = any(side == "float" for side, _ in notes)
-    if not export_tried and is_export_graph(flows.normalise_model(quant_model, "quantized")):
+    if not export_tried and is_export_graph(quant_model):
         notes.append(("float", (
             "torch.fx could not trace it whole, and the quantized model is a torch.export graph "
             "(pt2e), which the module tree cannot walk (its modules are gone). Fix: pass "
