@@ -688,23 +688,14 @@ def match(
         notes += [(side, note) for side, note in (("float", float_note),
                                                   ("quantized", quant_note)) if note]
     try:
-        float_gm = _as_graph_module(float_root, leaf_modules, "float")
-    except TraceError as exc:
-        exported = (export_module(float_root, example_inputs, "float")
-                    if auto_exports_float(capture, example_inputs, quant_root) else None)
-        if not isinstance(exported, fx.GraphModule):
-            if exported is not None:
-                notes.append(("float", exported.reason))
-            return _fall_back_to_tree(float_model, quant_model, example_inputs, leaf_modules,
-                                      exc, notes)
-        float_gm = float_root = exported
-        notes.append(("float", "captured with torch.export (capture='auto'): torch.fx could "
-                      f"not trace it whole ({_first_line(exc)})"))
-    try:
+        float_gm = _float_graph(float_root, quant_root, example_inputs, leaf_modules, capture,
+                                notes)
         quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized")
     except TraceError as exc:
         return _fall_back_to_tree(float_model, quant_model, example_inputs, leaf_modules,
                                   exc, notes)
+    if is_export_graph(float_gm) and not is_export_graph(float_root):
+        float_root = float_gm  # exported by capture="auto": its nodes name no module of it
     check_pair(float_gm, quant_gm)  # swapped, unconverted or unquantized: see fxnumeric.guards
     if example_inputs is not None:
         from .run import run_model
@@ -713,6 +704,29 @@ def match(
         run_model(quant_gm, example_inputs, which="quantized")
     found = _graph_matching(float_gm, quant_gm, float_model, quant_model, float_root, quant_root)
     return replace(found, capture_notes=tuple(notes)) if notes else found
+
+
+def _float_graph(float_root: Any, quant_root: Any, example_inputs: Any,
+                 leaf_modules: Iterable[LeafSpec] | None, capture: str,
+                 notes: list[tuple[str, str]]) -> fx.GraphModule:
+    """The float graph: torch.fx's, or (``capture="auto"``, where torch.fx cannot trace it
+    whole) torch.export's, noted in ``notes``.
+
+    Raises:
+        TraceError: torch.fx's, when neither captures the float model.
+    """
+    try:
+        return _as_graph_module(float_root, leaf_modules, "float")
+    except TraceError as exc:
+        if not auto_exports_float(capture, example_inputs, quant_root):
+            raise
+        exported = export_module(float_root, example_inputs, "float")
+        if not isinstance(exported, fx.GraphModule):
+            notes.append(("float", exported.reason))
+            raise
+        notes.append(("float", "captured with torch.export (capture='auto'): torch.fx could "
+                      f"not trace it whole ({_first_line(exc)})"))
+        return exported
 
 
 def _first_line(exc: BaseException) -> str:
