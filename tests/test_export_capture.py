@@ -67,6 +67,19 @@ def test_export_pairs_name_the_users_modules_and_attention_internals(bert):
     assert fx.pairs == () and "Fix: pass example_inputs and capture='export'" in fx.table()
 
 
+def _node_values(gm: torch.fx.GraphModule, batch: dict) -> dict[str, torch.Tensor]:
+    values: dict[str, torch.Tensor] = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = out = super().run_node(n)
+            return out
+
+    with torch.no_grad():
+        Record(gm).run(*[batch[n.target] for n in gm.graph.find_nodes(op="placeholder")])
+    return values
+
+
 def test_linear_output_sqnr_equals_the_logged_tensors(bert):
     model, quant, batch = bert
     report = fxn.compare(model, quant, [batch], capture="export", comparisons=("outputs",))
@@ -79,6 +92,16 @@ def test_linear_output_sqnr_equals_the_logged_tensors(bert):
         model(**batch)
     for h in hooks:
         h.remove()
+    # and the quantized ones are what each pt2e linear hands on after its output q/dq
+    values = _node_values(quant, batch)
+    quantized = {}
+    for node in quant.graph.nodes:
+        if node.target is torch.ops.aten.linear.default:
+            path = list(node.meta["nn_module_stack"].values())[-1][0]
+            (q,) = node.users
+            (dq,) = q.users
+            assert "dequantize" in str(dq.target)
+            quantized[path] = values[dq.name]
     checked = 0
     for row in report.rows:
         if row.kind != "linear":
@@ -86,6 +109,7 @@ def test_linear_output_sqnr_equals_the_logged_tensors(bert):
         stats = logged[f"{row.name}.stats"]
         ref, actual = stats["float"][0], stats["quantized"][0]
         torch.testing.assert_close(ref, eager[row.name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(actual, quantized[row.name], rtol=0, atol=0)
         assert row.output["sqnr"] == pytest.approx(_sqnr(ref, actual), abs=0.01)
         checked += 1
     assert checked == 13
