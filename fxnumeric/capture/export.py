@@ -10,14 +10,12 @@ about ATen ops: this module only decides which side is exported and says why one
 
 Captures (the ``capture=`` option of :func:`fxnumeric.match`):
 
-========  ========================================================================
-``fx``    torch.fx, and the module tree where torch.fx cannot trace a model whole
-``export``  torch.export for every side that is an ``nn.Module`` (a GraphModule or
-          ``ExportedProgram`` is read as it is); a side that cannot be exported is
-          traced by torch.fx instead, and the reason is kept
-``auto``  torch.fx, except that a float model torch.fx cannot trace whole is exported
-          when the quantized model is already a ``torch.export`` graph (pt2e)
-========  ========================================================================
+* ``"fx"``: torch.fx, and the module tree where torch.fx cannot trace a model whole;
+* ``"export"``: torch.export for every side that is an ``nn.Module`` (a GraphModule or an
+  ``ExportedProgram`` is read as it is); a side that cannot be exported is traced by
+  torch.fx instead, and the reason is kept in ``Matching.capture_notes``;
+* ``"auto"``: torch.fx, except that a float model torch.fx cannot trace whole is exported
+  when the quantized model is already a ``torch.export`` graph (pt2e).
 """
 
 from __future__ import annotations
