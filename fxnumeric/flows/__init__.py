@@ -119,22 +119,24 @@ FLOWS: tuple[Flow, ...] = _flows()
 """The flows every stage consults, in order."""
 
 
-def normalise_model(model: Any, which: str) -> Any:
-    """The model to trace for ``model``: the first flow's answer, else ``model`` itself."""
+def _first(hook: str, *args: Any) -> Any:
+    """The first flow's answer to ``hook(*args)`` that is not ``None``, else ``None``."""
     for flow in FLOWS:
-        found = flow.normalise_model(model, which)
+        found = getattr(flow, hook)(*args)
         if found is not None:
             return found
-    return model
+    return None
+
+
+def normalise_model(model: Any, which: str) -> Any:
+    """The model to trace for ``model``: the first flow's answer, else ``model`` itself."""
+    found = _first("normalise_model", model, which)
+    return model if found is None else found
 
 
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
     """The first flow's classification of ``node``, or ``None``."""
-    for flow in FLOWS:
-        found = flow.classify(node, modules)
-        if found is not None:
-            return found
-    return None
+    return _first("classify", node, modules)
 
 
 def is_quantized(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -149,47 +151,27 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 def pair_name(node: fx.Node) -> str | None:
     """The first flow's name for the op at ``node``, or ``None``."""
-    for flow in FLOWS:
-        found = flow.pair_name(node)
-        if found is not None:
-            return found
-    return None
+    return _first("pair_name", node)
 
 
 def module_type(node: fx.Node) -> type | None:
     """The first flow's module class for the functional op at ``node``, or ``None``."""
-    for flow in FLOWS:
-        found = flow.module_type(node)
-        if found is not None:
-            return found
-    return None
+    return _first("module_type", node)
 
 
 def weight_input(node: fx.Node, kind: str) -> fx.Node | None:
     """The node feeding the weight of the functional op ``node`` of ``kind``, or ``None``."""
-    for flow in FLOWS:
-        found = flow.weight_input(node, kind)
-        if found is not None:
-            return found
-    return None
+    return _first("weight_input", node, kind)
 
 
 def weight_scale(node: fx.Node, kind: str) -> fx.Node | None:
     """The node of a scale folded into the weight of ``node``, or ``None``."""
-    for flow in FLOWS:
-        found = flow.weight_scale(node, kind)
-        if found is not None:
-            return found
-    return None
+    return _first("weight_scale", node, kind)
 
 
 def batch_norm_params(node: fx.Node, gm: fx.GraphModule) -> BatchNormParams | None:
     """The constants of the functional BatchNorm ``node``, or ``None``."""
-    for flow in FLOWS:
-        found = flow.batch_norm_params(node, gm)
-        if found is not None:
-            return found
-    return None
+    return _first("batch_norm_params", node, gm)
 
 
 def comparable_weight(weight: Any) -> Any:
@@ -198,8 +180,5 @@ def comparable_weight(weight: Any) -> Any:
     torch's quantized tensors stay as they are (the metrics dequantize them); a flow's own
     weight types (torchao tensor subclasses) are dequantized by that flow.
     """
-    for flow in FLOWS:
-        found = flow.comparable_weight(weight)
-        if found is not None:
-            return found
-    return weight
+    found = _first("comparable_weight", weight)
+    return weight if found is None else found
