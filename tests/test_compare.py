@@ -145,3 +145,10 @@ def test_every_metric_agrees_with_float64_to_1e6(which, make_resnet18_pair, make
                     assert got == pytest.approx(value, rel=1e-6, abs=1e-12), (r_fast.name, side, metric)
                     compared += 1
     assert compared > 100
+
+
+def test_an_unknown_row_is_an_input_error_naming_the_rows():
+    f, q = _dynamic_pair()
+    report = ns.compare(f, q, [torch.randn(2, 16)])
+    with pytest.raises(ns.InputError, match=r"no row named 'fc'; rows are: 0, 1, 2"):
+        report.row("fc")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS"]
 
 TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
@@ -139,11 +141,17 @@ class Report:
 
     # ------------------------------------------------------------------ queries
     def row(self, name: str) -> ReportRow:
-        """The row called ``name``."""
+        """The row called ``name``.
+
+        Raises:
+            InputError: naming a few of the rows there are.
+        """
         for r in self.rows:
             if r.name == name:
                 return r
-        raise KeyError(f"no row named {name!r}")
+        names = ", ".join(r.name for r in self.rows[:8])
+        more = " ..." if len(self.rows) > 8 else ""
+        raise InputError(f"no row named {name!r}; rows are: {names}{more} (see Report.table())")
 
     @property
     def degenerate_rows(self) -> tuple[ReportRow, ...]:
