@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .errors import InputError
+
 __all__ = [
     "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
     "is_quantized_module", "is_pure", "PLUMBING", "QUANTIZE",
@@ -169,10 +171,10 @@ def register_op(target: type | Callable | str, signature: str | tuple[str, ...],
         >>> register_op(MyAct, "my_act")
     """
     if role not in ("op", "plumbing", "optional"):
-        raise ValueError(f"role must be 'op', 'plumbing' or 'optional', got {role!r}")
+        raise InputError(f"role must be 'op', 'plumbing' or 'optional', got {role!r}")
     sig = (signature,) if isinstance(signature, str) else tuple(signature)
     if not sig or not all(isinstance(s, str) and s for s in sig):
-        raise ValueError(
+        raise InputError(
             f"signature must be a non-empty string or tuple of strings, got {signature!r}")
     _REGISTERED[target] = OpClass(sig, role)
 
