@@ -353,7 +353,7 @@ def _collect(plan: _Plan, batches: int, progress: bool | None = None) -> Report:
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,
         notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
-               if nothing_quantized(matching.quant_graph) else ())
+               if nothing_quantized(matching.quant_view) else ())
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes),
         model_output_rms=_rms(plan.model),
     )

@@ -29,7 +29,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import FxNumericWarning, InputError
-from .ops import classify, is_quantized_module
+from .ops import is_quantized_module
+from .view import GraphView
 
 __all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized"]
 
@@ -68,18 +69,19 @@ def _is_quantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return name.split(".")[0].startswith("quantize_per_")
 
 
-def contents(gm: fx.GraphModule) -> GraphContents:
-    """Count the quantized ops, quantize nodes, observers and fake-quants of ``gm``.
+def contents(view: GraphView) -> GraphContents:
+    """Count the quantized ops, quantize nodes, observers and fake-quants of a traced graph.
 
-    A called module counts by what it holds: observers attached by eager ``prepare`` (through
-    forward hooks), quantized layers inside a module kept whole (``leaf_modules``).
+    Reads the op classes ``view`` already holds. A called module counts by what it holds:
+    observers attached by eager ``prepare`` (through forward hooks), quantized layers inside a
+    module kept whole (``leaf_modules``).
     """
     observer_t, fake_t = _observer_types()
-    modules = dict(gm.named_modules(remove_duplicate=False))
+    modules = view.modules
     found: dict[str, list[str]] = {"q": [], "qz": [], "obs": [], "fq": []}
     ops = 0
-    for node in gm.graph.nodes:
-        cls = classify(node, modules)
+    for node in view.nodes:
+        cls = view.op_class(node)
         if cls is None:
             continue
         ops += cls.role == "op"
@@ -106,14 +108,14 @@ def _examples(names: tuple[str, ...]) -> str:
     return shown + (", ..." if len(names) > 3 else "")
 
 
-def check_pair(float_gm: fx.GraphModule, quant_gm: fx.GraphModule) -> None:
+def check_pair(float_view: GraphView, quant_view: GraphView) -> None:
     """Raise :class:`InputError` for a swapped or unconverted pair; warn when nothing is quantized.
 
     Args:
-        float_gm: the traced float model.
-        quant_gm: the traced quantized model.
+        float_view: the view of the traced float model.
+        quant_view: the view of the traced quantized model.
     """
-    f, q = contents(float_gm), contents(quant_gm)
+    f, q = contents(float_view), contents(quant_view)
     if f.quantizes and not q.quantizes:
         raise InputError(
             f"the arguments look swapped: the float model has {len(f.quantized_ops)} quantized "
@@ -139,9 +141,9 @@ def check_pair(float_gm: fx.GraphModule, quant_gm: fx.GraphModule) -> None:
         )
 
 
-def nothing_quantized(quant_gm: fx.GraphModule) -> bool:
+def nothing_quantized(quant_view: GraphView) -> bool:
     """Whether the quantized graph has no quantized op and no quantize node at all."""
-    return not contents(quant_gm).quantizes
+    return not contents(quant_view).quantizes
 
 
 def _holds_quantized(value: Any) -> bool:

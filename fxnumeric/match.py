@@ -189,11 +189,17 @@ class Matching:
         return self.quant_view.gm
 
     @property
+    def quantized_ops(self) -> int:
+        """How many quantized compute ops the quantized graph has, paired or not."""
+        return (sum(1 for p in self.pairs if p.quantized)
+                + sum(1 for u in self.unmatched_quant if u.quantized))
+
+    @property
     def coverage(self) -> float:
-        """Fraction of the quantized graph's quantized compute ops that were paired."""
-        paired = sum(1 for p in self.pairs if p.quantized)
-        missed = sum(1 for u in self.unmatched_quant if u.quantized)
-        return 1.0 if paired + missed == 0 else paired / (paired + missed)
+        """Fraction of the quantized graph's quantized compute ops that were paired (1.0 when
+        there are none: render the text with ``n/a`` then, as ``Matching.table`` does)."""
+        total = self.quantized_ops
+        return 1.0 if total == 0 else sum(1 for p in self.pairs if p.quantized) / total
 
     def check(self) -> Matching:
         """Raise :class:`MatchError` if a quantized compute op found no float partner."""
@@ -696,13 +702,15 @@ def match(
                                   exc, notes)
     if is_export_graph(float_gm) and not is_export_graph(float_root):
         float_root = float_gm  # exported by capture="auto": its nodes name no module of it
-    check_pair(float_gm, quant_gm)  # swapped, unconverted or unquantized: see fxnumeric.guards
+    float_view = GraphView(float_gm, root=float_root)
+    quant_view = GraphView(quant_gm, root=quant_root)
+    check_pair(float_view, quant_view)  # swapped, unconverted or unquantized: fxnumeric.guards
     if example_inputs is not None:
         from .run import run_model
 
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
-    found = _graph_matching(float_gm, quant_gm, float_model, quant_model, float_root, quant_root)
+    found = _graph_matching(float_view, quant_view, float_model, quant_model)
     return replace(found, capture_notes=tuple(notes)) if notes else found
 
 
@@ -756,14 +764,9 @@ def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_i
     return replace(found, capture_notes=tuple(notes)) if notes else found
 
 
-def _graph_matching(float_gm: fx.GraphModule, quant_gm: fx.GraphModule,
-                    float_model: nn.Module, quant_model: nn.Module,
-                    float_root: nn.Module | None = None,
-                    quant_root: nn.Module | None = None) -> Matching:
-    """Pair two traced graphs; the roots (default: the models) hold the modules the graphs'
-    nodes name (an ExportedProgram's ``.module()``)."""
-    float_view = GraphView(float_gm, root=float_root if float_root is not None else float_model)
-    quant_view = GraphView(quant_gm, root=quant_root if quant_root is not None else quant_model)
+def _graph_matching(float_view: GraphView, quant_view: GraphView,
+                    float_model: nn.Module, quant_model: nn.Module) -> Matching:
+    """Pair two views of traced graphs of ``float_model`` and ``quant_model``."""
     pairs, miss_f, miss_q, anchor = _pair_views(float_view, quant_view)
     quant_to_float = {q.name: f.name for q, f in anchor.items() if f is not None}
     return Matching(tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view,
@@ -784,8 +787,9 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     from .capture.tree import capture_tree, record_calls
 
     # the guards judge each whole model as one op, by the modules it holds
-    float_whole, quant_whole = single_call_graph(float_model), single_call_graph(quant_model)
-    check_pair(float_whole, quant_whole)
+    whole_views = (GraphView(single_call_graph(float_model), root=float_model),
+                   GraphView(single_call_graph(quant_model), root=quant_model))
+    check_pair(*whole_views)
     float_calls = quant_calls = None
     if example_inputs is not None:
         float_calls = record_calls(float_model, example_inputs, which="float")
@@ -794,10 +798,11 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
                         float_calls=float_calls, quant_calls=quant_calls)
     found = _Found()
     for region in tree.regions:
+        float_part = float_model.get_submodule(region.float_path)
+        quant_part = quant_model.get_submodule(region.quant_path)
         found.add_region(RegionMatching(region.float_path, region.quant_path, _graph_matching(
-            region.float_graph, region.quant_graph,
-            float_model.get_submodule(region.float_path),
-            quant_model.get_submodule(region.quant_path),
+            GraphView(region.float_graph, root=float_part),
+            GraphView(region.quant_graph, root=quant_part), float_part, quant_part,
         )))
     for float_path, quant_path in tree.leaves:
         found.add_leaves(float_path, float_model.get_submodule(float_path),
@@ -809,8 +814,7 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     if root is not None:
         float_view, quant_view = root.float_view, root.quant_view
     else:
-        float_view = GraphView(float_whole, root=float_model)
-        quant_view = GraphView(quant_whole, root=quant_model)
+        float_view, quant_view = whole_views
     return Matching(
         found.ordered_pairs(quant_model), tuple(found.miss_f), tuple(found.miss_q),
         float_view, quant_view, {}, float_model, quant_model,

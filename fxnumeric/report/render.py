@@ -235,9 +235,7 @@ def _kept_whole_text(m: Matching) -> str:
 
 def matching_coverage_text(m: Matching) -> str:
     """``coverage of quantized ops 97%``, or ``n/a`` when the quantized graph has none."""
-    quantized = sum(1 for p in m.pairs if p.quantized) + sum(1 for u in m.unmatched_quant
-                                                             if u.quantized)
-    if quantized == 0:
+    if m.quantized_ops == 0:
         return "coverage of quantized ops n/a (the quantized model has no quantized op)"
     return f"coverage of quantized ops {m.coverage:.0%}"
 
