@@ -32,7 +32,6 @@ import gc
 import io
 import os
 import pstats
-import statistics
 import sys
 import time
 import warnings
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
 import torchvision  # noqa: E402
 from _synthetic import SHAPES, make_pair  # noqa: E402
+from _timing import timed  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.ao.ns._numeric_suite_fx import NSTracer, _get_observed_graph_module_attr  # noqa: E402
@@ -67,17 +67,6 @@ NOTES: list[str] = []
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    """Median wall time in ms of ``repeat`` calls after one warm-up call, and the last result."""
-    result = fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), result
 
 
 def synthetic_qconfig_mapping() -> QConfigMapping:
@@ -155,7 +144,7 @@ def bench_torchvision(names: list[str], repeat: int) -> tuple[list[list[Any]], d
         t_quant = time.perf_counter() - t0
 
         # fxnumeric, end to end
-        fx_e2e, m = timed(lambda: fxnumeric.match(float_model, quant_model), repeat)
+        fx_e2e, m = timed(lambda: fxnumeric.match(float_model, quant_model), repeat, unit=1e3)
         if m.coverage < 1.0 or m.unmatched_quant:
             NOTES.append(
                 f"{name}: fxnumeric coverage {m.coverage:.1%}, {len(m.unmatched_quant)} quantized "
@@ -164,7 +153,7 @@ def bench_torchvision(names: list[str], repeat: int) -> tuple[list[list[Any]], d
             )
         # fxnumeric.match on graphs traced beforehand
         pair_fn, n_float, n_quant = fxnumeric_pairing(float_model, quant_model)
-        fx_pair, _ = timed(pair_fn, repeat)
+        fx_pair, _ = timed(pair_fn, repeat, unit=1e3)
         kept[name] = (float_model, quant_model)
 
         # torch FX Numeric Suite: matcher alone, model A = the float model (as add_loggers traces it)
@@ -174,7 +163,7 @@ def bench_torchvision(names: list[str], repeat: int) -> tuple[list[list[Any]], d
         for attempt in ("float", "prepared"):
             try:
                 gm_a, gm_b = ns_graph_module(model_a), ns_graph_module(quant_model)
-                torch_ms, res = timed(lambda: get_matching_subgraph_pairs(gm_a, gm_b), repeat)
+                torch_ms, res = timed(lambda: get_matching_subgraph_pairs(gm_a, gm_b), repeat, unit=1e3)
                 torch_pairs = f"{len(res)}{label}"
                 break
             except Exception as exc:  # GraphMatchingException and friends
@@ -223,8 +212,8 @@ def bench_synthetic(sizes: list[int], repeat: int) -> tuple[list[list[Any]], lis
             gc.collect()
             gc.freeze()
             reps = repeat if n_float < 5000 else max(3, repeat - 2)
-            t_pair, _ = timed(pair_fn, reps)
-            t_e2e, m = timed(lambda: fxnumeric.match(float_model, quant_model), reps)
+            t_pair, _ = timed(pair_fn, reps, unit=1e3)
+            t_e2e, m = timed(lambda: fxnumeric.match(float_model, quant_model), reps, unit=1e3)
             gc.unfreeze()
             us_pair = t_pair * 1e3 / n_float
             us_e2e = t_e2e * 1e3 / n_float

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections import Counter
 
@@ -41,19 +39,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import _pt2e_models as M  # noqa: E402
 import torch  # noqa: E402
+from _timing import median_time  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import fxnumeric as fxn  # noqa: E402
-
-
-def _median_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _fx_pair(name: str):
@@ -91,8 +80,8 @@ def main() -> None:
         folded += [(name, r[0], r[1], f"{r[3]:.2f}", f"{r[5]:.2f}")
                    for r in rows if r[-1] == "bn-folded"]
         fx_float, fx_quant = _fx_pair(name)
-        t_pt2e = _median_time(lambda: fxn.match(float_gm, quant), args.repeat)
-        t_fx = _median_time(lambda: fxn.match(fx_float, fx_quant), args.repeat)
+        t_pt2e = median_time(lambda: fxn.match(float_gm, quant), args.repeat)
+        t_fx = median_time(lambda: fxn.match(fx_float, fx_quant), args.repeat)
         timing.append((name, sum(1 for n in quant.graph.nodes), f"{t_pt2e * 1e3:.1f}",
                        sum(1 for n in fx_quant.graph.nodes), f"{t_fx * 1e3:.1f}",
                        f"{t_pt2e / t_fx:.2f}"))

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -36,6 +34,8 @@ import fxnumeric as ns
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 warnings.filterwarnings("ignore")
+
+from _timing import median_time  # noqa: E402
 
 
 def keys_table() -> str:
@@ -62,15 +62,6 @@ def keys_table() -> str:
     headers = ("model", "dtype", "eager outputs", "fxnumeric outputs", "superset",
                "eager weights", "fxnumeric weights (model form)", "superset")
     return tabulate(rows, headers=headers)
-
-
-def _median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_table(repeat: int) -> str:
@@ -100,14 +91,14 @@ def time_table(repeat: int) -> str:
 
     forwards()  # warm up kernels and lazy imports once
     compare()
-    floor = _median_time(forwards, repeat)
+    floor = median_time(forwards, repeat, warmup=False)
     rows = [("float + quantized forward (anchor)", floor, 1.0)]
     for label, fn in (("fxnumeric.compare() weights+outputs+shadows", compare),
                       ("fxnumeric.compare() outputs only", compare_outputs_only)):
-        t = _median_time(fn, repeat)
+        t = median_time(fn, repeat, warmup=False)
         rows.append((label, t, t / floor))
     # what each batch after the first costs: setup (capture, instrumentation, weights) once
-    one, nine = rows[1][1], _median_time(compare_nine_batches, max(1, repeat // 2))
+    one, nine = rows[1][1], median_time(compare_nine_batches, max(1, repeat // 2), warmup=False)
     per_batch = (nine - one) / 8
     rows.append(("  each further batch (9 batches - 1 batch) / 8", per_batch, per_batch / floor))
     table = tabulate(rows, headers=("BertModel 6x384, 8x16 tokens", "seconds", "ratio"),

@@ -254,3 +254,18 @@ def make_fx_resnet18_pair(_fx_resnet18_build) -> Callable[[], tuple[nn.Module, n
     b = _fx_resnet18_build
 
     return _copies(b.float_model, b.qmodel, b.img_data)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch) -> Callable[[str, str], None]:
+    """Write a module of the user's, importable for ``--model NAME:factory``.
+
+    Called as ``user_module(name, source)``: writes ``name.py`` into ``tmp_path`` and puts
+    ``tmp_path`` on ``sys.path`` for the test.
+    """
+
+    def write(name: str, source: str) -> None:
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+    return write

@@ -316,10 +316,10 @@ def test_qconfig_mapping_copies_the_base() -> None:
     assert mapping.object_type_qconfigs[nn.Linear] is not None
 
 
-def test_cli_advise_prints_the_advice_and_the_curve(tmp_path, monkeypatch, capsys) -> None:
+def test_cli_advise_prints_the_advice_and_the_curve(user_module, capsys) -> None:
     from fxnumeric.cli import main
 
-    (tmp_path / "advzoo.py").write_text(
+    user_module("advzoo",
         "import torch\n"
         "def make():\n"
         "    torch.manual_seed(0)\n"
@@ -327,7 +327,6 @@ def test_cli_advise_prints_the_advice_and_the_curve(tmp_path, monkeypatch, capsy
         "                               torch.nn.Linear(32, 32), torch.nn.ReLU(),\n"
         "                               torch.nn.Linear(32, 4))\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     common = ["advise", "--model", "advzoo:make", "--quant", "fx", "--input-shape", "8,16",
               "--batches", "2", "--no-progress", "--metric", "cosine"]
     assert main(common + ["--target", "1.5"]) == 1  # out of reach: exit code 1, best found
@@ -413,10 +412,10 @@ def test_a_bad_batch_or_a_failing_metric_is_an_input_error() -> None:
         advise(float_model, q, data, metric=broken, target=1.0)
 
 
-def test_cli_report_with_flags_and_the_sensitivity_chart(tmp_path, monkeypatch, capsys) -> None:
+def test_cli_report_with_flags_and_the_sensitivity_chart(user_module, tmp_path, capsys) -> None:
     from fxnumeric.cli import main
 
-    (tmp_path / "whyzoo.py").write_text(
+    user_module("whyzoo",
         "import torch\n"
         "def make():\n"
         "    torch.manual_seed(0)\n"
@@ -426,7 +425,6 @@ def test_cli_report_with_flags_and_the_sensitivity_chart(tmp_path, monkeypatch, 
         "        m[2].weight[1] *= 40\n"
         "    return m\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     common = ["report", "--model", "whyzoo:make", "--quant", "static", "--input-shape", "8,16",
               "--batches", "2", "--no-progress"]
     assert main(common + ["--why"]) == 0

@@ -61,15 +61,14 @@ def test_report_table_json_csv_html(tmp_path, capsys):
     assert "<svg" in (tmp_path / "r.html").read_text()
 
 
-def test_report_user_factory_and_dynamic(tmp_path, monkeypatch, capsys):
-    (tmp_path / "userzoo.py").write_text(
+def test_report_user_factory_and_dynamic(user_module, capsys):
+    user_module("userzoo",
         "import torch\n"
         "def make():\n"
         "    torch.manual_seed(0)\n"
         "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),\n"
         "                               torch.nn.Linear(32, 4))\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     code = main(["report", "--model", "userzoo:make", "--quant", "dynamic", "--input-shape", "4,16",
                  "--batches", "3", "--format", "json", "--no-progress"])
     assert code == 0
@@ -161,13 +160,12 @@ def test_static_mobilenet_leaks_no_observer_warning(recwarn, capsys):
     assert "must run observer" not in capsys.readouterr().err
 
 
-def test_warnings_are_one_line(tmp_path, monkeypatch, capsys):
-    (tmp_path / "twins.py").write_text(
+def test_warnings_are_one_line(user_module, capsys):
+    user_module("twins",
         "import copy, torch\n"
         "def make():\n"
         "    f = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()\n"
         "    return f, copy.deepcopy(f)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["match", "--model", "twins:make", "--input-shape", "2,4", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert captured.err == ("fxnumeric: warning: the quantized model has no quantized op (all 1 "

@@ -211,17 +211,16 @@ def test_a_batch_of_other_shapes_than_the_export_names_the_cause():
         fxn.compare(model, dynamic, [torch.randn(3, 4), torch.randn(5, 4)], capture="export")
 
 
-def test_cli_capture_export(tmp_path, monkeypatch, capsys):
+def test_cli_capture_export(user_module, capsys):
     from fxnumeric.cli import main
 
-    (tmp_path / "exportzoo.py").write_text(
+    user_module("exportzoo",
         "import torch\n"
         "def make():\n"
         "    torch.manual_seed(0)\n"
         "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),\n"
         "                               torch.nn.Linear(32, 4))\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     common = ["--model", "exportzoo:make", "--quant", "dynamic", "--input-shape", "4,16",
               "--capture", "export", "--no-progress"]
     assert main(["match", *common]) == 0

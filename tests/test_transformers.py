@@ -247,10 +247,10 @@ def test_prepare_in_place_and_stubs_on_a_module_tree_capture(pairs):
     assert ns.sqnr(entry["float"][0], entry["quantized"][0]) > 20
 
 
-def test_cli_report_on_a_transformers_factory(tmp_path, monkeypatch, capsys):
+def test_cli_report_on_a_transformers_factory(user_module, capsys):
     from fxnumeric.cli import main
 
-    (tmp_path / "hfzoo.py").write_text(
+    user_module("hfzoo",
         "import torch, transformers\n"
         "def bert():\n"
         "    torch.manual_seed(0)\n"
@@ -258,7 +258,6 @@ def test_cli_report_on_a_transformers_factory(tmp_path, monkeypatch, capsys):
         "                                  num_attention_heads=4, intermediate_size=37)\n"
         "    return transformers.BertModel(cfg)\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     code = main(["report", "--model", "hfzoo:bert", "--quant", "dynamic", "--input-shape", "2,8",
                  "--input-dtype", "long", "--vocab", "99", "--batches", "2", "--no-progress"])
     assert code == 0
