@@ -181,7 +181,7 @@ def _pair(args: argparse.Namespace):
     calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
                                  high=args.vocab)
     if args.quant.startswith("pt2e"):
-        from .flows.pt2e import build_pair as build_pt2e_pair
+        from .models import build_pt2e_pair
 
         built = build_pt2e_pair(args.model, calibration, float_weights=args.float_weights,
                                 seed=args.seed, progress=_progress(args),

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import flows
 from .errors import InputError
 
 __all__ = ["run_model", "as_args", "as_call", "check_devices"]
@@ -87,21 +88,17 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
         with torch.no_grad():
             return model(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError,
-            AssertionError) as exc:  # AssertionError: a torch.export graph's input guards
+            AssertionError) as exc:  # AssertionError: a graph's input guards (torch.export)
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
         first = str(exc).splitlines()[0] if str(exc) else ""
-        exported = (
-            " It is a torch.export graph (capture='export', pt2e), specialised to the shapes "
-            "it was exported with: give every batch those shapes."
-            if first.startswith("Guard failed") else ""
-        )
+        hint = flows.failure_hint(exc)
         raise InputError(
             f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
             f"{first}\n"
             "Check the input shape, dtype and device (a batch that is a tuple is passed as "
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
-            f"it outside fxnumeric.{exported}"
+            f"it outside fxnumeric.{' ' + hint if hint else ''}"
         ) from exc
 
 

@@ -42,7 +42,7 @@ def test_without_torchao_everything_else_works(tmp_path):
         report.to_model_explorer(sys.argv[1])
         ep = torch.export.export(f, (torch.randn(2, 8),))
         assert len(fxn.match(ep, ep.module()).pairs) == 2  # pt2e capture needs no torchao
-        from fxnumeric.flows.pt2e import quantize_pt2e
+        from fxnumeric.models import quantize_pt2e
         try:
             quantize_pt2e(f, [torch.randn(2, 8)])
         except fxn.InputError as exc:

@@ -198,7 +198,7 @@ def test_aten_tables_normalise_decomposed_batch_norm_and_relu6():
 
 
 def test_a_models_own_linear_plus_parameter_is_an_add_not_a_qat_scale():
-    from fxnumeric.flows.pt2e import quantize_pt2e
+    from fxnumeric.models import quantize_pt2e
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -234,7 +234,7 @@ def test_transformer_block_pairs():
 
 
 def test_x86_quantizer_pairs_a_transformer_and_explains_resnet18():
-    from fxnumeric.flows.pt2e import quantize_pt2e
+    from fxnumeric.models import quantize_pt2e
 
     float_gm, quant = quantize_pt2e(M.model("transformer"), M.batches("transformer", 2),
                                     quantizer="x86")
@@ -276,7 +276,7 @@ def test_cli_report_quant_pt2e(capsys):
 
 def test_tiny_bert_encoder_pairs_with_constant_subgraphs_as_plumbing():
     transformers = pytest.importorskip("transformers")
-    from fxnumeric.flows.pt2e import quantize_pt2e
+    from fxnumeric.models import quantize_pt2e
 
     class Encoder(torch.nn.Module):
         def __init__(self):
