@@ -20,7 +20,6 @@ from torch import nn
 from ._tensors import detach, first_output
 from .capture import LeafSpec
 from .errors import InputError
-from .guards import nothing_quantized
 from .instrument import Instrumented, instrument, resolve_matching
 from .loggers import Logger
 from .match import Matching, Pair
@@ -267,11 +266,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
 def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
          max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None) -> int:
     """Feed every batch to both instrumented models; return how many batches ran."""
-    float_gm = plan.built.float_model
-    if float_gm is None:  # nothing to observe on the float side: run it as it is
-        matching = plan.matching
-        float_gm = matching.float_graph if matching.whole_graph else matching.float_model
-    quant_gm = plan.built.quant_model
+    float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
@@ -353,7 +348,7 @@ def _collect(plan: _Plan, batches: int, progress: bool | None = None) -> Report:
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,
         notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
-               if nothing_quantized(matching.quant_view) else ())
+               if matching.nothing_quantized else ())
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes),
         model_output_rms=_rms(plan.model),
     )

@@ -208,7 +208,7 @@ def _matching_rows(m: Matching) -> list[tuple[str, ...]]:
     ]
     rows += [(u.node, u.kind, u.node, "-", u.reason) for u in m.unmatched_float]
     rows += [(u.node, u.kind, "-", u.node, u.reason) for u in m.unmatched_quant]
-    if not m.whole_graph:  # captured through the module tree: say how each pair was found
+    if _shows_found_by(m):  # some pairs are modules paired whole: say how each was found
         found = [p.found_by for p in m.pairs] + ["-"] * (len(rows) - len(m.pairs))
         rows = [(*r[:4], how, r[4]) for r, how in zip(rows, found, strict=True)]
     return rows
@@ -217,8 +217,12 @@ def _matching_rows(m: Matching) -> list[tuple[str, ...]]:
 _MATCH_HEADERS = ("name", "kind", "float nodes", "quantized nodes", "unpaired because")
 
 
+def _shows_found_by(m: Matching) -> bool:
+    return bool(m.untraced) or any(p.found_by != "graph" for p in m.pairs)
+
+
 def _matching_headers(m: Matching) -> tuple[str, ...]:
-    if m.whole_graph:
+    if not _shows_found_by(m):
         return _MATCH_HEADERS
     return (*_MATCH_HEADERS[:4], "found by", _MATCH_HEADERS[4])
 
