@@ -26,7 +26,7 @@ from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
 from .progress import Progress, phase
 from .report import Report, ReportRow, WeightHistogram
-from .run import check_devices, run_model
+from .run import check_devices, pick_inputs, run_model
 from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]
@@ -183,9 +183,11 @@ def compare(
             ``inputs(batch)`` returning the input or a tuple of inputs. Default: the whole
             batch.
         capture: ``"fx"``, ``"export"`` or ``"auto"``, as in :func:`fxnumeric.match`; the
-            first batch is the example input of ``torch.export`` (an exported graph is
-            specialised to its shapes, so every batch must have them). Ignored when
-            ``matching`` is given: it was captured already.
+            first batch is the example input of the capture (for ``torch.export``, whose graph
+            is specialised to its shapes, so every batch must have them; for a model torch.fx
+            cannot trace whole, it records how each submodule is called, so that modules with
+            optional arguments are traced too). Ignored when ``matching`` is given: it was
+            captured already.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
@@ -200,7 +202,7 @@ def compare(
         (['0', '1'], 3)
     """
     example = None
-    if capture != "fx" and matching is None:
+    if matching is None:  # the first batch: torch.export's example, and how modules are called
         example, data = _first_batch(data, inputs)
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
                  leaf_modules, precision, progress, capture, example)
@@ -237,7 +239,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     names, custom = _resolve_metrics(metrics)
     with phase("tracing and pairing the models", False if matching is not None else progress):
         matching = resolve_matching(float_model, quant_model, matching, leaf_modules,
-                                    capture=capture, example_inputs=example_inputs)
+                                    capture=capture, example_inputs=example_inputs,
+                                    validate=False)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     twins: list[_FloatOutputs] = []
@@ -278,7 +281,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         for batch in data:
             if max_batches is not None and batches >= max_batches:
                 break
-            model_inputs = _pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
+            model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
             if batches == 0:
                 check_devices(plan.matching.float_model or float_gm,
                               plan.matching.quant_model or quant_gm, model_inputs)
@@ -363,33 +366,22 @@ def _rms(acc: Accumulator | None) -> float | None:
 
 def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
                  ) -> tuple[Any, Iterable[Any]]:
-    """The model inputs of the first batch (torch.export's example), and ``data`` still whole
+    """The model inputs of the first batch (the capture's example), and ``data`` still whole
     (an iterator is chained back together)."""
     if isinstance(data, torch.Tensor):
         return data, data
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         if len(data) == 0:  # type: ignore[arg-type]
-            raise InputError("data yielded no batches: capture='export' needs a first batch")
-        return _pick_inputs(data[0], inputs), data  # type: ignore[index]
+            raise InputError("data yielded no batches: pass an iterable of input tensors "
+                             "(or tuples of inputs)")
+        return pick_inputs(data[0], inputs), data  # type: ignore[index]
     iterator = iter(data)
     try:
         first = next(iterator)
     except StopIteration:
-        raise InputError("data yielded no batches: capture='export' needs a first batch") from None
-    return _pick_inputs(first, inputs), itertools.chain([first], iterator)
-
-
-def _pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:
-    if inputs is None:
-        return batch
-    if callable(inputs):
-        return inputs(batch)
-    try:
-        return batch[inputs]
-    except (IndexError, KeyError, TypeError) as exc:
-        raise InputError(f"inputs={inputs!r} cannot index a batch of type {type(batch).__name__}: "
-                         f"{exc}; pass an index into each batch or a function batch -> inputs")\
-            from exc
+        raise InputError("data yielded no batches: pass an iterable of input tensors "
+                         "(or tuples of inputs)") from None
+    return pick_inputs(first, inputs), itertools.chain([first], iterator)
 
 
 def _looks_labelled(batch: Any) -> bool:

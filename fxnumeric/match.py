@@ -590,6 +590,7 @@ def match(
     leaf_modules: Iterable[LeafSpec] | None = None,
     capture: str = "fx",
     node_match: NodeMatch = same_op,
+    validate_inputs: bool = True,
 ) -> Matching:
     """Pair the ops of a float model with those of the quantized model made from it.
 
@@ -628,6 +629,10 @@ def match(
             :func:`fxnumeric.pairing.node_attrs` (default :func:`fxnumeric.pairing.same_op`:
             same head kind, same channels/features). Pass your own to pair ops the default
             refuses (or to refuse more).
+        validate_inputs: run both captured graphs once on ``example_inputs`` to check they
+            accept them (a model captured through the module tree is run anyway, to record
+            how its submodules are called). :func:`fxnumeric.compare`, which runs the models
+            on that batch next, passes False.
 
     Returns:
         A :class:`Matching`. Misses are listed with reasons; call ``.check()`` to turn a
@@ -663,7 +668,7 @@ def match(
     float_view = GraphView(float_gm, root=float_root)
     quant_view = GraphView(quant_gm, root=quant_root)
     check_pair(float_view, quant_view)  # swapped, unconverted or unquantized: fxnumeric.guards
-    if example_inputs is not None:
+    if example_inputs is not None and validate_inputs:
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
     region = pair_region(float_view, quant_view, node_match=node_match)

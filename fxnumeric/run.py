@@ -8,6 +8,7 @@ A batch is a tensor (one input), a tuple or list (several positional inputs) or 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from . import flows
 from .errors import InputError
 
-__all__ = ["run_model", "as_args", "as_call", "check_devices"]
+__all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches"]
 
 
 def as_args(batch: Any) -> tuple[Any, ...]:
@@ -30,6 +31,41 @@ def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(batch, dict):
         return (), dict(batch)
     return as_args(batch), {}
+
+
+def pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:
+    """What of ``batch`` the models take: all of it (``inputs=None``), ``batch[inputs]`` for
+    an index (``inputs=0`` drops the labels of ``(x, label)``), or ``inputs(batch)``."""
+    if inputs is None:
+        return batch
+    if callable(inputs):
+        return inputs(batch)
+    try:
+        return batch[inputs]
+    except (IndexError, KeyError, TypeError) as exc:
+        raise InputError(f"inputs={inputs!r} cannot index a batch of type {type(batch).__name__}: "
+                         f"{exc}; pass an index into each batch or a function batch -> inputs"
+                         ) from exc
+
+
+def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None = None,
+                  ) -> list[Any]:
+    """Every batch of ``data`` as the models take it (see :func:`pick_inputs`), in a list: for
+    calls that run each batch many times (hybrid models). A single tensor is one batch.
+
+    Raises:
+        InputError: ``data`` yields no batch.
+    """
+    if data is None:
+        raise InputError("data is None: pass an iterable of batches (tensors, tuples of inputs "
+                         "or dicts of keyword inputs), or a single tensor")
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    batches = [pick_inputs(b, inputs) for b in data]
+    if not batches:
+        raise InputError("data yielded no batches: pass an iterable of input tensors "
+                         "(or tuples of inputs)")
+    return batches
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,10 +38,95 @@ from .view import GraphView
 
 __all__ = [
     "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
-    "evaluate_constant", "shadow_copy",
+    "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
 ]
 
+QRANGE: dict[torch.dtype, tuple[int, int]] = {
+    torch.quint8: (0, 255), torch.qint8: (-128, 127), torch.qint32: (-(2**31), 2**31 - 1),
+    torch.quint4x2: (0, 15), torch.uint8: (0, 255), torch.int8: (-128, 127),
+}
+"""The integer range of each quantized (or integer) dtype."""
+
 _INPLACE_FUNCTIONS = frozenset({operator.iadd, operator.imul, operator.isub, operator.itruediv})
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """The per-tensor grid a value is quantized on: its step, zero point and integer range.
+
+    Example:
+        >>> QuantGrid(0.1, 0, -128, 127).bounds()
+        (-12.850000000000001, 12.75)
+    """
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    def bounds(self) -> tuple[float, float]:
+        """The float range the grid represents, half a step beyond each end (rounding)."""
+        return ((self.qmin - self.zero_point - 0.5) * self.scale,
+                (self.qmax - self.zero_point + 0.5) * self.scale)
+
+    @classmethod
+    def of(cls, value: torch.Tensor) -> QuantGrid | None:
+        """The grid of a per-tensor quantized tensor (``None`` for any other tensor)."""
+        if not value.is_quantized or value.qscheme() not in (torch.per_tensor_affine,
+                                                             torch.per_tensor_symmetric):
+            return None
+        qmin, qmax = QRANGE.get(value.dtype, (0, 255))
+        return cls(float(value.q_scale()), int(value.q_zero_point()), qmin, qmax)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def quantize_grid(node: fx.Node, view: GraphView) -> QuantGrid | None:
+    """The per-tensor grid a quantize node quantizes to, read from its constants.
+
+    A ``Quantize`` module's ``scale`` and ``zero_point``; a quantize function's arguments in
+    the order torch's (``quantize_per_tensor(x, scale, zero_point, dtype)``) and the pt2e
+    ones (``quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype)``) share.
+    ``None`` for per-channel quantization or a node that is not a quantize.
+    """
+    cls = view.op_class(node)
+    if cls is None or not cls.is_quantize:
+        return None
+    if node.op == "call_module":
+        module = view.modules[str(node.target)]
+        scale, zp = _scalar(getattr(module, "scale", None)), getattr(module, "zero_point", None)
+        dtype = getattr(module, "dtype", None)
+        if scale is None or _scalar(zp) is None or dtype not in QRANGE:
+            return None
+        return QuantGrid(scale, int(_scalar(zp)), *QRANGE[dtype])  # type: ignore[arg-type]
+    args = [evaluate_constant(a, view) for a in node.args]
+    if len(args) < 4:
+        return None
+    scale, zp = _scalar(args[1]), _scalar(args[2])
+    dtype = next((a for a in args[3:] if isinstance(a, torch.dtype)), None)
+    if scale is None or zp is None or dtype not in QRANGE:
+        return None
+    qmin, qmax = QRANGE[dtype]
+    if len(args) >= 6 and isinstance(args[3], int) and isinstance(args[4], int):
+        qmin, qmax = args[3], args[4]  # pt2e: the range is explicit
+    return QuantGrid(scale, int(zp), qmin, qmax)
+
+
+def grid_before(view: GraphView, node: fx.Node) -> QuantGrid | None:
+    """The grid of the quantize that ``node``'s value went through just before it (``node``
+    itself, or behind its dequantize and other plumbing): a layer's output step in a
+    reference FX or pt2e graph. ``None`` where there is none."""
+    while True:
+        cls = view.op_class(node)
+        if cls is not None and cls.is_quantize:
+            return quantize_grid(node, view)
+        if cls is None or cls.role != "plumbing" or not node.all_input_nodes:
+            return None
+        node = node.all_input_nodes[0]
 
 
 def fetch_attr(gm: nn.Module, target: str) -> Any:

@@ -11,7 +11,7 @@ from fxnumeric import flows
 
 
 def test_every_stage_consults_the_same_flows():
-    assert [f.name for f in flows.FLOWS] == ["pt2e", "torchao"]
+    assert [f.name for f in flows.FLOWS] == ["pt2e", "torchao", "fx"]
     # hooks answer None for what is not theirs: a plain FX graph is untouched
     import torch
 

@@ -23,7 +23,8 @@ hook                        called by                           answers
 ==========================  ==================================  ===============================
 
 Flows shipped: :mod:`fxnumeric.flows.pt2e` (``torch.export`` graphs, ``prepare_pt2e`` /
-``convert_pt2e``) and :mod:`fxnumeric.flows.torchao` (``torchao.quantization.quantize_``).
+``convert_pt2e``), :mod:`fxnumeric.flows.torchao` (``torchao.quantization.quantize_``) and
+:mod:`fxnumeric.flows.fx` (torch.fx's own metadata).
 Neither imports ``torchao`` unless a torchao object is already in the user's hands.
 """
 
@@ -120,10 +121,12 @@ class Flow:
 
 
 def _flows() -> tuple[Flow, ...]:
+    from .fx import FxFlow
     from .pt2e import Pt2eFlow
     from .torchao import TorchaoFlow
 
-    return (Pt2eFlow(), TorchaoFlow())
+    # torch.fx last: it answers for any traced node, the others for their own graphs only
+    return (Pt2eFlow(), TorchaoFlow(), FxFlow())
 
 
 FLOWS: tuple[Flow, ...] = _flows()

@@ -184,13 +184,14 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
 def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | None,
                      matching: Matching | None,
                      leaf_modules: Iterable[LeafSpec] | None, *, capture: str = "fx",
-                     example_inputs: Any = None) -> Matching:
-    """``matching``, checked against the models passed beside it, or a new :func:`match`."""
+                     example_inputs: Any = None, validate: bool = True) -> Matching:
+    """``matching``, checked against the models passed beside it, or a new :func:`match`
+    (``validate``: see its ``validate_inputs``)."""
     if matching is None:
         if float_model is None or quant_model is None:
             raise InstrumentationError("pass the float and quantized models, or a matching")
         return match(float_model, quant_model, example_inputs, leaf_modules=leaf_modules,
-                     capture=capture)
+                     capture=capture, validate_inputs=validate)
     for side, given, used in (("float", float_model, matching.float_model),
                               ("quantized", quant_model, matching.quant_model)):
         if given is not None and given is not used:
