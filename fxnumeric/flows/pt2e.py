@@ -283,14 +283,17 @@ class Pt2eFlow(Flow):
 
     def pair_name(self, node: fx.Node) -> str | None:
         """The module path from ``nn_module_stack``: ``layer1.0.conv1`` for the conv of that
-        ``Conv2d``, ``layer1.0.add_`` for an op a bigger module computes itself."""
+        ``Conv2d``; for an op a bigger module computes itself, that module's path and the op's
+        kind, as users name it (``layer1.0.add``, not the node's ``add__1``; the matcher numbers
+        further call sites ``layer1.0.add#2``)."""
         found = _innermost_module(node)
         if found is None:
             return None
         path, module_type = found
         if _is_one_op_module(module_type):
             return path
-        return f"{path}.{node.name}" if path else None
+        kind = _op_kind(node)
+        return f"{path}.{kind}" if path else kind
 
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
         if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
@@ -365,6 +368,13 @@ def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
         return None
     stack = node.meta.get("nn_module_stack")
     return tuple(list(stack.values())[-1]) if stack else None  # type: ignore[return-value]
+
+
+def _op_kind(node: fx.Node) -> str:
+    """The kind an ATen op is reported as: ``add`` for ``aten.add_.Tensor``."""
+    name = (_op_name(node.target) or ("", node.name))[1]
+    base = name.rstrip("_") if name not in ATEN_KINDS else name
+    return ATEN_KINDS.get(base, (base,))[0]
 
 
 def _is_one_op_module(module_type: Any) -> bool:
