@@ -8,13 +8,14 @@ lives in :mod:`fxnumeric.report.render`, and the methods here only delegate to i
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import InputError
+from . import persist
 
 __all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS"]
 
@@ -62,8 +63,15 @@ class ReportRow:
     flags: tuple[str, ...] = ()
     """Why the layer is bad, as flag codes (``fxnumeric.advice.annotate`` sets them)."""
     weight_histogram: WeightHistogram | None = field(default=None, repr=False)
-    activations: tuple | None = field(default=None, repr=False)
+    activations: tuple | None = field(default=None, repr=False, metadata={"json": False})
+    """Raw tensors, only with ``compare(..., keep_activations=True)``; never saved to JSON."""
     float_rms: float | None = None
+    floor_sqnr: float | None = None
+    """The SQNR this layer's own qparams allow (None when unknown)."""
+
+    _JSON_DERIVED: ClassVar[dict[str, Callable[[ReportRow], Any]]] = {
+        "degenerate": lambda r: r.degenerate,
+    }
 
     @property
     def output_sqnr(self) -> float | None:
@@ -106,17 +114,6 @@ class ReportRow:
                 f"output {db(self.output_sqnr)} dB, shadow {db(self.shadow_sqnr)} dB)")
 
 
-def _num(x: float | None) -> Any:
-    """JSON-safe number: inf/nan become strings, None stays None."""
-    if x is None:
-        return None
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
 def _sort_value(x: float | None) -> float:
     return math.inf if x is None or math.isnan(x) else x
 
@@ -127,17 +124,27 @@ class Report:
 
     ``notes`` are report-wide caveats (random weights, nothing quantized) shown above the
     summary in every rendering; ``model_output_rms`` is the float model output's RMS.
+    ``unmatched`` holds ``(node, side, reason)`` for every node that could not be paired.
+
+    A report saves to JSON and loads back exactly (:meth:`to_json`, :meth:`from_json`; the
+    schema is in ``docs/reports.md``), and two reports diff (:meth:`diff`).
     """
 
-    rows: tuple[ReportRow, ...]
+    rows: tuple[ReportRow, ...] = field(metadata={"json": "layers"})
     metrics: tuple[str, ...]
     comparisons: tuple[str, ...]
     batches: int
     model_output: dict[str, float]
-    unmatched: tuple[tuple[str, str, str], ...] = ()
+    unmatched: tuple[tuple[str, str, str], ...] = field(
+        default=(), metadata={"json_items": ("node", "side", "reason")})
     torch_version: str = ""
     notes: tuple[str, ...] = ()
     model_output_rms: float | None = None
+
+    _JSON_DERIVED: ClassVar[dict[str, Callable[[Report], Any]]] = {
+        "summary": lambda r: r.summary(),
+        "worst_layer": lambda r: r.worst_layer.name if r.worst_layer is not None else None,
+    }
 
     # ------------------------------------------------------------------ queries
     def row(self, name: str) -> ReportRow:
@@ -255,39 +262,62 @@ class Report:
         return report_table(self, tablefmt, sort=sort, top_k=top_k)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-safe: inf and nan are strings)."""
-        worst = self.worst_layer
-        return {
-            "summary": self.summary(),
-            "notes": list(self.notes),
-            "batches": self.batches,
-            "comparisons": list(self.comparisons),
-            "metrics": list(self.metrics),
-            "torch_version": self.torch_version,
-            "model_output": {k: _num(v) for k, v in self.model_output.items()},
-            "model_output_rms": _num(self.model_output_rms),
-            "worst_layer": worst.name if worst else None,
-            "layers": [
-                {
-                    "name": r.name, "kind": r.kind, "quantized": r.quantized,
-                    "weight_sqnr": _num(r.weight_sqnr), "weight_keys": list(r.weight_keys),
-                    "output": {k: _num(v) for k, v in r.output.items()},
-                    "shadow": {k: _num(v) for k, v in r.shadow.items()},
-                    "float_nodes": list(r.float_nodes), "quant_nodes": list(r.quant_nodes),
-                    "float_rms": _num(r.float_rms), "degenerate": r.degenerate,
-                    "note": r.notes, "flags": list(r.flags),
-                }
-                for r in self.rows
-            ],
-            "unmatched": [{"node": n, "side": s, "reason": why} for n, s, why in self.unmatched],
-        }
+        """Plain, JSON-safe data: every field but the raw ``activations`` (schema in
+        ``docs/reports.md``); :meth:`from_dict` rebuilds the report exactly.
 
-    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
-        """Return the report as JSON; also write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
+        Beside the fields (``rows`` under ``layers``) it holds ``schema``, the ``summary``
+        line, ``worst_layer`` and each row's ``degenerate``, for people and scripts; inf and
+        nan are the strings ``"inf"``, ``"-inf"``, ``"nan"``.
+
+        Example:
+            >>> row = ReportRow("fc", "linear", True, 41.5, {"sqnr": float("inf")}, {"sqnr": 25.0})
+            >>> r = Report((row,), ("sqnr",), ("weights", "outputs", "shadows"), 2, {"sqnr": 30.0})
+            >>> d = r.to_dict()
+            >>> d["schema"], d["layers"][0]["output"], d["worst_layer"]
+            (1, {'sqnr': 'inf'}, 'fc')
+            >>> Report.from_dict(d) == r
+            True
+        """
+        return {"schema": persist.SCHEMA, **persist.to_data(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict`'s data.
+
+        Raises:
+            InputError: a newer ``schema``, a missing or unknown key, a value of the wrong
+                type (the message names the key's path, ``layers[3].output.sqnr``).
+        """
+        return persist.load(cls, data)
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        """Return the report as strict JSON (see :meth:`to_dict`); also write it to ``path``.
+
+        Floats are written with all their digits, so :meth:`from_json` gives back the same
+        report, bit for bit. Lists of numbers stay on one line.
+        """
+        text = persist.dumps(self.to_dict(), indent=indent)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> Report:
+        """Load a report saved by :meth:`to_json` (or ``fxnumeric report --json FILE``).
+
+        Args:
+            source: JSON text (it starts with ``{``) or the path of a file holding it.
+
+        Raises:
+            InputError: the file is missing, not JSON, not a report, from a newer fxnumeric,
+                or a value does not fit its field; the message says which.
+
+        Example:
+            >>> r = Report((), ("sqnr",), ("outputs",), 1, {"sqnr": float("nan")})
+            >>> Report.from_json(r.to_json()).model_output
+            {'sqnr': nan}
+        """
+        return persist.load(cls, source)
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one CSV row per layer (metrics as columns) and return the path."""
