@@ -12,10 +12,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InputError
 from . import persist
+
+if TYPE_CHECKING:
+    from .diff import ReportDiff
 
 __all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS"]
 
@@ -161,6 +164,11 @@ class Report:
         raise InputError(f"no row named {name!r}; rows are: {names}{more} (see Report.table())")
 
     @property
+    def output_degenerate(self) -> bool:
+        """Whether the float model output collapsed (RMS below :data:`DEGENERATE_RMS`)."""
+        return self.model_output_rms is not None and self.model_output_rms < DEGENERATE_RMS
+
+    @property
     def degenerate_rows(self) -> tuple[ReportRow, ...]:
         """Rows whose float signal collapsed: their metrics measure nothing."""
         return tuple(r for r in self.rows if r.degenerate)
@@ -194,10 +202,9 @@ class Report:
         parts = [f"{self.batches} batches", f"{len(self.rows)} layers"]
         overall = self.model_output.get("sqnr")
         if overall is not None:
-            collapsed = self.model_output_rms is not None and self.model_output_rms < DEGENERATE_RMS
             parts.append(f"model output SQNR {overall:.2f} dB"
                          + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
-                            if collapsed else ""))
+                            if self.output_degenerate else ""))
         worst = self.worst_layer
         if worst is not None:
             how = (f"shadow SQNR {worst.shadow_sqnr:.2f} dB" if worst.shadow_sqnr is not None
@@ -245,6 +252,27 @@ class Report:
         if key != "graph":
             rows.sort(key=lambda r: (r.degenerate, _sort_value(getattr(r, key))))
         return rows[:top_k] if top_k is not None else rows
+
+    def diff(self, new: Report, *, tolerance_db: float = 0.5, tolerance_cosine: float = 1e-3,
+             tolerance_kl: float = 0.01, tolerance_top1: float = 0.01) -> ReportDiff:
+        """What changed from this (old) report to ``new``, and what regressed.
+
+        Layers pair by name; every metric of both is listed, and a change is a regression
+        when an SQNR falls by more than ``tolerance_db`` dB, a cosine by more than
+        ``tolerance_cosine``, the model output's ``kl`` rises by more than ``tolerance_kl``
+        or its ``top1_agreement`` falls by more than ``tolerance_top1`` (see
+        :mod:`fxnumeric.report.diff`).
+
+        Example:
+            >>> old = Report.from_json("baseline.json")  # doctest: +SKIP
+            >>> d = old.diff(Report.from_json("report.json"), tolerance_db=1.0)  # doctest: +SKIP
+            >>> print(d.table())  # doctest: +SKIP
+        """
+        from .diff import diff_reports
+
+        return diff_reports(self, new, tolerance_db=tolerance_db,
+                            tolerance_cosine=tolerance_cosine, tolerance_kl=tolerance_kl,
+                            tolerance_top1=tolerance_top1)
 
     # ------------------------------------------------------------------ rendering
     def table(self, tablefmt: str = "simple", *, sort: str | None = None,
