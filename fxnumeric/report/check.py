@@ -108,8 +108,10 @@ class Thresholds:
         >>> t = Thresholds.from_dict({"model_output": {"min_sqnr": 25},
         ...                           "layers": {"min_shadow_sqnr": 20,
         ...                                      "layer4.*": {"min_shadow_sqnr": 25}}})
-        >>> t.model_output, t.layers
-        ({'min_sqnr': 25.0}, {'*': {'min_shadow_sqnr': 20.0}, 'layer4.*': {'min_shadow_sqnr': 25.0}})
+        >>> t.model_output
+        {'min_sqnr': 25.0}
+        >>> t.layers
+        {'*': {'min_shadow_sqnr': 20.0}, 'layer4.*': {'min_shadow_sqnr': 25.0}}
     """
 
     model_output: dict[str, float] = field(default_factory=dict)
