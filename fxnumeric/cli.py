@@ -317,7 +317,8 @@ def _report(args: argparse.Namespace) -> int:
         text = f"wrote {args.output}"
     if args.json:
         report.to_json(args.json)
-        text += f"\nsaved the report as JSON in {args.json}"
+        # on stderr: stdout may be the JSON or table a pipe reads
+        print(f"saved the report as JSON in {args.json}", file=sys.stderr)
     print(text)
     return EXIT_OK
 

@@ -6,7 +6,7 @@ one line per failed threshold, so pytest shows what failed::
 
     from fxnumeric.testing import assert_report
 
-    def test_quantized_model_is_accurate(tmp_path):
+    def test_quantized_model_is_accurate():
         report = fxnumeric.compare(float_model, quant_model, batches)
         assert_report(report, "quant.toml", min_output_sqnr=25)
 """

@@ -13,6 +13,7 @@ import torch
 
 import fxnumeric as ns
 from fxnumeric.cli import main
+from fxnumeric.report import Report
 
 
 def test_demo_ends_with_the_report_the_html_path_and_next_steps(tmp_path, capsys):
@@ -263,8 +264,10 @@ def tiny_report(user_module, tmp_path, capsys) -> Path:
     user_module("tinymlp", _TINY)
     path = tmp_path / "tiny.json"
     assert main(["report", *_TINY_ARGS, "--batches", "2", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert out.endswith(f"saved the report as JSON in {path}\n") and "most error enters" in out
+    captured = capsys.readouterr()
+    assert captured.err == f"saved the report as JSON in {path}\n"
+    assert "most error enters" in captured.out.splitlines()[-1]
+    assert Report.from_json(path).summary() == captured.out.splitlines()[-1]
     return path
 
 

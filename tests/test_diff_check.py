@@ -247,6 +247,7 @@ def test_pattern_without_a_layer_unmeasured_metrics_floor_and_nan_fail(tmp_path)
     ("[model_output]\nmin_sqnr = \"high\"\n", r"\[model_output\] min_sqnr must be a number"),
     ("[layers.'re:(']\nmin_shadow_sqnr = 1\n", r"not a regular expression"),
     ("[layers\nmin_sqnr = 1\n", r"is not TOML: .*line 1"),
+    ("layers = 3\n", r"layers must be a table \(\[layers\]\), got 3"),
 ])
 def test_bad_threshold_files_are_input_errors(tmp_path, text, message):
     path = tmp_path / "t.toml"

@@ -147,11 +147,13 @@ class Thresholds:
             raise InputError(f"{where}: unknown section [{sorted(unknown)[0]}]; the sections "
                              f"are [model_output] and [layers] (with [layers.\"PATTERN\"]). "
                              f"{_FIX}")
-        model = data.get("model_output", {})
-        if not isinstance(model, Mapping):
-            raise InputError(f"{where}: model_output must be a table. {_FIX}")
+        model, sections = data.get("model_output", {}), data.get("layers", {})
+        for name, section in (("model_output", model), ("layers", sections)):
+            if not isinstance(section, Mapping):
+                raise InputError(f"{where}: {name} must be a table ([{name}]), got "
+                                 f"{section!r}. {_FIX}")
         layers: dict[str, dict[str, float]] = {}
-        for key, value in data.get("layers", {}).items():
+        for key, value in sections.items():
             if isinstance(value, Mapping):
                 section = layers.setdefault(key, {})
                 section.update({k: _limit(v, f"[layers.{key!r}] {k}") for k, v in value.items()})
