@@ -3,9 +3,16 @@
 * :mod:`.data`: the frozen :class:`Report` and :class:`ReportRow` (they hold data only);
 * :mod:`.render`: every table, CSV, HTML page and SVG chart fxnumeric draws, for reports,
   matchings and sensitivities, in one place;
-* :mod:`.overlays`: Model Explorer node data (per-node SQNR overlays on an exported graph).
+* :mod:`.overlays`: Model Explorer node data (per-node SQNR overlays on an exported graph);
+* :mod:`.persist`: the exact JSON encoding behind ``Report.to_json`` / ``Report.from_json``;
+* :mod:`.diff`: :class:`ReportDiff`, what changed between two reports (``Report.diff``);
+* :mod:`.check`: the gate, :class:`Thresholds` and :func:`check_report` (``fxnumeric check``).
 """
 
+from .check import CheckFailure, CheckResult, Thresholds, check_report
 from .data import DEGENERATE_RMS, TABLE_FORMATS, Report, ReportRow, WeightHistogram
+from .diff import MetricChange, ReportDiff
 
-__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS"]
+__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
+           "ReportDiff", "MetricChange", "Thresholds", "CheckResult", "CheckFailure",
+           "check_report"]
