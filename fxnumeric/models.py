@@ -96,12 +96,21 @@ def load_float_model(spec: str, quant: str, *,
     except Exception as exc:
         raise InputError(f"{spec} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(made, nn.Module):
-        return made.eval()
+        return _inference(made)
     pair = isinstance(made, (tuple, list)) and len(made) == 2
     if pair and all(isinstance(m, nn.Module) for m in made):
-        return made[0].eval(), made[1].eval()
+        return _inference(made[0]), _inference(made[1])
     raise InputError(f"{spec} returned {type(made).__name__}; it must return a model or a "
                      "(float, quantized) pair")
+
+
+def _inference(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode; a ``torch.export`` module refuses ``eval()`` (it is traced in
+    inference form already) and is returned as it is."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def random_batches(shape: Sequence[int], count: int, *, seed: int = 0, dtype: str = "float",

@@ -139,6 +139,8 @@ class Swap:
         other_out: the other-graph node whose value becomes ``out``'s value.
         cloned: other-graph inputs an in-place op of the subgraph writes into (copied first,
             so the base graph's own value is never changed).
+        aliases: base-graph nodes that carry ``out``'s value too (pt2e gives each reader of a
+            quantized value a ``dequantize`` of its own): they take the swapped value.
     """
 
     name: str
@@ -150,6 +152,7 @@ class Swap:
     inputs: tuple[tuple[fx.Node, fx.Node], ...]
     other_out: fx.Node
     cloned: frozenset[fx.Node] = frozenset()
+    aliases: frozenset[fx.Node] = frozenset()
 
     @property
     def other(self) -> str:
@@ -203,15 +206,17 @@ def _bind(graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> lis
 
 
 class _RegionInterpreter(fx.Interpreter):
-    """Runs one region's graph; its modules and attributes are read from ``calls`` (the
-    assembled copy of the model, where other regions may be replaced)."""
+    """Runs one region's graph; the modules it calls are ``calls`` (the modules of the
+    assembled copy of the model, where other regions may be replaced), its other attributes
+    are the graph's own."""
 
-    def __init__(self, gm: fx.GraphModule, calls: nn.Module | None) -> None:
+    def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.calls = calls if calls is not None else gm
+        self.calls = calls or {}
 
     def fetch_attr(self, target: str) -> Any:
-        return fetch_attr(self.calls, target)
+        found = self.calls.get(target)
+        return found if found is not None else fetch_attr(self.module, target)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -225,7 +230,7 @@ class _RegionInterpreter(fx.Interpreter):
 class _Recorder(_RegionInterpreter):
     """Records the qparams of every quantized tensor the region's quantized graph computes."""
 
-    def __init__(self, gm: fx.GraphModule, calls: nn.Module | None,
+    def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None,
                  sink: dict[fx.Node, tuple[Any, ...]]) -> None:
         super().__init__(gm, calls)
         self.sink = sink
@@ -242,12 +247,13 @@ class _SwapInterpreter(_RegionInterpreter):
     """Runs one region's base graph with its swaps: skipped nodes are not run, a swap's
     ``out`` node takes the value of the other graph's subgraph."""
 
-    def __init__(self, gm: fx.GraphModule, calls: nn.Module | None, swaps: tuple[Swap, ...],
-                 runner: HybridRunner) -> None:
+    def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None,
+                 swaps: tuple[Swap, ...], runner: HybridRunner) -> None:
         super().__init__(gm, calls)
         self.runner = runner
         self.swaps = swaps
         self.by_out = {s.out: s for s in swaps}
+        self.alias = {a: s.out for s in swaps for a in s.aliases}
         self.skip = frozenset().union(*(s.skip for s in swaps)) - set(self.by_out)
         # values a swap reads live until its out node runs (a skipped node was their last user)
         position = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -263,9 +269,20 @@ class _SwapInterpreter(_RegionInterpreter):
         swap = self.by_out.get(n)
         if swap is not None:
             return self.runner._swapped(swap, self.env, self.swaps)
+        if n in self.alias:
+            return self.env[self.alias[n]]  # another dequantize of the swapped layer's value
         if n in self.skip:
             return None
         return super().run_node(n)
+
+
+def _modules_called(gm: fx.GraphModule, calls: nn.Module | None) -> dict[str, nn.Module] | None:
+    """The modules ``gm``'s graph calls, read from ``calls`` now, before :func:`assemble` puts
+    the region itself in place of one of them (a leaf module kept whole)."""
+    if calls is None:
+        return None
+    return {str(n.target): calls.get_submodule(str(n.target))
+            for n in gm.graph.nodes if n.op == "call_module"}
 
 
 class _Interpreted(nn.Module):
@@ -325,10 +342,14 @@ class HybridRunner:
         # where the quantized graph quantizes the layer's output itself (reference FX, pt2e:
         # op -> quantize -> dequantize), the layer ends after that
         tail = _output_tail(region, pair)
+        aliases: frozenset[fx.Node] = frozenset()
         if tail and base == "float":
             other_inside, other_out = other_inside + tail, tail[-1]
         elif tail:
             base_inside, out = base_inside + tail, tail[-1]
+            if len(tail) > 1:
+                aliases = frozenset(u for u in tail[-2].users
+                                    if u is not out and is_dequantize(base_v, u))
         other_inside = _with_constants(other_v, other_inside)
         if base == "float":
             # the quantized model's own quantize (and dequantize) nodes in front of the layer
@@ -357,7 +378,7 @@ class HybridRunner:
                    for u in ext.users)
         )
         return Swap(op_name(pair.name), base, region, frozenset(base_inside), out,
-                    tuple(other_inside), tuple(inputs), other_out, cloned)
+                    tuple(other_inside), tuple(inputs), other_out, cloned, aliases)
 
     # ------------------------------------------------------------------ models
     def model(self, base: str, swaps: Iterable[Swap]) -> nn.Module:
@@ -379,7 +400,8 @@ class HybridRunner:
         gm = region.view(base).gm
 
         def build(calls: nn.Module | None) -> nn.Module:
-            return _Interpreted(lambda: _SwapInterpreter(gm, calls, swaps, self), gm)
+            modules = _modules_called(gm, calls)
+            return _Interpreted(lambda: _SwapInterpreter(gm, modules, swaps, self), gm)
 
         return build
 
@@ -391,7 +413,12 @@ class HybridRunner:
 
         def build(region: Region) -> Any:
             gm = region.quant_view.gm
-            return lambda calls: _Interpreted(lambda: _Recorder(gm, calls, self._held), gm)
+
+            def make(calls: nn.Module | None) -> nn.Module:
+                modules = _modules_called(gm, calls)
+                return _Interpreted(lambda: _Recorder(gm, modules, self._held), gm)
+
+            return make
 
         model = assemble(self.matching, "quant",
                          {r: build(r) for r in self.matching.regions})
