@@ -7,13 +7,14 @@ name. What the flows store (torch 2.14, torchao 0.18)::
     flow / config                              tensor                    stored per weight
     float                                      torch.Tensor              element size (32, 16)
     torchao Int8WeightOnlyConfig() and         Int8Tensor: qdata int8,   8 + (32 + 8) / in_features
-      Int8DynamicActivationInt8WeightConfig()   scale (out, 1) in the     (8.07 for 576 inputs,
-                                                model dtype, zero_point   fp32 model)
-                                                (out, 1) int8
+      Int8DynamicActivationInt8WeightConfig()   scale (out, 1) float32    (8.07 for 576 inputs,
+                                                (bf16 models too),        fp32 or bf16 model)
+                                                zero_point (out, 1) int8
     torchao IntxWeightOnlyConfig(int4,         IntxUnpackedToInt8Tensor: 8 + (32 + 8) / 32 = 9.25
       PerGroup(32))                             qdata *int8* (int4 values (fp32 model; 8.75 bf16);
-                                                unpacked), scale and      nominal 4 + 1.25 = 5.25
-                                                zero_point per group      (4.75 bf16)
+                                                unpacked), scale (model   nominal 4 + 1.25 = 5.25
+                                                dtype) and int8           (4.75 bf16)
+                                                zero_point per group
     torch quantize_dynamic / static eager      quantized tensor (qint8)  8, plus float64 scale and
                                                                           int64 zero point per
                                                                           channel if per-channel
