@@ -45,8 +45,6 @@ _CHUNK_ELEMENTS = 1 << 20  # float32 elements per chunk of rows: 4 MiB
 _MIN_GUESSED_VOCAB = 1000
 
 
-
-
 class LogitsAccumulator:
     """Streaming next-token metrics of a quantized model's logits against the float model's.
 
@@ -193,12 +191,13 @@ def _chunk(fc: torch.Tensor, qc: torch.Tensor, targets: torch.Tensor | None
     m_q, top_q = qc.max(-1)
     agree = int((top_f == top_q).sum())
     e_f = (fc - m_f.unsqueeze(1)).exp_()
-    log_s_f = e_f.sum(-1, dtype=torch.float64).log()
+    s_f = e_f.sum(-1, dtype=torch.float64)
+    log_s_f = s_f.log()
     log_s_q = (qc - m_q.unsqueeze(1)).exp_().sum(-1, dtype=torch.float64).log()
     top = top_f.unsqueeze(1)
     delta = fc - qc
     delta.sub_(delta.gather(1, top))
-    e_p_delta = torch.linalg.vecdot(e_f, delta).double() / log_s_f.exp()
+    e_p_delta = torch.linalg.vecdot(e_f, delta).double() / s_f
     log_q_top = (qc.gather(1, top).squeeze(1) - m_q).double() - log_s_q
     kl = e_p_delta - log_s_f - log_q_top
     far = torch.isnan(kl)
