@@ -153,10 +153,17 @@ class Swap:
     other_out: fx.Node
     cloned: frozenset[fx.Node] = frozenset()
     aliases: frozenset[fx.Node] = frozenset()
+    base_region: Region | None = None
 
     @property
     def other(self) -> str:
         return "float" if self.base == "quant" else "quant"
+
+    @property
+    def base_graph(self) -> Region:
+        """The region whose base graph the swap is made in (``region`` unless the swap came
+        from another variant's matching onto the first one's float graph)."""
+        return self.base_region if self.base_region is not None else self.region
 
 
 class HybridFailure(InstrumentationError):
@@ -298,41 +305,95 @@ class _Interpreted(nn.Module):
 
 
 class HybridRunner:
-    """Builds and runs hybrids of one float/quantized pair.
+    """Builds and runs hybrids of a float model and one or more quantized variants of it.
 
     :meth:`swaps` says what replacing a layer takes; :meth:`model` assembles a hybrid model
     from swaps (run it like the user's model: a batch may be a tensor, a tuple or a dict of
-    keyword inputs); :meth:`probe` runs the quantized model on a batch, recording the qparams
-    that float values entering the quantized graph are quantized with. Nothing here modifies
+    keyword inputs); :meth:`probe` runs the quantized models on a batch, recording the qparams
+    that float values entering a quantized graph are quantized with. Nothing here modifies
     the user's models: regions call the models' own modules, in eval mode.
+
+    Args:
+        matching: the float model's matching with its quantized model, or
+            ``{variant name: matching}`` for several quantized variants of one float model
+            (the first one's float graphs are the base every float-based hybrid runs on;
+            the others' swaps are translated onto them by node name). Layers are named as
+            in the first matching; :meth:`layer_of` finds a variant's name for a layer.
     """
 
-    def __init__(self, matching: Matching) -> None:
-        self.matching = matching
-        self.layers = layer_names(matching)
-        self._swaps: dict[tuple[str, str, bool], tuple[Swap, ...]] = {}
+    def __init__(self, matching: Matching | dict[str, Matching]) -> None:
+        self.variants = (dict(matching) if not isinstance(matching, Matching)
+                         else {"quantized": matching})
+        if not self.variants:
+            raise InstrumentationError("no quantized variant to build hybrids from")
+        self.matching = next(iter(self.variants.values()))
+        self.layers = layer_names(self.matching)
+        self._swaps: dict[tuple[str, str, str], tuple[Swap, ...]] = {}
         self._held: dict[fx.Node, tuple[Any, ...]] = {}
+        self._float_regions = {r.float_path: r for r in self.matching.regions}
+        self._owner = {r: m for m in self.variants.values() for r in m.regions}
+        self._paths: dict[str, dict[str, str]] = {}
+
+    def layer_of(self, name: str, variant: str) -> str | None:
+        """Variant ``variant``'s name for layer ``name`` (the one computing the same float
+        module), or ``None`` when that variant does not quantize it."""
+        if variant not in self._paths:
+            m = self.variants[variant]
+            self._paths[variant] = {module_path(m, n): n for n in layer_names(m)}
+        found = self._paths[variant].get(module_path(self.matching, name))
+        return found if found is not None else None
 
     # ------------------------------------------------------------------ building swaps
-    def swaps(self, name: str, base: str) -> tuple[Swap, ...]:
+    def swaps(self, name: str, base: str, variant: str | None = None) -> tuple[Swap, ...]:
         """The swaps that replace layer ``name`` (every call site of it) in the ``base`` graph.
+
+        ``variant`` (default: the first) is the quantized model the swap reads; a ``"quant"``
+        base is that variant's own graph, a ``"float"`` base the first variant's float graph.
 
         Raises:
             InstrumentationError: no such layer, or its subgraph reads a value the other
                 graph does not carry before the layer.
         """
-        key = (name, base, False)
+        variant = variant or next(iter(self.variants))
+        key = (name, base, variant)
         if key not in self._swaps:
-            pairs = _call_sites(self.matching, name)
+            local = self.layer_of(name, variant) if name in self.layers else None
+            pairs = _call_sites(self.variants[variant], local) if local else []
             if not pairs:
                 raise InstrumentationError(
-                    f"no layer is named {name!r}; layers are: {', '.join(self.layers[:20])}"
+                    f"no layer is named {name!r}"
+                    + (f" in variant {variant!r}" if len(self.variants) > 1 else "")
+                    + f"; layers are: {', '.join(self.layers[:20])}"
                 )
-            self._swaps[key] = tuple(self._swap(p, base) for p in pairs)
+            made = [self._swap(self.variants[variant].region_of(p), p, base) for p in pairs]
+            if base == "float" and variant != next(iter(self.variants)):
+                made = [self._onto_float_base(swap, variant) for swap in made]
+            self._swaps[key] = tuple(made)
         return self._swaps[key]
 
-    def _swap(self, pair: Pair, base: str) -> Swap:
-        region = self.matching.region_of(pair)
+    def _onto_float_base(self, swap: Swap, variant: str) -> Swap:
+        """``swap``, made on ``variant``'s own float graph, with its float nodes those of the
+        first variant's float graph (the base every float-based hybrid runs on)."""
+        base = self._float_regions.get(swap.region.float_path)
+        view = base.float_view if base is not None else None
+
+        def node(n: fx.Node) -> fx.Node:
+            if view is None or not view.has_node(n.name):
+                raise InstrumentationError(
+                    f"variant {variant!r}: the float graph at "
+                    f"`{swap.region.float_path or '<root>'}` is not the one the first variant "
+                    f"was paired on (no node `{n.name}`); match every variant against the same "
+                    "float model"
+                )
+            return view.node(n.name)
+
+        return Swap(swap.name, swap.base, swap.region, frozenset(map(node, swap.skip)),
+                    node(swap.out), swap.nodes,
+                    tuple((ext, node(provider)) for ext, provider in swap.inputs),
+                    swap.other_out, swap.cloned, frozenset(map(node, swap.aliases)),
+                    base_region=base)
+
+    def _swap(self, region: Region, pair: Pair, base: str) -> Swap:
         other = "float" if base == "quant" else "quant"
         base_v, other_v = region.view(base), region.view(other)
         base_chain, other_chain = region.chain(pair, base), region.chain(pair, other)
@@ -390,8 +451,13 @@ class HybridRunner:
         """
         by_region: dict[Region, list[Swap]] = {}
         for swap in swaps:
-            by_region.setdefault(swap.region, []).append(swap)
-        return assemble(self.matching, base, {
+            by_region.setdefault(swap.base_graph, []).append(swap)
+        owners = {self._owner[r] for r in by_region}
+        if len(owners) > 1:
+            raise InstrumentationError("a quantized base is one variant: its swaps must come "
+                                       "from that variant's own matching")
+        matching = owners.pop() if owners else self.matching
+        return assemble(matching, base, {
             region: self._build(region, base, tuple(found))
             for region, found in by_region.items()
         })
@@ -406,9 +472,12 @@ class HybridRunner:
         return build
 
     def probe(self, batch: Any) -> Any:
-        """Run the quantized model on ``batch``, recording the qparams of its quantized values
-        (what float values crossing into the quantized graph are quantized with); return its
-        output."""
+        """Run each quantized variant on ``batch``, recording the qparams of its quantized
+        values (what float values crossing into a quantized graph are quantized with); return
+        the first variant's output.
+
+        Static quantization fixes its qparams, so one batch tells them all.
+        """
         self._held = {}
 
         def build(region: Region) -> Any:
@@ -420,9 +489,9 @@ class HybridRunner:
 
             return make
 
-        model = assemble(self.matching, "quant",
-                         {r: build(r) for r in self.matching.regions})
-        return self.run(model, batch, "quantized")
+        outputs = [self.run(assemble(m, "quant", {r: build(r) for r in m.regions}), batch,
+                            "quantized") for m in self.variants.values()]
+        return outputs[0]
 
     def run(self, model: nn.Module, batch: Any, which: str = "hybrid") -> Any:
         """Run a hybrid (or reference: ``which="float"``) model on ``batch``.
@@ -441,9 +510,10 @@ class HybridRunner:
                 "the model."
             ) from failure.__cause__
 
-    def captured(self, side: str) -> nn.Module:
-        """``side``'s model as captured (the reference of every hybrid)."""
-        return captured_model(self.matching, side)
+    def captured(self, side: str, variant: str | None = None) -> nn.Module:
+        """``side``'s model as captured (the reference of every hybrid); ``"quant"`` is the
+        first variant's unless ``variant`` names another."""
+        return captured_model(self.variants[variant] if variant else self.matching, side)
 
     # ------------------------------------------------------------------ running a swap
     def _swapped(self, swap: Swap, env: dict[fx.Node, Any], swaps: tuple[Swap, ...]) -> Any:
