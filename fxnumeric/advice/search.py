@@ -550,16 +550,33 @@ class Advice:
         )
 
     def table(self, tablefmt: str = "simple") -> str:
-        """The curve: the metric after each layer is kept float."""
+        """The curve: the metric after each layer is kept float; with several variants, the
+        Pareto front of the verified assignments (average weight bits against the metric)."""
+        if self.variants:
+            rows = [(f"{b:.3f}", v) for b, v in self.front]
+            return tabulate(rows, headers=("average weight bits", self.metric),
+                            tablefmt=tablefmt, floatfmt=".4g")
         rows = [(0, "(quantized model)", self.curve[0])]
         rows += [(i + 1, name, v) for i, (name, v) in enumerate(zip(self.keep_float, self.curve[1:],
                                                                    strict=True))]
         return tabulate(rows, headers=("step", "keep float", self.metric), tablefmt=tablefmt,
                         floatfmt=".4g")
 
+    def torchao_lines(self, configs: str = "configs") -> str:
+        """The assignment as the ``FqnToConfig`` that :meth:`to_torchao` builds, as source."""
+        lines = ["FqnToConfig({"]
+        lines += [f"    {path!r}: {configs}[{choice!r}]," for path, choice in
+                  self.assignment.items() if choice != FLOAT]
+        return "\n".join([*lines, "})"])
+
     def summary(self) -> str:
         """Message, curve and what to feed back to the quantization flow."""
         parts = [self.message, "", self.table()]
+        if self.variants:
+            parts += ["", "torchao: quantize_(model, advice.to_torchao(configs), filter_fn=None) "
+                      "with configs = {variant: its torchao config}, i.e.",
+                      _indent(self.torchao_lines())]
+            return "\n".join(parts)
         if self.keep_float:
             parts += ["", "FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...), i.e.",
                       _indent(self.fx_lines()),
