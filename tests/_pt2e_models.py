@@ -156,6 +156,8 @@ def oracle_rows(ep, quant, x):
     fv, qv = matching.float_view, matching.quant_view
     rows = []
     for pair in matching.pairs:
+        if fv.node(pair.float_nodes[0]).op == "placeholder":
+            continue  # the input's quantize: torchao's debugger logs ops only
         k = seen[pair.name] = seen.get(pair.name, -1) + 1
         f_val = float_logs[pair.name].stats["tensor_val"][k]
         q_val = quant_logs[pair.name].stats["tensor_val"][k]

@@ -31,11 +31,12 @@ def resnet18():
 def test_resnet18_pairs_every_op_with_module_path_names(resnet18):
     ep, float_gm, quant = resnet18
     m = fxn.match(ep, quant)
-    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (49, 0, 0)
-    assert m.coverage == 1.0
+    # 49 ops, and the input's quantize as a pair of its own (x.quantize)
+    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (50, 0, 0)
+    assert m.coverage == 1.0 and m.pairs[0].name == "x.quantize"
     # quantized = reads a dequantized value or hands its output to a quantize: a relu_ fused
     # after its conv reads the conv's float result, but runs in the same quantized kernel
-    assert all(p.quantized for p in m.pairs)
+    assert all(p.quantized for p in m.pairs[1:])
     relu = m.pair("relu")
     assert m.output_nodes(relu)[1].name == "dequantize_per_tensor_default_22"  # after its q/dq
     assert not any("guards" in p.name or "guards" in p.kind for p in m.pairs)
@@ -214,14 +215,14 @@ def test_a_models_own_linear_plus_parameter_is_an_add_not_a_qat_scale():
 
     float_gm, quant = quantize_pt2e(Net().eval(), [torch.randn(2, 8)])
     m = fxn.match(float_gm, quant)
-    assert [(p.name, p.kind) for p in m.pairs] == [("fc", "linear"), ("add", "add"),
+    assert [(p.name, p.kind) for p in m.pairs] == [("x.quantize", "quantize"), ("fc", "linear"), ("add", "add"),
                                                    ("relu", "relu")]
 
 
 def test_plain_float_module_pairs_with_a_pt2e_model():
     _, _, quant = M.pt2e_pair("resnet18")
     m = fxn.match(M.model("resnet18"), quant)  # float side traced by torch.fx
-    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (49, 0, 0)
+    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (50, 0, 0)  # 49 ops and the input quantize
     weights = fxn.extract_weights(m)  # module weights BN-folded against graph constants
     assert 30 < fxn.sqnr(weights["layer1.0.conv1.weight"]["float"],
                          weights["layer1.0.conv1.weight"]["quantized"]) < 60
@@ -230,7 +231,7 @@ def test_plain_float_module_pairs_with_a_pt2e_model():
 def test_transformer_block_pairs():
     ep, _, quant = M.pt2e_pair("transformer")
     m = fxn.match(ep, quant)
-    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (24, 0, 0)
+    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (25, 0, 0)
     linears = [p.name for p in m.pairs if p.kind == "linear"]
     assert linears == ["q", "k", "v", "proj", "fc1", "fc2"]
     assert m.coverage == 1.0
@@ -328,7 +329,7 @@ def test_a_module_called_twice_is_two_rows_each_read_at_its_call_site(resnet18):
     data = M.batches("resnet18", 2, seed=5)
     m = fxn.match(ep, quant)
     report = fxn.compare(ep, quant, data, matching=m)
-    assert len(report.rows) == len(m.pairs) == 49  # one row per call site, none blended
+    assert len(report.rows) == len(m.pairs) == 50  # one row per call site, none blended
     first, second = m.pair("layer1.0.relu"), m.pair("layer1.0.relu#2")
     nodes = {p: m.output_nodes(p) for p in (first, second)}
     signal = {p: 0.0 for p in nodes}
