@@ -272,6 +272,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         matching = plan.matching
         float_gm = matching.float_graph if matching.whole_graph else matching.float_model
     quant_gm = plan.built.quant_model
+    accumulators = [*plan.outputs.values(), *plan.shadows.values(), plan.model]
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
@@ -296,6 +297,8 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
                 twin.pending.clear()
             for value in plan.values:
                 value.clear()
+            for acc in accumulators:
+                acc.end_batch()
             batches += 1
             bar.update()
     finally:
@@ -342,6 +345,8 @@ def _collect(plan: _Plan, batches: int, progress: bool | None = None) -> Report:
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
+            spread={key: spread for key, acc in (("output_sqnr", oa), ("shadow_sqnr", sa))
+                    if acc is not None and (spread := acc.spread()) is not None},
         ))
     return Report(
         rows=tuple(rows),

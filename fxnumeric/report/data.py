@@ -1,9 +1,10 @@
 """Stage 6, report: what :func:`fxnumeric.compare` found, as data.
 
 A :class:`Report` is a frozen dataclass of :class:`ReportRow` s; nothing in it prints
-tensors. It answers the questions (which layer is worst, in what order to show the rows, is a
-row's signal too small to measure); every rendering (tables, CSV, HTML, notebook display)
-lives in :mod:`fxnumeric.report.render`, and the methods here only delegate to it.
+tensors. It answers the questions (is there a culprit, which layer is worst, in what order to
+show the rows, is a row's signal too small to measure); the culprit rule lives in
+:mod:`fxnumeric.report.verdict`; every rendering (tables, CSV, HTML, notebook display) lives
+in :mod:`fxnumeric.report.render`, and the methods here only delegate to them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..metrics import Spread
+from .verdict import Verdict, verdict
 
-__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS"]
+__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
+           "BELOW_FLOOR_DB", "Spread", "Verdict"]
 
 TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 _SORT_KEYS = ("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr")
@@ -27,6 +31,10 @@ DEGENERATE_RMS = 1e-6
 """Below this RMS a float activation is "collapsed": torch's observers never choose a scale
 under float32's eps (1.2e-7), so such a signal spans a few 8-bit steps at most and its SQNR,
 cosine and MSE measure rounding of almost nothing (typically 0 dB, cosine 0, MSE ~1e-19)."""
+
+BELOW_FLOOR_DB = 3.0
+"""A layer whose shadow SQNR reads this far below its ``floor_sqnr`` (twice the noise power
+its own qparams allow) is shown "below floor": something beyond rounding is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,12 @@ class ReportRow:
     accumulated up to this layer); ``shadow`` the local ones (this quantized op against its
     float twin fed the same dequantized input: the error this layer adds). ``float_rms`` is
     the root mean square of the float activation over all batches (``None`` when unknown).
+
+    ``spread`` holds, for ``"output_sqnr"`` and ``"shadow_sqnr"``, how that SQNR varies from
+    batch to batch (:class:`fxnumeric.metrics.Spread`: mean, std, lowest and highest of the
+    per-batch values); the culprit rule (:mod:`fxnumeric.report.verdict`) holds the gap
+    between layers against it. ``floor_sqnr`` is the SQNR the layer's own qparams allow
+    (``None`` until something measures it); a shadow SQNR far below it means a broken layer.
     """
 
     name: str
@@ -64,6 +78,16 @@ class ReportRow:
     weight_histogram: WeightHistogram | None = field(default=None, repr=False)
     activations: tuple | None = field(default=None, repr=False)
     float_rms: float | None = None
+    spread: dict[str, Spread] = field(default_factory=dict, repr=False)
+    floor_sqnr: float | None = None
+
+    @property
+    def below_floor(self) -> bool:
+        """Whether the shadow SQNR reads :data:`BELOW_FLOOR_DB` or more below ``floor_sqnr``
+        (``False`` when either is unknown)."""
+        s = self.shadow_sqnr
+        return (self.floor_sqnr is not None and s is not None and not math.isnan(s)
+                and s < self.floor_sqnr - BELOW_FLOOR_DB)
 
     @property
     def output_sqnr(self) -> float | None:
@@ -125,8 +149,12 @@ def _sort_value(x: float | None) -> float:
 class Report:
     """Per-layer comparison of a float model and its quantized counterpart.
 
-    ``notes`` are report-wide caveats (random weights, nothing quantized) shown above the
-    summary in every rendering; ``model_output_rms`` is the float model output's RMS.
+    ``notes`` are report-wide caveats (random weights, nothing quantized, batches left out,
+    where NaN/Inf first appears) shown above the summary in every rendering;
+    ``model_output_rms`` is the float model output's RMS. ``skipped_batches`` are the indices
+    of the batches left out of every metric because their input held NaN/Inf; ``nonfinite``
+    says where NaN/Inf first appears inside the models, as ``(model side, layer)`` pairs
+    (``("quantized", "conv3")``), graph order.
     """
 
     rows: tuple[ReportRow, ...]
@@ -138,6 +166,8 @@ class Report:
     torch_version: str = ""
     notes: tuple[str, ...] = ()
     model_output_rms: float | None = None
+    skipped_batches: tuple[int, ...] = ()
+    nonfinite: tuple[tuple[str, str], ...] = ()
 
     # ------------------------------------------------------------------ queries
     def row(self, name: str) -> ReportRow:
@@ -159,8 +189,21 @@ class Report:
         return tuple(r for r in self.rows if r.degenerate)
 
     @property
+    def verdict(self) -> Verdict:
+        """Whether one layer stands out, a few together, or the error is spread; see
+        :mod:`fxnumeric.report.verdict` for the rule."""
+        return verdict(self)
+
+    @property
+    def culprit(self) -> str | None:
+        """The layer where error enters, when it stands out from every other layer by more
+        than 6 dB and the batch noise; ``None`` otherwise (see :attr:`verdict`)."""
+        return self.verdict.culprit
+
+    @property
     def worst_layer(self) -> ReportRow | None:
-        """Where the most error enters: lowest shadow SQNR, else the largest output-SQNR drop.
+        """The lowest shadow SQNR, else the largest output-SQNR drop, whether or not it
+        stands out (:attr:`culprit` says whether it does).
 
         Rows with a collapsed float signal are never chosen, nor a layer that adds no error
         at all (shadow SQNR ``inf``).
@@ -183,21 +226,23 @@ class Report:
         return best
 
     def summary(self) -> str:
-        """One line: batches, overall output SQNR, where most error enters."""
-        parts = [f"{self.batches} batches", f"{len(self.rows)} layers"]
+        """One line: batches, overall output SQNR, the verdict (culprit, or spread error)."""
+        left_out = (f" ({len(self.skipped_batches)} more left out: NaN/Inf in the input)"
+                    if self.skipped_batches else "")
+        parts = [f"{self.batches} batches{left_out}", f"{len(self.rows)} layers"]
         overall = self.model_output.get("sqnr")
         if overall is not None:
             collapsed = self.model_output_rms is not None and self.model_output_rms < DEGENERATE_RMS
             parts.append(f"model output SQNR {overall:.2f} dB"
                          + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
                             if collapsed else ""))
-        worst = self.worst_layer
-        if worst is not None:
-            how = (f"shadow SQNR {worst.shadow_sqnr:.2f} dB" if worst.shadow_sqnr is not None
-                   else f"output SQNR {worst.output_sqnr:.2f} dB")
-            parts.append(f"most error enters at {worst.name} ({worst.kind}, {how})")
-        elif self.rows:
-            parts.append("no layer named as culprit")
+        if self.rows:
+            parts.append(self.verdict.text)
+        below = [r.name for r in self.rows if r.below_floor]
+        if below:
+            shown = ", ".join(below[:3]) + (f" and {len(below) - 3} more" if len(below) > 3
+                                            else "")
+            parts.append(f"{len(below)} layers far below their floor SQNR: {shown}")
         dead = len(self.degenerate_rows)
         if dead:
             parts.append(f"float signal collapsed in {dead} layers (RMS < {DEGENERATE_RMS:g}): "
@@ -257,6 +302,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-safe: inf and nan are strings)."""
         worst = self.worst_layer
+        v = self.verdict
         return {
             "summary": self.summary(),
             "notes": list(self.notes),
@@ -267,6 +313,13 @@ class Report:
             "model_output": {k: _num(v) for k, v in self.model_output.items()},
             "model_output_rms": _num(self.model_output_rms),
             "worst_layer": worst.name if worst else None,
+            "culprit": v.culprit,
+            "verdict": {"kind": v.kind, "culprit": v.culprit, "standouts": list(v.standouts),
+                        "ties": list(v.ties), "layers": v.layers, "low": _num(v.low),
+                        "high": _num(v.high), "gap": _num(v.gap), "noise": _num(v.noise),
+                        "text": v.text},
+            "skipped_batches": list(self.skipped_batches),
+            "nonfinite": [{"side": side, "layer": layer} for side, layer in self.nonfinite],
             "layers": [
                 {
                     "name": r.name, "kind": r.kind, "quantized": r.quantized,
@@ -275,6 +328,10 @@ class Report:
                     "shadow": {k: _num(v) for k, v in r.shadow.items()},
                     "float_nodes": list(r.float_nodes), "quant_nodes": list(r.quant_nodes),
                     "float_rms": _num(r.float_rms), "degenerate": r.degenerate,
+                    "spread": {k: {"mean": _num(sp.mean), "std": _num(sp.std),
+                                   "low": _num(sp.low), "high": _num(sp.high),
+                                   "batches": sp.batches} for k, sp in r.spread.items()},
+                    "floor_sqnr": _num(r.floor_sqnr), "below_floor": r.below_floor,
                     "note": r.notes, "flags": list(r.flags),
                 }
                 for r in self.rows
@@ -327,6 +384,10 @@ class Report:
         from .render import report_fragment
 
         return report_fragment(self)
+
+    def __str__(self) -> str:
+        """The table, its notes and the summary: what ``print(report)`` shows."""
+        return self.table()
 
     def __repr__(self) -> str:
         return f"<Report: {self.summary()}>"
