@@ -56,7 +56,7 @@ def test_report_table_json_csv_html(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["batches"] == 2 and data["comparisons"] == ["outputs"] and len(data["layers"]) == 33
     assert main(common + ["--format", "csv", "-o", str(tmp_path / "r.csv")]) == 0
-    assert (tmp_path / "r.csv").read_text().startswith("layer,kind,weight SQNR")
+    assert (tmp_path / "r.csv").read_text().startswith("layer,kind,quantized,weight_sqnr,output_sqnr")
     assert main(common + ["--format", "html", "-o", str(tmp_path / "r.html")]) == 0
     assert "<svg" in (tmp_path / "r.html").read_text()
 

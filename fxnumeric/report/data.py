@@ -116,10 +116,14 @@ class ReportRow:
 
     @property
     def notes(self) -> str:
-        """``note`` plus what the row's numbers cannot tell (a collapsed signal)."""
+        """``note`` plus what the row's numbers cannot tell (a collapsed signal) or say
+        beyond themselves (below its floor)."""
         parts = [self.note] if self.note else []
         if self.degenerate:
             parts.append(f"float signal collapsed (RMS {self.float_rms:.1e}): SQNR meaningless")
+        if self.below_floor:
+            parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
+                         f"allow {self.floor_sqnr:.2f} dB")
         return "; ".join(parts)
 
     def __repr__(self) -> str:
@@ -225,8 +229,11 @@ class Report:
             prev = s
         return best
 
-    def summary(self) -> str:
-        """One line: batches, overall output SQNR, the verdict (culprit, or spread error)."""
+    def summary(self, *, verdict: bool = True) -> str:
+        """One line: batches, overall output SQNR, the verdict (culprit, or spread error).
+
+        ``verdict=False`` leaves the verdict out, for a page that shows it on its own.
+        """
         left_out = (f" ({len(self.skipped_batches)} more left out: NaN/Inf in the input)"
                     if self.skipped_batches else "")
         parts = [f"{self.batches} batches{left_out}", f"{len(self.rows)} layers"]
@@ -236,13 +243,14 @@ class Report:
             parts.append(f"model output SQNR {overall:.2f} dB"
                          + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
                             if collapsed else ""))
-        if self.rows:
+        if self.rows and verdict:
             parts.append(self.verdict.text)
         below = [r.name for r in self.rows if r.below_floor]
         if below:
             shown = ", ".join(below[:3]) + (f" and {len(below) - 3} more" if len(below) > 3
                                             else "")
-            parts.append(f"{len(below)} layers far below their floor SQNR: {shown}")
+            parts.append(f"{len(below)} {'layer' if len(below) == 1 else 'layers'} far below "
+                         f"{'its' if len(below) == 1 else 'their'} floor SQNR: {shown}")
         dead = len(self.degenerate_rows)
         if dead:
             parts.append(f"float signal collapsed in {dead} layers (RMS < {DEGENERATE_RMS:g}): "
