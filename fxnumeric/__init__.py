@@ -41,7 +41,7 @@ from .loggers import Logger, OutputLogger, Shadow, ShadowLogger
 from .match import Matching, Pair, Unmatched, match
 from .metrics import cosine, max_abs_error, mse, sqnr
 from .ops import register_op, unregister_op
-from .report import Report, ReportRow
+from .report import CheckResult, MetricChange, Report, ReportDiff, ReportRow, Thresholds
 from .view import GraphView
 from .weights import extract_weights
 
@@ -89,6 +89,11 @@ __all__ = [
     "Diagnosis",
     "Report",
     "ReportRow",
+    # reports over time: saved, diffed, gated (fxnumeric.testing has the pytest helpers)
+    "ReportDiff",
+    "MetricChange",
+    "Thresholds",
+    "CheckResult",
     "sqnr",
     "cosine",
     "mse",

@@ -1,4 +1,16 @@
-"""The ``fxnumeric`` command: ``demo``, ``report``, ``match`` and ``advise``."""
+"""The ``fxnumeric`` command: ``demo``, ``report``, ``match``, ``advise``, ``diff``, ``check``.
+
+Every subcommand ends with one of four exit statuses, decided in one place (:func:`main`):
+
+* 0 (:data:`EXIT_OK`): done, and every check passed;
+* 1 (:data:`EXIT_FAILED`): the answer is "no": ``check`` found a threshold not met, ``diff``
+  a regression, ``advise`` did not reach its target;
+* 2 (:data:`EXIT_INPUT`): the input is wrong: bad arguments (argparse), an
+  :class:`~fxnumeric.errors.FxNumericError` (a model, file or option fxnumeric cannot use),
+  or a file the command cannot read or write;
+* 3 (:data:`EXIT_INTERNAL`): anything else went wrong: a bug, in fxnumeric or in model code
+  it ran; ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +19,13 @@ import dataclasses
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "EXIT_INTERNAL"]
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 _EXAMPLES = """examples:
   fxnumeric demo
@@ -25,11 +40,18 @@ _EXAMPLES = """examples:
   fxnumeric advise --model torchvision:resnet18 --quant fx --metric cosine --target 0.999
   fxnumeric advise --model fxnumeric.zoo:minilm_cli_pair --input-shape 4,16 --input-dtype long \
       --vocab 30522 --metric min_cosine --target 0.97
+  fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128 --json report.json
+  fxnumeric check report.json --min-output-sqnr 25 --min-shadow-sqnr 20
+  fxnumeric check report.json --thresholds quant.toml
+  fxnumeric diff baseline.json report.json --tolerance 1 --format html -o diff.html
 
 --model package.module:factory imports that module (the current folder is searched first, so
 mymodels.py beside you works) and calls factory(); it must return the float model or a
 (float_model, quantized_model) pair. This runs your code: only use specs you trust.
 --seed seeds the random weights as well as the data, so two runs print the same numbers.
+
+exit status: 0 ok; 1 a check failed, a diff regressed or advise missed its target;
+2 an input error (arguments, model, files); 3 an internal error (rerun with --debug).
 """
 
 
@@ -118,8 +140,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="row order (default: graph order, or worst first with --top-k)")
     rep.add_argument("--top-k", type=_positive,
                      help="show only the k worst layers (by shadow SQNR unless --sort says)")
-    rep.add_argument("-o", "--output",
+    rep.add_argument("-o", "--output", "--out",
                      help="write to this file instead of stdout (required for html and csv)")
+    rep.add_argument("--json", metavar="FILE",
+                     help="also save the report as JSON (for fxnumeric check and diff), "
+                          "whatever --format shows")
     rep.add_argument("--why", action="store_true",
                      help="add a flags column: why each layer is bad (fxnumeric.diagnose)")
     rep.add_argument("--sensitivity", choices=("sqnr", "cosine", "min_cosine"),
@@ -141,7 +166,57 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--max-float-layers", type=_positive, help="keep at most this many float")
     adv.add_argument("--candidates", type=_positive, default=16,
                      help="layers verified per step of the search")
+    dif = sub.add_parser("diff", parents=[debug],
+                         help="what changed between two saved reports; exit 1 on a regression",
+                         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dif.add_argument("old", help="the earlier report (JSON, from fxnumeric report --json)")
+    dif.add_argument("new", help="the later report")
+    dif.add_argument("--tolerance", type=_tolerance, default=0.5, metavar="DB",
+                     help="an SQNR may fall this many dB before it is a regression "
+                          "(default %(default)s)")
+    dif.add_argument("--tolerance-cosine", type=_tolerance, default=1e-3, metavar="X",
+                     help="a cosine may fall this much (default %(default)s)")
+    dif.add_argument("--tolerance-kl", type=_tolerance, default=0.01, metavar="X",
+                     help="the model output's kl may rise this much (default %(default)s)")
+    dif.add_argument("--tolerance-top1", type=_tolerance, default=0.01, metavar="X",
+                     help="its top1_agreement may fall this much (default %(default)s)")
+    dif.add_argument("--format", choices=("table", "html"), default="table")
+    dif.add_argument("--tablefmt", default="simple", help="tabulate format for --format table")
+    dif.add_argument("--all", action="store_true", help="also list metrics that did not change")
+    dif.add_argument("-o", "--output", "--out",
+                     help="write to this file instead of stdout (required for html)")
+    chk = sub.add_parser("check", parents=[debug],
+                         help="does a saved report meet its thresholds? exit 1 if not",
+                         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chk.add_argument("report", help="a report saved as JSON (fxnumeric report --json FILE)")
+    chk.add_argument("--thresholds", metavar="FILE",
+                     help="TOML thresholds: [model_output], [layers], [layers.\"PATTERN\"] "
+                          "(docs/ci.md); flags below are added and win")
+    for flag, metavar, text in _CHECK_FLAGS:
+        chk.add_argument(flag, type=float, metavar=metavar, help=text)
     return parser
+
+
+_CHECK_FLAGS = (  # flag, metavar, help; each is a keyword of fxnumeric.testing.check_report
+    ("--min-output-sqnr", "DB", "the model output's SQNR"),
+    ("--min-output-cosine", "X", "the model output's cosine"),
+    ("--max-kl", "X", "the model output's kl (LLM reports)"),
+    ("--min-top1-agreement", "X", "the model output's top1_agreement (LLM reports)"),
+    ("--min-shadow-sqnr", "DB", "every layer's shadow (local) SQNR"),
+    ("--min-layer-output-sqnr", "DB", "every layer's output (cumulative) SQNR"),
+    ("--min-weight-sqnr", "DB", "every layer's weight SQNR"),
+    ("--max-below-floor", "DB", "how far any layer's shadow SQNR may sit below its floor_sqnr"),
+)
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -181,7 +256,7 @@ def _pair(args: argparse.Namespace):
     calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
                                  high=args.vocab)
     if args.quant.startswith("pt2e"):
-        from .flows.pt2e import build_pair as build_pt2e_pair
+        from .models import build_pt2e_pair
 
         built = build_pt2e_pair(args.model, calibration, float_weights=args.float_weights,
                                 seed=args.seed, progress=_progress(args),
@@ -193,7 +268,7 @@ def _pair(args: argparse.Namespace):
     return built, leaves
 
 
-def _report(args: argparse.Namespace) -> None:
+def _report(args: argparse.Namespace) -> int:
     from .compare import compare
     from .errors import InputError
     from .models import random_batches
@@ -240,7 +315,12 @@ def _report(args: argparse.Namespace) -> None:
     if args.output and args.format in ("table", "json"):
         Path(args.output).write_text(text + "\n")
         text = f"wrote {args.output}"
+    if args.json:
+        report.to_json(args.json)
+        # on stderr: stdout may be the JSON or table a pipe reads
+        print(f"saved the report as JSON in {args.json}", file=sys.stderr)
     print(text)
+    return EXIT_OK
 
 
 def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:
@@ -252,7 +332,7 @@ def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: 
                  leaf_modules=leaves or None, capture=args.capture)
 
 
-def _match(args: argparse.Namespace) -> None:
+def _match(args: argparse.Namespace) -> int:
     from .models import random_batches
     from .progress import phase
 
@@ -264,6 +344,7 @@ def _match(args: argparse.Namespace) -> None:
     with phase("tracing and pairing the models", _progress(args)):
         matching = _matching(args, built, leaves, example)
     print(matching.table(tablefmt=args.tablefmt))
+    return EXIT_OK
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -288,40 +369,94 @@ def _advise(args: argparse.Namespace) -> int:
     for note in built.notes:
         print(f"note: {note}")
     print(advice.summary())
-    return 0 if advice.reached else 1
+    return EXIT_OK if advice.reached else EXIT_FAILED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(html_path=args.output)
+    return EXIT_OK
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .report import Report
+
+    if args.format == "html" and not args.output:
+        raise InputError("--format html writes a file: add -o FILE")
+    old, new = Report.from_json(args.old), Report.from_json(args.new)
+    diff = old.diff(new, tolerance_db=args.tolerance, tolerance_cosine=args.tolerance_cosine,
+                    tolerance_kl=args.tolerance_kl, tolerance_top1=args.tolerance_top1)
+    if args.format == "html":
+        print(f"wrote {diff.to_html(args.output)}\n{diff.summary()}")
+    else:
+        text = diff.table(tablefmt=args.tablefmt, changed_only=not args.all)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+            text = f"wrote {args.output}\n{diff.summary()}"
+        print(text)
+    return EXIT_FAILED if diff.regressed else EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .report.check import check_report
+
+    limits = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+              for flag, _, _ in _CHECK_FLAGS}
+    result = check_report(args.report, args.thresholds, **limits)
+    print(result.text())
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": _demo, "report": _report, "match": _match, "advise": _advise, "diff": _diff,
+    "check": _check,
+}
+
+
+def _exit_status(exc: Exception) -> int:
+    """The status for an exception a command raised: whose mistake it was."""
+    from .errors import FxNumericError
+
+    if isinstance(exc, FxNumericError):
+        return EXIT_INPUT
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return EXIT_INPUT  # a file named on the command line that cannot be read or written
+    return EXIT_INTERNAL
+
+
+def _error_message(exc: Exception, status: int) -> str:
+    if status == EXIT_INPUT:
+        # the whole message: its later lines say where (source line) and what to do (Fix:)
+        return f"fxnumeric: error: {str(exc) or type(exc).__name__}"
+    first = (str(exc).splitlines() or [""])[0][:300]
+    return (f"fxnumeric: internal error: {type(exc).__name__}: {first}\n"
+            "fxnumeric: this is a bug (in fxnumeric, or in model code it ran); rerun with "
+            "--debug for the traceback, and report it with the traceback if it is fxnumeric's")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for user errors)."""
+    """Entry point; returns the exit status (0 ok, 1 a failed check, 2 an input error,
+    3 an internal error: see the module docstring). Argument errors exit 2 through argparse.
+    """
     args = _parser().parse_args(argv)
-    from .errors import FxNumericError
-
     try:
         with warnings.catch_warnings():
             # torch warns on every call that eager/FX quantization is deprecated; the CLI uses it.
             warnings.filterwarnings("ignore", message=".*deprecat.*")
             warnings.showwarning = _show_warning  # restored when the block ends
-            if args.command == "demo":
-                from .demo import run_demo
-
-                run_demo(html_path=args.output)
-            elif args.command == "report":
-                _report(args)
-            elif args.command == "advise":
-                return _advise(args)
-            else:
-                _match(args)
-    except FxNumericError as exc:
-        if args.debug:
-            raise
-        # the whole message: its later lines say where (source line) and what to do (Fix:)
-        print(f"fxnumeric: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
-        return 2
+            return _COMMANDS[args.command](args)
     except BrokenPipeError:
         # the reader went away (`fxnumeric report | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    return 0
+        return EXIT_OK
+    except Exception as exc:
+        if args.debug:
+            raise
+        status = _exit_status(exc)
+        print(_error_message(exc, status), file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

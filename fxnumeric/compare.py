@@ -27,14 +27,21 @@ from torch import nn
 from ._tensors import detach, first_output
 from .capture import LeafSpec
 from .errors import FxNumericWarning, InputError
-from .guards import contents, nothing_quantized
+from .guards import contents
 from .instrument import Instrumented, instrument, resolve_matching
 from .loggers import Logger
 from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
 from .progress import Progress, phase
 from .report import Report, ReportRow, WeightHistogram
-from .run import check_batch, check_data, check_devices, nonfinite_inputs, run_model
+from .run import (
+    check_batch,
+    check_data,
+    check_devices,
+    nonfinite_inputs,
+    pick_inputs,
+    run_model,
+)
 from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]
@@ -191,9 +198,11 @@ def compare(
             ``inputs(batch)`` returning the input or a tuple of inputs. Default: the whole
             batch.
         capture: ``"fx"``, ``"export"`` or ``"auto"``, as in :func:`fxnumeric.match`; the
-            first batch is the example input of ``torch.export`` (an exported graph is
-            specialised to its shapes, so every batch must have them). Ignored when
-            ``matching`` is given: it was captured already.
+            first batch is the example input of the capture (for ``torch.export``, whose graph
+            is specialised to its shapes, so every batch must have them; for a model torch.fx
+            cannot trace whole, it records how each submodule is called, so that modules with
+            optional arguments are traced too). Ignored when ``matching`` is given: it was
+            captured already.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
@@ -224,8 +233,8 @@ def compare(
     total = _length(data, max_batches)
     example, data = _first_batch(data, inputs)
     check_batch(example, 0)  # before tracing: the first batch is checked before any work
-    if capture == "fx" or matching is not None:
-        example = None  # torch.export needs an example input; fx tracing does not
+    if matching is not None:
+        example = None  # captured already; else torch.export's example, how modules are called
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
                  leaf_modules, precision, progress, capture, example)
     ran = _run(plan, data, progress, max_batches, inputs, total)
@@ -261,7 +270,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     names, custom = _resolve_metrics(metrics)
     with phase("tracing and pairing the models", False if matching is not None else progress):
         matching = resolve_matching(float_model, quant_model, matching, leaf_modules,
-                                    capture=capture, example_inputs=example_inputs)
+                                    capture=capture, example_inputs=example_inputs,
+                                    validate=False)
     _check_pairable(matching)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
@@ -300,9 +310,9 @@ def _check_pairable(matching: Matching) -> None:
             "like a float model and the quantized model made from it, and no layer can be "
             "compared.\nFix: pass the float model the quantized one was made from; "
             "fxnumeric.match(float_model, quant_model).table() lists what each side holds")
-    found = contents(matching.float_view)
-    if found.quantizes:
-        ops = found.quantized_ops or found.quantize_nodes
+    found = [contents(region.float_view) for region in matching.regions]
+    if any(c.quantizes for c in found):
+        ops = [n for c in found for n in c.quantized_ops or c.quantize_nodes]
         shown = ", ".join(f"`{n}`" for n in ops[:3]) + (", ..." if len(ops) > 3 else "")
         raise InputError(
             f"the float model is quantized too: it computes {len(ops)} quantized ops or "
@@ -334,11 +344,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
          max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None,
          total: int | None = None) -> _Ran:
     """Feed every batch to both instrumented models; a batch holding NaN/Inf is left out."""
-    float_gm = plan.built.float_model
-    if float_gm is None:  # nothing to observe on the float side: run it as it is
-        matching = plan.matching
-        float_gm = matching.float_graph if matching.whole_graph else matching.float_model
-    quant_gm = plan.built.quant_model
+    float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
     if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
         data = [data]
     accumulators = [*plan.outputs.values(), *plan.shadows.values(), plan.model]
@@ -349,7 +355,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         for index, batch in enumerate(data):
             if max_batches is not None and index >= max_batches:
                 break
-            model_inputs = _pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
+            model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
             check_batch(model_inputs, index)
             if nonfinite_inputs(model_inputs):
                 skipped.append(index)
@@ -436,7 +442,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,
         notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
-               if nothing_quantized(matching.quant_view) else ())
+               if matching.nothing_quantized else ())
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
         + _skipped_note(ran) + _nonfinite_note(nonfinite),
         model_output_rms=_rms(plan.model),
@@ -501,7 +507,7 @@ def _rms(acc: Accumulator | None) -> float | None:
 
 def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
                  ) -> tuple[Any, Iterable[Any]]:
-    """The model inputs of the first batch (checked before tracing; torch.export's example),
+    """The model inputs of the first batch (checked before tracing; the capture's example),
     and ``data`` still whole (an iterator is chained back together)."""
     empty = ("data yielded no batches: pass an iterable of input tensors (or tuples of "
              "inputs)")
@@ -510,26 +516,13 @@ def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
     if isinstance(data, (list, tuple)):
         if not data:
             raise InputError(empty)
-        return _pick_inputs(data[0], inputs), data
+        return pick_inputs(data[0], inputs), data
     iterator = iter(data)
     try:
         first = next(iterator)
     except StopIteration:
         raise InputError(empty) from None
-    return _pick_inputs(first, inputs), itertools.chain([first], iterator)
-
-
-def _pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:
-    if inputs is None:
-        return batch
-    if callable(inputs):
-        return inputs(batch)
-    try:
-        return batch[inputs]
-    except (IndexError, KeyError, TypeError) as exc:
-        raise InputError(f"inputs={inputs!r} cannot index a batch of type {type(batch).__name__}: "
-                         f"{exc}; pass an index into each batch or a function batch -> inputs")\
-            from exc
+    return pick_inputs(first, inputs), itertools.chain([first], iterator)
 
 
 def _looks_labelled(batch: Any) -> bool:

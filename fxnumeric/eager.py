@@ -189,14 +189,11 @@ def remove_instrumentation(model: nn.Module) -> nn.Module:
 def _pair_module(matching: Matching, pair: Pair, side: str, *,
                  head_first: bool) -> nn.Module | None:
     """The module behind one side of a pair, looking at its head or its output node first."""
-    if pair.found_by == "module":  # paired through the module tree: the nodes are module paths
-        model = matching.float_model if side == "float" else matching.quant_model
-        path = pair.float_nodes[0] if side == "float" else pair.quant_nodes[0]
-        return model.get_submodule(path) if model is not None else None
-    view, names = ((matching.float_view, pair.float_nodes) if side == "float"
-                   else (matching.quant_view, pair.quant_nodes))
-    for name in (names[0], names[-1]) if head_first else (names[-1], names[0]):
-        module = view.module(view.node(name))
+    region = matching.region_of(pair)
+    view = region.view("float" if side == "float" else "quant")
+    chain = region.chain(pair, "float" if side == "float" else "quant")
+    for node in (chain[0], chain[-1]) if head_first else (chain[-1], chain[0]):
+        module = view.module(node)
         if module is not None:
             return module
     return None
@@ -226,8 +223,9 @@ def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type
         allow_list = get_default_compare_output_module_list()
     matching = match(float_model, q_model, example_inputs if capture != "fx" else None,
                      leaf_modules=leaf_modules, capture=capture).check()
+    # one logger per module, logged once per call, as in torch's eager suite
     return add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
-                       matching=matching)
+                       matching=matching, per_call_site=False)
 
 
 def prepare_model_outputs(
@@ -356,7 +354,7 @@ def _stub_selector(module_swap_list: Iterable[type]):
         if fmod is None or qmod is None:
             # a functional op (a pt2e graph): the module class it came from, if it computes
             # in quantized form
-            head = flows.module_type(matching.float_node(pair.float_nodes[0]))
+            head = flows.module_type(matching.region_of(pair).chain(pair, "float")[0])
             return head in swap and pair.quantized
         return type(fmod) in swap and not _is_identical_module_type(fmod, qmod)
 
@@ -370,7 +368,8 @@ def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: It
     matching = match(float_model, q_model, example_inputs if capture != "fx" else None,
                      leaf_modules=leaves, capture=capture).check()
     quant_gm, skipped = add_shadows(
-        float_model, q_model, logger_cls, select=_stub_selector(module_swap_list), matching=matching
+        float_model, q_model, logger_cls, select=_stub_selector(module_swap_list),
+        matching=matching, per_call_site=False,
     )
     if skipped:
         name, reason = next(iter(skipped.items()))

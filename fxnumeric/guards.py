@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import FxNumericWarning, InputError
 from .ops import is_quantized_module
+from .optypes import OpClass
 from .view import GraphView
 
 __all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized"]
@@ -58,15 +59,14 @@ def _observer_types() -> tuple[type, type]:
     return ObserverBase, FakeQuantizeBase
 
 
-def _is_quantize(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        # a converted eager model's Quantize, not the float model's no-op QuantStub
-        from torch.ao.nn.quantized import Quantize
+def _is_quantize(node: fx.Node, modules: dict[str, nn.Module], cls: OpClass) -> bool:
+    """A quantize step of the dataflow: a converted model's ``Quantize``, ``quantize_per_*``
+    functions, a flow's quantize ops; not the float model's no-op ``QuantStub``."""
+    if not cls.is_quantize:
+        return False
+    from torch.ao.quantization.stubs import QuantStub
 
-        return isinstance(modules[node.target], Quantize)
-    target = node.target
-    name = getattr(target, "__name__", None) or str(target)
-    return name.split(".")[0].startswith("quantize_per_")
+    return node.op != "call_module" or not isinstance(modules[node.target], QuantStub)
 
 
 def contents(view: GraphView) -> GraphContents:
@@ -88,7 +88,7 @@ def contents(view: GraphView) -> GraphContents:
         leaf = modules[node.target] if node.op == "call_module" else None
         if cls.quantized or (leaf is not None and any(map(is_quantized_module, leaf.modules()))):
             found["q"].append(node.name)  # a leaf kept whole counts by what it holds
-        elif node.op != "call_method" and _is_quantize(node, modules):
+        elif _is_quantize(node, modules, cls):
             found["qz"].append(node.name)
         if leaf is not None:
             for sub in leaf.modules():

@@ -1,14 +1,17 @@
-"""Stage 2, match: pair the nodes of a float graph with those of its quantized graph.
+"""Stage 2, match: pair the ops of a float model with those of its quantized model.
 
-Both graphs are condensed into views of their ops (:class:`fxnumeric.GraphView`, whose
-``graph`` is a ``networkx`` DiGraph): plumbing nodes (Identity, DeQuantStub, ``dequantize``,
-eval-mode dropout, observers) disappear and their edges pass through; ``get_attr`` nodes
-(weights, scales) are not dataflow. The views are kept in the :class:`Matching`, for every
-later stage to read. Pairing is then a single
-walk over the quantized ops in topological order. For each one it looks among the float ops
-that consume the float counterparts of its inputs, and aligns *chains*: a quantized op and a
-float op pair when their kinds agree, and a fused op pairs with a chain of float ops whose
-kinds add up to its signature, a BatchNorm after a conv or linear being absorbed (folded)::
+Capture (:mod:`fxnumeric.capture`) turns each model into graphs; a matching is a set of
+**regions**, each a pair of graphs paired op by op by the networkx pairing pass
+(:mod:`fxnumeric.pairing`), and every stage after this one walks them the same way,
+whatever capture made them:
+
+* a model torch.fx (or torch.export) captures whole is **one region**, the whole model
+  (paths ``""``);
+* a model torch.fx cannot trace whole (a Hugging Face transformer) is several regions:
+  submodules traced as graphs of their own, and leaf modules below an untraceable module,
+  each captured as a one-op graph that calls it (``Region.whole_module``).
+
+::
 
     float:      x -> conv1 -> bn1 -> relu -> maxpool          (unfused nn.Module)
     quantized:  x -> quantize -> conv1 (ConvReLU2d) -> maxpool (eager or FX quantized)
@@ -16,9 +19,11 @@ kinds add up to its signature, a BatchNorm after a conv or linear being absorbed
     pairs:      ('conv2d-relu', float=(conv1, bn1, relu), quantized=(conv1,))
                 ('max_pool2d',  float=(maxpool,),         quantized=(maxpool,))
 
-Among several float candidates (parallel branches) the one with the same module name, then the
-same module attributes (channels, kernel, features), then the earliest in graph order wins,
-so symmetric branches pair branch to branch. The walk is linear in the number of nodes.
+A pair's name is the quantized side's (module path, the FloatFunctional owning a functional
+op, a flow's name, or the node name), prefixed with its region's path; a module called twice
+is two pairs, ``layer1.0.relu`` and ``layer1.0.relu#2``. Its node names are those of its
+region's graphs, prefixed the same way. :meth:`Matching.region_of` gives a pair's region,
+whose views answer every question about its nodes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from .capture import LeafSpec, single_call_graph, trace
+from .capture import LeafSpec, leaf_graph, single_call_graph, trace
 from .capture.export import (
     auto_exports_float,
     check_capture,
@@ -40,14 +45,18 @@ from .capture.export import (
     export_side,
     is_export_graph,
 )
+from .capture.tree import capture_tree, record_calls
 from .errors import MatchError, TraceError
-from .guards import check_pair
-from .ops import BN_FOLDING_KINDS, classify, classify_module
-from .view import MODULE_ATTRS, GraphView
+from .guards import check_pair, contents
+from .ops import classify, classify_module
+from .pairing import NodeMatch, pair_views, same_op
+from .run import run_model
+from .view import GraphView
 
-__all__ = ["Pair", "Unmatched", "Matching", "RegionMatching", "match"]
+__all__ = ["Pair", "Unmatched", "Matching", "Region", "match"]
 
 _log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -55,19 +64,18 @@ class Pair:
 
     Attributes:
         name: the quantized side's name for it: module path (``layer1.0.conv1``), the
-            FloatFunctional that owns a functional op (``layer1.0.add_relu``), or node name.
+            FloatFunctional that owns a functional op (``layer1.0.add_relu``), a flow's name
+            (``layer1.0.add`` in an exported graph), or node name; ``#2``, ``#3`` ... for the
+            further call sites of the same op (a module called twice).
         kind: the op kinds, joined: ``conv2d-relu``.
-        float_nodes: names of the float graph nodes, in order; the last one's output is the
-            pair's float output.
-        quant_nodes: names of the quantized graph nodes, in order.
+        float_nodes: names of the float nodes, in order, prefixed with the region's path;
+            the last one's output is the pair's float output.
+        quant_nodes: names of the quantized nodes, in order, prefixed likewise.
         quantized: whether the quantized side computes in quantized form (False for ops
             left in float, such as an ``nn.Embedding`` under dynamic quantization).
-        found_by: ``"graph"`` (paired by the graph matcher) or ``"module"`` (a leaf module
-            of a model torch.fx cannot trace whole, paired through the module tree; its
-            ``float_nodes`` and ``quant_nodes`` are then module paths).
-        region: for a graph pair inside a submodule captured as a graph of its own (see
-            :mod:`fxnumeric.capture.tree`), that submodule's quantized path; its name and
-            node names are prefixed with it. ``""`` otherwise.
+        found_by: ``"graph"`` (ops of a traced graph) or ``"module"`` (a leaf module of a
+            model torch.fx cannot trace whole, paired whole through the module tree).
+        region: the quantized path of the region holding the pair (``""``: the whole model).
     """
 
     name: str
@@ -81,23 +89,184 @@ class Pair:
 
 @dataclass(frozen=True)
 class Unmatched:
-    """A node that found no partner, with the reason a person can act on."""
+    """A node (or module) that found no partner, with the reason a person can act on.
+
+    ``region`` is the quantized path of the region whose graph holds it, ``None`` for a
+    module of one model with no counterpart in the other (no region holds it).
+    """
 
     node: str
     kind: str
     reason: str
     quantized: bool = False
+    region: str | None = ""
+
+
+def _prefixed(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """A float graph and a quantized graph paired op by op: a whole model, a submodule, or a
+    leaf module kept whole (its graph only calls it).
+
+    Attributes:
+        float_path: where the float graph sits in the float model (``""``: the whole model);
+            instrumented and hybrid versions of the region replace the module at that path.
+        quant_path: the same in the quantized model.
+        float_view: the view of the float graph (:class:`~fxnumeric.GraphView`).
+        quant_view: the view of the quantized graph.
+        pairs: the region's pairs (names and nodes prefixed with the scopes).
+        unmatched_float: its float nodes without a partner.
+        unmatched_quant: its quantized nodes without a partner.
+        quant_to_float: for each quantized node whose value has a float counterpart, that
+            float node's name (graph node names, not prefixed).
+        float_scope: the module path the graph's names are relative to (the parent of a leaf
+            module kept whole, else ``float_path``).
+        quant_scope: the same for the quantized graph.
+        whole_module: the region is a leaf module kept whole.
+    """
+
+    float_path: str
+    quant_path: str
+    float_view: GraphView = field(repr=False)
+    quant_view: GraphView = field(repr=False)
+    pairs: tuple[Pair, ...] = field(repr=False, default=())
+    unmatched_float: tuple[Unmatched, ...] = field(repr=False, default=())
+    unmatched_quant: tuple[Unmatched, ...] = field(repr=False, default=())
+    quant_to_float: dict[str, str] = field(repr=False, default_factory=dict)
+    float_scope: str = ""
+    quant_scope: str = ""
+    whole_module: bool = False
+
+    def __post_init__(self) -> None:
+        fv, qv = self.float_view, self.quant_view
+        float_by_name = {_prefixed(self.float_scope, n.name): n for n in fv.nodes}
+        quant_by_name = {_prefixed(self.quant_scope, n.name): n for n in qv.nodes}
+        by_node: dict[fx.Node, Pair] = {}
+        for p in self.pairs:
+            by_node.update((float_by_name[n], p) for n in p.float_nodes)
+            by_node.update((quant_by_name[n], p) for n in p.quant_nodes)
+        to_quant: dict[fx.Node, fx.Node] = {}
+        to_float: dict[fx.Node, fx.Node] = {}
+        for q, f in self.quant_to_float.items():
+            qn, fn = qv.node(q), fv.node(f)
+            to_float[qn] = fn
+            to_quant.setdefault(fn, qn)  # the earliest quantized node carrying that value
+        passable = frozenset(
+            n for n in qv.nodes
+            if n not in by_node and (c := qv.op_class(n)) is not None and c.role == "optional"
+        )
+        # A quantized op's value is what it hands on after its own output quantize; an op left
+        # in float hands on its float value (a quantize after it belongs to the next layer).
+        outputs = {
+            p: (float_by_name[p.float_nodes[-1]],
+                qv.value_node(quant_by_name[p.quant_nodes[-1]],
+                              passable if p.quantized else frozenset()))
+            for p in self.pairs
+        }
+        # caches derived from the fields above, set once: the dataclass stays frozen
+        for name, value in (("_float_by_name", float_by_name), ("_quant_by_name", quant_by_name),
+                            ("_by_node", by_node), ("_to_quant", to_quant),
+                            ("_to_float", to_float), ("_outputs", outputs)):
+            object.__setattr__(self, name, value)
+
+    def float_node(self, name: str) -> fx.Node:
+        """The float node called ``name`` (prefixed as in :attr:`Pair.float_nodes`)."""
+        return self._float_by_name[name]  # type: ignore[attr-defined]
+
+    def quant_node(self, name: str) -> fx.Node:
+        """The quantized node called ``name`` (prefixed as in :attr:`Pair.quant_nodes`)."""
+        return self._quant_by_name[name]  # type: ignore[attr-defined]
+
+    def has_node(self, name: str) -> bool:
+        """Whether either graph has a node called ``name`` (prefixed)."""
+        return name in self._float_by_name or name in self._quant_by_name  # type: ignore
+
+    def float_name(self, node: fx.Node) -> str:
+        """``node``'s name as pairs give it (prefixed with the float scope)."""
+        return _prefixed(self.float_scope, node.name)
+
+    def quant_name(self, node: fx.Node) -> str:
+        """``node``'s name as pairs give it (prefixed with the quantized scope)."""
+        return _prefixed(self.quant_scope, node.name)
+
+    def pair_of(self, node: fx.Node) -> Pair | None:
+        """The pair a float or quantized node of this region belongs to, if any."""
+        return self._by_node.get(node)  # type: ignore[attr-defined]
+
+    def float_counterpart(self, node: fx.Node) -> fx.Node | None:
+        """The float node computing the value that quantized ``node`` carries, if any."""
+        return self._to_float.get(node)  # type: ignore[attr-defined]
+
+    def quant_counterpart(self, node: fx.Node) -> fx.Node | None:
+        """The earliest quantized node carrying the value of float ``node``, if any."""
+        return self._to_quant.get(node)  # type: ignore[attr-defined]
+
+    def output_nodes(self, pair: Pair) -> tuple[fx.Node, fx.Node]:
+        """``(float_node, quant_node)`` whose outputs are the pair's values.
+
+        On the quantized side that is the value the next op reads: after the pair's own
+        output quantize (and dequantize) where the graph has one (reference FX, pt2e), for
+        pairs that compute in quantized form; a layer left in float is observed before the
+        quantize that feeds the next quantized layer.
+        """
+        return self._outputs[pair]  # type: ignore[attr-defined]
+
+    def chain(self, pair: Pair, side: str) -> list[fx.Node]:
+        """The nodes of ``pair`` on ``side`` (``"float"`` or ``"quant"``), in order."""
+        if side == "float":
+            return [self.float_node(n) for n in pair.float_nodes]
+        return [self.quant_node(n) for n in pair.quant_nodes]
+
+    def view(self, side: str) -> GraphView:
+        """The view of ``side`` (``"float"`` or ``"quant"``)."""
+        return self.float_view if side == "float" else self.quant_view
+
+    def path(self, side: str) -> str:
+        """Where ``side``'s graph sits in its model."""
+        return self.float_path if side == "float" else self.quant_path
+
+    def scope(self, side: str) -> str:
+        """The module path ``side``'s names are relative to."""
+        return self.float_scope if side == "float" else self.quant_scope
+
+
+def pair_region(float_view: GraphView, quant_view: GraphView, *, float_path: str = "",
+                quant_path: str = "", float_scope: str | None = None,
+                quant_scope: str | None = None, whole_module: bool = False,
+                node_match: NodeMatch = same_op) -> Region:
+    """Pair two views into a :class:`Region` (see :func:`fxnumeric.pairing.pair_views`)."""
+    fscope = float_path if float_scope is None else float_scope
+    qscope = quant_path if quant_scope is None else quant_scope
+    found, miss_f, miss_q, anchor = pair_views(float_view, quant_view, node_match)
+    pairs = tuple(
+        Pair(_prefixed(qscope, p.name), p.kind,
+             tuple(_prefixed(fscope, n) for n in p.float_nodes),
+             tuple(_prefixed(qscope, n) for n in p.quant_nodes), p.quantized,
+             "module" if whole_module else "graph", quant_path)
+        for p in found
+    )
+    return Region(
+        float_path, quant_path, float_view, quant_view, pairs,
+        tuple(Unmatched(_prefixed(fscope, u.node), u.kind, u.reason, u.quantized, quant_path)
+              for u in miss_f),
+        tuple(Unmatched(_prefixed(qscope, u.node), u.kind, u.reason, u.quantized, quant_path)
+              for u in miss_q),
+        {q.name: f.name for q, f in anchor.items() if f is not None},
+        fscope, qscope, whole_module,
+    )
 
 
 @dataclass(frozen=True, eq=False)
 class Matching:
-    """The result of :func:`match`: pairs, misses and a view of each traced graph.
+    """The result of :func:`match`: regions of paired graphs, their pairs and their misses.
 
-    The node names in ``pairs`` and the misses refer to ``float_graph`` and ``quant_graph``.
-    ``float_view`` and ``quant_view`` (:class:`fxnumeric.GraphView`) are built once, by
-    :func:`match`, and every later stage reads them: what each node computes, where it sits,
-    which op produced the value it reads. The lookups below answer "which pair, which
-    counterpart" for a node without searching.
+    Every stage walks :attr:`regions` (or :attr:`pairs` and :meth:`region_of`) the same way,
+    whatever capture made them. For a model captured whole, the one region is
+    :attr:`root` and :attr:`float_view` / :attr:`quant_view` are its views. The lookups
+    below answer "which pair, which counterpart" for a node without searching.
 
     Example:
         >>> import copy, torch
@@ -109,88 +278,101 @@ class Matching:
         (True, '_0')
     """
 
-    pairs: tuple[Pair, ...]
-    unmatched_float: tuple[Unmatched, ...]
-    unmatched_quant: tuple[Unmatched, ...]
-    float_view: GraphView = field(repr=False)
-    quant_view: GraphView = field(repr=False)
-    quant_to_float: dict[str, str] = field(repr=False, default_factory=dict)
-    """For each quantized node whose output has a float counterpart, that float node's name."""
+    regions: tuple[Region, ...]
+    pairs: tuple[Pair, ...] = ()
+    """Every region's pairs: graph order for a model captured whole; for several regions,
+    in the registration order of the modules holding them, then graph order."""
+    unmatched_float: tuple[Unmatched, ...] = ()
+    unmatched_quant: tuple[Unmatched, ...] = ()
     float_model: nn.Module | None = field(repr=False, default=None)
     quant_model: nn.Module | None = field(repr=False, default=None)
     """The user's models (not modified); module paths in pair names refer to them."""
-    regions: tuple[RegionMatching, ...] = field(repr=False, default=())
-    """For models torch.fx cannot trace whole: the submodules captured as graphs of their own
-    (the whole models, with some submodules kept whole, have paths ``""``)."""
     untraced: tuple[tuple[str, str], ...] = ()
     """``(float module path, reason)`` of modules torch.fx could not trace: each is kept
     whole and its children are compared, but the code of its own ``forward`` is not."""
-    origin: dict[Pair, tuple[RegionMatching, Pair]] = field(repr=False, default_factory=dict)
-    """For each pair found in a region: the region and the pair as its own matching has it."""
     capture_notes: tuple[tuple[str, str], ...] = ()
     """``(side, note)``: how a side was captured where that is not the ``capture=`` asked for
     (``capture="export"`` on a model torch.export cannot capture, which torch.fx traced
     instead), or where ``capture="auto"`` exported it."""
 
-    @property
-    def whole_graph(self) -> bool:
-        """Whether both models were traced whole, so every pair lives in the two views.
-
-        When not, pairs live in :attr:`regions` (see :attr:`origin`) or were found through
-        the module tree (``found_by == "module"``), and ``float_view``/``quant_view`` show
-        only the outermost graphs.
-        """
-        return not self.untraced
-
     def __post_init__(self) -> None:
         by_name: dict[str, Pair] = {}
-        by_node: dict[fx.Node, Pair] = {}
-        for p in self.pairs:
-            by_name.setdefault(p.name, p)
-        graph_pairs = [p for p in self.pairs if p.found_by == "graph" and p not in self.origin]
-        for p in graph_pairs:
-            by_node.update((self.float_view.node(n), p) for n in p.float_nodes)
-            by_node.update((self.quant_view.node(n), p) for n in p.quant_nodes)
-        to_quant: dict[fx.Node, fx.Node] = {}
-        to_float: dict[fx.Node, fx.Node] = {}
-        for q, f in self.quant_to_float.items():
-            qn, fn = self.quant_view.node(q), self.float_view.node(f)
-            to_float[qn] = fn
-            to_quant.setdefault(fn, qn)  # the earliest quantized node carrying that value
-        claimed = set(by_node)
-        passable = frozenset(
-            n for n in self.quant_view.nodes
-            if n not in claimed and (c := self.quant_view.op_class(n)) is not None
-            and c.role == "optional"
-        )
-        # A quantized op's value is what it hands on after its own output quantize; an op left
-        # in float hands on its float value (a quantize after it belongs to the next layer).
-        outputs = {
-            id(p): (self.float_view.node(p.float_nodes[-1]),
-                    self.quant_view.value_node(self.quant_view.node(p.quant_nodes[-1]),
-                                               passable if p.quantized else frozenset()))
-            for p in graph_pairs
-        }
-        # caches derived from the fields above, set once: the dataclass stays frozen
-        object.__setattr__(self, "_by_name", by_name)
-        object.__setattr__(self, "_by_node", by_node)
-        object.__setattr__(self, "_to_quant", to_quant)
-        object.__setattr__(self, "_to_float", to_float)
-        object.__setattr__(self, "_outputs", outputs)
+        region_of: dict[Pair, Region] = {}
+        node_region: dict[fx.Node, Region] = {}
+        for region in self.regions:
+            for p in region.pairs:
+                region_of[p] = region
+                by_name.setdefault(p.name, p)
+            for n in (*region.float_view.nodes, *region.quant_view.nodes):
+                node_region[n] = region
+        by_path = {r.quant_path: r for r in self.regions}
+        root = next((r for r in self.regions if not r.float_path and not r.quant_path), None)
+        for name, value in (("_by_name", by_name), ("_region_of", region_of),
+                            ("_node_region", node_region), ("_by_path", by_path),
+                            ("_root", root)):
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ regions
+    @property
+    def root(self) -> Region | None:
+        """The region covering each whole model (paths ``""``), if there is one."""
+        return self._root  # type: ignore[attr-defined]
+
+    @property
+    def whole_graph(self) -> bool:
+        """Whether each model was captured as one graph (one region, the whole model)."""
+        return len(self.regions) == 1 and self.root is not None and not self.untraced
+
+    def region_of(self, item: Pair | Unmatched | fx.Node | str) -> Region:
+        """The region holding a pair, a miss, a node, or the region at a quantized path."""
+        if isinstance(item, Pair):
+            return self._region_of[item]  # type: ignore[attr-defined]
+        if isinstance(item, fx.Node):
+            return self._node_region[item]  # type: ignore[attr-defined]
+        path = item.region if isinstance(item, Unmatched) else item
+        found = self._by_path.get(path)  # type: ignore[attr-defined]
+        if found is None:
+            raise MatchError(f"no region at {path!r}; regions are at: "
+                             + ", ".join(repr(r.quant_path) for r in self.regions[:10]))
+        return found
+
+    def _root_region(self, what: str) -> Region:
+        if self.root is None:
+            raise MatchError(
+                f"Matching.{what} exists for models captured whole; these were captured in "
+                f"{len(self.regions)} regions (torch.fx could not trace them whole). Fix: read "
+                "matching.regions, or matching.region_of(pair)."
+            )
+        return self.root
+
+    @property
+    def float_view(self) -> GraphView:
+        """The view of the float model's graph (the root region's)."""
+        return self._root_region("float_view").float_view
+
+    @property
+    def quant_view(self) -> GraphView:
+        """The view of the quantized model's graph (the root region's)."""
+        return self._root_region("quant_view").quant_view
 
     @property
     def float_graph(self) -> fx.GraphModule:
-        """The traced float GraphModule."""
+        """The traced float GraphModule (the root region's)."""
         return self.float_view.gm
 
     @property
     def quant_graph(self) -> fx.GraphModule:
-        """The traced quantized GraphModule."""
+        """The traced quantized GraphModule (the root region's)."""
         return self.quant_view.gm
 
     @property
+    def nothing_quantized(self) -> bool:
+        """Whether no region's quantized graph has a quantized op or a quantize node."""
+        return not any(contents(r.quant_view).quantizes for r in self.regions)
+
+    @property
     def quantized_ops(self) -> int:
-        """How many quantized compute ops the quantized graph has, paired or not."""
+        """How many quantized compute ops the quantized graphs have, paired or not."""
         return (sum(1 for p in self.pairs if p.quantized)
                 + sum(1 for u in self.unmatched_quant if u.quantized))
 
@@ -215,7 +397,7 @@ class Matching:
 
     # ------------------------------------------------------------------ lookups
     def pair(self, name: str) -> Pair:
-        """The (first) pair called ``name``."""
+        """The pair called ``name``."""
         found = self._by_name.get(name)  # type: ignore[attr-defined]
         if found is None:
             names = ", ".join(p.name for p in self.pairs[:20])
@@ -224,33 +406,35 @@ class Matching:
 
     def pair_of(self, node: fx.Node) -> Pair | None:
         """The pair a float or quantized node belongs to, if any."""
-        return self._by_node.get(node)  # type: ignore[attr-defined]
+        region = self._node_region.get(node)  # type: ignore[attr-defined]
+        return None if region is None else region.pair_of(node)
 
     def float_counterpart(self, node: fx.Node) -> fx.Node | None:
         """The float node computing the value that quantized ``node`` carries, if any."""
-        return self._to_float.get(node)  # type: ignore[attr-defined]
+        return self.region_of(node).float_counterpart(node)
 
     def quant_counterpart(self, node: fx.Node) -> fx.Node | None:
         """The earliest quantized node carrying the value of float ``node``, if any."""
-        return self._to_quant.get(node)  # type: ignore[attr-defined]
+        return self.region_of(node).quant_counterpart(node)
 
     def output_nodes(self, pair: Pair) -> tuple[fx.Node, fx.Node]:
-        """``(float_node, quant_node)`` whose outputs are the pair's values.
-
-        On the quantized side that is the value the next op reads: after the pair's own
-        output quantize (and dequantize) where the graph has one (reference FX, pt2e), for
-        pairs that compute in quantized form; a layer left in float is observed before the
-        quantize that feeds the next quantized layer.
-        """
-        return self._outputs[id(pair)]  # type: ignore[attr-defined]
+        """``(float_node, quant_node)`` whose outputs are the pair's values (see
+        :meth:`Region.output_nodes`)."""
+        return self.region_of(pair).output_nodes(pair)
 
     def float_node(self, name: str) -> fx.Node:
-        """The float graph's node called ``name``."""
-        return self.float_view.node(name)
+        """The float node called ``name`` (as in :attr:`Pair.float_nodes`)."""
+        for region in self.regions:
+            if name in region._float_by_name:  # type: ignore[attr-defined]
+                return region.float_node(name)
+        raise MatchError(f"no float node is called {name!r}")
 
     def quant_node(self, name: str) -> fx.Node:
-        """The quantized graph's node called ``name``."""
-        return self.quant_view.node(name)
+        """The quantized node called ``name`` (as in :attr:`Pair.quant_nodes`)."""
+        for region in self.regions:
+            if name in region._quant_by_name:  # type: ignore[attr-defined]
+                return region.quant_node(name)
+        raise MatchError(f"no quantized node is called {name!r}")
 
     # ------------------------------------------------------------------ explanations
     def explain(self, node: str, *, radius: int = 2, tablefmt: str = "simple") -> str:
@@ -268,22 +452,22 @@ class Matching:
         from .report.render import explain_table
 
         for p in self.pairs:
-            if node not in (p.name, *p.float_nodes, *p.quant_nodes):
+            if node in (p.name, *p.float_nodes, *p.quant_nodes):
+                region = self.region_of(p)
+                if region.whole_module:
+                    note = "paired through the module tree"
+                    return explain_table([(p.float_nodes[0], p.kind, p.quant_nodes[0], note)],
+                                         tablefmt)
+                return explain_table(_explain_rows(region, node, radius), tablefmt)
+        for u in (*self.unmatched_float, *self.unmatched_quant):
+            if u.node != node:
                 continue
-            if p in self.origin:  # found in a region: explain it inside the region's graphs
-                region, local = self.origin[p]
-                return region.matching.explain(local.name, radius=radius, tablefmt=tablefmt)
-            if p.found_by == "module":
-                note = "paired through the module tree"
-                return explain_table([(p.float_nodes[0], p.kind, p.quant_nodes[0], note)], tablefmt)
-        if not self.whole_graph:  # a module-tree miss, or a region's: no whole graph around it
-            rows = [(u.node, u.kind, "-", f"<- unpaired: {u.reason}") for u in self.unmatched_float
-                    if u.node == node]
-            rows += [("-", u.kind, u.node, f"<- unpaired: {u.reason}") for u in self.unmatched_quant
-                     if u.node == node]
-            if rows:
-                return explain_table(rows, tablefmt)
-        return explain_table(_explain_rows(self, node, radius), tablefmt)
+            if u.region is None:  # a module without counterpart: no graph around it
+                side = ((u.node, u.kind, "-") if u in self.unmatched_float
+                        else ("-", u.kind, u.node))
+                return explain_table([(*side, f"<- unpaired: {u.reason}")], tablefmt)
+            return explain_table(_explain_rows(self.region_of(u), node, radius), tablefmt)
+        raise MatchError(f"no pair or unpaired node is called {node!r}; see Matching.table()")
 
     def table(self, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
         """Render pairs and misses as a tabulate table (``simple``, ``github``, ``plain`` ...).
@@ -306,33 +490,23 @@ class Matching:
         return matching_fragment(self)
 
 
-@dataclass(frozen=True, eq=False)
-class RegionMatching:
-    """A float submodule and its quantized counterpart, captured and paired as graphs."""
-
-    float_path: str
-    quant_path: str
-    matching: Matching
-
-
-def _explain_rows(m: Matching, node: str, radius: int) -> list[tuple[str, str, str, str]]:
-    """Rows of :meth:`Matching.explain`, in float graph order."""
+def _explain_rows(m: Region, node: str, radius: int) -> list[tuple[str, str, str, str]]:
+    """Rows of :meth:`Matching.explain` inside region ``m``, in float graph order (names as
+    pairs give them: prefixed with the region's scopes)."""
     fv, qv = m.float_view, m.quant_view
     focus_f: list[fx.Node] = []
     focus_q: list[fx.Node] = []
     for p in m.pairs:
         if node == p.name or node in p.float_nodes or node in p.quant_nodes:
-            focus_f += [fv.node(n) for n in p.float_nodes]
-            focus_q += [qv.node(n) for n in p.quant_nodes]
+            focus_f += m.chain(p, "float")
+            focus_q += m.chain(p, "quant")
     misses_f = {u.node: u for u in m.unmatched_float}
     misses_q = {u.node: u for u in m.unmatched_quant}
     if not focus_f and not focus_q:
         if node in misses_f:
-            focus_f.append(fv.node(node))
+            focus_f.append(m.float_node(node))
         if node in misses_q:
-            focus_q.append(qv.node(node))
-    if not focus_f and not focus_q:
-        raise MatchError(f"no pair or unpaired node is called {node!r}; see Matching.table()")
+            focus_q.append(m.quant_node(node))
     near_f = fv.neighbourhood(focus_f, radius)
     near_q = qv.neighbourhood(focus_q, radius)
     # the counterparts of what is near on one side are near on the other
@@ -350,20 +524,22 @@ def _explain_rows(m: Matching, node: str, radius: int) -> list[tuple[str, str, s
         p = m.pair_of(f)
         if p is None or f in done:
             continue
-        done.update(fv.node(n) for n in p.float_nodes)
-        done.update(qv.node(n) for n in p.quant_nodes)
-        pos = fv.position(fv.node(p.float_nodes[0]))
+        done.update(m.chain(p, "float"))
+        done.update(m.chain(p, "quant"))
+        pos = fv.position(m.float_node(p.float_nodes[0]))
         rows.append((pos, ", ".join(p.float_nodes), p.kind, ", ".join(p.quant_nodes), ""))
     for f in near_f:
-        if f not in done and f.name in misses_f:
-            u = misses_f[f.name]
-            rows.append((fv.position(f), f.name, u.kind, "-", f"<- unpaired: {u.reason}"))
+        name = m.float_name(f)
+        if f not in done and name in misses_f:
+            u = misses_f[name]
+            rows.append((fv.position(f), name, u.kind, "-", f"<- unpaired: {u.reason}"))
     for q in near_q:
-        if q not in done and q.name in misses_q:
-            u = misses_q[q.name]
+        name = m.quant_name(q)
+        if q not in done and name in misses_q:
+            u = misses_q[name]
             before = [b for b in map(m.float_counterpart, qv.inputs(q)) if b is not None]
             pos = max((fv.position(b) for b in before), default=-1)
-            rows.append((pos, "-", u.kind, q.name, f"<- unpaired: {u.reason}"))
+            rows.append((pos, "-", u.kind, name, f"<- unpaired: {u.reason}"))
     rows.sort(key=lambda r: r[0])
     return [r[1:] for r in rows]
 
@@ -386,230 +562,6 @@ def _summary(m: Matching, missed: list[Unmatched]) -> str:
     )
     return "\n".join(lines)
 
-
-
-def _align(
-    fv: GraphView, qv: GraphView, f0: fx.Node, q0: fx.Node, taken_f: set, taken_q: set
-) -> tuple[list[fx.Node], list[fx.Node]] | None:
-    """Grow chains from ``f0`` and ``q0`` until their signatures agree, or give up."""
-    f_chain, q_chain = [f0], [q0]
-    fs, qs = list(fv.op_class(f0).signature), list(qv.op_class(q0).signature)
-    i = j = 0
-    while True:
-        while i < len(fs) and j < len(qs):
-            if fs[i] == qs[j]:
-                i, j = i + 1, j + 1
-            elif fs[i] == "batch_norm" and i > 0 and fs[i - 1] in BN_FOLDING_KINDS:
-                i += 1  # folded into the quantized conv/linear
-            else:
-                return None
-        if j == len(qs) and i < len(fs) and fs[i] == "batch_norm" and fs[i - 1] in BN_FOLDING_KINDS:
-            # a fused float conv-bn (QAT ConvBn2d) whose BN the quantized conv folded
-            q_nxt = _op_after(qv, q_chain[-1])
-            if q_nxt is None or qv.op_class(q_nxt).signature[0] != "batch_norm":
-                i += 1
-                continue
-        if i == len(fs) and j == len(qs):
-            nxt = fv.sole_consumer(f_chain[-1])
-            if (
-                nxt is not None and nxt not in taken_f and fs[-1] in BN_FOLDING_KINDS
-                and fv.op_class(nxt).signature == ("batch_norm",)
-            ):
-                q_nxt = _op_after(qv, q_chain[-1])
-                if q_nxt is None or qv.op_class(q_nxt).signature[0] != "batch_norm":
-                    f_chain.append(nxt)
-            return f_chain, q_chain
-        view, chain, seq, taken = ((fv, f_chain, fs, taken_f) if i == len(fs)
-                                   else (qv, q_chain, qs, taken_q))
-        nxt = view.sole_consumer(chain[-1])
-        if nxt is None or nxt in taken:
-            return None
-        chain.append(nxt)
-        seq.extend(view.op_class(nxt).signature)
-
-
-def _op_after(view: GraphView, n: fx.Node) -> fx.Node | None:
-    """The sole consumer of ``n``'s value past optional nodes (a quantize, or the scale a QAT
-    conv divides back out): the quantized side still has its own BatchNorm after those."""
-    nxt = view.sole_consumer(n)
-    while nxt is not None and view.op_class(nxt).role == "optional":
-        nxt = view.sole_consumer(nxt)
-    return nxt
-
-
-def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list,
-                taken_f: set) -> list[fx.Node]:
-    head = qv.op_class(q).signature[0]
-    known = [m for m in mapped if m is not None]
-    if known:
-        pool = [f for f in fv.consumers(known[0]) if all(k in fv.inputs(f) for k in known[1:])]
-    elif not qv.inputs(q):
-        pool = [f for f in fv.ops() if not fv.inputs(f)]
-    else:  # inputs unpaired upstream: only a same-named op will do
-        qname = qv.name(q)
-        pool = [f for f in fv.ops() if fv.name(f) == qname]
-    pool = [f for f in pool
-            if fv.is_op(f) and f not in taken_f and fv.op_class(f).signature[0] == head]
-    qname, qattrs = qv.name(q), qv.attrs(q)
-    if head == "getitem":
-        pool = [f for f in pool if fv.attrs(f) == qattrs]
-    elif qattrs:
-        pool = [f for f in pool if _same_shape(fv.attrs(f), qattrs)]
-    return sorted(pool, key=lambda f: (fv.name(f) != qname, fv.attrs(f) != qattrs, fv.position(f)))
-
-
-# Quantization never changes these: a float and a quantized module that differ in them are
-# not counterparts (attributes missing on either side are not compared).
-_SHAPE_ATTRS = tuple(
-    MODULE_ATTRS.index(a) for a in (
-        "in_channels", "out_channels", "kernel_size", "groups", "in_features", "out_features",
-        "num_embeddings", "embedding_dim", "input_size", "hidden_size",
-    )
-)
-
-
-def _same_shape(float_attrs: tuple[Any, ...], quant_attrs: tuple[Any, ...]) -> bool:
-    if len(float_attrs) != len(MODULE_ATTRS) or len(quant_attrs) != len(MODULE_ATTRS):
-        return True
-    return all(
-        float_attrs[i] is None or quant_attrs[i] is None or float_attrs[i] == quant_attrs[i]
-        for i in _SHAPE_ATTRS
-    )
-
-
-def _quant_miss_reason(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, tried: list) -> str:
-    kind = qv.op_class(q).kind
-    unpaired_inputs = [i.name for i, m in zip(qv.inputs(q), mapped, strict=True) if m is None]
-    if unpaired_inputs and all(m is None for m in mapped):
-        return (
-            f"its input `{unpaired_inputs[0]}` has no float counterpart, so there is no place "
-            f"in the float graph to look for a `{kind}`"
-        )
-    if tried:
-        names = ", ".join(f"`{f.name}` ({fv.op_class(f).kind})" for f in tried[:3])
-        return (f"float candidates {names} start like it, but their op chain does not add up "
-                f"to `{kind}`")
-    anchor = next(m for m in mapped if m is not None) if any(mapped) else None
-    head, qattrs = qv.op_class(q).signature[0], qv.attrs(q)
-    for f in fv.consumers(anchor) if anchor is not None else []:
-        same_head = fv.is_op(f) and fv.op_class(f).signature[0] == head
-        if same_head and not _same_shape(fv.attrs(f), qattrs):
-            diffs = ", ".join(
-                f"{MODULE_ATTRS[i]} {fv.attrs(f)[i]} vs {qattrs[i]}" for i in _SHAPE_ATTRS
-                if None not in (fv.attrs(f)[i], qattrs[i]) and fv.attrs(f)[i] != qattrs[i]
-            )
-            return (f"float `{f.name}` is a `{head}` on the same input but its shape differs "
-                    f"({diffs})")
-    around = fv.consumers(anchor) if anchor is not None else []
-    near = [f"`{f.name}` ({fv.op_class(f).kind})" for f in around if fv.is_op(f)]
-    where = (f"the float counterpart `{anchor.name}` of its input" if anchor is not None
-             else "the float graph's inputs")
-    nearest = f"; nearest candidates: {', '.join(near[:3])}" if near else ""
-    return f"no float op of kind `{qv.op_class(q).signature[0]}` consumes {where}{nearest}"
-
-
-def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict,
-                       inverse: dict) -> str:
-    kind = fv.op_class(f).kind
-    if not f.users:
-        return ("its result is never used (dead code the quantized graph dropped), so there is "
-                "nothing to compare")
-    head = fv.op_class(f).signature[0]
-    for i in fv.inputs(f):
-        for qc in qv.consumers(inverse[i]) if i in inverse else ():
-            if qv.is_op(qc) and qv.op_class(qc).signature[0] == head:
-                chain, nxt = [fv.op_class(f).kind], fv.sole_consumer(f)
-                while nxt is not None and len(chain) < 4:
-                    chain.append(fv.op_class(nxt).kind)
-                    nxt = fv.sole_consumer(nxt)
-                return (
-                    f"quantized `{qc.name}` ({qv.op_class(qc).kind}) reads the same input, but "
-                    f"the float ops from here compute {' -> '.join(chain)}: a float op it fused "
-                    "is missing or different"
-                )
-    for nb in fv.inputs(f) + fv.consumers(f):
-        if nb in pair_of:
-            p = pair_of[nb]
-            return (
-                f"float `{f.name}` ({kind}) has no quantized counterpart: its neighbour "
-                f"`{nb.name}` was paired with quantized `{p.name}` ({p.kind}), which does not "
-                f"compute a `{kind}`"
-            )
-    ins = [i for i in fv.inputs(f) if i in inverse]
-    if ins:
-        q_in = inverse[ins[0]]
-        cons = [f"`{c.name}` ({qv.op_class(c).kind})" for c in qv.consumers(q_in) if qv.is_op(c)]
-        return (
-            f"no quantized op of kind `{kind}` consumes `{q_in.name}`, the quantized counterpart "
-            f"of its input" + (f"; it feeds {', '.join(cons[:3])}" if cons else "")
-        )
-    return f"none of its inputs has a quantized counterpart, so `{kind}` could not be placed"
-
-
-def _pair_views(fv: GraphView, qv: GraphView,
-                ) -> tuple[list[Pair], list[Unmatched], list[Unmatched], dict]:
-    if len(fv.placeholders) != len(qv.placeholders):
-        raise MatchError(
-            f"the float model takes {len(fv.placeholders)} inputs "
-            f"({', '.join(p.name for p in fv.placeholders)}) but the quantized model takes "
-            f"{len(qv.placeholders)} ({', '.join(p.name for p in qv.placeholders)}); "
-            "compare a float model with the quantized model made from it."
-        )
-    anchor: dict[fx.Node, fx.Node | None] = dict(zip(qv.placeholders, fv.placeholders, strict=True))
-    taken_f: set = set()
-    taken_q: set = set()
-    pairs: list[Pair] = []
-    pair_of: dict[fx.Node, Pair] = {}
-    miss_q: list[Unmatched] = []
-    for q in qv.nodes:
-        if q in taken_q or not qv.is_op(q):
-            continue
-        mapped = [anchor.get(i) for i in qv.inputs(q)]
-        tried: list[fx.Node] = []
-        found = None
-        for f in _candidates(fv, qv, q, mapped, taken_f):
-            tried.append(f)
-            found = _align(fv, qv, f, q, taken_f, taken_q)
-            if found:
-                break
-        if found is None:
-            c = qv.op_class(q)
-            if c.role == "optional":
-                anchor[q] = mapped[0] if mapped else None
-            else:
-                anchor[q] = None
-                reason = _quant_miss_reason(fv, qv, q, mapped, tried)
-                miss_q.append(Unmatched(q.name, c.kind, reason, c.quantized))
-            continue
-        f_chain, q_chain = found
-        kinds = [k for n in q_chain for k in qv.op_class(n).signature]
-        p = Pair(
-            name=_pair_name(qv, q_chain),
-            kind="-".join(kinds),
-            float_nodes=tuple(n.name for n in f_chain),
-            quant_nodes=tuple(n.name for n in q_chain),
-            quantized=any(qv.op_class(n).quantized for n in q_chain),
-        )
-        pairs.append(p)
-        taken_f.update(f_chain)
-        taken_q.update(q_chain)
-        for n in f_chain:
-            pair_of[n] = p
-        for n in q_chain:
-            anchor[n] = f_chain[-1]
-    inverse = {f: q for q, f in anchor.items() if f is not None}
-    miss_f = [
-        Unmatched(f.name, fv.op_class(f).kind, _float_miss_reason(fv, qv, f, pair_of, inverse))
-        for f in fv.nodes
-        if fv.is_op(f) and f not in taken_f and fv.op_class(f).role == "op"
-    ]
-    return pairs, miss_f, miss_q, anchor
-
-
-def _pair_name(qv: GraphView, q_chain: list[fx.Node]) -> str:
-    """The name of the module computing the chain's output, else of its head, else a node's."""
-    last = qv.name(q_chain[-1])
-    return last if last != q_chain[-1].name else qv.name(q_chain[0])
 
 
 def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,
@@ -637,6 +589,8 @@ def match(
     *,
     leaf_modules: Iterable[LeafSpec] | None = None,
     capture: str = "fx",
+    node_match: NodeMatch = same_op,
+    validate_inputs: bool = True,
 ) -> Matching:
     """Pair the ops of a float model with those of the quantized model made from it.
 
@@ -670,6 +624,15 @@ def match(
             ``"auto"`` is ``"fx"``, except that a float model torch.fx cannot trace whole is
             exported when the quantized model is a ``torch.export`` graph (pt2e) and
             ``example_inputs`` are given.
+        node_match: which float ops may pair with a quantized op, called as
+            ``node_match(float_attrs, quant_attrs)`` on the attribute dicts of
+            :func:`fxnumeric.pairing.node_attrs` (default :func:`fxnumeric.pairing.same_op`:
+            same head kind, same channels/features). Pass your own to pair ops the default
+            refuses (or to refuse more).
+        validate_inputs: run both captured graphs once on ``example_inputs`` to check they
+            accept them (a model captured through the module tree is run anyway, to record
+            how its submodules are called). :func:`fxnumeric.compare`, which runs the models
+            on that batch next, passes False.
 
     Returns:
         A :class:`Matching`. Misses are listed with reasons; call ``.check()`` to turn a
@@ -699,19 +662,18 @@ def match(
         quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized")
     except TraceError as exc:
         return _fall_back_to_tree(float_model, quant_model, example_inputs, leaf_modules,
-                                  exc, notes)
+                                  exc, notes, node_match)
     if is_export_graph(float_gm) and not is_export_graph(float_root):
         float_root = float_gm  # exported by capture="auto": its nodes name no module of it
     float_view = GraphView(float_gm, root=float_root)
     quant_view = GraphView(quant_gm, root=quant_root)
     check_pair(float_view, quant_view)  # swapped, unconverted or unquantized: fxnumeric.guards
-    if example_inputs is not None:
-        from .run import run_model
-
+    if example_inputs is not None and validate_inputs:
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
-    found = _graph_matching(float_view, quant_view, float_model, quant_model)
-    return replace(found, capture_notes=tuple(notes)) if notes else found
+    region = pair_region(float_view, quant_view, node_match=node_match)
+    return Matching((region,), region.pairs, region.unmatched_float, region.unmatched_quant,
+                    float_model, quant_model, capture_notes=tuple(notes))
 
 
 def _float_graph(float_root: Any, quant_root: Any, example_inputs: Any,
@@ -743,12 +705,12 @@ def _first_line(exc: BaseException) -> str:
 
 def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: Any,
                        leaf_modules: Iterable[LeafSpec] | None, exc: TraceError,
-                       notes: list[tuple[str, str]]) -> Matching:
+                       notes: list[tuple[str, str]], node_match: NodeMatch) -> Matching:
     """torch.fx cannot trace a model whole: capture both through the module tree."""
     if not isinstance(float_model, nn.Module) or not isinstance(quant_model, nn.Module):
         raise exc
     _log.info("capturing through the module tree: %s", _first_line(exc))
-    found = _match_tree(float_model, quant_model, example_inputs, leaf_modules)
+    found = _match_tree(float_model, quant_model, example_inputs, leaf_modules, node_match)
     export_tried = any(side == "float" for side, _ in notes)
     if not export_tried and is_export_graph(quant_model):
         notes.append(("float", (
@@ -764,127 +726,84 @@ def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_i
     return replace(found, capture_notes=tuple(notes)) if notes else found
 
 
-def _graph_matching(float_view: GraphView, quant_view: GraphView,
-                    float_model: nn.Module, quant_model: nn.Module) -> Matching:
-    """Pair two views of traced graphs of ``float_model`` and ``quant_model``."""
-    pairs, miss_f, miss_q, anchor = _pair_views(float_view, quant_view)
-    quant_to_float = {q.name: f.name for q, f in anchor.items() if f is not None}
-    return Matching(tuple(pairs), tuple(miss_f), tuple(miss_q), float_view, quant_view,
-                    quant_to_float, float_model, quant_model)
-
-
-def _prefixed(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
 
 
 def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: Any,
-                leaf_modules: Iterable[LeafSpec] | None) -> Matching:
-    """Pair models torch.fx cannot trace whole: graphs where it can, the module tree elsewhere.
+                leaf_modules: Iterable[LeafSpec] | None, node_match: NodeMatch) -> Matching:
+    """Pair models torch.fx cannot trace whole: every captured part becomes a region.
 
-    Every region (:mod:`fxnumeric.capture.tree`) is paired as graphs and its pairs are listed
-    under prefixed names; leaf modules reached through the module tree pair as modules.
+    The submodules that trace become regions of their graphs; each leaf module reached below
+    an untraceable module becomes a region of its own, a one-op graph calling it
+    (:func:`fxnumeric.capture.leaf_graph`), paired by the same pass as any graph.
     """
-    from .capture.tree import capture_tree, record_calls
-
     # the guards judge each whole model as one op, by the modules it holds
-    whole_views = (GraphView(single_call_graph(float_model), root=float_model),
-                   GraphView(single_call_graph(quant_model), root=quant_model))
-    check_pair(*whole_views)
+    check_pair(GraphView(single_call_graph(float_model), root=float_model),
+               GraphView(single_call_graph(quant_model), root=quant_model))
     float_calls = quant_calls = None
     if example_inputs is not None:
         float_calls = record_calls(float_model, example_inputs, which="float")
         quant_calls = record_calls(quant_model, example_inputs, which="quantized")
     tree = capture_tree(float_model, quant_model, leaf_modules=list(leaf_modules or ()),
                         float_calls=float_calls, quant_calls=quant_calls)
-    found = _Found()
-    for region in tree.regions:
-        float_part = float_model.get_submodule(region.float_path)
-        quant_part = quant_model.get_submodule(region.quant_path)
-        found.add_region(RegionMatching(region.float_path, region.quant_path, _graph_matching(
-            GraphView(region.float_graph, root=float_part),
-            GraphView(region.quant_graph, root=quant_part), float_part, quant_part,
-        )))
+    regions: list[Region] = []
+    misses_f: list[Unmatched] = []
+    misses_q: list[Unmatched] = []
+    for part in tree.regions:
+        regions.append(pair_region(
+            GraphView(part.float_graph, root=float_model.get_submodule(part.float_path)),
+            GraphView(part.quant_graph, root=quant_model.get_submodule(part.quant_path)),
+            float_path=part.float_path, quant_path=part.quant_path, node_match=node_match,
+        ))
     for float_path, quant_path in tree.leaves:
-        found.add_leaves(float_path, float_model.get_submodule(float_path),
-                         quant_path, quant_model.get_submodule(quant_path))
+        leaf = _leaf_region(float_model, quant_model, float_path, quant_path, node_match)
+        if isinstance(leaf, Region):
+            regions.append(leaf)
+        elif leaf is not None:
+            misses_f.append(leaf[0])
+            misses_q.append(leaf[1])
     for path, side, reason in tree.orphans:
-        found.add_orphan(path, side, (float_model if side == "float" else quant_model)
-                         .get_submodule(path), reason)
-    root = next((r.matching for r in found.regions if not r.float_path and not r.quant_path), None)
-    if root is not None:
-        float_view, quant_view = root.float_view, root.quant_view
-    else:
-        float_view, quant_view = whole_views
+        module = (float_model if side == "float" else quant_model).get_submodule(path)
+        cls = classify_module(module)
+        if side == "float":
+            misses_f.append(Unmatched(path, cls.kind, reason, False, None))
+        else:
+            misses_q.append(Unmatched(path, cls.kind, reason, cls.quantized, None))
+    modules = quant_model.named_modules(remove_duplicate=False)
+    rank = {name: i for i, (name, _) in enumerate(modules)}
+    regions.sort(key=lambda r: rank.get(r.quant_path, 0))
     return Matching(
-        found.ordered_pairs(quant_model), tuple(found.miss_f), tuple(found.miss_q),
-        float_view, quant_view, {}, float_model, quant_model,
-        regions=tuple(found.regions), untraced=tree.untraced, origin=found.origin,
+        tuple(regions), tuple(p for r in regions for p in r.pairs),
+        tuple(u for r in regions for u in r.unmatched_float) + tuple(misses_f),
+        tuple(u for r in regions for u in r.unmatched_quant) + tuple(misses_q),
+        float_model, quant_model, untraced=tree.untraced,
     )
 
 
-class _Found:
-    """Pairs and misses of a module-tree capture, gathered region by region and leaf by leaf."""
+def _leaf_region(float_model: nn.Module, quant_model: nn.Module, float_path: str,
+                 quant_path: str, node_match: NodeMatch,
+                 ) -> Region | tuple[Unmatched, Unmatched] | None:
+    """Two leaf modules at the same place of the module tree, as a region of one-op graphs;
+    the misses if they compute different ops; ``None`` for plumbing (dropout, identity)."""
+    f_cls = classify_module(float_model.get_submodule(float_path))
+    q_cls = classify_module(quant_model.get_submodule(quant_path))
+    if f_cls.role == "plumbing" or q_cls.role == "plumbing":
+        return None  # transparent, as in the graph matcher
+    if f_cls.signature != q_cls.signature:
+        reason = (f"float `{float_path}` ({f_cls.kind}) and quantized `{quant_path}` "
+                  f"({q_cls.kind}) sit at the same place in the module tree but compute "
+                  "different ops")
+        return (Unmatched(float_path, f_cls.kind, reason, False, None),
+                Unmatched(quant_path, q_cls.kind, reason, q_cls.quantized, None))
+    float_graph, float_scope = leaf_graph(float_model, float_path)
+    quant_graph, quant_scope = leaf_graph(quant_model, quant_path)
+    return pair_region(
+        GraphView(float_graph, root=_parent(float_model, float_path)),
+        GraphView(quant_graph, root=_parent(quant_model, quant_path)),
+        float_path=float_path, quant_path=quant_path, float_scope=float_scope,
+        quant_scope=quant_scope, whole_module=True, node_match=node_match,
+    )
 
-    def __init__(self) -> None:
-        self.regions: list[RegionMatching] = []
-        self.origin: dict[Pair, tuple[RegionMatching, Pair]] = {}
-        self.local_index: dict[Pair, int] = {}
-        self.pairs: list[Pair] = []
-        self.miss_f: list[Unmatched] = []
-        self.miss_q: list[Unmatched] = []
 
-    def add_region(self, region: RegionMatching) -> None:
-        """The region's pairs and misses, renamed with its paths as prefixes."""
-        fpath, qpath, sub = region.float_path, region.quant_path, region.matching
-        self.regions.append(region)
-        for i, p in enumerate(sub.pairs):
-            flat = Pair(
-                name=_prefixed(qpath, p.name), kind=p.kind,
-                float_nodes=tuple(_prefixed(fpath, n) for n in p.float_nodes),
-                quant_nodes=tuple(_prefixed(qpath, n) for n in p.quant_nodes),
-                quantized=p.quantized, region=qpath,
-            )
-            self.pairs.append(flat)
-            self.origin[flat] = (region, p)
-            self.local_index[flat] = i
-        self.miss_f += [Unmatched(_prefixed(fpath, u.node), u.kind, u.reason, u.quantized)
-                        for u in sub.unmatched_float]
-        self.miss_q += [Unmatched(_prefixed(qpath, u.node), u.kind, u.reason, u.quantized)
-                        for u in sub.unmatched_quant]
-
-    def add_leaves(self, fpath: str, float_module: nn.Module,
-                   qpath: str, quant_module: nn.Module) -> None:
-        """Two leaf modules at the same place of the module tree: a pair if they agree."""
-        f_cls, q_cls = classify_module(float_module), classify_module(quant_module)
-        if f_cls.role == "plumbing" or q_cls.role == "plumbing":
-            return  # dropout, identity, observers: transparent, as in the graph matcher
-        if f_cls.signature == q_cls.signature:
-            self.pairs.append(Pair(qpath, q_cls.kind, (fpath,), (qpath,), q_cls.quantized,
-                                   found_by="module"))
-            return
-        reason = (
-            f"float `{fpath}` ({f_cls.kind}) and quantized `{qpath}` ({q_cls.kind}) sit at the "
-            "same place in the module tree but compute different ops"
-        )
-        self.miss_f.append(Unmatched(fpath, f_cls.kind, reason, False))
-        self.miss_q.append(Unmatched(qpath, q_cls.kind, reason, q_cls.quantized))
-
-    def add_orphan(self, path: str, side: str, module: nn.Module, reason: str) -> None:
-        """A submodule without counterpart on the other side."""
-        cls = classify_module(module)
-        if side == "float":
-            self.miss_f.append(Unmatched(path, cls.kind, reason, False))
-        else:
-            self.miss_q.append(Unmatched(path, cls.kind, reason, cls.quantized))
-
-    def ordered_pairs(self, quant_model: nn.Module) -> tuple[Pair, ...]:
-        """Pairs in module registration order of what holds them, then in graph order."""
-        rank = {name: i for i, (name, _) in
-                enumerate(quant_model.named_modules(remove_duplicate=False))}
-
-        def position(p: Pair) -> tuple[int, int]:
-            if p in self.origin:
-                return rank.get(p.region, 0), self.local_index[p]
-            return rank.get(p.quant_nodes[0], 0), 0
-
-        return tuple(sorted(self.pairs, key=position))
+def _parent(model: nn.Module, path: str) -> nn.Module:
+    parent = path.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model

@@ -17,20 +17,22 @@ from __future__ import annotations
 import copy
 import importlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .errors import InputError
 from .progress import Progress
-from .run import run_model
+from .run import as_args, run_model
 
 __all__ = ["QUANT_MODES", "load_float_model", "build_pair", "random_batches",
-           "calibrate_batchnorm", "BuiltPair"]
+           "calibrate_batchnorm", "BuiltPair", "quantize_pt2e", "build_pt2e_pair",
+           "PT2E_QUANTIZERS"]
 
 QUANT_MODES = ("static", "dynamic", "fx")
 _BN_PASSES = 3
@@ -224,3 +226,105 @@ def build_pair(spec: str, quant: str, batches: list[Any], *,
                  + "): these numbers describe an untrained model; pass --float-weights FILE "
                  "for a trained one",)
     return BuiltPair(made, _quantize(made, quant, batches, progress), notes)
+
+
+# --- building a pt2e pair (the CLI's --quant pt2e) -------------------------------------------
+
+PT2E_QUANTIZERS = ("xnnpack", "x86")
+"""Quantizers :func:`quantize_pt2e` knows: XNNPACK symmetric (default), x86 inductor."""
+
+
+def _quantizer(name: str) -> Any:
+    if name == "xnnpack":
+        from torchao.testing.pt2e._xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    if name == "x86":
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    raise InputError(f"unknown pt2e quantizer {name!r}; choose from {', '.join(PT2E_QUANTIZERS)}")
+
+
+def quantize_pt2e(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    *,
+    quantizer: str = "xnnpack",
+    fold_quantize: bool = True,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Export ``model`` and quantize it with pt2e: ``(exported float, converted quantized)``.
+
+    Args:
+        model: the float model (not modified; exported in eval mode).
+        calibration: batches (tensors or tuples of inputs); the first one is the example input
+            for ``torch.export``.
+        quantizer: ``"xnnpack"`` (symmetric, per-tensor) or ``"x86"`` (x86 inductor default).
+        fold_quantize: passed to ``convert_pt2e``.
+
+    Raises:
+        InputError: when torchao is missing or export, prepare or convert fails.
+    """
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        raise InputError(
+            f"pt2e quantization needs torchao ({exc}). Fix: pip install 'fxnumeric[torchao]'"
+        ) from exc
+    batches = list(calibration)
+    if not batches:
+        raise InputError("quantize_pt2e needs at least one calibration batch")
+    try:
+        exported = torch.export.export(copy.deepcopy(model).eval(), as_args(batches[0]))
+    except Exception as exc:  # torch.export raises many types; all mean "cannot export"
+        raise InputError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    float_gm = exported.module()
+    chosen = _quantizer(quantizer)
+    try:
+        prepared = prepare_pt2e(exported.module(), chosen)
+    except Exception as exc:  # a quantizer that cannot annotate this graph
+        raise InputError(
+            f"prepare_pt2e with the {quantizer} quantizer failed on {type(model).__name__}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"Fix: try another quantizer ({', '.join(PT2E_QUANTIZERS)})"
+        ) from exc
+    for batch in batches:
+        run_model(prepared, batch, which="prepared (calibration)")
+    return float_gm, convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
+def build_pt2e_pair(spec: str, calibration: list[Any], *, float_weights: str | None = None,
+               seed: int = 0, quantizer: str = "xnnpack", progress: bool | None = False) -> Any:
+    """The CLI's ``--quant pt2e``: the model named by ``spec``, exported and pt2e-quantized.
+
+    The float model is prepared as :func:`build_pair` prepares it (weights
+    from ``float_weights``, else seeded random weights with BatchNorm statistics from
+    :func:`calibrate_batchnorm`); returns a ``BuiltPair`` whose float model
+    is the exported program's ``.module()``, so overlays name the exported nodes.
+    """
+    made = load_float_model(spec, "pt2e", seed=seed)
+    if isinstance(made, tuple):
+        return BuiltPair(*made)
+    notes: tuple[str, ...] = ()
+    if float_weights is not None:
+        try:
+            made.load_state_dict(torch.load(float_weights, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise InputError(f"cannot load --float-weights {str(float_weights)!r}: {exc}") from exc
+    elif spec.startswith("torchvision:"):
+        first = calibration[0]
+        if isinstance(first, torch.Tensor) and first.is_floating_point() and first.dim() > 1:
+            calibrate_batchnorm(made, tuple(first.shape), seed=seed, progress=progress)
+        notes = (f"random weights (torchvision weights=None, seed {seed}): these numbers describe "
+                 "an untrained model; pass --float-weights FILE for a trained one",)
+    float_gm, quant = quantize_pt2e(made, calibration, quantizer=quantizer)
+    return BuiltPair(float_gm, quant, notes)

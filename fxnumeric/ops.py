@@ -23,37 +23,22 @@ import functools
 import operator
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from . import flows
 from .errors import InputError
+from .optypes import DEQUANTIZE, PLUMBING, QUANTIZE, ROLES, OpClass
 
 __all__ = [
     "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
-    "is_quantized_module", "is_pure", "PLUMBING", "QUANTIZE",
+    "is_quantized_module", "is_pure", "PLUMBING", "QUANTIZE", "DEQUANTIZE",
 ]
 
 
-@dataclass(frozen=True)
-class OpClass:
-    """What a node computes, as the matcher sees it."""
-
-    signature: tuple[str, ...]
-    role: str = "op"  # "op" | "plumbing" | "optional"
-    quantized: bool = False  # a quantized compute op (must be paired for full coverage)
-
-    @property
-    def kind(self) -> str:
-        """The signature joined with ``-``, e.g. ``conv2d-relu``."""
-        return "-".join(self.signature)
-
-
-PLUMBING = OpClass(("plumbing",), "plumbing")
-QUANTIZE = OpClass(("quantize",), "optional")
 
 # Kinds that absorb a following batch_norm when quantized (BN folding).
 BN_FOLDING_KINDS = frozenset(
@@ -123,8 +108,9 @@ for _n in (1, 2, 3):
 
 _PLUMBING_MODULE_NAMES = frozenset(
     {"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
-     "FeatureAlphaDropout", "DeQuantStub", "DeQuantize"}
+     "FeatureAlphaDropout"}
 )
+_DEQUANTIZE_MODULE_NAMES = frozenset({"DeQuantStub", "DeQuantize"})
 _QUANTIZE_MODULE_NAMES = frozenset({"QuantStub", "Quantize"})
 
 # --- functions and methods: normalised name -> signature
@@ -139,7 +125,7 @@ _NAME_ALIASES: dict[str, tuple[str, ...]] = {
     "max_pool2d_with_indices": ("max_pool2d",),
 }
 _PLUMBING_NAMES = frozenset(
-    {"dequantize", "contiguous", "detach", "to", "float", "dropout", "dropout1d", "dropout2d",
+    {"contiguous", "detach", "to", "float", "dropout", "dropout1d", "dropout2d",
      "dropout3d", "alpha_dropout", "feature_alpha_dropout", "identity",
      # torch.fx's guard on an argument fixed to None when a submodule is traced as called
      "_assert_is_none"}
@@ -170,7 +156,7 @@ def register_op(target: type | Callable | str, signature: str | tuple[str, ...],
         ...         return x * torch.sigmoid(x)
         >>> register_op(MyAct, "my_act")
     """
-    if role not in ("op", "plumbing", "optional"):
+    if role not in ROLES:
         raise InputError(f"role must be 'op', 'plumbing' or 'optional', got {role!r}")
     sig = (signature,) if isinstance(signature, str) else tuple(signature)
     if not sig or not all(isinstance(s, str) and s for s in sig):
@@ -204,10 +190,8 @@ _QUANTIZED_PREFIXES = (
 def is_quantized_module(module: nn.Module) -> bool:
     """Whether ``module`` computes in quantized form (static, dynamic or reference, or a
     flow's own form: a torchao tensor-subclass weight, see :mod:`fxnumeric.flows`)."""
-    from . import flows
-
     name = type(module).__name__
-    if name in _QUANTIZE_MODULE_NAMES or name in _PLUMBING_MODULE_NAMES:
+    if name in _QUANTIZE_MODULE_NAMES or name in _PLUMBING_MODULE_NAMES | _DEQUANTIZE_MODULE_NAMES:
         return False
     if type(module).__module__.startswith(_QUANTIZED_PREFIXES):
         return True
@@ -253,6 +237,8 @@ def _module_class(module: nn.Module) -> OpClass:
     if cls.__module__.startswith("torch."):
         if name in _PLUMBING_MODULE_NAMES:
             return PLUMBING
+        if name in _DEQUANTIZE_MODULE_NAMES:
+            return DEQUANTIZE
         if name in _QUANTIZE_MODULE_NAMES:
             return QUANTIZE
     if _is_torch_class(cls):
@@ -294,11 +280,15 @@ def _function_class(target: Any) -> OpClass:
         if namespace == "quantized":
             if name in _PLUMBING_NAMES:  # convert_fx turns F.dropout into quantized.dropout
                 return PLUMBING
+            if name == "dequantize":
+                return DEQUANTIZE
             return OpClass(_quantized_op_signature(name), "op", True)
         return OpClass(_normalise_name(name), "op", False)
     name = getattr(target, "__name__", None) or str(target)
     if name in _PLUMBING_NAMES:
         return PLUMBING
+    if name == "dequantize":
+        return DEQUANTIZE
     if name in _QUANTIZE_NAMES:
         return QUANTIZE
     if target is operator.getitem:
@@ -311,6 +301,8 @@ def _method_class(name: str) -> OpClass:
         return _REGISTERED[name]
     if name in _PLUMBING_NAMES:
         return PLUMBING
+    if name == "dequantize":
+        return DEQUANTIZE
     return OpClass(_normalise_name(name))
 
 
@@ -345,8 +337,6 @@ def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
     """
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
-    from . import flows
-
     cls = None if _is_registered(node, modules) else flows.classify(node, modules)
     if cls is None:
         cls = _table_class(node, modules)

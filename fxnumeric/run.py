@@ -13,17 +13,18 @@ tells a caller which batches hold NaN/Inf, to be left out of the metrics.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from . import flows
 from .errors import InputError
 
-__all__ = ["run_model", "as_args", "as_call", "check_devices", "check_data", "check_batch",
-           "nonfinite_inputs"]
+__all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches",
+           "check_data", "check_batch", "nonfinite_inputs"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -123,6 +124,41 @@ def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return as_args(batch), {}
 
 
+def pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:
+    """What of ``batch`` the models take: all of it (``inputs=None``), ``batch[inputs]`` for
+    an index (``inputs=0`` drops the labels of ``(x, label)``), or ``inputs(batch)``."""
+    if inputs is None:
+        return batch
+    if callable(inputs):
+        return inputs(batch)
+    try:
+        return batch[inputs]
+    except (IndexError, KeyError, TypeError) as exc:
+        raise InputError(f"inputs={inputs!r} cannot index a batch of type {type(batch).__name__}: "
+                         f"{exc}; pass an index into each batch or a function batch -> inputs"
+                         ) from exc
+
+
+def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None = None,
+                  ) -> list[Any]:
+    """Every batch of ``data`` as the models take it (see :func:`pick_inputs`), in a list: for
+    calls that run each batch many times (hybrid models). A single tensor is one batch.
+
+    Raises:
+        InputError: ``data`` yields no batch.
+    """
+    if data is None:
+        raise InputError("data is None: pass an iterable of batches (tensors, tuples of inputs "
+                         "or dicts of keyword inputs), or a single tensor")
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    batches = [pick_inputs(b, inputs) for b in data]
+    if not batches:
+        raise InputError("data yielded no batches: pass an iterable of input tensors "
+                         "(or tuples of inputs)")
+    return batches
+
+
 def _signature(model: nn.Module) -> inspect.Signature | None:
     """The forward's signature; a GraphModule's from its placeholders (its code may not exist
     yet: fxnumeric generates it lazily)."""
@@ -179,21 +215,17 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
         with torch.no_grad():
             return model(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError,
-            AssertionError) as exc:  # AssertionError: a torch.export graph's input guards
+            AssertionError) as exc:  # AssertionError: a graph's input guards (torch.export)
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
         first = str(exc).splitlines()[0] if str(exc) else ""
-        exported = (
-            " It is a torch.export graph (capture='export', pt2e), specialised to the shapes "
-            "it was exported with: give every batch those shapes."
-            if first.startswith("Guard failed") else ""
-        )
+        hint = flows.failure_hint(exc)
         raise InputError(
             f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
             f"{first}\n"
             "Check the input shape, dtype and device (a batch that is a tuple is passed as "
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
-            f"it outside fxnumeric.{exported}"
+            f"it outside fxnumeric.{' ' + hint if hint else ''}"
         ) from exc
 
 

@@ -60,8 +60,9 @@ class GraphView:
         gm: the GraphModule.
         modules: ``gm``'s submodules by qualified name (duplicates kept).
         nodes: every node, in graph order.
-        graph: the condensed ``networkx.DiGraph`` of ops, placeholders and the output node;
-            an edge ``a -> b`` means op ``b`` reads the value ``a`` produced.
+        graph: the condensed ``networkx.DiGraph`` of ops, placeholders and the output node,
+            built once with the view; an edge ``a -> b`` means op ``b`` reads the value ``a``
+            produced. The matcher walks it (:mod:`fxnumeric.pairing`).
         placeholders: the input nodes.
         output: the output node.
 
@@ -91,7 +92,9 @@ class GraphView:
         self._inputs: dict[fx.Node, list[fx.Node]] = {}
         self._consumers: dict[fx.Node, list[fx.Node]] = {}
         self._attrs: dict[fx.Node, tuple[Any, ...]] = {}
-        self._graph: nx.DiGraph | None = None
+        self._named: dict[str, list[fx.Node]] | None = None
+        self._order: list[fx.Node] | None = None
+        self._sources: list[fx.Node] | None = None
         for n in self.nodes:
             if n.op == "get_attr":
                 self._producer[n] = None
@@ -119,6 +122,12 @@ class GraphView:
             self._consumers[n] = []
             for i in ins:
                 self._consumers[i].append(n)
+        # the condensed graph: its nodes are the ops, placeholders and output (in graph order),
+        # an edge per value read, in argument order (networkx keeps insertion order)
+        g = nx.DiGraph()
+        g.add_nodes_from(self._inputs)
+        g.add_edges_from((i, n) for n, ins in self._inputs.items() for i in ins)
+        self.graph = g
 
     # ------------------------------------------------------------------ lookups
     def node(self, name: str) -> fx.Node:
@@ -221,15 +230,28 @@ class GraphView:
         c = self._cls.get(n)
         return c is not None and c.role == "plumbing"
 
-    @property
-    def graph(self) -> nx.DiGraph:
-        """The condensed graph as a ``networkx.DiGraph`` (built on first use)."""
-        if self._graph is None:
-            g = nx.DiGraph()
-            g.add_nodes_from(self._inputs)
-            g.add_edges_from((i, n) for n, ins in self._inputs.items() for i in ins)
-            self._graph = g
-        return self._graph
+    def topological_order(self) -> list[fx.Node]:
+        """The condensed graph's nodes in topological order, ties broken by graph position:
+        the order the matcher walks (so results never depend on hash seeds)."""
+        if self._order is None:
+            self._order = list(nx.lexicographical_topological_sort(
+                self.graph, key=self._position.__getitem__))
+        return self._order
+
+    def sources(self) -> list[fx.Node]:
+        """The ops that read no value (constants, ``arange``): a walk's starting points."""
+        if self._sources is None:
+            self._sources = [n for n in self.ops() if not self.graph.pred[n]]
+        return self._sources
+
+    def ops_named(self, name: str) -> list[fx.Node]:
+        """The ops whose :meth:`name` is ``name``, in graph order (an index built once)."""
+        if self._named is None:
+            named: dict[str, list[fx.Node]] = {}
+            for n in self.ops():
+                named.setdefault(self.name(n), []).append(n)
+            self._named = named
+        return self._named.get(name, [])
 
     def neighbourhood(self, focus: list[fx.Node], radius: int) -> set[fx.Node]:
         """The ops within ``radius`` edges of ``focus`` (either direction)."""

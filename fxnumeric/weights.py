@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from . import flows
-from .match import Matching, Pair
+from .match import Matching, Pair, Region
+from .semantics import evaluate_constant
 from .view import GraphView
 
 __all__ = ["extract_weights", "pair_weights", "rnn_cell_weights"]
@@ -47,14 +48,14 @@ def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
     return w.detach()
 
 
-def _float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
-    view = matching.float_view
-    if view.node(pair.float_nodes[0]).op != "call_module":
+def _float_weight(region: Region, pair: Pair) -> torch.Tensor | None:
+    view = region.float_view
+    chain = region.chain(pair, "float")
+    if chain[0].op != "call_module":
         # a functional op (a torch.export float graph) paired with a quantized module
-        return _graph_float_weight(matching, pair)
+        return _graph_float_weight(region, pair)
     parts: list[nn.Module] = []
-    for name in pair.float_nodes:
-        node = view.node(name)
+    for node in chain:
         if node.op == "call_module":
             parts.extend(_leaf_parts(view.modules[node.target]))
     return _folded_weight(parts)
@@ -123,23 +124,31 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
 
 
 def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
-    """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights."""
-    if not matching.whole_graph:
-        return _tree_pair_weights(matching)
-    qmods, fmods = matching.quant_view.modules, matching.float_view.modules
+    """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights.
+
+    Keys are the quantized model's state_dict names (``layer1.0.conv1.weight``,
+    ``fc._packed_params._packed_params``); a functional op's weight is ``<pair name>.weight``.
+    """
     out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
-    for pair in matching.pairs:
-        qnode = matching.quant_node(pair.quant_nodes[0])
-        if qnode.op != "call_module":
-            found = _graph_weight(matching, pair)
-            if found is not None:
-                out.append((pair, f"{pair.name}.weight", *found))
-            continue
-        fnode = matching.float_node(pair.float_nodes[0])
-        fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
-        out += _module_weights(pair, fmod, qmods[qnode.target], str(qnode.target),
-                               lambda pair=pair: _float_weight(matching, pair))
+    for region in matching.regions:
+        fmods, qmods = region.float_view.modules, region.quant_view.modules
+        for pair in region.pairs:
+            qnode = region.chain(pair, "quant")[0]
+            if qnode.op != "call_module":
+                found = _graph_weight(region, pair)
+                if found is not None:
+                    out.append((pair, f"{pair.name}.weight", *found))
+                continue
+            fnode = region.chain(pair, "float")[0]
+            fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
+            path = _prefixed(region.quant_scope, str(qnode.target))
+            out += _module_weights(pair, fmod, qmods[qnode.target], path,
+                                   lambda region=region, pair=pair: _float_weight(region, pair))
     return out
+
+
+def _prefixed(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _module_weights(
@@ -165,52 +174,28 @@ def _module_weights(
             for key, qw in qweights.items()]
 
 
-def _tree_pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
-    """Weights of a model captured through the module tree: its regions, then module pairs."""
-    assert matching.float_model is not None and matching.quant_model is not None
-    flat_of = {(id(region), local): flat for flat, (region, local) in matching.origin.items()}
-    out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
-    for region in matching.regions:
-        lead = f"{region.quant_path}." if region.quant_path else ""
-        for local, key, fw, qw in pair_weights(region.matching):
-            out.append((flat_of[(id(region), local)], lead + key, fw, qw))
-    for pair in matching.pairs:
-        if pair.found_by != "module":
-            continue
-        fmod = matching.float_model.get_submodule(pair.float_nodes[0])
-        qmod = matching.quant_model.get_submodule(pair.quant_nodes[0])
-        out += _module_weights(pair, fmod, qmod, pair.quant_nodes[0],
-                               lambda fmod=fmod: _leaf_float_weight(fmod))
-    return out
-
-
-def _leaf_float_weight(module: nn.Module) -> torch.Tensor | None:
-    """The float weight of a module paired whole (BN-folded for a fused conv-bn or linear-bn)."""
-    return _folded_weight(_leaf_parts(module))
-
-
 # --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants
 
-def _graph_weight(matching: Matching, pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _graph_weight(region: Region, pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The float and quantized weight a functional op reads, each evaluated from the constants
     that feed it (``dequantize(int8 constant)`` on the quantized side); the float one BN-folded
     when the pair's float chain has a BatchNorm after the weighted op."""
-    quant = _read_weight(matching.quant_view, pair.quant_nodes)
+    quant = _read_weight(region.quant_view, region.chain(pair, "quant"))
     if quant is None:
         return None
-    weight = _float_weight(matching, pair)
+    weight = _float_weight(region, pair)
     return None if weight is None else (weight, quant[1])
 
 
-def _graph_float_weight(matching: Matching, pair: Pair) -> torch.Tensor | None:
+def _graph_float_weight(region: Region, pair: Pair) -> torch.Tensor | None:
     """The weight a functional float op reads, BN-folded when the pair's float chain has a
     BatchNorm after it."""
-    fv = matching.float_view
-    found = _read_weight(fv, pair.float_nodes)
+    fv = region.float_view
+    chain = region.chain(pair, "float")
+    found = _read_weight(fv, chain)
     if found is None:
         return None
     weighted, weight = found
-    chain = [fv.node(n) for n in pair.float_nodes]
     bn = next((n for n in chain[chain.index(weighted) + 1:] if _kind(fv, n) == "batch_norm"), None)
     params = flows.batch_norm_params(bn, fv.gm) if bn is not None else None
     if params is not None:
@@ -226,46 +211,18 @@ def _kind(view: GraphView, node: fx.Node) -> str:
     return cls.signature[0] if cls is not None else ""
 
 
-def _read_weight(view: GraphView, names: tuple[str, ...]) -> tuple[fx.Node, torch.Tensor] | None:
+def _read_weight(view: GraphView, chain: list[fx.Node]) -> tuple[fx.Node, torch.Tensor] | None:
     """The first node of the chain that reads a weight, and that weight's value."""
-    for node in (view.node(n) for n in names):
+    for node in chain:
         kind = _kind(view, node)
         source = flows.weight_input(node, kind)
-        value = _evaluate_constant(source, view) if source is not None else None
+        value = evaluate_constant(source, view) if source is not None else None
         if isinstance(value, torch.Tensor):
             value = flows.comparable_weight(value.detach())
             scale = flows.weight_scale(node, kind)  # a QAT conv's weight carries its BN scale
-            factor = _evaluate_constant(scale, view) if scale is not None else None
+            factor = evaluate_constant(scale, view) if scale is not None else None
             return node, value / factor if isinstance(factor, torch.Tensor) else value
     return None
-
-
-def _evaluate_constant(node: Any, view: GraphView) -> Any:
-    """Compute ``node`` from graph constants alone (``None`` if it depends on an input).
-
-    Observers and fake-quants are passed through, not run: running one would update its
-    statistics, and the user's model must not change.
-    """
-    if not isinstance(node, fx.Node):
-        return node
-    if node.op == "get_attr":
-        value: Any = view.gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
-        return value
-    if node.op == "call_module":
-        cls = view.op_class(node)
-        if cls is None or cls.role != "plumbing" or not node.args:
-            return None
-        return _evaluate_constant(node.args[0], view)
-    if node.op != "call_function":
-        return None
-    args = [_evaluate_constant(a, view) for a in node.args]
-    if any(v is None and isinstance(a, fx.Node) for a, v in zip(node.args, args, strict=True)):
-        return None
-    kwargs = {k: _evaluate_constant(v, view) for k, v in node.kwargs.items()}
-    with torch.no_grad():
-        return node.target(*args, **kwargs)
 
 
 def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:

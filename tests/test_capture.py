@@ -89,9 +89,9 @@ def test_untraceable_root_pairs_children_as_modules_and_regions():
     f = _Untraceable().eval()
     m = ns.match(f, _dyn(f))
     found = {p.name: (p.found_by, p.region, p.kind) for p in m.pairs}
-    assert found == {
-        "proj": ("module", "", "linear"),
-        "out": ("module", "", "linear"),
+    assert found == {  # a leaf module kept whole is a region of its own: a one-op graph
+        "proj": ("module", "proj", "linear"),
+        "out": ("module", "out", "linear"),
         "mlp.fc": ("graph", "mlp", "linear"),
         "mlp.relu": ("graph", "mlp", "relu"),
         "mlp.add": ("graph", "mlp", "add"),
@@ -110,7 +110,8 @@ def test_children_with_other_names_pair_by_position_and_type():
     renamed.load_state_dict({k.replace("proj.", "projection.").replace("out.", "output."): v
                              for k, v in f.state_dict().items()})
     m = ns.match(f, _dyn(renamed))
-    by_module = {p.float_nodes[0]: p.quant_nodes[0] for p in m.pairs if p.found_by == "module"}
+    by_module = {m.region_of(p).float_path: m.region_of(p).quant_path
+                 for p in m.pairs if p.found_by == "module"}
     assert by_module == {"proj": "projection", "out": "output"}
     assert m.coverage == 1.0
 

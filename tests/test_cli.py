@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -12,6 +13,7 @@ import torch
 
 import fxnumeric as ns
 from fxnumeric.cli import main
+from fxnumeric.report import Report
 
 
 def test_demo_ends_with_the_report_the_html_path_and_next_steps(tmp_path, capsys):
@@ -243,3 +245,86 @@ def test_the_table_in_docs_reports_is_what_the_command_prints(capsys):
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().out.rstrip("\n") == shown[1]
+
+
+# ---------------------------------------------------------------- exit statuses
+
+_TINY = ("import torch\n"
+         "def make():\n"
+         "    torch.manual_seed(0)\n"
+         "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),\n"
+         "                               torch.nn.Linear(32, 4))\n")
+_TINY_ARGS = ["--model", "tinymlp:make", "--quant", "dynamic", "--input-shape", "4,16",
+              "--no-progress"]
+
+
+@pytest.fixture
+def tiny_report(user_module, tmp_path, capsys) -> Path:
+    """``tinymlp:make`` importable, and its report saved by ``report --json``."""
+    user_module("tinymlp", _TINY)
+    path = tmp_path / "tiny.json"
+    assert main(["report", *_TINY_ARGS, "--batches", "2", "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"saved the report as JSON in {path}\n"
+    assert captured.out.splitlines()[-1].startswith("2 batches; 3 layers; model output SQNR")
+    assert Report.from_json(path).summary() == captured.out.splitlines()[-1]
+    return path
+
+
+def _internal_cases(tmp_path: Path, report: Path) -> list[tuple[list[str], str, str]]:
+    """(argv, module, function): each command, and a function inside it to break."""
+    return [
+        (["report", *_TINY_ARGS, "--batches", "1"], "fxnumeric.compare", "compare"),
+        (["match", *_TINY_ARGS], "fxnumeric.match", "match"),
+        (["advise", *_TINY_ARGS, "--target", "30"], "fxnumeric.advice.search", "advise"),
+        (["demo", "-o", str(tmp_path / "demo.html")], "fxnumeric.demo", "run_demo"),
+        (["check", str(report), "--min-output-sqnr", "1"], "fxnumeric.report.check", "check"),
+        (["diff", str(report), str(report)], "fxnumeric.report.diff", "diff_reports"),
+    ]
+
+
+def test_every_command_exits_3_on_an_internal_error_and_debug_shows_it(
+        tiny_report, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    for argv, module, function in _internal_cases(tmp_path, tiny_report):
+        with monkeypatch.context() as patch:
+            patch.setattr(importlib.import_module(module), function, broken)
+            assert main(argv) == 3, argv[0]
+            err = capsys.readouterr().err
+            assert err.splitlines() == [
+                "fxnumeric: internal error: RuntimeError: boom",
+                "fxnumeric: this is a bug (in fxnumeric, or in model code it ran); rerun with "
+                "--debug for the traceback, and report it with the traceback if it is "
+                "fxnumeric's"], argv[0]
+            with pytest.raises(RuntimeError, match="boom"):
+                main([*argv, "--debug"])
+
+
+def test_advise_exits_1_when_the_target_is_not_reached_and_0_when_it_is(user_module, capsys):
+    user_module("tinymlp", _TINY)
+    assert main(["advise", *_TINY_ARGS, "--target", "1000", "--max-float-layers", "1"]) == 1
+    assert "NOT reached" in capsys.readouterr().out
+    assert main(["advise", *_TINY_ARGS, "--target", "20"]) == 0
+
+
+def test_input_errors_exit_2_in_every_command(tiny_report, tmp_path, capsys):
+    missing = str(tmp_path / "nope.json")
+    for argv, message in [
+        (["report", *_TINY_ARGS, "--batches", "1", "-o", str(tmp_path / "no" / "dir.txt")],
+         "No such file or directory"),
+        (["check", missing, "--min-output-sqnr", "1"], "no report file"),
+        (["diff", str(tiny_report), missing], "no report file"),
+        (["advise", "--model", "nope.mod:f", "--target", "1"], "cannot import 'nope.mod'"),
+        (["match", "--model", "resnet18"], "must look like torchvision:resnet18"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fxnumeric: error: ") and message in err, err
+
+
+def test_help_documents_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "exit status: 0 ok; 1 a check failed" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from fxnumeric import flows
 
 
 def test_every_stage_consults_the_same_flows():
-    assert [f.name for f in flows.FLOWS] == ["pt2e", "torchao"]
+    assert [f.name for f in flows.FLOWS] == ["pt2e", "torchao", "fx"]
     # hooks answer None for what is not theirs: a plain FX graph is untouched
     import torch
 
@@ -42,7 +42,7 @@ def test_without_torchao_everything_else_works(tmp_path):
         report.to_model_explorer(sys.argv[1])
         ep = torch.export.export(f, (torch.randn(2, 8),))
         assert len(fxn.match(ep, ep.module()).pairs) == 2  # pt2e capture needs no torchao
-        from fxnumeric.flows.pt2e import quantize_pt2e
+        from fxnumeric.models import quantize_pt2e
         try:
             quantize_pt2e(f, [torch.randn(2, 8)])
         except fxn.InputError as exc:

@@ -105,6 +105,7 @@ def test_a_nan_batch_is_left_out_with_a_warning_naming_it():
         f"batch {i} holds NaN/Inf: it is left out of every metric (Report.notes lists the "
         "batches left out)" for i in (1, 3)]
     assert report.batches == 2 and report.skipped_batches == (1, 3)
+    assert ns.Report.from_json(report.to_json()).skipped_batches == (1, 3)
     assert ("2 of 4 batches left out of every metric: their input holds NaN/Inf (batch 1, 3)"
             in report.notes)
     clean = ns.compare(f, q, good[:2])
@@ -145,6 +146,7 @@ def test_nan_made_inside_a_model_is_traced_to_its_first_layer_and_names_no_culpr
         f[2].bias[0] = float("inf")  # and the float model overflows, earlier
     both = ns.compare(f, q, data)
     assert both.nonfinite == (("quantized", "4"), ("float", "2"))
+    assert ns.Report.from_json(both.to_json()).nonfinite == both.nonfinite
     assert ("NaN/Inf first appears at 4 in the quantized model and at 2 in the float model: "
             "the metrics after it are poisoned") in both.notes
     assert both.culprit is None

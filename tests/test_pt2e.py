@@ -42,7 +42,10 @@ def test_resnet18_pairs_every_op_with_module_path_names(resnet18):
     conv = m.pair("layer1.0.conv1")
     assert (conv.kind, conv.float_nodes, conv.quant_nodes) == (
         "conv2d", ("conv2d_1", "batch_norm_1"), ("conv2d_1",))  # BN folded into the conv
-    assert [p.name for p in m.pairs if p.kind == "add"][:2] == ["layer1.0.add_", "layer1.1.add__1"]
+    # ops a bigger module computes itself read as users name them: module path + kind
+    assert [p.name for p in m.pairs if p.kind == "add"][:2] == ["layer1.0.add", "layer1.1.add"]
+    # BasicBlock.relu is called twice: two call sites, two pairs
+    assert {"layer1.0.relu", "layer1.0.relu#2"} <= {p.name for p in m.pairs}
     # the ExportedProgram and its .module() give the same pairs
     assert fxn.match(float_gm, quant).pairs == m.pairs
     # the user's converted model keeps its _guards_fn: fxnumeric only reads it
@@ -164,7 +167,7 @@ def test_loggers_shadows_and_eager_calls_work_on_pt2e(resnet18):
     with torch.no_grad():
         assert torch.equal(shadowed(x), quant(x))  # shadows read copies where ops write in place
     report = fxn.compare(ep, quant, [x])
-    add = report.row("layer1.0.add_")
+    add = report.row("layer1.0.add")
     assert add.shadow_sqnr == math.inf  # add_ has no output quantize of its own under XNNPACK
     assert 25 < report.row("layer1.0.conv1").shadow_sqnr < 60
     eager = fxn.compare_model_outputs(float_gm, copy.deepcopy(quant), x)
@@ -198,7 +201,7 @@ def test_aten_tables_normalise_decomposed_batch_norm_and_relu6():
 
 
 def test_a_models_own_linear_plus_parameter_is_an_add_not_a_qat_scale():
-    from fxnumeric.flows.pt2e import quantize_pt2e
+    from fxnumeric.models import quantize_pt2e
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -234,7 +237,7 @@ def test_transformer_block_pairs():
 
 
 def test_x86_quantizer_pairs_a_transformer_and_explains_resnet18():
-    from fxnumeric.flows.pt2e import quantize_pt2e
+    from fxnumeric.models import quantize_pt2e
 
     float_gm, quant = quantize_pt2e(M.model("transformer"), M.batches("transformer", 2),
                                     quantizer="x86")
@@ -276,7 +279,7 @@ def test_cli_report_quant_pt2e(capsys):
 
 def test_tiny_bert_encoder_pairs_with_constant_subgraphs_as_plumbing():
     transformers = pytest.importorskip("transformers")
-    from fxnumeric.flows.pt2e import quantize_pt2e
+    from fxnumeric.models import quantize_pt2e
 
     class Encoder(torch.nn.Module):
         def __init__(self):
@@ -304,3 +307,43 @@ def test_tiny_bert_encoder_pairs_with_constant_subgraphs_as_plumbing():
     assert sum(p.kind == "linear" for p in m.pairs) == 12  # q, k, v, out, up, down x 2 layers
     report = fxn.compare(float_gm, quant, data)
     assert report.model_output["sqnr"] > 25
+
+
+class _Reader(torch.fx.Interpreter):
+    """Runs a graph and keeps a copy of the values of the nodes asked for (read another way)."""
+
+    def __init__(self, gm, nodes):
+        super().__init__(gm)
+        self.wanted, self.values = set(nodes), {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = value.detach().clone()
+        return value
+
+
+def test_a_module_called_twice_is_two_rows_each_read_at_its_call_site(resnet18):
+    ep, _, quant = resnet18
+    data = M.batches("resnet18", 2, seed=5)
+    m = fxn.match(ep, quant)
+    report = fxn.compare(ep, quant, data, matching=m)
+    assert len(report.rows) == len(m.pairs) == 49  # one row per call site, none blended
+    first, second = m.pair("layer1.0.relu"), m.pair("layer1.0.relu#2")
+    nodes = {p: m.output_nodes(p) for p in (first, second)}
+    signal = {p: 0.0 for p in nodes}
+    noise = {p: 0.0 for p in nodes}
+    for x in data:
+        f_read = _Reader(m.float_graph, [f for f, _ in nodes.values()])
+        q_read = _Reader(m.quant_graph, [q for _, q in nodes.values()])
+        with torch.no_grad():
+            f_read.run(x)
+            q_read.run(x)
+        for p, (f, q) in nodes.items():
+            ref, actual = f_read.values[f].double(), q_read.values[q].double()
+            signal[p] += float(ref.square().sum())
+            noise[p] += float((ref - actual).square().sum())
+    for p in nodes:
+        direct = 10 * math.log10(signal[p] / noise[p])
+        assert abs(report.row(p.name).output_sqnr - direct) < 1e-3, p.name
+    assert report.row("layer1.0.relu").output_sqnr != report.row("layer1.0.relu#2").output_sqnr

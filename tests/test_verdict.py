@@ -152,7 +152,7 @@ def test_a_planted_fault_is_named_in_a_dynamic_model(layer, fault):
 
 def _pt2e_pair():
     pytest.importorskip("torchao")
-    from fxnumeric.flows.pt2e import quantize_pt2e
+    from fxnumeric.models import quantize_pt2e
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -326,3 +326,15 @@ def test_no_shadows_names_no_culprit_and_says_why():
     report = Report(rows, ("sqnr",), ("outputs",), 2, {"sqnr": 10.0})
     assert report.culprit is None
     assert "the error each layer adds was not measured (add 'shadows'" in report.summary()
+
+
+def test_the_verdict_and_the_spread_survive_json():
+    f, q = _fx_pair()
+    _coarse_weight(q, "convs.1")
+    report = _compare(f, q)
+    data = report.to_dict()
+    assert data["culprit"] == "convs.1" and data["verdict"]["kind"] == "culprit"
+    assert set(data["layers"][1]["spread"]) == {"output_sqnr", "shadow_sqnr"}
+    again = Report.from_json(report.to_json())
+    assert again == report and again.culprit == "convs.1"
+    assert again.row("convs.1").spread == report.row("convs.1").spread

@@ -109,8 +109,8 @@ def test_instrument_is_the_one_building_block(make_fx_resnet18_pair):
         stats = built.shadow_observers[name].stats
         assert len(stats["float"]) == len(stats["quantized"]) >= 1
         assert ns.sqnr(stats["float"][0], stats["quantized"][0]) > 10
-    # a shadow-only instrumentation leaves the float side alone
-    assert ns.instrument(m, shadows=lambda p: ns.ShadowLogger()).float_model is None
+    # a shadow-only instrumentation leaves the float side alone: the float model as captured
+    assert ns.instrument(m, shadows=lambda p: ns.ShadowLogger()).float_model is m.float_graph
 
 
 def test_a_matching_from_other_models_is_an_error(make_lstm_pair):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,22 +33,24 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from .._tensors import dequantize_all, first_output
+from .._tensors import detach, first_output
 from ..errors import InputError
-from ..match import Matching, match
+from ..instrument import instrument, resolve_matching
+from ..loggers import Logger
+from ..match import Matching, Pair
+from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
-from ..run import check_devices
+from ..run import check_devices, model_batches, run_model
+from ..semantics import QRANGE, QuantGrid, grid_before
 from ..weights import pair_weights
-from .hybrid import HybridRunner, module_path
+from .hybrid import layer_names, module_path
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
 
 WHITE_NOISE_STEPS = 1 / math.sqrt(12)
 """rms of uniform rounding noise, in quantization steps (0.289)."""
 
-_QRANGE = {torch.quint8: (0, 255), torch.qint8: (-128, 127), torch.qint32: (-(2**31), 2**31 - 1),
-           torch.quint4x2: (0, 15)}
 
 
 @dataclass(frozen=True)
@@ -171,26 +173,54 @@ class _Sums:
         self.steps: set[float] = set()
         self.quantized = False
 
-    def update(self, local: torch.Tensor, quant_value: Any, float_value: torch.Tensor) -> None:
-        q = first_output(quant_value)
-        if not isinstance(q, torch.Tensor) or not isinstance(local, torch.Tensor):
+    def update(self, local: Any, quant_value: Any, float_value: Any,
+               grid: QuantGrid | None) -> None:
+        """One call's values: the float twin's output ``local``, the quantized output, the
+        float model's output there, and the output's quantization grid (if known)."""
+        q, local, float_value = (first_output(v) for v in (quant_value, local, float_value))
+        if not all(isinstance(v, torch.Tensor) for v in (q, local, float_value)):
             return
+        if isinstance(q, torch.Tensor) and q.is_quantized:
+            grid = QuantGrid.of(q) or grid
         deq = q.dequantize().double() if q.is_quantized else q.double()
         local = local.double()
-        if deq.shape != local.shape:
+        if deq.shape != local.shape or float_value.shape != deq.shape:
             return
         self.local_signal += float(local.square().sum())
         self.local_noise += float((deq - local).square().sum())
         self.cum_signal += float(float_value.double().square().sum())
         self.cum_noise += float((deq - float_value.double()).square().sum())
         self.count += local.numel()
-        if q.is_quantized and q.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        if grid is not None:
             self.quantized = True
-            scale, zp = q.q_scale(), q.q_zero_point()
-            qmin, qmax = _QRANGE.get(q.dtype, (0, 255))
-            low, high = (qmin - zp - 0.5) * scale, (qmax - zp + 0.5) * scale
+            low, high = grid.bounds()
             self.clipped += int(((local < low) | (local > high)).sum())
-            self.steps.add(scale)
+            self.steps.add(grid.scale)
+
+
+class _FloatValues(Logger):
+    """Keeps the float model's values of the current batch, in call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Any] = []
+
+    def forward(self, x: Any) -> None:
+        self.pending.append(detach(x))
+
+
+class _LocalError(Logger):
+    """Fed ``(quantized output, float twin output)`` by the layer's shadow; adds to the sums."""
+
+    def __init__(self, sums: _Sums, twin: _FloatValues, grid: QuantGrid | None) -> None:
+        super().__init__()
+        self.sums, self.grid = sums, grid
+        self.twin = [twin]  # a list, so the twin is not registered as a submodule
+
+    def forward(self, x: Any, y: Any) -> None:  # type: ignore[override]
+        pending = self.twin[0].pending
+        if pending:
+            self.sums.update(y, x, pending.pop(0), self.grid)
 
 
 def _db(signal: float, noise: float) -> float:
@@ -209,7 +239,7 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, floa
     outliers = float(ranges.max()) / median if median > 0 else math.inf
     if not qw.is_quantized:
         return None, None, outliers
-    qmin, qmax = _QRANGE.get(qw.dtype, (-128, 127))
+    qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
     if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         if qw.q_per_channel_axis() != 0:
             return True, None, outliers
@@ -288,44 +318,64 @@ def diagnose(
     threshold_db: float = 20.0,
     matching: Matching | None = None,
     progress: bool | None = None,
+    inputs: int | Callable[[Any], Any] | None = None,
 ) -> Diagnosis:
     """Measure why each quantized layer loses accuracy, and flag the usual causes.
+
+    Each quantized layer's float twin (its shadow: the float subgraph fed the values the
+    quantized layer reads) gives the local error and the clipping; the float model at the
+    same place gives the cumulative error; the weights give range use and outliers. Every
+    capture works alike (models torch.fx cannot trace whole included).
 
     Args:
         float_model: the float model (not modified).
         quant_model: the quantized model made from it (not modified).
-        data: batches (tensors or tuples of inputs).
+        data: batches, as :func:`fxnumeric.compare` takes them (tensors, tuples of inputs,
+            dicts of keyword inputs).
         threshold_db: cumulative SQNR below which the first such layer is flagged.
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress over batches on stderr (default: on a terminal or notebook).
+        inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
 
     Returns:
         A :class:`Diagnosis`; ``.text()`` explains each flagged layer, ``.table()`` shows the
         measurements, :func:`annotate` adds the flags to a :class:`fxnumeric.Report`.
     """
-    matching = matching or match(float_model, quant_model)
-    runner = HybridRunner(matching)
-    sums = {name: _Sums() for name in runner.layers}
-    batches = 0
-    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    with Progress(total, "diagnosing", progress) as bar:
-        for batch in data:
-            if batches == 0:
-                check_devices(float_model, quant_model, batch)
-            _diagnose_batch(runner, matching, sums, batch)
-            batches += 1
+    batches = model_batches(data, inputs)
+    check_devices(float_model, quant_model, batches[0])
+    matching = resolve_matching(float_model, quant_model, matching, None,
+                                example_inputs=batches[0], validate=False)
+    layers = layer_names(matching)
+    sums = {name: _Sums() for name in layers}
+    twins: list[_FloatValues] = []
+
+    def outputs(pair: Pair) -> tuple[nn.Module, nn.Module]:
+        twins.append(_FloatValues())
+        return twins[-1], Logger()
+
+    def shadows(pair: Pair) -> nn.Module:
+        twin = twins[-1]  # instrument builds a pair's output observers, then its shadow
+        region = matching.region_of(pair)
+        grid = grid_before(region.quant_view, region.output_nodes(pair)[1])
+        return _LocalError(sums[op_name(pair.name)], twin, grid)
+
+    built = instrument(matching, select=lambda p, m: p.quantized, outputs=outputs,
+                       shadows=shadows)
+    with Progress(len(batches), "diagnosing", progress) as bar:
+        for batch in batches:
+            run_model(built.float_model, batch, which="float")
+            run_model(built.quant_model, batch, which="quantized")
+            for twin in twins:
+                twin.pending.clear()
             bar.update()
-    if batches == 0:
-        raise InputError("data yielded no batches: pass an iterable of input tensors "
-                         "(or tuples of inputs)")
 
     weights: dict[str, tuple[bool | None, float | None, float]] = {}
     for pair, _, fw, qw in pair_weights(matching):
-        weights.setdefault(pair.name, _weight_stats(fw, qw))
-    kinds = {p.name: p.kind for p in matching.pairs}
-    layers: list[LayerDiagnosis] = []
+        weights.setdefault(op_name(pair.name), _weight_stats(fw, qw))
+    kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
+    diagnosed: list[LayerDiagnosis] = []
     first_below = None
-    for name in runner.layers:
+    for name in layers:
         s = sums[name]
         per_channel, util, outliers = weights.get(name, (None, None, None))
         step = next(iter(s.steps)) if len(s.steps) == 1 else None
@@ -341,22 +391,8 @@ def diagnose(
                     and d.cumulative_sqnr < threshold_db)
         if is_first:
             first_below = d.module
-        layers.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
-    return Diagnosis(tuple(layers), threshold_db, first_below, batches)
-
-
-def _diagnose_batch(runner: HybridRunner, matching: Matching, sums: dict[str, _Sums],
-                    batch: Any) -> None:
-    ref = runner.reference(batch)
-    with torch.no_grad():
-        for name in runner.layers:
-            pairs = [p for p in matching.pairs if p.name == name]
-            for pair, swap in zip(pairs, runner.swaps(name, "quant", shadow=True), strict=True):
-                float_node, quant_node = matching.output_nodes(pair)
-                local = first_output(dequantize_all(runner.local_float(swap, ref)))
-                float_value = first_output(dequantize_all(ref.float[float_node.name]))
-                held, _ = runner.held_quantized(quant_node.name, ref.quant)
-                sums[name].update(local, held, float_value)
+        diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
+    return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches))
 
 
 def annotate(report: Report, diagnosis: Diagnosis) -> Report:

@@ -29,10 +29,11 @@ from torch import nn
 
 from .._tensors import dequantize_all, first_output
 from ..errors import InputError, InstrumentationError
-from ..match import Matching, match
+from ..instrument import resolve_matching
+from ..match import Matching
 from ..metrics import cosine, sqnr
 from ..progress import Progress
-from ..run import check_devices
+from ..run import check_devices, model_batches
 from .hybrid import HybridRunner, Swap, function_target, module_path
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
@@ -82,19 +83,22 @@ def _as_output(value: Any) -> torch.Tensor:
     return out.detach()
 
 
+Hybrid = tuple[str, tuple[Swap, ...]]
+"""``(base, swaps)``: the ``base`` model (``"float"`` or ``"quant"``) with ``swaps`` applied."""
+
+
 class _Search:
     """The models, the data and the metric of one sensitivity or advise call."""
 
     def __init__(self, float_model: nn.Module, quant_model: nn.Module, data: Iterable[Any],
-                 metric: str | EndMetric, matching: Matching | None, progress: bool | None) -> None:
+                 metric: str | EndMetric, matching: Matching | None, progress: bool | None,
+                 inputs: int | Callable[[Any], Any] | None = None) -> None:
         self.metric_name, self.metric = _resolve_metric(metric)
-        self.matching = matching or match(float_model, quant_model)
-        self.runner = HybridRunner(self.matching)
-        self.batches = list(data)
-        if not self.batches:
-            raise InputError("data yielded no batches: pass an iterable of input tensors "
-                             "(or tuples of inputs)")
+        self.batches = model_batches(data, inputs)
         check_devices(float_model, quant_model, self.batches[0])
+        self.matching = resolve_matching(float_model, quant_model, matching, None,
+                                         example_inputs=self.batches[0], validate=False)
+        self.runner = HybridRunner(self.matching)
         self.progress = progress
         self.evaluations = 0
         self._float_out: torch.Tensor | None = None
@@ -112,27 +116,25 @@ class _Search:
                 "concatenated along dim 0, and must return a float."
             ) from exc
 
-    def evaluate(self, hybrids: Sequence[tuple[str, tuple[Swap, ...], tuple[Swap, ...]]],
-                 label: str) -> list[float]:
-        """End metric of each ``(base, shared swaps, own swaps)`` hybrid over all batches.
+    def evaluate(self, hybrids: Sequence[Hybrid], label: str) -> list[float]:
+        """End metric of each ``(base, swaps)`` hybrid over all batches.
 
-        Per batch, the reference runs and the hybrid with the shared swaps are computed once;
-        each hybrid then recomputes only what its own swaps change.
+        Each hybrid model is assembled once; per batch the float model runs once (the
+        reference) and the quantized model once (:meth:`HybridRunner.probe`: the qparams
+        float values crossing into it are quantized with), then every hybrid.
         """
+        runner = self.runner
+        models = [runner.model(base, swaps) for base, swaps in hybrids]
         outputs: list[list[torch.Tensor]] = [[] for _ in hybrids]
         float_outs: list[torch.Tensor] = []
+        float_model = runner.captured("float")
         bar = Progress(len(hybrids) * len(self.batches), label, self.progress, unit="hybrid")
         try:
             for batch in self.batches:
-                ref = self.runner.reference(batch)
-                float_outs.append(_as_output(self.runner.output(ref.float, "float")))
-                shared_env: dict[tuple[str, tuple[Swap, ...]], dict[str, Any]] = {}
-                for i, (base, shared, own) in enumerate(hybrids):
-                    key = (base, shared)
-                    if key not in shared_env:
-                        shared_env[key] = self.runner.run(ref, base, shared)
-                    env = self.runner.run(ref, base, shared + own, start=shared_env[key], new=own)
-                    outputs[i].append(_as_output(self.runner.output(env, base)))
+                float_outs.append(_as_output(runner.run(float_model, batch, "float")))
+                runner.probe(batch)
+                for i, model in enumerate(models):
+                    outputs[i].append(_as_output(runner.run(model, batch)))
                     bar.update()
         finally:
             bar.close()
@@ -268,6 +270,7 @@ def sensitivity(
     layers: Iterable[str] | None = None,
     matching: Matching | None = None,
     progress: bool | None = None,
+    inputs: int | Callable[[Any], Any] | None = None,
 ) -> Sensitivity:
     """Measure each layer's effect on the end metric, with two hybrid models per layer.
 
@@ -280,13 +283,15 @@ def sensitivity(
     Args:
         float_model: the float model (not modified).
         quant_model: the quantized model made from it (eager, FX or dynamic; not modified).
-        data: batches (tensors or tuples of inputs); all are run for every hybrid.
+        data: batches, as :func:`fxnumeric.compare` takes them (a tensor, a tuple of
+            positional inputs or a dict of keyword inputs each); all are run for every hybrid.
         metric: ``"sqnr"``, ``"cosine"``, ``"min_cosine"`` or a function
             ``(float_output, candidate_output) -> float`` (higher is better), called once on
             the outputs of all batches concatenated along dim 0.
         layers: restrict to these layer (pair) names.
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress on stderr (default: when stderr is a terminal).
+        inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
 
     Returns:
         A :class:`Sensitivity`.
@@ -301,12 +306,12 @@ def sensitivity(
         >>> [layer.module for layer in s.layers]
         ['0', '2']
     """
-    search = _Search(float_model, quant_model, data, metric, matching, progress)
+    search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
     names, skipped = search.layers(layers, ("float", "quant"))
-    hybrids: list[tuple[str, tuple[Swap, ...], tuple[Swap, ...]]] = [("quant", (), ())]
+    hybrids: list[Hybrid] = [("quant", ())]
     for name in names:
-        hybrids.append(("float", (), search.swaps([name], "float")))
-        hybrids.append(("quant", (), search.swaps([name], "quant")))
+        hybrids.append(("float", search.swaps([name], "float")))
+        hybrids.append(("quant", search.swaps([name], "quant")))
     values = search.evaluate(hybrids, "sensitivity")
     kinds = {p.name: p.kind for p in search.matching.pairs}
     entries = tuple(
@@ -438,12 +443,12 @@ def _prune(search: _Search, chosen: list[str], curve: list[float],
         rest = [n for n in kept if n != name]
         if not rest:
             break
-        (value,) = search.evaluate([("quant", (), search.swaps(rest, "quant"))], "pruning")
+        (value,) = search.evaluate([("quant", search.swaps(rest, "quant"))], "pruning")
         if value >= target:
             kept = rest
     if kept == chosen:
         return chosen, curve
-    prefixes = [("quant", (), search.swaps(kept[:i], "quant")) for i in range(1, len(kept) + 1)]
+    prefixes = [("quant", search.swaps(kept[:i], "quant")) for i in range(1, len(kept) + 1)]
     return kept, [curve[0], *search.evaluate(prefixes, "final curve")]
 
 
@@ -472,6 +477,7 @@ def advise(
     layers: Iterable[str] | None = None,
     matching: Matching | None = None,
     progress: bool | None = None,
+    inputs: int | Callable[[Any], Any] | None = None,
 ) -> Advice:
     """Find a small set of layers to keep float so that the end metric reaches ``target``.
 
@@ -485,7 +491,8 @@ def advise(
     Args:
         float_model: the float model (not modified).
         quant_model: the quantized model made from it (not modified).
-        data: batches; every hybrid runs on all of them.
+        data: batches, as :func:`fxnumeric.compare` takes them; every hybrid runs on all of
+            them.
         metric: ``"sqnr"``, ``"cosine"``, ``"min_cosine"`` or a function
             ``(float_output, candidate_output) -> float``, higher is better (see
             :func:`sensitivity`).
@@ -498,6 +505,7 @@ def advise(
         layers: restrict the search to these layer (pair) names.
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress on stderr (default: when stderr is a terminal).
+        inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
 
     Returns:
         An :class:`Advice`; when the target is not reached, ``reached`` is False, the message
@@ -508,9 +516,9 @@ def advise(
     if max_float_layers is not None and max_float_layers < 0:
         raise InputError(f"max_float_layers must be >= 0, got {max_float_layers}")
     started = time.perf_counter()
-    search = _Search(float_model, quant_model, data, metric, matching, progress)
+    search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
     names, skipped = search.layers(layers, ("quant",))
-    hybrids = [("quant", (), ())] + [("quant", (), search.swaps([n], "quant")) for n in names]
+    hybrids = [("quant", ())] + [("quant", search.swaps([n], "quant")) for n in names]
     values = search.evaluate(hybrids, "ranking layers")
     quantized = values[0]
     kinds = {p.name: p.kind for p in search.matching.pairs}
@@ -531,7 +539,7 @@ def advise(
         else:
             shared = search.swaps(chosen, "quant")
             scores = search.evaluate(
-                [("quant", shared, search.swaps([n], "quant")) for n in tried],
+                [("quant", shared + search.swaps([n], "quant")) for n in tried],
                 f"step {len(chosen) + 1}",
             )
         for n, v in zip(tried, scores, strict=True):

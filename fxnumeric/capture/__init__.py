@@ -16,6 +16,7 @@ from .fx import (
     TraceFailure,
     graph_module,
     is_leaf,
+    leaf_graph,
     single_call_graph,
     trace,
     trace_submodule,
@@ -23,5 +24,5 @@ from .fx import (
 
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
-    "graph_module",
+    "leaf_graph", "graph_module",
 ]

@@ -9,6 +9,7 @@ user names in ``leaf_modules``.
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
 import traceback
@@ -24,7 +25,7 @@ from ..errors import TraceError
 
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
-    "graph_module",
+    "leaf_graph", "graph_module",
 ]
 
 LeafSpec = type | str
@@ -165,13 +166,11 @@ def trace_submodule(
     return graph_module(module, graph, class_name=type(module).__name__)
 
 
-def single_call_graph(model: nn.Module) -> fx.GraphModule:
-    """A graph that calls ``model`` whole: for a root that is itself a leaf."""
-    import inspect
-
+def _call_graph(module: nn.Module, target: str) -> fx.GraphModule:
+    """A graph whose one op calls ``module``, held as submodule ``target``."""
     graph = fx.Graph()
     params = [
-        p for p in inspect.signature(model.forward).parameters.values()
+        p for p in inspect.signature(module.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     args = tuple(
@@ -180,8 +179,35 @@ def single_call_graph(model: nn.Module) -> fx.GraphModule:
         )
         for p in params
     )
-    graph.output(graph.call_module("root", args))
-    return graph_module({"root": model}, graph, class_name=type(model).__name__)
+    graph.output(graph.call_module(target, args))
+    return graph_module({target: module}, graph, class_name=type(module).__name__)
+
+
+def single_call_graph(model: nn.Module) -> fx.GraphModule:
+    """A graph that calls ``model`` whole (as submodule ``root``): for a root that is itself a
+    leaf."""
+    return _call_graph(model, "root")
+
+
+def leaf_graph(model: nn.Module, path: str) -> tuple[fx.GraphModule, str]:
+    """A one-op graph calling the module at ``path`` of ``model`` whole, and the scope its
+    names are relative to.
+
+    The module is held under its own name (the last part of ``path``), so the op's module
+    path, read relative to the scope (the parent's path), is ``path``: a leaf module paired
+    whole is a graph like any other.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> gm, scope = leaf_graph(model, "0.0")
+        >>> scope, [n.target for n in gm.graph.nodes if n.op == "call_module"]
+        ('0', ['0'])
+    """
+    if not path:
+        return single_call_graph(model), ""
+    scope, _, name = path.rpartition(".")
+    return _call_graph(model.get_submodule(path), name), scope
 
 
 def trace(

@@ -33,6 +33,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..ops import classify_module
+from ..run import run_model
 from .clone import module_tree_copy
 from .fx import LeafSpec, TraceFailure, is_leaf, trace_submodule
 
@@ -120,8 +122,6 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     Raises:
         InputError: when the model does not run on ``batch``.
     """
-    from ..run import run_model
-
     twin = module_tree_copy(model)
     by_module: dict[int, dict[str, Any] | None] = {}
 
@@ -143,8 +143,6 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
 
 
 def _compatible(float_module: nn.Module, quant_module: nn.Module) -> bool:
-    from ..ops import classify_module
-
     if type(float_module).__name__ == type(quant_module).__name__:
         return True
     return classify_module(float_module).signature == classify_module(quant_module).signature
@@ -258,8 +256,6 @@ class _Walk:
         self, fm: nn.Module, qm: nn.Module, fpath: str, qpath: str
     ) -> list[tuple[str, str]]:
         """Children paired by name, then the rest by position and type; orphans recorded."""
-        from ..ops import classify_module
-
         f_children, q_children = list(fm.named_children()), list(qm.named_children())
         q_names = {name for name, _ in q_children}
         f_names = {name for name, _ in f_children}

@@ -13,6 +13,8 @@ hook                        called by                           answers
 ``is_quantized``            :func:`fxnumeric.ops.classify`      whether an op counts as quantized
 ``is_quantized_module``     ``ops.is_quantized_module``         whether a module counts as quantized
 ``pair_name``               the matcher                         the name a pair is reported as
+``scope``                   advice (what a flow configures)     the module path an op ran in
+``failure_hint``            :mod:`fxnumeric.run`                why a model rejected a batch
 ``module_type``             the eager layer (stub selection)    the module class an op came from
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
 ``weight_scale``            :mod:`fxnumeric.weights`            a scale folded into that weight
@@ -21,7 +23,8 @@ hook                        called by                           answers
 ==========================  ==================================  ===============================
 
 Flows shipped: :mod:`fxnumeric.flows.pt2e` (``torch.export`` graphs, ``prepare_pt2e`` /
-``convert_pt2e``) and :mod:`fxnumeric.flows.torchao` (``torchao.quantization.quantize_``).
+``convert_pt2e``), :mod:`fxnumeric.flows.torchao` (``torchao.quantization.quantize_``) and
+:mod:`fxnumeric.flows.fx` (torch.fx's own metadata).
 Neither imports ``torchao`` unless a torchao object is already in the user's hands.
 """
 
@@ -35,13 +38,13 @@ import torch.fx as fx
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..ops import OpClass
+    from ..optypes import OpClass
 
 __all__ = [
     "Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
     "is_quantized_module",
-    "pair_name", "module_type", "weight_input", "weight_scale", "batch_norm_params",
-    "comparable_weight",
+    "pair_name", "scope", "failure_hint", "module_type", "weight_input", "weight_scale",
+    "batch_norm_params", "comparable_weight",
 ]
 
 
@@ -85,6 +88,15 @@ class Flow:
         """The user-facing name of the op at ``node`` (a module path), or ``None``."""
         return None
 
+    def scope(self, node: fx.Node) -> str | None:
+        """The path of the innermost module whose ``forward`` computed the functional op at
+        ``node`` (``layer1.0.conv1`` for an exported conv), or ``None``."""
+        return None
+
+    def failure_hint(self, exc: BaseException) -> str | None:
+        """A sentence on why a model of this flow rejected a batch with ``exc``, or ``None``."""
+        return None
+
     def module_type(self, node: fx.Node) -> type | None:
         """The ``nn.Module`` class whose forward computed the functional op at ``node`` (for
         selections by module type, such as ``compare_model_stub``'s), or ``None``."""
@@ -109,10 +121,12 @@ class Flow:
 
 
 def _flows() -> tuple[Flow, ...]:
+    from .fx import FxFlow
     from .pt2e import Pt2eFlow
     from .torchao import TorchaoFlow
 
-    return (Pt2eFlow(), TorchaoFlow())
+    # torch.fx last: it answers for any traced node, the others for their own graphs only
+    return (Pt2eFlow(), TorchaoFlow(), FxFlow())
 
 
 FLOWS: tuple[Flow, ...] = _flows()
@@ -152,6 +166,16 @@ def is_quantized_module(module: nn.Module) -> bool:
 def pair_name(node: fx.Node) -> str | None:
     """The first flow's name for the op at ``node``, or ``None``."""
     return _first("pair_name", node)
+
+
+def scope(node: fx.Node) -> str | None:
+    """The first flow's module path for the op at ``node``, or ``None``."""
+    return _first("scope", node)
+
+
+def failure_hint(exc: BaseException) -> str | None:
+    """The first flow's explanation of a model rejecting a batch with ``exc``, or ``None``."""
+    return _first("failure_hint", exc)
 
 
 def module_type(node: fx.Node) -> type | None:

@@ -16,29 +16,26 @@ the matcher pairs ``(conv2d, batch_norm)`` with ``conv2d`` as it does for any BN
 An op counts as quantized when it reads a dequantized (or, in a ``prepare_pt2e`` model,
 observed) value. Pairs are named by module path from ``nn_module_stack``.
 
-:func:`quantize_pt2e` builds such a pair from an ``nn.Module`` (what ``fxnumeric report --quant
-pt2e`` runs).
+:func:`fxnumeric.models.quantize_pt2e` builds such a pair from an ``nn.Module`` (what
+``fxnumeric report --quant pt2e`` runs).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib
 import operator
 import weakref
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import InputError
-from ..ops import PLUMBING, QUANTIZE, OpClass
+from ..optypes import DEQUANTIZE, PLUMBING, QUANTIZE, OpClass
 from . import BatchNormParams, Flow
 
-__all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES", "quantize_pt2e", "QUANTIZERS", "build_pair"]
+__all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES"]
 
 # --- q/dq ops: (namespace, op name) -> role. "quantize" ops become optional (paired when both
 # sides have one, else transparent); "dequantize" and "qparams" ops are plumbing.
@@ -229,6 +226,8 @@ class Pt2eFlow(Flow):
         if role == "quantize":
             # quantizing a weight is part of the weight, not a step of the dataflow
             return PLUMBING if _reads_constant(node) else QUANTIZE
+        if role == "dequantize":
+            return DEQUANTIZE
         if role is not None:
             return PLUMBING
         if op[0] == "aten":
@@ -269,16 +268,32 @@ class Pt2eFlow(Flow):
         module_name, _, class_name = module_type.rpartition(".")
         return getattr(importlib.import_module(module_name), class_name, None)
 
+    def scope(self, node: fx.Node) -> str | None:
+        """The innermost module path of the node's ``nn_module_stack``."""
+        found = _innermost_module(node)
+        return str(found[0]) or None if found is not None else None
+
+    def failure_hint(self, exc: BaseException) -> str | None:
+        """A ``torch.export`` graph's input guard rejected the batch's shapes."""
+        message = str(exc)
+        if isinstance(exc, AssertionError) and message.startswith("Guard failed"):
+            return ("It is a torch.export graph (capture='export', pt2e), specialised to the "
+                    "shapes it was exported with: give every batch those shapes.")
+        return None
+
     def pair_name(self, node: fx.Node) -> str | None:
         """The module path from ``nn_module_stack``: ``layer1.0.conv1`` for the conv of that
-        ``Conv2d``, ``layer1.0.add_`` for an op a bigger module computes itself."""
+        ``Conv2d``; for an op a bigger module computes itself, that module's path and the op's
+        kind, as users name it (``layer1.0.add``, not the node's ``add__1``; the matcher numbers
+        further call sites ``layer1.0.add#2``)."""
         found = _innermost_module(node)
         if found is None:
             return None
         path, module_type = found
         if _is_one_op_module(module_type):
             return path
-        return f"{path}.{node.name}" if path else None
+        kind = _op_kind(node)
+        return f"{path}.{kind}" if path else kind
 
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
         if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
@@ -355,6 +370,13 @@ def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
     return tuple(list(stack.values())[-1]) if stack else None  # type: ignore[return-value]
 
 
+def _op_kind(node: fx.Node) -> str:
+    """The kind an ATen op is reported as: ``add`` for ``aten.add_.Tensor``."""
+    name = (_op_name(node.target) or ("", node.name))[1]
+    base = name.rstrip("_") if name not in ATEN_KINDS else name
+    return ATEN_KINDS.get(base, (base,))[0]
+
+
 def _is_one_op_module(module_type: Any) -> bool:
     name = module_type if isinstance(module_type, str) else (
         f"{module_type.__module__}.{module_type.__qualname__}")
@@ -372,109 +394,3 @@ def _constant(node: Any, gm: fx.GraphModule) -> torch.Tensor | None:
     for part in str(node.target).split("."):
         value = getattr(value, part)
     return value.detach() if isinstance(value, torch.Tensor) else None
-
-
-# --- building a pt2e pair (the CLI's --quant pt2e) -------------------------------------------
-
-QUANTIZERS = ("xnnpack", "x86")
-"""Quantizers :func:`quantize_pt2e` knows: XNNPACK symmetric (default), x86 inductor."""
-
-
-def _quantizer(name: str) -> Any:
-    if name == "xnnpack":
-        from torchao.testing.pt2e._xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
-
-        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
-    if name == "x86":
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer,
-            get_default_x86_inductor_quantization_config,
-        )
-
-        return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    raise InputError(f"unknown pt2e quantizer {name!r}; choose from {', '.join(QUANTIZERS)}")
-
-
-def quantize_pt2e(
-    model: nn.Module,
-    calibration: Iterable[Any],
-    *,
-    quantizer: str = "xnnpack",
-    fold_quantize: bool = True,
-) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Export ``model`` and quantize it with pt2e: ``(exported float, converted quantized)``.
-
-    Args:
-        model: the float model (not modified; exported in eval mode).
-        calibration: batches (tensors or tuples of inputs); the first one is the example input
-            for ``torch.export``.
-        quantizer: ``"xnnpack"`` (symmetric, per-tensor) or ``"x86"`` (x86 inductor default).
-        fold_quantize: passed to ``convert_pt2e``.
-
-    Raises:
-        InputError: when torchao is missing or export, prepare or convert fails.
-    """
-    try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    except ImportError as exc:
-        raise InputError(
-            f"pt2e quantization needs torchao ({exc}). Fix: pip install 'fxnumeric[torchao]'"
-        ) from exc
-    from ..run import as_args, run_model
-
-    batches = list(calibration)
-    if not batches:
-        raise InputError("quantize_pt2e needs at least one calibration batch")
-    try:
-        exported = torch.export.export(copy.deepcopy(model).eval(), as_args(batches[0]))
-    except Exception as exc:  # torch.export raises many types; all mean "cannot export"
-        raise InputError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
-    float_gm = exported.module()
-    chosen = _quantizer(quantizer)
-    try:
-        prepared = prepare_pt2e(exported.module(), chosen)
-    except Exception as exc:  # a quantizer that cannot annotate this graph
-        raise InputError(
-            f"prepare_pt2e with the {quantizer} quantizer failed on {type(model).__name__}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            f"Fix: try another quantizer ({', '.join(QUANTIZERS)})"
-        ) from exc
-    for batch in batches:
-        run_model(prepared, batch, which="prepared (calibration)")
-    return float_gm, convert_pt2e(prepared, fold_quantize=fold_quantize)
-
-
-def build_pair(spec: str, calibration: list[Any], *, float_weights: str | None = None,
-               seed: int = 0, quantizer: str = "xnnpack", progress: bool | None = False) -> Any:
-    """The CLI's ``--quant pt2e``: the model named by ``spec``, exported and pt2e-quantized.
-
-    The float model is prepared as :func:`fxnumeric.models.build_pair` prepares it (weights
-    from ``float_weights``, else seeded random weights with BatchNorm statistics from
-    :func:`~fxnumeric.models.calibrate_batchnorm`); returns a ``BuiltPair`` whose float model
-    is the exported program's ``.module()``, so overlays name the exported nodes.
-    """
-    from ..models import BuiltPair, calibrate_batchnorm, load_float_model
-
-    made = load_float_model(spec, "pt2e", seed=seed)
-    if isinstance(made, tuple):
-        return BuiltPair(*made)
-    notes: tuple[str, ...] = ()
-    if float_weights is not None:
-        try:
-            made.load_state_dict(torch.load(float_weights, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise InputError(f"cannot load --float-weights {str(float_weights)!r}: {exc}") from exc
-    elif spec.startswith("torchvision:"):
-        first = calibration[0]
-        if isinstance(first, torch.Tensor) and first.is_floating_point() and first.dim() > 1:
-            calibrate_batchnorm(made, tuple(first.shape), seed=seed, progress=progress)
-        notes = (f"random weights (torchvision weights=None, seed {seed}): these numbers describe "
-                 "an untrained model; pass --float-weights FILE for a trained one",)
-    float_gm, quant = quantize_pt2e(made, calibration, quantizer=quantizer)
-    return BuiltPair(float_gm, quant, notes)

@@ -4,9 +4,13 @@
 * :mod:`.verdict`: the rule that names a culprit only when one layer stands out;
 * :mod:`.render`: every table, CSV, HTML page and SVG chart fxnumeric draws, for reports,
   matchings and sensitivities, in one place;
-* :mod:`.overlays`: Model Explorer node data (per-node SQNR overlays on an exported graph).
+* :mod:`.overlays`: Model Explorer node data (per-node SQNR overlays on an exported graph);
+* :mod:`.persist`: the exact JSON encoding behind ``Report.to_json`` / ``Report.from_json``;
+* :mod:`.diff`: :class:`ReportDiff`, what changed between two reports (``Report.diff``);
+* :mod:`.check`: the gate, :class:`Thresholds` and :func:`check_report` (``fxnumeric check``).
 """
 
+from .check import CheckFailure, CheckResult, Thresholds, check_report
 from .data import (
     BELOW_FLOOR_DB,
     DEGENERATE_RMS,
@@ -17,6 +21,8 @@ from .data import (
     Verdict,
     WeightHistogram,
 )
+from .diff import MetricChange, ReportDiff
 
 __all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
-           "BELOW_FLOOR_DB", "Spread", "Verdict"]
+           "BELOW_FLOOR_DB", "Spread", "Verdict", "ReportDiff", "MetricChange", "Thresholds",
+           "CheckResult", "CheckFailure", "check_report"]

@@ -9,15 +9,19 @@ in :mod:`fxnumeric.report.render`, and the methods here only delegate to them.
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InputError
 from ..metrics import Spread
+from . import persist
 from .verdict import Verdict, verdict
+
+if TYPE_CHECKING:
+    from .diff import ReportDiff
 
 __all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
            "BELOW_FLOOR_DB", "Spread", "Verdict"]
@@ -76,10 +80,18 @@ class ReportRow:
     flags: tuple[str, ...] = ()
     """Why the layer is bad, as flag codes (``fxnumeric.advice.annotate`` sets them)."""
     weight_histogram: WeightHistogram | None = field(default=None, repr=False)
-    activations: tuple | None = field(default=None, repr=False)
+    activations: tuple | None = field(default=None, repr=False, metadata={"json": False})
+    """Raw tensors, only with ``compare(..., keep_activations=True)``; never saved to JSON."""
     float_rms: float | None = None
-    spread: dict[str, Spread] = field(default_factory=dict, repr=False)
     floor_sqnr: float | None = None
+    """The SQNR this layer's own qparams allow (None when unknown)."""
+    spread: dict[str, Spread] = field(default_factory=dict, repr=False)
+    """How ``output_sqnr`` and ``shadow_sqnr`` vary from batch to batch (see the class doc)."""
+
+    _JSON_DERIVED: ClassVar[dict[str, Callable[[ReportRow], Any]]] = {
+        "degenerate": lambda r: r.degenerate,
+        "below_floor": lambda r: r.below_floor,
+    }
 
     @property
     def below_floor(self) -> bool:
@@ -134,17 +146,6 @@ class ReportRow:
                 f"output {db(self.output_sqnr)} dB, shadow {db(self.shadow_sqnr)} dB)")
 
 
-def _num(x: float | None) -> Any:
-    """JSON-safe number: inf/nan become strings, None stays None."""
-    if x is None:
-        return None
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
 def _sort_value(x: float | None) -> float:
     return math.inf if x is None or math.isnan(x) else x
 
@@ -159,19 +160,31 @@ class Report:
     of the batches left out of every metric because their input held NaN/Inf; ``nonfinite``
     says where NaN/Inf first appears inside the models, as ``(model side, layer)`` pairs
     (``("quantized", "conv3")``), graph order.
+    ``unmatched`` holds ``(node, side, reason)`` for every node that could not be paired.
+
+    A report saves to JSON and loads back exactly (:meth:`to_json`, :meth:`from_json`; the
+    schema is in ``docs/reports.md``), and two reports diff (:meth:`diff`).
     """
 
-    rows: tuple[ReportRow, ...]
+    rows: tuple[ReportRow, ...] = field(metadata={"json": "layers"})
     metrics: tuple[str, ...]
     comparisons: tuple[str, ...]
     batches: int
     model_output: dict[str, float]
-    unmatched: tuple[tuple[str, str, str], ...] = ()
+    unmatched: tuple[tuple[str, str, str], ...] = field(
+        default=(), metadata={"json_items": ("node", "side", "reason")})
     torch_version: str = ""
     notes: tuple[str, ...] = ()
     model_output_rms: float | None = None
     skipped_batches: tuple[int, ...] = ()
     nonfinite: tuple[tuple[str, str], ...] = ()
+
+    _JSON_DERIVED: ClassVar[dict[str, Callable[[Report], Any]]] = {
+        "summary": lambda r: r.summary(),
+        "worst_layer": lambda r: r.worst_layer.name if r.worst_layer is not None else None,
+        "culprit": lambda r: r.culprit,
+        "verdict": lambda r: persist.to_data(r.verdict, Verdict),
+    }
 
     # ------------------------------------------------------------------ queries
     def row(self, name: str) -> ReportRow:
@@ -186,6 +199,11 @@ class Report:
         names = ", ".join(r.name for r in self.rows[:8])
         more = " ..." if len(self.rows) > 8 else ""
         raise InputError(f"no row named {name!r}; rows are: {names}{more} (see Report.table())")
+
+    @property
+    def output_degenerate(self) -> bool:
+        """Whether the float model output collapsed (RMS below :data:`DEGENERATE_RMS`)."""
+        return self.model_output_rms is not None and self.model_output_rms < DEGENERATE_RMS
 
     @property
     def degenerate_rows(self) -> tuple[ReportRow, ...]:
@@ -239,10 +257,9 @@ class Report:
         parts = [f"{self.batches} batches{left_out}", f"{len(self.rows)} layers"]
         overall = self.model_output.get("sqnr")
         if overall is not None:
-            collapsed = self.model_output_rms is not None and self.model_output_rms < DEGENERATE_RMS
             parts.append(f"model output SQNR {overall:.2f} dB"
                          + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
-                            if collapsed else ""))
+                            if self.output_degenerate else ""))
         if self.rows and verdict:
             parts.append(self.verdict.text)
         below = [r.name for r in self.rows if r.below_floor]
@@ -292,6 +309,27 @@ class Report:
             rows.sort(key=lambda r: (r.degenerate, _sort_value(getattr(r, key))))
         return rows[:top_k] if top_k is not None else rows
 
+    def diff(self, new: Report, *, tolerance_db: float = 0.5, tolerance_cosine: float = 1e-3,
+             tolerance_kl: float = 0.01, tolerance_top1: float = 0.01) -> ReportDiff:
+        """What changed from this (old) report to ``new``, and what regressed.
+
+        Layers pair by name; every metric of both is listed, and a change is a regression
+        when an SQNR falls by more than ``tolerance_db`` dB, a cosine by more than
+        ``tolerance_cosine``, the model output's ``kl`` rises by more than ``tolerance_kl``
+        or its ``top1_agreement`` falls by more than ``tolerance_top1`` (see
+        :mod:`fxnumeric.report.diff`).
+
+        Example:
+            >>> old = Report.from_json("baseline.json")  # doctest: +SKIP
+            >>> d = old.diff(Report.from_json("report.json"), tolerance_db=1.0)  # doctest: +SKIP
+            >>> print(d.table())  # doctest: +SKIP
+        """
+        from .diff import diff_reports
+
+        return diff_reports(self, new, tolerance_db=tolerance_db,
+                            tolerance_cosine=tolerance_cosine, tolerance_kl=tolerance_kl,
+                            tolerance_top1=tolerance_top1)
+
     # ------------------------------------------------------------------ rendering
     def table(self, tablefmt: str = "simple", *, sort: str | None = None,
               top_k: int | None = None) -> str:
@@ -308,51 +346,63 @@ class Report:
         return report_table(self, tablefmt, sort=sort, top_k=top_k)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-safe: inf and nan are strings)."""
-        worst = self.worst_layer
-        v = self.verdict
-        return {
-            "summary": self.summary(),
-            "notes": list(self.notes),
-            "batches": self.batches,
-            "comparisons": list(self.comparisons),
-            "metrics": list(self.metrics),
-            "torch_version": self.torch_version,
-            "model_output": {k: _num(v) for k, v in self.model_output.items()},
-            "model_output_rms": _num(self.model_output_rms),
-            "worst_layer": worst.name if worst else None,
-            "culprit": v.culprit,
-            "verdict": {"kind": v.kind, "culprit": v.culprit, "standouts": list(v.standouts),
-                        "ties": list(v.ties), "layers": v.layers, "low": _num(v.low),
-                        "high": _num(v.high), "gap": _num(v.gap), "noise": _num(v.noise),
-                        "text": v.text},
-            "skipped_batches": list(self.skipped_batches),
-            "nonfinite": [{"side": side, "layer": layer} for side, layer in self.nonfinite],
-            "layers": [
-                {
-                    "name": r.name, "kind": r.kind, "quantized": r.quantized,
-                    "weight_sqnr": _num(r.weight_sqnr), "weight_keys": list(r.weight_keys),
-                    "output": {k: _num(v) for k, v in r.output.items()},
-                    "shadow": {k: _num(v) for k, v in r.shadow.items()},
-                    "float_nodes": list(r.float_nodes), "quant_nodes": list(r.quant_nodes),
-                    "float_rms": _num(r.float_rms), "degenerate": r.degenerate,
-                    "spread": {k: {"mean": _num(sp.mean), "std": _num(sp.std),
-                                   "low": _num(sp.low), "high": _num(sp.high),
-                                   "batches": sp.batches} for k, sp in r.spread.items()},
-                    "floor_sqnr": _num(r.floor_sqnr), "below_floor": r.below_floor,
-                    "note": r.notes, "flags": list(r.flags),
-                }
-                for r in self.rows
-            ],
-            "unmatched": [{"node": n, "side": s, "reason": why} for n, s, why in self.unmatched],
-        }
+        """Plain, JSON-safe data: every field but the raw ``activations`` (schema in
+        ``docs/reports.md``); :meth:`from_dict` rebuilds the report exactly.
 
-    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
-        """Return the report as JSON; also write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
+        Beside the fields (``rows`` under ``layers``) it holds ``schema``, the ``summary``
+        line, ``worst_layer``, ``culprit``, the ``verdict`` and each row's ``degenerate`` and
+        ``below_floor``, for people and scripts; inf and nan are the strings ``"inf"``,
+        ``"-inf"``, ``"nan"``.
+
+        Example:
+            >>> row = ReportRow("fc", "linear", True, 41.5, {"sqnr": float("inf")}, {"sqnr": 25.0})
+            >>> r = Report((row,), ("sqnr",), ("weights", "outputs", "shadows"), 2, {"sqnr": 30.0})
+            >>> d = r.to_dict()
+            >>> d["schema"], d["layers"][0]["output"], d["worst_layer"]
+            (1, {'sqnr': 'inf'}, 'fc')
+            >>> Report.from_dict(d) == r
+            True
+        """
+        return {"schema": persist.SCHEMA, **persist.to_data(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict`'s data.
+
+        Raises:
+            InputError: a newer ``schema``, a missing or unknown key, a value of the wrong
+                type (the message names the key's path, ``layers[3].output.sqnr``).
+        """
+        return persist.load(cls, data)
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
+        """Return the report as strict JSON (see :meth:`to_dict`); also write it to ``path``.
+
+        Floats are written with all their digits, so :meth:`from_json` gives back the same
+        report, bit for bit. Lists of numbers stay on one line.
+        """
+        text = persist.dumps(self.to_dict(), indent=indent)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> Report:
+        """Load a report saved by :meth:`to_json` (or ``fxnumeric report --json FILE``).
+
+        Args:
+            source: JSON text (it starts with ``{``) or the path of a file holding it.
+
+        Raises:
+            InputError: the file is missing, not JSON, not a report, from a newer fxnumeric,
+                or a value does not fit its field; the message says which.
+
+        Example:
+            >>> r = Report((), ("sqnr",), ("outputs",), 1, {"sqnr": float("nan")})
+            >>> Report.from_json(r.to_json()).model_output
+            {'sqnr': nan}
+        """
+        return persist.load(cls, source)
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one CSV row per layer (metrics as columns) and return the path."""

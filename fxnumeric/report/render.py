@@ -37,12 +37,13 @@ if TYPE_CHECKING:
     from ..advice.search import Sensitivity
     from ..match import Matching
     from .data import Report, ReportRow, WeightHistogram
+    from .diff import MetricChange, ReportDiff
 
 __all__ = [
     "report_columns", "report_table", "report_csv", "csv_columns", "report_page",
     "report_fragment", "verdict_html", "next_step",
     "matching_table", "matching_fragment", "sqnr_chart", "histogram_svg", "html_table",
-    "sensitivity_svg", "sensitivity_section", "sensitivity_page",
+    "sensitivity_svg", "sensitivity_section", "sensitivity_page", "diff_table", "diff_page",
 ]
 
 Column = tuple[str, Callable[["ReportRow"], Any], bool]  # header, value, numeric
@@ -413,7 +414,7 @@ def _matching_rows(m: Matching) -> list[tuple[str, ...]]:
     ]
     rows += [(u.node, u.kind, u.node, "-", u.reason) for u in m.unmatched_float]
     rows += [(u.node, u.kind, "-", u.node, u.reason) for u in m.unmatched_quant]
-    if not m.whole_graph:  # captured through the module tree: say how each pair was found
+    if _shows_found_by(m):  # some pairs are modules paired whole: say how each was found
         found = [p.found_by for p in m.pairs] + ["-"] * (len(rows) - len(m.pairs))
         rows = [(*r[:4], how, r[4]) for r, how in zip(rows, found, strict=True)]
     return rows
@@ -422,8 +423,12 @@ def _matching_rows(m: Matching) -> list[tuple[str, ...]]:
 _MATCH_HEADERS = ("name", "kind", "float nodes", "quantized nodes", "unpaired because")
 
 
+def _shows_found_by(m: Matching) -> bool:
+    return bool(m.untraced) or any(p.found_by != "graph" for p in m.pairs)
+
+
 def _matching_headers(m: Matching) -> tuple[str, ...]:
-    if m.whole_graph:
+    if not _shows_found_by(m):
         return _MATCH_HEADERS
     return (*_MATCH_HEADERS[:4], "found by", _MATCH_HEADERS[4])
 
@@ -766,3 +771,74 @@ def sensitivity_page(sens: Sensitivity) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric sensitivity"
             f"</title><style>{_PAGE_CSS}{_CSS}</style></head><body>"
             f"{sensitivity_section(sens)}</body></html>\n")
+
+
+# ---------------------------------------------------------------- diffs (Report.diff)
+
+_DIFF_HEADERS = ("layer", "metric", "old", "new", "change", "")
+_DIFF_NUMERIC = (False, False, True, True, True, False)
+
+
+def _diff_rows(diff: ReportDiff, changed_only: bool) -> tuple[list[MetricChange], int]:
+    """The changes to show (every regression, the rest unless unchanged) and how many are not."""
+    shown = [c for c in diff.changes
+             if c.regression or not changed_only or c.change is None or c.change != 0.0]
+    return shown, len(diff.changes) - len(shown)
+
+
+def _diff_cells(c: MetricChange) -> list[Any]:
+    return [c.layer if c.layer is not None else "(model output)", c.label, c.old, c.new,
+            c.change, "REGRESSION" if c.regression else ""]
+
+
+def _diff_layer_lines(diff: ReportDiff) -> list[str]:
+    lines = [f"new layers: {', '.join(diff.new_layers)}"] if diff.new_layers else []
+    if diff.vanished_layers:
+        lines.append(f"vanished layers: {', '.join(diff.vanished_layers)}")
+    return lines
+
+
+def diff_table(diff: ReportDiff, tablefmt: str = "simple", *, changed_only: bool = True) -> str:
+    """The changes as a tabulate table (regressions marked), new and vanished layers, the
+    tolerances, then the summary (last line)."""
+    if tablefmt == "markdown":
+        tablefmt = "pipe"
+    shown, hidden = _diff_rows(diff, changed_only)
+    lines = [tabulate([_diff_cells(c) for c in shown], headers=_DIFF_HEADERS,
+                      tablefmt=tablefmt, floatfmt=".4g", missingval="-")] if shown else []
+    if hidden:
+        lines.append(f"{hidden} metrics unchanged" + (" (not shown)" if shown else ""))
+    lines += _diff_layer_lines(diff)
+    lines.append(f"tolerances: {diff.tolerances}")
+    lines.append(diff.summary())
+    return "\n".join(lines)
+
+
+def diff_page(diff: ReportDiff, *, changed_only: bool = True) -> str:
+    """A self-contained HTML page for a :class:`~fxnumeric.report.diff.ReportDiff`, styled like
+    the report page: summary, regressions, new and vanished layers, every change."""
+    shown, hidden = _diff_rows(diff, changed_only)
+
+    def table(changes: Sequence[MetricChange]) -> str:
+        return html_table(_DIFF_HEADERS, [_diff_cells(c) for c in changes], _DIFF_NUMERIC,
+                          ["worst" if c.regression else "" for c in changes])
+
+    worse = diff.regressions
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric diff</title>",
+        f"<style>{_PAGE_CSS}{_CSS}</style></head><body>",
+        "<h1>fxnumeric diff</h1>",
+        f"<p>{html.escape(diff.summary())}</p>",
+        f"<p>Tolerances: {html.escape(diff.tolerances)}.</p>",
+        f"<h2>Regressions ({len(worse)})</h2>",
+        table(worse) if worse else "<p>None beyond tolerance.</p>",
+    ]
+    for title, names in (("New layers", diff.new_layers), ("Vanished layers",
+                                                           diff.vanished_layers)):
+        if names:
+            parts.append(f"<h2>{title} ({len(names)})</h2><p>{html.escape(', '.join(names))}</p>")
+    parts.append("<h2>Changes</h2>")
+    if hidden:
+        parts.append(f"<p>{hidden} metrics unchanged" + (" (not shown).</p>" if shown else ".</p>"))
+    parts += [table(shown) if shown else "", "</body></html>"]
+    return "\n".join(parts)

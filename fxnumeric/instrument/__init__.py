@@ -1,0 +1,324 @@
+"""Stage 3, instrument: new models with observers on paired outputs and float shadows.
+
+One building block, :func:`instrument`, attaches observers to a :class:`~fxnumeric.Matching`'s
+pairs: on the outputs of both sides, and/or on a float *shadow* of each pair inlined into the
+quantized graph. :func:`add_loggers`, :func:`add_shadows`, :func:`fxnumeric.compare` and the
+eager-compatible API all call it::
+
+    float graph:      x -> conv1 -> relu -> fc
+                                ^ float observer
+    quantized graph:  x -> q -> conv1_relu -> fc
+                                 ^ quant observer(quant_out)
+                                 ^ shadow: dequantize(q) -> conv1 -> relu (float copies)
+                                           -> shadow observer(quant_out, float_out)
+
+Observers hang off the graph as side branches: their results are never used, so instrumented
+models give bit-identical outputs. The new models share the user's submodules and tensors
+(nothing is copied or changed). A shadow calls the float model's own modules where calling them
+changes nothing (torch's modules in eval mode) and deep copies of the others (observers,
+fake-quants, modules in training mode, user classes), so running a shadow never touches the
+float model (:mod:`fxnumeric.semantics` decides).
+
+The package: :mod:`~fxnumeric.instrument.graph` edits one region's graph copy,
+:mod:`~fxnumeric.instrument.assemble` puts the edited regions back into runnable models.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import nn
+
+from ..capture import LeafSpec
+from ..errors import InstrumentationError
+from ..loggers import OutputLogger, ShadowLogger
+from ..match import Matching, Pair, Region, match
+from ..pairing import op_name
+from .assemble import Build, assemble, captured_model
+from .graph import GraphCopy, float_subgraph, shadow_inputs
+
+__all__ = [
+    "instrument", "Instrumented", "add_loggers", "add_shadows", "loggers_of", "PairFilter",
+    "resolve_matching",
+]
+
+PairFilter = Callable[[Pair, Matching], bool]
+"""Called as ``select(pair, matching)``; return True to instrument that pair."""
+
+OutputObservers = Callable[[Pair], tuple[nn.Module, nn.Module]]
+"""Called once per pair name as ``make(pair)``; returns ``(float_observer, quant_observer)``,
+each then called as ``observer(output)``."""
+
+ShadowObserver = Callable[[Pair], nn.Module]
+"""Called once per pair name as ``make(pair)``; the observer is then called as
+``observer(quantized_output, float_shadow_output)``."""
+
+# Each instrumented GraphModule's loggers by pair name, for loggers_of (weak: the registry
+# never keeps a model alive, and nothing is stored on the model itself).
+_LOGGERS: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def loggers_of(gm: nn.Module) -> dict[str, nn.Module]:
+    """The loggers of a GraphModule made by :func:`add_loggers` or :func:`add_shadows`.
+
+    Returns ``{pair name: logger}`` (empty for any other module).
+    """
+    return _LOGGERS.get(gm, {})
+
+
+@dataclass(frozen=True)
+class Instrumented:
+    """What :func:`instrument` built.
+
+    Attributes:
+        float_model: the float model with output observers (the float model as captured
+            when none were asked for): a GraphModule for a model captured whole, else a copy
+            of the user's model whose instrumented regions are GraphModules (see
+            :mod:`fxnumeric.instrument.assemble`).
+        quant_model: the quantized model with output observers and/or shadows, likewise.
+        float_observers: ``{pair name: observer}`` on the float outputs.
+        quant_observers: ``{pair name: observer}`` on the quantized outputs.
+        shadow_observers: ``{pair name: observer}`` fed ``(quantized, float shadow)``.
+        skipped: ``{pair name: reason}`` for pairs that could not be shadowed.
+    """
+
+    float_model: nn.Module
+    quant_model: nn.Module
+    float_observers: dict[str, nn.Module] = field(default_factory=dict)
+    quant_observers: dict[str, nn.Module] = field(default_factory=dict)
+    shadow_observers: dict[str, nn.Module] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def instrument(
+    matching: Matching,
+    *,
+    select: PairFilter | Iterable[str] | None = None,
+    outputs: OutputObservers | None = None,
+    shadows: ShadowObserver | None = None,
+) -> Instrumented:
+    """Attach observers to the selected pairs of ``matching``, into one copy of each graph.
+
+    Every region of the matching (a whole model, a submodule, a leaf module kept whole) is
+    instrumented the same way (:class:`~fxnumeric.instrument.graph.GraphCopy`) and the
+    results are assembled into runnable models (:func:`~fxnumeric.instrument.assemble.assemble`).
+
+    Args:
+        matching: a :func:`fxnumeric.match` result.
+        select: which pairs: pair names, or ``select(pair, matching) -> bool``; all if None.
+        outputs: builds the observers of each pair's float and quantized outputs. The
+            quantized output is the value the next op reads (after the pair's own output
+            quantize, see :meth:`Region.output_nodes`). Each call site of an op is a pair of
+            its own (``relu``, ``relu#2``); a factory that returns the same observer for
+            several pairs gets it called once per call site.
+        shadows: builds the observer of each pair's float shadow: a copy of the pair's float
+            subgraph fed the dequantized inputs of the quantized op, inserted after it.
+
+    Returns:
+        An :class:`Instrumented`; the models given are not modified.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> from fxnumeric import OutputLogger, ShadowLogger, match
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+        >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
+        >>> built = instrument(m, outputs=lambda p: (OutputLogger(), OutputLogger()),
+        ...                    shadows=lambda p: ShadowLogger())
+        >>> sorted(built.quant_observers), sorted(built.shadow_observers), built.skipped
+        (['0', '1'], ['0', '1'], {})
+    """
+    chosen = set(_select(matching, select))
+    built = Instrumented(captured_model(matching, "float"), captured_model(matching, "quant"))
+    float_parts: dict[Region, Build] = {}
+    quant_parts: dict[Region, Build] = {}
+    index = 0
+    for region in matching.regions:
+        pairs = [p for p in region.pairs if p in chosen]
+        if not pairs:
+            continue
+        quant_copy = GraphCopy(region.quant_view)
+        float_copy = GraphCopy(region.float_view) if outputs is not None else None
+        for pair in pairs:
+            _instrument_pair(region, pair, float_copy, quant_copy, built, outputs, shadows,
+                             index)
+            index += 1
+        quant_parts[region] = quant_copy.finish
+        if float_copy is not None:
+            float_parts[region] = float_copy.finish
+    return replace(built, float_model=assemble(matching, "float", float_parts),
+                   quant_model=assemble(matching, "quant", quant_parts))
+
+
+def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
+                     quant_copy: GraphCopy, built: Instrumented,
+                     outputs: OutputObservers | None, shadows: ShadowObserver | None,
+                     index: int) -> None:
+    """Observers (and a shadow) of one pair, in the region's graph copies."""
+    float_out, quant_out = region.output_nodes(pair)
+    if outputs is not None and float_copy is not None:
+        built.float_observers[pair.name], built.quant_observers[pair.name] = outputs(pair)
+        float_copy.observe(float_out.name, built.float_observers[pair.name],
+                           f"fxnumeric_logger_{index}")
+        quant_copy.observe(quant_out.name, built.quant_observers[pair.name],
+                           f"fxnumeric_logger_{index}")
+    if shadows is None:
+        return
+    inputs = shadow_inputs(region, pair)
+    if isinstance(inputs, str):
+        built.skipped[pair.name] = inputs
+        return
+    built.shadow_observers[pair.name] = shadows(pair)
+    chain = tuple(n.name for n in region.chain(pair, "quant"))
+    inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
+    quant_copy.shadow(quant_out.name, region.float_view, float_subgraph(region, pair), inputs,
+                      built.shadow_observers[pair.name], f"fxnumeric_shadow_{index}")
+
+
+# ---------------------------------------------------------------- the public wrappers
+
+
+def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | None,
+                     matching: Matching | None,
+                     leaf_modules: Iterable[LeafSpec] | None, *, capture: str = "fx",
+                     example_inputs: Any = None, validate: bool = True) -> Matching:
+    """``matching``, checked against the models passed beside it, or a new :func:`match`
+    (``validate``: see its ``validate_inputs``)."""
+    if matching is None:
+        if float_model is None or quant_model is None:
+            raise InstrumentationError("pass the float and quantized models, or a matching")
+        return match(float_model, quant_model, example_inputs, leaf_modules=leaf_modules,
+                     capture=capture, validate_inputs=validate)
+    for side, given, used in (("float", float_model, matching.float_model),
+                              ("quantized", quant_model, matching.quant_model)):
+        if given is not None and given is not used:
+            raise InstrumentationError(
+                f"the {side} model passed is not the one `matching` was built from; pass the "
+                "models that fxnumeric.match was called with, or only the matching "
+                "(float_model=None, quant_model=None)"
+            )
+    return matching
+
+
+def add_loggers(
+    float_model: nn.Module | None,
+    quant_model: nn.Module | None,
+    logger_cls: type = OutputLogger,
+    *,
+    select: PairFilter | Iterable[str] | None = None,
+    matching: Matching | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    per_call_site: bool = True,
+) -> tuple[nn.Module, nn.Module]:
+    """Return new float and quantized models that log the output of every paired op.
+
+    Each call site of an op is a pair of its own with its own logger (``relu``, ``relu#2``).
+    With ``per_call_site=False`` the call sites of one op share one logger under the op's
+    name, which logs once per call, as torch's eager suite does (the eager API uses this).
+
+    Args:
+        float_model: the float model (not modified); None when ``matching`` is given.
+        quant_model: the quantized model (not modified); None when ``matching`` is given.
+        logger_cls: logger class, called as ``logger(output)``.
+        select: which pairs to log: pair names, or ``select(pair, matching) -> bool``.
+        matching: a :func:`match` result to reuse instead of matching again; models passed
+            beside it must be the ones it was built from.
+        leaf_modules: passed to :func:`match`.
+        per_call_site: one logger per call site (default), or one per op name.
+
+    Returns:
+        ``(float_gm, quant_gm)``; their loggers are in :func:`loggers_of`.
+    """
+    matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
+    make = _loggers(lambda: (_make_logger(logger_cls), _make_logger(logger_cls)), per_call_site)
+    built = instrument(matching, select=select, outputs=make)
+    _LOGGERS[built.float_model] = _by_name(built.float_observers, per_call_site)
+    _LOGGERS[built.quant_model] = _by_name(built.quant_observers, per_call_site)
+    return built.float_model, built.quant_model
+
+
+def add_shadows(
+    float_model: nn.Module | None,
+    quant_model: nn.Module | None,
+    logger_cls: type = ShadowLogger,
+    *,
+    select: PairFilter | Iterable[str] | None = None,
+    matching: Matching | None = None,
+    leaf_modules: Iterable[LeafSpec] | None = None,
+    per_call_site: bool = True,
+) -> tuple[nn.Module, dict[str, str]]:
+    """Return a new quantized model in which every selected pair has a float shadow.
+
+    The shadow is a copy of the pair's float subgraph, fed the dequantized inputs of the
+    quantized op, so it measures the error that op adds on its own. The logger is called as
+    ``logger(quantized_output, float_output)``. Pairs whose float subgraph reads a value that
+    has no quantized counterpart cannot be shadowed; they are returned with the reason.
+
+    Loggers are per call site, or per op name with ``per_call_site=False`` (see
+    :func:`add_loggers`).
+
+    Returns:
+        ``(quant_gm, skipped)``: the instrumented model (loggers in :func:`loggers_of`) and
+        ``{pair name: reason}`` for pairs that could not be shadowed.
+    """
+    matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
+    built = instrument(matching, select=select,
+                       shadows=_loggers(lambda: _make_logger(logger_cls), per_call_site))
+    _LOGGERS[built.quant_model] = _by_name(built.shadow_observers, per_call_site)
+    return built.quant_model, built.skipped
+
+
+def _loggers(make: Callable[[], Any], per_call_site: bool) -> Callable[[Pair], Any]:
+    """A factory of loggers per pair: new ones per call site, or shared by the op's name."""
+    if per_call_site:
+        return lambda pair: make()
+    made: dict[str, Any] = {}
+
+    def shared(pair: Pair) -> Any:
+        name = op_name(pair.name)
+        if name not in made:
+            made[name] = make()
+        return made[name]
+
+    return shared
+
+
+def _by_name(observers: dict[str, nn.Module], per_call_site: bool) -> dict[str, nn.Module]:
+    """``observers`` keyed by pair name, or by op name when call sites share them."""
+    if per_call_site:
+        return observers
+    return {op_name(name): logger for name, logger in observers.items()}
+
+
+def _make_logger(logger_cls: type) -> nn.Module:
+    try:
+        logger = logger_cls()
+    except TypeError as exc:
+        name = getattr(logger_cls, "__name__", logger_cls)
+        raise InstrumentationError(
+            f"could not build a logger with {name}(): {exc}. "
+            "Pass a Logger subclass whose __init__ takes no arguments."
+        ) from exc
+    if not isinstance(logger, nn.Module) or not isinstance(getattr(logger, "stats", None), dict):
+        raise InstrumentationError(
+            f"{type(logger).__name__} is not a logger: subclass fxnumeric.Logger (an nn.Module "
+            "with a `stats` dict)."
+        )
+    return logger
+
+
+def _select(matching: Matching, select: PairFilter | Iterable[str] | None) -> list[Pair]:
+    if select is None:
+        return list(matching.pairs)
+    if callable(select):
+        return [p for p in matching.pairs if select(p, matching)]
+    names = set(select)
+    unknown = names - {p.name for p in matching.pairs}
+    if unknown:
+        raise InstrumentationError(
+            f"no pair is named {sorted(unknown)[:5]}; see Matching.table() for pair names"
+        )
+    return [p for p in matching.pairs if p.name in names]

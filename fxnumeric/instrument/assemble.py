@@ -1,0 +1,100 @@
+"""Assemble a runnable model from a matching's regions, some of them replaced.
+
+Instrumented models and hybrid models are built region by region: each region's graph is
+edited (observers, shadows, swapped layers) into a module of its own. :func:`assemble` puts
+those modules back where the regions sit, the same way for every capture:
+
+* no region replaced: the model as captured (the whole model's graph, or the user's model);
+* only the region covering the whole model replaced: that module, calling the user's own
+  submodules (nothing is copied);
+* otherwise a :func:`~fxnumeric.capture.clone.module_tree_copy` of the user's model (new
+  module objects, shared tensors) with each replaced region set at its path, innermost
+  first; each region's graph calls the copy's modules, so what was replaced inside a module
+  it calls stays in. A replaced module is wrapped in :class:`Spliced`, which answers every
+  other attribute from the module it replaces: the parent's own code still reads
+  ``self.projection.weight.dtype`` (a ViT's patch embedding) or ``self.attn.num_heads``.
+
+The user's models carry nothing new afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from torch import nn
+
+from ..capture.clone import module_tree_copy
+from ..match import Matching, Region
+
+__all__ = ["assemble", "captured_model", "Build", "Spliced"]
+
+Build = Callable[[nn.Module | None], nn.Module]
+"""Called as ``build(calls)``: the replacement module of one region, whose graph's
+``call_module`` targets are read from ``calls`` (None: the user's own modules)."""
+
+
+class Spliced(nn.Module):
+    """A region's replacement inside an assembled model.
+
+    Calling it calls ``inner`` (the instrumented or hybrid graph); any attribute it does not
+    have itself is read from ``replaced``, the module it stands in for, which is not
+    registered as a submodule (its weights are not listed twice).
+    """
+
+    def __init__(self, inner: nn.Module, replaced: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "_replaced", replaced)
+
+    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_replaced"], name)
+
+
+def _depth(path: str) -> int:
+    return path.count(".") + 1 if path else 0
+
+
+def captured_model(matching: Matching, side: str) -> nn.Module:
+    """``side``'s model as captured: the whole model's graph, or the user's model."""
+    if matching.root is not None:
+        return matching.root.view(side).gm
+    model = matching.float_model if side == "float" else matching.quant_model
+    assert model is not None
+    return model
+
+
+def assemble(matching: Matching, side: str, replaced: Mapping[Region, Build]) -> nn.Module:
+    """``side``'s model (``"float"`` or ``"quant"``) with the regions in ``replaced`` swapped
+    for the modules their builds return.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> from fxnumeric import match
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+        >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
+        >>> assemble(m, "float", {}) is m.float_graph
+        True
+    """
+    if not replaced:
+        return captured_model(matching, side)
+    if set(replaced) == {matching.root}:
+        return replaced[matching.root](None)  # type: ignore[index]
+    model = matching.float_model if side == "float" else matching.quant_model
+    assert model is not None
+    root = module_tree_copy(model)
+    for region in sorted(replaced, key=lambda r: _depth(r.path(side)), reverse=True):
+        path = region.path(side)
+        module = Spliced(replaced[region](root.get_submodule(region.scope(side))),
+                         root.get_submodule(path))
+        if not path:
+            root = module
+        else:
+            root.set_submodule(path, module)
+    return root

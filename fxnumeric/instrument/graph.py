@@ -1,0 +1,187 @@
+"""Edit a copy of one region's graph: observers on values, float shadows of pairs.
+
+Every region is a pair of graphs, whatever capture made it (a whole model, a submodule, a
+leaf module kept whole), so one editor serves all: :class:`GraphCopy` copies a region's graph
+and adds
+
+* **observers** as side branches (``observer(value)``; the result is never used, so the
+  outputs stay bit-identical; a value a later op overwrites in place is cloned first), and
+* **shadows**: a pair's float subgraph copied after the quantized op, fed the dequantized
+  values the quantized op read, its output and the quantized output handed to an observer.
+
+What a copied node may call or write is decided by :mod:`fxnumeric.semantics`. Every edit
+is followed by ``graph.lint()``, and observer calls are marked impure, so a dead-code pass
+(``graph.eliminate_dead_code()``) keeps them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .._tensors import dequantize_all
+from ..capture import graph_module
+from ..match import Pair, Region
+from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy
+from ..view import GraphView
+
+__all__ = ["GraphCopy", "shadow_inputs", "float_subgraph", "observe_call"]
+
+
+@fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
+def observe_call(observer: nn.Module, *values: Any) -> None:
+    """Call ``observer`` on ``values``: the node an observer hangs off a graph by."""
+    observer(*values)
+
+
+def float_subgraph(region: Region, pair: Pair) -> list[fx.Node]:
+    """The pair's float nodes with the plumbing between them, in graph order."""
+    return region.float_view.with_plumbing(region.chain(pair, "float"))
+
+
+def shadow_inputs(region: Region, pair: Pair) -> dict[fx.Node, str] | str:
+    """``{float node read by the shadow: quantized node carrying its value}``, or why not.
+
+    The quantized chain's own inputs are preferred (they are what the quantized op read);
+    otherwise the earliest quantized node carrying the float value.
+    """
+    fv, qv = region.float_view, region.quant_view
+    chain = region.chain(pair, "quant")
+    read: dict[fx.Node, fx.Node] = {}
+    for n in chain:
+        for i in n.all_input_nodes:
+            q = qv.producer(i)
+            f = region.float_counterpart(q) if q is not None and q not in chain else None
+            if f is not None:
+                # the value the op reads (`i`), not its producer: in a pt2e graph that is a
+                # quantize whose raw int8 output only its dequantize can read
+                read.setdefault(f, i)
+    last = qv.position(chain[-1])
+    nodes = float_subgraph(region, pair)
+    inside = set(nodes)
+    inputs: dict[fx.Node, str] = {}
+    for n in nodes:
+        for e in n.all_input_nodes:
+            if e in inside or e.op == "get_attr" or e in inputs:
+                continue
+            f = fv.producer(e)
+            q = (read.get(f) or region.quant_counterpart(f)) if f is not None else None
+            if q is None or qv.position(q) > last:
+                carrier = f.name if f is not None else e.name
+                return f"float input `{carrier}` of the shadow has no quantized counterpart"
+            inputs[e] = q.name
+    return inputs
+
+
+class GraphCopy:
+    """A copy of a region's graph being instrumented; :meth:`finish` builds its GraphModule."""
+
+    def __init__(self, view: GraphView) -> None:
+        source = view.gm
+        # the copy shares the source's submodules until finish() points them elsewhere
+        self.gm = graph_module(source, copy.deepcopy(source.graph), type(source).__name__)
+        self.graph = self.gm.graph
+        self.calls = [str(n.target) for n in source.graph.nodes if n.op == "call_module"]
+        self.nodes = {n.name: n for n in self.graph.nodes}
+        self.modules = view.modules  # what the copied nodes call, for in-place questions
+
+    def finish(self, calls: nn.Module | None = None) -> fx.GraphModule:
+        """The instrumented GraphModule (its code is generated on first run).
+
+        Args:
+            calls: the module the graph's ``call_module`` targets are read from (a copy of
+                the user's model, or a submodule of one, that holds other instrumented
+                regions); default: the modules of the traced graph (the user's).
+        """
+        if calls is not None:
+            for target in self.calls:
+                self.gm.set_submodule(target, calls.get_submodule(target))
+        self.graph.lint()
+        self.gm.recompile()
+        return self.gm
+
+    def observe(self, node_name: str, observer: nn.Module, target: str) -> None:
+        """Call ``observer(value of node)`` right after the node."""
+        self.gm.add_submodule(target, observer)
+        node = self.nodes[node_name]
+        graph = self.graph
+        with graph.inserting_after(node):
+            logged = node
+            if mutated_in_place(node, self.modules):
+                logged = graph.call_method("clone", (node,))
+            with graph.inserting_after(logged):
+                holder = graph.get_attr(target)
+            with graph.inserting_after(holder):
+                graph.call_function(observe_call, (holder, logged))
+
+    def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
+        """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
+        in place (``aten.add_`` writes into its first input, which a shadow must read as it
+        was). ``chain`` holds the graph's own node names."""
+        node = self.nodes[node_name]
+        ops = [self.nodes[n] for n in chain]
+        if not any(overwrites(u, node, self.modules) for u in node.users if u in ops):
+            return node_name
+        with self.graph.inserting_before(ops[0]):
+            copied = self.graph.call_method("clone", (node,))
+        self.nodes[copied.name] = copied
+        return copied.name
+
+    def shadow(self, anchor_name: str, float_view: GraphView, nodes: list[fx.Node],
+               inputs: dict[fx.Node, str], observer: nn.Module, prefix: str) -> None:
+        """Copy float ``nodes`` after ``anchor``, fed dequantized ``inputs``; observe both."""
+        graph = self.graph
+        anchor = self.nodes[anchor_name]
+        holder = nn.Module()
+        self.gm.add_submodule(prefix, holder)
+        cursor = anchor
+        env: dict[fx.Node, fx.Node] = {}
+
+        def emit(make: Callable[[], fx.Node]) -> fx.Node:
+            nonlocal cursor
+            with graph.inserting_after(cursor):
+                cursor = make()
+            return cursor
+
+        for float_node, quant_name in inputs.items():
+            quant_node = self.nodes[quant_name]
+            env[float_node] = emit(lambda q=quant_node: graph.call_function(dequantize_all, (q,)))
+            if any(overwrites(u, float_node, float_view.modules) for u in float_node.users
+                   if u in nodes):
+                # the copy writes into its input, which may be the quantized graph's own tensor
+                env[float_node] = emit(lambda d=env[float_node]: graph.call_method("clone", (d,)))
+        copied: dict[str, str] = {}
+        for n in nodes:
+            for attr_node in n.all_input_nodes:
+                if attr_node.op == "get_attr" and attr_node not in env:
+                    name = f"attr{len(copied)}"
+                    value = shadow_copy(fetch_attr(float_view.gm, str(attr_node.target)))
+                    if isinstance(value, nn.Module):
+                        holder.add_module(name, value)
+                    elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                        holder.register_buffer(name, value)  # e.g. an exported BN's running_mean
+                    else:
+                        setattr(holder, name, value)
+                    copied[str(attr_node.target)] = name
+                    env[attr_node] = emit(lambda name=name: graph.get_attr(f"{prefix}.{name}"))
+            if n.op == "call_module":
+                local = copied.get(str(n.target))
+                if local is None:
+                    local = copied[str(n.target)] = f"m{len(copied)}"
+                    holder.add_module(local, shadow_copy(float_view.modules[n.target]))
+                env[n] = emit(lambda n=n, local=local: graph.create_node(
+                    "call_module", f"{prefix}.{local}",
+                    fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)))
+            else:
+                env[n] = emit(lambda n=n: graph.node_copy(n, env.__getitem__))
+        logged = anchor
+        if mutated_in_place(anchor, self.modules):
+            logged = emit(lambda: graph.call_method("clone", (anchor,)))
+        holder.add_module("logger", observer)
+        logger = emit(lambda: graph.get_attr(f"{prefix}.logger"))
+        emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]])))

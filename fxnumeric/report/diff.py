@@ -1,0 +1,261 @@
+"""Two reports side by side: what changed per layer and model output, and what regressed.
+
+:meth:`fxnumeric.Report.diff` (``old.diff(new)``) and ``fxnumeric diff old.json new.json``
+call :func:`diff_reports`. Layers pair by name. Every metric of a layer present in both
+reports is listed (weight SQNR, the qparams floor, each output and shadow metric) and so is
+every model output metric (``sqnr``, ``cosine``, ``kl``, ``top1_agreement``, ...). A change
+is a **regression** when it goes the bad way by more than its tolerance:
+
+================  ===============  ==========================================
+measure           worse when       tolerance
+================  ===============  ==========================================
+``sqnr`` (any)    it falls         ``tolerance_db`` (dB)
+``cosine``        it falls         ``tolerance_cosine``
+``kl``            it rises         ``tolerance_kl`` (nats)
+``top1_agreement``  it falls       ``tolerance_top1`` (fraction of tokens)
+================  ===============  ==========================================
+
+Other metrics (``mse``, ``max_abs_error``, user metrics) are listed, never judged: their
+scale is the model's. A value that becomes ``nan`` is a regression; one that leaves ``inf``
+(identical outputs) for any finite value falls by ``inf`` dB. A metric only one report holds
+(``kl`` before an LLM run added it, shadows turned off) is listed with ``None`` on the other
+side and never judged, and rows whose float signal collapsed (:attr:`ReportRow.degenerate`)
+in either report are never judged either: their numbers measure nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .data import Report, ReportRow
+
+__all__ = ["ReportDiff", "MetricChange", "diff_reports"]
+
+_HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "top1_agreement": True, "kl": False}
+_ROW_SCALARS = {"weight_sqnr": "sqnr", "floor_sqnr": "floor"}  # row field: the measure it is
+_ROW_DICTS = ("output", "shadow")
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """One metric of one layer (``layer=None``: the model output) in the old and new report.
+
+    ``metric`` is ``weight_sqnr``, ``floor_sqnr``, ``output.<name>`` or ``shadow.<name>`` for a
+    layer, the ``model_output`` key (``sqnr``, ``kl`` ...) for the model output. ``old`` or
+    ``new`` is ``None`` where that report does not hold the metric.
+    """
+
+    layer: str | None
+    metric: str
+    old: float | None
+    new: float | None
+    regression: bool = False
+
+    @property
+    def measure(self) -> str:
+        """What is measured, without where: ``sqnr``, ``cosine``, ``kl``, ``floor`` ..."""
+        if self.metric in _ROW_SCALARS:
+            return _ROW_SCALARS[self.metric]
+        return self.metric.rpartition(".")[2]
+
+    @property
+    def change(self) -> float | None:
+        """``new - old`` (0 for equal values, inf included; None when either is missing)."""
+        if self.old is None or self.new is None:
+            return None
+        if self.old == self.new:
+            return 0.0
+        return self.new - self.old
+
+    @property
+    def label(self) -> str:
+        """``output SQNR``, ``shadow cosine``, ``weight SQNR``, ``kl`` ... as tables show it."""
+        where, _, what = self.metric.rpartition(".")
+        if self.metric in _ROW_SCALARS:
+            where, what = self.metric.split("_")
+        what = "SQNR" if what == "sqnr" else what
+        return f"{where} {what}" if where else what
+
+    def __str__(self) -> str:
+        def v(x: float | None) -> str:
+            return "-" if x is None else f"{x:.4g}"
+
+        unit = " dB" if self.measure in ("sqnr", "floor") else ""
+        change = "" if self.change is None else f" ({self.change:+.4g}{unit})"
+        return (f"{self.layer if self.layer is not None else 'model output'} {self.label}: "
+                f"{v(self.old)} -> {v(self.new)}{unit}{change}")
+
+
+@dataclass(frozen=True)
+class ReportDiff:
+    """What changed from an old report to a new one, and which changes are regressions.
+
+    ``changes`` lists the model output first, then every layer present in both reports, in
+    the new report's order; ``new_layers`` are only in the new report, ``vanished_layers``
+    only in the old one. Build it with :meth:`fxnumeric.Report.diff`.
+
+    Example:
+        >>> from fxnumeric.report import Report, ReportRow
+        >>> def report(shadow):
+        ...     row = ReportRow("fc", "linear", True, 40.0, {"sqnr": 30.0}, {"sqnr": shadow})
+        ...     return Report((row,), ("sqnr",), ("outputs", "shadows"), 1, {"sqnr": 30.0})
+        >>> d = report(35.0).diff(report(31.0), tolerance_db=1.0)
+        >>> d.regressed, [str(c) for c in d.regressions]
+        (True, ['fc shadow SQNR: 35 -> 31 dB (-4 dB)'])
+    """
+
+    changes: tuple[MetricChange, ...]
+    new_layers: tuple[str, ...] = ()
+    vanished_layers: tuple[str, ...] = ()
+    tolerance_db: float = 0.5
+    tolerance_cosine: float = 1e-3
+    tolerance_kl: float = 0.01
+    tolerance_top1: float = 0.01
+
+    @property
+    def regressions(self) -> tuple[MetricChange, ...]:
+        """The changes worse than their tolerance, in the order of :attr:`changes`."""
+        return tuple(c for c in self.changes if c.regression)
+
+    @property
+    def regressed(self) -> bool:
+        """Whether any metric regressed beyond its tolerance."""
+        return any(c.regression for c in self.changes)
+
+    @property
+    def model_output(self) -> tuple[MetricChange, ...]:
+        """The model output's changes."""
+        return tuple(c for c in self.changes if c.layer is None)
+
+    def change(self, layer: str | None, metric: str) -> MetricChange:
+        """The change of ``metric`` at ``layer`` (``None``: the model output).
+
+        Raises:
+            InputError: no such layer and metric in both reports.
+        """
+        for c in self.changes:
+            if c.layer == layer and c.metric == metric:
+                return c
+        held = sorted({c.metric for c in self.changes if c.layer == layer})
+        where = "the model output" if layer is None else f"layer {layer!r}"
+        raise InputError(f"no {metric!r} for {where} in this diff; it holds: "
+                         f"{', '.join(held) or 'nothing (not a layer of both reports)'}. "
+                         "Fix: pick one of those (ReportDiff.table(changed_only=False) "
+                         "lists every change)")
+
+    @property
+    def tolerances(self) -> str:
+        """The tolerances, as one phrase."""
+        return (f"{self.tolerance_db:g} dB SQNR, {self.tolerance_cosine:g} cosine, "
+                f"{self.tolerance_kl:g} KL, {self.tolerance_top1:g} top-1 agreement")
+
+    def summary(self) -> str:
+        """One line: how many layers compared, new, vanished, and the regressions."""
+        layers = len({c.layer for c in self.changes if c.layer is not None})
+        parts = [f"{layers} layers in both reports"]
+        if self.new_layers:
+            parts.append(f"{len(self.new_layers)} new ({_names(self.new_layers)})")
+        if self.vanished_layers:
+            parts.append(f"{len(self.vanished_layers)} vanished ({_names(self.vanished_layers)})")
+        worse = self.regressions
+        if worse:
+            listed = "; ".join(str(c) for c in worse[:4]) + (" ..." if len(worse) > 4 else "")
+            parts.append(f"{len(worse)} regressions beyond tolerance: {listed}")
+        else:
+            parts.append("no regression beyond tolerance")
+        return "; ".join(parts)
+
+    def table(self, tablefmt: str = "simple", *, changed_only: bool = True) -> str:
+        """A tabulate table of the changes (regressions marked), then the summary line.
+
+        Args:
+            tablefmt: any tabulate format.
+            changed_only: leave out metrics whose value did not change at all.
+        """
+        from .render import diff_table
+
+        return diff_table(self, tablefmt, changed_only=changed_only)
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write a self-contained HTML page (styled like the report page) and return the path."""
+        from .render import diff_page
+
+        path = Path(path)
+        path.write_text(diff_page(self))
+        return path
+
+    def __repr__(self) -> str:
+        return f"<ReportDiff: {self.summary()}>"
+
+
+def _names(names: tuple[str, ...], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
+def _row_metrics(row: ReportRow) -> dict[str, float | None]:
+    values: dict[str, float | None] = {k: getattr(row, k, None) for k in _ROW_SCALARS}
+    for part in _ROW_DICTS:
+        values.update({f"{part}.{k}": v for k, v in getattr(row, part).items()})
+    return values
+
+
+def _worse(measure: str, old: float | None, new: float | None, tolerance: float | None) -> bool:
+    """Whether ``new`` is worse than ``old`` by more than ``tolerance`` (None: not judged)."""
+    if tolerance is None or old is None or new is None or measure not in _HIGHER_IS_BETTER:
+        return False
+    if math.isnan(new) or math.isnan(old):
+        return math.isnan(new) and not math.isnan(old)
+    if old == new:
+        return False
+    loss = old - new if _HIGHER_IS_BETTER[measure] else new - old
+    return loss > tolerance
+
+
+def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
+                 tolerance_cosine: float = 1e-3, tolerance_kl: float = 0.01,
+                 tolerance_top1: float = 0.01) -> ReportDiff:
+    """Compare ``old`` with ``new`` metric by metric; see the module docstring for the rules.
+
+    Raises:
+        InputError: a negative or nan tolerance.
+    """
+    tolerances = {"sqnr": tolerance_db, "cosine": tolerance_cosine, "kl": tolerance_kl,
+                  "top1_agreement": tolerance_top1}
+    for name, value in tolerances.items():
+        if not value >= 0:
+            raise InputError(f"the {name} tolerance must be >= 0, got {value!r}")
+
+    def changes(layer: str | None, old_values: dict, new_values: dict,
+                judged: bool) -> list[MetricChange]:
+        out = []
+        for metric in dict.fromkeys([*old_values, *new_values]):
+            o, n = old_values.get(metric), new_values.get(metric)
+            if o is None and n is None:
+                continue
+            c = MetricChange(layer, metric, o, n)
+            regression = judged and _worse(c.measure, o, n, tolerances.get(c.measure))
+            out.append(MetricChange(layer, metric, o, n, regression))
+        return out
+
+    old_rows = {r.name: r for r in old.rows}
+    new_names = {r.name for r in new.rows}
+    found = changes(None, old.model_output, new.model_output,
+                    judged=not (old.output_degenerate or new.output_degenerate))
+    for row in new.rows:
+        before = old_rows.get(row.name)
+        if before is not None:
+            found += changes(row.name, _row_metrics(before), _row_metrics(row),
+                             judged=not (row.degenerate or before.degenerate))
+    return ReportDiff(
+        changes=tuple(found),
+        new_layers=tuple(r.name for r in new.rows if r.name not in old_rows),
+        vanished_layers=tuple(r.name for r in old.rows if r.name not in new_names),
+        tolerance_db=tolerance_db, tolerance_cosine=tolerance_cosine,
+        tolerance_kl=tolerance_kl, tolerance_top1=tolerance_top1,
+    )

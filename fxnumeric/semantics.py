@@ -1,0 +1,230 @@
+"""What a node does to the values around it, decided once for every copy of a graph that runs.
+
+Three features run parts of a traced graph again outside the graph they came from: shadows
+(:mod:`fxnumeric.instrument`: a pair's float subgraph inlined into the quantized graph),
+hybrid models (:mod:`fxnumeric.advice.hybrid`: one graph with another graph's subgraph in
+place of a layer) and weight reading (:mod:`fxnumeric.weights`: a weight computed from the
+constants that feed it). They must agree on four questions, answered here:
+
+* **in-place writes**: does a node write its result into a value it reads (``relu_``,
+  ``aten.add_.Tensor``, ``ReLU(inplace=True)``, ``x += y``)? A copy of such a node must not
+  write into a tensor the original graph still reads. ATen ops answer from their schema
+  (which argument is written), methods and functions from torch's trailing-underscore and
+  ``i``-operator conventions, modules from their ``inplace`` flag.
+* **dequantize**: does a node turn a quantized value into a float one? The op tables answer
+  (:attr:`fxnumeric.optypes.OpClass.is_dequantize`), never a node's name.
+* **constants**: what value does a node compute from graph constants alone (a pt2e weight's
+  ``dequantize`` of its int8 parameter)? Observers and fake-quants are passed through, never
+  run (running one updates its statistics).
+* **attributes and modules**: what does a ``get_attr`` target hold, and what does a copy call
+  in place of a float module: the module itself when calling it changes nothing (torch's own
+  modules in eval mode), a deep copy otherwise (observers, fake-quants, training mode, user
+  classes).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .ops import is_pure
+from .view import GraphView
+
+__all__ = [
+    "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
+    "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
+]
+
+QRANGE: dict[torch.dtype, tuple[int, int]] = {
+    torch.quint8: (0, 255), torch.qint8: (-128, 127), torch.qint32: (-(2**31), 2**31 - 1),
+    torch.quint4x2: (0, 15), torch.uint8: (0, 255), torch.int8: (-128, 127),
+}
+"""The integer range of each quantized (or integer) dtype."""
+
+_INPLACE_FUNCTIONS = frozenset({operator.iadd, operator.imul, operator.isub, operator.itruediv})
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """The per-tensor grid a value is quantized on: its step, zero point and integer range.
+
+    Example:
+        >>> QuantGrid(0.1, 0, -128, 127).bounds()
+        (-12.850000000000001, 12.75)
+    """
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    def bounds(self) -> tuple[float, float]:
+        """The float range the grid represents, half a step beyond each end (rounding)."""
+        return ((self.qmin - self.zero_point - 0.5) * self.scale,
+                (self.qmax - self.zero_point + 0.5) * self.scale)
+
+    @classmethod
+    def of(cls, value: torch.Tensor) -> QuantGrid | None:
+        """The grid of a per-tensor quantized tensor (``None`` for any other tensor)."""
+        if not value.is_quantized or value.qscheme() not in (torch.per_tensor_affine,
+                                                             torch.per_tensor_symmetric):
+            return None
+        qmin, qmax = QRANGE.get(value.dtype, (0, 255))
+        return cls(float(value.q_scale()), int(value.q_zero_point()), qmin, qmax)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def quantize_grid(node: fx.Node, view: GraphView) -> QuantGrid | None:
+    """The per-tensor grid a quantize node quantizes to, read from its constants.
+
+    A ``Quantize`` module's ``scale`` and ``zero_point``; a quantize function's arguments in
+    the order torch's (``quantize_per_tensor(x, scale, zero_point, dtype)``) and the pt2e
+    ones (``quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype)``) share.
+    ``None`` for per-channel quantization or a node that is not a quantize.
+    """
+    cls = view.op_class(node)
+    if cls is None or not cls.is_quantize:
+        return None
+    if node.op == "call_module":
+        module = view.modules[str(node.target)]
+        scale, zp = _scalar(getattr(module, "scale", None)), getattr(module, "zero_point", None)
+        dtype = getattr(module, "dtype", None)
+        if scale is None or _scalar(zp) is None or dtype not in QRANGE:
+            return None
+        return QuantGrid(scale, int(_scalar(zp)), *QRANGE[dtype])  # type: ignore[arg-type]
+    args = [evaluate_constant(a, view) for a in node.args]
+    if len(args) < 4:
+        return None
+    scale, zp = _scalar(args[1]), _scalar(args[2])
+    dtype = next((a for a in args[3:] if isinstance(a, torch.dtype)), None)
+    if scale is None or zp is None or dtype not in QRANGE:
+        return None
+    qmin, qmax = QRANGE[dtype]
+    if len(args) >= 6 and isinstance(args[3], int) and isinstance(args[4], int):
+        qmin, qmax = args[3], args[4]  # pt2e: the range is explicit
+    return QuantGrid(scale, int(zp), qmin, qmax)
+
+
+def grid_before(view: GraphView, node: fx.Node) -> QuantGrid | None:
+    """The grid of the quantize that ``node``'s value went through just before it (``node``
+    itself, or behind its dequantize and other plumbing): a layer's output step in a
+    reference FX or pt2e graph. ``None`` where there is none."""
+    while True:
+        cls = view.op_class(node)
+        if cls is not None and cls.is_quantize:
+            return quantize_grid(node, view)
+        if cls is None or cls.role != "plumbing" or not node.all_input_nodes:
+            return None
+        node = node.all_input_nodes[0]
+
+
+def fetch_attr(gm: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` (or ``call_module``) target names in ``gm``."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _schema_writes(op: torch._ops.OpOverload, index: int) -> bool:
+    arguments = op._schema.arguments
+    if index >= len(arguments):
+        return False
+    alias = arguments[index].alias_info
+    return alias is not None and alias.is_write
+
+
+def overwrites(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``user`` writes its result into ``node``'s value (its first argument).
+
+    Example:
+        >>> g = fx.Graph()
+        >>> x = g.placeholder("x")
+        >>> y = g.call_function(torch.ops.aten.add_.Tensor, (x, x))
+        >>> z = g.call_function(torch.ops.aten.add.Tensor, (x, x))
+        >>> overwrites(y, x, {}), overwrites(z, x, {})
+        (True, False)
+    """
+    if user.op == "call_module":
+        return bool(getattr(modules.get(str(user.target)), "inplace", False))
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        name = str(user.target)
+        return name.endswith("_") and not name.startswith("_")
+    if user.op != "call_function":
+        return False
+    target = user.target
+    if isinstance(target, torch._ops.OpOverload):  # aten.relu_, aten.add_ (torch.export)
+        return _schema_writes(target, 0)
+    if target in _INPLACE_FUNCTIONS or user.kwargs.get("inplace"):
+        return True
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def writes_first_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` writes into the value of its first argument."""
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        return overwrites(node, first, modules)  # type: ignore[arg-type]
+    return isinstance(first, fx.Node) and overwrites(node, first, modules)
+
+
+def mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a later op overwrites ``node``'s value in place (an observer then needs a copy)."""
+    return any(overwrites(user, node, modules) for user in node.users)
+
+
+def is_dequantize(view: GraphView, node: fx.Node) -> bool:
+    """Whether ``node`` turns a quantized value into a float one."""
+    cls = view.op_class(node)
+    return cls is not None and cls.is_dequantize
+
+
+def evaluate_constant(node: Any, view: GraphView) -> Any:
+    """Compute ``node`` from graph constants alone (``None`` if it depends on an input).
+
+    Observers and fake-quants are passed through, not run: running one would update its
+    statistics, and the user's model must not change.
+    """
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        return fetch_attr(view.gm, str(node.target))
+    if node.op == "call_module":
+        cls = view.op_class(node)
+        if cls is None or cls.role != "plumbing" or not node.args:
+            return None
+        return evaluate_constant(node.args[0], view)
+    if node.op != "call_function":
+        return None
+    args = [evaluate_constant(a, view) for a in node.args]
+    if any(v is None and isinstance(a, fx.Node) for a, v in zip(node.args, args, strict=True)):
+        return None
+    kwargs = {k: evaluate_constant(v, view) for k, v in node.kwargs.items()}
+    with torch.no_grad():
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def shadow_copy(value: Any) -> Any:
+    """What a copy of a graph calls in place of a module or constant of the original graph.
+
+    The object itself where calling it changes nothing (a tensor; torch's own modules in eval
+    mode, :func:`fxnumeric.ops.is_pure`: no copy of the weights), else a deep copy, so running
+    the copy never touches the user's model (an observer in a QAT model keeps its statistics).
+    """
+    if isinstance(value, torch.Tensor) or (isinstance(value, nn.Module) and is_pure(value)):
+        return value
+    return copy.deepcopy(value)

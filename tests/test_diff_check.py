@@ -1,0 +1,306 @@
+"""Report.diff and the gate (fxnumeric check, fxnumeric.testing) on real and planted reports."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import fxnumeric as ns
+from fxnumeric.cli import main
+from fxnumeric.errors import InputError
+from fxnumeric.report import Report, ReportRow
+from fxnumeric.report.check import Thresholds
+from fxnumeric.testing import assert_report, check_report
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        enc=nn.Sequential(OrderedDict(fc1=nn.Linear(16, 32), relu=nn.ReLU(),
+                                      fc2=nn.Linear(32, 32))),
+        head=nn.Linear(32, 8),
+    )).eval()
+
+
+@pytest.fixture(scope="module")
+def reports() -> tuple[Report, Report]:
+    """A dynamic-quantized MLP, and the same with ``enc.fc2``'s weight quantized 16x coarser."""
+    float_model = _mlp()
+    good = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    bad = copy.deepcopy(good)
+    weight = bad.enc.fc2.weight()
+    coarse = torch.quantize_per_tensor(weight.dequantize(), weight.q_scale() * 16, 0, torch.qint8)
+    bad.enc.fc2.set_weight_bias(coarse, bad.enc.fc2.bias())
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, 16, generator=gen) for _ in range(3)]
+    return ns.compare(float_model, good, data), ns.compare(float_model, bad, data)
+
+
+# ---------------------------------------------------------------- diff
+
+
+def test_diff_flags_the_layer_whose_weight_was_made_coarser(reports):
+    old, new = reports
+    d = old.diff(new, tolerance_db=1.0)
+    assert d.regressed and not d.new_layers and not d.vanished_layers
+    flagged = {(c.layer, c.metric) for c in d.regressions}
+    assert {("enc.fc2", "weight_sqnr"), ("enc.fc2", "shadow.sqnr"), ("enc.fc2", "output.sqnr"),
+            (None, "sqnr")} <= flagged
+    assert {layer for layer, _ in flagged} <= {"enc.fc2", "head", None}
+    weight = d.change("enc.fc2", "weight_sqnr")
+    assert weight.old == old.row("enc.fc2").weight_sqnr and weight.new == new.row("enc.fc2").weight_sqnr
+    assert weight.change == pytest.approx(weight.new - weight.old) and weight.change < -15
+    # upstream of the change nothing moves, bit for bit
+    upstream = [c for c in d.changes if c.layer in ("enc.fc1", "enc.relu")]
+    assert upstream and all(c.change == 0.0 and not c.regression for c in upstream)
+    assert d.change("enc.fc1", "output.cosine").old == old.row("enc.fc1").cosine
+    assert not old.diff(old).changes[0].regression
+    assert not old.diff(Report.from_json(old.to_json())).regressed
+    assert all(c.change == 0.0 for c in old.diff(Report.from_json(old.to_json())).changes)
+
+
+def test_diff_table_and_page_name_the_regression(reports, tmp_path):
+    old, new = reports
+    d = old.diff(new)
+    text = d.table()
+    line = next(x for x in text.splitlines() if x.startswith("enc.fc2") and "shadow SQNR" in x)
+    assert line.rstrip().endswith("REGRESSION")
+    assert "enc.fc1" not in text  # unchanged metrics are counted, not listed
+    assert "metrics unchanged (not shown)" in text and "enc.fc1" in d.table(changed_only=False)
+    assert text.splitlines()[-1] == d.summary()
+    assert d.summary().startswith("4 layers in both reports; ")
+    assert "regressions beyond tolerance: model output SQNR: " in d.summary()
+    page = d.to_html(tmp_path / "diff.html").read_text()
+    assert page.startswith("<!doctype html>") and "table.fxn tr.worst" in page
+    assert page.count("<tr class='worst'>") == 2 * len(d.regressions)  # both tables
+    assert "<script" not in page and "http" not in page
+
+
+def _report(rows, model_output) -> Report:
+    return Report(tuple(rows), ("sqnr", "cosine"), ("weights", "outputs", "shadows"), 1,
+                  model_output)
+
+
+def _row(name, shadow=30.0, output=None, **kw) -> ReportRow:
+    return ReportRow(name, "linear", True, 40.0, {"sqnr": 30.0 if output is None else output,
+                                                  "cosine": 0.999}, {"sqnr": shadow}, **kw)
+
+
+def test_llm_keys_may_be_absent_and_are_judged_when_present():
+    old = _report([_row("a")], {"sqnr": 20.0, "kl": 0.10, "top1_agreement": 0.90})
+    worse = _report([_row("a")], {"sqnr": 20.0, "kl": 0.25, "top1_agreement": 0.85})
+    d = old.diff(worse)
+    assert [c.metric for c in d.regressions] == ["kl", "top1_agreement"]
+    assert d.change(None, "kl").change == pytest.approx(0.15)
+    assert not old.diff(worse, tolerance_kl=0.2, tolerance_top1=0.1).regressed
+    plain = _report([_row("a")], {"sqnr": 20.0})
+    added = plain.diff(old)  # an LLM run adds kl: listed, not judged
+    assert not added.regressed and added.change(None, "kl").old is None
+    assert not old.diff(plain).regressed and old.diff(plain).change(None, "kl").new is None
+    with pytest.raises(InputError, match=r"no 'kl' for layer 'a' in this diff; it holds: .*"
+                                         r"output\.sqnr.*Fix:"):
+        old.diff(plain).change("a", "kl")
+
+
+@pytest.mark.parametrize("old_value, new_value, regression", [
+    (30.0, 29.6, False),  # within 0.5 dB
+    (30.0, 29.0, True),
+    (math.inf, 60.0, True),  # identical before, not now
+    (math.inf, math.inf, False),
+    (-math.inf, -math.inf, False),
+    (30.0, math.nan, True),
+    (math.nan, 10.0, False),  # nothing to lose
+    (20.0, 45.0, False),
+])
+def test_sqnr_regression_rules(old_value, new_value, regression):
+    d = _report([_row("a", old_value)], {}).diff(_report([_row("a", new_value)], {}))
+    assert d.change("a", "shadow.sqnr").regression is regression
+
+
+def test_cosine_collapsed_rows_new_and_vanished_layers():
+    old = _report([_row("a"), _row("b"), _row("c", float_rms=1e-9)], {"cosine": 0.999})
+    new = _report([_row("a", output=20.0), _row("d"), _row("c", shadow=1.0, float_rms=1e-9)],
+                  {"cosine": 0.99})
+    d = old.diff(new)
+    assert d.new_layers == ("d",) and d.vanished_layers == ("b",)
+    assert {(c.layer, c.metric) for c in d.regressions} == {(None, "cosine"), ("a", "output.sqnr")}
+    assert d.change("c", "shadow.sqnr").change == -29.0  # listed; a collapsed row is not judged
+    assert "new layers: d" in d.table() and "vanished layers: b" in d.table()
+    with pytest.raises(InputError, match="the sqnr tolerance must be >= 0"):
+        old.diff(new, tolerance_db=-1)
+
+
+def test_cli_diff_exit_status_formats_and_errors(reports, tmp_path, capsys):
+    old, new = reports
+    a, b = old.to_json(tmp_path / "old.json"), new.to_json(tmp_path / "new.json")
+    assert a and b
+    assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "4 layers in both reports; no regression beyond tolerance")
+    assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "; enc.fc2 weight SQNR: " in out.splitlines()[-1]
+    assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--tolerance",
+                 "100", "--tolerance-cosine", "1"]) == 0
+    capsys.readouterr()
+    html = tmp_path / "d.html"
+    assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--format",
+                 "html", "--out", str(html)]) == 1
+    assert capsys.readouterr().out.startswith(f"wrote {html}\n") and "REGRESSION" in html.read_text()
+    assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--format",
+                 "html"]) == 2
+    assert "add -o FILE" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("junk")
+    assert main(["diff", str(tmp_path / "junk.json"), str(tmp_path / "new.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"fxnumeric: error: {tmp_path / 'junk.json'} is not JSON")
+    with pytest.raises(SystemExit) as info:
+        main(["diff", "a.json", "b.json", "--tolerance", "-1"])
+    assert info.value.code == 2 and "expected a number >= 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_flags_check_the_model_output_and_every_layer(reports):
+    _, new = reports
+    shadow = new.row("enc.fc2").shadow_sqnr
+    limit = round(shadow + 1.0)
+    result = check_report(new, min_output_sqnr=1.0, min_shadow_sqnr=limit)
+    assert not result.passed and result.checks == 1 + 4  # relu's shadow SQNR is inf
+    lines = result.text().splitlines()
+    assert f"FAIL [layers] min_shadow_sqnr = {limit:g}: enc.fc2 shadow SQNR {shadow:.4g} dB < {limit:g} dB" in lines
+    assert lines[-1] == "1 of 5 checks failed"
+    assert all(f.layer is not None and f.value < limit for f in result.failures)
+    ok = check_report(new, min_output_sqnr=new.model_output["sqnr"] - 1, min_weight_sqnr=1)
+    assert ok.passed and ok.checks == 1 + 3 and ok.text() == "all 4 checks passed"  # 3 weights
+
+
+_TOML = """
+[model_output]
+min_sqnr = 1.0
+max_mse = 1.0
+
+[layers]
+min_weight_sqnr = 1.0
+
+[layers."enc.*"]
+min_shadow_sqnr = {enc}
+
+[layers.'re:head|enc\\.fc1']
+min_output_cosine = 0.5
+"""
+
+
+def test_toml_thresholds_with_pattern_sections(reports, tmp_path):
+    old, new = reports
+    enc = round(new.row("enc.fc2").shadow_sqnr + 1)
+    path = tmp_path / "quant.toml"
+    path.write_text(_TOML.format(enc=enc))
+    t = Thresholds.from_toml(path)
+    assert t.layers == {"*": {"min_weight_sqnr": 1.0}, "enc.*": {"min_shadow_sqnr": float(enc)},
+                        r"re:head|enc\.fc1": {"min_output_cosine": 0.5}}
+    bad = check_report(new, path)
+    assert [(f.section, f.layer) for f in bad.failures] == [('layers."enc.*"', "enc.fc2")]
+    assert bad.checks == 2 + 3 + 3 + 2  # model output, weights, enc.* shadows, cosines
+    assert check_report(old, path).passed
+    # keywords are added and win over the file
+    assert check_report(new, path, min_output_sqnr=200).failures[0].key == "min_sqnr"
+
+
+def test_pattern_without_a_layer_unmeasured_metrics_floor_and_nan_fail(tmp_path):
+    rows = [_row("a", shadow=40.0, floor_sqnr=42.0), _row("b", shadow=30.0, floor_sqnr=40.0),
+            _row("c", shadow=math.nan), _row("d", float_rms=1e-9, shadow=1.0),
+            _row("e", floor_sqnr=None)]
+    report = _report(rows, {"sqnr": 20.0, "cosine": 0.99})
+    t = Thresholds({"max_kl": 0.1}, {"*": {"max_below_floor": 3.0, "min_shadow_sqnr": 25.0},
+                                     "nope.*": {"min_shadow_sqnr": 1.0}})
+    result = check_report(report, t)
+    assert [str(f) for f in result.failures] == [
+        "[model_output] max_kl = 0.1: model output kl not measured in this report (it holds "
+        "sqnr, cosine)",
+        "[layers] max_below_floor = 3: b shadow SQNR below its floor_sqnr by 10 dB > 3 dB",
+        "[layers] min_shadow_sqnr = 25: c shadow SQNR nan dB < 25 dB",
+        "[layers.\"nope.*\"]: the pattern 'nope.*' matches no layer of the report",
+    ]
+    assert result.skipped == ("d",) and result.checks == 1 + 2 + 4 + 1
+    assert result.text().endswith("4 of 8 checks failed (1 layers with a collapsed float "
+                                  "signal not judged: d)")
+    no_shadows = dataclasses.replace(report, rows=tuple(dataclasses.replace(r, shadow={})
+                                                        for r in rows))
+    assert str(check_report(no_shadows, min_shadow_sqnr=1).failures[0]) == (
+        "[layers] min_shadow_sqnr = 1: no layer has shadow SQNR measured (comparisons: "
+        "weights, outputs, shadows)")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[layers]\nmin_shadw_sqnr = 20\n",
+     r"\[layers\] 'min_shadw_sqnr': not a layer threshold; they are min_shadow_sqnr, .*Fix:"),
+    ("[model]\nmin_sqnr = 20\n", r"unknown section \[model\]; the sections are"),
+    ("[model_output]\nsqnr = 20\n", r"'sqnr': keys are min_<metric> or max_<metric>"),
+    ("[model_output]\nmin_sqnr = \"high\"\n", r"\[model_output\] min_sqnr must be a number"),
+    ("[layers.'re:(']\nmin_shadow_sqnr = 1\n", r"not a regular expression"),
+    ("[layers\nmin_sqnr = 1\n", r"is not TOML: .*line 1"),
+    ("layers = 3\n", r"layers must be a table \(\[layers\]\), got 3"),
+])
+def test_bad_threshold_files_are_input_errors(tmp_path, text, message):
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        Thresholds.from_toml(path)
+
+
+def test_without_tomllib_or_tomli_the_error_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tomllib", None)
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(InputError, match=r"needs tomllib \(Python 3\.11 and later\) or tomli\. "
+                                         r"Fix: use Python 3\.11\+, or pip install tomli"):
+        Thresholds.from_toml(tmp_path / "t.toml")
+
+
+def test_nothing_to_check_and_missing_files():
+    report = _report([_row("a")], {"sqnr": 20.0})
+    with pytest.raises(InputError, match="nothing to check: no threshold given"):
+        check_report(report)
+    with pytest.raises(InputError, match="no thresholds file 'nope.toml'"):
+        check_report(report, "nope.toml")
+
+
+def test_assert_report_fails_with_the_failure_lines(reports, tmp_path):
+    _, new = reports
+    new.to_json(tmp_path / "r.json")
+    shadow = new.row("enc.fc2").shadow_sqnr
+    with pytest.raises(AssertionError) as info:
+        assert_report(tmp_path / "r.json", min_shadow_sqnr=30, min_output_sqnr=1)
+    assert str(info.value).splitlines() == [
+        f"FAIL [layers] min_shadow_sqnr = 30: enc.fc2 shadow SQNR {shadow:.4g} dB < 30 dB",
+        "1 of 5 checks failed",
+    ]
+    assert assert_report(new, min_shadow_sqnr=1).passed
+
+
+def test_cli_check_exit_status(reports, tmp_path, capsys):
+    old, new = reports
+    old.to_json(tmp_path / "old.json")
+    new.to_json(tmp_path / "new.json")
+    (tmp_path / "q.toml").write_text("[layers]\nmin_shadow_sqnr = 30\n")
+    assert main(["check", str(tmp_path / "old.json"), "--thresholds", str(tmp_path / "q.toml"),
+                 "--min-output-sqnr", "10"]) == 0
+    assert capsys.readouterr().out == "all 5 checks passed\n"
+    assert main(["check", str(tmp_path / "new.json"), "--thresholds",
+                 str(tmp_path / "q.toml")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("FAIL [layers] min_shadow_sqnr = 30: enc.fc2 shadow SQNR ")
+    assert out[-1] == "1 of 4 checks failed"
+    (tmp_path / "bad.toml").write_text("[layers]\nmin_shadw_sqnr = 30\n")
+    assert main(["check", str(tmp_path / "new.json"), "--thresholds",
+                 str(tmp_path / "bad.toml")]) == 2
+    assert "not a layer threshold" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "new.json")]) == 2
+    assert "nothing to check" in capsys.readouterr().err
