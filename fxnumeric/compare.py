@@ -316,8 +316,10 @@ def _check_pairable(matching: Matching) -> None:
         shown = ", ".join(f"`{n}`" for n in ops[:3]) + (", ..." if len(ops) > 3 else "")
         raise InputError(
             f"the float model is quantized too: it computes {len(ops)} quantized ops or "
-            f"quantize nodes ({shown}), so its float twins cannot be run on float inputs. Was "
-            "the quantized model passed twice?\nFix: compare(float_model, quant_model, data) "
+            f"quantize nodes ({shown}); compare measures a quantized model against the float "
+            "model it was made from (against another quantized one, its shadows run quantized "
+            "ops on float input or read nonsense). Was the quantized model passed twice?\n"
+            "Fix: compare(float_model, quant_model, data) "
             "with the float model the quantized one was made from (keep a copy.deepcopy of "
             "it before prepare / convert / quantize_dynamic)")
 

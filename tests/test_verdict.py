@@ -338,3 +338,11 @@ def test_the_verdict_and_the_spread_survive_json():
     again = Report.from_json(report.to_json())
     assert again == report and again.culprit == "convs.1"
     assert again.row("convs.1").spread == report.row("convs.1").spread
+
+
+def test_a_pt2e_model_passed_as_the_float_one_is_refused():
+    """On main it ran and named the input quantize at -0.03 dB, against itself."""
+    _, q = _pt2e_pair()
+    with pytest.raises(ns.InputError, match=r"the float model is quantized too: .*\n"
+                       r"Fix: compare\(float_model, quant_model, data\)"):
+        _compare(copy.deepcopy(q), q)
