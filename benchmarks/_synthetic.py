@@ -47,8 +47,20 @@ class WideConcat(nn.Module):
 
 # fx nodes per block of each shape (conv, relu, add, add's activation_post_process; and
 # width convs, cat, its activation_post_process, reduce), for sizing models by node count
-NODES_PER_BLOCK = {"residual chain": 4, "wide concat (width 8)": 8 + 3}
-SHAPES = {"residual chain": ResidualChain, "wide concat (width 8)": lambda blocks: WideConcat(blocks, 8)}
+UNPAIRED = "residual chain, every conv unpaired"
+NODES_PER_BLOCK = {"residual chain": 4, "wide concat (width 8)": 8 + 3, UNPAIRED: 4}
+SHAPES = {"residual chain": ResidualChain, "wide concat (width 8)": lambda blocks: WideConcat(blocks, 8),
+          UNPAIRED: ResidualChain}
+
+
+def _unpair_convs(quant_model: nn.Module) -> None:
+    """Replace every quantized conv with a quantized hardswish: no float op pairs with it, so
+    each relu after one has no paired input and is looked up by name (the search that used to
+    scan every float op: quadratic in graph size)."""
+    from torch.ao.nn.quantized import Hardswish
+
+    for i, conv in enumerate(quant_model.convs):
+        quant_model.convs[i] = Hardswish(conv.scale, conv.zero_point)
 
 
 def make_pair(shape: str, nodes: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -61,4 +73,7 @@ def make_pair(shape: str, nodes: int, seed: int = 0) -> tuple[nn.Module, nn.Modu
     prepare(model, inplace=True)
     with torch.no_grad():
         model(torch.randn(1, 4, 4, 4))
-    return float_model, convert(model, inplace=True)
+    quant_model = convert(model, inplace=True)
+    if shape == UNPAIRED:
+        _unpair_convs(quant_model)
+    return float_model, quant_model

@@ -16,8 +16,10 @@ Part 1 times, for torchvision models FX-quantized with the x86 default qconfig m
   as ``torch.ao.ns._numeric_suite_fx.add_loggers`` / ``extract_weights`` make them (NSTracer);
   (``torch.ao.ns`` is only the matcher: its tracing is not timed).
 
-Part 2 times fxnumeric on synthetic graphs of ~100, ~1000 and ~10000 float fx nodes (a long
-residual chain, and repeated wide concatenations) and reports microseconds per float node.
+Part 2 times fxnumeric on synthetic graphs of ~100 to ~20000 float fx nodes (a long residual
+chain; repeated wide concatenations; and a residual chain whose quantized convs pair with
+nothing, so every op after one is looked up by name, the search that was quadratic) and reports
+microseconds per float node: flat means linear.
 
 Every timing is the median of ``--repeat`` runs (default 5) after one warm-up run, with
 ``torch.set_num_threads(1)``.
@@ -44,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
 import torchvision  # noqa: E402
-from _synthetic import SHAPES, make_pair  # noqa: E402
+from _synthetic import SHAPES, UNPAIRED, make_pair  # noqa: E402
 from _timing import timed  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from torch import nn  # noqa: E402
@@ -219,7 +221,7 @@ def bench_synthetic(sizes: list[int], repeat: int) -> tuple[list[list[Any]], lis
             us_e2e = t_e2e * 1e3 / n_float
             per_node[n_float] = us_pair
             per_node_e2e[n_float] = us_e2e
-            if m.coverage < 1.0 or m.unmatched_quant:
+            if (m.coverage < 1.0 or m.unmatched_quant) and shape != UNPAIRED:
                 NOTES.append(
                     f"{shape} {n_float} nodes: fxnumeric coverage {m.coverage:.1%}; first: "
                     + "; ".join(f"{u.node} ({u.kind}): {u.reason}" for u in m.unmatched_quant[:2])
@@ -277,7 +279,7 @@ def main() -> None:
     models = ["resnet18", "mobilenet_v2"] if args.quick else [
         "resnet18", "resnet50", "mobilenet_v2", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
         "googlenet"]
-    sizes = [100, 1000] if args.quick else [100, 1000, 10000]
+    sizes = [100, 1000] if args.quick else [100, 1000, 10000, 20000]
 
     t_start = time.perf_counter()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "

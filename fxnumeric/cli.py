@@ -81,13 +81,29 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+_QUANT_CHOICES = ("static", "dynamic", "fx", "pt2e", "pt2e-x86", "int8-weight-only",
+                  "int8-dynamic", "int4-weight-only")
+
+
+def _quant(text: str) -> str:
+    modes = _names(text)
+    unknown = [m for m in modes if m not in _QUANT_CHOICES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--quant takes one of {', '.join(_QUANT_CHOICES)} (or several, comma-separated, "
+            f"for advise), got {text!r}")
+    return ",".join(modes)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
-    p.add_argument("--quant", choices=("static", "dynamic", "fx", "pt2e", "pt2e-x86"),
-                   default="static",
+    p.add_argument("--quant", type=_quant, default="static", metavar="MODE",
                    help="how to quantize the float model (ignored when the factory returns a "
-                        "pair); pt2e: torch.export + torchao's XNNPACK symmetric quantizer, "
-                        "pt2e-x86: its x86 inductor quantizer")
+                        f"pair): {', '.join(_QUANT_CHOICES)}. pt2e: torch.export + torchao's "
+                        "XNNPACK symmetric quantizer, pt2e-x86: its x86 inductor quantizer; "
+                        "int8-weight-only, int8-dynamic, int4-weight-only: torchao quantize_ "
+                        "(group 32 for int4) of every untied Linear. advise takes several, "
+                        "comma-separated: which variant (or float) each layer should take")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
                    help="e.g. 1,3,224,224")
     p.add_argument("--input-dtype", choices=("float", "long"), default="float",
@@ -160,8 +176,10 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(adv)
     adv.add_argument("--target", type=float, required=True, help="metric value to reach")
-    adv.add_argument("--metric", choices=("sqnr", "cosine", "min_cosine"), default="sqnr",
-                     help="end metric of the model output (higher is better)")
+    adv.add_argument("--metric", choices=("sqnr", "cosine", "min_cosine", "kl", "top1_agreement"),
+                     default="sqnr",
+                     help="end metric of the model output: sqnr, cosine, min_cosine, "
+                          "top1_agreement (higher is better), kl (nats, lower is better)")
     adv.add_argument("--batches", type=_positive, default=4, help="number of random input batches")
     adv.add_argument("--max-float-layers", type=_positive, help="keep at most this many float")
     adv.add_argument("--candidates", type=_positive, default=16,
@@ -249,8 +267,12 @@ def _leaf_modules(names: list[str], *models: Any) -> list[Any]:
 
 
 def _pair(args: argparse.Namespace):
+    from .errors import InputError
     from .models import build_pair, random_batches
 
+    if "," in args.quant:
+        raise InputError(f"--quant {args.quant}: several modes are for `fxnumeric advise` "
+                         "(which variant each layer should take); this command takes one")
     if not args.model.startswith("torchvision:"):
         _importable_here()
     calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
@@ -355,18 +377,31 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 def _advise(args: argparse.Namespace) -> int:
     from .advice.search import advise
-    from .models import random_batches
+    from .models import build_variants, random_batches
     from .progress import phase
 
-    built, leaves = _pair(args)
     data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
                           high=args.vocab)
-    with phase("tracing and pairing the models", _progress(args)):
-        matching = _matching(args, built, leaves, data[0])
-    advice = advise(built.float_model, built.quant_model, data, metric=args.metric,
-                    target=args.target, max_float_layers=args.max_float_layers,
-                    candidates=args.candidates, matching=matching, progress=_progress(args))
-    for note in built.notes:
+    modes = args.quant.split(",")
+    if len(modes) > 1:  # which variant (or float) each layer should take
+        if not args.model.startswith("torchvision:"):
+            _importable_here()
+        calibration = random_batches(args.input_shape, 2, seed=args.seed + 1,
+                                     dtype=args.input_dtype, high=args.vocab)
+        float_model, variants, notes = build_variants(
+            args.model, modes, calibration, float_weights=args.float_weights, seed=args.seed,
+            progress=_progress(args))
+        advice = advise(float_model, variants, data, metric=args.metric, target=args.target,
+                        progress=_progress(args))
+    else:
+        built, leaves = _pair(args)
+        notes = built.notes
+        with phase("tracing and pairing the models", _progress(args)):
+            matching = _matching(args, built, leaves, data[0])
+        advice = advise(built.float_model, built.quant_model, data, metric=args.metric,
+                        target=args.target, max_float_layers=args.max_float_layers,
+                        candidates=args.candidates, matching=matching, progress=_progress(args))
+    for note in notes:
         print(f"note: {note}")
     print(advice.summary())
     return EXIT_OK if advice.reached else EXIT_FAILED

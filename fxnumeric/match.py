@@ -146,7 +146,9 @@ class Region:
         quant_by_name = {_prefixed(self.quant_scope, n.name): n for n in qv.nodes}
         by_node: dict[fx.Node, Pair] = {}
         for p in self.pairs:
-            by_node.update((float_by_name[n], p) for n in p.float_nodes)
+            # an input quantize pairs with the input itself, which stays a model input
+            by_node.update((n, p) for n in map(float_by_name.__getitem__, p.float_nodes)
+                           if n.op != "placeholder")
             by_node.update((quant_by_name[n], p) for n in p.quant_nodes)
         to_quant: dict[fx.Node, fx.Node] = {}
         to_float: dict[fx.Node, fx.Node] = {}
@@ -163,7 +165,8 @@ class Region:
         outputs = {
             p: (float_by_name[p.float_nodes[-1]],
                 qv.value_node(quant_by_name[p.quant_nodes[-1]],
-                              passable if p.quantized else frozenset()))
+                              passable if p.quantized or p.kind == "quantize" else frozenset(),
+                              quantize=p.kind == "quantize"))
             for p in self.pairs
         }
         # caches derived from the fields above, set once: the dataclass stays frozen

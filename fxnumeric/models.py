@@ -30,11 +30,15 @@ from .errors import InputError
 from .progress import Progress
 from .run import as_args, run_model
 
-__all__ = ["QUANT_MODES", "load_float_model", "build_pair", "random_batches",
+__all__ = ["QUANT_MODES", "TORCHAO_MODES", "torchao_config", "untied_linears", "build_variants",
+           "load_float_model", "build_pair", "random_batches",
            "calibrate_batchnorm", "BuiltPair", "quantize_pt2e", "build_pt2e_pair",
            "PT2E_QUANTIZERS"]
 
-QUANT_MODES = ("static", "dynamic", "fx")
+TORCHAO_MODES = ("int8-weight-only", "int8-dynamic", "int4-weight-only")
+"""torchao ``quantize_`` configs by name: ``Int8WeightOnlyConfig()``,
+``Int8DynamicActivationInt8WeightConfig()``, ``IntxWeightOnlyConfig(int4, PerGroup(32))``."""
+QUANT_MODES = ("static", "dynamic", "fx", *TORCHAO_MODES)
 _BN_PASSES = 3
 _TORCHVISION_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": False},
@@ -96,12 +100,21 @@ def load_float_model(spec: str, quant: str, *,
     except Exception as exc:
         raise InputError(f"{spec} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(made, nn.Module):
-        return made.eval()
+        return _inference(made)
     pair = isinstance(made, (tuple, list)) and len(made) == 2
     if pair and all(isinstance(m, nn.Module) for m in made):
-        return made[0].eval(), made[1].eval()
+        return _inference(made[0]), _inference(made[1])
     raise InputError(f"{spec} returned {type(made).__name__}; it must return a model or a "
                      "(float, quantized) pair")
+
+
+def _inference(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode; a ``torch.export`` module refuses ``eval()`` (it is traced in
+    inference form already) and is returned as it is."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def random_batches(shape: Sequence[int], count: int, *, seed: int = 0, dtype: str = "float",
@@ -145,10 +158,52 @@ def calibrate_batchnorm(model: nn.Module, shape: Sequence[int], *, seed: int = 0
     return len(bns)
 
 
+def torchao_config(mode: str) -> Any:
+    """The torchao config a :data:`TORCHAO_MODES` name stands for."""
+    try:
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            IntxWeightOnlyConfig,
+            PerGroup,
+        )
+    except ImportError as exc:
+        raise InputError(f"--quant {mode} needs torchao ({exc}). Fix: pip install "
+                         "'fxnumeric[torchao]'") from exc
+    if mode == "int8-weight-only":
+        return Int8WeightOnlyConfig()
+    if mode == "int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    if mode == "int4-weight-only":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    raise InputError(f"unknown torchao mode {mode!r}; choose from {', '.join(TORCHAO_MODES)}")
+
+
+def untied_linears(model: nn.Module) -> Any:
+    """A ``quantize_`` filter: every ``nn.Linear`` except one whose weight another module
+    shares (a language model's ``lm_head`` tied to its embedding: quantizing it would untie
+    them, and the embedding stays float)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and owners.get(id(module.weight), 0) <= 1
+
+    return keep
+
+
 def _quantize(float_model: nn.Module, quant: str, batches: list[Any],
               progress: bool | None = False) -> nn.Module:
     from torch.ao import quantization as tq
 
+    if quant in TORCHAO_MODES:
+        from torchao.quantization import quantize_
+
+        model = copy.deepcopy(float_model)
+        quantize_(model, torchao_config(quant), filter_fn=untied_linears(model))
+        return model
     if quant == "dynamic":
         return tq.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear, nn.LSTM, nn.GRU},
                                    dtype=torch.qint8)
@@ -226,6 +281,24 @@ def build_pair(spec: str, quant: str, batches: list[Any], *,
                  + "): these numbers describe an untrained model; pass --float-weights FILE "
                  "for a trained one",)
     return BuiltPair(made, _quantize(made, quant, batches, progress), notes)
+
+
+def build_variants(spec: str, quants: list[str], batches: list[Any], *,
+                   float_weights: str | Path | None = None, seed: int = 0,
+                   progress: bool | None = False) -> tuple[nn.Module, dict[str, nn.Module],
+                                                          tuple[str, ...]]:
+    """One float model named by ``spec`` and a quantized variant of it per mode in ``quants``:
+    ``(float_model, {mode: quantized model}, notes)``."""
+    if len(set(quants)) != len(quants):
+        raise InputError(f"--quant names a mode twice: {', '.join(quants)}")
+    built = build_pair(spec, quants[0], batches, float_weights=float_weights, seed=seed,
+                       progress=progress)
+    variants = {quants[0]: built.quant_model}
+    for quant in quants[1:]:
+        if quant not in QUANT_MODES:
+            raise InputError(f"--quant must be among {', '.join(QUANT_MODES)}, got {quant!r}")
+        variants[quant] = _quantize(built.float_model, quant, batches, progress)
+    return built.float_model, variants, built.notes
 
 
 # --- building a pt2e pair (the CLI's --quant pt2e) -------------------------------------------

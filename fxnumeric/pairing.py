@@ -16,7 +16,11 @@ order (:meth:`GraphView.topological_order`) pairs each quantized op with a float
        float:      conv -> bn -> relu          quantized:  ConvReLU2d
        pair:       ('conv2d-relu', float=(conv, bn, relu), quantized=(conv,))
 
-3. **Misses** keep a reason a person can act on.
+3. **The input quantize**: a quantize node on a model input that the float graph has no
+   op for (FX and pt2e graphs quantize the input themselves; an eager model's QuantStub pairs
+   as an op) pairs with the input itself, as ``x.quantize``: the error quantizing the input
+   adds is a row like any other.
+4. **Misses** keep a reason a person can act on.
 
 Call sites: an op called twice (a module reused, an ATen op of the same module) is two pairs,
 named ``layer1.0.relu`` and ``layer1.0.relu#2``.
@@ -308,6 +312,11 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
             c = qv.op_class(q)
             if c.role == "optional":
                 anchor[q] = mapped[0] if mapped else None
+                if c.is_quantize and anchor[q] is not None and anchor[q].op == "placeholder":
+                    # the model's input quantized: the error it adds gets a row of its own
+                    pairs.append(LocalPair(
+                        call_site_name(f"{anchor[q].target}.quantize", seen), c.kind,
+                        (anchor[q].name,), (q.name,), False))
             else:
                 anchor[q] = None
                 reason = _quant_miss_reason(fv, qv, q, mapped, tried)

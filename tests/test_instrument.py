@@ -210,3 +210,23 @@ def _prepared(f: nn.Module, x: torch.Tensor) -> nn.Module:
     p = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (x,))
     p(x)
     return p
+
+
+def test_loggers_and_shadows_survive_dead_code_elimination(make_fx_resnet18_pair):
+    """Observer calls are side effects torch.fx knows of: a dead-code pass keeps them."""
+    f, q, data = make_fx_resnet18_pair()
+    x = data[0][0]
+    float_gm, quant_gm = ns.add_loggers(f, q)
+    shadowed, _ = ns.add_shadows(f, q)
+    for gm in (float_gm, quant_gm, shadowed):
+        before = len(gm.graph.nodes)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        assert len(gm.graph.nodes) == before  # nothing an observer needs was removed
+    with torch.no_grad():
+        assert torch.equal(quant_gm(x), q(x)) and torch.equal(shadowed(x), q(x))
+        float_gm(x)
+    logged = ns.loggers_of(quant_gm)
+    assert logged and all(len(lg.stats["tensor_val"]) == 1 for lg in logged.values())
+    assert all(len(lg.stats["float"]) == 1 for lg in ns.loggers_of(shadowed).values())

@@ -139,6 +139,8 @@ class Swap:
         other_out: the other-graph node whose value becomes ``out``'s value.
         cloned: other-graph inputs an in-place op of the subgraph writes into (copied first,
             so the base graph's own value is never changed).
+        aliases: base-graph nodes that carry ``out``'s value too (pt2e gives each reader of a
+            quantized value a ``dequantize`` of its own): they take the swapped value.
     """
 
     name: str
@@ -150,10 +152,18 @@ class Swap:
     inputs: tuple[tuple[fx.Node, fx.Node], ...]
     other_out: fx.Node
     cloned: frozenset[fx.Node] = frozenset()
+    aliases: frozenset[fx.Node] = frozenset()
+    base_region: Region | None = None
 
     @property
     def other(self) -> str:
         return "float" if self.base == "quant" else "quant"
+
+    @property
+    def base_graph(self) -> Region:
+        """The region whose base graph the swap is made in (``region`` unless the swap came
+        from another variant's matching onto the first one's float graph)."""
+        return self.base_region if self.base_region is not None else self.region
 
 
 class HybridFailure(InstrumentationError):
@@ -203,15 +213,17 @@ def _bind(graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> lis
 
 
 class _RegionInterpreter(fx.Interpreter):
-    """Runs one region's graph; its modules and attributes are read from ``calls`` (the
-    assembled copy of the model, where other regions may be replaced)."""
+    """Runs one region's graph; the modules it calls are ``calls`` (the modules of the
+    assembled copy of the model, where other regions may be replaced), its other attributes
+    are the graph's own."""
 
-    def __init__(self, gm: fx.GraphModule, calls: nn.Module | None) -> None:
+    def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.calls = calls if calls is not None else gm
+        self.calls = calls or {}
 
     def fetch_attr(self, target: str) -> Any:
-        return fetch_attr(self.calls, target)
+        found = self.calls.get(target)
+        return found if found is not None else fetch_attr(self.module, target)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -225,7 +237,7 @@ class _RegionInterpreter(fx.Interpreter):
 class _Recorder(_RegionInterpreter):
     """Records the qparams of every quantized tensor the region's quantized graph computes."""
 
-    def __init__(self, gm: fx.GraphModule, calls: nn.Module | None,
+    def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None,
                  sink: dict[fx.Node, tuple[Any, ...]]) -> None:
         super().__init__(gm, calls)
         self.sink = sink
@@ -242,12 +254,13 @@ class _SwapInterpreter(_RegionInterpreter):
     """Runs one region's base graph with its swaps: skipped nodes are not run, a swap's
     ``out`` node takes the value of the other graph's subgraph."""
 
-    def __init__(self, gm: fx.GraphModule, calls: nn.Module | None, swaps: tuple[Swap, ...],
-                 runner: HybridRunner) -> None:
+    def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None,
+                 swaps: tuple[Swap, ...], runner: HybridRunner) -> None:
         super().__init__(gm, calls)
         self.runner = runner
         self.swaps = swaps
         self.by_out = {s.out: s for s in swaps}
+        self.alias = {a: s.out for s in swaps for a in s.aliases}
         self.skip = frozenset().union(*(s.skip for s in swaps)) - set(self.by_out)
         # values a swap reads live until its out node runs (a skipped node was their last user)
         position = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -263,9 +276,20 @@ class _SwapInterpreter(_RegionInterpreter):
         swap = self.by_out.get(n)
         if swap is not None:
             return self.runner._swapped(swap, self.env, self.swaps)
+        if n in self.alias:
+            return self.env[self.alias[n]]  # another dequantize of the swapped layer's value
         if n in self.skip:
             return None
         return super().run_node(n)
+
+
+def _modules_called(gm: fx.GraphModule, calls: nn.Module | None) -> dict[str, nn.Module] | None:
+    """The modules ``gm``'s graph calls, read from ``calls`` now, before :func:`assemble` puts
+    the region itself in place of one of them (a leaf module kept whole)."""
+    if calls is None:
+        return None
+    return {str(n.target): calls.get_submodule(str(n.target))
+            for n in gm.graph.nodes if n.op == "call_module"}
 
 
 class _Interpreted(nn.Module):
@@ -281,41 +305,95 @@ class _Interpreted(nn.Module):
 
 
 class HybridRunner:
-    """Builds and runs hybrids of one float/quantized pair.
+    """Builds and runs hybrids of a float model and one or more quantized variants of it.
 
     :meth:`swaps` says what replacing a layer takes; :meth:`model` assembles a hybrid model
     from swaps (run it like the user's model: a batch may be a tensor, a tuple or a dict of
-    keyword inputs); :meth:`probe` runs the quantized model on a batch, recording the qparams
-    that float values entering the quantized graph are quantized with. Nothing here modifies
+    keyword inputs); :meth:`probe` runs the quantized models on a batch, recording the qparams
+    that float values entering a quantized graph are quantized with. Nothing here modifies
     the user's models: regions call the models' own modules, in eval mode.
+
+    Args:
+        matching: the float model's matching with its quantized model, or
+            ``{variant name: matching}`` for several quantized variants of one float model
+            (the first one's float graphs are the base every float-based hybrid runs on;
+            the others' swaps are translated onto them by node name). Layers are named as
+            in the first matching; :meth:`layer_of` finds a variant's name for a layer.
     """
 
-    def __init__(self, matching: Matching) -> None:
-        self.matching = matching
-        self.layers = layer_names(matching)
-        self._swaps: dict[tuple[str, str, bool], tuple[Swap, ...]] = {}
+    def __init__(self, matching: Matching | dict[str, Matching]) -> None:
+        self.variants = (dict(matching) if not isinstance(matching, Matching)
+                         else {"quantized": matching})
+        if not self.variants:
+            raise InstrumentationError("no quantized variant to build hybrids from")
+        self.matching = next(iter(self.variants.values()))
+        self.layers = layer_names(self.matching)
+        self._swaps: dict[tuple[str, str, str], tuple[Swap, ...]] = {}
         self._held: dict[fx.Node, tuple[Any, ...]] = {}
+        self._float_regions = {r.float_path: r for r in self.matching.regions}
+        self._owner = {r: m for m in self.variants.values() for r in m.regions}
+        self._paths: dict[str, dict[str, str]] = {}
+
+    def layer_of(self, name: str, variant: str) -> str | None:
+        """Variant ``variant``'s name for layer ``name`` (the one computing the same float
+        module), or ``None`` when that variant does not quantize it."""
+        if variant not in self._paths:
+            m = self.variants[variant]
+            self._paths[variant] = {module_path(m, n): n for n in layer_names(m)}
+        found = self._paths[variant].get(module_path(self.matching, name))
+        return found if found is not None else None
 
     # ------------------------------------------------------------------ building swaps
-    def swaps(self, name: str, base: str) -> tuple[Swap, ...]:
+    def swaps(self, name: str, base: str, variant: str | None = None) -> tuple[Swap, ...]:
         """The swaps that replace layer ``name`` (every call site of it) in the ``base`` graph.
+
+        ``variant`` (default: the first) is the quantized model the swap reads; a ``"quant"``
+        base is that variant's own graph, a ``"float"`` base the first variant's float graph.
 
         Raises:
             InstrumentationError: no such layer, or its subgraph reads a value the other
                 graph does not carry before the layer.
         """
-        key = (name, base, False)
+        variant = variant or next(iter(self.variants))
+        key = (name, base, variant)
         if key not in self._swaps:
-            pairs = _call_sites(self.matching, name)
+            local = self.layer_of(name, variant) if name in self.layers else None
+            pairs = _call_sites(self.variants[variant], local) if local else []
             if not pairs:
                 raise InstrumentationError(
-                    f"no layer is named {name!r}; layers are: {', '.join(self.layers[:20])}"
+                    f"no layer is named {name!r}"
+                    + (f" in variant {variant!r}" if len(self.variants) > 1 else "")
+                    + f"; layers are: {', '.join(self.layers[:20])}"
                 )
-            self._swaps[key] = tuple(self._swap(p, base) for p in pairs)
+            made = [self._swap(self.variants[variant].region_of(p), p, base) for p in pairs]
+            if base == "float" and variant != next(iter(self.variants)):
+                made = [self._onto_float_base(swap, variant) for swap in made]
+            self._swaps[key] = tuple(made)
         return self._swaps[key]
 
-    def _swap(self, pair: Pair, base: str) -> Swap:
-        region = self.matching.region_of(pair)
+    def _onto_float_base(self, swap: Swap, variant: str) -> Swap:
+        """``swap``, made on ``variant``'s own float graph, with its float nodes those of the
+        first variant's float graph (the base every float-based hybrid runs on)."""
+        base = self._float_regions.get(swap.region.float_path)
+        view = base.float_view if base is not None else None
+
+        def node(n: fx.Node) -> fx.Node:
+            if view is None or not view.has_node(n.name):
+                raise InstrumentationError(
+                    f"variant {variant!r}: the float graph at "
+                    f"`{swap.region.float_path or '<root>'}` is not the one the first variant "
+                    f"was paired on (no node `{n.name}`); match every variant against the same "
+                    "float model"
+                )
+            return view.node(n.name)
+
+        return Swap(swap.name, swap.base, swap.region, frozenset(map(node, swap.skip)),
+                    node(swap.out), swap.nodes,
+                    tuple((ext, node(provider)) for ext, provider in swap.inputs),
+                    swap.other_out, swap.cloned, frozenset(map(node, swap.aliases)),
+                    base_region=base)
+
+    def _swap(self, region: Region, pair: Pair, base: str) -> Swap:
         other = "float" if base == "quant" else "quant"
         base_v, other_v = region.view(base), region.view(other)
         base_chain, other_chain = region.chain(pair, base), region.chain(pair, other)
@@ -325,10 +403,14 @@ class HybridRunner:
         # where the quantized graph quantizes the layer's output itself (reference FX, pt2e:
         # op -> quantize -> dequantize), the layer ends after that
         tail = _output_tail(region, pair)
+        aliases: frozenset[fx.Node] = frozenset()
         if tail and base == "float":
             other_inside, other_out = other_inside + tail, tail[-1]
         elif tail:
             base_inside, out = base_inside + tail, tail[-1]
+            if len(tail) > 1:
+                aliases = frozenset(u for u in tail[-2].users
+                                    if u is not out and is_dequantize(base_v, u))
         other_inside = _with_constants(other_v, other_inside)
         if base == "float":
             # the quantized model's own quantize (and dequantize) nodes in front of the layer
@@ -357,7 +439,7 @@ class HybridRunner:
                    for u in ext.users)
         )
         return Swap(op_name(pair.name), base, region, frozenset(base_inside), out,
-                    tuple(other_inside), tuple(inputs), other_out, cloned)
+                    tuple(other_inside), tuple(inputs), other_out, cloned, aliases)
 
     # ------------------------------------------------------------------ models
     def model(self, base: str, swaps: Iterable[Swap]) -> nn.Module:
@@ -369,8 +451,13 @@ class HybridRunner:
         """
         by_region: dict[Region, list[Swap]] = {}
         for swap in swaps:
-            by_region.setdefault(swap.region, []).append(swap)
-        return assemble(self.matching, base, {
+            by_region.setdefault(swap.base_graph, []).append(swap)
+        owners = {self._owner[r] for r in by_region}
+        if len(owners) > 1:
+            raise InstrumentationError("a quantized base is one variant: its swaps must come "
+                                       "from that variant's own matching")
+        matching = owners.pop() if owners else self.matching
+        return assemble(matching, base, {
             region: self._build(region, base, tuple(found))
             for region, found in by_region.items()
         })
@@ -379,23 +466,32 @@ class HybridRunner:
         gm = region.view(base).gm
 
         def build(calls: nn.Module | None) -> nn.Module:
-            return _Interpreted(lambda: _SwapInterpreter(gm, calls, swaps, self), gm)
+            modules = _modules_called(gm, calls)
+            return _Interpreted(lambda: _SwapInterpreter(gm, modules, swaps, self), gm)
 
         return build
 
     def probe(self, batch: Any) -> Any:
-        """Run the quantized model on ``batch``, recording the qparams of its quantized values
-        (what float values crossing into the quantized graph are quantized with); return its
-        output."""
+        """Run each quantized variant on ``batch``, recording the qparams of its quantized
+        values (what float values crossing into a quantized graph are quantized with); return
+        the first variant's output.
+
+        Static quantization fixes its qparams, so one batch tells them all.
+        """
         self._held = {}
 
         def build(region: Region) -> Any:
             gm = region.quant_view.gm
-            return lambda calls: _Interpreted(lambda: _Recorder(gm, calls, self._held), gm)
 
-        model = assemble(self.matching, "quant",
-                         {r: build(r) for r in self.matching.regions})
-        return self.run(model, batch, "quantized")
+            def make(calls: nn.Module | None) -> nn.Module:
+                modules = _modules_called(gm, calls)
+                return _Interpreted(lambda: _Recorder(gm, modules, self._held), gm)
+
+            return make
+
+        outputs = [self.run(assemble(m, "quant", {r: build(r) for r in m.regions}), batch,
+                            "quantized") for m in self.variants.values()]
+        return outputs[0]
 
     def run(self, model: nn.Module, batch: Any, which: str = "hybrid") -> Any:
         """Run a hybrid (or reference: ``which="float"``) model on ``batch``.
@@ -414,9 +510,10 @@ class HybridRunner:
                 "the model."
             ) from failure.__cause__
 
-    def captured(self, side: str) -> nn.Module:
-        """``side``'s model as captured (the reference of every hybrid)."""
-        return captured_model(self.matching, side)
+    def captured(self, side: str, variant: str | None = None) -> nn.Module:
+        """``side``'s model as captured (the reference of every hybrid); ``"quant"`` is the
+        first variant's unless ``variant`` names another."""
+        return captured_model(self.variants[variant] if variant else self.matching, side)
 
     # ------------------------------------------------------------------ running a swap
     def _swapped(self, swap: Swap, env: dict[fx.Node, Any], swaps: tuple[Swap, ...]) -> Any:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,13 @@ from torch import nn
 from .._tensors import dequantize_all, first_output
 from ..errors import InputError, InstrumentationError
 from ..instrument import resolve_matching
+from ..llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
 from ..match import Matching
 from ..metrics import cosine, sqnr
 from ..progress import Progress
 from ..run import check_devices, model_batches
 from .hybrid import HybridRunner, Swap, function_target, module_path
+from .mixed import FLOAT, advise_variants
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
 
@@ -53,19 +55,103 @@ def min_cosine(ref: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 END_METRICS: dict[str, EndMetric] = {"sqnr": sqnr, "cosine": cosine, "min_cosine": min_cosine}
-"""Built-in end metrics: output SQNR (dB), cosine of the whole output, lowest per-sample cosine."""
+"""Built-in end metrics on the whole output: output SQNR (dB), cosine of the whole output,
+lowest per-sample cosine. The LLM metrics :data:`LLM_END_METRICS` are built in too."""
+
+LLM_END_METRICS = {"kl": False, "top1_agreement": True}
+"""Built-in end metrics of a language model's logits over real tokens (the batch's
+``attention_mask``), read by :class:`fxnumeric.llm_metrics.LogitsAccumulator`: mean per-token
+KL(float || candidate) in nats (lower is better) and top-1 token agreement (higher is
+better). Each maps to whether higher is better."""
 
 
-def _resolve_metric(metric: str | EndMetric) -> tuple[str, EndMetric]:
+@dataclass(frozen=True)
+class _Metric:
+    """An end metric: its name, its direction, and how it reads one model's outputs."""
+
+    name: str
+    higher_is_better: bool
+    fn: EndMetric | None = None  # on the outputs of all batches, concatenated
+    vocab_size: int | None = None  # for the LLM metrics: what logits look like
+
+    def reference(self, output: Any, batch: Any) -> Any:
+        """What of the float model's output the metric keeps for the comparisons."""
+        if self.fn is not None:
+            return _as_output(output)
+        logits = looks_like_logits(output, batch, self.vocab_size)
+        if logits is None:
+            raise InputError(
+                f"metric {self.name!r} reads logits, and the model output is not logits (an "
+                "output with .logits, or a tensor whose last dim is the vocabulary); use "
+                "'sqnr' or 'cosine' for other models"
+            )
+        return logits.detach()
+
+    def start(self) -> _MetricRun:
+        return _MetricRun(self)
+
+    def utility(self, value: float) -> float:
+        """``value`` as a number where higher is better (what the search maximises)."""
+        if math.isnan(value):
+            return -math.inf
+        return value if self.higher_is_better else -value
+
+    def meets(self, value: float, target: float) -> bool:
+        return value >= target if self.higher_is_better else value <= target
+
+
+class _MetricRun:
+    """One candidate's metric over the batches, fed batch by batch."""
+
+    def __init__(self, metric: _Metric) -> None:
+        self.metric = metric
+        self.outputs: list[torch.Tensor] = []
+        self.refs: list[torch.Tensor] = []
+        self.logits = LogitsAccumulator() if metric.fn is None else None
+
+    def add(self, reference: Any, output: Any, batch: Any) -> None:
+        if self.logits is None:
+            self.refs.append(reference)
+            self.outputs.append(_as_output(output))
+            return
+        fields = token_fields(batch)
+        candidate = looks_like_logits(output, batch, self.metric.vocab_size)
+        if candidate is None:
+            candidate = _as_output(output)
+        self.logits.update(reference, candidate.detach(),
+                           attention_mask=fields.get("attention_mask"),
+                           labels=fields.get("labels"), input_ids=fields.get("input_ids"))
+
+    def value(self) -> float:
+        if self.logits is not None:
+            return float(self.logits.values()[self.metric.name])
+        ref, candidate = _concat(self.refs), _concat(self.outputs)
+        try:
+            return float(self.metric.fn(ref, candidate))  # type: ignore[misc]
+        except Exception as exc:  # the user's metric: say which and on what
+            raise InputError(
+                f"metric {self.metric.name!r} failed on outputs of shape {list(ref.shape)}: "
+                f"{type(exc).__name__}: {exc}. It is called as fn(float_output, "
+                "candidate_output) with the outputs of all batches concatenated along dim 0, "
+                "and must return a float."
+            ) from exc
+
+
+def _resolve_metric(metric: str | EndMetric, model: Any = None) -> _Metric:
     if isinstance(metric, str):
+        if metric in LLM_END_METRICS:
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+            return _Metric(metric, LLM_END_METRICS[metric], None,
+                           vocab if isinstance(vocab, int) else None)
         if metric not in END_METRICS:
             raise InputError(
-                f"unknown metric {metric!r}; built-in end metrics are {', '.join(END_METRICS)}, "
-                "or pass a function (float_output, candidate_output) -> float, higher is better"
+                f"unknown metric {metric!r}; built-in end metrics are "
+                f"{', '.join([*END_METRICS, *LLM_END_METRICS])}, or pass a function "
+                "(float_output, candidate_output) -> float, higher is better"
             )
-        return metric, END_METRICS[metric]
+        return _Metric(metric, True, END_METRICS[metric])
     if callable(metric):
-        return getattr(metric, "__name__", "metric"), metric
+        return _Metric(getattr(metric, "__name__", "metric"), True, metric)
     raise InputError(f"metric must be a name or a function, got {metric!r}")
 
 
@@ -88,60 +174,62 @@ Hybrid = tuple[str, tuple[Swap, ...]]
 
 
 class _Search:
-    """The models, the data and the metric of one sensitivity or advise call."""
+    """The models, the data and the metric of one sensitivity or advise call.
 
-    def __init__(self, float_model: nn.Module, quant_model: nn.Module, data: Iterable[Any],
-                 metric: str | EndMetric, matching: Matching | None, progress: bool | None,
-                 inputs: int | Callable[[Any], Any] | None = None) -> None:
-        self.metric_name, self.metric = _resolve_metric(metric)
+    ``quant_model`` may be ``{variant name: quantized model}``: every variant is matched
+    against the float model on the first batch, and hybrids mix them (see
+    :class:`~fxnumeric.advice.hybrid.HybridRunner`).
+    """
+
+    def __init__(self, float_model: nn.Module, quant_model: nn.Module | Mapping[str, nn.Module],
+                 data: Iterable[Any], metric: str | EndMetric, matching: Matching | None,
+                 progress: bool | None, inputs: int | Callable[[Any], Any] | None = None) -> None:
+        self.metric = _resolve_metric(metric, float_model)
+        self.metric_name = self.metric.name
         self.batches = model_batches(data, inputs)
-        check_devices(float_model, quant_model, self.batches[0])
-        self.matching = resolve_matching(float_model, quant_model, matching, None,
-                                         example_inputs=self.batches[0], validate=False)
-        self.runner = HybridRunner(self.matching)
+        variants = dict(quant_model) if isinstance(quant_model, Mapping) else {None: quant_model}
+        for model in variants.values():
+            check_devices(float_model, model, self.batches[0])
+        matchings = {
+            name: resolve_matching(float_model, model, matching if name is None else None, None,
+                                   example_inputs=self.batches[0], validate=False)
+            for name, model in variants.items()
+        }
+        self.matching = next(iter(matchings.values()))
+        self.runner = HybridRunner(self.matching if None in matchings else matchings)
         self.progress = progress
         self.evaluations = 0
-        self._float_out: torch.Tensor | None = None
+        self._references: list[Any] | None = None
 
-    def score(self, outputs: list[torch.Tensor]) -> float:
-        assert self._float_out is not None
-        candidate = _concat(outputs)
-        try:
-            return float(self.metric(self._float_out, candidate))
-        except Exception as exc:  # the user's metric: say which and on what
-            raise InputError(
-                f"metric {self.metric_name!r} failed on outputs of shape "
-                f"{list(self._float_out.shape)}: {type(exc).__name__}: {exc}. It is called as "
-                "fn(float_output, candidate_output) with the outputs of all batches "
-                "concatenated along dim 0, and must return a float."
-            ) from exc
+    def references(self) -> list[Any]:
+        """The float model's outputs, as the metric keeps them, per batch (computed once)."""
+        if self._references is None:
+            model = self.runner.captured("float")
+            self._references = [self.metric.reference(self.runner.run(model, b, "float"), b)
+                                for b in self.batches]
+            self.runner.probe(self.batches[0])  # the qparams crossing into quantized graphs
+        return self._references
 
     def evaluate(self, hybrids: Sequence[Hybrid], label: str) -> list[float]:
         """End metric of each ``(base, swaps)`` hybrid over all batches.
 
-        Each hybrid model is assembled once; per batch the float model runs once (the
-        reference) and the quantized model once (:meth:`HybridRunner.probe`: the qparams
-        float values crossing into it are quantized with), then every hybrid.
+        Each hybrid model is assembled once and run on every batch; the float model's outputs
+        are computed once per call of :func:`sensitivity` or :func:`advise`.
         """
+        references = self.references()
         runner = self.runner
         models = [runner.model(base, swaps) for base, swaps in hybrids]
-        outputs: list[list[torch.Tensor]] = [[] for _ in hybrids]
-        float_outs: list[torch.Tensor] = []
-        float_model = runner.captured("float")
+        runs = [self.metric.start() for _ in hybrids]
         bar = Progress(len(hybrids) * len(self.batches), label, self.progress, unit="hybrid")
         try:
-            for batch in self.batches:
-                float_outs.append(_as_output(runner.run(float_model, batch, "float")))
-                runner.probe(batch)
-                for i, model in enumerate(models):
-                    outputs[i].append(_as_output(runner.run(model, batch)))
+            for batch, reference in zip(self.batches, references, strict=True):
+                for model, run in zip(models, runs, strict=True):
+                    run.add(reference, runner.run(model, batch), batch)
                     bar.update()
         finally:
             bar.close()
-        if self._float_out is None:
-            self._float_out = _concat(float_outs)
         self.evaluations += len(hybrids)
-        return [self.score(o) for o in outputs]
+        return [run.value() for run in runs]
 
     def layers(self, wanted: Iterable[str] | None, bases: tuple[str, ...]
                ) -> tuple[list[str], tuple[tuple[str, str], ...]]:
@@ -210,6 +298,8 @@ class Sensitivity:
     batches: int = 0
     skipped: tuple[tuple[str, str], ...] = ()
     """``(layer, reason)`` for layers left out because they could not be swapped."""
+    higher_is_better: bool = True
+    """The metric's direction (``False`` for ``kl``)."""
 
     def __repr__(self) -> str:
         worst = self.ranking()[:3]
@@ -219,9 +309,11 @@ class Sensitivity:
     def ranking(self) -> list[str]:
         """Layer names, the one whose float version helps most first.
 
-        Sorted by ``all_but`` (higher first), ties broken by ``only`` (lower first).
+        Sorted by ``all_but`` (better first), ties broken by ``only`` (worse first).
         """
-        order = sorted(self.layers, key=lambda s: (-_finite(s.all_but), _finite(s.only)))
+        sign = 1.0 if self.higher_is_better else -1.0
+        order = sorted(self.layers,
+                       key=lambda s: (-_finite(sign * s.all_but), _finite(sign * s.only)))
         return [s.name for s in order]
 
     def layer(self, name: str) -> LayerSensitivity:
@@ -319,7 +411,8 @@ def sensitivity(
                          values[1 + 2 * i], values[2 + 2 * i])
         for i, name in enumerate(names)
     )
-    return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped)
+    return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped,
+                       search.metric.higher_is_better)
 
 
 @dataclass(frozen=True)
@@ -353,12 +446,54 @@ class Advice:
     seconds: float = 0.0
     sensitivity: Sensitivity | None = field(default=None, repr=False, compare=False)
     functions: tuple[tuple[str, Any, int] | None, ...] = field(default=(), repr=False)
+    assignment: dict[str, str] = field(default_factory=dict, repr=False)
+    """``{float module path: choice}`` of every layer searched: a variant's name, or
+    ``"float"`` (with one quantized model its choices are ``"quantized"`` and ``"float"``)."""
+    bits: float | None = None
+    """Average weight bits of the assignment over the layers searched, weighted by size
+    (nominal widths; see :mod:`fxnumeric.advice.mixed`), when every layer has a weight."""
+    front: tuple[tuple[float, float], ...] = ()
+    """``(bits, metric)`` of the verified assignments on the Pareto front, fewest bits first
+    (several variants only)."""
+    variants: tuple[str, ...] = ()
+    """The variants' names, when advising among several."""
+
+    def to_torchao(self, configs: Mapping[str, Any]) -> Any:
+        """A torchao ``FqnToConfig`` that applies the assignment with ``quantize_``.
+
+        Args:
+            configs: ``{variant name: torchao config}``, e.g. ``{"int4":
+                IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+                "int8": Int8WeightOnlyConfig()}``. Layers assigned ``"float"`` are left out,
+                so ``quantize_`` leaves them float.
+
+        Returns:
+            ``FqnToConfig({module path: config})``; apply it to a copy of the float model
+            with ``quantize_(model, fqn_config, filter_fn=None)``.
+        """
+        try:
+            from torchao.quantization import FqnToConfig
+        except ImportError as exc:
+            raise InputError(f"to_torchao needs torchao ({exc}); pip install 'fxnumeric[torchao]'"
+                             ) from exc
+        missing = sorted({c for c in self.assignment.values() if c != "float"} - set(configs))
+        if missing:
+            raise InputError(f"no config for {missing}: pass one per variant the assignment "
+                             f"uses ({', '.join(sorted(set(self.assignment.values())))})")
+        return FqnToConfig({path: configs[choice] for path, choice in self.assignment.items()
+                            if choice != "float"})
 
     def _targets(self) -> list[tuple[str, tuple[str, Any, int] | None]]:
         functions = self.functions or (None,) * len(self.keep_float)
         return list(zip(self.keep_float, functions, strict=True))
 
     def __repr__(self) -> str:
+        if self.variants:
+            counts: dict[str, int] = {}
+            for choice in self.assignment.values():
+                counts[choice] = counts.get(choice, 0) + 1
+            return (f"Advice({counts}, bits={self.bits:.2f}, {self.metric}={self.value:.4g}, "
+                    f"target={self.target:.4g}, reached={self.reached})")
         return (f"Advice(keep_float={list(self.keep_float)}, {self.metric}={self.value:.4g}, "
                 f"target={self.target:.4g}, reached={self.reached})")
 
@@ -415,16 +550,33 @@ class Advice:
         )
 
     def table(self, tablefmt: str = "simple") -> str:
-        """The curve: the metric after each layer is kept float."""
+        """The curve: the metric after each layer is kept float; with several variants, the
+        Pareto front of the verified assignments (average weight bits against the metric)."""
+        if self.variants:
+            rows = [(f"{b:.3f}", v) for b, v in self.front]
+            return tabulate(rows, headers=("average weight bits", self.metric),
+                            tablefmt=tablefmt, floatfmt=".4g")
         rows = [(0, "(quantized model)", self.curve[0])]
         rows += [(i + 1, name, v) for i, (name, v) in enumerate(zip(self.keep_float, self.curve[1:],
                                                                    strict=True))]
         return tabulate(rows, headers=("step", "keep float", self.metric), tablefmt=tablefmt,
                         floatfmt=".4g")
 
+    def torchao_lines(self, configs: str = "configs") -> str:
+        """The assignment as the ``FqnToConfig`` that :meth:`to_torchao` builds, as source."""
+        lines = ["FqnToConfig({"]
+        lines += [f"    {path!r}: {configs}[{choice!r}]," for path, choice in
+                  self.assignment.items() if choice != FLOAT]
+        return "\n".join([*lines, "})"])
+
     def summary(self) -> str:
         """Message, curve and what to feed back to the quantization flow."""
         parts = [self.message, "", self.table()]
+        if self.variants:
+            parts += ["", "torchao: quantize_(model, advice.to_torchao(configs), filter_fn=None) "
+                      "with configs = {variant: its torchao config}, i.e.",
+                      _indent(self.torchao_lines())]
+            return "\n".join(parts)
         if self.keep_float:
             parts += ["", "FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...), i.e.",
                       _indent(self.fx_lines()),
@@ -437,19 +589,35 @@ class Advice:
 def _prune(search: _Search, chosen: list[str], curve: list[float],
            target: float) -> tuple[list[str], list[float]]:
     """Drop chosen layers the target does without, least useful first; re-measure the curve."""
-    gains = {n: curve[i + 1] - curve[i] for i, n in enumerate(chosen)}
+    u = search.metric.utility
+    gains = {n: u(curve[i + 1]) - u(curve[i]) for i, n in enumerate(chosen)}
     kept = list(chosen)
     for name in sorted(chosen, key=lambda n: gains[n]):
         rest = [n for n in kept if n != name]
         if not rest:
             break
         (value,) = search.evaluate([("quant", search.swaps(rest, "quant"))], "pruning")
-        if value >= target:
+        if search.metric.meets(value, target):
             kept = rest
     if kept == chosen:
         return chosen, curve
     prefixes = [("quant", search.swaps(kept[:i], "quant")) for i in range(1, len(kept) + 1)]
     return kept, [curve[0], *search.evaluate(prefixes, "final curve")]
+
+
+def _advise_variants(search: _Search, target: float, layers: Iterable[str] | None, prune: bool,
+                     bits: str, started: float) -> Advice:
+    """:func:`advise` over several quantized variants (see :mod:`fxnumeric.advice.mixed`)."""
+    if bits not in ("nominal", "stored"):
+        raise InputError(f"bits must be 'nominal' or 'stored', got {bits!r}")
+    found = advise_variants(search, target, nominal=bits == "nominal", layers=layers,
+                            prune=prune)
+    keep = tuple(path for path, choice in found["assignment"].items() if choice == FLOAT)
+    return Advice(keep, found["curve"], found["value"], float(target), found["reached"],
+                  search.metric_name, found["message"], search.evaluations,
+                  time.perf_counter() - started, assignment=found["assignment"],
+                  bits=found["bits"], front=found["front"],
+                  variants=tuple(search.runner.variants))
 
 
 def _qualified(target: Any) -> str:
@@ -466,7 +634,7 @@ def _indent(text: str) -> str:
 
 def advise(
     float_model: nn.Module,
-    quant_model: nn.Module,
+    quant_model: nn.Module | Mapping[str, nn.Module],
     data: Iterable[Any],
     *,
     metric: str | EndMetric,
@@ -478,15 +646,22 @@ def advise(
     matching: Matching | None = None,
     progress: bool | None = None,
     inputs: int | Callable[[Any], Any] | None = None,
+    bits: str = "nominal",
 ) -> Advice:
-    """Find a small set of layers to keep float so that the end metric reaches ``target``.
+    """Find what to keep at higher precision so that the end metric reaches ``target``.
 
-    Greedy forward selection verified on hybrids: layers are ranked by :func:`sensitivity`
-    ("all but this layer quantized"); each step runs the quantized model with the layers
-    chosen so far plus one of the ``candidates`` best-ranked remaining layers kept float, and
-    keeps the candidate that gives the highest metric. It stops when the metric reaches
-    ``target``, after ``max_float_layers`` layers, or when no layer is left; then layers the
-    target can do without are dropped again (``prune``).
+    With one quantized model: a small set of layers to keep float. Greedy forward selection
+    verified on hybrids: layers are ranked by :func:`sensitivity` ("all but this layer
+    quantized"); each step runs the quantized model with the layers chosen so far plus one of
+    the ``candidates`` best-ranked remaining layers kept float, and keeps the candidate that
+    gives the best metric. It stops when the metric reaches ``target``, after
+    ``max_float_layers`` layers, or when no layer is left; then layers the target can do
+    without are dropped again (``prune``).
+
+    With several quantized variants (``{"int4": q4, "int8": q8}``): per layer, one of the
+    variants or float, minimising the average weight bits subject to the target, every step
+    verified on real hybrids (:mod:`fxnumeric.advice.mixed`). ``Advice.assignment``,
+    ``Advice.bits``, ``Advice.front`` and ``Advice.to_torchao`` give the result.
 
     Args:
         float_model: the float model (not modified).
@@ -506,6 +681,9 @@ def advise(
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress on stderr (default: when stderr is a terminal).
         inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
+        bits: what a layer's weight costs with several variants: ``"nominal"`` (a packed
+            format's width, scales and zero points included) or ``"stored"`` (what the
+            tensors hold: torchao 0.18 keeps int4 values in whole bytes on CPU).
 
     Returns:
         An :class:`Advice`; when the target is not reached, ``reached`` is False, the message
@@ -517,6 +695,8 @@ def advise(
         raise InputError(f"max_float_layers must be >= 0, got {max_float_layers}")
     started = time.perf_counter()
     search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
+    if isinstance(quant_model, Mapping):
+        return _advise_variants(search, target, layers, prune, bits, started)
     names, skipped = search.layers(layers, ("quant",))
     hybrids = [("quant", ())] + [("quant", search.swaps([n], "quant")) for n in names]
     values = search.evaluate(hybrids, "ranking layers")
@@ -525,17 +705,18 @@ def advise(
     sens = Sensitivity(search.metric_name, quantized, tuple(
         LayerSensitivity(n, module_path(search.matching, n), kinds[n], math.nan, v)
         for n, v in zip(names, values[1:], strict=True)
-    ), len(search.batches), skipped)
-    priority = {n: _finite(v) for n, v in zip(names, values[1:], strict=True)}
+    ), len(search.batches), skipped, search.metric.higher_is_better)
+    u, meets = search.metric.utility, search.metric.meets
+    priority = {n: u(v) for n, v in zip(names, values[1:], strict=True)}
     limit = len(names) if max_float_layers is None else min(max_float_layers, len(names))
 
     chosen: list[str] = []
     curve = [quantized]
-    while curve[-1] < target and len(chosen) < limit:
+    while not meets(curve[-1], target) and len(chosen) < limit:
         remaining = sorted((n for n in names if n not in chosen), key=lambda n: -priority[n])
         tried = remaining[:candidates]
-        if len(chosen) == 0:
-            scores = [priority[n] for n in tried]  # measured in the ranking round already
+        if len(chosen) == 0:  # measured in the ranking round already
+            scores = [values[1 + names.index(n)] for n in tried]
         else:
             shared = search.swaps(chosen, "quant")
             scores = search.evaluate(
@@ -543,27 +724,29 @@ def advise(
                 f"step {len(chosen) + 1}",
             )
         for n, v in zip(tried, scores, strict=True):
-            priority[n] = _finite(v)
-        best = max(range(len(tried)), key=lambda i: _finite(scores[i]))
+            priority[n] = u(v)
+        best = max(range(len(tried)), key=lambda i: priority[tried[i]])
         chosen.append(tried[best])
         curve.append(scores[best])
 
-    if prune and curve[-1] >= target and len(chosen) > 1:
+    if prune and meets(curve[-1], target) and len(chosen) > 1:
         chosen, curve = _prune(search, chosen, curve, target)
     value = curve[-1]
-    reached = value >= target
+    reached = meets(value, target)
+    cmp = ">=" if search.metric.higher_is_better else "<="
     paths = tuple(module_path(search.matching, n) for n in chosen)
     functions = tuple(function_target(search.matching, n) for n in chosen)
     if reached and not chosen:
         message = (f"the quantized model already reaches {search.metric_name} {value:.4g} "
-                   f">= {target:g}")
+                   f"{cmp} {target:g}")
     elif reached:
         message = (f"keep {len(chosen)} layer{'s' if len(chosen) != 1 else ''} float to reach "
-                   f"{search.metric_name} {value:.4g} >= {target:g} (quantized: {quantized:.4g})")
+                   f"{search.metric_name} {value:.4g} {cmp} {target:g} "
+                   f"(quantized: {quantized:.4g})")
     else:
         why = (f"max_float_layers={max_float_layers} reached" if len(chosen) < len(names)
                else f"even with all {len(names)} layers float")
-        message = (f"target {search.metric_name} >= {target:g} NOT reached ({why}): best found "
+        message = (f"target {search.metric_name} {cmp} {target:g} NOT reached ({why}): best found "
                    f"{value:.4g} with {len(chosen)} layers float (quantized: {quantized:.4g})")
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"

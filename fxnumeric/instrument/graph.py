@@ -66,6 +66,12 @@ def shadow_inputs(region: Region, pair: Pair) -> dict[fx.Node, str] | str:
     inside = set(nodes)
     inputs: dict[fx.Node, str] = {}
     for n in nodes:
+        if n.op == "placeholder":  # the input quantize: its float twin is the input itself
+            q = region.quant_counterpart(n)
+            if q is None:
+                return f"float input `{n.name}` of the shadow has no quantized counterpart"
+            inputs[n] = q.name
+            continue
         for e in n.all_input_nodes:
             if e in inside or e.op == "get_attr" or e in inputs:
                 continue
@@ -157,6 +163,8 @@ class GraphCopy:
                 env[float_node] = emit(lambda d=env[float_node]: graph.call_method("clone", (d,)))
         copied: dict[str, str] = {}
         for n in nodes:
+            if n in env:  # a model input, read as the quantized graph has it
+                continue
             for attr_node in n.all_input_nodes:
                 if attr_node.op == "get_attr" and attr_node not in env:
                     name = f"attr{len(copied)}"

@@ -14,8 +14,8 @@ names of the exported program). :func:`write_model_explorer` writes one such fil
 ``model_explorer.visualize_pytorch(name, exported_program, node_data=[...])``; see
 ``docs/pt2e.md``.
 
-A module called twice has one report row for both calls (as in torch's eager suite), which
-lists the nodes of its first call: the second call's nodes stay uncoloured.
+A module called twice has a report row per call site (``layer1.0.relu``, ``layer1.0.relu#2``),
+each listing its own nodes, so both call sites are coloured with their own values.
 
 Values Model Explorer cannot show are mapped, not dropped: ``inf`` (an exact match) becomes
 the overlay's largest finite value, ``-inf`` its smallest; rows whose value is ``nan`` or

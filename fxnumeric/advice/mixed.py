@@ -1,0 +1,274 @@
+"""Mixed precision: which quantized variant (or float) each layer should take, for a target.
+
+Given the float model and several quantized variants of it (``{"int4": q4, "int8": q8}``),
+:func:`advise_variants` chooses per layer one variant or float, minimising the average weight
+bits, subject to the end metric reaching a target. Every step is verified on real hybrid
+models (:mod:`fxnumeric.advice.hybrid`: the float model with each layer's subgraph taken from
+its chosen variant); nothing is re-quantized and nothing is estimated without being run.
+
+The search (closed loop):
+
+1. **Cheapest**: every layer takes its cheapest choice; if that reaches the target, done.
+2. **Efficiency**: each layer alone is upgraded to its next dearer choice, measured on a real
+   hybrid: the metric it buys per bit it costs.
+3. **Fill**: layers are upgraded in order of efficiency; a bisection over that order finds the
+   fewest upgrades that reach the target (each probe a real hybrid). If all of them do not,
+   the next dearer choices are measured the same way from there.
+4. **Prune**: every upgrade the target can do without is undone again, the least efficient
+   and dearest first, each removal verified.
+
+Each verified assignment is a point ``(bits, metric)``; :attr:`~fxnumeric.Advice.front` keeps
+the Pareto front of them.
+
+What a layer costs is its weight's bits per value as the variant stores it
+(:func:`fxnumeric.storage.weight_storage_bits`), by default *nominal* (a packed format's
+width: torchao 0.18 keeps int4 values in whole bytes on CPU, which ``bits="stored"`` counts),
+scales and zero points included, averaged over the layers searched, weighted by their size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import InputError, InstrumentationError
+from ..storage import weight_storage_bits
+from .hybrid import module_path
+
+__all__ = ["LayerChoices", "advise_variants", "FLOAT"]
+
+FLOAT = "float"
+"""The choice that keeps a layer in float."""
+
+
+@dataclass(frozen=True)
+class LayerChoices:
+    """What one layer may take: ``choices`` as ``(name, bits per weight)``, cheapest first."""
+
+    name: str
+    module: str
+    numel: int
+    choices: tuple[tuple[str, float], ...]
+
+    def bits(self, choice: str) -> float:
+        return dict(self.choices)[choice]
+
+
+def _layer_module(matching: Any, name: str) -> nn.Module | None:
+    """The quantized module that computes layer ``name`` (``None`` for a functional op)."""
+    for pair in matching.pairs:
+        if pair.name.partition("#")[0] == name:
+            region = matching.region_of(pair)
+            for node in region.chain(pair, "quant"):
+                module = region.quant_view.module(node)
+                if module is not None and getattr(module, "weight", None) is not None:
+                    return module
+    return None
+
+
+def _float_module(matching: Any, name: str) -> nn.Module | None:
+    for pair in matching.pairs:
+        if pair.name.partition("#")[0] == name:
+            region = matching.region_of(pair)
+            for node in region.chain(pair, "float"):
+                module = region.float_view.module(node)
+                if module is not None and getattr(module, "weight", None) is not None:
+                    return module
+    return None
+
+
+def layer_choices(runner: Any, nominal: bool = True,
+                  wanted: Iterable[str] | None = None) -> list[LayerChoices]:
+    """Each searchable layer with the bits of every variant that quantizes it, and float's.
+
+    A layer is searchable when its float module holds a weight and at least one variant
+    quantizes it; variants that do not quantize it are not offered for it.
+    """
+    names = runner.layers if wanted is None else list(dict.fromkeys(wanted))
+    unknown = [n for n in names if n not in runner.layers]
+    if unknown:
+        raise InputError(f"no quantized layer is named {unknown[:5]}; layers are: "
+                         f"{', '.join(runner.layers[:20])}")
+    out: list[LayerChoices] = []
+    for name in names:
+        float_module = _float_module(runner.matching, name)
+        if float_module is None:
+            continue
+        float_bits, numel = weight_storage_bits(float_module)
+        choices = [(FLOAT, float_bits / numel)]
+        for variant, matching in runner.variants.items():
+            local = runner.layer_of(name, variant)
+            module = _layer_module(matching, local) if local else None
+            if module is None:
+                continue
+            bits, count = weight_storage_bits(module, nominal=nominal)
+            if count == numel:
+                choices.append((variant, bits / count))
+        if len(choices) > 1:
+            out.append(LayerChoices(name, module_path(runner.matching, name), numel,
+                                    tuple(sorted(choices, key=lambda c: c[1]))))
+    if not out:
+        raise InputError("no layer to choose a precision for: no variant quantizes a layer "
+                         "with a weight; see fxnumeric.match(float_model, quant_model).table()")
+    return out
+
+
+class _Plans:
+    """Assignments ``{layer: choice}``: their average bits, their hybrids, their verified
+    metric (each assignment is run once)."""
+
+    def __init__(self, search: Any, layers: list[LayerChoices]) -> None:
+        self.search, self.layers = search, layers
+        self.by_name = {lc.name: lc for lc in layers}
+        self.total = sum(lc.numel for lc in layers)
+        self.seen: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def bits(self, plan: Mapping[str, str]) -> float:
+        return sum(lc.numel * lc.bits(plan[lc.name]) for lc in self.layers) / self.total
+
+    def _key(self, plan: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(plan.items()))
+
+    def measure(self, plans: list[dict[str, str]], label: str) -> list[float]:
+        """The end metric of each plan, running the ones not run before."""
+        todo = [p for p in plans if self._key(p) not in self.seen]
+        todo = list({self._key(p): p for p in todo}.values())
+        if todo:
+            hybrids = [("float", tuple(s for name, choice in p.items() if choice != FLOAT
+                                       for s in self.search.runner.swaps(name, "float", choice)))
+                       for p in todo]
+            for plan, value in zip(todo, self.search.evaluate(hybrids, label), strict=True):
+                self.seen[self._key(plan)] = value
+        return [self.seen[self._key(p)] for p in plans]
+
+    def front(self) -> tuple[tuple[float, float], ...]:
+        """The Pareto front of every plan run: ``(bits, metric)``, fewest bits first."""
+        u = self.search.metric.utility
+        points = sorted(((self.bits(dict(k)), v) for k, v in self.seen.items()),
+                        key=lambda p: (p[0], -u(p[1])))
+        front: list[tuple[float, float]] = []
+        for bits, value in points:
+            if not front or u(value) > u(front[-1][1]):
+                front.append((bits, value))
+        return tuple(front)
+
+
+def _upgrade(lc: LayerChoices, choice: str) -> str | None:
+    names = [c for c, _ in lc.choices]
+    i = names.index(choice)
+    return names[i + 1] if i + 1 < len(names) else None
+
+
+def advise_variants(search: Any, target: float, *, nominal: bool = True,
+                    layers: Iterable[str] | None = None, prune: bool = True,
+                    allow_float: bool = True) -> dict[str, Any]:
+    """Run the search of this module on a prepared ``_Search`` over several variants.
+
+    Returns the fields of an :class:`~fxnumeric.Advice`: ``assignment``, ``bits``, ``value``,
+    ``front``, ``curve``, ``reached``, ``message``, ``seconds``.
+    """
+    started = time.perf_counter()
+    metric = search.metric
+    u, meets = metric.utility, metric.meets
+    found = layer_choices(search.runner, nominal, layers)
+    if not allow_float:
+        found = [LayerChoices(lc.name, lc.module, lc.numel,
+                              tuple(c for c in lc.choices if c[0] != FLOAT)) for lc in found]
+        found = [lc for lc in found if lc.choices]
+    plans = _Plans(search, found)
+    for lc in found:  # every swap can be built, or the layer is not offered
+        for choice, _ in lc.choices:
+            if choice != FLOAT:
+                try:
+                    search.runner.swaps(lc.name, "float", choice)
+                except InstrumentationError as exc:
+                    raise InputError(f"layer {lc.module}: {exc}") from exc
+    plan = {lc.name: lc.choices[0][0] for lc in found}
+    (value,) = plans.measure([plan], "cheapest plan")
+    upgraded: list[str] = []
+    while not meets(value, target):
+        # each layer alone one step dearer, from the current plan: the metric bought per bit
+        steps = {lc.name: _upgrade(lc, plan[lc.name]) for lc in found}
+        steps = {n: c for n, c in steps.items() if c is not None}
+        if not steps:
+            break
+        singles = [{**plan, n: c} for n, c in steps.items()]
+        values = plans.measure(singles, f"upgrade each of {len(singles)} layers")
+        base_u = u(value)
+        eff = {}
+        for (n, c), v in zip(steps.items(), values, strict=True):
+            lc = plans.by_name[n]
+            cost = lc.numel * (lc.bits(c) - lc.bits(plan[n]))
+            gain = u(v) - base_u
+            eff[n] = gain / cost if cost > 0 else math.inf if gain > 0 else -math.inf
+        order = [n for n in sorted(eff, key=lambda n: -eff[n]) if eff[n] > 0]
+        if not order:
+            order = sorted(eff, key=lambda n: -eff[n])  # nothing helps alone: all, best first
+        # bisect the fewest upgrades (in order of efficiency) that reach the target: the
+        # current plan plus order[:lo] does not, plus order[:hi] does
+        full = {**plan, **{n: steps[n] for n in order}}
+        (full_value,) = plans.measure([full], "all upgrades")
+        if not meets(full_value, target):
+            plan, value = full, full_value
+            upgraded += order
+            continue
+        lo, hi, best_value = 0, len(order), full_value
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            (v,) = plans.measure([{**plan, **{n: steps[n] for n in order[:mid]}}],
+                                 f"first {mid} upgrades")
+            if meets(v, target):
+                hi, best_value = mid, v
+            else:
+                lo = mid
+        plan = {**plan, **{n: steps[n] for n in order[:hi]}}
+        value = best_value
+        upgraded += order[:hi]
+    if prune and meets(value, target) and upgraded:
+        plan, value = _prune(plans, plan, value, target, upgraded)
+    reached = meets(value, target)
+    bits = plans.bits(plan)
+    cheapest = {lc.name: lc.choices[0][0] for lc in found}
+    counts: dict[str, int] = {}
+    for choice in plan.values():
+        counts[choice] = counts.get(choice, 0) + 1
+    mix = ", ".join(f"{counts[c]} {c}" for c in sorted(counts, key=lambda c: -counts[c]))
+    cmp = ">=" if metric.higher_is_better else "<="
+    if reached:
+        message = (f"{len(found)} layers at {bits:.2f} average weight bits ({mix}) reach "
+                   f"{metric.name} {value:.4g} {cmp} {target:g} (cheapest plan: "
+                   f"{plans.bits(cheapest):.2f} bits, {plans.measure([cheapest], '')[0]:.4g})")
+    else:
+        message = (f"target {metric.name} {cmp} {target:g} NOT reached: best found {value:.4g} "
+                   f"at {bits:.2f} average weight bits ({mix}), even with every layer at its "
+                   "dearest choice")
+    front = plans.front()
+    return {
+        "assignment": {plans.by_name[n].module: c for n, c in plan.items()},
+        "bits": bits, "value": value, "reached": reached, "message": message,
+        "front": front, "curve": tuple(v for _, v in front),
+        "seconds": time.perf_counter() - started, "layers": tuple(found),
+    }
+
+
+def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
+           upgraded: list[str]) -> tuple[dict[str, str], float]:
+    """Undo every upgrade the target does without, dearest-per-gain first, each verified."""
+    meets = plans.search.metric.meets
+    order = sorted(dict.fromkeys(upgraded), key=lambda n: -plans.by_name[n].numel)
+    for name in order:
+        lc = plans.by_name[name]
+        names = [c for c, _ in lc.choices]
+        i = names.index(plan[name])
+        if i == 0:
+            continue
+        trial = {**plan, name: names[i - 1]}
+        (v,) = plans.measure([trial], "pruning")
+        if meets(v, target):
+            plan, value = trial, v
+    return plan, value

@@ -1,0 +1,124 @@
+"""How many bits a model's weights really take, quantized or not.
+
+Mixed-precision advice minimises the bytes of weights, so it needs each layer's weight as
+stored, scales and zero points included, read from the tensors rather than from a config's
+name. What the flows store (torch 2.14, torchao 0.18)::
+
+    flow / config                              tensor                    stored per weight
+    float                                      torch.Tensor              element size (32, 16)
+    torchao Int8WeightOnlyConfig() and         Int8Tensor: qdata int8,   8 + (32 + 8) / in_features
+      Int8DynamicActivationInt8WeightConfig()   scale (out, 1) float32    (8.07 for 576 inputs,
+                                                (bf16 models too),        fp32 or bf16 model)
+                                                zero_point (out, 1) int8
+    torchao IntxWeightOnlyConfig(int4,         IntxUnpackedToInt8Tensor: 8 + (32 + 8) / 32 = 9.25
+      PerGroup(32))                             qdata *int8* (int4 values (fp32 model; 8.75 bf16);
+                                                unpacked), scale (model   nominal 4 + 1.25 = 5.25
+                                                dtype) and int8           (4.75 bf16)
+                                                zero_point per group
+    torch quantize_dynamic / static eager      quantized tensor (qint8)  8, plus float64 scale and
+                                                                          int64 zero point per
+                                                                          channel if per-channel
+
+torchao's default int4 layout (``IntxPackingFormat.UNPACKED_TO_INT8``, meant for
+``torch.export``) keeps each int4 value in a byte, so an "int4" model stores *more* than an
+int8 one. :func:`weight_storage_bits` reports what is stored; ``nominal=True`` counts such
+values at their target width (``target_dtype``), what a packed layout would store.
+
+torchao tensors are read through the protocol every traceable tensor subclass implements,
+``__tensor_flatten__() -> (inner tensor attribute names, metadata)``, so torchao is never
+imported here and new subclasses are counted without a table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["weight_storage_bits", "tensor_storage_bits"]
+
+_INT_BITS = {getattr(torch, f"int{b}"): b for b in range(1, 9) if hasattr(torch, f"int{b}")}
+_QUANTIZED_BITS = {torch.qint8: 8, torch.quint8: 8, torch.qint32: 32, torch.quint4x2: 4,
+                   torch.quint2x4: 2}
+
+
+def tensor_storage_bits(tensor: torch.Tensor, nominal: bool = False) -> int:
+    """Bits ``tensor`` stores: its data plus, for a quantized tensor, its scales and zero points.
+
+    Args:
+        tensor: a plain tensor, a torch quantized tensor, or a tensor subclass implementing
+            ``__tensor_flatten__`` (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor`` ...),
+            whose inner tensors are counted recursively.
+        nominal: count a subclass's ``qdata`` at the width of its ``target_dtype``
+            (``torch.int4``: 4 bits) instead of the int8 it is stored in.
+
+    >>> tensor_storage_bits(torch.zeros(10, 4))
+    1280
+    """
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, meta = tensor.__tensor_flatten__()
+        target_bits = _INT_BITS.get(getattr(tensor, "target_dtype", None)) if nominal else None
+        total = 0
+        for name in names:
+            inner = getattr(tensor, name)
+            if not isinstance(inner, torch.Tensor):
+                continue  # an optional inner tensor left None
+            if name == "qdata" and target_bits is not None:
+                total += inner.numel() * target_bits
+            else:
+                total += tensor_storage_bits(inner, nominal)
+        return total
+    if tensor.is_quantized:
+        bits = tensor.numel() * _QUANTIZED_BITS[tensor.dtype]
+        if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                                torch.per_channel_affine_float_qparams):
+            bits += _plain_bits(tensor.q_per_channel_scales())
+            bits += _plain_bits(tensor.q_per_channel_zero_points())
+        else:
+            bits += 64 + 64  # one double scale, one int64 zero point
+        return bits
+    return _plain_bits(tensor)
+
+
+def _plain_bits(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size() * 8
+
+
+def _module_weight(module: nn.Module) -> torch.Tensor | None:
+    """``module.weight``, called if it is a method (torch's quantized modules unpack it)."""
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(weight, torch.Tensor):
+        weight = weight()
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def weight_storage_bits(module_or_tensor: nn.Module | torch.Tensor,
+                        nominal: bool = False) -> tuple[int, int]:
+    """``(bits, numel)``: the storage of the weights in a module tree, or of one tensor.
+
+    For a module, every submodule's ``weight`` counts (``nn.Linear``, ``nn.Embedding``,
+    norms, torchao-quantized modules, and torch's quantized modules whose ``weight()`` is a
+    method), each shared tensor once (a tied ``lm_head`` and embedding are one weight;
+    ``quantize_`` unties them, and then both count). Biases do not count. ``bits / numel`` is
+    the average bits per weight.
+
+    Args:
+        module_or_tensor: a model, a layer, or a weight tensor.
+        nominal: see :func:`tensor_storage_bits`.
+
+    >>> weight_storage_bits(nn.Linear(4, 2))
+    (256, 8)
+    """
+    if isinstance(module_or_tensor, torch.Tensor):
+        return tensor_storage_bits(module_or_tensor, nominal), module_or_tensor.numel()
+    bits = numel = 0
+    seen: dict[int, torch.Tensor] = {}  # holding each tensor keeps its id from being reused
+    for module in module_or_tensor.modules():
+        weight = _module_weight(module)
+        if weight is None or id(weight) in seen:
+            continue
+        seen[id(weight)] = weight
+        bits += tensor_storage_bits(weight, nominal)
+        numel += weight.numel()
+    return bits, numel
+

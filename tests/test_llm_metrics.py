@@ -1,0 +1,315 @@
+"""fxnumeric.llm_metrics against direct computations with torch.nn.functional (the oracle)."""
+
+from __future__ import annotations
+
+import doctest
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxnumeric import llm_metrics
+from fxnumeric.errors import InputError
+from fxnumeric.llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
+
+
+def _logits(shape, seed, scale=3.0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _pair(shape=(3, 7, 50), seed=0, noise=0.3, dtype=torch.float32):
+    f = _logits(shape, seed, dtype=dtype)
+    q = (f.double() + _logits(shape, seed + 1, scale=noise, dtype=torch.float64)).to(dtype)
+    return f, q
+
+
+def _mask(batch, seq, lengths):
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    return mask
+
+
+def _oracle(f, q, mask=None, labels=None):
+    """The metrics straight from F.kl_div / F.cross_entropy in float64."""
+    f64, q64 = f.double(), q.double()
+    log_p, log_q = F.log_softmax(f64, -1), F.log_softmax(q64, -1)
+    token_kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    real = torch.ones(f.shape[:-1], dtype=torch.bool) if mask is None else mask.bool()
+    kl = token_kl[real]
+    out = {
+        "kl": float(kl.mean()),
+        "kl_p99": float(torch.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float((f64.argmax(-1) == q64.argmax(-1))[real].double().mean()),
+    }
+    if labels is not None:
+        # HF's causal-LM loss: position t scores labels[t + 1]; padding is no target
+        target = labels.clone()
+        target[~real] = -100
+        target = target[:, 1:].reshape(-1)
+        for name, logits in (("ppl_float", f64), ("ppl_quantized", q64)):
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target,
+                                  ignore_index=-100)
+            out[name] = math.exp(float(nll))
+    return out
+
+
+def _close(got, expected, tol=1e-6):
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=tol, abs=tol), key
+
+
+def test_matches_kl_div_and_cross_entropy_with_padding():
+    f, q = _pair()
+    mask = _mask(3, 7, [7, 4, 2])
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(5))
+    acc = LogitsAccumulator()
+    acc.update(f, q, attention_mask=mask, input_ids=ids)
+    _close(acc.values(), _oracle(f, q, mask, labels=ids))
+    assert acc.tokens == 13 and acc.targets == 6 + 3 + 1
+
+
+def test_padding_is_ignored_whatever_it_holds():
+    f, q = _pair()
+    mask = _mask(3, 7, [7, 4, 2])
+    garbage_f, garbage_q = f.clone(), q.clone()
+    garbage_f[~mask.bool()] = 1e4  # what the model computes on padding must not matter
+    garbage_q[~mask.bool()] = -1e4
+    a, b = LogitsAccumulator(), LogitsAccumulator()
+    a.update(f, q, attention_mask=mask)
+    b.update(garbage_f, garbage_q, attention_mask=mask)
+    assert a.values() == b.values()
+
+
+def test_labels_with_ignore_index():
+    f, q = _pair()
+    labels = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(6))
+    labels[0, 3] = -100  # e.g. a prompt token masked out of the loss
+    labels[2, 1:3] = -100
+    acc = LogitsAccumulator()
+    acc.update(f, q, labels=labels)
+    _close(acc.values(), _oracle(f, q, labels=labels))
+
+
+def test_labels_win_over_input_ids():
+    f, q = _pair()
+    labels = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(6))
+    a, b = LogitsAccumulator(), LogitsAccumulator()
+    a.update(f, q, labels=labels, input_ids=torch.zeros_like(labels))
+    b.update(f, q, labels=labels)
+    assert a.values() == b.values()
+
+
+def test_bf16_logits():
+    f, q = _pair(dtype=torch.bfloat16)
+    mask = _mask(3, 7, [5, 7, 3])
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(7))
+    acc = LogitsAccumulator()
+    acc.update(f, q, attention_mask=mask, input_ids=ids)
+    _close(acc.values(), _oracle(f, q, mask, labels=ids))  # the oracle reads the same bf16 values
+
+
+def test_streaming_over_batches_equals_one_batch():
+    f, q = _pair((8, 9, 40), seed=3)
+    mask = _mask(8, 9, [9, 1, 5, 9, 3, 8, 2, 6])
+    ids = torch.randint(0, 40, (8, 9), generator=torch.Generator().manual_seed(8))
+    whole, parts = LogitsAccumulator(), LogitsAccumulator()
+    whole.update(f, q, attention_mask=mask, input_ids=ids)
+    for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):
+        parts.update(f[rows], q[rows], attention_mask=mask[rows], input_ids=ids[rows])
+    _close(parts.values(), whole.values(), tol=1e-12)
+    assert parts.tokens == whole.tokens and parts.targets == whole.targets
+
+
+def test_merge_equals_one_accumulator():
+    f, q = _pair((6, 5, 30), seed=4)
+    one, a, b = LogitsAccumulator(), LogitsAccumulator(), LogitsAccumulator()
+    one.update(f, q, input_ids=torch.zeros(6, 5, dtype=torch.long))
+    a.update(f[:2], q[:2], input_ids=torch.zeros(2, 5, dtype=torch.long))
+    b.update(f[2:], q[2:], input_ids=torch.zeros(4, 5, dtype=torch.long))
+    a.merge(b)
+    _close(a.values(), one.values(), tol=1e-12)
+
+
+def test_chunks_do_not_change_the_result(monkeypatch):
+    f, q = _pair((4, 33, 64), seed=9)
+    mask = _mask(4, 33, [33, 10, 20, 1])
+    ids = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(9))
+    big = LogitsAccumulator()
+    big.update(f, q, attention_mask=mask, input_ids=ids)
+    monkeypatch.setattr(llm_metrics, "_CHUNK_ELEMENTS", 64 * 5)  # 5 tokens per chunk
+    small = LogitsAccumulator()
+    small.update(f, q, attention_mask=mask, input_ids=ids)
+    _close(small.values(), big.values(), tol=1e-6)
+    _close(small.values(), _oracle(f, q, mask, labels=ids))
+
+
+def test_near_identical_logits_keep_their_small_kl():
+    """A KL of 1e-6 nats survives float32: the error stays near 1e-9 nats, not 1e-6."""
+    f = _logits((2, 16, 2000), 11, scale=8.0)
+    q = f + _logits((2, 16, 2000), 12, scale=2e-3)
+    acc = LogitsAccumulator()
+    acc.update(f, q)
+    expected = _oracle(f, q)
+    assert 1e-7 < expected["kl"] < 1e-5
+    assert acc.values()["kl"] == pytest.approx(expected["kl"], rel=1e-2, abs=1e-8)
+    offset = LogitsAccumulator()  # softmax ignores a common offset: so must the KL's precision
+    offset.update(f, q + 5.0)
+    assert offset.values()["kl"] == pytest.approx(_oracle(f, q + 5.0)["kl"], rel=1e-2, abs=1e-8)
+    same = LogitsAccumulator()
+    same.update(f, f.clone())
+    assert same.values()["kl"] == 0.0 and same.values()["top1_agreement"] == 1.0
+
+
+def test_far_apart_models_and_masked_vocabulary_entries():
+    f = _logits((2, 16, 500), 13, scale=8.0)
+    q = f + _logits((2, 16, 500), 14, scale=40.0)  # maxima 100+ nats apart in some rows
+    acc = LogitsAccumulator()
+    acc.update(f, q)
+    _close(acc.values(), _oracle(f, q))
+    # a vocabulary entry both models mask with -inf contributes nothing (the oracle says nan)
+    f_masked, q_masked = f.clone(), f + _logits((2, 16, 500), 15, scale=0.3)
+    reference = LogitsAccumulator()
+    reference.update(f_masked[..., :-1], q_masked[..., :-1])
+    f_masked[..., -1] = q_masked[..., -1] = -math.inf
+    masked = LogitsAccumulator()
+    masked.update(f_masked, q_masked)
+    _close(masked.values(), reference.values())
+
+
+def test_two_dimensional_logits_are_tokens():
+    f, q = _pair((10, 20))
+    acc = LogitsAccumulator()
+    acc.update(f, q)
+    _close(acc.values(), _oracle(f, q))
+
+
+def test_nothing_seen_is_nan_and_no_perplexity():
+    values = LogitsAccumulator().values()
+    assert set(values) == {"kl", "kl_p99", "kl_max", "top1_agreement"}
+    assert all(math.isnan(v) for v in values.values())
+    acc = LogitsAccumulator()
+    f, q = _pair()
+    acc.update(f, q)  # no labels: no perplexity
+    assert "ppl_float" not in acc.values()
+
+
+def test_token_kls_are_float32_one_per_real_token():
+    f, q = _pair()
+    acc = LogitsAccumulator()
+    acc.update(f, q, attention_mask=_mask(3, 7, [7, 4, 2]))
+    acc.update(f, q)
+    kls = acc.token_kls()
+    assert kls.dtype == torch.float32 and kls.shape == (13 + 21,)
+
+
+def test_wrong_shapes_say_what_differs():
+    f, q = _pair()
+    acc = LogitsAccumulator()
+    with pytest.raises(InputError, match=r"float logits \(3, 7, 50\) and quantized logits"):
+        acc.update(f, q[..., :49])
+    with pytest.raises(InputError, match=r"attention_mask \(3, 6\) does not match"):
+        acc.update(f, q, attention_mask=torch.ones(3, 6))
+    with pytest.raises(InputError, match=r"outside the vocabulary \[0, 50\)"):
+        acc.update(f, q, labels=torch.full((3, 7), 50))
+    with pytest.raises(InputError, match="must be a floating tensor"):
+        acc.update(torch.zeros(3, 7, dtype=torch.long), q)
+    assert acc.tokens == 0  # a rejected batch leaves nothing behind
+
+
+def test_module_doctests():
+    result = doctest.testmod(llm_metrics)
+    assert result.failed == 0 and result.attempted > 0
+
+
+# ---------------------------------------------------------------- looks_like_logits
+
+
+def test_an_output_with_logits_is_logits():
+    logits = torch.randn(2, 5, 300)
+    assert looks_like_logits(SimpleNamespace(logits=logits, loss=torch.tensor(1.0))) is logits
+    assert looks_like_logits({"loss": torch.tensor(1.0), "logits": logits}) is logits
+
+
+def test_a_tensor_is_logits_by_the_models_vocabulary():
+    out = torch.randn(2, 5, 300)
+    assert looks_like_logits(out, vocab_size=300) is out
+    assert looks_like_logits((out, "cache"), vocab_size=300) is out
+    assert looks_like_logits(out, vocab_size=301) is None
+    assert looks_like_logits(torch.randn(4, 300), vocab_size=300) is not None  # (tokens, vocab)
+
+
+def test_the_heuristic_without_a_vocabulary():
+    ids = torch.randint(0, 1000, (2, 5))
+    logits = torch.randn(2, 5, 1200)
+    assert looks_like_logits(logits, {"input_ids": ids}) is logits
+    assert looks_like_logits(logits, ids) is logits
+    assert looks_like_logits(logits, (ids, torch.ones_like(ids))) is logits
+    assert looks_like_logits(logits) is None  # no input ids to check against
+    assert looks_like_logits(torch.randn(2, 5, 576), ids) is None  # hidden states: too narrow
+    assert looks_like_logits(torch.randn(2, 6, 1200), ids) is None  # not one row per token
+    assert looks_like_logits(torch.randn(2, 1200), ids) is None  # a classifier's scores
+    wide_hidden = torch.randn(2, 5, 1024)  # a 1024-wide encoder's hidden states
+    assert looks_like_logits(wide_hidden, torch.randint(0, 30000, (2, 5))) is None
+    assert looks_like_logits(logits, torch.randn(2, 5)) is None  # float "ids" are not ids
+
+
+def test_tiny_llama_output_is_logits():
+    pytest.importorskip("transformers")
+    from fxnumeric.zoo_llm import tiny_llama, tiny_llm_batches
+
+    model = tiny_llama()
+    batch = tiny_llm_batches()[0]
+    with torch.no_grad():
+        out = model(**batch)
+    assert looks_like_logits(out, batch) is out.logits
+    with torch.no_grad():
+        plain = model(**batch, return_dict=False)[0]
+    assert looks_like_logits(plain, batch, vocab_size=model.config.vocab_size) is plain
+    assert looks_like_logits(out.logits, batch) is None  # 256 < 1000: say vocab_size
+    with torch.no_grad():
+        hidden = model.model(**batch).last_hidden_state
+    assert looks_like_logits(hidden, batch, vocab_size=model.config.vocab_size) is None
+
+
+def test_token_fields():
+    ids = torch.tensor([[5, 6, 0]])
+    mask = torch.tensor([[True, True, False]])
+    assert set(token_fields({"input_ids": ids, "attention_mask": mask})) == {
+        "input_ids", "attention_mask"}
+    assert token_fields((ids, mask))["attention_mask"] is mask
+    assert token_fields(ids) == {"input_ids": ids}
+    assert token_fields(torch.randn(2, 3)) == {}  # an image batch has no tokens
+    assert token_fields({"pixel_values": torch.randn(1, 3)}) == {}
+
+
+# ---------------------------------------------------------------- on a quantized tiny Llama
+
+
+def test_int4_tiny_llama_moves_every_metric():
+    pytest.importorskip("transformers")
+    quantization = pytest.importorskip("torchao.quantization")
+    import copy
+
+    from fxnumeric.zoo_llm import tiny_llama, tiny_llm_batches
+
+    float_model = tiny_llama()
+    quant_model = copy.deepcopy(float_model)
+    quantization.quantize_(quant_model, quantization.IntxWeightOnlyConfig(
+        weight_dtype=torch.int4, granularity=quantization.PerGroup(32)))
+    acc = LogitsAccumulator()
+    batches = tiny_llm_batches(n=2)
+    with torch.no_grad():
+        for batch in batches:
+            acc.update(float_model(**batch).logits, quant_model(**batch).logits,
+                       attention_mask=batch["attention_mask"], input_ids=batch["input_ids"])
+    values = acc.values()
+    assert acc.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert 0 < values["kl"] <= values["kl_p99"] <= values["kl_max"]
+    assert 0 < values["top1_agreement"] < 1
+    assert values["ppl_float"] > 1 and values["ppl_quantized"] > 1

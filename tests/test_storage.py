@@ -1,0 +1,95 @@
+"""fxnumeric.storage reads the bits each flow really stores per weight."""
+
+from __future__ import annotations
+
+import copy
+import doctest
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fxnumeric import storage
+from fxnumeric.storage import tensor_storage_bits, weight_storage_bits
+
+
+def test_plain_tensors_and_modules():
+    assert weight_storage_bits(torch.zeros(3, 5)) == (3 * 5 * 32, 15)
+    assert weight_storage_bits(torch.zeros(3, 5, dtype=torch.bfloat16)) == (3 * 5 * 16, 15)
+    model = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4), nn.Embedding(10, 4))
+    assert weight_storage_bits(model) == ((32 + 4 + 40) * 32, 76)  # biases do not count
+
+
+def test_a_shared_weight_counts_once():
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    assert weight_storage_bits(nn.ModuleList([emb, head])) == (40 * 32, 40)
+
+
+def test_torch_quantized_tensors():
+    w = torch.randn(6, 16)
+    per_tensor = torch.quantize_per_tensor(w, 0.1, 0, torch.qint8)
+    assert tensor_storage_bits(per_tensor) == 96 * 8 + 128
+    per_channel = torch.quantize_per_channel(w, torch.rand(6) + 0.1, torch.zeros(6, dtype=torch.long),
+                                             0, torch.qint8)
+    assert tensor_storage_bits(per_channel) == 96 * 8 + 6 * 64 + 6 * 64  # double scales, int64 zps
+
+
+def test_quantize_dynamic_modules_are_read_through_weight_method():
+    model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
+                                                           dtype=torch.qint8)
+    bits, numel = weight_storage_bits(quantized)
+    assert numel == 96 + 18
+    assert bits == (96 + 18) * 8 + 2 * 128  # per-tensor: one scale and zero point per layer
+
+
+@pytest.fixture(scope="module")
+def ao():
+    return pytest.importorskip("torchao.quantization")
+
+
+def _quantized_linear(ao, config, in_features=128, out_features=64, dtype=torch.float32):
+    linear = nn.Linear(in_features, out_features, bias=False).to(dtype)
+    ao.quantize_(linear, config)
+    return linear
+
+
+def test_torchao_int8_is_eight_bits_plus_a_row_scale_and_zero_point(ao):
+    for config in (ao.Int8WeightOnlyConfig(), ao.Int8DynamicActivationInt8WeightConfig()):
+        weight = _quantized_linear(ao, config).weight
+        assert type(weight).__name__ == "Int8Tensor"
+        bits, numel = weight_storage_bits(weight)
+        assert numel == 64 * 128
+        assert bits == 64 * 128 * 8 + 64 * (32 + 8)  # qdata, fp32 scale and int8 zero per row
+        assert weight_storage_bits(weight, nominal=True) == (bits, numel)
+
+
+def test_torchao_int4_groups_are_stored_in_int8(ao):
+    config = ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(32))
+    weight = _quantized_linear(ao, config).weight
+    assert type(weight).__name__ == "IntxUnpackedToInt8Tensor"
+    groups = 64 * 128 // 32
+    bits, numel = weight_storage_bits(weight)
+    assert bits / numel == 9.25  # int8 qdata + (32-bit scale + 8-bit zero point) / 32
+    assert bits == numel * 8 + groups * (32 + 8)
+    nominal, _ = weight_storage_bits(weight, nominal=True)
+    assert nominal / numel == 5.25  # what a packed int4 layout would store
+    bf16 = _quantized_linear(ao, config, dtype=torch.bfloat16).weight
+    assert weight_storage_bits(bf16, nominal=True)[0] / numel == 4.75  # bf16 scales
+
+
+def test_a_model_mixes_float_and_quantized_layers(ao):
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 32, bias=False))
+    ao.quantize_(model, ao.FqnToConfig({"1": ao.Int8WeightOnlyConfig()}), filter_fn=None)
+    bits, numel = weight_storage_bits(model)
+    assert numel == 64 * 64 + 64 * 32
+    assert bits == 64 * 64 * 32 + (64 * 32 * 8 + 32 * 40)
+
+
+def test_module_doctests():
+    result = doctest.testmod(storage, extraglobs={"torch": torch, "nn": nn})
+    assert result.failed == 0 and result.attempted > 0
