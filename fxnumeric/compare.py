@@ -300,11 +300,12 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
 
 def _check_pairable(matching: Matching) -> None:
     """Refuse, before any batch runs, a pair of models that cannot be compared layer by layer."""
-    if not matching.pairs:
+    # the input's quantize pairs with the input of any model: it says nothing about the pair
+    if all(p.kind in ("quantize", "dequantize") for p in matching.pairs):
         float_name = type(matching.float_model).__name__ if matching.float_model else "float"
         quant_name = type(matching.quant_model).__name__ if matching.quant_model else "quantized"
         raise InputError(
-            f"nothing paired: no op of the float model ({float_name}) was found in the "
+            f"nothing paired: no compute op of the float model ({float_name}) was found in the "
             f"quantized model ({quant_name}); {len(matching.unmatched_float)} float and "
             f"{len(matching.unmatched_quant)} quantized nodes are unpaired. They do not look "
             "like a float model and the quantized model made from it, and no layer can be "

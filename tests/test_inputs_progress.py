@@ -207,7 +207,7 @@ def test_models_with_nothing_paired_are_refused_before_any_batch_runs():
     q_cnn = convert_fx(prepared)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).eval()
     calls = _counting(mlp)
-    with pytest.raises(ns.InputError, match=r"nothing paired: no op of the float model "
+    with pytest.raises(ns.InputError, match=r"nothing paired: no compute op of the float model "
                        r"\(Sequential\) was found in the quantized model \(GraphModule\).*\n"
                        r"Fix: pass the float model the quantized one was made from"):
         ns.compare(mlp, q_cnn, [x])

@@ -236,8 +236,8 @@ def test_evenly_spread_error_names_no_culprit(seed):
     assert report.worst_layer is not None  # a lowest layer exists ...
     assert report.culprit is None  # ... but it does not stand out
     v = report.verdict
-    assert v.kind == "spread" and v.layers == 12
-    assert f"no layer stands out: error is spread over 12 layers, shadow SQNR {v.low:.2f}-" \
+    assert v.kind == "spread" and v.layers == 13  # the 12 linears and the input's quantize
+    assert f"no layer stands out: error is spread over 13 layers, shadow SQNR {v.low:.2f}-" \
         in report.summary()
     assert "error accumulates: the output reads" in report.summary()
     assert report.to_dict()["culprit"] is None
