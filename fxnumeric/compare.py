@@ -5,11 +5,18 @@ quantized graph runs next; each of its loggers compares its output with the floa
 adds to running sums (:class:`fxnumeric.metrics.Accumulator`), then the float outputs are
 dropped. Shadows compare each quantized op with a copy of its float subgraph fed the same
 dequantized input. Peak memory is one batch of activations, whatever the number of batches.
+
+Nothing runs on input that cannot give honest numbers: ``data`` and the first batch are checked
+before tracing (:func:`fxnumeric.run.check_data`, :func:`fxnumeric.run.check_batch`), a pair of
+models with no op in common or a quantized model passed as the float one is refused before any
+batch runs, and a batch holding NaN/Inf is left out of every metric with a warning. NaN/Inf
+that a model produces itself is traced to the first layer where it appears, on each side.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,14 +26,22 @@ from torch import nn
 
 from ._tensors import detach, first_output
 from .capture import LeafSpec
-from .errors import InputError
+from .errors import FxNumericWarning, InputError
+from .guards import contents
 from .instrument import Instrumented, instrument, resolve_matching
 from .loggers import Logger
 from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
 from .progress import Progress, phase
 from .report import Report, ReportRow, WeightHistogram
-from .run import check_devices, pick_inputs, run_model
+from .run import (
+    check_batch,
+    check_data,
+    check_devices,
+    nonfinite_inputs,
+    pick_inputs,
+    run_model,
+)
 from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]
@@ -192,6 +207,13 @@ def compare(
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
 
+    Raises:
+        InputError: before any batch runs, when ``data`` is not an iterable of batches, a
+            batch is ``None``, a string, a number or empty, the models have no op in common
+            (nothing paired) or the "float" model is quantized too (the quantized model
+            passed twice). A batch holding NaN/Inf is not an error: it is left out of every
+            metric with a :class:`fxnumeric.FxNumericWarning`, and ``Report.notes`` says which.
+
     Example:
         >>> import copy, torch
         >>> from torch.ao.quantization import quantize_dynamic
@@ -201,13 +223,22 @@ def compare(
         >>> [row.name for row in report.rows], report.batches
         (['0', '1'], 3)
     """
-    example = None
-    if matching is None:  # the first batch: torch.export's example, and how modules are called
-        example, data = _first_batch(data, inputs)
+    check_data(data)
+    if float_model is quant_model and float_model is not None:
+        raise InputError(
+            f"the same {type(float_model).__name__} object was passed as float_model and "
+            "quant_model: compare needs the float model and the quantized model made from "
+            "it.\nFix: keep the float model before quantizing (float_model = "
+            "copy.deepcopy(model) before prepare / quantize_dynamic) and pass both")
+    total = _length(data, max_batches)
+    example, data = _first_batch(data, inputs)
+    check_batch(example, 0)  # before tracing: the first batch is checked before any work
+    if matching is not None:
+        example = None  # captured already; else torch.export's example, how modules are called
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
                  leaf_modules, precision, progress, capture, example)
-    batches = _run(plan, data, progress, max_batches, inputs)
-    return _collect(plan, batches, progress)
+    ran = _run(plan, data, progress, max_batches, inputs, total)
+    return _collect(plan, ran, progress)
 
 
 @dataclass
@@ -241,6 +272,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         matching = resolve_matching(float_model, quant_model, matching, leaf_modules,
                                     capture=capture, example_inputs=example_inputs,
                                     validate=False)
+    _check_pairable(matching)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     twins: list[_FloatOutputs] = []
@@ -266,22 +298,75 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  Accumulator(custom, precision=precision), twins, list(values.values()))
 
 
-def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
-         max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None) -> int:
-    """Feed every batch to both instrumented models; return how many batches ran."""
-    float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
+def _check_pairable(matching: Matching) -> None:
+    """Refuse, before any batch runs, a pair of models that cannot be compared layer by layer."""
+    # the input's quantize pairs with the input of any model: it says nothing about the pair
+    if all(p.kind in ("quantize", "dequantize") for p in matching.pairs):
+        float_name = type(matching.float_model).__name__ if matching.float_model else "float"
+        quant_name = type(matching.quant_model).__name__ if matching.quant_model else "quantized"
+        raise InputError(
+            f"nothing paired: no compute op of the float model ({float_name}) was found in the "
+            f"quantized model ({quant_name}); {len(matching.unmatched_float)} float and "
+            f"{len(matching.unmatched_quant)} quantized nodes are unpaired. They do not look "
+            "like a float model and the quantized model made from it, and no layer can be "
+            "compared.\nFix: pass the float model the quantized one was made from; "
+            "fxnumeric.match(float_model, quant_model).table() lists what each side holds")
+    found = [contents(region.float_view) for region in matching.regions]
+    if any(c.quantizes for c in found):
+        ops = [n for c in found for n in c.quantized_ops or c.quantize_nodes]
+        shown = ", ".join(f"`{n}`" for n in ops[:3]) + (", ..." if len(ops) > 3 else "")
+        raise InputError(
+            f"the float model is quantized too: it computes {len(ops)} quantized ops or "
+            f"quantize nodes ({shown}); compare measures a quantized model against the float "
+            "model it was made from (against another quantized one, its shadows run quantized "
+            "ops on float input or read nonsense). Was the quantized model passed twice?\n"
+            "Fix: compare(float_model, quant_model, data) "
+            "with the float model the quantized one was made from (keep a copy.deepcopy of "
+            "it before prepare / convert / quantize_dynamic)")
+
+
+def _length(data: Iterable[Any], max_batches: int | None) -> int | None:
+    """How many batches will be read, when ``data`` says (for the progress bar)."""
+    if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
+        return 1
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
+    return total
+
+
+@dataclass(frozen=True)
+class _Ran:
+    """What :func:`_run` fed: batches compared, and the indices of those left out (NaN/Inf)."""
+
+    batches: int
+    skipped: tuple[int, ...]
+
+
+def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
+         max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None,
+         total: int | None = None) -> _Ran:
+    """Feed every batch to both instrumented models; a batch holding NaN/Inf is left out."""
+    float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
     if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
-        data, total = [data], 1
+        data = [data]
+    accumulators = [*plan.outputs.values(), *plan.shadows.values(), plan.model]
     bar = Progress(total, "comparing batches", progress)
     batches = 0
+    skipped: list[int] = []
     try:
-        for batch in data:
-            if max_batches is not None and batches >= max_batches:
+        for index, batch in enumerate(data):
+            if max_batches is not None and index >= max_batches:
                 break
             model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
+            check_batch(model_inputs, index)
+            if nonfinite_inputs(model_inputs):
+                skipped.append(index)
+                warnings.warn(f"batch {index} holds NaN/Inf: it is left out of every metric "
+                              "(Report.notes lists the batches left out)",
+                              FxNumericWarning, stacklevel=3)
+                bar.update()
+                continue
             if batches == 0:
                 check_devices(plan.matching.float_model or float_gm,
                               plan.matching.quant_model or quant_gm, model_inputs)
@@ -294,17 +379,23 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
                 twin.pending.clear()
             for value in plan.values:
                 value.clear()
+            for acc in accumulators:
+                acc.end_batch()
             batches += 1
             bar.update()
     finally:
         bar.close()
+    if batches == 0 and skipped:
+        raise InputError(f"every batch holds NaN/Inf ({len(skipped)} batches): nothing is left "
+                         "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
+                         "or check the preprocessing that produces it")
     if batches == 0:
         raise InputError("data yielded no batches: pass an iterable of input tensors "
                          "(or tuples of inputs)")
-    return batches
+    return _Ran(batches, tuple(skipped))
 
 
-def _collect(plan: _Plan, batches: int, progress: bool | None = None) -> Report:
+def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     """One report row per pair name, from the accumulators and the weights."""
     matching = plan.matching
     weights: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
@@ -340,21 +431,74 @@ def _collect(plan: _Plan, batches: int, progress: bool | None = None) -> Report:
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
+            spread={key: spread for key, acc in (("output_sqnr", oa), ("shadow_sqnr", sa))
+                    if acc is not None and (spread := acc.spread()) is not None},
         ))
+    nonfinite = _first_nonfinite(plan)
     return Report(
         rows=tuple(rows),
         metrics=tuple(plan.metrics),
         comparisons=plan.comparisons,
-        batches=batches,
+        batches=ran.batches,
         model_output=plan.model.values(plan.metrics),
         unmatched=tuple((u.node, "float", u.reason) for u in matching.unmatched_float)
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,
         notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
                if matching.nothing_quantized else ())
-        + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes),
+        + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
+        + _skipped_note(ran) + _nonfinite_note(nonfinite),
         model_output_rms=_rms(plan.model),
+        skipped_batches=ran.skipped,
+        nonfinite=nonfinite,
     )
+
+
+def _skipped_note(ran: _Ran) -> tuple[str, ...]:
+    if not ran.skipped:
+        return ()
+    shown = ", ".join(map(str, ran.skipped[:10])) + (", ..." if len(ran.skipped) > 10 else "")
+    total = ran.batches + len(ran.skipped)
+    return (f"{len(ran.skipped)} of {total} batches left out of every metric: their input "
+            f"holds NaN/Inf (batch {shown})",)
+
+
+def _first_nonfinite(plan: _Plan) -> tuple[tuple[str, str], ...]:
+    """``(model side, layer)`` where NaN/Inf first appears in graph order, for each side.
+
+    Read from the output comparisons (float model against quantized model); from the shadows
+    when outputs were not compared. A side whose layers stayed finite while its model output
+    did not is named ``"model output"`` (NaN/Inf made by an op that is not paired).
+    """
+    accs = plan.outputs or plan.shadows
+    first: dict[str, str] = {}
+    for pair in plan.matching.pairs:
+        acc = accs.get(pair.name)
+        if acc is None:
+            continue
+        if acc.actual_nonfinite and "quantized" not in first:
+            first["quantized"] = pair.name
+        if acc.ref_nonfinite and "float" not in first:
+            first["float"] = pair.name
+    for side, count in (("quantized", plan.model.actual_nonfinite),
+                        ("float", plan.model.ref_nonfinite)):
+        if count and side not in first:
+            first[side] = "model output"
+    return tuple((side, first[side]) for side in ("quantized", "float") if side in first)
+
+
+def _nonfinite_note(nonfinite: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    if not nonfinite:
+        return ()
+    at = dict(nonfinite)
+    if len(at) == 2:
+        where = (f"at {at['quantized']} in the quantized model and at {at['float']} in the "
+                 "float model")
+    else:
+        ((side, layer),) = nonfinite
+        other = "float" if side == "quantized" else "quantized"
+        where = f"at {layer} in the {side} model ({other} model: finite)"
+    return (f"NaN/Inf first appears {where}: the metrics after it are poisoned",)
 
 
 def _rms(acc: Accumulator | None) -> float | None:
@@ -366,21 +510,21 @@ def _rms(acc: Accumulator | None) -> float | None:
 
 def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
                  ) -> tuple[Any, Iterable[Any]]:
-    """The model inputs of the first batch (the capture's example), and ``data`` still whole
-    (an iterator is chained back together)."""
+    """The model inputs of the first batch (checked before tracing; the capture's example),
+    and ``data`` still whole (an iterator is chained back together)."""
+    empty = ("data yielded no batches: pass an iterable of input tensors (or tuples of "
+             "inputs)")
     if isinstance(data, torch.Tensor):
         return data, data
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        if len(data) == 0:  # type: ignore[arg-type]
-            raise InputError("data yielded no batches: pass an iterable of input tensors "
-                             "(or tuples of inputs)")
-        return pick_inputs(data[0], inputs), data  # type: ignore[index]
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise InputError(empty)
+        return pick_inputs(data[0], inputs), data
     iterator = iter(data)
     try:
         first = next(iterator)
     except StopIteration:
-        raise InputError("data yielded no batches: pass an iterable of input tensors "
-                         "(or tuples of inputs)") from None
+        raise InputError(empty) from None
     return pick_inputs(first, inputs), itertools.chain([first], iterator)
 
 

@@ -83,14 +83,16 @@ def lstm_pair(seed: int = 0):
 
 
 _NEXT = """next:
-  open {html}    the SQNR chart (hover a layer), weight histograms, the full table
+  open {html}    the verdict and what to run next, the SQNR chart (hover a layer),
+      weight histograms, the full table (click a header to sort)
   fxnumeric report --model torchvision:mobilenet_v2 --quant fx --input-shape 1,3,64,64 --top-k 10
   fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128
       your own model: mymodels.py in this folder, make() returns the float model or a
       (float, quantized) pair; add --float-weights FILE for trained weights
   python: report = fxnumeric.compare(float_model, quantized_model, loader, inputs=0)
-      then report.table(top_k=10), report.to_html("report.html"); docs/reports.md explains
-      every column, docs/tutorial.md the eager Numeric Suite API"""
+      then print(report), report.culprit (None unless one layer stands out),
+      report.to_html("report.html"); docs/reports.md explains every column and the culprit
+      rule, docs/tutorial.md the eager Numeric Suite API"""
 
 
 def _section(title: str, float_model: nn.Module, qmodel: nn.Module, data: list,

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 __all__ = [
     "sqnr", "cosine", "mse", "max_abs_error", "MetricFn", "Accumulator", "BUILTIN_METRICS",
-    "prepare_actual",
+    "prepare_actual", "Spread",
 ]
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -97,6 +98,68 @@ def _one(metric: str, ref: torch.Tensor, actual: torch.Tensor) -> float:
     return acc.value(metric)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """How a metric in dB varies from batch to batch: the SQNR of each batch on its own.
+
+    The pooled value of a report (all batches' sums together) is the number to read; the
+    spread says how far it can be trusted. ``stderr`` is the standard error of the mean of the
+    per-batch values, the noise of a comparison between two layers.
+
+    Attributes:
+        mean: mean of the per-batch values, in dB.
+        std: their sample standard deviation (``nan`` with one batch: no spread is known).
+        low: the lowest per-batch value.
+        high: the highest per-batch value.
+        batches: how many batches had a finite value (an exact batch, ``inf`` dB, is left out).
+
+    Example:
+        >>> s = Spread(mean=30.0, std=0.4, low=29.6, high=30.4, batches=4)
+        >>> s.stderr, s.known
+        (0.2, True)
+    """
+
+    mean: float
+    std: float
+    low: float
+    high: float
+    batches: int
+
+    @property
+    def known(self) -> bool:
+        """Whether there are two batches or more, so that ``std`` means something."""
+        return self.batches >= 2
+
+    @property
+    def stderr(self) -> float:
+        """``std / sqrt(batches)``; ``nan`` with one batch."""
+        return self.std / math.sqrt(self.batches) if self.known else math.nan
+
+
+class _Welford:
+    """Running mean and variance (Welford, 1962: stable in one pass) plus min and max."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.low = math.inf
+        self.high = -math.inf
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+        self.low, self.high = min(self.low, x), max(self.high, x)
+
+    def spread(self) -> Spread | None:
+        if not self.n:
+            return None
+        std = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else math.nan
+        return Spread(self.mean, std, self.low, self.high, self.n)
+
+
 class Accumulator:
     """Running sums for the built-in metrics plus per-batch means of user metrics.
 
@@ -104,6 +167,12 @@ class Accumulator:
         custom: user metrics by name, each ``fn(ref, actual) -> float``; their value over
             several batches is the mean of the per-batch values.
         keep: keep every ``(ref, actual)`` pair seen (for raw-activation access).
+
+    Each :meth:`update` adds to the pooled sums. A caller that feeds batches calls
+    :meth:`end_batch` after each one: the SQNR of that batch alone (all its updates: a module
+    called twice per batch updates twice) then joins :meth:`spread`. ``ref_nonfinite`` and
+    ``actual_nonfinite`` count the updates whose reference (float) or actual (quantized)
+    tensor held NaN/Inf, so a report can say on which side a NaN appeared first.
     """
 
     def __init__(self, custom: dict[str, MetricFn] | None = None, keep: bool = False,
@@ -118,6 +187,12 @@ class Accumulator:
         self.max_abs = 0.0
         self.batches = 0
         self.nonfinite_batches = 0
+        self.ref_nonfinite = 0
+        self.actual_nonfinite = 0
+        self._batch_signal = 0.0
+        self._batch_noise = 0.0
+        self._batch_updates = 0
+        self._sqnr_spread = _Welford()
         self.custom_sums = {name: 0.0 for name in self.custom}
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep else None
         self.shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -143,6 +218,11 @@ class Accumulator:
             actual_energy = _energy(a)
         if not all(math.isfinite(v) for v in (signal, noise, actual_energy)):
             self.nonfinite_batches += 1  # NaN/Inf propagate into the sums: the metrics say so
+            self.ref_nonfinite += not math.isfinite(signal)
+            self.actual_nonfinite += not math.isfinite(actual_energy)
+        self._batch_signal += signal
+        self._batch_noise += noise
+        self._batch_updates += 1
         self.signal += signal
         self.noise += noise
         self.dot += (signal + actual_energy - noise) / 2  # = sum(ref * actual)
@@ -163,6 +243,19 @@ class Accumulator:
                     f"custom metric {name!r} failed: {type(exc).__name__}: {exc}; a metric is "
                     "called as fn(ref, actual) with float64 tensors and returns a float"
                 ) from exc
+
+    def end_batch(self) -> None:
+        """Close the current batch: its own SQNR joins :meth:`spread` (when finite)."""
+        if self._batch_updates:
+            db = _db(self._batch_signal, self._batch_noise)
+            if math.isfinite(db):
+                self._sqnr_spread.add(db)
+        self._batch_signal = self._batch_noise = 0.0
+        self._batch_updates = 0
+
+    def spread(self) -> Spread | None:
+        """The SQNR's spread over the batches closed by :meth:`end_batch` (``None``: none)."""
+        return self._sqnr_spread.spread()
 
     def value(self, name: str) -> float:
         """The metric ``name`` over everything seen so far (``nan`` before any batch)."""

@@ -3,12 +3,17 @@
 A batch is a tensor (one input), a tuple or list (several positional inputs) or a dict
 (keyword inputs: ``{"input_ids": ids, "attention_mask": mask}`` calls
 ``model(input_ids=ids, attention_mask=mask)``).
+
+:func:`check_data` and :func:`check_batch` refuse what cannot be a batch before any model runs
+on it (``None``, a string, a number, a list of strings, an empty tensor): metrics over such
+input are silent nonsense (an empty batch reads "SQNR inf dB", mse nan). :func:`nonfinite_inputs`
+tells a caller which batches hold NaN/Inf, to be left out of the metrics.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +23,93 @@ from torch import nn
 from . import flows
 from .errors import InputError
 
-__all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches"]
+__all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches",
+           "check_data", "check_batch", "nonfinite_inputs"]
+
+_BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
+             "keyword inputs, holding at least one non-empty tensor")
+
+
+def check_data(data: Any) -> None:
+    """Raise :class:`InputError` unless ``data`` is something to iterate over for batches.
+
+    >>> check_data(None)
+    Traceback (most recent call last):
+    ...
+    fxnumeric.errors.InputError: data is None: pass an iterable of batches ...
+    """
+    if data is None:
+        raise InputError("data is None: pass an iterable of batches (a list of tensors or a "
+                         "DataLoader).\nFix: compare(float_model, quant_model, "
+                         "[torch.randn(2, 3, 32, 32)]) or pass your DataLoader")
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise InputError(f"data is {_a(type(data).__name__)}, not an iterable of batches; "
+                         f"{_BATCH_IS}.\nFix: pass a list of batches or a DataLoader")
+
+
+def _tensors(x: Any, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a batch, with where it sits (``batch[1][0]``, ``batch['mask']``)."""
+    if isinstance(x, torch.Tensor):
+        return [(where, x)]
+    if isinstance(x, (tuple, list)):
+        return [t for i, v in enumerate(x) for t in _tensors(v, f"{where}[{i}]")]
+    if isinstance(x, Mapping):
+        return [t for k, v in x.items() for t in _tensors(v, f"{where}[{k!r}]")]
+    return []
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def check_batch(batch: Any, index: int) -> None:
+    """Raise :class:`InputError` when ``batch`` (the ``index``-th of the data) cannot be one.
+
+    Refused: ``None``, strings, numbers, containers without a tensor (a list of strings), and
+    empty tensors (a dimension of size 0). Other objects pass: a model may take them.
+
+    Args:
+        batch: what the models are given (after ``inputs=`` picked it from the data).
+        index: the batch's position in the data, 0 first, for the message.
+
+    Raises:
+        InputError: naming the batch index and what a batch must be.
+
+    >>> check_batch(torch.zeros(2, 3), 0)
+    >>> check_batch("a sentence", 3)
+    Traceback (most recent call last):
+    ...
+    fxnumeric.errors.InputError: batch 3 is a str ('a sentence'): a batch must be a tensor, ...
+    """
+    fix = ("Fix: make data yield tensors (tokenize text first), or pass inputs= to pick the "
+           "model inputs from each batch")
+    scalar = (str, bytes, int, float, complex, bool)
+    if batch is None or isinstance(batch, scalar):
+        shown = repr(batch) if len(repr(batch)) <= 40 else repr(batch)[:37] + "..."
+        what = "None" if batch is None else f"{_a(type(batch).__name__)} ({shown})"
+        raise InputError(f"batch {index} is {what}: {_BATCH_IS}.\n{fix}")
+    found = _tensors(batch, "batch")
+    if isinstance(batch, (tuple, list, Mapping)) and not found:
+        kinds = sorted({type(v).__name__ for v in (batch.values() if isinstance(batch, Mapping)
+                                                    else batch)}) or ["nothing"]
+        raise InputError(f"batch {index} is {_a(type(batch).__name__)} of {', '.join(kinds)} "
+                         f"with no tensor: {_BATCH_IS}.\n{fix}")
+    for where, t in found:
+        if t.numel() == 0:
+            raise InputError(
+                f"batch {index} holds an empty tensor ({where if where != 'batch' else 'the batch'}"
+                f": shape {list(t.shape)}): metrics over no values mean nothing (SQNR inf, mse "
+                f"nan); {_BATCH_IS}.\nFix: leave empty batches out of the data")
+
+
+def nonfinite_inputs(batch: Any) -> bool:
+    """Whether any floating-point tensor in ``batch`` holds NaN or Inf.
+
+    >>> nonfinite_inputs((torch.ones(2), torch.tensor([1.0, float("nan")])))
+    True
+    """
+    return any((t.is_floating_point() or t.is_complex()) and not t.is_meta  # meta: no values
+               and not bool(torch.isfinite(t).all()) for _, t in _tensors(batch, "batch"))
 
 
 def as_args(batch: Any) -> tuple[Any, ...]:

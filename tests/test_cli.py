@@ -58,7 +58,7 @@ def test_report_table_json_csv_html(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["batches"] == 2 and data["comparisons"] == ["outputs"] and len(data["layers"]) == 33
     assert main(common + ["--format", "csv", "-o", str(tmp_path / "r.csv")]) == 0
-    assert (tmp_path / "r.csv").read_text().startswith("layer,kind,weight SQNR")
+    assert (tmp_path / "r.csv").read_text().startswith("layer,kind,quantized,weight_sqnr,output_sqnr")
     assert main(common + ["--format", "html", "-o", str(tmp_path / "r.html")]) == 0
     assert "<svg" in (tmp_path / "r.html").read_text()
 
@@ -266,7 +266,7 @@ def tiny_report(user_module, tmp_path, capsys) -> Path:
     assert main(["report", *_TINY_ARGS, "--batches", "2", "--json", str(path)]) == 0
     captured = capsys.readouterr()
     assert captured.err == f"saved the report as JSON in {path}\n"
-    assert "most error enters" in captured.out.splitlines()[-1]
+    assert captured.out.splitlines()[-1].startswith("2 batches; 3 layers; model output SQNR")
     assert Report.from_json(path).summary() == captured.out.splitlines()[-1]
     return path
 

@@ -80,3 +80,148 @@ def test_progress_without_tqdm_writes_a_plain_line(monkeypatch, capsys):
     with phase("tracing", enabled=True):
         pass
     assert capsys.readouterr().err.startswith("tracing ... ")
+
+
+# ---------------------------------------------------------------- inputs validated before work
+
+
+def _counting(model: nn.Module) -> list[int]:
+    """Count the model's forward calls (a hook on the module the graph is traced from)."""
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_a_nan_batch_is_left_out_with_a_warning_naming_it():
+    f, q = _pair()
+    good = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    nan = good[1].clone()
+    nan[0, 3] = float("nan")
+    inf = good[2].clone()
+    inf[1, 0] = float("inf")
+    with pytest.warns(ns.FxNumericWarning) as caught:
+        report = ns.compare(f, q, [good[0], nan, good[1], inf])
+    assert [str(w.message) for w in caught if issubclass(w.category, ns.FxNumericWarning)] == [
+        f"batch {i} holds NaN/Inf: it is left out of every metric (Report.notes lists the "
+        "batches left out)" for i in (1, 3)]
+    assert report.batches == 2 and report.skipped_batches == (1, 3)
+    assert ns.Report.from_json(report.to_json()).skipped_batches == (1, 3)
+    assert ("2 of 4 batches left out of every metric: their input holds NaN/Inf (batch 1, 3)"
+            in report.notes)
+    clean = ns.compare(f, q, good[:2])
+    assert report.model_output == clean.model_output  # the NaN batch touched no sum
+    assert [r.shadow for r in report.rows] == [r.shadow for r in clean.rows]
+    assert "2 batches (2 more left out: NaN/Inf in the input)" in report.summary()
+
+
+def test_only_nan_batches_is_an_input_error():
+    f, q = _pair()
+    with pytest.warns(ns.FxNumericWarning), \
+            pytest.raises(ns.InputError, match=r"every batch holds NaN/Inf \(2 batches\).*\nFix:"):
+        ns.compare(f, q, [torch.full((2, 16), float("nan"))] * 2)
+
+
+def _poison_bias(linear: nn.Module) -> None:
+    """A quantized (dynamic) Linear whose bias holds NaN: it makes NaN from finite input."""
+    bias = linear.bias().clone()
+    bias[0] = float("nan")
+    linear.set_weight_bias(linear.weight(), bias)
+
+
+def test_nan_made_inside_a_model_is_traced_to_its_first_layer_and_names_no_culprit():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 4)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(4, 16) for _ in range(3)]
+    _poison_bias(q[4])  # the last: a dynamic Linear cannot even quantize a NaN input
+    report = ns.compare(f, q, data)
+    assert report.nonfinite == (("quantized", "4"),)
+    assert ("NaN/Inf first appears at 4 in the quantized model (float model: finite): the "
+            "metrics after it are poisoned") in report.notes
+    assert report.culprit is None and report.verdict.kind == "poisoned"
+    assert ("no culprit named: NaN/Inf inside the model poison the sums (first at 4 in the "
+            "quantized model)") in report.summary()
+    with torch.no_grad():
+        f[2].bias[0] = float("inf")  # and the float model overflows, earlier
+    both = ns.compare(f, q, data)
+    assert both.nonfinite == (("quantized", "4"), ("float", "2"))
+    assert ns.Report.from_json(both.to_json()).nonfinite == both.nonfinite
+    assert ("NaN/Inf first appears at 4 in the quantized model and at 2 in the float model: "
+            "the metrics after it are poisoned") in both.notes
+    assert both.culprit is None
+
+
+@pytest.mark.parametrize("data,message", [
+    (None, r"data is None: pass an iterable of batches .*\nFix: "),
+    (5, r"data is an int, not an iterable of batches"),
+    ([torch.randn(0, 16)], r"batch 0 holds an empty tensor \(the batch: shape \[0, 16\]\): "
+                           r"metrics over no values mean nothing .*\nFix: leave empty batches"),
+    ([torch.randn(2, 16), (torch.randn(0, 16),)],
+     r"batch 1 holds an empty tensor \(batch\[0\]: shape \[0, 16\]\)"),
+    (["a sentence"], r"batch 0 is a str \('a sentence'\): a batch must be a tensor, a tuple or "
+                     r"list of positional inputs, or a dict of keyword inputs.*\nFix: "),
+    ([torch.randn(2, 16), 7], r"batch 1 is an int \(7\): a batch must be a tensor"),
+    ([["a", "b"]], r"batch 0 is a list of str with no tensor: a batch must be a tensor"),
+    ([None], r"batch 0 is None: a batch must be a tensor"),
+])
+def test_batches_that_cannot_be_batches_are_input_errors_before_any_model_runs(data, message):
+    f, q = _pair()
+    calls = _counting(f), _counting(q)
+    with pytest.raises(ns.InputError, match=message):
+        ns.compare(f, q, data)
+    if data is not None and not isinstance(data, int) and len(data) == 1:
+        assert [c[0] for c in calls] == [0, 0]  # refused before tracing runs anything
+
+
+def test_check_batch_and_nonfinite_inputs_are_reusable():
+    from fxnumeric.run import check_batch, nonfinite_inputs
+
+    check_batch({"input_ids": torch.ones(2, 3, dtype=torch.long)}, 0)
+    check_batch((torch.ones(1, 4), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8))), 0)
+    with pytest.raises(ns.InputError, match=r"batch 4 is a dict of str with no tensor"):
+        check_batch({"text": "hello"}, 4)
+    assert nonfinite_inputs((torch.ones(2), {"m": torch.tensor([0.0, -float("inf")])}))
+    assert not nonfinite_inputs((torch.ones(2), torch.tensor([1, 2])))
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(x))
+
+
+def test_models_with_nothing_paired_are_refused_before_any_batch_runs():
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    cnn = _CNN().eval()
+    prepared = prepare_fx(copy.deepcopy(cnn), get_default_qconfig_mapping(), (x,))
+    prepared(x)
+    q_cnn = convert_fx(prepared)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).eval()
+    calls = _counting(mlp)
+    with pytest.raises(ns.InputError, match=r"nothing paired: no compute op of the float model "
+                       r"\(Sequential\) was found in the quantized model \(GraphModule\).*\n"
+                       r"Fix: pass the float model the quantized one was made from"):
+        ns.compare(mlp, q_cnn, [x])
+    assert calls[0] == 0
+
+
+def test_the_quantized_model_passed_twice_is_refused_before_any_batch_runs():
+    f, q = _pair()
+    data = [torch.randn(2, 16)]
+    calls = _counting(q)
+    with pytest.raises(ns.InputError, match=r"the same Sequential object was passed as "
+                       r"float_model and quant_model.*\nFix: keep the float model"):
+        ns.compare(q, q, data)
+    with pytest.raises(ns.InputError, match=r"the float model is quantized too: it computes 2 "
+                       r"quantized ops or quantize nodes \(`_0`, `_2`\).*passed twice\?\nFix: "):
+        ns.compare(copy.deepcopy(q), q, data)
+    assert calls[0] == 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
+import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,12 @@ def _svg(rows) -> ET.Element:
     return ET.fromstring(sqnr_chart(rows))
 
 
+def _size(svg: ET.Element) -> tuple[int, int]:
+    """The drawing's width and height: its viewBox (the SVG itself is 100% of the page)."""
+    _, _, width, height = (int(float(v)) for v in svg.get("viewBox").split())
+    return width, height
+
+
 def _labels(svg: ET.Element) -> list[ET.Element]:
     return [t for t in svg.iter(f"{SVG}text") if t.get("class") == "xlabel"]
 
@@ -46,7 +55,7 @@ def _labels(svg: ET.Element) -> list[ET.Element]:
 @pytest.mark.parametrize("n", [10, 33, 61, 100, 119, 200, 500])
 def test_x_labels_fit_inside_the_svg_and_never_overlap(n):
     svg = _svg(_rows(n))
-    height = float(svg.get("height"))
+    _, height = _size(svg)
     labels = _labels(svg)
     assert labels and labels[0].text == "features.0.conv.0.block_0"
     for t in labels:  # rotated to read upwards: the text runs down from its anchor
@@ -117,12 +126,12 @@ def _small_report():
 def test_html_table_headers_align_like_their_cells(tmp_path):
     _, _, report = _small_report()
     page = report.to_html(tmp_path / "r.html").read_text()
-    table = page[page.index("<table class='fxn'>"):page.index("</table>") + 8]
+    table = page[page.index("<table class='fxn"):page.index("</table>") + 8]
     root = ET.fromstring(table)
     headers = [th.get("class") for th in root.iter("th")]
     first_row = [td.get("class") for td in root.find("tbody").find("tr").iter("td")]
     assert headers == first_row
-    assert headers[:3] == [None, None, "num"]  # layer, kind left; weight SQNR right
+    assert headers[:4] == ["num", None, None, "num"]  # #; layer, kind left; weight SQNR right
 
 
 def test_repr_is_short_and_notebooks_get_html():
@@ -214,7 +223,9 @@ def test_chart_renders_readably_in_chromium(n, tmp_path):
     of ink (no two overlap)."""
     svg_text = sqnr_chart(_rows(n))
     svg = ET.fromstring(svg_text)
-    width, height = int(svg.get("width")), int(svg.get("height"))
+    width, height = _size(svg)
+    # fixed pixels for the screenshot: the page's SVG is as wide as its container
+    svg_text = svg_text.replace("width='100%' ", f"width='{width}' height='{height}' ", 1)
     tall = svg_text.replace(f"height='{height}' viewBox='0 0 {width} {height}'",
                             f"height='{height + 300}' viewBox='0 0 {width} {height + 300}'", 1)
     assert tall != svg_text
@@ -247,3 +258,157 @@ def test_a_real_collapsed_signal_is_flagged_not_blamed():
     assert report.worst_layer is None  # not layer 0 at 0 dB
     assert "float signal collapsed in 2 layers" in report.summary()
     assert report.to_dict()["layers"][0]["degenerate"] is True
+
+
+# ---------------------------------------------------------------- a report that says what to do
+
+
+def _planted_report():
+    """A dynamic MLP whose middle Linear lost its bias: a culprit that stands out."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        for m in f:
+            if isinstance(m, nn.Linear):
+                m.bias.uniform_(-0.5, 0.5)
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    mid = q[2]
+    mid.set_weight_bias(mid.weight(), torch.zeros_like(mid.bias()))
+    gen = torch.Generator().manual_seed(1)
+    return ns.compare(f, q, [torch.randn(8, 16, generator=gen) for _ in range(4)])
+
+
+def test_the_page_opens_with_the_verdict_and_the_next_call(tmp_path):
+    report = _planted_report()
+    assert report.culprit == "2"
+    page = report.to_html(tmp_path / "r.html").read_text()
+    body = page[page.index("<body>"):]
+    assert body.index("<div class='fxn-verdict culprit'>") < body.index("<svg")
+    assert "<p class='headline'>Culprit: 2</p>" in page
+    assert "<b>Next:</b> Find out why 2 loses accuracy" in page
+    assert "fxnumeric.diagnose(float_model, quant_model, data).text()" in page
+    assert "below floor" not in page.lower()  # no floor known: nothing said about it
+    spread = Report(tuple(replace(r, shadow={"sqnr": 30.0 + i / 10})
+                          for i, r in enumerate(report.rows)),
+                    report.metrics, report.comparisons, 4, {"sqnr": 12.0})
+    page = spread.to_html(tmp_path / "s.html").read_text()
+    assert "<p class='headline'>No culprit: the error is spread over 5 layers</p>" in page
+    assert ("fxnumeric.advise(float_model, quant_model, data, metric=&#x27;sqnr&#x27;, "
+            "target=20)") in page
+
+
+def test_layers_below_their_floor_are_shown_only_when_the_floor_is_known(tmp_path):
+    report = _planted_report()
+    above = {"0": None, "2": 10.0, "4": 1.0}  # floor - shadow SQNR, dB; the ReLUs: none
+    floors = tuple(replace(r, floor_sqnr=r.shadow_sqnr + above[r.name]
+                           if above.get(r.name) is not None else None) for r in report.rows)
+    floored = replace(report, rows=floors)
+    below = [r.name for r in floored.rows if r.below_floor]
+    assert below == ["2"]  # 10 dB below its floor; layer 4 is 1 dB below: at its floor
+    page = floored.to_html(tmp_path / "f.html").read_text()
+    assert "1 layer reads far below the SQNR its own qparams allow" in page
+    row = floored.row("2")
+    assert (f"<li>2: shadow SQNR {row.shadow_sqnr:.4g} dB, floor {row.floor_sqnr:.4g} dB</li>"
+            in page)
+    assert "Grey, dashed: the floor SQNR" in page
+    chart = ET.fromstring(sqnr_chart(floored.rows))  # the floor on the chart, in grey
+    assert "floor SQNR (its qparams allow)" in [t.text for t in chart.iter(f"{SVG}text")]
+    assert len([c for c in chart.iter(f"{SVG}circle") if c.get("fill") == "#7f7f7f"]) == 2
+    assert "below floor: shadow SQNR" in floored.row("2").notes
+    assert "floor SQNR" in floored.table() and "1 layer far below its floor SQNR: 2" \
+        in floored.summary()
+
+
+def test_the_chart_fills_the_page_width_and_has_a_legend_sentence(tmp_path):
+    report = _planted_report()
+    page = report.to_html(tmp_path / "r.html").read_text()
+    svg = ET.fromstring(sqnr_chart(report.rows))
+    assert svg.get("width") == "100%" and svg.get("height") is None
+    assert svg.get("viewBox") == "0 0 1100 " + str(_size(svg)[1])
+    assert ".fxn-chart svg{display:block;width:100%;height:auto}" in page
+    assert "max-width:1200px" not in page
+    for sentence in ("Blue: output SQNR</span>, the error accumulated up to the layer",
+                     "Red: shadow SQNR</span>, the error the layer adds by itself",
+                     "Green: weight SQNR</span>, the rounding of its weights alone"):
+        assert sentence in page
+
+
+def test_print_report_prints_the_table_and_repr_stays_short(capsys):
+    report = _planted_report()
+    print(report)
+    out = capsys.readouterr().out
+    assert out.rstrip("\n") == report.table()
+    assert out.splitlines()[0].split()[:2] == ["layer", "kind"]
+    assert out.rstrip("\n").splitlines()[-1] == report.summary()
+    assert repr(report).startswith("<Report: 4 batches; 5 layers") and "\n" not in repr(report)
+
+
+def test_the_csv_carries_every_metric_of_every_comparison(tmp_path):
+    import csv as csv_module
+
+    report = _planted_report()
+    rows = list(csv_module.DictReader(report.to_csv(tmp_path / "r.csv").open()))
+    for side in ("output", "shadow"):
+        for metric in ("sqnr", "cosine", "mse", "max_abs_error"):
+            column = f"{side}_{metric}"
+            assert [float(r[column]) for r in rows] == pytest.approx(
+                [getattr(r, side)[metric] for r in report.rows], nan_ok=True), column
+        for stat in ("mean", "std", "low", "high"):
+            assert f"{side}_sqnr_{stat}" in rows[0]
+    mid = rows[2]
+    spread = report.row("2").spread["shadow_sqnr"]
+    assert float(mid["shadow_sqnr_std"]) == pytest.approx(spread.std)
+    assert float(mid["weight_sqnr"]) == pytest.approx(report.row("2").weight_sqnr)
+    assert {"floor_sqnr", "below_floor", "float_rms", "flags", "note"} <= set(rows[0])
+    assert mid["floor_sqnr"] == "" and mid["below_floor"] == "False"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_a_click_on_a_header_sorts_the_table(tmp_path):
+    """The page's own script, run by node against a small DOM built from the page's table."""
+    from fxnumeric.report.render import SORT_SCRIPT
+
+    report = _planted_report()
+    page = report.to_html(tmp_path / "r.html").read_text()
+    table = ET.fromstring(page[page.index("<table class='fxn fxn-sortable'>"):
+                               page.index("</table>") + 8])
+    heads = [th.text for th in table.iter("th")]
+    cells = [[(td.text or "", td.get("data-v")) for td in tr.iter("td")]
+             for tr in table.find("tbody").iter("tr")]
+    script = SORT_SCRIPT.removeprefix("<script>").removesuffix("</script>")
+    dom = """
+    function El(text, v) { this.textContent = text; this.dataset = v === null ? {} : {v: v};
+      this.attrs = {}; this.style = {}; this.handlers = {}; this.cls = []; }
+    El.prototype.getAttribute = function (k) { return k in this.attrs ? this.attrs[k] : null; };
+    El.prototype.setAttribute = function (k, v) { this.attrs[k] = v; };
+    El.prototype.removeAttribute = function (k) { delete this.attrs[k]; };
+    El.prototype.addEventListener = function (e, f) { this.handlers[e] = f; };
+    El.prototype.classList = null;
+    const heads = HEADS.map(function (h) { const th = new El(h, null);
+      th.classList = {contains: function (c) { return c === "num" && NUMERIC.includes(h); }};
+      return th; });
+    const body = {rows: CELLS.map(function (row) {
+      return {cells: row.map(function (c) { return new El(c[0], c[1]); })}; }),
+      appendChild: function (r) { this.rows = this.rows.filter(x => x !== r); this.rows.push(r); }};
+    const table = {dataset: {}, tHead: {rows: [{cells: heads}]}, tBodies: [body]};
+    const document = {querySelectorAll: function () { return [table]; }};
+    SCRIPT
+    function order() { return body.rows.map(r => r.cells[1].textContent).join(","); }
+    const col = HEADS.indexOf("shadow SQNR");
+    heads[col].handlers.click(); const up = order();
+    heads[col].handlers.click(); const down = order();
+    heads[0].handlers.click(); const graph = order();
+    console.log(JSON.stringify([up, down, graph, heads[0].getAttribute("aria-sort")]));
+    """
+    numeric = [th.text for th in table.iter("th") if th.get("class") == "num"]
+    program = (dom.replace("HEADS", json.dumps(heads)).replace("NUMERIC", json.dumps(numeric))
+               .replace("CELLS", json.dumps(cells)).replace("SCRIPT", script))
+    (tmp_path / "sort.js").write_text(program)
+    out = subprocess.run(["node", str(tmp_path / "sort.js")], capture_output=True, text=True,
+                         check=True).stdout
+    up, down, graph, state = json.loads(out)
+    shadow = {r.name: r.shadow_sqnr for r in report.rows}  # inf for the ReLUs
+    assert [shadow[n] for n in up.split(",")] == sorted(shadow.values())
+    assert [shadow[n] for n in down.split(",")] == sorted(shadow.values(), reverse=True)
+    assert graph.split(",") == [r.name for r in report.rows] and state == "ascending"

@@ -1,6 +1,7 @@
 """Stage 6, report: what :func:`fxnumeric.compare` found, as data and for people.
 
 * :mod:`.data`: the frozen :class:`Report` and :class:`ReportRow` (they hold data only);
+* :mod:`.verdict`: the rule that names a culprit only when one layer stands out;
 * :mod:`.render`: every table, CSV, HTML page and SVG chart fxnumeric draws, for reports,
   matchings and sensitivities, in one place;
 * :mod:`.overlays`: Model Explorer node data (per-node SQNR overlays on an exported graph);
@@ -10,9 +11,18 @@
 """
 
 from .check import CheckFailure, CheckResult, Thresholds, check_report
-from .data import DEGENERATE_RMS, TABLE_FORMATS, Report, ReportRow, WeightHistogram
+from .data import (
+    BELOW_FLOOR_DB,
+    DEGENERATE_RMS,
+    TABLE_FORMATS,
+    Report,
+    ReportRow,
+    Spread,
+    Verdict,
+    WeightHistogram,
+)
 from .diff import MetricChange, ReportDiff
 
 __all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
-           "ReportDiff", "MetricChange", "Thresholds", "CheckResult", "CheckFailure",
-           "check_report"]
+           "BELOW_FLOOR_DB", "Spread", "Verdict", "ReportDiff", "MetricChange", "Thresholds",
+           "CheckResult", "CheckFailure", "check_report"]

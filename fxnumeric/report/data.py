@@ -1,9 +1,10 @@
 """Stage 6, report: what :func:`fxnumeric.compare` found, as data.
 
 A :class:`Report` is a frozen dataclass of :class:`ReportRow` s; nothing in it prints
-tensors. It answers the questions (which layer is worst, in what order to show the rows, is a
-row's signal too small to measure); every rendering (tables, CSV, HTML, notebook display)
-lives in :mod:`fxnumeric.report.render`, and the methods here only delegate to it.
+tensors. It answers the questions (is there a culprit, which layer is worst, in what order to
+show the rows, is a row's signal too small to measure); the culprit rule lives in
+:mod:`fxnumeric.report.verdict`; every rendering (tables, CSV, HTML, notebook display) lives
+in :mod:`fxnumeric.report.render`, and the methods here only delegate to them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InputError
+from ..metrics import Spread
 from . import persist
+from .verdict import Verdict, verdict
 
 if TYPE_CHECKING:
     from .diff import ReportDiff
 
-__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS"]
+__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
+           "BELOW_FLOOR_DB", "Spread", "Verdict"]
 
 TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 _SORT_KEYS = ("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr")
@@ -31,6 +35,10 @@ DEGENERATE_RMS = 1e-6
 """Below this RMS a float activation is "collapsed": torch's observers never choose a scale
 under float32's eps (1.2e-7), so such a signal spans a few 8-bit steps at most and its SQNR,
 cosine and MSE measure rounding of almost nothing (typically 0 dB, cosine 0, MSE ~1e-19)."""
+
+BELOW_FLOOR_DB = 3.0
+"""A layer whose shadow SQNR reads this far below its ``floor_sqnr`` (twice the noise power
+its own qparams allow) is shown "below floor": something beyond rounding is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,12 @@ class ReportRow:
     accumulated up to this layer); ``shadow`` the local ones (this quantized op against its
     float twin fed the same dequantized input: the error this layer adds). ``float_rms`` is
     the root mean square of the float activation over all batches (``None`` when unknown).
+
+    ``spread`` holds, for ``"output_sqnr"`` and ``"shadow_sqnr"``, how that SQNR varies from
+    batch to batch (:class:`fxnumeric.metrics.Spread`: mean, std, lowest and highest of the
+    per-batch values); the culprit rule (:mod:`fxnumeric.report.verdict`) holds the gap
+    between layers against it. ``floor_sqnr`` is the SQNR the layer's own qparams allow
+    (``None`` until something measures it); a shadow SQNR far below it means a broken layer.
     """
 
     name: str
@@ -71,10 +85,21 @@ class ReportRow:
     float_rms: float | None = None
     floor_sqnr: float | None = None
     """The SQNR this layer's own qparams allow (None when unknown)."""
+    spread: dict[str, Spread] = field(default_factory=dict, repr=False)
+    """How ``output_sqnr`` and ``shadow_sqnr`` vary from batch to batch (see the class doc)."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[ReportRow], Any]]] = {
         "degenerate": lambda r: r.degenerate,
+        "below_floor": lambda r: r.below_floor,
     }
+
+    @property
+    def below_floor(self) -> bool:
+        """Whether the shadow SQNR reads :data:`BELOW_FLOOR_DB` or more below ``floor_sqnr``
+        (``False`` when either is unknown)."""
+        s = self.shadow_sqnr
+        return (self.floor_sqnr is not None and s is not None and not math.isnan(s)
+                and s < self.floor_sqnr - BELOW_FLOOR_DB)
 
     @property
     def output_sqnr(self) -> float | None:
@@ -103,10 +128,14 @@ class ReportRow:
 
     @property
     def notes(self) -> str:
-        """``note`` plus what the row's numbers cannot tell (a collapsed signal)."""
+        """``note`` plus what the row's numbers cannot tell (a collapsed signal) or say
+        beyond themselves (below its floor)."""
         parts = [self.note] if self.note else []
         if self.degenerate:
             parts.append(f"float signal collapsed (RMS {self.float_rms:.1e}): SQNR meaningless")
+        if self.below_floor:
+            parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
+                         f"allow {self.floor_sqnr:.2f} dB")
         return "; ".join(parts)
 
     def __repr__(self) -> str:
@@ -125,8 +154,12 @@ def _sort_value(x: float | None) -> float:
 class Report:
     """Per-layer comparison of a float model and its quantized counterpart.
 
-    ``notes`` are report-wide caveats (random weights, nothing quantized) shown above the
-    summary in every rendering; ``model_output_rms`` is the float model output's RMS.
+    ``notes`` are report-wide caveats (random weights, nothing quantized, batches left out,
+    where NaN/Inf first appears) shown above the summary in every rendering;
+    ``model_output_rms`` is the float model output's RMS. ``skipped_batches`` are the indices
+    of the batches left out of every metric because their input held NaN/Inf; ``nonfinite``
+    says where NaN/Inf first appears inside the models, as ``(model side, layer)`` pairs
+    (``("quantized", "conv3")``), graph order.
     ``unmatched`` holds ``(node, side, reason)`` for every node that could not be paired.
 
     A report saves to JSON and loads back exactly (:meth:`to_json`, :meth:`from_json`; the
@@ -143,10 +176,14 @@ class Report:
     torch_version: str = ""
     notes: tuple[str, ...] = ()
     model_output_rms: float | None = None
+    skipped_batches: tuple[int, ...] = ()
+    nonfinite: tuple[tuple[str, str], ...] = ()
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[Report], Any]]] = {
         "summary": lambda r: r.summary(),
         "worst_layer": lambda r: r.worst_layer.name if r.worst_layer is not None else None,
+        "culprit": lambda r: r.culprit,
+        "verdict": lambda r: persist.to_data(r.verdict, Verdict),
     }
 
     # ------------------------------------------------------------------ queries
@@ -174,8 +211,21 @@ class Report:
         return tuple(r for r in self.rows if r.degenerate)
 
     @property
+    def verdict(self) -> Verdict:
+        """Whether one layer stands out, a few together, or the error is spread; see
+        :mod:`fxnumeric.report.verdict` for the rule."""
+        return verdict(self)
+
+    @property
+    def culprit(self) -> str | None:
+        """The layer where error enters, when it stands out from every other layer by more
+        than 6 dB and the batch noise; ``None`` otherwise (see :attr:`verdict`)."""
+        return self.verdict.culprit
+
+    @property
     def worst_layer(self) -> ReportRow | None:
-        """Where the most error enters: lowest shadow SQNR, else the largest output-SQNR drop.
+        """The lowest shadow SQNR, else the largest output-SQNR drop, whether or not it
+        stands out (:attr:`culprit` says whether it does).
 
         Rows with a collapsed float signal are never chosen, nor a layer that adds no error
         at all (shadow SQNR ``inf``).
@@ -197,21 +247,27 @@ class Report:
             prev = s
         return best
 
-    def summary(self) -> str:
-        """One line: batches, overall output SQNR, where most error enters."""
-        parts = [f"{self.batches} batches", f"{len(self.rows)} layers"]
+    def summary(self, *, verdict: bool = True) -> str:
+        """One line: batches, overall output SQNR, the verdict (culprit, or spread error).
+
+        ``verdict=False`` leaves the verdict out, for a page that shows it on its own.
+        """
+        left_out = (f" ({len(self.skipped_batches)} more left out: NaN/Inf in the input)"
+                    if self.skipped_batches else "")
+        parts = [f"{self.batches} batches{left_out}", f"{len(self.rows)} layers"]
         overall = self.model_output.get("sqnr")
         if overall is not None:
             parts.append(f"model output SQNR {overall:.2f} dB"
                          + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
                             if self.output_degenerate else ""))
-        worst = self.worst_layer
-        if worst is not None:
-            how = (f"shadow SQNR {worst.shadow_sqnr:.2f} dB" if worst.shadow_sqnr is not None
-                   else f"output SQNR {worst.output_sqnr:.2f} dB")
-            parts.append(f"most error enters at {worst.name} ({worst.kind}, {how})")
-        elif self.rows:
-            parts.append("no layer named as culprit")
+        if self.rows and verdict:
+            parts.append(self.verdict.text)
+        below = [r.name for r in self.rows if r.below_floor]
+        if below:
+            shown = ", ".join(below[:3]) + (f" and {len(below) - 3} more" if len(below) > 3
+                                            else "")
+            parts.append(f"{len(below)} {'layer' if len(below) == 1 else 'layers'} far below "
+                         f"{'its' if len(below) == 1 else 'their'} floor SQNR: {shown}")
         dead = len(self.degenerate_rows)
         if dead:
             parts.append(f"float signal collapsed in {dead} layers (RMS < {DEGENERATE_RMS:g}): "
@@ -294,8 +350,9 @@ class Report:
         ``docs/reports.md``); :meth:`from_dict` rebuilds the report exactly.
 
         Beside the fields (``rows`` under ``layers``) it holds ``schema``, the ``summary``
-        line, ``worst_layer`` and each row's ``degenerate``, for people and scripts; inf and
-        nan are the strings ``"inf"``, ``"-inf"``, ``"nan"``.
+        line, ``worst_layer``, ``culprit``, the ``verdict`` and each row's ``degenerate`` and
+        ``below_floor``, for people and scripts; inf and nan are the strings ``"inf"``,
+        ``"-inf"``, ``"nan"``.
 
         Example:
             >>> row = ReportRow("fc", "linear", True, 41.5, {"sqnr": float("inf")}, {"sqnr": 25.0})
@@ -385,6 +442,10 @@ class Report:
         from .render import report_fragment
 
         return report_fragment(self)
+
+    def __str__(self) -> str:
+        """The table, its notes and the summary: what ``print(report)`` shows."""
+        return self.table()
 
     def __repr__(self) -> str:
         return f"<Report: {self.summary()}>"

@@ -3,8 +3,13 @@
 :class:`fxnumeric.Report` and :class:`fxnumeric.Matching` hold data; their ``table``,
 ``to_csv``, ``to_html`` and ``_repr_html_`` methods call the functions here.
 
-The SQNR chart is inline SVG drawn here (no plotting library, no script) and stays readable
-from 10 to 500 layers:
+The page opens with the verdict (:attr:`fxnumeric.Report.verdict`: the culprit, or that the
+error is spread; the layers below their floor; the next call to make), its table sorts when a
+header is clicked (a few lines of inline script, no external resource), and the CSV carries
+every metric of every comparison, the spread, the floor and the notes.
+
+The SQNR chart is inline SVG drawn here (no plotting library, no script); it scales to the
+width of the page (``width='100%'`` over a ``viewBox``) and stays readable from 10 to 500 layers:
 
 * the bottom margin is computed from the longest label, so rotated labels are never clipped;
 * labels are thinned by pixel pitch (one label per ``_LABEL_PITCH`` pixels), never overlap;
@@ -13,7 +18,8 @@ from 10 to 500 layers:
 * a line breaks where a value is missing (no weight line across layers without weights);
 * the y axis stops at a robust top (90th percentile + 20 dB) so a 140 dB spike does not
   squash the 20-40 dB band; values above it, and ``inf``, sit as triangles on the top edge,
-  ``-inf`` on the bottom edge, each with its value in the tooltip.
+  ``-inf`` on the bottom edge, each with its value in the tooltip;
+* the floor SQNR (what each layer's qparams allow) is a dashed grey line, when it is known.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ if TYPE_CHECKING:
     from .diff import MetricChange, ReportDiff
 
 __all__ = [
-    "report_columns", "report_table", "report_csv", "report_page", "report_fragment",
+    "report_columns", "report_table", "report_csv", "csv_columns", "report_page",
+    "report_fragment", "verdict_html", "next_step",
     "matching_table", "matching_fragment", "sqnr_chart", "histogram_svg", "html_table",
     "sensitivity_svg", "sensitivity_section", "sensitivity_page", "diff_table", "diff_page",
 ]
@@ -46,6 +53,12 @@ _SERIES = (  # attribute, label, colour
     ("shadow_sqnr", "shadow SQNR (local)", "#d62728"),
     ("weight_sqnr", "weight SQNR", "#2ca02c"),
 )
+_FLOOR = ("floor_sqnr", "floor SQNR (its qparams allow)", "#7f7f7f")
+
+
+def _series(rows: Sequence[ReportRow]) -> tuple[tuple[str, str, str], ...]:
+    """The chart's lines: output, shadow and weight SQNR, and the floor when it is known."""
+    return _SERIES + ((_FLOOR,) if any(r.floor_sqnr is not None for r in rows) else ())
 _FONT = 10  # px, chart labels
 _LABEL_PITCH = _FONT + 3  # px between two x labels at least
 _CHAR_W = 0.62 * _FONT  # px, a generous average glyph width for sans-serif
@@ -66,13 +79,27 @@ def report_columns(report: Report) -> list[Column]:
             cols.append((label, lambda r, m=m: r.output.get(m), True))
     if "shadows" in report.comparisons:
         cols.append(("shadow SQNR", lambda r: r.shadow.get("sqnr"), True))
+        if any(_known(r, "shadow_sqnr") for r in report.rows):
+            cols.append(("shadow ±dB", lambda r: _std(r, "shadow_sqnr"), True))
         for m in report.metrics:
             if m != "sqnr" and m not in ("cosine", "mse", "max_abs_error"):
                 cols.append((f"shadow {m}", lambda r, m=m: r.shadow.get(m), True))
+    if any(r.floor_sqnr is not None for r in report.rows):
+        cols.append(("floor SQNR", lambda r: r.floor_sqnr, True))
     if any(r.flags for r in report.rows):  # set by fxnumeric.diagnose's annotate()
         cols.append(("flags", lambda r: ", ".join(r.flags), False))
     cols.append(("note", lambda r: r.notes, False))
     return cols
+
+
+def _known(row: ReportRow, key: str) -> bool:
+    spread = row.spread.get(key)
+    return spread is not None and spread.known
+
+
+def _std(row: ReportRow, key: str) -> float | None:
+    """The batch-to-batch standard deviation of a row's SQNR (``None`` with one batch)."""
+    return row.spread[key].std if _known(row, key) else None
 
 
 def report_table(report: Report, tablefmt: str = "simple", *, sort: str | None = None,
@@ -90,14 +117,41 @@ def report_table(report: Report, tablefmt: str = "simple", *, sort: str | None =
     return "\n".join(lines)
 
 
+def csv_columns(report: Report) -> list[tuple[str, Callable[[ReportRow], Any]]]:
+    """Every number the report holds per layer, as ``(column, value)``; names are snake_case.
+
+    ``layer, kind, quantized``; ``weight_sqnr`` (with weights); ``output_<metric>`` and
+    ``output_sqnr_mean/std/low/high`` (with outputs); the same with ``shadow_`` (with shadows);
+    ``floor_sqnr, below_floor, float_rms, degenerate, flags, note``.
+    """
+    cols: list[tuple[str, Callable[[ReportRow], Any]]] = [
+        ("layer", lambda r: r.name), ("kind", lambda r: r.kind),
+        ("quantized", lambda r: r.quantized)]
+    if "weights" in report.comparisons:
+        cols.append(("weight_sqnr", lambda r: r.weight_sqnr))
+    for side, comparison in (("output", "outputs"), ("shadow", "shadows")):
+        if comparison not in report.comparisons:
+            continue
+        for m in report.metrics:
+            cols.append((f"{side}_{m}", lambda r, m=m, side=side: getattr(r, side).get(m)))
+        for stat in ("mean", "std", "low", "high"):
+            cols.append((f"{side}_sqnr_{stat}", lambda r, key=f"{side}_sqnr", stat=stat:
+                         getattr(r.spread[key], stat) if key in r.spread else None))
+    cols += [("floor_sqnr", lambda r: r.floor_sqnr), ("below_floor", lambda r: r.below_floor),
+             ("float_rms", lambda r: r.float_rms), ("degenerate", lambda r: r.degenerate),
+             ("flags", lambda r: " ".join(r.flags)), ("note", lambda r: r.notes)]
+    return cols
+
+
 def report_csv(report: Report) -> str:
-    """One CSV row per layer, metrics as columns (empty cells where nothing was measured)."""
-    cols = report_columns(report)
+    """One CSV row per layer with every metric of every comparison (:func:`csv_columns`);
+    empty cells where nothing was measured, ``inf``/``nan`` as Python writes them."""
+    cols = csv_columns(report)
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([c for c, _, _ in cols])
+    writer.writerow([c for c, _ in cols])
     for r in report.rows:
-        writer.writerow(["" if v is None else v for v in (fn(r) for _, fn, _ in cols)])
+        writer.writerow(["" if v is None else v for v in (fn(r) for _, fn in cols)])
     return out.getvalue()
 
 
@@ -109,40 +163,187 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _sort_value(v: Any) -> str:
+    """What a numeric cell sorts by (``data-v``): JavaScript's number syntax; missing last."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        return "Infinity"
+    return repr(float(v)).replace("inf", "Infinity")
+
+
 def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[bool],
-               row_classes: Sequence[str] | None = None) -> str:
-    """An HTML table whose headers are aligned like their cells (numbers right, text left)."""
+               row_classes: Sequence[str] | None = None, *, sortable: bool = False) -> str:
+    """An HTML table whose headers are aligned like their cells (numbers right, text left).
+
+    ``sortable``: a click on a header sorts the rows by that column (numbers by value, with
+    missing values last; a second click reverses); the page needs :data:`SORT_SCRIPT` once.
+    """
     def cls(i: int) -> str:
         return " class='num'" if numeric[i] else ""
 
-    out = ["<table class='fxn'><thead><tr>"
-           + "".join(f"<th{cls(i)}>{html.escape(h)}</th>" for i, h in enumerate(headers))
+    def cell(i: int, v: Any) -> str:
+        key = f" data-v='{_sort_value(v)}'" if sortable and numeric[i] else ""
+        return f"<td{cls(i)}{key}>{html.escape(_cell(v))}</td>"
+
+    table_cls = "fxn fxn-sortable" if sortable else "fxn"
+    hint = " title='click to sort'" if sortable else ""
+    out = [f"<table class='{table_cls}'><thead><tr>"
+           + "".join(f"<th{cls(i)}{hint}>{html.escape(h)}</th>" for i, h in enumerate(headers))
            + "</tr></thead><tbody>"]
     for k, row in enumerate(rows):
         rc = row_classes[k] if row_classes else ""
         out.append((f"<tr class='{rc}'>" if rc else "<tr>")
-                   + "".join(f"<td{cls(i)}>{html.escape(_cell(v))}</td>" for i, v in enumerate(row))
-                   + "</tr>")
+                   + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
+SORT_SCRIPT = """<script>
+(function () {
+  document.querySelectorAll("table.fxn-sortable").forEach(function (table) {
+    if (table.dataset.fxnSort) { return; }  // a notebook may run this once per output
+    table.dataset.fxnSort = "1";
+    var heads = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(heads, function (th, col) {
+      th.style.cursor = "pointer";
+      th.addEventListener("click", function () {
+        var numeric = th.classList.contains("num");
+        var dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
+        Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        var key = function (row) {
+          var cell = row.cells[col];
+          return numeric ? parseFloat(cell.dataset.v) : cell.textContent;
+        };
+        rows.sort(function (a, b) {
+          var x = key(a), y = key(b);
+          return (x < y ? -1 : x > y ? 1 : 0) * dir;
+        });
+        rows.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  });
+})();
+</script>"""
+"""Sorts every ``table.fxn-sortable`` of the page by the clicked header (once per table)."""
+
+
 def _report_html_table(report: Report, rows: Sequence[ReportRow]) -> str:
+    """The report's table with a ``#`` column (graph order, so a sort can be undone)."""
     cols = report_columns(report)
-    worst = report.worst_layer
-    classes = ["worst" if r is worst else "collapsed" if r.degenerate else "" for r in rows]
-    return html_table([c for c, _, _ in cols], [[fn(r) for _, fn, _ in cols] for r in rows],
-                      [num for _, _, num in cols], classes)
+    standouts = set(report.verdict.standouts)
+    index = {id(r): i for i, r in enumerate(report.rows)}
+    classes = ["worst" if r.name in standouts else "collapsed" if r.degenerate
+               else "belowfloor" if r.below_floor else "" for r in rows]
+    return html_table(["#"] + [c for c, _, _ in cols],
+                      [[index[id(r)], *(fn(r) for _, fn, _ in cols)] for r in rows],
+                      [True] + [num for _, _, num in cols], classes, sortable=True)
 
 
-_PAGE_CSS = "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+_PAGE_CSS = "body{font-family:sans-serif;margin:2em}p,ul{max-width:75em}"
 _CSS = (  # scoped to fxnumeric's own elements, so a notebook's styles are left alone
     "table.fxn{border-collapse:collapse;font-size:12px}"
     "table.fxn td,table.fxn th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
     "table.fxn .num{text-align:right;font-variant-numeric:tabular-nums}"
     "table.fxn tr.worst{background:#fde0dc}table.fxn tr.collapsed{color:#999}"
-    ".fxn-chart{overflow-x:auto}"
+    "table.fxn tr.belowfloor{background:#fff3cd}"
+    "table.fxn-sortable th[aria-sort=ascending]::after{content:' \\25B2'}"
+    "table.fxn-sortable th[aria-sort=descending]::after{content:' \\25BC'}"
+    ".fxn-chart{overflow-x:auto}.fxn-chart svg{display:block;width:100%;height:auto}"
+    ".fxn-verdict{border-left:6px solid #888;background:#f6f6f6;padding:.4em 1em;margin:1em 0}"
+    ".fxn-verdict.culprit,.fxn-verdict.group,.fxn-verdict.poisoned{border-color:#d62728}"
+    ".fxn-verdict.spread{border-color:#1f77b4}"
+    ".fxn-verdict .headline{font-size:1.25em;font-weight:bold}"
+    ".fxn-verdict pre{background:#fff;border:1px solid #ddd;padding:.4em;overflow-x:auto}"
 )
+
+
+def _advise_target(report: Report) -> int:
+    """A round target for ``advise``: the output SQNR plus about 6 dB (one bit), at least 20."""
+    output = report.model_output.get("sqnr")
+    if output is None or not math.isfinite(output):
+        return 20
+    return max(20, 5 * math.ceil((output + 6) / 5))
+
+
+def next_step(report: Report) -> tuple[str, str]:
+    """What to run next, as ``(why, code)``: the call that answers the verdict's question."""
+    v = report.verdict
+    call = "float_model, quant_model, data"
+    target = _advise_target(report)
+    advise = (f"fxnumeric.advise({call}, metric='sqnr', target={target})\n"
+              f"# or: fxnumeric advise --model ... --quant ... --target {target}   "
+              "(same --model and --quant as this report)")
+    below = [r.name for r in report.rows if r.below_floor]
+    if v.kind == "poisoned":
+        return ("Fix the NaN/Inf first: the notes say where it appears; the other numbers "
+                "cannot be trusted until then.",
+                "torch.isfinite(x).all()  # on each batch, and on each layer's output")
+    if v.kind == "no shadows":
+        return ("Measure the error each layer adds by itself to find a culprit.",
+                f"fxnumeric.compare({call}, comparisons=('weights', 'outputs', 'shadows'))")
+    if v.kind in ("culprit", "group") or below:
+        names = list(v.standouts) or below
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        return (f"Find out why {shown} loses accuracy (output scale, clipping, weight step, "
+                "bias), then fix its qparams or keep it float.",
+                f"fxnumeric.diagnose({call}).text()\n{advise}")
+    if v.kind == "spread":
+        return ("No single fix: the error accumulates over many layers. Keep the few layers "
+                f"that matter most in float until the output reaches a target ({target} dB "
+                "here).", advise)
+    return ("Nothing to fix at the layer level.", f"print(fxnumeric.compare({call}))")
+
+
+def _headline(report: Report) -> str:
+    v = report.verdict
+    if v.kind == "culprit":
+        return f"Culprit: {v.culprit}"
+    if v.kind == "group":
+        return f"{' and '.join(v.standouts)} stand out together"
+    if v.kind == "spread":
+        return f"No culprit: the error is spread over {v.layers} layers"
+    if v.kind == "poisoned":
+        return "No culprit: NaN/Inf inside the model"
+    if v.kind == "no shadows":
+        return "No culprit named: local error not measured"
+    return "No layer adds measurable error"
+
+
+def verdict_html(report: Report) -> str:
+    """The page's opening: the verdict, the layers below their floor, the next call to make."""
+    v = report.verdict
+    parts = [f"<div class='fxn-verdict {v.kind.replace(' ', '-')}'>",
+             f"<p class='headline'>{html.escape(_headline(report))}</p>",
+             f"<p>{html.escape(v.text[:1].upper() + v.text[1:])}.</p>"]
+    below = [r for r in report.rows if r.below_floor]
+    if below:
+        items = "".join(f"<li>{html.escape(r.name)}: shadow SQNR {_cell(r.shadow_sqnr)} dB, "
+                        f"floor {_cell(r.floor_sqnr)} dB</li>" for r in below[:10])
+        more = f"<li>... and {len(below) - 10} more</li>" if len(below) > 10 else ""
+        one = len(below) == 1
+        parts.append(f"<p>{len(below)} {'layer reads' if one else 'layers read'} far below the "
+                     f"SQNR {'its' if one else 'their'} own qparams allow (the floor): "
+                     f"something beyond rounding is wrong.</p><ul>{items}{more}</ul>")
+    why, code = next_step(report)
+    parts.append(f"<p><b>Next:</b> {html.escape(why)}</p><pre>{html.escape(code)}</pre></div>")
+    return "".join(parts)
+
+
+def _legend(rows: Sequence[ReportRow]) -> str:
+    floor = (" <span style='color:#7f7f7f'>Grey, dashed: the floor SQNR</span>, what the "
+             "layer's own qparams allow (its output and weight steps against its signal); a "
+             "red point far below it is a broken layer, one on it needs more bits."
+             if any(r.floor_sqnr is not None for r in rows) else "")
+    return ("<p><span style='color:#1f77b4'>Blue: output SQNR</span>, the error accumulated "
+            "up to the layer (both models fed the same input). "
+            "<span style='color:#d62728'>Red: shadow SQNR</span>, the error the layer adds by "
+            "itself (its float twin fed the same dequantized input). "
+            "<span style='color:#2ca02c'>Green: weight SQNR</span>, the rounding of its "
+            "weights alone. Higher is better; one bit is worth about 6 dB. Where the red line "
+            f"dips, error enters; where only the blue line falls, it is inherited.{floor} "
+            "Hover over a layer for its values.</p>")
 
 
 def _notes_html(report: Report) -> str:
@@ -163,13 +364,13 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
         "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric report</title>",
         f"<style>{_PAGE_CSS}{_CSS}</style></head><body>",
         "<h1>fxnumeric report</h1>",
-        f"<p>{html.escape(report.summary())}</p>",
+        verdict_html(report),
+        f"<p>{html.escape(report.summary(verdict=False))}</p>",
         _notes_html(report),
         f"<p>torch {html.escape(report.torch_version)}; comparisons: "
         f"{html.escape(', '.join(report.comparisons))}</p>",
         "<h2>SQNR per layer</h2>",
-        "<p>Hover over a layer for its values. Where the red line dips, error enters; where "
-        "only the blue line falls, it is inherited.</p>",
+        _legend(report.rows),
         f"<div class='fxn-chart'>{sqnr_chart(report.rows)}</div>",
         sensitivity_section(sensitivity) if sensitivity is not None else "",
         "<h2>Weight histograms</h2>",
@@ -183,7 +384,11 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
         if r.weight_histogram is not None:
             parts.append(f"<h3>{html.escape(r.name)} (weight SQNR {_cell(r.weight_sqnr)} dB)</h3>")
             parts.append(histogram_svg(r.weight_histogram))
-    parts += ["<h2>Layers</h2>", _report_html_table(report, report.rows), "</body></html>"]
+    parts += ["<h2>Layers</h2>",
+              "<p>Click a column header to sort by it (again to reverse); # restores graph "
+              "order. Highlighted: the layers that stand out (red), below their floor "
+              "(yellow); greyed: collapsed signals.</p>",
+              _report_html_table(report, report.rows), SORT_SCRIPT, "</body></html>"]
     return "\n".join(parts)
 
 
@@ -193,10 +398,10 @@ def report_fragment(report: Report, *, max_rows: int = 200) -> str:
     more = len(rows) - max_rows
     tail = (f"<p>... {more} more layers: report.table() or report.to_html(path) shows all.</p>"
             if more > 0 else "")
-    return (f"<div><style>{_CSS}</style>"
-            f"<p><b>fxnumeric report</b>: {html.escape(report.summary())}</p>"
+    return (f"<div><style>{_CSS}</style>{verdict_html(report)}"
+            f"<p><b>fxnumeric report</b>: {html.escape(report.summary(verdict=False))}</p>"
             f"{_notes_html(report)}<div class='fxn-chart'>{sqnr_chart(report.rows)}</div>"
-            f"{_report_html_table(report, rows[:max_rows])}{tail}</div>")
+            f"{_report_html_table(report, rows[:max_rows])}{tail}{SORT_SCRIPT}</div>")
 
 
 # ---------------------------------------------------------------- matching
@@ -316,17 +521,24 @@ def _db_text(v: float | None) -> str:
 
 def _tooltip(r: ReportRow) -> str:
     lines = [f"{r.name} ({r.kind})"]
-    lines += [f"{label}: {_db_text(getattr(r, attr))}" for attr, label, _ in _SERIES
+    lines += [f"{label}: {_db_text(getattr(r, attr))}" for attr, label, _ in (*_SERIES, _FLOOR)
               if getattr(r, attr) is not None]
+    spread = r.spread.get("shadow_sqnr")
+    if spread is not None and spread.known:
+        lines.append(f"shadow SQNR over {spread.batches} batches: {spread.low:.2f} to "
+                     f"{spread.high:.2f} dB (std {spread.std:.2f})")
     if r.notes:
         lines.append(r.notes)
     return html.escape("\n".join(lines))
 
 
 def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 260) -> str:
-    """SVG line chart of output, shadow and weight SQNR per layer, in graph order."""
+    """SVG line chart of output, shadow and weight SQNR (and the floor, when known) per layer,
+    in graph order. ``width`` is the width of the drawing (its ``viewBox``); on a page the SVG
+    scales to the width of its container."""
     n = len(rows)
-    values = [getattr(r, a) for r in rows for a, _, _ in _SERIES]
+    series = _series(rows)
+    values = [getattr(r, a) for r in rows for a, _, _ in series]
     if not any(v is not None and not math.isnan(v) for v in values):
         return "<p>No SQNR values to plot.</p>"
     lo, hi = _y_range([v for v in values if v is not None])
@@ -347,15 +559,16 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
         return y0 - (v - lo) * plot_height / (hi - lo)
 
     out = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' class='fxn-sqnr' width='{width}' "
-        f"height='{height}' viewBox='0 0 {width} {height}' font-family='sans-serif' "
+        f"<svg xmlns='http://www.w3.org/2000/svg' class='fxn-sqnr' width='100%' "
+        f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMinYMin meet' "
+        f"style='min-width:{int(width * 0.7)}px' font-family='sans-serif' "
         f"role='img' aria-label='SQNR per layer'>",
         "<title>SQNR per layer (dB)</title>",
         "<style>.col{fill:#000;fill-opacity:0}.col:hover{fill-opacity:.07}</style>",
     ]
     # legend, in the top margin
     lx = left
-    for _, label, colour in _SERIES:
+    for _, label, colour in series:
         out.append(f"<rect x='{lx}' y='8' width='10' height='10' fill='{colour}'/>"
                    f"<text x='{lx + 14}' y='17' font-size='{_FONT + 1}'>{label}</text>")
         lx += 24 + int(len(label) * _CHAR_W * 1.1)
@@ -376,7 +589,8 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
     # above the top, below the bottom) ends a run, so no line claims a value it does not have;
     # off-axis values are triangles on the edge, and every on-axis value is a dot
     dots = n <= 150
-    for attr, _, colour in _SERIES:
+    for attr, _, colour in series:
+        dash = " stroke-dasharray='5 3'" if attr == "floor_sqnr" else ""
         run: list[str] = []
         runs: list[list[str]] = []
         for i, r in enumerate(rows):
@@ -401,7 +615,7 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
             runs.append(run)
         for pts in runs:
             if len(pts) > 1:
-                out.append(f"<polyline fill='none' stroke='{colour}' stroke-width='1.5' "
+                out.append(f"<polyline fill='none' stroke='{colour}' stroke-width='1.5'{dash} "
                            f"points='{' '.join(pts)}'/>")
             if dots or len(pts) == 1:
                 for pt in pts:

@@ -1,0 +1,192 @@
+"""Is there a culprit? Name a layer only when it stands out from the rest.
+
+The shadow SQNR of a layer is the error it adds by itself (its float twin fed the same
+dequantized input). The layer with the lowest shadow SQNR always exists; it is a *culprit* only
+when it is separated from every other layer by more than two things:
+
+* a margin that means something in dB, :data:`CULPRIT_MARGIN_DB` (6 dB: the culprit adds at
+  least four times the noise power of any other layer, one bit's worth). Healthy int8 layers
+  differ by 10-15 dB among themselves (a conv reads 31-35 dB, an add 40-48 dB), so the lowest
+  of sixty such layers sits a fraction of a dB below the next: it is the bottom of a spread,
+  not a fault. A layer with a wrong scale, a weight step 40x too coarse or a lost bias reads
+  15-30 dB below the rest.
+* the batch-to-batch noise: each row keeps the spread of its per-batch SQNR
+  (:class:`fxnumeric.metrics.Spread`); the gap must exceed :data:`NOISE_SIGMAS` standard errors
+  of the difference, ``sqrt(se_lowest**2 + se_next**2)`` (treating the two layers as
+  independent overstates the noise when they rise and fall together: the rule errs towards
+  naming no one). With one batch there is no spread: the margin alone decides and the verdict
+  says that the noise is unknown.
+
+A spread was chosen over a bootstrap interval because it streams (four floats per row, flat
+memory over any number of batches) and needs no stored per-batch values.
+
+When no single layer stands out, the lowest two or three may stand out *together* (two faulty
+layers): they are named as a group, with no single culprit. Otherwise the error is spread: the
+verdict says over how many layers, in what range, which layers are within noise of the lowest,
+and how much the output loses by accumulation. NaN/Inf inside a model poison the sums: no
+culprit is named from them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .data import Report, ReportRow
+
+__all__ = ["Verdict", "verdict", "CULPRIT_MARGIN_DB", "NOISE_SIGMAS", "MAX_GROUP",
+           "ACCUMULATION_DB"]
+
+CULPRIT_MARGIN_DB = 6.0
+"""How far (dB of shadow SQNR) a culprit must sit below every other layer: 4x the noise power."""
+
+NOISE_SIGMAS = 3.0
+"""How many standard errors of the difference a gap must exceed to be more than batch noise."""
+
+MAX_GROUP = 3
+"""The most layers that can stand out together; more than that is a spread."""
+
+ACCUMULATION_DB = 3.0
+"""Output SQNR this far below the lowest shadow SQNR: the output loses by accumulation."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a report concludes about where error enters.
+
+    Attributes:
+        kind: ``"culprit"`` (one layer stands out), ``"group"`` (two or three stand out
+            together), ``"spread"`` (none stands out), ``"poisoned"`` (NaN/Inf in the
+            sums), ``"no shadows"`` (local error not measured), ``"no error"`` (no layer adds
+            measurable error of its own).
+        culprit: the layer that stands out, or ``None``.
+        standouts: the layers that stand out (the culprit, or the group); ``()`` otherwise.
+        ties: layers within batch noise of the lowest (including it); ``()`` when there are
+            none or the noise is unknown (one batch).
+        layers: how many layers add measurable error of their own (finite shadow SQNR).
+        low: the lowest shadow SQNR in dB (``None`` without any).
+        high: the highest finite shadow SQNR in dB.
+        gap: dB between the last layer that stands out (or the lowest) and the next one up.
+        noise: the noise that gap was held against (``NOISE_SIGMAS`` standard errors), in dB;
+            ``None`` with one batch.
+        text: the verdict in words, as the summary shows it.
+    """
+
+    kind: str
+    culprit: str | None
+    standouts: tuple[str, ...]
+    ties: tuple[str, ...]
+    layers: int
+    low: float | None
+    high: float | None
+    gap: float | None
+    noise: float | None
+    text: str
+
+
+def _stderr(row: ReportRow) -> float | None:
+    spread = row.spread.get("shadow_sqnr")
+    return spread.stderr if spread is not None and spread.known else None
+
+
+def _noise(a: ReportRow, b: ReportRow) -> float | None:
+    """``NOISE_SIGMAS`` standard errors of the difference of two rows' shadow SQNR."""
+    sa, sb = _stderr(a), _stderr(b)
+    if sa is None or sb is None:
+        return None
+    return NOISE_SIGMAS * math.hypot(sa, sb)
+
+
+def _separated(lower: ReportRow, upper: ReportRow) -> tuple[bool, float, float | None]:
+    gap = upper.shadow_sqnr - lower.shadow_sqnr  # type: ignore[operator]
+    noise = _noise(lower, upper)
+    return gap >= CULPRIT_MARGIN_DB and (noise is None or gap > noise), gap, noise
+
+
+def _names(names: list[str] | tuple[str, ...], most: int = 3) -> str:
+    """``a, b and c``; past ``most + 1`` names, ``a, b, c and 4 more``."""
+    if len(names) > most + 1:
+        return ", ".join(names[:most]) + f" and {len(names) - most} more"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _accumulation(report: Report, low: float) -> str:
+    output = report.model_output.get("sqnr")
+    if output is None or not math.isfinite(output) or output > low - ACCUMULATION_DB:
+        return ""
+    return (f"; error accumulates: the output reads {output:.2f} dB while no layer alone reads "
+            f"below {low:.2f} dB")
+
+
+def verdict(report: Report) -> Verdict:
+    """Apply the rule of this module to ``report`` (see the module docstring)."""
+    live = [r for r in report.rows if not r.degenerate]
+    poisoned = [r.name for r in live
+                if any(v is not None and math.isnan(v) for v in (r.output_sqnr, r.shadow_sqnr))]
+    if report.nonfinite or poisoned:
+        where = "; ".join(f"first at {layer} in the {side} model"
+                          for side, layer in report.nonfinite) or f"first at {poisoned[0]}"
+        return Verdict("poisoned", None, (), (), 0, None, None, None, None,
+                       f"no culprit named: NaN/Inf inside the model poison the sums ({where})")
+    if not any(r.shadow_sqnr is not None for r in report.rows):
+        worst = report.worst_layer
+        hint = f"; the largest output-SQNR drop is at {worst.name}" if worst else ""
+        return Verdict("no shadows", None, (), (), 0, None, None, None, None,
+                       "no culprit named: the error each layer adds was not measured (add "
+                       f"'shadows' to comparisons){hint}")
+    ranked = sorted((r for r in live if r.shadow_sqnr is not None
+                     and math.isfinite(r.shadow_sqnr)), key=lambda r: r.shadow_sqnr)
+    if not ranked:
+        return Verdict("no error", None, (), (), 0, None, None, None, None,
+                       "no layer named as culprit: no layer adds measurable error of its own")
+    low, high = ranked[0].shadow_sqnr, ranked[-1].shadow_sqnr
+    assert low is not None and high is not None
+    first = ranked[0]
+    if len(ranked) == 1:
+        return Verdict("culprit", first.name, (first.name,), (), 1, low, high, None, None,
+                       f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB), the "
+                       "only layer that adds error of its own" + _accumulation(report, low))
+    for k in range(1, min(MAX_GROUP, len(ranked) - 1) + 1):
+        apart, gap, noise = _separated(ranked[k - 1], ranked[k])
+        if not apart:
+            continue
+        nxt = ranked[k]
+        if k == 1:
+            return Verdict(
+                "culprit", first.name, (first.name,), (), len(ranked), low, high, gap, noise,
+                f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB, {gap:.2f} dB "
+                f"below any other layer; next {nxt.name} at {nxt.shadow_sqnr:.2f} dB)"
+                + _accumulation(report, low))
+        group = ranked[:k]
+        names = tuple(r.name for r in group)
+        ties = tuple(r.name for r in group
+                     if r is first or (n := _noise(first, r)) is not None
+                     and r.shadow_sqnr - low <= n)  # type: ignore[operator]
+        within = (f"; {_names(list(ties))} are within noise of each other"
+                  if len(ties) > 1 else "")
+        return Verdict(
+            "group", None, names, ties if len(ties) > 1 else (), len(ranked), low, high, gap,
+            noise,
+            f"no single culprit: {_names(list(names))} stand out together (shadow SQNR "
+            f"{low:.2f}-{group[-1].shadow_sqnr:.2f} dB; the rest from {nxt.shadow_sqnr:.2f} dB)"
+            f"{within}" + _accumulation(report, low))
+    _, gap, noise = _separated(first, ranked[1])
+    why = (f"within batch noise of ±{noise:.2f} dB" if noise is not None and gap <= noise
+           and gap >= CULPRIT_MARGIN_DB else
+           f"a culprit needs {CULPRIT_MARGIN_DB:g} dB beyond batch noise")
+    ties: tuple[str, ...] = ()
+    if noise is not None:
+        ties = tuple(r.name for r in ranked if r is first or (
+            (n := _noise(first, r)) is not None and r.shadow_sqnr - low <= n))  # type: ignore
+    tie_text = ""
+    if len(ties) > 1:
+        tie_text = f"; {_names(list(ties))} are within noise"
+    elif noise is None:
+        tie_text = "; 1 batch: no spread across batches to tell near ties"
+    return Verdict(
+        "spread", None, (), ties if len(ties) > 1 else (), len(ranked), low, high, gap, noise,
+        f"no layer stands out: error is spread over {len(ranked)} layers, shadow SQNR "
+        f"{low:.2f}-{high:.2f} dB (the lowest, {first.name}, is {gap:.2f} dB below the next; "
+        f"{why}){tie_text}" + _accumulation(report, low))

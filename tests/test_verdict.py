@@ -1,0 +1,348 @@
+"""The verdict: a culprit only when one layer stands out (fxnumeric.report.verdict).
+
+Planted faults (an output range made too narrow, a weight step made 40x coarser, a bias lost)
+in FX, eager, dynamic and pt2e models are named; a model whose error is spread, and the demo's
+resnet18 (lowest shadow SQNR 0.6 dB below the next of 30 layers), get no culprit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.ao.quantization import DeQuantStub, QuantStub
+
+import fxnumeric as ns
+from fxnumeric.metrics import Spread
+from fxnumeric.report import Report, ReportRow
+
+
+class Net(nn.Module):
+    """Four conv-relu blocks, pooling and a linear classifier; biases large enough to matter
+    (as BatchNorm-folded biases are)."""
+
+    def __init__(self, stubs: bool = False) -> None:
+        super().__init__()
+        self.quant = QuantStub() if stubs else nn.Identity()
+        self.dequant = DeQuantStub() if stubs else nn.Identity()
+        chans = [3, 16, 16, 32, 32]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1)
+                                   for a, b in zip(chans, chans[1:], strict=False))
+        self.relus = nn.ModuleList(nn.ReLU() for _ in self.convs)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        for conv, relu in zip(self.convs, self.relus, strict=True):
+            x = relu(conv(x))
+        return self.dequant(self.fc(torch.flatten(self.pool(x), 1)))
+
+
+def _init(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _data(n: int = 4, shape=(4, 3, 16, 16)) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=gen) for _ in range(n)]
+
+
+def _fx_pair():
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    f = _init(Net())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("fbgemm"), (_data()[0],))
+        for x in _data():
+            p(x)
+        return f, convert_fx(p)
+
+
+def _eager_pair():
+    f = _init(Net(stubs=True))
+    f.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = torch.ao.quantization.prepare(copy.deepcopy(f))
+        for x in _data():
+            p(x)
+        return f, torch.ao.quantization.convert(p)
+
+
+def _dynamic_pair():
+    torch.manual_seed(0)
+    f = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())),
+                      nn.Linear(64, 8))
+    _init(f)
+    return f, torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+
+
+# ---------------------------------------------------------------- planting faults
+
+
+def _narrow_output(q: nn.Module, name: str, k: float = 4.0) -> None:
+    """The layer's output scale k times too small: its range clips at 1/k of the values."""
+    mod = q.get_submodule(name)
+    mod.scale = float(mod.scale) / k
+
+
+def _coarse_weight(q: nn.Module, name: str, k: float = 40.0) -> None:
+    """The layer's weight requantized with a k times coarser step."""
+    mod = q.get_submodule(name)
+    w = mod.weight()
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        coarse = torch.quantize_per_channel(w.dequantize(), w.q_per_channel_scales() * k,
+                                            w.q_per_channel_zero_points(),
+                                            w.q_per_channel_axis(), w.dtype)
+    else:
+        coarse = torch.quantize_per_tensor(w.dequantize(), w.q_scale() * k, w.q_zero_point(),
+                                           w.dtype)
+    mod.set_weight_bias(coarse, mod.bias())
+
+
+def _lose_bias(q: nn.Module, name: str) -> None:
+    mod = q.get_submodule(name)
+    mod.set_weight_bias(mod.weight(), torch.zeros_like(mod.bias()))
+
+
+FAULTS = {"narrow output": _narrow_output, "coarse weight": _coarse_weight,
+          "lost bias": _lose_bias}
+
+
+def _compare(f, q, data=None) -> Report:
+    return ns.compare(f, q, _data() if data is None else data, progress=False)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("flow,layer", [("fx", "convs.1"), ("fx", "fc"),
+                                        ("eager", "convs.2"), ("eager", "fc")])
+def test_a_planted_fault_is_named_in_fx_and_eager_models(flow, layer, fault):
+    f, q = _fx_pair() if flow == "fx" else _eager_pair()
+    assert _compare(f, q).culprit is None  # healthy: nothing stands out
+    FAULTS[fault](q, layer)
+    report = _compare(f, q)
+    assert report.culprit == layer
+    assert report.verdict.kind == "culprit" and report.verdict.gap >= 6
+    assert f"culprit: {layer} (" in report.summary()
+    assert report.to_dict()["culprit"] == layer
+
+
+@pytest.mark.parametrize("fault", ["coarse weight", "lost bias"])
+@pytest.mark.parametrize("layer", ["2", "6"])
+def test_a_planted_fault_is_named_in_a_dynamic_model(layer, fault):
+    """Dynamic quantization computes each output range per batch: no output scale to narrow."""
+    f, q = _dynamic_pair()
+    assert _compare(f, q, _data(shape=(8, 64))).culprit is None
+    FAULTS[fault](q, layer)
+    assert _compare(f, q, _data(shape=(8, 64))).culprit == layer
+
+
+def _pt2e_pair():
+    pytest.importorskip("torchao")
+    from fxnumeric.models import quantize_pt2e
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_pt2e(_init(Net()), _data())
+
+
+def _pt2e_op(q, target: str, index: int):
+    ops = [n for n in q.graph.nodes if n.op == "call_function"
+           and n.target == getattr(torch.ops.aten, target).default]
+    return ops[index]
+
+
+def _pt2e_narrow_output(q, op, k: float = 4.0) -> None:
+    """The quantize node after ``op`` (and its dequantize) k times too fine: values clip."""
+    (quantize,) = op.users
+    for node in (quantize, *quantize.users):
+        node.args = (node.args[0], node.args[1] / k, *node.args[2:])
+
+
+def _pt2e_coarse_weight(q, op, k: float = 40.0) -> None:
+    dq = op.args[1]  # dequantize_per_tensor(int8 constant, scale, zero_point, qmin, qmax, dtype)
+    const, scale, zp, qmin, qmax = dq.args[0], *dq.args[1:5]
+    stored = getattr(q, const.target)
+    real = (stored.float() - zp) * scale
+    coarse = torch.clamp(torch.round(real / (scale * k)) + zp, qmin, qmax).to(stored.dtype)
+    setattr(q, const.target, coarse)
+    dq.args = (const, scale * k, *dq.args[2:])
+
+
+def _pt2e_lose_bias(q, op) -> None:
+    owner, _, attr = op.args[2].target.rpartition(".")  # get_attr "convs.1.bias"
+    module = q.get_submodule(owner)
+    # a new tensor: the exported float module shares its parameters with the quantized one
+    setattr(module, attr, nn.Parameter(torch.zeros_like(getattr(module, attr))))
+
+
+@pytest.mark.parametrize("fault,op,index,layer", [
+    ("narrow output", "linear", 0, "fc"),
+    ("coarse weight", "conv2d", 2, "convs.2"),
+    ("lost bias", "conv2d", 1, "convs.1"),
+])
+def test_a_planted_fault_is_named_in_a_pt2e_model(fault, op, index, layer):
+    f, q = _pt2e_pair()
+    assert _compare(f, q).culprit is None
+    node = _pt2e_op(q, op, index)
+    {"narrow output": _pt2e_narrow_output, "coarse weight": _pt2e_coarse_weight,
+     "lost bias": _pt2e_lose_bias}[fault](q, node)
+    q.recompile()
+    assert _compare(f, q).culprit == layer
+
+
+# ---------------------------------------------------------------- no culprit
+
+
+def _deep_stack(depth: int = 12, width: int = 64, seed: int = 0):
+    """Identical well-quantized layers: orthogonal weights keep the signal's scale."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        nn.init.orthogonal_(lin.weight, gain=math.sqrt(2))
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    f = nn.Sequential(*layers).eval()
+    data = _data(6, shape=(16, width))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("fbgemm"), (data[0],))
+        for x in data:
+            p(x)
+        return f, convert_fx(p), data
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evenly_spread_error_names_no_culprit(seed):
+    f, q, data = _deep_stack(seed=seed)
+    report = ns.compare(f, q, data, progress=False)
+    assert report.worst_layer is not None  # a lowest layer exists ...
+    assert report.culprit is None  # ... but it does not stand out
+    v = report.verdict
+    assert v.kind == "spread" and v.layers == 13  # the 12 linears and the input's quantize
+    assert f"no layer stands out: error is spread over 13 layers, shadow SQNR {v.low:.2f}-" \
+        in report.summary()
+    assert "error accumulates: the output reads" in report.summary()
+    assert report.to_dict()["culprit"] is None
+
+
+def test_demo_resnet18_names_no_culprit_and_says_the_error_accumulates():
+    from fxnumeric.demo import resnet18_pair
+
+    f, q, _ = resnet18_pair()
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(2, 3, 32, 32, generator=gen) for _ in range(4)]
+    report = ns.compare(f, q, images, progress=False)
+    assert report.worst_layer.name == "layer4.0.downsample.0"  # 30.85 dB, named before
+    assert report.culprit is None
+    summary = report.summary()
+    assert ("no layer stands out: error is spread over 30 layers, shadow SQNR 30.85-48.10 dB "
+            "(the lowest, layer4.0.downsample.0, is 0.56 dB below the next") in summary
+    assert "layer4.0.downsample.0, layer4.0.conv2, layer4.0.conv1 and layer4.1.conv2 are " \
+        "within noise" in summary
+    assert "error accumulates: the output reads 12.37 dB while no layer alone reads below " \
+        "30.85 dB" in summary
+    row = report.row("layer4.0.downsample.0")
+    spread = row.spread["shadow_sqnr"]
+    assert spread.batches == 4 and spread.low <= row.shadow_sqnr <= spread.high + 0.5
+    assert 0 < spread.std < 2
+
+
+def test_two_planted_faults_stand_out_together_without_a_single_culprit():
+    f, q = _fx_pair()
+    _lose_bias(q, "convs.1")
+    _lose_bias(q, "convs.2")
+    report = _compare(f, q)
+    v = report.verdict
+    assert report.culprit is None and v.kind == "group"
+    assert set(v.standouts) == {"convs.1", "convs.2"}
+    assert "no single culprit: convs.2 and convs.1 stand out together" in report.summary() \
+        or "no single culprit: convs.1 and convs.2 stand out together" in report.summary()
+
+
+def test_one_batch_has_no_spread_so_the_margin_alone_decides():
+    f, q = _fx_pair()
+    _coarse_weight(q, "convs.1")
+    one = _compare(f, q, _data(1))
+    assert one.culprit == "convs.1" and one.verdict.noise is None
+    assert "spread" not in one.row("convs.1").spread or \
+        not one.row("convs.1").spread["shadow_sqnr"].known
+    healthy_f, healthy_q = _fx_pair()
+    report = _compare(healthy_f, healthy_q, _data(1))
+    assert report.culprit is None
+    assert "1 batch: no spread across batches to tell near ties" in report.summary()
+
+
+# ---------------------------------------------------------------- the rule, on hand-made rows
+
+
+def _row(name: str, shadow: float, std: float | None = None, batches: int = 8) -> ReportRow:
+    spread = {} if std is None else {"shadow_sqnr": Spread(shadow, std, shadow - 2 * std,
+                                                           shadow + 2 * std, batches)}
+    return ReportRow(name, "conv2d", True, 40.0, {"sqnr": shadow}, {"sqnr": shadow},
+                     float_rms=1.0, spread=spread)
+
+
+def _report(*rows: ReportRow, output: float = 20.0) -> Report:
+    return Report(rows, ("sqnr",), ("weights", "outputs", "shadows"), 8, {"sqnr": output})
+
+
+def test_a_gap_beyond_the_margin_but_within_batch_noise_names_no_one():
+    clear = _report(_row("a", 20.0, 0.5), _row("b", 28.0, 0.5), _row("c", 30.0, 0.5))
+    assert clear.culprit == "a"
+    noisy = _report(_row("a", 20.0, 12.0), _row("b", 28.0, 12.0), _row("c", 30.0, 0.5))
+    assert noisy.culprit is None  # 8 dB apart, but batches disagree by 12 dB
+    assert "is 8.00 dB below the next; within batch noise of ±" in noisy.summary()
+
+
+def test_near_ties_are_said():
+    report = _report(_row("layer4.0.downsample.0", 30.85, 0.6),
+                     _row("layer4.1.conv2", 31.0, 0.7), _row("fc", 40.0, 0.3), output=12.0)
+    assert report.culprit is None
+    assert "layer4.0.downsample.0 and layer4.1.conv2 are within noise" in report.summary()
+    assert report.verdict.ties == ("layer4.0.downsample.0", "layer4.1.conv2")
+
+
+def test_no_shadows_names_no_culprit_and_says_why():
+    rows = tuple(ReportRow(r.name, r.kind, True, None, r.output, {}, float_rms=1.0)
+                 for r in (_row("a", 10.0), _row("b", 30.0)))
+    report = Report(rows, ("sqnr",), ("outputs",), 2, {"sqnr": 10.0})
+    assert report.culprit is None
+    assert "the error each layer adds was not measured (add 'shadows'" in report.summary()
+
+
+def test_the_verdict_and_the_spread_survive_json():
+    f, q = _fx_pair()
+    _coarse_weight(q, "convs.1")
+    report = _compare(f, q)
+    data = report.to_dict()
+    assert data["culprit"] == "convs.1" and data["verdict"]["kind"] == "culprit"
+    assert set(data["layers"][1]["spread"]) == {"output_sqnr", "shadow_sqnr"}
+    again = Report.from_json(report.to_json())
+    assert again == report and again.culprit == "convs.1"
+    assert again.row("convs.1").spread == report.row("convs.1").spread
+
+
+def test_a_pt2e_model_passed_as_the_float_one_is_refused():
+    """On main it ran and named the input quantize at -0.03 dB, against itself."""
+    _, q = _pt2e_pair()
+    with pytest.raises(ns.InputError, match=r"the float model is quantized too: .*\n"
+                       r"Fix: compare\(float_model, quant_model, data\)"):
+        _compare(copy.deepcopy(q), q)
