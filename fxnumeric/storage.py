@@ -12,9 +12,9 @@ name. What the flows store (torch 2.14, torchao 0.18)::
                                                 zero_point (out, 1) int8
     torchao IntxWeightOnlyConfig(int4,         IntxUnpackedToInt8Tensor: 8 + (32 + 8) / 32 = 9.25
       PerGroup(32))                             qdata *int8* (int4 values (fp32 model; 8.75 bf16);
-                                                unpacked), scale (model   nominal 4 + 1.25 = 5.25
-                                                dtype) and int8           (4.75 bf16)
-                                                zero_point per group
+                                                unpacked), scale (model   nominal (symmetric, no
+                                                dtype) and int8           zero points) 4 + 1 = 5.0
+                                                zero_point per group      (4.5 bf16)
     torch quantize_dynamic / static eager      quantized tensor (qint8)  8, plus float64 scale and
                                                                           int64 zero point per
                                                                           channel if per-channel
@@ -48,8 +48,10 @@ def tensor_storage_bits(tensor: torch.Tensor, nominal: bool = False) -> int:
         tensor: a plain tensor, a torch quantized tensor, or a tensor subclass implementing
             ``__tensor_flatten__`` (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor`` ...),
             whose inner tensors are counted recursively.
-        nominal: count a subclass's ``qdata`` at the width of its ``target_dtype``
-            (``torch.int4``: 4 bits) instead of the int8 it is stored in.
+        nominal: count what a packed format needs: a subclass's ``qdata`` at the width of
+            its ``target_dtype`` (``torch.int4``: 4 bits) instead of the int8 it is stored
+            in, and zero points only where one is not zero (a symmetric format stores none;
+            torchao keeps a tensor of zeros anyway).
 
     >>> tensor_storage_bits(torch.zeros(10, 4))
     1280
@@ -65,6 +67,8 @@ def tensor_storage_bits(tensor: torch.Tensor, nominal: bool = False) -> int:
                 continue  # an optional inner tensor left None
             if name == "qdata" and target_bits is not None:
                 total += inner.numel() * target_bits
+            elif nominal and "zero_point" in name and not bool(inner.any()):
+                continue  # symmetric: all zero points are 0, a packed format keeps none
             else:
                 total += tensor_storage_bits(inner, nominal)
         return total

@@ -65,7 +65,8 @@ def test_torchao_int8_is_eight_bits_plus_a_row_scale_and_zero_point(ao):
         bits, numel = weight_storage_bits(weight)
         assert numel == 64 * 128
         assert bits == 64 * 128 * 8 + 64 * (32 + 8)  # qdata, fp32 scale and int8 zero per row
-        assert weight_storage_bits(weight, nominal=True) == (bits, numel)
+        # symmetric: every zero point is 0, which a packed format does not store
+        assert weight_storage_bits(weight, nominal=True) == (bits - 64 * 8, numel)
 
 
 def test_torchao_int4_groups_are_stored_in_int8(ao):
@@ -77,9 +78,9 @@ def test_torchao_int4_groups_are_stored_in_int8(ao):
     assert bits / numel == 9.25  # int8 qdata + (32-bit scale + 8-bit zero point) / 32
     assert bits == numel * 8 + groups * (32 + 8)
     nominal, _ = weight_storage_bits(weight, nominal=True)
-    assert nominal / numel == 5.25  # what a packed int4 layout would store
+    assert nominal / numel == 5.0  # what a packed symmetric int4 layout stores: 4 + 32 / 32
     bf16 = _quantized_linear(ao, config, dtype=torch.bfloat16).weight
-    assert weight_storage_bits(bf16, nominal=True)[0] / numel == 4.75  # bf16 scales
+    assert weight_storage_bits(bf16, nominal=True)[0] / numel == 4.5  # bf16 scales
 
 
 def test_a_model_mixes_float_and_quantized_layers(ao):
