@@ -27,6 +27,7 @@ from torch import nn
 from ._tensors import detach, first_output
 from .capture import LeafSpec
 from .errors import FxNumericWarning, InputError
+from .floor import FloorSums, floor_sums, layer_floor
 from .guards import contents
 from .instrument import Instrumented, instrument, resolve_matching
 from .loggers import Logger
@@ -42,6 +43,7 @@ from .run import (
     pick_inputs,
     run_model,
 )
+from .semantics import QuantGrid
 from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]
@@ -101,14 +103,26 @@ class _CompareToFloat(Logger):
 
 
 class _ShadowMetrics(Logger):
-    def __init__(self, acc: Accumulator, value: _QuantValue) -> None:
+    """Compares a quantized output with its float twin's (the shadow); for a quantized layer
+    it also sums what the layer's floor needs (:class:`fxnumeric.floor.FloorSums`)."""
+
+    def __init__(self, acc: Accumulator, value: _QuantValue, floor: FloorSums | None) -> None:
         super().__init__()
         self.acc = acc
         self.value = value
+        self.floor = floor
+        self.takes_inputs = floor is not None  # the shadow hands over what it read
 
-    def forward(self, x: Any, y: Any) -> None:  # type: ignore[override]
-        actual, energy = self.value.get(first_output(x))
-        self.acc.update(first_output(y), actual, actual_energy=energy)
+    def forward(self, x: Any, y: Any, *inputs: Any) -> None:  # type: ignore[override]
+        quant, ref = first_output(x), first_output(y)
+        actual, energy = self.value.get(quant)
+        self.acc.update(ref, actual, actual_energy=energy)
+        floor = self.floor
+        if floor is not None and isinstance(ref, torch.Tensor) and isinstance(actual,
+                                                                            torch.Tensor):
+            if floor.grid is None and isinstance(quant, torch.Tensor) and quant.is_quantized:
+                floor.grid = QuantGrid.of(quant)  # the output step the op itself produced
+            floor.update(actual, ref, inputs)
 
 
 MetricSpec = Iterable[str | MetricFn] | dict[str, MetricFn] | None
@@ -254,6 +268,7 @@ class _Plan:
     model: Accumulator
     twins: list[_FloatOutputs]
     values: list[_QuantValue]
+    floors: dict[str, FloorSums]
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
@@ -275,6 +290,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     _check_pairable(matching)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
+    floors = {p.name: floor_sums(matching.region_of(p), p) for p in matching.pairs
+              if p.quantized}
     twins: list[_FloatOutputs] = []
     values = {p.name: _QuantValue(precision) for p in matching.pairs}
 
@@ -284,7 +301,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         return twin, _CompareToFloat(twin, outputs[pair.name], values[pair.name])
 
     def shadow_observer(pair: Pair) -> nn.Module:
-        return _ShadowMetrics(shadows[pair.name], values[pair.name])
+        return _ShadowMetrics(shadows[pair.name], values[pair.name], floors.get(pair.name))
 
     # each batch runs each model once: the quantized graph holds both the output
     # comparators and the shadows
@@ -295,7 +312,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     )
     return _Plan(matching, wanted, names, built,
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
-                 Accumulator(custom, precision=precision), twins, list(values.values()))
+                 Accumulator(custom, precision=precision), twins, list(values.values()),
+                 floors if "shadows" in wanted else {})
 
 
 def _check_pairable(matching: Matching) -> None:
@@ -433,6 +451,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             float_rms=_rms(oa if oa and oa.batches else sa),
             spread={key: spread for key, acc in (("output_sqnr", oa), ("shadow_sqnr", sa))
                     if acc is not None and (spread := acc.spread()) is not None},
+            **_floor(matching, p, sa, plan.floors.get(p.name)),
         ))
     nonfinite = _first_nonfinite(plan)
     return Report(
@@ -452,6 +471,18 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
     )
+
+
+def _floor(matching: Matching, pair: Pair, shadow: Accumulator | None,
+           sums: FloorSums | None) -> dict[str, Any]:
+    """``floor_sqnr`` and ``floor_cause`` of a quantized layer (see :mod:`fxnumeric.floor`)."""
+    if shadow is None or sums is None or not shadow.batches:
+        return {}
+    floor, verdict = layer_floor(matching.region_of(pair), pair, sums, signal=shadow.signal,
+                                 noise=shadow.noise, count=shadow.count)
+    if floor is None:
+        return {}
+    return {"floor_sqnr": floor, "floor_cause": verdict.cause if verdict is not None else ""}
 
 
 def _skipped_note(ran: _Ran) -> tuple[str, ...]:

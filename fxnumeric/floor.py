@@ -18,8 +18,9 @@ bits allow (it needs more bits, not a fix); a layer far below it is broken, and 
 error that is a constant offset per output channel (a lost bias, a wrong zero point) or that
 comes from clipping says which way.
 
-Dynamic activation quantization (the input quantized per batch or per token inside the op) is
-not modelled: the floor of such a layer counts its weight (and output) grids only.
+A layer that quantizes its float input inside the op, per call (torch's dynamic modules: the
+whole input over 127 steps; torchao's dynamic-activation configs: each token over 255) adds
+the input's rounding through its weights: ``Σ_calls Σ_tokens Δ_x² / 12 · ‖W‖²``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ from typing import Any
 
 import torch
 
-from .semantics import QuantGrid
+from . import flows
+from .ops import dynamic_input
+from .semantics import QuantGrid, evaluate_constant, grid_before
 
-__all__ = ["FLOOR_MARGIN_DB", "floor_sqnr", "weight_steps", "FloorVerdict", "judge"]
+__all__ = ["FLOOR_MARGIN_DB", "AT_FLOOR_DB", "floor_sqnr", "floor_noise", "weight_steps",
+           "FloorVerdict", "judge", "FloorSums", "layer_weight_steps", "layer_module",
+           "layer_floor", "floor_sums"]
 
 FLOOR_MARGIN_DB = 6.0
 """How far (dB) below its floor a layer's shadow SQNR must be to count as broken: the noise
@@ -70,24 +75,161 @@ def weight_steps(weight: Any) -> torch.Tensor | None:
     return None
 
 
-def floor_sqnr(signal: float, count: int, *, grid: QuantGrid | None = None,
-               clip_noise: float = 0.0, weight_step_sq: float | None = None,
-               fan_in: int | None = None, input_mean_square: float | None = None) -> float | None:
-    """The SQNR (dB) a layer's own grids allow, over ``count`` output values of energy
-    ``signal`` (see the module docstring); ``None`` when no grid of it is known.
+def layer_module(region: Any, pair: Any) -> Any:
+    """The quantized module a pair's layer computes with (``None`` for a functional op)."""
+    for node in region.chain(pair, "quant"):
+        module = region.quant_view.module(node)
+        if module is not None and getattr(module, "weight", None) is not None:
+            return module
+    return None
 
-    >>> round(floor_sqnr(1000.0, 1000, grid=QuantGrid(0.01, 0, -128, 127)), 2)  # rms 1, step 0.01
-    50.79
+
+def layer_weight_steps(region: Any, pair: Any) -> tuple[float, int, float] | None:
+    """``(mean squared weight step, fan-in, energy of the weight)`` of the quantized weight a
+    pair's layer computes with, or ``None`` (no weight, or a float one).
+
+    The weight is read where it lives: a quantized module's weight (torch's, or a torchao
+    tensor subclass), or, for a functional op of an exported graph, the scales of the
+    ``dequantize`` that produces it.
     """
-    noise = clip_noise
-    known = False
+    for node in region.chain(pair, "quant"):
+        module = region.quant_view.module(node)
+        weight = getattr(module, "weight", None) if module is not None else None
+        if callable(weight) and not isinstance(weight, torch.Tensor):
+            weight = weight()  # torch's quantized modules unpack their weight
+        if isinstance(weight, torch.Tensor) and weight.dim() > 1:
+            steps = weight_steps(weight)
+            if steps is not None:
+                values = flows.comparable_weight(weight)
+                values = values.dequantize() if values.is_quantized else values
+                return (float(steps.mean()), int(weight[0].numel()),
+                        float(values.double().square().sum()))
+    return _functional_steps(region, pair)
+
+
+def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
+    view = region.quant_view
+    for node in region.chain(pair, "quant"):
+        cls = view.op_class(node)
+        source = flows.weight_input(node, cls.signature[0]) if cls is not None else None
+        while source is not None and (c := view.op_class(source)) is not None and \
+                c.role == "plumbing" and not c.is_dequantize and source.all_input_nodes:
+            source = source.all_input_nodes[0]
+        if source is None or not (c := view.op_class(source)) or not c.is_dequantize:
+            continue
+        weight = evaluate_constant(source, view)
+        scales = evaluate_constant(source.args[1], view) if len(source.args) > 1 else None
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or scales is None:
+            continue
+        squared = torch.as_tensor(scales, dtype=torch.float64) ** 2
+        return (float(squared.mean()), int(weight[0].numel()),
+                float(weight.double().square().sum()))
+    return None
+
+
+@dataclass
+class FloorSums:
+    """What a layer's floor and its verdict need, summed over batches (a few numbers per
+    layer, plus one per output channel for the offset).
+
+    Fed by the layer's shadow: the quantized output, the float twin's output and the input
+    the twin read.
+    """
+
+    grid: QuantGrid | None = None
+    dynamic: tuple[str, float] | None = None
+    """How the layer quantizes its input per call (:func:`fxnumeric.ops.dynamic_input`)."""
+    clip_noise: float = 0.0
+    input_energy: float = 0.0
+    input_count: int = 0
+    input_steps: float = 0.0
+    """Σ over calls and tokens of the squared step the input was quantized with."""
+    channel_error: torch.Tensor | None = None
+    channel_count: int = 0
+
+    def update(self, quant: torch.Tensor, ref: torch.Tensor, inputs: tuple[Any, ...]) -> None:
+        """Add one call: ``quant`` (dequantized, as the shadow metrics read it) against the
+        float twin ``ref``; ``inputs[0]`` is the activation the layer read."""
+        if self.grid is not None:
+            low, high = self.grid.bounds()
+            lo, hi = (float(v) for v in torch.aminmax(ref))
+            if lo < low or hi > high:
+                r = ref.double()
+                self.clip_noise += float((r - r.clamp(low, high)).square().sum())
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
+            x = inputs[0].detach()
+            self.input_energy += float(torch.linalg.vector_norm(x.double())) ** 2
+            self.input_count += x.numel()
+            if self.dynamic is not None and x.numel():
+                self.input_steps += _input_steps(x, *self.dynamic)
+        if quant.shape == ref.shape and ref.dim() >= 2:
+            dim = 1 if ref.dim() == 4 else -1  # the output channels of a conv, a linear
+            err = (quant.double() - ref.double()).transpose(dim, -1)
+            sums = err.reshape(-1, err.shape[-1]).sum(dim=0)
+            if self.channel_error is None or self.channel_error.shape != sums.shape:
+                self.channel_error, self.channel_count = sums, 0
+            else:
+                self.channel_error += sums
+            self.channel_count += err.numel() // err.shape[-1]
+
+    def input_noise(self, weight_energy: float | None) -> float:
+        """The output noise of the input's own per-call quantization, through the weights."""
+        if not self.input_steps or weight_energy is None:
+            return 0.0
+        return self.input_steps * weight_energy / 12
+
+    def offset_noise(self) -> float:
+        """Error power a constant per output channel explains (a lost bias, a zero point)."""
+        if self.channel_error is None or not self.channel_count:
+            return 0.0
+        return float(self.channel_error.square().sum()) / self.channel_count
+
+    def input_mean_square(self) -> float | None:
+        return self.input_energy / self.input_count if self.input_count else None
+
+
+def _input_steps(x: torch.Tensor, granularity: str, levels: float) -> float:
+    """Σ over the tokens of ``x`` of the squared step it is quantized with."""
+    x = x.double()
+    if granularity == "token":
+        rows = x.reshape(-1, x.shape[-1])
+        return float(((2 * rows.abs().amax(dim=1)) / levels).square().sum())
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    tokens = x.numel() // x.shape[-1]
+    return tokens * ((high - low) / levels) ** 2
+
+
+def floor_noise(count: int, *, grid: QuantGrid | None = None, clip_noise: float = 0.0,
+                weight_step_sq: float | None = None, fan_in: int | None = None,
+                input_mean_square: float | None = None, input_noise: float = 0.0,
+                ) -> float | None:
+    """The noise power (summed over ``count`` outputs) a layer's grids allow; ``None`` when
+    no grid of it is known (see :func:`floor_sqnr`)."""
+    noise = clip_noise + input_noise
+    known = input_noise > 0
     if grid is not None:
         noise += count * grid.scale ** 2 / 12
         known = True
     if weight_step_sq is not None and fan_in and input_mean_square is not None:
         noise += count * fan_in * input_mean_square * weight_step_sq / 12
         known = True
-    if not known or count == 0:
+    return noise if known and count else None
+
+
+def floor_sqnr(signal: float, count: int, *, grid: QuantGrid | None = None,
+               clip_noise: float = 0.0, weight_step_sq: float | None = None,
+               fan_in: int | None = None, input_mean_square: float | None = None,
+               input_noise: float = 0.0) -> float | None:
+    """The SQNR (dB) a layer's own grids allow, over ``count`` output values of energy
+    ``signal`` (see the module docstring); ``None`` when no grid of it is known.
+
+    >>> round(floor_sqnr(1000.0, 1000, grid=QuantGrid(0.01, 0, -128, 127)), 2)  # rms 1, step 0.01
+    50.79
+    """
+    noise = floor_noise(count, grid=grid, clip_noise=clip_noise, weight_step_sq=weight_step_sq,
+                        fan_in=fan_in, input_mean_square=input_mean_square,
+                        input_noise=input_noise)
+    if noise is None:
         return None
     if noise == 0:
         return math.inf
@@ -102,10 +244,13 @@ class FloorVerdict:
 
     Attributes:
         state: ``"below"`` (broken: more than :data:`FLOOR_MARGIN_DB` under its floor),
-            ``"at"`` (within :data:`AT_FLOOR_DB`: as good as its bits allow) or ``"above"``
+            ``"at"`` (within :data:`AT_FLOOR_DB`: as good as its grids allow) or ``"above"``
             (between, or better than the noise model expects).
-        cause: for ``"below"``: ``"clipping"``, ``"offset"`` (a constant per output channel:
-            a lost bias or a wrong zero point) or ``"scale"`` (a step the values do not fit).
+        cause: ``"offset"`` (below its floor, and most of its error is a constant per output
+            channel: a lost bias, a wrong zero point), ``"scale"`` (below its floor
+            otherwise: its error exceeds what its steps allow) or ``"clipping"`` (not below,
+            but most of what its floor allows is clipping: its output range is too narrow);
+            ``""`` when its floor is rounding (more bits, not a fix, would help).
         text: one sentence for a person.
     """
 
@@ -118,30 +263,67 @@ def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float =
           offset_share: float = 0.0) -> FloorVerdict | None:
     """Place a layer against its floor; ``None`` when either number is missing.
 
-    ``clip_share`` and ``offset_share``: the fractions of the layer's measured local error
-    power that clipping and a per-channel constant offset explain.
+    Args:
+        shadow_sqnr: the layer's measured local SQNR (dB).
+        floor: its floor (dB).
+        clip_share: the fraction of its floor's noise that is clipping.
+        offset_share: the fraction of its measured error power that a constant per output
+            channel explains.
 
     >>> judge(20.0, 40.0, offset_share=0.9).cause
     'offset'
-    >>> judge(39.0, 40.0).state
-    'at'
+    >>> judge(39.0, 40.0).state, judge(39.0, 40.0, clip_share=0.8).cause
+    ('at', 'clipping')
     """
     if shadow_sqnr is None or floor is None or math.isnan(shadow_sqnr) or math.isnan(floor):
         return None
     gap = floor - shadow_sqnr
     if gap > FLOOR_MARGIN_DB:
-        if clip_share > 0.3:
-            return FloorVerdict("below", "clipping", (
-                f"{gap:.1f} dB below its floor: {100 * clip_share:.0f}% of its error is clipping "
-                "(its output range is too narrow); recalibrate, or widen the range"))
         if offset_share > 0.5:
             return FloorVerdict("below", "offset", (
-                f"{gap:.1f} dB below its floor: {100 * offset_share:.0f}% of its error is a "
-                "constant per output channel (a lost bias or a wrong zero point)"))
+                f"{gap:.1f} dB below its floor, and {100 * offset_share:.0f}% of its error is a "
+                "constant per output channel: a lost bias or a wrong zero point"))
         return FloorVerdict("below", "scale", (
             f"{gap:.1f} dB below its floor: its error exceeds what its steps allow (a wrong "
             "scale, for the output or the weights)"))
-    if abs(gap) <= AT_FLOOR_DB:
-        return FloorVerdict("at", "", "at its floor: as good as its bits allow (more bits, "
+    state = "at" if abs(gap) <= AT_FLOOR_DB else "above"
+    if clip_share > 0.5:
+        return FloorVerdict(state, "clipping", (
+            f"{100 * clip_share:.0f}% of what its floor allows is clipping: its output range is "
+            "too narrow for its values (recalibrate on representative data)"))
+    if state == "at":
+        return FloorVerdict("at", "", "at its floor: as good as its grids allow (more bits, "
                                       "not a fix, would help)")
-    return FloorVerdict("above", "", "")
+    return FloorVerdict(state)
+
+
+def floor_sums(region: Any, pair: Any) -> FloorSums:
+    """The sums of a layer's floor, with what its graph says: its output grid (the quantize
+    after it in reference FX and pt2e graphs; a quantized tensor's own grid is read when it is
+    computed) and how it quantizes its input per call (dynamic quantization)."""
+    module = layer_module(region, pair)
+    return FloorSums(grid_before(region.quant_view, region.output_nodes(pair)[1]),
+                     dynamic_input(module) if module is not None else None)
+
+
+def layer_floor(region: Any, pair: Any, sums: FloorSums, *, signal: float, noise: float,
+                count: int) -> tuple[float | None, FloorVerdict | None]:
+    """A layer's floor SQNR and its verdict, from its sums and its measured local error
+    (``signal``: energy of the float twin's output; ``noise``: of the error; ``count``
+    values)."""
+    if not count:
+        return None, None
+    steps = layer_weight_steps(region, pair)
+    step_sq, fan_in, weight_energy = steps if steps is not None else (None, None, None)
+    grids = {"grid": sums.grid, "clip_noise": sums.clip_noise, "weight_step_sq": step_sq,
+             "fan_in": fan_in, "input_mean_square": sums.input_mean_square(),
+             "input_noise": sums.input_noise(weight_energy)}
+    floor = floor_sqnr(signal, count, **grids)
+    if floor is None:
+        return None, None
+    allowed = floor_noise(count, **grids)
+    local = (math.inf if noise == 0 else -math.inf if signal == 0
+             else 10 * math.log10(signal / noise))
+    verdict = judge(local, floor, clip_share=sums.clip_noise / allowed if allowed else 0.0,
+                    offset_share=sums.offset_noise() / noise if noise else 0.0)
+    return floor, verdict

@@ -35,7 +35,7 @@ from .optypes import DEQUANTIZE, PLUMBING, QUANTIZE, ROLES, OpClass
 
 __all__ = [
     "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
-    "is_quantized_module", "is_pure", "PLUMBING", "QUANTIZE", "DEQUANTIZE",
+    "is_quantized_module", "is_pure", "PLUMBING", "QUANTIZE", "DEQUANTIZE", "dynamic_input",
 ]
 
 
@@ -199,6 +199,22 @@ def is_quantized_module(module: nn.Module) -> bool:
     if any(type(c).__module__.startswith(_QUANTIZED_PREFIXES) for c in module.children()):
         return True
     return flows.is_quantized_module(module)
+
+
+def dynamic_input(module: nn.Module) -> tuple[str, float] | None:
+    """How ``module`` quantizes its float input inside the op, per call: ``("tensor" | "token",
+    steps over the range)``, or ``None``.
+
+    torch's dynamic int8 modules quantize the whole input per call to quint8 with
+    ``reduce_range`` (127 steps over ``[min(x, 0), max(x, 0)]``); a flow answers for its own
+    (torchao's dynamic-activation configs, :func:`fxnumeric.flows.dynamic_input`).
+    """
+    if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+        packed = getattr(module, "_packed_params", None)
+        if getattr(packed, "dtype", None) == torch.qint8:
+            return ("tensor", 127.0)
+        return None
+    return flows.dynamic_input(module)
 
 
 @functools.cache

@@ -288,7 +288,11 @@ def test_the_page_opens_with_the_verdict_and_the_next_call(tmp_path):
     assert "<p class='headline'>Culprit: 2</p>" in page
     assert "<b>Next:</b> Find out why 2 loses accuracy" in page
     assert "fxnumeric.diagnose(float_model, quant_model, data).text()" in page
-    assert "below floor" not in page.lower()  # no floor known: nothing said about it
+    # the lost bias, read against the layer's own floor: far below it, a constant offset
+    row = report.row("2")
+    assert row.below_floor and row.floor_cause == "offset"
+    assert not any(r.below_floor for r in report.rows if r.name != "2")
+    assert "lost bias" in row.notes and "below floor" in page.lower()
     spread = Report(tuple(replace(r, shadow={"sqnr": 30.0 + i / 10})
                           for i, r in enumerate(report.rows)),
                     report.metrics, report.comparisons, 4, {"sqnr": 12.0})
@@ -361,7 +365,9 @@ def test_the_csv_carries_every_metric_of_every_comparison(tmp_path):
     assert float(mid["shadow_sqnr_std"]) == pytest.approx(spread.std)
     assert float(mid["weight_sqnr"]) == pytest.approx(report.row("2").weight_sqnr)
     assert {"floor_sqnr", "below_floor", "float_rms", "flags", "note"} <= set(rows[0])
-    assert mid["floor_sqnr"] == "" and mid["below_floor"] == "False"
+    # the lost bias, against its own floor
+    assert float(mid["floor_sqnr"]) > 40 and mid["below_floor"] == "True"
+    assert mid["floor_cause"] == "offset"
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")

@@ -35,6 +35,7 @@ from torch import nn
 
 from .._tensors import detach, first_output
 from ..errors import InputError
+from ..floor import FloorSums, FloorVerdict, floor_sums, layer_floor
 from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
 from ..match import Matching, Pair
@@ -42,7 +43,7 @@ from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
 from ..run import check_devices, model_batches, run_model
-from ..semantics import QRANGE, QuantGrid, grid_before
+from ..semantics import QRANGE, QuantGrid
 from ..weights import pair_weights
 from .hybrid import layer_names, module_path
 
@@ -96,6 +97,10 @@ class LayerDiagnosis:
     local_sqnr: float | None = None
     cumulative_sqnr: float | None = None
     flags: tuple[Flag, ...] = ()
+    floor_sqnr: float | None = None
+    """dB, the SQNR the layer's own grids allow (:mod:`fxnumeric.floor`)."""
+    floor: FloorVerdict | None = field(default=None, repr=False)
+    """Where the layer stands against its floor."""
 
     @property
     def amplification(self) -> float | None:
@@ -152,10 +157,10 @@ class Diagnosis:
         """The measurements as a table, one row per layer."""
         rows = [(d.module, d.kind, _pc(d.per_channel), d.weight_utilisation,
                  d.channel_outlier_ratio, d.clipped, d.noise_steps, d.local_sqnr,
-                 d.cumulative_sqnr, ", ".join(f.code for f in d.flags))
+                 d.floor_sqnr, d.cumulative_sqnr, ", ".join(f.code for f in d.flags))
                 for d in self.layers]
         headers = ("layer", "kind", "weights", "w util", "ch max/med", "clipped",
-                   "err rms/step", "local SQNR", "cum. SQNR", "flags")
+                   "err rms/step", "local SQNR", "floor SQNR", "cum. SQNR", "flags")
         return tabulate(rows, headers=headers, tablefmt=tablefmt, floatfmt=".3g", missingval="-")
 
 
@@ -210,17 +215,26 @@ class _FloatValues(Logger):
 
 
 class _LocalError(Logger):
-    """Fed ``(quantized output, float twin output)`` by the layer's shadow; adds to the sums."""
+    """Fed ``(quantized output, float twin output, *inputs)`` by the layer's shadow; adds to
+    the sums, and to what the layer's floor needs."""
 
-    def __init__(self, sums: _Sums, twin: _FloatValues, grid: QuantGrid | None) -> None:
+    takes_inputs = True
+
+    def __init__(self, sums: _Sums, twin: _FloatValues, floor: FloorSums) -> None:
         super().__init__()
-        self.sums, self.grid = sums, grid
+        self.sums, self.floor = sums, floor
         self.twin = [twin]  # a list, so the twin is not registered as a submodule
 
-    def forward(self, x: Any, y: Any) -> None:  # type: ignore[override]
+    def forward(self, x: Any, y: Any, *inputs: Any) -> None:  # type: ignore[override]
         pending = self.twin[0].pending
         if pending:
-            self.sums.update(y, x, pending.pop(0), self.grid)
+            self.sums.update(y, x, pending.pop(0), self.floor.grid)
+        quant, ref = first_output(x), first_output(y)
+        if isinstance(quant, torch.Tensor) and isinstance(ref, torch.Tensor):
+            if self.floor.grid is None and quant.is_quantized:
+                self.floor.grid = QuantGrid.of(quant)
+            deq = quant.dequantize() if quant.is_quantized else quant
+            self.floor.update(deq, ref, inputs)
 
 
 def _db(signal: float, noise: float) -> float:
@@ -250,6 +264,17 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, floa
 
 def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
     flags: list[Flag] = []
+    verdict = d.floor
+    if verdict is not None and verdict.state == "below":
+        flags.append(Flag(
+            f"below_floor_{verdict.cause}",
+            f"local SQNR {d.local_sqnr:.1f} dB, its own grids allow {d.floor_sqnr:.1f} dB: "
+            + verdict.text,
+            {"offset": "restore the bias (or zero point) the quantized layer lost; compare its "
+                       "bias with the float one",
+             "scale": "requantize with qparams that fit its values (recalibrate; per-channel "
+                      "weights)"}.get(verdict.cause, "recalibrate"),
+        ))
     outliers = d.channel_outlier_ratio
     if d.per_channel is False and outliers is not None and outliers > 10:
         flags.append(Flag(
@@ -353,11 +378,13 @@ def diagnose(
         twins.append(_FloatValues())
         return twins[-1], Logger()
 
+    floors: dict[str, list[tuple[Pair, FloorSums]]] = {}
+
     def shadows(pair: Pair) -> nn.Module:
         twin = twins[-1]  # instrument builds a pair's output observers, then its shadow
-        region = matching.region_of(pair)
-        grid = grid_before(region.quant_view, region.output_nodes(pair)[1])
-        return _LocalError(sums[op_name(pair.name)], twin, grid)
+        sums_of_floor = floor_sums(matching.region_of(pair), pair)
+        floors.setdefault(op_name(pair.name), []).append((pair, sums_of_floor))
+        return _LocalError(sums[op_name(pair.name)], twin, sums_of_floor)
 
     built = instrument(matching, select=lambda p, m: p.quantized, outputs=outputs,
                        shadows=shadows)
@@ -379,6 +406,12 @@ def diagnose(
         s = sums[name]
         per_channel, util, outliers = weights.get(name, (None, None, None))
         step = next(iter(s.steps)) if len(s.steps) == 1 else None
+        floor, floor_verdict = None, None
+        if len(floors.get(name, ())) == 1:  # one call site: its floor is the layer's
+            pair, sums_of_floor = floors[name][0]
+            floor, floor_verdict = layer_floor(matching.region_of(pair), pair, sums_of_floor,
+                                               signal=s.local_signal, noise=s.local_noise,
+                                               count=s.count)
         d = LayerDiagnosis(
             name=name, module=module_path(matching, name), kind=kinds[name],
             per_channel=per_channel, weight_utilisation=util, channel_outlier_ratio=outliers,
@@ -386,6 +419,7 @@ def diagnose(
             noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,
             local_sqnr=_db(s.local_signal, s.local_noise) if s.count else None,
             cumulative_sqnr=_db(s.cum_signal, s.cum_noise) if s.count else None,
+            floor_sqnr=floor, floor=floor_verdict,
         )
         is_first = (first_below is None and d.cumulative_sqnr is not None
                     and d.cumulative_sqnr < threshold_db)

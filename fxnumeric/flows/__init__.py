@@ -15,6 +15,7 @@ hook                        called by                           answers
 ``pair_name``               the matcher                         the name a pair is reported as
 ``scope``                   advice (what a flow configures)     the module path an op ran in
 ``failure_hint``            :mod:`fxnumeric.run`                why a model rejected a batch
+``dynamic_input``           :mod:`fxnumeric.floor`              how an op quantizes its input
 ``module_type``             the eager layer (stub selection)    the module class an op came from
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
 ``weight_scale``            :mod:`fxnumeric.weights`            a scale folded into that weight
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
     "is_quantized_module",
-    "pair_name", "scope", "failure_hint", "module_type", "weight_input", "weight_scale",
+    "pair_name", "scope", "failure_hint", "dynamic_input", "module_type", "weight_input",
+    "weight_scale",
     "batch_norm_params", "comparable_weight",
 ]
 
@@ -95,6 +97,11 @@ class Flow:
 
     def failure_hint(self, exc: BaseException) -> str | None:
         """A sentence on why a model of this flow rejected a batch with ``exc``, or ``None``."""
+        return None
+
+    def dynamic_input(self, module: nn.Module) -> tuple[str, float] | None:
+        """How ``module`` quantizes its float input inside the op, per call: ``("tensor" |
+        "token", levels)`` (the input's range over that many steps), or ``None``."""
         return None
 
     def module_type(self, node: fx.Node) -> type | None:
@@ -176,6 +183,11 @@ def scope(node: fx.Node) -> str | None:
 def failure_hint(exc: BaseException) -> str | None:
     """The first flow's explanation of a model rejecting a batch with ``exc``, or ``None``."""
     return _first("failure_hint", exc)
+
+
+def dynamic_input(module: nn.Module) -> tuple[str, float] | None:
+    """The first flow's answer to how ``module`` quantizes its input per call, or ``None``."""
+    return _first("dynamic_input", module)
 
 
 def module_type(node: fx.Node) -> type | None:

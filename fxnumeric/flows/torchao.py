@@ -42,6 +42,16 @@ class TorchaoFlow(Flow):
             return False  # no torchao tensor can exist before torchao is imported
         return any(is_torchao_tensor(p) for p in module.parameters(recurse=False))
 
+    def dynamic_input(self, module: nn.Module) -> tuple[str, float] | None:
+        """``Int8DynamicActivationInt8WeightConfig``: each token (row) of the input quantized
+        symmetric int8 (255 steps over ``±max|x|``), or the whole tensor per call."""
+        weight = getattr(module, "weight", None)
+        kwargs = getattr(weight, "act_quant_kwargs", None) if is_torchao_tensor(weight) else None
+        if kwargs is None:
+            return None
+        granularity = type(getattr(kwargs, "granularity", None)).__name__
+        return ("token" if granularity == "PerRow" else "tensor", 255.0)
+
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
         if not is_torchao_tensor(weight):
             return None

@@ -54,7 +54,9 @@ each then called as ``observer(output)``."""
 
 ShadowObserver = Callable[[Pair], nn.Module]
 """Called once per pair name as ``make(pair)``; the observer is then called as
-``observer(quantized_output, float_shadow_output)``."""
+``observer(quantized_output, float_shadow_output)``, or, if it has a true ``takes_inputs``
+attribute, ``observer(quantized_output, float_shadow_output, *inputs)`` with the dequantized
+values the shadow read (a layer's activation first)."""
 
 # Each instrumented GraphModule's loggers by pair name, for loggers_of (weak: the registry
 # never keeps a model alive, and nothing is stored on the model itself).

@@ -192,4 +192,6 @@ class GraphCopy:
             logged = emit(lambda: graph.call_method("clone", (anchor,)))
         holder.add_module("logger", observer)
         logger = emit(lambda: graph.get_attr(f"{prefix}.logger"))
-        emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]])))
+        # an observer that asks for them also gets the (dequantized) values the shadow read
+        extra = tuple(env[f] for f in inputs) if getattr(observer, "takes_inputs", False) else ()
+        emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]], *extra)))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InputError
+from ..floor import FLOOR_MARGIN_DB
 from ..metrics import Spread
 from . import persist
 from .verdict import Verdict, verdict
@@ -36,9 +37,16 @@ DEGENERATE_RMS = 1e-6
 under float32's eps (1.2e-7), so such a signal spans a few 8-bit steps at most and its SQNR,
 cosine and MSE measure rounding of almost nothing (typically 0 dB, cosine 0, MSE ~1e-19)."""
 
-BELOW_FLOOR_DB = 3.0
-"""A layer whose shadow SQNR reads this far below its ``floor_sqnr`` (twice the noise power
-its own qparams allow) is shown "below floor": something beyond rounding is wrong with it."""
+BELOW_FLOOR_DB = FLOOR_MARGIN_DB
+"""A layer whose shadow SQNR reads this far below its ``floor_sqnr`` (four times the noise
+power its own qparams allow; the noise model is an expectation) is shown "below floor":
+something beyond rounding is wrong with it."""
+
+_FLOOR_CAUSES = {
+    "clipping": "clipping: its output range is too narrow for its values",
+    "offset": "a constant error per output channel: a lost bias or a wrong zero point",
+    "scale": "its error exceeds what its steps allow: a wrong output or weight scale",
+}
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,12 @@ class ReportRow:
     """Raw tensors, only with ``compare(..., keep_activations=True)``; never saved to JSON."""
     float_rms: float | None = None
     floor_sqnr: float | None = None
-    """The SQNR this layer's own qparams allow (None when unknown)."""
+    """The SQNR this layer's own qparams allow (None when unknown; :mod:`fxnumeric.floor`)."""
+    floor_cause: str = ""
+    """What the floor says is wrong: ``"offset"`` (below its floor; a constant error per output
+    channel: a lost bias, a wrong zero point), ``"scale"`` (below its floor otherwise),
+    ``"clipping"`` (most of what its floor allows is clipping); ``""`` for nothing wrong
+    (:func:`fxnumeric.floor.judge`)."""
     spread: dict[str, Spread] = field(default_factory=dict, repr=False)
     """How ``output_sqnr`` and ``shadow_sqnr`` vary from batch to batch (see the class doc)."""
 
@@ -133,9 +146,12 @@ class ReportRow:
         parts = [self.note] if self.note else []
         if self.degenerate:
             parts.append(f"float signal collapsed (RMS {self.float_rms:.1e}): SQNR meaningless")
+        why = _FLOOR_CAUSES.get(self.floor_cause, "")
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
-                         f"allow {self.floor_sqnr:.2f} dB")
+                         f"allow {self.floor_sqnr:.2f} dB" + (f" ({why})" if why else ""))
+        elif self.floor_cause == "clipping":
+            parts.append(f"its floor is {self.floor_sqnr:.2f} dB because of {why}")
         return "; ".join(parts)
 
     def __repr__(self) -> str:

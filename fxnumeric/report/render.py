@@ -122,7 +122,7 @@ def csv_columns(report: Report) -> list[tuple[str, Callable[[ReportRow], Any]]]:
 
     ``layer, kind, quantized``; ``weight_sqnr`` (with weights); ``output_<metric>`` and
     ``output_sqnr_mean/std/low/high`` (with outputs); the same with ``shadow_`` (with shadows);
-    ``floor_sqnr, below_floor, float_rms, degenerate, flags, note``.
+    ``floor_sqnr, below_floor, floor_cause, float_rms, degenerate, flags, note``.
     """
     cols: list[tuple[str, Callable[[ReportRow], Any]]] = [
         ("layer", lambda r: r.name), ("kind", lambda r: r.kind),
@@ -138,6 +138,7 @@ def csv_columns(report: Report) -> list[tuple[str, Callable[[ReportRow], Any]]]:
             cols.append((f"{side}_sqnr_{stat}", lambda r, key=f"{side}_sqnr", stat=stat:
                          getattr(r.spread[key], stat) if key in r.spread else None))
     cols += [("floor_sqnr", lambda r: r.floor_sqnr), ("below_floor", lambda r: r.below_floor),
+             ("floor_cause", lambda r: r.floor_cause),
              ("float_rms", lambda r: r.float_rms), ("degenerate", lambda r: r.degenerate),
              ("flags", lambda r: " ".join(r.flags)), ("note", lambda r: r.notes)]
     return cols
