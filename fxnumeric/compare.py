@@ -29,6 +29,7 @@ from .capture import LeafSpec
 from .errors import FxNumericWarning, InputError
 from .floor import FloorSums, floor_sums, layer_floor
 from .guards import contents
+from .llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
 from .instrument import Instrumented, instrument, resolve_matching
 from .loggers import Logger
 from .match import Matching, Pair
@@ -269,6 +270,8 @@ class _Plan:
     twins: list[_FloatOutputs]
     values: list[_QuantValue]
     floors: dict[str, FloorSums]
+    logits: LogitsAccumulator
+    vocab_size: int | None
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
@@ -313,7 +316,34 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     return _Plan(matching, wanted, names, built,
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
-                 floors if "shadows" in wanted else {})
+                 floors if "shadows" in wanted else {}, LogitsAccumulator(),
+                 _vocab_size(float_model))
+
+
+def _output_tensor(output: Any) -> Any:
+    """The model output the report compares: a language model's logits (listed after the
+    loss when the batch has labels), else the first output."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else first_output(output)
+
+
+def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None:
+    """Per-token KL, top-1 agreement and perplexity, when the model returns logits."""
+    float_logits = looks_like_logits(float_out, batch, plan.vocab_size)
+    if float_logits is None:
+        return
+    quant_logits = looks_like_logits(quant_out, batch, plan.vocab_size)
+    if quant_logits is None or quant_logits.shape != float_logits.shape:
+        return
+    fields = token_fields(batch)
+    plan.logits.update(float_logits, quant_logits, attention_mask=fields.get("attention_mask"),
+                       labels=fields.get("labels"), input_ids=fields.get("input_ids"))
+
+
+def _vocab_size(model: Any) -> int | None:
+    """A language model's vocabulary size (``model.config.vocab_size``), if it says."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
 
 
 def _check_pairable(matching: Matching) -> None:
@@ -392,7 +422,8 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             else:
                 float_out = run_model(float_gm, model_inputs, which="float")
             quant_out = run_model(quant_gm, model_inputs, which="quantized")
-            plan.model.update(first_output(float_out), first_output(quant_out))
+            plan.model.update(_output_tensor(float_out), _output_tensor(quant_out))
+            _llm_update(plan, float_out, quant_out, model_inputs)
             for twin in plan.twins:
                 twin.pending.clear()
             for value in plan.values:
@@ -459,7 +490,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         metrics=tuple(plan.metrics),
         comparisons=plan.comparisons,
         batches=ran.batches,
-        model_output=plan.model.values(plan.metrics),
+        model_output={**plan.model.values(plan.metrics),
+                      **(plan.logits.values() if plan.logits.tokens else {})},
         unmatched=tuple((u.node, "float", u.reason) for u in matching.unmatched_float)
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,

@@ -102,8 +102,8 @@ def layer_weight_steps(region: Any, pair: Any) -> tuple[float, int, float] | Non
             if steps is not None:
                 values = flows.comparable_weight(weight)
                 values = values.dequantize() if values.is_quantized else values
-                return (float(steps.mean()), int(weight[0].numel()),
-                        float(values.double().square().sum()))
+                fan_in = math.prod(weight.shape[1:])  # subclasses index no row (torchao)
+                return float(steps.mean()), fan_in, float(values.double().square().sum())
     return _functional_steps(region, pair)
 
 
@@ -122,7 +122,7 @@ def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or scales is None:
             continue
         squared = torch.as_tensor(scales, dtype=torch.float64) ** 2
-        return (float(squared.mean()), int(weight[0].numel()),
+        return (float(squared.mean()), math.prod(weight.shape[1:]),
                 float(weight.double().square().sum()))
     return None
 

@@ -205,11 +205,18 @@ def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) ->
 def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     """Call ``model`` on one batch under ``torch.no_grad()``.
 
+    A model that can keep a cache of past keys and values (a Hugging Face language model's
+    ``use_cache``) runs without it unless the batch asks: each batch is one forward, and the
+    cache would only hold memory.
+
     Raises:
         InputError: when the model rejects the batch (shape, dtype, device, arity), naming
             the model side and the shapes that were passed.
     """
     args, kwargs = as_call(batch)
+    signature = _signature(model)
+    if signature is not None and "use_cache" in signature.parameters and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
     _check_signature(model, args, kwargs, which)
     try:
         with torch.no_grad():

@@ -263,6 +263,20 @@ class Report:
             prev = s
         return best
 
+    def llm_summary(self) -> str:
+        """The language-model metrics of the output, in words (``""`` when there are none):
+        mean per-token KL, its p99, top-1 agreement, perplexity float -> quantized."""
+        out = self.model_output
+        if "kl" not in out:
+            return ""
+        text = (f"per-token KL {out['kl']:.4g} nats (p99 {out.get('kl_p99', math.nan):.3g}, "
+                f"max {out.get('kl_max', math.nan):.3g}), top-1 agreement "
+                f"{out.get('top1_agreement', math.nan):.3f}")
+        if "ppl_float" in out:
+            text += (f", perplexity {out['ppl_float']:.3f} float -> "
+                     f"{out.get('ppl_quantized', math.nan):.3f} quantized")
+        return text
+
     def summary(self, *, verdict: bool = True) -> str:
         """One line: batches, overall output SQNR, the verdict (culprit, or spread error).
 
@@ -276,6 +290,9 @@ class Report:
             parts.append(f"model output SQNR {overall:.2f} dB"
                          + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
                             if self.output_degenerate else ""))
+        llm = self.llm_summary()
+        if llm:
+            parts.append(llm)
         if self.rows and verdict:
             parts.append(self.verdict.text)
         below = [r.name for r in self.rows if r.below_floor]

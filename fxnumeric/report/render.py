@@ -146,13 +146,22 @@ def csv_columns(report: Report) -> list[tuple[str, Callable[[ReportRow], Any]]]:
 
 def report_csv(report: Report) -> str:
     """One CSV row per layer with every metric of every comparison (:func:`csv_columns`);
-    empty cells where nothing was measured, ``inf``/``nan`` as Python writes them."""
+    empty cells where nothing was measured, ``inf``/``nan`` as Python writes them. A last row,
+    ``(model output)``, holds the model output's metrics: its ``output_<metric>`` cells, and
+    the columns only it has (a language model's ``kl``, ``kl_p99``, ``kl_max``,
+    ``top1_agreement``, ``ppl_float``, ``ppl_quantized``)."""
     cols = csv_columns(report)
+    extra = [k for k in report.model_output if k not in report.metrics]
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([c for c, _ in cols])
+    writer.writerow([c for c, _ in cols] + extra)
     for r in report.rows:
-        writer.writerow(["" if v is None else v for v in (fn(r) for _, fn in cols)])
+        writer.writerow(["" if v is None else v for v in (fn(r) for _, fn in cols)]
+                        + [""] * len(extra))
+    model = {"layer": "(model output)", "kind": "output",
+             **{f"output_{m}": report.model_output.get(m) for m in report.metrics}}
+    writer.writerow(["" if model.get(c) is None else model[c] for c, _ in cols]
+                    + [report.model_output[k] for k in extra])
     return out.getvalue()
 
 

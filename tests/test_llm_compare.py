@@ -1,0 +1,115 @@
+"""LLM outputs in LLM terms (issue 19, item 1): compare's model output of a decoder that
+returns logits carries per-token KL, its p99 and max, top-1 agreement and perplexities over
+real tokens, read another way by a direct computation; layer metrics are unchanged."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxnumeric as ns
+from fxnumeric.llm_metrics import LLM_METRICS
+from fxnumeric.zoo_llm import tiny_llama, tiny_llm_batches
+
+torchao = pytest.importorskip("torchao")
+
+
+def _int4(model):
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    q = copy.deepcopy(model)
+    quantize_(q, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    return q
+
+
+def _direct(f, q, batches):
+    """The metrics computed plainly, in float64, over the real (attention_mask) tokens."""
+    kls, agree, nll_f, nll_q, targets = [], 0, 0.0, 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            lf = F.log_softmax(f(**b).logits.double(), -1)
+            lq = F.log_softmax(q(**b).logits.double(), -1)
+            mask = b["attention_mask"].bool()
+            kl = (lf.exp() * (lf - lq)).sum(-1)[mask]
+            kls.append(kl)
+            agree += int((lf.argmax(-1) == lq.argmax(-1))[mask].sum())
+            nxt = b["input_ids"][:, 1:]
+            valid = mask[:, 1:] & mask[:, :-1]
+            nll_f -= float(lf[:, :-1].gather(-1, nxt[..., None])[..., 0][valid].sum())
+            nll_q -= float(lq[:, :-1].gather(-1, nxt[..., None])[..., 0][valid].sum())
+            targets += int(valid.sum())
+    kls = torch.cat(kls)
+    return {"kl": float(kls.mean()), "kl_max": float(kls.max()),
+            "top1_agreement": agree / kls.numel(),
+            "ppl_float": math.exp(nll_f / targets), "ppl_quantized": math.exp(nll_q / targets)}
+
+
+def test_the_model_output_of_a_decoder_speaks_kl_top1_and_perplexity(tmp_path):
+    f = tiny_llama().eval()
+    q = _int4(f)
+    data = tiny_llm_batches(vocab_size=256, n=2)
+    assert (data[0]["attention_mask"] == 0).any()  # padded sequences: padding must not count
+    report = ns.compare(f, q, data, progress=False)
+    expected = _direct(f, q, data)
+    for key, value in expected.items():
+        assert report.model_output[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert set(LLM_METRICS) <= set(report.model_output)
+    summary = report.summary()
+    assert f"per-token KL {report.model_output['kl']:.4g} nats" in summary
+    assert "top-1 agreement" in summary and "perplexity" in summary
+    assert "per-token KL" in report.table()
+    assert "per-token KL" in report.to_html(tmp_path / "r.html").read_text()
+    assert ns.Report.from_json(report.to_json()).model_output == report.model_output
+    last = report.to_csv(tmp_path / "r.csv").read_text().splitlines()
+    header, model_row = last[0].split(","), last[-1].split(",")
+    assert model_row[0] == "(model output)"
+    assert float(model_row[header.index("kl")]) == pytest.approx(report.model_output["kl"])
+    # layer metrics stay what they are: SQNR of each Linear, no KL of hidden states
+    assert all("kl" not in r.output for r in report.rows)
+
+
+def test_labels_give_the_perplexity_of_the_labels():
+    f = tiny_llama().eval()
+    q = _int4(f)
+    batch = tiny_llm_batches(vocab_size=256, n=1)[0]
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    with_labels = {**batch, "labels": labels}
+    report = ns.compare(f, q, [with_labels], progress=False)
+    with torch.no_grad():  # transformers' own loss over the same labels
+        loss_f = float(f(**with_labels).loss)
+        loss_q = float(q(**with_labels).loss)
+    assert report.model_output["ppl_float"] == pytest.approx(math.exp(loss_f), rel=1e-4)
+    assert report.model_output["ppl_quantized"] == pytest.approx(math.exp(loss_q), rel=1e-4)
+    # the output compared is the logits, not the loss listed first
+    assert report.model_output["sqnr"] == pytest.approx(
+        ns.sqnr(f(**batch).logits.detach(), q(**batch).logits.detach()), abs=1e-4)
+
+
+def test_a_model_without_logits_has_no_llm_metrics():
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    report = ns.compare(f, q, [torch.randn(4, 8)], progress=False)
+    assert not set(LLM_METRICS) & set(report.model_output)
+    assert "KL" not in report.summary()
+
+
+def test_real_smollm2_under_int8_reads_as_the_models_run_directly(smollm2_float):
+    from fxnumeric.models import torchao_config, untied_linears
+    from fxnumeric.zoo_llm import LLM_TEXTS, llm_batches
+    from torchao.quantization import quantize_
+
+    model, tokenizer = smollm2_float
+    q = copy.deepcopy(model)
+    quantize_(q, torchao_config("int8-weight-only"), filter_fn=untied_linears(q))
+    data = llm_batches(tokenizer, LLM_TEXTS)
+    report = ns.compare(model, q, data, comparisons=("outputs",), progress=False)
+    expected = _direct(model, q, data)
+    for key in ("kl", "top1_agreement", "ppl_float", "ppl_quantized"):
+        assert report.model_output[key] == pytest.approx(expected[key], rel=1e-3), key
+    assert report.model_output["kl"] < 0.05 and report.model_output["top1_agreement"] > 0.9
