@@ -29,8 +29,8 @@ from .capture import LeafSpec
 from .errors import FxNumericWarning, InputError
 from .floor import FloorSums, floor_sums, layer_floor
 from .guards import contents
-from .llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
 from .instrument import Instrumented, instrument, resolve_matching
+from .llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
 from .loggers import Logger
 from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual

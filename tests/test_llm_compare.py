@@ -100,9 +100,10 @@ def test_a_model_without_logits_has_no_llm_metrics():
 
 
 def test_real_smollm2_under_int8_reads_as_the_models_run_directly(smollm2_float):
+    from torchao.quantization import quantize_
+
     from fxnumeric.models import torchao_config, untied_linears
     from fxnumeric.zoo_llm import LLM_TEXTS, llm_batches
-    from torchao.quantization import quantize_
 
     model, tokenizer = smollm2_float
     q = copy.deepcopy(model)
