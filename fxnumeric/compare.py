@@ -470,7 +470,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             name=p.name,
             kind=p.kind,
             quantized=p.quantized,
-            weight_sqnr=w_acc.value("sqnr") if w_acc else None,
+            # a layer left float has the float weight: nothing to compare (not an inf SQNR)
+            weight_sqnr=w_acc.value("sqnr") if w_acc and p.quantized else None,
             output=oa.values(plan.metrics) if oa and oa.batches else {},
             shadow=sa.values(plan.metrics) if sa and sa.batches else {},
             weight_keys=tuple(k for k, _, _ in weights.get(p.name, ())),

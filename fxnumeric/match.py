@@ -283,8 +283,9 @@ class Matching:
 
     regions: tuple[Region, ...]
     pairs: tuple[Pair, ...] = ()
-    """Every region's pairs: graph order for a model captured whole; for several regions,
-    in the registration order of the modules holding them, then graph order."""
+    """Every region's pairs: graph order for a model captured whole; for several regions, in
+    the order the modules holding them run (with example inputs; their registration order
+    without), then graph order."""
     unmatched_float: tuple[Unmatched, ...] = ()
     unmatched_quant: tuple[Unmatched, ...] = ()
     float_model: nn.Module | None = field(repr=False, default=None)
@@ -771,8 +772,10 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
             misses_f.append(Unmatched(path, cls.kind, reason, False, None))
         else:
             misses_q.append(Unmatched(path, cls.kind, reason, cls.quantized, None))
-    modules = quant_model.named_modules(remove_duplicate=False)
-    rank = {name: i for i, (name, _) in enumerate(modules)}
+    # the order modules run (recorded on the example inputs), else their registration order
+    modules = [name for name, _ in quant_model.named_modules(remove_duplicate=False)]
+    order = list(quant_calls or ()) + [m for m in modules if m not in (quant_calls or {})]
+    rank = {name: i for i, name in enumerate(order)}
     regions.sort(key=lambda r: rank.get(r.quant_path, 0))
     return Matching(
         tuple(regions), tuple(p for r in regions for p in r.pairs),

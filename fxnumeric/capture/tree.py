@@ -119,6 +119,9 @@ def _static_spec(module: nn.Module) -> dict[str, Any] | None:
 def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallSpecs:
     """Run ``model`` once on ``batch`` (on a copy with hooks) and record how each module is called.
 
+    The specs are listed in the order the modules were first called (the order of their
+    layers when reports list them).
+
     Raises:
         InputError: when the model does not run on ``batch``.
     """
@@ -135,11 +138,10 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     for module in twin.modules():
         module.register_forward_pre_hook(remember, with_kwargs=True)
     run_model(twin, batch, which=which)
-    return {
-        path: by_module[id(module)]
-        for path, module in twin.named_modules(remove_duplicate=False)
-        if id(module) in by_module
-    }
+    paths: dict[int, list[str]] = {}
+    for path, module in twin.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    return {path: spec for key, spec in by_module.items() for path in paths.get(key, ())}
 
 
 def _compatible(float_module: nn.Module, quant_module: nn.Module) -> bool:
@@ -191,6 +193,8 @@ class _Walk:
         return is_leaf(module, path, self.leaf_modules) or _owns_weight(module)
 
     def visit(self, fm: nn.Module, qm: nn.Module, fpath: str, qpath: str) -> None:
+        if classify_module(fm).role == classify_module(qm).role == "plumbing" and fpath:
+            return  # not a layer on either side (a rotary embedding): nothing to compare
         f_leaf, q_leaf = self.is_leaf(fm, fpath), self.is_leaf(qm, qpath)
         if f_leaf and q_leaf:
             self.leaves.append((fpath, qpath))
