@@ -37,7 +37,7 @@ from ..errors import InstrumentationError
 from ..loggers import OutputLogger, ShadowLogger
 from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
-from .assemble import Build, assemble, captured_model
+from .assemble import Build, CallSites, assemble, captured_model
 from .graph import GraphCopy, float_subgraph, shadow_inputs
 
 __all__ = [
@@ -142,17 +142,28 @@ def instrument(
         pairs = [p for p in region.pairs if p in chosen]
         if not pairs:
             continue
-        quant_copy = GraphCopy(region.quant_view)
-        float_copy = GraphCopy(region.float_view) if outputs is not None else None
-        for pair in pairs:
-            _instrument_pair(region, pair, float_copy, quant_copy, built, outputs, shadows,
-                             index)
-            index += 1
-        quant_parts[region] = quant_copy.finish
-        if float_copy is not None:
-            float_parts[region] = float_copy.finish
+        quant_copies, float_copies = [], []
+        for site in range(region.call_sites):  # a copy per call site (usually one)
+            quant_copy = GraphCopy(region.quant_view)
+            float_copy = GraphCopy(region.float_view) if outputs is not None else None
+            for pair in (p for p in pairs if region.call_site(p) == site):
+                _instrument_pair(region, pair, float_copy, quant_copy, built, outputs,
+                                 shadows, index)
+                index += 1
+            quant_copies.append(quant_copy)
+            float_copies.append(float_copy)
+        quant_parts[region] = _sites(quant_copies)
+        if outputs is not None:
+            float_parts[region] = _sites(float_copies)
     return replace(built, float_model=assemble(matching, "float", float_parts),
                    quant_model=assemble(matching, "quant", quant_parts))
+
+
+def _sites(copies: list[Any]) -> Build:
+    """What assembly puts in a region's place: its one copy, or one per call site."""
+    if len(copies) == 1:
+        return copies[0].finish
+    return lambda calls: CallSites([c.finish(calls) for c in copies])
 
 
 def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
