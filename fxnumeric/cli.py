@@ -328,6 +328,8 @@ def _report(args: argparse.Namespace) -> int:
                            matching=matching, progress=_progress(args))
     if args.format == "table":
         text = report.table(tablefmt=args.tablefmt, sort=args.sort, top_k=args.top_k)
+        if report.blocks and args.top_k is None:
+            text += "\n\n" + report.block_table(tablefmt=args.tablefmt)
     elif args.format == "json":
         text = report.to_json()
     elif args.format == "csv":

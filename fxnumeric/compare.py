@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._tensors import detach, first_output
+from .blocks import Block, block_of, find_blocks
 from .capture import LeafSpec
 from .errors import FxNumericWarning, InputError
 from .floor import FloorSums, floor_sums, layer_floor
@@ -35,7 +36,7 @@ from .loggers import Logger
 from .match import Matching, Pair
 from .metrics import BUILTIN_METRICS, Accumulator, MetricFn, prepare_actual
 from .progress import Progress, phase
-from .report import Report, ReportRow, WeightHistogram
+from .report import BlockRow, Report, ReportRow, WeightHistogram
 from .run import (
     check_batch,
     check_data,
@@ -49,7 +50,7 @@ from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]
 
-COMPARISONS = ("weights", "outputs", "shadows")
+COMPARISONS = ("weights", "outputs", "shadows", "blocks")
 
 
 class _QuantValue:
@@ -272,6 +273,7 @@ class _Plan:
     floors: dict[str, FloorSums]
     logits: LogitsAccumulator
     vocab_size: int | None
+    blocks: list[tuple[Block, Accumulator, Accumulator]]
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
@@ -306,18 +308,31 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     def shadow_observer(pair: Pair) -> nn.Module:
         return _ShadowMetrics(shadows[pair.name], values[pair.name], floors.get(pair.name))
 
-    # each batch runs each model once: the quantized graph holds both the output
-    # comparators and the shadows
+    blocks = [(b, Accumulator(custom, precision=precision),
+               Accumulator(custom, precision=precision))
+              for b in (find_blocks(matching) if "blocks" in wanted else ())]
+    block_accs = {b.name: (out, shadow) for b, out, shadow in blocks}
+
+    def block_observers(block: Block) -> tuple[nn.Module, nn.Module, nn.Module]:
+        twin, value = _FloatOutputs(), _QuantValue(precision)
+        twins.append(twin)
+        values[f"block {block.name}"] = value
+        out, shadow = block_accs[block.name]
+        return twin, _CompareToFloat(twin, out, value), _ShadowMetrics(shadow, value, None)
+
+    # each batch runs each model once: the quantized graph holds the output comparators, the
+    # shadows and the blocks' observers
     built = instrument(
         matching,
         outputs=output_observers if "outputs" in wanted else None,
         shadows=shadow_observer if "shadows" in wanted else None,
+        blocks=[b for b, _, _ in blocks], block_observers=block_observers,
     )
     return _Plan(matching, wanted, names, built,
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
-                 _vocab_size(float_model))
+                 _vocab_size(float_model), blocks)
 
 
 def _output_tensor(output: Any) -> Any:
@@ -398,7 +413,8 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
     float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
     if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
         data = [data]
-    accumulators = [*plan.outputs.values(), *plan.shadows.values(), plan.model]
+    accumulators = [*plan.outputs.values(), *plan.shadows.values(), plan.model,
+                    *(acc for _, out, shadow in plan.blocks for acc in (out, shadow))]
     bar = Progress(total, "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
@@ -454,6 +470,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
                 weights.setdefault(pair.name, []).append((key, fw, qw))
     rows = []
     seen: set[str] = set()
+    block_names = [b.name for b, _, _ in plan.blocks]
     for p in matching.pairs:
         if p.name in seen:
             continue
@@ -484,6 +501,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             spread={key: spread for key, acc in (("output_sqnr", oa), ("shadow_sqnr", sa))
                     if acc is not None and (spread := acc.spread()) is not None},
             **_floor(matching, p, sa, plan.floors.get(p.name)),
+            block=block_of(p.name, block_names),
         ))
     nonfinite = _first_nonfinite(plan)
     return Report(
@@ -503,7 +521,21 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         model_output_rms=_rms(plan.model),
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
+        blocks=_block_rows(plan),
     )
+
+
+def _block_rows(plan: _Plan) -> tuple[BlockRow, ...]:
+    """One row per block, with the output SQNR of the block before it as what enters it."""
+    rows: list[BlockRow] = []
+    for block, out, shadow in plan.blocks:
+        entering = rows[-1].output_sqnr if rows else None
+        rows.append(BlockRow(
+            block.name, block.kind, block.layers,
+            out.values(plan.metrics) if out.batches else {},
+            shadow.values(plan.metrics) if shadow.batches else {},
+            entering, note=_note(out, shadow, plan.built.skipped.get(block.name))))
+    return tuple(rows)
 
 
 def _floor(matching: Matching, pair: Pair, shadow: Accumulator | None,

@@ -311,6 +311,9 @@ class Matching:
     """``(side, note)``: how a side was captured where that is not the ``capture=`` asked for
     (``capture="export"`` on a model torch.export cannot capture, which torch.fx traced
     instead), or where ``capture="auto"`` exported it."""
+    extra_kwargs: dict[str, tuple[str, ...]] = field(repr=False, default_factory=dict)
+    """Quantized module path -> the keyword arguments its ``**kwargs`` took on the example
+    inputs (models captured through the module tree): what a graph calling it whole takes."""
 
     def __post_init__(self) -> None:
         by_name: dict[str, Pair] = {}
@@ -798,6 +801,7 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
         tuple(u for r in regions for u in r.unmatched_float) + tuple(misses_f),
         tuple(u for r in regions for u in r.unmatched_quant) + tuple(misses_q),
         float_model, quant_model, untraced=tree.untraced,
+        extra_kwargs=dict(getattr(quant_calls, "extra_kwargs", {})),
     )
 
 

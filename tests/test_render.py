@@ -126,7 +126,8 @@ def _small_report():
 def test_html_table_headers_align_like_their_cells(tmp_path):
     _, _, report = _small_report()
     page = report.to_html(tmp_path / "r.html").read_text()
-    table = page[page.index("<table class='fxn"):page.index("</table>") + 8]
+    start = page.index("<table class='fxn fxn-sortable'>")  # the layers' table
+    table = page[start:page.index("</table>", start) + 8]
     root = ET.fromstring(table)
     headers = [th.get("class") for th in root.iter("th")]
     first_row = [td.get("class") for td in root.find("tbody").find("tr").iter("td")]

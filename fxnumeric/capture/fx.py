@@ -166,8 +166,11 @@ def trace_submodule(
     return graph_module(module, graph, class_name=type(module).__name__)
 
 
-def _call_graph(module: nn.Module, target: str) -> fx.GraphModule:
-    """A graph whose one op calls ``module``, held as submodule ``target``."""
+def _call_graph(module: nn.Module, target: str,
+                extra_kwargs: tuple[str, ...] = ()) -> fx.GraphModule:
+    """A graph whose one op calls ``module``, held as submodule ``target``; it takes the
+    module's named arguments and, by name, the ``extra_kwargs`` its ``**kwargs`` is called
+    with (recorded on example inputs)."""
     graph = fx.Graph()
     params = [
         p for p in inspect.signature(module.forward).parameters.values()
@@ -179,7 +182,8 @@ def _call_graph(module: nn.Module, target: str) -> fx.GraphModule:
         )
         for p in params
     )
-    graph.output(graph.call_module(target, args))
+    kwargs = {name: graph.placeholder(name, default_value=None) for name in extra_kwargs}
+    graph.output(graph.call_module(target, args, kwargs))
     return graph_module({target: module}, graph, class_name=type(module).__name__)
 
 
@@ -189,7 +193,8 @@ def single_call_graph(model: nn.Module) -> fx.GraphModule:
     return _call_graph(model, "root")
 
 
-def leaf_graph(model: nn.Module, path: str) -> tuple[fx.GraphModule, str]:
+def leaf_graph(model: nn.Module, path: str,
+               extra_kwargs: tuple[str, ...] = ()) -> tuple[fx.GraphModule, str]:
     """A one-op graph calling the module at ``path`` of ``model`` whole, and the scope its
     names are relative to.
 
@@ -207,7 +212,7 @@ def leaf_graph(model: nn.Module, path: str) -> tuple[fx.GraphModule, str]:
     if not path:
         return single_call_graph(model), ""
     scope, _, name = path.rpartition(".")
-    return _call_graph(model.get_submodule(path), name), scope
+    return _call_graph(model.get_submodule(path), name, extra_kwargs), scope
 
 
 def trace(

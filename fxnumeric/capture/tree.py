@@ -43,9 +43,11 @@ __all__ = ["Region", "TreeCapture", "CallSpecs", "record_calls", "capture_tree"]
 class CallSpecs(dict[str, dict[str, Any] | None]):
     """Module path -> the arguments to fix when tracing it (``None``: calls that cannot be
     traced), in the order the modules were first called; ``counts``: how many times each
-    path's module ran in the recorded forward (a module called twice has two call sites)."""
+    path's module ran in the recorded forward (a module called twice has two call sites);
+    ``extra_kwargs``: the keyword arguments a module's ``**kwargs`` took in that run."""
 
     counts: dict[str, int]
+    extra_kwargs: dict[str, tuple[str, ...]]
 
 _MAX_KEPT_WHOLE = 64  # retries per region; each keeps one more failing submodule whole
 
@@ -132,6 +134,7 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     twin = module_tree_copy(model)
     by_module: dict[int, dict[str, Any] | None] = {}
     counts: dict[int, int] = {}
+    extras: dict[int, tuple[str, ...]] = {}
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
         spec = _call_spec(module, args, kwargs)
@@ -140,6 +143,7 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
             spec = None  # called in two ways: no single graph fits
         by_module[key] = spec
         counts[key] = counts.get(key, 0) + 1
+        extras.setdefault(key, _extra_kwargs(module, kwargs))
 
     for module in twin.modules():
         module.register_forward_pre_hook(remember, with_kwargs=True)
@@ -150,7 +154,19 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     specs = CallSpecs((path, spec) for key, spec in by_module.items()
                       for path in paths.get(key, ()))
     specs.counts = {path: counts[key] for key in by_module for path in paths.get(key, ())}
+    specs.extra_kwargs = {path: extras[key] for key in by_module for path in paths.get(key, ())
+                          if extras.get(key)}
     return specs
+
+
+def _extra_kwargs(module: nn.Module, kwargs: dict) -> tuple[str, ...]:
+    """The keyword arguments of a call that only ``**kwargs`` takes, in the call's order."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return ()
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return tuple(k for k in kwargs if k not in named)
 
 
 def _compatible(float_module: nn.Module, quant_module: nn.Module) -> bool:

@@ -32,13 +32,14 @@ from typing import Any
 
 from torch import nn
 
+from ..blocks import Block
 from ..capture import LeafSpec
 from ..errors import InstrumentationError
 from ..loggers import OutputLogger, ShadowLogger
 from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
 from .assemble import Build, CallSites, assemble, captured_model
-from .graph import GraphCopy, float_subgraph, shadow_inputs
+from .graph import GraphCopy, float_subgraph, shadow_inputs, span_inputs
 
 __all__ = [
     "instrument", "Instrumented", "add_loggers", "add_shadows", "loggers_of", "PairFilter",
@@ -51,6 +52,10 @@ PairFilter = Callable[[Pair, Matching], bool]
 OutputObservers = Callable[[Pair], tuple[nn.Module, nn.Module]]
 """Called once per pair name as ``make(pair)``; returns ``(float_observer, quant_observer)``,
 each then called as ``observer(output)``."""
+
+BlockObservers = Callable[[Block], tuple[nn.Module, nn.Module, nn.Module]]
+"""Called once per block as ``make(block)``: ``(float output observer, quantized output
+observer, block shadow observer)``, called like a pair's."""
 
 ShadowObserver = Callable[[Pair], nn.Module]
 """Called once per pair name as ``make(pair)``; the observer is then called as
@@ -84,7 +89,8 @@ class Instrumented:
         float_observers: ``{pair name: observer}`` on the float outputs.
         quant_observers: ``{pair name: observer}`` on the quantized outputs.
         shadow_observers: ``{pair name: observer}`` fed ``(quantized, float shadow)``.
-        skipped: ``{pair name: reason}`` for pairs that could not be shadowed.
+        skipped: ``{pair (or block) name: reason}`` for what could not be shadowed.
+        block_observers: ``{block name: (float, quantized, shadow observer)}``.
     """
 
     float_model: nn.Module
@@ -93,6 +99,8 @@ class Instrumented:
     quant_observers: dict[str, nn.Module] = field(default_factory=dict)
     shadow_observers: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    block_observers: dict[str, tuple[nn.Module, nn.Module, nn.Module]] = field(
+        default_factory=dict)
 
 
 def instrument(
@@ -101,6 +109,8 @@ def instrument(
     select: PairFilter | Iterable[str] | None = None,
     outputs: OutputObservers | None = None,
     shadows: ShadowObserver | None = None,
+    blocks: Iterable[Block] = (),
+    block_observers: BlockObservers | None = None,
 ) -> Instrumented:
     """Attach observers to the selected pairs of ``matching``, into one copy of each graph.
 
@@ -118,6 +128,10 @@ def instrument(
             several pairs gets it called once per call site.
         shadows: builds the observer of each pair's float shadow: a copy of the pair's float
             subgraph fed the dequantized inputs of the quantized op, inserted after it.
+        blocks: blocks of the model (:func:`fxnumeric.blocks.find_blocks`) to observe too.
+        block_observers: builds each block's ``(float output observer, quantized output
+            observer, shadow observer)``; the shadow is the whole float block fed the
+            quantized block's (dequantized) input.
 
     Returns:
         An :class:`Instrumented`; the models given are not modified.
@@ -135,28 +149,59 @@ def instrument(
     """
     chosen = set(_select(matching, select))
     built = Instrumented(captured_model(matching, "float"), captured_model(matching, "quant"))
-    float_parts: dict[Region, Build] = {}
-    quant_parts: dict[Region, Build] = {}
+    blocks = list(blocks) if block_observers is not None else []
+    observe_float = outputs is not None or bool(blocks)
+    copies: dict[Region, list[tuple[GraphCopy | None, GraphCopy]]] = {}
     index = 0
     for region in matching.regions:
         pairs = [p for p in region.pairs if p in chosen]
-        if not pairs:
+        if not pairs and not any(b.region is region for b in blocks):
             continue
-        quant_copies, float_copies = [], []
+        copies[region] = []
         for site in range(region.call_sites):  # a copy per call site (usually one)
             quant_copy = GraphCopy(region.quant_view)
-            float_copy = GraphCopy(region.float_view) if outputs is not None else None
+            float_copy = GraphCopy(region.float_view) if observe_float else None
             for pair in (p for p in pairs if region.call_site(p) == site):
                 _instrument_pair(region, pair, float_copy, quant_copy, built, outputs,
                                  shadows, index)
                 index += 1
-            quant_copies.append(quant_copy)
-            float_copies.append(float_copy)
-        quant_parts[region] = _sites(quant_copies)
-        if outputs is not None:
-            float_parts[region] = _sites(float_copies)
+            copies[region].append((float_copy, quant_copy))
+    for block in blocks:  # after the regions: a block's own region wraps those inside it
+        if block.region not in copies:
+            copies[block.region] = [(GraphCopy(block.region.float_view),
+                                     GraphCopy(block.region.quant_view))]
+        if len(copies[block.region]) > 1:
+            built.skipped[block.name] = ("its region runs several times per forward: a block "
+                                         "observer would mix the calls")
+            continue
+        float_copy, quant_copy = copies[block.region][0]
+        assert float_copy is not None and block_observers is not None
+        _instrument_block(block, float_copy, quant_copy, built, block_observers, index)
+        index += 1
+    float_parts = {r: _sites([f for f, _ in c]) for r, c in copies.items() if observe_float}
+    quant_parts = {r: _sites([q for _, q in c]) for r, c in copies.items()}
     return replace(built, float_model=assemble(matching, "float", float_parts),
                    quant_model=assemble(matching, "quant", quant_parts))
+
+
+def _instrument_block(block: Block, float_copy: GraphCopy, quant_copy: GraphCopy,
+                      built: Instrumented, make: BlockObservers, index: int) -> None:
+    """A block's output observers and its shadow (the float block fed the quantized block's
+    input), in its region's graph copies."""
+    region = block.region
+    float_obs, quant_obs, shadow_obs = make(block)
+    built.block_observers[block.name] = (float_obs, quant_obs, shadow_obs)
+    float_copy.observe(block.float_out.name, float_obs, f"fxnumeric_block_{index}")
+    quant_copy.observe(block.quant_out.name, quant_obs, f"fxnumeric_block_{index}")
+    nodes = region.float_view.with_plumbing(list(block.float_nodes))
+    inputs = span_inputs(region, nodes, list(block.quant_nodes))
+    if isinstance(inputs, str):
+        built.skipped[block.name] = inputs
+        return
+    chain = tuple(n.name for n in block.quant_nodes)
+    inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
+    quant_copy.shadow(block.quant_out.name, region.float_view, nodes, inputs, shadow_obs,
+                      f"fxnumeric_block_shadow_{index}")
 
 
 def _sites(copies: list[Any]) -> Build:

@@ -30,7 +30,7 @@ from ..match import Pair, Region
 from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy
 from ..view import GraphView
 
-__all__ = ["GraphCopy", "shadow_inputs", "float_subgraph", "observe_call"]
+__all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call"]
 
 
 @fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
@@ -50,19 +50,26 @@ def shadow_inputs(region: Region, pair: Pair) -> dict[fx.Node, str] | str:
     The quantized chain's own inputs are preferred (they are what the quantized op read);
     otherwise the earliest quantized node carrying the float value.
     """
+    return span_inputs(region, float_subgraph(region, pair), region.chain(pair, "quant"))
+
+
+def span_inputs(region: Region, nodes: list[fx.Node],
+                chain: list[fx.Node]) -> dict[fx.Node, str] | str:
+    """What a shadow of the float ``nodes`` (a pair's subgraph, or a whole block's) reads:
+    ``{float node: quantized node carrying its value}``, preferring the values the quantized
+    ``chain`` reads; or why it cannot be shadowed."""
     fv, qv = region.float_view, region.quant_view
-    chain = region.chain(pair, "quant")
     read: dict[fx.Node, fx.Node] = {}
+    members = set(chain)
     for n in chain:
         for i in n.all_input_nodes:
             q = qv.producer(i)
-            f = region.float_counterpart(q) if q is not None and q not in chain else None
+            f = region.float_counterpart(q) if q is not None and q not in members else None
             if f is not None:
                 # the value the op reads (`i`), not its producer: in a pt2e graph that is a
                 # quantize whose raw int8 output only its dequantize can read
                 read.setdefault(f, i)
     last = qv.position(chain[-1])
-    nodes = float_subgraph(region, pair)
     inside = set(nodes)
     inputs: dict[fx.Node, str] = {}
     for n in nodes:

@@ -15,6 +15,7 @@ from .data import (
     BELOW_FLOOR_DB,
     DEGENERATE_RMS,
     TABLE_FORMATS,
+    BlockRow,
     Report,
     ReportRow,
     Spread,
@@ -23,6 +24,6 @@ from .data import (
 )
 from .diff import MetricChange, ReportDiff
 
-__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
+__all__ = ["Report", "ReportRow", "BlockRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
            "BELOW_FLOOR_DB", "Spread", "Verdict", "ReportDiff", "MetricChange", "Thresholds",
            "CheckResult", "CheckFailure", "check_report"]

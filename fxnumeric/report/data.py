@@ -24,8 +24,8 @@ from .verdict import Verdict, verdict
 if TYPE_CHECKING:
     from .diff import ReportDiff
 
-__all__ = ["Report", "ReportRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
-           "BELOW_FLOOR_DB", "Spread", "Verdict"]
+__all__ = ["Report", "ReportRow", "BlockRow", "WeightHistogram", "TABLE_FORMATS",
+           "DEGENERATE_RMS", "BELOW_FLOOR_DB", "Spread", "Verdict"]
 
 TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 _SORT_KEYS = ("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr")
@@ -57,6 +57,34 @@ class WeightHistogram:
     high: float
     float_counts: tuple[int, ...]
     quant_counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """A block of the model (a decoder layer, a BERT layer, a ResNet stage: see
+    :mod:`fxnumeric.blocks`) and the error around it.
+
+    ``output`` holds the metrics at the block's output (the error that leaves it, accumulated
+    from the start); ``shadow`` those of the block's shadow (the float block fed the quantized
+    block's input: the error the block adds by itself); ``entering`` is the output SQNR of the
+    block before it (the error that enters it; ``None`` for the first).
+    """
+
+    name: str
+    kind: str
+    layers: tuple[str, ...]
+    output: dict[str, float]
+    shadow: dict[str, float]
+    entering: float | None = None
+    note: str = ""
+
+    @property
+    def output_sqnr(self) -> float | None:
+        return self.output.get("sqnr")
+
+    @property
+    def shadow_sqnr(self) -> float | None:
+        return self.shadow.get("sqnr")
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,8 @@ class ReportRow:
     (:func:`fxnumeric.floor.judge`)."""
     spread: dict[str, Spread] = field(default_factory=dict, repr=False)
     """How ``output_sqnr`` and ``shadow_sqnr`` vary from batch to batch (see the class doc)."""
+    block: str = ""
+    """The block the layer sits in (``model.layers.3``; ``""`` for none)."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[ReportRow], Any]]] = {
         "degenerate": lambda r: r.degenerate,
@@ -194,6 +224,9 @@ class Report:
     model_output_rms: float | None = None
     skipped_batches: tuple[int, ...] = ()
     nonfinite: tuple[tuple[str, str], ...] = ()
+    blocks: tuple[BlockRow, ...] = ()
+    """The model's blocks (decoder layers, BERT layers, ResNet stages), in the order they run,
+    with the error entering, added in and leaving each (:class:`BlockRow`)."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[Report], Any]]] = {
         "summary": lambda r: r.summary(),
@@ -378,6 +411,13 @@ class Report:
 
         return report_table(self, tablefmt, sort=sort, top_k=top_k)
 
+    def block_table(self, tablefmt: str = "simple") -> str:
+        """The blocks (decoder layers, BERT layers, ResNet stages) as a table: the error
+        entering, added in and leaving each; ``""`` when the model has none."""
+        from .render import block_table
+
+        return block_table(self, tablefmt)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-safe data: every field but the raw ``activations`` (schema in
         ``docs/reports.md``); :meth:`from_dict` rebuilds the report exactly.
@@ -477,8 +517,10 @@ class Report:
         return report_fragment(self)
 
     def __str__(self) -> str:
-        """The table, its notes and the summary: what ``print(report)`` shows."""
-        return self.table()
+        """The table, its notes and the summary, then the blocks' table when the model has
+        repeated blocks: what ``print(report)`` shows."""
+        blocks = self.block_table()
+        return self.table() + (f"\n\n{blocks}" if blocks else "")
 
     def __repr__(self) -> str:
         return f"<Report: {self.summary()}>"

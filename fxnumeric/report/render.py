@@ -117,6 +117,51 @@ def report_table(report: Report, tablefmt: str = "simple", *, sort: str | None =
     return "\n".join(lines)
 
 
+_BLOCK_HEADERS = ("block", "kind", "layers", "entering SQNR", "shadow SQNR (adds)",
+                  "output SQNR (leaves)", "note")
+
+
+def _block_cells(b: Any) -> list[Any]:
+    return [b.name, b.kind, len(b.layers), b.entering, b.shadow_sqnr, b.output_sqnr, b.note]
+
+
+def block_table(report: Report, tablefmt: str = "simple") -> str:
+    """The report's blocks as a table: the error entering each (the block before it leaves
+    it), what the block adds by itself (its float twin fed its quantized input), and what
+    leaves it. Empty when the model has no repeated blocks."""
+    if not report.blocks:
+        return ""
+    if tablefmt == "markdown":
+        tablefmt = "pipe"
+    return tabulate([_block_cells(b) for b in report.blocks], headers=_BLOCK_HEADERS,
+                    tablefmt=tablefmt, floatfmt=".4g", missingval="-")
+
+
+def _blocks_html(report: Report) -> str:
+    """The blocks, each with its layers under it (folded)."""
+    if not report.blocks:
+        return ""
+    rows = {r.name: r for r in report.rows}
+    cols = report_columns(report)
+    parts = ["<h2>Blocks</h2>",
+             "<p>Each block's <b>entering</b> SQNR is the output SQNR of the block before it "
+             "(the error that reaches it), its <b>shadow</b> SQNR the error it adds by itself "
+             "(the float block fed the quantized block's input), its <b>output</b> SQNR the "
+             "error that leaves it. Open a block for its layers, in the order it runs them.</p>",
+             html_table(_BLOCK_HEADERS, [_block_cells(b) for b in report.blocks],
+                        [False, False, True, True, True, True, False])]
+    for b in report.blocks:
+        layers = [rows[n] for n in b.layers if n in rows]
+        shadow = "-" if b.shadow_sqnr is None else f"{b.shadow_sqnr:.2f} dB"
+        parts.append(
+            f"<details><summary>{html.escape(b.name)} ({html.escape(b.kind)}): adds "
+            f"{shadow}, {len(layers)} layers</summary>"
+            + html_table([c for c, _, _ in cols], [[fn(r) for _, fn, _ in cols] for r in layers],
+                         [num for _, _, num in cols])
+            + "</details>")
+    return "\n".join(parts)
+
+
 def csv_columns(report: Report) -> list[tuple[str, Callable[[ReportRow], Any]]]:
     """Every number the report holds per layer, as ``(column, value)``; names are snake_case.
 
@@ -394,7 +439,7 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
         if r.weight_histogram is not None:
             parts.append(f"<h3>{html.escape(r.name)} (weight SQNR {_cell(r.weight_sqnr)} dB)</h3>")
             parts.append(histogram_svg(r.weight_histogram))
-    parts += ["<h2>Layers</h2>",
+    parts += [_blocks_html(report), "<h2>Layers</h2>",
               "<p>Click a column header to sort by it (again to reverse); # restores graph "
               "order. Highlighted: the layers that stand out (red), below their floor "
               "(yellow); greyed: collapsed signals.</p>",

@@ -1,0 +1,210 @@
+"""Blocks: the repeated containers of a model (decoder layers, BERT layers, ResNet stages).
+
+A model is read block by block: the layers of ``model.layers.3`` together, and the error
+entering and leaving that block. A *block* is a child of a container whose siblings include
+another module of the same class (``model.layers.0`` .. ``model.layers.29``: 30
+``LlamaDecoderLayer``; ``layer1`` .. ``layer4`` of a ResNet: its stages); the outermost such
+level is taken. A block holds layers: torch's containers or the model's own classes with
+submodules, never one of torch's layers.
+
+Each block is found as a *span* of the matching's graphs, the way every stage reads a model:
+
+* where the block's code was traced into a region's graphs (a model torch.fx traces whole),
+  the span is the block's ops in that region (those named under its path), with one output;
+* where the block is a module kept whole (a Hugging Face decoder layer), the span is a
+  one-op region that calls it, as for any leaf module kept whole.
+
+``compare`` observes each span's output on both sides and runs a *block shadow*: the float
+block fed the quantized block's input, so a block row says how much error enters the block,
+how much the block adds by itself, and how much leaves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from . import flows
+from .capture import leaf_graph
+from .match import Matching, Region, pair_region
+from .view import GraphView
+
+__all__ = ["Block", "block_paths", "find_blocks", "block_of"]
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """A block of the model as a span of one region's graphs.
+
+    Attributes:
+        name: the block's module path (``model.layers.3``).
+        kind: the block's class name (``LlamaDecoderLayer``).
+        region: the region holding the span (a one-op region of its own for a module kept
+            whole).
+        float_nodes: the span's float ops, in graph order.
+        quant_nodes: the span's quantized ops, in graph order.
+        float_out: the float node whose value leaves the block.
+        quant_out: the quantized node whose value leaves the block (after its own output
+            quantize, as for a layer).
+        layers: the names of the matching's pairs inside the block, in order.
+        own_region: whether ``region`` was made for the block (not one of the matching's).
+    """
+
+    name: str
+    kind: str
+    region: Region
+    float_nodes: tuple[fx.Node, ...]
+    quant_nodes: tuple[fx.Node, ...]
+    float_out: fx.Node
+    quant_out: fx.Node
+    layers: tuple[str, ...] = ()
+    own_region: bool = False
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """The module paths of ``model``'s blocks, outermost repeated level first found.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2),
+    ...                           *(torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(2)))
+    >>> block_paths(net)
+    ['1', '2']
+    """
+    found: list[str] = []
+
+    def visit(module: nn.Module, path: str) -> None:
+        children = list(module.named_children())
+        classes: dict[type, int] = {}
+        for _, child in children:
+            if _may_be_block(child):
+                classes[type(child)] = classes.get(type(child), 0) + 1
+        for name, child in children:
+            child_path = f"{path}.{name}" if path else name
+            if classes.get(type(child), 0) >= 2:
+                found.append(child_path)
+            else:
+                visit(child, child_path)
+
+    visit(model, "")
+    return found
+
+
+def _may_be_block(module: nn.Module) -> bool:
+    """A container of layers: torch's own containers, or a class of the model's with
+    submodules; never one of torch's layers (a dynamic Linear holds a packed-params child)."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return True
+    return (not type(module).__module__.startswith("torch.")
+            and any(True for _ in module.children()))
+
+
+def block_of(name: str, blocks: Iterable[str]) -> str:
+    """The block a layer named ``name`` sits in (``""`` for none): the longest block path
+    that is a prefix of it."""
+    best = ""
+    for path in blocks:
+        if (name == path or name.startswith(path + ".")) and len(path) > len(best):
+            best = path
+    return best
+
+
+def find_blocks(matching: Matching) -> tuple[Block, ...]:
+    """The spans of the blocks of the matched models, in the order they run.
+
+    A block whose span cannot be found (its ops spread over several regions, or leaving it
+    by more than one value) is left out; ``compare`` notes how many were.
+    """
+    model = matching.quant_model
+    float_model = matching.float_model
+    if not isinstance(model, nn.Module) or not isinstance(float_model, nn.Module):
+        return ()
+    paths = [p for p in block_paths(model) if _has(float_model, p)]
+    if not paths:
+        return ()
+    layers = {path: tuple(p.name for p in matching.pairs if block_of(p.name, [path]) == path)
+              for path in paths}
+    out: list[Block] = []
+    for path in paths:
+        if not layers[path]:
+            continue
+        held = {id(matching.region_of(matching.pair(name))): matching.region_of(
+            matching.pair(name)) for name in layers[path]}
+        (only,) = held.values() if len(held) == 1 else (None,)
+        # traced into one region's graphs, or a module kept whole (its layers in regions of
+        # their own): a span of that region, or a one-op region calling the block
+        span = (_graph_span(only, path) if only is not None and not only.whole_module
+                else _module_span(matching, path))
+        if span is not None:
+            *where, own = span
+            out.append(Block(path, type(model.get_submodule(path)).__name__, *where,
+                             layers=layers[path], own_region=own))
+    return tuple(out)
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _graph_span(region: Region, path: str) -> tuple | None:
+    """The block's ops in the region whose graphs its code was traced into."""
+    prefix = path + "."
+    fv, qv = region.float_view, region.quant_view
+    f_nodes = _named_under(fv, region.float_scope, prefix)
+    q_nodes = _named_under(qv, region.quant_scope, prefix)
+    if not f_nodes or not q_nodes:
+        return None
+    f_out, q_out = _single_output(fv, f_nodes), _single_output(qv, q_nodes)
+    if f_out is None or q_out is None:
+        return None
+    pair = region.pair_of(q_out)
+    if pair is not None:  # the value the next op reads, as for a layer
+        q_out = region.output_nodes(pair)[1]
+    return region, tuple(f_nodes), tuple(q_nodes), f_out, q_out, False
+
+
+def _named_under(view: GraphView, scope: str, prefix: str) -> list[fx.Node]:
+    """The ops that ran inside the module at ``prefix``: a module's own path, else the module
+    a functional op ran in (:func:`fxnumeric.flows.scope`), else the op's name."""
+    lead = f"{scope}." if scope else ""
+
+    def where(n: fx.Node) -> str:
+        if n.op == "call_module":
+            return str(n.target)
+        return flows.scope(n) or view.name(n)
+
+    return [n for n in view.ops() if (lead + where(n) + ".").startswith(prefix)]
+
+
+def _single_output(view: GraphView, nodes: list[fx.Node]) -> fx.Node | None:
+    """The one node of ``nodes`` whose value is read outside them (``None`` if several)."""
+    inside = set(nodes)
+    leaving = [n for n in nodes if any(c not in inside for c in view.consumers(n))]
+    return leaving[0] if len(leaving) == 1 else None
+
+
+def _module_span(matching: Matching, path: str) -> tuple | None:
+    """A block kept whole (its code was not traced): a one-op region that calls it."""
+    float_model, quant_model = matching.float_model, matching.quant_model
+    assert isinstance(float_model, nn.Module) and isinstance(quant_model, nn.Module)
+    extra = matching.extra_kwargs.get(path, ())  # what its **kwargs was called with
+    float_graph, float_scope = leaf_graph(float_model, path, extra)
+    quant_graph, quant_scope = leaf_graph(quant_model, path, extra)
+    parent = path.rpartition(".")[0]
+    region = pair_region(
+        GraphView(float_graph, root=float_model.get_submodule(parent) if parent else float_model),
+        GraphView(quant_graph, root=quant_model.get_submodule(parent) if parent else quant_model),
+        float_path=path, quant_path=path, float_scope=float_scope, quant_scope=quant_scope,
+        whole_module=True,
+    )
+    if len(region.pairs) != 1:
+        return None
+    pair = region.pairs[0]
+    (f_node,), (q_node,) = region.chain(pair, "float"), region.chain(pair, "quant")
+    return region, (f_node,), (q_node,), f_node, q_node, True

@@ -1,0 +1,130 @@
+"""A view by block (issue 19, item 2): decoder layers, BERT layers, ResNet stages as block
+rows with the error entering, added in (a block-level shadow) and leaving each; read another
+way with forward hooks on the models themselves."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxnumeric as ns
+from fxnumeric.blocks import block_of, block_paths
+from fxnumeric.zoo_llm import tiny_llama, tiny_llm_batches
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _flow_pairs import FLOWS  # noqa: E402
+
+
+def _sqnr(pairs):
+    signal = sum(float(f.double().square().sum()) for f, _ in pairs)
+    noise = sum(float((f.double() - q.double()).square().sum()) for f, q in pairs)
+    return 10 * math.log10(signal / noise)
+
+
+def _first(x):
+    x = x[0] if isinstance(x, (tuple, list)) else x
+    return x.dequantize() if x.is_quantized else x
+
+
+def _read_blocks(f, q, blocks, batches, call):
+    """Each block's (float out, quant out) and (float block on the quant input, quant out)."""
+    outputs = {b: [] for b in blocks}
+    shadows = {b: [] for b in blocks}
+    seen = {}
+    for batch in batches:
+        seen.clear()
+        hooks = [f.get_submodule(b).register_forward_hook(
+            lambda m, a, o, b=b: seen.__setitem__(("f", b), _first(o))) for b in blocks]
+        hooks += [q.get_submodule(b).register_forward_hook(
+            lambda m, a, k, o, b=b: seen.__setitem__(("q", b), (a, k, _first(o))),
+            with_kwargs=True) for b in blocks]
+        with torch.no_grad():
+            call(f, batch)
+            call(q, batch)
+        for h in hooks:
+            h.remove()
+        for b in blocks:
+            args, kwargs, q_out = seen[("q", b)]
+            outputs[b].append((seen[("f", b)], q_out))
+            with torch.no_grad():
+                deq = [a.dequantize() if isinstance(a, torch.Tensor) and a.is_quantized else a
+                       for a in args]
+                shadows[b].append((_first(f.get_submodule(b)(*deq, **kwargs)), q_out))
+    return ({b: _sqnr(v) for b, v in outputs.items()}, {b: _sqnr(v) for b, v in shadows.items()})
+
+
+def test_blocks_are_the_repeated_containers():
+    f = FLOWS["fx"]().float_model
+    assert block_paths(tiny_llama()) == ["model.layers.0", "model.layers.1"]
+    assert block_paths(FLOWS["bert"]().float_model) == ["encoder.layer.0", "encoder.layer.1"]
+    import torchvision
+
+    assert block_paths(torchvision.models.resnet18(weights=None)) == [
+        "layer1", "layer2", "layer3", "layer4"]
+    assert block_paths(f) == []  # conv, relu, pool, fc: layers, no repeated container
+    dynamic = FLOWS["dynamic"]().quant_model
+    assert block_paths(dynamic) == []  # a dynamic Linear has a child, but is a layer
+    assert block_of("model.layers.1.mlp.down_proj", ["model.layers.1", "model.layers.10"]) == (
+        "model.layers.1")
+
+
+def test_decoder_blocks_read_as_the_models_run_them():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    f = tiny_llama().eval()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8DynamicActivationInt8WeightConfig())
+    data = tiny_llm_batches(vocab_size=256, n=2)
+    report = ns.compare(f, q, data, progress=False)
+    names = [b.name for b in report.blocks]
+    assert names == ["model.layers.0", "model.layers.1"]
+    outputs, shadows = _read_blocks(f, q, names, data,
+                                    lambda m, b: m(**b, use_cache=False))
+    for block in report.blocks:
+        assert block.kind == "LlamaDecoderLayer" and len(block.layers) == 11
+        assert block.output_sqnr == pytest.approx(outputs[block.name], abs=1e-3)
+        assert block.shadow_sqnr == pytest.approx(shadows[block.name], abs=1e-3)
+    assert report.blocks[0].entering is None
+    assert report.blocks[1].entering == report.blocks[0].output_sqnr
+    # layers know their block, in the order the block runs them
+    layers = [r for r in report.rows if r.block == "model.layers.1"]
+    assert [r.name.rsplit(".", 1)[-1] for r in layers][:3] == ["input_layernorm", "q_proj",
+                                                                "k_proj"]
+    assert [r.name for r in layers] == list(report.blocks[1].layers)
+
+
+def test_resnet_stages_are_blocks_of_the_traced_graph(tmp_path):
+    from fxnumeric.demo import resnet18_pair
+
+    f, q, _ = resnet18_pair()
+    data = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    report = ns.compare(f, q, data, progress=False)
+    assert [b.name for b in report.blocks] == ["layer1", "layer2", "layer3", "layer4"]
+    outputs, shadows = _read_blocks(f, q, ["layer2", "layer4"], data, lambda m, b: m(b))
+    for name in ("layer2", "layer4"):
+        block = next(b for b in report.blocks if b.name == name)
+        assert block.output_sqnr == pytest.approx(outputs[name], abs=1e-3)
+        assert block.shadow_sqnr == pytest.approx(shadows[name], abs=1e-3)
+        # the error a stage adds by itself is less than what leaves it, accumulated
+        assert block.shadow_sqnr > block.output_sqnr
+    assert report.row("layer3.0.conv1").block == "layer3"
+    page = report.to_html(tmp_path / "r.html").read_text()
+    assert "<h2>Blocks</h2>" in page and page.count("<details>") == 4
+    assert ns.Report.from_json(report.to_json()).blocks == report.blocks
+    assert "shadow SQNR (adds)" in report.block_table() and "layer4" in str(report)
+
+
+def test_no_blocks_no_block_rows():
+    pair = FLOWS["dynamic"]()
+    report = ns.compare(pair.float_model, pair.quant_model, pair.batches, progress=False)
+    assert report.blocks == () and report.block_table() == ""
+    assert all(r.block == "" for r in report.rows)
+    only = ns.compare(pair.float_model, pair.quant_model, pair.batches, progress=False,
+                      comparisons=("outputs",))
+    assert only.blocks == ()
