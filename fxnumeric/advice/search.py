@@ -2,8 +2,9 @@
 
 Both run *hybrid* models (:mod:`fxnumeric.advice.hybrid`): the float graph with one layer quantized,
 or the quantized graph with some layers float, made from the two models the user already has.
-Nothing is re-quantized, so a hybrid costs the part of one forward pass downstream of its
-swapped layers.
+Nothing is re-quantized, so a hybrid costs one forward pass; in a model of blocks called as
+modules (a decoder's layers), the blocks before its first swapped layer are replayed from a
+hybrid that ran them (:mod:`fxnumeric.advice.replay`), so it costs the blocks from there on.
 
 :func:`sensitivity` measures, for each layer, the end metric of "only this layer quantized"
 and of "all but this layer quantized". :func:`advise` searches for the smallest set of layers
@@ -40,10 +41,15 @@ from ..progress import Progress
 from ..run import check_devices, model_batches
 from .hybrid import HybridRunner, Swap, function_target, module_path
 from .mixed import FLOAT, advise_variants
+from .replay import BlockReplay
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
 
 _log = logging.getLogger(__name__)
+
+REPLAY_MIN_BYTES = 64 << 20
+"""Block outputs kept for replay (:mod:`fxnumeric.advice.replay`): at least this, else a
+quarter of the float model's parameter bytes."""
 
 EndMetric = Callable[[torch.Tensor, torch.Tensor], float]
 """Called as ``fn(float_output, candidate_output) -> float``, higher is better; the outputs of
@@ -204,6 +210,11 @@ class _Search:
         self.evaluations = 0
         self._references: list[Any] | None = None
         self._bar: Progress | None = None  # one bar for the whole search, its total grows
+        regions = {path for m in matchings.values() for r in m.regions
+                   for path in (r.float_path, r.quant_path)}
+        self.replay = BlockReplay(float_model, regions, budget=max(
+            REPLAY_MIN_BYTES, sum(p.numel() * p.element_size() for p in float_model.parameters())
+            // 4))
 
     def close(self) -> None:
         """Finish the search's progress bar."""
@@ -232,9 +243,13 @@ class _Search:
         if self._bar is None:
             self._bar = Progress(0, label, self.progress, unit="hybrid run")
         self._bar.extend(len(hybrids) * len(self.batches), label)
-        for batch, reference in zip(self.batches, references, strict=True):
-            for model, run in zip(models, runs, strict=True):
-                run.add(reference, runner.run(model, batch), batch)
+        where = [[(s, self.replay.block(s.base_graph.float_path)) for s in swaps]
+                 for _, swaps in hybrids]
+        for i, (batch, reference) in enumerate(zip(self.batches, references, strict=True)):
+            for model, run, (base, _), placed in zip(models, runs, hybrids, where, strict=True):
+                output = self.replay.run(model, i, base, placed,
+                                         lambda m, b=batch: runner.run(m, b))
+                run.add(reference, output, batch)
                 self._bar.update()
         self.evaluations += len(hybrids)
         return [run.value() for run in runs]
