@@ -26,7 +26,7 @@ The package: :mod:`~fxnumeric.instrument.graph` edits one region's graph copy,
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,15 +42,17 @@ from .graph import GraphCopy, float_subgraph, shadow_inputs
 
 __all__ = [
     "instrument", "Instrumented", "add_loggers", "add_shadows", "loggers_of", "PairFilter",
-    "resolve_matching",
+    "resolve_matching", "observe_values",
 ]
 
 PairFilter = Callable[[Pair, Matching], bool]
 """Called as ``select(pair, matching)``; return True to instrument that pair."""
 
-OutputObservers = Callable[[Pair], tuple[nn.Module, nn.Module]]
+OutputObservers = Callable[[Pair], tuple[nn.Module | None, nn.Module]]
 """Called once per pair name as ``make(pair)``; returns ``(float_observer, quant_observer)``,
-each then called as ``observer(output)``."""
+each then called as ``observer(output)``. A ``None`` float observer leaves the float side
+alone: its value is observed elsewhere (``compare`` runs one float model for several quantized
+variants, instrumented by :func:`observe_values`)."""
 
 ShadowObserver = Callable[[Pair], nn.Module]
 """Called once per pair name as ``make(pair)``; the observer is then called as
@@ -143,9 +145,12 @@ def instrument(
         if not pairs:
             continue
         quant_copy = GraphCopy(region.quant_view)
-        float_copy = GraphCopy(region.float_view) if outputs is not None else None
+        float_copy: GraphCopy | None = None  # copied once a float observer needs it
         for pair in pairs:
-            _instrument_pair(region, pair, float_copy, quant_copy, built, outputs, shadows,
+            observers = outputs(pair) if outputs is not None else None
+            if observers is not None and observers[0] is not None and float_copy is None:
+                float_copy = GraphCopy(region.float_view)
+            _instrument_pair(region, pair, float_copy, quant_copy, built, observers, shadows,
                              index)
             index += 1
         quant_parts[region] = quant_copy.finish
@@ -157,14 +162,15 @@ def instrument(
 
 def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
                      quant_copy: GraphCopy, built: Instrumented,
-                     outputs: OutputObservers | None, shadows: ShadowObserver | None,
-                     index: int) -> None:
+                     observers: tuple[nn.Module | None, nn.Module] | None,
+                     shadows: ShadowObserver | None, index: int) -> None:
     """Observers (and a shadow) of one pair, in the region's graph copies."""
     float_out, quant_out = region.output_nodes(pair)
-    if outputs is not None and float_copy is not None:
-        built.float_observers[pair.name], built.quant_observers[pair.name] = outputs(pair)
-        float_copy.observe(float_out.name, built.float_observers[pair.name],
-                           f"fxnumeric_logger_{index}")
+    if observers is not None:
+        float_observer, built.quant_observers[pair.name] = observers
+        if float_observer is not None and float_copy is not None:
+            built.float_observers[pair.name] = float_observer
+            float_copy.observe(float_out.name, float_observer, f"fxnumeric_logger_{index}")
         quant_copy.observe(quant_out.name, built.quant_observers[pair.name],
                            f"fxnumeric_logger_{index}")
     if shadows is None:
@@ -178,6 +184,57 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
     inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
     quant_copy.shadow(quant_out.name, region.float_view, float_subgraph(region, pair), inputs,
                       built.shadow_observers[pair.name], f"fxnumeric_shadow_{index}")
+
+
+def observe_values(matching: Matching, side: str,
+                   observers: Mapping[tuple[str, str], nn.Module]) -> nn.Module:
+    """``side``'s model (``"float"`` or ``"quant"``) with observers on chosen values.
+
+    The building block for a model whose observers serve several matchings: ``compare`` runs
+    one float model for several quantized variants, and torch.fx names the nodes of two
+    captures of one model alike, so each variant's float values are found in one capture by
+    region path and node name.
+
+    Args:
+        matching: whose captured graphs (regions) are instrumented.
+        side: ``"float"`` or ``"quant"``.
+        observers: ``{(region path on that side, graph node name): observer}``; the observer
+            is called as ``observer(value)`` after the node runs, as :func:`instrument`'s
+            output observers are (a value a later op overwrites in place is cloned first).
+
+    Raises:
+        InstrumentationError: no region at a path, or no node of that name in its graph.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> from fxnumeric import OutputLogger, match
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+        >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
+        >>> logger = OutputLogger()
+        >>> _ = observe_values(m, "float", {("", "_1"): logger})(torch.randn(2, 4))
+        >>> len(logger.stats["tensor_val"])
+        1
+    """
+    regions = {region.path(side): region for region in matching.regions}
+    by_region: dict[Region, list[tuple[str, nn.Module]]] = {}
+    for (path, node), observer in observers.items():
+        region = regions.get(path)
+        if region is None or not region.view(side).has_node(node):
+            where = f"no region at {path!r}" if region is None else f"no node {node!r} at {path!r}"
+            raise InstrumentationError(
+                f"cannot observe {side} value ({path!r}, {node!r}): {where}; regions are at "
+                + ", ".join(repr(p) for p in list(regions)[:10]))
+        by_region.setdefault(region, []).append((node, observer))
+    parts: dict[Region, Build] = {}
+    index = 0
+    for region, wanted in by_region.items():
+        graph_copy = GraphCopy(region.view(side))
+        for node, observer in wanted:
+            graph_copy.observe(node, observer, f"fxnumeric_logger_{index}")
+            index += 1
+        parts[region] = graph_copy.finish
+    return assemble(matching, side, parts)
 
 
 # ---------------------------------------------------------------- the public wrappers
