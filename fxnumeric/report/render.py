@@ -1129,15 +1129,28 @@ def _diff_rows(diff: ReportDiff, changed_only: bool) -> tuple[list[MetricChange]
     return shown, len(diff.changes) - len(shown)
 
 
-def _diff_cells(c: MetricChange) -> list[Any]:
-    return [c.layer if c.layer is not None else "(model output)", c.label, c.old, c.new,
-            c.change, "REGRESSION" if c.regression else ""]
+def _diff_cells(c: MetricChange, variants: bool = False) -> list[Any]:
+    return ([c.variant] if variants else []) + [
+        c.layer if c.layer is not None else "(model output)", c.label, c.old, c.new,
+        c.change, "REGRESSION" if c.regression else ""]
+
+
+def _diff_headers(diff: ReportDiff) -> tuple[tuple[str, ...], tuple[bool, ...], bool]:
+    """The diff table's headers and which are numeric; a variant column for variants."""
+    variants = any(c.variant is not None for c in diff.changes)
+    if not variants:
+        return _DIFF_HEADERS, _DIFF_NUMERIC, False
+    return ("variant", *_DIFF_HEADERS), (False, *_DIFF_NUMERIC), True
 
 
 def _diff_layer_lines(diff: ReportDiff) -> list[str]:
     lines = [f"new layers: {', '.join(diff.new_layers)}"] if diff.new_layers else []
     if diff.vanished_layers:
         lines.append(f"vanished layers: {', '.join(diff.vanished_layers)}")
+    if diff.new_variants:
+        lines.append(f"new variants: {', '.join(diff.new_variants)}")
+    if diff.vanished_variants:
+        lines.append(f"vanished variants: {', '.join(diff.vanished_variants)}")
     return lines
 
 
@@ -1147,7 +1160,8 @@ def diff_table(diff: ReportDiff, tablefmt: str = "simple", *, changed_only: bool
     if tablefmt == "markdown":
         tablefmt = "pipe"
     shown, hidden = _diff_rows(diff, changed_only)
-    lines = [tabulate([_diff_cells(c) for c in shown], headers=_DIFF_HEADERS,
+    headers, _, variants = _diff_headers(diff)
+    lines = [tabulate([_diff_cells(c, variants) for c in shown], headers=headers,
                       tablefmt=tablefmt, floatfmt=".4g", missingval="-")] if shown else []
     if hidden:
         lines.append(f"{hidden} metrics unchanged" + (" (not shown)" if shown else ""))
@@ -1161,9 +1175,10 @@ def diff_page(diff: ReportDiff, *, changed_only: bool = True) -> str:
     """A self-contained HTML page for a :class:`~fxnumeric.report.diff.ReportDiff`, styled like
     the report page: summary, regressions, new and vanished layers, every change."""
     shown, hidden = _diff_rows(diff, changed_only)
+    headers, numeric, variants = _diff_headers(diff)
 
     def table(changes: Sequence[MetricChange]) -> str:
-        return html_table(_DIFF_HEADERS, [_diff_cells(c) for c in changes], _DIFF_NUMERIC,
+        return html_table(headers, [_diff_cells(c, variants) for c in changes], numeric,
                           ["worst" if c.regression else "" for c in changes])
 
     worse = diff.regressions
@@ -1176,8 +1191,10 @@ def diff_page(diff: ReportDiff, *, changed_only: bool = True) -> str:
         f"<h2>Regressions ({len(worse)})</h2>",
         table(worse) if worse else "<p>None beyond tolerance.</p>",
     ]
-    for title, names in (("New layers", diff.new_layers), ("Vanished layers",
-                                                           diff.vanished_layers)):
+    for title, names in (("New layers", diff.new_layers),
+                         ("Vanished layers", diff.vanished_layers),
+                         ("New variants", diff.new_variants),
+                         ("Vanished variants", diff.vanished_variants)):
         if names:
             parts.append(f"<h2>{title} ({len(names)})</h2><p>{html.escape(', '.join(names))}</p>")
     parts.append("<h2>Changes</h2>")
