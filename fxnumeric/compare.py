@@ -869,23 +869,29 @@ def _variant_batch(plan: _Plan, name: str, float_out: Any, model_inputs: Any) ->
 
 def _align(reports: dict[str, Report], plans: dict[str, _Plan],
            groups: list[_FloatGroup]) -> tuple[tuple[str | None, ...], ...]:
-    """The variants' rows aligned: one entry per float value compared (region path and float
-    output node of a capture), in graph order, each holding every variant's row name there
-    (``None`` where a variant has no row); rows of variants of different float captures align
-    by name. Each variant's rows keep their order; a row only some variants have sits after
-    the entry its variant's previous row is in."""
+    """The variants' rows aligned: one entry per float value compared (the region path and
+    float output node of a capture), each holding every variant's row name there (``None``
+    where a variant has none). Entries of the first float capture are in its graph order;
+    rows of variants of another capture align with them by name, and a row matching none sits
+    just before the entry its variant's next row is in (after its previous one, at the end)."""
     group_of = {name: i for i, group in enumerate(groups) for name in group.names}
     entries: list[dict[str, str]] = []
-    order: list[int] = []
+    position: list[tuple[int, int]] = []  # (region, node) in the first capture's graphs
     by_value: dict[tuple[int, str, str], int] = {}
     by_name: dict[str, list[int]] = {}
-    for name, report in reports.items():
+    first = groups[0].matching
+    regions = {r.float_path: i for i, r in enumerate(first.regions)}
+    order: list[int] = []
+    for name in sorted(reports, key=lambda n: group_of[n] > 0):  # the first capture first
         matching, group = plans[name].matching, group_of[name]
-        after = -1  # where in `order` this variant's previous row is
-        for row in report.rows:
+        if group > 0 and not order:
+            order = sorted(range(len(entries)), key=position.__getitem__)  # stable on ties
+        pending: list[int] = []  # new entries waiting for the next row that has a place
+        for row in reports[name].rows:
             pair = matching.pair(row.name)
             region = matching.region_of(pair)
-            value = (group, region.float_path, region.output_nodes(pair)[0].name)
+            node = region.output_nodes(pair)[0].name
+            value = (group, region.float_path, node)
             found = by_value.get(value)
             if found is None or name in entries[found]:
                 found = next((i for i in by_name.get(row.name, ()) if name not in entries[i]
@@ -893,9 +899,20 @@ def _align(reports: dict[str, Report], plans: dict[str, _Plan],
             if found is None:
                 found = len(entries)
                 entries.append({})
-                order.insert(after + 1, found)
+                if group == 0:
+                    base = first.regions[regions[region.float_path]]
+                    position.append((regions[region.float_path],
+                                     base.float_view.position(base.float_view.node(node))))
+                else:
+                    pending.append(found)
+            elif pending:
+                at = order.index(found)
+                order[at:at] = pending
+                pending = []
             entries[found][name] = row.name
             by_value.setdefault(value, found)
             by_name.setdefault(row.name, []).append(found)
-            after = order.index(found)
+        order += pending
+    if len(groups) == 1:
+        order = sorted(range(len(entries)), key=position.__getitem__)  # stable on ties
     return tuple(tuple(entries[i].get(name) for name in reports) for i in order)
