@@ -187,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--max-float-layers", type=_positive, help="keep at most this many float")
     adv.add_argument("--candidates", type=_positive, default=16,
                      help="layers verified per step of the search")
+    adv.add_argument("-o", "--output", metavar="FILE",
+                     help="also write an HTML page: the curve (with several --quant modes, the "
+                          "Pareto front of weight bits against the metric) and the steps")
     dif = sub.add_parser("diff", parents=[debug],
                          help="what changed between two saved reports; exit 1 on a regression",
                          epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -464,6 +467,8 @@ def _advise(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     print(advice.summary())
+    if args.output:
+        print(f"wrote {advice.to_html(args.output)}")
     return EXIT_OK if advice.reached else EXIT_FAILED
 
 

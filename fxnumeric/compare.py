@@ -503,7 +503,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             name=p.name,
             kind=p.kind,
             quantized=p.quantized,
-            weight_sqnr=w_acc.value("sqnr") if w_acc else None,
+            # a layer left float has the float weight: nothing to compare (not an inf SQNR)
+            weight_sqnr=w_acc.value("sqnr") if w_acc and p.quantized else None,
             output=oa.values(plan.metrics) if oa and oa.batches else {},
             shadow=sa.values(plan.metrics) if sa and sa.batches else {},
             weight_keys=tuple(k for k, _, _ in weights.get(p.name, ())),
@@ -763,9 +764,9 @@ def _about_variant(name: str) -> Iterator[None]:
 
 def _float_capture(matching: Matching) -> tuple[Any, ...]:
     """What two matchings' float graphs must share to be one capture: the regions (float path
-    and scope) and each one's nodes (name, op, target). torch.fx names the nodes of two
-    captures of one model alike, so variants of one float model mostly share it."""
-    return tuple(sorted(((r.float_path, r.float_scope, r.whole_module,
+    and scope, call sites) and each one's nodes (name, op, target). torch.fx names the nodes
+    of two captures of one model alike, so variants of one float model mostly share it."""
+    return tuple(sorted(((r.float_path, r.float_scope, r.whole_module, r.call_sites,
                           tuple((n.name, n.op, n.target) for n in r.float_view.gm.graph.nodes))
                          for r in matching.regions), key=lambda region: region[0]))
 
@@ -783,12 +784,13 @@ def _float_groups(plans: dict[str, _Plan]) -> list[_FloatGroup]:
         else:
             groups[key] = _FloatGroup([name], plan.matching)
     for group in groups.values():
-        fanouts: dict[tuple[str, str], _FloatFanout] = {}
+        fanouts: dict[tuple[str, str, int], _FloatFanout] = {}
         for name in group.names:
             plan = plans[name]
             for pair, twin in plan.float_twins.items():
                 region = plan.matching.region_of(pair)
-                value = (region.float_path, region.output_nodes(pair)[0].name)
+                value = (region.float_path, region.output_nodes(pair)[0].name,
+                         region.call_site(pair))
                 fanouts.setdefault(value, _FloatFanout()).twins.append(twin)
         group.model = observe_values(group.matching, "float", fanouts)
     return list(groups.values())
@@ -869,15 +871,15 @@ def _variant_batch(plan: _Plan, name: str, float_out: Any, model_inputs: Any) ->
 
 def _align(reports: dict[str, Report], plans: dict[str, _Plan],
            groups: list[_FloatGroup]) -> tuple[tuple[str | None, ...], ...]:
-    """The variants' rows aligned: one entry per float value compared (the region path and
-    float output node of a capture), each holding every variant's row name there (``None``
+    """The variants' rows aligned: one entry per float value compared (the region path, call
+    site and float output node of a capture), each holding every variant's row name there (``None``
     where a variant has none). Entries of the first float capture are in its graph order;
     rows of variants of another capture align with them by name, and a row matching none sits
     just before the entry its variant's next row is in (after its previous one, at the end)."""
     group_of = {name: i for i, group in enumerate(groups) for name in group.names}
     entries: list[dict[str, str]] = []
-    position: list[tuple[int, int]] = []  # (region, node) in the first capture's graphs
-    by_value: dict[tuple[int, str, str], int] = {}
+    position: list[tuple[int, int, int]] = []  # (region, call, node) in the first capture
+    by_value: dict[tuple[int, str, int, str], int] = {}
     by_name: dict[str, list[int]] = {}
     first = groups[0].matching
     regions = {r.float_path: i for i, r in enumerate(first.regions)}
@@ -890,8 +892,8 @@ def _align(reports: dict[str, Report], plans: dict[str, _Plan],
         for row in reports[name].rows:
             pair = matching.pair(row.name)
             region = matching.region_of(pair)
-            node = region.output_nodes(pair)[0].name
-            value = (group, region.float_path, node)
+            node, site = region.output_nodes(pair)[0].name, region.call_site(pair)
+            value = (group, region.float_path, site, node)
             found = by_value.get(value)
             if found is None or name in entries[found]:
                 found = next((i for i in by_name.get(row.name, ()) if name not in entries[i]
@@ -901,7 +903,7 @@ def _align(reports: dict[str, Report], plans: dict[str, _Plan],
                 entries.append({})
                 if group == 0:
                     base = first.regions[regions[region.float_path]]
-                    position.append((regions[region.float_path],
+                    position.append((regions[region.float_path], site,
                                      base.float_view.position(base.float_view.node(node))))
                 else:
                     pending.append(found)

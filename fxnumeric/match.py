@@ -139,13 +139,16 @@ class Region:
     float_scope: str = ""
     quant_scope: str = ""
     whole_module: bool = False
+    call_sites: int = 1
+    """How many times the region's module runs per forward (a leaf module called twice by
+    its untraceable parent): each call is a call site with pairs of its own, ``#2`` ..."""
 
     def __post_init__(self) -> None:
         fv, qv = self.float_view, self.quant_view
         float_by_name = {_prefixed(self.float_scope, n.name): n for n in fv.nodes}
         quant_by_name = {_prefixed(self.quant_scope, n.name): n for n in qv.nodes}
         by_node: dict[fx.Node, Pair] = {}
-        for p in self.pairs:
+        for p in reversed(self.pairs):  # a node's pair is its first call site's
             # an input quantize pairs with the input itself, which stays a model input
             by_node.update((n, p) for n in map(float_by_name.__getitem__, p.float_nodes)
                            if n.op != "placeholder")
@@ -227,6 +230,12 @@ class Region:
         """The view of ``side`` (``"float"`` or ``"quant"``)."""
         return self.float_view if side == "float" else self.quant_view
 
+    def call_site(self, pair: Pair) -> int:
+        """Which call of the region's module ``pair`` observes (0 for the first)."""
+        if self.call_sites == 1:
+            return 0
+        return self.pairs.index(pair) // (len(self.pairs) // self.call_sites)
+
     def path(self, side: str) -> str:
         """Where ``side``'s graph sits in its model."""
         return self.float_path if side == "float" else self.quant_path
@@ -239,17 +248,21 @@ class Region:
 def pair_region(float_view: GraphView, quant_view: GraphView, *, float_path: str = "",
                 quant_path: str = "", float_scope: str | None = None,
                 quant_scope: str | None = None, whole_module: bool = False,
-                node_match: NodeMatch = same_op) -> Region:
-    """Pair two views into a :class:`Region` (see :func:`fxnumeric.pairing.pair_views`)."""
+                node_match: NodeMatch = same_op, call_sites: int = 1) -> Region:
+    """Pair two views into a :class:`Region` (see :func:`fxnumeric.pairing.pair_views`).
+
+    With ``call_sites`` > 1 (a module its parent calls several times), every pair is
+    repeated per call: ``name``, ``name#2`` ...
+    """
     fscope = float_path if float_scope is None else float_scope
     qscope = quant_path if quant_scope is None else quant_scope
     found, miss_f, miss_q, anchor = pair_views(float_view, quant_view, node_match)
     pairs = tuple(
-        Pair(_prefixed(qscope, p.name), p.kind,
+        Pair(_prefixed(qscope, p.name) + (f"#{site + 1}" if site else ""), p.kind,
              tuple(_prefixed(fscope, n) for n in p.float_nodes),
              tuple(_prefixed(qscope, n) for n in p.quant_nodes), p.quantized,
              "module" if whole_module else "graph", quant_path)
-        for p in found
+        for site in range(call_sites) for p in found
     )
     return Region(
         float_path, quant_path, float_view, quant_view, pairs,
@@ -258,7 +271,7 @@ def pair_region(float_view: GraphView, quant_view: GraphView, *, float_path: str
         tuple(Unmatched(_prefixed(qscope, u.node), u.kind, u.reason, u.quantized, quant_path)
               for u in miss_q),
         {q.name: f.name for q, f in anchor.items() if f is not None},
-        fscope, qscope, whole_module,
+        fscope, qscope, whole_module, call_sites,
     )
 
 
@@ -283,8 +296,9 @@ class Matching:
 
     regions: tuple[Region, ...]
     pairs: tuple[Pair, ...] = ()
-    """Every region's pairs: graph order for a model captured whole; for several regions,
-    in the registration order of the modules holding them, then graph order."""
+    """Every region's pairs: graph order for a model captured whole; for several regions, in
+    the order the modules holding them run (with example inputs; their registration order
+    without), then graph order."""
     unmatched_float: tuple[Unmatched, ...] = ()
     unmatched_quant: tuple[Unmatched, ...] = ()
     float_model: nn.Module | None = field(repr=False, default=None)
@@ -758,7 +772,10 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
             float_path=part.float_path, quant_path=part.quant_path, node_match=node_match,
         ))
     for float_path, quant_path in tree.leaves:
-        leaf = _leaf_region(float_model, quant_model, float_path, quant_path, node_match)
+        calls = min((getattr(c, "counts", {}).get(p, 1) for c, p in
+                     ((float_calls, float_path), (quant_calls, quant_path)) if c is not None),
+                    default=1)
+        leaf = _leaf_region(float_model, quant_model, float_path, quant_path, node_match, calls)
         if isinstance(leaf, Region):
             regions.append(leaf)
         elif leaf is not None:
@@ -771,8 +788,10 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
             misses_f.append(Unmatched(path, cls.kind, reason, False, None))
         else:
             misses_q.append(Unmatched(path, cls.kind, reason, cls.quantized, None))
-    modules = quant_model.named_modules(remove_duplicate=False)
-    rank = {name: i for i, (name, _) in enumerate(modules)}
+    # the order modules run (recorded on the example inputs), else their registration order
+    modules = [name for name, _ in quant_model.named_modules(remove_duplicate=False)]
+    order = list(quant_calls or ()) + [m for m in modules if m not in (quant_calls or {})]
+    rank = {name: i for i, name in enumerate(order)}
     regions.sort(key=lambda r: rank.get(r.quant_path, 0))
     return Matching(
         tuple(regions), tuple(p for r in regions for p in r.pairs),
@@ -783,7 +802,7 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
 
 
 def _leaf_region(float_model: nn.Module, quant_model: nn.Module, float_path: str,
-                 quant_path: str, node_match: NodeMatch,
+                 quant_path: str, node_match: NodeMatch, call_sites: int = 1,
                  ) -> Region | tuple[Unmatched, Unmatched] | None:
     """Two leaf modules at the same place of the module tree, as a region of one-op graphs;
     the misses if they compute different ops; ``None`` for plumbing (dropout, identity)."""
@@ -804,6 +823,7 @@ def _leaf_region(float_model: nn.Module, quant_model: nn.Module, float_path: str
         GraphView(quant_graph, root=_parent(quant_model, quant_path)),
         float_path=float_path, quant_path=quant_path, float_scope=float_scope,
         quant_scope=quant_scope, whole_module=True, node_match=node_match,
+        call_sites=call_sites,
     )
 
 

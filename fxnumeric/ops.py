@@ -106,6 +106,16 @@ for _n in (1, 2, 3):
         }
     )
 
+# Layers of other libraries (Hugging Face transformers ...), by the end of their class name:
+# the kind users call them by. ``None``: not a layer (a rotary embedding computes the angles of
+# positions, not a value of the model's activations).
+_FOREIGN_KINDS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("RMSNorm", ("rmsnorm",)),
+    ("LayerNorm", ("layer_norm",)),
+    ("Conv1D", ("linear",)),  # GPT-2's transposed Linear
+    ("RotaryEmbedding", None),
+)
+
 _PLUMBING_MODULE_NAMES = frozenset(
     {"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
      "FeatureAlphaDropout"}
@@ -260,7 +270,10 @@ def _module_class(module: nn.Module) -> OpClass:
     if _is_torch_class(cls):
         sig = _MODULE_SIGNATURES.get(name) or (_snake(name),)
         return OpClass(sig, "op", is_quantized_module(module))
-    return OpClass((f"module:{cls.__qualname__}",), "op", False)
+    for suffix, kind in _FOREIGN_KINDS:
+        if name.endswith(suffix):
+            return PLUMBING if kind is None else OpClass(kind, "op", is_quantized_module(module))
+    return OpClass((f"module:{cls.__qualname__}",), "op", is_quantized_module(module))
 
 
 def _normalise_name(name: str) -> tuple[str, ...]:

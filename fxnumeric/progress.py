@@ -63,6 +63,18 @@ class Progress:
         self.start = time.perf_counter()
         self._bar = _tqdm(total, desc, unit) if self.enabled else None
 
+    def extend(self, n: int, desc: str | None = None) -> None:
+        """Count ``n`` more steps in the total (a search that learns its length as it goes),
+        and show ``desc`` as what is being done now."""
+        self.total = (self.total or 0) + n
+        if desc is not None:
+            self.desc = desc
+        if self.enabled and self._bar is not None:
+            self._bar.total = self.total
+            if desc is not None:
+                self._bar.set_description_str(desc, refresh=False)
+            self._bar.refresh()
+
     def update(self, n: int = 1) -> None:
         """Advance by ``n`` steps."""
         self.done += n

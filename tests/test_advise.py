@@ -233,7 +233,7 @@ def test_advise_keeps_the_badly_quantized_layer_float() -> None:
     assert advice.keep_float == ("fc2",)
     assert advice.reached
     assert advice.curve[0] < 20 < 30 <= advice.curve[1] == advice.value
-    assert "keep 1 layer float" in advice.message
+    assert "keep 1 of 4 layers float" in advice.message
     mapping = advice.qconfig_mapping(get_default_qconfig_mapping("x86"))
     assert mapping.module_name_qconfigs == {"fc2": None}
     prepared = prepare_fx(copy.deepcopy(float_model), mapping, (data[0],))
@@ -346,7 +346,8 @@ def test_sensitivity_chart_and_page(tmp_path) -> None:
     assert svg.startswith("<svg") and svg.count("<circle") == 2 * len(s.layers)
     assert "<title>fc2: " in svg
     page = s.to_html(tmp_path / "s.html").read_text()
-    assert "<svg" in page and "<table>" in page and "fc2" in page
+    assert "<svg" in page and "<table class='fxn fxn-sortable'>" in page and "fc2" in page
+    assert "Sensitivity(" not in page and "cosine" in page
     report = fxnumeric.compare(float_model, q, data)
     page = report.to_html(tmp_path / "r.html", sensitivity=s).read_text()
     assert "<h2>Sensitivity</h2>" in page and page.count("<svg") >= 2
@@ -485,3 +486,46 @@ def test_a_function_op_is_fed_back_by_module_and_order() -> None:
 
     assert quantized_adds(quant_model) == 2
     assert quantized_adds(requantized) == 1  # the other block's add stays quantized
+
+
+# ---------------------------------------------------------------- what advise prints (issue 17)
+
+
+def test_advise_says_k_of_n_and_only_its_flows_lines() -> None:
+    float_model, q, data = _bad_layer_pair()
+    advice = advise(float_model, q, data, metric="sqnr", target=30.0, progress=False)
+    assert advice.flow == "fx"
+    assert "keep 1 of 4 layers float to reach sqnr" in advice.message
+    assert " dB >= 30 dB" in advice.message
+    summary = advice.summary()
+    assert "qconfig_mapping.set_module_name('fc2', None)" in summary
+    assert "prepare_pt2e" not in summary and "DeQuantStub" not in summary  # not this flow's
+    f, dq, dyn_data = PAIRS["dynamic"]()
+    dynamic = advise(f, dq, dyn_data, metric="sqnr", target=math.inf, max_float_layers=1,
+                     progress=False)
+    assert dynamic.flow == "dynamic" and "1 of 4 layers" in dynamic.message
+    assert "quantize_dynamic(model, {torch.nn.Linear: default_dynamic_qconfig, " in (
+        dynamic.summary())
+    assert "qconfig_mapping" not in dynamic.summary()
+
+
+def test_one_progress_bar_counts_the_whole_search(capsys) -> None:
+    float_model, q, data = _bad_layer_pair()
+    advise(float_model, q, data, metric="sqnr", target=40.0, progress=True)
+    err = capsys.readouterr().err
+    finished = [line for line in err.split("\n") if line.strip()]
+    assert len(finished) == 1  # one bar, closed once: no finished bar per step left behind
+    import re
+
+    done, total = re.findall(r"(\d+)/(\d+)", finished[0].rsplit("\r", 1)[-1])[-1]
+    assert int(done) == int(total) > 4  # the overall count, every hybrid run of the search
+
+
+def test_the_advice_page_has_units_a_curve_and_sortable_tables(tmp_path) -> None:
+    float_model, q, data = _bad_layer_pair()
+    advice = advise(float_model, q, data, metric="sqnr", target=30.0, progress=False)
+    page = advice.to_html(tmp_path / "a.html").read_text()
+    assert page.startswith("<!doctype html>") and "Sensitivity(" not in page
+    assert "sqnr (dB)" in page and "<polyline" in page and "target 30" in page
+    assert "fxn-sortable" in page and "layers kept float" in page
+    assert "set_module_name(&#x27;fc2&#x27;, None)" in page

@@ -7,7 +7,9 @@ structure of each capture is known exactly.
 from __future__ import annotations
 
 import copy
+import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -204,3 +206,41 @@ def test_plumbing_of_a_constant_carries_the_constant_not_its_other_argument():
     report = ns.compare(f, _dyn(f), [_x()])
     # the shadow copies `inv.to(...)` and reads the constant, not a device
     assert report.row("mul").shadow["sqnr"] > 20 and not report.row("mul").note
+
+
+class _CallsTwice(nn.Module):
+    """An untraceable root that calls one Linear twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+            h = h * 2
+        return self.out(self.fc(torch.relu(h)))
+
+
+def test_a_leaf_module_called_twice_is_two_rows_each_read_at_its_call():
+    torch.manual_seed(0)
+    f = _CallsTwice().eval()
+    q = _dyn(f)
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    report = ns.compare(f, q, data)
+    assert [r.name for r in report.rows] == ["fc", "fc#2", "out"]
+    signal, noise = [0.0, 0.0], [0.0, 0.0]
+    with torch.no_grad():
+        for x in data:  # each call read directly
+            hf, hq = f.fc(x), q.fc(x)
+            hf2 = f.fc(torch.relu(hf * 2 if hf.sum() > 0 else hf))
+            hq2 = q.fc(torch.relu(hq * 2 if hq.sum() > 0 else hq))
+            for i, (a, b) in enumerate(((hf, hq), (hf2, hq2))):
+                signal[i] += float(a.double().square().sum())
+                noise[i] += float((a - b).double().square().sum())
+    for name, s, n in zip(("fc", "fc#2"), signal, noise, strict=True):
+        assert report.row(name).output_sqnr == pytest.approx(10 * math.log10(s / n), abs=1e-4)
+    # the eager API keeps torch's one logger per module, logged once per call
+    acts = ns.compare_model_outputs(f, q, data[0])
+    assert len(acts["fc.stats"]["float"]) == len(acts["fc.stats"]["quantized"]) == 2

@@ -119,7 +119,9 @@ def test_renderings(tmp_path, make_lstm_pair):
     assert by_name["encoder"]["output"]["sqnr"] == "inf"
     assert data["worst_layer"] == report.worst_layer.name
     rows = list(csv.DictReader(report.to_csv(tmp_path / "r.csv").open()))
-    assert [r["layer"] for r in rows] == [r.name for r in report.rows]
+    # a row per layer, then the model output's
+    assert [r["layer"] for r in rows] == [r.name for r in report.rows] + ["(model output)"]
+    assert float(rows[-1]["output_sqnr"]) == pytest.approx(report.model_output["sqnr"])
     page = report.to_html(tmp_path / "r.html").read_text()
     assert page.count("<svg") >= 2 and "rnn._all_weight_values" not in page  # histograms are per layer
     assert "<polyline" in page and report.summary().split(";")[0] in page

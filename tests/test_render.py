@@ -353,6 +353,7 @@ def test_the_csv_carries_every_metric_of_every_comparison(tmp_path):
 
     report = _planted_report()
     rows = list(csv_module.DictReader(report.to_csv(tmp_path / "r.csv").open()))
+    assert rows.pop()["layer"] == "(model output)"  # the last row: the model output's metrics
     for side in ("output", "shadow"):
         for metric in ("sqnr", "cosine", "mse", "max_abs_error"):
             column = f"{side}_{metric}"

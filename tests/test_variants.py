@@ -178,6 +178,34 @@ def test_a_variant_of_another_float_capture_runs_its_own_float_model_and_says_so
     assert {"fx": "fc3", "pt2e": "fc3"} in names  # aligned by name across captures
 
 
+class _CallsTwice(nn.Module):
+    """An untraceable root that calls one Linear twice: its region has two call sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+            h = h * 2
+        return self.out(self.fc(torch.relu(h)))
+
+
+def test_variants_of_a_module_tree_capture_share_its_call_sites(float_runs):
+    torch.manual_seed(0)
+    f = _CallsTwice().eval()
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    variants = {"dynamic": _quantize(f, "dynamic", data),
+                "int8-dynamic": _quantize(f, "int8-dynamic", data)}
+    report = ns.compare(f, variants, data)
+    assert float_runs["float"] == len(data)
+    assert report.aligned == (("fc", "fc"), ("fc#2", "fc#2"), ("out", "out"))
+    for name, q in variants.items():
+        _close(report.variants[name], ns.compare(f, q, data), name)
+
+
 # ---------------------------------------------------------------- alignment
 
 
@@ -205,12 +233,14 @@ def test_observe_values_instruments_named_values_and_refuses_unknown_ones():
     f = MLP().eval()
     m = ns.match(f, _quantize(f, "dynamic", _vectors()))
     seen = ns.OutputLogger()
-    model = observe_values(m, "float", {("", "relu"): seen})
+    model = observe_values(m, "float", {("", "relu", 0): seen})
     x = torch.randn(2, 16)
     assert torch.equal(model(x), f(x))
     assert torch.equal(seen.stats["tensor_val"][0], torch.relu(f.fc1(x)))
     with pytest.raises(ns.InstrumentationError, match="no node 'nope' at ''"):
-        observe_values(m, "float", {("", "nope"): seen})
+        observe_values(m, "float", {("", "nope", 0): seen})
+    with pytest.raises(ns.InstrumentationError, match="no call site 1 at '' .it has 1."):
+        observe_values(m, "float", {("", "relu", 1): seen})
 
 
 # ---------------------------------------------------------------- summary and renderings

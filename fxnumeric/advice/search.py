@@ -27,12 +27,15 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
+from .. import flows
 from .._tensors import dequantize_all, first_output
+from ..capture.export import is_export_graph
 from ..errors import InputError, InstrumentationError
 from ..instrument import resolve_matching
 from ..llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
 from ..match import Matching
 from ..metrics import cosine, sqnr
+from ..ops import is_quantized_module
 from ..progress import Progress
 from ..run import check_devices, model_batches
 from .hybrid import HybridRunner, Swap, function_target, module_path
@@ -200,6 +203,12 @@ class _Search:
         self.progress = progress
         self.evaluations = 0
         self._references: list[Any] | None = None
+        self._bar: Progress | None = None  # one bar for the whole search, its total grows
+
+    def close(self) -> None:
+        """Finish the search's progress bar."""
+        if self._bar is not None:
+            self._bar.close()
 
     def references(self) -> list[Any]:
         """The float model's outputs, as the metric keeps them, per batch (computed once)."""
@@ -220,14 +229,13 @@ class _Search:
         runner = self.runner
         models = [runner.model(base, swaps) for base, swaps in hybrids]
         runs = [self.metric.start() for _ in hybrids]
-        bar = Progress(len(hybrids) * len(self.batches), label, self.progress, unit="hybrid")
-        try:
-            for batch, reference in zip(self.batches, references, strict=True):
-                for model, run in zip(models, runs, strict=True):
-                    run.add(reference, runner.run(model, batch), batch)
-                    bar.update()
-        finally:
-            bar.close()
+        if self._bar is None:
+            self._bar = Progress(0, label, self.progress, unit="hybrid run")
+        self._bar.extend(len(hybrids) * len(self.batches), label)
+        for batch, reference in zip(self.batches, references, strict=True):
+            for model, run in zip(models, runs, strict=True):
+                run.add(reference, runner.run(model, batch), batch)
+                self._bar.update()
         self.evaluations += len(hybrids)
         return [run.value() for run in runs]
 
@@ -404,7 +412,10 @@ def sensitivity(
     for name in names:
         hybrids.append(("float", search.swaps([name], "float")))
         hybrids.append(("quant", search.swaps([name], "quant")))
-    values = search.evaluate(hybrids, "sensitivity")
+    try:
+        values = search.evaluate(hybrids, "sensitivity")
+    finally:
+        search.close()
     kinds = {p.name: p.kind for p in search.matching.pairs}
     entries = tuple(
         LayerSensitivity(name, module_path(search.matching, name), kinds[name],
@@ -457,6 +468,9 @@ class Advice:
     (several variants only)."""
     variants: tuple[str, ...] = ()
     """The variants' names, when advising among several."""
+    flow: str = ""
+    """The quantization flow the quantized model came from (``"fx"``, ``"eager"``,
+    ``"dynamic"``, ``"pt2e"``, ``"torchao"``): :meth:`summary` shows that flow's lines."""
 
     def to_torchao(self, configs: Mapping[str, Any]) -> Any:
         """A torchao ``FqnToConfig`` that applies the assignment with ``quantize_``.
@@ -562,6 +576,16 @@ class Advice:
         return tabulate(rows, headers=("step", "keep float", self.metric), tablefmt=tablefmt,
                         floatfmt=".4g")
 
+    def to_html(self, path: str | Path) -> Path:
+        """Write a self-contained HTML page: what was found, the curve (with several
+        variants, the Pareto front of average weight bits against the metric), the steps or
+        the assignment, and what to feed back to the quantization flow."""
+        from ..report.render import advice_page
+
+        path = Path(path)
+        path.write_text(advice_page(self))
+        return path
+
     def torchao_lines(self, configs: str = "configs") -> str:
         """The assignment as the ``FqnToConfig`` that :meth:`to_torchao` builds, as source."""
         lines = ["FqnToConfig({"]
@@ -569,20 +593,43 @@ class Advice:
                   self.assignment.items() if choice != FLOAT]
         return "\n".join([*lines, "})"])
 
+    def dynamic_lines(self, model: str = "model") -> str:
+        """``quantize_dynamic`` keeping the layers float (a module name mapped to ``None``)."""
+        names = ", ".join(f"{name!r}: None" for name, _ in self._targets())
+        return (f"quantize_dynamic({model}, {{torch.nn.Linear: default_dynamic_qconfig, "
+                f"{names}}})")
+
+    def torchao_keep_lines(self, model: str = "model", config: str = "config") -> str:
+        """torchao's ``quantize_`` with a filter that leaves the layers float."""
+        names = ", ".join(repr(name) for name, _ in self._targets())
+        return (f"quantize_({model}, {config}, filter_fn=lambda m, fqn: "
+                f"isinstance(m, torch.nn.Linear) and fqn not in {{{names}}})")
+
     def summary(self) -> str:
-        """Message, curve and what to feed back to the quantization flow."""
+        """Message, curve and what to feed back to the quantization flow (the flow the
+        quantized model came from, when known; every flow's otherwise)."""
         parts = [self.message, "", self.table()]
         if self.variants:
             parts += ["", "torchao: quantize_(model, advice.to_torchao(configs), filter_fn=None) "
                       "with configs = {variant: its torchao config}, i.e.",
                       _indent(self.torchao_lines())]
             return "\n".join(parts)
-        if self.keep_float:
-            parts += ["", "FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...), i.e.",
-                      _indent(self.fx_lines()),
-                      "eager (before prepare; a DeQuantStub/QuantStub pair around each):",
-                      _indent(self.eager_lines()),
-                      "pt2e (before prepare_pt2e):", _indent(self.pt2e_lines())]
+        if not self.keep_float:
+            return "\n".join(parts)
+        lines = {
+            "fx": ("FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...), i.e.",
+                   self.fx_lines()),
+            "eager": ("eager (before prepare; a DeQuantStub/QuantStub pair around each):",
+                      self.eager_lines()),
+            "dynamic": ("dynamic:", self.dynamic_lines()),
+            "pt2e": ("pt2e (before prepare_pt2e):", self.pt2e_lines()),
+            "torchao": ("torchao:", self.torchao_keep_lines()),
+        }
+        chosen = [lines[self.flow]] if self.flow in lines else [
+            lines[k] for k in ("fx", "eager", "pt2e")]
+        parts.append("")
+        for heading, text in chosen:
+            parts += [heading, _indent(text)]
         return "\n".join(parts)
 
 
@@ -603,6 +650,31 @@ def _prune(search: _Search, chosen: list[str], curve: list[float],
         return chosen, curve
     prefixes = [("quant", search.swaps(kept[:i], "quant")) for i in range(1, len(kept) + 1)]
     return kept, [curve[0], *search.evaluate(prefixes, "final curve")]
+
+
+def flow_of(model: Any) -> str:
+    """The quantization flow ``model`` came from: ``"pt2e"`` (an exported graph), ``"fx"`` (a
+    GraphModule), the flow that owns its quantized modules (``"torchao"``), ``"dynamic"``
+    (torch's dynamic modules) or ``"eager"``; ``""`` when it holds no quantized module."""
+    if is_export_graph(model):
+        return "pt2e"
+    if isinstance(model, torch.fx.GraphModule):
+        return "fx"
+    if not isinstance(model, nn.Module):
+        return ""
+    for module in model.modules():
+        for flow in flows.FLOWS:
+            if flow.is_quantized_module(module):
+                return flow.name
+    for module in model.modules():
+        if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+            return "dynamic"
+    return "eager" if any(is_quantized_module(m) for m in model.modules()) else ""
+
+
+def _unit(metric: str) -> str:
+    """`` dB`` after an SQNR, `` nats`` after a KL, nothing after a ratio."""
+    return {"sqnr": " dB", "kl": " nats"}.get(metric, "")
 
 
 def _advise_variants(search: _Search, target: float, layers: Iterable[str] | None, prune: bool,
@@ -695,8 +767,19 @@ def advise(
         raise InputError(f"max_float_layers must be >= 0, got {max_float_layers}")
     started = time.perf_counter()
     search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
-    if isinstance(quant_model, Mapping):
-        return _advise_variants(search, target, layers, prune, bits, started)
+    try:
+        if isinstance(quant_model, Mapping):
+            return _advise_variants(search, target, layers, prune, bits, started)
+        return _advise_float(search, target, max_float_layers, candidates, prune, layers,
+                             started)
+    finally:
+        search.close()
+
+
+def _advise_float(search: _Search, target: float, max_float_layers: int | None,
+                  candidates: int, prune: bool, layers: Iterable[str] | None,
+                  started: float) -> Advice:
+    """:func:`advise` with one quantized model: which layers to keep float."""
     names, skipped = search.layers(layers, ("quant",))
     hybrids = [("quant", ())] + [("quant", search.swaps([n], "quant")) for n in names]
     values = search.evaluate(hybrids, "ranking layers")
@@ -736,20 +819,25 @@ def advise(
     cmp = ">=" if search.metric.higher_is_better else "<="
     paths = tuple(module_path(search.matching, n) for n in chosen)
     functions = tuple(function_target(search.matching, n) for n in chosen)
+    unit = _unit(search.metric_name)
+    kept = f"{len(chosen)} of {len(names)} layer{'s' if len(names) != 1 else ''}"
     if reached and not chosen:
-        message = (f"the quantized model already reaches {search.metric_name} {value:.4g} "
-                   f"{cmp} {target:g}")
+        message = (f"the quantized model already reaches {search.metric_name} {value:.4g}{unit} "
+                   f"{cmp} {target:g}{unit}")
     elif reached:
-        message = (f"keep {len(chosen)} layer{'s' if len(chosen) != 1 else ''} float to reach "
-                   f"{search.metric_name} {value:.4g} {cmp} {target:g} "
-                   f"(quantized: {quantized:.4g})")
+        message = (f"keep {kept} float to reach {search.metric_name} {value:.4g}{unit} "
+                   f"{cmp} {target:g}{unit} (quantized: {quantized:.4g}{unit})")
     else:
         why = (f"max_float_layers={max_float_layers} reached" if len(chosen) < len(names)
                else f"even with all {len(names)} layers float")
-        message = (f"target {search.metric_name} {cmp} {target:g} NOT reached ({why}): best found "
-                   f"{value:.4g} with {len(chosen)} layers float (quantized: {quantized:.4g})")
+        message = (f"target {search.metric_name} {cmp} {target:g}{unit} NOT reached ({why}): "
+                   f"best found {value:.4g}{unit} with {kept} float "
+                   f"(quantized: {quantized:.4g}{unit})")
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
     return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
                   search.evaluations, time.perf_counter() - started, sens,
-                  functions if any(functions) else ())
+                  functions if any(functions) else (),
+                  assignment={module_path(search.matching, n): FLOAT if n in chosen
+                              else "quantized" for n in names},
+                  flow=flow_of(search.matching.quant_model))

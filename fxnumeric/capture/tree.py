@@ -40,8 +40,12 @@ from .fx import LeafSpec, TraceFailure, is_leaf, trace_submodule
 
 __all__ = ["Region", "TreeCapture", "CallSpecs", "record_calls", "capture_tree"]
 
-CallSpecs = dict[str, dict[str, Any] | None]
-"""Module path -> the arguments to fix when tracing it (``None``: calls that cannot be traced)."""
+class CallSpecs(dict[str, dict[str, Any] | None]):
+    """Module path -> the arguments to fix when tracing it (``None``: calls that cannot be
+    traced), in the order the modules were first called; ``counts``: how many times each
+    path's module ran in the recorded forward (a module called twice has two call sites)."""
+
+    counts: dict[str, int]
 
 _MAX_KEPT_WHOLE = 64  # retries per region; each keeps one more failing submodule whole
 
@@ -119,11 +123,15 @@ def _static_spec(module: nn.Module) -> dict[str, Any] | None:
 def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallSpecs:
     """Run ``model`` once on ``batch`` (on a copy with hooks) and record how each module is called.
 
+    The specs are listed in the order the modules were first called (the order of their
+    layers when reports list them).
+
     Raises:
         InputError: when the model does not run on ``batch``.
     """
     twin = module_tree_copy(model)
     by_module: dict[int, dict[str, Any] | None] = {}
+    counts: dict[int, int] = {}
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
         spec = _call_spec(module, args, kwargs)
@@ -131,15 +139,18 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
         if key in by_module and by_module[key] != spec:
             spec = None  # called in two ways: no single graph fits
         by_module[key] = spec
+        counts[key] = counts.get(key, 0) + 1
 
     for module in twin.modules():
         module.register_forward_pre_hook(remember, with_kwargs=True)
     run_model(twin, batch, which=which)
-    return {
-        path: by_module[id(module)]
-        for path, module in twin.named_modules(remove_duplicate=False)
-        if id(module) in by_module
-    }
+    paths: dict[int, list[str]] = {}
+    for path, module in twin.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    specs = CallSpecs((path, spec) for key, spec in by_module.items()
+                      for path in paths.get(key, ()))
+    specs.counts = {path: counts[key] for key in by_module for path in paths.get(key, ())}
+    return specs
 
 
 def _compatible(float_module: nn.Module, quant_module: nn.Module) -> bool:
@@ -191,6 +202,8 @@ class _Walk:
         return is_leaf(module, path, self.leaf_modules) or _owns_weight(module)
 
     def visit(self, fm: nn.Module, qm: nn.Module, fpath: str, qpath: str) -> None:
+        if classify_module(fm).role == classify_module(qm).role == "plumbing" and fpath:
+            return  # not a layer on either side (a rotary embedding): nothing to compare
         f_leaf, q_leaf = self.is_leaf(fm, fpath), self.is_leaf(qm, qpath)
         if f_leaf and q_leaf:
             self.leaves.append((fpath, qpath))

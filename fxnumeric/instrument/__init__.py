@@ -37,7 +37,7 @@ from ..errors import InstrumentationError
 from ..loggers import OutputLogger, ShadowLogger
 from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
-from .assemble import Build, assemble, captured_model
+from .assemble import Build, CallSites, assemble, captured_model
 from .graph import GraphCopy, float_subgraph, shadow_inputs
 
 __all__ = [
@@ -144,20 +144,32 @@ def instrument(
         pairs = [p for p in region.pairs if p in chosen]
         if not pairs:
             continue
-        quant_copy = GraphCopy(region.quant_view)
-        float_copy: GraphCopy | None = None  # copied once a float observer needs it
-        for pair in pairs:
-            observers = outputs(pair) if outputs is not None else None
-            if observers is not None and observers[0] is not None and float_copy is None:
-                float_copy = GraphCopy(region.float_view)
-            _instrument_pair(region, pair, float_copy, quant_copy, built, observers, shadows,
-                             index)
-            index += 1
-        quant_parts[region] = quant_copy.finish
-        if float_copy is not None:
-            float_parts[region] = float_copy.finish
+        observers = {p: outputs(p) for p in pairs} if outputs is not None else {}
+        # the float side is copied when an observer goes on it (compare's variants observe it
+        # in a float model of their own: their factories return no float observer)
+        float_side = any(o[0] is not None for o in observers.values())
+        quant_copies, float_copies = [], []
+        for site in range(region.call_sites):  # a copy per call site (usually one)
+            quant_copy = GraphCopy(region.quant_view)
+            float_copy = GraphCopy(region.float_view) if float_side else None
+            for pair in (p for p in pairs if region.call_site(p) == site):
+                _instrument_pair(region, pair, float_copy, quant_copy, built,
+                                 observers.get(pair), shadows, index)
+                index += 1
+            quant_copies.append(quant_copy)
+            float_copies.append(float_copy)
+        quant_parts[region] = _sites(quant_copies)
+        if float_side:
+            float_parts[region] = _sites(float_copies)
     return replace(built, float_model=assemble(matching, "float", float_parts),
                    quant_model=assemble(matching, "quant", quant_parts))
+
+
+def _sites(copies: list[Any]) -> Build:
+    """What assembly puts in a region's place: its one copy, or one per call site."""
+    if len(copies) == 1:
+        return copies[0].finish
+    return lambda calls: CallSites([c.finish(calls) for c in copies])
 
 
 def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
@@ -187,7 +199,7 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
 
 
 def observe_values(matching: Matching, side: str,
-                   observers: Mapping[tuple[str, str], nn.Module]) -> nn.Module:
+                   observers: Mapping[tuple[str, str, int], nn.Module]) -> nn.Module:
     """``side``'s model (``"float"`` or ``"quant"``) with observers on chosen values.
 
     The building block for a model whose observers serve several matchings: ``compare`` runs
@@ -198,12 +210,15 @@ def observe_values(matching: Matching, side: str,
     Args:
         matching: whose captured graphs (regions) are instrumented.
         side: ``"float"`` or ``"quant"``.
-        observers: ``{(region path on that side, graph node name): observer}``; the observer
-            is called as ``observer(value)`` after the node runs, as :func:`instrument`'s
-            output observers are (a value a later op overwrites in place is cloned first).
+        observers: ``{(region path on that side, graph node name, call site): observer}``;
+            the call site is which call of the region's module per forward the value is
+            observed at (0: the first; see :attr:`Region.call_sites`). The observer is called
+            as ``observer(value)`` after the node runs, as :func:`instrument`'s output
+            observers are (a value a later op overwrites in place is cloned first).
 
     Raises:
-        InstrumentationError: no region at a path, or no node of that name in its graph.
+        InstrumentationError: no region at a path, no node of that name in its graph, or no
+            such call site.
 
     Example:
         >>> import copy, torch
@@ -212,28 +227,35 @@ def observe_values(matching: Matching, side: str,
         >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
         >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
         >>> logger = OutputLogger()
-        >>> _ = observe_values(m, "float", {("", "_1"): logger})(torch.randn(2, 4))
+        >>> _ = observe_values(m, "float", {("", "_1", 0): logger})(torch.randn(2, 4))
         >>> len(logger.stats["tensor_val"])
         1
     """
     regions = {region.path(side): region for region in matching.regions}
-    by_region: dict[Region, list[tuple[str, nn.Module]]] = {}
-    for (path, node), observer in observers.items():
+    by_region: dict[Region, list[tuple[str, int, nn.Module]]] = {}
+    for (path, node, site), observer in observers.items():
         region = regions.get(path)
-        if region is None or not region.view(side).has_node(node):
-            where = f"no region at {path!r}" if region is None else f"no node {node!r} at {path!r}"
+        missing = (f"no region at {path!r}" if region is None
+                   else f"no node {node!r} at {path!r}" if not region.view(side).has_node(node)
+                   else f"no call site {site} at {path!r} (it has {region.call_sites})"
+                   if not 0 <= site < region.call_sites else "")
+        if missing:
             raise InstrumentationError(
-                f"cannot observe {side} value ({path!r}, {node!r}): {where}; regions are at "
-                + ", ".join(repr(p) for p in list(regions)[:10]))
-        by_region.setdefault(region, []).append((node, observer))
+                f"cannot observe {side} value ({path!r}, {node!r}, {site}): {missing}; regions "
+                "are at " + ", ".join(repr(p) for p in list(regions)[:10]))
+        assert region is not None
+        by_region.setdefault(region, []).append((node, site, observer))
     parts: dict[Region, Build] = {}
     index = 0
     for region, wanted in by_region.items():
-        graph_copy = GraphCopy(region.view(side))
-        for node, observer in wanted:
-            graph_copy.observe(node, observer, f"fxnumeric_logger_{index}")
-            index += 1
-        parts[region] = graph_copy.finish
+        copies = []
+        for site in range(region.call_sites):  # a copy per call site (usually one)
+            graph_copy = GraphCopy(region.view(side))
+            for node, _, observer in (w for w in wanted if w[1] == site):
+                graph_copy.observe(node, observer, f"fxnumeric_logger_{index}")
+                index += 1
+            copies.append(graph_copy)
+        parts[region] = _sites(copies)
     return assemble(matching, side, parts)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..capture.clone import module_tree_copy
 from ..match import Matching, Region
 
-__all__ = ["assemble", "captured_model", "Build", "Spliced"]
+__all__ = ["assemble", "captured_model", "Build", "Spliced", "CallSites"]
 
 Build = Callable[[nn.Module | None], nn.Module]
 """Called as ``build(calls)``: the replacement module of one region, whose graph's
@@ -54,6 +54,22 @@ class Spliced(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_replaced"], name)
+
+
+class CallSites(nn.Module):
+    """One module per call site of a region its parent calls several times per forward: the
+    ``i``-th call of each forward runs ``sites[i]`` (calls are counted modulo their number,
+    the calls per forward recorded on the example inputs)."""
+
+    def __init__(self, sites: list[nn.Module]) -> None:
+        super().__init__()
+        self.sites = nn.ModuleList(sites)
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        site = self.sites[self.calls % len(self.sites)]
+        self.calls += 1
+        return site(*args, **kwargs)
 
 
 def _depth(path: str) -> int:

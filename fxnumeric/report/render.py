@@ -1042,12 +1042,22 @@ def histogram_svg(h: WeightHistogram, width: int = 560, plot_height: int = 150) 
 # ---------------------------------------------------------------- sensitivity (fxnumeric.advise)
 
 
+_UNITS = {"sqnr": "dB", "kl": "nats"}
+
+
+def metric_label(metric: str) -> str:
+    """A metric's name with its unit: ``sqnr (dB)``, ``kl (nats)``, ``cosine``."""
+    unit = _UNITS.get(metric)
+    return f"{metric} ({unit})" if unit else metric
+
+
 def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260) -> str:
     """An inline SVG chart of a :class:`Sensitivity`: both hybrids per layer, in graph order.
 
     Blue: the quantized model with only this layer float (higher: floating it helps more);
     red: the float model with only this layer quantized (lower: it hurts more); dashed: the
     quantized model. Non-finite values (an exact output gives ``inf`` dB) sit on the top edge.
+    The drawing scales to the page's width (``viewBox``); the y axis carries the metric's unit.
     """
     layers = sens.layers
     series = [("#1f77b4", [s.all_but for s in layers]), ("#d62728", [s.only for s in layers])]
@@ -1057,9 +1067,10 @@ def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260
     pad = (high - low) * 0.05 or 1.0
     low, high = low - pad, high + pad
     label_h = min(200, 7 * max((len(s.module) for s in layers), default=4))
-    left, top = 60, 10
+    left, top = 70, 10
     plot_w = width - left - 80  # room for the last rotated labels
     step = plot_w / max(len(layers), 1)
+    height = top + plot_height + label_h + 10
 
     def x(i: int) -> float:
         return left + step * (i + 0.5)
@@ -1069,11 +1080,14 @@ def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260
             return top if v > 0 or math.isnan(v) else top + plot_height
         return top + plot_height * (high - v) / (high - low)
 
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' "
-             f"height='{top + plot_height + label_h + 10}' font-family='sans-serif' "
-             "font-size='10'>",
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='100%' "
+             f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMinYMin meet' "
+             "font-family='sans-serif' font-size='10'>",
              f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
-             "stroke='#999'/>"]
+             "stroke='#999'/>",
+             f"<text x='14' y='{top + plot_height / 2:.1f}' text-anchor='middle' "
+             f"transform='rotate(-90 14 {top + plot_height / 2:.1f})'>"
+             f"{html.escape(metric_label(sens.metric))}</text>"]
     for k in range(5):
         v = low + (high - low) * k / 4
         parts.append(f"<text x='{left - 4}' y='{y(v) + 3:.1f}' text-anchor='end'>{v:.4g}</text>")
@@ -1097,15 +1111,30 @@ def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260
     return "".join(parts)
 
 
+def _sensitivity_table(sens: Sensitivity) -> str:
+    rows = [sens.layer(n) for n in sens.ranking()]
+    label = metric_label(sens.metric)
+    both = not all(math.isnan(s.only) for s in sens.layers)
+    headers = ["layer", "kind", *([f"only this quantized: {label}"] if both else []),
+               f"all but this quantized: {label}"]
+    cells = [[s.module, s.kind, *([s.only] if both else []), s.all_but] for s in rows]
+    return html_table(headers, cells, [False, False, *([True] if both else []), True],
+                      sortable=True)
+
+
 def sensitivity_section(sens: Sensitivity) -> str:
-    """The sensitivity part of a page: heading, legend, chart, table."""
+    """The sensitivity part of a page: heading, what was measured, chart, sortable table."""
+    unit = _UNITS.get(sens.metric, "")
+    best = ", ".join(html.escape(n) for n in sens.ranking()[:3])
     return (
         "<h2>Sensitivity</h2>"
-        f"<p>{html.escape(repr(sens))}. Each layer's end metric ({html.escape(sens.metric)}) "
+        f"<p>The quantized model reads {html.escape(sens.metric)} {sens.quantized:.4g} {unit} "
+        f"over {sens.batches} batches; the layers whose float version helps most: {best}. "
+        f"Each of the {len(sens.layers)} layers' end metric "
         "with <span style='color:#1f77b4'>&#9679; all but this layer quantized</span> and "
         "<span style='color:#d62728'>&#9679; only this layer quantized</span>; dashed: the "
         "quantized model.</p>"
-        f"<div class='fxn-chart'>{sensitivity_svg(sens)}</div>{sens.table(tablefmt='html')}"
+        f"<div class='fxn-chart'>{sensitivity_svg(sens)}</div>{_sensitivity_table(sens)}"
     )
 
 
@@ -1113,7 +1142,105 @@ def sensitivity_page(sens: Sensitivity) -> str:
     """A self-contained HTML page for a :class:`fxnumeric.Sensitivity`."""
     return ("<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric sensitivity"
             f"</title><style>{_PAGE_CSS}{_CSS}</style></head><body>"
-            f"{sensitivity_section(sens)}</body></html>\n")
+            f"{sensitivity_section(sens)}{SORT_SCRIPT}</body></html>\n")
+
+
+def advice_svg(advice: Any, width: int = 1100, plot_height: int = 260) -> str:
+    """The advice's curve: the metric after each layer kept float (one quantized model), or,
+    with several variants, the Pareto front of average weight bits against the metric; the
+    target dashed, the chosen point ringed."""
+    if advice.variants:
+        points = list(advice.front)
+        xs_label = "average weight bits"
+        chosen = (advice.bits, advice.value)
+    else:
+        points = [(float(i), v) for i, v in enumerate(advice.curve)]
+        xs_label = "layers kept float"
+        chosen = (float(len(advice.curve) - 1), advice.value)
+    finite = [(px, py) for px, py in points if math.isfinite(py)]
+    ys = [py for _, py in finite] + ([advice.target] if math.isfinite(advice.target) else [])
+    low, high = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = (high - low) * 0.05 or 1.0
+    low, high = low - pad, high + pad
+    xs = [px for px, _ in finite] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs)
+    x1 = x1 if x1 > x0 else x0 + 1
+    left, top, bottom = 70, 10, 40
+    plot_w = width - left - 20
+    height = top + plot_height + bottom
+
+    def x(v: float) -> float:
+        return left + plot_w * (v - x0) / (x1 - x0)
+
+    def y(v: float) -> float:
+        if not math.isfinite(v):
+            return top if v > 0 else top + plot_height
+        return top + plot_height * (high - v) / (high - low)
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='100%' "
+             f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMinYMin meet' "
+             "font-family='sans-serif' font-size='10'>",
+             f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
+             "stroke='#999'/>",
+             f"<text x='14' y='{top + plot_height / 2:.1f}' text-anchor='middle' "
+             f"transform='rotate(-90 14 {top + plot_height / 2:.1f})'>"
+             f"{html.escape(metric_label(advice.metric))}</text>",
+             f"<text x='{left + plot_w / 2:.1f}' y='{height - 6}' text-anchor='middle'>"
+             f"{xs_label}</text>"]
+    for k in range(5):
+        v = low + (high - low) * k / 4
+        parts.append(f"<text x='{left - 4}' y='{y(v) + 3:.1f}' text-anchor='end'>{v:.4g}</text>")
+        xv = x0 + (x1 - x0) * k / 4
+        parts.append(f"<text x='{x(xv):.1f}' y='{top + plot_height + 14}' "
+                     f"text-anchor='middle'>{xv:.3g}</text>")
+    if math.isfinite(advice.target):
+        parts.append(f"<line x1='{left}' x2='{left + plot_w}' y1='{y(advice.target):.1f}' "
+                     f"y2='{y(advice.target):.1f}' stroke='#555' stroke-dasharray='4 3'>"
+                     f"<title>target {advice.target:g}</title></line>")
+    line = " ".join(f"{x(px):.1f},{y(py):.1f}" for px, py in points)
+    parts.append(f"<polyline points='{line}' fill='none' stroke='#1f77b4'/>")
+    for px, py in points:
+        parts.append(f"<circle cx='{x(px):.1f}' cy='{y(py):.1f}' r='3' fill='#1f77b4'>"
+                     f"<title>{px:.4g}: {py:.4g}</title></circle>")
+    if chosen[0] is not None and math.isfinite(chosen[1]):
+        parts.append(f"<circle cx='{x(chosen[0]):.1f}' cy='{y(chosen[1]):.1f}' r='7' "
+                     "fill='none' stroke='#d62728' stroke-width='2'><title>chosen</title>"
+                     "</circle>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def advice_page(advice: Any) -> str:
+    """A self-contained HTML page for an :class:`fxnumeric.Advice`: what it found, its curve
+    (the Pareto front with several variants), its steps or assignment, what to feed back."""
+    label = metric_label(advice.metric)
+    if advice.variants:
+        counts: dict[str, int] = {}
+        for choice in advice.assignment.values():
+            counts[choice] = counts.get(choice, 0) + 1
+        table = html_table(["layer", "takes"], sorted(advice.assignment.items()),
+                           [False, False], sortable=True)
+        table = (html_table(["average weight bits", label], list(advice.front), [True, True])
+                 + "<h3>Assignment</h3>" + table)
+        heading = "Which precision each layer should take"
+    else:
+        rows = [[0, "(quantized model)", advice.curve[0]]] + [
+            [i + 1, name, v] for i, (name, v) in
+            enumerate(zip(advice.keep_float, advice.curve[1:], strict=True))]
+        table = html_table(["step", "keep float", label], rows, [True, False, True])
+        heading = "Which layers to keep float"
+    feed = advice.summary().split("\n\n", 2)
+    lines = feed[2] if len(feed) > 2 else ""
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric advice</title>"
+        f"<style>{_PAGE_CSS}{_CSS}</style></head><body>"
+        f"<h1>{heading}</h1><p class='headline'>{html.escape(advice.message)}</p>"
+        f"<div class='fxn-chart'>{advice_svg(advice)}</div>{table}"
+        + (f"<h2>What to feed back</h2><pre>{html.escape(lines)}</pre>" if lines else "")
+        + (sensitivity_section(advice.sensitivity) if advice.sensitivity is not None
+           and advice.sensitivity.layers else "")
+        + f"{SORT_SCRIPT}</body></html>\n"
+    )
 
 
 # ---------------------------------------------------------------- diffs (Report.diff)
