@@ -120,6 +120,9 @@ def instrument(
             several pairs gets it called once per call site.
         shadows: builds the observer of each pair's float shadow: a copy of the pair's float
             subgraph fed the dequantized inputs of the quantized op, inserted after it.
+            For each pair, ``outputs(pair)`` is called before ``shadows(pair)``, pair after
+            pair in graph order (``fxnumeric.diagnose`` hands a pair's float observer to its
+            shadow observer so).
 
     Returns:
         An :class:`Instrumented`; the models given are not modified.
@@ -144,23 +147,26 @@ def instrument(
         pairs = [p for p in region.pairs if p in chosen]
         if not pairs:
             continue
-        observers = {p: outputs(p) for p in pairs} if outputs is not None else {}
-        # the float side is copied when an observer goes on it (compare's variants observe it
-        # in a float model of their own: their factories return no float observer)
-        float_side = any(o[0] is not None for o in observers.values())
-        quant_copies, float_copies = [], []
+        quant_copies: list[GraphCopy] = []
+        float_copies: list[GraphCopy | None] = []
         for site in range(region.call_sites):  # a copy per call site (usually one)
             quant_copy = GraphCopy(region.quant_view)
-            float_copy = GraphCopy(region.float_view) if float_side else None
+            # the float side is copied once an observer goes on it (compare's variants
+            # observe it in a float model of their own: their factories return none)
+            float_copy: GraphCopy | None = None
             for pair in (p for p in pairs if region.call_site(p) == site):
-                _instrument_pair(region, pair, float_copy, quant_copy, built,
-                                 observers.get(pair), shadows, index)
+                observers = outputs(pair) if outputs is not None else None
+                if observers is not None and observers[0] is not None and float_copy is None:
+                    float_copy = GraphCopy(region.float_view)
+                _instrument_pair(region, pair, float_copy, quant_copy, built, observers,
+                                 shadows, index)
                 index += 1
             quant_copies.append(quant_copy)
             float_copies.append(float_copy)
         quant_parts[region] = _sites(quant_copies)
-        if float_side:
-            float_parts[region] = _sites(float_copies)
+        if any(c is not None for c in float_copies):  # every call site needs its copy
+            float_parts[region] = _sites([c if c is not None else GraphCopy(region.float_view)
+                                          for c in float_copies])
     return replace(built, float_model=assemble(matching, "float", float_parts),
                    quant_model=assemble(matching, "quant", quant_parts))
 
