@@ -34,6 +34,8 @@ _EXAMPLES = """examples:
   fxnumeric report --model torchvision:resnet18 --quant static --input-shape 1,3,224,224 --batches 8
   fxnumeric report --model torchvision:mobilenet_v2 --quant fx --format html -o report.html
   fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128 --top-k 10
+  fxnumeric report --model torchvision:resnet18 --quant fx,pt2e,static --input-shape 1,3,64,64
+      one report, a column group per quantized variant; the best one named
   fxnumeric match --model torchvision:googlenet --quant fx --input-shape 1,3,64,64
   fxnumeric report --model torchvision:resnet18 --quant fx --why --sensitivity sqnr \
       --format html -o report.html
@@ -91,7 +93,7 @@ def _quant(text: str) -> str:
     if not modes or unknown:
         raise argparse.ArgumentTypeError(
             f"--quant takes one of {', '.join(_QUANT_CHOICES)} (or several, comma-separated, "
-            f"for advise), got {text!r}")
+            f"for report and advise), got {text!r}")
     return ",".join(modes)
 
 
@@ -102,8 +104,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         f"pair): {', '.join(_QUANT_CHOICES)}. pt2e: torch.export + torchao's "
                         "XNNPACK symmetric quantizer, pt2e-x86: its x86 inductor quantizer; "
                         "int8-weight-only, int8-dynamic, int4-weight-only: torchao quantize_ "
-                        "(group 32 for int4) of every untied Linear. advise takes several, "
-                        "comma-separated: which variant (or float) each layer should take")
+                        "(group 32 for int4) of every untied Linear. report takes several, "
+                        "comma-separated: one report, a column group per variant, the best "
+                        "named; advise too: which variant (or float) each layer should take")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
                    help="e.g. 1,3,224,224")
     p.add_argument("--input-dtype", choices=("float", "long"), default="float",
@@ -274,8 +277,9 @@ def _pair(args: argparse.Namespace):
     from .models import build_pair, random_batches
 
     if "," in args.quant:
-        raise InputError(f"--quant {args.quant}: several modes are for `fxnumeric advise` "
-                         "(which variant each layer should take); this command takes one")
+        raise InputError(f"--quant {args.quant}: several modes are for `fxnumeric report` (a "
+                         "column group per variant) and `fxnumeric advise` (which variant each "
+                         "layer should take); this command takes one")
     if not args.model.startswith("torchvision:"):
         _importable_here()
     calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
@@ -294,15 +298,46 @@ def _pair(args: argparse.Namespace):
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .compare import compare
     from .errors import InputError
-    from .models import random_batches
-    from .progress import phase
 
     if args.format in ("html", "csv", "model-explorer") and not args.output:
         raise InputError(f"--format {args.format} writes a file: add -o FILE")
     if args.sensitivity and args.format != "html":
         raise InputError("--sensitivity draws a chart in the HTML page: add --format html -o FILE")
+    if "," in args.quant:
+        report, sens = _variants_report(args), None
+    else:
+        report, sens = _single_report(args)
+    if args.format == "table":
+        text = report.table(tablefmt=args.tablefmt, sort=args.sort, top_k=args.top_k)
+        if report.blocks and args.top_k is None:
+            text += "\n\n" + report.block_table(tablefmt=args.tablefmt)
+    elif args.format == "json":
+        text = report.to_json()
+    elif args.format == "csv":
+        text = f"wrote {report.to_csv(args.output)}"
+    elif args.format == "model-explorer":
+        written = report.to_model_explorer(args.output)
+        text = "wrote " + ", ".join(str(p) for p in written.values())
+    else:
+        text = f"wrote {report.to_html(args.output, sensitivity=sens)}\n{report.summary()}"
+    if args.output and args.format in ("table", "json"):
+        Path(args.output).write_text(text + "\n")
+        text = f"wrote {args.output}"
+    if args.json:
+        report.to_json(args.json)
+        # on stderr: stdout may be the JSON or table a pipe reads
+        print(f"saved the report as JSON in {args.json}", file=sys.stderr)
+    print(text)
+    return EXIT_OK
+
+
+def _single_report(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``report`` of one quantized model: the report and the sensitivity (``--sensitivity``)."""
+    from .compare import compare
+    from .models import random_batches
+    from .progress import phase
+
     built, leaves = _pair(args)
     data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
                           high=args.vocab)
@@ -326,28 +361,46 @@ def _report(args: argparse.Namespace) -> int:
 
         sens = sensitivity(built.float_model, built.quant_model, data, args.sensitivity,
                            matching=matching, progress=_progress(args))
-    if args.format == "table":
-        text = report.table(tablefmt=args.tablefmt, sort=args.sort, top_k=args.top_k)
-        if report.blocks and args.top_k is None:
-            text += "\n\n" + report.block_table(tablefmt=args.tablefmt)
-    elif args.format == "json":
-        text = report.to_json()
-    elif args.format == "csv":
-        text = f"wrote {report.to_csv(args.output)}"
-    elif args.format == "model-explorer":
-        written = report.to_model_explorer(args.output)
-        text = "wrote " + ", ".join(str(p) for p in written.values())
-    else:
-        text = f"wrote {report.to_html(args.output, sensitivity=sens)}\n{report.summary()}"
-    if args.output and args.format in ("table", "json"):
-        Path(args.output).write_text(text + "\n")
-        text = f"wrote {args.output}"
-    if args.json:
-        report.to_json(args.json)
-        # on stderr: stdout may be the JSON or table a pipe reads
-        print(f"saved the report as JSON in {args.json}", file=sys.stderr)
-    print(text)
-    return EXIT_OK
+    return report, sens
+
+
+def _variants_report(args: argparse.Namespace) -> Any:
+    """``report --quant fx,pt2e,dynamic``: one float model, a variant per mode, one report."""
+    from .compare import compare
+    from .errors import FxNumericError, InputError
+    from .models import BuiltPair, build_variants, random_batches
+    from .progress import phase
+
+    if args.why or args.sensitivity:
+        raise InputError(f"--{'why' if args.why else 'sensitivity'} looks into one quantized "
+                         f"model; --quant {args.quant} names several.\nFix: rerun with one "
+                         "--quant mode for the variant to look into")
+    if not args.model.startswith("torchvision:"):
+        _importable_here()
+    calibration = random_batches(args.input_shape, 2, seed=args.seed + 1, dtype=args.input_dtype,
+                                 high=args.vocab)
+    float_model, variants, notes = build_variants(
+        args.model, args.quant.split(","), calibration, float_weights=args.float_weights,
+        seed=args.seed, progress=_progress(args))
+    leaves = _leaf_modules(args.leaf_modules, float_model, *variants.values())
+    data = random_batches(args.input_shape, args.batches, seed=args.seed, dtype=args.input_dtype,
+                          high=args.vocab)
+    matchings = {}
+    with phase("tracing and pairing the models", _progress(args)):
+        for name, quant_model in variants.items():
+            try:
+                matchings[name] = _matching(args, BuiltPair(float_model, quant_model), leaves,
+                                            data[0])
+            except FxNumericError as exc:
+                raise type(exc)(f"--quant {name}: {exc}") from exc
+    report = compare(
+        float_model, variants, data,
+        comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
+        matching=matchings, progress=_progress(args))
+    return dataclasses.replace(
+        report, notes=notes + report.notes,
+        variants={name: dataclasses.replace(v, notes=notes + v.notes)
+                  for name, v in report.variants.items()})
 
 
 def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:
@@ -389,6 +442,13 @@ def _advise(args: argparse.Namespace) -> int:
                           high=args.vocab)
     modes = args.quant.split(",")
     if len(modes) > 1:  # which variant (or float) each layer should take
+        pt2e = [m for m in modes if m.startswith("pt2e")]
+        if pt2e:
+            from .errors import InputError
+
+            raise InputError(f"--quant {pt2e[0]}: advise among several variants takes "
+                             "static, dynamic, fx and the torchao modes (pt2e variants are "
+                             "compared by `fxnumeric report`, not searched)")
         if not args.model.startswith("torchvision:"):
             _importable_here()
         calibration = random_batches(args.input_shape, 2, seed=args.seed + 1,

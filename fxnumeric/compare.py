@@ -15,10 +15,12 @@ that a model produces itself is traced to the first layer where it appears, on e
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,10 +29,10 @@ from torch import nn
 from ._tensors import detach, first_output
 from .blocks import Block, block_of, find_blocks
 from .capture import LeafSpec
-from .errors import FxNumericWarning, InputError
+from .errors import FxNumericError, FxNumericWarning, InputError
 from .floor import FloorSums, floor_sums, layer_floor
 from .guards import contents
-from .instrument import Instrumented, instrument, resolve_matching
+from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
 from .loggers import Logger
 from .match import Matching, Pair
@@ -169,13 +171,13 @@ def _histogram(ref: torch.Tensor, actual: torch.Tensor, bins: int = 60) -> Weigh
 
 def compare(
     float_model: nn.Module,
-    quant_model: nn.Module,
+    quant_model: nn.Module | Mapping[str, nn.Module],
     data: Iterable[Any],
     *,
     comparisons: Iterable[str] = COMPARISONS,
     metrics: MetricSpec = None,
     keep_activations: bool = False,
-    matching: Matching | None = None,
+    matching: Matching | Mapping[str, Matching] | None = None,
     leaf_modules: Iterable[LeafSpec] | None = None,
     progress: bool | None = None,
     max_batches: int | None = None,
@@ -187,7 +189,10 @@ def compare(
 
     Args:
         float_model: the float model (not modified).
-        quant_model: the quantized model (not modified).
+        quant_model: the quantized model (not modified), or several quantized variants of
+            the float model, ``{"fx": q1, "pt2e": q2, "dynamic": q3}``: the float model then
+            runs once per batch (once per float capture, see *Variants* below) and each
+            variant against it.
         data: an iterable of batches (a DataLoader works); each batch is a tensor, a tuple
             of positional inputs or a dict of keyword inputs (``{"input_ids": ids,
             "attention_mask": mask}``). A single tensor is one batch. For a labelled
@@ -201,7 +206,8 @@ def compare(
         keep_activations: keep every logged ``(float, quantized)`` tensor pair in
             ``row.activations`` (memory then grows with the data).
         matching: a :func:`fxnumeric.match` result to reuse; it must have been built from
-            ``float_model`` and ``quant_model``.
+            ``float_model`` and ``quant_model`` (with variants: ``{name: matching}`` for
+            some or all of them).
         leaf_modules: module types or names to keep whole when tracing.
         progress: show progress on stderr: tracing and pairing, the batches, the weight
             comparison (default: when stderr is a terminal or in a Jupyter notebook).
@@ -223,6 +229,16 @@ def compare(
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
 
+    Variants:
+        With a dict of quantized models, the report is the first variant's report with
+        ``report.variants`` holding each variant's own report (equal to comparing it alone)
+        and ``report.aligned`` their layers aligned by the float value each compares; its
+        table, CSV, HTML and summary show a column group (a chart line) per variant and name
+        the best variant. Variants whose float graphs are one capture (the same regions, the
+        same node names: an ``nn.Module`` float model against FX, eager, dynamic, torchao and
+        pt2e variants alike) share one float model instrumented for all of them; a variant
+        whose float capture differs gets a float run of its own, and ``report.notes`` says so.
+
     Raises:
         InputError: before any batch runs, when ``data`` is not an iterable of batches, a
             batch is ``None``, a string, a number or empty, the models have no op in common
@@ -240,6 +256,16 @@ def compare(
         (['0', '1'], 3)
     """
     check_data(data)
+    if isinstance(quant_model, Mapping):
+        return _compare_variants(
+            float_model, quant_model, data, comparisons=comparisons, metrics=metrics,
+            keep_activations=keep_activations, matching=matching, leaf_modules=leaf_modules,
+            progress=progress, max_batches=max_batches, precision=precision, inputs=inputs,
+            capture=capture)
+    if isinstance(matching, Mapping):
+        raise InputError("matching is a dict of variants' matchings, but quant_model is one "
+                         "model.\nFix: pass matching=fxnumeric.match(float_model, quant_model)"
+                         ", or quant_model={name: model} beside the dict")
     if float_model is quant_model and float_model is not None:
         raise InputError(
             f"the same {type(float_model).__name__} object was passed as float_model and "
@@ -274,14 +300,19 @@ class _Plan:
     logits: LogitsAccumulator
     vocab_size: int | None
     blocks: list[tuple[Block, Accumulator, Accumulator]]
+    float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = field(default_factory=list)
+    """The float twins of the pairs' and blocks' outputs, each with the float value it
+    observes (region path, node name, call site), to be observed in a float model shared by
+    several variants (``shared_float``; otherwise ``built.float_model`` observes them)."""
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
           metrics: MetricSpec, keep: bool,
           matching: Matching | None, leaf_modules: Iterable[LeafSpec] | None,
           precision: torch.dtype, progress: bool | None = None, capture: str = "fx",
-          example_inputs: Any = None) -> _Plan:
-    """Validate the options, match, and build one instrumented graph per side."""
+          example_inputs: Any = None, shared_float: bool = False) -> _Plan:
+    """Validate the options, match, and build one instrumented graph per side (the quantized
+    side only with ``shared_float``: the float twins are observed by :func:`_float_groups`)."""
     wanted = tuple(comparisons)
     unknown = set(wanted) - set(COMPARISONS)
     if unknown:
@@ -298,12 +329,17 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     floors = {p.name: floor_sums(matching.region_of(p), p) for p in matching.pairs
               if p.quantized}
     twins: list[_FloatOutputs] = []
+    float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = []
     values = {p.name: _QuantValue(precision) for p in matching.pairs}
 
-    def output_observers(pair: Pair) -> tuple[nn.Module, nn.Module]:
+    def output_observers(pair: Pair) -> tuple[nn.Module | None, nn.Module]:
         twin = _FloatOutputs()
         twins.append(twin)
-        return twin, _CompareToFloat(twin, outputs[pair.name], values[pair.name])
+        region = matching.region_of(pair)
+        float_twins.append(((region.float_path, region.output_nodes(pair)[0].name,
+                             region.call_site(pair)), twin))
+        return (None if shared_float else twin), _CompareToFloat(twin, outputs[pair.name],
+                                                                 values[pair.name])
 
     def shadow_observer(pair: Pair) -> nn.Module:
         return _ShadowMetrics(shadows[pair.name], values[pair.name], floors.get(pair.name))
@@ -313,12 +349,14 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
               for b in (find_blocks(matching) if "blocks" in wanted else ())]
     block_accs = {b.name: (out, shadow) for b, out, shadow in blocks}
 
-    def block_observers(block: Block) -> tuple[nn.Module, nn.Module, nn.Module]:
+    def block_observers(block: Block) -> tuple[nn.Module | None, nn.Module, nn.Module]:
         twin, value = _FloatOutputs(), _QuantValue(precision)
         twins.append(twin)
+        float_twins.append(((block.region.float_path, block.float_out.name, 0), twin))
         values[f"block {block.name}"] = value
         out, shadow = block_accs[block.name]
-        return twin, _CompareToFloat(twin, out, value), _ShadowMetrics(shadow, value, None)
+        return ((None if shared_float else twin), _CompareToFloat(twin, out, value),
+                _ShadowMetrics(shadow, value, None))
 
     # each batch runs each model once: the quantized graph holds the output comparators, the
     # shadows and the blocks' observers
@@ -332,7 +370,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
-                 _vocab_size(float_model), blocks)
+                 _vocab_size(float_model), blocks, float_twins)
 
 
 def _output_tensor(output: Any) -> Any:
@@ -659,3 +697,261 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None) -
         notes.append(f"no shadow: {skipped}")
     return "; ".join(notes)
 
+
+
+# ---------------------------------------------------------------- several quantized variants
+#
+# compare(float_model, {"fx": q1, "dynamic": q2}, data): each variant is planned as compare
+# plans one pair (its own matching, accumulators, instrumented quantized model), except that its
+# float twins are not observed in a float model of its own. Variants whose float graphs are one
+# capture share one float model observing the float values all of them compare, and it runs
+# once per batch; each variant's report is then collected as compare collects one.
+
+
+class _FloatFanout(Logger):
+    """Hands a float value to the twin of every variant's pair that compares it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twins: list[_FloatOutputs] = []  # a plain list: the twins are not submodules
+
+    def forward(self, x: Any) -> None:
+        value = detach(first_output(x))
+        for twin in self.twins:
+            twin.pending.append(value)
+
+
+@dataclass
+class _FloatGroup:
+    """Variants whose matchings captured the float model alike, and the one float model
+    (instrumented for all of them) that runs for them."""
+
+    names: list[str]
+    matching: Matching
+    """The first variant's matching: whose float capture the shared model is built from."""
+    model: nn.Module | None = None
+
+
+def _compare_variants(float_model: nn.Module, variants: Mapping[str, nn.Module],
+                      data: Iterable[Any], *, comparisons: Iterable[str], metrics: MetricSpec,
+                      keep_activations: bool, matching: Matching | Mapping[str, Matching] | None,
+                      leaf_modules: Iterable[LeafSpec] | None, progress: bool | None,
+                      max_batches: int | None, precision: torch.dtype,
+                      inputs: int | Callable[[Any], Any] | None, capture: str) -> Report:
+    """:func:`compare` of several quantized variants of ``float_model`` (see its *Variants*)."""
+    matchings = _variant_matchings(float_model, variants, matching)
+    total = _length(data, max_batches)
+    example, data = _first_batch(data, inputs)
+    check_batch(example, 0)
+    comparisons = tuple(comparisons)
+    plans: dict[str, _Plan] = {}
+    for name, quant_model in variants.items():
+        given = matchings.get(name)
+        with _about_variant(name):
+            plans[name] = _plan(float_model, quant_model, comparisons, metrics, keep_activations,
+                                given, leaf_modules, precision, progress, capture,
+                                example if given is None else None, shared_float=True)
+    groups = _float_groups(plans)
+    ran = _run_variants(plans, groups, data, progress, max_batches, inputs, total)
+    reports = {name: _collect(plan, ran, progress) for name, plan in plans.items()}
+    first = reports[next(iter(reports))]
+    return dataclasses.replace(first, notes=first.notes + _groups_note(groups),
+                               variants=reports, aligned=_align(reports, plans, groups))
+
+
+def _variant_matchings(float_model: nn.Module, variants: Mapping[str, nn.Module],
+                       matching: Matching | Mapping[str, Matching] | None,
+                       ) -> Mapping[str, Matching]:
+    """Check the variants (and the matchings given for them) before any work."""
+    if not variants:
+        raise InputError("quant_model is an empty dict: pass at least one quantized variant, "
+                         "{name: quantized model}")
+    for name, quant_model in variants.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"variant names must be non-empty strings, got {name!r}")
+        if not isinstance(quant_model, nn.Module):
+            raise InputError(f"variant {name!r} is a {type(quant_model).__name__}, not a "
+                             "model: quant_model={name: quantized nn.Module}")
+        if quant_model is float_model:
+            raise InputError(
+                f"variant {name!r} is the float model object itself: compare needs the "
+                "quantized models made from it.\nFix: keep the float model before quantizing "
+                "(copy.deepcopy(model) before prepare / quantize_dynamic)")
+    if matching is None:
+        return {}
+    if not isinstance(matching, Mapping):
+        raise InputError("quant_model is a dict of variants, so matching must be one too: "
+                         "{name: fxnumeric.match(float_model, variant)} for some or all of "
+                         "them")
+    unknown = [name for name in matching if name not in variants]
+    if unknown:
+        raise InputError(f"matching names {unknown[0]!r}, which is not a variant; variants "
+                         f"are {', '.join(map(repr, variants))}")
+    return matching
+
+
+@contextlib.contextmanager
+def _about_variant(name: str) -> Iterator[None]:
+    """Say which variant an error is about."""
+    try:
+        yield
+    except FxNumericError as exc:
+        raise type(exc)(f"variant {name!r}: {exc}") from exc
+
+
+def _float_capture(matching: Matching) -> tuple[Any, ...]:
+    """What two matchings' float graphs must share to be one capture: the regions (float path
+    and scope, call sites) and each one's nodes (name, op, target). torch.fx names the nodes
+    of two captures of one model alike, so variants of one float model mostly share it."""
+    return tuple(sorted(((r.float_path, r.float_scope, r.whole_module, r.call_sites,
+                          tuple((n.name, n.op, n.target) for n in r.float_view.gm.graph.nodes))
+                         for r in matching.regions), key=lambda region: region[0]))
+
+
+def _float_groups(plans: dict[str, _Plan]) -> list[_FloatGroup]:
+    """The variants grouped by float capture, each group with its instrumented float model:
+    one copy of each region's float graph observing the float values every variant of the
+    group compares (found by region path and node name, as in
+    :meth:`fxnumeric.advice.hybrid.HybridRunner._onto_float_base`)."""
+    groups: dict[tuple[Any, ...], _FloatGroup] = {}
+    for name, plan in plans.items():
+        key = _float_capture(plan.matching)
+        if key in groups:
+            groups[key].names.append(name)
+        else:
+            groups[key] = _FloatGroup([name], plan.matching)
+    for group in groups.values():
+        fanouts: dict[tuple[str, str, int], _FloatFanout] = {}
+        for name in group.names:
+            plan = plans[name]
+            for value, twin in plan.float_twins:
+                fanouts.setdefault(value, _FloatFanout()).twins.append(twin)
+        own = [b.region for name in group.names for b, _, _ in plans[name].blocks
+               if b.own_region]  # blocks kept whole: regions of their own, by path
+        group.model = observe_values(group.matching, "float", fanouts,
+                                     regions={r.float_path: r for r in own}.values())
+    return list(groups.values())
+
+
+def _groups_note(groups: list[_FloatGroup]) -> tuple[str, ...]:
+    if len(groups) < 2:
+        return ()
+    listed = "; ".join(", ".join(g.names) for g in groups)
+    return (f"the float model ran {len(groups)} times per batch, once per float capture "
+            f"({listed}): these variants' matchings captured it differently (other regions "
+            "or node names, e.g. torch.export against torch.fx), so they cannot share its "
+            "values; variants of one capture share one float run",)
+
+
+def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iterable[Any],
+                  progress: bool | None, max_batches: int | None,
+                  inputs: int | Callable[[Any], Any] | None, total: int | None) -> _Ran:
+    """:func:`_run` for several variants: per batch, each group's float model runs once, then
+    the quantized model of each variant of the group against its values."""
+    if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
+        data = [data]
+    bar = Progress(total, "comparing batches", progress)
+    batches = 0
+    skipped: list[int] = []
+    try:
+        for index, batch in enumerate(data):
+            if max_batches is not None and index >= max_batches:
+                break
+            model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
+            check_batch(model_inputs, index)
+            if nonfinite_inputs(model_inputs):
+                skipped.append(index)
+                warnings.warn(f"batch {index} holds NaN/Inf: it is left out of every metric "
+                              "(Report.notes lists the batches left out)",
+                              FxNumericWarning, stacklevel=4)
+                bar.update()
+                continue
+            for group in groups:
+                assert group.model is not None
+                if batches == 0:
+                    for name in group.names:
+                        check_devices(plans[name].matching.float_model or group.model,
+                                      plans[name].matching.quant_model
+                                      or plans[name].built.quant_model, model_inputs)
+                    float_out = _first_run(group.model, model_inputs, batch, inputs)
+                else:
+                    float_out = run_model(group.model, model_inputs, which="float")
+                for name in group.names:
+                    _variant_batch(plans[name], name, float_out, model_inputs)
+            batches += 1
+            bar.update()
+    finally:
+        bar.close()
+    if batches == 0 and skipped:
+        raise InputError(f"every batch holds NaN/Inf ({len(skipped)} batches): nothing is left "
+                         "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
+                         "or check the preprocessing that produces it")
+    if batches == 0:
+        raise InputError("data yielded no batches: pass an iterable of input tensors "
+                         "(or tuples of inputs)")
+    return _Ran(batches, tuple(skipped))
+
+
+def _variant_batch(plan: _Plan, name: str, float_out: Any, model_inputs: Any) -> None:
+    """One variant's quantized model on a batch whose float values its twins hold, as
+    :func:`_run` does for one pair."""
+    quant_out = run_model(plan.built.quant_model, model_inputs, which=f"quantized ({name})")
+    plan.model.update(_output_tensor(float_out), _output_tensor(quant_out))
+    _llm_update(plan, float_out, quant_out, model_inputs)
+    for twin in plan.twins:
+        twin.pending.clear()
+    for value in plan.values:
+        value.clear()
+    for acc in (*plan.outputs.values(), *plan.shadows.values(), plan.model):
+        acc.end_batch()
+
+
+def _align(reports: dict[str, Report], plans: dict[str, _Plan],
+           groups: list[_FloatGroup]) -> tuple[tuple[str | None, ...], ...]:
+    """The variants' rows aligned: one entry per float value compared (the region path, call
+    site and float output node of a capture), each holding every variant's row name there (``None``
+    where a variant has none). Entries of the first float capture are in its graph order;
+    rows of variants of another capture align with them by name, and a row matching none sits
+    just before the entry its variant's next row is in (after its previous one, at the end)."""
+    group_of = {name: i for i, group in enumerate(groups) for name in group.names}
+    entries: list[dict[str, str]] = []
+    position: list[tuple[int, int, int]] = []  # (region, call, node) in the first capture
+    by_value: dict[tuple[int, str, int, str], int] = {}
+    by_name: dict[str, list[int]] = {}
+    first = groups[0].matching
+    regions = {r.float_path: i for i, r in enumerate(first.regions)}
+    order: list[int] = []
+    for name in sorted(reports, key=lambda n: group_of[n] > 0):  # the first capture first
+        matching, group = plans[name].matching, group_of[name]
+        if group > 0 and not order:
+            order = sorted(range(len(entries)), key=position.__getitem__)  # stable on ties
+        pending: list[int] = []  # new entries waiting for the next row that has a place
+        for row in reports[name].rows:
+            pair = matching.pair(row.name)
+            region = matching.region_of(pair)
+            node, site = region.output_nodes(pair)[0].name, region.call_site(pair)
+            value = (group, region.float_path, site, node)
+            found = by_value.get(value)
+            if found is None or name in entries[found]:
+                found = next((i for i in by_name.get(row.name, ()) if name not in entries[i]
+                              and all(group_of[v] != group for v in entries[i])), None)
+            if found is None:
+                found = len(entries)
+                entries.append({})
+                if group == 0:
+                    base = first.regions[regions[region.float_path]]
+                    position.append((regions[region.float_path], site,
+                                     base.float_view.position(base.float_view.node(node))))
+                else:
+                    pending.append(found)
+            elif pending:
+                at = order.index(found)
+                order[at:at] = pending
+                pending = []
+            entries[found][name] = row.name
+            by_value.setdefault(value, found)
+            by_name.setdefault(row.name, []).append(found)
+        order += pending
+    if len(groups) == 1:
+        order = sorted(range(len(entries)), key=position.__getitem__)  # stable on ties
+    return tuple(tuple(entries[i].get(name) for name in reports) for i in order)

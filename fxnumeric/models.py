@@ -33,7 +33,7 @@ from .run import as_args, run_model
 __all__ = ["QUANT_MODES", "TORCHAO_MODES", "torchao_config", "untied_linears", "build_variants",
            "load_float_model", "build_pair", "random_batches",
            "calibrate_batchnorm", "BuiltPair", "quantize_pt2e", "build_pt2e_pair",
-           "PT2E_QUANTIZERS"]
+           "PT2E_QUANTIZERS", "PT2E_MODES"]
 
 TORCHAO_MODES = ("int8-weight-only", "int8-dynamic", "int4-weight-only")
 """torchao ``quantize_`` configs by name: ``Int8WeightOnlyConfig()``,
@@ -260,9 +260,22 @@ def build_pair(spec: str, quant: str, batches: list[Any], *,
     """
     if quant not in QUANT_MODES:
         raise InputError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
-    made = load_float_model(spec, quant, seed=seed)
+    made, notes = _prepared_float(spec, quant, batches, float_weights=float_weights, seed=seed,
+                                  progress=progress)
     if isinstance(made, tuple):
         return BuiltPair(*made)
+    return BuiltPair(made, _quantize(made, quant, batches, progress), notes)
+
+
+def _prepared_float(spec: str, quant: str, batches: list[Any], *,
+                    float_weights: str | Path | None, seed: int, progress: bool | None,
+                    ) -> tuple[nn.Module | tuple[nn.Module, nn.Module], tuple[str, ...]]:
+    """The float model as :func:`build_pair` prepares it (``quant`` picks torchvision's
+    quantizable model for ``static``), or a factory's ``(float, quantized)`` pair; and the
+    notes a report should carry."""
+    made = load_float_model(spec, quant, seed=seed)
+    if isinstance(made, tuple):
+        return made, ()
     notes: tuple[str, ...] = ()
     if float_weights is not None:
         try:
@@ -280,7 +293,7 @@ def build_pair(spec: str, quant: str, batches: list[Any], *,
                     if calibrated else "")
                  + "): these numbers describe an untrained model; pass --float-weights FILE "
                  "for a trained one",)
-    return BuiltPair(made, _quantize(made, quant, batches, progress), notes)
+    return made, notes
 
 
 def build_variants(spec: str, quants: list[str], batches: list[Any], *,
@@ -288,23 +301,46 @@ def build_variants(spec: str, quants: list[str], batches: list[Any], *,
                    progress: bool | None = False) -> tuple[nn.Module, dict[str, nn.Module],
                                                           tuple[str, ...]]:
     """One float model named by ``spec`` and a quantized variant of it per mode in ``quants``:
-    ``(float_model, {mode: quantized model}, notes)``."""
+    ``(float_model, {mode: quantized model}, notes)``.
+
+    The float model is loaded as :func:`build_pair` loads it for the first mode (torchvision's
+    quantizable model when that is ``static``) and every variant is made from it; a factory
+    that returns a ``(float, quantized)`` pair gives the first variant. The modes of
+    :data:`PT2E_MODES` export the float ``nn.Module`` and quantize it with pt2e
+    (:func:`quantize_pt2e`); the float model stays the ``nn.Module``, which torch.fx captures
+    for every variant alike (pt2e's graph pairs with it by module path).
+    """
     if len(set(quants)) != len(quants):
         raise InputError(f"--quant names a mode twice: {', '.join(quants)}")
-    built = build_pair(spec, quants[0], batches, float_weights=float_weights, seed=seed,
-                       progress=progress)
-    variants = {quants[0]: built.quant_model}
-    for quant in quants[1:]:
-        if quant not in QUANT_MODES:
-            raise InputError(f"--quant must be among {', '.join(QUANT_MODES)}, got {quant!r}")
-        variants[quant] = _quantize(built.float_model, quant, batches, progress)
-    return built.float_model, variants, built.notes
+    unknown = [q for q in quants if q not in QUANT_MODES and q not in PT2E_MODES]
+    if unknown:
+        raise InputError(f"--quant must be among {', '.join((*QUANT_MODES, *PT2E_MODES))}, got "
+                         f"{unknown[0]!r}")
+    made, notes = _prepared_float(spec, quants[0] if quants[0] in QUANT_MODES else "pt2e",
+                                  batches, float_weights=float_weights, seed=seed,
+                                  progress=progress)
+    variants: dict[str, nn.Module] = {}
+    if isinstance(made, tuple):  # a factory's pair: its quantized model is the first variant
+        float_model, variants[quants[0]] = made
+    else:
+        float_model = made
+    for quant in quants:
+        if quant in variants:
+            continue
+        if quant in PT2E_MODES:
+            variants[quant] = quantize_pt2e(float_model, batches, quantizer=PT2E_MODES[quant])[1]
+        else:
+            variants[quant] = _quantize(float_model, quant, batches, progress)
+    return float_model, variants, notes
 
 
 # --- building a pt2e pair (the CLI's --quant pt2e) -------------------------------------------
 
 PT2E_QUANTIZERS = ("xnnpack", "x86")
 """Quantizers :func:`quantize_pt2e` knows: XNNPACK symmetric (default), x86 inductor."""
+
+PT2E_MODES = {"pt2e": "xnnpack", "pt2e-x86": "x86"}
+"""The CLI's pt2e ``--quant`` modes and the quantizer each one uses."""
 
 
 def _quantizer(name: str) -> Any:

@@ -26,7 +26,7 @@ The package: :mod:`~fxnumeric.instrument.graph` edits one region's graph copy,
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,17 +43,19 @@ from .graph import GraphCopy, float_subgraph, shadow_inputs, span_inputs
 
 __all__ = [
     "instrument", "Instrumented", "add_loggers", "add_shadows", "loggers_of", "PairFilter",
-    "resolve_matching",
+    "resolve_matching", "observe_values",
 ]
 
 PairFilter = Callable[[Pair, Matching], bool]
 """Called as ``select(pair, matching)``; return True to instrument that pair."""
 
-OutputObservers = Callable[[Pair], tuple[nn.Module, nn.Module]]
+OutputObservers = Callable[[Pair], tuple[nn.Module | None, nn.Module]]
 """Called once per pair name as ``make(pair)``; returns ``(float_observer, quant_observer)``,
-each then called as ``observer(output)``."""
+each then called as ``observer(output)``. A ``None`` float observer leaves the float side
+alone: its value is observed elsewhere (``compare`` runs one float model for several quantized
+variants, instrumented by :func:`observe_values`)."""
 
-BlockObservers = Callable[[Block], tuple[nn.Module, nn.Module, nn.Module]]
+BlockObservers = Callable[[Block], tuple[nn.Module | None, nn.Module, nn.Module]]
 """Called once per block as ``make(block)``: ``(float output observer, quantized output
 observer, block shadow observer)``, called like a pair's."""
 
@@ -99,7 +101,7 @@ class Instrumented:
     quant_observers: dict[str, nn.Module] = field(default_factory=dict)
     shadow_observers: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    block_observers: dict[str, tuple[nn.Module, nn.Module, nn.Module]] = field(
+    block_observers: dict[str, tuple[nn.Module | None, nn.Module, nn.Module]] = field(
         default_factory=dict)
 
 
@@ -131,7 +133,11 @@ def instrument(
         blocks: blocks of the model (:func:`fxnumeric.blocks.find_blocks`) to observe too.
         block_observers: builds each block's ``(float output observer, quantized output
             observer, shadow observer)``; the shadow is the whole float block fed the
-            quantized block's (dequantized) input.
+            quantized block's (dequantized) input. A ``None`` float observer leaves the float
+            side alone, as a pair's does.
+            For each pair, ``outputs(pair)`` is called before ``shadows(pair)``, pair after
+            pair in graph order (``fxnumeric.diagnose`` hands a pair's float observer to its
+            shadow observer so).
 
     Returns:
         An :class:`Instrumented`; the models given are not modified.
@@ -150,7 +156,6 @@ def instrument(
     chosen = set(_select(matching, select))
     built = Instrumented(captured_model(matching, "float"), captured_model(matching, "quant"))
     blocks = list(blocks) if block_observers is not None else []
-    observe_float = outputs is not None or bool(blocks)
     copies: dict[Region, list[tuple[GraphCopy | None, GraphCopy]]] = {}
     index = 0
     for region in matching.regions:
@@ -160,38 +165,51 @@ def instrument(
         copies[region] = []
         for site in range(region.call_sites):  # a copy per call site (usually one)
             quant_copy = GraphCopy(region.quant_view)
-            float_copy = GraphCopy(region.float_view) if observe_float else None
+            # the float side is copied once an observer goes on it (compare's variants
+            # observe it in a float model of their own: their factories return none)
+            float_copy: GraphCopy | None = None
             for pair in (p for p in pairs if region.call_site(p) == site):
-                _instrument_pair(region, pair, float_copy, quant_copy, built, outputs,
+                observers = outputs(pair) if outputs is not None else None
+                if observers is not None and observers[0] is not None and float_copy is None:
+                    float_copy = GraphCopy(region.float_view)
+                _instrument_pair(region, pair, float_copy, quant_copy, built, observers,
                                  shadows, index)
                 index += 1
             copies[region].append((float_copy, quant_copy))
     for block in blocks:  # after the regions: a block's own region wraps those inside it
         if block.region not in copies:
-            copies[block.region] = [(GraphCopy(block.region.float_view),
-                                     GraphCopy(block.region.quant_view))]
+            copies[block.region] = [(None, GraphCopy(block.region.quant_view))]
         if len(copies[block.region]) > 1:
             built.skipped[block.name] = ("its region runs several times per forward: a block "
                                          "observer would mix the calls")
             continue
+        assert block_observers is not None
         float_copy, quant_copy = copies[block.region][0]
-        assert float_copy is not None and block_observers is not None
-        _instrument_block(block, float_copy, quant_copy, built, block_observers, index)
+        observers = block_observers(block)
+        if observers[0] is not None and float_copy is None:
+            float_copy = GraphCopy(block.region.float_view)
+            copies[block.region][0] = (float_copy, quant_copy)
+        _instrument_block(block, float_copy, quant_copy, built, observers, index)
         index += 1
-    float_parts = {r: _sites([f for f, _ in c]) for r, c in copies.items() if observe_float}
     quant_parts = {r: _sites([q for _, q in c]) for r, c in copies.items()}
+    float_parts = {  # every call site of a region observed on the float side needs its copy
+        r: _sites([f if f is not None else GraphCopy(r.float_view) for f, _ in c])
+        for r, c in copies.items() if any(f is not None for f, _ in c)}
     return replace(built, float_model=assemble(matching, "float", float_parts),
                    quant_model=assemble(matching, "quant", quant_parts))
 
 
-def _instrument_block(block: Block, float_copy: GraphCopy, quant_copy: GraphCopy,
-                      built: Instrumented, make: BlockObservers, index: int) -> None:
+def _instrument_block(block: Block, float_copy: GraphCopy | None, quant_copy: GraphCopy,
+                      built: Instrumented, observers: tuple[nn.Module | None, nn.Module, nn.Module],
+                      index: int) -> None:
     """A block's output observers and its shadow (the float block fed the quantized block's
-    input), in its region's graph copies."""
+    input), in its region's graph copies (no float copy: the float output is observed
+    elsewhere)."""
     region = block.region
-    float_obs, quant_obs, shadow_obs = make(block)
-    built.block_observers[block.name] = (float_obs, quant_obs, shadow_obs)
-    float_copy.observe(block.float_out.name, float_obs, f"fxnumeric_block_{index}")
+    float_obs, quant_obs, shadow_obs = observers
+    built.block_observers[block.name] = observers
+    if float_copy is not None and float_obs is not None:
+        float_copy.observe(block.float_out.name, float_obs, f"fxnumeric_block_{index}")
     quant_copy.observe(block.quant_out.name, quant_obs, f"fxnumeric_block_{index}")
     nodes = region.float_view.with_plumbing(list(block.float_nodes))
     inputs = span_inputs(region, nodes, list(block.quant_nodes))
@@ -213,14 +231,15 @@ def _sites(copies: list[Any]) -> Build:
 
 def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
                      quant_copy: GraphCopy, built: Instrumented,
-                     outputs: OutputObservers | None, shadows: ShadowObserver | None,
-                     index: int) -> None:
+                     observers: tuple[nn.Module | None, nn.Module] | None,
+                     shadows: ShadowObserver | None, index: int) -> None:
     """Observers (and a shadow) of one pair, in the region's graph copies."""
     float_out, quant_out = region.output_nodes(pair)
-    if outputs is not None and float_copy is not None:
-        built.float_observers[pair.name], built.quant_observers[pair.name] = outputs(pair)
-        float_copy.observe(float_out.name, built.float_observers[pair.name],
-                           f"fxnumeric_logger_{index}")
+    if observers is not None:
+        float_observer, built.quant_observers[pair.name] = observers
+        if float_observer is not None and float_copy is not None:
+            built.float_observers[pair.name] = float_observer
+            float_copy.observe(float_out.name, float_observer, f"fxnumeric_logger_{index}")
         quant_copy.observe(quant_out.name, built.quant_observers[pair.name],
                            f"fxnumeric_logger_{index}")
     if shadows is None:
@@ -234,6 +253,70 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
     inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
     quant_copy.shadow(quant_out.name, region.float_view, float_subgraph(region, pair), inputs,
                       built.shadow_observers[pair.name], f"fxnumeric_shadow_{index}")
+
+
+def observe_values(matching: Matching, side: str,
+                   observers: Mapping[tuple[str, str, int], nn.Module],
+                   regions: Iterable[Region] = ()) -> nn.Module:
+    """``side``'s model (``"float"`` or ``"quant"``) with observers on chosen values.
+
+    The building block for a model whose observers serve several matchings: ``compare`` runs
+    one float model for several quantized variants, and torch.fx names the nodes of two
+    captures of one model alike, so each variant's float values are found in one capture by
+    region path and node name.
+
+    Args:
+        matching: whose captured graphs (regions) are instrumented.
+        side: ``"float"`` or ``"quant"``.
+        observers: ``{(region path on that side, graph node name, call site): observer}``;
+            the call site is which call of the region's module per forward the value is
+            observed at (0: the first; see :attr:`Region.call_sites`). The observer is called
+            as ``observer(value)`` after the node runs, as :func:`instrument`'s output
+            observers are (a value a later op overwrites in place is cloned first).
+        regions: regions beyond the matching's to look values up in: the one-op regions of
+            blocks kept whole (:attr:`fxnumeric.blocks.Block.own_region`).
+
+    Raises:
+        InstrumentationError: no region at a path, no node of that name in its graph, or no
+            such call site.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch.ao.quantization import quantize_dynamic
+        >>> from fxnumeric import OutputLogger, match
+        >>> f = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+        >>> m = match(f, quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear}))
+        >>> logger = OutputLogger()
+        >>> _ = observe_values(m, "float", {("", "_1", 0): logger})(torch.randn(2, 4))
+        >>> len(logger.stats["tensor_val"])
+        1
+    """
+    regions = {region.path(side): region for region in (*matching.regions, *regions)}
+    by_region: dict[Region, list[tuple[str, int, nn.Module]]] = {}
+    for (path, node, site), observer in observers.items():
+        region = regions.get(path)
+        missing = (f"no region at {path!r}" if region is None
+                   else f"no node {node!r} at {path!r}" if not region.view(side).has_node(node)
+                   else f"no call site {site} at {path!r} (it has {region.call_sites})"
+                   if not 0 <= site < region.call_sites else "")
+        if missing:
+            raise InstrumentationError(
+                f"cannot observe {side} value ({path!r}, {node!r}, {site}): {missing}; regions "
+                "are at " + ", ".join(repr(p) for p in list(regions)[:10]))
+        assert region is not None
+        by_region.setdefault(region, []).append((node, site, observer))
+    parts: dict[Region, Build] = {}
+    index = 0
+    for region, wanted in by_region.items():
+        copies = []
+        for site in range(region.call_sites):  # a copy per call site (usually one)
+            graph_copy = GraphCopy(region.view(side))
+            for node, _, observer in (w for w in wanted if w[1] == site):
+                graph_copy.observe(node, observer, f"fxnumeric_logger_{index}")
+                index += 1
+            copies.append(graph_copy)
+        parts[region] = _sites(copies)
+    return assemble(matching, side, parts)
 
 
 # ---------------------------------------------------------------- the public wrappers

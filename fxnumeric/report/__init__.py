@@ -2,6 +2,8 @@
 
 * :mod:`.data`: the frozen :class:`Report` and :class:`ReportRow` (they hold data only);
 * :mod:`.verdict`: the rule that names a culprit only when one layer stands out;
+* :mod:`.variants`: several quantized variants in one report: the best one, where each
+  loses, their layers aligned;
 * :mod:`.render`: every table, CSV, HTML page and SVG chart fxnumeric draws, for reports,
   matchings and sensitivities, in one place;
 * :mod:`.overlays`: Model Explorer node data (per-node SQNR overlays on an exported graph);

@@ -27,6 +27,12 @@ that no layer can answer fails ("not measured"), and so does a pattern that matc
 a gate that silently checks nothing is worse than none. A ``nan`` value fails every threshold.
 Layers whose float signal collapsed (:attr:`fxnumeric.ReportRow.degenerate`) are not judged:
 the result lists them in ``skipped``.
+
+A report of several quantized variants (:attr:`fxnumeric.Report.variants`) is checked variant
+by variant, every threshold on every variant: each failure names its variant
+(``FAIL dynamic: [layers] min_shadow_sqnr = 20: fc1 ...``). A layer threshold that a variant
+cannot answer (its pattern matches none of its layers, or none has the metric: a layer one
+recipe leaves in float) fails only when no variant answers it.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +229,11 @@ class CheckFailure:
     what: str = ""
     unit: str = ""
     reason: str = ""
+    variant: str | None = None
+    """The quantized variant it failed in (multi-variant reports), else ``None``."""
 
     def __str__(self) -> str:
-        where = f"[{self.section}]"
+        where = (f"{self.variant}: " if self.variant is not None else "") + f"[{self.section}]"
         if self.key and self.limit is not None:
             where += f" {self.key} = {self.limit:g}"
         if self.reason:
@@ -291,6 +299,8 @@ def _fails(key: str, value: float, limit: float) -> bool:
 
 def check(report: Report, thresholds: Thresholds) -> CheckResult:
     """Check ``report`` against ``thresholds`` (see the module docstring)."""
+    if report.variants:
+        return _check_variants(report, thresholds)
     failures: list[CheckFailure] = []
     checks = 0
     for key, limit in thresholds.model_output.items():
@@ -332,6 +342,33 @@ def check(report: Report, thresholds: Thresholds) -> CheckResult:
                     failures.append(CheckFailure(section, key, limit, row.name, value, what,
                                                  unit))
     return CheckResult(checks, tuple(failures), tuple(skipped))
+
+
+def _unanswered(failure: CheckFailure) -> bool:
+    """A layer threshold the report cannot answer: no layer matches, none has the metric."""
+    return failure.section != "model_output" and failure.layer is None and bool(failure.reason)
+
+
+def _check_variants(report: Report, thresholds: Thresholds) -> CheckResult:
+    """Every threshold on every variant (see the module docstring)."""
+    results = {name: check(variant, thresholds) for name, variant in report.variants.items()}
+    failures: list[CheckFailure] = []
+    checks = 0
+    unanswered: dict[tuple[str, str], list[CheckFailure]] = {}
+    for name, result in results.items():
+        for failure in result.failures:
+            if _unanswered(failure):
+                unanswered.setdefault((failure.section, failure.key), []).append(failure)
+            else:
+                failures.append(replace(failure, variant=name))
+        checks += result.checks - sum(map(_unanswered, result.failures))
+    for missed in unanswered.values():
+        if len(missed) == len(results):  # no variant answers it
+            checks += 1
+            failures.append(replace(missed[0], reason=missed[0].reason + " (in any variant)"))
+    skipped = tuple(f"{name}: {layer}" for name, result in results.items()
+                    for layer in result.skipped)
+    return CheckResult(checks, tuple(failures), skipped)
 
 
 def check_report(report: Report | str | Path, thresholds: Thresholds | str | Path | None = None,

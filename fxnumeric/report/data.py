@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..floor import FLOOR_MARGIN_DB
 from ..metrics import Spread
 from . import persist
+from .variants import best_variant, variants_summary
 from .verdict import Verdict, verdict
 
 if TYPE_CHECKING:
@@ -227,12 +228,25 @@ class Report:
     blocks: tuple[BlockRow, ...] = ()
     """The model's blocks (decoder layers, BERT layers, ResNet stages), in the order they run,
     with the error entering, added in and leaving each (:class:`BlockRow`)."""
+    variants: dict[str, Report] = field(default_factory=dict,
+                                        metadata={"json_omit_default": True})
+    """With several quantized variants (``compare(f, {"fx": q1, "dynamic": q2}, data)``):
+    each variant's own report, in the order given, equal to comparing it alone. The report's
+    other fields are then the first variant's (its rows, model output, verdict), with the
+    comparison's notes added; its table, CSV, HTML and summary show every variant
+    (:mod:`fxnumeric.report.variants`). Empty for a report of one quantized model."""
+    aligned: tuple[tuple[str | None, ...], ...] = field(default=(),
+                                                        metadata={"json_omit_default": True})
+    """With ``variants``: their layers aligned by the float value each compares (the same
+    float node, whatever each variant's matching names it), in graph order: per layer, each
+    variant's row name in the order of ``variants``, ``None`` where it has no such layer."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[Report], Any]]] = {
         "summary": lambda r: r.summary(),
         "worst_layer": lambda r: r.worst_layer.name if r.worst_layer is not None else None,
         "culprit": lambda r: r.culprit,
         "verdict": lambda r: persist.to_data(r.verdict, Verdict),
+        "best_variant": lambda r: r.best_variant if r.variants else persist.OMIT,
     }
 
     # ------------------------------------------------------------------ queries
@@ -296,6 +310,13 @@ class Report:
             prev = s
         return best
 
+    @property
+    def best_variant(self) -> str | None:
+        """With ``variants``: the best one overall (the lowest per-token KL when every variant
+        has it, a language model's; else the highest model output SQNR), ``None`` without
+        variants or values (see :mod:`fxnumeric.report.variants`)."""
+        return best_variant(self) if self.variants else None
+
     def llm_summary(self) -> str:
         """The language-model metrics of the output, in words (``""`` when there are none):
         mean per-token KL, its p99, top-1 agreement, perplexity float -> quantized."""
@@ -313,8 +334,12 @@ class Report:
     def summary(self, *, verdict: bool = True) -> str:
         """One line: batches, overall output SQNR, the verdict (culprit, or spread error).
 
-        ``verdict=False`` leaves the verdict out, for a page that shows it on its own.
+        ``verdict=False`` leaves the verdict out, for a page that shows it on its own. With
+        ``variants``: which variant is best overall and where each loses
+        (:func:`fxnumeric.report.variants.variants_summary`).
         """
+        if self.variants:
+            return variants_summary(self, where=verdict)
         left_out = (f" ({len(self.skipped_batches)} more left out: NaN/Inf in the input)"
                     if self.skipped_batches else "")
         parts = [f"{self.batches} batches{left_out}", f"{len(self.rows)} layers"]

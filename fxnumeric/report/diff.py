@@ -21,12 +21,19 @@ scale is the model's. A value that becomes ``nan`` is a regression; one that lea
 (``kl`` before an LLM run added it, shadows turned off) is listed with ``None`` on the other
 side and never judged, and rows whose float signal collapsed (:attr:`ReportRow.degenerate`)
 in either report are never judged either: their numbers measure nothing.
+
+Reports of several quantized variants (:attr:`fxnumeric.Report.variants`) diff variant by
+variant: each variant both reports hold against itself, its changes carrying its name
+(:attr:`MetricChange.variant`), its new and vanished layers listed as ``variant: layer``; the
+variants only one report holds are listed as new or vanished. Against a report of one
+quantized model, the other's first variant (its top level) is compared, and its other variants
+are listed as new (or vanished).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +55,8 @@ class MetricChange:
 
     ``metric`` is ``weight_sqnr``, ``floor_sqnr``, ``output.<name>`` or ``shadow.<name>`` for a
     layer, the ``model_output`` key (``sqnr``, ``kl`` ...) for the model output. ``old`` or
-    ``new`` is ``None`` where that report does not hold the metric.
+    ``new`` is ``None`` where that report does not hold the metric. ``variant`` names the
+    quantized variant of a multi-variant report (``None`` otherwise).
     """
 
     layer: str | None
@@ -56,6 +64,7 @@ class MetricChange:
     old: float | None
     new: float | None
     regression: bool = False
+    variant: str | None = None
 
     @property
     def measure(self) -> str:
@@ -88,8 +97,9 @@ class MetricChange:
 
         unit = " dB" if self.measure in ("sqnr", "floor") else ""
         change = "" if self.change is None else f" ({self.change:+.4g}{unit})"
-        return (f"{self.layer if self.layer is not None else 'model output'} {self.label}: "
-                f"{v(self.old)} -> {v(self.new)}{unit}{change}")
+        where = f"{self.variant}: " if self.variant is not None else ""
+        return (f"{where}{self.layer if self.layer is not None else 'model output'} "
+                f"{self.label}: {v(self.old)} -> {v(self.new)}{unit}{change}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,10 @@ class ReportDiff:
     tolerance_cosine: float = 1e-3
     tolerance_kl: float = 0.01
     tolerance_top1: float = 0.01
+    new_variants: tuple[str, ...] = ()
+    """Quantized variants only the new report holds (multi-variant reports)."""
+    vanished_variants: tuple[str, ...] = ()
+    """Quantized variants only the old report holds."""
 
     @property
     def regressions(self) -> tuple[MetricChange, ...]:
@@ -133,14 +147,15 @@ class ReportDiff:
         """The model output's changes."""
         return tuple(c for c in self.changes if c.layer is None)
 
-    def change(self, layer: str | None, metric: str) -> MetricChange:
-        """The change of ``metric`` at ``layer`` (``None``: the model output).
+    def change(self, layer: str | None, metric: str, variant: str | None = None) -> MetricChange:
+        """The change of ``metric`` at ``layer`` (``None``: the model output), in ``variant``
+        for multi-variant reports (default: the first variant holding it).
 
         Raises:
             InputError: no such layer and metric in both reports.
         """
         for c in self.changes:
-            if c.layer == layer and c.metric == metric:
+            if c.layer == layer and c.metric == metric and variant in (None, c.variant):
                 return c
         held = sorted({c.metric for c in self.changes if c.layer == layer})
         where = "the model output" if layer is None else f"layer {layer!r}"
@@ -157,8 +172,14 @@ class ReportDiff:
 
     def summary(self) -> str:
         """One line: how many layers compared, new, vanished, and the regressions."""
-        layers = len({c.layer for c in self.changes if c.layer is not None})
-        parts = [f"{layers} layers in both reports"]
+        layers = len({(c.variant, c.layer) for c in self.changes if c.layer is not None})
+        variants = len({c.variant for c in self.changes if c.variant is not None})
+        parts = [f"{layers} layers in both reports"
+                 + (f" (over {variants} variants)" if variants > 1 else "")]
+        if self.new_variants:
+            parts.append(f"new variants: {_names(self.new_variants)}")
+        if self.vanished_variants:
+            parts.append(f"vanished variants: {_names(self.vanished_variants)}")
         if self.new_layers:
             parts.append(f"{len(self.new_layers)} new ({_names(self.new_layers)})")
         if self.vanished_layers:
@@ -230,6 +251,10 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
     for name, value in tolerances.items():
         if not value >= 0:
             raise InputError(f"the {name} tolerance must be >= 0, got {value!r}")
+    if old.variants or new.variants:
+        return _diff_variants(old, new, tolerance_db=tolerance_db,
+                              tolerance_cosine=tolerance_cosine, tolerance_kl=tolerance_kl,
+                              tolerance_top1=tolerance_top1)
 
     def changes(layer: str | None, old_values: dict, new_values: dict,
                 judged: bool) -> list[MetricChange]:
@@ -259,3 +284,30 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
         tolerance_db=tolerance_db, tolerance_cosine=tolerance_cosine,
         tolerance_kl=tolerance_kl, tolerance_top1=tolerance_top1,
     )
+
+
+def _diff_variants(old: Report, new: Report, **tolerances: float) -> ReportDiff:
+    """:func:`diff_reports` of reports of which one at least holds variants (module docstring)."""
+    def alone(report: Report) -> dict[str, Report]:
+        """A report's variants; one of a single quantized model counts as the other's first."""
+        if report.variants:
+            return dict(report.variants)
+        other = old if report is new else new
+        return {next(iter(other.variants)): report}
+
+    olds, news = alone(old), alone(new)
+    changes: list[MetricChange] = []
+    new_layers: list[str] = []
+    vanished: list[str] = []
+    for name, after in news.items():
+        before = olds.get(name)
+        if before is None:
+            continue
+        found = diff_reports(before, after, **tolerances)
+        changes += [replace(c, variant=name) for c in found.changes]
+        new_layers += [f"{name}: {layer}" for layer in found.new_layers]
+        vanished += [f"{name}: {layer}" for layer in found.vanished_layers]
+    return ReportDiff(
+        changes=tuple(changes), new_layers=tuple(new_layers), vanished_layers=tuple(vanished),
+        new_variants=tuple(n for n in news if n not in olds),
+        vanished_variants=tuple(n for n in olds if n not in news), **tolerances)

@@ -83,12 +83,18 @@ def _value(row: ReportRow, overlay: str) -> float | None:
 
 def write_model_explorer(report: Report, directory: str | Path, *,
                          graph_id: str = "graph") -> dict[str, Path]:
-    """Write ``<directory>/<overlay>.json`` for each of :data:`OVERLAYS`.
+    """Write ``<directory>/<overlay>.json`` for each of :data:`OVERLAYS`; for a report of
+    several variants, ``<directory>/<variant>/<overlay>.json`` for each variant, named
+    ``output SQNR (dB), fx`` and so on.
 
     Returns:
         ``{display name: path}``, ready for ``visualize_pytorch(..., node_data=[{"name": n,
         "node_data_path": str(p)} for n, p in paths.items()])``.
     """
+    if report.variants:
+        return {f"{label}, {name}": path for name, variant in report.variants.items()
+                for label, path in write_model_explorer(variant, Path(directory) / name,
+                                                        graph_id=graph_id).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

@@ -20,8 +20,11 @@ a dataclass                 an object, one key per field, plus the class's deriv
 Field ``metadata`` adjusts a field: ``{"json": False}`` leaves it out (a default is used when
 loading: ``ReportRow.activations`` holds raw tensors), ``{"json": "layers"}`` renames its key,
 ``{"json_items": ("node", "side", "reason")}`` writes each fixed-length tuple of a
-sequence as an object with those keys. A class's ``_JSON_DERIVED`` (``{key: function}``) adds
-read-only keys for people and scripts (``summary``, ``degenerate``); loading ignores them.
+sequence as an object with those keys, ``{"json_omit_default": True}`` leaves the key out while
+the field holds its default (``Report.variants``: a report of one quantized model is saved as
+it was before variants existed). A class's ``_JSON_DERIVED`` (``{key: function}``) adds
+read-only keys for people and scripts (``summary``, ``degenerate``); loading ignores them, and
+a function returning :data:`OMIT` leaves its key out.
 
 Loading is strict: a missing key without a default, a key no field or derived value claims, a
 value of the wrong type or a newer :data:`SCHEMA` is an :class:`~fxnumeric.errors.InputError`
@@ -41,12 +44,16 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["SCHEMA", "to_data", "from_data", "dumps", "load"]
+__all__ = ["SCHEMA", "OMIT", "to_data", "from_data", "dumps", "load"]
 
 SCHEMA = 1
 """The report JSON schema this fxnumeric writes and the newest it reads. Bumped when a key is
 renamed or removed or changes meaning; a field added with a default keeps it (older files
 load, the field takes its default)."""
+
+OMIT: Any = object()
+"""Returned by a ``_JSON_DERIVED`` function: leave the key out (a derived value that only some
+reports have, such as ``best_variant``)."""
 
 _FIX = ("Fix: pass a file written by Report.to_json() or `fxnumeric report --json FILE`, "
         "unedited")
@@ -137,11 +144,22 @@ def _json_fields(cls: type) -> list[tuple[dataclasses.Field, str]]:
     return out
 
 
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return bool(value == f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value == f.default_factory())
+    return False
+
+
 def _encode_dataclass(obj: Any) -> dict[str, Any]:
     cls = type(obj)
     hints = _hints(cls)
-    data = {key: fn(obj) for key, fn in getattr(cls, "_JSON_DERIVED", {}).items()}
+    data = {key: value for key, fn in getattr(cls, "_JSON_DERIVED", {}).items()
+            if (value := fn(obj)) is not OMIT}
     for f, key in _json_fields(cls):
+        if f.metadata.get("json_omit_default") and _is_default(f, getattr(obj, f.name)):
+            continue
         try:
             data[key] = to_data(getattr(obj, f.name), hints[f.name],
                                 items=f.metadata.get("json_items"))

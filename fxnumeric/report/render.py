@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from .variants import AlignedLayer, aligned_layers, output_text, standings, where_it_loses
+
 if TYPE_CHECKING:
     from ..advice.search import Sensitivity
     from ..match import Matching
@@ -44,6 +46,8 @@ __all__ = [
     "report_fragment", "verdict_html", "next_step",
     "matching_table", "matching_fragment", "sqnr_chart", "histogram_svg", "html_table",
     "sensitivity_svg", "sensitivity_section", "sensitivity_page", "diff_table", "diff_page",
+    "line_chart", "variants_table", "variants_csv", "variants_page", "variants_fragment",
+    "variants_chart",
 ]
 
 Column = tuple[str, Callable[["ReportRow"], Any], bool]  # header, value, numeric
@@ -104,7 +108,10 @@ def _std(row: ReportRow, key: str) -> float | None:
 
 def report_table(report: Report, tablefmt: str = "simple", *, sort: str | None = None,
                  top_k: int | None = None) -> str:
-    """The rows as a tabulate table, then ``note:`` lines, then the summary (last line)."""
+    """The rows as a tabulate table, then ``note:`` lines, then the summary (last line)
+    (with variants: :func:`variants_table`)."""
+    if report.variants:
+        return variants_table(report, tablefmt, sort=sort, top_k=top_k)
     if tablefmt == "markdown":
         tablefmt = "pipe"
     _, fallback = report.sort_key(sort, top_k)
@@ -194,7 +201,9 @@ def report_csv(report: Report) -> str:
     empty cells where nothing was measured, ``inf``/``nan`` as Python writes them. A last row,
     ``(model output)``, holds the model output's metrics: its ``output_<metric>`` cells, and
     the columns only it has (a language model's ``kl``, ``kl_p99``, ``kl_max``,
-    ``top1_agreement``, ``ppl_float``, ``ppl_quantized``)."""
+    ``top1_agreement``, ``ppl_float``, ``ppl_quantized``). With variants: :func:`variants_csv`."""
+    if report.variants:
+        return variants_csv(report)
     cols = csv_columns(report)
     extra = [k for k in report.model_output if k not in report.metrics]
     out = io.StringIO()
@@ -408,7 +417,9 @@ def _notes_html(report: Report) -> str:
 def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
                 sensitivity: Sensitivity | None = None) -> str:
     """The self-contained HTML page: summary, notes, SQNR chart, the sensitivity section
-    (when given), weight histograms, table."""
+    (when given), weight histograms, table (with variants: :func:`variants_page`)."""
+    if report.variants:
+        return variants_page(report, histogram_layers=histogram_layers, sensitivity=sensitivity)
     if isinstance(histogram_layers, int):
         chosen = [r for r in report.sorted_rows("weight_sqnr")
                   if r.weight_histogram is not None][:histogram_layers]
@@ -449,6 +460,8 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
 
 def report_fragment(report: Report, *, max_rows: int = 200) -> str:
     """What a notebook shows for a report: summary, notes, the chart and the table."""
+    if report.variants:
+        return variants_fragment(report, max_rows=max_rows)
     rows = list(report.rows)
     more = len(rows) - max_rows
     tail = (f"<p>... {more} more layers: report.table() or report.to_html(path) shows all.</p>"
@@ -457,6 +470,292 @@ def report_fragment(report: Report, *, max_rows: int = 200) -> str:
             f"<p><b>fxnumeric report</b>: {html.escape(report.summary(verdict=False))}</p>"
             f"{_notes_html(report)}<div class='fxn-chart'>{sqnr_chart(report.rows)}</div>"
             f"{_report_html_table(report, rows[:max_rows])}{tail}{SORT_SCRIPT}</div>")
+
+
+# ---------------------------------------------------------------- several variants
+#
+# A report of compare(float_model, {"fx": q1, "dynamic": q2}, data): each rendering shows the
+# aligned layers (fxnumeric.report.variants) with a column group, or a chart line, per variant.
+
+_VARIANT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                    "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+_VARIANT_METRICS = (  # comparison, row attribute, label
+    ("weights", "weight_sqnr", "weight SQNR"),
+    ("outputs", "output_sqnr", "output SQNR"),
+    ("shadows", "shadow_sqnr", "shadow SQNR"),
+)
+# tabulate formats that draw a two-line header (variant over metric) as one header row
+_STACKED_HEADERS = frozenset({
+    "simple", "plain", "grid", "simple_grid", "rounded_grid", "heavy_grid", "mixed_grid",
+    "double_grid", "fancy_grid", "outline", "simple_outline", "rounded_outline",
+    "heavy_outline", "mixed_outline", "double_outline", "fancy_outline", "psql", "pretty",
+    "presto"})
+
+
+def _variant_colour(index: int) -> str:
+    return _VARIANT_COLOURS[index % len(_VARIANT_COLOURS)]
+
+
+def _variant_metrics(report: Report) -> list[tuple[str, str]]:
+    """``(row attribute, label)`` of the SQNRs each variant's column group shows."""
+    return [(attr, label) for comparison, attr, label in _VARIANT_METRICS
+            if comparison in report.comparisons]
+
+
+def _variant_layers(report: Report, sort: str | None = None,
+                    top_k: int | None = None) -> tuple[list[AlignedLayer], str]:
+    """The aligned layers in graph order, or worst first by the lowest value any variant
+    has there (the column as :meth:`Report.sort_key` picks it); layers whose float signal
+    collapsed last."""
+    key, fallback = report.sort_key(sort, top_k)
+    layers = aligned_layers(report)
+    if key != "graph":
+        def worst(layer: AlignedLayer) -> tuple[bool, float]:
+            found = [v for row in layer.rows.values()
+                     if (v := getattr(row, key)) is not None and not math.isnan(v)]
+            return (all(r.degenerate for r in layer.rows.values()),
+                    min(found) if found else math.inf)
+
+        layers.sort(key=worst)
+    return (layers[:top_k] if top_k is not None else layers), fallback
+
+
+def _layer_note(layer: AlignedLayer) -> str:
+    """Each variant's own name for the layer (where it differs from the label), and notes."""
+    parts = []
+    for variant, row in layer.rows.items():
+        said = [f"named {row.name}"] if row.name != layer.name else []
+        if row.notes:
+            said.append(row.notes)
+        if said:
+            parts.append(f"{variant}: {'; '.join(said)}")
+    return " | ".join(parts)
+
+
+def _variant_notes(report: Report) -> list[str]:
+    """The notes, each once: those every variant has, the comparison's own (float runs not
+    shared), then each variant's own, prefixed with its name."""
+    reports = list(report.variants.values())
+    shared = [n for n in reports[0].notes if all(n in r.notes for r in reports)]
+    own = [n for n in report.notes if n not in reports[0].notes]
+    for name, r in report.variants.items():
+        own += [f"{name}: {n}" for n in r.notes if n not in shared]
+    return shared + own
+
+
+def _model_output_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+    """Headers, and a row per variant: its model output's metrics and its rank."""
+    keys: list[str] = []
+    for r in report.variants.values():
+        keys += [k for k in r.model_output if k not in keys]
+    ranked = [name for name, _ in standings(report)]
+    headers = ["variant", *("output SQNR" if k == "sqnr" else k for k in keys), "rank"]
+    rows = [[name, *(r.model_output.get(k) for k in keys),
+             (f"{ranked.index(name) + 1}" + (" (best)" if ranked.index(name) == 0 else ""))
+             if name in ranked else "-"]
+            for name, r in report.variants.items()]
+    return headers, rows
+
+
+def variants_table(report: Report, tablefmt: str = "simple", *, sort: str | None = None,
+                   top_k: int | None = None) -> str:
+    """A multi-variant report as text: the aligned layers with a column group per variant
+    (output and shadow SQNR; weight SQNR when nothing else was compared), the model output
+    per variant, ``note:`` lines, then the summary (last line)."""
+    if tablefmt == "markdown":
+        tablefmt = "pipe"
+    joint = "\n" if tablefmt in _STACKED_HEADERS else " "
+    # output and shadow SQNR: what differs between recipes; weights are in the CSV and HTML
+    metrics = [m for m in _variant_metrics(report) if m[0] != "weight_sqnr"] or (
+        _variant_metrics(report))
+    layers, fallback = _variant_layers(report, sort, top_k)
+    headers = ["layer", "kind"] + [f"{v}{joint}{label}" for v in report.variants
+                                   for _, label in metrics] + ["note"]
+    rows = [[layer.name, layer.kind,
+             *(layer.value(v, attr) for v in report.variants for attr, _ in metrics),
+             _layer_note(layer)] for layer in layers]
+    out_headers, out_rows = _model_output_table(report)
+    lines = [tabulate(rows, headers=headers, tablefmt=tablefmt, floatfmt=".4g", missingval="-"),
+             "", "model output:",
+             tabulate(out_rows, headers=out_headers, tablefmt=tablefmt, floatfmt=".4g",
+                      missingval="-")]
+    lines += [f"note: {n}" for n in (*_variant_notes(report), *([fallback] if fallback else []))]
+    lines.append(report.summary())
+    return "\n".join(lines)
+
+
+def variants_csv(report: Report) -> str:
+    """One CSV row per aligned layer: ``layer`` and ``kind`` (its label), then every column
+    of :func:`csv_columns` for each variant, prefixed with the variant's name (``fx_layer``,
+    ``fx_output_sqnr``, ``dynamic_shadow_sqnr`` ...), empty where a variant has no such layer.
+    A last row, ``(model output)``, holds each variant's model output metrics
+    (``fx_output_sqnr`` ..., and ``fx_kl`` ... for a language model)."""
+    names = list(report.variants)
+    columns = {v: csv_columns(report.variants[v]) for v in names}
+    extra = {v: [k for k in report.variants[v].model_output if k not in report.metrics]
+             for v in names}
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["layer", "kind"] + [f"{v}_{c}" for v in names for c, _ in columns[v]]
+                    + [f"{v}_{k}" for v in names for k in extra[v]])
+    width = sum(len(extra[v]) for v in names)
+    for layer in aligned_layers(report):
+        cells: list[Any] = [layer.name, layer.kind]
+        for v in names:
+            row = layer.rows.get(v)
+            cells += [None if row is None else fn(row) for _, fn in columns[v]]
+        writer.writerow(["" if c is None else c for c in cells] + [""] * width)
+    cells = ["(model output)", "output"]
+    for v in names:
+        model = report.variants[v].model_output
+        cells += [model.get(c[len("output_"):]) if c.startswith("output_")
+                  and c[len("output_"):] in report.metrics else None for c, _ in columns[v]]
+    cells += [report.variants[v].model_output[k] for v in names for k in extra[v]]
+    writer.writerow(["" if c is None else c for c in cells])
+    return out.getvalue()
+
+
+def _variant_tooltip(layer: AlignedLayer, metrics: list[tuple[str, str]],
+                     names: list[str]) -> str:
+    lines = [f"{layer.name} ({layer.kind})"]
+    for v in names:
+        row = layer.rows.get(v)
+        if row is None:
+            lines.append(f"{v}: no such layer")
+            continue
+        named = f" [{row.name}]" if row.name != layer.name else ""
+        lines.append(f"{v}{named}: " + ", ".join(f"{label} {_db_text(getattr(row, attr))}"
+                                                  for attr, label in metrics))
+    return html.escape("\n".join(lines))
+
+
+def variants_chart(report: Report, attr: str = "shadow_sqnr", width: int = 1100,
+                   plot_height: int = 260) -> str:
+    """SVG line chart of one SQNR (``output_sqnr``, ``shadow_sqnr``, ``weight_sqnr``) per
+    aligned layer, one line per variant in its own colour (dashed past ten variants), broken
+    where a variant has no such layer; the legend names the variants."""
+    names = list(report.variants)
+    layers = aligned_layers(report)
+    series = [(v, _variant_colour(i), [layer.value(v, attr) for layer in layers],
+               i >= len(_VARIANT_COLOURS)) for i, v in enumerate(names)]
+    metrics = _variant_metrics(report)
+    return line_chart([layer.name for layer in layers], series,
+                      [_variant_tooltip(layer, metrics, names) for layer in layers],
+                      width=width, plot_height=plot_height)
+
+
+def _variants_verdict_html(report: Report) -> str:
+    """The page's opening: the best variant, and where each variant loses."""
+    ranked = standings(report)
+    headline = (f"Best: {ranked[0][0]}" if ranked
+                else "No best variant: no model output measured")
+    items = "".join(f"<li><b>{html.escape(name)}</b> ({html.escape(output_text(r))}): "
+                    f"{html.escape(where_it_loses(r))}</li>"
+                    for name, r in report.variants.items())
+    return (f"<div class='fxn-verdict variants'><p class='headline'>{html.escape(headline)}</p>"
+            f"<ul>{items}</ul><p>Ranked by the model output: per-token KL when every variant "
+            "has it, else output SQNR. Each variant's own verdict, chart and table are at the "
+            "end of the page.</p></div>")
+
+
+def _variants_html_table(report: Report, layers: Sequence[AlignedLayer]) -> str:
+    names = list(report.variants)
+    metrics = _variant_metrics(report)
+    headers = ["#", "layer", "kind", *(f"{v} {label}" for v in names for _, label in metrics),
+               "note"]
+    rows = [[i, layer.name, layer.kind,
+             *(layer.value(v, attr) for v in names for attr, _ in metrics), _layer_note(layer)]
+            for i, layer in enumerate(layers)]
+    numeric = [True, False, False] + [True] * (len(names) * len(metrics)) + [False]
+    classes = ["collapsed" if all(r.degenerate for r in layer.rows.values()) else ""
+               for layer in layers]
+    return html_table(headers, rows, numeric, classes, sortable=True)
+
+
+def _variants_legend(report: Report) -> str:
+    names = ", ".join(f"<span style='color:{_variant_colour(i)}'>{html.escape(v)}</span>"
+                      for i, v in enumerate(report.variants))
+    return (f"<p>One line per variant ({names}) over the layers aligned by the float value "
+            "they compare; a line breaks where a variant has no such layer (left in float, or "
+            "fused into another). Output SQNR is the error accumulated up to the layer, shadow "
+            "SQNR the error the layer adds by itself. Higher is better; one bit is worth about "
+            "6 dB. Hover over a layer for every variant's values.</p>")
+
+
+def _variants_charts(report: Report) -> str:
+    parts = []
+    for attr, label in _variant_metrics(report):
+        if attr == "weight_sqnr":
+            continue  # in the table and in each variant's own chart
+        parts.append(f"<h3>{label}</h3><div class='fxn-chart'>{variants_chart(report, attr)}"
+                     "</div>")
+    return "".join(parts)
+
+
+def _model_output_html(report: Report) -> str:
+    headers, rows = _model_output_table(report)
+    return html_table(headers, rows, [False] + [True] * (len(headers) - 2) + [False])
+
+
+def _variant_histograms(variant: Report, histogram_layers: list[str] | int) -> str:
+    if isinstance(histogram_layers, int):
+        chosen = [r for r in variant.sorted_rows("weight_sqnr")
+                  if r.weight_histogram is not None][:histogram_layers]
+    else:
+        chosen = [r for r in variant.rows
+                  if r.name in histogram_layers and r.weight_histogram is not None]
+    return "".join(f"<h4>{html.escape(r.name)} (weight SQNR {_cell(r.weight_sqnr)} dB)</h4>"
+                   + histogram_svg(r.weight_histogram)  # type: ignore[arg-type]
+                   for r in chosen)
+
+
+def variants_page(report: Report, *, histogram_layers: list[str] | int = 3,
+                  sensitivity: Sensitivity | None = None) -> str:
+    """The self-contained HTML page of a multi-variant report: the best variant and where each
+    loses, notes, the model output per variant, a chart per SQNR with a line per variant, the
+    aligned table (a column group per variant), then each variant's own report (verdict,
+    chart, weight histograms, table), each opening on a click."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric report</title>",
+        f"<style>{_PAGE_CSS}{_CSS}</style></head><body>",
+        f"<h1>fxnumeric report: {len(report.variants)} variants</h1>",
+        _variants_verdict_html(report),
+        f"<p>{html.escape(report.summary(verdict=False))}</p>",
+        "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in _variant_notes(report)),
+        f"<p>torch {html.escape(report.torch_version)}; comparisons: "
+        f"{html.escape(', '.join(report.comparisons))}</p>",
+        "<h2>Model output</h2>", _model_output_html(report),
+        "<h2>SQNR per layer</h2>", _variants_legend(report), _variants_charts(report),
+        sensitivity_section(sensitivity) if sensitivity is not None else "",
+        "<h2>Layers</h2>",
+        "<p>Click a column header to sort by it (again to reverse); # restores graph order. "
+        "A dash: the variant has no such layer.</p>",
+        _variants_html_table(report, aligned_layers(report)),
+        "<h2>Each variant</h2>",
+    ]
+    for name, r in report.variants.items():
+        parts.append(
+            f"<details><summary><b>{html.escape(name)}</b>: {html.escape(_headline(r))}"
+            f"</summary>{verdict_html(r)}<p>{html.escape(r.summary(verdict=False))}</p>"
+            f"{_legend(r.rows)}<div class='fxn-chart'>{sqnr_chart(r.rows)}</div>"
+            f"{_variant_histograms(r, histogram_layers)}{_report_html_table(r, r.rows)}"
+            "</details>")
+    parts += [SORT_SCRIPT, "</body></html>"]
+    return "\n".join(parts)
+
+
+def variants_fragment(report: Report, *, max_rows: int = 200) -> str:
+    """What a notebook shows for a multi-variant report: the best variant and where each
+    loses, the model output per variant, the charts and the aligned table."""
+    layers = aligned_layers(report)
+    more = len(layers) - max_rows
+    tail = (f"<p>... {more} more layers: report.table() or report.to_html(path) shows all.</p>"
+            if more > 0 else "")
+    notes = "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in _variant_notes(report))
+    return (f"<div><style>{_CSS}</style>{_variants_verdict_html(report)}"
+            f"<p><b>fxnumeric report</b>: {html.escape(report.summary(verdict=False))}</p>"
+            f"{notes}{_model_output_html(report)}{_variants_charts(report)}"
+            f"{_variants_html_table(report, layers[:max_rows])}{tail}{SORT_SCRIPT}</div>")
 
 
 # ---------------------------------------------------------------- matching
@@ -591,14 +890,47 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
     """SVG line chart of output, shadow and weight SQNR (and the floor, when known) per layer,
     in graph order. ``width`` is the width of the drawing (its ``viewBox``); on a page the SVG
     scales to the width of its container."""
-    n = len(rows)
-    series = _series(rows)
-    values = [getattr(r, a) for r in rows for a, _, _ in series]
+    series = [(label, colour, [getattr(r, attr) for r in rows], attr == "floor_sqnr")
+              for attr, label, colour in _series(rows)]
+    return line_chart([r.name for r in rows], series, [_tooltip(r) for r in rows],
+                      width=width, plot_height=plot_height)
+
+
+Series = tuple[str, str, Sequence[float | None], bool]
+"""One line of :func:`line_chart`: ``(legend label, colour, value per layer, dashed)``."""
+
+
+def _legend_layout(labels: Sequence[str], left: int, right_edge: int,
+                   ) -> tuple[list[tuple[float, int]], int]:
+    """Where each legend entry sits, ``(x, line)``, wrapping onto a new line before an entry
+    that would cross ``right_edge``; and how many lines there are."""
+    places: list[tuple[float, int]] = []
+    lx, line = left, 0
+    for label in labels:
+        wide = 24 + int(len(label) * _CHAR_W * 1.1)
+        if lx > left and lx + wide - 10 > right_edge:
+            lx, line = left, line + 1
+        places.append((lx, line))
+        lx += wide
+    return places, line + 1
+
+
+def line_chart(names: Sequence[str], series: Sequence[Series], tooltips: Sequence[str], *,
+               width: int = 1100, plot_height: int = 260) -> str:
+    """SVG line chart of SQNR values (dB) per layer, in graph order, one line per series, with
+    the readability rules of the module docstring (``tooltips`` are escaped already). The
+    legend wraps onto more lines when its entries do not fit in one."""
+    n = len(names)
+    values = [v for _, _, vs, _ in series for v in vs]
     if not any(v is not None and not math.isnan(v) for v in values):
         return "<p>No SQNR values to plot.</p>"
     lo, hi = _y_range([v for v in values if v is not None])
-    left, right, top = 56, 24, 44
-    label_chars = max((len(_label(r.name)) for r in rows), default=0)
+    above = f"above {hi:g} dB (inf: identical)"
+    left, right = 56, 24
+    places, lines = _legend_layout([label for label, _, _, _ in series] + [above], left,
+                                   width - right)
+    top = 44 + 16 * (lines - 1)
+    label_chars = max((len(_label(name)) for name in names), default=0)
     bottom = 12 + int(label_chars * _CHAR_W) + 8
     height = top + plot_height + bottom
     plot_w = width - left - right
@@ -622,13 +954,15 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
         "<style>.col{fill:#000;fill-opacity:0}.col:hover{fill-opacity:.07}</style>",
     ]
     # legend, in the top margin
-    lx = left
-    for _, label, colour in series:
-        out.append(f"<rect x='{lx}' y='8' width='10' height='10' fill='{colour}'/>"
-                   f"<text x='{lx + 14}' y='17' font-size='{_FONT + 1}'>{label}</text>")
-        lx += 24 + int(len(label) * _CHAR_W * 1.1)
-    out.append(f"<path d='M{lx} 18 l5 -9 l5 9 z' fill='#555'/><text x='{lx + 14}' y='17' "
-               f"font-size='{_FONT + 1}'>above {hi:g} dB (inf: identical)</text>")
+    for (label, colour, _, _), (lx, line) in zip(series, places, strict=False):
+        y = 8 + 16 * line
+        out.append(f"<rect x='{lx}' y='{y}' width='10' height='10' fill='{colour}'/>"
+                   f"<text x='{lx + 14}' y='{y + 9}' font-size='{_FONT + 1}'>"
+                   f"{html.escape(label)}</text>")
+    lx, line = places[-1]
+    y = 18 + 16 * line
+    out.append(f"<path d='M{lx} {y} l5 -9 l5 9 z' fill='#555'/><text x='{lx + 14}' y='{y - 1}' "
+               f"font-size='{_FONT + 1}'>{above}</text>")
     # axes and gridlines every 10 dB (every 20 when the range is wide)
     step = 10 if hi - lo <= 120 else 20
     tick = lo
@@ -644,12 +978,11 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
     # above the top, below the bottom) ends a run, so no line claims a value it does not have;
     # off-axis values are triangles on the edge, and every on-axis value is a dot
     dots = n <= 150
-    for attr, _, colour in series:
-        dash = " stroke-dasharray='5 3'" if attr == "floor_sqnr" else ""
+    for _, colour, series_values, dashed in series:
+        dash = " stroke-dasharray='5 3'" if dashed else ""
         run: list[str] = []
         runs: list[list[str]] = []
-        for i, r in enumerate(rows):
-            v = getattr(r, attr)
+        for i, v in enumerate(series_values):
             on_axis = v is not None and lo <= v <= hi
             if not on_axis:
                 if run:
@@ -678,18 +1011,18 @@ def sqnr_chart(rows: Sequence[ReportRow], width: int = 1100, plot_height: int = 
                     out.append(f"<circle cx='{x}' cy='{y}' r='{2 if dots else 2.5}' "
                                f"fill='{colour}'/>")
     # x labels, thinned by pitch; rotated to read upwards, ending at the axis
-    for i, r in enumerate(rows):
+    for i, name in enumerate(names):
         if i % stride:
             continue
         x, y = x_of(i), y0 + 8
         out.append(f"<text class='xlabel' x='{x:.1f}' y='{y}' font-size='{_FONT}' "
                    f"text-anchor='end' dy='0.35em' transform='rotate(-90 {x:.1f} {y})'>"
-                   f"{html.escape(_label(r.name))}</text>")
+                   f"{html.escape(_label(name))}</text>")
     # hover bands with the tooltips, on top of everything
-    for i, r in enumerate(rows):
+    for i, tip in enumerate(tooltips):
         out.append(f"<rect class='col' x='{left + i * pitch:.1f}' y='{top}' "
                    f"width='{pitch:.2f}' height='{plot_height}'>"
-                   f"<title>{_tooltip(r)}</title></rect>")
+                   f"<title>{tip}</title></rect>")
     if stride > 1:
         out.append(f"<text x='{width - right}' y='{top - 8}' font-size='{_FONT}' "
                    f"text-anchor='end' fill='#666'>{n} layers, 1 in {stride} labelled; hover "
@@ -968,15 +1301,28 @@ def _diff_rows(diff: ReportDiff, changed_only: bool) -> tuple[list[MetricChange]
     return shown, len(diff.changes) - len(shown)
 
 
-def _diff_cells(c: MetricChange) -> list[Any]:
-    return [c.layer if c.layer is not None else "(model output)", c.label, c.old, c.new,
-            c.change, "REGRESSION" if c.regression else ""]
+def _diff_cells(c: MetricChange, variants: bool = False) -> list[Any]:
+    return ([c.variant] if variants else []) + [
+        c.layer if c.layer is not None else "(model output)", c.label, c.old, c.new,
+        c.change, "REGRESSION" if c.regression else ""]
+
+
+def _diff_headers(diff: ReportDiff) -> tuple[tuple[str, ...], tuple[bool, ...], bool]:
+    """The diff table's headers and which are numeric; a variant column for variants."""
+    variants = any(c.variant is not None for c in diff.changes)
+    if not variants:
+        return _DIFF_HEADERS, _DIFF_NUMERIC, False
+    return ("variant", *_DIFF_HEADERS), (False, *_DIFF_NUMERIC), True
 
 
 def _diff_layer_lines(diff: ReportDiff) -> list[str]:
     lines = [f"new layers: {', '.join(diff.new_layers)}"] if diff.new_layers else []
     if diff.vanished_layers:
         lines.append(f"vanished layers: {', '.join(diff.vanished_layers)}")
+    if diff.new_variants:
+        lines.append(f"new variants: {', '.join(diff.new_variants)}")
+    if diff.vanished_variants:
+        lines.append(f"vanished variants: {', '.join(diff.vanished_variants)}")
     return lines
 
 
@@ -986,7 +1332,8 @@ def diff_table(diff: ReportDiff, tablefmt: str = "simple", *, changed_only: bool
     if tablefmt == "markdown":
         tablefmt = "pipe"
     shown, hidden = _diff_rows(diff, changed_only)
-    lines = [tabulate([_diff_cells(c) for c in shown], headers=_DIFF_HEADERS,
+    headers, _, variants = _diff_headers(diff)
+    lines = [tabulate([_diff_cells(c, variants) for c in shown], headers=headers,
                       tablefmt=tablefmt, floatfmt=".4g", missingval="-")] if shown else []
     if hidden:
         lines.append(f"{hidden} metrics unchanged" + (" (not shown)" if shown else ""))
@@ -1000,9 +1347,10 @@ def diff_page(diff: ReportDiff, *, changed_only: bool = True) -> str:
     """A self-contained HTML page for a :class:`~fxnumeric.report.diff.ReportDiff`, styled like
     the report page: summary, regressions, new and vanished layers, every change."""
     shown, hidden = _diff_rows(diff, changed_only)
+    headers, numeric, variants = _diff_headers(diff)
 
     def table(changes: Sequence[MetricChange]) -> str:
-        return html_table(_DIFF_HEADERS, [_diff_cells(c) for c in changes], _DIFF_NUMERIC,
+        return html_table(headers, [_diff_cells(c, variants) for c in changes], numeric,
                           ["worst" if c.regression else "" for c in changes])
 
     worse = diff.regressions
@@ -1015,8 +1363,10 @@ def diff_page(diff: ReportDiff, *, changed_only: bool = True) -> str:
         f"<h2>Regressions ({len(worse)})</h2>",
         table(worse) if worse else "<p>None beyond tolerance.</p>",
     ]
-    for title, names in (("New layers", diff.new_layers), ("Vanished layers",
-                                                           diff.vanished_layers)):
+    for title, names in (("New layers", diff.new_layers),
+                         ("Vanished layers", diff.vanished_layers),
+                         ("New variants", diff.new_variants),
+                         ("Vanished variants", diff.vanished_variants)):
         if names:
             parts.append(f"<h2>{title} ({len(names)})</h2><p>{html.escape(', '.join(names))}</p>")
     parts.append("<h2>Changes</h2>")
