@@ -292,6 +292,7 @@ def _pair(args: argparse.Namespace):
 
 def _report(args: argparse.Namespace) -> int:
     from .compare import compare
+    from .distributed import torchrun_group
     from .errors import InputError
     from .models import random_batches
     from .progress import phase
@@ -305,12 +306,15 @@ def _report(args: argparse.Namespace) -> int:
                           high=args.vocab)
     with phase("tracing and pairing the models", _progress(args)):
         matching = _matching(args, built, leaves, data[0])
-    report = compare(
-        built.float_model, built.quant_model, data,
-        comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
-        matching=matching,
-        progress=_progress(args),
-    )
+    with torchrun_group() as ranks:  # under torchrun: the ranks share the batches
+        report = compare(
+            built.float_model, built.quant_model, data,
+            comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
+            matching=matching,
+            progress=_progress(args) if not ranks.rank else False,
+        )
+    if ranks.rank:
+        return EXIT_OK  # every rank holds the same report: rank 0 writes it
     report = dataclasses.replace(report, notes=built.notes + report.notes)
     if args.why:
         from .advice.diagnose import annotate, diagnose

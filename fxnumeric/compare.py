@@ -26,6 +26,7 @@ from torch import nn
 
 from ._tensors import detach, first_output
 from .capture import LeafSpec
+from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericWarning, InputError
 from .guards import contents
 from .instrument import Instrumented, instrument, resolve_matching
@@ -166,6 +167,7 @@ def compare(
     precision: torch.dtype = torch.float32,
     inputs: int | Callable[[Any], Any] | None = None,
     capture: str = "fx",
+    distributed: bool | None = None,
 ) -> Report:
     """Compare a float model with its quantized counterpart, layer by layer, over ``data``.
 
@@ -203,6 +205,12 @@ def compare(
             cannot trace whole, it records how each submodule is called, so that modules with
             optional arguments are traced too). Ignored when ``matching`` is given: it was
             captured already.
+        distributed: data-parallel over a ``torch.distributed`` process group (``torchrun``):
+            every rank passes the same models and ``data``, rank ``r`` of ``N`` runs the
+            batches ``i % N == r``, the sums are merged, and every rank returns the same
+            report, equal to a one-process run over all batches (:mod:`fxnumeric.distributed`).
+            ``None`` (default): when a group of two or more ranks is initialised; ``False``:
+            each rank compares all of its ``data`` alone.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
@@ -224,6 +232,9 @@ def compare(
         (['0', '1'], 3)
     """
     check_data(data)
+    ranks = data_parallel(distributed, data)
+    if ranks.rank:
+        progress = False  # one progress bar per terminal: rank 0's
     if float_model is quant_model and float_model is not None:
         raise InputError(
             f"the same {type(float_model).__name__} object was passed as float_model and "
@@ -237,7 +248,7 @@ def compare(
         example = None  # captured already; else torch.export's example, how modules are called
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
                  leaf_modules, precision, progress, capture, example)
-    ran = _run(plan, data, progress, max_batches, inputs, total)
+    ran = _run(plan, data, progress, max_batches, inputs, total, ranks)
     return _collect(plan, ran, progress)
 
 
@@ -345,17 +356,18 @@ class _Ran:
 
 def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
          max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None,
-         total: int | None = None) -> _Ran:
-    """Feed every batch to both instrumented models; a batch holding NaN/Inf is left out."""
+         total: int | None = None, ranks: Ranks = ONE_PROCESS) -> _Ran:
+    """Feed every batch (this rank's share) to both instrumented models; a batch holding
+    NaN/Inf is left out. Under torch.distributed the ranks' sums are merged at the end."""
     float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
     if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
         data = [data]
     accumulators = [*plan.outputs.values(), *plan.shadows.values(), plan.model]
-    bar = Progress(total, "comparing batches", progress)
+    bar = Progress(ranks.count(total), "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
     try:
-        for index, batch in enumerate(data):
+        for index, batch in ranks.share(enumerate(data), accumulators):
             if max_batches is not None and index >= max_batches:
                 break
             model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
@@ -385,6 +397,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             bar.update()
     finally:
         bar.close()
+    batches, skipped = ranks.reduce(accumulators, batches, skipped)
     if batches == 0 and skipped:
         raise InputError(f"every batch holds NaN/Inf ({len(skipped)} batches): nothing is left "
                          "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
@@ -392,7 +405,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
     if batches == 0:
         raise InputError("data yielded no batches: pass an iterable of input tensors "
                          "(or tuples of inputs)")
-    return _Ran(batches, tuple(skipped))
+    return _Ran(batches, skipped)
 
 
 def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
