@@ -411,24 +411,23 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
 def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     """One report row per pair name, from the accumulators and the weights."""
     matching = plan.matching
-    weights: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    # reduced as they come: one layer's weights alive at a time (dequantized, offloaded ones)
+    weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
     if "weights" in plan.comparisons:
         with phase("comparing weights", progress):
             for pair, key, fw, qw in pair_weights(matching):
-                weights.setdefault(pair.name, []).append((key, fw, qw))
+                if pair.name not in weights:  # weights are small: exact float64 sums
+                    weights[pair.name] = ([], Accumulator(precision=torch.float64),
+                                          _histogram(fw, qw))
+                weights[pair.name][0].append(key)
+                weights[pair.name][1].update(fw, qw)
     rows = []
     seen: set[str] = set()
     for p in matching.pairs:
         if p.name in seen:
             continue
         seen.add(p.name)
-        w_acc = hist = None
-        if p.name in weights:
-            w_acc = Accumulator(precision=torch.float64)  # weights are small: exact
-            for _, fw, qw in weights[p.name]:
-                w_acc.update(fw, qw)
-            _, fw, qw = weights[p.name][0]
-            hist = _histogram(fw, qw)
+        keys, w_acc, hist = weights.get(p.name, ((), None, None))
         oa, sa = plan.outputs.get(p.name), plan.shadows.get(p.name)
         rows.append(ReportRow(
             name=p.name,
@@ -437,7 +436,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             weight_sqnr=w_acc.value("sqnr") if w_acc else None,
             output=oa.values(plan.metrics) if oa and oa.batches else {},
             shadow=sa.values(plan.metrics) if sa and sa.batches else {},
-            weight_keys=tuple(k for k, _, _ in weights.get(p.name, ())),
+            weight_keys=tuple(keys),
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
             note=_note(oa, sa, plan.built.skipped.get(p.name)),

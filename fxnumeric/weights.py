@@ -6,6 +6,7 @@ the hook's weights map (:func:`fxnumeric.offload.loaded`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -128,13 +129,15 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
+def pair_weights(matching: Matching) -> Iterator[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
     """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights.
 
     Keys are the quantized model's state_dict names (``layer1.0.conv1.weight``,
     ``fc._packed_params._packed_params``); a functional op's weight is ``<pair name>.weight``.
+    Yielded one op at a time: a weight that had to be made (dequantized from a torchao tensor,
+    BN-folded, read from accelerate's offload) is freed once the caller drops it, so a caller
+    that reduces each weight as it comes holds one layer's weights, not the model's.
     """
-    out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
     for region in matching.regions:
         fmods, qmods = region.float_view.modules, region.quant_view.modules
         for pair in region.pairs:
@@ -142,14 +145,14 @@ def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torc
             if qnode.op != "call_module":
                 found = _graph_weight(region, pair)
                 if found is not None:
-                    out.append((pair, f"{pair.name}.weight", *found))
+                    yield (pair, f"{pair.name}.weight", *found)
                 continue
             fnode = region.chain(pair, "float")[0]
             fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
             path = _prefixed(region.quant_scope, str(qnode.target))
-            out += _module_weights(pair, fmod, qmods[qnode.target], path,
-                                   lambda region=region, pair=pair: _float_weight(region, pair))
-    return out
+            yield from _module_weights(
+                pair, fmod, qmods[qnode.target], path,
+                lambda region=region, pair=pair: _float_weight(region, pair))
 
 
 def _prefixed(path: str, name: str) -> str:
