@@ -41,6 +41,8 @@ _EXAMPLES = """examples:
   fxnumeric advise --model fxnumeric.zoo:minilm_cli_pair --input-shape 4,16 --input-dtype long \
       --vocab 30522 --metric min_cosine --target 0.97
   fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128 --json report.json
+  torchrun --nproc_per_node 2 -m fxnumeric.cli report --model mymodels:make --batches 64
+      data-parallel: two processes share the batches, rank 0 prints the report
   fxnumeric check report.json --min-output-sqnr 25 --min-shadow-sqnr 20
   fxnumeric check report.json --thresholds quant.toml
   fxnumeric diff baseline.json report.json --tolerance 1 --format html -o diff.html
