@@ -122,10 +122,13 @@ def loaded(module: nn.Module, where: str = "") -> nn.Module:
     return twin
 
 
-def devices(model: nn.Module) -> set[torch.device]:
+def devices(model: Any) -> set[torch.device]:
     """Where ``model``'s tensors compute: a tensor offloaded by a hook counts as the hook's
     execution device (a submodule's too, under a hook that places its submodules); a tensor
-    on the meta device with no hook stays ``meta``."""
+    on the meta device with no hook stays ``meta``. A model that is not an ``nn.Module`` (an
+    ``ExportedProgram``) answers by its ``parameters()`` and ``buffers()``."""
+    if not isinstance(model, nn.Module):
+        return {t.device for t in (*model.parameters(), *model.buffers())}
     found: set[torch.device] = set()
 
     def visit(module: nn.Module, inherited: torch.device | None) -> None:

@@ -238,7 +238,7 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def _devices(model: nn.Module) -> set[torch.device]:
+def _devices(model: Any) -> set[torch.device]:
     # a weight offloaded by accelerate computes on its hook's execution device, not on meta
     return devices(model)
 
