@@ -43,6 +43,8 @@ _EXAMPLES = """examples:
   fxnumeric advise --model fxnumeric.zoo:minilm_cli_pair --input-shape 4,16 --input-dtype long \
       --vocab 30522 --metric min_cosine --target 0.97
   fxnumeric report --model mymodels:make --quant dynamic --input-shape 4,128 --json report.json
+  torchrun --nproc_per_node 2 -m fxnumeric.cli report --model mymodels:make --batches 64
+      data-parallel: two processes share the batches, rank 0 prints the report
   fxnumeric check report.json --min-output-sqnr 25 --min-shadow-sqnr 20
   fxnumeric check report.json --thresholds quant.toml
   fxnumeric diff baseline.json report.json --tolerance 1 --format html -o diff.html
@@ -304,10 +306,10 @@ def _report(args: argparse.Namespace) -> int:
         raise InputError(f"--format {args.format} writes a file: add -o FILE")
     if args.sensitivity and args.format != "html":
         raise InputError("--sensitivity draws a chart in the HTML page: add --format html -o FILE")
-    if "," in args.quant:
-        report, sens = _variants_report(args), None
-    else:
-        report, sens = _single_report(args)
+    made = _variants_report(args) if "," in args.quant else _single_report(args)
+    if made is None:
+        return EXIT_OK  # under torchrun every rank holds the same report: rank 0 writes it
+    report, sens = made
     if args.format == "table":
         text = report.table(tablefmt=args.tablefmt, sort=args.sort, top_k=args.top_k)
         if report.blocks and args.top_k is None:
@@ -332,9 +334,11 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _single_report(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``report`` of one quantized model: the report and the sensitivity (``--sensitivity``)."""
+def _single_report(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """``report`` of one quantized model: the report and the sensitivity (``--sensitivity``);
+    None on the ranks after the first under torchrun."""
     from .compare import compare
+    from .distributed import torchrun_group
     from .models import random_batches
     from .progress import phase
 
@@ -343,12 +347,15 @@ def _single_report(args: argparse.Namespace) -> tuple[Any, Any]:
                           high=args.vocab)
     with phase("tracing and pairing the models", _progress(args)):
         matching = _matching(args, built, leaves, data[0])
-    report = compare(
-        built.float_model, built.quant_model, data,
-        comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
-        matching=matching,
-        progress=_progress(args),
-    )
+    with torchrun_group() as ranks:  # under torchrun: the ranks share the batches
+        report = compare(
+            built.float_model, built.quant_model, data,
+            comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
+            matching=matching,
+            progress=_progress(args) if not ranks.rank else False,
+        )
+    if ranks.rank:
+        return None
     report = dataclasses.replace(report, notes=built.notes + report.notes)
     if args.why:
         from .advice.diagnose import annotate, diagnose
@@ -364,9 +371,11 @@ def _single_report(args: argparse.Namespace) -> tuple[Any, Any]:
     return report, sens
 
 
-def _variants_report(args: argparse.Namespace) -> Any:
-    """``report --quant fx,pt2e,dynamic``: one float model, a variant per mode, one report."""
+def _variants_report(args: argparse.Namespace) -> tuple[Any, None] | None:
+    """``report --quant fx,pt2e,dynamic``: one float model, a variant per mode, one report
+    (None on the ranks after the first under torchrun)."""
     from .compare import compare
+    from .distributed import torchrun_group
     from .errors import FxNumericError, InputError
     from .models import BuiltPair, build_variants, random_batches
     from .progress import phase
@@ -393,14 +402,17 @@ def _variants_report(args: argparse.Namespace) -> Any:
                                             data[0])
             except FxNumericError as exc:
                 raise type(exc)(f"--quant {name}: {exc}") from exc
-    report = compare(
-        float_model, variants, data,
-        comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
-        matching=matchings, progress=_progress(args))
+    with torchrun_group() as ranks:  # under torchrun: the ranks share the batches
+        report = compare(
+            float_model, variants, data,
+            comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
+            matching=matchings, progress=_progress(args) if not ranks.rank else False)
+    if ranks.rank:
+        return None
     return dataclasses.replace(
         report, notes=notes + report.notes,
         variants={name: dataclasses.replace(v, notes=notes + v.notes)
-                  for name, v in report.variants.items()})
+                  for name, v in report.variants.items()}), None
 
 
 def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:

@@ -29,6 +29,7 @@ from torch import nn
 from ._tensors import detach, first_output
 from .blocks import Block, block_of, find_blocks
 from .capture import LeafSpec
+from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericError, FxNumericWarning, InputError
 from .floor import FloorSums, floor_sums, layer_floor
 from .guards import contents
@@ -184,6 +185,7 @@ def compare(
     precision: torch.dtype = torch.float32,
     inputs: int | Callable[[Any], Any] | None = None,
     capture: str = "fx",
+    distributed: bool | None = None,
 ) -> Report:
     """Compare a float model with its quantized counterpart, layer by layer, over ``data``.
 
@@ -225,6 +227,12 @@ def compare(
             cannot trace whole, it records how each submodule is called, so that modules with
             optional arguments are traced too). Ignored when ``matching`` is given: it was
             captured already.
+        distributed: data-parallel over a ``torch.distributed`` process group (``torchrun``):
+            every rank passes the same models and ``data``, rank ``r`` of ``N`` runs the
+            batches ``i % N == r``, the sums are merged, and every rank returns the same
+            report, equal to a one-process run over all batches (:mod:`fxnumeric.distributed`).
+            ``None`` (default): when a group of two or more ranks is initialised; ``False``:
+            each rank compares all of its ``data`` alone.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.
@@ -256,12 +264,15 @@ def compare(
         (['0', '1'], 3)
     """
     check_data(data)
+    ranks = data_parallel(distributed, data)
+    if ranks.rank:
+        progress = False  # one progress bar per terminal: rank 0's
     if isinstance(quant_model, Mapping):
         return _compare_variants(
             float_model, quant_model, data, comparisons=comparisons, metrics=metrics,
             keep_activations=keep_activations, matching=matching, leaf_modules=leaf_modules,
             progress=progress, max_batches=max_batches, precision=precision, inputs=inputs,
-            capture=capture)
+            capture=capture, ranks=ranks)
     if isinstance(matching, Mapping):
         raise InputError("matching is a dict of variants' matchings, but quant_model is one "
                          "model.\nFix: pass matching=fxnumeric.match(float_model, quant_model)"
@@ -279,7 +290,7 @@ def compare(
         example = None  # captured already; else torch.export's example, how modules are called
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
                  leaf_modules, precision, progress, capture, example)
-    ran = _run(plan, data, progress, max_batches, inputs, total)
+    ran = _run(plan, data, progress, max_batches, inputs, total, ranks)
     return _collect(plan, ran, progress)
 
 
@@ -444,20 +455,32 @@ class _Ran:
     skipped: tuple[int, ...]
 
 
+def _accumulators(plan: _Plan) -> list[Accumulator]:
+    """The plan's per-batch sums (layer outputs, shadows, the model output, blocks)."""
+    return [*plan.outputs.values(), *plan.shadows.values(), plan.model,
+            *(acc for _, out, shadow in plan.blocks for acc in (out, shadow))]
+
+
+def _mergeable(plan: _Plan) -> list[Any]:
+    """Every sum over batches a plan holds, which ranks merge (:meth:`Ranks.reduce`)."""
+    return [*_accumulators(plan), plan.logits, *plan.floors.values()]
+
+
 def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
          max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None,
-         total: int | None = None) -> _Ran:
-    """Feed every batch to both instrumented models; a batch holding NaN/Inf is left out."""
+         total: int | None = None, ranks: Ranks = ONE_PROCESS) -> _Ran:
+    """Feed every batch (this rank's share) to both instrumented models; a batch holding
+    NaN/Inf is left out. Under torch.distributed the ranks' sums are merged at the end."""
     float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
     if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
         data = [data]
-    accumulators = [*plan.outputs.values(), *plan.shadows.values(), plan.model,
-                    *(acc for _, out, shadow in plan.blocks for acc in (out, shadow))]
-    bar = Progress(total, "comparing batches", progress)
+    accumulators = _accumulators(plan)
+    mergeable = _mergeable(plan)  # what the ranks' sums are merged into
+    bar = Progress(ranks.count(total), "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
     try:
-        for index, batch in enumerate(data):
+        for index, batch in ranks.share(enumerate(data), mergeable):
             if max_batches is not None and index >= max_batches:
                 break
             model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
@@ -488,6 +511,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             bar.update()
     finally:
         bar.close()
+    batches, skipped = ranks.reduce(mergeable, batches, skipped)
     if batches == 0 and skipped:
         raise InputError(f"every batch holds NaN/Inf ({len(skipped)} batches): nothing is left "
                          "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
@@ -495,17 +519,22 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
     if batches == 0:
         raise InputError("data yielded no batches: pass an iterable of input tensors "
                          "(or tuples of inputs)")
-    return _Ran(batches, tuple(skipped))
+    return _Ran(batches, skipped)
 
 
 def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     """One report row per pair name, from the accumulators and the weights."""
     matching = plan.matching
-    weights: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    # reduced as they come: one layer's weights alive at a time (dequantized, offloaded ones)
+    weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
     if "weights" in plan.comparisons:
         with phase("comparing weights", progress):
             for pair, key, fw, qw in pair_weights(matching):
-                weights.setdefault(pair.name, []).append((key, fw, qw))
+                if pair.name not in weights:  # weights are small: exact float64 sums
+                    weights[pair.name] = ([], Accumulator(precision=torch.float64),
+                                          _histogram(fw, qw))
+                weights[pair.name][0].append(key)
+                weights[pair.name][1].update(fw, qw)
     rows = []
     seen: set[str] = set()
     block_names = [b.name for b, _, _ in plan.blocks]
@@ -513,13 +542,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         if p.name in seen:
             continue
         seen.add(p.name)
-        w_acc = hist = None
-        if p.name in weights:
-            w_acc = Accumulator(precision=torch.float64)  # weights are small: exact
-            for _, fw, qw in weights[p.name]:
-                w_acc.update(fw, qw)
-            _, fw, qw = weights[p.name][0]
-            hist = _histogram(fw, qw)
+        keys, w_acc, hist = weights.get(p.name, ((), None, None))
         oa, sa = plan.outputs.get(p.name), plan.shadows.get(p.name)
         rows.append(ReportRow(
             name=p.name,
@@ -529,7 +552,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             weight_sqnr=w_acc.value("sqnr") if w_acc and p.quantized else None,
             output=oa.values(plan.metrics) if oa and oa.batches else {},
             shadow=sa.values(plan.metrics) if sa and sa.batches else {},
-            weight_keys=tuple(k for k, _, _ in weights.get(p.name, ())),
+            weight_keys=tuple(keys),
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
             note=_note(oa, sa, plan.built.skipped.get(p.name)),
@@ -737,7 +760,8 @@ def _compare_variants(float_model: nn.Module, variants: Mapping[str, nn.Module],
                       keep_activations: bool, matching: Matching | Mapping[str, Matching] | None,
                       leaf_modules: Iterable[LeafSpec] | None, progress: bool | None,
                       max_batches: int | None, precision: torch.dtype,
-                      inputs: int | Callable[[Any], Any] | None, capture: str) -> Report:
+                      inputs: int | Callable[[Any], Any] | None, capture: str,
+                      ranks: Ranks = ONE_PROCESS) -> Report:
     """:func:`compare` of several quantized variants of ``float_model`` (see its *Variants*)."""
     matchings = _variant_matchings(float_model, variants, matching)
     total = _length(data, max_batches)
@@ -752,7 +776,7 @@ def _compare_variants(float_model: nn.Module, variants: Mapping[str, nn.Module],
                                 given, leaf_modules, precision, progress, capture,
                                 example if given is None else None, shared_float=True)
     groups = _float_groups(plans)
-    ran = _run_variants(plans, groups, data, progress, max_batches, inputs, total)
+    ran = _run_variants(plans, groups, data, progress, max_batches, inputs, total, ranks)
     reports = {name: _collect(plan, ran, progress) for name, plan in plans.items()}
     first = reports[next(iter(reports))]
     return dataclasses.replace(first, notes=first.notes + _groups_note(groups),
@@ -845,16 +869,19 @@ def _groups_note(groups: list[_FloatGroup]) -> tuple[str, ...]:
 
 def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iterable[Any],
                   progress: bool | None, max_batches: int | None,
-                  inputs: int | Callable[[Any], Any] | None, total: int | None) -> _Ran:
+                  inputs: int | Callable[[Any], Any] | None, total: int | None,
+                  ranks: Ranks = ONE_PROCESS) -> _Ran:
     """:func:`_run` for several variants: per batch, each group's float model runs once, then
-    the quantized model of each variant of the group against its values."""
+    the quantized model of each variant of the group against its values (under
+    torch.distributed, this rank's share of the batches; every variant's sums merged)."""
     if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
         data = [data]
-    bar = Progress(total, "comparing batches", progress)
+    mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
+    bar = Progress(ranks.count(total), "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
     try:
-        for index, batch in enumerate(data):
+        for index, batch in ranks.share(enumerate(data), mergeable):
             if max_batches is not None and index >= max_batches:
                 break
             model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
@@ -882,6 +909,7 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
             bar.update()
     finally:
         bar.close()
+    batches, skipped = ranks.reduce(mergeable, batches, skipped)
     if batches == 0 and skipped:
         raise InputError(f"every batch holds NaN/Inf ({len(skipped)} batches): nothing is left "
                          "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
@@ -902,7 +930,7 @@ def _variant_batch(plan: _Plan, name: str, float_out: Any, model_inputs: Any) ->
         twin.pending.clear()
     for value in plan.values:
         value.clear()
-    for acc in (*plan.outputs.values(), *plan.shadows.values(), plan.model):
+    for acc in _accumulators(plan):
         acc.end_batch()
 
 

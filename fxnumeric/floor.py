@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from . import flows
+from . import flows, offload
+from .errors import InputError
 from .ops import dynamic_input
 from .semantics import QuantGrid, evaluate_constant, grid_before
 
@@ -94,6 +95,11 @@ def layer_weight_steps(region: Any, pair: Any) -> tuple[float, int, float] | Non
     """
     for node in region.chain(pair, "quant"):
         module = region.quant_view.module(node)
+        if module is not None:  # offloaded by accelerate: read from its hook's weights map
+            try:
+                module = offload.loaded(module)
+            except InputError:
+                return None  # nothing holds the weight: no floor, not a guess
         weight = getattr(module, "weight", None) if module is not None else None
         if callable(weight) and not isinstance(weight, torch.Tensor):
             weight = weight()  # torch's quantized modules unpack their weight
@@ -125,6 +131,33 @@ def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
         return (float(squared.mean()), math.prod(weight.shape[1:]),
                 float(weight.double().square().sum()))
     return None
+
+
+@dataclass(frozen=True)
+class FloorState:
+    """:class:`FloorSums`' sums over some batches, picklable, to merge those of several
+    processes (:mod:`fxnumeric.distributed`)."""
+
+    clip_noise: float = 0.0
+    input_energy: float = 0.0
+    input_count: int = 0
+    input_steps: float = 0.0
+    channel_error: torch.Tensor | None = None
+    channel_count: int = 0
+
+    def merged(self, other: FloorState) -> FloorState:
+        """Both states' batches: sums added (per-channel errors when both have them)."""
+        if self.channel_error is None or other.channel_error is None or (
+                self.channel_error.shape != other.channel_error.shape):
+            channel = self if self.channel_error is not None else other
+            error, count = channel.channel_error, channel.channel_count
+        else:
+            error = self.channel_error + other.channel_error
+            count = self.channel_count + other.channel_count
+        return FloorState(self.clip_noise + other.clip_noise,
+                          self.input_energy + other.input_energy,
+                          self.input_count + other.input_count,
+                          self.input_steps + other.input_steps, error, count)
 
 
 @dataclass
@@ -171,6 +204,17 @@ class FloorSums:
             else:
                 self.channel_error += sums
             self.channel_count += err.numel() // err.shape[-1]
+
+    def state(self) -> FloorState:
+        """The sums so far (:class:`FloorState`)."""
+        return FloorState(self.clip_noise, self.input_energy, self.input_count,
+                          self.input_steps, self.channel_error, self.channel_count)
+
+    def load(self, state: FloorState) -> None:
+        """Put sums back (those of several processes, merged)."""
+        self.clip_noise, self.input_energy = state.clip_noise, state.input_energy
+        self.input_count, self.input_steps = state.input_count, state.input_steps
+        self.channel_error, self.channel_count = state.channel_error, state.channel_count
 
     def input_noise(self, weight_energy: float | None) -> float:
         """The output noise of the input's own per-call quantization, through the weights."""

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .errors import InputError
 
-__all__ = ["LogitsAccumulator", "looks_like_logits", "token_fields", "LLM_METRICS",
-           "IGNORE_INDEX"]
+__all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "token_fields",
+           "LLM_METRICS", "IGNORE_INDEX"]
 
 LLM_METRICS = ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized")
 """Every key :meth:`LogitsAccumulator.values` can return (the ``ppl_*`` ones with labels only)."""
@@ -43,6 +44,30 @@ IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 20  # float32 elements per chunk of rows: 4 MiB
 
 _MIN_GUESSED_VOCAB = 1000
+
+
+@dataclass(frozen=True)
+class LogitsState:
+    """What a :class:`LogitsAccumulator` has summed, picklable: counts, float64 sums and every
+    real token's KL (float32, for the exact p99 after merging the states of several processes).
+    """
+
+    tokens: int = 0
+    targets: int = 0
+    kl_sum: float = 0.0
+    top1_agree: int = 0
+    nll_float: float = 0.0
+    nll_quant: float = 0.0
+    token_kls: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False)
+
+    def merged(self, other: LogitsState) -> LogitsState:
+        """Both states' tokens: counts and sums add, the token KLs of ``other`` follow."""
+        return LogitsState(
+            self.tokens + other.tokens, self.targets + other.targets,
+            self.kl_sum + other.kl_sum, self.top1_agree + other.top1_agree,
+            self.nll_float + other.nll_float, self.nll_quant + other.nll_quant,
+            torch.cat([self.token_kls, other.token_kls]),
+        )
 
 
 class LogitsAccumulator:
@@ -134,6 +159,19 @@ class LogitsAccumulator:
         self.nll_float += other.nll_float
         self.nll_quant += other.nll_quant
         self._token_kls.extend(other._token_kls)
+
+    def state(self) -> LogitsState:
+        """The sums and token KLs so far, as a picklable :class:`LogitsState`."""
+        return LogitsState(self.tokens, self.targets, self.kl_sum, self.top1_agree,
+                           self.nll_float, self.nll_quant, self.token_kls())
+
+    def load(self, state: LogitsState) -> None:
+        """Replace everything seen so far with ``state`` (:meth:`LogitsState.merged` of
+        several processes' states, typically)."""
+        self.tokens, self.targets = state.tokens, state.targets
+        self.kl_sum, self.top1_agree = state.kl_sum, state.top1_agree
+        self.nll_float, self.nll_quant = state.nll_float, state.nll_quant
+        self._token_kls = [state.token_kls.float()] if state.token_kls.numel() else []
 
     def token_kls(self) -> torch.Tensor:
         """Every real token's KL so far, float32, in the order seen."""

@@ -48,6 +48,7 @@ from .capture.export import (
 from .capture.tree import capture_tree, record_calls
 from .errors import MatchError, TraceError
 from .guards import check_pair, contents
+from .offload import whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, pair_views, same_op
 from .run import run_model
@@ -667,6 +668,11 @@ def match(
         [('linear', ('_0',), ('_0',)), ('relu', ('_1',), ('_1',))]
     """
     check_capture(capture, example_inputs)
+    # a module whose own weights accelerate offloaded is called whole (its hook loads them):
+    # keep its path whole on both sides, so that it pairs with its in-memory counterpart
+    offloaded = whole_paths(float_model) + whole_paths(quant_model)
+    if offloaded:
+        leaf_modules = [*(leaf_modules or ()), *offloaded]
     # what a flow reads differently (an ExportedProgram is traced as its .module())
     float_root = flows.normalise_model(float_model, "float")
     quant_root = flows.normalise_model(quant_model, "quantized")

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import flows
 from .errors import InputError
+from .offload import devices
 
 __all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches",
            "check_data", "check_batch", "nonfinite_inputs"]
@@ -244,8 +245,9 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def _devices(model: nn.Module) -> set[torch.device]:
-    return {t.device for t in (*model.parameters(), *model.buffers())}
+def _devices(model: Any) -> set[torch.device]:
+    # a weight offloaded by accelerate computes on its hook's execution device, not on meta
+    return devices(model)
 
 
 def _input_devices(x: Any) -> set[torch.device]:
@@ -268,7 +270,11 @@ def check_devices(float_model: nn.Module, quant_model: nn.Module, batch: Any = N
     if len(seen) > 1:
         where = "; ".join(f"{k} on {', '.join(sorted(str(d) for d in v))}"
                           for k, v in names.items() if v)
+        meta = (" Weights on the meta device were never loaded (a model built under "
+                "init_empty_weights): load them, or dispatch the model with accelerate "
+                "(disk_offload, dispatch_model), whose hooks load them at each call."
+                if torch.device("meta") in seen else "")
         raise InputError(
             f"the models and inputs must be on one device, but the {where}. "
-            "Move them first, e.g. float_model.to('cpu') (quantized kernels run on CPU)."
+            f"Move them first, e.g. float_model.to('cpu') (quantized kernels run on CPU).{meta}"
         )

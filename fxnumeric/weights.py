@@ -1,8 +1,12 @@
 """Weights of paired ops: the float weight (BN-folded where the quantized op absorbed a
-BatchNorm) beside the quantized weight, keyed like the quantized model's state_dict."""
+BatchNorm) beside the quantized weight, keyed like the quantized model's state_dict.
+
+Weights that accelerate offloaded (on the meta device until a hook loads them) are read from
+the hook's weights map (:func:`fxnumeric.offload.loaded`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -12,6 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from . import flows
 from .match import Matching, Pair, Region
+from .offload import loaded
 from .semantics import evaluate_constant
 from .view import GraphView
 
@@ -57,7 +62,8 @@ def _float_weight(region: Region, pair: Pair) -> torch.Tensor | None:
     parts: list[nn.Module] = []
     for node in chain:
         if node.op == "call_module":
-            parts.extend(_leaf_parts(view.modules[node.target]))
+            parts.extend(loaded(m, str(node.target))
+                         for m in _leaf_parts(view.modules[node.target]))
     return _folded_weight(parts)
 
 
@@ -98,7 +104,7 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
         return {f"{path}.weight": weight.detach()}
     for child in _leaf_parts(module):
         if child is not module:
-            found = _quant_weights(child, path)
+            found = _quant_weights(loaded(child, path), path)
             if found:
                 return found
     return {}
@@ -123,13 +129,15 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
+def pair_weights(matching: Matching) -> Iterator[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
     """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights.
 
     Keys are the quantized model's state_dict names (``layer1.0.conv1.weight``,
     ``fc._packed_params._packed_params``); a functional op's weight is ``<pair name>.weight``.
+    Yielded one op at a time: a weight that had to be made (dequantized from a torchao tensor,
+    BN-folded, read from accelerate's offload) is freed once the caller drops it, so a caller
+    that reduces each weight as it comes holds one layer's weights, not the model's.
     """
-    out: list[tuple[Pair, str, torch.Tensor, torch.Tensor]] = []
     for region in matching.regions:
         fmods, qmods = region.float_view.modules, region.quant_view.modules
         for pair in region.pairs:
@@ -137,14 +145,14 @@ def pair_weights(matching: Matching) -> list[tuple[Pair, str, torch.Tensor, torc
             if qnode.op != "call_module":
                 found = _graph_weight(region, pair)
                 if found is not None:
-                    out.append((pair, f"{pair.name}.weight", *found))
+                    yield (pair, f"{pair.name}.weight", *found)
                 continue
             fnode = region.chain(pair, "float")[0]
             fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
             path = _prefixed(region.quant_scope, str(qnode.target))
-            out += _module_weights(pair, fmod, qmods[qnode.target], path,
-                                   lambda region=region, pair=pair: _float_weight(region, pair))
-    return out
+            yield from _module_weights(
+                pair, fmod, qmods[qnode.target], path,
+                lambda region=region, pair=pair: _float_weight(region, pair))
 
 
 def _prefixed(path: str, name: str) -> str:
@@ -156,13 +164,13 @@ def _module_weights(
 ) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
     """The weights of one pair whose quantized side is the module ``qmod`` at ``qpath``;
     ``float_weight()`` gives the float weight (BN-folded where the pair absorbed one)."""
-    qweights = _quant_weights(qmod, qpath)
+    qweights = _quant_weights(loaded(qmod, qpath), qpath)
     if not qweights:
         return []
     if isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
         out = []
         ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
-        for (w_ih, w_hh), k in zip(_rnn_float_weights(fmod), ih_keys, strict=True):
+        for (w_ih, w_hh), k in zip(_rnn_float_weights(loaded(fmod)), ih_keys, strict=True):
             base = k[: -len(".weight_ih")]
             out.append((pair, f"{base}.weight_ih", w_ih.detach(), qweights[f"{base}.weight_ih"]))
             out.append((pair, f"{base}.weight_hh", w_hh.detach(), qweights[f"{base}.weight_hh"]))

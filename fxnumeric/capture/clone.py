@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 from torch import nn
@@ -24,6 +26,15 @@ def module_tree_copy(model: nn.Module) -> nn.Module:
     Replacing a submodule of the copy (``copy.set_submodule``) or registering a hook on one
     of its modules leaves ``model`` as it was; no tensor is copied, so this is cheap. A
     module registered at two paths is copied once (the copy keeps that sharing).
+
+    Instance attributes that call the original module are rebound to the copy: a method bound
+    to it, or a ``functools.partial`` whose first argument it is. accelerate's hooks
+    (``dispatch_model``, ``cpu_offload``, ``disk_offload``) set ``module.forward`` to
+    ``partial(new_forward, module)`` and keep the class's forward, bound, as
+    ``module._old_forward``; copied as they are, calling a copy would run the original module
+    and its original children, so nothing replaced or hooked in the copy would run. Rebound,
+    the copy runs through the same hook (``module._hf_hook``, shared), which loads the
+    offloaded weights into the copy's own parameter dict and offloads them again after.
 
     Example:
         >>> import torch
@@ -49,6 +60,10 @@ def module_tree_copy(model: nn.Module) -> nn.Module:
         for name in _HOOK_DICTS:
             if name in module.__dict__:
                 state[name] = type(module.__dict__[name])(module.__dict__[name])
+        for name, value in module.__dict__.items():
+            rebound = _rebind(value, module, twin)
+            if rebound is not value:
+                state[name] = rebound
         state["_modules"] = {
             name: None if child is None else copy_module(child)
             for name, child in module._modules.items()
@@ -56,3 +71,16 @@ def module_tree_copy(model: nn.Module) -> nn.Module:
         return twin
 
     return copy_module(model)
+
+
+def _rebind(value: Any, module: nn.Module, twin: nn.Module) -> Any:
+    """``value`` calling ``twin`` where it called ``module`` (a bound method, or a partial whose
+    first argument is ``module``, its wrapper attributes rebound too); else ``value`` itself."""
+    if isinstance(value, types.MethodType) and value.__self__ is module:
+        return types.MethodType(value.__func__, twin)
+    if isinstance(value, functools.partial) and value.args and value.args[0] is module:
+        rebound = functools.partial(value.func, twin, *value.args[1:], **value.keywords)
+        # functools.update_wrapper's attributes (__wrapped__: inspect.signature follows it)
+        rebound.__dict__.update({k: _rebind(v, module, twin) for k, v in value.__dict__.items()})
+        return rebound
+    return value

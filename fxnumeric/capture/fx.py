@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import TraceError
+from ..offload import keeps_whole
 
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
@@ -77,6 +78,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         qualified = f"{self._prefix}{module_qualified_name}".rstrip(".")
         if qualified in self._leaf_names or isinstance(m, self._leaf_types):
+            return True
+        if keeps_whole(m):  # its weights are offloaded by accelerate: its hook must load them
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -1,0 +1,160 @@
+"""Models dispatched by accelerate: weights that live on the meta device until a hook loads them.
+
+``accelerate.dispatch_model`` (a ``device_map`` with ``"cpu"`` or ``"disk"`` entries),
+``cpu_offload``, ``disk_offload`` and ``from_pretrained(device_map=..., offload_folder=...)``
+move a module's weights to the ``meta`` device and attach a hook (``module._hf_hook``, an
+``AlignDevicesHook``, possibly inside a ``SequentialHook``) that loads them from its
+``weights_map`` (a CPU state dict or memory-mapped files) before each call of the module and
+drops them after. fxnumeric runs such a model through those hooks:
+
+* copies of the module tree run the copy through the same hook
+  (:func:`fxnumeric.capture.clone.module_tree_copy`);
+* a module whose own tensors are offloaded is never traced through (its graph would read the
+  meta tensors; called whole, its hook loads them): :func:`keeps_whole`;
+* the device check reads a hooked tensor's execution device, not ``meta``: :func:`devices`;
+* weight comparisons read each offloaded weight from the hook's map, one module at a time, and
+  never write into the user's module: :func:`loaded`.
+
+Nothing here imports accelerate: the hooks are read by their attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+__all__ = ["hooks_of", "offloaded_names", "keeps_whole", "whole_paths", "loaded", "devices"]
+
+_META = torch.device("meta")
+
+
+def hooks_of(module: nn.Module) -> list[Any]:
+    """The accelerate hooks on ``module`` that place tensors (``AlignDevicesHook`` s), a
+    ``SequentialHook`` unpacked; ``[]`` for a module without hooks."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return []
+    found = list(getattr(hook, "hooks", None) or [hook])
+    return [h for h in found if hasattr(h, "execution_device")]
+
+
+def _direct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in (*module._parameters.items(), *module._buffers.items())
+            if isinstance(t, torch.Tensor)}
+
+
+def offloaded_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own parameters and buffers that are on the meta device while a
+    hook on it is there to load them (empty for an ordinary module)."""
+    if not hooks_of(module):
+        return []
+    return [name for name, t in _direct_tensors(module).items() if t.device == _META]
+
+
+def keeps_whole(module: nn.Module) -> bool:
+    """Whether ``module`` must be called whole rather than traced through: its own tensors (or,
+    with accelerate's ``preload_module_classes``, its submodules') are loaded by its hook."""
+    return bool(offloaded_names(module)) or any(
+        getattr(h, "place_submodules", False) and getattr(h, "offload", False)
+        for h in hooks_of(module))
+
+
+def whole_paths(model: Any) -> list[str]:
+    """Paths of the modules of ``model`` that :func:`keeps_whole`, to keep whole on both sides
+    of a pair (a custom module with an offloaded parameter of its own, traced through on the
+    in-memory side, would not pair with itself called whole)."""
+    if not isinstance(model, nn.Module):
+        return []
+    return [path for path, module in model.named_modules() if path and keeps_whole(module)]
+
+
+def _offloaded_value(module: nn.Module, name: str) -> torch.Tensor | None:
+    for hook in hooks_of(module):
+        weights = getattr(hook, "weights_map", None)
+        if weights is None:
+            continue
+        try:
+            value = weights[name]
+        except KeyError:
+            continue
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def loaded(module: nn.Module, where: str = "") -> nn.Module:
+    """``module`` with its offloaded tensors readable: the module itself when none is
+    offloaded, else a shallow copy whose offloaded parameters and buffers are read from the
+    hook's weights map (the user's module is not touched; its hook still offloads it).
+
+    Args:
+        module: a module of a model dispatched by accelerate, or any module.
+        where: the module's path, for the error message.
+
+    Raises:
+        InputError: a tensor is on the meta device and no hook on the module holds its value.
+    """
+    names = offloaded_names(module)
+    if not names and not any(t.device == _META for t in _direct_tensors(module).values()):
+        return module
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    twin.__dict__["_parameters"] = dict(module._parameters)
+    twin.__dict__["_buffers"] = dict(module._buffers)
+    for name, tensor in _direct_tensors(module).items():
+        if tensor.device != _META:
+            continue
+        value = _offloaded_value(module, name)
+        if value is None:
+            raise InputError(
+                f"`{where or type(module).__name__}.{name}` is on the meta device and no "
+                "accelerate hook on that module holds its value, so its weight cannot be "
+                "compared (a model built under init_empty_weights and never loaded, or "
+                "dispatched with preload_module_classes, whose hook sits on a parent module).\n"
+                "Fix: load the weights (accelerate.load_checkpoint_and_dispatch), or leave "
+                "weights out: compare(..., comparisons=('outputs', 'shadows'))")
+        store = "_parameters" if name in module._parameters else "_buffers"
+        twin.__dict__[store][name] = value.detach()
+    return twin
+
+
+def devices(model: Any) -> set[torch.device]:
+    """Where ``model``'s tensors compute: a tensor offloaded by a hook counts as the hook's
+    execution device (a submodule's too, under a hook that places its submodules); a tensor
+    on the meta device with no hook stays ``meta``. A model that is not an ``nn.Module`` (an
+    ``ExportedProgram``) answers by its ``parameters()`` and ``buffers()``."""
+    if not isinstance(model, nn.Module):
+        return {t.device for t in (*model.parameters(), *model.buffers())}
+    found: set[torch.device] = set()
+
+    def visit(module: nn.Module, inherited: torch.device | None) -> None:
+        own = _execution_device(module)
+        placing = next((_device(h.execution_device) for h in hooks_of(module)
+                        if getattr(h, "place_submodules", False)
+                        and h.execution_device is not None), None)
+        for tensor in _direct_tensors(module).values():
+            if tensor.device == _META:
+                found.add(own or placing or inherited or _META)
+            else:
+                found.add(tensor.device)
+        for child in module._modules.values():
+            if child is not None:
+                visit(child, placing or inherited)
+
+    visit(model, None)
+    return found
+
+
+def _device(value: Any) -> torch.device:
+    return value if isinstance(value, torch.device) else torch.device(value)
+
+
+def _execution_device(module: nn.Module) -> torch.device | None:
+    for hook in hooks_of(module):
+        if hook.execution_device is not None:
+            return _device(hook.execution_device)
+    return None

@@ -1,0 +1,345 @@
+"""Data-parallel compare: two processes (gloo on CPU) each run half of the batches, and rank 0's
+report equals a one-process run over all of them, field by field (1e-6).
+
+The oracle is :func:`fxnumeric.compare` in this process. Merging is tested first without
+processes: accumulators filled on parts of the batches and merged equal one accumulator fed
+every batch (sums, maxima, the per-batch spread, NaN/Inf counts, custom metrics, token KLs).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.ao.quantization import quantize_dynamic
+
+import fxnumeric as ns
+from fxnumeric.distributed import ONE_PROCESS, Ranks, data_parallel
+from fxnumeric.llm_metrics import LogitsAccumulator
+from fxnumeric.metrics import Accumulator
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report_equal import differences  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def _mean_abs(ref, actual):
+    return float((ref - actual).abs().mean())
+
+
+def _tensor_batches(n: int = 7, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ref, actual) pairs, one with NaN in the actual tensor, one with Inf in the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ref = torch.randn(3, 5, generator=gen) * (i + 1)
+        actual = ref + 0.05 * torch.randn(3, 5, generator=gen)
+        if i == 3:
+            actual[0, 0] = math.nan
+        if i == 5:
+            ref[1, 1] = math.inf
+        out.append((ref, actual))
+    return out
+
+
+def _fed(batches, order) -> Accumulator:
+    acc = Accumulator({"mean_abs": _mean_abs})
+    for i in order:
+        acc.update(*batches[i])
+        acc.update(*batches[i])  # a module called twice per batch
+        acc.end_batch()
+    return acc
+
+
+@pytest.mark.parametrize("parts", [[range(0, 7)], [range(0, 3), range(3, 7)],
+                                   [range(0, 7, 2), range(1, 7, 2)], [[0], [], [1, 2, 3, 4, 5, 6]]])
+def test_merged_parts_equal_one_accumulator(parts):
+    batches = _tensor_batches()
+    finite = [b for i, b in enumerate(batches) if i not in (3, 5)]
+    whole = _fed(finite, range(len(finite)))
+    states = [_fed(finite, [i for i in part if i < len(finite)]).state() for part in parts]
+    merged = Accumulator({"mean_abs": _mean_abs})
+    state = states[0]
+    for other in states[1:]:
+        state = state.merged(other)
+    merged.load(state)
+    names = ["sqnr", "cosine", "mse", "max_abs_error", "mean_abs"]
+    assert not differences(merged.values(names), whole.values(names), rel=1e-12)
+    assert not differences(merged.spread(), whole.spread(), rel=1e-12)
+    assert (merged.batches, merged.count) == (whole.batches, whole.count)
+
+
+def test_merging_keeps_nan_and_inf_and_where_they_came_from():
+    batches = _tensor_batches()
+    whole = _fed(batches, range(7))
+    a, b = _fed(batches, [0, 1, 2, 3]), _fed(batches, [4, 5, 6])
+    a.merge(b)
+    assert (a.nonfinite_batches, a.ref_nonfinite, a.actual_nonfinite) == (4, 2, 2)
+    assert (a.nonfinite_batches, a.ref_nonfinite, a.actual_nonfinite) == (
+        whole.nonfinite_batches, whole.ref_nonfinite, whole.actual_nonfinite)
+    assert math.isnan(a.value("max_abs_error")) and math.isnan(whole.value("max_abs_error"))
+    assert not differences(a.spread(), whole.spread(), rel=1e-12)
+
+
+def test_merging_an_empty_accumulator_changes_nothing():
+    acc = _fed(_tensor_batches(), [0, 1])
+    before = acc.state()
+    acc.merge(Accumulator({"mean_abs": _mean_abs}))
+    assert acc.state() == before
+    empty = Accumulator()
+    empty.merge(_fed(_tensor_batches(), [0, 1]))
+    assert empty.state().signal == before.signal and empty.spread() == acc.spread()
+
+
+def test_logits_states_merge_to_the_exact_p99():
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 9, 40, generator=gen) * 3
+    q = f + 0.3 * torch.randn(6, 9, 40, generator=gen)
+    ids = torch.randint(0, 40, (6, 9), generator=gen)
+    whole, parts = LogitsAccumulator(), [LogitsAccumulator() for _ in range(3)]
+    whole.update(f, q, input_ids=ids)
+    for k, rows in enumerate((slice(0, 1), slice(1, 4), slice(4, 6))):
+        parts[k].update(f[rows], q[rows], input_ids=ids[rows])
+    state = parts[0].state().merged(parts[1].state()).merged(parts[2].state())
+    merged = LogitsAccumulator()
+    merged.load(pickle.loads(pickle.dumps(state)))  # as it travels between processes
+    assert not differences(merged.values(), whole.values(), rel=1e-12)
+    assert merged.tokens == whole.tokens == 54
+
+
+def test_ranks_share_batches_by_index(monkeypatch):
+    monkeypatch.setattr(Ranks, "_check", lambda self, accumulators: None)  # no process group
+    pairs = list(enumerate("abcde"))
+    shares = [list(Ranks(r, 2).share(pairs, [])) for r in range(2)]
+    assert shares == [[(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d")]]
+    assert [Ranks(r, 3).count(5) for r in range(3)] == [2, 2, 1]
+    assert list(ONE_PROCESS.share(pairs, [])) == pairs
+    assert ONE_PROCESS.reduce([], 3, [2, 1]) == (3, (2, 1))
+
+
+def test_distributed_true_without_a_process_group_says_how_to_launch():
+    assert not dist.is_initialized()
+    assert data_parallel(None) == ONE_PROCESS and data_parallel(False) == ONE_PROCESS
+    with pytest.raises(ns.InputError, match=r"needs an initialised torch.distributed process "
+                                            r"group(.|\n)*Fix: launch with torchrun"):
+        ns.compare(nn.Linear(2, 2), nn.Linear(2, 2), [torch.randn(1, 2)], distributed=True)
+
+
+# --- two processes -------------------------------------------------------------------------
+
+
+class _Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _mlp_case():
+    """An MLP over 7 batches: batch ``i`` has ``i + 1`` rows (so a hook can tell which ran),
+    batch 2 holds NaN (left out, on rank 0), batch 5 overflows inside the models (NaN/Inf
+    first appears in a layer, on rank 1); a custom metric."""
+    torch.manual_seed(0)
+    f = _Mlp().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(i + 1, 16, generator=gen) for i in range(7)]
+    data[2][0, 0] = math.nan
+    data[5] = data[5] * 1e37
+    return f, q, data
+
+
+def _llama_case():
+    from fxnumeric.zoo_llm import tiny_llama, tiny_llm_batches
+
+    f = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    return f, q, tiny_llm_batches(n=5, batch_size=2)
+
+
+def _reports() -> tuple[dict, list[int]]:
+    """The reports both processes (and the oracle) compute, and the batch sizes rank ran."""
+    f, q, data = _mlp_case()
+    ran: list[int] = []
+    f.fc1.register_forward_pre_hook(lambda m, args: ran.append(args[0].shape[0]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        out = {"mlp": ns.compare(f, q, data, metrics=["sqnr", "cosine", "mse",
+                                                      "max_abs_error", _mean_abs])}
+        out["mlp_two_batches"] = ns.compare(f, q, data, max_batches=2)
+        if _has_transformers():
+            f, q, batches = _llama_case()
+            out["llama"] = ns.compare(f, q, batches)
+            half = quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=torch.float16)
+            out["llama_variants"] = ns.compare(f, {"int8": q, "fp16": half}, batches)
+    return out, ran
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _refusals() -> dict[str, str]:
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    f, q, data = _mlp_case()
+    other = nn.Sequential(nn.Linear(16, 8)).eval()
+    other_q = quantize_dynamic(copy.deepcopy(other), {nn.Linear})
+    found = {}
+    loader = DataLoader(TensorDataset(torch.randn(8, 16)), batch_size=2,
+                        sampler=DistributedSampler(TensorDataset(torch.randn(8, 16))))
+    for name, call in (
+        ("sampler", lambda: ns.compare(f, q, loader, inputs=0)),
+        ("keep", lambda: ns.compare(f, q, data[:2], keep_activations=True)),
+        ("mismatch", lambda: ns.compare(*((f, q) if dist.get_rank() == 0 else (other, other_q)),
+                                        data[:2])),
+    ):
+        try:
+            call()
+            found[name] = ""
+        except ns.InputError as exc:
+            found[name] = str(exc)
+    return found
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        reports, ran = _reports()
+        refusals = _refusals()
+        f, q, data = _mlp_case()
+        alone = ns.compare(f, q, data[:4], distributed=False)  # batch 2 holds NaN
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as fh:
+        pickle.dump((reports, ran, refusals, alone.batches), fh)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    init = "file://" + str(out / "rendezvous")
+    mp.spawn(_worker, args=(init, str(out)), nprocs=WORLD, join=True)
+    results = []
+    for rank in range(WORLD):
+        with open(out / f"rank{rank}.pkl", "rb") as fh:
+            results.append(pickle.load(fh))
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    # one thread, as in the ranks: float32 per-batch reductions summed in another order by
+    # more threads move a per-batch SQNR by ~1e-7, its spread's std by ~2e-6
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            return _reports()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rank_zero_equals_one_process_field_by_field(two_ranks, one_process):
+    oracle, _ = one_process
+    reports, _, _, _ = two_ranks[0]
+    assert set(reports) == set(oracle)
+    for name, report in reports.items():
+        found = differences(report, oracle[name], rel=1e-6, path=name)
+        assert not found, "\n".join(found[:20])
+
+
+def test_the_oracle_has_what_must_survive_the_merge(one_process):
+    oracle, _ = one_process
+    mlp = oracle["mlp"]
+    assert mlp.batches == 6 and mlp.skipped_batches == (2,)
+    assert any("1 of 7 batches left out" in n for n in mlp.notes)
+    assert mlp.nonfinite and any("NaN/Inf first appears" in n for n in mlp.notes)
+    assert all(row.spread for row in mlp.rows) and "_mean_abs" in mlp.rows[0].output
+    assert oracle["mlp_two_batches"].batches == 2
+    if "llama" in oracle:
+        assert any(row.weight_sqnr is not None for row in oracle["llama"].rows)
+        # merged: the token KLs (their p99) and the blocks' sums; variants each their own
+        assert {"kl", "kl_p99", "top1_agreement"} <= set(oracle["llama"].model_output)
+        assert len(oracle["llama"].blocks) == 2
+        assert set(oracle["llama_variants"].variants) == {"int8", "fp16"}
+        assert oracle["llama_variants"].variants["fp16"].blocks
+
+
+def test_every_rank_returns_the_same_report(two_ranks):
+    first = two_ranks[0][0]
+    for reports, *_ in two_ranks[1:]:
+        for name, report in reports.items():
+            assert not differences(report, first[name], rel=0.0, path=name)
+
+
+def test_each_rank_ran_its_own_share_of_the_batches(two_ranks):
+    # batch i has i + 1 rows; rank r runs i % 2 == r (batch 0 also runs once when capturing)
+    ran = [set(r[1]) for r in two_ranks]
+    assert ran[0] == {1, 5, 7}  # batch 2 (3 rows) holds NaN: left out
+    assert ran[1] - {1} == {2, 4, 6}
+
+
+def test_what_cannot_be_split_is_refused_on_every_rank(two_ranks):
+    for _, _, refusals, alone_batches in two_ranks:
+        assert "DistributedSampler" in refusals["sampler"] and "Fix:" in refusals["sampler"]
+        assert "keep_activations=True) under torch.distributed" in refusals["keep"]
+        assert "Fix: run one process" in refusals["keep"]
+        assert "captured the models differently (metric accumulators on ranks 0..1: [" in (
+            refusals["mismatch"]) and "Fix: build the models and data identically" in (
+            refusals["mismatch"])
+        assert alone_batches == 3  # distributed=False: each rank compares all of its data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_runs_the_cli_data_parallel(tmp_path):
+    """``torchrun --nproc_per_node 2 -m fxnumeric.cli report`` prints rank 0's report once."""
+    args = ["report", "--model", "_flow_pairs:make_dynamic", "--input-shape", "4,16",
+            "--batches", "5", "--format", "json", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                "-m", "fxnumeric.cli", *args]
+    done = subprocess.run(torchrun, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "fxnumeric.cli", *args], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    parallel, alone = ns.Report.from_json(done.stdout), ns.Report.from_json(one.stdout)
+    assert parallel.batches == 5
+    found = differences(parallel, alone, rel=1e-6)
+    assert not found, "\n".join(found[:20])

@@ -1,0 +1,198 @@
+"""Models dispatched by accelerate (weights offloaded to CPU memory or disk, loaded by hooks at
+each call) compare with the same numbers as the same models in memory.
+
+The oracle is the in-memory run: every field of the report (rows, weights, spread, model
+output, notes) equal to 1e-6. Offloaded float models: ``disk_offload``, ``dispatch_model`` with
+a ``device_map`` holding ``"disk"``, and ``from_pretrained(device_map=..., offload_folder=...)``.
+Quantized models: accelerate offloads torchao's models to CPU memory (``cpu_offload``) but not
+to disk (``.numpy()`` of a tensor subclass), and cannot offload ``quantize_dynamic`` models at
+all (their state dict holds dtypes and packed weights): those stay in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.quantization import quantize_dynamic
+
+import fxnumeric as ns
+from fxnumeric.capture.clone import module_tree_copy
+from fxnumeric.offload import devices, keeps_whole, loaded, offloaded_names
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report_equal import differences  # noqa: E402
+
+accelerate = pytest.importorskip("accelerate")
+pytest.importorskip("transformers")
+from fxnumeric.zoo_llm import tiny_llama, tiny_llm_batches  # noqa: E402
+
+META = torch.device("meta")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*deprecat.*")
+        yield
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return tiny_llm_batches(n=3)
+
+
+@pytest.fixture(scope="module")
+def dynamic_llama():
+    """tiny_llama in memory and its quantize_dynamic version, with the in-memory report."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        f = tiny_llama()
+        q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    return f, q
+
+
+def _same(offloaded, in_memory) -> None:
+    found = differences(offloaded, in_memory, rel=1e-6)
+    assert not found, "\n".join(found[:20])
+
+
+def _parameters_on_meta(model: nn.Module) -> int:
+    return sum(p.device == META for p in model.parameters())
+
+
+def test_a_tree_copy_of_a_hooked_model_runs_the_copy_through_the_hook():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    assert model[0].weight.device == META
+    twin = module_tree_copy(model)
+    seen = []
+    twin[1] = _Recorder(seen)  # replaced in the copy only
+    with torch.no_grad():
+        got = twin(x)
+    assert seen == [(3, 4)]  # the copy's root ran the copy's children, the replaced one included
+    torch.testing.assert_close(got, expected)  # its Linear copies loaded their weights
+    assert twin[0].weight.device == META and model[0].weight.device == META  # offloaded again
+    assert type(model[1]) is nn.ReLU and model[0]._hf_hook is twin[0]._hf_hook
+
+
+class _Recorder(nn.Module):
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape))
+        return torch.relu(x)
+
+
+def test_disk_offloaded_float_model_compares_as_in_memory(dynamic_llama, batches, tmp_path):
+    f, q = dynamic_llama
+    in_memory = ns.compare(f, q, batches)
+    offloaded = accelerate.disk_offload(tiny_llama(), tmp_path, execution_device="cpu")
+    assert _parameters_on_meta(offloaded) == len(list(offloaded.parameters()))
+    report = ns.compare(offloaded, q, batches)
+    _same(report, in_memory)
+    assert any(r.weight_sqnr is not None for r in report.rows)  # weights read through the hooks
+    assert any(r.output and r.shadow for r in report.rows if r.quantized)
+    assert _parameters_on_meta(offloaded) == len(list(offloaded.parameters()))  # still offloaded
+
+
+def test_device_map_with_disk_and_a_cpu_offloaded_torchao_model(batches, tmp_path):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    f = tiny_llama()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    in_memory = ns.compare(f, q, batches)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu",
+                  "model.layers.0": "disk", "model.layers.1": "disk", "model.norm": "cpu",
+                  "lm_head": "cpu"}
+    f_dispatched = accelerate.dispatch_model(tiny_llama(), device_map=device_map,
+                                             offload_dir=tmp_path)
+    q_offloaded = copy.deepcopy(tiny_llama())
+    quantize_(q_offloaded, Int8WeightOnlyConfig())
+    accelerate.cpu_offload(q_offloaded, execution_device="cpu")
+    assert f_dispatched.model.layers[0].mlp.down_proj.weight.device == META
+    assert q_offloaded.model.layers[0].mlp.down_proj.weight.device == META
+    _same(ns.compare(f_dispatched, q_offloaded, batches), in_memory)
+
+
+def test_from_pretrained_with_an_offload_folder(dynamic_llama, batches, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    f, q = dynamic_llama
+    f.save_pretrained(tmp_path / "checkpoint")
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "checkpoint", device_map={"": "disk"}, offload_folder=tmp_path / "offload")
+    assert _parameters_on_meta(offloaded)
+    _same(ns.compare(offloaded, q, batches), ns.compare(f, q, batches))
+
+
+def test_a_module_with_offloaded_weights_of_its_own_is_called_whole(tmp_path):
+    """Traced through, its graph would read meta tensors; called whole, its hook loads them."""
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    data = [torch.randn(2, 8) for _ in range(2)]
+    in_memory = ns.compare(model, q, data)
+    assert not keeps_whole(model.block)
+    accelerate.disk_offload(model, tmp_path, execution_device="cpu")
+    assert keeps_whole(model.block) and offloaded_names(model.block) == ["scale"]
+    report = ns.compare(model, q, data)
+    _same(report.model_output, in_memory.model_output)
+    assert [r.name for r in report.rows] == ["fc", "relu", "block"] and not report.unmatched
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.block = _ScaledBlock()
+
+    def forward(self, x):
+        return self.block(torch.relu(self.fc(x)))
+
+
+def test_offloaded_weights_are_read_without_touching_the_module(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    weight = model[0].weight.detach().clone()
+    accelerate.disk_offload(model, tmp_path, execution_device="cpu")
+    readable = loaded(model[0], "0")
+    torch.testing.assert_close(readable.weight, weight)
+    assert model[0].weight.device == META and readable is not model[0]
+    assert devices(model) == {torch.device("cpu")}
+    plain = nn.Linear(2, 2)
+    assert loaded(plain) is plain
+
+
+def test_weights_on_meta_with_nothing_to_load_them_are_refused_with_a_fix():
+    with torch.device("meta"):
+        empty = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ns.InputError, match=r"no accelerate hook on that module holds its "
+                                            r"value(.|\n)*Fix: load the weights"):
+        loaded(empty[0], "0")
+    q = quantize_dynamic(nn.Sequential(nn.Linear(4, 4)).eval(), {nn.Linear})
+    with pytest.raises(ns.InputError, match=r"float model on meta(.|\n)*Weights on the meta "
+                                            r"device were never loaded"):
+        ns.compare(empty, q, [torch.randn(2, 4)], comparisons=("outputs",))
