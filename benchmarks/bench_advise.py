@@ -12,8 +12,16 @@ Part 2, sensitivity() on FX-quantized MLPs of N Linear-ReLU layers (width 256, b
 batches): time against one float + one quantized forward of the same batches (the floor of
 any activation comparison), so the ratio says how many forward pairs sensitivity costs.
 
-    .venv/bin/python benchmarks/bench_advise.py           # ~1 min
-    .venv/bin/python benchmarks/bench_advise.py --quick   # part 2 with N <= 16 only
+Part 3 (``--part smollm2``), issue 19's bar: SmolLM2-135M-Instruct (the ``llm`` extra), bf16,
+torchao int4 g32 and int8 weight-only variants of its 210 decoder Linears; ``advise(metric="kl",
+target=0.15)`` on ``LLM_TEXTS``, then the advice applied with its ``FqnToConfig`` and measured
+(KL, top-1 agreement, perplexities) on the same text and on held-out text, beside the fixed
+rules of the issue (all int4; int8 down_proj; int8 down, v, o; all int8) applied the same way.
+Two threads, as the bar asks.
+
+    .venv/bin/python benchmarks/bench_advise.py                   # parts 1 and 2, ~1 min
+    .venv/bin/python benchmarks/bench_advise.py --quick           # part 2 with N <= 16 only
+    .venv/bin/python benchmarks/bench_advise.py --part smollm2    # ~3 min on an idle machine
 """
 
 from __future__ import annotations
@@ -138,16 +146,90 @@ def part_scaling(sizes: list[int]) -> None:
                                   "x fwd pair", "x fwd pair / N")))
 
 
+def _plan_metrics(float_model, configs, assignment, batches) -> dict[str, float]:
+    """Quantize a copy of ``float_model`` layer by layer as ``assignment`` says (torchao
+    ``FqnToConfig``) and read the LLM metrics of the result on ``batches``."""
+    from torchao.quantization import FqnToConfig, quantize_
+
+    from fxnumeric.llm_metrics import LogitsAccumulator
+
+    model = copy.deepcopy(float_model)
+    quantize_(model, FqnToConfig({path: configs[c] for path, c in assignment.items()
+                                  if c != "float"}), filter_fn=None)
+    acc = LogitsAccumulator()
+    with torch.no_grad():
+        for b in batches:
+            acc.update(float_model(**b, use_cache=False).logits,
+                       model(**b, use_cache=False).logits,
+                       attention_mask=b["attention_mask"], input_ids=b["input_ids"])
+    return acc.values()
+
+
+def part_smollm2(target: float) -> None:
+    from torchao.quantization import quantize_
+
+    from fxnumeric.models import torchao_config, untied_linears
+    from fxnumeric.storage import weight_storage_bits
+    from fxnumeric.zoo_llm import LLM_HELDOUT_TEXTS, LLM_TEXTS, llm_batches, smollm2
+
+    torch.set_num_threads(2)
+    model, tok = smollm2(dtype=torch.bfloat16)
+    model.eval()
+    data, held = llm_batches(tok, LLM_TEXTS), llm_batches(tok, LLM_HELDOUT_TEXTS)
+    modes = {"int4": "int4-weight-only", "int8": "int8-weight-only"}
+    variants = {}
+    for name, mode in modes.items():
+        variants[name] = copy.deepcopy(model)
+        quantize_(variants[name], torchao_config(mode), filter_fn=untied_linears(variants[name]))
+    configs = {name: torchao_config(mode) for name, mode in modes.items()}
+    start = time.perf_counter()
+    advice = advise(model, variants, data, metric="kl", target=target, progress=False)
+    took = time.perf_counter() - start
+    print(f"advise(metric='kl', target={target}): {took:.0f} s, {advice.evaluations} hybrids "
+          f"on {torch.get_num_threads()} threads\n{advice.message}\n")
+
+    layers = list(advice.assignment)
+    bits = {name: {p: weight_storage_bits(variants[name].get_submodule(p), nominal=True)
+                   for p in layers} for name in variants}
+
+    def average(plan):
+        return (sum(bits[c][p][0] for p, c in plan.items())
+                / sum(bits[c][p][1] for p, c in plan.items()))
+
+    def rule(*kinds):
+        return {p: "int8" if p.rsplit(".", 1)[-1] in kinds else "int4" for p in layers}
+
+    plans = {"all int4": rule(), "int8 down_proj": rule("down_proj"),
+             "int8 down, v, o": rule("down_proj", "v_proj", "o_proj"),
+             "all int8": {p: "int8" for p in layers}, "advise": dict(advice.assignment)}
+    rows = []
+    for name, plan in plans.items():
+        same, other = (_plan_metrics(model, configs, plan, b) for b in (data, held))
+        rows.append((name, f"{average(plan):.2f}", f"{same['kl']:.4f}",
+                     f"{same['top1_agreement']:.3f}", f"{other['kl']:.4f}",
+                     f"{other['top1_agreement']:.3f}"))
+    print(tabulate(rows, headers=("plan (applied with FqnToConfig)", "avg weight bits",
+                                  "KL", "top-1", "held-out KL", "held-out top-1")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=("minilm", "scaling", "smollm2"),
+                        help="one part only (default: minilm and scaling)")
+    parser.add_argument("--target", type=float, default=0.15, help="smollm2: the KL target")
     args = parser.parse_args()
+    if args.part == "smollm2":
+        print(f"torch {torch.__version__}")
+        part_smollm2(args.target)
+        return
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}\n")
-    if not args.quick:
+    if not args.quick and args.part in (None, "minilm"):
         part_minilm()
         print()
-    part_scaling([4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
+    if args.part in (None, "scaling"):
+        part_scaling([4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
 
 
 if __name__ == "__main__":

@@ -466,16 +466,14 @@ def _mergeable(plan: _Plan) -> list[Any]:
     return [*_accumulators(plan), plan.logits, *plan.floors.values()]
 
 
-def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
-         max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None,
-         total: int | None = None, ranks: Ranks = ONE_PROCESS) -> _Ran:
-    """Feed every batch (this rank's share) to both instrumented models; a batch holding
-    NaN/Inf is left out. Under torch.distributed the ranks' sums are merged at the end."""
-    float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
+def _feed(data: Iterable[Any], step: Callable[[int, Any, Any], None], mergeable: list[Any],
+          progress: bool | None, max_batches: int | None,
+          inputs: int | Callable[[Any], Any] | None, total: int | None, ranks: Ranks) -> _Ran:
+    """Call ``step(batches_so_far, model_inputs, batch)`` on every batch (this rank's share);
+    a batch holding NaN/Inf is left out. Under torch.distributed the ranks' sums
+    (``mergeable``) are merged at the end."""
     if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
         data = [data]
-    accumulators = _accumulators(plan)
-    mergeable = _mergeable(plan)  # what the ranks' sums are merged into
     bar = Progress(ranks.count(total), "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
@@ -489,24 +487,10 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
                 skipped.append(index)
                 warnings.warn(f"batch {index} holds NaN/Inf: it is left out of every metric "
                               "(Report.notes lists the batches left out)",
-                              FxNumericWarning, stacklevel=3)
+                              FxNumericWarning, stacklevel=4)
                 bar.update()
                 continue
-            if batches == 0:
-                check_devices(plan.matching.float_model or float_gm,
-                              plan.matching.quant_model or quant_gm, model_inputs)
-                float_out = _first_run(float_gm, model_inputs, batch, inputs)
-            else:
-                float_out = run_model(float_gm, model_inputs, which="float")
-            quant_out = run_model(quant_gm, model_inputs, which="quantized")
-            plan.model.update(_output_tensor(float_out), _output_tensor(quant_out))
-            _llm_update(plan, float_out, quant_out, model_inputs)
-            for twin in plan.twins:
-                twin.pending.clear()
-            for value in plan.values:
-                value.clear()
-            for acc in accumulators:
-                acc.end_batch()
+            step(batches, model_inputs, batch)
             batches += 1
             bar.update()
     finally:
@@ -520,6 +504,24 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         raise InputError("data yielded no batches: pass an iterable of input tensors "
                          "(or tuples of inputs)")
     return _Ran(batches, skipped)
+
+
+def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
+         max_batches: int | None, inputs: int | Callable[[Any], Any] | None = None,
+         total: int | None = None, ranks: Ranks = ONE_PROCESS) -> _Ran:
+    """Feed every batch to both instrumented models (:func:`_feed`)."""
+    float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
+
+    def step(done: int, model_inputs: Any, batch: Any) -> None:
+        if done == 0:
+            check_devices(plan.matching.float_model or float_gm,
+                          plan.matching.quant_model or quant_gm, model_inputs)
+            float_out = _first_run(float_gm, model_inputs, batch, inputs)
+        else:
+            float_out = run_model(float_gm, model_inputs, which="float")
+        _variant_batch(plan, "", float_out, model_inputs)
+
+    return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks)
 
 
 def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
@@ -872,58 +874,32 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
                   inputs: int | Callable[[Any], Any] | None, total: int | None,
                   ranks: Ranks = ONE_PROCESS) -> _Ran:
     """:func:`_run` for several variants: per batch, each group's float model runs once, then
-    the quantized model of each variant of the group against its values (under
-    torch.distributed, this rank's share of the batches; every variant's sums merged)."""
-    if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
-        data = [data]
-    mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
-    bar = Progress(ranks.count(total), "comparing batches", progress)
-    batches = 0
-    skipped: list[int] = []
-    try:
-        for index, batch in ranks.share(enumerate(data), mergeable):
-            if max_batches is not None and index >= max_batches:
-                break
-            model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
-            check_batch(model_inputs, index)
-            if nonfinite_inputs(model_inputs):
-                skipped.append(index)
-                warnings.warn(f"batch {index} holds NaN/Inf: it is left out of every metric "
-                              "(Report.notes lists the batches left out)",
-                              FxNumericWarning, stacklevel=4)
-                bar.update()
-                continue
-            for group in groups:
-                assert group.model is not None
-                if batches == 0:
-                    for name in group.names:
-                        check_devices(plans[name].matching.float_model or group.model,
-                                      plans[name].matching.quant_model
-                                      or plans[name].built.quant_model, model_inputs)
-                    float_out = _first_run(group.model, model_inputs, batch, inputs)
-                else:
-                    float_out = run_model(group.model, model_inputs, which="float")
+    the quantized model of each variant of the group against its values (every variant's sums
+    merged under torch.distributed)."""
+
+    def step(done: int, model_inputs: Any, batch: Any) -> None:
+        for group in groups:
+            assert group.model is not None
+            if done == 0:
                 for name in group.names:
-                    _variant_batch(plans[name], name, float_out, model_inputs)
-            batches += 1
-            bar.update()
-    finally:
-        bar.close()
-    batches, skipped = ranks.reduce(mergeable, batches, skipped)
-    if batches == 0 and skipped:
-        raise InputError(f"every batch holds NaN/Inf ({len(skipped)} batches): nothing is left "
-                         "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
-                         "or check the preprocessing that produces it")
-    if batches == 0:
-        raise InputError("data yielded no batches: pass an iterable of input tensors "
-                         "(or tuples of inputs)")
-    return _Ran(batches, tuple(skipped))
+                    check_devices(plans[name].matching.float_model or group.model,
+                                  plans[name].matching.quant_model
+                                  or plans[name].built.quant_model, model_inputs)
+                float_out = _first_run(group.model, model_inputs, batch, inputs)
+            else:
+                float_out = run_model(group.model, model_inputs, which="float")
+            for name in group.names:
+                _variant_batch(plans[name], name, float_out, model_inputs)
+
+    mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
+    return _feed(data, step, mergeable, progress, max_batches, inputs, total, ranks)
 
 
 def _variant_batch(plan: _Plan, name: str, float_out: Any, model_inputs: Any) -> None:
-    """One variant's quantized model on a batch whose float values its twins hold, as
-    :func:`_run` does for one pair."""
-    quant_out = run_model(plan.built.quant_model, model_inputs, which=f"quantized ({name})")
+    """A plan's quantized model on a batch whose float values its twins hold (``name``: the
+    variant's, "" for a compare of one quantized model)."""
+    quant_out = run_model(plan.built.quant_model, model_inputs,
+                          which=f"quantized ({name})" if name else "quantized")
     plan.model.update(_output_tensor(float_out), _output_tensor(quant_out))
     _llm_update(plan, float_out, quant_out, model_inputs)
     for twin in plan.twins:
