@@ -36,11 +36,13 @@ _TIMES: list[tuple[str, float]] = []
 
 @contextmanager
 def step(name: str):
-    start = time.perf_counter()
+    """Time a step: wall seconds, and the process's CPU seconds (all threads), which other
+    jobs on a shared machine barely move."""
+    start, cpu = time.perf_counter(), time.process_time()
     yield
-    seconds = time.perf_counter() - start
-    _TIMES.append((name, seconds))
-    print(f"[{name}: {seconds:.1f} s]\n", flush=True)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    _TIMES.append((name, seconds, cpu))
+    print(f"[{name}: {seconds:.1f} s wall, {cpu:.1f} s CPU]\n", flush=True)
 
 
 def section(title: str) -> None:
@@ -121,6 +123,14 @@ def main() -> None:
     kinds = Counter(r.kind for r in report.rows)
     print(f"{len(report.rows)} rows: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
     print()
+    quantized = [r for r in report.rows if r.quantized]
+    weights = [r.weight_sqnr for r in quantized]
+    gaps = [r.floor_sqnr - r.shadow_sqnr for r in quantized if r.floor_sqnr is not None]
+    print(f"{len(quantized)} quantized rows: weight SQNR {min(weights):.2f}-{max(weights):.2f} dB; "
+          f"shadow SQNR below floor SQNR by {min(gaps):.2f} to {max(gaps):.2f} dB "
+          f"({len(gaps)} with a floor); not quantized: "
+          + ", ".join(sorted({r.kind for r in report.rows if not r.quantized})))
+    print()
     print("\n".join(report.table().splitlines()[:args.rows + 2]))
     print("...")
     print()
@@ -128,6 +138,21 @@ def main() -> None:
     print()
     worst = sorted(report.blocks, key=lambda b: b.shadow_sqnr)[:3]
     print("lowest block shadow SQNR: " + ", ".join(f"{b.name} {b.shadow_sqnr:.2f}" for b in worst))
+
+    section("the float residual stream entering each block (real tokens)")
+    with torch.no_grad():
+        hidden = model(**data[0], output_hidden_states=True, use_cache=False).hidden_states
+    real = data[0]["attention_mask"].bool()
+    rows = []
+    for i, h in enumerate(hidden[:-1]):  # the last one is after the final norm
+        x = h[real].float()
+        energy = x.pow(2).sum(0)
+        top = energy.topk(2)
+        rows.append((f"model.layers.{i}", f"{x.pow(2).mean().sqrt():.2f}",
+                     f"{x.abs().max():.0f}", str(top.indices.tolist()),
+                     f"{float(top.values.sum() / energy.sum()):.3f}"))
+    print(tabulate(rows, headers=("entering", "RMS", "max |x|", "top-2 channels",
+                                  "their share of the energy")))
 
     section("compare: int4, int8 and int8 dynamic in one report")
     with step("ns.compare(model, {'int4': q4, 'int8': q8, 'int8-dynamic': q8d}, data)"):
@@ -195,7 +220,8 @@ def main() -> None:
     print(tabulate(rows, headers=("text", "float32 vs quantize_dynamic (lm_head quantized too)")))
 
     section("times")
-    print(tabulate([(n, f"{s:.1f}") for n, s in _TIMES], headers=("step", "seconds")))
+    print(tabulate([(n, f"{s:.1f}", f"{c:.1f}") for n, s, c in _TIMES],
+                   headers=("step", "wall s", "CPU s")))
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (1 min), "
           f"{os.getloadavg()[2]:.2f} (15 min): other processes share the cores above 0")
 
