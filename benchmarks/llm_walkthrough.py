@@ -98,6 +98,13 @@ def main() -> None:
               f"{int(b['attention_mask'].sum())} real tokens")
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, "
           f"{model.dtype}")
+    # the float model is a dequantized Q4_1 GGUF: how many values each block of 32 holds
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.5.mlp.down_proj",
+                 "model.embed_tokens"):
+        blocks = model.get_submodule(name).weight.float().reshape(-1, 32)
+        distinct = torch.tensor([len(torch.unique(b)) for b in blocks[:2000]])
+        print(f"{name}: at most {int(distinct.max())} distinct values per block of 32 "
+              f"(first 2000 blocks)")
 
     section("quantize")
 
