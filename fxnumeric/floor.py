@@ -33,6 +33,7 @@ import torch
 
 from . import flows, offload
 from .errors import InputError
+from .metrics import aminmax
 from .ops import dynamic_input
 from .semantics import QuantGrid, evaluate_constant, grid_before
 
@@ -196,7 +197,7 @@ class FloorSums:
         float twin ``ref``; ``inputs[0]`` is the activation the layer read."""
         if self.grid is not None:
             low, high = self.grid.bounds()
-            lo, hi = (float(v) for v in torch.aminmax(ref))
+            lo, hi = aminmax(ref)
             if lo < low or hi > high:
                 r = ref.double()
                 self.clip_noise += float((r - r.clamp(low, high)).square().sum())
