@@ -33,6 +33,7 @@ import torch
 
 from . import flows, offload
 from .errors import InputError
+from .metrics import aminmax
 from .ops import dynamic_input
 from .semantics import QuantGrid, evaluate_constant, grid_before
 
@@ -109,7 +110,7 @@ def layer_weight_steps(region: Any, pair: Any) -> tuple[float, int, float] | Non
                 values = flows.comparable_weight(weight)
                 values = values.dequantize() if values.is_quantized else values
                 fan_in = math.prod(weight.shape[1:])  # subclasses index no row (torchao)
-                return float(steps.mean()), fan_in, float(values.double().square().sum())
+                return float(steps.mean()), fan_in, _energy64(values)
     return _functional_steps(region, pair)
 
 
@@ -129,7 +130,7 @@ def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
             continue
         squared = torch.as_tensor(scales, dtype=torch.float64) ** 2
         return (float(squared.mean()), math.prod(weight.shape[1:]),
-                float(weight.double().square().sum()))
+                _energy64(weight))
     return None
 
 
@@ -160,6 +161,17 @@ class FloorState:
                           self.input_steps + other.input_steps, error, count)
 
 
+_CHUNK = 1 << 20
+
+
+def _energy64(weight: torch.Tensor) -> float:
+    """``sum(weight**2)`` in float64, a million values at a time: a float64 copy of a large
+    weight and of its square at once (a quantize_dynamic lm_head, 49152 x 576: 450 MB) was
+    compare's peak memory. Equal to the whole-tensor sum up to float64 addition order."""
+    values = weight.detach().reshape(-1)
+    return sum(float(values[start:start + _CHUNK].double().square().sum())
+               for start in range(0, values.numel(), _CHUNK))
+
 @dataclass
 class FloorSums:
     """What a layer's floor and its verdict need, summed over batches (a few numbers per
@@ -185,7 +197,7 @@ class FloorSums:
         float twin ``ref``; ``inputs[0]`` is the activation the layer read."""
         if self.grid is not None:
             low, high = self.grid.bounds()
-            lo, hi = (float(v) for v in torch.aminmax(ref))
+            lo, hi = aminmax(ref)
             if lo < low or hi > high:
                 r = ref.double()
                 self.clip_noise += float((r - r.clamp(low, high)).square().sum())

@@ -30,7 +30,8 @@ import torch
 
 __all__ = [
     "sqnr", "cosine", "mse", "max_abs_error", "MetricFn", "Accumulator", "BUILTIN_METRICS",
-    "prepare_actual", "Spread", "AccumulatorState", "WelfordState",
+    "prepare_actual", "Spread", "AccumulatorState", "WelfordState", "aminmax",
+    "histogram_counts",
 ]
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -57,6 +58,61 @@ def prepare_actual(actual: torch.Tensor, precision: torch.dtype) -> tuple[torch.
     energy, for an actual tensor compared with several references."""
     a = _as_float(actual, precision)
     return a, _energy(a)
+
+
+def _memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s values as a 1-D tensor in memory order (a view unless ``x`` has gaps).
+
+    A whole-tensor reduction through a channels-last tensor's logical order is ten times
+    slower than through its memory (``aminmax`` of a 96x112x112 activation: 1.15 against
+    0.13 ms); the order of the values does not matter to a minimum or a histogram.
+    """
+    if x.is_contiguous():
+        return x.reshape(-1)
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))
+    return x.permute(order).reshape(-1)
+
+
+def aminmax(x: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of a non-empty tensor, read in memory order (exact in any order)."""
+    low, high = torch.aminmax(_memory_order(x))
+    return float(low), float(high)
+
+
+_HISTOGRAM_CHUNK = 1 << 18
+_HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def histogram_counts(x: torch.Tensor, bins: int, low: float, high: float) -> list[int]:
+    """``torch.histc(x.float(), bins, low, high)`` as integers, bit for bit, for a float32,
+    bfloat16 or float16 ``x`` whose values all lie in ``[low, high]`` (``low < high``;
+    anything else goes to histc), read a chunk at a time (no float32 copy of ``x``).
+
+    histc is a scalar loop (about 10 ns a value: 0.3 s for SmolLM2's 49152 x 576 embedding,
+    2.7 s for all its weights); this computes histc's own bin index,
+    ``int((x - low) * bins / (high - low))`` in float32 with the top edge in the last bin,
+    with vector ops, and counts a chunk at a time (no index tensor the size of the weight).
+
+    >>> histogram_counts(torch.tensor([0.0, 0.5, 1.0, 0.25]), 2, 0.0, 1.0)
+    [2, 2]
+    """
+    values = _memory_order(x.detach())
+    if values.dtype not in _HALF_OR_FLOAT or not (math.isfinite(low) and math.isfinite(high)):
+        return [int(c) for c in torch.histc(values.float(), bins, low, high)]
+    # histc's width is high - low in the tensor's dtype
+    width = float(torch.tensor(high, dtype=torch.float32) - torch.tensor(low, dtype=torch.float32))
+    total = torch.zeros(bins, dtype=torch.int64)
+    chunk = min(values.numel(), _HISTOGRAM_CHUNK)
+    scaled = torch.empty(chunk)
+    index = torch.empty(chunk, dtype=torch.int32)
+    for start in range(0, values.numel(), chunk):
+        part = values[start:start + chunk]
+        s, i = scaled[:part.numel()], index[:part.numel()]
+        s.copy_(part)  # bfloat16 and float16 are read as float32, exactly, as .float() would
+        s.sub_(low).mul_(float(bins)).div_(width)
+        i.copy_(s)  # truncation toward zero, as histc's static_cast
+        total += torch.bincount(i.clamp_(max=bins - 1), minlength=bins)
+    return total.tolist()
 
 
 def _db(signal: float, noise: float) -> float:
@@ -334,7 +390,7 @@ class Accumulator:
         self.actual_energy += actual_energy
         self.count += r.numel()
         if r.numel():
-            low, high = (float(v) for v in torch.aminmax(err))
+            low, high = aminmax(err)  # in memory order: a channels-last error reads 9x faster
             batch_max = math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
             nan = math.isnan(batch_max) or math.isnan(self.max_abs)
             self.max_abs = math.nan if nan else max(self.max_abs, batch_max)

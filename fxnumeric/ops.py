@@ -252,6 +252,14 @@ def is_pure(module: nn.Module) -> bool:
     )
 
 
+def is_inference_only(module: nn.Module) -> bool:
+    """Whether ``module`` and everything in it is in eval mode with no observer, fake-quantize
+    or logger inside: calling it updates no statistics (its own code may still set
+    attributes or write buffers, which :func:`is_pure` rules out for torch's modules only)."""
+    stateful = _transparent_types()
+    return all(not m.training and not isinstance(m, stateful) for m in module.modules())
+
+
 def _module_class(module: nn.Module) -> OpClass:
     cls = type(module)
     for klass in cls.__mro__:

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .ops import is_pure
+from .ops import is_inference_only, is_pure
 from .view import GraphView
 
 __all__ = [
@@ -224,7 +224,14 @@ def shadow_copy(value: Any) -> Any:
     The object itself where calling it changes nothing (a tensor; torch's own modules in eval
     mode, :func:`fxnumeric.ops.is_pure`: no copy of the weights), else a deep copy, so running
     the copy never touches the user's model (an observer in a QAT model keeps its statistics).
+    A module of the user's own class in eval mode with no observer inside (a Hugging Face
+    decoder layer that a block shadow runs) is deep-copied sharing its parameters: what its
+    forward sets on itself or writes into its buffers stays on the copy, and the weights are
+    not duplicated (SmolLM2's 30 decoder layers, deep-copied, added 0.8x the float model's
+    parameter bytes to compare's peak memory).
     """
     if isinstance(value, torch.Tensor) or (isinstance(value, nn.Module) and is_pure(value)):
         return value
+    if isinstance(value, nn.Module) and is_inference_only(value):
+        return copy.deepcopy(value, memo={id(p): p for p in value.parameters()})
     return copy.deepcopy(value)
