@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by the benchmark scripts."""
+"""Wall-clock timing and resident memory, shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def timed(fn: Callable[[], Any], repeat: int, *, warmup: bool = True,
 def median_time(fn: Callable[[], Any], repeat: int = 5, *, warmup: bool = True) -> float:
     """Median wall time in seconds of ``repeat`` calls of ``fn`` (see :func:`timed`)."""
     return timed(fn, repeat, warmup=warmup)[0]
+
+
+def rss_kib(field: str) -> int:
+    """A memory field of ``/proc/self/status`` in KiB (``"VmRSS:"``, ``"VmHWM:"``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def reset_peak_rss() -> None:
+    """Set the peak (``VmHWM``) back to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

@@ -61,6 +61,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
+from _timing import reset_peak_rss as _reset_peak  # noqa: E402
+from _timing import rss_kib as _rss_kib  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 CONFIGS = ("int8-weight-only", "int8-dynamic", "int4-weight-only", "dynamic")
@@ -73,16 +75,6 @@ CONFIG_NAMES = {
 TARGET = ("weights", "outputs", "shadows")  # the 3x target
 CANDIDATES = (("weights",), ("outputs",), ("shadows",), TARGET,
               ("weights", "outputs", "shadows", "blocks"))
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM back to the current RSS (Linux >= 4.0)
 
 
 def _models(dtype: torch.dtype, config: str):

@@ -40,19 +40,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _timing import reset_peak_rss as _reset_peak  # noqa: E402
+from _timing import rss_kib as _rss_kib  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 _CHECKPOINT = "checkpoint"
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM back to the current RSS (Linux >= 4.0)
 
 
 def _float_model(name: str):
