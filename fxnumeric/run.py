@@ -13,6 +13,7 @@ tells a caller which batches hold NaN/Inf, to be left out of the metrics.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from .errors import InputError
+from .errors import FxNumericWarning, InputError
 from .offload import devices
 
 __all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches",
@@ -143,17 +144,33 @@ def pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:
 def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None = None,
                   ) -> list[Any]:
     """Every batch of ``data`` as the models take it (see :func:`pick_inputs`), in a list: for
-    calls that run each batch many times (hybrid models). A single tensor is one batch.
+    calls that run each batch many times (hybrid models). A single tensor is one batch. A batch
+    holding NaN/Inf is left out, with a warning naming it, as ``compare`` leaves it out.
 
     Raises:
-        InputError: ``data`` yields no batch.
+        InputError: ``data`` yields no batch, a batch cannot be one (:func:`check_batch`), or
+            every batch holds NaN/Inf.
     """
     if data is None:
         raise InputError("data is None: pass an iterable of batches (tensors, tuples of inputs "
                          "or dicts of keyword inputs), or a single tensor")
     if isinstance(data, torch.Tensor):
         data = [data]
-    batches = [pick_inputs(b, inputs) for b in data]
+    batches, left_out = [], []
+    for index, batch in enumerate(data):
+        batch = pick_inputs(batch, inputs)
+        check_batch(batch, index)
+        if nonfinite_inputs(batch):
+            left_out.append(index)
+        else:
+            batches.append(batch)
+    if left_out and not batches:
+        raise InputError(f"every batch holds NaN/Inf ({len(left_out)} batches): nothing is left "
+                         "to measure.\nFix: clean the data (torch.isfinite(x).all() per batch) "
+                         "or check the preprocessing that produces it")
+    if left_out:
+        warnings.warn(f"batches {left_out} hold NaN/Inf: they are left out", FxNumericWarning,
+                      stacklevel=3)
     if not batches:
         raise InputError("data yielded no batches: pass an iterable of input tensors "
                          "(or tuples of inputs)")

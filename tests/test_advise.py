@@ -529,3 +529,15 @@ def test_the_advice_page_has_units_a_curve_and_sortable_tables(tmp_path) -> None
     assert "sqnr (dB)" in page and "<polyline" in page and "target 30" in page
     assert "fxn-sortable" in page and "layers kept float" in page
     assert "set_module_name(&#x27;fc2&#x27;, None)" in page
+
+
+def test_nan_batches_are_left_out_of_the_search_and_all_nan_is_an_input_error() -> None:
+    float_model, q, data = _fx_pair()
+    poisoned = [b.clone() for b in data]
+    poisoned[0][0, 0] = math.nan
+    clean = advise(float_model, q, data[1:], metric="sqnr", target=30.0, progress=False)
+    with pytest.warns(fxnumeric.FxNumericWarning, match=r"batches \[0\] hold NaN/Inf"):
+        mixed = advise(float_model, q, poisoned, metric="sqnr", target=30.0, progress=False)
+    assert mixed.keep_float == clean.keep_float and mixed.value == clean.value
+    with pytest.raises(InputError, match="every batch holds NaN/Inf"):
+        sensitivity(float_model, q, [poisoned[0]], metric="sqnr", progress=False)
