@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-__all__ = ["LSTMModel"]
+__all__ = ["LSTMModel", "CallsTwice"]
 
 
 class LSTMModel(nn.Module):
@@ -39,3 +40,18 @@ class LSTMModel(nn.Module):
             weight.new_zeros(self.nlayers, bsz, self.nhid),
             weight.new_zeros(self.nlayers, bsz, self.nhid),
         )
+
+
+class CallsTwice(nn.Module):
+    """An untraceable root that calls one Linear twice: its region has two call sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+            h = h * 2
+        return self.out(self.fc(torch.relu(h)))

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _models import CallsTwice
 from torch import nn
 
 import fxnumeric as ns
@@ -208,24 +209,9 @@ def test_plumbing_of_a_constant_carries_the_constant_not_its_other_argument():
     assert report.row("mul").shadow["sqnr"] > 20 and not report.row("mul").note
 
 
-class _CallsTwice(nn.Module):
-    """An untraceable root that calls one Linear twice."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.out = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
-            h = h * 2
-        return self.out(self.fc(torch.relu(h)))
-
-
 def test_a_leaf_module_called_twice_is_two_rows_each_read_at_its_call():
     torch.manual_seed(0)
-    f = _CallsTwice().eval()
+    f = CallsTwice().eval()
     q = _dyn(f)
     data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     report = ns.compare(f, q, data)

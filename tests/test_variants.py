@@ -33,6 +33,7 @@ from fxnumeric.report.render import variants_chart
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _flow_pairs import MLP, EagerNet, _images, _pt2e, _vectors  # noqa: E402
+from _models import CallsTwice
 
 pytest.importorskip("torchao")
 
@@ -179,24 +180,9 @@ def test_a_variant_of_another_float_capture_runs_its_own_float_model_and_says_so
     assert {"fx": "fc3", "pt2e": "fc3"} in names  # aligned by name across captures
 
 
-class _CallsTwice(nn.Module):
-    """An untraceable root that calls one Linear twice: its region has two call sites."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.out = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
-            h = h * 2
-        return self.out(self.fc(torch.relu(h)))
-
-
 def test_variants_of_a_module_tree_capture_share_its_call_sites(float_runs):
     torch.manual_seed(0)
-    f = _CallsTwice().eval()
+    f = CallsTwice().eval()
     data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     variants = {"dynamic": _quantize(f, "dynamic", data),
                 "int8-dynamic": _quantize(f, "int8-dynamic", data)}
