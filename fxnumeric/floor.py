@@ -26,7 +26,7 @@ the input's rounding through its weights: ``Σ_calls Σ_tokens Δ_x² / 12 · �
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -218,15 +218,13 @@ class FloorSums:
             self.channel_count += err.numel() // err.shape[-1]
 
     def state(self) -> FloorState:
-        """The sums so far (:class:`FloorState`)."""
-        return FloorState(self.clip_noise, self.input_energy, self.input_count,
-                          self.input_steps, self.channel_error, self.channel_count)
+        """The sums so far (:class:`FloorState`: the fields of that name)."""
+        return FloorState(**{f.name: getattr(self, f.name) for f in fields(FloorState)})
 
     def load(self, state: FloorState) -> None:
         """Put sums back (those of several processes, merged)."""
-        self.clip_noise, self.input_energy = state.clip_noise, state.input_energy
-        self.input_count, self.input_steps = state.input_count, state.input_steps
-        self.channel_error, self.channel_count = state.channel_error, state.channel_count
+        for f in fields(FloorState):
+            setattr(self, f.name, getattr(state, f.name))
 
     def input_noise(self, weight_energy: float | None) -> float:
         """The output noise of the input's own per-call quantization, through the weights."""
