@@ -1096,6 +1096,19 @@ def metric_label(metric: str) -> str:
     return f"{metric} ({unit})" if unit else metric
 
 
+def _svg_frame(width: int, height: int, left: int, top: int, plot_w: int, plot_height: int,
+               y_label: str) -> list[str]:
+    """The opening of a chart's SVG: the element, the plot's box, the rotated y-axis label."""
+    return [f"<svg xmlns='http://www.w3.org/2000/svg' width='100%' "
+            f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMinYMin meet' "
+            "font-family='sans-serif' font-size='10'>",
+            f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
+            "stroke='#999'/>",
+            f"<text x='14' y='{top + plot_height / 2:.1f}' text-anchor='middle' "
+            f"transform='rotate(-90 14 {top + plot_height / 2:.1f})'>"
+            f"{html.escape(y_label)}</text>"]
+
+
 def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260) -> str:
     """An inline SVG chart of a :class:`Sensitivity`: both hybrids per layer, in graph order.
 
@@ -1125,14 +1138,8 @@ def sensitivity_svg(sens: Sensitivity, width: int = 1100, plot_height: int = 260
             return top if v > 0 or math.isnan(v) else top + plot_height
         return top + plot_height * (high - v) / (high - low)
 
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='100%' "
-             f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMinYMin meet' "
-             "font-family='sans-serif' font-size='10'>",
-             f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
-             "stroke='#999'/>",
-             f"<text x='14' y='{top + plot_height / 2:.1f}' text-anchor='middle' "
-             f"transform='rotate(-90 14 {top + plot_height / 2:.1f})'>"
-             f"{html.escape(metric_label(sens.metric))}</text>"]
+    parts = _svg_frame(width, height, left, top, plot_w, plot_height,
+                       metric_label(sens.metric))
     for k in range(5):
         v = low + (high - low) * k / 4
         parts.append(f"<text x='{left - 4}' y='{y(v) + 3:.1f}' text-anchor='end'>{v:.4g}</text>")
@@ -1222,14 +1229,8 @@ def advice_svg(advice: Any, width: int = 1100, plot_height: int = 260) -> str:
             return top if v > 0 else top + plot_height
         return top + plot_height * (high - v) / (high - low)
 
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='100%' "
-             f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMinYMin meet' "
-             "font-family='sans-serif' font-size='10'>",
-             f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_height}' fill='none' "
-             "stroke='#999'/>",
-             f"<text x='14' y='{top + plot_height / 2:.1f}' text-anchor='middle' "
-             f"transform='rotate(-90 14 {top + plot_height / 2:.1f})'>"
-             f"{html.escape(metric_label(advice.metric))}</text>",
+    parts = [*_svg_frame(width, height, left, top, plot_w, plot_height,
+                         metric_label(advice.metric)),
              f"<text x='{left + plot_w / 2:.1f}' y='{height - 6}' text-anchor='middle'>"
              f"{xs_label}</text>"]
     for k in range(5):
