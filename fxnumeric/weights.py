@@ -84,17 +84,20 @@ def _folded_weight(parts: list[nn.Module]) -> torch.Tensor | None:
 
 def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     """The quantized weight(s) of ``module`` under their state_dict keys."""
-    state_keys = list(module.state_dict().keys())
-    if "_packed_params._packed_params" in state_keys:
+    # read from the attributes, not module.state_dict(): a quantized Linear's state_dict
+    # unpacks its weight, which weight() then unpacks again (half of compare's weights on a
+    # quantize_dynamic LLM)
+    packed = getattr(module, "_packed_params", None)
+    if isinstance(packed, nn.Module) and hasattr(packed, "_packed_params"):  # a Linear's
         return {f"{path}._packed_params._packed_params": module.weight()}
-    lstm_keys = [k for k in state_keys
-                 if k.startswith("_all_weight_values.") and k.endswith(".param")]
-    if lstm_keys:
-        out = {}
+    if isinstance(getattr(module, "_all_weight_values", None), nn.ModuleList):  # LSTM, GRU
         state = module.state_dict()
-        for k in lstm_keys:
-            out[f"{path}.{k}.weight_ih"], out[f"{path}.{k}.weight_hh"] = rnn_cell_weights(state[k])
-        return out
+        found = {f"{path}.{k}.{part}": weight
+                 for k in state if k.startswith("_all_weight_values.") and k.endswith(".param")
+                 for part, weight in zip(("weight_ih", "weight_hh"),
+                                         rnn_cell_weights(state[k]), strict=True)}
+        if found:
+            return found
     if hasattr(module, "get_quantized_weight"):  # reference modules
         return {f"{path}.weight": module.get_quantized_weight()}
     weight = getattr(module, "weight", None)
