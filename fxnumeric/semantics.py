@@ -20,6 +20,10 @@ constants that feed it). They must agree on four questions, answered here:
   in place of a float module: the module itself when calling it changes nothing (torch's own
   modules in eval mode), a deep copy otherwise (observers, fake-quants, training mode, user
   classes).
+* **the same computation**: does a pair left in float compute on its side exactly what its
+  float twin computes (same modules, equal weights, same functions)? Its shadow would then
+  read its own output again: zero error by construction, at the cost of a float op (an LLM's
+  ``lm_head``: a fifth of the model's multiply-adds, and a logits-sized output).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .view import GraphView
 __all__ = [
     "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
+    "computes_alike",
 ]
 
 QRANGE: dict[torch.dtype, tuple[int, int]] = {
@@ -235,3 +240,80 @@ def shadow_copy(value: Any) -> Any:
     if isinstance(value, nn.Module) and is_inference_only(value):
         return copy.deepcopy(value, memo={id(p): p for p in value.parameters()})
     return copy.deepcopy(value)
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    """Same class, equal plain settings (``eps``, ``inplace``...), and bit-equal parameters
+    and buffers of one dtype, in every submodule. Anything not plainly comparable (a weight
+    on the meta device, a setting that is an object) reads as different."""
+    if a is b:
+        return True
+    subs_a, subs_b = dict(a.named_modules()), dict(b.named_modules())
+    if subs_a.keys() != subs_b.keys():
+        return False
+    for name, ma in subs_a.items():
+        mb = subs_b[name]
+        if type(ma) is not type(mb) or ma.training != mb.training:
+            return False
+        settings_a = {k: v for k, v in vars(ma).items() if not k.startswith("_")}
+        settings_b = {k: v for k, v in vars(mb).items() if not k.startswith("_")}
+        if settings_a.keys() != settings_b.keys() or any(
+                not isinstance(v, _PLAIN) or type(v) is not type(settings_b[k])
+                or v != settings_b[k] for k, v in settings_a.items()):
+            return False
+        tensors_a = {**ma._parameters, **ma._buffers}
+        tensors_b = {**mb._parameters, **mb._buffers}
+        if tensors_a.keys() != tensors_b.keys():
+            return False
+        for key, ta in tensors_a.items():
+            tb = tensors_b[key]
+            if ta is tb:
+                continue
+            if type(ta) is not type(tb) or not _same_value(ta, tb):
+                return False
+    return True
+
+
+def computes_alike(region: Any, pair: Any) -> bool:
+    """Whether a pair left in float computes on the quantized side exactly what its float
+    twin computes: node for node the same op (the same function, or modules of one class with
+    bit-equal weights and equal settings) on the same constants. Quantized pairs never do."""
+    if pair.quantized:
+        return False
+    floats, quants = region.chain(pair, "float"), region.chain(pair, "quant")
+    if len(floats) != len(quants):
+        return False
+    fmods, qmods = region.float_view.modules, region.quant_view.modules
+    for f, q in zip(floats, quants, strict=True):
+        if f.op != q.op or len(f.args) != len(q.args) or f.kwargs.keys() != q.kwargs.keys():
+            return False
+        if f.op == "call_module":
+            if not _same_module(fmods[f.target], qmods[q.target]):
+                return False
+        elif f.target != q.target:
+            return False
+        for x, y in zip((*f.args, *f.kwargs.values()),
+                        (*q.args, *(q.kwargs[k] for k in f.kwargs)), strict=True):
+            if isinstance(x, fx.Node) and isinstance(y, fx.Node):
+                constant_x = region.float_view.producer(x) is None
+                if constant_x != (region.quant_view.producer(y) is None):
+                    return False
+                if constant_x:  # a buffer read through plumbing (`inv.to(x.device)`)
+                    value_x = evaluate_constant(x, region.float_view)
+                    value_y = evaluate_constant(y, region.quant_view)
+                    if value_x is None or value_y is None or not _same_value(value_x, value_y):
+                        return False
+            elif not _same_value(x, y):
+                return False
+    return True
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal plain constants, or bit-equal tensors of one dtype and shape."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a.dtype == b.dtype and a.shape == b.shape and not a.is_meta and not b.is_meta
+                and not a.is_quantized and not b.is_quantized and bool(torch.equal(a, b)))
+    return isinstance(a, _PLAIN) and type(a) is type(b) and a == b

@@ -38,6 +38,7 @@ from ..errors import InstrumentationError
 from ..loggers import OutputLogger, ShadowLogger
 from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
+from ..semantics import computes_alike
 from .assemble import Build, CallSites, assemble, captured_model
 from .graph import GraphCopy, float_subgraph, shadow_inputs, span_inputs
 
@@ -248,7 +249,12 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
     if isinstance(inputs, str):
         built.skipped[pair.name] = inputs
         return
-    built.shadow_observers[pair.name] = shadows(pair)
+    built.shadow_observers[pair.name] = observer = shadows(pair)
+    if not getattr(observer, "takes_inputs", False) and computes_alike(region, pair):
+        # a layer left float that computes what its twin computes: its shadow's output would
+        # be its own output, bit for bit, so the float op is not run again (an LLM's lm_head)
+        quant_copy.observe(quant_out.name, observer, f"fxnumeric_shadow_{index}", twice=True)
+        return
     chain = tuple(n.name for n in region.chain(pair, "quant"))
     inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
     quant_copy.shadow(quant_out.name, region.float_view, float_subgraph(region, pair), inputs,

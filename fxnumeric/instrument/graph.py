@@ -118,8 +118,11 @@ class GraphCopy:
         self.gm.recompile()
         return self.gm
 
-    def observe(self, node_name: str, observer: nn.Module, target: str) -> None:
-        """Call ``observer(value of node)`` right after the node."""
+    def observe(self, node_name: str, observer: nn.Module, target: str,
+                twice: bool = False) -> None:
+        """Call ``observer(value of node)`` right after the node (``observer(value, value)``
+        with ``twice``: a shadow observer of a pair whose shadow would compute the value
+        again, :func:`fxnumeric.semantics.computes_alike`)."""
         self.gm.add_submodule(target, observer)
         node = self.nodes[node_name]
         graph = self.graph
@@ -130,7 +133,8 @@ class GraphCopy:
             with graph.inserting_after(logged):
                 holder = graph.get_attr(target)
             with graph.inserting_after(holder):
-                graph.call_function(observe_call, (holder, logged))
+                graph.call_function(observe_call, (holder, logged, logged) if twice
+                                    else (holder, logged))
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
         """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
