@@ -33,7 +33,7 @@ import torch
 
 from . import flows, offload
 from .errors import InputError
-from .metrics import aminmax
+from .metrics import aminmax, energy
 from .ops import dynamic_input
 from .semantics import QuantGrid, evaluate_constant, grid_before
 
@@ -195,27 +195,32 @@ class FloorSums:
     def update(self, quant: torch.Tensor, ref: torch.Tensor, inputs: tuple[Any, ...]) -> None:
         """Add one call: ``quant`` (dequantized, as the shadow metrics read it) against the
         float twin ``ref``; ``inputs[0]`` is the activation the layer read."""
+        # read in the values' own precision, summed as metrics sum (fxnumeric.metrics.energy):
+        # float64 copies of the output, its twin and their error (and of the input) made
+        # this a third of compare on mobilenet_v2
         if self.grid is not None:
             low, high = self.grid.bounds()
             lo, hi = aminmax(ref)
             if lo < low or hi > high:
-                r = ref.double()
-                self.clip_noise += float((r - r.clamp(low, high)).square().sum())
+                wide = _wide(ref)
+                self.clip_noise += energy(wide - wide.clamp(low, high))
         if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
             x = inputs[0].detach()
-            self.input_energy += float(torch.linalg.vector_norm(x.double())) ** 2
+            self.input_energy += energy(x)
             self.input_count += x.numel()
             if self.dynamic is not None and x.numel():
                 self.input_steps += _input_steps(x, *self.dynamic)
         if quant.shape == ref.shape and ref.dim() >= 2:
-            dim = 1 if ref.dim() == 4 else -1  # the output channels of a conv, a linear
-            err = (quant.double() - ref.double()).transpose(dim, -1)
-            sums = err.reshape(-1, err.shape[-1]).sum(dim=0)
+            # the output channels of a conv (dim 1), a linear (the last): a signed sum per
+            # channel over the others (torch sums float32 pairwise: relative 1e-8 here)
+            channel = 1 if ref.dim() == 4 else ref.dim() - 1
+            others = tuple(d for d in range(ref.dim()) if d != channel)
+            sums = (_wide(quant) - _wide(ref)).sum(dim=others).double()
             if self.channel_error is None or self.channel_error.shape != sums.shape:
                 self.channel_error, self.channel_count = sums, 0
             else:
                 self.channel_error += sums
-            self.channel_count += err.numel() // err.shape[-1]
+            self.channel_count += ref.numel() // ref.shape[channel]
 
     def state(self) -> FloorState:
         """The sums so far (:class:`FloorState`: the fields of that name)."""
@@ -242,12 +247,17 @@ class FloorSums:
         return self.input_energy / self.input_count if self.input_count else None
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in half precision (an error of bfloat16 values is not)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _input_steps(x: torch.Tensor, granularity: str, levels: float) -> float:
-    """Σ over the tokens of ``x`` of the squared step it is quantized with."""
-    x = x.double()
+    """Σ over the tokens of ``x`` of the squared step it is quantized with (the maxima read
+    in ``x``'s dtype, exactly; the steps in float64)."""
     if granularity == "token":
         rows = x.reshape(-1, x.shape[-1])
-        return float(((2 * rows.abs().amax(dim=1)) / levels).square().sum())
+        return float(((2 * rows.abs().amax(dim=1).double()) / levels).square().sum())
     low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     tokens = x.numel() // x.shape[-1]
     return tokens * ((high - low) / levels) ** 2
