@@ -116,6 +116,7 @@ class _CompareToFloat(Logger):
         self.twin = [twin]  # a list, so the twin is not registered as a submodule
         self.acc = acc
         self.value = value
+        self.reads_at_call = acc.kept is None  # sums it, keeps nothing (see instrument.graph)
 
     def forward(self, x: Any) -> None:
         pending = self.twin[0].pending
@@ -134,6 +135,7 @@ class _ShadowMetrics(Logger):
         self.value = value
         self.floor = floor
         self.takes_inputs = floor is not None  # the shadow hands over what it read
+        self.reads_at_call = acc.kept is None
 
     def forward(self, x: Any, y: Any, *inputs: Any) -> None:  # type: ignore[override]
         quant, ref = first_output(x), first_output(y)

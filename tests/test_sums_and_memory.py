@@ -135,3 +135,35 @@ def test_a_layer_left_float_with_other_weights_is_shadowed_and_reads_the_differe
     assert not row.quantized and math.isfinite(row.shadow_sqnr)
     for name, value in want.items():
         assert row.shadow[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_a_value_overwritten_in_place_later_is_read_before_it_is_without_a_copy():
+    # conv -> bn -> ReLU6(inplace=True): FX quantization does not fuse relu6, so the relu6
+    # writes into the conv pair's output. compare's comparators read it at their call, before
+    # the relu6 runs (no copy); kept activations are copied, and both read pre-relu values.
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                      nn.Conv2d(8, 8, 3)).eval()
+    xs = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (xs[0],))
+    for x in xs:
+        prepared(x)
+    q = convert_fx(prepared)
+    lean = ns.compare(f, q, xs, progress=False)
+    kept = ns.compare(f, q, xs, keep_activations=True, progress=False)
+    ref = torch.cat([r for r, _ in kept.row("0").activations])
+    with torch.no_grad():
+        assert torch.equal(ref, torch.cat([f[1](f[0](x)) for x in xs]))  # before the relu6
+    assert float(ref.min()) < -1
+    actual = torch.cat([a.dequantize() for _, a in kept.row("0").activations])
+    want = _oracle(ref, actual)
+    for name, value in want.items():
+        assert lean.row("0").output[name] == pytest.approx(value, rel=1e-6), name
+    for row in lean.rows:
+        for side in ("output", "shadow"):
+            other = getattr(kept.row(row.name), side)
+            for name, value in getattr(row, side).items():
+                assert value == pytest.approx(other[name], rel=1e-9), (row.name, side, name)

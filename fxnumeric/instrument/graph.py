@@ -30,13 +30,23 @@ from ..match import Pair, Region
 from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy
 from ..view import GraphView
 
-__all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call"]
+__all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
+           "reads_at_call"]
 
 
 @fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
 def observe_call(observer: nn.Module, *values: Any) -> None:
     """Call ``observer`` on ``values``: the node an observer hangs off a graph by."""
     observer(*values)
+
+
+def reads_at_call(observer: nn.Module) -> bool:
+    """Whether ``observer`` is done with the values it is given when its call returns (it
+    keeps no reference to them): an observer runs right after the node it observes, before
+    any later op, so a value a later op overwrites in place (a conv's output under
+    ``ReLU6(inplace=True)``) need not be copied for it. Observers say so with a true
+    ``reads_at_call`` attribute; any other (a logger that stores tensors) gets a copy."""
+    return bool(getattr(observer, "reads_at_call", False))
 
 
 def float_subgraph(region: Region, pair: Pair) -> list[fx.Node]:
@@ -128,7 +138,7 @@ class GraphCopy:
         graph = self.graph
         with graph.inserting_after(node):
             logged = node
-            if mutated_in_place(node, self.modules):
+            if mutated_in_place(node, self.modules) and not reads_at_call(observer):
                 logged = graph.call_method("clone", (node,))
             with graph.inserting_after(logged):
                 holder = graph.get_attr(target)
@@ -199,7 +209,7 @@ class GraphCopy:
             else:
                 env[n] = emit(lambda n=n: graph.node_copy(n, env.__getitem__))
         logged = anchor
-        if mutated_in_place(anchor, self.modules):
+        if mutated_in_place(anchor, self.modules) and not reads_at_call(observer):
             logged = emit(lambda: graph.call_method("clone", (anchor,)))
         holder.add_module("logger", observer)
         logger = emit(lambda: graph.get_attr(f"{prefix}.logger"))
