@@ -36,6 +36,7 @@ from .floor import FloorSums, floor_sums, layer_floor
 from .guards import contents
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
+from .lockstep import Lockstep
 from .loggers import Logger
 from .match import Matching, Pair
 from .metrics import (
@@ -103,9 +104,15 @@ class _FloatOutputs(Logger):
     def __init__(self) -> None:
         super().__init__()
         self.pending: list[Any] = []
+        self.lockstep: Lockstep | None = None
+        """The batch's :class:`~fxnumeric.lockstep.Lockstep`, which bounds the float values
+        held (``None``: several variants' float model, run whole first)."""
 
     def forward(self, x: Any) -> None:
-        self.pending.append(detach(first_output(x)))
+        value = detach(first_output(x))
+        self.pending.append(value)
+        if self.lockstep is not None:
+            self.lockstep.produced(value)
 
 
 class _CompareToFloat(Logger):
@@ -119,10 +126,16 @@ class _CompareToFloat(Logger):
         self.reads_at_call = acc.kept is None  # sums it, keeps nothing (see instrument.graph)
 
     def forward(self, x: Any) -> None:
-        pending = self.twin[0].pending
+        twin = self.twin[0]
+        if not twin.pending and twin.lockstep is not None:
+            twin.lockstep.need(twin)  # the float model runs until it has this value
+        pending = twin.pending
         if pending:
             actual, energy = self.value.get(first_output(x))
-            self.acc.update(pending.pop(0), actual, actual_energy=energy)
+            ref = pending.pop(0)
+            self.acc.update(ref, actual, actual_energy=energy)
+            if twin.lockstep is not None:
+                twin.lockstep.consumed(ref)
 
 
 class _ShadowMetrics(Logger):
@@ -352,6 +365,9 @@ class _Plan:
     vocab_size: int | None
     blocks: list[tuple[Block, Accumulator, Accumulator]]
     float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = field(default_factory=list)
+    lockstep_budget: int = 0
+    """Bytes of float values the float model may hold ahead of the quantized one
+    (:func:`_lockstep_budget`)."""
     """The float twins of the pairs' and blocks' outputs, each with the float value it
     observes (region path, node name, call site), to be observed in a float model shared by
     several variants (``shared_float``; otherwise ``built.float_model`` observes them)."""
@@ -421,7 +437,24 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
-                 _vocab_size(float_model), blocks, float_twins)
+                 _vocab_size(float_model), blocks, float_twins,
+                 _lockstep_budget(float_model, matching))
+
+
+LOCKSTEP_SHARE = 4
+"""The float values held ahead of the quantized model: about 1/4 of the float model's
+parameter bytes (128 MiB of SmolLM2's 513 MiB in float32), or :data:`LOCKSTEP_MIN` bytes if
+more. Past it the quantized model runs in turns with the float one, in a helper thread
+(:mod:`fxnumeric.lockstep`), which costs time: a batch of four 22-token sentences holds 40
+MiB (bfloat16) and runs as before."""
+LOCKSTEP_MIN = 16 << 20
+
+
+def _lockstep_budget(float_model: nn.Module | None, matching: Matching) -> int:
+    model = float_model if float_model is not None else matching.float_model
+    params = sum(p.numel() * p.element_size()
+                 for p in (model.parameters() if model is not None else ()))
+    return max(LOCKSTEP_MIN, params // LOCKSTEP_SHARE)
 
 
 def _output_tensor(output: Any) -> Any:
@@ -556,10 +589,23 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         if done == 0:
             check_devices(plan.matching.float_model or float_gm,
                           plan.matching.quant_model or quant_gm, model_inputs)
-            float_out = _first_run(float_gm, model_inputs, batch, inputs)
-        else:
-            float_out = run_model(float_gm, model_inputs, which="float")
-        _variant_batch(plan, "", float_out, model_inputs)
+        # past a budget of float values held, the quantized model runs in turns with the
+        # float one (fxnumeric.lockstep), each value held until its comparator reads it
+        lockstep = Lockstep(lambda: _quant_run(plan, "", model_inputs), plan.lockstep_budget)
+        for twin in plan.twins:
+            twin.lockstep = lockstep
+        try:
+            try:
+                float_out = (_first_run(float_gm, model_inputs, batch, inputs) if done == 0
+                             else run_model(float_gm, model_inputs, which="float"))
+            except BaseException:
+                lockstep.close()
+                raise
+            quant_out = lockstep.finish()
+        finally:
+            for twin in plan.twins:
+                twin.lockstep = None
+        _end_batch(plan, float_out, quant_out, model_inputs)
 
     return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks)
 
@@ -930,17 +976,22 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
             else:
                 float_out = run_model(group.model, model_inputs, which="float")
             for name in group.names:
-                _variant_batch(plans[name], name, float_out, model_inputs)
+                plan = plans[name]
+                _end_batch(plan, float_out, _quant_run(plan, name, model_inputs), model_inputs)
 
     mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
     return _feed(data, step, mergeable, progress, max_batches, inputs, total, ranks)
 
 
-def _variant_batch(plan: _Plan, name: str, float_out: Any, model_inputs: Any) -> None:
-    """A plan's quantized model on a batch whose float values its twins hold (``name``: the
-    variant's, "" for a compare of one quantized model)."""
-    quant_out = run_model(plan.built.quant_model, model_inputs,
-                          which=f"quantized ({name})" if name else "quantized")
+def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:
+    """A plan's quantized model on a batch whose float values its twins hold or will be
+    handed (``name``: the variant's, "" for a compare of one quantized model)."""
+    return run_model(plan.built.quant_model, model_inputs,
+                     which=f"quantized ({name})" if name else "quantized")
+
+
+def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any) -> None:
+    """The batch's model-output sums, and every accumulator's batch closed."""
     plan.model.update(_output_tensor(float_out), _output_tensor(quant_out))
     _llm_update(plan, float_out, quant_out, model_inputs)
     for twin in plan.twins:

@@ -167,3 +167,113 @@ def test_a_value_overwritten_in_place_later_is_read_before_it_is_without_a_copy(
             other = getattr(kept.row(row.name), side)
             for name, value in getattr(row, side).items():
                 assert value == pytest.approx(other[name], rel=1e-9), (row.name, side, name)
+
+
+class _Counted(nn.Module):
+    """Six wide layers; a list records how many float layers had run when each quantized
+    layer starts (which the order of the two forwards decides)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(256, 256) for _ in range(6))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def _counted_pair():
+    torch.manual_seed(0)
+    f = _Counted().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    float_calls: list[int] = []
+    seen: list[int] = []
+    for layer in f.layers:
+        layer.register_forward_pre_hook(lambda m, i: float_calls.append(1))
+    for layer in q.layers:
+        layer.register_forward_pre_hook(lambda m, i: seen.append(len(float_calls)))
+    return f, q, float_calls, seen
+
+
+@pytest.fixture
+def tiny_budget(monkeypatch):
+    compare_module = __import__("importlib").import_module("fxnumeric.compare")
+    monkeypatch.setattr(compare_module, "LOCKSTEP_MIN", 1)
+    monkeypatch.setattr(compare_module, "LOCKSTEP_SHARE", 1 << 40)
+
+
+def test_past_the_budget_the_float_model_runs_only_as_far_ahead_as_needed(tiny_budget):
+    f, q, float_calls, seen = _counted_pair()
+    batches = [torch.randn(32, 256) for _ in range(2)]
+    report = ns.compare(f, q, batches, comparisons=("outputs",), progress=False)
+    # (outputs only: a shadow calls the float layers too). The quantized forward starts once
+    # the first float value is over the budget; then quantized layer k starts when the float
+    # model has run layers 0..k-1: it runs one layer ahead, where in sequence it ran all six
+    assert seen[:6] == [1, 1, 2, 3, 4, 5]
+    assert seen[6:] == [7, 7, 8, 9, 10, 11]
+    assert len(float_calls) == 12 and report.batches == 2
+
+
+def test_within_the_budget_the_float_forward_runs_whole_first():
+    f, q, float_calls, seen = _counted_pair()
+    ns.compare(f, q, [torch.randn(32, 256) for _ in range(2)], comparisons=("outputs",),
+               progress=False)
+    assert seen == [6] * 6 + [12] * 6
+
+
+def test_turns_change_no_value(tiny_budget, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    f = LlamaForCausalLM(config).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    batches = [{"input_ids": torch.randint(0, 96, (2, 12)),
+                "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(3)]
+    turns = ns.compare(f, q, batches, progress=False)
+    compare_module = __import__("importlib").import_module("fxnumeric.compare")
+    monkeypatch.setattr(compare_module, "LOCKSTEP_MIN", 1 << 60)
+    whole = ns.compare(f, q, batches, progress=False)
+    assert [r.name for r in turns.rows] == [r.name for r in whole.rows]
+    for a, b in zip(turns.rows, whole.rows, strict=True):
+        assert a.output == b.output and a.shadow == b.shadow, a.name
+    assert turns.model_output == whole.model_output
+    assert [b.name for b in turns.blocks] == [b.name for b in whole.blocks]
+    for a, b in zip(turns.blocks, whole.blocks, strict=True):
+        assert a.output == b.output and a.shadow == b.shadow, a.name
+
+
+class _FailsOnce(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.armed = inner, False
+
+    def forward(self, x):
+        if self.armed:
+            raise RuntimeError("planted failure")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("side", ["float", "quantized"])
+def test_a_failure_in_turns_names_its_model_and_leaves_no_thread(tiny_budget, side):
+    import threading
+
+    f, q, _, _ = _counted_pair()
+    target = f if side == "float" else q
+    target.layers[4] = _FailsOnce(target.layers[4])
+    target.layers[4].armed = True
+    before = threading.active_count()
+    with pytest.raises(ns.InputError, match=f"the {side} model failed"):
+        ns.compare(f, q, [torch.randn(32, 256)], progress=False)
+    assert threading.active_count() == before
+
+
+def test_when_both_fail_the_float_models_error_is_the_one_raised(tiny_budget):
+    f, q, _, _ = _counted_pair()
+    for model, layer in ((f, 4), (q, 2)):
+        model.layers[layer] = _FailsOnce(model.layers[layer])
+        model.layers[layer].armed = True
+    with pytest.raises(ns.InputError, match="the float model failed"):
+        ns.compare(f, q, [torch.randn(32, 256)], progress=False)

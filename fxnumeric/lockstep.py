@@ -1,0 +1,155 @@
+"""Hold a bounded amount of float values while the quantized model catches up.
+
+:func:`fxnumeric.compare` compares each quantized layer's output with its float twin's. Run
+one after the other, the float model's forward ends before the quantized one starts, so every
+float value of the batch is held until the quantized model reaches it: one whole forward of
+activations (on a 512-token SmolLM2 sequence about 370 MiB in float32; on a CNN batch of 64
+images, gigabytes).
+
+:class:`Lockstep` keeps that order while the float values held stay under a budget: the float
+model runs in the caller's thread, and the quantized model runs after it
+(:meth:`Lockstep.finish`). Once the values held reach the budget
+(:meth:`Lockstep.produced`), the quantized model starts in a helper thread and the two take
+turns: the quantized model runs until a comparator needs a float value not produced yet
+(:meth:`Lockstep.need`), then the float model runs until that value is there and the budget
+is reached again, and so on. Exactly one of the two threads runs at any time, so nothing is
+computed concurrently and every value is the one a sequential run gives.
+
+Why only past the budget: torch's OpenMP workers of one thread spin for a while after its last
+op, against the other thread's work, and a model forward in a second thread ran 10-50% slower
+on two cores (SmolLM2, bfloat16). A batch whose float values fit in the budget runs as before,
+in one thread.
+
+Errors keep the order of a sequential run: the float model's error wins (it runs first); the
+quantized model's error is raised once the float forward has ended.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["Lockstep"]
+
+_FLOAT, _QUANT = "float", "quantized"
+
+
+class _Stopped(BaseException):
+    """Unwinds the quantized forward when the float one failed."""
+
+
+class Lockstep:
+    """The quantized forward (``run_quant()``) run after, or in turns with, the float forward
+    the caller runs; at most about ``budget`` bytes of float values are held ahead of it.
+
+    Float observers call :meth:`produced` after keeping a value, comparators :meth:`need` when
+    their twin holds no value yet and :meth:`consumed` after reading one. After the float
+    forward the caller calls :meth:`finish` (the quantized output), or :meth:`close` if the
+    float forward failed.
+    """
+
+    def __init__(self, run_quant: Callable[[], Any], budget: int) -> None:
+        self._run_quant = run_quant
+        self.budget = budget
+        self.held = 0
+        """Bytes of float values produced and not read yet."""
+        self._turn = threading.Condition()
+        self._holder = _FLOAT
+        self._waiting: Any = None  # the twin the quantized side waits for
+        self._helper: threading.Thread | None = None
+        self._stopping = False
+        self.float_done = False
+        self.quant_done = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the quantized model runs in turns (the budget was reached)."""
+        return self._helper is not None
+
+    def _quant_side(self) -> None:
+        try:
+            self._result = self._run_quant()
+        except _Stopped:
+            pass
+        except BaseException as exc:  # raised in the caller's thread by finish()
+            self._error = exc
+        finally:
+            with self._turn:
+                self.quant_done = True
+                self._holder = _FLOAT
+                self._turn.notify_all()
+
+    def _hand_over(self, to: str, me: str) -> None:
+        with self._turn:
+            self._holder = to
+            self._turn.notify_all()
+            self._turn.wait_for(lambda: self._holder == me)
+
+    def _resume_quant(self) -> None:
+        """Caller's thread: the quantized side runs until it waits or ends."""
+        if self._helper is None:
+            self._helper = threading.Thread(target=self._quant_side, name="fxnumeric-quant",
+                                            daemon=True)
+            with self._turn:
+                self._holder = _QUANT
+            self._helper.start()
+            with self._turn:
+                self._turn.wait_for(lambda: self._holder == _FLOAT)
+        else:
+            self._hand_over(_QUANT, _FLOAT)
+
+    def produced(self, value: Any) -> None:
+        """Float side: a twin now holds ``value``. Past the budget the quantized side runs
+        (starting it the first time), once the value it waits for is there."""
+        self.held += _nbytes(value)
+        if self.held < self.budget or self.quant_done:
+            return
+        waiting = self._waiting
+        if self._helper is None or (waiting is not None and waiting.pending):
+            self._resume_quant()
+
+    def need(self, twin: Any) -> None:
+        """Quantized side: let the float model run until ``twin.pending`` (anything with a
+        ``pending`` list) holds a value, or its forward has ended."""
+        while not twin.pending and not self.float_done:
+            self._waiting = twin
+            self._hand_over(_FLOAT, _QUANT)
+            if self._stopping:
+                raise _Stopped
+        self._waiting = None
+
+    def consumed(self, value: Any) -> None:
+        """Quantized side: a comparator has read ``value`` (and dropped it)."""
+        self.held -= _nbytes(value)
+
+    def finish(self) -> Any:
+        """After the float forward: the quantized forward run to its end; its output (or its
+        error)."""
+        self.float_done = True
+        if self._helper is None:
+            return self._run_quant()
+        while not self.quant_done:
+            self._hand_over(_QUANT, _FLOAT)
+        self._helper.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def close(self) -> None:
+        """The float forward failed: the quantized forward, if it runs in turns, is stopped."""
+        self.float_done = True
+        if self._helper is None:
+            return
+        self._stopping = True
+        while not self.quant_done:
+            self._hand_over(_QUANT, _FLOAT)
+        self._helper.join()
+
+
+def _nbytes(value: Any) -> int:
+    return value.nbytes if isinstance(value, torch.Tensor) else 0
