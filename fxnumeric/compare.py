@@ -101,18 +101,28 @@ class _QuantValue:
 class _FloatOutputs(Logger):
     """Keeps the float outputs of the current batch, in call order, for the quantized twin."""
 
-    def __init__(self) -> None:
+    def __init__(self, turn: _Turn | None = None) -> None:
         super().__init__()
         self.pending: list[Any] = []
-        self.lockstep: Lockstep | None = None
-        """The batch's :class:`~fxnumeric.lockstep.Lockstep`, which bounds the float values
-        held (``None``: several variants' float model, run whole first)."""
+        self.turn = turn if turn is not None else _Turn()
+
+    @property
+    def lockstep(self) -> Lockstep | None:
+        return self.turn.lockstep
 
     def forward(self, x: Any) -> None:
         value = detach(first_output(x))
         self.pending.append(value)
-        if self.lockstep is not None:
-            self.lockstep.produced(value)
+        if self.turn.lockstep is not None:
+            self.turn.lockstep.produced(value)
+
+
+class _Turn:
+    """The batch's :class:`~fxnumeric.lockstep.Lockstep`, which bounds the float values held,
+    shared by a plan's float twins and set once per batch (``None``: the float model runs
+    whole first, as several variants' shared float model does)."""
+
+    lockstep: Lockstep | None = None
 
 
 class _CompareToFloat(Logger):
@@ -365,6 +375,8 @@ class _Plan:
     vocab_size: int | None
     blocks: list[tuple[Block, Accumulator, Accumulator]]
     float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = field(default_factory=list)
+    turn: _Turn = field(default_factory=_Turn)
+    """Shared by :attr:`twins`: the batch's lockstep."""
     lockstep_budget: int = 0
     """Bytes of float values the float model may hold ahead of the quantized one
     (:func:`_lockstep_budget`)."""
@@ -397,10 +409,11 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
               if p.quantized}
     twins: list[_FloatOutputs] = []
     float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = []
+    turn = _Turn()
     values = {p.name: _QuantValue(precision) for p in matching.pairs}
 
     def output_observers(pair: Pair) -> tuple[nn.Module | None, nn.Module]:
-        twin = _FloatOutputs()
+        twin = _FloatOutputs(turn)
         twins.append(twin)
         region = matching.region_of(pair)
         float_twins.append(((region.float_path, region.output_nodes(pair)[0].name,
@@ -417,7 +430,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     block_accs = {b.name: (out, shadow) for b, out, shadow in blocks}
 
     def block_observers(block: Block) -> tuple[nn.Module | None, nn.Module, nn.Module]:
-        twin, value = _FloatOutputs(), _QuantValue(precision)
+        twin, value = _FloatOutputs(turn), _QuantValue(precision)
         twins.append(twin)
         float_twins.append(((block.region.float_path, block.float_out.name, 0), twin))
         values[f"block {block.name}"] = value
@@ -437,7 +450,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
-                 _vocab_size(float_model), blocks, float_twins,
+                 _vocab_size(float_model), blocks, float_twins, turn,
                  _lockstep_budget(float_model, matching))
 
 
@@ -592,8 +605,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         # past a budget of float values held, the quantized model runs in turns with the
         # float one (fxnumeric.lockstep), each value held until its comparator reads it
         lockstep = Lockstep(lambda: _quant_run(plan, "", model_inputs), plan.lockstep_budget)
-        for twin in plan.twins:
-            twin.lockstep = lockstep
+        plan.turn.lockstep = lockstep
         try:
             try:
                 float_out = (_first_run(float_gm, model_inputs, batch, inputs) if done == 0
@@ -603,8 +615,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
                 raise
             quant_out = lockstep.finish()
         finally:
-            for twin in plan.twins:
-                twin.lockstep = None
+            plan.turn.lockstep = None
         _end_batch(plan, float_out, quant_out, model_inputs)
 
     return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks)

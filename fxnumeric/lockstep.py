@@ -26,6 +26,7 @@ quantized model's error is raised once the float forward has ended.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +66,9 @@ class Lockstep:
         self.quant_done = False
         self._result: Any = None
         self._error: BaseException | None = None
+        # autocast is thread-local: the helper runs the quantized model under the caller's
+        self._autocast = [(device, torch.get_autocast_dtype(device))
+                          for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
 
     @property
     def started(self) -> bool:
@@ -73,7 +77,10 @@ class Lockstep:
 
     def _quant_side(self) -> None:
         try:
-            self._result = self._run_quant()
+            with contextlib.ExitStack() as stack:
+                for device, dtype in self._autocast:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
+                self._result = self._run_quant()
         except _Stopped:
             pass
         except BaseException as exc:  # raised in the caller's thread by finish()

@@ -277,3 +277,23 @@ def test_when_both_fail_the_float_models_error_is_the_one_raised(tiny_budget):
         model.layers[layer].armed = True
     with pytest.raises(ns.InputError, match="the float model failed"):
         ns.compare(f, q, [torch.randn(32, 256)], progress=False)
+
+
+def test_turns_keep_the_callers_autocast(tiny_budget, monkeypatch):
+    # autocast is thread-local: the quantized model, run in turns in a helper thread, must
+    # run under the caller's autocast as the float model does
+    torch.manual_seed(0)
+    f = _Counted().eval()
+    q = copy.deepcopy(f)
+    with torch.no_grad():
+        for layer in q.layers:
+            layer.weight.add_(0.01 * torch.randn_like(layer.weight))
+    batches = [torch.randn(8, 256) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        turns = ns.compare(f, q, batches, comparisons=("outputs",), progress=False)
+        compare_module = __import__("importlib").import_module("fxnumeric.compare")
+        monkeypatch.setattr(compare_module, "LOCKSTEP_MIN", 1 << 60)
+        whole = ns.compare(f, q, batches, comparisons=("outputs",), progress=False)
+    for a, b in zip(turns.rows, whole.rows, strict=True):
+        assert a.output == b.output, a.name
+    assert turns.model_output == whole.model_output
