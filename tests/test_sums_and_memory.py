@@ -279,6 +279,7 @@ def test_when_both_fail_the_float_models_error_is_the_one_raised(tiny_budget):
         ns.compare(f, q, [torch.randn(32, 256)], progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:the quantized model has no quantized op")
 def test_turns_keep_the_callers_autocast(tiny_budget, monkeypatch):
     # autocast is thread-local: the quantized model, run in turns in a helper thread, must
     # run under the caller's autocast as the float model does
