@@ -69,9 +69,11 @@ def test_nan_in_a_chunked_tensor_is_counted_not_hidden():
 
 
 class _Chain(nn.Module):
-    def __init__(self) -> None:
+    """Six Linear + ReLU layers of one width."""
+
+    def __init__(self, width: int = 64) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(6))
 
     def forward(self, x):
         for layer in self.layers:
@@ -169,23 +171,11 @@ def test_a_value_overwritten_in_place_later_is_read_before_it_is_without_a_copy(
                 assert value == pytest.approx(other[name], rel=1e-9), (row.name, side, name)
 
 
-class _Counted(nn.Module):
-    """Six wide layers; a list records how many float layers had run when each quantized
-    layer starts (which the order of the two forwards decides)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(256, 256) for _ in range(6))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
 def _counted_pair():
+    """Wide layers; ``seen`` records how many float layers had run when each quantized layer
+    starts (which the order of the two forwards decides)."""
     torch.manual_seed(0)
-    f = _Counted().eval()
+    f = _Chain(256).eval()
     q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
     float_calls: list[int] = []
     seen: list[int] = []
@@ -284,7 +274,7 @@ def test_turns_keep_the_callers_autocast(tiny_budget, monkeypatch):
     # autocast is thread-local: the quantized model, run in turns in a helper thread, must
     # run under the caller's autocast as the float model does
     torch.manual_seed(0)
-    f = _Counted().eval()
+    f = _Chain(256).eval()
     q = copy.deepcopy(f)
     with torch.no_grad():
         for layer in q.layers:
