@@ -13,6 +13,7 @@ tells a caller which batches hold NaN/Inf, to be left out of the metrics.
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from .errors import FxNumericWarning, InputError
+from .errors import FxNumericError, FxNumericWarning, InputError, InstrumentationError
 from .offload import devices
 
 __all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches",
@@ -239,11 +240,19 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     try:
         with torch.no_grad():
             return model(*args, **kwargs)
+    except FxNumericError:
+        raise  # raised on purpose by fxnumeric's observers (a custom metric that failed)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError,
             AssertionError) as exc:  # AssertionError: a graph's input guards (torch.export)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if _raised_in_fxnumeric(exc):
+            raise InstrumentationError(
+                f"fxnumeric's own code failed inside the {which} model's instrumented "
+                f"forward: {type(exc).__name__}: {first}\nThis is a bug in fxnumeric, not in "
+                "your model or input: please report it with this traceback"
+            ) from exc
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
-        first = str(exc).splitlines()[0] if str(exc) else ""
         hint = flows.failure_hint(exc)
         raise InputError(
             f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
@@ -252,6 +261,20 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
             f"it outside fxnumeric.{' ' + hint if hint else ''}"
         ) from exc
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _raised_in_fxnumeric(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of ``exc``'s traceback is fxnumeric's own code (an
+    observer or a metric), not the model's or torch's."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
 
 
 def _describe(x: Any) -> str:

@@ -225,6 +225,25 @@ def test_user_reachable_failures(case, error, message):
     assert re.search(message, str(info.value), re.S), str(info.value)
 
 
+def test_a_custom_metric_failure_is_reported_as_itself_not_as_a_model_failure():
+    with pytest.raises(ns.InputError) as info:
+        _case_bad_metric()
+    assert str(info.value).startswith("custom metric '<lambda>' failed")
+    assert "model failed on the input" not in str(info.value)
+
+
+def test_a_bug_in_fxnumerics_own_observers_is_not_blamed_on_the_input(monkeypatch):
+    # an error raised by fxnumeric's code inside the instrumented forward is fxnumeric's
+    # (before: "InputError: the quantized model failed on the input ...")
+    import fxnumeric.metrics as metrics
+
+    monkeypatch.setattr(metrics, "energy", None)  # a TypeError in Accumulator.update
+    f, q = _lin()
+    with pytest.raises(ns.InstrumentationError, match=r"fxnumeric's own code failed inside "
+                       r"the (float|quantized) model's instrumented forward: TypeError"):
+        ns.compare(f, q, [torch.randn(2, 4)], progress=False)
+
+
 def test_match_checks_example_inputs():
     f, q = _lin()
     assert ns.match(f, q, example_inputs=torch.randn(2, 4)).coverage == 1.0
