@@ -72,7 +72,8 @@ class _QuantValue:
     dequantize and one reduction per pair and batch (metrics are memory-bound). Nothing here
     keeps the output alive: it is held by a weak reference, and its dequantized (or float32)
     copy is dropped when the output dies, so a batch's outputs are freed as the model frees
-    them (holding them to the end of the batch added 880 MiB on a 512-token SmolLM2 sequence).
+    them (held to the end of the batch, they took compare's peak with shadows on one
+    512-token SmolLM2 sequence from 763 to 980 MiB).
     """
 
     def __init__(self, precision: torch.dtype) -> None:
@@ -375,14 +376,14 @@ class _Plan:
     vocab_size: int | None
     blocks: list[tuple[Block, Accumulator, Accumulator]]
     float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = field(default_factory=list)
+    """The float twins of the pairs' and blocks' outputs, each with the float value it
+    observes (region path, node name, call site), to be observed in a float model shared by
+    several variants (``shared_float``; otherwise ``built.float_model`` observes them)."""
     turn: _Turn = field(default_factory=_Turn)
     """Shared by :attr:`twins`: the batch's lockstep."""
     lockstep_budget: int = 0
     """Bytes of float values the float model may hold ahead of the quantized one
     (:func:`_lockstep_budget`)."""
-    """The float twins of the pairs' and blocks' outputs, each with the float value it
-    observes (region path, node name, call site), to be observed in a float model shared by
-    several variants (``shared_float``; otherwise ``built.float_model`` observes them)."""
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
