@@ -80,7 +80,6 @@ def energy(x: torch.Tensor) -> float:
     return total
 
 
-
 _UPDATE_CHUNK = 1 << 22
 """Values per chunk of a large tensor's sums (16 MiB in float32). An LLM's logits (512 tokens
 x 49152 words: 96 MiB in float32) are read a chunk at a time: a whole-tensor error, and the
