@@ -69,6 +69,25 @@ def test_compare_pairs_layers_and_reads_the_model_output_as_the_models_give_it(f
     assert report.model_output["sqnr"] == pytest.approx(_direct_sqnr(pair), abs=1e-3)
 
 
+def test_turns_between_the_two_forwards_change_no_number(flow, report, monkeypatch):
+    # with a budget of one byte the quantized model runs in turns with the float one
+    # (fxnumeric.lockstep) at every value: the report must be the sequential run's
+    import importlib
+
+    compare_module = importlib.import_module("fxnumeric.compare")
+    monkeypatch.setattr(compare_module, "LOCKSTEP_MIN", 1)
+    monkeypatch.setattr(compare_module, "LOCKSTEP_SHARE", 1 << 60)
+    name, pair = flow
+    turns = ns.compare(pair.float_model, pair.quant_model, pair.batches, capture=pair.capture,
+                       progress=False)
+    assert [r.name for r in turns.rows] == [r.name for r in report.rows], name
+    for a, b in zip(turns.rows, report.rows, strict=True):
+        assert (a.output, a.shadow, a.floor_sqnr) == (b.output, b.shadow, b.floor_sqnr), a.name
+    assert turns.model_output == report.model_output
+    assert [(b.name, b.output, b.shadow) for b in turns.blocks] == \
+        [(b.name, b.output, b.shadow) for b in report.blocks]
+
+
 def test_compare_weights_pairs_every_quantized_weight(flow):
     name, pair = flow
     weights = ns.compare_weights(pair.float_model, pair.quant_model)
