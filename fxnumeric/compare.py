@@ -107,10 +107,6 @@ class _FloatOutputs(Logger):
         self.pending: list[Any] = []
         self.turn = turn if turn is not None else _Turn()
 
-    @property
-    def lockstep(self) -> Lockstep | None:
-        return self.turn.lockstep
-
     def forward(self, x: Any) -> None:
         value = detach(first_output(x))
         self.pending.append(value)
@@ -138,15 +134,16 @@ class _CompareToFloat(Logger):
 
     def forward(self, x: Any) -> None:
         twin = self.twin[0]
-        if not twin.pending and twin.lockstep is not None:
-            twin.lockstep.need(twin)  # the float model runs until it has this value
+        lockstep = twin.turn.lockstep
+        if not twin.pending and lockstep is not None:
+            lockstep.need(twin)  # the float model runs until it has this value
         pending = twin.pending
         if pending:
             actual, energy = self.value.get(first_output(x))
             ref = pending.pop(0)
             self.acc.update(ref, actual, actual_energy=energy)
-            if twin.lockstep is not None:
-                twin.lockstep.consumed(ref)
+            if lockstep is not None:
+                lockstep.consumed(ref)
 
 
 class _ShadowMetrics(Logger):

@@ -70,11 +70,6 @@ class Lockstep:
         self._autocast = [(device, torch.get_autocast_dtype(device))
                           for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
 
-    @property
-    def started(self) -> bool:
-        """Whether the quantized model runs in turns (the budget was reached)."""
-        return self._helper is not None
-
     def _quant_side(self) -> None:
         try:
             with contextlib.ExitStack() as stack:

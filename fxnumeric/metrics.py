@@ -69,7 +69,7 @@ def energy(x: torch.Tensor) -> float:
         x = x.float()
     if x.numel() <= _ONE_NORM:
         return float(torch.linalg.vector_norm(x)) ** 2
-    flat = x.view(-1) if x.is_contiguous() else _dense_view(x)
+    flat = _dense_view(x)
     if flat is None:
         flat = x.contiguous().view(-1)
     whole = flat.numel() // _ROW * _ROW
@@ -437,7 +437,8 @@ class Accumulator:
             self.kept.append((ref.detach(), actual.detach()))
         self.batches += 1
         if _chunked(ref) and _chunked(actual):
-            signal, noise, own_energy, low, high = self._chunk_sums(ref, actual)
+            signal, noise, own_energy, low, high = self._chunk_sums(
+                ref, actual, actual_energy is None)
         else:
             r, a = _as_float(ref, self.precision), _as_float(actual, self.precision)
             err = r - a
@@ -474,10 +475,11 @@ class Accumulator:
                     "called as fn(ref, actual) with float64 tensors and returns a float"
                 ) from exc
 
-    def _chunk_sums(self, ref: torch.Tensor, actual: torch.Tensor
-                    ) -> tuple[float, float, float, float, float]:
+    def _chunk_sums(self, ref: torch.Tensor, actual: torch.Tensor, actual_energy: bool
+                    ) -> tuple[float, float, float | None, float, float]:
         """``(signal, noise, actual energy, min error, max error)`` of two large contiguous
-        tensors of one shape, a chunk at a time (partial sums added in float64)."""
+        tensors of one shape, a chunk at a time (partial sums added in float64); the actual
+        energy only when asked (``None`` otherwise: :func:`prepare_actual` summed it)."""
         signals, noises, energies = [], [], []
         low, high = math.inf, -math.inf
         for r, a in zip(_chunks(ref, self.precision), _chunks(actual, self.precision),
@@ -485,10 +487,12 @@ class Accumulator:
             err = r - a
             signals.append(energy(r))
             noises.append(energy(err))
-            energies.append(energy(a))
+            if actual_energy:
+                energies.append(energy(a))
             lo, hi = aminmax(err)
             low, high = _min_nan(low, lo), _max_nan(high, hi)
-        return math.fsum(signals), math.fsum(noises), math.fsum(energies), low, high
+        return (math.fsum(signals), math.fsum(noises),
+                math.fsum(energies) if actual_energy else None, low, high)
 
     def end_batch(self) -> None:
         """Close the current batch: its own SQNR joins :meth:`spread` (when finite)."""
