@@ -33,6 +33,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from _llm import llm_metrics
 from tabulate import tabulate
 
 import fxnumeric
@@ -151,18 +152,10 @@ def _plan_metrics(float_model, configs, assignment, batches) -> dict[str, float]
     ``FqnToConfig``) and read the LLM metrics of the result on ``batches``."""
     from torchao.quantization import FqnToConfig, quantize_
 
-    from fxnumeric.llm_metrics import LogitsAccumulator
-
     model = copy.deepcopy(float_model)
     quantize_(model, FqnToConfig({path: configs[c] for path, c in assignment.items()
                                   if c != "float"}), filter_fn=None)
-    acc = LogitsAccumulator()
-    with torch.no_grad():
-        for b in batches:
-            acc.update(float_model(**b, use_cache=False).logits,
-                       model(**b, use_cache=False).logits,
-                       attention_mask=b["attention_mask"], input_ids=b["input_ids"])
-    return acc.values()
+    return llm_metrics(float_model, model, batches)
 
 
 def part_smollm2(target: float) -> None:

@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
+from _llm import llm_metrics  # noqa: E402
 
 _TIMES: list[tuple[str, float]] = []
 
@@ -47,19 +48,6 @@ def step(name: str):
 
 def section(title: str) -> None:
     print(f"\n## {title}\n", flush=True)
-
-
-def kl_on(float_model, quant_model, batches) -> dict[str, float]:
-    """The LLM metrics of ``quant_model`` against ``float_model`` on ``batches`` (real tokens)."""
-    from fxnumeric.llm_metrics import LogitsAccumulator
-
-    acc = LogitsAccumulator()
-    with torch.no_grad():
-        for b in batches:
-            acc.update(float_model(**b, use_cache=False).logits,
-                       quant_model(**b, use_cache=False).logits,
-                       attention_mask=b["attention_mask"], input_ids=b["input_ids"])
-    return acc.values()
 
 
 def show(values: dict[str, float]) -> str:
@@ -208,7 +196,7 @@ def main() -> None:
         for label, batches in (("same text (LLM_TEXTS)", data),
                                ("held-out (LLM_HELDOUT_TEXTS)", held_out)):
             for name, q in (("advised", applied), ("int4", q4), ("int8", q8)):
-                v = kl_on(model, q, batches)
+                v = llm_metrics(model, q, batches)
                 rows.append((label, name, f"{v['kl']:.4f}", f"{v['top1_agreement']:.4f}",
                              f"{v['ppl_float']:.2f}", f"{v['ppl_quantized']:.2f}"))
     print(tabulate(rows, headers=("text", "model", "kl", "top1", "ppl float",
@@ -222,7 +210,7 @@ def main() -> None:
         print(f"on the bf16 model: RuntimeError: {exc}")
     with step("quantize_dynamic(float32 model, {nn.Linear}) and its KL"):
         qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model32), {torch.nn.Linear})
-        rows = [(label, show(kl_on(model32, qdyn, batches)))
+        rows = [(label, show(llm_metrics(model32, qdyn, batches)))
                 for label, batches in (("same text", data), ("held-out", held_out))]
     print(tabulate(rows, headers=("text", "float32 vs quantize_dynamic (lm_head quantized too)")))
 
