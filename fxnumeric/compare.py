@@ -624,12 +624,20 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     matching = plan.matching
     # reduced as they come: one layer's weights alive at a time (dequantized, offloaded ones)
     weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
+    floors: dict[str, dict[str, Any]] = {}
+    first: dict[str, Pair] = {}  # a row's floor is its name's first pair's
+    for p in matching.pairs:
+        first.setdefault(p.name, p)
     if "weights" in plan.comparisons:
         with phase("comparing weights", progress):
             for pair, key, fw, qw in pair_weights(matching):
                 if pair.name not in weights:  # exact float64 sums
                     weights[pair.name] = ([], Accumulator(precision=torch.float64),
                                           _histogram(fw, qw))
+                if first.get(pair.name) is pair and pair.name not in floors:
+                    # the floor reads the quantized weight too: from here, not unpacked again
+                    floors[pair.name] = _floor(matching, pair, plan.shadows.get(pair.name),
+                                               plan.floors.get(pair.name), qw)
                 weights[pair.name][0].append(key)
                 if pair.quantized:  # a layer left float shows no weight SQNR: none summed
                     _add_weights(weights[pair.name][1], fw, qw)
@@ -659,7 +667,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             float_rms=_rms(oa if oa and oa.batches else sa),
             spread={key: spread for key, acc in (("output_sqnr", oa), ("shadow_sqnr", sa))
                     if acc is not None and (spread := acc.spread()) is not None},
-            **_floor(matching, p, sa, plan.floors.get(p.name)),
+            **(floors[p.name] if p.name in floors
+               else _floor(matching, p, sa, plan.floors.get(p.name))),
             block=block_of(p.name, block_names),
         ))
     nonfinite = _first_nonfinite(plan)
@@ -698,12 +707,13 @@ def _block_rows(plan: _Plan) -> tuple[BlockRow, ...]:
 
 
 def _floor(matching: Matching, pair: Pair, shadow: Accumulator | None,
-           sums: FloorSums | None) -> dict[str, Any]:
-    """``floor_sqnr`` and ``floor_cause`` of a quantized layer (see :mod:`fxnumeric.floor`)."""
+           sums: FloorSums | None, read: torch.Tensor | None = None) -> dict[str, Any]:
+    """``floor_sqnr`` and ``floor_cause`` of a quantized layer (see :mod:`fxnumeric.floor`);
+    ``read``: its quantized weight, if the weight comparison has read it."""
     if shadow is None or sums is None or not shadow.batches:
         return {}
     floor, verdict = layer_floor(matching.region_of(pair), pair, sums, signal=shadow.signal,
-                                 noise=shadow.noise, count=shadow.count)
+                                 noise=shadow.noise, count=shadow.count, read=read)
     if floor is None:
         return {}
     return {"floor_sqnr": floor, "floor_cause": verdict.cause if verdict is not None else ""}

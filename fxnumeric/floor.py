@@ -86,13 +86,17 @@ def layer_module(region: Any, pair: Any) -> Any:
     return None
 
 
-def layer_weight_steps(region: Any, pair: Any) -> tuple[float, int, float] | None:
+def layer_weight_steps(region: Any, pair: Any, read: torch.Tensor | None = None,
+                       ) -> tuple[float, int, float] | None:
     """``(mean squared weight step, fan-in, energy of the weight)`` of the quantized weight a
     pair's layer computes with, or ``None`` (no weight, or a float one).
 
     The weight is read where it lives: a quantized module's weight (torch's, or a torchao
     tensor subclass), or, for a functional op of an exported graph, the scales of the
-    ``dequantize`` that produces it.
+    ``dequantize`` that produces it. ``read``: that module's weight as the weight comparison
+    read it already (:func:`fxnumeric.weights.pair_weights`), so that it is not unpacked or
+    dequantized twice (a quantize_dynamic Linear's ``weight()`` copies it out of its packed
+    form: 0.25 s per compare of SmolLM2).
     """
     for node in region.chain(pair, "quant"):
         module = region.quant_view.module(node)
@@ -103,15 +107,24 @@ def layer_weight_steps(region: Any, pair: Any) -> tuple[float, int, float] | Non
                 return None  # nothing holds the weight: no floor, not a guess
         weight = getattr(module, "weight", None) if module is not None else None
         if callable(weight) and not isinstance(weight, torch.Tensor):
-            weight = weight()  # torch's quantized modules unpack their weight
+            # torch's quantized modules unpack their weight; read already: its quantized form
+            weight = read if _same_read(read) else weight()
         if isinstance(weight, torch.Tensor) and weight.dim() > 1:
             steps = weight_steps(weight)
             if steps is not None:
-                values = flows.comparable_weight(weight)
+                # a tensor subclass (torchao) as the weight comparison dequantized it
+                same = read is not None and read.shape == weight.shape
+                values = read if same else flows.comparable_weight(weight)
                 values = values.dequantize() if values.is_quantized else values
                 fan_in = math.prod(weight.shape[1:])  # subclasses index no row (torchao)
                 return float(steps.mean()), fan_in, _energy64(values)
     return _functional_steps(region, pair)
+
+
+def _same_read(read: torch.Tensor | None) -> bool:
+    """Whether ``read`` can stand for a torch quantized module's ``weight()``: both are the
+    same quantized tensor (:func:`fxnumeric.weights.pair_weights` calls ``weight()`` too)."""
+    return isinstance(read, torch.Tensor) and read.is_quantized
 
 
 def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
@@ -371,13 +384,14 @@ def floor_sums(region: Any, pair: Any) -> FloorSums:
 
 
 def layer_floor(region: Any, pair: Any, sums: FloorSums, *, signal: float, noise: float,
-                count: int) -> tuple[float | None, FloorVerdict | None]:
+                count: int, read: torch.Tensor | None = None,
+                ) -> tuple[float | None, FloorVerdict | None]:
     """A layer's floor SQNR and its verdict, from its sums and its measured local error
     (``signal``: energy of the float twin's output; ``noise``: of the error; ``count``
-    values)."""
+    values); ``read``: its quantized weight if read already (:func:`layer_weight_steps`)."""
     if not count:
         return None, None
-    steps = layer_weight_steps(region, pair)
+    steps = layer_weight_steps(region, pair, read)
     step_sq, fan_in, weight_energy = steps if steps is not None else (None, None, None)
     grids = {"grid": sums.grid, "clip_noise": sums.clip_noise, "weight_step_sq": step_sq,
              "fan_in": fan_in, "input_mean_square": sums.input_mean_square(),

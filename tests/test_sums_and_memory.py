@@ -288,3 +288,29 @@ def test_turns_keep_the_callers_autocast(tiny_budget, monkeypatch):
     for a, b in zip(turns.rows, whole.rows, strict=True):
         assert a.output == b.output, a.name
     assert turns.model_output == whole.model_output
+
+
+def test_each_quantized_weight_is_read_once_and_the_floors_are_those_of_a_fresh_read(
+        monkeypatch):
+    # the weight comparison and the floor both read a dynamic Linear's weight; weight()
+    # copies it out of its packed form, so compare reads it once and the floor reuses it
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    batches = [torch.randn(4, 16) * 3 for _ in range(2)]
+    unpacks = []
+    unpack = LinearPackedParams._weight_bias
+    monkeypatch.setattr(LinearPackedParams, "_weight_bias",
+                        lambda self: unpacks.append(self) or unpack(self))
+    matching = ns.match(f, q)
+    report = ns.compare(f, q, batches, comparisons=("weights", "shadows"), matching=matching)
+    assert len(unpacks) == 2 and len({id(p) for p in unpacks}) == 2
+    # the oracle: without the weight comparison each floor reads its module afresh
+    floors = {r.name: r.floor_sqnr for r in report.rows if r.floor_sqnr is not None}
+    assert set(floors) == {"0", "2"}
+    alone = ns.compare(f, q, batches, comparisons=("shadows",), matching=matching)
+    assert {name: alone.row(name).floor_sqnr for name in floors} == floors
+    assert len(unpacks) == 4  # two more: the floors' own reads
