@@ -23,7 +23,7 @@ order of float64 additions (relative 1e-16).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +81,12 @@ def energy(x: torch.Tensor) -> float:
 
 
 _UPDATE_CHUNK = 1 << 22
-"""Values per chunk of a large tensor's sums (16 MiB in float32). An LLM's logits (512 tokens
-x 49152 words: 96 MiB in float32) are read a chunk at a time: a whole-tensor error, and the
-float32 copies of bfloat16 logits, added three logits' worth to compare's peak memory."""
+"""Values past which a tensor's sums are taken a chunk at a time. An LLM's logits (512 tokens
+x 49152 words: 96 MiB in float32) are read so: a whole-tensor error, and the float32 copies
+of bfloat16 logits, added three logits' worth to compare's peak memory."""
+
+_CHUNK = 1 << 20
+"""Values per chunk (4 MiB in float32)."""
 
 
 def _chunked(x: torch.Tensor) -> bool:
@@ -91,12 +94,27 @@ def _chunked(x: torch.Tensor) -> bool:
     return x.numel() > _UPDATE_CHUNK and not x.is_quantized and x.is_contiguous()
 
 
-def _chunks(x: torch.Tensor, precision: torch.dtype) -> Iterable[torch.Tensor]:
-    """``x``'s values in memory order, a chunk at a time, each in ``precision``."""
+def _chunks(x: torch.Tensor, precision: torch.dtype) -> Iterator[torch.Tensor]:
+    """``x``'s values in memory order, a chunk at a time, each in ``precision``.
+
+    A chunk that needs converting is written into one buffer, reused for the next chunk (read
+    each chunk before asking for the next). A new tensor per chunk was not memory reused: in
+    the thread that runs the quantized model in turns (:mod:`fxnumeric.lockstep`), glibc's
+    per-thread heap kept each chunk's pages, so that comparing two bfloat16 logits of 512
+    tokens added 144 MiB.
+    """
     flat = x.detach().reshape(-1)
-    for start in range(0, flat.numel(), _UPDATE_CHUNK):
-        chunk = flat[start:start + _UPDATE_CHUNK]
-        yield chunk if chunk.dtype == precision else chunk.to(precision)
+    buffer: torch.Tensor | None = None
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        if chunk.dtype == precision:
+            yield chunk
+            continue
+        if buffer is None:
+            buffer = torch.empty(chunk.numel(), dtype=precision)
+        out = buffer[:chunk.numel()]
+        out.copy_(chunk)  # as chunk.to(precision)
+        yield out
 
 
 def prepare_actual(actual: torch.Tensor, precision: torch.dtype) -> tuple[torch.Tensor, float]:
@@ -482,9 +500,12 @@ class Accumulator:
         energy only when asked (``None`` otherwise: :func:`prepare_actual` summed it)."""
         signals, noises, energies = [], [], []
         low, high = math.inf, -math.inf
+        errors: torch.Tensor | None = None  # one buffer for every chunk's error (_chunks)
         for r, a in zip(_chunks(ref, self.precision), _chunks(actual, self.precision),
                         strict=True):
-            err = r - a
+            if errors is None:
+                errors = torch.empty(r.numel(), dtype=r.dtype)
+            err = torch.sub(r, a, out=errors[:r.numel()])
             signals.append(energy(r))
             noises.append(energy(err))
             if actual_energy:

@@ -58,6 +58,26 @@ def test_logits_sized_tensors_are_summed_by_chunks_to_1e6_of_float64(dtype):
         assert alone.value(name) == pytest.approx(value, rel=1e-6), name
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_chunks_that_need_converting_share_one_buffer_and_keep_their_values(dtype):
+    # a new tensor per chunk was not memory reused in the turns' helper thread (glibc's
+    # per-thread heap): each converted chunk is written into one buffer instead
+    from fxnumeric.metrics import _chunks
+
+    x = torch.randn(5 * (1 << 20) + 123).to(dtype)
+    seen, pointers = [], set()
+    for chunk in _chunks(x, torch.float32):
+        assert chunk.dtype == torch.float32
+        pointers.add(chunk.data_ptr())
+        seen.append(chunk.clone())
+    assert len(pointers) == 1 and len(seen) == 6
+    assert torch.equal(torch.cat(seen), x.to(torch.float32))
+    plain = x.to(torch.float32)
+    views = list(_chunks(plain, torch.float32))  # nothing to convert: views, no copy
+    step = views[0].numel() * plain.element_size()
+    assert [c.data_ptr() for c in views] == [plain.data_ptr() + i * step for i in range(6)]
+
 def test_nan_in_a_chunked_tensor_is_counted_not_hidden():
     ref = torch.randn(1, 512, 24000)
     actual = ref.clone()
