@@ -39,6 +39,11 @@ processes: by default glibc raises its threshold after the first large free, and
 dequantized weight) then stay in the heap, so that some runs of the same measurement peak
 ~320 MiB higher than others.
 
+``--malloc-arena-max N`` sets glibc's ``MALLOC_ARENA_MAX``: past the turns' budget the quantized
+model runs in a helper thread (:mod:`fxnumeric.lockstep`), which glibc gives a heap (arena) of
+its own, so memory one side frees is not reused by the other and the peak is the two sides'
+working sets added; with ``1`` every thread shares one heap.
+
 Every configuration checks that the float and quantized models' parameters keep their dtype
 (a bfloat16 model is not upcast) and reads the peak RSS against the size a float32 copy of the
 float model would take. Prints a table per part and the machine's load.
@@ -217,6 +222,9 @@ def main() -> None:
     parser.add_argument("--malloc-mmap-threshold", type=int, default=0,
                         help="glibc's MALLOC_MMAP_THRESHOLD_ in the measuring processes "
                              "(0: glibc's dynamic default)")
+    parser.add_argument("--malloc-arena-max", type=int, default=0,
+                        help="glibc's MALLOC_ARENA_MAX in the measuring processes "
+                             "(0: glibc's default, 8 per core)")
     parser.add_argument("--parts", default="time,memory,long")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--time", action="store_true", help=argparse.SUPPRESS)
@@ -234,12 +242,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
           f"{platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
           f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'dynamic'}, "
+          f"MALLOC_ARENA_MAX={args.malloc_arena_max or 'default'}, "
           f"loadavg before {os.getloadavg()}")
     start = time.perf_counter()
     parts = set(args.parts.split(","))
     env = dict(os.environ)
     if args.malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    if args.malloc_arena_max:
+        env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
     results: list[dict] = []
     failed: list[tuple[str, str, str, str]] = []
     for dtype in args.dtype.split(","):
