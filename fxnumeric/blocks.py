@@ -29,7 +29,7 @@ from torch import nn
 
 from . import flows
 from .capture import leaf_graph
-from .match import Matching, Region, pair_region
+from .match import Matching, Pair, Region, pair_region
 from .view import GraphView
 
 __all__ = ["Block", "block_paths", "find_blocks", "block_of"]
@@ -121,10 +121,16 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
     float_model = matching.float_model
     if not isinstance(model, nn.Module) or not isinstance(float_model, nn.Module):
         return ()
-    paths = [p for p in block_paths(model) if _has(float_model, p)]
+    # read off the float model: an FX-converted quantized GraphModule keeps the paths with
+    # plain ``nn.Module`` containers (``layer1`` is no longer a Sequential), and a pt2e one
+    # keeps none (its ops say where they ran); blocks of a quantized model's own making
+    # (eager) are the float model's as well
+    paths = block_paths(float_model)
     if not paths:
         return ()
-    layers = {path: tuple(p.name for p in matching.pairs if block_of(p.name, [path]) == path)
+    ran_in = {p.name: _pair_path(matching, p) for p in matching.pairs}
+    layers = {path: tuple(name for name, where in ran_in.items()
+                          if block_of(where, [path]) == path)
               for path in paths}
     out: list[Block] = []
     for path in paths:
@@ -139,7 +145,7 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
                 else _module_span(matching, path))
         if span is not None:
             *where, own = span
-            out.append(Block(path, type(model.get_submodule(path)).__name__, *where,
+            out.append(Block(path, type(float_model.get_submodule(path)).__name__, *where,
                              layers=layers[path], own_region=own))
     return tuple(out)
 
@@ -157,10 +163,15 @@ def _graph_span(region: Region, path: str) -> tuple | None:
     prefix = path + "."
     fv, qv = region.float_view, region.quant_view
     f_nodes = _named_under(fv, region.float_scope, prefix)
-    q_nodes = _named_under(qv, region.quant_scope, prefix)
-    if not f_nodes or not q_nodes:
+    if not f_nodes:
         return None
-    f_out, q_out = _single_output(fv, f_nodes), _single_output(qv, q_nodes)
+    f_out = _single_output(fv, f_nodes)
+    q_nodes = _named_under(qv, region.quant_scope, prefix)
+    q_out = _single_output(qv, q_nodes) if q_nodes else None
+    if q_out is None and f_out is not None:
+        # a quantized graph that does not say where its functional ops ran (convert_fx's
+        # quantized.add_relu): the block's quantized ops are those paired with its float ops
+        q_nodes, q_out = _paired_span(region, f_nodes, f_out)
     if f_out is None or q_out is None:
         return None
     pair = region.pair_of(q_out)
@@ -169,17 +180,46 @@ def _graph_span(region: Region, path: str) -> tuple | None:
     return region, tuple(f_nodes), tuple(q_nodes), f_out, q_out, False
 
 
+def _paired_span(region: Region, f_nodes: list[fx.Node], f_out: fx.Node,
+                 ) -> tuple[list[fx.Node], fx.Node | None]:
+    """The quantized ops of the pairs lying wholly among ``f_nodes``, in graph order, and the
+    one carrying ``f_out``'s value (``None`` if ``f_out`` is not a pair's output)."""
+    inside = set(f_nodes)
+    pairs = {id(p): p for f in f_nodes if (p := region.pair_of(f)) is not None}
+    held = [p for p in pairs.values()
+            if all(n in inside or n.op == "placeholder" for n in region.chain(p, "float"))]
+    qv = region.quant_view
+    q_nodes = sorted({n for p in held for n in region.chain(p, "quant")}, key=qv.position)
+    out_pair = region.pair_of(f_out)
+    if out_pair is None or out_pair not in held or region.output_nodes(out_pair)[0] is not f_out:
+        return q_nodes, None
+    return q_nodes, region.chain(out_pair, "quant")[-1]
+
+
+def _where(view: GraphView, n: fx.Node) -> str:
+    """Where the op at ``n`` ran: a module's own path, else the module a functional op ran in
+    (:func:`fxnumeric.flows.scope`), else the op's name."""
+    if n.op == "call_module":
+        return str(n.target)
+    return flows.scope(n) or view.name(n)
+
+
 def _named_under(view: GraphView, scope: str, prefix: str) -> list[fx.Node]:
-    """The ops that ran inside the module at ``prefix``: a module's own path, else the module
-    a functional op ran in (:func:`fxnumeric.flows.scope`), else the op's name."""
+    """The ops that ran inside the module at ``prefix`` (:func:`_where`)."""
     lead = f"{scope}." if scope else ""
+    return [n for n in view.ops() if (lead + _where(view, n) + ".").startswith(prefix)]
 
-    def where(n: fx.Node) -> str:
-        if n.op == "call_module":
-            return str(n.target)
-        return flows.scope(n) or view.name(n)
 
-    return [n for n in view.ops() if (lead + where(n) + ".").startswith(prefix)]
+def _pair_path(matching: Matching, pair: Pair) -> str:
+    """Where a pair's float op ran (its module path, prefixed with its region's scope), or its
+    name: ``layer1.0`` for the residual add of ResNet's first block, whose pair is named after
+    the quantized graph's ``add_relu``."""
+    region = matching.region_of(pair)
+    ops = [n for n in region.chain(pair, "float") if n.op != "placeholder"]
+    if not ops:
+        return pair.name
+    where = _where(region.float_view, ops[0])
+    return f"{region.float_scope}.{where}" if region.float_scope else where
 
 
 def _single_output(view: GraphView, nodes: list[fx.Node]) -> fx.Node | None:

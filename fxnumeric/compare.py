@@ -644,6 +644,9 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     rows = []
     seen: set[str] = set()
     block_names = [b.name for b, _, _ in plan.blocks]
+    # a block's layers are the ops that ran in it (find_blocks), named so or not: convert_fx
+    # names ResNet's residual add after its quantized op (add_relu)
+    block_by_layer = {name: b.name for b, _, _ in plan.blocks for name in b.layers}
     for p in matching.pairs:
         if p.name in seen:
             continue
@@ -669,7 +672,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
                     if acc is not None and (spread := acc.spread()) is not None},
             **(floors[p.name] if p.name in floors
                else _floor(matching, p, sa, plan.floors.get(p.name))),
-            block=block_of(p.name, block_names),
+            block=block_by_layer.get(p.name) or block_of(p.name, block_names),
         ))
     nonfinite = _first_nonfinite(plan)
     return Report(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 import fxnumeric as ns
 from fxnumeric.blocks import block_of, block_paths
@@ -62,7 +63,6 @@ def test_blocks_are_the_repeated_containers():
     f = FLOWS["fx"]().float_model
     assert block_paths(tiny_llama()) == ["model.layers.0", "model.layers.1"]
     assert block_paths(FLOWS["bert"]().float_model) == ["encoder.layer.0", "encoder.layer.1"]
-    import torchvision
 
     assert block_paths(torchvision.models.resnet18(weights=None)) == [
         "layer1", "layer2", "layer3", "layer4"]
@@ -118,6 +118,59 @@ def test_resnet_stages_are_blocks_of_the_traced_graph(tmp_path):
     assert "<h2>Blocks</h2>" in page and page.count("<details>") == 4
     assert ns.Report.from_json(report.to_json()).blocks == report.blocks
     assert "shadow SQNR (adds)" in report.block_table() and "layer4" in str(report)
+
+
+
+class _Values(torch.fx.Interpreter):
+    """Runs a GraphModule and keeps what each call_module node read and returned."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.read, self.out = {}, {}
+
+    def call_module(self, target, args, kwargs):
+        out = super().call_module(target, args, kwargs)
+        self.read.setdefault(target, args[0])
+        self.out[target] = out
+        return out
+
+
+def test_resnet_stages_are_blocks_of_an_fx_converted_graph():
+    # convert_fx keeps `layer1` as a plain Module and names the residual add after its
+    # quantized op (add_relu): the blocks are read off the float model, the add's row off
+    # where its float op ran
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = torchvision.models.resnet18(weights=None).eval()
+    data = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (data[0],))
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+    q = convert_fx(prepared)
+    report = ns.compare(f, q, data, progress=False)
+    assert [b.name for b in report.blocks] == ["layer1", "layer2", "layer3", "layer4"]
+    assert report.row("add_relu").block == "layer1" and report.row("add_relu_3").block == "layer2"
+    assert [r.name for r in report.rows if r.block == "layer2"] == list(report.blocks[1].layers)
+    assert report.row("fc").block == ""
+    # the oracle: the quantized values entering and leaving layer2 (what layer2.0.conv1 and
+    # layer3.0.conv1 read), the float layer2's output and the float layer2 on the entering one
+    outs, shadows = [], []
+    for x in data:
+        values = _Values(q)
+        with torch.no_grad():
+            values.run(x)
+            entering = values.read["layer2.0.conv1"].dequantize()
+            leaving = values.read["layer3.0.conv1"].dequantize()
+            float_out = f.layer2(f.layer1(f.maxpool(f.relu(f.bn1(f.conv1(x))))))
+            outs.append((float_out, leaving))
+            shadows.append((f.layer2(entering), leaving))
+    block = report.blocks[1]
+    assert block.output_sqnr == pytest.approx(_sqnr(outs), abs=1e-3)
+    assert block.shadow_sqnr == pytest.approx(_sqnr(shadows), abs=1e-3)
 
 
 def test_no_blocks_no_block_rows():
