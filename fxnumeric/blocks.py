@@ -2,8 +2,9 @@
 
 A model is read block by block: the layers of ``model.layers.3`` together, and the error
 entering and leaving that block. A *block* is a child of a container whose siblings include
-another module of the same class (``model.layers.0`` .. ``model.layers.29``: 30
-``LlamaDecoderLayer``; ``layer1`` .. ``layer4`` of a ResNet: its stages); the outermost such
+another module of the same kind (``model.layers.0`` .. ``model.layers.29``: 30
+``LlamaDecoderLayer``; ``layer1`` .. ``layer4`` of a ResNet: its stages, Sequentials of
+``BasicBlock``; a torch container's kind includes the classes it holds); the outermost such
 level is taken. A block holds layers: torch's containers or the model's own classes with
 submodules, never one of torch's layers.
 
@@ -77,13 +78,13 @@ def block_paths(model: nn.Module) -> list[str]:
 
     def visit(module: nn.Module, path: str) -> None:
         children = list(module.named_children())
-        classes: dict[type, int] = {}
+        kinds: dict[object, int] = {}
         for _, child in children:
             if _may_be_block(child):
-                classes[type(child)] = classes.get(type(child), 0) + 1
+                kinds[_kind(child)] = kinds.get(_kind(child), 0) + 1
         for name, child in children:
             child_path = f"{path}.{name}" if path else name
-            if classes.get(type(child), 0) >= 2:
+            if _may_be_block(child) and kinds[_kind(child)] >= 2:
                 found.append(child_path)
             else:
                 visit(child, child_path)
@@ -92,10 +93,22 @@ def block_paths(model: nn.Module) -> list[str]:
     return found
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _kind(module: nn.Module) -> object:
+    """What makes two siblings repeats of one block: their class, and for torch's containers
+    the classes they hold too (mobilenet_v2's ``features`` and ``classifier`` are both
+    Sequentials, but not two of a kind; ResNet's stages hold Bottlenecks, 3 to 6 of them)."""
+    if isinstance(module, _CONTAINERS):
+        return type(module), frozenset(type(c) for c in module.children())
+    return type(module)
+
+
 def _may_be_block(module: nn.Module) -> bool:
     """A container of layers: torch's own containers, or a class of the model's with
     submodules; never one of torch's layers (a dynamic Linear holds a packed-params child)."""
-    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+    if isinstance(module, _CONTAINERS):
         return True
     return (not type(module).__module__.startswith("torch.")
             and any(True for _ in module.children()))

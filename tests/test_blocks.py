@@ -66,6 +66,14 @@ def test_blocks_are_the_repeated_containers():
 
     assert block_paths(torchvision.models.resnet18(weights=None)) == [
         "layer1", "layer2", "layer3", "layer4"]
+    # stages of 3 to 6 Bottlenecks are still repeats of one kind of container
+    assert block_paths(torchvision.models.resnet50(weights=None)) == [
+        "layer1", "layer2", "layer3", "layer4"]
+    # `features` and `classifier` are both Sequentials but hold different layers: not two
+    # blocks; the blocks are the inverted residuals (and the two conv-BN-ReLU6 ends)
+    mobilenet = block_paths(torchvision.models.mobilenet_v2(weights=None))
+    assert mobilenet == [f"features.{i}" for i in range(19)]
+    assert block_paths(torchvision.models.vgg11(weights=None)) == []  # no repeated container
     assert block_paths(f) == []  # conv, relu, pool, fc: layers, no repeated container
     dynamic = FLOWS["dynamic"]().quant_model
     assert block_paths(dynamic) == []  # a dynamic Linear has a child, but is a layer
