@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -68,50 +69,107 @@ class Block:
 def block_paths(model: nn.Module) -> list[str]:
     """The module paths of ``model``'s blocks, outermost repeated level first found.
 
+    A model given as a torch.export graph (its modules gone) is read from the module tree its
+    ops' ``nn_module_stack`` records.
+
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2),
     ...                           *(torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(2)))
     >>> block_paths(net)
     ['1', '2']
     """
-    found: list[str] = []
+    return list(_blocks(model))
 
-    def visit(module: nn.Module, path: str) -> None:
-        children = list(module.named_children())
-        kinds: dict[object, int] = {}
-        for _, child in children:
-            if _may_be_block(child):
-                kinds[_kind(child)] = kinds.get(_kind(child), 0) + 1
-        for name, child in children:
-            child_path = f"{path}.{name}" if path else name
-            if _may_be_block(child) and kinds[_kind(child)] >= 2:
-                found.append(child_path)
-            else:
-                visit(child, child_path)
 
-    visit(model, "")
+def _blocks(model: nn.Module) -> dict[str, str]:
+    """``{block path: its class name}`` (see :func:`block_paths`)."""
+    found = _repeated(_module_tree(model))
+    if not found and isinstance(model, fx.GraphModule):
+        found = _repeated(_stack_tree(model.graph))
     return found
 
 
+@dataclass(frozen=True)
+class _Tree:
+    """A module of a model's tree, as the block rule reads it: its class's qualified name
+    (``""`` unknown: a ``ModuleList`` an exported graph never records, since it is not called),
+    whether it is one of torch's containers, and its children."""
+
+    cls: str
+    container: bool
+    children: tuple[tuple[str, _Tree], ...]
+
+    @property
+    def kind(self) -> object:
+        """What makes two siblings repeats of one block: their class, and for torch's
+        containers the classes they hold too (mobilenet_v2's ``features`` and ``classifier``
+        are both Sequentials, but not two of a kind; ResNet's stages hold Bottlenecks, 3 to 6
+        of them)."""
+        if self.container:
+            return self.cls, frozenset(c.cls for _, c in self.children)
+        return self.cls
+
+    @property
+    def may_be_block(self) -> bool:
+        """A container of layers: torch's own containers, or a class of the model's with
+        submodules; never one of torch's layers (a dynamic Linear holds a packed-params
+        child)."""
+        return self.container or (not self.cls.startswith("torch.") and bool(self.children))
+
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CONTAINER_NAMES = frozenset(f"{c.__module__}.{c.__qualname__}" for c in _CONTAINERS)
 
 
-def _kind(module: nn.Module) -> object:
-    """What makes two siblings repeats of one block: their class, and for torch's containers
-    the classes they hold too (mobilenet_v2's ``features`` and ``classifier`` are both
-    Sequentials, but not two of a kind; ResNet's stages hold Bottlenecks, 3 to 6 of them)."""
-    if isinstance(module, _CONTAINERS):
-        return type(module), frozenset(type(c) for c in module.children())
-    return type(module)
+def _class_name(cls: Any) -> str:
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _may_be_block(module: nn.Module) -> bool:
-    """A container of layers: torch's own containers, or a class of the model's with
-    submodules; never one of torch's layers (a dynamic Linear holds a packed-params child)."""
-    if isinstance(module, _CONTAINERS):
-        return True
-    return (not type(module).__module__.startswith("torch.")
-            and any(True for _ in module.children()))
+def _module_tree(module: nn.Module) -> _Tree:
+    return _Tree(_class_name(type(module)), isinstance(module, _CONTAINERS),
+                 tuple((name, _module_tree(child)) for name, child in module.named_children()))
+
+
+def _stack_tree(graph: fx.Graph) -> _Tree:
+    """The module tree the ops of an exported graph record in ``nn_module_stack``."""
+    classes: dict[str, str] = {}
+    for node in graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            path = str(path)
+            classes.setdefault(path, _class_name(cls))
+            while "." in path:  # parents never called (a ModuleList) are known by their paths
+                path = path.rpartition(".")[0]
+                classes.setdefault(path, "")
+
+    def tree(path: str) -> _Tree:
+        lead = f"{path}." if path else ""
+        names = [p[len(lead):] for p in classes if p.startswith(lead) and p != path
+                 and "." not in p[len(lead):]]
+        cls = classes.get(path, "")
+        return _Tree(cls, cls in _CONTAINER_NAMES or not cls,
+                     tuple((name, tree(lead + name)) for name in names))
+
+    return tree("")
+
+
+def _repeated(root: _Tree) -> dict[str, str]:
+    """``{path: class name}`` of the outermost children of one kind that repeat."""
+    found: dict[str, str] = {}
+
+    def visit(node: _Tree, path: str) -> None:
+        kinds: dict[object, int] = {}
+        for _, child in node.children:
+            if child.may_be_block:
+                kinds[child.kind] = kinds.get(child.kind, 0) + 1
+        for name, child in node.children:
+            child_path = f"{path}.{name}" if path else name
+            if child.may_be_block and kinds[child.kind] >= 2:
+                found[child_path] = child.cls.rpartition(".")[2]
+            else:
+                visit(child, child_path)
+
+    visit(root, "")
+    return found
 
 
 def block_of(name: str, blocks: Iterable[str]) -> str:
@@ -138,7 +196,8 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
     # plain ``nn.Module`` containers (``layer1`` is no longer a Sequential), and a pt2e one
     # keeps none (its ops say where they ran); blocks of a quantized model's own making
     # (eager) are the float model's as well
-    paths = block_paths(float_model)
+    kinds = _blocks(float_model)
+    paths = list(kinds)
     if not paths:
         return ()
     ran_in = {p.name: _pair_path(matching, p) for p in matching.pairs}
@@ -158,8 +217,7 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
                 else _module_span(matching, path))
         if span is not None:
             *where, own = span
-            out.append(Block(path, type(float_model.get_submodule(path)).__name__, *where,
-                             layers=layers[path], own_region=own))
+            out.append(Block(path, kinds[path], *where, layers=layers[path], own_region=own))
     return tuple(out)
 
 

@@ -181,6 +181,32 @@ def test_resnet_stages_are_blocks_of_an_fx_converted_graph():
     assert block.shadow_sqnr == pytest.approx(_sqnr(shadows), abs=1e-3)
 
 
+
+def test_an_exported_float_graph_has_the_blocks_of_its_module():
+    # torch.export drops the module tree; its ops' nn_module_stack records it, and the blocks
+    # read from there are the module's, with the same numbers as comparing the nn.Module
+    from _flow_pairs import _pt2e
+
+    torch.manual_seed(0)
+    f = torchvision.models.resnet18(weights=None).eval()
+    data = [torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    exported = torch.export.export(copy.deepcopy(f), (data[0],)).module()
+    assert block_paths(exported) == block_paths(f) == ["layer1", "layer2", "layer3", "layer4"]
+    mobilenet = torchvision.models.mobilenet_v2(weights=None).eval()
+    assert block_paths(torch.export.export(mobilenet, (data[0],)).module()) == block_paths(
+        mobilenet)
+    q = _pt2e(f, data)
+    from_graph = ns.compare(exported, q, data, progress=False)
+    from_module = ns.compare(f, q, data, capture="export", progress=False)
+    assert [(b.name, b.kind, b.layers) for b in from_graph.blocks] == [
+        (b.name, b.kind, b.layers) for b in from_module.blocks]
+    assert [b.kind for b in from_graph.blocks] == ["Sequential"] * 4
+    for a, b in zip(from_graph.blocks, from_module.blocks, strict=True):
+        assert a.output_sqnr == pytest.approx(b.output_sqnr, abs=1e-6)
+        assert a.shadow_sqnr == pytest.approx(b.shadow_sqnr, abs=1e-6)
+
+
 def test_no_blocks_no_block_rows():
     pair = FLOWS["dynamic"]()
     report = ns.compare(pair.float_model, pair.quant_model, pair.batches, progress=False)
