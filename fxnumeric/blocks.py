@@ -221,14 +221,6 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
     return tuple(out)
 
 
-def _has(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def _graph_span(region: Region, path: str) -> tuple | None:
     """The block's ops in the region whose graphs its code was traced into."""
     prefix = path + "."

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._tensors import detach, first_output
-from .blocks import Block, block_of, find_blocks
+from .blocks import Block, find_blocks
 from .capture import LeafSpec
 from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericError, FxNumericWarning, InputError
@@ -643,7 +643,6 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
                     _add_weights(weights[pair.name][1], fw, qw)
     rows = []
     seen: set[str] = set()
-    block_names = [b.name for b, _, _ in plan.blocks]
     # a block's layers are the ops that ran in it (find_blocks), named so or not: convert_fx
     # names ResNet's residual add after its quantized op (add_relu)
     block_by_layer = {name: b.name for b, _, _ in plan.blocks for name in b.layers}
@@ -672,7 +671,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
                     if acc is not None and (spread := acc.spread()) is not None},
             **(floors[p.name] if p.name in floors
                else _floor(matching, p, sa, plan.floors.get(p.name))),
-            block=block_by_layer.get(p.name) or block_of(p.name, block_names),
+            block=block_by_layer.get(p.name, ""),
         ))
     nonfinite = _first_nonfinite(plan)
     return Report(
