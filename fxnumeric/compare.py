@@ -457,8 +457,10 @@ LOCKSTEP_SHARE = 4
 parameter bytes (128 MiB of SmolLM2's 513 MiB in float32), or :data:`LOCKSTEP_MIN` bytes if
 more. Past it the quantized model runs in turns with the float one, in a helper thread
 (:mod:`fxnumeric.lockstep`), which costs time: a batch of four 22-token sentences holds 40
-MiB (bfloat16) and runs as before."""
-LOCKSTEP_MIN = 16 << 20
+MiB (bfloat16) and runs as before; so does one 224-px image through a torchvision CNN (15-71
+MiB: resnet18 to resnet50, 54 MiB for an FX-quantized mobilenet_v2), where turns cost a fifth
+of compare's time (a thread of its own allocates from a glibc heap of its own)."""
+LOCKSTEP_MIN = 64 << 20
 
 
 def _lockstep_budget(float_model: nn.Module | None, matching: Matching) -> int:
