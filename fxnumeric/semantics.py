@@ -108,7 +108,8 @@ def quantize_grid(node: fx.Node, view: GraphView) -> QuantGrid | None:
         if scale is None or _scalar(zp) is None or dtype not in QRANGE:
             return None
         return QuantGrid(scale, int(_scalar(zp)), *QRANGE[dtype])  # type: ignore[arg-type]
-    args = [evaluate_constant(a, view) for a in node.args]
+    # the value quantized (args[0]) is the layer's input, never a constant: not computed
+    args = [None, *(evaluate_constant(a, view) for a in node.args[1:])]
     if len(args) < 4:
         return None
     scale, zp = _scalar(args[1]), _scalar(args[2])
@@ -203,24 +204,66 @@ def evaluate_constant(node: Any, view: GraphView) -> Any:
 
     Observers and fake-quants are passed through, not run: running one would update its
     statistics, and the user's model must not change.
+
+    The nodes it reads are found first, walking up the graph once (a node read on several
+    paths is visited once: a residual network's adds made a recursive walk exponential, and
+    a deep one overflowed Python's stack), then computed in graph order.
     """
     if not isinstance(node, fx.Node):
         return node
-    if node.op == "get_attr":
-        return fetch_attr(view.gm, str(node.target))
-    if node.op == "call_module":
-        cls = view.op_class(node)
-        if cls is None or cls.role != "plumbing" or not node.args:
+    reads = _constant_inputs(node, view)
+    if reads is None:
+        return None
+    values: dict[fx.Node, Any] = {}
+    for n in sorted(reads, key=view.position):
+        if n.op == "get_attr":
+            values[n] = fetch_attr(view.gm, str(n.target))
+        elif n.op == "call_module":  # plumbing: its value is its input's
+            values[n] = _with_values(n.args[0], values)
+        else:
+            args, kwargs = _with_values(n.args, values), _with_values(n.kwargs, values)
+            with torch.no_grad():
+                values[n] = n.target(*args, **kwargs)  # type: ignore[operator]
+    return values[node]
+
+
+def _constant_inputs(node: fx.Node, view: GraphView) -> set[fx.Node] | None:
+    """``node`` and every node it reads, if they all come from graph constants (``get_attr``,
+    functions of them, plumbing modules passing them on); ``None`` if any reads an input."""
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "get_attr":
+            continue
+        if n.op == "call_module":
+            cls = view.op_class(n)
+            if cls is None or cls.role != "plumbing" or not n.args:
+                return None
+            inputs = [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+        elif n.op == "call_function":
+            inputs = n.all_input_nodes
+        else:  # an input, a method call, the output
             return None
-        return evaluate_constant(node.args[0], view)
-    if node.op != "call_function":
-        return None
-    args = [evaluate_constant(a, view) for a in node.args]
-    if any(v is None and isinstance(a, fx.Node) for a, v in zip(node.args, args, strict=True)):
-        return None
-    kwargs = {k: evaluate_constant(v, view) for k, v in node.kwargs.items()}
-    with torch.no_grad():
-        return node.target(*args, **kwargs)  # type: ignore[operator]
+        for read in inputs:
+            if read not in seen:
+                seen.add(read)
+                stack.append(read)
+    return seen
+
+
+def _with_values(arg: Any, values: dict[fx.Node, Any]) -> Any:
+    """``arg`` with every node replaced by its value, nested lists, tuples and dicts included
+    (``torch.cat`` takes a list of nodes), as plain Python containers: ATen ops refuse fx's
+    immutable ones."""
+    if isinstance(arg, fx.Node):
+        return values[arg]
+    if isinstance(arg, list):
+        return [_with_values(a, values) for a in arg]
+    if isinstance(arg, tuple):
+        return tuple(_with_values(a, values) for a in arg)
+    if isinstance(arg, dict):
+        return {k: _with_values(v, values) for k, v in arg.items()}
+    return arg
 
 
 def shadow_copy(value: Any) -> Any:

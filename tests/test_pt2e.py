@@ -348,3 +348,75 @@ def test_a_module_called_twice_is_two_rows_each_read_at_its_call_site(resnet18):
         direct = 10 * math.log10(signal[p] / noise[p])
         assert abs(report.row(p.name).output_sqnr - direct) < 1e-3, p.name
     assert report.row("layer1.0.relu").output_sqnr != report.row("layer1.0.relu#2").output_sqnr
+
+
+class _Cat(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.c = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_a_graph_constant_computed_from_a_list_of_nodes():
+    # torch.cat takes a list of nodes; fx keeps it as an immutable_list, which ATen refuses
+    from torch import fx
+
+    from fxnumeric.semantics import evaluate_constant
+    from fxnumeric.view import GraphView
+
+    root = torch.nn.Module()
+    root.p, root.q = torch.randn(2, 3), torch.randn(1, 3)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    p, q = graph.get_attr("p"), graph.get_attr("q")
+    cat = graph.call_function(torch.ops.aten.cat.default, ([p, q], 0))
+    mixed = graph.call_function(torch.ops.aten.cat.default, ([p, x], 0))
+    graph.output((cat, mixed))
+    view = GraphView(fx.GraphModule(root, graph))
+    torch.testing.assert_close(evaluate_constant(cat, view), torch.cat([root.p, root.q]))
+    assert evaluate_constant(mixed, view) is None  # depends on the input
+
+
+def test_pt2e_model_with_a_cat_compares_with_every_floor():
+    from fxnumeric.models import quantize_pt2e
+
+    torch.manual_seed(0)
+    data = [torch.randn(1, 3, 8, 8) for _ in range(2)]
+    float_gm, quant = quantize_pt2e(_Cat().eval(), data, quantizer="xnnpack")
+    report = fxn.compare(float_gm, quant, data, progress=False)
+    rows = {r.name: r for r in report.rows}
+    assert {"a", "b", "cat", "c"} <= set(rows)
+    for name in ("a", "b", "cat", "c"):
+        assert rows[name].floor_sqnr is not None and 20 < rows[name].floor_sqnr < 80, name
+        assert 20 < rows[name].shadow["sqnr"] < 80, name
+
+
+def test_a_graph_constant_reads_each_node_once_however_deep(monkeypatch):
+    # evaluated recursively, every add of two branches doubled the work (a pt2e
+    # mobilenet_v3's compare took 4 minutes) and a long chain overflowed Python's stack
+    from torch import fx
+
+    from fxnumeric import semantics
+    from fxnumeric.view import GraphView
+
+    reads = []
+    fetch = semantics.fetch_attr
+    monkeypatch.setattr(semantics, "fetch_attr", lambda gm, target: reads.append(target)
+                        or fetch(gm, target))
+    root = torch.nn.Module()
+    root.c = torch.tensor([1.0], dtype=torch.float64)
+    graph = fx.Graph()
+    value = graph.get_attr("c")
+    for _ in range(16):  # 16 diamonds: 2**16 reads of `c` when walked path by path
+        value = graph.call_function(torch.add, (graph.call_function(torch.mul, (value, 2.0)),
+                                                graph.call_function(torch.mul, (value, 3.0))))
+    for _ in range(3000):  # deeper than Python's recursion limit
+        value = graph.call_function(torch.add, (value, 1.0))
+    graph.output(value)
+    view = GraphView(fx.GraphModule(root, graph))
+    assert semantics.evaluate_constant(value, view).item() == 5.0 ** 16 + 3000
+    assert reads == ["c"]
