@@ -412,12 +412,15 @@ class HybridRunner:
                 aliases = frozenset(u for u in tail[-2].users
                                     if u is not out and is_dequantize(base_v, u))
         other_inside = _with_constants(other_v, other_inside)
-        if base == "float":
-            # the quantized model's own quantize (and dequantize) nodes in front of the layer
-            # are run again on the float values: the inputs get exactly its qparams
-            around = set(other_inside).union(*(_quantize_path(other_v, e)
-                                               for e in _external_inputs(other_inside)))
-            other_inside = _with_constants(other_v, sorted(around, key=other_v.position))
+        # the plumbing in front of the layer runs again on the value it carries: into a float
+        # base, the quantized model's own quantize (and dequantize) nodes, so the inputs get
+        # exactly its qparams; into a quantized base, the float graph's views, transposes and
+        # .contiguous() (a channel shuffle's view reads a contiguous tensor, not the
+        # transposed one the quantized side carries)
+        path = _quantize_path if base == "float" else _layout_path
+        around = set(other_inside).union(*(path(other_v, e)
+                                           for e in _external_inputs(other_inside)))
+        other_inside = _with_constants(other_v, sorted(around, key=other_v.position))
         inputs = []
         for ext in _external_inputs(other_inside):
             provider = _provider(region, ext, base)
@@ -529,7 +532,7 @@ class HybridRunner:
         result = runner.env[swap.other_out]
         if swap.base == "quant":
             skipped = frozenset().union(*(s.skip for s in swaps))
-            if _feeds_quantized_op(region, swap.out, skipped):
+            if _feeds_quantized_op(region, swap.out, skipped, self._held):
                 return self._into_quant(region, dequantize_all(result), swap.out)
         return dequantize_all(result)
 
@@ -603,6 +606,20 @@ def _quantize_path(view: Any, node: fx.Node) -> list[fx.Node]:
     return path
 
 
+def _layout_path(view: Any, node: fx.Node) -> list[fx.Node]:
+    """The function and method plumbing (views, transposes, ``.contiguous()``) from ``node``
+    back to the value it reshapes, ``node`` included; modules (a ``QuantStub``, a dropout)
+    and inputs end it, as they change no layout."""
+    path: list[fx.Node] = []
+    while node.op in ("call_function", "call_method") and node.all_input_nodes:
+        cls = view.op_class(node)
+        if cls is None or cls.role != "plumbing" or node.all_input_nodes[0].op == "get_attr":
+            break
+        path.append(node)
+        node = node.all_input_nodes[0]
+    return path
+
+
 def _output_tail(region: Region, pair: Pair) -> list[fx.Node]:
     """The quantized nodes from the pair's last op to its value node, in order (or none)."""
     last = region.chain(pair, "quant")[-1]
@@ -637,19 +654,22 @@ def _provider(region: Region, other_node: fx.Node, base: str) -> fx.Node | None:
     return region.float_counterpart(producer) if producer is not None else None
 
 
-def _feeds_quantized_op(region: Region, node: fx.Node, skipped: frozenset[fx.Node]) -> bool:
+def _feeds_quantized_op(region: Region, node: fx.Node, skipped: frozenset[fx.Node],
+                        held: dict[fx.Node, Any]) -> bool:
     """Whether the quantized graph reads ``node``'s value as a quantized tensor somewhere.
 
     A float layer's output is requantized only then: when every reader is float (another
     layer kept float, a ``dequantize``, the model output) or quantizes it itself (FX's
     ``quantize_per_tensor`` before the next layer), it stays float, as it would in a model
-    re-quantized with those layers float.
+    re-quantized with those layers float. A float-capable op that also reads a quantized
+    value (``torch.cat`` of an inception block's branches, one of them kept float) reads
+    it quantized too: it takes no mix of the two.
     """
     view = region.quant_view
-    todo = list(node.users)
+    todo = [(user, node) for user in node.users]
     seen: set[fx.Node] = set()
     while todo:
-        user = todo.pop()
+        user, via = todo.pop()
         if user in seen or user.op == "output" or user in skipped:
             continue
         seen.add(user)
@@ -658,5 +678,21 @@ def _feeds_quantized_op(region: Region, node: fx.Node, skipped: frozenset[fx.Nod
             return True
         if cls.role == "optional" or is_dequantize(view, user):
             continue  # it quantizes (FX's quantize_per_tensor) or dequantizes by itself
-        todo.extend(user.users)  # plumbing and float-capable ops pass the value on
+        if any(_still_quantized(view, other, skipped, held)
+               for other in user.all_input_nodes if other is not via):
+            return True
+        todo.extend((after, user) for after in user.users)  # plumbing, float-capable ops
+    return False
+
+
+def _still_quantized(view: Any, node: fx.Node, skipped: frozenset[fx.Node],
+                     held: dict[fx.Node, Any]) -> bool:
+    """Whether ``node``'s value is a quantized tensor in the hybrid: it was in the quantized
+    model's run (``held``, :meth:`HybridRunner.probe`) and is not, through plumbing, the
+    output of a layer swapped to float."""
+    while node not in skipped:
+        cls = view.op_class(node)
+        if cls is None or cls.role != "plumbing" or not node.all_input_nodes:
+            return node in held
+        node = node.all_input_nodes[0]
     return False
