@@ -33,7 +33,7 @@ import torch
 from .errors import InputError
 
 __all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "token_fields",
-           "LLM_METRICS", "IGNORE_INDEX"]
+           "predicts_next_token", "LLM_METRICS", "IGNORE_INDEX"]
 
 LLM_METRICS = ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized")
 """Every key :meth:`LogitsAccumulator.values` can return (the ``ppl_*`` ones with labels only)."""
@@ -150,6 +150,30 @@ class LogitsAccumulator:
         self.nll_float += nll_float
         self.nll_quant += nll_quant
 
+    def update_batch(self, float_logits: torch.Tensor, quant_logits: torch.Tensor, batch: Any,
+                     next_token: bool | None = None) -> None:
+        """Add the logits of one model batch, with the mask and targets ``batch`` holds
+        (:func:`token_fields`) where they fit the logits.
+
+        * ``attention_mask`` counts only when its shape is the logits' leading dims (one row
+          per token); a sequence classifier's ``(batch, labels)`` logits are one prediction
+          per row, every row real.
+        * Next-token targets (``labels``, else ``input_ids``) only for a model that predicts
+          the next token: ``next_token`` (:func:`predicts_next_token`) True, or None and
+          targets shaped as the leading dims. A masked LM's or a token classifier's labels
+          are not next tokens and give no perplexity.
+        """
+        lead = tuple(float_logits.shape[:-1])
+        fields = token_fields(batch)
+        mask = fields.get("attention_mask")
+        if mask is not None and tuple(mask.shape) != lead:
+            mask = None
+        targets = fields.get("labels", fields.get("input_ids"))
+        if next_token is False or (next_token is None and targets is not None
+                                   and tuple(targets.shape) != lead):
+            targets = None
+        self.update(float_logits, quant_logits, attention_mask=mask, labels=targets)
+
     def merge(self, other: LogitsAccumulator) -> None:
         """Add ``other``'s tokens to this one (for accumulators filled in separate processes)."""
         self.tokens += other.tokens
@@ -241,6 +265,9 @@ def _chunk(fc: torch.Tensor, qc: torch.Tensor, targets: torch.Tensor | None
     far = torch.isnan(kl)
     if bool(far.any()):
         kl[far] = _far_kl(fc[far], qc[far]).double()
+    # KL >= 0: two nearly equal rows can round to -1e-10, which summed over tokens gave a
+    # hybrid a negative mean KL (NaN stays NaN)
+    kl.clamp_(min=0.0)
     nll = None
     if targets is not None:
         has = targets != IGNORE_INDEX
@@ -311,6 +338,19 @@ def _targets(labels: torch.Tensor | None, mask: torch.Tensor, lead: torch.Size,
                          f"(min {int(scored.min())}, max {int(scored.max())}); use -100 for "
                          "positions that have no target")
     return targets
+
+
+def predicts_next_token(model: Any) -> bool | None:
+    """Whether ``model``'s logits at position ``t`` predict token ``t + 1``: a Hugging Face
+    model says so by ``can_generate()`` (True for ``...ForCausalLM``, False for masked LMs and
+    classifiers); ``None`` for any other model."""
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate):
+        return None
+    try:
+        return bool(can_generate())
+    except TypeError:  # a can_generate of another signature: not transformers'
+        return None
 
 
 def token_fields(batch: Any) -> dict[str, torch.Tensor]:
