@@ -356,7 +356,10 @@ def _stub_selector(module_swap_list: Iterable[type]):
             # in quantized form
             head = flows.module_type(matching.region_of(pair).chain(pair, "float")[0])
             return head in swap and pair.quantized
-        return type(fmod) in swap and not _is_identical_module_type(fmod, qmod)
+        # torch skips a module of the float type (not swapped, so not quantized); a torchao
+        # model keeps nn.Linear and quantizes its weight (flows: pair.quantized)
+        return type(fmod) in swap and (pair.quantized
+                                       or not _is_identical_module_type(fmod, qmod))
 
     return select
 

@@ -135,3 +135,27 @@ def test_hugging_face_llama_under_quantize_counts_every_linear():
     assert m.coverage == 1.0 and not m.unmatched_quant
     report = fxn.compare(float_model, quant, [ids])
     assert all(report.row(p.name).weight_sqnr > 40 for p in linears)
+
+
+def test_compare_model_stub_shadows_torchao_linears():
+    # torch's rule skips a module whose twin has the float's type; torchao keeps nn.Linear and
+    # quantizes its weight, so that rule shadowed nothing and returned {}
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    x = torch.randn(4, 16)
+    stats = fxn.compare_model_stub(f, q, [nn.Linear], x)
+    assert list(stats) == ["0.stats", "2.stats"]
+    with torch.no_grad():
+        hidden = q[1](q[0](x))  # what the quantized model feeds its second Linear
+        expected = {"0.stats": (f[0](x), q[0](x)), "2.stats": (f[2](hidden), q[2](hidden))}
+    for key, (float_out, quant_out) in expected.items():
+        torch.testing.assert_close(stats[key]["float"][0], float_out)
+        torch.testing.assert_close(stats[key]["quantized"][0], quant_out)
+    # a Linear left float (same type, plain weight) is still not shadowed, as in torch's suite
+    partly = copy.deepcopy(f)
+    quantize_(partly, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn == "2")
+    assert list(fxn.compare_model_stub(f, partly, [nn.Linear], x)) == ["2.stats"]
