@@ -33,9 +33,9 @@ from .capture import LeafSpec
 from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericError, FxNumericWarning, InputError
 from .floor import FloorSums, floor_sums, layer_floor
-from .guards import contents
+from .guards import check_pairable
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
-from .llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
+from .llm_metrics import LogitsAccumulator, looks_like_logits, predicts_next_token
 from .lockstep import Lockstep
 from .loggers import Logger
 from .match import Matching, Pair
@@ -381,6 +381,9 @@ class _Plan:
     lockstep_budget: int = 0
     """Bytes of float values the float model may hold ahead of the quantized one
     (:func:`_lockstep_budget`)."""
+    next_token: bool | None = None
+    """Whether the float model's logits predict the next token (:func:`predicts_next_token`):
+    only then are the batch's labels or input ids a perplexity's targets."""
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
@@ -400,7 +403,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         matching = resolve_matching(float_model, quant_model, matching, leaf_modules,
                                     capture=capture, example_inputs=example_inputs,
                                     validate=False)
-    _check_pairable(matching)
+    check_pairable(matching)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     floors = {p.name: floor_sums(matching.region_of(p), p) for p in matching.pairs
@@ -449,7 +452,9 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
                  _vocab_size(float_model), blocks, float_twins, turn,
-                 _lockstep_budget(float_model, matching))
+                 _lockstep_budget(float_model, matching),
+                 predicts_next_token(float_model if float_model is not None
+                                     else matching.float_model))
 
 
 LOCKSTEP_SHARE = 4
@@ -485,42 +490,13 @@ def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None
     quant_logits = looks_like_logits(quant_out, batch, plan.vocab_size)
     if quant_logits is None or quant_logits.shape != float_logits.shape:
         return
-    fields = token_fields(batch)
-    plan.logits.update(float_logits, quant_logits, attention_mask=fields.get("attention_mask"),
-                       labels=fields.get("labels"), input_ids=fields.get("input_ids"))
+    plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token)
 
 
 def _vocab_size(model: Any) -> int | None:
     """A language model's vocabulary size (``model.config.vocab_size``), if it says."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     return vocab if isinstance(vocab, int) else None
-
-
-def _check_pairable(matching: Matching) -> None:
-    """Refuse, before any batch runs, a pair of models that cannot be compared layer by layer."""
-    # the input's quantize pairs with the input of any model: it says nothing about the pair
-    if all(p.kind in ("quantize", "dequantize") for p in matching.pairs):
-        float_name = type(matching.float_model).__name__ if matching.float_model else "float"
-        quant_name = type(matching.quant_model).__name__ if matching.quant_model else "quantized"
-        raise InputError(
-            f"nothing paired: no compute op of the float model ({float_name}) was found in the "
-            f"quantized model ({quant_name}); {len(matching.unmatched_float)} float and "
-            f"{len(matching.unmatched_quant)} quantized nodes are unpaired. They do not look "
-            "like a float model and the quantized model made from it, and no layer can be "
-            "compared.\nFix: pass the float model the quantized one was made from; "
-            "fxnumeric.match(float_model, quant_model).table() lists what each side holds")
-    found = [contents(region.float_view) for region in matching.regions]
-    if any(c.quantizes for c in found):
-        ops = [n for c in found for n in c.quantized_ops or c.quantize_nodes]
-        shown = ", ".join(f"`{n}`" for n in ops[:3]) + (", ..." if len(ops) > 3 else "")
-        raise InputError(
-            f"the float model is quantized too: it computes {len(ops)} quantized ops or "
-            f"quantize nodes ({shown}); compare measures a quantized model against the float "
-            "model it was made from (against another quantized one, its shadows run quantized "
-            "ops on float input or read nonsense). Was the quantized model passed twice?\n"
-            "Fix: compare(float_model, quant_model, data) "
-            "with the float model the quantized one was made from (keep a copy.deepcopy of "
-            "it before prepare / convert / quantize_dynamic)")
 
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:

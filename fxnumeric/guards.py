@@ -33,7 +33,8 @@ from .ops import is_quantized_module
 from .optypes import OpClass
 from .view import GraphView
 
-__all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized"]
+__all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized",
+           "check_eval_mode", "check_pairable"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,74 @@ def check_pair(float_view: GraphView, quant_view: GraphView) -> None:
             FxNumericWarning,
             stacklevel=3,
         )
+
+
+def check_eval_mode(model: Any, side: str) -> None:
+    """Raise :class:`InputError` when ``model`` (the ``side`` model) has a module in training
+    mode whose forward then differs: a BatchNorm (normalises with each batch's statistics and
+    updates its running ones in the user's model), a dropout with ``p > 0``, an attention
+    with dropout. Every metric would read that noise, and the call would change the model."""
+    if not isinstance(model, nn.Module):
+        return
+    found = [(name, type(module).__name__) for name, module in model.named_modules()
+             if module.training and _trains_differently(module)]
+    if not found:
+        return
+    name, kind = found[0]
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    raise InputError(
+        f"the {side} model is in training mode: `{name or '<root>'}` ({kind}){more} computes "
+        "differently in training (a BatchNorm normalises with each batch's statistics and "
+        "updates its running ones, a dropout zeroes random values), so every metric would "
+        f"read that noise and the call would change your model.\nFix: "
+        f"{'float' if side == 'float' else 'quant'}_model.eval() "
+        "before comparing (Hugging Face models built from a config start in training mode)"
+    )
+
+
+def _trains_differently(module: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.dropout import _DropoutNd
+
+    if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+        return False  # torch's quantized Dropout and BatchNorm compute alike in either mode
+    if isinstance(module, _NormBase):
+        return bool(module.track_running_stats)
+    if isinstance(module, _DropoutNd):
+        return module.p > 0
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout > 0
+    dropout = getattr(module, "attention_dropout", None)  # transformers' attention classes
+    return isinstance(dropout, float) and dropout > 0
+
+
+def check_pairable(matching: Any) -> None:
+    """Refuse, before any batch runs, a pair of models that cannot be compared layer by layer
+    (``matching``: a :class:`fxnumeric.Matching`): nothing but the input quantize paired, or
+    a float model that quantizes too."""
+    # the input's quantize pairs with the input of any model: it says nothing about the pair
+    if all(p.kind in ("quantize", "dequantize") for p in matching.pairs):
+        float_name = type(matching.float_model).__name__ if matching.float_model else "float"
+        quant_name = type(matching.quant_model).__name__ if matching.quant_model else "quantized"
+        raise InputError(
+            f"nothing paired: no compute op of the float model ({float_name}) was found in the "
+            f"quantized model ({quant_name}); {len(matching.unmatched_float)} float and "
+            f"{len(matching.unmatched_quant)} quantized nodes are unpaired. They do not look "
+            "like a float model and the quantized model made from it, and no layer can be "
+            "compared.\nFix: pass the float model the quantized one was made from; "
+            "fxnumeric.match(float_model, quant_model).table() lists what each side holds")
+    found = [contents(region.float_view) for region in matching.regions]
+    if any(c.quantizes for c in found):
+        ops = [n for c in found for n in c.quantized_ops or c.quantize_nodes]
+        shown = ", ".join(f"`{n}`" for n in ops[:3]) + (", ..." if len(ops) > 3 else "")
+        raise InputError(
+            f"the float model is quantized too: it computes {len(ops)} quantized ops or "
+            f"quantize nodes ({shown}); compare measures a quantized model against the float "
+            "model it was made from (against another quantized one, its shadows run quantized "
+            "ops on float input or read nonsense). Was the quantized model passed twice?\n"
+            "Fix: compare(float_model, quant_model, data) "
+            "with the float model the quantized one was made from (keep a copy.deepcopy of "
+            "it before prepare / convert / quantize_dynamic)")
 
 
 def nothing_quantized(quant_view: GraphView) -> bool:

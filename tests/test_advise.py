@@ -541,3 +541,87 @@ def test_nan_batches_are_left_out_of_the_search_and_all_nan_is_an_input_error() 
     assert mixed.keep_float == clean.keep_float and mixed.value == clean.value
     with pytest.raises(InputError, match="every batch holds NaN/Inf"):
         sensitivity(float_model, q, [poisoned[0]], metric="sqnr", progress=False)
+
+
+class _Branches(nn.Module):
+    """Two conv branches concatenated, then a conv: an inception block in small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_a_float_branch_entering_a_quantized_cat_is_requantized() -> None:
+    """With `c` float, nothing downstream of the cat is quantized, yet the cat still reads
+    branch `b` quantized: branch `a` kept float must be requantized (with its own output
+    qparams), not handed to torch.cat as a float tensor among quantized ones."""
+    torch.manual_seed(0)
+    float_model = _Branches().eval()
+    data = _batches((1, 3, 8, 8), 2)
+    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"),
+                          (data[0],))
+    for batch in data:
+        prepared(batch)
+    q = convert_fx(prepared)
+    runner = HybridRunner(fxnumeric.match(float_model, q))
+    swaps = tuple(s for name in ("a", "c") for s in runner.swaps(name, "quant"))
+    model = runner.model("quant", swaps)
+    for x in data:
+        runner.probe(x)
+        with torch.no_grad():
+            qx = torch.quantize_per_tensor(x, float(q.a_input_scale_0),
+                                           int(q.a_input_zero_point_0), torch.quint8)
+            # a float layer reads the model input itself, as if re-quantized with it float
+            a = torch.quantize_per_tensor(float_model.a(x), q.a.scale, q.a.zero_point,
+                                          torch.quint8)
+            expected = float_model.c(torch.cat([a, q.b(qx)], 1).dequantize())
+            torch.testing.assert_close(runner.run(model, x), expected, rtol=0, atol=0)
+
+
+class _Shuffle(nn.Module):
+    """A conv, shufflenet's channel shuffle (view, transpose, contiguous, view), a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.b(y)
+
+
+def test_a_float_view_after_a_transpose_reads_the_contiguous_value() -> None:
+    """pt2e: the float graph's `.contiguous()` in front of the channel shuffle's last view is
+    plumbing; kept float, that view must read what it reads in the float graph (the
+    transposed value made contiguous), not the transposed one the quantized side carries."""
+    from fxnumeric.models import quantize_pt2e
+
+    torch.manual_seed(0)
+    data = _batches((1, 3, 8, 8), 2)
+    float_gm, q = quantize_pt2e(_Shuffle().eval(), data, quantizer="xnnpack")
+    runner = HybridRunner(fxnumeric.match(float_gm, q))
+    views = [name for name in runner.layers if "view" in name or "reshape" in name]
+    assert views
+    for name in views:  # a view computes exactly: float or quantized, the model is the same
+        model = runner.model("quant", runner.swaps(name, "quant"))
+        for x in data:
+            runner.probe(x)
+            with torch.no_grad():
+                torch.testing.assert_close(runner.run(model, x), q(x))
+
+
+def test_a_metric_that_is_nan_on_the_model_itself_is_an_input_error() -> None:
+    # it used to search anyway and report "NOT reached ... best found nan"
+    float_model, q, data = _fx_pair()
+    with pytest.raises(InputError, match="NaN on the quantized model itself"):
+        advise(float_model, q, data, metric=lambda a, b: float("nan"), target=1.0)
+    with pytest.raises(InputError, match="NaN on the quantized model itself"):
+        sensitivity(float_model, q, data, metric=lambda a, b: float("nan"))

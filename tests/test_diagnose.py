@@ -129,3 +129,16 @@ def test_annotate_puts_flags_in_the_report() -> None:
     assert "flags" in report.table().splitlines()[0]
     rows = {r["name"]: r for r in report.to_dict()["layers"]}
     assert "weight_outliers" in rows["fc2"]["flags"]
+
+
+def test_an_unrelated_pair_is_refused_as_compare_refuses_it():
+    # diagnose said "no layer flagged" where compare says nothing paired
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 8)).eval()
+    other = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(other), {nn.Linear})
+    data = [torch.randn(4, 16) for _ in range(2)]
+    for call in (fxnumeric.compare, diagnose):
+        with pytest.raises(fxnumeric.InputError, match="nothing paired"):
+            call(f, q, data, progress=False)

@@ -133,3 +133,57 @@ def _calibrated(model):
         for x in _data():
             model(x)
     return model
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.bn(self.drop(self.fc1(x))))
+
+
+def test_a_model_in_training_mode_is_refused_and_left_as_it_was():
+    # in training mode the BatchNorm normalised with batch statistics and dropout zeroed
+    # values: compare named `bn` the culprit at 4 dB, and updated the user's running mean
+    torch.manual_seed(0)
+    f = _Noisy().eval()
+    q = tq.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(4, 16) for _ in range(2)]
+    f.train()
+    before = copy.deepcopy(f.state_dict())
+    for call in (lambda: ns.compare(f, q, data, progress=False),
+                 lambda: ns.diagnose(f, q, data, progress=False),
+                 lambda: ns.sensitivity(f, q, data, "sqnr", progress=False)):
+        with pytest.raises(ns.InputError, match=r"(?s)float model is in training mode: `drop` "
+                                                r"\(Dropout\) and 1 more.*float_model\.eval\(\)"):
+            call()
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in before.items())
+    f.eval()
+    q.train()
+    with pytest.raises(ns.InputError, match="quantized model is in training mode: `drop`"):
+        ns.compare(f, q, data, progress=False)
+    q.eval()
+    assert ns.compare(f, q, data, progress=False).batches == 2
+
+
+def test_modules_that_compute_alike_in_training_mode_pass():
+    # torch's quantized Dropout is the identity in either mode; a dropout of p=0 and a
+    # BatchNorm without running statistics too
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.0), nn.BatchNorm1d(8, track_running_stats=False),
+                      nn.Dropout(0.2), nn.Linear(8, 4)).eval()
+    data = [torch.randn(4, 8)]
+    prepared = prepare_fx(copy.deepcopy(f), tq.get_default_qconfig_mapping("x86"), (data[0],))
+    prepared(data[0])
+    q = convert_fx(prepared).train()
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") and m.training
+               for m in q.modules())
+    f[1].train()
+    f[2].train()
+    report = ns.compare(f, q, data, progress=False)
+    assert report.batches == 1 and report.rows

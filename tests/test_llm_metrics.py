@@ -313,3 +313,70 @@ def test_int4_tiny_llama_moves_every_metric():
     assert 0 < values["kl"] <= values["kl_p99"] <= values["kl_max"]
     assert 0 < values["top1_agreement"] < 1
     assert values["ppl_float"] > 1 and values["ppl_quantized"] > 1
+
+
+def test_token_kls_are_never_negative():
+    # a common offset leaves the distributions equal: rounding put some tokens at -7e-9 nats,
+    # and a hybrid's mean KL below zero (sensitivity listed negative KLs)
+    f = _logits((4, 16, 1000), 21, scale=1.0)
+    q = f + _logits((4, 16, 1000), 22, scale=1e-6) + 0.3
+    acc = LogitsAccumulator()
+    acc.update(f, q)
+    assert float(acc.token_kls().min()) >= 0.0
+    assert 0.0 <= acc.values()["kl"] < 1e-8
+
+
+# ---------------------------------------------------------------- heads that are not causal LMs
+
+
+def _bert_heads_batch():
+    ids = torch.randint(5, 200, (3, 10), generator=torch.Generator().manual_seed(3))
+    mask = _mask(3, 10, [10, 6, 3])
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def _bert_head(cls_name, **config):
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, **config)
+    f = getattr(transformers, cls_name)(cfg).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    return f, q
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_sequence_classifier_reads_kl_and_top1_per_sequence():
+    """(batch, labels) logits: one prediction per row, the attention mask (batch, seq) does not
+    apply to them, and the labels are classes, not next tokens: no perplexity."""
+    import fxnumeric as ns
+
+    f, q = _bert_head("BertForSequenceClassification", num_labels=5)
+    batches = [_bert_heads_batch() | {"labels": torch.tensor([0, 3, 4])}]
+    report = ns.compare(f, q, batches, progress=False)
+    with torch.no_grad():
+        fl = f(**batches[0]).logits
+        ql = q(**batches[0]).logits
+    assert fl.shape == (3, 5)
+    _close({k: report.model_output[k] for k in ("kl", "kl_p99", "kl_max", "top1_agreement")},
+           _oracle(fl, ql))
+    assert "ppl_float" not in report.model_output
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_token_classifier_and_a_masked_lm_count_real_tokens_and_give_no_perplexity():
+    import fxnumeric as ns
+
+    for cls_name, config in (("BertForTokenClassification", {"num_labels": 7}),
+                             ("BertForMaskedLM", {})):
+        f, q = _bert_head(cls_name, **config)
+        batch = _bert_heads_batch()
+        report = ns.compare(f, q, [batch], progress=False)
+        with torch.no_grad():
+            fl, ql = f(**batch).logits, q(**batch).logits
+        expected = _oracle(fl, ql, mask=batch["attention_mask"])
+        _close({k: report.model_output[k] for k in expected}, expected)
+        # labels (the classes of each token; a masked LM's own targets) are not next tokens
+        assert "ppl_float" not in report.model_output, cls_name

@@ -36,6 +36,7 @@ from torch import nn
 from .._tensors import detach, first_output
 from ..errors import InputError
 from ..floor import FloorSums, FloorVerdict, floor_sums, layer_floor
+from ..guards import check_pairable
 from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
 from ..match import Matching, Pair
@@ -370,6 +371,7 @@ def diagnose(
     check_devices(float_model, quant_model, batches[0])
     matching = resolve_matching(float_model, quant_model, matching, None,
                                 example_inputs=batches[0], validate=False)
+    check_pairable(matching)  # as compare: an unrelated pair is refused, not "no layer flagged"
     layers = layer_names(matching)
     sums = {name: _Sums() for name in layers}
     twins: list[_FloatValues] = []

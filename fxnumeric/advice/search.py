@@ -33,7 +33,7 @@ from .._tensors import dequantize_all, first_output
 from ..capture.export import is_export_graph
 from ..errors import InputError, InstrumentationError
 from ..instrument import resolve_matching
-from ..llm_metrics import LogitsAccumulator, looks_like_logits, token_fields
+from ..llm_metrics import LogitsAccumulator, looks_like_logits, predicts_next_token
 from ..match import Matching
 from ..metrics import cosine, sqnr
 from ..ops import is_quantized_module
@@ -82,6 +82,7 @@ class _Metric:
     higher_is_better: bool
     fn: EndMetric | None = None  # on the outputs of all batches, concatenated
     vocab_size: int | None = None  # for the LLM metrics: what logits look like
+    next_token: bool | None = None  # for the LLM metrics: whether labels are next tokens
 
     def reference(self, output: Any, batch: Any) -> Any:
         """What of the float model's output the metric keeps for the comparisons."""
@@ -123,13 +124,10 @@ class _MetricRun:
             self.refs.append(reference)
             self.outputs.append(_as_output(output))
             return
-        fields = token_fields(batch)
         candidate = looks_like_logits(output, batch, self.metric.vocab_size)
         if candidate is None:
             candidate = _as_output(output)
-        self.logits.update(reference, candidate.detach(),
-                           attention_mask=fields.get("attention_mask"),
-                           labels=fields.get("labels"), input_ids=fields.get("input_ids"))
+        self.logits.update_batch(reference, candidate.detach(), batch, self.metric.next_token)
 
     def value(self) -> float:
         if self.logits is not None:
@@ -151,7 +149,7 @@ def _resolve_metric(metric: str | EndMetric, model: Any = None) -> _Metric:
         if metric in LLM_END_METRICS:
             vocab = getattr(getattr(model, "config", None), "vocab_size", None)
             return _Metric(metric, LLM_END_METRICS[metric], None,
-                           vocab if isinstance(vocab, int) else None)
+                           vocab if isinstance(vocab, int) else None, predicts_next_token(model))
         if metric not in END_METRICS:
             raise InputError(
                 f"unknown metric {metric!r}; built-in end metrics are "
@@ -252,7 +250,19 @@ class _Search:
                 run.add(reference, output, batch)
                 self._bar.update()
         self.evaluations += len(hybrids)
-        return [run.value() for run in runs]
+        values = [run.value() for run in runs]
+        for (base, swaps), value in zip(hybrids, values, strict=True):
+            if not swaps and math.isnan(value):
+                # a hybrid may overflow to NaN (it then ranks last); the model itself may not
+                side = "float" if base == "float" else "quantized"
+                raise InputError(
+                    f"metric {self.metric_name!r} is NaN on the {side} model itself, with no "
+                    "layer swapped: nothing can be ranked or reached against it. The metric "
+                    "returned NaN, or the model's outputs hold NaN/Inf (fxnumeric.compare "
+                    "says where they first appear).\nFix: a metric that returns a number "
+                    "for these outputs, or data the model computes finite outputs on"
+                )
+        return values
 
     def layers(self, wanted: Iterable[str] | None, bases: tuple[str, ...]
                ) -> tuple[list[str], tuple[tuple[str, str], ...]]:

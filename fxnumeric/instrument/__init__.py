@@ -35,6 +35,7 @@ from torch import nn
 from ..blocks import Block
 from ..capture import LeafSpec
 from ..errors import InstrumentationError
+from ..guards import check_eval_mode
 from ..loggers import OutputLogger, ShadowLogger
 from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
@@ -333,7 +334,12 @@ def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | Non
                      leaf_modules: Iterable[LeafSpec] | None, *, capture: str = "fx",
                      example_inputs: Any = None, validate: bool = True) -> Matching:
     """``matching``, checked against the models passed beside it, or a new :func:`match`
-    (``validate``: see its ``validate_inputs``)."""
+    (``validate``: see its ``validate_inputs``). Models in training mode are refused
+    (:func:`fxnumeric.guards.check_eval_mode`)."""
+    for side, given, matched in (("float", float_model, "float_model"),
+                                 ("quantized", quant_model, "quant_model")):
+        check_eval_mode(given if given is not None or matching is None
+                        else getattr(matching, matched), side)
     if matching is None:
         if float_model is None or quant_model is None:
             raise InstrumentationError("pass the float and quantized models, or a matching")
