@@ -625,3 +625,14 @@ def test_a_metric_that_is_nan_on_the_model_itself_is_an_input_error() -> None:
         advise(float_model, q, data, metric=lambda a, b: float("nan"), target=1.0)
     with pytest.raises(InputError, match="NaN on the quantized model itself"):
         sensitivity(float_model, q, data, metric=lambda a, b: float("nan"))
+
+
+def test_variants_from_other_flows_are_not_told_to_use_torchao() -> None:
+    float_model, qfx, data = _fx_pair()
+    qdyn = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    advice = advise(float_model, {"fx": qfx, "dyn": qdyn}, data, metric="sqnr", target=40.0)
+    assert advice.flow == "dynamic+fx"
+    text = advice.summary()
+    assert "FqnToConfig" not in text and "come from dynamic+fx" in text
+    for path, choice in advice.assignment.items():
+        assert f"{path}: {choice}" in text

@@ -495,7 +495,8 @@ class Advice:
     """The variants' names, when advising among several."""
     flow: str = ""
     """The quantization flow the quantized model came from (``"fx"``, ``"eager"``,
-    ``"dynamic"``, ``"pt2e"``, ``"torchao"``): :meth:`summary` shows that flow's lines."""
+    ``"dynamic"``, ``"pt2e"``, ``"torchao"``; with several variants, their flows joined by
+    ``+``, ``"dynamic+fx"``): :meth:`summary` shows that flow's lines."""
 
     def to_torchao(self, configs: Mapping[str, Any]) -> Any:
         """A torchao ``FqnToConfig`` that applies the assignment with ``quantize_``.
@@ -634,10 +635,16 @@ class Advice:
         """Message, curve and what to feed back to the quantization flow (the flow the
         quantized model came from, when known; every flow's otherwise)."""
         parts = [self.message, "", self.table()]
-        if self.variants:
+        if self.variants and self.flow in ("torchao", ""):
             parts += ["", "torchao: quantize_(model, advice.to_torchao(configs), filter_fn=None) "
                       "with configs = {variant: its torchao config}, i.e.",
                       _indent(self.torchao_lines())]
+            return "\n".join(parts)
+        if self.variants:  # not torchao models: no FqnToConfig applies them
+            parts += ["", f"per layer (the variants come from {self.flow}: quantize each layer "
+                      "with its variant's settings in that flow):",
+                      _indent("\n".join(f"{path}: {choice}"
+                                         for path, choice in self.assignment.items()))]
             return "\n".join(parts)
         if not self.keep_float:
             return "\n".join(parts)
@@ -703,7 +710,7 @@ def _unit(metric: str) -> str:
 
 
 def _advise_variants(search: _Search, target: float, layers: Iterable[str] | None, prune: bool,
-                     bits: str, started: float) -> Advice:
+                     bits: str, started: float, flow: str) -> Advice:
     """:func:`advise` over several quantized variants (see :mod:`fxnumeric.advice.mixed`)."""
     if bits not in ("nominal", "stored"):
         raise InputError(f"bits must be 'nominal' or 'stored', got {bits!r}")
@@ -714,7 +721,7 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                   search.metric_name, found["message"], search.evaluations,
                   time.perf_counter() - started, assignment=found["assignment"],
                   bits=found["bits"], front=found["front"],
-                  variants=tuple(search.runner.variants))
+                  variants=tuple(search.runner.variants), flow=flow)
 
 
 def _qualified(target: Any) -> str:
@@ -794,7 +801,9 @@ def advise(
     search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
     try:
         if isinstance(quant_model, Mapping):
-            return _advise_variants(search, target, layers, prune, bits, started)
+            variant_flows = {flow_of(model) for model in quant_model.values()}
+            return _advise_variants(search, target, layers, prune, bits, started,
+                                    "+".join(sorted(variant_flows)))
         return _advise_float(search, target, max_float_layers, candidates, prune, layers,
                              started)
     finally:
