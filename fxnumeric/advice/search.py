@@ -284,6 +284,13 @@ class _Search:
             else:
                 usable.append(name)
         if not usable:
+            if not skipped and not self.runner.layers:
+                raise InputError(
+                    "no quantized layer to swap: the quantized model computes nothing in "
+                    "quantized form. Is it the model convert / convert_fx / quantize_dynamic / "
+                    "quantize_ returned? fxnumeric.match(float_model, quant_model).table() "
+                    "lists what each side holds"
+                )
             raise InputError(
                 "no quantized layer to swap: the matching paired no op that computes in "
                 "quantized form" + (f" ({len(skipped)} could not be swapped)" if skipped else "")
