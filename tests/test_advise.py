@@ -637,3 +637,18 @@ def test_variants_from_other_flows_are_not_told_to_use_torchao() -> None:
     assert "FqnToConfig" not in text and "come from dynamic+fx" in text
     for path, choice in advice.assignment.items():
         assert f"{path}: {choice}" in text
+
+
+def test_values_near_one_are_shown_with_the_digits_that_tell_them_apart() -> None:
+    # "cosine=1, target=1" hid a cosine of 0.999993 against its target of 0.99999
+    from fxnumeric.advice.numbers import shown
+
+    float_model, q, data = _fx_pair()
+    advice = advise(float_model, q, data, metric="cosine", target=0.99995)
+    assert 0.99995 <= advice.value < 0.99999  # 4 digits read "1"
+    shown_value = shown(advice.value, 0.99995)
+    assert f"cosine={shown_value}, target=0.99995" in repr(advice)
+    assert f"reach cosine {shown_value} >= 0.99995" in advice.message
+    assert float(shown_value) == pytest.approx(advice.value, abs=5e-6) and shown_value != "1"
+    assert shown(0.99999, 0.999) == "0.99999" and shown(0.9999912, 0.99999) == "0.999991"
+    assert shown(31.28451) == "31.28" and shown(1.0) == "1"

@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import InputError, InstrumentationError
 from ..storage import weight_storage_bits
 from .hybrid import module_path
+from .numbers import shown
 
 __all__ = ["LayerChoices", "advise_variants", "FLOAT"]
 
@@ -241,10 +242,12 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     cmp = ">=" if metric.higher_is_better else "<="
     if reached:
         message = (f"{len(found)} layers at {bits:.2f} average weight bits ({mix}) reach "
-                   f"{metric.name} {value:.4g} {cmp} {target:g} (cheapest plan: "
-                   f"{plans.bits(cheapest):.2f} bits, {plans.measure([cheapest], '')[0]:.4g})")
+                   f"{metric.name} {shown(value, target)} {cmp} {target:g} (cheapest plan: "
+                   f"{plans.bits(cheapest):.2f} bits, "
+                   f"{shown(plans.measure([cheapest], '')[0], target)})")
     else:
-        message = (f"target {metric.name} {cmp} {target:g} NOT reached: best found {value:.4g} "
+        message = (f"target {metric.name} {cmp} {target:g} NOT reached: best found "
+                   f"{shown(value, target)} "
                    f"at {bits:.2f} average weight bits ({mix}), even with every layer at its "
                    "dearest choice")
     front = plans.front()

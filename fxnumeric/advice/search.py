@@ -41,6 +41,7 @@ from ..progress import Progress
 from ..run import check_devices, model_batches
 from .hybrid import HybridRunner, Swap, function_target, module_path
 from .mixed import FLOAT, advise_variants
+from .numbers import shown
 from .replay import BlockReplay
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
@@ -343,7 +344,7 @@ class Sensitivity:
 
     def __repr__(self) -> str:
         worst = self.ranking()[:3]
-        return (f"Sensitivity(metric={self.metric!r}, quantized={self.quantized:.4g}, "
+        return (f"Sensitivity(metric={self.metric!r}, quantized={shown(self.quantized)}, "
                 f"layers={len(self.layers)}, most sensitive={worst})")
 
     def ranking(self) -> list[str]:
@@ -386,7 +387,7 @@ class Sensitivity:
             del headers[2]
             table = [r[:2] + r[3:] for r in table]
         return tabulate(table, headers=headers, tablefmt=tablefmt, floatfmt=".4g") + (
-            f"\nquantized model: {self.metric} {self.quantized:.4g}")
+            f"\nquantized model: {self.metric} {shown(self.quantized)}")
 
 
 def _finite(x: float) -> float:
@@ -535,14 +536,15 @@ class Advice:
         return list(zip(self.keep_float, functions, strict=True))
 
     def __repr__(self) -> str:
+        value, target = shown(self.value, self.target), shown(self.target, self.value)
         if self.variants:
             counts: dict[str, int] = {}
             for choice in self.assignment.values():
                 counts[choice] = counts.get(choice, 0) + 1
-            return (f"Advice({counts}, bits={self.bits:.2f}, {self.metric}={self.value:.4g}, "
-                    f"target={self.target:.4g}, reached={self.reached})")
-        return (f"Advice(keep_float={list(self.keep_float)}, {self.metric}={self.value:.4g}, "
-                f"target={self.target:.4g}, reached={self.reached})")
+            return (f"Advice({counts}, bits={self.bits:.2f}, {self.metric}={value}, "
+                    f"target={target}, reached={self.reached})")
+        return (f"Advice(keep_float={list(self.keep_float)}, {self.metric}={value}, "
+                f"target={target}, reached={self.reached})")
 
     def qconfig_mapping(self, base: Any = None) -> Any:
         """A ``QConfigMapping`` for ``prepare_fx`` with ``None`` for every layer to keep float.
@@ -863,17 +865,17 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
     unit = _unit(search.metric_name)
     kept = f"{len(chosen)} of {len(names)} layer{'s' if len(names) != 1 else ''}"
     if reached and not chosen:
-        message = (f"the quantized model already reaches {search.metric_name} {value:.4g}{unit} "
-                   f"{cmp} {target:g}{unit}")
+        message = (f"the quantized model already reaches {search.metric_name} "
+                   f"{shown(value, target)}{unit} {cmp} {target:g}{unit}")
     elif reached:
-        message = (f"keep {kept} float to reach {search.metric_name} {value:.4g}{unit} "
-                   f"{cmp} {target:g}{unit} (quantized: {quantized:.4g}{unit})")
+        message = (f"keep {kept} float to reach {search.metric_name} {shown(value, target)}{unit} "
+                   f"{cmp} {target:g}{unit} (quantized: {shown(quantized, target)}{unit})")
     else:
         why = (f"max_float_layers={max_float_layers} reached" if len(chosen) < len(names)
                else f"even with all {len(names)} layers float")
         message = (f"target {search.metric_name} {cmp} {target:g}{unit} NOT reached ({why}): "
-                   f"best found {value:.4g}{unit} with {kept} float "
-                   f"(quantized: {quantized:.4g}{unit})")
+                   f"best found {shown(value, target)}{unit} with {kept} float "
+                   f"(quantized: {shown(quantized, target)}{unit})")
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
     return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
