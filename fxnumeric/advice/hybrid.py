@@ -596,24 +596,24 @@ def _with_constants(view: Any, inside: list[fx.Node]) -> list[fx.Node]:
 def _quantize_path(view: Any, node: fx.Node) -> list[fx.Node]:
     """The quantize and plumbing nodes from quantized ``node`` back to the op (or input) whose
     value they carry, ``node`` included; empty if ``node`` is that op."""
-    path: list[fx.Node] = []
-    while node.all_input_nodes and node.all_input_nodes[0].op != "get_attr":
-        cls = view.op_class(node)
-        if cls is None or cls.role not in ("plumbing", "optional"):
-            break
-        path.append(node)
-        node = node.all_input_nodes[0]
-    return path
+    return _path_back(view, node, ("plumbing", "optional"))
 
 
 def _layout_path(view: Any, node: fx.Node) -> list[fx.Node]:
     """The function and method plumbing (views, transposes, ``.contiguous()``) from ``node``
     back to the value it reshapes, ``node`` included; modules (a ``QuantStub``, a dropout)
     and inputs end it, as they change no layout."""
+    return _path_back(view, node, ("plumbing",), ops=("call_function", "call_method"))
+
+
+def _path_back(view: Any, node: fx.Node, roles: tuple[str, ...],
+               ops: tuple[str, ...] | None = None) -> list[fx.Node]:
+    """``node`` and the nodes behind it, through each one's first input, while they are of
+    ``roles`` (and of ``ops``, when given) and read no constant first."""
     path: list[fx.Node] = []
-    while node.op in ("call_function", "call_method") and node.all_input_nodes:
+    while node.all_input_nodes and node.all_input_nodes[0].op != "get_attr":
         cls = view.op_class(node)
-        if cls is None or cls.role != "plumbing" or node.all_input_nodes[0].op == "get_attr":
+        if cls is None or cls.role not in roles or (ops is not None and node.op not in ops):
             break
         path.append(node)
         node = node.all_input_nodes[0]
