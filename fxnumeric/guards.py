@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import FxNumericWarning, InputError
-from .ops import is_quantized_module
+from .ops import in_quantized_package, is_quantized_module
 from .optypes import OpClass
 from .view import GraphView
 
@@ -169,7 +169,7 @@ def _trains_differently(module: nn.Module) -> bool:
     from torch.nn.modules.batchnorm import _NormBase
     from torch.nn.modules.dropout import _DropoutNd
 
-    if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+    if in_quantized_package(module):
         return False  # torch's quantized Dropout and BatchNorm compute alike in either mode
     if isinstance(module, _NormBase):
         return bool(module.track_running_stats)

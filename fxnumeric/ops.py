@@ -35,7 +35,8 @@ from .optypes import DEQUANTIZE, PLUMBING, QUANTIZE, ROLES, OpClass
 
 __all__ = [
     "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
-    "is_quantized_module", "is_pure", "PLUMBING", "QUANTIZE", "DEQUANTIZE", "dynamic_input",
+    "is_quantized_module", "in_quantized_package", "is_pure", "PLUMBING", "QUANTIZE",
+    "DEQUANTIZE", "dynamic_input",
 ]
 
 
@@ -197,16 +198,22 @@ _QUANTIZED_PREFIXES = (
 )
 
 
+def in_quantized_package(module: nn.Module) -> bool:
+    """Whether ``module``'s class is one of torch's quantized modules (``torch.ao.nn.quantized``
+    and the intrinsic ones), by where it is defined."""
+    return type(module).__module__.startswith(_QUANTIZED_PREFIXES)
+
+
 def is_quantized_module(module: nn.Module) -> bool:
     """Whether ``module`` computes in quantized form (static, dynamic or reference, or a
     flow's own form: a torchao tensor-subclass weight, see :mod:`fxnumeric.flows`)."""
     name = type(module).__name__
     if name in _QUANTIZE_MODULE_NAMES or name in _PLUMBING_MODULE_NAMES | _DEQUANTIZE_MODULE_NAMES:
         return False
-    if type(module).__module__.startswith(_QUANTIZED_PREFIXES):
+    if in_quantized_package(module):
         return True
     # reference fused modules: a float intrinsic wrapper around a reference conv/linear
-    if any(type(c).__module__.startswith(_QUANTIZED_PREFIXES) for c in module.children()):
+    if any(in_quantized_package(c) for c in module.children()):
         return True
     return flows.is_quantized_module(module)
 
