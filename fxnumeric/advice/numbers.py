@@ -14,9 +14,8 @@ def shown(value: float, *near: float) -> str:
         >>> shown(31.28451), shown(0.99999, 0.999), shown(0.999991, 0.99999), shown(1.0)
         ('31.28', '0.99999', '0.999991', '1')
     """
-    text = f"{value:.4g}"
-    for digits in range(4, 13):
+    for digits in range(4, 12):
         text = f"{value:.{digits}g}"
         if all(value == other or text != f"{other:.{digits}g}" for other in (1.0, *near)):
-            break
-    return text
+            return text
+    return f"{value:.12g}"
