@@ -35,7 +35,12 @@ from .errors import FxNumericError, FxNumericWarning, InputError
 from .floor import FloorSums, floor_sums, layer_floor
 from .guards import check_pairable
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
-from .llm_metrics import LogitsAccumulator, looks_like_logits, predicts_next_token
+from .llm_metrics import (
+    LogitsAccumulator,
+    looks_like_logits,
+    predicts_next_token,
+    vocab_size,
+)
 from .lockstep import Lockstep
 from .loggers import Logger
 from .match import Matching, Pair
@@ -441,6 +446,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
 
     # each batch runs each model once: the quantized graph holds the output comparators, the
     # shadows and the blocks' observers
+    model = float_model if float_model is not None else matching.float_model
     built = instrument(
         matching,
         outputs=output_observers if "outputs" in wanted else None,
@@ -451,10 +457,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
-                 _vocab_size(float_model), blocks, float_twins, turn,
-                 _lockstep_budget(float_model, matching),
-                 predicts_next_token(float_model if float_model is not None
-                                     else matching.float_model))
+                 vocab_size(model), blocks, float_twins, turn,
+                 _lockstep_budget(model), predicts_next_token(model))
 
 
 LOCKSTEP_SHARE = 4
@@ -468,8 +472,7 @@ of compare's time (a thread of its own allocates from a glibc heap of its own)."
 LOCKSTEP_MIN = 64 << 20
 
 
-def _lockstep_budget(float_model: nn.Module | None, matching: Matching) -> int:
-    model = float_model if float_model is not None else matching.float_model
+def _lockstep_budget(model: nn.Module | None) -> int:
     params = sum(p.numel() * p.element_size()
                  for p in (model.parameters() if model is not None else ()))
     return max(LOCKSTEP_MIN, params // LOCKSTEP_SHARE)
@@ -491,12 +494,6 @@ def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None
     if quant_logits is None or quant_logits.shape != float_logits.shape:
         return
     plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token)
-
-
-def _vocab_size(model: Any) -> int | None:
-    """A language model's vocabulary size (``model.config.vocab_size``), if it says."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    return vocab if isinstance(vocab, int) else None
 
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:

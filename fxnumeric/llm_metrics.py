@@ -33,7 +33,7 @@ import torch
 from .errors import InputError
 
 __all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "token_fields",
-           "predicts_next_token", "LLM_METRICS", "IGNORE_INDEX"]
+           "predicts_next_token", "vocab_size", "LLM_METRICS", "IGNORE_INDEX"]
 
 LLM_METRICS = ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized")
 """Every key :meth:`LogitsAccumulator.values` can return (the ``ppl_*`` ones with labels only)."""
@@ -338,6 +338,13 @@ def _targets(labels: torch.Tensor | None, mask: torch.Tensor, lead: torch.Size,
                          f"(min {int(scored.min())}, max {int(scored.max())}); use -100 for "
                          "positions that have no target")
     return targets
+
+
+def vocab_size(model: Any) -> int | None:
+    """A language model's vocabulary size (``model.config.vocab_size``), if it says: what
+    :func:`looks_like_logits` compares a tensor's last dim with."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
 
 
 def predicts_next_token(model: Any) -> bool | None:

@@ -33,7 +33,12 @@ from .._tensors import dequantize_all, first_output
 from ..capture.export import is_export_graph
 from ..errors import InputError, InstrumentationError
 from ..instrument import resolve_matching
-from ..llm_metrics import LogitsAccumulator, looks_like_logits, predicts_next_token
+from ..llm_metrics import (
+    LogitsAccumulator,
+    looks_like_logits,
+    predicts_next_token,
+    vocab_size,
+)
 from ..match import Matching
 from ..metrics import cosine, sqnr
 from ..ops import is_quantized_module
@@ -148,9 +153,8 @@ class _MetricRun:
 def _resolve_metric(metric: str | EndMetric, model: Any = None) -> _Metric:
     if isinstance(metric, str):
         if metric in LLM_END_METRICS:
-            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-            return _Metric(metric, LLM_END_METRICS[metric], None,
-                           vocab if isinstance(vocab, int) else None, predicts_next_token(model))
+            return _Metric(metric, LLM_END_METRICS[metric], None, vocab_size(model),
+                           predicts_next_token(model))
         if metric not in END_METRICS:
             raise InputError(
                 f"unknown metric {metric!r}; built-in end metrics are "
