@@ -652,3 +652,26 @@ def test_values_near_one_are_shown_with_the_digits_that_tell_them_apart() -> Non
     assert float(shown_value) == pytest.approx(advice.value, abs=5e-6) and shown_value != "1"
     assert shown(0.99999, 0.999) == "0.99999" and shown(0.9999912, 0.99999) == "0.999991"
     assert shown(31.28451) == "31.28" and shown(1.0) == "1"
+
+
+def test_what_computes_from_constants_is_found_however_deep_the_graph() -> None:
+    # a recursion as deep as the graph overflowed Python's stack (3000 ops > its limit)
+    from torch import fx
+
+    from fxnumeric.advice.hybrid import _computes_constant
+
+    root = nn.Module()
+    root.c = torch.ones(1)
+    graph = fx.Graph()
+    x, c = graph.placeholder("x"), graph.get_attr("c")
+    from_input, from_constant = x, c
+    for _ in range(3000):
+        from_input = graph.call_function(torch.add, (from_input, c))
+        from_constant = graph.call_function(torch.mul, (from_constant, 2.0))
+    mixed = graph.call_function(torch.add, (from_constant, from_input))
+    graph.output((mixed, from_constant))
+    known: dict = {}
+    assert _computes_constant(from_constant, known) is True
+    assert _computes_constant(from_input, known) is False
+    assert _computes_constant(mixed, known) is False
+    assert _computes_constant(c, {}) is True and _computes_constant(x, {}) is False

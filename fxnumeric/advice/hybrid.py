@@ -569,13 +569,22 @@ def _external_inputs(inside: list[fx.Node]) -> list[fx.Node]:
 
 
 def _computes_constant(node: fx.Node, known: dict[fx.Node, bool]) -> bool:
-    if node not in known:
-        if node.op in ("placeholder", "output"):
-            known[node] = False
-        elif node.op == "get_attr":
-            known[node] = True
+    """Whether ``node`` computes from ``get_attr`` constants only (no input), remembered in
+    ``known``; walked with a stack, as :func:`fxnumeric.semantics.evaluate_constant` is: a
+    recursion as deep as the graph overflowed Python's stack."""
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in known:
+            stack.pop()
+        elif n.op in ("placeholder", "output", "get_attr"):
+            known[stack.pop()] = n.op == "get_attr"
+        elif any(known.get(i) is False for i in n.all_input_nodes):
+            known[stack.pop()] = False
+        elif pending := [i for i in n.all_input_nodes if i not in known]:
+            stack.extend(pending)
         else:
-            known[node] = all(_computes_constant(i, known) for i in node.all_input_nodes)
+            known[stack.pop()] = True
     return known[node]
 
 
