@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._collector import defers_collection
 from ._tensors import detach, first_output
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
@@ -236,6 +237,7 @@ def _add_weights(acc: Accumulator, float_weight: torch.Tensor,
         acc.update(fw[start:start + _WEIGHT_CHUNK], qw[start:start + _WEIGHT_CHUNK])
 
 
+@defers_collection
 def compare(
     float_model: nn.Module,
     quant_model: nn.Module | Mapping[str, nn.Module],

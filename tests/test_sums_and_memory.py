@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import fxnumeric as ns
+from fxnumeric import _collector
 from fxnumeric.metrics import Accumulator, energy, prepare_actual
 
 
@@ -334,3 +335,102 @@ def test_each_quantized_weight_is_read_once_and_the_floors_are_those_of_a_fresh_
     alone = ns.compare(f, q, batches, comparisons=("shadows",), matching=matching)
     assert {name: alone.row(name).floor_sqnr for name in floors} == floors
     assert len(unpacks) == 4  # two more: the floors' own reads
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.itself = self
+
+
+def _collections_during(fn):
+    """(generations of the collections that ran during ``fn()``, its result)."""
+    generations: list[int] = []
+
+    def seen(phase, info):
+        if phase == "start":
+            generations.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        result = fn()
+    finally:
+        gc.callbacks.remove(seen)
+    return generations, result
+
+
+def test_compare_defers_young_collections_and_frees_its_cyclic_garbage_at_the_end():
+    # a compare of SmolLM2 left ~150,000 objects alive across young collections, enough to
+    # start a full collection (0.35 s walking every object of the process) in every call
+    f = _Chain().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(8, 64) for _ in range(3)]
+    thresholds = gc.get_threshold()
+    inside: list[int] = []
+    garbage: list[weakref.ref] = []
+
+    def probe(ref, actual):
+        inside.append(gc.get_threshold()[0])
+        cycle = _Cycle()
+        garbage.append(weakref.ref(cycle))
+        return 0.0
+
+    gc.collect()
+    generations, report = _collections_during(
+        lambda: ns.compare(f, q, data, metrics={"probe": probe}, progress=False))
+    assert generations == [0]  # before: a young collection every 700 objects built
+    assert set(inside) == {_collector.YOUNG_LIMIT}
+    assert gc.get_threshold() == thresholds
+    assert garbage and all(ref() is None for ref in garbage)
+    assert report.row("layers.0").output_sqnr > 20
+
+
+def test_a_call_that_keeps_making_cyclic_garbage_is_collected_past_the_limit(monkeypatch):
+    monkeypatch.setattr(_collector, "YOUNG_LIMIT", 5_000)
+    f = _Chain().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    first: list[weakref.ref] = []
+    freed_before_the_end: list[bool] = []
+
+    def litter(ref, actual):
+        cycles = [_Cycle() for _ in range(2_000)]
+        if not first:
+            first.append(weakref.ref(cycles[0]))
+        freed_before_the_end.append(first[0]() is None)
+        return 0.0
+
+    generations, _ = _collections_during(
+        lambda: ns.compare(f, q, [torch.randn(8, 64) for _ in range(4)],
+                           metrics={"litter": litter}, progress=False))
+    assert any(freed_before_the_end)  # bounded: 5,000 objects, not the whole call's litter
+    assert len(generations) > 1
+
+
+def test_nested_deferrals_collect_once_and_a_disabled_collector_is_left_alone():
+    f = _Chain().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(8, 64)]
+
+    def twice():
+        with _collector.deferred_collection():
+            ns.compare(f, q, data, progress=False)
+            return ns.compare(f, q, data, progress=False)
+
+    generations, _ = _collections_during(twice)
+    assert generations == [0]
+    gc.disable()
+    try:
+        generations, _ = _collections_during(lambda: ns.compare(f, q, data, progress=False))
+        assert generations == [] and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_collector_is_restored_when_compare_raises():
+    f = _Chain().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    thresholds = gc.get_threshold()
+    with pytest.raises(ns.InputError, match="batch"):
+        ns.compare(f, q, [torch.randn(8, 64), None], progress=False)
+    assert gc.get_threshold() == thresholds
