@@ -637,6 +637,10 @@ def test_variants_from_other_flows_are_not_told_to_use_torchao() -> None:
     assert "FqnToConfig" not in text and "come from dynamic+fx" in text
     for path, choice in advice.assignment.items():
         assert f"{path}: {choice}" in text
+    # its FqnToConfig would quantize with torchao's numbers, not the ones verified here
+    with pytest.warns(fxnumeric.FxNumericWarning, match="verified on variants from dynamic\\+fx"):
+        fqn = advice.to_torchao({name: object() for name in ("fx", "dyn")})
+    assert set(fqn.fqn_to_config) == {p for p, c in advice.assignment.items() if c != "float"}
 
 
 def test_values_near_one_are_shown_with_the_digits_that_tell_them_apart() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import nn
 from .. import flows
 from .._tensors import dequantize_all, first_output
 from ..capture.export import is_export_graph
-from ..errors import InputError, InstrumentationError
+from ..errors import FxNumericWarning, InputError, InstrumentationError
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
@@ -532,6 +533,14 @@ class Advice:
         if missing:
             raise InputError(f"no config for {missing}: pass one per variant the assignment "
                              f"uses ({', '.join(sorted(set(self.assignment.values())))})")
+        if self.flow not in ("torchao", ""):
+            warnings.warn(FxNumericWarning(
+                f"this assignment was verified on variants from {self.flow}, not torchao: "
+                f"torchao's configs quantize differently, so the model quantize_ makes with "
+                f"this FqnToConfig does not have the {self.metric} found here "
+                f"({shown(self.value, self.target)}).\nFix: compare that model "
+                f"(fxnumeric.compare) before relying on it, or advise on torchao variants"),
+                stacklevel=2)
         return FqnToConfig({path: configs[choice] for path, choice in self.assignment.items()
                             if choice != "float"})
 
