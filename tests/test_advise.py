@@ -243,7 +243,7 @@ def test_advise_keeps_the_badly_quantized_layer_float() -> None:
     assert type(requantized.fc2) is nn.Linear
     assert type(requantized.fc1).__module__.startswith("torch.ao.nn.quantized")
     assert advice.eager_lines() == "model.get_submodule('fc2').qconfig = None"
-    assert advice.pt2e_lines() == "quantizer.set_module_name('fc2', None)"
+    assert advice.pt2e_lines() == "quantizer.set_module_name_qconfig('fc2', None)"
     assert repr(advice).startswith("Advice(keep_float=['fc2'], sqnr=")
 
 
@@ -679,3 +679,34 @@ def test_what_computes_from_constants_is_found_however_deep_the_graph() -> None:
     assert _computes_constant(from_input, known) is False
     assert _computes_constant(mixed, known) is False
     assert _computes_constant(c, {}) is True and _computes_constant(x, {}) is False
+
+
+def test_pt2e_advice_names_each_layer_by_its_module_and_the_quantizer_keeps_it_float() -> None:
+    # every pt2e layer is an ATen function op; one named after its module read "has no module
+    # of its own to name" instead of the quantizer call that keeps it float
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from fxnumeric import flows
+    from fxnumeric.models import _quantizer, quantize_pt2e
+
+    torch.manual_seed(0)
+    float_model, data = MLP().eval(), _batches((16, 16))
+    float_gm, q = quantize_pt2e(float_model, data, quantizer="x86")
+    advice = advise(float_gm, q, data, metric="sqnr", target=math.inf, max_float_layers=1,
+                    progress=False)
+    (name,) = advice.keep_float
+    assert advice.flow == "pt2e"
+    line = f"quantizer.set_module_name_qconfig({name!r}, None)"
+    assert advice.pt2e_lines() == line and line in advice.summary()
+    quantizer = _quantizer("x86")
+    quantizer.set_module_name_qconfig(name, None)  # what the line says
+    prepared = prepare_pt2e(torch.export.export(copy.deepcopy(float_model), (data[0],)).module(),
+                            quantizer)
+    for batch in data:
+        prepared(batch)
+    requantized = convert_pt2e(prepared)
+    weights = {flows.scope(n): n.args[1].op for n in requantized.graph.nodes
+               if n.target == torch.ops.aten.linear.default}
+    assert weights[name] == "get_attr"  # a float weight: the layer is float
+    assert [s for s, op in weights.items() if s != name] and all(
+        op == "call_function" for s, op in weights.items() if s != name)  # the rest dequantize

@@ -602,10 +602,23 @@ class Advice:
             for name, function in self._targets()
         )
 
-    def pt2e_lines(self, quantizer: str = "quantizer") -> str:
-        """The pt2e quantizer calls (before ``prepare_pt2e``) that keep the layers float."""
+    def pt2e_lines(self, quantizer: str = "quantizer",
+                   method: str = "set_module_name_qconfig") -> str:
+        """The pt2e quantizer calls (before ``prepare_pt2e``) that keep the layers float.
+
+        A layer named after the module it runs in (an exported ``Conv2d``'s ``conv2d``) is
+        named by that module, whose ops the quantizer then leaves float; an op inside a larger
+        module (a residual ``add``) cannot be named alone and gets a comment.
+
+        Args:
+            quantizer: the quantizer's variable name.
+            method: the quantizer's method that sets a module's config:
+                ``X86InductorQuantizer.set_module_name_qconfig`` takes ``None`` (leave float).
+                torchao's ``XNNPACKQuantizer.set_module_name`` refuses ``None`` ("not
+                supported yet"): with it a module cannot be left float by name.
+        """
         return "\n".join(
-            f"{quantizer}.set_module_name({name!r}, None)" if function is None
+            f"{quantizer}.{method}({name!r}, None)" if function is None or function[0] == name
             else f"# {name}: {_qualified(function[1])} inside {function[0]!r} has no "
                  "module of its own to name"
             for name, function in self._targets()
@@ -676,7 +689,8 @@ class Advice:
             "eager": ("eager (before prepare; a DeQuantStub/QuantStub pair around each):",
                       self.eager_lines()),
             "dynamic": ("dynamic:", self.dynamic_lines()),
-            "pt2e": ("pt2e (before prepare_pt2e):", self.pt2e_lines()),
+            "pt2e": ("pt2e (X86InductorQuantizer, before prepare_pt2e; XNNPACKQuantizer "
+                     "cannot leave a module float by name):", self.pt2e_lines()),
             "torchao": ("torchao:", self.torchao_keep_lines()),
         }
         chosen = [lines[self.flow]] if self.flow in lines else [
