@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python benchmarks/bench_llm.py [--dtype float32,bfloat16]
         [--configs int8-weight-only,int8-dynamic,int4-weight-only,dynamic]
         [--batches 4] [--rounds 2] [--flat 1,10,100] [--flat-configs int8-weight-only]
-        [--long 512] [--threads 1] [--parts time,memory,long]
+        [--long 512] [--threads 1] [--parts time,memory,long] [--collector-ab]
 
 Each measurement runs in a fresh process (memory freed by an earlier compare stays in the
 process's heap and would hide the next one's peak). In it, the float model
@@ -21,6 +21,9 @@ before (what compare costs per batch). All candidates run interleaved with the f
 ``--rounds`` rounds (after one compare of one batch that warms the kernels up); each keeps
 its fastest round, and the ratio is
 fastest over the floor's fastest.
+
+With ``--collector-ab`` the time part also runs the target's compare as it was before it
+deferred Python's young collections (``fxnumeric/_collector.py``), interleaved with the rest.
 
 ``memory``: peak RSS added by ``compare(weights, outputs, shadows)`` over 1 batch and over
 each ``--flat`` count (batches of 1 sentence), each in its own process after one warm float and
@@ -182,6 +185,11 @@ def child(args) -> None:
         for comparisons in (TARGET,):
             candidates[",".join(comparisons) + " (matching reused)"] = (
                 lambda c=comparisons: run(batches, c, matching))
+        if args.collector_ab:  # compare without its deferral of Python's collector
+            undeferred = ns.compare.__wrapped__
+            candidates[",".join(TARGET) + " (collector not deferred)"] = (
+                lambda: undeferred(float_model, quant_model, batches, comparisons=TARGET,
+                                   progress=False))
         best = dict.fromkeys(candidates, float("inf"))
         for _ in range(args.rounds):
             for name, fn in candidates.items():
@@ -226,6 +234,8 @@ def main() -> None:
                         help="glibc's MALLOC_ARENA_MAX in the measuring processes "
                              "(0: glibc's default, 8 per core)")
     parser.add_argument("--parts", default="time,memory,long")
+    parser.add_argument("--collector-ab", action="store_true",
+                        help="time: also compare with Python's collector not deferred")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--time", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", default=None, help=argparse.SUPPRESS)
@@ -261,7 +271,8 @@ def main() -> None:
             jobs = []
             if "time" in parts:
                 jobs.append(("time", ["--time", "--batches", str(args.batches),
-                                      "--rounds", str(args.rounds)]))
+                                      "--rounds", str(args.rounds)]
+                             + (["--collector-ab"] if args.collector_ab else [])))
             if "long" in parts and args.long and config in args.long_configs.split(","):
                 jobs.append(("long", ["--long-tokens", str(args.long)]))
             if "memory" in parts:
