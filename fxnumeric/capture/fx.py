@@ -173,20 +173,30 @@ def _call_graph(module: nn.Module, target: str,
                 extra_kwargs: tuple[str, ...] = ()) -> fx.GraphModule:
     """A graph whose one op calls ``module``, held as submodule ``target``; it takes the
     module's named arguments and, by name, the ``extra_kwargs`` its ``**kwargs`` is called
-    with (recorded on example inputs)."""
+    with (recorded on example inputs).
+
+    The module gets its first argument (the layer's input) by position and the others by
+    name, as transformers calls its modules: its decorators read an argument from ``kwargs``
+    and add it there again when it came by position (``merge_with_config_defaults``: T5's
+    encoder, "got multiple values for argument 'use_cache'").
+    """
     graph = fx.Graph()
     params = [
         p for p in inspect.signature(module.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    args = tuple(
-        graph.placeholder(
+    args: list[fx.Node] = []
+    kwargs: dict[str, fx.Node] = {}
+    for i, p in enumerate(params):
+        node = graph.placeholder(
             p.name, default_value=p.default if p.default is not p.empty else inspect.Signature.empty
         )
-        for p in params
-    )
-    kwargs = {name: graph.placeholder(name, default_value=None) for name in extra_kwargs}
-    graph.output(graph.call_module(target, args, kwargs))
+        if i == 0 or p.kind is p.POSITIONAL_ONLY:
+            args.append(node)
+        else:
+            kwargs[p.name] = node
+    kwargs |= {name: graph.placeholder(name, default_value=None) for name in extra_kwargs}
+    graph.output(graph.call_module(target, tuple(args), kwargs))
     return graph_module({target: module}, graph, class_name=type(module).__name__)
 
 
