@@ -38,6 +38,7 @@ from .guards import check_pairable
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import (
     LogitsAccumulator,
+    is_encoder_decoder,
     looks_like_logits,
     predicts_next_token,
     vocab_size,
@@ -391,6 +392,9 @@ class _Plan:
     next_token: bool | None = None
     """Whether the float model's logits predict the next token (:func:`predicts_next_token`):
     only then are the batch's labels or input ids a perplexity's targets."""
+    encoder_decoder: bool = False
+    """Whether the float model is an encoder-decoder (:func:`is_encoder_decoder`): its logits
+    are read against the batch's decoder inputs."""
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
@@ -460,7 +464,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
                  vocab_size(model), blocks, float_twins, turn,
-                 _lockstep_budget(model), predicts_next_token(model))
+                 _lockstep_budget(model), predicts_next_token(model), is_encoder_decoder(model))
 
 
 LOCKSTEP_SHARE = 4
@@ -495,7 +499,8 @@ def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None
     quant_logits = looks_like_logits(quant_out, batch, plan.vocab_size)
     if quant_logits is None or quant_logits.shape != float_logits.shape:
         return
-    plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token)
+    plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token,
+                             plan.encoder_decoder)
 
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:

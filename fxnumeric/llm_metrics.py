@@ -33,7 +33,8 @@ import torch
 from .errors import InputError
 
 __all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "token_fields",
-           "predicts_next_token", "vocab_size", "LLM_METRICS", "IGNORE_INDEX"]
+           "predicts_next_token", "is_encoder_decoder", "vocab_size", "LLM_METRICS",
+           "IGNORE_INDEX"]
 
 LLM_METRICS = ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized")
 """Every key :meth:`LogitsAccumulator.values` can return (the ``ppl_*`` ones with labels only)."""
@@ -99,7 +100,7 @@ class LogitsAccumulator:
 
     def update(self, float_logits: torch.Tensor, quant_logits: torch.Tensor,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-               input_ids: torch.Tensor | None = None) -> None:
+               input_ids: torch.Tensor | None = None, *, shift: bool = True) -> None:
         """Add one batch.
 
         Args:
@@ -110,6 +111,9 @@ class LogitsAccumulator:
                 with the inputs, shifted here: position ``t`` is scored on ``labels[t+1]``),
                 ``-100`` for no target. Enables ``ppl_float`` / ``ppl_quantized``.
             input_ids: used as ``labels`` when ``labels`` is not given.
+            shift: False for ``labels`` already aligned with the logits (position ``t`` scored
+                on ``labels[t]``): an encoder-decoder's labels, from which the model makes
+                its ``decoder_input_ids`` by shifting them right.
         """
         f, q = _as_logits(float_logits, "float"), _as_logits(quant_logits, "quantized")
         if f.shape != q.shape:
@@ -119,7 +123,8 @@ class LogitsAccumulator:
             )
         lead, vocab = f.shape[:-1], f.shape[-1]
         mask = _mask(attention_mask, lead, f.device)
-        targets = _targets(labels if labels is not None else input_ids, mask, lead, vocab)
+        targets = _targets(labels if labels is not None else input_ids, mask, lead, vocab,
+                           shift=shift or labels is None)
         rows = mask.reshape(-1).nonzero().squeeze(1)  # real tokens only, as flat row indices
         flat_targets = targets.reshape(-1)[rows] if targets is not None else None
         f2, q2 = f.reshape(-1, vocab), q.reshape(-1, vocab)
@@ -151,7 +156,7 @@ class LogitsAccumulator:
         self.nll_quant += nll_quant
 
     def update_batch(self, float_logits: torch.Tensor, quant_logits: torch.Tensor, batch: Any,
-                     next_token: bool | None = None) -> None:
+                     next_token: bool | None = None, encoder_decoder: bool = False) -> None:
         """Add the logits of one model batch, with the mask and targets ``batch`` holds
         (:func:`token_fields`) where they fit the logits.
 
@@ -162,9 +167,12 @@ class LogitsAccumulator:
           the next token: ``next_token`` (:func:`predicts_next_token`) True, or None and
           targets shaped as the leading dims. A masked LM's or a token classifier's labels
           are not next tokens and give no perplexity.
+        * ``encoder_decoder`` (:func:`is_encoder_decoder`): the logits are the decoder's, so the
+          mask is ``decoder_attention_mask`` and the targets are the ``labels`` as they are
+          (aligned with the logits), else the next ``decoder_input_ids``.
         """
         lead = tuple(float_logits.shape[:-1])
-        fields = token_fields(batch)
+        fields = token_fields(batch, decoder=encoder_decoder)
         mask = fields.get("attention_mask")
         if mask is not None and tuple(mask.shape) != lead:
             mask = None
@@ -172,7 +180,8 @@ class LogitsAccumulator:
         if next_token is False or (next_token is None and targets is not None
                                    and tuple(targets.shape) != lead):
             targets = None
-        self.update(float_logits, quant_logits, attention_mask=mask, labels=targets)
+        self.update(float_logits, quant_logits, attention_mask=mask, labels=targets,
+                    shift=not (encoder_decoder and "labels" in fields))
 
     def merge(self, other: LogitsAccumulator) -> None:
         """Add ``other``'s tokens to this one (for accumulators filled in separate processes)."""
@@ -321,17 +330,23 @@ def _mask(attention_mask: torch.Tensor | None, lead: torch.Size,
 
 
 def _targets(labels: torch.Tensor | None, mask: torch.Tensor, lead: torch.Size,
-             vocab: int) -> torch.Tensor | None:
-    """Position ``t``'s target: ``labels[t + 1]`` if both tokens are real, else IGNORE_INDEX."""
+             vocab: int, shift: bool = True) -> torch.Tensor | None:
+    """Position ``t``'s target: ``labels[t + 1]`` if both tokens are real (``labels[t]`` if
+    it is real, with ``shift=False``), else IGNORE_INDEX."""
     if labels is None:
         return None
     if tuple(labels.shape) != tuple(lead) or len(lead) < 1:
         raise InputError(f"labels/input_ids {tuple(labels.shape)} do not match the logits' "
                          f"leading dims {tuple(lead)}")
     targets = torch.full(lead, IGNORE_INDEX, dtype=torch.long, device=mask.device)
-    nxt = labels[..., 1:].to(mask.device, torch.long)
-    keep = mask[..., 1:] & mask[..., :-1] & (nxt != IGNORE_INDEX)
-    targets[..., :-1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE_INDEX))
+    if not shift:
+        aligned = labels.to(mask.device, torch.long)
+        keep = mask & (aligned != IGNORE_INDEX)
+        targets = torch.where(keep, aligned, targets)
+    else:
+        nxt = labels[..., 1:].to(mask.device, torch.long)
+        keep = mask[..., 1:] & mask[..., :-1] & (nxt != IGNORE_INDEX)
+        targets[..., :-1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE_INDEX))
     scored = targets[targets != IGNORE_INDEX]
     if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= vocab):
         raise InputError(f"labels/input_ids hold token ids outside the vocabulary [0, {vocab}) "
@@ -360,15 +375,31 @@ def predicts_next_token(model: Any) -> bool | None:
         return None
 
 
-def token_fields(batch: Any) -> dict[str, torch.Tensor]:
+def is_encoder_decoder(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face encoder-decoder (T5, BART, Whisper:
+    ``config.is_encoder_decoder``), whose logits are its decoder's."""
+    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+
+
+def token_fields(batch: Any, decoder: bool = False) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels`` of a batch, those it has.
 
     A dict batch (as a Hugging Face tokenizer returns) gives its keys of those names; a tuple
     or list is read as positional model inputs ``(input_ids, attention_mask, ...)``; a bare
-    integer tensor is ``input_ids``. Only integer tensors count.
+    integer tensor is ``input_ids``. Only integer tensors count. With ``decoder`` (an
+    encoder-decoder's batch), ``input_ids`` and ``attention_mask`` are the decoder's:
+    ``decoder_input_ids`` and ``decoder_attention_mask`` (the third and fourth positional
+    inputs, as T5, BART and Whisper take them).
     """
     found: dict[str, Any] = {}
-    if isinstance(batch, Mapping):
+    if decoder:
+        if isinstance(batch, Mapping):
+            found = {"input_ids": batch.get("decoder_input_ids"),
+                     "attention_mask": batch.get("decoder_attention_mask"),
+                     "labels": batch.get("labels")}
+        elif isinstance(batch, (tuple, list)):
+            found = dict(zip(("input_ids", "attention_mask"), batch[2:4], strict=False))
+    elif isinstance(batch, Mapping):
         found = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels")}
     elif isinstance(batch, (tuple, list)):
         # positional inputs; a batch may hold more than these two (or only input_ids)

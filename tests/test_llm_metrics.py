@@ -380,3 +380,56 @@ def test_a_token_classifier_and_a_masked_lm_count_real_tokens_and_give_no_perple
         _close({k: report.model_output[k] for k in expected}, expected)
         # labels (the classes of each token; a masked LM's own targets) are not next tokens
         assert "ppl_float" not in report.model_output, cls_name
+
+
+def _seq2seq(cls_name: str):
+    import copy
+
+    import transformers
+
+    torch.manual_seed(0)
+    if cls_name == "T5ForConditionalGeneration":
+        cfg = transformers.T5Config(vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                    num_heads=4, decoder_start_token_id=0)
+    else:
+        cfg = transformers.BartConfig(vocab_size=300, d_model=64, encoder_layers=2,
+                                      decoder_layers=2, encoder_attention_heads=4,
+                                      decoder_attention_heads=4, encoder_ffn_dim=128,
+                                      decoder_ffn_dim=128, max_position_embeddings=64)
+    f = getattr(transformers, cls_name)(cfg).eval()
+    return f, torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("cls_name", ["T5ForConditionalGeneration", "BartForConditionalGeneration"])
+def test_an_encoder_decoder_is_read_against_its_decoder_inputs(cls_name):
+    """The logits are the decoder's (batch, 7), not the encoder input's (batch, 10): the mask is
+    decoder_attention_mask and the labels score position t on labels[t], unshifted (the model
+    shifts them right into its decoder inputs). Both raised before; T5's encoder, called
+    positionally through the module tree, failed in transformers' use_cache decorator."""
+    import fxnumeric as ns
+
+    f, q = _seq2seq(cls_name)
+    gen = torch.Generator().manual_seed(1)
+    decoder_mask = _mask(2, 7, [7, 5])
+    labels = torch.randint(3, 300, (2, 7), generator=gen)
+    labels[1, 5:] = -100
+    batch = {"input_ids": torch.randint(3, 300, (2, 10), generator=gen),
+             "attention_mask": _mask(2, 10, [10, 8]).long(),
+             "decoder_input_ids": torch.randint(3, 300, (2, 7), generator=gen),
+             "decoder_attention_mask": decoder_mask.long(), "labels": labels}
+    report = ns.compare(f, q, [batch], progress=False)
+    with torch.no_grad():
+        fl, ql = f(**batch).logits, q(**batch).logits
+    expected = _oracle(fl, ql, mask=decoder_mask)
+    for name, logits in (("ppl_float", fl), ("ppl_quantized", ql)):
+        nll = F.cross_entropy(logits.double().reshape(-1, 300), labels.reshape(-1))
+        expected[name] = math.exp(float(nll))
+    _close({k: report.model_output[k] for k in expected}, expected)
+    # without labels the targets are the next decoder inputs, as a causal LM's are
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    report = ns.compare(f, q, [no_labels], progress=False)
+    with torch.no_grad():
+        fl, ql = f(**no_labels).logits, q(**no_labels).logits
+    expected = _oracle(fl, ql, mask=decoder_mask, labels=batch["decoder_input_ids"])
+    _close({k: report.model_output[k] for k in expected}, expected)

@@ -36,6 +36,7 @@ from ..errors import FxNumericWarning, InputError, InstrumentationError
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
+    is_encoder_decoder,
     looks_like_logits,
     predicts_next_token,
     vocab_size,
@@ -90,6 +91,7 @@ class _Metric:
     fn: EndMetric | None = None  # on the outputs of all batches, concatenated
     vocab_size: int | None = None  # for the LLM metrics: what logits look like
     next_token: bool | None = None  # for the LLM metrics: whether labels are next tokens
+    encoder_decoder: bool = False  # for the LLM metrics: logits read against decoder inputs
 
     def reference(self, output: Any, batch: Any) -> Any:
         """What of the float model's output the metric keeps for the comparisons."""
@@ -134,7 +136,8 @@ class _MetricRun:
         candidate = looks_like_logits(output, batch, self.metric.vocab_size)
         if candidate is None:
             candidate = _as_output(output)
-        self.logits.update_batch(reference, candidate.detach(), batch, self.metric.next_token)
+        self.logits.update_batch(reference, candidate.detach(), batch, self.metric.next_token,
+                                 self.metric.encoder_decoder)
 
     def value(self) -> float:
         if self.logits is not None:
@@ -155,7 +158,7 @@ def _resolve_metric(metric: str | EndMetric, model: Any = None) -> _Metric:
     if isinstance(metric, str):
         if metric in LLM_END_METRICS:
             return _Metric(metric, LLM_END_METRICS[metric], None, vocab_size(model),
-                           predicts_next_token(model))
+                           predicts_next_token(model), is_encoder_decoder(model))
         if metric not in END_METRICS:
             raise InputError(
                 f"unknown metric {metric!r}; built-in end metrics are "
