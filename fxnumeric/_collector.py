@@ -1,6 +1,6 @@
 """Python's cyclic garbage collector, deferred while fxnumeric builds what one call needs.
 
-A call such as :func:`fxnumeric.compare` builds many short-lived objects: traced graphs,
+A call such as :func:`fxnumeric.compare` (or :func:`fxnumeric.diagnose`) builds many short-lived objects: traced graphs,
 copies of the module tree, observers (about 190,000 on a 30-layer LLM). With the collector's
 default thresholds they survive a few young collections while the call still uses them,
 and so count toward the next *full* collection, which walks every object of the process

@@ -386,6 +386,16 @@ def test_compare_defers_young_collections_and_frees_its_cyclic_garbage_at_the_en
     assert report.row("layers.0").output_sqnr > 20
 
 
+def test_diagnose_defers_young_collections_as_compare_does():
+    f = _Chain().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    gc.collect()
+    generations, found = _collections_during(
+        lambda: ns.diagnose(f, q, [torch.randn(8, 64) for _ in range(3)], progress=False))
+    assert generations == [0]
+    assert [layer.name for layer in found.layers][:1] == ["layers.0"]
+
+
 def test_a_call_that_keeps_making_cyclic_garbage_is_collected_past_the_limit(monkeypatch):
     monkeypatch.setattr(_collector, "YOUNG_LIMIT", 5_000)
     f = _Chain().eval()

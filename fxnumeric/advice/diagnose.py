@@ -33,6 +33,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
+from .._collector import defers_collection
 from .._tensors import detach, first_output
 from ..errors import InputError
 from ..floor import FloorSums, FloorVerdict, floor_sums, layer_floor
@@ -336,6 +337,7 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2g}%"
 
 
+@defers_collection
 def diagnose(
     float_model: nn.Module,
     quant_model: nn.Module,
