@@ -1,13 +1,13 @@
 """Python's cyclic garbage collector, deferred while fxnumeric builds what one call needs.
 
-A call such as :func:`fxnumeric.compare` (or :func:`fxnumeric.diagnose`) builds many short-lived objects: traced graphs,
-copies of the module tree, observers (about 190,000 on a 30-layer LLM). With the collector's
-default thresholds they survive a few young collections while the call still uses them,
-and so count toward the next *full* collection, which walks every object of the process
-(0.35 s with transformers and a 135M-parameter model loaded; more in a busier process): one
-ran in every compare of SmolLM2. Deferred, they are still young when the call returns, and
-one young collection at its end frees those that are garbage (fx graphs hold reference
-cycles) without walking the rest of the process.
+A call such as :func:`fxnumeric.compare` (or :func:`fxnumeric.diagnose`) builds many
+short-lived objects: traced graphs, copies of the module tree, observers (about 190,000 on a
+30-layer LLM). With the collector's default thresholds they survive a few young collections
+while the call still uses them, and so count toward the next *full* collection, which
+walks every object of the process (0.23-0.35 s with transformers and a 135M-parameter model
+loaded; more in a busier process): one ran in every compare of SmolLM2. Deferred, they are
+still young when the call returns, and one young collection at its end frees those that are
+garbage (fx graphs hold reference cycles) without walking the rest of the process.
 
 The deferral is a raised threshold, not ``gc.disable()``: past ``YOUNG_LIMIT`` objects
 allocated and not freed since the last collection, a young collection runs anyway, so that
