@@ -167,21 +167,24 @@ class LogitsAccumulator:
           the next token: ``next_token`` (:func:`predicts_next_token`) True, or None and
           targets shaped as the leading dims. A masked LM's or a token classifier's labels
           are not next tokens and give no perplexity.
-        * ``encoder_decoder`` (:func:`is_encoder_decoder`): the logits are the decoder's, so the
-          mask is ``decoder_attention_mask`` and the targets are the ``labels`` as they are
-          (aligned with the logits), else the next ``decoder_input_ids``.
+        * ``encoder_decoder`` (:func:`is_encoder_decoder`): the logits are the decoder's, read
+          against the decoder's side of a dict batch (:func:`_decoder_fields`); a tuple batch
+          gives no mask and no targets (its positions differ from model to model).
         """
         lead = tuple(float_logits.shape[:-1])
-        fields = token_fields(batch, decoder=encoder_decoder)
-        mask = fields.get("attention_mask")
+        if encoder_decoder:
+            mask, targets, shift = _decoder_fields(batch, lead)
+        else:
+            fields = token_fields(batch)
+            mask, shift = fields.get("attention_mask"), True
+            targets = fields.get("labels", fields.get("input_ids"))
         if mask is not None and tuple(mask.shape) != lead:
             mask = None
-        targets = fields.get("labels", fields.get("input_ids"))
         if next_token is False or (next_token is None and targets is not None
                                    and tuple(targets.shape) != lead):
             targets = None
         self.update(float_logits, quant_logits, attention_mask=mask, labels=targets,
-                    shift=not (encoder_decoder and "labels" in fields))
+                    shift=shift)
 
     def merge(self, other: LogitsAccumulator) -> None:
         """Add ``other``'s tokens to this one (for accumulators filled in separate processes)."""
@@ -375,31 +378,58 @@ def predicts_next_token(model: Any) -> bool | None:
         return None
 
 
+def _decoder_fields(batch: Any, lead: tuple[int, ...]
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """``(mask, targets, shift)`` of an encoder-decoder's dict batch, whose logits (leading
+    dims ``lead``) are its decoder's.
+
+    Targets: the ``labels`` as they are (the model shifts them right into its decoder
+    inputs), else the next ``decoder_input_ids``, else ``input_ids`` as they are when they fit
+    the logits (BART makes its decoder inputs from them so). Real tokens: the
+    ``decoder_attention_mask``, else the labels that are not ``-100`` (a seq2seq collator's
+    padding), else, for decoder inputs made from ``input_ids``, the ``attention_mask``.
+    """
+    if not isinstance(batch, Mapping):
+        return None, None, True
+
+    def tensor(name: str) -> torch.Tensor | None:
+        value = batch.get(name)
+        return value if isinstance(value, torch.Tensor) else None
+
+    labels, decoder_ids = tensor("labels"), tensor("decoder_input_ids")
+    input_ids, decoder_mask = tensor("input_ids"), tensor("decoder_attention_mask")
+    from_input_ids = (labels is None and decoder_ids is None and input_ids is not None
+                      and tuple(input_ids.shape) == tuple(lead))
+    if labels is not None:
+        targets, shift = labels, False
+    elif decoder_ids is not None:
+        targets, shift = decoder_ids, True
+    else:
+        targets, shift = (input_ids, False) if from_input_ids else (None, True)
+    if decoder_mask is not None:
+        mask = decoder_mask
+    elif labels is not None:
+        mask = labels != IGNORE_INDEX
+    else:
+        mask = tensor("attention_mask") if from_input_ids else None
+    return mask, targets, shift
+
+
 def is_encoder_decoder(model: Any) -> bool:
     """Whether ``model`` is a Hugging Face encoder-decoder (T5, BART, Whisper:
     ``config.is_encoder_decoder``), whose logits are its decoder's."""
     return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
 
 
-def token_fields(batch: Any, decoder: bool = False) -> dict[str, torch.Tensor]:
+def token_fields(batch: Any) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels`` of a batch, those it has.
 
     A dict batch (as a Hugging Face tokenizer returns) gives its keys of those names; a tuple
     or list is read as positional model inputs ``(input_ids, attention_mask, ...)``; a bare
-    integer tensor is ``input_ids``. Only integer tensors count. With ``decoder`` (an
-    encoder-decoder's batch), ``input_ids`` and ``attention_mask`` are the decoder's:
-    ``decoder_input_ids`` and ``decoder_attention_mask`` (the third and fourth positional
-    inputs, as T5, BART and Whisper take them).
+    integer tensor is ``input_ids``. Only integer tensors count.
     """
     found: dict[str, Any] = {}
-    if decoder:
-        if isinstance(batch, Mapping):
-            found = {"input_ids": batch.get("decoder_input_ids"),
-                     "attention_mask": batch.get("decoder_attention_mask"),
-                     "labels": batch.get("labels")}
-        elif isinstance(batch, (tuple, list)):
-            found = dict(zip(("input_ids", "attention_mask"), batch[2:4], strict=False))
-    elif isinstance(batch, Mapping):
+    if isinstance(batch, Mapping):
         found = {k: batch.get(k) for k in ("input_ids", "attention_mask", "labels")}
     elif isinstance(batch, (tuple, list)):
         # positional inputs; a batch may hold more than these two (or only input_ids)

@@ -433,3 +433,26 @@ def test_an_encoder_decoder_is_read_against_its_decoder_inputs(cls_name):
         fl, ql = f(**no_labels).logits, q(**no_labels).logits
     expected = _oracle(fl, ql, mask=decoder_mask, labels=batch["decoder_input_ids"])
     _close({k: report.model_output[k] for k in expected}, expected)
+    # labels alone (a seq2seq collator's, -100 for padding): the model makes its decoder inputs
+    # from them; their padding is not a real token
+    labels_only = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    report = ns.compare(f, q, [labels_only], progress=False)
+    with torch.no_grad():
+        fl, ql = f(**labels_only).logits, q(**labels_only).logits
+    expected = _oracle(fl, ql, mask=labels != -100)
+    for name, logits in (("ppl_float", fl), ("ppl_quantized", ql)):
+        nll = F.cross_entropy(logits.double().reshape(-1, 300), labels.reshape(-1))
+        expected[name] = math.exp(float(nll))
+    _close({k: report.model_output[k] for k in expected}, expected)
+    if cls_name.startswith("Bart"):  # input ids alone: BART shifts them right to decode them
+        plain = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        report = ns.compare(f, q, [plain], progress=False)
+        with torch.no_grad():
+            fl, ql = f(**plain).logits, q(**plain).logits
+        real = plain["attention_mask"].bool()
+        expected = _oracle(fl, ql, mask=real)
+        targets = plain["input_ids"].masked_fill(~real, -100)
+        for name, logits in (("ppl_float", fl), ("ppl_quantized", ql)):
+            nll = F.cross_entropy(logits.double().reshape(-1, 300), targets.reshape(-1))
+            expected[name] = math.exp(float(nll))
+        _close({k: report.model_output[k] for k in expected}, expected)
