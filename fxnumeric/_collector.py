@@ -37,7 +37,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def deferred_collection() -> Iterator[None]:
     """Defer young collections for the block, then collect the young generation once.
 
-    Nested blocks are part of the outermost one: only the outermost collects.
+    Nested blocks are part of the outermost one: only the outermost collects. A block that
+    starts while another thread's block runs is taken for a nested one. A threshold set by
+    someone else during the block is left as they set it.
 
     Example:
         >>> import gc
@@ -55,7 +57,8 @@ def deferred_collection() -> Iterator[None]:
     try:
         yield
     finally:
-        gc.set_threshold(*thresholds)
+        if gc.get_threshold()[0] == YOUNG_LIMIT:  # else set by someone else meanwhile: theirs
+            gc.set_threshold(*thresholds)
         gc.collect(0)
 
 

@@ -444,3 +444,13 @@ def test_the_collector_is_restored_when_compare_raises():
     with pytest.raises(ns.InputError, match="batch"):
         ns.compare(f, q, [torch.randn(8, 64), None], progress=False)
     assert gc.get_threshold() == thresholds
+
+
+def test_a_threshold_set_during_the_block_is_left_as_it_was_set():
+    thresholds = gc.get_threshold()
+    try:
+        with _collector.deferred_collection():
+            gc.set_threshold(5_000, *thresholds[1:])  # a user's metric, another thread
+        assert gc.get_threshold()[0] == 5_000
+    finally:
+        gc.set_threshold(*thresholds)
