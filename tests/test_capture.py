@@ -230,3 +230,46 @@ def test_a_leaf_module_called_twice_is_two_rows_each_read_at_its_call():
     # the eager API keeps torch's one logger per module, logged once per call
     acts = ns.compare_model_outputs(f, q, data[0])
     assert len(acts["fc.stats"]["float"]) == len(acts["fc.stats"]["quantized"]) == 2
+
+
+class _TwoInputs(nn.Module):
+    """A layer owning its weight (kept whole) that takes a second required input."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4))
+
+    def forward(self, x, gate, scale=1.0):
+        return x * self.weight * torch.sigmoid(gate) * scale
+
+
+class _GatedByHand(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.mix = _TwoInputs()
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:  # untraceable root: its children are paired through the module tree
+            h = -h
+        return self.mix(h, x)
+
+
+def test_a_module_kept_whole_gets_its_required_inputs_by_position():
+    """A forward pre-hook registered without ``with_kwargs`` sees positional arguments only:
+    every required argument of a module kept whole reaches it there, as the model's own call
+    passed them (arguments with defaults go by name, as transformers passes them)."""
+    torch.manual_seed(0)
+    f = _GatedByHand().eval()
+    q = _dyn(f)
+    seen = []
+    for model in (f, q):
+        model.mix.register_forward_pre_hook(lambda m, args: seen.append(len(args)))
+    x = _x()
+    report = ns.compare(f, q, [x])
+    assert seen and set(seen) == {2}  # recorded call and compare alike (compare gave 1)
+    with torch.no_grad():
+        ref, actual = f(x).double(), q(x).double()
+    expected = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
+    assert report.row("mix").output_sqnr == pytest.approx(expected, rel=1e-5)

@@ -175,10 +175,12 @@ def _call_graph(module: nn.Module, target: str,
     module's named arguments and, by name, the ``extra_kwargs`` its ``**kwargs`` is called
     with (recorded on example inputs).
 
-    The module gets its first argument (the layer's input) by position and the others by
-    name, as transformers calls its modules: its decorators read an argument from ``kwargs``
-    and add it there again when it came by position (``merge_with_config_defaults``: T5's
-    encoder, "got multiple values for argument 'use_cache'").
+    The module gets its first argument (the layer's input) and every other required one by
+    position, so that a forward pre-hook registered without ``with_kwargs`` sees them, and
+    the ones with defaults by name, as transformers passes them: its decorators read such an
+    argument from ``kwargs`` and add it there again when it came by position
+    (``merge_with_config_defaults``: T5's encoder, "got multiple values for argument
+    'use_cache'").
     """
     graph = fx.Graph()
     params = [
@@ -191,7 +193,7 @@ def _call_graph(module: nn.Module, target: str,
         node = graph.placeholder(
             p.name, default_value=p.default if p.default is not p.empty else inspect.Signature.empty
         )
-        if i == 0 or p.kind is p.POSITIONAL_ONLY:
+        if not kwargs and (i == 0 or p.kind is p.POSITIONAL_ONLY or p.default is p.empty):
             args.append(node)
         else:
             kwargs[p.name] = node
