@@ -355,8 +355,21 @@ def computes_alike(region: Any, pair: Any) -> bool:
 
 
 def _same_value(a: Any, b: Any) -> bool:
-    """Equal plain constants, or bit-equal tensors of one dtype and shape."""
+    """Equal plain constants, or bit-equal tensors of one dtype and shape.
+
+    A tensor subclass (torchao's ``Int8Tensor``: the weight of a functional ``F.linear``
+    quantized by ``quantize_``) equals only itself: it may implement no ``aten.equal``, and
+    its reported dtype is not what it stores."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return (a.dtype == b.dtype and a.shape == b.shape and not a.is_meta and not b.is_meta
-                and not a.is_quantized and not b.is_quantized and bool(torch.equal(a, b)))
+        if a is b:
+            return True
+        return (_plain(a) and _plain(b) and a.dtype == b.dtype and a.shape == b.shape
+                and not a.is_meta and not b.is_meta and not a.is_quantized
+                and not b.is_quantized and bool(torch.equal(a, b)))
     return isinstance(a, _PLAIN) and type(a) is type(b) and a == b
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor of torch's own class or a Parameter holding one (a Parameter made of a
+    subclass takes the subclass's type), not a subclass."""
+    return type(t) in (torch.Tensor, nn.Parameter)

@@ -10,6 +10,14 @@ from torch import nn
 
 pytest.importorskip("torchao")
 
+
+def two_projections(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """One traced op reading two modules' weights, as Swin's ``shifted_window_attention``."""
+    return nn.functional.linear(torch.relu(nn.functional.linear(x, first)), second)
+
+
+torch.fx.wrap("two_projections")
+
 import fxnumeric as fxn  # noqa: E402
 from fxnumeric.flows.torchao import is_torchao_tensor  # noqa: E402
 
@@ -159,3 +167,94 @@ def test_compare_model_stub_shadows_torchao_linears():
     partly = copy.deepcopy(f)
     quantize_(partly, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn == "2")
     assert list(fxn.compare_model_stub(f, partly, [nn.Linear], x)) == ["2.stats"]
+
+
+class FunctionalProjection(nn.Module):
+    """Swin's attention calls its projection functionally: ``F.linear(x, self.qkv.weight)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+        return self.out(torch.relu(h))
+
+
+def test_a_functional_op_reading_a_torchao_weight_is_a_quantized_layer_named_by_its_module():
+    """It crashed compare (``torch.equal`` on an ``Int8Tensor``, torchvision's swin_t), and it
+    was an unquantized row named ``linear`` with no weight SQNR, that advice could not name
+    for ``quantize_``."""
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    torch.manual_seed(0)
+    f = FunctionalProjection().eval()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8DynamicActivationInt8WeightConfig())
+    m = fxn.match(f, q)
+    assert [(p.name, p.kind, p.quantized) for p in m.pairs] == [
+        ("qkv", "linear", True), ("relu", "relu", False), ("out", "linear", True)]
+    data = [(x,) for x in torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(1))]
+    report = fxn.compare(f, q, data)
+    expected = fxn.sqnr(f.qkv.weight, q.qkv.weight.dequantize())  # the weight, read directly
+    assert report.row("qkv").weight_sqnr == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():  # output of the functional op, read directly from both models
+        ref = torch.cat([nn.functional.linear(x, f.qkv.weight, f.qkv.bias) for (x,) in data])
+        act = torch.cat([nn.functional.linear(x, q.qkv.weight, q.qkv.bias) for (x,) in data])
+    assert report.row("qkv").output_sqnr == pytest.approx(fxn.sqnr(ref, act), rel=1e-5)
+    advice = fxn.advise(f, q, data, metric="sqnr", target=200.0)
+    assert sorted(advice.keep_float) == ["out", "qkv"]
+    mixed = fxn.advise(f, {"int8": q}, data, metric="sqnr", target=0.0)
+    assert mixed.assignment == {"qkv": "int8", "out": "int8"}
+    fqn = mixed.to_torchao({"int8": Int8DynamicActivationInt8WeightConfig()})
+    assert set(fqn.fqn_to_config) == {"qkv", "out"}  # module paths quantize_ applies
+    applied = copy.deepcopy(f)
+    quantize_(applied, fqn, filter_fn=None)
+    assert is_torchao_tensor(applied.qkv.weight) and is_torchao_tensor(applied.out.weight)
+    # the verified value is the applied model's (the hybrid quantized the functional op too)
+    assert fxn.compare(f, applied, data).model_output["sqnr"] == pytest.approx(mixed.value,
+                                                                                abs=1e-6)
+    weight_only = copy.deepcopy(f)
+    quantize_(weight_only, Int8WeightOnlyConfig())
+    assert fxn.match(f, weight_only).pair("qkv").quantized
+
+
+class TwoWeightsInOneOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32, bias=False)
+        self.b = nn.Linear(32, 32, bias=False)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(two_projections(x, self.a.weight, self.b.weight))
+
+
+def test_advice_over_variants_says_which_quantized_layers_it_cannot_choose_for():
+    """A quantized op whose weights no one module holds stays float in every plan the search
+    verifies: the advice lists it (it was left out silently)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    f = TwoWeightsInOneOp().eval()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    m = fxn.match(f, q)
+    assert [(p.name, p.quantized) for p in m.pairs] == [("two_projections", True),
+                                                         ("out", True)]
+    data = [(x,) for x in torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1))]
+    advice = fxn.advise(f, {"int8": q}, data, metric="sqnr", target=0.0)
+    assert advice.assignment == {"out": "int8"}
+    ((layer, reason),) = advice.unsearched
+    assert layer == "two_projections" and "float in every plan" in reason
+    assert "two_projections" in advice.message and "advice.unsearched" in advice.message
+    hybrid = copy.deepcopy(f)  # what the search verified: two_projections float, out int8
+    quantize_(hybrid, advice.to_torchao({"int8": Int8WeightOnlyConfig()}), filter_fn=None)
+    assert not is_torchao_tensor(hybrid.a.weight) and is_torchao_tensor(hybrid.out.weight)
+    assert fxn.compare(f, hybrid, data).model_output["sqnr"] == pytest.approx(advice.value,
+                                                                               abs=1e-6)

@@ -37,6 +37,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputError, InstrumentationError
+from ..flows.torchao import weight_owner
 from ..storage import weight_storage_bits
 from .hybrid import module_path
 from .numbers import shown
@@ -61,34 +62,41 @@ class LayerChoices:
 
 
 def _layer_module(matching: Any, name: str) -> nn.Module | None:
-    """The quantized module that computes layer ``name`` (``None`` for a functional op)."""
-    for pair in matching.pairs:
-        if pair.name.partition("#")[0] == name:
-            region = matching.region_of(pair)
-            for node in region.chain(pair, "quant"):
-                module = region.quant_view.module(node)
-                if module is not None and getattr(module, "weight", None) is not None:
-                    return module
-    return None
+    """The quantized module that holds layer ``name``'s weight (``None``: a functional op
+    with no module's weight)."""
+    return _weight_module(matching, name, "quant")
 
 
 def _float_module(matching: Any, name: str) -> nn.Module | None:
+    return _weight_module(matching, name, "float")
+
+
+def _weight_module(matching: Any, name: str, side: str) -> nn.Module | None:
+    """The module of ``side`` holding layer ``name``'s weight: the one its ops call, or the
+    one whose weight a functional op reads (``F.linear(x, self.qkv.weight)``: ``qkv``)."""
     for pair in matching.pairs:
         if pair.name.partition("#")[0] == name:
             region = matching.region_of(pair)
-            for node in region.chain(pair, "float"):
-                module = region.float_view.module(node)
+            view = region.float_view if side == "float" else region.quant_view
+            for node in region.chain(pair, side):
+                module = view.module(node)
+                owner = weight_owner(node) if module is None else None
+                if owner is not None:
+                    module = view.modules.get(owner)
                 if module is not None and getattr(module, "weight", None) is not None:
                     return module
     return None
 
 
-def layer_choices(runner: Any, nominal: bool = True,
-                  wanted: Iterable[str] | None = None) -> list[LayerChoices]:
-    """Each searchable layer with the bits of every variant that quantizes it, and float's.
+def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | None = None
+                  ) -> tuple[list[LayerChoices], tuple[tuple[str, str], ...]]:
+    """Each searchable layer with the bits of every variant that quantizes it, and float's;
+    and ``(layer, reason)`` of the others.
 
     A layer is searchable when its float module holds a weight and at least one variant
-    quantizes it; variants that do not quantize it are not offered for it.
+    quantizes it; variants that do not quantize it are not offered for it. A quantized layer
+    whose weight no module holds (torchvision's ``shifted_window_attention``, a function
+    reading two modules' weights) is not: it stays float in every plan.
     """
     names = runner.layers if wanted is None else list(dict.fromkeys(wanted))
     unknown = [n for n in names if n not in runner.layers]
@@ -96,9 +104,13 @@ def layer_choices(runner: Any, nominal: bool = True,
         raise InputError(f"no quantized layer is named {unknown[:5]}; layers are: "
                          f"{', '.join(runner.layers[:20])}")
     out: list[LayerChoices] = []
+    unsearched: list[tuple[str, str]] = []
+    kinds = {p.name.partition("#")[0]: p.kind for p in runner.matching.pairs}
     for name in names:
         float_module = _float_module(runner.matching, name)
         if float_module is None:
+            unsearched.append((name, f"a {kinds.get(name)} op with no module's weight to "
+                                     "choose a precision for: float in every plan"))
             continue
         float_bits, numel = weight_storage_bits(float_module)
         choices = [(FLOAT, float_bits / numel)]
@@ -116,7 +128,7 @@ def layer_choices(runner: Any, nominal: bool = True,
     if not out:
         raise InputError("no layer to choose a precision for: no variant quantizes a layer "
                          "with a weight; see fxnumeric.match(float_model, quant_model).table()")
-    return out
+    return out, tuple(unsearched)
 
 
 class _Plans:
@@ -176,7 +188,7 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     started = time.perf_counter()
     metric = search.metric
     u, meets = metric.utility, metric.meets
-    found = layer_choices(search.runner, nominal, layers)
+    found, unsearched = layer_choices(search.runner, nominal, layers)
     if not allow_float:
         found = [LayerChoices(lc.name, lc.module, lc.numel,
                               tuple(c for c in lc.choices if c[0] != FLOAT)) for lc in found]
@@ -250,12 +262,17 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
                    f"{shown(value, target)} "
                    f"at {bits:.2f} average weight bits ({mix}), even with every layer at its "
                    "dearest choice")
+    if unsearched:
+        message += (f"; {len(unsearched)} quantized layers have no module's weight to choose "
+                    f"a precision for and stay float ({', '.join(n for n, _ in unsearched[:3])}"
+                    f"{', ...' if len(unsearched) > 3 else ''}: advice.unsearched)")
     front = plans.front()
     return {
         "assignment": {plans.by_name[n].module: c for n, c in plan.items()},
         "bits": bits, "value": value, "reached": reached, "message": message,
         "front": front, "curve": tuple(v for _, v in front),
         "seconds": time.perf_counter() - started, "layers": tuple(found),
+        "unsearched": unsearched,
     }
 
 

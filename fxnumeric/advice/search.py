@@ -509,6 +509,10 @@ class Advice:
     (several variants only)."""
     variants: tuple[str, ...] = ()
     """The variants' names, when advising among several."""
+    unsearched: tuple[tuple[str, str], ...] = ()
+    """``(layer, reason)`` of quantized layers the search over several variants could not
+    choose a precision for (no module holds their weight): float in every plan it verified
+    and left out of :meth:`to_torchao`'s ``FqnToConfig``."""
     flow: str = ""
     """The quantization flow the quantized model came from (``"fx"``, ``"eager"``,
     ``"dynamic"``, ``"pt2e"``, ``"torchao"``; with several variants, their flows joined by
@@ -760,7 +764,8 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                   search.metric_name, found["message"], search.evaluations,
                   time.perf_counter() - started, assignment=found["assignment"],
                   bits=found["bits"], front=found["front"],
-                  variants=tuple(search.runner.variants), flow=flow)
+                  variants=tuple(search.runner.variants), flow=flow,
+                  unsearched=found["unsearched"])
 
 
 def _qualified(target: Any) -> str:

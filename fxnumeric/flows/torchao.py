@@ -4,7 +4,10 @@
 ``.weight`` is a torchao ``Int8Tensor`` (a ``TorchAOBaseTensor``). The graph is the float
 graph, op for op; what differs is the weight, so this flow
 
-* counts a module whose weight is a torchao tensor as quantized (coverage), and
+* counts a module whose weight is a torchao tensor as quantized (coverage), and so a
+  functional op that reads one (torchvision's Swin attention calls
+  ``F.linear(x, self.qkv.weight, self.qkv.bias)``), whose weight it points the weight
+  comparison to, and
 * hands the weight comparison its dequantized form: ``float_w - q_w`` on an ``Int8Tensor``
   raises ``NotImplementedError`` (no ``aten.sub`` for it), ``q_w.dequantize()`` does not.
 
@@ -18,11 +21,13 @@ import sys
 from typing import Any
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import Flow
 
-__all__ = ["TorchaoFlow", "is_torchao_tensor"]
+__all__ = ["TorchaoFlow", "is_torchao_tensor", "weight_owner"]
 
 
 def is_torchao_tensor(value: Any) -> bool:
@@ -42,6 +47,31 @@ class TorchaoFlow(Flow):
             return False  # no torchao tensor can exist before torchao is imported
         return any(is_torchao_tensor(p) for p in module.parameters(recurse=False))
 
+    def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+        """A functional op that reads a torchao weight through a ``get_attr``."""
+        if node.op != "call_function" or "torchao.utils" not in sys.modules:
+            return False
+        return any(is_torchao_tensor(_attribute(i, modules))
+                   for i in node.all_input_nodes if i.op == "get_attr")
+
+    def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
+        """The weight argument of a ``torch.nn.functional`` linear or convolution read
+        through a ``get_attr`` (on the float side a plain weight, on the quantized side a
+        torchao one)."""
+        return _weight_attr(node)
+
+    def pair_name(self, node: fx.Node) -> str | None:
+        """A functional op reading a torchao weight is named by the module that owns the
+        weight (``attn.qkv`` for ``F.linear(x, self.qkv.weight)``): the path ``quantize_``
+        quantized and an ``FqnToConfig`` names, not the node's ``linear``."""
+        weight = _weight_attr(node) if "torchao.utils" in sys.modules else None
+        if weight is None:
+            return None
+        owner = str(weight.target).rpartition(".")[0]
+        root = node.graph.owning_module
+        modules = {owner: _submodule(root, owner)} if root is not None else {}
+        return owner if owner and is_torchao_tensor(_attribute(weight, modules)) else None
+
     def dynamic_input(self, module: nn.Module) -> tuple[str, float] | None:
         """``Int8DynamicActivationInt8WeightConfig``: each token (row) of the input quantized
         symmetric int8 (255 steps over ``±max|x|``), or the whole tensor per call."""
@@ -56,3 +86,39 @@ class TorchaoFlow(Flow):
         if not is_torchao_tensor(weight):
             return None
         return weight.dequantize().detach().float()
+
+
+_WEIGHTED_FUNCTIONS = frozenset({
+    F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+})
+"""Functional ops whose second argument is the weight (``kwargs["weight"]`` when named)."""
+
+
+def weight_owner(node: fx.Node) -> str | None:
+    """The path (relative to ``node``'s graph) of the module whose weight the functional
+    linear or convolution ``node`` reads through a ``get_attr``, else ``None``."""
+    weight = _weight_attr(node)
+    owner = str(weight.target).rpartition(".")[0] if weight is not None else ""
+    return owner or None
+
+
+def _weight_attr(node: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` node feeding the weight of a functional linear or convolution."""
+    if node.op != "call_function" or node.target not in _WEIGHTED_FUNCTIONS:
+        return None
+    weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _attribute(node: fx.Node, modules: dict[str, nn.Module | None]) -> Any:
+    """The value a ``get_attr`` node reads, or ``None`` when its owner is not in ``modules``."""
+    owner, _, name = str(node.target).rpartition(".")
+    module = modules.get(owner)
+    return getattr(module, name, None) if module is not None else None
