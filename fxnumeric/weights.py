@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from . import flows
+from .flows.fx import unpacked_weight
 from .match import Matching, Pair, Region
 from .offload import loaded
 from .semantics import evaluate_constant
@@ -228,6 +229,7 @@ def _read_weight(view: GraphView, chain: list[fx.Node]) -> tuple[fx.Node, torch.
         kind = _kind(view, node)
         source = flows.weight_input(node, kind)
         value = evaluate_constant(source, view) if source is not None else None
+        value = unpacked_weight(value) if isinstance(value, torch.ScriptObject) else value
         if isinstance(value, torch.Tensor):
             value = flows.comparable_weight(value.detach())
             scale = flows.weight_scale(node, kind)  # a QAT conv's weight carries its BN scale

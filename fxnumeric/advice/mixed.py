@@ -37,7 +37,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputError, InstrumentationError
-from ..flows.torchao import weight_owner
+from ..flows.fx import weight_owner
 from ..storage import weight_storage_bits
 from .hybrid import module_path
 from .numbers import shown

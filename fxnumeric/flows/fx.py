@@ -4,16 +4,22 @@ Their modules are ``call_module`` nodes the op tables read directly; what this f
 where a *functional* op ran: torch.fx records the module stack of every node it traces in
 ``node.meta["nn_module_stack"]``, so a residual ``operator.add`` inside ``blocks.1`` is known to
 belong to ``blocks.1`` (what FX's ``QConfigMapping.set_module_name_object_type_order`` names it
-by).
+by), and which ``get_attr`` feeds the weight of a functional linear or convolution: a
+float model's ``F.linear(x, self.w)``, ``convert_fx``'s ``quantized.linear(x, packed weight,
+...)`` (the packed weight is unpacked for the comparison, as torch's FX Numeric Suite reads it).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import Flow
 
-__all__ = ["FxFlow"]
+__all__ = ["FxFlow", "functional_weight", "weight_owner", "unpacked_weight"]
 
 
 class FxFlow(Flow):
@@ -27,3 +33,62 @@ class FxFlow(Flow):
         if not stack:
             return None
         return str(list(stack.values())[-1][0]) or None
+
+    def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
+        """The ``get_attr`` feeding the weight of a functional linear or convolution."""
+        return functional_weight(node)
+
+
+_WEIGHTED_FUNCTIONS = frozenset({
+    F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+})
+"""Functional ops whose second argument is the weight (``kwargs["weight"]`` when named)."""
+
+_QUANTIZED_WEIGHTED = frozenset({
+    "linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic", "linear_dynamic_fp16",
+    "linear_relu_dynamic_fp16", "conv1d", "conv2d", "conv3d", "conv1d_relu", "conv2d_relu",
+    "conv3d_relu", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+})
+"""``torch.ops.quantized`` ops (what ``convert_fx`` makes of a functional linear or
+convolution) whose second argument is the packed weight."""
+
+
+def _weighted(target: Any) -> bool:
+    if target in _WEIGHTED_FUNCTIONS:
+        return True
+    packet = getattr(target, "overloadpacket", target)
+    namespace, _, name = str(getattr(packet, "_qualified_op_name", "")).partition("::")
+    return namespace == "quantized" and name in _QUANTIZED_WEIGHTED
+
+
+def functional_weight(node: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` node feeding the weight of a functional linear or convolution
+    (``None`` for anything else, or a weight computed in the graph)."""
+    if node.op != "call_function" or not _weighted(node.target):
+        return None
+    weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+
+
+def weight_owner(node: fx.Node) -> str | None:
+    """The path (relative to ``node``'s graph) of the module whose weight the functional
+    linear or convolution ``node`` reads, else ``None``."""
+    weight = functional_weight(node)
+    owner = str(weight.target).rpartition(".")[0] if weight is not None else ""
+    return owner or None
+
+
+def unpacked_weight(packed: Any) -> torch.Tensor | None:
+    """The (quantized) weight inside a packed-parameters object of torch's quantized linear
+    or convolution ops, read as torch's FX Numeric Suite reads it; ``None`` for anything
+    else."""
+    if not isinstance(packed, torch.ScriptObject):
+        return None
+    kind = packed._type().name()
+    if "Conv" in kind:
+        return packed.unpack()[0]
+    if "Linear" in kind:
+        (weight, _bias), *_ = packed.__getstate__()
+        return weight
+    return None

@@ -6,8 +6,7 @@ graph, op for op; what differs is the weight, so this flow
 
 * counts a module whose weight is a torchao tensor as quantized (coverage), and so a
   functional op that reads one (torchvision's Swin attention calls
-  ``F.linear(x, self.qkv.weight, self.qkv.bias)``), whose weight it points the weight
-  comparison to, and
+  ``F.linear(x, self.qkv.weight, self.qkv.bias)``), named by the weight's module, and
 * hands the weight comparison its dequantized form: ``float_w - q_w`` on an ``Int8Tensor``
   raises ``NotImplementedError`` (no ``aten.sub`` for it), ``q_w.dequantize()`` does not.
 
@@ -22,12 +21,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from . import Flow
+from .fx import functional_weight
 
-__all__ = ["TorchaoFlow", "is_torchao_tensor", "weight_owner"]
+__all__ = ["TorchaoFlow", "is_torchao_tensor"]
 
 
 def is_torchao_tensor(value: Any) -> bool:
@@ -54,17 +53,11 @@ class TorchaoFlow(Flow):
         return any(is_torchao_tensor(_attribute(i, modules))
                    for i in node.all_input_nodes if i.op == "get_attr")
 
-    def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
-        """The weight argument of a ``torch.nn.functional`` linear or convolution read
-        through a ``get_attr`` (on the float side a plain weight, on the quantized side a
-        torchao one)."""
-        return _weight_attr(node)
-
     def pair_name(self, node: fx.Node) -> str | None:
         """A functional op reading a torchao weight is named by the module that owns the
         weight (``attn.qkv`` for ``F.linear(x, self.qkv.weight)``): the path ``quantize_``
         quantized and an ``FqnToConfig`` names, not the node's ``linear``."""
-        weight = _weight_attr(node) if "torchao.utils" in sys.modules else None
+        weight = functional_weight(node) if "torchao.utils" in sys.modules else None
         if weight is None:
             return None
         owner = str(weight.target).rpartition(".")[0]
@@ -86,28 +79,6 @@ class TorchaoFlow(Flow):
         if not is_torchao_tensor(weight):
             return None
         return weight.dequantize().detach().float()
-
-
-_WEIGHTED_FUNCTIONS = frozenset({
-    F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
-})
-"""Functional ops whose second argument is the weight (``kwargs["weight"]`` when named)."""
-
-
-def weight_owner(node: fx.Node) -> str | None:
-    """The path (relative to ``node``'s graph) of the module whose weight the functional
-    linear or convolution ``node`` reads through a ``get_attr``, else ``None``."""
-    weight = _weight_attr(node)
-    owner = str(weight.target).rpartition(".")[0] if weight is not None else ""
-    return owner or None
-
-
-def _weight_attr(node: fx.Node) -> fx.Node | None:
-    """The ``get_attr`` node feeding the weight of a functional linear or convolution."""
-    if node.op != "call_function" or node.target not in _WEIGHTED_FUNCTIONS:
-        return None
-    weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
-    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:
