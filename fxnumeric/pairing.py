@@ -34,6 +34,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from . import flows
 from .errors import MatchError
 from .ops import BN_FOLDING_KINDS
 from .view import MODULE_ATTRS, GraphView
@@ -348,7 +349,12 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
 
 
 def _pair_name(qv: GraphView, q_chain: list[fx.Node]) -> str:
-    """The name of the module computing the chain's output, else of its head, else a node's."""
+    """A flow's report name for the chain (:func:`fxnumeric.flows.layer_name`), else the name
+    of the module computing the chain's output, else of its head, else a node's."""
+    for n in q_chain:
+        named = flows.layer_name(n, qv.modules)
+        if named is not None:
+            return named
     last = qv.name(q_chain[-1])
     return last if last != q_chain[-1].name else qv.name(q_chain[0])
 

@@ -229,7 +229,7 @@ def _read_weight(view: GraphView, chain: list[fx.Node]) -> tuple[fx.Node, torch.
         kind = _kind(view, node)
         source = flows.weight_input(node, kind)
         value = evaluate_constant(source, view) if source is not None else None
-        value = unpacked_weight(value) if isinstance(value, torch.ScriptObject) else value
+        value = unpacked_weight(value, node) if isinstance(value, torch.ScriptObject) else value
         if isinstance(value, torch.Tensor):
             value = flows.comparable_weight(value.detach())
             scale = flows.weight_scale(node, kind)  # a QAT conv's weight carries its BN scale

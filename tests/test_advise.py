@@ -710,3 +710,33 @@ def test_pt2e_advice_names_each_layer_by_its_module_and_the_quantizer_keeps_it_f
     assert weights[name] == "get_attr"  # a float weight: the layer is float
     assert [s for s, op in weights.items() if s != name] and all(
         op == "call_function" for s, op in weights.items() if s != name)  # the rest dequantize
+
+
+class _AddAtTheOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + h  # the add's output is the model's: its quantization shows
+
+
+def test_advice_over_variants_lists_a_quantized_op_without_a_weight():
+    """convert_fx quantizes the residual add, which has no weight to choose a precision for:
+    it is float in every plan the search runs, and the advice says so: the variant itself,
+    the same convs with the add quantized, reads lower than the plan."""
+    torch.manual_seed(0)
+    f = _AddAtTheOutput().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (x,))
+    prepared(x)
+    q = convert_fx(prepared)
+    advice = advise(f, {"int8": q}, [(x,)], metric="sqnr", target=0.0)
+    assert advice.assignment == {"a": "int8", "b": "int8"}
+    ((layer, reason),) = advice.unsearched
+    assert layer == "add_1" and "float in every plan" in reason and "add" in reason
+    assert "advice.unsearched" in advice.message
+    whole = fxnumeric.compare(f, q, [(x,)]).model_output["sqnr"]
+    assert advice.value > whole + 1.0, (advice.value, whole)  # the plan's add is float

@@ -170,7 +170,7 @@ def test_compare_model_stub_shadows_torchao_linears():
 
 
 class FunctionalProjection(nn.Module):
-    """Swin's attention calls its projection functionally: ``F.linear(x, self.qkv.weight)``."""
+    """A projection called functionally: ``F.linear(x, self.qkv.weight, self.qkv.bias)``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -183,9 +183,9 @@ class FunctionalProjection(nn.Module):
 
 
 def test_a_functional_op_reading_a_torchao_weight_is_a_quantized_layer_named_by_its_module():
-    """It crashed compare (``torch.equal`` on an ``Int8Tensor``, torchvision's swin_t), and it
-    was an unquantized row named ``linear`` with no weight SQNR, that advice could not name
-    for ``quantize_``."""
+    """It crashed compare (``torch.equal`` on an ``Int8Tensor``, as torchvision's swin_t did
+    on its ``shifted_window_attention``), and it was an unquantized row named ``linear`` with
+    no weight SQNR, that advice could not name for ``quantize_``."""
     from torchao.quantization import (
         Int8DynamicActivationInt8WeightConfig,
         Int8WeightOnlyConfig,
@@ -258,3 +258,29 @@ def test_advice_over_variants_says_which_quantized_layers_it_cannot_choose_for()
     assert not is_torchao_tensor(hybrid.a.weight) and is_torchao_tensor(hybrid.out.weight)
     assert fxn.compare(f, hybrid, data).model_output["sqnr"] == pytest.approx(advice.value,
                                                                                abs=1e-6)
+
+
+class ActThenProjection(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+        self.qkv = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.act(x), self.qkv.weight, self.qkv.bias)
+
+
+def test_a_functional_op_reading_a_torchao_weight_pairs_by_its_node_name():
+    """Its report name (the weight's module) is not what pairing matches by: with its input
+    unpaired (a different activation upstream), the op still pairs by node name."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    f = ActThenProjection(nn.Sigmoid()).eval()
+    q = ActThenProjection(nn.Tanh()).eval()
+    q.load_state_dict(f.state_dict())
+    quantize_(q, Int8WeightOnlyConfig())
+    m = fxn.match(f, q)
+    assert [(p.name, p.quantized, p.float_nodes) for p in m.pairs if p.quantized] == [
+        ("qkv", True, ("linear",))]
+    assert m.coverage == 1.0

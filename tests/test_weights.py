@@ -112,3 +112,34 @@ def test_functional_weights_of_convert_fx_are_compared(dynamic):
     report = ns.compare(f, q, [(x,)], comparisons=("weights",))
     assert report.row("linear").weight_sqnr == pytest.approx(
         sqnr(f.lw, expected["linear.weight"][1].dequantize()), rel=1e-6)
+
+
+def test_a_functional_conv1d_weight_has_the_float_weights_shape():
+    """torch packs a 1d convolution as a 2d one: unpacked, its weight is [out, in, 1, k]
+    against the float [out, in, k] (the weight SQNR read NaN). Oracle: conv1d_unpack."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    class Conv1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 3, 3))
+
+        def forward(self, x):
+            return nn.functional.conv1d(x, self.w, None, [1], [0], [1], 1)
+
+    torch.manual_seed(0)
+    f = Conv1d().eval()
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1))
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (x,))
+    prepared(x)
+    q = convert_fx(prepared)
+    (packed,) = [n.args[1].target for n in q.graph.nodes
+                 if n.target is torch.ops.quantized.conv1d]
+    expected = torch.ops.quantized.conv1d_unpack(getattr(q, packed))[0]
+    assert expected.shape == f.w.shape
+    ours = ns.extract_weights(ns.match(f, q))["conv1d.weight"]
+    assert torch.equal(ours["quantized"].int_repr(), expected.int_repr())
+    report = ns.compare(f, q, [(x,)], comparisons=("weights",))
+    assert report.row("conv1d").weight_sqnr == pytest.approx(
+        sqnr(f.w, expected.dequantize()), rel=1e-6)

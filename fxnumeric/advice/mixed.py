@@ -95,8 +95,9 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
 
     A layer is searchable when its float module holds a weight and at least one variant
     quantizes it; variants that do not quantize it are not offered for it. A quantized layer
-    whose weight no module holds (torchvision's ``shifted_window_attention``, a function
-    reading two modules' weights) is not: it stays float in every plan.
+    with no module's weight (an FX-quantized ``add``; torchvision's
+    ``shifted_window_attention``, a function reading two modules' weights) is not: it stays
+    float in every plan.
     """
     names = runner.layers if wanted is None else list(dict.fromkeys(wanted))
     unknown = [n for n in names if n not in runner.layers]
@@ -109,8 +110,9 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
     for name in names:
         float_module = _float_module(runner.matching, name)
         if float_module is None:
-            unsearched.append((name, f"a {kinds.get(name)} op with no module's weight to "
-                                     "choose a precision for: float in every plan"))
+            unsearched.append((name, f"a quantized {kinds.get(name)} op with no module's "
+                                     "weight to choose a precision for (none of its own, or "
+                                     "several modules'): float in every plan"))
             continue
         float_bits, numel = weight_storage_bits(float_module)
         choices = [(FLOAT, float_bits / numel)]

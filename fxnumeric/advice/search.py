@@ -511,8 +511,9 @@ class Advice:
     """The variants' names, when advising among several."""
     unsearched: tuple[tuple[str, str], ...] = ()
     """``(layer, reason)`` of quantized layers the search over several variants could not
-    choose a precision for (no module holds their weight): float in every plan it verified
-    and left out of :meth:`to_torchao`'s ``FqnToConfig``."""
+    choose a precision for, having no module's weight (an FX-quantized ``add``; a function
+    reading several modules' weights): float in every plan it verified and left out of
+    :meth:`to_torchao`'s ``FqnToConfig``."""
     flow: str = ""
     """The quantization flow the quantized model came from (``"fx"``, ``"eager"``,
     ``"dynamic"``, ``"pt2e"``, ``"torchao"``; with several variants, their flows joined by

@@ -90,6 +90,12 @@ class Flow:
         """The user-facing name of the op at ``node`` (a module path), or ``None``."""
         return None
 
+    def layer_name(self, node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+        """The name a pair whose quantized chain holds ``node`` is reported under, when it
+        is not the op's own (:meth:`pair_name`, which pairing also matches names by), or
+        ``None``."""
+        return None
+
     def scope(self, node: fx.Node) -> str | None:
         """The path of the innermost module whose ``forward`` computed the functional op at
         ``node`` (``layer1.0.conv1`` for an exported conv), or ``None``."""
@@ -173,6 +179,11 @@ def is_quantized_module(module: nn.Module) -> bool:
 def pair_name(node: fx.Node) -> str | None:
     """The first flow's name for the op at ``node``, or ``None``."""
     return _first("pair_name", node)
+
+
+def layer_name(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The first flow's report name for a pair whose quantized chain holds ``node``."""
+    return _first("layer_name", node, modules)
 
 
 def scope(node: fx.Node) -> str | None:

@@ -54,12 +54,18 @@ _QUANTIZED_WEIGHTED = frozenset({
 convolution) whose second argument is the packed weight."""
 
 
+def _quantized_op(target: Any) -> str | None:
+    """``linear`` for ``torch.ops.quantized.linear`` (packet or overload), else ``None``."""
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if not isinstance(target, torch._ops.OpOverloadPacket):
+        return None
+    namespace, _, name = target._qualified_op_name.partition("::")
+    return name if namespace == "quantized" else None
+
+
 def _weighted(target: Any) -> bool:
-    if target in _WEIGHTED_FUNCTIONS:
-        return True
-    packet = getattr(target, "overloadpacket", target)
-    namespace, _, name = str(getattr(packet, "_qualified_op_name", "")).partition("::")
-    return namespace == "quantized" and name in _QUANTIZED_WEIGHTED
+    return target in _WEIGHTED_FUNCTIONS or _quantized_op(target) in _QUANTIZED_WEIGHTED
 
 
 def functional_weight(node: fx.Node) -> fx.Node | None:
@@ -79,15 +85,19 @@ def weight_owner(node: fx.Node) -> str | None:
     return owner or None
 
 
-def unpacked_weight(packed: Any) -> torch.Tensor | None:
-    """The (quantized) weight inside a packed-parameters object of torch's quantized linear
-    or convolution ops, read as torch's FX Numeric Suite reads it; ``None`` for anything
-    else."""
+def unpacked_weight(packed: Any, node: fx.Node) -> torch.Tensor | None:
+    """The weight inside the packed parameters the quantized op ``node`` reads, read as
+    torch's FX Numeric Suite reads it (quantized; float16 for ``linear_dynamic_fp16``);
+    ``None`` for anything else. A 1d convolution is packed as a 2d one (``[out, in, 1, k]``):
+    its weight is given the float weight's ``[out, in, k]``."""
     if not isinstance(packed, torch.ScriptObject):
         return None
     kind = packed._type().name()
     if "Conv" in kind:
-        return packed.unpack()[0]
+        weight = packed.unpack()[0]
+        op = _quantized_op(node.target) or ""
+        one_d = op.startswith(("conv1d", "conv_transpose1d"))
+        return weight.squeeze(2) if one_d and weight.dim() == 4 else weight
     if "Linear" in kind:
         (weight, _bias), *_ = packed.__getstate__()
         return weight

@@ -5,8 +5,9 @@
 graph, op for op; what differs is the weight, so this flow
 
 * counts a module whose weight is a torchao tensor as quantized (coverage), and so a
-  functional op that reads one (torchvision's Swin attention calls
-  ``F.linear(x, self.qkv.weight, self.qkv.bias)``), named by the weight's module, and
+  functional op that reads one through a ``get_attr`` (``F.linear(x, self.qkv.weight,
+  self.qkv.bias)``, reported under the weight's module; torchvision's Swin passes its
+  ``qkv`` and ``proj`` weights to the traced leaf function ``shifted_window_attention``), and
 * hands the weight comparison its dequantized form: ``float_w - q_w`` on an ``Int8Tensor``
   raises ``NotImplementedError`` (no ``aten.sub`` for it), ``q_w.dequantize()`` does not.
 
@@ -24,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import Flow
-from .fx import functional_weight
+from .fx import functional_weight, weight_owner
 
 __all__ = ["TorchaoFlow", "is_torchao_tensor"]
 
@@ -53,17 +54,16 @@ class TorchaoFlow(Flow):
         return any(is_torchao_tensor(_attribute(i, modules))
                    for i in node.all_input_nodes if i.op == "get_attr")
 
-    def pair_name(self, node: fx.Node) -> str | None:
-        """A functional op reading a torchao weight is named by the module that owns the
-        weight (``attn.qkv`` for ``F.linear(x, self.qkv.weight)``): the path ``quantize_``
-        quantized and an ``FqnToConfig`` names, not the node's ``linear``."""
-        weight = functional_weight(node) if "torchao.utils" in sys.modules else None
-        if weight is None:
+    def layer_name(self, node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+        """A functional op reading a torchao weight (``F.linear(x, self.qkv.weight)``) is
+        reported under the module that owns the weight (``qkv``): the path ``quantize_``
+        quantized and an ``FqnToConfig`` names, not the node's ``linear``. Its nodes keep
+        their own names, which the float graph shares, for pairing."""
+        owner = weight_owner(node) if "torchao.utils" in sys.modules else None
+        weight = functional_weight(node)
+        if owner is None or weight is None:
             return None
-        owner = str(weight.target).rpartition(".")[0]
-        root = node.graph.owning_module
-        modules = {owner: _submodule(root, owner)} if root is not None else {}
-        return owner if owner and is_torchao_tensor(_attribute(weight, modules)) else None
+        return owner if is_torchao_tensor(_attribute(weight, modules)) else None
 
     def dynamic_input(self, module: nn.Module) -> tuple[str, float] | None:
         """``Int8DynamicActivationInt8WeightConfig``: each token (row) of the input quantized
@@ -81,14 +81,7 @@ class TorchaoFlow(Flow):
         return weight.dequantize().detach().float()
 
 
-def _submodule(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _attribute(node: fx.Node, modules: dict[str, nn.Module | None]) -> Any:
+def _attribute(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
     """The value a ``get_attr`` node reads, or ``None`` when its owner is not in ``modules``."""
     owner, _, name = str(node.target).rpartition(".")
     module = modules.get(owner)
