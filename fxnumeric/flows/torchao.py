@@ -59,11 +59,10 @@ class TorchaoFlow(Flow):
         reported under the module that owns the weight (``qkv``): the path ``quantize_``
         quantized and an ``FqnToConfig`` names, not the node's ``linear``. Its nodes keep
         their own names, which the float graph shares, for pairing."""
-        owner = weight_owner(node) if "torchao.utils" in sys.modules else None
-        weight = functional_weight(node)
-        if owner is None or weight is None:
+        weight = functional_weight(node) if "torchao.utils" in sys.modules else None
+        if weight is None or not is_torchao_tensor(_attribute(weight, modules)):
             return None
-        return owner if is_torchao_tensor(_attribute(weight, modules)) else None
+        return weight_owner(node)
 
     def dynamic_input(self, module: nn.Module) -> tuple[str, float] | None:
         """``Int8DynamicActivationInt8WeightConfig``: each token (row) of the input quantized
