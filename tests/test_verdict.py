@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -252,13 +253,21 @@ def test_demo_resnet18_names_no_culprit_and_says_the_error_accumulates():
     report = ns.compare(f, q, images, progress=False)
     assert report.worst_layer.name == "layer4.0.downsample.0"  # 30.85 dB, named before
     assert report.culprit is None
+    # the CPU's kernels move the values a little (30.85 dB with AVX-512, 30.93 with AVX2)
+    shadows = sorted(r.shadow_sqnr for r in report.rows
+                     if r.shadow_sqnr is not None and math.isfinite(r.shadow_sqnr))
+    low, high, output = shadows[0], shadows[-1], report.model_output["sqnr"]
+    assert low == pytest.approx(30.85, abs=0.25) and high == pytest.approx(48.10, abs=0.25)
+    assert output == pytest.approx(12.3, abs=0.3)
     summary = report.summary()
-    assert ("no layer stands out: error is spread over 30 layers, shadow SQNR 30.85-48.10 dB "
-            "(the lowest, layer4.0.downsample.0, is 0.56 dB below the next") in summary
-    assert "layer4.0.downsample.0, layer4.0.conv2, layer4.0.conv1 and layer4.1.conv2 are " \
-        "within noise" in summary
-    assert "error accumulates: the output reads 12.37 dB while no layer alone reads below " \
-        "30.85 dB" in summary
+    assert (f"no layer stands out: error is spread over 30 layers, shadow SQNR "
+            f"{low:.2f}-{high:.2f} dB (the lowest, layer4.0.downsample.0, is "
+            f"{shadows[1] - low:.2f} dB below the next") in summary
+    within = re.search(r"; ([^;]*) are within noise", summary)
+    assert within and set(re.split(r", | and ", within[1])) == {
+        "layer4.0.downsample.0", "layer4.0.conv2", "layer4.0.conv1", "layer4.1.conv2"}
+    assert (f"error accumulates: the output reads {output:.2f} dB while no layer alone reads "
+            f"below {low:.2f} dB") in summary
     row = report.row("layer4.0.downsample.0")
     spread = row.spread["shadow_sqnr"]
     assert spread.batches == 4 and spread.low <= row.shadow_sqnr <= spread.high + 0.5
