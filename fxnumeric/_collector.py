@@ -1,7 +1,8 @@
 """Python's cyclic garbage collector, deferred while fxnumeric builds what one call needs.
 
-A call such as :func:`fxnumeric.compare` (or :func:`fxnumeric.diagnose`) builds many
-short-lived objects: traced graphs, copies of the module tree, observers (about 190,000 on a
+A call such as :func:`fxnumeric.compare` (or :func:`fxnumeric.diagnose`, or the stages
+:func:`fxnumeric.match` and :func:`fxnumeric.instrument` and the eager API built on them) builds
+many short-lived objects: traced graphs, copies of the module tree, observers (about 190,000 on a
 30-layer LLM). With the collector's default thresholds they survive a few young collections
 while the call still uses them, and so count toward the next *full* collection, which
 walks every object of the process (0.23-0.35 s with transformers and a 135M-parameter model

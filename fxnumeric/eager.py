@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
+from ._collector import defers_collection
 from .capture import LeafSpec
 from .errors import InstrumentationError
 from .guards import check_state_dicts
@@ -108,6 +109,7 @@ def _compare_state_dicts(float_dict: dict[str, Any],
     return weight_dict
 
 
+@defers_collection
 def compare_weights(float_dict: Any, quantized_dict: Any) -> dict[str, dict[str, torch.Tensor]]:
     """Compare the weights of a float model with those of its quantized counterpart.
 
@@ -228,6 +230,7 @@ def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type
                        matching=matching, per_call_site=False)
 
 
+@defers_collection
 def prepare_model_outputs(
     float_module: nn.Module,
     q_module: nn.Module,
@@ -298,6 +301,7 @@ def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict
     return result
 
 
+@defers_collection
 def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any,
                           logger_cls: type = OutputLogger, allow_list: set[type] | None = None,
                           leaf_modules: Iterable[LeafSpec] | None = None,
@@ -380,6 +384,7 @@ def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: It
     return quant_gm
 
 
+@defers_collection
 def prepare_model_with_stubs(
     float_module: nn.Module,
     q_module: nn.Module,
@@ -400,6 +405,7 @@ def prepare_model_with_stubs(
     _install(q_module, gm)
 
 
+@defers_collection
 def compare_model_stub(
     float_model: nn.Module,
     q_model: nn.Module,

@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
+from ._collector import defers_collection
 from .capture import LeafSpec, leaf_graph, single_call_graph, trace
 from .capture.export import (
     auto_exports_float,
@@ -603,6 +604,7 @@ def _calls_no_layer(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes if n.op == "call_module")
 
 
+@defers_collection
 def match(
     float_model: nn.Module,
     quant_model: nn.Module,

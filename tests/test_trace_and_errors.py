@@ -249,3 +249,78 @@ def test_match_checks_example_inputs():
     assert ns.match(f, q, example_inputs=torch.randn(2, 4)).coverage == 1.0
     with pytest.raises(ns.InputError, match=r"float model failed on the input \(Tensor\[2, 3\]"):
         ns.match(f, q, example_inputs=torch.randn(2, 3))
+
+
+class _Nested(nn.Module):
+    """Parents several levels deep, a parameter, buffers (one not persistent) and a
+    plain attribute read by get_attr."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+                                  nn.Sequential(nn.Linear(4, 4)))
+        self.head = nn.Linear(4, 2)
+        self.register_buffer("shift", torch.ones(4))
+        self.body[1].register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+        self.offset = 0.5
+
+    def forward(self, x):
+        return self.head(self.body(x + self.shift))
+
+
+def _targets_graph(order):
+    """A graph reading ``order``'s targets (get_attr for dotted non-module names)."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    out = x
+    for op, target in order:
+        node = (graph.get_attr(target) if op == "get_attr"
+                else graph.call_module(target, (out,)))
+        out = node if op == "call_module" else graph.call_function(torch.add, (out, node))
+    graph.output(out)
+    return graph
+
+
+def _tree(gm, model):
+    """Every module, parameter and buffer of ``gm``: the model's own object, or an empty
+    parent (by its children), with buffer persistence."""
+    own = {id(m): n for n, m in model.named_modules()}
+    modules = {name: own.get(id(m), ("empty", type(m).__name__, sorted(m._modules)))
+               for name, m in gm.named_modules(remove_duplicate=False)}
+    params = {n: id(p) for n, p in gm.named_parameters(remove_duplicate=False)}
+    buffers = {n: id(b) for n, b in gm.named_buffers(remove_duplicate=False)}
+    return modules, params, buffers, sorted(gm.state_dict()), gm.training
+
+
+@pytest.mark.parametrize("order", [
+    [("call_module", "body.0.0"), ("call_module", "body.0.1"), ("call_module", "body.1.0"),
+     ("call_module", "head")],
+    # a node under a module read before the module itself, then one under it again
+    [("get_attr", "body.0.0.weight"), ("call_module", "body.0.0"),
+     ("get_attr", "body.0.0.bias"), ("call_module", "body.1")],
+    [("get_attr", "shift"), ("get_attr", "body.1.scale"), ("call_module", "body.1.0"),
+     ("get_attr", "head.weight"), ("get_attr", "offset"), ("call_module", "body"),
+     ("call_module", "body.0.1")],
+    [("get_attr", "body.1.scale"), ("get_attr", "shift"), ("call_module", "head")],
+], ids=["modules", "attr-before-module", "buffers-and-whole-parent", "buffers"])
+def test_graph_module_holds_what_torchs_constructor_gives(order):
+    from fxnumeric.capture.fx import graph_module
+
+    model = _Nested().eval()
+    graph = _targets_graph(order)
+    ours = graph_module(model, graph, class_name="Nested")
+    theirs = torch.fx.GraphModule(model, _targets_graph(order), class_name="Nested")
+    assert _tree(ours, model) == _tree(theirs, model)
+    assert type(ours).__name__ == "Nested" and ours.graph is graph
+    assert ours.code == theirs.code
+
+
+def test_traced_nodes_keep_torchs_module_stack():
+    """The tracer's faster copies of its module stack give the meta torch.fx's would."""
+    model = _Nested()
+    gm = ns.trace(model)
+    reference = torch.fx.symbolic_trace(model)
+    ours = {n.name: n.meta.get("nn_module_stack") for n in gm.graph.nodes}
+    theirs = {n.name: n.meta.get("nn_module_stack") for n in reference.graph.nodes}
+    assert ours == theirs and any(ours.values())
+    assert all(type(s) is type(theirs[n]) for n, s in ours.items())

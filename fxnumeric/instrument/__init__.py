@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import nn
 
+from .._collector import defers_collection
 from ..blocks import Block
 from ..capture import LeafSpec
 from ..errors import InstrumentationError
@@ -107,6 +108,7 @@ class Instrumented:
         default_factory=dict)
 
 
+@defers_collection
 def instrument(
     matching: Matching,
     *,
