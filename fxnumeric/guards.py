@@ -145,8 +145,9 @@ def check_pair(float_view: GraphView, quant_view: GraphView) -> None:
 def check_eval_mode(model: Any, side: str) -> None:
     """Raise :class:`InputError` when ``model`` (the ``side`` model) has a module in training
     mode whose forward then differs: a BatchNorm (normalises with each batch's statistics and
-    updates its running ones in the user's model), a dropout with ``p > 0``, an attention
-    with dropout. Every metric would read that noise, and the call would change the model."""
+    updates its running ones in the user's model), a dropout (or torchvision's
+    ``StochasticDepth``) with ``p > 0``, an attention with dropout. Every metric would read
+    that noise, and the call would change the model."""
     if not isinstance(model, nn.Module):
         return
     found = [(name, type(module).__name__) for name, module in model.named_modules()
@@ -177,6 +178,8 @@ def _trains_differently(module: nn.Module) -> bool:
         return module.p > 0
     if isinstance(module, nn.MultiheadAttention):
         return module.dropout > 0
+    if type(module).__name__ == "StochasticDepth":  # torchvision's dropout of whole samples
+        return getattr(module, "p", 0) > 0
     dropout = getattr(module, "attention_dropout", None)  # transformers' attention classes
     return isinstance(dropout, float) and dropout > 0
 

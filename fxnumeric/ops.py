@@ -119,7 +119,10 @@ _FOREIGN_KINDS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 
 _PLUMBING_MODULE_NAMES = frozenset(
     {"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
-     "FeatureAlphaDropout"}
+     "FeatureAlphaDropout",
+     # torchvision's (EfficientNet, ConvNeXt, Swin, MaxViT): a dropout of whole samples, the
+     # identity in eval mode, which torch.export (pt2e) leaves out of its graph
+     "StochasticDepth"}
 )
 _DEQUANTIZE_MODULE_NAMES = frozenset({"DeQuantStub", "DeQuantize"})
 _QUANTIZE_MODULE_NAMES = frozenset({"QuantStub", "Quantize"})
@@ -137,7 +140,7 @@ _NAME_ALIASES: dict[str, tuple[str, ...]] = {
 }
 _PLUMBING_NAMES = frozenset(
     {"contiguous", "detach", "to", "float", "dropout", "dropout1d", "dropout2d",
-     "dropout3d", "alpha_dropout", "feature_alpha_dropout", "identity",
+     "dropout3d", "alpha_dropout", "feature_alpha_dropout", "identity", "stochastic_depth",
      # torch.fx's guard on an argument fixed to None when a submodule is traced as called
      "_assert_is_none"}
 )

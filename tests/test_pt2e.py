@@ -420,3 +420,65 @@ def test_a_graph_constant_reads_each_node_once_however_deep(monkeypatch):
     view = GraphView(fx.GraphModule(root, graph))
     assert semantics.evaluate_constant(value, view).item() == 5.0 ** 16 + 3000
     assert reads == ["c"]
+
+
+class _SampleDropResidual(torch.nn.Module):
+    """EfficientNet's residual: torchvision's StochasticDepth (the identity in eval mode,
+    which torch.export leaves out of its graph) before an in-place add."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.drop = torchvision.ops.StochasticDepth(0.2, "row")
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.drop(self.bn(self.conv(x)))
+        y += x
+        return self.head(y)
+
+
+def test_stochastic_depth_is_plumbing_so_pt2e_residual_adds_pair():
+    # before: efficientnet_b0 under X86InductorQuantizer left its 9 residual adds unpaired
+    # (the float graph kept stochastic_depth, pt2e's had none) and advise left out the layers
+    # after them
+    from fxnumeric.models import quantize_pt2e
+
+    torch.manual_seed(0)
+    float_model = _SampleDropResidual().eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 8, 16, 16, generator=gen) for _ in range(2)]
+    _, quant = quantize_pt2e(float_model, data, quantizer="x86")
+    m = fxn.match(float_model, quant)
+    assert m.coverage == 1.0 and not m.unmatched_float and not m.unmatched_quant
+    assert [p.kind for p in m.pairs if p.quantized] == ["conv2d", "add", "conv2d"]
+    report = fxn.compare(float_model, quant, data[:1], progress=False)
+    # oracle: the float sum computed directly, and the value pt2e's head conv reads
+    head = next(n for n in quant.graph.nodes if n.name == "conv2d_1")
+    read: dict = {}
+
+    class Reader(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n is head.args[0]:
+                read["quantized"] = value
+            return value
+
+    with torch.no_grad():
+        Reader(quant).run(data[0])
+        expected = float_model.bn(float_model.conv(data[0])) + data[0]
+    assert report.row("add").output_sqnr == pytest.approx(
+        fxn.sqnr(expected, read["quantized"]), abs=1e-4)
+    hybrids = fxn.sensitivity(float_model, quant, data, progress=False)
+    assert {layer.name for layer in hybrids.layers} >= {"conv", "add", "head"}
+
+
+def test_stochastic_depth_in_training_mode_is_refused():
+    float_model = _SampleDropResidual().eval()
+    float_model.drop.train()
+    quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {torch.nn.Conv2d})
+    with pytest.raises(fxn.InputError, match=r"training mode: `drop` \(StochasticDepth\)"):
+        fxn.compare(float_model, quant, [torch.randn(1, 8, 4, 4)], progress=False)
