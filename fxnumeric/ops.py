@@ -319,11 +319,9 @@ def _quantized_op_signature(name: str) -> tuple[str, ...]:
 def _function_class(target: Any) -> OpClass:
     if target in _REGISTERED:
         return _REGISTERED[target]
-    if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
-        packet = (target if isinstance(target, torch._ops.OpOverloadPacket)
-                  else target._overloadpacket)
-        qualified = packet._qualified_op_name
-        namespace, _, name = qualified.partition("::")
+    op = flows.op_name(target)
+    if op is not None:
+        namespace, name = op
         if namespace == "quantized":
             if name in _PLUMBING_NAMES:  # convert_fx turns F.dropout into quantized.dropout
                 return PLUMBING

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
     "is_quantized_module",
-    "pair_name", "scope", "failure_hint", "dynamic_input", "module_type", "weight_input",
+    "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
+    "module_type", "weight_input",
     "weight_scale",
     "batch_norm_params", "comparable_weight",
 ]
@@ -131,6 +132,17 @@ class Flow:
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
         """A plain float tensor for a weight this flow stores in its own form, or ``None``."""
         return None
+
+
+def op_name(target: Any) -> tuple[str, str] | None:
+    """``(namespace, name)`` of an ATen/custom op target (packet or overload: ``("aten",
+    "conv2d")``, ``("quantized", "linear")``), else ``None``."""
+    if isinstance(target, torch._ops.OpOverload):
+        target = target._overloadpacket
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        namespace, _, name = target._qualified_op_name.partition("::")
+        return namespace, name
+    return None
 
 
 def _flows() -> tuple[Flow, ...]:

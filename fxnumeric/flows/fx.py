@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import Flow
+from . import Flow, op_name
 
 __all__ = ["FxFlow", "functional_weight", "weight_owner", "unpacked_weight"]
 
@@ -56,12 +56,8 @@ convolution) whose second argument is the packed weight."""
 
 def _quantized_op(target: Any) -> str | None:
     """``linear`` for ``torch.ops.quantized.linear`` (packet or overload), else ``None``."""
-    if isinstance(target, torch._ops.OpOverload):
-        target = target.overloadpacket
-    if not isinstance(target, torch._ops.OpOverloadPacket):
-        return None
-    namespace, _, name = target._qualified_op_name.partition("::")
-    return name if namespace == "quantized" else None
+    op = op_name(target)
+    return op[1] if op is not None and op[0] == "quantized" else None
 
 
 def _weighted(target: Any) -> bool:

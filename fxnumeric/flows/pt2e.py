@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..optypes import DEQUANTIZE, PLUMBING, QUANTIZE, OpClass
-from . import BatchNormParams, Flow
+from . import BatchNormParams, Flow, op_name
 
 __all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES"]
 
@@ -122,20 +122,10 @@ _GUARDS = "_guards_fn"
 QAT_UNSCALE = OpClass(("qat_unscale",), "optional")
 
 
-def _op_name(target: Any) -> tuple[str, str] | None:
-    """``(namespace, name)`` of an ATen/custom op target, else ``None``."""
-    if isinstance(target, torch._ops.OpOverload):
-        target = target._overloadpacket
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        namespace, _, name = target._qualified_op_name.partition("::")
-        return namespace, name
-    return None
-
-
 def _qdq_role(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return None
-    op = _op_name(node.target)
+    op = op_name(node.target)
     return QDQ_ROLES.get(op) if op is not None else None
 
 
@@ -212,14 +202,14 @@ class Pt2eFlow(Flow):
         if node.target is operator.getitem:
             source = node.args[0]
             if isinstance(source, fx.Node) and source.op == "call_function":
-                op = _op_name(source.target)
+                op = op_name(source.target)
                 if op is not None and (
                     (op[0] == "aten" and op[1] in ATEN_MULTI_OUTPUT and node.args[1] == 0)
                     or QDQ_ROLES.get(op) == "qparams"
                 ):
                     return PLUMBING
             return None
-        op = _op_name(node.target)
+        op = op_name(node.target)
         if op is None:
             return None
         role = QDQ_ROLES.get(op)
@@ -249,7 +239,7 @@ class Pt2eFlow(Flow):
         """An op that reads a dequantized value (or, before convert, an observed one), or
         whose output is quantized (observed): a ``relu_`` fused after its conv reads the conv's
         float result, but runs in the same quantized kernel."""
-        if node.op != "call_function" or _op_name(node.target) is None:
+        if node.op != "call_function" or op_name(node.target) is None:
             return False  # not an exported graph's op
         for i in node.all_input_nodes:
             if _qdq_role(i) == "dequantize" or _is_observer_call(i, modules):
@@ -296,7 +286,7 @@ class Pt2eFlow(Flow):
         return f"{path}.{kind}" if path else kind
 
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
-        if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
+        if node.op != "call_function" or (op_name(node.target) or ("",))[0] != "aten":
             return None
         position = _WEIGHT_ARG.get(kind)
         if position is None or len(node.args) <= position:
@@ -310,7 +300,7 @@ class Pt2eFlow(Flow):
         weight = self.weight_input(node, kind)
         while weight is not None and weight.op == "call_module" and weight.args:
             weight = weight.args[0] if isinstance(weight.args[0], fx.Node) else None
-        if weight is None or weight.op != "call_function" or _op_name(weight.target) != (
+        if weight is None or weight.op != "call_function" or op_name(weight.target) != (
                 "aten", "mul"):
             return None
         scale = weight.args[1]
@@ -319,7 +309,7 @@ class Pt2eFlow(Flow):
     def batch_norm_params(self, node: fx.Node, gm: fx.GraphModule) -> BatchNormParams | None:
         if node.op == "call_function" and node.target is operator.getitem:
             node = node.args[0]  # type: ignore[assignment]
-        op = _op_name(node.target) if node.op == "call_function" else None
+        op = op_name(node.target) if node.op == "call_function" else None
         if op is None or op[0] != "aten" or op[1] not in _BATCH_NORM_ARGS:
             return None
         w, b, mean, var, eps = (_arg(node, i) for i in _BATCH_NORM_ARGS[op[1]])
@@ -340,7 +330,7 @@ def _computes_constant(node: fx.Node, flow: Pt2eFlow, modules: dict[str, nn.Modu
         return False
     # an ATen op reading no input at all (arange, ones: position ids, default masks) is a
     # constant too: convert_pt2e folds such subgraphs into one
-    op = _op_name(node.target)
+    op = op_name(node.target)
     return op is not None and op[0] == "aten" and all(flow._is_constant(i, modules) for i in inputs)
 
 
@@ -353,10 +343,10 @@ def _undoes_qat_scale(node: fx.Node, name: str, flow: Pt2eFlow,
     if not (isinstance(data, fx.Node) and isinstance(other, fx.Node)
             and flow._is_constant(other, modules)):
         return False
-    while (data.op == "call_function" and (_op_name(data.target) or ("", ""))[1] in _QAT_UNSCALE
+    while (data.op == "call_function" and (op_name(data.target) or ("", ""))[1] in _QAT_UNSCALE
            and data.args and isinstance(data.args[0], fx.Node)):
         data = data.args[0]  # div then add: walk back to the conv
-    op = _op_name(data.target) if data.op == "call_function" else None
+    op = op_name(data.target) if data.op == "call_function" else None
     # only a conv whose weight was multiplied by a scale (the QAT pattern), so that a model's
     # own `linear(x) + constant` stays an ordinary add
     return op is not None and op[1] in _WEIGHTED and flow.weight_scale(data, op[1]) is not None
@@ -364,7 +354,7 @@ def _undoes_qat_scale(node: fx.Node, name: str, flow: Pt2eFlow,
 
 def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
     """``(path, type or type name)`` of the module an ATen op of an exported graph ran in."""
-    if node.op != "call_function" or (_op_name(node.target) or ("",))[0] != "aten":
+    if node.op != "call_function" or (op_name(node.target) or ("",))[0] != "aten":
         return None
     stack = node.meta.get("nn_module_stack")
     return tuple(list(stack.values())[-1]) if stack else None  # type: ignore[return-value]
@@ -372,7 +362,7 @@ def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
 
 def _op_kind(node: fx.Node) -> str:
     """The kind an ATen op is reported as: ``add`` for ``aten.add_.Tensor``."""
-    name = (_op_name(node.target) or ("", node.name))[1]
+    name = (op_name(node.target) or ("", node.name))[1]
     base = name.rstrip("_") if name not in ATEN_KINDS else name
     return ATEN_KINDS.get(base, (base,))[0]
 
