@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["first_output", "detach", "dequantize_all"]
+__all__ = ["first_output", "detach", "copy_values", "dequantize_all"]
 
 
 def first_output(x: Any) -> Any:
@@ -24,6 +24,16 @@ def detach(x: Any) -> Any:
         return x.detach()
     if isinstance(x, (tuple, list)):
         return type(x)(detach(v) for v in x)
+    return x
+
+
+def copy_values(x: Any) -> Any:
+    """``x`` with every tensor in it copied (detached): what a logger that keeps a value
+    holds when the value may be overwritten in place after it was logged."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(copy_values(v) for v in x)
     return x
 
 

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.ao.ns._numeric_suite as tns
 from _models import CallsTwice
 from torch import nn
 
@@ -273,3 +274,80 @@ def test_a_module_kept_whole_gets_its_required_inputs_by_position():
         ref, actual = f(x).double(), q(x).double()
     expected = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
     assert report.row("mix").output_sqnr == pytest.approx(expected, rel=1e-5)
+
+
+class _ReturnsTwo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y, y.abs()
+
+
+class _OverwritesItsChildren(nn.Module):
+    """Falcon's decoder layer: untraceable code that writes into what its children returned
+    (``mlp_output += attention_output``): a leaf's output, a traced region's, and a value a
+    traced region returns in a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 4)
+        self.attn = _ReturnsTwo()
+        self.mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        a, _ = self.attn(x)
+        a.mul_(3)  # into a value the region returned in a tuple
+        g = self.gate(x)
+        g.sub_(1)  # into the leaf's output
+        a = a * g
+        if a.sum() > 0:  # untraceable: the children are captured on their own
+            a = -a
+        m = self.mlp(x)
+        m += a  # into the region's output
+        return self.head(m)
+
+
+def test_values_the_caller_overwrites_in_place_are_compared_as_the_layer_made_them():
+    """An output the untraced caller writes into afterwards is read as the layer returned it:
+    kept for the quantized side, it was read after the write (Falcon-7B's MLP read 7 dB
+    where nothing differed but the ``+=``). Oracle: forward hooks that copy each output."""
+    torch.manual_seed(0)
+    f = _OverwritesItsChildren().eval()
+    q = _dyn(f)
+    outputs = {}
+
+    def keep(key):
+        def hook(module, args, out):
+            outputs[key] = out.clone()  # returns None: the output itself is left as it is
+        return hook
+
+    xs = [_x()]
+    for side, model in (("float", f), ("quant", q)):
+        handles = [model.get_submodule(name).register_forward_hook(keep((side, name)))
+                   for name in ("attn.proj", "gate", "mlp.2")]
+        with torch.no_grad():
+            model(xs[0])
+        for handle in handles:
+            handle.remove()
+    report = ns.compare(f, q, xs, keep_activations=True)
+    for name in ("attn.proj", "gate", "mlp.2"):
+        ref, actual = outputs["float", name].double(), outputs["quant", name].double()
+        expected = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
+        row = report.row(name)
+        assert row.output_sqnr == pytest.approx(expected, rel=1e-6), name
+        (kept_ref, kept_actual), = row.activations
+        assert torch.equal(kept_ref, outputs["float", name])
+        assert torch.equal(kept_actual.dequantize() if kept_actual.is_quantized else kept_actual,
+                           outputs["quant", name])
+    # the eager API's loggers keep values too; torch's own suite keeps the tensor the caller
+    # then wrote into (docs/eager_compat.md, row 18)
+    ours = ns.compare_model_outputs(f, q, xs[0])
+    theirs = tns.compare_model_outputs(copy.deepcopy(f), copy.deepcopy(q), xs[0])
+    for name in ("attn.proj", "gate", "mlp.2"):
+        for side, key in (("float", "float"), ("quant", "quantized")):
+            assert torch.equal(ours[f"{name}.stats"][key][0], outputs[side, name])
+    assert torch.equal(theirs["gate.stats"]["float"][0].detach(), outputs["float", "gate"] - 1)

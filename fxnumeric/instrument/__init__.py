@@ -168,21 +168,21 @@ def instrument(
             continue
         copies[region] = []
         for site in range(region.call_sites):  # a copy per call site (usually one)
-            quant_copy = GraphCopy(region.quant_view)
+            quant_copy = GraphCopy(region, "quant")
             # the float side is copied once an observer goes on it (compare's variants
             # observe it in a float model of their own: their factories return none)
             float_copy: GraphCopy | None = None
             for pair in (p for p in pairs if region.call_site(p) == site):
                 observers = outputs(pair) if outputs is not None else None
                 if observers is not None and observers[0] is not None and float_copy is None:
-                    float_copy = GraphCopy(region.float_view)
+                    float_copy = GraphCopy(region, "float")
                 _instrument_pair(region, pair, float_copy, quant_copy, built, observers,
                                  shadows, index)
                 index += 1
             copies[region].append((float_copy, quant_copy))
     for block in blocks:  # after the regions: a block's own region wraps those inside it
         if block.region not in copies:
-            copies[block.region] = [(None, GraphCopy(block.region.quant_view))]
+            copies[block.region] = [(None, GraphCopy(block.region, "quant"))]
         if len(copies[block.region]) > 1:
             built.skipped[block.name] = ("its region runs several times per forward: a block "
                                          "observer would mix the calls")
@@ -191,13 +191,13 @@ def instrument(
         float_copy, quant_copy = copies[block.region][0]
         observers = block_observers(block)
         if observers[0] is not None and float_copy is None:
-            float_copy = GraphCopy(block.region.float_view)
+            float_copy = GraphCopy(block.region, "float")
             copies[block.region][0] = (float_copy, quant_copy)
         _instrument_block(block, float_copy, quant_copy, built, observers, index)
         index += 1
     quant_parts = {r: _sites([q for _, q in c]) for r, c in copies.items()}
     float_parts = {  # every call site of a region observed on the float side needs its copy
-        r: _sites([f if f is not None else GraphCopy(r.float_view) for f, _ in c])
+        r: _sites([f if f is not None else GraphCopy(r, "float") for f, _ in c])
         for r, c in copies.items() if any(f is not None for f, _ in c)}
     return replace(built, float_model=assemble(matching, "float", float_parts),
                    quant_model=assemble(matching, "quant", quant_parts))
@@ -319,7 +319,7 @@ def observe_values(matching: Matching, side: str,
     for region, wanted in by_region.items():
         copies = []
         for site in range(region.call_sites):  # a copy per call site (usually one)
-            graph_copy = GraphCopy(region.view(side))
+            graph_copy = GraphCopy(region, side)
             for node, _, observer in (w for w in wanted if w[1] == site):
                 graph_copy.observe(node, observer, f"fxnumeric_logger_{index}")
                 index += 1

@@ -24,10 +24,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._tensors import dequantize_all
+from .._tensors import copy_values, dequantize_all
 from ..capture import graph_module
 from ..match import Pair, Region
-from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy
+from ..semantics import fetch_attr, mutated_in_place, overwrites, returned, shadow_copy
 from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
@@ -102,9 +102,11 @@ def span_inputs(region: Region, nodes: list[fx.Node],
 
 
 class GraphCopy:
-    """A copy of a region's graph being instrumented; :meth:`finish` builds its GraphModule."""
+    """A copy of one side of a region's graph being instrumented; :meth:`finish` builds its
+    GraphModule."""
 
-    def __init__(self, view: GraphView) -> None:
+    def __init__(self, region: Region, side: str) -> None:
+        view = region.view(side)
         source = view.gm
         # the copy shares the source's submodules until finish() points them elsewhere
         self.gm = graph_module(source, copy.deepcopy(source.graph), type(source).__name__)
@@ -112,6 +114,10 @@ class GraphCopy:
         self.calls = [str(n.target) for n in source.graph.nodes if n.op == "call_module"]
         self.nodes = {n.name: n for n in self.graph.nodes}
         self.modules = view.modules  # what the copied nodes call, for in-place questions
+        self.view = view
+        # a submodule's graph returns its values to model code that is not traced, which may
+        # write into them after the graph has run
+        self.enclosed = region.path(side) != ""
 
     def finish(self, calls: nn.Module | None = None) -> fx.GraphModule:
         """The instrumented GraphModule (its code is generated on first run).
@@ -138,13 +144,22 @@ class GraphCopy:
         graph = self.graph
         with graph.inserting_after(node):
             logged = node
-            if mutated_in_place(node, self.modules) and not reads_at_call(observer):
-                logged = graph.call_method("clone", (node,))
+            if self._overwritten(node, observer):
+                logged = graph.call_function(copy_values, (node,))
             with graph.inserting_after(logged):
                 holder = graph.get_attr(target)
             with graph.inserting_after(holder):
                 graph.call_function(observe_call, (holder, logged, logged) if twice
                                     else (holder, logged))
+
+    def _overwritten(self, node: fx.Node, observer: nn.Module) -> bool:
+        """Whether ``node``'s value may be overwritten in place while ``observer`` still
+        holds it: by a later op of the graph, or by the untraced code the graph returns it to
+        (an observer done with it when its call returns never needs a copy)."""
+        if reads_at_call(observer):
+            return False
+        return mutated_in_place(node, self.modules) or (self.enclosed
+                                                        and returned(self.view, node))
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
         """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
@@ -209,8 +224,8 @@ class GraphCopy:
             else:
                 env[n] = emit(lambda n=n: graph.node_copy(n, env.__getitem__))
         logged = anchor
-        if mutated_in_place(anchor, self.modules) and not reads_at_call(observer):
-            logged = emit(lambda: graph.call_method("clone", (anchor,)))
+        if self._overwritten(anchor, observer):
+            logged = emit(lambda: graph.call_function(copy_values, (anchor,)))
         holder.add_module("logger", observer)
         logger = emit(lambda: graph.get_attr(f"{prefix}.logger"))
         # an observer that asks for them also gets the (dequantized) values the shadow read
