@@ -253,7 +253,7 @@ def compare(
     max_batches: int | None = None,
     precision: torch.dtype = torch.float32,
     inputs: int | Callable[[Any], Any] | None = None,
-    capture: str = "fx",
+    capture: str = "auto",
     distributed: bool | None = None,
 ) -> Report:
     """Compare a float model with its quantized counterpart, layer by layer, over ``data``.
@@ -400,7 +400,7 @@ class _Plan:
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
           metrics: MetricSpec, keep: bool,
           matching: Matching | None, leaf_modules: Iterable[LeafSpec] | None,
-          precision: torch.dtype, progress: bool | None = None, capture: str = "fx",
+          precision: torch.dtype, progress: bool | None = None, capture: str = "auto",
           example_inputs: Any = None, shared_float: bool = False) -> _Plan:
     """Validate the options, match, and build one instrumented graph per side (the quantized
     side only with ``shared_float``: the float twins are observed by :func:`_float_groups`)."""

@@ -30,6 +30,7 @@ from torch import nn
 from . import flows
 from ._collector import defers_collection
 from .capture import LeafSpec
+from .capture.export import auto_exports_float
 from .errors import InstrumentationError
 from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
@@ -215,15 +216,24 @@ def _output_selector(allow_list: set[type]):
     return select
 
 
+def _capture_example(capture: str, example_inputs: Any, q_model: Any) -> Any:
+    """The example inputs the eager API matches on: none (torch's suite runs nothing before
+    the user does) unless the capture needs them: ``"export"``, or ``"auto"`` against a
+    pt2e model, whose float model may have to be exported."""
+    if capture == "export" or auto_exports_float(capture, example_inputs, q_model):
+        return example_inputs
+    return None
+
+
 def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type,
                     allow_list: set[type] | None,
-                    leaf_modules: Iterable[LeafSpec] | None, capture: str = "fx",
+                    leaf_modules: Iterable[LeafSpec] | None, capture: str = "auto",
                     example_inputs: Any = None,
                     ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Logged copies of both models, on the pairs whose quantized module is allowed."""
     if allow_list is None:
         allow_list = get_default_compare_output_module_list()
-    matching = match(float_model, q_model, example_inputs if capture != "fx" else None,
+    matching = match(float_model, q_model, _capture_example(capture, example_inputs, q_model),
                      leaf_modules=leaf_modules, capture=capture).check()
     # one logger per module, logged once per call, as in torch's eager suite
     return add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
@@ -305,7 +315,7 @@ def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict
 def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any,
                           logger_cls: type = OutputLogger, allow_list: set[type] | None = None,
                           leaf_modules: Iterable[LeafSpec] | None = None,
-                          capture: str = "fx",
+                          capture: str = "auto",
                           ) -> dict[str, dict[str, Any]]:
     """Compare float and quantized activations at matching places for one input.
 
@@ -370,9 +380,9 @@ def _stub_selector(module_swap_list: Iterable[type]):
 
 def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: Iterable[type],
                 logger_cls: type, leaf_modules: Iterable[LeafSpec] | None,
-                capture: str = "fx", example_inputs: Any = None) -> fx.GraphModule:
+                capture: str = "auto", example_inputs: Any = None) -> fx.GraphModule:
     leaves = list(module_swap_list) + list(leaf_modules or ())
-    matching = match(float_model, q_model, example_inputs if capture != "fx" else None,
+    matching = match(float_model, q_model, _capture_example(capture, example_inputs, q_model),
                      leaf_modules=leaves, capture=capture).check()
     quant_gm, skipped = add_shadows(
         float_model, q_model, logger_cls, select=_stub_selector(module_swap_list),
@@ -413,7 +423,7 @@ def compare_model_stub(
     *data: Any,
     logger_cls: type = ShadowLogger,
     leaf_modules: Iterable[LeafSpec] | None = None,
-    capture: str = "fx",
+    capture: str = "auto",
 ) -> dict[str, dict]:
     """Compare each quantized op of the listed types with its float shadow on the same input.
 

@@ -192,6 +192,12 @@ def check_pairable(matching: Any) -> None:
     if all(p.kind in ("quantize", "dequantize") for p in matching.pairs):
         float_name = type(matching.float_model).__name__ if matching.float_model else "float"
         quant_name = type(matching.quant_model).__name__ if matching.quant_model else "quantized"
+        notes = getattr(matching, "capture_notes", ())
+        if notes:  # how a side was captured can be the cause (capture="fx" against pt2e)
+            raise InputError(
+                f"nothing paired between the float model ({float_name}) and the quantized "
+                f"model ({quant_name}), as they were captured: "
+                + "; ".join(f"{side}: {note}" for side, note in notes))
         raise InputError(
             f"nothing paired: no compute op of the float model ({float_name}) was found in the "
             f"quantized model ({quant_name}); {len(matching.unmatched_float)} float and "

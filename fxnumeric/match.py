@@ -611,7 +611,7 @@ def match(
     example_inputs: Any = None,
     *,
     leaf_modules: Iterable[LeafSpec] | None = None,
-    capture: str = "fx",
+    capture: str = "auto",
     node_match: NodeMatch = same_op,
     validate_inputs: bool = True,
 ) -> Matching:
@@ -638,15 +638,16 @@ def match(
         leaf_modules: module types or names to keep whole instead of tracing through them
             (torch.fx only: an exported graph has no modules to keep whole).
         capture: how a model becomes a graph (:mod:`fxnumeric.capture.export`):
-            ``"fx"`` (default) traces with torch.fx, and through the module tree where it
-            cannot trace a model whole. ``"export"`` captures each ``nn.Module`` side with
+            ``"fx"`` traces with torch.fx, and through the module tree where it cannot
+            trace a model whole. ``"export"`` captures each ``nn.Module`` side with
             ``torch.export`` on ``example_inputs`` (required): ATen graphs, so the code of
             every module (attention's ``matmul``/``softmax`` too) is compared, with pairs
             named by module path from ``nn_module_stack``; a side torch.export cannot capture
             is traced by torch.fx instead, and ``Matching.capture_notes`` says why.
-            ``"auto"`` is ``"fx"``, except that a float model torch.fx cannot trace whole is
-            exported when the quantized model is a ``torch.export`` graph (pt2e) and
-            ``example_inputs`` are given.
+            ``"auto"`` (default) is ``"fx"``, except that a float model torch.fx cannot
+            trace whole is exported when the quantized model is a ``torch.export`` graph
+            (pt2e) and ``example_inputs`` are given: the module tree cannot walk a pt2e
+            model (its modules are gone), so ``"fx"`` pairs nothing there.
         node_match: which float ops may pair with a quantized op, called as
             ``node_match(float_attrs, quant_attrs)`` on the attribute dicts of
             :func:`fxnumeric.pairing.node_attrs` (default :func:`fxnumeric.pairing.same_op`:

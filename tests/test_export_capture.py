@@ -61,11 +61,12 @@ def test_export_pairs_name_the_users_modules_and_attention_internals(bert):
                   and p.name.rpartition(".")[0] == f"encoder.layer.{layer}.attention.self"]
         assert inside.count("matmul") == 2 and inside.count("softmax") == 1
     assert m.pair("encoder.layer.0.attention.self.softmax").quantized
-    # the default, torch.fx, cannot pair a module tree with a flat pt2e graph at all; it says
-    # what to do
+    # torch.fx cannot pair a module tree with a flat pt2e graph at all; it says what to do,
+    # and the default ("auto") exports the float side as "export" does
     with pytest.warns(fxn.FxNumericWarning, match="no quantized op"):  # one opaque module
-        fx = fxn.match(model, quant, batch)
+        fx = fxn.match(model, quant, batch, capture="fx")
     assert fx.pairs == () and "Fix: pass example_inputs and capture='export'" in fx.table()
+    assert [p.name for p in fxn.match(model, quant, batch).pairs] == [p.name for p in m.pairs]
 
 
 def _node_values(gm: torch.fx.GraphModule, batch: dict) -> dict[str, torch.Tensor]:
@@ -230,3 +231,30 @@ def test_cli_capture_export(user_module, capsys):
     assert main(["report", *common, "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "2 batches; 3 layers" in out and "traced with torch.fx instead" in out
+
+
+def test_every_call_exports_the_float_side_by_default_against_a_pt2e_model(bert):
+    """The module tree cannot walk a pt2e model: with ``capture="fx"`` a BertModel and its
+    pt2e twin pair nothing. The default (``"auto"``) exports the float model on the first
+    batch, in compare, the eager API and the calls past compare alike."""
+    model, quant, batch = bert
+    with pytest.raises(fxn.InputError, match="nothing paired.*capture='export' .or 'auto'"):
+        fxn.compare(model, quant, [batch], capture="fx")
+    exported = fxn.compare(model, quant, [batch], capture="export")
+    report = fxn.compare(model, quant, [batch])
+    assert [r.name for r in report.rows] == [r.name for r in exported.rows]
+    assert len(report.rows) > 30
+    assert [r.output_sqnr for r in report.rows] == [r.output_sqnr for r in exported.rows]
+    logged = fxn.compare_model_outputs(model, quant, batch)
+    assert "encoder.layer.0.attention.self.query.stats" in logged
+    rows = {r.name for r in report.rows}
+    diagnosed = {layer.name for layer in fxn.diagnose(model, quant, [batch]).layers}
+    assert "encoder.layer.0.attention.self.query" in diagnosed and diagnosed <= rows
+    # the float base skipped the attention mask with layer 0's `add` (which builds it for
+    # every layer): layer 1's `add` then read None
+    found = fxn.sensitivity(model, quant, [batch])
+    assert not found.skipped
+    ranked = set(found.ranking())
+    assert "encoder.layer.0.attention.self.query" in ranked and ranked <= rows
+    swapped = found.layer("encoder.layer.1.attention.self.add")
+    assert math.isfinite(swapped.only) and math.isfinite(swapped.all_but)

@@ -444,7 +444,7 @@ class HybridRunner:
             if any(u in inside and writes_first_input(u, modules) and u.args[0] is ext
                    for u in ext.users)
         )
-        return Swap(op_name(pair.name), base, region, frozenset(base_inside), out,
+        return Swap(op_name(pair.name), base, region, _skipped(base_inside, out, aliases), out,
                     tuple(other_inside), tuple(inputs), other_out, cloned, aliases)
 
     # ------------------------------------------------------------------ models
@@ -562,6 +562,24 @@ class HybridRunner:
 
 
 # ---------------------------------------------------------------- what a swap reads
+
+
+def _skipped(inside: list[fx.Node], out: fx.Node, aliases: frozenset[fx.Node]
+             ) -> frozenset[fx.Node]:
+    """The nodes of a layer's base subgraph ``inside`` that need not run when the swap
+    provides ``out``'s value (and its ``aliases'``): those nothing outside reads. Plumbing
+    that other layers read too still runs: an exported BERT builds its attention mask once
+    (``where``, ``expand`` ...) and every layer's ``add`` reads it, so skipping it with one
+    layer's ``add`` left the next layer's ``None``."""
+    kept = set(inside)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(kept):
+            if node is not out and any(u not in kept and u not in aliases for u in node.users):
+                kept.discard(node)  # read outside: it runs, and so does what it reads
+                changed = True
+    return frozenset(kept)
 
 
 def _external_inputs(inside: list[fx.Node]) -> list[fx.Node]:

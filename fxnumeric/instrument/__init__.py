@@ -333,7 +333,7 @@ def observe_values(matching: Matching, side: str,
 
 def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | None,
                      matching: Matching | None,
-                     leaf_modules: Iterable[LeafSpec] | None, *, capture: str = "fx",
+                     leaf_modules: Iterable[LeafSpec] | None, *, capture: str = "auto",
                      example_inputs: Any = None, validate: bool = True) -> Matching:
     """``matching``, checked against the models passed beside it, or a new :func:`match`
     (``validate``: see its ``validate_inputs``). Models in training mode are refused
