@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -203,12 +204,23 @@ def _resolve_metrics(metrics: MetricSpec) -> tuple[list[str], dict[str, MetricFn
     return names, custom
 
 
+def _finite_values(x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """``x`` and its range; only its finite values when it holds NaN/Inf (a weight that
+    dequantizes to NaN: torchao's float8 on a CPU), which the histogram leaves out and the
+    row's note reports."""
+    low, high = aminmax(x) if x.numel() else (0.0, 0.0)
+    if math.isfinite(low) and math.isfinite(high):
+        return x, low, high
+    kept = x[torch.isfinite(x)]
+    return kept, *(aminmax(kept) if kept.numel() else (0.0, 0.0))
+
+
 def _histogram(ref: torch.Tensor, actual: torch.Tensor, bins: int = 60) -> WeightHistogram:
     # read in the weights' own dtype, converted a chunk at a time (histogram_counts): a float32
     # copy of a bfloat16 model's 49152 x 576 embedding, twice, was most of compare's peak
-    r = ref.detach()
-    a = actual.dequantize() if actual.is_quantized else actual.detach()
-    (r_lo, r_hi), (a_lo, a_hi) = aminmax(r), aminmax(a)
+    r, r_lo, r_hi = _finite_values(ref.detach())
+    a, a_lo, a_hi = _finite_values(actual.dequantize() if actual.is_quantized
+                                   else actual.detach())
     lo, hi = min(r_lo, a_lo), max(r_hi, a_hi)
     if lo == hi:
         hi = lo + 1.0
@@ -645,7 +657,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             weight_keys=tuple(keys),
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
-            note=_note(oa, sa, plan.built.skipped.get(p.name)),
+            note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -798,8 +810,13 @@ def _first_run(float_gm: nn.Module, model_inputs: Any, batch: Any, inputs: Any) 
         raise
 
 
-def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None) -> str:
+def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
+          weights: Accumulator | None = None) -> str:
     notes = []
+    if weights is not None and weights.nonfinite_batches:
+        sides = [side for side, count in (("float", weights.ref_nonfinite),
+                                          ("quantized", weights.actual_nonfinite)) if count]
+        notes.append(" and ".join(sides) + " weight holds NaN/Inf")
     for label, acc in (("output", oa), ("shadow", sa)):
         if acc is None:
             continue

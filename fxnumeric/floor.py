@@ -54,7 +54,8 @@ def weight_steps(weight: Any) -> torch.Tensor | None:
     its groups for group-wise scales); ``None`` for a float weight.
 
     Reads torch quantized tensors (per-tensor and per-channel) and tensor subclasses with a
-    ``scale`` attribute (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``).
+    ``scale`` attribute (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``); ``None``
+    for one that stores floating-point values (``Float8Tensor``: no uniform grid).
 
     >>> w = torch.quantize_per_tensor(torch.randn(4, 3), 0.5, 0, torch.qint8)
     >>> weight_steps(w).tolist()
@@ -69,6 +70,11 @@ def weight_steps(weight: Any) -> torch.Tensor | None:
         return steps if axis == 0 else torch.full((channels,), float(steps.mean()),
                                                   dtype=torch.float64)
     scale = getattr(weight, "scale", None)
+    stored = getattr(weight, "qdata", None)
+    if isinstance(stored, torch.Tensor) and stored.dtype.is_floating_point:
+        # float8 (torchao's Float8Tensor): rounded to a few mantissa bits, a step that grows
+        # with the value, not a uniform grid of step `scale`: no floor rather than a wrong one
+        return None
     if isinstance(scale, torch.Tensor) and type(weight) is not torch.Tensor and weight.dim():
         squared = scale.detach().double().reshape(scale.shape[0], -1) ** 2
         if squared.shape[0] == weight.shape[0]:

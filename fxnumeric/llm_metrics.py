@@ -56,7 +56,8 @@ class LogitsState:
     tokens: int = 0
     targets: int = 0
     kl_sum: float = 0.0
-    top1_agree: int = 0
+    top1_agree: float = 0
+    """Tokens whose argmaxes agree (``nan`` once a token's logits held NaN)."""
     nll_float: float = 0.0
     nll_quant: float = 0.0
     token_kls: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False)
@@ -93,7 +94,7 @@ class LogitsAccumulator:
         self.targets = 0
         """Tokens with a next-token target (the perplexity's count)."""
         self.kl_sum = 0.0
-        self.top1_agree = 0
+        self.top1_agree: float = 0  # nan once a token's logits held NaN (see _chunk)
         self.nll_float = 0.0
         self.nll_quant = 0.0
         self._token_kls: list[torch.Tensor] = []
@@ -244,7 +245,7 @@ def _rows(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(fc: torch.Tensor, qc: torch.Tensor, targets: torch.Tensor | None
-           ) -> tuple[torch.Tensor, int, tuple[int, float, float] | None]:
+           ) -> tuple[torch.Tensor, float, tuple[int, float, float] | None]:
     """Per-token KL (float64), argmax agreements and ``(targets, nll_float, nll_quant)`` of one
     chunk of float32 rows (read only).
 
@@ -263,7 +264,10 @@ def _chunk(fc: torch.Tensor, qc: torch.Tensor, targets: torch.Tensor | None
     """
     m_f, top_f = fc.max(-1)
     m_q, top_q = qc.max(-1)
-    agree = int((top_f == top_q).sum())
+    # a row holding NaN has no top token (max picks the NaN): its agreement is NaN, as its KL
+    # is, and poisons the sum alike, not a disagreement counted as a number
+    agree = (math.nan if bool((m_f.isnan() | m_q.isnan()).any())
+             else int((top_f == top_q).sum()))
     e_f = (fc - m_f.unsqueeze(1)).exp_()
     s_f = e_f.sum(-1, dtype=torch.float64)
     log_s_f = s_f.log()

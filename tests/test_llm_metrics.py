@@ -182,6 +182,30 @@ def test_far_apart_models_and_masked_vocabulary_entries():
     _close(masked.values(), reference.values())
 
 
+def test_nan_logits_poison_top1_as_they_poison_kl():
+    """A token whose quantized logits hold NaN has no top token: the agreement is NaN, as the
+    KL is (torchao's float8 lm_head gave NaN logits on a CPU and read "top-1 agreement
+    0.000"), through merges too; padding that holds NaN is not a real token."""
+    f, q = _pair((2, 6, 40))
+    clean = LogitsAccumulator()
+    clean.update(f, q)
+    assert 0 < clean.values()["top1_agreement"] <= 1
+    poisoned = q.clone()
+    poisoned[1, 2, 5] = math.nan
+    acc = LogitsAccumulator()
+    acc.update(f, poisoned)
+    values = acc.values()
+    assert math.isnan(values["top1_agreement"]) and math.isnan(values["kl"])
+    merged = LogitsAccumulator()
+    merged.load(clean.state().merged(acc.state()))
+    assert math.isnan(merged.values()["top1_agreement"])
+    padded = LogitsAccumulator()  # the NaN token is padding: not read
+    padded.update(f, poisoned, attention_mask=_mask(2, 6, [6, 2]))
+    reference = LogitsAccumulator()
+    reference.update(f, q, attention_mask=_mask(2, 6, [6, 2]))
+    _close(padded.values(), reference.values())
+
+
 def test_two_dimensional_logits_are_tokens():
     f, q = _pair((10, 20))
     acc = LogitsAccumulator()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -284,3 +285,46 @@ def test_a_functional_op_reading_a_torchao_weight_pairs_by_its_node_name():
     assert [(p.name, p.quantized, p.float_nodes) for p in m.pairs if p.quantized] == [
         ("qkv", True, ("linear",))]
     assert m.coverage == 1.0
+
+
+def test_a_quantized_weight_holding_nan_is_reported_not_a_crash(float_model):
+    """torchao's float8 weight-only dequantizes to NaN on this CPU: compare's weight
+    histogram raised torch's ``bincount`` error. A NaN in one row's scale stands for it: the
+    weight SQNR is NaN and the row says so, the histogram counts the finite values, and the
+    outputs say where NaN first appears."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, Int8WeightOnlyConfig())
+    quant.down.weight.scale[3] = float("nan")  # output channel 3 of `down`: 128 values
+    report = fxn.compare(float_model, quant, _data())
+    down = report.row("down")
+    assert math.isnan(down.weight_sqnr)
+    assert "quantized weight holds NaN/Inf" in down.note
+    hist = down.weight_histogram
+    assert sum(hist.float_counts) == 64 * 128 and sum(hist.quant_counts) == 63 * 128
+    finite = quant.down.weight.dequantize()[torch.arange(64) != 3]
+    assert hist.low <= float(finite.min()) and float(finite.max()) <= hist.high
+    assert math.isfinite(report.row("gate").weight_sqnr) and not report.row("gate").note
+    assert report.nonfinite == (("quantized", "down"),)
+
+
+def test_float8_weights_get_no_uniform_grid_floor(float_model):
+    """A float8 weight is rounded to 3 mantissa bits, a step that grows with the value: no
+    uniform grid of step ``scale``. Read as one, every layer's floor was 55 dB and every
+    float8 layer "below floor: a wrong output or weight scale" at its normal 32 dB. Such a
+    weight has no floor (unknown, not a guess); its SQNR is the direct computation's."""
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, Float8WeightOnlyConfig())
+    report = fxn.compare(float_model, quant, _data())
+    linears = [r for r in report.rows if r.kind == "linear"]
+    assert len(linears) == 4 and all(r.quantized for r in linears)
+    for row in linears:
+        assert row.floor_sqnr is None and not row.below_floor and "floor" not in row.note
+        ref = float_model.get_submodule(row.name).weight.double()
+        actual = quant.get_submodule(row.name).weight.dequantize().double()
+        direct = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
+        assert row.weight_sqnr == pytest.approx(direct, abs=1e-6)
+        assert 25 < row.weight_sqnr < 40  # e4m3's 3 mantissa bits

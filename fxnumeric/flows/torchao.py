@@ -69,8 +69,9 @@ class TorchaoFlow(Flow):
         symmetric int8 (255 steps over ``±max|x|``), or the whole tensor per call."""
         weight = getattr(module, "weight", None)
         kwargs = getattr(weight, "act_quant_kwargs", None) if is_torchao_tensor(weight) else None
-        if kwargs is None:
-            return None
+        stored = getattr(weight, "qdata", None)
+        if kwargs is None or (isinstance(stored, torch.Tensor) and stored.dtype.is_floating_point):
+            return None  # float8 activations (with float8 weights) are no uniform grid either
         granularity = type(getattr(kwargs, "granularity", None)).__name__
         return ("token" if granularity == "PerRow" else "tensor", 255.0)
 
