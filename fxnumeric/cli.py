@@ -122,10 +122,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leaf-modules", type=_names, default=[],
                    help="comma-separated module paths (encoder.layers.0) or class names "
                         "(TransformerEncoderLayer) to keep whole when torch.fx cannot trace them")
-    p.add_argument("--capture", choices=("fx", "export", "auto"), default="fx",
-                   help="how the models become graphs: torch.fx (default, the module tree where "
-                        "it cannot trace), torch.export on the first input batch, or auto "
-                        "(torch.export for a float model torch.fx cannot trace, against pt2e)")
+    p.add_argument("--capture", choices=("fx", "export", "auto"), default="auto",
+                   help="how the models become graphs: torch.fx (the module tree where it "
+                        "cannot trace), torch.export on the first input batch, or auto "
+                        "(default: torch.fx, but torch.export for a float model torch.fx "
+                        "cannot trace, against pt2e)")
     p.add_argument("--no-progress", action="store_true", help="never show progress")
 
 
@@ -416,11 +417,14 @@ def _variants_report(args: argparse.Namespace) -> tuple[Any, None] | None:
 
 
 def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:
-    """``match`` of the built pair with the command's ``--capture`` (exporting on ``example``)."""
+    """``match`` of the built pair with the command's ``--capture`` (exporting on ``example``
+    where the capture needs it)."""
+    from .capture.export import auto_exports_float
     from .match import match
 
-    return match(built.float_model, built.quant_model,
-                 example if args.capture != "fx" else None,
+    exports = args.capture == "export" or auto_exports_float(args.capture, example,
+                                                             built.quant_model)
+    return match(built.float_model, built.quant_model, example if exports else None,
                  leaf_modules=leaves or None, capture=args.capture)
 
 

@@ -266,6 +266,33 @@ def test_cli_report_on_a_transformers_factory(user_module, capsys):
     assert out.rstrip().splitlines()[-1].startswith("2 batches; ")
 
 
+def test_cli_report_on_a_factory_returning_a_transformer_and_its_pt2e_twin(user_module, capsys):
+    """A factory returns the float BertModel and its pt2e model: torch.fx cannot trace the
+    float one, and the module tree cannot walk the exported quantized graph. The default
+    capture (auto) exports the float side (with --capture fx, nothing pairs)."""
+    from fxnumeric.cli import main
+
+    user_module("hfzoo_pt2e",
+        "import copy, torch, transformers\n"
+        "from fxnumeric.models import quantize_pt2e\n"
+        "def bert():\n"
+        "    torch.manual_seed(0)\n"
+        "    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,\n"
+        "                                  num_attention_heads=4, intermediate_size=37)\n"
+        "    model = transformers.BertModel(cfg).eval()\n"
+        "    ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(1))\n"
+        "    return model, quantize_pt2e(copy.deepcopy(model), [ids])[1]\n"
+    )
+    args = ["report", "--model", "hfzoo_pt2e:bert", "--input-shape", "2,8",
+            "--input-dtype", "long", "--vocab", "99", "--batches", "2", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.0.attention.self.query" in out
+    assert out.rstrip().splitlines()[-1].startswith("2 batches; ")
+    assert main([*args, "--capture", "fx"]) != 0
+    assert "nothing paired" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("comparisons", [("weights",), ("shadows",)])
 def test_compare_without_float_observers_runs_the_float_model_as_it_is(pairs, comparisons):
     float_model, quant = pairs["bert", "qint8"]
