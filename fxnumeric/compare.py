@@ -681,7 +681,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
                if matching.nothing_quantized else ())
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
-        + _skipped_note(ran) + _nonfinite_note(nonfinite),
+        + _model_output_note(plan.model) + _skipped_note(ran) + _nonfinite_note(nonfinite),
         model_output_rms=_rms(plan.model),
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
@@ -760,6 +760,19 @@ def _nonfinite_note(nonfinite: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
         other = "float" if side == "quantized" else "quantized"
         where = f"at {layer} in the {side} model ({other} model: finite)"
     return (f"NaN/Inf first appears {where}: the metrics after it are poisoned",)
+
+
+def _model_output_note(acc: Accumulator) -> tuple[str, ...]:
+    """Why the model output was not compared, in some batches or all: its shapes differed
+    (a detector keeping a different number of boxes), or it held no values."""
+    notes = []
+    if acc.shape_mismatch:
+        float_shape, quant_shape = acc.shape_mismatch
+        notes.append(f"model output shapes differ (float {float_shape} vs quantized "
+                     f"{quant_shape}): the batches where they do are not compared")
+    if acc.batches and not acc.count:
+        notes.append("the model output held no values (empty tensors): nothing to compare")
+    return tuple(notes)
 
 
 def _rms(acc: Accumulator | None) -> float | None:

@@ -561,9 +561,12 @@ class Accumulator:
             self.kept.extend(other.kept)
 
     def value(self, name: str) -> float:
-        """The metric ``name`` over everything seen so far (``nan`` before any batch)."""
+        """The metric ``name`` over everything seen so far (``nan`` before any batch, and for
+        the built-in metrics while every tensor seen was empty)."""
         if self.batches == 0:
             return math.nan
+        if not self.count and name in BUILTIN_METRICS:
+            return math.nan  # empty tensors: nothing was compared (not a perfect match)
         if name == "sqnr":
             return _db(self.signal, self.noise)
         if name == "cosine":

@@ -154,3 +154,38 @@ def test_an_unknown_row_is_an_input_error_naming_the_rows():
     report = ns.compare(f, q, [torch.randn(2, 16)])
     with pytest.raises(ns.InputError, match=r"no row named 'fc'; rows are: 0, 1, 2"):
         report.row("fc")
+
+
+class _Kept(nn.Module):
+    """A detector's last step: the values above a threshold (how many is data-dependent)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.threshold = threshold
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y[y > self.threshold]
+
+
+def test_an_empty_or_resized_model_output_is_not_compared_and_says_why():
+    """A detector that keeps no box returns empty tensors: the model output read SQNR inf
+    (a perfect match of nothing) and MSE nan. Nothing compared is NaN, and the notes and the
+    summary say why; so for outputs whose sizes differ between the models."""
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    empty = _Kept(100.0).eval()
+    report = ns.compare(empty, torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(empty), {nn.Linear}), xs)
+    assert all(math.isnan(v) for v in report.model_output.values())
+    assert "the model output held no values (empty tensors): nothing to compare" in report.notes
+    assert "model output not compared (see notes)" in report.summary()
+    assert math.isfinite(report.row("fc").output_sqnr)  # the layers are compared as ever
+    kept = _Kept(0.3).eval()
+    quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(kept), {nn.Linear})
+    quant.threshold = 0.0  # keeps more values than the float model
+    resized = ns.compare(kept, quant, xs)
+    assert math.isnan(resized.model_output["sqnr"])
+    assert any(n.startswith("model output shapes differ") for n in resized.notes)
+    assert "model output not compared" in resized.summary()

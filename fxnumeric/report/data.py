@@ -344,7 +344,9 @@ class Report:
                     if self.skipped_batches else "")
         parts = [f"{self.batches} batches{left_out}", f"{len(self.rows)} layers"]
         overall = self.model_output.get("sqnr")
-        if overall is not None:
+        if overall is not None and math.isnan(overall) and self.model_output_rms is None:
+            parts.append("model output not compared (see notes)")  # empty, or shapes differ
+        elif overall is not None:
             parts.append(f"model output SQNR {overall:.2f} dB"
                          + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
                             if self.output_degenerate else ""))
