@@ -772,6 +772,8 @@ def _model_output_note(acc: Accumulator) -> tuple[str, ...]:
                      f"{quant_shape}): the batches where they do are not compared")
     if acc.batches and not acc.count:
         notes.append("the model output held no values (empty tensors): nothing to compare")
+    if acc.discrete and not acc.batches:
+        notes.append("the model output is boolean or integer values: nothing to compare")
     return tuple(notes)
 
 
@@ -826,6 +828,8 @@ def _first_run(float_gm: nn.Module, model_inputs: Any, batch: Any, inputs: Any) 
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           weights: Accumulator | None = None) -> str:
     notes = []
+    if any(acc is not None and acc.discrete and not acc.batches for acc in (oa, sa)):
+        notes.append("boolean or integer values (a mask, indices): nothing to compare")
     if weights is not None and weights.nonfinite_batches:
         sides = [side for side, count in (("float", weights.ref_nonfinite),
                                           ("quantized", weights.actual_nonfinite)) if count]

@@ -122,6 +122,8 @@ def prepare_actual(actual: torch.Tensor, precision: torch.dtype) -> tuple[torch.
     energy, for an actual tensor compared with several references. A large tensor is kept as
     it is (:meth:`Accumulator.update` reads it a chunk at a time), its energy summed by
     chunks."""
+    if _discrete(actual):
+        return actual.detach(), 0.0  # a mask: Accumulator.update leaves it out
     if _chunked(actual):
         return actual.detach(), math.fsum(energy(c) for c in _chunks(actual, precision))
     a = _as_float(actual, precision)
@@ -368,6 +370,7 @@ class AccumulatorState:
     custom_sums: tuple[tuple[str, float], ...] = ()
     sqnr_spread: WelfordState = WelfordState()
     shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    discrete: bool = False
 
     def merged(self, other: AccumulatorState) -> AccumulatorState:
         """The sums over both states' batches: totals add, ``max_abs`` is the larger (NaN if
@@ -400,7 +403,14 @@ class AccumulatorState:
             custom_sums=tuple(custom.items()),
             sqnr_spread=self.sqnr_spread.merged(other.sqnr_spread),
             shape_mismatch=other.shape_mismatch or self.shape_mismatch,
+            discrete=self.discrete or other.discrete,
         )
+
+
+def _discrete(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds booleans or integers (a mask, indices), not values a quantizer
+    rounds (a quantized tensor is one of those)."""
+    return not (x.is_floating_point() or x.is_complex() or x.is_quantized)
 
 
 class Accumulator:
@@ -415,7 +425,9 @@ class Accumulator:
     :meth:`end_batch` after each one: the SQNR of that batch alone (all its updates: a module
     called twice per batch updates twice) then joins :meth:`spread`. ``ref_nonfinite`` and
     ``actual_nonfinite`` count the updates whose reference (float) or actual (quantized)
-    tensor held NaN/Inf, so a report can say on which side a NaN appeared first.
+    tensor held NaN/Inf, so a report can say on which side a NaN appeared first. Booleans
+    and integers on both sides (an attention mask, position ids) are not compared:
+    ``discrete`` says such values were seen.
     """
 
     def __init__(self, custom: dict[str, MetricFn] | None = None, keep: bool = False,
@@ -439,6 +451,7 @@ class Accumulator:
         self.custom_sums = {name: 0.0 for name in self.custom}
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep else None
         self.shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self.discrete = False
 
     def update(self, ref: Any, actual: Any, *, actual_energy: float | None = None) -> None:
         """Add one batch; non-tensor values are ignored.
@@ -447,6 +460,9 @@ class Accumulator:
         :func:`prepare_actual` for an ``actual`` that several accumulators share.
         """
         if not isinstance(ref, torch.Tensor) or not isinstance(actual, torch.Tensor):
+            return
+        if _discrete(ref) and _discrete(actual):
+            self.discrete = True  # a mask: no rounding error to measure (its SQNR read inf)
             return
         if ref.shape != actual.shape:
             self.shape_mismatch = (tuple(ref.shape), tuple(actual.shape))
@@ -537,6 +553,7 @@ class Accumulator:
             ref_nonfinite=self.ref_nonfinite, actual_nonfinite=self.actual_nonfinite,
             custom_sums=tuple(self.custom_sums.items()),
             sqnr_spread=self._sqnr_spread.state(), shape_mismatch=self.shape_mismatch,
+            discrete=self.discrete,
         )
 
     def load(self, state: AccumulatorState) -> None:
@@ -550,6 +567,7 @@ class Accumulator:
         self.custom_sums = {name: 0.0 for name in self.custom} | dict(state.custom_sums)
         self._sqnr_spread.load(state.sqnr_spread)
         self.shape_mismatch = state.shape_mismatch
+        self.discrete = state.discrete
         self._batch_signal = self._batch_noise = 0.0
         self._batch_updates = 0
 

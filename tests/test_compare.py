@@ -182,6 +182,11 @@ def test_an_empty_or_resized_model_output_is_not_compared_and_says_why():
     assert "the model output held no values (empty tensors): nothing to compare" in report.notes
     assert "model output not compared (see notes)" in report.summary()
     assert math.isfinite(report.row("fc").output_sqnr)  # the layers are compared as ever
+    # `y > threshold` is a mask: it read SQNR inf, and a signal "collapsed" when all False
+    mask = report.row("gt")
+    assert mask.output_sqnr is None and mask.shadow_sqnr is None and not mask.degenerate
+    assert mask.note == "boolean or integer values (a mask, indices): nothing to compare"
+    assert "collapsed" not in report.summary()
     kept = _Kept(0.3).eval()
     quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(kept), {nn.Linear})
     quant.threshold = 0.0  # keeps more values than the float model
