@@ -291,6 +291,9 @@ def _module_class(module: nn.Module) -> OpClass:
     for suffix, kind in _FOREIGN_KINDS:
         if name.endswith(suffix):
             return PLUMBING if kind is None else OpClass(kind, "op", is_quantized_module(module))
+    for klass in cls.__mro__[1:]:  # a torch layer of another library's (FalconLinear: Linear)
+        if _is_torch_class(klass) and klass.__name__ in _MODULE_SIGNATURES:
+            return OpClass(_MODULE_SIGNATURES[klass.__name__], "op", is_quantized_module(module))
     return OpClass((f"module:{cls.__qualname__}",), "op", is_quantized_module(module))
 
 

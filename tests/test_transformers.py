@@ -12,6 +12,7 @@ eager Numeric Suite (the oracle) and by fxnumeric, on fresh copies:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -316,3 +317,29 @@ def test_full_compare_shadows_every_linear(pairs, model):
     assert linears and all(r.shadow.get("sqnr", 0) > 10 and r.weight_sqnr for r in linears)
     assert all(r.weight_sqnr is None for r in report.rows if not r.quantized)  # nothing to compare
     assert not [r.note for r in report.rows if r.note.startswith("no shadow")]
+
+
+def test_falcon_reads_its_layers_as_they_are():
+    """Falcon's decoder layer writes the attention output into the MLP's (``mlp_output +=
+    attention_output``, untraced code): the MLP's output read 7 dB against a quantized model
+    that differed only in ``lm_head``. Its ``FalconLinear`` (an ``nn.Linear`` subclass that
+    quantize_dynamic leaves float) read ``module:FalconLinear``."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4)
+    model = transformers.FalconForCausalLM(config).eval()
+    quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 64, (2, 6), generator=gen)} for _ in range(2)]
+    report = ns.compare(model, quant, data)
+    rows = {r.name: r for r in report.rows}
+    modules = dict(model.named_modules())
+    float_linears = [r for name, r in rows.items() if name.startswith("transformer.h.")
+                     and isinstance(modules.get(name), nn.Linear)]
+    assert len(float_linears) == 8
+    for row in float_linears:  # left float, fed the float model's own values: no error
+        assert row.kind == "linear" and not row.quantized
+        assert row.output_sqnr == math.inf and row.shadow_sqnr == math.inf
+    assert rows["lm_head"].quantized and math.isfinite(rows["lm_head"].output_sqnr)
