@@ -29,16 +29,17 @@ import torch
 from torch import nn
 
 from ._collector import defers_collection
-from ._tensors import detach, first_output
+from ._tensors import copy_values, detach, first_output
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
 from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericError, FxNumericWarning, InputError
-from .floor import FloorSums, floor_sums, layer_floor
+from .floor import FloorState, FloorSums, floor_sums, layer_floor
 from .guards import check_pairable
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import (
     LogitsAccumulator,
+    LogitsState,
     is_encoder_decoder,
     looks_like_logits,
     predicts_next_token,
@@ -50,6 +51,7 @@ from .match import Matching, Pair
 from .metrics import (
     BUILTIN_METRICS,
     Accumulator,
+    AccumulatorState,
     MetricFn,
     aminmax,
     histogram_counts,
@@ -107,19 +109,63 @@ class _QuantValue:
         self._seen = self._copy = self._energy = None
 
 
+def _version(x: Any) -> int | None:
+    """The version counter of a tensor (torch bumps it at every in-place write), or ``None``
+    (not a tensor, or an inference tensor, which keeps none)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 class _FloatOutputs(Logger):
-    """Keeps the float outputs of the current batch, in call order, for the quantized twin."""
+    """Keeps the float outputs of the current batch, in call order, for the quantized twin.
+
+    A value a submodule returns may be written into by the model's own code before the
+    quantized side compares it (Falcon's ``mlp_output += attention_output``). It is not
+    copied up front (every value a region returns, a 512-token SmolLM2's 96 MiB logits
+    among them): its version counter, read when it is kept and again when it is compared,
+    says whether it was written into; the twin then keeps copies from there on (``copies``)
+    and the comparator skips the stale value (``overwritten``; :func:`_run` runs a first batch
+    that saw one again).
+    """
+
+    checks_overwrites = True  # instrument.graph: no copy of a value the region returns
 
     def __init__(self, turn: _Turn | None = None) -> None:
         super().__init__()
         self.pending: list[Any] = []
+        self.versions: list[int | None] = []
+        self.copies = False
+        self.overwritten = False
         self.turn = turn if turn is not None else _Turn()
 
     def forward(self, x: Any) -> None:
-        value = detach(first_output(x))
+        self.add(detach(first_output(x)))
+
+    def add(self, value: Any) -> None:
+        """Keep ``value``: a copy once values were seen overwritten, or when it keeps no
+        version (a tensor made under ``torch.inference_mode``)."""
+        version = _version(value)
+        if self.copies or (version is None and isinstance(value, torch.Tensor)):
+            value = copy_values(value)
         self.pending.append(value)
+        self.versions.append(version if not self.copies else _version(value))
         if self.turn.lockstep is not None:
             self.turn.lockstep.produced(value)
+
+    def take(self) -> tuple[Any, bool]:
+        """The oldest value kept, and whether it is still as the layer made it."""
+        value, version = self.pending.pop(0), self.versions.pop(0)
+        fresh = version is None or _version(value) == version
+        self.overwritten |= not fresh
+        return value, fresh
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.versions.clear()
 
 
 class _Turn:
@@ -145,11 +191,13 @@ class _CompareToFloat(Logger):
         lockstep = twin.turn.lockstep
         if not twin.pending and lockstep is not None:
             lockstep.need(twin)  # the float model runs until it has this value
-        pending = twin.pending
-        if pending:
-            actual, energy = self.value.get(first_output(x))
-            ref = pending.pop(0)
-            self.acc.update(ref, actual, actual_energy=energy)
+        if twin.pending:
+            ref, fresh = twin.take()
+            if fresh:
+                actual, energy = self.value.get(first_output(x))
+                self.acc.update(ref, actual, actual_energy=energy)
+            else:  # written into since the layer returned it: not what it computed
+                self.acc.overwritten += 1
             if lockstep is not None:
                 lockstep.consumed(ref)
 
@@ -609,8 +657,32 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         finally:
             plan.turn.lockstep = None
         _end_batch(plan, float_out, quant_out, model_inputs)
+        if _copy_overwritten([plan], first=done == 0):
+            step(done, model_inputs, batch)
 
     return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks)
+
+
+def _copy_overwritten(plans: Iterable[_Plan], first: bool) -> bool:
+    """After a batch: twins that saw a value written into keep copies from now on. Whether
+    the batch must run again: the ``first`` one, whose sums are then emptied (a later batch's
+    stale values are left out, and noted: :attr:`Accumulator.overwritten`)."""
+    plans = list(plans)
+    seen = False
+    for plan in plans:
+        for twin in plan.twins:
+            if twin.overwritten:
+                twin.copies, twin.overwritten, seen = True, False, True
+    if seen and first:
+        for plan in plans:
+            for acc in _accumulators(plan):
+                acc.load(AccumulatorState())
+                if acc.kept is not None:
+                    acc.kept.clear()
+            plan.logits.load(LogitsState())
+            for sums in plan.floors.values():
+                sums.load(FloorState())
+    return seen and first
 
 
 def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
@@ -842,6 +914,9 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
             notes.append(f"{label} shapes differ: float {float_shape} vs quantized {quant_shape}")
         if acc.nonfinite_batches:
             notes.append(f"{label}: NaN/Inf in {acc.nonfinite_batches} batches")
+        if acc.overwritten:
+            notes.append(f"{label}: {acc.overwritten} batches left out (the model's code wrote "
+                         "into the float value before it was compared)")
     if skipped:
         notes.append(f"no shadow: {skipped}")
     return "; ".join(notes)
@@ -864,10 +939,12 @@ class _FloatFanout(Logger):
         super().__init__()
         self.twins: list[_FloatOutputs] = []  # a plain list: the twins are not submodules
 
+    checks_overwrites = True  # each twin reads the value's version (_FloatOutputs)
+
     def forward(self, x: Any) -> None:
         value = detach(first_output(x))
         for twin in self.twins:
-            twin.pending.append(value)
+            twin.add(value)
 
 
 @dataclass
@@ -1015,6 +1092,8 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
             for name in group.names:
                 plan = plans[name]
                 _end_batch(plan, float_out, _quant_run(plan, name, model_inputs), model_inputs)
+        if _copy_overwritten(plans.values(), first=done == 0):
+            step(done, model_inputs, batch)
 
     mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
     return _feed(data, step, mergeable, progress, max_batches, inputs, total, ranks)
@@ -1032,7 +1111,7 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any) -
     plan.model.update(_output_tensor(float_out), _output_tensor(quant_out))
     _llm_update(plan, float_out, quant_out, model_inputs)
     for twin in plan.twins:
-        twin.pending.clear()
+        twin.clear()
     for value in plan.values:
         value.clear()
     for acc in _accumulators(plan):

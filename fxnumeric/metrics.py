@@ -371,6 +371,7 @@ class AccumulatorState:
     sqnr_spread: WelfordState = WelfordState()
     shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     discrete: bool = False
+    overwritten: int = 0
 
     def merged(self, other: AccumulatorState) -> AccumulatorState:
         """The sums over both states' batches: totals add, ``max_abs`` is the larger (NaN if
@@ -404,6 +405,7 @@ class AccumulatorState:
             sqnr_spread=self.sqnr_spread.merged(other.sqnr_spread),
             shape_mismatch=other.shape_mismatch or self.shape_mismatch,
             discrete=self.discrete or other.discrete,
+            overwritten=self.overwritten + other.overwritten,
         )
 
 
@@ -427,7 +429,9 @@ class Accumulator:
     ``actual_nonfinite`` count the updates whose reference (float) or actual (quantized)
     tensor held NaN/Inf, so a report can say on which side a NaN appeared first. Booleans
     and integers on both sides (an attention mask, position ids) are not compared:
-    ``discrete`` says such values were seen.
+    ``discrete`` says such values were seen. ``overwritten`` counts the batches a caller left
+    out because the reference was written into before it was compared (see
+    :class:`fxnumeric.compare`'s float twins).
     """
 
     def __init__(self, custom: dict[str, MetricFn] | None = None, keep: bool = False,
@@ -452,6 +456,7 @@ class Accumulator:
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep else None
         self.shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self.discrete = False
+        self.overwritten = 0
 
     def update(self, ref: Any, actual: Any, *, actual_energy: float | None = None) -> None:
         """Add one batch; non-tensor values are ignored.
@@ -553,7 +558,7 @@ class Accumulator:
             ref_nonfinite=self.ref_nonfinite, actual_nonfinite=self.actual_nonfinite,
             custom_sums=tuple(self.custom_sums.items()),
             sqnr_spread=self._sqnr_spread.state(), shape_mismatch=self.shape_mismatch,
-            discrete=self.discrete,
+            discrete=self.discrete, overwritten=self.overwritten,
         )
 
     def load(self, state: AccumulatorState) -> None:
@@ -567,7 +572,7 @@ class Accumulator:
         self.custom_sums = {name: 0.0 for name in self.custom} | dict(state.custom_sums)
         self._sqnr_spread.load(state.sqnr_spread)
         self.shape_mismatch = state.shape_mismatch
-        self.discrete = state.discrete
+        self.discrete, self.overwritten = state.discrete, state.overwritten
         self._batch_signal = self._batch_noise = 0.0
         self._batch_updates = 0
 

@@ -155,11 +155,13 @@ class GraphCopy:
     def _overwritten(self, node: fx.Node, observer: nn.Module) -> bool:
         """Whether ``node``'s value may be overwritten in place while ``observer`` still
         holds it: by a later op of the graph, or by the untraced code the graph returns it to
-        (an observer done with it when its call returns never needs a copy)."""
+        (an observer done with it when its call returns never needs a copy; one with a true
+        ``checks_overwrites`` attribute reads the value's version counter to find out)."""
         if reads_at_call(observer):
             return False
-        return mutated_in_place(node, self.modules) or (self.enclosed
-                                                        and returned(self.view, node))
+        return mutated_in_place(node, self.modules) or (
+            self.enclosed and returned(self.view, node)
+            and not getattr(observer, "checks_overwrites", False))
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
         """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
