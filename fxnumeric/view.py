@@ -24,6 +24,7 @@ The view reads the GraphModule and never changes it.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import networkx as nx
@@ -33,6 +34,7 @@ from torch import nn
 
 from . import flows
 from .ops import OpClass, classify
+from .optypes import PLUMBING
 
 __all__ = ["GraphView", "MODULE_ATTRS"]
 
@@ -95,6 +97,7 @@ class GraphView:
         self._named: dict[str, list[fx.Node]] | None = None
         self._order: list[fx.Node] | None = None
         self._sources: list[fx.Node] | None = None
+        shapes = self._shapes = shape_values(self.nodes)
         for n in self.nodes:
             if n.op == "get_attr":
                 self._producer[n] = None
@@ -107,7 +110,7 @@ class GraphView:
             elif n.op == "output":
                 self.output = n
             else:
-                c = classify(n, self.modules)
+                c = PLUMBING if n in shapes else classify(n, self.modules)
                 assert c is not None  # every call_* node has a class
                 self._cls[n] = c
                 if c.role == "plumbing":
@@ -187,8 +190,9 @@ class GraphView:
         """``chain`` plus the plumbing between its ops, in graph order.
 
         The plumbing kept is what a chain node reads, through plumbing only, from another
-        chain node or from a constant (``inv_freq.to(x.device)``): copying these nodes
-        reproduces the chain's computation exactly.
+        chain node or from a constant (``inv_freq.to(x.device)``), and the shapes it reads
+        (:func:`shape_values`: computed again from the tensor they measure, which a copy then
+        reads from outside): copying these nodes reproduces the chain's computation exactly.
         """
         inside = set(chain)
         frontier = list(chain)
@@ -198,7 +202,7 @@ class GraphView:
                 if i in inside or not self._is_plumbing(i):
                     continue
                 source = self._producer.get(i)
-                if source is None or source in inside:
+                if source is None or source in inside or i in self._shapes:
                     inside.add(i)
                     frontier.append(i)
         return sorted(inside, key=self._position.__getitem__)
@@ -301,3 +305,28 @@ class GraphView:
         if self._cls[n].signature == ("getitem",):
             return (n.args[1],)
         return ()
+
+
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim"})
+_SHAPE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul,
+                               operator.floordiv, operator.truediv, operator.mod, operator.neg})
+
+
+def shape_values(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes of a traced graph that compute a tensor's shape, and arithmetic on those
+    alone (shufflenet's ``num_channels // groups`` from ``x.size()``): plumbing, never a
+    layer. Another capture of the model has none of them (an exported graph's shapes are
+    constants), so as ops they were rows without values, or "not compared"."""
+    found: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "call_method" and n.target in _SHAPE_METHODS:
+            found.add(n)
+        elif n.op != "call_function":
+            continue
+        elif n.target is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRIBUTES:
+            found.add(n)
+        elif (n.target in _SHAPE_ARITHMETIC and n.all_input_nodes
+              and all(i in found for i in n.all_input_nodes)):
+            found.add(n)
+    return found

@@ -482,3 +482,59 @@ def test_stochastic_depth_in_training_mode_is_refused():
     quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {torch.nn.Conv2d})
     with pytest.raises(fxn.InputError, match=r"training mode: `drop` \(StochasticDepth\)"):
         fxn.compare(float_model, quant, [torch.randn(1, 8, 4, 4)], progress=False)
+
+
+class _ChannelShuffle(torch.nn.Module):
+    """ShuffleNet's channel shuffle: a view whose sizes come from ``x.size()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        batch, channels, height, width = x.size()
+        x = x.view(batch, 2, channels // 2, height, width).transpose(1, 2).contiguous()
+        return self.head(x.view(batch, -1, height, width))
+
+
+def test_shape_arithmetic_is_plumbing_on_every_capture():
+    """``x.size()``, its items and ``channels // 2`` compute shapes, not values: under FX
+    they were rows without values (shufflenet_v2: 122 of its rows), against a pt2e model
+    (whose shapes are constants) unpaired float nodes (96). They are plumbing: no row, nothing
+    unpaired, and a shadow that reads them computes them again from the tensor they measure.
+    Oracle: the head conv's output SQNR from forward hooks on both models."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from fxnumeric.models import quantize_pt2e
+
+    torch.manual_seed(0)
+    model = _ChannelShuffle().eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8, generator=gen) for _ in range(2)]
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (data[0],))
+    for x in data:
+        prepared(x)
+    fx_quant = convert_fx(prepared)
+    _, pt2e_quant = quantize_pt2e(model, data, quantizer="x86")
+    for quant in (fx_quant, pt2e_quant):
+        m = fxn.match(model, quant)
+        assert not m.unmatched_float and not m.unmatched_quant
+        kinds = {p.kind for p in m.pairs}
+        assert not kinds & {"size", "getitem", "floordiv"}, kinds
+        report = fxn.compare(model, quant, data, progress=False)
+        assert report.row("head").shadow_sqnr is not None
+        assert all(not r.note.startswith("no shadow") for r in report.rows)
+    outputs = {}
+    for side, module in (("float", model.head), ("quant", fx_quant.head)):
+        module.register_forward_hook(
+            lambda m, args, out, side=side: outputs.setdefault(side, []).append(out) and None)
+    with torch.no_grad():
+        for x in data:
+            model(x), fx_quant(x)
+    ref = torch.cat([o.reshape(-1) for o in outputs["float"]])
+    actual = torch.cat([o.dequantize().reshape(-1) for o in outputs["quant"]])
+    report = fxn.compare(model, fx_quant, data, progress=False)
+    assert report.row("head").output_sqnr == pytest.approx(fxn.sqnr(ref, actual), abs=1e-4)
