@@ -501,7 +501,7 @@ class _ChannelShuffle(torch.nn.Module):
 
 def test_shape_arithmetic_is_plumbing_on_every_capture():
     """``x.size()``, its items and ``channels // 2`` compute shapes, not values: under FX
-    they were rows without values (shufflenet_v2: 122 of its rows), against a pt2e model
+    they were rows without values (shufflenet_v2: 96 of its rows), against a pt2e model
     (whose shapes are constants) unpaired float nodes (96). They are plumbing: no row, nothing
     unpaired, and a shadow that reads them computes them again from the tensor they measure.
     Oracle: the head conv's output SQNR from forward hooks on both models."""
