@@ -328,3 +328,24 @@ def test_float8_weights_get_no_uniform_grid_floor(float_model):
         direct = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
         assert row.weight_sqnr == pytest.approx(direct, abs=1e-6)
         assert 25 < row.weight_sqnr < 40  # e4m3's 3 mantissa bits
+
+
+def test_advice_keeps_float_the_layer_that_makes_the_quantized_model_nan(float_model):
+    """A layer whose weight dequantizes to NaN (torchao's float8 lm_head on this CPU) makes
+    the quantized model's metric NaN: advise and sensitivity refused ("nothing can be
+    ranked"), while keeping that layer float is the answer. NaN ranks last; only a float
+    model, or a metric NaN everywhere, is refused."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, Int8WeightOnlyConfig())
+    quant.up.weight.scale[5] = float("nan")
+    data = _data()
+    found = fxn.sensitivity(float_model, quant, data, progress=False)
+    assert math.isnan(found.quantized) and found.ranking()[0] == "up"
+    advice = fxn.advise(float_model, quant, data, metric="sqnr", target=30, progress=False)
+    assert advice.reached and "up" in advice.keep_float
+    assert math.isnan(advice.curve[0]) and advice.curve[-1] >= 30
+    with pytest.raises(fxn.InputError, match="NaN on the quantized model itself"):
+        fxn.advise(float_model, quant, data, metric=lambda ref, out: math.nan, target=1,
+                   progress=False)

@@ -260,13 +260,17 @@ class _Search:
                 self._bar.update()
         self.evaluations += len(hybrids)
         values = [run.value() for run in runs]
+        everything = all(math.isnan(v) for v in values)
         for (base, swaps), value in zip(hybrids, values, strict=True):
-            if not swaps and math.isnan(value):
-                # a hybrid may overflow to NaN (it then ranks last); the model itself may not
+            # a hybrid may compute NaN (it then ranks last), and so may the quantized model
+            # (a layer whose weight dequantizes to NaN: keeping it float is the answer); the
+            # float model may not, nor every hybrid with it
+            if not swaps and math.isnan(value) and (base == "float" or everything):
                 side = "float" if base == "float" else "quantized"
                 raise InputError(
                     f"metric {self.metric_name!r} is NaN on the {side} model itself, with no "
-                    "layer swapped: nothing can be ranked or reached against it. The metric "
+                    "layer swapped (and with any one layer swapped): nothing can be ranked or "
+                    "reached against it. The metric "
                     "returned NaN, or the model's outputs hold NaN/Inf (fxnumeric.compare "
                     "says where they first appear).\nFix: a metric that returns a number "
                     "for these outputs, or data the model computes finite outputs on"
