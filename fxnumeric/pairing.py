@@ -63,8 +63,9 @@ def node_attrs(view: GraphView, n: fx.Node) -> dict[str, Any]:
 def same_op(float_attrs: Mapping[str, Any], quant_attrs: Mapping[str, Any]) -> bool:
     """The default :data:`NodeMatch`: the same head kind, and shapes quantization keeps.
 
-    A ``getitem`` must take the same index; modules must agree on channels, kernel, features
-    and sizes (:data:`SHAPE_ATTRS`; attributes missing on either side are not compared).
+    A ``getitem`` must take the same index (a tensor index, ``y[y > t]``, counts as the
+    same: its inputs pair first); modules must agree on channels, kernel, features and sizes
+    (:data:`SHAPE_ATTRS`; attributes missing on either side are not compared).
 
     Example:
         >>> a = {"head": "conv2d", "attrs": ()}

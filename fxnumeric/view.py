@@ -303,9 +303,13 @@ class GraphView:
                 mod = mod[0]  # a fused float module: its first part is the conv/linear
             return tuple(getattr(mod, a, None) for a in MODULE_ATTRS)
         if self._cls[n].signature == ("getitem",):
-            return (n.args[1],)
+            # a tensor index (`y[y > t]`, `x[rows, cols]`) is a node of this graph: compared
+            # across graphs as "a tensor" (both sides' inputs pair before it does)
+            return (fx.node.map_arg(n.args[1], lambda _: _TENSOR_INDEX),)
         return ()
 
+
+_TENSOR_INDEX = "<tensor index>"
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim"})

@@ -194,3 +194,38 @@ def test_an_empty_or_resized_model_output_is_not_compared_and_says_why():
     assert math.isnan(resized.model_output["sqnr"])
     assert any(n.startswith("model output shapes differ") for n in resized.notes)
     assert "model output not compared" in resized.summary()
+
+
+class _Pick(nn.Module):
+    """A sequence classifier's pooling: one value per row at an index the input gives
+    (transformers' ``logits[torch.arange(batch), sequence_lengths]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y[torch.arange(x.shape[0]), x.argmax(dim=1)]
+
+
+def test_a_getitem_with_a_tensor_index_pairs():
+    """A getitem's index was compared as it is, and a tensor index is a node of each graph:
+    never equal across them, so ``y[rows, cols]`` and ``y[y > t]`` went unpaired on identical
+    graphs. Oracle: the picked values computed directly."""
+    torch.manual_seed(0)
+    model = _Pick().eval()
+    quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    m = ns.match(model, quant)
+    assert not m.unmatched_float and not m.unmatched_quant
+    report = ns.compare(model, quant, [x])
+    rows, cols = torch.arange(6), x.argmax(dim=1)
+    with torch.no_grad():
+        expected = ns.sqnr(model.fc(x)[rows, cols], quant.fc(x)[rows, cols])
+    (picked,) = [r for r in report.rows if r.kind == "getitem"]
+    assert picked.output_sqnr == pytest.approx(expected, abs=1e-4)
+    assert report.model_output["sqnr"] == pytest.approx(expected, abs=1e-4)
+    kept = ns.match(_Kept(0.3).eval(), torch.ao.quantization.quantize_dynamic(
+        _Kept(0.3).eval(), {nn.Linear}))
+    assert not kept.unmatched_float and "getitem" in {p.kind for p in kept.pairs}
