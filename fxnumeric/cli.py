@@ -419,12 +419,11 @@ def _variants_report(args: argparse.Namespace) -> tuple[Any, None] | None:
 def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:
     """``match`` of the built pair with the command's ``--capture`` (exporting on ``example``
     where the capture needs it)."""
-    from .capture.export import auto_exports_float
+    from .capture.export import needs_example
     from .match import match
 
-    exports = args.capture == "export" or auto_exports_float(args.capture, example,
-                                                             built.quant_model)
-    return match(built.float_model, built.quant_model, example if exports else None,
+    needed = needs_example(args.capture, example, built.quant_model)
+    return match(built.float_model, built.quant_model, example if needed else None,
                  leaf_modules=leaves or None, capture=args.capture)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from . import flows
 from ._collector import defers_collection
 from .capture import LeafSpec
-from .capture.export import auto_exports_float
+from .capture.export import needs_example
 from .errors import InstrumentationError
 from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
@@ -220,9 +220,7 @@ def _capture_example(capture: str, example_inputs: Any, q_model: Any) -> Any:
     """The example inputs the eager API matches on: none (torch's suite runs nothing before
     the user does) unless the capture needs them: ``"export"``, or ``"auto"`` against a
     pt2e model, whose float model may have to be exported."""
-    if capture == "export" or auto_exports_float(capture, example_inputs, q_model):
-        return example_inputs
-    return None
+    return example_inputs if needs_example(capture, example_inputs, q_model) else None
 
 
 def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type,
