@@ -41,8 +41,7 @@ from .ops import is_inference_only, is_pure
 from .view import GraphView
 
 __all__ = [
-    "fetch_attr", "overwrites", "mutated_in_place", "returned", "writes_first_input",
-    "is_dequantize",
+    "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
     "computes_alike",
 ]
@@ -192,23 +191,6 @@ def writes_first_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 def mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether a later op overwrites ``node``'s value in place (an observer then needs a copy)."""
     return any(overwrites(user, node, modules) for user in node.users)
-
-
-def returned(view: GraphView, node: fx.Node) -> bool:
-    """Whether the graph returns ``node``'s value, or a view of it (through plumbing): the
-    graph's caller holds it then, and may write into it in place after the graph has run
-    (Falcon's decoder layer: ``mlp_output += attention_output``)."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        for user in todo.pop().users:
-            if user.op == "output":
-                return True
-            cls = view.op_class(user)
-            if user not in seen and cls is not None and cls.role == "plumbing":
-                seen.add(user)
-                todo.append(user)
-    return False
 
 
 def is_dequantize(view: GraphView, node: fx.Node) -> bool:

@@ -416,3 +416,49 @@ def test_a_value_overwritten_in_a_later_batch_leaves_that_batch_out_and_says_so(
     both = ns.compare(f, {"a": q, "b": _dyn(f)}, xs)
     assert both.variants["a"].row("gate").output_sqnr == pytest.approx(gate.output_sqnr)
     assert "1 batches left out" in both.variants["b"].row("gate").note
+
+
+class _ReturnsThroughPlumbing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x).contiguous()  # plumbing: the same tensor
+
+
+class _OverwritesThroughPlumbing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.child = _ReturnsThroughPlumbing()
+
+    def forward(self, x):
+        flat = self.child(x)
+        flat.mul_(2)  # writes into what contiguous() returned: proj's output itself
+        if flat.sum() > 0:  # untraceable: the child is captured on its own
+            flat = -flat
+        return flat
+
+
+def test_a_logger_keeps_a_copy_of_a_value_the_region_returns_through_plumbing():
+    """The eager API's loggers keep what they log: a value a region returns only through
+    plumbing (``proj(x).contiguous()``, the same tensor) is written into by the caller all the
+    same. Oracle: a forward hook's copy of proj's output."""
+    torch.manual_seed(0)
+    f = _OverwritesThroughPlumbing().eval()
+    q = _dyn(f)
+    x = _x()
+    seen = {}
+    def keep(side):
+        def hook(module, args, out):
+            seen[side] = out.clone()  # returns None: the output itself is left as it is
+        return hook
+
+    for side, model in (("float", f), ("quantized", q)):
+        handle = model.child.proj.register_forward_hook(keep(side))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+    logged = ns.compare_model_outputs(f, q, x)["child.proj.stats"]
+    for side in ("float", "quantized"):
+        assert torch.equal(logged[side][0], seen[side])

@@ -27,7 +27,7 @@ from torch import nn
 from .._tensors import copy_values, dequantize_all
 from ..capture import graph_module
 from ..match import Pair, Region
-from ..semantics import fetch_attr, mutated_in_place, overwrites, returned, shadow_copy
+from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy
 from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
@@ -159,9 +159,14 @@ class GraphCopy:
         ``checks_overwrites`` attribute reads the value's version counter to find out)."""
         if reads_at_call(observer):
             return False
-        return mutated_in_place(node, self.modules) or (
-            self.enclosed and returned(self.view, node)
-            and not getattr(observer, "checks_overwrites", False))
+        if mutated_in_place(node, self.modules):
+            return True
+        if not self.enclosed or getattr(observer, "checks_overwrites", False):
+            return False
+        # the graph returns the value when its output reads it, or a view of it (the view's
+        # consumers, read on the source graph the copy keeps the node names of)
+        view = self.view
+        return view.output in view.consumers(view.producer(view.node(node.name)))
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
         """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
