@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["first_output", "detach", "copy_values", "dequantize_all"]
+__all__ = ["first_output", "detach", "copy_values", "dequantize_all", "stores_floats"]
 
 
 def first_output(x: Any) -> Any:
@@ -44,3 +44,11 @@ def dequantize_all(x: Any) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(dequantize_all(v) for v in x)
     return x
+
+
+def stores_floats(weight: Any) -> bool:
+    """Whether a quantized tensor subclass stores floating-point values (torchao's
+    ``Float8Tensor``: ``qdata`` in float8): rounded to a few mantissa bits, a step that grows
+    with the value, so no uniform grid of step ``scale``."""
+    stored = getattr(weight, "qdata", None)
+    return isinstance(stored, torch.Tensor) and stored.dtype.is_floating_point

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from . import flows, offload
+from ._tensors import stores_floats
 from .errors import InputError
 from .metrics import aminmax, energy
 from .ops import dynamic_input
@@ -70,10 +71,7 @@ def weight_steps(weight: Any) -> torch.Tensor | None:
         return steps if axis == 0 else torch.full((channels,), float(steps.mean()),
                                                   dtype=torch.float64)
     scale = getattr(weight, "scale", None)
-    stored = getattr(weight, "qdata", None)
-    if isinstance(stored, torch.Tensor) and stored.dtype.is_floating_point:
-        # float8 (torchao's Float8Tensor): rounded to a few mantissa bits, a step that grows
-        # with the value, not a uniform grid of step `scale`: no floor rather than a wrong one
+    if stores_floats(weight):  # float8: no uniform grid, so no floor rather than a wrong one
         return None
     if isinstance(scale, torch.Tensor) and type(weight) is not torch.Tensor and weight.dim():
         squared = scale.detach().double().reshape(scale.shape[0], -1) ** 2

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._tensors import stores_floats
 from . import Flow
 from .fx import functional_weight, weight_owner
 
@@ -69,8 +70,7 @@ class TorchaoFlow(Flow):
         symmetric int8 (255 steps over ``±max|x|``), or the whole tensor per call."""
         weight = getattr(module, "weight", None)
         kwargs = getattr(weight, "act_quant_kwargs", None) if is_torchao_tensor(weight) else None
-        stored = getattr(weight, "qdata", None)
-        if kwargs is None or (isinstance(stored, torch.Tensor) and stored.dtype.is_floating_point):
+        if kwargs is None or stores_floats(weight):
             return None  # float8 activations (with float8 weights) are no uniform grid either
         granularity = type(getattr(kwargs, "granularity", None)).__name__
         return ("token" if granularity == "PerRow" else "tensor", 255.0)
