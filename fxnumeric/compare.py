@@ -151,8 +151,9 @@ class _FloatOutputs(Logger):
         version = _version(value)
         if self.copies or (version is None and isinstance(value, torch.Tensor)):
             value = copy_values(value)
+            version = _version(value)
         self.pending.append(value)
-        self.versions.append(version if not self.copies else _version(value))
+        self.versions.append(version)
         if self.turn.lockstep is not None:
             self.turn.lockstep.produced(value)
 
