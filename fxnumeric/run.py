@@ -178,25 +178,32 @@ def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None
     return batches
 
 
+def graph_signature(graph: fx.Graph) -> inspect.Signature | None:
+    """The signature a graph's placeholders make (``*args``, ``**kwargs`` and defaults
+    included), or None where they make no valid one."""
+    params = []
+    named = inspect.Parameter.POSITIONAL_OR_KEYWORD  # keyword-only after ``*args``
+    for node in graph.find_nodes(op="placeholder"):
+        target = str(node.target)
+        if target.startswith("**"):
+            params.append(inspect.Parameter(target[2:], inspect.Parameter.VAR_KEYWORD))
+        elif target.startswith("*"):
+            params.append(inspect.Parameter(target[1:], inspect.Parameter.VAR_POSITIONAL))
+            named = inspect.Parameter.KEYWORD_ONLY
+        else:
+            default = node.args[0] if node.args else inspect.Parameter.empty
+            params.append(inspect.Parameter(target, named, default=default))
+    try:
+        return inspect.Signature(params)
+    except ValueError:
+        return None
+
+
 def _signature(model: nn.Module) -> inspect.Signature | None:
     """The forward's signature; a GraphModule's from its placeholders (its code may not exist
     yet: fxnumeric generates it lazily)."""
     if isinstance(model, fx.GraphModule):
-        params = []
-        for node in model.graph.find_nodes(op="placeholder"):
-            target = str(node.target)
-            if target.startswith("**"):
-                params.append(inspect.Parameter(target[2:], inspect.Parameter.VAR_KEYWORD))
-            elif target.startswith("*"):
-                params.append(inspect.Parameter(target[1:], inspect.Parameter.VAR_POSITIONAL))
-            else:
-                default = node.args[0] if node.args else inspect.Parameter.empty
-                params.append(inspect.Parameter(target, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                default=default))
-        try:
-            return inspect.Signature(params)
-        except ValueError:
-            return None
+        return graph_signature(model.graph)
     try:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):

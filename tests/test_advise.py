@@ -90,7 +90,51 @@ def _dynamic_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
     return float_model, quant_model, _batches((16, 16))
 
 
-PAIRS = {"fx": _fx_pair, "eager": _eager_pair, "dynamic": _dynamic_pair}
+class _Head(nn.Module):
+    """transformers' ``ElectraClassificationHead``: ``forward(features, **kwargs)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, features: torch.Tensor, *rest: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.out(torch.relu(self.dense(features)))
+
+
+class _TreeWithStars(nn.Module):
+    """A root torch.fx cannot trace (a branch on a value): captured module by module; its
+    head's graph has ``*rest`` and ``**kwargs`` placeholders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.head = _Head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if h.sum() > 1e9:
+            h = -h
+        return self.head(h)
+
+
+class _RootWithKwargs(MLP):
+    """DebertaV2Model: a traced root whose graph ends in a ``**kwargs`` placeholder."""
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return super().forward(x)
+
+
+def _star_pair(model: type[nn.Module]) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    float_model = model().eval()
+    quant_model = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    return float_model, quant_model, _batches((16, 16))
+
+
+PAIRS = {"fx": _fx_pair, "eager": _eager_pair, "dynamic": _dynamic_pair,
+         "tree with *args, **kwargs": lambda: _star_pair(_TreeWithStars),
+         "root with **kwargs": lambda: _star_pair(_RootWithKwargs)}
 
 
 @pytest.mark.parametrize("flow", PAIRS)
@@ -118,6 +162,24 @@ def test_all_layers_swapped_give_the_other_model(flow: str) -> None:
         assert fxnumeric.sqnr(expected, out) > fxnumeric.sqnr(expected, quant_model(data[0]))
     else:
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("model", [_TreeWithStars, _RootWithKwargs])
+def test_regions_with_star_parameters_run_as_hybrids(model: type[nn.Module]) -> None:
+    # transformers' ElectraClassificationHead and DebertaV2Model take **kwargs: every hybrid
+    # of such a model failed ("missing input `kwargs`"), and with it sensitivity and advise
+    float_model, quant_model, data = _star_pair(model)
+    s = sensitivity(float_model, quant_model, data, metric="sqnr")
+    linears = [n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)]
+    last = linears[-1]
+    hybrid = copy.deepcopy(quant_model)  # only the last Linear float, by hand
+    hybrid.get_submodule(last.rpartition(".")[0] or "").__setattr__(
+        last.rpartition(".")[2], copy.deepcopy(float_model.get_submodule(last)))
+    with torch.no_grad():
+        ref = torch.cat([float_model(b) for b in data])
+        by_hand = torch.cat([hybrid(b) for b in data])
+    assert [layer.module for layer in s.layers] == linears and s.skipped == ()
+    assert s.layer(last).all_but == fxnumeric.sqnr(ref, by_hand)
 
 
 def test_swaps_share_one_interpreter_per_graph_and_keep_no_values_between_runs(

@@ -46,7 +46,7 @@ from ..errors import InstrumentationError
 from ..instrument.assemble import assemble, captured_model
 from ..match import Matching, Pair, Region
 from ..pairing import op_name
-from ..run import run_model
+from ..run import graph_signature, run_model
 from ..semantics import fetch_attr, is_dequantize, writes_first_input
 
 __all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "module_path",
@@ -196,11 +196,23 @@ def _quantize(value: torch.Tensor, qparams: tuple[Any, ...]) -> torch.Tensor:
 
 
 def _bind(graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    """A call's arguments as the graph's placeholders take them, in order."""
+    """A call's arguments as the graph's placeholders take them, one value each, in order:
+    a ``*args`` placeholder takes the tuple of the positional arguments left, ``**kwargs``
+    the dict of the keyword arguments no other placeholder names, as Python binds a call.
+    Raises TypeError as a call would."""
+    signature = graph_signature(graph)
+    if signature is None:  # placeholders out of Python's order: by position, then by name
+        return _bind_in_order(graph, args, kwargs)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def _bind_in_order(graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     values: list[Any] = []
     rest = list(args)
     for node in graph.find_nodes(op="placeholder"):
-        name = str(node.target).lstrip("*")
+        name = str(node.target)
         if rest:
             values.append(rest.pop(0))
         elif name in kwargs:
@@ -220,6 +232,9 @@ class _RegionInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.calls = calls or {}
+
+    def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return next(self.args_iter)  # one value each, ``*args`` and ``**kwargs`` too: _bind
 
     def fetch_attr(self, target: str) -> Any:
         found = self.calls.get(target)
