@@ -62,6 +62,41 @@ def test_per_tensor_weights_with_an_outlier_channel_are_flagged() -> None:
     assert "fc2 (linear):" in d.text() and "Fix: per-channel weights" in d.text()
 
 
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 16, mode="sum")
+        self.emb = nn.Embedding(50, 16)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.bag(ids, offsets) + self.emb(ids).view(2, -1, 16).mean(1)
+
+
+def test_embeddings_with_float_zero_points_are_read_per_channel() -> None:
+    # a quantized Embedding's weight is per_channel_affine_float_qparams: diagnose raised
+    # torch's "Expected quantizer->qscheme() == kPerTensorAffine" reading it per tensor
+    torch.manual_seed(0)
+    float_model = _Bag().eval()
+    q = copy.deepcopy(float_model)
+    for module in (q.bag, q.emb):
+        module.qconfig = torch.ao.quantization.float_qparams_weight_only_qconfig
+    torch.ao.quantization.prepare(q, inplace=True)
+    torch.ao.quantization.convert(q, inplace=True)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 50, (8,), generator=g), torch.tensor([0, 4])) for _ in range(3)]
+    d = diagnose(float_model, q, data)
+    for name in ("bag", "emb"):
+        w = getattr(float_model, name).weight.detach().double()
+        ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
+        qw = getattr(q, name).weight()
+        assert qw.qscheme() == torch.per_channel_affine_float_qparams
+        layer = d.layer(name)
+        scales = qw.q_per_channel_scales().double()
+        assert layer.per_channel is True
+        assert layer.weight_utilisation == pytest.approx(
+            float((ranges / (scales * 255)).median()))
+
+
 def test_clipping_and_noise_in_steps_match_the_layer_run_by_hand() -> None:
     float_model = _mlp()
     q = _fx(float_model, get_default_qconfig_mapping("x86"))

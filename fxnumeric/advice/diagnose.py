@@ -41,6 +41,7 @@ from ..guards import check_pairable
 from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
 from ..match import Matching, Pair
+from ..metrics import db
 from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
@@ -239,14 +240,6 @@ class _LocalError(Logger):
             self.floor.update(deq, ref, inputs)
 
 
-def _db(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
-
-
 def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, float | None, float]:
     w = fw.detach().double()
     w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
@@ -256,12 +249,13 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, floa
     if not qw.is_quantized:
         return None, None, outliers
     qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
-    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        if qw.q_per_channel_axis() != 0:
-            return True, None, outliers
-        scales = qw.q_per_channel_scales().double()
-        return True, float((ranges / (scales * (qmax - qmin))).median()), outliers
-    return False, float((ranges / (qw.q_scale() * (qmax - qmin))).median()), outliers
+    if qw.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return False, float((ranges / (qw.q_scale() * (qmax - qmin))).median()), outliers
+    # per channel, float zero points too (a quantized Embedding's per_channel_affine_float_qparams)
+    if qw.q_per_channel_axis() != 0:
+        return True, None, outliers
+    scales = qw.q_per_channel_scales().double()
+    return True, float((ranges / (scales * (qmax - qmin))).median()), outliers
 
 
 def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
@@ -421,8 +415,8 @@ def diagnose(
             per_channel=per_channel, weight_utilisation=util, channel_outlier_ratio=outliers,
             clipped=s.clipped / s.count if s.quantized and s.count else None,
             noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,
-            local_sqnr=_db(s.local_signal, s.local_noise) if s.count else None,
-            cumulative_sqnr=_db(s.cum_signal, s.cum_noise) if s.count else None,
+            local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,
+            cumulative_sqnr=db(s.cum_signal, s.cum_noise) if s.count else None,
             floor_sqnr=floor, floor=floor_verdict,
         )
         is_first = (first_below is None and d.cumulative_sqnr is not None
