@@ -34,7 +34,7 @@ import torch
 from . import flows, offload
 from ._tensors import stores_floats
 from .errors import InputError
-from .metrics import aminmax, energy
+from .metrics import aminmax, db, energy
 from .ops import dynamic_input
 from .semantics import QuantGrid, evaluate_constant, grid_before
 
@@ -312,11 +312,7 @@ def floor_sqnr(signal: float, count: int, *, grid: QuantGrid | None = None,
                         input_noise=input_noise)
     if noise is None:
         return None
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
+    return db(signal, noise)
 
 
 @dataclass(frozen=True)
@@ -404,8 +400,7 @@ def layer_floor(region: Any, pair: Any, sums: FloorSums, *, signal: float, noise
     if floor is None:
         return None, None
     allowed = floor_noise(count, **grids)
-    local = (math.inf if noise == 0 else -math.inf if signal == 0
-             else 10 * math.log10(signal / noise))
+    local = db(signal, noise)
     verdict = judge(local, floor, clip_share=sums.clip_noise / allowed if allowed else 0.0,
                     offset_share=sums.offset_noise() / noise if noise else 0.0)
     return floor, verdict

@@ -32,7 +32,7 @@ import torch
 __all__ = [
     "sqnr", "cosine", "mse", "max_abs_error", "MetricFn", "Accumulator", "BUILTIN_METRICS",
     "prepare_actual", "Spread", "AccumulatorState", "WelfordState", "aminmax",
-    "histogram_counts", "energy",
+    "histogram_counts", "energy", "db",
 ]
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -67,6 +67,15 @@ def energy(x: torch.Tensor) -> float:
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    total = _energy(x)
+    if math.isinf(total) and x.dtype != torch.float64 and bool(torch.isfinite(x).all()):
+        # finite values past 1.8e19 square beyond float32: read in float64, a chunk at a time
+        flat = x.reshape(-1)
+        total = math.fsum(_energy(chunk.double()) for chunk in flat.split(_ONE_NORM))
+    return total
+
+
+def _energy(x: torch.Tensor) -> float:
     if x.numel() <= _ONE_NORM:
         return float(torch.linalg.vector_norm(x)) ** 2
     flat = _dense_view(x)
@@ -194,14 +203,22 @@ def histogram_counts(x: torch.Tensor, bins: int, low: float, high: float) -> lis
     return total.tolist()
 
 
-def _db(signal: float, noise: float) -> float:
-    if math.isnan(signal) or math.isnan(noise):
+def db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` of two energies (sums of squares): ``inf`` without noise,
+    ``-inf`` without signal or for infinite noise beside a finite signal, ``nan`` when either
+    is NaN or both are infinite.
+
+    >>> db(100.0, 1.0), db(1.0, 0.0), db(0.0, 1.0), db(1.0, math.inf)
+    (20.0, inf, -inf, -inf)
+    """
+    if math.isnan(signal) or math.isnan(noise) or (math.isinf(signal) and math.isinf(noise)):
         return math.nan
     if noise == 0:
         return math.inf
-    if signal == 0:
+    ratio = signal / noise
+    if ratio == 0:  # no signal, infinite noise, or a quotient below float64's range
         return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return 10.0 * math.log10(ratio)
 
 
 def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
@@ -539,9 +556,9 @@ class Accumulator:
     def end_batch(self) -> None:
         """Close the current batch: its own SQNR joins :meth:`spread` (when finite)."""
         if self._batch_updates:
-            db = _db(self._batch_signal, self._batch_noise)
-            if math.isfinite(db):
-                self._sqnr_spread.add(db)
+            db_ = db(self._batch_signal, self._batch_noise)
+            if math.isfinite(db_):
+                self._sqnr_spread.add(db_)
         self._batch_signal = self._batch_noise = 0.0
         self._batch_updates = 0
 
@@ -591,7 +608,7 @@ class Accumulator:
         if not self.count and name in BUILTIN_METRICS:
             return math.nan  # empty tensors: nothing was compared (not a perfect match)
         if name == "sqnr":
-            return _db(self.signal, self.noise)
+            return db(self.signal, self.noise)
         if name == "cosine":
             if math.isnan(self.dot):
                 return math.nan

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import fxnumeric as ns
 from fxnumeric import _collector
-from fxnumeric.metrics import Accumulator, energy, prepare_actual
+from fxnumeric.metrics import Accumulator, db, energy, prepare_actual
 
 
 def _oracle(ref: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
@@ -39,6 +39,46 @@ def test_energy_of_a_large_activation_is_within_1e6_of_float64(layout):
     exact = float(x.double().square().sum())
     assert energy(x) == pytest.approx(exact, rel=1e-6)
     assert float(torch.linalg.vector_norm(x)) ** 2 != pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [5, 300_000])
+def test_energy_of_finite_values_whose_squares_overflow_float32(size):
+    # float32 sums of squares overflow past 1.8e19: finite values read as Inf ("NaN/Inf in 3
+    # batches") and, beside a finite signal, crashed the batch's SQNR (math domain error)
+    x = torch.randn(size, generator=torch.Generator().manual_seed(0)) * 1e26
+    assert float(torch.linalg.vector_norm(x)) == math.inf
+    assert energy(x) == pytest.approx(float(x.double().square().sum()), rel=1e-6)
+
+
+def test_an_infinite_quantized_value_closes_its_batch() -> None:
+    # Inf noise beside a finite signal: log10(0) raised "math domain error" at end_batch
+    acc = Accumulator()
+    acc.update(torch.tensor([1.0, 2.0]), torch.tensor([math.inf, 2.0]))
+    acc.end_batch()
+    assert acc.nonfinite_batches == 1 and acc.spread() is None
+    assert db(1.0, math.inf) == -math.inf and math.isnan(db(math.inf, math.inf))
+    assert db(4.0, 0.0) == math.inf and db(0.0, 4.0) == -math.inf and db(400.0, 4.0) == 20.0
+
+
+def test_a_layer_gone_wild_reads_its_sqnr_not_nan() -> None:
+    # a quantized Linear whose weight scale is 1e20 (torch's 4-bit Embedding returns such
+    # values): its outputs are finite, their squares are not in float32
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    quant_model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    w = torch.quantize_per_tensor(float_model[2].weight.detach() * 1e21, 1e20, 0, torch.qint8)
+    quant_model[2].set_weight_bias(w, float_model[2].bias.detach())
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    report = ns.compare(float_model, quant_model, data, comparisons=("outputs", "shadows"))
+    with torch.no_grad():
+        ref = torch.cat([float_model(x) for x in data])
+        out = torch.cat([quant_model(x) for x in data])
+    assert torch.isfinite(out).all() and out.abs().max() > 1e19
+    assert report.model_output["sqnr"] == pytest.approx(_oracle(ref, out)["sqnr"], rel=1e-6)
+    row = report.row("2")
+    assert row.output_sqnr == pytest.approx(_oracle(ref, out)["sqnr"], rel=1e-6)
+    assert "NaN/Inf" not in row.note and report.nonfinite == ()
+    assert report.verdict.culprit == "2"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
