@@ -739,6 +739,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             **(floors[p.name] if p.name in floors
                else _floor(matching, p, sa, plan.floors.get(p.name))),
             block=block_by_layer.get(p.name, ""),
+            shadow_shapes=sa.shape_mismatch if sa is not None else None,
         ))
     nonfinite = _first_nonfinite(plan)
     return Report(

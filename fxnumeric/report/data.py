@@ -131,6 +131,10 @@ class ReportRow:
     """How ``output_sqnr`` and ``shadow_sqnr`` vary from batch to batch (see the class doc)."""
     block: str = ""
     """The block the layer sits in (``model.layers.3``; ``""`` for none)."""
+    shadow_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = field(
+        default=None, metadata={"json_omit_default": True})
+    """``(float twin's, quantized layer's)`` output shapes when they differ: fed the same
+    input, the two compute different things, so no shadow was compared (``None`` otherwise)."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[ReportRow], Any]]] = {
         "degenerate": lambda r: r.degenerate,

@@ -344,6 +344,11 @@ def next_step(report: Report) -> tuple[str, str]:
         return ("Fix the NaN/Inf first: the notes say where it appears; the other numbers "
                 "cannot be trusted until then.",
                 "torch.isfinite(x).all()  # on each batch, and on each layer's output")
+    if v.kind == "mismatch":
+        shown = ", ".join(v.standouts[:3]) + (" ..." if len(v.standouts) > 3 else "")
+        return (f"Fix {shown} first: its quantized form returns another shape than the float "
+                "layer. Keep it float or quantize it with a config its module supports.",
+                f"fxnumeric.match(float_model, quant_model).explain({v.standouts[0]!r})")
     if v.kind == "no shadows":
         return ("Measure the error each layer adds by itself to find a culprit.",
                 f"fxnumeric.compare({call}, comparisons=('weights', 'outputs', 'shadows'))")
@@ -370,6 +375,8 @@ def _headline(report: Report) -> str:
         return f"No culprit: the error is spread over {v.layers} layers"
     if v.kind == "poisoned":
         return "No culprit: NaN/Inf inside the model"
+    if v.kind == "mismatch":
+        return f"No culprit named: {v.standouts[0]} returns another shape than its float twin"
     if v.kind == "no shadows":
         return "No culprit named: local error not measured"
     return "No layer adds measurable error"

@@ -150,7 +150,7 @@ def _names(names: list[str] | tuple[str, ...]) -> str:
 def where_it_loses(variant: Report) -> str:
     """Where one variant's report says accuracy is lost (see the module docstring)."""
     v = variant.verdict
-    if v.kind == "poisoned":
+    if v.kind in ("poisoned", "mismatch"):
         return v.text
     if v.kind == "culprit" and v.culprit is not None:
         return f"culprit {v.culprit} (shadow SQNR {_db(variant.row(v.culprit).shadow_sqnr)})"

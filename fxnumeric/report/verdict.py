@@ -24,7 +24,9 @@ When no single layer stands out, the lowest two or three may stand out *together
 layers): they are named as a group, with no single culprit. Otherwise the error is spread: the
 verdict says over how many layers, in what range, which layers are within noise of the lowest,
 and how much the output loses by accumulation. NaN/Inf inside a model poison the sums: no
-culprit is named from them.
+culprit is named from them. Nor where a quantized layer returns another shape than its float
+twin fed the same input (torch's 4-bit quantized ``Embedding`` does): that layer is broken,
+its error is not measured, and every layer after it reads what it returned.
 """
 
 from __future__ import annotations
@@ -59,10 +61,12 @@ class Verdict:
     Attributes:
         kind: ``"culprit"`` (one layer stands out), ``"group"`` (two or three stand out
             together), ``"spread"`` (none stands out), ``"poisoned"`` (NaN/Inf in the
-            sums), ``"no shadows"`` (local error not measured), ``"no error"`` (no layer adds
-            measurable error of its own).
+            sums), ``"mismatch"`` (a quantized layer returns another shape than its float
+            twin fed the same input), ``"no shadows"`` (local error not measured),
+            ``"no error"`` (no layer adds measurable error of its own).
         culprit: the layer that stands out, or ``None``.
-        standouts: the layers that stand out (the culprit, or the group); ``()`` otherwise.
+        standouts: the layers that stand out (the culprit, the group, or the layers whose
+            shapes differ); ``()`` otherwise.
         ties: layers within batch noise of the lowest (including it); ``()`` when there are
             none or the noise is unknown (one batch).
         layers: how many layers add measurable error of their own (finite shadow SQNR).
@@ -130,6 +134,18 @@ def verdict(report: Report) -> Verdict:
                           for side, layer in report.nonfinite) or f"first at {poisoned[0]}"
         return Verdict("poisoned", None, (), (), 0, None, None, None, None,
                        f"no culprit named: NaN/Inf inside the model poison the sums ({where})")
+    mismatched = [r for r in report.rows if r.shadow_shapes is not None]
+    if mismatched:
+        names = tuple(r.name for r in mismatched)
+        float_shape, quant_shape = mismatched[0].shadow_shapes  # type: ignore[misc]
+        return Verdict(
+            "mismatch", None, names, (), 0, None, None, None, None,
+            f"no culprit named: {_names(list(names))} "
+            f"{'returns' if len(names) == 1 else 'return'} another shape than "
+            f"{'its float twin' if len(names) == 1 else 'their float twins'} fed the same input "
+            f"(float {float_shape} vs quantized {quant_shape} at {names[0]}): the quantized "
+            "layer computes something else (or fxnumeric paired the wrong ops: "
+            "fxnumeric.match(...).explain(name)), and every number after it measures that")
     if not any(r.shadow_sqnr is not None for r in report.rows):
         worst = report.worst_layer
         hint = f"; the largest output-SQNR drop is at {worst.name}" if worst else ""
