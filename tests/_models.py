@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 import torch.nn as nn
 
-__all__ = ["LSTMModel", "CallsTwice"]
+__all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair"]
 
 
 class LSTMModel(nn.Module):
@@ -55,3 +58,32 @@ class CallsTwice(nn.Module):
         if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
             h = h * 2
         return self.out(self.fc(torch.relu(h)))
+
+
+class Bags(nn.Module):
+    """An EmbeddingBag and an Embedding of the same ids, pooled into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 16, mode="sum")
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        pooled = self.emb(ids).view(offsets.numel(), -1, 16).mean(1)
+        return self.fc(torch.cat([self.bag(ids, offsets), pooled], 1))
+
+
+def embedding_pair(qconfig: Any) -> tuple[Bags, nn.Module, list[tuple[torch.Tensor, ...]]]:
+    """:class:`Bags` and its eager-quantized copy, both embeddings under ``qconfig`` (a
+    ``float_qparams_weight_only_qconfig``), with three batches of 8 ids in 2 bags."""
+    torch.manual_seed(0)
+    float_model = Bags().eval()
+    quant_model = copy.deepcopy(float_model)
+    for module in (quant_model.bag, quant_model.emb):
+        module.qconfig = qconfig
+    torch.ao.quantization.prepare(quant_model, inplace=True)
+    torch.ao.quantization.convert(quant_model, inplace=True)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 50, (8,), generator=g), torch.tensor([0, 4])) for _ in range(3)]
+    return float_model, quant_model, data

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from _models import embedding_pair
 from torch.ao.quantization import QConfigMapping, default_qconfig, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -62,28 +63,10 @@ def test_per_tensor_weights_with_an_outlier_channel_are_flagged() -> None:
     assert "fc2 (linear):" in d.text() and "Fix: per-channel weights" in d.text()
 
 
-class _Bag(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.bag = nn.EmbeddingBag(50, 16, mode="sum")
-        self.emb = nn.Embedding(50, 16)
-
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.bag(ids, offsets) + self.emb(ids).view(2, -1, 16).mean(1)
-
-
 def test_embeddings_with_float_zero_points_are_read_per_channel() -> None:
     # a quantized Embedding's weight is per_channel_affine_float_qparams: diagnose raised
     # torch's "Expected quantizer->qscheme() == kPerTensorAffine" reading it per tensor
-    torch.manual_seed(0)
-    float_model = _Bag().eval()
-    q = copy.deepcopy(float_model)
-    for module in (q.bag, q.emb):
-        module.qconfig = torch.ao.quantization.float_qparams_weight_only_qconfig
-    torch.ao.quantization.prepare(q, inplace=True)
-    torch.ao.quantization.convert(q, inplace=True)
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randint(0, 50, (8,), generator=g), torch.tensor([0, 4])) for _ in range(3)]
+    float_model, q, data = embedding_pair(torch.ao.quantization.float_qparams_weight_only_qconfig)
     d = diagnose(float_model, q, data)
     for name in ("bag", "emb"):
         w = getattr(float_model, name).weight.detach().double()

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from _models import embedding_pair
 from torch.ao.quantization import DeQuantStub, QuantStub
 
 import fxnumeric as ns
@@ -357,30 +358,10 @@ def test_a_pt2e_model_passed_as_the_float_one_is_refused():
         _compare(copy.deepcopy(q), q)
 
 
-class _Bags(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.bag = nn.EmbeddingBag(50, 16, mode="sum")
-        self.emb = nn.Embedding(50, 16)
-        self.fc = nn.Linear(32, 4)
-
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        pooled = self.emb(ids).view(offsets.numel(), -1, 16).mean(1)
-        return self.fc(torch.cat([self.bag(ids, offsets), pooled], 1))
-
-
 def test_a_layer_returning_another_shape_than_its_twin_is_named_and_no_culprit(tmp_path):
     # torch's quantized Embedding under the 4-bit qconfig returns (8, 4) for (8, 16): the summary
     # named the healthy EmbeddingBag "culprit ... the only layer that adds error of its own"
-    torch.manual_seed(0)
-    f = _Bags().eval()
-    q = copy.deepcopy(f)
-    for module in (q.bag, q.emb):
-        module.qconfig = torch.ao.quantization.float_qparams_weight_only_qconfig_4bit
-    torch.ao.quantization.prepare(q, inplace=True)
-    torch.ao.quantization.convert(q, inplace=True)
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randint(0, 50, (8,), generator=g), torch.tensor([0, 4])) for _ in range(3)]
+    f, q, data = embedding_pair(torch.ao.quantization.float_qparams_weight_only_qconfig_4bit)
     with torch.no_grad():
         assert q.emb(data[0][0]).shape == (8, 4) and f.emb(data[0][0]).shape == (8, 16)
     report = ns.compare(f, q, data)
