@@ -43,7 +43,7 @@ from .view import GraphView
 __all__ = [
     "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
-    "computes_alike",
+    "computes_alike", "views_of",
 ]
 
 QRANGE: dict[torch.dtype, tuple[int, int]] = {
@@ -191,6 +191,36 @@ def writes_first_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 def mutated_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether a later op overwrites ``node``'s value in place (an observer then needs a copy)."""
     return any(overwrites(user, node, modules) for user in node.users)
+
+
+_VIEW_OPS = frozenset({
+    "reshape", "transpose", "permute", "flatten", "unflatten", "squeeze", "unsqueeze", "t",
+    "expand", "expand_as", "narrow", "select", "view_as", "split", "chunk", "unbind",
+    "movedim", "swapaxes", "as_strided", "diagonal", "unfold", "getitem",
+})
+"""Ops whose value may share its input's memory (``reshape`` and ``getitem`` do for most
+inputs): writing into their value writes into the input's."""
+
+_VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag", "data"})
+
+
+def views_of(view: GraphView, n: fx.Node) -> list[fx.Node]:
+    """The ops whose values may be views of op ``n``'s value (views of views too), in the
+    order found: a write into any of them writes into ``n``'s value."""
+    found: list[fx.Node] = []
+    todo, seen = [n], {n}
+    while todo:
+        for user in view.consumers(todo.pop()):
+            cls = view.op_class(user)
+            if user in seen or cls is None or len(cls.signature) != 1:
+                continue
+            kind = cls.signature[0]
+            if kind in _VIEW_OPS or (kind == "getattr" and len(user.args) > 1
+                                     and user.args[1] in _VIEW_ATTRIBUTES):
+                seen.add(user)
+                found.append(user)
+                todo.append(user)
+    return found
 
 
 def is_dequantize(view: GraphView, node: fx.Node) -> bool:

@@ -427,10 +427,19 @@ class _ReturnsThroughPlumbing(nn.Module):
         return self.proj(x).contiguous()  # plumbing: the same tensor
 
 
-class _OverwritesThroughPlumbing(nn.Module):
+class _ReturnsAView(nn.Module):
     def __init__(self):
         super().__init__()
-        self.child = _ReturnsThroughPlumbing()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x).transpose(0, 1)  # a view: its memory is proj's output
+
+
+class _OverwritesThroughPlumbing(nn.Module):
+    def __init__(self, child: type[nn.Module] = _ReturnsThroughPlumbing):
+        super().__init__()
+        self.child = child()
 
     def forward(self, x):
         flat = self.child(x)
@@ -440,12 +449,14 @@ class _OverwritesThroughPlumbing(nn.Module):
         return flat
 
 
-def test_a_logger_keeps_a_copy_of_a_value_the_region_returns_through_plumbing():
+@pytest.mark.parametrize("child", [_ReturnsThroughPlumbing, _ReturnsAView])
+def test_a_logger_keeps_a_copy_of_a_value_the_region_returns_through_plumbing(child):
     """The eager API's loggers keep what they log: a value a region returns only through
-    plumbing (``proj(x).contiguous()``, the same tensor) is written into by the caller all the
-    same. Oracle: a forward hook's copy of proj's output."""
+    plumbing (``proj(x).contiguous()``, the same tensor) or a view of it
+    (``.transpose(0, 1)``) is written into by the caller all the same. Oracle: a forward
+    hook's copy of proj's output."""
     torch.manual_seed(0)
-    f = _OverwritesThroughPlumbing().eval()
+    f = _OverwritesThroughPlumbing(child).eval()
     q = _dyn(f)
     x = _x()
     seen = {}
@@ -460,5 +471,37 @@ def test_a_logger_keeps_a_copy_of_a_value_the_region_returns_through_plumbing():
             model(x)
         handle.remove()
     logged = ns.compare_model_outputs(f, q, x)["child.proj.stats"]
+    for side in ("float", "quantized"):
+        assert torch.equal(logged[side][0], seen[side])
+
+
+class _WritesIntoAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.proj(x)
+        flat = y.view(-1)
+        flat.add_(1.0)  # writes into proj's output through a view
+        return self.head(flat.view(y.shape))
+
+
+def test_a_logger_keeps_a_value_the_graph_writes_into_through_a_view():
+    """An op of the traced graph writing into a view of a logged value: the logger of
+    ``proj`` kept the written tensor. Oracle: a forward hook's copy of proj's output."""
+    torch.manual_seed(0)
+    f = _WritesIntoAView().eval()
+    q = _dyn(f)
+    x = _x()
+    seen = {}
+    for side, model in (("float", f), ("quantized", q)):
+        handle = model.proj.register_forward_hook(
+            lambda module, args, out, side=side: seen.__setitem__(side, out.clone()))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+    logged = ns.compare_model_outputs(f, q, x)["proj.stats"]
     for side in ("float", "quantized"):
         assert torch.equal(logged[side][0], seen[side])

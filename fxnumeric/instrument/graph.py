@@ -27,7 +27,7 @@ from torch import nn
 from .._tensors import copy_values, dequantize_all
 from ..capture import graph_module
 from ..match import Pair, Region
-from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy
+from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy, views_of
 from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
@@ -159,14 +159,18 @@ class GraphCopy:
         ``checks_overwrites`` attribute reads the value's version counter to find out)."""
         if reads_at_call(observer):
             return False
-        if mutated_in_place(node, self.modules):
+        # the value, and every view of it (read on the source graph, whose node names the
+        # copy keeps): an op writing into a view writes into the value
+        view = self.view
+        value = view.producer(view.node(node.name))
+        aliases = [value, *views_of(view, value)] if value is not None else []
+        copied = [self.nodes[a.name] for a in aliases if a.name in self.nodes]
+        if any(mutated_in_place(a, self.modules) for a in (node, *copied)):
             return True
         if not self.enclosed or getattr(observer, "checks_overwrites", False):
             return False
-        # the graph returns the value when its output reads it, or a view of it (the view's
-        # consumers, read on the source graph the copy keeps the node names of)
-        view = self.view
-        return view.output in view.consumers(view.producer(view.node(node.name)))
+        # the untraced code the graph returns the value (or a view of it) to may write into it
+        return any(view.output in view.consumers(a) for a in aliases)
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
         """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
