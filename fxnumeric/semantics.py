@@ -43,7 +43,7 @@ from .view import GraphView
 __all__ = [
     "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
-    "computes_alike", "views_of",
+    "computes_alike", "views_of", "with_values",
 ]
 
 QRANGE: dict[torch.dtype, tuple[int, int]] = {
@@ -249,9 +249,9 @@ def evaluate_constant(node: Any, view: GraphView) -> Any:
         if n.op == "get_attr":
             values[n] = fetch_attr(view.gm, str(n.target))
         elif n.op == "call_module":  # plumbing: its value is its input's
-            values[n] = _with_values(n.args[0], values)
+            values[n] = with_values(n.args[0], values)
         else:
-            args, kwargs = _with_values(n.args, values), _with_values(n.kwargs, values)
+            args, kwargs = with_values(n.args, values), with_values(n.kwargs, values)
             with torch.no_grad():
                 values[n] = n.target(*args, **kwargs)  # type: ignore[operator]
     return values[node]
@@ -281,18 +281,18 @@ def _constant_inputs(node: fx.Node, view: GraphView) -> set[fx.Node] | None:
     return seen
 
 
-def _with_values(arg: Any, values: dict[fx.Node, Any]) -> Any:
+def with_values(arg: Any, values: dict[fx.Node, Any]) -> Any:
     """``arg`` with every node replaced by its value, nested lists, tuples and dicts included
     (``torch.cat`` takes a list of nodes), as plain Python containers: ATen ops refuse fx's
     immutable ones."""
     if isinstance(arg, fx.Node):
         return values[arg]
     if isinstance(arg, list):
-        return [_with_values(a, values) for a in arg]
+        return [with_values(a, values) for a in arg]
     if isinstance(arg, tuple):
-        return tuple(_with_values(a, values) for a in arg)
+        return tuple(with_values(a, values) for a in arg)
     if isinstance(arg, dict):
-        return {k: _with_values(v, values) for k, v in arg.items()}
+        return {k: with_values(v, values) for k, v in arg.items()}
     return arg
 
 

@@ -154,6 +154,11 @@ class GraphView:
         c = self._cls.get(n)
         return c is not None and c.role != "plumbing"
 
+    def is_shape(self, n: fx.Node) -> bool:
+        """Whether ``n`` is a shape value (:func:`shape_values`): plumbing that does not carry
+        its producer's value, only something measured on it."""
+        return n in self._shapes
+
     def ops(self) -> list[fx.Node]:
         """Every op, in graph order."""
         return [n for n in self.nodes if self.is_op(n)]
@@ -202,7 +207,7 @@ class GraphView:
                 if i in inside or not self._is_plumbing(i):
                     continue
                 source = self._producer.get(i)
-                if source is None or source in inside or i in self._shapes:
+                if source is None or source in inside or self.is_shape(i):
                     inside.add(i)
                     frontier.append(i)
         return sorted(inside, key=self._position.__getitem__)
@@ -312,16 +317,19 @@ class GraphView:
 _TENSOR_INDEX = "<tensor index>"
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
-_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim"})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 _SHAPE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul,
                                operator.floordiv, operator.truediv, operator.mod, operator.neg})
 
 
 def shape_values(nodes: list[fx.Node]) -> set[fx.Node]:
-    """The nodes of a traced graph that compute a tensor's shape, and arithmetic on those
-    alone (shufflenet's ``num_channels // groups`` from ``x.size()``): plumbing, never a
-    layer. Another capture of the model has none of them (an exported graph's shapes are
-    constants), so as ops they were rows without values, or "not compared"."""
+    """The nodes of a traced graph that compute a tensor's shape (or dtype, device), and
+    arithmetic on those alone (shufflenet's ``num_channels // groups`` from ``x.size()``;
+    a function of the model's own package kept whole by ``torch.fx.wrap`` and fed shapes
+    only, as video Swin's ``_compute_pad_size_3d``): plumbing, never a layer. Another capture
+    of the model has none of them (an exported graph's shapes are constants), so as ops they
+    were rows without values, or "not compared", and a shadow of one fed a shape to code that
+    reads a tensor's ``.size()``."""
     found: set[fx.Node] = set()
     for n in nodes:
         if n.op == "call_method" and n.target in _SHAPE_METHODS:
@@ -330,7 +338,14 @@ def shape_values(nodes: list[fx.Node]) -> set[fx.Node]:
             continue
         elif n.target is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRIBUTES:
             found.add(n)
-        elif (n.target in _SHAPE_ARITHMETIC and n.all_input_nodes
+        elif ((n.target in _SHAPE_ARITHMETIC or not _of_torch(n.target)) and n.all_input_nodes
               and all(i in found for i in n.all_input_nodes)):
             found.add(n)
     return found
+
+
+def _of_torch(fn: Any) -> bool:
+    """Whether ``fn`` may be torch's own (``torch.arange`` of a shape makes a tensor: an op;
+    ``aten`` ops' module is ``torch._ops.aten``); a function of unknown origin counts too."""
+    module = getattr(fn, "__module__", None)
+    return not isinstance(module, str) or module.split(".")[0] == "torch"

@@ -538,3 +538,53 @@ def test_shape_arithmetic_is_plumbing_on_every_capture():
     actual = torch.cat([o.dequantize().reshape(-1) for o in outputs["quant"]])
     report = fxn.compare(model, fx_quant, data, progress=False)
     assert report.row("head").output_sqnr == pytest.approx(fxn.sqnr(ref, actual), abs=1e-4)
+
+
+def _pad_sizes(size: tuple, window: list) -> tuple:
+    """Video Swin's ``_compute_pad_size_3d`` and ``_get_window_and_shift_size`` in one: a
+    function of shapes kept whole by torch.fx, which writes into its list argument."""
+    for i, s in enumerate(size):
+        window[i] = min(window[i], s)
+    return tuple((k - s % k) % k for s, k in zip(size, window, strict=True))
+
+
+torch.fx.wrap("_pad_sizes")
+
+
+class _PadsFromShapes(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        pad_rows, _ = _pad_sizes((x.size(0), x.size(1)), [4, 4])
+        positions = torch.arange(x.size(1), dtype=x.dtype)  # an op fed shapes only
+        y = torch.nn.functional.pad(self.fc(x + positions), (0, 0, 0, pad_rows))
+        return self.head(y)
+
+
+def test_functions_of_shapes_are_plumbing_and_ops_fed_shapes_are_shadowed():
+    """A function of shapes (video Swin's pad sizes) was a row without values, and its
+    shadow read the shape it was fed as a tensor (compare: "'int' object has no attribute
+    'size'", blamed on the input); the hybrids ran it on torch.fx's immutable list
+    (sensitivity: "'immutable_list' object does not support mutation"). Oracle: the model
+    run by hand with only ``head`` float."""
+    import torchao.quantization as tq
+
+    torch.manual_seed(0)
+    model = _PadsFromShapes().eval()
+    quant = copy.deepcopy(model)
+    tq.quantize_(quant, tq.Int8DynamicActivationInt8WeightConfig())
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(6, 8, generator=gen) for _ in range(3)]
+    report = fxn.compare(model, quant, data, progress=False)
+    assert [r.name for r in report.rows] == ["arange", "add", "fc", "pad", "head"]
+    assert report.row("arange").shadow_sqnr == math.inf  # fed the same shapes: no error
+    hybrid = copy.deepcopy(quant)
+    hybrid.head = copy.deepcopy(model.head)
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x in data])
+        by_hand = torch.cat([hybrid(x) for x in data])
+    s = fxn.sensitivity(model, quant, data, progress=False)
+    assert s.layer("head").all_but == pytest.approx(fxn.sqnr(ref, by_hand), rel=1e-9)

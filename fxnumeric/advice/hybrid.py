@@ -47,7 +47,7 @@ from ..instrument.assemble import assemble, captured_model
 from ..match import Matching, Pair, Region
 from ..pairing import op_name
 from ..run import graph_signature, run_model
-from ..semantics import fetch_attr, is_dequantize, writes_first_input
+from ..semantics import fetch_attr, is_dequantize, with_values, writes_first_input
 
 __all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "module_path",
            "function_target"]
@@ -235,6 +235,12 @@ class _RegionInterpreter(fx.Interpreter):
 
     def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
         return next(self.args_iter)  # one value each, ``*args`` and ``**kwargs`` too: _bind
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # fresh plain lists and dicts, as the graph's generated code passes them: fx's
+        # immutable ones fail a function that writes into its list argument (video Swin's
+        # `_get_window_and_shift_size`)
+        return with_values(n.args, self.env), with_values(n.kwargs, self.env)
 
     def fetch_attr(self, target: str) -> Any:
         found = self.calls.get(target)

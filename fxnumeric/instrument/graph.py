@@ -77,8 +77,9 @@ def span_inputs(region: Region, nodes: list[fx.Node],
             f = region.float_counterpart(q) if q is not None and q not in members else None
             if f is not None:
                 # the value the op reads (`i`), not its producer: in a pt2e graph that is a
-                # quantize whose raw int8 output only its dequantize can read
-                read.setdefault(f, i)
+                # quantize whose raw int8 output only its dequantize can read; but a shape
+                # read off the producer (`torch.arange(x.size(1))`) is not its value
+                read.setdefault(f, q if qv.is_shape(i) else i)
     last = qv.position(chain[-1])
     inside = set(nodes)
     inputs: dict[fx.Node, str] = {}
