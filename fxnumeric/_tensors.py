@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["first_output", "detach", "copy_values", "dequantize_all", "stores_floats"]
+__all__ = ["first_output", "model_output", "detach", "copy_values", "dequantize_all",
+           "stores_floats"]
 
 
 def first_output(x: Any) -> Any:
@@ -16,6 +17,13 @@ def first_output(x: Any) -> Any:
     while isinstance(x, (tuple, list, Mapping)) and len(x):
         x = next(iter(x.values())) if isinstance(x, Mapping) else x[0]
     return x
+
+
+def model_output(output: Any) -> Any:
+    """The model output a report compares and an end metric reads: a model's logits (listed
+    after the loss when the batch has labels), else its first output."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else first_output(output)
 
 
 def detach(x: Any) -> Any:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ._collector import defers_collection
-from ._tensors import copy_values, detach, first_output
+from ._tensors import copy_values, detach, first_output, model_output
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
 from .distributed import ONE_PROCESS, Ranks, data_parallel
@@ -543,13 +543,6 @@ def _lockstep_budget(model: nn.Module | None) -> int:
     params = sum(p.numel() * p.element_size()
                  for p in (model.parameters() if model is not None else ()))
     return max(LOCKSTEP_MIN, params // LOCKSTEP_SHARE)
-
-
-def _output_tensor(output: Any) -> Any:
-    """The model output the report compares: a language model's logits (listed after the
-    loss when the batch has labels), else the first output."""
-    logits = getattr(output, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else first_output(output)
 
 
 def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None:
@@ -1110,7 +1103,7 @@ def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:
 
 def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any) -> None:
     """The batch's model-output sums, and every accumulator's batch closed."""
-    plan.model.update(_output_tensor(float_out), _output_tensor(quant_out))
+    plan.model.update(model_output(float_out), model_output(quant_out))
     _llm_update(plan, float_out, quant_out, model_inputs)
     for twin in plan.twins:
         twin.clear()

@@ -343,3 +343,24 @@ def test_falcon_reads_its_layers_as_they_are():
         assert row.kind == "linear" and not row.quantized
         assert row.output_sqnr == math.inf and row.shadow_sqnr == math.inf
     assert rows["lm_head"].quantized and math.isfinite(rows["lm_head"].output_sqnr)
+
+
+def test_the_end_metric_reads_the_logits_not_the_loss_of_a_labelled_batch():
+    # with labels a classifier returns (loss, logits): advise and sensitivity read the loss
+    # (95 dB) where compare's model output reads the logits (44 dB)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    f = transformers.BertForSequenceClassification(config).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 128, (2, 12), generator=gen),
+             "labels": torch.tensor([0, 2])} for _ in range(3)]
+    with torch.no_grad():
+        ref = torch.cat([f(**b).logits for b in data])
+        out = torch.cat([q(**b).logits for b in data])
+    expected = ns.sqnr(ref, out)
+    assert ns.compare(f, q, data).model_output["sqnr"] == pytest.approx(expected, rel=1e-6)
+    assert ns.sensitivity(f, q, data, metric="sqnr").quantized == pytest.approx(expected,
+                                                                                  rel=1e-6)

@@ -30,7 +30,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .. import flows
-from .._tensors import dequantize_all, first_output
+from .._tensors import dequantize_all, model_output
 from ..capture.export import is_export_graph
 from ..errors import FxNumericWarning, InputError, InstrumentationError
 from ..instrument import resolve_matching
@@ -178,7 +178,8 @@ def _concat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _as_output(value: Any) -> torch.Tensor:
-    out = first_output(dequantize_all(value))
+    # what compare's model output reads: the logits, not the loss a labelled batch adds
+    out = dequantize_all(model_output(value))
     if not isinstance(out, torch.Tensor):
         raise InputError(f"the model output is a {type(out).__name__}, not a tensor; the end "
                          "metric needs the model to return a tensor (or a tuple starting with one)")
