@@ -349,3 +349,23 @@ def test_advice_keeps_float_the_layer_that_makes_the_quantized_model_nan(float_m
     with pytest.raises(fxn.InputError, match="NaN on the quantized model itself"):
         fxn.advise(float_model, quant, data, metric=lambda ref, out: math.nan, target=1,
                    progress=False)
+
+
+@pytest.mark.parametrize("config", ["int8-weight-only", "int8-dynamic"])
+def test_capture_export_of_a_torchao_model_reads_it_with_torch_fx_and_says_so(float_model,
+                                                                               config):
+    # torch.export decomposes torchao's tensors into `_int_mm` and
+    # `access_subclass_inner_tensor`: one pair of two, and the torchao quantize's raw int8
+    # compared with the float input named "culprit" at -35 dB
+    from torchao.quantization import quantize_
+
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, _configs()[config][0])
+    data = _data()
+    exported = fxn.compare(float_model, quant, data, capture="export", progress=False)
+    traced = fxn.compare(float_model, quant, data, capture="fx", progress=False)
+    assert [r.name for r in exported.rows] == [r.name for r in traced.rows]
+    assert {"gate", "up", "down", "head"} <= {r.name for r in exported.rows}
+    for a, b in zip(exported.rows, traced.rows, strict=True):
+        assert a.output == b.output and a.shadow == b.shadow
+    assert any("torch.export turns torchao's quantized weights" in n for n in exported.notes)

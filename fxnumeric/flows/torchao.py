@@ -28,7 +28,7 @@ from .._tensors import stores_floats
 from . import Flow
 from .fx import functional_weight, weight_owner
 
-__all__ = ["TorchaoFlow", "is_torchao_tensor"]
+__all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors"]
 
 
 def is_torchao_tensor(value: Any) -> bool:
@@ -36,6 +36,11 @@ def is_torchao_tensor(value: Any) -> bool:
     utils = sys.modules.get("torchao.utils")
     base = getattr(utils, "TorchAOBaseTensor", None) if utils is not None else None
     return base is not None and isinstance(value, base)
+
+
+def holds_torchao_tensors(model: Any) -> bool:
+    """Whether ``model`` (an ``nn.Module``) has a parameter that is a torchao tensor."""
+    return isinstance(model, nn.Module) and any(is_torchao_tensor(p) for p in model.parameters())
 
 
 class TorchaoFlow(Flow):
