@@ -456,21 +456,22 @@ def test_a_logger_keeps_a_copy_of_a_value_the_region_returns_through_plumbing(ch
     (``.transpose(0, 1)``) is written into by the caller all the same. Oracle: a forward
     hook's copy of proj's output."""
     torch.manual_seed(0)
-    f = _OverwritesThroughPlumbing(child).eval()
+    _assert_logged_as_made(_OverwritesThroughPlumbing(child).eval(), "child.proj")
+
+
+def _assert_logged_as_made(f: nn.Module, path: str) -> None:
+    """The eager API's logger of ``path`` holds the module's output as it returned it: a
+    forward hook's copy (the hook returns None: the output itself is left as it is)."""
     q = _dyn(f)
     x = _x()
     seen = {}
-    def keep(side):
-        def hook(module, args, out):
-            seen[side] = out.clone()  # returns None: the output itself is left as it is
-        return hook
-
     for side, model in (("float", f), ("quantized", q)):
-        handle = model.child.proj.register_forward_hook(keep(side))
+        handle = model.get_submodule(path).register_forward_hook(
+            lambda module, args, out, side=side: seen.__setitem__(side, out.clone()))
         with torch.no_grad():
             model(x)
         handle.remove()
-    logged = ns.compare_model_outputs(f, q, x)["child.proj.stats"]
+    logged = ns.compare_model_outputs(f, q, x)[f"{path}.stats"]
     for side in ("float", "quantized"):
         assert torch.equal(logged[side][0], seen[side])
 
@@ -492,16 +493,4 @@ def test_a_logger_keeps_a_value_the_graph_writes_into_through_a_view():
     """An op of the traced graph writing into a view of a logged value: the logger of
     ``proj`` kept the written tensor. Oracle: a forward hook's copy of proj's output."""
     torch.manual_seed(0)
-    f = _WritesIntoAView().eval()
-    q = _dyn(f)
-    x = _x()
-    seen = {}
-    for side, model in (("float", f), ("quantized", q)):
-        handle = model.proj.register_forward_hook(
-            lambda module, args, out, side=side: seen.__setitem__(side, out.clone()))
-        with torch.no_grad():
-            model(x)
-        handle.remove()
-    logged = ns.compare_model_outputs(f, q, x)["proj.stats"]
-    for side in ("float", "quantized"):
-        assert torch.equal(logged[side][0], seen[side])
+    _assert_logged_as_made(_WritesIntoAView().eval(), "proj")
