@@ -70,6 +70,7 @@ def span_inputs(region: Region, nodes: list[fx.Node],
     ``chain`` reads; or why it cannot be shadowed."""
     fv, qv = region.float_view, region.quant_view
     read: dict[fx.Node, fx.Node] = {}
+    shapes: dict[fx.Node, fx.Node] = {}
     members = set(chain)
     for n in chain:
         for i in n.all_input_nodes:
@@ -78,8 +79,13 @@ def span_inputs(region: Region, nodes: list[fx.Node],
             if f is not None:
                 # the value the op reads (`i`), not its producer: in a pt2e graph that is a
                 # quantize whose raw int8 output only its dequantize can read; but a shape
-                # read off the producer (`torch.arange(x.size(1))`) is not its value
-                read.setdefault(f, q if qv.is_shape(i) else i)
+                # read off the producer (`torch.arange(x.size(1))`) is not its value: the
+                # producer only where the chain reads no value of it
+                if qv.is_shape(i):
+                    shapes.setdefault(f, q)
+                else:
+                    read.setdefault(f, i)
+    read = shapes | read
     last = qv.position(chain[-1])
     inside = set(nodes)
     inputs: dict[fx.Node, str] = {}
