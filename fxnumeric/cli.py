@@ -419,11 +419,11 @@ def _variants_report(args: argparse.Namespace) -> tuple[Any, None] | None:
 def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:
     """``match`` of the built pair with the command's ``--capture`` (exporting on ``example``
     where the capture needs it)."""
-    from .capture.export import needs_example
+    from .capture.export import capture_example
     from .match import match
 
-    needed = needs_example(args.capture, example, built.quant_model)
-    return match(built.float_model, built.quant_model, example if needed else None,
+    return match(built.float_model, built.quant_model,
+                 capture_example(args.capture, example, built.quant_model),
                  leaf_modules=leaves or None, capture=args.capture)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from . import flows
 from ._collector import defers_collection
 from .capture import LeafSpec
-from .capture.export import needs_example
+from .capture.export import capture_example
 from .errors import InstrumentationError
 from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
@@ -216,13 +216,6 @@ def _output_selector(allow_list: set[type]):
     return select
 
 
-def _capture_example(capture: str, example_inputs: Any, q_model: Any) -> Any:
-    """The example inputs the eager API matches on: none (torch's suite runs nothing before
-    the user does) unless the capture needs them: ``"export"``, or ``"auto"`` against a
-    pt2e model, whose float model may have to be exported."""
-    return example_inputs if needs_example(capture, example_inputs, q_model) else None
-
-
 def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type,
                     allow_list: set[type] | None,
                     leaf_modules: Iterable[LeafSpec] | None, capture: str = "auto",
@@ -231,7 +224,7 @@ def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type
     """Logged copies of both models, on the pairs whose quantized module is allowed."""
     if allow_list is None:
         allow_list = get_default_compare_output_module_list()
-    matching = match(float_model, q_model, _capture_example(capture, example_inputs, q_model),
+    matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
                      leaf_modules=leaf_modules, capture=capture).check()
     # one logger per module, logged once per call, as in torch's eager suite
     return add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
@@ -380,7 +373,7 @@ def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: It
                 logger_cls: type, leaf_modules: Iterable[LeafSpec] | None,
                 capture: str = "auto", example_inputs: Any = None) -> fx.GraphModule:
     leaves = list(module_swap_list) + list(leaf_modules or ())
-    matching = match(float_model, q_model, _capture_example(capture, example_inputs, q_model),
+    matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
                      leaf_modules=leaves, capture=capture).check()
     quant_gm, skipped = add_shadows(
         float_model, q_model, logger_cls, select=_stub_selector(module_swap_list),

@@ -31,7 +31,7 @@ from ..errors import InputError
 
 __all__ = [
     "CAPTURES", "ExportFailure", "export_module", "export_side", "auto_exports_float",
-    "needs_example",
+    "capture_example",
     "is_export_graph", "check_capture",
 ]
 
@@ -106,12 +106,13 @@ def export_side(model: Any, example_inputs: Any, which: str) -> tuple[Any, str |
     return exported, None
 
 
-def needs_example(capture: str, example_inputs: Any, quant_model: Any) -> bool:
-    """Whether capturing this pair needs ``example_inputs``: ``"export"`` always, ``"auto"``
-    against a pt2e model (whose float side it may export). Callers that run nothing before
-    the user does (the eager API, the CLI's ``match``) pass them to :func:`fxnumeric.match`
-    only then."""
-    return capture == "export" or auto_exports_float(capture, example_inputs, quant_model)
+def capture_example(capture: str, example_inputs: Any, quant_model: Any) -> Any:
+    """The example inputs to match this pair on: ``example_inputs`` where the capture needs
+    them (``"export"`` always, ``"auto"`` against a pt2e model, whose float side it may
+    export), else None. Callers that run nothing before the user does (the eager API, the
+    CLI's ``match``) pass :func:`fxnumeric.match` what this returns."""
+    needed = capture == "export" or auto_exports_float(capture, example_inputs, quant_model)
+    return example_inputs if needed else None
 
 
 def auto_exports_float(capture: str, example_inputs: Any, quant_model: Any) -> bool:
