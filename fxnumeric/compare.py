@@ -15,13 +15,12 @@ that a model produces itself is traced to the first layer where it appears, on e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,7 @@ from ._tensors import copy_values, detach, first_output, model_output
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
 from .distributed import ONE_PROCESS, Ranks, data_parallel
-from .errors import FxNumericError, FxNumericWarning, InputError
+from .errors import FxNumericWarning, InputError, about_variant
 from .floor import FloorState, FloorSums, floor_sums, layer_floor
 from .guards import check_pairable
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
@@ -969,7 +968,7 @@ def _compare_variants(float_model: nn.Module, variants: Mapping[str, nn.Module],
     plans: dict[str, _Plan] = {}
     for name, quant_model in variants.items():
         given = matchings.get(name)
-        with _about_variant(name):
+        with about_variant(name):
             plans[name] = _plan(float_model, quant_model, comparisons, metrics, keep_activations,
                                 given, leaf_modules, precision, progress, capture,
                                 example if given is None else None, shared_float=True)
@@ -1010,15 +1009,6 @@ def _variant_matchings(float_model: nn.Module, variants: Mapping[str, nn.Module]
         raise InputError(f"matching names {unknown[0]!r}, which is not a variant; variants "
                          f"are {', '.join(map(repr, variants))}")
     return matching
-
-
-@contextlib.contextmanager
-def _about_variant(name: str) -> Iterator[None]:
-    """Say which variant an error is about."""
-    try:
-        yield
-    except FxNumericError as exc:
-        raise type(exc)(f"variant {name!r}: {exc}") from exc
 
 
 def _float_capture(matching: Matching) -> tuple[Any, ...]:

@@ -5,6 +5,10 @@ Every message says what failed, where (node, module path, which model) and what 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 __all__ = [
     "FxNumericError",
     "TraceError",
@@ -12,6 +16,7 @@ __all__ = [
     "InstrumentationError",
     "InputError",
     "FxNumericWarning",
+    "about_variant",
 ]
 
 
@@ -39,3 +44,20 @@ class FxNumericWarning(UserWarning):
     """A result that is computed but probably not what the user meant (for instance, a
     "quantized" model with no quantized op). Filter it with
     ``warnings.filterwarnings("ignore", category=fxnumeric.FxNumericWarning)``."""
+
+
+@contextlib.contextmanager
+def about_variant(name: str) -> Iterator[None]:
+    """Say which quantized variant fxnumeric's errors and warnings raised inside are about
+    (``compare`` and ``advise`` with ``{name: quantized model}``)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FxNumericWarning)  # each variant's own, not once
+            yield
+    except FxNumericError as exc:
+        raise type(exc)(f"variant {name!r}: {exc}") from exc
+    finally:
+        for w in caught:  # again, outside the recording: the caller's filters decide
+            ours = issubclass(w.category, FxNumericWarning)
+            warnings.warn_explicit(f"variant {name!r}: {w.message}" if ours else w.message,
+                                   w.category, w.filename, w.lineno)

@@ -710,6 +710,18 @@ def test_a_float_view_after_a_transpose_reads_the_contiguous_value() -> None:
                 torch.testing.assert_close(runner.run(model, x), q(x))
 
 
+def test_a_variant_that_quantizes_nothing_is_named_and_has_no_flow() -> None:
+    # the warning did not say which variant; the summary read "the variants come from +fx"
+    float_model, qfx, data = _fx_pair()
+    nothing = quantize_dynamic(copy.deepcopy(float_model), {nn.LSTM})  # the MLP has no LSTM
+    with pytest.warns(fxnumeric.FxNumericWarning,
+                      match="^variant 'none': the quantized model has no quantized op"):
+        advice = advise(float_model, {"fx": qfx, "none": nothing}, data, metric="sqnr",
+                        target=40.0)
+    assert advice.flow == "fx" and "come from fx:" in advice.summary()
+    assert set(advice.assignment.values()) <= {"fx", "float"}  # "none" costs 32 bits as float
+
+
 def test_a_metric_that_is_nan_on_the_model_itself_is_an_input_error() -> None:
     # it used to search anyway and report "NOT reached ... best found nan"
     float_model, q, data = _fx_pair()

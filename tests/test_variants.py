@@ -386,7 +386,7 @@ def test_mistakes_are_input_errors_that_name_the_variant(mlp):
     unrelated = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Conv2d(16, 4, 1)).eval(),
                                                        {nn.Linear})
     with pytest.raises(ns.InputError, match="variant 'odd': .*nothing paired"), pytest.warns(
-            ns.FxNumericWarning, match="no quantized op"):
+            ns.FxNumericWarning, match="^variant 'odd': the quantized model has no quantized op"):
         ns.compare(f, {"fx": variants["fx"], "odd": unrelated}, data)
 
 

@@ -16,6 +16,7 @@ verified curve is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -32,7 +33,7 @@ from torch import nn
 from .. import flows
 from .._tensors import dequantize_all, model_output
 from ..capture.export import is_export_graph
-from ..errors import FxNumericWarning, InputError, InstrumentationError
+from ..errors import FxNumericWarning, InputError, InstrumentationError, about_variant
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
@@ -207,11 +208,12 @@ class _Search:
         variants = dict(quant_model) if isinstance(quant_model, Mapping) else {None: quant_model}
         for model in variants.values():
             check_devices(float_model, model, self.batches[0])
-        matchings = {
-            name: resolve_matching(float_model, model, matching if name is None else None, None,
-                                   example_inputs=self.batches[0], validate=False)
-            for name, model in variants.items()
-        }
+        matchings = {}
+        for name, model in variants.items():
+            with contextlib.nullcontext() if name is None else about_variant(name):
+                matchings[name] = resolve_matching(
+                    float_model, model, matching if name is None else None, None,
+                    example_inputs=self.batches[0], validate=False)
         self.matching = next(iter(matchings.values()))
         self.runner = HybridRunner(self.matching if None in matchings else matchings)
         self.progress = progress
@@ -851,7 +853,7 @@ def advise(
     search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
     try:
         if isinstance(quant_model, Mapping):
-            variant_flows = {flow_of(model) for model in quant_model.values()}
+            variant_flows = {flow_of(model) for model in quant_model.values()} - {""}
             return _advise_variants(search, target, layers, prune, bits, started,
                                     "+".join(sorted(variant_flows)))
         return _advise_float(search, target, max_float_layers, candidates, prune, layers,
