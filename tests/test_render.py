@@ -156,7 +156,7 @@ def test_collapsed_signal_is_called_out_and_never_the_culprit():
     assert "float signal collapsed (RMS 3.0e-10)" in dead.notes
     summary = report.summary()
     assert "model output SQNR 0.00 dB (meaningless: float output RMS 3.0e-10)" in summary
-    assert "float signal collapsed in 1 layers" in summary
+    assert "float signal collapsed in 1 layer (RMS < 1e-06): b; its SQNR means nothing" in summary
     assert [r.name for r in report.sorted_rows(top_k=2)] == ["a", "b"]  # collapsed rows last
     only_dead = Report((dead,), ("sqnr",), ("outputs", "shadows"), 1, {"sqnr": 0.0})
     assert only_dead.worst_layer is None and "no layer named as culprit" in only_dead.summary()
@@ -257,7 +257,8 @@ def test_a_real_collapsed_signal_is_flagged_not_blamed():
     assert first.degenerate and [r.name for r in report.degenerate_rows] == ["0", "1"]
     assert "float signal collapsed (RMS 5.6e-10): SQNR meaningless" in report.table()
     assert report.worst_layer is None  # not layer 0 at 0 dB
-    assert "float signal collapsed in 2 layers" in report.summary()
+    assert ("float signal collapsed in 2 layers (RMS < 1e-06): 0, 1; their SQNRs mean nothing"
+            in report.summary())
     assert report.to_dict()["layers"][0]["degenerate"] is True
 
 

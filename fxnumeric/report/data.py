@@ -197,6 +197,11 @@ class ReportRow:
                 f"output {db(self.output_sqnr)} dB, shadow {db(self.shadow_sqnr)} dB)")
 
 
+def _some(names: list[str]) -> str:
+    """The first three names, then how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _sort_value(x: float | None) -> float:
     return math.inf if x is None or math.isnan(x) else x
 
@@ -361,14 +366,14 @@ class Report:
             parts.append(self.verdict.text)
         below = [r.name for r in self.rows if r.below_floor]
         if below:
-            shown = ", ".join(below[:3]) + (f" and {len(below) - 3} more" if len(below) > 3
-                                            else "")
             parts.append(f"{len(below)} {'layer' if len(below) == 1 else 'layers'} far below "
-                         f"{'its' if len(below) == 1 else 'their'} floor SQNR: {shown}")
-        dead = len(self.degenerate_rows)
+                         f"{'its' if len(below) == 1 else 'their'} floor SQNR: {_some(below)}")
+        dead = [r.name for r in self.degenerate_rows]
         if dead:
-            parts.append(f"float signal collapsed in {dead} layers (RMS < {DEGENERATE_RMS:g}): "
-                         "their SQNRs mean nothing")
+            one = len(dead) == 1
+            parts.append(f"float signal collapsed in {len(dead)} {'layer' if one else 'layers'} "
+                         f"(RMS < {DEGENERATE_RMS:g}): {_some(dead)}; "
+                         f"{'its SQNR means' if one else 'their SQNRs mean'} nothing")
         if self.unmatched:
             parts.append(f"{len(self.unmatched)} nodes unpaired")
         return "; ".join(parts)
