@@ -457,13 +457,6 @@ def _advise(args: argparse.Namespace) -> int:
                           high=args.vocab)
     modes = args.quant.split(",")
     if len(modes) > 1:  # which variant (or float) each layer should take
-        pt2e = [m for m in modes if m.startswith("pt2e")]
-        if pt2e:
-            from .errors import InputError
-
-            raise InputError(f"--quant {pt2e[0]}: advise among several variants takes "
-                             "static, dynamic, fx and the torchao modes (pt2e variants are "
-                             "compared by `fxnumeric report`, not searched)")
         if not args.model.startswith("torchvision:"):
             _importable_here()
         calibration = random_batches(args.input_shape, 2, seed=args.seed + 1,

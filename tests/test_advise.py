@@ -722,6 +722,67 @@ def test_a_variant_that_quantizes_nothing_is_named_and_has_no_flow() -> None:
     assert set(advice.assignment.values()) <= {"fx", "float"}  # "none" costs 32 bits as float
 
 
+def test_pt2e_variants_are_searched_with_the_bits_their_constants_store() -> None:
+    # a pt2e layer's weight is a graph constant, dequantize(int8, scale, zero point), not a
+    # module's: pt2e variants were never offered (alone: "no layer to choose a precision for")
+    from fxnumeric.advice.mixed import layer_choices
+    from fxnumeric.models import quantize_pt2e
+
+    float_model, qfx, data = _fx_pair()
+    qpt = quantize_pt2e(float_model, data)[1]  # XNNPACK: per-tensor symmetric int8
+    pt2e_only = advise(float_model, {"pt2e": qpt}, data, metric="sqnr", target=math.inf,
+                       progress=False)
+    ((bits, cheapest), *_) = pt2e_only.front
+    with torch.no_grad():
+        direct = fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),
+                                torch.cat([qpt(x) for x in data]))
+    assert cheapest == pytest.approx(direct, abs=1e-9)  # every layer from pt2e: qpt itself
+    weights = [float_model.fc1.weight, float_model.fc2.weight, float_model.fc3.weight,
+               float_model.fc4.weight]
+    numel = sum(w.numel() for w in weights)
+    assert bits == pytest.approx((8 * numel + 32 * len(weights)) / numel)  # int8 + one scale
+    found, _ = layer_choices(HybridRunner({"pt2e": fxnumeric.match(float_model, qpt)}),
+                             nominal=False)
+    assert {lc.module: dict(lc.choices)["pt2e"] for lc in found} == {  # + an int zero point
+        f"fc{i}": 8 + 64 / w.numel() for i, w in enumerate(weights, 1)}
+
+
+def test_an_exported_program_is_taken_as_compare_takes_it() -> None:
+    # sensitivity and advise raised AttributeError: 'ExportedProgram' has no 'named_children'
+    from fxnumeric.models import quantize_pt2e
+
+    float_model, _, data = _fx_pair()
+    float_gm, q = quantize_pt2e(float_model, data)
+    program = torch.export.export(float_gm, (data[0],))
+    for float_side in (program, float_gm):
+        s = sensitivity(float_side, q, data, metric="sqnr", progress=False)
+        a = advise(float_side, q, data, metric="sqnr", target=40, progress=False)
+        if float_side is program:
+            by_program = ([(layer.only, layer.all_but) for layer in s.layers], a.keep_float, a.value)
+    assert by_program == ([(layer.only, layer.all_but) for layer in s.layers], a.keep_float, a.value)
+
+
+def test_a_second_variant_never_makes_the_advice_dearer() -> None:
+    # the search went pt2e -> fx (dearer: float64 scale per channel, and worse here) -> float
+    # for both layers, then pruned each back one step only: all float (32 bits) where pt2e
+    # alone found 16 bits; pruning now takes the cheapest choice that meets the target
+    from fxnumeric.models import quantize_pt2e
+
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    data = [torch.randn(4, 16) for _ in range(3)]
+    prepared = prepare_fx(copy.deepcopy(float_model), get_default_qconfig_mapping("x86"),
+                          (data[0],))
+    for x in data:
+        prepared(x)
+    variants = {"fx": convert_fx(prepared), "pt2e": quantize_pt2e(float_model, data)[1]}
+    alone = advise(float_model, {"pt2e": variants["pt2e"]}, data, metric="sqnr", target=41,
+                   progress=False)
+    both = advise(float_model, variants, data, metric="sqnr", target=41, progress=False)
+    assert alone.reached and both.reached
+    assert both.bits <= alone.bits < 32
+
+
 def test_a_metric_that_is_nan_on_the_model_itself_is_an_input_error() -> None:
     # it used to search anyway and report "NOT reached ... best found nan"
     float_model, q, data = _fx_pair()

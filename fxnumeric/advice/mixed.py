@@ -14,8 +14,9 @@ The search (closed loop):
 3. **Fill**: layers are upgraded in order of efficiency; a bisection over that order finds the
    fewest upgrades that reach the target (each probe a real hybrid). If all of them do not,
    the next dearer choices are measured the same way from there.
-4. **Prune**: every upgrade the target can do without is undone again, the least efficient
-   and dearest first, each removal verified.
+4. **Prune**: every upgrade the target can do without is undone again, largest layer first,
+   each removal verified; an upgraded layer goes back to the cheapest choice that still meets
+   the target, not only to the one below it (a dearer variant is not always a better one).
 
 Each verified assignment is a point ``(bits, metric)``; :attr:`~fxnumeric.Advice.front` keeps
 the Pareto front of them.
@@ -30,14 +31,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import torch
+from torch import fx, nn
 
+from .. import flows
 from ..errors import InputError, InstrumentationError
 from ..flows.fx import weight_owner
+from ..semantics import evaluate_constant, is_dequantize
 from ..storage import weight_storage_bits
 from .hybrid import module_path
 from .numbers import shown
@@ -61,31 +65,82 @@ class LayerChoices:
         return dict(self.choices)[choice]
 
 
-def _layer_module(matching: Any, name: str) -> nn.Module | None:
-    """The quantized module that holds layer ``name``'s weight (``None``: a functional op
-    with no module's weight)."""
-    return _weight_module(matching, name, "quant")
-
-
-def _float_module(matching: Any, name: str) -> nn.Module | None:
-    return _weight_module(matching, name, "float")
-
-
 def _weight_module(matching: Any, name: str, side: str) -> nn.Module | None:
     """The module of ``side`` holding layer ``name``'s weight: the one its ops call, or the
     one whose weight a functional op reads (``F.linear(x, self.qkv.weight)``: ``qkv``)."""
+    for view, node in _layer_nodes(matching, name, side):
+        module = view.module(node)
+        owner = weight_owner(node) if module is None else None
+        if owner is not None:
+            module = view.modules.get(owner)
+        if module is not None and getattr(module, "weight", None) is not None:
+            return module
+    return None
+
+
+def _layer_nodes(matching: Any, name: str, side: str) -> Iterator[tuple[Any, fx.Node]]:
+    """``(graph view, node)`` for each node of layer ``name``'s chains on ``side``."""
     for pair in matching.pairs:
         if pair.name.partition("#")[0] == name:
             region = matching.region_of(pair)
             view = region.float_view if side == "float" else region.quant_view
             for node in region.chain(pair, side):
-                module = view.module(node)
-                owner = weight_owner(node) if module is None else None
-                if owner is not None:
-                    module = view.modules.get(owner)
-                if module is not None and getattr(module, "weight", None) is not None:
-                    return module
+                yield view, node
+
+
+def weight_bits(matching: Any, name: str, side: str, nominal: bool = True
+                ) -> tuple[int, int] | None:
+    """``(bits, numel)`` of layer ``name``'s weight on ``side`` (``"float"``/``"quant"``), as
+    stored: its module's weight (:func:`fxnumeric.storage.weight_storage_bits`), else the
+    constants a graph op reads it from. A pt2e layer reads ``dequantize(int8 constant, scales,
+    zero points)``: those three are what it stores, the values at the width of their
+    quantization range when ``nominal`` (``quant_min=-8, quant_max=7``: 4 bits). ``None``:
+    the layer reads no weight of its own."""
+    module = _weight_module(matching, name, side)
+    if module is not None:
+        return weight_storage_bits(module, nominal=nominal)
+    for view, node in _layer_nodes(matching, name, side):
+        cls = view.op_class(node)
+        source = flows.weight_input(node, cls.signature[0]) if cls is not None else None
+        if source is None:
+            continue
+        if is_dequantize(view, source) and source.op == "call_function":
+            stored = _dequantized_bits(source, view, nominal)
+            if stored is not None:
+                return stored
+        value = evaluate_constant(source, view)
+        if isinstance(value, torch.Tensor):
+            return weight_storage_bits(value, nominal=nominal)
     return None
+
+
+def _dequantized_bits(node: fx.Node, view: Any, nominal: bool) -> tuple[int, int] | None:
+    """``(bits, numel)`` stored by the constants of a ``dequantize_per_*(data, scale,
+    zero_point, [axis,] quant_min, quant_max, dtype)`` node; ``None`` if its data is not a
+    constant."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return None
+    args = {a.name: v for a, v in zip(schema.arguments, node.args, strict=False)}
+    args.update(node.kwargs)
+    data = evaluate_constant(args.get("input"), view)
+    if not isinstance(data, torch.Tensor):
+        return None
+    low, high = args.get("quant_min"), args.get("quant_max")
+    width = (math.ceil(math.log2(high - low + 1)) if nominal and isinstance(low, int)
+             and isinstance(high, int) and high > low else data.element_size() * 8)
+    bits = data.numel() * width
+    for key in ("scale", "scales", "zero_point", "zero_points"):
+        if key not in args:
+            continue
+        value = evaluate_constant(args[key], view) if isinstance(args[key], fx.Node) \
+            else args[key]
+        if isinstance(value, torch.Tensor):
+            if not (nominal and "zero" in key and not bool(value.any())):
+                bits += weight_storage_bits(value)[0]
+        elif not (nominal and "zero" in key and value == 0):
+            bits += 32  # one float or int of a per-tensor format
+    return bits, data.numel()
 
 
 def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | None = None
@@ -108,20 +163,20 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
     unsearched: list[tuple[str, str]] = []
     kinds = {p.name.partition("#")[0]: p.kind for p in runner.matching.pairs}
     for name in names:
-        float_module = _float_module(runner.matching, name)
-        if float_module is None:
+        float_weight = weight_bits(runner.matching, name, "float")
+        if float_weight is None:
             unsearched.append((name, f"a quantized {kinds.get(name)} op with no module's "
                                      "weight to choose a precision for (none of its own, or "
                                      "several modules'): float in every plan"))
             continue
-        float_bits, numel = weight_storage_bits(float_module)
+        float_bits, numel = float_weight
         choices = [(FLOAT, float_bits / numel)]
         for variant, matching in runner.variants.items():
             local = runner.layer_of(name, variant)
-            module = _layer_module(matching, local) if local else None
-            if module is None:
+            stored = weight_bits(matching, local, "quant", nominal) if local else None
+            if stored is None:
                 continue
-            bits, count = weight_storage_bits(module, nominal=nominal)
+            bits, count = stored
             if count == numel:
                 choices.append((variant, bits / count))
         if len(choices) > 1:
@@ -265,8 +320,10 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
                    f"at {bits:.2f} average weight bits ({mix}), even with every layer at its "
                    "dearest choice")
     if unsearched:
-        message += (f"; {len(unsearched)} quantized layers have no module's weight to choose "
-                    f"a precision for and stay float ({', '.join(n for n, _ in unsearched[:3])}"
+        one = len(unsearched) == 1
+        message += (f"; {len(unsearched)} quantized {'layer has' if one else 'layers have'} no "
+                    "weight of its own to choose a precision for and "
+                    f"{'stays' if one else 'stay'} float ({', '.join(n for n, _ in unsearched[:3])}"
                     f"{', ...' if len(unsearched) > 3 else ''}: advice.unsearched)")
     front = plans.front()
     return {
@@ -280,17 +337,20 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
 
 def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
            upgraded: list[str]) -> tuple[dict[str, str], float]:
-    """Undo every upgrade the target does without, dearest-per-gain first, each verified."""
+    """Undo every upgrade the target does without, largest layer first, each verified: each
+    upgraded layer takes the cheapest of its cheaper choices that still meets the target, not
+    only the one below its own. A dearer choice is not always a better one (an FX variant with
+    per-channel float64 scales costs more than a per-tensor pt2e one and may read worse), so
+    the search can pass a cheap good choice on its way up."""
     meets = plans.search.metric.meets
     order = sorted(dict.fromkeys(upgraded), key=lambda n: -plans.by_name[n].numel)
     for name in order:
         lc = plans.by_name[name]
         names = [c for c, _ in lc.choices]
-        i = names.index(plan[name])
-        if i == 0:
-            continue
-        trial = {**plan, name: names[i - 1]}
-        (v,) = plans.measure([trial], "pruning")
-        if meets(v, target):
-            plan, value = trial, v
+        for cheaper in names[:names.index(plan[name])]:
+            trial = {**plan, name: cheaper}
+            (v,) = plans.measure([trial], "pruning")
+            if meets(v, target):
+                plan, value = trial, v
+                break
     return plan, value

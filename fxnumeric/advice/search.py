@@ -202,10 +202,12 @@ class _Search:
     def __init__(self, float_model: nn.Module, quant_model: nn.Module | Mapping[str, nn.Module],
                  data: Iterable[Any], metric: str | EndMetric, matching: Matching | None,
                  progress: bool | None, inputs: int | Callable[[Any], Any] | None = None) -> None:
+        float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram: its module
         self.metric = _resolve_metric(metric, float_model)
         self.metric_name = self.metric.name
         self.batches = model_batches(data, inputs)
-        variants = dict(quant_model) if isinstance(quant_model, Mapping) else {None: quant_model}
+        variants = {name: flows.normalise_model(model, "quantized") for name, model in (
+            quant_model.items() if isinstance(quant_model, Mapping) else [(None, quant_model)])}
         for model in variants.values():
             check_devices(float_model, model, self.batches[0])
         matchings = {}
