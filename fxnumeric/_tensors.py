@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["first_output", "model_output", "detach", "copy_values", "dequantize_all",
+__all__ = ["first_output", "model_output", "after_loss", "detach", "copy_values", "dequantize_all",
            "stores_floats"]
 
 
@@ -21,9 +21,27 @@ def first_output(x: Any) -> Any:
 
 def model_output(output: Any) -> Any:
     """The model output a report compares and an end metric reads: a model's logits (listed
-    after the loss when the batch has labels), else its first output."""
+    after the loss when the batch has labels), else its first output after a loss."""
     logits = getattr(output, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else first_output(output)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    return logits if isinstance(logits, torch.Tensor) else first_output(after_loss(output))
+
+
+def after_loss(output: Any) -> Any:
+    """``output`` without a leading scalar loss: a Hugging Face model called with labels and
+    ``return_dict=False`` returns ``(loss, logits, ...)``."""
+    if (isinstance(output, (tuple, list)) and len(output) > 1
+            and isinstance(output[0], torch.Tensor) and output[0].dim() == 0):
+        return output[1:]
+    return output
+
+
+def _each(fn: Any, x: tuple | list) -> tuple | list:
+    """``fn`` of each item of ``x``, in a sequence of ``x``'s type (a named tuple, such as an
+    LSTM's ``PackedSequence``, is built from positional fields)."""
+    items = [fn(v) for v in x]
+    return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
 
 
 def detach(x: Any) -> Any:
@@ -31,7 +49,7 @@ def detach(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, (tuple, list)):
-        return type(x)(detach(v) for v in x)
+        return _each(detach, x)
     return x
 
 
@@ -41,7 +59,7 @@ def copy_values(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
     if isinstance(x, (tuple, list)):
-        return type(x)(copy_values(v) for v in x)
+        return _each(copy_values, x)
     return x
 
 
@@ -50,7 +68,7 @@ def dequantize_all(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.dequantize() if x.is_quantized else x
     if isinstance(x, (tuple, list)):
-        return type(x)(dequantize_all(v) for v in x)
+        return _each(dequantize_all, x)
     return x
 
 

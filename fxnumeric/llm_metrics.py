@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ._tensors import after_loss
 from .errors import InputError
 
 __all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "token_fields",
@@ -461,7 +462,8 @@ def looks_like_logits(output: Any, batch: Any = None,
     ``loss`` first).
 
     * An object or dict with a tensor ``logits`` (``CausalLMOutputWithPast``) gives it.
-    * A tensor (or the first element of a tuple/list) with ``vocab_size`` given (pass
+    * A tensor (or the first element of a tuple/list, after a leading scalar loss) with
+      ``vocab_size`` given (pass
       ``model.config.vocab_size`` when the model has a config): it is logits when its last
       dim equals ``vocab_size``.
     * Otherwise, a heuristic: a floating tensor ``(batch, seq, V)`` with ``V >= 1000``, whose
@@ -475,6 +477,7 @@ def looks_like_logits(output: Any, batch: Any = None,
         logits = output.get("logits")
     if isinstance(logits, torch.Tensor) and logits.is_floating_point():
         return logits
+    output = after_loss(output)  # (loss, logits, ...): labels with return_dict=False
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
     if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() < 2:

@@ -405,6 +405,40 @@ def test_compare_model_outputs_lstm_logs_output_and_state_tuples(make_lstm_pair)
         assert h.shape == c.shape == (5, 1, 256)
 
 
+class _PackedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
+        return self.fc(out)
+
+
+def test_an_lstm_fed_a_packed_sequence_logs_as_eager_does() -> None:
+    # a PackedSequence (a named tuple) was rebuilt from one generator: "the float model failed
+    # on the input", and prepare_model_outputs left the user's model failing the same way
+    torch.manual_seed(0)
+    make = lambda: (lambda f: (f, torch.ao.quantization.quantize_dynamic(  # noqa: E731
+        copy.deepcopy(f), {nn.LSTM, nn.Linear})))(_PackedLSTM().eval())
+    data = (torch.randn(3, 5, 8), torch.tensor([5, 3, 2]))
+    torch.manual_seed(0)
+    eager = tns.compare_model_outputs(*make(), *data)
+    torch.manual_seed(0)
+    _assert_activation_dicts_match(ns.compare_model_outputs(*make(), *data), eager, n_passes=1)
+    torch.manual_seed(0)
+    float_model, qmodel = make()
+    expected = float_model(*data)
+    ns.prepare_model_outputs(float_model, qmodel)
+    torch.testing.assert_close(float_model(*data), expected, rtol=0, atol=0)
+    qmodel(*data)
+    assert list(ns.get_matching_activations(float_model, qmodel)) == list(eager)
+
+
 @pytest.mark.parametrize("api", ["compare_model_outputs", "prepare_model_outputs"])
 def test_output_logger_stores_detached_tensors(core_case: Case, api: str) -> None:
     """Deviation (c): fxnumeric's OutputLogger detaches; eager keeps the autograd graph.

@@ -90,6 +90,27 @@ def test_labels_give_the_perplexity_of_the_labels():
         ns.sqnr(f(**batch).logits.detach(), q(**batch).logits.detach()), abs=1e-4)
 
 
+def test_a_tokenizers_batch_encoding_is_keyword_inputs_and_a_tuple_output_skips_its_loss():
+    # a BatchEncoding (a Mapping, not a dict) was passed as one positional input; with
+    # return_dict=False and labels the model output compared was the scalar loss
+    import transformers
+
+    f = tiny_llama().eval()
+    q = _int4(f)
+    batch = tiny_llm_batches(vocab_size=256, n=1)[0]
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    plain = ns.compare(f, q, [{**batch, "labels": labels}], progress=False)
+    encoded = ns.compare(f, q, [transformers.BatchEncoding({**batch, "labels": labels})],
+                         progress=False)
+    assert encoded.model_output == pytest.approx(plain.model_output, rel=1e-6)
+    as_tuple = ns.compare(f, q, [{**batch, "labels": labels, "return_dict": False}],
+                          progress=False)
+    assert as_tuple.model_output == pytest.approx(plain.model_output, rel=1e-6)
+    expected = _direct(f, q, [batch])
+    assert as_tuple.model_output["kl"] == pytest.approx(expected["kl"], rel=1e-4)
+
+
 def test_a_model_without_logits_has_no_llm_metrics():
     torch.manual_seed(0)
     f = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
