@@ -17,7 +17,7 @@ Where fxnumeric deliberately differs from the eager suite, see ``docs/eager_comp
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +31,12 @@ from . import flows
 from ._collector import defers_collection
 from .capture import LeafSpec
 from .capture.export import capture_example
-from .errors import InstrumentationError
+from .errors import InputError, InstrumentationError
 from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
 from .loggers import Logger, OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
-from .run import check_devices, run_model
+from .run import check_devices, check_model, run_model
 from .weights import extract_weights, rnn_cell_weights
 
 __all__ = [
@@ -139,9 +139,11 @@ def compare_weights(float_dict: Any, quantized_dict: Any) -> dict[str, dict[str,
     if isinstance(float_dict, nn.Module) and isinstance(quantized_dict, nn.Module):
         return extract_weights(match(float_dict, quantized_dict))
     if isinstance(float_dict, nn.Module) or isinstance(quantized_dict, nn.Module):
-        from .errors import InputError
-
         raise InputError("compare_weights takes two state dicts or two models, not one of each")
+    if not isinstance(float_dict, Mapping) or not isinstance(quantized_dict, Mapping):
+        raise InputError(f"compare_weights takes two state dicts (model.state_dict()) or two "
+                         f"models, got a {type(float_dict).__name__} and a "
+                         f"{type(quantized_dict).__name__}")
     check_state_dicts(float_dict, quantized_dict)  # quantized tensors under 'float': swapped
     return _compare_state_dicts(float_dict, quantized_dict)
 
@@ -248,6 +250,8 @@ def prepare_model_outputs(
     when None), or, in FX-quantized graphs, when it is a quantized functional op. Preparing
     again replaces the previous loggers (they never stack).
     """
+    check_model(float_module, "float_module")
+    check_model(q_module, "q_module")
     for model in (float_module, q_module):
         remove_instrumentation(model)
     float_gm, quant_gm = _output_loggers(float_module, q_module, logger_cls, allow_list,
@@ -272,6 +276,8 @@ def get_matching_activations(float_module: nn.Module,
     Raises:
         InstrumentationError: if the models were not prepared, or nothing was logged yet.
     """
+    check_model(float_module, "float_module")
+    check_model(q_module, "q_module")
     float_prep, quant_prep = _PREPARED.get(float_module), _PREPARED.get(q_module)
     if float_prep is None or quant_prep is None:
         raise InstrumentationError(
@@ -340,8 +346,9 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
 
 
 def _batch(data: tuple[Any, ...]) -> Any:
-    """The ``*data`` of the eager calls as one batch: a lone dict holds keyword inputs."""
-    return data[0] if len(data) == 1 and isinstance(data[0], dict) else data
+    """The ``*data`` of the eager calls as one batch: a lone dict (any mapping) holds keyword
+    inputs."""
+    return data[0] if len(data) == 1 and isinstance(data[0], Mapping) else data
 
 
 def _is_identical_module_type(a: nn.Module, b: nn.Module) -> bool:
@@ -372,6 +379,9 @@ def _stub_selector(module_swap_list: Iterable[type]):
 def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: Iterable[type],
                 logger_cls: type, leaf_modules: Iterable[LeafSpec] | None,
                 capture: str = "auto", example_inputs: Any = None) -> fx.GraphModule:
+    if isinstance(module_swap_list, (str, type)) or not isinstance(module_swap_list, Iterable):
+        raise InputError(f"module_swap_list is a {type(module_swap_list).__name__}: pass a list "
+                         "of float module types to shadow, e.g. [nn.Linear, nn.Conv2d]")
     leaves = list(module_swap_list) + list(leaf_modules or ())
     matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
                      leaf_modules=leaves, capture=capture).check()
@@ -401,6 +411,8 @@ def prepare_model_with_stubs(
     ``(quantized_output, float_output)``; :func:`get_logger_dict` reads them. The float
     model is not modified.
     """
+    check_model(float_module, "float_module")
+    check_model(q_module, "q_module")
     remove_instrumentation(q_module)
     gm = _stub_graph(float_module, q_module, module_swap_list, logger_cls, leaf_modules)
     _install(q_module, gm)
@@ -437,6 +449,7 @@ def get_logger_dict(mod: nn.Module, prefix: str = "") -> dict[str, dict]:
     Works on models prepared by fxnumeric and, as torch's version does, on any module tree
     containing Logger submodules (for example :class:`fxnumeric.Shadow` modules).
     """
+    check_model(mod, "mod")
     prepared = _PREPARED.get(mod)
     if prepared is not None:
         return _logger_dict(prepared, prefix)

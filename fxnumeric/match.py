@@ -53,7 +53,7 @@ from .guards import check_pair, contents
 from .offload import whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, pair_views, same_op
-from .run import run_model
+from .run import check_model, run_model
 from .view import GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "Region", "match"]
@@ -672,6 +672,8 @@ def match(
         [('linear', ('_0',), ('_0',)), ('relu', ('_1',), ('_1',))]
     """
     check_capture(capture, example_inputs)
+    check_model(float_model, "float_model")
+    check_model(quant_model, "quant_model")
     # a module whose own weights accelerate offloaded is called whole (its hook loads them):
     # keep its path whole on both sides, so that it pairs with its in-memory counterpart
     offloaded = whole_paths(float_model) + whole_paths(quant_model)

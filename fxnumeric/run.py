@@ -26,8 +26,8 @@ from . import flows
 from .errors import FxNumericError, FxNumericWarning, InputError, InstrumentationError
 from .offload import devices
 
-__all__ = ["run_model", "as_args", "as_call", "check_devices", "pick_inputs", "model_batches",
-           "check_data", "check_batch", "nonfinite_inputs"]
+__all__ = ["run_model", "as_args", "as_call", "check_model", "check_devices", "pick_inputs",
+           "model_batches", "check_data", "check_batch", "nonfinite_inputs"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -121,8 +121,9 @@ def as_args(batch: Any) -> tuple[Any, ...]:
 
 
 def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A batch as ``(args, kwargs)``: a dict gives keyword inputs, anything else positional ones."""
-    if isinstance(batch, dict):
+    """A batch as ``(args, kwargs)``: a dict (any mapping: a tokenizer's ``BatchEncoding``)
+    gives keyword inputs, anything else positional ones."""
+    if isinstance(batch, Mapping):
         return (), dict(batch)
     return as_args(batch), {}
 
@@ -302,13 +303,27 @@ def _input_devices(x: Any) -> set[torch.device]:
         return {x.device}
     if isinstance(x, (tuple, list)):
         return set().union(*(_input_devices(v) for v in x)) if x else set()
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return _input_devices(list(x.values()))
     return set()
 
 
+def check_model(model: Any, which: str) -> None:
+    """Raise :class:`InputError` when ``model`` (``which``: ``"float_model"``,
+    ``"quant_model"``) is not a model: an ``nn.Module`` or a ``torch.export`` program."""
+    if isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        return
+    several = (" Several quantized variants are a dict, {name: quantized model}."
+               if which == "quant_model" and isinstance(model, (list, tuple)) else "")
+    raise InputError(f"{which} is a {type(model).__name__}, not a model: pass an nn.Module "
+                     f"(or a torch.export ExportedProgram).{several}")
+
+
 def check_devices(float_model: nn.Module, quant_model: nn.Module, batch: Any = None) -> None:
-    """Raise :class:`InputError` when the models (or the batch) live on different devices."""
+    """Raise :class:`InputError` when the models are not models or they (or the batch) live on
+    different devices."""
+    check_model(float_model, "float_model")
+    check_model(quant_model, "quant_model")
     float_dev, quant_dev = _devices(float_model), _devices(quant_model)
     names = {"float model": float_dev, "quantized model": quant_dev}
     if batch is not None:

@@ -202,6 +202,34 @@ def _case_bad_metric():
     ns.compare(f, q, [torch.randn(2, 4)], metrics=[lambda ref, actual: 1 / 0])
 
 
+def _case_variants_as_a_list():
+    f, q = _lin()
+    ns.compare(f, [q, q], [torch.randn(2, 4)])
+
+
+def _case_advise_variants_as_a_list():
+    f, q = _lin()
+    ns.advise(f, [q, q], [torch.randn(2, 4)], metric="sqnr", target=30)
+
+
+def _case_state_dicts_of_none():
+    ns.compare_weights(None, None)
+
+
+def _case_prepare_none():
+    f, _ = _lin()
+    ns.prepare_model_outputs(f, None)
+
+
+def _case_logger_dict_of_none():
+    ns.get_logger_dict(None)
+
+
+def _case_stub_without_swap_list():
+    f, q = _lin()
+    ns.compare_model_stub(f, q, None, torch.randn(2, 4))
+
+
 @pytest.mark.parametrize("case, error, message", [
     (_case_untraceable, ns.TraceError, r"in `gate` \(_Gate\).*if x.sum\(\) > 0.*leaf_modules="),
     (_case_unsupported_op, ns.MatchError, r"quantized `_3` \(hardswish\): no float op of kind `hardswish` consumes the float counterpart `_1`"),
@@ -217,6 +245,12 @@ def _case_bad_metric():
     (_case_read_before_forward, ns.InstrumentationError, r"run a forward pass of both prepared models"),
     (_case_unknown_pair, ns.InstrumentationError, r"no pair is named \['decoder'\]"),
     (_case_bad_metric, ns.InputError, r"custom metric '<lambda>' failed: ZeroDivisionError"),
+    (_case_variants_as_a_list, ns.InputError, r"quant_model is a list, not a model.*a dict, \{name"),
+    (_case_advise_variants_as_a_list, ns.InputError, r"quant_model is a list, not a model"),
+    (_case_state_dicts_of_none, ns.InputError, r"two state dicts .* got a NoneType and a NoneType"),
+    (_case_prepare_none, ns.InputError, r"q_module is a NoneType, not a model"),
+    (_case_logger_dict_of_none, ns.InputError, r"mod is a NoneType, not a model"),
+    (_case_stub_without_swap_list, ns.InputError, r"module_swap_list is a NoneType: pass a list"),
 ])
 def test_user_reachable_failures(case, error, message):
     with pytest.raises(error) as info:
