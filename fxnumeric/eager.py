@@ -101,8 +101,11 @@ def _compare_state_dicts(float_dict: dict[str, Any],
             weight_dict[key] = {"float": float_dict[match_key], "quantized": value[0]}
         parts = key.split(".")
         if len(parts) >= 3 and parts[-1] == "param" and parts[-3] == "_all_weight_values":
-            layer, module = parts[-2], ".".join(parts[:-3])
-            ih, hh = f"{module}.weight_ih_l{layer}", f"{module}.weight_hh_l{layer}"
+            cell, module = int(parts[-2]), ".".join(parts[:-3])
+            # cells are numbered layer * directions + direction (l0, l0_reverse, l1, ...)
+            directions = 2 if f"{module}.weight_ih_l0_reverse" in float_dict else 1
+            name = f"l{cell // directions}{'_reverse' if cell % directions else ''}"
+            ih, hh = f"{module}.weight_ih_{name}", f"{module}.weight_hh_{name}"
             if ih in float_dict and hh in float_dict:
                 q_ih, q_hh = rnn_cell_weights(value)
                 weight_dict[f"{key}.weight_ih"] = {"float": float_dict[ih], "quantized": q_ih}
@@ -204,16 +207,35 @@ def _pair_module(matching: Matching, pair: Pair, side: str, *,
     return None
 
 
-def _output_selector(allow_list: set[type]):
+_FUNCTIONAL = (nnq.FloatFunctional, nnq.QFunctional)
+"""torch's prepare observes these whatever the allow list says."""
+
+
+def _output_selector(allow_list: set[type] | None):
+    explicit = allow_list is not None
+    if allow_list is None:
+        allow_list = get_default_compare_output_module_list()
     allowed = set(allow_list) | NON_LEAF_MODULE_TO_ADD_OBSERVER_ALLOW_LIST
 
     def select(pair: Pair, matching: Matching) -> bool:
         # the logger sits on the module that produces the quantized output, as in eager mode
         module = _pair_module(matching, pair, "quantized", head_first=False)
+        if isinstance(module, _FUNCTIONAL):
+            return True
         if module is not None:
-            return type(module) in allowed
-        # FX-quantized graphs: quantized functional ops (torch.ops.quantized.*) are logged too
-        return pair.quantized
+            if type(module) not in allowed:
+                return False
+            if not explicit:  # the default list holds every float type it pairs with
+                return True
+            # torch logs both models and keeps the names logged on both sides: the float
+            # module's type must be in a given list too (the non-leaf list serves the
+            # quantized side only)
+            fmod = _pair_module(matching, pair, "float", head_first=False)
+            return fmod is None or isinstance(fmod, _FUNCTIONAL) or type(fmod) in allow_list
+        # FX-quantized graphs: quantized functional ops (torch.ops.quantized.*) are logged too;
+        # an eager model's are not, as in torch (a FloatFunctional's add_scalar and mul_scalar
+        # are not observed: no activation_post_process call names their module)
+        return pair.quantized and isinstance(matching.quant_model, fx.GraphModule)
 
     return select
 
@@ -224,8 +246,6 @@ def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type
                     example_inputs: Any = None,
                     ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Logged copies of both models, on the pairs whose quantized module is allowed."""
-    if allow_list is None:
-        allow_list = get_default_compare_output_module_list()
     matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
                      leaf_modules=leaf_modules, capture=capture).check()
     # one logger per module, logged once per call, as in torch's eager suite

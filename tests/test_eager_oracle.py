@@ -381,6 +381,26 @@ def test_compare_weights_lstm_splits_ih_and_hh(make_lstm_pair) -> None:
         assert sqnr_db(float_ih, q_ih) > 30
 
 
+def test_compare_weights_of_a_bidirectional_lstm_pairs_each_direction() -> None:
+    # cells are numbered layer * 2 + direction; cell 1 (l0_reverse) was paired with float
+    # layer 1 (a shape mismatch) and cells 2 and 3 were left out
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.LSTM(8, 6, num_layers=2, bidirectional=True)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.LSTM})
+    by_state = ns.compare_weights(f.state_dict(), q.state_dict())
+    names = ["l0", "l0_reverse", "l1", "l1_reverse"]
+    assert list(by_state) == [f"0._all_weight_values.{cell}.param.{w}" for cell in range(4)
+                              for w in ("weight_ih", "weight_hh")]
+    for key, pair in by_state.items():
+        cell, which = int(key.split(".")[2]), key.split(".")[-1]
+        assert torch.equal(pair["float"], getattr(f[0], f"{which}_{names[cell]}"))
+        assert sqnr_db(pair["float"], pair["quantized"]) > 30  # the same matrix, quantized
+    by_model = ns.compare_weights(f, q)
+    assert list(by_model) == list(by_state)
+    for key in by_state:
+        assert_same(by_model[key], by_state[key], key)
+
+
 # --------------------------------------------------------------------------------------------
 # 2. compare_model_outputs
 # --------------------------------------------------------------------------------------------
@@ -437,6 +457,48 @@ def test_an_lstm_fed_a_packed_sequence_logs_as_eager_does() -> None:
     torch.testing.assert_close(float_model(*data), expected, rtol=0, atol=0)
     qmodel(*data)
     assert list(ns.get_matching_activations(float_model, qmodel)) == list(eager)
+
+
+class _Functional(nn.Module):
+    """A conv, a FloatFunctional's add, add_scalar and mul_scalar, and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+        self.addsc = torch.ao.nn.quantized.FloatFunctional()
+        self.mulsc = torch.ao.nn.quantized.FloatFunctional()
+        self.fc = nn.Linear(4, 2)
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.quant(x))
+        x = self.mulsc.mul_scalar(self.addsc.add_scalar(self.add.add(x, x), 1.0), 0.5)
+        return self.dequant(self.fc(x.mean((2, 3))))
+
+
+def _functional_pair() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    f, x = _Functional().eval(), torch.randn(2, 3, 8, 8)
+    q = copy.deepcopy(f)
+    q.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    torch.ao.quantization.prepare(q, inplace=True)
+    q(x)
+    return f, torch.ao.quantization.convert(q), x
+
+
+@pytest.mark.parametrize("allow_list", [None, [nn.Conv2d, torch.ao.nn.quantized.Conv2d], []],
+                         ids=["default", "conv", "empty"])
+def test_allow_lists_and_floatfunctionals_log_as_eager(allow_list) -> None:
+    # torch observes a FloatFunctional whatever the allow list, never its add_scalar or
+    # mul_scalar, and keeps a name only where both models logged it: fxnumeric logged
+    # add_scalar under its node name, dropped `add` from a given list and kept `fc`
+    f, q, x = _functional_pair()
+    eager = tns.compare_model_outputs(copy.deepcopy(f), copy.deepcopy(q), x,
+                                      allow_list=allow_list)
+    fx = ns.compare_model_outputs(f, q, x, allow_list=allow_list)
+    _assert_activation_dicts_match(fx, eager, n_passes=1)
 
 
 @pytest.mark.parametrize("api", ["compare_model_outputs", "prepare_model_outputs"])
