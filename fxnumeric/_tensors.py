@@ -63,12 +63,14 @@ def copy_values(x: Any) -> Any:
     return x
 
 
-def dequantize_all(x: Any) -> Any:
-    """Dequantize every quantized tensor in ``x`` (tensors, tuples, lists)."""
+def dequantize_all(x: Any, dtype: torch.dtype | None = None) -> Any:
+    """Dequantize every quantized tensor in ``x`` (tensors, tuples, lists) and, given a
+    ``dtype``, cast every floating tensor to it."""
     if isinstance(x, torch.Tensor):
-        return x.dequantize() if x.is_quantized else x
+        x = x.dequantize() if x.is_quantized else x
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
     if isinstance(x, (tuple, list)):
-        return _each(dequantize_all, x)
+        return _each(lambda v: dequantize_all(v, dtype), x)
     return x
 
 

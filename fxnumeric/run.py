@@ -233,8 +233,9 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     """Call ``model`` on one batch under ``torch.no_grad()``.
 
     A model that can keep a cache of past keys and values (a Hugging Face language model's
-    ``use_cache``) runs without it unless the batch asks: each batch is one forward, and the
-    cache would only hold memory.
+    ``use_cache``) runs without it, even where the batch asks for one (with a warning): each
+    batch is one forward, whose logits a cache does not change, and a layer and its float twin
+    fed the same call would both write into the one cache the model made.
 
     Raises:
         InputError: when the model rejects the batch (shape, dtype, device, arity), naming
@@ -242,7 +243,12 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     """
     args, kwargs = as_call(batch)
     signature = _signature(model)
-    if signature is not None and "use_cache" in signature.parameters and "use_cache" not in kwargs:
+    if signature is not None and "use_cache" in signature.parameters:
+        if kwargs.get("use_cache"):
+            warnings.warn("the batch asks for use_cache=True: fxnumeric runs each batch as one "
+                          "forward without a cache (the logits are the same; a layer and its "
+                          "float twin would both write into one cache)", FxNumericWarning,
+                          stacklevel=2)
         kwargs["use_cache"] = False
     _check_signature(model, args, kwargs, which)
     try:

@@ -111,6 +111,35 @@ def test_a_tokenizers_batch_encoding_is_keyword_inputs_and_a_tuple_output_skips_
     assert as_tuple.model_output["kl"] == pytest.approx(expected["kl"], rel=1e-4)
 
 
+def test_a_batch_asking_for_a_cache_runs_without_one_and_says_so():
+    # a layer and its float twin both wrote into the model's one DynamicCache: "the size of
+    # tensor a (32) must match the size of tensor b (16)" with shadows on
+    f = tiny_llama().eval()
+    q = _int4(f)
+    batch = tiny_llm_batches(vocab_size=256, n=1)[0]
+    with pytest.warns(ns.FxNumericWarning, match="use_cache=True: fxnumeric runs each batch"):
+        cached = ns.compare(f, q, [{**batch, "use_cache": True}], progress=False)
+    plain = ns.compare(f, q, [batch], progress=False)
+    assert cached.model_output == pytest.approx(plain.model_output, rel=1e-6)
+    assert [r.shadow_sqnr for r in cached.rows] == pytest.approx([r.shadow_sqnr for r in plain.rows])
+
+
+def test_a_bfloat16_quantized_model_against_its_float32_original():
+    # the shadows fed bfloat16 values to float32 twins: "expected m1 and m2 to have the same
+    # dtype" with shadows on; a twin now reads them in its weights' dtype
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    f = tiny_llama().eval()
+    q = copy.deepcopy(f).to(torch.bfloat16)
+    quantize_(q, Int8WeightOnlyConfig())
+    data = tiny_llm_batches(vocab_size=256, n=1)
+    report = ns.compare(f, q, data, progress=False)
+    expected = _direct(f, q, data)
+    assert report.model_output["kl"] == pytest.approx(expected["kl"], rel=1e-3)
+    shadows = [r.shadow_sqnr for r in report.rows if r.quantized]
+    assert shadows and all(math.isfinite(v) and v > 20 for v in shadows)
+
+
 def test_a_model_without_logits_has_no_llm_metrics():
     torch.manual_seed(0)
     f = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()

@@ -17,6 +17,7 @@ is followed by ``graph.lint()``, and observer calls are marked impure, so a dead
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -208,9 +209,12 @@ class GraphCopy:
                 cursor = make()
             return cursor
 
+        dtype = _weights_dtype(float_view, nodes)
         for float_node, quant_name in inputs.items():
             quant_node = self.nodes[quant_name]
-            env[float_node] = emit(lambda q=quant_node: graph.call_function(dequantize_all, (q,)))
+            # a bfloat16 quantized model's values feed a float32 twin in float32
+            env[float_node] = emit(lambda q=quant_node: graph.call_function(
+                dequantize_all, (q,) if dtype is None else (q, dtype)))
             if any(overwrites(u, float_node, float_view.modules) for u in float_node.users
                    if u in nodes):
                 # the copy writes into its input, which may be the quantized graph's own tensor
@@ -249,3 +253,21 @@ class GraphCopy:
         # an observer that asks for them also gets the (dequantized) values the shadow read
         extra = tuple(env[f] for f in inputs) if getattr(observer, "takes_inputs", False) else ()
         emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]], *extra)))
+
+
+def _weights_dtype(view: GraphView, nodes: list[fx.Node]) -> torch.dtype | None:
+    """The floating dtype of the first weight (parameter or buffer) ``nodes`` read, or None."""
+    for n in nodes:
+        if n.op == "call_module":
+            held = itertools.chain(view.modules[n.target].parameters(),
+                                   view.modules[n.target].buffers())
+        elif n.op == "get_attr":
+            value = fetch_attr(view.gm, str(n.target))
+            held = (value.parameters() if isinstance(value, nn.Module)
+                    else [value] if isinstance(value, torch.Tensor) else [])
+        else:
+            continue
+        for tensor in held:
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return None
