@@ -163,12 +163,14 @@ class LogitsAccumulator:
         (:func:`token_fields`) where they fit the logits.
 
         * ``attention_mask`` counts only when its shape is the logits' leading dims (one row
-          per token); a sequence classifier's ``(batch, labels)`` logits are one prediction
-          per row, every row real.
+          per token), or its last positions are (logits of the last tokens only:
+          ``logits_to_keep``); a sequence classifier's ``(batch, labels)`` logits are one
+          prediction per row, every row real.
         * Next-token targets (``labels``, else ``input_ids``) only for a model that predicts
           the next token: ``next_token`` (:func:`predicts_next_token`) True, or None and
           targets shaped as the leading dims. A masked LM's or a token classifier's labels
-          are not next tokens and give no perplexity.
+          are not next tokens and give no perplexity, nor do targets of another shape than the
+          logits' leading dims.
         * ``encoder_decoder`` (:func:`is_encoder_decoder`): the logits are the decoder's, read
           against the decoder's side of a dict batch (:func:`_decoder_fields`); a tuple batch
           gives no mask and no targets (its positions differ from model to model).
@@ -180,11 +182,13 @@ class LogitsAccumulator:
             fields = token_fields(batch)
             mask, shift = fields.get("attention_mask"), True
             targets = fields.get("labels", fields.get("input_ids"))
+        if (mask is not None and mask.dim() == len(lead) > 1 and tuple(mask.shape[:-1]) == lead[:-1]
+                and mask.shape[-1] > lead[-1]):
+            mask = mask[..., -lead[-1]:]  # logits of the last positions only (logits_to_keep)
         if mask is not None and tuple(mask.shape) != lead:
             mask = None
-        if next_token is False or (next_token is None and targets is not None
-                                   and tuple(targets.shape) != lead):
-            targets = None
+        if next_token is False or (targets is not None and tuple(targets.shape) != lead):
+            targets = None  # not next tokens, or not one per logit row: no perplexity
         self.update(float_logits, quant_logits, attention_mask=mask, labels=targets,
                     shift=shift)
 

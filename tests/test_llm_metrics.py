@@ -223,6 +223,22 @@ def test_nothing_seen_is_nan_and_no_perplexity():
     assert "ppl_float" not in acc.values()
 
 
+def test_logits_of_the_last_positions_read_the_last_positions_of_the_mask():
+    # logits_to_keep=1 (generate's prefill): the (3, 16) input_ids raised "do not match the
+    # logits' leading dims" and the mask was dropped
+    f, q = _pair((3, 2, 50))
+    mask = _mask(3, 6, [6, 5, 3])
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    acc = LogitsAccumulator()
+    acc.update_batch(f, q, {"input_ids": ids, "attention_mask": mask}, next_token=True)
+    got = acc.values()
+    expected = _oracle(f, q, mask[:, -2:])
+    assert acc.tokens == int(mask[:, -2:].sum()) == 3
+    for key in ("kl", "kl_max", "top1_agreement"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert "ppl_float" not in got  # targets are not one per logit row
+
+
 def test_token_kls_are_float32_one_per_real_token():
     f, q = _pair()
     acc = LogitsAccumulator()
