@@ -62,6 +62,7 @@ from .run import (
     check_batch,
     check_data,
     check_devices,
+    keeps_buffers,
     nonfinite_inputs,
     pick_inputs,
     run_model,
@@ -298,6 +299,7 @@ def _add_weights(acc: Accumulator, float_weight: torch.Tensor,
         acc.update(fw[start:start + _WEIGHT_CHUNK], qw[start:start + _WEIGHT_CHUNK])
 
 
+@keeps_buffers
 @defers_collection
 def compare(
     float_model: nn.Module,

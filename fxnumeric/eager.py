@@ -36,7 +36,7 @@ from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
 from .loggers import Logger, OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
-from .run import check_devices, check_model, run_model
+from .run import check_devices, check_model, keeps_buffers, run_model
 from .weights import extract_weights, rnn_cell_weights
 
 __all__ = [
@@ -328,6 +328,7 @@ def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict
     return result
 
 
+@keeps_buffers
 @defers_collection
 def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any,
                           logger_cls: type = OutputLogger, allow_list: set[type] | None = None,
@@ -438,6 +439,7 @@ def prepare_model_with_stubs(
     _install(q_module, gm)
 
 
+@keeps_buffers
 @defers_collection
 def compare_model_stub(
     float_model: nn.Module,

@@ -53,7 +53,7 @@ from .guards import check_pair, contents
 from .offload import whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, pair_views, same_op
-from .run import check_model, run_model
+from .run import check_model, keeps_buffers, run_model
 from .view import GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "Region", "match"]
@@ -605,6 +605,7 @@ def _calls_no_layer(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes if n.op == "call_module")
 
 
+@keeps_buffers
 @defers_collection
 def match(
     float_model: nn.Module,

@@ -12,11 +12,13 @@ tells a caller which batches hold NaN/Inf, to be left out of the metrics.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -27,7 +29,8 @@ from .errors import FxNumericError, FxNumericWarning, InputError, Instrumentatio
 from .offload import devices
 
 __all__ = ["run_model", "as_args", "as_call", "check_model", "check_devices", "pick_inputs",
-           "model_batches", "check_data", "check_batch", "nonfinite_inputs"]
+           "buffers_kept", "keeps_buffers", "model_batches", "check_data", "check_batch",
+           "nonfinite_inputs"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -346,3 +349,60 @@ def check_devices(float_model: nn.Module, quant_model: nn.Module, batch: Any = N
             f"the models and inputs must be on one device, but the {where}. "
             f"Move them first, e.g. float_model.to('cpu') (quantized kernels run on CPU).{meta}"
         )
+
+
+_MODEL_ARGS = ("float_model", "quant_model", "q_model", "float_module", "q_module")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def buffers_kept(*models: Any) -> Iterator[None]:
+    """Run with every buffer of ``models`` (a dict of variants too) put back as it was after,
+    and every fake-quant observing nothing meanwhile.
+
+    A model prepared but not converted (``prepare_pt2e``, ``prepare_qat_pt2e``, FX or eager
+    ``prepare``) holds observers and fake-quants whose statistics, histograms and scales are
+    buffers a forward updates: comparing on new data would go into the user's calibration
+    (a later ``convert`` would read it), and a fake-quant would quantize each batch with the
+    scale the batches before it moved. Buffers are small next to parameters (observers,
+    BatchNorm statistics, rotary tables), and a buffer no forward writes is not copied
+    again (its version counter says so).
+    """
+    saved: list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]] = []
+    seen: set[int] = set()
+    for model in models:
+        for root in (model.values() if isinstance(model, Mapping) else [model]):
+            if not isinstance(root, nn.Module) or id(root) in seen:
+                continue
+            seen.add(id(root))
+            for module in root.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None and not buffer.is_meta:
+                        saved.append((module, name, buffer, buffer._version, buffer.clone()))
+                if callable(getattr(module, "disable_observer", None)) and isinstance(
+                        getattr(module, "observer_enabled", None), torch.Tensor):
+                    module.disable_observer()  # its observer_enabled buffer is put back too
+    try:
+        yield
+    finally:
+        for module, name, buffer, version, value in saved:
+            current = module._buffers.get(name)
+            if current is buffer and buffer._version == version:
+                continue
+            if current is buffer and buffer.shape == value.shape:
+                with torch.no_grad():
+                    buffer.copy_(value)
+            else:  # replaced or resized (a histogram observer's)
+                module._buffers[name] = value
+
+
+def keeps_buffers(fn: F) -> F:
+    """``fn(float_model, quant_model, ...)`` run inside :func:`buffers_kept` of its models."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        models = [*args[:2], *(kwargs[k] for k in _MODEL_ARGS if k in kwargs)]
+        with buffers_kept(*models):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -152,6 +152,52 @@ def test_qat_prepared_models_pair_conv_and_batch_norm():
     assert all(r.weight_sqnr > 100 for r in convs)
 
 
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state(model, before):
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
+
+
+def test_calls_on_a_model_before_conversion_leave_its_calibration_as_it_was():
+    # every call's forwards went into the user's observers (min/max, histograms) and moved a
+    # QAT model's fake-quant scales from batch to batch; BatchNorm counted the batches
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    torch.manual_seed(0)
+    float_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                      torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+    data = [torch.randn(1, 3, 16, 16) * 3 for _ in range(2)]  # wider than the calibration
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(float_model, (data[0],)).module(), quantizer)
+    for x in data:
+        prepared(x / 3)  # calibrate
+    before = _state(prepared)
+    fxn.compare(float_model, prepared, data, progress=False)
+    fxn.diagnose(float_model, prepared, data, progress=False)
+    fxn.sensitivity(float_model, prepared, data, "sqnr", progress=False)
+    fxn.advise(float_model, prepared, data, metric="sqnr", target=200, progress=False)
+    fxn.compare_model_outputs(float_model, prepared, data[0])
+    _assert_state(prepared, before)
+    ep, _, qat = M.pt2e_pair("resnet18", convert=False, qat=True)
+    move_exported_model_to_eval(qat)
+    batches = M.batches("resnet18", 2)
+    before = _state(qat)
+    first = fxn.compare(ep, qat, batches, progress=False)
+    _assert_state(qat, before)
+    # the fake-quants quantize every batch with the scales they had: a second run reads alike
+    assert fxn.compare(ep, qat, batches, progress=False) == first
+
+
 def test_loggers_shadows_and_eager_calls_work_on_pt2e(resnet18):
     ep, float_gm, quant = resnet18
     x = M.batches("resnet18", 1, seed=3)[0]

@@ -45,7 +45,7 @@ from ..metrics import db
 from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
-from ..run import check_devices, model_batches, run_model
+from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid
 from ..weights import pair_weights
 from .hybrid import layer_names, module_path
@@ -331,6 +331,7 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2g}%"
 
 
+@keeps_buffers
 @defers_collection
 def diagnose(
     float_model: nn.Module,

@@ -46,7 +46,7 @@ from ..match import Matching
 from ..metrics import cosine, sqnr
 from ..ops import is_quantized_module
 from ..progress import Progress
-from ..run import check_devices, model_batches
+from ..run import check_devices, keeps_buffers, model_batches
 from .hybrid import HybridRunner, Swap, function_target, module_path
 from .mixed import FLOAT, advise_variants
 from .numbers import shown
@@ -411,6 +411,7 @@ def _finite(x: float) -> float:
     return -math.inf if math.isnan(x) else x
 
 
+@keeps_buffers
 def sensitivity(
     float_model: nn.Module,
     quant_model: nn.Module,
@@ -790,6 +791,7 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
+@keeps_buffers
 def advise(
     float_model: nn.Module,
     quant_model: nn.Module | Mapping[str, nn.Module],
