@@ -295,6 +295,42 @@ def test_x86_quantizer_pairs_a_transformer_and_explains_resnet18():
         quantize_pt2e(M.model("resnet18"), M.batches("resnet18", 1), quantizer="x86")
 
 
+def test_a_dynamic_pt2e_layer_alone_computes_its_own_qparams():
+    # the hybrid with one dynamic layer quantized took choose_qparams' scale and zero point
+    # from the float graph, i.e. the input tensor: "zero_point ... one element, received 64"
+    import torch.nn.functional as F
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 8)).eval()
+    data = [torch.randn(4, 16) for _ in range(2)]
+    config = get_default_x86_inductor_quantization_config(is_dynamic=True)
+    prepared = prepare_pt2e(torch.export.export(model, (data[0],)).module(),
+                            X86InductorQuantizer().set_global(config))
+    prepared(data[0])
+    quant = convert_pt2e(prepared)
+    s = fxn.sensitivity(model, quant, data, "sqnr", progress=False)
+    ops = torch.ops.quantized_decomposed
+    weight = ops.dequantize_per_channel(quant._frozen_param0, quant._scale_0,
+                                        quant._zero_point_0, 0, -128, 127, torch.int8)
+    refs, outs = [], []
+    for x in data:  # the first Linear alone quantized, computed with torch's own ops
+        scale, zero = ops.choose_qparams.tensor(x, 0, 255, 2 ** -12, torch.uint8)
+        xq = ops.dequantize_per_tensor.tensor(
+            ops.quantize_per_tensor.tensor(x, scale, zero, 0, 255, torch.uint8),
+            scale, zero, 0, 255, torch.uint8)
+        with torch.no_grad():
+            outs.append(model[2](F.relu(F.linear(xq, weight, model[0].bias))))
+            refs.append(model(x))
+    first = next(layer for layer in s.layers if layer.name == "0")
+    assert first.only == pytest.approx(fxn.sqnr(torch.cat(refs), torch.cat(outs)), abs=1e-3)
+
+
 def test_dynamic_pt2e_pairs_choose_qparams_as_plumbing():
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.testing.pt2e._xnnpack_quantizer import (

@@ -32,6 +32,7 @@ does, keyword inputs included. What a copied node may write in place is decided 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -444,6 +445,7 @@ class HybridRunner:
         path = _quantize_path if base == "float" else _layout_path
         around = set(other_inside).union(*(path(other_v, e)
                                            for e in _external_inputs(other_inside)))
+        around |= _qparams_of(around)  # a dynamic quantize's scale and zero point, computed
         other_inside = _with_constants(other_v, sorted(around, key=other_v.position))
         inputs = []
         for ext in _external_inputs(other_inside):
@@ -659,6 +661,20 @@ def _layout_path(view: Any, node: fx.Node) -> list[fx.Node]:
     back to the value it reshapes, ``node`` included; modules (a ``QuantStub``, a dropout)
     and inputs end it, as they change no layout."""
     return _path_back(view, node, ("plumbing",), ops=("call_function", "call_method"))
+
+
+def _qparams_of(nodes: set[fx.Node]) -> set[fx.Node]:
+    """The nodes that compute the qparams a quantize in ``nodes`` reads from its input (pt2e's
+    dynamic quantization: ``choose_qparams`` and the ``getitem`` of its scale and zero point):
+    they run again on the value the quantize reads, not taken from the other graph."""
+    found: set[fx.Node] = set()
+    for n in nodes:
+        for i in n.all_input_nodes:
+            source = i.args[0] if i.target is operator.getitem and i.args else None
+            if (i not in nodes and isinstance(source, fx.Node) and source.op == "call_function"
+                    and "choose_qparams" in str(source.target)):
+                found |= {i, source}
+    return found
 
 
 def _path_back(view: Any, node: fx.Node, roles: tuple[str, ...],
