@@ -194,6 +194,17 @@ def remove_instrumentation(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_in_place(model: Any, which: str) -> None:
+    """Refuse what the in-place calls cannot instrument: a non-model, or an ExportedProgram
+    (it has no forward to route through loggers)."""
+    check_model(model, which)
+    if isinstance(model, torch.export.ExportedProgram):
+        raise InputError(f"{which} is an ExportedProgram: the prepare_* functions instrument a "
+                         "model in place and it has no forward of its own. Pass its .module() "
+                         "and run that, or call compare_model_outputs / compare_model_stub, "
+                         "which take the program")
+
+
 def _pair_module(matching: Matching, pair: Pair, side: str, *,
                  head_first: bool) -> nn.Module | None:
     """The module behind one side of a pair, looking at its head or its output node first."""
@@ -270,8 +281,8 @@ def prepare_model_outputs(
     when None), or, in FX-quantized graphs, when it is a quantized functional op. Preparing
     again replaces the previous loggers (they never stack).
     """
-    check_model(float_module, "float_module")
-    check_model(q_module, "q_module")
+    _check_in_place(float_module, "float_module")
+    _check_in_place(q_module, "q_module")
     for model in (float_module, q_module):
         remove_instrumentation(model)
     float_gm, quant_gm = _output_loggers(float_module, q_module, logger_cls, allow_list,
@@ -353,6 +364,8 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
         (['0.stats'], torch.Size([2, 4]))
     """
     data = _batch(data)
+    float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram's module
+    q_model = flows.normalise_model(q_model, "quantized")
     float_gm, quant_gm = _output_loggers(float_model, q_model, logger_cls, allow_list, leaf_modules,
                                          capture, data)
     check_devices(float_model, q_model, data)
@@ -432,8 +445,8 @@ def prepare_model_with_stubs(
     ``(quantized_output, float_output)``; :func:`get_logger_dict` reads them. The float
     model is not modified.
     """
-    check_model(float_module, "float_module")
-    check_model(q_module, "q_module")
+    _check_in_place(float_module, "float_module")
+    _check_in_place(q_module, "q_module")
     remove_instrumentation(q_module)
     gm = _stub_graph(float_module, q_module, module_swap_list, logger_cls, leaf_modules)
     _install(q_module, gm)
@@ -458,6 +471,8 @@ def compare_model_stub(
     :func:`fxnumeric.match`'s (``"export"`` exports on ``data``).
     """
     data = _batch(data)
+    float_model = flows.normalise_model(float_model, "float")
+    q_model = flows.normalise_model(q_model, "quantized")
     quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules,
                            capture, data)
     check_devices(float_model, q_model, data)

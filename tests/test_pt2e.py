@@ -226,6 +226,12 @@ def test_loggers_shadows_and_eager_calls_work_on_pt2e(resnet18):
     assert len(stubs) == 21 and "layer4.1.conv2.stats" in stubs and "fc.stats" in stubs
     entry = stubs["layer1.0.conv1.stats"]
     assert 25 < fxn.sqnr(entry["float"][0], entry["quantized"][0]) < 60
+    # the ExportedProgram itself, as compare takes it (an AttributeError before)
+    by_program = fxn.compare_model_outputs(ep, copy.deepcopy(quant), x)
+    assert list(by_program) == list(eager)
+    assert torch.equal(by_program["fc.stats"]["float"][0], eager["fc.stats"]["float"][0])
+    with pytest.raises(fxn.InputError, match="float_module is an ExportedProgram: the prepare_"):
+        fxn.prepare_model_outputs(ep, copy.deepcopy(quant))
 
 
 def test_aten_tables_normalise_decomposed_batch_norm_and_relu6():
