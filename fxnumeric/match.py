@@ -47,7 +47,7 @@ from .capture.export import (
     is_export_graph,
 )
 from .capture.tree import capture_tree, record_calls
-from .errors import MatchError, TraceError
+from .errors import InputError, MatchError, TraceError
 from .flows.torchao import holds_torchao_tensors
 from .guards import check_pair, contents
 from .offload import whole_paths
@@ -746,16 +746,20 @@ def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_i
     """torch.fx cannot trace a model whole: capture both through the module tree."""
     if not isinstance(float_model, nn.Module) or not isinstance(quant_model, nn.Module):
         raise exc
-    _log.info("capturing through the module tree: %s", _first_line(exc))
-    found = _match_tree(float_model, quant_model, example_inputs, leaf_modules, node_match)
     export_tried = any(side == "float" for side, _ in notes)
     if not export_tried and is_export_graph(quant_model):
-        notes.append(("float", (
-            "torch.fx could not trace it whole, and the quantized model is a torch.export graph "
-            "(pt2e), which the module tree cannot walk (its modules are gone). Fix: pass "
-            "example_inputs and capture='export' (or 'auto') to capture the float model with "
-            "torch.export too")))
-    elif notes:
+        # the tree would pair nothing: the quantized graph's modules are gone
+        raise InputError(
+            f"nothing paired: torch.fx could not trace the float model "
+            f"({type(float_model).__name__}) whole "
+            f"({_first_line(exc)}), and the quantized model is a torch.export graph (pt2e), "
+            "which the module tree cannot walk (its modules are gone).\nFix: pass "
+            "example_inputs (a batch) with capture='export' or 'auto' (the default), so that "
+            "the float model is captured with torch.export too; compare, advise and diagnose "
+            "pass their first batch themselves") from exc
+    _log.info("capturing through the module tree: %s", _first_line(exc))
+    found = _match_tree(float_model, quant_model, example_inputs, leaf_modules, node_match)
+    if notes:
         # the module tree pairs modules of both models, so an exported side is not used either
         notes.append(("both", "captured through the module tree: torch.fx could not trace a "
                       f"model whole ({_first_line(exc)}), and the tree pairs modules of both "
