@@ -448,6 +448,8 @@ class _Plan:
     several variants (``shared_float``; otherwise ``built.float_model`` observes them)."""
     turn: _Turn = field(default_factory=_Turn)
     """Shared by :attr:`twins`: the batch's lockstep."""
+    logit_batches: int = 0
+    """Batches whose outputs were logits (:func:`_llm_update`), real tokens or not."""
     lockstep_budget: int = 0
     """Bytes of float values the float model may hold ahead of the quantized one
     (:func:`_lockstep_budget`)."""
@@ -556,6 +558,7 @@ def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None
         return
     plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token,
                              plan.encoder_decoder)
+    plan.logit_batches += 1
 
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:
@@ -749,12 +752,22 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
                if matching.nothing_quantized else ())
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
-        + _model_output_note(plan.model) + _skipped_note(ran) + _nonfinite_note(nonfinite),
+        + _model_output_note(plan.model) + _no_token_note(plan) + _skipped_note(ran)
+        + _nonfinite_note(nonfinite),
         model_output_rms=_rms(plan.model),
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
         blocks=_block_rows(plan),
     )
+
+
+def _no_token_note(plan: _Plan) -> tuple[str, ...]:
+    """A note when the model returned logits but no batch held a real token."""
+    if not plan.logit_batches or plan.logits.tokens:
+        return ()
+    return ("the model returns logits, but no batch holds a real token (every attention_mask "
+            "is all 0): no per-token KL, top-1 agreement or perplexity, and the model output's "
+            "SQNR reads padding positions",)
 
 
 def _block_rows(plan: _Plan) -> tuple[BlockRow, ...]:

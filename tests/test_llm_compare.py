@@ -140,6 +140,21 @@ def test_a_bfloat16_quantized_model_against_its_float32_original():
     assert shadows and all(math.isfinite(v) and v > 20 for v in shadows)
 
 
+def test_batches_of_padding_alone_say_so():
+    # compare dropped the LLM metrics without a word; advise blamed NaN outputs
+    f = tiny_llama().eval()
+    q = _int4(f)
+    batch = tiny_llm_batches(vocab_size=256, n=1)[0]
+    padding = {**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])}
+    report = ns.compare(f, q, [padding], progress=False)
+    assert not set(LLM_METRICS) & set(report.model_output)
+    assert any("no batch holds a real token" in note for note in report.notes)
+    assert "no batch holds a real token" in report.table()
+    with pytest.raises(ns.InputError, match="metric 'kl' is read over real tokens, and no batch"):
+        ns.advise(f, q, [padding], metric="kl", target=0.1, progress=False)
+    assert not ns.compare(f, q, [batch], progress=False).notes
+
+
 def test_a_model_without_logits_has_no_llm_metrics():
     torch.manual_seed(0)
     f = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()

@@ -142,6 +142,11 @@ class _MetricRun:
 
     def value(self) -> float:
         if self.logits is not None:
+            if not self.logits.tokens:
+                raise InputError(
+                    f"metric {self.metric.name!r} is read over real tokens, and no batch holds "
+                    "one: every attention_mask is all 0. Fix: batches with real tokens (1 in "
+                    "attention_mask where a token is not padding)")
             return float(self.logits.values()[self.metric.name])
         ref, candidate = _concat(self.refs), _concat(self.outputs)
         try:
