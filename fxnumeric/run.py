@@ -376,11 +376,13 @@ def buffers_kept(*models: Any) -> Iterator[None]:
                 continue
             seen.add(id(root))
             for module in root.modules():
-                for name, buffer in module._buffers.items():
+                buffers = module._buffers
+                if not buffers:
+                    continue
+                for name, buffer in buffers.items():
                     if buffer is not None and not buffer.is_meta:
                         saved.append((module, name, buffer, buffer._version, buffer.clone()))
-                if callable(getattr(module, "disable_observer", None)) and isinstance(
-                        getattr(module, "observer_enabled", None), torch.Tensor):
+                if "observer_enabled" in buffers and hasattr(module, "disable_observer"):
                     module.disable_observer()  # its observer_enabled buffer is put back too
     try:
         yield
