@@ -448,8 +448,6 @@ class _Plan:
     several variants (``shared_float``; otherwise ``built.float_model`` observes them)."""
     turn: _Turn = field(default_factory=_Turn)
     """Shared by :attr:`twins`: the batch's lockstep."""
-    logit_batches: int = 0
-    """Batches whose outputs were logits (:func:`_llm_update`), real tokens or not."""
     lockstep_budget: int = 0
     """Bytes of float values the float model may hold ahead of the quantized one
     (:func:`_lockstep_budget`)."""
@@ -459,6 +457,8 @@ class _Plan:
     encoder_decoder: bool = False
     """Whether the float model is an encoder-decoder (:func:`is_encoder_decoder`): its logits
     are read against the batch's decoder inputs."""
+    logit_batches: int = 0
+    """Batches whose outputs were logits (:func:`_llm_update`), real tokens or not."""
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
