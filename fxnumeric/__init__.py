@@ -33,6 +33,7 @@ from .errors import (
     FxNumericWarning,
     InputError,
     InstrumentationError,
+    InternalError,
     MatchError,
     TraceError,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "TraceError",
     "MatchError",
     "InstrumentationError",
+    "InternalError",
     "InputError",
     "FxNumericWarning",
 ]

@@ -527,8 +527,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _exit_status(exc: Exception) -> int:
     """The status for an exception a command raised: whose mistake it was."""
-    from .errors import FxNumericError
+    from .errors import FxNumericError, InternalError
 
+    if isinstance(exc, InternalError):
+        return EXIT_INTERNAL  # fxnumeric's own code failed, not the input
     if isinstance(exc, FxNumericError):
         return EXIT_INPUT
     if isinstance(exc, OSError) and exc.filename is not None:

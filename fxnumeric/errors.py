@@ -14,6 +14,7 @@ __all__ = [
     "TraceError",
     "MatchError",
     "InstrumentationError",
+    "InternalError",
     "InputError",
     "FxNumericWarning",
     "about_variant",
@@ -34,6 +35,11 @@ class MatchError(FxNumericError):
 
 class InstrumentationError(FxNumericError):
     """Loggers or shadows could not be inserted, or were used wrongly."""
+
+
+class InternalError(InstrumentationError):
+    """fxnumeric's own code failed (inside an instrumented forward): a bug to report, not a
+    problem of the model or input."""
 
 
 class InputError(FxNumericError, ValueError):

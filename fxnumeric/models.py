@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import pickle
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -275,14 +276,23 @@ def _prepared_float(spec: str, quant: str, batches: list[Any], *,
     notes a report should carry."""
     made = load_float_model(spec, quant, seed=seed)
     if isinstance(made, tuple):
+        if float_weights is not None:
+            raise InputError(
+                f"--float-weights {str(float_weights)!r} is for a float model fxnumeric "
+                f"quantizes, and {spec} returns a (float, quantized) pair, quantized from the "
+                "weights it holds.\nFix: load the weights in the factory, before it quantizes")
         return made, ()
     notes: tuple[str, ...] = ()
     if float_weights is not None:
         try:
             state = torch.load(float_weights, map_location="cpu", weights_only=True)
             made.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise InputError(f"cannot load --float-weights {str(float_weights)!r}: {exc}") from exc
+        except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise InputError(
+                f"cannot load --float-weights {str(float_weights)!r}: {first}\nFix: a "
+                "state_dict saved with torch.save(model.state_dict(), path) for this model"
+            ) from exc
     elif spec.startswith("torchvision:"):
         shape = tuple(batches[0].shape) if batches and isinstance(batches[0], torch.Tensor) else ()
         run_model(made, batches[0], which="float (calibration)")  # the input fits, in its shape

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from .errors import FxNumericError, FxNumericWarning, InputError, InstrumentationError
+from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
 
 __all__ = ["run_model", "as_args", "as_call", "check_model", "check_devices", "pick_inputs",
@@ -263,7 +263,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
             AssertionError) as exc:  # AssertionError: a graph's input guards (torch.export)
         first = str(exc).splitlines()[0] if str(exc) else ""
         if _raised_in_fxnumeric(exc):
-            raise InstrumentationError(
+            raise InternalError(
                 f"fxnumeric's own code failed inside the {which} model's instrumented "
                 f"forward: {type(exc).__name__}: {first}\nThis is a bug in fxnumeric, not in "
                 "your model or input: please report it with this traceback"

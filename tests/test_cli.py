@@ -312,6 +312,35 @@ def test_every_command_exits_3_on_an_internal_error_and_debug_shows_it(
                 main([*argv, "--debug"])
 
 
+def test_fxnumerics_own_failure_inside_a_forward_exits_3(tiny_report, monkeypatch, capsys):
+    # it exited 2, as if the input were wrong
+    import fxnumeric.metrics as metrics
+
+    monkeypatch.setattr(metrics, "energy", None)  # a TypeError in Accumulator.update
+    assert main(["report", *_TINY_ARGS, "--batches", "1"]) == 3
+    assert capsys.readouterr().err.startswith(
+        "fxnumeric: internal error: InternalError: fxnumeric's own code failed inside the")
+
+
+def test_float_weights_that_cannot_be_used_exit_2(user_module, tmp_path, capsys):
+    # a file torch.load refuses exited 3 ("internal error: UnpicklingError"); weights given
+    # with a factory that returns a quantized pair were ignored without a word
+    user_module("tinymlp", _TINY)
+    garbage = tmp_path / "weights.pt"
+    garbage.write_text("not a state dict")
+    assert main(["report", *_TINY_ARGS, "--float-weights", str(garbage)]) == 2
+    assert "cannot load --float-weights" in capsys.readouterr().err
+    user_module("tinypair", _TINY + (
+        "def pair():\n"
+        "    f = make().eval()\n"
+        "    return f, torch.ao.quantization.quantize_dynamic(f, {torch.nn.Linear})\n"))
+    torch.save(torch.nn.Linear(2, 2).state_dict(), garbage)
+    argv = ["report", "--model", "tinypair:pair", "--input-shape", "4,16", "--no-progress"]
+    assert main([*argv, "--float-weights", str(garbage)]) == 2
+    assert "returns a (float, quantized) pair" in capsys.readouterr().err
+    assert main(argv) == 0
+
+
 def test_advise_exits_1_when_the_target_is_not_reached_and_0_when_it_is(user_module, capsys):
     user_module("tinymlp", _TINY)
     assert main(["advise", *_TINY_ARGS, "--target", "1000", "--max-float-layers", "1"]) == 1
