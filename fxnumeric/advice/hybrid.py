@@ -732,9 +732,12 @@ def _feeds_quantized_op(region: Region, node: fx.Node, skipped: frozenset[fx.Nod
     A float layer's output is requantized only then: when every reader is float (another
     layer kept float, a ``dequantize``, the model output) or quantizes it itself (FX's
     ``quantize_per_tensor`` before the next layer), it stays float, as it would in a model
-    re-quantized with those layers float. A float-capable op that also reads a quantized
-    value (``torch.cat`` of an inception block's branches, one of them kept float) reads
-    it quantized too: it takes no mix of the two.
+    re-quantized with those layers float. An op that computes in float or quantized form
+    alike and ran on quantized values in the quantized model (an average pool, a ``mean``)
+    reads it quantized: FX quantizes its input for it when the layer before is float. A
+    float-capable op that also reads a quantized value (``torch.cat`` of an inception
+    block's branches, one of them kept float) reads it quantized too: it takes no mix of the
+    two.
     """
     view = region.quant_view
     todo = [(user, node) for user in node.users]
@@ -749,6 +752,10 @@ def _feeds_quantized_op(region: Region, node: fx.Node, skipped: frozenset[fx.Nod
             return True
         if cls.role == "optional" or is_dequantize(view, user):
             continue  # it quantizes (FX's quantize_per_tensor) or dequantizes by itself
+        if cls.role == "op" and user in held:
+            # a float-capable op the quantized model ran on quantized values (a pool, a
+            # mean): a model re-quantized with the layer float quantizes its input for it
+            return True
         if any(_still_quantized(view, other, skipped, held)
                for other in user.all_input_nodes if other is not via):
             return True
