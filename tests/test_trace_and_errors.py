@@ -72,7 +72,9 @@ def test_bad_leaf_spec():
 
 
 def test_not_a_module():
-    with pytest.raises(ns.TraceError, match="quantized model must be a torch.nn.Module"):
+    # a wrong argument, not a model torch.fx failed to trace (a TraceError before)
+    with pytest.raises(ns.InputError, match="quant_model is a function, not a model: pass an "
+                                            "nn.Module"):
         ns.match(nn.ReLU(), lambda x: x)
 
 
