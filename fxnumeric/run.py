@@ -353,6 +353,8 @@ def check_devices(float_model: nn.Module, quant_model: nn.Module, batch: Any = N
 
 _MODEL_ARGS = ("float_model", "quant_model", "q_model", "float_module", "q_module")
 F = TypeVar("F", bound=Callable[..., Any])
+_KEPT: set[int] = set()
+"""Models an enclosing :func:`buffers_kept` keeps already (``compare`` calls ``match``)."""
 
 
 @contextlib.contextmanager
@@ -365,28 +367,31 @@ def buffers_kept(*models: Any) -> Iterator[None]:
     buffers a forward updates: comparing on new data would go into the user's calibration
     (a later ``convert`` would read it), and a fake-quant would quantize each batch with the
     scale the batches before it moved. Buffers are small next to parameters (observers,
-    BatchNorm statistics, rotary tables), and a buffer no forward writes is not copied
-    again (its version counter says so).
+    BatchNorm statistics, rotary tables); each is copied once, and written back only if a
+    forward wrote it (its version counter says so). A model an enclosing call keeps already
+    is left to it.
     """
     saved: list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]] = []
-    seen: set[int] = set()
-    for model in models:
-        for root in (model.values() if isinstance(model, Mapping) else [model]):
-            if not isinstance(root, nn.Module) or id(root) in seen:
-                continue
-            seen.add(id(root))
-            for module in root.modules():
-                buffers = module._buffers
-                if not buffers:
-                    continue
-                for name, buffer in buffers.items():
-                    if buffer is not None and not buffer.is_meta:
-                        saved.append((module, name, buffer, buffer._version, buffer.clone()))
-                if "observer_enabled" in buffers and hasattr(module, "disable_observer"):
-                    module.disable_observer()  # its observer_enabled buffer is put back too
+    roots: list[int] = []
     try:
+        for model in models:
+            for root in (model.values() if isinstance(model, Mapping) else [model]):
+                if not isinstance(root, nn.Module) or id(root) in _KEPT:
+                    continue
+                _KEPT.add(id(root))
+                roots.append(id(root))
+                for module in root.modules():
+                    buffers = module._buffers
+                    if not buffers:
+                        continue
+                    for name, buffer in buffers.items():
+                        if buffer is not None and not buffer.is_meta:
+                            saved.append((module, name, buffer, buffer._version, buffer.clone()))
+                    if "observer_enabled" in buffers and hasattr(module, "disable_observer"):
+                        module.disable_observer()  # its observer_enabled buffer is put back
         yield
     finally:
+        _KEPT.difference_update(roots)
         for module, name, buffer, version, value in saved:
             current = module._buffers.get(name)
             if current is buffer and buffer._version == version:
