@@ -42,7 +42,7 @@ from .. import flows
 from ..errors import InputError, InstrumentationError
 from ..flows.fx import weight_owner
 from ..semantics import evaluate_constant, is_dequantize
-from ..storage import weight_storage_bits
+from ..storage import tensor_storage_bits, weight_storage_bits
 from .hybrid import module_path
 from .numbers import shown
 
@@ -137,7 +137,7 @@ def _dequantized_bits(node: fx.Node, view: Any, nominal: bool) -> tuple[int, int
             else args[key]
         if isinstance(value, torch.Tensor):
             if not (nominal and "zero" in key and not bool(value.any())):
-                bits += weight_storage_bits(value)[0]
+                bits += tensor_storage_bits(value)
         elif not (nominal and "zero" in key and value == 0):
             bits += 32  # one float or int of a per-tensor format
     return bits, data.numel()
