@@ -72,13 +72,18 @@ def test_the_model_output_of_a_decoder_speaks_kl_top1_and_perplexity(tmp_path):
     assert all("kl" not in r.output for r in report.rows)
 
 
+def _with_labels(batch):
+    """``batch`` with labels: its input ids, -100 (no target) at padding."""
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    return {**batch, "labels": labels}
+
+
 def test_labels_give_the_perplexity_of_the_labels():
     f = tiny_llama().eval()
     q = _int4(f)
     batch = tiny_llm_batches(vocab_size=256, n=1)[0]
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    with_labels = {**batch, "labels": labels}
+    with_labels = _with_labels(batch)
     report = ns.compare(f, q, [with_labels], progress=False)
     with torch.no_grad():  # transformers' own loss over the same labels
         loss_f = float(f(**with_labels).loss)
@@ -98,14 +103,11 @@ def test_a_tokenizers_batch_encoding_is_keyword_inputs_and_a_tuple_output_skips_
     f = tiny_llama().eval()
     q = _int4(f)
     batch = tiny_llm_batches(vocab_size=256, n=1)[0]
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    plain = ns.compare(f, q, [{**batch, "labels": labels}], progress=False)
-    encoded = ns.compare(f, q, [transformers.BatchEncoding({**batch, "labels": labels})],
-                         progress=False)
+    with_labels = _with_labels(batch)
+    plain = ns.compare(f, q, [with_labels], progress=False)
+    encoded = ns.compare(f, q, [transformers.BatchEncoding(with_labels)], progress=False)
     assert encoded.model_output == pytest.approx(plain.model_output, rel=1e-6)
-    as_tuple = ns.compare(f, q, [{**batch, "labels": labels, "return_dict": False}],
-                          progress=False)
+    as_tuple = ns.compare(f, q, [{**with_labels, "return_dict": False}], progress=False)
     assert as_tuple.model_output == pytest.approx(plain.model_output, rel=1e-6)
     expected = _direct(f, q, [batch])
     assert as_tuple.model_output["kl"] == pytest.approx(expected["kl"], rel=1e-4)
