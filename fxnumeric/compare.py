@@ -58,6 +58,7 @@ from .metrics import (
 )
 from .progress import Progress, phase
 from .report import BlockRow, Report, ReportRow, WeightHistogram
+from .routing import Routes, hook_calls, routed_containers
 from .run import (
     check_batch,
     check_data,
@@ -140,6 +141,9 @@ class _FloatOutputs(Logger):
         self.versions: list[int | None] = []
         self.copies = False
         self.overwritten = False
+        self.misrouted = False
+        """Set once a call of this batch was misrouted (:mod:`fxnumeric.routing`): the float
+        and quantized calls after it are out of step too, so the batch's are left out."""
         self.turn = turn if turn is not None else _Turn()
 
     def forward(self, x: Any) -> None:
@@ -167,6 +171,7 @@ class _FloatOutputs(Logger):
     def clear(self) -> None:
         self.pending.clear()
         self.versions.clear()
+        self.misrouted = False
 
 
 class _Turn:
@@ -178,18 +183,24 @@ class _Turn:
 
 
 class _CompareToFloat(Logger):
-    """Compares each quantized output with the float twin's pending output."""
+    """Compares each quantized output with the float twin's pending output (not when the
+    module running the layer routed its rows unlike the float model: ``routes``)."""
 
-    def __init__(self, twin: _FloatOutputs, acc: Accumulator, value: _QuantValue) -> None:
+    def __init__(self, twin: _FloatOutputs, acc: Accumulator, value: _QuantValue,
+                 routes: Routes | None = None) -> None:
         super().__init__()
         self.twin = [twin]  # a list, so the twin is not registered as a submodule
         self.acc = acc
         self.value = value
+        self.routes = routes
         self.reads_at_call = acc.kept is None  # sums it, keeps nothing (see instrument.graph)
 
     def forward(self, x: Any) -> None:
         twin = self.twin[0]
         lockstep = twin.turn.lockstep
+        if twin.misrouted or (self.routes is not None and self.routes.misrouted):
+            self._left_out(twin, lockstep)
+            return
         if not twin.pending and lockstep is not None:
             lockstep.need(twin)  # the float model runs until it has this value
         if twin.pending:
@@ -199,6 +210,17 @@ class _CompareToFloat(Logger):
                 self.acc.update(ref, actual, actual_energy=energy)
             else:  # written into since the layer returned it: not what it computed
                 self.acc.overwritten += 1
+            if lockstep is not None:
+                lockstep.consumed(ref)
+
+    def _left_out(self, twin: _FloatOutputs, lockstep: Lockstep | None) -> None:
+        """A misrouted call: the float value it would read, if made yet, is dropped unread
+        (the rest of the batch's are dropped at its end)."""
+        if not twin.misrouted:
+            twin.misrouted = True
+            self.acc.misrouted += 1
+        if twin.pending:
+            ref, _ = twin.take()
             if lockstep is not None:
                 lockstep.consumed(ref)
 
@@ -459,6 +481,8 @@ class _Plan:
     are read against the batch's decoder inputs."""
     logit_batches: int = 0
     """Batches whose outputs were logits (:func:`_llm_update`), real tokens or not."""
+    routes: dict[str, Routes] = field(default_factory=dict)
+    """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
 
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
@@ -487,6 +511,9 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = []
     turn = _Turn()
     values = {p.name: _QuantValue(precision) for p in matching.pairs}
+    containers = routed_containers(matching) if "outputs" in wanted else {}
+    routes = {pair.name: watched for path, (_, inside) in containers.items()
+              for watched in [Routes(path, turn)] for pair in inside}
 
     def output_observers(pair: Pair) -> tuple[nn.Module | None, nn.Module]:
         twin = _FloatOutputs(turn)
@@ -494,8 +521,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         region = matching.region_of(pair)
         float_twins.append(((region.float_path, region.output_nodes(pair)[0].name,
                              region.call_site(pair)), twin))
-        return (None if shared_float else twin), _CompareToFloat(twin, outputs[pair.name],
-                                                                 values[pair.name])
+        return (None if shared_float else twin), _CompareToFloat(
+            twin, outputs[pair.name], values[pair.name], routes.get(pair.name))
 
     def shadow_observer(pair: Pair) -> nn.Module:
         return _ShadowMetrics(shadows[pair.name], values[pair.name], floors.get(pair.name))
@@ -523,12 +550,21 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         shadows=shadow_observer if "shadows" in wanted else None,
         blocks=[b for b, _, _ in blocks], block_observers=block_observers,
     )
+    watched = {r.float_path: r for r in routes.values()}
+    for path, (quant_path, _) in containers.items():
+        if path in watched:
+            hook_calls(built.quant_model, matching.quant_model, quant_path, [watched[path]],
+                       "quantized")
+            if not shared_float:  # else _float_groups hooks the shared float model
+                hook_calls(built.float_model, matching.float_model, path, [watched[path]],
+                           "float")
     return _Plan(matching, wanted, names, built,
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
                  vocab_size(model), blocks, float_twins, turn,
-                 _lockstep_budget(model), predicts_next_token(model), is_encoder_decoder(model))
+                 _lockstep_budget(model), predicts_next_token(model), is_encoder_decoder(model),
+                 routes=routes)
 
 
 LOCKSTEP_SHARE = 4
@@ -727,7 +763,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             weight_keys=tuple(keys),
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
-            note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc),
+            note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc,
+                       plan.routes.get(p.name)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -906,11 +943,22 @@ def _first_run(float_gm: nn.Module, model_inputs: Any, batch: Any, inputs: Any) 
         raise
 
 
+def _differ(acc: Accumulator | None) -> str:
+    """How many of the integer values compared differ (a router's picks), if any were."""
+    if acc is None or not acc.discrete_values:
+        return ""
+    if not acc.discrete_differ:
+        return f"; all {acc.discrete_values} equal"
+    return (f"; {acc.discrete_differ} of {acc.discrete_values} differ "
+            f"({100 * acc.discrete_differ / acc.discrete_values:.1f}%)")
+
+
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
-          weights: Accumulator | None = None) -> str:
+          weights: Accumulator | None = None, routes: Routes | None = None) -> str:
     notes = []
     if any(acc is not None and acc.discrete and not acc.batches for acc in (oa, sa)):
-        notes.append("boolean or integer values (a mask, indices): nothing to compare")
+        notes.append("boolean or integer values (a mask, indices): no rounding error to "
+                     "measure" + _differ(oa))
     if weights is not None and weights.nonfinite_batches:
         sides = [side for side, count in (("float", weights.ref_nonfinite),
                                           ("quantized", weights.actual_nonfinite)) if count]
@@ -926,6 +974,12 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
         if acc.overwritten:
             notes.append(f"{label}: {acc.overwritten} batches left out (the model's code wrote "
                          "into the float value before it was compared)")
+        if acc.misrouted and routes is not None:
+            notes.append(
+                f"{label}: {acc.misrouted} batches left out: `{routes.float_path}` routed its "
+                "rows unlike the float model (its index inputs differ: other experts, or their "
+                "order), so a row would be another token on each side; the shadow compares "
+                "alike rows")
     if skipped:
         notes.append(f"no shadow: {skipped}")
     return "; ".join(notes)
@@ -1057,6 +1111,12 @@ def _float_groups(plans: dict[str, _Plan]) -> list[_FloatGroup]:
                if b.own_region]  # blocks kept whole: regions of their own, by path
         group.model = observe_values(group.matching, "float", fanouts,
                                      regions={r.float_path: r for r in own}.values())
+        watched: dict[str, list[Routes]] = {}
+        for name in group.names:
+            for r in {id(r): r for r in plans[name].routes.values()}.values():
+                watched.setdefault(r.float_path, []).append(r)
+        for path, routes in watched.items():
+            hook_calls(group.model, group.matching.float_model, path, routes, "float")
     return list(groups.values())
 
 
@@ -1114,6 +1174,8 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any) -
         twin.clear()
     for value in plan.values:
         value.clear()
+    for routes in plan.routes.values():
+        routes.clear()
     for acc in _accumulators(plan):
         acc.end_batch()
 

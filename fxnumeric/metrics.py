@@ -389,6 +389,9 @@ class AccumulatorState:
     shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     discrete: bool = False
     overwritten: int = 0
+    misrouted: int = 0
+    discrete_values: int = 0
+    discrete_differ: int = 0
 
     def merged(self, other: AccumulatorState) -> AccumulatorState:
         """The sums over both states' batches: totals add, ``max_abs`` is the larger (NaN if
@@ -423,6 +426,9 @@ class AccumulatorState:
             shape_mismatch=other.shape_mismatch or self.shape_mismatch,
             discrete=self.discrete or other.discrete,
             overwritten=self.overwritten + other.overwritten,
+            misrouted=self.misrouted + other.misrouted,
+            discrete_values=self.discrete_values + other.discrete_values,
+            discrete_differ=self.discrete_differ + other.discrete_differ,
         )
 
 
@@ -445,10 +451,13 @@ class Accumulator:
     called twice per batch updates twice) then joins :meth:`spread`. ``ref_nonfinite`` and
     ``actual_nonfinite`` count the updates whose reference (float) or actual (quantized)
     tensor held NaN/Inf, so a report can say on which side a NaN appeared first. Booleans
-    and integers on both sides (an attention mask, position ids) are not compared:
-    ``discrete`` says such values were seen. ``overwritten`` counts the batches a caller left
-    out because the reference was written into before it was compared (see
-    :class:`fxnumeric.compare`'s float twins).
+    and integers on both sides (an attention mask, position ids, a router's expert ids) have
+    no rounding error to measure: ``discrete`` says such values were seen, and of those of one
+    shape on both sides ``discrete_differ`` of ``discrete_values`` differ. ``overwritten``
+    counts the batches a caller left out because the reference was written into before it was
+    compared (see :class:`fxnumeric.compare`'s float twins), ``misrouted`` those left out
+    because the module running the layer routed its rows unlike the float model
+    (:mod:`fxnumeric.routing`).
     """
 
     def __init__(self, custom: dict[str, MetricFn] | None = None, keep: bool = False,
@@ -474,6 +483,9 @@ class Accumulator:
         self.shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self.discrete = False
         self.overwritten = 0
+        self.misrouted = 0
+        self.discrete_values = 0
+        self.discrete_differ = 0
 
     def update(self, ref: Any, actual: Any, *, actual_energy: float | None = None) -> None:
         """Add one batch; non-tensor values are ignored.
@@ -485,6 +497,9 @@ class Accumulator:
             return
         if _discrete(ref) and _discrete(actual):
             self.discrete = True  # a mask: no rounding error to measure (its SQNR read inf)
+            if ref.shape == actual.shape:  # but how many differ (experts a router picked)
+                self.discrete_values += ref.numel()
+                self.discrete_differ += int(torch.ne(ref, actual.to(ref.device)).sum())
             return
         if ref.shape != actual.shape:
             self.shape_mismatch = (tuple(ref.shape), tuple(actual.shape))
@@ -575,7 +590,8 @@ class Accumulator:
             ref_nonfinite=self.ref_nonfinite, actual_nonfinite=self.actual_nonfinite,
             custom_sums=tuple(self.custom_sums.items()),
             sqnr_spread=self._sqnr_spread.state(), shape_mismatch=self.shape_mismatch,
-            discrete=self.discrete, overwritten=self.overwritten,
+            discrete=self.discrete, overwritten=self.overwritten, misrouted=self.misrouted,
+            discrete_values=self.discrete_values, discrete_differ=self.discrete_differ,
         )
 
     def load(self, state: AccumulatorState) -> None:
@@ -590,6 +606,8 @@ class Accumulator:
         self._sqnr_spread.load(state.sqnr_spread)
         self.shape_mismatch = state.shape_mismatch
         self.discrete, self.overwritten = state.discrete, state.overwritten
+        self.misrouted = state.misrouted
+        self.discrete_values, self.discrete_differ = state.discrete_values, state.discrete_differ
         self._batch_signal = self._batch_noise = 0.0
         self._batch_updates = 0
 

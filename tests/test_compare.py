@@ -185,13 +185,19 @@ def test_an_empty_or_resized_model_output_is_not_compared_and_says_why():
     # `y > threshold` is a mask: it read SQNR inf, and a signal "collapsed" when all False
     mask = report.row("gt")
     assert mask.output_sqnr is None and mask.shadow_sqnr is None and not mask.degenerate
-    assert mask.note == "boolean or integer values (a mask, indices): nothing to compare"
+    assert mask.note == ("boolean or integer values (a mask, indices): no rounding error to "
+                         "measure; all 96 equal")  # 3 batches of 4x8 values, all below 100
     assert "collapsed" not in report.summary()
     kept = _Kept(0.3).eval()
     quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(kept), {nn.Linear})
     quant.threshold = 0.0  # keeps more values than the float model
     resized = ns.compare(kept, quant, xs)
     assert math.isnan(resized.model_output["sqnr"])
+    # how many of the masks' values differ, counted directly
+    with torch.no_grad():
+        differ = sum(int(((kept.fc(x) > 0.3) != (quant.fc(x) > 0.0)).sum()) for x in xs)
+    assert 0 < differ < 96
+    assert resized.row("gt").note.endswith(f"; {differ} of 96 differ ({100 * differ / 96:.1f}%)")
     assert any(n.startswith("model output shapes differ") for n in resized.notes)
     assert "model output not compared" in resized.summary()
 

@@ -1,0 +1,134 @@
+"""Calls whose rows follow a routing: a mixture of experts' layers, compared only when routed alike.
+
+A module torch.fx cannot trace is kept whole and its children are captured on their own
+(:attr:`fxnumeric.Matching.untraced`). When such a module picks, from index tensors it is
+given, which rows each child sees (transformers 5's fused MoE experts: ``experts(hidden,
+top_k_index, top_k_weights)`` runs ``act_fn`` once per expert hit, on the rows routed to
+that expert), the float and quantized calls of a child line up only when both models routed
+alike::
+
+    float:      router -> top_k_index [[0, 2], [1, 0], ...] -> experts -> act_fn(rows of 0) ...
+    quantized:  router -> top_k_index [[2, 0], [1, 0], ...] -> experts -> act_fn(rows of 0) ...
+                                      ^ token 0's experts swapped rank: expert 0's rows come
+                                        in another order, row i is another token on each side
+
+Compared row by row, such calls show an error that is not there (0.6 dB on a tiny Mixtral
+whose experts read 44 dB). :class:`Routes` watches each such module's calls on both sides: a
+quantized call whose integer and boolean tensor arguments differ from its float twin's is
+*misrouted*, and the outputs of the layers it runs are left out of that batch's comparison
+(:class:`fxnumeric.compare`'s comparators skip them and say so in the row's note). Shadows
+are unaffected: a shadow reads the quantized layer's own input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .match import Matching, Pair
+
+__all__ = ["Routes", "routed_containers", "hook_calls"]
+
+
+def _indices(value: Any) -> Iterator[torch.Tensor]:
+    """The integer and boolean tensors in a call's arguments, in order."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.is_complex() or value.is_quantized):
+            yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _indices(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _indices(item)
+
+
+def _alike(float_indices: list[torch.Tensor], quant_indices: list[torch.Tensor]) -> bool:
+    return len(float_indices) == len(quant_indices) and all(
+        f.shape == q.shape and torch.equal(f.to(q.device), q)
+        for f, q in zip(float_indices, quant_indices, strict=True))
+
+
+class Routes:
+    """The index tensors each call of one untraced module received, float side against
+    quantized side, for a batch.
+
+    The float model's calls add theirs (:meth:`float_call`, a forward pre-hook); a quantized
+    call takes its float twin's (in call order) and is misrouted if its own differ
+    (:meth:`quant_call`), until it returns (:meth:`quant_return`). ``pending`` is what
+    :meth:`fxnumeric.lockstep.Lockstep.need` waits on when the quantized model runs in turns
+    and reaches the call first.
+    """
+
+    def __init__(self, float_path: str, turn: Any) -> None:
+        self.float_path = float_path
+        self.turn = turn  # compare's _Turn: the batch's lockstep, if any
+        self.pending: list[list[torch.Tensor]] = []
+        self._open: list[bool] = []  # the quantized calls under way: misrouted or not
+
+    @property
+    def misrouted(self) -> bool:
+        """Whether a quantized call under way was routed unlike its float twin."""
+        return any(self._open)
+
+    def float_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.pending.append(list(_indices((args, kwargs))))
+
+    def quant_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        lockstep = self.turn.lockstep
+        if not self.pending and lockstep is not None:
+            lockstep.need(self)  # the float model runs until it has made this call
+        theirs = self.pending.pop(0) if self.pending else None
+        self._open.append(theirs is None or not _alike(theirs, list(_indices((args, kwargs)))))
+
+    def quant_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._open:
+            self._open.pop()
+
+    def clear(self) -> None:
+        """End of batch."""
+        self.pending.clear()
+        self._open.clear()
+
+
+def routed_containers(matching: Matching) -> dict[str, tuple[str, list[Pair]]]:
+    """``{float path: (quantized path, pairs inside)}`` of the untraced modules whose children
+    hold pairs: the modules whose calls :class:`Routes` watches."""
+    found: dict[str, tuple[str, list[Pair]]] = {}
+    for float_path, _reason in matching.untraced:
+        if not float_path:
+            continue
+        prefix = float_path + "."
+        for region in matching.regions:
+            if not region.float_path.startswith(prefix):
+                continue
+            rel = region.float_path[len(float_path):]
+            quant_path = (region.quant_path[:-len(rel)] if region.quant_path.endswith(rel)
+                          else float_path)
+            entry = found.setdefault(float_path, (quant_path, []))
+            entry[1].extend(region.pairs)
+    return found
+
+
+def hook_calls(model: nn.Module, user_model: nn.Module | None, path: str,
+               routes: list[Routes], side: str) -> bool:
+    """Watch the calls of ``model``'s module at ``path`` for every one of ``routes``: ``side``
+    ``"float"`` or ``"quantized"``. ``model`` is a copy made for the comparison (hooks on it
+    leave ``user_model`` as it was); False if it has no such module of its own."""
+    try:
+        module = model.get_submodule(path)
+        if user_model is not None and module is user_model.get_submodule(path):
+            return False  # the user's own module: never hooked
+    except AttributeError:
+        return False
+    if side == "float":
+        for r in routes:
+            module.register_forward_pre_hook(r.float_call, with_kwargs=True)
+    else:
+        for r in routes:
+            module.register_forward_pre_hook(r.quant_call, with_kwargs=True)
+            module.register_forward_hook(r.quant_return, with_kwargs=True, always_call=True)
+    return True
