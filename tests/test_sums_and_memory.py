@@ -100,6 +100,24 @@ def test_logits_sized_tensors_are_summed_by_chunks_to_1e6_of_float64(dtype):
 
 
 
+@pytest.mark.parametrize("size", [64, 5_000_000], ids=["small", "chunked"])
+@pytest.mark.parametrize("precision", [torch.float32, torch.float64])
+def test_cosine_of_a_clipped_output_far_smaller_than_its_float_twin(size, precision):
+    """Input far outside the calibrated range: the quantized output is clipped to a tiny
+    fraction of the float one. Read from the energies, sum(ref * actual) cancelled to noise
+    (a cosine of 0.77 read 2e-8; [1e20, 1e20] against [1, -0.5] read 0 for 0.316)."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(size, generator=gen) * 1e8
+    actual = ref.clamp(-1.0, 1.0) * 1e-7 + torch.randn(size, generator=gen)
+    acc = Accumulator(precision=precision)
+    acc.update(ref, actual)
+    assert acc.value("cosine") == pytest.approx(_oracle(ref, actual)["cosine"], rel=1e-5)
+    acc = Accumulator(precision=precision)
+    acc.update(torch.tensor([1e20, 1e20], dtype=torch.float64),
+               torch.tensor([1.0, -0.5], dtype=torch.float64))
+    assert acc.value("cosine") == pytest.approx(0.5 / math.sqrt(2 * 1.25), rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_chunks_that_need_converting_share_one_buffer_and_keep_their_values(dtype):
     # a new tensor per chunk was not memory reused in the turns' helper thread (glibc's
