@@ -160,3 +160,28 @@ def test_an_unrelated_pair_is_refused_as_compare_refuses_it():
     for call in (fxnumeric.compare, diagnose):
         with pytest.raises(fxnumeric.InputError, match="nothing paired"):
             call(f, q, data, progress=False)
+
+
+def test_nan_made_by_a_quantized_layer_is_named_there_and_nothing_is_drawn_after_it():
+    """A quantized bias holding NaN: the layer after it read -1.9 dB cumulative from poisoned
+    sums and was flagged "first layer below 20 dB ... mostly this layer's own error"."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    weight, bias = q[2]._packed_params._weight_bias()
+    bias = bias.clone()
+    bias[3] = float("nan")
+    q[2]._packed_params.set_weight_bias(weight, bias)
+    data = _data()
+    with torch.no_grad():  # the oracle: the quantized layer's own output, read by hand
+        calls = [q[2](torch.relu(q[0](x))) for x in data]
+    assert all(not c.isfinite().all() for c in calls)
+    d = diagnose(f, q, data)
+    assert d.nonfinite == "2" and [x.module for x in d.flagged()] == ["2"]
+    assert [flag.code for flag in d.layer("2").flags] == ["nonfinite"]
+    assert "holds NaN/Inf in 3 of 3 calls while its float twin" in d.text()
+    assert d.first_below is None  # not drawn from the poisoned layers after it
+    assert d.text().startswith("NaN/Inf first appears at 2")
+    assert diagnose(f, torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(f), {nn.Linear}), data).nonfinite is None

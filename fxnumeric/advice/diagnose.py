@@ -130,11 +130,16 @@ class Diagnosis:
     threshold_db: float
     first_below: str | None
     batches: int
+    nonfinite: str | None = None
+    """The first layer (module path) whose values held NaN/Inf: it carries the only flag,
+    ``nonfinite``; the sums of the layers after it are poisoned, so nothing is drawn from
+    them."""
 
     def __repr__(self) -> str:
         flagged = [d.module for d in self.flagged()]
         return (f"Diagnosis(layers={len(self.layers)}, flagged={flagged[:5]}"
-                f"{' ...' if len(flagged) > 5 else ''}, first_below={self.first_below!r})")
+                f"{' ...' if len(flagged) > 5 else ''}, first_below={self.first_below!r}"
+                + (f", nonfinite={self.nonfinite!r})" if self.nonfinite else ")"))
 
     def flagged(self) -> list[LayerDiagnosis]:
         """The layers with at least one flag, in graph order."""
@@ -151,7 +156,9 @@ class Diagnosis:
         """A short paragraph per flagged layer: what is wrong and the usual fix."""
         if not self.flagged():
             return "no layer flagged"
-        return "\n".join(
+        head = (f"NaN/Inf first appears at {self.nonfinite}: the layers after it read poisoned "
+                "values, so none of them is flagged\n" if self.nonfinite else "")
+        return head + "\n".join(
             f"{d.module} ({d.kind}):\n" + "\n".join(f"  - {f}" for f in d.flags)
             for d in self.flagged()
         )
@@ -180,6 +187,9 @@ class _Sums:
         self.clipped = 0
         self.steps: set[float] = set()
         self.quantized = False
+        self.calls = 0
+        # calls whose values held NaN/Inf: quantized output, float twin, float model
+        self.quant_nonfinite = self.local_nonfinite = self.float_nonfinite = 0
 
     def update(self, local: Any, quant_value: Any, float_value: Any,
                grid: QuantGrid | None) -> None:
@@ -194,6 +204,10 @@ class _Sums:
         local = local.double()
         if deq.shape != local.shape or float_value.shape != deq.shape:
             return
+        self.calls += 1
+        self.quant_nonfinite += not bool(deq.isfinite().all())
+        self.local_nonfinite += not bool(local.isfinite().all())
+        self.float_nonfinite += not bool(float_value.isfinite().all())
         self.local_signal += float(local.square().sum())
         self.local_noise += float((deq - local).square().sum())
         self.cum_signal += float(float_value.double().square().sum())
@@ -327,6 +341,34 @@ def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[F
     return tuple(flags)
 
 
+def _nonfinite_flag(s: _Sums) -> Flag | None:
+    """Where a layer's values hold NaN/Inf, and from which side, if they do."""
+    if not (s.quant_nonfinite or s.local_nonfinite or s.float_nonfinite):
+        return None
+    of = f"of {s.calls} calls"
+    if s.quant_nonfinite and not s.local_nonfinite:
+        return Flag("nonfinite",
+                    f"the quantized layer's output holds NaN/Inf in {s.quant_nonfinite} {of} "
+                    "while its float twin, fed the same input, stays finite: the quantized layer "
+                    "makes them",
+                    "check its quantized weight, bias and scales for NaN/Inf or a zero scale; "
+                    "requantize it, or keep it float")
+    if s.local_nonfinite and s.quant_nonfinite:
+        return Flag("nonfinite",
+                    f"the values this layer reads already hold NaN/Inf ({s.quant_nonfinite} "
+                    f"{of}): an op before it, not compared here, made them",
+                    "compare() names the first op where NaN/Inf appears on each side")
+    if s.local_nonfinite:
+        return Flag("nonfinite",
+                    f"its float twin, fed the quantized layer's input, gives NaN/Inf in "
+                    f"{s.local_nonfinite} {of} where the quantized layer does not (a float "
+                    "overflow)",
+                    "check the float layer on inputs of this range (its dtype, an overflow)")
+    return Flag("nonfinite",
+                f"the float model's own output here holds NaN/Inf in {s.float_nonfinite} {of}",
+                "check the data and the float model: the quantized model is not the cause")
+
+
 def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2g}%"
 
@@ -400,7 +442,7 @@ def diagnose(
         weights.setdefault(op_name(pair.name), _weight_stats(fw, qw))
     kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
     diagnosed: list[LayerDiagnosis] = []
-    first_below = None
+    first_below = nonfinite = None
     for name in layers:
         s = sums[name]
         per_channel, util, outliers = weights.get(name, (None, None, None))
@@ -420,12 +462,20 @@ def diagnose(
             cumulative_sqnr=db(s.cum_signal, s.cum_noise) if s.count else None,
             floor_sqnr=floor, floor=floor_verdict,
         )
+        if nonfinite is not None:  # poisoned sums: nothing to draw from them
+            diagnosed.append(d)
+            continue
+        poisoned = _nonfinite_flag(s)
+        if poisoned is not None:
+            nonfinite = d.module
+            diagnosed.append(dataclasses.replace(d, flags=(poisoned,)))
+            continue
         is_first = (first_below is None and d.cumulative_sqnr is not None
                     and d.cumulative_sqnr < threshold_db)
         if is_first:
             first_below = d.module
         diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
-    return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches))
+    return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches), nonfinite)
 
 
 def annotate(report: Report, diagnosis: Diagnosis) -> Report:
