@@ -34,7 +34,7 @@ from .optypes import OpClass
 from .view import GraphView
 
 __all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized",
-           "check_eval_mode", "check_pairable"]
+           "check_eval_mode", "check_graph_training", "check_pairable"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,66 @@ def check_eval_mode(model: Any, side: str) -> None:
         f"{'float' if side == 'float' else 'quant'}_model.eval() "
         "before comparing (Hugging Face models built from a config start in training mode)"
     )
+
+
+# Functional ops that compute differently in training: target -> (name of the training
+# argument, its position, its default). A graph traced or exported from a model in training
+# mode holds them with that argument true (``F.dropout(x, p, self.training)`` traced as
+# ``dropout(x, 0.5, True)``), whatever mode the model is in afterwards.
+_TRAINING_ARG: dict[Any, tuple[str, int, bool]] = {
+    torch.nn.functional.dropout: ("training", 2, True),
+    torch.nn.functional.dropout1d: ("training", 2, True),
+    torch.nn.functional.dropout2d: ("training", 2, True),
+    torch.nn.functional.dropout3d: ("training", 2, True),
+    torch.nn.functional.alpha_dropout: ("training", 2, False),
+    torch.nn.functional.feature_alpha_dropout: ("training", 2, False),
+    torch.nn.functional.batch_norm: ("training", 5, False),
+    torch.dropout: ("train", 2, False),
+    torch.ops.aten.dropout.default: ("train", 2, False),
+    torch.ops.aten.native_dropout.default: ("train", 2, False),
+    torch.ops.aten._native_batch_norm_legit.default: ("training", 5, False),
+}
+_P_ARG = {torch.nn.functional.batch_norm: None,
+          torch.ops.aten._native_batch_norm_legit.default: None}  # no p: always differs
+
+
+def _trains(node: fx.Node) -> bool:
+    """Whether ``node`` is a functional op run in training mode (a dropout with ``p > 0``)."""
+    spec = _TRAINING_ARG.get(node.target) if node.op == "call_function" else None
+    if spec is None:
+        return False
+    name, position, default = spec
+    training = node.kwargs.get(name, node.args[position] if len(node.args) > position
+                               else default)
+    if training is not True:
+        return False
+    if node.target in _P_ARG:
+        return True
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    return not isinstance(p, (int, float)) or p > 0
+
+
+def check_graph_training(matching: Any) -> None:
+    """Raise :class:`InputError` when a graph of ``matching`` (a :class:`fxnumeric.Matching`)
+    applies a functional dropout or batch norm in training mode: traced from a model in
+    training mode (``F.dropout(x, p, self.training)``, a pt2e model exported in training
+    mode), it keeps doing so whatever mode the model is in afterwards, and every metric would
+    read that noise. :func:`check_eval_mode` sees modules only."""
+    for region in matching.regions:
+        for side, key in (("float", "float"), ("quantized", "quant")):
+            node = next((n for n in region.view(key).gm.graph.nodes if _trains(n)), None)
+            if node is None:
+                continue
+            path = region.path(key)
+            where = f" in `{path}`" if path else ""
+            raise InputError(
+                f"the {side} graph{where} runs `{node.name}` ({node.format_node()}) in training "
+                "mode: it was traced or exported from a model in training mode, so it keeps "
+                "zeroing random values (or normalising with each batch's statistics) and every "
+                "metric would read that noise.\nFix: call .eval() on the model before tracing "
+                "it (before fxnumeric.match, torch.export or prepare_pt2e; for a pt2e model, "
+                "torch.ao.quantization.move_exported_model_to_eval(model)), then compare again"
+            )
 
 
 def _trains_differently(module: nn.Module) -> bool:

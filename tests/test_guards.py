@@ -171,6 +171,41 @@ def test_a_model_in_training_mode_is_refused_and_left_as_it_was():
     assert ns.compare(f, q, data, progress=False).batches == 2
 
 
+class _FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.dropout(torch.relu(self.fc1(x)), 0.5, self.training))
+
+
+def test_a_graph_traced_in_training_mode_is_refused_whatever_mode_the_model_is_in():
+    # F.dropout(x, p, self.training) has no module to see: compare read 7.4 dB (37.0 dB in
+    # eval mode) and summed dropout noise into "error accumulates"
+    torch.manual_seed(0)
+    f = _FunctionalDropout().eval()
+    data = [torch.randn(16, 16) for _ in range(2)]
+    q = tq.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    assert ns.compare(f, q, data, progress=False).batches == 2
+    f.train()
+    for call in (lambda: ns.compare(f, q, data, progress=False),
+                 lambda: ns.diagnose(f, q, data, progress=False),
+                 lambda: ns.sensitivity(f, q, data, "sqnr", progress=False)):
+        with pytest.raises(ns.InputError, match=r"(?s)the float graph runs `dropout` .*training: "
+                                                r"True.*Fix: call \.eval\(\)"):
+            call()
+    # a graph traced in training mode keeps its dropout after model.eval()
+    matching = ns.match(f, q)
+    f.eval()
+    with pytest.raises(ns.InputError, match="the float graph runs `dropout`"):
+        ns.compare(None, None, data, matching=matching, progress=False)
+    # exported in training mode: aten.dropout(x, 0.5, True), no module left to see
+    exported = torch.export.export(_FunctionalDropout().train(), (data[0],)).module()
+    with pytest.raises(ns.InputError, match=r"the float graph runs `dropout` \(.*aten\.dropout"):
+        ns.compare(exported, q, data, progress=False)
+
+
 def test_modules_that_compute_alike_in_training_mode_pass():
     # torch's quantized Dropout is the identity in either mode; a dropout of p=0 and a
     # BatchNorm without running statistics too

@@ -36,7 +36,7 @@ from .._collector import defers_collection
 from ..blocks import Block
 from ..capture import LeafSpec
 from ..errors import InstrumentationError
-from ..guards import check_eval_mode
+from ..guards import check_eval_mode, check_graph_training
 from ..loggers import OutputLogger, ShadowLogger
 from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
@@ -345,8 +345,11 @@ def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | Non
     if matching is None:
         if float_model is None or quant_model is None:
             raise InstrumentationError("pass the float and quantized models, or a matching")
-        return match(float_model, quant_model, example_inputs, leaf_modules=leaf_modules,
-                     capture=capture, validate_inputs=validate)
+        matching = match(float_model, quant_model, example_inputs, leaf_modules=leaf_modules,
+                         capture=capture, validate_inputs=validate)
+        check_graph_training(matching)
+        return matching
+    check_graph_training(matching)
     for side, given, used in (("float", float_model, matching.float_model),
                               ("quantized", quant_model, matching.quant_model)):
         if given is not None and given is not used:
