@@ -304,3 +304,46 @@ def test_cli_check_exit_status(reports, tmp_path, capsys):
     assert "not a layer threshold" in capsys.readouterr().err
     assert main(["check", str(tmp_path / "new.json")]) == 2
     assert "nothing to check" in capsys.readouterr().err
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def test_an_exact_layer_is_not_below_its_floor():
+    # a dead ReLU before it: layer 4 returns its bias exactly, shadow and floor both inf;
+    # floor - shadow read inf - inf = nan, which failed every threshold
+    f = _mlp()
+    with torch.no_grad():
+        f[2].bias.fill_(-100.0)
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    report = ns.compare(f, q, [torch.randn(16, 16) for _ in range(3)], progress=False)
+    row = report.row("4")
+    assert math.isinf(row.shadow_sqnr) and not row.below_floor
+    result = check_report(report, max_below_floor=3.0)
+    assert result.passed, result
+    planted = dataclasses.replace(report, rows=tuple(
+        dataclasses.replace(r, shadow={**r.shadow, "sqnr": r.floor_sqnr - 5}) if r.name == "2"
+        else r for r in report.rows))
+    assert not check_report(planted, max_below_floor=3.0).passed  # a real gap still fails
+
+
+def test_worst_first_puts_poisoned_layers_first():
+    # a quantized bias holding NaN: table(top_k=3) listed an exact ReLU (inf) among the three
+    # worst and hid layer 2, where the NaN starts
+    f = _mlp()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    weight, bias = q[2]._packed_params._weight_bias()
+    bias = bias.clone()
+    bias[3] = float("nan")
+    q[2]._packed_params.set_weight_bias(weight, bias)
+    report = ns.compare(f, q, [torch.randn(16, 16) for _ in range(3)], progress=False)
+    poisoned = [r.name for r in report.rows if math.isnan(r.shadow_sqnr)]
+    assert "2" in poisoned
+    worst = report.sorted_rows(top_k=len(poisoned))
+    assert sorted(r.name for r in worst) == sorted(poisoned)
+    ranked = [r.shadow_sqnr for r in report.sorted_rows(sort="shadow_sqnr")]
+    numbers = [v for v in ranked if v is not None and not math.isnan(v)]
+    assert numbers == sorted(numbers) and all(math.isnan(v) for v in ranked[:len(poisoned)])

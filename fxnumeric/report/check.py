@@ -58,6 +58,8 @@ ALL_LAYERS = "*"
 def _below_floor(row: ReportRow) -> float | None:
     if row.floor_sqnr is None or row.shadow_sqnr is None:
         return None
+    if math.isinf(row.shadow_sqnr) and row.shadow_sqnr > 0:
+        return -math.inf  # no error at all: nothing below any floor (inf - inf read nan)
     return row.floor_sqnr - row.shadow_sqnr
 
 

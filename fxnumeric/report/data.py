@@ -202,8 +202,11 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _sort_value(x: float | None) -> float:
-    return math.inf if x is None or math.isnan(x) else x
+def _sort_value(x: float | None) -> tuple[int, float]:
+    """Worst first: NaN (a poisoned layer) before every number, a missing value after."""
+    if x is None:
+        return 2, 0.0
+    return (0, 0.0) if math.isnan(x) else (1, x)
 
 
 @dataclass(frozen=True)

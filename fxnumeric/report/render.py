@@ -228,9 +228,12 @@ def _cell(v: Any) -> str:
 
 
 def _sort_value(v: Any) -> str:
-    """What a numeric cell sorts by (``data-v``): JavaScript's number syntax; missing last."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+    """What a numeric cell sorts by (``data-v``): JavaScript's number syntax; missing last,
+    NaN (a poisoned layer) first, as :meth:`fxnumeric.Report.sorted_rows` orders them."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
         return "Infinity"
+    if math.isnan(v):
+        return "-Infinity"
     return repr(float(v)).replace("inf", "Infinity")
 
 
