@@ -37,8 +37,20 @@ def _leaf_parts(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
+def _transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2 and tuple(weight.shape) == (getattr(module, "nx", None),
+                                                              getattr(module, "nf", None)))
+
+
 def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
     weight = weighted.weight.detach()
+    if _transposed_linear(weighted):
+        # read as a Linear's (out, in), as its quantized Linear twin holds it (a user's
+        # Conv1D -> nn.Linear conversion before quantize_); a quantized Conv1D is read so too
+        return weight.t()
     if bn is None:
         return weight
     if bn.running_mean is None or bn.running_var is None:
@@ -105,7 +117,7 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     if callable(weight) and not isinstance(weight, torch.Tensor):
         return {f"{path}.weight": weight()}
     if isinstance(weight, torch.Tensor):
-        return {f"{path}.weight": weight.detach()}
+        return {f"{path}.weight": weight.t() if _transposed_linear(module) else weight.detach()}
     for child in _leaf_parts(module):
         if child is not module:
             found = _quant_weights(loaded(child, path), path)

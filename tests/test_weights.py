@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -143,3 +144,39 @@ def test_a_functional_conv1d_weight_has_the_float_weights_shape():
     report = ns.compare(f, q, [(x,)], comparisons=("weights",))
     assert report.row("conv1d").weight_sqnr == pytest.approx(
         sqnr(f.w, expected.dequantize()), rel=1e-6)
+
+
+def test_gpt2_conv1d_weights_are_read_as_the_linear_they_became():
+    """GPT-2's Conv1D stores its weight (in, out); converted to nn.Linear (out, in) before
+    quantizing, its weight SQNR compared the two layouts as they are: nan for c_attn (other
+    shapes), -2.8 dB for the square c_proj. Oracle: the dequantized Linear weight."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    config = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4,
+                                     n_positions=32)
+    torch.manual_seed(0)
+    f = transformers.GPT2LMHeadModel(config).eval()
+    q = copy.deepcopy(f)
+    for parent in list(q.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(*child.weight.shape)
+                linear.weight.data = child.weight.data.t().contiguous()
+                linear.bias.data = child.bias.data.clone()
+                setattr(parent, name, linear)
+    q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear})
+    ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = ns.compare(f, q, [{"input_ids": ids}], comparisons=("weights",), progress=False)
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                 "transformer.h.0.mlp.c_fc"):
+        wf = f.get_submodule(name).weight.t().double()
+        wq = q.get_submodule(name).weight().dequantize().double()
+        want = 10 * math.log10(float((wf ** 2).sum() / ((wf - wq) ** 2).sum()))
+        assert report.row(name).weight_sqnr == pytest.approx(want, abs=1e-6), name
+    # diagnose reads output channels as rows: the (out, in) layout
+    d = ns.diagnose(f, q, [{"input_ids": ids}], progress=False)
+    w = f.get_submodule("transformer.h.0.mlp.c_fc").weight.t().double()
+    ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
+    assert d.layer("transformer.h.0.mlp.c_fc").channel_outlier_ratio == pytest.approx(
+        float(ranges.max() / ranges.median()))
