@@ -730,7 +730,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         first.setdefault(p.name, p)
     if "weights" in plan.comparisons:
         with phase("comparing weights", progress):
-            for pair, key, fw, qw in pair_weights(matching):
+            for pair, key, fw, qw in pair_weights(matching, as_computed=True):
                 if pair.name not in weights:  # exact float64 sums
                     weights[pair.name] = ([], Accumulator(precision=torch.float64),
                                           _histogram(fw, qw))

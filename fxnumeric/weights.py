@@ -47,10 +47,6 @@ def _transposed_linear(module: nn.Module) -> bool:
 
 def _fold(weighted: nn.Module, bn: nn.Module | None) -> torch.Tensor:
     weight = weighted.weight.detach()
-    if _transposed_linear(weighted):
-        # read as a Linear's (out, in), as its quantized Linear twin holds it (a user's
-        # Conv1D -> nn.Linear conversion before quantize_); a quantized Conv1D is read so too
-        return weight.t()
     if bn is None:
         return weight
     if bn.running_mean is None or bn.running_var is None:
@@ -117,7 +113,7 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     if callable(weight) and not isinstance(weight, torch.Tensor):
         return {f"{path}.weight": weight()}
     if isinstance(weight, torch.Tensor):
-        return {f"{path}.weight": weight.t() if _transposed_linear(module) else weight.detach()}
+        return {f"{path}.weight": weight.detach()}
     for child in _leaf_parts(module):
         if child is not module:
             found = _quant_weights(loaded(child, path), path)
@@ -145,8 +141,14 @@ def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def pair_weights(matching: Matching) -> Iterator[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
+def pair_weights(matching: Matching, *, as_computed: bool = False,
+                 ) -> Iterator[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
     """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights.
+
+    ``as_computed``: each weight in the layout its op computes with, so that two layouts of
+    one op compare element by element (transformers' ``Conv1D``, stored ``(in, out)``, read
+    as the ``(out, in)`` Linear it computes, as the Linear a user converted it to before
+    quantizing holds it); otherwise as stored (the eager API returns the state dict's).
 
     Keys are the quantized model's state_dict names (``layer1.0.conv1.weight``,
     ``fc._packed_params._packed_params``); a functional op's weight is ``<pair name>.weight``.
@@ -168,7 +170,7 @@ def pair_weights(matching: Matching) -> Iterator[tuple[Pair, str, torch.Tensor, 
             path = _prefixed(region.quant_scope, str(qnode.target))
             yield from _module_weights(
                 pair, fmod, qmods[qnode.target], path,
-                lambda region=region, pair=pair: _float_weight(region, pair))
+                lambda region=region, pair=pair: _float_weight(region, pair), as_computed)
 
 
 def _prefixed(path: str, name: str) -> str:
@@ -176,7 +178,8 @@ def _prefixed(path: str, name: str) -> str:
 
 
 def _module_weights(
-    pair: Pair, fmod: nn.Module | None, qmod: nn.Module, qpath: str, float_weight: Any
+    pair: Pair, fmod: nn.Module | None, qmod: nn.Module, qpath: str, float_weight: Any,
+    as_computed: bool = False,
 ) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
     """The weights of one pair whose quantized side is the module ``qmod`` at ``qpath``;
     ``float_weight()`` gives the float weight (BN-folded where the pair absorbed one)."""
@@ -194,8 +197,11 @@ def _module_weights(
     fweight = float_weight()
     if fweight is None:
         return []
-    return [(pair, key, fweight, flows.comparable_weight(qw))
-            for key, qw in qweights.items()]
+    if as_computed and fmod is not None and _transposed_linear(fmod):
+        fweight = fweight.t()
+    flip = as_computed and _transposed_linear(qmod)
+    return [(pair, key, fweight, qw.t() if flip else qw)
+            for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
 
 
 # --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants

@@ -438,7 +438,7 @@ def diagnose(
             bar.update()
 
     weights: dict[str, tuple[bool | None, float | None, float]] = {}
-    for pair, _, fw, qw in pair_weights(matching):
+    for pair, _, fw, qw in pair_weights(matching, as_computed=True):
         weights.setdefault(op_name(pair.name), _weight_stats(fw, qw))
     kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
     diagnosed: list[LayerDiagnosis] = []
