@@ -215,3 +215,58 @@ def test_no_blocks_no_block_rows():
     only = ns.compare(pair.float_model, pair.quant_model, pair.batches, progress=False,
                       comparisons=("outputs",))
     assert only.blocks == ()
+
+
+def test_a_pt2e_block_shadow_reads_the_hidden_state_as_the_block_receives_it():
+    """X86InductorQuantizer quantizes a BertLayer's input for its query/key/value Linears but
+    its residual add reads the hidden state as carried. The block shadow fed the dequantized
+    copy everywhere read 43 dB where the float layer on the block's input reads 79 dB.
+    Oracle: the float BertLayer run by hand on the value entering the quantized block (read
+    with an fx Interpreter), against the quantized block's output."""
+    transformers = pytest.importorskip("transformers")
+    pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=37,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 99, (4, 12), generator=gen)} for _ in range(2)]
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = pt2e.prepare_pt2e(
+        torch.export.export(bert, (), data[0], strict=False).module(), quantizer)
+    for batch in data:
+        prepared(**batch)
+    q = pt2e.convert_pt2e(prepared)
+    report = ns.compare(bert, q, data, progress=False)
+    matching = ns.match(bert, q, data[0])
+
+    class Values(torch.fx.Interpreter):
+        def run_node(self, n):
+            self.seen[n.name] = value = super().run_node(n)
+            return value
+
+    for block in ns.blocks.find_blocks(matching):
+        index = int(block.name.rsplit(".", 1)[1])
+        linear = next(n for n in block.quant_nodes if "linear" in str(n.target))
+        entering = linear.args[0]
+        while "quantize" in str(entering.target):  # the Linear's own quantize/dequantize
+            entering = entering.args[0]
+        signal = noise = 0.0
+        for batch in data:
+            run = Values(q)
+            run.seen = {}
+            run.run(batch["input_ids"])
+            with torch.no_grad():
+                ref = bert.encoder.layer[index](run.seen[entering.name])
+            ref = (ref[0] if isinstance(ref, tuple) else ref).double()
+            actual = run.seen[block.quant_out.name].double()
+            signal += float(ref.square().sum())
+            noise += float((ref - actual).square().sum())
+        row = next(b for b in report.blocks if b.name == block.name)
+        assert row.shadow_sqnr == pytest.approx(10 * math.log10(signal / noise), abs=1e-3)

@@ -216,7 +216,7 @@ def _instrument_block(block: Block, float_copy: GraphCopy | None, quant_copy: Gr
         float_copy.observe(block.float_out.name, float_obs, f"fxnumeric_block_{index}")
     quant_copy.observe(block.quant_out.name, quant_obs, f"fxnumeric_block_{index}")
     nodes = region.float_view.with_plumbing(list(block.float_nodes))
-    inputs = span_inputs(region, nodes, list(block.quant_nodes))
+    inputs = span_inputs(region, nodes, list(block.quant_nodes), carried=True)
     if isinstance(inputs, str):
         built.skipped[block.name] = inputs
         return

@@ -64,11 +64,18 @@ def shadow_inputs(region: Region, pair: Pair) -> dict[fx.Node, str] | str:
     return span_inputs(region, float_subgraph(region, pair), region.chain(pair, "quant"))
 
 
-def span_inputs(region: Region, nodes: list[fx.Node],
-                chain: list[fx.Node]) -> dict[fx.Node, str] | str:
+def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
+                carried: bool = False) -> dict[fx.Node, str] | str:
     """What a shadow of the float ``nodes`` (a pair's subgraph, or a whole block's) reads:
     ``{float node: quantized node carrying its value}``, preferring the values the quantized
-    ``chain`` reads; or why it cannot be shadowed."""
+    ``chain`` reads; or why it cannot be shadowed.
+
+    ``carried`` (a block): where the chain reads a value both as it is carried and through a
+    quantize/dequantize of its own (a pt2e BERT layer: its residual add reads the hidden
+    state, its query/key/value Linears a quantize/dequantize of it), the shadow reads it as
+    carried: that quantize belongs to the block. Fed the dequantized copy everywhere, the
+    float residual carried an input rounding the quantized block does not have (a block
+    that adds nothing read 43 dB against 79 dB)."""
     fv, qv = region.float_view, region.quant_view
     read: dict[fx.Node, fx.Node] = {}
     shapes: dict[fx.Node, fx.Node] = {}
@@ -84,8 +91,9 @@ def span_inputs(region: Region, nodes: list[fx.Node],
                 # producer only where the chain reads no value of it
                 if qv.is_shape(i):
                     shapes.setdefault(f, q)
-                else:
-                    read.setdefault(f, i)
+                elif f not in read or (carried and _dequantized(qv, read[f])
+                                       and not _dequantized(qv, i)):
+                    read[f] = i
     read = shapes | read
     last = qv.position(chain[-1])
     inside = set(nodes)
@@ -107,6 +115,11 @@ def span_inputs(region: Region, nodes: list[fx.Node],
                 return f"float input `{carrier}` of the shadow has no quantized counterpart"
             inputs[e] = q.name
     return inputs
+
+
+def _dequantized(view: GraphView, n: fx.Node) -> bool:
+    cls = view.op_class(n)
+    return cls is not None and cls.is_dequantize
 
 
 class GraphCopy:
