@@ -218,7 +218,10 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
         if span is not None:
             *where, own = span
             out.append(Block(path, kinds[path], *where, layers=layers[path], own_region=own))
-    return tuple(out)
+    # in run order: the matching's pairs are (a CLIP runs its vision tower first, its text
+    # tower is registered first)
+    ran = {p.name: i for i, p in reversed(list(enumerate(matching.pairs)))}
+    return tuple(sorted(out, key=lambda b: min(ran[name] for name in b.layers)))
 
 
 def _graph_span(region: Region, path: str) -> tuple | None:

@@ -808,15 +808,21 @@ def _no_token_note(plan: _Plan) -> tuple[str, ...]:
 
 
 def _block_rows(plan: _Plan) -> tuple[BlockRow, ...]:
-    """One row per block, with the output SQNR of the block before it as what enters it."""
+    """One row per block, with the output SQNR of the block that ran before it in its
+    container (``layers.2`` before ``layers.3``, ResNet's ``layer1`` before ``layer2``) as
+    what enters it; ``None`` for the first of each (a CLIP's vision tower does not read its
+    text tower's last layer, nor a BART decoder's first layer the encoder's last)."""
     rows: list[BlockRow] = []
+    leaving: dict[str, float | None] = {}  # by container: the last block's output so far
     for block, out, shadow in plan.blocks:
-        entering = rows[-1].output_sqnr if rows else None
+        container = block.name.rpartition(".")[0]
+        entering = leaving.get(container)
         rows.append(BlockRow(
             block.name, block.kind, block.layers,
             out.values(plan.metrics) if out.batches else {},
             shadow.values(plan.metrics) if shadow.batches else {},
             entering, note=_note(out, shadow, plan.built.skipped.get(block.name))))
+        leaving[container] = rows[-1].output_sqnr
     return tuple(rows)
 
 

@@ -270,3 +270,39 @@ def test_a_pt2e_block_shadow_reads_the_hidden_state_as_the_block_receives_it():
             noise += float((ref - actual).square().sum())
         row = next(b for b in report.blocks if b.name == block.name)
         assert row.shadow_sqnr == pytest.approx(10 * math.log10(signal / noise), abs=1e-3)
+
+
+def test_blocks_run_in_order_and_enter_from_their_own_container():
+    """A CLIP runs its vision tower first, its text tower is registered first: the blocks
+    were listed text first, and the vision tower's first layer read the text tower's last
+    output as its 'entering' SQNR. Oracle: the order forward hooks see the layers run in."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=16, bos_token_id=0, eos_token_id=2),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16)
+    torch.manual_seed(0)
+    f = transformers.CLIPModel(config).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(3, 64, (3, 7), generator=gen),
+             "pixel_values": torch.randn(2, 3, 32, 32, generator=gen)} for _ in range(2)]
+    layers = [f"{tower}_model.encoder.layers.{i}" for tower in ("text", "vision")
+              for i in range(2)]
+    ran: list[str] = []
+    hooks = [f.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: ran.append(p))
+             for p in layers]
+    with torch.no_grad():
+        f(**data[0])
+    for hook in hooks:
+        hook.remove()
+    report = ns.compare(f, q, data, progress=False)
+    blocks = {b.name: b for b in report.blocks}
+    assert [b.name for b in report.blocks] == ran
+    for tower in ("vision", "text"):
+        first, second = (blocks[f"{tower}_model.encoder.layers.{i}"] for i in range(2))
+        assert first.entering is None
+        assert second.entering == first.output_sqnr

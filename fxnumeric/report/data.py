@@ -68,7 +68,9 @@ class BlockRow:
     ``output`` holds the metrics at the block's output (the error that leaves it, accumulated
     from the start); ``shadow`` those of the block's shadow (the float block fed the quantized
     block's input: the error the block adds by itself); ``entering`` is the output SQNR of the
-    block before it (the error that enters it; ``None`` for the first).
+    block that ran before it in its container, ``layers.2`` for ``layers.3`` (the error that
+    enters it; ``None`` for the first of each: a CLIP's vision tower, a decoder's first
+    layer, read nothing from the text tower or the encoder's last layer).
     """
 
     name: str
