@@ -153,23 +153,30 @@ def _stack_tree(graph: fx.Graph) -> _Tree:
 
 
 def _repeated(root: _Tree) -> dict[str, str]:
-    """``{path: class name}`` of the outermost children of one kind that repeat."""
+    """``{path: class name}`` of the outermost children of one kind that repeat: numbered
+    siblings (``layers.0``, ResNet's ``layer1``, GoogLeNet's ``inception3a``). Two of a kind
+    that are named, not numbered, are parts, not repeats: a T5's ``encoder`` and ``decoder``
+    are both ``T5Stack``s, and its blocks are the layers inside them."""
     found: dict[str, str] = {}
 
     def visit(node: _Tree, path: str) -> None:
         kinds: dict[object, int] = {}
-        for _, child in node.children:
-            if child.may_be_block:
+        for name, child in node.children:
+            if child.may_be_block and _numbered(name):
                 kinds[child.kind] = kinds.get(child.kind, 0) + 1
         for name, child in node.children:
             child_path = f"{path}.{name}" if path else name
-            if child.may_be_block and kinds[child.kind] >= 2:
+            if child.may_be_block and _numbered(name) and kinds[child.kind] >= 2:
                 found[child_path] = child.cls.rpartition(".")[2]
             else:
                 visit(child, child_path)
 
     visit(root, "")
     return found
+
+
+def _numbered(name: str) -> bool:
+    return any(c.isdigit() for c in name)
 
 
 def block_of(name: str, blocks: Iterable[str]) -> str:

@@ -962,6 +962,10 @@ def _differ(acc: Accumulator | None) -> str:
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           weights: Accumulator | None = None, routes: Routes | None = None) -> str:
     notes = []
+    if (oa is not None and not oa.batches and not (sa is not None and sa.batches)
+            and not (oa.discrete or oa.shape_mismatch or oa.misrouted or oa.overwritten)):
+        notes.append("never ran on the data: nothing to compare (a module the model holds but "
+                     "does not call, such as a tied embedding it runs under another name)")
     if any(acc is not None and acc.discrete and not acc.batches for acc in (oa, sa)):
         notes.append("boolean or integer values (a mask, indices): no rounding error to "
                      "measure" + _differ(oa))

@@ -306,3 +306,30 @@ def test_blocks_run_in_order_and_enter_from_their_own_container():
         first, second = (blocks[f"{tower}_model.encoder.layers.{i}"] for i in range(2))
         assert first.entering is None
         assert second.entering == first.output_sqnr
+
+
+def test_named_parts_of_one_kind_are_not_blocks_and_an_unused_module_says_so():
+    """A T5's encoder and decoder are both T5Stacks: they were its two blocks (23 and 33
+    layers), where its blocks are the layers inside them. Its tied `shared` embedding, which
+    the model runs as `encoder.embed_tokens`, was a row of dashes with no note."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                   num_decoder_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    f = transformers.T5ForConditionalGeneration(config).eval()
+    assert block_paths(f) == ["encoder.block.0", "encoder.block.1", "decoder.block.0",
+                              "decoder.block.1"]
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, 64, (2, 7), generator=gen),
+             "labels": torch.randint(1, 64, (2, 5), generator=gen)}]
+    report = ns.compare(f, q, data, progress=False)
+    assert report.row("encoder.block.1.layer.0.SelfAttention.q").block == "encoder.block.1"
+    decoder = next(b for b in report.blocks if b.name == "decoder.block.0")
+    assert decoder.entering is None
+    shared = report.row("shared")
+    assert not shared.output and shared.note.startswith("never ran on the data")
+    assert all(not r.note.startswith("never ran") for r in report.rows if r.output)
+    # torchvision's numbered stages are blocks as before
+    assert block_paths(torchvision.models.resnet18()) == ["layer1", "layer2", "layer3", "layer4"]
