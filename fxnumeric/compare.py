@@ -60,6 +60,7 @@ from .progress import Progress, phase
 from .report import BlockRow, Report, ReportRow, WeightHistogram
 from .routing import Routes, hook_calls, routed_containers
 from .run import (
+    as_batches,
     check_batch,
     check_data,
     check_devices,
@@ -417,6 +418,7 @@ def compare(
         (['0', '1'], 3)
     """
     check_data(data)
+    data = as_batches(data)  # one tensor, or one dict of keyword inputs, is one batch
     ranks = data_parallel(distributed, data)
     if ranks.rank:
         progress = False  # one progress bar per terminal: rank 0's
@@ -638,9 +640,9 @@ def _feed(data: Iterable[Any], step: Callable[[int, Any, Any], None], mergeable:
     batches = 0
     skipped: list[int] = []
     try:
-        for index, batch in ranks.share(enumerate(data), mergeable):
-            if max_batches is not None and index >= max_batches:
-                break
+        # islice: no batch past the last one is read off the caller's iterator
+        wanted = data if max_batches is None else itertools.islice(data, max_batches)
+        for index, batch in ranks.share(enumerate(wanted), mergeable):
             model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
             check_batch(model_inputs, index)
             if nonfinite_inputs(model_inputs):

@@ -28,9 +28,9 @@ from . import flows
 from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
 
-__all__ = ["run_model", "as_args", "as_call", "check_model", "check_devices", "pick_inputs",
-           "buffers_kept", "keeps_buffers", "model_batches", "check_data", "check_batch",
-           "nonfinite_inputs"]
+__all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
+           "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "check_data",
+           "check_batch", "nonfinite_inputs"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -51,6 +51,12 @@ def check_data(data: Any) -> None:
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise InputError(f"data is {_a(type(data).__name__)}, not an iterable of batches; "
                          f"{_BATCH_IS}.\nFix: pass a list of batches or a DataLoader")
+
+
+def as_batches(data: Any) -> Any:
+    """``data`` as an iterable of batches: a single tensor, or a single dict of keyword inputs
+    (a tokenizer's ``BatchEncoding``), is one batch, not a batch per row or per key."""
+    return [data] if isinstance(data, (torch.Tensor, Mapping)) else data
 
 
 def _tensors(x: Any, where: str) -> list[tuple[str, torch.Tensor]]:
@@ -149,7 +155,8 @@ def pick_inputs(batch: Any, inputs: int | Callable[[Any], Any] | None) -> Any:
 def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None = None,
                   ) -> list[Any]:
     """Every batch of ``data`` as the models take it (see :func:`pick_inputs`), in a list: for
-    calls that run each batch many times (hybrid models). A single tensor is one batch. A batch
+    calls that run each batch many times (hybrid models). A single tensor, or a single dict of
+    keyword inputs, is one batch. A batch
     holding NaN/Inf is left out, with a warning naming it, as ``compare`` leaves it out.
 
     Raises:
@@ -159,8 +166,7 @@ def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None
     if data is None:
         raise InputError("data is None: pass an iterable of batches (tensors, tuples of inputs "
                          "or dicts of keyword inputs), or a single tensor")
-    if isinstance(data, torch.Tensor):
-        data = [data]
+    data = as_batches(data)
     batches, left_out = [], []
     for index, batch in enumerate(data):
         batch = pick_inputs(batch, inputs)

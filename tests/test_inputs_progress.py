@@ -55,6 +55,28 @@ def test_a_single_tensor_is_one_batch():
     assert one.model_output == ns.compare(f, q, [x]).model_output
 
 
+class _Keyword(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_single_dict_of_keyword_inputs_is_one_batch():
+    # it was read as a batch per key: "batch 0 is a str ('x') ... (tokenize text first)"
+    torch.manual_seed(0)
+    f = _Keyword().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    batch = {"x": torch.randn(4, 16)}
+    one = ns.compare(f, q, batch, progress=False)
+    assert one.batches == 1
+    assert one.model_output == ns.compare(f, q, [batch], progress=False).model_output
+    assert ns.sensitivity(f, q, batch, "sqnr", progress=False).layers
+    assert ns.diagnose(f, q, batch, progress=False).batches == 1
+
+
 def test_progress_shows_in_a_notebook_and_names_the_long_phases(monkeypatch, capsys):
     f, q = _pair()
     assert not enabled_by_default()  # pytest's stderr is not a terminal
@@ -225,3 +247,10 @@ def test_the_quantized_model_passed_twice_is_refused_before_any_batch_runs():
                        r"quantized ops or quantize nodes \(`_0`, `_2`\).*passed twice\?\nFix: "):
         ns.compare(copy.deepcopy(q), q, data)
     assert calls[0] == 0
+
+
+def test_max_batches_reads_no_batch_past_the_last():
+    f, q = _pair()
+    data = iter([torch.randn(4, 16) for _ in range(5)])
+    assert ns.compare(f, q, data, max_batches=2, progress=False).batches == 2
+    assert len(list(data)) == 3  # the caller's iterator gave up two batches, not three
