@@ -257,6 +257,8 @@ def _resolve_metrics(metrics: MetricSpec) -> tuple[list[str], dict[str, MetricFn
     if metrics is None:
         return list(BUILTIN_METRICS), {}
     if isinstance(metrics, dict):
+        for name in metrics:
+            _check_custom_name(name, set())
         return list(BUILTIN_METRICS) + list(metrics), dict(metrics)
     names: list[str] = []
     custom: dict[str, MetricFn] = {}
@@ -269,11 +271,25 @@ def _resolve_metrics(metrics: MetricSpec) -> tuple[list[str], dict[str, MetricFn
             names.append(m)
         elif callable(m):
             name = getattr(m, "__name__", f"metric_{len(custom)}")
+            _check_custom_name(name, custom)
             custom[name] = m
             names.append(name)
         else:
             raise InputError(f"metrics entries must be names or functions, got {m!r}")
     return names, custom
+
+
+def _check_custom_name(name: Any, taken: Mapping[str, Any] | set[str]) -> None:
+    """A custom metric's name must be a string no built-in and no other metric has: one
+    would silently replace the other's column."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"a custom metric's name must be a non-empty string, got {name!r}")
+    if name in BUILTIN_METRICS or name in taken:
+        what = "a built-in metric" if name in BUILTIN_METRICS else "another metric's name"
+        raise InputError(
+            f"custom metric name {name!r} is {what}: its column would replace the other's.\n"
+            "Fix: pass metrics as a dict with names of your own, e.g. metrics={"
+            f"'my_{name.strip('<>')}': fn}}")
 
 
 def _finite_values(x: torch.Tensor) -> tuple[torch.Tensor, float, float]:

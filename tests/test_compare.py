@@ -78,6 +78,14 @@ def test_selectable_comparisons_and_custom_metric():
     assert "shadow SQNR" not in report.table() and "l1" in report.table()
     with pytest.raises(ns.InputError, match="unknown metric 'psnr'"):
         ns.compare(f, q, data, metrics=["psnr"])
+    # names that collide silently dropped a metric (two lambdas) or showed the built-in
+    # under a custom function's name
+    def sqnr(ref, actual):
+        return 0.0
+
+    for metrics in ([lambda r, a: 0.0, lambda r, a: 1.0], [sqnr], {"sqnr": l1}):
+        with pytest.raises(ns.InputError, match=r"custom metric name .* is (a built-in|another)"):
+            ns.compare(f, q, data, metrics=metrics)
     with pytest.raises(ns.InputError, match="unknown comparisons"):
         ns.compare(f, q, data, comparisons=["activations"])
 
