@@ -376,6 +376,13 @@ def test_min_cosine_is_the_worst_sample() -> None:
     ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     actual = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     assert min_cosine(ref, actual) == pytest.approx(2 ** -0.5)
+    # a sample all zeros in both (a final ReLU) agrees exactly: it read 0, the float model
+    # against itself too, so advise kept every layer float
+    zero = torch.zeros(1, 2)
+    assert min_cosine(torch.cat([ref, zero]), torch.cat([actual, zero])) == pytest.approx(
+        2 ** -0.5)
+    assert min_cosine(torch.cat([ref, zero]), torch.cat([ref, zero])) == pytest.approx(1.0)
+    assert min_cosine(zero, torch.ones(1, 2)) == 0.0  # zeros against values: no agreement
 
 
 def test_unknown_metric_and_no_data_are_input_errors() -> None:

@@ -66,10 +66,15 @@ all batches are concatenated along dim 0 (so a metric can take the worst sample)
 
 
 def min_cosine(ref: torch.Tensor, actual: torch.Tensor) -> float:
-    """The lowest cosine similarity over samples (dim 0) of two outputs."""
+    """The lowest cosine similarity over samples (dim 0) of two outputs; a sample that is all
+    zeros in both reads 1 (the two agree exactly), as :func:`fxnumeric.metrics.cosine` reads
+    two zero tensors (a final ReLU zeroing half the samples made every model read 0, the
+    float model itself too)."""
     r = ref.detach().double().reshape(ref.shape[0], -1)
     a = actual.detach().double().reshape(actual.shape[0], -1)
-    return float(torch.nn.functional.cosine_similarity(r, a, dim=1, eps=1e-30).min())
+    cos = torch.nn.functional.cosine_similarity(r, a, dim=1, eps=1e-30)
+    both_zero = (r == 0).all(dim=1) & (a == 0).all(dim=1)
+    return float(torch.where(both_zero, torch.ones_like(cos), cos).min())
 
 
 END_METRICS: dict[str, EndMetric] = {"sqnr": sqnr, "cosine": cosine, "min_cosine": min_cosine}
