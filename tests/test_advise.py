@@ -935,3 +935,28 @@ def test_advice_over_variants_lists_a_quantized_op_without_a_weight():
     assert "advice.unsearched" in advice.message
     whole = fxnumeric.compare(f, q, [(x,)]).model_output["sqnr"]
     assert advice.value > whole + 1.0, (advice.value, whole)  # the plan's add is float
+
+
+def test_batches_of_other_sizes_are_read_as_compare_reads_them() -> None:
+    # a fully convolutional model fed two image sizes: torch.cat of the outputs failed with a
+    # bare RuntimeError (compare reads such batches)
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 32, 32, generator=gen)]
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (data[0],))
+    for x in data:
+        prepared(x)
+    q = convert_fx(prepared)
+    with torch.no_grad():
+        ref = torch.cat([f(x).reshape(-1) for x in data]).double()
+        out = torch.cat([q(x).dequantize().reshape(-1) for x in data]).double()
+    want = 10 * math.log10(float(ref.square().sum() / (ref - out).square().sum()))
+    assert sensitivity(f, q, data, "sqnr", progress=False).quantized == pytest.approx(want)
+    assert fxnumeric.compare(f, q, data, progress=False).model_output["sqnr"] == pytest.approx(want)
+    worst = min(min_cosine(f(x), q(x).dequantize()) for x in data)
+    assert sensitivity(f, q, data, "min_cosine", progress=False).quantized == pytest.approx(worst)
+    advice = advise(f, q, data, metric="sqnr", target=want + 3, progress=False)
+    assert advice.value >= want + 3 or advice.keep_float
+    with pytest.raises(InputError, match=r"outputs differ beyond it \(\[4, 12, 12\], \[4, 28, 28"):
+        sensitivity(f, q, data, lambda r, a: 0.0, progress=False)

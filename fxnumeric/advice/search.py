@@ -62,7 +62,9 @@ quarter of the float model's parameter bytes."""
 
 EndMetric = Callable[[torch.Tensor, torch.Tensor], float]
 """Called as ``fn(float_output, candidate_output) -> float``, higher is better; the outputs of
-all batches are concatenated along dim 0 (so a metric can take the worst sample)."""
+all batches are concatenated along dim 0 (so a metric can take the worst sample). Batches whose
+outputs differ beyond dim 0 (images of several sizes) cannot be: the built-in metrics read
+them, a custom one gets an :class:`~fxnumeric.InputError`."""
 
 
 def min_cosine(ref: torch.Tensor, actual: torch.Tensor) -> float:
@@ -128,6 +130,23 @@ class _Metric:
 class _MetricRun:
     """One candidate's metric over the batches, fed batch by batch."""
 
+    def _by_batch(self, shapes: set[tuple[int, ...]]) -> float:
+        """The built-in metrics over batches whose outputs differ beyond dim 0: SQNR and
+        cosine of the whole output are sums, read off the outputs flattened; the lowest
+        per-sample cosine is the lowest of each batch's. A custom metric, called on all
+        batches' outputs at once, cannot be."""
+        fn = self.metric.fn
+        if fn is sqnr or fn is cosine:
+            return float(fn(_flat(self.refs), _flat(self.outputs)))
+        if fn is min_cosine:
+            return min(min_cosine(r, o) for r, o in zip(self.refs, self.outputs, strict=True))
+        listed = ", ".join(str(list(s)) for s in sorted(shapes)[:3])
+        raise InputError(
+            f"metric {self.metric.name!r} is called with the outputs of all batches "
+            f"concatenated along dim 0, and the batches' outputs differ beyond it ({listed}).\n"
+            "Fix: batches of one size, or a built-in metric ('sqnr', 'cosine', 'min_cosine'), "
+            "which read such batches")
+
     def __init__(self, metric: _Metric) -> None:
         self.metric = metric
         self.outputs: list[torch.Tensor] = []
@@ -153,6 +172,9 @@ class _MetricRun:
                     "one: every attention_mask is all 0. Fix: batches with real tokens (1 in "
                     "attention_mask where a token is not padding)")
             return float(self.logits.values()[self.metric.name])
+        shapes = {tuple(o.shape[1:]) for o in self.refs}
+        if len(shapes) > 1:  # batches of other sizes (images): no one tensor holds them all
+            return self._by_batch(shapes)
         ref, candidate = _concat(self.refs), _concat(self.outputs)
         try:
             return float(self.metric.fn(ref, candidate))  # type: ignore[misc]
@@ -180,6 +202,10 @@ def _resolve_metric(metric: str | EndMetric, model: Any = None) -> _Metric:
     if callable(metric):
         return _Metric(getattr(metric, "__name__", "metric"), True, metric)
     raise InputError(f"metric must be a name or a function, got {metric!r}")
+
+
+def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([o.reshape(-1) for o in outputs])
 
 
 def _concat(outputs: list[torch.Tensor]) -> torch.Tensor:

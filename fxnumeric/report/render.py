@@ -152,7 +152,8 @@ def _blocks_html(report: Report) -> str:
     cols = report_columns(report)
     parts = ["<h2>Blocks</h2>",
              "<p>Each block's <b>entering</b> SQNR is the output SQNR of the block before it "
-             "in its container (the error that reaches it; none for the first), its <b>shadow</b> SQNR the error it adds by itself "
+             "in its container (the error that reaches it; none for the first), its "
+             "<b>shadow</b> SQNR the error it adds by itself "
              "(the float block fed the quantized block's input), its <b>output</b> SQNR the "
              "error that leaves it. Open a block for its layers, in the order it runs them.</p>",
              html_table(_BLOCK_HEADERS, [_block_cells(b) for b in report.blocks],
