@@ -960,3 +960,24 @@ def test_batches_of_other_sizes_are_read_as_compare_reads_them() -> None:
     assert advice.value >= want + 3 or advice.keep_float
     with pytest.raises(InputError, match=r"outputs differ beyond it \(\[4, 12, 12\], \[4, 28, 28"):
         sensitivity(f, q, data, lambda r, a: 0.0, progress=False)
+
+
+def test_a_quantized_model_that_fails_by_itself_is_not_blamed_on_a_hybrid() -> None:
+    # sensitivity/advise said "a hybrid model failed ... report the model" where no layer was
+    # swapped: the quantized model itself fails on the input (a NaN bias: the next dynamic
+    # Linear cannot choose qparams), as compare says
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    weight, bias = q[0]._packed_params._weight_bias()
+    bias = bias.clone()
+    bias[0] = float("nan")
+    q[0]._packed_params.set_weight_bias(weight, bias)
+    data = [torch.randn(4, 16) for _ in range(2)]
+    with pytest.raises(RuntimeError):
+        q(data[0])
+    for call in (lambda: sensitivity(f, q, data, "sqnr", progress=False),
+                 lambda: advise(f, q, data, metric="sqnr", target=20, progress=False)):
+        with pytest.raises(InputError, match=r"(?s)the quantized model failed on the input at "
+                                             r"node `.*no layer was swapped"):
+            call()

@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import flows
 from .._tensors import dequantize_all
-from ..errors import InstrumentationError
+from ..errors import InputError, InstrumentationError
 from ..instrument.assemble import assemble, captured_model
 from ..match import Matching, Pair, Region
 from ..pairing import op_name
@@ -532,6 +532,13 @@ class HybridRunner:
         try:
             return run_model(model, batch, which=which)
         except _NodeFailure as failure:
+            if which in ("float", "quantized"):  # nothing swapped: the model itself failed
+                raise InputError(
+                    f"the {which} model failed on the input at node "
+                    f"`{failure.node.format_node()}`: {failure.message}\nCheck that the model "
+                    "runs on this batch outside fxnumeric (its weights, its input shape and "
+                    "dtype): no layer was swapped"
+                ) from failure.__cause__
             raise HybridFailure(
                 f"a hybrid model failed at node `{failure.node.format_node()}`: "
                 f"{failure.message}\nA value crossed between the float and quantized graphs in "
