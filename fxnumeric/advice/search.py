@@ -564,6 +564,10 @@ class Advice:
     """The quantization flow the quantized model came from (``"fx"``, ``"eager"``,
     ``"dynamic"``, ``"pt2e"``, ``"torchao"``; with several variants, their flows joined by
     ``+``, ``"dynamic+fx"``): :meth:`summary` shows that flow's lines."""
+    dynamic: tuple[tuple[str, str], ...] = ()
+    """``(module path, qconfig name)`` of every module ``quantize_dynamic`` quantized in the
+    quantized model (``("lstm", "float16_dynamic_qconfig")``): what :meth:`dynamic_lines`
+    quantizes again, less the layers kept float."""
 
     def to_torchao(self, configs: Mapping[str, Any]) -> Any:
         """A torchao ``FqnToConfig`` that applies the assignment with ``quantize_``.
@@ -709,7 +713,16 @@ class Advice:
         return "\n".join([*lines, "})"])
 
     def dynamic_lines(self, model: str = "model") -> str:
-        """``quantize_dynamic`` keeping the layers float (a module name mapped to ``None``)."""
+        """``quantize_dynamic`` keeping the layers float: the modules the quantized model has
+        quantized, each with the qconfig of its dtype (int8, per channel, float16), less
+        those kept (a spec of module names rebuilds the advised model, whatever spec made the
+        quantized one); with no module known, ``nn.Linear`` with the kept names mapped to
+        ``None``."""
+        if self.dynamic:
+            kept = set(self.keep_float)
+            spec = ", ".join(f"{path!r}: {qconfig}" for path, qconfig in self.dynamic
+                             if path not in kept)
+            return f"quantize_dynamic({model}, {{{spec}}})"
         names = ", ".join(f"{name!r}: None" for name, _ in self._targets())
         return (f"quantize_dynamic({model}, {{torch.nn.Linear: default_dynamic_qconfig, "
                 f"{names}}})")
@@ -792,6 +805,32 @@ def flow_of(model: Any) -> str:
         if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
             return "dynamic"
     return "eager" if any(is_quantized_module(m) for m in model.modules()) else ""
+
+
+def dynamic_spec(model: Any) -> tuple[tuple[str, str], ...]:
+    """``(module path, qconfig name)`` of each module ``quantize_dynamic`` quantized in
+    ``model``: ``float16_dynamic_qconfig`` for float16 weights, ``per_channel_dynamic_qconfig``
+    for int8 weights per channel, ``default_dynamic_qconfig`` otherwise."""
+    if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
+        return ()
+    found: list[tuple[str, str]] = []
+    for path, module in model.named_modules():
+        if not type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+            continue
+        if any(path.startswith(f"{outer}.") for outer, _ in found):
+            continue  # a quantized module's own parts (an LSTM's packed weights)
+        packed = getattr(module, "_packed_params", None)
+        dtype = getattr(packed, "dtype", None) or getattr(module, "dtype", None)
+        if dtype == torch.float16:
+            found.append((path, "float16_dynamic_qconfig"))
+            continue
+        weight = module.weight() if callable(getattr(module, "weight", None)) else None
+        per_channel = (isinstance(weight, torch.Tensor) and weight.is_quantized
+                       and weight.qscheme() in (torch.per_channel_affine,
+                                                torch.per_channel_symmetric))
+        found.append((path, "per_channel_dynamic_qconfig" if per_channel
+                      else "default_dynamic_qconfig"))
+    return tuple(found)
 
 
 def _unit(metric: str) -> str:
@@ -966,4 +1005,5 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                   functions if any(functions) else (),
                   assignment={module_path(search.matching, n): FLOAT if n in chosen
                               else "quantized" for n in names},
-                  flow=flow_of(search.matching.quant_model))
+                  flow=flow_of(search.matching.quant_model),
+                  dynamic=dynamic_spec(search.matching.quant_model))
