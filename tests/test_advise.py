@@ -1018,3 +1018,63 @@ def test_a_quantized_model_that_fails_by_itself_is_not_blamed_on_a_hybrid() -> N
         with pytest.raises(InputError, match=r"(?s)the quantized model failed on the input at "
                                              r"node `.*no layer was swapped"):
             call()
+
+
+class _StaticLstm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.fc0, self.lstm, self.fc = nn.Linear(8, 16), nn.LSTM(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x, h0, c0):
+        y, _ = self.lstm(self.fc0(self.quant(x)), (self.quant(h0), self.quant(c0)))
+        return self.dequant(self.fc(y))
+
+
+class _FloatLstmInQuantized(nn.Module):
+    """The hand-built hybrid: the float LSTM on the dequantized inputs, its output quantized
+    as the quantized LSTM's is."""
+
+    def __init__(self, lstm: nn.Module, qparams: tuple) -> None:
+        super().__init__()
+        self.lstm, self.qparams = lstm, qparams
+
+    def forward(self, x, hc):
+        y, state = self.lstm(x.dequantize(), tuple(t.dequantize() for t in hc))
+        return torch.quantize_per_tensor(y, *self.qparams), state
+
+
+def test_a_static_quantized_lstm_left_float_hands_its_output_quantized_on() -> None:
+    # the float LSTM's (y, (h, c)) went into the quantized fc as floats: "Could not run
+    # 'quantized::linear' ... CPU backend" in every hybrid (compare and diagnose worked)
+    import torch.ao.nn.quantizable as nnqa
+    import torch.ao.nn.quantized as nnq
+
+    torch.manual_seed(0)
+    f = _StaticLstm().eval()
+    data = [(torch.randn(5, 2, 8), torch.zeros(1, 2, 16), torch.zeros(1, 2, 16))
+            for _ in range(3)]
+    m = copy.deepcopy(f)
+    m.qconfig = get_default_qconfig("x86")
+    prepare(m, inplace=True, prepare_custom_config_dict={
+        "float_to_observed_custom_module_class": {nn.LSTM: nnqa.LSTM}})
+    for x in data:
+        m(*x)
+    q = convert(m, convert_custom_config_dict={
+        "observed_to_quantized_custom_module_class": {nnqa.LSTM: nnq.LSTM}})
+    seen = []
+    hook = q.lstm.register_forward_hook(lambda mod, i, o: seen.append(o[0]))
+    with torch.no_grad():
+        q(*data[0])
+    hook.remove()
+    hybrid = copy.deepcopy(q)
+    hybrid.lstm = _FloatLstmInQuantized(f.lstm, (seen[0].q_scale(), seen[0].q_zero_point(),
+                                                 seen[0].dtype))
+    with torch.no_grad():
+        ref = torch.cat([f(*x) for x in data]).double()
+        out = torch.cat([hybrid(*x) for x in data]).double()
+    want = 10 * math.log10(float(ref.square().sum() / (ref - out).square().sum()))
+    sens = sensitivity(f, q, data, "sqnr", progress=False)
+    lstm = next(layer for layer in sens.layers if layer.module == "lstm")
+    assert lstm.all_but == pytest.approx(want, abs=1e-4)
+    assert advise(f, q, data, metric="sqnr", target=60, progress=False).curve

@@ -578,6 +578,8 @@ class HybridRunner:
         qparams of the quantized model's tensor there (recorded by :meth:`probe`); if
         ``node`` is a ``dequantize`` (reference FX), quantized with the qparams before it,
         then dequantized."""
+        if isinstance(value, (tuple, list)):
+            return self._items_into_quant(region, value, node)
         view = region.quant_view
         cur, behind = node, False
         while cur not in self._held:
@@ -589,6 +591,18 @@ class HybridRunner:
             return value
         quantized = _quantize(value, self._held[cur])
         return quantized.dequantize() if behind else quantized
+
+    def _items_into_quant(self, region: Region, value: tuple | list, node: fx.Node) -> Any:
+        """A float tuple (a static quantized LSTM's ``(y, (h, c))``) as the quantized graph
+        holds it: each item the graph reads (``node[i]``) quantized as the quantized model's
+        item there; items it does not read are left as they are."""
+        items = list(value)
+        for user in node.users:
+            if (user.op == "call_function" and user.target is operator.getitem
+                    and user.args[0] is node and isinstance(user.args[1], int)
+                    and -len(items) <= user.args[1] < len(items)):
+                items[user.args[1]] = self._into_quant(region, items[user.args[1]], user)
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
 
 
 # ---------------------------------------------------------------- what a swap reads
