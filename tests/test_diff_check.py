@@ -306,7 +306,7 @@ def test_cli_check_exit_status(reports, tmp_path, capsys):
     assert "nothing to check" in capsys.readouterr().err
 
 
-def _mlp() -> nn.Module:
+def _deep_mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                          nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
@@ -315,7 +315,7 @@ def _mlp() -> nn.Module:
 def test_an_exact_layer_is_not_below_its_floor():
     # a dead ReLU before it: layer 4 returns its bias exactly, shadow and floor both inf;
     # floor - shadow read inf - inf = nan, which failed every threshold
-    f = _mlp()
+    f = _deep_mlp()
     with torch.no_grad():
         f[2].bias.fill_(-100.0)
     q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
@@ -333,7 +333,7 @@ def test_an_exact_layer_is_not_below_its_floor():
 def test_worst_first_puts_poisoned_layers_first():
     # a quantized bias holding NaN: table(top_k=3) listed an exact ReLU (inf) among the three
     # worst and hid layer 2, where the NaN starts
-    f = _mlp()
+    f = _deep_mlp()
     q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
     weight, bias = q[2]._packed_params._weight_bias()
     bias = bias.clone()

@@ -139,6 +139,12 @@ def test_floats_keep_their_bits_and_specials_are_strings():
     assert layer["floor_sqnr"] == 0.30000000000000004
     assert data["model_output"] == {"sqnr": "-inf", "kl": 1e308}
     _same(Report.from_json(report.to_json()), report)
+    # == holds across the round trip with NaN in it (NaN != NaN made it False), and still
+    # tells a NaN from a number
+    assert Report.from_json(report.to_json()) == report
+    other = dataclasses.replace(row, shadow={"sqnr": 1.0, "cosine": math.nan})
+    assert dataclasses.replace(report, rows=(other,)) != report
+    assert row == Report.from_json(report.to_json()).rows[0]
 
 
 def test_human_readable_keys_and_lists_of_numbers_on_one_line():

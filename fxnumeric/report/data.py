@@ -9,11 +9,14 @@ in :mod:`fxnumeric.report.render`, and the methods here only delegate to them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
 
 from ..errors import InputError
 from ..floor import FLOOR_MARGIN_DB
@@ -50,6 +53,30 @@ _FLOOR_CAUSES = {
 }
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with NaN equal to NaN: a report that holds NaN (a poisoned layer) equals its
+    JSON round trip, as every other report does."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(
+            _same(getattr(a, f.name), getattr(b, f.name))
+            for f in dataclasses.fields(a) if f.compare)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b, strict=True)))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(
+            torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+    return bool(a == b)
+
+
+def _eq(self: Any, other: Any) -> bool:
+    return _same(self, other) if type(other) is type(self) else NotImplemented
+
+
 @dataclass(frozen=True)
 class WeightHistogram:
     """Histogram of a layer's float and dequantized quantized weights over the same bins."""
@@ -72,6 +99,8 @@ class BlockRow:
     enters it; ``None`` for the first of each: a CLIP's vision tower, a decoder's first
     layer, read nothing from the text tower or the encoder's last layer).
     """
+
+    __eq__ = _eq  # NaN equals NaN (see _same)
 
     name: str
     kind: str
@@ -105,6 +134,8 @@ class ReportRow:
     between layers against it. ``floor_sqnr`` is the SQNR the layer's own qparams allow
     (``None`` until something measures it); a shadow SQNR far below it means a broken layer.
     """
+
+    __eq__ = _eq  # NaN equals NaN (see _same)
 
     name: str
     kind: str
@@ -226,6 +257,8 @@ class Report:
     A report saves to JSON and loads back exactly (:meth:`to_json`, :meth:`from_json`; the
     schema is in ``docs/reports.md``), and two reports diff (:meth:`diff`).
     """
+
+    __eq__ = _eq  # NaN equals NaN (see _same)
 
     rows: tuple[ReportRow, ...] = field(metadata={"json": "layers"})
     metrics: tuple[str, ...]
