@@ -1078,3 +1078,36 @@ def test_a_static_quantized_lstm_left_float_hands_its_output_quantized_on() -> N
     lstm = next(layer for layer in sens.layers if layer.module == "lstm")
     assert lstm.all_but == pytest.approx(want, abs=1e-4)
     assert advise(f, q, data, metric="sqnr", target=60, progress=False).curve
+
+
+class _MeanHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_method_layer_is_not_named_as_a_module() -> None:
+    # x.mean() kept float in a pt2e model: the line was set_module_name_qconfig('mean', None)
+    # for a module that does not exist, and the re-quantized model read as quantized
+    pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    f = _MeanHead().eval()
+    data = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = pt2e.prepare_pt2e(torch.export.export(f, (data[0],)).module(), quantizer)
+    for x in data:
+        prepared(x)
+    q = pt2e.convert_pt2e(prepared)
+    advice = advise(f, q, data, metric="sqnr", target=1000, layers=["mean"], progress=False)
+    assert advice.keep_float == ("mean",) and advice.functions == (("", "mean", 0),)
+    assert advice.pt2e_lines() == ("# mean: .mean() inside the model itself has no module of "
+                                   "its own to name")
+    assert "set_object_type('mean', None)" in advice.fx_lines()

@@ -99,14 +99,14 @@ def function_target(matching: Matching, name: str) -> tuple[str, Any, int] | Non
         return None
     region = matching.region_of(pairs[0])
     node = region.chain(pairs[0], "float")[0]
-    if node.op != "call_function":
-        return None
+    if node.op not in ("call_function", "call_method"):
+        return None  # a method's target is its name (``"mean"`` for ``x.mean()``)
     scope = flows.scope(node) or ""
     index = 0
     for other in region.float_view.nodes:
         if other is node:
             return _prefixed(region.float_scope, scope), node.target, index
-        if other.op == "call_function" and other.target == node.target and (
+        if other.op == node.op and other.target == node.target and (
                 (flows.scope(other) or "") == scope):
             index += 1
     return None

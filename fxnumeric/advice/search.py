@@ -632,6 +632,8 @@ class Advice:
         for name, function in self._targets():
             if function is None:
                 mapping.set_module_name(name, None)
+            elif isinstance(function[1], str):  # a method: FX configures it by name only
+                mapping.set_object_type(function[1], None)
             else:
                 mapping.set_module_name_object_type_order(*function, None)
         return mapping
@@ -642,6 +644,10 @@ class Advice:
         for name, function in self._targets():
             if function is None:
                 lines.append(f"{mapping}.set_module_name({name!r}, None)")
+            elif isinstance(function[1], str):
+                lines.append(f"{mapping}.set_object_type({function[1]!r}, None)  # {name}: FX "
+                             f"names a method for every call, so every .{function[1]}() stays "
+                             "float")
             else:
                 scope, target, index = function
                 lines.append(f"{mapping}.set_module_name_object_type_order({scope!r}, "
@@ -677,7 +683,8 @@ class Advice:
         """
         return "\n".join(
             f"{quantizer}.{method}({name!r}, None)" if function is None or function[0] == name
-            else f"# {name}: {_qualified(function[1])} inside {function[0]!r} has no "
+            else f"# {name}: {_qualified(function[1])} inside "
+                 f"{repr(function[0]) if function[0] else 'the model itself'} has no "
                  "module of its own to name"
             for name, function in self._targets()
         )
@@ -855,7 +862,10 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
 
 
 def _qualified(target: Any) -> str:
-    """``operator.add``, ``torch.add``, ``torch.matmul``: a function as source code names it."""
+    """``operator.add``, ``torch.add``, ``torch.matmul``: a function as source code names it
+    (a method, whose target is its name, as ``.mean()``)."""
+    if isinstance(target, str):
+        return f".{target}()"
     module = getattr(target, "__module__", None) or ""
     module = {"_operator": "operator", "torch._C._VariableFunctions": "torch"}.get(module, module)
     name = getattr(target, "__name__", repr(target))
