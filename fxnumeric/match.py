@@ -172,7 +172,9 @@ class Region:
             p: (float_by_name[p.float_nodes[-1]],
                 qv.value_node(quant_by_name[p.quant_nodes[-1]],
                               passable if p.quantized or p.kind == "quantize" else frozenset(),
-                              quantize=p.kind == "quantize"))
+                              quantize=p.kind == "quantize",
+                              fake_quants=p.quantized
+                              or _fake_quantized(qv, quant_by_name[p.quant_nodes[-1]])))
             for p in self.pairs
         }
         # caches derived from the fields above, set once: the dataclass stays frozen
@@ -246,6 +248,14 @@ class Region:
     def scope(self, side: str) -> str:
         """The module path ``side``'s names are relative to."""
         return self.float_scope if side == "float" else self.quant_scope
+
+
+def _fake_quantized(view: GraphView, node: fx.Node) -> bool:
+    """Whether ``node`` (a pair's last quantized op) calls a QAT module (its weight
+    fake-quantized: a ``prepare_qat`` / ``prepare_qat_fx`` model), whose output fake-quantize
+    is its own."""
+    module = view.modules.get(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+    return module is not None and hasattr(module, "weight_fake_quant")
 
 
 def pair_region(float_view: GraphView, quant_view: GraphView, *, float_path: str = "",

@@ -213,7 +213,7 @@ class GraphView:
         return sorted(inside, key=self._position.__getitem__)
 
     def value_node(self, n: fx.Node, passable: set[fx.Node] | frozenset = frozenset(), *,
-                   quantize: bool = False) -> fx.Node:
+                   quantize: bool = False, fake_quants: bool = False) -> fx.Node:
         """The node carrying ``n``'s value as the next op reads it.
 
         Where ``n``'s output is quantized by a quantize node of its own (a reference FX or
@@ -221,6 +221,9 @@ class GraphView:
         the chain, the value the lowered kernel produces. Otherwise ``n``. Only quantize
         nodes in ``passable`` (those no pair claims) are crossed. ``quantize=True``: ``n`` is
         a quantize itself, read after its own dequantize (pt2e's int8 is not a value to read).
+        ``fake_quants=True``: an enabled fake-quantize that is ``n``'s only reader (a QAT
+        prepared model's output fake-quant) is crossed too: it is the op's output quantize,
+        as a converted model's quantized op includes it.
         """
         cur, best, crossed = n, n, quantize
         while True:
@@ -228,7 +231,10 @@ class GraphView:
             if not users:
                 return best
             c = self._cls.get(users[0])
-            if c is not None and c.role == "optional" and len(users) == 1 and users[0] in passable:
+            if fake_quants and len(users) == 1 and self._fake_quantizes(users[0]):
+                cur = best = users[0]
+            elif (c is not None and c.role == "optional" and len(users) == 1
+                  and users[0] in passable):
                 cur = best = users[0]
                 crossed = True
             elif crossed and all(self._is_plumbing(u) for u in users):
@@ -236,6 +242,16 @@ class GraphView:
                 cur = best = min(users, key=self._position.__getitem__)
             else:
                 return best
+
+    def _fake_quantizes(self, n: fx.Node) -> bool:
+        """Whether ``n`` calls a fake-quantize module that is on (it changes values)."""
+        from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+        module = self.modules.get(n.target) if n.op == "call_module" else None  # type: ignore[arg-type]
+        if not isinstance(module, FakeQuantizeBase):
+            return False
+        enabled = getattr(module, "fake_quant_enabled", None)
+        return enabled is None or bool(enabled[0])
 
     def _is_plumbing(self, n: fx.Node) -> bool:
         c = self._cls.get(n)
