@@ -169,7 +169,8 @@ def child(args) -> None:
         long = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}]
         _floor(float_model, quant_model, long)
         floors = [_peak_added(lambda: _floor(float_model, quant_model, long)) for _ in range(2)]
-        added, seconds, report = _peak_added(lambda: run(long, TARGET))
+        comparisons = tuple(args.long_comparisons.split(","))
+        added, seconds, report = _peak_added(lambda: run(long, comparisons))
         found["long"] = {"tokens": int(long[0]["input_ids"].shape[1]),
                          "floor_s": min(f[1] for f in floors),
                          "floor_added_mib": max(f[0] for f in floors),
@@ -242,6 +243,9 @@ def main() -> None:
     parser.add_argument("--time", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--long-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--long-comparisons", default=",".join(TARGET),
+                        help="what compare runs on the long sequence (weights,outputs: how "
+                             "much of its memory the shadows take)")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import warnings
@@ -276,7 +280,8 @@ def main() -> None:
                                       "--rounds", str(args.rounds)]
                              + (["--collector-ab"] if args.collector_ab else [])))
             if "long" in parts and args.long and config in args.long_configs.split(","):
-                jobs.append(("long", ["--long-tokens", str(args.long)]))
+                jobs.append(("long", ["--long-tokens", str(args.long),
+                                      "--long-comparisons", args.long_comparisons]))
             if "memory" in parts:
                 counts = args.flat.split(",") if config in args.flat_configs.split(",") else ["1"]
                 for measure in ["default:1"] + [f"weights+outputs+shadows:{n}" for n in counts]:

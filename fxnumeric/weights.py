@@ -108,7 +108,12 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
         if found:
             return found
     if hasattr(module, "get_quantized_weight"):  # reference modules
-        return {f"{path}.weight": module.get_quantized_weight()}
+        weight = module.get_quantized_weight()
+        if not weight.is_quantized and hasattr(module, "get_weight"):
+            # float16: the module computes with get_weight(), the float weight itself, not
+            # the float16 copy (its output equals the float layer's; 73.7 dB read otherwise)
+            weight = module.get_weight()
+        return {f"{path}.weight": weight}
     weight = getattr(module, "weight", None)
     if callable(weight) and not isinstance(weight, torch.Tensor):
         return {f"{path}.weight": weight()}

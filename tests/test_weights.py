@@ -180,3 +180,26 @@ def test_gpt2_conv1d_weights_are_read_as_the_linear_they_became():
     ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
     assert d.layer("transformer.h.0.mlp.c_fc").channel_outlier_ratio == pytest.approx(
         float(ranges.max() / ranges.median()))
+
+
+def test_a_float16_reference_linear_shows_the_weight_it_computes_with():
+    """convert_to_reference_fx under float16_dynamic_qconfig: the reference Linear computes
+    with get_weight(), the float weight itself (its output equals the float layer's), where
+    get_quantized_weight() is a float16 copy: weight SQNR read 73.7 dB of error the model does
+    not have."""
+    from torch.ao.quantization import QConfigMapping, float16_dynamic_qconfig
+    from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).eval()
+    data = [torch.randn(8, 16) for _ in range(2)]
+    prepared = prepare_fx(copy.deepcopy(f), QConfigMapping().set_global(float16_dynamic_qconfig),
+                          (data[0],))
+    ref = convert_to_reference_fx(prepared)
+    layer = ref.get_submodule("2")
+    x = torch.randn(4, 32)
+    assert torch.equal(layer(x), f[2](x))  # the oracle: it computes as the float layer
+    report = ns.compare(f, ref, data, progress=False)
+    assert report.row("2").weight_sqnr == math.inf
+    weights = ns.compare_weights(f, ref)
+    assert torch.equal(weights["2.weight"]["quantized"], f[2].weight)
