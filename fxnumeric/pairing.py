@@ -175,6 +175,12 @@ def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list,
     succ, pred = fv.graph.succ, fv.graph.pred
     if known:  # the float successors of every input's counterpart
         pool = [f for f in succ[known[0]] if all(k in pred[f] for k in known[1:])]
+        if len(known) == 1:
+            # through a float quantize no quantized op took (a QuantStub against a QAT
+            # prepared model, whose input quantize is a fake-quantize: plumbing)
+            pool += [g for f in list(pool) if f not in taken_f
+                     and (c := fv.op_class(f)) is not None and c.role == "optional"
+                     for g in succ[f]]
     elif not qv.graph.pred[q]:
         pool = fv.sources()
     else:  # inputs unpaired upstream: only a same-named op will do

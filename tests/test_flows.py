@@ -95,3 +95,49 @@ def test_a_qat_prepared_layer_is_read_after_its_output_fake_quantize():
     report = fxn.compare(f, prepared, data, progress=False)
     assert report.row("fc2").output_sqnr == pytest.approx(want, abs=1e-6)
     assert report.model_output["sqnr"] == pytest.approx(want, abs=1e-6)
+
+
+def test_a_float_quantstub_lets_the_first_qat_layer_pair():
+    """A float model with a QuantStub against its prepare_qat_fx model, whose input quantize
+    is a fake-quantize: the first layer after the stub was left unpaired ("no float op of
+    kind linear consumes the float counterpart `x`"), on torchvision's quantizable models
+    too. Oracle: fc1's value after its output fake-quantize, read by a hook."""
+    import copy
+
+    import torch
+    import torch.ao.quantization as tq
+    from torch import nn
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.dequant(self.fc2(torch.tanh(self.fc1(self.quant(x)))))
+
+    torch.manual_seed(0)
+    f = Net().eval()
+    data = [torch.randn(8, 16) for _ in range(3)]
+    prepared = prepare_qat_fx(copy.deepcopy(f).train(), tq.get_default_qat_qconfig_mapping("x86"),
+                              (data[0],)).eval()
+    for x in data:
+        prepared(x)
+    prepared.apply(tq.disable_observer)
+    fc1 = next(n for n in prepared.graph.nodes if n.target == "fc1")
+    (after,) = fc1.users
+    seen = []
+    hook = prepared.get_submodule(after.target).register_forward_hook(
+        lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+        ref = torch.cat([f.fc1(x) for x in data]).double()
+    hook.remove()
+    out = torch.cat(seen).double()
+    want = 10 * math.log10(float(ref.square().sum() / (ref - out).square().sum()))
+    report = fxn.compare(f, prepared, data, progress=False)
+    assert report.row("fc1").output_sqnr == pytest.approx(want, abs=1e-6)
+    assert not report.unmatched
