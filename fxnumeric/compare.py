@@ -502,6 +502,11 @@ class _Plan:
     routes: dict[str, Routes] = field(default_factory=dict)
     """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
 
+    @property
+    def watched(self) -> list[Routes]:
+        """Each of :attr:`routes` once (one per module watched)."""
+        return list({id(r): r for r in self.routes.values()}.values())
+
 
 def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[str],
           metrics: MetricSpec, keep: bool,
@@ -530,8 +535,9 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     turn = _Turn()
     values = {p.name: _QuantValue(precision) for p in matching.pairs}
     containers = routed_containers(matching) if "outputs" in wanted else {}
-    routes = {pair.name: watched for path, (_, inside) in containers.items()
-              for watched in [Routes(path, turn)] for pair in inside}
+    by_path = {path: Routes(path, turn) for path, (_, inside) in containers.items() if inside}
+    routes = {pair.name: by_path[path] for path, (_, inside) in containers.items()
+              for pair in inside}
 
     def output_observers(pair: Pair) -> tuple[nn.Module | None, nn.Module]:
         twin = _FloatOutputs(turn)
@@ -568,14 +574,11 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         shadows=shadow_observer if "shadows" in wanted else None,
         blocks=[b for b, _, _ in blocks], block_observers=block_observers,
     )
-    watched = {r.float_path: r for r in routes.values()}
-    for path, (quant_path, _) in containers.items():
-        if path in watched:
-            hook_calls(built.quant_model, matching.quant_model, quant_path, [watched[path]],
-                       "quantized")
-            if not shared_float:  # else _float_groups hooks the shared float model
-                hook_calls(built.float_model, matching.float_model, path, [watched[path]],
-                           "float")
+    for path, watched in by_path.items():
+        hook_calls(built.quant_model, matching.quant_model, containers[path][0], [watched],
+                   "quantized")
+        if not shared_float:  # else _float_groups hooks the shared float model
+            hook_calls(built.float_model, matching.float_model, path, [watched], "float")
     return _Plan(matching, wanted, names, built,
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
@@ -617,8 +620,6 @@ def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:
     """How many batches will be read, when ``data`` says (for the progress bar)."""
-    if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
-        return 1
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
@@ -650,8 +651,6 @@ def _feed(data: Iterable[Any], step: Callable[[int, Any, Any], None], mergeable:
     """Call ``step(batches_so_far, model_inputs, batch)`` on every batch (this rank's share);
     a batch holding NaN/Inf is left out. Under torch.distributed the ranks' sums
     (``mergeable``) are merged at the end."""
-    if isinstance(data, torch.Tensor):  # one tensor is one batch, not a batch per row
-        data = [data]
     bar = Progress(ranks.count(total), "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
@@ -932,8 +931,6 @@ def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
     and ``data`` still whole (an iterator is chained back together)."""
     empty = ("data yielded no batches: pass an iterable of input tensors (or tuples of "
              "inputs)")
-    if isinstance(data, torch.Tensor):
-        return data, data
     if isinstance(data, (list, tuple)):
         if not data:
             raise InputError(empty)
@@ -1141,7 +1138,7 @@ def _float_groups(plans: dict[str, _Plan]) -> list[_FloatGroup]:
                                      regions={r.float_path: r for r in own}.values())
         watched: dict[str, list[Routes]] = {}
         for name in group.names:
-            for r in {id(r): r for r in plans[name].routes.values()}.values():
+            for r in plans[name].watched:
                 watched.setdefault(r.float_path, []).append(r)
         for path, routes in watched.items():
             hook_calls(group.model, group.matching.float_model, path, routes, "float")
@@ -1202,7 +1199,7 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any) -
         twin.clear()
     for value in plan.values:
         value.clear()
-    for routes in plan.routes.values():
+    for routes in plan.watched:
         routes.clear()
     for acc in _accumulators(plan):
         acc.end_batch()

@@ -183,8 +183,8 @@ _TRAINING_ARG: dict[Any, tuple[str, int, bool]] = {
     torch.ops.aten.native_dropout.default: ("train", 2, False),
     torch.ops.aten._native_batch_norm_legit.default: ("training", 5, False),
 }
-_P_ARG = {torch.nn.functional.batch_norm: None,
-          torch.ops.aten._native_batch_norm_legit.default: None}  # no p: always differs
+_NO_P = frozenset({torch.nn.functional.batch_norm,  # no p: in training they always differ
+                   torch.ops.aten._native_batch_norm_legit.default})
 
 
 def _trains(node: fx.Node) -> bool:
@@ -197,7 +197,7 @@ def _trains(node: fx.Node) -> bool:
                                else default)
     if training is not True:
         return False
-    if node.target in _P_ARG:
+    if node.target in _NO_P:
         return True
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     return not isinstance(p, (int, float)) or p > 0

@@ -61,16 +61,29 @@ def test_without_torchao_everything_else_works(tmp_path):
     assert done.stdout.split()[-2:] == ["ok", "2"]
 
 
+def _qat_prepared(f, data):
+    """``f`` prepared for QAT by FX (x86), calibrated on ``data``, its scales then fixed:
+    every forward computes alike."""
+    import copy
+
+    import torch.ao.quantization as tq
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    prepared = prepare_qat_fx(copy.deepcopy(f).train(), tq.get_default_qat_qconfig_mapping("x86"),
+                              (data[0],)).eval()
+    for x in data:
+        prepared(x)
+    prepared.apply(tq.disable_observer)
+    return prepared
+
+
 def test_a_qat_prepared_layer_is_read_after_its_output_fake_quantize():
     """A prepare_qat_fx model's fc2 row read 25.3 dB, before fc2's output fake-quantize,
     where its output, the model's, reads 19.0 dB (read by hand); eager prepare_qat's row
     reads after it, as a converted model's quantized op includes its output quantize."""
-    import copy
 
     import torch
-    import torch.ao.quantization as tq
     from torch import nn
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -83,11 +96,7 @@ def test_a_qat_prepared_layer_is_read_after_its_output_fake_quantize():
     torch.manual_seed(0)
     f = Net().eval()
     data = [torch.randn(8, 16) for _ in range(4)]
-    prepared = prepare_qat_fx(copy.deepcopy(f).train(), tq.get_default_qat_qconfig_mapping("x86"),
-                              (data[0],)).eval()
-    for x in data:
-        prepared(x)
-    prepared.apply(tq.disable_observer)  # fixed scales: every forward computes alike
+    prepared = _qat_prepared(f, data)
     with torch.no_grad():
         ref = torch.cat([f(x) for x in data]).double()
         out = torch.cat([prepared(x) for x in data]).double()
@@ -102,12 +111,9 @@ def test_a_float_quantstub_lets_the_first_qat_layer_pair():
     is a fake-quantize: the first layer after the stub was left unpaired ("no float op of
     kind linear consumes the float counterpart `x`"), on torchvision's quantizable models
     too. Oracle: fc1's value after its output fake-quantize, read by a hook."""
-    import copy
-
     import torch
     import torch.ao.quantization as tq
     from torch import nn
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -121,11 +127,7 @@ def test_a_float_quantstub_lets_the_first_qat_layer_pair():
     torch.manual_seed(0)
     f = Net().eval()
     data = [torch.randn(8, 16) for _ in range(3)]
-    prepared = prepare_qat_fx(copy.deepcopy(f).train(), tq.get_default_qat_qconfig_mapping("x86"),
-                              (data[0],)).eval()
-    for x in data:
-        prepared(x)
-    prepared.apply(tq.disable_observer)
+    prepared = _qat_prepared(f, data)
     fc1 = next(n for n in prepared.graph.nodes if n.target == "fc1")
     (after,) = fc1.users
     seen = []

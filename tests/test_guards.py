@@ -147,6 +147,13 @@ class _Noisy(nn.Module):
         return self.fc2(self.bn(self.drop(self.fc1(x))))
 
 
+def _each_call(f, q, data):
+    """compare, diagnose and sensitivity of the pair: every call the guards stand before."""
+    return (lambda: ns.compare(f, q, data, progress=False),
+            lambda: ns.diagnose(f, q, data, progress=False),
+            lambda: ns.sensitivity(f, q, data, "sqnr", progress=False))
+
+
 def test_a_model_in_training_mode_is_refused_and_left_as_it_was():
     # in training mode the BatchNorm normalised with batch statistics and dropout zeroed
     # values: compare named `bn` the culprit at 4 dB, and updated the user's running mean
@@ -156,9 +163,7 @@ def test_a_model_in_training_mode_is_refused_and_left_as_it_was():
     data = [torch.randn(4, 16) for _ in range(2)]
     f.train()
     before = copy.deepcopy(f.state_dict())
-    for call in (lambda: ns.compare(f, q, data, progress=False),
-                 lambda: ns.diagnose(f, q, data, progress=False),
-                 lambda: ns.sensitivity(f, q, data, "sqnr", progress=False)):
+    for call in _each_call(f, q, data):
         with pytest.raises(ns.InputError, match=r"(?s)float model is in training mode: `drop` "
                                                 r"\(Dropout\) and 1 more.*float_model\.eval\(\)"):
             call()
@@ -189,9 +194,7 @@ def test_a_graph_traced_in_training_mode_is_refused_whatever_mode_the_model_is_i
     q = tq.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
     assert ns.compare(f, q, data, progress=False).batches == 2
     f.train()
-    for call in (lambda: ns.compare(f, q, data, progress=False),
-                 lambda: ns.diagnose(f, q, data, progress=False),
-                 lambda: ns.sensitivity(f, q, data, "sqnr", progress=False)):
+    for call in _each_call(f, q, data):
         with pytest.raises(ns.InputError, match=r"(?s)the float graph runs `dropout` .*training: "
                                                 r"True.*Fix: call \.eval\(\)"):
             call()

@@ -28,7 +28,14 @@ from torch import nn
 from .._tensors import copy_values, dequantize_all
 from ..capture import graph_module
 from ..match import Pair, Region
-from ..semantics import fetch_attr, mutated_in_place, overwrites, shadow_copy, views_of
+from ..semantics import (
+    fetch_attr,
+    is_dequantize,
+    mutated_in_place,
+    overwrites,
+    shadow_copy,
+    views_of,
+)
 from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
@@ -91,8 +98,8 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
                 # producer only where the chain reads no value of it
                 if qv.is_shape(i):
                     shapes.setdefault(f, q)
-                elif f not in read or (carried and _dequantized(qv, read[f])
-                                       and not _dequantized(qv, i)):
+                elif f not in read or (carried and is_dequantize(qv, read[f])
+                                       and not is_dequantize(qv, i)):
                     read[f] = i
     read = shapes | read
     last = qv.position(chain[-1])
@@ -115,11 +122,6 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
                 return f"float input `{carrier}` of the shadow has no quantized counterpart"
             inputs[e] = q.name
     return inputs
-
-
-def _dequantized(view: GraphView, n: fx.Node) -> bool:
-    cls = view.op_class(n)
-    return cls is not None and cls.is_dequantize
 
 
 class GraphCopy:
