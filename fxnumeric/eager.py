@@ -16,6 +16,8 @@ Where fxnumeric deliberately differs from the eager suite, see ``docs/eager_comp
 
 from __future__ import annotations
 
+import copy
+import itertools
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ import torch.ao.nn.quantized as nnq
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.fx as fx
 from torch import nn
+from torch.ao.ns import _numeric_suite as torch_ns
 
 from . import flows
 from ._collector import defers_collection
@@ -160,10 +163,12 @@ class _Prepared:
 
     gm: fx.GraphModule
     rank: dict[str, int]  # module path -> registration order, for torch's key order
+    loggers: dict[str, nn.Module]  # loggers_of(gm), kept here so that deep copies have theirs
 
     @classmethod
     def of(cls, model: nn.Module, gm: fx.GraphModule) -> _Prepared:
-        return cls(gm, {name: i for i, (name, _) in enumerate(model.named_modules())})
+        return cls(gm, {name: i for i, (name, _) in enumerate(model.named_modules())},
+                   loggers_of(gm))
 
     def ordered(self, keys: Iterable[str]) -> list[str]:
         """``keys`` as torch's get_logger_dict orders them: registration order, then the rest."""
@@ -171,15 +176,64 @@ class _Prepared:
         return sorted(position, key=lambda k: (self.rank.get(k, len(self.rank)), position[k]))
 
 
-# The models prepared in place, each with its instrumented graph (weak: never keeps one alive).
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, _Prepared] = weakref.WeakKeyDictionary()
+class _Installed:
+    """The ``forward`` a prepare_* call puts on a model: the instrumented graph, run after
+    checking that the model still holds the submodules the graph calls (the graph was traced
+    at prepare time; a layer swapped in since would silently not run).
+
+    It lives on the model, so a deep copy of a prepared model is prepared too, with loggers of
+    its own. ``call`` is the preparing function and ``token`` tells models prepared together
+    from models prepared by separate calls.
+    """
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, call: str, token: int) -> None:
+        self.model, self.call, self.token = model, call, token
+        self.prepared = _Prepared.of(model, gm)
+        owned = dict(model.named_modules())
+        # the model's own modules the instrumented copy runs, at the same path
+        self.calls = tuple((path, module) for path, module in gm.named_modules()
+                           if path and owned.get(path) is module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for path, module in self.calls:
+            try:
+                now = self.model.get_submodule(path)
+            except AttributeError:
+                now = None
+            if now is not module:
+                raise InstrumentationError(
+                    f"`{path}` of the {type(self.model).__name__} prepared by {self.call} was "
+                    f"replaced or removed after preparing: the prepared forward would still run "
+                    f"the old module. Call fxnumeric.{self.call} again after changing the model "
+                    f"(or fxnumeric.remove_instrumentation to run it unprepared)")
+        return self.prepared.gm.forward(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Installed:
+        copied = _Installed.__new__(_Installed)
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        _ROOTS.add(copied.model)
+        return copied
 
 
-def _install(model: nn.Module, gm: fx.GraphModule) -> None:
-    """Route ``model.forward`` through ``gm`` (which shares its submodules)."""
-    _PREPARED[model] = _Prepared.of(model, gm)
-    # the in-place part of the eager API, undone by remove_instrumentation
-    model.forward = gm.forward
+# The models prepared in place (weak: never keeps one alive), to find the one a submodule
+# belongs to; each model's instrumentation itself is its ``forward`` (an _Installed).
+_ROOTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_TOKENS = itertools.count()
+
+
+def _installed(model: nn.Module) -> _Installed | None:
+    forward = model.__dict__.get("forward")
+    return forward if isinstance(forward, _Installed) else None
+
+
+def _install(call: str, *prepared: tuple[nn.Module, fx.GraphModule]) -> None:
+    """Route each model's ``forward`` through its instrumented graph (which shares its
+    submodules): the in-place part of the eager API, undone by remove_instrumentation."""
+    token = next(_TOKENS)
+    for model, gm in prepared:
+        model.forward = _Installed(model, gm, call, token)
+        _ROOTS.add(model)
 
 
 def remove_instrumentation(model: nn.Module) -> nn.Module:
@@ -187,10 +241,9 @@ def remove_instrumentation(model: nn.Module) -> nn.Module:
 
     Returns the model itself, with its own forward back and no fxnumeric state left.
     """
-    prepared = _PREPARED.pop(model, None)
-    installed = getattr(model.__dict__.get("forward"), "__self__", None)
-    if prepared is not None and installed is prepared.gm:
+    if _installed(model) is not None:
         del model.__dict__["forward"]  # only the forward fxnumeric installed
+    _ROOTS.discard(model)
     return model
 
 
@@ -287,8 +340,7 @@ def prepare_model_outputs(
         remove_instrumentation(model)
     float_gm, quant_gm = _output_loggers(float_module, q_module, logger_cls, allow_list,
                                          leaf_modules)
-    _install(float_module, float_gm)
-    _install(q_module, quant_gm)
+    _install("prepare_model_outputs", (float_module, float_gm), (q_module, quant_gm))
 
 
 def _logged(stats: dict) -> bool:
@@ -305,21 +357,28 @@ def get_matching_activations(float_module: nn.Module,
     ``stats`` dict (torch's eager suite raises ``KeyError: 'tensor_val'`` there).
 
     Raises:
-        InstrumentationError: if the models were not prepared, or nothing was logged yet.
+        InstrumentationError: if the models were not prepared together by
+            :func:`prepare_model_outputs`, or nothing was logged yet.
     """
     check_model(float_module, "float_module")
     check_model(q_module, "q_module")
-    float_prep, quant_prep = _PREPARED.get(float_module), _PREPARED.get(q_module)
-    if float_prep is None or quant_prep is None:
+    float_inst, quant_inst = _installed(float_module), _installed(q_module)
+    if float_inst is None or quant_inst is None:
         raise InstrumentationError(
             "the models are not prepared: call fxnumeric.prepare_model_outputs(float_model, "
             "q_model) first, then run both models"
         )
-    return _activations(float_prep, quant_prep)
+    if float_inst.token != quant_inst.token:
+        raise InstrumentationError(
+            f"the models were prepared by separate calls (float_module by "
+            f"{float_inst.call}, q_module by {quant_inst.call}), so their loggers do not "
+            f"pair: call fxnumeric.prepare_model_outputs(float_model, q_model) again, then run "
+            f"both models")
+    return _activations(float_inst.prepared, quant_inst.prepared)
 
 
 def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict[str, Any]]:
-    float_loggers, quant_loggers = loggers_of(float_prep.gm), loggers_of(quant_prep.gm)
+    float_loggers, quant_loggers = float_prep.loggers, quant_prep.loggers
     every = [*float_loggers.values(), *quant_loggers.values()]
     if quant_loggers and not any(_logged(lg.stats) for lg in every):
         raise InstrumentationError(
@@ -449,7 +508,7 @@ def prepare_model_with_stubs(
     _check_in_place(q_module, "q_module")
     remove_instrumentation(q_module)
     gm = _stub_graph(float_module, q_module, module_swap_list, logger_cls, leaf_modules)
-    _install(q_module, gm)
+    _install("prepare_model_with_stubs", (q_module, gm))
 
 
 @keeps_buffers
@@ -483,28 +542,37 @@ def compare_model_stub(
 def get_logger_dict(mod: nn.Module, prefix: str = "") -> dict[str, dict]:
     """Return ``{"<name>.stats": logger.stats}`` for every logger of ``mod``.
 
-    Works on models prepared by fxnumeric and, as torch's version does, on any module tree
-    containing Logger submodules (for example :class:`fxnumeric.Shadow` modules).
+    Works on models prepared by fxnumeric and on their submodules (names relative to the
+    submodule, as torch's), and, as torch's version does, on any module tree containing Logger
+    submodules (fxnumeric's, such as :class:`fxnumeric.Shadow` modules, or torch's own).
     """
     check_model(mod, "mod")
-    prepared = _PREPARED.get(mod)
-    if prepared is not None:
-        return _logger_dict(prepared, prefix)
+    installed = _installed(mod)
+    if installed is not None:
+        return _logger_dict(installed.prepared, prefix)
+    for root in list(_ROOTS):
+        installed = _installed(root)
+        path = next((p for p, m in root.named_modules() if m is mod), None)
+        if installed is not None and path:
+            return _logger_dict(installed.prepared, prefix, under=path)
     target: dict[str, dict] = {}
     _logger_dict_helper(mod, target, prefix)
     return target
 
 
-def _logger_dict(prepared: _Prepared, prefix: str) -> dict[str, dict]:
+def _logger_dict(prepared: _Prepared, prefix: str, under: str = "") -> dict[str, dict]:
+    """The loggers of a prepared graph, or of those under the submodule ``under``."""
     lead = f"{prefix}." if prefix else ""
-    loggers = loggers_of(prepared.gm)
-    return {f"{lead}{name}.stats": loggers[name].stats for name in prepared.ordered(loggers)}
+    loggers = prepared.loggers
+    within = f"{under}." if under else ""
+    return {f"{lead}{name[len(within):]}.stats": loggers[name].stats
+            for name in prepared.ordered(loggers) if name.startswith(within)}
 
 
 def _logger_dict_helper(mod: nn.Module, target: dict[str, dict], prefix: str) -> None:
     lead = f"{prefix}." if prefix else ""
     for child in mod.children():
-        if isinstance(child, Logger):
+        if isinstance(child, (Logger, torch_ns.Logger)):
             target[f"{lead}stats"] = child.stats
             break
     for name, child in mod.named_children():

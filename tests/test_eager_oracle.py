@@ -928,3 +928,91 @@ def test_compare_model_outputs_on_fx_quantized_resnet18(make_fx_resnet18_pair) -
     assert not math.isnan(
         sqnr_db(result["fc.stats"]["float"][0], result["fc.stats"]["quantized"][0])
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Prepared models: what happens to them after prepare_* (copies, submodules, replacements)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_deep_copy_of_prepared_models_logs_and_reads_as_the_originals(
+        resnet18_case: Case) -> None:
+    """A deep copy of a prepared pair is prepared too, with loggers of its own: torch's suite
+    (whose loggers are submodules) reads it, and so must fxnumeric."""
+    float_model, qmodel = resnet18_case.make()
+    ns.prepare_model_outputs(float_model, qmodel)
+    float_copy, q_copy = copy.deepcopy(float_model), copy.deepcopy(qmodel)
+    for model in (float_model, qmodel, float_copy, q_copy):
+        model(*resnet18_case.data)
+    original = ns.get_matching_activations(float_model, qmodel)
+    copied = ns.get_matching_activations(float_copy, q_copy)
+
+    assert list(copied) == list(original) and len(copied) > 10
+    assert_same(copied, original)
+    for name, stats in ns.get_logger_dict(q_copy).items():  # the copy's own loggers
+        assert stats is not ns.get_logger_dict(qmodel)[name]
+    ns.remove_instrumentation(q_copy)
+    assert "forward" not in vars(q_copy) and ns.get_logger_dict(q_copy) == {}
+    assert "forward" in vars(qmodel)  # the original stays prepared
+
+
+@pytest.mark.parametrize("how", ["outputs", "stubs"])
+def test_get_logger_dict_of_a_submodule_reads_its_loggers_as_eager(resnet18_case: Case,
+                                                                    how: str) -> None:
+    found = {}
+    for suite in (tns, ns):
+        float_model, qmodel = resnet18_case.make()
+        if how == "outputs":
+            suite.prepare_model_outputs(float_model, qmodel)
+        else:
+            suite.prepare_model_with_stubs(float_model, qmodel, [nn.Conv2d], suite.ShadowLogger)
+        float_model(*resnet18_case.data)
+        qmodel(*resnet18_case.data)
+        found[suite] = suite.get_logger_dict(qmodel.layer1, prefix="l1")
+
+    assert list(found[ns]) == list(found[tns]) and found[ns]  # 'l1.0.conv1.stats', ...
+    if how == "outputs":
+        assert_same(found[ns], found[tns])
+
+
+def test_get_logger_dict_reads_torch_loggers(resnet18_case: Case) -> None:
+    float_model, qmodel = resnet18_case.make()
+    tns.prepare_model_outputs(float_model, qmodel)
+    qmodel(*resnet18_case.data)
+
+    assert_same(ns.get_logger_dict(qmodel), tns.get_logger_dict(qmodel))
+    assert len(ns.get_logger_dict(qmodel)) > 10
+
+
+def test_a_submodule_replaced_after_preparing_is_refused(resnet18_case: Case) -> None:
+    """The prepared forward is the graph traced when preparing: a layer swapped in since would
+    silently not run (torch's suite runs it, unlogged). fxnumeric says so instead."""
+    float_model, qmodel = resnet18_case.make()
+    ns.prepare_model_outputs(float_model, qmodel)
+    qmodel.fc = nn.Identity()
+
+    with pytest.raises(ns.InstrumentationError, match=r"`fc` .* replaced or removed"):
+        qmodel(*resnet18_case.data)
+    ns.prepare_model_outputs(float_model, qmodel)  # prepared again: runs the new module
+    assert qmodel(*resnet18_case.data).shape[-1] == 512
+
+
+def test_models_prepared_by_separate_calls_are_not_read_together(resnet18_case: Case) -> None:
+    float_model, qmodel = resnet18_case.make()
+    ns.prepare_model_outputs(float_model, qmodel)
+    ns.prepare_model_with_stubs(float_model, qmodel, [nn.Conv2d], ns.ShadowLogger)
+    float_model(*resnet18_case.data)
+    qmodel(*resnet18_case.data)
+
+    with pytest.raises(ns.InstrumentationError, match="prepared by separate calls"):
+        ns.get_matching_activations(float_model, qmodel)
+
+
+def test_a_logger_that_cannot_take_its_values_is_named(resnet18_case: Case) -> None:
+    float_model, qmodel = resnet18_case.make()
+    with pytest.raises(ns.InstrumentationError, match=r"OutputLogger\.forward\(x\) cannot take"):
+        ns.compare_model_stub(float_model, qmodel, [nn.Conv2d], *resnet18_case.data,
+                              logger_cls=ns.OutputLogger)
+    with pytest.raises(ns.InstrumentationError, match=r"ShadowLogger\.forward\(x, y\)"):
+        ns.compare_model_outputs(float_model, qmodel, *resnet18_case.data,
+                                 logger_cls=ns.ShadowLogger)

@@ -25,6 +25,7 @@ The package: :mod:`~fxnumeric.instrument.graph` edits one region's graph copy,
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -391,7 +392,8 @@ def add_loggers(
         ``(float_gm, quant_gm)``; their loggers are in :func:`loggers_of`.
     """
     matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
-    make = _loggers(lambda: (_make_logger(logger_cls), _make_logger(logger_cls)), per_call_site)
+    make = _loggers(lambda: (_make_logger(logger_cls, 1), _make_logger(logger_cls, 1)),
+                    per_call_site)
     built = instrument(matching, select=select, outputs=make)
     _LOGGERS[built.float_model] = _by_name(built.float_observers, per_call_site)
     _LOGGERS[built.quant_model] = _by_name(built.quant_observers, per_call_site)
@@ -424,7 +426,7 @@ def add_shadows(
     """
     matching = resolve_matching(float_model, quant_model, matching, leaf_modules)
     built = instrument(matching, select=select,
-                       shadows=_loggers(lambda: _make_logger(logger_cls), per_call_site))
+                       shadows=_loggers(lambda: _make_logger(logger_cls, 2), per_call_site))
     _LOGGERS[built.quant_model] = _by_name(built.shadow_observers, per_call_site)
     return built.quant_model, built.skipped
 
@@ -451,7 +453,13 @@ def _by_name(observers: dict[str, nn.Module], per_call_site: bool) -> dict[str, 
     return {op_name(name): logger for name, logger in observers.items()}
 
 
-def _make_logger(logger_cls: type) -> nn.Module:
+_CALLED_WITH = {1: ("the output (logger(output))", "fxnumeric.OutputLogger"),
+                2: ("the quantized and the float shadow's outputs (logger(quantized, float))",
+                    "fxnumeric.ShadowLogger")}
+
+
+def _make_logger(logger_cls: type, values: int) -> nn.Module:
+    """A new logger of ``logger_cls``, checked to take the ``values`` it will be called with."""
     try:
         logger = logger_cls()
     except TypeError as exc:
@@ -465,6 +473,18 @@ def _make_logger(logger_cls: type) -> nn.Module:
             f"{type(logger).__name__} is not a logger: subclass fxnumeric.Logger (an nn.Module "
             "with a `stats` dict)."
         )
+    try:
+        signature = inspect.signature(logger.forward)
+    except (TypeError, ValueError):  # a builtin's: nothing to read, the call will tell
+        return logger
+    try:
+        signature.bind(*[None] * values)
+    except TypeError as exc:
+        what, like = _CALLED_WITH[values]
+        raise InstrumentationError(
+            f"{type(logger).__name__}.forward({', '.join(signature.parameters)}) cannot take "
+            f"{what}: pass a logger "
+            f"class like {like}") from exc
     return logger
 
 
