@@ -102,8 +102,9 @@ def _quant(text: str) -> str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
     p.add_argument("--quant", type=_quant, default="static", metavar="MODE",
-                   help="how to quantize the float model (ignored when the factory returns a "
-                        f"pair): {', '.join(_QUANT_CHOICES)}. pt2e: torch.export + torchao's "
+                   help="how to quantize the float model (one mode, and ignored, when the "
+                        f"factory returns a pair): {', '.join(_QUANT_CHOICES)}. pt2e: "
+                        "torch.export + torchao's "
                         "XNNPACK symmetric quantizer, pt2e-x86: its x86 inductor quantizer; "
                         "int8-weight-only, int8-dynamic, int4-weight-only: torchao quantize_ "
                         "(group 32 for int4) of every untied Linear. report takes several, "

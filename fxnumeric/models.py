@@ -315,8 +315,8 @@ def build_variants(spec: str, quants: list[str], batches: list[Any], *,
 
     The float model is loaded as :func:`build_pair` loads it for the first mode (torchvision's
     quantizable model when that is ``static``) and every variant is made from it; a factory
-    that returns a ``(float, quantized)`` pair gives the first variant. The modes of
-    :data:`PT2E_MODES` export the float ``nn.Module`` and quantize it with pt2e
+    that returns a ``(float, quantized)`` pair gives the one variant (with one mode only). The
+    modes of :data:`PT2E_MODES` export the float ``nn.Module`` and quantize it with pt2e
     (:func:`quantize_pt2e`); the float model stays the ``nn.Module``, which torch.fx captures
     for every variant alike (pt2e's graph pairs with it by module path).
     """
@@ -330,7 +330,12 @@ def build_variants(spec: str, quants: list[str], batches: list[Any], *,
                                   batches, float_weights=float_weights, seed=seed,
                                   progress=progress)
     variants: dict[str, nn.Module] = {}
-    if isinstance(made, tuple):  # a factory's pair: its quantized model is the first variant
+    if isinstance(made, tuple) and len(quants) > 1:
+        raise InputError(
+            f"{spec} returns a (float, quantized) pair: its quantized model is the one compared, "
+            f"whatever --quant says, so several modes ({', '.join(quants)}) would name it after "
+            "the first. Return the float model alone to compare the modes, or pass one --quant")
+    if isinstance(made, tuple):  # a factory's pair: its quantized model is the variant
         float_model, variants[quants[0]] = made
     else:
         float_model = made

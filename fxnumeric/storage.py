@@ -122,7 +122,14 @@ def weight_storage_bits(module_or_tensor: nn.Module | torch.Tensor,
         if weight is None or id(weight) in seen:
             continue
         seen[id(weight)] = weight
-        bits += tensor_storage_bits(weight, nominal)
+        bits += (16 * weight.numel() if _packs_float16(module)
+                 else tensor_storage_bits(weight, nominal))
         numel += weight.numel()
     return bits, numel
+
+
+def _packs_float16(module: nn.Module) -> bool:
+    """A float16 dynamic ``Linear`` of torch's: its ``weight()`` unpacks to float32, while its
+    packed parameters hold float16."""
+    return getattr(getattr(module, "_packed_params", None), "dtype", None) == torch.float16
 

@@ -1111,3 +1111,61 @@ def test_a_method_layer_is_not_named_as_a_module() -> None:
     assert advice.pt2e_lines() == ("# mean: .mean() inside the model itself has no module of "
                                    "its own to name")
     assert "set_object_type('mean', None)" in advice.fx_lines()
+
+
+def _partial_and_float16_variants():
+    torch.manual_seed(0)
+    float_model = MLP().eval()
+    part = quantize_dynamic(copy.deepcopy(float_model), {"fc2", "fc3"})  # int8, two layers
+    half = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}, dtype=torch.float16)
+    return float_model, part, half, _batches((16, 16))
+
+
+def test_a_layer_only_a_later_variant_quantizes_is_searched_whatever_the_order() -> None:
+    """Layers were those of the first variant only: fc1 and fc4, which only the float16
+    variant quantizes, were left out of the search (float in the result) with no word."""
+    float_model, part, half, data = _partial_and_float16_variants()
+    found = [advise(float_model, variants, data, metric="sqnr", target=45, progress=False)
+             for variants in ({"int8": part, "fp16": half}, {"fp16": half, "int8": part})]
+
+    assert found[0].assignment == found[1].assignment
+    assert found[0].assignment == {"fc1": "fp16", "fc2": "int8", "fc3": "int8", "fc4": "fp16"}
+    assert found[0].bits == found[1].bits < 16
+    assert found[0].value >= 45
+
+
+def test_a_float16_dynamic_linear_costs_16_bits_a_weight() -> None:
+    """Its weight() unpacks to float32; its packed parameters hold float16."""
+    from fxnumeric.storage import weight_storage_bits
+
+    _, part, half, _ = _partial_and_float16_variants()
+    assert half.fc1._packed_params.dtype == torch.float16
+    assert weight_storage_bits(half.fc1, nominal=True) == (16 * 16 * 32, 16 * 32)
+    assert weight_storage_bits(half.fc1) == (16 * 16 * 32, 16 * 32)
+    assert weight_storage_bits(part.fc2, nominal=True)[0] < 9 * 32 * 32  # int8, per tensor
+
+
+def test_max_float_layers_holds_over_variants_and_candidates_is_refused() -> None:
+    float_model, part, half, data = _partial_and_float16_variants()
+    free = advise(float_model, {"int8": part}, data, metric="sqnr", target=60, progress=False)
+    capped = advise(float_model, {"int8": part}, data, metric="sqnr", target=60,
+                    max_float_layers=1, progress=False)
+    none = advise(float_model, {"int8": part, "fp16": half}, data, metric="sqnr", target=60,
+                  max_float_layers=0, progress=False)
+
+    assert list(free.assignment.values()).count("float") == 2  # fc2 and fc3: all float
+    assert list(capped.assignment.values()).count("float") == 1 and not capped.reached
+    assert "at most 1 layers float" in capped.message
+    assert all(p[1] <= capped.value for p in capped.front)
+    assert "float" not in none.assignment.values()
+    for lines in (none.dynamic_lines, none.fx_lines, none.qconfig_mapping):  # one flow's lines
+        with pytest.raises(InputError, match="assigns one of 2 variants"):
+            lines()
+    kept = next(path for path, choice in capped.assignment.items() if choice == "float")
+    assert capped.dynamic_lines() == (  # one variant: its float-fallback lines stand
+        f"quantize_dynamic(model, {{{next(repr(p) for p in ('fc2', 'fc3') if p != kept)}: "
+        "default_dynamic_qconfig})")
+    with pytest.raises(InputError, match="candidates applies to one quantized model"):
+        advise(float_model, {"int8": part}, data, metric="sqnr", target=60, candidates=4)
+    with pytest.raises(InputError, match="target must be a number"):
+        advise(float_model, part, data, metric="sqnr", target=math.nan)

@@ -339,6 +339,10 @@ def test_float_weights_that_cannot_be_used_exit_2(user_module, tmp_path, capsys)
     assert main([*argv, "--float-weights", str(garbage)]) == 2
     assert "returns a (float, quantized) pair" in capsys.readouterr().err
     assert main(argv) == 0
+    # several modes named the pair's one quantized model after the first mode
+    assert main([*argv, "--quant", "dynamic,fx"]) == 2
+    assert "several modes (dynamic, fx) would name it after the first" in (
+        capsys.readouterr().err.replace("\n", " "))
 
 
 def test_advise_exits_1_when_the_target_is_not_reached_and_0_when_it_is(user_module, capsys):

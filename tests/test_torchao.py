@@ -369,3 +369,54 @@ def test_capture_export_of_a_torchao_model_reads_it_with_torch_fx_and_says_so(fl
     for a, b in zip(exported.rows, traced.rows, strict=True):
         assert a.output == b.output and a.shadow == b.shadow
     assert any("torch.export turns torchao's quantized weights" in n for n in exported.notes)
+
+
+def _bert_classifier_variants():
+    transformers = pytest.importorskip("transformers")
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
+    from torchao.quantization.granularity import PerGroup
+
+    config = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128, num_labels=5,
+                                     initializer_range=0.2)
+    torch.manual_seed(0)
+    float_model = transformers.BertForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(3, 512, (4, 16), generator=g)
+        mask = torch.ones_like(ids)
+        for row in range(1, 4):
+            mask[row, int(torch.randint(2, 17, (1,), generator=g)):] = 0
+        batches.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask})
+    configs = {"int4": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+               "i8d": Int8DynamicActivationInt8WeightConfig()}
+    variants = {}
+    for name, cfg in configs.items():
+        variants[name] = copy.deepcopy(float_model)
+        quantize_(variants[name], cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    return float_model, variants, configs, batches
+
+
+def test_advice_over_variants_is_the_cheapest_plan_it_verified_that_meets_the_target():
+    """The search passed a 5.2-bit plan meeting top-1 agreement 1.0 (it is on the front) and
+    returned a 5.8-bit one: pruning undoes one upgrade at a time and could not get there."""
+    from torchao.quantization import quantize_
+
+    float_model, variants, configs, batches = _bert_classifier_variants()
+    advice = fxn.advise(float_model, variants, batches, metric="top1_agreement", target=1.0,
+                        progress=False)
+
+    assert advice.reached
+    assert advice.bits == min(bits for bits, value in advice.front if value >= 1.0)
+    assert (advice.bits, advice.value) in advice.front
+    applied = copy.deepcopy(float_model)
+    quantize_(applied, advice.to_torchao(configs), filter_fn=None)
+    with torch.no_grad():
+        agree = [(float_model(**b).logits.argmax(-1) == applied(**b).logits.argmax(-1))
+                 for b in batches]
+    assert float(torch.cat(agree).double().mean()) == advice.value == 1.0

@@ -63,6 +63,29 @@ def layer_names(matching: Matching) -> list[str]:
     return list(dict.fromkeys(op_name(p.name) for p in matching.pairs if p.quantized))
 
 
+def _every_layer(first: Matching, variants: dict[str, Matching]
+                 ) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+    """The layers any variant quantizes, named as in the ``first`` matching (the base of
+    every hybrid), in its graph order; and ``(layer, reason)`` for a variant's layer the first
+    matching has no op for (its float graph was captured otherwise)."""
+    names = layer_names(first)
+    if len(variants) == 1:
+        return names, ()
+    order = {n: i for i, n in enumerate(dict.fromkeys(op_name(p.name) for p in first.pairs))}
+    by_path = {module_path(first, n): n for n in order}
+    unplaced: list[tuple[str, str]] = []
+    for variant, matching in list(variants.items())[1:]:
+        for name in layer_names(matching):
+            path = module_path(matching, name)
+            if by_path.get(path) is not None:
+                names.append(by_path[path])
+            else:
+                unplaced.append((f"{variant}:{name}", f"variant {variant!r} quantizes `{path}`, "
+                                 "which the first variant's graph has no op for (captured "
+                                 "otherwise): float in every plan"))
+    return sorted(dict.fromkeys(names), key=lambda n: order[n]), tuple(unplaced)
+
+
 def _call_sites(matching: Matching, name: str) -> list[Pair]:
     return [p for p in matching.pairs if op_name(p.name) == name]
 
@@ -349,7 +372,7 @@ class HybridRunner:
         if not self.variants:
             raise InstrumentationError("no quantized variant to build hybrids from")
         self.matching = next(iter(self.variants.values()))
-        self.layers = layer_names(self.matching)
+        self.layers, self.unplaced = _every_layer(self.matching, self.variants)
         self._swaps: dict[tuple[str, str, str], tuple[Swap, ...]] = {}
         self._held: dict[fx.Node, tuple[Any, ...]] = {}
         self._float_regions = {r.float_path: r for r in self.matching.regions}

@@ -182,6 +182,7 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
         if len(choices) > 1:
             out.append(LayerChoices(name, module_path(runner.matching, name), numel,
                                     tuple(sorted(choices, key=lambda c: c[1]))))
+    unsearched += runner.unplaced
     if not out:
         raise InputError("no layer to choose a precision for: no variant quantizes a layer "
                          "with a weight; see fxnumeric.match(float_model, quant_model).table()")
@@ -216,6 +217,19 @@ class _Plans:
                 self.seen[self._key(plan)] = value
         return [self.seen[self._key(p)] for p in plans]
 
+    def cheapest_meeting(self, target: float, plan: dict[str, str], value: float,
+                         max_float: int | None) -> tuple[dict[str, str], float]:
+        """The plan run with the fewest bits whose metric meets ``target`` (the best metric
+        among equals) and keeps at most ``max_float`` layers float: ``plan`` unless a run one
+        is cheaper."""
+        metric = self.search.metric
+        best = (self.bits(plan), -metric.utility(value), self._key(plan))
+        for key, v in self.seen.items():
+            if metric.meets(v, target) and _float_room(dict(key), max_float) >= 0:
+                best = min(best, (self.bits(dict(key)), -metric.utility(v), key))
+        chosen = dict(best[2])
+        return (plan, value) if chosen == plan else (chosen, self.seen[best[2]])
+
     def front(self) -> tuple[tuple[float, float], ...]:
         """The Pareto front of every plan run: ``(bits, metric)``, fewest bits first."""
         u = self.search.metric.utility
@@ -236,8 +250,9 @@ def _upgrade(lc: LayerChoices, choice: str) -> str | None:
 
 def advise_variants(search: Any, target: float, *, nominal: bool = True,
                     layers: Iterable[str] | None = None, prune: bool = True,
-                    allow_float: bool = True) -> dict[str, Any]:
-    """Run the search of this module on a prepared ``_Search`` over several variants.
+                    max_float: int | None = None) -> dict[str, Any]:
+    """Run the search of this module on a prepared ``_Search`` over several variants, with at
+    most ``max_float`` layers kept float (any number when ``None``).
 
     Returns the fields of an :class:`~fxnumeric.Advice`: ``assignment``, ``bits``, ``value``,
     ``front``, ``curve``, ``reached``, ``message``, ``seconds``.
@@ -246,7 +261,7 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     metric = search.metric
     u, meets = metric.utility, metric.meets
     found, unsearched = layer_choices(search.runner, nominal, layers)
-    if not allow_float:
+    if max_float == 0:
         found = [LayerChoices(lc.name, lc.module, lc.numel,
                               tuple(c for c in lc.choices if c[0] != FLOAT)) for lc in found]
         found = [lc for lc in found if lc.choices]
@@ -263,8 +278,9 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     upgraded: list[str] = []
     while not meets(value, target):
         # each layer alone one step dearer, from the current plan: the metric bought per bit
+        room = _float_room(plan, max_float)
         steps = {lc.name: _upgrade(lc, plan[lc.name]) for lc in found}
-        steps = {n: c for n, c in steps.items() if c is not None}
+        steps = {n: c for n, c in steps.items() if c is not None and (c != FLOAT or room > 0)}
         if not steps:
             break
         singles = [{**plan, n: c} for n, c in steps.items()]
@@ -279,6 +295,8 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         order = [n for n in sorted(eff, key=lambda n: -eff[n]) if eff[n] > 0]
         if not order:
             order = sorted(eff, key=lambda n: -eff[n])  # nothing helps alone: all, best first
+        floats = [n for n in order if steps[n] == FLOAT][room:] if room < len(order) else []
+        order = [n for n in order if n not in floats]  # no more float layers than allowed
         # bisect the fewest upgrades (in order of efficiency) that reach the target: the
         # current plan plus order[:lo] does not, plus order[:hi] does
         full = {**plan, **{n: steps[n] for n in order}}
@@ -300,7 +318,9 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         value = best_value
         upgraded += order[:hi]
     if prune and meets(value, target) and upgraded:
-        plan, value = _prune(plans, plan, value, target, upgraded)
+        plan, value = _prune(plans, plan, value, target, upgraded, max_float)
+    if meets(value, target):  # a cheaper plan run on the way (bisection, pruning) may meet it
+        plan, value = plans.cheapest_meeting(target, plan, value, max_float)
     reached = meets(value, target)
     bits = plans.bits(plan)
     cheapest = {lc.name: lc.choices[0][0] for lc in found}
@@ -317,8 +337,9 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     else:
         message = (f"target {metric.name} {cmp} {target:g} NOT reached: best found "
                    f"{shown(value, target)} "
-                   f"at {bits:.2f} average weight bits ({mix}), even with every layer at its "
-                   "dearest choice")
+                   f"at {bits:.2f} average weight bits ({mix}), "
+                   + ("even with every layer at its dearest choice" if _float_room(plan, max_float)
+                      else f"with at most {max_float} layers float (max_float_layers)"))
     if unsearched:
         one = len(unsearched) == 1
         message += (f"; {len(unsearched)} quantized {'layer has' if one else 'layers have'} no "
@@ -335,8 +356,15 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     }
 
 
+def _float_room(plan: Mapping[str, str], max_float: int | None) -> float:
+    """How many more layers ``plan`` may keep float (negative: too many already)."""
+    if max_float is None:
+        return math.inf
+    return max_float - sum(choice == FLOAT for choice in plan.values())
+
+
 def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
-           upgraded: list[str]) -> tuple[dict[str, str], float]:
+           upgraded: list[str], max_float: int | None) -> tuple[dict[str, str], float]:
     """Undo every upgrade the target does without, largest layer first, each verified: each
     upgraded layer takes the cheapest of its cheaper choices that still meets the target, not
     only the one below its own. A dearer choice is not always a better one (an FX variant with
@@ -349,6 +377,8 @@ def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
         names = [c for c, _ in lc.choices]
         for cheaper in names[:names.index(plan[name])]:
             trial = {**plan, name: cheaper}
+            if _float_room(trial, max_float) < 0:
+                continue
             (v,) = plans.measure([trial], "pruning")
             if meets(v, target):
                 plan, value = trial, v

@@ -602,6 +602,15 @@ class Advice:
         return FqnToConfig({path: configs[choice] for path, choice in self.assignment.items()
                             if choice != "float"})
 
+    def _one_variant(self, what: str) -> None:
+        """Refuse the float-fallback lines for an advice that assigns several variants."""
+        if len(self.variants) > 1:
+            raise InputError(
+                f"{what} keeps layers float in one quantized model's flow; this advice assigns "
+                f"one of {len(self.variants)} variants ({', '.join(self.variants)}) or float to "
+                "each layer: apply it with advice.to_torchao(configs), or read "
+                "advice.assignment")
+
     def _targets(self) -> list[tuple[str, tuple[str, Any, int] | None]]:
         functions = self.functions or (None,) * len(self.keep_float)
         return list(zip(self.keep_float, functions, strict=True))
@@ -624,6 +633,7 @@ class Advice:
             base: the mapping the model was quantized with (copied, not modified); default
                 ``get_default_qconfig_mapping()``.
         """
+        self._one_variant("qconfig_mapping")
         import copy
 
         from torch.ao.quantization import get_default_qconfig_mapping
@@ -640,6 +650,7 @@ class Advice:
 
     def fx_lines(self, mapping: str = "qconfig_mapping") -> str:
         """The ``QConfigMapping`` calls that :meth:`qconfig_mapping` makes, as source lines."""
+        self._one_variant("fx_lines")
         lines = []
         for name, function in self._targets():
             if function is None:
@@ -660,6 +671,7 @@ class Advice:
         In eager mode a float module between quantized ones also needs a ``DeQuantStub``
         before it and a ``QuantStub`` after it in the model's ``forward``.
         """
+        self._one_variant("eager_lines")
         return "\n".join(
             f"{model}.get_submodule({name!r}).qconfig = None" if function is None
             else f"# {name}: a function op; in eager mode make it a FloatFunctional to configure it"
@@ -681,6 +693,7 @@ class Advice:
                 torchao's ``XNNPACKQuantizer.set_module_name`` refuses ``None`` ("not
                 supported yet"): with it a module cannot be left float by name.
         """
+        self._one_variant("pt2e_lines")
         return "\n".join(
             f"{quantizer}.{method}({name!r}, None)" if function is None or function[0] == name
             else f"# {name}: {_qualified(function[1])} inside "
@@ -725,6 +738,7 @@ class Advice:
         those kept (a spec of module names rebuilds the advised model, whatever spec made the
         quantized one); with no module known, ``nn.Linear`` with the kept names mapped to
         ``None``."""
+        self._one_variant("dynamic_lines")
         if self.dynamic:
             kept = set(self.keep_float)
             spec = ", ".join(f"{path!r}: {qconfig}" for path, qconfig in self.dynamic
@@ -736,6 +750,7 @@ class Advice:
 
     def torchao_keep_lines(self, model: str = "model", config: str = "config") -> str:
         """torchao's ``quantize_`` with a filter that leaves the layers float."""
+        self._one_variant("torchao_keep_lines")
         names = ", ".join(repr(name) for name, _ in self._targets())
         return (f"quantize_({model}, {config}, filter_fn=lambda m, fqn: "
                 f"isinstance(m, torch.nn.Linear) and fqn not in {{{names}}})")
@@ -846,19 +861,21 @@ def _unit(metric: str) -> str:
 
 
 def _advise_variants(search: _Search, target: float, layers: Iterable[str] | None, prune: bool,
-                     bits: str, started: float, flow: str) -> Advice:
+                     bits: str, started: float, flow: str, max_float: int | None) -> Advice:
     """:func:`advise` over several quantized variants (see :mod:`fxnumeric.advice.mixed`)."""
     if bits not in ("nominal", "stored"):
         raise InputError(f"bits must be 'nominal' or 'stored', got {bits!r}")
     found = advise_variants(search, target, nominal=bits == "nominal", layers=layers,
-                            prune=prune)
+                            prune=prune, max_float=max_float)
     keep = tuple(path for path, choice in found["assignment"].items() if choice == FLOAT)
     return Advice(keep, found["curve"], found["value"], float(target), found["reached"],
                   search.metric_name, found["message"], search.evaluations,
                   time.perf_counter() - started, assignment=found["assignment"],
                   bits=found["bits"], front=found["front"],
                   variants=tuple(search.runner.variants), flow=flow,
-                  unsearched=found["unsearched"])
+                  unsearched=found["unsearched"],
+                  dynamic=(dynamic_spec(search.matching.quant_model)
+                           if len(search.runner.variants) == 1 else ()))
 
 
 def _qualified(target: Any) -> str:
@@ -885,7 +902,7 @@ def advise(
     metric: str | EndMetric,
     target: float,
     max_float_layers: int | None = None,
-    candidates: int = 16,
+    candidates: int | None = None,
     prune: bool = True,
     layers: Iterable[str] | None = None,
     matching: Matching | None = None,
@@ -917,9 +934,11 @@ def advise(
             ``(float_output, candidate_output) -> float``, higher is better (see
             :func:`sensitivity`).
         target: the metric value to reach.
-        max_float_layers: keep at most this many layers float.
-        candidates: how many top-ranked layers each step verifies (more: better choices,
-            proportionally more hybrids run).
+        max_float_layers: keep at most this many layers float (with several variants too:
+            0 chooses among the variants only).
+        candidates: with one quantized model, how many top-ranked layers each step verifies
+            (default 16; more: better choices, proportionally more hybrids run). The search
+            over several variants measures every layer's next step, so it takes none.
         prune: once the target is reached, drop every chosen layer the target can do without
             (each drop verified), then measure the curve of what is left.
         layers: restrict the search to these layer (pair) names.
@@ -934,8 +953,14 @@ def advise(
         An :class:`Advice`; when the target is not reached, ``reached`` is False, the message
         says so and the best set found is returned.
     """
-    if candidates < 1:
+    if not isinstance(target, (int, float)) or math.isnan(target):
+        raise InputError(f"target must be a number, got {target!r}")
+    if candidates is not None and candidates < 1:
         raise InputError(f"candidates must be at least 1, got {candidates}")
+    if candidates is not None and isinstance(quant_model, Mapping):
+        raise InputError("candidates applies to one quantized model (how many ranked layers "
+                         "each step of the float-fallback search verifies); the search over "
+                         "several variants measures every layer's next step: leave it out")
     if max_float_layers is not None and max_float_layers < 0:
         raise InputError(f"max_float_layers must be >= 0, got {max_float_layers}")
     started = time.perf_counter()
@@ -944,9 +969,9 @@ def advise(
         if isinstance(quant_model, Mapping):
             variant_flows = {flow_of(model) for model in quant_model.values()} - {""}
             return _advise_variants(search, target, layers, prune, bits, started,
-                                    "+".join(sorted(variant_flows)))
-        return _advise_float(search, target, max_float_layers, candidates, prune, layers,
-                             started)
+                                    "+".join(sorted(variant_flows)), max_float_layers)
+        return _advise_float(search, target, max_float_layers,
+                             16 if candidates is None else candidates, prune, layers, started)
     finally:
         search.close()
 
