@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 __all__ = ["first_output", "model_output", "after_loss", "detach", "copy_values", "dequantize_all",
-           "stores_floats"]
+           "stores_floats", "copy_cache"]
 
 
 def first_output(x: Any) -> Any:
@@ -61,6 +63,15 @@ def copy_values(x: Any) -> Any:
     if isinstance(x, (tuple, list)):
         return _each(copy_values, x)
     return x
+
+
+def copy_cache(x: Any) -> Any:
+    """A copy of ``x`` when it is a key/value cache (a Hugging Face ``Cache``, which a model
+    appends to in place), else ``x`` itself: what each run of a model or block that a cache is
+    handed to must get, so that one run's keys and values do not become another's past."""
+    cache = getattr(sys.modules.get("transformers.cache_utils"), "Cache", None)
+    # transformers not imported: no such cache can exist
+    return copy.deepcopy(x) if cache is not None and isinstance(x, cache) else x
 
 
 def dequantize_all(x: Any, dtype: torch.dtype | None = None) -> Any:

@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
+from ._tensors import copy_cache
 from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
 
@@ -251,6 +252,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
             the model side and the shapes that were passed.
     """
     args, kwargs = as_call(batch)
+    args, kwargs = _own_caches(args, kwargs)
     signature = _signature(model)
     if signature is not None and "use_cache" in signature.parameters:
         if kwargs.get("use_cache"):
@@ -284,6 +286,15 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
             f"it outside fxnumeric.{' ' + hint if hint else ''}"
         ) from exc
+
+
+def _own_caches(args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's inputs with a copy of each key/value cache in them (a Hugging Face ``Cache``
+    passed as ``past_key_values``, a generation step): the model appends to the cache it is
+    given, so each run (float, quantized, several times over a batch) takes the cache as the
+    user passed it, and the user's cache stays as it was."""
+    return tuple(map(copy_cache, args)), {k: copy_cache(v) for k, v in kwargs.items()}
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

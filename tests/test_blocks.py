@@ -333,3 +333,48 @@ def test_named_parts_of_one_kind_are_not_blocks_and_an_unused_module_says_so():
     assert all(not r.note.startswith("never ran") for r in report.rows if r.output)
     # torchvision's numbered stages are blocks as before
     assert block_paths(torchvision.models.resnet18()) == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_a_generation_step_reads_the_cache_as_each_model_and_block_receives_it():
+    """A batch with ``past_key_values`` (one step of generation): the models append to the
+    cache they are handed. fxnumeric handed the user's one cache to every run, which grew it
+    and then failed ("size of tensor a (12) must match ... (10)") as the float run's keys
+    became the quantized run's past. Each run, and each block shadow, now reads the cache as it
+    was before it."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    f = tiny_llama().eval()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    ids = tiny_llm_batches(vocab_size=256, n=1)[0]["input_ids"][:, :10]
+    with torch.no_grad():
+        cache = f(input_ids=ids[:, :8], use_cache=True).past_key_values
+    batch = {"input_ids": ids[:, 8:], "past_key_values": cache}
+
+    report = ns.compare(f, q, [batch], progress=False)
+
+    assert cache.get_seq_length() == 8  # the user's cache, as it was
+    blocks = ["model.layers.0", "model.layers.1"]
+    seen = {}
+    hooks = [m.get_submodule(b).register_forward_pre_hook(
+        lambda mod, a, k, key=(side, b): seen.__setitem__(key, (a, copy.deepcopy(k))),
+        with_kwargs=True) for side, m in (("f", f), ("q", q)) for b in blocks]
+    hooks += [m.get_submodule(b).register_forward_hook(
+        lambda mod, a, o, key=(side, b): seen.__setitem__(key + ("out",), _first(o)))
+        for side, m in (("f", f), ("q", q)) for b in blocks]
+    with torch.no_grad():
+        logits = {side: m(input_ids=ids[:, 8:], past_key_values=copy.deepcopy(cache)).logits
+                  for side, m in (("f", f), ("q", q))}
+        for h in hooks:
+            h.remove()
+        for block in report.blocks:
+            args, kwargs = seen[("q", block.name)]
+            float_block = _first(f.get_submodule(block.name)(*args, **kwargs))
+            quant_out = seen[("q", block.name, "out")]
+            assert block.shadow_sqnr == pytest.approx(_sqnr([(float_block, quant_out)]),
+                                                      abs=1e-3)
+            assert block.output_sqnr == pytest.approx(
+                _sqnr([(seen[("f", block.name, "out")], quant_out)]), abs=1e-3)
+    assert [b.name for b in report.blocks] == blocks
+    assert report.model_output["sqnr"] == pytest.approx(_sqnr([(logits["f"], logits["q"])]),
+                                                        abs=1e-3)

@@ -222,7 +222,8 @@ def _instrument_block(block: Block, float_copy: GraphCopy | None, quant_copy: Gr
         built.skipped[block.name] = inputs
         return
     chain = tuple(n.name for n in block.quant_nodes)
-    inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
+    inputs = {f: quant_copy.before_run(quant_copy.before_overwrite(q, chain), chain)
+              for f, q in inputs.items()}
     quant_copy.shadow(block.quant_out.name, region.float_view, nodes, inputs, shadow_obs,
                       f"fxnumeric_block_shadow_{index}")
 

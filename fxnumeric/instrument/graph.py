@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._tensors import copy_values, dequantize_all
+from .._tensors import copy_cache, copy_values, dequantize_all
 from ..capture import graph_module
 from ..match import Pair, Region
 from ..semantics import (
@@ -207,6 +207,15 @@ class GraphCopy:
             copied = self.graph.call_method("clone", (node,))
         self.nodes[copied.name] = copied
         return copied.name
+
+    def before_run(self, node_name: str, chain: tuple[str, ...]) -> str:
+        """A node giving ``node_name``'s value as it was before ``chain`` ran: a copy when it
+        is a key/value cache (the chain appends its keys and values to it, and a shadow of the
+        chain must read the cache without them), else the value itself."""
+        with self.graph.inserting_before(self.nodes[chain[0]]):
+            snapshot = self.graph.call_function(copy_cache, (self.nodes[node_name],))
+        self.nodes[snapshot.name] = snapshot
+        return snapshot.name
 
     def shadow(self, anchor_name: str, float_view: GraphView, nodes: list[fx.Node],
                inputs: dict[fx.Node, str], observer: nn.Module, prefix: str) -> None:
