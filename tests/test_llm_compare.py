@@ -181,3 +181,51 @@ def test_real_smollm2_under_int8_reads_as_the_models_run_directly(smollm2_float)
     for key in ("kl", "top1_agreement", "ppl_float", "ppl_quantized"):
         assert report.model_output[key] == pytest.approx(expected[key], rel=1e-3), key
     assert report.model_output["kl"] < 0.05 and report.model_output["top1_agreement"] > 0.9
+
+
+class _Wrapper(torch.nn.Module):
+    """A user's thin wrapper: torch.fx traces it, keeping the untraceable Llama inside whole."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_a_wrapper_around_a_decoder_names_no_container_a_culprit():
+    """The wrapper's graph called `m.model` (a LlamaModel kept whole): paired as a layer, its
+    "shadow" was the whole float stack fed the quantized input (the accumulated error, 32 dB)
+    and the verdict named it the culprit, while its own layers read 44 dB each."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    f = tiny_llama()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    data = tiny_llm_batches(n=2)
+    comparisons = ("weights", "outputs", "shadows")
+    plain = ns.compare(f, q, data, progress=False, comparisons=comparisons)
+    wrapped = ns.compare(_Wrapper(f), _Wrapper(q), data, progress=False,
+                         comparisons=comparisons)
+
+    assert "m.model" not in {r.name for r in wrapped.rows}
+    assert wrapped.culprit == plain.culprit is None
+    for row in plain.rows:  # the same layers, read the same
+        twin = wrapped.row(f"m.{row.name}")
+        assert twin.output.get("sqnr") == pytest.approx(row.output.get("sqnr"), abs=1e-6)
+        assert twin.shadow.get("sqnr") == pytest.approx(row.shadow.get("sqnr"), abs=1e-6)
+    outputs = []
+    hooks = [m.model.layers[1].self_attn.o_proj.register_forward_hook(
+        lambda mod, a, o: outputs.append(o)) for m in (f, q)]
+    with torch.no_grad():
+        for batch in data:
+            f(**batch)
+            q(**batch)
+    for h in hooks:
+        h.remove()
+    signal = sum(float(a.double().square().sum()) for a in outputs[::2])
+    noise = sum(float((a.double() - b.double()).square().sum())
+                for a, b in zip(outputs[::2], outputs[1::2], strict=True))
+    assert wrapped.row("m.model.layers.1.self_attn.o_proj").output["sqnr"] == pytest.approx(
+        10 * math.log10(signal / noise), abs=1e-4)
