@@ -63,6 +63,20 @@ def keeps_whole(module: nn.Module) -> bool:
         for h in hooks_of(module))
 
 
+def preloaded_layers(model: Any) -> list[tuple[str, str]]:
+    """``(layer path, parent path)`` of each module with a weight of its own inside a module
+    that accelerate's ``preload_module_classes`` hook loads whole: the parent is compared as one
+    op (its hook must run to load them), so these layers are not compared one by one."""
+    if not isinstance(model, nn.Module):
+        return []
+    found = []
+    for path, module in model.named_modules():
+        if path and module._modules and keeps_whole(module) and not offloaded_names(module):
+            found += [(f"{path}.{name}", path) for name, child in module.named_modules()
+                      if name and isinstance(child._parameters.get("weight"), torch.Tensor)]
+    return found
+
+
 def whole_paths(model: Any) -> list[str]:
     """Paths of the modules of ``model`` that :func:`keeps_whole`, to keep whole on both sides
     of a pair (a custom module with an offloaded parameter of its own, traced through on the

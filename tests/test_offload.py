@@ -196,3 +196,30 @@ def test_weights_on_meta_with_nothing_to_load_them_are_refused_with_a_fix():
     with pytest.raises(ns.InputError, match=r"float model on meta(.|\n)*Weights on the meta "
                                             r"device were never loaded"):
         ns.compare(empty, q, [torch.randn(2, 4)], comparisons=("outputs",))
+
+
+def test_layers_inside_a_preloaded_module_are_listed_unpaired_with_the_reason(
+        dynamic_llama, batches, tmp_path):
+    """With preload_module_classes the decoder layer's hook loads its children: the layer is
+    compared whole, and its Linears and norms used to vanish from the report without a word
+    (25 rows became 5). They are now unpaired, each with the reason and the fix."""
+    f, q = dynamic_llama
+    in_memory = ns.compare(f, q, batches)
+    device_map = {name: "disk" for name in ("model.embed_tokens", "model.layers", "model.norm",
+                                            "model.rotary_emb", "lm_head")}
+    dispatched = accelerate.dispatch_model(tiny_llama(), device_map=device_map,
+                                           offload_dir=tmp_path, main_device="cpu",
+                                           preload_module_classes=["LlamaDecoderLayer"])
+    report = ns.compare(dispatched, q, batches)
+
+    inside = {f"model.layers.{i}.{name}" for i in range(2) for name, m in
+              f.model.layers[0].named_modules() if isinstance(m.__dict__["_parameters"].get(
+                  "weight"), torch.Tensor)}
+    assert len(inside) == 18  # 7 Linears and 2 norms a layer
+    for side in ("float", "quantized"):
+        listed = {node for node, s, reason in report.unmatched if s == side
+                  and "preload_module_classes" in reason and "model.layers." in reason}
+        assert listed == inside
+    assert {r.name for r in report.rows} == {"model.embed_tokens", "model.layers.0",
+                                             "model.layers.1", "model.norm", "lm_head"}
+    assert report.model_output == pytest.approx(in_memory.model_output, rel=1e-6)
