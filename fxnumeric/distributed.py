@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
@@ -81,10 +84,14 @@ class Ranks:
         """The ``(index, batch)`` pairs this rank runs: those with ``index % size == rank``.
 
         Before the first, the ranks check that they hold the same accumulators (the same
-        capture) and that none keeps raw tensors; every rank raises the same error if not.
+        capture) and the same first batch, and that none keeps raw tensors; every rank raises
+        the same error if not.
         """
         if self.parallel:
-            self._check(accumulators)
+            batches = iter(batches)
+            first = next(batches, None)
+            self._check(accumulators, None if first is None else _fingerprint(first[1]))
+            batches = itertools.chain([first] if first is not None else [], batches)
         for index, batch in batches:
             if index % self.size == self.rank:
                 yield index, batch
@@ -102,19 +109,19 @@ class Ranks:
             acc.load(functools.reduce(lambda a, b: a.merged(b), (r[2][i] for r in every)))
         return sum(r[0] for r in every), tuple(sorted(i for r in every for i in r[1]))
 
-    def _check(self, accumulators: Sequence[Mergeable]) -> None:
+    def _check(self, accumulators: Sequence[Mergeable], first: str | None) -> None:
         mine = ([type(acc).__name__ for acc in accumulators],
-                any(getattr(acc, "kept", None) is not None for acc in accumulators))
+                any(getattr(acc, "kept", None) is not None for acc in accumulators), first)
         every: list[Any] = [None] * self.size
         dist.all_gather_object(every, mine)
-        if any(keep for _, keep in every):
+        if any(keep for _, keep, _ in every):
             raise InputError(
                 "compare(..., keep_activations=True) under torch.distributed: each rank keeps "
                 "the tensors of its own batches only, and raw tensors are not sent between "
                 "ranks.\nFix: run one process for raw activations (distributed=False), or "
                 "drop keep_activations")
-        counts = [len(names) for names, _ in every]
-        if any(names != every[0][0] for names, _ in every):
+        counts = [len(names) for names, _, _ in every]
+        if any(names != every[0][0] for names, _, _ in every):
             raise InputError(
                 "the ranks captured the models differently (metric accumulators on ranks "
                 f"0..{self.size - 1}: {counts}): their sums cannot be combined. Every rank must "
@@ -122,6 +129,38 @@ class Ranks:
                 "example).\n"
                 "Fix: build the models and data identically on every rank (same seed, same "
                 "checkpoint), or pass each rank the same fxnumeric.match result as matching=")
+        differ = [rank for rank, (_, _, seen) in enumerate(every) if seen != every[0][2]]
+        if differ:
+            raise InputError(
+                f"the ranks hold different data: the first batch of rank {differ[0]} is not "
+                "rank 0's. compare splits the batches between the ranks itself, so every rank "
+                "must pass the same data, all of it (rank r runs batches r, r + size, ...).\n"
+                "Fix: build the data identically on every rank (same seed, same files, no "
+                "DistributedSampler)")
+
+
+def _fingerprint(batch: Any) -> str:
+    """A digest of every tensor in ``batch`` (its dtype, shape and bytes) and of the rest's
+    repr: equal on two ranks exactly when they hold the same first batch."""
+    digest = hashlib.sha256()
+
+    def add(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            digest.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, Mapping):
+            for key, value in x.items():
+                digest.update(repr(key).encode())
+                add(value)
+        elif isinstance(x, (tuple, list)):
+            for value in x:
+                add(value)
+        else:
+            digest.update(repr(type(x)).encode())
+
+    add(batch)
+    return digest.hexdigest()
 
 
 ONE_PROCESS = Ranks()

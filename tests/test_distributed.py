@@ -122,7 +122,7 @@ def test_logits_states_merge_to_the_exact_p99():
 
 
 def test_ranks_share_batches_by_index(monkeypatch):
-    monkeypatch.setattr(Ranks, "_check", lambda self, accumulators: None)  # no process group
+    monkeypatch.setattr(Ranks, "_check", lambda self, accumulators, first: None)  # no group
     pairs = list(enumerate("abcde"))
     shares = [list(Ranks(r, 2).share(pairs, [])) for r in range(2)]
     assert shares == [[(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d")]]
@@ -218,6 +218,7 @@ def _refusals() -> dict[str, str]:
         ("keep", lambda: ns.compare(f, q, data[:2], keep_activations=True)),
         ("mismatch", lambda: ns.compare(*((f, q) if dist.get_rank() == 0 else (other, other_q)),
                                         data[:2])),
+        ("data", lambda: ns.compare(f, q, [x + dist.get_rank() for x in data[:2]])),
     ):
         try:
             call()
@@ -315,6 +316,8 @@ def test_what_cannot_be_split_is_refused_on_every_rank(two_ranks):
         assert "captured the models differently (metric accumulators on ranks 0..1: [" in (
             refusals["mismatch"]) and "Fix: build the models and data identically" in (
             refusals["mismatch"])
+        # data of the same shapes, other values: the sums merged as if one run's
+        assert "the ranks hold different data: the first batch of rank 1" in refusals["data"]
         assert alone_batches == 3  # distributed=False: each rank compares all of its data
 
 
