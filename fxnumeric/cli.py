@@ -208,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="the model output's kl may rise this much (default %(default)s)")
     dif.add_argument("--tolerance-top1", type=_tolerance, default=0.01, metavar="X",
                      help="its top1_agreement may fall this much (default %(default)s)")
+    dif.add_argument("--variant", metavar="NAME",
+                     help="with one report of several variants and one of a single quantized "
+                          "model: the variant the single one is")
     dif.add_argument("--format", choices=("table", "html"), default="table")
     dif.add_argument("--tablefmt", default="simple", help="tabulate format for --format table")
     dif.add_argument("--all", action="store_true", help="also list metrics that did not change")
@@ -498,7 +501,8 @@ def _diff(args: argparse.Namespace) -> int:
         raise InputError("--format html writes a file: add -o FILE")
     old, new = Report.from_json(args.old), Report.from_json(args.new)
     diff = old.diff(new, tolerance_db=args.tolerance, tolerance_cosine=args.tolerance_cosine,
-                    tolerance_kl=args.tolerance_kl, tolerance_top1=args.tolerance_top1)
+                    tolerance_kl=args.tolerance_kl, tolerance_top1=args.tolerance_top1,
+                    variant=args.variant)
     if args.format == "html":
         print(f"wrote {diff.to_html(args.output)}\n{diff.summary()}")
     else:

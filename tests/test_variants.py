@@ -345,6 +345,19 @@ def test_diff_goes_variant_by_variant_and_catches_a_regression_in_one(mlp, tmp_p
     later.to_json(new)
     assert main(["diff", str(old), str(new)]) == 1
     assert main(["diff", str(old), str(old)]) == 0
+    # a report of one quantized model against several: which variant it is must be said (it
+    # was compared with the first one, whatever it had been made from)
+    alone = ns.compare(f, variants["dynamic"], data)
+    with pytest.raises(ns.InputError, match=r"5 variants \(fx, static.*Say which: diff"):
+        alone.diff(report)
+    against = alone.diff(report, variant="dynamic")
+    assert not against.regressed and {c.variant for c in against.changes} == {"dynamic"}
+    assert all(c.change == 0 for c in against.changes if c.metric != "batches")
+    assert set(against.new_variants) == set(variants) - {"dynamic"}
+    single = tmp_path / "single.json"
+    alone.to_json(single)
+    assert main(["diff", str(single), str(old)]) == 2
+    assert main(["diff", str(single), str(old), "--variant", "dynamic"]) == 0
 
 
 def test_check_applies_every_threshold_to_every_variant(mlp, tmp_path):

@@ -450,14 +450,16 @@ class Report:
         return rows[:top_k] if top_k is not None else rows
 
     def diff(self, new: Report, *, tolerance_db: float = 0.5, tolerance_cosine: float = 1e-3,
-             tolerance_kl: float = 0.01, tolerance_top1: float = 0.01) -> ReportDiff:
+             tolerance_kl: float = 0.01, tolerance_top1: float = 0.01,
+             variant: str | None = None) -> ReportDiff:
         """What changed from this (old) report to ``new``, and what regressed.
 
         Layers pair by name; every metric of both is listed, and a change is a regression
         when an SQNR falls by more than ``tolerance_db`` dB, a cosine by more than
         ``tolerance_cosine``, the model output's ``kl`` rises by more than ``tolerance_kl``
         or its ``top1_agreement`` falls by more than ``tolerance_top1`` (see
-        :mod:`fxnumeric.report.diff`).
+        :mod:`fxnumeric.report.diff`). ``variant`` names the variant a report of one quantized
+        model is, against a report of several.
 
         Example:
             >>> old = Report.from_json("baseline.json")  # doctest: +SKIP
@@ -468,7 +470,7 @@ class Report:
 
         return diff_reports(self, new, tolerance_db=tolerance_db,
                             tolerance_cosine=tolerance_cosine, tolerance_kl=tolerance_kl,
-                            tolerance_top1=tolerance_top1)
+                            tolerance_top1=tolerance_top1, variant=variant)
 
     # ------------------------------------------------------------------ rendering
     def table(self, tablefmt: str = "simple", *, sort: str | None = None,

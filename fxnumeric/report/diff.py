@@ -25,9 +25,10 @@ in either report are never judged either: their numbers measure nothing.
 Reports of several quantized variants (:attr:`fxnumeric.Report.variants`) diff variant by
 variant: each variant both reports hold against itself, its changes carrying its name
 (:attr:`MetricChange.variant`), its new and vanished layers listed as ``variant: layer``; the
-variants only one report holds are listed as new or vanished. Against a report of one
-quantized model, the other's first variant (its top level) is compared, and its other variants
-are listed as new (or vanished).
+variants only one report holds are listed as new or vanished. A report of one quantized model
+against one of several variants: ``variant=`` names which of them it is (the report of one
+model does not know which of your variants it was made from), and the others are listed as
+new (or vanished); a report of one variant pairs with the other without it.
 """
 
 from __future__ import annotations
@@ -240,11 +241,15 @@ def _worse(measure: str, old: float | None, new: float | None, tolerance: float 
 
 def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
                  tolerance_cosine: float = 1e-3, tolerance_kl: float = 0.01,
-                 tolerance_top1: float = 0.01) -> ReportDiff:
+                 tolerance_top1: float = 0.01, variant: str | None = None) -> ReportDiff:
     """Compare ``old`` with ``new`` metric by metric; see the module docstring for the rules.
 
+    ``variant``: with one report of a single quantized model and the other of several
+    variants, the variant the single one is.
+
     Raises:
-        InputError: a negative or nan tolerance.
+        InputError: a negative or nan tolerance; a single report against several variants
+            without ``variant`` (or with one the other report does not hold).
     """
     tolerances = {"sqnr": tolerance_db, "cosine": tolerance_cosine, "kl": tolerance_kl,
                   "top1_agreement": tolerance_top1}
@@ -252,7 +257,7 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
         if not value >= 0:
             raise InputError(f"the {name} tolerance must be >= 0, got {value!r}")
     if old.variants or new.variants:
-        return _diff_variants(old, new, tolerance_db=tolerance_db,
+        return _diff_variants(old, new, variant, tolerance_db=tolerance_db,
                               tolerance_cosine=tolerance_cosine, tolerance_kl=tolerance_kl,
                               tolerance_top1=tolerance_top1)
 
@@ -286,14 +291,25 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
     )
 
 
-def _diff_variants(old: Report, new: Report, **tolerances: float) -> ReportDiff:
+def _diff_variants(old: Report, new: Report, variant: str | None,
+                   **tolerances: float) -> ReportDiff:
     """:func:`diff_reports` of reports of which one at least holds variants (module docstring)."""
     def alone(report: Report) -> dict[str, Report]:
-        """A report's variants; one of a single quantized model counts as the other's first."""
+        """A report's variants; one of a single quantized model is the variant named
+        ``variant`` of the other (its only one, unnamed)."""
         if report.variants:
             return dict(report.variants)
-        other = old if report is new else new
-        return {next(iter(other.variants)): report}
+        names = list((old if report is new else new).variants)
+        if variant is None and len(names) == 1:
+            return {names[0]: report}
+        if variant not in names:
+            raise InputError(
+                f"one report holds {len(names)} variants ({', '.join(names)}) and the other a "
+                "single quantized model, which does not record which of them it is"
+                + (f"; variant={variant!r} is none of them" if variant is not None else "")
+                + f". Say which: diff(..., variant={names[0]!r}) (fxnumeric diff --variant "
+                f"{names[0]})")
+        return {variant: report}
 
     olds, news = alone(old), alone(new)
     changes: list[MetricChange] = []
