@@ -185,3 +185,11 @@ def test_nan_made_by_a_quantized_layer_is_named_there_and_nothing_is_drawn_after
     assert d.text().startswith("NaN/Inf first appears at 2")
     assert diagnose(f, torch.ao.quantization.quantize_dynamic(
         copy.deepcopy(f), {nn.Linear}), data).nonfinite is None
+
+
+def test_a_value_just_below_the_threshold_does_not_read_as_the_threshold():
+    # "first layer where the cumulative SQNR (20.0 dB) is below 20 dB" for 19.988 dB
+    from fxnumeric.advice.diagnose import _db_below
+
+    assert [_db_below(v, 20.0) for v in (19.988, 15.23, 19.99999)] == ["19.99", "15.2",
+                                                                       "19.99999"]

@@ -272,6 +272,16 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, floa
     return True, float((ranges / (scales * (qmax - qmin))).median()), outliers
 
 
+def _db_below(value: float, threshold: float) -> str:
+    """``value`` to one decimal, or as many more as it takes not to read as ``threshold`` (a
+    cumulative SQNR of 19.988 dB read "(20.0 dB) is below 20 dB")."""
+    for digits in range(1, 7):
+        text = f"{value:.{digits}f}"
+        if float(text) != threshold:
+            return text
+    return f"{value:.7g}"
+
+
 def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
     flags: list[Flag] = []
     verdict = d.floor
@@ -333,7 +343,8 @@ def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[F
                else "mostly this layer's own error")
         flags.append(Flag(
             "amplification",
-            f"first layer where the cumulative SQNR ({d.cumulative_sqnr:.1f} dB) is below "
+            f"first layer where the cumulative SQNR ({_db_below(d.cumulative_sqnr, threshold_db)} "
+            "dB) is below "
             f"{threshold_db:g} dB; {why}",
             "keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
             "equalization",
