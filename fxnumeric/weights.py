@@ -96,9 +96,6 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     # read from the attributes, not module.state_dict(): a quantized Linear's state_dict
     # unpacks its weight, which weight() then unpacks again (half of compare's weights on a
     # quantize_dynamic LLM)
-    computed = flows.computed_weight(module)  # a QAT layer's fake-quantized weight (torchao)
-    if computed is not None:
-        return {f"{path}.weight": computed}
     packed = getattr(module, "_packed_params", None)
     if isinstance(packed, nn.Module) and hasattr(packed, "_packed_params"):  # a Linear's
         return {f"{path}._packed_params._packed_params": module.weight()}
