@@ -292,6 +292,7 @@ def test_one_batch_has_no_spread_so_the_margin_alone_decides():
     _coarse_weight(q, "convs.1")
     one = _compare(f, q, _data(1))
     assert one.culprit == "convs.1" and one.verdict.noise is None
+    assert "1 batch: the batch noise is unknown" in one.summary()  # the culprit says so too
     assert "spread" not in one.row("convs.1").spread or \
         not one.row("convs.1").spread["shadow_sqnr"].known
     healthy_f, healthy_q = _fx_pair()
@@ -375,3 +376,81 @@ def test_a_layer_returning_another_shape_than_its_twin_is_named_and_no_culprit(t
     assert again == report and again.verdict.kind == "mismatch"
     page = report.to_html(tmp_path / "r.html").read_text()
     assert "emb returns another shape than its float twin" in page
+
+
+# ---------------------------------------------------------------- the gap and the noise alike
+
+
+class _Stack(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def _fx_stack(n: int, seed: int, batches: int, rows: int):
+    """A stack of n Linear-ReLU, FX-quantized, and its data: drawn after the model and its
+    calibration batches, from one seed."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(seed)
+    f = _Stack(n).eval()
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    data = [torch.randn(rows, 32) for _ in range(batches)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("fbgemm"),
+                              (calib[0],))
+        for x in calib:
+            prepared(x)
+        return f, convert_fx(prepared), data
+
+
+def _per_batch_shadow(f, q, data, i: int) -> list[float]:
+    """Layer i's float Linear on the quantized layer's dequantized input, batch by batch."""
+    seen = []
+    hook = q.get_submodule(f"layers.{i}").register_forward_hook(
+        lambda m, a, o: seen.append((a[0].dequantize(), o.dequantize())))
+    with torch.no_grad():
+        for x in data:
+            q(x)
+        hook.remove()
+        pairs = [(f.layers[i](x), y) for x, y in seen]
+    return [10 * math.log10(float(r.double().square().sum())
+                            / float((r.double() - y.double()).square().sum())) for r, y in pairs]
+
+
+def test_one_odd_batch_does_not_make_a_healthy_layer_a_culprit():
+    """Eight single samples, every layer quantized alike: one sample pulls layers.0's pooled
+    shadow SQNR 18 dB below the next layer's, while its per-batch values sit within their
+    noise of it. The gap was read on the pooled values and the noise on the per-batch ones: a
+    culprit was named."""
+    f, q, data = _fx_stack(6, seed=0, batches=8, rows=1)
+    report = _compare(f, q, data)
+
+    per_batch = [_per_batch_shadow(f, q, data, i) for i in range(6)]
+    means = sorted(sum(values) / 8 for values in per_batch)
+    assert report.verdict.gap > 6  # pooled: one odd sample drags layers.0 down
+    assert means[1] - means[0] < report.verdict.noise  # typical values: within the noise
+    assert report.culprit is None and report.verdict.kind == "spread"
+    assert "within batch noise" in report.summary()
+
+
+def test_a_layer_worst_in_every_batch_is_named_though_another_has_an_odd_batch():
+    """layers.2's weight step made 30x coarser: it reads worst in each of 4 batches, but
+    layers.0's one clipping batch widened the noise the pooled gap was held against."""
+    f, q, data = _fx_stack(5, seed=0, batches=4, rows=16)
+    layer = q.get_submodule("layers.2")
+    weight = layer.weight().dequantize()
+    layer.set_weight_bias(torch.quantize_per_tensor(weight, float(weight.abs().max()) / 4, 0,
+                                                    torch.qint8), layer.bias())
+    report = _compare(f, q, data)
+
+    per_batch = {i: _per_batch_shadow(f, q, data, i) for i in range(5)}
+    assert all(per_batch[2][b] < min(per_batch[i][b] for i in (0, 1, 3, 4)) for b in range(4))
+    assert report.culprit == "layers.2"

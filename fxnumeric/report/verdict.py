@@ -11,11 +11,14 @@ when it is separated from every other layer by more than two things:
   not a fault. A layer with a wrong scale, a weight step 40x too coarse or a lost bias reads
   15-30 dB below the rest.
 * the batch-to-batch noise: each row keeps the spread of its per-batch SQNR
-  (:class:`fxnumeric.metrics.Spread`); the gap must exceed :data:`NOISE_SIGMAS` standard errors
-  of the difference, ``sqrt(se_lowest**2 + se_next**2)`` (treating the two layers as
-  independent overstates the noise when they rise and fall together: the rule errs towards
-  naming no one). With one batch there is no spread: the margin alone decides and the verdict
-  says that the noise is unknown.
+  (:class:`fxnumeric.metrics.Spread`); the gap between the two layers' *mean per-batch* SQNR
+  (the statistic the noise describes) must exceed :data:`NOISE_SIGMAS` standard errors of the
+  difference, ``sqrt(se_lowest**2 + se_next**2)``, and be at least the margin too (treating the
+  two layers as independent overstates the noise when they rise and fall together: the rule
+  errs towards naming no one). The pooled gap alone is not enough: one odd batch (a single
+  sample with a large value) pulls a pooled SQNR, summed over every batch's energy, far below
+  the layer's typical value, and a healthy layer read as a culprit. With one batch there is no
+  spread: the margin alone decides and the verdict says that the noise is unknown.
 
 A spread was chosen over a bootstrap interval because it streams (four floats per row, flat
 memory over any number of batches) and needs no stored per-batch values.
@@ -104,9 +107,20 @@ def _noise(a: ReportRow, b: ReportRow) -> float | None:
 
 
 def _separated(lower: ReportRow, upper: ReportRow) -> tuple[bool, float, float | None]:
+    """Whether ``lower`` stands apart from ``upper``; the pooled gap and the noise (dB)."""
     gap = upper.shadow_sqnr - lower.shadow_sqnr  # type: ignore[operator]
     noise = _noise(lower, upper)
-    return gap >= CULPRIT_MARGIN_DB and (noise is None or gap > noise), gap, noise
+    if gap < CULPRIT_MARGIN_DB:
+        return False, gap, noise
+    if noise is None:
+        return True, gap, noise
+    typical = _mean(upper) - _mean(lower)  # the gap on the statistic the noise describes
+    return typical >= CULPRIT_MARGIN_DB and typical > noise, gap, noise
+
+
+def _mean(row: ReportRow) -> float:
+    spread = row.spread["shadow_sqnr"]  # known: _noise found both spreads
+    return spread.mean
 
 
 def _names(names: list[str] | tuple[str, ...], most: int = 3) -> str:
@@ -170,10 +184,11 @@ def verdict(report: Report) -> Verdict:
             continue
         nxt = ranked[k]
         if k == 1:
+            unknown = "; 1 batch: the batch noise is unknown" if noise is None else ""
             return Verdict(
                 "culprit", first.name, (first.name,), (), len(ranked), low, high, gap, noise,
                 f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB, {gap:.2f} dB "
-                f"below any other layer; next {nxt.name} at {nxt.shadow_sqnr:.2f} dB)"
+                f"below any other layer; next {nxt.name} at {nxt.shadow_sqnr:.2f} dB{unknown})"
                 + _accumulation(report, low))
         group = ranked[:k]
         names = tuple(r.name for r in group)
@@ -189,9 +204,9 @@ def verdict(report: Report) -> Verdict:
             f"{low:.2f}-{group[-1].shadow_sqnr:.2f} dB; the rest from {nxt.shadow_sqnr:.2f} dB)"
             f"{within}" + _accumulation(report, low))
     _, gap, noise = _separated(first, ranked[1])
-    why = (f"within batch noise of ±{noise:.2f} dB" if noise is not None and gap <= noise
-           and gap >= CULPRIT_MARGIN_DB else
-           f"a culprit needs {CULPRIT_MARGIN_DB:g} dB beyond batch noise")
+    why = (f"within batch noise of ±{noise:.2f} dB (its per-batch values)"
+           if noise is not None and gap >= CULPRIT_MARGIN_DB else
+           f"a culprit needs a gap of {CULPRIT_MARGIN_DB:g} dB, and more than the batch noise")
     ties: tuple[str, ...] = ()
     if noise is not None:
         ties = tuple(r.name for r in ranked if r is first or (
