@@ -275,6 +275,13 @@ _FUNCTIONAL = (nnq.FloatFunctional, nnq.QFunctional)
 """torch's prepare observes these whatever the allow list says."""
 
 
+def _stands_for(module: nn.Module, types: set[type]) -> bool:
+    """Whether ``module`` is a flow's layer kept whole that subclasses one of ``types``: it
+    stands for the torch layer it replaced (torchao's QAT ``FakeQuantizedLinear`` for the
+    ``nn.Linear`` torch's list names), so the type lists select it as that layer."""
+    return flows.is_leaf_module(module) and isinstance(module, tuple(types))
+
+
 def _output_selector(allow_list: set[type] | None):
     explicit = allow_list is not None
     if allow_list is None:
@@ -287,7 +294,7 @@ def _output_selector(allow_list: set[type] | None):
         if isinstance(module, _FUNCTIONAL):
             return True
         if module is not None:
-            if type(module) not in allowed:
+            if type(module) not in allowed and not _stands_for(module, allowed):
                 return False
             if not explicit:  # the default list holds every float type it pairs with
                 return True

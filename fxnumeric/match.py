@@ -48,7 +48,7 @@ from .capture.export import (
 )
 from .capture.tree import capture_tree, record_calls
 from .errors import InputError, MatchError, TraceError
-from .flows.torchao import holds_torchao_tensors
+from .flows.torchao import export_loses
 from .guards import check_pair, contents
 from .offload import preloaded_layers, whole_paths
 from .ops import classify, classify_module
@@ -694,10 +694,9 @@ def match(
     float_root = flows.normalise_model(float_model, "float")
     quant_root = flows.normalise_model(quant_model, "quantized")
     notes: list[tuple[str, str]] = []
-    if capture == "export" and holds_torchao_tensors(quant_root):
-        notes.append(("quantized", "torch.export turns torchao's quantized weights into integer "
-                      "ops (`_int_mm`, `access_subclass_inner_tensor`) that no float op pairs "
-                      "with: both models traced with torch.fx instead"))
+    lost = export_loses(quant_root) if capture == "export" else None
+    if lost is not None:
+        notes.append(("quantized", lost))
     elif capture == "export":
         float_root, float_note = export_side(float_root, example_inputs, "float")
         quant_root, quant_note = export_side(quant_root, example_inputs, "quantized")

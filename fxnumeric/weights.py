@@ -93,6 +93,9 @@ def _folded_weight(parts: list[nn.Module]) -> torch.Tensor | None:
 
 def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     """The quantized weight(s) of ``module`` under their state_dict keys."""
+    computed = flows.computed_weight(module)  # a QAT layer's fake-quantized weight (torchao)
+    if computed is not None:
+        return {f"{path}.weight": computed}
     # read from the attributes, not module.state_dict(): a quantized Linear's state_dict
     # unpacks its weight, which weight() then unpacks again (half of compare's weights on a
     # quantize_dynamic LLM)

@@ -210,6 +210,20 @@ def torchao() -> FlowPair:
     return FlowPair(f, q, _vectors(), cli=("--input-shape", "4,16"))
 
 
+def torchao_qat() -> FlowPair:
+    """torchao QAT before convert: each Linear a FakeQuantizedLinear (int8 per-token
+    activations, int4 weights in groups of 16, fake-quantized inside the layer)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+    from torchao.quantization.qat import QATConfig
+
+    torch.manual_seed(0)
+    f = MLP().eval()
+    q = copy.deepcopy(f)
+    quantize_(q, QATConfig(Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(16)), step="prepare"))
+    return FlowPair(f, q, _vectors(), cli=("--input-shape", "4,16"))
+
+
 def _hf(model: nn.Module, quantize: Callable[[nn.Module], nn.Module], *, mask: bool = True,
         ) -> FlowPair:
     model = model.eval()
@@ -266,7 +280,7 @@ def t5() -> FlowPair:
 
 FLOWS: dict[str, Callable[[], FlowPair]] = {
     "eager": eager, "fx": fx, "reference_fx": reference_fx, "dynamic": dynamic, "qat": qat,
-    "pt2e": pt2e, "export": export, "torchao": torchao,
+    "pt2e": pt2e, "export": export, "torchao": torchao, "torchao_qat": torchao_qat,
     "bert": bert, "gpt2": gpt2, "llama": llama, "t5": t5,
 }
 

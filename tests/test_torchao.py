@@ -420,3 +420,241 @@ def test_advice_over_variants_is_the_cheapest_plan_it_verified_that_meets_the_ta
         agree = [(float_model(**b).logits.argmax(-1) == applied(**b).logits.argmax(-1))
                  for b in batches]
     assert float(torch.cat(agree).double().mean()) == advice.value == 1.0
+
+
+# --- torchao QAT: quantize_(model, QATConfig(base, step="prepare")) swaps each Linear for a
+# FakeQuantizedLinear (each Embedding for a FakeQuantizedEmbedding)
+
+def _sqnr_by_hand(ref: torch.Tensor, actual: torch.Tensor) -> float:
+    ref, actual = ref.double(), actual.double()
+    return 10 * math.log10(float(ref.square().sum() / (ref - actual).square().sum()))
+
+
+def _hooked_outputs(model: nn.Module, names: list[str], data: list) -> dict[str, torch.Tensor]:
+    """Each named module's outputs over ``data``, concatenated, read by forward hooks."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda mod, args, out, name=name: seen[name].append(out.detach())) for name in names]
+    with torch.no_grad():
+        for batch in data:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(outs) for name, outs in seen.items()}
+
+
+def _swapped(model: nn.Module, source: nn.Module, names) -> nn.Module:
+    """A copy of ``model`` whose named modules are copies of ``source``'s: a hybrid by hand."""
+    hybrid = copy.deepcopy(model)
+    for name in names:
+        parent, _, field = name.rpartition(".")
+        setattr(hybrid.get_submodule(parent), field, copy.deepcopy(source.get_submodule(name)))
+    return hybrid
+
+
+class TokensToLogits(nn.Module):
+    """An embedding and two projections; ``forward`` calls ``torch.relu`` (no ReLU module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 64)
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.emb(ids))))
+
+
+def _qat_prepared(f: nn.Module, api: str = "QATConfig") -> nn.Module:
+    """``f`` prepared for QAT by torchao: int8 per-token activations and int4 weights in
+    groups of 32 on the Linears, int4 weights on the Embedding."""
+    from torchao.quantization import (
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+        PerGroup,
+        quantize_,
+    )
+    from torchao.quantization.qat import QATConfig
+
+    prepared = copy.deepcopy(f)
+    is_embedding = lambda m, fqn: isinstance(m, nn.Embedding)  # noqa: E731
+    if api == "QATConfig":
+        linear = QATConfig(Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(32)), step="prepare")
+        embedding = QATConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4,
+                                                   granularity=PerGroup(32)), step="prepare")
+    else:  # the older API, deprecated in torchao 0.18
+        from torchao.quantization.qat import (
+            IntxFakeQuantizeConfig,
+            IntXQuantizationAwareTrainingConfig,
+        )
+
+        weight = IntxFakeQuantizeConfig(torch.int4, group_size=32)
+        linear = IntXQuantizationAwareTrainingConfig(
+            IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False), weight)
+        embedding = IntXQuantizationAwareTrainingConfig(None, weight)
+    quantize_(prepared, linear)
+    quantize_(prepared, embedding, filter_fn=is_embedding)
+    return prepared
+
+
+def _token_batches() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 50, (4, 8), generator=gen) for _ in range(3)]
+
+
+@pytest.mark.parametrize("api", ["QATConfig", "IntXQuantizationAwareTrainingConfig"])
+def test_a_torchao_qat_prepared_model_compares_layer_by_layer(api, recwarn):
+    """Its FakeQuantizedLinears were traced through and paired with nothing: this model was
+    refused ("nothing paired ... do not look like a float model and the quantized model made
+    from it"), a Sequential gave one `relu` row and "nothing was quantized" while its first
+    Linear reads 23.47 dB by hooks. Each QAT layer is now one quantized op paired with its
+    float layer; oracles: forward hooks on both models' modules, the fake-quantized weight
+    computed directly, and the converted model, which computes the same."""
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.linear import disable_linear_fake_quant
+
+    torch.manual_seed(0)
+    f = TokensToLogits().eval()
+    q = _qat_prepared(f, api)
+    assert type(q.fc1).__name__ == "FakeQuantizedLinear"
+    assert type(q.emb).__name__ == "FakeQuantizedEmbedding"
+    data = _token_batches()
+    m = fxn.match(f, q)
+    assert [(p.name, p.kind, p.quantized) for p in m.pairs] == [
+        ("emb", "embedding", True), ("fc1", "linear", True), ("relu", "relu", False),
+        ("fc2", "linear", True)]
+    assert m.coverage == 1.0 and not m.unmatched_float and not m.unmatched_quant
+    weights = fxn.extract_weights(m)  # before any forward: the fake-quantizer holds no scales
+    assert q.fc1.weight_fake_quantizer.scale is None  # reading the weight stored none either
+    report = fxn.compare(f, q, data, progress=False)
+    assert not report.notes
+    assert not [w for w in recwarn if issubclass(w.category, fxn.FxNumericWarning)]
+    layers = ["emb", "fc1", "fc2"]
+    ref, out = _hooked_outputs(f, layers, data), _hooked_outputs(q, layers, data)
+    for name in layers:
+        row = report.row(name)
+        assert row.quantized
+        assert row.output_sqnr == pytest.approx(_sqnr_by_hand(ref[name], out[name]), abs=1e-6)
+        layer = q.get_submodule(name)
+        fake_quantized = layer.weight_fake_quantizer(layer.weight).detach()
+        torch.testing.assert_close(weights[f"{name}.weight"]["quantized"], fake_quantized,
+                                   rtol=0, atol=0)
+        assert row.weight_sqnr == pytest.approx(
+            _sqnr_by_hand(f.get_submodule(name).weight, fake_quantized), abs=1e-6)
+        assert 15 < row.weight_sqnr < 30  # int4 in groups of 32
+    # the first layer reads the same input on both sides: its error is its own
+    emb = report.row("emb")
+    assert emb.shadow_sqnr == pytest.approx(emb.output_sqnr, abs=1e-6)
+    with torch.no_grad():
+        logits = _sqnr_by_hand(torch.cat([f(x) for x in data]),
+                               torch.cat([q(x) for x in data]))
+    assert report.model_output["sqnr"] == pytest.approx(logits, abs=1e-6)
+
+    # the eager API logs each QAT layer as the layer it stands for (torch's type list)
+    logged = fxn.compare_model_outputs(f, q, data[0])
+    assert sorted(logged) == ["emb.stats", "fc1.stats", "fc2.stats"]
+    with torch.no_grad():
+        assert torch.equal(logged["fc1.stats"]["quantized"][0], q.fc1(q.emb(data[0])))
+
+    if api == "QATConfig":  # the model convert makes computes the same, and reads the same
+        from torchao.quantization import (
+            Int8DynamicActivationIntxWeightConfig,
+            IntxWeightOnlyConfig,
+            PerGroup,
+            quantize_,
+        )
+
+        converted = copy.deepcopy(q)
+        quantize_(converted, QATConfig(Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(32)), step="convert"))
+        quantize_(converted, QATConfig(IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=PerGroup(32)), step="convert"),
+                  filter_fn=lambda mod, fqn: isinstance(mod, nn.Embedding))
+        assert is_torchao_tensor(converted.fc1.weight) and is_torchao_tensor(converted.emb.weight)
+        after = fxn.compare(f, converted, data, progress=False)
+        for name in layers:
+            assert after.row(name).weight_sqnr == pytest.approx(report.row(name).weight_sqnr,
+                                                                abs=1e-6)
+            assert after.row(name).output_sqnr == pytest.approx(report.row(name).output_sqnr,
+                                                                abs=1e-4)
+
+    # a QAT layer whose fake-quantizers are off computes the float layer: not quantized
+    disable_linear_fake_quant(q.fc2)
+    off = fxn.match(f, q).pair("fc2")
+    assert not off.quantized
+    assert fxn.compare(f, q, data, progress=False).row("fc2").weight_sqnr is None
+
+
+def test_advice_on_a_torchao_qat_prepared_model_swaps_the_float_layer_in(recwarn):
+    """sensitivity and advise refused a QAT-prepared model ("computes nothing in quantized
+    form") and diagnose flagged nothing. Each hybrid they report is checked against the same
+    hybrid built by hand: the float module in place of the QAT layer, or the other way."""
+    torch.manual_seed(0)
+    f = TokensToLogits().eval()
+    q = _qat_prepared(f)
+    data = _token_batches()
+
+    def end_sqnr(model: nn.Module) -> float:
+        with torch.no_grad():
+            return _sqnr_by_hand(torch.cat([f(x) for x in data]),
+                                 torch.cat([model(x) for x in data]))
+
+    found = fxn.sensitivity(f, q, data, progress=False)
+    assert [layer.name for layer in found.layers] == ["emb", "fc1", "fc2"]
+    for layer in found.layers:
+        assert layer.only == pytest.approx(end_sqnr(_swapped(f, q, [layer.name])), abs=1e-6)
+        assert layer.all_but == pytest.approx(end_sqnr(_swapped(q, f, [layer.name])), abs=1e-6)
+    target = max(layer.all_but for layer in found.layers) - 0.5  # one layer kept float suffices
+    advice = fxn.advise(f, q, data, metric="sqnr", target=target, progress=False)
+    assert advice.reached and len(advice.keep_float) == 1
+    assert advice.value == pytest.approx(end_sqnr(_swapped(q, f, advice.keep_float)), abs=1e-6)
+    diagnosis = fxn.diagnose(f, q, data, progress=False)
+    assert [d.name for d in diagnosis.layers] == ["emb", "fc1", "fc2"]
+    report = fxn.compare(f, q, data, progress=False)
+    below = [n for n in ("emb", "fc1", "fc2")
+             if report.row(n).output_sqnr < diagnosis.threshold_db]
+    assert below and diagnosis.first_below == below[0]  # fc1: 18.4 dB, below 20
+    assert diagnosis.flagged
+
+
+def test_a_torchao_qat_prepared_llama_pairs_every_linear():
+    """Traced through the module tree: every FakeQuantizedLinear was unpaired, the report
+    said "nothing was quantized" and "no layer adds measurable error" (8 rows, no Linear)
+    while the output reads 7.90 dB. Oracle: forward hooks on each Linear."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    f = transformers.LlamaModel(config).eval()
+    q = _qat_prepared(f)
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 64, (1, 8), generator=gen) for _ in range(2)]
+    m = fxn.match(f, q, data[0])
+    assert m.pair("embed_tokens").quantized
+    linears = [p.name for p in m.pairs if p.kind == "linear"]
+    assert len(linears) == 14 and all(m.pair(n).quantized for n in linears)  # 7 per layer
+    assert m.coverage == 1.0 and not m.unmatched_quant
+    report = fxn.compare(f, q, data, progress=False)
+    ref, out = _hooked_outputs(f, linears, data), _hooked_outputs(q, linears, data)
+    for name in linears:
+        expected = _sqnr_by_hand(ref[name], out[name])
+        assert report.row(name).output_sqnr == pytest.approx(expected, abs=1e-5), name
+        assert 15 < report.row(name).weight_sqnr < 30
+
+
+def test_capture_export_of_a_torchao_qat_model_reads_it_with_torch_fx_and_says_so():
+    # torch.export traces a FakeQuantizedLinear into its fake-quantize arithmetic: 84 nodes
+    # unpaired, one relu row, "nothing was quantized"
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    q = _qat_prepared(f)
+    data = [torch.randn(8, 64, generator=torch.Generator().manual_seed(1))]
+    exported = fxn.compare(f, q, data, capture="export", progress=False)
+    traced = fxn.compare(f, q, data, capture="fx", progress=False)
+    assert [r.name for r in exported.rows] == [r.name for r in traced.rows] == ["0", "1", "2"]
+    for a, b in zip(exported.rows, traced.rows, strict=True):
+        assert a.output == b.output and a.weight_sqnr == b.weight_sqnr
+    assert any("torch.export traces torchao's QAT layers" in n for n in exported.notes)

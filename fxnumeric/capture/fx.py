@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import flows
 from ..errors import TraceError
 from ..offload import keeps_whole
 
@@ -140,7 +141,8 @@ class _Scope(fx.proxy.Scope):
 
 
 class _Tracer(fx.Tracer):
-    """A tracer whose leaves are torch's modules, fused modules and the user's choices."""
+    """A tracer whose leaves are torch's modules, fused modules, the flows' layers (torchao's QAT
+    layers) and the user's choices."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str],
                  prefix: str = "") -> None:
@@ -157,6 +159,8 @@ class _Tracer(fx.Tracer):
         if qualified in self._leaf_names or isinstance(m, self._leaf_types):
             return True
         if keeps_whole(m):  # its weights are offloaded by accelerate: its hook must load them
+            return True
+        if flows.is_leaf_module(m):  # a flow's layer: one op in its own form (torchao QAT)
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -9,6 +9,7 @@ not ``None``. Adding a flow is then one new module here and one entry in :data:`
 hook                        called by                           answers
 ==========================  ==================================  ===============================
 ``normalise_model``         capture, before tracing             the model to trace instead
+``is_leaf_module``          the tracer                          whether a module is kept whole
 ``classify``                :func:`fxnumeric.ops.classify`      an :class:`~fxnumeric.ops.OpClass`
 ``is_quantized``            :func:`fxnumeric.ops.classify`      whether an op counts as quantized
 ``is_quantized_module``     ``ops.is_quantized_module``         whether a module counts as quantized
@@ -21,6 +22,7 @@ hook                        called by                           answers
 ``weight_scale``            :mod:`fxnumeric.weights`            a scale folded into that weight
 ``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
 ``comparable_weight``       :mod:`fxnumeric.weights`            a plain float tensor for a weight
+``computed_weight``         :mod:`fxnumeric.weights`            the weight a module computes with
 ==========================  ==================================  ===============================
 
 Flows shipped: :mod:`fxnumeric.flows.pt2e` (``torch.export`` graphs, ``prepare_pt2e`` /
@@ -42,12 +44,12 @@ if TYPE_CHECKING:
     from ..optypes import OpClass
 
 __all__ = [
-    "Flow", "BatchNormParams", "FLOWS", "normalise_model", "classify", "is_quantized",
-    "is_quantized_module",
+    "Flow", "BatchNormParams", "FLOWS", "normalise_model", "is_leaf_module", "classify",
+    "is_quantized", "is_quantized_module",
     "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
     "module_type", "weight_input",
     "weight_scale",
-    "batch_norm_params", "comparable_weight",
+    "batch_norm_params", "comparable_weight", "computed_weight",
 ]
 
 
@@ -74,6 +76,13 @@ class Flow:
         """Called as ``normalise_model(model, "float" | "quantized")`` before tracing; return
         the ``nn.Module`` to trace instead (never modify ``model``), or ``None``."""
         return None
+
+    def is_leaf_module(self, module: nn.Module) -> bool:
+        """Whether tracing must call ``module`` whole: a layer of this flow whose ``forward``
+        computes one op in its own form (torchao's QAT ``FakeQuantizedLinear``: fake-quantize
+        the input and the weight, then ``F.linear``), to pair with the float layer it
+        replaced. Traced through, it is several ops that pair with nothing."""
+        return False
 
     def classify(self, node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
         """What ``node`` computes (for ops of this flow), or ``None`` to leave it to the tables."""
@@ -133,6 +142,12 @@ class Flow:
         """A plain float tensor for a weight this flow stores in its own form, or ``None``."""
         return None
 
+    def computed_weight(self, module: nn.Module) -> torch.Tensor | None:
+        """The weight ``module`` computes with where that is not its stored ``weight`` (a QAT
+        layer's fake-quantized weight: the stored one is the float weight being trained), as
+        a plain float tensor, or ``None``. Computing it must leave ``module`` unchanged."""
+        return None
+
 
 def op_name(target: Any) -> tuple[str, str] | None:
     """``(namespace, name)`` of an ATen/custom op target (packet or overload: ``("aten",
@@ -171,6 +186,11 @@ def normalise_model(model: Any, which: str) -> Any:
     """The model to trace for ``model``: the first flow's answer, else ``model`` itself."""
     found = _first("normalise_model", model, which)
     return model if found is None else found
+
+
+def is_leaf_module(module: nn.Module) -> bool:
+    """Whether any flow keeps ``module`` whole when tracing."""
+    return any(flow.is_leaf_module(module) for flow in FLOWS)
 
 
 def classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
@@ -241,3 +261,9 @@ def comparable_weight(weight: Any) -> Any:
     """
     found = _first("comparable_weight", weight)
     return weight if found is None else found
+
+
+def computed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The first flow's answer to the weight ``module`` computes with, when that is not its
+    stored ``weight``; ``None`` when it computes with the stored one."""
+    return _first("computed_weight", module)

@@ -11,12 +11,26 @@ graph, op for op; what differs is the weight, so this flow
 * hands the weight comparison its dequantized form: ``float_w - q_w`` on an ``Int8Tensor``
   raises ``NotImplementedError`` (no ``aten.sub`` for it), ``q_w.dequantize()`` does not.
 
+Its QAT flow, ``quantize_(model, QATConfig(base_config, step="prepare"))`` (and the older
+``IntXQuantizationAwareTrainingConfig``), swaps each ``nn.Linear`` for a
+``FakeQuantizedLinear`` (each ``nn.Embedding`` for a ``FakeQuantizedEmbedding``) whose
+``forward`` fake-quantizes its input (``activation_fake_quantizer``) and its weight
+(``weight_fake_quantizer``), then calls ``F.linear``. Such a layer is the one op it replaced,
+computed in (fake-)quantized form, so this flow
+
+* keeps it whole when tracing (traced through, its fake-quantize code is several ops that
+  pair with nothing: every Linear of a Llama was left unpaired),
+* counts it as quantized while one of its fake-quantizers is enabled, and
+* hands the weight comparison the weight it computes with, ``weight_fake_quantizer(weight)``
+  (its stored weight is the float one being trained).
+
 torchao is never imported here: a torchao tensor can only exist if the user imported torchao,
 so the check looks the base class up in ``sys.modules``.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -28,7 +42,13 @@ from .._tensors import stores_floats
 from . import Flow
 from .fx import functional_weight, weight_owner
 
-__all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors"]
+__all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors", "is_qat_layer",
+           "export_loses"]
+
+# torchao's QAT layers, by the module that defines them; the legacy quantizers' layers
+# (Int8DynActInt4WeightQATLinear, Int4WeightOnlyQATEmbedding ...) subclass them
+_QAT_LAYERS = (("torchao.quantization.qat.linear", "FakeQuantizedLinear"),
+               ("torchao.quantization.qat.embedding", "FakeQuantizedEmbedding"))
 
 
 def is_torchao_tensor(value: Any) -> bool:
@@ -43,15 +63,60 @@ def holds_torchao_tensors(model: Any) -> bool:
     return isinstance(model, nn.Module) and any(is_torchao_tensor(p) for p in model.parameters())
 
 
+def is_qat_layer(module: Any) -> bool:
+    """Whether ``module`` is one of torchao's QAT layers (``FakeQuantizedLinear``,
+    ``FakeQuantizedEmbedding`` or a subclass), whatever its fake-quantizers' state."""
+    types = tuple(cls for cls in (getattr(sys.modules.get(where), name, None)
+                                  for where, name in _QAT_LAYERS) if isinstance(cls, type))
+    return bool(types) and isinstance(module, types)
+
+
+def export_loses(model: Any) -> str | None:
+    """Why ``torch.export`` would lose the layers of torchao's that ``model`` holds, as a note
+    for the report, or ``None``: its graph would hold ops no float op pairs with, so both
+    models are traced with torch.fx instead."""
+    if holds_torchao_tensors(model):
+        return ("torch.export turns torchao's quantized weights into integer ops (`_int_mm`, "
+                "`access_subclass_inner_tensor`) that no float op pairs with: both models "
+                "traced with torch.fx instead")
+    if isinstance(model, nn.Module) and any(map(is_qat_layer, model.modules())):
+        return ("torch.export traces torchao's QAT layers (`FakeQuantizedLinear`) into the "
+                "arithmetic of their fake-quantizers, which no float op pairs with: both "
+                "models traced with torch.fx instead")
+    return None
+
+
+def _acts(quantizer: Any) -> bool:
+    """Whether a QAT layer's fake-quantizer (``None`` where the config has none) changes
+    what it reads: torchao's ``disable_linear_fake_quant`` clears ``enabled``."""
+    return isinstance(quantizer, nn.Module) and bool(getattr(quantizer, "enabled", True))
+
+
 class TorchaoFlow(Flow):
-    """Models quantized in place by ``torchao.quantization.quantize_``."""
+    """Models quantized in place by ``torchao.quantization.quantize_``, or prepared for QAT
+    by it (``QATConfig(step="prepare")``)."""
 
     name = "torchao"
+
+    def is_leaf_module(self, module: nn.Module) -> bool:
+        return is_qat_layer(module)
 
     def is_quantized_module(self, module: nn.Module) -> bool:
         if "torchao.utils" not in sys.modules:
             return False  # no torchao tensor can exist before torchao is imported
+        if is_qat_layer(module):
+            return (_acts(getattr(module, "activation_fake_quantizer", None))
+                    or _acts(getattr(module, "weight_fake_quantizer", None)))
         return any(is_torchao_tensor(p) for p in module.parameters(recurse=False))
+
+    def computed_weight(self, module: nn.Module) -> torch.Tensor | None:
+        """A QAT layer's fake-quantized weight, ``weight_fake_quantizer(weight)``, computed by
+        a copy of the fake-quantizer: calling it stores the scales it chose on it."""
+        quantizer = getattr(module, "weight_fake_quantizer", None)
+        if not is_qat_layer(module) or not _acts(quantizer):
+            return None
+        with torch.no_grad():
+            return copy.deepcopy(quantizer)(module.weight.detach()).detach()
 
     def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         """A functional op that reads a torchao weight through a ``get_attr``."""
