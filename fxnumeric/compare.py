@@ -1209,12 +1209,14 @@ def _align(reports: dict[str, Report], plans: dict[str, _Plan],
            groups: list[_FloatGroup]) -> tuple[tuple[str | None, ...], ...]:
     """The variants' rows aligned: one entry per float value compared (the region path, call
     site and float output node of a capture), each holding every variant's row name there (``None``
-    where a variant has none). Entries of the first float capture are in its graph order;
+    where a variant has none). Entries of the first float capture are in its run order (its
+    matching's pairs' order: each call of a region where it runs, then graph order);
     rows of variants of another capture align with them by name, and a row matching none sits
     just before the entry its variant's next row is in (after its previous one, at the end)."""
     group_of = {name: i for i, group in enumerate(groups) for name in group.names}
     entries: list[dict[str, str]] = []
-    position: list[tuple[int, int, int]] = []  # (region, call, node) in the first capture
+    # (where the call runs, node) in the first capture: Matching.run_position, graph order
+    position: list[tuple[tuple[int, int, int], int]] = []
     by_value: dict[tuple[int, str, int, str], int] = {}
     by_name: dict[str, list[int]] = {}
     first = groups[0].matching
@@ -1239,7 +1241,7 @@ def _align(reports: dict[str, Report], plans: dict[str, _Plan],
                 entries.append({})
                 if group == 0:
                     base = first.regions[regions[region.float_path]]
-                    position.append((regions[region.float_path], site,
+                    position.append((first.run_position(base, site),
                                      base.float_view.position(base.float_view.node(node))))
                 else:
                     pending.append(found)

@@ -52,7 +52,7 @@ from .flows.torchao import export_loses
 from .guards import check_pair, contents
 from .offload import preloaded_layers, whole_paths
 from .ops import classify, classify_module
-from .pairing import NodeMatch, pair_views, same_op
+from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
 from .run import check_model, keeps_buffers, run_model
 from .view import GraphView
 
@@ -143,8 +143,9 @@ class Region:
     quant_scope: str = ""
     whole_module: bool = False
     call_sites: int = 1
-    """How many times the region's module runs per forward (a leaf module called twice by
-    its untraceable parent): each call is a call site with pairs of its own, ``#2`` ..."""
+    """How many times the region's module runs per forward (a submodule or leaf module its
+    untraceable parent calls several times, as ALBERT calls its one shared layer): each call
+    is a call site with pairs of its own, ``#2`` ..."""
 
     def __post_init__(self) -> None:
         fv, qv = self.float_view, self.quant_view
@@ -177,10 +178,12 @@ class Region:
                               or _fake_quantized(qv, quant_by_name[p.quant_nodes[-1]])))
             for p in self.pairs
         }
+        per_site = len(self.pairs) // self.call_sites  # the pairs are listed call after call
+        sites = {p: i // per_site for i, p in enumerate(self.pairs)}
         # caches derived from the fields above, set once: the dataclass stays frozen
         for name, value in (("_float_by_name", float_by_name), ("_quant_by_name", quant_by_name),
                             ("_by_node", by_node), ("_to_quant", to_quant),
-                            ("_to_float", to_float), ("_outputs", outputs)):
+                            ("_to_float", to_float), ("_outputs", outputs), ("_sites", sites)):
             object.__setattr__(self, name, value)
 
     def float_node(self, name: str) -> fx.Node:
@@ -237,9 +240,7 @@ class Region:
 
     def call_site(self, pair: Pair) -> int:
         """Which call of the region's module ``pair`` observes (0 for the first)."""
-        if self.call_sites == 1:
-            return 0
-        return self.pairs.index(pair) // (len(self.pairs) // self.call_sites)
+        return self._sites[pair]  # type: ignore[attr-defined]
 
     def path(self, side: str) -> str:
         """Where ``side``'s graph sits in its model."""
@@ -265,13 +266,15 @@ def pair_region(float_view: GraphView, quant_view: GraphView, *, float_path: str
     """Pair two views into a :class:`Region` (see :func:`fxnumeric.pairing.pair_views`).
 
     With ``call_sites`` > 1 (a module its parent calls several times), every pair is
-    repeated per call: ``name``, ``name#2`` ...
+    repeated per call, numbered on from the graph's own call sites of its op: a graph calling
+    ``relu`` twice, run twice, has ``relu``, ``relu#2`` (first run), ``relu#3``, ``relu#4``.
     """
     fscope = float_path if float_scope is None else float_scope
     qscope = quant_path if quant_scope is None else quant_scope
     found, miss_f, miss_q, anchor = pair_views(float_view, quant_view, node_match)
+    seen: dict[str, int] = {}
     pairs = tuple(
-        Pair(_prefixed(qscope, p.name) + (f"#{site + 1}" if site else ""), p.kind,
+        Pair(call_site_name(_prefixed(qscope, op_name(p.name)), seen), p.kind,
              tuple(_prefixed(fscope, n) for n in p.float_nodes),
              tuple(_prefixed(qscope, n) for n in p.quant_nodes), p.quantized,
              "module" if whole_module else "graph", quant_path)
@@ -310,8 +313,7 @@ class Matching:
     regions: tuple[Region, ...]
     pairs: tuple[Pair, ...] = ()
     """Every region's pairs: graph order for a model captured whole; for several regions, in
-    the order the modules holding them run (with example inputs; their registration order
-    without), then graph order."""
+    the order their calls run (:meth:`run_position`), then graph order."""
     unmatched_float: tuple[Unmatched, ...] = ()
     unmatched_quant: tuple[Unmatched, ...] = ()
     float_model: nn.Module | None = field(repr=False, default=None)
@@ -327,6 +329,9 @@ class Matching:
     extra_kwargs: dict[str, tuple[str, ...]] = field(repr=False, default_factory=dict)
     """Quantized module path -> the keyword arguments its ``**kwargs`` took on the example
     inputs (models captured through the module tree): what a graph calling it whole takes."""
+    call_order: tuple[tuple[str, int], ...] = ()
+    """``(quantized region path, call site)`` of the regions' calls in the order they began on
+    the example inputs (models captured through the module tree); see :meth:`run_position`."""
 
     def __post_init__(self) -> None:
         by_name: dict[str, Pair] = {}
@@ -340,9 +345,11 @@ class Matching:
                 node_region[n] = region
         by_path = {r.quant_path: r for r in self.regions}
         root = next((r for r in self.regions if not r.float_path and not r.quant_path), None)
+        index = {r: i for i, r in enumerate(self.regions)}
+        call_rank = {call: i for i, call in enumerate(self.call_order)}
         for name, value in (("_by_name", by_name), ("_region_of", region_of),
                             ("_node_region", node_region), ("_by_path", by_path),
-                            ("_root", root)):
+                            ("_root", root), ("_index", index), ("_call_rank", call_rank)):
             object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ regions
@@ -368,6 +375,19 @@ class Matching:
             raise MatchError(f"no region at {path!r}; regions are at: "
                              + ", ".join(repr(r.quant_path) for r in self.regions[:10]))
         return found
+
+    def run_position(self, region: Region, site: int = 0) -> tuple[int, int, int]:
+        """Sorts call ``site`` of ``region`` (:meth:`Region.call_site`) in run order.
+
+        A region called several times runs its calls apart (ALBERT's shared layer: its
+        attention, feed-forward and activation of the first call, then of the second), so
+        each call's pairs are listed, and reported, where it began in :attr:`call_order`;
+        calls not recorded there (no example inputs) follow, in region order.
+        """
+        rank = self._call_rank.get((region.quant_path, site))  # type: ignore[attr-defined]
+        if rank is not None:
+            return rank, 0, 0
+        return len(self.call_order), self._index[region], site  # type: ignore[attr-defined]
 
     def _root_region(self, what: str) -> Region:
         if self.root is None:
@@ -826,17 +846,23 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     regions: list[Region] = []
     misses_f: list[Unmatched] = []
     misses_q: list[Unmatched] = []
+
+    def calls(float_path: str, quant_path: str) -> int:
+        """The call sites of a module pair: how many times both ran per forward."""
+        return min((c.counts.get(p, 1) for c, p in ((float_calls, float_path),
+                                                     (quant_calls, quant_path))
+                    if c is not None), default=1)
+
     for part in tree.regions:
         regions.append(pair_region(
             GraphView(part.float_graph, root=float_model.get_submodule(part.float_path)),
             GraphView(part.quant_graph, root=quant_model.get_submodule(part.quant_path)),
             float_path=part.float_path, quant_path=part.quant_path, node_match=node_match,
+            call_sites=calls(part.float_path, part.quant_path),
         ))
     for float_path, quant_path in tree.leaves:
-        calls = min((getattr(c, "counts", {}).get(p, 1) for c, p in
-                     ((float_calls, float_path), (quant_calls, quant_path)) if c is not None),
-                    default=1)
-        leaf = _leaf_region(float_model, quant_model, float_path, quant_path, node_match, calls)
+        leaf = _leaf_region(float_model, quant_model, float_path, quant_path, node_match,
+                            calls(float_path, quant_path))
         if isinstance(leaf, Region):
             regions.append(leaf)
         elif leaf is not None:
@@ -855,13 +881,20 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     order = list(quant_calls or ()) + [m for m in modules if m not in (quant_calls or {})]
     rank = {name: i for i, name in enumerate(order)}
     regions.sort(key=lambda r: rank.get(r.quant_path, 0))
-    return Matching(
-        tuple(regions), tuple(p for r in regions for p in r.pairs),
+    region_paths = {r.quant_path for r in regions}
+    found = Matching(
+        tuple(regions), (),
         tuple(u for r in regions for u in r.unmatched_float) + tuple(misses_f),
         tuple(u for r in regions for u in r.unmatched_quant) + tuple(misses_q),
         float_model, quant_model, untraced=tree.untraced,
         extra_kwargs=dict(getattr(quant_calls, "extra_kwargs", {})),
+        call_order=tuple(call for call in getattr(quant_calls, "sequence", ())
+                         if call[0] in region_paths),
     )
+    # each call's pairs where that call runs: a shared layer's calls interleave
+    ordered = sorted(((found.run_position(r, r.call_site(p)), p) for r in regions
+                      for p in r.pairs), key=lambda item: item[0])
+    return replace(found, pairs=tuple(p for _, p in ordered))
 
 
 def _without_containers(regions: list[Region]) -> list[Region]:

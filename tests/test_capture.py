@@ -234,6 +234,121 @@ def test_a_leaf_module_called_twice_is_two_rows_each_read_at_its_call():
     assert len(acts["fc.stats"]["float"]) == len(acts["fc.stats"]["quantized"]) == 2
 
 
+class _Block(nn.Module):
+    """Traceable: a region of its own graph, whose tanh pairs as a graph op."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+class _SharesABlock(nn.Module):
+    """An untraceable root that calls one traceable block twice, another layer between the
+    calls: ALBERT's one shared layer, run once per layer of the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.block(x)
+        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+            h = h * 2
+        return self.out(self.block(self.mid(h)))
+
+
+def test_a_region_called_twice_is_two_sets_of_rows_each_read_at_its_call():
+    torch.manual_seed(0)
+    f = _SharesABlock().eval()
+    q = _dyn(f)
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    report = ns.compare(f, q, data)
+    # each call's rows where that call runs: `mid` runs between the two
+    assert [r.name for r in report.rows] == ["block.fc", "block.tanh", "mid", "block.fc#2",
+                                             "block.tanh#2", "out"]
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.block.fc.register_forward_hook(
+        lambda mod, args, out, side=side: seen.setdefault(side, []).extend((args[0], out)))
+        for side, m in (("float", f), ("quant", q))]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+    for h in hooks:
+        h.remove()
+    sums = {}  # (row, metric) -> [signal, noise] over the batches, read per call by hooks
+    with torch.no_grad():
+        for i in range(len(data)):
+            for site, name in enumerate(("block.fc", "block.fc#2")):
+                call = 2 * (2 * i + site)  # (input, output) of the call, both models
+                float_out, quant_in, quant_out = (seen["float"][call + 1], seen["quant"][call],
+                                                  seen["quant"][call + 1])
+                tanh = name.replace("fc", "tanh")
+                for key, ref, actual in (
+                        ((name, "output"), float_out, quant_out),
+                        ((name, "shadow"), f.block.fc(quant_in), quant_out),
+                        ((tanh, "output"), torch.tanh(float_out), torch.tanh(quant_out))):
+                    acc = sums.setdefault(key, [0.0, 0.0])
+                    acc[0] += float(ref.double().square().sum())
+                    acc[1] += float((ref - actual).double().square().sum())
+    assert sums[("block.fc", "output")] != sums[("block.fc#2", "output")]
+    for (name, metric), (signal, noise) in sums.items():
+        row = report.row(name)
+        got = row.output_sqnr if metric == "output" else row.shadow["sqnr"]
+        assert got == pytest.approx(10 * math.log10(signal / noise), abs=1e-4), (name, metric)
+    # the eager API keeps torch's one logger per op, logged once per call
+    acts = ns.compare_model_outputs(f, q, data[0])
+    assert len(acts["block.fc.stats"]["float"]) == len(acts["block.fc.stats"]["quantized"]) == 2
+    assert torch.equal(acts["block.fc.stats"]["float"][1], seen["float"][3])
+
+
+class _TiedBlocks(nn.Module):
+    """One block registered at two paths (``layers.0`` is ``layers.1``), run through each."""
+
+    def __init__(self):
+        super().__init__()
+        block = _Block()
+        self.layers = nn.ModuleList([block, block])
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+                x = x * 2
+        return self.out(x)
+
+
+def test_a_block_registered_at_two_paths_is_read_at_both_calls():
+    """Its region sits at the first path only: the call through the second went unobserved
+    (the row read the first call alone), then a call-site counter at one path counted one
+    call per forward and read alternate batches."""
+    torch.manual_seed(0)
+    f = _TiedBlocks().eval()
+    q = _dyn(f)
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    report = ns.compare(f, q, data)
+    assert [r.name for r in report.rows] == ["layers.0.fc", "layers.0.tanh", "layers.0.fc#2",
+                                             "layers.0.tanh#2", "out"]
+    outputs: dict[str, list[torch.Tensor]] = {"float": [], "quant": []}
+    hooks = [m.layers[0].fc.register_forward_hook(
+        lambda mod, args, out, kept=outputs[side]: kept.append(out))
+        for side, m in (("float", f), ("quant", q))]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+    for h in hooks:
+        h.remove()
+    for site, name in enumerate(("layers.0.fc", "layers.0.fc#2")):
+        expected = ns.sqnr(torch.cat(outputs["float"][site::2]),
+                           torch.cat(outputs["quant"][site::2]))
+        assert report.row(name).output_sqnr == pytest.approx(expected, abs=1e-4)
+
+
 class _TwoInputs(nn.Module):
     """A layer owning its weight (kept whole) that takes a second required input."""
 

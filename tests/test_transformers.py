@@ -364,3 +364,38 @@ def test_the_end_metric_reads_the_logits_not_the_loss_of_a_labelled_batch():
     assert ns.compare(f, q, data).model_output["sqnr"] == pytest.approx(expected, rel=1e-6)
     assert ns.sensitivity(f, q, data, metric="sqnr").quantized == pytest.approx(expected,
                                                                                   rel=1e-6)
+
+
+def test_albert_reads_each_call_of_its_shared_layer_where_it_runs():
+    """ALBERT runs its one layer once per layer of the model. Its GELU activation (a module
+    torch.fx traces: a region of its own graph) read the calls pooled, one set of rows listed
+    after every call's ``ffn``; each call is a set of rows of its own, in run order."""
+    config = transformers.AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32,
+                                       num_hidden_layers=3, num_attention_heads=4,
+                                       intermediate_size=37, max_position_embeddings=32)
+    torch.manual_seed(0)
+    f = transformers.AlbertModel(config).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 99, (BATCH, SEQ), generator=gen) for _ in range(2)]
+    report = ns.compare(f, q, data)
+    layer = "encoder.albert_layer_groups.0.albert_layers.0."
+    names = [r.name[len(layer):] for r in report.rows if r.name.startswith(layer)]
+    calls = [[n for n in names if n.partition("#")[2] == site] for site in ("", "2", "3")]
+    assert calls[0][0] == "attention.query" and calls[0][-1] == "full_layer_layer_norm"
+    assert names == calls[0] + calls[1] + calls[2]  # call after call
+    assert calls[2] == [f"{n}#3" for n in calls[0]]
+    outputs: dict[str, list[torch.Tensor]] = {"float": [], "quant": []}
+    hooks = [m.get_submodule(layer + "activation").register_forward_hook(
+        lambda mod, args, out, kept=outputs[side]: kept.append(out.double()))
+        for side, m in (("float", f), ("quant", q))]
+    with torch.no_grad():
+        for ids in data:
+            f(ids), q(ids)
+    for h in hooks:
+        h.remove()
+    for site, suffix in enumerate(("", "#2", "#3")):
+        ref = torch.cat([t.flatten() for t in outputs["float"][site::3]])
+        actual = torch.cat([t.flatten() for t in outputs["quant"][site::3]])
+        row = report.row(f"{layer}activation.mul_3{suffix}")  # the activation's output
+        assert row.output_sqnr == pytest.approx(ns.sqnr(ref, actual), abs=1e-4)

@@ -44,9 +44,12 @@ class CallSpecs(dict[str, dict[str, Any] | None]):
     """Module path -> the arguments to fix when tracing it (``None``: calls that cannot be
     traced), in the order the modules were first called; ``counts``: how many times each
     path's module ran in the recorded forward (a module called twice has two call sites);
-    ``extra_kwargs``: the keyword arguments a module's ``**kwargs`` took in that run."""
+    ``sequence``: ``(path, call site)`` of every call, in the order the calls began (where each
+    call's rows belong in a report); ``extra_kwargs``: the keyword arguments a module's
+    ``**kwargs`` took in that run."""
 
     counts: dict[str, int]
+    sequence: tuple[tuple[str, int], ...]
     extra_kwargs: dict[str, tuple[str, ...]]
 
 _MAX_KEPT_WHOLE = 64  # retries per region; each keeps one more failing submodule whole
@@ -134,6 +137,7 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     twin = module_tree_copy(model)
     by_module: dict[int, dict[str, Any] | None] = {}
     counts: dict[int, int] = {}
+    sequence: list[tuple[int, int]] = []
     extras: dict[int, tuple[str, ...]] = {}
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -142,6 +146,7 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
         if key in by_module and by_module[key] != spec:
             spec = None  # called in two ways: no single graph fits
         by_module[key] = spec
+        sequence.append((key, counts.get(key, 0)))
         counts[key] = counts.get(key, 0) + 1
         extras.setdefault(key, _extra_kwargs(module, kwargs))
 
@@ -154,6 +159,7 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     specs = CallSpecs((path, spec) for key, spec in by_module.items()
                       for path in paths.get(key, ()))
     specs.counts = {path: counts[key] for key in by_module for path in paths.get(key, ())}
+    specs.sequence = tuple((path, site) for key, site in sequence for path in paths.get(key, ()))
     specs.extra_kwargs = {path: extras[key] for key in by_module for path in paths.get(key, ())
                           if extras.get(key)}
     return specs

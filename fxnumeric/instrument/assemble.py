@@ -105,12 +105,20 @@ def assemble(matching: Matching, side: str, replaced: Mapping[Region, Build]) ->
     model = matching.float_model if side == "float" else matching.quant_model
     assert model is not None
     root = module_tree_copy(model)
+    # a module registered at several paths (one layer shared by a ModuleList) is one region
+    # whose calls (its call sites) run through each of them: its replacement goes at all of
+    # them, so that CallSites counts every call. Called once per forward (the quantized
+    # model's copy is no longer shared), the region is what runs at its own path.
+    paths: dict[int, list[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
     for region in sorted(replaced, key=lambda r: _depth(r.path(side)), reverse=True):
         path = region.path(side)
-        module = Spliced(replaced[region](root.get_submodule(region.scope(side))),
-                         root.get_submodule(path))
+        own = root.get_submodule(path)
+        module = Spliced(replaced[region](root.get_submodule(region.scope(side))), own)
         if not path:
             root = module
         else:
-            root.set_submodule(path, module)
+            for alias in paths.get(id(own), [path]) if region.call_sites > 1 else [path]:
+                root.set_submodule(alias, module)
     return root
