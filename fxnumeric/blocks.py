@@ -15,6 +15,10 @@ Each block is found as a *span* of the matching's graphs, the way every stage re
 * where the block is a module kept whole (a Hugging Face decoder layer), the span is a
   one-op region that calls it, as for any leaf module kept whole.
 
+A block traced into a region its untraceable parent runs several times per forward (an
+encoder called on two inputs) is a block per call, as its layers are pairs per call:
+``encoder.layers.0``, ``encoder.layers.0#2``.
+
 ``compare`` observes each span's output on both sides and runs a *block shadow*: the float
 block fed the quantized block's input, so a block row says how much error enters the block,
 how much the block adds by itself, and how much leaves it.
@@ -23,7 +27,7 @@ how much the block adds by itself, and how much leaves it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.fx as fx
@@ -32,6 +36,7 @@ from torch import nn
 from . import flows
 from .capture import leaf_graph
 from .match import Matching, Pair, Region, pair_region
+from .pairing import call_site_name
 from .view import GraphView
 
 __all__ = ["Block", "block_paths", "find_blocks", "block_of"]
@@ -53,6 +58,8 @@ class Block:
             quantize, as for a layer).
         layers: the names of the matching's pairs inside the block, in order.
         own_region: whether ``region`` was made for the block (not one of the matching's).
+        site: which call of ``region`` per forward the block is observed at (0: the first;
+            see :attr:`fxnumeric.match.Region.call_sites`).
     """
 
     name: str
@@ -64,6 +71,7 @@ class Block:
     quant_out: fx.Node
     layers: tuple[str, ...] = ()
     own_region: bool = False
+    site: int = 0
 
 
 def block_paths(model: nn.Module) -> list[str]:
@@ -224,11 +232,25 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
                 else _module_span(matching, path))
         if span is not None:
             *where, own = span
-            out.append(Block(path, kinds[path], *where, layers=layers[path], own_region=own))
+            out += _per_call(matching, Block(path, kinds[path], *where, layers=layers[path],
+                                             own_region=own))
     # in run order: the matching's pairs are (a CLIP runs its vision tower first, its text
     # tower is registered first)
     ran = {p.name: i for i, p in reversed(list(enumerate(matching.pairs)))}
     return tuple(sorted(out, key=lambda b: min(ran[name] for name in b.layers)))
+
+
+def _per_call(matching: Matching, block: Block) -> list[Block]:
+    """``block``, or one block per call of its region where that runs several times per
+    forward, each holding that call's layers: an observer on the one span would pool them."""
+    region = block.region
+    if block.own_region or region.call_sites == 1:  # kept whole: its layers are elsewhere
+        return [block]
+    seen: dict[str, int] = {}
+    return [replace(block, name=call_site_name(block.name, seen), site=site,
+                    layers=tuple(name for name in block.layers
+                                 if region.call_site(matching.pair(name)) == site))
+            for site in range(region.call_sites)]
 
 
 def _graph_span(region: Region, path: str) -> tuple | None:

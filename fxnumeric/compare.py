@@ -559,7 +559,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     def block_observers(block: Block) -> tuple[nn.Module | None, nn.Module, nn.Module]:
         twin, value = _FloatOutputs(turn), _QuantValue(precision)
         twins.append(twin)
-        float_twins.append(((block.region.float_path, block.float_out.name, 0), twin))
+        float_twins.append(((block.region.float_path, block.float_out.name, block.site), twin))
         values[f"block {block.name}"] = value
         out, shadow = block_accs[block.name]
         return ((None if shared_float else twin), _CompareToFloat(twin, out, value),

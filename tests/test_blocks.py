@@ -378,3 +378,76 @@ def test_a_generation_step_reads_the_cache_as_each_model_and_block_receives_it()
     assert [b.name for b in report.blocks] == blocks
     assert report.model_output["sqnr"] == pytest.approx(_sqnr([(logits["f"], logits["q"])]),
                                                         abs=1e-3)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) + x
+
+
+class _Encoder(torch.nn.Module):
+    """Traceable: one region holding both blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _EncodesTwice(torch.nn.Module):
+    """An untraceable root that runs its encoder twice: its region has two call sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = _Encoder()
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.enc(x)
+        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+            h = h * 2
+        return self.out(self.enc(h))
+
+
+def test_a_region_run_twice_has_a_block_per_call():
+    """The blocks of a region run twice read both calls pooled; then, once its layers were
+    rows per call, they were skipped. Oracle: forward hooks on each block, call by call."""
+    torch.manual_seed(0)
+    f = _EncodesTwice().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    report = ns.compare(f, q, data, progress=False)
+    paths = ["enc.layers.0", "enc.layers.1"]
+    names = paths + [f"{p}#2" for p in paths]
+    assert [b.name for b in report.blocks] == names  # in run order
+    ran: dict[tuple[str, str], list] = {}  # (side, block) -> (input, output) of each call
+    hooks = [m.get_submodule(p).register_forward_hook(
+        lambda mod, args, out, key=(side, p): ran.setdefault(key, []).append((args[0], out)))
+        for p in paths for side, m in (("float", f), ("quant", q))]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+    for h in hooks:
+        h.remove()
+    outputs: dict[str, list] = {name: [] for name in names}
+    shadows: dict[str, list] = {name: [] for name in names}
+    with torch.no_grad():
+        for p in paths:
+            for call, ((_, float_out), (quant_in, quant_out)) in enumerate(zip(
+                    ran["float", p], ran["quant", p], strict=True)):
+                name = p if call % 2 == 0 else f"{p}#2"  # two calls per forward
+                outputs[name].append((float_out, quant_out))
+                shadows[name].append((f.get_submodule(p)(quant_in), quant_out))
+    blocks = {b.name: b for b in report.blocks}
+    for name in names:
+        assert blocks[name].output_sqnr == pytest.approx(_sqnr(outputs[name]), abs=1e-4)
+        assert blocks[name].shadow_sqnr == pytest.approx(_sqnr(shadows[name]), abs=1e-4)
+    assert blocks["enc.layers.0#2"].layers == ("enc.layers.0.fc#2", "enc.tanh#2", "enc.add#2")

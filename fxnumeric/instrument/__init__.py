@@ -183,17 +183,14 @@ def instrument(
             copies[region].append((float_copy, quant_copy))
     for block in blocks:  # after the regions: a block's own region wraps those inside it
         if block.region not in copies:
-            copies[block.region] = [(None, GraphCopy(block.region, "quant"))]
-        if len(copies[block.region]) > 1:
-            built.skipped[block.name] = ("its region runs several times per forward: a block "
-                                         "observer would mix the calls")
-            continue
+            copies[block.region] = [(None, GraphCopy(block.region, "quant"))
+                                    for _ in range(block.region.call_sites)]
         assert block_observers is not None
-        float_copy, quant_copy = copies[block.region][0]
+        float_copy, quant_copy = copies[block.region][block.site]  # a block per call site
         observers = block_observers(block)
         if observers[0] is not None and float_copy is None:
             float_copy = GraphCopy(block.region, "float")
-            copies[block.region][0] = (float_copy, quant_copy)
+            copies[block.region][block.site] = (float_copy, quant_copy)
         _instrument_block(block, float_copy, quant_copy, built, observers, index)
         index += 1
     quant_parts = {r: _sites([q for _, q in c]) for r, c in copies.items()}
