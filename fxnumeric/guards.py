@@ -293,7 +293,16 @@ def _holds_quantized(value: Any) -> bool:
 
 
 def check_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, Any]) -> None:
-    """Raise :class:`InputError` when quantized tensors sit in the float state dict only."""
+    """Raise :class:`InputError` when quantized tensors sit in the float state dict only, or
+    the quantized one is a pt2e model's (its graph reads constants, not the names it holds)."""
+    frozen = [k for k in quantized_dict if k.rpartition(".")[2].startswith("_frozen_param")]
+    if frozen:
+        raise InputError(
+            f"the quantized state dict is a pt2e (convert_pt2e) model's: its graph computes "
+            f"with constants ({_examples(tuple(frozen))}), and the float weights it still "
+            f"holds under their names are not what it reads, so pairing by name would compare "
+            f"float weights with themselves (inf dB). Fix: compare_weights(float_model, "
+            f"quantized_model) pairs each weight through the graph")
     in_float = [k for k, v in float_dict.items() if _holds_quantized(v)]
     in_quant = [k for k, v in quantized_dict.items() if _holds_quantized(v)]
     if in_float and not in_quant:

@@ -117,6 +117,15 @@ def test_weights_are_bn_folded_float_against_dequantized(resnet18):
     assert 30 < fxn.sqnr(pair["float"], pair["quantized"]) < 60
     report = fxn.compare(ep, quant, M.batches("resnet18", 1), comparisons=("weights",))
     assert all(r.weight_sqnr is not None for r in report.rows if r.kind in ("conv2d", "linear"))
+    # by state dict, the names a pt2e model still holds are float weights its graph does not
+    # read: every weight read inf dB (float against itself). Refused, with the fix, which works
+    assert "fc.weight" in quant.state_dict()
+    with pytest.raises(fxn.InputError, match=r"pt2e \(convert_pt2e\).*compare_weights\("
+                                             r"float_model, quantized_model\)"):
+        fxn.compare_weights(ep.module().state_dict(), quant.state_dict())
+    by_model = fxn.compare_weights(ep.module(), quant)["layer1.0.conv1.weight"]
+    assert fxn.sqnr(by_model["float"], by_model["quantized"]) == pytest.approx(
+        fxn.sqnr(pair["float"], pair["quantized"]))
 
 
 def test_prepared_models_pair_with_observers_transparent():
