@@ -209,7 +209,9 @@ def test_a_wrapper_around_a_decoder_names_no_container_a_culprit():
     wrapped = ns.compare(_Wrapper(f), _Wrapper(q), data, progress=False,
                          comparisons=comparisons)
 
-    assert "m.model" not in {r.name for r in wrapped.rows}
+    container = wrapped.row("m.model")  # the LlamaModel's output, compared; no shadow
+    assert not container.shadow and "own layers are compared inside it" in container.notes
+    assert container.output["sqnr"] == pytest.approx(plain.row("model.norm").output["sqnr"])
     assert wrapped.culprit == plain.culprit is None
     for row in plain.rows:  # the same layers, read the same
         twin = wrapped.row(f"m.{row.name}")

@@ -178,7 +178,11 @@ def instrument(
                 if observers is not None and observers[0] is not None and float_copy is None:
                     float_copy = GraphCopy(region, "float")
                 _instrument_pair(region, pair, float_copy, quant_copy, built, observers,
-                                 shadows, index)
+                                 None if pair.name in matching.containers else shadows, index)
+                if shadows is not None and pair.name in matching.containers:
+                    built.skipped[pair.name] = (
+                        "a module kept whole whose own layers are compared inside it: a "
+                        "shadow of it would re-run them all and read their error, not its own")
                 index += 1
             copies[region].append((float_copy, quant_copy))
     for block in blocks:  # after the regions: a block's own region wraps those inside it
