@@ -419,11 +419,17 @@ def quantize_pt2e(
         raise InputError(
             f"prepare_pt2e with the {quantizer} quantizer failed on {type(model).__name__}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            f"Fix: try another quantizer ({', '.join(PT2E_QUANTIZERS)})"
+            f"Fix: try the other quantizer: {_other_pt2e(quantizer)}"
         ) from exc
     for batch in batches:
         run_model(prepared, batch, which="prepared (calibration)")
     return float_gm, convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
+def _other_pt2e(quantizer: str) -> str:
+    """The pt2e quantizers but ``quantizer``, as the CLI's --quant modes and by name."""
+    return ", ".join(f"--quant {mode} (quantizer={name!r})" for mode, name in PT2E_MODES.items()
+                     if name != quantizer)
 
 
 def build_pt2e_pair(spec: str, calibration: list[Any], *, float_weights: str | None = None,

@@ -306,7 +306,10 @@ def test_x86_quantizer_pairs_a_transformer_and_explains_resnet18():
     m = fxn.match(float_gm, quant)
     assert (len(m.pairs), len(m.unmatched_quant), m.coverage) == (24, 0, 1.0)
     # torchao 0.18's x86 quantizer cannot annotate resnet18's conv-add-relu partitions
-    with pytest.raises(fxn.InputError, match="x86 quantizer failed on ResNet.*Fix: try another"):
+    # the fix names the other quantizer only, as the CLI's --quant mode and by name
+    with pytest.raises(fxn.InputError, match=r"x86 quantizer failed on ResNet.*Fix: try the "
+                                             r"other quantizer: --quant pt2e \(quantizer="
+                                             r"'xnnpack'\)$"):
         quantize_pt2e(M.model("resnet18"), M.batches("resnet18", 1), quantizer="x86")
 
 
