@@ -211,12 +211,18 @@ def test_plumbing_of_a_constant_carries_the_constant_not_its_other_argument():
     assert report.row("mul").shadow["sqnr"] > 20 and not report.row("mul").note
 
 
-def test_a_leaf_module_called_twice_is_two_rows_each_read_at_its_call():
+def _compared_twice_called(model: type[nn.Module]):
+    """A seeded model calling one module twice, dynamically quantized, three batches and the
+    report over them."""
     torch.manual_seed(0)
-    f = CallsTwice().eval()
+    f = model().eval()
     q = _dyn(f)
     data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    report = ns.compare(f, q, data)
+    return f, q, data, ns.compare(f, q, data)
+
+
+def test_a_leaf_module_called_twice_is_two_rows_each_read_at_its_call():
+    f, q, data, report = _compared_twice_called(CallsTwice)
     assert [r.name for r in report.rows] == ["fc", "fc#2", "out"]
     signal, noise = [0.0, 0.0], [0.0, 0.0]
     with torch.no_grad():
@@ -263,11 +269,7 @@ class _SharesABlock(nn.Module):
 
 
 def test_a_region_called_twice_is_two_sets_of_rows_each_read_at_its_call():
-    torch.manual_seed(0)
-    f = _SharesABlock().eval()
-    q = _dyn(f)
-    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    report = ns.compare(f, q, data)
+    f, q, data, report = _compared_twice_called(_SharesABlock)
     # each call's rows where that call runs: `mid` runs between the two
     assert [r.name for r in report.rows] == ["block.fc", "block.tanh", "mid", "block.fc#2",
                                              "block.tanh#2", "out"]
