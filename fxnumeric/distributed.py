@@ -34,7 +34,7 @@ import functools
 import hashlib
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
 from .errors import InputError
+from .run import batch_tensors
 
 __all__ = ["Ranks", "ONE_PROCESS", "data_parallel", "Mergeable", "torchrun_group"]
 
@@ -140,26 +141,13 @@ class Ranks:
 
 
 def _fingerprint(batch: Any) -> str:
-    """A digest of every tensor in ``batch`` (its dtype, shape and bytes) and of the rest's
-    repr: equal on two ranks exactly when they hold the same first batch."""
+    """A digest of every tensor in ``batch`` (where it sits, its dtype, shape and bytes):
+    equal on two ranks exactly when they hold the same first batch."""
     digest = hashlib.sha256()
-
-    def add(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().contiguous()
-            digest.update(f"{x.dtype}{tuple(x.shape)}".encode())
-            digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, Mapping):
-            for key, value in x.items():
-                digest.update(repr(key).encode())
-                add(value)
-        elif isinstance(x, (tuple, list)):
-            for value in x:
-                add(value)
-        else:
-            digest.update(repr(type(x)).encode())
-
-    add(batch)
+    for where, tensor in batch_tensors(batch):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{where}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -31,7 +31,7 @@ from .offload import devices
 
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
            "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "check_data",
-           "check_batch", "nonfinite_inputs"]
+           "check_batch", "nonfinite_inputs", "batch_tensors"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -60,14 +60,14 @@ def as_batches(data: Any) -> Any:
     return [data] if isinstance(data, (torch.Tensor, Mapping)) else data
 
 
-def _tensors(x: Any, where: str) -> list[tuple[str, torch.Tensor]]:
+def batch_tensors(x: Any, where: str = "batch") -> list[tuple[str, torch.Tensor]]:
     """Every tensor in a batch, with where it sits (``batch[1][0]``, ``batch['mask']``)."""
     if isinstance(x, torch.Tensor):
         return [(where, x)]
     if isinstance(x, (tuple, list)):
-        return [t for i, v in enumerate(x) for t in _tensors(v, f"{where}[{i}]")]
+        return [t for i, v in enumerate(x) for t in batch_tensors(v, f"{where}[{i}]")]
     if isinstance(x, Mapping):
-        return [t for k, v in x.items() for t in _tensors(v, f"{where}[{k!r}]")]
+        return [t for k, v in x.items() for t in batch_tensors(v, f"{where}[{k!r}]")]
     return []
 
 
@@ -101,7 +101,7 @@ def check_batch(batch: Any, index: int) -> None:
         shown = repr(batch) if len(repr(batch)) <= 40 else repr(batch)[:37] + "..."
         what = "None" if batch is None else f"{_a(type(batch).__name__)} ({shown})"
         raise InputError(f"batch {index} is {what}: {_BATCH_IS}.\n{fix}")
-    found = _tensors(batch, "batch")
+    found = batch_tensors(batch)
     if isinstance(batch, (tuple, list, Mapping)) and not found:
         kinds = sorted({type(v).__name__ for v in (batch.values() if isinstance(batch, Mapping)
                                                     else batch)}) or ["nothing"]
@@ -122,7 +122,7 @@ def nonfinite_inputs(batch: Any) -> bool:
     True
     """
     return any((t.is_floating_point() or t.is_complex()) and not t.is_meta  # meta: no values
-               and not bool(torch.isfinite(t).all()) for _, t in _tensors(batch, "batch"))
+               and not bool(torch.isfinite(t).all()) for _, t in batch_tensors(batch))
 
 
 def as_args(batch: Any) -> tuple[Any, ...]:

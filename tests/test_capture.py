@@ -329,11 +329,7 @@ def test_a_block_registered_at_two_paths_is_read_at_both_calls():
     """Its region sits at the first path only: the call through the second went unobserved
     (the row read the first call alone), then a call-site counter at one path counted one
     call per forward and read alternate batches."""
-    torch.manual_seed(0)
-    f = _TiedBlocks().eval()
-    q = _dyn(f)
-    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    report = ns.compare(f, q, data)
+    f, q, data, report = _compared_twice_called(_TiedBlocks)
     assert [r.name for r in report.rows] == ["layers.0.fc", "layers.0.tanh", "layers.0.fc#2",
                                              "layers.0.tanh#2", "out"]
     outputs: dict[str, list[torch.Tensor]] = {"float": [], "quant": []}

@@ -177,9 +177,10 @@ def instrument(
                 observers = outputs(pair) if outputs is not None else None
                 if observers is not None and observers[0] is not None and float_copy is None:
                     float_copy = GraphCopy(region, "float")
+                container = pair.name in matching.containers
                 _instrument_pair(region, pair, float_copy, quant_copy, built, observers,
-                                 None if pair.name in matching.containers else shadows, index)
-                if shadows is not None and pair.name in matching.containers:
+                                 None if container else shadows, index)
+                if shadows is not None and container:
                     built.skipped[pair.name] = (
                         "a module kept whole whose own layers are compared inside it: a "
                         "shadow of it would re-run them all and read their error, not its own")
@@ -485,8 +486,7 @@ def _make_logger(logger_cls: type, values: int) -> nn.Module:
         what, like = _CALLED_WITH[values]
         raise InstrumentationError(
             f"{type(logger).__name__}.forward({', '.join(signature.parameters)}) cannot take "
-            f"{what}: pass a logger "
-            f"class like {like}") from exc
+            f"{what}: pass a logger class like {like}") from exc
     return logger
 
 
