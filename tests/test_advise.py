@@ -1113,6 +1113,143 @@ def test_a_method_layer_is_not_named_as_a_module() -> None:
     assert "set_object_type('mean', None)" in advice.fx_lines()
 
 
+class _OutlierHead(nn.Module):
+    """Three convs, a mean and two Linears; outlier weights in c2 and fc1 (trained models have
+    them; a random one does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc2(torch.relu(self.fc1(self.c3(x).mean((2, 3)))))
+
+
+def _outlier_head():
+    torch.manual_seed(0)
+    f = _OutlierHead().eval()
+    with torch.no_grad():
+        f.c2.weight[0] *= 40
+        f.fc1.weight[:, 0] *= 30
+    return f, [torch.randn(4, 3, 16, 16) for _ in range(2)]
+
+
+def _pt2e_requantized(f, data, quantizer):
+    """``(exported program, converted model)`` of ``f`` under ``quantizer``, calibrated on
+    ``data``."""
+    pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
+    program = torch.export.export(f, (data[0],))
+    prepared = pt2e.prepare_pt2e(program.module(), quantizer)
+    for x in data:
+        prepared(x)
+    return program, pt2e.convert_pt2e(prepared)
+
+
+def _x86(*float_modules):
+    """X86InductorQuantizer leaving ``float_modules`` float, as ``Advice.pt2e_lines`` says."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    for name in float_modules:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def _sqnr_of(f, q, data) -> float:
+    with torch.no_grad():
+        return fxnumeric.sqnr(torch.cat([f(x) for x in data]), torch.cat([q(x) for x in data]))
+
+
+def test_a_pt2e_layer_kept_float_drops_the_input_quantize_only_it_asked_for() -> None:
+    """X86InductorQuantizer quantizes a Linear's input, not the mean before it: re-quantized
+    with fc1 float, fc1 reads the mean's float output. The hybrid kept that quantize (fc1 float
+    claimed 31.68 dB against 34.12 re-quantized), and the mean "kept float" dropped it (an
+    op the quantizer never quantizes claimed a gain); advise claimed 38.98 dB for a plan
+    that re-quantizes to 47.91."""
+    f, data = _outlier_head()
+    program, q = _pt2e_requantized(f, data, _x86())
+    found = {layer.name: layer for layer in sensitivity(program, q, data, progress=False).layers}
+
+    for name in ("c1", "c2", "c3", "fc1", "fc2"):  # each re-quantized with that module float
+        requantized = _sqnr_of(f, _pt2e_requantized(f, data, _x86(name))[1], data)
+        assert found[name].all_but == pytest.approx(requantized, abs=1e-4), name
+    assert found["fc1"].all_but > _sqnr_of(f, q, data) + 2
+    for name in ("mean", "relu"):  # not annotated: float or not, the model is the same
+        assert found[name].all_but == pytest.approx(_sqnr_of(f, q, data), abs=1e-9)
+        assert found[name].only == math.inf
+
+    advice = advise(program, q, data, metric="sqnr", target=34, progress=False)
+    kept = [line.split("'")[1] for line in advice.pt2e_lines().splitlines()]
+    assert advice.keep_float == ("fc1",) == tuple(kept)
+    assert advice.value == pytest.approx(
+        _sqnr_of(f, _pt2e_requantized(f, data, _x86(*kept))[1], data), abs=1e-4)
+
+
+def test_a_pt2e_layer_kept_float_keeps_the_quantize_its_reader_asked_for() -> None:
+    """XNNPACK annotates the inputs of c2 and of the residual add: the quantize after c1's ReLU
+    is theirs as much as the ReLU's, and stays when c1 or the ReLU is float (the hybrid dropped
+    it with the layer's output: c1 float claimed 18.15 dB against 17.90 re-quantized). The
+    oracle re-quantizes with the layer's annotations removed (XNNPACK cannot leave a module
+    float by name)."""
+    from torchao.quantization.pt2e.quantizer import Quantizer
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    class Without(Quantizer):
+        """XNNPACK's annotations, less those of the nodes ``drop`` names."""
+
+        def __init__(self, drop) -> None:
+            super().__init__()
+            self.inner = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+            self.drop = drop
+
+        def annotate(self, model):
+            model = self.inner.annotate(model)
+            for node in model.graph.nodes:
+                if self.drop(node):
+                    node.meta.pop("quantization_annotation", None)
+            return model
+
+        def validate(self, model) -> None:
+            pass
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.c1(x))
+            return self.fc(torch.relu(self.c2(y) + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    f = Residual().eval()
+    with torch.no_grad():
+        f.c1.weight[0] *= 30
+    data = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    program, q = _pt2e_requantized(f, data, Without(lambda node: False))
+    found = {layer.name: layer for layer in sensitivity(program, q, data, progress=False).layers}
+
+    def in_module(name):
+        return lambda node: any(path == name for path, _ in
+                                (node.meta.get("nn_module_stack") or {}).values())
+
+    for name, drop in (("c1", in_module("c1")), ("c2", in_module("c2")),
+                       ("fc", in_module("fc")),
+                       ("relu", lambda node: node.name == "relu")):
+        requantized = _sqnr_of(f, _pt2e_requantized(f, data, Without(drop))[1], data)
+        assert found[name].all_but == pytest.approx(requantized, abs=1e-4), name
+
+
 def _partial_and_float16_variants():
     torch.manual_seed(0)
     float_model = MLP().eval()

@@ -44,6 +44,7 @@ from torch import nn
 from .. import flows
 from .._tensors import dequantize_all
 from ..errors import InputError, InstrumentationError
+from ..flows.pt2e import annotated, input_wanted, output_wanted, quantized_edge
 from ..instrument.assemble import assemble, captured_model
 from ..match import Matching, Pair, Region
 from ..pairing import op_name
@@ -300,22 +301,31 @@ class _SwapInterpreter(_RegionInterpreter):
     ``out`` node takes the value of the other graph's subgraph."""
 
     def __init__(self, gm: fx.GraphModule, calls: dict[str, nn.Module] | None,
-                 swaps: tuple[Swap, ...], runner: HybridRunner) -> None:
+                 swaps: tuple[Swap, ...], runner: HybridRunner,
+                 dropped: dict[fx.Node, fx.Node]) -> None:
         super().__init__(gm, calls)
         self.runner = runner
         self.swaps = swaps
         self.by_out = {s.out: s for s in swaps}
         self.alias = {a: s.out for s in swaps for a in s.aliases}
         self.skip = frozenset().union(*(s.skip for s in swaps)) - set(self.by_out)
-        # values a swap reads live until its out node runs (a skipped node was their last user)
-        position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.dropped = dropped
+        # values a swap reads live until its out node runs (a skipped node was their last
+        # user), and the value a dropped edge passes on until its dequantize runs
+        self._position = {n: i for i, n in enumerate(gm.graph.nodes)}
         for swap in swaps:
             for _, provider in swap.inputs:
-                for user, dead in self.user_to_last_uses.items():
-                    if provider in dead and position[user] < position[swap.out]:
-                        dead.remove(provider)
-                        self.user_to_last_uses.setdefault(swap.out, []).append(provider)
-                        break
+                self._keep_until(provider, swap.out)
+        for dequantize, value in dropped.items():
+            self._keep_until(value, dequantize)
+
+    def _keep_until(self, node: fx.Node, until: fx.Node) -> None:
+        """Keep ``node``'s value in the environment until ``until`` has run."""
+        for user, dead in self.user_to_last_uses.items():
+            if node in dead and self._position[user] < self._position[until]:
+                dead.remove(node)
+                self.user_to_last_uses.setdefault(until, []).append(node)
+                return
 
     def run_node(self, n: fx.Node) -> Any:
         swap = self.by_out.get(n)
@@ -325,6 +335,8 @@ class _SwapInterpreter(_RegionInterpreter):
             return self.env[self.alias[n]]  # another dequantize of the swapped layer's value
         if n in self.skip:
             return None
+        if n in self.dropped:
+            return self.env[self.dropped[n]]  # an edge only float layers asked to quantize
         return super().run_node(n)
 
 
@@ -381,6 +393,7 @@ class HybridRunner:
         # one interpreter per graph a swap runs nodes of: making one reads the whole model's
         # modules and graph, a third of advise's time on inception_v3 when made per swap
         self._swap_runners: dict[fx.GraphModule, _RegionInterpreter] = {}
+        self._owned: dict[Region, bool] = {}
 
     def layer_of(self, name: str, variant: str) -> str | None:
         """Variant ``variant``'s name for layer ``name`` (the one computing the same float
@@ -451,6 +464,13 @@ class HybridRunner:
         # where the quantized graph quantizes the layer's output itself (reference FX, pt2e:
         # op -> quantize -> dequantize), the layer ends after that
         tail = _output_tail(region, pair)
+        owned = self._annotated(region)
+        if tail and owned and _readers_ask(tail) and (base == "quant"
+                                                      or not output_wanted(tail[0].args[0])):
+            # pt2e: the quantize after the layer is its readers' (their input annotation): it
+            # stays where it is, on the layer's float output, and the readers keep it
+            # (:class:`_SwapInterpreter` drops it for those kept float too)
+            tail = []
         aliases: frozenset[fx.Node] = frozenset()
         if tail and base == "float":
             other_inside, other_out = other_inside + tail, tail[-1]
@@ -466,8 +486,9 @@ class HybridRunner:
         # .contiguous() (a channel shuffle's view reads a contiguous tensor, not the
         # transposed one the quantized side carries)
         path = _quantize_path if base == "float" else _layout_path
-        around = set(other_inside).union(*(path(other_v, e)
-                                           for e in _external_inputs(other_inside)))
+        around = set(other_inside).union(*(
+            path(other_v, e) for e in _external_inputs(other_inside)
+            if not (owned and base == "float" and _not_asked_by(e, set(other_inside)))))
         around |= _qparams_of(around)  # a dynamic quantize's scale and zero point, computed
         other_inside = _with_constants(other_v, sorted(around, key=other_v.position))
         inputs = []
@@ -516,12 +537,21 @@ class HybridRunner:
 
     def _build(self, region: Region, base: str, swaps: tuple[Swap, ...]) -> Any:
         gm = region.view(base).gm
+        dropped = (_dropped_edges(gm.graph, swaps) if base == "quant" and self._annotated(region)
+                   else {})
 
         def build(calls: nn.Module | None) -> nn.Module:
             modules = _modules_called(gm, calls)
-            return _Interpreted(lambda: _SwapInterpreter(gm, modules, swaps, self), gm)
+            return _Interpreted(lambda: _SwapInterpreter(gm, modules, swaps, self, dropped), gm)
 
         return build
+
+    def _annotated(self, region: Region) -> bool:
+        """Whether the region's quantized graph says whose each quantize is (pt2e)."""
+        found = self._owned.get(region)
+        if found is None:
+            found = self._owned[region] = annotated(region.quant_view.gm.graph)
+        return found
 
     def probe(self, batch: Any) -> Any:
         """Run each quantized variant on ``batch``, recording the qparams of its quantized
@@ -818,3 +848,44 @@ def _still_quantized(view: Any, node: fx.Node, skipped: frozenset[fx.Node],
             return node in held
         node = node.all_input_nodes[0]
     return False
+
+
+# ---------------------------------------------------------------- whose quantize (pt2e)
+
+
+def _readers_ask(tail: list[fx.Node]) -> bool:
+    """Whether a reader of the layer output's quantize (``tail[0]``) asked for it: its input
+    is annotated (X86InductorQuantizer quantizes a Linear's input, not the op before it)."""
+    value = tail[0].args[0]
+    return any(input_wanted(reader, value)
+               for dequantize in tail[0].users for reader in dequantize.users)
+
+
+def _not_asked_by(node: fx.Node, layer: set[fx.Node]) -> bool:
+    """Whether the quantize edge ending at ``node`` is its producer's alone: the producer's
+    output is annotated and no op of ``layer`` reading it asked for it. A layer quantized
+    alone reads that value float, as a model re-quantized with only that layer would."""
+    value = quantized_edge(node)
+    return (value is not None and output_wanted(value)
+            and not any(input_wanted(reader, value) for reader in node.users if reader in layer))
+
+
+def _edge_kept(dequantize: fx.Node, value: fx.Node, floated: frozenset[fx.Node]) -> bool:
+    """Whether a model re-quantized with the ops ``floated`` left out has the edge ``value ->
+    quantize -> dequantize``: its producer or a reader not left out asked for it."""
+    return (output_wanted(value) and value not in floated) or any(
+        input_wanted(reader, value) and reader not in floated for reader in dequantize.users)
+
+
+def _dropped_edges(graph: fx.Graph, swaps: tuple[Swap, ...]) -> dict[fx.Node, fx.Node]:
+    """``{dequantize: value}`` for the quantize edges of a pt2e graph that only the layers
+    ``swaps`` keep float asked for: in the hybrid they carry ``value`` float. An edge whose
+    quantize no annotation explains is kept, as in the quantized model."""
+    floated = frozenset().union(*(s.skip for s in swaps), (s.out for s in swaps))
+    dropped: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        value = quantized_edge(node)
+        if (value is not None and _edge_kept(node, value, frozenset())
+                and not _edge_kept(node, value, floated)):
+            dropped[node] = value
+    return dropped

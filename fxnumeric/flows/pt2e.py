@@ -35,7 +35,8 @@ from torch import nn
 from ..optypes import DEQUANTIZE, PLUMBING, QUANTIZE, OpClass
 from . import BatchNormParams, Flow, op_name
 
-__all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES"]
+__all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES", "annotated", "quantized_edge",
+           "output_wanted", "input_wanted"]
 
 # --- q/dq ops: (namespace, op name) -> role. "quantize" ops become optional (paired when both
 # sides have one, else transparent); "dequantize" and "qparams" ops are plumbing.
@@ -127,6 +128,49 @@ def _qdq_role(node: fx.Node) -> str | None:
         return None
     op = op_name(node.target)
     return QDQ_ROLES.get(op) if op is not None else None
+
+
+# --- whose q/dq an edge is. prepare_pt2e observes an edge ``X -> C`` when the quantizer
+# annotated X's output or C's input (its ``quantization_annotation``, which convert_pt2e leaves
+# in each node's meta): X86InductorQuantizer annotates a Linear's input, not the output of the
+# op before it. Re-quantized with a layer's annotations gone, the edges only that layer asked
+# for are float; a hybrid that keeps the layer float drops them too (fxnumeric.advice.hybrid).
+
+
+def _annotation(node: fx.Node) -> Any:
+    return node.meta.get("quantization_annotation")
+
+
+def annotated(graph: fx.Graph) -> bool:
+    """Whether ``graph`` carries a pt2e quantizer's annotations (a ``convert_pt2e`` graph)."""
+    return any(_annotation(n) is not None for n in graph.nodes)
+
+
+def quantized_edge(dequantize: fx.Node) -> fx.Node | None:
+    """``X`` when ``dequantize`` ends a ``X -> quantize -> dequantize`` edge of the dataflow
+    (not a weight's: X is computed, not a constant); else ``None``."""
+    if _qdq_role(dequantize) != "dequantize" or not dequantize.args:
+        return None
+    quantize = dequantize.args[0]
+    if not isinstance(quantize, fx.Node) or _qdq_role(quantize) != "quantize":
+        return None
+    value = quantize.args[0] if quantize.args else None
+    return value if isinstance(value, fx.Node) and value.op != "get_attr" else None
+
+
+def output_wanted(node: fx.Node) -> bool:
+    """Whether the quantizer asked for ``node``'s output to be quantized."""
+    found = _annotation(node)
+    return found is not None and getattr(found, "output_qspec", None) is not None
+
+
+def input_wanted(consumer: fx.Node, value: fx.Node) -> bool:
+    """Whether the quantizer asked for ``consumer``'s input ``value`` to be quantized (the
+    annotation names the value by node; matched by name, which a copied graph keeps)."""
+    found = _annotation(consumer)
+    specs = getattr(found, "input_qspec_map", None) or {}
+    return any(getattr(key, "name", None) == value.name and spec is not None
+               for key, spec in specs.items())
 
 
 def _is_transparent_module(module: nn.Module) -> bool:
