@@ -57,7 +57,7 @@ from .metrics import (
     prepare_actual,
 )
 from .progress import Progress, phase
-from .report import BlockRow, Report, ReportRow, WeightHistogram
+from .report import BlockRow, Report, ReportRow, WeightHistogram, activation_scale
 from .routing import Routes, hook_calls, routed_containers
 from .run import (
     as_batches,
@@ -792,9 +792,13 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             block=block_by_layer.get(p.name, ""),
             shadow_shapes=sa.shape_mismatch if sa is not None else None,
         ))
+    # a collapsed signal is one tiny against the model's activations (DEGENERATE_RMS_RATIO):
+    # each row carries that scale, so that ReportRow.degenerate reads the row alone
+    model_rms = _rms(plan.model)
+    scale = activation_scale([*(r.float_rms for r in rows), model_rms])
     nonfinite = _first_nonfinite(plan)
     return Report(
-        rows=tuple(rows),
+        rows=tuple(dataclasses.replace(r, reference_rms=scale) for r in rows),
         metrics=tuple(plan.metrics),
         comparisons=plan.comparisons,
         batches=ran.batches,
@@ -808,7 +812,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
         + _model_output_note(plan.model) + _no_token_note(plan) + _skipped_note(ran)
         + _nonfinite_note(nonfinite),
-        model_output_rms=_rms(plan.model),
+        model_output_rms=model_rms,
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
         blocks=_block_rows(plan),

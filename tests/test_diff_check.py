@@ -125,8 +125,9 @@ def test_sqnr_regression_rules(old_value, new_value, regression):
 
 
 def test_cosine_collapsed_rows_new_and_vanished_layers():
-    old = _report([_row("a"), _row("b"), _row("c", float_rms=1e-9)], {"cosine": 0.999})
-    new = _report([_row("a", output=20.0), _row("d"), _row("c", shadow=1.0, float_rms=1e-9)],
+    collapsed = {"float_rms": 1e-9, "reference_rms": 1.0}  # a billionth of the model's scale
+    old = _report([_row("a"), _row("b"), _row("c", **collapsed)], {"cosine": 0.999})
+    new = _report([_row("a", output=20.0), _row("d"), _row("c", shadow=1.0, **collapsed)],
                   {"cosine": 0.99})
     d = old.diff(new)
     assert d.new_layers == ("d",) and d.vanished_layers == ("b",)
@@ -216,7 +217,7 @@ def test_toml_thresholds_with_pattern_sections(reports, tmp_path):
 
 def test_pattern_without_a_layer_unmeasured_metrics_floor_and_nan_fail(tmp_path):
     rows = [_row("a", shadow=40.0, floor_sqnr=42.0), _row("b", shadow=30.0, floor_sqnr=40.0),
-            _row("c", shadow=math.nan), _row("d", float_rms=1e-9, shadow=1.0),
+            _row("c", shadow=math.nan), _row("d", float_rms=1e-9, reference_rms=1.0, shadow=1.0),
             _row("e", floor_sqnr=None)]
     report = _report(rows, {"sqnr": 20.0, "cosine": 0.99})
     t = Thresholds({"max_kl": 0.1}, {"*": {"max_below_floor": 3.0, "min_shadow_sqnr": 25.0},

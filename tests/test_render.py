@@ -148,15 +148,20 @@ def test_repr_is_short_and_notebooks_get_html():
 
 
 def test_collapsed_signal_is_called_out_and_never_the_culprit():
-    live = ReportRow("a", "conv2d", True, 40.0, {"sqnr": 30.0}, {"sqnr": 35.0}, float_rms=0.5)
-    dead = ReportRow("b", "conv2d", True, 40.0, {"sqnr": 0.0}, {"sqnr": 0.0}, float_rms=3e-10)
+    live = ReportRow("a", "conv2d", True, 40.0, {"sqnr": 30.0}, {"sqnr": 35.0}, float_rms=0.5,
+                     reference_rms=0.5)
+    dead = ReportRow("b", "conv2d", True, 40.0, {"sqnr": 0.0}, {"sqnr": 0.0}, float_rms=3e-10,
+                     reference_rms=0.5)
     report = Report((live, dead), ("sqnr",), ("weights", "outputs", "shadows"), 1,
                     {"sqnr": 0.0}, model_output_rms=3e-10)
     assert report.worst_layer is live
-    assert "float signal collapsed (RMS 3.0e-10)" in dead.notes
+    assert "float signal collapsed (RMS 3.0e-10 < 1e-06 x the model's 0.5)" in dead.notes
     summary = report.summary()
-    assert "model output SQNR 0.00 dB (meaningless: float output RMS 3.0e-10)" in summary
-    assert "float signal collapsed in 1 layer (RMS < 1e-06): b; its SQNR means nothing" in summary
+    assert report.activation_rms == 0.5
+    assert ("model output SQNR 0.00 dB (meaningless: float output collapsed, RMS 3.0e-10 < "
+            "1e-06 x the model's 0.5)" in summary)
+    assert ("float signal collapsed in 1 layer (RMS 0 or < 1e-06 x the model's largest, 0.5): "
+            "b; its SQNR means nothing" in summary)
     assert [r.name for r in report.sorted_rows(top_k=2)] == ["a", "b"]  # collapsed rows last
     only_dead = Report((dead,), ("sqnr",), ("outputs", "shadows"), 1, {"sqnr": 0.0})
     assert only_dead.worst_layer is None and "no layer named as culprit" in only_dead.summary()
@@ -244,7 +249,8 @@ def test_chart_renders_readably_in_chromium(n, tmp_path):
 
 
 def test_a_real_collapsed_signal_is_flagged_not_blamed():
-    """Weights of 1e-9 make activations of ~1e-10: quantized to zero, 0 dB, cosine 0."""
+    """Weights of 1e-9 make activations of ~1e-10, a billionth of the last Linear's output (its
+    bias): quantized to zero, 0 dB, cosine 0."""
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     with torch.no_grad():
@@ -255,10 +261,13 @@ def test_a_real_collapsed_signal_is_flagged_not_blamed():
     first = report.row("0")
     assert first.output_sqnr == 0.0 and first.cosine == 0.0  # what used to be shown plainly
     assert first.degenerate and [r.name for r in report.degenerate_rows] == ["0", "1"]
-    assert "float signal collapsed (RMS 5.6e-10): SQNR meaningless" in report.table()
+    scale = report.row("2").float_rms  # the bias of the last Linear: the model's largest
+    assert report.activation_rms == scale and first.float_rms < 1e-6 * scale
+    assert (f"float signal collapsed (RMS 5.6e-10 < 1e-06 x the model's {scale:.2g}): SQNR "
+            "meaningless" in report.table())
     assert report.worst_layer is None  # not layer 0 at 0 dB
-    assert ("float signal collapsed in 2 layers (RMS < 1e-06): 0, 1; their SQNRs mean nothing"
-            in report.summary())
+    assert (f"float signal collapsed in 2 layers (RMS 0 or < 1e-06 x the model's largest, "
+            f"{scale:.2g}): 0, 1; their SQNRs mean nothing" in report.summary())
     assert report.to_dict()["layers"][0]["degenerate"] is True
 
 

@@ -454,3 +454,170 @@ def test_a_layer_worst_in_every_batch_is_named_though_another_has_an_odd_batch()
     per_batch = {i: _per_batch_shadow(f, q, data, i) for i in range(5)}
     assert all(per_batch[2][b] < min(per_batch[i][b] for i in (0, 1, 3, 4)) for b in range(4))
     assert report.culprit == "layers.2"
+
+
+# ---------------------------------------------------------------- collapsed signals are relative
+
+
+def _weight_only(f: nn.Module) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    return q
+
+
+def _biases_times(model: nn.Module, scale: float) -> nn.Module:
+    """A copy whose biases are ``scale`` times the model's: fed inputs ``scale`` times
+    smaller, each of its activations is ``scale`` times the model's (Linear and ReLU are
+    homogeneous), and a weight-only quantized copy rounds the same weights."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.bias.mul_(scale)
+    return model
+
+
+def _sqnr(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """SQNR pooled over batches, in float64."""
+    signal = sum(float(r.double().square().sum()) for r, _ in pairs)
+    noise = sum(float((r.double() - a.double()).square().sum()) for r, a in pairs)
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def _hooked_sqnrs(f: nn.Module, q: nn.Module, data: list[torch.Tensor],
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """Each module's output SQNR (float model against quantized model, from forward hooks), and
+    each Linear's shadow SQNR (the float Linear fed the quantized one's input)."""
+    outputs: dict[str, list] = {}
+    shadows: dict[str, list] = {}
+    hooks = []
+    for name, fm in f.named_children():
+        qm = q.get_submodule(name)
+        outputs[name] = []
+        hooks.append(fm.register_forward_hook(
+            lambda m, a, o, name=name: outputs[name].append([o])))
+        hooks.append(qm.register_forward_hook(
+            lambda m, a, o, name=name: outputs[name][-1].append(o)))
+        if isinstance(fm, nn.Linear):
+            shadows[name] = []
+            hooks.append(qm.register_forward_hook(
+                lambda m, a, o, name=name: shadows[name].append((a[0], o))))
+    with torch.no_grad():
+        for x in data:
+            f(x)
+            q(x)
+        for hook in hooks:
+            hook.remove()
+        shadow_pairs = {name: [(f.get_submodule(name)(x), o) for x, o in seen]
+                        for name, seen in shadows.items()}
+    return ({name: _sqnr([tuple(p) for p in pairs]) for name, pairs in outputs.items()},
+            {name: _sqnr(pairs) for name, pairs in shadow_pairs.items()})
+
+
+def test_a_model_scaled_down_reads_the_same_rows_and_verdict():
+    """SQNR is scale-invariant: fed inputs 1e-8 times smaller, a weight-only quantized MLP
+    reads the same SQNRs and the same culprit. Against an absolute RMS floor of 1e-6 every
+    row of it read "collapsed" and the verdict named no one."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        f[2].weight[:, 0] *= 200  # an outlier per row: int8 steps 200x coarser for the rest
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(32, 16, generator=gen) for _ in range(4)]
+    reports = {}
+    for scale in (1.0, 1e-8):
+        small_f = _biases_times(f, scale)
+        small_q = _weight_only(small_f)
+        small_data = [x * scale for x in data]
+        report = _compare(small_f, small_q, small_data)
+        outputs, shadows = _hooked_sqnrs(small_f, small_q, small_data)
+        assert [r.name for r in report.rows] == ["0", "1", "2", "3", "4"]
+        for row in report.rows:
+            assert row.output_sqnr == pytest.approx(outputs[row.name], abs=1e-3), row.name
+            if row.name in shadows:
+                assert row.shadow_sqnr == pytest.approx(shadows[row.name], abs=1e-3), row.name
+        assert report.row("0").float_rms == pytest.approx(0.5 * scale, rel=0.5)
+        reports[scale] = report
+
+    big, small = reports[1.0], reports[1e-8]
+    assert big.culprit == small.culprit == "2"
+    assert big.verdict.kind == small.verdict.kind == "culprit"
+    assert [r.degenerate for r in small.rows] == [r.degenerate for r in big.rows] == [False] * 5
+    assert not small.output_degenerate and not small.degenerate_rows
+    for b, s in zip(big.rows, small.rows, strict=True):
+        assert (b.name, b.kind) == (s.name, s.kind)
+        assert s.output_sqnr == pytest.approx(b.output_sqnr, abs=0.01)
+        assert s.float_rms == pytest.approx(b.float_rms * 1e-8, rel=1e-4)
+    assert "collapsed" not in small.summary() and "meaningless" not in small.table()
+
+
+class _Collapsing(nn.Module):
+    """Two signals that collapse whatever the scale of the input: ``gap``, the difference of
+    two branches whose first output's weights differ by a millionth (what is left is a
+    residue of their values), and a ReLU whose input is always negative (exact zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.dead, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+        self.twin = copy.deepcopy(self.fc)
+        with torch.no_grad():
+            self.twin.weight[0] *= 1 + 1e-6
+            self.dead.bias.fill_(-10.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        gap = h - self.twin(x)
+        off = torch.relu(self.dead(x))
+        return self.head(h + gap + off)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_a_dead_relu_and_a_cancellation_read_collapsed_at_any_scale(scale):
+    """The float RMS of each, read directly, is zero or a millionth of the model's largest
+    activation: flagged, never blamed, and the notes say the rule. An absolute floor of 1e-6
+    let the residue (RMS 17 at 1e8) through: its 18 dB, one rounding residue against another,
+    was shown as a measurement."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    f = _biases_times(_Collapsing().eval(), scale)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 16, generator=gen) * scale for _ in range(2)]
+    report = _compare(f, _weight_only(f), data)
+
+    with torch.no_grad():
+        gaps = [f.fc(x) - f.twin(x) for x in data]
+        dead = [torch.relu(f.dead(x)) for x in data]
+        largest = [f.dead(x) for x in data]  # the model's largest activation
+
+    def rms(ts: list[torch.Tensor]) -> float:
+        return math.sqrt(sum(float(t.double().square().sum()) for t in ts)
+                         / sum(t.numel() for t in ts))
+
+    assert report.activation_rms == pytest.approx(rms(largest), rel=1e-5)
+    assert report.row("sub").float_rms == pytest.approx(rms(gaps), rel=1e-3)
+    assert 0 < rms(gaps) < 1e-6 * rms(largest)  # residue, not zero
+    assert report.row("relu").float_rms == rms(dead) == 0.0
+    assert [r.name for r in report.degenerate_rows] == ["sub", "relu"]
+    assert not report.output_degenerate
+    assert report.worst_layer is not None and report.worst_layer.name not in ("sub", "relu")
+    assert "float signal collapsed (RMS 0): SQNR meaningless" in report.row("relu").notes
+    assert re.search(r"float signal collapsed \(RMS \S+ < 1e-06 x the model's \S+\): SQNR "
+                     "meaningless", report.row("sub").notes)
+    assert re.search(r"float signal collapsed in 2 layers \(RMS 0 or < 1e-06 x the model's "
+                     r"largest, \S+\): sub, relu; their SQNRs mean nothing", report.summary())
+
+
+def test_without_a_scale_only_an_exact_zero_reads_collapsed():
+    """A row built by hand knows no activation scale: 3e-10 may be all the model has."""
+    zero = ReportRow("z", "relu", False, None, {"sqnr": 0.0}, {}, float_rms=0.0)
+    tiny = ReportRow("t", "linear", True, 40.0, {"sqnr": 30.0}, {}, float_rms=3e-10)
+    assert zero.degenerate and not tiny.degenerate
+    judged = ReportRow("t", "linear", True, 40.0, {"sqnr": 30.0}, {}, float_rms=3e-10,
+                       reference_rms=1.0)
+    assert judged.degenerate
+    assert Report((zero, tiny), ("sqnr",), ("outputs",), 1, {"sqnr": 30.0},
+                  model_output_rms=4e-10).activation_rms == 4e-10

@@ -15,7 +15,7 @@
 from .check import CheckFailure, CheckResult, Thresholds, check_report
 from .data import (
     BELOW_FLOOR_DB,
-    DEGENERATE_RMS,
+    DEGENERATE_RMS_RATIO,
     TABLE_FORMATS,
     BlockRow,
     Report,
@@ -23,9 +23,11 @@ from .data import (
     Spread,
     Verdict,
     WeightHistogram,
+    activation_scale,
 )
 from .diff import MetricChange, ReportDiff
 
-__all__ = ["Report", "ReportRow", "BlockRow", "WeightHistogram", "TABLE_FORMATS", "DEGENERATE_RMS",
-           "BELOW_FLOOR_DB", "Spread", "Verdict", "ReportDiff", "MetricChange", "Thresholds",
-           "CheckResult", "CheckFailure", "check_report"]
+__all__ = ["Report", "ReportRow", "BlockRow", "WeightHistogram", "TABLE_FORMATS",
+           "DEGENERATE_RMS_RATIO", "activation_scale", "BELOW_FLOOR_DB", "Spread", "Verdict",
+           "ReportDiff", "MetricChange", "Thresholds", "CheckResult", "CheckFailure",
+           "check_report"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,22 +29,67 @@ if TYPE_CHECKING:
     from .diff import ReportDiff
 
 __all__ = ["Report", "ReportRow", "BlockRow", "WeightHistogram", "TABLE_FORMATS",
-           "DEGENERATE_RMS", "BELOW_FLOOR_DB", "Spread", "Verdict"]
+           "DEGENERATE_RMS_RATIO", "BELOW_FLOOR_DB", "Spread", "Verdict", "activation_scale"]
 
 TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 _SORT_KEYS = ("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr")
 _WORST_FIRST = ("shadow_sqnr", "output_sqnr", "weight_sqnr")
 _LABELS = {"shadow_sqnr": "shadow SQNR", "output_sqnr": "output SQNR", "weight_sqnr": "weight SQNR"}
 
-DEGENERATE_RMS = 1e-6
-"""Below this RMS a float activation is "collapsed": torch's observers never choose a scale
-under float32's eps (1.2e-7), so such a signal spans a few 8-bit steps at most and its SQNR,
-cosine and MSE measure rounding of almost nothing (typically 0 dB, cosine 0, MSE ~1e-19)."""
+DEGENERATE_RMS_RATIO = 1e-6
+"""A float activation is "collapsed" when its RMS is exactly zero or below this fraction of
+the model's activation scale (:func:`activation_scale`: the largest float RMS among the
+model's layers and its output). Its SQNR, cosine and MSE then measure nothing.
+
+Relative, because everything it guards is scale-invariant: fed inputs 1e-8 times smaller
+(biases scaled alike), a model computes the same activations 1e-8 times smaller, and a
+weight-only quantized one reads the same SQNRs and the same culprit. An absolute floor
+called every layer of it collapsed. What makes an SQNR unreadable is a signal tiny against
+the values around it: a dead ReLU's zeros, ``l1(x) - l2(x)`` of two equal branches. What is
+left of such a signal in float32 is rounding residue, about eps (1.2e-7) times its operands,
+so a ratio of 1e-6 (8 eps) tells residue from signal; and no quantization grid spanning
+the model's values (a step of 1/255 of its range at 8 bits, 1/65535 at 16) resolves it.
+
+The reference is the largest activation rather than the row's own inputs, which the report
+does not hold, and rather than a median, which a collapse spreading through most layers
+drags down with it (a Linear whose weights are 1e-9 shrinks every layer after it)."""
 
 BELOW_FLOOR_DB = FLOOR_MARGIN_DB
 """A layer whose shadow SQNR reads this far below its ``floor_sqnr`` (four times the noise
 power its own qparams allow; the noise model is an expectation) is shown "below floor":
 something beyond rounding is wrong with it."""
+
+
+def activation_scale(rms_values: Iterable[float | None]) -> float | None:
+    """The model's activation scale: the largest finite RMS of ``rms_values`` (its layers' and
+    its output's float RMS), ``None`` when none is known.
+
+    A non-finite RMS (a float model that overflows) is left out: against ``inf`` every layer
+    would read collapsed, and the NaN/Inf notes already say what is wrong.
+
+    Example:
+        >>> activation_scale([0.5, None, float("inf"), 2e-9, 3.0])
+        3.0
+    """
+    finite = [v for v in rms_values if v is not None and math.isfinite(v)]
+    return max(finite) if finite else None
+
+
+def _collapsed(rms: float | None, scale: float | None) -> bool:
+    """Whether an RMS is collapsed against the activation scale (see
+    :data:`DEGENERATE_RMS_RATIO`): exact zero always, anything else only against a known
+    scale."""
+    if rms is None:
+        return False
+    return rms == 0.0 or (scale is not None and rms < DEGENERATE_RMS_RATIO * scale)
+
+
+def _collapse_text(rms: float, scale: float | None) -> str:
+    """``RMS 3.0e-10 < 1e-06 x the model's 0.31`` (or ``RMS 0``): the relative rule, read."""
+    if rms == 0.0:
+        return "RMS 0"
+    return f"RMS {rms:.1e} < {DEGENERATE_RMS_RATIO:g} x the model's {scale:.2g}"
+
 
 _FLOOR_CAUSES = {
     "clipping": "clipping: its output range is too narrow for its values",
@@ -153,6 +198,10 @@ class ReportRow:
     activations: tuple | None = field(default=None, repr=False, metadata={"json": False})
     """Raw tensors, only with ``compare(..., keep_activations=True)``; never saved to JSON."""
     float_rms: float | None = None
+    reference_rms: float | None = None
+    """The model's activation scale ``float_rms`` is judged against (:func:`activation_scale`
+    of the report the row belongs to; :func:`fxnumeric.compare` sets it). ``None``: unknown,
+    and only an RMS of exactly zero reads collapsed."""
     floor_sqnr: float | None = None
     """The SQNR this layer's own qparams allow (None when unknown; :mod:`fxnumeric.floor`)."""
     floor_cause: str = ""
@@ -204,8 +253,9 @@ class ReportRow:
 
     @property
     def degenerate(self) -> bool:
-        """Whether the float activation collapsed (RMS below :data:`DEGENERATE_RMS`)."""
-        return self.float_rms is not None and self.float_rms < DEGENERATE_RMS
+        """Whether the float activation collapsed: its RMS is zero, or below
+        :data:`DEGENERATE_RMS_RATIO` times ``reference_rms`` (the model's activation scale)."""
+        return _collapsed(self.float_rms, self.reference_rms)
 
     @property
     def notes(self) -> str:
@@ -213,7 +263,9 @@ class ReportRow:
         beyond themselves (below its floor)."""
         parts = [self.note] if self.note else []
         if self.degenerate:
-            parts.append(f"float signal collapsed (RMS {self.float_rms:.1e}): SQNR meaningless")
+            parts.append(f"float signal collapsed "
+                         f"({_collapse_text(self.float_rms, self.reference_rms)}): "
+                         "SQNR meaningless")
         why = _FLOOR_CAUSES.get(self.floor_cause, "")
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
@@ -311,9 +363,16 @@ class Report:
         raise InputError(f"no row named {name!r}; rows are: {names}{more} (see Report.table())")
 
     @property
+    def activation_rms(self) -> float | None:
+        """The model's activation scale: the largest finite float RMS of its layers and its
+        output (:func:`activation_scale`), what a collapsed signal is judged against."""
+        return activation_scale([*(r.float_rms for r in self.rows), self.model_output_rms])
+
+    @property
     def output_degenerate(self) -> bool:
-        """Whether the float model output collapsed (RMS below :data:`DEGENERATE_RMS`)."""
-        return self.model_output_rms is not None and self.model_output_rms < DEGENERATE_RMS
+        """Whether the float model output collapsed: its RMS is zero, or below
+        :data:`DEGENERATE_RMS_RATIO` times :attr:`activation_rms`."""
+        return _collapsed(self.model_output_rms, self.activation_rms)
 
     @property
     def degenerate_rows(self) -> tuple[ReportRow, ...]:
@@ -395,7 +454,8 @@ class Report:
             parts.append("model output not compared (see notes)")  # empty, or shapes differ
         elif overall is not None:
             parts.append(f"model output SQNR {overall:.2f} dB"
-                         + (f" (meaningless: float output RMS {self.model_output_rms:.1e})"
+                         + (f" (meaningless: float output collapsed, "
+                            f"{_collapse_text(self.model_output_rms, self.activation_rms)})"
                             if self.output_degenerate else ""))
         llm = self.llm_summary()
         if llm:
@@ -409,8 +469,11 @@ class Report:
         dead = [r.name for r in self.degenerate_rows]
         if dead:
             one = len(dead) == 1
+            scale = self.activation_rms
+            rule = ("RMS 0" if scale is None else
+                    f"RMS 0 or < {DEGENERATE_RMS_RATIO:g} x the model's largest, {scale:.2g}")
             parts.append(f"float signal collapsed in {len(dead)} {'layer' if one else 'layers'} "
-                         f"(RMS < {DEGENERATE_RMS:g}): {_some(dead)}; "
+                         f"({rule}): {_some(dead)}; "
                          f"{'its SQNR means' if one else 'their SQNRs mean'} nothing")
         if self.unmatched:
             parts.append(f"{len(self.unmatched)} nodes unpaired")

@@ -175,7 +175,8 @@ def csv_columns(report: Report) -> list[tuple[str, Callable[[ReportRow], Any]]]:
 
     ``layer, kind, quantized``; ``weight_sqnr`` (with weights); ``output_<metric>`` and
     ``output_sqnr_mean/std/low/high`` (with outputs); the same with ``shadow_`` (with shadows);
-    ``floor_sqnr, below_floor, floor_cause, float_rms, degenerate, flags, note``.
+    ``floor_sqnr, below_floor, floor_cause, float_rms, reference_rms, degenerate, flags, note``
+    (``degenerate``: ``float_rms`` zero or under ``DEGENERATE_RMS_RATIO`` x ``reference_rms``).
     """
     cols: list[tuple[str, Callable[[ReportRow], Any]]] = [
         ("layer", lambda r: r.name), ("kind", lambda r: r.kind),
@@ -192,7 +193,8 @@ def csv_columns(report: Report) -> list[tuple[str, Callable[[ReportRow], Any]]]:
                          getattr(r.spread[key], stat) if key in r.spread else None))
     cols += [("floor_sqnr", lambda r: r.floor_sqnr), ("below_floor", lambda r: r.below_floor),
              ("floor_cause", lambda r: r.floor_cause),
-             ("float_rms", lambda r: r.float_rms), ("degenerate", lambda r: r.degenerate),
+             ("float_rms", lambda r: r.float_rms), ("reference_rms", lambda r: r.reference_rms),
+             ("degenerate", lambda r: r.degenerate),
              ("flags", lambda r: " ".join(r.flags)), ("note", lambda r: r.notes)]
     return cols
 
@@ -464,7 +466,8 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
     parts += [_blocks_html(report), "<h2>Layers</h2>",
               "<p>Click a column header to sort by it (again to reverse); # restores graph "
               "order. Highlighted: the layers that stand out (red), below their floor "
-              "(yellow); greyed: collapsed signals.</p>",
+              "(yellow); greyed: collapsed signals (a float RMS of 0, or under a millionth of the "
+              "model's largest).</p>",
               _report_html_table(report, report.rows), SORT_SCRIPT, "</body></html>"]
     return "\n".join(parts)
 
