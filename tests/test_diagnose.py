@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -126,14 +129,115 @@ def test_cumulative_and_local_sqnr_and_the_first_layer_below_threshold() -> None
     data = _data()
     report = fxnumeric.compare(float_model, q, data, comparisons=("outputs",), metrics=["sqnr"])
     d = diagnose(float_model, q, data, threshold_db=1000)
-    assert d.first_below == "fc1"
-    assert [f.code for f in d.layer("fc1").flags] == ["amplification"]
-    for name in ("fc1", "fc2", "fc3"):
+    # every op has a row, the input quantize first: the SQNR first falls below 1000 dB there
+    assert [x.name for x in d.layers] == [r.name for r in report.rows]
+    assert d.first_below == "x.quantize"
+    assert [f.code for f in d.layer("x.quantize").flags] == ["amplification"]
+    assert "mostly its own error" in str(d.layer("x.quantize").flags[0])
+    assert not [f for f in d.layer("fc1").flags if f.code == "amplification"]
+    for name in ("x.quantize", "fc1", "relu", "fc2", "relu_1", "fc3"):
         expected = report.row(name).output_sqnr
         assert d.layer(name).cumulative_sqnr == pytest.approx(expected, abs=1e-3)
     fc1 = d.layer("fc1")
     assert fc1.amplification == pytest.approx(fc1.local_sqnr - fc1.cumulative_sqnr)
+    assert fc1.inputs == ("x.quantize",) and d.layer("fc2").inputs == ("relu",)
+    assert fc1.input_sqnr == pytest.approx(d.layer("x.quantize").cumulative_sqnr)
     assert diagnose(float_model, q, data, threshold_db=-1000).first_below is None
+
+
+class Cancel(nn.Module):
+    """Two Linears with nearly equal weights, their difference (a float op in every flow
+    here), then a Linear without bias, which keeps the difference's relative error."""
+
+    def __init__(self, sub: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.sub = sub
+        self.l1 = nn.Linear(16, 32)
+        self.l2 = nn.Linear(16, 32)
+        self.l3 = nn.Linear(32, 8, bias=False)
+        with torch.no_grad():
+            self.l2.weight.copy_(self.l1.weight + 3e-3 * torch.randn_like(self.l1.weight))
+            self.l2.bias.copy_(self.l1.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.sub(self.l1(x), self.l2(x)))
+
+
+def _dynamic(model: nn.Module) -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+
+
+def _torchao_weight_only(model: nn.Module) -> nn.Module:
+    torchao = pytest.importorskip("torchao.quantization")
+    quant = copy.deepcopy(model)
+    torchao.quantize_(quant, torchao.Int8WeightOnlyConfig())
+    return quant
+
+
+def _hooked_energies(model: nn.Module, data: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Each Linear's outputs over ``data`` (dequantized, float64), read by forward hooks; the
+    difference the model takes of l1 and l2, computed from them."""
+    out: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            value = output.dequantize() if output.is_quantized else output
+            out.setdefault(name, []).append(value.detach().double())
+        return hook
+
+    handles = [getattr(model, n).register_forward_hook(keep(n)) for n in ("l1", "l2", "l3")]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for handle in handles:
+        handle.remove()
+    out["sub"] = [a - b for a, b in zip(out["l1"], out["l2"], strict=True)]
+    return out
+
+
+@pytest.mark.parametrize("quantize, sub", [(_dynamic, torch.sub), (_dynamic, operator.sub),
+                                           (_torchao_weight_only, torch.sub),
+                                           (lambda m: _fx(m, get_default_qconfig_mapping("x86")),
+                                            torch.sub)],
+                         ids=["dynamic-torch.sub", "dynamic-a-b", "torchao-int8wo", "fx"])
+def test_amplification_is_flagged_at_the_float_sub_that_cancels_the_branches(quantize, sub):
+    """l1 and l2 carry 33-48 dB; their difference cancels the signal, not the errors: the
+    relative error jumps at the float ``sub`` (25-36 dB lost there, the sub adding no error
+    of its own). diagnose had no row for the float op and flagged l3, the Linear after it, with
+    "the earlier layers' error is amplified 25 dB"."""
+    torch.manual_seed(0)
+    float_model = Cancel(sub).eval()
+    quant_model = quantize(float_model)
+    data = _data()
+    ref, act = _hooked_energies(float_model, data), _hooked_energies(quant_model, data)
+
+    def sqnr(*names: str) -> float:
+        signal = sum(float(r.square().sum()) for n in names for r in ref[n])
+        noise = sum(float((a - r).square().sum())
+                    for n in names for r, a in zip(ref[n], act[n], strict=True))
+        return 10 * math.log10(signal / noise)
+
+    assert sqnr("sub") < 20 < min(sqnr("l1"), sqnr("l2")) - 10  # the oracle: it falls at sub
+    d = diagnose(float_model, quant_model, data, progress=False)
+    assert d.first_below == "sub"
+    diff = d.layer("sub")
+    assert not diff.quantized and diff.kind == "sub"
+    assert diff.cumulative_sqnr == pytest.approx(sqnr("sub"), abs=1e-3)
+    assert diff.local_sqnr == math.inf  # the float sub fed the same inputs adds no error
+    assert diff.inputs == ("l1", "l2")
+    assert diff.input_sqnr == pytest.approx(sqnr("l1", "l2"), abs=1e-3)
+    assert [f.code for f in diff.flags] == ["amplification"]
+    message = str(diff.flags[0])
+    assert message.startswith("`sub` is the first op where the cumulative SQNR "
+                              f"({sqnr('sub'):.1f} dB) is below 20 dB")
+    assert f"it amplifies the error it reads {sqnr('l1', 'l2') - sqnr('sub'):.1f} dB" in message
+    assert "`sub` computes in float already" in message
+    l3 = d.layer("l3")
+    assert l3.cumulative_sqnr == pytest.approx(sqnr("l3"), abs=1e-3)
+    assert l3.input_sqnr == pytest.approx(sqnr("sub"), abs=1e-3)
+    assert "amplification" not in [f.code for f in l3.flags]
+    assert [x.module for x in d.flagged() if "amplification" in [f.code for f in x.flags]] \
+        == ["sub"]
 
 
 def test_annotate_puts_flags_in_the_report() -> None:

@@ -1,6 +1,8 @@
 """Why a layer is bad: the usual causes of quantization error, measured per layer, with fixes.
 
-For each quantized layer, over the data:
+For each op a :func:`fxnumeric.compare` report has a row for (the quantized layers, and the
+ops left in float, such as a ``sub`` between two quantized branches), over the data; the
+weights, clipping and noise flags are those of the ops computing in quantized form:
 
 * **weights**: range utilisation (the fraction of the integer grid a typical output channel's
   weights span: median over channels of ``range_c / (scale_c * (qmax - qmin))``) and channel
@@ -14,8 +16,11 @@ For each quantized layer, over the data:
   at that level but with a low local SQNR, the step is too coarse for the signal (a few
   outliers set the range).
 * **error amplification**: cumulative SQNR (the quantized model vs the float model at this
-  layer) against local SQNR (the error this layer adds), and the first layer where the
-  cumulative SQNR falls below a threshold.
+  op) against local SQNR (the error this op adds) and against the cumulative SQNR of the
+  values it reads, and the first op where the cumulative SQNR falls below a threshold. Ops
+  left in float count: a float ``sub`` of two nearly equal quantized branches adds no error
+  of its own but cancels their signal, not their errors, so the relative error jumps at the
+  ``sub``, and the flag names it rather than the layer after it.
 
 Each flag names the usual fix: per-channel weights, a histogram observer, recalibration,
 keeping the layer float (:func:`fxnumeric.advise`), cross-layer equalization.
@@ -48,7 +53,7 @@ from ..report import Report
 from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid
 from ..weights import pair_weights
-from .hybrid import layer_names, module_path
+from .hybrid import layer_names, module_path, op_names
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
 
@@ -71,10 +76,10 @@ class Flag:
 
 @dataclass(frozen=True)
 class LayerDiagnosis:
-    """The measurements behind the flags of one layer (``None`` where they do not apply).
+    """The measurements behind the flags of one op (``None`` where they do not apply).
 
     Attributes:
-        name: the layer (pair) name.
+        name: the op (pair) name.
         module: the float model's module path.
         kind: op kinds.
         per_channel: whether the weights are quantized per channel.
@@ -87,6 +92,16 @@ class LayerDiagnosis:
         local_sqnr: dB, the quantized layer against its float twin on the same input.
         cumulative_sqnr: dB, the quantized model against the float model at this layer.
         flags: what is wrong, each with its fix.
+        quantized: whether the op computes in quantized form: a quantized layer, an input
+            quantize, an op handing on quantized tensors (a quantized ``max_pool2d``). False
+            for an op computing in float in both models (a ``sub`` or ``add`` under dynamic
+            quantization or between dequantized values, an ``nn.Embedding`` left float),
+            which carries only the amplification and NaN/Inf flags.
+        inputs: the ops (module paths) whose values this op reads, in order.
+        input_sqnr: dB, the cumulative SQNR of the values this op reads: the energies and
+            errors of the ``inputs`` pooled (``None`` when it reads none of them, or one
+            without a measurement). ``input_sqnr - cumulative_sqnr`` is what this op does to
+            the error it reads: a float ``sub`` of nearly equal values loses tens of dB there.
     """
 
     name: str
@@ -104,6 +119,9 @@ class LayerDiagnosis:
     """dB, the SQNR the layer's own grids allow (:mod:`fxnumeric.floor`)."""
     floor: FloorVerdict | None = field(default=None, repr=False)
     """Where the layer stands against its floor."""
+    quantized: bool = True
+    inputs: tuple[str, ...] = ()
+    input_sqnr: float | None = None
 
     @property
     def amplification(self) -> float | None:
@@ -117,12 +135,13 @@ class LayerDiagnosis:
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """:func:`diagnose`'s result: one :class:`LayerDiagnosis` per quantized layer.
+    """:func:`diagnose`'s result: one :class:`LayerDiagnosis` per op of the report.
 
     Attributes:
-        layers: in graph order.
+        layers: the quantized layers and the ops left in float, in graph order.
         threshold_db: the cumulative-SQNR threshold used for the amplification flag.
-        first_below: the first layer whose cumulative SQNR is below ``threshold_db``.
+        first_below: the first op (module path) whose cumulative SQNR is below
+            ``threshold_db``, an op left in float included.
         batches: how many batches were run.
     """
 
@@ -167,10 +186,12 @@ class Diagnosis:
         """The measurements as a table, one row per layer."""
         rows = [(d.module, d.kind, _pc(d.per_channel), d.weight_utilisation,
                  d.channel_outlier_ratio, d.clipped, d.noise_steps, d.local_sqnr,
-                 d.floor_sqnr, d.cumulative_sqnr, ", ".join(f.code for f in d.flags))
+                 d.floor_sqnr, d.input_sqnr, d.cumulative_sqnr,
+                 ", ".join(f.code for f in d.flags))
                 for d in self.layers]
         headers = ("layer", "kind", "weights", "w util", "ch max/med", "clipped",
-                   "err rms/step", "local SQNR", "floor SQNR", "cum. SQNR", "flags")
+                   "err rms/step", "local SQNR", "floor SQNR", "input SQNR", "cum. SQNR",
+                   "flags")
         return tabulate(rows, headers=headers, tablefmt=tablefmt, floatfmt=".3g", missingval="-")
 
 
@@ -201,7 +222,8 @@ class _Sums:
         if isinstance(q, torch.Tensor) and q.is_quantized:
             grid = QuantGrid.of(q) or grid
         deq = q.dequantize().double() if q.is_quantized else q.double()
-        local = local.double()
+        # an op computing as its twin does is observed twice (its own output is the twin's)
+        local = (local.dequantize() if local.is_quantized else local).double()
         if deq.shape != local.shape or float_value.shape != deq.shape:
             return
         self.calls += 1
@@ -233,19 +255,23 @@ class _FloatValues(Logger):
 
 class _LocalError(Logger):
     """Fed ``(quantized output, float twin output, *inputs)`` by the layer's shadow; adds to
-    the sums, and to what the layer's floor needs."""
+    the sums, and to what the layer's floor needs (``floor``: ``None`` for an op left in
+    float, which has no floor)."""
 
-    takes_inputs = True
-
-    def __init__(self, sums: _Sums, twin: _FloatValues, floor: FloorSums) -> None:
+    def __init__(self, sums: _Sums, twin: _FloatValues, floor: FloorSums | None) -> None:
         super().__init__()
         self.sums, self.floor = sums, floor
+        # without a floor it needs no inputs, and an op that computes as its float twin does
+        # is then not run again (its local error is none), as compare's shadows are
+        self.takes_inputs = floor is not None
         self.twin = [twin]  # a list, so the twin is not registered as a submodule
 
     def forward(self, x: Any, y: Any, *inputs: Any) -> None:  # type: ignore[override]
         pending = self.twin[0].pending
         if pending:
-            self.sums.update(y, x, pending.pop(0), self.floor.grid)
+            self.sums.update(y, x, pending.pop(0), self.floor.grid if self.floor else None)
+        if self.floor is None:
+            return
         quant, ref = first_output(x), first_output(y)
         if isinstance(quant, torch.Tensor) and isinstance(ref, torch.Tensor):
             if self.floor.grid is None and quant.is_quantized:
@@ -283,6 +309,16 @@ def _db_below(value: float, threshold: float) -> str:
 
 
 def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
+    """The causes of a quantized layer, then the amplification flag if ``d`` is the first op
+    below the threshold (an op left in float, too)."""
+    flags = _layer_flags(d) if d.quantized else []
+    if first_below and d.cumulative_sqnr is not None:
+        flags.append(_amplification_flag(d, d.cumulative_sqnr, threshold_db))
+    return tuple(flags)
+
+
+def _layer_flags(d: LayerDiagnosis) -> list[Flag]:
+    """What the layer's own quantization does wrong: its floor, weights, clipping, noise."""
     flags: list[Flag] = []
     verdict = d.floor
     if verdict is not None and verdict.state == "below":
@@ -335,21 +371,52 @@ def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[F
             "a histogram observer if the layer has a MinMax one (the x86/fbgemm defaults "
             "already use it); else keep the layer float, or equalization to spread the outliers",
         ))
-    if first_below and d.cumulative_sqnr is not None:
-        amp = d.amplification
-        why = (f"this layer alone adds {d.local_sqnr:.1f} dB SQNR worth of error: the earlier "
-               f"layers' error is amplified {amp:.1f} dB"
-               if amp is not None and amp > 3 and d.local_sqnr is not None
-               else "mostly this layer's own error")
-        flags.append(Flag(
-            "amplification",
-            f"first layer where the cumulative SQNR ({_db_below(d.cumulative_sqnr, threshold_db)} "
-            "dB) is below "
-            f"{threshold_db:g} dB; {why}",
-            "keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
-            "equalization",
-        ))
-    return tuple(flags)
+    return flags
+
+
+_CANCELLING = ("add", "sub")
+"""Op kinds whose output can be far smaller than their inputs, and their errors not."""
+
+_AMPLIFIED_DB = 3.0
+"""dB by which the error must exceed what an op's own error explains (or grow across the op)
+to be read as amplified: twice the error energy."""
+
+
+def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: float) -> Flag:
+    """Why the first op below the threshold (``cumulative``: its cumulative SQNR) is there:
+    its own error, or the error it reads made larger relative to its output."""
+    head = (f"`{d.module}` is the first op where the cumulative SQNR "
+            f"({_db_below(cumulative, threshold_db)} dB) is below {threshold_db:g} dB")
+    amp, local, read = d.amplification, d.local_sqnr, d.input_sqnr
+    inputs = ", ".join(d.inputs)
+    if amp is None or local is None or amp <= _AMPLIFIED_DB:
+        why = "; mostly its own error"
+    elif read is not None and read - cumulative > _AMPLIFIED_DB:
+        own = ("computes in float in both models and adds " if not d.quantized else "adds ")
+        own += f"{'no' if math.isinf(local) else 'little'} error of its own"
+        why = (f": it falls there from {read:.1f} dB in the values it reads ({inputs}), yet "
+               f"`{d.module}` {own} (local SQNR {local:.1f} dB): it amplifies the error it "
+               f"reads {read - cumulative:.1f} dB"
+               + (", as a difference of nearly equal values does (the signal cancels, the "
+                  "errors do not)" if d.kind in _CANCELLING else ""))
+    elif read is not None:
+        why = (f"; the error comes from before it: the values it reads ({inputs}) are at "
+               f"{read:.1f} dB already, `{d.module}` adds little (local SQNR {local:.1f} dB)")
+    elif math.isinf(local):  # the ops it reads have no row to compare with
+        why = (f"; `{d.module}` adds no error of its own (local SQNR inf dB): the error of the "
+               "ops before it reaches it")
+    else:
+        why = (f"; this layer alone adds {local:.1f} dB SQNR worth of error: the earlier "
+               f"layers' error is amplified {amp:.1f} dB")
+    if d.quantized:
+        fix = ("keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
+               "equalization")
+    else:
+        fix = (f"keep the layers before it float (fxnumeric.advise; `{d.module}` computes in "
+               "float already), so that the values it reads carry less error"
+               + ("; or rewrite the model so that it does not subtract nearly equal quantized "
+                  "values" if d.kind in _CANCELLING else ""))
+    return Flag("amplification", head + why, fix)
 
 
 def _nonfinite_flag(s: _Sums) -> Flag | None:
@@ -384,6 +451,34 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2g}%"
 
 
+def _feeding_ops(matching: Matching) -> dict[str, tuple[str, ...]]:
+    """For each op, the ops whose values its float subgraph reads, in order, without repeats.
+
+    Read on the float graph, where every value is an op's output; a model input counts when
+    an input quantize pairs with it (static quantization), whose error the op then reads.
+    """
+    by_float_node = {n: p for p in reversed(matching.pairs) for n in p.float_nodes}
+    feeding: dict[str, dict[str, None]] = {}
+    for pair in matching.pairs:
+        region = matching.region_of(pair)
+        chain = region.chain(pair, "float")
+        read = feeding.setdefault(op_name(pair.name), {})
+        for node in chain:
+            for arg in node.all_input_nodes:
+                producer = by_float_node.get(region.float_name(arg))
+                if arg not in chain and producer is not None and producer is not pair:
+                    read[op_name(producer.name)] = None
+    return {name: tuple(ops) for name, ops in feeding.items()}
+
+
+def _pooled_sqnr(read: list[_Sums]) -> float | None:
+    """The cumulative SQNR of several values together (their energies and errors summed), or
+    ``None`` without values or with one not measured."""
+    if not read or not all(s.count for s in read):
+        return None
+    return db(sum(s.cum_signal for s in read), sum(s.cum_noise for s in read))
+
+
 @keeps_buffers
 @defers_collection
 def diagnose(
@@ -398,17 +493,19 @@ def diagnose(
 ) -> Diagnosis:
     """Measure why each quantized layer loses accuracy, and flag the usual causes.
 
-    Each quantized layer's float twin (its shadow: the float subgraph fed the values the
-    quantized layer reads) gives the local error and the clipping; the float model at the
-    same place gives the cumulative error; the weights give range use and outliers. Every
-    capture works alike (models torch.fx cannot trace whole included).
+    Each op's float twin (its shadow: the float subgraph fed the values the quantized model's
+    op reads) gives the local error and the clipping; the float model at the same place gives
+    the cumulative error; the weights give range use and outliers. The ops left in float get
+    a row too, so that the error amplification is flagged where it happens (a float ``sub``
+    cancelling two quantized branches), not at the next quantized layer. Every capture works
+    alike (models torch.fx cannot trace whole included).
 
     Args:
         float_model: the float model (not modified).
         quant_model: the quantized model made from it (not modified).
         data: batches, as :func:`fxnumeric.compare` takes them (tensors, tuples of inputs,
             dicts of keyword inputs).
-        threshold_db: cumulative SQNR below which the first such layer is flagged.
+        threshold_db: cumulative SQNR below which the first such op is flagged.
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress over batches on stderr (default: on a terminal or notebook).
         inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
@@ -422,7 +519,8 @@ def diagnose(
     matching = resolve_matching(float_model, quant_model, matching, None,
                                 example_inputs=batches[0], validate=False)
     check_pairable(matching)  # as compare: an unrelated pair is refused, not "no layer flagged"
-    layers = layer_names(matching)
+    layers = op_names(matching)
+    quantized = set(layer_names(matching))
     sums = {name: _Sums() for name in layers}
     twins: list[_FloatValues] = []
 
@@ -434,12 +532,13 @@ def diagnose(
 
     def shadows(pair: Pair) -> nn.Module:
         twin = twins[-1]  # instrument builds a pair's output observers, then its shadow
+        if not pair.quantized:  # no grid of its own: no floor
+            return _LocalError(sums[op_name(pair.name)], twin, None)
         sums_of_floor = floor_sums(matching.region_of(pair), pair)
         floors.setdefault(op_name(pair.name), []).append((pair, sums_of_floor))
         return _LocalError(sums[op_name(pair.name)], twin, sums_of_floor)
 
-    built = instrument(matching, select=lambda p, m: p.quantized, outputs=outputs,
-                       shadows=shadows)
+    built = instrument(matching, outputs=outputs, shadows=shadows)
     with Progress(len(batches), "diagnosing", progress) as bar:
         for batch in batches:
             run_model(built.float_model, batch, which="float")
@@ -452,6 +551,7 @@ def diagnose(
     for pair, _, fw, qw in pair_weights(matching, as_computed=True):
         weights.setdefault(op_name(pair.name), _weight_stats(fw, qw))
     kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
+    feeding = _feeding_ops(matching)
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
     for name in layers:
@@ -472,6 +572,9 @@ def diagnose(
             local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,
             cumulative_sqnr=db(s.cum_signal, s.cum_noise) if s.count else None,
             floor_sqnr=floor, floor=floor_verdict,
+            quantized=name in quantized or kinds[name] == "quantize" or s.quantized,
+            inputs=tuple(module_path(matching, n) for n in feeding[name]),
+            input_sqnr=_pooled_sqnr([sums[n] for n in feeding[name]]),
         )
         if nonfinite is not None:  # poisoned sums: nothing to draw from them
             diagnosed.append(d)

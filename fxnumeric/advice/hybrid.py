@@ -51,7 +51,7 @@ from ..pairing import op_name
 from ..run import graph_signature, run_model
 from ..semantics import fetch_attr, is_dequantize, with_values, writes_first_input
 
-__all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "module_path",
+__all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "op_names", "module_path",
            "function_target"]
 
 
@@ -64,6 +64,13 @@ def layer_names(matching: Matching) -> list[str]:
     return list(dict.fromkeys(op_name(p.name) for p in matching.pairs if p.quantized))
 
 
+def op_names(matching: Matching) -> list[str]:
+    """Names of every paired op, quantized or not, in graph order, without repeats: the ops a
+    :func:`fxnumeric.compare` report has a row for (its call sites merged, as in
+    :func:`layer_names`)."""
+    return list(dict.fromkeys(op_name(p.name) for p in matching.pairs))
+
+
 def _every_layer(first: Matching, variants: dict[str, Matching]
                  ) -> tuple[list[str], tuple[tuple[str, str], ...]]:
     """The layers any variant quantizes, named as in the ``first`` matching (the base of
@@ -72,7 +79,7 @@ def _every_layer(first: Matching, variants: dict[str, Matching]
     names = layer_names(first)
     if len(variants) == 1:
         return names, ()
-    order = {n: i for i, n in enumerate(dict.fromkeys(op_name(p.name) for p in first.pairs))}
+    order = {n: i for i, n in enumerate(op_names(first))}
     by_path = {module_path(first, n): n for n in order}
     unplaced: list[tuple[str, str]] = []
     for variant, matching in list(variants.items())[1:]:
