@@ -472,8 +472,9 @@ class HybridRunner:
         # op -> quantize -> dequantize), the layer ends after that
         tail = _output_tail(region, pair)
         owned = self._annotated(region)
-        if tail and owned and _readers_ask(tail) and (base == "quant"
-                                                      or not output_wanted(tail[0].args[0])):
+        edge = quantized_edge(tail[-1]) if tail and owned else None
+        if edge is not None and _readers_ask(tail[-1], edge) and (base == "quant"
+                                                                  or not output_wanted(edge)):
             # pt2e: the quantize after the layer is its readers' (their input annotation): it
             # stays where it is, on the layer's float output, and the readers keep it
             # (:class:`_SwapInterpreter` drops it for those kept float too)
@@ -860,12 +861,12 @@ def _still_quantized(view: Any, node: fx.Node, skipped: frozenset[fx.Node],
 # ---------------------------------------------------------------- whose quantize (pt2e)
 
 
-def _readers_ask(tail: list[fx.Node]) -> bool:
-    """Whether a reader of the layer output's quantize (``tail[0]``) asked for it: its input
-    is annotated (X86InductorQuantizer quantizes a Linear's input, not the op before it)."""
-    value = tail[0].args[0]
+def _readers_ask(dequantize: fx.Node, value: fx.Node) -> bool:
+    """Whether a reader of the edge ``value -> quantize -> dequantize`` (through any of the
+    quantize's dequantizes) asked for it: its input is annotated (X86InductorQuantizer
+    quantizes a Linear's input, not the op before it)."""
     return any(input_wanted(reader, value)
-               for dequantize in tail[0].users for reader in dequantize.users)
+               for each in dequantize.args[0].users for reader in each.users)
 
 
 def _not_asked_by(node: fx.Node, layer: set[fx.Node]) -> bool:
