@@ -37,6 +37,7 @@ from .capture.export import capture_example
 from .errors import InputError, InstrumentationError
 from .guards import check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
+from .instrument.assemble import CallSites
 from .loggers import Logger, OutputLogger, ShadowLogger
 from .match import Matching, Pair, match
 from .run import check_devices, check_model, keeps_buffers, run_model
@@ -193,6 +194,8 @@ class _Installed:
         # the model's own modules the instrumented copy runs, at the same path
         self.calls = tuple((path, module) for path, module in gm.named_modules()
                            if path and owned.get(path) is module)
+        # run through .forward, without the hook that restarts them: restarted here
+        self.counted = tuple(m for m in gm.modules() if isinstance(m, CallSites))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         for path, module in self.calls:
@@ -206,6 +209,8 @@ class _Installed:
                     f"replaced or removed after preparing: the prepared forward would still run "
                     f"the old module. Call fxnumeric.{self.call} again after changing the model "
                     f"(or fxnumeric.remove_instrumentation to run it unprepared)")
+        for sites in self.counted:
+            sites.calls = 0
         return self.prepared.gm.forward(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Installed:

@@ -198,9 +198,9 @@ def instrument(
             copies[block.region][block.site] = (float_copy, quant_copy)
         _instrument_block(block, float_copy, quant_copy, built, observers, index)
         index += 1
-    quant_parts = {r: _sites([q for _, q in c]) for r, c in copies.items()}
+    quant_parts = {r: _sites([q for _, q in c], r) for r, c in copies.items()}
     float_parts = {  # every call site of a region observed on the float side needs its copy
-        r: _sites([f if f is not None else GraphCopy(r, "float") for f, _ in c])
+        r: _sites([f if f is not None else GraphCopy(r, "float") for f, _ in c], r)
         for r, c in copies.items() if any(f is not None for f, _ in c)}
     return replace(built, float_model=assemble(matching, "float", float_parts),
                    quant_model=assemble(matching, "quant", quant_parts))
@@ -230,9 +230,11 @@ def _instrument_block(block: Block, float_copy: GraphCopy | None, quant_copy: Gr
                       f"fxnumeric_block_shadow_{index}")
 
 
-def _sites(copies: list[Any]) -> Build:
-    """What assembly puts in a region's place: its one copy, or one per call site."""
-    if len(copies) == 1:
+def _sites(copies: list[Any], region: Region) -> Build:
+    """What assembly puts in a region's place: a copy per call site, in :class:`CallSites`
+    (which counts the calls of each forward: a batch calling a submodule more often than the
+    first runs the extra calls unobserved, and says so); the whole model's one copy as it is."""
+    if len(copies) == 1 and not region.quant_path:
         return copies[0].finish
     return lambda calls: CallSites([c.finish(calls) for c in copies])
 
@@ -328,7 +330,7 @@ def observe_values(matching: Matching, side: str,
                 graph_copy.observe(node, observer, f"fxnumeric_logger_{index}")
                 index += 1
             copies.append(graph_copy)
-        parts[region] = _sites(copies)
+        parts[region] = _sites(copies, region)
     return assemble(matching, side, parts)
 
 

@@ -19,11 +19,14 @@ The user's models carry nothing new afterwards.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
 from ..capture.clone import module_tree_copy
+from ..errors import FxNumericWarning
 from ..match import Matching, Region
 
 __all__ = ["assemble", "captured_model", "Build", "Spliced", "CallSites"]
@@ -57,19 +60,54 @@ class Spliced(nn.Module):
 
 
 class CallSites(nn.Module):
-    """One module per call site of a region its parent calls several times per forward: the
-    ``i``-th call of each forward runs ``sites[i]`` (calls are counted modulo their number,
-    the calls per forward recorded on the example inputs)."""
+    """One module per call site of a region: the ``i``-th call of each forward runs
+    ``sites[i]``.
+
+    The calls per forward were counted on the first batch. Spliced into a model tree
+    (:func:`assemble`), the count restarts with every forward of the model, and a forward that
+    calls the region more often runs the calls past the sites on ``fallback`` (the region's
+    module as the model holds it, observing nothing) and warns once: those calls belong to no
+    row, rather than to the row of another call. Counted across forwards (the count of a
+    model that made 3 calls, then 1, then 3 ran the third batch's first call as the second
+    call site), the rows mixed calls whenever a batch made fewer. Without a fallback (the
+    region covering the whole model, called once per forward; a matching made without example
+    inputs, whose calls were not counted: the eager API's one logger per module, logged at
+    every call) calls cycle through the sites.
+    """
 
     def __init__(self, sites: list[nn.Module]) -> None:
         super().__init__()
         self.sites = nn.ModuleList(sites)
         self.calls = 0
+        self.path = ""
+        self.unobserved = 0  # calls run on the fallback, past the first batch's count
+        object.__setattr__(self, "_fallback", None)
 
     def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        site = self.sites[self.calls % len(self.sites)]
-        self.calls += 1
-        return site(*args, **kwargs)
+        call, self.calls = self.calls, self.calls + 1
+        fallback = self.__dict__["_fallback"]
+        if call < len(self.sites) or fallback is None:
+            return self.sites[call % len(self.sites)](*args, **kwargs)
+        if not self.unobserved:
+            counted = len(self.sites)
+            warnings.warn(FxNumericWarning(
+                f"`{self.path}` is called more often in a batch than in the first "
+                f"({counted} call{'s' if counted > 1 else ''} a forward), whose calls set its "
+                f"rows: the calls past the first {counted} are not compared. Put a batch "
+                "that makes the most calls first"), stacklevel=2)
+        self.unobserved += 1
+        return fallback(*args, **kwargs)
+
+
+class _Restart:
+    """A forward pre-hook that restarts the call count of every :class:`CallSites`."""
+
+    def __init__(self, sites: list[CallSites]) -> None:
+        self.sites = sites
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        for site in self.sites:
+            site.calls = 0
 
 
 def _depth(path: str) -> int:
@@ -112,13 +150,21 @@ def assemble(matching: Matching, side: str, replaced: Mapping[Region, Build]) ->
     paths: dict[int, list[str]] = {}
     for name, module in root.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)
+    counted: list[CallSites] = []
     for region in sorted(replaced, key=lambda r: _depth(r.path(side)), reverse=True):
         path = region.path(side)
         own = root.get_submodule(path)
-        module = Spliced(replaced[region](root.get_submodule(region.scope(side))), own)
+        inner = replaced[region](root.get_submodule(region.scope(side)))
+        if isinstance(inner, CallSites) and path and matching.call_order:  # calls counted
+            inner.path = path
+            object.__setattr__(inner, "_fallback", own)
+            counted.append(inner)
+        module = Spliced(inner, own)
         if not path:
             root = module
         else:
             for alias in paths.get(id(own), [path]) if region.call_sites > 1 else [path]:
                 root.set_submodule(alias, module)
+    if counted:
+        root.register_forward_pre_hook(_Restart(counted))
     return root
