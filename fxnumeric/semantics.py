@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from .view import GraphView
 __all__ = [
     "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
-    "computes_alike", "views_of", "with_values",
+    "computes_alike", "holds_quantized", "rounds_on_grid", "views_of", "with_values",
 ]
 
 QRANGE: dict[torch.dtype, tuple[int, int]] = {
@@ -350,10 +351,167 @@ def _same_module(a: nn.Module, b: nn.Module) -> bool:
     return True
 
 
+_GRID_EXACT = _VIEW_OPS | {
+    "relu", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "max", "min", "amax", "amin", "flip", "roll",
+    "repeat", "clone", "cat", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle",
+    "upsampling_nearest1d", "upsampling_nearest2d", "upsampling_nearest3d",
+}
+"""Op kinds that, run on a torch quantized tensor, compute exactly what they compute on its
+dequantized values: they move, copy or select its integers (the greatest of a window, the
+zero point for ``relu``, a reshaped view) and keep its grid, so their quantized result is the
+float result, bit for bit. ``cat`` too: torch refuses quantized inputs of different grids.
+Every other float-capable op run on a quantized tensor (an average pool, ``mean``, a
+bilinear ``interpolate``, ``sigmoid``, a ``hardtanh`` whose bounds fall between grid points)
+computes in integers and rounds its result onto a grid: an error of its own. ``interpolate``
+(``nn.Upsample``) is exact in ``nearest`` mode only, and the clamps (:data:`_CLAMPS`) when
+their bounds are points of the grid they read (:func:`_grid_exact`)."""
+
+_NEAREST_ONLY = frozenset({"interpolate", "upsample"})
+
+_CLAMPS = frozenset({"hardtanh", "relu6", "clamp", "clip"})
+"""Clamps: torch quantizes each bound onto the grid of the value it clamps (a ``ReLU6`` on a
+grid of step 0.05 clamps at 6.0 only if 120 steps make 6.0 exactly), so they are exact when
+every bound is a grid point, as ``0`` (the zero point) always is."""
+
+
+def _clamp_bounds(view: GraphView, node: fx.Node, kind: str) -> tuple[Any, Any]:
+    """The lower and upper bounds of the clamp ``node`` (``None``: no bound), as given."""
+    if node.op == "call_module":
+        module = view.modules[str(node.target)]
+        return getattr(module, "min_val", None), getattr(module, "max_val", None)
+    if kind == "relu6":
+        return 0.0, 6.0
+    names, defaults = ((("min_val", "max_val"), (-1.0, 1.0)) if kind == "hardtanh"
+                       else (("min", "max"), (None, None)))
+    return tuple(node.kwargs.get(name, node.args[i + 1] if len(node.args) > i + 1 else default)
+                 for i, (name, default) in enumerate(zip(names, defaults, strict=True)))
+
+
+def _grid_read(view: GraphView, node: fx.Node) -> tuple[float, int] | None:
+    """The scale and zero point of the quantized value ``node`` reads first, where the graph
+    holds them: the quantize it went through (:func:`quantize_grid`) or the torch quantized
+    module that made it (its ``scale`` and ``zero_point``), behind grid-exact ops; ``None``
+    elsewhere (a grid computed at run time, a quantized function's arguments)."""
+    value = node.all_input_nodes[0] if node.all_input_nodes else None
+    while value is not None:
+        cls = view.op_class(value)
+        if cls is None or cls.is_dequantize:
+            return None
+        if cls.is_quantize:
+            grid = quantize_grid(value, view)
+            return None if grid is None else (grid.scale, grid.zero_point)
+        if cls.quantized:
+            module = view.modules.get(str(value.target)) if value.op == "call_module" else None
+            scale, zero_point = (_scalar(getattr(module, "scale", None)),
+                                 _scalar(getattr(module, "zero_point", None)))
+            return None if scale is None or zero_point is None else (scale, int(zero_point))
+        if not _grid_exact(view, value) or not value.all_input_nodes:
+            return None
+        value = value.all_input_nodes[0]
+    return None
+
+
+def _on_grid(bound: Any, grid: tuple[float, int]) -> bool:
+    """Whether ``bound`` (a number, or ``None``: no bound) is a point of ``grid``, as torch
+    quantizes a clamp's bound (in a 32-bit range: a bound beyond an 8-bit grid's ends is not
+    asked to be one)."""
+    if bound is None:
+        return True
+    if not isinstance(bound, (int, float)):
+        return False  # a tensor bound: read at run time
+    value = torch.tensor([float(bound)])
+    snapped = torch.quantize_per_tensor(value, grid[0], grid[1], torch.qint32).dequantize()
+    return bool(torch.equal(snapped, value))
+
+
+def _grid_exact(view: GraphView, node: fx.Node) -> bool:
+    """Whether ``node``, run on a quantized tensor, computes exactly its float result
+    (:data:`_GRID_EXACT`; a nearest-neighbour ``interpolate`` or ``nn.Upsample``; a clamp
+    whose bounds are points of the grid it reads, :data:`_CLAMPS`)."""
+    cls = view.op_class(node)
+    if cls is None or cls.role == "plumbing" or view.is_shape(node):
+        return True  # passes its input through, or measures it
+    if len(cls.signature) != 1:
+        return False
+    kind = cls.signature[0]
+    if kind in _NEAREST_ONLY:
+        mode = (getattr(view.modules[str(node.target)], "mode", None)
+                if node.op == "call_module"
+                else node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest"))
+        return mode == "nearest"
+    if kind in _CLAMPS:
+        grid = _grid_read(view, node)
+        return grid is not None and all(_on_grid(b, grid)
+                                        for b in _clamp_bounds(view, node, kind))
+    return kind in _GRID_EXACT
+
+
+def holds_quantized(view: GraphView, node: fx.Node) -> bool:
+    """Whether ``node``'s value is a torch quantized tensor when the graph runs, read from the
+    graph alone: walking back along each node's first input, a quantize (``QuantStub``'s
+    ``Quantize``, FX's ``quantize_per_tensor``) comes before any dequantize.
+
+    Between the two, every op runs on quantized tensors: torch's quantized modules and
+    functions (eager ``convert``, ``convert_fx``) and the float-capable ops left among them
+    (a pool, ``flatten``, ``mean``). Reference FX and pt2e graphs dequantize before each op,
+    and dynamic and torchao layers quantize inside the op: their ops read float values. A
+    graph input reads as float (a region of a model captured as several regions does not
+    know what its caller passes).
+
+    Example:
+        >>> g = fx.Graph()
+        >>> x = g.placeholder("x")
+        >>> q = g.call_function(torch.quantize_per_tensor, (x, 0.1, 0, torch.quint8))
+        >>> pooled = g.call_function(torch.mean, (q,))
+        >>> dq = g.call_method("dequantize", (pooled,))
+        >>> _ = g.output(g.call_function(torch.mean, (dq,)))
+        >>> view = GraphView(fx.GraphModule(nn.Module(), g))
+        >>> [holds_quantized(view, n) for n in (x, q, pooled, dq)]
+        [False, True, True, False]
+    """
+    return node in _quantized_values(view)
+
+
+_QUANTIZED_VALUES: weakref.WeakKeyDictionary[GraphView, frozenset[fx.Node]] = (
+    weakref.WeakKeyDictionary())
+""":func:`_quantized_values` of each view, kept while the view lives."""
+
+
+def _quantized_values(view: GraphView) -> frozenset[fx.Node]:
+    """The nodes of ``view``'s graph whose values are torch quantized tensors
+    (:func:`holds_quantized`), found in one pass in graph order and once per view: a walk
+    back from each of a deep graph's float ops was quadratic in its length."""
+    found = _QUANTIZED_VALUES.get(view)
+    if found is None:
+        held: set[fx.Node] = set()
+        for node in view.nodes:
+            cls = view.op_class(node)
+            if cls is not None and (cls.is_quantize or (
+                    not cls.is_dequantize and node.all_input_nodes
+                    and node.all_input_nodes[0] in held)):
+                held.add(node)
+        found = _QUANTIZED_VALUES[view] = frozenset(held)
+    return found
+
+
+def rounds_on_grid(view: GraphView, node: fx.Node) -> bool:
+    """Whether the float-capable op ``node`` reads a quantized tensor (:func:`holds_quantized`)
+    and rounds its result onto a grid (it is not grid-exact, :data:`_GRID_EXACT`): the
+    quantized model's average pool, ``mean`` or bilinear upsampling of quantized values adds
+    an error of its own, though its float twin calls the same function."""
+    return not _grid_exact(view, node) and any(
+        holds_quantized(view, value) for value in node.all_input_nodes
+        if not view.is_shape(value))
+
+
 def computes_alike(region: Any, pair: Any) -> bool:
     """Whether a pair left in float computes on the quantized side exactly what its float
     twin computes: node for node the same op (the same function, or modules of one class with
-    bit-equal weights and equal settings) on the same constants. Quantized pairs never do."""
+    bit-equal weights and equal settings) on the same constants. Quantized pairs never do;
+    nor does a float-capable op the quantized model runs on quantized tensors when it rounds
+    its result onto the grid (:func:`rounds_on_grid`: an ``AdaptiveAvgPool2d`` between
+    quantized layers), while grid-exact ops (``relu``, max pools, views) still do."""
     if pair.quantized:
         return False
     floats, quants = region.chain(pair, "float"), region.chain(pair, "quant")
@@ -381,7 +539,7 @@ def computes_alike(region: Any, pair: Any) -> bool:
                         return False
             elif not _same_value(x, y):
                 return False
-    return True
+    return not any(rounds_on_grid(region.quant_view, q) for q in quants)
 
 
 def _same_value(a: Any, b: Any) -> bool:

@@ -218,6 +218,123 @@ def test_a_layer_left_float_with_other_weights_is_shadowed_and_reads_the_differe
         assert row.shadow[name] == pytest.approx(value, rel=1e-6), name
 
 
+class _Mean(nn.Module):
+    """``torch.mean`` as a module of the user's own, so a hook reads what it is given."""
+
+    def forward(self, x):
+        return torch.mean(x, dim=(2, 3), keepdim=True)
+
+
+class _Around(nn.Module):
+    """conv -> op -> conv between stubs: the op is left float and runs on quantized values."""
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), \
+            torch.ao.quantization.DeQuantStub()
+        self.conv, self.op, self.conv2 = nn.Conv2d(3, 8, 3), op, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.dequant(self.conv2(self.op(self.conv(self.quant(x)))))
+
+
+def _quantized_around(op: nn.Module, flow: str, batches: list[torch.Tensor]):
+    from torch.ao.quantization import get_default_qconfig, get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = _Around(op).eval()
+    if flow == "eager":
+        prepared = copy.deepcopy(f)
+        prepared.qconfig = get_default_qconfig("fbgemm")
+        prepared = torch.ao.quantization.prepare(prepared)
+    else:
+        prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("fbgemm"),
+                              (batches[0],))
+    for b in batches:
+        prepared(b)
+    q = (torch.ao.quantization.convert if flow == "eager" else convert_fx)(prepared)
+    return f, q
+
+
+def _op_error(q: nn.Module, float_op: nn.Module, batches: list[torch.Tensor]):
+    """The oracle of the op's own error: its float twin on the dequantized quantized input
+    against the quantized model's op, read by a hook, pooled over the batches; and whether
+    the op read quantized tensors."""
+    refs, acts, on_grid = [], [], []
+
+    def hook(module, args, out):
+        on_grid.append(args[0].is_quantized)
+        refs.append(float_op(args[0].dequantize()))
+        acts.append(out.dequantize())
+
+    handle = q.get_submodule("op").register_forward_hook(hook)
+    with torch.no_grad():
+        for b in batches:
+            q(b)
+    handle.remove()
+    return (torch.cat([r.flatten() for r in refs]), torch.cat([a.flatten() for a in acts]),
+            all(on_grid))
+
+
+_ROUNDING = {  # float-capable ops that compute in integers on a quantized tensor and round
+    "AdaptiveAvgPool2d": lambda: nn.AdaptiveAvgPool2d(1),
+    "AvgPool2d": lambda: nn.AvgPool2d(2),
+    "bilinear Upsample": lambda: nn.Upsample(scale_factor=2.0, mode="bilinear"),
+    "torch.mean": _Mean,
+    "Hardtanh off the grid": nn.Hardtanh,
+}
+_EXACT = {  # ops that move or select the quantized integers: exact on the grid
+    "ReLU": nn.ReLU,
+    "MaxPool2d": lambda: nn.MaxPool2d(2),
+    "nearest Upsample": lambda: nn.Upsample(scale_factor=2.0, mode="nearest"),
+    "Hardtanh on the grid": nn.Hardtanh,
+}
+_BOUNDS_IN_STEPS = {"Hardtanh off the grid": (-3.4, 40.4), "Hardtanh on the grid": (-3, 40)}
+_NOT_ON_THE_GRID = {  # what convert_fx does not leave as a float module on quantized values
+    ("torch.mean", "fx"): "convert_fx inlines the user's module: no module left to hook",
+    ("ReLU", "fx"): "convert_fx fuses the conv and the relu",
+    ("bilinear Upsample", "fx"): "convert_fx dequantizes before an Upsample",
+    ("nearest Upsample", "fx"): "convert_fx dequantizes before an Upsample",
+}
+
+
+@pytest.mark.parametrize("flow", ["eager", "fx"])
+@pytest.mark.parametrize("op", list(_ROUNDING) + list(_EXACT))
+def test_a_float_op_run_on_quantized_values_is_shadowed_unless_exact_on_the_grid(op, flow):
+    # AdaptiveAvgPool2d(1) between quantized convs computes alike in both models (the same
+    # module), but the quantized model runs it on quantized tensors and rounds its result:
+    # compare read inf (no error of its own) where the op reads 22 dB here
+    if (op, flow) in _NOT_ON_THE_GRID:
+        pytest.skip(_NOT_ON_THE_GRID[op, flow])
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 3, 12, 12, generator=g) for _ in range(3)]
+    f, q = _quantized_around((_ROUNDING | _EXACT)[op](), flow, batches)
+    if op in _BOUNDS_IN_STEPS:  # bounds in steps of the grid the op reads, from zero
+        for m in (f.op, q.op):
+            m.min_val, m.max_val = (float(torch.tensor(k * q.conv.scale))
+                                    for k in _BOUNDS_IN_STEPS[op])
+    ref, actual, on_grid = _op_error(q, copy.deepcopy(f.op), batches)
+    calls: list[int] = []  # the float op's runs (not countable in a module traced through)
+    f.op.register_forward_pre_hook(lambda m, i: calls.append(1))
+    report = ns.compare(f, q, batches, progress=False)
+    counted = op != "torch.mean"
+    row = report.row("mean" if op == "torch.mean" else "op")
+    assert on_grid and not row.quantized
+    if op in _EXACT:  # no error, and the shortcut still saves the float op's second run
+        assert torch.equal(ref, actual)
+        assert row.shadow_sqnr == math.inf and row.shadow["max_abs_error"] == 0.0
+        assert len(calls) == len(batches) or not counted
+        return
+    want = _oracle(ref, actual)
+    assert row.shadow_sqnr == pytest.approx(want["sqnr"], abs=1e-5)
+    assert row.shadow["max_abs_error"] == pytest.approx(want["max_abs_error"], rel=1e-6)
+    assert len(calls) == 2 * len(batches) or not counted  # shadowed
+    if op == "AdaptiveAvgPool2d":  # diagnose reads the same shadow
+        diagnosis = ns.diagnose(f, q, batches, progress=False)
+        local = next(d.local_sqnr for d in diagnosis.layers if d.name == "op")
+        assert local == pytest.approx(row.shadow_sqnr, abs=1e-5)
+
 def test_a_value_overwritten_in_place_later_is_read_before_it_is_without_a_copy():
     # conv -> bn -> ReLU6(inplace=True): FX quantization does not fuse relu6, so the relu6
     # writes into the conv pair's output. compare's comparators read it at their call, before
