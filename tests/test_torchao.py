@@ -610,7 +610,8 @@ def test_advice_on_a_torchao_qat_prepared_model_swaps_the_float_layer_in(recwarn
     assert advice.reached and len(advice.keep_float) == 1
     assert advice.value == pytest.approx(end_sqnr(_swapped(q, f, advice.keep_float)), abs=1e-6)
     diagnosis = fxn.diagnose(f, q, data, progress=False)
-    assert [d.name for d in diagnosis.layers] == ["emb", "fc1", "fc2"]
+    assert [(d.name, d.quantized) for d in diagnosis.layers] == [
+        ("emb", True), ("fc1", True), ("relu", False), ("fc2", True)]  # every op has a row
     report = fxn.compare(f, q, data, progress=False)
     below = [n for n in ("emb", "fc1", "fc2")
              if report.row(n).output_sqnr < diagnosis.threshold_db]
