@@ -147,9 +147,11 @@ def test_qat_prepared_models_pair_conv_and_batch_norm():
     move_exported_model_to_eval(prepared)  # its BatchNorms use running statistics
     m = fxn.match(ep, prepared)
     # the QAT graph keeps its BatchNorm after a conv that reads weight * bn_scale and divides
-    # the scale back out: conv and BatchNorm pair one to one, the scaling is not a layer
-    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (69, 0, 0)
-    conv = m.pairs[0]
+    # the scale back out: conv and BatchNorm pair one to one, the scaling is not a layer; the
+    # input's fake-quant is a pair of its own, as a converted model's input quantize is
+    assert (len(m.pairs), len(m.unmatched_float), len(m.unmatched_quant)) == (70, 0, 0)
+    assert (m.pairs[0].name, m.pairs[0].kind) == ("x.quantize", "quantize")
+    conv = m.pairs[1]
     assert (conv.kind, conv.float_nodes, conv.quant_nodes) == ("conv2d", ("conv2d",),
                                                                 ("conv2d_20",))
     assert m.output_nodes(conv)[1].name == "div_1"  # the conv's value, scale divided back out
@@ -159,6 +161,109 @@ def test_qat_prepared_models_pair_conv_and_batch_norm():
     # fake-quants are not run on weights (that would update them): until convert, the weight
     # compared is the float weight, scaled and divided back (float rounding only)
     assert all(r.weight_sqnr > 100 for r in convs)
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = (torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                        torch.nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _qat_mlp(calibration):
+    """``(float model, its ExportedProgram, prepare_qat_pt2e model)``, the fake-quants
+    calibrated on ``calibration`` (XNNPACK symmetric QAT config), BatchNorm-free in eval."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    float_model = _Mlp().eval()
+    ep = torch.export.export(float_model, (calibration,))
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_qat=True))
+    prepared = prepare_qat_pt2e(torch.export.export(copy.deepcopy(float_model),
+                                                    (calibration,)).module(), quantizer)
+    prepared(calibration)
+    move_exported_model_to_eval(prepared)
+    return float_model, ep, prepared
+
+
+def _fake_quant_oracle(float_model, prepared, batches):
+    """Output SQNR per row, read with forward hooks: the float model's input and modules
+    against the fake-quant each value goes through in a copy of ``prepared`` whose observers
+    are off (the scales stay as calibrated), its input's included."""
+    float_model, qat = copy.deepcopy(float_model), copy.deepcopy(prepared)
+    fake_quants = {name: m for name, m in qat.named_modules() if hasattr(m, "disable_observer")}
+    for module in fake_quants.values():
+        module.disable_observer()
+    # the op (or input) each fake-quant of an activation reads -> that fake-quant's name
+    after = {node.args[0].name: str(node.target) for node in qat.graph.nodes
+             if node.target in fake_quants and node.args[0].op != "get_attr"}
+    rows = {"x.quantize": "x", "fc1": "linear", "act": "gelu", "fc2": "linear_1"}
+    float_values, quant_values = {n: [] for n in rows}, {n: [] for n in rows}
+    for row, op in rows.items():
+        qat.get_submodule(after[op]).register_forward_hook(
+            lambda _m, _i, out, row=row: quant_values[row].append(out.detach()))
+        if row != "x.quantize":
+            float_model.get_submodule(row).register_forward_hook(
+                lambda _m, _i, out, row=row: float_values[row].append(out.detach()))
+    with torch.no_grad():
+        for x in batches:
+            float_values["x.quantize"].append(x)
+            float_model(x)
+            qat(x)
+    return {row: fxn.sqnr(torch.cat(float_values[row]), torch.cat(quant_values[row]))
+            for row in rows}
+
+
+def test_qat_prepared_fake_quants_belong_to_rows_as_a_converted_models_quantizes_do():
+    # fake-quants calibrated on one batch and compared on others: the input's clips hard
+    # (19.3 dB) and fc2's output fake-quant takes the model output to 5.3 dB. Read as
+    # plumbing, the input's was in no row and fc2 read 15.6 dB, before its fake-quant: no
+    # row accounted for the model's 5.3 dB
+    batches = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    float_model, ep, prepared = _qat_mlp(batches[0])
+    before = _state(prepared)
+    report = fxn.compare(ep, prepared, batches[1:], progress=False)
+    _assert_state(prepared, before)  # compared with its scales, never recalibrated
+    oracle = _fake_quant_oracle(float_model, prepared, batches[1:])
+    read = {r.name: r.output_sqnr for r in report.rows}
+    assert read == pytest.approx(oracle, abs=1e-4)
+    assert oracle["x.quantize"] < 25 and oracle["fc2"] < 10
+    assert report.model_output["sqnr"] == pytest.approx(oracle["fc2"], abs=1e-4)
+    # the input's row is the quantize alone: its own error is its output's
+    assert report.row("x.quantize").shadow_sqnr == pytest.approx(oracle["x.quantize"], abs=1e-4)
+    # the converted model reads its input quantize and fc2 the same (its kernels round alike)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    converted = fxn.compare(ep, convert_pt2e(copy.deepcopy(prepared)), batches[1:],
+                            progress=False)
+    for name in ("x.quantize", "fc2"):
+        assert converted.row(name).output_sqnr == pytest.approx(oracle[name], abs=0.1)
+
+
+def test_the_verdict_names_a_qat_prepared_models_input_fake_quant_where_error_enters():
+    # compared on its calibration batch, every fake-quant but the input's covers its values;
+    # the input's range is narrowed to 30%, as one calibrated on quieter data than it reads
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    float_model, ep, prepared = _qat_mlp(x)
+    input_fake_quant = next(prepared.get_submodule(str(n.target)) for n in prepared.graph.nodes
+                            if n.op == "call_module" and n.args[0].name == "x")
+    input_fake_quant.activation_post_process.min_val.mul_(0.3)
+    input_fake_quant.activation_post_process.max_val.mul_(0.3)
+    report = fxn.compare(ep, prepared, [x], progress=False)
+    oracle = _fake_quant_oracle(float_model, prepared, [x])
+    assert oracle["x.quantize"] < 10  # the rows after inherit its error, adding little
+    assert all(r.shadow_sqnr > 35 for r in report.rows if r.name != "x.quantize")
+    assert report.culprit == "x.quantize"
+    assert report.row("x.quantize").output_sqnr == pytest.approx(oracle["x.quantize"], abs=1e-4)
+    assert "culprit: x.quantize" in report.summary()
 
 
 def _state(model):

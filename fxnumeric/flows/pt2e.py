@@ -14,7 +14,11 @@ ATen ops are the same kinds as the torch functions they come from (:data:`ATEN_K
 :data:`QDQ_ROLES`) are quantize roles or plumbing; the quantized conv absorbed the BatchNorm, so
 the matcher pairs ``(conv2d, batch_norm)`` with ``conv2d`` as it does for any BN-folded conv.
 An op counts as quantized when it reads a dequantized (or, in a ``prepare_pt2e`` model,
-observed) value. Pairs are named by module path from ``nn_module_stack``.
+observed) value. Before conversion, an enabled fake-quant of an activation (a
+``prepare_qat_pt2e`` model's ``call_module`` of torchao's own classes) is a quantize role, as
+the quantize/dequantize ``convert_pt2e`` replaces it with: the model input's gets a row and a
+layer's output fake-quant is read as part of the layer; observers pass values through.
+Pairs are named by module path from ``nn_module_stack``.
 
 :func:`fxnumeric.models.quantize_pt2e` builds such a pair from an ``nn.Module`` (what
 ``fxnumeric report --quant pt2e`` runs).
@@ -175,14 +179,23 @@ def input_wanted(consumer: fx.Node, value: fx.Node) -> bool:
 
 def _is_transparent_module(module: nn.Module) -> bool:
     """torchao's pt2e observers and fake-quants (their own class tree, not torch.ao's)."""
-    return _is_transparent_type(type(module))
+    return _derives_from(type(module), ("ObserverBase", "FakeQuantizeBase"))
+
+
+def _fake_quantizes(module: nn.Module) -> bool:
+    """Whether ``module`` is a torchao pt2e fake-quant that is on: it changes the values it
+    passes (its ``fake_quant_enabled`` flag, cleared by ``disable_fake_quant``)."""
+    if not _derives_from(type(module), ("FakeQuantizeBase",)):
+        return False
+    enabled = getattr(module, "fake_quant_enabled", None)
+    return enabled is None or bool(enabled[0])
 
 
 @functools.cache
-def _is_transparent_type(cls: type) -> bool:
+def _derives_from(cls: type, base_names: tuple[str, ...]) -> bool:
+    """Whether ``cls`` derives from a torchao class named in ``base_names``."""
     return any(
-        klass.__name__ in ("ObserverBase", "FakeQuantizeBase")
-        and klass.__module__.startswith("torchao.")
+        klass.__name__ in base_names and klass.__module__.startswith("torchao.")
         for klass in cls.__mro__
     )
 
@@ -238,9 +251,20 @@ class Pt2eFlow(Flow):
             # _guards_fn checks input shapes for torch.export and computes nothing compared:
             # plumbing, so it is never a layer (copying the graph to erase it cost 87% of
             # match() on mobilenet_v2)
-            if node.target == _GUARDS or _is_transparent_module(modules[node.target]):
+            if node.target == _GUARDS:
                 return PLUMBING
-            return None
+            module = modules[node.target]
+            if not _is_transparent_module(module):
+                return None
+            # a fake-quant on an activation (prepare_qat_pt2e) quantizes it as convert_pt2e's
+            # quantize/dequantize will: the same role, so the model input's gets a row
+            # (x.quantize) and a layer's output fake-quant is read as part of the layer.
+            # Observers, fake-quants switched off and a weight's fake-quant (part of the
+            # weight) pass the value through.
+            read = node.all_input_nodes
+            if _fake_quantizes(module) and read and not self._is_constant(read[0], modules):
+                return QUANTIZE
+            return PLUMBING
         if node.op != "call_function":
             return None
         if node.target is operator.getitem:
