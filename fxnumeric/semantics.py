@@ -94,7 +94,8 @@ def _scalar(value: Any) -> float | None:
 def quantize_grid(node: fx.Node, view: GraphView) -> QuantGrid | None:
     """The per-tensor grid a quantize node quantizes to, read from its constants.
 
-    A ``Quantize`` module's ``scale`` and ``zero_point``; a quantize function's arguments in
+    A ``Quantize`` module's ``scale`` and ``zero_point`` (and a fake-quant's ``quant_min`` /
+    ``quant_max``, which may be narrower than its dtype's); a quantize function's arguments in
     the order torch's (``quantize_per_tensor(x, scale, zero_point, dtype)``) and the pt2e
     ones (``quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype)``) share.
     ``None`` for per-channel quantization or a node that is not a quantize.
@@ -108,7 +109,10 @@ def quantize_grid(node: fx.Node, view: GraphView) -> QuantGrid | None:
         dtype = getattr(module, "dtype", None)
         if scale is None or _scalar(zp) is None or dtype not in QRANGE:
             return None
-        return QuantGrid(scale, int(_scalar(zp)), *QRANGE[dtype])  # type: ignore[arg-type]
+        qmin, qmax = QRANGE[dtype]
+        # a fake-quant's range may be narrower than its dtype's (4-bit values held in int8)
+        qmin, qmax = getattr(module, "quant_min", qmin), getattr(module, "quant_max", qmax)
+        return QuantGrid(scale, int(_scalar(zp)), int(qmin), int(qmax))  # type: ignore[arg-type]
     # the value quantized (args[0]) is the layer's input, never a constant: not computed
     args = [None, *(evaluate_constant(a, view) for a in node.args[1:])]
     if len(args) < 4:

@@ -173,9 +173,10 @@ class _Mlp(torch.nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _qat_mlp(calibration):
+def _qat_mlp(calibration, **config):
     """``(float model, its ExportedProgram, prepare_qat_pt2e model)``, the fake-quants
-    calibrated on ``calibration`` (XNNPACK symmetric QAT config), BatchNorm-free in eval."""
+    calibrated on ``calibration`` (XNNPACK symmetric QAT config, ``config`` its arguments:
+    ``act_qmin``, ``act_qmax``), BatchNorm-free in eval."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.testing.pt2e._xnnpack_quantizer import (
@@ -186,7 +187,8 @@ def _qat_mlp(calibration):
     torch.manual_seed(0)
     float_model = _Mlp().eval()
     ep = torch.export.export(float_model, (calibration,))
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_qat=True))
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_qat=True, **config))
     prepared = prepare_qat_pt2e(torch.export.export(copy.deepcopy(float_model),
                                                     (calibration,)).module(), quantizer)
     prepared(calibration)
@@ -194,21 +196,26 @@ def _qat_mlp(calibration):
     return float_model, ep, prepared
 
 
+def _activation_fake_quants(prepared):
+    """A copy of ``prepared`` with its observers off, and ``{name of the op (or input) a
+    fake-quant of an activation reads: that fake-quant}``."""
+    qat = copy.deepcopy(prepared)
+    fake_quants = {name: m for name, m in qat.named_modules() if hasattr(m, "disable_observer")}
+    for module in fake_quants.values():
+        module.disable_observer()
+    return qat, {node.args[0].name: fake_quants[node.target] for node in qat.graph.nodes
+                 if node.target in fake_quants and node.args[0].op != "get_attr"}
+
+
 def _fake_quant_oracle(float_model, prepared, batches):
     """Output SQNR per row, read with forward hooks: the float model's input and modules
     against the fake-quant each value goes through in a copy of ``prepared`` whose observers
     are off (the scales stay as calibrated), its input's included."""
-    float_model, qat = copy.deepcopy(float_model), copy.deepcopy(prepared)
-    fake_quants = {name: m for name, m in qat.named_modules() if hasattr(m, "disable_observer")}
-    for module in fake_quants.values():
-        module.disable_observer()
-    # the op (or input) each fake-quant of an activation reads -> that fake-quant's name
-    after = {node.args[0].name: str(node.target) for node in qat.graph.nodes
-             if node.target in fake_quants and node.args[0].op != "get_attr"}
+    float_model, (qat, after) = copy.deepcopy(float_model), _activation_fake_quants(prepared)
     rows = {"x.quantize": "x", "fc1": "linear", "act": "gelu", "fc2": "linear_1"}
     float_values, quant_values = {n: [] for n in rows}, {n: [] for n in rows}
     for row, op in rows.items():
-        qat.get_submodule(after[op]).register_forward_hook(
+        after[op].register_forward_hook(
             lambda _m, _i, out, row=row: quant_values[row].append(out.detach()))
         if row != "x.quantize":
             float_model.get_submodule(row).register_forward_hook(
@@ -264,6 +271,39 @@ def test_the_verdict_names_a_qat_prepared_models_input_fake_quant_where_error_en
     assert report.culprit == "x.quantize"
     assert report.row("x.quantize").output_sqnr == pytest.approx(oracle["x.quantize"], abs=1e-4)
     assert "culprit: x.quantize" in report.summary()
+
+
+def test_a_qat_prepared_layers_floor_reads_its_fake_quants_range_not_its_dtypes():
+    # 4-bit activations held in int8 (quant_min -8, quant_max 7): read with int8's range, fc2's
+    # output fake-quant clipped nothing, so fc2's floor read 26.9 dB and its 9.2 dB "below
+    # floor: a wrong output or weight scale"; the range it clips to puts its floor at 9.9 dB
+    batches = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    float_model, ep, prepared = _qat_mlp(batches[0], act_qmin=-8, act_qmax=7)
+    report = fxn.compare(ep, prepared, batches, progress=False)
+    qat, fake_quant = _activation_fake_quants(prepared)
+    # the floor, computed directly: each Linear's float twin on the input the prepared model
+    # gave it (read by forward hooks), against the grid of the fake-quant after it (clipped
+    # half a step beyond its ends), and its rounding noise. No weight term: until convert,
+    # fxnumeric reads a weight as the observers see it, unquantized (docs/pt2e.md)
+    twin_inputs = {"fc1": [], "fc2": []}
+    for layer, before in (("fc1", "x"), ("fc2", "gelu")):
+        fake_quant[before].register_forward_hook(
+            lambda _m, _i, out, layer=layer: twin_inputs[layer].append(out.detach()))
+    with torch.no_grad():
+        for x in batches:
+            qat(x)
+    for layer, after in (("fc1", "linear"), ("fc2", "linear_1")):
+        grid = fake_quant[after]
+        assert (grid.quant_min, grid.quant_max) == (-8, 7)
+        step, zero = float(grid.scale), int(grid.zero_point)
+        low, high = (-8 - zero - 0.5) * step, (7 - zero + 0.5) * step
+        with torch.no_grad():
+            y = torch.cat([float_model.get_submodule(layer)(x) for x in twin_inputs[layer]])
+        y = y.double()
+        noise = y.numel() * step ** 2 / 12 + float(((y - y.clamp(low, high)) ** 2).sum())
+        oracle = 10 * math.log10(float((y ** 2).sum()) / noise)
+        assert report.row(layer).floor_sqnr == pytest.approx(oracle, abs=1e-3), layer
+    assert report.row("fc2").floor_sqnr < 12 and report.row("fc2").floor_cause == "clipping"
 
 
 def _state(model):
