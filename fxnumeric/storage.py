@@ -19,6 +19,11 @@ name. What the flows store (torch 2.14, torchao 0.18)::
                                                                           int64 zero point per
                                                                           channel if per-channel
 
+A recurrent layer (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells) has no ``weight``:
+its gate matrices (``weight_ih_l0``, ``weight_hh``...) count, float or dynamic quantized
+(``get_weight()``; a float16 one unpacks to float32 and counts 16 bits a weight, as a float16
+``Linear``); biases do not.
+
 torchao's default int4 layout (``IntxPackingFormat.UNPACKED_TO_INT8``, meant for
 ``torch.export``) keeps each int4 value in a byte, so an "int4" model stores *more* than an
 int8 one. :func:`weight_storage_bits` reports what is stored; ``nominal=True`` counts such
@@ -34,7 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["weight_storage_bits", "tensor_storage_bits"]
+__all__ = ["weight_storage_bits", "tensor_storage_bits", "module_weights", "dynamic_weight_dtype",
+           "is_dynamic_module"]
 
 _INT_BITS = {getattr(torch, f"int{b}"): b for b in range(1, 9) if hasattr(torch, f"int{b}")}
 _QUANTIZED_BITS = {torch.qint8: 8, torch.quint8: 8, torch.qint32: 32, torch.quint4x2: 4,
@@ -88,21 +94,61 @@ def _plain_bits(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size() * 8
 
 
-def _module_weight(module: nn.Module) -> torch.Tensor | None:
-    """``module.weight``, called if it is a method (torch's quantized modules unpack it)."""
+def module_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The weights ``module`` itself holds (not its submodules'), as its forward reads them.
+
+    ``module.weight``, called if it is a method (torch's quantized modules unpack it); a
+    recurrent layer has no ``weight`` but one per gate matrix: a float ``nn.LSTM``/``GRU``/
+    ``RNN`` or cell holds them as ``weight_ih_l0``, ``weight_hh``... parameters, and torch's
+    dynamic quantized ones pack them, unpacked by ``get_weight()`` (a dict of them).
+    """
     weight = getattr(module, "weight", None)
     if callable(weight) and not isinstance(weight, torch.Tensor):
         weight = weight()
-    return weight if isinstance(weight, torch.Tensor) else None
+    if isinstance(weight, torch.Tensor):
+        return [weight]
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return [p for name, p in module.named_parameters(recurse=False)
+                if name.startswith("weight")]
+    if is_dynamic_module(module) and callable(getattr(module, "get_weight", None)):
+        found = module.get_weight()
+        if isinstance(found, dict):
+            return [w for w in found.values() if isinstance(w, torch.Tensor)]
+    return []
+
+
+def is_dynamic_module(module: nn.Module) -> bool:
+    """One of torch's dynamic quantized modules (``quantize_dynamic``'s Linear, LSTM, GRU,
+    LSTMCell, GRUCell, RNNCell)."""
+    return type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
+
+
+def dynamic_weight_dtype(module: nn.Module) -> torch.dtype | None:
+    """The weight dtype a dynamic quantized module of torch's was built with (``torch.qint8``
+    or ``torch.float16``); ``None`` for any other module.
+
+    Each kind keeps it elsewhere: a Linear in ``_packed_params.dtype``, an LSTM or GRU in
+    ``dtype``, a cell in ``weight_dtype``. The float16 ones unpack their weights to float32,
+    so the dtype cannot be read from the weights.
+    """
+    if not is_dynamic_module(module):
+        return None
+    for owner, name in ((getattr(module, "_packed_params", None), "dtype"),
+                        (module, "weight_dtype"), (module, "dtype")):
+        dtype = getattr(owner, name, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return None
 
 
 def weight_storage_bits(module_or_tensor: nn.Module | torch.Tensor,
                         nominal: bool = False) -> tuple[int, int]:
     """``(bits, numel)``: the storage of the weights in a module tree, or of one tensor.
 
-    For a module, every submodule's ``weight`` counts (``nn.Linear``, ``nn.Embedding``,
-    norms, torchao-quantized modules, and torch's quantized modules whose ``weight()`` is a
-    method), each shared tensor once (a tied ``lm_head`` and embedding are one weight;
+    For a module, every submodule's weights count (:func:`module_weights`: ``nn.Linear``,
+    ``nn.Embedding``, norms, torchao-quantized modules, torch's quantized modules whose
+    ``weight()`` is a method, and the gate matrices of recurrent layers, float or dynamic
+    quantized), each shared tensor once (a tied ``lm_head`` and embedding are one weight;
     ``quantize_`` unties them, and then both count). Biases do not count. ``bits / numel`` is
     the average bits per weight.
 
@@ -118,18 +164,14 @@ def weight_storage_bits(module_or_tensor: nn.Module | torch.Tensor,
     bits = numel = 0
     seen: dict[int, torch.Tensor] = {}  # holding each tensor keeps its id from being reused
     for module in module_or_tensor.modules():
-        weight = _module_weight(module)
-        if weight is None or id(weight) in seen:
-            continue
-        seen[id(weight)] = weight
-        bits += (16 * weight.numel() if _packs_float16(module)
-                 else tensor_storage_bits(weight, nominal))
-        numel += weight.numel()
+        # a float16 dynamic module unpacks its weights to float32; it packs float16
+        packs_float16 = dynamic_weight_dtype(module) == torch.float16
+        for weight in module_weights(module):
+            if id(weight) in seen:
+                continue
+            seen[id(weight)] = weight
+            bits += (16 * weight.numel() if packs_float16
+                     else tensor_storage_bits(weight, nominal))
+            numel += weight.numel()
     return bits, numel
-
-
-def _packs_float16(module: nn.Module) -> bool:
-    """A float16 dynamic ``Linear`` of torch's: its ``weight()`` unpacks to float32, while its
-    packed parameters hold float16."""
-    return getattr(getattr(module, "_packed_params", None), "dtype", None) == torch.float16
 

@@ -47,6 +47,30 @@ def test_quantize_dynamic_modules_are_read_through_weight_method():
     assert bits == (96 + 18) * 8 + 2 * 128  # per-tensor: one scale and zero point per layer
 
 
+_RECURRENT = {"lstm": (nn.LSTM(8, 8), 32), "gru": (nn.GRU(8, 8), 24),  # (layer, gate rows)
+              "lcell": (nn.LSTMCell(8, 8), 32), "gcell": (nn.GRUCell(8, 8), 24),
+              "rcell": (nn.RNNCell(8, 8), 8)}
+
+
+@pytest.mark.parametrize("qconfig", ["float", "default", "per_channel", "float16"])
+@pytest.mark.parametrize("kind", list(_RECURRENT))
+def test_recurrent_layers_count_both_gate_matrices(kind, qconfig):
+    # they have no `weight`: float or dynamic quantized, an LSTM or cell counted 0 bits, so
+    # mixed-precision advice saw keeping one float as free
+    layer, rows = _RECURRENT[kind]
+    if qconfig != "float":
+        qc = getattr(torch.ao.quantization, f"{qconfig}_dynamic_qconfig")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer = torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(copy.deepcopy(layer)), {"0": qc})[0]
+    numel = 2 * rows * 8  # weight_ih (rows, 8) and weight_hh (rows, 8); biases do not count
+    per_weight = {"float": numel * 32, "float16": numel * 16,
+                  "default": numel * 8 + 2 * (64 + 64),  # a double scale, an int64 zero point
+                  "per_channel": numel * 8 + 2 * rows * (64 + 64)}  # one per gate row
+    assert weight_storage_bits(layer) == (per_weight[qconfig], numel)
+
+
 @pytest.fixture(scope="module")
 def ao():
     return pytest.importorskip("torchao.quantization")

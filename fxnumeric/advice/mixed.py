@@ -42,7 +42,7 @@ from .. import flows
 from ..errors import InputError, InstrumentationError
 from ..flows.fx import weight_owner
 from ..semantics import evaluate_constant, is_dequantize
-from ..storage import tensor_storage_bits, weight_storage_bits
+from ..storage import module_weights, tensor_storage_bits, weight_storage_bits
 from .hybrid import module_path
 from .numbers import shown
 
@@ -73,7 +73,7 @@ def _weight_module(matching: Any, name: str, side: str) -> nn.Module | None:
         owner = weight_owner(node) if module is None else None
         if owner is not None:
             module = view.modules.get(owner)
-        if module is not None and getattr(module, "weight", None) is not None:
+        if module is not None and module_weights(module):  # an LSTM's are per gate matrix
             return module
     return None
 

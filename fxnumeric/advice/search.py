@@ -47,6 +47,7 @@ from ..metrics import cosine, sqnr
 from ..ops import is_quantized_module
 from ..progress import Progress
 from ..run import check_devices, keeps_buffers, model_batches
+from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
 from .hybrid import HybridRunner, Swap, function_target, module_path
 from .mixed import FLOAT, advise_variants
 from .numbers import shown
@@ -823,33 +824,36 @@ def flow_of(model: Any) -> str:
         for flow in flows.FLOWS:
             if flow.is_quantized_module(module):
                 return flow.name
-    for module in model.modules():
-        if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
-            return "dynamic"
+    if any(is_dynamic_module(m) for m in model.modules()):
+        return "dynamic"
     return "eager" if any(is_quantized_module(m) for m in model.modules()) else ""
 
 
 def dynamic_spec(model: Any) -> tuple[tuple[str, str], ...]:
     """``(module path, qconfig name)`` of each module ``quantize_dynamic`` quantized in
     ``model``: ``float16_dynamic_qconfig`` for float16 weights, ``per_channel_dynamic_qconfig``
-    for int8 weights per channel, ``default_dynamic_qconfig`` otherwise."""
+    for int8 weights per channel, ``default_dynamic_qconfig`` otherwise.
+
+    Read from each module as built, whatever its kind keeps them in
+    (:func:`fxnumeric.storage.dynamic_weight_dtype`; a recurrent layer's weights are one per
+    gate matrix, :func:`fxnumeric.storage.module_weights`): a float16 LSTMCell read as int8,
+    or a per-channel LSTM as per tensor, was rebuilt into another model than the advised one.
+    """
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
         return ()
     found: list[tuple[str, str]] = []
     for path, module in model.named_modules():
-        if not type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+        if not is_dynamic_module(module):
             continue
         if any(path.startswith(f"{outer}.") for outer, _ in found):
             continue  # a quantized module's own parts (an LSTM's packed weights)
-        packed = getattr(module, "_packed_params", None)
-        dtype = getattr(packed, "dtype", None) or getattr(module, "dtype", None)
-        if dtype == torch.float16:
+        if dynamic_weight_dtype(module) == torch.float16:
             found.append((path, "float16_dynamic_qconfig"))
             continue
-        weight = module.weight() if callable(getattr(module, "weight", None)) else None
-        per_channel = (isinstance(weight, torch.Tensor) and weight.is_quantized
-                       and weight.qscheme() in (torch.per_channel_affine,
-                                                torch.per_channel_symmetric))
+        per_channel = any(weight.is_quantized
+                          and weight.qscheme() in (torch.per_channel_affine,
+                                                   torch.per_channel_symmetric)
+                          for weight in module_weights(module))
         found.append((path, "per_channel_dynamic_qconfig" if per_channel
                       else "default_dynamic_qconfig"))
     return tuple(found)
