@@ -6,8 +6,8 @@ other graph::
 
     base = quantized, pair `fc2` kept float ("all but fc2 quantized"):
 
-        q_x -> qfc1 -> [dequantize -> float fc2 -> quantize(scale, zp of qfc2's output)] -> qfc3
-                                                    (only where a quantized op reads it)
+        q_x -> qfc1 -> [dequantize -> float fc2] -> quantize(scale, zp of qfc2's output) -> qfc3
+                                                 (for each quantized op that reads it)
 
     base = float, pair `fc2` quantized ("only fc2 quantized"):
 
@@ -20,7 +20,9 @@ model's own tensor there (recorded from a run of the quantized model on the same
 :meth:`HybridRunner.probe`) when the layer reads another quantized op directly; a quantized
 value entering the float side is dequantized; dynamic-quantized and torchao layers take and
 return float tensors, so nothing is converted around them. A float layer's output is
-requantized only where a quantized op reads it.
+requantized for each quantized op that reads it, as that op reads it (with the op's own fixed
+qparams for a ``sigmoid`` or ``tanh``, as FX observes their input); its float readers and the
+model output read it float.
 
 Every region of the matching (a whole model, a submodule, a leaf module kept whole) is a pair
 of graphs, so hybrids are built the same way for every capture: the regions holding swaps run
@@ -315,8 +317,18 @@ class _SwapInterpreter(_RegionInterpreter):
         self.swaps = swaps
         self.by_out = {s.out: s for s in swaps}
         self.alias = {a: s.out for s in swaps for a in s.aliases}
-        self.skip = frozenset().union(*(s.skip for s in swaps)) - set(self.by_out)
+        skipped = frozenset().union(*(s.skip for s in swaps))
+        self.skip = skipped - set(self.by_out)
         self.dropped = dropped
+        # {reader: {swapped out node: node whose qparams it is quantized with}}: a float
+        # layer's output, float in the environment, is requantized for its quantized readers
+        # only, as each reads it (:func:`_requantize_plan`)
+        self.requantized: dict[fx.Node, dict[fx.Node, fx.Node]] = {}
+        for swap in swaps:
+            if swap.base == "quant":
+                plan = _requantize_plan(swap.region, swap.out, skipped, runner._held)
+                for reader, qparams_at in plan.items():
+                    self.requantized.setdefault(reader, {})[swap.out] = qparams_at
         # values a swap reads live until its out node runs (a skipped node was their last
         # user), and the value a dropped edge passes on until its dequantize runs
         self._position = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -334,10 +346,20 @@ class _SwapInterpreter(_RegionInterpreter):
                 self.user_to_last_uses.setdefault(until, []).append(node)
                 return
 
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        wanted = self.requantized.get(n)
+        if wanted is None:
+            return super().fetch_args_kwargs_from_env(n)
+        values = dict(self.env)
+        for out, qparams_at in wanted.items():
+            values[out] = self.runner._into_quant(self.by_out[out].region, self.env[out], out,
+                                                  qparams_at)
+        return with_values(n.args, values), with_values(n.kwargs, values)
+
     def run_node(self, n: fx.Node) -> Any:
         swap = self.by_out.get(n)
         if swap is not None:
-            return self.runner._swapped(swap, self.env, self.swaps)
+            return self.runner._swapped(swap, self.env)
         if n in self.alias:
             return self.env[self.alias[n]]  # another dequantize of the swapped layer's value
         if n in self.skip:
@@ -613,7 +635,7 @@ class HybridRunner:
         return captured_model(self.variants[variant] if variant else self.matching, side)
 
     # ------------------------------------------------------------------ running a swap
-    def _swapped(self, swap: Swap, env: dict[fx.Node, Any], swaps: tuple[Swap, ...]) -> Any:
+    def _swapped(self, swap: Swap, env: dict[fx.Node, Any]) -> Any:
         region, other = swap.region, swap.other
         gm = region.view(other).gm
         runner = self._swap_runners.get(gm)
@@ -627,16 +649,15 @@ class HybridRunner:
             runner.env[ext] = value if other == "float" else self._into_quant(region, value, ext)
         for node in swap.nodes:
             runner.env[node] = runner.run_node(node)
-        result = runner.env[swap.other_out]
-        if swap.base == "quant":
-            skipped = frozenset().union(*(s.skip for s in swaps))
-            if _feeds_quantized_op(region, swap.out, skipped, self._held):
-                return self._into_quant(region, dequantize_all(result), swap.out)
-        return dequantize_all(result)
+        # float on either base: into a quantized base, the quantized readers requantize it
+        # as they read it (:class:`_SwapInterpreter`), the float ones read it as it is
+        return dequantize_all(runner.env[swap.other_out])
 
-    def _into_quant(self, region: Region, value: Any, node: fx.Node) -> Any:
+    def _into_quant(self, region: Region, value: Any, node: fx.Node,
+                    qparams_at: fx.Node | None = None) -> Any:
         """Float ``value`` as the quantized graph holds it at ``node``: quantized with the
-        qparams of the quantized model's tensor there (recorded by :meth:`probe`); if
+        qparams of the quantized model's tensor there (recorded by :meth:`probe`), or of
+        ``qparams_at``'s when given (a fixed-qparams reader's: :func:`_requantize_plan`); if
         ``node`` is a ``dequantize`` (reference FX), quantized with the qparams before it,
         then dequantized."""
         if isinstance(value, (tuple, list)):
@@ -650,7 +671,8 @@ class HybridRunner:
             cur, behind = cur.all_input_nodes[0], True
         if not isinstance(value, torch.Tensor):
             return value
-        quantized = _quantize(value, self._held[cur])
+        qparams = self._held.get(qparams_at) if qparams_at is not None else None
+        quantized = _quantize(value, qparams or self._held[cur])
         return quantized.dequantize() if behind else quantized
 
     def _items_into_quant(self, region: Region, value: tuple | list, node: fx.Node) -> Any:
@@ -807,22 +829,74 @@ def _provider(region: Region, other_node: fx.Node, base: str) -> fx.Node | None:
     return region.float_counterpart(producer) if producer is not None else None
 
 
-def _feeds_quantized_op(region: Region, node: fx.Node, skipped: frozenset[fx.Node],
-                        held: dict[fx.Node, Any]) -> bool:
-    """Whether the quantized graph reads ``node``'s value as a quantized tensor somewhere.
+# ops FX quantizes with fixed qparams, and those qparams (scale, zero point), as torch.ao's
+# backend configs constrain them (``_FIXED_QPARAMS_OP_TO_CONSTRAINTS``): their qconfig's
+# activation is a FixedQParamsObserver, the observer FX puts on their input too
+_FIXED_QPARAMS: dict[str, tuple[float, int]] = {
+    "sigmoid": (1 / 256, 0), "hardsigmoid": (1 / 256, 0), "softmax": (1 / 256, 0),
+    "tanh": (2 / 256, 128),
+}
 
-    A float layer's output is requantized only then: when every reader is float (another
-    layer kept float, a ``dequantize``, the model output) or quantizes it itself (FX's
-    ``quantize_per_tensor`` before the next layer), it stays float, as it would in a model
-    re-quantized with those layers float. An op that computes in float or quantized form
-    alike and ran on quantized values in the quantized model (an average pool, a ``mean``)
-    reads it quantized: FX quantizes its input for it when the layer before is float. A
-    float-capable op that also reads a quantized value (``torch.cat`` of an inception
-    block's branches, one of them kept float) reads it quantized too: it takes no mix of the
-    two.
+
+def _requantize_plan(region: Region, node: fx.Node, skipped: frozenset[fx.Node],
+                     held: dict[fx.Node, Any]) -> dict[fx.Node, fx.Node]:
+    """``{reader: node whose qparams it reads with}`` for the readers of float layer output
+    ``node`` that read it as a quantized tensor (:func:`_quantized_reader`); the others (a
+    float op, another layer kept float, the model output) read it float.
+
+    This is what a model re-quantized with the layer float computes: FX puts an observer in
+    front of each quantized reader, the reader's own qconfig's activation. For most readers
+    it is the observer type the layer's output had, calibrated on the same values, so the
+    layer's own qparams (``node``); for a fixed-qparams op (a ``sigmoid``, ``tanh``,
+    ``hardsigmoid``) it is a FixedQParamsObserver, the same one as on the op's output, so
+    the op's own output qparams (``sigmoid``'s scale 1/256, zero point 0).
     """
     view = region.quant_view
-    todo = [(user, node) for user in node.users]
+    plan: dict[fx.Node, fx.Node] = {}
+    for user in node.users:
+        if user in skipped or user.op == "output":
+            continue
+        found = _quantized_reader(view, user, node, skipped, held)
+        if found is not None:
+            plan[user] = _fixed_qparams_at(view, found, held) or node
+    return plan
+
+
+def _fixed_qparams_at(view: Any, node: fx.Node, held: dict[fx.Node, Any]) -> fx.Node | None:
+    """If ``node`` is an op FX quantized with fixed qparams, the node holding them: ``node``
+    itself (a quantized ``sigmoid``), or the quantize after it (reference FX: ``dequantize ->
+    sigmoid -> quantize``). An op of that kind whose output carries other qparams is not one:
+    a float ``sigmoid`` whose reader quantized its output with a calibrated observer."""
+    cls = view.op_class(node)
+    if cls is None or len(cls.signature) != 1:
+        return None
+    fixed = _FIXED_QPARAMS.get(cls.signature[0])
+    if fixed is None:
+        return None
+    for at in (node, *node.users):
+        qparams = held.get(at)
+        if (qparams is not None and qparams[0] == "tensor" and (qparams[1], qparams[2]) == fixed
+                and (at is node or getattr(view.op_class(at), "is_quantize", False))):
+            return at
+    return None
+
+
+def _quantized_reader(view: Any, user: fx.Node, via: fx.Node, skipped: frozenset[fx.Node],
+                      held: dict[fx.Node, Any]) -> fx.Node | None:
+    """The op that reads ``via``'s value as a quantized tensor on the branch starting at its
+    reader ``user`` (through plumbing and float-capable ops), or ``None``.
+
+    A float layer's output is requantized only for such a reader: a float reader (another
+    layer kept float, a float op, a ``dequantize``, the model output) or one that quantizes it
+    itself (FX's ``quantize_per_tensor`` before the next layer) reads it float, as it would
+    in a model re-quantized with those layers float. An op that computes in float or
+    quantized form alike and ran on quantized values in the quantized model (an average
+    pool, a ``mean``) reads it quantized: FX quantizes its input for it when the layer before
+    is float. A float-capable op that also reads a quantized value (``torch.cat`` of an
+    inception block's branches, one of them kept float) reads it quantized too: it takes no
+    mix of the two.
+    """
+    todo = [(user, via)]
     seen: set[fx.Node] = set()
     while todo:
         user, via = todo.pop()
@@ -830,19 +904,19 @@ def _feeds_quantized_op(region: Region, node: fx.Node, skipped: frozenset[fx.Nod
             continue
         seen.add(user)
         cls = view.op_class(user)
-        if cls is None or cls.quantized:
-            return True
+        if cls is None or cls.quantized or _fixed_qparams_at(view, user, held) is not None:
+            return user  # a fixed-qparams op of reference FX computes on dequantized values
         if cls.role == "optional" or is_dequantize(view, user):
             continue  # it quantizes (FX's quantize_per_tensor) or dequantizes by itself
         if cls.role == "op" and user in held:
             # a float-capable op the quantized model ran on quantized values (a pool, a
             # mean): a model re-quantized with the layer float quantizes its input for it
-            return True
+            return user
         if any(_still_quantized(view, other, skipped, held)
                for other in user.all_input_nodes if other is not via):
-            return True
+            return user
         todo.extend((after, user) for after in user.users)  # plumbing, float-capable ops
-    return False
+    return None
 
 
 def _still_quantized(view: Any, node: fx.Node, skipped: frozenset[fx.Node],
