@@ -117,6 +117,10 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
             # the float16 copy (its output equals the float layer's; 73.7 dB read otherwise)
             weight = module.get_weight()
         return {f"{path}.weight": weight}
+    getter = getattr(module, "get_weight", None)
+    found = getter() if callable(getter) and not hasattr(module, "weight") else None
+    if isinstance(found, dict):  # a dynamic quantized LSTMCell, GRUCell, RNNCell
+        return {f"{path}.{k}": w for k, w in found.items() if isinstance(w, torch.Tensor)}
     weight = getattr(module, "weight", None)
     if callable(weight) and not isinstance(weight, torch.Tensor):
         return {f"{path}.weight": weight()}
@@ -202,6 +206,10 @@ def _module_weights(
             out.append((pair, f"{base}.weight_ih", w_ih.detach(), qweights[f"{base}.weight_ih"]))
             out.append((pair, f"{base}.weight_hh", w_hh.detach(), qweights[f"{base}.weight_hh"]))
         return out
+    if isinstance(fmod, nn.RNNCellBase) and f"{qpath}.weight_ih" in qweights:
+        cell = loaded(fmod)
+        return [(pair, f"{qpath}.{part}", getattr(cell, part).detach(), qweights[f"{qpath}.{part}"])
+                for part in ("weight_ih", "weight_hh")]
     fweight = float_weight()
     if fweight is None:
         return []

@@ -203,3 +203,33 @@ def test_a_float16_reference_linear_shows_the_weight_it_computes_with():
     assert report.row("2").weight_sqnr == math.inf
     weights = ns.compare_weights(f, ref)
     assert torch.equal(weights["2.weight"]["quantized"], f[2].weight)
+
+
+class _Cells(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.cell, self.gru = nn.Linear(4, 8), nn.LSTMCell(8, 8), nn.GRUCell(8, 8)
+
+    def forward(self, x):
+        h, c = self.cell(self.fc(x))
+        return self.gru(h, c)
+
+
+def test_a_dynamic_recurrent_cell_s_weights_are_compared():
+    """A dynamic LSTMCell/GRUCell keeps its weights behind get_weight(), with no `weight`:
+    their rows read no weight SQNR, as if the cells were float. Oracle: SQNR pooled over the
+    float cell's weight_ih and weight_hh against get_weight()'s."""
+    torch.manual_seed(0)
+    f = _Cells().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f),
+                                               {nn.Linear, nn.LSTMCell, nn.GRUCell})
+    report = ns.compare(f, q, [torch.randn(2, 4)])
+    for name in ("cell", "gru"):
+        quantized = getattr(q, name).get_weight()
+        signal = noise = 0.0
+        for part in ("weight_ih", "weight_hh"):
+            w, qw = getattr(getattr(f, name), part).double(), quantized[part].dequantize().double()
+            signal += float(w.square().sum())
+            noise += float((w - qw).square().sum())
+        assert report.row(name).weight_sqnr == pytest.approx(10 * math.log10(signal / noise),
+                                                             abs=1e-9)
