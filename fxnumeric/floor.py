@@ -18,9 +18,13 @@ bits allow (it needs more bits, not a fix); a layer far below it is broken, and 
 error that is a constant offset per output channel (a lost bias, a wrong zero point) or that
 comes from clipping says which way.
 
-A layer that quantizes its float input inside the op, per call (torch's dynamic modules: the
-whole input over 127 steps; torchao's dynamic-activation configs: each token over 255) adds
+A layer that quantizes its float input inside the op, per call (torch's int8 dynamic modules:
+the whole input over 127 steps; torchao's dynamic-activation configs: each token over 255) adds
 the input's rounding through its weights: ``Σ_calls Σ_tokens Δ_x² / 12 · ‖W‖²``.
+
+A recurrent layer (torch's dynamic LSTM, GRU or a cell) has no floor: its output is a
+nonlinear recurrence of its gates, not a linear map of its weights, so this noise model does
+not describe it (its input is quantized per call all the same: :func:`fxnumeric.ops.dynamic_input`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from torch import nn
 from . import flows
 from .errors import InputError
 from .optypes import DEQUANTIZE, PLUMBING, QUANTIZE, ROLES, OpClass
+from .storage import dynamic_weight_dtype, is_dynamic_module
 
 __all__ = [
     "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
@@ -226,14 +227,16 @@ def dynamic_input(module: nn.Module) -> tuple[str, float] | None:
     steps over the range)``, or ``None``.
 
     torch's dynamic int8 modules quantize the whole input per call to quint8 with
-    ``reduce_range`` (127 steps over ``[min(x, 0), max(x, 0)]``); a flow answers for its own
-    (torchao's dynamic-activation configs, :func:`fxnumeric.flows.dynamic_input`).
+    ``reduce_range`` (127 steps over ``[min(x, 0), max(x, 0)]``): the Linear, and the
+    recurrent ones too (an LSTM or GRU its whole input sequence at once, on CPU; a cell its
+    input batch; each also its hidden state, per step, which this does not count). Their
+    float16 forms compute in float on float16-rounded weights: no input step. The weight
+    dtype is read where each kind keeps it (:func:`fxnumeric.storage.dynamic_weight_dtype`).
+    A flow answers for its own (torchao's dynamic-activation configs,
+    :func:`fxnumeric.flows.dynamic_input`).
     """
-    if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
-        packed = getattr(module, "_packed_params", None)
-        if getattr(packed, "dtype", None) == torch.qint8:
-            return ("tensor", 127.0)
-        return None
+    if is_dynamic_module(module):
+        return ("tensor", 127.0) if dynamic_weight_dtype(module) == torch.qint8 else None
     return flows.dynamic_input(module)
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import fxnumeric as ns
-from fxnumeric.floor import FLOOR_MARGIN_DB, judge
+from fxnumeric.floor import FLOOR_MARGIN_DB, FloorSums, judge
+from fxnumeric.ops import dynamic_input
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _flow_pairs import FLOWS  # noqa: E402
@@ -46,6 +47,84 @@ def test_the_floor_of_a_dynamic_linear_is_the_formula_computed_by_hand():
     expected = 10 * math.log10(float(y.square().sum()) / (weight_noise + input_noise))
     assert row.floor_sqnr == pytest.approx(expected, abs=1e-6)
     assert abs(row.shadow_sqnr - row.floor_sqnr) < 3  # a healthy layer sits at its floor
+
+
+def _round_per_call(x: torch.Tensor, levels: float | None) -> torch.Tensor:
+    """``x`` as an op that quantizes it per call sees it: affine over ``[min(x, 0),
+    max(x, 0)]`` in ``levels`` steps (``None``: not quantized)."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if levels is None or high == low:
+        return x
+    step = (high - low) / levels
+    zero = round(-low / step)
+    return ((x / step).round() + zero).clamp(0, levels).sub(zero).mul(step)
+
+
+def _gates(kind: str, xw: torch.Tensor, hw: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+    """One step of a recurrent cell from its two linear outputs (torch's gate order)."""
+    if kind in ("LSTM", "LSTMCell"):
+        i, f, g, o = (xw + hw).chunk(4, -1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        return o.sigmoid() * c.tanh(), c
+    if kind in ("GRU", "GRUCell"):
+        (xr, xz, xn), (hr, hz, hn) = xw.chunk(3, -1), hw.chunk(3, -1)
+        r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+        return (1 - z) * (xn + r * hn).tanh() + z * h, c
+    return (xw + hw).tanh(), c  # RNNCell
+
+
+def _recurrent_by_hand(kind, float_layer, weights, x, levels):
+    """The dynamic layer's output computed directly: its (dequantized) weights, the float
+    layer's biases, the input rounded per call (a whole sequence at once, as torch's CPU
+    kernel does) and the hidden state rounded before each step's hidden linear."""
+    suffix = "_l0" if kind in ("LSTM", "GRU") else ""
+    w_ih, w_hh = (weights[f"weight_{n}{suffix}"] for n in ("ih", "hh"))
+    w_ih, w_hh = (w.dequantize() if w.is_quantized else w for w in (w_ih, w_hh))
+    b_ih, b_hh = (getattr(float_layer, f"bias_{n}{suffix}").detach() for n in ("ih", "hh"))
+    xw = _round_per_call(x, levels) @ w_ih.T + b_ih
+    steps = xw.unbind(0) if suffix else (xw,)
+    h = c = torch.zeros(x.shape[-2], float_layer.hidden_size)
+    outs = []
+    for step in steps:
+        h, c = _gates(kind, step, _round_per_call(h, levels) @ w_hh.T + b_hh, h, c)
+        outs.append(h)
+    return torch.stack(outs) if suffix else h
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell", "GRUCell", "RNNCell"])
+def test_the_input_term_of_a_dynamic_recurrent_layer_is_the_step_torch_rounds_with(kind, dtype):
+    """torch's int8 dynamic LSTM, GRU and cells quantize their input per call, with
+    ``reduce_range`` (127 steps), as the Linear does; their float16 forms do not. The step
+    ``dynamic_input`` reports reproduces their output by hand, and it is the one the floor's
+    input term sums (``Σ_tokens Δ_x²``)."""
+    torch.manual_seed(0)
+    float_layer = getattr(nn, kind)(16, 12).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation
+        q = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(copy.deepcopy(float_layer)), {type(float_layer)}, dtype=dtype)[0]
+    x = 3 * torch.randn(5, 4, 16) if kind in ("LSTM", "GRU") else 3 * torch.randn(4, 16)
+    how = dynamic_input(q)
+    if dtype == torch.float16:
+        assert how is None
+    else:
+        assert how == ("tensor", 127.0)
+    levels = how[1] if how is not None else None
+    with torch.no_grad():
+        out = q(x)
+        out = out[0] if isinstance(out, tuple) else out
+        by_hand = _recurrent_by_hand(kind, float_layer, q.get_weight(), x, levels)
+        unrounded = _recurrent_by_hand(kind, float_layer, q.get_weight(), x, None)
+    assert torch.allclose(out, by_hand, atol=1e-5), float((out - by_hand).abs().max())
+    if dtype == torch.qint8:  # the input's rounding shows: the step is not a no-op
+        assert not torch.allclose(out, unrounded, atol=1e-3)
+    sums = FloorSums(dynamic=how)
+    sums.update(out, out, (x,))
+    tokens = x.numel() // x.shape[-1]
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    expected = tokens * ((high - low) / 127) ** 2 if dtype == torch.qint8 else 0.0
+    assert sums.input_steps == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("flow", ["eager", "fx", "reference_fx", "dynamic", "qat", "pt2e",
