@@ -268,27 +268,36 @@ class _SharesABlock(nn.Module):
         return self.out(self.block(self.mid(h)))
 
 
+def _calls_of(f: nn.Module, q: nn.Module, path: str, data: list[torch.Tensor]
+              ) -> dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Every call of module ``path`` in both models, read by hooks: ``{side: [[(input,
+    output) of each call] of each batch]}``."""
+    seen: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {"float": [], "quant": []}
+    hooks = [m.get_submodule(path).register_forward_hook(
+        lambda mod, args, out, kept=seen[side]: kept[-1].append((args[0], out.detach().clone())))
+        for side, m in (("float", f), ("quant", q))]
+    with torch.no_grad():
+        for x in data:
+            for calls in seen.values():
+                calls.append([])
+            f(x), q(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 def test_a_region_called_twice_is_two_sets_of_rows_each_read_at_its_call():
     f, q, data, report = _compared_twice_called(_SharesABlock)
     # each call's rows where that call runs: `mid` runs between the two
     assert [r.name for r in report.rows] == ["block.fc", "block.tanh", "mid", "block.fc#2",
                                              "block.tanh#2", "out"]
-    seen: dict[str, list[torch.Tensor]] = {}
-    hooks = [m.block.fc.register_forward_hook(
-        lambda mod, args, out, side=side: seen.setdefault(side, []).extend((args[0], out)))
-        for side, m in (("float", f), ("quant", q))]
-    with torch.no_grad():
-        for x in data:
-            f(x), q(x)
-    for h in hooks:
-        h.remove()
+    seen = _calls_of(f, q, "block.fc", data)
     sums = {}  # (row, metric) -> [signal, noise] over the batches, read per call by hooks
     with torch.no_grad():
         for i in range(len(data)):
             for site, name in enumerate(("block.fc", "block.fc#2")):
-                call = 2 * (2 * i + site)  # (input, output) of the call, both models
-                float_out, quant_in, quant_out = (seen["float"][call + 1], seen["quant"][call],
-                                                  seen["quant"][call + 1])
+                float_out = seen["float"][i][site][1]
+                quant_in, quant_out = seen["quant"][i][site]
                 tanh = name.replace("fc", "tanh")
                 for key, ref, actual in (
                         ((name, "output"), float_out, quant_out),
@@ -305,7 +314,7 @@ def test_a_region_called_twice_is_two_sets_of_rows_each_read_at_its_call():
     # the eager API keeps torch's one logger per op, logged once per call
     acts = ns.compare_model_outputs(f, q, data[0])
     assert len(acts["block.fc.stats"]["float"]) == len(acts["block.fc.stats"]["quantized"]) == 2
-    assert torch.equal(acts["block.fc.stats"]["float"][1], seen["float"][3])
+    assert torch.equal(acts["block.fc.stats"]["float"][1], seen["float"][0][1][1])
 
 
 class _TiedBlocks(nn.Module):
@@ -332,18 +341,10 @@ def test_a_block_registered_at_two_paths_is_read_at_both_calls():
     f, q, data, report = _compared_twice_called(_TiedBlocks)
     assert [r.name for r in report.rows] == ["layers.0.fc", "layers.0.tanh", "layers.0.fc#2",
                                              "layers.0.tanh#2", "out"]
-    outputs: dict[str, list[torch.Tensor]] = {"float": [], "quant": []}
-    hooks = [m.layers[0].fc.register_forward_hook(
-        lambda mod, args, out, kept=outputs[side]: kept.append(out))
-        for side, m in (("float", f), ("quant", q))]
-    with torch.no_grad():
-        for x in data:
-            f(x), q(x)
-    for h in hooks:
-        h.remove()
+    seen = _calls_of(f, q, "layers.0.fc", data)
     for site, name in enumerate(("layers.0.fc", "layers.0.fc#2")):
-        expected = ns.sqnr(torch.cat(outputs["float"][site::2]),
-                           torch.cat(outputs["quant"][site::2]))
+        expected = ns.sqnr(*(torch.cat([calls[site][1] for calls in seen[side]])
+                             for side in ("float", "quant")))
         assert report.row(name).output_sqnr == pytest.approx(expected, abs=1e-4)
 
 
@@ -517,18 +518,11 @@ def _calls(n: int, seed: int) -> torch.Tensor:
 
 def _per_call(f: nn.Module, q: nn.Module, data: list[torch.Tensor]) -> list[float]:
     """Pooled SQNR of each call of ``block.fc`` over the batches that make it, from hooks."""
-    outputs: dict[str, list[list[torch.Tensor]]] = {"f": [], "q": []}
-    for key, model in (("f", f), ("q", q)):
-        hook = model.block.fc.register_forward_hook(
-            lambda module, args, out, key=key: outputs[key][-1].append(out.detach().clone()))
-        with torch.no_grad():
-            for x in data:
-                outputs[key].append([])
-                model(x)
-        hook.remove()
-    most = max(len(calls) for calls in outputs["f"])
-    return [_sqnr_over([(a[i], b[i]) for a, b in zip(outputs["f"], outputs["q"], strict=True)
-                        if i < len(a)]) for i in range(most)]
+    seen = _calls_of(f, q, "block.fc", data)
+    most = max(len(calls) for calls in seen["float"])
+    return [_sqnr_over([(a[i][1], b[i][1]) for a, b in zip(seen["float"], seen["quant"],
+                                                           strict=True) if i < len(a)])
+            for i in range(most)]
 
 
 def test_calls_are_counted_per_forward_and_calls_past_the_first_batch_s_say_so():
