@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["weight_storage_bits", "tensor_storage_bits", "module_weights", "dynamic_weight_dtype",
+__all__ = ["weight_storage_bits", "tensor_storage_bits", "module_weights",
+           "named_module_weights", "dynamic_weight_dtype",
            "is_dynamic_module"]
 
 _INT_BITS = {getattr(torch, f"int{b}"): b for b in range(1, 9) if hasattr(torch, f"int{b}")}
@@ -95,26 +96,34 @@ def _plain_bits(tensor: torch.Tensor) -> int:
 
 
 def module_weights(module: nn.Module) -> list[torch.Tensor]:
-    """The weights ``module`` itself holds (not its submodules'), as its forward reads them.
+    """The weights ``module`` itself holds (not its submodules'), as its forward reads them
+    (:func:`named_module_weights`)."""
+    return list(named_module_weights(module).values())
 
-    ``module.weight``, called if it is a method (torch's quantized modules unpack it); a
-    recurrent layer has no ``weight`` but one per gate matrix: a float ``nn.LSTM``/``GRU``/
-    ``RNN`` or cell holds them as ``weight_ih_l0``, ``weight_hh``... parameters, and torch's
-    dynamic quantized ones pack them, unpacked by ``get_weight()`` (a dict of them).
+
+def named_module_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights ``module`` itself holds (not its submodules'), as its forward reads them,
+    by name.
+
+    ``module.weight`` (``"weight"``), called if it is a method (torch's quantized modules
+    unpack it); a recurrent layer has no ``weight`` but one per gate matrix: a float
+    ``nn.LSTM``/``GRU``/``RNN`` or cell holds them as ``weight_ih_l0``, ``weight_hh``...
+    parameters, and torch's dynamic quantized ones pack them, unpacked by ``get_weight()`` (a
+    dict of them: ``weight_ih``, ``weight_hh``).
     """
     weight = getattr(module, "weight", None)
     if callable(weight) and not isinstance(weight, torch.Tensor):
         weight = weight()
     if isinstance(weight, torch.Tensor):
-        return [weight]
+        return {"weight": weight}
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        return [p for name, p in module.named_parameters(recurse=False)
-                if name.startswith("weight")]
+        return {name: p for name, p in module.named_parameters(recurse=False)
+                if name.startswith("weight")}
     if is_dynamic_module(module) and callable(getattr(module, "get_weight", None)):
         found = module.get_weight()
         if isinstance(found, dict):
-            return [w for w in found.values() if isinstance(w, torch.Tensor)]
-    return []
+            return {k: w for k, w in found.items() if isinstance(w, torch.Tensor)}
+    return {}
 
 
 def is_dynamic_module(module: nn.Module) -> bool:

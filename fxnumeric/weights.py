@@ -19,6 +19,7 @@ from .flows.fx import unpacked_weight
 from .match import Matching, Pair, Region
 from .offload import loaded
 from .semantics import evaluate_constant
+from .storage import is_dynamic_module, named_module_weights
 from .view import GraphView
 
 __all__ = ["extract_weights", "pair_weights", "rnn_cell_weights"]
@@ -117,10 +118,8 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
             # the float16 copy (its output equals the float layer's; 73.7 dB read otherwise)
             weight = module.get_weight()
         return {f"{path}.weight": weight}
-    getter = getattr(module, "get_weight", None)
-    found = getter() if callable(getter) and not hasattr(module, "weight") else None
-    if isinstance(found, dict):  # a dynamic quantized LSTMCell, GRUCell, RNNCell
-        return {f"{path}.{k}": w for k, w in found.items() if isinstance(w, torch.Tensor)}
+    if is_dynamic_module(module) and not hasattr(module, "weight"):  # LSTMCell, GRUCell ...
+        return {f"{path}.{k}": w for k, w in named_module_weights(module).items()}
     weight = getattr(module, "weight", None)
     if callable(weight) and not isinstance(weight, torch.Tensor):
         return {f"{path}.weight": weight()}
