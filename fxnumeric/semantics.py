@@ -339,8 +339,7 @@ def _same_module(a: nn.Module, b: nn.Module) -> bool:
         settings_a = {k: v for k, v in vars(ma).items() if not k.startswith("_")}
         settings_b = {k: v for k, v in vars(mb).items() if not k.startswith("_")}
         if settings_a.keys() != settings_b.keys() or any(
-                not isinstance(v, _PLAIN) or type(v) is not type(settings_b[k])
-                or v != settings_b[k] for k, v in settings_a.items()):
+                not _same_value(v, settings_b[k]) for k, v in settings_a.items()):
             return False
         tensors_a = {**ma._parameters, **ma._buffers}
         tensors_b = {**mb._parameters, **mb._buffers}
@@ -530,24 +529,35 @@ def computes_alike(region: Any, pair: Any) -> bool:
                 return False
         elif f.target != q.target:
             return False
-        for x, y in zip((*f.args, *f.kwargs.values()),
-                        (*q.args, *(q.kwargs[k] for k in f.kwargs)), strict=True):
-            if isinstance(x, fx.Node) and isinstance(y, fx.Node):
-                constant_x = region.float_view.producer(x) is None
-                if constant_x != (region.quant_view.producer(y) is None):
-                    return False
-                if constant_x:  # a buffer read through plumbing (`inv.to(x.device)`)
-                    value_x = evaluate_constant(x, region.float_view)
-                    value_y = evaluate_constant(y, region.quant_view)
-                    if value_x is None or value_y is None or not _same_value(value_x, value_y):
-                        return False
-            elif not _same_value(x, y):
-                return False
+        if not _same_argument(region, (*f.args, *f.kwargs.values()),
+                              (*q.args, *(q.kwargs[k] for k in f.kwargs))):
+            return False
     return not any(rounds_on_grid(region.quant_view, q) for q in quants)
 
 
+def _same_argument(region: Any, x: Any, y: Any) -> bool:
+    """Whether a float node's argument ``x`` and its quantized twin's ``y`` are alike: values
+    both made by the graph, equal constants (a buffer read through plumbing, ``inv.to(x.device)``,
+    is evaluated), or tuples and lists of such, item by item (``adaptive_avg_pool2d(x, (1, 1))``,
+    ``x.reshape((n, -1))``)."""
+    if isinstance(x, fx.Node) and isinstance(y, fx.Node):
+        constant_x = region.float_view.producer(x) is None
+        if constant_x != (region.quant_view.producer(y) is None):
+            return False
+        if not constant_x:
+            return True
+        value_x = evaluate_constant(x, region.float_view)
+        value_y = evaluate_constant(y, region.quant_view)
+        return value_x is not None and value_y is not None and _same_value(value_x, value_y)
+    if isinstance(x, (tuple, list)) and type(x) is type(y):
+        return len(x) == len(y) and all(
+            _same_argument(region, a, b) for a, b in zip(x, y, strict=True))
+    return _same_value(x, y)
+
+
 def _same_value(a: Any, b: Any) -> bool:
-    """Equal plain constants, or bit-equal tensors of one dtype and shape.
+    """Equal plain constants, tuples and lists of them, or bit-equal tensors of one dtype
+    and shape.
 
     A tensor subclass (torchao's ``Int8Tensor``: the weight of a functional ``F.linear``
     quantized by ``quantize_``) equals only itself: it may implement no ``aten.equal``, and
@@ -558,6 +568,8 @@ def _same_value(a: Any, b: Any) -> bool:
         return (_plain(a) and _plain(b) and a.dtype == b.dtype and a.shape == b.shape
                 and not a.is_meta and not b.is_meta and not a.is_quantized
                 and not b.is_quantized and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and type(a) is type(b):  # a pool's `(1, 1)` size
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
     return isinstance(a, _PLAIN) and type(a) is type(b) and a == b
 
 

@@ -203,6 +203,39 @@ def test_a_layer_left_float_that_computes_alike_is_not_run_again_by_its_shadow()
     assert row.output_sqnr == pytest.approx(want["sqnr"], rel=1e-6)
 
 
+class _Settings(nn.Module):
+    """Float ops whose settings are tuples: a pool of size ``(1, 2)`` and a ``reshape`` to
+    ``(n, -1)`` left float between dynamically quantized Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.pool, self.fc2 = nn.Linear(16, 32), nn.MaxPool2d((1, 2)), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.pool(self.fc1(x).reshape((x.shape[0], 1, 2, 16)))
+        return self.fc2(y.reshape((x.shape[0], -1)))
+
+
+def test_float_ops_whose_settings_are_tuples_compute_alike_and_are_not_shadowed():
+    # a setting given as a tuple read as different, so such ops ran again in shadows
+    torch.manual_seed(0)
+    f = _Settings().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    pool_calls = []
+    f.pool.register_forward_pre_hook(lambda m, i: pool_calls.append(1))
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    report = ns.compare(f, q, batches, progress=False)
+    row = report.row("pool")
+    assert not row.quantized and row.shadow_sqnr == math.inf
+    assert len(pool_calls) == len(batches)  # the float model's own forwards only
+    reshapes = [r for r in report.rows if r.kind == "reshape"]
+    assert reshapes and all(r.shadow_sqnr == math.inf for r in reshapes)
+    with torch.no_grad():
+        want = _oracle(torch.cat([f.pool(f.fc1(b).reshape(4, 1, 2, 16)) for b in batches]),
+                       torch.cat([q.pool(q.fc1(b).reshape(4, 1, 2, 16)) for b in batches]))
+    assert row.output_sqnr == pytest.approx(want["sqnr"], rel=1e-6)
+
+
 def test_a_layer_left_float_with_other_weights_is_shadowed_and_reads_the_difference():
     f, q = _partly_dynamic()
     with torch.no_grad():
