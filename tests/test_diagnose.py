@@ -111,6 +111,29 @@ def test_clipping_and_noise_in_steps_match_the_layer_run_by_hand() -> None:
     assert {"clipping", "noise"} <= {f.code for f in fc2.flags}
 
 
+def test_a_clipping_input_quantize_is_told_to_recalibrate_not_to_quantize_weights() -> None:
+    # the input quantize has no weights, yet its noise flag said "per-channel weights"
+    float_model = _mlp()
+    q = _fx(float_model, get_default_qconfig_mapping("x86"))
+    q.fc1_input_scale_0 = q.fc1_input_scale_0 / 8  # input range 8x too narrow: it clips
+    data = _data()
+    d = diagnose(float_model, q, data)
+    scale, zp = float(q.fc1_input_scale_0), int(q.fc1_input_zero_point_0)
+    noise = sum(float((torch.quantize_per_tensor(x, scale, zp, torch.quint8).dequantize()
+                       .double() - x.double()).square().sum()) for x in data)
+    layer = d.layer("x.quantize")
+    assert layer.noise_steps == pytest.approx(
+        math.sqrt(noise / sum(x.numel() for x in data)) / scale, rel=1e-9)
+    flag = next(f for f in layer.flags if f.code == "noise")
+    assert "weight" not in flag.fix and "weight" not in flag.text
+    assert flag.fix.startswith("recalibration on representative data")
+    # a per-tensor weighted layer is still told about its weights
+    q2 = _fx(float_model, QConfigMapping().set_global(default_qconfig))
+    q2.fc2.scale = q2.fc2.scale / 8
+    fc2 = next(f for f in diagnose(float_model, q2, data).layer("fc2").flags if f.code == "noise")
+    assert fc2.fix.startswith("per-channel weights") and "weights' quantization" in fc2.text
+
+
 def test_a_healthy_layer_shows_white_rounding_noise() -> None:
     float_model = _mlp()
     q = _fx(float_model, get_default_qconfig_mapping("x86"))

@@ -353,14 +353,16 @@ def _layer_flags(d: LayerDiagnosis) -> list[Flag]:
             "recalibrate on data covering this range (a histogram observer if the tail is rare), "
             "or keep the layer float",
         ))
+    weighted = d.channel_outlier_ratio is not None  # read from its weights, whatever scheme
     if d.noise_steps is not None and d.noise_steps > 1.0:
         flags.append(Flag(
             "noise",
             f"local error rms is {d.noise_steps:.2f} output steps, far above rounding noise "
-            f"({WHITE_NOISE_STEPS:.2f}): clipping or the weights' quantization, not the "
-            "output step",
-            ("recalibration on representative data" if d.per_channel else
-             "per-channel weights or recalibration") + "; keep the layer float if it persists",
+            f"({WHITE_NOISE_STEPS:.2f}): "
+            + ("clipping or the weights' quantization" if weighted else "clipping")
+            + ", not the output step",
+            ("per-channel weights or recalibration" if weighted and not d.per_channel else
+             "recalibration on representative data") + "; keep the layer float if it persists",
         ))
     elif (d.noise_steps is not None and d.noise_steps < 0.6 and d.local_sqnr is not None
           and d.local_sqnr < 20):
