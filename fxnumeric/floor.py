@@ -237,6 +237,10 @@ class FloorSums:
             channel = 1 if ref.dim() == 4 else ref.dim() - 1
             others = tuple(d for d in range(ref.dim()) if d != channel)
             sums = (_wide(quant) - _wide(ref)).sum(dim=others).double()
+            if not bool(sums.isfinite().all()):
+                # float32 sums past 3.4e38 (a corrupted scale: weights of 1e38) read inf, and
+                # the per-channel share of the error an "inf%": sum those again in float64
+                sums = (quant.double() - ref.double()).sum(dim=others)
             if self.channel_error is None or self.channel_error.shape != sums.shape:
                 self.channel_error, self.channel_count = sums, 0
             else:

@@ -192,6 +192,7 @@ def aminmax(x: torch.Tensor) -> tuple[float, float]:
 
 _HISTOGRAM_CHUNK = 1 << 18
 _HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def histogram_counts(x: torch.Tensor, bins: int, low: float, high: float) -> list[int]:
@@ -203,15 +204,23 @@ def histogram_counts(x: torch.Tensor, bins: int, low: float, high: float) -> lis
     2.7 s for all its weights); this computes histc's own bin index,
     ``int((x - low) * bins / (high - low))`` in float32 with the top edge in the last bin,
     with vector ops, and counts a chunk at a time (no index tensor the size of the weight).
+    A range so wide that ``(high - low) * bins`` passes float32's largest value (weights of
+    1e38 behind a corrupted scale) is binned in float64 instead, where histc itself overflows
+    and puts every value in the first bin.
 
     >>> histogram_counts(torch.tensor([0.0, 0.5, 1.0, 0.25]), 2, 0.0, 1.0)
     [2, 2]
     """
     values = _memory_order(x.detach())
-    if values.dtype not in _HALF_OR_FLOAT or not (math.isfinite(low) and math.isfinite(high)):
-        return [int(c) for c in torch.histc(values.float(), bins, low, high)]
     # histc's width is high - low in the tensor's dtype
     width = float(torch.tensor(high, dtype=torch.float32) - torch.tensor(low, dtype=torch.float32))
+    if values.dtype not in _HALF_OR_FLOAT or not (math.isfinite(low) and math.isfinite(high)):
+        return [int(c) for c in torch.histc(values.float(), bins, low, high)]
+    if not width * bins <= _FLOAT32_MAX:
+        # a range past 1e36 (a corrupted scale): ``(x - low) * bins`` overflows float32 to inf,
+        # histc's too (every value lands in bin 0); float64 bins them where they are
+        index = ((values.double() - low) * (bins / (high - low))).long().clamp_(0, bins - 1)
+        return torch.bincount(index.reshape(-1), minlength=bins).tolist()
     total = torch.zeros(bins, dtype=torch.int64)
     chunk = min(values.numel(), _HISTOGRAM_CHUNK)
     scaled = torch.empty(chunk)

@@ -233,3 +233,32 @@ def test_a_dynamic_recurrent_cell_s_weights_are_compared():
             noise += float((w - qw).square().sum())
         assert report.row(name).weight_sqnr == pytest.approx(10 * math.log10(signal / noise),
                                                              abs=1e-9)
+
+
+def test_a_weight_of_1e38_behind_a_corrupted_scale_is_binned_and_diagnosed_where_it_lies():
+    # compare raised torch's bare "bincount only supports ... non-negative" (the float32 bin
+    # index overflowed), and diagnose read the error as "inf%" a lost bias
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    with torch.no_grad():
+        q[2].weight.scale[3] = 1e36  # one channel's weights reach 1.28e38, still finite
+    data = [torch.randn(8, 16) for _ in range(2)]
+    row = ns.compare(f, q, data, progress=False).row("2")
+    fw, qw = f[2].weight.detach().double(), q[2].weight.dequantize().double()
+    assert row.weight_sqnr == pytest.approx(
+        10 * math.log10(float(fw.square().sum() / (qw - fw).square().sum())), rel=1e-9)
+    hist = row.weight_histogram
+    bins = len(hist.quant_counts)
+    for weight, counts in ((fw, hist.float_counts), (qw, hist.quant_counts)):
+        index = ((weight - hist.low) / (hist.high - hist.low) * bins).floor().clamp(0, bins - 1)
+        assert list(counts) == torch.bincount(index.long().flatten(), minlength=bins).tolist()
+    assert sum(hist.quant_counts[:bins // 2 - 1]) > 0  # channel 3's negative weights, far left
+    assert row.below_floor and row.floor_cause == "scale"
+    flag = next(x for x in ns.diagnose(f, q, data, progress=False).layer("2").flags
+                if x.code.startswith("below_floor"))
+    assert flag.code == "below_floor_scale" and "inf%" not in flag.text
