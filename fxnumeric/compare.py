@@ -65,6 +65,7 @@ from .run import (
     check_data,
     check_devices,
     keeps_buffers,
+    no_batches,
     nonfinite_inputs,
     pick_inputs,
     run_model,
@@ -678,8 +679,7 @@ def _feed(data: Iterable[Any], step: Callable[[int, Any, Any], None], mergeable:
                          "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
                          "or check the preprocessing that produces it")
     if batches == 0:
-        raise InputError("data yielded no batches: pass an iterable of input tensors "
-                         "(or tuples of inputs)")
+        raise no_batches(data)
     return _Ran(batches, skipped)
 
 
@@ -933,17 +933,15 @@ def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
                  ) -> tuple[Any, Iterable[Any]]:
     """The model inputs of the first batch (checked before tracing; the capture's example),
     and ``data`` still whole (an iterator is chained back together)."""
-    empty = ("data yielded no batches: pass an iterable of input tensors (or tuples of "
-             "inputs)")
     if isinstance(data, (list, tuple)):
         if not data:
-            raise InputError(empty)
+            raise no_batches(data)
         return pick_inputs(data[0], inputs), data
     iterator = iter(data)
     try:
         first = next(iterator)
     except StopIteration:
-        raise InputError(empty) from None
+        raise no_batches(data) from None
     return pick_inputs(first, inputs), itertools.chain([first], iterator)
 
 

@@ -60,6 +60,17 @@ def as_batches(data: Any) -> Any:
     return [data] if isinstance(data, (torch.Tensor, Mapping)) else data
 
 
+def no_batches(data: Any) -> InputError:
+    """The error for ``data`` that yielded no batch; an iterator may be one an earlier call
+    read to its end (a generator passed to ``compare`` and then to ``advise``)."""
+    text = "data yielded no batches: pass an iterable of input tensors (or tuples of inputs)"
+    if data is not None and iter(data) is data:
+        text += (f". It is an iterator ({type(data).__name__}), which yields its batches once: "
+                 "one an earlier call read to its end yields nothing; pass a list of batches, "
+                 "or a fresh iterator to each call")
+    return InputError(text)
+
+
 def batch_tensors(x: Any, where: str = "batch") -> list[tuple[str, torch.Tensor]]:
     """Every tensor in a batch, with where it sits (``batch[1][0]``, ``batch['mask']``)."""
     if isinstance(x, torch.Tensor):
@@ -167,7 +178,7 @@ def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None
     if data is None:
         raise InputError("data is None: pass an iterable of batches (tensors, tuples of inputs "
                          "or dicts of keyword inputs), or a single tensor")
-    data = as_batches(data)
+    given, data = data, as_batches(data)
     batches, left_out = [], []
     for index, batch in enumerate(data):
         batch = pick_inputs(batch, inputs)
@@ -184,8 +195,7 @@ def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None
         warnings.warn(f"batches {left_out} hold NaN/Inf: they are left out", FxNumericWarning,
                       stacklevel=3)
     if not batches:
-        raise InputError("data yielded no batches: pass an iterable of input tensors "
-                         "(or tuples of inputs)")
+        raise no_batches(given)
     return batches
 
 
@@ -235,7 +245,9 @@ def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) ->
         raise InputError(
             f"the {which} model ({type(model).__name__}) cannot be called with these inputs: "
             f"{problem}. Its forward takes ({', '.join(params)}). A batch that is a dict is "
-            "passed as keyword arguments, a tuple as positional ones."
+            "passed as keyword arguments, a tuple as positional ones"
+            + (". Each item of data is one batch: one batch of several inputs is `[(x, y)]`, "
+               "not `(x, y)`" if len(args) == 1 and not kwargs else "") + "."
         ) from exc
 
 

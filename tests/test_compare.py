@@ -105,6 +105,31 @@ def test_bad_data_is_reported():
         ns.compare(f, q, [torch.randn(4, 3)])
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(8, 8)
+
+    def forward(self, x, y):
+        return self.a(x) + self.b(y)
+
+
+def test_data_given_as_one_batch_or_a_used_up_iterator_is_explained():
+    f = _TwoInputs().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    batch = (torch.randn(4, 16), torch.randn(4, 8))
+    with pytest.raises(ns.InputError, match=r"one batch of several inputs is `\[\(x, y\)\]`"):
+        ns.compare(f, q, batch, progress=False)  # read as two batches of one input each
+    batches = iter([batch])
+    report = ns.compare(f, q, batches, progress=False)
+    assert report.batches == 1
+    for call in (ns.compare, ns.sensitivity):
+        with pytest.raises(ns.InputError, match="It is an iterator .* read to its end"):
+            call(f, q, batches, progress=False)
+    with pytest.raises(ns.InputError, match="no batches: pass an iterable[^.]*$"):
+        ns.compare(f, q, [], progress=False)  # a list is no iterator: no such hint
+
+
 def test_keep_activations_and_bounded_state():
     f, q = _dynamic_pair()
     data = [torch.randn(2, 16) for _ in range(5)]
