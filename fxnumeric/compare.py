@@ -31,6 +31,7 @@ from ._collector import defers_collection
 from ._tensors import copy_values, detach, first_output, model_output
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
+from .dataflow import upstream_ops
 from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericWarning, InputError, about_variant
 from .floor import FloorState, FloorSums, floor_sums, layer_floor
@@ -56,6 +57,7 @@ from .metrics import (
     histogram_counts,
     prepare_actual,
 )
+from .pairing import op_name
 from .progress import Progress, phase
 from .report import BlockRow, Report, ReportRow, WeightHistogram, activation_scale
 from .routing import Routes, hook_calls, routed_containers
@@ -792,13 +794,9 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             block=block_by_layer.get(p.name, ""),
             shadow_shapes=sa.shape_mismatch if sa is not None else None,
         ))
-    # a collapsed signal is one tiny against the model's activations (DEGENERATE_RMS_RATIO):
-    # each row carries that scale, so that ReportRow.degenerate reads the row alone
-    model_rms = _rms(plan.model)
-    scale = activation_scale([*(r.float_rms for r in rows), model_rms])
     nonfinite = _first_nonfinite(plan)
     return Report(
-        rows=tuple(dataclasses.replace(r, reference_rms=scale) for r in rows),
+        rows=_judged_against_upstream(rows, matching),
         metrics=tuple(plan.metrics),
         comparisons=plan.comparisons,
         batches=ran.batches,
@@ -812,11 +810,32 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
         + _model_output_note(plan.model) + _no_token_note(plan) + _skipped_note(ran)
         + _nonfinite_note(nonfinite),
-        model_output_rms=model_rms,
+        model_output_rms=_rms(plan.model),
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
         blocks=_block_rows(plan),
     )
+
+
+def _judged_against_upstream(rows: list[ReportRow], matching: Matching,
+                             ) -> tuple[ReportRow, ...]:
+    """``rows``, each with the activation its float RMS is judged against
+    (``reference_rms``, see :data:`~fxnumeric.report.DEGENERATE_RMS_RATIO`): the largest
+    float RMS among the row itself and the rows upstream of it (:func:`upstream_ops`).
+
+    Upstream only: SQNR is scale-invariant, so a layer's signal is tiny against the values
+    it was computed from, not against a later layer with a gain of 1e8 or another branch.
+    Carried by each row, so that ``ReportRow.degenerate`` reads the row alone.
+    """
+    rms_of: dict[str, list[float | None]] = {}  # an op's float RMS at each of its call sites
+    for r in rows:
+        rms_of.setdefault(op_name(r.name), []).append(r.float_rms)
+    upstream = upstream_ops(matching)
+    return tuple(
+        dataclasses.replace(r, reference_rms=activation_scale(
+            [r.float_rms, *itertools.chain.from_iterable(
+                rms_of.get(op, ()) for op in upstream.get(op_name(r.name), ()))]))
+        for r in rows)
 
 
 def _no_token_note(plan: _Plan) -> tuple[str, ...]:

@@ -269,3 +269,49 @@ def test_register_op_declares_a_custom_fusion():
     finally:
         ns.unregister_op(Swish)
         ns.unregister_op(LinearSwish)
+
+
+class _Plumbed(nn.Module):
+    """``a`` reaches ``b`` and ``add`` through a view, a chunk, getitems and reshapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = torch.chunk(self.a(x).view(-1, 2, 8), 2, dim=1)
+        return self.c(self.b(p.reshape(-1, 8)) + q.reshape(-1, 8))
+
+
+class _Untraceable(_Plumbed):
+    """Data-dependent control flow: captured through the module tree, one region per Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(x)
+        if h.sum() > -1e9:
+            h = h + self.a(x)[:, :8]
+        return self.c(h)
+
+
+def test_feeding_and_upstream_ops_follow_the_float_data_flow():
+    """Plumbing no pair owns is walked through; between regions whose glue code is not traced,
+    every op run before counts as upstream, and none run after."""
+    from fxnumeric.dataflow import feeding_ops, upstream_ops
+    from fxnumeric.pairing import same_op
+
+    plumbing = ("reshape", "chunk", "getitem")
+    f = _Plumbed().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    m = ns.match(f, q, torch.randn(4, 8),  # plumbing left unpaired
+                 node_match=lambda fa, qa: same_op(fa, qa) and fa["kind"] not in plumbing)
+    assert len(m.unmatched_float) == 6 and [p.name for p in m.pairs] == ["a", "b", "add", "c"]
+    assert feeding_ops(m) == {"a": (), "b": ("a",), "add": ("b", "a"), "c": ("add",)}
+    assert upstream_ops(m) == {"a": set(), "b": {"a"}, "add": {"a", "b"},
+                               "c": {"a", "b", "add"}}
+
+    f = _Untraceable().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    m = ns.match(f, q, torch.randn(4, 8))
+    assert [r.float_path for r in m.regions] == ["b", "a", "c"]  # in run order
+    assert feeding_ops(m) == {"b": (), "a": (), "c": ()}  # region inputs: no graph says
+    assert upstream_ops(m) == {"b": set(), "a": {"b"}, "c": {"b", "a"}}

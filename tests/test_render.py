@@ -155,13 +155,14 @@ def test_collapsed_signal_is_called_out_and_never_the_culprit():
     report = Report((live, dead), ("sqnr",), ("weights", "outputs", "shadows"), 1,
                     {"sqnr": 0.0}, model_output_rms=3e-10)
     assert report.worst_layer is live
-    assert "float signal collapsed (RMS 3.0e-10 < 1e-06 x the model's 0.5)" in dead.notes
+    assert ("float signal collapsed (RMS 3.0e-10 < 1e-06 x the largest activation upstream, "
+            "0.5)" in dead.notes)
     summary = report.summary()
     assert report.activation_rms == 0.5
     assert ("model output SQNR 0.00 dB (meaningless: float output collapsed, RMS 3.0e-10 < "
-            "1e-06 x the model's 0.5)" in summary)
-    assert ("float signal collapsed in 1 layer (RMS 0 or < 1e-06 x the model's largest, 0.5): "
-            "b; its SQNR means nothing" in summary)
+            "1e-06 x the model's largest activation, 0.5)" in summary)
+    assert ("float signal collapsed in 1 layer (RMS 0 or < 1e-06 x the largest activation "
+            "upstream): b; its SQNR means nothing" in summary)
     assert [r.name for r in report.sorted_rows(top_k=2)] == ["a", "b"]  # collapsed rows last
     only_dead = Report((dead,), ("sqnr",), ("outputs", "shadows"), 1, {"sqnr": 0.0})
     assert only_dead.worst_layer is None and "no layer named as culprit" in only_dead.summary()
@@ -248,9 +249,12 @@ def test_chart_renders_readably_in_chromium(n, tmp_path):
     assert _ink_strips(columns) == len(labels)
 
 
-def test_a_real_collapsed_signal_is_flagged_not_blamed():
-    """Weights of 1e-9 make activations of ~1e-10, a billionth of the last Linear's output (its
-    bias): quantized to zero, 0 dB, cosine 0."""
+def test_weights_rounded_to_zero_are_blamed_not_hidden_as_a_collapse():
+    """Weights of 1e-9 make activations of ~1e-10, a billionth of the last Linear's output
+    (its bias). Judged against that later layer, layers 0 and 1 read "collapsed" and no layer
+    was named; but a signal is judged against what lies upstream of it (here nothing: the
+    model input has no row), and layer 0's quantized weights are really all zero (torch's
+    smallest weight step is float32's eps, 1.2e-7): 0 dB, cosine 0, and it is the culprit."""
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     with torch.no_grad():
@@ -259,16 +263,14 @@ def test_a_real_collapsed_signal_is_flagged_not_blamed():
     q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
     report = ns.compare(f, q, [torch.randn(4, 16) for _ in range(2)])
     first = report.row("0")
-    assert first.output_sqnr == 0.0 and first.cosine == 0.0  # what used to be shown plainly
-    assert first.degenerate and [r.name for r in report.degenerate_rows] == ["0", "1"]
-    scale = report.row("2").float_rms  # the bias of the last Linear: the model's largest
-    assert report.activation_rms == scale and first.float_rms < 1e-6 * scale
-    assert (f"float signal collapsed (RMS 5.6e-10 < 1e-06 x the model's {scale:.2g}): SQNR "
-            "meaningless" in report.table())
-    assert report.worst_layer is None  # not layer 0 at 0 dB
-    assert (f"float signal collapsed in 2 layers (RMS 0 or < 1e-06 x the model's largest, "
-            f"{scale:.2g}): 0, 1; their SQNRs mean nothing" in report.summary())
-    assert report.to_dict()["layers"][0]["degenerate"] is True
+    assert int(torch.count_nonzero(q[0].weight().int_repr())) == 0  # rounded to zero
+    assert first.output_sqnr == 0.0 and first.cosine == 0.0 and first.weight_sqnr == 0.0
+    assert 0 < first.float_rms < 1e-6 * report.activation_rms  # tiny against a later layer
+    assert first.reference_rms == first.float_rms  # nothing upstream: judged against itself
+    assert report.row("1").reference_rms == first.float_rms  # the ReLU reads layer 0
+    assert not report.degenerate_rows and "collapsed" not in report.table()
+    assert report.culprit == "0" and report.worst_layer is first
+    assert report.to_dict()["layers"][0]["degenerate"] is False
 
 
 # ---------------------------------------------------------------- a report that says what to do

@@ -577,8 +577,9 @@ class _Collapsing(nn.Module):
 
 @pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
 def test_a_dead_relu_and_a_cancellation_read_collapsed_at_any_scale(scale):
-    """The float RMS of each, read directly, is zero or a millionth of the model's largest
-    activation: flagged, never blamed, and the notes say the rule. An absolute floor of 1e-6
+    """The float RMS of each, read directly, is zero or under a millionth of the largest
+    activation upstream of it (the residue: of its two branches): flagged, never blamed, and
+    the notes say the rule. An absolute floor of 1e-6
     let the residue (RMS 17 at 1e8) through: its 18 dB, one rounding residue against another,
     was shown as a measurement."""
     pytest.importorskip("torchao")
@@ -605,10 +606,81 @@ def test_a_dead_relu_and_a_cancellation_read_collapsed_at_any_scale(scale):
     assert not report.output_degenerate
     assert report.worst_layer is not None and report.worst_layer.name not in ("sub", "relu")
     assert "float signal collapsed (RMS 0): SQNR meaningless" in report.row("relu").notes
-    assert re.search(r"float signal collapsed \(RMS \S+ < 1e-06 x the model's \S+\): SQNR "
-                     "meaningless", report.row("sub").notes)
-    assert re.search(r"float signal collapsed in 2 layers \(RMS 0 or < 1e-06 x the model's "
-                     r"largest, \S+\): sub, relu; their SQNRs mean nothing", report.summary())
+    # judged against what it was computed from, the larger of its two branches
+    with torch.no_grad():
+        branches = max(rms([f.fc(x) for x in data]), rms([f.twin(x) for x in data]))
+    assert report.row("sub").reference_rms == pytest.approx(branches, rel=1e-3)
+    assert rms(gaps) < 1e-6 * branches
+    assert re.search(r"float signal collapsed \(RMS \S+ < 1e-06 x the largest activation "
+                     r"upstream, \S+\): SQNR meaningless", report.row("sub").notes)
+    assert re.search(r"float signal collapsed in 2 layers \(RMS 0 or < 1e-06 x the largest "
+                     r"activation upstream\): sub, relu; their SQNRs mean nothing",
+                     report.summary())
+
+
+def _gain_mlp(gain: float) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """An FX per-tensor MLP whose Linear ``4`` has weights and bias ``gain`` times larger (a
+    layer that outputs physical units), and whose layer ``2`` is broken: its weights keep
+    only 5 levels."""
+    from torch.ao.quantization import QConfigMapping, default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        f[4].weight.mul_(gain)
+        f[4].bias.mul_(gain)
+    data = [torch.randn(32, 16) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare_fx(copy.deepcopy(f), QConfigMapping().set_global(default_qconfig),
+                       (data[0],))
+        for x in data:
+            p(x)
+        q = convert_fx(p)
+    broken = q.get_submodule("2")
+    w = broken.weight().dequantize()
+    broken.set_weight_bias(torch.quantize_per_tensor(w, float(w.abs().max() / 2), 0,
+                                                     torch.qint8), broken.bias())
+    return f, q, data
+
+
+@pytest.mark.parametrize("gain", [1.0, 1e8])
+def test_a_layer_is_judged_against_its_upstream_not_a_later_gain(gain):
+    """SQNR is scale-invariant, so layer 2 (14.6 dB, RMS 0.2) is a signal whatever a later
+    layer multiplies it by. Judged against the model's largest activation (1.2e7 at a gain of
+    1e8) it read "collapsed": the verdict said no layer stands out and worst_layer named
+    another. It is judged against itself and the rows upstream of it, read here by hooks."""
+    f, q, data = _gain_mlp(gain)
+    report = _compare(f, q, data)
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # quantized layer 2's input and output
+    hook = q.get_submodule("2").register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+    with torch.no_grad():
+        for x in data:
+            q(x)
+        hook.remove()
+        twins = [(torch.relu(f[2](a.dequantize())), o.dequantize()) for a, o in seen]
+        first = [torch.relu(f[0](x)) for x in data]
+        second = [torch.relu(f[2](h)) for h in first]
+
+    def rms(ts: list[torch.Tensor]) -> float:
+        return math.sqrt(sum(float(t.double().square().sum()) for t in ts)
+                         / sum(t.numel() for t in ts))
+
+    row = report.row("2")
+    assert row.shadow_sqnr == pytest.approx(_sqnr(twins), abs=1e-3)
+    assert row.shadow_sqnr < 20
+    assert row.float_rms == pytest.approx(rms(second), rel=1e-4)
+    assert report.activation_rms > (1e6 if gain > 1 else 0) * row.float_rms
+    assert not row.degenerate and not report.degenerate_rows
+    assert report.verdict.kind == "culprit" and report.culprit == "2"
+    assert report.worst_layer is row
+    assert report.table(top_k=1).splitlines()[2].split()[0] == "2"
+    assert "collapsed" not in report.summary()
+    # upstream: the model input (its quantize is a row), layer 0 and layer 2 itself
+    assert row.reference_rms == pytest.approx(max(rms(data), rms(first), rms(second)), rel=1e-4)
 
 
 def test_without_a_scale_only_an_exact_zero_reads_collapsed():

@@ -40,6 +40,7 @@ from torch import nn
 
 from .._collector import defers_collection
 from .._tensors import detach, first_output
+from ..dataflow import feeding_ops
 from ..errors import InputError
 from ..floor import FloorSums, FloorVerdict, floor_sums, layer_floor
 from ..guards import check_pairable
@@ -453,26 +454,6 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2g}%"
 
 
-def _feeding_ops(matching: Matching) -> dict[str, tuple[str, ...]]:
-    """For each op, the ops whose values its float subgraph reads, in order, without repeats.
-
-    Read on the float graph, where every value is an op's output; a model input counts when
-    an input quantize pairs with it (static quantization), whose error the op then reads.
-    """
-    by_float_node = {n: p for p in reversed(matching.pairs) for n in p.float_nodes}
-    feeding: dict[str, dict[str, None]] = {}
-    for pair in matching.pairs:
-        region = matching.region_of(pair)
-        chain = region.chain(pair, "float")
-        read = feeding.setdefault(op_name(pair.name), {})
-        for node in chain:
-            for arg in node.all_input_nodes:
-                producer = by_float_node.get(region.float_name(arg))
-                if arg not in chain and producer is not None and producer is not pair:
-                    read[op_name(producer.name)] = None
-    return {name: tuple(ops) for name, ops in feeding.items()}
-
-
 def _pooled_sqnr(read: list[_Sums]) -> float | None:
     """The cumulative SQNR of several values together (their energies and errors summed), or
     ``None`` without values or with one not measured."""
@@ -553,7 +534,7 @@ def diagnose(
     for pair, _, fw, qw in pair_weights(matching, as_computed=True):
         weights.setdefault(op_name(pair.name), _weight_stats(fw, qw))
     kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
-    feeding = _feeding_ops(matching)
+    feeding = feeding_ops(matching)
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
     for name in layers:

@@ -38,8 +38,9 @@ _LABELS = {"shadow_sqnr": "shadow SQNR", "output_sqnr": "output SQNR", "weight_s
 
 DEGENERATE_RMS_RATIO = 1e-6
 """A float activation is "collapsed" when its RMS is exactly zero or below this fraction of
-the model's activation scale (:func:`activation_scale`: the largest float RMS among the
-model's layers and its output). Its SQNR, cosine and MSE then measure nothing.
+the largest activation upstream of it (:func:`activation_scale` of the float RMS of its own
+row and of the rows whose values reach it; for the model output, of every row and itself).
+Its SQNR, cosine and MSE then measure nothing.
 
 Relative, because everything it guards is scale-invariant: fed inputs 1e-8 times smaller
 (biases scaled alike), a model computes the same activations 1e-8 times smaller, and a
@@ -50,9 +51,15 @@ left of such a signal in float32 is rounding residue, about eps (1.2e-7) times i
 so a ratio of 1e-6 (8 eps) tells residue from signal; and no quantization grid spanning
 the model's values (a step of 1/255 of its range at 8 bits, 1/65535 at 16) resolves it.
 
-The reference is the largest activation rather than the row's own inputs, which the report
-does not hold, and rather than a median, which a collapse spreading through most layers
-drags down with it (a Linear whose weights are 1e-9 shrinks every layer after it)."""
+Upstream, because a signal is tiny against the values it was computed from: a later layer
+with a gain of 1e8 (one that outputs physical units), or another branch, says nothing about
+it, and judged against those a layer with a 14 dB SQNR read collapsed and was never named.
+The largest upstream rather than the row's direct inputs, and rather than a median, which a
+collapse spreading through most layers drags down with it (a Linear whose weights are 1e-9
+shrinks every layer after it: each is judged against the activations before that Linear).
+A row with no known upstream row is judged against itself: collapsed only at exactly zero.
+Where the data flow is not traced (between the regions of a model captured through its
+module tree), every row run before counts as upstream (:func:`fxnumeric.dataflow.upstream_ops`)."""
 
 BELOW_FLOOR_DB = FLOOR_MARGIN_DB
 """A layer whose shadow SQNR reads this far below its ``floor_sqnr`` (four times the noise
@@ -61,8 +68,8 @@ something beyond rounding is wrong with it."""
 
 
 def activation_scale(rms_values: Iterable[float | None]) -> float | None:
-    """The model's activation scale: the largest finite RMS of ``rms_values`` (its layers' and
-    its output's float RMS), ``None`` when none is known.
+    """The scale a float RMS is judged against: the largest finite RMS of ``rms_values`` (a
+    row's own and its upstream rows' float RMS), ``None`` when none is known.
 
     A non-finite RMS (a float model that overflows) is left out: against ``inf`` every layer
     would read collapsed, and the NaN/Inf notes already say what is wrong.
@@ -76,7 +83,7 @@ def activation_scale(rms_values: Iterable[float | None]) -> float | None:
 
 
 def _collapsed(rms: float | None, scale: float | None) -> bool:
-    """Whether an RMS is collapsed against the activation scale (see
+    """Whether an RMS is collapsed against the activation it is judged against (see
     :data:`DEGENERATE_RMS_RATIO`): exact zero always, anything else only against a known
     scale."""
     if rms is None:
@@ -84,11 +91,16 @@ def _collapsed(rms: float | None, scale: float | None) -> bool:
     return rms == 0.0 or (scale is not None and rms < DEGENERATE_RMS_RATIO * scale)
 
 
-def _collapse_text(rms: float, scale: float | None) -> str:
-    """``RMS 3.0e-10 < 1e-06 x the model's 0.31`` (or ``RMS 0``): the relative rule, read."""
+def _collapse_text(rms: float, scale: float | None, against: str) -> str:
+    """``RMS 3.0e-10 < 1e-06 x the largest activation upstream, 0.31`` (or ``RMS 0``): the
+    relative rule, read; ``against`` names what ``scale`` is."""
     if rms == 0.0:
         return "RMS 0"
-    return f"RMS {rms:.1e} < {DEGENERATE_RMS_RATIO:g} x the model's {scale:.2g}"
+    return f"RMS {rms:.1e} < {DEGENERATE_RMS_RATIO:g} x {against}, {scale:.2g}"
+
+
+_UPSTREAM = "the largest activation upstream"
+_WHOLE_MODEL = "the model's largest activation"
 
 
 _FLOOR_CAUSES = {
@@ -199,9 +211,10 @@ class ReportRow:
     """Raw tensors, only with ``compare(..., keep_activations=True)``; never saved to JSON."""
     float_rms: float | None = None
     reference_rms: float | None = None
-    """The model's activation scale ``float_rms`` is judged against (:func:`activation_scale`
-    of the report the row belongs to; :func:`fxnumeric.compare` sets it). ``None``: unknown,
-    and only an RMS of exactly zero reads collapsed."""
+    """What ``float_rms`` is judged against: the largest float RMS among this row and the rows
+    upstream of it, whose values reach it (:data:`DEGENERATE_RMS_RATIO`;
+    :func:`fxnumeric.compare` sets it). ``None``: unknown, and only an RMS of exactly zero
+    reads collapsed."""
     floor_sqnr: float | None = None
     """The SQNR this layer's own qparams allow (None when unknown; :mod:`fxnumeric.floor`)."""
     floor_cause: str = ""
@@ -254,7 +267,7 @@ class ReportRow:
     @property
     def degenerate(self) -> bool:
         """Whether the float activation collapsed: its RMS is zero, or below
-        :data:`DEGENERATE_RMS_RATIO` times ``reference_rms`` (the model's activation scale)."""
+        :data:`DEGENERATE_RMS_RATIO` times ``reference_rms`` (the largest activation upstream)."""
         return _collapsed(self.float_rms, self.reference_rms)
 
     @property
@@ -264,7 +277,7 @@ class ReportRow:
         parts = [self.note] if self.note else []
         if self.degenerate:
             parts.append(f"float signal collapsed "
-                         f"({_collapse_text(self.float_rms, self.reference_rms)}): "
+                         f"({_collapse_text(self.float_rms, self.reference_rms, _UPSTREAM)}): "
                          "SQNR meaningless")
         why = _FLOOR_CAUSES.get(self.floor_cause, "")
         if self.below_floor:
@@ -364,8 +377,9 @@ class Report:
 
     @property
     def activation_rms(self) -> float | None:
-        """The model's activation scale: the largest finite float RMS of its layers and its
-        output (:func:`activation_scale`), what a collapsed signal is judged against."""
+        """The largest finite float RMS of the model's layers and its output
+        (:func:`activation_scale`): what its output, downstream of every layer, is judged
+        against (each row is judged against its own upstream, ``ReportRow.reference_rms``)."""
         return activation_scale([*(r.float_rms for r in self.rows), self.model_output_rms])
 
     @property
@@ -453,10 +467,10 @@ class Report:
         if overall is not None and math.isnan(overall) and self.model_output_rms is None:
             parts.append("model output not compared (see notes)")  # empty, or shapes differ
         elif overall is not None:
-            parts.append(f"model output SQNR {overall:.2f} dB"
-                         + (f" (meaningless: float output collapsed, "
-                            f"{_collapse_text(self.model_output_rms, self.activation_rms)})"
-                            if self.output_degenerate else ""))
+            parts.append(f"model output SQNR {overall:.2f} dB")
+            if self.output_degenerate:
+                rule = _collapse_text(self.model_output_rms, self.activation_rms, _WHOLE_MODEL)
+                parts[-1] += f" (meaningless: float output collapsed, {rule})"
         llm = self.llm_summary()
         if llm:
             parts.append(llm)
@@ -469,9 +483,9 @@ class Report:
         dead = [r.name for r in self.degenerate_rows]
         if dead:
             one = len(dead) == 1
-            scale = self.activation_rms
-            rule = ("RMS 0" if scale is None else
-                    f"RMS 0 or < {DEGENERATE_RMS_RATIO:g} x the model's largest, {scale:.2g}")
+            judged = any(r.reference_rms is not None for r in self.degenerate_rows)
+            rule = (f"RMS 0 or < {DEGENERATE_RMS_RATIO:g} x {_UPSTREAM}" if judged
+                    else "RMS 0")
             parts.append(f"float signal collapsed in {len(dead)} {'layer' if one else 'layers'} "
                          f"({rule}): {_some(dead)}; "
                          f"{'its SQNR means' if one else 'their SQNRs mean'} nothing")

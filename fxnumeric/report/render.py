@@ -467,7 +467,7 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
               "<p>Click a column header to sort by it (again to reverse); # restores graph "
               "order. Highlighted: the layers that stand out (red), below their floor "
               "(yellow); greyed: collapsed signals (a float RMS of 0, or under a millionth of the "
-              "model's largest).</p>",
+              "largest activation upstream).</p>",
               _report_html_table(report, report.rows), SORT_SCRIPT, "</body></html>"]
     return "\n".join(parts)
 
