@@ -48,7 +48,8 @@ def _reads(matching: Matching) -> tuple[dict[str, dict[str, None]], dict[str, in
                 if producer is not pair:
                     read[op_name(producer.name)] = None
             elif arg.op == "placeholder":
-                if region is not matching.root:  # a region input: computed before the call
+                # a region input: computed before the call, if the order of calls is known
+                if region is not matching.root and matching.call_order:
                     name = op_name(pair.name)
                     region_inputs[name] = min(region_inputs.get(name, start), start)
             else:
@@ -79,7 +80,9 @@ def upstream_ops(matching: Matching) -> dict[str, frozenset[str]]:
 
     An op reading an input of a region (a model captured through its module tree) counts every
     op run before that region's call as upstream: the untraced code between regions could
-    have read any of them, and none run after it (nothing downstream is ever counted).
+    have read any of them, and none run after it (nothing downstream is ever counted). A
+    matching made without example inputs has no recorded order of calls (its pairs are in
+    region order): there a region input adds no upstream op.
     """
     feeding, region_inputs = _reads(matching)
     run_before: list[str] = [op_name(p.name) for p in matching.pairs]

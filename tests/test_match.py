@@ -315,3 +315,6 @@ def test_feeding_and_upstream_ops_follow_the_float_data_flow():
     assert [r.float_path for r in m.regions] == ["b", "a", "c"]  # in run order
     assert feeding_ops(m) == {"b": (), "a": (), "c": ()}  # region inputs: no graph says
     assert upstream_ops(m) == {"b": set(), "a": {"b"}, "c": {"b", "a"}}
+    # without example inputs no order of calls is recorded: region order says nothing
+    m = ns.match(f, q)
+    assert not m.call_order and upstream_ops(m) == {"a": set(), "b": set(), "c": set()}
