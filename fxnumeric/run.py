@@ -30,8 +30,8 @@ from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
 
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
-           "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "check_data",
-           "check_batch", "nonfinite_inputs", "batch_tensors"]
+           "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "numbered_batches",
+           "check_data", "check_batch", "nonfinite_inputs", "batch_tensors"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -175,6 +175,20 @@ def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None
         InputError: ``data`` yields no batch, a batch cannot be one (:func:`check_batch`), or
             every batch holds NaN/Inf.
     """
+    return [batch for _, batch in numbered_batches(data, inputs)]
+
+
+def numbered_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None = None,
+                     ) -> list[tuple[int, Any]]:
+    """:func:`model_batches` with each batch's index in ``data``: the number a message about
+    one batch gives the user, which batches left out shift.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True):  # batch 1 holds NaN: left out
+    ...     [i for i, _ in numbered_batches([torch.ones(1), torch.tensor([float("nan")]),
+    ...                                      torch.ones(1)])]
+    [0, 2]
+    """
     if data is None:
         raise InputError("data is None: pass an iterable of batches (tensors, tuples of inputs "
                          "or dicts of keyword inputs), or a single tensor")
@@ -186,14 +200,14 @@ def model_batches(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None
         if nonfinite_inputs(batch):
             left_out.append(index)
         else:
-            batches.append(batch)
+            batches.append((index, batch))
     if left_out and not batches:
         raise InputError(f"every batch holds NaN/Inf ({len(left_out)} batches): nothing is left "
                          "to measure.\nFix: clean the data (torch.isfinite(x).all() per batch) "
                          "or check the preprocessing that produces it")
     if left_out:
         warnings.warn(f"batches {left_out} hold NaN/Inf: they are left out", FxNumericWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     if not batches:
         raise no_batches(given)
     return batches

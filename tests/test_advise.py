@@ -958,6 +958,137 @@ def test_a_metric_that_is_nan_on_the_model_itself_is_an_input_error() -> None:
         sensitivity(float_model, q, data, metric=lambda a, b: float("nan"))
 
 
+class _FourthPower(nn.Module):
+    """``b(h**4)``: finite on ordinary inputs, float32 overflows once ``|h|`` passes ~1e9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h * h * h * h)
+
+
+def test_a_float_model_overflowing_on_one_batch_is_named_with_that_batch() -> None:
+    # the float model overflowed on a finite batch and the quantized one did not, and the
+    # error said the metric "is NaN on the quantized model itself", naming no batch
+    torch.manual_seed(0)
+    float_model = _FourthPower().eval()
+    calibration = _batches((32, 16))
+    prepared = prepare_fx(copy.deepcopy(float_model),
+                          QConfigMapping().set_global(default_qconfig), (calibration[0],))
+    for batch in calibration:
+        prepared(batch)
+    q = convert_fx(prepared)
+    nan_input = torch.full((32, 16), math.nan)  # left out before any model runs: not counted
+    data = [calibration[0], nan_input, calibration[1], calibration[2] * 1e10]
+    with torch.no_grad():  # the oracle: which finite batches each model turns non-finite
+        float_bad = [i for i, x in enumerate(data)
+                     if torch.isfinite(x).all() and not torch.isfinite(float_model(x)).all()]
+        quant_bad = [i for i, x in enumerate(data)
+                     if torch.isfinite(x).all() and not torch.isfinite(q(x)).all()]
+    assert float_bad == [3] and quant_bad == []
+    expected = r"(?s)the float model's output holds NaN/Inf on batch 3 \(of 3\).*Fix: leave that batch"
+    for call in (lambda: sensitivity(float_model, q, data, "sqnr", progress=False),
+                 lambda: advise(float_model, q, data, metric="min_cosine", target=0.9,
+                                progress=False),
+                 # a function of the user's runs the ranking round first, then is told the same
+                 lambda: advise(float_model, q, data, metric=lambda r, a: fxnumeric.sqnr(r, a),
+                                target=30.0, progress=False)):
+        with pytest.warns(fxnumeric.FxNumericWarning, match=r"batches \[1\] hold NaN/Inf"):
+            with pytest.raises(InputError, match=expected):
+                call()
+    # without that batch, the search runs
+    advice = advise(float_model, q, data[:1] + data[2:3], metric="sqnr", target=0.0,
+                    progress=False)
+    assert advice.reached
+
+
+def _one_score_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """A regressor: one value per sample, output ``(B, 1)``, about 1 and never changing sign."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    with torch.no_grad():
+        float_model[2].bias += 1.0
+    data = [x + 1 for x in _batches((64, 16), 2)]
+    return float_model, quantize_dynamic(copy.deepcopy(float_model), {nn.Linear}), data
+
+
+class _Unbatched(nn.Module):
+    """One sample in, its 10 values out: a 1-D output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.unsqueeze(0)).squeeze(0)
+
+
+def test_min_cosine_refuses_outputs_of_one_value_per_sample() -> None:
+    # the cosine of two scalars is +1 or -1 by sign: advise said "already reaches min_cosine 1"
+    # on a model whose every score was off, and an unbatched output read -1
+    float_model, q, data = _one_score_pair()
+    with torch.no_grad():
+        ref = torch.cat([float_model(x) for x in data]).double()
+        out = torch.cat([q(x) for x in data]).double()
+    assert ref.shape == (128, 1) and bool((ref.sign() == out.sign()).all())
+    assert bool(((ref - out).abs() > 0).all())  # every score off, none by its sign
+    with pytest.raises(InputError, match=r"(?s)shape \[128, 1\]\) holds a single value.*sqnr"):
+        min_cosine(ref, out)
+    for call in (lambda: advise(float_model, q, data, metric="min_cosine", target=0.999,
+                                progress=False),
+                 lambda: sensitivity(float_model, q, data, "min_cosine", progress=False)):
+        with pytest.raises(InputError, match=r"shape \[64, 1\]\) holds a single value"):
+            call()
+    # sqnr reads the error the cosine of scalars hid
+    want = 10 * math.log10(float(ref.square().sum() / (ref - out).square().sum()))
+    assert sensitivity(float_model, q, data, "sqnr", progress=False).quantized == pytest.approx(
+        want)
+    # an unbatched output: a 1-D output is refused alike, and "cosine" is its cosine
+    wide = _Unbatched().eval()
+    x = torch.randn(16, generator=torch.Generator().manual_seed(5))
+    prepared = prepare_fx(copy.deepcopy(wide), QConfigMapping().set_global(default_qconfig), (x,))
+    prepared(x)
+    qwide = convert_fx(prepared)
+    with torch.no_grad():
+        true = float(torch.nn.functional.cosine_similarity(wide(x).double(), qwide(x).double(),
+                                                           dim=0))
+    with pytest.raises(InputError, match=r"shape \[10\]\) holds a single value"):
+        sensitivity(wide, qwide, x, "min_cosine", progress=False)
+    assert sensitivity(wide, qwide, x, "cosine", progress=False).quantized == pytest.approx(true)
+
+
+def test_a_collapsed_float_output_is_refused_as_compare_calls_it_meaningless() -> None:
+    # a final ReLU that is always 0: advise said "already reaches sqnr inf dB >= 30 dB"
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU()).eval()
+    with torch.no_grad():
+        float_model[2].bias.fill_(-100)
+    data = _batches((16, 16))
+    prepared = prepare_fx(copy.deepcopy(float_model),
+                          QConfigMapping().set_global(default_qconfig), (data[0],))
+    for batch in data:
+        prepared(batch)
+    q = convert_fx(prepared)
+    with torch.no_grad():
+        assert all(not float_model(x).any() for x in data)  # the oracle: all zeros
+    report = fxnumeric.compare(float_model, q, data, progress=False)
+    assert report.output_degenerate and "float output collapsed, RMS 0" in report.summary()
+    collapsed = r"(?s)float model's output collapsed: it is all zeros on every batch \(RMS 0\)"
+    for metric in ("sqnr", "cosine", "min_cosine"):
+        with pytest.raises(InputError, match=collapsed + f".*'{metric}'.*meaningless"):
+            advise(float_model, q, data, metric=metric, target=0.5, progress=False)
+    with pytest.raises(InputError, match=collapsed):
+        sensitivity(float_model, q, data, "sqnr", progress=False)
+    # a function of the user's may read such outputs on purpose: warned, not refused
+    with pytest.warns(fxnumeric.FxNumericWarning, match=collapsed):
+        s = sensitivity(float_model, q, data, lambda r, a: -float((r - a).abs().max()),
+                        progress=False)
+    assert s.quantized == 0.0
+
+
 def test_variants_from_other_flows_are_not_told_to_use_torchao() -> None:
     float_model, qfx, data = _fx_pair()
     qdyn = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})

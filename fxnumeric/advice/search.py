@@ -33,7 +33,13 @@ from torch import nn
 from .. import flows
 from .._tensors import dequantize_all, model_output
 from ..capture.export import is_export_graph
-from ..errors import FxNumericWarning, InputError, InstrumentationError, about_variant
+from ..errors import (
+    FxNumericError,
+    FxNumericWarning,
+    InputError,
+    InstrumentationError,
+    about_variant,
+)
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
@@ -46,7 +52,7 @@ from ..match import Matching
 from ..metrics import cosine, sqnr
 from ..ops import is_quantized_module
 from ..progress import Progress
-from ..run import check_devices, keeps_buffers, model_batches
+from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
 from .hybrid import HybridRunner, Swap, function_target, module_path
 from .mixed import FLOAT, advise_variants
@@ -72,12 +78,36 @@ def min_cosine(ref: torch.Tensor, actual: torch.Tensor) -> float:
     """The lowest cosine similarity over samples (dim 0) of two outputs; a sample that is all
     zeros in both reads 1 (the two agree exactly), as :func:`fxnumeric.metrics.cosine` reads
     two zero tensors (a final ReLU zeroing half the samples made every model read 0, the
-    float model itself too)."""
-    r = ref.detach().double().reshape(ref.shape[0], -1)
-    a = actual.detach().double().reshape(actual.shape[0], -1)
+    float model itself too).
+
+    Raises:
+        InputError: each sample holds a single value (see :func:`_per_sample`).
+    """
+    r, a = _per_sample(ref), _per_sample(actual)
     cos = torch.nn.functional.cosine_similarity(r, a, dim=1, eps=1e-30)
     both_zero = (r == 0).all(dim=1) & (a == 0).all(dim=1)
     return float(torch.where(both_zero, torch.ones_like(cos), cos).min())
+
+
+def _per_sample(output: torch.Tensor) -> torch.Tensor:
+    """``output`` as one row per sample (dim 0), in float64, for :func:`min_cosine`.
+
+    Refused when each sample holds a single value (``(B, 1)``: a regressor's or a binary
+    classifier's score; a 1-D output, whose dim 0 holds one value per sample too): the
+    cosine of two numbers is +1 or -1 by their signs alone, so a model 12% off on every
+    sample read 1, and an unbatched output whose cosine is 0.75 read -1.
+    """
+    rows = output.detach().double().reshape(output.shape[0] if output.dim() else 1, -1)
+    if rows.shape[1] == 1:
+        raise InputError(
+            f"metric 'min_cosine' reads the cosine of each sample (dim 0) of the output, and "
+            f"each sample of this output (shape {list(output.shape)}) holds a single value: "
+            "the cosine of two numbers is +1 or -1 by their signs alone, whatever the error. "
+            "A 1-D output is read as one value per sample too.\nFix: metric='sqnr' (or a "
+            "function of your own, such as the largest relative error); for an unbatched "
+            "output (one sample per batch), metric='cosine' reads the cosine of the whole "
+            "output")
+    return rows
 
 
 END_METRICS: dict[str, EndMetric] = {"sqnr": sqnr, "cosine": cosine, "min_cosine": min_cosine}
@@ -179,6 +209,8 @@ class _MetricRun:
         ref, candidate = _concat(self.refs), _concat(self.outputs)
         try:
             return float(self.metric.fn(ref, candidate))  # type: ignore[misc]
+        except FxNumericError:
+            raise  # a built-in metric refusing these outputs says why itself
         except Exception as exc:  # the user's metric: say which and on what
             raise InputError(
                 f"metric {self.metric.name!r} failed on outputs of shape {list(ref.shape)}: "
@@ -242,7 +274,9 @@ class _Search:
         float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram: its module
         self.metric = _resolve_metric(metric, float_model)
         self.metric_name = self.metric.name
-        self.batches = model_batches(data, inputs)
+        numbered = numbered_batches(data, inputs)
+        self.batches = [batch for _, batch in numbered]
+        self.batch_numbers = [index for index, _ in numbered]  # in data: what messages name
         variants = {name: flows.normalise_model(model, "quantized") for name, model in (
             quant_model.items() if isinstance(quant_model, Mapping) else [(None, quant_model)])}
         for model in variants.values():
@@ -276,8 +310,61 @@ class _Search:
             model = self.runner.captured("float")
             self._references = [self.metric.reference(self.runner.run(model, b, "float"), b)
                                 for b in self.batches]
+            self._check_references(self._references)
             self.runner.probe(self.batches[0])  # the qparams crossing into quantized graphs
         return self._references
+
+    def _check_references(self, references: list[Any]) -> None:
+        """Refuse float outputs a built-in metric cannot be read against, before any hybrid
+        runs: every hybrid would read NaN, ``inf`` or 1 against them, and the search would
+        rank noise (or report a target "already reached").
+
+        The LLM metrics are left to :class:`~fxnumeric.llm_metrics.LogitsAccumulator`: -inf
+        logits mark a masked token, and padding positions, which it never reads, may hold
+        NaN. A function of the user's is warned about a collapsed output, not refused: it
+        may read such outputs on purpose.
+        """
+        if self.metric.fn is None:
+            return
+        built_in = self.metric.fn in END_METRICS.values()
+        if self.metric.fn is min_cosine:
+            for reference in references:
+                _per_sample(reference)
+        nonfinite = self._nonfinite_references(references)
+        if built_in and nonfinite:
+            raise self._nonfinite_float_output(nonfinite)
+        if not nonfinite and all(not bool(r.any()) for r in references):
+            message = (f"the float model's output collapsed: it is all zeros on every batch "
+                       f"(RMS 0), so {self.metric_name!r} of any model against it is "
+                       "meaningless (an SQNR reads inf or -inf, a cosine 1 or 0), as compare "
+                       "says of it ('meaningless: float output collapsed, RMS 0')")
+            fix = ("Fix: data on which the float model's output is not all zeros, or check the "
+                   "float model (a final ReLU whose input is always negative outputs only "
+                   "zeros)")
+            if built_in:
+                raise InputError(f"{message}.\n{fix}")
+            warnings.warn(f"{message}. {fix}", FxNumericWarning, stacklevel=2)
+
+    def _nonfinite_references(self, references: list[Any]) -> list[int]:
+        """The numbers (in ``data``) of the batches whose float output holds NaN/Inf."""
+        return [number for number, reference in zip(self.batch_numbers, references, strict=True)
+                if isinstance(reference, torch.Tensor) and reference.is_floating_point()
+                and not bool(torch.isfinite(reference).all())]
+
+    def _nonfinite_float_output(self, numbers: list[int]) -> InputError:
+        """The error for float outputs holding NaN/Inf on the batches ``numbers``: the inputs
+        are finite (:func:`~fxnumeric.run.numbered_batches` left out the others), so the
+        float model makes them itself."""
+        shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+        one = len(numbers) == 1
+        return InputError(
+            f"the float model's output holds NaN/Inf on batch{'' if one else 'es'} {shown} "
+            f"(of {len(self.batches)}), from finite input: {self.metric_name!r} of every "
+            "model against it is NaN, so nothing can be ranked or reached. The float model "
+            "makes them itself, typically overflowing float32 on inputs larger than it is "
+            "meant for; fxnumeric.compare names the layer where NaN/Inf first appears.\n"
+            f"Fix: leave {'that batch' if one else 'those batches'} out of data, or rescale "
+            f"{'it' if one else 'them'} to the range the model is meant for")
 
     def evaluate(self, hybrids: Sequence[Hybrid], label: str) -> list[float]:
         """End metric of each ``(base, swaps)`` hybrid over all batches.
@@ -308,6 +395,11 @@ class _Search:
             # (a layer whose weight dequantizes to NaN: keeping it float is the answer); the
             # float model may not, nor every hybrid with it
             if not swaps and math.isnan(value) and (base == "float" or everything):
+                nonfinite = self._nonfinite_references(references)
+                # a user's metric (the built-in ones refused such outputs before any hybrid
+                # ran; logits may hold -inf on purpose, see _check_references)
+                if nonfinite and self.metric.fn is not None:
+                    raise self._nonfinite_float_output(nonfinite)
                 side = "float" if base == "float" else "quantized"
                 raise InputError(
                     f"metric {self.metric_name!r} is NaN on the {side} model itself, with no "
