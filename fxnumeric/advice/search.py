@@ -359,8 +359,8 @@ class _Search:
         one = len(numbers) == 1
         return InputError(
             f"the float model's output holds NaN/Inf on batch{'' if one else 'es'} {shown} "
-            f"(of {len(self.batches)}), from finite input: {self.metric_name!r} of every "
-            "model against it is NaN, so nothing can be ranked or reached. The float model "
+            f"of data, from finite input: {self.metric_name!r} of every model "
+            "against it is NaN, so nothing can be ranked or reached. The float model "
             "makes them itself, typically overflowing float32 on inputs larger than it is "
             "meant for; fxnumeric.compare names the layer where NaN/Inf first appears.\n"
             f"Fix: leave {'that batch' if one else 'those batches'} out of data, or rescale "
