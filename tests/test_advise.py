@@ -385,6 +385,21 @@ def test_min_cosine_is_the_worst_sample() -> None:
     assert min_cosine(zero, torch.ones(1, 2)) == 0.0  # zeros against values: no agreement
 
 
+def test_min_cosine_over_batches_of_other_shapes_keeps_a_nan() -> None:
+    # batches whose outputs differ beyond dim 0 are read batch by batch; Python's min over
+    # their values skipped a NaN that was not first: min(0.97, nan) is 0.97
+    from fxnumeric.advice.search import _resolve_metric
+
+    run = _resolve_metric("min_cosine").start()
+    ref1, ref2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.ones(2, 4)
+    out2 = ref2.clone()
+    out2[1, 2] = math.nan
+    run.add(ref1, ref1 + 0.1, None)
+    run.add(ref2, out2, None)
+    assert math.isnan(run.value())
+    assert math.isnan(min_cosine(ref2, out2)) and math.isfinite(min_cosine(ref1, ref1 + 0.1))
+
+
 def test_unknown_metric_and_no_data_are_input_errors() -> None:
     float_model, q, data = _fx_pair()
     with pytest.raises(InputError, match="unknown metric 'top5'.*min_cosine"):

@@ -169,8 +169,9 @@ class _MetricRun:
         fn = self.metric.fn
         if fn is sqnr or fn is cosine:
             return float(fn(_flat(self.refs), _flat(self.outputs)))
-        if fn is min_cosine:
-            return min(min_cosine(r, o) for r, o in zip(self.refs, self.outputs, strict=True))
+        if fn is min_cosine:  # NaN wins, as torch's min reads it (Python's min may skip it)
+            lowest = [min_cosine(r, o) for r, o in zip(self.refs, self.outputs, strict=True)]
+            return math.nan if any(map(math.isnan, lowest)) else min(lowest)
         listed = ", ".join(str(list(s)) for s in sorted(shapes)[:3])
         raise InputError(
             f"metric {self.metric.name!r} is called with the outputs of all batches "
