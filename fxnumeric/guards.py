@@ -62,12 +62,15 @@ def _observer_types() -> tuple[type, type]:
 
 def _is_quantize(node: fx.Node, modules: dict[str, nn.Module], cls: OpClass) -> bool:
     """A quantize step of the dataflow: a converted model's ``Quantize``, ``quantize_per_*``
-    functions, a flow's quantize ops; not the float model's no-op ``QuantStub``."""
+    functions, a flow's quantize ops; not the float model's no-op ``QuantStub``, nor a
+    prepared model's fake-quant (a quantize role, but its values stay float: a QAT model is
+    a legitimate float side, and as the quantized side it is counted as fake-quantizing)."""
     if not cls.is_quantize:
         return False
     from torch.ao.quantization.stubs import QuantStub
 
-    return node.op != "call_module" or not isinstance(modules[node.target], QuantStub)
+    simulated = (QuantStub, _observer_types()[1])
+    return node.op != "call_module" or not isinstance(modules[node.target], simulated)
 
 
 def contents(view: GraphView) -> GraphContents:

@@ -163,6 +163,17 @@ class Region:
             qn, fn = qv.node(q), fv.node(f)
             to_float[qn] = fn
             to_quant.setdefault(fn, qn)  # the earliest quantized node carrying that value
+        # a float quantize that pairs with nothing (a QAT float side's fake-quant against its
+        # converted model, a QuantStub against a model without one) passes its input's value
+        # on, as pairing reads an unpaired quantize on the quantized side: a shadow reading it
+        # is fed its input's counterpart
+        for fn in fv.nodes:
+            c = fv.op_class(fn)
+            if c is None or c.role != "optional" or fn in by_node or fn in to_quant:
+                continue
+            read = fv.inputs(fn)
+            if read and read[0] in to_quant:
+                to_quant[fn] = to_quant[read[0]]
         passable = frozenset(
             n for n in qv.nodes
             if n not in by_node and (c := qv.op_class(n)) is not None and c.role == "optional"
@@ -174,8 +185,8 @@ class Region:
                 qv.value_node(quant_by_name[p.quant_nodes[-1]],
                               passable if p.quantized or p.kind == "quantize" else frozenset(),
                               quantize=p.kind == "quantize",
-                              fake_quants=p.quantized
-                              or _fake_quantized(qv, quant_by_name[p.quant_nodes[-1]])))
+                              fake_quants=p.quantized or _owns_output_fake_quant(
+                                  qv, [quant_by_name[n] for n in p.quant_nodes])))
             for p in self.pairs
         }
         per_site = len(self.pairs) // self.call_sites  # the pairs are listed call after call
@@ -251,12 +262,18 @@ class Region:
         return self.float_scope if side == "float" else self.quant_scope
 
 
-def _fake_quantized(view: GraphView, node: fx.Node) -> bool:
-    """Whether ``node`` (a pair's last quantized op) calls a QAT module (its weight
-    fake-quantized: a ``prepare_qat`` / ``prepare_qat_fx`` model), whose output fake-quantize
-    is its own."""
-    module = view.modules.get(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
-    return module is not None and hasattr(module, "weight_fake_quant")
+def _owns_output_fake_quant(view: GraphView, chain: list[fx.Node]) -> bool:
+    """Whether the fake-quant after a pair's quantized ``chain`` (in an FX prepared model) is
+    the chain's own output quantize, as ``convert_fx`` makes it: the chain ends in a QAT
+    module (its weight fake-quantized: ``prepare_qat`` / ``prepare_qat_fx``), or it reads a
+    fake-quantized value (FX fake-quantizes the inputs of exactly the ops it will quantize,
+    ``prepare_fx`` with a fake-quant qconfig included). An op left in float reads float
+    values: the fake-quant after it is the next op's input quantize."""
+    last = chain[-1]
+    module = view.modules.get(last.target) if last.op == "call_module" else None  # type: ignore[arg-type]
+    if module is not None and hasattr(module, "weight_fake_quant"):
+        return True
+    return any(view.fake_quantizes(i) for i in view.inputs(chain[0]))
 
 
 def pair_region(float_view: GraphView, quant_view: GraphView, *, float_path: str = "",

@@ -231,7 +231,7 @@ class GraphView:
             if not users:
                 return best
             c = self._cls.get(users[0])
-            if fake_quants and len(users) == 1 and self._fake_quantizes(users[0]):
+            if fake_quants and len(users) == 1 and self.fake_quantizes(users[0]):
                 cur = best = users[0]
             elif (c is not None and c.role == "optional" and len(users) == 1
                   and users[0] in passable):
@@ -243,15 +243,12 @@ class GraphView:
             else:
                 return best
 
-    def _fake_quantizes(self, n: fx.Node) -> bool:
+    def fake_quantizes(self, n: fx.Node) -> bool:
         """Whether ``n`` calls a fake-quantize module that is on (it changes values)."""
         from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
         module = self.modules.get(n.target) if n.op == "call_module" else None  # type: ignore[arg-type]
-        if not isinstance(module, FakeQuantizeBase):
-            return False
-        enabled = getattr(module, "fake_quant_enabled", None)
-        return enabled is None or bool(enabled[0])
+        return isinstance(module, FakeQuantizeBase) and flows.fake_quant_enabled(module)
 
     def _is_plumbing(self, n: fx.Node) -> bool:
         c = self._cls.get(n)

@@ -49,7 +49,7 @@ __all__ = [
     "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
     "module_type", "weight_input",
     "weight_scale",
-    "batch_norm_params", "comparable_weight", "computed_weight",
+    "batch_norm_params", "comparable_weight", "computed_weight", "fake_quant_enabled",
 ]
 
 
@@ -158,6 +158,14 @@ def op_name(target: Any) -> tuple[str, str] | None:
         namespace, _, name = target._qualified_op_name.partition("::")
         return namespace, name
     return None
+
+
+def fake_quant_enabled(module: nn.Module) -> bool:
+    """Whether the fake-quant ``module`` (torch.ao's or torchao's) changes the values it passes:
+    its ``fake_quant_enabled`` flag, which ``disable_fake_quant`` clears (a fake-quant without
+    the flag always quantizes). Switched off, it passes its input through, as an observer."""
+    enabled = getattr(module, "fake_quant_enabled", None)
+    return enabled is None or bool(enabled[0])
 
 
 def _flows() -> tuple[Flow, ...]:

@@ -7,17 +7,27 @@ belong to ``blocks.1`` (what FX's ``QConfigMapping.set_module_name_object_type_o
 by), and which ``get_attr`` feeds the weight of a functional linear or convolution: a
 float model's ``F.linear(x, self.w)``, ``convert_fx``'s ``quantized.linear(x, packed weight,
 ...)`` (the packed weight is unpacked for the comparison, as torch's FX Numeric Suite reads it).
+
+A ``prepare_qat_fx`` model (or a ``prepare_fx`` one whose qconfig fake-quantizes) quantizes
+each activation with a fake-quant ``call_module``, where ``convert_fx`` will put a quantize: an
+enabled one reading an activation is a quantize role as that one is, so the model input's gets
+the ``x.quantize`` row and a layer's output fake-quant is read as part of the layer, as the
+converted model's quantize is. One reading a weight (a functional linear's) is part of the
+weight, and one switched off (``disable_fake_quant``) passes values through: plumbing.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
-from . import Flow, op_name
+from ..optypes import QUANTIZE, OpClass
+from . import Flow, fake_quant_enabled, op_name
 
 __all__ = ["FxFlow", "functional_weight", "weight_owner", "unpacked_weight"]
 
@@ -37,6 +47,26 @@ class FxFlow(Flow):
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
         """The ``get_attr`` feeding the weight of a functional linear or convolution."""
         return functional_weight(node)
+
+    def classify(self, node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
+        """An enabled torch.ao fake-quant on an activation is a quantize (see the module
+        docstring); anything else is left to the op tables (which make fake-quants plumbing)."""
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)),
+                                                       _fake_quant_type()):
+            return None
+        read = node.all_input_nodes
+        if fake_quant_enabled(modules[str(node.target)]) and read and read[0].op != "get_attr":
+            return QUANTIZE
+        return None
+
+
+@functools.cache
+def _fake_quant_type() -> type:
+    """torch.ao's fake-quant base class (imported on first use: torch.ao.quantization is slow
+    to import and most graphs hold none)."""
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+    return FakeQuantizeBase
 
 
 _WEIGHTED_FUNCTIONS = frozenset({

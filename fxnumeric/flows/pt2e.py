@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..optypes import DEQUANTIZE, PLUMBING, QUANTIZE, OpClass
-from . import BatchNormParams, Flow, op_name
+from . import BatchNormParams, Flow, fake_quant_enabled, op_name
 
 __all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES", "annotated", "quantized_edge",
            "output_wanted", "input_wanted"]
@@ -185,10 +185,7 @@ def _is_transparent_module(module: nn.Module) -> bool:
 def _fake_quantizes(module: nn.Module) -> bool:
     """Whether ``module`` is a torchao pt2e fake-quant that is on: it changes the values it
     passes (its ``fake_quant_enabled`` flag, cleared by ``disable_fake_quant``)."""
-    if not _derives_from(type(module), ("FakeQuantizeBase",)):
-        return False
-    enabled = getattr(module, "fake_quant_enabled", None)
-    return enabled is None or bool(enabled[0])
+    return _derives_from(type(module), ("FakeQuantizeBase",)) and fake_quant_enabled(module)
 
 
 @functools.cache
