@@ -174,13 +174,17 @@ def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list,
     known = [m for m in mapped if m is not None]
     succ, pred = fv.graph.succ, fv.graph.pred
     if known:  # the float successors of every input's counterpart
-        pool = [f for f in succ[known[0]] if all(k in pred[f] for k in known[1:])]
-        if len(known) == 1:
-            # through a float quantize no quantized op took (a QuantStub against a QAT
-            # prepared model, whose input quantize is a fake-quantize: plumbing)
-            pool += [g for f in list(pool) if f not in taken_f
-                     and (c := fv.op_class(f)) is not None and c.role == "optional"
-                     for g in succ[f]]
+        # seen through a float quantize no quantized op took (a QuantStub, or a QAT float
+        # side's fake-quant, against a model quantizing elsewhere or not at all)
+        def unpaired_quantize(f: fx.Node) -> bool:
+            return f not in taken_f and (c := fv.op_class(f)) is not None and c.role == "optional"
+
+        def reads(f: fx.Node, k: fx.Node) -> bool:
+            return k in pred[f] or any(k in pred[g] for g in pred[f] if unpaired_quantize(g))
+
+        after = list(succ[known[0]])
+        after += [g for f in list(after) if unpaired_quantize(f) for g in succ[f]]
+        pool = [f for f in after if all(reads(f, k) for k in known[1:])]
     elif not qv.graph.pred[q]:
         pool = fv.sources()
     else:  # inputs unpaired upstream: only a same-named op will do
