@@ -420,15 +420,19 @@ def _variants_report(args: argparse.Namespace) -> tuple[Any, None] | None:
                   for name, v in report.variants.items()}), None
 
 
-def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any) -> Any:
-    """``match`` of the built pair with the command's ``--capture`` (exporting on ``example``
-    where the capture needs it)."""
-    from .capture.export import capture_example
+def _matching(args: argparse.Namespace, built: Any, leaves: list[str], example: Any, *,
+              validate: bool = False) -> Any:
+    """``match`` of the built pair with the command's ``--capture`` on ``example``, the first
+    batch, as :func:`fxnumeric.compare` matches on its own: exported on it where the capture
+    needs it, and, for a model captured through the module tree (Hugging Face), run on it to
+    record how each submodule is called and in which order (without it, the rows, and the
+    layer named where NaN/Inf first appears, followed module registration order).
+    ``validate``: check that both models accept it (``compare``, ``advise`` and ``diagnose``
+    run it next anyway)."""
     from .match import match
 
-    return match(built.float_model, built.quant_model,
-                 capture_example(args.capture, example, built.quant_model),
-                 leaf_modules=leaves or None, capture=args.capture)
+    return match(built.float_model, built.quant_model, example, leaf_modules=leaves or None,
+                 capture=args.capture, validate_inputs=validate)
 
 
 def _match(args: argparse.Namespace) -> int:
@@ -436,12 +440,10 @@ def _match(args: argparse.Namespace) -> int:
     from .progress import phase
 
     built, leaves = _pair(args)
-    example = None
-    if args.capture != "fx":
-        example = random_batches(args.input_shape, 1, seed=args.seed, dtype=args.input_dtype,
-                                 high=args.vocab)[0]
+    example = random_batches(args.input_shape, 1, seed=args.seed, dtype=args.input_dtype,
+                             high=args.vocab)[0]
     with phase("tracing and pairing the models", _progress(args)):
-        matching = _matching(args, built, leaves, example)
+        matching = _matching(args, built, leaves, example, validate=True)
     print(matching.table(tablefmt=args.tablefmt))
     return EXIT_OK
 

@@ -47,7 +47,7 @@ from .llm_metrics import (
 )
 from .lockstep import Lockstep
 from .loggers import Logger
-from .match import Matching, Pair
+from .match import Matching, Pair, in_run_order
 from .metrics import (
     BUILTIN_METRICS,
     Accumulator,
@@ -382,7 +382,10 @@ def compare(
             ``row.activations`` (memory then grows with the data).
         matching: a :func:`fxnumeric.match` result to reuse; it must have been built from
             ``float_model`` and ``quant_model`` (with variants: ``{name: matching}`` for
-            some or all of them).
+            some or all of them). One made without example inputs of a model captured
+            through the module tree (``match(f, q)`` of a Hugging Face model) is put in the
+            order the quantized model runs its pairs on the first batch, so the rows are in
+            run order either way (:func:`fxnumeric.match.in_run_order`).
         leaf_modules: module types or names to keep whole when tracing.
         progress: show progress on stderr: tracing and pairing, the batches, the weight
             comparison (default: when stderr is a terminal or in a Jupyter notebook).
@@ -460,8 +463,6 @@ def compare(
     total = _length(data, max_batches)
     example, data = _first_batch(data, inputs)
     check_batch(example, 0)  # before tracing: the first batch is checked before any work
-    if matching is not None:
-        example = None  # captured already; else torch.export's example, how modules are called
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
                  leaf_modules, precision, progress, capture, example)
     ran = _run(plan, data, progress, max_batches, inputs, total, ranks)
@@ -528,6 +529,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         matching = resolve_matching(float_model, quant_model, matching, leaf_modules,
                                     capture=capture, example_inputs=example_inputs,
                                     validate=False)
+        # a matching given without example inputs: its rows still in the order they run
+        matching = in_run_order(matching, example_inputs)
     check_pairable(matching)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
@@ -1086,7 +1089,7 @@ def _compare_variants(float_model: nn.Module, variants: Mapping[str, nn.Module],
         with about_variant(name):
             plans[name] = _plan(float_model, quant_model, comparisons, metrics, keep_activations,
                                 given, leaf_modules, precision, progress, capture,
-                                example if given is None else None, shared_float=True)
+                                example, shared_float=True)
     groups = _float_groups(plans)
     ran = _run_variants(plans, groups, data, progress, max_batches, inputs, total, ranks)
     reports = {name: _collect(plan, ran, progress) for name, plan in plans.items()}

@@ -902,21 +902,54 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     order = list(quant_calls or ()) + [m for m in modules if m not in (quant_calls or {})]
     rank = {name: i for i, name in enumerate(order)}
     regions.sort(key=lambda r: rank.get(r.quant_path, 0))
-    region_paths = {r.quant_path for r in regions}
     found = Matching(
         tuple(regions), (),
         tuple(u for r in regions for u in r.unmatched_float) + tuple(misses_f),
         tuple(u for r in regions for u in r.unmatched_quant) + tuple(misses_q),
         float_model, quant_model, untraced=tree.untraced,
-        extra_kwargs=dict(getattr(quant_calls, "extra_kwargs", {})),
-        call_order=tuple(call for call in getattr(quant_calls, "sequence", ())
-                         if call[0] in region_paths),
         containers=container_pairs(regions),
     )
-    # each call's pairs where that call runs: a shared layer's calls interleave
-    ordered = sorted(((found.run_position(r, r.call_site(p)), p) for r in regions
+    return _recorded(found, quant_calls)
+
+
+def _recorded(found: Matching, quant_calls: Any) -> Matching:
+    """``found`` with what the quantized model's run on the example inputs recorded
+    (:func:`fxnumeric.capture.tree.record_calls`; None: nothing ran), and its pairs sorted
+    where each call runs: a shared layer's calls interleave."""
+    region_paths = {r.quant_path for r in found.regions}
+    found = replace(
+        found, extra_kwargs=dict(getattr(quant_calls, "extra_kwargs", {})),
+        call_order=tuple(call for call in getattr(quant_calls, "sequence", ())
+                         if call[0] in region_paths))
+    ordered = sorted(((found.run_position(r, r.call_site(p)), p) for r in found.regions
                       for p in r.pairs), key=lambda item: item[0])
     return replace(found, pairs=tuple(p for _, p in ordered))
+
+
+def in_run_order(matching: Matching, example_inputs: Any) -> Matching:
+    """``matching`` with its pairs in the order the quantized model runs them on
+    ``example_inputs``, as if :func:`match` had been given them.
+
+    A model captured through the module tree (torch.fx cannot trace it whole: Hugging Face
+    models) lists its pairs in run order only when :func:`match` ran it on example inputs;
+    ``match(f, q)`` without them lists them region by region in module registration order (a
+    Llama layer's projections before the norm that feeds them), and the report's rows, and the
+    layer it names where NaN/Inf first appears, would follow. :func:`compare` runs its first
+    batch here, so its rows are in run order whichever matching it is given.
+
+    Returned as it is: a matching captured whole (graph order is run order), one that
+    recorded its calls already, and one whose regions the run calls more often than the
+    matching counted (a layer shared by a ModuleList, matched without example inputs: its
+    calls were not counted, so each is observed at every call, as the eager API logs them).
+    """
+    if example_inputs is None or matching.call_order or len(matching.regions) <= 1:
+        return matching
+    model = matching.quant_model
+    assert model is not None  # a matching of several regions was captured from the modules
+    quant_calls = record_calls(model, example_inputs, which="quantized")
+    if any(quant_calls.counts.get(r.quant_path, 1) > r.call_sites for r in matching.regions):
+        return matching
+    return _recorded(matching, quant_calls)
 
 
 def container_pairs(regions: Iterable[Region]) -> frozenset[str]:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair"]
+__all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair", "nan_in_layer1_norm_pair",
+           "run_order_and_first_nonfinite"]
 
 
 class LSTMModel(nn.Module):
@@ -87,3 +88,44 @@ def embedding_pair(qconfig: Any) -> tuple[Bags, nn.Module, list[tuple[torch.Tens
     g = torch.Generator().manual_seed(1)
     data = [(torch.randint(0, 50, (8,), generator=g), torch.tensor([0, 4])) for _ in range(3)]
     return float_model, quant_model, data
+
+
+def nan_in_layer1_norm_pair() -> tuple[nn.Module, nn.Module]:
+    """tiny_llama against layer 0's Linears quantized dynamically, with a NaN planted in the
+    quantized model's ``model.layers.1.input_layernorm`` weight: the NaN's origin."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    from fxnumeric.zoo_llm import tiny_llama
+
+    f = tiny_llama().eval()
+    layer0 = {n: default_dynamic_qconfig for n, m in f.named_modules()
+              if isinstance(m, nn.Linear) and n.startswith("model.layers.0.")}
+    q = quantize_dynamic(copy.deepcopy(f), layer0)
+    with torch.no_grad():
+        q.model.layers[1].input_layernorm.weight[5] = float("nan")
+    return f, q
+
+
+def run_order_and_first_nonfinite(model: nn.Module, batch: Any) -> tuple[list[str], str | None]:
+    """Forward hooks on ``model`` run on ``batch``: its module paths in the order their first
+    call begins, and the first module whose output (first tensor) is not finite."""
+    order, nonfinite = [], []
+
+    def began(path):
+        return lambda module, args: order.append(path) if path not in order else None
+
+    def ended(path):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            if torch.is_tensor(out) and out.is_floating_point() and not out.isfinite().all():
+                nonfinite.append(path)
+        return hook
+
+    hooks = [h for path, m in model.named_modules() if path
+             for h in (m.register_forward_pre_hook(began(path)),
+                       m.register_forward_hook(ended(path)))]
+    with torch.no_grad():
+        model(**batch) if isinstance(batch, dict) else model(batch)
+    for h in hooks:
+        h.remove()
+    return order, nonfinite[0] if nonfinite else None

@@ -371,3 +371,31 @@ def test_help_documents_the_exit_statuses(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "exit status: 0 ok; 1 a check failed" in capsys.readouterr().out
+
+
+def test_report_of_a_module_tree_model_lists_rows_in_run_order(tmp_path, capsys):
+    """The CLI matched without the first batch, so a Hugging Face model's rows followed module
+    registration order (layer 0's q_proj before the input_layernorm feeding it) and the NaN
+    planted in layer 1's norm was said to first appear at its q_proj."""
+    from _models import nan_in_layer1_norm_pair, run_order_and_first_nonfinite
+
+    from fxnumeric.models import random_batches
+
+    path = tmp_path / "llama.json"
+    argv = ["report", "--model", "_models:nan_in_layer1_norm_pair", "--input-shape", "2,12",
+            "--input-dtype", "long", "--vocab", "256", "--batches", "1", "--no-progress"]
+    assert main([*argv, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    cli = json.loads(path.read_text())
+    # the oracles: compare's own rows on the same pair and batch; hooks on the quantized model
+    float_model, quant_model = nan_in_layer1_norm_pair()
+    data = random_batches((2, 12), 1, seed=0, dtype="long", high=256)  # the CLI's batch
+    own = ns.compare(float_model, quant_model, data, progress=False)
+    order, origin = run_order_and_first_nonfinite(quant_model, data[0])
+    names = [layer["name"] for layer in cli["layers"]]
+    assert names == [row.name for row in own.rows]
+    modules = [n for n in names if n in order]
+    assert len(modules) > 10 and modules == sorted(modules, key=order.index)
+    assert [layer["kind"] for layer in cli["layers"][:3]] == ["embedding", "rmsnorm", "linear"]
+    assert origin == "model.layers.1.input_layernorm"
+    assert f"note: NaN/Inf first appears at {origin} in the quantized model" in out

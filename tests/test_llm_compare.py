@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import nan_in_layer1_norm_pair, run_order_and_first_nonfinite
 
 import fxnumeric as ns
 from fxnumeric.llm_metrics import LLM_METRICS
@@ -231,3 +232,24 @@ def test_a_wrapper_around_a_decoder_names_no_container_a_culprit():
                 for a, b in zip(outputs[::2], outputs[1::2], strict=True))
     assert wrapped.row("m.model.layers.1.self_attn.o_proj").output["sqnr"] == pytest.approx(
         10 * math.log10(signal / noise), abs=1e-4)
+
+
+def test_a_matching_made_without_example_inputs_gives_rows_in_run_order():
+    """match(f, q) of a module-tree model records no call order: compare listed its rows
+    region by region (a layer's projections before the norm feeding them) and named the
+    q_proj after a NaN'd norm where the NaN first appears. compare orders it on its first
+    batch."""
+    f, q = nan_in_layer1_norm_pair()
+    data = tiny_llm_batches(n=1)
+    order, origin = run_order_and_first_nonfinite(q, data[0])
+    assert origin == "model.layers.1.input_layernorm"
+    own = ns.compare(f, q, data, progress=False, comparisons=("outputs",))
+    matching = ns.match(f, q)
+    given = ns.compare(f, q, data, progress=False, comparisons=("outputs",), matching=matching)
+    names = [row.name for row in given.rows]
+    assert names == [row.name for row in own.rows]
+    modules = [n for n in names if n in order]  # the rows that are modules, as they ran
+    assert len(modules) > 10 and modules == sorted(modules, key=order.index)
+    assert given.nonfinite == own.nonfinite == (("quantized", origin),)
+    assert f"NaN/Inf first appears at {origin} in the quantized model" in given.notes[0]
+    assert not matching.call_order  # the user's matching is left as it was

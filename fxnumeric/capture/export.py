@@ -109,8 +109,8 @@ def export_side(model: Any, example_inputs: Any, which: str) -> tuple[Any, str |
 def capture_example(capture: str, example_inputs: Any, quant_model: Any) -> Any:
     """The example inputs to match this pair on: ``example_inputs`` where the capture needs
     them (``"export"`` always, ``"auto"`` against a pt2e model, whose float side it may
-    export), else None. Callers that run nothing before the user does (the eager API, the
-    CLI's ``match``) pass :func:`fxnumeric.match` what this returns."""
+    export), else None. Callers that run nothing before the user does (the eager API) pass
+    :func:`fxnumeric.match` what this returns."""
     needed = capture == "export" or auto_exports_float(capture, example_inputs, quant_model)
     return example_inputs if needed else None
 
