@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .compare import COMPARISONS
+
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "EXIT_INTERNAL"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -157,8 +159,10 @@ def _parser() -> argparse.ArgumentParser:
                      default="table", help="model-explorer: node-data overlays in the -o directory")
     rep.add_argument("--tablefmt", default="simple",
                      help="tabulate format for --format table (github, plain, ...)")
-    rep.add_argument("--comparisons", default="weights,outputs,shadows",
-                     help="any of weights,outputs,shadows")
+    rep.add_argument("--comparisons", type=_names, default=list(COMPARISONS),
+                     help=f"comma-separated, any of {','.join(COMPARISONS)} (default: all, as "
+                          "fxnumeric.compare); blocks: what enters each block (a decoder "
+                          "layer, a ResNet stage) and what it adds, the block table")
     rep.add_argument("--sort", choices=("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr"),
                      help="row order (default: graph order, or worst first with --top-k)")
     rep.add_argument("--top-k", type=_positive,
@@ -355,7 +359,7 @@ def _single_report(args: argparse.Namespace) -> tuple[Any, Any] | None:
     with torchrun_group() as ranks:  # under torchrun: the ranks share the batches
         report = compare(
             built.float_model, built.quant_model, data,
-            comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
+            comparisons=args.comparisons,
             matching=matching,
             progress=_progress(args) if not ranks.rank else False,
         )
@@ -410,7 +414,7 @@ def _variants_report(args: argparse.Namespace) -> tuple[Any, None] | None:
     with torchrun_group() as ranks:  # under torchrun: the ranks share the batches
         report = compare(
             float_model, variants, data,
-            comparisons=[c.strip() for c in args.comparisons.split(",") if c.strip()],
+            comparisons=args.comparisons,
             matching=matchings, progress=_progress(args) if not ranks.rank else False)
     if ranks.rank:
         return None

@@ -373,8 +373,9 @@ def compare(
             "attention_mask": mask}``). A single tensor is one batch. For a labelled
             DataLoader that yields ``(x, label)``, pass ``inputs=0``.
         comparisons: any of ``"weights"``, ``"outputs"`` (cumulative error: both models
-            run on the same input) and ``"shadows"`` (local error: each quantized op against
-            its float twin fed the same dequantized input).
+            run on the same input), ``"shadows"`` (local error: each quantized op against
+            its float twin fed the same dequantized input) and ``"blocks"`` (what enters each
+            block and what it adds: ``Report.blocks``); default :data:`COMPARISONS`, all four.
         metrics: built-in metric names (``sqnr``, ``cosine``, ``mse``, ``max_abs_error``)
             and/or functions ``fn(ref, actual) -> float`` (or a ``{name: fn}`` dict, added to
             the built-ins). User metrics are averaged over batches.

@@ -399,3 +399,28 @@ def test_report_of_a_module_tree_model_lists_rows_in_run_order(tmp_path, capsys)
     assert [layer["kind"] for layer in cli["layers"][:3]] == ["embedding", "rmsnorm", "linear"]
     assert origin == "model.layers.1.input_layernorm"
     assert f"note: NaN/Inf first appears at {origin} in the quantized model" in out
+
+
+def test_report_computes_the_blocks_as_compare_does_by_default(tmp_path, capsys):
+    """--comparisons defaulted to weights,outputs,shadows: the block table docs/reports.md
+    shows in `fxnumeric report`, the HTML and the JSON was never computed."""
+    from fxnumeric.compare import COMPARISONS
+    from fxnumeric.models import build_pair, random_batches
+
+    path = tmp_path / "r.json"
+    assert main(["report", "--model", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+                 "--batches", "2", "--no-progress", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    cli = Report.from_json(path)
+    # the oracle: compare's own defaults on the pair and batches the command builds
+    calibration = random_batches((1, 3, 32, 32), 2, seed=1)
+    built = build_pair("torchvision:resnet18", "static", calibration, seed=0)
+    own = ns.compare(built.float_model, built.quant_model,
+                     random_batches((1, 3, 32, 32), 2, seed=0), progress=False)
+    assert cli.comparisons == own.comparisons == COMPARISONS
+    assert [b.name for b in cli.blocks] == [b.name for b in own.blocks] == [
+        "layer1", "layer2", "layer3", "layer4"]
+    for mine, theirs in zip(cli.blocks, own.blocks, strict=True):
+        assert mine.output_sqnr == pytest.approx(theirs.output_sqnr, abs=1e-6)
+        assert mine.shadow_sqnr == pytest.approx(theirs.shadow_sqnr, abs=1e-6)
+    assert out.rstrip("\n").endswith(own.block_table())
