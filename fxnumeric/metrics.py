@@ -665,7 +665,9 @@ class Accumulator:
             denom = math.sqrt(self.signal) * math.sqrt(self.actual_energy)
             if denom == 0:
                 return 1.0 if self.signal == self.actual_energy == 0 else 0.0
-            return self.dot / denom
+            # the three float64 sums round apart: an exact layer read 1.0000000000000002
+            cos = self.dot / denom
+            return cos if math.isnan(cos) else max(-1.0, min(1.0, cos))
         if name == "mse":
             return self.noise / self.count if self.count else math.nan
         if name == "max_abs_error":

@@ -118,6 +118,20 @@ def test_cosine_of_a_clipped_output_far_smaller_than_its_float_twin(size, precis
     assert acc.value("cosine") == pytest.approx(0.5 / math.sqrt(2 * 1.25), rel=1e-6)
 
 
+def test_the_cosine_of_an_exact_layer_is_one_not_more():
+    """Eight batches of a layer whose outputs agree exactly: the float64 sums round apart and
+    the cosine read 1.0000000000000002 in the CSV and JSON."""
+    gen = torch.Generator().manual_seed(1)
+    acc, flipped = Accumulator(), Accumulator()
+    for _ in range(8):
+        ref = torch.randn(2, 12, 64, generator=gen)
+        acc.update(ref, ref.clone())
+        flipped.update(ref, -ref)
+    assert acc.value("cosine") == 1.0  # a vector against itself: exactly 1
+    assert flipped.value("cosine") == -1.0
+    assert acc.value("sqnr") == math.inf
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_chunks_that_need_converting_share_one_buffer_and_keep_their_values(dtype):
     # a new tensor per chunk was not memory reused in the turns' helper thread (glibc's
