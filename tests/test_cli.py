@@ -359,6 +359,8 @@ def test_input_errors_exit_2_in_every_command(tiny_report, tmp_path, capsys):
          "No such file or directory"),
         (["check", missing, "--min-output-sqnr", "1"], "no report file"),
         (["diff", str(tiny_report), missing], "no report file"),
+        (["diff", str(tiny_report), str(tiny_report), "--tablefmt", "bogus"],
+         "unknown table format 'bogus': use one of simple, plain, github"),
         (["advise", "--model", "nope.mod:f", "--target", "1"], "cannot import 'nope.mod'"),
         (["match", "--model", "resnet18"], "must look like torchvision:resnet18"),
     ]:

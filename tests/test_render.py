@@ -432,3 +432,21 @@ def test_a_click_on_a_header_sorts_the_table(tmp_path):
     assert [shadow[n] for n in up.split(",")] == sorted(shadow.values())
     assert [shadow[n] for n in down.split(",")] == sorted(shadow.values(), reverse=True)
     assert graph.split(",") == [r.name for r in report.rows] and state == "ascending"
+
+
+def test_an_unknown_table_format_is_refused_naming_the_valid_ones():
+    """tabulate draws a format it does not know as `simple`: `table("bogus")` was accepted."""
+    f, q, report = _small_report()
+    tables = {"Report.table": report.table, "Report.block_table": report.block_table,
+              "ReportDiff.table": report.diff(report).table,
+              "Matching.table": ns.match(f, q).table}
+    for what, table in tables.items():
+        with pytest.raises(ns.InputError, match="unknown table format 'bogus': use one of "
+                           "simple, plain, github, markdown, grid, pipe, or another of "
+                           "tabulate's formats .*rst"):
+            table("bogus")
+        assert table("markdown") == table("pipe"), what  # markdown is tabulate's pipe
+    # any of tabulate's own formats still works: rst frames the header with "=" rules
+    rule = report.table("rst").splitlines()[0]
+    assert set(rule) == {"=", " "}
+

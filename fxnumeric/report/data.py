@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..floor import FLOOR_MARGIN_DB
 from ..metrics import Spread
 from . import persist
+from .render import TABLE_FORMATS
 from .variants import best_variant, variants_summary
 from .verdict import Verdict, verdict
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["Report", "ReportRow", "BlockRow", "WeightHistogram", "TABLE_FORMATS",
            "DEGENERATE_RMS_RATIO", "BELOW_FLOOR_DB", "Spread", "Verdict", "activation_scale"]
 
-TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 _SORT_KEYS = ("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr")
 _WORST_FIRST = ("shadow_sqnr", "output_sqnr", "weight_sqnr")
 _LABELS = {"shadow_sqnr": "shadow SQNR", "output_sqnr": "output SQNR", "weight_sqnr": "weight SQNR"}
@@ -555,10 +555,14 @@ class Report:
         """Render the rows with tabulate, then the notes and the summary line (last).
 
         Args:
-            tablefmt: any tabulate format (``simple``, ``plain``, ``github``, ``markdown`` ...).
+            tablefmt: one of :data:`TABLE_FORMATS` (``simple``, ``plain``, ``github``,
+                ``markdown`` ...) or any other tabulate format.
             sort: ``graph`` order, or worst first by ``output_sqnr``, ``shadow_sqnr`` or
                 ``weight_sqnr``. Default: graph order, or worst first when ``top_k`` is given.
             top_k: keep only the first ``k`` rows after sorting.
+
+        Raises:
+            InputError: for a format tabulate does not know (it would draw ``simple``).
         """
         from .render import report_table
 

@@ -31,8 +31,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tabulate import tabulate
+from tabulate import tabulate, tabulate_formats
 
+from ..errors import InputError
 from .variants import AlignedLayer, aligned_layers, output_text, standings, where_it_loses
 
 if TYPE_CHECKING:
@@ -58,6 +59,27 @@ _SERIES = (  # attribute, label, colour
     ("weight_sqnr", "weight SQNR", "#2ca02c"),
 )
 _FLOOR = ("floor_sqnr", "floor SQNR (its qparams allow)", "#7f7f7f")
+
+
+TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
+"""The table formats the docs show; every other format of tabulate's works too
+(``tabulate.tabulate_formats``: ``rst``, ``latex``, ``html`` ...)."""
+
+
+def tabulate_format(tablefmt: str) -> str:
+    """The tabulate name of ``tablefmt`` (``markdown`` is tabulate's ``pipe``).
+
+    Raises:
+        InputError: for a format tabulate does not know, which it would silently draw as
+            ``simple``.
+    """
+    if tablefmt == "markdown":
+        return "pipe"
+    if tablefmt not in tabulate_formats:
+        raise InputError(f"unknown table format {tablefmt!r}: use one of "
+                         f"{', '.join(TABLE_FORMATS)}, or another of tabulate's formats "
+                         f"({', '.join(f for f in tabulate_formats if f not in TABLE_FORMATS)})")
+    return tablefmt
 
 
 def _series(rows: Sequence[ReportRow]) -> tuple[tuple[str, str, str], ...]:
@@ -112,8 +134,7 @@ def report_table(report: Report, tablefmt: str = "simple", *, sort: str | None =
     (with variants: :func:`variants_table`)."""
     if report.variants:
         return variants_table(report, tablefmt, sort=sort, top_k=top_k)
-    if tablefmt == "markdown":
-        tablefmt = "pipe"
+    tablefmt = tabulate_format(tablefmt)
     _, fallback = report.sort_key(sort, top_k)
     cols = report_columns(report)
     rows = [[fn(r) for _, fn, _ in cols] for r in report.sorted_rows(sort, top_k)]
@@ -136,10 +157,9 @@ def block_table(report: Report, tablefmt: str = "simple") -> str:
     """The report's blocks as a table: the error entering each (the block before it leaves
     it), what the block adds by itself (its float twin fed its quantized input), and what
     leaves it. Empty when the model has no repeated blocks."""
+    tablefmt = tabulate_format(tablefmt)  # refused even when there is nothing to draw
     if not report.blocks:
         return ""
-    if tablefmt == "markdown":
-        tablefmt = "pipe"
     return tabulate([_block_cells(b) for b in report.blocks], headers=_BLOCK_HEADERS,
                     tablefmt=tablefmt, floatfmt=".4g", missingval="-")
 
@@ -576,8 +596,7 @@ def variants_table(report: Report, tablefmt: str = "simple", *, sort: str | None
     """A multi-variant report as text: the aligned layers with a column group per variant
     (output and shadow SQNR; weight SQNR when nothing else was compared), the model output
     per variant, ``note:`` lines, then the summary (last line)."""
-    if tablefmt == "markdown":
-        tablefmt = "pipe"
+    tablefmt = tabulate_format(tablefmt)
     joint = "\n" if tablefmt in _STACKED_HEADERS else " "
     # output and shadow SQNR: what differs between recipes; weights are in the CSV and HTML
     metrics = [m for m in _variant_metrics(report) if m[0] != "weight_sqnr"] or (
@@ -826,6 +845,7 @@ def matching_summary(m: Matching) -> str:
 
 def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
     """Pairs and misses as a tabulate table, the summary line, and optionally explanations."""
+    tablefmt = tabulate_format(tablefmt)
     text = tabulate(_matching_rows(m), headers=_matching_headers(m), tablefmt=tablefmt)
     text += "\n" + matching_summary(m)
     if m.untraced:
@@ -840,7 +860,8 @@ def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool
 
 def explain_table(rows: Sequence[tuple[str, str, str, str]], tablefmt: str = "simple") -> str:
     """The rows of :meth:`Matching.explain` (float nodes, kind, quantized nodes, note)."""
-    return tabulate(rows, headers=("float", "kind", "quantized", ""), tablefmt=tablefmt)
+    return tabulate(rows, headers=("float", "kind", "quantized", ""),
+                    tablefmt=tabulate_format(tablefmt))
 
 
 def matching_fragment(m: Matching) -> str:
@@ -1344,8 +1365,7 @@ def _diff_layer_lines(diff: ReportDiff) -> list[str]:
 def diff_table(diff: ReportDiff, tablefmt: str = "simple", *, changed_only: bool = True) -> str:
     """The changes as a tabulate table (regressions marked), new and vanished layers, the
     tolerances, then the summary (last line)."""
-    if tablefmt == "markdown":
-        tablefmt = "pipe"
+    tablefmt = tabulate_format(tablefmt)
     shown, hidden = _diff_rows(diff, changed_only)
     headers, _, variants = _diff_headers(diff)
     lines = [tabulate([_diff_cells(c, variants) for c in shown], headers=headers,
