@@ -450,3 +450,48 @@ def test_an_unknown_table_format_is_refused_naming_the_valid_ones():
     rule = report.table("rst").splitlines()[0]
     assert set(rule) == {"=", " "}
 
+
+def _variants_report():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    every = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    first = torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(f), {"0": torch.ao.quantization.default_dynamic_qconfig})
+    variants = {"every": every, "first": first}
+    return f, variants, ns.compare(f, variants, [torch.randn(4, 16) for _ in range(2)],
+                                   progress=False)
+
+
+def _weight_sqnr(float_linear: nn.Module, quant_linear: nn.Module) -> float:
+    """The weight SQNR read directly: the float weight against the dequantized int8 one."""
+    w, wq = float_linear.weight.double(), quant_linear.weight().dequantize().double()
+    return 10 * math.log10(float(w.square().sum()) / float((w - wq).square().sum()))
+
+
+@pytest.mark.parametrize("with_variants", [False, True], ids=["single", "variants"])
+def test_histogram_layers_that_would_draw_the_wrong_thing_are_refused(with_variants, tmp_path):
+    """A name of no layer was refused for one report and ignored with variants; -1 sliced
+    ([:-1]: every layer but the last); a string drew nothing."""
+    if with_variants:
+        f, variants, report = _variants_report()
+        q, heading = variants["every"], "<h4>"
+    else:
+        f, q, report = _small_report()
+        heading = "<h3>"
+    path = tmp_path / "r.html"
+    with pytest.raises(ns.InputError, match="'no.such.layer'"):
+        report.to_html(path, histogram_layers=["0", "no.such.layer"])
+    for bad in (-1, 0, True, 1.5, "0", None):
+        with pytest.raises(ns.InputError, match=r"histogram_layers takes a count k >= 1 .* "
+                           r"or a list of layer names \(\[\] for none\)"):
+            report.to_html(path, histogram_layers=bad)
+    # what is accepted draws what it says: the lowest weight SQNR, read directly
+    worst = min(("0", "2"), key=lambda n: _weight_sqnr(f.get_submodule(n), q.get_submodule(n)))
+    page = report.to_html(path, histogram_layers=1).read_text()
+    drawn = page[page.index(heading):].split(heading)[1:]
+    assert drawn[0].startswith(f"{worst} (weight SQNR")
+    assert len(drawn) == (2 if with_variants else 1)  # with variants: each variant's worst
+    page = report.to_html(path, histogram_layers=[]).read_text()
+    assert heading not in page
+    page = report.to_html(path, histogram_layers=["2"]).read_text()
+    assert page.count(f"{heading}2 (weight SQNR") == (2 if with_variants else 1)

@@ -657,9 +657,13 @@ class Report:
 
         Args:
             path: where to write.
-            histogram_layers: layer names to draw weight histograms for, or ``k`` for the
-                ``k`` layers with the lowest weight SQNR.
+            histogram_layers: layer names to draw weight histograms for (``[]``: none), or
+                ``k >= 1`` for the ``k`` layers with the lowest weight SQNR (of each variant).
             sensitivity: a :func:`fxnumeric.sensitivity` result to chart on the same page.
+
+        Raises:
+            InputError: for a count below 1, or a name that is a row of no report (with
+                variants: of no variant).
         """
         from .render import report_page
 

@@ -28,7 +28,7 @@ import csv
 import html
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate, tabulate_formats
@@ -453,6 +453,7 @@ def report_page(report: Report, *, histogram_layers: list[str] | int = 3,
     (when given), weight histograms, table (with variants: :func:`variants_page`)."""
     if report.variants:
         return variants_page(report, histogram_layers=histogram_layers, sensitivity=sensitivity)
+    _check_histogram_layers(histogram_layers, [report])
     if isinstance(histogram_layers, int):
         chosen = [r for r in report.sorted_rows("weight_sqnr")
                   if r.weight_histogram is not None][:histogram_layers]
@@ -730,6 +731,33 @@ def _model_output_html(report: Report) -> str:
     return html_table(headers, rows, [False] + [True] * (len(headers) - 2) + [False])
 
 
+def _check_histogram_layers(histogram_layers: Any, reports: Sequence[Report]) -> None:
+    """Refuse a ``histogram_layers`` the page would draw wrong without a word: a count below 1
+    (a slice ``[:-1]`` drew all layers but one), a name no report has a row of (with variants,
+    one that no variant has: a variant without it skips it), or neither a count nor names.
+
+    Raises:
+        InputError: naming what was passed and what ``to_html`` takes.
+    """
+    takes = ("histogram_layers takes a count k >= 1 (the k layers with the lowest weight SQNR) "
+             "or a list of layer names ([] for none)")
+    if isinstance(histogram_layers, int) and not isinstance(histogram_layers, bool):
+        if histogram_layers < 1:
+            raise InputError(f"histogram_layers={histogram_layers}: {takes}")
+        return
+    if isinstance(histogram_layers, (str, bytes)) or not isinstance(histogram_layers, Iterable):
+        raise InputError(f"histogram_layers={histogram_layers!r}: {takes}")
+    names = {r.name for report in reports for r in report.rows}
+    for name in histogram_layers:
+        if name in names:
+            continue
+        if len(reports) == 1:
+            reports[0].row(name)  # raises, naming the rows there are
+        shown = ", ".join(sorted(names)[:8]) + (" ..." if len(names) > 8 else "")
+        raise InputError(f"histogram_layers names {name!r}, which is a row of no variant; "
+                         f"rows are: {shown} (see Report.table())")
+
+
 def _variant_histograms(variant: Report, histogram_layers: list[str] | int) -> str:
     if isinstance(histogram_layers, int):
         chosen = [r for r in variant.sorted_rows("weight_sqnr")
@@ -748,6 +776,7 @@ def variants_page(report: Report, *, histogram_layers: list[str] | int = 3,
     loses, notes, the model output per variant, a chart per SQNR with a line per variant, the
     aligned table (a column group per variant), then each variant's own report (verdict,
     chart, weight histograms, table), each opening on a click."""
+    _check_histogram_layers(histogram_layers, list(report.variants.values()))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric report</title>",
         f"<style>{_PAGE_CSS}{_CSS}</style></head><body>",
