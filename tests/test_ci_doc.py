@@ -88,4 +88,4 @@ def test_the_ci_page_commands_run_and_print_what_it_shows(ci_folder, capsys):
                  if r.name == "head" else r for r in report.rows)
     dataclasses.replace(report, rows=rows).to_json("report.json")
     assert main(job[2]) == 1
-    assert "regressions beyond tolerance: head shadow SQNR: " in capsys.readouterr().out
+    assert "; 1 regression beyond tolerance: head shadow SQNR: " in capsys.readouterr().out

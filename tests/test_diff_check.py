@@ -348,3 +348,19 @@ def test_worst_first_puts_poisoned_layers_first():
     ranked = [r.shadow_sqnr for r in report.sorted_rows(sort="shadow_sqnr")]
     numbers = [v for v in ranked if v is not None and not math.isnan(v)]
     assert numbers == sorted(numbers) and all(math.isnan(v) for v in ranked[:len(poisoned)])
+
+
+def test_the_summary_counts_one_regression_and_one_layer_in_the_singular(reports):
+    """The diff's summary said "1 regressions"."""
+    old, _ = reports
+    worse = dataclasses.replace(old, rows=tuple(
+        dataclasses.replace(r, shadow={**r.shadow, "sqnr": r.shadow["sqnr"] - 3})
+        if r.name == "head" else r for r in old.rows))
+    d = old.diff(worse, tolerance_db=1.0)
+    assert [(c.layer, c.metric) for c in d.regressions] == [("head", "shadow.sqnr")]
+    assert d.summary().endswith(
+        f"; 1 regression beyond tolerance: {d.regressions[0]}")
+    assert d.summary().startswith("4 layers in both reports; ")
+    head = dataclasses.replace(old, rows=tuple(r for r in old.rows if r.name == "head"))
+    assert head.diff(head).summary() == (
+        "1 layer in both reports; no regression beyond tolerance")

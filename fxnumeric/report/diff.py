@@ -175,7 +175,7 @@ class ReportDiff:
         """One line: how many layers compared, new, vanished, and the regressions."""
         layers = len({(c.variant, c.layer) for c in self.changes if c.layer is not None})
         variants = len({c.variant for c in self.changes if c.variant is not None})
-        parts = [f"{layers} layers in both reports"
+        parts = [f"{layers} layer{'s' if layers != 1 else ''} in both reports"
                  + (f" (over {variants} variants)" if variants > 1 else "")]
         if self.new_variants:
             parts.append(f"new variants: {_names(self.new_variants)}")
@@ -188,7 +188,8 @@ class ReportDiff:
         worse = self.regressions
         if worse:
             listed = "; ".join(str(c) for c in worse[:4]) + (" ..." if len(worse) > 4 else "")
-            parts.append(f"{len(worse)} regressions beyond tolerance: {listed}")
+            parts.append(f"{len(worse)} regression{'s' if len(worse) > 1 else ''} beyond "
+                         f"tolerance: {listed}")
         else:
             parts.append("no regression beyond tolerance")
         return "; ".join(parts)
