@@ -29,7 +29,8 @@ __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "EXIT_INTERNAL"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
-_EXAMPLES = """examples:
+# raw: a line ending in a backslash is shown as a shell continuation, not joined to the next
+_EXAMPLES = r"""examples:
   fxnumeric demo
       pair and compare torchvision's quantizable resnet18 and the tutorial's LSTM
       (random weights, seeded: no network needed)

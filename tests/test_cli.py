@@ -426,3 +426,30 @@ def test_report_computes_the_blocks_as_compare_does_by_default(tmp_path, capsys)
         assert mine.output_sqnr == pytest.approx(theirs.output_sqnr, abs=1e-6)
         assert mine.shadow_sqnr == pytest.approx(theirs.shadow_sqnr, abs=1e-6)
     assert out.rstrip("\n").endswith(own.block_table())
+
+
+def test_help_examples_show_shell_continuations_and_parse(capsys):
+    """The epilog's backslash-newline was Python's, so --help joined two lines into
+    "--sensitivity sqnr       --format html"."""
+    import shlex
+
+    from fxnumeric.cli import _parser
+
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("  fxnumeric report --model torchvision:resnet18 --quant fx --why "
+                     "--sensitivity sqnr \\")
+    assert lines[at + 1] == "      --format html -o report.html"
+    assert not any(re.search(r"\S {3,}--", line) for line in lines)
+    # each example, its continuation lines joined as a shell joins them, parses
+    commands, joined = [], ""
+    for line in lines:
+        if line.startswith("  fxnumeric ") or joined:
+            joined += line.strip().removesuffix("\\") + " "
+            if not line.endswith("\\"):
+                commands.append(joined)
+                joined = ""
+    assert len(commands) >= 12
+    for command in commands:
+        _parser().parse_args(shlex.split(command)[1:])
