@@ -523,7 +523,7 @@ class HybridRunner:
         other_inside = _with_constants(other_v, sorted(around, key=other_v.position))
         inputs = []
         for ext in _external_inputs(other_inside):
-            provider = _provider(region, ext, base)
+            provider = _provider(region, ext, base, base_inside)
             if provider is None or base_v.position(provider) >= base_v.position(out):
                 side = "float" if base == "quant" else "quantized"
                 raise InstrumentationError(
@@ -806,12 +806,15 @@ def _output_tail(region: Region, pair: Pair) -> list[fx.Node]:
     return list(reversed(tail)) if node is last else []
 
 
-def _provider(region: Region, other_node: fx.Node, base: str) -> fx.Node | None:
+def _provider(region: Region, other_node: fx.Node, base: str,
+              replaced: Iterable[fx.Node] = ()) -> fx.Node | None:
     """The base-graph node that carries the value ``other_node`` holds in its own graph.
 
     Into a quantized base, a float input comes from the quantized node computing the same
     value: a pair's own output, else the earliest carrier (a model input rather than the
-    quantize in front of one layer, as in a model re-quantized with that layer float).
+    quantize in front of one layer, as in a model re-quantized with that layer float). Of a
+    pt2e value's dequantizes, the one the swapped layer's nodes ``replaced`` read
+    (:func:`_own_edge`).
     """
     if base == "quant":  # other = float
         carrier = region.float_view.producer(other_node)
@@ -822,11 +825,30 @@ def _provider(region: Region, other_node: fx.Node, base: str) -> fx.Node | None:
             # a quantized layer's output as the next op reads it (after its own quantize in
             # reference FX and pt2e); a float op's own output, not the quantize FX puts in
             # front of the next layer
-            return region.output_nodes(pair)[1] if pair.quantized else region.chain(
-                pair, "quant")[-1]
+            return _own_edge(region.output_nodes(pair)[1], replaced) if pair.quantized else (
+                region.chain(pair, "quant")[-1])
         return region.quant_counterpart(carrier)
     producer = region.quant_view.producer(other_node)
     return region.float_counterpart(producer) if producer is not None else None
+
+
+def _own_edge(dequantize: fx.Node, readers: Iterable[fx.Node]) -> fx.Node:
+    """The dequantize of the edge ``value -> quantize -> dequantize`` that one of ``readers``
+    reads, else ``dequantize`` itself.
+
+    convert_pt2e gives each reader of a quantized value a dequantize of its own, and the
+    matching logs one of them: another reader's, maybe (fc's next call, where ``cat`` reads
+    the same output). A layer kept float reads its own edge, which :class:`_SwapInterpreter`
+    passes on float when only float layers asked for it; the sibling's edge stays quantized.
+    """
+    value = quantized_edge(dequantize)
+    if value is None:
+        return dequantize
+    for reader in readers:
+        for node in reader.all_input_nodes:
+            if quantized_edge(node) is value:
+                return node
+    return dequantize
 
 
 # ops FX quantizes with fixed qparams, and those qparams (scale, zero point), as torch.ao's
