@@ -1526,6 +1526,46 @@ def test_a_pt2e_layer_kept_float_reads_its_own_dropped_edge_not_a_siblings() -> 
         assert found[name].all_but == pytest.approx(requantized, abs=1e-4), name
 
 
+class _ConvAdd(nn.Module):
+    """A conv whose output is added to its input: X86InductorQuantizer's conv + add pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.conv(x) + x).mean((2, 3)))
+
+
+def test_a_pt2e_fused_pattern_is_its_first_ops_to_keep_float() -> None:
+    """X86InductorQuantizer puts the conv + add pattern's residual input annotation on the add;
+    it is there only because the conv is quantized, and set_module_name_qconfig('conv', None)
+    leaves the add reading the residual float. The hybrid kept the add's quantize: conv float
+    claimed 52.318 dB (below the quantized model's 52.35: ranked harmful) against 52.958
+    re-quantized, the add "kept float" claimed a change no quantizer can make, and advise put
+    the add in its plan as a line no quantizer can apply."""
+    torch.manual_seed(0)
+    f = _ConvAdd().eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    program, q = _pt2e_requantized(f, data, _x86())
+    found = {layer.name: layer for layer in sensitivity(program, q, data, progress=False).layers}
+
+    for name in ("stem", "conv", "head"):
+        requantized = _sqnr_of(f, _pt2e_requantized(f, data, _x86(name))[1], data)
+        assert found[name].all_but == pytest.approx(requantized, abs=1e-4), name
+    assert found["conv"].all_but > _sqnr_of(f, q, data) + 0.5
+    assert found["add"].all_but == pytest.approx(_sqnr_of(f, q, data), abs=1e-9)
+    assert found["add"].only == math.inf  # the add alone: no annotation of its own
+
+    advice = advise(program, q, data, metric="sqnr", target=1000, progress=False)
+    assert "add" not in advice.keep_float and "#" not in advice.pt2e_lines()
+    for k in range(1, len(advice.keep_float) + 1):
+        built = _pt2e_requantized(f, data, _x86(*advice.keep_float[:k]))[1]
+        assert advice.curve[k] == pytest.approx(_sqnr_of(f, built, data), abs=1e-4), k
+
+
 def _partial_and_float16_variants():
     torch.manual_seed(0)
     float_model = MLP().eval()

@@ -46,7 +46,7 @@ from torch import nn
 from .. import flows
 from .._tensors import dequantize_all
 from ..errors import InputError, InstrumentationError
-from ..flows.pt2e import annotated, input_wanted, output_wanted, quantized_edge
+from ..flows.pt2e import annotated, input_wanted, output_wanted, pattern_anchor, quantized_edge
 from ..instrument.assemble import assemble, captured_model
 from ..match import Matching, Pair, Region
 from ..pairing import op_name
@@ -966,19 +966,27 @@ def _readers_ask(dequantize: fx.Node, value: fx.Node) -> bool:
 
 
 def _not_asked_by(node: fx.Node, layer: set[fx.Node]) -> bool:
-    """Whether the quantize edge ending at ``node`` is its producer's alone: the producer's
-    output is annotated and no op of ``layer`` reading it asked for it. A layer quantized
-    alone reads that value float, as a model re-quantized with only that layer would."""
+    """Whether the quantize edge ending at ``node`` is another's: an annotation asked for it
+    (its producer's output, a reader's input), but no op of ``layer`` reading it, nor a
+    reader whose fused pattern ``layer`` holds (:func:`pattern_anchor`: an X86 conv's residual
+    add). A layer quantized alone reads that value float, as a model re-quantized with only
+    that layer would."""
     value = quantized_edge(node)
-    return (value is not None and output_wanted(value)
-            and not any(input_wanted(reader, value) for reader in node.users if reader in layer))
+    return (value is not None and _edge_kept(node, value, frozenset())
+            and not any(input_wanted(reader, value) and pattern_anchor(reader) in layer
+                        for reader in node.users if reader in layer))
 
 
 def _edge_kept(dequantize: fx.Node, value: fx.Node, floated: frozenset[fx.Node]) -> bool:
     """Whether a model re-quantized with the ops ``floated`` left out has the edge ``value ->
-    quantize -> dequantize``: its producer or a reader not left out asked for it."""
-    return (output_wanted(value) and value not in floated) or any(
-        input_wanted(reader, value) and reader not in floated for reader in dequantize.users)
+    quantize -> dequantize``: its producer or a reader not left out asked for it. An
+    annotation belongs to its fused pattern (:func:`pattern_anchor`): the pattern's first op
+    left out leaves it out (an X86 conv float, its residual add reads the residual float), and
+    another op of the pattern left out alone changes nothing, as no quantizer can leave it
+    out alone."""
+    return (output_wanted(value) and pattern_anchor(value) not in floated) or any(
+        input_wanted(reader, value) and pattern_anchor(reader) not in floated
+        for reader in dequantize.users)
 
 
 def _dropped_edges(graph: fx.Graph, swaps: tuple[Swap, ...]) -> dict[fx.Node, fx.Node]:

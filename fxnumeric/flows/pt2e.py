@@ -40,7 +40,7 @@ from ..optypes import DEQUANTIZE, PLUMBING, QUANTIZE, OpClass
 from . import BatchNormParams, Flow, fake_quant_enabled, op_name
 
 __all__ = ["Pt2eFlow", "ATEN_KINDS", "QDQ_ROLES", "annotated", "quantized_edge",
-           "output_wanted", "input_wanted"]
+           "output_wanted", "input_wanted", "pattern_anchor"]
 
 # --- q/dq ops: (namespace, op name) -> role. "quantize" ops become optional (paired when both
 # sides have one, else transparent); "dequantize" and "qparams" ops are plumbing.
@@ -175,6 +175,36 @@ def input_wanted(consumer: fx.Node, value: fx.Node) -> bool:
     specs = getattr(found, "input_qspec_map", None) or {}
     return any(getattr(key, "name", None) == value.name and spec is not None
                for key, spec in specs.items())
+
+
+def pattern_anchor(node: fx.Node) -> fx.Node:
+    """The first op of the fused pattern ``node``'s annotation belongs to (``node`` itself
+    when it is annotated alone).
+
+    X86InductorQuantizer annotates a fused pattern node by node: for conv + add (+ relu) the
+    conv's input and weight on the conv, the residual input on the add, and it marks every
+    node but the last as not the pattern's output (``_is_output_of_quantized_pattern``). The
+    add's annotation is there only because the conv is quantized: with the conv left float
+    by name (``set_module_name_qconfig``) the whole pattern is float and the add reads the
+    residual unquantized. A node is inside the pattern of the input it extends: an annotated
+    op whose only reader it is and whose annotation quantizes an input but says its output
+    is not the pattern's. Quantizers that do not mark their patterns (XNNPACK's annotations
+    carry no such flag) annotate each node on its own here.
+    """
+    while True:
+        inner = next((i for i in node.all_input_nodes if _pattern_goes_on(i, node)), None)
+        if inner is None:
+            return node
+        node = inner
+
+
+def _pattern_goes_on(node: fx.Node, reader: fx.Node) -> bool:
+    """Whether ``node``'s annotation is of a fused pattern that goes on in ``reader``."""
+    found = _annotation(node)
+    specs = getattr(found, "input_qspec_map", None) or {}
+    return (getattr(found, "_is_output_of_quantized_pattern", True) is False
+            and any(spec is not None for spec in specs.values())
+            and list(node.users) == [reader])
 
 
 def _is_transparent_module(module: nn.Module) -> bool:
