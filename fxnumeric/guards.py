@@ -149,12 +149,19 @@ def check_eval_mode(model: Any, side: str) -> None:
     """Raise :class:`InputError` when ``model`` (the ``side`` model) has a module in training
     mode whose forward then differs: a BatchNorm (normalises with each batch's statistics and
     updates its running ones in the user's model), a dropout (or torchvision's
-    ``StochasticDepth``) with ``p > 0``, an attention with dropout. Every metric would read
-    that noise, and the call would change the model."""
+    ``StochasticDepth``) with ``p > 0``, an attention with dropout, a module that passes a
+    dropout probability of its own to a functional dropout (see :func:`_dropout_attribute`).
+    Every metric would read that noise, and the call would change the model.
+
+    Modules in training mode that compute alike in either mode pass: a model built and never
+    put in eval mode, whose dropouts are all ``p = 0``, compares as it is."""
     if not isinstance(model, nn.Module):
         return
-    found = [(name, type(module).__name__) for name, module in model.named_modules()
-             if module.training and _trains_differently(module)]
+    found = [(name, kind) for name, module in model.named_modules()
+             if module.training and (kind := _trains_differently(module))]
+    if not found:  # a probability read from the model's config, not held by a module
+        found = [(name, kind) for name, module in model.named_modules()
+                 if module.training and (kind := _config_dropout(module))]
     if not found:
         return
     name, kind = found[0]
@@ -229,22 +236,57 @@ def check_graph_training(matching: Any) -> None:
             )
 
 
-def _trains_differently(module: nn.Module) -> bool:
+def _trains_differently(module: nn.Module) -> str:
+    """What makes ``module`` compute differently in training mode ("" when nothing does):
+    its type, and the dropout probability it holds when that is what tells."""
     from torch.nn.modules.batchnorm import _NormBase
     from torch.nn.modules.dropout import _DropoutNd
 
+    kind = type(module).__name__
     if in_quantized_package(module):
-        return False  # torch's quantized Dropout and BatchNorm compute alike in either mode
+        return ""  # torch's quantized Dropout and BatchNorm compute alike in either mode
     if isinstance(module, _NormBase):
-        return bool(module.track_running_stats)
+        return kind if module.track_running_stats else ""
     if isinstance(module, _DropoutNd):
-        return module.p > 0
+        return kind if module.p > 0 else ""
     if isinstance(module, nn.MultiheadAttention):
-        return module.dropout > 0
-    if type(module).__name__ == "StochasticDepth":  # torchvision's dropout of whole samples
-        return getattr(module, "p", 0) > 0
-    dropout = getattr(module, "attention_dropout", None)  # transformers' attention classes
-    return isinstance(dropout, float) and dropout > 0
+        return kind if module.dropout > 0 else ""
+    if kind == "StochasticDepth":  # torchvision's dropout of whole samples
+        return kind if getattr(module, "p", 0) > 0 else ""
+    held = _dropout_attribute(vars(module))
+    return f"{kind} with {held}" if held else ""
+
+
+def _dropout_attribute(attributes: dict[str, Any]) -> str:
+    """``name=p`` of the first dropout probability in ``attributes`` (a module's or a config's),
+    "" when none is above 0.
+
+    A module may drop out with no dropout module to see: transformers' layers hold the
+    probability as a float and call ``F.dropout(x, p=self.dropout, training=self.training)``
+    (OPT, BART, Whisper: ``dropout``, ``activation_dropout``, ``attention_dropout``,
+    ``resid_pdrop``; ``layerdrop`` skips whole layers), timm's ``DropPath`` holds
+    ``drop_prob``. When such a module is kept whole, its forward is never traced, so
+    :func:`check_graph_training` cannot see the dropout either. A float named for dropping,
+    between 0 and 1, is what these share; flags (``bool``) and counts (``int``) are not
+    probabilities."""
+    for name, value in attributes.items():
+        if "drop" in name.lower() and type(value) is float and 0 < value <= 1:
+            return f"{name}={value:g}"
+    return ""
+
+
+def _config_dropout(module: nn.Module) -> str:
+    """The dropout probability the ``config`` of ``module`` declares ("" when none), for
+    layers that read it there at each call (``F.dropout(x, p=self.config.dropout, ...)``)."""
+    config = getattr(module, "config", None)
+    if config is None or isinstance(config, nn.Module):
+        return ""
+    try:
+        attributes = vars(config)
+    except TypeError:  # a config without a __dict__ holds no probabilities we can read
+        return ""
+    held = _dropout_attribute(attributes)
+    return f"{type(module).__name__} whose config declares {held}" if held else ""
 
 
 def check_pairable(matching: Any) -> None:

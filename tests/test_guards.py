@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import warnings
 
 import pytest
@@ -207,6 +208,60 @@ def test_a_graph_traced_in_training_mode_is_refused_whatever_mode_the_model_is_i
     exported = torch.export.export(_FunctionalDropout().train(), (data[0],)).module()
     with pytest.raises(ns.InputError, match=r"the float graph runs `dropout` \(.*aten\.dropout"):
         ns.compare(exported, q, data, progress=False)
+
+
+class _HeldDropout(nn.Module):
+    """Drops out as transformers' layers do: the probability a float of its own (or of its
+    config), the dropout functional, no dropout module to see."""
+
+    def __init__(self, p: float, *, in_config: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        if in_config:
+            self.config = types.SimpleNamespace(hidden_dropout=p, use_dropout=True)
+        else:
+            self.dropout, self.drop_last = p, True  # a flag named for dropping is no probability
+
+    def forward(self, x):
+        p = self.config.hidden_dropout if hasattr(self, "config") else self.dropout
+        return torch.nn.functional.dropout(torch.relu(self.fc(x)), p, self.training)
+
+
+@pytest.mark.parametrize("in_config", [False, True], ids=["held", "config"])
+def test_a_module_kept_whole_that_drops_out_in_training_mode_is_refused(in_config):
+    # kept whole, its F.dropout is never traced, and no module of it is a dropout: compare
+    # read the dropout noise, 8.64 dB then 9.25 dB on two identical calls (39.60 dB in eval)
+    torch.manual_seed(0)
+    f = nn.Sequential(_HeldDropout(0.25, in_config=in_config), nn.Linear(16, 8)).eval()
+    q = tq.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(16, 16) for _ in range(2)]
+    matching = ns.match(f, q, leaf_modules=[_HeldDropout])
+    held = "whose config declares hidden_dropout=0.25" if in_config else "with dropout=0.25"
+    f.train()
+    for call in (lambda: ns.compare(f, q, data, matching=matching, progress=False),
+                 lambda: ns.diagnose(f, q, data, matching=matching, progress=False),
+                 lambda: ns.sensitivity(f, q, data, "sqnr", matching=matching, progress=False)):
+        with pytest.raises(ns.InputError, match=rf"(?s)float model is in training mode: `0` "
+                                                rf"\(_HeldDropout {held}\) computes.*"
+                                                rf"float_model\.eval\(\)"):
+            call()
+    f.eval()
+    with torch.no_grad():
+        ref = torch.cat([f(x) for x in data]).double()
+        out = torch.cat([q(x) for x in data]).double()
+    expected = float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+    report = ns.compare(f, q, data, matching=matching, progress=False)
+    assert report.model_output["sqnr"] == pytest.approx(expected, rel=1e-6)
+    # at p = 0 it computes alike in either mode: training mode alone is no reason to refuse
+    for block in (f[0], q[0]):
+        if in_config:
+            block.config.hidden_dropout = 0.0
+        else:
+            block.dropout = 0.0
+    f.train()
+    q.train()
+    report = ns.compare(f, q, data, matching=matching, progress=False)
+    assert report.model_output["sqnr"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_modules_that_compute_alike_in_training_mode_pass():

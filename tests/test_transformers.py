@@ -399,3 +399,58 @@ def test_albert_reads_each_call_of_its_shared_layer_where_it_runs():
         actual = torch.cat([t.flatten() for t in outputs["quant"][site::3]])
         row = report.row(f"{layer}activation.mul_3{suffix}")  # the activation's output
         assert row.output_sqnr == pytest.approx(ns.sqnr(ref, actual), abs=1e-4)
+
+
+def test_opt_in_training_mode_is_refused_though_its_dropout_is_functional():
+    """OPT drops out with ``F.dropout(x, p=self.dropout, training=self.training)``: no dropout
+    module, and its decoder layers are kept whole, so no traced graph shows it either.
+    Built from a config (training mode), compare read 10.62 dB then 10.21 dB for one torchao
+    int8 weight-only pair (42.59 dB in eval mode): dropout noise taken for quantization error."""
+    config = transformers.OPTConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                                    max_position_embeddings=32)  # dropout=0.1
+    torch.manual_seed(0)
+    f = transformers.OPTForCausalLM(config)
+    assert f.training and config.dropout == 0.1
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f).eval(), {nn.Linear}).train()
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 99, (BATCH, SEQ), generator=gen)} for _ in range(2)]
+    for call in (lambda: ns.compare(f, q, data), lambda: ns.sensitivity(f, q, data, "sqnr")):
+        with pytest.raises(ns.InputError, match=r"(?s)float model is in training mode: "
+                                                r"`model\.decoder` \(OPTDecoder with dropout="
+                                                r"0\.1\) and 2 more.*float_model\.eval\(\)"):
+            call()
+    f.eval()
+    with pytest.raises(ns.InputError, match=r"quantized model is in training mode: "
+                                            r"`model\.decoder` \(OPTDecoder with dropout=0\.1"):
+        ns.compare(f, q, data)
+    q.eval()
+    with torch.no_grad():
+        ref = torch.cat([f(**b, use_cache=False).logits for b in data])
+        out = torch.cat([q(**b, use_cache=False).logits for b in data])
+    report = ns.compare(f, q, data)
+    assert report.model_output["sqnr"] == pytest.approx(_direct_sqnr(ref, out), rel=1e-6)
+    assert ns.compare(f, q, data).model_output["sqnr"] == report.model_output["sqnr"]
+
+
+def test_a_transformer_in_training_mode_without_dropout_compares_as_it_is():
+    """Training mode alone is not refused: OPT with every dropout at 0 computes alike in
+    either mode (as Llama, whose attention_dropout is 0 by default)."""
+    config = transformers.OPTConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                                    max_position_embeddings=32, dropout=0.0)
+    torch.manual_seed(0)
+    f = transformers.OPTForCausalLM(config)
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear}).train()
+    assert f.training and q.training
+    data = [{"input_ids": _ids()}]
+    with torch.no_grad():
+        ref = f(**data[0], use_cache=False).logits
+        out = q(**data[0], use_cache=False).logits
+    assert ns.compare(f, q, data).model_output["sqnr"] == pytest.approx(_direct_sqnr(ref, out),
+                                                                         rel=1e-6)
+
+
+def _direct_sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
