@@ -659,3 +659,40 @@ def test_capture_export_of_a_torchao_qat_model_reads_it_with_torch_fx_and_says_s
     for a, b in zip(exported.rows, traced.rows, strict=True):
         assert a.output == b.output and a.weight_sqnr == b.weight_sqnr
     assert any("torch.export traces torchao's QAT layers" in n for n in exported.notes)
+
+
+def test_the_torchao_keep_line_rebuilds_the_advised_model_leaving_float_what_quantize_did():
+    """The line quantized every ``nn.Linear`` but the kept ones, also the ``head`` the
+    ``filter_fn`` had left float (a tied ``lm_head`` left out by ``untied_linears``): Gemma's
+    advice claimed 43.28 dB and its line built a model reading 21.51 dB."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    torch.manual_seed(0)
+    f = LlamaMLP().eval()
+    config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    q = copy.deepcopy(f)
+    quantize_(q, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "head")
+    data = _data()
+
+    def output(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(x) for x in data]).double()
+
+    def direct_sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
+        return float(10 * torch.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum()))
+
+    ref = output(f)
+    advice = fxn.advise(f, q, data, metric="sqnr", target=direct_sqnr(ref, output(q)) + 3,
+                        progress=False)
+    assert advice.reached
+    line = advice.torchao_keep_lines()
+    assert line in advice.summary()
+    rebuilt = copy.deepcopy(f)
+    exec(line, {"quantize_": quantize_, "model": rebuilt, "config": config, "torch": torch})
+    assert direct_sqnr(ref, output(rebuilt)) == pytest.approx(advice.value, abs=1e-6)
+    rest = [name for name in ("gate", "up", "down") if name not in advice.keep_float]
+    assert [n for n, m in rebuilt.named_modules()
+            if is_torchao_tensor(getattr(m, "weight", None))] == rest
+    assert advice.torchao_modules == ("gate", "up", "down")
+    assert line == (f"quantize_(model, config, filter_fn=lambda m, fqn: fqn in "
+                    f"{{{', '.join(map(repr, rest))}}})")

@@ -40,6 +40,7 @@ from ..errors import (
     InstrumentationError,
     about_variant,
 )
+from ..flows.torchao import quantized_paths
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
@@ -662,6 +663,9 @@ class Advice:
     """``(module path, qconfig name)`` of every module ``quantize_dynamic`` quantized in the
     quantized model (``("lstm", "float16_dynamic_qconfig")``): what :meth:`dynamic_lines`
     quantizes again, less the layers kept float."""
+    torchao_modules: tuple[str, ...] = ()
+    """Module paths of every module ``quantize_`` quantized in the quantized model (a torchao
+    model): what :meth:`torchao_keep_lines` quantizes again, less the layers kept float."""
 
     def to_torchao(self, configs: Mapping[str, Any]) -> Any:
         """A torchao ``FqnToConfig`` that applies the assignment with ``quantize_``.
@@ -843,8 +847,17 @@ class Advice:
                 f"{names}}})")
 
     def torchao_keep_lines(self, model: str = "model", config: str = "config") -> str:
-        """torchao's ``quantize_`` with a filter that leaves the layers float."""
+        """torchao's ``quantize_`` with a filter that leaves the layers float: it names the
+        modules the quantized model has quantized, less those kept, so it rebuilds the advised
+        model whatever ``filter_fn`` made the quantized one (a Linear it left float, as a tied
+        ``lm_head``, stays float); with no module known, every ``nn.Linear`` but the kept."""
         self._one_variant("torchao_keep_lines")
+        if self.torchao_modules:
+            kept = set(self.keep_float)
+            names = ", ".join(repr(path) for path in self.torchao_modules if path not in kept)
+            return (f"quantize_({model}, {config}, filter_fn=lambda m, fqn: "
+                    f"fqn in {{{names}}})" if names else
+                    f"# every module quantize_ quantized is kept float: leave {model} float")
         names = ", ".join(repr(name) for name, _ in self._targets())
         return (f"quantize_({model}, {config}, filter_fn=lambda m, fqn: "
                 f"isinstance(m, torch.nn.Linear) and fqn not in {{{names}}})")
@@ -972,7 +985,9 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                   variants=tuple(search.runner.variants), flow=flow,
                   unsearched=found["unsearched"],
                   dynamic=(dynamic_spec(search.matching.quant_model)
-                           if len(search.runner.variants) == 1 else ()))
+                           if len(search.runner.variants) == 1 else ()),
+                  torchao_modules=(quantized_paths(search.matching.quant_model)
+                                   if len(search.runner.variants) == 1 else ()))
 
 
 def _qualified(target: Any) -> str:
@@ -1138,4 +1153,5 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                   assignment={module_path(search.matching, n): FLOAT if n in chosen
                               else "quantized" for n in names},
                   flow=flow_of(search.matching.quant_model),
-                  dynamic=dynamic_spec(search.matching.quant_model))
+                  dynamic=dynamic_spec(search.matching.quant_model),
+                  torchao_modules=quantized_paths(search.matching.quant_model))

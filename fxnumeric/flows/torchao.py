@@ -43,7 +43,7 @@ from . import Flow
 from .fx import functional_weight, weight_owner
 
 __all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors", "is_qat_layer",
-           "export_loses"]
+           "export_loses", "quantized_paths"]
 
 # torchao's QAT layers, by the module that defines them; the legacy quantizers' layers
 # (Int8DynActInt4WeightQATLinear, Int4WeightOnlyQATEmbedding ...) subclass them
@@ -156,3 +156,18 @@ def _attribute(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
     owner, _, name = str(node.target).rpartition(".")
     module = modules.get(owner)
     return getattr(module, name, None) if module is not None else None
+
+
+def quantized_paths(model: Any) -> tuple[str, ...]:
+    """Module paths of every module ``quantize_`` quantized (or prepared for QAT) in ``model``.
+
+    Read from the modules as they are, not from a rule such as "every ``nn.Linear``": the
+    ``filter_fn`` that made ``model`` may have left some float (a tied ``lm_head``,
+    :func:`fxnumeric.models.untied_linears`), and a line rebuilding the model must leave them
+    float too.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+        return ()
+    flow = TorchaoFlow()
+    return tuple(path for path, module in model.named_modules()
+                 if flow.is_quantized_module(module))
