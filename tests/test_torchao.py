@@ -696,3 +696,40 @@ def test_the_torchao_keep_line_rebuilds_the_advised_model_leaving_float_what_qua
     assert advice.torchao_modules == ("gate", "up", "down")
     assert line == (f"quantize_(model, config, filter_fn=lambda m, fqn: fqn in "
                     f"{{{', '.join(map(repr, rest))}}})")
+
+
+def test_another_flows_lines_for_a_torchao_advice_warn_that_they_make_another_model(
+        float_model, recwarn):
+    """The float-fallback lines of torch's flows came silently for a torchao model, as if
+    ``quantize_dynamic`` or ``prepare_fx`` rebuilt the model measured; ``to_torchao`` already
+    warned the other way round. Its own lines stay silent."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    q = copy.deepcopy(float_model)
+    quantize_(q, Int8WeightOnlyConfig())
+    data = _data()
+    one = fxn.advise(float_model, q, data, metric="sqnr", target=math.inf, max_float_layers=1,
+                     progress=False)
+    variant = fxn.advise(float_model, {"int8": q}, data, metric="sqnr", target=math.inf,
+                         max_float_layers=1, progress=False)
+    assert one.flow == variant.flow == "torchao" and len(one.keep_float) == 1
+    for advice, own in ((one, "advice.torchao_keep_lines()"),
+                        (variant, "advice.to_torchao(configs)")):
+        for lines, flow in ((advice.dynamic_lines, "dynamic"), (advice.qconfig_mapping, "fx"),
+                            (advice.fx_lines, "fx"), (advice.eager_lines, "eager"),
+                            (advice.pt2e_lines, "pt2e")):
+            with pytest.warns(fxn.FxNumericWarning) as caught:
+                lines()
+            assert len(caught) == 1
+            assert str(caught[0].message).startswith(
+                f"this assignment was verified on "
+                f"{'variants' if advice.variants else 'a quantized model'} from torchao, not "
+                f"{flow}: {flow} quantizes differently")
+            assert caught[0].filename == __file__  # the warning points at the caller's line
+            assert f"Fix: use {own}, made for torchao" in str(caught[0].message)
+    recwarn.clear()
+    for advice in (one, variant):
+        advice.summary()
+        advice.torchao_keep_lines()
+        advice.to_torchao({name: Int8WeightOnlyConfig() for name in ("quantized", "int8")})
+    assert not [w for w in recwarn if w.category is fxn.FxNumericWarning]

@@ -689,14 +689,7 @@ class Advice:
         if missing:
             raise InputError(f"no config for {missing}: pass one per variant the assignment "
                              f"uses ({', '.join(sorted(set(self.assignment.values())))})")
-        if self.flow not in ("torchao", ""):
-            warnings.warn(FxNumericWarning(
-                f"this assignment was verified on variants from {self.flow}, not torchao: "
-                f"torchao's configs quantize differently, so the model quantize_ makes with "
-                f"this FqnToConfig does not have the {self.metric} found here "
-                f"({shown(self.value, self.target)}).\nFix: compare that model "
-                f"(fxnumeric.compare) before relying on it, or advise on torchao variants"),
-                stacklevel=2)
+        self._warn_other_flow("this FqnToConfig", "torchao")
         return FqnToConfig({path: configs[choice] for path, choice in self.assignment.items()
                             if choice != "float"})
 
@@ -708,6 +701,26 @@ class Advice:
                 f"one of {len(self.variants)} variants ({', '.join(self.variants)}) or float to "
                 "each layer: apply it with advice.to_torchao(configs), or read "
                 "advice.assignment")
+
+    def _warn_other_flow(self, what: str, flow: str) -> None:
+        """Warn when ``what`` applies the advice in ``flow`` and the quantized model came from
+        another flow (when known): that flow quantizes differently (torchao's configs against
+        torch's observers, dynamic against static), so the model it makes is not the one
+        measured and may miss the target."""
+        if self.flow in (flow, ""):
+            return
+        measured = "variants" if self.variants else "a quantized model"
+        own = (None if len(self.variants) > 1
+               else "advice.to_torchao(configs)" if self.variants and self.flow == "torchao"
+               else _OWN_LINES.get(self.flow))
+        fix = (f"use {own}, made for {self.flow}" if own
+               else f"advise on {flow} {'variants' if self.variants else 'models'}")
+        warnings.warn(FxNumericWarning(
+            f"this assignment was verified on {measured} from {self.flow}, not {flow}: "
+            f"{flow} quantizes differently, so the model {what} makes does not have the "
+            f"{self.metric} found here ({shown(self.value, self.target)}).\nFix: {fix}, or "
+            f"compare that model (fxnumeric.compare) before relying on it"),
+            stacklevel=3)
 
     def _targets(self) -> list[tuple[str, tuple[str, Any, int] | None]]:
         functions = self.functions or (None,) * len(self.keep_float)
@@ -732,6 +745,7 @@ class Advice:
                 ``get_default_qconfig_mapping()``.
         """
         self._one_variant("qconfig_mapping")
+        self._warn_other_flow("this QConfigMapping", "fx")
         import copy
 
         from torch.ao.quantization import get_default_qconfig_mapping
@@ -749,6 +763,7 @@ class Advice:
     def fx_lines(self, mapping: str = "qconfig_mapping") -> str:
         """The ``QConfigMapping`` calls that :meth:`qconfig_mapping` makes, as source lines."""
         self._one_variant("fx_lines")
+        self._warn_other_flow("these lines", "fx")
         lines = []
         for name, function in self._targets():
             if function is None:
@@ -770,6 +785,7 @@ class Advice:
         before it and a ``QuantStub`` after it in the model's ``forward``.
         """
         self._one_variant("eager_lines")
+        self._warn_other_flow("these lines", "eager")
         return "\n".join(
             f"{model}.get_submodule({name!r}).qconfig = None" if function is None
             else f"# {name}: a function op; in eager mode make it a FloatFunctional to configure it"
@@ -792,6 +808,7 @@ class Advice:
                 supported yet"): with it a module cannot be left float by name.
         """
         self._one_variant("pt2e_lines")
+        self._warn_other_flow("these lines", "pt2e")
         return "\n".join(
             f"{quantizer}.{method}({name!r}, None)" if function is None or function[0] == name
             else f"# {name}: {_qualified(function[1])} inside "
@@ -837,6 +854,7 @@ class Advice:
         quantized one); with no module known, ``nn.Linear`` with the kept names mapped to
         ``None``."""
         self._one_variant("dynamic_lines")
+        self._warn_other_flow("this line", "dynamic")
         if self.dynamic:
             kept = set(self.keep_float)
             spec = ", ".join(f"{path!r}: {qconfig}" for path, qconfig in self.dynamic
@@ -852,6 +870,7 @@ class Advice:
         model whatever ``filter_fn`` made the quantized one (a Linear it left float, as a tied
         ``lm_head``, stays float); with no module known, every ``nn.Linear`` but the kept."""
         self._one_variant("torchao_keep_lines")
+        self._warn_other_flow("this line", "torchao")
         if self.torchao_modules:
             kept = set(self.keep_float)
             names = ", ".join(repr(path) for path in self.torchao_modules if path not in kept)
@@ -879,22 +898,29 @@ class Advice:
             return "\n".join(parts)
         if not self.keep_float:
             return "\n".join(parts)
+        # made only for the flows shown: another flow's lines warn that they are another flow's
         lines = {
             "fx": ("FX: prepare_fx(model, advice.qconfig_mapping(your_mapping), ...), i.e.",
-                   self.fx_lines()),
+                   self.fx_lines),
             "eager": ("eager (before prepare; a DeQuantStub/QuantStub pair around each):",
-                      self.eager_lines()),
-            "dynamic": ("dynamic:", self.dynamic_lines()),
+                      self.eager_lines),
+            "dynamic": ("dynamic:", self.dynamic_lines),
             "pt2e": ("pt2e (X86InductorQuantizer, before prepare_pt2e; XNNPACKQuantizer "
-                     "cannot leave a module float by name):", self.pt2e_lines()),
-            "torchao": ("torchao:", self.torchao_keep_lines()),
+                     "cannot leave a module float by name):", self.pt2e_lines),
+            "torchao": ("torchao:", self.torchao_keep_lines),
         }
         chosen = [lines[self.flow]] if self.flow in lines else [
             lines[k] for k in ("fx", "eager", "pt2e")]
         parts.append("")
-        for heading, text in chosen:
-            parts += [heading, _indent(text)]
+        for heading, make in chosen:
+            parts += [heading, _indent(make())]
         return "\n".join(parts)
+
+
+# The lines that apply an advice in the flow its quantized model came from.
+_OWN_LINES = {"fx": "advice.qconfig_mapping(your_mapping)", "eager": "advice.eager_lines()",
+              "dynamic": "advice.dynamic_lines()", "pt2e": "advice.pt2e_lines()",
+              "torchao": "advice.torchao_keep_lines()"}
 
 
 def _prune(search: _Search, chosen: list[str], curve: list[float],
