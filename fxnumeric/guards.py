@@ -21,6 +21,7 @@ pt2e and reference graphs keep float ops between quantize/dequantize pairs). A Q
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +34,8 @@ from .ops import in_quantized_package, is_quantized_module
 from .optypes import OpClass
 from .view import GraphView
 
-__all__ = ["GraphContents", "contents", "check_pair", "check_state_dicts", "nothing_quantized",
-           "check_eval_mode", "check_graph_training", "check_pairable"]
+__all__ = ["GraphContents", "contents", "check_pair", "warn_unquantized", "check_state_dicts",
+           "nothing_quantized", "check_eval_mode", "check_graph_training", "check_pairable"]
 
 
 @dataclass(frozen=True)
@@ -112,12 +113,15 @@ def _examples(names: tuple[str, ...]) -> str:
     return shown + (", ..." if len(names) > 3 else "")
 
 
-def check_pair(float_view: GraphView, quant_view: GraphView) -> None:
+def check_pair(float_view: GraphView, quant_view: GraphView, *, warn: bool = True) -> None:
     """Raise :class:`InputError` for a swapped or unconverted pair; warn when nothing is quantized.
 
     Args:
         float_view: the view of the traced float model.
         quant_view: the view of the traced quantized model.
+        warn: warn here when nothing is quantized. ``False`` where ``quant_view`` is one op
+            calling the model whole (the module tree's guard, before any part is captured):
+            the caller counts the parts with :func:`warn_unquantized` once they exist.
     """
     f, q = contents(float_view), contents(quant_view)
     if f.quantizes and not q.quantizes:
@@ -133,16 +137,26 @@ def check_pair(float_view: GraphView, quant_view: GraphView) -> None:
             "the float model. Fix: calibrate it, then call convert (eager) or convert_fx (FX) "
             "and pass the result."
         )
-    if not q.quantizes:
-        simulated = (f" It simulates quantization with {len(q.fake_quants)} fake-quants."
-                     if q.fake_quants else "")
-        warnings.warn(
-            f"the quantized model has no quantized op (all {q.ops} ops are float).{simulated} "
-            "Coverage is n/a; is it the model returned by convert / convert_fx / "
-            "quantize_dynamic?",
-            FxNumericWarning,
-            stacklevel=3,
-        )
+    if warn and not q.quantizes:
+        warn_unquantized((quant_view,), stacklevel=4)
+
+
+def warn_unquantized(quant_views: Iterable[GraphView], stacklevel: int = 3) -> None:
+    """Warn that the quantized model has no quantized op, counting the ops (and fake-quants)
+    of every view it was captured as: one graph, or the module tree's parts (GPT-2's 32 ops
+    were "all 1 ops", the one op calling the model whole)."""
+    found = [contents(view) for view in quant_views]
+    ops = sum(c.ops for c in found)
+    fake_quants = sum(len(c.fake_quants) for c in found)
+    simulated = (f" It simulates quantization with {fake_quants} fake-quants."
+                 if fake_quants else "")
+    warnings.warn(
+        f"the quantized model has no quantized op (all {ops} ops are float).{simulated} "
+        "Coverage is n/a; is it the model returned by convert / convert_fx / "
+        "quantize_dynamic?",
+        FxNumericWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def check_eval_mode(model: Any, side: str) -> None:

@@ -49,7 +49,7 @@ from .capture.export import (
 from .capture.tree import capture_tree, record_calls
 from .errors import InputError, MatchError, TraceError
 from .flows.torchao import export_loses
-from .guards import check_pair, contents
+from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import preloaded_layers, whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
@@ -856,9 +856,11 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     an untraceable module becomes a region of its own, a one-op graph calling it
     (:func:`fxnumeric.capture.leaf_graph`), paired by the same pass as any graph.
     """
-    # the guards judge each whole model as one op, by the modules it holds
-    check_pair(GraphView(single_call_graph(float_model), root=float_model),
-               GraphView(single_call_graph(quant_model), root=quant_model))
+    # the guards judge each whole model as one op, by the modules it holds, before it runs;
+    # whether it quantizes is said once its parts are captured, counting their ops
+    whole_quant = GraphView(single_call_graph(quant_model), root=quant_model)
+    check_pair(GraphView(single_call_graph(float_model), root=float_model), whole_quant,
+               warn=False)
     float_calls = quant_calls = None
     if example_inputs is not None:
         float_calls = record_calls(float_model, example_inputs, which="float")
@@ -902,6 +904,8 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
     order = list(quant_calls or ()) + [m for m in modules if m not in (quant_calls or {})]
     rank = {name: i for i, name in enumerate(order)}
     regions.sort(key=lambda r: rank.get(r.quant_path, 0))
+    if nothing_quantized(whole_quant):
+        warn_unquantized([r.quant_view for r in regions])
     found = Matching(
         tuple(regions), (),
         tuple(u for r in regions for u in r.unmatched_float) + tuple(misses_f),

@@ -69,6 +69,46 @@ def test_unquantized_model_warns_and_names_no_culprit():
     assert "coverage of quantized ops n/a" in m.table() and "100%" not in m.table()
 
 
+class _TreeOnly(nn.Module):
+    """torch.fx cannot trace the root (it branches on a value): captured through the module
+    tree, its parts are ``proj`` (linear), ``mlp`` (linear, relu, add) and ``out`` (linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.mlp = _MlpWithResidual()
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.mlp(self.proj(x))
+        return self.out(h) if h.sum() > 0 else self.out(-h)
+
+
+class _MlpWithResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.relu(self.fc(x))
+
+
+def test_the_unquantized_warning_counts_the_ops_of_a_model_captured_through_the_module_tree():
+    # it counted the one op that calls the model whole: "all 1 ops are float" over 5 rows
+    # (GPT-2: 32)
+    torch.manual_seed(0)
+    f = _TreeOnly().eval()
+    data = [torch.randn(2, 8, generator=torch.Generator().manual_seed(1))]
+    with pytest.warns(ns.FxNumericWarning) as caught:
+        report = ns.compare(f, copy.deepcopy(f), data, progress=False)
+    assert [str(w.message).split(").")[0] for w in caught if w.category is ns.FxNumericWarning
+            ] == [f"{_NOTHING} (all 5 ops are float"]
+    assert len(report.rows) == 5
+    with pytest.warns(ns.FxNumericWarning, match=r"all 5 ops are float"):
+        assert ns.match(f, copy.deepcopy(f)).untraced  # captured through the module tree
+    assert sorted(r.name for r in report.rows) == ["mlp.add", "mlp.fc", "mlp.relu", "out", "proj"]
+
+
 def test_prepared_but_not_converted_is_an_error():
     f, _, unconverted = _eager_pair()
     with pytest.raises(ns.InputError, match=r"prepared but not converted: it has \d+ observers"):

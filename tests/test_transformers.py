@@ -454,3 +454,15 @@ def test_a_transformer_in_training_mode_without_dropout_compares_as_it_is():
 def _direct_sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.double(), out.double()
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+
+
+def test_gpt2_with_nothing_quantized_warns_with_the_count_of_its_ops():
+    """GPT-2's Conv1D layers are no nn.Linear: quantize_ of the Linears leaves it float. The
+    warning counted the one op calling the model whole, "all 1 ops", over 32 rows."""
+    torch.manual_seed(0)
+    f = _gpt2().eval()
+    with pytest.warns(ns.FxNumericWarning) as caught:
+        report = ns.compare(f, copy.deepcopy(f), [_ids()])
+    messages = [str(w.message) for w in caught if w.category is ns.FxNumericWarning]
+    assert len(messages) == 1 and len(report.rows) == 32
+    assert messages[0].startswith("the quantized model has no quantized op (all 32 ops are float)")
