@@ -717,7 +717,7 @@ class Advice:
                else f"advise on {flow} {'variants' if self.variants else 'models'}")
         warnings.warn(FxNumericWarning(
             f"this assignment was verified on {measured} from {self.flow}, not {flow}: "
-            f"{flow} quantizes differently, so the model {what} makes does not have the "
+            f"{flow} quantizes differently, so the model made with {what} does not have the "
             f"{self.metric} found here ({shown(self.value, self.target)}).\nFix: {fix}, or "
             f"compare that model (fxnumeric.compare) before relying on it"),
             stacklevel=3)
