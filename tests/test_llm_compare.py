@@ -253,3 +253,19 @@ def test_a_matching_made_without_example_inputs_gives_rows_in_run_order():
     assert given.nonfinite == own.nonfinite == (("quantized", origin),)
     assert f"NaN/Inf first appears at {origin} in the quantized model" in given.notes[0]
     assert not matching.call_order  # the user's matching is left as it was
+
+
+def test_advise_on_float_logits_poisoned_on_real_tokens_blames_the_float_model():
+    # the LLM metrics were left out of the float outputs' check: NaN float logits read as
+    # "NaN on the quantized model itself"
+    f = tiny_llama().eval()
+    q = _int4(f)
+    with torch.no_grad():
+        f.lm_head.weight[5, 0] = math.nan  # every token's logit 5: NaN in the float model only
+    data = tiny_llm_batches(vocab_size=256, n=2)
+    with torch.no_grad():
+        assert all(f(**b).logits.isnan().any() and not q(**b).logits.isnan().any() for b in data)
+    for metric in ("kl", "top1_agreement"):
+        with pytest.raises(ns.InputError, match="the float model's output holds NaN/Inf on "
+                                                "batches 0, 1 of data"):
+            ns.sensitivity(f, q, data, metric=metric, progress=False)

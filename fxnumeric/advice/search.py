@@ -321,12 +321,15 @@ class _Search:
         runs: every hybrid would read NaN, ``inf`` or 1 against them, and the search would
         rank noise (or report a target "already reached").
 
-        The LLM metrics are left to :class:`~fxnumeric.llm_metrics.LogitsAccumulator`: -inf
-        logits mark a masked token, and padding positions, which it never reads, may hold
+        The LLM metrics are read as every hybrid reads them (:meth:`_poisoned_logits`): -inf
+        logits mark a masked token, and padding positions, which they never read, may hold
         NaN. A function of the user's is warned about a collapsed output, not refused: it
         may read such outputs on purpose.
         """
         if self.metric.fn is None:
+            poisoned = self._poisoned_logits(references)
+            if poisoned:
+                raise self._nonfinite_float_output(poisoned)
             return
         built_in = self.metric.fn in END_METRICS.values()
         if self.metric.fn is min_cosine:
@@ -346,6 +349,19 @@ class _Search:
             if built_in:
                 raise InputError(f"{message}.\n{fix}")
             warnings.warn(f"{message}. {fix}", FxNumericWarning, stacklevel=2)
+
+    def _poisoned_logits(self, references: list[Any]) -> list[int]:
+        """The numbers (in ``data``) of the batches whose float logits make the LLM metric NaN
+        by themselves: the metric of the float model against itself, read over the batch's
+        real tokens as every hybrid's is (masked -inf logits and NaN at padding read 0)."""
+        poisoned = []
+        for number, reference, batch in zip(self.batch_numbers, references, self.batches,
+                                            strict=True):
+            run = self.metric.start()
+            run.add(reference, reference, batch)
+            if run.logits is not None and run.logits.tokens and math.isnan(run.value()):
+                poisoned.append(number)
+        return poisoned
 
     def _nonfinite_references(self, references: list[Any]) -> list[int]:
         """The numbers (in ``data``) of the batches whose float output holds NaN/Inf."""
