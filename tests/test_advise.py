@@ -1768,3 +1768,16 @@ def test_a_float_layer_read_by_another_float_layer_hands_it_the_float_value() ->
     assert set(advice.keep_float) == {"l1", "l2"}
     assert advice.value == pytest.approx(
         _first_output_sqnr(f, _fx_requantized(f, data, convert_fx, "l1", "l2"), data), abs=1e-4)
+
+
+def test_advice_tables_refuse_unknown_formats_and_read_markdown_as_pipe() -> None:
+    # tabulate draws a format it does not know as "simple": "markdown" and typos alike
+    float_model, q, data = _fx_pair()
+    found = sensitivity(float_model, q, data, metric="sqnr", progress=False)
+    advice = advise(float_model, q, data, metric="sqnr", target=1e9, progress=False)
+    diagnosis = fxnumeric.diagnose(float_model, q, data, progress=False)
+    for table in (found.table, advice.table, diagnosis.table):
+        with pytest.raises(InputError, match="unknown table format 'bogus'"):
+            table("bogus")
+        lines = table("markdown").splitlines()
+        assert lines[0].startswith("|") and set(lines[1]) <= set("|:- ")

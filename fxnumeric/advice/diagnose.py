@@ -51,6 +51,7 @@ from ..metrics import db
 from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
+from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid
 from ..weights import pair_weights
@@ -193,7 +194,8 @@ class Diagnosis:
         headers = ("layer", "kind", "weights", "w util", "ch max/med", "clipped",
                    "err rms/step", "local SQNR", "floor SQNR", "input SQNR", "cum. SQNR",
                    "flags")
-        return tabulate(rows, headers=headers, tablefmt=tablefmt, floatfmt=".3g", missingval="-")
+        return tabulate(rows, headers=headers, tablefmt=tabulate_format(tablefmt), floatfmt=".3g",
+                        missingval="-")
 
 
 def _pc(per_channel: bool | None) -> str | None:

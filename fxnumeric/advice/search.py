@@ -53,6 +53,7 @@ from ..match import Matching
 from ..metrics import cosine, sqnr
 from ..ops import is_quantized_module
 from ..progress import Progress
+from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
 from .hybrid import HybridRunner, Swap, function_target, module_path
@@ -550,7 +551,8 @@ class Sensitivity:
         if self.layers and all(math.isnan(s.only) for s in self.layers):  # advise: all_but only
             del headers[2]
             table = [r[:2] + r[3:] for r in table]
-        return tabulate(table, headers=headers, tablefmt=tablefmt, floatfmt=".4g") + (
+        return tabulate(table, headers=headers, tablefmt=tabulate_format(tablefmt),
+                        floatfmt=".4g") + (
             f"\nquantized model: {self.metric} {shown(self.quantized)}")
 
 
@@ -839,12 +841,12 @@ class Advice:
         if self.variants:
             rows = [(f"{b:.3f}", v) for b, v in self.front]
             return tabulate(rows, headers=("average weight bits", self.metric),
-                            tablefmt=tablefmt, floatfmt=".4g")
+                            tablefmt=tabulate_format(tablefmt), floatfmt=".4g")
         rows = [(0, "(quantized model)", self.curve[0])]
         rows += [(i + 1, name, v) for i, (name, v) in enumerate(zip(self.keep_float, self.curve[1:],
                                                                    strict=True))]
-        return tabulate(rows, headers=("step", "keep float", self.metric), tablefmt=tablefmt,
-                        floatfmt=".4g")
+        return tabulate(rows, headers=("step", "keep float", self.metric),
+                        tablefmt=tabulate_format(tablefmt), floatfmt=".4g")
 
     def to_html(self, path: str | Path) -> Path:
         """Write a self-contained HTML page: what was found, the curve (with several
