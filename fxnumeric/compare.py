@@ -684,8 +684,8 @@ def _feed(data: Iterable[Any], step: Callable[[int, Any, Any], None], mergeable:
         raise InputError(f"every batch holds NaN/Inf ({len(skipped)} batches): nothing is left "
                          "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
                          "or check the preprocessing that produces it")
-    if batches == 0:
-        raise no_batches(data)
+    if batches == 0:  # data is compare's chain of the user's batches, its first one read
+        raise no_batches()
     return _Ran(batches, skipped)
 
 

@@ -60,9 +60,10 @@ def as_batches(data: Any) -> Any:
     return [data] if isinstance(data, (torch.Tensor, Mapping)) else data
 
 
-def no_batches(data: Any) -> InputError:
-    """The error for ``data`` that yielded no batch; an iterator may be one an earlier call
-    read to its end (a generator passed to ``compare`` and then to ``advise``)."""
+def no_batches(data: Any = None) -> InputError:
+    """The error for ``data``, as the user gave it, that yielded no batch; an iterator may be
+    one an earlier call read to its end (a generator passed to ``compare`` and then to
+    ``advise``). Without ``data`` (not the user's own object), no such hint."""
     text = "data yielded no batches: pass an iterable of input tensors (or tuples of inputs)"
     if data is not None and iter(data) is data:
         text += (f". It is an iterator ({type(data).__name__}), which yields its batches once: "
