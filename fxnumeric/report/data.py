@@ -22,7 +22,14 @@ from ..errors import InputError
 from ..floor import FLOOR_MARGIN_DB
 from ..metrics import Spread
 from . import persist
-from .render import TABLE_FORMATS
+from .render import (
+    TABLE_FORMATS,
+    block_table,
+    report_csv,
+    report_fragment,
+    report_page,
+    report_table,
+)
 from .variants import best_variant, variants_summary
 from .verdict import Verdict, verdict
 
@@ -564,15 +571,11 @@ class Report:
         Raises:
             InputError: for a format tabulate does not know (it would draw ``simple``).
         """
-        from .render import report_table
-
         return report_table(self, tablefmt, sort=sort, top_k=top_k)
 
     def block_table(self, tablefmt: str = "simple") -> str:
         """The blocks (decoder layers, BERT layers, ResNet stages) as a table: the error
         entering, added in and leaving each; ``""`` when the model has none."""
-        from .render import block_table
-
         return block_table(self, tablefmt)
 
     def to_dict(self) -> dict[str, Any]:
@@ -636,8 +639,6 @@ class Report:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one CSV row per layer (metrics as columns) and return the path."""
-        from .render import report_csv
-
         path = Path(path)
         path.write_text(report_csv(self))
         return path
@@ -665,16 +666,12 @@ class Report:
             InputError: for a count below 1, or a name that is a row of no report (with
                 variants: of no variant).
         """
-        from .render import report_page
-
         path = Path(path)
         path.write_text(report_page(self, histogram_layers=histogram_layers,
                                     sensitivity=sensitivity))
         return path
 
     def _repr_html_(self) -> str:
-        from .render import report_fragment
-
         return report_fragment(self)
 
     def __str__(self) -> str:
