@@ -245,10 +245,8 @@ class GraphView:
 
     def fake_quantizes(self, n: fx.Node) -> bool:
         """Whether ``n`` calls a fake-quantize module that is on (it changes values)."""
-        from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-
         module = self.modules.get(n.target) if n.op == "call_module" else None  # type: ignore[arg-type]
-        return isinstance(module, FakeQuantizeBase) and flows.fake_quant_enabled(module)
+        return flows.fake_quantizes(module)
 
     def _is_plumbing(self, n: fx.Node) -> bool:
         c = self._cls.get(n)

@@ -50,6 +50,7 @@ __all__ = [
     "module_type", "weight_input",
     "weight_scale",
     "batch_norm_params", "comparable_weight", "computed_weight", "fake_quant_enabled",
+    "fake_quantizes",
 ]
 
 
@@ -158,6 +159,15 @@ def op_name(target: Any) -> tuple[str, str] | None:
         namespace, _, name = target._qualified_op_name.partition("::")
         return namespace, name
     return None
+
+
+def fake_quantizes(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a torch.ao fake-quant that is on (:func:`fake_quant_enabled`): it
+    changes the values it passes (a ``prepare_qat_fx`` model's, or a ``prepare_fx`` one's
+    whose qconfig fake-quantizes)."""
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+    return isinstance(module, FakeQuantizeBase) and fake_quant_enabled(module)
 
 
 def fake_quant_enabled(module: nn.Module) -> bool:

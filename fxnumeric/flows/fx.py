@@ -18,7 +18,6 @@ weight, and one switched off (``disable_fake_quant``) passes values through: plu
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optypes import QUANTIZE, OpClass
-from . import Flow, fake_quant_enabled, op_name
+from . import Flow, fake_quantizes, op_name
 
 __all__ = ["FxFlow", "functional_weight", "weight_owner", "unpacked_weight"]
 
@@ -51,22 +50,11 @@ class FxFlow(Flow):
     def classify(self, node: fx.Node, modules: dict[str, nn.Module]) -> OpClass | None:
         """An enabled torch.ao fake-quant on an activation is a quantize (see the module
         docstring); anything else is left to the op tables (which make fake-quants plumbing)."""
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)),
-                                                       _fake_quant_type()):
-            return None
         read = node.all_input_nodes
-        if fake_quant_enabled(modules[str(node.target)]) and read and read[0].op != "get_attr":
+        if (node.op == "call_module" and fake_quantizes(modules.get(str(node.target)))
+                and read and read[0].op != "get_attr"):
             return QUANTIZE
         return None
-
-
-@functools.cache
-def _fake_quant_type() -> type:
-    """torch.ao's fake-quant base class (imported on first use: torch.ao.quantization is slow
-    to import and most graphs hold none)."""
-    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-
-    return FakeQuantizeBase
 
 
 _WEIGHTED_FUNCTIONS = frozenset({
