@@ -262,11 +262,15 @@ def _graph_span(region: Region, path: str) -> tuple | None:
         return None
     f_out = _single_output(fv, f_nodes)
     q_nodes = _named_under(qv, region.quant_scope, prefix)
-    q_out = _single_output(qv, q_nodes) if q_nodes else None
-    if q_out is None and f_out is not None:
+    q_out = None
+    if f_out is not None:
         # a quantized graph that does not say where its functional ops ran (convert_fx's
-        # quantized.add_relu): the block's quantized ops are those paired with its float ops
-        q_nodes, q_out = _paired_span(region, f_nodes, f_out)
+        # quantized.add, add_relu) leaves them out of the named ops: the quantized ops
+        # paired with the block's float ops are the block's too. Without them a block ending
+        # in a residual add read its last Linear's output as the block's.
+        paired, paired_out = _paired_span(region, f_nodes, f_out)
+        q_nodes = sorted({*q_nodes, *paired}, key=qv.position)
+        q_out = (_single_output(qv, q_nodes) if q_nodes else None) or paired_out
     if f_out is None or q_out is None:
         return None
     pair = region.pair_of(q_out)

@@ -182,6 +182,63 @@ def test_resnet_stages_are_blocks_of_an_fx_converted_graph():
 
 
 
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.relu, self.fc2 = (torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                         torch.nn.Linear(64, 32))
+
+    def forward(self, x):
+        return x + self.fc2(self.relu(self.fc1(x)))  # a functional add ends the block
+
+
+class _ResidualNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        self.blocks = torch.nn.Sequential(_Residual(), _Residual(), _Residual())
+
+    def forward(self, x):
+        return self.out(self.blocks(self.inp(x)))
+
+
+def test_an_fx_converted_block_ending_in_a_plain_add_leaves_by_the_add():
+    # convert_fx's quantized add says nowhere that it ran in the block: the block's other
+    # ops leave by fc2 alone, which was read as the block's output (0.2 dB against 31 dB)
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = _ResidualNet().eval()
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (data[0],))
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+    q = convert_fx(prepared)
+    report = ns.compare(f, q, data, progress=False)
+    assert [b.name for b in report.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    # the oracle: what each block's fc1 (and `out`) reads in the quantized graph, the float
+    # blocks' outputs, and the float block on the quantized value entering it
+    reads = ["blocks.0.fc1", "blocks.1.fc1", "blocks.2.fc1", "out"]
+    outs, shadows = {i: [] for i in range(3)}, {i: [] for i in range(3)}
+    for x in data:
+        values = _Values(q)
+        with torch.no_grad():
+            values.run(x)
+            h = f.inp(x)
+            for i, block in enumerate(f.blocks):
+                entering = values.read[reads[i]].dequantize()
+                leaving = values.read[reads[i + 1]].dequantize()
+                h = block(h)
+                outs[i].append((h, leaving))
+                shadows[i].append((block(entering), leaving))
+    for i, block in enumerate(report.blocks):
+        assert block.output_sqnr == pytest.approx(_sqnr(outs[i]), abs=1e-3)
+        assert block.shadow_sqnr == pytest.approx(_sqnr(shadows[i]), abs=1e-3)
+        assert block.output_sqnr > 25
+
+
 def test_an_exported_float_graph_has_the_blocks_of_its_module():
     # torch.export drops the module tree; its ops' nn_module_stack records it, and the blocks
     # read from there are the module's, with the same numbers as comparing the nn.Module
