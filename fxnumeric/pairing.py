@@ -324,8 +324,10 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
             c = qv.op_class(q)
             if c.role == "optional":
                 anchor[q] = mapped[0] if mapped else None
-                if c.is_quantize and anchor[q] is not None and anchor[q].op == "placeholder":
+                if (c.is_quantize and anchor[q] is not None and anchor[q].op == "placeholder"
+                        and not qv.is_dynamic_quantize(q)):
                     # the model's input quantized: the error it adds gets a row of its own
+                    # (quantized dynamically, it is the reading op's, as every later one is)
                     pairs.append(LocalPair(
                         call_site_name(f"{anchor[q].target}.quantize", seen), c.kind,
                         (anchor[q].name,), (q.name,), False))

@@ -154,6 +154,20 @@ class GraphView:
         c = self._cls.get(n)
         return c is not None and c.role != "plumbing"
 
+    def is_dynamic_quantize(self, n: fx.Node) -> bool:
+        """Whether ``n`` is a quantize whose scale is computed from the value at run time
+        (``choose_qparams`` before it in a pt2e or torchao graph,
+        ``torch.quantize_per_tensor_dynamic`` in a reference FX one): dynamic quantization,
+        which the op reading it does per call, as a ``quantize_dynamic`` Linear does inside
+        itself. A static quantize reads constants (numbers, ``get_attr`` tensors)."""
+        c = self._cls.get(n)
+        if c is None or not c.is_quantize:
+            return False
+        if getattr(n.target, "__name__", None) == "quantize_per_tensor_dynamic":
+            return True
+        qparams = [*n.args[1:], *n.kwargs.values()]
+        return any(isinstance(a, fx.Node) and a.op != "get_attr" for a in qparams)
+
     def is_shape(self, n: fx.Node) -> bool:
         """Whether ``n`` is a shape value (:func:`shape_values`): plumbing that does not carry
         its producer's value, only something measured on it."""

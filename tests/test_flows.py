@@ -290,3 +290,45 @@ def test_the_verdict_names_a_prepare_qat_fx_models_input_fake_quant_where_error_
     assert report.row("x.quantize").output_sqnr == pytest.approx(out["x.quantize"], abs=1e-4)
     assert report.culprit == "x.quantize"
     assert "culprit: x.quantize" in report.summary()
+
+
+def test_a_reference_dynamic_layer_owns_the_quantize_of_its_input():
+    # convert_to_reference_fx under a dynamic qconfig quantizes each Linear's input per call
+    # (quantize_per_tensor_dynamic, then dequantize): the Linear's shadow reads the value
+    # before it, as convert_fx's dynamic Linear (which rounds inside) has it. Fed the
+    # dequantized value, the later Linears' shadows left their input's rounding out, and
+    # the model input's quantize, alone with a row, was named the culprit
+    import copy
+
+    import torch
+    from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig
+    from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_fx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 8), torch.nn.GELU(),
+                                torch.nn.Linear(8, 4)).eval()
+    data = [torch.randn(2, 5, 8) for _ in range(3)]
+    mapping = QConfigMapping().set_global(default_dynamic_qconfig)
+    quant = convert_to_reference_fx(prepare_fx(copy.deepcopy(model), mapping, (data[0],)))
+    report = fxn.compare(model, quant, data, progress=False)
+    assert [r.name for r in report.rows] == ["0", "1", "2", "3", "4"]
+    values: dict[str, list] = {}
+
+    class Values(torch.fx.Interpreter):
+        def run_node(self, n):
+            values.setdefault(n.name, []).append(out := super().run_node(n))
+            return out
+
+    with torch.no_grad():
+        for x in data:
+            Values(quant).run(x)
+        for node in quant.graph.nodes:
+            if node.op != "call_module" or node.target not in ("0", "2", "4"):
+                continue
+            quantize = node.args[0].args[0]  # dequantize(quantize_per_tensor_dynamic(v))
+            assert quantize.target == torch.quantize_per_tensor_dynamic
+            read = values[quantize.args[0].name]
+            oracle = fxn.sqnr(torch.cat([model[int(node.target)](v) for v in read]),
+                              torch.cat(values[node.name]))
+            assert report.row(node.target).shadow_sqnr == pytest.approx(oracle, abs=1e-4)

@@ -513,6 +513,62 @@ def test_dynamic_pt2e_pairs_choose_qparams_as_plumbing():
     assert all(40 < report.row(n).weight_sqnr < 60 for n in ("q", "k", "v", "fc1", "fc2"))
 
 
+class _ThreeLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = (torch.nn.Linear(8, 16), torch.nn.Linear(16, 8),
+                                        torch.nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(torch.relu(self.fc0(x)))))
+
+
+class _Values(torch.fx.Interpreter):
+    """Runs a GraphModule and keeps every node's value, by node name, over runs."""
+
+    def __init__(self, gm, values):
+        super().__init__(gm)
+        self.values = values
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.values.setdefault(n.name, []).append(out)
+        return out
+
+
+def test_a_dynamic_layer_owns_the_quantize_of_its_input():
+    # every Linear of a dynamic pt2e model quantizes its input per call (choose_qparams, then
+    # quantize): its shadow reads the value before that rounding, as a quantize_dynamic
+    # Linear's does. Fed the dequantized value, fc1 read 50.15 dB (its weights alone) against
+    # 48.79, the gelu's rounding was in no row, and the first one had a row of its own
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    model = _ThreeLinears().eval()
+    data = [torch.randn(4, 8) for _ in range(3)]
+    ep = torch.export.export(model, (data[0],))
+    config = get_symmetric_quantization_config(is_dynamic=True, is_per_channel=False)
+    prepared = prepare_pt2e(ep.module(), XNNPACKQuantizer().set_global(config))
+    prepared(data[0])
+    quant = convert_pt2e(prepared)
+    report = fxn.compare(ep, quant, data, progress=False)
+    assert [r.name for r in report.rows] == ["fc0", "relu", "fc1", "gelu", "fc2"]
+    values: dict[str, list] = {}
+    with torch.no_grad():
+        for x in data:
+            _Values(quant, values).run(x)
+        linears = [n.name for n in quant.graph.nodes if n.target == torch.ops.aten.linear.default]
+        reads = [data, values["relu"], values["gelu"]]  # what each Linear quantizes per call
+        for name, node, read in zip(("fc0", "fc1", "fc2"), linears, reads, strict=True):
+            layer = getattr(model, name)
+            oracle = fxn.sqnr(torch.cat([layer(v) for v in read]), torch.cat(values[node]))
+            assert report.row(name).shadow_sqnr == pytest.approx(oracle, abs=1e-4)
+
+
 def test_cli_report_quant_pt2e(capsys):
     from fxnumeric.cli import main
 
