@@ -733,3 +733,27 @@ def test_another_flows_lines_for_a_torchao_advice_warn_that_they_make_another_mo
         advice.torchao_keep_lines()
         advice.to_torchao({name: Int8WeightOnlyConfig() for name in ("quantized", "int8")})
     assert not [w for w in recwarn if w.category is fxn.FxNumericWarning]
+
+
+def test_an_exported_dynamic_model_names_no_input_quantize_as_culprit():
+    # torch.export of an Int8DynamicActivationInt8WeightConfig model: the input's quantize
+    # (choose_qparams_affine, then quantize_affine) feeds an int8 matmul its raw codes, with
+    # no dequantize. Paired with the input as a quantize row, it compared codes with floats
+    # (-34 dB) and was named the culprit. Quantized dynamically, it is the reading op's: no
+    # row, and since no Linear pairs, no layer is shadowed and no culprit is named
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    q = copy.deepcopy(f)
+    quantize_(q, Int8DynamicActivationInt8WeightConfig())
+    data = [torch.randn(4, 32) for _ in range(3)]
+    ep, qep = torch.export.export(f, (data[0],)), torch.export.export(q, (data[0],))
+    report = fxn.compare(ep, qep, data, progress=False)
+    assert not any(r.kind == "quantize" for r in report.rows)
+    with torch.no_grad():
+        oracle = _sqnr_by_hand(torch.cat([f(x) for x in data]),
+                               torch.cat([qep.module()(x) for x in data]))
+    assert report.model_output["sqnr"] == pytest.approx(oracle, abs=1e-4)
+    assert report.verdict.culprit is None
+    assert "no layer could be shadowed" in report.summary()

@@ -163,9 +163,11 @@ def verdict(report: Report) -> Verdict:
     if not any(r.shadow_sqnr is not None for r in report.rows):
         worst = report.worst_layer
         hint = f"; the largest output-SQNR drop is at {worst.name}" if worst else ""
+        why = ("no layer could be shadowed (each row's note says why)"
+               if "shadows" in report.comparisons else "add 'shadows' to comparisons")
         return Verdict("no shadows", None, (), (), 0, None, None, None, None,
-                       "no culprit named: the error each layer adds was not measured (add "
-                       f"'shadows' to comparisons){hint}")
+                       "no culprit named: the error each layer adds was not measured "
+                       f"({why}){hint}")
     ranked = sorted((r for r in live if r.shadow_sqnr is not None
                      and math.isfinite(r.shadow_sqnr)), key=lambda r: r.shadow_sqnr)
     if not ranked:
