@@ -1,7 +1,9 @@
 """Logger modules, compatible with ``torch.ao.ns._numeric_suite``'s.
 
 A logger is an ``nn.Module`` with a ``stats`` dict. fxnumeric calls it as a side branch of the
-graph: its return value is never used, so a custom logger cannot change the model's outputs.
+graph: its return value is never used, so what a custom logger returns cannot change the
+model's outputs. It is handed the tensor itself, as in torch: one that writes into it in place
+changes what the model computes after it.
 """
 
 from __future__ import annotations
