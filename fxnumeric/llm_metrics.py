@@ -33,7 +33,7 @@ import torch
 from ._tensors import after_loss
 from .errors import InputError
 
-__all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "token_fields",
+__all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "single_logit", "token_fields",
            "predicts_next_token", "is_encoder_decoder", "vocab_size", "LLM_METRICS",
            "IGNORE_INDEX"]
 
@@ -475,12 +475,16 @@ def looks_like_logits(output: Any, batch: Any = None,
       every input id ``< V`` (ids index the vocabulary). Hidden states of a 1024-wide encoder
       fail the last test as soon as an id reaches 1024; without ``input_ids`` the answer is
       ``None``.
+
+    Logits whose last dim is 1 (a regressor's ``.logits``, a single-logit binary classifier's)
+    are not logits here (:func:`single_logit`): a softmax over one class is 1 whatever the
+    value, so their KL read 0 and their top-1 agreement 1 with an output 60 dB off.
     """
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
     if isinstance(logits, torch.Tensor) and logits.is_floating_point():
-        return logits
+        return None if single_logit(logits) else logits
     output = after_loss(output)  # (loss, logits, ...): labels with return_dict=False
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
@@ -495,3 +499,14 @@ def looks_like_logits(output: Any, batch: Any = None,
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= output.shape[-1]):
         return None
     return output
+
+
+def single_logit(logits: torch.Tensor) -> bool:
+    """Whether ``logits`` hold one value per position (last dim 1), which is no distribution:
+    a regressor's ``.logits`` (``num_labels=1``) or a binary classifier's single score. The
+    LLM metrics read a softmax over the last dim, which is 1 there whatever the value.
+
+    >>> single_logit(torch.zeros(4, 1)), single_logit(torch.zeros(4, 5))
+    (True, False)
+    """
+    return logits.dim() >= 1 and logits.shape[-1] == 1

@@ -1781,3 +1781,94 @@ def test_advice_tables_refuse_unknown_formats_and_read_markdown_as_pipe() -> Non
             table("bogus")
         lines = table("markdown").splitlines()
         assert lines[0].startswith("|") and set(lines[1]) <= set("|:- ")
+
+
+class _GatedMlp(nn.Module):
+    """A decoder's gated MLP and its head: ``head(norm(x + down(silu(gate(x)) * up(x))))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up = nn.Linear(16, 24), nn.Linear(16, 24)
+        self.down, self.head = nn.Linear(24, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        return self.head(torch.nn.functional.layer_norm(h, (16,)))
+
+
+class _GatedMlpTree(_GatedMlp):
+    """The same model, its root untraceable (a branch on a value): captured module by module,
+    so the hybrid's dynamic ``head`` runs as the model's own code calls it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        if h.abs().sum() > 1e30:
+            h = h / 2
+        return self.head(torch.nn.functional.layer_norm(h, (16,)))
+
+
+def _swapped(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    hybrid = copy.copy(model)
+    hybrid._modules = dict(model._modules)
+    hybrid._modules[name] = module
+    return hybrid
+
+
+@pytest.mark.parametrize("model", [_GatedMlp, _GatedMlpTree])
+def test_a_hybrid_failing_on_nan_reads_nan_and_the_other_layers_keep_their_values(model) -> None:
+    # one NaN in up's bias: the quantized down absorbs it, but with down float NaN reaches
+    # the dynamic head, which cannot choose qparams for it. A module-tree model's head raised
+    # out of the model's own code: sensitivity and advise aborted with "the hybrid model
+    # failed on the input ... Check the input shape" (an FX graph's, with "a value crossed
+    # ... report the model")
+    torch.manual_seed(0)
+    f = model().eval()
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    bias = torch.zeros(24)
+    bias[3] = float("nan")
+    q.up.set_weight_bias(q.up.weight(), bias)
+    data = _batches((4, 16), 2)
+    with torch.no_grad():
+        ref = torch.cat([f(x) for x in data])
+        assert bool(torch.isfinite(torch.cat([q(x) for x in data])).all())
+        with pytest.raises(RuntimeError, match="min should be less than or equal to max"):
+            _swapped(q, "down", f.down)(data[0])
+
+        def sqnr_of(m: nn.Module) -> float:  # by hand, in float64
+            out = torch.cat([m(x) for x in data]).double()
+            return float(10 * torch.log10(ref.double().pow(2).sum()
+                                          / (ref.double() - out).pow(2).sum()))
+
+        hand = {n: (sqnr_of(_swapped(f, n, getattr(q, n))), sqnr_of(_swapped(q, n, getattr(f, n))))
+                for n in ("gate", "up", "head")}
+        quantized = sqnr_of(q)
+    with pytest.warns(fxnumeric.FxNumericWarning,
+                      match=r"(?s)the quantized model with `down` float failed in (module `head`|"
+                            r"node `%head .*`) on batch 0 of data: RuntimeError: In Choose.*"
+                            r"its input holds NaN/Inf.*reads NaN: it ranks last"):
+        s = sensitivity(f, q, data, "sqnr", progress=False)
+    assert math.isnan(s.layer("down").all_but) and s.ranking()[-1] == "down"
+    assert [hybrid for hybrid, _ in s.failed] == ["the quantized model with `down` float"]
+    assert "\nnan: the quantized model with `down` float failed in an op" in s.table()
+    assert s.quantized == pytest.approx(quantized, abs=1e-4)
+    for name, (only, all_but) in hand.items():
+        assert s.layer(name).only == pytest.approx(only, abs=1e-4, nan_ok=True)
+        assert s.layer(name).all_but == pytest.approx(all_but, abs=1e-4)
+    with pytest.warns(fxnumeric.FxNumericWarning, match="with `down` float failed"):
+        a = advise(f, q, data, metric="sqnr", target=30, progress=False)
+    assert a.keep_float == ("up",) and a.curve[-1] == pytest.approx(hand["up"][1], abs=1e-4)
+    assert a.reached and "1 hybrid failed in an op and read NaN (advice.failed)" in a.message
+    assert a.failed == s.failed
+
+
+@pytest.mark.parametrize("arg", [{"target": math.nan}, {"target": True},
+                                 {"max_float_layers": math.nan}, {"candidates": math.nan},
+                                 {"max_float_layers": 1.5}])
+def test_numbers_that_are_nan_or_no_count_are_refused(arg) -> None:
+    # max_float_layers=nan passed `nan < 0`, then min(nan, n) stopped the search at 0 layers
+    # ("NOT reached"); candidates=nan failed in a slice with a TypeError
+    float_model, q, data = _dynamic_pair()
+    kwargs = {"metric": "sqnr", "target": 30.0, **arg}
+    name = next(iter(arg))
+    with pytest.raises(InputError, match=rf"{name} must be a (number|whole number >= \d), got"):
+        advise(float_model, q, data, progress=False, **kwargs)

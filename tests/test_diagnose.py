@@ -320,3 +320,18 @@ def test_a_value_just_below_the_threshold_does_not_read_as_the_threshold():
 
     assert [_db_below(v, 20.0) for v in (19.988, 15.23, 19.99999)] == ["19.99", "15.2",
                                                                        "19.99999"]
+
+
+@pytest.mark.parametrize("threshold", [math.nan, "20", None, True])
+def test_a_threshold_that_is_no_number_is_refused_not_read_as_flag_nothing(threshold) -> None:
+    # threshold_db=nan: every `cumulative < nan` is False, so no layer was ever flagged
+    float_model = _mlp()
+    q = _fx(float_model, get_default_qconfig_mapping("x86"))
+    with pytest.raises(fxnumeric.InputError,
+                       match=r"threshold_db must be a number, got .*\nFix: .*threshold_db=20"):
+        diagnose(float_model, q, _data(), threshold_db=threshold)
+    # a number is read as before: 1000 dB is above every op's cumulative SQNR (compare's)
+    report = fxnumeric.compare(float_model, q, _data(), comparisons=("outputs",),
+                               metrics=["sqnr"])
+    assert report.row("x.quantize").output_sqnr < 1000
+    assert diagnose(float_model, q, _data(), threshold_db=1000).first_below == "x.quantize"

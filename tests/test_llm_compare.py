@@ -269,3 +269,40 @@ def test_advise_on_float_logits_poisoned_on_real_tokens_blames_the_float_model()
         with pytest.raises(ns.InputError, match="the float model's output holds NaN/Inf on "
                                                 "batches 0, 1 of data"):
             ns.sensitivity(f, q, data, metric=metric, progress=False)
+
+
+def _bert_classifier(num_labels):
+    import transformers
+
+    torch.manual_seed(0)
+    f = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=37, num_labels=num_labels)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    data = [{"input_ids": torch.randint(0, 99, (4, 8), generator=torch.Generator().manual_seed(i))}
+            for i in range(2)]
+    return f, q, data
+
+
+def test_a_single_logit_is_no_distribution_for_kl_or_top1():
+    # a regressor's logits (B, 1), its quantized bias off by 5 (output SQNR -60 dB): a softmax
+    # over one class is 1, so sensitivity read kl 0 and top1_agreement 1, advise said the
+    # target 0.99 was "already reached", and compare printed "per-token KL 0 nats"
+    f, q, data = _bert_classifier(1)
+    q.classifier.set_weight_bias(q.classifier.weight(), torch.tensor([5.0]))
+    with torch.no_grad():
+        ref = torch.cat([f(**b).logits for b in data]).double()
+        out = torch.cat([q(**b).logits for b in data]).double()
+    by_hand = float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+    assert by_hand < -50
+    report = ns.compare(f, q, data, progress=False)
+    assert report.model_output["sqnr"] == pytest.approx(by_hand, abs=1e-3)
+    assert not set(LLM_METRICS) & set(report.model_output)
+    assert "KL" not in report.summary() and "top-1" not in report.summary()
+    one_value = (r"(?s)metric '{}' reads the logits as a distribution over their last dim, and "
+                 r"the model's logits have one value there \(shape \[4, 1\].*Fix: metric='sqnr'")
+    for metric in ("kl", "top1_agreement"):
+        with pytest.raises(ns.InputError, match=one_value.format(metric)):
+            ns.sensitivity(f, q, data, metric=metric, progress=False)
+        with pytest.raises(ns.InputError, match=one_value.format(metric)):
+            ns.advise(f, q, data, metric=metric, target=0.99, progress=False)

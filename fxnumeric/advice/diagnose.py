@@ -56,6 +56,7 @@ from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid
 from ..weights import pair_weights
 from .hybrid import layer_names, module_path, op_names
+from .numbers import a_number
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
 
@@ -499,6 +500,8 @@ def diagnose(
         A :class:`Diagnosis`; ``.text()`` explains each flagged layer, ``.table()`` shows the
         measurements, :func:`annotate` adds the flags to a :class:`fxnumeric.Report`.
     """
+    threshold_db = a_number(threshold_db, "threshold_db",
+                            "Fix: a cumulative SQNR in dB, e.g. threshold_db=20.0 (the default)")
     batches = model_batches(data, inputs)
     check_devices(float_model, quant_model, batches[0])
     matching = resolve_matching(float_model, quant_model, matching, None,

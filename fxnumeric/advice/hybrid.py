@@ -201,16 +201,77 @@ class Swap:
 
 
 class HybridFailure(InstrumentationError):
-    """A hybrid model failed at a node: a value crossed sides in a form the op does not take."""
+    """A hybrid model failed in an op: a graph node, or a module the model's own code calls
+    (a module-tree capture's dynamic ``lm_head``).
+
+    The float and quantized models ran on the batch, so the hybrid made the op fail: a value
+    crossed sides in a form the op does not take, or NaN/Inf reached an op that refuses it
+    (a dynamic quantized Linear cannot choose qparams for an all-NaN input, and a float
+    layer no longer absorbs a NaN the quantized one next to it ignored). A search reads that
+    hybrid's metric as NaN (:meth:`fxnumeric.advice.search._Search.evaluate`).
+
+    Attributes:
+        op: the op that raised: ``node `...``` (``format_node``) or ``module `path```.
+        error: the op's exception, its type and first line.
+        nonfinite: whether the op's input held NaN/Inf.
+        why: what that means and what to do.
+    """
+
+    def __init__(self, op: str, error: str, nonfinite: bool) -> None:
+        self.op, self.error, self.nonfinite = op, error, nonfinite
+        self.why = (
+            "its input holds NaN/Inf in this hybrid: a layer swapped (or kept quantized next "
+            "to it) makes them, and this op refuses them (fxnumeric.diagnose names the layer "
+            "where NaN/Inf first appears)" if nonfinite else
+            "a value crossed between the float and quantized graphs in a form this op does "
+            "not take; leave that layer out (layers=...) and report the model")
+        super().__init__(f"a hybrid model failed in {op}: {error}\n{self.why[:1].upper()}"
+                         f"{self.why[1:]}.")
 
 
 class _NodeFailure(Exception):
     """A node raised while an interpreter ran it (turned into a user-facing error above)."""
 
-    def __init__(self, node: fx.Node, exc: BaseException) -> None:
+    def __init__(self, node: fx.Node, exc: BaseException, nonfinite: bool = False) -> None:
         super().__init__(str(exc))
         self.node = node
-        self.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.message = _first_line(exc)
+        self.nonfinite = nonfinite
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _holds_nonfinite(values: Iterable[Any]) -> bool:
+    """Whether any floating-point tensor among ``values`` (dequantized) holds NaN/Inf."""
+    for value in values:
+        if isinstance(value, torch.Tensor) and not value.is_meta:
+            value = value.dequantize() if value.is_quantized else value
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return True
+    return False
+
+
+def _raising_module(model: nn.Module, exc: BaseException | None
+                    ) -> tuple[str, bool] | None:
+    """The innermost module of ``model`` whose ``forward`` was running when ``exc`` was
+    raised (its path, ``"<root>"`` for the model itself) and whether the tensors it was
+    called with held NaN/Inf; ``None`` when no module of ``model`` was (the call itself was
+    refused). Read off the traceback's frames: a module-tree model's modules run as its own
+    code calls them, with no interpreter to say which node was running."""
+    paths = {id(m): path for path, m in model.named_modules()}
+    found: tuple[str, bool] | None = None
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        frame = tb.tb_frame
+        path = paths.get(id(frame.f_locals.get("self")))
+        if path is not None and frame.f_code.co_name == "forward":
+            code = frame.f_code
+            called = [frame.f_locals.get(a) for a in code.co_varnames[1:code.co_argcount]]
+            found = (path or "<root>", _holds_nonfinite(called))
+        tb = tb.tb_next
+    return found
 
 
 def _qparams(value: Any) -> tuple[Any, ...] | None:
@@ -286,7 +347,8 @@ class _RegionInterpreter(fx.Interpreter):
         except _NodeFailure:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise _NodeFailure(n, exc) from exc
+            inputs = (self.env.get(i) for i in n.all_input_nodes)
+            raise _NodeFailure(n, exc, _holds_nonfinite(inputs)) from exc
 
 
 class _Recorder(_RegionInterpreter):
@@ -609,7 +671,8 @@ class HybridRunner:
         """Run a hybrid (or reference: ``which="float"``) model on ``batch``.
 
         Raises:
-            HybridFailure: a node of a hybrid failed (naming the node and the layers swapped).
+            HybridFailure: an op of a hybrid failed, a graph node or a module the model's own
+                code calls (naming it); the caller names the layers swapped.
             InputError: the model rejected the batch.
         """
         try:
@@ -622,12 +685,18 @@ class HybridRunner:
                     "runs on this batch outside fxnumeric (its weights, its input shape and "
                     "dtype): no layer was swapped"
                 ) from failure.__cause__
-            raise HybridFailure(
-                f"a hybrid model failed at node `{failure.node.format_node()}`: "
-                f"{failure.message}\nA value crossed between the float and quantized graphs in "
-                "a form this op does not take; leave that layer out (layers=...) and report "
-                "the model."
-            ) from failure.__cause__
+            raise HybridFailure(f"node `{failure.node.format_node()}`", failure.message,
+                                failure.nonfinite) from failure.__cause__
+        except InputError as error:
+            # a module the model's own code calls raised (a module-tree capture: no
+            # interpreter runs it), which run_model reads as the input's fault; the float
+            # and quantized models ran on this input, so in a hybrid it is the hybrid's
+            raised = _raising_module(model, error.__cause__) if which == "hybrid" else None
+            if raised is None:
+                raise
+            path, nonfinite = raised
+            raise HybridFailure(f"module `{path}`", _first_line(error.__cause__),
+                                nonfinite) from error.__cause__
 
     def captured(self, side: str, variant: str | None = None) -> nn.Module:
         """``side``'s model as captured (the reference of every hybrid); ``"quant"`` is the

@@ -1,8 +1,40 @@
-"""How the advice shows a metric's value."""
+"""How the advice shows a metric's value, and checks the numbers it is given."""
 
 from __future__ import annotations
 
-__all__ = ["shown"]
+import math
+from typing import Any
+
+from ..errors import InputError
+
+__all__ = ["shown", "a_number", "a_count"]
+
+
+def a_number(value: Any, name: str, fix: str) -> float:
+    """``value`` as a float, or an :class:`~fxnumeric.InputError` naming argument ``name``
+    when it is no number or NaN: NaN compares false with every value, so a threshold or
+    target of NaN silently flags nothing, or reaches nothing.
+
+    >>> a_number(20, "threshold_db", "")
+    20.0
+    >>> a_number(float("nan"), "threshold_db", "Fix: threshold_db=20.0")
+    Traceback (most recent call last):
+    ...
+    fxnumeric.errors.InputError: threshold_db must be a number, got nan: ...
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InputError(f"{name} must be a number, got {value!r}: NaN compares false with "
+                         f"every value, and a value that is no number cannot be compared.\n{fix}")
+    return float(value)
+
+
+def a_count(value: Any, name: str, least: int) -> int:
+    """``value`` when it is an int of at least ``least`` (a count of layers), else an
+    :class:`~fxnumeric.InputError` naming argument ``name``: a NaN passed ``value < least``
+    and then limited the search to nothing."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InputError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return value
 
 
 def shown(value: float, *near: float) -> str:

@@ -47,6 +47,7 @@ from ..llm_metrics import (
     is_encoder_decoder,
     looks_like_logits,
     predicts_next_token,
+    single_logit,
     vocab_size,
 )
 from ..match import Matching
@@ -56,9 +57,9 @@ from ..progress import Progress
 from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
-from .hybrid import HybridRunner, Swap, function_target, module_path
+from .hybrid import HybridFailure, HybridRunner, Swap, function_target, module_path
 from .mixed import FLOAT, advise_variants
-from .numbers import shown
+from .numbers import a_count, a_number, shown
 from .replay import BlockReplay
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
@@ -139,6 +140,17 @@ class _Metric:
         if self.fn is not None:
             return _as_output(output)
         logits = looks_like_logits(output, batch, self.vocab_size)
+        scores = dequantize_all(model_output(output))
+        if logits is None and isinstance(scores, torch.Tensor) and single_logit(scores):
+            raise InputError(
+                f"metric {self.name!r} reads the logits as a distribution over their last "
+                f"dim, and the model's logits have one value there (shape "
+                f"{list(scores.shape)}: a regressor's, or a binary classifier's single "
+                "score): over one class the softmax is 1 and the argmax 0 whatever the value, "
+                "so 'kl' would read 0 and 'top1_agreement' 1 however far the quantized model "
+                "is off.\nFix: metric='sqnr' (or a function "
+                "of your own on the scores, such as the agreement of their signs for a binary "
+                "classifier)")
         if logits is None:
             raise InputError(
                 f"metric {self.name!r} reads logits, and the model output is not logits (an "
@@ -294,6 +306,7 @@ class _Search:
         self.runner = HybridRunner(self.matching if None in matchings else matchings)
         self.progress = progress
         self.evaluations = 0
+        self.failed: dict[str, str] = {}  # {hybrid: why}: hybrids an op of failed in
         self._references: list[Any] | None = None
         self._bar: Progress | None = None  # one bar for the whole search, its total grows
         regions = {path for m in matchings.values() for r in m.regions
@@ -400,14 +413,23 @@ class _Search:
         self._bar.extend(len(hybrids) * len(self.batches), label)
         where = [[(s, self.replay.block(s.base_graph.float_path)) for s in swaps]
                  for _, swaps in hybrids]
+        failed: set[int] = set()
         for i, (batch, reference) in enumerate(zip(self.batches, references, strict=True)):
-            for model, run, (base, _), placed in zip(models, runs, hybrids, where, strict=True):
-                output = self.replay.run(model, i, base, placed,
-                                         lambda m, b=batch: runner.run(m, b))
-                run.add(reference, output, batch)
+            for k, (model, run, (base, swaps), placed) in enumerate(
+                    zip(models, runs, hybrids, where, strict=True)):
                 self._bar.update()
+                if k in failed:
+                    continue
+                try:
+                    output = self.replay.run(model, i, base, placed,
+                                             lambda m, b=batch: runner.run(m, b))
+                except HybridFailure as failure:
+                    self._failed(base, swaps, self.batch_numbers[i], failure)
+                    failed.add(k)
+                    continue
+                run.add(reference, output, batch)
         self.evaluations += len(hybrids)
-        values = [run.value() for run in runs]
+        values = [math.nan if k in failed else run.value() for k, run in enumerate(runs)]
         everything = all(math.isnan(v) for v in values)
         for (base, swaps), value in zip(hybrids, values, strict=True):
             # a hybrid may compute NaN (it then ranks last), and so may the quantized model
@@ -429,6 +451,30 @@ class _Search:
                     "for these outputs, or data the model computes finite outputs on"
                 )
         return values
+
+    def _failed(self, base: str, swaps: tuple[Swap, ...], number: int,
+                failure: HybridFailure) -> None:
+        """Note that hybrid ``(base, swaps)`` failed in an op on batch ``number`` of data:
+        its metric reads NaN, so it ranks last and a search does not take that step, as a
+        hybrid computing NaN would. The quantized model itself failing is no hybrid's doing:
+        an input error, as when it fails on the first batch (:meth:`HybridRunner.probe`)."""
+        if not swaps:
+            raise InputError(
+                f"the {'float' if base == 'float' else 'quantized'} model failed on batch "
+                f"{number} of data in {failure.op}: {failure.error}\nCheck that the model "
+                "runs on this batch outside fxnumeric (its weights, its input shape and "
+                "dtype): no layer was swapped") from failure
+        paths = list(dict.fromkeys(module_path(self.matching, s.name) for s in swaps))
+        shown_paths = ", ".join(f"`{p}`" for p in paths)
+        hybrid = (f"the float model with {shown_paths} quantized" if base == "float"
+                  else f"the quantized model with {shown_paths} float")
+        reason = (f"failed in {failure.op} on batch {number} of data: {failure.error}; "
+                  f"{failure.why}")
+        if hybrid not in self.failed:
+            self.failed[hybrid] = reason
+            warnings.warn(FxNumericWarning(
+                f"{hybrid} {reason}.\nIts {self.metric_name!r} reads NaN: it ranks last (a "
+                "search does not keep it)"), stacklevel=4)
 
     def layers(self, wanted: Iterable[str] | None, bases: tuple[str, ...]
                ) -> tuple[list[str], tuple[tuple[str, str], ...]]:
@@ -506,6 +552,9 @@ class Sensitivity:
     """``(layer, reason)`` for layers left out because they could not be swapped."""
     higher_is_better: bool = True
     """The metric's direction (``False`` for ``kl``)."""
+    failed: tuple[tuple[str, str], ...] = ()
+    """``(hybrid, reason)`` for hybrids an op failed in (NaN reaching a dynamic quantized
+    Linear, which cannot quantize it): their metric reads NaN, so they rank last."""
 
     def __repr__(self) -> str:
         worst = self.ranking()[:3]
@@ -551,9 +600,11 @@ class Sensitivity:
         if self.layers and all(math.isnan(s.only) for s in self.layers):  # advise: all_but only
             del headers[2]
             table = [r[:2] + r[3:] for r in table]
+        failed = "".join(f"\nnan: {hybrid} failed in an op (see .failed)"
+                         for hybrid, _ in self.failed)
         return tabulate(table, headers=headers, tablefmt=tabulate_format(tablefmt),
                         floatfmt=".4g") + (
-            f"\nquantized model: {self.metric} {shown(self.quantized)}")
+            f"\nquantized model: {self.metric} {shown(self.quantized)}") + failed
 
 
 def _finite(x: float) -> float:
@@ -623,7 +674,7 @@ def sensitivity(
         for i, name in enumerate(names)
     )
     return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped,
-                       search.metric.higher_is_better)
+                       search.metric.higher_is_better, tuple(search.failed.items()))
 
 
 @dataclass(frozen=True)
@@ -684,6 +735,9 @@ class Advice:
     torchao_modules: tuple[str, ...] = ()
     """Module paths of every module ``quantize_`` quantized in the quantized model (a torchao
     model): what :meth:`torchao_keep_lines` quantizes again, less the layers kept float."""
+    failed: tuple[tuple[str, str], ...] = ()
+    """``(hybrid, reason)`` for the hybrids of the search an op failed in (see
+    :attr:`Sensitivity.failed`): their metric read NaN, so the search did not keep them."""
 
     def to_torchao(self, configs: Mapping[str, Any]) -> Any:
         """A torchao ``FqnToConfig`` that applies the assignment with ``quantize_``.
@@ -1023,7 +1077,7 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                             prune=prune, max_float=max_float)
     keep = tuple(path for path, choice in found["assignment"].items() if choice == FLOAT)
     return Advice(keep, found["curve"], found["value"], float(target), found["reached"],
-                  search.metric_name, found["message"], search.evaluations,
+                  search.metric_name, found["message"] + _failed_note(search), search.evaluations,
                   time.perf_counter() - started, assignment=found["assignment"],
                   bits=found["bits"], front=found["front"],
                   variants=tuple(search.runner.variants), flow=flow,
@@ -1031,7 +1085,15 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                   dynamic=(dynamic_spec(search.matching.quant_model)
                            if len(search.runner.variants) == 1 else ()),
                   torchao_modules=(quantized_paths(search.matching.quant_model)
-                                   if len(search.runner.variants) == 1 else ()))
+                                   if len(search.runner.variants) == 1 else ()),
+                  failed=tuple(search.failed.items()))
+
+
+def _failed_note(search: _Search) -> str:
+    """The end of an advice's message when hybrids failed in an op (``""`` when none did)."""
+    count = len(search.failed)
+    return (f"; {count} hybrid{'s' if count > 1 else ''} failed in an op and read NaN "
+            "(advice.failed)" if count else "")
 
 
 def _qualified(target: Any) -> str:
@@ -1109,16 +1171,16 @@ def advise(
         An :class:`Advice`; when the target is not reached, ``reached`` is False, the message
         says so and the best set found is returned.
     """
-    if not isinstance(target, (int, float)) or math.isnan(target):
-        raise InputError(f"target must be a number, got {target!r}")
-    if candidates is not None and candidates < 1:
-        raise InputError(f"candidates must be at least 1, got {candidates}")
+    a_number(target, "target", "Fix: the metric's value to reach, e.g. target=30 (dB) for "
+             "metric='sqnr', target=0.99 for 'top1_agreement'")
+    if candidates is not None:
+        a_count(candidates, "candidates", 1)
     if candidates is not None and isinstance(quant_model, Mapping):
         raise InputError("candidates applies to one quantized model (how many ranked layers "
                          "each step of the float-fallback search verifies); the search over "
                          "several variants measures every layer's next step: leave it out")
-    if max_float_layers is not None and max_float_layers < 0:
-        raise InputError(f"max_float_layers must be >= 0, got {max_float_layers}")
+    if max_float_layers is not None:
+        a_count(max_float_layers, "max_float_layers", 0)
     started = time.perf_counter()
     search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
     try:
@@ -1144,7 +1206,7 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
     sens = Sensitivity(search.metric_name, quantized, tuple(
         LayerSensitivity(n, module_path(search.matching, n), kinds[n], math.nan, v)
         for n, v in zip(names, values[1:], strict=True)
-    ), len(search.batches), skipped, search.metric.higher_is_better)
+    ), len(search.batches), skipped, search.metric.higher_is_better, tuple(search.failed.items()))
     u, meets = search.metric.utility, search.metric.meets
     priority = {n: u(v) for n, v in zip(names, values[1:], strict=True)}
     limit = len(names) if max_float_layers is None else min(max_float_layers, len(names))
@@ -1191,6 +1253,7 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                    f"(quantized: {shown(quantized, target)}{unit})")
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
+    message += _failed_note(search)
     return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
                   search.evaluations, time.perf_counter() - started, sens,
                   functions if any(functions) else (),
@@ -1198,4 +1261,5 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                               else "quantized" for n in names},
                   flow=flow_of(search.matching.quant_model),
                   dynamic=dynamic_spec(search.matching.quant_model),
-                  torchao_modules=quantized_paths(search.matching.quant_model))
+                  torchao_modules=quantized_paths(search.matching.quant_model),
+                  failed=tuple(search.failed.items()))
