@@ -180,8 +180,19 @@ class Region:
         )
         # A quantized op's value is what it hands on after its own output quantize; an op left
         # in float hands on its float value (a quantize after it belongs to the next layer).
+        # So on the float side: a QAT model hands on a quantized op's value after its output
+        # fake-quant, the one convert turns into the op's output scale (inside a QAT conv's
+        # forward hook; a node of its own after a FloatFunctional op, or in a prepare_qat_fx
+        # graph). Read before it, a FloatFunctional add was a sum its model never hands on,
+        # unclamped and unrounded (off by 0.30 in tests/test_eager_oracle.py's QAT model)
+        def float_output(p: Pair) -> fx.Node:
+            last = float_by_name[p.float_nodes[-1]]
+            out = fv.value_node(last, fake_quants=p.quantized)
+            # a fake-quant another pair claims (an input quantize) is that pair's value
+            return out if by_node.get(out, p) is p else last
+
         outputs = {
-            p: (float_by_name[p.float_nodes[-1]],
+            p: (float_output(p),
                 qv.value_node(quant_by_name[p.quant_nodes[-1]],
                               passable if p.quantized or p.kind == "quantize" else frozenset(),
                               quantize=p.kind == "quantize",
@@ -235,7 +246,11 @@ class Region:
         On the quantized side that is the value the next op reads: after the pair's own
         output quantize (and dequantize) where the graph has one (reference FX, pt2e), for
         pairs that compute in quantized form; a layer left in float is observed before the
-        quantize that feeds the next quantized layer.
+        quantize that feeds the next quantized layer. On the float side of a quantized pair,
+        a QAT model's op is read after its own output fake-quantize where that is a node of
+        the graph (a FloatFunctional's ``activation_post_process``, a ``prepare_qat_fx``
+        layer's): the value the QAT model hands on, as an eager QAT conv's forward hook hands
+        on its own.
         """
         return self._outputs[pair]  # type: ignore[attr-defined]
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 __all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair", "nan_in_layer1_norm_pair",
-           "run_order_and_first_nonfinite"]
+           "run_order_and_first_nonfinite", "QatFunctional", "qat_functional_pair",
+           "functional_values"]
 
 
 class LSTMModel(nn.Module):
@@ -129,3 +131,73 @@ def run_order_and_first_nonfinite(model: nn.Module, batch: Any) -> tuple[list[st
     for h in hooks:
         h.remove()
     return order, nonfinite[0] if nonfinite else None
+
+
+class QatFunctional(nn.Module):
+    """Convs and a FloatFunctional of each kind: ``add``, ``add_relu``, ``mul`` and ``cat``
+    fake-quantize their output once prepared for QAT (their ``activation_post_process``),
+    ``add_scalar`` does not (torch never observes it); ``conv3`` reads its output."""
+
+    OBSERVED = ("add", "add_relu", "mul", "cat")
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.ao.nn.quantized import FloatFunctional
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.add, self.add_relu, self.mul, self.cat, self.addsc = (
+            FloatFunctional() for _ in range(5))
+        self.conv3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv1(self.quant(x))
+        b = self.conv2(a)
+        s = self.add.add(a, b)
+        m = self.mul.mul(self.add_relu.add_relu(s, b), a)
+        return self.dequant(self.conv3(self.addsc.add_scalar(self.cat.cat([m, s], dim=1), 0.5)))
+
+
+def qat_functional_pair() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """``(QAT float model, its converted model, input)``: :class:`QatFunctional` prepared by
+    eager ``prepare_qat`` (x86), two SGD steps taken, then in eval mode with its observers off
+    (every forward fake-quantizes alike, with the scales ``convert`` gave the other)."""
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    qat = QatFunctional().train()
+    qat.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(qat, inplace=True)
+    sgd = torch.optim.SGD(qat.parameters(), lr=0.1)
+    for _ in range(2):
+        qat(torch.randn(2, 3, 8, 8)).square().mean().backward()
+        sgd.step()
+        sgd.zero_grad()
+    qat.eval().apply(tq.disable_observer)
+    with warnings.catch_warnings():  # add_scalar's observer never ran: convert says so
+        warnings.simplefilter("ignore")
+        quantized = tq.convert(copy.deepcopy(qat))
+    return qat, quantized, torch.randn(2, 3, 8, 8)
+
+
+def functional_values(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    """What the FloatFunctionals of a :class:`QatFunctional` (QAT or converted) hand on for
+    ``x``, read by forward hooks: ``{name: (value before its activation_post_process, value
+    after)}`` (a FakeQuantize in the QAT model, an Identity in the converted one), and
+    ``add_scalar``'s value (``conv3``'s input) as ``(value,)``. Dequantized, detached."""
+    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def keep(name: str, *values: torch.Tensor) -> None:
+        seen[name] = tuple(v.detach().dequantize().clone() for v in values)
+
+    hooks = [getattr(model, name).activation_post_process.register_forward_hook(
+        lambda m, args, out, name=name: keep(name, args[0], out))
+        for name in QatFunctional.OBSERVED]
+    hooks.append(model.conv3.register_forward_pre_hook(
+        lambda m, args: keep("add_scalar", args[0])))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen

@@ -12,6 +12,11 @@ import pytest
 import fxnumeric as fxn
 from fxnumeric import flows
 
+try:  # tests/ on sys.path (pytest's default rootdir-based import mode)
+    from _models import QatFunctional, functional_values, qat_functional_pair
+except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests._models import QatFunctional, functional_values, qat_functional_pair
+
 
 def test_every_stage_consults_the_same_flows():
     assert [f.name for f in flows.FLOWS] == ["pt2e", "torchao", "fx"]
@@ -267,6 +272,15 @@ def test_an_fx_prepared_models_fake_quants_belong_to_rows_as_convert_fxs_quantiz
         # the layer reading one is shadowed on its input's counterpart
         qat_side = fxn.compare(prepared, converted_model, batches[1:], progress=False)
         assert [r.name for r in qat_side.rows if r.shadow_sqnr is None] == []
+        # its layers are read after their output fake-quants, the values it hands on (as
+        # eager prepare_qat's, whose fake-quants run inside them): fc read 29.11 dB before
+        # its own, where the two models' outputs (fc's) read 20.26 dB
+        qat = copy.deepcopy(prepared)
+        qat.apply(torch.ao.quantization.disable_observer)
+        with torch.no_grad():
+            want = fxn.sqnr(torch.cat([qat(x) for x in batches[1:]]).double(),
+                            torch.cat([converted_model(x) for x in batches[1:]]).double())
+        assert qat_side.row("fc").output_sqnr == pytest.approx(want, abs=1e-4)
 
 
 def test_the_verdict_names_a_prepare_qat_fx_models_input_fake_quant_where_error_enters():
@@ -332,3 +346,38 @@ def test_a_reference_dynamic_layer_owns_the_quantize_of_its_input():
             oracle = fxn.sqnr(torch.cat([model[int(node.target)](v) for v in read]),
                               torch.cat(values[node.name]))
             assert report.row(node.target).shadow_sqnr == pytest.approx(oracle, abs=1e-4)
+
+
+def test_a_qat_float_models_floatfunctional_rows_read_what_the_qat_model_hands_on():
+    """An eager prepare_qat model against its converted model: a FloatFunctional's row read
+    the float side before its activation_post_process (the fake-quantize convert turns into
+    the op's output scale), a value the QAT model never hands on: ``add`` read 27.80 dB
+    against the QAT model's own value's 29.83 dB, and its shadow 30.68 dB where the converted
+    add computes exactly what the QAT add does (inf), with a clipping verdict on a range the
+    QAT model clips to as well. Oracle: forward hooks on both models' activation_post_process
+    (``add_scalar``, which torch never fake-quantizes: conv3's input), and torch's eager
+    ``Shadow`` of each FloatFunctional, one sample at a time (it keeps sample 0)."""
+    import copy
+
+    import torch
+    import torch.ao.ns._numeric_suite as tns
+
+    qat, q, x = qat_functional_pair()
+    float_values, quant_values = functional_values(qat, x), functional_values(q, x)
+    shadows: dict[str, dict[str, list]] = {}
+    for sample in x.split(1):
+        eager = tns.compare_model_stub(copy.deepcopy(qat), copy.deepcopy(q),
+                                       [torch.ao.nn.quantized.FloatFunctional], sample)
+        for name in QatFunctional.OBSERVED:
+            for side, values in eager[f"{name}.stats"].items():
+                shadows.setdefault(name, {}).setdefault(side, []).append(
+                    values[0].dequantize())
+    report = fxn.compare(qat, q, [x], progress=False)
+    for name in (*QatFunctional.OBSERVED, "add_scalar"):
+        want = fxn.sqnr(float_values[name][-1].double(), quant_values[name][-1].double())
+        assert report.row(name).output_sqnr == pytest.approx(want, abs=1e-4), name
+    for name, sides in shadows.items():
+        want = fxn.sqnr(torch.cat(sides["float"]).double(),
+                        torch.cat(sides["quantized"]).double())
+        assert report.row(name).shadow_sqnr == pytest.approx(want, abs=1e-4), name
+    assert report.row("add").shadow_sqnr == math.inf

@@ -58,8 +58,22 @@ def reads_at_call(observer: nn.Module) -> bool:
 
 
 def float_subgraph(region: Region, pair: Pair) -> list[fx.Node]:
-    """The pair's float nodes with the plumbing between them, in graph order."""
-    return region.float_view.with_plumbing(region.chain(pair, "float"))
+    """The pair's float nodes with the plumbing between them, in graph order, through the
+    node carrying the pair's float value (:meth:`Region.output_nodes`).
+
+    A QAT float model hands on a quantized op's value after the op's output fake-quantize,
+    which is a node after the pair's chain for a FloatFunctional op (its
+    ``activation_post_process``) and in a ``prepare_qat_fx`` graph: the shadow runs it too,
+    as a QAT conv's shadow runs the fake-quantize hooked on the conv, and as torch's eager
+    ``Shadow`` calls the whole FloatFunctional method.
+    """
+    chain = region.chain(pair, "float")
+    tail = []
+    value = region.output_nodes(pair)[0]
+    while value is not chain[-1]:  # the fake-quantizes crossed, each reading the one before
+        tail.append(value)
+        value = value.all_input_nodes[0]
+    return region.float_view.with_plumbing(chain + tail)
 
 
 def shadow_inputs(region: Region, pair: Pair) -> dict[fx.Node, str] | str:
