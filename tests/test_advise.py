@@ -1872,3 +1872,59 @@ def test_numbers_that_are_nan_or_no_count_are_refused(arg) -> None:
     name = next(iter(arg))
     with pytest.raises(InputError, match=rf"{name} must be a (number|whole number >= \d), got"):
         advise(float_model, q, data, progress=False, **kwargs)
+
+
+class _StatesNet(nn.Module):
+    """A recurrent layer whose every output is read: ``y`` and the final states."""
+
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(8, 8)
+        self.rnn = kind(8, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+        self.lstm = kind is nn.LSTM
+
+    def forward(self, x):
+        y, states = self.rnn(self.fc0(x))
+        if self.lstm:
+            h, c = states
+            return self.fc(y + h[0].unsqueeze(1) + c[0].unsqueeze(1))
+        return self.fc(y + states[0].unsqueeze(1))
+
+
+def _sqnr_of(ref_model: nn.Module, model: nn.Module, data: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        ref = torch.cat([ref_model(x) for x in data]).double()
+        out = torch.cat([model(x) for x in data]).double()
+    return 10 * math.log10(float(ref.square().sum() / (ref - out).square().sum()))
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_a_dynamic_recurrent_layer_swaps_into_an_exported_float_graph(kind) -> None:
+    # aten.lstm returns (y, h, c) flat, nn.LSTM (y, (h, c)): the dynamic LSTM swapped into the
+    # exported float graph failed at its getitem(lstm, 2) (IndexError), and the float one
+    # swapped into the quantized graph gave getitem(lstm, 1) h where it wanted (h, c)
+    from torch.ao.quantization import default_dynamic_qconfig
+
+    torch.manual_seed(0)
+    f = _StatesNet(kind).eval()
+    q = quantize_dynamic(copy.deepcopy(f), {kind, nn.Linear})
+    data = [torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    program = torch.export.export(f, (data[0],))
+    names = ["fc0", "rnn", "fc"]
+
+    def only(*quantized: str) -> nn.Module:  # a hybrid built by hand
+        return quantize_dynamic(copy.deepcopy(f), dict.fromkeys(quantized,
+                                                                default_dynamic_qconfig))
+
+    expected = [value for name in names for value in (  # only it quantized, all but it
+        _sqnr_of(f, only(name), data), _sqnr_of(f, only(*(n for n in names if n != name)), data))]
+    for float_side, matching in ((program, None), (f, fxnumeric.match(f, q, data[0],
+                                                                      capture="export"))):
+        s = sensitivity(float_side, q, data, metric="sqnr", matching=matching, progress=False)
+        assert [layer.module for layer in s.layers] == names
+        assert [v for layer in s.layers for v in (layer.only, layer.all_but)] == pytest.approx(
+            expected, abs=1e-6)
+    by_module = sensitivity(f, q, data, metric="sqnr", progress=False)
+    assert [v for layer in by_module.layers for v in (layer.only, layer.all_but)
+            ] == pytest.approx(expected, abs=1e-6)

@@ -720,7 +720,8 @@ class HybridRunner:
             runner.env[node] = runner.run_node(node)
         # float on either base: into a quantized base, the quantized readers requantize it
         # as they read it (:class:`_SwapInterpreter`), the float ones read it as it is
-        return dequantize_all(runner.env[swap.other_out])
+        value = dequantize_all(runner.env[swap.other_out])
+        return _as_read(value, swap.base_graph.view(swap.base), swap.out, swap.other_out)
 
     def _into_quant(self, region: Region, value: Any, node: fx.Node,
                     qparams_at: fx.Node | None = None) -> Any:
@@ -755,6 +756,30 @@ class HybridRunner:
                     and -len(items) <= user.args[1] < len(items)):
                 items[user.args[1]] = self._into_quant(region, items[user.args[1]], user)
         return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+
+
+# Kinds whose module form nests what their function form returns flat, from which item on:
+# ``nn.LSTM`` (float or dynamic quantized, a call_module) returns ``(y, (h, c))``, the
+# ``aten.lstm`` of an exported graph ``(y, h, c)``. GRU and RNN return ``(y, h)`` and the
+# cells ``(h, c)`` or ``h`` in both forms.
+_NESTED_FROM = {"lstm": 1}
+
+
+def _as_read(value: Any, base_view: Any, out: fx.Node, other_out: fx.Node) -> Any:
+    """``value``, computed by the other graph's ``other_out``, in the structure the base
+    graph's readers of ``out`` index: an exported float graph's ``getitem(lstm, 2)`` reads
+    ``c`` from aten.lstm's flat tuple, and a dynamic ``nn.LSTM`` swapped in its place gave
+    ``(y, (h, c))``, two items (IndexError); the other way round, ``getitem(lstm, 1)`` of the
+    module read ``h`` where it wanted ``(h, c)``."""
+    cls = base_view.op_class(out)
+    start = _NESTED_FROM.get(cls.signature[-1]) if cls is not None else None
+    nested = out.op == "call_module"
+    if start is None or nested == (other_out.op == "call_module") or not isinstance(
+            value, (tuple, list)):
+        return value
+    if nested:
+        return (*value[:start], tuple(value[start:]))
+    return (*value[:start], *value[start])
 
 
 # ---------------------------------------------------------------- what a swap reads
