@@ -757,3 +757,68 @@ def test_an_exported_dynamic_model_names_no_input_quantize_as_culprit():
     assert report.model_output["sqnr"] == pytest.approx(oracle, abs=1e-4)
     assert report.verdict.culprit is None
     assert "no layer could be shadowed" in report.summary()
+
+
+class _Gated(nn.Module):
+    """torch.fx cannot trace it (a branch on a value): one layer, kept whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:
+            x = x * 0
+        return self.b(torch.relu(self.a(x)))
+
+
+class _WithGated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.head = _Gated(), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+def test_the_torchao_keep_line_keeps_float_every_module_inside_a_kept_one():
+    """A module kept float with everything in it (``enc``, kept whole where torch.fx cannot
+    trace it): the line compared paths exactly and still quantized ``enc.a`` and ``enc.b``.
+    torchao's ``enc`` is no layer of its own (its weights are its Linears'), so the advice
+    keeping both Linears, measured, is the oracle for one naming ``enc``."""
+    import dataclasses
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    f = _WithGated().eval()
+    q = copy.deepcopy(f)
+    config = Int8WeightOnlyConfig()
+    quantize_(q, config)
+    data = _data()
+    measured = fxn.advise(f, q, data, metric="sqnr", target=math.inf, layers=["enc.a", "enc.b"],
+                          progress=False)
+    assert set(measured.keep_float) == {"enc.a", "enc.b"}
+    assert measured.torchao_modules == ("enc.a", "enc.b", "head")
+    whole = dataclasses.replace(measured, keep_float=("enc",), functions=())
+    by_hand = copy.deepcopy(f)
+    quantize_(by_hand, config, filter_fn=lambda m, fqn: fqn == "head")
+
+    def output(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(x) for x in data]).double()
+
+    ref = output(f)
+    # the line naming what quantize_ quantized, and the one with no module known
+    lines = [advice.torchao_keep_lines() for advice in (
+        measured, whole, dataclasses.replace(whole, torchao_modules=()))]
+    assert lines[0] == lines[1] == "quantize_(model, config, filter_fn=lambda m, fqn: fqn in {'head'})"
+    assert lines[2] == ("quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, "
+                        "torch.nn.Linear) and not (fqn + '.').startswith(('enc.',)))")
+    for line in lines:
+        rebuilt = copy.deepcopy(f)
+        exec(line, {"quantize_": quantize_, "model": rebuilt, "config": config, "torch": torch})
+        assert [n for n, m in rebuilt.named_modules()
+                if is_torchao_tensor(getattr(m, "weight", None))] == ["head"], line
+        assert torch.equal(output(rebuilt), output(by_hand))
+        assert _sqnr_by_hand(ref, output(rebuilt)) == pytest.approx(measured.value, abs=1e-6)
