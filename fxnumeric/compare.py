@@ -748,12 +748,15 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     # reduced as they come: one layer's weights alive at a time (dequantized, offloaded ones)
     weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
     floors: dict[str, dict[str, Any]] = {}
+    unread: dict[str, str] = {}  # why a row's weights could not be compared
     first: dict[str, Pair] = {}  # a row's floor is its name's first pair's
     for p in matching.pairs:
         first.setdefault(p.name, p)
     if "weights" in plan.comparisons:
         with phase("comparing weights", progress):
-            for pair, key, fw, qw in pair_weights(matching, as_computed=True):
+            for pair, key, fw, qw, _ in pair_weights(
+                    matching, as_computed=True,
+                    unread=lambda pair, why: unread.setdefault(pair.name, why)):
                 if pair.name not in weights:  # exact float64 sums
                     weights[pair.name] = ([], Accumulator(precision=torch.float64),
                                           _histogram(fw, qw))
@@ -787,7 +790,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
             note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc,
-                       plan.routes.get(p.name)),
+                       plan.routes.get(p.name), unread.get(p.name)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -1000,8 +1003,11 @@ def _differ(acc: Accumulator | None) -> str:
 
 
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
-          weights: Accumulator | None = None, routes: Routes | None = None) -> str:
+          weights: Accumulator | None = None, routes: Routes | None = None,
+          unread_weight: str | None = None) -> str:
     notes = []
+    if unread_weight:
+        notes.append(f"weights not compared: {unread_weight}")
     if (oa is not None and not oa.batches and not (sa is not None and sa.batches)
             and not (oa.discrete or oa.shape_mismatch or oa.misrouted or oa.overwritten)):
         notes.append("never ran on the data: nothing to compare (a module the model holds but "

@@ -6,8 +6,9 @@ the hook's weights map (:func:`fxnumeric.offload.loaded`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -22,9 +23,35 @@ from .semantics import evaluate_constant
 from .storage import is_dynamic_module, named_module_weights
 from .view import GraphView
 
-__all__ = ["extract_weights", "pair_weights", "rnn_cell_weights"]
+__all__ = ["extract_weights", "pair_weights", "rnn_cell_weights", "PairedWeight"]
+
+_log = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+Unread = Callable[[Pair, str], None]
+"""Called as ``unread(pair, reason)`` for a paired op one of whose weights could not be read
+or paired with the other side's: its weight comparison is missing, and ``reason`` says why."""
+
+
+class PairedWeight(NamedTuple):
+    """One weight of a paired op, float beside quantized.
+
+    Attributes:
+        pair: the op.
+        key: the quantized model's state_dict name (``fc._packed_params._packed_params``,
+            ``lstm._all_weight_values.3.param.weight_ih``).
+        float_weight: the float weight (BN-folded where the quantized op absorbed one).
+        quant_weight: the quantized weight, as the quantized op computes with it.
+        matrix: which of a recurrent op's several matrices this is, by the float layer's
+            name (``weight_ih_l1_reverse``); empty for an op with one weight.
+    """
+
+    pair: Pair
+    key: str
+    float_weight: torch.Tensor
+    quant_weight: torch.Tensor
+    matrix: str = ""
 
 
 def _leaf_parts(module: nn.Module) -> list[nn.Module]:
@@ -111,6 +138,9 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
                                          rnn_cell_weights(state[k]), strict=True)}
         if found:
             return found
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        # a reference LSTM/GRU/cell (torch.ao.nn.quantized.reference), or one left float
+        return {f"{path}.{k}": w for k, w in _recurrent_weights(module).items()}
     if hasattr(module, "get_quantized_weight"):  # reference modules
         weight = module.get_quantized_weight()
         if not weight.is_quantized and hasattr(module, "get_weight"):
@@ -133,6 +163,30 @@ def _quant_weights(module: nn.Module, path: str) -> dict[str, Any]:
     return {}
 
 
+def _recurrent_weights(module: nn.RNNBase | nn.RNNCellBase) -> dict[str, torch.Tensor]:
+    """A recurrent layer's weight matrices by name, in torch's flat order, as its forward
+    computes with them.
+
+    A reference LSTM/GRU computes with ``get_flat_weights()``, each weight quantized and
+    dequantized (a cell with ``get_weight_ih()``/``get_weight_hh()``): read quantized (the
+    qparams show, and dequantized they are those), or as forward has them where its qparams
+    do not quantize (float16). A float one left float computes with its parameters.
+    """
+    names = [n for n in getattr(module, "_flat_weights_names", ("weight_ih", "weight_hh"))
+             if n.startswith("weight")]
+    if callable(getattr(module, "get_quantized_weight_bias_dict", None)):  # reference LSTM, GRU
+        quantized = module.get_quantized_weight_bias_dict()
+        computed = dict(zip(module._flat_weights_names, module.get_flat_weights(), strict=True))
+    elif callable(getattr(module, "get_quantized_weight_ih", None)):  # reference cells
+        quantized = {"weight_ih": module.get_quantized_weight_ih(),
+                     "weight_hh": module.get_quantized_weight_hh()}
+        computed = {"weight_ih": module.get_weight_ih(), "weight_hh": module.get_weight_hh()}
+    else:
+        return {n: getattr(module, n).detach() for n in names}
+    return {n: quantized[n] if quantized[n].is_quantized else computed[n].detach()
+            for n in names}
+
+
 def rnn_cell_weights(packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight_ih, weight_hh)`` of one layer of a dynamic quantized LSTM/GRU.
 
@@ -143,18 +197,9 @@ def rnn_cell_weights(packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return linears[0].__getstate__()[0][0], linears[1].__getstate__()[0][0]
 
 
-def _rnn_float_weights(module: nn.Module) -> list[torch.Tensor]:
-    out = []
-    for layer in range(module.num_layers):
-        for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
-            out.append((getattr(module, f"weight_ih_l{layer}{suffix}"),
-                        getattr(module, f"weight_hh_l{layer}{suffix}")))
-    return out
-
-
-def pair_weights(matching: Matching, *, as_computed: bool = False,
-                 ) -> Iterator[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
-    """``(pair, key, float_weight, quantized_weight)`` for every paired op that has weights.
+def pair_weights(matching: Matching, *, as_computed: bool = False, unread: Unread | None = None,
+                 ) -> Iterator[PairedWeight]:
+    """A :class:`PairedWeight` for every weight of every paired op that has weights.
 
     ``as_computed``: each weight in the layout its op computes with, so that two layouts of
     one op compare element by element (transformers' ``Conv1D``, stored ``(in, out)``, read
@@ -163,25 +208,37 @@ def pair_weights(matching: Matching, *, as_computed: bool = False,
 
     Keys are the quantized model's state_dict names (``layer1.0.conv1.weight``,
     ``fc._packed_params._packed_params``); a functional op's weight is ``<pair name>.weight``.
+    A recurrent op (LSTM, GRU, their cells) gives one per matrix, each paired with the float
+    one its forward multiplies by the same values (torch's flat weight order), whether the
+    float side is the ``nn.LSTM`` or an exported ``aten.lstm`` reading its parameters.
+
+    ``unread(pair, reason)`` is called for an op whose weights one side holds but that could
+    not be read on the other, or not paired one to one: rather than missing silently, its
+    weight comparison is missing for ``reason``.
+
     Yielded one op at a time: a weight that had to be made (dequantized from a torchao tensor,
     BN-folded, read from accelerate's offload) is freed once the caller drops it, so a caller
     that reduces each weight as it comes holds one layer's weights, not the model's.
     """
+    def note(pair: Pair, reason: str) -> None:
+        if unread is not None:
+            unread(pair, reason)
+
     for region in matching.regions:
         fmods, qmods = region.float_view.modules, region.quant_view.modules
         for pair in region.pairs:
             qnode = region.chain(pair, "quant")[0]
             if qnode.op != "call_module":
-                found = _graph_weight(region, pair)
-                if found is not None:
-                    yield (pair, f"{pair.name}.weight", *found)
+                yield from _functional_weights(region, pair, note)
                 continue
             fnode = region.chain(pair, "float")[0]
             fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
             path = _prefixed(region.quant_scope, str(qnode.target))
             yield from _module_weights(
                 pair, fmod, qmods[qnode.target], path,
-                lambda region=region, pair=pair: _float_weight(region, pair), as_computed)
+                lambda region=region, pair=pair: _float_weight(region, pair), as_computed,
+                lambda region=region, pair=pair, fmod=fmod: _float_matrices(region, pair, fmod),
+                note)
 
 
 def _prefixed(path: str, name: str) -> str:
@@ -190,47 +247,103 @@ def _prefixed(path: str, name: str) -> str:
 
 def _module_weights(
     pair: Pair, fmod: nn.Module | None, qmod: nn.Module, qpath: str, float_weight: Any,
-    as_computed: bool = False,
-) -> list[tuple[Pair, str, torch.Tensor, torch.Tensor]]:
+    as_computed: bool, float_matrices: Callable[[], dict[str, torch.Tensor] | None],
+    unread: Unread,
+) -> list[PairedWeight]:
     """The weights of one pair whose quantized side is the module ``qmod`` at ``qpath``;
-    ``float_weight()`` gives the float weight (BN-folded where the pair absorbed one)."""
+    ``float_weight()`` gives the float weight (BN-folded where the pair absorbed one),
+    ``float_matrices()`` a recurrent float op's matrices (``None`` for any other op)."""
     qweights = _quant_weights(loaded(qmod, qpath), qpath)
+    matrices = float_matrices()
+    if matrices is not None:
+        return _paired_matrices(pair, matrices, qmod, qweights, unread)
     if not qweights:
+        if pair.quantized and float_weight() is not None:
+            unread(pair, f"the quantized `{type(qmod).__name__}` holds its weight in a form "
+                         "fxnumeric does not read")
         return []
-    if isinstance(fmod, nn.RNNBase) and any(k.endswith(".weight_ih") for k in qweights):
-        out = []
-        ih_keys = [k for k in qweights if k.endswith(".weight_ih")]
-        for (w_ih, w_hh), k in zip(_rnn_float_weights(loaded(fmod)), ih_keys, strict=True):
-            base = k[: -len(".weight_ih")]
-            out.append((pair, f"{base}.weight_ih", w_ih.detach(), qweights[f"{base}.weight_ih"]))
-            out.append((pair, f"{base}.weight_hh", w_hh.detach(), qweights[f"{base}.weight_hh"]))
-        return out
-    if isinstance(fmod, nn.RNNCellBase) and f"{qpath}.weight_ih" in qweights:
-        cell = loaded(fmod)
-        return [(pair, f"{qpath}.{part}", getattr(cell, part).detach(), qweights[f"{qpath}.{part}"])
-                for part in ("weight_ih", "weight_hh")]
     fweight = float_weight()
     if fweight is None:
+        unread(pair, f"the float op paired with `{qpath}` holds no weight fxnumeric reads")
         return []
     if as_computed and fmod is not None and _transposed_linear(fmod):
         fweight = fweight.t()
     flip = as_computed and _transposed_linear(qmod)
-    return [(pair, key, fweight, qw.t() if flip else qw)
+    return [PairedWeight(pair, key, fweight, qw.t() if flip else qw)
             for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
 
 
-# --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants
+def _paired_matrices(pair: Pair, matrices: dict[str, torch.Tensor], qmod: nn.Module,
+                     qweights: dict[str, Any], unread: Unread) -> list[PairedWeight]:
+    """A recurrent op's float matrices beside the quantized ones, both in torch's flat order
+    (per layer and direction, ``weight_ih`` then ``weight_hh``): the dynamic LSTM's keys
+    (``_all_weight_values.N.param.weight_ih``) do not name the layer, their order does.
 
-def _graph_weight(region: Region, pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The float and quantized weight a functional op reads, each evaluated from the constants
-    that feed it (``dequantize(int8 constant)`` on the quantized side); the float one BN-folded
-    when the pair's float chain has a BatchNorm after the weighted op."""
+    Paired only when they correspond one to one (count, name, shape); otherwise none is, and
+    ``unread`` says why."""
+    if not qweights:
+        if pair.quantized:
+            unread(pair, f"the quantized `{type(qmod).__name__}` holds its weights in a form "
+                         "fxnumeric does not read")
+        return []
+    if not matrices:
+        unread(pair, "the float op reads its weight matrices from values that are not graph "
+                     "constants fxnumeric can evaluate")
+        return []
+    quant = [(key, flows.comparable_weight(w)) for key, w in qweights.items()]
+    float_list = list(matrices.items())
+    alike = len(float_list) == len(quant) and all(
+        name.startswith(key.rpartition(".")[2]) and tuple(fw.shape) == tuple(qw.shape)
+        for (name, fw), (key, qw) in zip(float_list, quant, strict=True))
+    if not alike:
+        quant_names = ", ".join(key.rpartition(".")[2] for key, _ in quant)
+        unread(pair, f"its float weight matrices ({', '.join(matrices)}) and the quantized "
+                     f"`{type(qmod).__name__}`'s ({quant_names}) do not correspond one to one")
+        return []
+    return [PairedWeight(pair, key, fw, qw, name)
+            for (name, fw), (key, qw) in zip(float_list, quant, strict=True)]
+
+
+def _float_matrices(region: Region, pair: Pair, fmod: nn.Module | None,
+                    ) -> dict[str, torch.Tensor] | None:
+    """A recurrent float op's weight matrices by name, in torch's flat order: an
+    ``nn.LSTM``'s (or cell's) parameters, or those an exported ``aten.lstm`` reads (its flat
+    parameter list, whose 2-d entries are the matrices); ``None`` for any other op."""
+    if isinstance(fmod, (nn.RNNBase, nn.RNNCellBase)):
+        return _recurrent_weights(loaded(fmod))
+    if fmod is not None:
+        return None
+    view = region.float_view
+    for node in region.chain(pair, "float"):
+        inputs = flows.recurrent_weight_inputs(node)
+        if inputs is None:
+            continue
+        found = {}
+        for source in inputs:
+            value = evaluate_constant(source, view)
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                # its parameter's name (``lstm.weight_ih_l1_reverse``)
+                name = (str(source.target).rpartition(".")[2] if source.op == "get_attr"
+                        else source.name)
+                found[name] = value.detach()
+        return found
+    return None
+
+
+def _functional_weights(region: Region, pair: Pair, unread: Unread) -> list[PairedWeight]:
+    """The weight of a pair whose quantized side is a functional op (``<pair name>.weight``)."""
     quant = _read_weight(region.quant_view, region.chain(pair, "quant"))
     if quant is None:
-        return None
+        return []
     weight = _float_weight(region, pair)
-    return None if weight is None else (weight, quant[1])
+    if weight is None:
+        unread(pair, f"the quantized op reads a weight (`{quant[0].name}`), the float op "
+                     "paired with it none fxnumeric reads")
+        return []
+    return [PairedWeight(pair, f"{pair.name}.weight", weight, quant[1])]
 
+
+# --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants
 
 def _graph_float_weight(region: Region, pair: Pair) -> torch.Tensor | None:
     """The weight a functional float op reads, BN-folded when the pair's float chain has a
@@ -280,4 +393,10 @@ def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
     the quantized op absorbed a BatchNorm, the float weight is the BN-folded one, so the
     comparison measures quantization error only.
     """
-    return {key: {"float": fw, "quantized": qw} for _, key, fw, qw in pair_weights(matching)}
+    return {w.key: {"float": w.float_weight, "quantized": w.quant_weight}
+            for w in pair_weights(matching, unread=_log_unread)}
+
+
+def _log_unread(pair: Pair, reason: str) -> None:
+    """Log a weight comparison missing from the eager API's dict (which has no notes)."""
+    _log.warning("no weight comparison for %s: %s", pair.name, reason)

@@ -335,3 +335,51 @@ def test_a_threshold_that_is_no_number_is_refused_not_read_as_flag_nothing(thres
                                metrics=["sqnr"])
     assert report.row("x.quantize").output_sqnr < 1000
     assert diagnose(float_model, q, _data(), threshold_db=1000).first_below == "x.quantize"
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 16, num_layers=2, bidirectional=True)
+        self.cell = nn.GRUCell(32, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lstm(self.fc0(x))[0]
+        return self.fc(self.cell(y[-1]))
+
+
+def _matrix_stats(w: torch.Tensor, qw: torch.Tensor) -> tuple[float, float]:
+    """``(utilisation, channel outlier ratio)`` of one per-tensor int8 weight, by hand."""
+    w = w.detach().double()
+    ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
+    return (float((ranges / (qw.q_scale() * 255)).median()),
+            float(ranges.max() / ranges.median()))
+
+
+def test_a_recurrent_layer_is_judged_by_its_worst_weight_matrix() -> None:
+    """diagnose read the weight figures of an LSTM's first matrix (weight_ih_l0) only: a 60x
+    outlier row in layer 1's reverse weight_ih went unseen ("no layer flagged"). Oracle: each
+    matrix's figures from the float parameter and the dynamic LSTM's own quantized weights."""
+    torch.manual_seed(0)
+    f = _Recurrent().eval()
+    with torch.no_grad():
+        f.lstm.weight_ih_l1_reverse[5] *= 60
+        f.cell.weight_hh[2] *= 30
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f),
+                                               {nn.Linear, nn.LSTM, nn.GRUCell})
+    d = diagnose(f, q, [torch.randn(6, 4, 8) for _ in range(2)], progress=False)
+    quantized = {"lstm": q.lstm._weight_bias()["weight"], "cell": q.cell.get_weight()}
+    for name, worst in (("lstm", "weight_ih_l1_reverse"), ("cell", "weight_hh")):
+        fmod, layer = getattr(f, name), d.layer(name)
+        stats = {n: _matrix_stats(getattr(fmod, n), qw) for n, qw in quantized[name].items()}
+        assert len(stats) == (8 if name == "lstm" else 2)
+        assert min(stats, key=lambda n: stats[n][0]) == worst
+        assert layer.weight_utilisation == pytest.approx(stats[worst][0])
+        assert layer.channel_outlier_ratio == pytest.approx(stats[worst][1])
+        assert layer.weight_matrix == worst and layer.per_channel is False
+        assert max(r for n, (_, r) in stats.items() if n != worst) < 2  # only it is bad
+        assert layer.flags[0].code == "weight_outliers"
+        assert f"in `{worst}`" in layer.flags[0].text
+    assert d.layer("fc").weight_matrix is None

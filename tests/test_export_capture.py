@@ -259,3 +259,62 @@ def test_every_call_exports_the_float_side_by_default_against_a_pt2e_model(bert)
     assert "encoder.layer.0.attention.self.query" in ranked and ranked <= rows
     swapped = found.layer("encoder.layer.1.attention.self.add")
     assert math.isfinite(swapped.only) and math.isfinite(swapped.all_but)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(8, 8)
+        self.lstm = nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(12, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(self.fc0(x))
+        return self.fc(self.gru(y)[0])
+
+
+class _Cells(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.lstm, self.gru = nn.Linear(8, 6), nn.LSTMCell(6, 6), nn.GRUCell(6, 6)
+
+    def forward(self, x):
+        h, c = self.lstm(self.fc0(x))
+        return self.gru(h, c)
+
+
+@pytest.mark.parametrize("model, shape, matrices", [
+    (_Recurrent, (2, 5, 8), {"lstm": 8, "gru": 2}),
+    (_Cells, (3, 8), {"lstm": 2, "gru": 2}),
+])
+def test_an_exported_float_lstm_s_weights_pair_with_the_dynamic_lstm_s(model, shape, matrices):
+    """The float side exported (an ExportedProgram, or capture="export"): its LSTM and GRU
+    are aten.lstm/aten.gru reading a flat parameter list (a cell: aten.lstm_cell reading
+    w_ih, w_hh), not modules, and their rows read no weight SQNR, with no note. Oracle: the
+    float parameters against the dynamic modules' own quantized weights (_weight_bias(),
+    get_weight()), pooled per layer."""
+    torch.manual_seed(0)
+    f = model().eval()
+    q = torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(f), {nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell})
+    data = [torch.randn(*shape) for _ in range(2)]
+    exported = torch.export.export(f, (data[0],))
+    by_module = fxn.compare(f, q, data, comparisons=["weights"], progress=False)
+    for report in (fxn.compare(exported, q, data, comparisons=["weights"], progress=False),
+                   fxn.compare(f, q, data, capture="export", comparisons=["weights"],
+                               progress=False)):
+        for name, count in matrices.items():
+            fmod, qmod = getattr(f, name), getattr(q, name)
+            quantized = (qmod._weight_bias()["weight"] if hasattr(qmod, "_weight_bias")
+                         else qmod.get_weight())
+            signal = noise = 0.0
+            for n, qw in quantized.items():
+                w = getattr(fmod, n).detach().double()
+                signal += float(w.square().sum())
+                noise += float((w - qw.dequantize().double()).square().sum())
+            row = report.row(name)
+            assert len(quantized) == count
+            assert row.weight_sqnr == pytest.approx(10 * math.log10(signal / noise), abs=1e-9)
+            assert row.weight_keys == by_module.row(name).weight_keys
+            assert len(row.weight_keys) == count and row.note == ""

@@ -262,3 +262,71 @@ def test_a_weight_of_1e38_behind_a_corrupted_scale_is_binned_and_diagnosed_where
     flag = next(x for x in ns.diagnose(f, q, data, progress=False).layer("2").flags
                 if x.code.startswith("below_floor"))
     assert flag.code == "below_floor_scale" and "inf%" not in flag.text
+
+
+def _pooled_sqnr(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """dB, float weights against quantized ones, energies and errors summed over the pairs."""
+    signal = noise = 0.0
+    for w, qw in pairs:
+        w = w.detach().double()
+        qw = (qw.dequantize() if qw.is_quantized else qw).detach().double()
+        signal += float(w.square().sum())
+        noise += float((w - qw).square().sum())
+    return 10 * math.log10(signal / noise)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 8, num_layers=2, bidirectional=True)
+        self.gru = nn.GRU(16, 8)
+
+    def forward(self, x):
+        return self.gru(self.lstm(x)[0])[0]
+
+
+def test_a_reference_lstm_and_gru_compare_the_weights_their_forward_computes_with():
+    """convert_to_reference_fx under a dynamic qconfig: a reference LSTM/GRU holds neither
+    `_all_weight_values` nor `get_quantized_weight`, and its row read no weight SQNR, no keys.
+    Oracle: the float parameters against get_flat_weights(), the quantize-dequantized weights
+    its forward runs with."""
+    from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig
+    from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = _Recurrent().eval()
+    data = [torch.randn(5, 2, 16) for _ in range(2)]
+    ref = convert_to_reference_fx(prepare_fx(
+        copy.deepcopy(f), QConfigMapping().set_global(default_dynamic_qconfig), (data[0],)))
+    report = ns.compare(f, ref, data, progress=False)
+    weights = ns.compare_weights(f, ref)
+    for name in ("lstm", "gru"):
+        fmod, qmod = getattr(f, name), ref.get_submodule(name)
+        flat = dict(zip(qmod._flat_weights_names, qmod.get_flat_weights(), strict=True))
+        names = [n for n in fmod._flat_weights_names if n.startswith("weight")]
+        row = report.row(name)
+        assert row.weight_keys == tuple(f"{name}.{n}" for n in names)
+        oracle = _pooled_sqnr([(getattr(fmod, n), flat[n]) for n in names])
+        assert 40 < oracle < 60
+        assert row.weight_sqnr == pytest.approx(oracle, abs=1e-9)
+        assert row.note == ""
+        for n in names:  # dequantized, each is the weight forward computes with
+            assert torch.equal(weights[f"{name}.{n}"]["quantized"].dequantize(), flat[n])
+            assert torch.equal(weights[f"{name}.{n}"]["float"], getattr(fmod, n))
+
+
+def test_recurrent_weights_that_do_not_pair_one_to_one_say_why():
+    """A quantized LSTM with other matrices than the float one's (a layer fewer): no weight
+    SQNR, and a note saying why rather than a silently empty cell."""
+    from torch.ao.nn.quantized.dynamic import LSTM as DynamicLSTM
+
+    torch.manual_seed(0)
+    f = _Recurrent().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.LSTM, nn.GRU})
+    q.lstm = DynamicLSTM(16, 8, num_layers=1, bidirectional=True)
+    report = ns.compare(f, q, [torch.randn(5, 2, 16)], progress=False)
+    row = report.row("lstm")
+    assert row.weight_sqnr is None and row.weight_keys == ()
+    assert "weights not compared" in row.note and "one to one" in row.note
+    assert "weight_ih_l1_reverse" in row.note
+    assert report.row("gru").weight_sqnr is not None and report.row("gru").note == ""

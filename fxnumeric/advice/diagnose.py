@@ -7,7 +7,8 @@ weights, clipping and noise flags are those of the ops computing in quantized fo
 * **weights**: range utilisation (the fraction of the integer grid a typical output channel's
   weights span: median over channels of ``range_c / (scale_c * (qmax - qmin))``) and channel
   outliers (max / median of the channel ranges). One per-tensor scale for channels whose
-  ranges differ tenfold leaves most channels a few levels.
+  ranges differ tenfold leaves most channels a few levels. An op with several weight
+  matrices (an LSTM's, per layer, direction and input) shows its worst one, by name.
 * **activation clipping**: the fraction of the layer's float output (its float twin fed the
   quantized model's inputs) outside the range its quantized output can represent.
 * **noise vs step**: the rms of the local error (quantized layer vs its float twin on the same
@@ -85,7 +86,9 @@ class LayerDiagnosis:
         name: the op (pair) name.
         module: the float model's module path.
         kind: op kinds.
-        per_channel: whether the weights are quantized per channel.
+        per_channel: whether the weights are quantized per channel. The weight figures are
+            those of the op's worst quantized weight matrix where it has several (an LSTM:
+            ``weight_matrix`` names it).
         weight_utilisation: median over output channels of the fraction of the integer grid
             the channel's weights span.
         channel_outlier_ratio: max / median of the output channels' weight ranges.
@@ -125,6 +128,9 @@ class LayerDiagnosis:
     quantized: bool = True
     inputs: tuple[str, ...] = ()
     input_sqnr: float | None = None
+    weight_matrix: str | None = None
+    """Which of the op's weight matrices the weight figures are of, for an op with several (an
+    LSTM's ``weight_ih_l1_reverse``): the worst quantized one; ``None`` for one weight."""
 
     @property
     def amplification(self) -> float | None:
@@ -284,7 +290,20 @@ class _LocalError(Logger):
             self.floor.update(deq, ref, inputs)
 
 
-def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, float | None, float]:
+_WeightStats = tuple[bool | None, float | None, float]
+"""``(per_channel, utilisation, channel outlier ratio)`` of one weight."""
+
+
+def _worse(stats: _WeightStats, than: _WeightStats) -> bool:
+    """Whether one weight matrix is worse quantized than another: the smaller range
+    utilisation (the fewer levels a typical channel keeps), else the larger outlier ratio."""
+    (_, util, outliers), (_, other_util, other_outliers) = stats, than
+    if util is not None and other_util is not None and util != other_util:
+        return util < other_util
+    return outliers > other_outliers
+
+
+def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> _WeightStats:
     w = fw.detach().double()
     w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
     ranges = w.amax(dim=1).clamp(min=0) - w.amin(dim=1).clamp(max=0)
@@ -300,6 +319,11 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> tuple[bool | None, floa
         return True, None, outliers
     scales = qw.q_per_channel_scales().double()
     return True, float((ranges / (scales * (qmax - qmin))).median()), outliers
+
+
+def _in_matrix(d: LayerDiagnosis) -> str:
+    """Which matrix the weight figures come from, for an op with several; else empty."""
+    return f" in `{d.weight_matrix}`" if d.weight_matrix else ""
 
 
 def _db_below(value: float, threshold: float) -> str:
@@ -340,13 +364,15 @@ def _layer_flags(d: LayerDiagnosis) -> list[Flag]:
         flags.append(Flag(
             "weight_outliers",
             f"weight channel ranges differ {d.channel_outlier_ratio:.0f}x under one per-tensor "
-            f"scale: a typical channel spans {_pct(d.weight_utilisation)} of the integer grid",
+            f"scale{_in_matrix(d)}: a typical channel spans {_pct(d.weight_utilisation)} of the "
+            "integer grid",
             "per-channel weights (per_channel_weight_observer; the x86/fbgemm default)",
         ))
     elif d.per_channel is False and d.weight_utilisation is not None and d.weight_utilisation < 0.1:
         flags.append(Flag(
             "weight_range",
-            f"a typical weight channel spans only {_pct(d.weight_utilisation)} of the integer grid",
+            f"a typical weight channel{_in_matrix(d)} spans only {_pct(d.weight_utilisation)} of "
+            "the integer grid",
             "per-channel weights",
         ))
     if d.clipped is not None and d.clipped > 1e-3:
@@ -535,16 +561,20 @@ def diagnose(
                 twin.pending.clear()
             bar.update()
 
-    weights: dict[str, tuple[bool | None, float | None, float]] = {}
-    for pair, _, fw, qw in pair_weights(matching, as_computed=True):
-        weights.setdefault(op_name(pair.name), _weight_stats(fw, qw))
+    # an op with several weight matrices (an LSTM's, per layer, direction and gate input)
+    # is judged by its worst one: one outlier row in one of them costs the whole layer
+    weights: dict[str, tuple[_WeightStats, str]] = {}
+    for w in pair_weights(matching, as_computed=True):
+        name, stats = op_name(w.pair.name), _weight_stats(w.float_weight, w.quant_weight)
+        if name not in weights or _worse(stats, weights[name][0]):
+            weights[name] = (stats, w.matrix)
     kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
     feeding = feeding_ops(matching)
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
     for name in layers:
         s = sums[name]
-        per_channel, util, outliers = weights.get(name, (None, None, None))
+        (per_channel, util, outliers), matrix = weights.get(name, ((None, None, None), ""))
         step = next(iter(s.steps)) if len(s.steps) == 1 else None
         floor, floor_verdict = None, None
         if len(floors.get(name, ())) == 1:  # one call site: its floor is the layer's
@@ -555,6 +585,7 @@ def diagnose(
         d = LayerDiagnosis(
             name=name, module=module_path(matching, name), kind=kinds[name],
             per_channel=per_channel, weight_utilisation=util, channel_outlier_ratio=outliers,
+            weight_matrix=matrix or None,
             clipped=s.clipped / s.count if s.quantized and s.count else None,
             noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,
             local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,

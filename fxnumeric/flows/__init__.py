@@ -47,7 +47,7 @@ __all__ = [
     "Flow", "BatchNormParams", "FLOWS", "normalise_model", "is_leaf_module", "classify",
     "is_quantized", "is_quantized_module",
     "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
-    "module_type", "weight_input",
+    "module_type", "weight_input", "recurrent_weight_inputs",
     "weight_scale",
     "batch_norm_params", "comparable_weight", "computed_weight", "fake_quant_enabled",
     "fake_quantizes",
@@ -128,6 +128,11 @@ class Flow:
 
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
         """The input node carrying the weight of a functional op of ``kind``, or ``None``."""
+        return None
+
+    def recurrent_weight_inputs(self, node: fx.Node) -> list[fx.Node] | None:
+        """The nodes feeding the parameters of a functional recurrent op, in torch's flat
+        order (per layer and direction: ``w_ih, w_hh``, then the biases), or ``None``."""
         return None
 
     def weight_scale(self, node: fx.Node, kind: str) -> fx.Node | None:
@@ -259,6 +264,12 @@ def module_type(node: fx.Node) -> type | None:
 def weight_input(node: fx.Node, kind: str) -> fx.Node | None:
     """The node feeding the weight of the functional op ``node`` of ``kind``, or ``None``."""
     return _first("weight_input", node, kind)
+
+
+def recurrent_weight_inputs(node: fx.Node) -> list[fx.Node] | None:
+    """The nodes feeding the parameters of the functional recurrent op ``node`` (an exported
+    ``aten.lstm``, ``aten.gru_cell``), in torch's flat order, or ``None``."""
+    return _first("recurrent_weight_inputs", node)
 
 
 def weight_scale(node: fx.Node, kind: str) -> fx.Node | None:

@@ -389,6 +389,24 @@ class Pt2eFlow(Flow):
         weight = node.args[position]
         return weight if isinstance(weight, fx.Node) else None
 
+    def recurrent_weight_inputs(self, node: fx.Node) -> list[fx.Node] | None:
+        """An ``aten.lstm``/``gru``/``rnn_*``'s ``params`` list, an ``aten.*_cell``'s ``w_ih,
+        w_hh, b_ih, b_hh``: read by their schema's argument names, so that every overload
+        (``lstm.input``, ``lstm.data`` with the parameters one place later) is found alike."""
+        target = node.target if node.op == "call_function" else None
+        if not isinstance(target, torch._ops.OpOverload) or op_name(target)[0] != "aten":
+            return None
+        values = {arg.name: (node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+                  for i, arg in enumerate(target._schema.arguments)}
+        if isinstance(values.get("params"), (list, tuple)):
+            found = list(values["params"])
+        elif "w_ih" in values and "w_hh" in values:
+            found = [values[name] for name in ("w_ih", "w_hh", "b_ih", "b_hh")
+                     if values.get(name) is not None]
+        else:
+            return None
+        return found if all(isinstance(n, fx.Node) for n in found) else None
+
     def weight_scale(self, node: fx.Node, kind: str) -> fx.Node | None:
         """The BN scale a QAT conv's weight was multiplied by (``weight * scale`` feeding its
         fake-quant), reshaped like the weight: the weight is compared divided by it."""
