@@ -504,6 +504,9 @@ class _Plan:
     are read against the batch's decoder inputs."""
     logit_batches: int = 0
     """Batches whose outputs were logits (:func:`_llm_update`), real tokens or not."""
+    logits_per: str = "token"
+    """What a row of the logits predicts: ``"token"``, or ``"sample"`` for ``(batch, n)``
+    logits (a sequence or image classifier's), whose KL is one per sample."""
     routes: dict[str, Routes] = field(default_factory=dict)
     """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
 
@@ -623,6 +626,7 @@ def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None
     plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token,
                              plan.encoder_decoder)
     plan.logit_batches += 1
+    plan.logits_per = "sample" if float_logits.dim() == 2 else "token"
 
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:
@@ -821,6 +825,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
         blocks=_block_rows(plan),
+        logits_per=plan.logits_per,
     )
 
 

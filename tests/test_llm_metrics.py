@@ -403,6 +403,11 @@ def test_a_sequence_classifier_reads_kl_and_top1_per_sequence():
     _close({k: report.model_output[k] for k in ("kl", "kl_p99", "kl_max", "top1_agreement")},
            _oracle(fl, ql))
     assert "ppl_float" not in report.model_output
+    # one KL per sample, and the words say so (they said "per-token KL"), saved and loaded
+    assert report.logits_per == "sample"
+    assert f"per-sample KL {report.model_output['kl']:.4g} nats" in report.summary()
+    assert "per-token" not in report.summary()
+    assert ns.Report.from_json(report.to_json()).logits_per == "sample"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -418,6 +423,7 @@ def test_a_token_classifier_and_a_masked_lm_count_real_tokens_and_give_no_perple
             fl, ql = f(**batch).logits, q(**batch).logits
         expected = _oracle(fl, ql, mask=batch["attention_mask"])
         _close({k: report.model_output[k] for k in expected}, expected)
+        assert report.logits_per == "token" and "per-token KL" in report.summary()
         # labels (the classes of each token; a masked LM's own targets) are not next tokens
         assert "ppl_float" not in report.model_output, cls_name
 

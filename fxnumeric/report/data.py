@@ -347,6 +347,11 @@ class Report:
     blocks: tuple[BlockRow, ...] = ()
     """The model's blocks (decoder layers, BERT layers, ResNet stages), in the order they run,
     with the error entering, added in and leaving each (:class:`BlockRow`)."""
+    logits_per: str = field(default="token", metadata={"json_omit_default": True})
+    """What one row of the model's logits predicts, for the ``kl`` and ``top1_agreement`` of
+    ``model_output``: ``"token"`` (a language model's next token, a token classifier's tag)
+    or ``"sample"`` (a sequence or image classifier's ``(batch, n)`` logits: one KL per
+    sample). Read by the summaries' wording (:meth:`kl_label`)."""
     variants: dict[str, Report] = field(default_factory=dict,
                                         metadata={"json_omit_default": True})
     """With several quantized variants (``compare(f, {"fx": q1, "dynamic": q2}, data)``):
@@ -444,13 +449,20 @@ class Report:
         variants or values (see :mod:`fxnumeric.report.variants`)."""
         return best_variant(self) if self.variants else None
 
+    @property
+    def kl_label(self) -> str:
+        """``"per-token KL"``, or ``"per-sample KL"`` for a classifier's logits
+        (:attr:`logits_per`)."""
+        return f"per-{self.logits_per} KL"
+
     def llm_summary(self) -> str:
         """The language-model metrics of the output, in words (``""`` when there are none):
-        mean per-token KL, its p99, top-1 agreement, perplexity float -> quantized."""
+        mean per-token (or per-sample) KL, its p99, top-1 agreement, perplexity float ->
+        quantized."""
         out = self.model_output
         if "kl" not in out:
             return ""
-        text = (f"per-token KL {out['kl']:.4g} nats (p99 {out.get('kl_p99', math.nan):.3g}, "
+        text = (f"{self.kl_label} {out['kl']:.4g} nats (p99 {out.get('kl_p99', math.nan):.3g}, "
                 f"max {out.get('kl_max', math.nan):.3g}), top-1 agreement "
                 f"{out.get('top1_agreement', math.nan):.3f}")
         if "ppl_float" in out:

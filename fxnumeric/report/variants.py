@@ -133,7 +133,7 @@ def output_text(variant: Report) -> str:
     language model, else output SQNR."""
     out = variant.model_output
     if "kl" in out:
-        return (f"per-token KL {out['kl']:.4g} nats, top-1 agreement "
+        return (f"{variant.kl_label} {out['kl']:.4g} nats, top-1 agreement "
                 f"{out.get('top1_agreement', math.nan):.3f}")
     sqnr = out.get("sqnr")
     if sqnr is None:
@@ -199,7 +199,7 @@ def variants_summary(report: Report, *, where: bool = True) -> str:
     if ranked and measure is not None:
         best, value = ranked[0]
         unit, label = (" dB", "model output SQNR") if measure[0] == "sqnr" else (
-            " nats", "per-token KL")
+            " nats", report.kl_label)
         others = ", ".join(f"{name} {v:.4g}{unit}" for name, v in ranked[1:])
         unranked = [n for n in names if n not in dict(ranked)]
         if unranked:
