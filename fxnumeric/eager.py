@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -183,11 +184,12 @@ class _Installed:
     at prepare time; a layer swapped in since would silently not run).
 
     It lives on the model, so a deep copy of a prepared model is prepared too, with loggers of
-    its own. ``call`` is the preparing function and ``token`` tells models prepared together
-    from models prepared by separate calls.
+    its own, and so is one saved and loaded (``torch.save`` / ``torch.load``). ``call`` is the
+    preparing function and ``token`` tells models prepared together from models prepared by
+    separate calls (in any process: a loaded model keeps its token).
     """
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, call: str, token: int) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, call: str, token: str) -> None:
         self.model, self.call, self.token = model, call, token
         self.prepared = _Prepared.of(model, gm)
         owned = dict(model.named_modules())
@@ -220,11 +222,18 @@ class _Installed:
         _ROOTS.add(copied.model)
         return copied
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickled (torch.load of a prepared model): a prepared model again, so that
+        # get_logger_dict of its submodules finds it
+        self.__dict__.update(state)
+        _ROOTS.add(self.model)
+
 
 # The models prepared in place (weak: never keeps one alive), to find the one a submodule
 # belongs to; each model's instrumentation itself is its ``forward`` (an _Installed).
 _ROOTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _TOKENS = itertools.count()
+_PROCESS = uuid.uuid4().hex  # with the count, a token no other process (a model loaded) has
 
 
 def _installed(model: nn.Module) -> _Installed | None:
@@ -235,7 +244,7 @@ def _installed(model: nn.Module) -> _Installed | None:
 def _install(call: str, *prepared: tuple[nn.Module, fx.GraphModule]) -> None:
     """Route each model's ``forward`` through its instrumented graph (which shares its
     submodules): the in-place part of the eager API, undone by remove_instrumentation."""
-    token = next(_TOKENS)
+    token = f"{_PROCESS}:{next(_TOKENS)}"
     for model, gm in prepared:
         model.forward = _Installed(model, gm, call, token)
         _ROOTS.add(model)

@@ -25,6 +25,7 @@ forward pass (see ``_eager_entries``); fxnumeric logs every site once per pass.
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1075,3 +1076,185 @@ def test_a_logger_that_cannot_take_its_values_is_named(resnet18_case: Case) -> N
     with pytest.raises(ns.InstrumentationError, match=r"ShadowLogger\.forward\(x, y\)"):
         ns.compare_model_outputs(float_model, qmodel, *resnet18_case.data,
                                  logger_cls=ns.ShadowLogger)
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks on the model itself, and prepared models saved and loaded
+# --------------------------------------------------------------------------------------------
+
+
+def _shift_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0] + 5,)
+
+
+def _scale_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    return (args[0] * 3,), kwargs
+
+
+def _rescale_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output * 10 - 1
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.fc(x))
+
+
+class _UntraceableNet(nn.Module):
+    """torch.fx cannot trace the root (a data-dependent ``if``): captured through the module
+    tree, its ``block`` traced as a graph of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Block()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:
+            x = self.block(x)
+        return self.head(x)
+
+
+def _hooked_pair(make: Callable[[], nn.Module], hook: str) -> tuple[nn.Module, nn.Module]:
+    """A float model and its dynamic quantization, both with ``hook`` on the model itself (and,
+    for the untraceable model, on its traced ``block`` too)."""
+    torch.manual_seed(0)
+    float_model = make().eval()
+    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    for model in (float_model, qmodel):
+        targets = [model] + ([model.block] if hasattr(model, "block") else [])
+        for target in targets:
+            if hook == "pre":
+                target.register_forward_pre_hook(_shift_input)
+            elif hook == "pre_kwargs":
+                target.register_forward_pre_hook(_scale_input, with_kwargs=True)
+            else:
+                target.register_forward_hook(_rescale_output)
+    return float_model, qmodel
+
+
+def _layer_outputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """The oracle: each named layer's output when the model itself runs (its hooks too), read
+    by forward hooks on the layers."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: seen.__setitem__(name, out.detach().clone()))
+        for name in names]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+_HOOKED = [
+    pytest.param(lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), ["0", "2"],
+                 id="traced"),
+    pytest.param(_UntraceableNet, ["block.fc", "head"], id="module-tree"),
+]
+
+
+@pytest.mark.parametrize("hook", ["pre", "pre_kwargs", "forward"])
+@pytest.mark.parametrize(("make", "layers"), _HOOKED)
+def test_hooks_on_the_model_itself_shape_every_logged_value(make, layers, hook: str) -> None:
+    """A hook on the model (an input normalisation) runs around the compared graph as around
+    ``model(x)``: torch.fx traces ``forward`` without it, and the values used to be those of
+    the raw input (max |logged - true| 4.98 for ``x + 5``)."""
+    float_model, qmodel = _hooked_pair(make, hook)
+    x = torch.randn(3, 4)
+    float_true = _layer_outputs(float_model, x, layers)
+    quant_true = _layer_outputs(qmodel, x, layers)
+
+    outputs = ns.compare_model_outputs(float_model, qmodel, x)
+    stubs = ns.compare_model_stub(float_model, qmodel, [nn.Linear], x)
+    prepared_f, prepared_q = copy.deepcopy(float_model), copy.deepcopy(qmodel)
+    ns.prepare_model_outputs(prepared_f, prepared_q)
+    prepared_f(x)
+    prepared_q(x)
+    prepared = ns.get_matching_activations(prepared_f, prepared_q)
+
+    for name in layers:
+        for found in (outputs, prepared):
+            assert len(found[f"{name}.stats"]["float"]) == 1  # each hook ran once
+            torch.testing.assert_close(found[f"{name}.stats"]["float"][0], float_true[name],
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(found[f"{name}.stats"]["quantized"][0], quant_true[name],
+                                       rtol=0, atol=0)
+        # the quantized layer, and its float shadow on the same input
+        torch.testing.assert_close(stubs[f"{name}.stats"]["quantized"][0], quant_true[name],
+                                   rtol=0, atol=0)
+    first = layers[0]  # reads the model's input: its shadow is the float layer on it
+    torch.testing.assert_close(stubs[f"{first}.stats"]["float"][0], float_true[first],
+                               rtol=0, atol=0)
+
+
+def _saved_and_loaded(obj: Any) -> Any:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _assert_same_stats(found: dict, expected: dict) -> None:
+    assert list(found) == list(expected)
+    for key in expected:
+        for side in ("float", "quantized"):
+            assert len(found[key][side]) == len(expected[key][side])
+            for got, want in zip(found[key][side], expected[key][side], strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("make", "layers"), _HOOKED)
+def test_prepared_models_survive_torch_save_and_load(make, layers) -> None:
+    """torch.load of a prepared model used to fail in fxnumeric's tracer (``_Tracer.__init__()
+    missing 2 required positional arguments``): loaded, it has the loggers it was saved with
+    and logs again, the model's own hooks included."""
+    float_model, qmodel = _hooked_pair(make, "pre")
+    x = torch.randn(3, 4)
+    float_true, quant_true = (_layer_outputs(float_model, x, layers),
+                              _layer_outputs(qmodel, x, layers))
+    prepared_f, prepared_q = copy.deepcopy(float_model), copy.deepcopy(qmodel)
+    ns.prepare_model_outputs(prepared_f, prepared_q)
+    prepared_f(x)
+    prepared_q(x)
+    saved = ns.get_matching_activations(prepared_f, prepared_q)
+
+    loaded_f, loaded_q = _saved_and_loaded((prepared_f, prepared_q))
+    _assert_same_stats(ns.get_matching_activations(loaded_f, loaded_q), saved)
+    loaded_f(x)
+    loaded_q(x)
+    logged = ns.get_matching_activations(loaded_f, loaded_q)
+    for name in layers:
+        assert len(logged[f"{name}.stats"]["float"]) == 2
+        torch.testing.assert_close(logged[f"{name}.stats"]["float"][1], float_true[name],
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(logged[f"{name}.stats"]["quantized"][1], quant_true[name],
+                                   rtol=0, atol=0)
+    inner = layers[0].rpartition(".")[0]
+    if inner:  # a submodule of a loaded model: its own loggers, named relative to it
+        assert list(ns.get_logger_dict(loaded_q.get_submodule(inner))) == list(
+            ns.get_logger_dict(prepared_q.get_submodule(inner)))
+
+    stubbed = copy.deepcopy(qmodel)
+    ns.prepare_model_with_stubs(float_model, stubbed, [nn.Linear], ns.ShadowLogger)
+    stubbed(x)
+    loaded = _saved_and_loaded(stubbed)
+    _assert_same_stats(ns.get_logger_dict(loaded), ns.get_logger_dict(stubbed))
+    loaded(x)
+    torch.testing.assert_close(ns.get_logger_dict(loaded)[f"{layers[0]}.stats"]["quantized"][1],
+                               quant_true[layers[0]], rtol=0, atol=0)
+
+    # the graphs fxnumeric hands out run as the model does, loaded too
+    float_logged, _ = ns.add_loggers(float_model, qmodel, ns.OutputLogger)
+    with torch.no_grad():
+        expected = float_model(x)
+        torch.testing.assert_close(_saved_and_loaded(float_logged)(x), expected, rtol=0, atol=0)
+        if make is not _UntraceableNet:
+            traced = ns.trace(float_model)
+            torch.testing.assert_close(traced(x), expected, rtol=0, atol=0)
+            torch.testing.assert_close(_saved_and_loaded(traced)(x), expected, rtol=0, atol=0)

@@ -6,9 +6,10 @@ import functools
 import types
 from typing import Any
 
+import torch.fx as fx
 from torch import nn
 
-__all__ = ["module_tree_copy"]
+__all__ = ["module_tree_copy", "carry_hooks"]
 
 # Per-instance hook registries: the copy gets its own, so a hook added to it stays on it.
 _HOOK_DICTS = (
@@ -84,3 +85,87 @@ def _rebind(value: Any, module: nn.Module, twin: nn.Module) -> Any:
         rebound.__dict__.update({k: _rebind(v, module, twin) for k, v in value.__dict__.items()})
         return rebound
     return value
+
+
+class _HookOf:
+    """A forward (pre-)hook of ``module`` run on a module standing for it: called as torch
+    calls hooks, ``hook(module_it_runs_on, *rest)``, it calls ``hook(module, *rest)``, so the
+    hook reads (and sets) the attributes of the module it was registered on, as ``module(x)``
+    would have it."""
+
+    def __init__(self, hook: Any, module: nn.Module) -> None:
+        self.hook, self.module = hook, module
+
+    def __call__(self, _runs_on: nn.Module, *rest: Any) -> Any:
+        return self.hook(self.module, *rest)
+
+    def __repr__(self) -> str:
+        return f"{self.hook!r} (of {type(self.module).__name__})"
+
+
+def carry_hooks(target: nn.Module, source: nn.Module) -> nn.Module:
+    """Give ``target`` the forward hooks and pre-hooks of ``source``; return ``target``.
+
+    For a module that stands for ``source`` without calling it: a GraphModule traced from
+    ``source.forward`` (torch.fx traces ``forward``, so ``source``'s own hooks are not in the
+    graph, while those of the modules it calls are) and the instrumented or hybrid copies
+    built from it. Called, ``target`` then runs as ``source(x)`` does: a pre-hook that
+    normalises the input, or a hook that rescales the output, applies around its graph.
+    Each hook still receives ``source`` as its module (a hook ``target`` got from another
+    module keeps that one), and keeps its handle id and its ``with_kwargs`` /
+    ``always_call`` settings. ``source`` is not changed.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> _ = model.register_forward_pre_hook(lambda m, args: (args[0] * m.in_features,))
+        >>> stand_in = carry_hooks(torch.nn.Identity(), model)
+        >>> stand_in(torch.ones(2))
+        tensor([2., 2.])
+    """
+    if not any(source.__dict__.get(name) for name in _HOOK_DICTS):
+        return target
+    for name in _HOOK_DICTS:
+        hooks = source.__dict__.get(name)
+        if hooks is None:
+            continue
+        carried = type(hooks)(target.__dict__.get(name, ()))
+        for key, hook in hooks.items():
+            if name in ("_forward_hooks", "_forward_pre_hooks") and not isinstance(hook, _HookOf):
+                hook = _HookOf(hook, source)
+            carried[key] = hook
+        target.__dict__[name] = carried
+    if isinstance(target, fx.GraphModule):
+        _hooked_graph_module(target)
+    return target
+
+
+def _hooked_graph_module(gm: fx.GraphModule) -> None:
+    """Make the hooks of ``gm`` work on its first call and survive pickling.
+
+    A lazy GraphModule's first forward compiles its code, then calls the module again: every
+    hook would run twice on that call (torch's ``_LazyGraphModule._lazy_forward``), so its
+    code is compiled now. torch rebuilds an unpickled GraphModule from its code and keeps
+    only the attributes a new one lacks, so its hooks would be lost: each GraphModule has a
+    class of its own (torch makes one per instance, to hold its ``forward``), on which this
+    ``__reduce__`` puts them back.
+    """
+    compile_now = getattr(gm, "real_recompile", None)  # only a lazy GraphModule has it
+    if compile_now is not None:
+        compile_now()
+    if type(gm).__qualname__.endswith("GraphModuleImpl"):  # never a class another one shares
+        type(gm).__reduce__ = _reduce_with_hooks  # type: ignore[method-assign]
+
+
+def _reduce_with_hooks(gm: fx.GraphModule) -> tuple[Any, ...]:
+    rebuild, args = super(type(gm), gm).__reduce__()  # torch's: the code and the attributes
+    hooks = {name: gm.__dict__[name] for name in _HOOK_DICTS if name in gm.__dict__}
+    return _rebuilt_with_hooks, (rebuild, args, hooks)
+
+
+def _rebuilt_with_hooks(rebuild: Any, args: tuple[Any, ...],
+                        hooks: dict[str, Any]) -> fx.GraphModule:
+    gm = rebuild(*args)
+    gm.__dict__.update(hooks)
+    _hooked_graph_module(gm)
+    return gm

@@ -25,6 +25,7 @@ from torch import nn
 from .. import flows
 from ..errors import TraceError
 from ..offload import keeps_whole
+from .clone import carry_hooks
 
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
@@ -142,9 +143,14 @@ class _Scope(fx.proxy.Scope):
 
 class _Tracer(fx.Tracer):
     """A tracer whose leaves are torch's modules, fused modules, the flows' layers (torchao's QAT
-    layers) and the user's choices."""
+    layers) and the user's choices.
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str],
+    Every argument has a default: a GraphModule keeps the class of the tracer that made it,
+    and unpickling one (``torch.load`` of a model prepared by ``prepare_model_outputs``)
+    re-traces its code with a subclass of that class made with no arguments.
+    """
+
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset(),
                  prefix: str = "") -> None:
         super().__init__()
         self.module_stack = _ModuleStack()
@@ -238,6 +244,7 @@ def trace_submodule(
 
     ``leaf_modules`` names are qualified from the model's root, as in :func:`trace`.
     ``concrete_args`` fixes arguments (``None`` values are asserted at run time by torch.fx).
+    The graph runs the submodule's own forward hooks, as :func:`trace`'s does.
     """
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     tracer = _Tracer(leaf_types, leaf_names, path)
@@ -247,7 +254,7 @@ def trace_submodule(
         first_line = (str(exc).splitlines() or [""])[0][:200]
         scope = tracer.scope_path[-1] if tracer.scope_path else ""
         return TraceFailure(scope, f"{type(exc).__name__}: {first_line} (at {_user_frame(exc)})")
-    return graph_module(module, graph, class_name=type(module).__name__)
+    return carry_hooks(graph_module(module, graph, class_name=type(module).__name__), module)
 
 
 def _call_graph(module: nn.Module, target: str,
@@ -328,7 +335,9 @@ def trace(
         which: ``"float"`` or ``"quantized"``, used in error messages.
 
     Returns:
-        A new GraphModule; ``model`` is not modified.
+        A new GraphModule; ``model`` is not modified. It runs ``model``'s own forward hooks
+        and pre-hooks (torch.fx traces ``forward``, without them), so calling it is calling
+        ``model``.
 
     Raises:
         TraceError: naming the module and the source line that failed, with the remedy.
@@ -366,4 +375,4 @@ def trace(
             f"(no data-dependent `if`, no len()/assert on tensor shapes)."
         ) from exc
     name = type(model).__name__
-    return graph_module(model, graph, class_name=name)
+    return carry_hooks(graph_module(model, graph, class_name=name), model)

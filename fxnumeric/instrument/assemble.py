@@ -14,6 +14,11 @@ those modules back where the regions sit, the same way for every capture:
   other attribute from the module it replaces: the parent's own code still reads
   ``self.projection.weight.dtype`` (a ViT's patch embedding) or ``self.attn.num_heads``.
 
+A replacement runs the forward hooks and pre-hooks of the region's captured graph, which
+:func:`~fxnumeric.capture.trace` gave it from the module it traced (torch.fx traces
+``forward``, without the module's own hooks): a pre-hook that normalises the model's input
+applies to every instrumented and hybrid model, as to ``model(x)``.
+
 The user's models carry nothing new afterwards.
 """
 
@@ -25,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from ..capture.clone import module_tree_copy
+from ..capture.clone import carry_hooks, module_tree_copy
 from ..errors import FxNumericWarning
 from ..match import Matching, Region
 
@@ -139,7 +144,9 @@ def assemble(matching: Matching, side: str, replaced: Mapping[Region, Build]) ->
     if not replaced:
         return captured_model(matching, side)
     if set(replaced) == {matching.root}:
-        return replaced[matching.root](None)  # type: ignore[index]
+        # the replacement stands for the captured graph: it runs the model's own hooks too
+        return carry_hooks(replaced[matching.root](None),  # type: ignore[index]
+                           captured_model(matching, side))
     model = matching.float_model if side == "float" else matching.quant_model
     assert model is not None
     root = module_tree_copy(model)
@@ -159,7 +166,7 @@ def assemble(matching: Matching, side: str, replaced: Mapping[Region, Build]) ->
             inner.path = path
             object.__setattr__(inner, "_fallback", own)
             counted.append(inner)
-        module = Spliced(inner, own)
+        module = carry_hooks(Spliced(inner, own), region.view(side).gm)
         if not path:
             root = module
         else:
