@@ -143,22 +143,27 @@ class _Values(torch.fx.Interpreter):
         return out
 
 
-def test_resnet_stages_are_blocks_of_an_fx_converted_graph():
-    # convert_fx keeps `layer1` as a plain Module and names the residual add after its
-    # quantized op (add_relu): the blocks are read off the float model, the add's row off
-    # where its float op ran
+def _fx_converted(f, data):
+    """``f`` quantized by FX (x86), calibrated on ``data``."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    torch.manual_seed(0)
-    f = torchvision.models.resnet18(weights=None).eval()
-    data = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i))
-            for i in range(2)]
     prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (data[0],))
     with torch.no_grad():
         for x in data:
             prepared(x)
-    q = convert_fx(prepared)
+    return convert_fx(prepared)
+
+
+def test_resnet_stages_are_blocks_of_an_fx_converted_graph():
+    # convert_fx keeps `layer1` as a plain Module and names the residual add after its
+    # quantized op (add_relu): the blocks are read off the float model, the add's row off
+    # where its float op ran
+    torch.manual_seed(0)
+    f = torchvision.models.resnet18(weights=None).eval()
+    data = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    q = _fx_converted(f, data)
     report = ns.compare(f, q, data, progress=False)
     assert [b.name for b in report.blocks] == ["layer1", "layer2", "layer3", "layer4"]
     assert report.row("add_relu").block == "layer1" and report.row("add_relu_3").block == "layer2"
@@ -205,17 +210,10 @@ class _ResidualNet(torch.nn.Module):
 def test_an_fx_converted_block_ending_in_a_plain_add_leaves_by_the_add():
     # convert_fx's quantized add says nowhere that it ran in the block: the block's other
     # ops leave by fc2 alone, which was read as the block's output (0.2 dB against 31 dB)
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     torch.manual_seed(0)
     f = _ResidualNet().eval()
     data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (data[0],))
-    with torch.no_grad():
-        for x in data:
-            prepared(x)
-    q = convert_fx(prepared)
+    q = _fx_converted(f, data)
     report = ns.compare(f, q, data, progress=False)
     assert [b.name for b in report.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
     # the oracle: what each block's fc1 (and `out`) reads in the quantized graph, the float
