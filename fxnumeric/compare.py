@@ -306,20 +306,39 @@ def _finite_values(x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     return kept, *(aminmax(kept) if kept.numel() else (0.0, 0.0))
 
 
-def _histogram(ref: torch.Tensor, actual: torch.Tensor, bins: int = 60) -> WeightHistogram:
+def _histogram(matrices: list[tuple[torch.Tensor, torch.Tensor]], bins: int = 60
+               ) -> WeightHistogram:
+    """One histogram of a layer's ``(float, quantized)`` weight matrices together (an LSTM's
+    eight: it showed ``weight_ih_l0`` alone), over the range of them all."""
     # read in the weights' own dtype, converted a chunk at a time (histogram_counts): a float32
     # copy of a bfloat16 model's 49152 x 576 embedding, twice, was most of compare's peak
-    r, r_lo, r_hi = _finite_values(ref.detach())
-    a, a_lo, a_hi = _finite_values(actual.dequantize() if actual.is_quantized
-                                   else actual.detach())
-    lo, hi = min(r_lo, a_lo), max(r_hi, a_hi)
+    read = [(_finite_values(ref.detach()),
+             _finite_values(actual.dequantize() if actual.is_quantized else actual.detach()))
+            for ref, actual in matrices]
+    lo = min(min(r_lo, a_lo) for (_, r_lo, _), (_, a_lo, _) in read)
+    hi = max(max(r_hi, a_hi) for (_, _, r_hi), (_, _, a_hi) in read)
     if lo == hi:
         hi = lo + 1.0
-    float_counts = tuple(histogram_counts(r, bins, lo, hi))
-    # a layer left float has one weight on both sides (an LLM's tied embedding, 28M values)
-    same = a.shape == r.shape and a.dtype == r.dtype and bool(torch.equal(a, r))
-    return WeightHistogram(lo, hi, float_counts,
-                           float_counts if same else tuple(histogram_counts(a, bins, lo, hi)))
+    float_counts, quant_counts = [0] * bins, [0] * bins
+    for (r, _, _), (a, _, _) in read:
+        counts = histogram_counts(r, bins, lo, hi)
+        # a layer left float has one weight on both sides (an LLM's tied embedding, 28M values)
+        same = a.shape == r.shape and a.dtype == r.dtype and bool(torch.equal(a, r))
+        for total, add in ((float_counts, counts),
+                           (quant_counts, counts if same else histogram_counts(a, bins, lo, hi))):
+            total[:] = [t + c for t, c in zip(total, add, strict=True)]
+    return WeightHistogram(lo, hi, tuple(float_counts), tuple(quant_counts))
+
+
+def _histogram_done(weights: dict[str, tuple[list[str], Accumulator, WeightHistogram | None]],
+                    pair: Pair | None, matrices: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> None:
+    """Put the histogram of ``pair``'s ``matrices`` in its entry of ``weights`` and let the
+    matrices go (one layer's weights alive at a time)."""
+    if pair is not None and matrices:
+        keys, acc, _ = weights[pair.name]
+        weights[pair.name] = (keys, acc, _histogram(matrices))
+    matrices.clear()
 
 
 _WEIGHT_CHUNK = 1 << 20
@@ -750,7 +769,9 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     """One report row per pair name, from the accumulators and the weights."""
     matching = plan.matching
     # reduced as they come: one layer's weights alive at a time (dequantized, offloaded ones)
-    weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
+    weights: dict[str, tuple[list[str], Accumulator, WeightHistogram | None]] = {}
+    matrices: list[tuple[torch.Tensor, torch.Tensor]] = []  # the histogram's pair's, so far
+    histogram_of: Pair | None = None
     floors: dict[str, dict[str, Any]] = {}
     unread: dict[str, str] = {}  # why a row's weights could not be compared
     first: dict[str, Pair] = {}  # a row's floor is its name's first pair's
@@ -762,8 +783,11 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
                     matching, as_computed=True,
                     unread=lambda pair, why: unread.setdefault(pair.name, why)):
                 if pair.name not in weights:  # exact float64 sums
-                    weights[pair.name] = ([], Accumulator(precision=torch.float64),
-                                          _histogram(fw, qw))
+                    _histogram_done(weights, histogram_of, matrices)
+                    weights[pair.name] = ([], Accumulator(precision=torch.float64), None)
+                    histogram_of = pair
+                if pair is histogram_of:  # its matrices come one after another
+                    matrices.append((fw, qw))
                 if first.get(pair.name) is pair and pair.name not in floors:
                     # the floor reads the quantized weight too: from here, not unpacked again
                     floors[pair.name] = _floor(matching, pair, plan.shadows.get(pair.name),
@@ -771,6 +795,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
                 weights[pair.name][0].append(key)
                 if pair.quantized:  # a layer left float shows no weight SQNR: none summed
                     _add_weights(weights[pair.name][1], fw, qw)
+            _histogram_done(weights, histogram_of, matrices)
     rows = []
     seen: set[str] = set()
     # a block's layers are the ops that ran in it (find_blocks), named so or not: convert_fx

@@ -330,3 +330,22 @@ def test_recurrent_weights_that_do_not_pair_one_to_one_say_why():
     assert "weights not compared" in row.note and "one to one" in row.note
     assert "weight_ih_l1_reverse" in row.note
     assert report.row("gru").weight_sqnr is not None and report.row("gru").note == ""
+
+
+def test_a_recurrent_layers_histogram_holds_every_matrix():
+    # a 2-layer bidirectional LSTM has 8 weight matrices; its histogram showed weight_ih_l0
+    # alone. The oracle: torch.histc over all of them, float and dequantized, in its range
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.LSTM(6, 5, num_layers=2, bidirectional=True)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.LSTM})
+    report = ns.compare(f, q, [torch.randn(3, 2, 6)], progress=False)
+    hist = report.row("0").weight_histogram
+    quantized = q[0]._weight_bias()["weight"]
+    assert len(quantized) == 8
+    floats = torch.cat([getattr(f[0], n).detach().flatten() for n in quantized])
+    quants = torch.cat([w.dequantize().flatten() for w in quantized.values()])
+    low = min(float(floats.min()), float(quants.min()))
+    high = max(float(floats.max()), float(quants.max()))
+    assert (hist.low, hist.high) == pytest.approx((low, high), abs=1e-7)
+    assert list(hist.float_counts) == torch.histc(floats, 60, hist.low, hist.high).long().tolist()
+    assert list(hist.quant_counts) == torch.histc(quants, 60, hist.low, hist.high).long().tolist()
