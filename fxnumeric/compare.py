@@ -330,17 +330,6 @@ def _histogram(matrices: list[tuple[torch.Tensor, torch.Tensor]], bins: int = 60
     return WeightHistogram(lo, hi, tuple(float_counts), tuple(quant_counts))
 
 
-def _histogram_done(weights: dict[str, tuple[list[str], Accumulator, WeightHistogram | None]],
-                    pair: Pair | None, matrices: list[tuple[torch.Tensor, torch.Tensor]]
-                    ) -> None:
-    """Put the histogram of ``pair``'s ``matrices`` in its entry of ``weights`` and let the
-    matrices go (one layer's weights alive at a time)."""
-    if pair is not None and matrices:
-        keys, acc, _ = weights[pair.name]
-        weights[pair.name] = (keys, acc, _histogram(matrices))
-    matrices.clear()
-
-
 _WEIGHT_CHUNK = 1 << 20
 
 
@@ -769,9 +758,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     """One report row per pair name, from the accumulators and the weights."""
     matching = plan.matching
     # reduced as they come: one layer's weights alive at a time (dequantized, offloaded ones)
-    weights: dict[str, tuple[list[str], Accumulator, WeightHistogram | None]] = {}
-    matrices: list[tuple[torch.Tensor, torch.Tensor]] = []  # the histogram's pair's, so far
-    histogram_of: Pair | None = None
+    weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
     floors: dict[str, dict[str, Any]] = {}
     unread: dict[str, str] = {}  # why a row's weights could not be compared
     first: dict[str, Pair] = {}  # a row's floor is its name's first pair's
@@ -779,23 +766,25 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         first.setdefault(p.name, p)
     if "weights" in plan.comparisons:
         with phase("comparing weights", progress):
-            for pair, key, fw, qw, _ in pair_weights(
+            # pair_weights yields an op's weights one after another (an LSTM's matrices): one
+            # op's alive together, binned into one histogram
+            for _, op_weights in itertools.groupby(pair_weights(
                     matching, as_computed=True,
-                    unread=lambda pair, why: unread.setdefault(pair.name, why)):
+                    unread=lambda pair, why: unread.setdefault(pair.name, why)),
+                    key=lambda w: id(w.pair)):
+                layer = list(op_weights)
+                pair = layer[0].pair
                 if pair.name not in weights:  # exact float64 sums
-                    _histogram_done(weights, histogram_of, matrices)
-                    weights[pair.name] = ([], Accumulator(precision=torch.float64), None)
-                    histogram_of = pair
-                if pair is histogram_of:  # its matrices come one after another
-                    matrices.append((fw, qw))
+                    weights[pair.name] = ([], Accumulator(precision=torch.float64), _histogram(
+                        [(w.float_weight, w.quant_weight) for w in layer]))
                 if first.get(pair.name) is pair and pair.name not in floors:
                     # the floor reads the quantized weight too: from here, not unpacked again
                     floors[pair.name] = _floor(matching, pair, plan.shadows.get(pair.name),
-                                               plan.floors.get(pair.name), qw)
-                weights[pair.name][0].append(key)
-                if pair.quantized:  # a layer left float shows no weight SQNR: none summed
-                    _add_weights(weights[pair.name][1], fw, qw)
-            _histogram_done(weights, histogram_of, matrices)
+                                               plan.floors.get(pair.name), layer[0].quant_weight)
+                for w in layer:
+                    weights[pair.name][0].append(w.key)
+                    if pair.quantized:  # a layer left float shows no weight SQNR: none summed
+                        _add_weights(weights[pair.name][1], w.float_weight, w.quant_weight)
     rows = []
     seen: set[str] = set()
     # a block's layers are the ops that ran in it (find_blocks), named so or not: convert_fx
