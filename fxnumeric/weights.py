@@ -255,13 +255,13 @@ def _module_weights(
     ``float_matrices()`` a recurrent float op's matrices (``None`` for any other op)."""
     qweights = _quant_weights(loaded(qmod, qpath), qpath)
     matrices = float_matrices()
-    if matrices is not None:
-        return _paired_matrices(pair, matrices, qmod, qweights, unread)
     if not qweights:
-        if pair.quantized and float_weight() is not None:
-            unread(pair, f"the quantized `{type(qmod).__name__}` holds its weight in a form "
+        if pair.quantized and (matrices is not None or float_weight() is not None):
+            unread(pair, f"the quantized `{type(qmod).__name__}` holds its weights in a form "
                          "fxnumeric does not read")
         return []
+    if matrices is not None:
+        return _paired_matrices(pair, matrices, qmod, qweights, unread)
     fweight = float_weight()
     if fweight is None:
         unread(pair, f"the float op paired with `{qpath}` holds no weight fxnumeric reads")
@@ -281,11 +281,6 @@ def _paired_matrices(pair: Pair, matrices: dict[str, torch.Tensor], qmod: nn.Mod
 
     Paired only when they correspond one to one (count, name, shape); otherwise none is, and
     ``unread`` says why."""
-    if not qweights:
-        if pair.quantized:
-            unread(pair, f"the quantized `{type(qmod).__name__}` holds its weights in a form "
-                         "fxnumeric does not read")
-        return []
     if not matrices:
         unread(pair, "the float op reads its weight matrices from values that are not graph "
                      "constants fxnumeric can evaluate")
