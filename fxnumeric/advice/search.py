@@ -143,8 +143,10 @@ class _Metric:
         if self.fn is not None:
             return _as_output(output)
         logits = looks_like_logits(output, batch, self.vocab_size)
-        scores = dequantize_all(model_output(output))
-        if logits is None and isinstance(scores, torch.Tensor) and single_logit(scores):
+        if logits is not None:
+            return logits.detach()
+        scores = dequantize_all(model_output(output))  # no logits: say why, if it can be told
+        if isinstance(scores, torch.Tensor) and single_logit(scores):
             raise InputError(
                 f"metric {self.name!r} reads the logits as a distribution over their last "
                 f"dim, and the model's logits have one value there (shape "
@@ -154,13 +156,11 @@ class _Metric:
                 "is off.\nFix: metric='sqnr' (or a function "
                 "of your own on the scores, such as the agreement of their signs for a binary "
                 "classifier)")
-        if logits is None:
-            raise InputError(
-                f"metric {self.name!r} reads logits, and the model output is not logits (an "
-                "output with .logits, or a tensor whose last dim is the vocabulary); use "
-                "'sqnr' or 'cosine' for other models"
-            )
-        return logits.detach()
+        raise InputError(
+            f"metric {self.name!r} reads logits, and the model output is not logits (an "
+            "output with .logits, or a tensor whose last dim is the vocabulary); use "
+            "'sqnr' or 'cosine' for other models"
+        )
 
     def start(self) -> _MetricRun:
         return _MetricRun(self)
