@@ -128,8 +128,11 @@ def named_module_weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def is_dynamic_module(module: nn.Module) -> bool:
     """One of torch's dynamic quantized modules (``quantize_dynamic``'s Linear, LSTM, GRU,
-    LSTMCell, GRUCell, RNNCell)."""
-    return type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    LSTMCell, GRUCell, RNNCell), or one built on them: the fused ``LinearReLU`` of
+    ``torch.ao.nn.intrinsic.quantized.dynamic`` (FX dynamic quantization fuses linear-relu)
+    is a dynamic Linear that applies ReLU after it."""
+    return any(cls.__module__.startswith("torch.ao.nn.quantized.dynamic")
+               for cls in type(module).__mro__)
 
 
 def dynamic_weight_dtype(module: nn.Module) -> torch.dtype | None:

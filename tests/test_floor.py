@@ -188,3 +188,30 @@ def test_judge_says_which():
     assert judge(20.0, 30.0, offset_share=0.8).state == "below"
     assert judge(29.0, 30.0, clip_share=0.9).cause == "clipping"
     assert judge(34.0, 30.0).state == "above"
+
+
+def test_a_fused_dynamic_linear_relu_has_the_floor_of_a_dynamic_linear():
+    """FX dynamic quantization fuses linear-relu into torch's dynamic ``LinearReLU``, which
+    quantizes its input per call as the dynamic Linear it derives from. Its floor was read
+    as a static layer's (no input term): 45.59 dB against a shadow of 38.54, and diagnose
+    flagged the healthy layer as broken."""
+    from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    mapping = QConfigMapping().set_global(default_dynamic_qconfig)
+    q = convert_fx(prepare_fx(copy.deepcopy(f), mapping, (x,)))
+    assert isinstance(q.get_submodule("0"), torch.ao.nn.intrinsic.quantized.dynamic.LinearReLU)
+    row = ns.compare(f, q, [x], progress=False).row("0")
+    weight = q.get_submodule("0").weight()
+    with torch.no_grad():
+        y = f[1](f[0](x)).double()
+    weight_noise = y.numel() * 16 * float(x.double().square().mean()) * weight.q_scale() ** 2 / 12
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    input_noise = (8 * ((high - low) / 127) ** 2
+                   * float(weight.dequantize().double().square().sum()) / 12)
+    expected = 10 * math.log10(float(y.square().sum()) / (weight_noise + input_noise))
+    assert row.floor_sqnr == pytest.approx(expected, abs=1e-6)
+    assert ns.diagnose(f, q, [x, torch.randn(8, 16)], progress=False).flagged() == []

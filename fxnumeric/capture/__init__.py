@@ -4,9 +4,9 @@ Where ``torch.fx`` traces a whole model, the result is one GraphModule per model
 (:func:`trace`, :mod:`fxnumeric.capture.fx`). Where it cannot, :mod:`fxnumeric.capture.tree`
 keeps the failing module whole and goes inside it: its children are traced as graphs of
 their own, or descended into in turn, and the leaf modules reached that way pair through
-the module tree. :mod:`fxnumeric.capture.hooks` instruments such models: copies whose
-graph regions are instrumented GraphModules and whose tree-paired modules carry forward
-hooks (the user's models are never touched). :mod:`fxnumeric.capture.export` captures with
+the module tree. Such a model is instrumented region by region
+(:mod:`fxnumeric.instrument.assemble`): a copy of its module tree with each traced region
+replaced by its instrumented GraphModule (the user's models are never touched). :mod:`fxnumeric.capture.export` captures with
 ``torch.export`` instead (``match(..., capture="export")``): ATen graphs named after the
 user's modules, read by the pt2e flow.
 """
