@@ -375,6 +375,15 @@ def test_check_applies_every_threshold_to_every_variant(mlp, tmp_path):
     found = fxnumeric.testing.check_report(report, toml)
     assert [str(x) for x in found.failures] == [
         "[layers.\"nope*\"]: the pattern 'nope*' matches no layer of the report (in any variant)"]
+    # a threshold some variants cannot answer for want of the metric (x.quantize has no
+    # weight) and the others for want of a layer is answered by none: it fails (it passed
+    # with 0 checks, the two reasons counted apart)
+    toml.write_text('[layers."x.*"]\nmin_weight_sqnr = 99\n')
+    found = fxnumeric.testing.check_report(report, toml)
+    assert not found.passed and found.checks == 1
+    assert [str(x) for x in found.failures] == [
+        '[layers."x.*"] min_weight_sqnr = 99: no layer it matches has weight SQNR measured '
+        "(comparisons: weights, outputs, shadows, blocks) (in any variant)"]
     saved = tmp_path / "r.json"
     later.to_json(saved)
     assert main(["check", str(saved), "--min-shadow-sqnr", "20"]) == 1

@@ -319,7 +319,7 @@ def check(report: Report, thresholds: Thresholds) -> CheckResult:
             failures.append(CheckFailure("model_output", key, limit, None, value, what, unit))
     skipped: dict[str, None] = {}
     for pattern, limits in thresholds.layers.items():
-        section = "layers" if pattern == ALL_LAYERS else f'layers."{pattern}"'
+        section = _section(pattern)
         matches = _pattern(pattern)
         rows = [r for r in report.rows if matches(r.name)]
         if not rows:
@@ -346,6 +346,11 @@ def check(report: Report, thresholds: Thresholds) -> CheckResult:
     return CheckResult(checks, tuple(failures), tuple(skipped))
 
 
+def _section(pattern: str) -> str:
+    """The thresholds file's section of a layer pattern."""
+    return "layers" if pattern == ALL_LAYERS else f'layers."{pattern}"'
+
+
 def _unanswered(failure: CheckFailure) -> bool:
     """A layer threshold the report cannot answer: no layer matches, none has the metric."""
     return failure.section != "model_output" and failure.layer is None and bool(failure.reason)
@@ -356,16 +361,22 @@ def _check_variants(report: Report, thresholds: Thresholds) -> CheckResult:
     results = {name: check(variant, thresholds) for name, variant in report.variants.items()}
     failures: list[CheckFailure] = []
     checks = 0
+    keys = {_section(pattern): tuple(limits) for pattern, limits in thresholds.layers.items()}
     unanswered: dict[tuple[str, str], list[CheckFailure]] = {}
     for name, result in results.items():
         for failure in result.failures:
             if _unanswered(failure):
-                unanswered.setdefault((failure.section, failure.key), []).append(failure)
+                # a pattern that matches no layer answers none of its section's keys, as a
+                # layer without the metric answers none of its own
+                for key in (failure.key,) if failure.key else keys[failure.section]:
+                    unanswered.setdefault((failure.section, key), []).append(failure)
             else:
                 failures.append(replace(failure, variant=name))
         checks += result.checks - sum(map(_unanswered, result.failures))
+    reported: set[int] = set()
     for missed in unanswered.values():
-        if len(missed) == len(results):  # no variant answers it
+        if len(missed) == len(results) and id(missed[0]) not in reported:  # no variant answers it
+            reported.add(id(missed[0]))
             checks += 1
             failures.append(replace(missed[0], reason=missed[0].reason + " (in any variant)"))
     skipped = tuple(f"{name}: {layer}" for name, result in results.items()
