@@ -1256,6 +1256,11 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
 
     if prune and meets(curve[-1], target) and len(chosen) > 1:
         chosen, curve = _prune(search, chosen, curve, target)
+    # short of the target a step can lower the metric (the best of the candidates is still
+    # worse): the set returned is the best point of the curve, not its last
+    best = max(range(len(curve)), key=lambda i: (u(curve[i]), -i))
+    dropped = len(curve) - 1 - best
+    chosen, curve = chosen[:best], curve[:best + 1]
     value = curve[-1]
     reached = meets(value, target)
     cmp = ">=" if search.metric.higher_is_better else "<="
@@ -1275,6 +1280,9 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
         message = (f"target {search.metric_name} {cmp} {target:g}{unit} NOT reached ({why}): "
                    f"best found {shown(value, target)}{unit} with {kept} float "
                    f"(quantized: {shown(quantized, target)}{unit})")
+        if dropped:
+            message += (f"; {dropped} more layer{'s' if dropped != 1 else ''} kept float after "
+                        "those made it no better")
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
     message += _failed_note(search)
