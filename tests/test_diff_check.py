@@ -124,6 +124,17 @@ def test_sqnr_regression_rules(old_value, new_value, regression):
     assert d.change("a", "shadow.sqnr").regression is regression
 
 
+def test_a_nan_that_stayed_nan_is_unchanged():
+    """Reports compare NaN equal to NaN; the diff listed a report against itself with every
+    NaN metric as changed (nan -> nan, change nan)."""
+    r = _report([_row("a", math.nan, output=math.nan), _row("b")], {"sqnr": math.nan})
+    d = r.diff(Report.from_json(r.to_json()))
+    assert [c.change for c in d.changes] == [0.0] * len(d.changes)
+    assert "metrics unchanged" in d.table() and "nan" not in d.table()
+    assert math.isnan(r.diff(_report([_row("a", 30.0), _row("b")], {"sqnr": 1.0}))
+                      .change("a", "shadow.sqnr").old)
+
+
 def test_cosine_collapsed_rows_new_and_vanished_layers():
     collapsed = {"float_rms": 1e-9, "reference_rms": 1.0}  # a billionth of the model's scale
     old = _report([_row("a"), _row("b"), _row("c", **collapsed)], {"cosine": 0.999})

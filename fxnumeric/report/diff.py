@@ -76,10 +76,11 @@ class MetricChange:
 
     @property
     def change(self) -> float | None:
-        """``new - old`` (0 for equal values, inf included; None when either is missing)."""
+        """``new - old`` (0 for equal values, inf and NaN included: a NaN that stayed NaN is
+        unchanged, as reports compare; None when either is missing)."""
         if self.old is None or self.new is None:
             return None
-        if self.old == self.new:
+        if self.old == self.new or (math.isnan(self.old) and math.isnan(self.new)):
             return 0.0
         return self.new - self.old
 
