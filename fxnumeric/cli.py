@@ -110,7 +110,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "torch.export + torchao's "
                         "XNNPACK symmetric quantizer, pt2e-x86: its x86 inductor quantizer; "
                         "int8-weight-only, int8-dynamic, int4-weight-only: torchao quantize_ "
-                        "(group 32 for int4) of every untied Linear. report takes several, "
+                        "(group 32 for int4: a Linear whose input features 32 does not "
+                        "divide stays float, with a warning) of every untied Linear. report "
+                        "takes several, "
                         "comma-separated: one report, a column group per variant, the best "
                         "named; advise too: which variant (or float) each layer should take")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import InputError
+from .errors import FxNumericWarning, InputError
 from .progress import Progress
 from .run import as_args, run_model
 
@@ -176,8 +176,27 @@ def torchao_config(mode: str) -> Any:
     if mode == "int8-dynamic":
         return Int8DynamicActivationInt8WeightConfig()
     if mode == "int4-weight-only":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
     raise InputError(f"unknown torchao mode {mode!r}; choose from {', '.join(TORCHAO_MODES)}")
+
+
+INT4_GROUP = 32
+"""The group size of ``int4-weight-only`` (``IntxWeightOnlyConfig``'s ``PerGroup(32)``)."""
+
+
+def _whole_groups(model: nn.Module, keep: Any, group: int) -> Any:
+    """``keep`` less the Linears whose input features do not split into groups of ``group``
+    (torchao refuses them with an AssertionError); those stay float, and a warning names them."""
+    ragged = [f"{fqn} ({module.in_features} input features)"
+              for fqn, module in model.named_modules()
+              if keep(module, fqn) and module.in_features % group]
+    if ragged:
+        warnings.warn(
+            f"int4-weight-only quantizes weights in groups of {group} input features; "
+            f"{len(ragged)} Linear{'s' if len(ragged) != 1 else ''} cannot be grouped so and "
+            f"stay{'s' if len(ragged) == 1 else ''} float: {', '.join(ragged[:5])}"
+            f"{' ...' if len(ragged) > 5 else ''}", FxNumericWarning, stacklevel=3)
+    return lambda module, fqn: keep(module, fqn) and module.in_features % group == 0
 
 
 def untied_linears(model: nn.Module) -> Any:
@@ -203,7 +222,10 @@ def _quantize(float_model: nn.Module, quant: str, batches: list[Any],
         from torchao.quantization import quantize_
 
         model = copy.deepcopy(float_model)
-        quantize_(model, torchao_config(quant), filter_fn=untied_linears(model))
+        keep = untied_linears(model)
+        if quant == "int4-weight-only":  # groups of 32 input features: torchao asserts them
+            keep = _whole_groups(model, keep, INT4_GROUP)
+        quantize_(model, torchao_config(quant), filter_fn=keep)
         return model
     if quant == "dynamic":
         return tq.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear, nn.LSTM, nn.GRU},

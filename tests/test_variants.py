@@ -450,3 +450,22 @@ def test_cli_mistakes_with_several_modes_exit_2(argv, message, capsys):
                  "--no-progress", *rest]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_int4_leaves_float_the_linears_its_groups_of_32_do_not_divide():
+    """--quant int4-weight-only on a Linear(10, 32) stopped the CLI with an internal error
+    (torchao's AssertionError on the group size); it is left float, with a warning naming it,
+    and the other Linears are quantized as quantize_ quantizes them alone."""
+    from torchao.quantization import quantize_
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    with pytest.warns(ns.FxNumericWarning, match=r"groups of 32 input features; 1 Linear "
+                                                 r"cannot .* stays float: 0 \(10 input"):
+        q = _quantize(f, "int4-weight-only", [torch.randn(4, 10)])
+    assert torch.equal(q[0].weight, f[0].weight)  # float, the float model's values
+    alone = copy.deepcopy(f[2])
+    quantize_(alone, torchao_config("int4-weight-only"), filter_fn=None)
+    assert type(q[2].weight) is type(alone.weight) is not nn.Parameter
+    assert torch.equal(q[2].weight.dequantize(), alone.weight.dequantize())
+    assert type(f[2].weight) is nn.Parameter  # the float model is untouched

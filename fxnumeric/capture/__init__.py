@@ -6,9 +6,10 @@ keeps the failing module whole and goes inside it: its children are traced as gr
 their own, or descended into in turn, and the leaf modules reached that way pair through
 the module tree. Such a model is instrumented region by region
 (:mod:`fxnumeric.instrument.assemble`): a copy of its module tree with each traced region
-replaced by its instrumented GraphModule (the user's models are never touched). :mod:`fxnumeric.capture.export` captures with
-``torch.export`` instead (``match(..., capture="export")``): ATen graphs named after the
-user's modules, read by the pt2e flow.
+replaced by its instrumented GraphModule (the user's models are never touched).
+:mod:`fxnumeric.capture.export` captures with ``torch.export`` instead
+(``match(..., capture="export")``): ATen graphs named after the user's modules, read by the
+pt2e flow.
 """
 
 from .fx import (
