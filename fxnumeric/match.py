@@ -654,6 +654,25 @@ def _summary(m: Matching, missed: list[Unmatched]) -> str:
 
 
 
+def _check_leaf_names(leaf_modules: Iterable[LeafSpec] | None, *models: Any) -> None:
+    """Refuse a ``leaf_modules`` name that is no module path of either model (a typo would
+    otherwise keep nothing whole, and say nothing)."""
+    names = [spec for spec in leaf_modules or () if isinstance(spec, str)]
+    trees = [model for model in models if isinstance(model, nn.Module)]
+    if not names or len(trees) < len(models):
+        return
+    paths = {path for model in trees for path, _ in model.named_modules()}
+    unknown = [name for name in names if name not in paths]
+    if unknown:
+        near = sorted(p for p in paths if p and p.rsplit(".", 1)[-1] in
+                      {u.rsplit(".", 1)[-1] for u in unknown})[:5]
+        similar = f"; similar: {', '.join(near)}" if near else ""
+        raise InputError(
+            f"leaf_modules names {', '.join(map(repr, unknown))}, which is no module of the "
+            "float or the quantized model. Fix: give module paths as named_modules() spells "
+            f"them (from the model's root, dot-separated){similar}")
+
+
 def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,
                      which: str) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and (not leaf_modules or _calls_no_layer(model)):
@@ -742,6 +761,7 @@ def match(
     check_capture(capture, example_inputs)
     check_model(float_model, "float_model")
     check_model(quant_model, "quant_model")
+    _check_leaf_names(leaf_modules, float_model, quant_model)
     # a module whose own weights accelerate offloaded is called whole (its hook loads them):
     # keep its path whole on both sides, so that it pairs with its in-memory counterpart
     offloaded = whole_paths(float_model) + whole_paths(quant_model)

@@ -66,6 +66,20 @@ def test_leaf_modules_make_it_traceable(leaf):
     assert list(acts) == ["fc.stats"]
 
 
+def test_a_leaf_name_of_no_module_is_refused():
+    """A typo in leaf_modules kept nothing whole and said nothing (compare, the eager API and
+    the CLI's --leaf-modules alike)."""
+    f, q = _dynamic_pair()
+    x = torch.randn(2, 4)
+    with pytest.raises(ns.InputError, match=r"leaf_modules names 'gates', which is no module "
+                                            r"of the float or the quantized model\. Fix:"):
+        ns.compare(f, q, [x], leaf_modules=["gates"])
+    with pytest.raises(ns.InputError, match=r"'fc.gate'.*similar: gate"):
+        ns.compare_model_outputs(f, q, x, leaf_modules=["fc.gate"])
+    # a path of either model is a module: the quantized one's names count too
+    assert [p.name for p in ns.match(f, q, leaf_modules=["gate"]).pairs] == ["fc", "gate"]
+
+
 def test_bad_leaf_spec():
     with pytest.raises(ns.TraceError, match="leaf_modules entries must be"):
         ns.trace(nn.ReLU(), leaf_modules=[3])
