@@ -54,6 +54,7 @@ from ..run import graph_signature, run_model
 from ..semantics import fetch_attr, is_dequantize, with_values, writes_first_input
 
 __all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "op_names", "module_path",
+           "module_calls",
            "function_target"]
 
 
@@ -143,6 +144,47 @@ def function_target(matching: Matching, name: str) -> tuple[str, Any, int] | Non
                 (flows.scope(other) or "") == scope):
             index += 1
     return None
+
+
+def module_calls(matching: Matching, name: str) -> tuple[tuple[str, type, int], ...]:
+    """For a function-op layer, the module calls its pattern ends in (FX fuses a residual
+    ``add`` with the ``ReLU`` module called on its output into one ``add_relu``): each as
+    ``(parent path, module type, index)`` for ``set_module_name_object_type_order``, which is
+    how FX configures one call of a module (a block's ``relu`` is often called at several
+    places). FX counts the calls of a module type inside their parent after fusing modules,
+    so a call fused into the module before it (the ``relu`` of conv-bn-relu) is not
+    counted. Empty for a layer that is a module, or whose pattern calls none."""
+    if function_target(matching, name) is None:
+        return ()
+    calls = []
+    for pair in _call_sites(matching, name)[:1]:
+        region = matching.region_of(pair)
+        view = region.float_view
+        for node in region.chain(pair, "float")[1:]:
+            module = view.module(node) if node.op == "call_module" else None
+            if module is None:
+                continue
+            parent = str(node.target).rpartition(".")[0]
+            index = sum(1 for other in view.nodes[:view.position(node)]
+                        if other.op == "call_module"
+                        and str(other.target).rpartition(".")[0] == parent
+                        and type(view.module(other)) is type(module)
+                        and not _fused_into_previous(view, other))
+            calls.append((_prefixed(region.float_scope, parent), type(module), index))
+    return tuple(calls)
+
+
+def _fused_into_previous(view: Any, node: fx.Node) -> bool:
+    """Whether FX's module fusion folds the call ``node`` into the module call before it
+    (the ``ReLU`` after a conv or a BatchNorm, the BatchNorm after a conv): torch's fusion
+    patterns, over a producer whose only reader it is."""
+    from torch.ao.quantization.fuser_method_mappings import _DEFAULT_OP_LIST_TO_FUSER_METHOD
+
+    before = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if before is None or before.op != "call_module" or len(before.users) != 1:
+        return False
+    pair = (type(view.module(before)), type(view.module(node)))
+    return any(pattern[-2:] == pair for pattern in _DEFAULT_OP_LIST_TO_FUSER_METHOD)
 
 
 def _prefixed(path: str, name: str) -> str:

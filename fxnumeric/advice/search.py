@@ -60,7 +60,14 @@ from ..progress import Progress
 from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
-from .hybrid import HybridFailure, HybridRunner, Swap, function_target, module_path
+from .hybrid import (
+    HybridFailure,
+    HybridRunner,
+    Swap,
+    function_target,
+    module_calls,
+    module_path,
+)
 from .mixed import FLOAT, advise_variants
 from .numbers import a_count, a_number, shown
 from .replay import BlockReplay
@@ -711,6 +718,11 @@ class Advice:
     seconds: float = 0.0
     sensitivity: Sensitivity | None = field(default=None, repr=False, compare=False)
     functions: tuple[tuple[str, Any, int] | None, ...] = field(default=(), repr=False)
+    module_calls: tuple[tuple[tuple[str, type, int], ...], ...] = field(default=(), repr=False)
+    """For each of ``keep_float``, the module calls FX fused into that function op (the
+    ``relu`` module of an ``add_relu``) as ``(parent path, module type, index)``
+    (:func:`fxnumeric.advice.hybrid.module_calls`): :meth:`qconfig_mapping` leaves them float
+    too, or FX would quantize the fused op's output through them."""
     assignment: dict[str, str] = field(default_factory=dict, repr=False)
     """``{float module path: choice}`` of every layer searched: a variant's name, or
     ``"float"`` (with one quantized model its choices are ``"quantized"`` and ``"float"``)."""
@@ -840,7 +852,12 @@ class Advice:
                 mapping.set_object_type(function[1], None)
             else:
                 mapping.set_module_name_object_type_order(*function, None)
+        for call in self._module_calls():
+            mapping.set_module_name_object_type_order(*call, None)
         return mapping
+
+    def _module_calls(self) -> list[tuple[str, type, int]]:
+        return [call for calls in self.module_calls for call in calls]
 
     def fx_lines(self, mapping: str = "qconfig_mapping") -> str:
         """The ``QConfigMapping`` calls that :meth:`qconfig_mapping` makes, as source lines."""
@@ -858,6 +875,10 @@ class Advice:
                 scope, target, index = function
                 lines.append(f"{mapping}.set_module_name_object_type_order({scope!r}, "
                              f"{_qualified(target)}, {index}, None)  # {name}")
+        for (name, _), calls in zip(self._targets(), self.module_calls, strict=False):
+            lines += [f"{mapping}.set_module_name_object_type_order({scope!r}, "
+                      f"{_qualified(kind)}, {index}, None)  # {name}: its fused "
+                      f"{kind.__name__} call" for scope, kind, index in calls]
         return "\n".join(lines)
 
     def eager_lines(self, model: str = "model") -> str:
@@ -1125,6 +1146,9 @@ def _qualified(target: Any) -> str:
     (a method, whose target is its name, as ``.mean()``)."""
     if isinstance(target, str):
         return f".{target}()"
+    name = getattr(target, "__name__", "")
+    if isinstance(target, type) and getattr(nn, name, None) is target:
+        return f"torch.nn.{name}"  # a module class, as torch.nn exports it
     module = getattr(target, "__module__", None) or ""
     module = {"_operator": "operator", "torch._C._VariableFunctions": "torch"}.get(module, module)
     name = getattr(target, "__name__", repr(target))
@@ -1266,6 +1290,7 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
     cmp = ">=" if search.metric.higher_is_better else "<="
     paths = tuple(module_path(search.matching, n) for n in chosen)
     functions = tuple(function_target(search.matching, n) for n in chosen)
+    calls = tuple(module_calls(search.matching, n) for n in chosen)
     unit = _unit(search.metric_name)
     kept = f"{len(chosen)} of {len(names)} layer{'s' if len(names) != 1 else ''}"
     if reached and not chosen:
@@ -1289,6 +1314,7 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
     return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
                   search.evaluations, time.perf_counter() - started, sens,
                   functions if any(functions) else (),
+                  module_calls=calls if any(calls) else (),
                   assignment={module_path(search.matching, n): FLOAT if n in chosen
                               else "quantized" for n in names},
                   flow=flow_of(search.matching.quant_model),
