@@ -436,7 +436,8 @@ def compare(
         InputError: before any batch runs, when ``data`` is not an iterable of batches, a
             batch is ``None``, a string, a number or empty, the models have no op in common
             (nothing paired) or the "float" model is quantized too (the quantized model
-            passed twice). A batch holding NaN/Inf is not an error: it is left out of every
+            passed twice). A batch holding NaN/Inf (of a sparse tensor, in its stored
+            values) is not an error: it is left out of every
             metric with a :class:`fxnumeric.FxNumericWarning`, and ``Report.notes`` says which.
 
     Example:

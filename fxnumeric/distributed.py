@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
 from .errors import InputError
-from .run import batch_tensors
+from .run import batch_tensors, stored_tensors
 
 __all__ = ["Ranks", "ONE_PROCESS", "data_parallel", "Mergeable", "torchrun_group"]
 
@@ -141,13 +141,16 @@ class Ranks:
 
 
 def _fingerprint(batch: Any) -> str:
-    """A digest of every tensor in ``batch`` (where it sits, its dtype, shape and bytes):
-    equal on two ranks exactly when they hold the same first batch."""
+    """A digest of every tensor in ``batch`` (where it sits, its dtype, layout, shape and
+    bytes; a sparse tensor's indices and values): equal on two ranks exactly when they hold
+    the same first batch."""
     digest = hashlib.sha256()
     for where, tensor in batch_tensors(batch):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{where}{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(f"{where}{tensor.dtype}{tensor.layout}{tuple(tensor.shape)}".encode())
+        for part in stored_tensors(tensor.detach()):
+            part = part.cpu().contiguous()
+            digest.update(f"{part.dtype}{tuple(part.shape)}".encode())
+            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -83,6 +83,31 @@ def batch_tensors(x: Any, where: str = "batch") -> list[tuple[str, torch.Tensor]
     return []
 
 
+_SPARSE_PARTS = {
+    torch.sparse_coo: ("indices", "values"),  # of the coalesced tensor
+    torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_bsr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_csc: ("ccol_indices", "row_indices", "values"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices", "values"),
+}
+"""The strided tensors a sparse tensor of each layout stores, its values last."""
+
+
+def stored_tensors(x: torch.Tensor) -> list[torch.Tensor]:
+    """The strided tensors holding ``x``'s data: ``x`` itself, or a sparse tensor's indices and
+    values (values last), which elementwise reductions and byte views can read.
+
+    >>> [tuple(t.shape) for t in stored_tensors(torch.eye(3).to_sparse())]
+    [(2, 3), (3,)]
+    """
+    parts = _SPARSE_PARTS.get(x.layout)
+    if parts is None:
+        return [x]
+    if x.layout == torch.sparse_coo:
+        x = x.coalesce()  # an uncoalesced tensor has no values() yet
+    return [getattr(x, part)() for part in parts]
+
+
 def _a(noun: str) -> str:
     return ("an " if noun[:1] in "aeiou" else "a ") + noun
 
@@ -128,13 +153,15 @@ def check_batch(batch: Any, index: int) -> None:
 
 
 def nonfinite_inputs(batch: Any) -> bool:
-    """Whether any floating-point tensor in ``batch`` holds NaN or Inf.
+    """Whether any floating-point tensor in ``batch`` holds NaN or Inf (of a sparse tensor,
+    its stored values).
 
     >>> nonfinite_inputs((torch.ones(2), torch.tensor([1.0, float("nan")])))
     True
     """
     return any((t.is_floating_point() or t.is_complex()) and not t.is_meta  # meta: no values
-               and not bool(torch.isfinite(t).all()) for _, t in batch_tensors(batch))
+               and not bool(torch.isfinite(stored_tensors(t)[-1]).all())
+               for _, t in batch_tensors(batch))
 
 
 def as_args(batch: Any) -> tuple[Any, ...]:

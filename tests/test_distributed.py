@@ -26,7 +26,7 @@ from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
 import fxnumeric as ns
-from fxnumeric.distributed import ONE_PROCESS, Ranks, data_parallel
+from fxnumeric.distributed import ONE_PROCESS, Ranks, _fingerprint, data_parallel
 from fxnumeric.llm_metrics import LogitsAccumulator
 from fxnumeric.metrics import Accumulator
 
@@ -131,6 +131,28 @@ def test_ranks_share_batches_by_index(monkeypatch):
     assert ONE_PROCESS.reduce([], 3, [2, 1]) == (3, (2, 1))
 
 
+def test_sparse_batches_are_compared_and_fingerprinted_by_their_values():
+    f, q, data = _sparse_case()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        report = ns.compare(f, q, data + [(data[0][0], data[0][1] * math.inf)])
+    # oracle: fc's outputs on each side summed by hand (its input is a dense tensor)
+    with torch.no_grad():
+        signal = sum(float((f.fc(x).double() ** 2).sum()) for x, _ in data)
+        noise = sum(float(((f.fc(x) - q.fc(x)).double() ** 2).sum()) for x, _ in data)
+    assert report.batches == 3 and report.skipped_batches == (3,)  # Inf in a sparse tensor
+    assert report.rows[0].name == "fc"
+    assert math.isclose(report.rows[0].output["sqnr"], 10 * math.log10(signal / noise),
+                        rel_tol=1e-5)
+    adj = data[0][1]
+    assert _fingerprint((data[0][0], adj)) == _fingerprint((data[0][0].clone(), adj.clone()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        csr = adj.to_sparse_csr()
+    for other in (adj * 2, csr, adj.to_dense()):
+        assert _fingerprint((data[0][0], other)) != _fingerprint((data[0][0], adj))
+
+
 def test_distributed_true_without_a_process_group_says_how_to_launch():
     assert not dist.is_initialized()
     assert data_parallel(None) == ONE_PROCESS and data_parallel(False) == ONE_PROCESS
@@ -168,6 +190,32 @@ def _mlp_case():
     return f, q, data
 
 
+class _SparseGraph(nn.Module):
+    """A GNN-style layer: ``adj @ fc(x)`` with a sparse adjacency from the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x, adj):
+        return torch.sparse.mm(adj, self.fc(x))
+
+
+def _quantized(f: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        return quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+
+
+def _sparse_case():
+    torch.manual_seed(0)
+    f = _SparseGraph().eval()
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 16, generator=gen),
+             (torch.rand(4, 4, generator=gen) > 0.5).float().to_sparse()) for _ in range(3)]
+    return f, _quantized(f), data
+
+
 def _llama_case():
     from fxnumeric.zoo_llm import tiny_llama, tiny_llm_batches
 
@@ -188,6 +236,7 @@ def _reports() -> tuple[dict, list[int]]:
         out = {"mlp": ns.compare(f, q, data, metrics=["sqnr", "cosine", "mse",
                                                       "max_abs_error", _mean_abs])}
         out["mlp_two_batches"] = ns.compare(f, q, data, max_batches=2)
+        out["sparse"] = ns.compare(*_sparse_case())
         if _has_transformers():
             f, q, batches = _llama_case()
             out["llama"] = ns.compare(f, q, batches)
@@ -285,6 +334,7 @@ def test_the_oracle_has_what_must_survive_the_merge(one_process):
     assert mlp.nonfinite and any("NaN/Inf first appears" in n for n in mlp.notes)
     assert all(row.spread for row in mlp.rows) and "_mean_abs" in mlp.rows[0].output
     assert oracle["mlp_two_batches"].batches == 2
+    assert oracle["sparse"].batches == 3 and oracle["sparse"].rows[0].output
     if "llama" in oracle:
         assert any(row.weight_sqnr is not None for row in oracle["llama"].rows)
         # merged: the token KLs (their p99) and the blocks' sums; variants each their own
