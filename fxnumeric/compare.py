@@ -665,12 +665,12 @@ def _mergeable(plan: _Plan) -> list[Any]:
     return [*_accumulators(plan), plan.logits, *plan.floors.values()]
 
 
-def _feed(data: Iterable[Any], step: Callable[[int, Any, Any], None], mergeable: list[Any],
-          progress: bool | None, max_batches: int | None,
+def _feed(data: Iterable[Any], step: Callable[[int, int, Any, Any], None],
+          mergeable: list[Any], progress: bool | None, max_batches: int | None,
           inputs: int | Callable[[Any], Any] | None, total: int | None, ranks: Ranks) -> _Ran:
-    """Call ``step(batches_so_far, model_inputs, batch)`` on every batch (this rank's share);
-    a batch holding NaN/Inf is left out. Under torch.distributed the ranks' sums
-    (``mergeable``) are merged at the end."""
+    """Call ``step(batches_so_far, index, model_inputs, batch)`` on every batch of this rank's
+    share (``index``: its place in the data); a batch holding NaN/Inf is left out. Under
+    torch.distributed the ranks' sums (``mergeable``) are merged at the end."""
     bar = Progress(ranks.count(total), "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
@@ -687,7 +687,7 @@ def _feed(data: Iterable[Any], step: Callable[[int, Any, Any], None], mergeable:
                               FxNumericWarning, stacklevel=4)
                 bar.update()
                 continue
-            step(batches, model_inputs, batch)
+            step(batches, index, model_inputs, batch)
             batches += 1
             bar.update()
     finally:
@@ -708,7 +708,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
     """Feed every batch to both instrumented models (:func:`_feed`)."""
     float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
 
-    def step(done: int, model_inputs: Any, batch: Any) -> None:
+    def step(done: int, index: int, model_inputs: Any, batch: Any) -> None:
         if done == 0:
             check_devices(plan.matching.float_model or float_gm,
                           plan.matching.quant_model or quant_gm, model_inputs)
@@ -726,9 +726,9 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             quant_out = lockstep.finish()
         finally:
             plan.turn.lockstep = None
-        _end_batch(plan, float_out, quant_out, model_inputs)
+        _end_batch(plan, float_out, quant_out, model_inputs, index)
         if _copy_overwritten([plan], first=done == 0):
-            step(done, model_inputs, batch)
+            step(done, index, model_inputs, batch)
 
     return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks)
 
@@ -1214,7 +1214,7 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
     the quantized model of each variant of the group against its values (every variant's sums
     merged under torch.distributed)."""
 
-    def step(done: int, model_inputs: Any, batch: Any) -> None:
+    def step(done: int, index: int, model_inputs: Any, batch: Any) -> None:
         for group in groups:
             assert group.model is not None
             if done == 0:
@@ -1227,9 +1227,10 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
                 float_out = run_model(group.model, model_inputs, which="float")
             for name in group.names:
                 plan = plans[name]
-                _end_batch(plan, float_out, _quant_run(plan, name, model_inputs), model_inputs)
+                _end_batch(plan, float_out, _quant_run(plan, name, model_inputs), model_inputs,
+                           index)
         if _copy_overwritten(plans.values(), first=done == 0):
-            step(done, model_inputs, batch)
+            step(done, index, model_inputs, batch)
 
     mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
     return _feed(data, step, mergeable, progress, max_batches, inputs, total, ranks)
@@ -1242,8 +1243,10 @@ def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:
                      which=f"quantized ({name})" if name else "quantized")
 
 
-def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any) -> None:
-    """The batch's model-output sums, and every accumulator's batch closed."""
+def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,
+               index: int) -> None:
+    """The batch's model-output sums, and every accumulator's batch closed (batch ``index``
+    of the data)."""
     plan.model.update(model_output(float_out), model_output(quant_out))
     _llm_update(plan, float_out, quant_out, model_inputs)
     for twin in plan.twins:
@@ -1253,7 +1256,7 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any) -
     for routes in plan.watched:
         routes.clear()
     for acc in _accumulators(plan):
-        acc.end_batch()
+        acc.end_batch(index)
 
 
 def _align(reports: dict[str, Report], plans: dict[str, _Plan],

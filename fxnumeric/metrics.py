@@ -419,6 +419,9 @@ class AccumulatorState:
     custom_sums: tuple[tuple[str, float], ...] = ()
     sqnr_spread: WelfordState = WelfordState()
     shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    shape_mismatch_batch: int = -1
+    """The index of the batch ``shape_mismatch`` was seen in (:meth:`Accumulator.end_batch`),
+    -1 when not told."""
     discrete: bool = False
     overwritten: int = 0
     misrouted: int = 0
@@ -427,8 +430,9 @@ class AccumulatorState:
 
     def merged(self, other: AccumulatorState) -> AccumulatorState:
         """The sums over both states' batches: totals add, ``max_abs`` is the larger (NaN if
-        either is), the spread combines, a shape mismatch is the later one's (``other``), as
-        one accumulator fed ``self``'s batches and then ``other``'s keeps the last it saw.
+        either is), the spread combines, a shape mismatch is the one of the later batch (by
+        the index given to :meth:`Accumulator.end_batch`; ``other``'s when neither was told),
+        as one accumulator fed both states' batches in their order keeps the last it saw.
 
         Example:
             >>> a, b = Accumulator(), Accumulator()
@@ -455,13 +459,23 @@ class AccumulatorState:
             actual_nonfinite=self.actual_nonfinite + other.actual_nonfinite,
             custom_sums=tuple(custom.items()),
             sqnr_spread=self.sqnr_spread.merged(other.sqnr_spread),
-            shape_mismatch=other.shape_mismatch or self.shape_mismatch,
+            **_later_shape_mismatch(self, other),
             discrete=self.discrete or other.discrete,
             overwritten=self.overwritten + other.overwritten,
             misrouted=self.misrouted + other.misrouted,
             discrete_values=self.discrete_values + other.discrete_values,
             discrete_differ=self.discrete_differ + other.discrete_differ,
         )
+
+
+def _later_shape_mismatch(a: AccumulatorState, b: AccumulatorState) -> dict[str, Any]:
+    """The shape mismatch of the later batch of ``a`` and ``b`` (``b``'s on a tie: ``a``'s
+    batches came first), as :class:`AccumulatorState` fields."""
+    later = (b if b.shape_mismatch and (not a.shape_mismatch
+                                        or b.shape_mismatch_batch >= a.shape_mismatch_batch)
+             else a)
+    return {"shape_mismatch": later.shape_mismatch,
+            "shape_mismatch_batch": later.shape_mismatch_batch}
 
 
 def _discrete(x: torch.Tensor) -> bool:
@@ -513,6 +527,8 @@ class Accumulator:
         self.custom_sums = {name: 0.0 for name in self.custom}
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep else None
         self.shape_mismatch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self.shape_mismatch_batch = -1  # the batch it was seen in (end_batch(index))
+        self._batch_mismatch = False
         self.discrete = False
         self.overwritten = 0
         self.misrouted = 0
@@ -535,6 +551,7 @@ class Accumulator:
             return
         if ref.shape != actual.shape:
             self.shape_mismatch = (tuple(ref.shape), tuple(actual.shape))
+            self._batch_mismatch = True
             return
         if self.kept is not None:
             self.kept.append((ref.detach(), actual.detach()))
@@ -600,8 +617,14 @@ class Accumulator:
         return (math.fsum(signals), math.fsum(noises),
                 math.fsum(energies) if actual_energy else None, low, high)
 
-    def end_batch(self) -> None:
-        """Close the current batch: its own SQNR joins :meth:`spread` (when finite)."""
+    def end_batch(self, index: int = -1) -> None:
+        """Close the current batch: its own SQNR joins :meth:`spread` (when finite), and a
+        shape mismatch seen in it is stamped with its ``index`` in the data, so that merging
+        the states of processes that ran other batches keeps the later batch's
+        (:meth:`AccumulatorState.merged`)."""
+        if self._batch_mismatch:
+            self.shape_mismatch_batch = index
+            self._batch_mismatch = False
         if self._batch_updates:
             db_ = db(self._batch_signal, self._batch_noise)
             if math.isfinite(db_):
@@ -622,6 +645,7 @@ class Accumulator:
             ref_nonfinite=self.ref_nonfinite, actual_nonfinite=self.actual_nonfinite,
             custom_sums=tuple(self.custom_sums.items()),
             sqnr_spread=self._sqnr_spread.state(), shape_mismatch=self.shape_mismatch,
+            shape_mismatch_batch=self.shape_mismatch_batch,
             discrete=self.discrete, overwritten=self.overwritten, misrouted=self.misrouted,
             discrete_values=self.discrete_values, discrete_differ=self.discrete_differ,
         )
@@ -637,6 +661,7 @@ class Accumulator:
         self.custom_sums = {name: 0.0 for name in self.custom} | dict(state.custom_sums)
         self._sqnr_spread.load(state.sqnr_spread)
         self.shape_mismatch = state.shape_mismatch
+        self.shape_mismatch_batch, self._batch_mismatch = state.shape_mismatch_batch, False
         self.discrete, self.overwritten = state.discrete, state.overwritten
         self.misrouted = state.misrouted
         self.discrete_values, self.discrete_differ = state.discrete_values, state.discrete_differ

@@ -131,6 +131,22 @@ def test_ranks_share_batches_by_index(monkeypatch):
     assert ONE_PROCESS.reduce([], 3, [2, 1]) == (3, (2, 1))
 
 
+def test_merged_shape_mismatch_is_the_later_batchs():
+    # batch i: float (i + 2, 3) against quantized (i + 1, 3); ranks run i % 2 == r
+    def fed(indices):
+        acc = Accumulator()
+        for i in indices:
+            acc.update(torch.zeros(i + 2, 3), torch.zeros(i + 1, 3))
+            acc.end_batch(i)
+        return acc.state()
+
+    last = ((6, 3), (5, 3))  # batch 4's, which one process sees last
+    assert fed(range(5)).shape_mismatch == last
+    assert fed([0, 2, 4]).merged(fed([1, 3])).shape_mismatch == last
+    assert fed([1, 3]).merged(fed([0, 2, 4])).shape_mismatch == last
+    assert fed([1, 3]).merged(fed([])).shape_mismatch == ((5, 3), (4, 3))
+
+
 def test_sparse_batches_are_compared_and_fingerprinted_by_their_values():
     f, q, data = _sparse_case()
     with warnings.catch_warnings():
@@ -190,6 +206,19 @@ def _mlp_case():
     return f, q, data
 
 
+class _DropsARow(nn.Module):
+    """Its quantized twin (:func:`_shape_case`) drops the first row of the output."""
+
+    def __init__(self, drop: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop = drop
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y[1:] if self.drop else y
+
+
 class _SparseGraph(nn.Module):
     """A GNN-style layer: ``adj @ fc(x)`` with a sparse adjacency from the batch."""
 
@@ -205,6 +234,16 @@ def _quantized(f: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         return quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+
+
+def _shape_case():
+    """Five batches, batch ``i`` of ``i + 2`` rows; the quantized model drops a row, so every
+    batch's shapes differ and the note names the last batch's: ``(6, 8)`` against ``(5, 8)``."""
+    torch.manual_seed(0)
+    f, dropping = _DropsARow().eval(), _DropsARow(drop=True).eval()
+    dropping.load_state_dict(f.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    return f, _quantized(dropping), [torch.randn(i + 2, 8, generator=gen) for i in range(5)]
 
 
 def _sparse_case():
@@ -236,6 +275,7 @@ def _reports() -> tuple[dict, list[int]]:
         out = {"mlp": ns.compare(f, q, data, metrics=["sqnr", "cosine", "mse",
                                                       "max_abs_error", _mean_abs])}
         out["mlp_two_batches"] = ns.compare(f, q, data, max_batches=2)
+        out["shape_note"] = ns.compare(*_shape_case())
         out["sparse"] = ns.compare(*_sparse_case())
         if _has_transformers():
             f, q, batches = _llama_case()
@@ -321,9 +361,9 @@ def test_rank_zero_equals_one_process_field_by_field(two_ranks, one_process):
     oracle, _ = one_process
     reports, _, _, _ = two_ranks[0]
     assert set(reports) == set(oracle)
-    for name, report in reports.items():
-        found = differences(report, oracle[name], rel=1e-6, path=name)
-        assert not found, "\n".join(found[:20])
+    found = [d for name, report in reports.items()
+             for d in differences(report, oracle[name], rel=1e-6, path=name)]
+    assert not found, "\n".join(found[:20])
 
 
 def test_the_oracle_has_what_must_survive_the_merge(one_process):
@@ -334,6 +374,8 @@ def test_the_oracle_has_what_must_survive_the_merge(one_process):
     assert mlp.nonfinite and any("NaN/Inf first appears" in n for n in mlp.notes)
     assert all(row.spread for row in mlp.rows) and "_mean_abs" in mlp.rows[0].output
     assert oracle["mlp_two_batches"].batches == 2
+    # the last batch's shapes: batch 4 holds 6 rows, the quantized model drops one
+    assert "float (6, 8) vs quantized (5, 8)" in oracle["shape_note"].notes[0]
     assert oracle["sparse"].batches == 3 and oracle["sparse"].rows[0].output
     if "llama" in oracle:
         assert any(row.weight_sqnr is not None for row in oracle["llama"].rows)
@@ -346,9 +388,9 @@ def test_the_oracle_has_what_must_survive_the_merge(one_process):
 
 def test_every_rank_returns_the_same_report(two_ranks):
     first = two_ranks[0][0]
-    for reports, *_ in two_ranks[1:]:
-        for name, report in reports.items():
-            assert not differences(report, first[name], rel=0.0, path=name)
+    found = [d for reports, *_ in two_ranks[1:] for name, report in reports.items()
+             for d in differences(report, first[name], rel=0.0, path=name)]
+    assert not found, "\n".join(found[:20])
 
 
 def test_each_rank_ran_its_own_share_of_the_batches(two_ranks):
