@@ -511,11 +511,6 @@ class _Plan:
     encoder_decoder: bool = False
     """Whether the float model is an encoder-decoder (:func:`is_encoder_decoder`): its logits
     are read against the batch's decoder inputs."""
-    logit_batches: int = 0
-    """Batches whose outputs were logits (:func:`_llm_update`), real tokens or not."""
-    logits_per: str = "token"
-    """What a row of the logits predicts: ``"token"``, or ``"sample"`` for ``(batch, n)``
-    logits (a sequence or image classifier's), whose KL is one per sample."""
     routes: dict[str, Routes] = field(default_factory=dict)
     """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
 
@@ -624,8 +619,9 @@ def _lockstep_budget(model: nn.Module | None) -> int:
     return max(LOCKSTEP_MIN, params // LOCKSTEP_SHARE)
 
 
-def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None:
-    """Per-token KL, top-1 agreement and perplexity, when the model returns logits."""
+def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any, index: int) -> None:
+    """Per-token KL, top-1 agreement and perplexity, when the model returns logits (batch
+    ``index`` of the data)."""
     float_logits = looks_like_logits(float_out, batch, plan.vocab_size)
     if float_logits is None:
         return
@@ -633,9 +629,7 @@ def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any) -> None
     if quant_logits is None or quant_logits.shape != float_logits.shape:
         return
     plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token,
-                             plan.encoder_decoder)
-    plan.logit_batches += 1
-    plan.logits_per = "sample" if float_logits.dim() == 2 else "token"
+                             plan.encoder_decoder, index)
 
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:
@@ -840,7 +834,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
         blocks=_block_rows(plan),
-        logits_per=plan.logits_per,
+        logits_per=plan.logits.logits_per,
     )
 
 
@@ -867,7 +861,7 @@ def _judged_against_upstream(rows: list[ReportRow], matching: Matching,
 
 def _no_token_note(plan: _Plan) -> tuple[str, ...]:
     """A note when the model returned logits but no batch held a real token."""
-    if not plan.logit_batches or plan.logits.tokens:
+    if not plan.logits.batches or plan.logits.tokens:
         return ()
     return ("the model returns logits, but no batch holds a real token (every attention_mask "
             "is all 0): no per-token KL, top-1 agreement or perplexity, and the model output's "
@@ -1248,7 +1242,7 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,
     """The batch's model-output sums, and every accumulator's batch closed (batch ``index``
     of the data)."""
     plan.model.update(model_output(float_out), model_output(quant_out))
-    _llm_update(plan, float_out, quant_out, model_inputs)
+    _llm_update(plan, float_out, quant_out, model_inputs, index)
     for twin in plan.twins:
         twin.clear()
     for value in plan.values:

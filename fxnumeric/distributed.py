@@ -11,8 +11,10 @@ token's KL, 4 bytes a token, so that the p99 is exact) and merges them in rank o
 rank ends with the same sums and returns the same :class:`~fxnumeric.Report`, equal to a
 one-process run over all batches up to the order of float64 additions (relative 1e-16):
 batches, skipped batches (by their global index), NaN/Inf origins, spread and custom metrics
-included. Weights are compared on every rank (they do not depend on the data; leave
-``"weights"`` out of ``comparisons`` on ranks other than 0 to save that time).
+included, and what one process keeps from its last batch (a shape mismatch, the logits' rows)
+from the batch of the highest index. Weights are compared on every rank (they do not depend
+on the data; leave ``"weights"`` out of ``comparisons`` on ranks other than 0 to save that
+time).
 
 :func:`fxnumeric.compare` goes data-parallel by itself when a process group of two or more
 ranks is initialised (``distributed=None``); ``distributed=False`` makes each rank compare all

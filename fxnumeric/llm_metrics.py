@@ -62,14 +62,24 @@ class LogitsState:
     nll_float: float = 0.0
     nll_quant: float = 0.0
     token_kls: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False)
+    batches: int = 0
+    """Model batches added (:meth:`LogitsAccumulator.update_batch`), real tokens or not."""
+    logits_per: str = "token"
+    """What a row of the last batch's logits predicts (:attr:`LogitsAccumulator.logits_per`)."""
+    logits_per_batch: int = -1
+    """The index of the batch :attr:`logits_per` was read from, -1 when not told."""
 
     def merged(self, other: LogitsState) -> LogitsState:
-        """Both states' tokens: counts and sums add, the token KLs of ``other`` follow."""
+        """Both states' tokens: counts and sums add, the token KLs of ``other`` follow, and
+        :attr:`logits_per` is the later batch's (``other``'s on a tie)."""
+        later = (other if other.batches and (not self.batches or other.logits_per_batch
+                                             >= self.logits_per_batch) else self)
         return LogitsState(
             self.tokens + other.tokens, self.targets + other.targets,
             self.kl_sum + other.kl_sum, self.top1_agree + other.top1_agree,
             self.nll_float + other.nll_float, self.nll_quant + other.nll_quant,
-            torch.cat([self.token_kls, other.token_kls]),
+            torch.cat([self.token_kls, other.token_kls]), self.batches + other.batches,
+            later.logits_per, later.logits_per_batch,
         )
 
 
@@ -99,6 +109,13 @@ class LogitsAccumulator:
         self.nll_float = 0.0
         self.nll_quant = 0.0
         self._token_kls: list[torch.Tensor] = []
+        self.batches = 0
+        """Model batches added by :meth:`update_batch`, real tokens or not."""
+        self.logits_per = "token"
+        """What a row of the logits predicts: ``"token"``, or ``"sample"`` for ``(batch, n)``
+        logits (a sequence or image classifier's), whose KL is one per sample; the last
+        batch's (:meth:`update_batch`)."""
+        self.logits_per_batch = -1
 
     def update(self, float_logits: torch.Tensor, quant_logits: torch.Tensor,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -158,8 +175,10 @@ class LogitsAccumulator:
         self.nll_quant += nll_quant
 
     def update_batch(self, float_logits: torch.Tensor, quant_logits: torch.Tensor, batch: Any,
-                     next_token: bool | None = None, encoder_decoder: bool = False) -> None:
-        """Add the logits of one model batch, with the mask and targets ``batch`` holds
+                     next_token: bool | None = None, encoder_decoder: bool = False,
+                     index: int = -1) -> None:
+        """Add the logits of one model batch (``index`` in the data: a merge keeps the later
+        batch's :attr:`logits_per`), with the mask and targets ``batch`` holds
         (:func:`token_fields`) where they fit the logits.
 
         * ``attention_mask`` counts only when its shape is the logits' leading dims (one row
@@ -191,21 +210,19 @@ class LogitsAccumulator:
             targets = None  # not next tokens, or not one per logit row: no perplexity
         self.update(float_logits, quant_logits, attention_mask=mask, labels=targets,
                     shift=shift)
+        self.batches += 1
+        self.logits_per = "sample" if float_logits.dim() == 2 else "token"
+        self.logits_per_batch = index
 
     def merge(self, other: LogitsAccumulator) -> None:
         """Add ``other``'s tokens to this one (for accumulators filled in separate processes)."""
-        self.tokens += other.tokens
-        self.targets += other.targets
-        self.kl_sum += other.kl_sum
-        self.top1_agree += other.top1_agree
-        self.nll_float += other.nll_float
-        self.nll_quant += other.nll_quant
-        self._token_kls.extend(other._token_kls)
+        self.load(self.state().merged(other.state()))
 
     def state(self) -> LogitsState:
         """The sums and token KLs so far, as a picklable :class:`LogitsState`."""
         return LogitsState(self.tokens, self.targets, self.kl_sum, self.top1_agree,
-                           self.nll_float, self.nll_quant, self.token_kls())
+                           self.nll_float, self.nll_quant, self.token_kls(), self.batches,
+                           self.logits_per, self.logits_per_batch)
 
     def load(self, state: LogitsState) -> None:
         """Replace everything seen so far with ``state`` (:meth:`LogitsState.merged` of
@@ -214,6 +231,8 @@ class LogitsAccumulator:
         self.kl_sum, self.top1_agree = state.kl_sum, state.top1_agree
         self.nll_float, self.nll_quant = state.nll_float, state.nll_quant
         self._token_kls = [state.token_kls.float()] if state.token_kls.numel() else []
+        self.batches, self.logits_per = state.batches, state.logits_per
+        self.logits_per_batch = state.logits_per_batch
 
     def token_kls(self) -> torch.Tensor:
         """Every real token's KL so far, float32, in the order seen."""

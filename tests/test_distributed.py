@@ -206,6 +206,30 @@ def _mlp_case():
     return f, q, data
 
 
+class _Classifier(nn.Module):
+    """A classifier returning ``{"logits": (batch, 10)}``: one prediction per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return {"logits": self.fc2(torch.relu(self.fc1(x)))}
+
+
+class _TokenLm(nn.Module):
+    """A token model returning ``{"logits": (batch, seq, vocab)}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, input_ids, attention_mask):
+        return {"logits": self.head(self.embed(input_ids))}
+
+
 class _DropsARow(nn.Module):
     """Its quantized twin (:func:`_shape_case`) drops the first row of the output."""
 
@@ -234,6 +258,22 @@ def _quantized(f: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         return quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+
+
+def _logits_cases() -> dict:
+    """Per-rank LLM state: a classifier whose batch 0 (rank 0's only) holds NaN, so that
+    rank 0 runs no batch of logits; a token model over one batch (rank 1 runs none) without
+    a real token (attention_mask all 0)."""
+    torch.manual_seed(0)
+    cls = _Classifier().eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    data[0][0, 0] = math.nan
+    lm = _TokenLm().eval()
+    ids = torch.randint(0, 50, (2, 6), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.zeros_like(ids)}
+    return {"classifier_nan_first": ns.compare(cls, _quantized(cls), data),
+            "token_lm_no_real_token": ns.compare(lm, _quantized(lm), [batch])}
 
 
 def _shape_case():
@@ -275,6 +315,7 @@ def _reports() -> tuple[dict, list[int]]:
         out = {"mlp": ns.compare(f, q, data, metrics=["sqnr", "cosine", "mse",
                                                       "max_abs_error", _mean_abs])}
         out["mlp_two_batches"] = ns.compare(f, q, data, max_batches=2)
+        out.update(_logits_cases())
         out["shape_note"] = ns.compare(*_shape_case())
         out["sparse"] = ns.compare(*_sparse_case())
         if _has_transformers():
@@ -374,6 +415,8 @@ def test_the_oracle_has_what_must_survive_the_merge(one_process):
     assert mlp.nonfinite and any("NaN/Inf first appears" in n for n in mlp.notes)
     assert all(row.spread for row in mlp.rows) and "_mean_abs" in mlp.rows[0].output
     assert oracle["mlp_two_batches"].batches == 2
+    assert oracle["classifier_nan_first"].logits_per == "sample"  # batch 1's (4, 10) logits
+    assert any("no batch holds a real token" in n for n in oracle["token_lm_no_real_token"].notes)
     # the last batch's shapes: batch 4 holds 6 rows, the quantized model drops one
     assert "float (6, 8) vs quantized (5, 8)" in oracle["shape_note"].notes[0]
     assert oracle["sparse"].batches == 3 and oracle["sparse"].rows[0].output
