@@ -661,17 +661,19 @@ def _mergeable(plan: _Plan) -> list[Any]:
 
 def _feed(data: Iterable[Any], step: Callable[[int, int, Any, Any], None],
           mergeable: list[Any], progress: bool | None, max_batches: int | None,
-          inputs: int | Callable[[Any], Any] | None, total: int | None, ranks: Ranks) -> _Ran:
+          inputs: int | Callable[[Any], Any] | None, total: int | None, ranks: Ranks,
+          capture: list[str]) -> _Ran:
     """Call ``step(batches_so_far, index, model_inputs, batch)`` on every batch of this rank's
     share (``index``: its place in the data); a batch holding NaN/Inf is left out. Under
-    torch.distributed the ranks' sums (``mergeable``) are merged at the end."""
+    torch.distributed the ranks check that they hold the same ``capture``
+    (:func:`_capture_lines`), and their sums (``mergeable``) are merged at the end."""
     bar = Progress(ranks.count(total), "comparing batches", progress)
     batches = 0
     skipped: list[int] = []
     try:
         # islice: no batch past the last one is read off the caller's iterator
         wanted = data if max_batches is None else itertools.islice(data, max_batches)
-        for index, batch in ranks.share(enumerate(wanted), mergeable):
+        for index, batch in ranks.share(enumerate(wanted), mergeable, capture):
             model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
             check_batch(model_inputs, index)
             if nonfinite_inputs(model_inputs):
@@ -724,7 +726,21 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         if _copy_overwritten([plan], first=done == 0):
             step(done, index, model_inputs, batch)
 
-    return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks)
+    return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks,
+                 _capture_lines(plan) if ranks.parallel else [])
+
+
+def _capture_lines(plan: _Plan, variant: str = "") -> list[str]:
+    """What ranks must hold alike for their sums to merge, one line each: the pairs (name,
+    kind) and both models' parameters (name, shape; no values: cheap at any model size)."""
+    matching = plan.matching
+    where = f" of variant {variant!r}" if variant else ""
+    lines = [f"pair {p.name!r} ({p.kind}){where}" for p in matching.pairs]
+    for side, model in (("float", matching.float_model), ("quantized", matching.quant_model)):
+        if isinstance(model, nn.Module):
+            lines += [f"{side} parameter {name!r} of shape {tuple(param.shape)}{where}"
+                      for name, param in model.named_parameters()]
+    return lines
 
 
 def _copy_overwritten(plans: Iterable[_Plan], first: bool) -> bool:
@@ -1227,7 +1243,9 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
             step(done, index, model_inputs, batch)
 
     mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
-    return _feed(data, step, mergeable, progress, max_batches, inputs, total, ranks)
+    capture = ([line for name, plan in plans.items() for line in _capture_lines(plan, name)]
+               if ranks.parallel else [])
+    return _feed(data, step, mergeable, progress, max_batches, inputs, total, ranks, capture)
 
 
 def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:

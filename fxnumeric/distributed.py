@@ -23,7 +23,9 @@ of its own ``data`` alone. What it refuses, before any batch runs:
 * a DataLoader whose sampler is a ``DistributedSampler`` (each rank would see another data
   set, and fxnumeric would split it again);
 * ``keep_activations=True`` (raw tensors stay in the process that logged them);
-* ranks that captured the models differently (different layer counts).
+* ranks that captured the models differently: the pairs' names and kinds, both models'
+  parameter names and shapes, the accumulators (the error names the first difference);
+* ranks whose first batches differ.
 
 A rank that fails (an exception in a model) leaves the others waiting for its sums: ``torchrun``
 and ``torch.multiprocessing.spawn`` stop the other ranks when one exits with an error.
@@ -82,18 +84,20 @@ class Ranks:
             return None
         return max(0, (total - self.rank + self.size - 1) // self.size)
 
-    def share(self, batches: Iterable[tuple[int, Any]],
-              accumulators: Sequence[Mergeable]) -> Iterator[tuple[int, Any]]:
+    def share(self, batches: Iterable[tuple[int, Any]], accumulators: Sequence[Mergeable],
+              capture: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:
         """The ``(index, batch)`` pairs this rank runs: those with ``index % size == rank``.
 
-        Before the first, the ranks check that they hold the same accumulators (the same
-        capture) and the same first batch, and that none keeps raw tensors; every rank raises
-        the same error if not.
+        Before the first, the ranks check that they hold the same capture (``capture``: lines
+        such as the pairs' names and the parameters' shapes, and the accumulators' kinds) and
+        the same first batch, and that none keeps raw tensors; every rank raises the same
+        error if not.
         """
         if self.parallel:
             batches = iter(batches)
             first = next(batches, None)
-            self._check(accumulators, None if first is None else _fingerprint(first[1]))
+            self._check(accumulators, None if first is None else _fingerprint(first[1]),
+                        capture)
             batches = itertools.chain([first] if first is not None else [], batches)
         for index, batch in batches:
             if index % self.size == self.rank:
@@ -112,8 +116,9 @@ class Ranks:
             acc.load(functools.reduce(lambda a, b: a.merged(b), (r[2][i] for r in every)))
         return sum(r[0] for r in every), tuple(sorted(i for r in every for i in r[1]))
 
-    def _check(self, accumulators: Sequence[Mergeable], first: str | None) -> None:
-        mine = ([type(acc).__name__ for acc in accumulators],
+    def _check(self, accumulators: Sequence[Mergeable], first: str | None,
+               capture: Sequence[str] = ()) -> None:
+        mine = ([*capture, *(f"sums of {type(acc).__name__}" for acc in accumulators)],
                 any(getattr(acc, "kept", None) is not None for acc in accumulators), first)
         every: list[Any] = [None] * self.size
         dist.all_gather_object(every, mine)
@@ -123,13 +128,18 @@ class Ranks:
                 "the tensors of its own batches only, and raw tensors are not sent between "
                 "ranks.\nFix: run one process for raw activations (distributed=False), or "
                 "drop keep_activations")
-        counts = [len(names) for names, _, _ in every]
-        if any(names != every[0][0] for names, _, _ in every):
+        differ = next(((rank, lines) for rank, (lines, _, _) in enumerate(every)
+                       if lines != every[0][0]), None)
+        if differ is not None:
+            rank, lines = differ
+            at, ours, theirs = next(
+                (i, a, b) for i, (a, b) in enumerate(itertools.zip_longest(
+                    every[0][0], lines, fillvalue="nothing more")) if a != b)
             raise InputError(
-                "the ranks captured the models differently (metric accumulators on ranks "
-                f"0..{self.size - 1}: {counts}): their sums cannot be combined. Every rank must "
-                "pass the same models and the same data (its first batch is the capture's "
-                "example).\n"
+                f"the ranks captured the models differently: rank {rank} has {theirs} where "
+                f"rank 0 has {ours} (the first difference, line {at + 1} of their captures): "
+                "their sums cannot be combined. Every rank must pass the same models and the "
+                "same data (its first batch is the capture's example).\n"
                 "Fix: build the models and data identically on every rank (same seed, same "
                 "checkpoint), or pass each rank the same fxnumeric.match result as matching=")
         differ = [rank for rank, (_, _, seen) in enumerate(every) if seen != every[0][2]]

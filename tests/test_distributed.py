@@ -122,7 +122,7 @@ def test_logits_states_merge_to_the_exact_p99():
 
 
 def test_ranks_share_batches_by_index(monkeypatch):
-    monkeypatch.setattr(Ranks, "_check", lambda self, accumulators, first: None)  # no group
+    monkeypatch.setattr(Ranks, "_check", lambda self, *args: None)  # no group
     pairs = list(enumerate("abcde"))
     shares = [list(Ranks(r, 2).share(pairs, [])) for r in range(2)]
     assert shares == [[(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d")]]
@@ -338,6 +338,13 @@ def _refusals() -> dict[str, str]:
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     f, q, data = _mlp_case()
+    # the same layer count, other names and widths: rank 1's fc1 is named a, 64 wide
+    torch.manual_seed(0)
+    wide = nn.Sequential()
+    wide.add_module("a", nn.Linear(16, 64))
+    wide.add_module("act", nn.ReLU())
+    wide.add_module("b", nn.Linear(64, 8))
+    wide_q = _quantized(wide.eval())
     other = nn.Sequential(nn.Linear(16, 8)).eval()
     other_q = quantize_dynamic(copy.deepcopy(other), {nn.Linear})
     found = {}
@@ -349,6 +356,8 @@ def _refusals() -> dict[str, str]:
         ("mismatch", lambda: ns.compare(*((f, q) if dist.get_rank() == 0 else (other, other_q)),
                                         data[:2])),
         ("data", lambda: ns.compare(f, q, [x + dist.get_rank() for x in data[:2]])),
+        ("structure", lambda: ns.compare(*((f, q) if dist.get_rank() == 0 else (wide, wide_q)),
+                                         data[:2])),
     ):
         try:
             call()
@@ -448,9 +457,11 @@ def test_what_cannot_be_split_is_refused_on_every_rank(two_ranks):
         assert "DistributedSampler" in refusals["sampler"] and "Fix:" in refusals["sampler"]
         assert "keep_activations=True) under torch.distributed" in refusals["keep"]
         assert "Fix: run one process" in refusals["keep"]
-        assert "captured the models differently (metric accumulators on ranks 0..1: [" in (
-            refusals["mismatch"]) and "Fix: build the models and data identically" in (
-            refusals["mismatch"])
+        assert "captured the models differently: rank 1 has " in refusals["mismatch"]
+        assert "Fix: build the models and data identically" in refusals["mismatch"]
+        # the same layer count, another structure: the first difference is named
+        assert ("captured the models differently: rank 1 has pair 'a' (linear) where rank 0 "
+                "has pair 'fc1' (linear)") in refusals["structure"], refusals["structure"]
         # data of the same shapes, other values: the sums merged as if one run's
         assert "the ranks hold different data: the first batch of rank 1" in refusals["data"]
         assert alone_batches == 3  # distributed=False: each rank compares all of its data
