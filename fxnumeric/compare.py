@@ -417,7 +417,9 @@ def compare(
             batches ``i % N == r``, the sums are merged, and every rank returns the same
             report, equal to a one-process run over all batches (:mod:`fxnumeric.distributed`).
             ``None`` (default): when a group of two or more ranks is initialised; ``False``:
-            each rank compares all of its ``data`` alone.
+            each rank compares all of its ``data`` alone. Every rank must then call
+            compare: pass ``False`` for a call on one rank only (``if rank == 0``), which
+            would otherwise wait for the others until the process group's timeout.
 
     Returns:
         A :class:`fxnumeric.Report` with one row per paired layer.

@@ -27,6 +27,11 @@ of its own ``data`` alone. What it refuses, before any batch runs:
   parameter names and shapes, the accumulators (the error names the first difference);
 * ranks whose first batches differ.
 
+Every rank must call :func:`fxnumeric.compare`: one that does not (``if rank == 0:
+compare(...)``) leaves the others waiting at the first exchange, which logs a warning after
+:data:`WAIT_WARNING` seconds and raises :class:`~fxnumeric.InputError` at the process
+group's timeout. Pass ``distributed=False`` to compare on one rank alone.
+
 A rank that fails (an exception in a model) leaves the others waiting for its sums: ``torchrun``
 and ``torch.multiprocessing.spawn`` stop the other ranks when one exits with an error.
 """
@@ -37,7 +42,9 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,7 +56,14 @@ from torch.utils.data.distributed import DistributedSampler
 from .errors import InputError
 from .run import batch_tensors, stored_tensors
 
-__all__ = ["Ranks", "ONE_PROCESS", "data_parallel", "Mergeable", "torchrun_group"]
+__all__ = ["Ranks", "ONE_PROCESS", "data_parallel", "Mergeable", "torchrun_group", "WAIT_WARNING"]
+
+_log = logging.getLogger(__name__)
+
+WAIT_WARNING = 60.0
+"""Seconds a rank waits for the others at the start of a data-parallel compare before it logs
+a warning (a rank loading a large model may come later; one that never calls compare leaves
+the others waiting until the process group's timeout, then :class:`~fxnumeric.InputError`)."""
 
 
 class Mergeable(Protocol):
@@ -120,8 +134,7 @@ class Ranks:
                capture: Sequence[str] = ()) -> None:
         mine = ([*capture, *(f"sums of {type(acc).__name__}" for acc in accumulators)],
                 any(getattr(acc, "kept", None) is not None for acc in accumulators), first)
-        every: list[Any] = [None] * self.size
-        dist.all_gather_object(every, mine)
+        every = self._gather(mine)
         if any(keep for _, keep, _ in every):
             raise InputError(
                 "compare(..., keep_activations=True) under torch.distributed: each rank keeps "
@@ -150,6 +163,32 @@ class Ranks:
                 "must pass the same data, all of it (rank r runs batches r, r + size, ...).\n"
                 "Fix: build the data identically on every rank (same seed, same files, no "
                 "DistributedSampler)")
+
+    def _gather(self, mine: Any) -> list[Any]:
+        """Every rank's ``mine``: the first exchange of a compare, where a rank that never
+        calls compare (``if rank == 0: compare(...)``) leaves the others waiting until the
+        process group's timeout (30 minutes by default)."""
+        every: list[Any] = [None] * self.size
+        waiting = threading.Timer(WAIT_WARNING, _log.warning, args=(
+            "rank %d has waited %d s for the other ranks to start compare: under a process "
+            "group every rank must call it (distributed=False compares on one rank alone)",
+            self.rank, WAIT_WARNING))
+        waiting.daemon = True
+        waiting.start()
+        try:
+            dist.all_gather_object(every, mine)
+        except RuntimeError as exc:  # gloo's and NCCL's timeouts, a rank gone
+            raise InputError(
+                f"rank {self.rank} of {self.size} waited for the other ranks at the start of a "
+                f"data-parallel compare, and they did not come ({type(exc).__name__}: "
+                f"{str(exc).strip()[:200]}). Under an initialised process group of "
+                f"{self.size} ranks, compare is data-parallel: every rank must call it, with "
+                "the same models and data.\nFix: call compare on every rank, or pass "
+                "distributed=False to compare on this rank alone (if rank == 0: "
+                "compare(..., distributed=False))") from exc
+        finally:
+            waiting.cancel()
+        return every
 
 
 def _fingerprint(batch: Any) -> str:

@@ -169,6 +169,17 @@ def test_sparse_batches_are_compared_and_fingerprinted_by_their_values():
         assert _fingerprint((data[0][0], other)) != _fingerprint((data[0][0], adj))
 
 
+def test_a_rank_left_waiting_says_to_pass_distributed_false(monkeypatch):
+    def timed_out(every, mine):
+        raise RuntimeError("[gloo] Timed out waiting 20000ms for recv operation to complete")
+
+    monkeypatch.setattr(dist, "all_gather_object", timed_out)
+    with pytest.raises(ns.InputError, match=r"rank 0 of 2 waited for the other ranks(.|\n)*Timed "
+                                            r"out(.|\n)*Fix: call compare on every rank, or "
+                                            r"pass distributed=False"):
+        list(Ranks(0, 2).share(enumerate([torch.ones(2)]), []))
+
+
 def test_distributed_true_without_a_process_group_says_how_to_launch():
     assert not dist.is_initialized()
     assert data_parallel(None) == ONE_PROCESS and data_parallel(False) == ONE_PROCESS
