@@ -822,3 +822,102 @@ def test_the_torchao_keep_line_keeps_float_every_module_inside_a_kept_one():
                 if is_torchao_tensor(getattr(m, "weight", None))] == ["head"], line
         assert torch.equal(output(rebuilt), output(by_hand))
         assert _sqnr_by_hand(ref, output(rebuilt)) == pytest.approx(measured.value, abs=1e-6)
+
+
+# --- what a plan over several variants costs: the bits the model it makes stores
+
+class _SharedWeights(nn.Module):
+    """An embedding tied to the output head, and two Linears sharing one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.first = nn.Linear(32, 32)
+        self.second = nn.Linear(32, 32)
+        self.second.weight = self.first.weight
+        self.mix = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + self.second(torch.relu(self.first(h)))
+        return self.head(self.mix(h))
+
+
+def _bits_by_hand(model: nn.Module) -> int:
+    """Nominal weight bits of ``model``, each tensor once:
+    float 32 a value; torchao int8 8 a value plus a float32 scale a row; int4 g32 4 a value
+    plus a float32 scale a group (their zero points are all 0: a symmetric format keeps none)."""
+    seen, bits = set(), 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        name = type(weight).__name__
+        if name == "Int8Tensor":
+            assert not weight.zero_point.any()
+            bits += 8 * weight.numel() + 32 * weight.shape[0]
+        elif name == "IntxUnpackedToInt8Tensor":
+            assert not weight.zero_point.any()
+            bits += 4 * weight.numel() + 32 * weight.numel() // 32
+        else:
+            assert type(weight) in (torch.Tensor, nn.Parameter)
+            bits += 32 * weight.numel()
+    return bits
+
+
+def test_a_plan_costs_what_the_model_it_makes_stores_with_tied_and_shared_weights():
+    """A tied head kept float stores nothing (the embedding keeps the weight); two layers
+    sharing a weight kept float store it once. The search read both at 32 bits a weight, so
+    it quantized the tied head, untying it, for a model larger than one keeping it float."""
+    from torchao.quantization import (
+        FqnToConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        PerGroup,
+        quantize_,
+    )
+
+    from fxnumeric.advice.mixed import FLOAT, _Plans, layer_choices
+    from fxnumeric.advice.search import _Search
+
+    torch.manual_seed(0)
+    float_model = _SharedWeights().eval()
+    configs = {"int4": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+               "int8": Int8WeightOnlyConfig()}
+    variants = {}
+    for name, config in configs.items():
+        variants[name] = copy.deepcopy(float_model)
+        quantize_(variants[name], config)
+    data = [torch.randint(0, 64, (4, 8)) for _ in range(2)]
+
+    search = _Search(float_model, variants, data, "sqnr", None, False)
+    try:
+        found, _ = layer_choices(search.runner)
+        plans = _Plans(search, found)
+    finally:
+        search.close()
+    paths = {lc.name: lc.module for lc in found}
+    assert sorted(paths.values()) == ["first", "head", "mix", "second"]
+    searched = sum(float_model.get_submodule(p).weight.numel() for p in paths.values())
+    kept_bits = 32 * float_model.emb.weight.numel()  # outside the search: in every plan's model
+    assert plans.total == searched
+    for choice_of in ({"first": FLOAT, "second": FLOAT, "mix": FLOAT, "head": FLOAT},
+                      {"first": FLOAT, "second": "int8", "mix": "int4", "head": FLOAT},
+                      {"first": FLOAT, "second": FLOAT, "mix": "int8", "head": "int4"},
+                      {"first": "int4", "second": "int8", "mix": "int8", "head": "int8"}):
+        applied = copy.deepcopy(float_model)
+        quantize_(applied, FqnToConfig({p: configs[c] for p, c in choice_of.items()
+                                        if c != FLOAT}), filter_fn=None)
+        by_hand = _bits_by_hand(applied) - kept_bits
+        plan = {name: choice_of[path] for name, path in paths.items()}
+        assert plans.bits(plan) * plans.total == pytest.approx(by_hand, rel=1e-12), choice_of
+
+    advice = fxn.advise(float_model, variants, data, metric="sqnr", target=20, progress=False)
+    assert advice.assignment["head"] == FLOAT  # free, and exact
+    applied = copy.deepcopy(float_model)
+    quantize_(applied, advice.to_torchao(configs), filter_fn=None)
+    assert applied.head.weight is applied.emb.weight
+    assert advice.bits * searched == pytest.approx(_bits_by_hand(applied) - kept_bits)

@@ -21,10 +21,14 @@ The search (closed loop):
 Each verified assignment is a point ``(bits, metric)``; :attr:`~fxnumeric.Advice.front` keeps
 the Pareto front of them.
 
-What a layer costs is its weight's bits per value as the variant stores it
-(:func:`fxnumeric.storage.weight_storage_bits`), by default *nominal* (a packed format's
-width: torchao 0.18 keeps int4 values in whole bytes on CPU, which ``bits="stored"`` counts),
-scales and zero points included, averaged over the layers searched, weighted by their size.
+What a choice costs is the bits the applied model stores for it. A variant's: the layer's
+weight as the variant stores it (:func:`fxnumeric.storage.weight_storage_bits`), by default
+*nominal* (a packed format's width: torchao 0.18 keeps int4 values in whole bytes on CPU,
+which ``bits="stored"`` counts), scales and zero points included. Float's: the float weight,
+unless the model keeps it anyway: one also held by a module outside the search (a tied
+``lm_head`` shares the embedding's, which stays float) costs nothing, and one held by several
+searched layers is stored once when they stay float. A plan's bits are the sum over the layers
+searched, divided by their weights: the bits per weight the applied model stores for them.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -54,12 +58,19 @@ FLOAT = "float"
 
 @dataclass(frozen=True)
 class LayerChoices:
-    """What one layer may take: ``choices`` as ``(name, bits per weight)``, cheapest first."""
+    """What one layer may take: ``choices`` as ``(name, bits per weight)``, cheapest first.
+
+    A choice's bits are what it adds to the model: float's are 0 when the float weight is
+    also held by a module outside the search (a tied ``lm_head``: the embedding keeps it).
+    ``float_shared_with`` names the other searched layers holding the same float weight:
+    those kept float store it once.
+    """
 
     name: str
     module: str
     numel: int
     choices: tuple[tuple[str, float], ...]
+    float_shared_with: tuple[str, ...] = ()
 
     def bits(self, choice: str) -> float:
         return dict(self.choices)[choice]
@@ -160,6 +171,7 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
         raise InputError(f"no quantized layer is named {unknown[:5]}; layers are: "
                          f"{', '.join(runner.layers[:20])}")
     out: list[LayerChoices] = []
+    float_modules: dict[str, nn.Module | None] = {}
     unsearched: list[tuple[str, str]] = []
     kinds = {p.name.partition("#")[0]: p.kind for p in runner.matching.pairs}
     for name in names:
@@ -180,13 +192,58 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
             if count == numel:
                 choices.append((variant, bits / count))
         if len(choices) > 1:
+            float_modules[name] = _weight_module(runner.matching, name, "float")
             out.append(LayerChoices(name, module_path(runner.matching, name), numel,
-                                    tuple(sorted(choices, key=lambda c: c[1]))))
+                                    tuple(choices)))
+    out = _kept_float_costs(out, float_modules, runner.matching.float_model)
     unsearched += runner.unplaced
     if not out:
         raise InputError("no layer to choose a precision for: no variant quantizes a layer "
                          "with a weight; see fxnumeric.match(float_model, quant_model).table()")
     return out, tuple(unsearched)
+
+
+def _kept_float_costs(found: list[LayerChoices], float_modules: Mapping[str, nn.Module | None],
+                      float_model: nn.Module | None) -> list[LayerChoices]:
+    """``found`` with float's cost what keeping each layer float adds to the model, and the
+    choices sorted cheapest first.
+
+    ``quantize_`` (and a hybrid) gives a quantized layer a weight of its own and leaves the
+    float one to whatever else holds it. So a float weight also held by a module of
+    ``float_model`` outside the search (a tied ``lm_head``'s, held by the embedding) is stored
+    whatever the plan: keeping the layer float costs nothing. One held by other searched
+    layers is named in ``float_shared_with``, to be counted once (:meth:`_Plans.bits`). When
+    the layer's float module is not one of ``float_model``'s (a flow that copied it), nothing
+    is known to be shared and float costs its whole weight.
+    """
+    holders: dict[int, list[nn.Module]] = {}  # id(weight) -> the modules holding it
+    if float_model is not None:
+        for module in float_model.modules():
+            for weight in module_weights(module):
+                holders.setdefault(id(weight), []).append(module)
+    layer_of = {id(m): name for name, m in float_modules.items() if m is not None}
+    out = []
+    for lc in found:
+        own = float_modules.get(lc.name)
+        kept_bits: float | None = 0.0
+        shared_with: set[str | None] = set()
+        for weight in module_weights(own) if own is not None else ():
+            others = [m for m in holders.get(id(weight), ()) if m is not own]
+            if len(others) == len(holders.get(id(weight), ())):
+                kept_bits = None  # its module is not float_model's: nothing known
+                break
+            names = {layer_of.get(id(m)) for m in others}
+            if None in names:
+                continue  # held outside the search: the model keeps it anyway
+            kept_bits += weight_storage_bits(weight)[0]
+            shared_with |= names
+        choices = dict(lc.choices)
+        if kept_bits is not None:
+            choices[FLOAT] = kept_bits / lc.numel
+        out.append(LayerChoices(lc.name, lc.module, lc.numel,
+                                tuple(sorted(choices.items(), key=lambda c: c[1])),
+                                tuple(sorted(n for n in shared_with if n))))
+    return out
 
 
 class _Plans:
@@ -197,10 +254,20 @@ class _Plans:
         self.search, self.layers = search, layers
         self.by_name = {lc.name: lc for lc in layers}
         self.total = sum(lc.numel for lc in layers)
+        self.order = {lc.name: i for i, lc in enumerate(layers)}
         self.seen: dict[tuple[tuple[str, str], ...], float] = {}
 
     def bits(self, plan: Mapping[str, str]) -> float:
-        return sum(lc.numel * lc.bits(plan[lc.name]) for lc in self.layers) / self.total
+        """The bits per weight the model ``plan`` makes stores for the searched layers: a
+        float weight several of them share counts once, for the first kept float."""
+        return sum(lc.numel * lc.bits(plan[lc.name]) for lc in self.layers
+                   if not self._stored_before(lc, plan)) / self.total
+
+    def _stored_before(self, lc: LayerChoices, plan: Mapping[str, str]) -> bool:
+        """Whether ``lc`` is float and shares its float weight with an earlier float layer."""
+        return plan[lc.name] == FLOAT and any(
+            plan.get(other) == FLOAT and self.order[other] < self.order[lc.name]
+            for other in lc.float_shared_with)
 
     def _key(self, plan: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
         return tuple(sorted(plan.items()))
@@ -262,8 +329,8 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     u, meets = metric.utility, metric.meets
     found, unsearched = layer_choices(search.runner, nominal, layers)
     if max_float == 0:
-        found = [LayerChoices(lc.name, lc.module, lc.numel,
-                              tuple(c for c in lc.choices if c[0] != FLOAT)) for lc in found]
+        found = [replace(lc, choices=tuple(c for c in lc.choices if c[0] != FLOAT))
+                 for lc in found]
         found = [lc for lc in found if lc.choices]
     plans = _Plans(search, found)
     for lc in found:  # every swap can be built, or the layer is not offered
@@ -288,8 +355,7 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         base_u = u(value)
         eff = {}
         for (n, c), v in zip(steps.items(), values, strict=True):
-            lc = plans.by_name[n]
-            cost = lc.numel * (lc.bits(c) - lc.bits(plan[n]))
+            cost = plans.total * (plans.bits({**plan, n: c}) - plans.bits(plan))
             gain = u(v) - base_u
             eff[n] = gain / cost if cost > 0 else math.inf if gain > 0 else -math.inf
         order = [n for n in sorted(eff, key=lambda n: -eff[n]) if eff[n] > 0]
