@@ -15,9 +15,17 @@ name. What the flows store (torch 2.14, torchao 0.18)::
                                                 unpacked), scale (model   nominal (symmetric, no
                                                 dtype) and int8           zero points) 4 + 1 = 5.0
                                                 zero_point per group      (4.5 bf16)
-    torch quantize_dynamic / static eager      quantized tensor (qint8)  8, plus float64 scale and
-                                                                          int64 zero point per
-                                                                          channel if per-channel
+    torch quantize_dynamic, eager static,      quantized tensor (qint8)  8, plus a float64 scale
+      FX convert_fx (per tensor or per                                    and an int64 zero point
+      channel)                                                            per channel (one each per
+                                                                          tensor); nominal, zero
+                                                                          points only if not all 0:
+                                                                          8 + 64 / in_features per
+                                                                          channel
+
+The nominal count (``nominal=True``) is one rule for every flow: values at their quantization
+width, scales as stored, zero points only where one is not 0 (a symmetric format stores none;
+torchao and torch keep zeros anyway, which the stored count includes).
 
 A recurrent layer (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells) has no ``weight``:
 its gate matrices (``weight_ih_l0``, ``weight_hh``...) count, float or dynamic quantized
@@ -58,7 +66,8 @@ def tensor_storage_bits(tensor: torch.Tensor, nominal: bool = False) -> int:
         nominal: count what a packed format needs: a subclass's ``qdata`` at the width of
             its ``target_dtype`` (``torch.int4``: 4 bits) instead of the int8 it is stored
             in, and zero points only where one is not zero (a symmetric format stores none;
-            torchao keeps a tensor of zeros anyway).
+            torchao keeps a tensor of zeros anyway, torch an int64 zero point per channel or
+            per tensor).
 
     >>> tensor_storage_bits(torch.zeros(10, 4))
     1280
@@ -84,9 +93,13 @@ def tensor_storage_bits(tensor: torch.Tensor, nominal: bool = False) -> int:
         if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
                                 torch.per_channel_affine_float_qparams):
             bits += _plain_bits(tensor.q_per_channel_scales())
-            bits += _plain_bits(tensor.q_per_channel_zero_points())
+            zero_points = tensor.q_per_channel_zero_points()
+            if not (nominal and not bool(zero_points.any())):
+                bits += _plain_bits(zero_points)
         else:
-            bits += 64 + 64  # one double scale, one int64 zero point
+            bits += 64  # one double scale
+            if not (nominal and tensor.q_zero_point() == 0):
+                bits += 64  # one int64 zero point
         return bits
     return _plain_bits(tensor)
 

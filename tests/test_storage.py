@@ -36,6 +36,45 @@ def test_torch_quantized_tensors():
     assert tensor_storage_bits(per_channel) == 96 * 8 + 6 * 64 + 6 * 64  # double scales, int64 zps
 
 
+def test_nominal_torch_quantized_tensors_count_zero_points_only_when_one_is_not_zero():
+    # the nominal rule torchao tensors follow: per-channel FX weights read 2 bits a weight
+    # dearer (12.0 instead of 10.0 for 32 inputs) for int64 zero points that are all 0
+    w = torch.randn(6, 16)
+    scales = torch.rand(6, dtype=torch.double) + 0.1
+    symmetric = torch.quantize_per_channel(w, scales, torch.zeros(6, dtype=torch.long), 0,
+                                           torch.qint8)
+    assert symmetric.q_per_channel_zero_points().dtype == torch.int64  # what torch stores
+    assert tensor_storage_bits(symmetric, nominal=True) == 96 * 8 + 6 * 64
+    affine = torch.quantize_per_channel(w, scales, torch.tensor([0, 0, 3, 0, 0, 0]), 0,
+                                        torch.quint8)
+    assert tensor_storage_bits(affine, nominal=True) == 96 * 8 + 6 * 64 + 6 * 64
+    assert tensor_storage_bits(torch.quantize_per_tensor(w, 0.1, 0, torch.qint8),
+                               nominal=True) == 96 * 8 + 64
+    assert tensor_storage_bits(torch.quantize_per_tensor(w, 0.1, 5, torch.quint8),
+                               nominal=True) == 96 * 8 + 128
+
+
+def test_fx_per_channel_weights_cost_nominally_what_their_scales_add():
+    from torch.ao.quantization import QConfigMapping, default_qconfig, get_default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    example = torch.randn(4, 32)
+    for qconfig, scale_bits in ((get_default_qconfig("x86"), lambda out: 64 * out),
+                                (default_qconfig, lambda out: 64)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(copy.deepcopy(model), QConfigMapping().set_global(qconfig),
+                                  (example,))
+            prepared(example)
+            quantized = convert_fx(prepared)
+        for name, (out, inp) in (("0", (64, 32)), ("2", (10, 64))):
+            weight = quantized.get_submodule(name).weight()
+            by_hand = out * inp * 8 + scale_bits(out)  # symmetric qint8: every zero point 0
+            assert weight_storage_bits(weight, nominal=True) == (by_hand, out * inp)
+            assert weight_storage_bits(weight)[0] == by_hand + scale_bits(out)  # + int64 zps
+
+
 def test_quantize_dynamic_modules_are_read_through_weight_method():
     model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))
     with warnings.catch_warnings():
