@@ -84,6 +84,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -195,9 +205,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="end metric of the model output: sqnr, cosine, min_cosine, "
                           "top1_agreement (higher is better), kl (nats, lower is better)")
     adv.add_argument("--batches", type=_positive, default=4, help="number of random input batches")
-    adv.add_argument("--max-float-layers", type=_positive, help="keep at most this many float")
-    adv.add_argument("--candidates", type=_positive, default=16,
-                     help="layers verified per step of the search")
+    adv.add_argument("--max-float-layers", type=_count,
+                     help="keep at most this many layers float (with several --quant modes, 0 "
+                          "chooses among the modes only)")
+    adv.add_argument("--candidates", type=_positive,
+                     help="with one --quant mode, layers verified per step of the search "
+                          "(default 16)")
     adv.add_argument("-o", "--output", metavar="FILE",
                      help="also write an HTML page: the curve (with several --quant modes, the "
                           "Pareto front of weight bits against the metric) and the steps")
@@ -478,6 +491,7 @@ def _advise(args: argparse.Namespace) -> int:
             args.model, modes, calibration, float_weights=args.float_weights, seed=args.seed,
             progress=_progress(args))
         advice = advise(float_model, variants, data, metric=args.metric, target=args.target,
+                        max_float_layers=args.max_float_layers, candidates=args.candidates,
                         progress=_progress(args))
     else:
         built, leaves = _pair(args)

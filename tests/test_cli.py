@@ -453,3 +453,37 @@ def test_help_examples_show_shell_continuations_and_parse(capsys):
     assert len(commands) >= 12
     for command in commands:
         _parser().parse_args(shlex.split(command)[1:])
+
+
+def _floats_in_summary(out: str) -> int:
+    """How many layers the advice's per-layer lines keep float."""
+    lines = out[out.index("per layer"):].splitlines()[1:]
+    return sum(line.strip().endswith(": float") for line in lines)
+
+
+def test_advise_over_several_modes_keeps_at_most_max_float_layers_float(user_module, capsys):
+    # several --quant modes ignored --max-float-layers: SQNR 1000 dB "reached" with every
+    # layer float; and 0 (the modes only, as the Python API takes it) was refused
+    user_module("tinymlp", _TINY)
+    argv = ["advise", *_TINY_ARGS, "--quant", "dynamic,fx", "--batches", "2", "--target", "1000"]
+    assert main(argv) == 0
+    assert _floats_in_summary(capsys.readouterr().out) == 2  # float everywhere: inf dB
+    for limit in (1, 0):
+        assert main([*argv, "--max-float-layers", str(limit)]) == 1
+        out = capsys.readouterr().out
+        assert "NOT reached" in out and f"with at most {limit} layers float" in out
+        assert _floats_in_summary(out) == limit
+    # one mode: 0 keeps nothing float, the quantized model itself
+    assert main(["advise", *_TINY_ARGS, "--target", "1000", "--max-float-layers", "0"]) == 1
+    assert "NOT reached" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--max-float-layers", "-1"])
+    assert info.value.code == 2 and "expected 0 or more, got '-1'" in capsys.readouterr().err
+
+
+def test_advise_over_several_modes_refuses_candidates(user_module, capsys):
+    # --candidates (default 16) was dropped silently with several modes
+    user_module("tinymlp", _TINY)
+    assert main(["advise", *_TINY_ARGS, "--quant", "dynamic,fx", "--batches", "2",
+                 "--target", "30", "--candidates", "3"]) == 2
+    assert "candidates applies to one quantized model" in capsys.readouterr().err
