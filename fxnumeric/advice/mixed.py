@@ -297,6 +297,20 @@ class _Plans:
         chosen = dict(best[2])
         return (plan, value) if chosen == plan else (chosen, self.seen[best[2]])
 
+    def best(self, plan: dict[str, str], value: float, max_float: int | None
+             ) -> tuple[dict[str, str], float]:
+        """The plan run with the best metric (the fewest bits among equals) that keeps at most
+        ``max_float`` layers float: ``plan`` unless a run one is better. When the target is out
+        of reach the search ends on its dearest plan, which need not be the best: an FX
+        variant's float64 scales cost more than a pt2e one's and may read worse."""
+        u = self.search.metric.utility
+        best = (-u(value), self.bits(plan), self._key(plan))
+        for key, v in self.seen.items():
+            if _float_room(dict(key), max_float) >= 0:
+                best = min(best, (-u(v), self.bits(dict(key)), key))
+        chosen = dict(best[2])
+        return (plan, value) if chosen == plan else (chosen, self.seen[best[2]])
+
     def front(self) -> tuple[tuple[float, float], ...]:
         """The Pareto front of every plan run: ``(bits, metric)``, fewest bits first."""
         u = self.search.metric.utility
@@ -387,6 +401,8 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         plan, value = _prune(plans, plan, value, target, upgraded, max_float)
     if meets(value, target):  # a cheaper plan run on the way (bisection, pruning) may meet it
         plan, value = plans.cheapest_meeting(target, plan, value, max_float)
+    else:  # the dearest plan may read worse than one run on the way
+        plan, value = plans.best(plan, value, max_float)
     reached = meets(value, target)
     bits = plans.bits(plan)
     cheapest = {lc.name: lc.choices[0][0] for lc in found}
@@ -404,7 +420,8 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         message = (f"target {metric.name} {cmp} {target:g} NOT reached: best found "
                    f"{shown(value, target)} "
                    f"at {bits:.2f} average weight bits ({mix}), "
-                   + ("even with every layer at its dearest choice" if _float_room(plan, max_float)
+                   + ("even with every layer at its dearest choice"
+                      if max_float is None or max_float >= len(found)
                       else f"with at most {max_float} layers float (max_float_layers)"))
     if unsearched:
         one = len(unsearched) == 1
