@@ -2184,3 +2184,19 @@ def test_advice_out_of_reach_is_the_best_plan_run_not_the_dearest() -> None:
                                     torch.cat([variants["pt2e"](x) for x in data]))
         assert advice.value == pytest.approx(direct, abs=1e-9)
         assert (advice.bits, advice.value) == advice.front[-1]  # the best plan run
+
+
+def test_a_float_weight_of_no_module_of_the_float_model_costs_its_whole_storage() -> None:
+    # sharing is read from the float model's modules; a weight found elsewhere (a graph
+    # constant, a copy) cannot be known to be kept anyway, so keeping it float is not free
+    from fxnumeric.advice.mixed import LayerChoices, _kept_float_costs
+
+    linear = nn.Linear(4, 2)
+    found = [LayerChoices("fc", "fc", 8, (("float", 32.0), ("int8", 8.5)))]
+    for modules, model in (({"fc": None}, nn.Sequential(linear)),
+                           ({"fc": copy.deepcopy(linear)}, nn.Sequential(linear))):
+        (lc,) = _kept_float_costs(found, modules, model)
+        assert lc.choices == (("int8", 8.5), ("float", 32.0)) and lc.float_shared_with == ()
+    # its own module, held by nothing else: the float weight's 32 bits a value
+    (lc,) = _kept_float_costs(found, {"fc": linear}, nn.Sequential(linear))
+    assert lc.bits("float") == 32.0

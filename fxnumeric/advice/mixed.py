@@ -213,8 +213,8 @@ def _kept_float_costs(found: list[LayerChoices], float_modules: Mapping[str, nn.
     ``float_model`` outside the search (a tied ``lm_head``'s, held by the embedding) is stored
     whatever the plan: keeping the layer float costs nothing. One held by other searched
     layers is named in ``float_shared_with``, to be counted once (:meth:`_Plans.bits`). When
-    the layer's float module is not one of ``float_model``'s (a flow that copied it), nothing
-    is known to be shared and float costs its whole weight.
+    the layer's float weight is not a module of ``float_model``'s (a graph constant, a copy),
+    nothing is known to be shared and float costs its whole weight.
     """
     holders: dict[int, list[nn.Module]] = {}  # id(weight) -> the modules holding it
     if float_model is not None:
@@ -225,24 +225,23 @@ def _kept_float_costs(found: list[LayerChoices], float_modules: Mapping[str, nn.
     out = []
     for lc in found:
         own = float_modules.get(lc.name)
-        kept_bits: float | None = 0.0
-        shared_with: set[str | None] = set()
-        for weight in module_weights(own) if own is not None else ():
-            others = [m for m in holders.get(id(weight), ()) if m is not own]
-            if len(others) == len(holders.get(id(weight), ())):
-                kept_bits = None  # its module is not float_model's: nothing known
-                break
-            names = {layer_of.get(id(m)) for m in others}
+        weights = module_weights(own) if own is not None else []
+        known = bool(weights) and all(any(m is own for m in holders.get(id(w), ()))
+                                      for w in weights)  # else a graph constant, or a copy
+        kept_bits = 0
+        shared_with: set[str] = set()
+        for weight in weights if known else ():
+            names = {layer_of.get(id(m)) for m in holders[id(weight)] if m is not own}
             if None in names:
                 continue  # held outside the search: the model keeps it anyway
             kept_bits += weight_storage_bits(weight)[0]
-            shared_with |= names
+            shared_with.update(n for n in names if n is not None)
         choices = dict(lc.choices)
-        if kept_bits is not None:
+        if known:
             choices[FLOAT] = kept_bits / lc.numel
         out.append(LayerChoices(lc.name, lc.module, lc.numel,
                                 tuple(sorted(choices.items(), key=lambda c: c[1])),
-                                tuple(sorted(n for n in shared_with if n))))
+                                tuple(sorted(shared_with))))
     return out
 
 
