@@ -1219,10 +1219,117 @@ def test_advice_over_variants_lists_a_quantized_op_without_a_weight():
     advice = advise(f, {"int8": q}, [(x,)], metric="sqnr", target=0.0)
     assert advice.assignment == {"a": "int8", "b": "int8"}
     ((layer, reason),) = advice.unsearched
-    assert layer == "add_1" and "float in every plan" in reason and "add" in reason
-    assert "advice.unsearched" in advice.message
+    assert layer == "add_1" and "quantized in every plan" in reason and "add" in reason
+    assert "stays quantized in every plan (add_1: advice.unsearched)" in advice.message
+    # the plan's add is quantized, as in a model re-quantized with the plan (here: the
+    # variant itself); it ran float, and the plan read 1 dB and more above the variant
     whole = fxnumeric.compare(f, q, [(x,)]).model_output["sqnr"]
-    assert advice.value > whole + 1.0, (advice.value, whole)  # the plan's add is float
+    assert advice.value == pytest.approx(whole, abs=1e-4), (advice.value, whole)
+
+
+class _PoolNet(nn.Module):
+    """conv-bn-relu, conv-relu, an average pool FX runs on quantized values, two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.r1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        self.conv2, self.r2 = nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.r3, self.fc2 = nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.r2(self.conv2(self.r1(self.bn1(self.conv1(x)))))
+        return self.fc2(self.r3(self.fc1(self.pool(x).flatten(1))))
+
+
+def _pool_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    f = _PoolNet().eval()
+    with torch.no_grad():
+        f.bn1.running_mean.uniform_(-0.5, 0.5)
+        f.bn1.running_var.uniform_(0.5, 2)
+        f.fc1.weight[3] *= 20  # one outlier row: per tensor loses on fc1
+    return f, [torch.randn(4, 3, 16, 16) for _ in range(3)]
+
+
+_FX_QCONFIGS = {"pt": default_qconfig, "pc": get_default_qconfig("x86"), "float": None}
+
+
+def _fx_plan(f: nn.Module, data: list[torch.Tensor], assignment: dict[str, str],
+             first: str = "pt") -> nn.Module:
+    """The oracle: ``f`` quantized by FX with each module's qconfig as ``assignment`` says
+    (``"float"``: ``None``) and ``first``'s qconfig for the rest (the pool)."""
+    from torch.ao.quantization import default_dynamic_qconfig
+
+    qconfigs = {**_FX_QCONFIGS, "dyn": default_dynamic_qconfig}
+    mapping = QConfigMapping().set_global(qconfigs[first])
+    for path, choice in assignment.items():
+        mapping = mapping.set_module_name(path, qconfigs[choice])
+    prepared = prepare_fx(copy.deepcopy(f), mapping, (data[0],))
+    for x in data:
+        prepared(x)
+    return convert_fx(prepared)
+
+
+def _output_sqnr(f: nn.Module, q: nn.Module, data: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        ref = torch.cat([f(x) for x in data]).double()
+        out = torch.cat([q(x) for x in data]).double()
+    return 10 * math.log10(float(ref.square().sum() / (ref - out).square().sum()))
+
+
+def test_a_plan_over_an_fx_variant_measures_the_model_it_describes():
+    """FX runs the average pool on quantized values, rounding it to conv2's grid; every plan
+    ran it float: the plan where every layer takes the variant read 32.2 dB where the variant
+    reads 31.75, and the chosen plan, fc1 float, claimed 33.67 >= 33.5 where FX re-quantized
+    with fc1 float reads 32.93. Oracles: the variant itself, FX re-quantized with the plan's
+    float layers set to None, and advise with the one quantized model."""
+    f, data = _pool_net()
+    pt = _fx_plan(f, data, {})
+    cheapest = advise(f, {"pt": pt}, data, metric="sqnr", target=-100.0)
+    assert set(cheapest.assignment.values()) == {"pt"}
+    assert cheapest.value == pytest.approx(_output_sqnr(f, pt, data), abs=1e-4)
+    ((layer, reason),) = cheapest.unsearched
+    assert layer == "pool" and "quantized in every plan" in reason
+
+    advice = advise(f, {"pt": pt}, data, metric="sqnr", target=32.9)
+    floated = [path for path, choice in advice.assignment.items() if choice == "float"]
+    assert advice.reached and floated == ["fc1"]  # with fc1 float FX reads 32.93
+    oracle = _output_sqnr(f, _fx_plan(f, data, advice.assignment), data)
+    assert advice.value == pytest.approx(oracle, abs=1e-3), (advice.value, oracle)
+    single = advise(f, pt, data, metric="sqnr", target=32.9)
+    assert list(single.keep_float) == floated
+    assert single.value == pytest.approx(advice.value, abs=1e-6)
+
+
+def test_a_plan_mixing_fx_and_dynamic_variants_measures_the_model_it_describes():
+    """Over a per-tensor, a per-channel and a dynamic variant: the plan chosen read 40.63 dB
+    (its pool float) where FX, each module with its variant's qconfig, reads 38.02; and every
+    plan measured reads what FX builds for it, the pool following conv2's variant."""
+    f, data = _pool_net()
+    variants = {"pt": _fx_plan(f, data, {}), "pc": _fx_plan(f, data, {}, first="pc"),
+                "dyn": quantize_dynamic(copy.deepcopy(f), {nn.Linear})}
+    advice = advise(f, variants, data, metric="sqnr", target=35.0)
+    oracle = _output_sqnr(f, _fx_plan(f, data, advice.assignment), data)
+    assert advice.reached and advice.value == pytest.approx(oracle, abs=1e-3), (
+        advice.assignment, advice.value, oracle)
+
+    from fxnumeric.advice.mixed import _kept_quantized, _Plans, layer_choices
+    from fxnumeric.advice.search import _Search
+
+    search = _Search(f, variants, data, "sqnr", None, False)
+    try:
+        found, _ = layer_choices(search.runner)
+        plans = _Plans(search, found, _kept_quantized(search, found)[0])
+        for plan in ({"conv1": "pc", "conv2": "pc", "fc1": "pt", "fc2": "float"},
+                     {"conv1": "float", "conv2": "float", "fc1": "pc", "fc2": "dyn"},
+                     {"conv1": "pc", "conv2": "float", "fc1": "pt", "fc2": "pc"},
+                     {"conv1": "pt", "conv2": "pt", "fc1": "dyn", "fc2": "float"}):
+            (measured,) = plans.measure([plan], "oracle")
+            oracle = _output_sqnr(f, _fx_plan(f, data, plan), data)
+            assert measured == pytest.approx(oracle, abs=1e-3), (plan, measured, oracle)
+    finally:
+        search.close()
 
 
 def test_batches_of_other_sizes_are_read_as_compare_reads_them() -> None:

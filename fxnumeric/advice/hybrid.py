@@ -559,11 +559,44 @@ class HybridRunner:
                     + (f" in variant {variant!r}" if len(self.variants) > 1 else "")
                     + f"; layers are: {', '.join(self.layers[:20])}"
                 )
-            made = [self._swap(self.variants[variant].region_of(p), p, base) for p in pairs]
-            if base == "float" and variant != next(iter(self.variants)):
-                made = [self._onto_float_base(swap, variant) for swap in made]
-            self._swaps[key] = tuple(made)
+            self._swaps[key] = self._made(pairs, base, variant)
         return self._swaps[key]
+
+    def op_swaps(self, name: str, variant: str) -> tuple[Swap, ...]:
+        """The swaps that take op ``name``, as ``variant``'s own matching names it (a layer,
+        or an op the matching does not count as one, such as an average pool FX runs on
+        quantized values), from ``variant`` into the float base.
+
+        Raises:
+            InstrumentationError: as :meth:`swaps`.
+        """
+        key = (f"op:{name}", "float", variant)
+        if key not in self._swaps:
+            pairs = _call_sites(self.variants[variant], name)
+            if not pairs:
+                raise InstrumentationError(f"variant {variant!r} has no op named {name!r}")
+            self._swaps[key] = self._made(pairs, "float", variant)
+        return self._swaps[key]
+
+    def _made(self, pairs: list[Pair], base: str, variant: str) -> tuple[Swap, ...]:
+        made = [self._swap(self.variants[variant].region_of(p), p, base) for p in pairs]
+        if base == "float" and variant != next(iter(self.variants)):
+            made = [self._onto_float_base(swap, variant) for swap in made]
+        return tuple(made)
+
+    def hands_on_quantized(self, variant: str, name: str) -> bool:
+        """Whether op ``name`` of ``variant``'s matching hands on a quantized tensor in that
+        variant's run of the last :meth:`probe` (a static flow's quantized ``add``, or the
+        average pool FX runs on quantized values, which rounds its output to its input's
+        grid); not a torchao or dynamic layer, whose output is float."""
+        matching = self.variants[variant]
+        for pair in _call_sites(matching, name):
+            region = matching.region_of(pair)
+            node = region.chain(pair, "quant")[-1]
+            cls = region.quant_view.op_class(node)
+            if cls is not None and cls.role == "op" and node in self._held:
+                return True
+        return False
 
     def _onto_float_base(self, swap: Swap, variant: str) -> Swap:
         """``swap``, made on ``variant``'s own float graph, with its float nodes those of the

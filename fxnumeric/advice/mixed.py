@@ -4,7 +4,10 @@ Given the float model and several quantized variants of it (``{"int4": q4, "int8
 :func:`advise_variants` chooses per layer one variant or float, minimising the average weight
 bits, subject to the end metric reaching a target. Every step is verified on real hybrid
 models (:mod:`fxnumeric.advice.hybrid`: the float model with each layer's subgraph taken from
-its chosen variant); nothing is re-quantized and nothing is estimated without being run.
+its chosen variant); nothing is re-quantized and nothing is estimated without being run. An op
+the search does not choose for that a static variant runs on quantized values (FX's average
+pool, a quantized ``add``) is taken from a variant in every plan (:func:`_kept_quantized`), so
+a plan measures the model its assignment describes.
 
 The search (closed loop):
 
@@ -45,9 +48,10 @@ from torch import fx, nn
 from .. import flows
 from ..errors import InputError, InstrumentationError
 from ..flows.fx import weight_owner
+from ..pairing import op_name
 from ..semantics import evaluate_constant, is_dequantize
 from ..storage import module_weights, tensor_storage_bits, weight_storage_bits
-from .hybrid import module_path
+from .hybrid import Swap, module_path, op_names
 from .numbers import shown
 
 __all__ = ["LayerChoices", "advise_variants", "FLOAT"]
@@ -163,7 +167,8 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
     quantizes it; variants that do not quantize it are not offered for it. A quantized layer
     with no module's weight (an FX-quantized ``add``; torchvision's
     ``shifted_window_attention``, a function reading two modules' weights) is not: it stays
-    float in every plan.
+    float in every plan, unless a static variant runs it on quantized values
+    (:func:`_kept_quantized`).
     """
     names = runner.layers if wanted is None else list(dict.fromkeys(wanted))
     unknown = [n for n in names if n not in runner.layers]
@@ -249,8 +254,9 @@ class _Plans:
     """Assignments ``{layer: choice}``: their average bits, their hybrids, their verified
     metric (each assignment is run once)."""
 
-    def __init__(self, search: Any, layers: list[LayerChoices]) -> None:
-        self.search, self.layers = search, layers
+    def __init__(self, search: Any, layers: list[LayerChoices],
+                 kept: Iterable[_Kept] = ()) -> None:
+        self.search, self.layers, self.kept = search, layers, tuple(kept)
         self.by_name = {lc.name: lc for lc in layers}
         self.total = sum(lc.numel for lc in layers)
         self.order = {lc.name: i for i, lc in enumerate(layers)}
@@ -271,14 +277,20 @@ class _Plans:
     def _key(self, plan: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
         return tuple(sorted(plan.items()))
 
+    def swaps(self, plan: Mapping[str, str]) -> tuple[Swap, ...]:
+        """The float graph's swaps that make ``plan``'s model: each layer's variant, and the
+        ops kept quantized in every plan (:func:`_kept_quantized`)."""
+        runner = self.search.runner
+        return (*(s for kept in self.kept for s in kept.swaps(plan)),
+                *(s for name, choice in plan.items() if choice != FLOAT
+                  for s in runner.swaps(name, "float", choice)))
+
     def measure(self, plans: list[dict[str, str]], label: str) -> list[float]:
         """The end metric of each plan, running the ones not run before."""
         todo = [p for p in plans if self._key(p) not in self.seen]
         todo = list({self._key(p): p for p in todo}.values())
         if todo:
-            hybrids = [("float", tuple(s for name, choice in p.items() if choice != FLOAT
-                                       for s in self.search.runner.swaps(name, "float", choice)))
-                       for p in todo]
+            hybrids = [("float", self.swaps(p)) for p in todo]
             for plan, value in zip(todo, self.search.evaluate(hybrids, label), strict=True):
                 self.seen[self._key(plan)] = value
         return [self.seen[self._key(p)] for p in plans]
@@ -322,6 +334,99 @@ class _Plans:
         return tuple(front)
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """An op the search does not choose for, kept quantized in every plan: ``options`` are
+    its swaps from each variant that quantizes it (the first one's first); it follows the
+    variant of layer ``reads`` (the searched layer whose output it reads), when that one is
+    among them."""
+
+    name: str
+    reads: str | None
+    options: dict[str, tuple[Swap, ...]]
+
+    def swaps(self, plan: Mapping[str, str]) -> tuple[Swap, ...]:
+        chosen = self.options.get(plan.get(self.reads, "")) if self.reads else None
+        return chosen if chosen is not None else next(iter(self.options.values()))
+
+
+def _kept_quantized(search: Any, found: list[LayerChoices]
+                    ) -> tuple[list[_Kept], list[tuple[str, str]]]:
+    """The ops the search does not choose for that a variant runs on quantized values, kept
+    quantized in every plan; and ``(op, reason)`` for each of them.
+
+    Every plan is a hybrid on the float graph, and an op not swapped in runs float there. A
+    static flow quantizes more than the layers with a weight: FX runs an average pool, an
+    ``add`` or a ``cat`` on quantized values (a pool rounds its output to its input's grid),
+    and a model re-quantized with some layers float (``set_module_name(layer, None)``) still
+    does. So such an op is taken, in every plan, from the variant of the searched layer whose
+    output it reads, as FX's pool shares that layer's qparams (with that layer float, or of a
+    variant that does not quantize the op, from the first variant, in the order given, that
+    does): a plan measures the model its assignment describes, the variant itself when every
+    layer takes it. A layer left out by ``layers=`` is kept as a variant has it, as a
+    re-quantized model keeps it. torchao's and dynamic layers hand on float tensors: an op of
+    theirs the search does not choose for stays float, as
+    :meth:`~fxnumeric.Advice.to_torchao`'s ``FqnToConfig`` leaves it.
+    """
+    runner = search.runner
+    search.references()  # probes the variants: which ops hand on quantized tensors
+    searched = {lc.module: lc.name for lc in found}
+    first = next(iter(runner.variants))
+    kept: dict[str, _Kept] = {}  # by module path
+    notes: dict[str, tuple[str, str]] = {}
+    for variant, matching in runner.variants.items():
+        kinds = {p.name.partition("#")[0]: p.kind for p in matching.pairs}
+        for name in op_names(matching):
+            path = module_path(matching, name)
+            if path in searched or not runner.hands_on_quantized(variant, name):
+                continue
+            what = f"a quantized {kinds.get(name)} op the search does not choose a precision for"
+            try:
+                swaps = runner.op_swaps(name, variant)
+            except InstrumentationError as exc:
+                notes.setdefault(path, (name if variant == first else f"{variant}:{name}",
+                                        f"{what}; it cannot be taken from variant {variant!r} "
+                                        f"into the float graph ({exc}): float in every plan"))
+                continue
+            if path not in kept:
+                reads = _reads(matching, name, searched, kept)
+                kept[path] = _Kept(name if variant == first else f"{variant}:{name}", reads, {})
+                notes[path] = (kept[path].name, (
+                    f"{what}: quantized in every plan, as the variant of `{reads}`, the layer "
+                    "it reads, has it (else as the first variant quantizing it), as a model "
+                    "re-quantized with the plan's layers float keeps it" if reads else
+                    f"{what}: quantized in every plan, as the first variant quantizing it "
+                    "has it, as a model re-quantized with the plan's layers float keeps it"))
+            kept[path].options[variant] = swaps
+    return list(kept.values()), list(notes.values())
+
+
+def _reads(matching: Any, name: str, searched: Mapping[str, str], kept: Mapping[str, _Kept]
+           ) -> str | None:
+    """The searched layer whose quantized output op ``name`` of ``matching`` reads as it is
+    (its first input, back through plumbing and other kept ops), by the search's name; FX's
+    pool shares that layer's output qparams. ``None`` when it quantizes its input itself (a
+    float op or a model input before it): its own qconfig's observer quantizes it."""
+    pair = next(p for p in matching.pairs if op_name(p.name) == name)
+    region = matching.region_of(pair)
+    view = region.quant_view
+    node = region.chain(pair, "quant")[0]
+    while True:
+        inputs = [i for i in node.all_input_nodes if i.op != "get_attr"]
+        if not inputs:
+            return None
+        node = inputs[0]
+        owner = region.pair_of(node)
+        if owner is not None and region.chain(owner, "quant")[-1] is node:
+            path = module_path(matching, op_name(owner.name))
+            if path in searched:
+                return searched[path]
+            return kept[path].reads if path in kept else None
+        cls = view.op_class(node)
+        if cls is None or cls.role != "plumbing" or cls.is_dequantize:
+            return None
+
+
 def _upgrade(lc: LayerChoices, choice: str) -> str | None:
     names = [c for c, _ in lc.choices]
     i = names.index(choice)
@@ -345,7 +450,10 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         found = [replace(lc, choices=tuple(c for c in lc.choices if c[0] != FLOAT))
                  for lc in found]
         found = [lc for lc in found if lc.choices]
-    plans = _Plans(search, found)
+    kept, notes = _kept_quantized(search, found)
+    noted = {name for name, _ in notes}
+    unsearched = (*notes, *((n, r) for n, r in unsearched if n not in noted))
+    plans = _Plans(search, found, kept)
     for lc in found:  # every swap can be built, or the layer is not offered
         for choice, _ in lc.choices:
             if choice != FLOAT:
@@ -404,12 +512,12 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         plan, value = plans.best(plan, value, max_float)
     reached = meets(value, target)
     bits = plans.bits(plan)
-    cheapest = {lc.name: lc.choices[0][0] for lc in found}
     counts: dict[str, int] = {}
     for choice in plan.values():
         counts[choice] = counts.get(choice, 0) + 1
     mix = ", ".join(f"{counts[c]} {c}" for c in sorted(counts, key=lambda c: -counts[c]))
     cmp = ">=" if metric.higher_is_better else "<="
+    cheapest = {lc.name: lc.choices[0][0] for lc in found}
     if reached:
         message = (f"{len(found)} layers at {bits:.2f} average weight bits ({mix}) reach "
                    f"{metric.name} {shown(value, target)} {cmp} {target:g} (cheapest plan: "
@@ -422,12 +530,7 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
                    + ("even with every layer at its dearest choice"
                       if max_float is None or max_float >= len(found)
                       else f"with at most {max_float} layers float (max_float_layers)"))
-    if unsearched:
-        one = len(unsearched) == 1
-        message += (f"; {len(unsearched)} quantized {'layer has' if one else 'layers have'} no "
-                    "weight of its own to choose a precision for and "
-                    f"{'stays' if one else 'stay'} float ({', '.join(n for n, _ in unsearched[:3])}"
-                    f"{', ...' if len(unsearched) > 3 else ''}: advice.unsearched)")
+    message += _unsearched_note(unsearched)
     front = plans.front()
     return {
         "assignment": {plans.by_name[n].module: c for n, c in plan.items()},
@@ -436,6 +539,23 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         "seconds": time.perf_counter() - started, "layers": tuple(found),
         "unsearched": unsearched,
     }
+
+
+def _unsearched_note(unsearched: tuple[tuple[str, str], ...]) -> str:
+    """The end of the message naming the quantized ops the search does not choose for:
+    those quantized in every plan and those float in every plan."""
+    quantized = [n for n, reason in unsearched if "quantized in every plan" in reason]
+    note = ""
+    for stays, names in (("quantized", quantized),
+                         ("float", [n for n, _ in unsearched if n not in quantized])):
+        if not names:
+            continue
+        one = len(names) == 1
+        note += (f"; {len(names)} quantized {'op' if one else 'ops'} the search does not "
+                 f"choose a precision for {'stays' if one else 'stay'} {stays} in every plan "
+                 f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}: "
+                 "advice.unsearched)")
+    return note
 
 
 def _float_room(plan: Mapping[str, str], max_float: int | None) -> float:

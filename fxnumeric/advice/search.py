@@ -735,10 +735,11 @@ class Advice:
     variants: tuple[str, ...] = ()
     """The variants' names, when advising among several."""
     unsearched: tuple[tuple[str, str], ...] = ()
-    """``(layer, reason)`` of quantized layers the search over several variants could not
-    choose a precision for, having no module's weight (an FX-quantized ``add``; a function
-    reading several modules' weights): float in every plan it verified and left out of
-    :meth:`to_torchao`'s ``FqnToConfig``."""
+    """``(op, reason)`` of the quantized ops the search over several variants does not choose
+    a precision for, each with what it is in every plan it verified: quantized, as a static
+    variant runs it (an FX-quantized ``add`` or average pool, a layer left out by ``layers``:
+    see :func:`fxnumeric.advice.mixed._kept_quantized`), or float, as :meth:`to_torchao`'s
+    ``FqnToConfig`` leaves it (a function reading several modules' weights)."""
     flow: str = ""
     """The quantization flow the quantized model came from (``"fx"``, ``"eager"``,
     ``"dynamic"``, ``"pt2e"``, ``"torchao"``; with several variants, their flows joined by
