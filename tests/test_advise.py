@@ -2307,3 +2307,20 @@ def test_a_float_weight_of_no_module_of_the_float_model_costs_its_whole_storage(
     # its own module, held by nothing else: the float weight's 32 bits a value
     (lc,) = _kept_float_costs(found, {"fc": linear}, nn.Sequential(linear))
     assert lc.bits("float") == 32.0
+
+
+def test_the_message_cheapest_plan_is_the_front_first_point_when_variants_cost_the_same():
+    """A per-tensor FX Linear and a dynamic one cost the same bits: of the plans at the fewest
+    bits, the message named the one it started from (8.07 bits, 31.75 dB) and the front's first
+    row the best verified (8.066 -> 33.77)."""
+    from fxnumeric.advice.numbers import shown
+
+    f, data = _pool_net()
+    variants = {"pt": _fx_plan(f, data, {}),
+                "dyn": quantize_dynamic(copy.deepcopy(f), {nn.Linear})}
+    advice = advise(f, variants, data, metric="sqnr", target=35.0)
+    (bits, value), second = advice.front[:2]
+    assert advice.curve == tuple(v for _, v in advice.front)
+    assert value > _output_sqnr(f, variants["pt"], data) + 0.5  # not the all-pt plan's
+    assert f"(cheapest plan: {bits:.2f} bits, {shown(value, 35.0)})" in advice.message
+    assert f"{bits:.3f}" in advice.table().splitlines()[2]

@@ -517,12 +517,13 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         counts[choice] = counts.get(choice, 0) + 1
     mix = ", ".join(f"{counts[c]} {c}" for c in sorted(counts, key=lambda c: -counts[c]))
     cmp = ">=" if metric.higher_is_better else "<="
-    cheapest = {lc.name: lc.choices[0][0] for lc in found}
+    front = plans.front()
     if reached:
+        # the front's first point: of the plans at the fewest bits (variants of equal cost
+        # make several), the best verified, as advice.table() shows it
         message = (f"{len(found)} layers at {bits:.2f} average weight bits ({mix}) reach "
                    f"{metric.name} {shown(value, target)} {cmp} {target:g} (cheapest plan: "
-                   f"{plans.bits(cheapest):.2f} bits, "
-                   f"{shown(plans.measure([cheapest], '')[0], target)})")
+                   f"{front[0][0]:.2f} bits, {shown(front[0][1], target)})")
     else:
         message = (f"target {metric.name} {cmp} {target:g} NOT reached: best found "
                    f"{shown(value, target)} "
@@ -531,7 +532,6 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
                       if max_float is None or max_float >= len(found)
                       else f"with at most {max_float} layers float (max_float_layers)"))
     message += _unsearched_note(unsearched)
-    front = plans.front()
     return {
         "assignment": {plans.by_name[n].module: c for n, c in plan.items()},
         "bits": bits, "value": value, "reached": reached, "message": message,

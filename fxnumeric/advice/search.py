@@ -689,15 +689,20 @@ def sensitivity(
 
 @dataclass(frozen=True)
 class Advice:
-    """Which layers to keep in float: :func:`advise`'s result.
+    """Which layers to keep in float (with several variants, which variant or float each
+    layer takes): :func:`advise`'s result.
 
     Attributes:
-        keep_float: float-model module paths of the layers to keep float, in the order chosen.
+        keep_float: float-model module paths of the layers to keep float, in the order chosen
+            (with several variants, those assigned ``"float"``).
         curve: the metric of the quantized model (``curve[0]``), then after keeping each of
-            ``keep_float`` float in turn (``curve[i]``: the first ``i`` layers float).
-        value: the metric reached (``curve[-1]``).
+            ``keep_float`` float in turn (``curve[i]``: the first ``i`` layers float). With
+            several variants, the metric of each point of :attr:`front`, fewest bits first:
+            its last is the best plan verified, not necessarily the one chosen.
+        value: the metric of the advised plan (with one quantized model ``curve[-1]``).
         target: the target asked for.
-        reached: whether ``value >= target``.
+        reached: whether ``value`` meets ``target``: ``value >= target``, or ``value <=
+            target`` for a metric where lower is better (``"kl"``).
         metric: the end metric's name.
         message: one line saying what was found (and, if the target was missed, why).
         evaluations: how many hybrid models were run.
