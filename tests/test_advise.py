@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -2324,3 +2325,37 @@ def test_the_message_cheapest_plan_is_the_front_first_point_when_variants_cost_t
     assert value > _output_sqnr(f, variants["pt"], data) + 0.5  # not the all-pt plan's
     assert f"(cheapest plan: {bits:.2f} bits, {shown(value, 35.0)})" in advice.message
     assert f"{bits:.3f}" in advice.table().splitlines()[2]
+
+
+def _seeded_mlp(blocks: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Linear(16, 16), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(16, 4)).eval()
+
+
+@pytest.mark.parametrize("other, warned", [
+    ((3, 0), "2 quantized ops or modules of it have no counterpart in the float model (`_4`, "
+             "`_6`): no plan can take them"),
+    ((2, 1), "weight SQNR below 0 dB on 3 of 3 layers"),
+])
+def test_a_variant_not_made_from_the_float_model_is_warned_about(other, warned):
+    """A variant of a 3-block model against a 2-block one had its extra Linears dropped
+    silently, and one of other weights (seed 1) was offered for every layer with no word."""
+    f = _seeded_mlp(2, 0)
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(2))]
+    own = quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=torch.float16)
+    odd = quantize_dynamic(_seeded_mlp(*other), {nn.Linear})
+    # the oracle of "other weights": weight SQNR of the odd variant's Linears, by hand
+    if other == (2, 1):
+        for i in (0, 2, 4):
+            w, q = f[i].weight.detach().double(), odd[i].weight().dequantize().double()
+            assert 10 * math.log10(float(w.square().sum() / (w - q).square().sum())) < 0
+    with pytest.warns(fxnumeric.FxNumericWarning, match=r"variant 'odd': .*") as caught:
+        advise(f, {"own": own, "odd": odd}, data, metric="sqnr", target=1000.0)
+    assert any(warned in str(w.message) for w in caught), [str(w.message) for w in caught]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxnumeric.FxNumericWarning)  # its own variants: quiet
+        advise(f, {"own": own, "int8": quantize_dynamic(copy.deepcopy(f), {nn.Linear})}, data,
+               metric="sqnr", target=1000.0)

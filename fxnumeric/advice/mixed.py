@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,18 +47,60 @@ import torch
 from torch import fx, nn
 
 from .. import flows
-from ..errors import InputError, InstrumentationError
+from ..errors import FxNumericWarning, InputError, InstrumentationError
 from ..flows.fx import weight_owner
+from ..metrics import sqnr
 from ..pairing import op_name
 from ..semantics import evaluate_constant, is_dequantize
 from ..storage import module_weights, tensor_storage_bits, weight_storage_bits
+from ..weights import pair_weights
 from .hybrid import Swap, module_path, op_names
 from .numbers import shown
 
-__all__ = ["LayerChoices", "advise_variants", "FLOAT"]
+__all__ = ["LayerChoices", "advise_variants", "check_variant", "FLOAT"]
 
 FLOAT = "float"
 """The choice that keeps a layer in float."""
+
+
+def check_variant(matching: Any) -> None:
+    """Warn when a variant does not look made from the float model it is advised against:
+    quantized ops or modules with no counterpart in it (a variant of a 3-layer model against a
+    2-layer one), which no plan can take; or weights that are not the float model's quantized
+    (another seed or checkpoint: weight SQNR below 0 dB on most layers), which plans mix with
+    the float model's as if they were. Both were taken silently, the extra layers dropped."""
+    unpaired = [u.node for u in matching.unmatched_quant if u.quantized or u.region is None]
+    if unpaired:
+        shown_ops = ", ".join(f"`{n}`" for n in unpaired[:5]) + (", ..." if len(unpaired) > 5
+                                                                  else "")
+        warnings.warn(FxNumericWarning(
+            f"{len(unpaired)} quantized op{'s' if len(unpaired) > 1 else ''} or module"
+            f"{'s' if len(unpaired) > 1 else ''} of it {'have' if len(unpaired) > 1 else 'has'}"
+            f" no counterpart in the float model ({shown_ops}): no plan can take "
+            f"{'them' if len(unpaired) > 1 else 'it'}, and the search leaves "
+            f"{'them' if len(unpaired) > 1 else 'it'} out. Is it made from this float model "
+            "(the same layers)? fxnumeric.match(float_model, variant).table() lists what each "
+            "side holds"), stacklevel=4)
+    low: dict[str, float] = {}
+    layers: set[str] = set()
+    for paired in pair_weights(matching, as_computed=True):
+        layers.add(paired.pair.name)
+        if paired.float_weight.shape != paired.quant_weight.shape:
+            continue
+        quant = paired.quant_weight.detach()
+        value = sqnr(paired.float_weight.detach().double(),
+                     (quant.dequantize() if quant.is_quantized else quant).double())
+        if value < 0:
+            low[paired.pair.name] = min(value, low.get(paired.pair.name, value))
+    if layers and len(low) > len(layers) / 2:
+        worst = ", ".join(f"`{n}` {v:.1f} dB" for n, v in list(low.items())[:3]) + (
+            ", ..." if len(low) > 3 else "")
+        warnings.warn(FxNumericWarning(
+            f"its weights do not look made from the float model's: weight SQNR below 0 dB on "
+            f"{len(low)} of {len(layers)} layers ({worst}), where quantizing them reads "
+            "well above. A variant of other weights (another seed or checkpoint)? Every plan "
+            "mixes its layers with the float model's as if they were the same model's"),
+            stacklevel=4)
 
 
 @dataclass(frozen=True)

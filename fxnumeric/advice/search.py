@@ -68,7 +68,7 @@ from .hybrid import (
     module_calls,
     module_path,
 )
-from .mixed import FLOAT, advise_variants
+from .mixed import FLOAT, advise_variants, check_variant
 from .numbers import a_count, a_number, shown
 from .replay import BlockReplay
 
@@ -312,6 +312,8 @@ class _Search:
                 matchings[name] = resolve_matching(
                     float_model, model, matching if name is None else None, None,
                     example_inputs=self.batches[0], validate=False)
+                if name is not None:
+                    check_variant(matchings[name])
         self.matching = next(iter(matchings.values()))
         self.runner = HybridRunner(self.matching if None in matchings else matchings)
         self.progress = progress
