@@ -2310,6 +2310,27 @@ def test_a_float_weight_of_no_module_of_the_float_model_costs_its_whole_storage(
     assert lc.bits("float") == 32.0
 
 
+def test_a_plan_over_a_pt2e_variant_measures_the_model_it_describes():
+    """pt2e quantizes the relus and the pool of conv-relu ... (``op -> quantize ->
+    dequantize``), ops with no weight to choose for: every plan ran them float, and the plan
+    where every layer takes the variant read 37.44 dB where the variant reads 37.63. Oracles:
+    the variant itself, and advise with the one quantized model (a plan with only fc1 float;
+    the layers left out by ``layers=`` stay as the variant has them)."""
+    from _flow_pairs import _pt2e
+
+    f, data = _pool_net()
+    q = _pt2e(f, data)
+    exported = torch.export.export(copy.deepcopy(f), (data[0],)).module()
+    cheapest = advise(exported, {"x": q}, data, metric="sqnr", target=-100.0)
+    assert cheapest.value == pytest.approx(_output_sqnr(f, q, data), abs=1e-4)
+    assert "pool" in dict(cheapest.unsearched)
+    mixed = advise(exported, {"x": q}, data, metric="sqnr", target=1e9, layers=["fc1"])
+    single = advise(exported, q, data, metric="sqnr", target=1e9, layers=["fc1"])
+    assert mixed.assignment == {"fc1": "float"} and list(single.keep_float) == ["fc1"]
+    assert mixed.value == pytest.approx(single.value, abs=1e-6)
+    assert mixed.value > cheapest.value + 0.5  # fc1 float is a plan of its own, measured
+
+
 def test_the_message_cheapest_plan_is_the_front_first_point_when_variants_cost_the_same():
     """A per-tensor FX Linear and a dynamic one cost the same bits: of the plans at the fewest
     bits, the message named the one it started from (8.07 bits, 31.75 dB) and the front's first

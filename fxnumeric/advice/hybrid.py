@@ -588,13 +588,20 @@ class HybridRunner:
         """Whether op ``name`` of ``variant``'s matching hands on a quantized tensor in that
         variant's run of the last :meth:`probe` (a static flow's quantized ``add``, or the
         average pool FX runs on quantized values, which rounds its output to its input's
-        grid); not a torchao or dynamic layer, whose output is float."""
+        grid), or quantizes its output itself (pt2e: ``op -> quantize -> dequantize``), or is
+        a quantized op reading a quantized value (a pt2e conv whose relu's output is quantized);
+        not a torchao or dynamic layer, which reads and hands on float tensors."""
         matching = self.variants[variant]
         for pair in _call_sites(matching, name):
             region = matching.region_of(pair)
-            node = region.chain(pair, "quant")[-1]
-            cls = region.quant_view.op_class(node)
-            if cls is not None and cls.role == "op" and node in self._held:
+            chain = region.chain(pair, "quant")
+            cls = region.quant_view.op_class(chain[-1])
+            if cls is None or cls.role != "op":
+                continue
+            if (chain[-1] in self._held
+                    or quantized_edge(region.output_nodes(pair)[1]) is chain[-1]
+                    or pair.quantized and any(i in self._held or quantized_edge(i) is not None
+                                              for i in chain[0].all_input_nodes)):
                 return True
         return False
 

@@ -401,15 +401,15 @@ def _kept_quantized(search: Any, found: list[LayerChoices]
     Every plan is a hybrid on the float graph, and an op not swapped in runs float there. A
     static flow quantizes more than the layers with a weight: FX runs an average pool, an
     ``add`` or a ``cat`` on quantized values (a pool rounds its output to its input's grid),
-    and a model re-quantized with some layers float (``set_module_name(layer, None)``) still
-    does. So such an op is taken, in every plan, from the variant of the searched layer whose
-    output it reads, as FX's pool shares that layer's qparams (with that layer float, or of a
-    variant that does not quantize the op, from the first variant, in the order given, that
-    does): a plan measures the model its assignment describes, the variant itself when every
-    layer takes it. A layer left out by ``layers=`` is kept as a variant has it, as a
-    re-quantized model keeps it. torchao's and dynamic layers hand on float tensors: an op of
-    theirs the search does not choose for stays float, as
-    :meth:`~fxnumeric.Advice.to_torchao`'s ``FqnToConfig`` leaves it.
+    pt2e puts ``quantize -> dequantize`` after a ``relu`` or a pool, and a model re-quantized
+    with some layers float (``set_module_name(layer, None)``) still does. So such an op is
+    taken, in every plan, from the variant of the searched layer whose output it reads, as FX's
+    pool shares that layer's qparams (with that layer float, or of a variant that does not
+    quantize the op, from the first variant, in the order given, that does): a plan measures the
+    model its assignment describes, the variant itself when every layer takes it. A layer left
+    out by ``layers=`` is kept as a variant has it, as a re-quantized model keeps it. torchao's
+    and dynamic layers hand on float tensors: an op of theirs the search does not choose for
+    stays float, as :meth:`~fxnumeric.Advice.to_torchao`'s ``FqnToConfig`` leaves it.
     """
     runner = search.runner
     search.references()  # probes the variants: which ops hand on quantized tensors
