@@ -473,8 +473,7 @@ def compare(
             "it.\nFix: keep the float model before quantizing (float_model = "
             "copy.deepcopy(model) before prepare / quantize_dynamic) and pass both")
     total = _length(data, max_batches)
-    example, data = _first_batch(data, inputs)
-    check_batch(example, 0)  # before tracing: the first batch is checked before any work
+    example, data = _first_batch(data, inputs, max_batches)
     plan = _plan(float_model, quant_model, comparisons, metrics, keep_activations, matching,
                  leaf_modules, precision, progress, capture, example)
     ran = _run(plan, data, progress, max_batches, inputs, total, ranks)
@@ -988,19 +987,43 @@ def _rms(acc: Accumulator | None) -> float | None:
 
 
 def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
-                 ) -> tuple[Any, Iterable[Any]]:
-    """The model inputs of the first batch (checked before tracing; the capture's example),
-    and ``data`` still whole (an iterator is chained back together)."""
+                 max_batches: int | None = None) -> tuple[Any, Iterable[Any]]:
+    """The model inputs of the first batch without NaN/Inf (checked before tracing; the
+    capture's example), and ``data`` still whole (an iterator's batches read ahead are
+    chained back).
+
+    A batch holding NaN/Inf is left out of every metric when the batches run, so it is not
+    the example either: a capture that runs it (the module tree of a Hugging Face model)
+    would fail in a quantized op on NaN (``ChooseQuantizationParams``) instead.
+
+    Raises:
+        InputError: no batch, or every batch (of the first ``max_batches``) holds NaN/Inf.
+    """
     if isinstance(data, (list, tuple)):
         if not data:
             raise no_batches(data)
-        return pick_inputs(data[0], inputs), data
-    iterator = iter(data)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise no_batches(data) from None
-    return pick_inputs(first, inputs), itertools.chain([first], iterator)
+        ahead: Iterable[Any] = data
+    else:
+        ahead = iter(data)
+    read: list[Any] = []
+    example = None
+    # islice: no batch past the last one is read off the caller's iterator
+    for index, batch in enumerate(itertools.islice(ahead, max_batches)):
+        read.append(batch)
+        model_inputs = pick_inputs(batch, inputs)
+        check_batch(model_inputs, index)  # the first batch is checked before any work
+        if not nonfinite_inputs(model_inputs):
+            example = model_inputs
+            break
+    if not read:
+        raise no_batches(data)
+    if example is None:
+        raise InputError(f"every batch holds NaN/Inf ({len(read)} batches): nothing is left "
+                         "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
+                         "or check the preprocessing that produces it")
+    if isinstance(data, (list, tuple)):
+        return example, data
+    return example, itertools.chain(read, ahead)
 
 
 def _looks_labelled(batch: Any) -> bool:
@@ -1119,8 +1142,7 @@ def _compare_variants(float_model: nn.Module, variants: Mapping[str, nn.Module],
     """:func:`compare` of several quantized variants of ``float_model`` (see its *Variants*)."""
     matchings = _variant_matchings(float_model, variants, matching)
     total = _length(data, max_batches)
-    example, data = _first_batch(data, inputs)
-    check_batch(example, 0)
+    example, data = _first_batch(data, inputs, max_batches)
     comparisons = tuple(comparisons)
     plans: dict[str, _Plan] = {}
     for name, quant_model in variants.items():
