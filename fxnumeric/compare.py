@@ -773,6 +773,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
     weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
     floors: dict[str, dict[str, Any]] = {}
     unread: dict[str, str] = {}  # why a row's weights could not be compared
+    inside: dict[str, list[str]] = {}  # a module called whole: the layers its row compares
     first: dict[str, Pair] = {}  # a row's floor is its name's first pair's
     for p in matching.pairs:
         first.setdefault(p.name, p)
@@ -791,11 +792,18 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
                         [(w.float_weight, w.quant_weight) for w in layer]))
                 if first.get(pair.name) is pair and pair.name not in floors:
                     # the floor reads the quantized weight too: from here, not unpacked again
-                    floors[pair.name] = _floor(matching, pair, plan.shadows.get(pair.name),
-                                               plan.floors.get(pair.name), layer[0].quant_weight)
+                    # (not a module called whole: its first layer's weight is not the op's)
+                    floors[pair.name] = _floor(
+                        matching, pair, plan.shadows.get(pair.name), plan.floors.get(pair.name),
+                        None if layer[0].layer else layer[0].quant_weight)
                 for w in layer:
                     weights[pair.name][0].append(w.key)
-                    if pair.quantized:  # a layer left float shows no weight SQNR: none summed
+                    if w.layer and w.layer not in inside.get(pair.name, ()):
+                        inside.setdefault(pair.name, []).append(w.layer)
+                    # a layer left float shows no weight SQNR: none summed. A module called
+                    # whole holding quantized layers (w.layer) is quantized however deep they
+                    # sit (ops.is_quantized_module looks at its children only)
+                    if pair.quantized or w.layer:
                         _add_weights(weights[pair.name][1], w.float_weight, w.quant_weight)
     rows = []
     seen: set[str] = set()
@@ -813,14 +821,15 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             kind=p.kind,
             quantized=p.quantized,
             # a layer left float has the float weight: nothing to compare (not an inf SQNR)
-            weight_sqnr=w_acc.value("sqnr") if w_acc and p.quantized else None,
+            weight_sqnr=(w_acc.value("sqnr") if w_acc and (p.quantized or p.name in inside)
+                         else None),
             output=oa.values(plan.metrics) if oa and oa.batches else {},
             shadow=sa.values(plan.metrics) if sa and sa.batches else {},
             weight_keys=tuple(keys),
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
             note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc,
-                       plan.routes.get(p.name), unread.get(p.name)),
+                       plan.routes.get(p.name), unread.get(p.name), inside.get(p.name)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -1059,8 +1068,11 @@ def _differ(acc: Accumulator | None) -> str:
 
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           weights: Accumulator | None = None, routes: Routes | None = None,
-          unread_weight: str | None = None) -> str:
+          unread_weight: str | None = None, inside: list[str] | None = None) -> str:
     notes = []
+    if inside:
+        notes.append(f"called whole: the weights of its layers {', '.join(inside)} compare "
+                     "here, their outputs not one by one")
     if unread_weight:
         notes.append(f"weights not compared: {unread_weight}")
     if (oa is not None and not oa.batches and not (sa is not None and sa.batches)

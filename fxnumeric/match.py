@@ -50,7 +50,7 @@ from .capture.tree import capture_tree, record_calls
 from .errors import InputError, MatchError, TraceError
 from .flows.torchao import export_loses
 from .guards import check_pair, contents, nothing_quantized, warn_unquantized
-from .offload import preloaded_layers, whole_paths
+from .offload import whole_layers, whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
 from .run import check_model, keeps_buffers, run_model
@@ -784,8 +784,8 @@ def match(
                                 notes)
         quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized")
     except TraceError as exc:
-        return _with_preloaded(_fall_back_to_tree(float_model, quant_model, example_inputs,
-                                                  leaf_modules, exc, notes, node_match))
+        return _with_whole_layers(_fall_back_to_tree(
+            float_model, quant_model, example_inputs, leaf_modules, exc, notes, node_match))
     if is_export_graph(float_gm) and not is_export_graph(float_root):
         float_root = float_gm  # exported by capture="auto": its nodes name no module of it
     float_view = GraphView(float_gm, root=float_root)
@@ -795,30 +795,35 @@ def match(
         run_model(float_gm, example_inputs, which="float")
         run_model(quant_gm, example_inputs, which="quantized")
     region = pair_region(float_view, quant_view, node_match=node_match)
-    return _with_preloaded(Matching((region,), region.pairs, region.unmatched_float,
-                                    region.unmatched_quant, float_model, quant_model,
-                                    capture_notes=tuple(notes)))
+    return _with_whole_layers(Matching((region,), region.pairs, region.unmatched_float,
+                                       region.unmatched_quant, float_model, quant_model,
+                                       capture_notes=tuple(notes)))
 
 
-def _with_preloaded(matching: Matching) -> Matching:
-    """``matching`` with the layers inside a module that accelerate preloads whole listed as
-    unpaired, with the reason: that module is compared as one op, which says nothing of them
-    (nor of their twins in the other model, at the same paths)."""
-    found = {side: preloaded_layers(model) for side, model in
+def _with_whole_layers(matching: Matching) -> Matching:
+    """``matching`` with the layers inside a module that accelerate's hooks make fxnumeric
+    call whole (:func:`fxnumeric.offload.whole_layers`) listed as unpaired, with the reason:
+    that module is compared as one op, which compares their weights but not their outputs
+    (nor those of their twins in the other model, at the same paths)."""
+    found = {side: whole_layers(model) for side, model in
              (("float", matching.float_model), ("quant", matching.quant_model))}
     if not found["float"] and not found["quant"]:
         return matching
 
-    def at(layers: list[tuple[str, str]], model: nn.Module) -> list[tuple[str, str]]:
+    def at(layers: list[tuple[str, str, str]], model: nn.Module) -> list[tuple[str, str, str]]:
         names = dict(model.named_modules())
-        return [(path, parent) for path, parent in layers if path in names]
+        return [layer for layer in layers if layer[0] in names]
 
-    def missing(layers: list[tuple[str, str]], quantized: bool) -> tuple[Unmatched, ...]:
+    def missing(layers: list[tuple[str, str, str]], quantized: bool) -> tuple[Unmatched, ...]:
         return tuple(Unmatched(path, "module", (
-            f"inside `{parent}`, which accelerate's preload_module_classes hook loads whole "
-            f"when it is called: `{parent}` is compared as one op, its layers are not. "
-            "Dispatch without preload_module_classes to compare them one by one"),
-            quantized, None) for path, parent in layers)
+            f"inside `{parent}`, called whole because {why}: `{parent}` is compared as one op "
+            f"(its row compares the weights of its quantized layers), its layers' outputs are "
+            f"not compared one by one. "
+            + ("Dispatch without preload_module_classes to compare them one by one"
+               if "preload" in why else
+               f"Keep `{parent}`'s own tensors in memory (a device_map entry putting "
+               f"`{parent}` on the execution device) to compare them one by one")),
+            quantized, None) for path, parent, why in layers)
 
     float_layers = found["float"] or at(found["quant"], matching.float_model)
     quant_layers = found["quant"] or at(found["float"], matching.quant_model)

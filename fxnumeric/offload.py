@@ -10,7 +10,9 @@ drops them after. fxnumeric runs such a model through those hooks:
 * copies of the module tree run the copy through the same hook
   (:func:`fxnumeric.capture.clone.module_tree_copy`);
 * a module whose own tensors are offloaded is never traced through (its graph would read the
-  meta tensors; called whole, its hook loads them): :func:`keeps_whole`;
+  meta tensors; called whole, its hook loads them): :func:`keeps_whole`; the layers inside
+  it are listed unpaired, with the reason (:func:`whole_layers`), and its row compares the
+  weights of its quantized layers;
 * the device check reads a hooked tensor's execution device, not ``meta``: :func:`devices`;
 * weight comparisons read each offloaded weight from the hook's map, one module at a time, and
   never write into the user's module: :func:`loaded`.
@@ -27,7 +29,8 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["hooks_of", "offloaded_names", "keeps_whole", "whole_paths", "loaded", "devices"]
+__all__ = ["hooks_of", "offloaded_names", "keeps_whole", "whole_layers", "whole_paths", "loaded",
+           "devices"]
 
 _META = torch.device("meta")
 
@@ -63,17 +66,30 @@ def keeps_whole(module: nn.Module) -> bool:
         for h in hooks_of(module))
 
 
-def preloaded_layers(model: Any) -> list[tuple[str, str]]:
-    """``(layer path, parent path)`` of each module with a weight of its own inside a module
-    that accelerate's ``preload_module_classes`` hook loads whole: the parent is compared as one
-    op (its hook must run to load them), so these layers are not compared one by one."""
+def whole_layers(model: Any) -> list[tuple[str, str, str]]:
+    """``(layer path, parent path, why)`` of each module with a weight of its own inside a
+    module that accelerate's hooks make fxnumeric call whole: one whose own tensors are
+    offloaded (a custom module holding a parameter beside its children), or one that
+    ``preload_module_classes`` loads whole. The parent is compared as one op (its hook must
+    run to load them; its row compares its quantized layers' weights), so these layers are not
+    compared one by one. ``why`` says which hook keeps the parent whole."""
     if not isinstance(model, nn.Module):
         return []
-    found = []
+    found: list[tuple[str, str, str]] = []
+    inside: list[str] = []  # whole modules met so far: their layers are listed once, theirs
     for path, module in model.named_modules():
-        if path and module._modules and keeps_whole(module) and not offloaded_names(module):
-            found += [(f"{path}.{name}", path) for name, child in module.named_modules()
-                      if name and isinstance(child._parameters.get("weight"), torch.Tensor)]
+        if not path or not module._modules or not keeps_whole(module):
+            continue
+        if any(path.startswith(f"{outer}.") for outer in inside):
+            continue
+        inside.append(path)
+        own = offloaded_names(module)
+        why = (f"accelerate offloads its own {', '.join(f'`{n}`' for n in own)}, which its "
+               "hook loads only when it is called" if own
+               else "accelerate's preload_module_classes hook loads its layers when it is "
+               "called")
+        found += [(f"{path}.{name}", path, why) for name, child in module.named_modules()
+                  if name and isinstance(child._parameters.get("weight"), torch.Tensor)]
     return found
 
 
@@ -86,21 +102,29 @@ def whole_paths(model: Any) -> list[str]:
     return [path for path, module in model.named_modules() if path and keeps_whole(module)]
 
 
-def _offloaded_value(module: nn.Module, name: str) -> torch.Tensor | None:
-    for hook in hooks_of(module):
-        weights = getattr(hook, "weights_map", None)
-        if weights is None:
-            continue
-        try:
-            value = weights[name]
-        except KeyError:
-            continue
-        if isinstance(value, torch.Tensor):
-            return value
+def _offloaded_value(module: nn.Module, name: str,
+                     holder: tuple[nn.Module, str] | None = None) -> torch.Tensor | None:
+    # the module's own hook, else (preload_module_classes) the hook of the module holding it,
+    # whose weights map names the tensor by its path inside that module
+    holders = [(module, name)]
+    if holder is not None:
+        holders.append((holder[0], f"{holder[1]}.{name}"))
+    for owner, key in holders:
+        for hook in hooks_of(owner):
+            weights = getattr(hook, "weights_map", None)
+            if weights is None:
+                continue
+            try:
+                value = weights[key]
+            except KeyError:
+                continue
+            if isinstance(value, torch.Tensor):
+                return value
     return None
 
 
-def loaded(module: nn.Module, where: str = "") -> nn.Module:
+def loaded(module: nn.Module, where: str = "",
+           holder: tuple[nn.Module, str] | None = None) -> nn.Module:
     """``module`` with its offloaded tensors readable: the module itself when none is
     offloaded, else a shallow copy whose offloaded parameters and buffers are read from the
     hook's weights map (the user's module is not touched; its hook still offloads it).
@@ -108,6 +132,8 @@ def loaded(module: nn.Module, where: str = "") -> nn.Module:
     Args:
         module: a module of a model dispatched by accelerate, or any module.
         where: the module's path, for the error message.
+        holder: ``(ancestor, path of module inside it)``: an ancestor whose hook may hold the
+            module's tensors (accelerate's ``preload_module_classes`` hooks the parent only).
 
     Raises:
         InputError: a tensor is on the meta device and no hook on the module holds its value.
@@ -122,7 +148,7 @@ def loaded(module: nn.Module, where: str = "") -> nn.Module:
     for name, tensor in _direct_tensors(module).items():
         if tensor.device != _META:
             continue
-        value = _offloaded_value(module, name)
+        value = _offloaded_value(module, name, holder)
         if value is None:
             raise InputError(
                 f"`{where or type(module).__name__}.{name}` is on the meta device and no "

@@ -19,6 +19,7 @@ from . import flows
 from .flows.fx import unpacked_weight
 from .match import Matching, Pair, Region
 from .offload import loaded
+from .ops import is_quantized_module
 from .semantics import evaluate_constant
 from .storage import is_dynamic_module, named_module_weights
 from .view import GraphView
@@ -45,6 +46,9 @@ class PairedWeight(NamedTuple):
         quant_weight: the quantized weight, as the quantized op computes with it.
         matrix: which of a recurrent op's several matrices this is, by the float layer's
             name (``weight_ih_l1_reverse``); empty for an op with one weight.
+        layer: for an op that is a module called whole holding quantized layers (a custom
+            module kept whole), the quantized model's path of the layer this weight is
+            (``block.fc``); empty for an op's own weight.
     """
 
     pair: Pair
@@ -52,6 +56,7 @@ class PairedWeight(NamedTuple):
     float_weight: torch.Tensor
     quant_weight: torch.Tensor
     matrix: str = ""
+    layer: str = ""
 
 
 def _leaf_parts(module: nn.Module) -> list[nn.Module]:
@@ -238,7 +243,7 @@ def pair_weights(matching: Matching, *, as_computed: bool = False, unread: Unrea
                 pair, fmod, qmods[qnode.target], path,
                 lambda region=region, pair=pair: _float_weight(region, pair), as_computed,
                 lambda region=region, pair=pair, fmod=fmod: _float_matrices(region, pair, fmod),
-                note)
+                note, inner=pair.name not in matching.containers)
 
 
 def _prefixed(path: str, name: str) -> str:
@@ -248,17 +253,25 @@ def _prefixed(path: str, name: str) -> str:
 def _module_weights(
     pair: Pair, fmod: nn.Module | None, qmod: nn.Module, qpath: str, float_weight: Any,
     as_computed: bool, float_matrices: Callable[[], dict[str, torch.Tensor] | None],
-    unread: Unread,
+    unread: Unread, inner: bool = False,
 ) -> list[PairedWeight]:
     """The weights of one pair whose quantized side is the module ``qmod`` at ``qpath``;
     ``float_weight()`` gives the float weight (BN-folded where the pair absorbed one),
-    ``float_matrices()`` a recurrent float op's matrices (``None`` for any other op)."""
+    ``float_matrices()`` a recurrent float op's matrices (``None`` for any other op).
+    ``inner``: a pair of modules without weights of their own gives those of the quantized
+    layers inside them (:func:`_inner_weights`); False for a pair whose layers have rows of
+    their own."""
     qweights = _quant_weights(loaded(qmod, qpath), qpath)
     matrices = float_matrices()
     if not qweights:
         if pair.quantized and (matrices is not None or float_weight() is not None):
             unread(pair, f"the quantized `{type(qmod).__name__}` holds its weights in a form "
                          "fxnumeric does not read")
+            return []
+        if inner and fmod is not None:
+            # a module called whole (leaf_modules, or its own tensors offloaded by
+            # accelerate): the weights of its quantized layers compare in its row
+            return _inner_weights(pair, fmod, qmod, qpath, as_computed, unread)
         return []
     if matrices is not None:
         return _paired_matrices(pair, matrices, qmod, qweights, unread)
@@ -271,6 +284,69 @@ def _module_weights(
     flip = as_computed and _transposed_linear(qmod)
     return [PairedWeight(pair, key, fweight, qw.t() if flip else qw)
             for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
+
+
+def _quantized_layers(module: nn.Module, path: str,
+                      ) -> Iterator[tuple[str, nn.Module, dict[str, Any]]]:
+    """``(path inside module, layer, its quantized weights)`` of the quantized layers with
+    weights inside ``module`` (at ``path`` in its model), outermost first: a quantized
+    module without weights of its own (a custom module holding a quantized Linear) is looked
+    inside."""
+    def visit(parent: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, dict[str, Any]]]:
+        for name, child in parent.named_children():
+            rel = _prefixed(prefix, name)
+            if is_quantized_module(child):
+                qweights = _quant_weights(loaded(child, f"{path}.{rel}", (module, rel)),
+                                          f"{path}.{rel}")
+                if qweights:
+                    yield rel, child, qweights
+                    continue
+            yield from visit(child, rel)
+
+    yield from visit(module, "")
+
+
+def _inner_weights(pair: Pair, fmod: nn.Module, qmod: nn.Module, qpath: str, as_computed: bool,
+                   unread: Unread) -> list[PairedWeight]:
+    """The weights of the quantized layers inside a module pair called whole, each beside the
+    float layer at the same path inside the float module (``layer`` names it), keyed as
+    the quantized model's state_dict.
+
+    Such a pair holds no weight of its own: a custom module kept whole (``leaf_modules``, or
+    called whole because accelerate offloads a tensor of its own), holding an ``nn.Linear``.
+    Its row is the only one those layers have, so their weights compare there (not for a
+    module whose layers have rows of their own: :attr:`Matching.containers`). A quantized
+    layer without a float twin with a weight at its path is named in ``unread``.
+    """
+    found: list[PairedWeight] = []
+    missing: list[str] = []
+    for rel, qlayer, qweights in _quantized_layers(qmod, qpath):
+        path = f"{qpath}.{rel}"
+        try:
+            flayer = fmod.get_submodule(rel)
+        except AttributeError:
+            missing.append(rel)
+            continue
+        if isinstance(flayer, (nn.RNNBase, nn.RNNCellBase)):
+            matrices = _recurrent_weights(loaded(flayer, path, (fmod, rel)))
+            found += [w._replace(layer=path)
+                      for w in _paired_matrices(pair, matrices, qlayer, qweights, unread)]
+            continue
+        fweight = _folded_weight([loaded(part, path, (fmod, rel))
+                                  for part in _leaf_parts(flayer)])
+        if fweight is None:
+            missing.append(rel)
+            continue
+        if as_computed and _transposed_linear(flayer):
+            fweight = fweight.t()
+        flip = as_computed and _transposed_linear(qlayer)
+        found += [PairedWeight(pair, key, fweight, qw.t() if flip else qw, layer=path)
+                  for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
+    if missing:
+        unread(pair, f"the quantized {', '.join(f'`{qpath}.{rel}`' for rel in missing)} inside "
+                     f"it have no float layer with a weight at the same path inside the float "
+                     f"`{type(fmod).__name__}`")
+    return found
 
 
 def _paired_matrices(pair: Pair, matrices: dict[str, torch.Tensor], qmod: nn.Module,

@@ -139,18 +139,35 @@ def test_from_pretrained_with_an_offload_folder(dynamic_llama, batches, tmp_path
 
 
 def test_a_module_with_offloaded_weights_of_its_own_is_called_whole(tmp_path):
-    """Traced through, its graph would read meta tensors; called whole, its hook loads them."""
+    """Traced through, its graph would read meta tensors; called whole, its hook loads them.
+    Its quantized Linear then had no row, and its weight SQNR was dropped without a word
+    (weight_sqnr None, no note, nothing unmatched). Oracles: the in-memory run's row of that
+    Linear and the SQNR computed directly from the two weights."""
     torch.manual_seed(0)
     model = _Scaled().eval()
     q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
     data = [torch.randn(2, 8) for _ in range(2)]
     in_memory = ns.compare(model, q, data)
+    w = model.block.fc.weight.detach().double()
+    error = w - q.block.fc.weight().dequantize().double()
+    direct = 10 * torch.log10((w ** 2).sum() / (error ** 2).sum()).item()
     assert not keeps_whole(model.block)
     accelerate.disk_offload(model, tmp_path, execution_device="cpu")
     assert keeps_whole(model.block) and offloaded_names(model.block) == ["scale"]
     report = ns.compare(model, q, data)
     _same(report.model_output, in_memory.model_output)
-    assert [r.name for r in report.rows] == ["fc", "relu", "block"] and not report.unmatched
+    assert [r.name for r in report.rows] == ["fc", "relu", "block"]
+    block, inner = report.row("block"), in_memory.row("block.fc")
+    assert block.weight_sqnr == pytest.approx(inner.weight_sqnr, rel=1e-9)
+    assert block.weight_sqnr == pytest.approx(direct, rel=1e-9)
+    assert block.weight_keys == ("block.fc._packed_params._packed_params",)
+    assert "weights of its layers block.fc compare here" in block.note
+    # the whole block's output is the in-memory output of its last op (fc * scale)
+    assert block.output["sqnr"] == pytest.approx(in_memory.row("mul").output["sqnr"], rel=1e-6)
+    assert {(node, side) for node, side, _ in report.unmatched} == {
+        ("block.fc", "float"), ("block.fc", "quantized")}
+    assert all("accelerate offloads its own `scale`" in reason and "device_map" in reason
+               for _, _, reason in report.unmatched)
 
 
 class _ScaledBlock(nn.Module):
@@ -223,3 +240,14 @@ def test_layers_inside_a_preloaded_module_are_listed_unpaired_with_the_reason(
     assert {r.name for r in report.rows} == {"model.embed_tokens", "model.layers.0",
                                              "model.layers.1", "model.norm", "lm_head"}
     assert report.model_output == pytest.approx(in_memory.model_output, rel=1e-6)
+    # each layer's row compares the weights of its quantized Linears, read from the layer's
+    # hook (theirs have none): oracle, the SQNR of the 7 weights together, computed directly
+    for i in range(2):
+        pairs = [(m.weight.detach().double(), q.get_submodule(f"model.layers.{i}.{name}")
+                  .weight().dequantize().double())
+                 for name, m in f.model.layers[i].named_modules() if isinstance(m, nn.Linear)]
+        signal = sum((w ** 2).sum() for w, _ in pairs)
+        noise = sum(((w - wq) ** 2).sum() for w, wq in pairs)
+        row = report.row(f"model.layers.{i}")
+        assert len(row.weight_keys) == 7
+        assert row.weight_sqnr == pytest.approx(10 * torch.log10(signal / noise).item(), rel=1e-9)

@@ -349,3 +349,38 @@ def test_a_recurrent_layers_histogram_holds_every_matrix():
     assert (hist.low, hist.high) == pytest.approx((low, high), abs=1e-7)
     assert list(hist.float_counts) == torch.histc(floats, 60, hist.low, hist.high).long().tolist()
     assert list(hist.quant_counts) == torch.histc(quants, 60, hist.low, hist.high).long().tolist()
+
+
+class _Scaled(nn.Module):
+    """A custom module holding a parameter of its own beside a Linear, inside a model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_a_leaf_module_holding_a_quantized_linear_compares_its_weight():
+    """leaf_modules=["block.inner"]: the module is one op, and the weights of the Linears inside
+    it (one nested a level deeper, under a custom module counted as quantized for its
+    child) used to be dropped without a word (weight_sqnr None, no note). Oracle: the SQNR of
+    the two weights together, computed directly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(_Scaled(), nn.ReLU(), _Scaled()))
+    model[1][0].fc = nn.Sequential(_Scaled())  # a Linear two custom modules down
+    model.eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    report = ns.compare(model, q, [torch.randn(2, 8)], leaf_modules=["1"])
+    inner = ("1.0.fc.0.fc", "1.2.fc")
+    float_w = [model.get_submodule(p).weight.detach().double() for p in inner]
+    quant_w = [q.get_submodule(p).weight().dequantize().double() for p in inner]
+    signal = sum((w ** 2).sum() for w in float_w)
+    noise = sum(((w - wq) ** 2).sum() for w, wq in zip(float_w, quant_w, strict=True))
+    row = report.row("1")
+    assert row.weight_sqnr == pytest.approx(10 * math.log10(signal / noise), rel=1e-9)
+    assert row.weight_keys == tuple(f"{p}._packed_params._packed_params" for p in inner)
+    assert "called whole: the weights of its layers 1.0.fc.0.fc, 1.2.fc compare here" in row.note
+    assert not report.unmatched  # the user chose to keep it whole
