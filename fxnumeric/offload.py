@@ -9,10 +9,11 @@ drops them after. fxnumeric runs such a model through those hooks:
 
 * copies of the module tree run the copy through the same hook
   (:func:`fxnumeric.capture.clone.module_tree_copy`);
-* a module whose own tensors are offloaded is never traced through (its graph would read the
-  meta tensors; called whole, its hook loads them): :func:`keeps_whole`; the layers inside
-  it are listed unpaired, with the reason (:func:`whole_layers`), and its row compares the
-  weights of its quantized layers;
+* a module holding offloaded tensors of its own beside its children is traced through: the
+  graph holds those tensors, read once from the hook (:func:`held`), up to a size; above it
+  (or when ``preload_module_classes`` loads its children) it is called whole, its hook loads
+  them (:func:`keeps_whole`), the layers inside it are listed unpaired with the reason
+  (:func:`whole_layers`), and its row compares the weights of its quantized layers;
 * the device check reads a hooked tensor's execution device, not ``meta``: :func:`devices`;
 * weight comparisons read each offloaded weight from the hook's map, one module at a time, and
   never write into the user's module: :func:`loaded`.
@@ -29,8 +30,8 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["hooks_of", "offloaded_names", "keeps_whole", "whole_layers", "whole_paths", "loaded",
-           "devices"]
+__all__ = ["hooks_of", "offloaded_names", "keeps_whole", "held", "whole_layers", "whole_paths",
+           "loaded", "devices"]
 
 _META = torch.device("meta")
 
@@ -58,12 +59,40 @@ def offloaded_names(module: nn.Module) -> list[str]:
     return [name for name, t in _direct_tensors(module).items() if t.device == _META]
 
 
+_HELD_BYTES = 16 * 2**20
+"""A module's own offloaded tensors up to this size in all are read once into the graphs that
+trace through it (:func:`held`); larger ones keep it whole, called through its hook."""
+
+
 def keeps_whole(module: nn.Module) -> bool:
-    """Whether ``module`` must be called whole rather than traced through: its own tensors (or,
-    with accelerate's ``preload_module_classes``, its submodules') are loaded by its hook."""
-    return bool(offloaded_names(module)) or any(
-        getattr(h, "place_submodules", False) and getattr(h, "offload", False)
-        for h in hooks_of(module))
+    """Whether ``module`` must be called whole rather than traced through: its own tensors are
+    offloaded and larger than :data:`_HELD_BYTES` (a graph tracing through it would hold them
+    for the whole comparison), or, with accelerate's ``preload_module_classes``, its hook loads
+    its submodules'. Smaller own tensors (a scale beside a Linear) are read into the graph
+    (:func:`held`), so the module is traced through as in memory."""
+    if any(getattr(h, "place_submodules", False) and getattr(h, "offload", False)
+           for h in hooks_of(module)):
+        return True
+    own = _direct_tensors(module)
+    return sum(own[name].numel() * own[name].element_size()
+               for name in offloaded_names(module)) > _HELD_BYTES
+
+
+def held(module: nn.Module, name: str, where: str = "") -> torch.Tensor | None:
+    """What a graph traced through ``module`` holds for its tensor ``name`` when that one is
+    offloaded (read from the hook's weights map, on the hook's execution device; a parameter
+    stays one); ``None`` for a tensor that is not. The user's module is not touched.
+
+    Raises:
+        InputError: as :func:`loaded`, when no hook holds its value.
+    """
+    if name not in offloaded_names(module):
+        return None
+    value = getattr(loaded(module, where), name).detach()
+    device = _execution_device(module)
+    if device is not None:
+        value = value.to(device)
+    return nn.Parameter(value, requires_grad=False) if name in module._parameters else value
 
 
 def whole_layers(model: Any) -> list[tuple[str, str, str]]:
@@ -85,7 +114,8 @@ def whole_layers(model: Any) -> list[tuple[str, str, str]]:
         inside.append(path)
         own = offloaded_names(module)
         why = (f"accelerate offloads its own {', '.join(f'`{n}`' for n in own)}, which its "
-               "hook loads only when it is called" if own
+               f"hook loads only when it is called (more than the {_HELD_BYTES} bytes a graph "
+               "traced through it may hold: fxnumeric.offload._HELD_BYTES)" if own
                else "accelerate's preload_module_classes hook loads its layers when it is "
                "called")
         found += [(f"{path}.{name}", path, why) for name, child in module.named_modules()

@@ -22,6 +22,7 @@ from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
 import fxnumeric as ns
+from fxnumeric import offload
 from fxnumeric.capture.clone import module_tree_copy
 from fxnumeric.offload import devices, keeps_whole, loaded, offloaded_names
 
@@ -138,11 +139,12 @@ def test_from_pretrained_with_an_offload_folder(dynamic_llama, batches, tmp_path
     _same(ns.compare(offloaded, q, batches), ns.compare(f, q, batches))
 
 
-def test_a_module_with_offloaded_weights_of_its_own_is_called_whole(tmp_path):
-    """Traced through, its graph would read meta tensors; called whole, its hook loads them.
-    Its quantized Linear then had no row, and its weight SQNR was dropped without a word
-    (weight_sqnr None, no note, nothing unmatched). Oracles: the in-memory run's row of that
-    Linear and the SQNR computed directly from the two weights."""
+def test_a_module_with_small_offloaded_tensors_of_its_own_is_traced_through(tmp_path):
+    """A custom module holding a parameter beside its Linear, offloaded: it used to be called
+    whole, and its Linear's row and weight SQNR vanished without a word (3 rows instead of 4,
+    weight_sqnr None). Its own tensors are now read into the graph and it is traced through
+    as in memory. Oracle: the in-memory run, every field, and the weight SQNR computed
+    directly."""
     torch.manual_seed(0)
     model = _Scaled().eval()
     q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
@@ -151,9 +153,34 @@ def test_a_module_with_offloaded_weights_of_its_own_is_called_whole(tmp_path):
     w = model.block.fc.weight.detach().double()
     error = w - q.block.fc.weight().dequantize().double()
     direct = 10 * torch.log10((w ** 2).sum() / (error ** 2).sum()).item()
-    assert not keeps_whole(model.block)
+    assert [r.name for r in in_memory.rows] == ["fc", "relu", "block.fc", "mul"]
     accelerate.disk_offload(model, tmp_path, execution_device="cpu")
-    assert keeps_whole(model.block) and offloaded_names(model.block) == ["scale"]
+    assert offloaded_names(model.block) == ["scale"] and not keeps_whole(model.block)
+    report = ns.compare(model, q, data)
+    _same(report, in_memory)
+    assert report.row("block.fc").weight_sqnr == pytest.approx(direct, rel=1e-9)
+    # the user's model is untouched: still offloaded, still run by its hook
+    assert model.block.scale.device == META and model.block.fc.weight.device == META
+    assert _parameters_on_meta(model) == len(list(model.parameters()))
+
+
+def test_a_module_with_large_offloaded_tensors_of_its_own_is_called_whole(tmp_path, monkeypatch):
+    """Own tensors above the size a graph may hold keep the module whole (its hook loads
+    them). Its row then compares the weights of its quantized layers, and the layers inside
+    are listed unpaired with the reason and the fix; they used to vanish without a word.
+    Oracles: the in-memory rows of that Linear and of the block's last op, and the SQNR
+    computed directly."""
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    data = [torch.randn(2, 8) for _ in range(2)]
+    in_memory = ns.compare(model, q, data)
+    w = model.block.fc.weight.detach().double()
+    error = w - q.block.fc.weight().dequantize().double()
+    direct = 10 * torch.log10((w ** 2).sum() / (error ** 2).sum()).item()
+    accelerate.disk_offload(model, tmp_path, execution_device="cpu")
+    monkeypatch.setattr(offload, "_HELD_BYTES", 16)  # the block's scale: 8 floats, 32 bytes
+    assert keeps_whole(model.block)
     report = ns.compare(model, q, data)
     _same(report.model_output, in_memory.model_output)
     assert [r.name for r in report.rows] == ["fc", "relu", "block"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import flows
 from ..errors import TraceError
-from ..offload import keeps_whole
+from ..offload import held, hooks_of, keeps_whole
 from .clone import carry_hooks
 
 __all__ = [
@@ -104,7 +104,9 @@ def _share_targets(root: nn.Module, gm: fx.GraphModule, graph: fx.Graph) -> None
         if owners is None:
             continue
         source, target = owners
-        value = getattr(source, field)
+        # a tensor accelerate offloaded from a module traced through: its value, not meta
+        offloaded = held(source, field, parent) if node.op == "get_attr" else None
+        value = getattr(source, field) if offloaded is None else offloaded
         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
             target.register_buffer(field, value,
                                    persistent=field not in source._non_persistent_buffers_set)
@@ -174,6 +176,13 @@ class _Tracer(fx.Tracer):
         # Remember where we are so a failure can name the module; popped only on success,
         # so after an exception the list ends with the innermost module being traced.
         self.scope_path.append(self.path_of_module(m))
+        if (hooks_of(m) and callable(m.__dict__.get("_old_forward"))
+                and not (m._forward_hooks or m._forward_pre_hooks)):
+            # accelerate's forward loads the module's weights around its class's forward
+            # (kept as _old_forward): traced through, its offloaded tensors are the graph's
+            # (capture.fx._share_targets reads them), so the class's forward is what runs.
+            # (``forward`` would also run the module's own torch hooks: then it stays.)
+            forward = m._old_forward
         out = super().call_module(m, forward, args, kwargs)
         self.scope_path.pop()
         return out
