@@ -1024,8 +1024,8 @@ def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
         if not nonfinite_inputs(model_inputs):
             example = model_inputs
             break
-    if not read:
-        raise no_batches(data)
+    if not read:  # max_batches=0 reads none: the data is not to blame (no used-up iterator)
+        raise no_batches(data) if max_batches != 0 else no_batches()
     if example is None:
         raise InputError(f"every batch holds NaN/Inf ({len(read)} batches): nothing is left "
                          "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "
