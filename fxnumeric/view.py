@@ -230,30 +230,35 @@ class GraphView:
                    quantize: bool = False, fake_quants: bool = False) -> fx.Node:
         """The node carrying ``n``'s value as the next op reads it.
 
-        Where ``n``'s output is quantized by a quantize node of its own (a reference FX or
-        pt2e graph: ``conv -> quantize -> dequantize -> next op``), that is the last node of
-        the chain, the value the lowered kernel produces. Otherwise ``n``. Only quantize
-        nodes in ``passable`` (those no pair claims) are crossed. ``quantize=True``: ``n`` is
-        a quantize itself, read after its own dequantize (pt2e's int8 is not a value to read).
-        ``fake_quants=True``: an enabled fake-quantize that is ``n``'s only reader (a QAT
-        prepared model's output fake-quant) is crossed too: it is the op's output quantize,
-        as a converted model's quantized op includes it.
+        Where ``n``'s output is quantized by a quantize node that reads it (a reference FX or
+        pt2e graph: ``conv -> quantize -> dequantize -> next op``; convert_fx's
+        ``quantize_per_tensor`` after an op left in float, in front of the quantized op
+        reading it), that is the last node of the chain, the value the next quantized op
+        reads. Otherwise ``n``. Only static quantize nodes in ``passable`` (those no pair
+        claims) are crossed: a dynamic one belongs to the op reading it, which rounds its
+        input per call. Where ``n`` is also read as it is (a pt2e ``cat`` read by a float
+        ``max_pool2d`` and, through a quantize, by convs), the quantize is crossed all the
+        same, so that its rounding is in ``n``'s row; of several, the first in graph order.
+        ``quantize=True``: ``n`` is a quantize itself, read after its own dequantize (pt2e's
+        int8 is not a value to read). ``fake_quants=True``: an enabled fake-quantize that is
+        ``n``'s only reader (a QAT prepared model's output fake-quant) is crossed too: it is
+        the op's output quantize, as a converted model's quantized op includes it.
         """
         cur, best, crossed = n, n, quantize
         while True:
-            users = list(cur.users)
+            users = sorted(cur.users, key=self._position.__getitem__)
             if not users:
                 return best
-            c = self._cls.get(users[0])
+            quantizes = [u for u in users if u in passable and self._cls[u].role == "optional"
+                         and not self.is_dynamic_quantize(u)]
             if fake_quants and len(users) == 1 and self.fake_quantizes(users[0]):
                 cur = best = users[0]
-            elif (c is not None and c.role == "optional" and len(users) == 1
-                  and users[0] in passable):
-                cur = best = users[0]
+            elif quantizes:
+                cur = best = quantizes[0]
                 crossed = True
             elif crossed and all(self._is_plumbing(u) for u in users):
                 # one dequantize per consumer (pt2e duplicates them): they all carry one value
-                cur = best = min(users, key=self._position.__getitem__)
+                cur = best = users[0]
             else:
                 return best
 

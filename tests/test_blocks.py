@@ -237,6 +237,65 @@ def test_an_fx_converted_block_ending_in_a_plain_add_leaves_by_the_add():
         assert block.output_sqnr > 25
 
 
+class _ConvSiLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class _SiLUNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(_ConvSiLU(), _ConvSiLU())
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def test_an_fx_float_op_hands_on_the_value_its_quantized_reader_reads():
+    # x86 runs SiLU in float: conv -> dequantize -> silu -> quantize_per_tensor -> next conv.
+    # The next conv's shadow is fed the rounded value, so the rounding is the SiLU's: read
+    # before it, the SiLU row read 32.20 dB with a shadow of inf, and its block left at 32.20
+    # where the next conv reads 30.79 dB (efficientnet_b0's SiLU rows the same, 34.32 vs 32.41)
+    torch.manual_seed(0)
+    f = _SiLUNet().eval()
+    data = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    q = _fx_converted(f, data)
+    report = ns.compare(f, q, data, progress=False)
+    assert [b.name for b in report.blocks] == ["blocks.0", "blocks.1"]
+    # the oracle: what the next conv reads in the quantized graph (an fx Interpreter), the
+    # float model's SiLU, the float SiLU of the quantized conv's output, and the float block
+    # on what the block's conv reads
+    reads = ["blocks.0.conv", "blocks.1.conv", "head"]
+    outs, shadows, spans = ({i: [] for i in range(2)} for _ in range(3))
+    for x in data:
+        values = _Values(q)
+        with torch.no_grad():
+            values.run(x)
+            h = x
+            for i, block in enumerate(f.blocks):
+                h = block(h)
+                read = values.read[reads[i + 1]].dequantize()
+                outs[i].append((h, read))
+                conv_out = values.out[f"blocks.{i}.conv"].dequantize()
+                shadows[i].append((torch.nn.functional.silu(conv_out), read))
+                spans[i].append((block(values.read[reads[i]].dequantize()), read))
+    for i, block in enumerate(report.blocks):
+        row = report.row(f"blocks.{i}.act")
+        assert not row.quantized
+        assert row.output["sqnr"] == pytest.approx(_sqnr(outs[i]), abs=1e-3)
+        assert row.shadow["sqnr"] == pytest.approx(_sqnr(shadows[i]), abs=1e-3)
+        assert math.isfinite(row.shadow["sqnr"])
+        assert block.output_sqnr == pytest.approx(_sqnr(outs[i]), abs=1e-3)
+        assert block.shadow_sqnr == pytest.approx(_sqnr(spans[i]), abs=1e-3)
+    assert report.blocks[1].entering == pytest.approx(_sqnr(outs[0]), abs=1e-3)
+
+
 def test_an_exported_float_graph_has_the_blocks_of_its_module():
     # torch.export drops the module tree; its ops' nn_module_stack records it, and the blocks
     # read from there are the module's, with the same numbers as comparing the nn.Module

@@ -972,9 +972,15 @@ def _path_back(view: Any, node: fx.Node, roles: tuple[str, ...],
 
 
 def _output_tail(region: Region, pair: Pair) -> list[fx.Node]:
-    """The quantized nodes from the pair's last op to its value node, in order (or none)."""
+    """The quantized nodes from the pair's last op to its value node, in order (or none).
+
+    None for a layer left in float whose value is handed on through the quantize in front of
+    its quantized readers (:meth:`Region.output_nodes`): in a hybrid that quantize is its
+    readers', which quantize what they read, swapped or not."""
     last = region.chain(pair, "quant")[-1]
     node = region.output_nodes(pair)[1]
+    if not pair.quantized and not region.quant_view.fake_quantizes(node):
+        return []
     tail: list[fx.Node] = []
     while node is not last and node.all_input_nodes:
         tail.append(node)
