@@ -245,9 +245,10 @@ class Region:
         """``(float_node, quant_node)`` whose outputs are the pair's values.
 
         On the quantized side that is the value the next op reads: after the pair's own
-        output quantize (and dequantize) where the graph has one (reference FX, pt2e), for
-        pairs that compute in quantized form; a layer left in float is observed before the
-        quantize that feeds the next quantized layer. On the float side of a quantized pair,
+        output quantize (and dequantize) where the graph has one (reference FX, pt2e), and
+        for a layer left in float, after the quantize that feeds the next quantized layer
+        (also where other readers read the value unrounded: see :meth:`GraphView.value_node`),
+        so that the rounding is in the layer's row. On the float side of a quantized pair,
         a QAT model's op is read after its own output fake-quantize where that is a node of
         the graph (a FloatFunctional's ``activation_post_process``, a ``prepare_qat_fx``
         layer's): the value the QAT model hands on, as an eager QAT conv's forward hook hands
