@@ -285,7 +285,9 @@ def _owns_output_fake_quant(view: GraphView, chain: list[fx.Node]) -> bool:
     module (its weight fake-quantized: ``prepare_qat`` / ``prepare_qat_fx``), or it reads a
     fake-quantized value (FX fake-quantizes the inputs of exactly the ops it will quantize,
     ``prepare_fx`` with a fake-quant qconfig included). An op left in float reads float
-    values: the fake-quant after it is the next op's input quantize."""
+    values: the fake-quant after it is the next op's input quantize, which the op hands on
+    all the same, as any quantize in front of a quantized reader
+    (:meth:`GraphView.value_node`)."""
     last = chain[-1]
     module = view.modules.get(last.target) if last.op == "call_module" else None  # type: ignore[arg-type]
     if module is not None and hasattr(module, "weight_fake_quant"):
