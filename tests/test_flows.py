@@ -111,6 +111,41 @@ def test_a_qat_prepared_layer_is_read_after_its_output_fake_quantize():
     assert report.model_output["sqnr"] == pytest.approx(want, abs=1e-6)
 
 
+def test_a_layer_kept_float_in_a_qat_prepared_model_hands_on_its_fake_quantized_value():
+    """prepare_qat_fx fake-quantizes a layer kept float (qconfig None) for the quantized
+    layer after it, which is shadowed from that value: row 0 read inf and the fake-quant was
+    in no row (layer 1 was named the only layer adding error). Oracle: what layer 1 reads in
+    the prepared model (an fx Interpreter) against the float layer 0."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    mapping = get_default_qat_qconfig_mapping("x86").set_module_name("0", None)
+    prepared = prepare_qat_fx(copy.deepcopy(f).train(), mapping, (x,))
+    prepared(x)
+    prepared.eval()
+    read = {}
+
+    class Reads(torch.fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            read.setdefault(target, args[0])
+            return super().call_module(target, args, kwargs)
+
+    with torch.no_grad():
+        Reads(prepared).run(x)
+        ref = f[0](x).double()
+    want = 10 * math.log10(float(ref.square().sum() / (ref - read["1"].double()).square().sum()))
+    row = fxn.compare(f, prepared, [x], progress=False).row("0")
+    assert row.output_sqnr == pytest.approx(want, abs=1e-3) and want < 60
+    assert row.shadow["sqnr"] == pytest.approx(want, abs=1e-3)
+
+
 def test_a_float_quantstub_lets_the_first_qat_layer_pair():
     """A float model with a QuantStub against its prepare_qat_fx model, whose input quantize
     is a fake-quantize: the first layer after the stub was left unpaired ("no float op of

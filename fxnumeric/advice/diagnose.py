@@ -535,6 +535,11 @@ def diagnose(
     check_pairable(matching)  # as compare: an unrelated pair is refused, not "no layer flagged"
     layers = op_names(matching)
     quantized = set(layer_names(matching))
+    # an op left in float hands on the quantize in front of its quantized readers (a
+    # quantized tensor, a grid's clipping) but computes in float all the same
+    rounded_after = {op_name(p.name) for p in matching.pairs if not p.quantized
+                     and (r := matching.region_of(p)).output_nodes(p)[1] is not r.chain(
+                         p, "quant")[-1]}
     sums = {name: _Sums() for name in layers}
     twins: list[_FloatValues] = []
 
@@ -591,7 +596,8 @@ def diagnose(
             local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,
             cumulative_sqnr=db(s.cum_signal, s.cum_noise) if s.count else None,
             floor_sqnr=floor, floor=floor_verdict,
-            quantized=name in quantized or kinds[name] == "quantize" or s.quantized,
+            quantized=(name in quantized or kinds[name] == "quantize"
+                       or (s.quantized and name not in rounded_after)),
             inputs=tuple(module_path(matching, n) for n in feeding[name]),
             input_sqnr=_pooled_sqnr([sums[n] for n in feeding[name]]),
         )
