@@ -1728,7 +1728,7 @@ def test_max_float_layers_holds_over_variants_and_candidates_is_refused() -> Non
 
     assert list(free.assignment.values()).count("float") == 2  # fc2 and fc3: all float
     assert list(capped.assignment.values()).count("float") == 1 and not capped.reached
-    assert "at most 1 layers float" in capped.message
+    assert "at most 1 layer float" in capped.message
     assert all(p[1] <= capped.value for p in capped.front)
     assert "float" not in none.assignment.values()
     for lines in (none.dynamic_lines, none.fx_lines, none.qconfig_mapping):  # one flow's lines
@@ -2285,7 +2285,8 @@ def test_advice_out_of_reach_is_the_best_plan_run_not_the_dearest() -> None:
     for limit in (0, 1):
         advice = advise(float_model, variants, data, metric="sqnr", target=1000,
                         max_float_layers=limit, progress=False)
-        assert not advice.reached and f"with at most {limit} layers float" in advice.message
+        assert not advice.reached and (f"with at most {limit} layer{'' if limit == 1 else 's'} "
+                                       "float") in advice.message
         assert set(advice.assignment.values()) == {"pt2e"}  # the variant itself: qpt
         with torch.no_grad():
             direct = fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),

@@ -471,7 +471,8 @@ def test_advise_over_several_modes_keeps_at_most_max_float_layers_float(user_mod
     for limit in (1, 0):
         assert main([*argv, "--max-float-layers", str(limit)]) == 1
         out = capsys.readouterr().out
-        assert "NOT reached" in out and f"with at most {limit} layers float" in out
+        assert "NOT reached" in out and (f"with at most {limit} layer{'' if limit == 1 else 's'} "
+                                         "float") in out
         assert _floats_in_summary(out) == limit
     # one mode: 0 keeps nothing float, the quantized model itself
     assert main(["advise", *_TINY_ARGS, "--target", "1000", "--max-float-layers", "0"]) == 1

@@ -573,7 +573,8 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
                    f"at {bits:.2f} average weight bits ({mix}), "
                    + ("even with every layer at its dearest choice"
                       if max_float is None or max_float >= len(found)
-                      else f"with at most {max_float} layers float (max_float_layers)"))
+                      else f"with at most {max_float} layer{'' if max_float == 1 else 's'} float "
+                           "(max_float_layers)"))
     message += _unsearched_note(unsearched)
     return {
         "assignment": {plans.by_name[n].module: c for n, c in plan.items()},
