@@ -11,7 +11,7 @@ import torch.nn as nn
 
 __all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair", "nan_in_layer1_norm_pair",
            "run_order_and_first_nonfinite", "QatFunctional", "qat_functional_pair",
-           "functional_values"]
+           "functional_values", "module_inputs", "ScaledLinear"]
 
 
 class LSTMModel(nn.Module):
@@ -201,3 +201,31 @@ def functional_values(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torc
     for h in hooks:
         h.remove()
     return seen
+
+
+def module_inputs(gm: torch.fx.GraphModule, *args: Any) -> dict[str, Any]:
+    """``{module target: the first input of its first call}`` when ``gm`` runs on ``args``
+    (an fx Interpreter): what each of its modules reads, read another way than fxnumeric's."""
+    read: dict[str, Any] = {}
+
+    class Reads(torch.fx.Interpreter):
+        def call_module(self, target, call_args, kwargs):
+            read.setdefault(target, call_args[0])
+            return super().call_module(target, call_args, kwargs)
+
+    with torch.no_grad():
+        Reads(gm).run(*args)
+    return read
+
+
+class ScaledLinear(nn.Module):
+    """A custom module holding a parameter of its own beside a Linear (``fc(x) * scale``):
+    neither one op nor a container of layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale

@@ -13,9 +13,14 @@ import fxnumeric as fxn
 from fxnumeric import flows
 
 try:  # tests/ on sys.path (pytest's default rootdir-based import mode)
-    from _models import QatFunctional, functional_values, qat_functional_pair
+    from _models import QatFunctional, functional_values, module_inputs, qat_functional_pair
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests._models import QatFunctional, functional_values, qat_functional_pair
+    from tests._models import (
+        QatFunctional,
+        functional_values,
+        module_inputs,
+        qat_functional_pair,
+    )
 
 
 def test_every_stage_consults_the_same_flows():
@@ -130,15 +135,8 @@ def test_a_layer_kept_float_in_a_qat_prepared_model_hands_on_its_fake_quantized_
     prepared = prepare_qat_fx(copy.deepcopy(f).train(), mapping, (x,))
     prepared(x)
     prepared.eval()
-    read = {}
-
-    class Reads(torch.fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            read.setdefault(target, args[0])
-            return super().call_module(target, args, kwargs)
-
+    read = module_inputs(prepared, x)
     with torch.no_grad():
-        Reads(prepared).run(x)
         ref = f[0](x).double()
     want = 10 * math.log10(float(ref.square().sum() / (ref - read["1"].double()).square().sum()))
     row = fxn.compare(f, prepared, [x], progress=False).row("0")

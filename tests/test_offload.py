@@ -27,6 +27,7 @@ from fxnumeric.capture.clone import module_tree_copy
 from fxnumeric.offload import devices, keeps_whole, loaded, offloaded_names
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _models import ScaledLinear  # noqa: E402
 from _report_equal import differences  # noqa: E402
 
 accelerate = pytest.importorskip("accelerate")
@@ -145,14 +146,7 @@ def test_a_module_with_small_offloaded_tensors_of_its_own_is_traced_through(tmp_
     weight_sqnr None). Its own tensors are now read into the graph and it is traced through
     as in memory. Oracle: the in-memory run, every field, and the weight SQNR computed
     directly."""
-    torch.manual_seed(0)
-    model = _Scaled().eval()
-    q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
-    data = [torch.randn(2, 8) for _ in range(2)]
-    in_memory = ns.compare(model, q, data)
-    w = model.block.fc.weight.detach().double()
-    error = w - q.block.fc.weight().dequantize().double()
-    direct = 10 * torch.log10((w ** 2).sum() / (error ** 2).sum()).item()
+    model, q, data, in_memory, direct = _scaled_pair()
     assert [r.name for r in in_memory.rows] == ["fc", "relu", "block.fc", "mul"]
     accelerate.disk_offload(model, tmp_path, execution_device="cpu")
     assert offloaded_names(model.block) == ["scale"] and not keeps_whole(model.block)
@@ -170,14 +164,7 @@ def test_a_module_with_large_offloaded_tensors_of_its_own_is_called_whole(tmp_pa
     are listed unpaired with the reason and the fix; they used to vanish without a word.
     Oracles: the in-memory rows of that Linear and of the block's last op, and the SQNR
     computed directly."""
-    torch.manual_seed(0)
-    model = _Scaled().eval()
-    q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
-    data = [torch.randn(2, 8) for _ in range(2)]
-    in_memory = ns.compare(model, q, data)
-    w = model.block.fc.weight.detach().double()
-    error = w - q.block.fc.weight().dequantize().double()
-    direct = 10 * torch.log10((w ** 2).sum() / (error ** 2).sum()).item()
+    model, q, data, in_memory, direct = _scaled_pair()
     accelerate.disk_offload(model, tmp_path, execution_device="cpu")
     monkeypatch.setattr(offload, "_HELD_BYTES", 16)  # the block's scale: 8 floats, 32 bytes
     assert keeps_whole(model.block)
@@ -197,21 +184,24 @@ def test_a_module_with_large_offloaded_tensors_of_its_own_is_called_whole(tmp_pa
                for _, _, reason in report.unmatched)
 
 
-class _ScaledBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.scale = nn.Parameter(torch.full((8,), 0.5))
-
-    def forward(self, x):
-        return self.fc(x) * self.scale
+def _scaled_pair():
+    """A :class:`_Scaled` model, its quantize_dynamic twin, two batches, the in-memory report
+    and ``block.fc``'s weight SQNR computed directly."""
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    data = [torch.randn(2, 8) for _ in range(2)]
+    w = model.block.fc.weight.detach().double()
+    error = w - q.block.fc.weight().dequantize().double()
+    direct = 10 * torch.log10((w ** 2).sum() / (error ** 2).sum()).item()
+    return model, q, data, ns.compare(model, q, data), direct
 
 
 class _Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(8, 8)
-        self.block = _ScaledBlock()
+        self.block = ScaledLinear()
 
     def forward(self, x):
         return self.block(torch.relu(self.fc(x)))

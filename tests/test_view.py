@@ -13,6 +13,11 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 import fxnumeric as ns
 from fxnumeric import GraphView
 
+try:  # tests/ on sys.path (pytest's default rootdir-based import mode)
+    from _models import module_inputs
+except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests._models import module_inputs
+
 
 class _ConvNet(nn.Module):
     def __init__(self) -> None:
@@ -158,15 +163,8 @@ def test_a_layer_left_float_hands_on_the_value_the_next_quantized_layer_reads():
     assert quant_out.target is torch.quantize_per_tensor
     assert quant_out.args[0].name == first.quant_nodes[-1]
     # the oracle: what the quantized model's second Linear reads (an fx Interpreter)
-    read = {}
-
-    class Reads(torch.fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            read.setdefault(target, args[0])
-            return super().call_module(target, args, kwargs)
-
+    read = module_inputs(q, x)
     with torch.no_grad():
-        Reads(q).run(x)
         ref = f[0](x).double()
     error = (ref - read["1"].dequantize().double()).square().sum()
     direct = float(10 * torch.log10(ref.square().sum() / error))

@@ -12,6 +12,11 @@ import torch.nn as nn
 import fxnumeric as ns
 from fxnumeric import sqnr
 
+try:  # tests/ on sys.path (pytest's default rootdir-based import mode)
+    from _models import ScaledLinear
+except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests._models import ScaledLinear
+
 
 def test_unfused_float_weights_are_bn_folded(make_resnet18_pair, make_resnet18_unfused_pair):
     fused, qmodel, _ = make_resnet18_pair()
@@ -351,26 +356,14 @@ def test_a_recurrent_layers_histogram_holds_every_matrix():
     assert list(hist.quant_counts) == torch.histc(quants, 60, hist.low, hist.high).long().tolist()
 
 
-class _Scaled(nn.Module):
-    """A custom module holding a parameter of its own beside a Linear, inside a model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.scale = nn.Parameter(torch.full((8,), 0.5))
-
-    def forward(self, x):
-        return self.fc(x) * self.scale
-
-
 def test_a_leaf_module_holding_a_quantized_linear_compares_its_weight():
     """leaf_modules=["block.inner"]: the module is one op, and the weights of the Linears inside
     it (one nested a level deeper, under a custom module counted as quantized for its
     child) used to be dropped without a word (weight_sqnr None, no note). Oracle: the SQNR of
     the two weights together, computed directly."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(_Scaled(), nn.ReLU(), _Scaled()))
-    model[1][0].fc = nn.Sequential(_Scaled())  # a Linear two custom modules down
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(ScaledLinear(), nn.ReLU(), ScaledLinear()))
+    model[1][0].fc = nn.Sequential(ScaledLinear())  # a Linear two custom modules down
     model.eval()
     q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
     report = ns.compare(model, q, [torch.randn(2, 8)], leaf_modules=["1"])
