@@ -279,10 +279,18 @@ def _module_weights(
     if fweight is None:
         unread(pair, f"the float op paired with `{qpath}` holds no weight fxnumeric reads")
         return []
+    return _beside(pair, fweight, fmod, qmod, qweights, as_computed)
+
+
+def _beside(pair: Pair, fweight: torch.Tensor, fmod: nn.Module | None, qmod: nn.Module,
+            qweights: dict[str, Any], as_computed: bool, layer: str = "") -> list[PairedWeight]:
+    """The float weight of module ``fmod`` beside each quantized weight of ``qmod`` (keyed as
+    its state_dict), both as the ops compute with them when ``as_computed`` (a transposed
+    Linear's weight transposed back)."""
     if as_computed and fmod is not None and _transposed_linear(fmod):
         fweight = fweight.t()
     flip = as_computed and _transposed_linear(qmod)
-    return [PairedWeight(pair, key, fweight, qw.t() if flip else qw)
+    return [PairedWeight(pair, key, fweight, qw.t() if flip else qw, layer=layer)
             for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
 
 
@@ -337,11 +345,7 @@ def _inner_weights(pair: Pair, fmod: nn.Module, qmod: nn.Module, qpath: str, as_
         if fweight is None:
             missing.append(rel)
             continue
-        if as_computed and _transposed_linear(flayer):
-            fweight = fweight.t()
-        flip = as_computed and _transposed_linear(qlayer)
-        found += [PairedWeight(pair, key, fweight, qw.t() if flip else qw, layer=path)
-                  for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
+        found += _beside(pair, fweight, flayer, qlayer, qweights, as_computed, layer=path)
     if missing:
         unread(pair, f"the quantized {', '.join(f'`{qpath}.{rel}`' for rel in missing)} inside "
                      f"it have no float layer with a weight at the same path inside the float "
