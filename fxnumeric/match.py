@@ -256,6 +256,13 @@ class Region:
         """
         return self._outputs[pair]  # type: ignore[attr-defined]
 
+    def hands_on_rounded(self, pair: Pair) -> bool:
+        """Whether ``pair`` is an op left in float whose value is handed on through the
+        quantize in front of its quantized readers (:meth:`output_nodes`): it computes in
+        float, and what it hands on is rounded."""
+        return not pair.quantized and self.output_nodes(pair)[1] is not self.quant_node(
+            pair.quant_nodes[-1])
+
     def chain(self, pair: Pair, side: str) -> list[fx.Node]:
         """The nodes of ``pair`` on ``side`` (``"float"`` or ``"quant"``), in order."""
         if side == "float":

@@ -515,12 +515,12 @@ def computes_alike(region: Any, pair: Any) -> bool:
     nor does a float-capable op the quantized model runs on quantized tensors when it rounds
     its result onto the grid (:func:`rounds_on_grid`: an ``AdaptiveAvgPool2d`` between
     quantized layers), while grid-exact ops (``relu``, max pools, views) still do; nor one
-    whose value is handed on through a quantize (:meth:`fxnumeric.match.Region.output_nodes`:
+    whose value is handed on through a quantize (:meth:`fxnumeric.match.Region.hands_on_rounded`:
     a float SiLU in front of a quantized conv)."""
     if pair.quantized:
         return False
     floats, quants = region.chain(pair, "float"), region.chain(pair, "quant")
-    if len(floats) != len(quants) or region.output_nodes(pair)[1] is not quants[-1]:
+    if len(floats) != len(quants) or region.hands_on_rounded(pair):
         return False
     fmods, qmods = region.float_view.modules, region.quant_view.modules
     for f, q in zip(floats, quants, strict=True):

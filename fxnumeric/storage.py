@@ -94,11 +94,11 @@ def tensor_storage_bits(tensor: torch.Tensor, nominal: bool = False) -> int:
                                 torch.per_channel_affine_float_qparams):
             bits += _plain_bits(tensor.q_per_channel_scales())
             zero_points = tensor.q_per_channel_zero_points()
-            if not (nominal and not bool(zero_points.any())):
+            if not nominal or bool(zero_points.any()):
                 bits += _plain_bits(zero_points)
         else:
             bits += 64  # one double scale
-            if not (nominal and tensor.q_zero_point() == 0):
+            if not nominal or tensor.q_zero_point() != 0:
                 bits += 64  # one int64 zero point
         return bits
     return _plain_bits(tensor)

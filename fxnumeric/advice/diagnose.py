@@ -537,9 +537,8 @@ def diagnose(
     quantized = set(layer_names(matching))
     # an op left in float hands on the quantize in front of its quantized readers (a
     # quantized tensor, a grid's clipping) but computes in float all the same
-    rounded_after = {op_name(p.name) for p in matching.pairs if not p.quantized
-                     and (r := matching.region_of(p)).output_nodes(p)[1] is not r.chain(
-                         p, "quant")[-1]}
+    rounded_after = {op_name(p.name) for p in matching.pairs
+                     if matching.region_of(p).hands_on_rounded(p)}
     sums = {name: _Sums() for name in layers}
     twins: list[_FloatValues] = []
 

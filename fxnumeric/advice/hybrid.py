@@ -154,23 +154,23 @@ def module_calls(matching: Matching, name: str) -> tuple[tuple[str, type, int], 
     places). FX counts the calls of a module type inside their parent after fusing modules,
     so a call fused into the module before it (the ``relu`` of conv-bn-relu) is not
     counted. Empty for a layer that is a module, or whose pattern calls none."""
-    if function_target(matching, name) is None:
+    if function_target(matching, name) is None:  # a module, or no call site
         return ()
+    pair = _call_sites(matching, name)[0]
+    region = matching.region_of(pair)
+    view = region.float_view
     calls = []
-    for pair in _call_sites(matching, name)[:1]:
-        region = matching.region_of(pair)
-        view = region.float_view
-        for node in region.chain(pair, "float")[1:]:
-            module = view.module(node) if node.op == "call_module" else None
-            if module is None:
-                continue
-            parent = str(node.target).rpartition(".")[0]
-            index = sum(1 for other in view.nodes[:view.position(node)]
-                        if other.op == "call_module"
-                        and str(other.target).rpartition(".")[0] == parent
-                        and type(view.module(other)) is type(module)
-                        and not _fused_into_previous(view, other))
-            calls.append((_prefixed(region.float_scope, parent), type(module), index))
+    for node in region.chain(pair, "float")[1:]:
+        module = view.module(node) if node.op == "call_module" else None
+        if module is None:
+            continue
+        parent = str(node.target).rpartition(".")[0]
+        index = sum(1 for other in view.nodes[:view.position(node)]
+                    if other.op == "call_module"
+                    and str(other.target).rpartition(".")[0] == parent
+                    and type(view.module(other)) is type(module)
+                    and not _fused_into_previous(view, other))
+        calls.append((_prefixed(region.float_scope, parent), type(module), index))
     return tuple(calls)
 
 
