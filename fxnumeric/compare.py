@@ -38,6 +38,7 @@ from .floor import FloorState, FloorSums, floor_sums, layer_floor
 from .guards import check_pairable
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import (
+    LLM_METRICS,
     LogitsAccumulator,
     LogitsState,
     is_encoder_decoder,
@@ -283,12 +284,14 @@ def _resolve_metrics(metrics: MetricSpec) -> tuple[list[str], dict[str, MetricFn
 
 
 def _check_custom_name(name: Any, taken: Mapping[str, Any] | set[str]) -> None:
-    """A custom metric's name must be a string no built-in and no other metric has: one
-    would silently replace the other's column."""
+    """A custom metric's name must be a string no built-in, no LLM output metric and no
+    other metric has: one would silently replace the other's column (the model output's
+    ``kl`` would read the LLM metric, not the user's)."""
     if not isinstance(name, str) or not name:
         raise InputError(f"a custom metric's name must be a non-empty string, got {name!r}")
-    if name in BUILTIN_METRICS or name in taken:
-        what = "a built-in metric" if name in BUILTIN_METRICS else "another metric's name"
+    if name in BUILTIN_METRICS or name in LLM_METRICS or name in taken:
+        what = ("a built-in metric" if name in BUILTIN_METRICS else
+                "an LLM output metric" if name in LLM_METRICS else "another metric's name")
         raise InputError(
             f"custom metric name {name!r} is {what}: its column would replace the other's.\n"
             "Fix: pass metrics as a dict with names of your own, e.g. metrics={"

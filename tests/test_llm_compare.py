@@ -306,3 +306,22 @@ def test_a_single_logit_is_no_distribution_for_kl_or_top1():
             ns.sensitivity(f, q, data, metric=metric, progress=False)
         with pytest.raises(ns.InputError, match=one_value.format(metric)):
             ns.advise(f, q, data, metric=metric, target=0.99, progress=False)
+
+
+def test_a_custom_metric_named_like_an_llm_metric_is_refused():
+    # the model output's `kl` read the LLM metric while the layers' `kl` read the user's
+    # function: one name, two meanings, with nothing said
+    f = tiny_llama().eval()
+    q = _int4(f)
+    data = tiny_llm_batches(vocab_size=256, n=1)
+
+    def mean_abs(ref, actual):
+        return float((ref - actual).abs().mean())
+
+    for name in LLM_METRICS:
+        with pytest.raises(ns.InputError, match=f"custom metric name '{name}' is an LLM output"):
+            ns.compare(f, q, data, metrics={name: mean_abs}, progress=False)
+    report = ns.compare(f, q, data, metrics={"mean_abs": mean_abs}, progress=False)
+    assert report.model_output["kl"] == pytest.approx(_direct(f, q, data)["kl"], rel=1e-4)
+    assert report.model_output["mean_abs"] == pytest.approx(
+        float((f(**data[0]).logits - q(**data[0]).logits).abs().mean()), rel=1e-5)
