@@ -10,14 +10,21 @@ one upgrade undone), so a hybrid changing a layer in block ``k`` costs about the
 ``k`` on.
 
 What is replayed is exact: a block's output is the value the block computed, cloned, for the
-same batch and the same swaps before it. It is used only for blocks that the hybrid model
-calls as modules (not blocks traced into a graph), that run once each, in order: the first
-run checks this, and replay stays off for a model where it does not hold. Memory is bounded:
-the outputs kept are the most recently used ones, up to ``budget`` bytes.
+same batch and the same swaps before it. It is what the block's ``forward`` returned (the
+instance's own ``forward`` where it has one, such as accelerate's hook wrapper), not what
+calling the block returned: a replayed block is still called, its ``forward`` returning that
+value, so its forward pre-hooks and hooks (the model's own and torch's global ones) run once,
+as ``model(x)`` runs them. Kept after them, a hook that rescales the block's output would
+apply twice. The hooks of the modules inside a replayed block do not run: their effect is in
+the value. Replay is used only for blocks that the hybrid model calls as modules (not blocks
+traced into a graph), that run once each, in order: the first run checks this, and replay
+stays off for a model where it does not hold. Memory is bounded: the outputs kept are the
+most recently used ones, up to ``budget`` bytes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -65,6 +72,18 @@ def _restore_forward(module: nn.Module) -> Callable[[], None]:
 
 
 _NONE = object()
+
+
+def _replayed(forward: Callable[..., Any], value: Any, calls: list[int],
+              j: int) -> Callable[..., Any]:
+    """``forward`` of block ``j``, returning ``value`` (a copy) instead of computing it."""
+
+    @functools.wraps(forward)
+    def replayed(*args: Any, **kwargs: Any) -> Any:
+        calls.append(j)
+        return _clone(value)
+
+    return replayed
 
 
 class BlockReplay:
@@ -116,16 +135,13 @@ class BlockReplay:
         calls: list[int] = []
         undo: list[Callable[[], None]] = []
         for j, module in enumerate(modules):
+            undo.append(_restore_forward(module))
             if j <= known:
                 value = self._kept[keys[j]]
                 self._kept.move_to_end(keys[j])
-                undo.append(_restore_forward(module))
-                module.forward = (lambda *a, _v=value, _j=j, **k:
-                                  (calls.append(_j), _clone(_v))[1])
+                module.forward = _replayed(module.forward, value, calls, j)
             else:
-                handle = module.register_forward_hook(
-                    lambda m, a, out, _j=j: self._keep(keys[_j], out, calls, _j))
-                undo.append(handle.remove)
+                module.forward = self._keeping(module.forward, keys[j], calls, j)
         try:
             result = call(model)
         finally:
@@ -138,6 +154,18 @@ class BlockReplay:
                 self._bytes = 0
         self.replayed += known + 1
         return result
+
+    def _keeping(self, forward: Callable[..., Any], key: _Key, calls: list[int],
+                 j: int) -> Callable[..., Any]:
+        """``forward``, keeping what it returns under ``key``."""
+
+        @functools.wraps(forward)
+        def keeping(*args: Any, **kwargs: Any) -> Any:
+            output = forward(*args, **kwargs)
+            self._keep(key, output, calls, j)
+            return output
+
+        return keeping
 
     def _keep(self, key: _Key, output: Any, calls: list[int], j: int) -> None:
         calls.append(j)
