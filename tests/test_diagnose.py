@@ -404,3 +404,112 @@ def test_a_recurrent_layer_is_judged_by_its_worst_weight_matrix() -> None:
         assert layer.flags[0].code == "weight_outliers"
         assert f"in `{worst}`" in layer.flags[0].text
     assert d.layer("fc").weight_matrix is None
+
+
+def _io(model: nn.Module, path: str, data: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """What the module at ``path`` reads and returns, per batch (float64, dequantized), read
+    by a forward hook: the oracle of the values an op reads."""
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        seen.append(tuple((t.dequantize() if t.is_quantized else t).detach().double()
+                          for t in (*args, output)))
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    handle.remove()
+    return seen
+
+
+def _pooled(refs: list[torch.Tensor], actuals: list[torch.Tensor]) -> float:
+    """The SQNR of several values together: their energies and errors summed."""
+    return _sqnr_of([r.flatten() for r in refs], [a.flatten() for a in actuals])
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + res
+
+
+class _Residual(nn.Module):
+    """torch.fx cannot trace it whole (a branch on the data), so ``block`` is a region of its
+    own whose ``res`` is ``pre``'s output (a view of it), computed outside the region; ``fc``
+    is ``-0.5 pre``, so the add keeps half of ``pre``'s signal and all of its error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(16, 16)
+        self.block = _Block()
+        with torch.no_grad():
+            self.block.fc.weight.copy_(-0.5 * self.pre.weight)
+            self.block.fc.bias.copy_(-0.5 * self.pre.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:
+            h = self.pre(x)
+        return self.block(x, h.view(-1, 16))
+
+
+def test_a_value_crossing_into_a_region_is_read_from_the_op_that_computed_it() -> None:
+    """The add reads ``fc``'s output and ``res``, which ``pre`` computed outside the region:
+    diagnose listed only ``block.fc`` (inputs=('block.fc',), input_sqnr inf, pooled over the
+    traced input alone) and told "it falls there from inf dB"; the values it reads are at
+    37.6 dB (forward hooks), and it loses 7 dB."""
+    torch.manual_seed(0)
+    float_model = _Residual().eval()
+    quant_model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {"pre"})
+    data = _data()
+    ref, act = _io(float_model, "block", data), _io(quant_model, "block", data)
+    fc_out = [float_model.block.fc(x).double().detach() for x in data]  # float in both
+    read = _pooled([t for (_, res, _), out in zip(ref, fc_out, strict=True) for t in (out, res)],
+                   [t for (_, res, _), out in zip(act, fc_out, strict=True) for t in (out, res)])
+    out = _sqnr_of([r[2] for r in ref], [a[2] for a in act])
+    assert out < 31 < read  # the oracle: the add is the first value below 31 dB
+    d = diagnose(float_model, quant_model, data, threshold_db=31, progress=False)
+    assert len(d.layers) == 3 and not fxnumeric.match(float_model, quant_model, data[0]).whole_graph
+    add = d.layer("block.add")
+    assert add.inputs == ("block.fc", "pre")
+    assert add.input_sqnr == pytest.approx(read, abs=1e-3)
+    assert add.cumulative_sqnr == pytest.approx(out, abs=1e-3)
+    assert d.layer("block.fc").inputs == () and d.layer("block.fc").input_sqnr == math.inf
+    assert d.first_below == "block.add"
+    message = str(add.flags[0])
+    assert f"it falls there from {read:.1f} dB in the values it reads (block.fc, pre)" in message
+    assert f"it amplifies the error it reads {read - out:.1f} dB" in message
+
+
+class _Glued(Cancel):
+    """Cancel whose ``l1 - l2`` is computed by code torch.fx cannot trace (a branch on the
+    data): what ``l3`` reads is no op's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:
+            difference = self.l1(x) - self.l2(x)
+        return self.l3(difference)
+
+
+def test_an_op_reading_what_untraced_code_computed_has_no_input_sqnr_and_no_amplification():
+    """``l3`` reads the difference the untraced ``forward`` takes (at 11.4 dB, forward hooks)
+    and adds little of its own: diagnose told "the earlier layers' error is amplified 24 dB".
+    The difference has no row: its SQNR is not known, and nothing is claimed of it."""
+    torch.manual_seed(0)
+    float_model = _Glued(torch.sub).eval()
+    quant_model = _dynamic(float_model)
+    data = _data()
+    ref, act = _io(float_model, "l3", data), _io(quant_model, "l3", data)
+    read = _sqnr_of([r[0] for r in ref], [a[0] for a in act])
+    d = diagnose(float_model, quant_model, data, progress=False)
+    l3 = d.layer("l3")
+    assert d.first_below == "l3" and l3.cumulative_sqnr < 20
+    # the oracle: it loses 1.1 dB of what it reads, though its own error is 24 dB smaller
+    assert read - l3.cumulative_sqnr < 3 and l3.local_sqnr - l3.cumulative_sqnr > 10
+    assert l3.inputs == () and l3.input_sqnr is None
+    message = str(l3.flags[-1])
+    assert l3.flags[-1].code == "amplification" and "amplif" not in message.split(". Fix:")[0]
+    assert "the error comes from before it" in message and "not known" in message

@@ -293,6 +293,46 @@ class _Untraceable(_Plumbed):
         return self.c(h)
 
 
+class _Glued(_Plumbed):
+    """Captured through the module tree: ``b`` reads a slice of ``a``'s output, ``c`` a value
+    the untraced ``forward`` computes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > -1e9:
+            g = self.b(h[:, 8:])
+        return self.c(g + 1)
+
+
+def test_a_value_crossing_into_a_region_is_traced_to_the_op_that_computed_it():
+    """One float run says what each region input holds: an op's output (a slice of it too:
+    the same memory), a model input, or a value no op computed."""
+    from fxnumeric.dataflow import OpReads, feeding_ops, op_reads, value_sources
+
+    f = _Glued().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    x = torch.randn(4, 8)
+    m = ns.match(f, q, x)
+    assert not m.whole_graph and feeding_ops(m) == {"a": (), "b": (), "c": ()}  # no graph says
+    assert op_reads(m, value_sources(m, x)) == {
+        "a": OpReads(model_inputs=("[0]",)), "b": OpReads(ops=("a",)),
+        "c": OpReads(unresolved=("c.input_1",))}  # the leaf graph's placeholder
+    m = ns.match(f, q, {"x": x})  # a keyword input is named so
+    assert op_reads(m, value_sources(m, {"x": x}))["a"] == OpReads(model_inputs=("x",))
+    f = _Written().eval()  # an op's output, then written in place by the untraced code
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    m = ns.match(f, q, x)
+    assert op_reads(m, value_sources(m, x))["c"] == OpReads(unresolved=("c.input_1",))
+
+
+class _Written(_Plumbed):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(x)
+        if h.sum() > -1e9:
+            h += 1
+        return self.c(h)
+
+
 def test_feeding_and_upstream_ops_follow_the_float_data_flow():
     """Plumbing no pair owns is walked through; between regions whose glue code is not traced,
     every op run before counts as upstream, and none run after."""

@@ -21,7 +21,10 @@ weights, clipping and noise flags are those of the ops computing in quantized fo
   values it reads, and the first op where the cumulative SQNR falls below a threshold. Ops
   left in float count: a float ``sub`` of two nearly equal quantized branches adds no error
   of its own but cancels their signal, not their errors, so the relative error jumps at the
-  ``sub``, and the flag names it rather than the layer after it.
+  ``sub``, and the flag names it rather than the layer after it. On a model captured through its
+  module tree, the values crossing into a region are traced to the op that computed them by
+  one float run (:func:`fxnumeric.dataflow.value_sources`); a value the untraced code
+  computed (a decoder layer's residual add) has no row, and the op reading it no input SQNR.
 
 Each flag names the usual fix: per-channel weights, a histogram observer, recalibration,
 keeping the layer float (:func:`fxnumeric.advise`), cross-layer equalization.
@@ -41,7 +44,7 @@ from torch import nn
 
 from .._collector import defers_collection
 from .._tensors import detach, first_output
-from ..dataflow import feeding_ops
+from ..dataflow import model_inputs, op_reads, value_sources
 from ..errors import InputError
 from ..floor import FloorSums, FloorVerdict, floor_sums, layer_floor
 from ..guards import check_pairable
@@ -103,11 +106,16 @@ class LayerDiagnosis:
             for an op computing in float in both models (a ``sub`` or ``add`` under dynamic
             quantization or between dequantized values, an ``nn.Embedding`` left float),
             which carries only the amplification and NaN/Inf flags.
-        inputs: the ops (module paths) whose values this op reads, in order.
+        inputs: the ops (module paths) whose values this op reads, in order: on a model
+            captured through its module tree too, where a value crosses from one region into
+            another (:func:`fxnumeric.dataflow.value_sources`).
         input_sqnr: dB, the cumulative SQNR of the values this op reads: the energies and
-            errors of the ``inputs`` pooled (``None`` when it reads none of them, or one
-            without a measurement). ``input_sqnr - cumulative_sqnr`` is what this op does to
-            the error it reads: a float ``sub`` of nearly equal values loses tens of dB there.
+            errors of the ``inputs`` pooled, with a model input read as it is counting its
+            energy and no error. ``None`` when it reads no value at all, or one without a
+            measurement: a value the untraced code between regions computed (a decoder
+            layer's residual add), whose error no row measures (never pooled over the
+            others alone). ``input_sqnr - cumulative_sqnr`` is what this op does to the
+            error it reads: a float ``sub`` of nearly equal values loses tens of dB there.
     """
 
     name: str
@@ -433,13 +441,12 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
                   "errors do not)" if d.kind in _CANCELLING else ""))
     elif read is not None:
         why = (f"; the error comes from before it: the values it reads ({inputs}) are at "
-               f"{read:.1f} dB already, `{d.module}` adds little (local SQNR {local:.1f} dB)")
-    elif math.isinf(local):  # the ops it reads have no row to compare with
-        why = (f"; `{d.module}` adds no error of its own (local SQNR inf dB): the error of the "
-               "ops before it reaches it")
-    else:
-        why = (f"; this layer alone adds {local:.1f} dB SQNR worth of error: the earlier "
-               f"layers' error is amplified {amp:.1f} dB")
+               f"{read:.1f} dB already, `{d.module}` adds {_own_error(local)}")
+    else:  # it reads a value no row measures (computed by code between the regions)
+        why = (f"; the error comes from before it: `{d.module}` adds {_own_error(local)}. "
+               "What it reads is computed by code fxnumeric does not trace (between the "
+               "captured regions), whose error no row measures: whether the error grows "
+               "across it, or before it, is not known")
     if d.quantized:
         fix = ("keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
                "equalization")
@@ -449,6 +456,13 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
                + ("; or rewrite the model so that it does not subtract nearly equal quantized "
                   "values" if d.kind in _CANCELLING else ""))
     return Flag("amplification", head + why, fix)
+
+
+def _own_error(local: float) -> str:
+    """How much error an op adds of its own, for a message: none, or a little."""
+    if math.isinf(local):
+        return "no error of its own (local SQNR inf dB)"
+    return f"little (local SQNR {local:.1f} dB)"
 
 
 def _nonfinite_flag(s: _Sums) -> Flag | None:
@@ -483,12 +497,14 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.2g}%"
 
 
-def _pooled_sqnr(read: list[_Sums]) -> float | None:
-    """The cumulative SQNR of several values together (their energies and errors summed), or
-    ``None`` without values or with one not measured."""
-    if not read or not all(s.count for s in read):
+def _pooled_sqnr(read: list[_Sums], input_energy: float, complete: bool) -> float | None:
+    """The cumulative SQNR of the values an op reads together (their energies and errors
+    summed; ``input_energy``: that of the model inputs it reads, which carry no error), or
+    ``None`` without values, with one not measured, or not ``complete`` (a value no row
+    measures: pooled over the others alone, it would read too clean or too noisy)."""
+    if not complete or not all(s.count for s in read) or not (read or input_energy):
         return None
-    return db(sum(s.cum_signal for s in read), sum(s.cum_noise for s in read))
+    return db(sum(s.cum_signal for s in read) + input_energy, sum(s.cum_noise for s in read))
 
 
 @keeps_buffers
@@ -533,6 +549,10 @@ def diagnose(
     matching = resolve_matching(float_model, quant_model, matching, None,
                                 example_inputs=batches[0], validate=False)
     check_pairable(matching)  # as compare: an unrelated pair is refused, not "no layer flagged"
+    # what crosses into each region (a model captured through its module tree), by one run
+    reads = op_reads(matching, value_sources(matching, batches[0]))
+    read_inputs = {place for r in reads.values() for place in r.model_inputs}
+    input_energy = dict.fromkeys(read_inputs, 0.0)
     layers = op_names(matching)
     quantized = set(layer_names(matching))
     # an op left in float hands on the quantize in front of its quantized readers (a
@@ -561,6 +581,9 @@ def diagnose(
         for batch in batches:
             run_model(built.float_model, batch, which="float")
             run_model(built.quant_model, batch, which="quantized")
+            for place, tensor in model_inputs(batch).items():
+                if place in input_energy:
+                    input_energy[place] += float(tensor.detach().double().square().sum())
             for twin in twins:
                 twin.pending.clear()
             bar.update()
@@ -573,7 +596,6 @@ def diagnose(
         if name not in weights or _worse(stats, weights[name][0]):
             weights[name] = (stats, w.matrix)
     kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
-    feeding = feeding_ops(matching)
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
     for name in layers:
@@ -586,6 +608,10 @@ def diagnose(
             floor, floor_verdict = layer_floor(matching.region_of(pair), pair, sums_of_floor,
                                                signal=s.local_signal, noise=s.local_noise,
                                                count=s.count)
+        read = reads[name]
+        read_sums, complete = [sums[n] for n in read.ops], not read.unresolved
+        input_sqnr = _pooled_sqnr(read_sums, sum(input_energy[p] for p in read.model_inputs),
+                                  complete)
         d = LayerDiagnosis(
             name=name, module=module_path(matching, name), kind=kinds[name],
             per_channel=per_channel, weight_utilisation=util, channel_outlier_ratio=outliers,
@@ -597,8 +623,8 @@ def diagnose(
             floor_sqnr=floor, floor=floor_verdict,
             quantized=(name in quantized or kinds[name] == "quantize"
                        or (s.quantized and name not in rounded_after)),
-            inputs=tuple(module_path(matching, n) for n in feeding[name]),
-            input_sqnr=_pooled_sqnr([sums[n] for n in feeding[name]]),
+            inputs=tuple(module_path(matching, n) for n in read.ops),
+            input_sqnr=input_sqnr,
         )
         if nonfinite is not None:  # poisoned sums: nothing to draw from them
             diagnosed.append(d)
