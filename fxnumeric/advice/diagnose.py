@@ -21,7 +21,9 @@ weights, clipping and noise flags are those of the ops computing in quantized fo
   values it reads, and the first op where the cumulative SQNR falls below a threshold. Ops
   left in float count: a float ``sub`` of two nearly equal quantized branches adds no error
   of its own but cancels their signal, not their errors, so the relative error jumps at the
-  ``sub``, and the flag names it rather than the layer after it. On a model captured through its
+  ``sub``, and the flag names it rather than the layer after it. A product (``mul``,
+  ``matmul``, ``div``) adds the relative errors of its factors by nature: two factors at
+  22 dB give 19 dB, which is what it is held to, not 22 dB. On a model captured through its
   module tree, the values crossing into a region are traced to the op that computed them by
   one float run (:func:`fxnumeric.dataflow.value_sources`); a value the untraced code
   computed (a decoder layer's residual add) has no row, and the op reading it no input SQNR.
@@ -139,6 +141,11 @@ class LayerDiagnosis:
     weight_matrix: str | None = None
     """Which of the op's weight matrices the weight figures are of, for an op with several (an
     LSTM's ``weight_ih_l1_reverse``): the worst quantized one; ``None`` for one weight."""
+    expected_sqnr: float | None = None
+    """dB, the cumulative SQNR the op's output has by nature with the errors it reads carried
+    through, which the amplification flag holds it to: ``input_sqnr``, except for a product
+    (``mul``, ``matmul``, ``div``), whose factors' relative errors add: ``-10 log10(sum of
+    10^(-SQNR_i / 10))`` over the values it reads (two at 22 dB: 19 dB)."""
 
     @property
     def amplification(self) -> float | None:
@@ -418,8 +425,12 @@ _CANCELLING = ("add", "sub")
 """Op kinds whose output can be far smaller than their inputs, and their errors not."""
 
 _AMPLIFIED_DB = 3.0
-"""dB by which the error must exceed what an op's own error explains (or grow across the op)
-to be read as amplified: twice the error energy."""
+"""dB by which the error must exceed what an op's own error explains (or grow across the op
+beyond what it costs by nature, :attr:`LayerDiagnosis.expected_sqnr`) to be read as
+amplified: twice the error energy."""
+
+_PRODUCTS = ("mul", "matmul", "div")
+"""Op kinds whose output's relative error is the sum of their inputs' (to first order)."""
 
 
 def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: float) -> Flag:
@@ -427,21 +438,27 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
     its own error, or the error it reads made larger relative to its output."""
     head = (f"`{d.module}` is the first op where the cumulative SQNR "
             f"({_db_below(cumulative, threshold_db)} dB) is below {threshold_db:g} dB")
-    amp, local, read = d.amplification, d.local_sqnr, d.input_sqnr
+    amp, local, read, expected = d.amplification, d.local_sqnr, d.input_sqnr, d.expected_sqnr
     inputs = ", ".join(d.inputs)
+    product = ""
+    if read is not None and expected is not None and expected < read:
+        product = (f"; a product adds its factors' relative errors, which puts it at "
+                   f"{expected:.1f} dB by nature")
     if amp is None or local is None or amp <= _AMPLIFIED_DB:
         why = "; mostly its own error"
-    elif read is not None and read - cumulative > _AMPLIFIED_DB:
+    elif read is not None and expected is not None and expected - cumulative > _AMPLIFIED_DB:
         own = ("computes in float in both models and adds " if not d.quantized else "adds ")
         own += f"{'no' if math.isinf(local) else 'little'} error of its own"
         why = (f": it falls there from {read:.1f} dB in the values it reads ({inputs}), yet "
                f"`{d.module}` {own} (local SQNR {local:.1f} dB): it amplifies the error it "
-               f"reads {read - cumulative:.1f} dB"
+               f"reads {expected - cumulative:.1f} dB"
+               + (f" beyond the {read - expected:.1f} dB a product costs by nature"
+                  if product else "")
                + (", as a difference of nearly equal values does (the signal cancels, the "
                   "errors do not)" if d.kind in _CANCELLING else ""))
     elif read is not None:
         why = (f"; the error comes from before it: the values it reads ({inputs}) are at "
-               f"{read:.1f} dB already, `{d.module}` adds {_own_error(local)}")
+               f"{read:.1f} dB already{product}, `{d.module}` adds {_own_error(local)}")
     else:  # it reads a value no row measures (computed by code between the regions)
         why = (f"; the error comes from before it: `{d.module}` adds {_own_error(local)}. "
                "What it reads is computed by code fxnumeric does not trace (between the "
@@ -505,6 +522,16 @@ def _pooled_sqnr(read: list[_Sums], input_energy: float, complete: bool) -> floa
     if not complete or not all(s.count for s in read) or not (read or input_energy):
         return None
     return db(sum(s.cum_signal for s in read) + input_energy, sum(s.cum_noise for s in read))
+
+
+def _product_sqnr(read: list[_Sums], complete: bool) -> float | None:
+    """The SQNR a product of the values read has with their relative errors added (to first
+    order, independent errors): ``1 / sum(1 / SQNR_i)`` in linear terms; the model inputs
+    among its factors add none."""
+    if not complete or not all(s.count for s in read):
+        return None
+    return db(1.0, sum(s.cum_noise / s.cum_signal if s.cum_signal else math.inf
+                       for s in read if s.cum_noise))
 
 
 @keeps_buffers
@@ -625,6 +652,9 @@ def diagnose(
                        or (s.quantized and name not in rounded_after)),
             inputs=tuple(module_path(matching, n) for n in read.ops),
             input_sqnr=input_sqnr,
+            expected_sqnr=(_product_sqnr(read_sums, complete)
+                           if kinds[name] in _PRODUCTS and input_sqnr is not None
+                           else input_sqnr),
         )
         if nonfinite is not None:  # poisoned sums: nothing to draw from them
             diagnosed.append(d)
