@@ -486,6 +486,31 @@ def test_layer_selection_errors_name_the_layers() -> None:
                     [torch.randn(1, 3, 4, 4)])
 
 
+def test_one_layer_named_by_a_string_is_that_layer_not_its_characters() -> None:
+    float_model, q, data = _fx_pair()
+    one = sensitivity(float_model, q, data, layers="fc3", progress=False)
+    listed = sensitivity(float_model, q, data, layers=["fc3"], progress=False)
+    assert [layer.name for layer in one.layers] == ["fc3"] and one == listed
+    advice = advise(float_model, q, data, metric="sqnr", target=1e9, layers="fc3",
+                    progress=False)
+    assert set(advice.assignment) == {"fc3"}
+    with pytest.raises(InputError, match=r"layers= takes layer \(pair\) names, got \[3\]"):
+        sensitivity(float_model, q, data, layers=[3], progress=False)
+
+
+@pytest.mark.parametrize("search", [
+    lambda q, data: sensitivity(q, q, data, progress=False),
+    lambda q, data: advise(q, q, data, metric="sqnr", target=30, progress=False)],
+    ids=["sensitivity", "advise"])
+def test_a_quantized_model_passed_as_the_float_one_is_refused_as_compare_refuses_it(search):
+    """sensitivity(q, q, data) ran and read inf dB for every layer: each hybrid is q itself."""
+    _, q, data = _fx_pair()
+    with pytest.raises(InputError, match="the float model is quantized too"):
+        fxnumeric.compare(copy.deepcopy(q), q, data)  # (the same object: refused as such)
+    with pytest.raises(InputError, match="the float model is quantized too"):
+        search(q, data)
+
+
 def test_reference_fx_gives_the_sensitivity_of_convert_fx() -> None:
     """A reference model quantizes each output itself (op -> quantize -> dequantize): the
     layer ends after that, so both forms of one FX model measure the same hybrids."""

@@ -44,6 +44,7 @@ from ..errors import (
     about_variant,
 )
 from ..flows.torchao import quantized_paths
+from ..guards import check_pairable
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
@@ -314,6 +315,9 @@ class _Search:
                     example_inputs=self.batches[0], validate=False)
                 if name is not None:
                     check_variant(matchings[name])
+                # as compare and diagnose: a quantized "float" model (the quantized model
+                # passed twice) is refused, not measured at inf dB against itself
+                check_pairable(matchings[name])
         self.matching = next(iter(matchings.values()))
         self.runner = HybridRunner(self.matching if None in matchings else matchings)
         self.progress = progress
@@ -526,6 +530,22 @@ class _Search:
         return tuple(s for n in names for s in self.runner.swaps(n, base))
 
 
+def _names(layers: Iterable[str] | str) -> list[str]:
+    """``layers=`` as a list of names: one name given as a string is that name (not its
+    characters)."""
+    if isinstance(layers, str):
+        return [layers]
+    try:
+        names = list(layers)
+    except TypeError:
+        names = [layers]  # type: ignore[list-item]
+    odd = [n for n in names if not isinstance(n, str)]
+    if odd:
+        raise InputError(f"layers= takes layer (pair) names, got {odd[:3]!r}. Fix: "
+                         "layers=['lm_head', ...] (Sensitivity.layers[i].name gives them)")
+    return names
+
+
 @dataclass(frozen=True)
 class LayerSensitivity:
     """End metric of the two hybrids of one layer.
@@ -630,7 +650,7 @@ def sensitivity(
     data: Iterable[Any],
     metric: str | EndMetric = "sqnr",
     *,
-    layers: Iterable[str] | None = None,
+    layers: Iterable[str] | str | None = None,
     matching: Matching | None = None,
     progress: bool | None = None,
     inputs: int | Callable[[Any], Any] | None = None,
@@ -651,7 +671,7 @@ def sensitivity(
         metric: ``"sqnr"``, ``"cosine"``, ``"min_cosine"`` or a function
             ``(float_output, candidate_output) -> float`` (higher is better), called once on
             the outputs of all batches concatenated along dim 0.
-        layers: restrict to these layer (pair) names.
+        layers: restrict to these layer (pair) names (one name: a string).
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress on stderr (default: when stderr is a terminal).
         inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
@@ -669,6 +689,7 @@ def sensitivity(
         >>> [layer.module for layer in s.layers]
         ['0', '2']
     """
+    layers = None if layers is None else _names(layers)
     search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
     names, skipped = search.layers(layers, ("float", "quant"))
     hybrids: list[Hybrid] = [("quant", ())]
@@ -1178,7 +1199,7 @@ def advise(
     max_float_layers: int | None = None,
     candidates: int | None = None,
     prune: bool = True,
-    layers: Iterable[str] | None = None,
+    layers: Iterable[str] | str | None = None,
     matching: Matching | None = None,
     progress: bool | None = None,
     inputs: int | Callable[[Any], Any] | None = None,
@@ -1215,7 +1236,7 @@ def advise(
             over several variants measures every layer's next step, so it takes none.
         prune: once the target is reached, drop every chosen layer the target can do without
             (each drop verified), then measure the curve of what is left.
-        layers: restrict the search to these layer (pair) names.
+        layers: restrict the search to these layer (pair) names (one name: a string).
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress on stderr (default: when stderr is a terminal).
         inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
@@ -1237,6 +1258,7 @@ def advise(
                          "several variants measures every layer's next step: leave it out")
     if max_float_layers is not None:
         a_count(max_float_layers, "max_float_layers", 0)
+    layers = None if layers is None else _names(layers)
     started = time.perf_counter()
     search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
     try:
