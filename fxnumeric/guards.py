@@ -330,12 +330,12 @@ def check_pairable(matching: Any) -> None:
         shown = ", ".join(f"`{n}`" for n in ops[:3]) + (", ..." if len(ops) > 3 else "")
         raise InputError(
             f"the float model is quantized too: it computes {len(ops)} quantized ops or "
-            f"quantize nodes ({shown}); compare measures a quantized model against the float "
-            "model it was made from (against another quantized one, its shadows run quantized "
-            "ops on float input or read nonsense). Was the quantized model passed twice?\n"
-            "Fix: compare(float_model, quant_model, data) "
-            "with the float model the quantized one was made from (keep a copy.deepcopy of "
-            "it before prepare / convert / quantize_dynamic)")
+            f"quantize nodes ({shown}); fxnumeric measures a quantized model against the float "
+            "model it was made from (against another quantized one, its shadows and hybrids "
+            "run quantized ops on float input or read nonsense). Was the quantized model "
+            "passed twice?\n"
+            "Fix: pass as the float model the one the quantized model was made from (keep a "
+            "copy.deepcopy of it before prepare / convert / quantize_dynamic / quantize_)")
 
 
 def nothing_quantized(quant_view: GraphView) -> bool:
