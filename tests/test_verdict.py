@@ -355,7 +355,7 @@ def test_a_pt2e_model_passed_as_the_float_one_is_refused():
     """On main it ran and named the input quantize at -0.03 dB, against itself."""
     _, q = _pt2e_pair()
     with pytest.raises(ns.InputError, match=r"the float model is quantized too: .*\n"
-                       r"Fix: compare\(float_model, quant_model, data\)"):
+                       r"Fix: pass as the float model the one the quantized model was made from"):
         _compare(copy.deepcopy(q), q)
 
 
