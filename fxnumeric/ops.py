@@ -202,10 +202,19 @@ _QUANTIZED_PREFIXES = (
 )
 
 
+# float modules defined among the quantized ones: a float model's FloatFunctional computes
+# in float (its quantized form is QFunctional), and counting it as quantized refused every
+# float model keeping whole a module that holds one (torchvision's QuantizableBasicBlock)
+_FLOAT_IN_QUANTIZED_PACKAGE = frozenset({"FloatFunctional", "FXFloatFunctional"})
+
+
 def in_quantized_package(module: nn.Module) -> bool:
     """Whether ``module``'s class is one of torch's quantized modules (``torch.ao.nn.quantized``
-    and the intrinsic ones), by where it is defined."""
-    return type(module).__module__.startswith(_QUANTIZED_PREFIXES)
+    and the intrinsic ones), by where it is defined; not the float ``FloatFunctional`` kept
+    there."""
+    cls = type(module)
+    return (cls.__module__.startswith(_QUANTIZED_PREFIXES)
+            and cls.__name__ not in _FLOAT_IN_QUANTIZED_PACKAGE)
 
 
 def is_quantized_module(module: nn.Module) -> bool:

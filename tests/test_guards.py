@@ -320,3 +320,79 @@ def test_modules_that_compute_alike_in_training_mode_pass():
     f[2].train()
     report = ns.compare(f, q, data, progress=False)
     assert report.batches == 1 and report.rows
+
+
+class _Gate(nn.Module):
+    """A conv and a residual add through a FloatFunctional, in code torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if len(x) > 0:  # len() of a Proxy: torch.fx cannot trace this
+            y = self.add.add(y, x)
+        return y
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.gate, self.dequant = tq.QuantStub(), _Gate(), tq.DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.gate(self.quant(x)))
+
+
+def _gated_pair():
+    torch.manual_seed(0)
+    f = _Gated().eval()
+    prepared = copy.deepcopy(f)
+    prepared.qconfig = tq.get_default_qconfig("fbgemm")
+    tq.prepare(prepared, inplace=True)
+    return f, tq.convert(_calibrated(prepared))
+
+
+def _hooked_sqnr(f: nn.Module, q: nn.Module, path: str, x: torch.Tensor) -> float:
+    """The SQNR of ``path``'s quantized output against its float one, read by forward hooks."""
+    outputs = {}
+    for side, model in (("float", f), ("quant", q)):
+        module = model.get_submodule(path)
+        handle = module.register_forward_hook(
+            lambda _m, _a, out, side=side: outputs.__setitem__(side, out.clone()))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+    ref = outputs["float"].double()
+    actual = outputs["quant"].dequantize().double()
+    return 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
+
+
+@pytest.mark.parametrize("leaf", ["gate", ""])
+def test_a_float_module_kept_whole_holding_a_floatfunctional_is_float(leaf):
+    """A FloatFunctional is float (torch keeps it among its quantized modules): a float
+    module kept whole that holds one is not "quantized too". Oracle: forward hooks."""
+    f, q = _gated_pair()
+    x = _data()[0]
+    report = _no_guard_warning(ns.compare, f, q, [x], leaf_modules=[leaf], progress=False)
+    name = leaf or "root"
+    assert report.row(name).output_sqnr == pytest.approx(_hooked_sqnr(f, q, leaf, x), rel=1e-6)
+    matching = ns.match(f, q, x, leaf_modules=[leaf])
+    ns.diagnose(f, q, [x], matching=matching, progress=False)
+    found = ns.sensitivity(f, q, [x], "sqnr", matching=matching, progress=False)
+    assert found.quantized == pytest.approx(_hooked_sqnr(f, q, "", x), rel=1e-6)
+
+
+def test_quantizable_basic_blocks_kept_whole_are_compared_as_blocks(make_resnet18_pair):
+    """torchvision's quantizable resnet18 with each QuantizableBasicBlock (which holds a
+    FloatFunctional) kept whole: a row per block, read as forward hooks read it."""
+    from torchvision.models.quantization.resnet import QuantizableBasicBlock
+
+    f, q, _ = make_resnet18_pair()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    report = ns.compare(f, q, [x], leaf_modules=[QuantizableBasicBlock], progress=False)
+    for block in ("layer1.0", "layer4.1"):
+        assert report.row(block).output_sqnr == pytest.approx(_hooked_sqnr(f, q, block, x),
+                                                              rel=1e-6)
