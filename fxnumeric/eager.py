@@ -79,11 +79,11 @@ def _find_match(keys: Iterable[str], key: str, postfix: str) -> str | None:
     if parts[-1] != postfix:
         return None
     targets = ["".join(parts[:-1])]
-    if postfix == "_packed_params":
+    # "" is a target too: a single module's state dict ("weight" ~ "weight"), as in torch;
+    # only a packed key's shorter name is skipped when empty
+    if postfix == "_packed_params" and "".join(parts[:-2]):
         targets.append("".join(parts[:-2]))
     for target in targets:
-        if not target:
-            continue
         for candidate in keys:
             c = candidate.split(".")
             if target in ("".join(c[:-1]), "".join(c[:-2])):

@@ -343,6 +343,27 @@ def test_compare_weights_state_dicts_match_eager(static_case: Case) -> None:
         assert_same(fx[key], eager[key], key)
 
 
+def test_compare_weights_of_one_modules_state_dicts_match_eager() -> None:
+    """A single module's state dicts (keys without a module path: ``weight``) pair as in
+    torch; a dynamic Linear's ``_packed_params._packed_params`` pairs with nothing in both."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 1).eval()
+    qconv = torch.ao.nn.quantized.Conv2d(3, 3, 1)
+    qconv.set_weight_bias(torch.quantize_per_tensor(conv.weight.detach(), 0.01, 0, torch.qint8),
+                          conv.bias.detach())
+    linear = nn.Linear(4, 4).eval()
+    qlinear = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(linear)),
+                                                     {nn.Linear})[0]
+    for f, q in ((conv, qconv), (linear, qlinear)):
+        eager = tns.compare_weights(f.state_dict(), q.state_dict())
+        fx = ns.compare_weights(f.state_dict(), q.state_dict())
+        assert list(fx) == list(eager)
+        for key in eager:
+            assert_same(fx[key], eager[key], key)
+    assert list(fx) == [] and list(eager) == []
+    assert list(ns.compare_weights(conv.state_dict(), qconv.state_dict())) == ["weight"]
+
+
 def test_compare_weights_lstm_splits_ih_and_hh(make_lstm_pair) -> None:
     """Deviation (b): one key per LSTM weight matrix; eager keeps only weight_hh."""
     float_model, qmodel, _, _ = make_lstm_pair()
