@@ -496,11 +496,11 @@ def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: It
     if isinstance(module_swap_list, (str, type)) or not isinstance(module_swap_list, Iterable):
         raise InputError(f"module_swap_list is a {type(module_swap_list).__name__}: pass a list "
                          "of float module types to shadow, e.g. [nn.Linear, nn.Conv2d]")
-    leaves = list(module_swap_list) + list(leaf_modules or ())
+    swap = tuple(module_swap_list)  # read once: a generator serves the leaves and the selector
     matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
-                     leaf_modules=leaves, capture=capture).check()
+                     leaf_modules=[*swap, *(leaf_modules or ())], capture=capture).check()
     quant_gm, skipped = add_shadows(
-        float_model, q_model, logger_cls, select=_stub_selector(module_swap_list),
+        float_model, q_model, logger_cls, select=_stub_selector(swap),
         matching=matching, per_call_site=False,
     )
     if skipped:

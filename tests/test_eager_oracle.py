@@ -664,6 +664,24 @@ def test_compare_model_stub_matches_eager(case: Case) -> None:
     _assert_shadow_dicts_match(fx, eager, case, n_passes=1)
 
 
+def test_a_generator_as_the_swap_list_is_read_once_for_everything(resnet18_case: Case) -> None:
+    """``module_swap_list`` given as a generator shadows what the same list does (torch's suite
+    returns ``{}``: docs/eager_compat.md); the oracle is torch's suite given the list."""
+    float_model, qmodel = resnet18_case.make()
+    eager = tns.compare_model_stub(float_model, qmodel, resnet18_case.swap_list,
+                                   *resnet18_case.data)
+    float_model, qmodel = resnet18_case.make()
+    fx = ns.compare_model_stub(float_model, qmodel, (t for t in resnet18_case.swap_list),
+                               *resnet18_case.data)
+    assert eager
+    _assert_shadow_dicts_match(fx, eager, resnet18_case, n_passes=1)
+    float_model, qmodel = resnet18_case.make()
+    ns.prepare_model_with_stubs(float_model, qmodel, iter(resnet18_case.swap_list),
+                                ns.ShadowLogger)
+    qmodel(*resnet18_case.data)
+    assert list(ns.get_logger_dict(qmodel)) == list(fx)
+
+
 def test_shadow_logger_keeps_whole_batch(resnet18_case: Case) -> None:
     """Deviation (a), spelled out on the tutorial's printout: eager keeps sample 0 only."""
     float_model, qmodel = resnet18_case.make()
