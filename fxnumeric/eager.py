@@ -168,9 +168,13 @@ class _Prepared:
     loggers: dict[str, nn.Module]  # loggers_of(gm), kept here so that deep copies have theirs
 
     @classmethod
-    def of(cls, model: nn.Module, gm: fx.GraphModule) -> _Prepared:
+    def of(cls, model: nn.Module, gm: fx.GraphModule,
+           names: Mapping[str, str] | None = None) -> _Prepared:
+        """``gm``'s loggers, under the eager suite's key where ``names`` (pair name -> key,
+        :func:`_eager_names`) gives one."""
+        names = names or {}
         return cls(gm, {name: i for i, (name, _) in enumerate(model.named_modules())},
-                   loggers_of(gm))
+                   {names.get(name, name): lg for name, lg in loggers_of(gm).items()})
 
     def ordered(self, keys: Iterable[str]) -> list[str]:
         """``keys`` as torch's get_logger_dict orders them: registration order, then the rest."""
@@ -189,9 +193,10 @@ class _Installed:
     separate calls (in any process: a loaded model keeps its token).
     """
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, call: str, token: str) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, call: str, token: str,
+                 names: Mapping[str, str] | None = None) -> None:
         self.model, self.call, self.token = model, call, token
-        self.prepared = _Prepared.of(model, gm)
+        self.prepared = _Prepared.of(model, gm, names)
         owned = dict(model.named_modules())
         # the model's own modules the instrumented copy runs, at the same path
         self.calls = tuple((path, module) for path, module in gm.named_modules()
@@ -241,12 +246,14 @@ def _installed(model: nn.Module) -> _Installed | None:
     return forward if isinstance(forward, _Installed) else None
 
 
-def _install(call: str, *prepared: tuple[nn.Module, fx.GraphModule]) -> None:
+def _install(call: str, *prepared: tuple[nn.Module, fx.GraphModule],
+             names: Mapping[str, str] | None = None) -> None:
     """Route each model's ``forward`` through its instrumented graph (which shares its
-    submodules): the in-place part of the eager API, undone by remove_instrumentation."""
+    submodules): the in-place part of the eager API, undone by remove_instrumentation.
+    ``names``: the loggers' keys where they differ from the pairs' (:func:`_eager_names`)."""
     token = f"{_PROCESS}:{next(_TOKENS)}"
     for model, gm in prepared:
-        model.forward = _Installed(model, gm, call, token)
+        model.forward = _Installed(model, gm, call, token, names)
         _ROOTS.add(model)
 
 
@@ -325,17 +332,36 @@ def _output_selector(allow_list: set[type] | None):
     return select
 
 
+def _eager_names(matching: Matching) -> dict[str, str]:
+    """Pair name -> the eager suite's key for it, where they differ.
+
+    The model's input quantize pairs with the float model's input and is named after it
+    (``x.quantize``, a row of :func:`fxnumeric.compare`); a float model without a QuantStub
+    against its ``QuantWrapper`` has no module there, and torch names the logger after the
+    quantized model's (``quant``).
+    """
+    names: dict[str, str] = {}
+    for pair in matching.pairs:
+        region = matching.region_of(pair)
+        head = region.chain(pair, "quant")[0]
+        if pair.kind == "quantize" and head.op == "call_module":
+            scope = region.scope("quant")
+            names[pair.name] = f"{scope}.{head.target}" if scope else str(head.target)
+    return {name: key for name, key in names.items() if name != key}
+
+
 def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type,
                     allow_list: set[type] | None,
                     leaf_modules: Iterable[LeafSpec] | None, capture: str = "auto",
                     example_inputs: Any = None,
-                    ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Logged copies of both models, on the pairs whose quantized module is allowed."""
+                    ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, str]]:
+    """Logged copies of both models, on the pairs whose quantized module is allowed, and
+    the keys their loggers go by (:func:`_eager_names`)."""
     matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
                      leaf_modules=leaf_modules, capture=capture).check()
     # one logger per module, logged once per call, as in torch's eager suite
-    return add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
-                       matching=matching, per_call_site=False)
+    return (*add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
+                         matching=matching, per_call_site=False), _eager_names(matching))
 
 
 @defers_collection
@@ -359,9 +385,10 @@ def prepare_model_outputs(
     _check_in_place(q_module, "q_module")
     for model in (float_module, q_module):
         remove_instrumentation(model)
-    float_gm, quant_gm = _output_loggers(float_module, q_module, logger_cls, allow_list,
-                                         leaf_modules)
-    _install("prepare_model_outputs", (float_module, float_gm), (q_module, quant_gm))
+    float_gm, quant_gm, names = _output_loggers(float_module, q_module, logger_cls, allow_list,
+                                                leaf_modules)
+    _install("prepare_model_outputs", (float_module, float_gm), (q_module, quant_gm),
+             names=names)
 
 
 def _logged(stats: dict) -> bool:
@@ -446,14 +473,15 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
     data = _batch(data)
     float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram's module
     q_model = flows.normalise_model(q_model, "quantized")
-    float_gm, quant_gm = _output_loggers(float_model, q_model, logger_cls, allow_list, leaf_modules,
-                                         capture, data)
+    float_gm, quant_gm, names = _output_loggers(float_model, q_model, logger_cls, allow_list,
+                                                leaf_modules, capture, data)
     check_devices(float_model, q_model, data)
     run_model(float_gm, data, which="float")
     run_model(quant_gm, data, which="quantized")
     if not loggers_of(quant_gm):
         return {}
-    return _activations(_Prepared.of(float_model, float_gm), _Prepared.of(q_model, quant_gm))
+    return _activations(_Prepared.of(float_model, float_gm, names),
+                        _Prepared.of(q_model, quant_gm, names))
 
 
 # ---------------------------------------------------------------- shadows

@@ -806,6 +806,39 @@ def test_key_order_matches_eager(case: Case) -> None:
     assert list(fx_stub) == list(eager_stub)
 
 
+def test_a_float_model_without_quantstub_keys_the_input_quantize_as_the_quantwrapper() -> None:
+    """A float model without a QuantStub against its ``QuantWrapper``-quantized model: the
+    input quantize's key is the quantized model's (``quant.stats``, first), as torch's suite
+    gives it on the wrapped float model (the oracle: a QuantStub computes nothing in float)."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    prepared = torch.ao.quantization.QuantWrapper(copy.deepcopy(inner)).eval()
+    prepared.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    torch.ao.quantization.prepare(prepared, inplace=True)
+    prepared(x)
+    q = torch.ao.quantization.convert(prepared)
+    wrapped = torch.ao.quantization.QuantWrapper(copy.deepcopy(inner)).eval()
+    eager = tns.compare_model_outputs(wrapped, copy.deepcopy(q), x)
+    assert list(eager) == ["quant.stats", "module.0.stats", "module.3.stats"]
+    fx = ns.compare_model_outputs(inner, q, x)
+    assert list(fx) == list(eager)
+    for key in eager:
+        assert_same(fx[key], eager[key], key)
+    ns.prepare_model_outputs(inner, q)
+    inner(x)
+    q(x)
+    prepared_fx = ns.get_matching_activations(inner, q)
+    assert "quant.stats" in ns.get_logger_dict(q)
+    for model in (inner, q):
+        ns.remove_instrumentation(model)
+    assert list(prepared_fx) == list(eager)
+    for key in eager:
+        assert_same(prepared_fx[key], eager[key], key)
+    # compare's own row keeps the name of the float input it measures
+    assert "input.quantize" in [r.name for r in ns.compare(inner, q, [x], progress=False).rows]
+
+
 # --------------------------------------------------------------------------------------------
 # (d) compare_model_outputs and compare_model_stub leave the models untouched
 # --------------------------------------------------------------------------------------------
