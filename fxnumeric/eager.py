@@ -33,7 +33,7 @@ from torch.ao.ns import _numeric_suite as torch_ns
 
 from . import flows
 from ._collector import defers_collection
-from .capture import LeafSpec
+from .capture import LeafSpec, is_functional
 from .capture.export import capture_example
 from .errors import InputError, InstrumentationError
 from .guards import check_state_dicts
@@ -332,6 +332,31 @@ def _output_selector(allow_list: set[type] | None):
     return select
 
 
+def _eager_match(float_model: nn.Module, q_model: nn.Module, data: Any,
+                 leaf_modules: Iterable[LeafSpec] | None, capture: str) -> Matching:
+    """:func:`fxnumeric.match` as the eager calls need it, checked (:meth:`Matching.check`).
+
+    Matched without running the models, except where a functional module (``FloatFunctional``)
+    sits under code torch.fx cannot trace: which method its parent calls is known from a run
+    only, so the pair is matched again on ``data`` (the calls that have it), as torch's
+    suite observes the method whatever code calls it.
+    """
+    found = match(float_model, q_model, capture_example(capture, data, q_model),
+                  leaf_modules=leaf_modules, capture=capture)
+    if data is not None and not found.whole_graph and any(
+            _is_functional_at(q_model, u.node) for u in found.unmatched_quant):
+        found = match(float_model, q_model, data, leaf_modules=leaf_modules, capture=capture,
+                      validate_inputs=False)
+    return found.check()
+
+
+def _is_functional_at(model: nn.Module, path: str) -> bool:
+    try:
+        return is_functional(model.get_submodule(path))
+    except AttributeError:  # a node name, not a module path
+        return False
+
+
 def _eager_names(matching: Matching) -> dict[str, str]:
     """Pair name -> the eager suite's key for it, where they differ.
 
@@ -357,8 +382,7 @@ def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type
                     ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, str]]:
     """Logged copies of both models, on the pairs whose quantized module is allowed, and
     the keys their loggers go by (:func:`_eager_names`)."""
-    matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
-                     leaf_modules=leaf_modules, capture=capture).check()
+    matching = _eager_match(float_model, q_model, example_inputs, leaf_modules, capture)
     # one logger per module, logged once per call, as in torch's eager suite
     return (*add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
                          matching=matching, per_call_site=False), _eager_names(matching))
@@ -525,8 +549,8 @@ def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: It
         raise InputError(f"module_swap_list is a {type(module_swap_list).__name__}: pass a list "
                          "of float module types to shadow, e.g. [nn.Linear, nn.Conv2d]")
     swap = tuple(module_swap_list)  # read once: a generator serves the leaves and the selector
-    matching = match(float_model, q_model, capture_example(capture, example_inputs, q_model),
-                     leaf_modules=[*swap, *(leaf_modules or ())], capture=capture).check()
+    matching = _eager_match(float_model, q_model, example_inputs,
+                            [*swap, *(leaf_modules or ())], capture)
     quant_gm, skipped = add_shadows(
         float_model, q_model, logger_cls, select=_stub_selector(swap),
         matching=matching, per_call_site=False,

@@ -38,7 +38,15 @@ from torch import nn
 
 from . import flows
 from ._collector import defers_collection
-from .capture import LeafSpec, leaf_graph, single_call_graph, trace
+from .capture import (
+    FUNCTIONAL_METHODS,
+    LeafSpec,
+    is_functional,
+    leaf_graph,
+    method_graph,
+    single_call_graph,
+    trace,
+)
 from .capture.export import (
     auto_exports_float,
     check_capture,
@@ -129,6 +137,10 @@ class Region:
             module kept whole, else ``float_path``).
         quant_scope: the same for the quantized graph.
         whole_module: the region is a leaf module kept whole.
+        method: for a functional module (``FloatFunctional``) under code torch.fx cannot
+            trace, the method its parent calls it through (``"add"``): the region's graphs
+            are that method's (:func:`fxnumeric.capture.method_graph`), and its replacement
+            in an assembled model is called through it. ``""`` otherwise.
     """
 
     float_path: str
@@ -146,6 +158,7 @@ class Region:
     """How many times the region's module runs per forward (a submodule or leaf module its
     untraceable parent calls several times, as ALBERT calls its one shared layer): each call
     is a call site with pairs of its own, ``#2`` ..."""
+    method: str = ""
 
     def __post_init__(self) -> None:
         fv, qv = self.float_view, self.quant_view
@@ -936,8 +949,10 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
             call_sites=calls(part.float_path, part.quant_path),
         ))
     for float_path, quant_path in tree.leaves:
+        methods = tuple(c.methods.get(p, "") if c is not None else None
+                        for c, p in ((float_calls, float_path), (quant_calls, quant_path)))
         leaf = _leaf_region(float_model, quant_model, float_path, quant_path, node_match,
-                            calls(float_path, quant_path))
+                            calls(float_path, quant_path), methods)
         if isinstance(leaf, Region):
             regions.append(leaf)
         elif leaf is not None:
@@ -1030,11 +1045,18 @@ def container_pairs(regions: Iterable[Region]) -> frozenset[str]:
 
 def _leaf_region(float_model: nn.Module, quant_model: nn.Module, float_path: str,
                  quant_path: str, node_match: NodeMatch, call_sites: int = 1,
+                 methods: tuple[str | None, str | None] = (None, None),
                  ) -> Region | tuple[Unmatched, Unmatched] | None:
     """Two leaf modules at the same place of the module tree, as a region of one-op graphs;
-    the misses if they compute different ops; ``None`` for plumbing (dropout, identity)."""
-    f_cls = classify_module(float_model.get_submodule(float_path))
-    q_cls = classify_module(quant_model.get_submodule(quant_path))
+    the misses if they compute different ops; ``None`` for plumbing (dropout, identity).
+    ``methods``: what each functional module was called through in the recorded run
+    (:attr:`fxnumeric.capture.tree.CallSpecs.methods`; None: nothing was run)."""
+    f_module = float_model.get_submodule(float_path)
+    q_module = quant_model.get_submodule(quant_path)
+    if is_functional(f_module) and is_functional(q_module):
+        return _functional_region(float_model, quant_model, float_path, quant_path,
+                                  node_match, call_sites, methods)
+    f_cls, q_cls = classify_module(f_module), classify_module(q_module)
     if f_cls.role == "plumbing" or q_cls.role == "plumbing":
         return None  # transparent, as in the graph matcher
     if f_cls.signature != q_cls.signature:
@@ -1052,6 +1074,47 @@ def _leaf_region(float_model: nn.Module, quant_model: nn.Module, float_path: str
         quant_scope=quant_scope, whole_module=True, node_match=node_match,
         call_sites=call_sites,
     )
+
+
+def _functional_region(float_model: nn.Module, quant_model: nn.Module, float_path: str,
+                       quant_path: str, node_match: NodeMatch, call_sites: int,
+                       methods: tuple[str | None, str | None],
+                       ) -> Region | tuple[Unmatched, Unmatched] | None:
+    """A ``FloatFunctional`` and its ``QFunctional`` called from code torch.fx cannot trace,
+    as a region of the graphs of the method they were called through; the misses with the
+    reason if that is not known or not one of :data:`fxnumeric.capture.FUNCTIONAL_METHODS`;
+    ``None`` if the run never called them (nothing to compare, as in a traced graph)."""
+    float_method, quant_method = methods
+    parent = quant_path.rpartition(".")[0] or "<root>"
+    kind = type(float_model.get_submodule(float_path)).__name__
+    if float_method == "" and quant_method == "":
+        return None
+    if float_method is None or quant_method is None:
+        reason = (f"a {kind} called through its methods from `{parent}`, whose forward "
+                  "torch.fx cannot trace: which method is known from a run only. Pass "
+                  "example_inputs to match() (compare, advise, diagnose, compare_model_outputs "
+                  "and compare_model_stub pass their batch; prepare_model_outputs has none), "
+                  f"or keep `{parent}` whole with leaf_modules=[\"{parent}\"]")
+    elif float_method != quant_method or float_method not in FUNCTIONAL_METHODS:
+        reason = (f"a {kind} called through {float_method or 'nothing'} (float) and "
+                  f"{quant_method or 'nothing'} (quantized) from `{parent}`, whose forward "
+                  "torch.fx cannot trace: only one of "
+                  f"{', '.join(FUNCTIONAL_METHODS)} on two tensors is compared there. Use a "
+                  f"FloatFunctional per op, or keep `{parent}` whole with "
+                  f"leaf_modules=[\"{parent}\"]")
+    else:
+        float_graph, float_scope = method_graph(float_model, float_path, float_method)
+        quant_graph, quant_scope = method_graph(quant_model, quant_path, quant_method)
+        region = pair_region(
+            GraphView(float_graph, root=_parent(float_model, float_path)),
+            GraphView(quant_graph, root=_parent(quant_model, quant_path)),
+            float_path=float_path, quant_path=quant_path, float_scope=float_scope,
+            quant_scope=quant_scope, whole_module=True, node_match=node_match,
+            call_sites=call_sites)
+        return replace(region, method=float_method)
+    q_cls = classify_module(quant_model.get_submodule(quant_path))
+    return (Unmatched(float_path, "float_functional", reason, False, None),
+            Unmatched(quant_path, q_cls.kind, reason, q_cls.quantized, None))
 
 
 def _parent(model: nn.Module, path: str) -> nn.Module:

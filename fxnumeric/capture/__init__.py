@@ -13,11 +13,14 @@ pt2e flow.
 """
 
 from .fx import (
+    FUNCTIONAL_METHODS,
     LeafSpec,
     TraceFailure,
     graph_module,
+    is_functional,
     is_leaf,
     leaf_graph,
+    method_graph,
     single_call_graph,
     trace,
     trace_submodule,
@@ -25,5 +28,5 @@ from .fx import (
 
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
-    "leaf_graph", "graph_module",
+    "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
 ]

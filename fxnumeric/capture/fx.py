@@ -29,7 +29,7 @@ from .clone import carry_hooks
 
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
-    "leaf_graph", "graph_module",
+    "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
 ]
 
 LeafSpec = type | str
@@ -325,6 +325,52 @@ def leaf_graph(model: nn.Module, path: str,
         return single_call_graph(model), ""
     scope, _, name = path.rpartition(".")
     return _call_graph(model.get_submodule(path), name, extra_kwargs), scope
+
+
+FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "matmul")
+"""The methods of a ``FloatFunctional`` (and its quantized ``QFunctional``) that take two
+tensors: what a functional module is called through when its parent's forward is not traced
+(``add_scalar``, ``mul_scalar`` and ``cat`` take other values)."""
+
+
+def is_functional(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's functional modules (``FloatFunctional``,
+    ``FXFloatFunctional``, ``QFunctional``), whose ops are called through methods, not
+    ``forward``."""
+    from torch.ao.nn.quantized import FloatFunctional, FXFloatFunctional, QFunctional
+
+    return isinstance(module, (FloatFunctional, FXFloatFunctional, QFunctional))
+
+
+class _MethodCall(nn.Module):
+    """Calls ``method`` of the functional module it holds under ``name`` on two tensors."""
+
+    def __init__(self, name: str, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.add_module(name, module)
+        self._name, self._method = name, method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return getattr(getattr(self, self._name), self._method)(x, y)
+
+
+def method_graph(model: nn.Module, path: str, method: str) -> tuple[fx.GraphModule, str]:
+    """The graph of ``method`` (one of :data:`FUNCTIONAL_METHODS`) of the functional module at
+    ``path``, traced as torch.fx traces the call inside a model (``torch.add``, then the
+    module's ``activation_post_process``), and the scope its names are relative to, as
+    :func:`leaf_graph` gives them.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.ao.nn.quantized.FloatFunctional())
+        >>> gm, scope = method_graph(model, "0", "add")
+        >>> scope, [n.op for n in gm.graph.nodes]
+        ('', ['placeholder', 'placeholder', 'call_function', 'call_module', 'output'])
+    """
+    scope, _, name = path.rpartition(".")
+    caller = _MethodCall(name, model.get_submodule(path), method)
+    graph = _Tracer().trace(caller)
+    return graph_module(caller, graph, class_name=type(caller).__name__), scope
 
 
 def trace(

@@ -36,7 +36,7 @@ from torch import nn
 from ..ops import classify_module
 from ..run import run_model
 from .clone import module_tree_copy
-from .fx import LeafSpec, TraceFailure, is_leaf, trace_submodule
+from .fx import FUNCTIONAL_METHODS, LeafSpec, TraceFailure, is_functional, is_leaf, trace_submodule
 
 __all__ = ["Region", "TreeCapture", "CallSpecs", "record_calls", "capture_tree"]
 
@@ -46,11 +46,15 @@ class CallSpecs(dict[str, dict[str, Any] | None]):
     path's module ran in the recorded forward (a module called twice has two call sites);
     ``sequence``: ``(path, call site)`` of every call, in the order the calls began (where each
     call's rows belong in a report); ``extra_kwargs``: the keyword arguments a module's
-    ``**kwargs`` took in that run."""
+    ``**kwargs`` took in that run; ``methods``: for a functional module (``FloatFunctional``,
+    whose ops are called through methods: their calls are counted as its calls), the one
+    method of :data:`~fxnumeric.capture.fx.FUNCTIONAL_METHODS` it was called through on two
+    tensors, or what else it was called through (``"cat"``, ``"add, mul"``)."""
 
     counts: dict[str, int]
     sequence: tuple[tuple[str, int], ...]
     extra_kwargs: dict[str, tuple[str, ...]]
+    methods: dict[str, str]
 
 _MAX_KEPT_WHOLE = 64  # retries per region; each keeps one more failing submodule whole
 
@@ -150,8 +154,28 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
         counts[key] = counts.get(key, 0) + 1
         extras.setdefault(key, _extra_kwargs(module, kwargs))
 
+    methods: dict[int, list[str]] = {}
+
+    def method_call(module: nn.Module, method: str) -> Any:
+        original = getattr(module, method)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            two_tensors = (len(args) == 2 and not kwargs
+                           and all(isinstance(a, torch.Tensor) for a in args))
+            name = method if two_tensors or method not in FUNCTIONAL_METHODS else (
+                f"{method} (not on two tensors)")
+            if name not in methods.setdefault(id(module), []):
+                methods[id(module)].append(name)
+            remember(module, (), {})  # counted and ordered as a call of the module
+            by_module[id(module)] = None  # a leaf: never traced as a region
+            return original(*args, **kwargs)
+        return call
+
     for module in twin.modules():
         module.register_forward_pre_hook(remember, with_kwargs=True)
+        if is_functional(module):
+            for method in (*FUNCTIONAL_METHODS, "add_scalar", "mul_scalar", "cat"):
+                object.__setattr__(module, method, method_call(module, method))
     run_model(twin, batch, which=which)
     paths: dict[int, list[str]] = {}
     for path, module in twin.named_modules(remove_duplicate=False):
@@ -162,6 +186,8 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     specs.sequence = tuple((path, site) for key, site in sequence for path in paths.get(key, ()))
     specs.extra_kwargs = {path: extras[key] for key in by_module for path in paths.get(key, ())
                           if extras.get(key)}
+    specs.methods = {path: ", ".join(names) for key, names in methods.items()
+                     for path in paths.get(key, ())}
     return specs
 
 

@@ -46,13 +46,16 @@ class Spliced(nn.Module):
 
     Calling it calls ``inner`` (the instrumented or hybrid graph); any attribute it does not
     have itself is read from ``replaced``, the module it stands in for, which is not
-    registered as a submodule (its weights are not listed twice).
+    registered as a submodule (its weights are not listed twice). A functional module's
+    region (:attr:`fxnumeric.match.Region.method`) is called through that method
+    (``self.add.add(y, x)``): the method is ``inner``.
     """
 
-    def __init__(self, inner: nn.Module, replaced: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, replaced: nn.Module, method: str = "") -> None:
         super().__init__()
         self.inner = inner
         object.__setattr__(self, "_replaced", replaced)
+        self._method = method
 
     def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         return self.inner(*args, **kwargs)
@@ -61,6 +64,8 @@ class Spliced(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name and name == self.__dict__.get("_method"):
+                return self.inner
             return getattr(self.__dict__["_replaced"], name)
 
 
@@ -166,7 +171,7 @@ def assemble(matching: Matching, side: str, replaced: Mapping[Region, Build]) ->
             inner.path = path
             object.__setattr__(inner, "_fallback", own)
             counted.append(inner)
-        module = carry_hooks(Spliced(inner, own), region.view(side).gm)
+        module = carry_hooks(Spliced(inner, own, region.method), region.view(side).gm)
         if not path:
             root = module
         else:
