@@ -2406,3 +2406,68 @@ def test_a_variant_not_made_from_the_float_model_is_warned_about(other, warned):
         warnings.simplefilter("error", fxnumeric.FxNumericWarning)  # its own variants: quiet
         advise(f, {"own": own, "int8": quantize_dynamic(copy.deepcopy(f), {nn.Linear})}, data,
                metric="sqnr", target=1000.0)
+
+
+class _AddGate(nn.Module):
+    """A conv and a FloatFunctional's add, in code torch.fx cannot trace (``len`` of a Proxy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.add = nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if len(x) > 0:
+            y = self.add.add(y, x)
+        return y
+
+
+class _AddGated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.gate, self.dequant = QuantStub(), _AddGate(), DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.gate(self.quant(x)))
+
+
+class _FloatConvRequantized(nn.Module):
+    """The float conv on the dequantized input, its output quantized as the quantized conv's."""
+
+    def __init__(self, conv: nn.Module, qconv: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.scale, self.zero_point = conv, float(qconv.scale), int(qconv.zero_point)
+
+    def forward(self, x):
+        return torch.quantize_per_tensor(self.conv(x.dequantize()), self.scale, self.zero_point,
+                                         torch.quint8)
+
+
+def test_a_layer_kept_float_under_untraceable_code_hands_its_module_a_quantized_value():
+    """``gate.conv`` kept float in a model whose ``gate`` torch.fx cannot trace: the parent's
+    next layer (a FloatFunctional's add, quantized) reads what the quantized conv handed it,
+    so the float output is quantized with the conv's own qparams (a float tensor crashed
+    ``QFunctional.add``). Oracle: the hybrid built by hand."""
+    torch.manual_seed(0)
+    f = _AddGated().eval()
+    data = [torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    prepared = copy.deepcopy(f)
+    prepared.qconfig = get_default_qconfig("fbgemm")
+    prepare(prepared, inplace=True)
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+    q = convert(prepared)
+    hybrid = copy.deepcopy(q)
+    hybrid.gate.conv = _FloatConvRequantized(f.gate.conv, q.gate.conv)
+    with torch.no_grad():
+        ref = torch.cat([f(x) for x in data]).double()
+        out = torch.cat([hybrid(x) for x in data]).double()
+    expected = 10 * math.log10(float(ref.square().sum() / (ref - out).square().sum()))
+    found = sensitivity(f, q, data, "sqnr", progress=False)
+    layer = next(s for s in found.layers if s.name == "gate.conv")
+    assert layer.all_but == pytest.approx(expected, rel=1e-6)
+    assert {s.name for s in found.layers} >= {"gate.conv", "gate.add"}
+    diagnosis = fxnumeric.diagnose(f, q, data, progress=False)
+    assert "gate.add" in [d.name for d in diagnosis.layers]

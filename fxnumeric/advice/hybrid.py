@@ -1045,8 +1045,10 @@ _FIXED_QPARAMS: dict[str, tuple[float, int]] = {
 def _requantize_plan(region: Region, node: fx.Node, skipped: frozenset[fx.Node],
                      held: dict[fx.Node, Any]) -> dict[fx.Node, fx.Node]:
     """``{reader: node whose qparams it reads with}`` for the readers of float layer output
-    ``node`` that read it as a quantized tensor (:func:`_quantized_reader`); the others (a
-    float op, another layer kept float, the model output) read it float.
+    ``node`` that read it as a quantized tensor (:func:`_quantized_reader`), and the output
+    of a region inside the model (the module around it reads what the quantized layer
+    handed it); the others (a float op, another layer kept float, the model output) read it
+    float.
 
     This is what a model re-quantized with the layer float computes: FX puts an observer in
     front of each quantized reader, the reader's own qconfig's activation. For most readers
@@ -1058,6 +1060,11 @@ def _requantize_plan(region: Region, node: fx.Node, skipped: frozenset[fx.Node],
     view = region.quant_view
     plan: dict[fx.Node, fx.Node] = {}
     for user in node.users:
+        if user.op == "output" and region.quant_path:
+            # handed to the code of the module around the region (a module torch.fx cannot
+            # trace), whose next layer reads a quantized tensor from this one: a float value
+            # there crashed a QFunctional's add ("aten::qscheme" on a float tensor)
+            plan[user] = node
         if user in skipped or user.op == "output":
             continue
         found = _quantized_reader(view, user, node, skipped, held)
