@@ -341,12 +341,17 @@ def _exp(x: float) -> float:
 
 
 def _quantile(values: torch.Tensor, q: float) -> float:
-    """Linear-interpolated quantile, as ``torch.quantile`` (which refuses over 16M values)."""
+    """Linear-interpolated quantile, as ``torch.quantile`` (which refuses over 16M values),
+    except between two equal values: the value, where ``inf + (inf - inf) * w`` read NaN for
+    two tokens of infinite KL at the top."""
     ordered = values.double().sort().values
     pos = q * (ordered.numel() - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, ordered.numel() - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+    low, high = float(ordered[lo]), float(ordered[hi])
+    if low == high:
+        return low
+    return low + (high - low) * (pos - lo)
 
 
 def _as_logits(x: Any, which: str) -> torch.Tensor:

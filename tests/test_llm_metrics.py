@@ -185,6 +185,30 @@ def test_a_constant_offset_of_the_quantized_logits_costs_no_precision(offset):
     assert torch.allclose(acc.token_kls().double(), oracle, rtol=1e-6, atol=1e-13)
 
 
+def test_kl_p99_among_infinite_token_kls_is_infinite():
+    """Two tokens whose quantized logits give -inf where the float model's probability is
+    not 0: their KL is inf, and so is the p99 that falls between them (it read NaN, as
+    inf - inf, while kl and kl_max read inf)."""
+    f, q = _pair((1, 52, 10), seed=23, noise=0.1)
+    finite = LogitsAccumulator()  # no infinite token: torch.quantile's interpolation
+    finite.update(f, q)
+    assert finite.values()["kl_p99"] == pytest.approx(_oracle(f, q)["kl_p99"], rel=1e-5)
+    q[0, 3, 7] = -math.inf
+    q[0, 9, 2] = -math.inf
+    f64, q64 = f.double().log_softmax(-1), q.double().log_softmax(-1)
+    oracle = (f64.exp() * (f64 - q64)).sum(-1).reshape(-1).sort().values
+    assert oracle[-2:].isinf().all() and oracle[:-2].isfinite().all()
+    acc = LogitsAccumulator()
+    acc.update(f, q)
+    values = acc.values()
+    assert values["kl"] == values["kl_max"] == values["kl_p99"] == math.inf
+    one = q.clone()  # one infinite token: the p99 interpolates from a finite one to inf
+    one[0, 9, 2] = f[0, 9, 2]
+    acc = LogitsAccumulator()
+    acc.update(f, one)
+    assert acc.values()["kl_p99"] == math.inf
+
+
 def test_far_apart_models_and_masked_vocabulary_entries():
     f = _logits((2, 16, 500), 13, scale=8.0)
     q = f + _logits((2, 16, 500), 14, scale=40.0)  # maxima 100+ nats apart in some rows
