@@ -510,10 +510,11 @@ class _Plan:
     """Bytes of float values the float model may hold ahead of the quantized one
     (:func:`_lockstep_budget`)."""
     next_token: bool | None = None
-    """Whether the float model's logits predict the next token (:func:`predicts_next_token`):
-    only then are the batch's labels or input ids a perplexity's targets."""
+    """Whether the float model's logits predict the next token (:func:`predicts_next_token`;
+    the quantized model's answer when the float one does not tell): True makes the batch's
+    labels or input ids a perplexity's targets, None its labels only."""
     encoder_decoder: bool = False
-    """Whether the float model is an encoder-decoder (:func:`is_encoder_decoder`): its logits
+    """Whether the models are encoder-decoders (:func:`is_encoder_decoder`): their logits
     are read against the batch's decoder inputs."""
     routes: dict[str, Routes] = field(default_factory=dict)
     """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
@@ -586,6 +587,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     # each batch runs each model once: the quantized graph holds the output comparators, the
     # shadows and the blocks' observers
     model = float_model if float_model is not None else matching.float_model
+    quant = quant_model if quant_model is not None else matching.quant_model
     built = instrument(
         matching,
         outputs=output_observers if "outputs" in wanted else None,
@@ -602,7 +604,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
                  vocab_size(model), blocks, float_twins, turn,
-                 _lockstep_budget(model), predicts_next_token(model), is_encoder_decoder(model),
+                 _lockstep_budget(model), predicts_next_token(model, quant),
+                 is_encoder_decoder(model, quant),
                  routes=routes)
 
 

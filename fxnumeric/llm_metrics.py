@@ -7,7 +7,8 @@ llama.cpp's ``llama-perplexity --kl-divergence`` prints them:
   in nats; ``kl_p99`` and ``kl_max``, its 99th percentile and maximum over tokens;
 * ``top1_agreement``: the fraction of real tokens where both models' argmax agree;
 * ``ppl_float`` / ``ppl_quantized``: perplexity of each model on the batch's next tokens,
-  when the batch has labels (or input ids to shift).
+  when the batch has labels (or, for a model known to predict the next token, input ids to
+  shift: see :meth:`LogitsAccumulator.update_batch`).
 
 "Real tokens" are those where ``attention_mask`` is 1; padding never counts.
 
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import flows
 from ._tensors import after_loss
 from .errors import InputError
 
@@ -192,11 +194,14 @@ class LogitsAccumulator:
           per token), or its last positions are (logits of the last tokens only:
           ``logits_to_keep``); a sequence classifier's ``(batch, labels)`` logits are one
           prediction per row, every row real.
-        * Next-token targets (``labels``, else ``input_ids``) only for a model that predicts
-          the next token: ``next_token`` (:func:`predicts_next_token`) True, or None and
-          targets shaped as the leading dims. A masked LM's or a token classifier's labels
-          are not next tokens and give no perplexity, nor do targets of another shape than the
-          logits' leading dims.
+        * Next-token targets (``labels``, else ``input_ids``) only for a model known to
+          predict the next token: ``next_token`` (:func:`predicts_next_token`) True. A masked
+          LM's or a token classifier's labels are not next tokens and give no perplexity
+          (``next_token`` False). A model of unknown kind (None) is scored on the ``labels``
+          the batch holds, read as a causal LM's (the user said what the targets are), when
+          they are token ids of the logits' vocabulary; its ``input_ids`` are never made
+          targets, since for a masked LM or a token classifier they are no next tokens.
+          Targets of another shape than the logits' leading dims give no perplexity either.
         * ``encoder_decoder`` (:func:`is_encoder_decoder`): the logits are the decoder's, read
           against the decoder's side of a dict batch (:func:`_decoder_fields`); a tuple batch
           gives no mask and no targets (its positions differ from model to model).
@@ -207,7 +212,12 @@ class LogitsAccumulator:
         else:
             fields = token_fields(batch)
             mask, shift = fields.get("attention_mask"), True
-            targets = fields.get("labels", fields.get("input_ids"))
+            targets = fields.get("labels")
+            if next_token:
+                targets = fields.get("labels", fields.get("input_ids"))
+            elif (next_token is None and targets is not None
+                  and not _token_ids(targets, float_logits.shape[-1])):
+                targets = None  # unknown kind: labels that are no token ids are no next tokens
         if (mask is not None and mask.dim() == len(lead) > 1 and tuple(mask.shape[:-1]) == lead[:-1]
                 and mask.shape[-1] > lead[-1]):
             mask = mask[..., -lead[-1]:]  # logits of the last positions only (logits_to_keep)
@@ -398,6 +408,12 @@ def _targets(labels: torch.Tensor | None, mask: torch.Tensor, lead: torch.Size,
     return targets
 
 
+def _token_ids(labels: torch.Tensor, vocab: int) -> bool:
+    """Whether every label is a token id of a ``vocab``-word vocabulary or ``IGNORE_INDEX``."""
+    scored = labels[labels != IGNORE_INDEX]
+    return not scored.numel() or (int(scored.min()) >= 0 and int(scored.max()) < vocab)
+
+
 def vocab_size(model: Any) -> int | None:
     """A language model's vocabulary size (``model.config.vocab_size``), if it says: what
     :func:`looks_like_logits` compares a tensor's last dim with."""
@@ -405,17 +421,32 @@ def vocab_size(model: Any) -> int | None:
     return vocab if isinstance(vocab, int) else None
 
 
-def predicts_next_token(model: Any) -> bool | None:
+def predicts_next_token(model: Any, *others: Any) -> bool | None:
     """Whether ``model``'s logits at position ``t`` predict token ``t + 1``: a Hugging Face
     model says so by ``can_generate()`` (True for ``...ForCausalLM``, False for masked LMs and
-    classifiers); ``None`` for any other model."""
-    can_generate = getattr(model, "can_generate", None)
-    if not callable(can_generate):
-        return None
-    try:
-        return bool(can_generate())
-    except TypeError:  # a can_generate of another signature: not transformers'
-        return None
+    classifiers), and so does a model of your own that defines it; a graph torch.export made
+    (an ``ExportedProgram``, its ``.module()``, a ``prepare_pt2e`` / ``convert_pt2e`` model)
+    by the class it was traced from (:func:`fxnumeric.flows.traced_type`). ``None`` when
+    nothing tells: then ``others`` (the other side of the pair) are asked in turn.
+
+    >>> class Decoder(torch.nn.Module):
+    ...     def can_generate(self):
+    ...         return True
+    >>> predicts_next_token(torch.nn.Linear(2, 2)), predicts_next_token(Decoder())
+    (None, True)
+    >>> predicts_next_token(torch.nn.Linear(2, 2), Decoder())
+    True
+    """
+    for candidate in (model, *others):
+        for source in (candidate, flows.traced_type(candidate)):
+            can_generate = getattr(source, "can_generate", None)
+            if not callable(can_generate):
+                continue
+            try:
+                return bool(can_generate())
+            except TypeError:  # a can_generate of another signature: not transformers'
+                continue
+    return None
 
 
 def _decoder_fields(batch: Any, lead: tuple[int, ...]
@@ -455,10 +486,29 @@ def _decoder_fields(batch: Any, lead: tuple[int, ...]
     return mask, targets, shift
 
 
-def is_encoder_decoder(model: Any) -> bool:
-    """Whether ``model`` is a Hugging Face encoder-decoder (T5, BART, Whisper:
-    ``config.is_encoder_decoder``), whose logits are its decoder's."""
-    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+def is_encoder_decoder(model: Any, *others: Any) -> bool:
+    """Whether ``model`` (or one of ``others``, the other side of the pair) is a Hugging Face
+    encoder-decoder (T5, BART, Whisper: ``config.is_encoder_decoder``), whose logits are its
+    decoder's. A graph torch.export made, which has no ``config``, answers by the default
+    config of the class it was traced from."""
+    for candidate in (model, *others):
+        config = getattr(candidate, "config", None)
+        if config is None:
+            config = _default_config(flows.traced_type(candidate))
+        if getattr(config, "is_encoder_decoder", False) is True:
+            return True
+    return False
+
+
+def _default_config(model_type: type | None) -> Any:
+    """A default instance of a Hugging Face model class's ``config_class``, or ``None``."""
+    config_class = getattr(model_type, "config_class", None)
+    if not callable(config_class):
+        return None
+    try:
+        return config_class()
+    except (TypeError, ValueError):  # a config that needs arguments: not known
+        return None
 
 
 def token_fields(batch: Any) -> dict[str, torch.Tensor]:

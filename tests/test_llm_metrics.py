@@ -471,6 +471,142 @@ def test_a_token_classifier_and_a_masked_lm_count_real_tokens_and_give_no_perple
         assert "ppl_float" not in report.model_output, cls_name
 
 
+def _pt2e_exported(model, batch):
+    """``(ExportedProgram, convert_pt2e model)`` of ``model`` (XNNPACK, calibrated on
+    ``batch``): the float side and the quantized side of the pt2e flow."""
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    exported = torch.export.export(model, (), batch)
+    prepared = prepare_pt2e(exported.module(),
+                            XNNPACKQuantizer().set_global(get_symmetric_quantization_config()))
+    with torch.no_grad():
+        prepared(**batch)
+    return exported, convert_pt2e(prepared)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_an_exported_token_classifier_or_masked_lm_gives_no_next_token_perplexity():
+    """Through torch.export (the pt2e flow) a model loses ``can_generate``: a token
+    classifier's input ids were read as next-token targets over its 5 classes (InputError
+    "outside the vocabulary [0, 5)"), a masked LM got a next-token perplexity of 839. The
+    class the graph was traced from tells the kind, as the Hugging Face module does."""
+    import fxnumeric as ns
+    from fxnumeric.llm_metrics import predicts_next_token
+
+    for cls_name, config in (("BertForTokenClassification", {"num_labels": 5}),
+                             ("BertForMaskedLM", {})):
+        f, _ = _bert_head(cls_name, **config)
+        batch = {"input_ids": _bert_heads_batch()["input_ids"]}
+        exported, quantized = _pt2e_exported(f, batch)
+        with torch.no_grad():
+            fl, ql = exported.module()(**batch).logits, quantized(**batch).logits
+        expected = _oracle(fl, ql)  # float64 log-softmaxes of both models' logits
+        for float_side in (exported, exported.module()):
+            report = ns.compare(float_side, quantized, [batch], progress=False)
+            _close({k: report.model_output[k] for k in expected}, expected)
+            assert "ppl_float" not in report.model_output, cls_name
+        assert predicts_next_token(exported) is predicts_next_token(quantized) is False
+        if cls_name == "BertForTokenClassification":
+            # advise and sensitivity read the same logits the same way
+            sens = ns.sensitivity(exported, quantized, [batch], metric="kl", progress=False,
+                                  layers=["classifier"])
+            assert sens.quantized == pytest.approx(expected["kl"], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_quantized_side_tells_the_kind_when_the_float_side_cannot():
+    """A program whose class cannot be imported where it is compared (here its recorded class
+    renamed to a module that does not exist) tells nothing; the quantized model, which
+    records its class, says it is a token classifier: its class labels, which fit the 5
+    classes, are not next tokens. They read as perplexity 4.99 before."""
+    import fxnumeric as ns
+    from fxnumeric.llm_metrics import predicts_next_token
+
+    f, _ = _bert_head("BertForTokenClassification", num_labels=5)
+    ids = _bert_heads_batch()["input_ids"]
+    labels = torch.randint(0, 5, ids.shape, generator=torch.Generator().manual_seed(6))
+    batch = {"input_ids": ids, "labels": labels}
+    exported, quantized = _pt2e_exported(f, batch)
+    for node in exported.graph.nodes:  # new dicts: the quantized graph's stay as they were
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (path, "not_installed_here.BertForTokenClassification" if path == ""
+                      else cls) for key, (path, cls) in stack.items()}
+    assert predicts_next_token(exported) is None
+    assert predicts_next_token(exported, quantized) is False
+    report = ns.compare(exported, quantized, [batch], progress=False)
+    with torch.no_grad():
+        fl, ql = exported.module()(**batch).logits, quantized(**batch).logits
+    expected = _oracle(fl, ql)
+    _close({k: report.model_output[k] for k in expected}, expected)
+    assert "ppl_float" not in report.model_output
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore:the quantized model has no quantized op")
+def test_an_exported_causal_lm_keeps_its_perplexity():
+    """The class an exported Llama was traced from says it predicts the next token: the
+    perplexity of its input ids, as a direct float64 computation gives it."""
+    import copy
+
+    import fxnumeric as ns
+    from fxnumeric.llm_metrics import is_encoder_decoder, predicts_next_token
+    from fxnumeric.zoo_llm import tiny_llama
+
+    pytest.importorskip("transformers")
+    model = tiny_llama()
+    rounded = copy.deepcopy(model)  # int8-rounded Linear weights: a model a little off
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):
+                scale = module.weight.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+                module.weight.copy_((module.weight / scale).round() * scale)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "use_cache": False}
+    float_side = torch.export.export(model, (), batch)
+    quant_side = torch.export.export(rounded, (), batch)
+    assert predicts_next_token(float_side) is True and not is_encoder_decoder(float_side)
+    report = ns.compare(float_side, quant_side, [batch], progress=False)
+    with torch.no_grad():
+        fl, ql = model(**batch).logits, rounded(**batch).logits
+    expected = _oracle(fl, ql, labels=ids)
+    assert expected["kl"] > 1e-6
+    _close({k: report.model_output[k] for k in expected}, expected, tol=1e-5)
+
+
+def test_a_model_of_unknown_kind_is_scored_on_its_labels_never_on_its_input_ids():
+    """Without ``can_generate`` (a model of your own, an exported graph whose class is not
+    importable) the input ids are no next tokens (a masked LM's are not); labels the batch
+    holds are, when they are token ids of the vocabulary; class labels (a token classifier's,
+    beyond the vocabulary here) are not, and raise nothing."""
+    f, q = _pair((3, 7, 50))
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = _mask(3, 7, [7, 5, 2])
+    derived = LogitsAccumulator()
+    derived.update_batch(f, q, {"input_ids": ids, "attention_mask": mask})
+    assert "ppl_float" not in derived.values()
+    _close(derived.values(), _oracle(f, q, mask))
+    labels = ids.flip(0)
+    labelled = LogitsAccumulator()
+    labelled.update_batch(f, q, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    _close(labelled.values(), _oracle(f, q, mask, labels=labels))
+    classes = LogitsAccumulator()
+    classes.update_batch(f, q, {"input_ids": ids, "labels": torch.full((3, 7), 60)})
+    assert "ppl_float" not in classes.values()
+    known = LogitsAccumulator()  # a causal LM: the input ids are its next tokens
+    known.update_batch(f, q, {"input_ids": ids, "attention_mask": mask}, next_token=True)
+    _close(known.values(), _oracle(f, q, mask, labels=ids))
+
+
 def _seq2seq(cls_name: str):
     import copy
 

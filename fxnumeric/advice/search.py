@@ -246,11 +246,16 @@ class _MetricRun:
             ) from exc
 
 
-def _resolve_metric(metric: str | EndMetric, model: Any = None) -> _Metric:
+def _resolve_metric(metric: str | EndMetric, model: Any = None,
+                    others: Iterable[Any] = ()) -> _Metric:
+    """``metric`` as a :class:`_Metric`; an LLM metric reads the kind of ``model`` (the float
+    model), else of ``others`` (the quantized models), to know what the logits predict."""
     if isinstance(metric, str):
         if metric in LLM_END_METRICS:
+            others = tuple(others)
             return _Metric(metric, LLM_END_METRICS[metric], None, vocab_size(model),
-                           predicts_next_token(model), is_encoder_decoder(model))
+                           predicts_next_token(model, *others),
+                           is_encoder_decoder(model, *others))
         if metric not in END_METRICS:
             raise InputError(
                 f"unknown metric {metric!r}; built-in end metrics are "
@@ -298,13 +303,13 @@ class _Search:
                  data: Iterable[Any], metric: str | EndMetric, matching: Matching | None,
                  progress: bool | None, inputs: int | Callable[[Any], Any] | None = None) -> None:
         float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram: its module
-        self.metric = _resolve_metric(metric, float_model)
+        variants = {name: flows.normalise_model(model, "quantized") for name, model in (
+            quant_model.items() if isinstance(quant_model, Mapping) else [(None, quant_model)])}
+        self.metric = _resolve_metric(metric, float_model, variants.values())
         self.metric_name = self.metric.name
         numbered = numbered_batches(data, inputs)
         self.batches = [batch for _, batch in numbered]
         self.batch_numbers = [index for index, _ in numbered]  # in data: what messages name
-        variants = {name: flows.normalise_model(model, "quantized") for name, model in (
-            quant_model.items() if isinstance(quant_model, Mapping) else [(None, quant_model)])}
         for model in variants.values():
             check_devices(float_model, model, self.batches[0])
         matchings = {}

@@ -18,6 +18,7 @@ hook                        called by                           answers
 ``failure_hint``            :mod:`fxnumeric.run`                why a model rejected a batch
 ``dynamic_input``           :mod:`fxnumeric.floor`              how an op quantizes its input
 ``module_type``             the eager layer (stub selection)    the module class an op came from
+``traced_type``             :mod:`fxnumeric.llm_metrics`        the class a graph was traced from
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
 ``weight_scale``            :mod:`fxnumeric.weights`            a scale folded into that weight
 ``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
@@ -124,6 +125,13 @@ class Flow:
     def module_type(self, node: fx.Node) -> type | None:
         """The ``nn.Module`` class whose forward computed the functional op at ``node`` (for
         selections by module type, such as ``compare_model_stub``'s), or ``None``."""
+        return None
+
+    def traced_type(self, model: Any) -> type | None:
+        """The class of the module a graph model of this flow was traced from (an
+        ``ExportedProgram`` of a ``BertForMaskedLM``: that class), when the graph records it,
+        or ``None``. What tells a language model's kind (next-token or not) once its own
+        methods are gone."""
         return None
 
     def weight_input(self, node: fx.Node, kind: str) -> fx.Node | None:
@@ -259,6 +267,11 @@ def dynamic_input(module: nn.Module) -> tuple[str, float] | None:
 def module_type(node: fx.Node) -> type | None:
     """The first flow's module class for the functional op at ``node``, or ``None``."""
     return _first("module_type", node)
+
+
+def traced_type(model: Any) -> type | None:
+    """The first flow's class of the module ``model`` (a graph) was traced from, or ``None``."""
+    return _first("traced_type", model)
 
 
 def weight_input(node: fx.Node, kind: str) -> fx.Node | None:

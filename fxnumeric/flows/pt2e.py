@@ -347,11 +347,23 @@ class Pt2eFlow(Flow):
         found = _innermost_module(node)
         if found is None or not _is_one_op_module(found[1]):
             return None
-        module_type = found[1]
-        if isinstance(module_type, type):
-            return module_type
-        module_name, _, class_name = module_type.rpartition(".")
-        return getattr(importlib.import_module(module_name), class_name, None)
+        return _type_named(found[1])
+
+    def traced_type(self, model: Any) -> type | None:
+        """The class torch.export traced: the outermost entry (path ``""``) of the
+        ``nn_module_stack`` its ops record, kept by ``.module()``, ``prepare_pt2e`` and
+        ``convert_pt2e``. ``None`` for a graph that does not record it (torch.fx's
+        ``symbolic_trace`` records submodules only) or whose class cannot be imported here
+        (a program loaded without the library that defined it)."""
+        graph = getattr(model, "graph", None)
+        if not isinstance(model, (torch.export.ExportedProgram, fx.GraphModule)) or graph is None:
+            return None
+        for node in graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                path, module_type = next(iter(stack.values()))
+                return _type_named(module_type) if path == "" else None
+        return None
 
     def scope(self, node: fx.Node) -> str | None:
         """The innermost module path of the node's ``nn_module_stack``."""
@@ -471,6 +483,19 @@ def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
         return None
     stack = node.meta.get("nn_module_stack")
     return tuple(list(stack.values())[-1]) if stack else None  # type: ignore[return-value]
+
+
+def _type_named(module_type: Any) -> type | None:
+    """The class an ``nn_module_stack`` entry names (a class, or its qualified name), or
+    ``None`` when it cannot be imported."""
+    if isinstance(module_type, type):
+        return module_type
+    module_name, _, class_name = str(module_type).rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name, None)
+    except (ImportError, ValueError):  # loaded where the library that defined it is missing
+        return None
+    return found if isinstance(found, type) else None
 
 
 def _op_kind(node: fx.Node) -> str:
