@@ -860,7 +860,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
                if matching.nothing_quantized else ())
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
-        + _model_output_note(plan.model) + _no_token_note(plan) + _skipped_note(ran)
+        + _model_output_note(plan.model) + _no_token_note(plan) + _no_perplexity_note(plan)
+        + _skipped_note(ran)
         + _nonfinite_note(nonfinite),
         model_output_rms=_rms(plan.model),
         skipped_batches=ran.skipped,
@@ -898,6 +899,19 @@ def _no_token_note(plan: _Plan) -> tuple[str, ...]:
     return ("the model returns logits, but no batch holds a real token (every attention_mask "
             "is all 0): no per-token KL, top-1 agreement or perplexity, and the model output's "
             "SQNR reads padding positions",)
+
+
+def _no_perplexity_note(plan: _Plan) -> tuple[str, ...]:
+    """A note when a model of unknown kind returned logits of real tokens but had no
+    perplexity: its ``input_ids`` are next tokens only if it is a causal LM, which nothing
+    said (:func:`fxnumeric.llm_metrics.predicts_next_token`)."""
+    if (plan.next_token is not None or plan.logits.logits_per != "token"
+            or not plan.logits.tokens or plan.logits.targets):
+        return ()
+    return ("no perplexity: nothing tells whether the model predicts the next token (it has "
+            "no can_generate(), as a transformers model has), so its input_ids are not read "
+            "as targets. Fix: put labels in the batch, or give a causal LM of your own a "
+            "can_generate() method returning True",)
 
 
 def _block_rows(plan: _Plan) -> tuple[BlockRow, ...]:

@@ -325,3 +325,26 @@ def test_a_custom_metric_named_like_an_llm_metric_is_refused():
     assert report.model_output["kl"] == pytest.approx(_direct(f, q, data)["kl"], rel=1e-4)
     assert report.model_output["mean_abs"] == pytest.approx(
         float((f(**data[0]).logits - q(**data[0]).logits).abs().mean()), rel=1e-5)
+
+
+class _Causal(_Wrapper):
+    """The wrapper of a user who says the model predicts the next token."""
+
+    def can_generate(self) -> bool:
+        return True
+
+
+def test_a_model_of_unknown_kind_says_why_it_has_no_perplexity():
+    # the user's own wrapper has no can_generate(): its input ids are not read as next
+    # tokens (a masked LM's are not), and the report said nothing of the missing perplexity
+    f = tiny_llama().eval()
+    q = _int4(f)
+    data = tiny_llm_batches(vocab_size=256, n=2)
+    unknown = ns.compare(_Wrapper(f), _Wrapper(q), data, progress=False)
+    assert "ppl_float" not in unknown.model_output
+    assert any(n.startswith("no perplexity: nothing tells") for n in unknown.notes)
+    expected = _direct(f, q, data)
+    assert unknown.model_output["kl"] == pytest.approx(expected["kl"], rel=1e-4)
+    causal = ns.compare(_Causal(f), _Causal(q), data, progress=False)
+    assert causal.model_output["ppl_float"] == pytest.approx(expected["ppl_float"], rel=1e-4)
+    assert not any(n.startswith("no perplexity") for n in causal.notes)
