@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
 
 __all__ = ["first_output", "model_output", "after_loss", "detach", "copy_values", "dequantize_all",
-           "stores_floats", "copy_cache"]
+           "stores_floats", "copy_cache", "copy_inputs"]
 
 
 def first_output(x: Any) -> Any:
@@ -72,6 +72,49 @@ def copy_cache(x: Any) -> Any:
     cache = getattr(sys.modules.get("transformers.cache_utils"), "Cache", None)
     # transformers not imported: no such cache can exist
     return copy.deepcopy(x) if cache is not None and isinstance(x, cache) else x
+
+
+def copy_inputs(x: Any) -> Any:
+    """``x`` (a model's inputs) as one run's own: every tensor copied, the tuples, lists and
+    dicts holding them rebuilt, each key/value cache copied (:func:`copy_cache`); other
+    objects are passed as they are.
+
+    A model may write into its inputs (``x.mul_(2)``, a mask converted in place): each run
+    given a copy sees the inputs as the caller gave them, whatever a run before it wrote, and
+    the caller's own tensors are never written into. A copy keeps the tensor's strides where
+    a dense copy can (a channels-last batch stays channels-last), and an expanded tensor
+    (stride 0) stays expanded: only its distinct values are copied.
+
+    >>> x = torch.ones(2)
+    >>> copied = copy_inputs({"x": x, "n": 3})
+    >>> copied["x"].mul_(2); x.tolist(), copied["n"]
+    tensor([2., 2.])
+    ([1.0, 1.0], 3)
+    """
+    if isinstance(x, torch.Tensor):
+        return _copy_tensor(x)
+    if isinstance(x, (tuple, list)):
+        return _each(copy_inputs, x)
+    if isinstance(x, MutableMapping):  # a dict, a tokenizer's BatchEncoding
+        copied = copy.copy(x)
+        for key, value in x.items():
+            copied[key] = copy_inputs(value)
+        return copied
+    return copy_cache(x)
+
+
+def _copy_tensor(t: torch.Tensor) -> torch.Tensor:
+    expanded = (t.layout == torch.strided and not t.is_nested
+                and any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())))
+    if not expanded:
+        copied = t.detach().clone()
+    else:  # copy one value per expanded dimension, not the broadcast (a mask expanded to S x S)
+        compact = t.detach()
+        for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+            if stride == 0 and size > 1:
+                compact = compact.narrow(dim, 0, 1)
+        copied = compact.clone().expand(t.shape)
+    return copied.requires_grad_() if t.requires_grad else copied
 
 
 def dequantize_all(x: Any, dtype: torch.dtype | None = None) -> Any:

