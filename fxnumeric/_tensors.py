@@ -104,16 +104,14 @@ def copy_inputs(x: Any) -> Any:
 
 
 def _copy_tensor(t: torch.Tensor) -> torch.Tensor:
-    expanded = (t.layout == torch.strided and not t.is_nested
-                and any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())))
-    if not expanded:
-        copied = t.detach().clone()
-    else:  # copy one value per expanded dimension, not the broadcast (a mask expanded to S x S)
-        compact = t.detach()
-        for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
-            if stride == 0 and size > 1:
-                compact = compact.narrow(dim, 0, 1)
-        copied = compact.clone().expand(t.shape)
+    expanded = []  # the dimensions broadcast by stride 0 (a mask expanded to S x S)
+    if t.layout == torch.strided and not t.is_nested:
+        expanded = [dim for dim, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True))
+                    if stride == 0 and size > 1]
+    compact = t.detach()
+    for dim in expanded:  # one value along each: the broadcast is not copied
+        compact = compact.narrow(dim, 0, 1)
+    copied = compact.clone().expand(t.shape) if expanded else compact.clone()
     return copied.requires_grad_() if t.requires_grad else copied
 
 

@@ -100,25 +100,33 @@ def test_eager_api_logs_each_model_on_the_batch_as_given_unlike_torchs_suite():
     eager = tns.compare_model_outputs(copy.deepcopy(f), copy.deepcopy(q), x_torch)
     assert torch.equal(eager["quant.stats"]["float"][0], 4 * x0)
     assert torch.equal(x_torch, 4 * x0)
+    # prepare_model_outputs leaves the runs to the user: each model on its own copy (the docs'
+    # advice) logs what compare_model_outputs does
+    ns.prepare_model_outputs(f, q)
+    f(x0.clone()), q(x0.clone())
+    prepared = ns.get_matching_activations(f, q)["quant.stats"]
+    ns.remove_instrumentation(f), ns.remove_instrumentation(q)
+    assert torch.equal(prepared["float"][0], logged["float"][0])
+    assert torch.equal(prepared["quantized"][0].int_repr(), logged["quantized"][0].int_repr())
 
 
 class _WritesMask(nn.Module):
-    """A language-model-like model that turns its attention mask into a padding mask in place
-    (1 at padding), as some in-forward preprocessing does."""
+    """A language-model-like model that shifts its attention mask in place (0 at tokens, -1 at
+    padding, as a bias is made), as some in-forward preprocessing does."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.head = nn.Embedding(20, 16), nn.Linear(16, 20)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        padding = attention_mask.sub_(1).neg_()
-        return self.head(self.embed(input_ids) * (1 - padding).unsqueeze(-1))
+        shifted = attention_mask.sub_(1)
+        return self.head(self.embed(input_ids) * (1 + shifted).unsqueeze(-1))
 
 
 class _WritesMaskPure(_WritesMask):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        padding = 1 - attention_mask
-        return self.head(self.embed(input_ids) * (1 - padding).unsqueeze(-1))
+        shifted = attention_mask - 1
+        return self.head(self.embed(input_ids) * (1 + shifted).unsqueeze(-1))
 
 
 def test_a_model_writing_into_its_attention_mask_is_compared_on_the_mask_given():
@@ -133,7 +141,7 @@ def test_a_model_writing_into_its_attention_mask_is_compared_on_the_mask_given()
     batch = {"input_ids": ids, "attention_mask": mask.clone()}
     report = ns.compare(f, q, [batch])
     pure = ns.compare(f_pure, q_pure, [{"input_ids": ids, "attention_mask": mask.clone()}])
-    assert torch.equal(batch["attention_mask"], mask)  # before: 1 - mask
+    assert torch.equal(batch["attention_mask"], mask)  # before: mask - 2, or less
     by_hand = ns.sqnr(f(ids, mask.clone()), q(ids, mask.clone()))
     assert report.model_output["sqnr"] == pytest.approx(by_hand, rel=1e-6)
     assert report.model_output["sqnr"] == pytest.approx(pure.model_output["sqnr"], rel=1e-6)
@@ -202,7 +210,7 @@ def test_every_path_runs_its_models_on_the_batch_as_given(path):
     given = [torch.randn(4, 8) for _ in range(2)]
     data = [x.clone() for x in given]
     found = _PATHS[path](f, q, data)
-    assert all(torch.equal(x, y) for x, y in zip(data, given))  # before: doubled, or more
+    assert all(torch.equal(x, y) for x, y in zip(data, given, strict=True))  # before: doubled, or more
     assert found == _PATHS[path](f_pure, q_pure, [x.clone() for x in given])
 
 
