@@ -83,22 +83,29 @@ def copy_inputs(x: Any) -> Any:
     given a copy sees the inputs as the caller gave them, whatever a run before it wrote, and
     the caller's own tensors are never written into. A copy keeps the tensor's strides where
     a dense copy can (a channels-last batch stays channels-last), and an expanded tensor
-    (stride 0) stays expanded: only its distinct values are copied.
+    (stride 0) stays expanded: only its distinct values are copied. A tensor found twice in
+    ``x`` is copied once, so the two stay one tensor.
 
     >>> x = torch.ones(2)
-    >>> copied = copy_inputs({"x": x, "n": 3})
-    >>> copied["x"].mul_(2); x.tolist(), copied["n"]
+    >>> copied = copy_inputs({"x": x, "again": x, "n": 3})
+    >>> copied["x"].mul_(2); x.tolist(), copied["again"] is copied["x"], copied["n"]
     tensor([2., 2.])
-    ([1.0, 1.0], 3)
+    ([1.0, 1.0], True, 3)
     """
+    return _copy_inputs(x, {})
+
+
+def _copy_inputs(x: Any, copies: dict[int, torch.Tensor]) -> Any:
     if isinstance(x, torch.Tensor):
-        return _copy_tensor(x)
+        if id(x) not in copies:
+            copies[id(x)] = _copy_tensor(x)
+        return copies[id(x)]
     if isinstance(x, (tuple, list)):
-        return _each(copy_inputs, x)
+        return _each(lambda v: _copy_inputs(v, copies), x)
     if isinstance(x, MutableMapping):  # a dict, a tokenizer's BatchEncoding
         copied = copy.copy(x)
         for key, value in x.items():
-            copied[key] = copy_inputs(value)
+            copied[key] = _copy_inputs(value, copies)
         return copied
     return copy_cache(x)
 

@@ -217,9 +217,10 @@ def test_every_path_runs_its_models_on_the_batch_as_given(path):
 def test_copies_keep_strides_expansions_and_containers():
     channels_last = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
     expanded = torch.ones(2, 1, 1, 5).expand(2, 3, 5, 5)  # one value per row, 75 wide
-    nested = {"x": [channels_last, (expanded, 3)], "name": "a"}
+    nested = {"x": [channels_last, (expanded, 3)], "name": "a", "again": channels_last}
     copied = copy_inputs(nested)
     assert copied["x"] is not nested["x"] and copied["name"] == "a"
+    assert copied["again"] is copied["x"][0]  # one tensor given twice stays one tensor
     got_cl, (got_ex, three) = copied["x"]
     assert got_cl.stride() == channels_last.stride() and torch.equal(got_cl, channels_last)
     assert got_ex.stride() == expanded.stride() and torch.equal(got_ex, expanded)
