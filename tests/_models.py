@@ -229,3 +229,32 @@ class ScaledLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x) * self.scale
+
+
+class UntracedGate(nn.Module):
+    """A conv and a residual add through a FloatFunctional, in code torch.fx cannot trace
+    (``len`` of a Proxy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if len(x) > 0:  # len() of a Proxy: torch.fx cannot trace this
+            y = self.add.add(y, x)
+        return y
+
+
+class UntracedGated(nn.Module):
+    """:class:`UntracedGate` between a QuantStub and a DeQuantStub, for eager quantization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.gate = UntracedGate()
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.gate(self.quant(x)))

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from _models import UntracedGated
 from torch.ao.quantization import (
     DeQuantStub,
     QConfigMapping,
@@ -2408,30 +2409,6 @@ def test_a_variant_not_made_from_the_float_model_is_warned_about(other, warned):
                metric="sqnr", target=1000.0)
 
 
-class _AddGate(nn.Module):
-    """A conv and a FloatFunctional's add, in code torch.fx cannot trace (``len`` of a Proxy)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.add = nn.quantized.FloatFunctional()
-
-    def forward(self, x):
-        y = self.conv(x)
-        if len(x) > 0:
-            y = self.add.add(y, x)
-        return y
-
-
-class _AddGated(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant, self.gate, self.dequant = QuantStub(), _AddGate(), DeQuantStub()
-
-    def forward(self, x):
-        return self.dequant(self.gate(self.quant(x)))
-
-
 class _FloatConvRequantized(nn.Module):
     """The float conv on the dequantized input, its output quantized as the quantized conv's."""
 
@@ -2450,7 +2427,7 @@ def test_a_layer_kept_float_under_untraceable_code_hands_its_module_a_quantized_
     so the float output is quantized with the conv's own qparams (a float tensor crashed
     ``QFunctional.add``). Oracle: the hybrid built by hand."""
     torch.manual_seed(0)
-    f = _AddGated().eval()
+    f = UntracedGated().eval()
     data = [torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     prepared = copy.deepcopy(f)
     prepared.qconfig = get_default_qconfig("fbgemm")

@@ -40,9 +40,14 @@ import torchvision
 import fxnumeric as ns
 
 try:  # tests/ on sys.path (pytest's default rootdir-based import mode)
-    from _models import QatFunctional, functional_values, qat_functional_pair
+    from _models import QatFunctional, UntracedGated, functional_values, qat_functional_pair
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests._models import QatFunctional, functional_values, qat_functional_pair
+    from tests._models import (
+        QatFunctional,
+        UntracedGated,
+        functional_values,
+        qat_functional_pair,
+    )
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -839,38 +844,12 @@ def test_a_float_model_without_quantstub_keys_the_input_quantize_as_the_quantwra
     assert "input.quantize" in [r.name for r in ns.compare(inner, q, [x], progress=False).rows]
 
 
-class _GateUntraced(nn.Module):
-    """A conv and a FloatFunctional's add, in code torch.fx cannot trace (``len`` of a Proxy)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.add = torch.ao.nn.quantized.FloatFunctional()
-
-    def forward(self, x):
-        y = self.conv(x)
-        if len(x) > 0:
-            y = self.add.add(y, x)
-        return y
-
-
-class _GatedUntraced(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant = torch.ao.quantization.QuantStub()
-        self.gate = _GateUntraced()
-        self.dequant = torch.ao.quantization.DeQuantStub()
-
-    def forward(self, x):
-        return self.dequant(self.gate(self.quant(x)))
-
-
 def test_a_floatfunctional_under_untraceable_code_logs_and_shadows_as_eager() -> None:
     """A FloatFunctional called through ``add`` from a forward torch.fx cannot trace is
     logged and shadowed as torch's suite does (keys and tensors); compare's row for it reads
     what the add hands on (its parent's output, read by a forward hook)."""
     torch.manual_seed(0)
-    f = _GatedUntraced().eval()
+    f = UntracedGated().eval()
     x = torch.randn(2, 3, 4, 4)
     prepared = copy.deepcopy(f)
     prepared.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")

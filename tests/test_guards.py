@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from _models import UntracedGated
 from torch.ao import quantization as tq
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
@@ -322,33 +323,9 @@ def test_modules_that_compute_alike_in_training_mode_pass():
     assert report.batches == 1 and report.rows
 
 
-class _Gate(nn.Module):
-    """A conv and a residual add through a FloatFunctional, in code torch.fx cannot trace."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.add = torch.ao.nn.quantized.FloatFunctional()
-
-    def forward(self, x):
-        y = self.conv(x)
-        if len(x) > 0:  # len() of a Proxy: torch.fx cannot trace this
-            y = self.add.add(y, x)
-        return y
-
-
-class _Gated(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant, self.gate, self.dequant = tq.QuantStub(), _Gate(), tq.DeQuantStub()
-
-    def forward(self, x):
-        return self.dequant(self.gate(self.quant(x)))
-
-
 def _gated_pair():
     torch.manual_seed(0)
-    f = _Gated().eval()
+    f = UntracedGated().eval()
     prepared = copy.deepcopy(f)
     prepared.qconfig = tq.get_default_qconfig("fbgemm")
     tq.prepare(prepared, inplace=True)
