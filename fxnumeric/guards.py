@@ -206,9 +206,16 @@ _TRAINING_ARG: dict[Any, tuple[str, int, bool]] = {
     torch.ops.aten.dropout.default: ("train", 2, False),
     torch.ops.aten.native_dropout.default: ("train", 2, False),
     torch.ops.aten._native_batch_norm_legit.default: ("training", 5, False),
+    # what torch.export (training IR) and prepare_qat_pt2e leave for a BatchNorm: a program
+    # exported in training mode, a QAT model not moved to eval
+    torch.ops.aten.batch_norm.default: ("training", 5, False),
+    torch.ops.aten.native_batch_norm.default: ("training", 5, False),
+    torch.ops.aten._native_batch_norm_legit_functional.default: ("training", 5, False),
 }
 _NO_P = frozenset({torch.nn.functional.batch_norm,  # no p: in training they always differ
-                   torch.ops.aten._native_batch_norm_legit.default})
+                   torch.ops.aten._native_batch_norm_legit.default,
+                   torch.ops.aten.batch_norm.default, torch.ops.aten.native_batch_norm.default,
+                   torch.ops.aten._native_batch_norm_legit_functional.default})
 
 
 def _trains(node: fx.Node) -> bool:
@@ -245,8 +252,9 @@ def check_graph_training(matching: Any) -> None:
                 "mode: it was traced or exported from a model in training mode, so it keeps "
                 "zeroing random values (or normalising with each batch's statistics) and every "
                 "metric would read that noise.\nFix: call .eval() on the model before tracing "
-                "it (before fxnumeric.match, torch.export or prepare_pt2e; for a pt2e model, "
-                "torch.ao.quantization.move_exported_model_to_eval(model)), then compare again"
+                "it (before fxnumeric.match, torch.export or prepare_pt2e; for a pt2e model, a "
+                "prepare_qat_pt2e one too, torchao.quantization.pt2e.move_exported_model_to_eval"
+                "(model), or torch.ao.quantization's for a torch.ao one), then compare again"
             )
 
 

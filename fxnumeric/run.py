@@ -427,48 +427,75 @@ _KEPT: set[int] = set()
 
 @contextlib.contextmanager
 def buffers_kept(*models: Any) -> Iterator[None]:
-    """Run with every buffer of ``models`` (a dict of variants too) put back as it was after,
-    and every fake-quant observing nothing meanwhile.
+    """Run with every buffer of ``models`` (a dict of variants too, an ``ExportedProgram``'s
+    buffers too) put back as it was after, and every fake-quant observing nothing meanwhile.
 
     A model prepared but not converted (``prepare_pt2e``, ``prepare_qat_pt2e``, FX or eager
     ``prepare``) holds observers and fake-quants whose statistics, histograms and scales are
     buffers a forward updates: comparing on new data would go into the user's calibration
     (a later ``convert`` would read it), and a fake-quant would quantize each batch with the
     scale the batches before it moved. Buffers are small next to parameters (observers,
-    BatchNorm statistics, rotary tables); each is copied once, and written back only if a
-    forward wrote it (its version counter says so). A model an enclosing call keeps already
-    is left to it.
+    BatchNorm statistics, rotary tables); each is copied once, and written back if a forward
+    wrote it: its version counter moved or its value differs (a BatchNorm in training mode
+    updates its running statistics without moving their version counter). An
+    ``ExportedProgram``'s buffers are the tensors its ``.module()`` runs with. A model an
+    enclosing call keeps already is left to it.
     """
-    saved: list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]] = []
+    saved: list[tuple[dict[str, Any], str, torch.Tensor, int, torch.Tensor]] = []
     roots: list[int] = []
     try:
         for model in models:
             for root in (model.values() if isinstance(model, Mapping) else [model]):
-                if not isinstance(root, nn.Module) or id(root) in _KEPT:
+                if not isinstance(root, (nn.Module, torch.export.ExportedProgram)) or (
+                        id(root) in _KEPT):
                     continue
                 _KEPT.add(id(root))
                 roots.append(id(root))
-                for module in root.modules():
-                    buffers = module._buffers
-                    if not buffers:
-                        continue
-                    for name, buffer in buffers.items():
-                        if buffer is not None and not buffer.is_meta:
-                            saved.append((module, name, buffer, buffer._version, buffer.clone()))
-                    if "observer_enabled" in buffers and hasattr(module, "disable_observer"):
+                for held, names, module in _buffer_holders(root):
+                    for name in names:
+                        buffer = held[name]
+                        if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
+                            saved.append((held, name, buffer, buffer._version, buffer.clone()))
+                    if (module is not None and "observer_enabled" in held
+                            and hasattr(module, "disable_observer")):
                         module.disable_observer()  # its observer_enabled buffer is put back
         yield
     finally:
         _KEPT.difference_update(roots)
-        for module, name, buffer, version, value in saved:
-            current = module._buffers.get(name)
-            if current is buffer and buffer._version == version:
+        for held, name, buffer, version, value in saved:
+            current = held.get(name)
+            if current is buffer and buffer._version == version and _same_values(buffer, value):
                 continue
             if current is buffer and buffer.shape == value.shape:
                 with torch.no_grad():
                     buffer.copy_(value)
             else:  # replaced or resized (a histogram observer's)
-                module._buffers[name] = value
+                held[name] = value
+
+
+def _buffer_holders(root: Any
+                    ) -> Iterator[tuple[dict[str, Any], Iterable[str], nn.Module | None]]:
+    """``(dict holding buffers, their names in it, the module or None)`` for each place
+    ``root`` keeps buffers: every module's ``_buffers``; an ``ExportedProgram``'s buffers are
+    entries of its ``state_dict`` (persistent) and ``constants`` (not), the tensors its
+    ``.module()`` runs with."""
+    if isinstance(root, nn.Module):
+        for module in root.modules():
+            if module._buffers:
+                yield module._buffers, list(module._buffers), module
+        return
+    names = root.graph_signature.buffers
+    for held in (root.state_dict, root.constants):
+        yield held, [name for name in names if name in held], None
+
+
+def _same_values(buffer: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``buffer`` still holds ``value`` (a NaN reads as changed: put back, harmless)."""
+    if buffer.shape != value.shape or buffer.dtype != value.dtype:
+        return False
+    if buffer.is_quantized:
+        return torch.equal(buffer.int_repr(), value.int_repr())
+    return torch.equal(buffer, value)
 
 
 def keeps_buffers(fn: F) -> F:

@@ -183,3 +183,50 @@ def oracle_rows(ep, quant, x):
         rows.append((pair.name, key, q_out.name, fx_sqnr, fx_q,
                      entry[1] if entry else None, entry[0] if entry else None, category))
     return rows
+
+
+class ResidualCnn(nn.Module):
+    """conv-bn-relu, conv-bn into a residual add-relu, linear-relu, linear: the QAT conv-bn
+    rewrite replaces the BatchNorm node the residual add's annotation names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.fc1, self.relu3, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(y + self.bn2(self.conv2(y)))
+        return self.fc2(self.relu3(self.fc1(y.mean((2, 3)))))
+
+
+def qat_residual_cnn(*, to_eval: bool = True):
+    """``(float model, batches, prepare_qat_pt2e model, its convert_pt2e model)``: XNNPACK's
+    symmetric QAT config, the fake-quants calibrated on the batches, then moved to eval
+    (``to_eval``; else no converted model: ``None``)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    float_model = ResidualCnn().eval()
+    data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        for bn in (float_model.bn1, float_model.bn2):
+            bn.running_var.uniform_(0.5, 2)
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.weight.uniform_(0.5, 1.5)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_qat=True))
+    exported = torch.export.export(copy.deepcopy(float_model).train(), (data[0],))
+    qat = prepare_qat_pt2e(exported.module(), quantizer)
+    with torch.no_grad():
+        for x in data:
+            qat(x)
+    if not to_eval:
+        return float_model, data, qat, None
+    move_exported_model_to_eval(qat)
+    return float_model, data, qat, convert_pt2e(copy.deepcopy(qat))

@@ -251,6 +251,56 @@ def test_a_graph_traced_in_training_mode_is_refused_whatever_mode_the_model_is_i
         ns.compare(exported, q, data, progress=False)
 
 
+class _ConvBn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_program_exported_in_training_mode_is_refused_and_left_as_it_was():
+    # an ExportedProgram is no nn.Module: compare took one exported in training mode (its
+    # BatchNorm an aten.batch_norm with training=True), read batch statistics and updated the
+    # program's running mean and variance and num_batches_tracked (0 -> 3), with no note
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 12, 12) for _ in range(3)]
+    q = tq.quantize_dynamic(_ConvBn().eval(), {nn.Linear})
+    program = torch.export.export(_ConvBn().train(), (data[0],))
+    before = {k: v.clone() for k, v in program.state_dict.items()}
+    for call in _each_call(program, q, data):
+        with pytest.raises(ns.InputError, match=r"(?s)the float graph runs `batch_norm` \(.*aten"
+                                                r"\.batch_norm.*True.*Fix: call \.eval\(\)"):
+            call()
+    assert all(torch.equal(v, program.state_dict[k]) for k, v in before.items())
+
+
+def test_buffers_written_without_a_version_bump_are_put_back():
+    # a BatchNorm in training mode updates running_mean/var in its kernel without moving their
+    # version counter: buffers_kept, which put back only buffers whose version moved, left
+    # them changed; an ExportedProgram's buffers were not kept at all
+    from fxnumeric.run import buffers_kept
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    model = _ConvBn().train()
+    program = torch.export.export(_ConvBn().train(), (x,))
+    runs = program.module()
+    oracle = [{k: v.clone() for k, v in model.state_dict().items()},
+              {k: v.clone() for k, v in program.state_dict.items()}]
+    version = model.bn.running_mean._version
+    with buffers_kept(model, program):
+        model(x)
+        runs(x)
+        assert model.bn.running_mean._version == version  # the write the counter misses
+        assert not torch.equal(model.bn.running_mean, oracle[0]["bn.running_mean"])
+        assert not torch.equal(program.state_dict["bn.running_var"], oracle[1]["bn.running_var"])
+    for held, before in zip((model.state_dict(), program.state_dict), oracle, strict=True):
+        changed = [k for k, v in before.items() if not torch.equal(v, held[k])]
+        assert not changed, changed
+
+
 class _HeldDropout(nn.Module):
     """Drops out as transformers' layers do: the probability a float of its own (or of its
     config), the dropout functional, no dropout module to see."""

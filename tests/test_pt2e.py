@@ -944,3 +944,17 @@ def test_functions_of_shapes_are_plumbing_and_ops_fed_shapes_are_shadowed():
         by_hand = torch.cat([hybrid(x) for x in data])
     s = fxn.sensitivity(model, quant, data, progress=False)
     assert s.layer("head").all_but == pytest.approx(fxn.sqnr(ref, by_hand), rel=1e-9)
+
+
+def test_a_qat_model_not_moved_to_eval_is_refused_and_left_as_it_was():
+    # its BatchNorms (aten.batch_norm, training=True) normalised with batch statistics, and
+    # compare changed their running mean and variance (a write that moves no version
+    # counter, so nothing put them back), while prepare_qat_fx's in training mode is refused
+    float_model, data, qat, _ = M.qat_residual_cnn(to_eval=False)
+    before = _state(qat)
+    for call in (lambda: fxn.compare(float_model, qat, data, progress=False),
+                 lambda: fxn.sensitivity(float_model, qat, data, "sqnr", progress=False)):
+        with pytest.raises(fxn.InputError, match=r"(?s)quantized graph runs `batch_norm.*"
+                                                 r"move_exported_model_to_eval"):
+            call()
+    _assert_state(qat, before)
