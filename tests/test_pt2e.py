@@ -958,3 +958,65 @@ def test_a_qat_model_not_moved_to_eval_is_refused_and_left_as_it_was():
                                                  r"move_exported_model_to_eval"):
             call()
     _assert_state(qat, before)
+
+
+class _Hybrid(torch.fx.Interpreter):
+    """Runs a graph with the nodes of ``replaced`` computed by their functions instead."""
+
+    def __init__(self, gm, replaced):
+        super().__init__(gm)
+        self.replaced = replaced
+
+    def run_node(self, n):
+        if n in self.replaced:
+            return self.replaced[n](*self.fetch_args_kwargs_from_env(n)[0])
+        return super().run_node(n)
+
+
+def _end_sqnr(float_model, outputs, data):
+    """Output SQNR (pooled over ``data``) of ``outputs(x)`` against the float model."""
+    signal = noise = 0.0
+    with torch.no_grad():
+        for x in data:
+            ref, got = float_model(x).double(), outputs(x).double()
+            signal += float((ref ** 2).sum())
+            noise += float(((ref - got) ** 2).sum())
+    return 10 * math.log10(signal / noise)
+
+
+def test_a_qat_conv_kept_float_keeps_the_quantize_its_residual_add_asked_for():
+    # prepare_qat_pt2e's conv-bn rewrite replaced the batch_norm node the residual add's
+    # annotation names (keys `relu`, `batch_norm_3`), and the annotation of the BatchNorm
+    # that asked for the conv-bn's output is gone with the BatchNorm convert_pt2e folded:
+    # matched by name, "all but conv2" dropped the quantize the add asked for (28.637 dB, the
+    # hybrid below without it) and advise kept conv2 float for that number
+    import torch.nn.functional as F
+
+    float_model, data, _, quant = M.qat_residual_cnn()
+    conv2 = [n for n in quant.graph.nodes if n.target is torch.ops.aten.conv2d.default][1]
+    (out_quantize,) = conv2.users
+    float_conv2 = {conv2: lambda x, *_: float_model.bn2(float_model.conv2(x))}
+    all_but = _end_sqnr(float_model, _Hybrid(quant, float_conv2).run, data)
+    # only conv2 quantized: its input and output quantized with the converted model's qparams
+    in_quantize = conv2.args[0].args[0]
+    weight = conv2.args[1]
+    w = torch.ops.quantized_decomposed.dequantize_per_tensor(
+        getattr(quant, weight.args[0].target), *weight.args[1:])
+    bias = quant.get_parameter(conv2.args[2].target)
+
+    def fake_quant(t, scale, zero_point, low, high, _dtype):
+        return (torch.clamp(torch.round(t / scale) + zero_point, low, high) - zero_point) * scale
+
+    def only_conv2(x):
+        f = float_model
+        y = f.relu1(f.bn1(f.conv1(x)))
+        h = F.conv2d(fake_quant(y, *in_quantize.args[1:]), w, bias, *conv2.args[3:])
+        y = f.relu2(y + fake_quant(h, *out_quantize.args[1:]))
+        return f.fc2(f.relu3(f.fc1(y.mean((2, 3)))))
+
+    only = _end_sqnr(float_model, only_conv2, data)
+    layer = fxn.sensitivity(float_model, quant, data, "sqnr", progress=False).layer("conv2")
+    assert layer.all_but == pytest.approx(all_but, abs=1e-6)  # 28.345 dB
+    assert layer.only == pytest.approx(only, abs=1e-6)  # 26.197 dB
+    advice = fxn.advise(float_model, quant, data, metric="sqnr", target=26, progress=False)
+    assert advice.keep_float == ("conv2",) and advice.curve[-1] == pytest.approx(all_but, abs=1e-6)
