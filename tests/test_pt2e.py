@@ -1020,3 +1020,26 @@ def test_a_qat_conv_kept_float_keeps_the_quantize_its_residual_add_asked_for():
     assert layer.only == pytest.approx(only, abs=1e-6)  # 26.197 dB
     advice = fxn.advise(float_model, quant, data, metric="sqnr", target=26, progress=False)
     assert advice.keep_float == ("conv2",) and advice.curve[-1] == pytest.approx(all_but, abs=1e-6)
+
+
+def test_a_qat_prepared_models_batch_norms_are_two_layers_named_by_their_modules():
+    # move_exported_model_to_eval puts each BatchNorm in torchao's root WrapperModule: they
+    # were `batch_norm` (bn1, float) and `batch_norm#2` (bn2, quantized), call sites of one
+    # layer labelled bn1, and "all but bn1" swapped both (29.77 dB, the two-BatchNorm hybrid)
+    float_model, data, qat, _ = M.qat_residual_cnn()
+    matching = fxn.match(float_model, qat)
+    names = {p.name for p in matching.pairs}
+    assert {"bn1", "bn2"} <= names and not any("batch_norm" in n for n in names)
+    frozen = copy.deepcopy(qat)
+    for module in frozen.modules():
+        if hasattr(module, "observer_enabled"):
+            module.disable_observer()
+    (bn2,) = [n for n in frozen.graph.nodes if n.target is torch.ops.aten.batch_norm.default
+              and n.args[1].target == "bn2.weight"]
+    (fake_quant,) = bn2.users
+    float_bn2 = {bn2: lambda x, *_: float_model.bn2(x), fake_quant: lambda x: x}
+    oracle = _end_sqnr(float_model, _Hybrid(frozen, float_bn2).run, data)
+    layers = fxn.sensitivity(float_model, qat, data, "sqnr", progress=False)
+    assert "bn1" not in {layer.name for layer in layers.layers}  # it hands on no quantized value
+    assert layers.layer("bn2").module == "bn2"
+    assert layers.layer("bn2").all_but == pytest.approx(oracle, abs=1e-6)  # 28.726 dB

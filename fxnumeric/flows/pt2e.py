@@ -421,7 +421,7 @@ class Pt2eFlow(Flow):
     def module_type(self, node: fx.Node) -> type | None:
         """The ``torch.nn`` one-op module (``Conv2d``, ``ReLU`` ...) in ``nn_module_stack``."""
         found = _innermost_module(node)
-        if found is None or not _is_one_op_module(found[1]):
+        if found is None or found[1] == _OWNER or not _is_one_op_module(found[1]):
             return None
         return _type_named(found[1])
 
@@ -463,7 +463,7 @@ class Pt2eFlow(Flow):
         if found is None:
             return None
         path, module_type = found
-        if _is_one_op_module(module_type):
+        if module_type == _OWNER or _is_one_op_module(module_type):
             return path
         kind = _op_kind(node)
         return f"{path}.{kind}" if path else kind
@@ -553,12 +553,46 @@ def _undoes_qat_scale(node: fx.Node, name: str, flow: Pt2eFlow,
     return op is not None and op[1] in _WEIGHTED and flow.weight_scale(data, op[1]) is not None
 
 
+_OWNER = "<owner of its parameters>"
+"""The module type :func:`_innermost_module` gives for a module found by the constants an op
+reads: named by its path alone, as a one-op module is."""
+
+
 def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
-    """``(path, type or type name)`` of the module an ATen op of an exported graph ran in."""
+    """``(path, type or type name)`` of the module an ATen op of an exported graph ran in.
+
+    torchao's pattern rewrites (``prepare_qat_pt2e``'s conv-bn, ``move_exported_model_to_eval``
+    swapping a BatchNorm for its eval form) put the ops they create inside a
+    ``WrapperModule`` at the root, or leave them no ``nn_module_stack`` at all: such an op
+    reading parameters or buffers of one module (a BatchNorm's ``bn2.weight``,
+    ``bn2.running_mean``) ran in that module, named by its path (``bn2``, :data:`_OWNER`).
+    Named by the wrapper, two BatchNorms were ``batch_norm`` and ``batch_norm#2``, call
+    sites of one layer that ``sensitivity`` and ``advise`` swapped together as ``bn1``.
+    """
     if node.op != "call_function" or (op_name(node.target) or ("",))[0] != "aten":
         return None
     stack = node.meta.get("nn_module_stack")
-    return tuple(list(stack.values())[-1]) if stack else None  # type: ignore[return-value]
+    found = tuple(list(stack.values())[-1]) if stack else None
+    if found is None or _is_pattern_wrapper(found[1]):
+        owner = _constants_owner(node)
+        if owner is not None:
+            return owner, _OWNER
+    return found  # type: ignore[return-value]
+
+
+def _is_pattern_wrapper(module_type: Any) -> bool:
+    """torch.ao's or torchao's ``export_utils.WrapperModule``, around a pattern rewrite."""
+    name = module_type if isinstance(module_type, str) else (
+        f"{module_type.__module__}.{module_type.__qualname__}")
+    return name.endswith("export_utils.WrapperModule")
+
+
+def _constants_owner(node: fx.Node) -> str | None:
+    """The path of the one module whose parameters or buffers ``node`` reads (``get_attr``
+    arguments ``bn2.weight``, ``bn2.running_var``), else ``None``."""
+    owners = {str(arg.target).rpartition(".")[0] for arg in _inputs_in_order(node)
+              if arg.op == "get_attr"}
+    return owners.pop() or None if len(owners) == 1 else None
 
 
 def _type_named(module_type: Any) -> type | None:
