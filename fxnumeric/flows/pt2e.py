@@ -565,18 +565,20 @@ def _innermost_module(node: fx.Node) -> tuple[str, Any] | None:
     swapping a BatchNorm for its eval form) put the ops they create inside a
     ``WrapperModule`` at the root, or leave them no ``nn_module_stack`` at all: such an op
     reading parameters or buffers of one module (a BatchNorm's ``bn2.weight``,
-    ``bn2.running_mean``) ran in that module, named by its path (``bn2``, :data:`_OWNER`).
-    Named by the wrapper, two BatchNorms were ``batch_norm`` and ``batch_norm#2``, call
-    sites of one layer that ``sensitivity`` and ``advise`` swapped together as ``bn1``.
+    ``bn2.running_mean``) ran in that module, named by its path (``bn2``, :data:`_OWNER`);
+    another has none (``None``). Named by the wrapper, two BatchNorms were ``batch_norm``
+    and ``batch_norm#2``, call sites of one layer that ``sensitivity`` and ``advise``
+    swapped together as ``bn1``.
     """
     if node.op != "call_function" or (op_name(node.target) or ("",))[0] != "aten":
         return None
     stack = node.meta.get("nn_module_stack")
     found = tuple(list(stack.values())[-1]) if stack else None
     if found is None or _is_pattern_wrapper(found[1]):
+        # no module to name it by: the node's own name, never the wrapper's root path and the
+        # op's kind, which would make distinct ops call sites of one (``batch_norm#2``)
         owner = _constants_owner(node)
-        if owner is not None:
-            return owner, _OWNER
+        return (owner, _OWNER) if owner is not None else None
     return found  # type: ignore[return-value]
 
 
