@@ -35,7 +35,7 @@ from .dataflow import upstream_ops
 from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericWarning, InputError, about_variant
 from .floor import FloorState, FloorSums, floor_sums, layer_floor
-from .guards import check_pairable
+from .guards import check_pairable, contents
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import (
     LLM_METRICS,
@@ -857,8 +857,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         unmatched=tuple((u.node, "float", u.reason) for u in matching.unmatched_float)
         + tuple((u.node, "quantized", u.reason) for u in matching.unmatched_quant),
         torch_version=torch.__version__,
-        notes=(("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
-               if matching.nothing_quantized else ())
+        notes=_nothing_quantized_note(matching)
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
         + _model_output_note(plan.model) + _no_token_note(plan) + _no_perplexity_note(plan)
         + _skipped_note(ran)
@@ -944,6 +943,21 @@ def _floor(matching: Matching, pair: Pair, shadow: Accumulator | None,
     if floor is None:
         return {}
     return {"floor_sqnr": floor, "floor_cause": verdict.cause if verdict is not None else ""}
+
+
+def _nothing_quantized_note(matching: Matching) -> tuple[str, ...]:
+    """The note for a quantized model with no quantized op: nothing was quantized, or it
+    simulates quantization with fake-quants (a QAT model before ``convert``), whose rows
+    read the fake-quantized values but whose layers do not count as quantized."""
+    if not matching.nothing_quantized:
+        return ()
+    fake_quants = sum(len(contents(r.quant_view).fake_quants) for r in matching.regions)
+    if not fake_quants:
+        return ("the quantized model has no quantized op: nothing was quantized, coverage n/a",)
+    return (f"the quantized model has no quantized op: it simulates quantization with "
+            f"{fake_quants} fake-quants (a QAT model before convert / convert_fx), whose "
+            "values the rows read, but none of its layers counts as quantized: coverage n/a, "
+            "and sensitivity and advise need the converted model",)
 
 
 def _skipped_note(ran: _Ran) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import types
 import warnings
 
@@ -168,6 +169,23 @@ def test_legit_pairs_pass_without_warning():
     partial.conv.qconfig = tq.get_default_qconfig("x86")
     partial = tq.convert(_calibrated(tq.prepare(partial)))
     assert contents(ns.GraphView(ns.trace(partial))).quantized_ops == ("conv",)
+
+
+def test_a_qat_model_before_convert_is_said_to_simulate_quantization():
+    # a prepare_qat_fx model (fake-quants on, in eval mode) was noted "nothing was
+    # quantized", and sensitivity refused it with no word of QAT or convert_fx
+    f = _Net().eval()
+    qat = prepare_qat_fx(copy.deepcopy(f).train(), tq.get_default_qat_qconfig_mapping("x86"),
+                         (_data()[0],))
+    _calibrated(qat).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ns.FxNumericWarning)
+        report = ns.compare(f, qat, _data(), progress=False)
+    assert re.search(r"simulates quantization with \d+ fake-quants .a QAT model before convert",
+                     " ".join(report.notes))
+    assert not any("nothing was quantized" in n for n in report.notes)
+    with pytest.raises(ns.InputError, match=r"(?s)QAT model before convert.*convert_fx"):
+        ns.sensitivity(f, qat, _data(), "sqnr", progress=False)
 
 
 def _calibrated(model):

@@ -521,7 +521,9 @@ class _Search:
                 raise InputError(
                     "no quantized layer to swap: the quantized model computes nothing in "
                     "quantized form. Is it the model convert / convert_fx / quantize_dynamic / "
-                    "quantize_ returned? fxnumeric.match(float_model, quant_model).table() "
+                    "quantize_ returned? A QAT model before convert (eager prepare_qat, "
+                    "prepare_qat_fx: fake-quants, no quantized op) has none: pass what convert "
+                    "/ convert_fx makes of it. fxnumeric.match(float_model, quant_model).table() "
                     "lists what each side holds"
                 )
             raise InputError(
