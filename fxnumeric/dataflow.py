@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._tensors import copy_inputs
 from .instrument import observe_values
 from .match import Matching, Region
 from .pairing import op_name
@@ -236,6 +237,7 @@ def value_sources(matching: Matching, batch: Any) -> Sources:
         >>> value_sources(m, torch.randn(2, 4))
         {('', 'input_1', 0): (Source(op=None, model_input='[0]'),)}
     """
+    batch = copy_inputs(batch)  # the run's own tensors, followed through it (run_model)
     tracker = _Tracker(model_inputs(batch))
     wanted: dict[tuple[str, str, int], tuple[bool, str | None]] = {}
     for region in matching.regions:
@@ -246,7 +248,7 @@ def value_sources(matching: Matching, batch: Any) -> Sources:
             key = (region.float_path, region.output_nodes(pair)[0].name, region.call_site(pair))
             wanted[key] = (wanted.get(key, (False, None))[0], op_name(pair.name))
     observers = {key: _Observe(tracker, key, reads, op) for key, (reads, op) in wanted.items()}
-    run_model(observe_values(matching, "float", observers), batch, which="float")
+    run_model(observe_values(matching, "float", observers), batch, which="float", own=True)
     return tracker.found
 
 

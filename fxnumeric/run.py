@@ -293,7 +293,7 @@ def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) ->
         ) from exc
 
 
-def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
+def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool = False) -> Any:
     """Call ``model`` on one batch under ``torch.no_grad()``.
 
     The model is handed copies of the batch's tensors (:func:`fxnumeric._tensors.copy_inputs`):
@@ -301,7 +301,9 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
     sees the batch as the user gave it at every run (float, quantized, each hybrid), and the
     user's batch is never written into. A copy of the batch is small next to the activations
     the forward computes: on a resnet18 batch of 8 images at 224x224, 0.2-0.6% of its time
-    (2 threads); a language model's token ids and mask are a few KiB.
+    (2 threads); a language model's token ids and mask are a few KiB. ``own``: the batch's
+    tensors are this run's own already (copied by the caller, which follows them through the
+    run), and are not copied again.
 
     A model that can keep a cache of past keys and values (a Hugging Face language model's
     ``use_cache``) runs without it, even where the batch asks for one (with a warning): each
@@ -312,7 +314,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model") -> Any:
         InputError: when the model rejects the batch (shape, dtype, device, arity), naming
             the model side and the shapes that were passed.
     """
-    args, kwargs = copy_inputs(as_call(batch))
+    args, kwargs = as_call(batch) if own else copy_inputs(as_call(batch))
     signature = _signature(model)
     if signature is not None and "use_cache" in signature.parameters:
         if kwargs.get("use_cache"):
