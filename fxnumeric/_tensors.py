@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 __all__ = ["first_output", "model_output", "after_loss", "detach", "copy_values", "dequantize_all",
-           "stores_floats", "copy_cache", "copy_inputs"]
+           "stores_floats", "copy_cache", "copy_inputs", "version"]
 
 
 def first_output(x: Any) -> Any:
@@ -120,6 +120,17 @@ def _copy_tensor(t: torch.Tensor) -> torch.Tensor:
         compact = compact.narrow(dim, 0, 1)
     copied = compact.clone().expand(t.shape) if expanded else compact.clone()
     return copied.requires_grad_() if t.requires_grad else copied
+
+
+def version(x: Any) -> int | None:
+    """The version counter of a tensor (torch bumps it at every in-place write; a view shares
+    its base's), or ``None`` (not a tensor, or an inference tensor, which keeps none)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 def dequantize_all(x: Any, dtype: torch.dtype | None = None) -> Any:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._collector import defers_collection
-from ._tensors import copy_values, detach, first_output, model_output
+from ._tensors import copy_values, detach, first_output, model_output, version
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
 from .dataflow import upstream_ops
@@ -115,17 +115,6 @@ class _QuantValue:
         self._seen = self._copy = self._energy = None
 
 
-def _version(x: Any) -> int | None:
-    """The version counter of a tensor (torch bumps it at every in-place write), or ``None``
-    (not a tensor, or an inference tensor, which keeps none)."""
-    if not isinstance(x, torch.Tensor):
-        return None
-    try:
-        return x._version
-    except RuntimeError:
-        return None
-
-
 class _FloatOutputs(Logger):
     """Keeps the float outputs of the current batch, in call order, for the quantized twin.
 
@@ -157,19 +146,19 @@ class _FloatOutputs(Logger):
     def add(self, value: Any) -> None:
         """Keep ``value``: a copy once values were seen overwritten, or when it keeps no
         version (a tensor made under ``torch.inference_mode``)."""
-        version = _version(value)
-        if self.copies or (version is None and isinstance(value, torch.Tensor)):
+        kept = version(value)
+        if self.copies or (kept is None and isinstance(value, torch.Tensor)):
             value = copy_values(value)
-            version = _version(value)
+            kept = version(value)
         self.pending.append(value)
-        self.versions.append(version)
+        self.versions.append(kept)
         if self.turn.lockstep is not None:
             self.turn.lockstep.produced(value)
 
     def take(self) -> tuple[Any, bool]:
         """The oldest value kept, and whether it is still as the layer made it."""
-        value, version = self.pending.pop(0), self.versions.pop(0)
-        fresh = version is None or _version(value) == version
+        value, kept = self.pending.pop(0), self.versions.pop(0)
+        fresh = kept is None or version(value) == kept
         self.overwritten |= not fresh
         return value, fresh
 

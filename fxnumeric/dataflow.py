@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._tensors import copy_inputs
+from ._tensors import copy_inputs, version
 from .instrument import observe_values
 from .match import Matching, Region
 from .pairing import op_name
@@ -160,15 +160,6 @@ def _storage(t: torch.Tensor) -> tuple[str, int] | None:
     return (str(t.device), ptr) if ptr else None
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """How many times the tensor's memory was written in place (its views share the count);
-    ``None`` for a tensor that keeps no count (made under ``torch.inference_mode``)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
 class _Tracker:
     """The float run's record: which op last wrote each storage, and what region inputs held."""
 
@@ -179,20 +170,20 @@ class _Tracker:
         for place, tensor in inputs.items():
             key = _storage(tensor)
             if key is not None:
-                self.writer.setdefault(key, (Source(model_input=place), _version(tensor)))
+                self.writer.setdefault(key, (Source(model_input=place), version(tensor)))
         self.keep: list[Any] = [inputs]  # no storage is freed, and reused, during the run
         self.found: dict[tuple[str, str, int], tuple[Source | None, ...]] = {}
 
     def source(self, t: torch.Tensor) -> Source | None:
         """Who wrote what ``t`` holds, if an op or the batch did and nothing changed it since."""
         key = _storage(t)
-        source, version = self.writer.get(key, (None, None)) if key is not None else (None, None)
-        return source if version == _version(t) else None
+        source, then = self.writer.get(key, (None, None)) if key is not None else (None, None)
+        return source if then == version(t) else None
 
     def wrote(self, op: str, t: torch.Tensor) -> None:
         key = _storage(t)
         if key is not None:
-            self.writer[key] = (Source(op=op), _version(t))
+            self.writer[key] = (Source(op=op), version(t))
 
 
 class _Observe(nn.Module):
