@@ -400,8 +400,8 @@ def _targets(labels: torch.Tensor | None, mask: torch.Tensor, lead: torch.Size,
         nxt = labels[..., 1:].to(mask.device, torch.long)
         keep = mask[..., 1:] & mask[..., :-1] & (nxt != IGNORE_INDEX)
         targets[..., :-1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE_INDEX))
-    scored = targets[targets != IGNORE_INDEX]
-    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= vocab):
+    if not _token_ids(targets, vocab):
+        scored = targets[targets != IGNORE_INDEX]
         raise InputError(f"labels/input_ids hold token ids outside the vocabulary [0, {vocab}) "
                          f"(min {int(scored.min())}, max {int(scored.max())}); use -100 for "
                          "positions that have no target")
