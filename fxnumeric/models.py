@@ -335,8 +335,12 @@ def build_variants(spec: str, quants: list[str], batches: list[Any], *,
     """One float model named by ``spec`` and a quantized variant of it per mode in ``quants``:
     ``(float_model, {mode: quantized model}, notes)``.
 
-    The float model is loaded as :func:`build_pair` loads it for the first mode (torchvision's
-    quantizable model when that is ``static``) and every variant is made from it; a factory
+    The float model is loaded once and every variant is made from it: torchvision's
+    quantizable model when ``static`` is among the modes, whatever their order (eager static
+    quantization needs its ``FloatFunctional`` adds and stubs; the plain model's ``out +=
+    identity`` would add quantized tensors), else the plain one. Both hold the same weights
+    for a seed and compute the same float function, so the other variants are quantized from
+    the same float model either way. A factory
     that returns a ``(float, quantized)`` pair gives the one variant (with one mode only). The
     modes of :data:`PT2E_MODES` export the float ``nn.Module`` and quantize it with pt2e
     (:func:`quantize_pt2e`); the float model stays the ``nn.Module``, which torch.fx captures
@@ -348,9 +352,8 @@ def build_variants(spec: str, quants: list[str], batches: list[Any], *,
     if unknown:
         raise InputError(f"--quant must be among {', '.join((*QUANT_MODES, *PT2E_MODES))}, got "
                          f"{unknown[0]!r}")
-    made, notes = _prepared_float(spec, quants[0] if quants[0] in QUANT_MODES else "pt2e",
-                                  batches, float_weights=float_weights, seed=seed,
-                                  progress=progress)
+    made, notes = _prepared_float(spec, _float_mode(quants), batches,
+                                  float_weights=float_weights, seed=seed, progress=progress)
     variants: dict[str, nn.Module] = {}
     if isinstance(made, tuple) and len(quants) > 1:
         raise InputError(
@@ -369,6 +372,14 @@ def build_variants(spec: str, quants: list[str], batches: list[Any], *,
         else:
             variants[quant] = _quantize(float_model, quant, batches, progress)
     return float_model, variants, notes
+
+
+def _float_mode(quants: list[str]) -> str:
+    """The mode whose float model :func:`build_variants` loads for all of ``quants``: ``static``
+    when it is among them (only torchvision's quantizable model quantizes eagerly)."""
+    if "static" in quants:
+        return "static"
+    return quants[0] if quants[0] in QUANT_MODES else "pt2e"
 
 
 # --- building a pt2e pair (the CLI's --quant pt2e) -------------------------------------------

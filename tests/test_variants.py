@@ -439,6 +439,41 @@ def test_cli_advise_chooses_among_modes_pt2e_among_them(capsys):
     assert "the variants come from fx+pt2e" in out and ": pt2e" in out
 
 
+def test_cli_help_example_quantizes_static_after_other_modes(tmp_path, capsys):
+    """--help's `--quant fx,pt2e,static` exited 2: the float model was loaded for the first mode
+    (plain resnet18) and static quantized it eagerly, its `out += identity` then adding
+    quantized tensors. With static among the modes, torchvision's quantizable model (the same
+    weights) is the float model of every variant."""
+    from fxnumeric.models import build_pair, calibrate_batchnorm, load_float_model, random_batches
+
+    shape = (1, 3, 16, 16)
+    common = ["report", "--model", "torchvision:resnet18", "--input-shape", "1,3,16,16",
+              "--batches", "1", "--comparisons", "outputs", "--no-progress"]
+    saved = {mode: tmp_path / f"{mode}.json" for mode in ("fx,pt2e,static", "static")}
+    for mode, path in saved.items():
+        assert main([*common, "--quant", mode, "--json", str(path)]) == 0, mode
+        assert "Traceback" not in capsys.readouterr().err
+    variants = ns.Report.from_json(saved["fx,pt2e,static"]).variants
+    assert list(variants) == ["fx", "pt2e", "static"]
+    static = ns.Report.from_json(saved["static"])
+    # the oracle: the static pair the single mode builds, run by hand on the command's batch
+    built = build_pair("torchvision:resnet18", "static", random_batches(shape, 2, seed=1))
+    x = random_batches(shape, 1, seed=0)[0]
+    with torch.no_grad():
+        ref, actual = built.float_model(x).double(), built.quant_model(x).double()
+    sqnr = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
+    assert variants["static"].model_output["sqnr"] == pytest.approx(sqnr, abs=1e-6)
+    assert variants["static"].model_output == static.model_output
+    assert [(r.name, r.output) for r in variants["static"].rows] == [
+        (r.name, r.output) for r in static.rows]
+    # the quantizable model is the plain one's float function: fx and pt2e quantize the
+    # same float model as alone
+    plain = load_float_model("torchvision:resnet18", "fx")
+    calibrate_batchnorm(plain, shape)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).double(), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["report", "--quant", "fx,dynamic", "--why"], "--why looks into one quantized model"),
     (["report", "--quant", "fx,fx"], "names a mode twice"),
