@@ -306,15 +306,7 @@ def _prepared_float(spec: str, quant: str, batches: list[Any], *,
         return made, ()
     notes: tuple[str, ...] = ()
     if float_weights is not None:
-        try:
-            state = torch.load(float_weights, map_location="cpu", weights_only=True)
-            made.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise InputError(
-                f"cannot load --float-weights {str(float_weights)!r}: {first}\nFix: a "
-                "state_dict saved with torch.save(model.state_dict(), path) for this model"
-            ) from exc
+        _load_float_weights(made, float_weights)
     elif spec.startswith("torchvision:"):
         shape = tuple(batches[0].shape) if batches and isinstance(batches[0], torch.Tensor) else ()
         run_model(made, batches[0], which="float (calibration)")  # the input fits, in its shape
@@ -326,6 +318,23 @@ def _prepared_float(spec: str, quant: str, batches: list[Any], *,
                  + "): these numbers describe an untrained model; pass --float-weights FILE "
                  "for a trained one",)
     return made, notes
+
+
+def _load_float_weights(model: nn.Module, path: str | Path) -> None:
+    """Load the state_dict file ``path`` (``--float-weights``) into ``model``, in place.
+
+    Raises:
+        InputError: when ``torch.load(weights_only=True)`` refuses the file or the model its
+            keys or shapes, with the reason and what file to pass instead.
+    """
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputError(
+            f"cannot load --float-weights {str(path)!r}: {first}\nFix: a state_dict saved "
+            "with torch.save(model.state_dict(), path) for this model"
+        ) from exc
 
 
 def build_variants(spec: str, quants: list[str], batches: list[Any], *,
@@ -466,28 +475,19 @@ def _other_pt2e(quantizer: str) -> str:
 
 
 def build_pt2e_pair(spec: str, calibration: list[Any], *, float_weights: str | None = None,
-               seed: int = 0, quantizer: str = "xnnpack", progress: bool | None = False) -> Any:
+                    seed: int = 0, quantizer: str = "xnnpack",
+                    progress: bool | None = False) -> BuiltPair:
     """The CLI's ``--quant pt2e``: the model named by ``spec``, exported and pt2e-quantized.
 
-    The float model is prepared as :func:`build_pair` prepares it (weights
-    from ``float_weights``, else seeded random weights with BatchNorm statistics from
-    :func:`calibrate_batchnorm`); returns a ``BuiltPair`` whose float model
-    is the exported program's ``.module()``, so overlays name the exported nodes.
+    The float model is prepared as :func:`build_pair` prepares it (weights from
+    ``float_weights``, else seeded random weights with BatchNorm statistics from
+    :func:`calibrate_batchnorm`; ``float_weights`` refused for a factory's pair); returns a
+    ``BuiltPair`` whose float model is the exported program's ``.module()``, so overlays name
+    the exported nodes.
     """
-    made = load_float_model(spec, "pt2e", seed=seed)
+    made, notes = _prepared_float(spec, "pt2e", calibration, float_weights=float_weights,
+                                  seed=seed, progress=progress)
     if isinstance(made, tuple):
         return BuiltPair(*made)
-    notes: tuple[str, ...] = ()
-    if float_weights is not None:
-        try:
-            made.load_state_dict(torch.load(float_weights, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise InputError(f"cannot load --float-weights {str(float_weights)!r}: {exc}") from exc
-    elif spec.startswith("torchvision:"):
-        first = calibration[0]
-        if isinstance(first, torch.Tensor) and first.is_floating_point() and first.dim() > 1:
-            calibrate_batchnorm(made, tuple(first.shape), seed=seed, progress=progress)
-        notes = (f"random weights (torchvision weights=None, seed {seed}): these numbers describe "
-                 "an untrained model; pass --float-weights FILE for a trained one",)
     float_gm, quant = quantize_pt2e(made, calibration, quantizer=quantizer)
     return BuiltPair(float_gm, quant, notes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -488,3 +489,56 @@ def test_advise_over_several_modes_refuses_candidates(user_module, capsys):
     assert main(["advise", *_TINY_ARGS, "--quant", "dynamic,fx", "--batches", "2",
                  "--target", "30", "--candidates", "3"]) == 2
     assert "candidates applies to one quantized model" in capsys.readouterr().err
+
+
+def test_pt2e_float_weights_are_refused_as_in_every_other_mode(user_module, tmp_path, capsys):
+    """--quant pt2e exited 3 ("internal error: UnpicklingError") on a file torch.load refuses,
+    and ignored --float-weights for a factory's (float, quantized) pair (exit 0, the report
+    the same without them); every other mode exits 2 with a Fix: line."""
+    pytest.importorskip("torchao")
+    user_module("tinymlp", _TINY)
+    user_module("tinypair", _TINY + (
+        "def pair():\n"
+        "    f = make().eval()\n"
+        "    return f, torch.ao.quantization.quantize_dynamic(f, {torch.nn.Linear})\n"))
+    garbage = tmp_path / "weights.pt"
+    garbage.write_bytes(b"\x80\x04not a pickle")  # torch.load(weights_only=True) refuses it
+    weights = tmp_path / "pair.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
+    for model, path in (("tinymlp:make", garbage), ("tinypair:pair", weights)):
+        errors = {}
+        for mode in ("dynamic", "pt2e"):
+            assert main(["report", "--model", model, "--quant", mode, "--input-shape", "4,16",
+                         "--batches", "1", "--no-progress", "--float-weights", str(path)]) == 2
+            err = capsys.readouterr().err
+            errors[mode] = err[err.index("fxnumeric: error:"):]
+        assert errors["pt2e"] == errors["dynamic"]
+        assert "\nFix: " in errors["pt2e"]
+
+
+def test_weights_of_the_right_model_load_for_pt2e(user_module, tmp_path, capsys):
+    """The one loading path: --float-weights changes the float model pt2e quantizes, as the
+    Python API built with the same weights says."""
+    pytest.importorskip("torchao")
+    from fxnumeric.models import build_pt2e_pair, random_batches
+
+    user_module("tinymlp", _TINY)
+    path = tmp_path / "w.pt"
+    torch.manual_seed(5)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 4)).state_dict(), path)
+    assert main(["report", "--model", "tinymlp:make", "--quant", "pt2e", "--input-shape", "4,16",
+                 "--batches", "1", "--no-progress", "--float-weights", str(path),
+                 "--format", "json", "--comparisons", "outputs"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    built = build_pt2e_pair("tinymlp:make", random_batches((4, 16), 2, seed=1),
+                            float_weights=str(path))
+    x = random_batches((4, 16), 1, seed=0)[0]
+    with torch.no_grad():
+        ref, actual = built.float_model(x).double(), built.quant_model(x).double()
+    state = torch.load(path, weights_only=True)
+    expected = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(
+        x, state["0.weight"], state["0.bias"])), state["2.weight"], state["2.bias"])
+    torch.testing.assert_close(ref, expected.double())  # the file's weights, not make()'s
+    sqnr = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
+    assert cli["model_output"]["sqnr"] == pytest.approx(sqnr, abs=1e-6)
