@@ -468,6 +468,37 @@ def _match(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_FX_CALL_TRACE = "Call using an FX-traced Module, line"
+"""The line torch.fx puts in the traceback it prints itself (see :class:`_WithoutFxTraces`)."""
+
+
+class _WithoutFxTraces:
+    """``sys.stderr`` less the traceback torch.fx prints on its own.
+
+    A ``GraphModule`` whose generated forward raises prints the traceback and its generated
+    code (a ``~~~ <--- HERE`` marker) to ``sys.stderr`` before re-raising
+    (``torch.fx.graph_module._WrappedCall``): the CLI printed it above its one-line error,
+    although only ``--debug`` shows tracebacks. Everything else is written through.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._dropped = False  # print() writes its end ("\n") after the trace: drop it too
+
+    def write(self, text: str) -> int:
+        if text.startswith("Traceback") and _FX_CALL_TRACE in text:
+            self._dropped = True
+            return len(text)
+        if self._dropped and text == "\n":
+            self._dropped = False
+            return len(text)
+        self._dropped = False
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """One line per warning, as for errors: no library file path and source line."""
@@ -581,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     3 an internal error: see the module docstring). Argument errors exit 2 through argparse.
     """
     args = _parser().parse_args(argv)
+    stderr = sys.stderr
+    if not args.debug:
+        sys.stderr = _WithoutFxTraces(stderr)
     try:
         with warnings.catch_warnings():
             # torch warns on every call that eager/FX quantization is deprecated; the CLI uses it.
@@ -597,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         status = _exit_status(exc)
         print(_error_message(exc, status), file=sys.stderr)
         return status
+    finally:
+        sys.stderr = stderr
 
 
 if __name__ == "__main__":  # pragma: no cover

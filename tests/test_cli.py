@@ -542,3 +542,36 @@ def test_weights_of_the_right_model_load_for_pt2e(user_module, tmp_path, capsys)
     torch.testing.assert_close(ref, expected.double())  # the file's weights, not make()'s
     sqnr = 10 * math.log10(ref.pow(2).sum() / (ref - actual).pow(2).sum())
     assert cli["model_output"]["sqnr"] == pytest.approx(sqnr, abs=1e-6)
+
+
+_FAILS_IN_GENERATED_CODE = _TINY + """
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = make()
+
+    def forward(self, x):
+        return self.net(x) + torch.ones(5)  # (4, 4) + (5,): fails in the generated forward
+
+
+def pair():
+    return make().eval(), torch.fx.symbolic_trace(Broken())
+"""
+
+
+def test_a_graph_module_failing_prints_no_traceback_without_debug(user_module, capsys):
+    """torch.fx's GraphModule prints the traceback and its generated code (`~~~ <--- HERE`) to
+    stderr itself before re-raising: it appeared above the CLI's one-line error."""
+    user_module("brokengm", _FAILS_IN_GENERATED_CODE)
+    argv = ["report", "--model", "brokengm:pair", "--input-shape", "4,16", "--batches", "1",
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "<--- HERE" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "fxnumeric: error: the quantized model failed on the input (Tensor[4, 16] float32 on "
+        "cpu): RuntimeError: The size of tensor a (4) must match the size of tensor b (5) at "
+        "non-singleton dimension 1"]
+    with pytest.raises(ns.InputError, match="the quantized model failed on the input"):
+        main([*argv, "--debug"])
+    assert "<--- HERE" in capsys.readouterr().err  # --debug shows everything
