@@ -501,8 +501,29 @@ class _WithoutFxTraces:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
-    """One line per warning, as for errors: no library file path and source line."""
-    print(f"fxnumeric: warning: {message}", file=sys.stderr)
+    """One line per warning, as for errors: no library file path and source line; labelled
+    ``fxnumeric: warning:`` when it is fxnumeric's (a ``FxNumericWarning``), else by the
+    package it comes from and its category (``torch: UserWarning: ...``)."""
+    from .errors import FxNumericWarning
+
+    if issubclass(category, FxNumericWarning):
+        print(f"fxnumeric: warning: {message}", file=sys.stderr)
+        return
+    origin = _package_of(filename)
+    print(f"{origin + ': ' if origin else ''}{category.__name__}: {message}", file=sys.stderr)
+
+
+def _package_of(filename: str) -> str | None:
+    """The top-level package of the loaded module whose file is ``filename`` (None when no
+    loaded module is, or it is fxnumeric: a warning raised by a library fxnumeric calls, with
+    a ``stacklevel`` that points at fxnumeric's call)."""
+    path = os.path.abspath(filename)
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and os.path.abspath(file) == path:
+            package = name.partition(".")[0]
+            return None if package == "fxnumeric" else package
+    return None
 
 
 def _advise(args: argparse.Namespace) -> int:

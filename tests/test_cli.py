@@ -575,3 +575,22 @@ def test_a_graph_module_failing_prints_no_traceback_without_debug(user_module, c
     with pytest.raises(ns.InputError, match="the quantized model failed on the input"):
         main([*argv, "--debug"])
     assert "<--- HERE" in capsys.readouterr().err  # --debug shows everything
+
+
+def test_warnings_are_labelled_by_their_origin(user_module, tmp_path, capsys):
+    """torch.load's own warning read "fxnumeric: warning: Detected pickle protocol 4"."""
+    import warnings
+
+    user_module("tinymlp", _TINY)
+    garbage = tmp_path / "weights.pt"
+    garbage.write_bytes(b"\x80\x04not a pickle")
+    with warnings.catch_warnings(record=True) as caught:  # the oracle: torch.load on its own
+        warnings.simplefilter("always")
+        with pytest.raises(Exception):  # noqa: B017 (whatever torch.load raises)
+            torch.load(garbage, weights_only=True)
+    own = [w for w in caught if "pickle protocol" in str(w.message)]
+    assert own and "/torch/" in own[0].filename.replace("\\", "/")
+    assert main(["report", *_TINY_ARGS, "--float-weights", str(garbage)]) == 2
+    err = capsys.readouterr().err
+    assert f"torch: {own[0].category.__name__}: {own[0].message}\n" in err
+    assert "fxnumeric: warning" not in err
