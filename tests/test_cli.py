@@ -594,3 +594,13 @@ def test_warnings_are_labelled_by_their_origin(user_module, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"torch: {own[0].category.__name__}: {own[0].message}\n" in err
     assert "fxnumeric: warning" not in err
+
+
+def test_diff_refuses_a_variant_neither_report_needs(tiny_report, capsys):
+    """--variant names which variant a single report is, against several: with two single
+    reports it was ignored (exit 0)."""
+    assert main(["diff", str(tiny_report), str(tiny_report), "--variant", "fx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxnumeric: error: variant='fx' says which variant")
+    assert "each is of a single quantized model" in err and "Fix: leave variant out" in err
+    assert main(["diff", str(tiny_report), str(tiny_report)]) == 0

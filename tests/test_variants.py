@@ -358,6 +358,10 @@ def test_diff_goes_variant_by_variant_and_catches_a_regression_in_one(mlp, tmp_p
     alone.to_json(single)
     assert main(["diff", str(single), str(old)]) == 2
     assert main(["diff", str(single), str(old), "--variant", "dynamic"]) == 0
+    # two reports of several variants diff variant by variant: variant= was ignored
+    with pytest.raises(ns.InputError, match="variant='dynamic' says which variant .* both "
+                                            "hold variants"):
+        report.diff(later, variant="dynamic")
 
 
 def test_check_applies_every_threshold_to_every_variant(mlp, tmp_path):

@@ -251,13 +251,21 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
 
     Raises:
         InputError: a negative or nan tolerance; a single report against several variants
-            without ``variant`` (or with one the other report does not hold).
+            without ``variant`` (or with one the other report does not hold); ``variant``
+            where not exactly one report holds variants.
     """
     tolerances = {"sqnr": tolerance_db, "cosine": tolerance_cosine, "kl": tolerance_kl,
                   "top1_agreement": tolerance_top1}
     for name, value in tolerances.items():
         if not value >= 0:
             raise InputError(f"the {name} tolerance must be >= 0, got {value!r}")
+    if variant is not None and bool(old.variants) == bool(new.variants):
+        held = "both hold variants, diffed variant by variant" if old.variants else (
+            "each is of a single quantized model")
+        raise InputError(
+            f"variant={variant!r} says which variant a report of a single quantized model is, "
+            f"against a report of several; these two reports {held}.\nFix: leave variant out "
+            "(fxnumeric diff without --variant)")
     if old.variants or new.variants:
         return _diff_variants(old, new, variant, tolerance_db=tolerance_db,
                               tolerance_cosine=tolerance_cosine, tolerance_kl=tolerance_kl,
