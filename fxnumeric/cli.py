@@ -98,6 +98,16 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _comparisons(text: str) -> list[str]:
+    names = _names(text)
+    unknown = [n for n in names if n not in COMPARISONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--comparisons takes one or more of {','.join(COMPARISONS)} (comma-separated), "
+            f"got {text!r}")
+    return names
+
+
 _QUANT_CHOICES = ("static", "dynamic", "fx", "pt2e", "pt2e-x86", "int8-weight-only",
                   "int8-dynamic", "int4-weight-only")
 
@@ -172,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
                      default="table", help="model-explorer: node-data overlays in the -o directory")
     rep.add_argument("--tablefmt", default="simple",
                      help="tabulate format for --format table (github, plain, ...)")
-    rep.add_argument("--comparisons", type=_names, default=list(COMPARISONS),
+    rep.add_argument("--comparisons", type=_comparisons, default=list(COMPARISONS),
                      help=f"comma-separated, any of {','.join(COMPARISONS)} (default: all, as "
                           "fxnumeric.compare); blocks: what enters each block (a decoder "
                           "layer, a ResNet stage) and what it adds, the block table")

@@ -604,3 +604,13 @@ def test_diff_refuses_a_variant_neither_report_needs(tiny_report, capsys):
     assert err.startswith("fxnumeric: error: variant='fx' says which variant")
     assert "each is of a single quantized model" in err and "Fix: leave variant out" in err
     assert main(["diff", str(tiny_report), str(tiny_report)]) == 0
+
+
+@pytest.mark.parametrize("value", [",", "", "outputs,bogus"])
+def test_comparisons_must_name_one_or_more(value, capsys):
+    """`--comparisons ,` gave a report with no per-layer metric."""
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--model", "torchvision:resnet18", "--comparisons", value])
+    assert info.value.code == 2
+    assert (f"--comparisons takes one or more of weights,outputs,shadows,blocks "
+            f"(comma-separated), got {value!r}") in capsys.readouterr().err
