@@ -614,3 +614,25 @@ def test_comparisons_must_name_one_or_more(value, capsys):
     assert info.value.code == 2
     assert (f"--comparisons takes one or more of weights,outputs,shadows,blocks "
             f"(comma-separated), got {value!r}") in capsys.readouterr().err
+
+
+def test_advise_table_tells_the_steps_apart(user_module, capsys):
+    """The step table rounded every value to 4 digits: cosines 0.99997 and 1 both read "1"."""
+    from fxnumeric.models import build_pair, random_batches
+
+    user_module("tinymlp", _TINY)
+    argv = ["advise", *_TINY_ARGS, "--metric", "cosine", "--target", "0.999999",
+            "--batches", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("  step"):].split("\n\n")[0].splitlines()[2:]
+    shown = [line.split()[-1] for line in table]
+    # the oracle: the Python API on the pair and batches the command builds
+    built = build_pair("tinymlp:make", "dynamic", random_batches((4, 16), 2, seed=1))
+    advice = ns.advise(built.float_model, built.quant_model, random_batches((4, 16), 2, seed=0),
+                       metric="cosine", target=0.999999, progress=False)
+    assert len(shown) == len(advice.curve) == 3
+    assert len({f"{v:.4g}" for v in advice.curve}) < 3  # what 4 digits could not tell apart
+    assert len(set(shown)) == 3
+    for text, value in zip(shown, advice.curve, strict=True):
+        assert abs(float(text) - value) <= 0.5 * 10 ** -len(text.partition(".")[2])

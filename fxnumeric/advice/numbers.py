@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["shown", "a_number", "a_count"]
+__all__ = ["shown", "shown_apart", "a_number", "a_count"]
 
 
 def a_number(value: Any, name: str, fix: str) -> float:
@@ -51,3 +52,15 @@ def shown(value: float, *near: float) -> str:
         if all(value == other or text != f"{other:.{digits}g}" for other in (1.0, *near)):
             return text
     return f"{value:.12g}"
+
+
+def shown_apart(values: Sequence[float], *near: float) -> list[str]:
+    """Each of ``values`` as :func:`shown` shows it, with the digits it takes not to read as
+    another of them (nor as 1 or one of ``near``): an advice's steps at cosine 0.99995 and
+    0.99998 both read "1" at 4 significant digits.
+
+    Example:
+        >>> shown_apart([0.99995, 0.99998, 1.0]), shown_apart([12.5, 31.28451])
+        (['0.99995', '0.99998', '1'], ['12.5', '31.28'])
+    """
+    return [shown(value, *values, *near) for value in values]

@@ -70,7 +70,7 @@ from .hybrid import (
     module_path,
 )
 from .mixed import FLOAT, advise_variants, check_variant
-from .numbers import a_count, a_number, shown
+from .numbers import a_count, a_number, shown, shown_apart
 from .replay import BlockReplay
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]
@@ -959,15 +959,20 @@ class Advice:
     def table(self, tablefmt: str = "simple") -> str:
         """The curve: the metric after each layer is kept float; with several variants, the
         Pareto front of the verified assignments (average weight bits against the metric)."""
+        # the values as text, with the digits that tell them apart (tabulate would round
+        # them all to its one floatfmt: cosines 0.99995 and 0.99998 both read "1")
         if self.variants:
-            rows = [(f"{b:.3f}", v) for b, v in self.front]
+            values = shown_apart([v for _, v in self.front], self.target)
+            rows = [(f"{b:.4g}", v) for (b, _), v in zip(self.front, values, strict=True)]
             return tabulate(rows, headers=("average weight bits", self.metric),
-                            tablefmt=tabulate_format(tablefmt), floatfmt=".4g")
-        rows = [(0, "(quantized model)", self.curve[0])]
-        rows += [(i + 1, name, v) for i, (name, v) in enumerate(zip(self.keep_float, self.curve[1:],
-                                                                   strict=True))]
+                            tablefmt=tabulate_format(tablefmt), disable_numparse=True,
+                            colalign=("decimal", "decimal"))
+        values = shown_apart(self.curve, self.target)
+        rows = [(step, name, value) for step, (name, value) in enumerate(
+            zip(("(quantized model)", *self.keep_float), values, strict=True))]
         return tabulate(rows, headers=("step", "keep float", self.metric),
-                        tablefmt=tabulate_format(tablefmt), floatfmt=".4g")
+                        tablefmt=tabulate_format(tablefmt), disable_numparse=True,
+                        colalign=("decimal", "left", "decimal"))
 
     def to_html(self, path: str | Path) -> Path:
         """Write a self-contained HTML page: what was found, the curve (with several
