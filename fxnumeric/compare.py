@@ -40,11 +40,10 @@ from .instrument import Instrumented, instrument, observe_values, resolve_matchi
 from .llm_metrics import (
     LLM_METRICS,
     LogitsAccumulator,
+    LogitsReader,
     LogitsState,
-    is_encoder_decoder,
+    logits_reader,
     looks_like_logits,
-    predicts_next_token,
-    vocab_size,
 )
 from .lockstep import Lockstep
 from .loggers import Logger
@@ -487,7 +486,9 @@ class _Plan:
     values: list[_QuantValue]
     floors: dict[str, FloorSums]
     logits: LogitsAccumulator
-    vocab_size: int | None
+    reader: LogitsReader
+    """How the model's logits line up with its batches (:func:`logits_reader`, of the float
+    model, else the quantized one)."""
     blocks: list[tuple[Block, Accumulator, Accumulator]]
     float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = field(default_factory=list)
     """The float twins of the pairs' and blocks' outputs, each with the float value it
@@ -498,13 +499,6 @@ class _Plan:
     lockstep_budget: int = 0
     """Bytes of float values the float model may hold ahead of the quantized one
     (:func:`_lockstep_budget`)."""
-    next_token: bool | None = None
-    """Whether the float model's logits predict the next token (:func:`predicts_next_token`;
-    the quantized model's answer when the float one does not tell): True makes the batch's
-    labels or input ids a perplexity's targets, None its labels only."""
-    encoder_decoder: bool = False
-    """Whether the models are encoder-decoders (:func:`is_encoder_decoder`): their logits
-    are read against the batch's decoder inputs."""
     routes: dict[str, Routes] = field(default_factory=dict)
     """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
 
@@ -592,10 +586,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),
                  floors if "shadows" in wanted else {}, LogitsAccumulator(),
-                 vocab_size(model), blocks, float_twins, turn,
-                 _lockstep_budget(model), predicts_next_token(model, quant),
-                 is_encoder_decoder(model, quant),
-                 routes=routes)
+                 logits_reader(model, quant), blocks, float_twins, turn,
+                 _lockstep_budget(model), routes=routes)
 
 
 LOCKSTEP_SHARE = 4
@@ -618,14 +610,13 @@ def _lockstep_budget(model: nn.Module | None) -> int:
 def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any, index: int) -> None:
     """Per-token KL, top-1 agreement and perplexity, when the model returns logits (batch
     ``index`` of the data)."""
-    float_logits = looks_like_logits(float_out, batch, plan.vocab_size)
+    float_logits = looks_like_logits(float_out, batch, plan.reader.vocab_size)
     if float_logits is None:
         return
-    quant_logits = looks_like_logits(quant_out, batch, plan.vocab_size)
+    quant_logits = looks_like_logits(quant_out, batch, plan.reader.vocab_size)
     if quant_logits is None or quant_logits.shape != float_logits.shape:
         return
-    plan.logits.update_batch(float_logits, quant_logits, batch, plan.next_token,
-                             plan.encoder_decoder, index)
+    plan.logits.update_batch(float_logits, quant_logits, batch, plan.reader, index)
 
 
 def _length(data: Iterable[Any], max_batches: int | None) -> int | None:
@@ -849,6 +840,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         notes=_nothing_quantized_note(matching)
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
         + _model_output_note(plan.model) + _no_token_note(plan) + _no_perplexity_note(plan)
+        + _unfit_mask_note(plan)
         + _skipped_note(ran)
         + _nonfinite_note(nonfinite),
         model_output_rms=_rms(plan.model),
@@ -893,13 +885,27 @@ def _no_perplexity_note(plan: _Plan) -> tuple[str, ...]:
     """A note when a model of unknown kind returned logits of real tokens but had no
     perplexity: its ``input_ids`` are next tokens only if it is a causal LM, which nothing
     said (:func:`fxnumeric.llm_metrics.predicts_next_token`)."""
-    if (plan.next_token is not None or plan.logits.logits_per != "token"
+    if (plan.reader.next_token is not None or plan.logits.logits_per != "token"
             or not plan.logits.tokens or plan.logits.targets):
         return ()
     return ("no perplexity: nothing tells whether the model predicts the next token (it has "
             "no can_generate(), as a transformers model has), so its input_ids are not read "
             "as targets. Fix: put labels in the batch, or give a causal LM of your own a "
             "can_generate() method returning True",)
+
+
+def _unfit_mask_note(plan: _Plan) -> tuple[str, ...]:
+    """A note when a batch's attention_mask held padding and did not fit the logits'
+    positions (:attr:`fxnumeric.llm_metrics.LogitsAccumulator.unfit_masks`)."""
+    if not plan.logits.unfit_masks or plan.logits.unfit_shapes is None:
+        return ()
+    mask, lead = plan.logits.unfit_shapes
+    return (f"attention_mask {list(mask)} does not fit the logits' positions {list(lead)} "
+            f"({plan.logits.unfit_masks} of {plan.logits.batches} batches) and the model "
+            "gives no mask of its own for them (as a Hugging Face speech model's "
+            "_get_feature_vector_attention_mask does): it was not used, so the per-token KL "
+            "and top-1 agreement read every position, padding included. Fix: batches "
+            "without padding",)
 
 
 def _block_rows(plan: _Plan) -> tuple[BlockRow, ...]:

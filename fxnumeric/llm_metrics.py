@@ -10,7 +10,10 @@ llama.cpp's ``llama-perplexity --kl-divergence`` prints them:
   when the batch has labels (or, for a model known to predict the next token, input ids to
   shift: see :meth:`LogitsAccumulator.update_batch`).
 
-"Real tokens" are those where ``attention_mask`` is 1; padding never counts.
+"Real tokens" are those where ``attention_mask`` is 1; padding never counts. A mask that is
+not one per logit row (a speech model's mask of its audio samples, against logits per frame)
+is read through the model's own frame mask when it has one (:class:`LogitsReader`), else not
+at all: every position counts, and :attr:`LogitsAccumulator.unfit_masks` says so.
 
 Precision and memory. Logits are read in chunks of rows (``_CHUNK_ELEMENTS``, 512K logits)
 whatever their dtype (bf16 included), computed in three float64 buffers of 4 MiB reused from
@@ -28,7 +31,7 @@ everything else is a few scalars.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +41,9 @@ from . import flows
 from ._tensors import after_loss
 from .errors import InputError
 
-__all__ = ["LogitsAccumulator", "LogitsState", "looks_like_logits", "single_logit", "token_fields",
-           "predicts_next_token", "is_encoder_decoder", "vocab_size", "LLM_METRICS",
-           "IGNORE_INDEX"]
+__all__ = ["LogitsAccumulator", "LogitsState", "LogitsReader", "logits_reader",
+           "looks_like_logits", "single_logit", "token_fields", "predicts_next_token",
+           "is_encoder_decoder", "vocab_size", "LLM_METRICS", "IGNORE_INDEX"]
 
 LLM_METRICS = ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized")
 """Every key :meth:`LogitsAccumulator.values` can return (the ``ppl_*`` ones with labels only)."""
@@ -73,6 +76,11 @@ class LogitsState:
     """What a row of the last batch's logits predicts (:attr:`LogitsAccumulator.logits_per`)."""
     logits_per_batch: int = -1
     """The index of the batch :attr:`logits_per` was read from, -1 when not told."""
+    unfit_masks: int = 0
+    """Batches whose ``attention_mask`` did not fit the logits and was not used
+    (:attr:`LogitsAccumulator.unfit_masks`)."""
+    unfit_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    """The first such batch's mask shape and the logits' leading dims."""
 
     def merged(self, other: LogitsState) -> LogitsState:
         """Both states' tokens: counts and sums add, the token KLs of ``other`` follow, and
@@ -85,7 +93,54 @@ class LogitsState:
             self.nll_float + other.nll_float, self.nll_quant + other.nll_quant,
             torch.cat([self.token_kls, other.token_kls]), self.batches + other.batches,
             later.logits_per, later.logits_per_batch,
+            self.unfit_masks + other.unfit_masks, self.unfit_shapes or other.unfit_shapes,
         )
+
+
+FrameMask = Callable[[int, torch.Tensor], torch.Tensor]
+"""Called as ``frame_mask(frames, attention_mask)``: a model's mask of its ``frames`` output
+positions from the mask of its input (Wav2Vec2's ``_get_feature_vector_attention_mask``)."""
+
+
+@dataclass(frozen=True)
+class LogitsReader:
+    """How a model's logits line up with the fields of its batches: what
+    :meth:`LogitsAccumulator.update_batch` reads them by (made by :func:`logits_reader`)."""
+
+    vocab_size: int | None = None
+    """The vocabulary :func:`looks_like_logits` compares a tensor's last dim with."""
+    next_token: bool | None = None
+    """Whether position ``t`` predicts token ``t + 1`` (:func:`predicts_next_token`): True
+    makes the batch's labels or input ids a perplexity's targets, None its labels only."""
+    encoder_decoder: bool = False
+    """Whether the logits are an encoder-decoder's decoder's (:func:`is_encoder_decoder`),
+    read against the batch's decoder inputs."""
+    frame_mask: FrameMask | None = field(default=None, repr=False, compare=False)
+    """The model's mask of its output frames, for a model whose output positions are not its
+    input's (a speech model's frames from its audio samples); see :func:`logits_reader`."""
+
+
+def logits_reader(model: Any, *others: Any) -> LogitsReader:
+    """How ``model``'s logits line up with its batches; what ``model`` does not tell is asked
+    of ``others`` (the other side of the pair) in turn.
+
+    The frame mask is the ``_get_feature_vector_attention_mask`` of the first module that has
+    one (Hugging Face's speech models with a feature extractor: Wav2Vec2, HuBERT, WavLM,
+    Data2VecAudio, ...), a model of your own wrapping one included.
+    """
+    return LogitsReader(vocab_size(model), predicts_next_token(model, *others),
+                        is_encoder_decoder(model, *others), _frame_mask(model, *others))
+
+
+def _frame_mask(*candidates: Any) -> FrameMask | None:
+    for candidate in candidates:
+        if not isinstance(candidate, torch.nn.Module):
+            continue
+        for module in candidate.modules():
+            frame_mask = getattr(module, "_get_feature_vector_attention_mask", None)
+            if callable(frame_mask):
+                return frame_mask
+    return None
 
 
 class LogitsAccumulator:
@@ -121,6 +176,12 @@ class LogitsAccumulator:
         logits (a sequence or image classifier's), whose KL is one per sample; the last
         batch's (:meth:`update_batch`)."""
         self.logits_per_batch = -1
+        self.unfit_masks = 0
+        """Batches whose ``attention_mask`` holds padding and does not fit the logits'
+        positions, with no mask of the model's own for them (:meth:`update_batch`): every
+        position of their logits was read, padding included."""
+        self.unfit_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        """The first such batch's mask shape and the logits' leading dims."""
 
     def update(self, float_logits: torch.Tensor, quant_logits: torch.Tensor,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -184,30 +245,37 @@ class LogitsAccumulator:
         self.nll_quant += nll_quant
 
     def update_batch(self, float_logits: torch.Tensor, quant_logits: torch.Tensor, batch: Any,
-                     next_token: bool | None = None, encoder_decoder: bool = False,
-                     index: int = -1) -> None:
+                     reader: LogitsReader | None = None, index: int = -1) -> None:
         """Add the logits of one model batch (``index`` in the data: a merge keeps the later
         batch's :attr:`logits_per`), with the mask and targets ``batch`` holds
-        (:func:`token_fields`) where they fit the logits.
+        (:func:`token_fields`) where they fit the logits; ``reader`` (:func:`logits_reader`)
+        says what the model's logits are.
 
-        * ``attention_mask`` counts only when its shape is the logits' leading dims (one row
-          per token), or its last positions are (logits of the last tokens only:
-          ``logits_to_keep``); a sequence classifier's ``(batch, labels)`` logits are one
-          prediction per row, every row real.
+        * ``attention_mask`` counts where it is one per logit row (:func:`_fitted_mask`): its
+          shape is the logits' leading dims; or the batch asks for the logits of the last
+          positions only (``logits_to_keep`` / ``num_logits_to_keep``), or a causal LM returned
+          fewer positions than it read (its last ones); or the model makes a mask of its output
+          frames from it (``reader.frame_mask``, a speech model's). A sequence classifier's
+          ``(batch, labels)`` logits are one prediction per row, every row real. Another mask
+          is not used, and when it holds padding the batch is counted in
+          :attr:`unfit_masks`: its KL and top-1 read every position.
         * Next-token targets (``labels``, else ``input_ids``) only for a model known to
-          predict the next token: ``next_token`` (:func:`predicts_next_token`) True. A masked
-          LM's or a token classifier's labels are not next tokens and give no perplexity
-          (``next_token`` False). A model of unknown kind (None) is scored on the ``labels``
-          the batch holds, read as a causal LM's (the user said what the targets are), when
-          they are token ids of the logits' vocabulary; its ``input_ids`` are never made
-          targets, since for a masked LM or a token classifier they are no next tokens.
-          Targets of another shape than the logits' leading dims give no perplexity either.
-        * ``encoder_decoder`` (:func:`is_encoder_decoder`): the logits are the decoder's, read
-          against the decoder's side of a dict batch (:func:`_decoder_fields`); a tuple batch
-          gives no mask and no targets (its positions differ from model to model).
+          predict the next token: ``reader.next_token`` (:func:`predicts_next_token`) True. A
+          masked LM's or a token classifier's labels are not next tokens and give no
+          perplexity (False). A model of unknown kind (None) is scored on the ``labels`` the
+          batch holds, read as a causal LM's (the user said what the targets are), when they
+          are token ids of the logits' vocabulary; its ``input_ids`` are never made targets,
+          since for a masked LM or a token classifier they are no next tokens. Targets of
+          another shape than the logits' leading dims give no perplexity either, nor do
+          logits without a sequence dim (one row per sample): there is no next position.
+        * ``reader.encoder_decoder`` (:func:`is_encoder_decoder`): the logits are the
+          decoder's, read against the decoder's side of a dict batch (:func:`_decoder_fields`);
+          a tuple batch gives no mask and no targets (its positions differ from model to model).
         """
+        reader = reader if reader is not None else LogitsReader()
         lead = tuple(float_logits.shape[:-1])
-        if encoder_decoder:
+        next_token = reader.next_token
+        if reader.encoder_decoder:
             mask, targets, shift = _decoder_fields(batch, lead)
         else:
             fields = token_fields(batch)
@@ -218,14 +286,14 @@ class LogitsAccumulator:
             elif (next_token is None and targets is not None
                   and not _token_ids(targets, float_logits.shape[-1])):
                 targets = None  # unknown kind: labels that are no token ids are no next tokens
-        if (mask is not None and mask.dim() == len(lead) > 1 and tuple(mask.shape[:-1]) == lead[:-1]
-                and mask.shape[-1] > lead[-1]):
-            mask = mask[..., -lead[-1]:]  # logits of the last positions only (logits_to_keep)
-        if mask is not None and tuple(mask.shape) != lead:
-            mask = None
-        if next_token is False or (targets is not None and tuple(targets.shape) != lead):
-            targets = None  # not next tokens, or not one per logit row: no perplexity
-        self.update(float_logits, quant_logits, attention_mask=mask, labels=targets,
+        fitted = _fitted_mask(mask, lead, batch, reader)
+        if fitted is None and mask is not None and len(lead) > 1 and bool((mask == 0).any()):
+            self.unfit_masks += 1  # padding that cannot be placed: say so, never guess
+            self.unfit_shapes = self.unfit_shapes or (tuple(mask.shape), lead)
+        if (next_token is False or len(lead) < 2
+                or (targets is not None and tuple(targets.shape) != lead)):
+            targets = None  # not next tokens, no sequence, or not one per logit row: no ppl
+        self.update(float_logits, quant_logits, attention_mask=fitted, labels=targets,
                     shift=shift)
         self.batches += 1
         self.logits_per = "sample" if float_logits.dim() == 2 else "token"
@@ -239,7 +307,8 @@ class LogitsAccumulator:
         """The sums and token KLs so far, as a picklable :class:`LogitsState`."""
         return LogitsState(self.tokens, self.targets, self.kl_sum, self.top1_agree,
                            self.nll_float, self.nll_quant, self.token_kls(), self.batches,
-                           self.logits_per, self.logits_per_batch)
+                           self.logits_per, self.logits_per_batch, self.unfit_masks,
+                           self.unfit_shapes)
 
     def load(self, state: LogitsState) -> None:
         """Replace everything seen so far with ``state`` (:meth:`LogitsState.merged` of
@@ -250,6 +319,7 @@ class LogitsAccumulator:
         self._token_kls = [state.token_kls.float()] if state.token_kls.numel() else []
         self.batches, self.logits_per = state.batches, state.logits_per
         self.logits_per_batch = state.logits_per_batch
+        self.unfit_masks, self.unfit_shapes = state.unfit_masks, state.unfit_shapes
 
     def token_kls(self) -> torch.Tensor:
         """Every real token's KL so far, float32, in the order seen."""
@@ -380,6 +450,53 @@ def _mask(attention_mask: torch.Tensor | None, lead: torch.Size,
         raise InputError(f"attention_mask {tuple(attention_mask.shape)} does not match the "
                          f"logits' leading dims {tuple(lead)}")
     return attention_mask.detach().to(device) != 0
+
+
+def _fitted_mask(mask: torch.Tensor | None, lead: tuple[int, ...], batch: Any,
+                 reader: LogitsReader) -> torch.Tensor | None:
+    """``mask`` (the batch's ``attention_mask``) as one value per logit row, or ``None``
+    when it is not known to be one (see :meth:`LogitsAccumulator.update_batch`).
+
+    A longer mask is cut to the logits' positions only when it is known where they sit: the
+    batch's ``logits_to_keep`` (an int, the last positions; a 1-D tensor, their indices),
+    else the model's own frame mask (``reader.frame_mask``), else a causal LM's last
+    positions. The last positions of a speech model's mask of its audio samples are no
+    frames: a right-padded utterance read as all padding there.
+    """
+    if mask is None or tuple(mask.shape) == lead:
+        return mask
+    if len(lead) < 2 or mask.dim() != len(lead) or tuple(mask.shape[:-1]) != lead[:-1]:
+        return None  # one prediction per row (a classifier's), or no mask of these logits
+    kept = _logits_to_keep(batch, mask, lead[-1])
+    if kept is not None:
+        return kept
+    if reader.frame_mask is not None and not reader.encoder_decoder:
+        try:
+            frames = reader.frame_mask(lead[-1], mask)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            frames = None  # not a mask the model can read: the mask is not used
+        if isinstance(frames, torch.Tensor) and tuple(frames.shape) == lead:
+            return frames
+    if reader.next_token and mask.shape[-1] > lead[-1]:
+        return mask[..., -lead[-1]:]  # a causal LM's logits of its last positions
+    return None
+
+
+def _logits_to_keep(batch: Any, mask: torch.Tensor, positions: int) -> torch.Tensor | None:
+    """The columns of ``mask`` the batch's ``logits_to_keep`` (``num_logits_to_keep``, its
+    name before transformers 4.50) kept: the last ``k`` for an int ``k``, the indices of a
+    1-D tensor; ``None`` when the batch has none or it does not give ``positions`` columns."""
+    if not isinstance(batch, Mapping):
+        return None
+    keep = batch.get("logits_to_keep", batch.get("num_logits_to_keep"))
+    if isinstance(keep, torch.Tensor) and keep.dim() == 0:
+        keep = int(keep)
+    if isinstance(keep, int) and not isinstance(keep, bool) and 0 < keep == positions:
+        return mask[..., -keep:]
+    if (isinstance(keep, torch.Tensor) and keep.dim() == 1 and keep.numel() == positions
+            and _is_integer(keep)):
+        return mask[..., keep.to(mask.device)]
+    return None
 
 
 def _targets(labels: torch.Tensor | None, mask: torch.Tensor, lead: torch.Size,

@@ -273,7 +273,8 @@ def test_logits_of_the_last_positions_read_the_last_positions_of_the_mask():
     mask = _mask(3, 6, [6, 5, 3])
     ids = torch.zeros(3, 6, dtype=torch.long)
     acc = LogitsAccumulator()
-    acc.update_batch(f, q, {"input_ids": ids, "attention_mask": mask}, next_token=True)
+    acc.update_batch(f, q, {"input_ids": ids, "attention_mask": mask},
+                       llm_metrics.LogitsReader(next_token=True))
     got = acc.values()
     expected = _oracle(f, q, mask[:, -2:])
     assert acc.tokens == int(mask[:, -2:].sum()) == 3
@@ -603,7 +604,8 @@ def test_a_model_of_unknown_kind_is_scored_on_its_labels_never_on_its_input_ids(
     classes.update_batch(f, q, {"input_ids": ids, "labels": torch.full((3, 7), 60)})
     assert "ppl_float" not in classes.values()
     known = LogitsAccumulator()  # a causal LM: the input ids are its next tokens
-    known.update_batch(f, q, {"input_ids": ids, "attention_mask": mask}, next_token=True)
+    known.update_batch(f, q, {"input_ids": ids, "attention_mask": mask},
+                       llm_metrics.LogitsReader(next_token=True))
     _close(known.values(), _oracle(f, q, mask, labels=ids))
 
 
@@ -681,3 +683,172 @@ def test_an_encoder_decoder_is_read_against_its_decoder_inputs(cls_name):
             nll = F.cross_entropy(logits.double().reshape(-1, 300), targets.reshape(-1))
             expected[name] = math.exp(float(nll))
         _close({k: report.model_output[k] for k in expected}, expected)
+
+
+def _approx(got, expected, keys, rel=1e-6):
+    """``got[key]`` within ``rel`` of ``expected[key]``, no absolute slack (a KL of 1e-6)."""
+    for key in keys:
+        assert got[key] == pytest.approx(expected[key], rel=rel, abs=0), key
+
+
+def _tiny_ctc():
+    """A tiny Wav2Vec2ForCTC and its dynamic-quantized copy; audio (2, 800), the second
+    utterance right-padded from sample 400: 79 and 39 frames by the conv lengths
+    ``(800 - 10) // 5 + 1 = 159``, ``(159 - 3) // 2 + 1 = 79`` (400 samples: 79, 39)."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=True,
+        feat_extract_norm="layer")
+    f = transformers.Wav2Vec2ForCTC(cfg).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    x = torch.randn(2, 800, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 800, dtype=torch.long)
+    mask[1, 400:] = 0
+    x[1, 400:] = 0
+    x[1, :400] *= 30
+    return f, q, {"input_values": x, "attention_mask": mask}, _mask(2, 79, [79, 39])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_ctc_models_sample_mask_is_read_through_its_own_frame_mask():
+    """The (2, 800) mask of audio samples against (2, 79) logits of frames: its last 79
+    columns were kept as the frame mask (the logits_to_keep rule), all 0 for the padded
+    utterance, so its 39 real frames were dropped (KL 2.527e-06 against 2.450e-06 over the
+    real frames in the sweep's run). compare and sensitivity read it alike."""
+    import fxnumeric as ns
+
+    f, q, batch, frames = _tiny_ctc()
+    with torch.no_grad():
+        fl, ql = f(**batch).logits, q(**batch).logits
+    assert fl.shape == (2, 79, 32)
+    expected = _oracle(fl, ql, frames)
+    last_columns = _oracle(fl, ql, batch["attention_mask"][:, -79:])  # the old reading
+    assert expected["kl"] != pytest.approx(last_columns["kl"], rel=1e-3)
+    report = ns.compare(f, q, [batch], progress=False, comparisons=["outputs"])
+    _approx(report.model_output, expected, ("kl", "kl_max", "top1_agreement"))
+    assert "ppl_float" not in report.model_output
+    assert not [n for n in report.notes if "attention_mask" in n]
+    sens = ns.sensitivity(f, q, [batch], metric="kl", progress=False, layers="lm_head")
+    _approx({"kl": sens.quantized}, expected, ("kl",))
+    sens = ns.sensitivity(f, q, [batch], metric="top1_agreement", progress=False,
+                          layers="lm_head")
+    _approx({"top1_agreement": sens.quantized}, expected, ("top1_agreement",))
+
+
+class _Halving(torch.nn.Module):
+    """A model of one's own with one output position per two input samples and no mask of
+    its output positions: ``{"logits": (batch, samples // 2, 40)}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 16, 2, stride=2)
+        self.head = torch.nn.Linear(16, 40)
+
+    def forward(self, input_values, attention_mask=None):
+        return {"logits": self.head(self.conv(input_values[:, None]).transpose(1, 2)) * 4}
+
+
+def test_a_mask_that_does_not_fit_the_logits_is_not_used_and_a_note_says_so():
+    """Nothing tells where the (2, 12) mask's samples sit among the (2, 6) positions: the
+    metrics read every position, and compare says so; sensitivity, whose one number would
+    read padding as real, refuses. Its last 6 columns were taken before (row 1 all padding)."""
+    import copy
+
+    import fxnumeric as ns
+
+    torch.manual_seed(0)
+    f = _Halving().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    x = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
+    batch = {"input_values": x, "attention_mask": _mask(2, 12, [12, 6])}
+    with torch.no_grad():
+        fl, ql = f(**batch)["logits"], q(**batch)["logits"]
+    expected = _oracle(fl, ql)  # every position
+    assert expected["kl"] != pytest.approx(_oracle(fl, ql, _mask(2, 6, [6, 0]))["kl"], rel=1e-3)
+    report = ns.compare(f, q, [batch], progress=False, comparisons=["outputs"])
+    _approx(report.model_output, expected, ("kl", "kl_max", "top1_agreement"))
+    note = [n for n in report.notes if "attention_mask [2, 12] does not fit" in n]
+    assert len(note) == 1 and "[2, 6]" in note[0] and "padding included" in note[0]
+    with pytest.raises(InputError, match=r"attention_mask \[2, 12\] holds padding but does not "
+                                         r"fit the logits' positions \[2, 6\]"):
+        ns.sensitivity(f, q, [batch], metric="kl", progress=False)
+    # a mask without padding says every position is real: no note, nothing refused
+    full = {"input_values": x, "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    report = ns.compare(f, q, [full], progress=False, comparisons=["outputs"])
+    _approx(report.model_output, expected, ("kl", "top1_agreement"))
+    assert not [n for n in report.notes if "attention_mask" in n]
+    sens = ns.sensitivity(f, q, [full], metric="kl", progress=False)
+    _approx({"kl": sens.quantized}, expected, ("kl",))
+
+
+def test_logits_to_keep_in_the_batch_places_the_mask():
+    """A batch asking for the logits of some positions only (transformers' logits_to_keep,
+    an int for the last ones or a tensor of indices) reads the mask at those positions,
+    whatever the model's kind; without it a model of unknown kind gets its mask not used."""
+    f, q = _pair((3, 2, 50))
+    mask = _mask(3, 6, [6, 4, 1])
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    for keep, columns in ((2, [4, 5]), (torch.tensor(2), [4, 5]),
+                          (torch.tensor([0, 3]), [0, 3])):
+        for name in ("logits_to_keep", "num_logits_to_keep"):
+            acc = LogitsAccumulator()
+            acc.update_batch(f, q, {"input_ids": ids, "attention_mask": mask, name: keep})
+            real = mask[:, columns]
+            assert acc.tokens == int(real.sum()) and not acc.unfit_masks, (keep, name)
+            _approx(acc.values(), _oracle(f, q, real), ("kl", "kl_max", "top1_agreement"))
+    unknown = LogitsAccumulator()
+    unknown.update_batch(f, q, {"input_ids": ids, "attention_mask": mask})
+    assert unknown.tokens == 6 and unknown.unfit_masks == 1
+    assert unknown.unfit_shapes == ((3, 6), (3, 2))
+    _approx(unknown.values(), _oracle(f, q), ("kl", "top1_agreement"))
+    merged = LogitsAccumulator()
+    merged.merge(unknown)
+    assert merged.state().unfit_masks == 1 and merged.unfit_shapes == ((3, 6), (3, 2))
+
+
+def test_per_row_logits_get_no_perplexity_from_labels_that_fit():
+    """(batch, classes) logits and a (batch,) of class ids that are token ids of the
+    "vocabulary": the causal shift ran along the batch dim, scoring sample t's classes on
+    sample t + 1's label (a perplexity of 5.015 for a wrapped 5-class classifier)."""
+    f, q = _pair((6, 5))
+    labels = torch.tensor([0, 3, 1, 4, 2, 2])
+    for reader in (None, llm_metrics.LogitsReader(next_token=True)):
+        acc = LogitsAccumulator()
+        acc.update_batch(f, q, {"input_ids": torch.zeros(6, 4, dtype=torch.long),
+                                "labels": labels}, reader)
+        assert "ppl_float" not in acc.values() and acc.logits_per == "sample"
+        _close(acc.values(), _oracle(f, q))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_wrapped_sequence_classifier_with_class_labels_gets_no_perplexity():
+    """A classifier inside a model of one's own (no can_generate) whose batch holds class
+    labels: one prediction per row, as docs/llm.md says, and no ppl_*."""
+    import copy
+
+    import fxnumeric as ns
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask)
+
+    inner, _ = _bert_head("BertForSequenceClassification", num_labels=5)
+    f = Wrap(inner).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    batch = _bert_heads_batch() | {"labels": torch.tensor([0, 3, 1])}
+    report = ns.compare(f, q, [batch], progress=False, comparisons=["outputs"])
+    with torch.no_grad():
+        fl, ql = f(**batch).logits, q(**batch).logits
+    expected = _oracle(fl, ql)
+    _approx(report.model_output, expected, ("kl", "kl_max", "top1_agreement"), rel=1e-5)
+    assert "ppl_float" not in report.model_output and "perplexity" not in report.summary()
+    assert report.logits_per == "sample"

@@ -48,11 +48,10 @@ from ..guards import check_pairable
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
-    is_encoder_decoder,
+    LogitsReader,
+    logits_reader,
     looks_like_logits,
-    predicts_next_token,
     single_logit,
-    vocab_size,
 )
 from ..match import Matching
 from ..metrics import cosine, sqnr
@@ -142,15 +141,13 @@ class _Metric:
     name: str
     higher_is_better: bool
     fn: EndMetric | None = None  # on the outputs of all batches, concatenated
-    vocab_size: int | None = None  # for the LLM metrics: what logits look like
-    next_token: bool | None = None  # for the LLM metrics: whether labels are next tokens
-    encoder_decoder: bool = False  # for the LLM metrics: logits read against decoder inputs
+    reader: LogitsReader = LogitsReader()  # for the LLM metrics: how logits fit the batch
 
     def reference(self, output: Any, batch: Any) -> Any:
         """What of the float model's output the metric keeps for the comparisons."""
         if self.fn is not None:
             return _as_output(output)
-        logits = looks_like_logits(output, batch, self.vocab_size)
+        logits = looks_like_logits(output, batch, self.reader.vocab_size)
         if logits is not None:
             return logits.detach()
         scores = dequantize_all(model_output(output))  # no logits: say why, if it can be told
@@ -215,11 +212,19 @@ class _MetricRun:
             self.refs.append(reference)
             self.outputs.append(_as_output(output))
             return
-        candidate = looks_like_logits(output, batch, self.metric.vocab_size)
+        candidate = looks_like_logits(output, batch, self.metric.reader.vocab_size)
         if candidate is None:
             candidate = _as_output(output)
-        self.logits.update_batch(reference, candidate.detach(), batch, self.metric.next_token,
-                                 self.metric.encoder_decoder)
+        self.logits.update_batch(reference, candidate.detach(), batch, self.metric.reader)
+        if self.logits.unfit_masks and self.logits.unfit_shapes is not None:
+            mask, lead = self.logits.unfit_shapes
+            raise InputError(
+                f"metric {self.metric.name!r} is read over real tokens, and the batch's "
+                f"attention_mask {list(mask)} holds padding but does not fit the logits' "
+                f"positions {list(lead)}, and the model gives no mask of its own for them (as a "
+                "Hugging Face speech model's _get_feature_vector_attention_mask does): the "
+                "metric would read padding as if it were real.\nFix: batches without padding, "
+                "or metric='sqnr'")
 
     def value(self) -> float:
         if self.logits is not None:
@@ -252,10 +257,8 @@ def _resolve_metric(metric: str | EndMetric, model: Any = None,
     model), else of ``others`` (the quantized models), to know what the logits predict."""
     if isinstance(metric, str):
         if metric in LLM_END_METRICS:
-            others = tuple(others)
-            return _Metric(metric, LLM_END_METRICS[metric], None, vocab_size(model),
-                           predicts_next_token(model, *others),
-                           is_encoder_decoder(model, *others))
+            return _Metric(metric, LLM_END_METRICS[metric], None,
+                           logits_reader(model, *others))
         if metric not in END_METRICS:
             raise InputError(
                 f"unknown metric {metric!r}; built-in end metrics are "
