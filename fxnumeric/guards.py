@@ -91,8 +91,14 @@ def contents(view: GraphView) -> GraphContents:
             continue
         ops += cls.role == "op"
         leaf = modules[node.target] if node.op == "call_module" else None
-        if cls.quantized or (leaf is not None and any(map(is_quantized_module, leaf.modules()))):
-            found["q"].append(node.name)  # a leaf kept whole counts by what it holds
+        # a called module counts by the quantized layers it holds, each once: the untraced
+        # root of a model torch.fx cannot trace read "1 quantized ops (`root`)"
+        path = "" if leaf is view.root else str(node.target)
+        held = _quantized_inside(leaf, path) if leaf is not None else []
+        if held and held != [path]:
+            found["q"].extend(held)
+        elif held or cls.quantized:  # a quantized op, a quantized module called itself
+            found["q"].append(node.name)
         elif _is_quantize(node, modules, cls):
             found["qz"].append(node.name)
         if leaf is not None:
@@ -106,6 +112,18 @@ def contents(view: GraphView) -> GraphContents:
     return GraphContents(
         tuple(found["q"]), tuple(found["qz"]), tuple(found["obs"]), tuple(found["fq"]), ops
     )
+
+
+def _quantized_inside(module: nn.Module, path: str) -> list[str]:
+    """The paths of the quantized layers inside ``module`` (at ``path``), each once: a
+    quantized module is not searched further (a dynamic Linear's packed parameters are part
+    of it), a float one that merely holds quantized layers (T5's ``DenseReluDense``, a
+    reference fused module) is."""
+    own = in_quantized_package(module) or not any(map(is_quantized_module, module.children()))
+    if is_quantized_module(module) and own:
+        return [path]
+    return [found for name, child in module.named_children()
+            for found in _quantized_inside(child, f"{path}.{name}" if path else name)]
 
 
 def _examples(names: tuple[str, ...]) -> str:

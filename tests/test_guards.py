@@ -441,3 +441,34 @@ def test_quantizable_basic_blocks_kept_whole_are_compared_as_blocks(make_resnet1
     for block in ("layer1.0", "layer4.1"):
         assert report.row(block).output_sqnr == pytest.approx(_hooked_sqnr(f, q, block, x),
                                                               rel=1e-6)
+
+
+class _UntracedMLP(nn.Module):
+    """Linears in a float Sequential and a ModuleList, in code torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.heads = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+    def forward(self, x):
+        if len(x) > 0:  # len() of a Proxy: torch.fx cannot trace the root
+            x = self.mlp(x)
+        return sum(head(x) for head in self.heads)
+
+
+def test_swapped_untraceable_models_count_the_quantized_layers_they_hold():
+    """The root torch.fx cannot trace is judged as one op calling the model whole: it read
+    "the float model has 1 quantized ops (`root`)" for T5's 33 dynamic Linears."""
+    torch.manual_seed(0)
+    f = _UntracedMLP().eval()
+    q = tq.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    quantized = [name for name, m in q.named_modules()
+                 if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert quantized == ["mlp.0", "mlp.2", "heads.0", "heads.1", "heads.2"]
+    for call in (lambda: ns.compare(q, f, [torch.randn(2, 4)], progress=False),
+                 lambda: ns.match(q, f)):
+        with pytest.raises(ns.InputError, match=re.escape(
+                f"the float model has {len(quantized)} quantized ops (`mlp.0`, `mlp.2`, "
+                "`heads.0`, ...) and the quantized model none")):
+            call()
