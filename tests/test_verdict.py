@@ -693,3 +693,54 @@ def test_without_a_scale_only_an_exact_zero_reads_collapsed():
     assert judged.degenerate
     assert Report((zero, tiny), ("sqnr",), ("outputs",), 1, {"sqnr": 30.0},
                   model_output_rms=4e-10).activation_rms == 4e-10
+
+
+# ---------------------------------------------------------------- float32 rounding is no error
+
+
+def _fp16_exact_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """An MLP whose weights fp16 holds exactly, and its fp16 dynamic quantization: the two
+    differ only in the order float32 sums are taken (no quantization error at all)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.copy_(p.half().float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=torch.float16)
+    return f, q, [torch.randn(4, 8) for _ in range(3)]
+
+
+def test_an_error_at_float32_rounding_names_no_culprit():
+    f, q, data = _fp16_exact_pair()
+    _, shadows = _hooked_sqnrs(f, q, data)
+    # the oracle: one layer differs from its float twin, by float32 rounding alone
+    assert shadows["0"] == math.inf and shadows["2"] == math.inf
+    assert ns.metrics.ROUNDING_SQNR_DB < shadows["4"] < math.inf
+    with torch.no_grad():
+        diff = max(float((f(x) - q(x)).abs().max()) for x in data)
+        scale = max(float(f(x).abs().max()) for x in data)
+    assert diff / scale < torch.finfo(torch.float32).eps
+    report = _compare(f, q, data)
+    assert report.row("4").shadow_sqnr == pytest.approx(shadows["4"], abs=0.5)  # kept as read
+    v = report.verdict
+    assert (v.kind, v.culprit, v.standouts, v.layers) == ("no error", None, (), 0)
+    assert report.culprit is None and report.worst_layer is None
+    assert "4 differs from its float twin only at float32 rounding" in report.summary()
+    assert "Culprit" not in report.to_dict()["verdict"]["text"]
+    assert "No layer adds measurable error" in ns.report.render.verdict_html(report)
+
+
+def test_rounding_level_rows_are_left_out_of_the_culprit_rule():
+    # one layer at int8 error, the rest at rounding: the int8 layer is the only one adding error
+    report = _report(_row("a", 140.0), _row("b", 31.0), _row("c", 150.0), output=30.5)
+    assert report.culprit == "b" and report.verdict.layers == 1
+    assert "the only layer that adds error of its own" in report.summary()
+    # two layers at rounding level only: nothing named, not even as the "worst" layer
+    exact = _report(_row("a", 140.0), _row("c", 150.0), output=139.0)
+    assert exact.verdict.kind == "no error" and exact.worst_layer is None
+    assert "a and c differ from their float twins only at float32 rounding" in exact.summary()

@@ -31,7 +31,7 @@ from .render import (
     report_table,
 )
 from .variants import best_variant, variants_summary
-from .verdict import Verdict, verdict
+from .verdict import Verdict, adds_error, verdict
 
 if TYPE_CHECKING:
     from .diff import ReportDiff
@@ -423,21 +423,23 @@ class Report:
         stands out (:attr:`culprit` says whether it does).
 
         Rows with a collapsed float signal are never chosen, nor a layer that adds no error
-        at all (shadow SQNR ``inf``).
+        at all (shadow SQNR ``inf``, or at float32's rounding:
+        :func:`fxnumeric.report.verdict.adds_error`), nor an output-SQNR drop to such a value.
         """
         live = [r for r in self.rows if not r.degenerate]
         with_shadow = [r for r in live
                        if r.shadow_sqnr is not None and not math.isnan(r.shadow_sqnr)]
         if with_shadow:
             worst = min(with_shadow, key=lambda r: r.shadow_sqnr)
-            return worst if worst.shadow_sqnr != math.inf else None
+            return worst if adds_error(worst.shadow_sqnr) else None
         best, prev = None, None
         drop_best = 0.0
         for r in live:
             s = r.output_sqnr
             if s is None or math.isnan(s):
                 continue
-            if prev is not None and math.isfinite(prev) and prev - s > drop_best:
+            if (prev is not None and math.isfinite(prev) and adds_error(s)
+                    and prev - s > drop_best):
                 best, drop_best = r, prev - s
             prev = s
         return best

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .verdict import adds_error
+
 if TYPE_CHECKING:
     from .data import Report, ReportRow
 
@@ -160,7 +162,7 @@ def where_it_loses(variant: Report) -> str:
                 f"{_db(high)})")
     if v.kind == "spread":
         ranked = sorted((r for r in variant.rows if not r.degenerate
-                         and r.shadow_sqnr is not None and math.isfinite(r.shadow_sqnr)),
+                         and adds_error(r.shadow_sqnr)),
                         key=lambda r: r.shadow_sqnr)  # type: ignore[arg-type, return-value]
         worst = ", ".join(f"{r.name} ({_db(r.shadow_sqnr)})" for r in ranked[:_WORST_SHOWN])
         return f"error spread over {v.layers} layers, lowest shadow SQNR at {worst}"

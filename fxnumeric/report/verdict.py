@@ -30,6 +30,13 @@ and how much the output loses by accumulation. NaN/Inf inside a model poison the
 culprit is named from them. Nor where a quantized layer returns another shape than its float
 twin fed the same input (torch's 4-bit quantized ``Embedding`` does): that layer is broken,
 its error is not measured, and every layer after it reads what it returned.
+
+An error at the level of float32's rounding is no error: a layer whose shadow SQNR reads
+:data:`~fxnumeric.metrics.ROUNDING_SQNR_DB` (114.4 dB, :func:`fxnumeric.metrics.rounding_sqnr`:
+float32's ``eps`` with a margin of 4 bits) or more computes what its float twin computes, up to
+the order its sums are taken in (an fp16 dynamic Linear whose weights fp16 holds exactly reads
+145 dB). It is neither a culprit nor one of the layers an error is spread over; when every
+layer is such, the verdict is ``"no error"``. The numbers in the rows are left as measured.
 """
 
 from __future__ import annotations
@@ -38,11 +45,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..metrics import ROUNDING_SQNR_DB
+
 if TYPE_CHECKING:
     from .data import Report, ReportRow
 
-__all__ = ["Verdict", "verdict", "CULPRIT_MARGIN_DB", "NOISE_SIGMAS", "MAX_GROUP",
-           "ACCUMULATION_DB"]
+__all__ = ["Verdict", "verdict", "adds_error", "CULPRIT_MARGIN_DB", "NOISE_SIGMAS",
+           "MAX_GROUP", "ACCUMULATION_DB"]
 
 CULPRIT_MARGIN_DB = 6.0
 """How far (dB of shadow SQNR) a culprit must sit below every other layer: 4x the noise power."""
@@ -66,13 +75,14 @@ class Verdict:
             together), ``"spread"`` (none stands out), ``"poisoned"`` (NaN/Inf in the
             sums), ``"mismatch"`` (a quantized layer returns another shape than its float
             twin fed the same input), ``"no shadows"`` (local error not measured),
-            ``"no error"`` (no layer adds measurable error of its own).
+            ``"no error"`` (no layer adds measurable error of its own: every shadow SQNR is
+            ``inf`` or at float32's rounding, :func:`adds_error`).
         culprit: the layer that stands out, or ``None``.
         standouts: the layers that stand out (the culprit, the group, or the layers whose
             shapes differ); ``()`` otherwise.
         ties: layers within batch noise of the lowest (including it); ``()`` when there are
             none or the noise is unknown (one batch).
-        layers: how many layers add measurable error of their own (finite shadow SQNR).
+        layers: how many layers add measurable error of their own (:func:`adds_error`).
         low: the lowest shadow SQNR in dB (``None`` without any).
         high: the highest finite shadow SQNR in dB.
         gap: dB between the last layer that stands out (or the lowest) and the next one up.
@@ -91,6 +101,16 @@ class Verdict:
     gap: float | None
     noise: float | None
     text: str
+
+
+def adds_error(sqnr: float | None) -> bool:
+    """Whether an SQNR (dB) measures an error: finite, and below float32's rounding
+    (:data:`~fxnumeric.metrics.ROUNDING_SQNR_DB`); ``None`` and NaN do not.
+
+    >>> adds_error(35.0), adds_error(145.4), adds_error(math.inf), adds_error(None)
+    (True, False, False, False)
+    """
+    return sqnr is not None and not math.isnan(sqnr) and sqnr < ROUNDING_SQNR_DB
 
 
 def _stderr(row: ReportRow) -> float | None:
@@ -168,11 +188,18 @@ def verdict(report: Report) -> Verdict:
         return Verdict("no shadows", None, (), (), 0, None, None, None, None,
                        "no culprit named: the error each layer adds was not measured "
                        f"({why}){hint}")
-    ranked = sorted((r for r in live if r.shadow_sqnr is not None
-                     and math.isfinite(r.shadow_sqnr)), key=lambda r: r.shadow_sqnr)
+    ranked = sorted((r for r in live if adds_error(r.shadow_sqnr)),
+                    key=lambda r: r.shadow_sqnr)  # type: ignore[arg-type, return-value]
+    rounding = [r.name for r in live if r.shadow_sqnr is not None
+                and math.isfinite(r.shadow_sqnr) and not adds_error(r.shadow_sqnr)]
     if not ranked:
+        exact = (f" ({_names(rounding)} {'differs' if len(rounding) == 1 else 'differ'} from "
+                 f"{'its float twin' if len(rounding) == 1 else 'their float twins'} only at "
+                 f"float32 rounding, shadow SQNR {ROUNDING_SQNR_DB:.1f} dB or more)"
+                 if rounding else "")
         return Verdict("no error", None, (), (), 0, None, None, None, None,
-                       "no layer named as culprit: no layer adds measurable error of its own")
+                       "no layer named as culprit: no layer adds measurable error of its own"
+                       + exact)
     low, high = ranked[0].shadow_sqnr, ranked[-1].shadow_sqnr
     assert low is not None and high is not None
     first = ranked[0]
