@@ -28,7 +28,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 import fxnumeric
 from fxnumeric import InputError
 from fxnumeric.advice.hybrid import HybridRunner, function_target
-from fxnumeric.advice.search import advise, min_cosine, sensitivity
+from fxnumeric.advice.search import LayerSensitivity, advise, min_cosine, sensitivity
 
 
 class MLP(nn.Module):
@@ -2448,3 +2448,108 @@ def test_a_layer_kept_float_under_untraceable_code_hands_its_module_a_quantized_
     assert {s.name for s in found.layers} >= {"gate.conv", "gate.add"}
     diagnosis = fxnumeric.diagnose(f, q, data, progress=False)
     assert "gate.add" in [d.name for d in diagnosis.layers]
+
+
+# ------------------------------------------- "most sensitive" names only layers with an effect
+
+
+def _fp16_pair(quantized: set[str] | None = None):
+    """A 3-Linear MLP whose weights fp16 holds exactly, fp16 dynamic quantized (``quantized``:
+    only those layers): the pair differs by float32 rounding at most."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.copy_(p.half().float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_dynamic(copy.deepcopy(f), quantized or {nn.Linear}, dtype=torch.float16)
+    return f, q, [torch.randn(4, 8) for _ in range(3)]
+
+
+def _sqnr64(ref: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    r, a = torch.cat(ref).double(), torch.cat(actual).double()
+    noise = float((r - a).square().sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(r.square().sum()) / noise)
+
+
+def test_layers_at_float32_rounding_are_not_named_most_sensitive():
+    f, q, data = _fp16_pair()
+    s = sensitivity(f, q, data)
+    with torch.no_grad():  # the oracle: hybrids built by hand, SQNR in float64
+        ref = [f(x) for x in data]
+        only4 = copy.deepcopy(f)
+        only4[4] = q[4]
+        all_but4 = copy.deepcopy(q)
+        all_but4[4] = f[4]
+        only_4 = _sqnr64(ref, [only4(x) for x in data])
+        quantized = _sqnr64(ref, [q(x) for x in data])
+        assert _sqnr64(ref, [all_but4(x) for x in data]) == math.inf
+    assert fxnumeric.metrics.ROUNDING_SQNR_DB < only_4 < math.inf
+    assert s.layer("4").only == pytest.approx(only_4, abs=0.5)
+    assert s.quantized == pytest.approx(quantized, abs=0.5)
+    assert (s.layer("0").only, s.layer("2").only, s.float_value) == (math.inf,) * 3
+    assert s.most_sensitive() == []
+    assert "most sensitive=[] (no layer's float version makes 'sqnr' better" in repr(s)
+    assert "beyond float32 rounding" in repr(s)
+    page = fxnumeric.report.render.sensitivity_section(s)
+    assert "no layer named: no layer&#x27;s float version makes" in page
+    assert "helps most" not in page
+
+
+@pytest.mark.parametrize("metric", ["sqnr", "cosine"])
+def test_a_bit_exact_pair_names_no_layer_most_sensitive(metric):
+    f, q, data = _fp16_pair({"0", "2"})  # the layers fp16 computes bit-exactly here
+    with torch.no_grad():
+        assert all(torch.equal(f(x), q(x)) for x in data)  # the oracle
+    s = sensitivity(f, q, data, metric=metric)
+    assert s.most_sensitive() == [] and "most sensitive=[]" in repr(s)
+
+
+def test_a_layer_that_matters_is_named_and_one_that_does_not_is_left_out():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        for p in f[:3].parameters():
+            p.copy_(p.half().float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_dynamic(copy.deepcopy(f), {"0", "2"}, dtype=torch.float16)
+        q = quantize_dynamic(q, {"4"}, dtype=torch.qint8)  # int8: a real error
+    data = [torch.randn(4, 8) for _ in range(3)]
+    with torch.no_grad():  # the oracle: int8 layer 4 alone makes the whole error
+        ref = [f(x) for x in data]
+        only4 = copy.deepcopy(f)
+        only4[4] = q[4]
+        assert _sqnr64(ref, [only4(x) for x in data]) == pytest.approx(
+            _sqnr64(ref, [q(x) for x in data]))
+    s = sensitivity(f, q, data)
+    assert s.layer("4").only < 60 and s.layer("4").all_but == math.inf
+    assert s.most_sensitive() == ["4"]
+    assert "most sensitive=['4'])" in repr(s)
+
+
+def _entry(name: str, only: float, all_but: float) -> LayerSensitivity:
+    return LayerSensitivity(name, name, "linear", only, all_but)
+
+
+def test_ties_are_not_ranked_by_graph_order():
+    # as a tiny Llama read with top1_agreement: 14 layers change nothing, one makes it worse
+    layers = [_entry(f"l{i}", 1.0, 1.0) for i in range(14)] + [_entry("down", 1.0, 0.9167)]
+    s = fxnumeric.Sensitivity("top1_agreement", 1.0, tuple(layers), 1, float_value=1.0)
+    assert s.most_sensitive() == []
+    assert "most sensitive=[] (no layer's float version makes 'top1_agreement' better" in repr(s)
+    # five layers each matter equally: none is named above the others
+    tied = [_entry(f"t{i}", 0.9, 1.0) for i in range(5)]
+    s = fxnumeric.Sensitivity("top1_agreement", 0.8, tuple(tied), 1, float_value=1.0)
+    assert s.most_sensitive() == [] and "most sensitive=[] (5 layers tie)" in repr(s)
+    # one stands out, then a tie the third place would cut
+    s = fxnumeric.Sensitivity("top1_agreement", 0.8, (_entry("a", 0.7, 1.0), *tied), 1,
+                              float_value=1.0)
+    assert s.most_sensitive() == ["a"] and "(5 more tie after them)" in repr(s)
+    # kl: lower is better; a layer whose float version helps is named
+    s = fxnumeric.Sensitivity("kl", 0.5, (_entry("x", 0.0, 0.5), _entry("y", 0.4, 0.1)), 1,
+                              higher_is_better=False, float_value=0.0)
+    assert s.most_sensitive() == ["y"]

@@ -17,6 +17,7 @@ verified curve is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -54,7 +55,7 @@ from ..llm_metrics import (
     single_logit,
 )
 from ..match import Matching
-from ..metrics import cosine, sqnr
+from ..metrics import ROUNDING_SQNR_DB, cosine, sqnr
 from ..ops import is_quantized_module
 from ..progress import Progress
 from ..report.render import tabulate_format
@@ -354,6 +355,13 @@ class _Search:
             self.runner.probe(self.batches[0])  # the qparams crossing into quantized graphs
         return self._references
 
+    def float_value(self) -> float:
+        """The metric of the float model against itself (its outputs, read as a hybrid's)."""
+        run = self.metric.start()
+        for reference, batch in zip(self.references(), self.batches, strict=True):
+            run.add(reference, reference, batch)
+        return run.value()
+
     def _check_references(self, references: list[Any]) -> None:
         """Refuse float outputs a built-in metric cannot be read against, before any hybrid
         runs: every hybrid would read NaN, ``inf`` or 1 against them, and the search would
@@ -597,16 +605,70 @@ class Sensitivity:
     failed: tuple[tuple[str, str], ...] = ()
     """``(hybrid, reason)`` for hybrids an op failed in (NaN reaching a dynamic quantized
     Linear, which cannot quantize it): their metric reads NaN, so they rank last."""
+    float_value: float = math.nan
+    """The metric of the float model against itself (``inf`` for ``sqnr``, 1 for ``cosine``,
+    0 for ``kl``): what ``only`` reads for a layer whose quantization changes nothing. NaN:
+    not measured (:func:`advise` measures ``all_but`` alone)."""
 
     def __repr__(self) -> str:
-        worst = self.ranking()[:3]
+        named, why = self._most_sensitive()
         return (f"Sensitivity(metric={self.metric!r}, quantized={shown(self.quantized)}, "
-                f"layers={len(self.layers)}, most sensitive={worst})")
+                f"layers={len(self.layers)}, most sensitive={named}"
+                + (f" ({why})" if why else "") + ")")
+
+    def most_sensitive(self, k: int = 3) -> list[str]:
+        """Up to ``k`` layers that matter most, in :meth:`ranking` order; fewer, or none,
+        when fewer layers have an effect or the next ones tie.
+
+        A layer has an effect when keeping it float makes the metric better than the
+        quantized model's (``all_but`` against :attr:`quantized`) or quantizing it alone
+        makes it worse than the float model's (``only`` against :attr:`float_value`). Values
+        at float32's rounding count as no change: an SQNR of
+        :data:`~fxnumeric.metrics.ROUNDING_SQNR_DB` or more reads as ``inf``, a cosine
+        within the same error of 1 as 1 (other metrics are compared exactly). Layers whose
+        values tie are not told apart by their order in the graph: a tie that the ``k``-th
+        place would cut is left out whole (the repr says how many tie).
+        """
+        return self._most_sensitive(k)[0]
+
+    def fewer_named(self, k: int = 3) -> str:
+        """Why :meth:`most_sensitive` names fewer than ``k`` layers (``""``: it does not, or
+        fewer layers have an effect and none ties)."""
+        return self._most_sensitive(k)[1]
+
+    def _most_sensitive(self, k: int = 3) -> tuple[list[str], str]:
+        """:meth:`most_sensitive`, and :meth:`fewer_named`."""
+        level = functools.partial(_rounded, self.metric)
+        sign = 1.0 if self.higher_is_better else -1.0
+        quantized, perfect = level(self.quantized), level(self.float_value)
+
+        def better(a: float, b: float) -> bool:  # NaN (a failed hybrid) is better than nothing
+            return not math.isnan(a) and (math.isnan(b) or sign * a > sign * b)
+
+        def key(s: LayerSensitivity) -> tuple[float, float]:
+            return (-_finite(sign * level(s.all_but)), _finite(sign * level(s.only)))
+
+        effect = [s for s in self.layers
+                  if better(level(s.all_but), quantized) or better(perfect, level(s.only))]
+        effect.sort(key=key)
+        named = effect[:k]
+        if len(effect) > k and key(effect[k]) == key(named[-1]):
+            tied = [s for s in effect if key(s) == key(named[-1])]
+            named = [s for s in named if key(s) != key(named[-1])]
+            return [s.name for s in named], (f"{len(tied)} more tie after them" if named
+                                             else f"{len(tied)} layers tie")
+        if not effect:
+            rounding = " beyond float32 rounding" if self.metric in _ROUNDED else ""
+            return [], (f"no layer's float version makes {self.metric!r} better, nor does "
+                        f"quantizing one alone make it worse{rounding}")
+        return [s.name for s in named], ""
 
     def ranking(self) -> list[str]:
         """Layer names, the one whose float version helps most first.
 
-        Sorted by ``all_but`` (better first), ties broken by ``only`` (worse first).
+        Sorted by ``all_but`` (better first), ties broken by ``only`` (worse first); layers
+        whose values are equal keep graph order, which ranks nothing (:meth:`most_sensitive`
+        names only the layers that have an effect and do not tie).
         """
         sign = 1.0 if self.higher_is_better else -1.0
         order = sorted(self.layers,
@@ -651,6 +713,23 @@ class Sensitivity:
 
 def _finite(x: float) -> float:
     return -math.inf if math.isnan(x) else x
+
+
+_ROUNDED = {"sqnr": ROUNDING_SQNR_DB,
+            "cosine": 0.5 * 10 ** (-ROUNDING_SQNR_DB / 10),
+            "min_cosine": 0.5 * 10 ** (-ROUNDING_SQNR_DB / 10)}
+"""Per built-in metric, where float32's rounding lies: an SQNR at or above
+:data:`~fxnumeric.metrics.ROUNDING_SQNR_DB`; a cosine within ``1 / (2 snr)`` of 1, what an
+error orthogonal to the signal at that SQNR costs (``cos = 1 - |e|^2 / (2 |r|^2)``)."""
+
+
+def _rounded(metric: str, value: float) -> float:
+    """``value`` of ``metric`` with differences at float32's rounding read as none."""
+    if metric == "sqnr" and value >= _ROUNDED["sqnr"]:
+        return math.inf
+    if metric in ("cosine", "min_cosine") and 0 <= 1 - value <= _ROUNDED[metric]:
+        return 1.0
+    return value
 
 
 @keeps_buffers
@@ -717,7 +796,8 @@ def sensitivity(
         for i, name in enumerate(names)
     )
     return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped,
-                       search.metric.higher_is_better, tuple(search.failed.items()))
+                       search.metric.higher_is_better, tuple(search.failed.items()),
+                       search.float_value())
 
 
 @dataclass(frozen=True)

@@ -1241,11 +1241,13 @@ def _sensitivity_table(sens: Sensitivity) -> str:
 def sensitivity_section(sens: Sensitivity) -> str:
     """The sensitivity part of a page: heading, what was measured, chart, sortable table."""
     unit = _UNITS.get(sens.metric, "")
-    best = ", ".join(html.escape(n) for n in sens.ranking()[:3])
+    named, why = sens.most_sensitive(), sens.fewer_named()
+    best = (f"the layers whose float version helps most: {', '.join(named)}"
+            + (f" ({why})" if why else "") if named else f"no layer named: {why}")
     return (
         "<h2>Sensitivity</h2>"
         f"<p>The quantized model reads {html.escape(sens.metric)} {sens.quantized:.4g} {unit} "
-        f"over {sens.batches} batches; the layers whose float version helps most: {best}. "
+        f"over {sens.batches} batches; {html.escape(best)}. "
         f"Each of the {len(sens.layers)} layers' end metric "
         "with <span style='color:#1f77b4'>&#9679; all but this layer quantized</span> and "
         "<span style='color:#d62728'>&#9679; only this layer quantized</span>; dashed: the "
