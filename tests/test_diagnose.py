@@ -554,3 +554,134 @@ def test_a_product_is_held_to_the_sum_of_its_factors_relative_errors() -> None:
     assert mul.expected_sqnr == pytest.approx(expected, abs=1e-3)
     assert f"a product adds its factors' relative errors, which puts it at {expected:.1f} dB" \
         in message
+
+
+# ------------------------------------- pruned channels, exact weights, a float weight's NaN
+
+
+def _seq_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4)).eval()
+
+
+def _seq_data() -> list[torch.Tensor]:
+    return [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+def _per_tensor(f: nn.Module) -> nn.Module:
+    data = _seq_data()
+    prepared = prepare_fx(copy.deepcopy(f), QConfigMapping().set_global(default_qconfig),
+                          (data[0],))
+    for batch in data:
+        prepared(batch)
+    return convert_fx(prepared)
+
+
+def _weight_sqnr(w: torch.Tensor, per_channel: bool) -> float:
+    """Weight SQNR (float64) of ``w`` quantized symmetric int8, per tensor or per channel."""
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+    if per_channel:
+        obs = PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        obs(w)
+        scale, zero = obs.calculate_qparams()
+        wq = torch.quantize_per_channel(w, scale, zero.long(), 0, torch.qint8).dequantize()
+    else:
+        obs = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        obs(w)
+        scale, zero = obs.calculate_qparams()
+        wq = torch.quantize_per_tensor(w, float(scale), int(zero), torch.qint8).dequantize()
+    w64, wq64 = w.double(), wq.double()
+    return 10 * math.log10(float(w64.square().sum()) / float((w64 - wq64).square().sum()))
+
+
+@pytest.mark.parametrize("pruned", [32, 20])
+def test_pruned_rows_are_left_out_of_the_weight_range_figures(pruned):
+    """Zeroed rows made the median range 0: "channel ranges differ infx ... Fix: per-channel
+    weights", on a layer that per-channel weights would make no better."""
+    f = _seq_mlp()
+    with torch.no_grad():
+        f[2].weight[:pruned] = 0
+    q = _per_tensor(f)
+    d = diagnose(f, q, _seq_data()).layer("2")
+    w = f[2].weight.detach().double()
+    ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
+    live = ranges > 0
+    assert not [f.code for f in d.flags if f.code.startswith("weight")]
+    assert int((~live).sum()) == pruned == d.zero_channels and d.weight_channels == 32
+    assert torch.equal(q.get_submodule("2").weight().dequantize()[~live],
+                       f[2].weight.detach()[~live])  # pruned rows stay exact
+    if pruned == 32:
+        assert d.channel_outlier_ratio is None and d.weight_utilisation is None
+        return
+    assert d.channel_outlier_ratio == pytest.approx(
+        float(ranges[live].max() / ranges[live].median()))
+    assert d.channel_outlier_ratio < 1.1
+    scale = q.get_submodule("2").weight().q_scale()
+    assert d.weight_utilisation == pytest.approx(
+        float((ranges[live] / (scale * 255)).median()))
+    w32 = f[2].weight.detach()  # the oracle: per-channel weights would buy nothing here
+    assert _weight_sqnr(w32, per_channel=True) < _weight_sqnr(w32, per_channel=False) + 1
+
+
+def test_pruned_rows_beside_a_real_outlier_row_are_counted_in_the_finding():
+    f = _seq_mlp()
+    with torch.no_grad():
+        f[2].weight[:20] = 0
+        f[2].weight[25] *= 30
+    q = _per_tensor(f)
+    d = diagnose(f, q, _seq_data()).layer("2")
+    w = f[2].weight.detach().double()
+    ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
+    live = ranges > 0
+    assert d.channel_outlier_ratio == pytest.approx(
+        float(ranges[live].max() / ranges[live].median()))
+    flag = next(f for f in d.flags if f.code == "weight_outliers")
+    assert "(20 of 32 channels are all zero and left out)" in flag.text
+    w32 = f[2].weight.detach()  # per-channel weights do help here
+    assert _weight_sqnr(w32, per_channel=True) > _weight_sqnr(w32, per_channel=False) + 10
+
+
+def test_weights_quantization_keeps_exact_get_no_weight_fix():
+    """A float model holding the quantized model's own weights (weight SQNR inf) was told "a
+    typical weight channel spans only 1.2% of the integer grid. Fix: per-channel weights"."""
+    f = _seq_mlp()
+    q = _per_tensor(f)
+    exact = copy.deepcopy(f)
+    with torch.no_grad():
+        for name in ("0", "2", "4"):
+            exact.get_submodule(name).weight.copy_(q.get_submodule(name).weight().dequantize())
+    for name in ("0", "2", "4"):  # the oracle: quantization keeps these weights exact
+        wq = q.get_submodule(name).weight()
+        assert torch.equal(torch.quantize_per_tensor(
+            exact.get_submodule(name).weight.detach(), wq.q_scale(), wq.q_zero_point(),
+            torch.qint8).dequantize(), exact.get_submodule(name).weight.detach())
+    d = diagnose(exact, q, _seq_data())
+    for name in ("0", "2", "4"):
+        layer = d.layer(name)
+        assert layer.weight_exact is True and layer.per_channel is False
+        assert not [f.code for f in layer.flags if f.code.startswith("weight")]
+        assert "per-channel" not in " ".join(f.fix for f in layer.flags)
+    assert diagnose(f, q, _seq_data()).layer("2").weight_exact is False
+
+
+def test_a_float_weight_holding_nan_is_said_to_hold_it_not_to_overflow():
+    f = _seq_mlp()
+    q = _per_tensor(f)
+    with torch.no_grad():
+        f[2].weight[0, 0] = float("nan")
+    data = _seq_data()
+    with torch.no_grad():  # the oracle: the float layer fed the quantized one's input
+        seen = []
+        hook = q.get_submodule("2").register_forward_hook(
+            lambda m, a, o: seen.append(a[0].dequantize()))
+        for x in data:
+            q(x)
+        hook.remove()
+        assert all(not f[2](x).isfinite().all() for x in seen)
+    d = diagnose(f, q, data)
+    assert d.nonfinite == "2"
+    (flag,) = d.layer("2").flags
+    assert flag.text.startswith("its float weight holds NaN/Inf")
+    assert "overflow" not in flag.text + flag.fix

@@ -7,8 +7,11 @@ weights, clipping and noise flags are those of the ops computing in quantized fo
 * **weights**: range utilisation (the fraction of the integer grid a typical output channel's
   weights span: median over channels of ``range_c / (scale_c * (qmax - qmin))``) and channel
   outliers (max / median of the channel ranges). One per-tensor scale for channels whose
-  ranges differ tenfold leaves most channels a few levels. An op with several weight
-  matrices (an LSTM's, per layer, direction and input) shows its worst one, by name.
+  ranges differ tenfold leaves most channels a few levels. Channels whose weights are all
+  zero (pruned rows) are left out of both: quantization keeps them exact, and per-channel
+  scales would change nothing for them. Weights that dequantize to exactly the float ones
+  (their quantization adds no error) get no weight fix. An op with several weight matrices
+  (an LSTM's, per layer, direction and input) shows its worst one, by name.
 * **activation clipping**: the fraction of the layer's float output (its float twin fed the
   quantized model's inputs) outside the range its quantized output can represent.
 * **noise vs step**: the rms of the local error (quantized layer vs its float twin on the same
@@ -95,8 +98,10 @@ class LayerDiagnosis:
             those of the op's worst quantized weight matrix where it has several (an LSTM:
             ``weight_matrix`` names it).
         weight_utilisation: median over output channels of the fraction of the integer grid
-            the channel's weights span.
-        channel_outlier_ratio: max / median of the output channels' weight ranges.
+            the channel's weights span; all-zero channels left out (``None`` when every
+            channel is).
+        channel_outlier_ratio: max / median of the output channels' weight ranges, all-zero
+            channels left out (``None`` when every channel is).
         clipped: fraction of the layer's float output outside its quantized output range.
         noise_steps: rms of the local error in output quantization steps (white rounding
             noise: 0.289).
@@ -141,6 +146,17 @@ class LayerDiagnosis:
     weight_matrix: str | None = None
     """Which of the op's weight matrices the weight figures are of, for an op with several (an
     LSTM's ``weight_ih_l1_reverse``): the worst quantized one; ``None`` for one weight."""
+    zero_channels: int | None = None
+    """How many output channels of that weight are all zero (pruned rows), of
+    ``weight_channels``; left out of the utilisation and the outlier ratio."""
+    weight_channels: int | None = None
+    """How many output channels that weight has."""
+    weight_exact: bool | None = None
+    """Whether the quantized weights dequantize to exactly the float ones (their quantization
+    adds no error, and no weight fix is given); ``None`` without quantized weights."""
+    float_weight_nonfinite: bool = False
+    """Whether a float weight of the op holds NaN/Inf (the float model's own, not an
+    overflow)."""
     expected_sqnr: float | None = None
     """dB, the cumulative SQNR the op's output has by nature with the errors it reads carried
     through, which the amplification flag holds it to: ``input_sqnr``, except for a product
@@ -305,35 +321,62 @@ class _LocalError(Logger):
             self.floor.update(deq, ref, inputs)
 
 
-_WeightStats = tuple[bool | None, float | None, float]
-"""``(per_channel, utilisation, channel outlier ratio)`` of one weight."""
+@dataclass(frozen=True)
+class _WeightStats:
+    """What :func:`_weight_stats` reads of one weight matrix."""
+
+    per_channel: bool | None = None
+    utilisation: float | None = None  # over the channels that are not all zero
+    outliers: float | None = None  # max / median range of those channels
+    zero_channels: int | None = None
+    channels: int | None = None
+    exact: bool | None = None  # dequantizes to exactly the float weight
+    nonfinite: bool = False  # the float weight holds NaN/Inf
 
 
 def _worse(stats: _WeightStats, than: _WeightStats) -> bool:
-    """Whether one weight matrix is worse quantized than another: the smaller range
-    utilisation (the fewer levels a typical channel keeps), else the larger outlier ratio."""
-    (_, util, outliers), (_, other_util, other_outliers) = stats, than
+    """Whether one weight matrix is worse quantized than another: one its quantization
+    changes against one it keeps exact, else the smaller range utilisation (the fewer levels
+    a typical channel keeps), else the larger outlier ratio."""
+    if stats.nonfinite != than.nonfinite:
+        return stats.nonfinite
+    if (stats.exact is False) != (than.exact is False):
+        return stats.exact is False
+    util, other_util = stats.utilisation, than.utilisation
     if util is not None and other_util is not None and util != other_util:
         return util < other_util
-    return outliers > other_outliers
+    return (stats.outliers or 0.0) > (than.outliers or 0.0)
 
 
 def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> _WeightStats:
+    """Range use and channel outliers of ``qw`` against the float weight ``fw``, over the
+    output channels whose weights are not all zero: a pruned row is exact under any scale,
+    and its zero range made the median range 0 and the outlier ratio ``inf``."""
     w = fw.detach().double()
     w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
     ranges = w.amax(dim=1).clamp(min=0) - w.amin(dim=1).clamp(max=0)
-    median = float(ranges.median())
-    outliers = float(ranges.max()) / median if median > 0 else math.inf
+    live = ranges > 0  # NaN ranges (a corrupt weight) read as not live
+    stats = _WeightStats(zero_channels=int((ranges == 0).sum()), channels=len(ranges),
+                         nonfinite=not bool(torch.isfinite(w).all()))
+    if bool(live.any()):
+        median = float(ranges[live].median())
+        stats = dataclasses.replace(stats, outliers=float(ranges[live].max()) / median)
     if not qw.is_quantized:
-        return None, None, outliers
+        return stats
+    deq = qw.dequantize().detach().double().reshape(w.shape)
+    stats = dataclasses.replace(stats, exact=bool(torch.equal(deq, w)))
     qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
     if qw.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        return False, float((ranges / (qw.q_scale() * (qmax - qmin))).median()), outliers
+        util = (ranges / (qw.q_scale() * (qmax - qmin)))[live]
+        return dataclasses.replace(stats, per_channel=False, utilisation=float(
+            util.median()) if len(util) else None)
     # per channel, float zero points too (a quantized Embedding's per_channel_affine_float_qparams)
     if qw.q_per_channel_axis() != 0:
-        return True, None, outliers
+        return dataclasses.replace(stats, per_channel=True)
     scales = qw.q_per_channel_scales().double()
-    return True, float((ranges / (scales * (qmax - qmin))).median()), outliers
+    util = (ranges / (scales * (qmax - qmin)))[live]
+    return dataclasses.replace(stats, per_channel=True, utilisation=float(
+        util.median()) if len(util) else None)
 
 
 def _in_matrix(d: LayerDiagnosis) -> str:
@@ -375,19 +418,22 @@ def _layer_flags(d: LayerDiagnosis) -> list[Flag]:
                       "weights)"}.get(verdict.cause, "recalibrate"),
         ))
     outliers = d.channel_outlier_ratio
-    if d.per_channel is False and outliers is not None and outliers > 10:
+    rounded = d.per_channel is False and d.weight_exact is not True  # exact: nothing to fix
+    zeros = (f" ({d.zero_channels} of {d.weight_channels} channels are all zero and left out)"
+             if d.zero_channels else "")
+    if rounded and outliers is not None and outliers > 10:
         flags.append(Flag(
             "weight_outliers",
             f"weight channel ranges differ {d.channel_outlier_ratio:.0f}x under one per-tensor "
             f"scale{_in_matrix(d)}: a typical channel spans {_pct(d.weight_utilisation)} of the "
-            "integer grid",
+            f"integer grid{zeros}",
             "per-channel weights (per_channel_weight_observer; the x86/fbgemm default)",
         ))
-    elif d.per_channel is False and d.weight_utilisation is not None and d.weight_utilisation < 0.1:
+    elif rounded and d.weight_utilisation is not None and d.weight_utilisation < 0.1:
         flags.append(Flag(
             "weight_range",
             f"a typical weight channel{_in_matrix(d)} spans only {_pct(d.weight_utilisation)} of "
-            "the integer grid",
+            f"the integer grid{zeros}",
             "per-channel weights",
         ))
     if d.clipped is not None and d.clipped > 1e-3:
@@ -398,7 +444,7 @@ def _layer_flags(d: LayerDiagnosis) -> list[Flag]:
             "recalibrate on data covering this range (a histogram observer if the tail is rare), "
             "or keep the layer float",
         ))
-    weighted = d.channel_outlier_ratio is not None  # read from its weights, whatever scheme
+    weighted = d.weight_exact is False  # weights whose quantization changes them
     if d.noise_steps is not None and d.noise_steps > 1.0:
         flags.append(Flag(
             "noise",
@@ -482,8 +528,9 @@ def _own_error(local: float) -> str:
     return f"little (local SQNR {local:.1f} dB)"
 
 
-def _nonfinite_flag(s: _Sums) -> Flag | None:
-    """Where a layer's values hold NaN/Inf, and from which side, if they do."""
+def _nonfinite_flag(s: _Sums, float_weight: bool = False) -> Flag | None:
+    """Where a layer's values hold NaN/Inf, and from which side, if they do
+    (``float_weight``: the layer's float weight holds NaN/Inf itself)."""
     if not (s.quant_nonfinite or s.local_nonfinite or s.float_nonfinite):
         return None
     of = f"of {s.calls} calls"
@@ -499,12 +546,20 @@ def _nonfinite_flag(s: _Sums) -> Flag | None:
                     f"the values this layer reads already hold NaN/Inf ({s.quant_nonfinite} "
                     f"{of}): an op before it, not compared here, made them",
                     "compare() names the first op where NaN/Inf appears on each side")
+    if s.local_nonfinite and float_weight:
+        return Flag("nonfinite",
+                    f"its float weight holds NaN/Inf: its float twin, fed the quantized layer's "
+                    f"input, gives NaN/Inf in {s.local_nonfinite} {of} where the quantized layer "
+                    "does not",
+                    "check the float model's weights (a corrupt checkpoint, a diverged training "
+                    "step): the quantized model was made from other values")
     if s.local_nonfinite:
         return Flag("nonfinite",
                     f"its float twin, fed the quantized layer's input, gives NaN/Inf in "
                     f"{s.local_nonfinite} {of} where the quantized layer does not (a float "
-                    "overflow)",
-                    "check the float layer on inputs of this range (its dtype, an overflow)")
+                    "overflow, or a float bias or parameter holding NaN/Inf)",
+                    "check the float layer's parameters for NaN/Inf, and the layer on inputs of "
+                    "this range (its dtype, an overflow)")
     return Flag("nonfinite",
                 f"the float model's own output here holds NaN/Inf in {s.float_nonfinite} {of}",
                 "check the data and the float model: the quantized model is not the cause")
@@ -627,7 +682,7 @@ def diagnose(
     first_below = nonfinite = None
     for name in layers:
         s = sums[name]
-        (per_channel, util, outliers), matrix = weights.get(name, ((None, None, None), ""))
+        stats, matrix = weights.get(name, (_WeightStats(), ""))
         step = next(iter(s.steps)) if len(s.steps) == 1 else None
         floor, floor_verdict = None, None
         if len(floors.get(name, ())) == 1:  # one call site: its floor is the layer's
@@ -641,8 +696,10 @@ def diagnose(
                                   complete)
         d = LayerDiagnosis(
             name=name, module=module_path(matching, name), kind=kinds[name],
-            per_channel=per_channel, weight_utilisation=util, channel_outlier_ratio=outliers,
-            weight_matrix=matrix or None,
+            per_channel=stats.per_channel, weight_utilisation=stats.utilisation,
+            channel_outlier_ratio=stats.outliers, weight_matrix=matrix or None,
+            zero_channels=stats.zero_channels, weight_channels=stats.channels,
+            weight_exact=stats.exact, float_weight_nonfinite=stats.nonfinite,
             clipped=s.clipped / s.count if s.quantized and s.count else None,
             noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,
             local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,
@@ -659,7 +716,7 @@ def diagnose(
         if nonfinite is not None:  # poisoned sums: nothing to draw from them
             diagnosed.append(d)
             continue
-        poisoned = _nonfinite_flag(s)
+        poisoned = _nonfinite_flag(s, stats.nonfinite)
         if poisoned is not None:
             nonfinite = d.module
             diagnosed.append(dataclasses.replace(d, flags=(poisoned,)))
