@@ -2492,7 +2492,7 @@ def test_layers_at_float32_rounding_are_not_named_most_sensitive():
     assert (s.layer("0").only, s.layer("2").only, s.float_value) == (math.inf,) * 3
     assert s.most_sensitive() == []
     assert "most sensitive=[] (no layer's float version makes 'sqnr' better" in repr(s)
-    assert "beyond float32 rounding" in repr(s)
+    assert "worse; differences at float32 rounding read as none))" in repr(s)
     page = fxnumeric.report.render.sensitivity_section(s)
     assert "no layer named: no layer&#x27;s float version makes" in page
     assert "helps most" not in page

@@ -658,7 +658,8 @@ class Sensitivity:
             return [s.name for s in named], (f"{len(tied)} more tie after them" if named
                                              else f"{len(tied)} layers tie")
         if not effect:
-            rounding = " beyond float32 rounding" if self.metric in _ROUNDED else ""
+            rounding = ("; differences at float32 rounding read as none"
+                        if self.metric in _ROUNDED else "")
             return [], (f"no layer's float version makes {self.metric!r} better, nor does "
                         f"quantizing one alone make it worse{rounding}")
         return [s.name for s in named], ""
