@@ -685,3 +685,16 @@ def test_a_float_weight_holding_nan_is_said_to_hold_it_not_to_overflow():
     (flag,) = d.layer("2").flags
     assert flag.text.startswith("its float weight holds NaN/Inf")
     assert "overflow" not in flag.text + flag.fix
+
+
+def test_fp16_weights_are_exact_when_fp16_holds_the_float_ones():
+    f = _seq_mlp()
+    with torch.no_grad():
+        f[0].weight.copy_(f[0].weight.half().float())  # only this one fp16 holds exactly
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear},
+                                               dtype=torch.float16)
+    d = diagnose(f, q, _seq_data())
+    for name in ("0", "2"):  # the oracle: does fp16 hold the float weight?
+        w = f.get_submodule(name).weight.detach()
+        assert d.layer(name).weight_exact is torch.equal(w.half().float(), w)
+    assert d.layer("0").weight_exact is True and d.layer("2").weight_exact is False

@@ -153,7 +153,7 @@ class LayerDiagnosis:
     """How many output channels that weight has."""
     weight_exact: bool | None = None
     """Whether the quantized weights dequantize to exactly the float ones (their quantization
-    adds no error, and no weight fix is given); ``None`` without quantized weights."""
+    adds no error, and no weight fix is given); ``None`` without weights."""
     float_weight_nonfinite: bool = False
     """Whether a float weight of the op holds NaN/Inf (the float model's own, not an
     overflow)."""
@@ -361,10 +361,11 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> _WeightStats:
     if bool(live.any()):
         median = float(ranges[live].median())
         stats = dataclasses.replace(stats, outliers=float(ranges[live].max()) / median)
+    deq = (qw.dequantize() if qw.is_quantized else qw).detach().double()
+    if deq.numel() == w.numel():  # an fp16 weight too: exact when fp16 holds it
+        stats = dataclasses.replace(stats, exact=bool(torch.equal(deq.reshape(w.shape), w)))
     if not qw.is_quantized:
         return stats
-    deq = qw.dequantize().detach().double().reshape(w.shape)
-    stats = dataclasses.replace(stats, exact=bool(torch.equal(deq, w)))
     qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
     if qw.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
         util = (ranges / (qw.q_scale() * (qmax - qmin)))[live]
