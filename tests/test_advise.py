@@ -2553,3 +2553,19 @@ def test_ties_are_not_ranked_by_graph_order():
     s = fxnumeric.Sensitivity("kl", 0.5, (_entry("x", 0.0, 0.5), _entry("y", 0.4, 0.1)), 1,
                               higher_is_better=False, float_value=0.0)
     assert s.most_sensitive() == ["y"]
+
+
+def test_a_float_weight_holding_nan_is_named_not_called_an_overflow():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    with torch.no_grad():
+        f[2].weight[0, 0] = float("nan")
+    data = [torch.randn(4, 8) for _ in range(2)]
+    with torch.no_grad():  # the oracle: finite inputs, NaN out of the float model
+        assert all(not torch.isfinite(f(x)).all() for x in data)
+    for call in (lambda: sensitivity(f, q, data, progress=False),
+                 lambda: advise(f, q, data, metric="sqnr", target=30, progress=False)):
+        with pytest.raises(InputError, match=r"parameter 2\.weight holds NaN/Inf") as err:
+            call()
+        assert "overflow" not in str(err.value)

@@ -336,6 +336,7 @@ class _Search:
         self._bar: Progress | None = None  # one bar for the whole search, its total grows
         regions = {path for m in matchings.values() for r in m.regions
                    for path in (r.float_path, r.quant_path)}
+        self.float_model = float_model
         self.replay = BlockReplay(float_model, regions, budget=max(
             REPLAY_MIN_BYTES, sum(p.numel() * p.element_size() for p in float_model.parameters())
             // 4))
@@ -421,6 +422,18 @@ class _Search:
         float model makes them itself."""
         shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
         one = len(numbers) == 1
+        corrupt = [name for name, p in self.float_model.named_parameters()
+                   if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if corrupt:  # not an overflow: the float model's own parameters hold them
+            listed = ", ".join(corrupt[:5]) + (" ..." if len(corrupt) > 5 else "")
+            return InputError(
+                f"the float model's output holds NaN/Inf on batch{'' if one else 'es'} {shown} "
+                f"of data, from finite input: {self.metric_name!r} of every model against it "
+                f"is NaN, so nothing can be ranked or reached. The float model's own "
+                f"parameter{'s' if len(corrupt) > 1 else ''} {listed} "
+                f"{'hold' if len(corrupt) > 1 else 'holds'} NaN/Inf.\nFix: check the float "
+                "model's weights (a corrupt checkpoint, a diverged training step); the "
+                "quantized model was made from other values")
         return InputError(
             f"the float model's output holds NaN/Inf on batch{'' if one else 'es'} {shown} "
             f"of data, from finite input: {self.metric_name!r} of every model "
