@@ -36,7 +36,7 @@ from ._collector import defers_collection
 from .capture import LeafSpec, is_functional
 from .capture.export import capture_example
 from .errors import InputError, InstrumentationError
-from .guards import check_state_dicts
+from .guards import check_float_not_quantized, check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
 from .instrument.assemble import CallSites
 from .loggers import Logger, OutputLogger, ShadowLogger
@@ -145,14 +145,17 @@ def compare_weights(float_dict: Any, quantized_dict: Any) -> dict[str, dict[str,
         ['0._packed_params._packed_params']
     """
     if isinstance(float_dict, nn.Module) and isinstance(quantized_dict, nn.Module):
-        return extract_weights(match(float_dict, quantized_dict))
+        matching = match(float_dict, quantized_dict)
+        check_float_not_quantized(matching)  # the quantized model passed twice
+        return extract_weights(matching)
     if isinstance(float_dict, nn.Module) or isinstance(quantized_dict, nn.Module):
         raise InputError("compare_weights takes two state dicts or two models, not one of each")
     if not isinstance(float_dict, Mapping) or not isinstance(quantized_dict, Mapping):
         raise InputError(f"compare_weights takes two state dicts (model.state_dict()) or two "
                          f"models, got a {type(float_dict).__name__} and a "
                          f"{type(quantized_dict).__name__}")
-    check_state_dicts(float_dict, quantized_dict)  # quantized tensors under 'float': swapped
+    # quantized tensors under 'float': swapped, or the quantized state dict passed twice
+    check_state_dicts(float_dict, quantized_dict)
     return _compare_state_dicts(float_dict, quantized_dict)
 
 
@@ -334,7 +337,8 @@ def _output_selector(allow_list: set[type] | None):
 
 def _eager_match(float_model: nn.Module, q_model: nn.Module, data: Any,
                  leaf_modules: Iterable[LeafSpec] | None, capture: str) -> Matching:
-    """:func:`fxnumeric.match` as the eager calls need it, checked (:meth:`Matching.check`).
+    """:func:`fxnumeric.match` as the eager calls need it, checked (:meth:`Matching.check`,
+    and a float model that is quantized too is refused).
 
     Matched without running the models, except where a functional module (``FloatFunctional``)
     sits under code torch.fx cannot trace: which method its parent calls is known from a run
@@ -347,6 +351,7 @@ def _eager_match(float_model: nn.Module, q_model: nn.Module, data: Any,
             _is_functional_at(q_model, u.node) for u in found.unmatched_quant):
         found = match(float_model, q_model, data, leaf_modules=leaf_modules, capture=capture,
                       validate_inputs=False)
+    check_float_not_quantized(found)  # compare's guard: torch's suite logs q against q
     return found.check()
 
 

@@ -35,7 +35,8 @@ from .optypes import OpClass
 from .view import GraphView
 
 __all__ = ["GraphContents", "contents", "check_pair", "warn_unquantized", "check_state_dicts",
-           "nothing_quantized", "check_eval_mode", "check_graph_training", "check_pairable"]
+           "nothing_quantized", "check_eval_mode", "check_graph_training", "check_pairable",
+           "check_float_not_quantized"]
 
 
 @dataclass(frozen=True)
@@ -350,18 +351,32 @@ def check_pairable(matching: Any) -> None:
             "like a float model and the quantized model made from it, and no layer can be "
             "compared.\nFix: pass the float model the quantized one was made from; "
             "fxnumeric.match(float_model, quant_model).table() lists what each side holds")
+    check_float_not_quantized(matching)
+
+
+def check_float_not_quantized(matching: Any) -> None:
+    """Raise :class:`InputError` when the float model of ``matching`` (a
+    :class:`fxnumeric.Matching`) computes quantized ops or quantizes: the quantized model
+    passed twice (``compare(copy.deepcopy(q), q, data)``). Every call that measures the pair
+    runs it, the eager API's included (torch's suite returns quantized-vs-quantized numbers)."""
     found = [contents(region.float_view) for region in matching.regions]
     if any(c.quantizes for c in found):
-        ops = [n for c in found for n in c.quantized_ops or c.quantize_nodes]
-        shown = ", ".join(f"`{n}`" for n in ops[:3]) + (", ..." if len(ops) > 3 else "")
-        raise InputError(
-            f"the float model is quantized too: it computes {len(ops)} quantized ops or "
-            f"quantize nodes ({shown}); fxnumeric measures a quantized model against the float "
-            "model it was made from (against another quantized one, its shadows and hybrids "
-            "run quantized ops on float input or read nonsense). Was the quantized model "
-            "passed twice?\n"
-            "Fix: pass as the float model the one the quantized model was made from (keep a "
-            "copy.deepcopy of it before prepare / convert / quantize_dynamic / quantize_)")
+        ops = tuple(n for c in found for n in c.quantized_ops or c.quantize_nodes)
+        raise _quantized_float(
+            f"model is quantized too: it computes {len(ops)} quantized ops or quantize nodes "
+            f"({_examples(ops)})",
+            "its shadows and hybrids run quantized ops on float input or read nonsense",
+            "pass as the float model the one the quantized model was made from")
+
+
+def _quantized_float(held: str, why: str, fix: str) -> InputError:
+    """The error for a float side that is quantized: what it ``held``, ``why`` comparing it
+    means nothing, and the ``fix``."""
+    return InputError(
+        f"the float {held}; fxnumeric measures a quantized model against the float model it "
+        f"was made from (against another quantized one, {why}). Was the quantized model "
+        f"passed twice?\nFix: {fix} (keep a copy.deepcopy of it before prepare / convert / "
+        "quantize_dynamic / quantize_)")
 
 
 def nothing_quantized(quant_view: GraphView) -> bool:
@@ -378,8 +393,10 @@ def _holds_quantized(value: Any) -> bool:
 
 
 def check_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, Any]) -> None:
-    """Raise :class:`InputError` when quantized tensors sit in the float state dict only, or
-    the quantized one is a pt2e model's (its graph reads constants, not the names it holds)."""
+    """Raise :class:`InputError` when the float state dict holds quantized tensors or packed
+    params (in it only: swapped arguments; in both: the quantized model's state dict passed
+    twice), or the quantized one is a pt2e model's (its graph reads constants, not the names
+    it holds)."""
     frozen = [k for k in quantized_dict if k.rpartition(".")[2].startswith("_frozen_param")]
     if frozen:
         raise InputError(
@@ -396,3 +413,9 @@ def check_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, Any]
             f"tensors ({_examples(tuple(in_float))}) and the quantized one none. Fix: "
             "compare_weights(float_model.state_dict(), quantized_model.state_dict())."
         )
+    if in_float:
+        raise _quantized_float(
+            f"state dict is quantized too: it holds {len(in_float)} quantized tensors or packed "
+            f"params ({_examples(tuple(in_float))})",
+            "its quantized weights would be read as the float reference",
+            "pass the state_dict() of the float model the quantized one was made from")

@@ -782,6 +782,67 @@ def test_compare_weights_of_models_matches_eager_on_state_dicts(static_case: Cas
 
 
 # --------------------------------------------------------------------------------------------
+# 7. a quantized model passed as the float model (eager_compat.md row 30)
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_eager_call_refuses_a_quantized_float_side_where_torch_measures_q_against_q() -> None:
+    """torch's suite (the oracle of what it returns) compares the quantized model with itself:
+    its compare_weights puts the quantized weight under 'float' (for a packed Linear the value
+    is the dtype ``torch.qint8``), its compare_model_outputs logs quantized against quantized.
+    fxnumeric refuses each call with compare's error, naming the first quantized tensor or op,
+    before anything runs; the float model the quantized one was made from passes, with
+    torch's numbers."""
+    f, q, x = _functional_pair()
+    with torch.no_grad():
+        expected = q(x)
+    eager = tns.compare_weights(q.state_dict(), q.state_dict())
+    assert eager["conv.weight"]["float"].is_quantized
+    assert eager["fc._packed_params._packed_params"]["float"] is torch.qint8
+    assert list(tns.compare_model_outputs(copy.deepcopy(q), copy.deepcopy(q), x)) == [
+        "quant.stats", "conv.stats", "add.stats", "dequant.stats"]
+    with pytest.raises(ns.InputError, match=r"the float state dict is quantized too: it holds 2 "
+                       r"quantized tensors or packed params \(`conv.weight`, "
+                       r"`fc._packed_params._packed_params`\).*passed twice\?\nFix: pass the "
+                       r"state_dict\(\) of the float model"):
+        ns.compare_weights(q.state_dict(), q.state_dict())
+    twice = (r"the float model is quantized too: it computes 5 quantized ops or quantize nodes "
+             r"\(`conv`, `add`, `add_scalar`, ...\).*passed twice\?\nFix: pass as the float "
+             r"model the one the quantized model was made from")
+    calls = {
+        "compare_weights": lambda: ns.compare_weights(copy.deepcopy(q), q),
+        "compare_model_outputs": lambda: ns.compare_model_outputs(copy.deepcopy(q), q, x),
+        "compare_model_outputs(q, q)": lambda: ns.compare_model_outputs(q, q, x),
+        "compare_model_stub": lambda: ns.compare_model_stub(copy.deepcopy(q), q,
+                                                            [nn.Conv2d, nn.Linear], x),
+        "prepare_model_outputs": lambda: ns.prepare_model_outputs(copy.deepcopy(q), q),
+        "prepare_model_with_stubs": lambda: ns.prepare_model_with_stubs(
+            copy.deepcopy(q), q, [nn.Conv2d, nn.Linear], ns.ShadowLogger),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ns.InputError, match=twice):
+            call()
+        assert ns.get_logger_dict(q) == {}, name  # nothing prepared
+    with torch.no_grad():
+        assert torch.equal(q(x), expected)
+    # a dynamic model's state dict passed twice: packed params under 'float'
+    g = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    gq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(g), {nn.Linear})
+    eager = tns.compare_weights(gq.state_dict(), gq.state_dict())
+    assert [entry["float"] for entry in eager.values()] == [torch.qint8, torch.qint8]
+    with pytest.raises(ns.InputError, match=r"the float state dict is quantized too: it holds 2 "
+                       r"quantized tensors or packed params \(`0._packed_params._packed_params`"):
+        ns.compare_weights(gq.state_dict(), gq.state_dict())
+    # the float models pass, with torch's numbers
+    for float_model, quant_model in ((f, q), (g, gq)):
+        eager = tns.compare_weights(float_model.state_dict(), quant_model.state_dict())
+        ours = ns.compare_weights(float_model.state_dict(), quant_model.state_dict())
+        assert eager and list(ours) == list(eager)
+        for key in eager:
+            assert_same(ours[key], eager[key], key)
+
+
+# --------------------------------------------------------------------------------------------
 # Key order (the tutorial prints ``.keys()``): beyond the key sets compared above
 # --------------------------------------------------------------------------------------------
 
