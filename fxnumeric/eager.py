@@ -295,6 +295,22 @@ def _pair_module(matching: Matching, pair: Pair, side: str, *,
     return None
 
 
+def _pair_module_type(matching: Matching, pair: Pair, side: str, *,
+                      head_first: bool) -> type | None:
+    """The class of the module behind one side of a pair, however that side was captured: the
+    module a ``call_module`` node calls (a model torch.fx traced), or the one-op module a
+    functional op records in its ``nn_module_stack`` (an exported or pt2e graph)."""
+    module = _pair_module(matching, pair, side, head_first=head_first)
+    if module is not None:
+        return type(module)
+    chain = matching.region_of(pair).chain(pair, "float" if side == "float" else "quant")
+    for node in (chain[0], chain[-1]) if head_first else (chain[-1], chain[0]):
+        found = flows.module_type(node)
+        if found is not None:
+            return found
+    return None
+
+
 _FUNCTIONAL = (nnq.FloatFunctional, nnq.QFunctional)
 """torch's prepare observes these whatever the allow list says."""
 
@@ -330,7 +346,16 @@ def _output_selector(allow_list: set[type] | None):
         # FX-quantized graphs: quantized functional ops (torch.ops.quantized.*) are logged too;
         # an eager model's are not, as in torch (a FloatFunctional's add_scalar and mul_scalar
         # are not observed: no activation_post_process call names their module)
-        return pair.quantized and isinstance(matching.quant_model, fx.GraphModule)
+        if not (pair.quantized and isinstance(matching.quant_model, fx.GraphModule)):
+            return False
+        if not explicit:
+            return True
+        # a pt2e op records the module class it came from (nn_module_stack), and the float
+        # model's op may be that module called (torch.fx's trace of the plain nn.Module): a
+        # list you pass selects by those classes, as module_swap_list does
+        return all(found is None or found in allow_list
+                   for found in (_pair_module_type(matching, pair, side, head_first=True)
+                                 for side in ("quantized", "float")))
 
     return select
 
@@ -535,9 +560,10 @@ def _stub_selector(module_swap_list: Iterable[type]):
         fmod = _pair_module(matching, pair, "float", head_first=True)
         qmod = _pair_module(matching, pair, "quantized", head_first=True)
         if fmod is None or qmod is None:
-            # a functional op (a pt2e graph): the module class it came from, if it computes
-            # in quantized form
-            head = flows.module_type(matching.region_of(pair).chain(pair, "float")[0])
+            # a functional op on either side (a pt2e graph): the float module class it came
+            # from, if it computes in quantized form. The float model may be a torch.fx trace
+            # of the plain nn.Module (a call_module node) or an exported one (nn_module_stack)
+            head = _pair_module_type(matching, pair, "float", head_first=True)
             return head in swap and pair.quantized
         # torch skips a module of the float type (not swapped, so not quantized); a torchao
         # model keeps nn.Linear and quantizes its weight (flows: pair.quantized)

@@ -1043,3 +1043,112 @@ def test_a_qat_prepared_models_batch_norms_are_two_layers_named_by_their_modules
     assert "bn1" not in {layer.name for layer in layers.layers}  # it hands on no quantized value
     assert layers.layer("bn2").module == "bn2"
     assert layers.layer("bn2").all_but == pytest.approx(oracle, abs=1e-6)  # 28.726 dB
+
+
+def _small_pt2e_cnn():
+    """A plain float ``Sequential(Conv2d, ReLU, Flatten, Linear)``, its exported program, its
+    XNNPACK pt2e model, and a batch."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(4 * 6 * 6, 5)).eval()
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    ep = torch.export.export(copy.deepcopy(f), (data[0],))
+    prepared = prepare_pt2e(ep.module(), XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config()))
+    for x in data:
+        prepared(x)
+    return f, ep, convert_pt2e(prepared), data[0]
+
+
+def _pt2e_values(quant, x):
+    """Every node's value in ``quant`` run on ``x``, and the input of each conv2d / linear
+    (an fx Interpreter: the oracle for what the quantized graph computes)."""
+    values, inputs = {}, {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+                inputs[n.name] = self.env[n.args[0]]
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    with torch.no_grad():
+        Recorder(quant).run(x)
+    return values, inputs
+
+
+def test_compare_model_stub_on_pt2e_finds_the_float_module_of_the_plain_nn_module():
+    """The float model as the plain nn.Module (traced by torch.fx: its layers are call_module
+    nodes, no nn_module_stack) shadows the same ops as its exported program: before, the
+    plain module's Conv2d and Linear went unrecognised and the call returned {}. Oracle: the
+    float module called by hand on the input the quantized graph hands the op (an fx
+    Interpreter), and the same call with ep.module() as the float model."""
+    f, ep, quant, x = _small_pt2e_cnn()
+    values, inputs = _pt2e_values(quant, x)
+    swap = [torch.nn.Conv2d, torch.nn.Linear]
+    plain = fxn.compare_model_stub(f, quant, swap, x)
+    exported = fxn.compare_model_stub(ep.module(), quant, swap, x)
+    assert list(plain) == list(exported) == ["0.stats", "3.stats"]
+    with torch.no_grad():
+        for key, module, node, out in [("0.stats", f[0], "conv2d", "conv2d"),
+                                       ("3.stats", f[3], "linear", "dequantize_per_tensor_default_5")]:
+            entry = plain[key]
+            # the float shadow: the float layer on the quantized graph's (dequantized) input
+            assert torch.equal(entry["float"][0], module(inputs[node])), key
+            assert torch.equal(entry["quantized"][0], values[out]), key
+            assert torch.equal(entry["float"][0], exported[key]["float"][0]), key
+            assert torch.equal(entry["quantized"][0], exported[key]["quantized"][0]), key
+    # the in-place call selects alike
+    prepared = copy.deepcopy(quant)
+    fxn.prepare_model_with_stubs(f, prepared, swap, fxn.ShadowLogger)
+    with torch.no_grad():
+        prepared(x)
+    logged = fxn.get_logger_dict(prepared)
+    assert list(logged) == ["0.stats", "3.stats"]
+    assert torch.equal(logged["3.stats"]["float"][0], plain["3.stats"]["float"][0])
+    # one type selects its layer only
+    assert list(fxn.compare_model_stub(f, quant, [torch.nn.Linear], x)) == ["3.stats"]
+
+
+def test_an_allow_list_selects_pt2e_ops_by_the_module_class_they_came_from():
+    """compare_model_outputs with an allow list you pass logs, of a pt2e model, the ops whose
+    module class is in it, with the float model plain or exported (before, every quantized op
+    was logged whatever the list). The default list logs every quantized op, as before.
+    Oracle: forward hooks on the float model's Linear, and the quantized graph's output."""
+    f, ep, quant, x = _small_pt2e_cnn()
+    seen = []
+    hook = f[3].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        f(x)
+    hook.remove()
+    for float_model in (f, ep.module()):
+        only_linear = fxn.compare_model_outputs(float_model, quant, x,
+                                                allow_list={torch.nn.Linear})
+        assert list(only_linear) == ["3.stats"]
+        assert torch.equal(only_linear["3.stats"]["float"][0], seen[0])
+        with torch.no_grad():
+            assert torch.equal(only_linear["3.stats"]["quantized"][0], quant(x))
+        assert list(fxn.compare_model_outputs(float_model, quant, x,
+                                              allow_list={torch.nn.Conv2d})) == ["0.stats"]
+        assert set(fxn.compare_model_outputs(float_model, quant, x)) == {
+            "0.stats", "1.stats", "2.stats", "3.stats"}
+
+
+def test_the_eager_api_refuses_a_pt2e_model_passed_as_the_float_model():
+    """Oracle: compare's own guard, on the same pair."""
+    f, _, quant, x = _small_pt2e_cnn()
+    twice = r"the float model is quantized too: it computes \d+ quantized ops or quantize nodes"
+    with pytest.raises(fxn.InputError, match=twice):
+        fxn.compare(copy.deepcopy(quant), quant, [x])
+    with pytest.raises(fxn.InputError, match=twice):
+        fxn.compare_model_stub(copy.deepcopy(quant), quant, [torch.nn.Conv2d], x)
+    with pytest.raises(fxn.InputError, match=twice):
+        fxn.compare_model_outputs(copy.deepcopy(quant), quant, x)
+    with pytest.raises(fxn.InputError, match=twice):
+        fxn.compare_weights(copy.deepcopy(quant), quant)
