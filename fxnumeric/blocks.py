@@ -203,9 +203,10 @@ def find_blocks(matching: Matching) -> tuple[Block, ...]:
     A block whose span cannot be found (its ops spread over several regions, or leaving it
     by more than one value) is left out; ``compare`` notes how many were.
     """
-    model = matching.quant_model
-    float_model = matching.float_model
-    if not isinstance(model, nn.Module) or not isinstance(float_model, nn.Module):
+    # an ExportedProgram is read as the .module() its graph was captured from (its
+    # nn_module_stack holds the same blocks as its nn.Module)
+    model, float_model = matching.module("quant"), matching.module("float")
+    if model is None or float_model is None:
         return ()
     # read off the float model: an FX-converted quantized GraphModule keeps the paths with
     # plain ``nn.Module`` containers (``layer1`` is no longer a Sequential), and a pt2e one
@@ -330,8 +331,8 @@ def _single_output(view: GraphView, nodes: list[fx.Node]) -> fx.Node | None:
 
 def _module_span(matching: Matching, path: str) -> tuple | None:
     """A block kept whole (its code was not traced): a one-op region that calls it."""
-    float_model, quant_model = matching.float_model, matching.quant_model
-    assert isinstance(float_model, nn.Module) and isinstance(quant_model, nn.Module)
+    float_model, quant_model = matching.module("float"), matching.module("quant")
+    assert float_model is not None and quant_model is not None
     extra = matching.extra_kwargs.get(path, ())  # what its **kwargs was called with
     float_graph, float_scope = leaf_graph(float_model, path, extra)
     quant_graph, quant_scope = leaf_graph(quant_model, path, extra)

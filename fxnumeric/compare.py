@@ -723,8 +723,9 @@ def _capture_lines(plan: _Plan, variant: str = "") -> list[str]:
     matching = plan.matching
     where = f" of variant {variant!r}" if variant else ""
     lines = [f"pair {p.name!r} ({p.kind}){where}" for p in matching.pairs]
-    for side, model in (("float", matching.float_model), ("quantized", matching.quant_model)):
-        if isinstance(model, nn.Module):
+    for side, model in (("float", matching.module("float")),
+                        ("quantized", matching.module("quant"))):
+        if model is not None:
             lines += [f"{side} parameter {name!r} of shape {tuple(param.shape)}{where}"
                       for name, param in model.named_parameters()]
     return lines

@@ -469,6 +469,16 @@ class Matching:
         """The view of the quantized model's graph (the root region's)."""
         return self._root_region("quant_view").quant_view
 
+    def module(self, side: str) -> nn.Module | None:
+        """``side``'s model (``"float"`` or ``"quant"``) as a module tree: the user's model,
+        or for a torch.export ``ExportedProgram`` (no ``nn.Module``) the ``.module()`` its
+        graph was read from (the root region's). Module paths read from it are the user's."""
+        model = self.float_model if side == "float" else self.quant_model
+        if isinstance(model, nn.Module) or model is None or self.root is None:
+            return model
+        view = self.root.float_view if side == "float" else self.root.quant_view
+        return view.root
+
     @property
     def float_graph(self) -> fx.GraphModule:
         """The traced float GraphModule (the root region's)."""

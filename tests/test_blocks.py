@@ -565,3 +565,82 @@ def test_a_region_run_twice_has_a_block_per_call():
         assert blocks[name].output_sqnr == pytest.approx(_sqnr(outputs[name]), abs=1e-4)
         assert blocks[name].shadow_sqnr == pytest.approx(_sqnr(shadows[name]), abs=1e-4)
     assert blocks["enc.layers.0#2"].layers == ("enc.layers.0.fc#2", "enc.tanh#2", "enc.add#2")
+
+
+def test_an_exported_program_float_side_has_the_blocks_of_its_module():
+    """The float side given as the ExportedProgram itself (not its .module()) had no blocks:
+    find_blocks wanted an nn.Module, so the block table and every row's block were empty,
+    with no note. Oracle: forward hooks on the float blocks, and the quantized graph's values
+    read with an fx Interpreter (the value each block hands on is the one the next Linear
+    reads; the last block's is the model's output)."""
+    pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    class Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = torch.nn.Linear(16, 16), torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    torch.manual_seed(0)
+    f = torch.nn.Sequential()
+    f.blocks = torch.nn.Sequential(Blk(), Blk(), Blk())
+    f.eval()
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ep = torch.export.export(copy.deepcopy(f), (data[0],))
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = pt2e.prepare_pt2e(ep.module(), quantizer)
+    for x in data:
+        prepared(x)
+    q = pt2e.convert_pt2e(prepared)
+
+    report = ns.compare(ep, q, data, progress=False)
+    names = ["blocks.0", "blocks.1", "blocks.2"]
+    assert [b.name for b in report.blocks] == names
+    inside = [r for r in report.rows if r.name.startswith("blocks.")]
+    assert inside and all(r.block == r.name[:len("blocks.0")] for r in inside)
+
+    class Values(torch.fx.Interpreter):
+        def run_node(self, n):
+            self.seen[n.name] = value = super().run_node(n)
+            return value
+
+    linears = [n for n in q.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 3
+    outs = {b: [] for b in names}
+    shadows = {b: [] for b in names}
+    for x in data:
+        run = Values(q)
+        run.seen = {}
+        q_out = run.run(x)
+        q_out = q_out[0] if isinstance(q_out, (tuple, list)) else q_out
+        seen = {}
+        hooks = [f.get_submodule(b).register_forward_hook(
+            lambda m, a, o, b=b, seen=seen: seen.__setitem__(b, o)) for b in names]
+        with torch.no_grad():
+            f(x)
+        for h in hooks:
+            h.remove()
+        for i, b in enumerate(names):
+            leaving = run.seen[linears[i + 1].args[0].name] if i < 2 else q_out
+            entering = run.seen[linears[i].args[0].name]
+            outs[b].append((seen[b], leaving))
+            with torch.no_grad():
+                shadows[b].append((f.get_submodule(b)(entering), leaving))
+    for row in report.blocks:
+        assert row.output_sqnr == pytest.approx(_sqnr(outs[row.name]), abs=1e-3)
+        assert row.shadow_sqnr == pytest.approx(_sqnr(shadows[row.name]), abs=1e-3)
+    # the same rows as the nn.Module and its .module() give
+    for other in (f, ep.module()):
+        again = ns.compare(other, q, data, progress=False)
+        assert [(b.name, b.layers) for b in again.blocks] == [
+            (b.name, b.layers) for b in report.blocks]
+        for a, b in zip(report.blocks, again.blocks, strict=True):
+            assert a.output_sqnr == pytest.approx(b.output_sqnr, abs=1e-9)
+            assert a.shadow_sqnr == pytest.approx(b.shadow_sqnr, abs=1e-9)
+
