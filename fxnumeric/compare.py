@@ -828,8 +828,9 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
             shadow_shapes=sa.shape_mismatch if sa is not None else None,
         ))
     nonfinite = _first_nonfinite(plan)
+    judged = _judged_against_upstream(rows, matching)
     return Report(
-        rows=_judged_against_upstream(rows, matching),
+        rows=judged,
         metrics=tuple(plan.metrics),
         comparisons=plan.comparisons,
         batches=ran.batches,
@@ -847,7 +848,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         model_output_rms=_rms(plan.model),
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
-        blocks=_block_rows(plan),
+        blocks=_block_rows(plan, judged),
         logits_per=plan.logits.logits_per,
     )
 
@@ -909,22 +910,35 @@ def _unfit_mask_note(plan: _Plan) -> tuple[str, ...]:
             "without padding",)
 
 
-def _block_rows(plan: _Plan) -> tuple[BlockRow, ...]:
+def _block_rows(plan: _Plan, layer_rows: Iterable[ReportRow]) -> tuple[BlockRow, ...]:
     """One row per block, with the output SQNR of the block that ran before it in its
     container (``layers.2`` before ``layers.3``, ResNet's ``layer1`` before ``layer2``) as
     what enters it; ``None`` for the first of each (a CLIP's vision tower does not read its
-    text tower's last layer, nor a BART decoder's first layer the encoder's last)."""
+    text tower's last layer, nor a BART decoder's first layer the encoder's last).
+
+    A block's float RMS is judged as a layer's is (``BlockRow.degenerate``), against the
+    largest activation upstream of it: its own output's and its layers' ``reference_rms``
+    (``layer_rows``, judged already), which hold everything upstream of each."""
+    reference = {r.name: r.reference_rms for r in layer_rows}
     rows: list[BlockRow] = []
-    leaving: dict[str, float | None] = {}  # by container: the last block's output so far
+    leaving: dict[str, BlockRow] = {}  # by container: the last block so far
     for block, out, shadow in plan.blocks:
         container = block.name.rpartition(".")[0]
-        entering = leaving.get(container)
+        before = leaving.get(container)
+        float_rms = _rms(out if out.batches else shadow)
+        note = _note(out, shadow, plan.built.skipped.get(block.name))
+        if before is not None and before.degenerate:
+            note = "; ".join(n for n in (note, f"entering SQNR meaningless: {before.name}'s "
+                                         "float signal collapsed") if n)
         rows.append(BlockRow(
             block.name, block.kind, block.layers,
             out.values(plan.metrics) if out.batches else {},
             shadow.values(plan.metrics) if shadow.batches else {},
-            entering, note=_note(out, shadow, plan.built.skipped.get(block.name))))
-        leaving[container] = rows[-1].output_sqnr
+            before.output_sqnr if before is not None else None, note=note,
+            float_rms=float_rms,
+            reference_rms=activation_scale(
+                [float_rms, *(reference.get(name) for name in block.layers)])))
+        leaving[container] = rows[-1]
     return tuple(rows)
 
 

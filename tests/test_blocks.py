@@ -5,6 +5,7 @@ way with forward hooks on the models themselves."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -644,3 +645,76 @@ def test_an_exported_program_float_side_has_the_blocks_of_its_module():
             assert a.output_sqnr == pytest.approx(b.output_sqnr, abs=1e-9)
             assert a.shadow_sqnr == pytest.approx(b.shadow_sqnr, abs=1e-9)
 
+
+class _ScaledBlock(torch.nn.Module):
+    """Linear-ReLU; ``scale`` shrinks its weights (and zeroes its bias): the float signal
+    after a few such blocks is rounding residue."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.fc, self.act = torch.nn.Linear(16, 16), torch.nn.ReLU()
+        with torch.no_grad():
+            self.fc.weight.mul_(scale)
+            if scale != 1.0:
+                self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def test_a_block_whose_float_signal_collapsed_is_flagged_as_its_layers_are(tmp_path):
+    """Blocks 1-3 shrink the signal 1e-3 each: blocks.2 and blocks.3 leave rounding residue,
+    their layer rows read "float signal collapsed", but the block table showed their SQNRs
+    (9.5 dB, 0 dB) and blocks.4's entering 0 dB with no note. Oracle: the float RMS of each
+    block's output and of the model input, by forward hooks, judged by the rule itself
+    (RMS < 1e-6 x the largest activation upstream)."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential()
+    f.blocks = torch.nn.Sequential(_ScaledBlock(), _ScaledBlock(1e-3), _ScaledBlock(1e-3),
+                                   _ScaledBlock(1e-3), _ScaledBlock())
+    f.eval()
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    q = _fx_converted(f, data)
+    report = ns.compare(f, q, data, progress=False)
+
+    names = [f"blocks.{i}" for i in range(5)]
+    sums = {b: [0.0, 0] for b in ["input", *names]}
+    for x in data:
+        seen = {"input": x}
+        hooks = [f.get_submodule(b).register_forward_hook(
+            lambda m, a, o, b=b, seen=seen: seen.__setitem__(b, o)) for b in names]
+        with torch.no_grad():
+            f(x)
+        for h in hooks:
+            h.remove()
+        for b, value in seen.items():
+            sums[b][0] += float(value.double().square().sum())
+            sums[b][1] += value.numel()
+    rms = {b: (s / n) ** 0.5 for b, (s, n) in sums.items()}
+    upstream = [max(rms[b] for b in ["input", *names[:i + 1]]) for i in range(5)]
+    collapsed = [rms[b] < ns.report.DEGENERATE_RMS_RATIO * up for b, up in zip(names, upstream,
+                                                                                strict=True)]
+    assert collapsed == [False, False, True, True, False]  # the model does what it says
+
+    assert [b.name for b in report.blocks] == names
+    for block, up, gone in zip(report.blocks, upstream, collapsed, strict=True):
+        assert block.float_rms == pytest.approx(rms[block.name], rel=1e-6)
+        assert block.reference_rms == pytest.approx(up, rel=1e-6)
+        assert block.degenerate is gone
+        assert ("float signal collapsed (RMS" in block.notes) is gone
+        # the layers inside say the same
+        assert all(r.degenerate is gone for r in report.rows if r.block == block.name)
+    by_name = {b.name: b for b in report.blocks}
+    assert "entering SQNR meaningless: blocks.3's float signal collapsed" in by_name[
+        "blocks.4"].notes
+    assert "entering" not in by_name["blocks.2"].notes  # blocks.1 did not collapse
+
+    table = {line.split()[0]: line for line in report.block_table().splitlines()[2:]}
+    assert "float signal collapsed" in table["blocks.2"] and "collapsed" in table["blocks.3"]
+    assert "collapsed" not in table["blocks.1"]
+    page = report.to_html(tmp_path / "r.html").read_text()
+    for name, gone in zip(names, collapsed, strict=True):  # greyed as collapsed layers are
+        assert (f"<tr class='collapsed'><td>{name}</td>" in page) is gone
+    saved = json.loads(report.to_json())
+    assert [b["degenerate"] for b in saved["blocks"]] == collapsed
+    assert ns.Report.from_json(report.to_json()) == report

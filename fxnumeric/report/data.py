@@ -110,6 +110,15 @@ _UPSTREAM = "the largest activation upstream"
 _WHOLE_MODEL = "the model's largest activation"
 
 
+def _collapse_note(rms: float | None, scale: float | None) -> str:
+    """What a layer or block row whose float signal collapsed says of it (``""`` when it did
+    not: :func:`_collapsed`)."""
+    if not _collapsed(rms, scale):
+        return ""
+    assert rms is not None
+    return f"float signal collapsed ({_collapse_text(rms, scale, _UPSTREAM)}): SQNR meaningless"
+
+
 _FLOOR_CAUSES = {
     "clipping": "clipping: its output range is too narrow for its values",
     "offset": "a constant error per output channel: a lost bias or a wrong zero point",
@@ -162,6 +171,10 @@ class BlockRow:
     block that ran before it in its container, ``layers.2`` for ``layers.3`` (the error that
     enters it; ``None`` for the first of each: a CLIP's vision tower, a decoder's first
     layer, read nothing from the text tower or the encoder's last layer).
+
+    ``float_rms`` is the root mean square of the float block's output over all batches, judged
+    against ``reference_rms`` as a layer row's is (:attr:`degenerate`): a block whose float
+    signal collapsed has SQNRs that measure nothing, as its layers' do.
     """
 
     __eq__ = _eq  # NaN equals NaN (see _same)
@@ -173,6 +186,16 @@ class BlockRow:
     shadow: dict[str, float]
     entering: float | None = None
     note: str = ""
+    float_rms: float | None = None
+    reference_rms: float | None = None
+    """What ``float_rms`` is judged against: the largest float RMS among the block's output
+    and the activations upstream of its layers (their rows' ``reference_rms``;
+    :data:`DEGENERATE_RMS_RATIO`). ``None``: unknown, and only an RMS of exactly zero reads
+    collapsed."""
+
+    _JSON_DERIVED: ClassVar[dict[str, Callable[[BlockRow], Any]]] = {
+        "degenerate": lambda b: b.degenerate,
+    }
 
     @property
     def output_sqnr(self) -> float | None:
@@ -181,6 +204,18 @@ class BlockRow:
     @property
     def shadow_sqnr(self) -> float | None:
         return self.shadow.get("sqnr")
+
+    @property
+    def degenerate(self) -> bool:
+        """Whether the float block's output collapsed, by the rule of
+        :attr:`ReportRow.degenerate`."""
+        return _collapsed(self.float_rms, self.reference_rms)
+
+    @property
+    def notes(self) -> str:
+        """``note`` plus what the row's numbers cannot tell (a collapsed signal)."""
+        return "; ".join(n for n in (self.note, _collapse_note(self.float_rms,
+                                                               self.reference_rms)) if n)
 
 
 @dataclass(frozen=True)
@@ -281,11 +316,8 @@ class ReportRow:
     def notes(self) -> str:
         """``note`` plus what the row's numbers cannot tell (a collapsed signal) or say
         beyond themselves (below its floor)."""
-        parts = [self.note] if self.note else []
-        if self.degenerate:
-            parts.append(f"float signal collapsed "
-                         f"({_collapse_text(self.float_rms, self.reference_rms, _UPSTREAM)}): "
-                         "SQNR meaningless")
+        parts = [n for n in (self.note, _collapse_note(self.float_rms, self.reference_rms))
+                 if n]
         why = _FLOOR_CAUSES.get(self.floor_cause, "")
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "

@@ -150,7 +150,7 @@ _BLOCK_HEADERS = ("block", "kind", "layers", "entering SQNR", "shadow SQNR (adds
 
 
 def _block_cells(b: Any) -> list[Any]:
-    return [b.name, b.kind, len(b.layers), b.entering, b.shadow_sqnr, b.output_sqnr, b.note]
+    return [b.name, b.kind, len(b.layers), b.entering, b.shadow_sqnr, b.output_sqnr, b.notes]
 
 
 def block_table(report: Report, tablefmt: str = "simple") -> str:
@@ -177,10 +177,13 @@ def _blocks_html(report: Report) -> str:
              "(the float block fed the quantized block's input), its <b>output</b> SQNR the "
              "error that leaves it. Open a block for its layers, in the order it runs them.</p>",
              html_table(_BLOCK_HEADERS, [_block_cells(b) for b in report.blocks],
-                        [False, False, True, True, True, True, False])]
+                        [False, False, True, True, True, True, False],
+                        ["collapsed" if b.degenerate else "" for b in report.blocks])]
     for b in report.blocks:
         layers = [rows[n] for n in b.layers if n in rows]
         shadow = "-" if b.shadow_sqnr is None else f"{b.shadow_sqnr:.2f} dB"
+        if b.degenerate:
+            shadow += " (meaningless: float signal collapsed)"
         parts.append(
             f"<details><summary>{html.escape(b.name)} ({html.escape(b.kind)}): adds "
             f"{shadow}, {len(layers)} layers</summary>"
