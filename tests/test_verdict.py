@@ -744,3 +744,51 @@ def test_rounding_level_rows_are_left_out_of_the_culprit_rule():
     exact = _report(_row("a", 140.0), _row("c", 150.0), output=139.0)
     assert exact.verdict.kind == "no error" and exact.worst_layer is None
     assert "a and c differ from their float twins only at float32 rounding" in exact.summary()
+
+
+def test_a_collapsed_output_is_no_accumulation():
+    """The last three Linears shrink the signal 1e-3 each: the float output is rounding
+    residue and reads 0 dB. summary() says so, but the verdict read "error accumulates: the
+    output reads 0.00 dB" from it. Oracle: the float output's RMS and the largest activation
+    (forward hooks), judged by the rule itself."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(*(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(5))).eval()
+    with torch.no_grad():
+        for block in list(f)[2:]:
+            block[0].weight.mul_(1e-3)
+            block[0].bias.zero_()
+    data = _data(3, (8, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (data[0],))
+        for x in data:
+            p(x)
+        q = convert_fx(p)
+    report = ns.compare(f, q, data, progress=False)
+
+    outs: dict[int, list[torch.Tensor]] = {i: [] for i in range(5)}
+    hooks = [f[i].register_forward_hook(lambda m, a, o, i=i: outs[i].append(o))
+             for i in range(5)]
+    with torch.no_grad():
+        for x in data:
+            f(x)
+    for h in hooks:
+        h.remove()
+
+    def rms(ts):
+        return math.sqrt(sum(float(t.double().square().sum()) for t in ts)
+                         / sum(t.numel() for t in ts))
+
+    largest = max(rms(data), *(rms(outs[i]) for i in range(5)))
+    assert rms(outs[4]) < ns.report.DEGENERATE_RMS_RATIO * largest  # collapsed, by the rule
+    assert report.model_output_rms == pytest.approx(rms(outs[4]), rel=1e-4)
+    assert report.output_degenerate
+    output = report.model_output["sqnr"]
+    low = min(r.shadow_sqnr for r in report.rows if not r.degenerate)
+    assert output < low - ns.report.verdict.ACCUMULATION_DB  # what read as accumulation
+    text = report.verdict.text
+    assert "accumulates" not in text
+    assert f"the output reads {output:.2f} dB, but its float signal collapsed" in text

@@ -26,7 +26,8 @@ memory over any number of batches) and needs no stored per-batch values.
 When no single layer stands out, the lowest two or three may stand out *together* (two faulty
 layers): they are named as a group, with no single culprit. Otherwise the error is spread: the
 verdict says over how many layers, in what range, which layers are within noise of the lowest,
-and how much the output loses by accumulation. NaN/Inf inside a model poison the sums: no
+and how much the output loses by accumulation (not read from a float output that collapsed:
+the verdict says it collapsed instead). NaN/Inf inside a model poison the sums: no
 culprit is named from them. Nor where a quantized layer returns another shape than its float
 twin fed the same input (torch's 4-bit quantized ``Embedding`` does): that layer is broken,
 its error is not measured, and every layer after it reads what it returned.
@@ -154,6 +155,9 @@ def _accumulation(report: Report, low: float) -> str:
     output = report.model_output.get("sqnr")
     if output is None or not math.isfinite(output) or output > low - ACCUMULATION_DB:
         return ""
+    if report.output_degenerate:  # its SQNR measures nothing: no accumulation read from it
+        return (f"; the output reads {output:.2f} dB, but its float signal collapsed: that "
+                "SQNR measures nothing")
     return (f"; error accumulates: the output reads {output:.2f} dB while no layer alone reads "
             f"below {low:.2f} dB")
 
