@@ -188,6 +188,27 @@ def test_distributed_true_without_a_process_group_says_how_to_launch():
         ns.compare(nn.Linear(2, 2), nn.Linear(2, 2), [torch.randn(1, 2)], distributed=True)
 
 
+
+def test_ranks_check_an_exported_programs_parameters_too():
+    """What ranks must hold alike lists both models' parameters; a float side given as an
+    ExportedProgram (no nn.Module) had none listed, so ranks holding different float models
+    merged their sums unwarned. Oracle: the ExportedProgram's own named_parameters()."""
+    from _flow_pairs import MLP, _pt2e, _vectors
+
+    from fxnumeric.compare import _capture_lines
+
+    torch.manual_seed(0)
+    f = MLP().eval()
+    data = _vectors()
+    q = _pt2e(f, data)
+    ep = torch.export.export(copy.deepcopy(f), (data[0],))
+    lines = _capture_lines(type("Plan", (), {"matching": ns.match(ep, q, data[0])}))
+    listed = [line for line in lines if line.startswith("float parameter")]
+    assert listed == [f"float parameter {name!r} of shape {tuple(p.shape)}"
+                      for name, p in ep.named_parameters()]
+    assert len(listed) == 6
+
+
 # --- two processes -------------------------------------------------------------------------
 
 
