@@ -354,6 +354,45 @@ def test_advise_says_when_the_target_is_out_of_reach() -> None:
     assert "NOT reached" in advice.message and "max_float_layers=2" in advice.message
 
 
+class _DeadBranch(nn.Module):
+    """``fc2``'s output is multiplied by 0: keeping it float changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(16, 8)
+        self.fc3 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc1(x))) + 0 * self.fc2(x)
+
+
+@pytest.mark.parametrize("max_float_layers", [None, 10])
+def test_advise_out_of_reach_after_every_layer_blames_no_limit(max_float_layers) -> None:
+    """Every searched layer tried and the last made it no better: the message said
+    "max_float_layers=None reached" (it read the count of layers cut back to the best point
+    of the curve, not the count the search stopped at)."""
+    torch.manual_seed(0)
+    float_model = _DeadBranch().eval()
+    q = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    data = _batches((16, 16))
+    # fc3 stays quantized (out of the search): the target cannot be reached
+    advice = advise(float_model, q, data, metric="sqnr", target=1000.0, layers=["fc1", "fc2"],
+                    max_float_layers=max_float_layers)
+    assert not advice.reached and advice.keep_float == ("fc1",)
+    # oracle: the hybrid by hand, fc1 float and the rest as quantized
+    hybrid = copy.deepcopy(q)
+    hybrid.fc1 = float_model.fc1
+    with torch.no_grad():
+        want = fxnumeric.sqnr(torch.cat([float_model(b) for b in data]),
+                              torch.cat([hybrid(b) for b in data]))
+    assert advice.value == pytest.approx(want, abs=1e-4)
+    assert "(even with all 2 layers float)" in advice.message, advice.message
+    assert "max_float_layers" not in advice.message
+    assert "with 1 of 2 layers float" in advice.message
+    assert "1 more layer kept float after those made it no better" in advice.message
+
+
 def test_advise_with_nothing_to_do() -> None:
     float_model, q, data = _fx_pair()
     advice = advise(float_model, q, data, metric="cosine", target=0.5)

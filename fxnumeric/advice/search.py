@@ -1439,7 +1439,9 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
         message = (f"keep {kept} float to reach {search.metric_name} {shown(value, target)}{unit} "
                    f"{cmp} {target:g}{unit} (quantized: {shown(quantized, target)}{unit})")
     else:
-        why = (f"max_float_layers={max_float_layers} reached" if len(chosen) < len(names)
+        # the search stopped at the limit or after every layer: what ``chosen`` was cut back
+        # to (the best point of the curve) says neither
+        why = (f"max_float_layers={max_float_layers} reached" if limit < len(names)
                else f"even with all {len(names)} layers float")
         message = (f"target {search.metric_name} {cmp} {target:g}{unit} NOT reached ({why}): "
                    f"best found {shown(value, target)}{unit} with {kept} float "
