@@ -35,7 +35,7 @@ from .dataflow import upstream_ops
 from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericWarning, InputError, about_variant
 from .floor import FloorState, FloorSums, floor_sums, layer_floor
-from .guards import check_pairable, contents
+from .guards import check_pairable, check_variants, contents
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import (
     LLM_METRICS,
@@ -424,6 +424,9 @@ def compare(
         same node names: an ``nn.Module`` float model against FX, eager, dynamic, torchao and
         pt2e variants alike) share one float model instrumented for all of them; a variant
         whose float capture differs gets a float run of its own, and ``report.notes`` says so.
+        Names are non-empty strings other than ``"float"`` and ``"quantized"``, what
+        :func:`fxnumeric.advise` names its choices
+        (:data:`fxnumeric.guards.RESERVED_VARIANT_NAMES`).
 
     Raises:
         InputError: before any batch runs, when ``data`` is not an iterable of batches, a
@@ -1219,20 +1222,7 @@ def _variant_matchings(float_model: nn.Module, variants: Mapping[str, nn.Module]
                        matching: Matching | Mapping[str, Matching] | None,
                        ) -> Mapping[str, Matching]:
     """Check the variants (and the matchings given for them) before any work."""
-    if not variants:
-        raise InputError("quant_model is an empty dict: pass at least one quantized variant, "
-                         "{name: quantized model}")
-    for name, quant_model in variants.items():
-        if not isinstance(name, str) or not name:
-            raise InputError(f"variant names must be non-empty strings, got {name!r}")
-        if not isinstance(quant_model, nn.Module):
-            raise InputError(f"variant {name!r} is a {type(quant_model).__name__}, not a "
-                             "model: quant_model={name: quantized nn.Module}")
-        if quant_model is float_model:
-            raise InputError(
-                f"variant {name!r} is the float model object itself: compare needs the "
-                "quantized models made from it.\nFix: keep the float model before quantizing "
-                "(copy.deepcopy(model) before prepare / quantize_dynamic)")
+    check_variants(float_model, variants)
     if matching is None:
         return {}
     if not isinstance(matching, Mapping):

@@ -21,7 +21,7 @@ pt2e and reference graphs keep float ops between quantize/dequantize pairs). A Q
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,18 @@ from .view import GraphView
 
 __all__ = ["GraphContents", "contents", "check_pair", "warn_unquantized", "check_state_dicts",
            "nothing_quantized", "check_eval_mode", "check_graph_training", "check_pairable",
-           "check_float_not_quantized"]
+           "check_float_not_quantized", "check_variants", "RESERVED_VARIANT_NAMES"]
+
+RESERVED_VARIANT_NAMES = {
+    "float": "advise's assignments name a layer kept float \"float\" (Advice.assignment, "
+             "to_torchao, the search's choices)",
+    "quantized": "advise's assignments with one quantized model name its layers "
+                 "\"quantized\" (Advice.assignment), and messages call it \"the quantized "
+                 "model\"",
+}
+"""Names a quantized variant cannot take, each with what it already means: a variant so named
+would be read as that (a variant named ``"float"`` was read as the float choice, its model
+never used)."""
 
 
 @dataclass(frozen=True)
@@ -419,3 +430,30 @@ def check_state_dicts(float_dict: dict[str, Any], quantized_dict: dict[str, Any]
             f"params ({_examples(tuple(in_float))})",
             "its quantized weights would be read as the float reference",
             "pass the state_dict() of the float model the quantized one was made from")
+
+
+def check_variants(float_model: Any, variants: Mapping[Any, Any]) -> None:
+    """Refuse, before any work, a ``{name: quantized model}`` that ``compare``, ``advise`` or
+    ``sensitivity`` cannot take: no variant, a name that is not a non-empty string or is
+    reserved (:data:`RESERVED_VARIANT_NAMES`), a value that is not a model, or the float model
+    itself."""
+    if not variants:
+        raise InputError("quant_model is an empty dict: pass at least one quantized variant, "
+                         "{name: quantized model}")
+    for name, quant_model in variants.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"variant names must be non-empty strings, got {name!r}")
+        if name in RESERVED_VARIANT_NAMES:
+            raise InputError(
+                f"variant name {name!r} is reserved: {RESERVED_VARIANT_NAMES[name]}, so a "
+                "variant of that name would be read as that, not as its model.\nFix: name it "
+                f"after its quantization, e.g. {{'int8': model}} instead of {{{name!r}: model}}")
+        if not isinstance(quant_model, nn.Module):
+            raise InputError(f"variant {name!r} is a {type(quant_model).__name__}, not a "
+                             "model: quant_model={name: quantized nn.Module}")
+        if quant_model is float_model:
+            raise InputError(
+                f"variant {name!r} is the float model object itself: compare needs the "
+                "quantized models made from it.\nFix: keep the float model before quantizing "
+                "(copy.deepcopy(model) before prepare / quantize_dynamic)")
+

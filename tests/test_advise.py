@@ -2448,6 +2448,23 @@ def test_a_variant_not_made_from_the_float_model_is_warned_about(other, warned):
                metric="sqnr", target=1000.0)
 
 
+@pytest.mark.parametrize("reserved", ["float", "quantized"])
+def test_a_variant_named_as_a_choice_is_refused_by_every_call_taking_variants(reserved):
+    """A variant named "float" was read as the float choice: its model never used, its
+    layers counted at 32 bits, to_torchao leaving them float, and no error."""
+    f = _seeded_mlp(2, 0)
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(2))]
+    variants = {reserved: quantize_dynamic(copy.deepcopy(f), {nn.Linear}),
+                "fp16": quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=torch.float16)}
+    said = (rf"^variant name '{reserved}' is reserved: .*\nFix: name it after its "
+            rf"quantization, e.g. {{'int8': model}} instead of {{'{reserved}': model}}$")
+    for call in (lambda: fxnumeric.compare(f, variants, data),
+                 lambda: advise(f, variants, data, metric="sqnr", target=30.0),
+                 lambda: sensitivity(f, variants, data, metric="sqnr")):
+        with pytest.raises(InputError, match=said):
+            call()
+
+
 class _FloatConvRequantized(nn.Module):
     """The float conv on the dequantized input, its output quantized as the quantized conv's."""
 

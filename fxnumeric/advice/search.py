@@ -45,7 +45,7 @@ from ..errors import (
     about_variant,
 )
 from ..flows.torchao import quantized_paths
-from ..guards import check_pairable
+from ..guards import check_pairable, check_variants
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
@@ -309,6 +309,8 @@ class _Search:
         float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram: its module
         variants = {name: flows.normalise_model(model, "quantized") for name, model in (
             quant_model.items() if isinstance(quant_model, Mapping) else [(None, quant_model)])}
+        if isinstance(quant_model, Mapping):  # as compare's: names, models
+            check_variants(float_model, variants)
         self.metric = _resolve_metric(metric, float_model, variants.values())
         self.metric_name = self.metric.name
         numbered = numbered_batches(data, inputs)
