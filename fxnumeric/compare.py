@@ -35,7 +35,7 @@ from .dataflow import upstream_ops
 from .distributed import ONE_PROCESS, Ranks, data_parallel
 from .errors import FxNumericWarning, InputError, about_variant
 from .floor import FloorState, FloorSums, floor_sums, layer_floor
-from .guards import check_pairable, check_variants, contents
+from .guards import check_pairable, check_variants, contents, warn_foreign_weights
 from .instrument import Instrumented, instrument, observe_values, resolve_matching
 from .llm_metrics import (
     LLM_METRICS,
@@ -435,6 +435,9 @@ def compare(
             passed twice). A batch holding NaN/Inf (of a sparse tensor, in its stored
             values) is not an error: it is left out of every
             metric with a :class:`fxnumeric.FxNumericWarning`, and ``Report.notes`` says which.
+            Nor is a quantized model whose weights do not look made from the float model's
+            (weight SQNR below 0 dB on most quantized layers: another seed or checkpoint): a
+            warning, and a note.
 
     Example:
         >>> import copy, torch
@@ -756,8 +759,10 @@ def _copy_overwritten(plans: Iterable[_Plan], first: bool) -> bool:
     return seen and first
 
 
-def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
-    """One report row per pair name, from the accumulators and the weights."""
+def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: int = 5,
+             ) -> Report:
+    """One report row per pair name, from the accumulators and the weights; a warning about
+    them points ``stacklevel`` frames up (the caller of ``compare``)."""
     matching = plan.matching
     # reduced as they come: one layer's weights alive at a time (dequantized, offloaded ones)
     weights: dict[str, tuple[list[str], Accumulator, WeightHistogram]] = {}
@@ -832,6 +837,11 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         ))
     nonfinite = _first_nonfinite(plan)
     judged = _judged_against_upstream(rows, matching)
+    # read from the rows' weight SQNR (comparisons with "weights"): the weights not read again
+    foreign = warn_foreign_weights(
+        ((r.name, r.weight_sqnr) for r in rows if r.weight_sqnr is not None),
+        "the quantized model's weights", "Every metric then measures two different models, "
+        "not the quantization error", stacklevel=stacklevel)
     return Report(
         rows=judged,
         metrics=tuple(plan.metrics),
@@ -847,7 +857,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None) -> Report:
         + _model_output_note(plan.model) + _no_token_note(plan) + _no_perplexity_note(plan)
         + _unfit_mask_note(plan)
         + _skipped_note(ran)
-        + _nonfinite_note(nonfinite),
+        + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ()),
         model_output_rms=_rms(plan.model),
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
@@ -1212,7 +1222,10 @@ def _compare_variants(float_model: nn.Module, variants: Mapping[str, nn.Module],
                                 example, shared_float=True)
     groups = _float_groups(plans)
     ran = _run_variants(plans, groups, data, progress, max_batches, inputs, total, ranks)
-    reports = {name: _collect(plan, ran, progress) for name, plan in plans.items()}
+    reports = {}
+    for name, plan in plans.items():
+        with about_variant(name):
+            reports[name] = _collect(plan, ran, progress, stacklevel=6)
     first = reports[next(iter(reports))]
     return dataclasses.replace(first, notes=first.notes + _groups_note(groups),
                                variants=reports, aligned=_align(reports, plans, groups))

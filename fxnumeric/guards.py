@@ -36,7 +36,8 @@ from .view import GraphView
 
 __all__ = ["GraphContents", "contents", "check_pair", "warn_unquantized", "check_state_dicts",
            "nothing_quantized", "check_eval_mode", "check_graph_training", "check_pairable",
-           "check_float_not_quantized", "check_variants", "RESERVED_VARIANT_NAMES"]
+           "check_float_not_quantized", "check_variants", "warn_foreign_weights",
+           "RESERVED_VARIANT_NAMES"]
 
 RESERVED_VARIANT_NAMES = {
     "float": "advise's assignments name a layer kept float \"float\" (Advice.assignment, "
@@ -457,3 +458,38 @@ def check_variants(float_model: Any, variants: Mapping[Any, Any]) -> None:
                 "quantized models made from it.\nFix: keep the float model before quantizing "
                 "(copy.deepcopy(model) before prepare / quantize_dynamic)")
 
+
+def warn_foreign_weights(weight_sqnrs: Iterable[tuple[str, float]], whose: str,
+                         consequence: str, stacklevel: int = 2) -> str:
+    """Warn when the quantized weights do not look made from the float model's: weight SQNR
+    below 0 dB (the error larger than the weight) on most layers, where quantizing a weight
+    reads well above (about 6 dB a bit: int4 near 20 dB, int8 near 40 dB). A model of another
+    seed or checkpoint reads so, and every number measured against it means nothing.
+
+    Args:
+        weight_sqnrs: ``(layer, weight SQNR in dB)`` of the paired layers with a weight (a
+            layer may come several times: its lowest counts).
+        whose: the warning's subject (``"its weights"``, ``"the quantized model's weights"``).
+        consequence: what the mismatch makes of the caller's results.
+        stacklevel: as ``warnings.warn``'s, counted from the caller.
+
+    Returns:
+        The warning's message, ``""`` when none was given.
+    """
+    low: dict[str, float] = {}
+    layers: set[str] = set()
+    for layer, value in weight_sqnrs:
+        layers.add(layer)
+        if value < 0:
+            low[layer] = min(value, low.get(layer, value))
+    if not layers or len(low) <= len(layers) / 2:
+        return ""
+    worst = ", ".join(f"`{n}` {v:.1f} dB" for n, v in list(low.items())[:3]) + (
+        ", ..." if len(low) > 3 else "")
+    message = (f"{whose} do not look made from the float model's: weight SQNR below 0 dB on "
+               f"{len(low)} of {len(layers)} layers ({worst}), where quantizing them reads "
+               f"well above. Weights of another seed or checkpoint? {consequence}.\nFix: pass "
+               "the float model the quantized one was made from (copy.deepcopy(model) before "
+               "quantizing)")
+    warnings.warn(FxNumericWarning(message), stacklevel=stacklevel + 1)
+    return message

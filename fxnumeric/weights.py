@@ -18,6 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from . import flows
 from .flows.fx import unpacked_weight
 from .match import Matching, Pair, Region
+from .metrics import sqnr
 from .offload import loaded
 from .ops import is_quantized_module
 from .semantics import evaluate_constant
@@ -244,6 +245,17 @@ def pair_weights(matching: Matching, *, as_computed: bool = False, unread: Unrea
                 lambda region=region, pair=pair: _float_weight(region, pair), as_computed,
                 lambda region=region, pair=pair, fmod=fmod: _float_matrices(region, pair, fmod),
                 note, inner=pair.name not in matching.containers)
+
+
+def weight_sqnrs(matching: Matching) -> Iterator[tuple[str, float]]:
+    """``(pair name, SQNR in dB)`` of every weight :func:`pair_weights` pairs (as computed),
+    the quantized one dequantized; those of two shapes are left out."""
+    for paired in pair_weights(matching, as_computed=True):
+        if paired.float_weight.shape != paired.quant_weight.shape:
+            continue
+        quant = paired.quant_weight.detach()
+        yield paired.pair.name, sqnr(paired.float_weight.detach().double(),
+                                     (quant.dequantize() if quant.is_quantized else quant).double())
 
 
 def _prefixed(path: str, name: str) -> str:

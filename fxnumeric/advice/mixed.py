@@ -49,11 +49,11 @@ from torch import fx, nn
 from .. import flows
 from ..errors import FxNumericWarning, InputError, InstrumentationError
 from ..flows.fx import weight_owner
-from ..metrics import sqnr
+from ..guards import warn_foreign_weights
 from ..pairing import op_name
 from ..semantics import evaluate_constant, is_dequantize
 from ..storage import module_weights, tensor_storage_bits, weight_storage_bits
-from ..weights import pair_weights
+from ..weights import weight_sqnrs
 from .hybrid import Swap, module_path, op_names
 from .numbers import shown
 
@@ -80,27 +80,10 @@ def check_variant(matching: Any) -> None:
             f"{'them' if len(unpaired) > 1 else 'it'}, and the search leaves "
             f"{'them' if len(unpaired) > 1 else 'it'} out. Is it made from this float model "
             "(the same layers)? fxnumeric.match(float_model, variant).table() lists what each "
-            "side holds"), stacklevel=4)
-    low: dict[str, float] = {}
-    layers: set[str] = set()
-    for paired in pair_weights(matching, as_computed=True):
-        layers.add(paired.pair.name)
-        if paired.float_weight.shape != paired.quant_weight.shape:
-            continue
-        quant = paired.quant_weight.detach()
-        value = sqnr(paired.float_weight.detach().double(),
-                     (quant.dequantize() if quant.is_quantized else quant).double())
-        if value < 0:
-            low[paired.pair.name] = min(value, low.get(paired.pair.name, value))
-    if layers and len(low) > len(layers) / 2:
-        worst = ", ".join(f"`{n}` {v:.1f} dB" for n, v in list(low.items())[:3]) + (
-            ", ..." if len(low) > 3 else "")
-        warnings.warn(FxNumericWarning(
-            f"its weights do not look made from the float model's: weight SQNR below 0 dB on "
-            f"{len(low)} of {len(layers)} layers ({worst}), where quantizing them reads "
-            "well above. A variant of other weights (another seed or checkpoint)? Every plan "
-            "mixes its layers with the float model's as if they were the same model's"),
-            stacklevel=4)
+            "side holds"), stacklevel=5)
+    warn_foreign_weights(weight_sqnrs(matching), "its weights", "Every plan mixes its layers "
+                         "with the float model's as if they were the same model's",
+                         stacklevel=5)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from ..errors import (
     about_variant,
 )
 from ..flows.torchao import quantized_paths
-from ..guards import check_pairable, check_variants
+from ..guards import check_pairable, check_variants, warn_foreign_weights
 from ..instrument import resolve_matching
 from ..llm_metrics import (
     LogitsAccumulator,
@@ -61,6 +61,7 @@ from ..progress import Progress
 from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
+from ..weights import weight_sqnrs
 from .hybrid import (
     HybridFailure,
     HybridRunner,
@@ -326,6 +327,11 @@ class _Search:
                     example_inputs=self.batches[0], validate=False)
                 if name is not None:
                     check_variant(matchings[name])
+                else:  # as a variant's: one of another seed is warned about
+                    warn_foreign_weights(
+                        weight_sqnrs(matchings[name]), "the quantized model's weights",
+                        "Every hybrid mixes its layers with the float model's as if they were "
+                        "the same model's", stacklevel=4)
                 # as compare and diagnose: a quantized "float" model (the quantized model
                 # passed twice) is refused, not measured at inf dB against itself
                 check_pairable(matchings[name])
