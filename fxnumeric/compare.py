@@ -66,6 +66,7 @@ from .run import (
     check_batch,
     check_data,
     check_devices,
+    check_max_batches,
     keeps_buffers,
     no_batches,
     nonfinite_inputs,
@@ -389,7 +390,7 @@ def compare(
         leaf_modules: module types or names to keep whole when tracing.
         progress: show progress on stderr: tracing and pairing, the batches, the weight
             comparison (default: when stderr is a terminal or in a Jupyter notebook).
-        max_batches: stop after this many batches.
+        max_batches: stop after this many batches (a positive int; None: every batch).
         precision: dtype of the per-batch reductions; sums over batches are always float64
             (see :mod:`fxnumeric.metrics`). ``torch.float64`` is exact and about six times
             slower per activation.
@@ -449,6 +450,7 @@ def compare(
         (['0', '1'], 3)
     """
     check_data(data)
+    check_max_batches(max_batches)
     data = as_batches(data)  # one tensor, or one dict of keyword inputs, is one batch
     ranks = data_parallel(distributed, data)
     if ranks.rank:
@@ -1081,8 +1083,8 @@ def _first_batch(data: Iterable[Any], inputs: int | Callable[[Any], Any] | None,
         if not nonfinite_inputs(model_inputs):
             example = model_inputs
             break
-    if not read:  # max_batches=0 reads none: the data is not to blame (no used-up iterator)
-        raise no_batches(data) if max_batches != 0 else no_batches()
+    if not read:
+        raise no_batches(data)
     if example is None:
         raise InputError(f"every batch holds NaN/Inf ({len(read)} batches): nothing is left "
                          "to compare.\nFix: clean the data (torch.isfinite(x).all() per batch) "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,7 +32,7 @@ from .offload import devices
 
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
            "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "numbered_batches",
-           "check_data", "check_batch", "nonfinite_inputs", "batch_tensors"]
+           "check_data", "check_batch", "nonfinite_inputs", "batch_tensors", "check_max_batches"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -52,6 +53,29 @@ def check_data(data: Any) -> None:
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise InputError(f"data is {_a(type(data).__name__)}, not an iterable of batches; "
                          f"{_BATCH_IS}.\nFix: pass a list of batches or a DataLoader")
+
+
+def check_max_batches(max_batches: Any) -> None:
+    """Raise :class:`InputError` unless ``max_batches`` is None (every batch) or a positive
+    int: ``0`` would compare no batch, and a negative or fractional count none that means
+    anything.
+
+    >>> check_max_batches(-1)
+    Traceback (most recent call last):
+    ...
+    fxnumeric.errors.InputError: max_batches=-1: pass a positive number of batches ...
+    """
+    if max_batches is None:
+        return
+    if not isinstance(max_batches, bool):
+        try:
+            count = operator.index(max_batches)  # an int, or a numpy integer
+        except TypeError:
+            count = 0
+        if count > 0:
+            return
+    raise InputError(f"max_batches={max_batches!r}: pass a positive number of batches to "
+                     "compare (an int), or None to compare every batch of data")
 
 
 def as_batches(data: Any) -> Any:

@@ -128,8 +128,8 @@ def test_data_given_as_one_batch_or_a_used_up_iterator_is_explained():
             call(f, q, batches, progress=False)
     with pytest.raises(ns.InputError, match="no batches: pass an iterable[^.]*$"):
         ns.compare(f, q, [], progress=False)  # a list is no iterator: no such hint
-    with pytest.raises(ns.InputError, match="no batches: pass an iterable[^.]*$"):
-        ns.compare(f, q, iter([batch]), max_batches=0, progress=False)  # not a used-up one
+    with pytest.raises(ns.InputError, match="max_batches=0: pass a positive number"):
+        ns.compare(f, q, iter([batch]), max_batches=0, progress=False)  # not the data's fault
 
 
 def test_keep_activations_and_bounded_state():

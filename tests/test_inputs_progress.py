@@ -7,6 +7,7 @@ import re
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -254,6 +255,21 @@ def test_max_batches_reads_no_batch_past_the_last():
     data = iter([torch.randn(4, 16) for _ in range(5)])
     assert ns.compare(f, q, data, max_batches=2, progress=False).batches == 2
     assert len(list(data)) == 3  # the caller's iterator gave up two batches, not three
+
+
+def test_max_batches_that_is_no_positive_int_is_refused_before_any_batch_is_read():
+    """``max_batches=-1`` and ``2.5`` raised itertools.islice's bare ValueError, and ``0`` said
+    "data yielded no batches", blaming the data."""
+    f, q = _pair()
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    for bad in (0, -1, 2.5, "2", True):
+        data = iter(batches)
+        with pytest.raises(ns.InputError, match=rf"max_batches={re.escape(repr(bad))}: pass a "
+                           "positive number of batches to compare \\(an int\\), or None"):
+            ns.compare(f, q, data, max_batches=bad, progress=False)
+        assert len(list(data)) == 3  # refused before reading the caller's data
+    for good, read in ((None, 3), (1, 1), (np.int64(2), 2), (10, 3)):
+        assert ns.compare(f, q, batches, max_batches=good, progress=False).batches == read
 
 
 def test_a_nan_first_batch_of_a_module_tree_model_is_left_out_not_run_by_the_capture():
