@@ -536,6 +536,16 @@ def test_one_layer_named_by_a_string_is_that_layer_not_its_characters() -> None:
     assert set(advice.assignment) == {"fc3"}
     with pytest.raises(InputError, match=r"layers= takes layer \(pair\) names, got \[3\]"):
         sensitivity(float_model, q, data, layers=[3], progress=False)
+    # an empty selection is the caller's, not the matching's: it said "paired no op that
+    # computes in quantized form" of a model whose fc1..fc3 are quantized
+    for call in (lambda: sensitivity(float_model, q, data, layers=[], progress=False),
+                 lambda: advise(float_model, q, data, metric="sqnr", target=30, layers=(),
+                                progress=False),
+                 lambda: advise(float_model, {"a": q, "b": q}, data, metric="sqnr", target=30,
+                                layers=[], progress=False)):
+        with pytest.raises(InputError, match=r"layers= selects no layer \(an empty list\)"
+                                             r".*Fix: leave layers= out"):
+            call()
 
 
 @pytest.mark.parametrize("search", [

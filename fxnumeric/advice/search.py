@@ -582,6 +582,10 @@ def _names(layers: Iterable[str] | str) -> list[str]:
     if odd:
         raise InputError(f"layers= takes layer (pair) names, got {odd[:3]!r}. Fix: "
                          "layers=['lm_head', ...] (Sensitivity.layers[i].name gives them)")
+    if not names:
+        raise InputError("layers= selects no layer (an empty list): there is nothing to "
+                         "measure. Fix: leave layers= out to take every quantized layer, or name "
+                         "some: layers=['lm_head', ...] (Sensitivity.layers[i].name gives them)")
     return names
 
 
