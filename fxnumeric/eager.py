@@ -370,7 +370,7 @@ def _eager_match(float_model: nn.Module, q_model: nn.Module, data: Any,
     only, so the pair is matched again on ``data`` (the calls that have it), as torch's
     suite observes the method whatever code calls it.
     """
-    found = match(float_model, q_model, capture_example(capture, data, q_model),
+    found = match(float_model, q_model, capture_example(capture, data, float_model, q_model),
                   leaf_modules=leaf_modules, capture=capture)
     if data is not None and not found.whole_graph and any(
             _is_functional_at(q_model, u.node) for u in found.unmatched_quant):

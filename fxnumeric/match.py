@@ -41,6 +41,7 @@ from ._collector import defers_collection
 from .capture import (
     FUNCTIONAL_METHODS,
     LeafSpec,
+    fixed_arguments,
     is_functional,
     leaf_graph,
     method_graph,
@@ -61,7 +62,7 @@ from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import whole_layers, whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
-from .run import check_model, keeps_buffers, run_model
+from .run import as_call, check_model, keeps_buffers, run_model
 from .view import GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "Region", "match"]
@@ -708,14 +709,25 @@ def _check_leaf_names(leaf_modules: Iterable[LeafSpec] | None, *models: Any) -> 
 
 
 def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,
-                     which: str) -> fx.GraphModule:
+                     which: str, example_inputs: Any = None) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and (not leaf_modules or _calls_no_layer(model)):
         # Read as it is: its node names are the keys of FX-mode results, and nothing
         # downstream writes to it (instrumentation copies the graph). A graph of functions
         # (torch.export, pt2e) has no module to keep whole; re-tracing it would only lose its
         # node metadata (nn_module_stack).
         return model
-    return trace(model, leaf_modules=leaf_modules, which=which)
+    return trace(model, leaf_modules=leaf_modules, which=which,
+                 concrete_args=_fixed_by(model, example_inputs))
+
+
+def _fixed_by(model: nn.Module, example_inputs: Any) -> dict[str, Any] | None:
+    """The arguments of ``model``'s forward that ``example_inputs`` leaves out or gives as
+    None, fixed to those values when tracing (:func:`fxnumeric.capture.fixed_arguments`):
+    the graph is the model on the call the batches make. None without example inputs (every
+    argument a graph input, as torch.fx traces it)."""
+    if example_inputs is None:
+        return None
+    return fixed_arguments(model, *as_call(example_inputs))
 
 
 def _calls_no_layer(gm: fx.GraphModule) -> bool:
@@ -816,7 +828,7 @@ def match(
     try:
         float_gm = _float_graph(float_root, quant_root, example_inputs, leaf_modules, capture,
                                 notes)
-        quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized")
+        quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized", example_inputs)
     except TraceError as exc:
         return _with_whole_layers(_fall_back_to_tree(
             float_model, quant_model, example_inputs, leaf_modules, exc, notes, node_match))
@@ -876,7 +888,7 @@ def _float_graph(float_root: Any, quant_root: Any, example_inputs: Any,
         TraceError: torch.fx's, when neither captures the float model.
     """
     try:
-        return _as_graph_module(float_root, leaf_modules, "float")
+        return _as_graph_module(float_root, leaf_modules, "float", example_inputs)
     except TraceError as exc:
         if not auto_exports_float(capture, example_inputs, quant_root):
             raise

@@ -29,6 +29,7 @@ from . import flows
 from ._tensors import copy_inputs
 from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
+from .view import fixed_inputs
 
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
            "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "numbered_batches",
@@ -348,6 +349,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
                           stacklevel=2)
         kwargs["use_cache"] = False
     _check_signature(model, args, kwargs, which)
+    _check_fixed(model, args, kwargs, which)
     try:
         with torch.no_grad():
             return model(*args, **kwargs)
@@ -364,7 +366,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
             ) from exc
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
-        hint = flows.failure_hint(exc)
+        hint = _left_out_hint(model, args, kwargs) or flows.failure_hint(exc)
         raise InputError(
             f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
             f"{first}\n"
@@ -372,6 +374,65 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
             f"it outside fxnumeric.{' ' + hint if hint else ''}"
         ) from exc
+
+
+def _check_fixed(model: nn.Module, args: tuple, kwargs: dict, which: str) -> None:
+    """Refuse a batch giving a value to an argument the graph was traced without.
+
+    A graph traced on example inputs that leave out ``y`` (or give it as None) is traced with
+    ``y`` fixed to its default (:func:`fxnumeric.capture.fixed_arguments`): its ``if y is not
+    None`` branch is not in it. A later batch giving ``y`` would fail in torch.fx's run-time
+    check ("y has been specialized to have value None"), which says neither why nor what to do.
+    """
+    if not isinstance(model, fx.GraphModule):
+        return
+    fixed, _ = fixed_inputs(model.graph.find_nodes(op="placeholder"))
+    signature = graph_signature(model.graph) if fixed else None
+    if signature is None:
+        return
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    for node in fixed:
+        name = str(node.target)
+        if name not in bound:
+            continue
+        guard = next(iter(node.users))
+        value, expected = bound[name], guard.args[1] if guard.target is operator.eq else None
+        if value is expected or (not isinstance(value, torch.Tensor) and value == expected):
+            continue
+        raise InputError(
+            f"the {which} model was traced with `{name}` fixed to {expected!r}, as the example "
+            f"inputs it was captured on leave it out (the first batch of compare, advise, "
+            f"diagnose; match's example_inputs), but this batch gives `{name}` "
+            f"({_describe(value)}): its graph has none of the code that reads `{name}`.\n"
+            f"Fix: give every batch the same arguments; compare the batches that give `{name}` "
+            "in a call of their own (match again on one of them)")
+
+
+def _left_out_hint(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """Where a graph that failed takes an argument the batch leaves out (or gives as None):
+    it was traced with a value there (the example inputs gave it, or there were none and
+    torch.fx made every argument an input), which this batch lacks."""
+    if not isinstance(model, fx.GraphModule):
+        return ""
+    signature = graph_signature(model.graph)
+    if signature is None:
+        return ""
+    try:
+        bound = signature.bind(*args, **kwargs).arguments
+    except TypeError:
+        return ""
+    fixed, _ = fixed_inputs(model.graph.find_nodes(op="placeholder"))
+    names = [str(n.target) for n in model.graph.find_nodes(op="placeholder")
+             if n not in fixed and n.users and n.args and n.args[0] is None
+             and bound.get(str(n.target)) is None]
+    if not names:
+        return ""
+    listed = ", ".join(f"`{name}`" for name in names)
+    return (f"This batch leaves out (or gives as None) {listed}, which the graph was traced "
+            "with as an input (a tensor): the example inputs it was captured on gave a value "
+            "there (the first batch of compare, advise, diagnose), or there were none "
+            "(match without example_inputs). Fix: give every batch the same arguments, and "
+            "match on one of them (match(float_model, quant_model, example_inputs=batch))")
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

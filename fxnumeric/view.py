@@ -65,7 +65,8 @@ class GraphView:
         graph: the condensed ``networkx.DiGraph`` of ops, placeholders and the output node,
             built once with the view; an edge ``a -> b`` means op ``b`` reads the value ``a``
             produced. The matcher walks it (:mod:`fxnumeric.pairing`).
-        placeholders: the input nodes.
+        placeholders: the input nodes, but for arguments only checked (fixed when tracing,
+            :func:`fixed_inputs`; read by guards alone), which carry no value into the graph.
         output: the output node.
 
     Example:
@@ -97,7 +98,8 @@ class GraphView:
         self._named: dict[str, list[fx.Node]] | None = None
         self._order: list[fx.Node] | None = None
         self._sources: list[fx.Node] | None = None
-        shapes = self._shapes = shape_values(self.nodes)
+        fixed, guards = fixed_inputs(self.nodes)
+        shapes = self._shapes = shape_values(self.nodes) | guards
         for n in self.nodes:
             if n.op == "get_attr":
                 self._producer[n] = None
@@ -125,6 +127,11 @@ class GraphView:
             self._consumers[n] = []
             for i in ins:
                 self._consumers[i].append(n)
+        # an argument only checked, by torch.fx (fixed when tracing) or by another check that
+        # returns nothing (torch.export's guards, for one exported with y=None), is no input
+        self.placeholders = [n for n in self.placeholders if n not in fixed and not (
+            n.users and all(u in self._cls and self._cls[u].role == "plumbing" and not u.users
+                            for u in n.users))]
         # the condensed graph: its nodes are the ops, placeholders and output (in graph order),
         # an edge per value read, in argument order (networkx keeps insertion order)
         g = nx.DiGraph()
@@ -372,6 +379,30 @@ def shape_values(nodes: list[fx.Node]) -> set[fx.Node]:
               and all(i in found for i in n.all_input_nodes)):
             found.add(n)
     return found
+
+
+def fixed_inputs(nodes: list[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+    """The placeholders of arguments torch.fx fixed when tracing (its ``concrete_args``:
+    ``mask=None`` left out by the call the graph stands for), and torch.fx's checks of them
+    (``_assert_is_none(mask_1)``; ``torch._assert(flag_1 == False)``).
+
+    Such a placeholder is kept by torch.fx only to check at run time that the value is the
+    one fixed: no value of it enters the graph, so it is no input to pair (a model exported
+    on the same call has no placeholder for it) and its checks are plumbing.
+    """
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    guards: set[fx.Node] = set()
+    for n in placeholders:
+        for user in n.users:
+            if user.op != "call_function" or not user.args or user.args[0] is not n:
+                continue
+            if user.target is torch.fx._symbolic_trace._assert_is_none:
+                guards.add(user)
+            elif (user.target is operator.eq and user.users
+                  and all(u.target is torch._assert for u in user.users)):
+                guards |= {user, *user.users}
+    fixed = {n for n in placeholders if n.users and all(u in guards for u in n.users)}
+    return fixed, guards
 
 
 def _of_torch(fn: Any) -> bool:

@@ -667,3 +667,135 @@ def test_a_logger_keeps_a_value_the_graph_writes_into_through_a_view():
     ``proj`` kept the written tensor. Oracle: a forward hook's copy of proj's output."""
     torch.manual_seed(0)
     _assert_logged_as_made(_WritesIntoAView().eval(), "proj")
+
+
+class _Optional(nn.Module):
+    """``forward(x, y=None)``: the branch on ``y`` runs only when the call gives ``y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.l1(x)
+        if y is not None:
+            h = h + y
+        return self.l2(torch.relu(h))
+
+
+def _hooked_sqnr(f: nn.Module, q: nn.Module, args: tuple, kwargs: dict,
+                 names: list[str]) -> dict[str, float]:
+    """Each module's output SQNR, float model against quantized, both run on the call
+    ``(*args, **kwargs)`` and read by forward hooks, in float64."""
+    outs: dict[tuple[str, str], torch.Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out, key=(side, name): outs.__setitem__(key, out.detach().double()))
+        for side, model in (("float", f), ("quant", q)) for name in names]
+    with torch.no_grad():
+        f(*args, **kwargs)
+        q(*args, **kwargs)
+    for handle in handles:
+        handle.remove()
+    return {name: 10 * math.log10(float(outs["float", name].square().sum()
+                                        / (outs["float", name] - outs["quant", name])
+                                        .square().sum())) for name in names}
+
+
+@pytest.mark.parametrize("capture", ["auto", "fx", "export"])
+def test_an_optional_argument_the_batch_leaves_out_is_traced_at_its_default(capture):
+    """``forward(x, y=None)`` called as ``model(x)``: torch.fx made ``y`` a graph input, so
+    ``if y is not None`` kept the add, and the graph failed on ``x`` alone ("unsupported
+    operand type(s) for +: 'Tensor' and 'NoneType'", blamed on the float model;
+    capture="export": "the float model takes 1 inputs (x) but the quantized model takes 2")."""
+    torch.manual_seed(0)
+    f = _Optional().eval()
+    q = _dyn(f)
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    report = ns.compare(f, q, [x], capture=capture, progress=False)
+    want = _hooked_sqnr(f, q, (x,), {}, ["l1", "l2"])
+    assert {"l1", "l2"} <= {r.name for r in report.rows}
+    assert not any(r.kind == "add" for r in report.rows)
+    for name, sqnr in want.items():
+        assert report.row(name).output["sqnr"] == pytest.approx(sqnr, abs=1e-3)
+    # a batch that gives y is traced with it: the add is compared, on that call
+    want = _hooked_sqnr(f, q, (x, y), {}, ["l1", "l2"])
+    for batch in ((x, y), {"x": x, "y": y}):
+        report = ns.compare(f, q, [batch], capture=capture, progress=False)
+        assert any(r.kind == "add" for r in report.rows)
+        for name, sqnr in want.items():
+            assert report.row(name).output["sqnr"] == pytest.approx(sqnr, abs=1e-3)
+    # y given as None is the call without y
+    report = ns.compare(f, q, [{"x": x, "y": None}], capture=capture, progress=False)
+    assert report.row("l2").output["sqnr"] == pytest.approx(
+        _hooked_sqnr(f, q, (x,), {}, ["l2"])["l2"], abs=1e-3)
+
+
+def test_an_optional_argument_left_out_through_the_eager_api_and_match():
+    torch.manual_seed(0)
+    f = _Optional().eval()
+    q = _dyn(f)
+    x = torch.randn(3, 8)
+    want = tns.compare_model_outputs(copy.deepcopy(f), copy.deepcopy(q), x)
+    got = ns.compare_model_outputs(f, q, x)
+    assert list(got) == list(want) == ["l1.stats", "l2.stats"]
+    for key in want:
+        for side in ("float", "quantized"):
+            assert all(torch.equal(a, b) for a, b in zip(got[key][side], want[key][side],
+                                                         strict=True))
+    assert [p.name for p in ns.match(f, q, example_inputs=x).pairs] == ["l1", "relu", "l2"]
+    # without example inputs torch.fx traces every argument as an input: y's add is there
+    assert [p.name for p in ns.match(f, q).pairs] == ["l1", "add", "relu", "l2"]
+
+
+def test_batches_that_differ_in_the_arguments_they_give_are_refused_with_the_reason():
+    torch.manual_seed(0)
+    f = _Optional().eval()
+    q = _dyn(f)
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(ns.InputError, match=r"the float model was traced with `y` fixed to "
+                       r"None.*this batch gives `y` \(Tensor\[3, 8\].*\nFix: give every batch "
+                       "the same arguments"):
+        ns.compare(f, q, [x, (x, y)], progress=False)
+    with pytest.raises(ns.InputError, match=r"This batch leaves out \(or gives as None\) `y`, "
+                       r"which the graph was traced with as an input.*Fix: give every batch"):
+        ns.compare(f, q, [(x, y), x], progress=False)
+
+
+class _MaskedChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.l(x)
+        return h if mask is None else h * mask
+
+
+class _CallsWithMaskNone(nn.Module):
+    """An untraceable root calling its child with ``mask=None`` by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = _MaskedChild()
+        self.l2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+            x = x * 1
+        return self.l2(self.c(x, mask=None))
+
+
+def test_a_region_traced_with_an_argument_fixed_takes_it_by_its_own_name():
+    """The region ``c``, traced with ``mask`` fixed to None, took ``mask_1=`` (torch.fx's
+    name): the root's ``self.c(x, mask=None)`` failed with "unexpected keyword argument
+    'mask'", blamed on the float model."""
+    torch.manual_seed(0)
+    f = _CallsWithMaskNone().eval()
+    q = _dyn(f)
+    x = torch.randn(3, 8).abs()
+    assert ns.match(f, q, example_inputs=x).pair("c.l").region == "c"
+    report = ns.compare(f, q, [x], progress=False)
+    want = _hooked_sqnr(f, q, (x,), {}, ["c.l", "l2"])
+    for name, sqnr in want.items():
+        assert report.row(name).output["sqnr"] == pytest.approx(sqnr, abs=1e-3)

@@ -16,6 +16,7 @@ from .fx import (
     FUNCTIONAL_METHODS,
     LeafSpec,
     TraceFailure,
+    fixed_arguments,
     graph_module,
     is_functional,
     is_leaf,
@@ -29,4 +30,5 @@ from .fx import (
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
     "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
+    "fixed_arguments",
 ]

@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import InputError
+from .fx import fixed_arguments
 
 __all__ = [
     "CAPTURES", "ExportFailure", "export_module", "export_side", "auto_exports_float",
@@ -106,12 +107,19 @@ def export_side(model: Any, example_inputs: Any, which: str) -> tuple[Any, str |
     return exported, None
 
 
-def capture_example(capture: str, example_inputs: Any, quant_model: Any) -> Any:
+def capture_example(capture: str, example_inputs: Any, float_model: Any,
+                    quant_model: Any) -> Any:
     """The example inputs to match this pair on: ``example_inputs`` where the capture needs
     them (``"export"`` always, ``"auto"`` against a pt2e model, whose float side it may
-    export), else None. Callers that run nothing before the user does (the eager API) pass
+    export, and any capture where they leave out, or give as None, an argument of the float
+    model's forward: torch.fx traces the call they make, :func:`fixed_arguments`), else None.
+    Callers that run nothing before the user does (the eager API) pass
     :func:`fxnumeric.match` what this returns."""
+    from ..run import as_call
+
     needed = capture == "export" or auto_exports_float(capture, example_inputs, quant_model)
+    if not needed and example_inputs is not None and isinstance(float_model, nn.Module):
+        needed = bool(fixed_arguments(float_model, *as_call(example_inputs)))
     return example_inputs if needed else None
 
 

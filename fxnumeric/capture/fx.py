@@ -30,6 +30,7 @@ from .clone import carry_hooks
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
     "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
+    "fixed_arguments",
 ]
 
 LeafSpec = type | str
@@ -228,6 +229,66 @@ def is_leaf(module: nn.Module, path: str, leaf_modules: Iterable[LeafSpec] | Non
     return _Tracer(leaf_types, leaf_names).is_leaf_module(module, path)
 
 
+def fixed_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The arguments to fix when tracing ``module`` for the call ``module(*args, **kwargs)``
+    (torch.fx's ``concrete_args``), or None if no one graph can stand for that call.
+
+    An argument the call leaves out is fixed to its default, and one it gives as ``None`` to
+    None: traced as graph inputs, ``if mask is not None`` would take the branch the call does
+    not (a Proxy is never None). Tensors stay graph inputs. A call giving another Python value
+    (an int, a flag, a cache object), or ``*args`` / ``**kwargs`` values, gives None: that value
+    could change from call to call.
+
+    Example:
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, x, y=None, scale=2.0):
+        ...         return x if y is None else x + y
+        >>> fixed_arguments(M(), (torch.ones(1),), {})
+        {'y': None, 'scale': 2.0}
+        >>> fixed_arguments(M(), (torch.ones(1), torch.ones(1)), {})
+        {'scale': 2.0}
+    """
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    fixed: dict[str, Any] = {}
+    for name, param in signature.parameters.items():
+        passed = name in bound.arguments
+        value = bound.arguments.get(name, param.default)
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if passed and value:
+                return None  # torch.fx cannot give *args / **kwargs placeholders
+            continue
+        if isinstance(value, torch.Tensor):
+            continue
+        if value is None or not passed:
+            fixed[name] = value  # asserted by torch.fx at run time
+        else:
+            return None  # a Python value (int, bool, cache object): it could change per call
+    return fixed
+
+
+def _named_as_arguments(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:
+    """Give the placeholders of fixed arguments their arguments' names back.
+
+    torch.fx names the placeholder of a fixed argument ``mask_1`` (it keeps one, for its
+    run-time check that the value is the one fixed), so the graph's forward takes ``mask_1=``:
+    a caller passing ``mask=None``, as the model takes it, got "unexpected keyword argument
+    'mask'". Only the name the caller sees (the placeholder's target) changes.
+    """
+    if not concrete_args:
+        return
+    placeholders = graph.find_nodes(op="placeholder")
+    taken = {str(n.target) for n in placeholders}
+    for node in placeholders:
+        name = str(node.target).rpartition("_")[0]
+        if name in concrete_args and name not in taken:
+            node.target = name
+            taken.add(name)
+
+
 @dataclass(frozen=True)
 class TraceFailure:
     """Why torch.fx could not trace a module.
@@ -263,6 +324,7 @@ def trace_submodule(
         first_line = (str(exc).splitlines() or [""])[0][:200]
         scope = tracer.scope_path[-1] if tracer.scope_path else ""
         return TraceFailure(scope, f"{type(exc).__name__}: {first_line} (at {_user_frame(exc)})")
+    _named_as_arguments(graph, concrete_args)
     return carry_hooks(graph_module(module, graph, class_name=type(module).__name__), module)
 
 
@@ -378,6 +440,7 @@ def trace(
     *,
     leaf_modules: Iterable[LeafSpec] | None = None,
     which: str = "model",
+    concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that shares its submodules.
 
@@ -388,6 +451,11 @@ def trace(
             Use this for submodules that ``torch.fx`` cannot trace (data-dependent control
             flow, ``len()`` of a proxy, shape asserts).
         which: ``"float"`` or ``"quantized"``, used in error messages.
+        concrete_args: arguments of ``model``'s forward to fix, by name, as the call the
+            graph stands for makes them (:func:`fixed_arguments`): ``forward(x, y=None)``
+            called as ``model(x)`` is traced with ``y=None``, so its ``if y is not None``
+            branch is left out as the call leaves it out. The graph still takes ``y``, and
+            torch.fx asserts at run time that it is the value fixed.
 
     Returns:
         A new GraphModule; ``model`` is not modified. It runs ``model``'s own forward hooks
@@ -410,7 +478,7 @@ def trace(
     if "" in leaf_names or tracer.is_leaf_module(model, ""):
         return single_call_graph(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
         where = tracer.scope_path[-1] if tracer.scope_path else ""
         module = f"`{where}` ({type(model.get_submodule(where)).__name__})" if where else (
@@ -429,5 +497,6 @@ def trace(
             f"Fix: keep that module whole by passing {hint}, or make its forward traceable "
             f"(no data-dependent `if`, no len()/assert on tensor shapes)."
         ) from exc
+    _named_as_arguments(graph, concrete_args)
     name = type(model).__name__
     return carry_hooks(graph_module(model, graph, class_name=name), model)

@@ -36,7 +36,15 @@ from torch import nn
 from ..ops import classify_module
 from ..run import run_model
 from .clone import module_tree_copy
-from .fx import FUNCTIONAL_METHODS, LeafSpec, TraceFailure, is_functional, is_leaf, trace_submodule
+from .fx import (
+    FUNCTIONAL_METHODS,
+    LeafSpec,
+    TraceFailure,
+    fixed_arguments,
+    is_functional,
+    is_leaf,
+    trace_submodule,
+)
 
 __all__ = ["Region", "TreeCapture", "CallSpecs", "record_calls", "capture_tree"]
 
@@ -92,30 +100,6 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
 
-def _call_spec(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    """The arguments to fix when tracing ``module`` as it was called, or None if it cannot be."""
-    try:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None
-    fixed: dict[str, Any] = {}
-    for name, param in signature.parameters.items():
-        passed = name in bound.arguments
-        value = bound.arguments.get(name, param.default)
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            if passed and value:
-                return None  # torch.fx cannot give *args / **kwargs placeholders
-            continue
-        if isinstance(value, torch.Tensor):
-            continue
-        if value is None or not passed:
-            fixed[name] = value  # None is asserted by torch.fx at run time
-        else:
-            return None  # a Python value (int, bool, cache object): it could change per call
-    return fixed
-
-
 def _static_spec(module: nn.Module) -> dict[str, Any] | None:
     """Without a recorded call: traceable only if every argument is required."""
     try:
@@ -145,7 +129,7 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     extras: dict[int, tuple[str, ...]] = {}
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        spec = _call_spec(module, args, kwargs)
+        spec = fixed_arguments(module, args, kwargs)
         key = id(module)
         if key in by_module and by_module[key] != spec:
             spec = None  # called in two ways: no single graph fits
