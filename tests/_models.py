@@ -11,7 +11,7 @@ import torch.nn as nn
 
 __all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair", "nan_in_layer1_norm_pair",
            "run_order_and_first_nonfinite", "QatFunctional", "qat_functional_pair",
-           "functional_values", "module_inputs", "ScaledLinear"]
+           "functional_values", "module_inputs", "ScaledLinear", "fp16_exact_pair"]
 
 
 class LSTMModel(nn.Module):
@@ -258,3 +258,22 @@ class UntracedGated(nn.Module):
 
     def forward(self, x):
         return self.dequant(self.gate(self.quant(x)))
+
+
+def fp16_exact_pair(quantized: set[str] | None = None,
+                    ) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """A 3-Linear MLP whose weights fp16 holds exactly, and its fp16 dynamic quantization
+    (``quantized``: only those layers): the two differ only in the order float32 sums are
+    taken, by float32 rounding at most (no quantization error at all)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.copy_(p.half().float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_dynamic(copy.deepcopy(f), quantized or {nn.Linear}, dtype=torch.float16)
+    return f, q, [torch.randn(4, 8) for _ in range(3)]

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from _models import UntracedGated
+from _models import UntracedGated, fp16_exact_pair
 from torch.ao.quantization import (
     DeQuantStub,
     QConfigMapping,
@@ -2557,21 +2557,6 @@ def test_a_layer_kept_float_under_untraceable_code_hands_its_module_a_quantized_
 # ------------------------------------------- "most sensitive" names only layers with an effect
 
 
-def _fp16_pair(quantized: set[str] | None = None):
-    """A 3-Linear MLP whose weights fp16 holds exactly, fp16 dynamic quantized (``quantized``:
-    only those layers): the pair differs by float32 rounding at most."""
-    torch.manual_seed(0)
-    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                      nn.Linear(16, 4)).eval()
-    with torch.no_grad():
-        for p in f.parameters():
-            p.copy_(p.half().float())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = quantize_dynamic(copy.deepcopy(f), quantized or {nn.Linear}, dtype=torch.float16)
-    return f, q, [torch.randn(4, 8) for _ in range(3)]
-
-
 def _sqnr64(ref: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
     r, a = torch.cat(ref).double(), torch.cat(actual).double()
     noise = float((r - a).square().sum())
@@ -2579,7 +2564,7 @@ def _sqnr64(ref: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
 
 
 def test_layers_at_float32_rounding_are_not_named_most_sensitive():
-    f, q, data = _fp16_pair()
+    f, q, data = fp16_exact_pair()
     s = sensitivity(f, q, data)
     with torch.no_grad():  # the oracle: hybrids built by hand, SQNR in float64
         ref = [f(x) for x in data]
@@ -2604,7 +2589,7 @@ def test_layers_at_float32_rounding_are_not_named_most_sensitive():
 
 @pytest.mark.parametrize("metric", ["sqnr", "cosine"])
 def test_a_bit_exact_pair_names_no_layer_most_sensitive(metric):
-    f, q, data = _fp16_pair({"0", "2"})  # the layers fp16 computes bit-exactly here
+    f, q, data = fp16_exact_pair({"0", "2"})  # the layers fp16 computes bit-exactly here
     with torch.no_grad():
         assert all(torch.equal(f(x), q(x)) for x in data)  # the oracle
     s = sensitivity(f, q, data, metric=metric)

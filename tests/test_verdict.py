@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from _models import embedding_pair
+from _models import embedding_pair, fp16_exact_pair
 from torch.ao.quantization import DeQuantStub, QuantStub
 
 import fxnumeric as ns
@@ -698,25 +698,8 @@ def test_without_a_scale_only_an_exact_zero_reads_collapsed():
 # ---------------------------------------------------------------- float32 rounding is no error
 
 
-def _fp16_exact_pair() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
-    """An MLP whose weights fp16 holds exactly, and its fp16 dynamic quantization: the two
-    differ only in the order float32 sums are taken (no quantization error at all)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    torch.manual_seed(0)
-    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                      nn.Linear(16, 4)).eval()
-    with torch.no_grad():
-        for p in f.parameters():
-            p.copy_(p.half().float())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=torch.float16)
-    return f, q, [torch.randn(4, 8) for _ in range(3)]
-
-
 def test_an_error_at_float32_rounding_names_no_culprit():
-    f, q, data = _fp16_exact_pair()
+    f, q, data = fp16_exact_pair()
     _, shadows = _hooked_sqnrs(f, q, data)
     # the oracle: one layer differs from its float twin, by float32 rounding alone
     assert shadows["0"] == math.inf and shadows["2"] == math.inf
