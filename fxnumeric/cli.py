@@ -98,14 +98,18 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _comparisons(text: str) -> list[str]:
+def _known_names(text: str, known: tuple[str, ...], takes: str) -> list[str]:
+    """The comma-separated names of ``text``: one or more, each of ``known``; else argparse's
+    error, ``takes`` saying what the option takes."""
     names = _names(text)
-    unknown = [n for n in names if n not in COMPARISONS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"--comparisons takes one or more of {','.join(COMPARISONS)} (comma-separated), "
-            f"got {text!r}")
+    if not names or any(n not in known for n in names):
+        raise argparse.ArgumentTypeError(f"{takes}, got {text!r}")
     return names
+
+
+def _comparisons(text: str) -> list[str]:
+    return _known_names(text, COMPARISONS, f"--comparisons takes one or more of "
+                        f"{','.join(COMPARISONS)} (comma-separated)")
 
 
 _QUANT_CHOICES = ("static", "dynamic", "fx", "pt2e", "pt2e-x86", "int8-weight-only",
@@ -113,13 +117,9 @@ _QUANT_CHOICES = ("static", "dynamic", "fx", "pt2e", "pt2e-x86", "int8-weight-on
 
 
 def _quant(text: str) -> str:
-    modes = _names(text)
-    unknown = [m for m in modes if m not in _QUANT_CHOICES]
-    if not modes or unknown:
-        raise argparse.ArgumentTypeError(
-            f"--quant takes one of {', '.join(_QUANT_CHOICES)} (or several, comma-separated, "
-            f"for report and advise), got {text!r}")
-    return ",".join(modes)
+    return ",".join(_known_names(text, _QUANT_CHOICES, f"--quant takes one of "
+                                 f"{', '.join(_QUANT_CHOICES)} (or several, comma-separated, "
+                                 "for report and advise)"))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
