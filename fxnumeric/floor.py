@@ -42,9 +42,9 @@ from .metrics import aminmax, db, energy
 from .ops import dynamic_input
 from .semantics import QuantGrid, evaluate_constant, grid_before
 
-__all__ = ["FLOOR_MARGIN_DB", "AT_FLOOR_DB", "floor_sqnr", "floor_noise", "weight_steps",
-           "FloorVerdict", "judge", "FloorSums", "layer_weight_steps", "layer_module",
-           "layer_floor", "floor_sums"]
+__all__ = ["FLOOR_MARGIN_DB", "AT_FLOOR_DB", "floor_sqnr", "floor_noise", "output_rounding",
+           "weight_steps", "FloorVerdict", "judge", "FloorSums", "layer_weight_steps",
+           "layer_module", "layer_floor", "floor_sums"]
 
 FLOOR_MARGIN_DB = 6.0
 """How far (dB) below its floor a layer's shadow SQNR must be to count as broken: the noise
@@ -288,16 +288,26 @@ def _input_steps(x: torch.Tensor, granularity: str, levels: float) -> float:
     return tokens * ((high - low) / levels) ** 2
 
 
+def output_rounding(count: int, grid: QuantGrid, signal: float | None = None) -> float:
+    """The noise rounding ``count`` output values of energy ``signal`` onto ``grid`` adds:
+    ``step² / 12`` per value, but never more than ``signal``. Zero is on the grid (an affine
+    grid holds it exactly), so rounding moves a value by no more than the value itself: a
+    step coarser than the values rounds them to zero, an SQNR of 0 dB, not the -20 dB that
+    ``step² / 12`` reads for a step 35 times their RMS."""
+    rounding = count * grid.scale ** 2 / 12
+    return rounding if signal is None else min(rounding, signal)
+
+
 def floor_noise(count: int, *, grid: QuantGrid | None = None, clip_noise: float = 0.0,
                 weight_step_sq: float | None = None, fan_in: int | None = None,
                 input_mean_square: float | None = None, input_noise: float = 0.0,
-                ) -> float | None:
-    """The noise power (summed over ``count`` outputs) a layer's grids allow; ``None`` when
-    no grid of it is known (see :func:`floor_sqnr`)."""
+                signal: float | None = None) -> float | None:
+    """The noise power (summed over ``count`` outputs of energy ``signal``) a layer's grids
+    allow; ``None`` when no grid of it is known (see :func:`floor_sqnr`)."""
     noise = clip_noise + input_noise
     known = input_noise > 0
     if grid is not None:
-        noise += count * grid.scale ** 2 / 12
+        noise += output_rounding(count, grid, signal)
         known = True
     if weight_step_sq is not None and fan_in and input_mean_square is not None:
         noise += count * fan_in * input_mean_square * weight_step_sq / 12
@@ -314,10 +324,12 @@ def floor_sqnr(signal: float, count: int, *, grid: QuantGrid | None = None,
 
     >>> round(floor_sqnr(1000.0, 1000, grid=QuantGrid(0.01, 0, -128, 127)), 2)  # rms 1, step 0.01
     50.79
+    >>> floor_sqnr(1000.0, 1000, grid=QuantGrid(10.0, 0, -128, 127))  # step 10x the rms: all 0
+    0.0
     """
     noise = floor_noise(count, grid=grid, clip_noise=clip_noise, weight_step_sq=weight_step_sq,
                         fan_in=fan_in, input_mean_square=input_mean_square,
-                        input_noise=input_noise)
+                        input_noise=input_noise, signal=signal)
     if noise is None:
         return None
     return db(signal, noise)
@@ -333,8 +345,10 @@ class FloorVerdict:
             (between, or better than the noise model expects).
         cause: ``"offset"`` (below its floor, and most of its error is a constant per output
             channel: a lost bias, a wrong zero point), ``"scale"`` (below its floor
-            otherwise: its error exceeds what its steps allow) or ``"clipping"`` (not below,
-            but most of what its floor allows is clipping: its output range is too narrow);
+            otherwise: its error exceeds what its steps allow), ``"clipping"`` (not below,
+            but most of what its floor allows is clipping: its output range is too narrow) or
+            ``"coarse"`` (not below: its output step is coarser than its values, which round
+            to zero or near it);
             ``""`` when its floor is rounding (more bits, not a fix, would help).
         text: one sentence for a person.
     """
@@ -345,7 +359,7 @@ class FloorVerdict:
 
 
 def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float = 0.0,
-          offset_share: float = 0.0) -> FloorVerdict | None:
+          offset_share: float = 0.0, coarse: str = "") -> FloorVerdict | None:
     """Place a layer against its floor; ``None`` when either number is missing.
 
     Args:
@@ -354,6 +368,8 @@ def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float =
         clip_share: the fraction of its floor's noise that is clipping.
         offset_share: the fraction of its measured error power that a constant per output
             channel explains.
+        coarse: when its output step is too coarse for its values (its rounding is capped at
+            their energy, :func:`output_rounding`), the step against their RMS, for the text.
 
     >>> judge(20.0, 40.0, offset_share=0.9).cause
     'offset'
@@ -372,6 +388,11 @@ def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float =
             f"{gap:.1f} dB below its floor: its error exceeds what its steps allow (a wrong "
             "scale, for the output or the weights)"))
     state = "at" if abs(gap) <= AT_FLOOR_DB else "above"
+    if coarse:
+        return FloorVerdict(state, "coarse", (
+            f"its output step is too coarse for its values ({coarse}): it rounds them to zero "
+            "or near it (a scale held up by a lower bound, as an observer's eps, or "
+            "calibrated on larger values)"))
     if clip_share > 0.5:
         return FloorVerdict(state, "clipping", (
             f"{100 * clip_share:.0f}% of what its floor allows is clipping: its output range is "
@@ -407,8 +428,11 @@ def layer_floor(region: Any, pair: Any, sums: FloorSums, *, signal: float, noise
     floor = floor_sqnr(signal, count, **grids)
     if floor is None:
         return None, None
-    allowed = floor_noise(count, **grids)
+    allowed = floor_noise(count, **grids, signal=signal)
     local = db(signal, noise)
+    grid = sums.grid
+    coarse = (f"step {grid.scale:.3g} against an RMS of {math.sqrt(signal / count):.3g}"
+              if grid is not None and output_rounding(count, grid) >= signal else "")
     verdict = judge(local, floor, clip_share=sums.clip_noise / allowed if allowed else 0.0,
-                    offset_share=sums.offset_noise() / noise if noise else 0.0)
+                    offset_share=sums.offset_noise() / noise if noise else 0.0, coarse=coarse)
     return floor, verdict

@@ -215,3 +215,39 @@ def test_a_fused_dynamic_linear_relu_has_the_floor_of_a_dynamic_linear():
     expected = 10 * math.log10(float(y.square().sum()) / (weight_noise + input_noise))
     assert row.floor_sqnr == pytest.approx(expected, abs=1e-6)
     assert ns.diagnose(f, q, [x, torch.randn(8, 16)], progress=False).flagged() == []
+
+
+def test_an_output_step_coarser_than_the_values_floors_at_0_db_and_says_so():
+    # pt2e's x86 quantizer bounds every scale below by an eps of 2**-12: on activations ~35x
+    # smaller than that step every value rounds to 0 (shadow 0.00 dB) while the floor's
+    # step²/12 read -19.6 dB, so the layer sat "20 dB above its floor" with no word on why.
+    # Planted here: an eager Linear whose output scale is 100x its largest output.
+    # Oracle: the float twin's output rounded onto that grid by hand (all zeros: 0 dB).
+    torch.manual_seed(0)
+    f = nn.Sequential(torch.ao.quantization.QuantStub(), nn.Linear(16, 8),
+                      torch.ao.quantization.DeQuantStub()).eval()
+    f.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    data = [torch.randn(4, 16) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = torch.ao.quantization.prepare(copy.deepcopy(f))
+        for x in data:
+            p(x)
+        q = torch.ao.quantization.convert(p)
+    with torch.no_grad():
+        largest = max(float(f(x).abs().max()) for x in data)
+    q[1].scale = 100 * largest
+    with torch.no_grad():
+        y = torch.cat([f[1](q[0](x).dequantize()) for x in data]).double()  # the float twin
+        rounded = torch.round(y / q[1].scale) * q[1].scale  # in range: no clipping
+        assert bool((rounded == 0).all())  # every value rounds to zero on this grid
+        assert all(bool((q(x) == 0).all()) for x in data)
+    by_hand = 10 * math.log10(float(y.square().sum()) / float((y - rounded).square().sum()))
+    assert by_hand == 0.0
+    row = ns.compare(f, q, data, progress=False).row("1")
+    assert row.shadow_sqnr == pytest.approx(by_hand, abs=1e-9)
+    # the floor: what the grid allows, never below rounding every value to zero (the weight
+    # step adds a little on top)
+    assert by_hand - 1.0 < row.floor_sqnr <= by_hand
+    assert not row.below_floor and row.floor_cause == "coarse"
+    assert "output step coarser than its values, which round to zero" in row.notes

@@ -123,6 +123,7 @@ _FLOOR_CAUSES = {
     "clipping": "clipping: its output range is too narrow for its values",
     "offset": "a constant error per output channel: a lost bias or a wrong zero point",
     "scale": "its error exceeds what its steps allow: a wrong output or weight scale",
+    "coarse": "an output step coarser than its values, which round to zero or near it",
 }
 
 
@@ -322,7 +323,7 @@ class ReportRow:
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
                          f"allow {self.floor_sqnr:.2f} dB" + (f" ({why})" if why else ""))
-        elif self.floor_cause == "clipping":
+        elif self.floor_cause in ("clipping", "coarse"):
             parts.append(f"its floor is {self.floor_sqnr:.2f} dB because of {why}")
         return "; ".join(parts)
 
