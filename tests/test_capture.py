@@ -799,3 +799,29 @@ def test_a_region_traced_with_an_argument_fixed_takes_it_by_its_own_name():
     want = _hooked_sqnr(f, q, (x,), {}, ["c.l", "l2"])
     for name, sqnr in want.items():
         assert report.row(name).output["sqnr"] == pytest.approx(sqnr, abs=1e-3)
+
+
+class _InputNamedLikeAFixedOne(nn.Module):
+    """An input ``a_b`` beside an optional ``a``: ``a_b`` reads, to a rule that strips
+    ``_suffix``, like torch.fx's renaming (``a_1``) of the fixed ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+
+    def forward(self, a_b: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.l(a_b)
+        return h if a is None else h + a
+
+
+def test_an_input_named_like_a_fixed_argument_keeps_its_name():
+    # the fixed ``a``'s placeholder got its name back by stripping "_..." from every
+    # placeholder: the input ``a_b`` became ``a`` and compare's dict batch
+    # {"a_b": x} failed with "unexpected keyword argument 'a_b'"
+    torch.manual_seed(0)
+    f = _InputNamedLikeAFixedOne().eval()
+    q = _dyn(f)
+    x = torch.randn(3, 8)
+    report = ns.compare(f, q, [{"a_b": x}], progress=False)
+    want = _hooked_sqnr(f, q, (), {"a_b": x}, ["l"])
+    assert report.row("l").output["sqnr"] == pytest.approx(want["l"], abs=1e-3)

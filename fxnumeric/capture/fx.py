@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import operator
 import os
 import traceback
 from collections import OrderedDict
@@ -282,9 +283,13 @@ def _named_as_arguments(graph: fx.Graph, concrete_args: dict[str, Any] | None) -
         return
     placeholders = graph.find_nodes(op="placeholder")
     taken = {str(n.target) for n in placeholders}
+    checks = (torch.fx._symbolic_trace._assert_is_none, operator.eq)
     for node in placeholders:
-        name = str(node.target).rpartition("_")[0]
-        if name in concrete_args and name not in taken:
+        name, _, suffix = str(node.target).rpartition("_")
+        # torch.fx's own renaming (``mask_1``) of a placeholder only its checks read: not an
+        # input ``mask_b`` or ``mask_1`` of the model's own beside a fixed ``mask``
+        if (suffix.isdigit() and name in concrete_args and name not in taken
+                and all(u.op == "call_function" and u.target in checks for u in node.users)):
             node.target = name
             taken.add(name)
 
