@@ -367,16 +367,13 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> _WeightStats:
     if not qw.is_quantized:
         return stats
     qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
-    if qw.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        util = (ranges / (qw.q_scale() * (qmax - qmin)))[live]
-        return dataclasses.replace(stats, per_channel=False, utilisation=float(
-            util.median()) if len(util) else None)
+    per_channel = qw.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric)
     # per channel, float zero points too (a quantized Embedding's per_channel_affine_float_qparams)
-    if qw.q_per_channel_axis() != 0:
+    if per_channel and qw.q_per_channel_axis() != 0:
         return dataclasses.replace(stats, per_channel=True)
-    scales = qw.q_per_channel_scales().double()
+    scales = qw.q_per_channel_scales().double() if per_channel else qw.q_scale()
     util = (ranges / (scales * (qmax - qmin)))[live]
-    return dataclasses.replace(stats, per_channel=True, utilisation=float(
+    return dataclasses.replace(stats, per_channel=per_channel, utilisation=float(
         util.median()) if len(util) else None)
 
 
