@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import linecache
-import operator
 import os
 import traceback
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from torch import nn
 from .. import flows
 from ..errors import TraceError
 from ..offload import held, hooks_of, keeps_whole
+from ..view import fixed_inputs
 from .clone import carry_hooks
 
 __all__ = [
@@ -283,13 +283,13 @@ def _named_as_arguments(graph: fx.Graph, concrete_args: dict[str, Any] | None) -
         return
     placeholders = graph.find_nodes(op="placeholder")
     taken = {str(n.target) for n in placeholders}
-    checks = (torch.fx._symbolic_trace._assert_is_none, operator.eq)
+    fixed, _ = fixed_inputs(placeholders)
     for node in placeholders:
         name, _, suffix = str(node.target).rpartition("_")
         # torch.fx's own renaming (``mask_1``) of a placeholder only its checks read: not an
         # input ``mask_b`` or ``mask_1`` of the model's own beside a fixed ``mask``
         if (suffix.isdigit() and name in concrete_args and name not in taken
-                and all(u.op == "call_function" and u.target in checks for u in node.users)):
+                and (node in fixed or not node.users)):
             node.target = name
             taken.add(name)
 
