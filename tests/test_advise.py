@@ -2464,9 +2464,10 @@ def _weight_sqnr(float_weight: torch.Tensor, quant_weight: torch.Tensor) -> floa
 
 
 def test_one_quantized_model_of_other_weights_is_warned_about_as_a_variant_is():
-    """One quantized model made from another seed's float model: compare, sensitivity and
-    advise measured it with no word (KL 2.4, top-1 0.000 on a tiny Llama), where the same
-    model among several variants was warned about. They now give the variants' warning."""
+    """One quantized model made from another seed's float model: compare, sensitivity,
+    advise and diagnose measured it with no word (KL 2.4, top-1 0.000 on a tiny Llama), where
+    the same model among several variants was warned about. They now give the variants'
+    warning; diagnose's text begins with it."""
     f = _seeded_mlp(2, 0)
     data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(2))]
     odd = quantize_dynamic(_seeded_mlp(2, 1), {nn.Linear})
@@ -2478,12 +2479,16 @@ def test_one_quantized_model_of_other_weights_is_warned_about_as_a_variant_is():
             f"SQNR below 0 dB on 3 of 3 layers {worst}")
     for call in (lambda: fxnumeric.compare(f, odd, data),
                  lambda: sensitivity(f, odd, data, metric="sqnr"),
-                 lambda: advise(f, odd, data, metric="sqnr", target=1000.0)):
+                 lambda: advise(f, odd, data, metric="sqnr", target=1000.0),
+                 lambda: fxnumeric.diagnose(f, odd, data)):
         with pytest.warns(fxnumeric.FxNumericWarning) as caught:
             call()
         found = [str(w.message) for w in caught if "do not look made" in str(w.message)]
         assert len(found) == 1 and found[0].startswith(said), found
         assert "\nFix: pass the float model the quantized one was made from" in found[0]
+    with pytest.warns(fxnumeric.FxNumericWarning, match="do not look made"):
+        diagnosis = fxnumeric.diagnose(f, odd, data)
+    assert diagnosis.foreign.startswith(said) and diagnosis.text().startswith(said)
     with pytest.warns(fxnumeric.FxNumericWarning, match="do not look made"):
         report = fxnumeric.compare(f, odd, data)
     assert any(note.startswith(said) for note in report.notes)
@@ -2494,6 +2499,7 @@ def test_one_quantized_model_of_other_weights_is_warned_about_as_a_variant_is():
         assert not any("do not look made" in n for n in report.notes)
         sensitivity(f, own, data, metric="sqnr")
         advise(f, own, data, metric="sqnr", target=1000.0)
+        assert fxnumeric.diagnose(f, own, data).foreign == ""
 
 
 @pytest.mark.parametrize("reserved", ["float", "quantized"])

@@ -52,11 +52,11 @@ from .._tensors import detach, first_output
 from ..dataflow import model_inputs, op_reads, value_sources
 from ..errors import InputError
 from ..floor import FloorSums, FloorVerdict, floor_sums, layer_floor
-from ..guards import check_pairable
+from ..guards import check_pairable, warn_foreign_weights
 from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
 from ..match import Matching, Pair
-from ..metrics import db
+from ..metrics import db, sqnr
 from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
@@ -193,6 +193,9 @@ class Diagnosis:
     """The first layer (module path) whose values held NaN/Inf: it carries the only flag,
     ``nonfinite``; the sums of the layers after it are poisoned, so nothing is drawn from
     them."""
+    foreign: str = ""
+    """Why the quantized model's weights do not look made from the float model's (weight SQNR
+    below 0 dB on most layers; also warned), ``""`` when they do."""
 
     def __repr__(self) -> str:
         flagged = [d.module for d in self.flagged()]
@@ -213,11 +216,12 @@ class Diagnosis:
 
     def text(self) -> str:
         """A short paragraph per flagged layer: what is wrong and the usual fix."""
+        foreign = f"{self.foreign}\n" if self.foreign else ""
         if not self.flagged():
-            return "no layer flagged"
+            return foreign + "no layer flagged"
         head = (f"NaN/Inf first appears at {self.nonfinite}: the layers after it read poisoned "
                 "values, so none of them is flagged\n" if self.nonfinite else "")
-        return head + "\n".join(
+        return foreign + head + "\n".join(
             f"{d.module} ({d.kind}):\n" + "\n".join(f"  - {f}" for f in d.flags)
             for d in self.flagged()
         )
@@ -332,6 +336,7 @@ class _WeightStats:
     channels: int | None = None
     exact: bool | None = None  # dequantizes to exactly the float weight
     nonfinite: bool = False  # the float weight holds NaN/Inf
+    sqnr: float | None = None  # of the dequantized weight against the float one (dB)
 
 
 def _worse(stats: _WeightStats, than: _WeightStats) -> bool:
@@ -363,7 +368,8 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> _WeightStats:
         stats = dataclasses.replace(stats, outliers=float(ranges[live].max()) / median)
     deq = (qw.dequantize() if qw.is_quantized else qw).detach().double()
     if deq.numel() == w.numel():  # an fp16 weight too: exact when fp16 holds it
-        stats = dataclasses.replace(stats, exact=bool(torch.equal(deq.reshape(w.shape), w)))
+        stats = dataclasses.replace(stats, exact=bool(torch.equal(deq.reshape(w.shape), w)),
+                                    sqnr=sqnr(w, deq.reshape(w.shape)))
     if not qw.is_quantized:
         return stats
     qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
@@ -671,10 +677,17 @@ def diagnose(
     # an op with several weight matrices (an LSTM's, per layer, direction and gate input)
     # is judged by its worst one: one outlier row in one of them costs the whole layer
     weights: dict[str, tuple[_WeightStats, str]] = {}
+    sqnrs: list[tuple[str, float]] = []
     for w in pair_weights(matching, as_computed=True):
         name, stats = op_name(w.pair.name), _weight_stats(w.float_weight, w.quant_weight)
         if name not in weights or _worse(stats, weights[name][0]):
             weights[name] = (stats, w.matrix)
+        if stats.sqnr is not None:
+            sqnrs.append((w.pair.name, stats.sqnr))
+    # as compare, sensitivity and advise: a model of other weights is said, not diagnosed
+    # as if its every layer were badly quantized
+    foreign = warn_foreign_weights(sqnrs, "the quantized model's weights", "Every flag then "
+                                   "describes two different models, not the quantization")
     kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
@@ -724,7 +737,8 @@ def diagnose(
         if is_first:
             first_below = d.module
         diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
-    return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches), nonfinite)
+    return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches), nonfinite,
+                     foreign.partition("\n")[0])
 
 
 def annotate(report: Report, diagnosis: Diagnosis) -> Report:
