@@ -10,6 +10,7 @@ import struct
 import typing
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 import fxnumeric as ns
 from fxnumeric.errors import InputError
-from fxnumeric.report import Report, ReportRow, WeightHistogram
+from fxnumeric.report import Report, ReportRow, Thresholds, WeightHistogram, check_report
 from fxnumeric.report.persist import SCHEMA
 
 # every kind of float a report can hold, bit patterns included: the generator cycles through them
@@ -156,7 +157,7 @@ def test_human_readable_keys_and_lists_of_numbers_on_one_line():
     text = report.to_json()
     data = json.loads(text)
     assert list(data)[:3] == ["schema", "summary", "worst_layer"]
-    assert data["schema"] == SCHEMA == 1
+    assert data["schema"] == SCHEMA == 2
     assert data["summary"] == report.summary() and data["worst_layer"] == "conv1"
     assert data["layers"][0]["degenerate"] is False
     assert data["unmatched"] == [{"node": "add_1", "side": "float", "reason": "no quantized twin"}]
@@ -216,6 +217,57 @@ def test_an_older_file_without_a_later_field_loads_with_its_default():
     assert loaded.rows[0].floor_sqnr is None and loaded.notes == ()
 
 
+# Files written by fxnumeric at f58acdd (report schema 1, before reference_rms and spread):
+# 3 batches each; in _tiny, layer 2's weights are x1e-7 (float RMS 3.2e-8) and layer 3's x1e7.
+_OLD = Path(__file__).parent / "data"
+
+
+def test_a_schema_1_file_keeps_the_collapse_it_saved():
+    text = (_OLD / "report_schema1_f58acdd_tiny.json").read_text()
+    saved = json.loads(text)
+    # the oracle: what the fxnumeric that wrote it said, and its rule (float RMS < 1e-6)
+    assert [layer["degenerate"] for layer in saved["layers"]] == [False, True, False]
+    assert [layer["float_rms"] < 1e-6 for layer in saved["layers"]] == [False, True, False]
+    report = Report.from_json(text)
+    assert [r.degenerate for r in report.rows] == [False, True, False]  # [F, F, F] before
+    assert report.culprit is None and report.worst_layer.name == "3"  # "2" (0.00 dB) before
+    assert report.row("2").shadow_sqnr == 0.0
+    assert "float signal collapsed in 1 layer (as the older fxnumeric" in report.summary()
+    assert "as the older fxnumeric that saved this report judged it" in report.row("2").notes
+    # the gate does not judge a layer the file calls collapsed (it failed at 0.00 dB before)
+    result = check_report(report, Thresholds.from_dict({"layers": {"min_shadow_sqnr": 30}}))
+    assert result.passed and result.skipped == ("2",)
+    # the data given is not changed; saved again, the report is schema 2 and loads the same
+    assert Report.from_dict(saved) == report and "legacy_degenerate" not in saved["layers"][1]
+    again = json.loads(report.to_json())
+    assert again["schema"] == 2 and again["layers"][1]["legacy_degenerate"] is True
+    assert Report.from_json(report.to_json()) == report
+    # a variant of a schema 1 file is brought up too
+    nested = {**saved, "variants": {"a": {k: v for k, v in saved.items() if k != "schema"}}}
+    variant = Report.from_dict(nested).variants["a"]
+    assert [r.degenerate for r in variant.rows] == [False, True, False]
+
+
+def test_a_schema_1_file_with_reference_rms_is_judged_by_it():
+    row = ReportRow("fc", "linear", True, 40.0, {"sqnr": 3.0}, {"sqnr": 3.0}, float_rms=1e-9,
+                    reference_rms=1.0)
+    data = Report((row,), ("sqnr",), ("outputs",), 1, {"sqnr": 30.0}).to_dict()
+    data["schema"] = 1
+    data["layers"][0]["degenerate"] = False  # edited: the row's own numbers say collapsed
+    loaded = Report.from_dict(data)
+    assert loaded.rows[0].degenerate and loaded.rows[0].legacy_degenerate is None
+
+
+def test_a_file_without_spreads_does_not_claim_one_batch():
+    text = (_OLD / "report_schema1_f58acdd_make.json").read_text()
+    report = Report.from_json(text)
+    assert report.batches == json.loads(text)["batches"] == 3
+    assert all(r.spread == {} for r in report.rows)
+    assert "1 batch" not in report.verdict.text  # "1 batch: no spread across ..." before
+    assert ("3 batches, but no per-batch spread in this report (saved by an older fxnumeric): "
+            "no spread across batches to tell near ties") in report.verdict.text
+
+
 def _edited(edit) -> str:
     data = _data()
     edit(data)
@@ -227,8 +279,8 @@ def _edited(edit) -> str:
     ('{"schema": 1, "layers": [', r"is not JSON .*Fix: pass a file written by Report\.to_json"),
     ("[1, 2]", r"is not an fxnumeric report: it holds a list"),
     ('{"summary": "old", "layers": []}', r"no \"schema\" key .*Fix: rerun `fxnumeric report"),
-    (_edited(lambda d: d.update(schema=2)),
-     r"written by a newer fxnumeric \(report schema 2; this one reads schema 1 and older\)\. "
+    (_edited(lambda d: d.update(schema=3)),
+     r"written by a newer fxnumeric \(report schema 3; this one reads schema 2 and older\)\. "
      r"Fix: upgrade fxnumeric"),
     (_edited(lambda d: d.update(schema="1")), r"\"schema\" must be a positive integer"),
     (_edited(lambda d: d["layers"][0]["output"].update(sqnr="abc")),

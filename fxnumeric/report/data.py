@@ -110,13 +110,20 @@ _UPSTREAM = "the largest activation upstream"
 _WHOLE_MODEL = "the model's largest activation"
 
 
-def _collapse_note(rms: float | None, scale: float | None) -> str:
+_AS_SAVED = "as the older fxnumeric that saved this report judged it"
+
+
+def _collapse_note(row: ReportRow | BlockRow) -> str:
     """What a layer or block row whose float signal collapsed says of it (``""`` when it did
-    not: :func:`_collapsed`)."""
-    if not _collapsed(rms, scale):
+    not: :attr:`ReportRow.degenerate`)."""
+    if not row.degenerate:
         return ""
-    assert rms is not None
-    return f"float signal collapsed ({_collapse_text(rms, scale, _UPSTREAM)}): SQNR meaningless"
+    if row.legacy_degenerate is not None:
+        rms = "unknown" if row.float_rms is None else f"{row.float_rms:.1e}"
+        return f"float signal collapsed (RMS {rms}, {_AS_SAVED}): SQNR meaningless"
+    assert row.float_rms is not None
+    return (f"float signal collapsed ({_collapse_text(row.float_rms, row.reference_rms, _UPSTREAM)}"
+            "): SQNR meaningless")
 
 
 _FLOOR_CAUSES = {
@@ -193,6 +200,13 @@ class BlockRow:
     and the activations upstream of its layers (their rows' ``reference_rms``;
     :data:`DEGENERATE_RMS_RATIO`). ``None``: unknown, and only an RMS of exactly zero reads
     collapsed."""
+    legacy_degenerate: bool | None = field(default=None, repr=False,
+                                           metadata={"json_omit_default": True})
+    """Whether the float signal collapsed, as the report file this row was loaded from says:
+    set only for a file of schema 1 written before ``reference_rms`` existed, whose
+    fxnumeric judged an RMS below an absolute 1e-6 collapsed (``float_rms`` alone cannot
+    say what that file concluded). ``None``: judged from ``float_rms`` and
+    ``reference_rms`` (:attr:`degenerate`)."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[BlockRow], Any]]] = {
         "degenerate": lambda b: b.degenerate,
@@ -210,13 +224,14 @@ class BlockRow:
     def degenerate(self) -> bool:
         """Whether the float block's output collapsed, by the rule of
         :attr:`ReportRow.degenerate`."""
+        if self.legacy_degenerate is not None:
+            return self.legacy_degenerate
         return _collapsed(self.float_rms, self.reference_rms)
 
     @property
     def notes(self) -> str:
         """``note`` plus what the row's numbers cannot tell (a collapsed signal)."""
-        return "; ".join(n for n in (self.note, _collapse_note(self.float_rms,
-                                                               self.reference_rms)) if n)
+        return "; ".join(n for n in (self.note, _collapse_note(self)) if n)
 
 
 @dataclass(frozen=True)
@@ -273,6 +288,13 @@ class ReportRow:
         default=None, metadata={"json_omit_default": True})
     """``(float twin's, quantized layer's)`` output shapes when they differ: fed the same
     input, the two compute different things, so no shadow was compared (``None`` otherwise)."""
+    legacy_degenerate: bool | None = field(default=None, repr=False,
+                                           metadata={"json_omit_default": True})
+    """Whether the float signal collapsed, as the report file this row was loaded from says:
+    set only for a file of schema 1 written before ``reference_rms`` existed, whose
+    fxnumeric judged an RMS below an absolute 1e-6 collapsed (``float_rms`` alone cannot
+    say what that file concluded). ``None``: judged from ``float_rms`` and
+    ``reference_rms`` (:attr:`degenerate`)."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[ReportRow], Any]]] = {
         "degenerate": lambda r: r.degenerate,
@@ -310,15 +332,17 @@ class ReportRow:
     @property
     def degenerate(self) -> bool:
         """Whether the float activation collapsed: its RMS is zero, or below
-        :data:`DEGENERATE_RMS_RATIO` times ``reference_rms`` (the largest activation upstream)."""
+        :data:`DEGENERATE_RMS_RATIO` times ``reference_rms`` (the largest activation upstream);
+        in a row loaded from an older file, what that file says (``legacy_degenerate``)."""
+        if self.legacy_degenerate is not None:
+            return self.legacy_degenerate
         return _collapsed(self.float_rms, self.reference_rms)
 
     @property
     def notes(self) -> str:
         """``note`` plus what the row's numbers cannot tell (a collapsed signal) or say
         beyond themselves (below its floor)."""
-        parts = [n for n in (self.note, _collapse_note(self.float_rms, self.reference_rms))
-                 if n]
+        parts = [n for n in (self.note, _collapse_note(self)) if n]
         why = _FLOOR_CAUSES.get(self.floor_cause, "")
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
@@ -345,6 +369,38 @@ def _sort_value(x: float | None) -> tuple[int, float]:
     if x is None:
         return 2, 0.0
     return (0, 0.0) if math.isnan(x) else (1, x)
+
+
+def _upgrade_schema_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A report file of schema 1 in schema 2's layout (a new dict; ``data`` is left as is).
+
+    Schema 2 changed what ``degenerate`` means: a float RMS tiny against the activations
+    upstream of it (``reference_rms``), where the fxnumeric that wrote schema 1 files before
+    ``reference_rms`` existed read an absolute RMS below 1e-6. Such a file's rows (layers and
+    blocks, in every variant) keep the ``degenerate`` it saved, as ``legacy_degenerate``: a
+    row the file calls collapsed stays collapsed, and none is named culprit that the file
+    judged meaningless. A schema 1 file holding ``reference_rms`` was judged by the relative
+    rule already, and loads unchanged.
+    """
+    def row(item: Any) -> Any:
+        if (isinstance(item, dict) and "reference_rms" not in item
+                and isinstance(item.get("degenerate"), bool)):
+            return {**item, "legacy_degenerate": item["degenerate"]}
+        return item
+
+    out = dict(data)
+    for key in ("layers", "blocks"):
+        if isinstance(out.get(key), list):
+            out[key] = [row(item) for item in out[key]]
+    if isinstance(out.get("variants"), dict):
+        out["variants"] = {name: _upgrade_schema_1(v) if isinstance(v, dict) else v
+                           for name, v in out["variants"].items()}
+    return out
+
+
+_UPGRADES = {1: _upgrade_schema_1}
+"""The function, by schema, that turns a report file of that schema into the next's layout
+(:func:`fxnumeric.report.persist.load`)."""
 
 
 @dataclass(frozen=True)
@@ -538,8 +594,10 @@ class Report:
         if dead:
             one = len(dead) == 1
             judged = any(r.reference_rms is not None for r in self.degenerate_rows)
-            rule = (f"RMS 0 or < {DEGENERATE_RMS_RATIO:g} x {_UPSTREAM}" if judged
-                    else "RMS 0")
+            rule = (f"{_AS_SAVED[:-3]} them" if any(
+                r.legacy_degenerate is not None for r in self.degenerate_rows)
+                else f"RMS 0 or < {DEGENERATE_RMS_RATIO:g} x {_UPSTREAM}" if judged
+                else "RMS 0")
             parts.append(f"float signal collapsed in {len(dead)} {'layer' if one else 'layers'} "
                          f"({rule}): {_some(dead)}; "
                          f"{'its SQNR means' if one else 'their SQNRs mean'} nothing")
@@ -639,7 +697,7 @@ class Report:
             >>> r = Report((row,), ("sqnr",), ("weights", "outputs", "shadows"), 2, {"sqnr": 30.0})
             >>> d = r.to_dict()
             >>> d["schema"], d["layers"][0]["output"], d["worst_layer"]
-            (1, {'sqnr': 'inf'}, 'fc')
+            (2, {'sqnr': 'inf'}, 'fc')
             >>> Report.from_dict(d) == r
             True
         """
@@ -653,7 +711,7 @@ class Report:
             InputError: a newer ``schema``, a missing or unknown key, a value of the wrong
                 type (the message names the key's path, ``layers[3].output.sqnr``).
         """
-        return persist.load(cls, data)
+        return persist.load(cls, data, upgrades=_UPGRADES)
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 2) -> str:
         """Return the report as strict JSON (see :meth:`to_dict`); also write it to ``path``.
@@ -682,7 +740,7 @@ class Report:
             >>> Report.from_json(r.to_json()).model_output
             {'sqnr': nan}
         """
-        return persist.load(cls, source)
+        return persist.load(cls, source, upgrades=_UPGRADES)
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one CSV row per layer (metrics as columns) and return the path."""

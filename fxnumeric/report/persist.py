@@ -39,6 +39,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,14 @@ from ..errors import InputError
 
 __all__ = ["SCHEMA", "OMIT", "to_data", "from_data", "dumps", "load"]
 
-SCHEMA = 1
+SCHEMA = 2
 """The report JSON schema this fxnumeric writes and the newest it reads. Bumped when a key is
 renamed or removed or changes meaning; a field added with a default keeps it (older files
-load, the field takes its default)."""
+load, the field takes its default). An older file is brought to this layout by the
+``upgrades`` :func:`load` is given, one schema at a time.
+
+2: a row's ``degenerate`` is judged against ``reference_rms`` (the activations upstream of
+it), not an absolute RMS of 1e-6 (:func:`fxnumeric.report.data._upgrade_schema_1`)."""
 
 OMIT: Any = object()
 """Returned by a ``_JSON_DERIVED`` function: leave the key out (a derived value that only some
@@ -326,8 +331,12 @@ def _read(source: str | Path) -> tuple[str, str]:
         raise InputError(f"cannot read report {str(path)!r}: {exc.strerror or exc}") from None
 
 
-def load(cls: type, source: str | Path | dict[str, Any]) -> Any:
+def load(cls: type, source: str | Path | dict[str, Any],
+         upgrades: Mapping[int, Callable[[dict[str, Any]], dict[str, Any]]] | None = None) -> Any:
     """A ``cls`` (a report dataclass) from JSON text, a JSON file or :func:`to_data`'s dict.
+
+    ``upgrades[n]`` turns data of schema ``n`` into schema ``n + 1``'s layout (a new dict);
+    an older file goes through each in turn, a schema with none is taken as it is.
 
     Raises:
         InputError: the file is missing, not JSON, not a report, from a newer fxnumeric
@@ -358,6 +367,10 @@ def load(cls: type, source: str | Path | dict[str, Any]) -> Any:
         raise InputError(f"{name} was written by a newer fxnumeric (report schema {schema}; this "
                          f"one reads schema {SCHEMA} and older). Fix: upgrade fxnumeric "
                          "(pip install -U fxnumeric)")
+    for older in range(schema, SCHEMA):
+        upgrade = (upgrades or {}).get(older)
+        if upgrade is not None:
+            data = upgrade(data)
     try:
         return from_data(cls, data)
     except InputError as exc:

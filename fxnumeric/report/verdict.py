@@ -18,7 +18,8 @@ when it is separated from every other layer by more than two things:
   errs towards naming no one). The pooled gap alone is not enough: one odd batch (a single
   sample with a large value) pulls a pooled SQNR, summed over every batch's energy, far below
   the layer's typical value, and a healthy layer read as a culprit. With one batch there is no
-  spread: the margin alone decides and the verdict says that the noise is unknown.
+  spread: the margin alone decides and the verdict says that the noise is unknown (so it does
+  in a report saved before rows kept their spread, whatever its number of batches).
 
 A spread was chosen over a bootstrap interval because it streams (four floats per row, flat
 memory over any number of batches) and needs no stored per-batch values.
@@ -82,13 +83,13 @@ class Verdict:
         standouts: the layers that stand out (the culprit, the group, or the layers whose
             shapes differ); ``()`` otherwise.
         ties: layers within batch noise of the lowest (including it); ``()`` when there are
-            none or the noise is unknown (one batch).
+            none or the noise is unknown (one batch, or no spread saved).
         layers: how many layers add measurable error of their own (:func:`adds_error`).
         low: the lowest shadow SQNR in dB (``None`` without any).
         high: the highest finite shadow SQNR in dB.
         gap: dB between the last layer that stands out (or the lowest) and the next one up.
         noise: the noise that gap was held against (``NOISE_SIGMAS`` standard errors), in dB;
-            ``None`` with one batch.
+            ``None`` with one batch, or rows without a spread (an older report file).
         text: the verdict in words, as the summary shows it.
     """
 
@@ -137,6 +138,17 @@ def _separated(lower: ReportRow, upper: ReportRow) -> tuple[bool, float, float |
         return True, gap, noise
     typical = _mean(upper) - _mean(lower)  # the gap on the statistic the noise describes
     return typical >= CULPRIT_MARGIN_DB and typical > noise, gap, noise
+
+
+def _noise_unknown(report: Report, rows: list[ReportRow]) -> str:
+    """Why the batch noise of ``rows`` is unknown: one batch, no spread in the report (a file
+    saved before rows kept one), or too few batches with a finite SQNR."""
+    if report.batches <= 1:
+        return "1 batch"
+    if any("shadow_sqnr" not in r.spread for r in rows):
+        return (f"{report.batches} batches, but no per-batch spread in this report (saved by an "
+                "older fxnumeric)")
+    return "under 2 batches with a finite shadow SQNR"
 
 
 def _mean(row: ReportRow) -> float:
@@ -217,7 +229,8 @@ def verdict(report: Report) -> Verdict:
             continue
         nxt = ranked[k]
         if k == 1:
-            unknown = "; 1 batch: the batch noise is unknown" if noise is None else ""
+            unknown = (f"; {_noise_unknown(report, ranked[:2])}: the batch noise is unknown"
+                       if noise is None else "")
             return Verdict(
                 "culprit", first.name, (first.name,), (), len(ranked), low, high, gap, noise,
                 f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB, {gap:.2f} dB "
@@ -248,7 +261,7 @@ def verdict(report: Report) -> Verdict:
     if len(ties) > 1:
         tie_text = f"; {_names(list(ties))} are within noise"
     elif noise is None:
-        tie_text = "; 1 batch: no spread across batches to tell near ties"
+        tie_text = f"; {_noise_unknown(report, ranked)}: no spread across batches to tell near ties"
     return Verdict(
         "spread", None, (), ties if len(ties) > 1 else (), len(ranked), low, high, gap, noise,
         f"no layer stands out: error is spread over {len(ranked)} layers, shadow SQNR "
