@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import sys
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import fxnumeric as ns
 from fxnumeric.cli import main
@@ -375,3 +378,113 @@ def test_the_summary_counts_one_regression_and_one_layer_in_the_singular(reports
     head = dataclasses.replace(old, rows=tuple(r for r in old.rows if r.name == "head"))
     assert head.diff(head).summary() == (
         "1 layer in both reports; no regression beyond tolerance")
+
+
+# ---------------------------------------------------------------- diff of blocks
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.relu, self.fc2 = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.fc2(self.relu(self.fc1(x)))
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_Residual(), _Residual(), _Residual())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def _block_sqnrs(f, q, data):
+    """The oracle, by forward hooks: each block's output SQNR (float block's output against the
+    quantized block's) and shadow SQNR (the float block on the quantized block's input)."""
+    def db(pairs):
+        signal = sum(float(a.double().square().sum()) for a, _ in pairs)
+        noise = sum(float((a.double() - b.double()).square().sum()) for a, b in pairs)
+        return 10 * math.log10(signal / noise)
+
+    names = [f"blocks.{i}" for i in range(3)]
+    outputs, shadows, seen = {n: [] for n in names}, {n: [] for n in names}, {}
+    hooks = [f.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(("f", n), o)) for n in names]
+    hooks += [q.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(("q", n), (a[0], o))) for n in names]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+            for n in names:
+                entering, q_out = seen[("q", n)]
+                outputs[n].append((seen[("f", n)], q_out))
+                shadows[n].append((f.get_submodule(n)(entering), q_out))
+    for h in hooks:
+        h.remove()
+    return {n: (db(outputs[n]), db(shadows[n])) for n in names}
+
+
+def test_diff_compares_blocks_and_flags_a_block_that_got_worse(tmp_path, capsys):
+    torch.manual_seed(0)
+    f = _Blocks().eval()
+    good = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    bad = copy.deepcopy(good)
+    weight = bad.blocks[1].fc2.weight()  # blocks.1's weights 32x coarser
+    coarse = torch.quantize_per_tensor(weight.dequantize(), weight.q_scale() * 32, 0, torch.qint8)
+    bad.blocks[1].fc2.set_weight_bias(coarse, bad.blocks[1].fc2.bias())
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    old, new = ns.compare(f, good, data, progress=False), ns.compare(f, bad, data, progress=False)
+    assert [b.name for b in new.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    before, after = _block_sqnrs(f, good, data), _block_sqnrs(f, bad, data)
+    d = old.diff(new, tolerance_db=1.0)
+    assert [c.metric for c in d.regressions if c.layer == "blocks.1"] == [
+        "output.sqnr", "shadow.sqnr"]  # [] before
+    assert d.blocks == ("blocks.0", "blocks.1", "blocks.2") and len(d.layers) == len(new.rows)
+    shadow = d.change("blocks.1", "shadow.sqnr")
+    assert shadow.block and shadow.regression and shadow.label == "block shadow SQNR"
+    assert shadow.old == pytest.approx(before["blocks.1"][1], abs=1e-3)
+    assert shadow.new == pytest.approx(after["blocks.1"][1], abs=1e-3)
+    assert shadow.change == pytest.approx(after["blocks.1"][1] - before["blocks.1"][1], abs=1e-3)
+    assert shadow.change < -10  # listed nowhere before: the diff read no block
+    for name in ("blocks.1", "blocks.2"):  # the error leaves blocks.1 and every block after it
+        output = d.change(name, "output.sqnr")
+        assert output.old == pytest.approx(before[name][0], abs=1e-3)
+        assert output.new == pytest.approx(after[name][0], abs=1e-3)
+        assert output.regression == (before[name][0] - after[name][0] > 1.0)
+    # blocks.0 runs before the change: unchanged, bit for bit; its shadow equals the hooks'
+    assert d.change("blocks.0", "shadow.sqnr").change == 0.0
+    entering = d.change("blocks.2", "entering")  # blocks.1's output SQNR: listed, judged there
+    assert entering.new == new.blocks[1].output_sqnr and not entering.regression
+    assert re.search(r"\nblocks\.1 +block shadow SQNR .* REGRESSION\n", d.table())
+    assert "3 blocks in both reports" in d.summary()
+    # a change in the blocks alone regresses, and the CLI says so by its exit status
+    blocks_only = dataclasses.replace(new, rows=old.rows, model_output=old.model_output)
+    regressions = old.diff(blocks_only, tolerance_db=1.0).regressions
+    assert regressions and all(c.block for c in regressions)
+    old.to_json(tmp_path / "old.json")
+    blocks_only.to_json(tmp_path / "new.json")
+    assert main(["diff", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 1
+    assert re.search(r"\nblocks\.1 +block shadow SQNR .* REGRESSION\n", capsys.readouterr().out)
+    gone = dataclasses.replace(blocks_only, blocks=new.blocks[:2])
+    assert old.diff(gone).vanished_blocks == ("blocks.2",)
+
+
+def test_the_summary_counts_every_layer_both_reports_hold_metrics_or_not():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.Sigmoid(), nn.Linear(32, 8)).eval()
+    data = [torch.randn(4, 16) for _ in range(2)]
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("x86"), (data[0],))
+    for x in data:
+        prepared(x)
+    q = convert_fx(prepared)
+    report = ns.compare(f, q, data, comparisons=["weights"], progress=False)
+    names = [r.name for r in report.rows]
+    assert len(names) == 4 and sum(r.weight_sqnr is not None for r in report.rows) == 2
+    d = report.diff(report)
+    assert d.summary().startswith("4 layers in both reports;")  # "2 layers" before
+    assert d.layers == tuple(names)

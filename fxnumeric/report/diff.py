@@ -1,10 +1,13 @@
 """Two reports side by side: what changed per layer and model output, and what regressed.
 
 :meth:`fxnumeric.Report.diff` (``old.diff(new)``) and ``fxnumeric diff old.json new.json``
-call :func:`diff_reports`. Layers pair by name. Every metric of a layer present in both
-reports is listed (weight SQNR, the qparams floor, each output and shadow metric) and so is
-every model output metric (``sqnr``, ``cosine``, ``kl``, ``top1_agreement``, ...). A change
-is a **regression** when it goes the bad way by more than its tolerance:
+call :func:`diff_reports`. Layers pair by name, and so do blocks (:attr:`Report.blocks`: decoder
+layers, ResNet stages). Every metric of a layer present in both reports is listed (weight SQNR,
+the qparams floor, each output and shadow metric), every metric of a block present in both
+(each output and shadow metric, and the SQNR entering it: the output SQNR of the block before,
+judged there, so listed and never judged), and every model output metric (``sqnr``,
+``cosine``, ``kl``, ``top1_agreement``, ...). A change is a **regression** when it goes the bad
+way by more than its tolerance:
 
 ================  ===============  ==========================================
 measure           worse when       tolerance
@@ -19,12 +22,13 @@ Other metrics (``mse``, ``max_abs_error``, user metrics) are listed, never judge
 scale is the model's. A value that becomes ``nan`` is a regression; one that leaves ``inf``
 (identical outputs) for any finite value falls by ``inf`` dB. A metric only one report holds
 (``kl`` before an LLM run added it, shadows turned off) is listed with ``None`` on the other
-side and never judged, and rows whose float signal collapsed (:attr:`ReportRow.degenerate`)
-in either report are never judged either: their numbers measure nothing.
+side and never judged, and rows (layers or blocks) whose float signal collapsed
+(:attr:`ReportRow.degenerate`, :attr:`BlockRow.degenerate`) in either report are never judged
+either: their numbers measure nothing.
 
 Reports of several quantized variants (:attr:`fxnumeric.Report.variants`) diff variant by
 variant: each variant both reports hold against itself, its changes carrying its name
-(:attr:`MetricChange.variant`), its new and vanished layers listed as ``variant: layer``; the
+(:attr:`MetricChange.variant`), its layers and blocks listed as ``variant: layer``; the
 variants only one report holds are listed as new or vanished. A report of one quantized model
 against one of several variants: ``variant=`` names which of them it is (the report of one
 model does not know which of your variants it was made from), and the others are listed as
@@ -41,13 +45,14 @@ from typing import TYPE_CHECKING
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .data import Report, ReportRow
+    from .data import BlockRow, Report, ReportRow
 
 __all__ = ["ReportDiff", "MetricChange", "diff_reports"]
 
 _HIGHER_IS_BETTER = {"sqnr": True, "cosine": True, "top1_agreement": True, "kl": False}
 _ROW_SCALARS = {"weight_sqnr": "sqnr", "floor_sqnr": "floor"}  # row field: the measure it is
 _ROW_DICTS = ("output", "shadow")
+_BLOCK_SCALARS = {"entering": "entering"}  # block field: the measure it is (never judged)
 
 
 @dataclass(frozen=True)
@@ -55,9 +60,11 @@ class MetricChange:
     """One metric of one layer (``layer=None``: the model output) in the old and new report.
 
     ``metric`` is ``weight_sqnr``, ``floor_sqnr``, ``output.<name>`` or ``shadow.<name>`` for a
-    layer, the ``model_output`` key (``sqnr``, ``kl`` ...) for the model output. ``old`` or
-    ``new`` is ``None`` where that report does not hold the metric. ``variant`` names the
-    quantized variant of a multi-variant report (``None`` otherwise).
+    layer, ``entering``, ``output.<name>`` or ``shadow.<name>`` for a block (``block`` is
+    true, and ``layer`` is the block's name), the ``model_output`` key (``sqnr``, ``kl`` ...)
+    for the model output. ``old`` or ``new`` is ``None`` where that report does not hold the
+    metric. ``variant`` names the quantized variant of a multi-variant report (``None``
+    otherwise).
     """
 
     layer: str | None
@@ -66,12 +73,15 @@ class MetricChange:
     new: float | None
     regression: bool = False
     variant: str | None = None
+    block: bool = False
 
     @property
     def measure(self) -> str:
-        """What is measured, without where: ``sqnr``, ``cosine``, ``kl``, ``floor`` ..."""
-        if self.metric in _ROW_SCALARS:
-            return _ROW_SCALARS[self.metric]
+        """What is measured, without where: ``sqnr``, ``cosine``, ``kl``, ``floor``,
+        ``entering`` ..."""
+        scalars = _BLOCK_SCALARS if self.block else _ROW_SCALARS
+        if self.metric in scalars:
+            return scalars[self.metric]
         return self.metric.rpartition(".")[2]
 
     @property
@@ -86,18 +96,22 @@ class MetricChange:
 
     @property
     def label(self) -> str:
-        """``output SQNR``, ``shadow cosine``, ``weight SQNR``, ``kl`` ... as tables show it."""
+        """``output SQNR``, ``shadow cosine``, ``weight SQNR``, ``kl``, ``block output SQNR``,
+        ``block entering SQNR`` ... as tables show it."""
         where, _, what = self.metric.rpartition(".")
-        if self.metric in _ROW_SCALARS:
+        if self.block and self.metric in _BLOCK_SCALARS:
+            where, what = self.metric, "sqnr"
+        elif not self.block and self.metric in _ROW_SCALARS:
             where, what = self.metric.split("_")
         what = "SQNR" if what == "sqnr" else what
-        return f"{where} {what}" if where else what
+        label = f"{where} {what}" if where else what
+        return f"block {label}" if self.block else label
 
     def __str__(self) -> str:
         def v(x: float | None) -> str:
             return "-" if x is None else f"{x:.4g}"
 
-        unit = " dB" if self.measure in ("sqnr", "floor") else ""
+        unit = " dB" if self.measure in ("sqnr", "floor", "entering") else ""
         change = "" if self.change is None else f" ({self.change:+.4g}{unit})"
         where = f"{self.variant}: " if self.variant is not None else ""
         return (f"{where}{self.layer if self.layer is not None else 'model output'} "
@@ -108,9 +122,10 @@ class MetricChange:
 class ReportDiff:
     """What changed from an old report to a new one, and which changes are regressions.
 
-    ``changes`` lists the model output first, then every layer present in both reports, in
-    the new report's order; ``new_layers`` are only in the new report, ``vanished_layers``
-    only in the old one. Build it with :meth:`fxnumeric.Report.diff`.
+    ``changes`` lists the model output first, then every layer present in both reports
+    (``layers``), in the new report's order, then every block present in both (``blocks``);
+    ``new_layers`` and ``new_blocks`` are only in the new report, ``vanished_layers`` and
+    ``vanished_blocks`` only in the old one. Build it with :meth:`fxnumeric.Report.diff`.
 
     Example:
         >>> from fxnumeric.report import Report, ReportRow
@@ -133,6 +148,14 @@ class ReportDiff:
     """Quantized variants only the new report holds (multi-variant reports)."""
     vanished_variants: tuple[str, ...] = ()
     """Quantized variants only the old report holds."""
+    layers: tuple[str, ...] = ()
+    """The layers both reports hold (``variant: layer`` with variants), metrics or not."""
+    blocks: tuple[str, ...] = ()
+    """The blocks both reports hold (``variant: block`` with variants)."""
+    new_blocks: tuple[str, ...] = ()
+    """Blocks only the new report holds."""
+    vanished_blocks: tuple[str, ...] = ()
+    """Blocks only the old report holds."""
 
     @property
     def regressions(self) -> tuple[MetricChange, ...]:
@@ -173,10 +196,13 @@ class ReportDiff:
                 f"{self.tolerance_kl:g} KL, {self.tolerance_top1:g} top-1 agreement")
 
     def summary(self) -> str:
-        """One line: how many layers compared, new, vanished, and the regressions."""
-        layers = len({(c.variant, c.layer) for c in self.changes if c.layer is not None})
+        """One line: how many layers (and blocks) compared, new, vanished, and the
+        regressions."""
+        layers = len(self.layers)
         variants = len({c.variant for c in self.changes if c.variant is not None})
-        parts = [f"{layers} layer{'s' if layers != 1 else ''} in both reports"
+        blocks = (f" and {len(self.blocks)} block{'s' if len(self.blocks) != 1 else ''}"
+                  if self.blocks else "")
+        parts = [f"{layers} layer{'s' if layers != 1 else ''}{blocks} in both reports"
                  + (f" (over {variants} variants)" if variants > 1 else "")]
         if self.new_variants:
             parts.append(f"new variants: {_names(self.new_variants)}")
@@ -186,6 +212,10 @@ class ReportDiff:
             parts.append(f"{len(self.new_layers)} new ({_names(self.new_layers)})")
         if self.vanished_layers:
             parts.append(f"{len(self.vanished_layers)} vanished ({_names(self.vanished_layers)})")
+        for what, names in (("new", self.new_blocks), ("vanished", self.vanished_blocks)):
+            if names:
+                parts.append(f"{len(names)} {what} block{'s' if len(names) > 1 else ''} "
+                             f"({_names(names)})")
         worse = self.regressions
         if worse:
             listed = "; ".join(str(c) for c in worse[:4]) + (" ..." if len(worse) > 4 else "")
@@ -226,6 +256,13 @@ def _row_metrics(row: ReportRow) -> dict[str, float | None]:
     values: dict[str, float | None] = {k: getattr(row, k, None) for k in _ROW_SCALARS}
     for part in _ROW_DICTS:
         values.update({f"{part}.{k}": v for k, v in getattr(row, part).items()})
+    return values
+
+
+def _block_metrics(block: BlockRow) -> dict[str, float | None]:
+    values: dict[str, float | None] = {k: getattr(block, k) for k in _BLOCK_SCALARS}
+    for part in _ROW_DICTS:
+        values.update({f"{part}.{k}": v for k, v in getattr(block, part).items()})
     return values
 
 
@@ -272,15 +309,15 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
                               tolerance_top1=tolerance_top1)
 
     def changes(layer: str | None, old_values: dict, new_values: dict,
-                judged: bool) -> list[MetricChange]:
+                judged: bool, block: bool = False) -> list[MetricChange]:
         out = []
         for metric in dict.fromkeys([*old_values, *new_values]):
             o, n = old_values.get(metric), new_values.get(metric)
             if o is None and n is None:
                 continue
-            c = MetricChange(layer, metric, o, n)
+            c = MetricChange(layer, metric, o, n, block=block)
             regression = judged and _worse(c.measure, o, n, tolerances.get(c.measure))
-            out.append(MetricChange(layer, metric, o, n, regression))
+            out.append(replace(c, regression=regression))
         return out
 
     old_rows = {r.name: r for r in old.rows}
@@ -292,12 +329,24 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
         if before is not None:
             found += changes(row.name, _row_metrics(before), _row_metrics(row),
                              judged=not (row.degenerate or before.degenerate))
+    old_blocks = {b.name: b for b in old.blocks}
+    new_block_names = {b.name for b in new.blocks}
+    for block in new.blocks:
+        before_block = old_blocks.get(block.name)
+        if before_block is not None:
+            found += changes(block.name, _block_metrics(before_block), _block_metrics(block),
+                             judged=not (block.degenerate or before_block.degenerate),
+                             block=True)
     return ReportDiff(
         changes=tuple(found),
         new_layers=tuple(r.name for r in new.rows if r.name not in old_rows),
         vanished_layers=tuple(r.name for r in old.rows if r.name not in new_names),
         tolerance_db=tolerance_db, tolerance_cosine=tolerance_cosine,
         tolerance_kl=tolerance_kl, tolerance_top1=tolerance_top1,
+        layers=tuple(r.name for r in new.rows if r.name in old_rows),
+        blocks=tuple(b.name for b in new.blocks if b.name in old_blocks),
+        new_blocks=tuple(b.name for b in new.blocks if b.name not in old_blocks),
+        vanished_blocks=tuple(b.name for b in old.blocks if b.name not in new_block_names),
     )
 
 
@@ -323,17 +372,20 @@ def _diff_variants(old: Report, new: Report, variant: str | None,
 
     olds, news = alone(old), alone(new)
     changes: list[MetricChange] = []
-    new_layers: list[str] = []
-    vanished: list[str] = []
+    named: dict[str, list[str]] = {key: [] for key in _NAMED}
     for name, after in news.items():
         before = olds.get(name)
         if before is None:
             continue
         found = diff_reports(before, after, **tolerances)
         changes += [replace(c, variant=name) for c in found.changes]
-        new_layers += [f"{name}: {layer}" for layer in found.new_layers]
-        vanished += [f"{name}: {layer}" for layer in found.vanished_layers]
+        for key in _NAMED:
+            named[key] += [f"{name}: {layer}" for layer in getattr(found, key)]
     return ReportDiff(
-        changes=tuple(changes), new_layers=tuple(new_layers), vanished_layers=tuple(vanished),
+        changes=tuple(changes), **{key: tuple(v) for key, v in named.items()},
         new_variants=tuple(n for n in news if n not in olds),
         vanished_variants=tuple(n for n in olds if n not in news), **tolerances)
+
+
+_NAMED = ("layers", "new_layers", "vanished_layers", "blocks", "new_blocks", "vanished_blocks")
+"""ReportDiff's fields of layer and block names (``variant: name`` with variants)."""

@@ -1389,6 +1389,10 @@ def _diff_layer_lines(diff: ReportDiff) -> list[str]:
     lines = [f"new layers: {', '.join(diff.new_layers)}"] if diff.new_layers else []
     if diff.vanished_layers:
         lines.append(f"vanished layers: {', '.join(diff.vanished_layers)}")
+    if diff.new_blocks:
+        lines.append(f"new blocks: {', '.join(diff.new_blocks)}")
+    if diff.vanished_blocks:
+        lines.append(f"vanished blocks: {', '.join(diff.vanished_blocks)}")
     if diff.new_variants:
         lines.append(f"new variants: {', '.join(diff.new_variants)}")
     if diff.vanished_variants:
@@ -1434,6 +1438,8 @@ def diff_page(diff: ReportDiff, *, changed_only: bool = True) -> str:
     ]
     for title, names in (("New layers", diff.new_layers),
                          ("Vanished layers", diff.vanished_layers),
+                         ("New blocks", diff.new_blocks),
+                         ("Vanished blocks", diff.vanished_blocks),
                          ("New variants", diff.new_variants),
                          ("Vanished variants", diff.vanished_variants)):
         if names:
