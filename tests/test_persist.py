@@ -315,3 +315,16 @@ def test_docstring_examples_run():
 
     for module in (data, persist):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_the_docs_name_every_key_a_report_file_holds():
+    """docs/reports.md's layout lists every key: of the report, of a layer, of a block."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text()
+    section = doc.split("## Saved reports: JSON both ways", 1)[1].split("\n## ", 1)[0]
+    data = _Values().instance(Report).to_dict()  # every field set: every key present
+    keys = {"report": set(data), "layer": set(data["layers"][0]),
+            "block": set(data["blocks"][0])}
+    assert {"floor_cause", "block", "shadow_shapes"} <= keys["layer"] and "blocks" in keys["report"]
+    missing = {where: sorted(k for k in names if f"`{k}`" not in section)
+               for where, names in keys.items()}
+    assert missing == {"report": [], "layer": [], "block": []}
