@@ -60,7 +60,9 @@ class _Values:
 
     def instance(self, cls, depth: int = 0):
         hints = typing.get_type_hints(cls)
-        return cls(**{f.name: self(hints[f.name], depth) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: self(hints[f.name], depth) if "json_choices" not in f.metadata
+                      else next(c for c in f.metadata["json_choices"] if c != f.default)
+                      for f in dataclasses.fields(cls)})
 
 
 def _bits(x: float) -> bytes:
@@ -292,6 +294,13 @@ def _edited(edit) -> str:
      r"layers\[0\]: unknown key 'bogus' for a ReportRow"),
     (_edited(lambda d: d.update(unmatched=[{"node": "x"}])),
      r"unmatched\[0\]: expected an object with keys node, side, reason"),
+    (_edited(lambda d: d.update(unmatched=[{"node": "x", "side": "float", "reason": 3}])),
+     r"unmatched\[0\]\.reason: expected str, got a number \(3\)"),  # unmatched[0][2] before
+    (_edited(lambda d: d.update(logits_per="banana")),  # loaded before
+     r"logits_per: expected one of 'token', 'sample', got a string \(\"banana\"\)\. Fix:"),
+    (_edited(lambda d: d["model_output"].update(sqnr=10 ** 400)),  # a bare OverflowError before
+     r"model_output\.sqnr: an integer too large for a float \(above 1\.8e308; infinity is "),
+    ('{"schema": 2, "batches": 1' + "0" * 5000 + "}", r"a number in it cannot be read \(.*4300"),
 ])
 def test_garbage_gives_an_input_error_that_says_what_is_wrong(tmp_path, text, message):
     path = tmp_path / "report.json"
@@ -328,3 +337,12 @@ def test_the_docs_name_every_key_a_report_file_holds():
     missing = {where: sorted(k for k in names if f"`{k}`" not in section)
                for where, names in keys.items()}
     assert missing == {"report": [], "layer": [], "block": []}
+
+
+def test_a_float_too_large_exits_2_from_the_cli(tmp_path, capsys):
+    from fxnumeric.cli import main
+
+    path = tmp_path / "big.json"
+    path.write_text(_edited(lambda d: d["layers"][0]["output"].update(sqnr=10 ** 400)))
+    assert main(["diff", str(path), str(path)]) == 2  # 3, "internal error", before
+    assert "layers[0].output.sqnr: an integer too large for a float" in capsys.readouterr().err

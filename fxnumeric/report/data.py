@@ -436,7 +436,8 @@ class Report:
     blocks: tuple[BlockRow, ...] = ()
     """The model's blocks (decoder layers, BERT layers, ResNet stages), in the order they run,
     with the error entering, added in and leaving each (:class:`BlockRow`)."""
-    logits_per: str = field(default="token", metadata={"json_omit_default": True})
+    logits_per: str = field(default="token", metadata={"json_omit_default": True,
+                                                       "json_choices": ("token", "sample")})
     """What one row of the model's logits predicts, for the ``kl`` and ``top1_agreement`` of
     ``model_output``: ``"token"`` (a language model's next token, a token classifier's tag)
     or ``"sample"`` (a sequence or image classifier's ``(batch, n)`` logits: one KL per

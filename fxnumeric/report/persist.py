@@ -20,7 +20,8 @@ a dataclass                 an object, one key per field, plus the class's deriv
 Field ``metadata`` adjusts a field: ``{"json": False}`` leaves it out (a default is used when
 loading: ``ReportRow.activations`` holds raw tensors), ``{"json": "layers"}`` renames its key,
 ``{"json_items": ("node", "side", "reason")}`` writes each fixed-length tuple of a
-sequence as an object with those keys, ``{"json_omit_default": True}`` leaves the key out while
+sequence as an object with those keys, ``{"json_choices": (...)}`` refuses to load any
+other value (``Report.logits_per``), ``{"json_omit_default": True}`` leaves the key out while
 the field holds its default (``Report.variants``: a report of one quantized model is saved as
 it was before variants existed). A class's ``_JSON_DERIVED`` (``{key: function}``) adds
 read-only keys for people and scripts (``summary``, ``degenerate``); loading ignores them, and
@@ -214,7 +215,11 @@ def from_data(hint: Any, data: Any, where: str = "") -> Any:
         return _decode_dataclass(hint, data, where)
     if hint is float:
         if isinstance(data, (int, float)) and not isinstance(data, bool):
-            return float(data)
+            try:
+                return float(data)
+            except OverflowError:  # an integer of 309 digits or more
+                raise _fail(where, "an integer too large for a float (above 1.8e308; "
+                            "infinity is \"inf\")") from None
         if isinstance(data, str) and data in _SPECIAL:
             return _SPECIAL[data]
         raise _fail(where, f"expected a number (or \"inf\", \"-inf\", \"nan\"), got {_kind(data)}")
@@ -265,22 +270,31 @@ def _decode_dataclass(cls: type, data: Any, where: str) -> Any:
         value = data[key]
         items = f.metadata.get("json_items")
         if items is not None:
-            value = _unname_items(value, items, path)
-        kwargs[f.name] = from_data(hints[f.name], value, path)
+            kwargs[f.name] = _decode_items(hints[f.name], value, items, path)
+        else:
+            kwargs[f.name] = from_data(hints[f.name], value, path)
+        choices = f.metadata.get("json_choices")
+        if choices is not None and kwargs[f.name] not in choices:
+            raise _fail(path, f"expected one of {', '.join(map(repr, choices))}, got "
+                        f"{_kind(value)}")
     return cls(**kwargs)
 
 
-def _unname_items(value: Any, items: tuple[str, ...], where: str) -> Any:
-    """``[{"node": n, "side": s, ...}]`` back to ``[[n, s, ...]]``."""
+def _decode_items(hint: Any, value: Any, items: tuple[str, ...], where: str) -> Any:
+    """``[{"node": n, "side": s, ...}]`` back to ``((n, s, ...), ...)`` (``hint`` is
+    ``tuple[tuple[A, B, ...], ...]``), a value's path named by its key
+    (``unmatched[0].reason``)."""
     if not isinstance(value, list):
-        return value  # from_data says what is wrong
+        return from_data(hint, value, where)  # says what is wrong
+    members = typing.get_args(typing.get_args(hint)[0])
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or set(item) != set(items):
             raise _fail(f"{where}[{i}]", f"expected an object with keys {', '.join(items)}, "
                         f"got {_kind(item)}")
-        out.append([item[name] for name in items])
-    return out
+        out.append(tuple(from_data(member, item[name], f"{where}[{i}].{name}")
+                         for name, member in zip(items, members, strict=True)))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- text
@@ -352,6 +366,8 @@ def load(cls: type, source: str | Path | dict[str, Any],
         except json.JSONDecodeError as exc:
             raise InputError(f"{name} is not JSON ({exc.msg} at line {exc.lineno}, column "
                              f"{exc.colno}). {_FIX}") from None
+        except ValueError as exc:  # an integer past Python's int-string limit (4300 digits)
+            raise InputError(f"{name}: a number in it cannot be read ({exc}). {_FIX}") from None
     if not isinstance(data, dict):
         raise InputError(f"{name} is not an fxnumeric report: it holds {_kind(data)}, not an "
                          f"object. {_FIX}")
