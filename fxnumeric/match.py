@@ -57,7 +57,6 @@ from .capture.export import (
 )
 from .capture.tree import capture_tree, record_calls
 from .errors import InputError, MatchError, TraceError
-from .flows.torchao import export_loses
 from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import whole_layers, whole_paths
 from .ops import classify, classify_module
@@ -777,7 +776,11 @@ def match(
             ``torch.export`` on ``example_inputs`` (required): ATen graphs, so the code of
             every module (attention's ``matmul``/``softmax`` too) is compared, with pairs
             named by module path from ``nn_module_stack``; a side torch.export cannot capture
-            is traced by torch.fx instead, and ``Matching.capture_notes`` says why.
+            is traced by torch.fx instead, and ``Matching.capture_notes`` says why. A side
+            holding what torch.export would turn into arithmetic no float op pairs with
+            (torchao tensors or QAT layers, torch.ao fake-quants and observers: an eager
+            ``prepare_qat`` model) is not exported: both models are traced with torch.fx,
+            and a capture note says so.
             ``"auto"`` (default) is ``"fx"``, except that a float model torch.fx cannot
             trace whole is exported when the quantized model is a ``torch.export`` graph
             (pt2e) and ``example_inputs`` are given: the module tree cannot walk a pt2e
@@ -817,9 +820,9 @@ def match(
     float_root = flows.normalise_model(float_model, "float")
     quant_root = flows.normalise_model(quant_model, "quantized")
     notes: list[tuple[str, str]] = []
-    lost = export_loses(quant_root) if capture == "export" else None
+    lost = _export_loses(float_root, quant_root) if capture == "export" else None
     if lost is not None:
-        notes.append(("quantized", lost))
+        notes.append(lost)
     elif capture == "export":
         float_root, float_note = export_side(float_root, example_inputs, "float")
         quant_root, quant_note = export_side(quant_root, example_inputs, "quantized")
@@ -844,6 +847,18 @@ def match(
     return _with_whole_layers(Matching((region,), region.pairs, region.unmatched_float,
                                        region.unmatched_quant, float_model, quant_model,
                                        capture_notes=tuple(notes)))
+
+
+def _export_loses(float_root: Any, quant_root: Any) -> tuple[str, str] | None:
+    """``(side, why)`` when ``capture="export"`` must trace both models with torch.fx: a
+    side whose exported graph would hold a flow's modules as arithmetic no op of the other
+    side pairs with (torchao's tensors and QAT layers, torch.ao's fake-quants and
+    observers: :func:`fxnumeric.flows.export_loses`), the quantized side's first."""
+    for side, root in (("quantized", quant_root), ("float", float_root)):
+        why = flows.export_loses(root)
+        if why is not None:
+            return side, why
+    return None
 
 
 def _with_whole_layers(matching: Matching) -> Matching:

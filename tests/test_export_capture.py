@@ -318,3 +318,86 @@ def test_an_exported_float_lstm_s_weights_pair_with_the_dynamic_lstm_s(model, sh
             assert row.weight_sqnr == pytest.approx(10 * math.log10(signal / noise), abs=1e-9)
             assert row.weight_keys == by_module.row(name).weight_keys
             assert len(row.weight_keys) == count and row.note == ""
+
+
+class _EagerQat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.dq = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.fc1, self.relu, self.fc2 = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.dq(self.fc2(self.relu(self.fc1(self.q(x)))))
+
+
+def _hooked(model: nn.Module, names: list[str], data: list) -> dict[str, tuple[torch.Tensor,
+                                                                             torch.Tensor]]:
+    """``{name: (input, output)}`` of each module named, over ``data`` concatenated: what a
+    forward hook registered after prepare_qat reads (after the module's own fake-quant)."""
+    seen: dict[str, list] = {name: [] for name in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[name].register_forward_hook(
+        lambda mod, args, out, name=name: seen[name].append((args[0], out))) for name in names]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for hook in hooks:
+        hook.remove()
+
+    def joined(values):
+        return torch.cat([v.dequantize() if v.is_quantized else v for v in values]).double()
+
+    return {name: (joined([i for i, _ in got]), joined([o for _, o in got]))
+            for name, got in seen.items()}
+
+
+def test_capture_export_of_an_eager_qat_model_traces_both_with_torch_fx_and_says_so():
+    """torch.export traced an eager prepare_qat model's fake-quants into their arithmetic
+    (aten.fused_moving_avg_obs_fake_quant): `q` and `fc1` were unpaired, the fake-quants
+    unpaired with pairing reasons, `fc2` read as `fc2.linear` before its output fake-quant
+    (35.80 dB where the layer hands on 33.82) and the only note was "nothing was quantized".
+    As for torchao's QAT layers, both models are traced with torch.fx, and a note says why.
+    Oracle: forward hooks on both models (observers off, so every forward computes alike)."""
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    f = _EagerQat().eval()
+    data = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    qat = copy.deepcopy(f).train()
+    qat.qconfig = tq.get_default_qat_qconfig("x86")
+    qat = tq.prepare_qat(qat).eval()
+    with torch.no_grad():
+        for x in data:
+            qat(x)
+    qat.apply(tq.disable_observer)
+    names = ["q", "fc1", "relu", "fc2"]
+    ref, out = _hooked(f, names, data), _hooked(qat, names, data)
+    with pytest.warns(fxn.FxNumericWarning, match="simulates quantization with 3 fake-quants"):
+        report = fxn.compare(f, qat, data, capture="export", progress=False)
+    assert [r.name for r in report.rows] == names
+    for name in names:
+        assert report.row(name).output_sqnr == pytest.approx(
+            _sqnr(ref[name][1], out[name][1]), abs=1e-6), name
+    for name in ("fc1", "fc2"):  # the float layer fed what the QAT layer reads
+        with torch.no_grad():
+            shadow = getattr(f, name)(out[name][0].float()).double()
+        assert report.row(name).shadow["sqnr"] == pytest.approx(
+            _sqnr(shadow, out[name][1]), abs=1e-4), name
+    note = ("capture (quantized): torch.export traces torch.ao's fake-quants and observers "
+            "(`q.activation_post_process`: FusedMovingAvgObsFakeQuantize and 4 more")
+    assert any(n.startswith(note) and "both models traced with torch.fx instead" in n
+               for n in report.notes)
+    with pytest.warns(fxn.FxNumericWarning, match="simulates quantization"):
+        m = fxn.match(f, qat, data[0], capture="export")
+    assert not m.unmatched_float and not m.unmatched_quant and m.capture_notes
+    # a QAT model on the float side, against its converted model: the same, noted for it
+    converted = tq.convert(copy.deepcopy(qat))
+    got = _hooked(converted, names, data)
+    report = fxn.compare(qat, converted, data, capture="export", progress=False)
+    assert [r.name for r in report.rows] == names
+    for name in names:  # `q`: the fake-quant and the quantize agree exactly
+        want = math.inf if torch.equal(out[name][1], got[name][1]) else _sqnr(
+            out[name][1], got[name][1])
+        assert report.row(name).output_sqnr == pytest.approx(want, abs=1e-6), name
+    assert any(n.startswith("capture (float): torch.export traces torch.ao's fake-quants")
+               for n in report.notes)

@@ -13,7 +13,9 @@ Captures (the ``capture=`` option of :func:`fxnumeric.match`):
 * ``"fx"``: torch.fx, and the module tree where torch.fx cannot trace a model whole;
 * ``"export"``: torch.export for every side that is an ``nn.Module`` (a GraphModule or an
   ``ExportedProgram`` is read as it is); a side that cannot be exported is traced by
-  torch.fx instead, and the reason is kept in ``Matching.capture_notes``;
+  torch.fx instead, and the reason is kept in ``Matching.capture_notes``; a side whose
+  export would lose a flow's modules (torchao's, torch.ao's fake-quants:
+  :func:`fxnumeric.flows.export_loses`) is not exported, nor is the other;
 * ``"auto"``: torch.fx, except that a float model torch.fx cannot trace whole is exported
   when the quantized model is already a ``torch.export`` graph (pt2e).
 """

@@ -24,6 +24,7 @@ hook                        called by                           answers
 ``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
 ``comparable_weight``       :mod:`fxnumeric.weights`            a plain float tensor for a weight
 ``computed_weight``         :mod:`fxnumeric.weights`            the weight a module computes with
+``export_loses``            ``match(..., capture="export")``    why torch.export would lose a model
 ==========================  ==================================  ===============================
 
 Flows shipped: :mod:`fxnumeric.flows.pt2e` (``torch.export`` graphs, ``prepare_pt2e`` /
@@ -50,8 +51,8 @@ __all__ = [
     "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
     "module_type", "weight_input", "recurrent_weight_inputs",
     "weight_scale",
-    "batch_norm_params", "comparable_weight", "computed_weight", "fake_quant_enabled",
-    "fake_quantizes",
+    "batch_norm_params", "comparable_weight", "computed_weight", "export_loses",
+    "fake_quant_enabled", "fake_quantizes",
 ]
 
 
@@ -160,6 +161,13 @@ class Flow:
         """The weight ``module`` computes with where that is not its stored ``weight`` (a QAT
         layer's fake-quantized weight: the stored one is the float weight being trained), as
         a plain float tensor, or ``None``. Computing it must leave ``module`` unchanged."""
+        return None
+
+    def export_loses(self, model: Any) -> str | None:
+        """Why ``capture="export"`` must not export ``model`` (one side, as the user passed
+        it): its exported graph would hold this flow's modules as arithmetic that no float op
+        pairs with, where torch.fx keeps them whole. A note for the report (ending in what is
+        done instead: both models are traced with torch.fx), or ``None``."""
         return None
 
 
@@ -303,6 +311,11 @@ def comparable_weight(weight: Any) -> Any:
     """
     found = _first("comparable_weight", weight)
     return weight if found is None else found
+
+
+def export_loses(model: Any) -> str | None:
+    """The first flow's reason not to export ``model`` (``capture="export"``), or ``None``."""
+    return _first("export_loses", model)
 
 
 def computed_weight(module: nn.Module) -> torch.Tensor | None:

@@ -56,6 +56,39 @@ class FxFlow(Flow):
             return QUANTIZE
         return None
 
+    def export_loses(self, model: Any) -> str | None:
+        """An ``nn.Module`` holding torch.ao fake-quants or observers (eager ``prepare_qat``
+        or ``prepare``): torch.export records their arithmetic (``aten.fused_moving_avg_obs_
+        fake_quant``, ``aminmax``) where torch.fx keeps each a ``call_module`` this flow reads
+        as a quantize. Exported, an eager QAT MLP left its first two layers unpaired, read
+        the others before their output fake-quant, and said "nothing was quantized". A
+        GraphModule (``prepare_qat_fx``) is not exported: ``capture="export"`` reads it as
+        it is."""
+        if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+            return None
+        found = _observing_modules(model)
+        if not found:
+            return None
+        path, kind = found[0]
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        return (f"torch.export traces torch.ao's fake-quants and observers (`{path}`: {kind}"
+                f"{more}; an eager prepare_qat / prepare model) into their arithmetic, which "
+                "no float op pairs with: both models traced with torch.fx instead")
+
+
+def _observing_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """``(path, class name)`` of the torch.ao fake-quants and observers in ``model``, the
+    outermost only (a ``FakeQuantize`` holds its observer), in registration order."""
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    found: list[tuple[str, str]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, (FakeQuantizeBase, ObserverBase)) and not any(
+                path.startswith(f"{outer}.") for outer, _ in found):
+            found.append((path, type(module).__name__))
+    return found
+
 
 _WEIGHTED_FUNCTIONS = frozenset({
     F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,

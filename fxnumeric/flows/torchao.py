@@ -101,6 +101,9 @@ class TorchaoFlow(Flow):
     def is_leaf_module(self, module: nn.Module) -> bool:
         return is_qat_layer(module)
 
+    def export_loses(self, model: Any) -> str | None:
+        return export_loses(model)
+
     def is_quantized_module(self, module: nn.Module) -> bool:
         if "torchao.utils" not in sys.modules:
             return False  # no torchao tensor can exist before torchao is imported
