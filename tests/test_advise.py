@@ -2664,3 +2664,63 @@ def test_a_float_weight_holding_nan_is_named_not_called_an_overflow():
         with pytest.raises(InputError, match=r"parameter 2\.weight holds NaN/Inf") as err:
             call()
         assert "overflow" not in str(err.value)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.fc = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.fc0(x)
+        return self.fc(self.att(x, x, x, need_weights=False)[0])
+
+
+def test_sensitivity_advise_and_diagnose_take_capture_as_compare_does() -> None:
+    """docs/advise.md said the three work with capture="export", but they took no capture=
+    (TypeError); only matching=fxnumeric.match(..., capture="export") reached it. An
+    nn.MultiheadAttention is one call_module to torch.fx (a torch.nn leaf) and its linears and
+    attention to torch.export: against its pt2e model only the export pairs `att.linear`.
+    Oracle: the exported float and the pt2e model's outputs computed directly; each call's
+    values equal those of the same call on match(..., capture="export")."""
+    pytest.importorskip("torchao")
+    from fxnumeric.models import quantize_pt2e
+
+    torch.manual_seed(0)
+    f = _SelfAttention().eval()
+    data = [torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    exported, q = quantize_pt2e(f, data)
+    # the float reference is the exported float graph, as capture="export" runs it (eager
+    # MultiheadAttention computes its output up to 6e-8 apart: 43.260149 dB, not 43.260144)
+    with torch.no_grad():
+        ref, out = torch.cat([exported(x) for x in data]), torch.cat([q(x) for x in data])
+    direct = fxnumeric.sqnr(ref, out)
+
+    def matching():  # a new one per call, as each call captures on its own
+        return fxnumeric.match(f, q, data[0], capture="export")
+
+    by_capture = sensitivity(f, q, data, capture="export", progress=False)
+    by_matching = sensitivity(f, q, data, matching=matching(), progress=False)
+    assert "att.linear" in by_capture.ranking()
+    # the default capture pairs no layer inside the attention
+    assert "att.linear" not in {p.name for p in fxnumeric.match(f, q, data[0]).pairs}
+    assert by_capture.layers == by_matching.layers
+    assert by_capture.quantized == pytest.approx(direct, abs=1e-9)
+
+    advised = advise(f, q, data, metric="sqnr", target=math.inf, max_float_layers=1,
+                     capture="export", progress=False)
+    expected = advise(f, q, data, metric="sqnr", target=math.inf, max_float_layers=1,
+                      matching=matching(), progress=False)
+    assert advised.keep_float == expected.keep_float and advised.curve == expected.curve
+    assert advised.curve[0] == pytest.approx(direct, abs=1e-9)
+
+    diagnosed = fxnumeric.diagnose(f, q, data, capture="export", progress=False)
+    reference = fxnumeric.diagnose(f, q, data, matching=matching(), progress=False)
+    names = [layer.name for layer in diagnosed.layers]
+    assert "att.linear" in names and names == [layer.name for layer in reference.layers]
+    assert [layer.cumulative_sqnr for layer in diagnosed.layers] == pytest.approx(
+        [layer.cumulative_sqnr for layer in reference.layers], abs=1e-9, nan_ok=True)
+    # the last layer's value is the model's output
+    assert diagnosed.layers[-1].name == "fc"
+    assert diagnosed.layers[-1].cumulative_sqnr == pytest.approx(direct, abs=1e-6)

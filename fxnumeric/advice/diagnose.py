@@ -604,6 +604,7 @@ def diagnose(
     matching: Matching | None = None,
     progress: bool | None = None,
     inputs: int | Callable[[Any], Any] | None = None,
+    capture: str = "auto",
 ) -> Diagnosis:
     """Measure why each quantized layer loses accuracy, and flag the usual causes.
 
@@ -623,6 +624,9 @@ def diagnose(
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress over batches on stderr (default: on a terminal or notebook).
         inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
+        capture: ``"fx"``, ``"export"`` or ``"auto"``, as in :func:`fxnumeric.compare`: the
+            first batch is the example input of the capture (an exported graph is specialised
+            to its shapes, so every batch must have them). Ignored when ``matching`` is given.
 
     Returns:
         A :class:`Diagnosis`; ``.text()`` explains each flagged layer, ``.table()`` shows the
@@ -632,7 +636,7 @@ def diagnose(
                             "Fix: a cumulative SQNR in dB, e.g. threshold_db=20.0 (the default)")
     batches = model_batches(data, inputs)
     check_devices(float_model, quant_model, batches[0])
-    matching = resolve_matching(float_model, quant_model, matching, None,
+    matching = resolve_matching(float_model, quant_model, matching, None, capture=capture,
                                 example_inputs=batches[0], validate=False)
     check_pairable(matching)  # as compare: an unrelated pair is refused, not "no layer flagged"
     # what crosses into each region (a model captured through its module tree), by one run

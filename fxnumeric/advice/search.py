@@ -306,7 +306,8 @@ class _Search:
 
     def __init__(self, float_model: nn.Module, quant_model: nn.Module | Mapping[str, nn.Module],
                  data: Iterable[Any], metric: str | EndMetric, matching: Matching | None,
-                 progress: bool | None, inputs: int | Callable[[Any], Any] | None = None) -> None:
+                 progress: bool | None, inputs: int | Callable[[Any], Any] | None = None,
+                 capture: str = "auto") -> None:
         float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram: its module
         variants = {name: flows.normalise_model(model, "quantized") for name, model in (
             quant_model.items() if isinstance(quant_model, Mapping) else [(None, quant_model)])}
@@ -324,7 +325,7 @@ class _Search:
             with contextlib.nullcontext() if name is None else about_variant(name):
                 matchings[name] = resolve_matching(
                     float_model, model, matching if name is None else None, None,
-                    example_inputs=self.batches[0], validate=False)
+                    capture=capture, example_inputs=self.batches[0], validate=False)
                 if name is not None:
                     check_variant(matchings[name])
                 else:  # as a variant's: one of another seed is warned about
@@ -769,6 +770,7 @@ def sensitivity(
     matching: Matching | None = None,
     progress: bool | None = None,
     inputs: int | Callable[[Any], Any] | None = None,
+    capture: str = "auto",
 ) -> Sensitivity:
     """Measure each layer's effect on the end metric, with two hybrid models per layer.
 
@@ -790,6 +792,9 @@ def sensitivity(
         matching: a :func:`fxnumeric.match` result to reuse.
         progress: show progress on stderr (default: when stderr is a terminal).
         inputs: what of each batch the models take, as in :func:`fxnumeric.compare`.
+        capture: ``"fx"``, ``"export"`` or ``"auto"``, as in :func:`fxnumeric.compare`: the
+            first batch is the example input of the capture (an exported graph is specialised
+            to its shapes, so every batch must have them). Ignored when ``matching`` is given.
 
     Returns:
         A :class:`Sensitivity`.
@@ -805,7 +810,8 @@ def sensitivity(
         ['0', '2']
     """
     layers = None if layers is None else _names(layers)
-    search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
+    search = _Search(float_model, quant_model, data, metric, matching, progress, inputs,
+                     capture)
     names, skipped = search.layers(layers, ("float", "quant"))
     hybrids: list[Hybrid] = [("quant", ())]
     for name in names:
@@ -1325,6 +1331,7 @@ def advise(
     progress: bool | None = None,
     inputs: int | Callable[[Any], Any] | None = None,
     bits: str = "nominal",
+    capture: str = "auto",
 ) -> Advice:
     """Find what to keep at higher precision so that the end metric reaches ``target``.
 
@@ -1364,6 +1371,9 @@ def advise(
         bits: what a layer's weight costs with several variants: ``"nominal"`` (a packed
             format's width, scales and zero points included) or ``"stored"`` (what the
             tensors hold: torchao 0.18 keeps int4 values in whole bytes on CPU).
+        capture: ``"fx"``, ``"export"`` or ``"auto"``, as in :func:`fxnumeric.compare`: the
+            first batch is the example input of the capture (an exported graph is specialised
+            to its shapes, so every batch must have them). Ignored when ``matching`` is given.
 
     Returns:
         An :class:`Advice`; when the target is not reached, ``reached`` is False, the message
@@ -1381,7 +1391,8 @@ def advise(
         a_count(max_float_layers, "max_float_layers", 0)
     layers = None if layers is None else _names(layers)
     started = time.perf_counter()
-    search = _Search(float_model, quant_model, data, metric, matching, progress, inputs)
+    search = _Search(float_model, quant_model, data, metric, matching, progress, inputs,
+                     capture)
     try:
         if isinstance(quant_model, Mapping):
             variant_flows = {flow_of(model) for model in quant_model.values()} - {""}
