@@ -24,7 +24,7 @@ Without them (:func:`feeding_ops` with no sources), a region's inputs name no op
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +43,9 @@ __all__ = ["feeding_ops", "upstream_ops", "value_sources", "op_reads", "model_in
 
 @dataclass(frozen=True)
 class Source:
-    """Where a value crossing into a region comes from: an op's output (``op``, its
-    :func:`~fxnumeric.pairing.op_name`) or a model input (``model_input``, its place in the
+    """Where a value crossing into a region comes from: an op's output (``op``, the name of
+    the call site that wrote it: ``layer.fc#2`` for the second call of a region called
+    twice) or a model input (``model_input``, its place in the
     batch: ``"input_ids"`` for a keyword input, ``"[0]"`` for the first positional one)."""
 
     op: str | None = None
@@ -74,12 +75,19 @@ class OpReads:
 
 
 def _reads(matching: Matching, sources: Sources | None = None,
+           key: Callable[[str], str] = op_name,
            ) -> tuple[dict[str, dict[str, None]], dict[str, int], dict[str, OpReads]]:
     """``(feeding, region_inputs, reads)``: for each op, the ops its float subgraph reads (in
     order, without repeats); without ``sources``, for the ops reading an input of a region
     that is not the whole model, how many of ``matching.pairs`` ran before that region's call
-    (the earliest call); with them, each op's :class:`OpReads`, region inputs resolved."""
-    by_float_node = {n: p for p in reversed(matching.pairs) for n in p.float_nodes}
+    (the earliest call); with them, each op's :class:`OpReads`, region inputs resolved.
+
+    Ops are named by ``key`` of their pairs' names: :func:`~fxnumeric.pairing.op_name` merges
+    an op's call sites, the identity keeps them apart."""
+    # a node's pair within one call of its region: a region its parent calls twice has the
+    # same nodes at both call sites, each call reading its own call's values
+    by_float_node = {(matching.region_of(p).call_site(p), n): p
+                     for p in reversed(matching.pairs) for n in p.float_nodes}
     call_start: dict[tuple[Region, int], int] = {}
     feeding: dict[str, dict[str, None]] = {}
     region_inputs: dict[str, int] = {}
@@ -89,7 +97,8 @@ def _reads(matching: Matching, sources: Sources | None = None,
         region = matching.region_of(pair)
         start = call_start.setdefault((region, region.call_site(pair)), index)
         chain = region.chain(pair, "float")
-        name = op_name(pair.name)
+        name = key(pair.name)
+        site = region.call_site(pair)
         read = feeding.setdefault(name, {})
         from_model = from_models.setdefault(name, {})
         unknown = unresolved.setdefault(name, {})
@@ -101,12 +110,11 @@ def _reads(matching: Matching, sources: Sources | None = None,
                 continue
             seen.add(arg)
             # a model input counts when an input quantize pairs with it (static quantization)
-            producer = by_float_node.get(region.float_name(arg))
+            producer = by_float_node.get((site, region.float_name(arg)))
             if producer is not None:
                 if producer is not pair:
-                    read[op_name(producer.name)] = None
+                    read[key(producer.name)] = None
             elif arg.op == "placeholder" and sources is not None:
-                site = region.call_site(pair)
                 found = sources.get((region.float_path, arg.name, site))
                 if found is None:  # the run never called this region (call site)
                     unknown[_prefixed(region.float_path, arg.name)] = None
@@ -116,7 +124,7 @@ def _reads(matching: Matching, sources: Sources | None = None,
                     elif source.model_input is not None:
                         from_model[source.model_input] = None
                     elif source.op is not None:  # its own earlier call too, as in a graph
-                        read[source.op] = None
+                        read[key(source.op)] = None
             elif arg.op == "placeholder":
                 # a region input: computed before the call, if the order of calls is known
                 if region is not matching.root and matching.call_order:
@@ -237,16 +245,23 @@ def value_sources(matching: Matching, batch: Any) -> Sources:
                 wanted[(region.float_path, node.name, site)] = (True, None)
         for pair in region.pairs:
             key = (region.float_path, region.output_nodes(pair)[0].name, region.call_site(pair))
-            wanted[key] = (wanted.get(key, (False, None))[0], op_name(pair.name))
+            wanted[key] = (wanted.get(key, (False, None))[0], pair.name)
     observers = {key: _Observe(tracker, key, reads, op) for key, (reads, op) in wanted.items()}
     run_model(observe_values(matching, "float", observers), batch, which="float", own=True)
     return tracker.found
 
 
-def op_reads(matching: Matching, sources: Sources) -> dict[str, OpReads]:
+def op_reads(matching: Matching, sources: Sources, *, call_sites: bool = False,
+             ) -> dict[str, OpReads]:
     """For each op, what its float subgraph reads (:class:`OpReads`), through plumbing, region
-    inputs resolved with ``sources`` (:func:`value_sources`)."""
-    return _reads(matching, sources)[2]
+    inputs resolved with ``sources`` (:func:`value_sources`).
+
+    The ops are named by :func:`~fxnumeric.pairing.op_name`, the call sites of one op merged;
+    with ``call_sites``, by pair name, each call site apart (``relu`` and ``relu#2``, as a
+    :func:`fxnumeric.compare` report's rows), each reading the call sites that computed its
+    values.
+    """
+    return _reads(matching, sources, (lambda name: name) if call_sites else op_name)[2]
 
 
 def feeding_ops(matching: Matching) -> dict[str, tuple[str, ...]]:

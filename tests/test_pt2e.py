@@ -1152,3 +1152,122 @@ def test_the_eager_api_refuses_a_pt2e_model_passed_as_the_float_model():
         fxn.compare_model_outputs(copy.deepcopy(quant), quant, x)
     with pytest.raises(fxn.InputError, match=twice):
         fxn.compare_weights(copy.deepcopy(quant), quant)
+
+
+class _Twice(torch.nn.Module):
+    """x -> fc1 -> act -> fc2 -> act -> fc2 -> fc3: ``fc2`` and ``act`` called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act = torch.nn.Linear(16, 16), torch.nn.ReLU()
+        self.fc2, self.fc3 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.fc2(self.act(self.fc2(self.act(self.fc1(x))))))
+
+
+def _xnnpack(float_model, data, **config):
+    """``(exported program, XNNPACK pt2e model)`` calibrated on ``data``."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    ep = torch.export.export(copy.deepcopy(float_model), (data[0],))
+    prepared = prepare_pt2e(ep.module(), XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(**config)))
+    for x in data:
+        prepared(x)
+    return ep, convert_pt2e(prepared)
+
+
+def _handed_on(graph_module, data):
+    """Every node's value over ``data`` (an fx Interpreter), a node followed by its output
+    quantize read as the dequantized value it hands on: ``{node name: values}``."""
+    values: dict[str, list[torch.Tensor]] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                values.setdefault(n.name, []).append(out.detach().double())
+            return out
+
+    with torch.no_grad():
+        for x in data:
+            Recorder(graph_module).run(x)
+    handed_on = {}
+    for n in graph_module.graph.nodes:
+        q = next((u for u in n.users if "quantize_per_tensor" in str(u.target)
+                  and "dequantize" not in str(u.target)), None)
+        dq = next(iter(q.users)) if q is not None else n
+        if n.name in values:
+            handed_on[n.name] = values[dq.name]
+    return handed_on
+
+
+def _sqnr_db(refs, actuals) -> float:
+    ref, act = torch.cat([r.flatten() for r in refs]), torch.cat([a.flatten() for a in actuals])
+    return float(10 * torch.log10(ref.square().sum() / (ref - act).square().sum()))
+
+
+def test_diagnose_keeps_the_call_sites_of_a_module_called_twice_apart():
+    """A module called twice has a row per call site in the report, and so in the diagnosis:
+    each reads what its own call reads. Before, `fc2`'s two calls were pooled into one entry
+    (38.8 dB cumulative, neither call's), `fc3` read that pool (true: `fc2#2`'s 37.6 dB) and
+    `act` claimed to read `fc1` and `fc2`. Oracle: an fx Interpreter on the exported float
+    graph and on the pt2e graph, each call's node (linear_1, linear_2) read apart."""
+    torch.manual_seed(0)
+    float_model = _Twice().eval()
+    with torch.no_grad():
+        float_model.fc2.weight.mul_(3)
+    data = [torch.randn(8, 16) for _ in range(3)]
+    ep, quant = _xnnpack(float_model, data)
+    float_values, quant_values = _handed_on(ep.module(), data), _handed_on(quant, data)
+
+    def oracle(node):
+        return _sqnr_db(float_values[node], quant_values[node])
+
+    diagnosis = fxn.diagnose(ep, quant, data, threshold_db=39.0, progress=False)
+    report = fxn.compare(ep, quant, data, progress=False)
+    assert [d.name for d in diagnosis.layers] == [r.name for r in report.rows] == [
+        "x.quantize", "fc1", "act", "fc2", "act#2", "fc2#2", "fc3"]
+    by_node = {"fc1": "linear", "act": "relu", "fc2": "linear_1", "act#2": "relu_1",
+               "fc2#2": "linear_2", "fc3": "linear_3"}
+    for name, node in by_node.items():
+        assert diagnosis.layer(name).cumulative_sqnr == pytest.approx(oracle(node), abs=1e-6)
+    fc2, fc2_again, fc3 = (diagnosis.layer(n) for n in ("fc2", "fc2#2", "fc3"))
+    assert fc2.cumulative_sqnr - fc2_again.cumulative_sqnr > 3  # 41.18 and 37.61 dB
+    assert fc3.inputs == ("fc2#2",)
+    assert fc3.input_sqnr == pytest.approx(oracle("linear_2"), abs=1e-6)  # 37.61, not 38.84
+    assert fc2_again.inputs == ("act#2",)
+    assert fc2_again.input_sqnr == pytest.approx(oracle("relu_1"), abs=1e-6)
+    assert diagnosis.layer("act").inputs == ("fc1",)
+    assert diagnosis.layer("act#2").inputs == ("fc2",)
+    # one module, two entries: the module path and its weight figures shared, the call
+    # site named as the report's row
+    assert [d.call_site for d in diagnosis.call_sites("fc2")] == ["fc2", "fc2#2"]
+    assert fc2_again.module == "fc2" and fc2_again.per_channel == fc2.per_channel
+    # the first call below 39 dB is the second call of fc2, and the report's row says so
+    assert diagnosis.first_below == "fc2#2"
+    assert [f.code for f in fc2_again.flags] == ["amplification"] and not fc2.flags
+    assert "`fc2#2` is the first op" in fc2_again.flags[0].text
+    flags = {r.name: r.flags for r in fxn.advice.annotate(report, diagnosis).rows}
+    assert flags == {d.name: tuple(f.code for f in d.flags) for d in diagnosis.layers}
+    assert flags["fc2#2"] == ("amplification",)
+
+
+def test_diagnosis_layer_takes_a_call_site_by_pair_name_or_module_path():
+    """A region called twice names its call sites by its quantized path; the module path with
+    the call site's number finds them too, the bare module path the first call."""
+    from fxnumeric.advice.diagnose import Diagnosis, LayerDiagnosis
+
+    layers = tuple(LayerDiagnosis(name=n, module="block.relu", kind="relu")
+                   for n in ("q.relu", "q.relu#2"))
+    diagnosis = Diagnosis(layers, 20.0, None, 1)
+    assert [d.call_site for d in layers] == ["block.relu", "block.relu#2"]
+    assert diagnosis.layer("q.relu#2") is diagnosis.layer("block.relu#2") is layers[1]
+    assert diagnosis.layer("block.relu") is layers[0]
+    assert diagnosis.call_sites("block.relu") == list(layers)
+

@@ -1,17 +1,20 @@
 """Why a layer is bad: the usual causes of quantization error, measured per layer, with fixes.
 
 For each op a :func:`fxnumeric.compare` report has a row for (the quantized layers, and the
-ops left in float, such as a ``sub`` between two quantized branches), over the data; the
-weights, clipping and noise flags are those of the ops computing in quantized form:
+ops left in float, such as a ``sub`` between two quantized branches; a module called twice
+has a row per call site, ``fc2`` and ``fc2#2``, each reading its own call's values), over
+the data; the weights, clipping and noise flags are those of the ops computing in quantized
+form:
 
-* **weights**: range utilisation (the fraction of the integer grid a typical output channel's
-  weights span: median over channels of ``range_c / (scale_c * (qmax - qmin))``) and channel
-  outliers (max / median of the channel ranges). One per-tensor scale for channels whose
-  ranges differ tenfold leaves most channels a few levels. Channels whose weights are all
-  zero (pruned rows) are left out of both: quantization keeps them exact, and per-channel
-  scales would change nothing for them. Weights that dequantize to exactly the float ones
-  (their quantization adds no error) get no weight fix. An op with several weight matrices
-  (an LSTM's, per layer, direction and input) shows its worst one, by name.
+* **weights** (the module's, shared by its call sites): range utilisation (the fraction of
+  the integer grid a typical output channel's weights span: median over channels of
+  ``range_c / (scale_c * (qmax - qmin))``) and channel outliers (max / median of the channel
+  ranges). One per-tensor scale for channels whose ranges differ tenfold leaves most
+  channels a few levels. Channels whose weights are all zero (pruned rows) are left out of
+  both: quantization keeps them exact, and per-channel scales would change nothing for them.
+  Weights that dequantize to exactly the float ones (their quantization adds no error) get
+  no weight fix. An op with several weight matrices (an LSTM's, per layer, direction and
+  input) shows its worst one, by name.
 * **activation clipping**: the fraction of the layer's float output (its float twin fed the
   quantized model's inputs) outside the range its quantized output can represent.
 * **noise vs step**: the rms of the local error (quantized layer vs its float twin on the same
@@ -64,7 +67,7 @@ from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid
 from ..weights import pair_weights
-from .hybrid import layer_names, module_path, op_names
+from .hybrid import module_path
 from .numbers import a_number
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
@@ -91,8 +94,10 @@ class LayerDiagnosis:
     """The measurements behind the flags of one op (``None`` where they do not apply).
 
     Attributes:
-        name: the op (pair) name.
-        module: the float model's module path.
+        name: the call site's (pair) name, as the :func:`fxnumeric.compare` report's row:
+            ``fc2`` and ``fc2#2`` for a module called twice, each measured apart.
+        module: the float model's module path, shared by the module's call sites (so are
+            its weight figures: one weight).
         kind: op kinds.
         per_channel: whether the weights are quantized per channel. The weight figures are
             those of the op's worst quantized weight matrix where it has several (an LSTM:
@@ -113,7 +118,7 @@ class LayerDiagnosis:
             for an op computing in float in both models (a ``sub`` or ``add`` under dynamic
             quantization or between dequantized values, an ``nn.Embedding`` left float),
             which carries only the amplification and NaN/Inf flags.
-        inputs: the ops (module paths) whose values this op reads, in order: on a model
+        inputs: the ops (:attr:`call_site`) whose values this op reads, in order: on a model
             captured through its module tree too, where a value crosses from one region into
             another (:func:`fxnumeric.dataflow.value_sources`).
         input_sqnr: dB, the cumulative SQNR of the values this op reads: the energies and
@@ -164,6 +169,12 @@ class LayerDiagnosis:
     10^(-SQNR_i / 10))`` over the values it reads (two at 22 dB: 19 dB)."""
 
     @property
+    def call_site(self) -> str:
+        """The module path with the call site's number, as the report numbers its rows
+        (``fc2#2``); the module path for an op's first or only call site."""
+        return self.module + self.name[len(op_name(self.name)):]
+
+    @property
     def amplification(self) -> float | None:
         """dB by which the accumulated error exceeds this layer's own (local - cumulative)."""
         if self.local_sqnr is None or self.cumulative_sqnr is None:
@@ -180,8 +191,8 @@ class Diagnosis:
     Attributes:
         layers: the quantized layers and the ops left in float, in graph order.
         threshold_db: the cumulative-SQNR threshold used for the amplification flag.
-        first_below: the first op (module path) whose cumulative SQNR is below
-            ``threshold_db``, an op left in float included.
+        first_below: the first op (:attr:`LayerDiagnosis.call_site`) whose cumulative SQNR
+            is below ``threshold_db``, an op left in float included.
         batches: how many batches were run.
     """
 
@@ -190,15 +201,15 @@ class Diagnosis:
     first_below: str | None
     batches: int
     nonfinite: str | None = None
-    """The first layer (module path) whose values held NaN/Inf: it carries the only flag,
-    ``nonfinite``; the sums of the layers after it are poisoned, so nothing is drawn from
-    them."""
+    """The first layer (:attr:`LayerDiagnosis.call_site`) whose values held NaN/Inf: it
+    carries the only flag, ``nonfinite``; the sums of the layers after it are poisoned, so
+    nothing is drawn from them."""
     foreign: str = ""
     """Why the quantized model's weights do not look made from the float model's (weight SQNR
     below 0 dB on most layers; also warned), ``""`` when they do."""
 
     def __repr__(self) -> str:
-        flagged = [d.module for d in self.flagged()]
+        flagged = [d.call_site for d in self.flagged()]
         return (f"Diagnosis(layers={len(self.layers)}, flagged={flagged[:5]}"
                 f"{' ...' if len(flagged) > 5 else ''}, first_below={self.first_below!r}"
                 + (f", nonfinite={self.nonfinite!r})" if self.nonfinite else ")"))
@@ -208,11 +219,21 @@ class Diagnosis:
         return [d for d in self.layers if d.flags]
 
     def layer(self, name: str) -> LayerDiagnosis:
-        """The entry for layer ``name`` (pair name or module path)."""
+        """The entry for layer ``name``: a pair name, as the report names its row, or a
+        :attr:`LayerDiagnosis.call_site`.
+
+        A module called several times has an entry per call site: its module path is its
+        first call's (``fc2``), ``fc2#2`` its second, as in the report;
+        :meth:`call_sites` gives them all.
+        """
         for d in self.layers:
-            if name in (d.name, d.module):
+            if name in (d.name, d.call_site):
                 return d
         raise InputError(f"no layer {name!r} in this diagnosis")
+
+    def call_sites(self, module: str) -> list[LayerDiagnosis]:
+        """The entries of module path ``module``, one per call site, in graph order."""
+        return [d for d in self.layers if d.module == module]
 
     def text(self) -> str:
         """A short paragraph per flagged layer: what is wrong and the usual fix."""
@@ -222,13 +243,13 @@ class Diagnosis:
         head = (f"NaN/Inf first appears at {self.nonfinite}: the layers after it read poisoned "
                 "values, so none of them is flagged\n" if self.nonfinite else "")
         return foreign + head + "\n".join(
-            f"{d.module} ({d.kind}):\n" + "\n".join(f"  - {f}" for f in d.flags)
+            f"{d.call_site} ({d.kind}):\n" + "\n".join(f"  - {f}" for f in d.flags)
             for d in self.flagged()
         )
 
     def table(self, tablefmt: str = "simple") -> str:
         """The measurements as a table, one row per layer."""
-        rows = [(d.module, d.kind, _pc(d.per_channel), d.weight_utilisation,
+        rows = [(d.call_site, d.kind, _pc(d.per_channel), d.weight_utilisation,
                  d.channel_outlier_ratio, d.clipped, d.noise_steps, d.local_sqnr,
                  d.floor_sqnr, d.input_sqnr, d.cumulative_sqnr,
                  ", ".join(f.code for f in d.flags))
@@ -486,7 +507,7 @@ _PRODUCTS = ("mul", "matmul", "div")
 def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: float) -> Flag:
     """Why the first op below the threshold (``cumulative``: its cumulative SQNR) is there:
     its own error, or the error it reads made larger relative to its output."""
-    head = (f"`{d.module}` is the first op where the cumulative SQNR "
+    head = (f"`{d.call_site}` is the first op where the cumulative SQNR "
             f"({_db_below(cumulative, threshold_db)} dB) is below {threshold_db:g} dB")
     amp, local, read, expected = d.amplification, d.local_sqnr, d.input_sqnr, d.expected_sqnr
     inputs = ", ".join(d.inputs)
@@ -500,7 +521,7 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
         own = ("computes in float in both models and adds " if not d.quantized else "adds ")
         own += f"{'no' if math.isinf(local) else 'little'} error of its own"
         why = (f": it falls there from {read:.1f} dB in the values it reads ({inputs}), yet "
-               f"`{d.module}` {own} (local SQNR {local:.1f} dB): it amplifies the error it "
+               f"`{d.call_site}` {own} (local SQNR {local:.1f} dB): it amplifies the error it "
                f"reads {expected - cumulative:.1f} dB"
                + (f" beyond the {read - expected:.1f} dB a product costs by nature"
                   if product else "")
@@ -508,9 +529,9 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
                   "errors do not)" if d.kind in _CANCELLING else ""))
     elif read is not None:
         why = (f"; the error comes from before it: the values it reads ({inputs}) are at "
-               f"{read:.1f} dB already{product}, `{d.module}` adds {_own_error(local)}")
+               f"{read:.1f} dB already{product}, `{d.call_site}` adds {_own_error(local)}")
     else:  # it reads a value no row measures (computed by code between the regions)
-        why = (f"; the error comes from before it: `{d.module}` adds {_own_error(local)}. "
+        why = (f"; the error comes from before it: `{d.call_site}` adds {_own_error(local)}. "
                "What it reads is computed by code fxnumeric does not trace (between the "
                "captured regions), whose error no row measures: whether the error grows "
                "across it, or before it, is not known")
@@ -518,7 +539,7 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
         fix = ("keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
                "equalization")
     else:
-        fix = (f"keep the layers before it float (fxnumeric.advise; `{d.module}` computes in "
+        fix = (f"keep the layers before it float (fxnumeric.advise; `{d.call_site}` computes in "
                "float already), so that the values it reads carry less error"
                + ("; or rewrite the model so that it does not subtract nearly equal quantized "
                   "values" if d.kind in _CANCELLING else ""))
@@ -640,15 +661,16 @@ def diagnose(
                                 example_inputs=batches[0], validate=False)
     check_pairable(matching)  # as compare: an unrelated pair is refused, not "no layer flagged"
     # what crosses into each region (a model captured through its module tree), by one run
-    reads = op_reads(matching, value_sources(matching, batches[0]))
+    # each call site apart, as the report's rows (`fc2`, `fc2#2`): a module called twice reads
+    # other values, and is read by other ops, at each call
+    reads = op_reads(matching, value_sources(matching, batches[0]), call_sites=True)
     read_inputs = {place for r in reads.values() for place in r.model_inputs}
     input_energy = dict.fromkeys(read_inputs, 0.0)
-    layers = op_names(matching)
-    quantized = set(layer_names(matching))
+    layers = list(dict.fromkeys(p.name for p in matching.pairs))
+    quantized = {p.name for p in matching.pairs if p.quantized}
     # an op left in float hands on the quantize in front of its quantized readers (a
     # quantized tensor, a grid's clipping) but computes in float all the same
-    rounded_after = {op_name(p.name) for p in matching.pairs
-                     if matching.region_of(p).hands_on_rounded(p)}
+    rounded_after = {p.name for p in matching.pairs if matching.region_of(p).hands_on_rounded(p)}
     sums = {name: _Sums() for name in layers}
     twins: list[_FloatValues] = []
 
@@ -661,10 +683,10 @@ def diagnose(
     def shadows(pair: Pair) -> nn.Module:
         twin = twins[-1]  # instrument builds a pair's output observers, then its shadow
         if not pair.quantized:  # no grid of its own: no floor
-            return _LocalError(sums[op_name(pair.name)], twin, None)
+            return _LocalError(sums[pair.name], twin, None)
         sums_of_floor = floor_sums(matching.region_of(pair), pair)
-        floors.setdefault(op_name(pair.name), []).append((pair, sums_of_floor))
-        return _LocalError(sums[op_name(pair.name)], twin, sums_of_floor)
+        floors.setdefault(pair.name, []).append((pair, sums_of_floor))
+        return _LocalError(sums[pair.name], twin, sums_of_floor)
 
     built = instrument(matching, outputs=outputs, shadows=shadows)
     with Progress(len(batches), "diagnosing", progress) as bar:
@@ -679,7 +701,8 @@ def diagnose(
             bar.update()
 
     # an op with several weight matrices (an LSTM's, per layer, direction and gate input)
-    # is judged by its worst one: one outlier row in one of them costs the whole layer
+    # is judged by its worst one: one outlier row in one of them costs the whole layer. The
+    # weights are the module's, shared by its call sites
     weights: dict[str, tuple[_WeightStats, str]] = {}
     sqnrs: list[tuple[str, float]] = []
     for w in pair_weights(matching, as_computed=True):
@@ -692,15 +715,17 @@ def diagnose(
     # as if its every layer were badly quantized
     foreign = warn_foreign_weights(sqnrs, "the quantized model's weights", "Every flag then "
                                    "describes two different models, not the quantization")
-    kinds = {op_name(p.name): p.kind for p in reversed(matching.pairs)}
+    kinds = {p.name: p.kind for p in reversed(matching.pairs)}
+    sites = {name: module_path(matching, op_name(name)) + name[len(op_name(name)):]
+             for name in layers}  # as LayerDiagnosis.call_site
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
     for name in layers:
         s = sums[name]
-        stats, matrix = weights.get(name, (_WeightStats(), ""))
+        stats, matrix = weights.get(op_name(name), (_WeightStats(), ""))
         step = next(iter(s.steps)) if len(s.steps) == 1 else None
         floor, floor_verdict = None, None
-        if len(floors.get(name, ())) == 1:  # one call site: its floor is the layer's
+        if len(floors.get(name, ())) == 1:  # one pair: its floor is the row's
             pair, sums_of_floor = floors[name][0]
             floor, floor_verdict = layer_floor(matching.region_of(pair), pair, sums_of_floor,
                                                signal=s.local_signal, noise=s.local_noise,
@@ -710,7 +735,7 @@ def diagnose(
         input_sqnr = _pooled_sqnr(read_sums, sum(input_energy[p] for p in read.model_inputs),
                                   complete)
         d = LayerDiagnosis(
-            name=name, module=module_path(matching, name), kind=kinds[name],
+            name=name, module=module_path(matching, op_name(name)), kind=kinds[name],
             per_channel=stats.per_channel, weight_utilisation=stats.utilisation,
             channel_outlier_ratio=stats.outliers, weight_matrix=matrix or None,
             zero_channels=stats.zero_channels, weight_channels=stats.channels,
@@ -722,7 +747,7 @@ def diagnose(
             floor_sqnr=floor, floor=floor_verdict,
             quantized=(name in quantized or kinds[name] == "quantize"
                        or (s.quantized and name not in rounded_after)),
-            inputs=tuple(module_path(matching, n) for n in read.ops),
+            inputs=tuple(sites[n] for n in read.ops),
             input_sqnr=input_sqnr,
             expected_sqnr=(_product_sqnr(read_sums, complete)
                            if kinds[name] in _PRODUCTS and input_sqnr is not None
@@ -733,13 +758,13 @@ def diagnose(
             continue
         poisoned = _nonfinite_flag(s, stats.nonfinite)
         if poisoned is not None:
-            nonfinite = d.module
+            nonfinite = d.call_site
             diagnosed.append(dataclasses.replace(d, flags=(poisoned,)))
             continue
         is_first = (first_below is None and d.cumulative_sqnr is not None
                     and d.cumulative_sqnr < threshold_db)
         if is_first:
-            first_below = d.module
+            first_below = d.call_site
         diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
     return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches), nonfinite,
                      foreign.partition("\n")[0])
