@@ -30,6 +30,7 @@ not describe it (its input is quantized per call all the same: :func:`fxnumeric.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -40,11 +41,11 @@ from ._tensors import stores_floats
 from .errors import InputError
 from .metrics import aminmax, db, energy
 from .ops import dynamic_input
-from .semantics import QuantGrid, evaluate_constant, grid_before
+from .semantics import QuantGrid, WeightGrid, dequantize_grid, evaluate_constant, grid_before
 
 __all__ = ["FLOOR_MARGIN_DB", "AT_FLOOR_DB", "floor_sqnr", "floor_noise", "output_rounding",
            "weight_steps", "FloorVerdict", "judge", "FloorSums", "layer_weight_steps",
-           "layer_module", "layer_floor", "floor_sums"]
+           "layer_module", "layer_floor", "floor_sums", "functional_weight_grid"]
 
 FLOOR_MARGIN_DB = 6.0
 """How far (dB) below its floor a layer's shadow SQNR must be to count as broken: the noise
@@ -135,7 +136,9 @@ def _same_read(read: torch.Tensor | None) -> bool:
     return isinstance(read, torch.Tensor) and read.is_quantized
 
 
-def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
+def _weight_dequantizes(region: Any, pair: Any) -> Iterator[Any]:
+    """The ``dequantize`` nodes producing the weights of a pair's functional quantized ops (an
+    exported graph's), through plumbing, in chain order."""
     view = region.quant_view
     for node in region.chain(pair, "quant"):
         cls = view.op_class(node)
@@ -143,8 +146,13 @@ def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
         while source is not None and (c := view.op_class(source)) is not None and \
                 c.role == "plumbing" and not c.is_dequantize and source.all_input_nodes:
             source = source.all_input_nodes[0]
-        if source is None or not (c := view.op_class(source)) or not c.is_dequantize:
-            continue
+        if source is not None and (c := view.op_class(source)) and c.is_dequantize:
+            yield source
+
+
+def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
+    view = region.quant_view
+    for source in _weight_dequantizes(region, pair):
         weight = evaluate_constant(source, view)
         scales = evaluate_constant(source.args[1], view) if len(source.args) > 1 else None
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or scales is None:
@@ -152,6 +160,17 @@ def _functional_steps(region: Any, pair: Any) -> tuple[float, int] | None:
         squared = torch.as_tensor(scales, dtype=torch.float64) ** 2
         return (float(squared.mean()), math.prod(weight.shape[1:]),
                 _energy64(weight))
+    return None
+
+
+def functional_weight_grid(region: Any, pair: Any) -> WeightGrid | None:
+    """The grid the weight of a pair's functional quantized op is quantized on (a pt2e
+    ``linear`` reading ``dequantize_per_tensor`` of its int8 weight), read from that
+    ``dequantize``'s constants; ``None`` for a module's weight or a weight held in float."""
+    for source in _weight_dequantizes(region, pair):
+        grid = dequantize_grid(source, region.quant_view)
+        if grid is not None:
+            return grid
     return None
 
 

@@ -44,6 +44,7 @@ from .view import GraphView
 __all__ = [
     "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
+    "WeightGrid", "dequantize_grid",
     "computes_alike", "holds_quantized", "rounds_on_grid", "views_of", "with_values",
 ]
 
@@ -125,6 +126,46 @@ def quantize_grid(node: fx.Node, view: GraphView) -> QuantGrid | None:
     if len(args) >= 6 and isinstance(args[3], int) and isinstance(args[4], int):
         qmin, qmax = args[3], args[4]  # pt2e: the range is explicit
     return QuantGrid(scale, int(zp), qmin, qmax)
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """The grid a weight held in a graph was quantized on: its steps (one for the tensor, or
+    one per channel along ``axis``) and its integer range."""
+
+    scales: torch.Tensor
+    qmin: int
+    qmax: int
+    axis: int | None = None
+    """The axis of the channels, ``None`` for one scale for the whole tensor."""
+
+
+def dequantize_grid(node: fx.Node, view: GraphView) -> WeightGrid | None:
+    """The grid the value a dequantize node reads was quantized on, from its constants: a
+    pt2e weight's ``dequantize_per_tensor(w, scale, zero_point, quant_min, quant_max, dtype)``
+    or ``dequantize_per_channel(w, scales, zero_points, axis, quant_min, quant_max, dtype)``,
+    or a torch quantized tensor's own. ``None`` for any other node or scheme (group-wise)."""
+    if not is_dequantize(view, node) or not node.args:
+        return None
+    args = [evaluate_constant(a, view) for a in node.args]
+    first = args[0]
+    if isinstance(first, torch.Tensor) and first.is_quantized:
+        qmin, qmax = QRANGE.get(first.dtype, (-128, 127))
+        if first.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            return WeightGrid(torch.tensor([first.q_scale()], dtype=torch.float64), qmin, qmax)
+        return WeightGrid(first.q_per_channel_scales().double(), qmin, qmax,
+                          first.q_per_channel_axis())
+    if len(args) >= 7 and all(isinstance(a, int) for a in args[3:6]):
+        axis, qmin, qmax = args[3:6]  # per channel
+    elif len(args) >= 6 and all(isinstance(a, int) for a in args[3:5]):
+        axis, (qmin, qmax) = None, args[3:5]
+    else:
+        return None
+    scales = args[1]
+    if not isinstance(scales, (torch.Tensor, float, int)):
+        return None
+    scales = torch.as_tensor(scales, dtype=torch.float64).detach().reshape(-1)
+    return WeightGrid(scales, qmin, qmax, axis)
 
 
 def grid_before(view: GraphView, node: fx.Node) -> QuantGrid | None:

@@ -1271,3 +1271,43 @@ def test_diagnosis_layer_takes_a_call_site_by_pair_name_or_module_path():
     assert diagnosis.layer("block.relu") is layers[0]
     assert diagnosis.call_sites("block.relu") == list(layers)
 
+
+def _weight_dequantize(quant, linear: str):
+    """The ``dequantize`` node feeding the weight of the pt2e graph's node ``linear``."""
+    node = next(n for n in quant.graph.nodes if n.name == linear).args[1]
+    assert "dequantize" in str(node.target)
+    return node
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_diagnose_reads_the_weight_grid_of_a_pt2e_graph_from_its_dequantize(per_channel):
+    """The docs' outlier example (one output channel 30x wider than the rest) quantized by
+    pt2e: its weight arrives dequantized, so before, per_channel and the utilisation were
+    None and no weight flag fired (FX flags it). Oracle: the scales and integer range of the
+    graph's own ``dequantize_per_tensor`` / ``dequantize_per_channel`` of that weight, and the
+    float weight's channel ranges, computed by hand."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                            torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        f[2].weight[7] *= 30
+    data = [torch.randn(32, 16) for _ in range(2)]
+    ep, quant = _xnnpack(f, data, is_per_channel=per_channel)
+    dq = _weight_dequantize(quant, "linear_1")
+    args = [getattr(quant, str(a.target)) if isinstance(a, torch.fx.Node) else a
+            for a in dq.args[1:]]
+    scales, (qmin, qmax) = torch.as_tensor(args[0]).double(), args[-3:-1]
+    assert (qmin, qmax) == (-127, 127)
+    w = f[2].weight.detach().double()
+    ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
+    layer = fxn.diagnose(ep, quant, data, progress=False).layer("2")
+    assert layer.per_channel is per_channel
+    assert layer.channel_outlier_ratio == pytest.approx(float(ranges.max() / ranges.median()))
+    utilisation = float((ranges / (scales * (qmax - qmin))).median())
+    assert layer.weight_utilisation == pytest.approx(utilisation, rel=1e-9)
+    codes = [flag.code for flag in layer.flags]
+    if per_channel:  # each channel its own scale: nothing to fix in the weights
+        assert utilisation > 0.9 and "weight_outliers" not in codes
+    else:  # 0.0326, as FX's per-tensor model reads
+        assert utilisation < 0.05 and "weight_outliers" in codes
+

@@ -6,12 +6,13 @@ has a row per call site, ``fc2`` and ``fc2#2``, each reading its own call's valu
 the data; the weights, clipping and noise flags are those of the ops computing in quantized
 form:
 
-* **weights** (the module's, shared by its call sites): range utilisation (the fraction of
-  the integer grid a typical output channel's weights span: median over channels of
-  ``range_c / (scale_c * (qmax - qmin))``) and channel outliers (max / median of the channel
-  ranges). One per-tensor scale for channels whose ranges differ tenfold leaves most
-  channels a few levels. Channels whose weights are all zero (pruned rows) are left out of
-  both: quantization keeps them exact, and per-channel scales would change nothing for them.
+* **weights** (the module's, shared by its call sites; a pt2e graph's read off the
+  ``dequantize`` that makes it): range utilisation (the fraction of the integer grid a
+  typical output channel's weights span: median over channels of ``range_c / (scale_c *
+  (qmax - qmin))``) and channel outliers (max / median of the channel ranges). One
+  per-tensor scale for channels whose ranges differ tenfold leaves most channels a few
+  levels. Channels whose weights are all zero (pruned rows) are left out of both:
+  quantization keeps them exact, and per-channel scales would change nothing for them.
   Weights that dequantize to exactly the float ones (their quantization adds no error) get
   no weight fix. An op with several weight matrices (an LSTM's, per layer, direction and
   input) shows its worst one, by name.
@@ -54,7 +55,7 @@ from .._collector import defers_collection
 from .._tensors import detach, first_output
 from ..dataflow import model_inputs, op_reads, value_sources
 from ..errors import InputError
-from ..floor import FloorSums, FloorVerdict, floor_sums, layer_floor
+from ..floor import FloorSums, FloorVerdict, floor_sums, functional_weight_grid, layer_floor
 from ..guards import check_pairable, warn_foreign_weights
 from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
@@ -65,7 +66,7 @@ from ..progress import Progress
 from ..report import Report
 from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, model_batches, run_model
-from ..semantics import QRANGE, QuantGrid
+from ..semantics import QRANGE, QuantGrid, WeightGrid
 from ..weights import pair_weights
 from .hybrid import module_path
 from .numbers import a_number
@@ -374,10 +375,12 @@ def _worse(stats: _WeightStats, than: _WeightStats) -> bool:
     return (stats.outliers or 0.0) > (than.outliers or 0.0)
 
 
-def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> _WeightStats:
+def _weight_stats(fw: torch.Tensor, qw: torch.Tensor, grid: WeightGrid | None = None,
+                  ) -> _WeightStats:
     """Range use and channel outliers of ``qw`` against the float weight ``fw``, over the
     output channels whose weights are not all zero: a pruned row is exact under any scale,
-    and its zero range made the median range 0 and the outlier ratio ``inf``."""
+    and its zero range made the median range 0 and the outlier ratio ``inf``. ``grid``: the
+    grid of a ``qw`` that arrives dequantized (a pt2e graph's weight), read from the graph."""
     w = fw.detach().double()
     w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
     ranges = w.amax(dim=1).clamp(min=0) - w.amin(dim=1).clamp(max=0)
@@ -391,14 +394,21 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor) -> _WeightStats:
     if deq.numel() == w.numel():  # an fp16 weight too: exact when fp16 holds it
         stats = dataclasses.replace(stats, exact=bool(torch.equal(deq.reshape(w.shape), w)),
                                     sqnr=sqnr(w, deq.reshape(w.shape)))
-    if not qw.is_quantized:
+    if qw.is_quantized:
+        qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
+        per_channel = qw.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric)
+        # per channel, float zero points too (a quantized Embedding's
+        # per_channel_affine_float_qparams)
+        axis = qw.q_per_channel_axis() if per_channel else None
+        scales: Any = qw.q_per_channel_scales().double() if per_channel else qw.q_scale()
+    elif grid is not None:
+        qmin, qmax, axis = grid.qmin, grid.qmax, grid.axis
+        per_channel = axis is not None
+        scales = grid.scales if per_channel else float(grid.scales[0])
+    else:
         return stats
-    qmin, qmax = QRANGE.get(qw.dtype, (-128, 127))
-    per_channel = qw.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric)
-    # per channel, float zero points too (a quantized Embedding's per_channel_affine_float_qparams)
-    if per_channel and qw.q_per_channel_axis() != 0:
+    if per_channel and (axis != 0 or scales.numel() != len(ranges)):
         return dataclasses.replace(stats, per_channel=True)
-    scales = qw.q_per_channel_scales().double() if per_channel else qw.q_scale()
     util = (ranges / (scales * (qmax - qmin)))[live]
     return dataclasses.replace(stats, per_channel=per_channel, utilisation=float(
         util.median()) if len(util) else None)
@@ -706,7 +716,10 @@ def diagnose(
     weights: dict[str, tuple[_WeightStats, str]] = {}
     sqnrs: list[tuple[str, float]] = []
     for w in pair_weights(matching, as_computed=True):
-        name, stats = op_name(w.pair.name), _weight_stats(w.float_weight, w.quant_weight)
+        # a weight held in a graph (pt2e) arrives dequantized: its grid is its dequantize's
+        grid = (None if w.quant_weight.is_quantized
+                else functional_weight_grid(matching.region_of(w.pair), w.pair))
+        name, stats = op_name(w.pair.name), _weight_stats(w.float_weight, w.quant_weight, grid)
         if name not in weights or _worse(stats, weights[name][0]):
             weights[name] = (stats, w.matrix)
         if stats.sqnr is not None:
