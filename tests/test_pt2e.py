@@ -1311,3 +1311,29 @@ def test_diagnose_reads_the_weight_grid_of_a_pt2e_graph_from_its_dequantize(per_
     else:  # 0.0326, as FX's per-tensor model reads
         assert utilisation < 0.05 and "weight_outliers" in codes
 
+
+def test_diagnose_measures_clipping_and_noise_at_a_pt2e_input_quantize():
+    """An MLP calibrated on 0.2 * randn and diagnosed on randn: half the inputs fall outside
+    the input quantize's grid. pt2e's ``quantize_per_tensor`` hands on no quantized tensor,
+    so before, its clipping and noise were None (FX measured them) and only the amplification
+    flag fired. Oracle: the grid from that node's arguments, and the dequantized value it
+    hands on from an fx Interpreter."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                            torch.nn.Linear(32, 8)).eval()
+    calibration = [0.2 * torch.randn(8, 16) for _ in range(3)]
+    data = [torch.randn(8, 16) for _ in range(3)]
+    ep, quant = _xnnpack(f, calibration)
+    node = next(n for n in quant.graph.nodes  # the input's (the weights' are folded)
+                if str(n.target) == "quantized_decomposed.quantize_per_tensor.default")
+    scale, zero_point, qmin, qmax = node.args[1:5]
+    x = torch.cat(data).double()
+    low, high = (qmin - zero_point - 0.5) * scale, (qmax - zero_point + 0.5) * scale
+    clipped = float(((x < low) | (x > high)).double().mean())
+    handed_on = torch.cat(_handed_on(quant, data)[node.args[0].name])  # the model input
+    noise_steps = float((handed_on - x).square().mean().sqrt()) / scale
+    entry = fxn.diagnose(ep, quant, data, progress=False).layers[0]
+    assert entry.kind == "quantize"
+    assert entry.clipped == pytest.approx(clipped) and clipped > 0.5
+    assert entry.noise_steps == pytest.approx(noise_steps, rel=1e-6)
+    assert {"clipping", "noise"} <= {flag.code for flag in entry.flags}

@@ -66,7 +66,7 @@ from ..progress import Progress
 from ..report import Report
 from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, model_batches, run_model
-from ..semantics import QRANGE, QuantGrid, WeightGrid
+from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
 from .hybrid import module_path
 from .numbers import a_number
@@ -323,11 +323,12 @@ class _FloatValues(Logger):
 class _LocalError(Logger):
     """Fed ``(quantized output, float twin output, *inputs)`` by the layer's shadow; adds to
     the sums, and to what the layer's floor needs (``floor``: ``None`` for an op left in
-    float, which has no floor)."""
+    float, which has no floor; ``grid``: its output grid then, if it has one)."""
 
-    def __init__(self, sums: _Sums, twin: _FloatValues, floor: FloorSums | None) -> None:
+    def __init__(self, sums: _Sums, twin: _FloatValues, floor: FloorSums | None,
+                 grid: QuantGrid | None = None) -> None:
         super().__init__()
-        self.sums, self.floor = sums, floor
+        self.sums, self.floor, self.grid = sums, floor, grid
         # without a floor it needs no inputs, and an op that computes as its float twin does
         # is then not run again (its local error is none), as compare's shadows are
         self.takes_inputs = floor is not None
@@ -336,7 +337,7 @@ class _LocalError(Logger):
     def forward(self, x: Any, y: Any, *inputs: Any) -> None:  # type: ignore[override]
         pending = self.twin[0].pending
         if pending:
-            self.sums.update(y, x, pending.pop(0), self.floor.grid if self.floor else None)
+            self.sums.update(y, x, pending.pop(0), self.floor.grid if self.floor else self.grid)
         if self.floor is None:
             return
         quant, ref = first_output(x), first_output(y)
@@ -692,9 +693,13 @@ def diagnose(
 
     def shadows(pair: Pair) -> nn.Module:
         twin = twins[-1]  # instrument builds a pair's output observers, then its shadow
-        if not pair.quantized:  # no grid of its own: no floor
-            return _LocalError(sums[pair.name], twin, None)
-        sums_of_floor = floor_sums(matching.region_of(pair), pair)
+        region = matching.region_of(pair)
+        if not pair.quantized:  # no floor. An input quantize computing in float (pt2e's
+            # quantize_per_tensor: no quantized tensor) has the grid its arguments say
+            grid = (grid_before(region.quant_view, region.output_nodes(pair)[1])
+                    if pair.kind == "quantize" else None)
+            return _LocalError(sums[pair.name], twin, None, grid)
+        sums_of_floor = floor_sums(region, pair)
         floors.setdefault(pair.name, []).append((pair, sums_of_floor))
         return _LocalError(sums[pair.name], twin, sums_of_floor)
 
