@@ -698,3 +698,60 @@ def test_fp16_weights_are_exact_when_fp16_holds_the_float_ones():
         w = f.get_submodule(name).weight.detach()
         assert d.layer(name).weight_exact is torch.equal(w.half().float(), w)
     assert d.layer("0").weight_exact is True and d.layer("2").weight_exact is False
+
+
+class _TwiceBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class _SharesABlock(nn.Module):
+    """An untraceable root calling one traceable block twice, a layer between the calls
+    (ALBERT's one shared layer): a region with two call sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.mid, self.out = _TwiceBlock(), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(x)
+        if h.sum() > 0:  # data-dependent: torch.fx cannot trace the root
+            h = h * 2
+        return self.out(self.block(self.mid(h)))
+
+
+def test_a_region_called_twice_is_diagnosed_per_call_each_reading_its_own_call():
+    """Each call of a region is its own entry, and an op in the second call reads the second
+    call's values (not the first's, whose nodes are the same). Oracle: forward hooks on the
+    block's tanh and fc, one reading per call."""
+    torch.manual_seed(0)
+    f = _SharesABlock().eval()
+    q = _dynamic(f)
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calls: dict[str, list[torch.Tensor]] = {}
+    hooks = [model.get_submodule(path).register_forward_hook(
+        lambda mod, args, out, key=f"{side}.{path}": calls.setdefault(key, []).append(
+            out.detach().double()))
+        for side, model in (("float", f), ("quant", q)) for path in ("block", "block.fc")]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+    for h in hooks:
+        h.remove()
+    d = diagnose(f, q, data)
+    assert [e.name for e in d.layers] == ["block.fc", "block.tanh", "mid", "block.fc#2",
+                                          "block.tanh#2", "out"]
+    assert d.layer("block.fc#2").inputs == ("mid",)
+    assert d.layer("block.tanh#2").inputs == ("block.fc#2",)
+    assert d.layer("out").inputs == ("block.tanh#2",)
+    for path, name in (("block", "block.tanh"), ("block.fc", "block.fc")):
+        for site, entry in enumerate((name, f"{name}#2")):  # calls alternate, batch by batch
+            refs, actuals = calls[f"float.{path}"][site::2], calls[f"quant.{path}"][site::2]
+            assert d.layer(entry).cumulative_sqnr == pytest.approx(_sqnr_of(refs, actuals),
+                                                                   abs=1e-6)
+    tanh_again = _sqnr_of(calls["float.block"][1::2], calls["quant.block"][1::2])
+    assert d.layer("out").input_sqnr == pytest.approx(tanh_again, abs=1e-6)
