@@ -35,9 +35,9 @@ from typing import Any
 import torch.fx as fx
 
 from . import flows
-from .errors import MatchError
+from .errors import InputError, MatchError
 from .ops import BN_FOLDING_KINDS
-from .view import MODULE_ATTRS, GraphView
+from .view import MODULE_ATTRS, GraphView, fixed_inputs
 
 __all__ = ["NodeMatch", "same_op", "node_attrs", "pair_views", "LocalPair", "LocalMiss",
            "call_site_name", "op_name"]
@@ -284,6 +284,31 @@ def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict,
     return f"none of its inputs has a quantized counterpart, so `{kind}` could not be placed"
 
 
+def _refuse_fixed_on_one_side(fv: GraphView, qv: GraphView) -> None:
+    """Refuse a graph that reads an argument the other graph was traced with fixed.
+
+    fxnumeric traces a model on the call the example inputs make, ``y`` left out fixed to its
+    default; a GraphModule (convert_fx's) is read as it was traced, where ``y`` may be an
+    input its code reads. The batches give it no value: that graph fails on them, and its
+    inputs cannot pair with the other's.
+    """
+    for side, view, other_side, other in (("quantized", qv, "float", fv),
+                                          ("float", fv, "quantized", qv)):
+        fixed_there = {str(n.target) for n in fixed_inputs(other.nodes)[0]}
+        read = [f"`{n.target}`" for n in view.placeholders if str(n.target) in fixed_there]
+        if read:
+            listed = ", ".join(read)
+            raise InputError(
+                f"the {side} model's graph reads {listed}, which the {other_side} model was "
+                f"traced with fixed to its default, as the example inputs leave it out or give "
+                "it as None (the first batch of compare, advise, sensitivity, diagnose; "
+                f"match's example_inputs). The {side} model is a GraphModule, read as it was "
+                f"traced, with {listed} as an input: it fails on batches without it.\n"
+                f"Fix: give {listed} in every batch, or pass a {side} model traced on the call "
+                f"the batches make (for convert_fx: prepare_fx a wrapper whose forward calls "
+                f"the model without {listed})")
+
+
 def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
                ) -> tuple[list[LocalPair], list[LocalMiss], list[LocalMiss], dict]:
     """Pair the ops of two views.
@@ -293,9 +318,12 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
         node the walk visited to the float node carrying its value (``None`` if none).
 
     Raises:
-        MatchError: the graphs take different numbers of inputs.
+        InputError: one graph reads an argument the other was traced with fixed (the
+            example inputs leave it out): the batches give it no value.
+        MatchError: the graphs take different numbers of inputs otherwise.
     """
     if len(fv.placeholders) != len(qv.placeholders):
+        _refuse_fixed_on_one_side(fv, qv)
         raise MatchError(
             f"the float model takes {len(fv.placeholders)} inputs "
             f"({', '.join(p.name for p in fv.placeholders)}) but the quantized model takes "

@@ -65,8 +65,9 @@ class GraphView:
         graph: the condensed ``networkx.DiGraph`` of ops, placeholders and the output node,
             built once with the view; an edge ``a -> b`` means op ``b`` reads the value ``a``
             produced. The matcher walks it (:mod:`fxnumeric.pairing`).
-        placeholders: the input nodes, but for arguments only checked (fixed when tracing,
-            :func:`fixed_inputs`; read by guards alone), which carry no value into the graph.
+        placeholders: the input nodes whose value the graph uses, in order: not those of
+            arguments only checked (fixed when tracing, :func:`fixed_inputs`; read by guards
+            alone) or never read (``forward(x, unused=None)``), which carry no value into it.
         output: the output node.
 
     Example:
@@ -98,7 +99,7 @@ class GraphView:
         self._named: dict[str, list[fx.Node]] | None = None
         self._order: list[fx.Node] | None = None
         self._sources: list[fx.Node] | None = None
-        fixed, guards = fixed_inputs(self.nodes)
+        _, guards = fixed_inputs(self.nodes)
         shapes = self._shapes = shape_values(self.nodes) | guards
         for n in self.nodes:
             if n.op == "get_attr":
@@ -127,17 +128,35 @@ class GraphView:
             self._consumers[n] = []
             for i in ins:
                 self._consumers[i].append(n)
-        # an argument only checked, by torch.fx (fixed when tracing) or by another check that
-        # returns nothing (torch.export's guards, for one exported with y=None), is no input
-        self.placeholders = [n for n in self.placeholders if n not in fixed and not (
-            n.users and all(u in self._cls and self._cls[u].role == "plumbing" and not u.users
-                            for u in n.users))]
         # the condensed graph: its nodes are the ops, placeholders and output (in graph order),
         # an edge per value read, in argument order (networkx keeps insertion order)
         g = nx.DiGraph()
         g.add_nodes_from(self._inputs)
         g.add_edges_from((i, n) for n, ins in self._inputs.items() for i in ins)
         self.graph = g
+        self.placeholders = [n for n in self.placeholders if n in self._read()]
+
+    def _read(self) -> set[fx.Node]:
+        """The nodes of the condensed graph whose value the graph uses: they reach the output
+        or an op with a side effect, as torch.fx's dead-code elimination keeps them.
+
+        A placeholder outside it is an argument the graph never reads, which carries no value
+        into it: one torch.fx fixed when tracing (only its checks read it, and they are
+        plumbing), one read only by other checks (torch.export's guards), one the forward
+        ignores (``forward(x, unused=None)``; convert_fx's dead-code elimination leaves its
+        placeholder without users, a plain trace may leave dead ops on it). Both sides of a
+        pairing drop it alike, whether fxnumeric traced them or took a GraphModule as it is.
+        """
+        g = self.graph
+        sinks = [n for n in g if n.op == "output" or (
+            not g.succ[n] and n in self._cls and n.is_impure(impure_random=False))]
+        read, todo = set(sinks), list(sinks)
+        while todo:
+            for p in g.pred[todo.pop()]:
+                if p not in read:
+                    read.add(p)
+                    todo.append(p)
+        return read
 
     # ------------------------------------------------------------------ lookups
     def node(self, name: str) -> fx.Node:

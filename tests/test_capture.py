@@ -762,6 +762,131 @@ def test_batches_that_differ_in_the_arguments_they_give_are_refused_with_the_rea
         ns.compare(f, q, [(x, y), x], progress=False)
 
 
+
+class _Ignores(nn.Module):
+    """``forward(x, unused=None)`` never reads ``unused``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor | None = None) -> torch.Tensor:
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def _fx_dyn(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    return convert_fx(prepare_fx(copy.deepcopy(model),
+                                 QConfigMapping().set_global(default_dynamic_qconfig), (x,)))
+
+
+def _output_sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:
+    ref, actual = ref.double(), actual.double()
+    return 10 * math.log10(float(ref.square().sum() / (ref - actual).square().sum()))
+
+
+def test_an_fx_graph_module_with_an_argument_it_never_reads_is_compared_on_batches_without_it():
+    """convert_fx keeps ``unused`` as a placeholder without users; the float model, traced on
+    the batch, has it fixed to None. Every call on ``x`` (or ``(x, None)``) raised "the float
+    model takes 1 inputs (x) but the quantized model takes 2 (x, unused)". Oracles: forward
+    hooks, torch's eager suite, hybrids built by hand."""
+    torch.manual_seed(0)
+    f = _Ignores().eval()
+    x = torch.randn(6, 8)
+    q = _fx_dyn(f, x)
+    assert [str(n.target) for n in q.graph.find_nodes(op="placeholder")] == ["x", "unused"]
+    want = _hooked_sqnr(f, q, (x,), {}, ["l1", "l2"])
+    for batch in (x, (x, None), {"x": x, "unused": None}):
+        report = ns.compare(f, q, [batch], progress=False)
+        assert [r.name for r in report.rows] == ["l1", "relu", "l2"]
+        for name, sqnr in want.items():
+            assert report.row(name).output["sqnr"] == pytest.approx(sqnr, abs=1e-3)
+    assert [p.name for p in ns.match(f, q, example_inputs=x).pairs] == ["l1", "relu", "l2"]
+    assert [p.name for p in ns.match(f, q).pairs] == ["l1", "relu", "l2"]
+    torch_outputs = tns.compare_model_outputs(copy.deepcopy(f), copy.deepcopy(q), x)
+    outputs = ns.compare_model_outputs(f, q, x)
+    assert list(outputs) == list(torch_outputs) == ["l1.stats", "l2.stats"]
+    for key in torch_outputs:
+        for side in ("float", "quantized"):
+            assert all(torch.equal(a, b) for a, b in zip(
+                outputs[key][side], torch_outputs[key][side], strict=True))
+    # sensitivity: each layer alone quantized (q's module in a copy of f), and alone float
+    with torch.no_grad():
+        ref = f(x)
+        quantized = _output_sqnr(ref, q(x))
+        only, all_but = {}, {}
+        for name in ("l1", "l2"):
+            hybrid = copy.deepcopy(f)
+            setattr(hybrid, name, getattr(q, name))
+            only[name] = _output_sqnr(ref, hybrid(x))
+            hybrid = copy.deepcopy(q)
+            setattr(hybrid, name, getattr(f, name))
+            all_but[name] = _output_sqnr(ref, hybrid(x))
+    sens = ns.sensitivity(f, q, [x], progress=False)
+    assert sens.quantized == pytest.approx(quantized, abs=1e-3)
+    layers = {layer.module: layer for layer in sens.layers}
+    for name in ("l1", "l2"):
+        assert layers[name].only == pytest.approx(only[name], abs=1e-3)
+        assert layers[name].all_but == pytest.approx(all_but[name], abs=1e-3)
+    advice = ns.advise(f, q, [x], metric="sqnr", target=quantized + 100, progress=False)
+    assert advice.curve[0] == pytest.approx(quantized, abs=1e-3)
+    cumulative = {d.module: d.cumulative_sqnr
+                  for d in ns.diagnose(f, q, [x], progress=False).layers}
+    for name, sqnr in want.items():
+        assert cumulative[name] == pytest.approx(sqnr, abs=1e-3)
+
+
+class _IgnoresButTraced(nn.Module):
+    """Reads ``unused`` only into a value nothing uses: torch.fx keeps the dead ``mul``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor | None = None) -> torch.Tensor:
+        if unused is not None:
+            unused * 2
+        return self.l1(x)
+
+
+def test_an_argument_read_only_by_dead_code_is_no_input_on_either_side():
+    """A float GraphModule from torch.fx.symbolic_trace keeps the dead ``unused * 2``, so
+    its ``unused`` has a user; convert_fx's dead-code elimination leaves the quantized one
+    without. Both carry no value into the graph. Oracle: forward hooks."""
+    torch.manual_seed(0)
+    x, t = torch.randn(6, 8), torch.randn(6, 8)
+    model = _IgnoresButTraced().eval()
+    f, q = torch.fx.symbolic_trace(model), _fx_dyn(model, x)
+    assert len(f.graph.find_nodes(op="placeholder")[1].users) == 1
+    assert not q.graph.find_nodes(op="placeholder")[1].users
+    assert [p.name for p in ns.match(f, q).pairs] == ["l1"]
+    report = ns.compare(f, q, [(x, t)], progress=False)
+    assert report.row("l1").output["sqnr"] == pytest.approx(
+        _hooked_sqnr(f, q, (x, t), {}, ["l1"])["l1"], abs=1e-3)
+
+
+def test_a_quantized_graph_module_reading_an_argument_the_batches_leave_out_is_refused():
+    """convert_fx traced ``y`` as an input, so q's graph adds it and fails on ``q(x)``; the
+    float model, traced on ``x``, has ``y`` fixed. compare said "the float model takes 1
+    inputs (x) but the quantized model takes 2 (x, y); compare a float model with the
+    quantized model made from it", which it is."""
+    torch.manual_seed(0)
+    f = _Optional().eval()
+    x = torch.randn(3, 8)
+    q = _fx_dyn(f, x)
+    with pytest.raises(TypeError):
+        q(x)
+    with pytest.raises(ns.InputError, match=r"the quantized model's graph reads `y`, which the "
+                       r"float model was traced with fixed to its default.*\nFix: give `y` in "
+                       "every batch"):
+        ns.compare(f, q, [x], progress=False)
+    # given y, the graph of that call is compared (oracle: forward hooks)
+    report = ns.compare(f, q, [(x, x)], progress=False)
+    for name, sqnr in _hooked_sqnr(f, q, (x, x), {}, ["l1", "l2"]).items():
+        assert report.row(name).output["sqnr"] == pytest.approx(sqnr, abs=1e-3)
+
 class _MaskedChild(nn.Module):
     def __init__(self) -> None:
         super().__init__()
