@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import uuid
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from . import flows
 from ._collector import defers_collection
 from .capture import LeafSpec, is_functional
 from .capture.export import capture_example
-from .errors import InputError, InstrumentationError
+from .errors import FxNumericWarning, InputError, InstrumentationError
 from .guards import check_float_not_quantized, check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
 from .instrument.assemble import CallSites
@@ -91,10 +92,40 @@ def _find_match(keys: Iterable[str], key: str, postfix: str) -> str | None:
     return None
 
 
+_PACKED_WEIGHTS = {
+    "_packed_params._packed_weight": "weight",  # quantized Embedding, EmbeddingBag
+    "_packed_weight_ih": "weight_ih",  # dynamic LSTMCell, GRUCell, RNNCell
+    "_packed_weight_hh": "weight_hh",
+}
+"""The quantized state dict's names of weights torch's eager suite does not pair, by the
+float state dict's name of the same weight (under the same module path)."""
+
+
+def _packed_weight(float_dict: Mapping[str, Any], key: str, value: Any,
+                   ) -> tuple[str, Any] | None:
+    """``(float key, quantized weight)`` for a quantized state dict entry named in
+    :data:`_PACKED_WEIGHTS` whose float weight ``float_dict`` holds, else None. A cell's packed
+    Linear weight is unpacked (quantized; float for float16, as ``get_weight()`` gives it)."""
+    for suffix, float_name in _PACKED_WEIGHTS.items():
+        if key != suffix and not key.endswith(f".{suffix}"):
+            continue
+        float_key = key[:len(key) - len(suffix)] + float_name
+        if float_key not in float_dict:
+            return None
+        if isinstance(value, torch.ScriptObject):
+            (value, _bias), *_ = value.__getstate__()
+        return float_key, value
+    return None
+
+
 def _compare_state_dicts(float_dict: dict[str, Any],
                          quantized_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
     weight_dict: dict[str, dict[str, Any]] = {}
     for key, value in quantized_dict.items():
+        packed = _packed_weight(float_dict, key, value)
+        if packed is not None:
+            weight_dict[key] = {"float": float_dict[packed[0]], "quantized": packed[1]}
+            continue
         match_key = _find_match(float_dict, key, "weight")
         if match_key is not None:
             # a torchao tensor subclass is dequantized (ordinary tensors pass unchanged)
@@ -115,7 +146,27 @@ def _compare_state_dicts(float_dict: dict[str, Any],
                 q_ih, q_hh = rnn_cell_weights(value)
                 weight_dict[f"{key}.weight_ih"] = {"float": float_dict[ih], "quantized": q_ih}
                 weight_dict[f"{key}.weight_hh"] = {"float": float_dict[hh], "quantized": q_hh}
+    _warn_unpaired(quantized_dict, weight_dict)
     return weight_dict
+
+
+def _warn_unpaired(quantized_dict: Mapping[str, Any], weight_dict: Mapping[str, Any]) -> None:
+    """Say which quantized weights of the state dict no float weight was found for (torch's
+    suite leaves them out without a word)."""
+    paired = {key.rsplit(".", 1)[0] for key in weight_dict} | set(weight_dict)
+    unpaired = [key for key, value in quantized_dict.items() if key not in paired and (
+        isinstance(value, torch.ScriptObject) or key.endswith("_packed_params._packed_params")
+        or (isinstance(value, torch.Tensor) and value.is_quantized))]
+    if unpaired:
+        listed = ", ".join(f"`{key}`" for key in unpaired[:3])
+        many = len(unpaired) > 1
+        warnings.warn(
+            f"compare_weights: {len(unpaired)} quantized weight{'s' if many else ''} of the "
+            f"quantized state dict ({listed}{', ...' if len(unpaired) > 3 else ''}) "
+            f"{'have' if many else 'has'} no float weight of the same name in the float state "
+            f"dict: {'they are' if many else 'it is'} left out. Fix: compare the two models "
+            "(compare_weights(float_model, quant_model)), which pairs weights through the "
+            "graph whatever their names", FxNumericWarning, stacklevel=5)
 
 
 @defers_collection
@@ -127,14 +178,21 @@ def compare_weights(float_dict: Any, quantized_dict: Any) -> dict[str, dict[str,
         quantized_dict: the quantized model's ``state_dict()``, or the quantized model.
 
     Returns:
-        ``{key: {"float": tensor, "quantized": tensor}}``, keyed by the quantized state_dict's
-        names (``conv1.weight``, ``fc._packed_params._packed_params``). With state dicts,
-        weights are paired by name as torch's eager suite does. With two models they are
-        paired through the graph, so it works when names differ; where the quantized op
-        absorbed a BatchNorm the float entry is the BN-folded float weight, so the
-        comparison measures quantization error only. A dynamic LSTM layer N gives two keys,
-        ``rnn._all_weight_values.N.param.weight_ih`` and ``...weight_hh`` (torch's eager
-        suite overwrote the first with the second under one key).
+        ``{key: {"float": tensor, "quantized": tensor}}``. With state dicts, weights are
+        paired by name as torch's eager suite does, keyed by the quantized state dict's names
+        (``conv1.weight``, ``fc._packed_params._packed_params``); unlike torch's suite, a
+        quantized Embedding's or EmbeddingBag's (``emb._packed_params._packed_weight``) and a
+        dynamic LSTMCell's or GRUCell's (``cell._packed_weight_ih``, ``..._hh``, unpacked)
+        are paired too, and a quantized weight without a float weight of its name is named
+        in an :class:`~fxnumeric.FxNumericWarning`. With two models they are paired through
+        the graph, so it works when names differ, keyed by the quantized module's path and
+        its weight's name: the state dict's name where the state dict holds the weight
+        itself (``conv1.weight``, ``fc._packed_params._packed_params``), else the name the
+        module's own accessor gives it (``emb.weight``, ``cell.weight_ih``); where the
+        quantized op absorbed a BatchNorm the float entry is the BN-folded float weight, so
+        the comparison measures quantization error only. A dynamic LSTM layer N gives two
+        keys, ``rnn._all_weight_values.N.param.weight_ih`` and ``...weight_hh`` (torch's
+        eager suite overwrote the first with the second under one key).
 
     Example:
         >>> import copy, torch

@@ -42,7 +42,10 @@ class PairedWeight(NamedTuple):
     Attributes:
         pair: the op.
         key: the quantized model's state_dict name (``fc._packed_params._packed_params``,
-            ``lstm._all_weight_values.3.param.weight_ih``).
+            ``lstm._all_weight_values.3.param.weight_ih``), or, for a weight the state dict
+            holds packed under another name, the module path and the name its accessor gives
+            it (a quantized Embedding's ``emb.weight``, a dynamic LSTMCell's
+            ``cell.weight_ih``).
         float_weight: the float weight (BN-folded where the quantized op absorbed one).
         quant_weight: the quantized weight, as the quantized op computes with it.
         matrix: which of a recurrent op's several matrices this is, by the float layer's
@@ -213,7 +216,9 @@ def pair_weights(matching: Matching, *, as_computed: bool = False, unread: Unrea
     quantizing holds it); otherwise as stored (the eager API returns the state dict's).
 
     Keys are the quantized model's state_dict names (``layer1.0.conv1.weight``,
-    ``fc._packed_params._packed_params``); a functional op's weight is ``<pair name>.weight``.
+    ``fc._packed_params._packed_params``), but for weights the state dict holds packed under
+    another name (:attr:`PairedWeight.key`: ``emb.weight``, ``cell.weight_ih``); a functional
+    op's weight is ``<pair name>.weight``.
     A recurrent op (LSTM, GRU, their cells) gives one per matrix, each paired with the float
     one its forward multiplies by the same values (torch's flat weight order), whether the
     float side is the ``nn.LSTM`` or an exported ``aten.lstm`` reading its parameters.
@@ -477,8 +482,10 @@ def extract_weights(matching: Matching) -> dict[str, dict[str, torch.Tensor]]:
     """Pair float and quantized weights through the graph.
 
     Returns ``{key: {"float": tensor, "quantized": tensor}}`` with keys as in the quantized
-    model's state_dict (``conv1.weight``, ``fc._packed_params._packed_params``); a dynamic
-    LSTM or GRU gives ``rnn._all_weight_values.N.param.weight_ih`` and ``.weight_hh``. When
+    model's state_dict (``conv1.weight``, ``fc._packed_params._packed_params``), but for
+    weights it holds packed under another name (:attr:`PairedWeight.key`: ``emb.weight``,
+    ``cell.weight_ih``); a dynamic LSTM or GRU gives
+    ``rnn._all_weight_values.N.param.weight_ih`` and ``.weight_hh``. When
     the quantized op absorbed a BatchNorm, the float weight is the BN-folded one, so the
     comparison measures quantization error only.
     """

@@ -349,6 +349,7 @@ def test_compare_weights_state_dicts_match_eager(static_case: Case) -> None:
         assert_same(fx[key], eager[key], key)
 
 
+@pytest.mark.filterwarnings("ignore::fxnumeric.FxNumericWarning")  # the unpaired Linear's
 def test_compare_weights_of_one_modules_state_dicts_match_eager() -> None:
     """A single module's state dicts (keys without a module path: ``weight``) pair as in
     torch; a dynamic Linear's ``_packed_params._packed_params`` pairs with nothing in both."""
@@ -432,6 +433,87 @@ def test_compare_weights_of_a_bidirectional_lstm_pairs_each_direction() -> None:
     assert list(by_model) == list(by_state)
     for key in by_state:
         assert_same(by_model[key], by_state[key], key)
+
+
+
+class _PackedWeights(nn.Module):
+    """Layers whose quantized state dicts hold the weight packed under another name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.bag = nn.Embedding(30, 8), nn.EmbeddingBag(30, 8)
+        self.cell, self.gcell = nn.LSTMCell(8, 8), nn.GRUCell(8, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, _ = self.cell(self.emb(ids).mean(1) + self.bag(ids))
+        return self.fc(self.gcell(h))
+
+
+def test_compare_weights_of_state_dicts_pairs_embedding_and_cell_weights() -> None:
+    """Deviation 32: the quantized state dict holds an Embedding's weight as
+    ``emb._packed_params._packed_weight`` and a dynamic cell's as ``cell._packed_weight_ih``
+    (packed): torch's suite, and fxnumeric, returned only ``fc._packed_params._packed_params``.
+    Oracle: the float state dict beside the weights read by hand from the quantized modules."""
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        float_qparams_weight_only_qconfig,
+        quantize_dynamic,
+    )
+
+    torch.manual_seed(0)
+    f = _PackedWeights().eval()
+    embedding, dynamic = float_qparams_weight_only_qconfig, default_dynamic_qconfig
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Embedding: embedding, nn.EmbeddingBag: embedding,
+                                            nn.LSTMCell: dynamic, nn.GRUCell: dynamic,
+                                            nn.Linear: dynamic})
+    eager = tns.compare_weights(f.state_dict(), q.state_dict())
+    assert list(eager) == ["fc._packed_params._packed_params"]
+    ours = ns.compare_weights(f.state_dict(), q.state_dict())
+    by_hand = {"emb._packed_params._packed_weight": (f.emb.weight, q.emb.weight()),
+               "bag._packed_params._packed_weight": (f.bag.weight, q.bag.weight())}
+    for cell in ("cell", "gcell"):
+        for w in ("ih", "hh"):
+            packed = getattr(getattr(q, cell), f"_packed_weight_{w}")
+            by_hand[f"{cell}._packed_weight_{w}"] = (
+                getattr(getattr(f, cell), f"weight_{w}"),
+                torch.ops.quantized.linear_unpack(packed)[0])
+    assert list(ours) == [*by_hand, "fc._packed_params._packed_params"]
+    assert set(ours) <= set(q.state_dict())
+    for key, (float_weight, quant_weight) in by_hand.items():
+        assert_same(ours[key], {"float": float_weight, "quantized": quant_weight}, key)
+        assert sqnr_db(float_weight, quant_weight) > 30
+    assert_same(ours["fc._packed_params._packed_params"],
+                eager["fc._packed_params._packed_params"], "fc")
+    # the same weights, given the models (keyed by the quantized modules' accessors)
+    by_model = ns.compare_weights(f, q)
+    for key, (float_weight, quant_weight) in by_hand.items():
+        path, _, name = key.partition(".")
+        model_key = f"{path}.weight{name[-3:] if 'weight_' in name else ''}"
+        assert_same(by_model[model_key], {"float": float_weight, "quantized": quant_weight}, key)
+    # an FX-quantized Embedding (float_qparams_weight_only_qconfig) is held so too
+    from torch.ao.quantization import QConfigMapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    ids = torch.randint(0, 30, (2, 5))
+    fx_q = convert_fx(prepare_fx(copy.deepcopy(f), QConfigMapping().set_object_type(
+        nn.Embedding, embedding), (ids,)))
+    ours = ns.compare_weights(f.state_dict(), fx_q.state_dict())  # the others left float
+    assert_same(ours["emb._packed_params._packed_weight"],
+                {"float": f.emb.weight, "quantized": fx_q.emb.weight()}, "fx")
+
+
+def test_compare_weights_of_state_dicts_names_a_quantized_weight_it_cannot_pair() -> None:
+    """A quantized weight with no float weight of its name was left out without a word (as
+    in torch's suite): a single dynamic Linear's ``_packed_params._packed_params``."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 4).eval()
+    qlinear = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(linear)),
+                                                     {nn.Linear})[0]
+    with pytest.warns(ns.FxNumericWarning, match=r"1 quantized weight of the quantized state "
+                      r"dict \(`_packed_params._packed_params`\) has no float weight of the "
+                      r"same name.*Fix: compare the two models"):
+        assert ns.compare_weights(linear.state_dict(), qlinear.state_dict()) == {}
 
 
 # --------------------------------------------------------------------------------------------
