@@ -58,7 +58,7 @@ from .capture.export import (
 from .capture.tree import capture_tree, record_calls
 from .errors import InputError, MatchError, TraceError
 from .guards import check_pair, contents, nothing_quantized, warn_unquantized
-from .offload import whole_layers, whole_paths
+from .offload import whole_layers, whole_modules, whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
 from .run import as_call, check_model, keeps_buffers, run_model
@@ -870,6 +870,8 @@ def _with_whole_layers(matching: Matching) -> Matching:
              (("float", matching.float_model), ("quant", matching.quant_model))}
     if not found["float"] and not found["quant"]:
         return matching
+    fixes = {path: fix for model in (matching.float_model, matching.quant_model)
+             for path, (_, fix) in whole_modules(model).items()}
 
     def at(layers: list[tuple[str, str, str]], model: nn.Module) -> list[tuple[str, str, str]]:
         names = dict(model.named_modules())
@@ -879,11 +881,7 @@ def _with_whole_layers(matching: Matching) -> Matching:
         return tuple(Unmatched(path, "module", (
             f"inside `{parent}`, called whole because {why}: `{parent}` is compared as one op "
             f"(its row compares the weights of its quantized layers), its layers' outputs are "
-            f"not compared one by one. "
-            + ("Dispatch without preload_module_classes to compare them one by one"
-               if "preload" in why else
-               f"Keep `{parent}`'s own tensors in memory (a device_map entry putting "
-               f"`{parent}` on the execution device) to compare them one by one")),
+            f"not compared one by one. {fixes[parent]} to compare them one by one"),
             quantized, None) for path, parent, why in layers)
 
     float_layers = found["float"] or at(found["quant"], matching.float_model)

@@ -30,7 +30,8 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["hooks_of", "offloaded_names", "keeps_whole", "held", "whole_layers", "whole_paths",
+__all__ = ["hooks_of", "offloaded_names", "keeps_whole", "held", "whole_modules", "whole_layers",
+           "whole_paths",
            "loaded", "devices"]
 
 _META = torch.device("meta")
@@ -95,30 +96,46 @@ def held(module: nn.Module, name: str, where: str = "") -> torch.Tensor | None:
     return nn.Parameter(value, requires_grad=False) if name in module._parameters else value
 
 
-def whole_layers(model: Any) -> list[tuple[str, str, str]]:
-    """``(layer path, parent path, why)`` of each module with a weight of its own inside a
-    module that accelerate's hooks make fxnumeric call whole: one whose own tensors are
-    offloaded (a custom module holding a parameter beside its children), or one that
-    ``preload_module_classes`` loads whole. The parent is compared as one op (its hook must
-    run to load them; its row compares its quantized layers' weights), so these layers are not
-    compared one by one. ``why`` says which hook keeps the parent whole."""
+def whole_modules(model: Any) -> dict[str, tuple[str, str]]:
+    """``{path: (why, fix)}`` of the outermost modules of ``model`` that accelerate's hooks
+    make fxnumeric call whole although they hold layers of their own: one whose own tensors
+    are offloaded above :data:`_HELD_BYTES` (a custom module holding a parameter beside its
+    children), or one that ``preload_module_classes`` loads whole. ``why`` says which hook
+    keeps it whole, ``fix`` how to have its layers one by one. Such a module is one op: one
+    row (comparing its quantized layers' weights), one layer for sensitivity and advise (its
+    quantized layers kept float or quantized together), one layer for diagnose."""
     if not isinstance(model, nn.Module):
-        return []
-    found: list[tuple[str, str, str]] = []
-    inside: list[str] = []  # whole modules met so far: their layers are listed once, theirs
+        return {}
+    found: dict[str, tuple[str, str]] = {}
     for path, module in model.named_modules():
         if not path or not module._modules or not keeps_whole(module):
             continue
-        if any(path.startswith(f"{outer}.") for outer in inside):
+        if any(path.startswith(f"{outer}.") for outer in found):
             continue
-        inside.append(path)
         own = offloaded_names(module)
-        why = (f"accelerate offloads its own {', '.join(f'`{n}`' for n in own)}, which its "
-               f"hook loads only when it is called (more than the {_HELD_BYTES} bytes a graph "
-               "traced through it may hold: fxnumeric.offload._HELD_BYTES)" if own
-               else "accelerate's preload_module_classes hook loads its layers when it is "
-               "called")
-        found += [(f"{path}.{name}", path, why) for name, child in module.named_modules()
+        if own:
+            why = (f"accelerate offloads its own {', '.join(f'`{n}`' for n in own)}, which "
+                   "its hook loads only when it is called (more than the "
+                   f"{_HELD_BYTES} bytes a graph traced through it may hold: "
+                   "fxnumeric.offload._HELD_BYTES)")
+            fix = (f"Keep `{path}`'s own tensors in memory (a device_map entry putting "
+                   f"`{path}` on the execution device)")
+        else:
+            why = "accelerate's preload_module_classes hook loads its layers when it is called"
+            fix = "Dispatch without preload_module_classes"
+        found[path] = (why, fix)
+    return found
+
+
+def whole_layers(model: Any) -> list[tuple[str, str, str]]:
+    """``(layer path, parent path, why)`` of each module with a weight of its own inside a
+    module of :func:`whole_modules`. The parent is compared as one op (its hook must run to
+    load them; its row compares its quantized layers' weights), so these layers are not
+    compared one by one. ``why`` says which hook keeps the parent whole."""
+    found: list[tuple[str, str, str]] = []
+    for path, (why, _) in whole_modules(model).items():
+        found += [(f"{path}.{name}", path, why)
+                  for name, child in model.get_submodule(path).named_modules()
                   if name and isinstance(child._parameters.get("weight"), torch.Tensor)]
     return found
 

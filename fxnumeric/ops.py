@@ -282,6 +282,14 @@ def is_inference_only(module: nn.Module) -> bool:
     return all(not m.training and not isinstance(m, stateful) for m in module.modules())
 
 
+def _holds_quantized(module: nn.Module) -> bool:
+    """Whether ``module``, called as one op, computes in quantized form: it is a quantized
+    module, or holds one however deep (a decoder layer called whole, whose quantized Linears
+    sit inside its attention and MLP blocks; :func:`is_quantized_module` looks at direct
+    children only, as a reference fused module holds its reference conv)."""
+    return any(map(is_quantized_module, module.modules()))
+
+
 def _module_class(module: nn.Module) -> OpClass:
     cls = type(module)
     for klass in cls.__mro__:
@@ -299,14 +307,14 @@ def _module_class(module: nn.Module) -> OpClass:
             return QUANTIZE
     if _is_torch_class(cls):
         sig = _MODULE_SIGNATURES.get(name) or (_snake(name),)
-        return OpClass(sig, "op", is_quantized_module(module))
+        return OpClass(sig, "op", _holds_quantized(module))
     for suffix, kind in _FOREIGN_KINDS:
         if name.endswith(suffix):
-            return PLUMBING if kind is None else OpClass(kind, "op", is_quantized_module(module))
+            return PLUMBING if kind is None else OpClass(kind, "op", _holds_quantized(module))
     for klass in cls.__mro__[1:]:  # a torch layer of another library's (FalconLinear: Linear)
         if _is_torch_class(klass) and klass.__name__ in _MODULE_SIGNATURES:
-            return OpClass(_MODULE_SIGNATURES[klass.__name__], "op", is_quantized_module(module))
-    return OpClass((f"module:{cls.__qualname__}",), "op", is_quantized_module(module))
+            return OpClass(_MODULE_SIGNATURES[klass.__name__], "op", _holds_quantized(module))
+    return OpClass((f"module:{cls.__qualname__}",), "op", _holds_quantized(module))
 
 
 def _normalise_name(name: str) -> tuple[str, ...]:

@@ -140,6 +140,64 @@ def test_from_pretrained_with_an_offload_folder(dynamic_llama, batches, tmp_path
     _same(ns.compare(offloaded, q, batches), ns.compare(f, q, batches))
 
 
+def _kl(float_model: nn.Module, model: nn.Module, batches) -> float:
+    """Mean over real tokens of KL(float || model) of the next-token distributions, in
+    float64: the oracle of metric="kl"."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            ref = float_model(**batch).logits.double().log_softmax(-1)
+            got = model(**batch).logits.double().log_softmax(-1)
+            kl = (ref.exp() * (ref - got)).sum(-1)
+            real = batch["attention_mask"].bool()
+            total, tokens = total + float(kl[real].sum()), tokens + int(real.sum())
+    return total / tokens
+
+
+def test_a_preloaded_decoder_layer_is_one_layer_for_sensitivity_advise_and_diagnose(
+        dynamic_llama, batches, tmp_path):
+    """With preload_module_classes each decoder layer is called whole. Its 7 quantized
+    Linears used to vanish from sensitivity and advise without a word (1 layer, lm_head,
+    instead of 15; skipped empty), and advise said "NOT reached (even with all 1 layers
+    float)" at KL 0.01086, which keeping the decoder layers float reaches. Each decoder layer
+    is now one layer, swapped whole, and every result says so. Oracle: the hybrids built by
+    hand (the quantized model with the float decoder layer put in), their KL computed
+    directly."""
+    f, q = dynamic_llama
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu",
+                  "model.layers.0": "disk", "model.layers.1": "disk", "model.norm": "cpu",
+                  "lm_head": "cpu"}
+    dispatched = accelerate.dispatch_model(tiny_llama(), device_map=device_map,
+                                           offload_dir=tmp_path, main_device="cpu",
+                                           preload_module_classes=["LlamaDecoderLayer"])
+
+    def with_float(*paths):
+        hybrid = copy.deepcopy(q)
+        for path in paths:
+            parent, _, name = path.rpartition(".")
+            setattr(hybrid.get_submodule(parent), name, copy.deepcopy(f.get_submodule(path)))
+        return hybrid
+
+    s = ns.sensitivity(dispatched, q, batches, metric="kl")
+    assert [layer.name for layer in s.layers] == ["model.layers.0", "model.layers.1", "lm_head"]
+    assert s.skipped == () and s.failed == ()
+    assert [name for name, _ in s.whole] == ["model.layers.0", "model.layers.1"]
+    assert all("preload_module_classes" in why for _, why in s.whole)
+    assert s.quantized == pytest.approx(_kl(f, q, batches), rel=1e-6)
+    for layer in s.layers:
+        assert layer.all_but == pytest.approx(_kl(f, with_float(layer.name), batches), rel=1e-6)
+    advice = ns.advise(dispatched, q, batches, metric="kl", target=0.005)
+    assert advice.reached and advice.keep_float == ("model.layers.0",)
+    assert advice.value == pytest.approx(_kl(f, with_float("model.layers.0"), batches), rel=1e-6)
+    assert advice.value <= 0.005
+    assert "`model.layers.0`, `model.layers.1` are each called whole" in advice.message
+    assert "Dispatch without preload_module_classes" in advice.message
+    diagnosis = ns.diagnose(dispatched, q, batches)
+    assert [name for name, _ in diagnosis.whole] == ["model.layers.0", "model.layers.1"]
+    assert "model.layers.1 is called whole because accelerate's preload" in diagnosis.text()
+    assert diagnosis.layer("model.layers.0").quantized
+
+
 def test_a_module_with_small_offloaded_tensors_of_its_own_is_traced_through(tmp_path):
     """A custom module holding a parameter beside its Linear, offloaded: it used to be called
     whole, and its Linear's row and weight SQNR vanished without a word (3 rows instead of 4,

@@ -68,7 +68,7 @@ from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
-from .hybrid import module_path
+from .hybrid import called_whole, module_path
 from .numbers import a_number
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
@@ -208,6 +208,11 @@ class Diagnosis:
     foreign: str = ""
     """Why the quantized model's weights do not look made from the float model's (weight SQNR
     below 0 dB on most layers; also warned), ``""`` when they do."""
+    whole: tuple[tuple[str, str], ...] = ()
+    """``(layer, why)`` for layers that are a module called whole although it holds quantized
+    layers (a decoder layer dispatched by accelerate with ``preload_module_classes``): its
+    quantized layers are diagnosed together, as one layer
+    (:func:`fxnumeric.advice.hybrid.called_whole`)."""
 
     def __repr__(self) -> str:
         flagged = [d.call_site for d in self.flagged()]
@@ -238,12 +243,13 @@ class Diagnosis:
 
     def text(self) -> str:
         """A short paragraph per flagged layer: what is wrong and the usual fix."""
-        foreign = f"{self.foreign}\n" if self.foreign else ""
+        notes = f"{self.foreign}\n" if self.foreign else ""
+        notes += "".join(f"{name} is {why}\n" for name, why in self.whole)
         if not self.flagged():
-            return foreign + "no layer flagged"
+            return notes + "no layer flagged"
         head = (f"NaN/Inf first appears at {self.nonfinite}: the layers after it read poisoned "
                 "values, so none of them is flagged\n" if self.nonfinite else "")
-        return foreign + head + "\n".join(
+        return notes + head + "\n".join(
             f"{d.call_site} ({d.kind}):\n" + "\n".join(f"  - {f}" for f in d.flags)
             for d in self.flagged()
         )
@@ -785,7 +791,7 @@ def diagnose(
             first_below = d.call_site
         diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
     return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches), nonfinite,
-                     foreign.partition("\n")[0])
+                     foreign.partition("\n")[0], called_whole(matching, layers))
 
 
 def annotate(report: Report, diagnosis: Diagnosis) -> Report:

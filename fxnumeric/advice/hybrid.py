@@ -49,12 +49,13 @@ from ..errors import InputError, InstrumentationError
 from ..flows.pt2e import annotated, input_wanted, output_wanted, pattern_anchor, quantized_edge
 from ..instrument.assemble import assemble, captured_model
 from ..match import Matching, Pair, Region
+from ..offload import whole_modules
 from ..pairing import op_name
 from ..run import graph_signature, run_model
 from ..semantics import fetch_attr, is_dequantize, with_values, writes_first_input
 
-__all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "op_names", "module_path",
-           "module_calls",
+__all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "called_whole", "op_names",
+           "module_path", "module_calls",
            "function_target"]
 
 
@@ -65,6 +66,25 @@ def layer_names(matching: Matching) -> list[str]:
     are one layer, since a quantization flow configures the op, not a call.
     """
     return list(dict.fromkeys(op_name(p.name) for p in matching.pairs if p.quantized))
+
+
+def called_whole(matching: Matching, names: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``(layer, why)`` for each of ``names`` that is a module accelerate's hooks make
+    fxnumeric call whole although it holds quantized layers (a decoder layer dispatched with
+    ``preload_module_classes``: :func:`fxnumeric.offload.whole_modules`). Such a module is one
+    layer: a hybrid swaps it whole (the float module for the quantized one), so its quantized
+    layers are kept float or quantized together, and diagnosed together; ``why`` says so,
+    which hook keeps it whole and how to have its layers one by one."""
+    whole = {**whole_modules(matching.quant_model), **whole_modules(matching.float_model)}
+    found: list[tuple[str, str]] = []
+    for name in names:
+        path = module_path(matching, name)
+        if path in whole:
+            why, fix = whole[path]
+            found.append((name, f"called whole because {why}: its quantized layers are one "
+                                "layer, kept float or quantized (and diagnosed) together. "
+                                f"{fix} to have them one by one"))
+    return tuple(found)
 
 
 def op_names(matching: Matching) -> list[str]:

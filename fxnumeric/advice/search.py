@@ -66,6 +66,7 @@ from .hybrid import (
     HybridFailure,
     HybridRunner,
     Swap,
+    called_whole,
     function_target,
     module_calls,
     module_path,
@@ -635,6 +636,11 @@ class Sensitivity:
     """The metric of the float model against itself (``inf`` for ``sqnr``, 1 for ``cosine``,
     0 for ``kl``): what ``only`` reads for a layer whose quantization changes nothing. NaN:
     not measured (:func:`advise` measures ``all_but`` alone)."""
+    whole: tuple[tuple[str, str], ...] = ()
+    """``(layer, why)`` for layers that are a module called whole although it holds quantized
+    layers (a decoder layer dispatched by accelerate with ``preload_module_classes``): its
+    quantized layers are one entry of :attr:`layers`, swapped together
+    (:func:`fxnumeric.advice.hybrid.called_whole`)."""
 
     def __repr__(self) -> str:
         named, why = self._most_sensitive()
@@ -829,7 +835,7 @@ def sensitivity(
     )
     return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped,
                        search.metric.higher_is_better, tuple(search.failed.items()),
-                       search.float_value())
+                       search.float_value(), called_whole(search.matching, names))
 
 
 @dataclass(frozen=True)
@@ -1290,6 +1296,17 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                   failed=tuple(search.failed.items()))
 
 
+def _whole_note(whole: tuple[tuple[str, str], ...]) -> str:
+    """The end of an advice's message when layers are modules called whole (``""`` when none
+    is): which, and why (:attr:`Sensitivity.whole`)."""
+    by_why: dict[str, list[str]] = {}
+    for name, why in whole:
+        by_why.setdefault(why, []).append(name)
+    return "".join(f"; {', '.join(f'`{n}`' for n in names)} "
+                   f"{'is' if len(names) == 1 else 'are each'} {why}"
+                   for why, names in by_why.items())
+
+
 def _failed_note(search: _Search) -> str:
     """The end of an advice's message when hybrids failed in an op (``""`` when none did)."""
     count = len(search.failed)
@@ -1416,7 +1433,8 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
     sens = Sensitivity(search.metric_name, quantized, tuple(
         LayerSensitivity(n, module_path(search.matching, n), kinds[n], math.nan, v)
         for n, v in zip(names, values[1:], strict=True)
-    ), len(search.batches), skipped, search.metric.higher_is_better, tuple(search.failed.items()))
+    ), len(search.batches), skipped, search.metric.higher_is_better, tuple(search.failed.items()),
+        whole=called_whole(search.matching, names))
     u, meets = search.metric.utility, search.metric.meets
     priority = {n: u(v) for n, v in zip(names, values[1:], strict=True)}
     limit = len(names) if max_float_layers is None else min(max_float_layers, len(names))
@@ -1474,7 +1492,7 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                         "those made it no better")
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
-    message += _failed_note(search)
+    message += _whole_note(sens.whole) + _failed_note(search)
     return Advice(paths, tuple(curve), value, float(target), reached, search.metric_name, message,
                   search.evaluations, time.perf_counter() - started, sens,
                   functions if any(functions) else (),
