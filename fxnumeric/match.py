@@ -878,10 +878,13 @@ def _with_whole_layers(matching: Matching) -> Matching:
         return [layer for layer in layers if layer[0] in names]
 
     def missing(layers: list[tuple[str, str, str]], quantized: bool) -> tuple[Unmatched, ...]:
+        def named(parent: str) -> str:
+            return f"`{parent}`" if parent else "the model's root module"
+
         return tuple(Unmatched(path, "module", (
-            f"inside `{parent}`, called whole because {why}: `{parent}` is compared as one op "
-            f"(its row compares the weights of its quantized layers), its layers' outputs are "
-            f"not compared one by one. {fixes[parent]} to compare them one by one"),
+            f"inside {named(parent)}, called whole because {why}: {named(parent)} is compared "
+            f"as one op (its row compares the weights of its quantized layers), its layers' "
+            f"outputs are not compared one by one. {fixes[parent]} to compare them one by one"),
             quantized, None) for path, parent, why in layers)
 
     float_layers = found["float"] or at(found["quant"], matching.float_model)

@@ -100,7 +100,8 @@ def whole_modules(model: Any) -> dict[str, tuple[str, str]]:
     """``{path: (why, fix)}`` of the outermost modules of ``model`` that accelerate's hooks
     make fxnumeric call whole although they hold layers of their own: one whose own tensors
     are offloaded above :data:`_HELD_BYTES` (a custom module holding a parameter beside its
-    children), or one that ``preload_module_classes`` loads whole. ``why`` says which hook
+    children; the root too, path ``""``: then the model is one op, and this its only entry),
+    or one that ``preload_module_classes`` loads whole. ``why`` says which hook
     keeps it whole, ``fix`` how to have its layers one by one. Such a module is one op: one
     row (comparing its quantized layers' weights), one layer for sensitivity and advise (its
     quantized layers kept float or quantized together), one layer for diagnose."""
@@ -108,10 +109,10 @@ def whole_modules(model: Any) -> dict[str, tuple[str, str]]:
         return {}
     found: dict[str, tuple[str, str]] = {}
     for path, module in model.named_modules():
-        if not path or not module._modules or not keeps_whole(module):
+        if not module._modules or not keeps_whole(module):
             continue
-        if any(path.startswith(f"{outer}.") for outer in found):
-            continue
+        if any(not outer or path.startswith(f"{outer}.") for outer in found):
+            continue  # inside one found already (the root, when it is one, holds them all)
         own = offloaded_names(module)
         if own:
             why = (f"accelerate offloads its own {', '.join(f'`{n}`' for n in own)}, which "
@@ -119,7 +120,10 @@ def whole_modules(model: Any) -> dict[str, tuple[str, str]]:
                    f"{_HELD_BYTES} bytes a graph traced through it may hold: "
                    "fxnumeric.offload._HELD_BYTES)")
             fix = (f"Keep `{path}`'s own tensors in memory (a device_map entry putting "
-                   f"`{path}` on the execution device)")
+                   f"`{path}` on the execution device)" if path else
+                   "Keep the model's own tensors in memory (device_map entries putting "
+                   f"{', '.join(f'`{n}`' for n in own)} on the execution device, its "
+                   "submodules where you like)")
         else:
             why = "accelerate's preload_module_classes hook loads its layers when it is called"
             fix = "Dispatch without preload_module_classes"
@@ -134,7 +138,7 @@ def whole_layers(model: Any) -> list[tuple[str, str, str]]:
     compared one by one. ``why`` says which hook keeps the parent whole."""
     found: list[tuple[str, str, str]] = []
     for path, (why, _) in whole_modules(model).items():
-        found += [(f"{path}.{name}", path, why)
+        found += [(f"{path}.{name}" if path else name, path, why)
                   for name, child in model.get_submodule(path).named_modules()
                   if name and isinstance(child._parameters.get("weight"), torch.Tensor)]
     return found
@@ -143,10 +147,11 @@ def whole_layers(model: Any) -> list[tuple[str, str, str]]:
 def whole_paths(model: Any) -> list[str]:
     """Paths of the modules of ``model`` that :func:`keeps_whole`, to keep whole on both sides
     of a pair (a custom module with an offloaded parameter of its own, traced through on the
-    in-memory side, would not pair with itself called whole)."""
+    in-memory side, would not pair with itself called whole); ``""`` for a root kept whole, as
+    ``leaf_modules=[""]`` (the whole model as one op) names it."""
     if not isinstance(model, nn.Module):
         return []
-    return [path for path, module in model.named_modules() if path and keeps_whole(module)]
+    return [path for path, module in model.named_modules() if keeps_whole(module)]
 
 
 def _offloaded_value(module: nn.Module, name: str,

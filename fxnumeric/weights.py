@@ -244,9 +244,14 @@ def pair_weights(matching: Matching, *, as_computed: bool = False, unread: Unrea
                 continue
             fnode = region.chain(pair, "float")[0]
             fmod = fmods.get(fnode.target) if fnode.op == "call_module" else None
-            path = _prefixed(region.quant_scope, str(qnode.target))
+            qmod = qmods[qnode.target]
+            # a model called whole (leaf_modules=[""], or its root's own tensors offloaded)
+            # is held as submodule ``root`` of its one-op graph: its layers' paths are the
+            # model's own, not under ``root``
+            path = (region.quant_scope if qmod is region.quant_view.root
+                    else _prefixed(region.quant_scope, str(qnode.target)))
             yield from _module_weights(
-                pair, fmod, qmods[qnode.target], path,
+                pair, fmod, qmod, path,
                 lambda region=region, pair=pair: _float_weight(region, pair), as_computed,
                 lambda region=region, pair=pair, fmod=fmod: _float_matrices(region, pair, fmod),
                 note, inner=pair.name not in matching.containers)
@@ -323,8 +328,8 @@ def _quantized_layers(module: nn.Module, path: str,
         for name, child in parent.named_children():
             rel = _prefixed(prefix, name)
             if is_quantized_module(child):
-                qweights = _quant_weights(loaded(child, f"{path}.{rel}", (module, rel)),
-                                          f"{path}.{rel}")
+                qweights = _quant_weights(loaded(child, _prefixed(path, rel), (module, rel)),
+                                          _prefixed(path, rel))
                 if qweights:
                     yield rel, child, qweights
                     continue
@@ -348,7 +353,7 @@ def _inner_weights(pair: Pair, fmod: nn.Module, qmod: nn.Module, qpath: str, as_
     found: list[PairedWeight] = []
     missing: list[str] = []
     for rel, qlayer, qweights in _quantized_layers(qmod, qpath):
-        path = f"{qpath}.{rel}"
+        path = _prefixed(qpath, rel)
         try:
             flayer = fmod.get_submodule(rel)
         except AttributeError:
@@ -366,9 +371,9 @@ def _inner_weights(pair: Pair, fmod: nn.Module, qmod: nn.Module, qpath: str, as_
             continue
         found += _beside(pair, fweight, flayer, qlayer, qweights, as_computed, layer=path)
     if missing:
-        unread(pair, f"the quantized {', '.join(f'`{qpath}.{rel}`' for rel in missing)} inside "
-                     f"it have no float layer with a weight at the same path inside the float "
-                     f"`{type(fmod).__name__}`")
+        shown = ", ".join(f"`{_prefixed(qpath, rel)}`" for rel in missing)
+        unread(pair, f"the quantized {shown} inside it have no float layer with a weight at "
+                     f"the same path inside the float `{type(fmod).__name__}`")
     return found
 
 

@@ -242,6 +242,57 @@ def test_a_module_with_large_offloaded_tensors_of_its_own_is_called_whole(tmp_pa
                for _, _, reason in report.unmatched)
 
 
+@pytest.mark.filterwarnings("ignore:The following device_map keys do not match")  # `scale`
+def test_a_root_with_large_offloaded_tensors_of_its_own_is_one_op(tmp_path, monkeypatch):
+    """A root module whose own offloaded tensors are too large to read into a graph is called
+    whole: compare, sensitivity and diagnose used to say "nothing paired ... do not look like
+    a float model and the quantized model made from it", the quantized side traced through
+    while the float side was one op. Both sides are now one op, as leaf_modules=[""] makes
+    them; sensitivity and advise, with nothing to choose among, say so and how to have the
+    layers. Oracles: the in-memory run (its model output and its last op's row), the weight
+    SQNR computed directly, and the fix's dispatch comparing as in memory."""
+    torch.manual_seed(0)
+    model = ScaledLinear().eval()  # fc(x) * scale: the root holds `scale` beside `fc`
+    q = quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    data = [torch.randn(2, 8) for _ in range(2)]
+    in_memory = ns.compare(model, q, data)
+    w = model.fc.weight.detach().double()
+    direct = 10 * torch.log10((w ** 2).sum() / ((w - q.fc.weight().dequantize().double()) ** 2)
+                              .sum()).item()
+    accelerate.disk_offload(model, tmp_path / "root", execution_device="cpu")
+    monkeypatch.setattr(offload, "_HELD_BYTES", 16)  # scale: 8 floats, 32 bytes
+    assert keeps_whole(model)
+
+    report = ns.compare(model, q, data)
+    assert [r.name for r in report.rows] == ["root"]
+    row = report.row("root")
+    assert row.quantized and row.weight_keys == ("fc._packed_params._packed_params",)
+    assert row.weight_sqnr == pytest.approx(direct, rel=1e-9)
+    assert row.output["sqnr"] == pytest.approx(in_memory.row("mul").output["sqnr"], rel=1e-6)
+    _same(report.model_output, in_memory.model_output)
+    assert {(node, side) for node, side, _ in report.unmatched} == {("fc", "float"),
+                                                                     ("fc", "quantized")}
+    assert all("inside the model's root module" in reason
+               and "device_map entries putting `scale` on the execution device" in reason
+               for _, _, reason in report.unmatched)
+    diagnosis = ns.diagnose(model, q, data)
+    assert [name for name, _ in diagnosis.whole] == ["root"]
+    assert diagnosis.layer("root").cumulative_sqnr == pytest.approx(row.output["sqnr"], rel=1e-6)
+    for search in (lambda: ns.sensitivity(model, q, data),
+                   lambda: ns.advise(model, q, data, metric="sqnr", target=60.0)):
+        with pytest.raises(ns.InputError, match=r"the whole model is called as one op(.|\n)*"
+                                                r"Fix: Keep the model's own tensors in memory "
+                                                r"\(device_map entries putting `scale`"):
+            search()
+    # the fix: the root's own tensor kept in memory, its Linear on disk
+    torch.manual_seed(0)
+    kept = accelerate.dispatch_model(ScaledLinear().eval(), device_map={"scale": "cpu",
+                                                                        "fc": "disk"},
+                                     main_device="cpu", offload_dir=tmp_path / "kept")
+    assert kept.fc.weight.device == META and not keeps_whole(kept)
+    _same(ns.compare(kept, q, data), in_memory)
+
+
 def _scaled_pair():
     """A :class:`_Scaled` model, its quantize_dynamic twin, two batches, the in-memory report
     and ``block.fc``'s weight SQNR computed directly."""

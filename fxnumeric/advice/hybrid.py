@@ -78,7 +78,8 @@ def called_whole(matching: Matching, names: Iterable[str]) -> tuple[tuple[str, s
     whole = {**whole_modules(matching.quant_model), **whole_modules(matching.float_model)}
     found: list[tuple[str, str]] = []
     for name in names:
-        path = module_path(matching, name)
+        # a model called whole is its graph's one op, held as submodule ``root``
+        path = "" if "" in whole else module_path(matching, name)
         if path in whole:
             why, fix = whole[path]
             found.append((name, f"called whole because {why}: its quantized layers are one "

@@ -56,6 +56,7 @@ from ..llm_metrics import (
 )
 from ..match import Matching
 from ..metrics import ROUNDING_SQNR_DB, cosine, sqnr
+from ..offload import whole_modules
 from ..ops import is_quantized_module
 from ..progress import Progress
 from ..report.render import tabulate_format
@@ -534,6 +535,15 @@ class _Search:
     def layers(self, wanted: Iterable[str] | None, bases: tuple[str, ...]
                ) -> tuple[list[str], tuple[tuple[str, str], ...]]:
         """The layers to search (``wanted`` or all) that can be swapped, and why others cannot."""
+        whole = {**whole_modules(self.matching.quant_model),
+                 **whole_modules(self.matching.float_model)}
+        if "" in whole:  # the model is one op: keeping it float is the float model
+            why, fix = whole[""]
+            raise InputError(
+                f"the whole model is called as one op, because {why}: there is no layer to "
+                "keep float or quantize alone, only the whole model (its hybrids are the float "
+                "and the quantized model). fxnumeric.compare and diagnose compare it as one "
+                f"op.\nFix: {fix}; then its layers are traced one by one")
         names = self.runner.layers if wanted is None else list(dict.fromkeys(wanted))
         unknown = [n for n in names if n not in self.runner.layers]
         if unknown:
