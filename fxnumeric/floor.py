@@ -30,6 +30,7 @@ not describe it (its input is quantized per call all the same: :func:`fxnumeric.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,7 +46,8 @@ from .semantics import QuantGrid, WeightGrid, dequantize_grid, evaluate_constant
 
 __all__ = ["FLOOR_MARGIN_DB", "AT_FLOOR_DB", "floor_sqnr", "floor_noise", "output_rounding",
            "weight_steps", "FloorVerdict", "judge", "FloorSums", "layer_weight_steps",
-           "layer_module", "layer_floor", "floor_sums", "functional_weight_grid"]
+           "layer_module", "layer_floor", "floor_sums", "functional_weight_grid",
+           "output_channel_dim"]
 
 FLOOR_MARGIN_DB = 6.0
 """How far (dB) below its floor a layer's shadow SQNR must be to count as broken: the noise
@@ -231,6 +233,9 @@ class FloorSums:
     """Σ over calls and tokens of the squared step the input was quantized with."""
     channel_error: torch.Tensor | None = None
     channel_count: int = 0
+    kind: str = ""
+    """The layer's op kinds (``conv1d-relu``): where its output channels are
+    (:func:`output_channel_dim`)."""
 
     def update(self, quant: torch.Tensor, ref: torch.Tensor, inputs: tuple[Any, ...]) -> None:
         """Add one call: ``quant`` (dequantized, as the shadow metrics read it) against the
@@ -251,9 +256,9 @@ class FloorSums:
             if self.dynamic is not None and x.numel():
                 self.input_steps += _input_steps(x, *self.dynamic)
         if quant.shape == ref.shape and ref.dim() >= 2:
-            # the output channels of a conv (dim 1), a linear (the last): a signed sum per
-            # channel over the others (torch sums float32 pairwise: relative 1e-8 here)
-            channel = 1 if ref.dim() == 4 else ref.dim() - 1
+            # a signed sum per output channel over the other dims (torch sums float32
+            # pairwise: relative 1e-8 here)
+            channel = output_channel_dim(self.kind, ref.dim())
             others = tuple(d for d in range(ref.dim()) if d != channel)
             sums = (_wide(quant) - _wide(ref)).sum(dim=others).double()
             if not bool(sums.isfinite().all()):
@@ -289,6 +294,28 @@ class FloorSums:
 
     def input_mean_square(self) -> float | None:
         return self.input_energy / self.input_count if self.input_count else None
+
+
+def output_channel_dim(kind: str, ndim: int) -> int:
+    """The dim of an ``ndim``-D output of an op of ``kind`` (``conv1d-relu``) holding its
+    channels: dim 1 of a batched conv of any spatial rank, transposed or not (``(N, C, L)``,
+    ``(N, C, H, W)``, ``(N, C, D, H, W)``; dim 0 unbatched) and of a batch norm; the last of
+    a linear. An op whose kind does not say (an ``add``) is read as an image or volume of
+    channels at dim 1 when 4-D or 5-D, else as features in the last dim.
+
+    Example:
+        >>> output_channel_dim("conv1d-relu", 3), output_channel_dim("linear", 3)
+        (1, 2)
+    """
+    head = kind.split("-", 1)[0]
+    spatial = re.fullmatch(r"conv(?:_transpose)?([123])d", head)
+    if spatial:
+        return max(ndim - int(spatial.group(1)) - 1, 0)
+    if head == "batch_norm":
+        return 1
+    if head == "linear":
+        return ndim - 1
+    return 1 if ndim in (4, 5) else ndim - 1
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -428,7 +455,7 @@ def floor_sums(region: Any, pair: Any) -> FloorSums:
     computed) and how it quantizes its input per call (dynamic quantization)."""
     module = layer_module(region, pair)
     return FloorSums(grid_before(region.quant_view, region.output_nodes(pair)[1]),
-                     dynamic_input(module) if module is not None else None)
+                     dynamic_input(module) if module is not None else None, kind=pair.kind)
 
 
 def layer_floor(region: Any, pair: Any, sums: FloorSums, *, signal: float, noise: float,

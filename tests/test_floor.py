@@ -251,3 +251,61 @@ def test_an_output_step_coarser_than_the_values_floors_at_0_db_and_says_so():
     assert by_hand - 1.0 < row.floor_sqnr <= by_hand
     assert not row.below_floor and row.floor_cause == "coarse"
     assert "output step coarser than its values, which round to zero" in row.notes
+
+
+@pytest.mark.parametrize("kind,shape,channel", [
+    ("conv1d", (4, 16, 30), 1), ("conv3d-relu", (2, 16, 3, 4, 5), 1),
+    ("conv_transpose1d", (4, 16, 30), 1), ("conv1d", (16, 30), 0),
+    ("linear", (4, 30, 16), 2), ("batch_norm", (4, 16, 30), 1)])
+def test_the_offset_is_summed_per_output_channel_of_the_layer(kind, shape, channel):
+    """A constant error per output channel is the offset, whatever the rank. It was summed
+    over every dim but the last for any output not 4-D: a Conv1d's (N, C, L) per position,
+    not per channel. Oracle: the error's mean per channel (its channel dim moved last),
+    counted as FloorSums documents it: sum over channels of (sum of its errors)^2 / count."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(*shape, generator=g)
+    shift = torch.randn(shape[channel], generator=g).reshape(
+        [-1 if d == channel else 1 for d in range(len(shape))])
+    quant = ref + shift + 0.01 * torch.randn(*shape, generator=g)
+    sums = FloorSums(kind=kind)
+    sums.update(quant, ref, ())
+    sums.update(quant, ref, ())
+    err = (quant - ref).double().movedim(channel, -1).reshape(-1, shape[channel])
+    expected = float((2 * err.sum(0)).square().sum()) / (2 * err.shape[0])
+    assert sums.offset_noise() == pytest.approx(expected, rel=1e-6)
+    # nearly all of the error is that offset
+    assert sums.offset_noise() / (2 * float(err.square().sum())) > 0.99
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv1d(8, 16, 3), (4, 8, 40)),
+                                        (nn.Conv3d(4, 8, 3), (2, 4, 6, 6, 6))])
+def test_a_conv_of_any_rank_that_lost_its_bias_is_below_its_floor_for_an_offset(conv, shape):
+    """A Conv1d or Conv3d whose quantized form lost its bias read floor_cause 'scale' (only a
+    Conv2d's 'offset'). Oracle: the share of the error power that is a constant per output
+    channel (dim 1), computed from the two models' outputs directly."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(conv).eval()
+    with torch.no_grad():
+        f[0].bias.uniform_(-1, 1)
+    lost = copy.deepcopy(f)
+    with torch.no_grad():
+        lost[0].bias.zero_()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(*shape, generator=g) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*deprecat.*")
+        prepared = prepare_fx(lost, get_default_qconfig_mapping("fbgemm"), (data[0],))
+        for x in data:
+            prepared(x)
+        q = convert_fx(prepared)
+    row = ns.compare(f, q, data, progress=False).row("0")
+    with torch.no_grad():
+        err = torch.cat([(q(x) - f(x)).double().movedim(1, -1).reshape(-1, conv.out_channels)
+                         for x in data])
+    share = float(err.mean(0).square().sum() * err.shape[0] / err.square().sum())
+    assert share > 0.9
+    assert row.below_floor and row.floor_cause == "offset"
