@@ -187,11 +187,20 @@ class FloorState:
     input_steps: float = 0.0
     channel_error: torch.Tensor | None = None
     channel_count: int = 0
+    channels_differ: bool = False
+    """Batches gave outputs of different channel counts: no per-channel offset is measured
+    (:meth:`FloorSums.update`)."""
 
     def merged(self, other: FloorState) -> FloorState:
-        """Both states' batches: sums added (per-channel errors when both have them)."""
-        if self.channel_error is None or other.channel_error is None or (
-                self.channel_error.shape != other.channel_error.shape):
+        """Both states' batches: sums added, per-channel errors too; none once the two
+        (or any batch of either) had other channel counts, as one process keeps them, in
+        whatever order the batches came."""
+        differ = self.channels_differ or other.channels_differ or (
+            self.channel_error is not None and other.channel_error is not None
+            and self.channel_error.shape != other.channel_error.shape)
+        if differ:
+            error, count = None, 0
+        elif self.channel_error is None or other.channel_error is None:
             channel = self if self.channel_error is not None else other
             error, count = channel.channel_error, channel.channel_count
         else:
@@ -200,7 +209,7 @@ class FloorState:
         return FloorState(self.clip_noise + other.clip_noise,
                           self.input_energy + other.input_energy,
                           self.input_count + other.input_count,
-                          self.input_steps + other.input_steps, error, count)
+                          self.input_steps + other.input_steps, error, count, differ)
 
 
 _CHUNK = 1 << 20
@@ -233,6 +242,7 @@ class FloorSums:
     """Σ over calls and tokens of the squared step the input was quantized with."""
     channel_error: torch.Tensor | None = None
     channel_count: int = 0
+    channels_differ: bool = False
     kind: str = ""
     """The layer's op kinds (``conv1d-relu``): where its output channels are
     (:func:`output_channel_dim`)."""
@@ -255,7 +265,7 @@ class FloorSums:
             self.input_count += x.numel()
             if self.dynamic is not None and x.numel():
                 self.input_steps += _input_steps(x, *self.dynamic)
-        if quant.shape == ref.shape and ref.dim() >= 2:
+        if quant.shape == ref.shape and ref.dim() >= 2 and not self.channels_differ:
             # a signed sum per output channel over the other dims (torch sums float32
             # pairwise: relative 1e-8 here)
             channel = output_channel_dim(self.kind, ref.dim())
@@ -265,8 +275,14 @@ class FloorSums:
                 # float32 sums past 3.4e38 (a corrupted scale: weights of 1e38) read inf, and
                 # the per-channel share of the error an "inf%": sum those again in float64
                 sums = (quant.double() - ref.double()).sum(dim=others)
-            if self.channel_error is None or self.channel_error.shape != sums.shape:
-                self.channel_error, self.channel_count = sums, 0
+            if self.channel_error is not None and self.channel_error.shape != sums.shape:
+                # no channel is one across these batches (the kind does not say where the
+                # channels are, and the dim read varies: a sequence length): no offset. Kept
+                # alike in any batch order, so data-parallel runs merge to the same
+                self.channel_error, self.channel_count, self.channels_differ = None, 0, True
+                return
+            if self.channel_error is None:
+                self.channel_error = sums
             else:
                 self.channel_error += sums
             self.channel_count += ref.numel() // ref.shape[channel]

@@ -81,19 +81,26 @@ class LogitsState:
     (:attr:`LogitsAccumulator.unfit_masks`)."""
     unfit_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     """The first such batch's mask shape and the logits' leading dims."""
+    unfit_batch: int = -1
+    """The index of the batch :attr:`unfit_shapes` was read from, -1 when not told."""
 
     def merged(self, other: LogitsState) -> LogitsState:
-        """Both states' tokens: counts and sums add, the token KLs of ``other`` follow, and
-        :attr:`logits_per` is the later batch's (``other``'s on a tie)."""
+        """Both states' tokens: counts and sums add, the token KLs of ``other`` follow,
+        :attr:`logits_per` is the later batch's (``other``'s on a tie) and
+        :attr:`unfit_shapes` the earlier batch's (``self``'s on a tie or when not told), as
+        one process running every batch in order keeps them."""
         later = (other if other.batches and (not self.batches or other.logits_per_batch
                                              >= self.logits_per_batch) else self)
+        first = (other if other.unfit_shapes is not None
+                 and (self.unfit_shapes is None or 0 <= other.unfit_batch < self.unfit_batch)
+                 else self)
         return LogitsState(
             self.tokens + other.tokens, self.targets + other.targets,
             self.kl_sum + other.kl_sum, self.top1_agree + other.top1_agree,
             self.nll_float + other.nll_float, self.nll_quant + other.nll_quant,
             torch.cat([self.token_kls, other.token_kls]), self.batches + other.batches,
             later.logits_per, later.logits_per_batch,
-            self.unfit_masks + other.unfit_masks, self.unfit_shapes or other.unfit_shapes,
+            self.unfit_masks + other.unfit_masks, first.unfit_shapes, first.unfit_batch,
         )
 
 
@@ -182,6 +189,7 @@ class LogitsAccumulator:
         position of their logits was read, padding included."""
         self.unfit_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         """The first such batch's mask shape and the logits' leading dims."""
+        self.unfit_batch = -1  # that batch's index (update_batch(index)), for a merge
 
     def update(self, float_logits: torch.Tensor, quant_logits: torch.Tensor,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -289,7 +297,8 @@ class LogitsAccumulator:
         fitted = _fitted_mask(mask, lead, batch, reader)
         if fitted is None and mask is not None and len(lead) > 1 and bool((mask == 0).any()):
             self.unfit_masks += 1  # padding that cannot be placed: say so, never guess
-            self.unfit_shapes = self.unfit_shapes or (tuple(mask.shape), lead)
+            if self.unfit_shapes is None:
+                self.unfit_shapes, self.unfit_batch = (tuple(mask.shape), lead), index
         if (next_token is False or len(lead) < 2
                 or (targets is not None and tuple(targets.shape) != lead)):
             targets = None  # not next tokens, no sequence, or not one per logit row: no ppl
@@ -308,7 +317,7 @@ class LogitsAccumulator:
         return LogitsState(self.tokens, self.targets, self.kl_sum, self.top1_agree,
                            self.nll_float, self.nll_quant, self.token_kls(), self.batches,
                            self.logits_per, self.logits_per_batch, self.unfit_masks,
-                           self.unfit_shapes)
+                           self.unfit_shapes, self.unfit_batch)
 
     def load(self, state: LogitsState) -> None:
         """Replace everything seen so far with ``state`` (:meth:`LogitsState.merged` of
@@ -320,6 +329,7 @@ class LogitsAccumulator:
         self.batches, self.logits_per = state.batches, state.logits_per
         self.logits_per_batch = state.logits_per_batch
         self.unfit_masks, self.unfit_shapes = state.unfit_masks, state.unfit_shapes
+        self.unfit_batch = state.unfit_batch
 
     def token_kls(self) -> torch.Tensor:
         """Every real token's KL so far, float32, in the order seen."""

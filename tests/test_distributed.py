@@ -147,6 +147,61 @@ def test_merged_shape_mismatch_is_the_later_batchs():
     assert fed([1, 3]).merged(fed([])).shape_mismatch == ((5, 3), (4, 3))
 
 
+def test_merged_unfit_mask_is_the_first_batchs():
+    """The unfit-mask note names the first batch whose mask did not fit, as one process keeps
+    it; a merge took rank 0's first (batch 1's shapes before rank 1's batch 0 ... in rank
+    order). Oracle: one accumulator fed every batch in order."""
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(5):  # batch i: (i + 1, 2 * (i + 2)) tokens, logits for every other one
+        ids = torch.randint(0, 30, (i + 1, 2 * (i + 2)), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[:, -1] = 0  # padding: the mask must be placed, and cannot be
+        f = torch.randn(i + 1, i + 2, 30, generator=gen)
+        batches.append((f, f + 0.1, {"input_ids": ids, "attention_mask": mask}))
+
+    def fed(indices):
+        acc = LogitsAccumulator()
+        for i in indices:
+            acc.update_batch(*batches[i], index=i)
+        return acc.state()
+
+    first = ((1, 4), (1, 2))  # batch 0's mask and logits' positions
+    assert fed(range(5)).unfit_shapes == first and fed(range(5)).unfit_masks == 5
+    assert fed([0, 2, 4]).merged(fed([1, 3])).unfit_shapes == first
+    assert fed([1, 3]).merged(fed([0, 2, 4])).unfit_shapes == first
+    assert fed([1, 3]).merged(fed([])).unfit_shapes == ((2, 6), (2, 3))
+
+
+def test_merged_floor_offsets_are_what_one_process_keeps():
+    """A floor's per-channel error sums merge to what one process keeps, in any share of the
+    batches: added when every batch has the same channels, none when their count differs (a
+    merge used to keep rank 0's, one process the run of batches since the last change)."""
+    from fxnumeric.floor import FloorState, FloorSums
+
+    gen = torch.Generator().manual_seed(0)
+    for widths in ((5, 5, 5, 5), (5, 5, 7, 5)):  # an add's last dim: a length, not channels
+        outputs = [torch.randn(3, w, generator=gen) for w in widths]
+
+        def fed(indices, outputs=outputs):
+            sums = FloorSums(kind="add")
+            for i in indices:
+                sums.update(outputs[i] + 0.1 * (i + 1), outputs[i], ())
+            return sums.state()
+
+        one = fed(range(4))
+        for parts in (([0, 2], [1, 3]), ([1, 3], [0, 2]), ([0, 1, 2], [3]), ([3], [], [0, 1, 2])):
+            merged = FloorState()
+            for part in parts:
+                merged = merged.merged(fed(part))
+            assert merged.channel_count == one.channel_count
+            assert merged.channels_differ == one.channels_differ == (widths[2] == 7)
+            if one.channel_error is None:
+                assert merged.channel_error is None
+            else:
+                torch.testing.assert_close(merged.channel_error, one.channel_error)
+
+
 def test_sparse_batches_are_compared_and_fingerprinted_by_their_values():
     f, q, data = _sparse_case()
     with warnings.catch_warnings():
@@ -318,6 +373,35 @@ def _shape_case():
     return f, _quantized(dropping), [torch.randn(i + 2, 8, generator=gen) for i in range(5)]
 
 
+class _Halving(nn.Module):
+    """Logits for every other position: a padded ``attention_mask`` does not fit them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, input_ids, attention_mask):
+        return {"logits": self.head(self.embed(input_ids)[:, ::2])}
+
+
+def _unfit_mask_case():
+    """Three batches; batch 0 is not padded, batches 1 (rank 1's) and 2 (rank 0's) are, with
+    other shapes: the note names the first unfit batch's, ``[2, 8]``."""
+    torch.manual_seed(0)
+    f = _Halving().eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(size, length, pad):
+        ids = torch.randint(3, 50, (size, length), generator=gen)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[1:, length // 2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return f, _quantized(f), [batch(2, 8, False), batch(2, 8, True), batch(3, 10, True)]
+
+
 def _sparse_case():
     torch.manual_seed(0)
     f = _SparseGraph().eval()
@@ -349,6 +433,7 @@ def _reports() -> tuple[dict, list[int]]:
         out["mlp_two_batches"] = ns.compare(f, q, data, max_batches=2)
         out.update(_logits_cases())
         out["shape_note"] = ns.compare(*_shape_case())
+        out["unfit_mask"] = ns.compare(*_unfit_mask_case())
         out["sparse"] = ns.compare(*_sparse_case())
         if _has_transformers():
             f, q, batches = _llama_case()
@@ -460,6 +545,9 @@ def test_the_oracle_has_what_must_survive_the_merge(one_process):
     assert any("no batch holds a real token" in n for n in oracle["token_lm_no_real_token"].notes)
     # the last batch's shapes: batch 4 holds 6 rows, the quantized model drops one
     assert "float (6, 8) vs quantized (5, 8)" in oracle["shape_note"].notes[0]
+    # the first unfit batch's: batch 1 (rank 1's), not batch 2 (rank 0's)
+    assert any("attention_mask [2, 8] does not fit the logits' positions [2, 4] (2 of 3 "
+               "batches)" in n for n in oracle["unfit_mask"].notes)
     assert oracle["sparse"].batches == 3 and oracle["sparse"].rows[0].output
     if "llama" in oracle:
         assert any(row.weight_sqnr is not None for row in oracle["llama"].rows)
