@@ -10,7 +10,10 @@ constants that feed it). They must agree on four questions, answered here:
   ``aten.add_.Tensor``, ``ReLU(inplace=True)``, ``x += y``)? A copy of such a node must not
   write into a tensor the original graph still reads. ATen ops answer from their schema
   (which argument is written), methods and functions from torch's trailing-underscore and
-  ``i``-operator conventions, modules from their ``inplace`` flag.
+  ``i``-operator conventions, modules from their ``inplace`` flag. A write into a value
+  that *may alias* another (a view of it, or the same tensor handed on: ``DeQuantStub``,
+  ``nn.Identity``, eval-mode dropout, ``.contiguous()``, ``.detach()``, ``.to()``) writes
+  into that one too (:func:`aliases_of`).
 * **dequantize**: does a node turn a quantized value into a float one? The op tables answer
   (:attr:`fxnumeric.optypes.OpClass.is_dequantize`), never a node's name.
 * **constants**: what value does a node compute from graph constants alone (a pt2e weight's
@@ -45,7 +48,8 @@ __all__ = [
     "fetch_attr", "overwrites", "mutated_in_place", "writes_first_input", "is_dequantize",
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
     "WeightGrid", "dequantize_grid",
-    "computes_alike", "holds_quantized", "rounds_on_grid", "views_of", "with_values",
+    "computes_alike", "holds_quantized", "rounds_on_grid", "aliases_of", "written_into",
+    "with_values",
 ]
 
 QRANGE: dict[torch.dtype, tuple[int, int]] = {
@@ -247,26 +251,81 @@ _VIEW_OPS = frozenset({
 """Ops whose value may share its input's memory (``reshape`` and ``getitem`` do for most
 inputs): writing into their value writes into the input's."""
 
+_SAME_TENSOR_OPS = frozenset({
+    "contiguous", "detach", "to", "type", "type_as", "float", "double", "half", "bfloat16",
+    "int", "long", "short", "bool", "byte", "char", "cpu", "cuda", "requires_grad", "alias",
+    "reshape_as", "swapdims", "moveaxis", "broadcast_to", "ravel", "tensor_split", "hsplit",
+    "vsplit", "dsplit", "split_with_sizes", "view_as_real", "view_as_complex", "conj",
+    "resolve_conj", "resolve_neg", "positive", "adjoint", "atleast_1d", "atleast_2d",
+    "atleast_3d", "as_tensor", "asarray", "align_as", "rename",
+})
+"""Methods and functions that may return their input itself (``.contiguous()`` of a
+contiguous tensor, ``.to()`` / ``.float()`` / ``.type_as()`` to the dtype it has,
+``.detach()``: a tensor sharing its memory) or a view of it."""
+
 _VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag", "data"})
 
 
-def views_of(view: GraphView, n: fx.Node) -> list[fx.Node]:
-    """The ops whose values may be views of op ``n``'s value (views of views too), in the
-    order found: a write into any of them writes into ``n``'s value."""
+def _may_alias(view: GraphView, user: fx.Node) -> bool:
+    """Whether ``user``'s value may share the memory of a value it reads: a view, an op that
+    may hand its input on unchanged, plumbing (``nn.Identity``, eval-mode dropout, a
+    ``DeQuantStub`` or ``dequantize`` of a float value, an observer) or a quantize (a float
+    model's ``QuantStub`` returns its input). Conservative: a copy too many costs memory, a
+    write missed logs a value the op never returned."""
+    target = user.target
+    if user.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+        # an ATen op (torch.export): its schema says whether a result aliases an argument
+        return any(r.alias_info is not None for r in target._schema.returns)
+    cls = view.op_class(user)
+    if cls is None or view.is_shape(user):  # a shape measured on the value is not the value
+        return False
+    if cls.role != "op":
+        return True
+    if len(cls.signature) != 1:
+        return False
+    kind = cls.signature[0]
+    return (kind in _VIEW_OPS or kind in _SAME_TENSOR_OPS
+            or (kind == "getattr" and len(user.args) > 1 and user.args[1] in _VIEW_ATTRIBUTES))
+
+
+def aliases_of(view: GraphView, n: fx.Node) -> list[fx.Node]:
+    """The ops whose values may alias op ``n``'s value (aliases of aliases too), in the order
+    found: views of it and ops that may hand it on as it is (:func:`_may_alias`). A write
+    into any of them writes into ``n``'s value.
+
+    Example:
+        >>> g = fx.Graph()
+        >>> x = g.placeholder("x")
+        >>> same = g.call_method("contiguous", (x,))
+        >>> flat = g.call_method("view", (same, -1))
+        >>> fresh = g.call_method("clone", (x,))
+        >>> _ = g.output((flat, fresh))
+        >>> [a.name for a in aliases_of(GraphView(fx.GraphModule(nn.Module(), g)), x)]
+        ['contiguous', 'view']
+    """
     found: list[fx.Node] = []
     todo, seen = [n], {n}
     while todo:
-        for user in view.consumers(todo.pop()):
-            cls = view.op_class(user)
-            if user in seen or cls is None or len(cls.signature) != 1:
-                continue
-            kind = cls.signature[0]
-            if kind in _VIEW_OPS or (kind == "getattr" and len(user.args) > 1
-                                     and user.args[1] in _VIEW_ATTRIBUTES):
+        # the graph's own users, plumbing included (GraphView.consumers looks through it):
+        # the DeQuantStub that hands the value on is the alias a later op writes through
+        for user in todo.pop().users:
+            if user not in seen and _may_alias(view, user):
                 seen.add(user)
                 found.append(user)
                 todo.append(user)
     return found
+
+
+def written_into(view: GraphView, n: fx.Node, among: Any = None) -> bool:
+    """Whether an op (of ``among``, a collection of ``view``'s nodes; any op if ``None``)
+    writes in place into op ``n``'s value or into a value that may alias it
+    (:func:`aliases_of`): ``y = fc(x); y.view(-1).add_(1)`` and ``dequant(fc(x)).clamp_(0, 1)``
+    both write into ``fc``'s output."""
+    for value in (n, *aliases_of(view, n)):
+        if any(overwrites(user, value, view.modules) for user in value.users
+               if among is None or user in among):
+            return True
+    return False
 
 
 def is_dequantize(view: GraphView, node: fx.Node) -> bool:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.ao.ns._numeric_suite as tns
+import torch.ao.quantization as tq
 import torch.nn as nn
 
 import fxnumeric as ns
@@ -230,3 +233,135 @@ def test_loggers_and_shadows_survive_dead_code_elimination(make_fx_resnet18_pair
     logged = ns.loggers_of(quant_gm)
     assert logged and all(len(lg.stats["tensor_val"]) == 1 for lg in logged.values())
     assert all(len(lg.stats["float"]) == 1 for lg in ns.loggers_of(shadowed).values())
+
+
+# ------------------------------------------------ writes into a logged value through an alias
+#
+# docs/eager_compat.md row 18: a logger keeps the value as the op returned it, whatever writes
+# into it afterwards. The oracle is the op itself, run by hand on the same input.
+
+_ALIASES = {
+    "identity": lambda m, y: m.identity(y),
+    "dropout": lambda m, y: m.drop(y),  # nn.Dropout in eval: the identity
+    "F.dropout": lambda m, y: torch.nn.functional.dropout(y, 0.5, training=False),
+    "contiguous": lambda m, y: y.contiguous(),
+    "detach": lambda m, y: y.detach(),
+    "to": lambda m, y: y.to(torch.float32),
+    "float": lambda m, y: y.float(),
+    "type_as": lambda m, y: y.type_as(y),
+    "view": lambda m, y: y.view(-1),  # handled before: the same rule
+}
+
+
+class _WritesThrough(nn.Module):
+    """``fc``'s output handed on by an alias, which is then clamped in place."""
+
+    def __init__(self, via: str) -> None:
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.identity, self.drop = nn.Identity(), nn.Dropout(0.5)
+        self.via = via
+
+    def forward(self, x):
+        y = _ALIASES[self.via](self, self.fc(x))
+        y.clamp_(0, 0.1)
+        return self.fc2(y.reshape(x.shape))
+
+
+def _dynamic(f: nn.Module) -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+
+
+@pytest.mark.parametrize("via", list(_ALIASES))
+def test_a_write_through_an_alias_of_a_logged_value_leaves_the_logged_value(via):
+    """Before, a write through an alias that is the tensor itself (nn.Identity, eval dropout,
+    ``.contiguous()``, ``.to(same dtype)`` ...) reached the logged value: fc.stats held the
+    clamped output (max 0.1) on both sides, and compare_model_stub's quantized entry too."""
+    torch.manual_seed(0)
+    f = _WritesThrough(via).eval()
+    q = _dynamic(f)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        float_fc, quant_fc = f.fc(x), q.fc(x)
+        want = q(x)
+    assert float_fc.max() > 0.1  # the clamp changes it
+    outputs = ns.compare_model_outputs(f, q, x)["fc.stats"]
+    assert torch.equal(outputs["float"][0], float_fc)
+    assert torch.equal(outputs["quantized"][0], quant_fc)
+    stub = ns.compare_model_stub(f, q, [nn.Linear], x)["fc.stats"]
+    assert torch.equal(stub["quantized"][0], quant_fc)
+    assert torch.equal(stub["float"][0], float_fc)  # the shadow reads x, as fc does
+    shadowed, _ = ns.add_shadows(f, q)
+    with torch.no_grad():
+        assert torch.equal(shadowed(x), want)  # the copies change nothing the model computes
+    # torch's eager suite keeps the tensor itself: the clamped value (row 18)
+    f_eager, q_eager = copy.deepcopy(f), copy.deepcopy(q)
+    eager = tns.compare_model_outputs(f_eager, q_eager, x)["fc.stats"]
+    assert torch.equal(eager["float"][0], float_fc.clamp(0, 0.1))
+
+
+class _Static(nn.Module):
+    """``dequant(fc(quant(x)))``, clamped in place after the DeQuantStub."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.dequant(self.fc(self.quant(x)))
+        y.clamp_(0, 0.1)
+        return y
+
+
+def _static_pair() -> tuple[nn.Module, nn.Module]:
+    torch.backends.quantized.engine = "fbgemm"
+    torch.manual_seed(0)
+    f = _Static().eval()
+    q = copy.deepcopy(f)
+    q.qconfig = tq.get_default_qconfig("fbgemm")
+    tq.prepare(q, inplace=True)
+    q(torch.randn(8, 4))
+    return f, tq.convert(q)
+
+
+def test_a_write_after_the_dequantstub_leaves_the_float_value_logged():
+    """The float model's DeQuantStub hands fc's output on as it is. Before: fc.stats float
+    held the clamped value (max 0.1000 against fc's 0.8), by compare_model_outputs and by
+    prepare_model_outputs alike."""
+    f, q = _static_pair()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        float_fc = f.fc(x)
+    assert float_fc.max() > 0.1
+    assert torch.equal(ns.compare_model_outputs(f, q, x)["fc.stats"]["float"][0], float_fc)
+    ns.prepare_model_outputs(f, q)
+    f(x.clone())
+    q(x.clone())
+    logged = ns.get_matching_activations(f, q)["fc.stats"]
+    assert torch.equal(logged["float"][0], float_fc)
+    with torch.no_grad():
+        quant_fc = q.fc(q.quant(x))
+    assert torch.equal(logged["quantized"][0].dequantize(), quant_fc.dequantize())
+
+
+def test_compare_copies_a_value_written_through_an_alias_up_front():
+    """compare()'s float twins read version counters and ran the first batch again when a
+    value they held was written into (the float model ran twice); the graph's own writes,
+    through aliases too, are now seen before running, by the rule the loggers use. The
+    oracle: SQNR of fc's outputs computed by hand."""
+    torch.manual_seed(0)
+    f = _WritesThrough("contiguous").eval()
+    q = _dynamic(f)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want = sqnr(f.fc(x), q.fc(x))
+    calls = []
+    handle = f.fc.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        report = ns.compare(f, q, [x], comparisons=("outputs",))
+    finally:
+        handle.remove()
+    row = report.row("fc")
+    assert math.isclose(row.output["sqnr"], float(want), rel_tol=1e-4)
+    assert len(calls) == 1  # no second run of the batch

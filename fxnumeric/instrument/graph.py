@@ -29,12 +29,12 @@ from .._tensors import copy_cache, copy_values, dequantize_all
 from ..capture import graph_module
 from ..match import Pair, Region
 from ..semantics import (
+    aliases_of,
     fetch_attr,
     is_dequantize,
     mutated_in_place,
-    overwrites,
     shadow_copy,
-    views_of,
+    written_into,
 )
 from ..view import GraphView
 
@@ -208,21 +208,25 @@ class GraphCopy:
         """Whether ``node``'s value may be overwritten in place while ``observer`` still
         holds it: by a later op of the graph, or by the untraced code the graph returns it to
         (an observer done with it when its call returns never needs a copy; one with a true
-        ``checks_overwrites`` attribute reads the value's version counter to find out)."""
+        ``checks_overwrites`` attribute reads the value's version counter to find out).
+
+        A write into any value that may alias it counts (:func:`fxnumeric.semantics.aliases_of`:
+        a view of it, or the tensor itself handed on by a ``DeQuantStub``, an ``nn.Identity``,
+        eval-mode dropout, ``.contiguous()``, ``.to()``)."""
         if reads_at_call(observer):
             return False
-        # the value, and every view of it (read on the source graph, whose node names the
-        # copy keeps): an op writing into a view writes into the value
+        # the value, and every alias of it (read on the source graph, whose node names the
+        # copy keeps): an op writing into an alias writes into the value
         view = self.view
         value = view.producer(view.node(node.name))
-        aliases = [value, *views_of(view, value)] if value is not None else []
+        aliases = [value, *aliases_of(view, value)] if value is not None else []
         copied = [self.nodes[a.name] for a in aliases if a.name in self.nodes]
         if any(mutated_in_place(a, self.modules) for a in (node, *copied)):
             return True
         if not self.enclosed or getattr(observer, "checks_overwrites", False):
             return False
-        # the untraced code the graph returns the value (or a view of it) to may write into it
-        return any(view.output in view.consumers(a) for a in aliases)
+        # the untraced code the graph returns the value (or an alias of it) to may write into it
+        return any(view.output in a.users for a in aliases)
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
         """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
@@ -230,7 +234,14 @@ class GraphCopy:
         was). ``chain`` holds the graph's own node names."""
         node = self.nodes[node_name]
         ops = [self.nodes[n] for n in chain]
-        if not any(overwrites(u, node, self.modules) for u in node.users if u in ops):
+        # read on the source graph, whose node names the copy keeps: a write through an
+        # alias of the value (`x.contiguous().add_(1)`) writes into it too
+        view = self.view
+        if view.has_node(node_name):
+            written = written_into(view, view.node(node_name), {view.node(n) for n in chain})
+        else:  # a node this copy added (a snapshot): its own users only
+            written = written_into(view, node, set(ops))
+        if not written:
             return node_name
         with self.graph.inserting_before(ops[0]):
             copied = self.graph.call_method("clone", (node,))
@@ -268,8 +279,7 @@ class GraphCopy:
             # a bfloat16 quantized model's values feed a float32 twin in float32
             env[float_node] = emit(lambda q=quant_node: graph.call_function(
                 dequantize_all, (q,) if dtype is None else (q, dtype)))
-            if any(overwrites(u, float_node, float_view.modules) for u in float_node.users
-                   if u in nodes):
+            if written_into(float_view, float_node, set(nodes)):
                 # the copy writes into its input, which may be the quantized graph's own tensor
                 env[float_node] = emit(lambda d=env[float_node]: graph.call_method("clone", (d,)))
         copied: dict[str, str] = {}
