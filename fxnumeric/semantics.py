@@ -7,13 +7,14 @@ place of a layer) and weight reading (:mod:`fxnumeric.weights`: a weight compute
 constants that feed it). They must agree on four questions, answered here:
 
 * **in-place writes**: does a node write its result into a value it reads (``relu_``,
-  ``aten.add_.Tensor``, ``ReLU(inplace=True)``, ``x += y``)? A copy of such a node must not
-  write into a tensor the original graph still reads. ATen ops answer from their schema
-  (which argument is written), methods and functions from torch's trailing-underscore and
-  ``i``-operator conventions, modules from their ``inplace`` flag. A write into a value
-  that *may alias* another (a view of it, or the same tensor handed on: ``DeQuantStub``,
-  ``nn.Identity``, eval-mode dropout, ``.contiguous()``, ``.detach()``, ``.to()``) writes
-  into that one too (:func:`aliases_of`).
+  ``aten.add_.Tensor``, ``ReLU(inplace=True)``, ``x += y``, ``y[:, 0] = 0``)? A copy of such
+  a node must not write into a tensor the original graph still reads. ATen ops answer from
+  their schema (which argument is written), methods and functions from torch's
+  trailing-underscore and ``i``-operator conventions and ``operator.setitem``, modules from
+  their ``inplace`` flag. A write into a value that *may alias* another (a view of it, or the
+  same tensor handed on: ``DeQuantStub``, ``nn.Identity``, eval-mode dropout,
+  ``.contiguous()``, ``.detach()``, ``.to()``) writes into that one too
+  (:func:`aliases_of`).
 * **dequantize**: does a node turn a quantized value into a float one? The op tables answer
   (:attr:`fxnumeric.optypes.OpClass.is_dequantize`), never a node's name.
 * **constants**: what value does a node compute from graph constants alone (a pt2e weight's
@@ -58,7 +59,14 @@ QRANGE: dict[torch.dtype, tuple[int, int]] = {
 }
 """The integer range of each quantized (or integer) dtype."""
 
-_INPLACE_FUNCTIONS = frozenset({operator.iadd, operator.imul, operator.isub, operator.itruediv})
+_INPLACE_FUNCTIONS = frozenset({
+    operator.iadd, operator.imul, operator.isub, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+    operator.setitem,  # `y[:, 0] = 0` writes into `y`
+})
+_INPLACE_METHODS = frozenset(f"__{f.__name__}__" for f in _INPLACE_FUNCTIONS)
+"""The same as methods: torch.fx records ``y.__setitem__(i, v)`` as a ``call_method``."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,7 @@ def overwrites(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> b
         return False
     if user.op == "call_method":
         name = str(user.target)
-        return name.endswith("_") and not name.startswith("_")
+        return name in _INPLACE_METHODS or (name.endswith("_") and not name.startswith("_"))
     if user.op != "call_function":
         return False
     target = user.target
@@ -319,7 +327,7 @@ def aliases_of(view: GraphView, n: fx.Node) -> list[fx.Node]:
 def written_into(view: GraphView, n: fx.Node, among: Any = None) -> bool:
     """Whether an op (of ``among``, a collection of ``view``'s nodes; any op if ``None``)
     writes in place into op ``n``'s value or into a value that may alias it
-    (:func:`aliases_of`): ``y = fc(x); y.view(-1).add_(1)`` and ``dequant(fc(x)).clamp_(0, 1)``
+    (:func:`aliases_of`): ``y = fc(x); y.view(-1)[0] = 0`` and ``dequant(fc(x)).clamp_(0, 1)``
     both write into ``fc``'s output."""
     for value in (n, *aliases_of(view, n)):
         if any(overwrites(user, value, view.modules) for user in value.users

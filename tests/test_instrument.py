@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 
 import pytest
 import torch
 import torch.ao.ns._numeric_suite as tns
 import torch.ao.quantization as tq
+import torch.fx as fx
 import torch.nn as nn
 
 import fxnumeric as ns
 from fxnumeric import sqnr
+from fxnumeric.semantics import overwrites
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -365,3 +368,36 @@ def test_compare_copies_a_value_written_through_an_alias_up_front():
     row = report.row("fc")
     assert math.isclose(row.output["sqnr"], float(want), rel_tol=1e-4)
     assert len(calls) == 1  # no second run of the batch
+
+
+def test_item_assignment_is_a_write_into_the_value():
+    """``y[:, 0] = 0`` (traced as ``y.__setitem__``, or ``operator.setitem``) writes into
+    ``y``. Before, fc.stats kept the assigned tensor on both sides."""
+    g = fx.Graph()
+    y = g.placeholder("y")
+    assigned = g.call_function(operator.setitem, (y, 0, 0.0))
+    method = g.call_method("__setitem__", (y, 0, 0.0))
+    g.output(y)
+    assert overwrites(assigned, y, {}) and overwrites(method, y, {})
+
+    class Assigns(nn.Module):
+        def __init__(self, through_view: bool) -> None:
+            super().__init__()
+            self.fc, self.through_view = nn.Linear(4, 4), through_view
+
+        def forward(self, x):
+            y = self.fc(x)
+            target = y.view(-1) if self.through_view else y
+            target.__setitem__(0, 0.0)  # what torch.fx records of `target[0] = 0.0`
+            return y * 2
+
+    x = torch.randn(3, 4)
+    for through_view in (False, True):
+        torch.manual_seed(0)
+        f = Assigns(through_view).eval()
+        q = _dynamic(f)
+        with torch.no_grad():
+            float_fc, quant_fc = f.fc(x), q.fc(x)
+        logged = ns.compare_model_outputs(f, q, x)["fc.stats"]
+        assert torch.equal(logged["float"][0], float_fc), through_view
+        assert torch.equal(logged["quantized"][0], quant_fc), through_view
