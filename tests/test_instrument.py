@@ -401,3 +401,44 @@ def test_item_assignment_is_a_write_into_the_value():
         logged = ns.compare_model_outputs(f, q, x)["fc.stats"]
         assert torch.equal(logged["float"][0], float_fc), through_view
         assert torch.equal(logged["quantized"][0], quant_fc), through_view
+
+
+class _Returns(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.fc(x))
+
+
+def test_a_write_into_the_returned_output_leaves_the_logged_value():
+    """The caller of a prepared model (or of add_loggers' models) receives the output, and
+    may post-process it in place. Before, ``out = f(x); out.mul_(0)`` turned the logged float
+    fc to zeros (and the quantized one, and the shadow's quantized entry)."""
+    torch.manual_seed(0)
+    f = _Returns().eval()
+    q = _dynamic(f)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        float_fc, quant_fc = f.fc(x), q.fc(x)
+    ns.prepare_model_outputs(f, q)
+    f(x).mul_(0)
+    q(x).mul_(0)
+    logged = ns.get_matching_activations(f, q)["fc.stats"]
+    assert torch.equal(logged["float"][0], float_fc)
+    assert torch.equal(logged["quantized"][0], quant_fc)
+    ns.remove_instrumentation(f)
+    ns.remove_instrumentation(q)
+
+    ns.prepare_model_with_stubs(f, q, [nn.Linear], ns.ShadowLogger)
+    q(x).mul_(0)
+    stub = ns.get_logger_dict(q)["fc.stats"]
+    assert torch.equal(stub["quantized"][0], quant_fc)
+    assert torch.equal(stub["float"][0], float_fc)
+    ns.remove_instrumentation(q)
+
+    float_gm, quant_gm = ns.add_loggers(f, q)
+    float_gm(x).mul_(0)
+    assert torch.equal(ns.loggers_of(float_gm)["fc"].stats["tensor_val"][0], float_fc)

@@ -167,9 +167,6 @@ class GraphCopy:
         self.nodes = {n.name: n for n in self.graph.nodes}
         self.modules = view.modules  # what the copied nodes call, for in-place questions
         self.view = view
-        # a submodule's graph returns its values to model code that is not traced, which may
-        # write into them after the graph has run
-        self.enclosed = region.path(side) != ""
 
     def finish(self, calls: nn.Module | None = None) -> fx.GraphModule:
         """The instrumented GraphModule (its code is generated on first run).
@@ -206,13 +203,16 @@ class GraphCopy:
 
     def _overwritten(self, node: fx.Node, observer: nn.Module) -> bool:
         """Whether ``node``'s value may be overwritten in place while ``observer`` still
-        holds it: by a later op of the graph, or by the untraced code the graph returns it to
-        (an observer done with it when its call returns never needs a copy; one with a true
+        holds it: by a later op of the graph, or by the code the graph returns it to (an
+        observer done with it when its call returns never needs a copy; one with a true
         ``checks_overwrites`` attribute reads the value's version counter to find out).
 
         A write into any value that may alias it counts (:func:`fxnumeric.semantics.aliases_of`:
         a view of it, or the tensor itself handed on by a ``DeQuantStub``, an ``nn.Identity``,
-        eval-mode dropout, ``.contiguous()``, ``.to()``)."""
+        eval-mode dropout, ``.contiguous()``, ``.to()``), and so does returning it or an
+        alias: the model's caller (``out = model(x); out.mul_(0)``), or the untraced model code
+        around a submodule's graph (Falcon's ``mlp_output += attention_output``), may write
+        into what it receives. Only values a logger keeps are copied, and only those."""
         if reads_at_call(observer):
             return False
         # the value, and every alias of it (read on the source graph, whose node names the
@@ -223,9 +223,8 @@ class GraphCopy:
         copied = [self.nodes[a.name] for a in aliases if a.name in self.nodes]
         if any(mutated_in_place(a, self.modules) for a in (node, *copied)):
             return True
-        if not self.enclosed or getattr(observer, "checks_overwrites", False):
+        if getattr(observer, "checks_overwrites", False):
             return False
-        # the untraced code the graph returns the value (or an alias of it) to may write into it
         return any(view.output in a.users for a in aliases)
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
