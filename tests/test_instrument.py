@@ -442,3 +442,35 @@ def test_a_write_into_the_returned_output_leaves_the_logged_value():
     float_gm, quant_gm = ns.add_loggers(f, q)
     float_gm(x).mul_(0)
     assert torch.equal(ns.loggers_of(float_gm)["fc"].stats["tensor_val"][0], float_fc)
+
+
+def test_a_logger_that_raises_is_named_not_the_input():
+    """A custom logger that raises was reported as ``InputError: the float model failed on
+    the input ... Check the input shape, dtype and device``."""
+
+    class Boom(ns.OutputLogger):
+        def forward(self, x):
+            raise ValueError("boom from my logger")
+
+    class BoomShadow(ns.ShadowLogger):
+        def forward(self, x, y):
+            raise KeyError("shadow boom")
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(4, 4)).eval()
+    q = _dynamic(f)
+    x = torch.randn(2, 4)
+    with pytest.raises(ns.InstrumentationError,
+                       match=r"logger Boom .*logging the float model's `0` raised ValueError: "
+                             r"boom from my logger") as raised:
+        ns.compare_model_outputs(f, q, x, logger_cls=Boom)
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert "input shape" not in str(raised.value)
+    with pytest.raises(ns.InstrumentationError,
+                       match=r"logger BoomShadow .*the shadow of the quantized model's `0` "
+                             r"raised KeyError") as raised:
+        ns.compare_model_stub(f, q, [nn.Linear], x, logger_cls=BoomShadow)
+    assert isinstance(raised.value.__cause__, KeyError)
+    ns.prepare_model_outputs(f, q, Boom)  # the user runs the model: the same error
+    with pytest.raises(ns.InstrumentationError, match="logger Boom"):
+        q(x)

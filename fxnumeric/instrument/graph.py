@@ -27,6 +27,7 @@ from torch import nn
 
 from .._tensors import copy_cache, copy_values, dequantize_all
 from ..capture import graph_module
+from ..errors import FxNumericError, InstrumentationError
 from ..match import Pair, Region
 from ..semantics import (
     aliases_of,
@@ -43,9 +44,29 @@ __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "obser
 
 
 @fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
-def observe_call(observer: nn.Module, *values: Any) -> None:
-    """Call ``observer`` on ``values``: the node an observer hangs off a graph by."""
-    observer(*values)
+def observe_call(observer: nn.Module, *values: Any, where: str = "") -> None:
+    """Call ``observer`` on ``values``: the node an observer hangs off a graph by.
+
+    ``where`` names the value observed (``the float model's `fc```). A logger of the user's
+    own class that raises is reported as such, with its exception chained: run inside the
+    model's forward, its error read as the model failing on its input.
+    """
+    try:
+        observer(*values)
+    except FxNumericError:
+        raise
+    except Exception as exc:
+        cls = type(observer)
+        if cls.__module__.split(".")[0] == "fxnumeric":
+            raise  # fxnumeric's own observers: run_model tells a bug from a bad input
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InstrumentationError(
+            f"the logger {cls.__name__} ({cls.__module__}.{cls.__qualname__}) logging "
+            f"{where or 'a value'} raised {type(exc).__name__}: {first}\nThe model ran up to "
+            f"it: the error is the logger's, not the input's. Fix: {cls.__name__}.forward, "
+            "called as logger(output) (a shadow's logger: logger(quantized_output, "
+            "float_output))"
+        ) from exc
 
 
 def reads_at_call(observer: nn.Module) -> bool:
@@ -167,6 +188,14 @@ class GraphCopy:
         self.nodes = {n.name: n for n in self.graph.nodes}
         self.modules = view.modules  # what the copied nodes call, for in-place questions
         self.view = view
+        self.side, self.scope = side, region.scope(side)
+
+    def _where(self, node: fx.Node) -> str:
+        """``node``'s value, as an error names it: ``the quantized model's `layer1.0.conv1```
+        (its module's path, else its node's name)."""
+        name = str(node.target) if node.op == "call_module" else node.name
+        path = f"{self.scope}.{name}" if self.scope else name
+        return f"the {'float' if self.side == 'float' else 'quantized'} model's `{path}`"
 
     def finish(self, calls: nn.Module | None = None) -> fx.GraphModule:
         """The instrumented GraphModule (its code is generated on first run).
@@ -199,7 +228,7 @@ class GraphCopy:
                 holder = graph.get_attr(target)
             with graph.inserting_after(holder):
                 graph.call_function(observe_call, (holder, logged, logged) if twice
-                                    else (holder, logged))
+                                    else (holder, logged), {"where": self._where(node)})
 
     def _overwritten(self, node: fx.Node, observer: nn.Module) -> bool:
         """Whether ``node``'s value may be overwritten in place while ``observer`` still
@@ -314,7 +343,8 @@ class GraphCopy:
         logger = emit(lambda: graph.get_attr(f"{prefix}.logger"))
         # an observer that asks for them also gets the (dequantized) values the shadow read
         extra = tuple(env[f] for f in inputs) if getattr(observer, "takes_inputs", False) else ()
-        emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]], *extra)))
+        emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]], *extra),
+                                         {"where": f"the shadow of {self._where(anchor)}"}))
 
 
 def _weights_dtype(view: GraphView, nodes: list[fx.Node]) -> torch.dtype | None:
