@@ -260,16 +260,30 @@ def _transparent_types() -> tuple[type, ...]:
     return (ObserverBase, FakeQuantizeBase, Logger)
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _in_eval(module: nn.Module) -> bool:
+    """Whether ``module`` computes as in eval mode: it is, or it is one of torch's containers,
+    whose forward only calls its children and never reads its own flag. torch's
+    ``fuse_modules`` leaves the fused ``ConvReLU2d`` it builds (an ``nn.Sequential``) in
+    training mode around children in eval mode."""
+    return not module.training or (isinstance(module, _CONTAINERS)
+                                    and type(module).__module__.startswith("torch."))
+
+
 def is_pure(module: nn.Module) -> bool:
     """Whether calling ``module`` leaves it (and everything in it) unchanged.
 
     True for torch's own modules in eval mode with no observer, fake-quantize or logger
-    inside: a shadow may then call the float model's module itself instead of a copy. A
-    module of the user's own class, or one in training mode, may record what it sees.
+    inside: a shadow may then call the float model's module itself instead of a copy, and
+    sees a weight changed after preparing as torch's ``Shadow`` does. A torch container in
+    training mode around eval-mode children counts (:func:`_in_eval`). A module of the user's
+    own class, or one in training mode, may record what it sees.
     """
     stateful = _transparent_types()
     return all(
-        not m.training and type(m).__module__.startswith("torch.") and not isinstance(m, stateful)
+        _in_eval(m) and type(m).__module__.startswith("torch.") and not isinstance(m, stateful)
         for m in module.modules()
     )
 
@@ -279,7 +293,7 @@ def is_inference_only(module: nn.Module) -> bool:
     or logger inside: calling it updates no statistics (its own code may still set
     attributes or write buffers, which :func:`is_pure` rules out for torch's modules only)."""
     stateful = _transparent_types()
-    return all(not m.training and not isinstance(m, stateful) for m in module.modules())
+    return all(_in_eval(m) and not isinstance(m, stateful) for m in module.modules())
 
 
 def _holds_quantized(module: nn.Module) -> bool:

@@ -807,6 +807,31 @@ def test_prepare_model_with_stubs_and_get_logger_dict_match_eager(case: Case) ->
     _assert_shadow_dicts_match(fx, eager, case, n_passes=len(case.batches))
 
 
+@pytest.mark.parametrize("swap", ["ConvReLU2d", "QuantizableBasicBlock"])
+def test_a_float_weight_changed_after_preparing_reaches_the_shadows_as_in_eager(
+        resnet18_case: Case, swap: str) -> None:
+    """torch's ``Shadow`` holds the float module itself. fxnumeric's shadows call it too where
+    calling it changes nothing, but torch's ``fuse_modules`` leaves the fused ``ConvReLU2d``
+    (an ``nn.Sequential``) in training mode around eval-mode children, so it (and every block
+    holding one) was deep-copied at prepare time: a float weight scaled afterwards reached
+    Conv2d shadows and not these (maxdiff 1.99 against torch's)."""
+    swap_list = ([torch.ao.nn.intrinsic.ConvReLU2d] if swap == "ConvReLU2d"
+                 else resnet18_case.swap_list)
+    entries = []
+    for suite in (tns, ns):
+        float_model, qmodel = resnet18_case.make()
+        assert float_model.layer1[0].conv1.training  # as torch's fuse leaves it
+        suite.prepare_model_with_stubs(float_model, qmodel, swap_list, suite.ShadowLogger)
+        with torch.no_grad():
+            float_model.layer1[0].conv1[0].weight.mul_(2)
+        qmodel(*resnet18_case.data)
+        key = "layer1.0.conv1.stats" if swap == "ConvReLU2d" else "layer1.0.stats"
+        entries.append(suite.get_logger_dict(qmodel)[key])
+    eager, fx = entries
+    for side in ("float", "quantized"):
+        assert_same(_shadow_view(fx[side][0], resnet18_case), eager[side][0], side)
+
+
 def _my_shadow_logger(base: type) -> type:
     """The tutorial's MyShadowLogger, on top of ``base`` (fxnumeric's or torch's Logger)."""
 
