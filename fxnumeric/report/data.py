@@ -202,11 +202,7 @@ class BlockRow:
     collapsed."""
     legacy_degenerate: bool | None = field(default=None, repr=False,
                                            metadata={"json_omit_default": True})
-    """Whether the float signal collapsed, as the report file this row was loaded from says:
-    set only for a file of schema 1 written before ``reference_rms`` existed, whose
-    fxnumeric judged an RMS below an absolute 1e-6 collapsed (``float_rms`` alone cannot
-    say what that file concluded). ``None``: judged from ``float_rms`` and
-    ``reference_rms`` (:attr:`degenerate`)."""
+    """As :attr:`ReportRow.legacy_degenerate`: the collapse an older report file saved."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[BlockRow], Any]]] = {
         "degenerate": lambda b: b.degenerate,
