@@ -2724,3 +2724,68 @@ def test_sensitivity_advise_and_diagnose_take_capture_as_compare_does() -> None:
     # the last layer's value is the model's output
     assert diagnosed.layers[-1].name == "fc"
     assert diagnosed.layers[-1].cumulative_sqnr == pytest.approx(direct, abs=1e-6)
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.relu(self.q(x)))
+
+
+class _UntracedWrapper(nn.Module):
+    """torch.fx cannot trace its branch on a value: kept whole, its ``inner`` traced alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Inner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:
+            x = x * 2
+        return self.inner(x)
+
+
+class _WithContainer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.fc = _UntracedWrapper(), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.attn(x)))
+
+
+def test_a_module_kept_whole_around_compared_layers_is_not_a_layer_of_its_own():
+    """``attn`` is kept whole in its parent's graph while its Linears are compared in a
+    region of their own (Matching.containers). Once a module holding quantized layers at any
+    depth counted as quantized, ``attn`` became a fourth layer over its own two:
+    advise(max_float_layers=1) kept ``attn`` float, that is two Linears, and said the target
+    was reached with "1 of 4 layers float". Its layers are candidates, it is not."""
+    torch.manual_seed(0)
+    f = _WithContainer().eval()
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(4, 16) for _ in range(3)]
+    assert fxnumeric.match(f, q, data[0]).containers == {"attn"}
+    assert [s.name for s in sensitivity(f, q, data, progress=False).layers] == [
+        "fc", "attn.inner.q", "attn.inner.o"]
+
+    def by_hand(*kept: str) -> float:  # the hybrid: those Linears put back float
+        h = copy.deepcopy(q)
+        for path in kept:
+            parent, _, leaf = path.rpartition(".")
+            setattr(h.get_submodule(parent), leaf, copy.deepcopy(f.get_submodule(path)))
+        signal = noise = 0.0
+        with torch.no_grad():
+            for d in data:
+                x, y = f(d).double(), h(d).double()
+                signal += float(x.square().sum())
+                noise += float((x - y).square().sum())
+        return 10 * math.log10(signal / noise)
+
+    one = advise(f, q, data, progress=False, metric="sqnr", target=44.0, max_float_layers=1)
+    assert not one.reached and len(one.keep_float) == 1
+    assert "of 3 layers" in one.message
+    assert one.value == pytest.approx(by_hand(*one.keep_float), abs=1e-6)
+    assert by_hand("attn.inner.q", "attn.inner.o") > 44.0  # what keeping `attn` float did

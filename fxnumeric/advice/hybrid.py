@@ -63,9 +63,12 @@ def layer_names(matching: Matching) -> list[str]:
     """Names of the ops that compute in quantized form, in graph order, without repeats.
 
     These are the layers a hybrid can swap; the call sites of one op (``relu``, ``relu#2``)
-    are one layer, since a quantization flow configures the op, not a call.
+    are one layer, since a quantization flow configures the op, not a call. A module kept
+    whole whose own layers are pairs of other regions (:attr:`Matching.containers`) is not
+    one: its quantized layers are, and swapping it would swap them all under one name.
     """
-    return list(dict.fromkeys(op_name(p.name) for p in matching.pairs if p.quantized))
+    return list(dict.fromkeys(op_name(p.name) for p in matching.pairs
+                              if p.quantized and p.name not in matching.containers))
 
 
 def called_whole(matching: Matching, names: Iterable[str]) -> tuple[tuple[str, str], ...]:
