@@ -2762,7 +2762,8 @@ def test_a_module_kept_whole_around_compared_layers_is_not_a_layer_of_its_own():
     region of their own (Matching.containers). Once a module holding quantized layers at any
     depth counted as quantized, ``attn`` became a fourth layer over its own two:
     advise(max_float_layers=1) kept ``attn`` float, that is two Linears, and said the target
-    was reached with "1 of 4 layers float". Its layers are candidates, it is not."""
+    was reached with "1 of 4 layers float". Its layers are candidates; it is swapped whole
+    only when named."""
     torch.manual_seed(0)
     f = _WithContainer().eval()
     q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
@@ -2788,4 +2789,7 @@ def test_a_module_kept_whole_around_compared_layers_is_not_a_layer_of_its_own():
     assert not one.reached and len(one.keep_float) == 1
     assert "of 3 layers" in one.message
     assert one.value == pytest.approx(by_hand(*one.keep_float), abs=1e-6)
-    assert by_hand("attn.inner.q", "attn.inner.o") > 44.0  # what keeping `attn` float did
+    # named, the module is swapped whole still (keep your encoder float): both its Linears
+    whole = advise(f, q, data, progress=False, metric="sqnr", target=44.0, layers=["attn"])
+    assert whole.keep_float == ("attn",) and whole.reached
+    assert whole.value == pytest.approx(by_hand("attn.inner.q", "attn.inner.o"), abs=1e-6)

@@ -59,16 +59,18 @@ __all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "called_whole
            "function_target"]
 
 
-def layer_names(matching: Matching) -> list[str]:
+def layer_names(matching: Matching, containers: bool = False) -> list[str]:
     """Names of the ops that compute in quantized form, in graph order, without repeats.
 
     These are the layers a hybrid can swap; the call sites of one op (``relu``, ``relu#2``)
     are one layer, since a quantization flow configures the op, not a call. A module kept
-    whole whose own layers are pairs of other regions (:attr:`Matching.containers`) is not
-    one: its quantized layers are, and swapping it would swap them all under one name.
+    whole whose own layers are pairs of other regions (:attr:`Matching.containers`) is one
+    only with ``containers``: its quantized layers are the layers, and swapping it swaps them
+    all under one name, so it is swapped only when asked for by name.
     """
     return list(dict.fromkeys(op_name(p.name) for p in matching.pairs
-                              if p.quantized and p.name not in matching.containers))
+                              if p.quantized and (containers
+                                                  or p.name not in matching.containers)))
 
 
 def called_whole(matching: Matching, names: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -542,6 +544,8 @@ class HybridRunner:
             raise InstrumentationError("no quantized variant to build hybrids from")
         self.matching = next(iter(self.variants.values()))
         self.layers, self.unplaced = _every_layer(self.matching, self.variants)
+        # what a caller may name: the layers, and the modules kept whole around some of them
+        self.swappable = set(self.layers) | set(layer_names(self.matching, containers=True))
         self._swaps: dict[tuple[str, str, str], tuple[Swap, ...]] = {}
         self._held: dict[fx.Node, tuple[Any, ...]] = {}
         self._float_regions = {r.float_path: r for r in self.matching.regions}
@@ -557,7 +561,8 @@ class HybridRunner:
         module), or ``None`` when that variant does not quantize it."""
         if variant not in self._paths:
             m = self.variants[variant]
-            self._paths[variant] = {module_path(m, n): n for n in layer_names(m)}
+            self._paths[variant] = {module_path(m, n): n
+                                    for n in layer_names(m, containers=True)}
         found = self._paths[variant].get(module_path(self.matching, name))
         return found if found is not None else None
 
@@ -575,7 +580,7 @@ class HybridRunner:
         variant = variant or next(iter(self.variants))
         key = (name, base, variant)
         if key not in self._swaps:
-            local = self.layer_of(name, variant) if name in self.layers else None
+            local = self.layer_of(name, variant) if name in self.swappable else None
             pairs = _call_sites(self.variants[variant], local) if local else []
             if not pairs:
                 raise InstrumentationError(

@@ -197,7 +197,7 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
     (:func:`_kept_quantized`).
     """
     names = runner.layers if wanted is None else list(dict.fromkeys(wanted))
-    unknown = [n for n in names if n not in runner.layers]
+    unknown = [n for n in names if n not in runner.swappable]
     if unknown:
         raise InputError(f"no quantized layer is named {unknown[:5]}; layers are: "
                          f"{', '.join(runner.layers[:20])}")

@@ -545,7 +545,7 @@ class _Search:
                 "and the quantized model). fxnumeric.compare and diagnose compare it as one "
                 f"op.\nFix: {fix}; then its layers are traced one by one")
         names = self.runner.layers if wanted is None else list(dict.fromkeys(wanted))
-        unknown = [n for n in names if n not in self.runner.layers]
+        unknown = [n for n in names if n not in self.runner.swappable]
         if unknown:
             raise InputError(f"no quantized layer is named {unknown[:5]}; layers are: "
                              f"{', '.join(self.runner.layers[:20])}")
