@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -442,6 +443,37 @@ def test_a_write_into_the_returned_output_leaves_the_logged_value():
     float_gm, quant_gm = ns.add_loggers(f, q)
     float_gm(x).mul_(0)
     assert torch.equal(ns.loggers_of(float_gm)["fc"].stats["tensor_val"][0], float_fc)
+
+
+class _Out(NamedTuple):
+    y: torch.Tensor
+
+
+class _ReturnsInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _Out(self.fc(x))  # torch.fx records a call of `_Out`, not the output's args
+
+
+def test_a_write_into_a_value_returned_inside_a_named_tuple_leaves_the_logged_value():
+    """A value returned inside a NamedTuple (a Hugging Face ModelOutput alike) reaches the
+    caller through the class call torch.fx records: ``out.y.mul_(0)`` zeroed the logged fc on
+    both sides, where a dict or a list was copied."""
+    torch.manual_seed(0)
+    f = _ReturnsInside().eval()
+    q = _dynamic(f)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        float_fc, quant_fc = f.fc(x), q.fc(x)
+    ns.prepare_model_outputs(f, q)
+    f(x).y.mul_(0)
+    q(x).y.mul_(0)
+    logged = ns.get_matching_activations(f, q)["fc.stats"]
+    assert torch.equal(logged["float"][0], float_fc)
+    assert torch.equal(logged["quantized"][0], quant_fc)
 
 
 def test_a_logger_that_raises_is_named_not_the_input():

@@ -254,7 +254,7 @@ class GraphCopy:
             return True
         if getattr(observer, "checks_overwrites", False):
             return False
-        return any(view.output in a.users for a in aliases)
+        return _returned(view.output, aliases)
 
     def before_overwrite(self, node_name: str, chain: tuple[str, ...]) -> str:
         """``node_name``, or a copy of its value taken before an op of ``chain`` overwrites it
@@ -345,6 +345,21 @@ class GraphCopy:
         extra = tuple(env[f] for f in inputs) if getattr(observer, "takes_inputs", False) else ()
         emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]], *extra),
                                          {"where": f"the shadow of {self._where(anchor)}"}))
+
+
+def _returned(output: fx.Node, values: list[fx.Node]) -> bool:
+    """Whether any of ``values`` reaches the graph's ``output``: directly (torch.fx writes a
+    returned dict, list or tuple into the output's arguments) or inside an object a class
+    call builds (``Out(y)`` for a NamedTuple, a Hugging Face ``ModelOutput``)."""
+    todo, seen = list(values), set(values)
+    while todo:
+        for user in todo.pop().users:
+            if user is output:
+                return True
+            if user.op == "call_function" and isinstance(user.target, type) and user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return False
 
 
 def _weights_dtype(view: GraphView, nodes: list[fx.Node]) -> torch.dtype | None:
