@@ -210,7 +210,8 @@ def _schema_writes(op: torch._ops.OpOverload, index: int) -> bool:
 
 
 def overwrites(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``user`` writes its result into ``node``'s value (its first argument).
+    """Whether ``user`` writes its result into ``node``'s value (its first argument, or its
+    ``out=``).
 
     Example:
         >>> g = fx.Graph()
@@ -222,6 +223,8 @@ def overwrites(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> b
     """
     if user.op == "call_module":
         return bool(getattr(modules.get(str(user.target)), "inplace", False))
+    if user.kwargs.get("out") is node:  # torch.add(y, 1, out=y): the result is written there
+        return True
     if not user.args or user.args[0] is not node:
         return False
     if user.op == "call_method":

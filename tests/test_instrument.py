@@ -404,6 +404,30 @@ def test_item_assignment_is_a_write_into_the_value():
         assert torch.equal(logged["quantized"][0], quant_fc), through_view
 
 
+def test_a_write_through_out_is_a_write_into_the_value():
+    """``torch.add(y, 1, out=y)`` after fc: the logged fc read fc's output plus one."""
+
+    class Adds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            torch.add(y, 1, out=y)
+            return y * 2
+
+    torch.manual_seed(0)
+    f = Adds().eval()
+    q = _dynamic(f)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        float_fc, quant_fc = f.fc(x), q.fc(x)
+        logged = ns.compare_model_outputs(f, q, x)["fc.stats"]
+    assert torch.equal(logged["float"][0], float_fc)
+    assert torch.equal(logged["quantized"][0], quant_fc)
+
+
 class _Returns(nn.Module):
     def __init__(self) -> None:
         super().__init__()
