@@ -166,7 +166,8 @@ def _warn_unpaired(quantized_dict: Mapping[str, Any], weight_dict: Mapping[str, 
             f"{'have' if many else 'has'} no float weight of the same name in the float state "
             f"dict: {'they are' if many else 'it is'} left out. Fix: compare the two models "
             "(compare_weights(float_model, quant_model)), which pairs weights through the "
-            "graph whatever their names", FxNumericWarning, stacklevel=5)
+            "graph whatever their names, and says why of any it cannot read (a static "
+            "quantized LSTM's)", FxNumericWarning, stacklevel=5)
 
 
 @defers_collection
