@@ -1312,6 +1312,43 @@ def test_diagnose_reads_the_weight_grid_of_a_pt2e_graph_from_its_dequantize(per_
         assert utilisation < 0.05 and "weight_outliers" in codes
 
 
+class _TwoLinears(torch.nn.Module):
+    """Two functional linears in one module: pt2e names them `two.linear`, `two.linear#2`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(32, 16) * 0.1)
+        w2 = torch.randn(32, 16) * 0.1
+        w2[0] *= 50  # one outlier row
+        self.w2 = torch.nn.Parameter(w2)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w1) + torch.nn.functional.linear(x, self.w2)
+
+
+def test_diagnose_gives_each_functional_op_of_a_module_its_own_weight_figures():
+    """`two.linear#2` is another op of `two`, not a second call of `two.linear`: diagnose
+    keyed the weight figures by the name without `#2`, so both ops got the worse weight's
+    (utilisation 0.0221, outlier ratio 39.1) and `two.linear` was flagged weight_outliers.
+    Oracle: each weight's channel ranges against the XNNPACK per-tensor grid (max|w|/127 over
+    254 levels), by hand."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(_TwoLinears()).eval()
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    _, quant = _xnnpack(f, data, is_per_channel=False)
+    d = fxn.diagnose(f, quant, data, progress=False)
+    for name, w in (("0.linear", f[0].w1), ("0.linear#2", f[0].w2)):
+        w = w.detach().double()
+        ranges = w.amax(1) - w.amin(1)
+        layer = d.layer(name)
+        assert layer.weight_utilisation == pytest.approx(
+            float((ranges / (w.abs().max() / 127 * 254)).median()), rel=1e-6), name
+        assert layer.channel_outlier_ratio == pytest.approx(
+            float(ranges.max() / ranges.median()), rel=1e-9), name
+    assert "weight_outliers" not in [flag.code for flag in d.layer("0.linear").flags]
+    assert "weight_outliers" in [flag.code for flag in d.layer("0.linear#2").flags]
+
+
 def test_diagnose_measures_clipping_and_noise_at_a_pt2e_input_quantize():
     """An MLP calibrated on 0.2 * randn and diagnosed on randn: half the inputs fall outside
     the input quantize's grid. pt2e's ``quantize_per_tensor`` hands on no quantized tensor,

@@ -730,7 +730,7 @@ def diagnose(
         # a weight held in a graph (pt2e) arrives dequantized: its grid is its dequantize's
         grid = (None if w.quant_weight.is_quantized
                 else functional_weight_grid(matching.region_of(w.pair), w.pair))
-        name, stats = op_name(w.pair.name), _weight_stats(w.float_weight, w.quant_weight, grid)
+        name, stats = w.pair.name, _weight_stats(w.float_weight, w.quant_weight, grid)
         if name not in weights or _worse(stats, weights[name][0]):
             weights[name] = (stats, w.matrix)
         if stats.sqnr is not None:
@@ -746,7 +746,7 @@ def diagnose(
     first_below = nonfinite = None
     for name in layers:
         s = sums[name]
-        stats, matrix = weights.get(op_name(name), (_WeightStats(), ""))
+        stats, matrix = weights.get(name, (_WeightStats(), ""))
         step = next(iter(s.steps)) if len(s.steps) == 1 else None
         floor, floor_verdict = None, None
         if len(floors.get(name, ())) == 1:  # one pair: its floor is the row's
