@@ -921,3 +921,22 @@ def test_a_plan_costs_what_the_model_it_makes_stores_with_tied_and_shared_weight
     quantize_(applied, advice.to_torchao(configs), filter_fn=None)
     assert applied.head.weight is applied.emb.weight
     assert advice.bits * searched == pytest.approx(_bits_by_hand(applied) - kept_bits)
+
+
+def test_the_weight_sqnr_of_a_bfloat16_model_reads_the_weight_the_kernel_scales():
+    """An int8 weight-only weight of a bfloat16 model is applied as ``mm(x, qdata) * scale``:
+    no weight is rounded to bfloat16. ``dequantize()`` rounds each to the model's dtype, so
+    the weight SQNR read 47.05 dB where ``qdata * scale`` reads 47.84 (per-row int8, 64x64).
+    Oracle: ``qdata * scale`` in float64, from the tensor's own fields."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval().to(torch.bfloat16)
+    q = copy.deepcopy(f)
+    quantize_(q, Int8WeightOnlyConfig())
+    weight = q[0].weight
+    qdata, scale = weight.qdata.double(), weight.scale.double()
+    by_hand = fxn.sqnr(f[0].weight.double(), qdata * scale.reshape(-1, 1))
+    report = fxn.compare(f, q, [torch.randn(8, 64, dtype=torch.bfloat16)], progress=False)
+    assert report.rows[0].weight_sqnr == pytest.approx(by_hand, abs=1e-4)
+    assert by_hand - fxn.sqnr(f[0].weight.double(), weight.dequantize().double()) > 0.3

@@ -31,6 +31,7 @@ so the check looks the base class up in ``sys.modules``.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 from typing import Any
 
@@ -151,6 +152,11 @@ class TorchaoFlow(Flow):
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
         if not is_torchao_tensor(weight):
             return None
+        # in float32 where the tensor can: int8 kernels scale in the output (mm(x, qdata) *
+        # scale), so rounding each weight to a bfloat16 model's dtype first reads an error
+        # the model never makes (0.8 dB lower weight SQNR on int8 per-row weights)
+        if "output_dtype" in inspect.signature(weight.dequantize).parameters:
+            return weight.dequantize(output_dtype=torch.float32).detach()
         return weight.dequantize().detach().float()
 
 
