@@ -718,6 +718,34 @@ def test_an_error_at_float32_rounding_names_no_culprit():
     assert "No layer adds measurable error" in ns.report.render.verdict_html(report)
 
 
+class _Halve(torch.nn.Module):
+    def forward(self, x):
+        return x * 0.5
+
+
+def test_error_no_row_compares_is_not_no_error():
+    """Every compared layer at float32 rounding, but an op no row compares (here one the
+    quantized model adds after its last layer; a bfloat16 Llama's unpaired down_proj in the
+    review) halves the output: the verdict read "no error" beside an output of 6.02 dB.
+    Oracle: the output SQNR by hand, 20 log10(2) for a halving."""
+    f, q, data = fp16_exact_pair()
+    q = torch.nn.Sequential(q, _Halve())
+    with torch.no_grad():
+        signal = sum(float(f(x).double().square().sum()) for x in data)
+        noise = sum(float((f(x).double() - q(x).double()).square().sum()) for x in data)
+    output = 10 * math.log10(signal / noise)
+    assert output == pytest.approx(20 * math.log10(2), abs=1e-6)
+    report = _compare(f, q, data)
+    assert report.model_output["sqnr"] == pytest.approx(output, abs=1e-4)
+    assert all(not ns.report.verdict.adds_error(r.shadow_sqnr) for r in report.rows)
+    v = report.verdict
+    assert (v.kind, v.culprit, v.standouts) == ("unlocated", None, ())
+    assert (f"yet the output reads {output:.2f} dB: the error enters where no row compares it "
+            "(1 unpaired node: report.unmatched") in report.summary()
+    assert "the error enters where no layer is compared" in ns.report.render.verdict_html(report)
+    assert "match(float_model, quant_model).table()" in ns.report.render.next_step(report)[1]
+
+
 def test_rounding_level_rows_are_left_out_of_the_culprit_rule():
     # one layer at int8 error, the rest at rounding: the int8 layer is the only one adding error
     report = _report(_row("a", 140.0), _row("b", 31.0), _row("c", 150.0), output=30.5)

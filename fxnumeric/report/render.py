@@ -387,6 +387,10 @@ def next_step(report: Report) -> tuple[str, str]:
         return (f"Find out why {shown} loses accuracy (output scale, clipping, weight step, "
                 "bias), then fix its qparams or keep it float.",
                 f"fxnumeric.diagnose({call}).text()\n{advise}")
+    if v.kind == "unlocated":
+        return ("Find where the error enters: no compared layer adds it. Read the unpaired "
+                "nodes, or compare the modules compared whole layer by layer.",
+                "fxnumeric.match(float_model, quant_model).table()")
     if v.kind == "spread":
         return ("No single fix: the error accumulates over many layers. Keep the few layers "
                 f"that matter most in float until the output reaches a target ({target} dB "
@@ -408,6 +412,8 @@ def _headline(report: Report) -> str:
         return f"No culprit named: {v.standouts[0]} returns another shape than its float twin"
     if v.kind == "no shadows":
         return "No culprit named: local error not measured"
+    if v.kind == "unlocated":
+        return "No culprit named: the error enters where no layer is compared"
     return "No layer adds measurable error"
 
 

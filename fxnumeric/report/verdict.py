@@ -78,7 +78,10 @@ class Verdict:
             sums), ``"mismatch"`` (a quantized layer returns another shape than its float
             twin fed the same input), ``"no shadows"`` (local error not measured),
             ``"no error"`` (no layer adds measurable error of its own: every shadow SQNR is
-            ``inf`` or at float32's rounding, :func:`adds_error`).
+            ``inf`` or at float32's rounding, :func:`adds_error`, and so does the output),
+            ``"unlocated"`` (no layer adds measurable error, yet the output does: it enters
+            where no row compares it, an unpaired node or code inside a module compared
+            whole).
         culprit: the layer that stands out, or ``None``.
         standouts: the layers that stand out (the culprit, the group, or the layers whose
             shapes differ); ``()`` otherwise.
@@ -174,6 +177,15 @@ def _accumulation(report: Report, low: float) -> str:
             f"below {low:.2f} dB")
 
 
+def _outside(report: Report) -> str:
+    """Where error no row measures can enter: the unpaired nodes, and the code of modules
+    compared whole (their attention, say), for :func:`verdict`'s ``"unlocated"``."""
+    unpaired = len(report.unmatched)
+    return (f" ({unpaired} unpaired {'node' if unpaired == 1 else 'nodes'}: "
+            "report.unmatched; or code inside a module compared whole)" if unpaired
+            else " (code inside a module compared whole, or an op no row holds)")
+
+
 def verdict(report: Report) -> Verdict:
     """Apply the rule of this module to ``report`` (see the module docstring)."""
     live = [r for r in report.rows if not r.degenerate]
@@ -208,6 +220,13 @@ def verdict(report: Report) -> Verdict:
                     key=lambda r: r.shadow_sqnr)  # type: ignore[arg-type, return-value]
     rounding = [r.name for r in live if r.shadow_sqnr is not None
                 and math.isfinite(r.shadow_sqnr) and not adds_error(r.shadow_sqnr)]
+    output = report.model_output.get("sqnr")
+    if (not ranked and output is not None and adds_error(output)
+            and not report.output_degenerate):
+        return Verdict("unlocated", None, (), (), 0, None, None, None, None,
+                       f"no culprit named: no compared layer adds measurable error of its own, "
+                       f"yet the output reads {output:.2f} dB: the error enters where no row "
+                       f"compares it{_outside(report)}")
     if not ranked:
         exact = (f" ({_names(rounding)} {'differs' if len(rounding) == 1 else 'differ'} from "
                  f"{'its float twin' if len(rounding) == 1 else 'their float twins'} only at "
