@@ -755,3 +755,40 @@ def test_a_region_called_twice_is_diagnosed_per_call_each_reading_its_own_call()
                                                                    abs=1e-6)
     tanh_again = _sqnr_of(calls["float.block"][1::2], calls["quant.block"][1::2])
     assert d.layer("out").input_sqnr == pytest.approx(tanh_again, abs=1e-6)
+
+
+class _TanhGelu(nn.Module):
+    """GPT-2's gelu_new: one module computing eight ops itself."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+class _GeluBetween(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(16, 32), _TanhGelu(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+def test_each_op_of_a_module_computing_several_has_a_name_of_its_own():
+    """Every op of the GELU was named `act`: eight table rows alike, `out` read from
+    ('act',), and first_below `act` led layer() to its first op (above the threshold), not
+    the op below it. Oracle: the cumulative SQNR of `act`'s ops read by hooks is what
+    first_below's entry must hold: the first below the threshold, in graph order."""
+    torch.manual_seed(0)
+    f = _GeluBetween().eval()
+    q = _dynamic(f)
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    d = diagnose(f, q, data, progress=False)
+    sites = [entry.call_site for entry in d.layers]
+    assert len(sites) == len(set(sites)) and sites[0] == "fc" and sites[-1] == "out"
+    assert d.layer("out").inputs == (sites[-2],) and sites[-2] != "act"
+    assert len(d.call_sites("act")) == len(sites) - 2
+    threshold = (d.layers[0].cumulative_sqnr + min(e.cumulative_sqnr for e in d.layers)) / 2
+    first = next(e for e in d.layers if e.cumulative_sqnr < threshold)
+    below = diagnose(f, q, data, progress=False, threshold_db=threshold)
+    assert below.first_below == first.call_site
+    assert below.layer(below.first_below).cumulative_sqnr == first.cumulative_sqnr < threshold

@@ -168,12 +168,17 @@ class LayerDiagnosis:
     through, which the amplification flag holds it to: ``input_sqnr``, except for a product
     (``mul``, ``matmul``, ``div``), whose factors' relative errors add: ``-10 log10(sum of
     10^(-SQNR_i / 10))`` over the values it reads (two at 22 dB: 19 dB)."""
+    site: str = field(default="", repr=False)
+    """:attr:`call_site` as :func:`diagnose` named it (``""``: from ``module`` and ``name``)."""
 
     @property
     def call_site(self) -> str:
         """The module path with the call site's number, as the report numbers its rows
-        (``fc2#2``); the module path for an op's first or only call site."""
-        return self.module + self.name[len(op_name(self.name)):]
+        (``fc2#2``); the module path for an op's first or only call site. An op of a module
+        that computes several ops itself (a GELU's ``mul`` and ``pow``, an RMSNorm's) is
+        named by its pair name instead (``pow_1``, ``norm.mul#2``): the module path would
+        name them all alike."""
+        return self.site or self.module + self.name[len(op_name(self.name)):]
 
     @property
     def amplification(self) -> float | None:
@@ -238,7 +243,8 @@ class Diagnosis:
         raise InputError(f"no layer {name!r} in this diagnosis")
 
     def call_sites(self, module: str) -> list[LayerDiagnosis]:
-        """The entries of module path ``module``, one per call site, in graph order."""
+        """The entries of module path ``module``, in graph order: one per call site, or
+        per op of a module that computes several itself."""
         return [d for d in self.layers if d.module == module]
 
     def text(self) -> str:
@@ -740,8 +746,12 @@ def diagnose(
     foreign = warn_foreign_weights(sqnrs, "the quantized model's weights", "Every flag then "
                                    "describes two different models, not the quantization")
     kinds = {p.name: p.kind for p in reversed(matching.pairs)}
-    sites = {name: module_path(matching, op_name(name)) + name[len(op_name(name)):]
-             for name in layers}  # as LayerDiagnosis.call_site
+    paths = {name: module_path(matching, op_name(name)) for name in layers}
+    ops_at: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        ops_at.setdefault(path, set()).add(op_name(name))
+    sites = {name: name if len(ops_at[path]) > 1 else path + name[len(op_name(name)):]
+             for name, path in paths.items()}  # LayerDiagnosis.call_site
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
     for name in layers:
@@ -759,7 +769,7 @@ def diagnose(
         input_sqnr = _pooled_sqnr(read_sums, sum(input_energy[p] for p in read.model_inputs),
                                   complete)
         d = LayerDiagnosis(
-            name=name, module=module_path(matching, op_name(name)), kind=kinds[name],
+            name=name, module=paths[name], site=sites[name], kind=kinds[name],
             per_channel=stats.per_channel, weight_utilisation=stats.utilisation,
             channel_outlier_ratio=stats.outliers, weight_matrix=matrix or None,
             zero_channels=stats.zero_channels, weight_channels=stats.channels,
