@@ -221,8 +221,9 @@ def verdict(report: Report) -> Verdict:
     rounding = [r.name for r in live if r.shadow_sqnr is not None
                 and math.isfinite(r.shadow_sqnr) and not adds_error(r.shadow_sqnr)]
     output = report.model_output.get("sqnr")
+    # a collapsed row's SQNR measures nothing: the error may enter there, unread
     if (not ranked and output is not None and adds_error(output)
-            and not report.output_degenerate):
+            and not report.output_degenerate and len(live) == len(report.rows)):
         return Verdict("unlocated", None, (), (), 0, None, None, None, None,
                        f"no culprit named: no compared layer adds measurable error of its own, "
                        f"yet the output reads {output:.2f} dB: the error enters where no row "
