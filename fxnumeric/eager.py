@@ -37,6 +37,7 @@ from ._collector import defers_collection
 from .capture import LeafSpec, is_functional
 from .capture.export import capture_example
 from .errors import FxNumericWarning, InputError, InstrumentationError
+from .flows.fx import packed_linear_weight
 from .guards import check_float_not_quantized, check_state_dicts
 from .instrument import add_loggers, add_shadows, loggers_of
 from .instrument.assemble import CallSites
@@ -113,7 +114,7 @@ def _packed_weight(float_dict: Mapping[str, Any], key: str, value: Any,
         if float_key not in float_dict:
             return None
         if isinstance(value, torch.ScriptObject):
-            (value, _bias), *_ = value.__getstate__()
+            value = packed_linear_weight(value)
         return float_key, value
     return None
 

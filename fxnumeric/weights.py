@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from . import flows
-from .flows.fx import unpacked_weight
+from .flows.fx import packed_linear_weight, unpacked_weight
 from .match import Matching, Pair, Region
 from .metrics import sqnr
 from .offload import loaded
@@ -203,7 +203,7 @@ def rnn_cell_weights(packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
     ``CellParamsBase`` whose state holds the two packed linear weights.
     """
     linears = packed.__getstate__()[0][4]
-    return linears[0].__getstate__()[0][0], linears[1].__getstate__()[0][0]
+    return packed_linear_weight(linears[0]), packed_linear_weight(linears[1])
 
 
 def pair_weights(matching: Matching, *, as_computed: bool = False, unread: Unread | None = None,

@@ -28,7 +28,7 @@ from torch import nn
 from ..optypes import QUANTIZE, OpClass
 from . import Flow, fake_quantizes, op_name
 
-__all__ = ["FxFlow", "functional_weight", "weight_owner", "unpacked_weight"]
+__all__ = ["FxFlow", "functional_weight", "weight_owner", "unpacked_weight", "packed_linear_weight"]
 
 
 class FxFlow(Flow):
@@ -132,6 +132,14 @@ def weight_owner(node: fx.Node) -> str | None:
     return owner or None
 
 
+def packed_linear_weight(packed: Any) -> torch.Tensor:
+    """The weight a packed Linear (a ``LinearPackedParamsBase`` script object: a quantized
+    Linear's, a dynamic cell's ``_packed_weight_ih``) holds: quantized, or float16 for a
+    float16 dynamic one."""
+    (weight, _bias), *_ = packed.__getstate__()
+    return weight
+
+
 def unpacked_weight(packed: Any, node: fx.Node) -> torch.Tensor | None:
     """The weight inside the packed parameters the quantized op ``node`` reads, read as
     torch's FX Numeric Suite reads it (quantized; float16 for ``linear_dynamic_fp16``);
@@ -146,6 +154,5 @@ def unpacked_weight(packed: Any, node: fx.Node) -> torch.Tensor | None:
         one_d = op.startswith(("conv1d", "conv_transpose1d"))
         return weight.squeeze(2) if one_d and weight.dim() == 4 else weight
     if "Linear" in kind:
-        (weight, _bias), *_ = packed.__getstate__()
-        return weight
+        return packed_linear_weight(packed)
     return None
