@@ -54,9 +54,8 @@ from ..pairing import op_name
 from ..run import graph_signature, run_model
 from ..semantics import fetch_attr, is_dequantize, with_values, writes_first_input
 
-__all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "called_whole", "op_names",
-           "module_path", "module_calls",
-           "function_target"]
+__all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "whole_of", "called_whole",
+           "op_names", "module_path", "module_calls", "function_target"]
 
 
 def layer_names(matching: Matching, containers: bool = False) -> list[str]:
@@ -73,6 +72,12 @@ def layer_names(matching: Matching, containers: bool = False) -> list[str]:
                                                   or p.name not in matching.containers)))
 
 
+def whole_of(matching: Matching) -> dict[str, tuple[str, str]]:
+    """:func:`fxnumeric.offload.whole_modules` of both models of ``matching``: ``{path:
+    (why, fix)}`` of the modules accelerate's hooks make fxnumeric call whole."""
+    return {**whole_modules(matching.quant_model), **whole_modules(matching.float_model)}
+
+
 def called_whole(matching: Matching, names: Iterable[str]) -> tuple[tuple[str, str], ...]:
     """``(layer, why)`` for each of ``names`` that is a module accelerate's hooks make
     fxnumeric call whole although it holds quantized layers (a decoder layer dispatched with
@@ -80,7 +85,7 @@ def called_whole(matching: Matching, names: Iterable[str]) -> tuple[tuple[str, s
     layer: a hybrid swaps it whole (the float module for the quantized one), so its quantized
     layers are kept float or quantized together, and diagnosed together; ``why`` says so,
     which hook keeps it whole and how to have its layers one by one."""
-    whole = {**whole_modules(matching.quant_model), **whole_modules(matching.float_model)}
+    whole = whole_of(matching)
     found: list[tuple[str, str]] = []
     for name in names:
         # a model called whole is its graph's one op, held as submodule ``root``

@@ -56,7 +56,6 @@ from ..llm_metrics import (
 )
 from ..match import Matching
 from ..metrics import ROUNDING_SQNR_DB, cosine, sqnr
-from ..offload import whole_modules
 from ..ops import is_quantized_module
 from ..progress import Progress
 from ..report.render import tabulate_format
@@ -71,6 +70,7 @@ from .hybrid import (
     function_target,
     module_calls,
     module_path,
+    whole_of,
 )
 from .mixed import FLOAT, advise_variants, check_variant
 from .numbers import a_count, a_number, shown, shown_apart
@@ -535,8 +535,7 @@ class _Search:
     def layers(self, wanted: Iterable[str] | None, bases: tuple[str, ...]
                ) -> tuple[list[str], tuple[tuple[str, str], ...]]:
         """The layers to search (``wanted`` or all) that can be swapped, and why others cannot."""
-        whole = {**whole_modules(self.matching.quant_model),
-                 **whole_modules(self.matching.float_model)}
+        whole = whole_of(self.matching)
         if "" in whole:  # the model is one op: keeping it float is the float model
             why, fix = whole[""]
             raise InputError(
