@@ -38,9 +38,10 @@ new (or vanished); a report of one variant pairs with the other without it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 
@@ -320,33 +321,32 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
             out.append(replace(c, regression=regression))
         return out
 
-    old_rows = {r.name: r for r in old.rows}
-    new_names = {r.name for r in new.rows}
+    def by_name(olds: Sequence[Any], news: Sequence[Any], metrics: Callable[[Any], dict],
+                block: bool = False) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """Add the changes of the rows (layers or blocks) both hold, by name, to ``found``;
+        ``(names in both, new names, vanished names)``. A collapsed row is not judged."""
+        before = {r.name: r for r in olds}
+        after = {r.name for r in news}
+        for row in news:
+            if row.name in before:
+                prev = before[row.name]
+                found.extend(changes(row.name, metrics(prev), metrics(row),
+                                     judged=not (row.degenerate or prev.degenerate),
+                                     block=block))
+        return (tuple(r.name for r in news if r.name in before),
+                tuple(r.name for r in news if r.name not in before),
+                tuple(r.name for r in olds if r.name not in after))
+
     found = changes(None, old.model_output, new.model_output,
                     judged=not (old.output_degenerate or new.output_degenerate))
-    for row in new.rows:
-        before = old_rows.get(row.name)
-        if before is not None:
-            found += changes(row.name, _row_metrics(before), _row_metrics(row),
-                             judged=not (row.degenerate or before.degenerate))
-    old_blocks = {b.name: b for b in old.blocks}
-    new_block_names = {b.name for b in new.blocks}
-    for block in new.blocks:
-        before_block = old_blocks.get(block.name)
-        if before_block is not None:
-            found += changes(block.name, _block_metrics(before_block), _block_metrics(block),
-                             judged=not (block.degenerate or before_block.degenerate),
-                             block=True)
+    layers, new_layers, vanished_layers = by_name(old.rows, new.rows, _row_metrics)
+    blocks, new_blocks, vanished_blocks = by_name(old.blocks, new.blocks, _block_metrics,
+                                                  block=True)
     return ReportDiff(
-        changes=tuple(found),
-        new_layers=tuple(r.name for r in new.rows if r.name not in old_rows),
-        vanished_layers=tuple(r.name for r in old.rows if r.name not in new_names),
+        changes=tuple(found), new_layers=new_layers, vanished_layers=vanished_layers,
         tolerance_db=tolerance_db, tolerance_cosine=tolerance_cosine,
         tolerance_kl=tolerance_kl, tolerance_top1=tolerance_top1,
-        layers=tuple(r.name for r in new.rows if r.name in old_rows),
-        blocks=tuple(b.name for b in new.blocks if b.name in old_blocks),
-        new_blocks=tuple(b.name for b in new.blocks if b.name not in old_blocks),
-        vanished_blocks=tuple(b.name for b in old.blocks if b.name not in new_block_names),
+        layers=layers, blocks=blocks, new_blocks=new_blocks, vanished_blocks=vanished_blocks,
     )
 
 
