@@ -110,7 +110,7 @@ _UPSTREAM = "the largest activation upstream"
 _WHOLE_MODEL = "the model's largest activation"
 
 
-_AS_SAVED = "as the older fxnumeric that saved this report judged it"
+_AS_SAVED = "as the older fxnumeric that saved this report judged"
 
 
 def _collapse_note(row: ReportRow | BlockRow) -> str:
@@ -120,7 +120,7 @@ def _collapse_note(row: ReportRow | BlockRow) -> str:
         return ""
     if row.legacy_degenerate is not None:
         rms = "unknown" if row.float_rms is None else f"{row.float_rms:.1e}"
-        return f"float signal collapsed (RMS {rms}, {_AS_SAVED}): SQNR meaningless"
+        return f"float signal collapsed (RMS {rms}, {_AS_SAVED} it): SQNR meaningless"
     assert row.float_rms is not None
     return (f"float signal collapsed ({_collapse_text(row.float_rms, row.reference_rms, _UPSTREAM)}"
             "): SQNR meaningless")
@@ -591,7 +591,7 @@ class Report:
         if dead:
             one = len(dead) == 1
             judged = any(r.reference_rms is not None for r in self.degenerate_rows)
-            rule = (f"{_AS_SAVED[:-3]} them" if any(
+            rule = (f"{_AS_SAVED} them" if any(
                 r.legacy_degenerate is not None for r in self.degenerate_rows)
                 else f"RMS 0 or < {DEGENERATE_RMS_RATIO:g} x {_UPSTREAM}" if judged
                 else "RMS 0")
