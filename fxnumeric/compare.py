@@ -826,7 +826,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
             float_nodes=p.float_nodes,
             quant_nodes=p.quant_nodes,
             note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc,
-                       plan.routes.get(p.name), unread.get(p.name), inside.get(p.name)),
+                       plan.routes.get(p.name), unread.get(p.name), inside.get(p.name),
+                       plan.built.strays.get(p.name)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -1127,8 +1128,12 @@ def _differ(acc: Accumulator | None) -> str:
 
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           weights: Accumulator | None = None, routes: Routes | None = None,
-          unread_weight: str | None = None, inside: list[str] | None = None) -> str:
+          unread_weight: str | None = None, inside: list[str] | None = None,
+          stray: tuple[str, str] | None = None) -> str:
     notes = []
+    if stray is not None and sa is not None:
+        notes.append(f"reads unpaired `{stray[0]}` (the float model reads `{stray[1]}`), and so "
+                     f"does its shadow: the error `{stray[0]}` adds is in no row")
     if inside:
         notes.append(f"called whole: the weights of its layers {', '.join(inside)} compare "
                      "here, their outputs not one by one")

@@ -530,3 +530,96 @@ def test_a_logger_that_raises_is_named_not_the_input():
     ns.prepare_model_outputs(f, q, Boom)  # the user runs the model: the same error
     with pytest.raises(ns.InstrumentationError, match="logger Boom"):
         q(x)
+
+
+class _Scaled(nn.Module):
+    """Three Linears; with ``scale``, the quantized side's ``y * scale`` the float one lacks."""
+
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.scale = scale
+
+    def forward(self, x):
+        y = torch.relu(self.fc1(x))
+        if self.scale is not None:
+            y = y * self.scale
+        return self.fc3(torch.relu(self.fc2(y)))
+
+
+class _Inputs(fx.Interpreter):
+    """Runs a graph and keeps each ``aten.linear`` call's input and output."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def call_function(self, target, args, kwargs):
+        out = super().call_function(target, args, kwargs)
+        if target is torch.ops.aten.linear.default:
+            self.seen.append((args[0], out))
+        return out
+
+
+@pytest.mark.parametrize("flow", ["dynamic", "fx_static", "pt2e"])
+def test_a_shadow_reads_what_the_quantized_op_reads_past_an_unpaired_op(flow):
+    """The quantized model scales fc2's input by 0.5; the float model does not. fc2's shadow
+    was fed the counterpart of its float input (the relu), so it measured the scaling as
+    fc2's own error (7.30 dB) and the verdict named fc2 culprit. As torch's eager Shadow, it
+    now reads what the quantized fc2 reads: the float fc2 fed the quantized fc2's own
+    (dequantized) input, by forward hooks, is the oracle."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = _Scaled().eval()
+    scaled = _Scaled(0.5).eval()
+    scaled.load_state_dict(f.state_dict())
+    data = [torch.randn(4, 16) for _ in range(4)]
+    float_fc2 = f.fc2
+    seen = []
+    if flow == "pt2e":
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.testing.pt2e._xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        f = torch.export.export(f, (data[0],)).module()
+        prepared = prepare_pt2e(torch.export.export(scaled, (data[0],)).module(),
+                                XNNPACKQuantizer().set_global(get_symmetric_quantization_config()))
+        for x in data:
+            prepared(x)
+        q = convert_pt2e(prepared)
+        with torch.no_grad():
+            for x in data:
+                run = _Inputs(q)
+                run.run(x)
+                seen.append(run.seen[1])  # fc2's linear: what it reads, what it returns
+    else:
+        if flow == "dynamic":
+            q = tq.quantize_dynamic(scaled, {nn.Linear}, dtype=torch.qint8)
+        else:
+            prepared = prepare_fx(scaled, get_default_qconfig_mapping("fbgemm"), (data[0],))
+            for x in data:
+                prepared(x)
+            q = convert_fx(prepared)
+        handle = q.fc2.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+        with torch.no_grad():
+            for x in data:
+                q(x)
+        handle.remove()
+    with torch.no_grad():
+        pairs = [(float_fc2(i.dequantize() if i.is_quantized else i),
+                  o.dequantize() if o.is_quantized else o) for i, o in seen]
+    signal = sum(float((ref.double() ** 2).sum()) for ref, _ in pairs)
+    noise = sum(float(((ref.double() - out.double()) ** 2).sum()) for ref, out in pairs)
+    expected = 10 * math.log10(signal / noise)
+
+    report = ns.compare(f, q, data)
+    fc2 = report.row("fc2")
+    assert fc2.shadow_sqnr == pytest.approx(expected, abs=1e-3)
+    assert fc2.shadow_sqnr > 35  # 7.3 dB before: the scaling's error
+    assert "reads unpaired `mul" in fc2.note and "in no row" in fc2.note
+    assert report.verdict.culprit != "fc2"
+    assert "or enters at the unpaired node" in report.summary()

@@ -96,6 +96,9 @@ class Instrumented:
         quant_observers: ``{pair name: observer}`` on the quantized outputs.
         shadow_observers: ``{pair name: observer}`` fed ``(quantized, float shadow)``.
         skipped: ``{pair (or block) name: reason}`` for what could not be shadowed.
+        strays: ``{pair name: (unpaired quantized node, float node)}`` where the quantized op
+            reads the value of an op the float model does not have, and its shadow reads it
+            too, in place of the float node's counterpart: that op's error is in no row.
         block_observers: ``{block name: (float, quantized, shadow observer)}``.
     """
 
@@ -105,6 +108,7 @@ class Instrumented:
     quant_observers: dict[str, nn.Module] = field(default_factory=dict)
     shadow_observers: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    strays: dict[str, tuple[str, str]] = field(default_factory=dict)
     block_observers: dict[str, tuple[nn.Module | None, nn.Module, nn.Module]] = field(
         default_factory=dict)
 
@@ -258,6 +262,14 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
     if isinstance(inputs, str):
         built.skipped[pair.name] = inputs
         return
+    qv = region.quant_view
+    for f, q in inputs.items():
+        producer = qv.producer(qv.node(q))
+        if (producer is not None and qv.is_op(producer)
+                and region.float_counterpart(producer) is None):
+            while qv.op_class(producer).is_quantize and qv.inputs(producer):
+                producer = qv.inputs(producer)[0]  # the op whose value a pt2e quantize rounds
+            built.strays[pair.name] = (producer.name, f.name)
     built.shadow_observers[pair.name] = observer = shadows(pair)
     if not getattr(observer, "takes_inputs", False) and computes_alike(region, pair):
         # a layer left float that computes what its twin computes: its shadow's output would

@@ -121,11 +121,16 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     fv, qv = region.float_view, region.quant_view
     read: dict[fx.Node, fx.Node] = {}
     shapes: dict[fx.Node, fx.Node] = {}
+    strays: list[fx.Node] = []  # values the chain reads from ops with no float counterpart
     members = set(chain)
     for n in chain:
         for i in n.all_input_nodes:
             q = qv.producer(i)
             f = region.float_counterpart(q) if q is not None and q not in members else None
+            if f is None and q is not None and q not in members and qv.is_op(q):
+                value = _before_dynamic_quantize(qv, i)
+                if not qv.is_shape(value) and value not in strays:
+                    strays.append(value)
             if f is not None:
                 # the value the op reads (`i`), not its producer: in a pt2e graph that is a
                 # quantize whose raw int8 output only its dequantize can read; but a shape
@@ -140,6 +145,13 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     read = shapes | read
     last = qv.position(chain[-1])
     inside = set(nodes)
+    unread = [f for f in _outside_values(fv, nodes) if f not in read]
+    if len(strays) == 1 and len(unread) == 1:
+        # the quantized op reads the value of an op the float model does not have (`y * 0.5`
+        # after a paired `relu`): the shadow reads what the quantized op read, as torch's
+        # eager Shadow does. Fed the float input's counterpart (the relu), the shadow read
+        # the unpaired op's error as the layer's own, and named the layer culprit.
+        read[unread[0]] = strays[0]
     inputs: dict[fx.Node, str] = {}
     for n in nodes:
         if n.op == "placeholder":  # the input quantize: its float twin is the input itself
@@ -158,6 +170,18 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
                 return f"float input `{carrier}` of the shadow has no quantized counterpart"
             inputs[e] = q.name
     return inputs
+
+
+def _outside_values(fv: GraphView, nodes: list[fx.Node]) -> list[fx.Node]:
+    """The producers of the values float ``nodes`` read from outside them, in order (no
+    weights, no shapes)."""
+    inside, found = set(nodes), []
+    for n in nodes:
+        for e in n.all_input_nodes:
+            f = fv.producer(e) if e not in inside and e.op != "get_attr" else None
+            if f is not None and f not in inside and not fv.is_shape(e) and f not in found:
+                found.append(f)
+    return found
 
 
 def _before_dynamic_quantize(qv: GraphView, value: fx.Node) -> fx.Node:

@@ -173,6 +173,12 @@ def _accumulation(report: Report, low: float) -> str:
     if report.output_degenerate:  # its SQNR measures nothing: no accumulation read from it
         return (f"; the output reads {output:.2f} dB, but its float signal collapsed: that "
                 "SQNR measures nothing")
+    unpaired = len(report.unmatched)
+    if unpaired:  # an op no row compares may add it (`y * 0.5` on one side only)
+        where = "the unpaired node" if unpaired == 1 else f"the {unpaired} unpaired nodes"
+        return (f"; the output reads {output:.2f} dB while no layer alone reads below "
+                f"{low:.2f} dB: error accumulates, or enters at {where}, which no row "
+                "compares (report.unmatched)")
     return (f"; error accumulates: the output reads {output:.2f} dB while no layer alone reads "
             f"below {low:.2f} dB")
 
