@@ -1132,8 +1132,9 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           stray: tuple[str, str] | None = None) -> str:
     notes = []
     if stray is not None and sa is not None:
-        notes.append(f"reads unpaired `{stray[0]}` (the float model reads `{stray[1]}`), and so "
-                     f"does its shadow: the error `{stray[0]}` adds is in no row")
+        notes.append(f"reads quantized `{stray[0]}`, which has no float counterpart, where the "
+                     f"float model reads `{stray[1]}`; so does its shadow: the error "
+                     f"`{stray[0]}` adds is in no row")
     if inside:
         notes.append(f"called whole: the weights of its layers {', '.join(inside)} compare "
                      "here, their outputs not one by one")
