@@ -42,7 +42,15 @@ from ._tensors import stores_floats
 from .errors import InputError
 from .metrics import aminmax, db, energy
 from .ops import dynamic_input
-from .semantics import QuantGrid, WeightGrid, dequantize_grid, evaluate_constant, grid_before
+from .semantics import (
+    QRANGE,
+    QuantGrid,
+    WeightGrid,
+    dequantize_grid,
+    evaluate_constant,
+    grid_before,
+    is_dequantize,
+)
 
 __all__ = ["FLOOR_MARGIN_DB", "AT_FLOOR_DB", "floor_sqnr", "floor_noise", "output_rounding",
            "weight_steps", "FloorVerdict", "judge", "FloorSums", "layer_weight_steps",
@@ -117,7 +125,11 @@ def layer_weight_steps(region: Any, pair: Any, read: torch.Tensor | None = None,
             except InputError:
                 return None  # nothing holds the weight: no floor, not a guess
         weight = getattr(module, "weight", None) if module is not None else None
-        if callable(weight) and not isinstance(weight, torch.Tensor):
+        if callable(getattr(module, "get_quantized_weight", None)):
+            # a reference module (convert_to_reference_fx) keeps its weight float and rounds a
+            # copy of it onto its grid per call: the grid is its quantized weight's
+            weight = module.get_quantized_weight()
+        elif callable(weight) and not isinstance(weight, torch.Tensor):
             # torch's quantized modules unpack their weight; read already: its quantized form
             weight = read if _same_read(read) else weight()
         if isinstance(weight, torch.Tensor) and weight.dim() > 1:
@@ -470,8 +482,36 @@ def floor_sums(region: Any, pair: Any) -> FloorSums:
     after it in reference FX and pt2e graphs; a quantized tensor's own grid is read when it is
     computed) and how it quantizes its input per call (dynamic quantization)."""
     module = layer_module(region, pair)
+    dynamic = dynamic_input(module) if module is not None else None
     return FloorSums(grid_before(region.quant_view, region.output_nodes(pair)[1]),
-                     dynamic_input(module) if module is not None else None, kind=pair.kind)
+                     dynamic or _graph_dynamic_input(region, pair), kind=pair.kind)
+
+
+def _graph_dynamic_input(region: Any, pair: Any) -> tuple[str, float] | None:
+    """How the graph quantizes a layer's input per call in front of it, as
+    :func:`fxnumeric.ops.dynamic_input` answers for a module: a pt2e dynamic quantize
+    (``choose_qparams.tensor``, then ``quantize_per_tensor.tensor(x, scale, zero_point,
+    quant_min, quant_max, dtype)``: the range of ``x`` and 0 over ``quant_max - quant_min``
+    steps), or a reference FX graph's ``torch.quantize_per_tensor_dynamic(x, dtype,
+    reduce_range)``. The layer's shadow reads the value before it (it owns that rounding);
+    without it in the floor, a dynamic pt2e Linear read 14.6 dB below a floor it was at."""
+    qv = region.quant_view
+    for node in region.chain(pair, "quant"):
+        for read in node.all_input_nodes:
+            if not is_dequantize(qv, read) or not read.all_input_nodes:
+                continue
+            quantize = read.all_input_nodes[0]
+            if not qv.is_dynamic_quantize(quantize):
+                continue
+            name = getattr(quantize.target, "__name__", "")
+            if name == "quantize_per_tensor_dynamic":
+                dtype, reduce = (list(quantize.args[1:3]) + [False])[:2]
+                levels = QRANGE.get(dtype, (0, 255))
+                return "tensor", float((levels[1] - levels[0]) // (2 if reduce else 1))
+            bounds = quantize.args[3:5]
+            if name.startswith("quantize_per_tensor") and all(isinstance(b, int) for b in bounds):
+                return "tensor", float(bounds[1] - bounds[0])
+    return None
 
 
 def layer_floor(region: Any, pair: Any, sums: FloorSums, *, signal: float, noise: float,

@@ -309,3 +309,51 @@ def test_a_conv_of_any_rank_that_lost_its_bias_is_below_its_floor_for_an_offset(
     share = float(err.mean(0).square().sum() * err.shape[0] / err.square().sum())
     assert share > 0.9
     assert row.below_floor and row.floor_cause == "offset"
+
+
+@pytest.mark.parametrize("flow", ["pt2e", "reference_fx"])
+def test_a_graph_that_quantizes_the_input_per_call_puts_that_rounding_in_the_floor(flow):
+    """A dynamic pt2e Linear (choose_qparams, quantize_per_tensor.tensor: 255 steps over
+    [min(x, 0), max(x, 0)]) and a reference FX one (torch.quantize_per_tensor_dynamic,
+    quint8 with reduce_range: 127 steps) round their input per call in the graph, in front
+    of the op, not inside a module. The floor left that rounding out: the pt2e layer read
+    14.6 dB below a floor it sits at. The formula computed by hand, as for torch's dynamic
+    Linear above, is the oracle."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(32, 16)).eval()
+    x = torch.randn(8, 32) * (1 + 10 * (torch.rand(8, 32) > 0.98))  # a few outliers
+    if flow == "pt2e":
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.testing.pt2e._xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        f = torch.export.export(f, (x,)).module()
+        prepared = prepare_pt2e(copy.deepcopy(f), XNNPACKQuantizer().set_global(
+            get_symmetric_quantization_config(is_dynamic=True)))
+        prepared(x)
+        q, levels = convert_pt2e(prepared), 255
+        weight = next(n for n in q.graph.nodes if "dequantize_per_tensor.default" in str(n.target))
+        step_w = float(weight.args[1])
+        w = (getattr(q, weight.args[0].target).double() - weight.args[2]) * step_w
+    else:
+        from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig
+        from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_fx
+
+        prepared = prepare_fx(copy.deepcopy(f), QConfigMapping().set_global(
+            default_dynamic_qconfig), (x,))
+        prepared(x)
+        q, levels = convert_to_reference_fx(prepared), 127
+        qweight = q.get_submodule("0").get_quantized_weight()
+        step_w, w = qweight.q_scale(), qweight.dequantize().double()
+    report = ns.compare(f, q, [x], progress=False)
+    row = report.row("0")
+    with torch.no_grad():
+        y = f(x).double()
+    weight_noise = y.numel() * 32 * float(x.double().square().mean()) * step_w ** 2 / 12
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    input_noise = 8 * ((high - low) / levels) ** 2 * float(w.square().sum()) / 12
+    expected = 10 * math.log10(float(y.square().sum()) / (weight_noise + input_noise))
+    assert row.floor_sqnr == pytest.approx(expected, abs=1e-3)
+    assert not row.below_floor and abs(row.shadow_sqnr - row.floor_sqnr) < 3
