@@ -803,3 +803,50 @@ def test_a_collapsed_output_is_no_accumulation():
     text = report.verdict.text
     assert "accumulates" not in text
     assert f"the output reads {output:.2f} dB, but its float signal collapsed" in text
+
+
+class _SeparateHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return self.o(torch.softmax(q @ k.transpose(-1, -2) / 5.66, -1) @ v)
+
+
+class _FusedHeads(nn.Module):
+    """The same attention with q, k and v as one Linear."""
+
+    def __init__(self, sep: _SeparateHeads) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(32, 96), copy.deepcopy(sep.o)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([sep.q.weight, sep.k.weight, sep.v.weight]))
+            self.qkv.bias.copy_(torch.cat([sep.q.bias, sep.k.bias, sep.v.bias]))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.o(torch.softmax(q @ k.transpose(-1, -2) / 5.66, -1) @ v)
+
+
+def test_the_only_compared_layer_is_not_called_the_only_one_adding_error():
+    """A quantized model fusing q, k and v into one Linear leaves it unpaired; `o` is then
+    the one compared layer adding error. The verdict called it "the only layer that adds
+    error of its own", while the unpaired qkv adds as much (its local SQNR computed
+    directly: 37.14 dB, `o`'s 37.61)."""
+    torch.manual_seed(0)
+    sep = _SeparateHeads().eval()
+    fused = _FusedHeads(sep).eval()
+    data = [torch.randn(2, 6, 32) for _ in range(3)]
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fused), {nn.Linear})
+    report = ns.compare(sep, q, data, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        qkv_local = float(ns.sqnr(fused.qkv(x), q.qkv(x)))
+    assert report.verdict.culprit == "o"
+    assert abs(qkv_local - report.row("o").shadow_sqnr) < 3  # the qkv adds as much as o
+    assert any(name == "qkv" and side == "quantized" for name, side, _ in report.unmatched)
+    assert "the only layer that adds" not in report.verdict.text
+    assert ("only compared layer that adds error of its own; no row compares the"
+            in report.verdict.text)

@@ -246,9 +246,14 @@ def verdict(report: Report) -> Verdict:
     assert low is not None and high is not None
     first = ranked[0]
     if len(ranked) == 1:
+        unpaired = len(report.unmatched)
+        only = ("only layer that adds error of its own" if not unpaired else
+                "only compared layer that adds error of its own; no row compares the "
+                f"{'unpaired node' if unpaired == 1 else f'{unpaired} unpaired nodes'} "
+                "(report.unmatched)")
         return Verdict("culprit", first.name, (first.name,), (), 1, low, high, None, None,
                        f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB), the "
-                       "only layer that adds error of its own" + _accumulation(report, low))
+                       f"{only}" + _accumulation(report, low))
     for k in range(1, min(MAX_GROUP, len(ranked) - 1) + 1):
         apart, gap, noise = _separated(ranked[k - 1], ranked[k])
         if not apart:
