@@ -950,3 +950,41 @@ def test_an_input_named_like_a_fixed_argument_keeps_its_name():
     report = ns.compare(f, q, [{"a_b": x}], progress=False)
     want = _hooked_sqnr(f, q, (), {"a_b": x}, ["l"])
     assert report.row("l").output["sqnr"] == pytest.approx(want["l"], abs=1e-3)
+
+
+class _CachesOnFirstCall(nn.Module):
+    """Caches a size read off its input on its first call, as torchvision's
+    ``MultiScaleRoIAlign`` caches its ``scales``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.width = None
+
+    def forward(self, x):
+        if self.width is None:
+            self.width = x.shape[-1]
+        return self.fc(x) * (self.width / 8)
+
+
+@pytest.mark.parametrize("call", ["match", "compare_model_outputs", "add_loggers"])
+def test_tracing_leaves_what_a_forward_caches_on_the_users_models(call):
+    """Traced, the cache held a torch.fx Proxy, and every later forward of the user's
+    models failed ("Proxy object cannot be iterated" on a fresh Faster R-CNN after
+    ns.match). The models run afterwards as a fresh copy of them does."""
+    torch.manual_seed(0)
+    f = nn.Sequential(_CachesOnFirstCall()).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    fresh_f, fresh_q = copy.deepcopy(f), copy.deepcopy(q)
+    x = torch.randn(2, 8)
+    if call == "match":
+        ns.match(f, q)
+    elif call == "compare_model_outputs":
+        ns.compare_model_outputs(f, q, x)
+    else:
+        ns.add_loggers(f, q)
+    for model, fresh in ((f, fresh_f), (q, fresh_q)):
+        assert model[0].width is None
+        assert not hasattr(model, "_tensor_constant0")
+        with torch.no_grad():
+            assert torch.equal(model(x), fresh(x))

@@ -9,12 +9,13 @@ user names in ``leaf_modules``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
 import traceback
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +144,31 @@ class _Scope(fx.proxy.Scope):
 
     def __copy__(self) -> fx.proxy.Scope:
         return fx.proxy.Scope(self.module_path, self.module_type)
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every attribute tracing set on ``model``'s modules.
+
+    A forward that caches on its first call writes what it computed into the module:
+    torchvision's ``MultiScaleRoIAlign`` sets ``self.scales``, which, traced, is a torch.fx
+    ``Proxy``; every later forward of the user's model then failed ("Proxy object cannot be
+    iterated"). torch.fx also leaves its tensor constants (``_tensor_constant0``) on the root.
+    The graph built in the block has what it needs by then."""
+    kept = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, before in kept:
+            now = module.__dict__
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+_MISSING = object()
 
 
 class _Tracer(fx.Tracer):
@@ -323,14 +349,17 @@ def trace_submodule(
     """
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     tracer = _Tracer(leaf_types, leaf_names, path)
-    try:
-        graph = tracer.trace(module, concrete_args=concrete_args)
-    except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
-        first_line = (str(exc).splitlines() or [""])[0][:200]
-        scope = tracer.scope_path[-1] if tracer.scope_path else ""
-        return TraceFailure(scope, f"{type(exc).__name__}: {first_line} (at {_user_frame(exc)})")
-    _named_as_arguments(graph, concrete_args)
-    return carry_hooks(graph_module(module, graph, class_name=type(module).__name__), module)
+    with _attributes_kept(module):
+        try:
+            graph = tracer.trace(module, concrete_args=concrete_args)
+        except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            scope = tracer.scope_path[-1] if tracer.scope_path else ""
+            return TraceFailure(scope,
+                                f"{type(exc).__name__}: {first_line} (at {_user_frame(exc)})")
+        _named_as_arguments(graph, concrete_args)
+        gm = graph_module(module, graph, class_name=type(module).__name__)
+    return carry_hooks(gm, module)
 
 
 def _call_graph(module: nn.Module, target: str,
@@ -436,8 +465,10 @@ def method_graph(model: nn.Module, path: str, method: str) -> tuple[fx.GraphModu
     """
     scope, _, name = path.rpartition(".")
     caller = _MethodCall(name, model.get_submodule(path), method)
-    graph = _Tracer().trace(caller)
-    return graph_module(caller, graph, class_name=type(caller).__name__), scope
+    with _attributes_kept(caller):
+        graph = _Tracer().trace(caller)
+        gm = graph_module(caller, graph, class_name=type(caller).__name__)
+    return gm, scope
 
 
 def trace(
@@ -482,6 +513,13 @@ def trace(
     tracer = _Tracer(leaf_types, leaf_names)
     if "" in leaf_names or tracer.is_leaf_module(model, ""):
         return single_call_graph(model)
+    with _attributes_kept(model):
+        return _traced(model, tracer, which, concrete_args)
+
+
+def _traced(model: nn.Module, tracer: _Tracer, which: str,
+            concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    """:func:`trace`'s GraphModule of ``model`` by ``tracer``."""
     try:
         graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
