@@ -740,7 +740,9 @@ def test_an_exported_dynamic_model_names_no_input_quantize_as_culprit():
     # (choose_qparams_affine, then quantize_affine) feeds an int8 matmul its raw codes, with
     # no dequantize. Paired with the input as a quantize row, it compared codes with floats
     # (-34 dB) and was named the culprit. Quantized dynamically, it is the reading op's: no
-    # row, and since no Linear pairs, no layer is shadowed and no culprit is named
+    # row, and since no Linear pairs, no culprit is named: the one row, the relu, reads what
+    # the quantized relu reads (the unpaired int8 Linear's output) and adds nothing, so the
+    # verdict says the error enters where no row compares it
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     torch.manual_seed(0)
@@ -756,7 +758,9 @@ def test_an_exported_dynamic_model_names_no_input_quantize_as_culprit():
                                torch.cat([qep.module()(x) for x in data]))
     assert report.model_output["sqnr"] == pytest.approx(oracle, abs=1e-4)
     assert report.verdict.culprit is None
-    assert "no layer could be shadowed" in report.summary()
+    assert [r.kind for r in report.rows] == ["relu"] and report.rows[0].shadow_sqnr == math.inf
+    assert report.verdict.kind == "unlocated"
+    assert "the error enters where no row compares it" in report.summary()
 
 
 class _Gated(nn.Module):
