@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["first_output", "model_output", "after_loss", "detach", "copy_values", "dequantize_all",
-           "stores_floats", "copy_cache", "copy_inputs", "version"]
+__all__ = ["first_output", "model_output", "output_part", "after_loss", "detach", "copy_values",
+           "dequantize_all", "stores_floats", "copy_cache", "copy_inputs", "version"]
 
 
 def first_output(x: Any) -> Any:
@@ -28,6 +28,40 @@ def model_output(output: Any) -> Any:
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
     return logits if isinstance(logits, torch.Tensor) else first_output(after_loss(output))
+
+
+def output_part(output: Any) -> tuple[str, int]:
+    """Where :func:`model_output` takes the tensor it compares from in a list, tuple or dict
+    ``output`` (``"[0]['boxes']"``), and how many tensors ``output`` holds; ``("", 1)`` for
+    a tensor, and for an output object or dict with ``logits`` (what a language model's
+    user reads).
+
+    >>> output_part([{"boxes": torch.zeros(1), "scores": torch.zeros(1)}, {"boxes": None}])
+    ("[0]['boxes']", 2)
+    """
+    if not isinstance(output, (tuple, list, Mapping)) or hasattr(output, "logits") or (
+            isinstance(output, Mapping) and "logits" in output):
+        return "", 1
+    x, path = output, ""
+    if after_loss(output) is not output:
+        x, path = output[1:], "[1:]"
+    while isinstance(x, (tuple, list, Mapping)) and len(x):
+        if isinstance(x, Mapping):
+            key = next(iter(x))
+            x, path = x[key], f"{path}[{key!r}]"
+        else:
+            x, path = x[0], f"{path}[0]"
+    return path.replace("[1:][0]", "[1]", 1), _tensors_in(output)
+
+
+def _tensors_in(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return 1
+    if isinstance(x, Mapping):
+        return sum(_tensors_in(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return sum(_tensors_in(v) for v in x)
+    return 0
 
 
 def after_loss(output: Any) -> Any:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._collector import defers_collection
-from ._tensors import copy_values, detach, first_output, model_output, version
+from ._tensors import copy_values, detach, first_output, model_output, output_part, version
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
 from .dataflow import upstream_ops
@@ -60,6 +60,7 @@ from .metrics import (
 from .pairing import op_name
 from .progress import Progress, phase
 from .report import BlockRow, Report, ReportRow, WeightHistogram, activation_scale
+from .report.verdict import compares_detections
 from .routing import Routes, hook_calls, routed_containers
 from .run import (
     as_batches,
@@ -509,6 +510,9 @@ class _Plan:
     (:func:`_lockstep_budget`)."""
     routes: dict[str, Routes] = field(default_factory=dict)
     """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
+    output_part: tuple[str, int] | None = None
+    """Where the compared model output sits in what the float model returns, and how many
+    tensors that holds (:func:`~fxnumeric._tensors.output_part`), read on the first batch."""
 
     @property
     def watched(self) -> list[Routes]:
@@ -857,8 +861,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
         torch_version=torch.__version__,
         notes=_nothing_quantized_note(matching)
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
-        + _model_output_note(plan.model) + _no_token_note(plan) + _no_perplexity_note(plan)
-        + _unfit_mask_note(plan)
+        + _model_output_note(plan.model) + _output_part_note(plan) + _no_token_note(plan)
+        + _no_perplexity_note(plan) + _unfit_mask_note(plan)
         + _skipped_note(ran)
         + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ()),
         model_output_rms=_rms(plan.model),
@@ -866,7 +870,30 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
         nonfinite=nonfinite,
         blocks=_block_rows(plan, judged),
         logits_per=plan.logits.logits_per,
+        model_output_part=_compared_part(plan),
     )
+
+
+def _compared_part(plan: _Plan) -> str:
+    """:attr:`Report.model_output_part`: where the compared tensor sits, when the model
+    returns more than one."""
+    path, tensors = plan.output_part or ("", 1)
+    return path if tensors > 1 else ""
+
+
+def _output_part_note(plan: _Plan) -> tuple[str, ...]:
+    """What of the model's return value the model-output metrics read, when it holds more
+    than one tensor (a detector's boxes of the first image, RAFT's first flow estimate)."""
+    part = _compared_part(plan)
+    if not part:
+        return ()
+    _, tensors = plan.output_part  # type: ignore[misc]
+    note = (f"model output: the metrics read `output{part}`, the first of the {tensors} tensors "
+            "the model returns; the rest are not compared")
+    if compares_detections(part):
+        note += (" (detections, compared index by index: boxes that come in another order "
+                 "among near-tied scores read as error no layer made)")
+    return (note,)
 
 
 def _judged_against_upstream(rows: list[ReportRow], matching: Matching,
@@ -1351,6 +1378,8 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,
     """The batch's model-output sums, and every accumulator's batch closed (batch ``index``
     of the data)."""
     plan.model.update(model_output(float_out), model_output(quant_out))
+    if plan.output_part is None:
+        plan.output_part = output_part(float_out)
     _llm_update(plan, float_out, quant_out, model_inputs, index)
     for twin in plan.twins:
         twin.clear()

@@ -850,3 +850,74 @@ def test_the_only_compared_layer_is_not_called_the_only_one_adding_error():
     assert "the only layer that adds" not in report.verdict.text
     assert ("only compared layer that adds error of its own; no row compares the"
             in report.verdict.text)
+
+
+class _Detector(nn.Module):
+    """Boxes and scores sorted by score, as torchvision's detectors return them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score, self.box = nn.Linear(8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        scores, boxes = self.score(x).squeeze(-1), self.box(x)
+        order = scores.argsort(descending=True)
+        return [{"boxes": boxes[order], "scores": scores[order]}]
+
+
+def test_detections_compared_index_by_index_are_not_read_as_accumulation():
+    """Quantized, near-tied scores come in another order: the boxes compared index by index
+    read far below every layer (the boxes matched by their own index read as high as the
+    layers), and the verdict said "error accumulates". The report now says which tensor it
+    compares and that a reorder reads as error."""
+    torch.manual_seed(0)
+    f = _Detector().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(64, 8) for _ in range(3)]
+    report = ns.compare(f, q, data, progress=False)
+    with torch.no_grad():
+        outs = [(f(x)[0]["boxes"], q(x)[0]["boxes"]) for x in data]
+        index_wise = _pooled_sqnr(outs)
+        unsorted = _pooled_sqnr([(f.box(x), q.box(x)) for x in data])
+    assert report.model_output["sqnr"] == pytest.approx(index_wise, abs=1e-4)
+    assert unsorted - index_wise > 20  # the reorder, not the boxes' own error
+    assert report.model_output_part == "[0]['boxes']"
+    assert any("the metrics read `output[0]['boxes']`, the first of the 2 tensors" in n
+               and "index by index" in n for n in report.notes)
+    assert "error accumulates" not in report.verdict.text
+    assert "detections compared index by index" in report.verdict.text
+    assert Report.from_json(report.to_json()).model_output_part == "[0]['boxes']"
+
+
+def test_a_model_returning_several_tensors_says_which_it_compares():
+    """RAFT returns one flow per refinement step; the metrics read the first. The note says
+    so, and the metrics are those of that tensor, computed directly."""
+    torch.manual_seed(0)
+
+    class Steps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            first = self.fc1(x)
+            return [first, self.fc2(first)]
+
+    f = Steps().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(4, 8) for _ in range(2)]
+    report = ns.compare(f, q, data, progress=False)
+    with torch.no_grad():
+        expected = _pooled_sqnr([(f(x)[0], q(x)[0]) for x in data])
+    assert report.model_output["sqnr"] == pytest.approx(expected, abs=1e-4)
+    assert report.model_output_part == "[0]"
+    assert any("`output[0]`, the first of the 2 tensors the model returns" in n
+               for n in report.notes)
+    single = ns.compare(nn.Sequential(f.fc1), nn.Sequential(q.fc1), data, progress=False)
+    assert single.model_output_part == "" and not any("model output:" in n for n in single.notes)
+
+
+def _pooled_sqnr(pairs) -> float:
+    signal = sum(float(ref.double().square().sum()) for ref, _ in pairs)
+    noise = sum(float((ref.double() - out.double()).square().sum()) for ref, out in pairs)
+    return 10 * math.log10(signal / noise)

@@ -31,13 +31,14 @@ from .render import (
     report_table,
 )
 from .variants import best_variant, variants_summary
-from .verdict import Verdict, adds_error, verdict
+from .verdict import Verdict, adds_error, compares_detections, verdict
 
 if TYPE_CHECKING:
     from .diff import ReportDiff
 
 __all__ = ["Report", "ReportRow", "BlockRow", "WeightHistogram", "TABLE_FORMATS",
-           "DEGENERATE_RMS_RATIO", "BELOW_FLOOR_DB", "Spread", "Verdict", "activation_scale"]
+           "DEGENERATE_RMS_RATIO", "BELOW_FLOOR_DB", "Spread", "Verdict", "activation_scale",
+           "compares_detections"]
 
 _SORT_KEYS = ("graph", "output_sqnr", "shadow_sqnr", "weight_sqnr")
 _WORST_FIRST = ("shadow_sqnr", "output_sqnr", "weight_sqnr")
@@ -450,6 +451,10 @@ class Report:
     """With ``variants``: their layers aligned by the float value each compares (the same
     float node, whatever each variant's matching names it), in graph order: per layer, each
     variant's row name in the order of ``variants``, ``None`` where it has no such layer."""
+    model_output_part: str = field(default="", metadata={"json_omit_default": True})
+    """Where the tensor ``model_output`` compares sits in what the model returns, when that
+    holds more than one tensor (``"[0]['boxes']"``: a detector's boxes of the first image;
+    see :func:`compares_detections`); ``""`` otherwise."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[Report], Any]]] = {
         "summary": lambda r: r.summary(),

@@ -52,8 +52,8 @@ from ..metrics import ROUNDING_SQNR_DB
 if TYPE_CHECKING:
     from .data import Report, ReportRow
 
-__all__ = ["Verdict", "verdict", "adds_error", "CULPRIT_MARGIN_DB", "NOISE_SIGMAS",
-           "MAX_GROUP", "ACCUMULATION_DB"]
+__all__ = ["Verdict", "verdict", "adds_error", "compares_detections", "CULPRIT_MARGIN_DB",
+           "NOISE_SIGMAS", "MAX_GROUP", "ACCUMULATION_DB"]
 
 CULPRIT_MARGIN_DB = 6.0
 """How far (dB of shadow SQNR) a culprit must sit below every other layer: 4x the noise power."""
@@ -166,6 +166,15 @@ def _names(names: list[str] | tuple[str, ...], most: int = 3) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def compares_detections(part: str) -> bool:
+    """Whether a model-output part (:attr:`~fxnumeric.report.Report.model_output_part`) is
+    a detector's boxes (torchvision's detection models return ``[{"boxes", "labels",
+    "scores"}, ...]``), which
+    come sorted by score: compared index by index, a reorder among near-tied scores reads as
+    error no layer made."""
+    return part.endswith("['boxes']")
+
+
 def _accumulation(report: Report, low: float) -> str:
     output = report.model_output.get("sqnr")
     if output is None or not math.isfinite(output) or output > low - ACCUMULATION_DB:
@@ -173,6 +182,11 @@ def _accumulation(report: Report, low: float) -> str:
     if report.output_degenerate:  # its SQNR measures nothing: no accumulation read from it
         return (f"; the output reads {output:.2f} dB, but its float signal collapsed: that "
                 "SQNR measures nothing")
+    if compares_detections(report.model_output_part):
+        return (f"; the output reads {output:.2f} dB while no layer alone reads below "
+                f"{low:.2f} dB, but it is detections compared index by index "
+                f"(`output{report.model_output_part}`): boxes that come in another order "
+                "among near-tied scores read as error, so this is not read as accumulation")
     unpaired = len(report.unmatched)
     if unpaired:  # an op no row compares may add it (`y * 0.5` on one side only)
         where = "the unpaired node" if unpaired == 1 else f"the {unpaired} unpaired nodes"
