@@ -1192,9 +1192,9 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
         if acc.misrouted and routes is not None:
             notes.append(
                 f"{label}: {acc.misrouted} batches left out: `{routes.float_path}` routed its "
-                "rows unlike the float model (its index inputs differ: other experts, or their "
-                "order), so a row would be another token on each side; the shadow compares "
-                "alike rows")
+                "rows unlike the float model (its index inputs or boxes differ: other experts "
+                "or proposals, or their order), so a row would be another token or region on "
+                "each side; the shadow compares alike rows")
     if skipped:
         notes.append(f"no shadow: {skipped}")
     return "; ".join(notes)

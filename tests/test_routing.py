@@ -121,3 +121,73 @@ def test_routes_of_several_variants_share_one_float_model():
         for mine, theirs in zip(both.variants[name].rows, alone.rows, strict=True):
             assert mine.name == theirs.name and mine.note == theirs.note
             assert mine.output_sqnr == theirs.output_sqnr
+
+
+class _Heads(nn.Module):
+    """A box head torch.fx cannot trace (a branch on a value), run on a list of proposals
+    sorted by score, as torchvision's RoIHeads is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, proposals: list[torch.Tensor]):
+        rows = torch.cat(proposals)
+        if rows.abs().sum() > 0:
+            rows = rows * 1.0
+        return self.fc(rows)
+
+
+class _TwoStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.score, self.box, self.heads = nn.Linear(8, 1), nn.Linear(8, 4), _Heads()
+
+    def forward(self, x):
+        order = self.score(x).squeeze(-1).argsort(descending=True)
+        return self.heads([self.box(x)[order]])
+
+
+@pytest.mark.parametrize("reordered", [True, False])
+def test_a_box_head_is_compared_only_where_the_proposals_come_in_the_same_order(reordered):
+    """A quantized scorer reorders near-tied proposals: row i of the box head is another
+    region on each side, and its output SQNR read the reorder. Those batches are now left
+    out of its output comparison, as a misrouted expert's are; with the scorer float the
+    proposals come alike and the rows compare as forward hooks read them. The shadow reads
+    the quantized head's own rows either way (hooks: the float fc fed them)."""
+    torch.manual_seed(0)
+    f = _TwoStage().eval()
+    q = copy.deepcopy(f)
+    if reordered:
+        q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear})
+    else:
+        q.heads.fc = torch.ao.quantization.quantize_dynamic(nn.Sequential(q.heads.fc),
+                                                            {nn.Linear})[0]
+    data = [torch.randn(32, 8) for _ in range(3)]
+    seen: dict[str, list] = {"float": [], "quant": []}
+    hooks = [m.heads.fc.register_forward_hook(lambda _m, i, o, side=side: seen[side].append(
+        (i[0], o))) for m, side in ((f, "float"), (q, "quant"))]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+        for h in hooks:
+            h.remove()
+        shadow = _pooled([(f.heads.fc(i), o) for i, o in seen["quant"]])
+        output = _pooled([(fo, qo) for (_, fo), (_, qo) in zip(seen["float"], seen["quant"],
+                                                               strict=True)])
+    report = ns.compare(f, q, data, progress=False)
+    row = report.row("heads.fc")
+    assert row.shadow_sqnr == pytest.approx(shadow, abs=1e-4)
+    if reordered:
+        assert shadow - output > 10  # what the rows read compared index by index
+        assert row.output_sqnr is None
+        assert "3 batches left out: `heads` routed its rows unlike the float model" in row.note
+    else:
+        assert row.output_sqnr == pytest.approx(output, abs=1e-4)
+        assert "routed" not in row.note
+
+
+def _pooled(pairs) -> float:
+    signal = sum(float(ref.double().square().sum()) for ref, _ in pairs)
+    noise = sum(float((ref.double() - out.double()).square().sum()) for ref, out in pairs)
+    return 10 * math.log10(signal / noise)
