@@ -1197,9 +1197,14 @@ def test_variants_from_other_flows_are_not_told_to_use_torchao() -> None:
     for path, choice in advice.assignment.items():
         assert f"{path}: {choice}" in text
     # its FqnToConfig would quantize with torchao's numbers, not the ones verified here
+    from torchao.quantization import Int8WeightOnlyConfig
+
     with pytest.warns(fxnumeric.FxNumericWarning, match="verified on variants from dynamic\\+fx"):
-        fqn = advice.to_torchao({name: object() for name in ("fx", "dyn")})
+        fqn = advice.to_torchao({name: Int8WeightOnlyConfig() for name in ("fx", "dyn")})
     assert set(fqn.fqn_to_config) == {p for p, c in advice.assignment.items() if c != "float"}
+    # what is not a torchao config is refused here, not where quantize_ later fails on it
+    with pytest.raises(fxnumeric.InputError, match="are not torchao configs"):
+        advice.to_torchao({name: "int8" for name in ("fx", "dyn")})
 
 
 def test_values_near_one_are_shown_with_the_digits_that_tell_them_apart() -> None:

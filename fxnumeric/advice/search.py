@@ -934,6 +934,7 @@ class Advice:
             with ``quantize_(model, fqn_config, filter_fn=None)``.
         """
         try:
+            from torchao.core.config import AOBaseConfig
             from torchao.quantization import FqnToConfig
         except ImportError as exc:
             raise InputError(f"to_torchao needs torchao ({exc}); pip install 'fxnumeric[torchao]'"
@@ -942,6 +943,14 @@ class Advice:
         if missing:
             raise InputError(f"no config for {missing}: pass one per variant the assignment "
                              f"uses ({', '.join(sorted(set(self.assignment.values())))})")
+        used = {c for c in self.assignment.values() if c != "float"}
+        wrong = {name: type(configs[name]).__name__ for name in sorted(used)
+                 if not isinstance(configs[name], AOBaseConfig)}
+        if wrong:  # quantize_ would fail on it later, far from here
+            raise InputError(
+                f"configs {wrong} are not torchao configs: pass one per variant, such as "
+                "Int8WeightOnlyConfig() or IntxWeightOnlyConfig(weight_dtype=torch.int4, "
+                "granularity=PerGroup(32)) (torchao.quantization)")
         self._warn_other_flow("this FqnToConfig", "torchao")
         return FqnToConfig({path: configs[choice] for path, choice in self.assignment.items()
                             if choice != "float"})
