@@ -1766,6 +1766,36 @@ def test_a_pt2e_fused_pattern_is_its_first_ops_to_keep_float() -> None:
         assert advice.curve[k] == pytest.approx(_sqnr_of(f, built, data), abs=1e-4), k
 
 
+
+def test_a_pt2e_fused_patterns_residual_quantize_follows_its_conv_in_a_float_based_plan():
+    """Over variants every plan is the float graph with each layer swapped in; X86's conv +
+    add + relu asks for the residual's quantize on the add, for the conv's pattern, and the
+    add swapped in read the residual float whatever the conv: the plan where every layer
+    takes the variant read 52.31 dB where the variant reads 52.35, with stem float 52.50 for
+    51.90 re-quantized, with head float 60.59 for 59.18. Oracles: the variant itself and
+    X86InductorQuantizer re-run with the plan's float modules set to None."""
+    from fxnumeric.advice.mixed import _kept_quantized, _Plans, layer_choices
+    from fxnumeric.advice.search import _Search
+
+    torch.manual_seed(0)
+    f = _ConvAdd().eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    program, q = _pt2e_requantized(f, data, _x86())
+    search = _Search(program, {"x86": q}, data, "sqnr", None, False)
+    try:
+        found, _ = layer_choices(search.runner)
+        plans = _Plans(search, found, _kept_quantized(search, found)[0])
+        for floated in ((), ("stem",), ("conv",), ("head",), ("stem", "head")):
+            plan = {lc.name: "float" if lc.name in floated else "x86" for lc in found}
+            (measured,) = plans.measure([plan], "oracle")
+            oracle = _sqnr_of(f, _pt2e_requantized(f, data, _x86(*floated))[1], data)
+            assert measured == pytest.approx(oracle, abs=1e-4), (floated, measured, oracle)
+    finally:
+        search.close()
+    advice = advise(program, {"x86": q}, data, metric="sqnr", target=52.34,
+                    max_float_layers=0, progress=False)
+    assert advice.value == pytest.approx(_sqnr_of(f, q, data), abs=1e-4)
+
 def _partial_and_float16_variants():
     torch.manual_seed(0)
     float_model = MLP().eval()

@@ -248,6 +248,11 @@ class Swap:
             so the base graph's own value is never changed).
         aliases: base-graph nodes that carry ``out``'s value too (pt2e gives each reader of a
             quantized value a ``dequantize`` of its own): they take the swapped value.
+        pattern_edges: ``(dequantize, anchor)``: other-graph edges ``value -> quantize ->
+            dequantize`` the swapped ops read quantized only when the first op of their fused
+            pattern (``anchor``, another layer: an X86 conv whose residual ``add`` this is)
+            is swapped in too; without it they carry ``value`` float
+            (:func:`_pattern_edge`).
     """
 
     name: str
@@ -261,6 +266,7 @@ class Swap:
     cloned: frozenset[fx.Node] = frozenset()
     aliases: frozenset[fx.Node] = frozenset()
     base_region: Region | None = None
+    pattern_edges: tuple[tuple[fx.Node, fx.Node], ...] = ()
 
     @property
     def other(self) -> str:
@@ -454,7 +460,7 @@ class _SwapInterpreter(_RegionInterpreter):
         self.alias = {a: s.out for s in swaps for a in s.aliases}
         skipped = frozenset().union(*(s.skip for s in swaps))
         self.skip = skipped - set(self.by_out)
-        self.dropped = dropped
+        self.dropped = dropped  # edges of the base graph and of the swaps (_pattern_edge)
         # {reader: {swapped out node: node whose qparams it is quantized with}}: a float
         # layer's output, float in the environment, is requantized for its quantized readers
         # only, as each reads it (:func:`_requantize_plan`)
@@ -494,7 +500,7 @@ class _SwapInterpreter(_RegionInterpreter):
     def run_node(self, n: fx.Node) -> Any:
         swap = self.by_out.get(n)
         if swap is not None:
-            return self.runner._swapped(swap, self.env)
+            return self.runner._swapped(swap, self.env, self.dropped)
         if n in self.alias:
             return self.env[self.alias[n]]  # another dequantize of the swapped layer's value
         if n in self.skip:
@@ -659,7 +665,7 @@ class HybridRunner:
                     node(swap.out), swap.nodes,
                     tuple((ext, node(provider)) for ext, provider in swap.inputs),
                     swap.other_out, swap.cloned, frozenset(map(node, swap.aliases)),
-                    base_region=base)
+                    base_region=base, pattern_edges=swap.pattern_edges)
 
     def _swap(self, region: Region, pair: Pair, base: str) -> Swap:
         other = "float" if base == "quant" else "quant"
@@ -694,9 +700,15 @@ class HybridRunner:
         # .contiguous() (a channel shuffle's view reads a contiguous tensor, not the
         # transposed one the quantized side carries)
         path = _quantize_path if base == "float" else _layout_path
-        around = set(other_inside).union(*(
-            path(other_v, e) for e in _external_inputs(other_inside)
-            if not (owned and base == "float" and _not_asked_by(e, set(other_inside)))))
+        layer = set(other_inside)
+        around, pattern_edges = set(other_inside), []
+        for e in _external_inputs(other_inside):
+            if owned and base == "float" and _not_asked_by(e, layer):
+                anchor = _pattern_edge(e, layer)
+                if anchor is None:
+                    continue  # another layer's quantize: a layer quantized alone reads float
+                pattern_edges.append((e, anchor))
+            around.update(path(other_v, e))
         around |= _qparams_of(around)  # a dynamic quantize's scale and zero point, computed
         other_inside = _with_constants(other_v, sorted(around, key=other_v.position))
         inputs = []
@@ -720,7 +732,8 @@ class HybridRunner:
                    for u in ext.users)
         )
         return Swap(op_name(pair.name), base, region, _skipped(base_inside, out, aliases), out,
-                    tuple(other_inside), tuple(inputs), other_out, cloned, aliases)
+                    tuple(other_inside), tuple(inputs), other_out, cloned, aliases,
+                    pattern_edges=tuple(pattern_edges))
 
     # ------------------------------------------------------------------ models
     def model(self, base: str, swaps: Iterable[Swap]) -> nn.Module:
@@ -745,8 +758,12 @@ class HybridRunner:
 
     def _build(self, region: Region, base: str, swaps: tuple[Swap, ...]) -> Any:
         gm = region.view(base).gm
-        dropped = (_dropped_edges(gm.graph, swaps) if base == "quant" and self._annotated(region)
-                   else {})
+        if base == "quant":
+            dropped = _dropped_edges(gm.graph, swaps) if self._annotated(region) else {}
+        else:  # the edges of a fused pattern whose first op is not swapped in carry float
+            swapped = frozenset().union(*(s.nodes for s in swaps))
+            dropped = {dequantize: quantized_edge(dequantize) for s in swaps
+                       for dequantize, anchor in s.pattern_edges if anchor not in swapped}
 
         def build(calls: nn.Module | None) -> nn.Module:
             modules = _modules_called(gm, calls)
@@ -820,7 +837,11 @@ class HybridRunner:
         return captured_model(self.variants[variant] if variant else self.matching, side)
 
     # ------------------------------------------------------------------ running a swap
-    def _swapped(self, swap: Swap, env: dict[fx.Node, Any]) -> Any:
+    def _swapped(self, swap: Swap, env: dict[fx.Node, Any],
+                 dropped: dict[fx.Node, fx.Node] | None = None) -> Any:
+        """The value of ``swap``'s subgraph, on the base graph's values ``env``; an edge of
+        ``dropped`` (``{dequantize: value}``) carries its value float."""
+        dropped = dropped or {}
         region, other = swap.region, swap.other
         gm = region.view(other).gm
         runner = self._swap_runners.get(gm)
@@ -833,7 +854,8 @@ class HybridRunner:
                 value = value.clone()
             runner.env[ext] = value if other == "float" else self._into_quant(region, value, ext)
         for node in swap.nodes:
-            runner.env[node] = runner.run_node(node)
+            runner.env[node] = (runner.env[dropped[node]] if node in dropped
+                                else runner.run_node(node))
         # float on either base: into a quantized base, the quantized readers requantize it
         # as they read it (:class:`_SwapInterpreter`), the float ones read it as it is
         value = dequantize_all(runner.env[swap.other_out])
@@ -1198,6 +1220,23 @@ def _not_asked_by(node: fx.Node, layer: set[fx.Node]) -> bool:
     return (value is not None and _edge_kept(node, value, frozenset())
             and not any(input_wanted(reader, value) and pattern_anchor(reader) in layer
                         for reader in node.users if reader in layer))
+
+
+def _pattern_edge(node: fx.Node, layer: set[fx.Node]) -> fx.Node | None:
+    """The first op of the fused pattern (outside ``layer``) for which an op of ``layer``
+    asks for the quantize edge ending at ``node``: X86's conv + add (+ relu) annotates the
+    residual input's quantize on the ``add``, for the conv's pattern. A float-based hybrid
+    swapping the add in reads the residual quantized when it swaps that conv in too, float
+    when not (:func:`_edge_kept`). ``None`` when no op of ``layer`` asks for it so."""
+    value = quantized_edge(node)
+    if value is None:
+        return None
+    for reader in node.users:
+        if reader in layer and input_wanted(reader, value):
+            anchor = pattern_anchor(reader)
+            if anchor not in layer:
+                return anchor
+    return None
 
 
 def _edge_kept(dequantize: fx.Node, value: fx.Node, floated: frozenset[fx.Node]) -> bool:
