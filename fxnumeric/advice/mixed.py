@@ -6,8 +6,9 @@ bits, subject to the end metric reaching a target. Every step is verified on rea
 models (:mod:`fxnumeric.advice.hybrid`: the float model with each layer's subgraph taken from
 its chosen variant); nothing is re-quantized and nothing is estimated without being run. An op
 the search does not choose for that a static variant runs on quantized values (FX's average
-pool, a quantized ``add``) is taken from a variant in every plan (:func:`_kept_quantized`), so
-a plan measures the model its assignment describes.
+pool, a quantized ``add``) is taken as the variant it follows has it, quantized or float
+(:func:`_kept_quantized`), so a plan measures the model its assignment describes: the plan
+where every layer takes one variant, that variant.
 
 The search (closed loop):
 
@@ -305,11 +306,15 @@ class _Plans:
 
     def swaps(self, plan: Mapping[str, str]) -> tuple[Swap, ...]:
         """The float graph's swaps that make ``plan``'s model: each layer's variant, and the
-        ops kept quantized in every plan (:func:`_kept_quantized`)."""
+        ops kept as a variant has them (:func:`_kept_quantized`)."""
         runner = self.search.runner
-        return (*(s for kept in self.kept for s in kept.swaps(plan)),
-                *(s for name, choice in plan.items() if choice != FLOAT
-                  for s in runner.swaps(name, "float", choice)))
+        layers = tuple(s for name, choice in plan.items() if choice != FLOAT
+                       for s in runner.swaps(name, "float", choice))
+        covered = frozenset().union(*map(_footprint, layers))
+        # a layer's swap that covers a kept op's nodes computes them (FX's conv + relu is
+        # pt2e's conv and relu): the kept op is not swapped in twice
+        return (*(s for kept in self.kept for s in kept.swaps(plan)
+                  if not _footprint(s) & covered), *layers)
 
     def measure(self, plans: list[dict[str, str]], label: str) -> list[float]:
         """The end metric of each plan, running the ones not run before."""
@@ -362,78 +367,180 @@ class _Plans:
 
 @dataclass(frozen=True)
 class _Kept:
-    """An op the search does not choose for, kept quantized in every plan: ``options`` are
-    its swaps from each variant that quantizes it (the first one's first); it follows the
-    variant of layer ``reads`` (the searched layer whose output it reads), when that one is
-    among them."""
+    """Ops the search does not choose for at one place of the float graph, each variant's way:
+    ``options`` are the swaps of each variant quantizing them there (the float nodes they
+    replace overlap: FX's fused ``add_relu`` is pt2e's ``add`` and ``relu``), in the order
+    the variants were given; ``reads`` the searched layer whose quantized output each one
+    reads (``None``: it quantizes its input itself); ``variants`` every variant, in order.
+
+    A plan runs them as one variant has them (:meth:`variant`), quantized, or float when that
+    variant does not quantize them (a torchao variant's ``add``, X86's pool): the plan where
+    every layer takes one variant measures that variant."""
 
     name: str
-    reads: str | None
     options: dict[str, tuple[Swap, ...]]
+    reads: dict[str, str | None]
+    variants: tuple[str, ...]
+
+    def variant(self, plan: Mapping[str, str]) -> str:
+        """The variant whose way ``plan`` runs these ops: a variant whose op reads a layer the
+        plan gives that variant; else the variant the plan gives a layer one of them reads;
+        else, those layers float, the first variant quantizing them (a model re-quantized with
+        those layers float keeps them); else, none reading a searched layer, the variant most
+        of the plan's layers take (the first given among equals)."""
+        for variant, layer in self.reads.items():
+            if layer is not None and plan.get(layer) == variant:
+                return variant
+        read = [layer for layer in self.reads.values() if layer is not None]
+        for layer in read:
+            if plan.get(layer, FLOAT) != FLOAT:
+                return plan[layer]
+        taken = [choice for choice in plan.values() if choice != FLOAT]
+        if read or not taken:
+            return next(iter(self.options))
+        return max(self.variants, key=taken.count)  # the first given among equals
 
     def swaps(self, plan: Mapping[str, str]) -> tuple[Swap, ...]:
-        chosen = self.options.get(plan.get(self.reads, "")) if self.reads else None
-        return chosen if chosen is not None else next(iter(self.options.values()))
+        return self.options.get(self.variant(plan), ())
+
+
+def _footprint(swap: Swap) -> frozenset[fx.Node]:
+    """The float base's nodes ``swap`` replaces."""
+    return swap.skip | {swap.out}
 
 
 def _kept_quantized(search: Any, found: list[LayerChoices]
                     ) -> tuple[list[_Kept], list[tuple[str, str]]]:
     """The ops the search does not choose for that a variant runs on quantized values, kept
-    quantized in every plan; and ``(op, reason)`` for each of them.
+    as a variant has them in every plan; and ``(op, reason)`` for each of them.
 
     Every plan is a hybrid on the float graph, and an op not swapped in runs float there. A
     static flow quantizes more than the layers with a weight: FX runs an average pool, an
     ``add`` or a ``cat`` on quantized values (a pool rounds its output to its input's grid),
     pt2e puts ``quantize -> dequantize`` after a ``relu`` or a pool, and a model re-quantized
     with some layers float (``set_module_name(layer, None)``) still does. So such an op is
-    taken, in every plan, from the variant of the searched layer whose output it reads, as FX's
-    pool shares that layer's qparams (with that layer float, or of a variant that does not
-    quantize the op, from the first variant, in the order given, that does): a plan measures the
-    model its assignment describes, the variant itself when every layer takes it. A layer left
-    out by ``layers=`` is kept as a variant has it, as a re-quantized model keeps it. torchao's
-    and dynamic layers hand on float tensors: an op of theirs the search does not choose for
-    stays float, as :meth:`~fxnumeric.Advice.to_torchao`'s ``FqnToConfig`` leaves it.
+    taken, in every plan, as the variant of the searched layer whose output it reads has it,
+    as FX's pool shares that layer's qparams: quantized when that variant quantizes it, float
+    when not (a torchao variant's layers hand on float tensors; X86 leaves a pool to its
+    input's quantize). With that layer float, it is taken from the first variant, in the order
+    given, that quantizes it, as a model re-quantized with that layer float keeps it; an op
+    reading no searched layer follows the variant most of the plan's layers take. The ops of
+    the variants at one place are one choice (:class:`_Kept`), by the float nodes they
+    replace, call site by call site: FX's fused ``add_relu`` and pt2e's ``add`` and ``relu``
+    are never swapped in together. So a plan measures the model its assignment describes,
+    the variant itself when every layer takes it. A layer left out by ``layers=`` is kept as
+    a variant has it, as a re-quantized model keeps it. torchao's and dynamic layers hand on
+    float tensors: an op of theirs the search does not choose for stays float, as
+    :meth:`~fxnumeric.Advice.to_torchao`'s ``FqnToConfig`` leaves it.
     """
     runner = search.runner
     search.references()  # probes the variants: which ops hand on quantized tensors
     searched = {lc.module: lc.name for lc in found}
-    first = next(iter(runner.variants))
-    kept: dict[str, _Kept] = {}  # by module path
-    notes: dict[str, tuple[str, str]] = {}
+    variants = tuple(runner.variants)
+    sites: list[_Site] = []
+    notes: dict[str, tuple[str, str]] = {}  # by module path
     for variant, matching in runner.variants.items():
         kinds = {p.name.partition("#")[0]: p.kind for p in matching.pairs}
+        calls: dict[int, tuple[str, Swap]] = {}  # id(pair) -> (module path, its swap)
         for name in op_names(matching):
             path = module_path(matching, name)
             if path in searched or not runner.hands_on_quantized(variant, name):
                 continue
+            label = name if variant == variants[0] else f"{variant}:{name}"
             what = f"a quantized {kinds.get(name)} op the search does not choose a precision for"
             try:
                 swaps = runner.op_swaps(name, variant)
             except InstrumentationError as exc:
-                notes.setdefault(path, (name if variant == first else f"{variant}:{name}",
-                                        f"{what}; it cannot be taken from variant {variant!r} "
-                                        f"into the float graph ({exc}): float in every plan"))
+                notes.setdefault(path, (label, f"{what}; it cannot be taken from variant "
+                                               f"{variant!r} into the float graph ({exc}): "
+                                               "float in every plan"))
                 continue
-            if path not in kept:
-                reads = _reads(matching, name, searched, kept)
-                kept[path] = _Kept(name if variant == first else f"{variant}:{name}", reads, {})
-                notes[path] = (kept[path].name, (
-                    f"{what}: quantized in every plan, as the variant of `{reads}`, the layer "
-                    "it reads, has it (else as the first variant quantizing it), as a model "
-                    "re-quantized with the plan's layers float keeps it" if reads else
-                    f"{what}: quantized in every plan, as the first variant quantizing it "
-                    "has it, as a model re-quantized with the plan's layers float keeps it"))
-            kept[path].options[variant] = swaps
-    return list(kept.values()), list(notes.values())
+            notes.setdefault(path, (label, what))
+            pairs = [p for p in matching.pairs if op_name(p.name) == name]
+            calls.update((id(p), (path, s)) for p, s in zip(pairs, swaps, strict=True))
+        read_by: dict[fx.Node, str | None] = {}  # a kept call's last quantized node: its reads
+        for pair in matching.pairs:  # in graph order: a kept op reading a kept op reads its
+            if id(pair) in calls:
+                path, swap = calls[id(pair)]
+                reads = _reads(matching, pair, searched, read_by)
+                read_by[matching.region_of(pair).chain(pair, "quant")[-1]] = reads
+                sites.append(_Site(variant, path, swap, reads))
+    places = _places(sites)
+    kept: list[_Kept] = []
+    for place in places:
+        options: dict[str, tuple[Swap, ...]] = {}
+        reads_of: dict[str, str | None] = {}
+        for site in sorted(place, key=lambda site: variants.index(site.variant)):
+            options[site.variant] = (*options.get(site.variant, ()), site.swap)
+            reads_of.setdefault(site.variant, site.reads)
+        kept.append(_Kept(notes[place[0].path][0], options, reads_of, variants))
+    for path, (label, what) in notes.items():
+        if "every plan" not in what:
+            notes[path] = (label, _kept_reason(
+                what, [k for k, place in zip(kept, places, strict=True)
+                       if any(site.path == path for site in place)],
+                next(site.reads for site in sites if site.path == path), variants))
+    return kept, list(notes.values())
 
 
-def _reads(matching: Any, name: str, searched: Mapping[str, str], kept: Mapping[str, _Kept]
-           ) -> str | None:
-    """The searched layer whose quantized output op ``name`` of ``matching`` reads as it is
-    (its first input, back through plumbing and other kept ops), by the search's name; FX's
-    pool shares that layer's output qparams. ``None`` when it quantizes its input itself (a
-    float op or a model input before it): its own qconfig's observer quantizes it."""
-    pair = next(p for p in matching.pairs if op_name(p.name) == name)
+@dataclass(frozen=True)
+class _Site:
+    """One call of an op a variant keeps quantized: the module path of its op, its swap, and
+    the searched layer whose quantized output it reads (:func:`_reads`)."""
+
+    variant: str
+    path: str
+    swap: Swap
+    reads: str | None
+
+
+def _places(sites: list[_Site]) -> list[list[_Site]]:
+    """``sites`` grouped by place: the calls whose swaps replace overlapping float nodes
+    (transitively), each group in the order of its first site."""
+    group = list(range(len(sites)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    owner: dict[fx.Node, int] = {}
+    for i, site in enumerate(sites):
+        for node in _footprint(site.swap):
+            if node in owner:
+                group[root(i)] = root(owner[node])
+            else:
+                owner[node] = i
+    places: dict[int, list[_Site]] = {}
+    for i, site in enumerate(sites):
+        places.setdefault(root(i), []).append(site)
+    return sorted(places.values(), key=lambda place: sites.index(place[0]))
+
+
+def _kept_reason(what: str, places: list[_Kept], reads: str | None,
+                 variants: tuple[str, ...]) -> str:
+    """What an op kept as a variant has it is in every plan (:func:`_kept_quantized`)."""
+    follows = (f"as the variant of `{reads}`, the layer it reads, has it (with that layer "
+               "float, as the first variant quantizing it has it)" if reads else
+               "as the variant most of the plan's layers take has it (with every layer "
+               "float, as the first variant quantizing it has it)")
+    missing = [v for v in variants if any(v not in k.options for k in places)]
+    if not missing:
+        return (f"{what}: quantized in every plan, {follows}, as a model re-quantized with the "
+                "plan's layers float keeps it")
+    return (f"{what}: quantized or float in each plan, {follows}, float where that variant "
+            f"runs it float ({', '.join(repr(v) for v in missing)}), as a model re-quantized "
+            "with the plan's layers keeps it")
+
+
+def _reads(matching: Any, pair: Any, searched: Mapping[str, str],
+           read_by: Mapping[fx.Node, str | None]) -> str | None:
+    """The searched layer whose quantized output the kept call ``pair`` of ``matching`` reads
+    as it is (its first input, back through plumbing and other kept calls, whose layers
+    ``read_by`` holds by their last quantized node), by the search's name; FX's pool shares
+    that layer's output qparams. ``None`` when it quantizes its input itself (a float op or a
+    model input before it): its own qconfig's observer quantizes it."""
     region = matching.region_of(pair)
     view = region.quant_view
     node = region.chain(pair, "quant")[0]
@@ -445,9 +552,7 @@ def _reads(matching: Any, name: str, searched: Mapping[str, str], kept: Mapping[
         owner = region.pair_of(node)
         if owner is not None and region.chain(owner, "quant")[-1] is node:
             path = module_path(matching, op_name(owner.name))
-            if path in searched:
-                return searched[path]
-            return kept[path].reads if path in kept else None
+            return searched[path] if path in searched else read_by.get(node)
         cls = view.op_class(node)
         if cls is None or cls.role != "plumbing" or cls.is_dequantize:
             return None
@@ -569,19 +674,27 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
 
 
 def _unsearched_note(unsearched: tuple[tuple[str, str], ...]) -> str:
-    """The end of the message naming the quantized ops the search does not choose for:
-    those quantized in every plan and those float in every plan."""
-    quantized = [n for n, reason in unsearched if "quantized in every plan" in reason]
+    """The end of the message naming the quantized ops the search does not choose a precision
+    for: those quantized in every plan, those quantized or float as the variant they follow
+    has them, and those float in every plan."""
+    kinds = {"quantized in every plan": "stay quantized in every plan",
+             "quantized or float in each plan": "are quantized or float in each plan, as the "
+                                                "variant they follow has them"}
+    groups: dict[str, list[str]] = {}
+    for name, reason in unsearched:
+        kind = next((says for key, says in kinds.items() if key in reason),
+                    "stay float in every plan")
+        groups.setdefault(kind, []).append(name)
     note = ""
-    for stays, names in (("quantized", quantized),
-                         ("float", [n for n, _ in unsearched if n not in quantized])):
+    for says in (*kinds.values(), "stay float in every plan"):
+        names = groups.get(says)
         if not names:
             continue
         one = len(names) == 1
+        verb = says if not one else says.replace("stay ", "stays ").replace("are ", "is ")
         note += (f"; {len(names)} quantized {'op' if one else 'ops'} the search does not "
-                 f"choose a precision for {'stays' if one else 'stay'} {stays} in every plan "
-                 f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}: "
-                 "advice.unsearched)")
+                 f"choose a precision for {verb} ({', '.join(names[:3])}"
+                 f"{', ...' if len(names) > 3 else ''}: advice.unsearched)")
     return note
 
 

@@ -901,10 +901,12 @@ class Advice:
     """The variants' names, when advising among several."""
     unsearched: tuple[tuple[str, str], ...] = ()
     """``(op, reason)`` of the quantized ops the search over several variants does not choose
-    a precision for, each with what it is in every plan it verified: quantized, as a static
-    variant runs it (an FX-quantized ``add`` or average pool, a layer left out by ``layers``:
-    see :func:`fxnumeric.advice.mixed._kept_quantized`), or float, as :meth:`to_torchao`'s
-    ``FqnToConfig`` leaves it (a function reading several modules' weights)."""
+    a precision for, each with what it is in the plans it verified: as the variant it follows
+    runs it (the variant of the layer it reads; an FX-quantized ``add`` or average pool, a
+    layer left out by ``layers``), quantized, or float where that variant runs it float (see
+    :func:`fxnumeric.advice.mixed._kept_quantized`); or float in every plan, as
+    :meth:`to_torchao`'s ``FqnToConfig`` leaves it (a function reading several modules'
+    weights)."""
     flow: str = ""
     """The quantization flow the quantized model came from (``"fx"``, ``"eager"``,
     ``"dynamic"``, ``"pt2e"``, ``"torchao"``; with several variants, their flows joined by
