@@ -2962,3 +2962,25 @@ def test_a_module_kept_whole_around_compared_layers_is_not_a_layer_of_its_own():
     whole = advise(f, q, data, progress=False, metric="sqnr", target=44.0, layers=["attn"])
     assert whole.keep_float == ("attn",) and whole.reached
     assert whole.value == pytest.approx(by_hand("attn.inner.q", "attn.inner.o"), abs=1e-6)
+
+
+def test_layers_left_out_of_a_variant_search_are_listed_as_float() -> None:
+    """docs/llm.md says a layer left out by ``layers=`` is in ``advice.unsearched``, float in
+    every plan; the list was empty. The plan's value is that of a hybrid built by hand: only
+    the searched layer quantized."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 8)).eval()
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(8, 16) for _ in range(3)]
+    advice = advise(f, {"int8": q}, data, metric="sqnr", target=0.0, layers=["2"],
+                    max_float_layers=0, progress=False)
+    assert advice.assignment == {"2": "int8"}
+    assert dict(advice.unsearched) == {
+        name: "a quantized layer left out by layers=: float in every plan" for name in ("0", "4")}
+    hybrid = copy.deepcopy(f)
+    hybrid[2] = q[2]
+    with torch.no_grad():
+        signal = sum(float(f(x).double().square().sum()) for x in data)
+        noise = sum(float((f(x).double() - hybrid(x).double()).square().sum()) for x in data)
+    assert advice.value == pytest.approx(10 * math.log10(signal / noise), abs=1e-6)

@@ -228,6 +228,9 @@ def layer_choices(runner: Any, nominal: bool = True, wanted: Iterable[str] | Non
             out.append(LayerChoices(name, module_path(runner.matching, name), numel,
                                     tuple(choices)))
     out = _kept_float_costs(out, float_modules, runner.matching.float_model)
+    chosen = set(names)
+    unsearched += [(name, "a quantized layer left out by layers=: float in every plan")
+                   for name in runner.layers if name not in chosen]
     unsearched += runner.unplaced
     if not out:
         raise InputError("no layer to choose a precision for: no variant quantizes a layer "
