@@ -148,7 +148,10 @@ def test_renderings(tmp_path, make_lstm_pair):
         text = report.table(tablefmt=fmt)
         assert "rnn" in text and text.splitlines()[-1] == report.summary()
     top = report.table(sort="output_sqnr", top_k=2).splitlines()
-    assert len(top) == 2 + 2 + 1  # header, rule, two rows, summary
+    # the notes (the LSTM returns (output, (h, c)): which of them is compared), header,
+    # rule, two rows, summary
+    assert report.model_output_part == "[0]"
+    assert len(top) == len(report.notes) + 2 + 2 + 1
     data = json.loads(report.to_json())
     by_name = {layer["name"]: layer for layer in data["layers"]}
     assert by_name["encoder"]["output"]["sqnr"] == "inf"
