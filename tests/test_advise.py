@@ -2984,3 +2984,130 @@ def test_layers_left_out_of_a_variant_search_are_listed_as_float() -> None:
         signal = sum(float(f(x).double().square().sum()) for x in data)
         noise = sum(float((f(x).double() - hybrid(x).double()).square().sum()) for x in data)
     assert advice.value == pytest.approx(10 * math.log10(signal / noise), abs=1e-6)
+
+
+# ------------------------------------------- an op the float model lacks, before a swapped layer
+
+
+class _Halved(nn.Module):
+    """Three Linear+ReLU and a head; with ``half``, the quantized side's ``y * 0.5`` after
+    ``fcs.1`` that the float model lacks."""
+
+    def __init__(self, half: bool = False) -> None:
+        super().__init__()
+        self.fcs = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.out = nn.Linear(16, 4)
+        self.half = half
+
+    def forward(self, x):
+        for i, fc in enumerate(self.fcs):
+            x = torch.relu(fc(x))
+            if self.half and i == 1:
+                x = x * 0.5
+        return self.out(x)
+
+
+class _FloatIn(nn.Module):
+    """A float layer put by hand into an FX-quantized graph: it reads the dequantized value
+    and hands its output on float (the graph's next node dequantizes it: a no-op)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.dequantize())
+
+
+class _QuantIn(nn.Module):
+    """A quantized layer put by hand into the float model: its input quantized with the
+    qparams the quantized model's layer reads."""
+
+    def __init__(self, layer: nn.Module, qparams: tuple[float, int]):
+        super().__init__()
+        self.layer, self.qparams = layer, qparams
+
+    def forward(self, x):
+        return self.layer(torch.quantize_per_tensor(x, *self.qparams, torch.quint8)).dequantize()
+
+
+@pytest.mark.parametrize("flow", ["dynamic", "fx_static"])
+def test_a_layer_kept_float_reads_what_the_quantized_layer_reads_past_an_unpaired_op(flow):
+    """The quantized model halves fcs.2's input; the float model does not. Kept float, fcs.2
+    was fed the counterpart of its float input (fcs.1's output), skipping the `* 0.5`:
+    advise said keeping fcs.2 and out float reaches 51.45 dB, where that model, built by
+    hand, reads 20.56 (the quantized model: 20.55); and sensitivity left fcs.2 out as
+    unswappable. Both hybrids of fcs.2, and advise's, are checked against models built by
+    hand: float modules swapped into a copy of the quantized model, and the other way."""
+    torch.manual_seed(0)
+    f = _Halved().eval()
+    halved = _Halved(half=True).eval()
+    halved.load_state_dict(f.state_dict())
+    data = [torch.randn(8, 16) for _ in range(3)]
+    if flow == "dynamic":
+        q = quantize_dynamic(copy.deepcopy(halved), {nn.Linear}, dtype=torch.qint8)
+    else:
+        prepared = prepare_fx(copy.deepcopy(halved), get_default_qconfig_mapping("fbgemm"),
+                              (data[0],))
+        with torch.no_grad():
+            for x in data:
+                prepared(x)
+        q = convert_fx(prepared)
+    read = []  # the qparams of what the quantized fcs.2 reads (static)
+    handle = q.get_submodule("fcs.2").register_forward_pre_hook(lambda m, i: read.append(i[0]))
+    with torch.no_grad():
+        q(data[0])
+    handle.remove()
+
+    def put(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, module)
+        return model
+
+    def all_but(*kept: str) -> nn.Module:  # the quantized model with ``kept`` float
+        h = copy.deepcopy(q)
+        for path in kept:
+            layer = copy.deepcopy(f.get_submodule(path))
+            put(h, path, _FloatIn(layer) if flow == "fx_static" else layer)
+        return h
+
+    def only(path: str) -> nn.Module:  # the float model with ``path`` quantized
+        quant = copy.deepcopy(q.get_submodule(path))
+        if flow == "fx_static":  # fed the float fcs.1 output, as the quantized model rounds
+            quant = _QuantIn(quant, (read[0].q_scale(), read[0].q_zero_point()))
+        return put(copy.deepcopy(f), path, quant)
+
+    def sqnr(model: nn.Module) -> float:
+        with torch.no_grad():
+            return _sqnr64([f(x) for x in data], [model(x) for x in data])
+
+    s = sensitivity(f, q, data, progress=False)
+    assert not s.skipped  # fcs.2 was left out: "reads `mul_1`, which has no counterpart"
+    fcs2 = next(layer for layer in s.layers if layer.name == "fcs.2")
+    assert fcs2.all_but == pytest.approx(sqnr(all_but("fcs.2")), abs=1e-3)
+    assert fcs2.only == pytest.approx(sqnr(only("fcs.2")), abs=1e-3)
+
+    # fcs.2 and out kept float: the float model from what the quantized fcs.2 reads on
+    runner = HybridRunner(fxnumeric.match(f, q, data[0]))
+    swaps = runner.swaps("fcs.2", "quant") + runner.swaps("out", "quant")
+    hybrid = runner.model("quant", swaps)
+    outs = []
+    for x in data:
+        runner.probe(x)
+        outs.append(runner.run(hybrid, x))
+    read.clear()
+    handle = q.get_submodule("fcs.2").register_forward_pre_hook(lambda m, i: read.append(i[0]))
+    with torch.no_grad():
+        for x in data:
+            q(x)
+        handle.remove()
+        by_hand = [f.out(torch.relu(f.fcs[2](i.dequantize() if i.is_quantized else i)))
+                   for i in read]
+        ref = [f(x) for x in data]
+    assert _sqnr64(ref, outs) == pytest.approx(_sqnr64(ref, by_hand), abs=1e-3)
+    assert _sqnr64(ref, outs) < 25  # 51.45 before: the hybrid skipped the `* 0.5`
+
+    advice = advise(f, q, data, progress=False, metric="sqnr", target=40.0)
+    assert not advice.reached  # the `* 0.5` stays, whatever is kept float
+    if flow == "dynamic":  # its hybrids are the quantized model with float modules put back
+        assert advice.value == pytest.approx(sqnr(all_but(*advice.keep_float)), abs=1e-3)

@@ -48,6 +48,7 @@ from .._tensors import dequantize_all
 from ..errors import InputError, InstrumentationError
 from ..flows.pt2e import annotated, input_wanted, output_wanted, pattern_anchor, quantized_edge
 from ..instrument.assemble import assemble, captured_model
+from ..instrument.graph import float_subgraph, stray_reads
 from ..match import Matching, Pair, Region
 from ..offload import whole_modules
 from ..pairing import op_name
@@ -712,8 +713,12 @@ class HybridRunner:
         around |= _qparams_of(around)  # a dynamic quantize's scale and zero point, computed
         other_inside = _with_constants(other_v, sorted(around, key=other_v.position))
         inputs = []
+        # the quantized layer reads the value of an op the float model does not have (a
+        # `* 0.5` after a paired relu): the float layer swapped in reads it too, and the
+        # quantized one swapped into the float model reads what its float twin reads
+        strays = stray_reads(region, float_subgraph(region, pair), region.chain(pair, "quant"))
         for ext in _external_inputs(other_inside):
-            provider = _provider(region, ext, base, base_inside)
+            provider = _provider(region, ext, base, base_inside, strays)
             if provider is None or base_v.position(provider) >= base_v.position(out):
                 side = "float" if base == "quant" else "quantized"
                 raise InstrumentationError(
@@ -1045,7 +1050,8 @@ def _output_tail(region: Region, pair: Pair) -> list[fx.Node]:
 
 
 def _provider(region: Region, other_node: fx.Node, base: str,
-              replaced: Iterable[fx.Node] = ()) -> fx.Node | None:
+              replaced: Iterable[fx.Node] = (),
+              strays: dict[fx.Node, fx.Node] | None = None) -> fx.Node | None:
     """The base-graph node that carries the value ``other_node`` holds in its own graph.
 
     Into a quantized base, a float input comes from the quantized node computing the same
@@ -1053,11 +1059,22 @@ def _provider(region: Region, other_node: fx.Node, base: str,
     quantize in front of one layer, as in a model re-quantized with that layer float). Of a
     pt2e value's dequantizes, the one the swapped layer's nodes ``replaced`` read
     (:func:`_own_edge`).
+
+    ``strays`` (:func:`fxnumeric.instrument.graph.stray_reads`): where the quantized layer
+    reads the value of an op the float model does not have in place of its float twin's
+    input, a float layer swapped into the quantized model reads that value, as a layer
+    swapped by hand into the quantized model does (fed the counterpart of its float input,
+    it skipped that op: a hybrid read 51 dB whose hand-built twin reads 21); a quantized
+    layer swapped into the float model reads its float twin's input, there being no such
+    op there.
     """
+    strays = strays or {}
     if base == "quant":  # other = float
         carrier = region.float_view.producer(other_node)
         if carrier is None:
             return None
+        if carrier in strays:
+            return strays[carrier]
         pair = region.pair_of(carrier)
         if pair is not None and region.chain(pair, "float")[-1] is carrier:
             # a quantized layer's output as the next op reads it (after its own quantize in
@@ -1066,7 +1083,15 @@ def _provider(region: Region, other_node: fx.Node, base: str,
             return _own_edge(region.output_nodes(pair)[1], replaced) if pair.quantized else (
                 region.chain(pair, "quant")[-1])
         return region.quant_counterpart(carrier)
-    producer = region.quant_view.producer(other_node)
+    qv = region.quant_view
+    producer = qv.producer(other_node)
+    for float_node, stray in strays.items():
+        behind = qv.producer(stray)  # the op whose value it is, past a pt2e quantize
+        while behind is not None and producer is not behind and qv.inputs(behind) and (
+                qv.op_class(behind).is_quantize):
+            behind = qv.inputs(behind)[0]
+        if producer is not None and producer in (stray, behind):
+            return float_node
     return region.float_counterpart(producer) if producer is not None else None
 
 

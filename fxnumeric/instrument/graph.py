@@ -119,9 +119,54 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     float residual carried an input rounding the quantized block does not have (a block
     that adds nothing read 43 dB against 79 dB)."""
     fv, qv = region.float_view, region.quant_view
+    read, strays = _chain_reads(region, chain, carried)
+    last = qv.position(chain[-1])
+    inside = set(nodes)
+    read.update(_stray_read(fv, nodes, read, strays))
+    inputs: dict[fx.Node, str] = {}
+    for n in nodes:
+        if n.op == "placeholder":  # the input quantize: its float twin is the input itself
+            q = region.quant_counterpart(n)
+            if q is None:
+                return f"float input `{n.name}` of the shadow has no quantized counterpart"
+            inputs[n] = q.name
+            continue
+        for e in n.all_input_nodes:
+            if e in inside or e.op == "get_attr" or e in inputs:
+                continue
+            f = fv.producer(e)
+            q = (read.get(f) or region.quant_counterpart(f)) if f is not None else None
+            if q is None or qv.position(q) > last:
+                carrier = f.name if f is not None else e.name
+                return f"float input `{carrier}` of the shadow has no quantized counterpart"
+            inputs[e] = q.name
+    return inputs
+
+
+def stray_reads(region: Region, nodes: list[fx.Node], chain: list[fx.Node]
+                ) -> dict[fx.Node, fx.Node]:
+    """``{float node: quantized node}`` where the quantized ``chain`` reads the value of an op
+    the float model does not have (``y * 0.5`` after a paired ``relu``) in place of the value
+    float ``nodes`` read from outside (the relu): the one value the chain reads of an op
+    with no float counterpart, for the one value of the float nodes whose counterpart the
+    chain does not read. Empty where there is no such pair of values.
+
+    A shadow, and a float layer swapped into the quantized model, read that value, as
+    torch's eager ``Shadow`` and a model edited by hand do; fed the float input's
+    counterpart (the relu), they skipped the unpaired op, and its error read as the layer's
+    own (a shadow), or vanished (a hybrid)."""
+    read, strays = _chain_reads(region, chain)
+    return _stray_read(region.float_view, nodes, read, strays)
+
+
+def _chain_reads(region: Region, chain: list[fx.Node], carried: bool = False
+                 ) -> tuple[dict[fx.Node, fx.Node], list[fx.Node]]:
+    """``({float node: quantized value the chain reads of it}, [values the chain reads of ops
+    with no float counterpart])`` (see :func:`span_inputs` for ``carried``)."""
+    qv = region.quant_view
     read: dict[fx.Node, fx.Node] = {}
     shapes: dict[fx.Node, fx.Node] = {}
-    strays: list[fx.Node] = []  # values the chain reads from ops with no float counterpart
+    strays: list[fx.Node] = []
     members = set(chain)
     for n in chain:
         for i in n.all_input_nodes:
@@ -142,34 +187,19 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
                 elif f not in read or (carried and is_dequantize(qv, read[f])
                                        and not is_dequantize(qv, i)):
                     read[f] = i
-    read = shapes | read
-    last = qv.position(chain[-1])
-    inside = set(nodes)
+    return shapes | read, strays
+
+
+def _stray_read(fv: GraphView, nodes: list[fx.Node], read: dict[fx.Node, fx.Node],
+                strays: list[fx.Node]) -> dict[fx.Node, fx.Node]:
     unread = [f for f in _outside_values(fv, nodes) if f not in read]
     if len(strays) == 1 and len(unread) == 1:
         # the quantized op reads the value of an op the float model does not have (`y * 0.5`
         # after a paired `relu`): the shadow reads what the quantized op read, as torch's
         # eager Shadow does. Fed the float input's counterpart (the relu), the shadow read
         # the unpaired op's error as the layer's own, and named the layer culprit.
-        read[unread[0]] = strays[0]
-    inputs: dict[fx.Node, str] = {}
-    for n in nodes:
-        if n.op == "placeholder":  # the input quantize: its float twin is the input itself
-            q = region.quant_counterpart(n)
-            if q is None:
-                return f"float input `{n.name}` of the shadow has no quantized counterpart"
-            inputs[n] = q.name
-            continue
-        for e in n.all_input_nodes:
-            if e in inside or e.op == "get_attr" or e in inputs:
-                continue
-            f = fv.producer(e)
-            q = (read.get(f) or region.quant_counterpart(f)) if f is not None else None
-            if q is None or qv.position(q) > last:
-                carrier = f.name if f is not None else e.name
-                return f"float input `{carrier}` of the shadow has no quantized counterpart"
-            inputs[e] = q.name
-    return inputs
+        return {unread[0]: strays[0]}
+    return {}
 
 
 def _outside_values(fv: GraphView, nodes: list[fx.Node]) -> list[fx.Node]:
