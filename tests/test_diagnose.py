@@ -792,3 +792,63 @@ def test_each_op_of_a_module_computing_several_has_a_name_of_its_own():
     below = diagnose(f, q, data, progress=False, threshold_db=threshold)
     assert below.first_below == first.call_site
     assert below.layer(below.first_below).cumulative_sqnr == first.cumulative_sqnr < threshold
+
+
+class _Halved(nn.Module):
+    """Three Linear+ReLU and a head; with ``half``, the quantized side's ``y * 0.5`` after
+    ``fcs.1`` that the float model lacks."""
+
+    def __init__(self, half: bool = False) -> None:
+        super().__init__()
+        self.fcs = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.out = nn.Linear(16, 4)
+        self.half = half
+
+    def forward(self, x):
+        for i, fc in enumerate(self.fcs):
+            x = torch.relu(fc(x))
+            if self.half and i == 1:
+                x = x * 0.5
+        return self.out(x)
+
+
+def test_an_op_reading_an_unpaired_op_is_not_said_to_amplify_what_its_twin_reads():
+    """The quantized model halves fcs.2's input; the float model does not. fcs.2 was flagged
+    as amplifying the error of fcs.1 (36 dB) 25 dB with cross-layer equalization as the fix,
+    while it reads the unpaired `mul`, not fcs.1, and adds little error itself (hooks: 45
+    dB). The flag now names the unpaired op as where the error may enter."""
+    torch.manual_seed(0)
+    f = _Halved().eval()
+    halved = _Halved(half=True).eval()
+    halved.load_state_dict(f.state_dict())
+    data = [torch.randn(8, 16) for _ in range(3)]
+    prepared = prepare_fx(copy.deepcopy(halved), get_default_qconfig_mapping("fbgemm"),
+                          (data[0],))
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+    q = convert_fx(prepared)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = q.get_submodule("fcs.2").register_forward_hook(
+        lambda m, i, o: seen.append((i[0].dequantize(), o.dequantize())))
+    with torch.no_grad():
+        for x in data:
+            q(x)
+        handle.remove()
+        twin = [(f.fcs[2](i), o) for i, o in seen]
+        float_out = [f.fcs[2](torch.relu(f.fcs[1](torch.relu(f.fcs[0](x))))) for x in data]
+
+    def db(pairs):
+        signal = sum(float(r.double().square().sum()) for r, _ in pairs)
+        noise = sum(float((r.double() - a.double()).square().sum()) for r, a in pairs)
+        return 10 * math.log10(signal / noise)
+
+    d = next(d for d in diagnose(f, q, data, progress=False).layers if d.name == "fcs.2")
+    assert d.local_sqnr == pytest.approx(db(twin), abs=1e-3)
+    assert d.cumulative_sqnr == pytest.approx(
+        db(list(zip(float_out, [o for _, o in seen], strict=True))), abs=1e-3)
+    assert d.local_sqnr - d.cumulative_sqnr > 20  # the drop: not fcs.2's own error
+    assert d.stray == "mul_1" and d.input_sqnr is None  # it does not read fcs.1's value
+    (flag,) = [flag for flag in d.flags if flag.code == "amplification"]
+    assert "amplifies" not in flag.text and "equalization" not in flag.fix
+    assert "it reads `mul_1`" in flag.text and "`mul_1`" in flag.fix

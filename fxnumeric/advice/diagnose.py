@@ -168,6 +168,12 @@ class LayerDiagnosis:
     through, which the amplification flag holds it to: ``input_sqnr``, except for a product
     (``mul``, ``matmul``, ``div``), whose factors' relative errors add: ``-10 log10(sum of
     10^(-SQNR_i / 10))`` over the values it reads (two at 22 dB: 19 dB)."""
+    stray: str | None = None
+    """The quantized op, one the float model does not have, whose value this op reads in
+    place of the value its float twin reads (``mul_1``, where only the quantized model
+    computes ``y * 0.5``): the op and its shadow read it (:attr:`fxnumeric.instrument.
+    Instrumented.strays`). ``input_sqnr`` is then ``None``: the float ``inputs`` are not what
+    it reads, and no row measures the error that op adds."""
     site: str = field(default="", repr=False)
     """:attr:`call_site` as :func:`diagnose` named it (``""``: from ``module`` and ``name``)."""
 
@@ -540,6 +546,13 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
                    f"{expected:.1f} dB by nature")
     if amp is None or local is None or amp <= _AMPLIFIED_DB:
         why = "; mostly its own error"
+    elif d.stray is not None:
+        # its float twin reads `fcs.1`, but it reads the value of an op only the quantized
+        # model has: the drop from `fcs.1` to here is that op's, not an amplification
+        why = (f"; the error comes from before it: it reads `{d.stray}`, which the quantized "
+               f"model computes and the float model does not (in place of the value of "
+               f"{', '.join(d.inputs) or 'its float twin'}), so the error may enter there, "
+               f"which no row compares; `{d.call_site}` adds {_own_error(local)}")
     elif read is not None and expected is not None and expected - cumulative > _AMPLIFIED_DB:
         own = ("computes in float in both models and adds " if not d.quantized else "adds ")
         own += f"{'no' if math.isinf(local) else 'little'} error of its own"
@@ -558,7 +571,11 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
                "What it reads is computed by code fxnumeric does not trace (between the "
                "captured regions), whose error no row measures: whether the error grows "
                "across it, or before it, is not known")
-    if d.quantized:
+    if d.stray is not None and amp is not None and amp > _AMPLIFIED_DB:
+        fix = (f"check `{d.stray}`, which only the quantized model computes (report.unmatched, "
+               "Matching.explain): the drop may be its, which keeping layers float does not "
+               "remove")
+    elif d.quantized:
         fix = ("keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
                "equalization")
     else:
@@ -766,8 +783,11 @@ def diagnose(
                                                count=s.count)
         read = reads[name]
         read_sums, complete = [sums[n] for n in read.ops], not read.unresolved
-        input_sqnr = _pooled_sqnr(read_sums, sum(input_energy[p] for p in read.model_inputs),
-                                  complete)
+        stray = built.strays.get(name)
+        # reading an op the float model lacks, it does not read what `read` measures: the
+        # drop from there would be that op's, not this one's amplification
+        input_sqnr = None if stray is not None else _pooled_sqnr(
+            read_sums, sum(input_energy[p] for p in read.model_inputs), complete)
         d = LayerDiagnosis(
             name=name, module=paths[name], site=sites[name], kind=kinds[name],
             per_channel=stats.per_channel, weight_utilisation=stats.utilisation,
@@ -783,6 +803,7 @@ def diagnose(
                        or (s.quantized and name not in rounded_after)),
             inputs=tuple(sites[n] for n in read.ops),
             input_sqnr=input_sqnr,
+            stray=stray[0] if stray is not None else None,
             expected_sqnr=(_product_sqnr(read_sums, complete)
                            if kinds[name] in _PRODUCTS and input_sqnr is not None
                            else input_sqnr),
