@@ -3111,3 +3111,78 @@ def test_a_layer_kept_float_reads_what_the_quantized_layer_reads_past_an_unpaire
     assert not advice.reached  # the `* 0.5` stays, whatever is kept float
     if flow == "dynamic":  # its hybrids are the quantized model with float modules put back
         assert advice.value == pytest.approx(sqnr(all_but(*advice.keep_float)), abs=1e-3)
+
+
+class _Linears(torch.fx.Interpreter):
+    """Runs a graph and keeps each ``aten.linear`` call's arguments."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.seen: list[tuple] = []
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.aten.linear.default:
+            self.seen.append(args)
+        return super().call_function(target, args, kwargs)
+
+
+def test_a_pt2e_layer_past_an_unpaired_op_swaps_both_ways():
+    """pt2e: the quantized fcs.2 reads the dequantize of the quantize after `mul`, which was
+    not traced back to the op the float model lacks: sensitivity left fcs.2 out. Both its
+    hybrids against the graph run by hand: kept float, the float fcs.2 reads what the
+    quantized one reads (relu's output rounding after it stays, relu being quantized);
+    quantized alone, it reads the float relu quantized with mul's qparams."""
+    pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    f = _Halved().eval()
+    halved = _Halved(half=True).eval()
+    halved.load_state_dict(f.state_dict())
+    data = [torch.randn(8, 16) for _ in range(3)]
+    exported = torch.export.export(f, (data[0],)).module()
+    prepared = pt2e.prepare_pt2e(torch.export.export(halved, (data[0],)).module(),
+                                 XNNPACKQuantizer().set_global(
+                                     get_symmetric_quantization_config()))
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+    q = pt2e.convert_pt2e(prepared)
+
+    def rounding_after(op: str):  # the quantize after the graph's node ``op``, as q/dq
+        (node,) = [n for n in q.graph.nodes if n.op == "call_function" and "quantize_per_tensor"
+                   in str(n.target) and n.args[0].name == op]
+        scale, zero, low, high, dtype = node.args[1:6]
+        return lambda t: torch.ops.quantized_decomposed.dequantize_per_tensor(
+            torch.ops.quantized_decomposed.quantize_per_tensor(t, scale, zero, low, high, dtype),
+            scale, zero, low, high, dtype)
+
+    fc2 = []
+    with torch.no_grad():
+        for x in data:
+            run = _Linears(q)
+            run.run(x)
+            fc2.append(run.seen[2])  # what fcs.2 reads, its dequantized weight, its bias
+        ref = [f(x) for x in data]
+        relu2 = rounding_after("relu_2")
+        kept = [f.out(relu2(torch.relu(f.fcs[2](i)))) for i, _, _ in fc2]
+        mul = rounding_after("mul")
+        only = []
+        for x, (_, weight, bias) in zip(data, fc2, strict=True):
+            y = torch.relu(f.fcs[1](torch.relu(f.fcs[0](x))))
+            only.append(f.out(torch.relu(nn.functional.linear(mul(y), weight, bias))))
+
+    s = sensitivity(exported, q, data, progress=False)
+    assert not s.skipped  # fcs.2 was left out: "reads `mul`, which has no counterpart"
+    fcs2 = next(layer for layer in s.layers if layer.name == "fcs.2")
+    assert fcs2.only == pytest.approx(_sqnr64(ref, only), abs=1e-3)
+    runner = HybridRunner(fxnumeric.match(exported, q, data[0]))
+    hybrid = runner.model("quant", runner.swaps("fcs.2", "quant") + runner.swaps("out", "quant"))
+    outs = []
+    for x in data:
+        runner.probe(x)
+        outs.append(runner.run(hybrid, x))
+    assert _sqnr64(ref, outs) == pytest.approx(_sqnr64(ref, kept), abs=1e-3)
