@@ -3109,6 +3109,8 @@ def test_a_layer_kept_float_reads_what_the_quantized_layer_reads_past_an_unpaire
 
     advice = advise(f, q, data, progress=False, metric="sqnr", target=40.0)
     assert not advice.reached  # the `* 0.5` stays, whatever is kept float
+    assert "ops the float model lacks, which every hybrid keeps" in advice.message
+    assert "`mul" in advice.message and "(read by fcs.2)" in advice.message
     if flow == "dynamic":  # its hybrids are the quantized model with float modules put back
         assert advice.value == pytest.approx(sqnr(all_but(*advice.keep_float)), abs=1e-3)
 

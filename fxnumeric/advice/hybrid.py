@@ -559,6 +559,9 @@ class HybridRunner:
         # what a caller may name: the layers, and the modules kept whole around some of them
         self.swappable = set(self.layers) | set(layer_names(self.matching, containers=True))
         self._swaps: dict[tuple[str, str, str], tuple[Swap, ...]] = {}
+        # {layer: ops only the quantized model has whose values it reads}, of the layers
+        # swapped so far: every hybrid keeps those ops, and their error (stray_reads)
+        self.strays: dict[str, tuple[str, ...]] = {}
         self._held: dict[fx.Node, tuple[Any, ...]] = {}
         self._float_regions = {r.float_path: r for r in self.matching.regions}
         self._owner = {r: m for m in self.variants.values() for r in m.regions}
@@ -717,6 +720,9 @@ class HybridRunner:
         # `* 0.5` after a paired relu): the float layer swapped in reads it too, and the
         # quantized one swapped into the float model reads what its float twin reads
         strays = stray_reads(region, float_subgraph(region, pair), region.chain(pair, "quant"))
+        if strays:
+            self.strays[op_name(pair.name)] = tuple(
+                _stray_op(region.quant_view, v).name for v in strays.values())
         for ext in _external_inputs(other_inside):
             provider = _provider(region, ext, base, base_inside, strays)
             if provider is None or base_v.position(provider) >= base_v.position(out):
@@ -1086,13 +1092,19 @@ def _provider(region: Region, other_node: fx.Node, base: str,
     qv = region.quant_view
     producer = qv.producer(other_node)
     for float_node, stray in strays.items():
-        behind = qv.producer(stray)  # the op whose value it is, past a pt2e quantize
-        while behind is not None and producer is not behind and qv.inputs(behind) and (
-                qv.op_class(behind).is_quantize):
-            behind = qv.inputs(behind)[0]
-        if producer is not None and producer in (stray, behind):
+        if producer is not None and producer in (stray, qv.producer(stray),
+                                                 _stray_op(qv, stray)):
             return float_node
     return region.float_counterpart(producer) if producer is not None else None
+
+
+def _stray_op(view: Any, value: fx.Node) -> fx.Node:
+    """The op whose value quantized ``value`` carries, past a pt2e quantize (``mul ->
+    quantize -> dequantize``: the ``mul``)."""
+    op = view.producer(value) or value
+    while view.op_class(op) is not None and view.op_class(op).is_quantize and view.inputs(op):
+        op = view.inputs(op)[0]
+    return op
 
 
 def _own_edge(dequantize: fx.Node, readers: Iterable[fx.Node]) -> fx.Node:

@@ -1510,6 +1510,12 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
         if dropped:
             message += (f"; {dropped} more layer{'s' if dropped != 1 else ''} kept float after "
                         "those made it no better")
+        strays = {op: layer for layer, ops in search.runner.strays.items() for op in ops}
+        if strays:  # a `* 0.5` only the quantized model has: no layer kept float removes it
+            message += ("; the quantized model computes ops the float model lacks, which every "
+                        "hybrid keeps, and their error with them: "
+                        + ", ".join(f"`{op}` (read by {layer})" for op, layer in strays.items())
+                        + " (see report.unmatched)")
     if skipped:
         message += f"; {len(skipped)} layers could not be swapped (advice.sensitivity.skipped)"
     message += _whole_note(sens.whole) + _failed_note(search)
