@@ -3085,7 +3085,12 @@ def test_a_layer_kept_float_reads_what_the_quantized_layer_reads_past_an_unpaire
     assert not s.skipped  # fcs.2 was left out: "reads `mul_1`, which has no counterpart"
     fcs2 = next(layer for layer in s.layers if layer.name == "fcs.2")
     assert fcs2.all_but == pytest.approx(sqnr(all_but("fcs.2")), abs=1e-3)
-    assert fcs2.only == pytest.approx(sqnr(only("fcs.2")), abs=1e-3)
+    if flow == "dynamic":
+        assert fcs2.only == pytest.approx(sqnr(only("fcs.2")), abs=1e-3)
+    else:  # quantized alone, fcs.2 would read the float relu on mul's grid, made for others
+        assert math.isnan(fcs2.only)
+        assert dict(s.failed)["the float model with `fcs.2` quantized"].startswith(
+            "not measured: the quantized layer reads the output of `mul")
 
     # fcs.2 and out kept float: the float model from what the quantized fcs.2 reads on
     runner = HybridRunner(fxnumeric.match(f, q, data[0]))
@@ -3180,7 +3185,10 @@ def test_a_pt2e_layer_past_an_unpaired_op_swaps_both_ways():
     s = sensitivity(exported, q, data, progress=False)
     assert not s.skipped  # fcs.2 was left out: "reads `mul`, which has no counterpart"
     fcs2 = next(layer for layer in s.layers if layer.name == "fcs.2")
-    assert fcs2.only == pytest.approx(_sqnr64(ref, only), abs=1e-3)
+    # quantized alone it would read the float relu on mul's grid, made for half its range
+    # (the hand-built hybrid reads that mismatch): not measured, and said so
+    assert math.isnan(fcs2.only) and _sqnr64(ref, only) < 40
+    assert "not measured" in dict(s.failed)["the float model with `fcs.2` quantized"]
     runner = HybridRunner(fxnumeric.match(exported, q, data[0]))
     hybrid = runner.model("quant", runner.swaps("fcs.2", "quant") + runner.swaps("out", "quant"))
     outs = []

@@ -562,6 +562,10 @@ class HybridRunner:
         # {layer: ops only the quantized model has whose values it reads}, of the layers
         # swapped so far: every hybrid keeps those ops, and their error (stray_reads)
         self.strays: dict[str, tuple[str, ...]] = {}
+        # of those, the layers whose input is rounded on the unpaired op's output grid: a
+        # layer quantized alone in the float model reads its float input on that grid,
+        # calibrated for other values (a `* 0.5` halves the range: the relu clipped at half)
+        self.stray_grids: set[str] = set()
         self._held: dict[fx.Node, tuple[Any, ...]] = {}
         self._float_regions = {r.float_path: r for r in self.matching.regions}
         self._owner = {r: m for m in self.variants.values() for r in m.regions}
@@ -721,8 +725,11 @@ class HybridRunner:
         # quantized one swapped into the float model reads what its float twin reads
         strays = stray_reads(region, float_subgraph(region, pair), region.chain(pair, "quant"))
         if strays:
+            qv = region.quant_view
             self.strays[op_name(pair.name)] = tuple(
-                _stray_op(region.quant_view, v).name for v in strays.values())
+                _stray_op(qv, v).name for v in strays.values())
+            if any(_rounded_by_stray(qv, v) for v in strays.values()):
+                self.stray_grids.add(op_name(pair.name))
         for ext in _external_inputs(other_inside):
             provider = _provider(region, ext, base, base_inside, strays)
             if provider is None or base_v.position(provider) >= base_v.position(out):
@@ -1096,6 +1103,17 @@ def _provider(region: Region, other_node: fx.Node, base: str,
                                                  _stray_op(qv, stray)):
             return float_node
     return region.float_counterpart(producer) if producer is not None else None
+
+
+def _rounded_by_stray(view: Any, value: fx.Node) -> bool:
+    """Whether quantized ``value``, the value of an op the float model lacks, is on a static
+    grid of that op's: a pt2e dequantize of a static quantize, or a torch quantized op's
+    output (its own scale)."""
+    cls = view.op_class(value)
+    if cls is not None and cls.is_dequantize:
+        return not any(view.is_dynamic_quantize(q) for q in value.all_input_nodes)
+    op = _stray_op(view, value)
+    return view.op_class(op) is not None and view.op_class(op).quantized
 
 
 def _stray_op(view: Any, value: fx.Node) -> fx.Node:

@@ -57,6 +57,7 @@ from ..llm_metrics import (
 from ..match import Matching
 from ..metrics import ROUNDING_SQNR_DB, cosine, sqnr
 from ..ops import is_quantized_module
+from ..pairing import op_name
 from ..progress import Progress
 from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, numbered_batches
@@ -837,9 +838,20 @@ def sensitivity(
     finally:
         search.close()
     kinds = {p.name: p.kind for p in search.matching.pairs}
+    unmeasured = set()
+    for name in names:  # quantized alone, its input lands on a grid made for other values
+        if op_name(name) in search.runner.stray_grids:
+            unmeasured.add(name)
+            ops = ", ".join(f"`{op}`" for op in search.runner.strays[op_name(name)])
+            search.failed.setdefault(
+                f"the float model with `{module_path(search.matching, name)}` quantized",
+                f"not measured: the quantized layer reads the output of {ops}, which the "
+                "float model does not compute, on that op's grid; fed the float input on that "
+                "grid it would read the mismatch of the grids, not its own error")
     entries = tuple(
         LayerSensitivity(name, module_path(search.matching, name), kinds[name],
-                         values[1 + 2 * i], values[2 + 2 * i])
+                         math.nan if name in unmeasured else values[1 + 2 * i],
+                         values[2 + 2 * i])
         for i, name in enumerate(names)
     )
     return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped,
