@@ -3091,6 +3091,7 @@ def test_a_layer_kept_float_reads_what_the_quantized_layer_reads_past_an_unpaire
         assert math.isnan(fcs2.only)
         assert dict(s.failed)["the float model with `fcs.2` quantized"].startswith(
             "not measured: the quantized layer reads the output of `mul")
+        assert "nan: the float model with `fcs.2` quantized not measured" in s.table()
 
     # fcs.2 and out kept float: the float model from what the quantized fcs.2 reads on
     runner = HybridRunner(fxnumeric.match(f, q, data[0]))

@@ -747,8 +747,9 @@ class Sensitivity:
         if self.layers and all(math.isnan(s.only) for s in self.layers):  # advise: all_but only
             del headers[2]
             table = [r[:2] + r[3:] for r in table]
-        failed = "".join(f"\nnan: {hybrid} failed in an op (see .failed)"
-                         for hybrid, _ in self.failed)
+        failed = "".join(f"\nnan: {hybrid} " + ("not measured" if why.startswith("not measured")
+                                                   else "failed in an op") + " (see .failed)"
+                         for hybrid, why in self.failed)
         return tabulate(table, headers=headers, tablefmt=tabulate_format(tablefmt),
                         floatfmt=".4g") + (
             f"\nquantized model: {self.metric} {shown(self.quantized)}") + failed
