@@ -191,3 +191,39 @@ def _pooled(pairs) -> float:
     signal = sum(float(ref.double().square().sum()) for ref, _ in pairs)
     noise = sum(float((ref.double() - out.double()).square().sum()) for ref, out in pairs)
     return 10 * math.log10(signal / noise)
+
+
+@pytest.mark.parametrize("reordered", [True, False])
+def test_diagnose_reads_no_cumulative_error_from_proposals_routed_otherwise(reordered):
+    """diagnose compared the box head's rows index by index as compare did, and on a
+    Faster R-CNN named its flatten the first op below the threshold, amplifying. Where the
+    proposals come in another order it now reads no cumulative error there; where they come
+    alike, the forward hooks' value. Its local error is the shadow's either way."""
+    torch.manual_seed(0)
+    f = _TwoStage().eval()
+    q = copy.deepcopy(f)
+    if reordered:
+        q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear})
+    else:
+        q.heads.fc = torch.ao.quantization.quantize_dynamic(nn.Sequential(q.heads.fc),
+                                                            {nn.Linear})[0]
+    data = [torch.randn(32, 8) for _ in range(3)]
+    seen: dict[str, list] = {"float": [], "quant": []}
+    hooks = [m.heads.fc.register_forward_hook(lambda _m, i, o, side=side: seen[side].append(
+        (i[0], o))) for m, side in ((f, "float"), (q, "quant"))]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+        for h in hooks:
+            h.remove()
+        local = _pooled([(f.heads.fc(i), o) for i, o in seen["quant"]])
+        output = _pooled([(fo, qo) for (_, fo), (_, qo) in zip(seen["float"], seen["quant"],
+                                                               strict=True)])
+    d = ns.diagnose(f, q, data, progress=False, threshold_db=local - 5)
+    fc = d.layer("heads.fc")
+    assert fc.local_sqnr == pytest.approx(local, abs=1e-4)
+    if reordered:
+        assert local - output > 10
+        assert fc.cumulative_sqnr is None and d.first_below != "heads.fc"
+    else:
+        assert fc.cumulative_sqnr == pytest.approx(output, abs=1e-4)

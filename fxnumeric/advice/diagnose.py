@@ -45,6 +45,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -65,6 +66,7 @@ from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
 from ..report.render import tabulate_format
+from ..routing import Routes, hook_calls, routed_containers
 from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
@@ -294,13 +296,17 @@ class _Sums:
         self.steps: set[float] = set()
         self.quantized = False
         self.calls = 0
+        # calls whose float model value is the same rows' (not routed otherwise: routing)
+        self.cum_calls = 0
         # calls whose values held NaN/Inf: quantized output, float twin, float model
         self.quant_nonfinite = self.local_nonfinite = self.float_nonfinite = 0
 
     def update(self, local: Any, quant_value: Any, float_value: Any,
-               grid: QuantGrid | None) -> None:
+               grid: QuantGrid | None, routed_alike: bool = True) -> None:
         """One call's values: the float twin's output ``local``, the quantized output, the
-        float model's output there, and the output's quantization grid (if known)."""
+        float model's output there, and the output's quantization grid (if known);
+        ``routed_alike``: False where the module running the op routed its rows unlike the
+        float model (:mod:`fxnumeric.routing`), whose value there is then other rows'."""
         q, local, float_value = (first_output(v) for v in (quant_value, local, float_value))
         if not all(isinstance(v, torch.Tensor) for v in (q, local, float_value)):
             return
@@ -317,14 +323,21 @@ class _Sums:
         self.float_nonfinite += not bool(float_value.isfinite().all())
         self.local_signal += float(local.square().sum())
         self.local_noise += float((deq - local).square().sum())
-        self.cum_signal += float(float_value.double().square().sum())
-        self.cum_noise += float((deq - float_value.double()).square().sum())
+        if routed_alike:
+            self.cum_calls += 1
+            self.cum_signal += float(float_value.double().square().sum())
+            self.cum_noise += float((deq - float_value.double()).square().sum())
         self.count += local.numel()
         if grid is not None:
             self.quantized = True
             low, high = grid.bounds()
             self.clipped += int(((local < low) | (local > high)).sum())
             self.steps.add(grid.scale)
+
+
+_NO_TURN = SimpleNamespace(lockstep=None)
+"""What :class:`~fxnumeric.routing.Routes` asks of a batch's turn: diagnose runs the float
+model whole before the quantized one, so a quantized call never waits for its float twin."""
 
 
 class _FloatValues(Logger):
@@ -344,9 +357,10 @@ class _LocalError(Logger):
     float, which has no floor; ``grid``: its output grid then, if it has one)."""
 
     def __init__(self, sums: _Sums, twin: _FloatValues, floor: FloorSums | None,
-                 grid: QuantGrid | None = None) -> None:
+                 grid: QuantGrid | None = None, routes: Routes | None = None) -> None:
         super().__init__()
         self.sums, self.floor, self.grid = sums, floor, grid
+        self.routes = [routes] if routes is not None else []  # a list: not a submodule
         # without a floor it needs no inputs, and an op that computes as its float twin does
         # is then not run again (its local error is none), as compare's shadows are
         self.takes_inputs = floor is not None
@@ -355,7 +369,8 @@ class _LocalError(Logger):
     def forward(self, x: Any, y: Any, *inputs: Any) -> None:  # type: ignore[override]
         pending = self.twin[0].pending
         if pending:
-            self.sums.update(y, x, pending.pop(0), self.floor.grid if self.floor else self.grid)
+            self.sums.update(y, x, pending.pop(0), self.floor.grid if self.floor else self.grid,
+                             routed_alike=not any(r.misrouted for r in self.routes))
         if self.floor is None:
             return
         quant, ref = first_output(x), first_output(y)
@@ -639,7 +654,7 @@ def _pooled_sqnr(read: list[_Sums], input_energy: float, complete: bool) -> floa
     summed; ``input_energy``: that of the model inputs it reads, which carry no error), or
     ``None`` without values, with one not measured, or not ``complete`` (a value no row
     measures: pooled over the others alone, it would read too clean or too noisy)."""
-    if not complete or not all(s.count for s in read) or not (read or input_energy):
+    if not complete or not all(s.cum_calls for s in read) or not (read or input_energy):
         return None
     return db(sum(s.cum_signal for s in read) + input_energy, sum(s.cum_noise for s in read))
 
@@ -648,7 +663,7 @@ def _product_sqnr(read: list[_Sums], complete: bool) -> float | None:
     """The SQNR a product of the values read has with their relative errors added (to first
     order, independent errors): ``1 / sum(1 / SQNR_i)`` in linear terms; the model inputs
     among its factors add none."""
-    if not complete or not all(s.count for s in read):
+    if not complete or not all(s.cum_calls for s in read):
         return None
     return db(1.0, sum(s.cum_noise / s.cum_signal if s.cum_signal else math.inf
                        for s in read if s.cum_noise))
@@ -727,12 +742,23 @@ def diagnose(
             # quantize_per_tensor: no quantized tensor) has the grid its arguments say
             grid = (grid_before(region.quant_view, region.output_nodes(pair)[1])
                     if pair.kind == "quantize" else None)
-            return _LocalError(sums[pair.name], twin, None, grid)
+            return _LocalError(sums[pair.name], twin, None, grid, routes.get(pair.name))
         sums_of_floor = floor_sums(region, pair)
         floors.setdefault(pair.name, []).append((pair, sums_of_floor))
-        return _LocalError(sums[pair.name], twin, sums_of_floor)
+        return _LocalError(sums[pair.name], twin, sums_of_floor, routes=routes.get(pair.name))
 
+    # as compare's rows: the ops inside a module that routes rows (a mixture of experts, a
+    # detector's box head) read no cumulative error from a call routed unlike the float one
+    containers = routed_containers(matching)
+    by_path = {path: Routes(path, _NO_TURN) for path, (_, inside) in containers.items()
+               if inside}
+    routes = {pair.name: by_path[path] for path, (_, inside) in containers.items()
+              for pair in inside}
     built = instrument(matching, outputs=outputs, shadows=shadows)
+    for path, watched in by_path.items():
+        hook_calls(built.quant_model, matching.quant_model, containers[path][0], [watched],
+                   "quantized")
+        hook_calls(built.float_model, matching.float_model, path, [watched], "float")
     with Progress(len(batches), "diagnosing", progress) as bar:
         for batch in batches:
             run_model(built.float_model, batch, which="float")
@@ -742,6 +768,8 @@ def diagnose(
                     input_energy[place] += float(tensor.detach().double().square().sum())
             for twin in twins:
                 twin.pending.clear()
+            for watched in by_path.values():
+                watched.clear()
             bar.update()
 
     # an op with several weight matrices (an LSTM's, per layer, direction and gate input)
@@ -797,7 +825,7 @@ def diagnose(
             clipped=s.clipped / s.count if s.quantized and s.count else None,
             noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,
             local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,
-            cumulative_sqnr=db(s.cum_signal, s.cum_noise) if s.count else None,
+            cumulative_sqnr=db(s.cum_signal, s.cum_noise) if s.cum_calls else None,
             floor_sqnr=floor, floor=floor_verdict,
             quantized=(name in quantized or kinds[name] == "quantize"
                        or (s.quantized and name not in rounded_after)),
