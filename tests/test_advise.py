@@ -3197,3 +3197,23 @@ def test_a_pt2e_layer_past_an_unpaired_op_swaps_both_ways():
         runner.probe(x)
         outs.append(runner.run(hybrid, x))
     assert _sqnr64(ref, outs) == pytest.approx(_sqnr64(ref, kept), abs=1e-3)
+
+
+def test_variants_computing_ops_the_float_model_lacks_are_refused() -> None:
+    """Plans over several variants are built on the float model: a variant computing a
+    `* 0.5` the float model lacks had its all-variant plan read 50.3 dB where the variant
+    itself reads 20.8 (computed directly). Refused, with the one-model advise as the way,
+    whose hybrids keep the op: its all-quantized value is the variant's own."""
+    torch.manual_seed(0)
+    f = _Halved().eval()
+    halved = _Halved(half=True).eval()
+    halved.load_state_dict(f.state_dict())
+    data = [torch.randn(8, 16) for _ in range(3)]
+    q = quantize_dynamic(copy.deepcopy(halved), {nn.Linear})
+    with pytest.raises(InputError, match="a variant computes ops the float model does not "
+                                         r"\(`fcs.2` reads `mul"):
+        advise(f, {"int8": q}, data, metric="sqnr", target=0.0, progress=False)
+    one = advise(f, q, data, metric="sqnr", target=0.0, progress=False)
+    with torch.no_grad():
+        assert not one.keep_float and one.value == pytest.approx(
+            _sqnr64([f(x) for x in data], [q(x) for x in data]), abs=1e-3)

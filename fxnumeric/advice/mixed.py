@@ -567,6 +567,26 @@ def _upgrade(lc: LayerChoices, choice: str) -> str | None:
     return names[i + 1] if i + 1 < len(names) else None
 
 
+def _refuse_strays(strays: dict[str, tuple[str, ...]]) -> None:
+    """Refuse variants whose layers read ops the float model lacks (``{layer: ops}``).
+
+    Every plan of several variants is built on the float model, which has no such op: the
+    plan where every layer takes the variant would skip it and measure another model (a
+    ``* 0.5`` the variant computes before ``fcs.2``: the plan read 50.3 dB, the variant
+    20.8)."""
+    if not strays:
+        return
+    shown = "; ".join(f"`{layer}` reads {', '.join(f'`{op}`' for op in ops)}"
+                      for layer, ops in list(strays.items())[:3])
+    raise InputError(
+        f"a variant computes ops the float model does not ({shown}"
+        f"{'; ...' if len(strays) > 3 else ''}): plans over several variants are built on the "
+        "float model, without those ops, so they would not measure the variants. Fix: see "
+        "them with fxnumeric.compare(float_model, variant, data) (report.unmatched), and "
+        "quantize the float model itself; or advise one variant at a time "
+        "(advise(float_model, variant, data)), whose hybrids keep them")
+
+
 def advise_variants(search: Any, target: float, *, nominal: bool = True,
                     layers: Iterable[str] | None = None, prune: bool = True,
                     max_float: int | None = None) -> dict[str, Any]:
@@ -595,6 +615,7 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
                     search.runner.swaps(lc.name, "float", choice)
                 except InstrumentationError as exc:
                     raise InputError(f"layer {lc.module}: {exc}") from exc
+    _refuse_strays(search.runner.strays)
     plan = {lc.name: lc.choices[0][0] for lc in found}
     (value,) = plans.measure([plan], "cheapest plan")
     upgraded: list[str] = []
