@@ -831,7 +831,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
             quant_nodes=p.quant_nodes,
             note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc,
                        plan.routes.get(p.name), unread.get(p.name), inside.get(p.name),
-                       plan.built.strays.get(p.name)),
+                       plan.built.strays.get(p.name), plan.built.bypassed.get(p.name)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -1156,12 +1156,17 @@ def _differ(acc: Accumulator | None) -> str:
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           weights: Accumulator | None = None, routes: Routes | None = None,
           unread_weight: str | None = None, inside: list[str] | None = None,
-          stray: tuple[str, str] | None = None) -> str:
+          stray: tuple[str, str] | None = None,
+          bypassed: tuple[str, str] | None = None) -> str:
     notes = []
     if stray is not None and sa is not None:
         notes.append(f"reads quantized `{stray[0]}`, which has no float counterpart, where the "
                      f"float model reads `{stray[1]}`; so does its shadow: the error "
                      f"`{stray[0]}` adds is in no row")
+    if bypassed is not None and sa is not None:
+        notes.append(f"its float twin reads `{bypassed[1]}`, from float ops the quantized model "
+                     f"lacks (unpaired), where it reads quantized `{bypassed[0]}`; its shadow "
+                     "reads that too: its output SQNR compares two different computations")
     if inside:
         notes.append(f"called whole: the weights of its layers {', '.join(inside)} compare "
                      "here, their outputs not one by one")

@@ -33,7 +33,7 @@ __all__ = [
     "sqnr", "cosine", "mse", "max_abs_error", "MetricFn", "Accumulator", "BUILTIN_METRICS",
     "prepare_actual", "Spread", "AccumulatorState", "WelfordState", "aminmax",
     "histogram_counts", "energy", "db", "rounding_sqnr", "ROUNDING_MARGIN_BITS",
-    "ROUNDING_SQNR_DB",
+    "ROUNDING_SQNR_DB", "TWIN_WEIGHT_SQNR_DB",
 ]
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -279,6 +279,14 @@ def rounding_sqnr(dtype: torch.dtype = torch.float32) -> float:
 
 ROUNDING_SQNR_DB = rounding_sqnr(torch.float32)
 """Float32's :func:`rounding_sqnr` (114.4 dB): the precision activations are compared in."""
+
+TWIN_WEIGHT_SQNR_DB = 0.0
+"""Weight SQNR (dB) below which a quantized weight is not a copy of a float weight: the error
+is larger than the weight. Quantizing a weight reads well above (about 6 dB a bit: int8 near
+40 dB, int4 near 20, 2 bits still above 10); another tensor of the same shape and scale reads
+about -3 dB (the difference of two independent weights has twice the energy of one). Pairing
+reads it to tell a quantized layer's float twin (:mod:`fxnumeric.pairing`), the verdict to
+call a pairing suspect (:mod:`fxnumeric.report.verdict`)."""
 
 
 def sqnr(ref: torch.Tensor, actual: torch.Tensor) -> float:

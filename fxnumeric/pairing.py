@@ -9,6 +9,13 @@ order (:meth:`GraphView.topological_order`) pairs each quantized op with a float
    :func:`fxnumeric.match`) holds, ranked by same name, same module attributes, then graph
    position. A quantized op none of whose inputs has a counterpart looks only at float ops of
    the same name (an index built once), so the search stays linear in the graph size.
+   **Weights as evidence**: where the first candidate that aligns has another name (a renamed
+   model, parallel branches called in another order, a layer missing on one side), the
+   candidates' weights decide (:class:`_WeightEvidence`): the one whose weight the quantized
+   weight is a copy of (weight SQNR at least :data:`~fxnumeric.metrics.TWIN_WEIGHT_SQNR_DB`,
+   0 dB) wins; if every candidate's weight is another tensor, the float op of the quantized
+   op's name, wherever it sits, is tried, and failing that the quantized op stays unpaired,
+   with the weight SQNRs as the reason. Names that agree read no weight.
 2. **Subgraph alignment**: a fused op pairs as a subgraph. Chains are grown on both sides
    through sole successors until their signatures agree; a BatchNorm after a conv or linear is
    absorbed on the float side when the quantized side has none (folding)::
@@ -36,8 +43,10 @@ import torch.fx as fx
 
 from . import flows
 from .errors import InputError, MatchError
+from .metrics import TWIN_WEIGHT_SQNR_DB, sqnr
 from .ops import BN_FOLDING_KINDS
 from .view import MODULE_ATTRS, GraphView, fixed_inputs
+from .weights import op_weight
 
 __all__ = ["NodeMatch", "same_op", "node_attrs", "pair_views", "LocalPair", "LocalMiss",
            "call_site_name", "op_name"]
@@ -196,6 +205,90 @@ def _candidates(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list,
     return sorted(pool, key=lambda f: (fv.name(f) != qname, fv.attrs(f) != qattrs, fv.position(f)))
 
 
+class _WeightEvidence:
+    """Weight SQNR of a quantized op's weight against float candidates', each quantized weight
+    read (and dequantized) once; read only where names do not settle a pairing."""
+
+    def __init__(self, fv: GraphView, qv: GraphView) -> None:
+        self.fv, self.qv = fv, qv
+        self._quant: dict[tuple[fx.Node, ...], Any] = {}
+
+    def sqnr(self, f_chain: list[fx.Node], q_chain: list[fx.Node]) -> float | None:
+        """The weight SQNR of the pair the chains would make; ``None`` when either holds no
+        weight fxnumeric reads, or the two weights' shapes differ."""
+        key = tuple(q_chain)
+        if key not in self._quant:
+            self._quant[key] = op_weight(self.qv, q_chain, "quant")
+        quant = self._quant[key]
+        if quant is None:
+            return None
+        weight = op_weight(self.fv, f_chain, "float")
+        if weight is None or weight.shape != quant.shape:
+            return None
+        return sqnr(weight, quant)
+
+
+Chains = tuple[list[fx.Node], list[fx.Node]]
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """A float candidate that aligned with a quantized op whose weight is not a copy of its
+    own (weight SQNR below :data:`~fxnumeric.metrics.TWIN_WEIGHT_SQNR_DB`)."""
+
+    float_chain: tuple[fx.Node, ...]
+    quant: fx.Node
+    weight_sqnr: float
+
+
+def _choose(fv: GraphView, qv: GraphView, q: fx.Node, candidates: list[fx.Node],
+            taken_f: set, taken_q: set, node_match: NodeMatch, evidence: _WeightEvidence,
+            ) -> tuple[Chains | None, list[fx.Node], list[_Rejected]]:
+    """The chains ``q`` pairs as, the candidates tried, and those its weight rejected.
+
+    The first candidate that aligns wins if it has ``q``'s name; otherwise every candidate
+    that aligns is weighed (:class:`_WeightEvidence`): the best weight SQNR at least
+    :data:`~fxnumeric.metrics.TWIN_WEIGHT_SQNR_DB` wins, then the first whose weight is not
+    read; if all read below, the float op of ``q``'s name is tried wherever it sits (the
+    float model has a layer the quantized one skips), and no pair is made if its weight is
+    not ``q``'s either.
+    """
+    qname = qv.name(q)
+    tried: list[fx.Node] = []
+    aligned: list[Chains] = []
+    for f in candidates:
+        tried.append(f)
+        found = _align(fv, qv, f, q, taken_f, taken_q)
+        if found is None:
+            continue
+        if not aligned and fv.name(f) == qname:
+            return found, tried, []
+        aligned.append(found)
+    if not aligned:
+        return None, tried, []
+    weighed = [(evidence.sqnr(*found), found) for found in aligned]
+    twins = [(value, found) for value, found in weighed
+             if value is not None and value >= TWIN_WEIGHT_SQNR_DB]
+    if twins:
+        return max(twins, key=lambda t: t[0])[1], tried, []  # max keeps the first of equals
+    unread = [found for value, found in weighed if value is None]
+    if unread:
+        return unread[0], tried, []
+    rejected = [_Rejected(tuple(f_chain), q, value) for value, (f_chain, _) in weighed]
+    want = node_attrs(qv, q)
+    for f in fv.ops_named(qname):
+        if f in taken_f or f in tried or not node_match(node_attrs(fv, f), want):
+            continue
+        found = _align(fv, qv, f, q, taken_f, taken_q)
+        if found is None:
+            continue
+        value = evidence.sqnr(*found)
+        if value is None or value >= TWIN_WEIGHT_SQNR_DB:  # its name, and no weight against it
+            return found, tried, rejected
+        rejected.append(_Rejected(tuple(found[0]), q, value))
+    return None, tried, rejected
+
+
 # Quantization never changes these: a float and a quantized module that differ in them are
 # not counterparts (attributes missing on either side are not compared).
 SHAPE_ATTRS = tuple(
@@ -244,6 +337,43 @@ def _quant_miss_reason(fv: GraphView, qv: GraphView, q: fx.Node, mapped: list, t
              else "the float graph's inputs")
     nearest = f"; nearest candidates: {', '.join(near[:3])}" if near else ""
     return f"no float op of kind `{qv.op_class(q).signature[0]}` consumes {where}{nearest}"
+
+
+def _weight_miss_reason(fv: GraphView, qv: GraphView, q: fx.Node, refused: list[_Rejected],
+                        taken_f: set) -> str:
+    """Why ``q`` stays unpaired although float ops aligned with it: their weights are not
+    its weight's (:data:`~fxnumeric.metrics.TWIN_WEIGHT_SQNR_DB`)."""
+    read = ", ".join(f"`{r.float_chain[0].name}` ({fv.op_class(r.float_chain[0]).kind}) "
+                     f"{r.weight_sqnr:.2f} dB" for r in refused[:3])
+    name = qv.name(q)
+    named = fv.ops_named(name)
+    taken = [f for f in named if f in taken_f]
+    if taken:
+        where = (f"the float op of its name, `{taken[0].name}`, is paired already (the "
+                 "quantized model calls it more often than the float model does?)")
+    elif named:
+        where = f"the float op of its name, `{named[0].name}`, does not compute it either"
+    else:
+        where = f"the float graph has no op named `{name}`"
+    return (f"its weights are not a quantized copy of any float candidate's: weight SQNR "
+            f"{read}, where quantizing a weight reads well above {TWIN_WEIGHT_SQNR_DB:g} dB; "
+            f"{where}. The quantized model has a layer the float model lacks, or other "
+            "weights")
+
+
+def _rejected_reason(fv: GraphView, qv: GraphView, r: _Rejected, pair_of: dict) -> str:
+    """Why a float op stays unpaired though a quantized op at its place aligned with it: that
+    op's weight is not a copy of its own."""
+    head = r.float_chain[0]
+    ops = " -> ".join(f"`{n.name}`" for n in r.float_chain)
+    took = next((p for n, p in pair_of.items() if r.quant.name in p.quant_nodes), None)
+    where = (f"; it paired with float `{took.float_nodes[0]}`, whose weights it holds"
+             if took is not None else "")
+    return (f"quantized `{r.quant.name}` ({qv.op_class(r.quant).kind}) reads the same input as "
+            f"float {ops}, but its weights are not `{head.name}`'s: weight SQNR "
+            f"{r.weight_sqnr:.2f} dB, where quantizing a weight reads well above "
+            f"{TWIN_WEIGHT_SQNR_DB:g} dB{where}. The quantized model lacks this layer, or "
+            "holds other weights")
 
 
 def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict,
@@ -337,17 +467,18 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
     pair_of: dict[fx.Node, LocalPair] = {}
     miss_q: list[LocalMiss] = []
     seen: dict[str, int] = {}
+    evidence = _WeightEvidence(fv, qv)
+    rejected: dict[fx.Node, _Rejected] = {}  # float node -> the quantized op it was not
     for q in qv.topological_order():
         if q in taken_q or not qv.is_op(q):
             continue
         mapped = [anchor.get(i) for i in qv.graph.pred[q]]
-        tried: list[fx.Node] = []
-        found = None
-        for f in _candidates(fv, qv, q, mapped, taken_f, node_match):
-            tried.append(f)
-            found = _align(fv, qv, f, q, taken_f, taken_q)
-            if found:
-                break
+        found, tried, refused = _choose(fv, qv, q, _candidates(fv, qv, q, mapped, taken_f,
+                                                                node_match),
+                                        taken_f, taken_q, node_match, evidence)
+        for r in refused:
+            for n in r.float_chain:
+                rejected.setdefault(n, r)
         if found is None:
             c = qv.op_class(q)
             if c.role == "optional":
@@ -361,7 +492,8 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
                         (anchor[q].name,), (q.name,), False))
             else:
                 anchor[q] = None
-                reason = _quant_miss_reason(fv, qv, q, mapped, tried)
+                reason = (_weight_miss_reason(fv, qv, q, refused, taken_f) if refused
+                          else _quant_miss_reason(fv, qv, q, mapped, tried))
                 miss_q.append(LocalMiss(q.name, c.kind, reason, c.quantized))
             continue
         f_chain, q_chain = found
@@ -382,7 +514,9 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
             anchor[n] = f_chain[-1]
     inverse = {f: q for q, f in anchor.items() if f is not None}
     miss_f = [
-        LocalMiss(f.name, fv.op_class(f).kind, _float_miss_reason(fv, qv, f, pair_of, inverse))
+        LocalMiss(f.name, fv.op_class(f).kind,
+                  _rejected_reason(fv, qv, rejected[f], pair_of) if f in rejected
+                  else _float_miss_reason(fv, qv, f, pair_of, inverse))
         for f in fv.nodes
         if fv.is_op(f) and f not in taken_f and fv.op_class(f).role == "op"
     ]

@@ -7,8 +7,8 @@ the hook's weights map (:func:`fxnumeric.offload.loaded`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -17,7 +17,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from . import flows
 from .flows.fx import packed_linear_weight, unpacked_weight
-from .match import Matching, Pair, Region
 from .metrics import sqnr
 from .offload import loaded
 from .ops import is_quantized_module
@@ -25,13 +24,17 @@ from .semantics import evaluate_constant
 from .storage import is_dynamic_module, named_module_weights
 from .view import GraphView
 
-__all__ = ["extract_weights", "pair_weights", "rnn_cell_weights", "PairedWeight"]
+if TYPE_CHECKING:  # annotations only: pairing (under match) reads a layer's weight from here
+    from .match import Matching, Pair, Region
+
+__all__ = ["extract_weights", "pair_weights", "rnn_cell_weights", "PairedWeight", "op_weight",
+           "module_weight"]
 
 _log = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-Unread = Callable[[Pair, str], None]
+Unread = Callable[["Pair", str], None]
 """Called as ``unread(pair, reason)`` for a paired op one of whose weights could not be read
 or paired with the other side's: its weight comparison is missing, and ``reason`` says why."""
 
@@ -104,7 +107,7 @@ def _float_weight(region: Region, pair: Pair) -> torch.Tensor | None:
     chain = region.chain(pair, "float")
     if chain[0].op != "call_module":
         # a functional op (a torch.export float graph) paired with a quantized module
-        return _graph_float_weight(region, pair)
+        return _graph_float_weight(view, chain)
     parts: list[nn.Module] = []
     for node in chain:
         if node.op == "call_module":
@@ -255,6 +258,52 @@ def pair_weights(matching: Matching, *, as_computed: bool = False, unread: Unrea
                 lambda region=region, pair=pair: _float_weight(region, pair), as_computed,
                 lambda region=region, pair=pair, fmod=fmod: _float_matrices(region, pair, fmod),
                 note, inner=pair.name not in matching.containers)
+
+
+def module_weight(module: nn.Module, side: str) -> torch.Tensor | None:
+    """The one weight matrix (or kernel) ``module`` computes with, as a plain float tensor in
+    the layout it computes with (transformers' ``Conv1D`` transposed to a Linear's), or
+    ``None``: it holds none, several (a recurrent layer), one offloaded (on the meta device:
+    not loaded for this), or one fxnumeric does not read.
+
+    ``side`` is ``"float"`` (a fused float module's conv or linear, its BatchNorm folded in)
+    or ``"quant"`` (the quantized weight, dequantized). Pairing compares the two to tell a
+    quantized layer's float twin (:mod:`fxnumeric.pairing`).
+    """
+    if side == "float":
+        weight = _folded_weight(_leaf_parts(module))
+    else:
+        found = _quant_weights(module, "")
+        weight = flows.comparable_weight(next(iter(found.values()))) if len(found) == 1 else None
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.dim() < 2:
+        return None
+    weight = weight.detach()
+    weight = weight.dequantize() if weight.is_quantized else weight
+    return weight.t() if _transposed_linear(module) else weight
+
+
+def op_weight(view: GraphView, chain: Sequence[fx.Node], side: str) -> torch.Tensor | None:
+    """The weight of the op whose nodes are ``chain`` (a pair's nodes on one side of
+    ``view``), as :func:`module_weight` gives a module's: a module called, or the weight a
+    functional op reads from the graph (torch.export, pt2e). ``None`` where that gives none."""
+    head = chain[0]
+    if head.op == "call_module":
+        if side == "float":
+            parts = [m for n in chain if n.op == "call_module"
+                     for m in _leaf_parts(view.modules[str(n.target)])]
+            weight = _folded_weight(parts)
+            if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.dim() < 2:
+                return None
+            return weight.t() if _transposed_linear(view.modules[str(head.target)]) else weight
+        return module_weight(view.modules[str(head.target)], side)
+    if side == "float":
+        weight = _graph_float_weight(view, chain)
+    else:
+        found = _read_weight(view, chain)
+        weight = found[1] if found is not None else None
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.dim() < 2:
+        return None
+    return weight.dequantize() if weight.is_quantized else weight
 
 
 def weight_sqnrs(matching: Matching) -> Iterator[tuple[str, float]]:
@@ -444,11 +493,9 @@ def _functional_weights(region: Region, pair: Pair, unread: Unread) -> list[Pair
 
 # --- weights held in the graph: torch.export / pt2e ops read them as (dequantized) constants
 
-def _graph_float_weight(region: Region, pair: Pair) -> torch.Tensor | None:
-    """The weight a functional float op reads, BN-folded when the pair's float chain has a
+def _graph_float_weight(fv: GraphView, chain: Sequence[fx.Node]) -> torch.Tensor | None:
+    """The weight a functional float op reads, BN-folded when its float chain has a
     BatchNorm after it."""
-    fv = region.float_view
-    chain = region.chain(pair, "float")
     found = _read_weight(fv, chain)
     if found is None:
         return None
@@ -468,7 +515,7 @@ def _kind(view: GraphView, node: fx.Node) -> str:
     return cls.signature[0] if cls is not None else ""
 
 
-def _read_weight(view: GraphView, chain: list[fx.Node]) -> tuple[fx.Node, torch.Tensor] | None:
+def _read_weight(view: GraphView, chain: Sequence[fx.Node]) -> tuple[fx.Node, torch.Tensor] | None:
     """The first node of the chain that reads a weight, and that weight's value."""
     for node in chain:
         kind = _kind(view, node)

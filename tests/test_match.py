@@ -358,3 +358,185 @@ def test_feeding_and_upstream_ops_follow_the_float_data_flow():
     # without example inputs no order of calls is recorded: region order says nothing
     m = ns.match(f, q)
     assert not m.call_order and upstream_ops(m) == {"a": set(), "b": set(), "c": set()}
+
+
+# ------------------------------------------------ weights as evidence where names do not tell
+
+
+def _hooked(model: nn.Module, names: list[str], run) -> dict[str, list[torch.Tensor]]:
+    """``{module path: [(input, output) per call]}``, dequantized, read by forward hooks."""
+    seen: dict[str, list] = {n: [] for n in names}
+
+    def plain(t):
+        return t.dequantize() if t.is_quantized else t
+
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: seen[n].append((plain(args[0]), plain(out)))) for n in names]
+    with torch.no_grad():
+        run()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+class _ThreeLinears(nn.Module):
+    """``c(a(x)) + b(x)``: two parallel Linears of one shape, then a third on one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.ff = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        x = self.quant(x)
+        u, v = self.a(x), self.b(x)
+        return self.dequant(self.ff.add(self.c(u), v))
+
+
+class _Renamed(nn.Module):
+    """The quantized ``_ThreeLinears`` under other names, its `b` branch called first."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        self.inp, self.out, self.sum = q.quant, q.dequant, q.ff
+        self.p1, self.p2, self.p3 = q.b, q.a, q.c
+
+    def forward(self, x):
+        x = self.inp(x)
+        v, u = self.p1(x), self.p2(x)
+        return self.out(self.sum.add(self.p3(u), v))
+
+
+def test_renamed_branches_called_in_another_order_pair_by_their_weights():
+    """Ranked by graph position, quantized `p1` (float `b`) paired with float `a`: its rows
+    read -10.01 dB (p1) and -0.43 dB (p2), `c`, the adds and `p3` went unpaired, and the
+    verdict named p1 culprit. Its weight is a copy of `b`'s, not `a`'s: now every branch
+    pairs with its twin and reads what hooks on the two read."""
+    torch.manual_seed(0)
+    f = _ThreeLinears().eval()
+    with torch.no_grad():
+        f.b.weight.mul_(3.0)
+    data = [torch.randn(8, 16) for _ in range(3)]
+    m = copy.deepcopy(f)
+    m.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    q = _Renamed(quantize(m, lambda model, batches: [model(d) for d in batches], [data])).eval()
+    matching = ns.match(f, q)
+    assert {n: p[1] for n, p in _pairs(matching).items()} == {
+        "inp": ("quant",), "p1": ("b",), "p2": ("a",), "p3": ("c",), "sum": ("add",)}
+    assert matching.coverage == 1.0 and not matching.unmatched_float
+    report = ns.compare(f, q, data, progress=False)
+    floats = _hooked(f, ["a", "b", "c"], lambda: [f(d) for d in data])
+    quants = _hooked(q, ["p1", "p2", "p3"], lambda: [q(d) for d in data])
+    for quant, twin in (("p1", "b"), ("p2", "a"), ("p3", "c")):
+        ref = torch.cat([o for _, o in floats[twin]])
+        actual = torch.cat([o for _, o in quants[quant]])
+        assert report.row(quant).output_sqnr == pytest.approx(sqnr(ref, actual), abs=1e-3)
+        assert report.row(quant).output_sqnr > 30  # 33.61 (p1), 34.09 (p2), 32.62 (p3)
+    assert report.culprit is None
+
+
+class _Stack(nn.Module):
+    """Linear-ReLU layers of one shape, then a classifier; ``skip`` leaves a layer out,
+    ``twice`` calls the first layer a second time."""
+
+    def __init__(self, skip: int | None = None, twice: bool = False):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.out = nn.Linear(16, 4)
+        self.skip, self.twice = skip, twice
+
+    def forward(self, x):
+        for i, fc in enumerate(self.fcs):
+            if i != self.skip:
+                x = nn.functional.relu(fc(x))
+            if self.twice and i == 0:
+                x = nn.functional.relu(fc(x))
+        return self.out(x)
+
+
+def _stack_pair(**quantized_as) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """The float `_Stack`, and an FX-quantized copy of its weights computing ``quantized_as``."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = _Stack().eval()
+    data = [torch.randn(8, 16) for _ in range(3)]
+    other = _Stack(**quantized_as).eval()
+    other.load_state_dict(f.state_dict())
+    prepared = prepare_fx(other, get_default_qconfig_mapping("x86"), (data[0],))
+    for d in data:
+        prepared(d)
+    return f, convert_fx(prepared), data
+
+
+def test_a_layer_the_quantized_model_skips_pairs_nothing_with_the_next_one():
+    """The quantized model skips fcs.1: its fcs.2 was paired with float fcs.1 (the float op
+    after fcs.0), reading weight -3.01 dB and shadow -1.18 dB, and was named culprit. Its
+    weight is a copy of float fcs.2's: it pairs with that one, its shadow fed what it reads,
+    and float fcs.1 is unpaired with the weights as the reason."""
+    f, q, data = _stack_pair(skip=1)
+    matching = ns.match(f, q)
+    assert _pairs(matching)["fcs.2"] == ("linear-relu", ("fcs_2", "relu_2"), ("fcs_2",))
+    reasons = {u.node: u.reason for u in matching.unmatched_float}
+    assert set(reasons) == {"fcs_1", "relu_1"}
+    assert "its weights are not `fcs_1`'s: weight SQNR -3.01 dB" in reasons["fcs_1"]
+    assert "it paired with float `fcs_2`" in reasons["fcs_1"]
+    report = ns.compare(f, q, data, progress=False)
+    row = report.row("fcs.2")
+    (inputs_outputs,) = _hooked(q, ["fcs.2"], lambda: q(torch.cat(data))).values()
+    x, out = inputs_outputs[0]
+    with torch.no_grad():
+        alone = nn.functional.relu(f.fcs[2](x))
+    assert row.shadow_sqnr == pytest.approx(sqnr(alone, out), abs=0.05)  # 41.61 dB
+    quant_weight = q.get_submodule("fcs.2").weight().dequantize()
+    assert row.weight_sqnr == pytest.approx(sqnr(f.fcs[2].weight, quant_weight), abs=1e-3)
+    assert "float ops the quantized model lacks" in row.notes
+    assert report.culprit != "fcs.2"
+
+
+def test_a_layer_called_twice_on_one_side_only_is_left_unpaired_not_shifted():
+    """The quantized model calls fcs.0 twice, the float one fcs.0, fcs.1, fcs.2 once each:
+    its second call was paired with float fcs.1 (weight -2.71 dB), and every row after it
+    one layer off. The second call pairs with nothing, saying why, and the rest pair with
+    the layers whose weights they hold."""
+    f, q, data = _stack_pair(twice=True)
+    matching = ns.match(f, q)
+    pairs = _pairs(matching)
+    assert pairs["fcs.1"][1:] == (("fcs_1", "relu_1"), ("fcs_2",))
+    assert pairs["fcs.2"][1:] == (("fcs_2", "relu_2"), ("fcs_3",))
+    assert "fcs.0#2" not in pairs and not matching.unmatched_float
+    (miss,) = matching.unmatched_quant
+    assert miss.node == "fcs_1" and "weight SQNR `fcs_1` (linear) -2.71 dB" in miss.reason
+    assert "the float op of its name, `fcs_0`, is paired already" in miss.reason
+    report = ns.compare(f, q, data, progress=False)
+    for layer in ("fcs.1", "fcs.2"):
+        quant_weight = q.get_submodule(layer).weight().dequantize()
+        twin = f.get_submodule(layer).weight
+        assert report.row(layer).weight_sqnr == pytest.approx(sqnr(twin, quant_weight),
+                                                              abs=1e-3)
+        assert report.row(layer).weight_sqnr > 40
+
+
+def test_a_layer_the_float_model_skips_leaves_the_quantized_one_unpaired():
+    """The other way round: the float model skips fcs.1, so the quantized fcs.1 reads weight
+    -2.83 dB against float fcs.2, the op after fcs.0; it is unpaired, and fcs.2 pairs by
+    name."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    full = _Stack().eval()
+    f = _Stack(skip=1).eval()
+    f.load_state_dict(full.state_dict())
+    data = [torch.randn(8, 16) for _ in range(3)]
+    prepared = prepare_fx(copy.deepcopy(full), get_default_qconfig_mapping("x86"), (data[0],))
+    for d in data:
+        prepared(d)
+    q = convert_fx(prepared)
+    matching = ns.match(f, q)
+    assert _pairs(matching)["fcs.2"][1:] == (("fcs_2", "relu_1"), ("fcs_2",))
+    (miss,) = matching.unmatched_quant
+    assert miss.node == "fcs_1" and "-2.83 dB" in miss.reason
+    assert "the float graph has no op named `fcs.1`" in miss.reason

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch.fx as fx
 from torch import nn
 
 from .._collector import defers_collection
@@ -99,6 +100,9 @@ class Instrumented:
         strays: ``{pair name: (unpaired quantized node, float node)}`` where the quantized op
             reads the value of an op the float model does not have, and its shadow reads it
             too, in place of the float node's counterpart: that op's error is in no row.
+        bypassed: ``{pair name: (quantized node, float node)}`` where the float op reads the
+            value of float ops the quantized model lacks (unpaired), and its shadow reads the
+            quantized op's input in its place, whose float counterpart is another node.
         block_observers: ``{block name: (float, quantized, shadow observer)}``.
     """
 
@@ -109,6 +113,7 @@ class Instrumented:
     shadow_observers: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     strays: dict[str, tuple[str, str]] = field(default_factory=dict)
+    bypassed: dict[str, tuple[str, str]] = field(default_factory=dict)
     block_observers: dict[str, tuple[nn.Module | None, nn.Module, nn.Module]] = field(
         default_factory=dict)
 
@@ -270,6 +275,8 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
             while qv.op_class(producer).is_quantize and qv.inputs(producer):
                 producer = qv.inputs(producer)[0]  # the op whose value a pt2e quantize rounds
             built.strays[pair.name] = (producer.name, f.name)
+        elif producer is not None and _bypasses(region, producer, f):
+            built.bypassed[pair.name] = (producer.name, f.name)
     built.shadow_observers[pair.name] = observer = shadows(pair)
     if not getattr(observer, "takes_inputs", False) and computes_alike(region, pair):
         # a layer left float that computes what its twin computes: its shadow's output would
@@ -280,6 +287,17 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
     inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
     quant_copy.shadow(quant_out.name, region.float_view, float_subgraph(region, pair), inputs,
                       built.shadow_observers[pair.name], f"fxnumeric_shadow_{index}")
+
+
+def _bypasses(region: Region, producer: fx.Node, f: fx.Node) -> bool:
+    """Whether a shadow reads quantized ``producer`` in place of float ``f``, the value of an
+    unpaired float op (one the quantized model lacks), whose float counterpart is another."""
+    fv = region.float_view
+    read = fv.producer(f)
+    counterpart = region.float_counterpart(producer)
+    return (read is not None and counterpart is not None and counterpart is not read
+            and fv.is_op(read) and fv.op_class(read).role == "op"
+            and region.pair_of(read) is None)
 
 
 def observe_values(matching: Matching, side: str,

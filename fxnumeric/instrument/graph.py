@@ -119,10 +119,11 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     float residual carried an input rounding the quantized block does not have (a block
     that adds nothing read 43 dB against 79 dB)."""
     fv, qv = region.float_view, region.quant_view
-    read, strays = _chain_reads(region, chain, carried)
+    read, strays, shaped = _chain_reads(region, chain, carried)
     last = qv.position(chain[-1])
     inside = set(nodes)
-    read.update(_stray_read(fv, nodes, read, strays))
+    read.update(_stray_read(fv, nodes, read, strays) or _skipped_read(region, nodes, read,
+                                                                      shaped, strays))
     inputs: dict[fx.Node, str] = {}
     for n in nodes:
         if n.op == "placeholder":  # the input quantize: its float twin is the input itself
@@ -155,14 +156,15 @@ def stray_reads(region: Region, nodes: list[fx.Node], chain: list[fx.Node]
     torch's eager ``Shadow`` and a model edited by hand do; fed the float input's
     counterpart (the relu), they skipped the unpaired op, and its error read as the layer's
     own (a shadow), or vanished (a hybrid)."""
-    read, strays = _chain_reads(region, chain)
+    read, strays, _ = _chain_reads(region, chain)
     return _stray_read(region.float_view, nodes, read, strays)
 
 
 def _chain_reads(region: Region, chain: list[fx.Node], carried: bool = False
-                 ) -> tuple[dict[fx.Node, fx.Node], list[fx.Node]]:
+                 ) -> tuple[dict[fx.Node, fx.Node], list[fx.Node], set[fx.Node]]:
     """``({float node: quantized value the chain reads of it}, [values the chain reads of ops
-    with no float counterpart])`` (see :func:`span_inputs` for ``carried``)."""
+    with no float counterpart], {float nodes the chain reads a shape of})`` (see
+    :func:`span_inputs` for ``carried``)."""
     qv = region.quant_view
     read: dict[fx.Node, fx.Node] = {}
     shapes: dict[fx.Node, fx.Node] = {}
@@ -187,7 +189,25 @@ def _chain_reads(region: Region, chain: list[fx.Node], carried: bool = False
                 elif f not in read or (carried and is_dequantize(qv, read[f])
                                        and not is_dequantize(qv, i)):
                     read[f] = i
-    return shapes | read, strays
+    return shapes | read, strays, set(shapes)
+
+
+def _skipped_read(region: Region, nodes: list[fx.Node], read: dict[fx.Node, fx.Node],
+                  shaped: set[fx.Node], strays: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """The other way round from :func:`_stray_read`: float ``nodes`` read the value of float
+    ops the quantized model lacks (a layer it skips; pairing found the twin by its weights),
+    the quantized chain the value of a paired op before them: the shadow reads that, what the
+    quantized op read. Held to that case: the value read is a paired op's (not one a quantize
+    no pair claims carries on from the model input), the float input an unpaired op's."""
+    fv, qv = region.float_view, region.quant_view
+    outside = _outside_values(fv, nodes)
+    unread = [f for f in outside if f not in read]
+    spare = [f for f in read if f not in outside and f not in shaped
+             and (p := qv.producer(read[f])) is not None and region.pair_of(p) is not None]
+    if (not strays and len(unread) == 1 and len(spare) == 1 and fv.is_op(unread[0])
+            and region.pair_of(unread[0]) is None):
+        return {unread[0]: read[spare[0]]}
+    return {}
 
 
 def _stray_read(fv: GraphView, nodes: list[fx.Node], read: dict[fx.Node, fx.Node],
