@@ -329,19 +329,35 @@ def _single_output(view: GraphView, nodes: list[fx.Node]) -> fx.Node | None:
     return leaving[0] if len(leaving) == 1 else None
 
 
+def _quant_path(matching: Matching, path: str) -> str:
+    """The quantized model's path of the float module at ``path``: its own, unless the
+    regions below it pair with modules elsewhere (a module list of one layer fewer, paired by
+    weights: float ``layers.2`` is quantized ``layers.1``)."""
+    for region in matching.regions:
+        float_path, quant_path = region.float_path, region.quant_path
+        if float_path == path:
+            return quant_path
+        rest = float_path[len(path):]
+        if float_path.startswith(path + ".") and quant_path.endswith(rest):
+            return quant_path[: -len(rest)]
+    return path
+
+
 def _module_span(matching: Matching, path: str) -> tuple | None:
     """A block kept whole (its code was not traced): a one-op region that calls it."""
     float_model, quant_model = matching.module("float"), matching.module("quant")
     assert float_model is not None and quant_model is not None
-    extra = matching.extra_kwargs.get(path, ())  # what its **kwargs was called with
+    quant_path = _quant_path(matching, path)
+    extra = matching.extra_kwargs.get(quant_path, ())  # what its **kwargs was called with
     float_graph, float_scope = leaf_graph(float_model, path, extra)
-    quant_graph, quant_scope = leaf_graph(quant_model, path, extra)
-    parent = path.rpartition(".")[0]
+    quant_graph, quant_scope = leaf_graph(quant_model, quant_path, extra)
+    parent, quant_parent = path.rpartition(".")[0], quant_path.rpartition(".")[0]
     region = pair_region(
         GraphView(float_graph, root=float_model.get_submodule(parent) if parent else float_model),
-        GraphView(quant_graph, root=quant_model.get_submodule(parent) if parent else quant_model),
-        float_path=path, quant_path=path, float_scope=float_scope, quant_scope=quant_scope,
-        whole_module=True,
+        GraphView(quant_graph, root=quant_model.get_submodule(quant_parent) if quant_parent
+                  else quant_model),
+        float_path=path, quant_path=quant_path, float_scope=float_scope,
+        quant_scope=quant_scope, whole_module=True,
     )
     if len(region.pairs) != 1:
         return None

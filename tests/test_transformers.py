@@ -466,3 +466,41 @@ def test_gpt2_with_nothing_quantized_warns_with_the_count_of_its_ops():
     messages = [str(w.message) for w in caught if w.category is ns.FxNumericWarning]
     assert len(messages) == 1 and len(report.rows) == 32
     assert messages[0].startswith("the quantized model has no quantized op (all 32 ops are float)")
+
+
+def test_a_llama_missing_a_decoder_layer_pairs_each_layer_with_its_own_weights():
+    """A quantized Llama with its middle decoder layer deleted: the module tree paired its
+    `layers.1` (the float `layers.2`) with the float `layers.1` by name, and every Linear of
+    it read weight SQNR -2.5 to -3.6 dB, as two unrelated layers do. The layers pair by their
+    weights: each reads what its float twin, fed the same input, reads against it by hooks,
+    and the float layer the quantized model lacks is unpaired, saying so."""
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    f = transformers.LlamaForCausalLM(cfg).eval()
+    shorter = copy.deepcopy(f)
+    del shorter.model.layers[1]
+    shorter.config.num_hidden_layers = 2
+    for i, layer in enumerate(shorter.model.layers):
+        layer.self_attn.layer_idx = i
+    q = torch.ao.quantization.quantize_dynamic(shorter, {nn.Linear})
+    data = [_ids()]
+    report = ns.compare(f, q, data, progress=False)
+    row = report.row("model.layers.1.self_attn.q_proj")
+    assert row.float_nodes == ("model.layers.2.self_attn.q_proj",)
+    seen = []
+    hook = q.model.layers[1].self_attn.q_proj.register_forward_hook(
+        lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        q(data[0])
+    hook.remove()
+    twin = f.model.layers[2].self_attn.q_proj
+    with torch.no_grad():
+        alone = twin(seen[0][0])
+    assert row.shadow_sqnr == pytest.approx(ns.sqnr(alone, seen[0][1]), abs=1e-3)
+    quant_weight = q.model.layers[1].self_attn.q_proj.weight().dequantize()
+    assert row.weight_sqnr == pytest.approx(ns.sqnr(twin.weight, quant_weight), abs=1e-3)
+    assert min(r.weight_sqnr for r in report.rows if r.weight_sqnr is not None) > 30
+    (missing,) = [u for u in report.unmatched if u[1] == "float"]
+    assert missing[0] == "model.layers.1" and "the quantized model lacks it" in missing[2]

@@ -33,8 +33,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..metrics import TWIN_WEIGHT_SQNR_DB, sqnr
 from ..ops import classify_module
 from ..run import run_model
+from ..weights import module_weight
 from .clone import module_tree_copy
 from .fx import (
     FUNCTIONAL_METHODS,
@@ -300,8 +302,18 @@ class _Walk:
     def child_pairs(
         self, fm: nn.Module, qm: nn.Module, fpath: str, qpath: str
     ) -> list[tuple[str, str]]:
-        """Children paired by name, then the rest by position and type; orphans recorded."""
+        """Children paired by name, then the rest by position and type; orphans recorded.
+
+        A ``ModuleList`` (or ``ModuleDict``) holding more entries on one side (a decoder
+        layer deleted) pairs its entries by their weights where those tell
+        (:func:`_align_by_weights`): by name, every entry after the missing one paired with
+        its predecessor's twin (every Linear of a Llama layer read weight SQNR -2.5 to -3.6
+        dB, as two unrelated layers do)."""
         f_children, q_children = list(fm.named_children()), list(qm.named_children())
+        if _is_container(fm) and _is_container(qm) and len(f_children) != len(q_children):
+            aligned = _align_by_weights(f_children, q_children)
+            if aligned is not None:
+                return self._aligned(aligned, f_children, q_children, fpath, qpath)
         q_names = {name for name, _ in q_children}
         f_names = {name for name, _ in f_children}
         pairs = [(name, name) for name, _ in f_children if name in q_names]
@@ -325,6 +337,73 @@ class _Walk:
                     f"{type(child).__name__} at the same position under `{fpath or '<root>'}`"
                 )))
         return pairs
+
+
+    def _aligned(self, aligned: list[tuple[str, str, float]], f_children: list, q_children: list,
+                 fpath: str, qpath: str) -> list[tuple[str, str]]:
+        """The pairs :func:`_align_by_weights` found; the entries left on either side are
+        orphans, with the weights as the reason."""
+        paired_f = {f for f, _, _ in aligned}
+        paired_q = {q for _, q, _ in aligned}
+        counts = (f"the float `{fpath or '<root>'}` holds {len(f_children)} entries, the "
+                  f"quantized `{qpath or '<root>'}` {len(q_children)}")
+        for name, child in f_children:
+            if name not in paired_f and classify_module(child).role != "plumbing":
+                self.orphans.append((_join(fpath, name), "float", (
+                    f"{counts}, and none of the quantized ones holds its weights (weight SQNR "
+                    f"below {TWIN_WEIGHT_SQNR_DB:g} dB against each, where quantizing a weight "
+                    "reads well above): the quantized model lacks it")))
+        for name, child in q_children:
+            if name not in paired_q and classify_module(child).role != "plumbing":
+                self.orphans.append((_join(qpath, name), "quantized", (
+                    f"{counts}, and none of the float ones holds its weights (weight SQNR "
+                    f"below {TWIN_WEIGHT_SQNR_DB:g} dB against each, where quantizing a weight "
+                    "reads well above): the float model lacks it")))
+        return [(f, q) for f, q, _ in aligned]
+
+
+def _first_weight(module: nn.Module, side: str) -> tuple[str, torch.Tensor] | None:
+    """``(path inside module, weight)`` of the first layer inside ``module`` with a weight
+    matrix (:func:`fxnumeric.weights.module_weight`; a norm's vector tells nothing: every
+    layer's starts as ones), or None."""
+    for rel, sub in module.named_modules():
+        weight = getattr(sub, "weight", None)
+        if isinstance(weight, torch.Tensor) or callable(weight):
+            found = module_weight(sub, side)
+            if found is not None:
+                return rel, found
+    return None
+
+
+def _align_by_weights(f_children: list[tuple[str, nn.Module]],
+                      q_children: list[tuple[str, nn.Module]],
+                      ) -> list[tuple[str, str, float]] | None:
+    """Pair the entries of two module lists of different lengths in order, each quantized
+    entry with the next float entry whose first weight matrix (at the same path inside it)
+    its own is a quantized copy of (weight SQNR at least
+    :data:`~fxnumeric.pairing.TWIN_WEIGHT_SQNR_DB`); entries skipped stay unpaired.
+    ``(float name, quantized name, weight SQNR)`` of the pairs, or None where weights do not
+    tell (an entry without a weight fxnumeric reads: names decide, as before). Each weight
+    is read once."""
+    float_weights = [_first_weight(child, "float") for _, child in f_children]
+    quant_weights = [_first_weight(child, "quant") for _, child in q_children]
+    if any(w is None for w in (*float_weights, *quant_weights)):
+        return None
+    if len({rel for rel, _ in (*float_weights, *quant_weights)}) > 1:  # not alike inside
+        return None
+    found: list[tuple[str, str, float]] = []
+    start = 0
+    for (q_name, _), (_, q_weight) in zip(q_children, quant_weights, strict=True):
+        for k in range(start, len(f_children)):
+            f_weight = float_weights[k][1]
+            if f_weight.shape != q_weight.shape:
+                continue
+            value = sqnr(f_weight, q_weight)
+            if value >= TWIN_WEIGHT_SQNR_DB:
+                found.append((f_children[k][0], q_name, value))
+                start = k + 1
+                break
+    return found or None  # no entry alike: other weights (another checkpoint), names decide
 
 
 def _has(module: nn.Module, path: str) -> bool:
