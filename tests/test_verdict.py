@@ -921,3 +921,25 @@ def _pooled_sqnr(pairs) -> float:
     signal = sum(float(ref.double().square().sum()) for ref, _ in pairs)
     noise = sum(float((ref.double() - out.double()).square().sum()) for ref, out in pairs)
     return 10 * math.log10(signal / noise)
+
+
+def test_a_culprit_whose_weights_are_not_its_twins_is_named_with_the_pairing_suspect():
+    """A quantized layer paired with the wrong float op (parallel branches renamed) reads
+    weight SQNR -10.15 dB, and a shadow SQNR far below the rest: it was named culprit as if
+    quantization caused it. Its weights say its float twin is suspect: the verdict and its
+    row's note say so."""
+    def row(name: str, shadow: float, weight: float) -> ReportRow:
+        return ReportRow(name, "linear", True, weight, {"sqnr": shadow}, {"sqnr": shadow},
+                         float_rms=1.0, spread={"shadow_sqnr": Spread(shadow, 0.3, shadow - 0.6,
+                                                                      shadow + 0.6, 8)})
+
+    report = _report(row("p1", -10.0, -10.15), row("p2", 36.6, 48.0), row("p3", 37.3, 48.2))
+    assert report.culprit == "p1"
+    assert "but the pairing is suspect: weight SQNR p1 -10.15 dB" in report.verdict.text
+    assert "weights are not a quantized copy of its float twin's" in report.row("p1").notes
+    assert "explain('p1')" in report.row("p1").notes
+    assert "suspect" not in report.row("p2").notes
+    two = _report(row("a", -1.2, -3.0), row("b", -1.4, -2.7), row("c", 36.0, 48.0))
+    assert two.verdict.kind == "group" and "the pairing is suspect" in two.verdict.text
+    healthy = _report(row("a", 10.0, 48.0), row("b", 36.0, 48.0))
+    assert healthy.culprit == "a" and "suspect" not in healthy.verdict.text

@@ -31,7 +31,7 @@ from .render import (
     report_table,
 )
 from .variants import best_variant, variants_summary
-from .verdict import Verdict, adds_error, compares_detections, verdict
+from .verdict import Verdict, adds_error, compares_detections, suspect_pairing, verdict
 
 if TYPE_CHECKING:
     from .diff import ReportDiff
@@ -339,7 +339,7 @@ class ReportRow:
     def notes(self) -> str:
         """``note`` plus what the row's numbers cannot tell (a collapsed signal) or say
         beyond themselves (below its floor)."""
-        parts = [n for n in (self.note, _collapse_note(self)) if n]
+        parts = [n for n in (self.note, _collapse_note(self), suspect_pairing(self)) if n]
         why = _FLOOR_CAUSES.get(self.floor_cause, "")
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "

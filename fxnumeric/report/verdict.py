@@ -39,6 +39,14 @@ float32's ``eps`` with a margin of 4 bits) or more computes what its float twin 
 the order its sums are taken in (an fp16 dynamic Linear whose weights fp16 holds exactly reads
 145 dB). It is neither a culprit nor one of the layers an error is spread over; when every
 layer is such, the verdict is ``"no error"``. The numbers in the rows are left as measured.
+
+A layer whose weight SQNR reads below :data:`~fxnumeric.metrics.TWIN_WEIGHT_SQNR_DB` (0 dB: its
+quantized weight is not a copy of its float twin's) is named with the pairing called suspect
+(:func:`suspect_pairing`): its float twin may be another layer (a model renamed or missing a
+layer that pairing could not tell), or its weights are broken. Either way its shadow SQNR does
+not measure quantization: a hand-built model whose branch ``p1`` paired with the other
+branch's float layer read -10.00 dB and was named culprit, where each branch reads 36.6-36.8 dB
+against its own twin.
 """
 
 from __future__ import annotations
@@ -47,13 +55,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..metrics import ROUNDING_SQNR_DB
+from ..metrics import ROUNDING_SQNR_DB, TWIN_WEIGHT_SQNR_DB
 
 if TYPE_CHECKING:
     from .data import Report, ReportRow
 
-__all__ = ["Verdict", "verdict", "adds_error", "compares_detections", "CULPRIT_MARGIN_DB",
-           "NOISE_SIGMAS", "MAX_GROUP", "ACCUMULATION_DB"]
+__all__ = ["Verdict", "verdict", "adds_error", "compares_detections", "suspect_pairing",
+           "CULPRIT_MARGIN_DB", "NOISE_SIGMAS", "MAX_GROUP", "ACCUMULATION_DB"]
 
 CULPRIT_MARGIN_DB = 6.0
 """How far (dB of shadow SQNR) a culprit must sit below every other layer: 4x the noise power."""
@@ -116,6 +124,31 @@ def adds_error(sqnr: float | None) -> bool:
     (True, False, False, False)
     """
     return sqnr is not None and not math.isnan(sqnr) and sqnr < ROUNDING_SQNR_DB
+
+
+def suspect_pairing(row: ReportRow) -> str:
+    """What to say of ``row`` whose weight SQNR reads below
+    :data:`~fxnumeric.metrics.TWIN_WEIGHT_SQNR_DB`: its weights are not a quantized copy of
+    its float twin's, so that twin is suspect; ``""`` for any other row."""
+    weight = row.weight_sqnr
+    if weight is None or math.isnan(weight) or weight >= TWIN_WEIGHT_SQNR_DB:
+        return ""
+    return (f"weight SQNR {weight:.2f} dB: its weights are not a quantized copy of its float "
+            f"twin's (quantizing reads well above {TWIN_WEIGHT_SQNR_DB:g} dB), so the pairing is "
+            f"suspect: another layer's float twin, or broken weights "
+            f"(fxnumeric.match(float_model, quant_model).explain({row.name!r}))")
+
+
+def _suspects(rows: list[ReportRow]) -> str:
+    """The verdict's caveat for named layers whose pairing is suspect (:func:`suspect_pairing`)."""
+    named = [r for r in rows if suspect_pairing(r)]
+    if not named:
+        return ""
+    weights = ", ".join(f"{r.name} {r.weight_sqnr:.2f} dB" for r in named)
+    return (f"; but the pairing is suspect: weight SQNR {weights}, where a quantized copy of a "
+            f"float twin's weights reads well above {TWIN_WEIGHT_SQNR_DB:g} dB: "
+            f"{'its' if len(named) == 1 else 'their'} float twin may be another layer (see "
+            "the row's note)")
 
 
 def _stderr(row: ReportRow) -> float | None:
@@ -267,7 +300,7 @@ def verdict(report: Report) -> Verdict:
                 "(report.unmatched)")
         return Verdict("culprit", first.name, (first.name,), (), 1, low, high, None, None,
                        f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB), the "
-                       f"{only}" + _accumulation(report, low))
+                       f"{only}" + _suspects([first]) + _accumulation(report, low))
     for k in range(1, min(MAX_GROUP, len(ranked) - 1) + 1):
         apart, gap, noise = _separated(ranked[k - 1], ranked[k])
         if not apart:
@@ -280,7 +313,7 @@ def verdict(report: Report) -> Verdict:
                 "culprit", first.name, (first.name,), (), len(ranked), low, high, gap, noise,
                 f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB, {gap:.2f} dB "
                 f"below any other layer; next {nxt.name} at {nxt.shadow_sqnr:.2f} dB{unknown})"
-                + _accumulation(report, low))
+                + _suspects([first]) + _accumulation(report, low))
         group = ranked[:k]
         names = tuple(r.name for r in group)
         ties = tuple(r.name for r in group
@@ -293,7 +326,7 @@ def verdict(report: Report) -> Verdict:
             noise,
             f"no single culprit: {_names(list(names))} stand out together (shadow SQNR "
             f"{low:.2f}-{group[-1].shadow_sqnr:.2f} dB; the rest from {nxt.shadow_sqnr:.2f} dB)"
-            f"{within}" + _accumulation(report, low))
+            f"{within}" + _suspects(group) + _accumulation(report, low))
     _, gap, noise = _separated(first, ranked[1])
     why = (f"within batch noise of ±{noise:.2f} dB (its per-batch values)"
            if noise is not None and gap >= CULPRIT_MARGIN_DB else
