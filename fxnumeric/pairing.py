@@ -45,6 +45,7 @@ from . import flows
 from .errors import InputError, MatchError
 from .metrics import TWIN_WEIGHT_SQNR_DB, sqnr
 from .ops import BN_FOLDING_KINDS
+from .semantics import writes_first_input
 from .view import MODULE_ATTRS, GraphView, fixed_inputs
 from .weights import op_weight
 
@@ -379,6 +380,13 @@ def _rejected_reason(fv: GraphView, qv: GraphView, r: _Rejected, pair_of: dict) 
 def _float_miss_reason(fv: GraphView, qv: GraphView, f: fx.Node, pair_of: dict,
                        inverse: dict) -> str:
     kind = fv.op_class(f).kind
+    if not f.users and writes_first_input(f, fv.modules):
+        # `y.relu_()` with its result unused: it changes `y` for every later reader, and
+        # torch's convert_fx drops it (4.5 dB downstream on a model it did this to)
+        written = f.args[0].name if f.args and isinstance(f.args[0], fx.Node) else "its input"
+        return (f"an in-place op whose result is unused, but which writes into `{written}`: the "
+                "quantized graph has no such op (torch's convert_fx drops one it does not "
+                "see used), so every value read after it differs between the models")
     if not f.users:
         return ("its result is never used (dead code the quantized graph dropped), so there is "
                 "nothing to compare")

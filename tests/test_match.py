@@ -540,3 +540,40 @@ def test_a_layer_the_float_model_skips_leaves_the_quantized_one_unpaired():
     (miss,) = matching.unmatched_quant
     assert miss.node == "fcs_1" and "-2.83 dB" in miss.reason
     assert "the float graph has no op named `fcs.1`" in miss.reason
+
+
+class _InPlaceRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y.relu_()  # its result unused: it works by writing into y
+        return self.b(y)
+
+
+def test_an_unused_in_place_op_the_quantized_graph_dropped_is_not_called_dead_code():
+    """torch's convert_fx drops `y.relu_()` (its result is unused), and the quantized model
+    computes b on the unclamped y. The float relu_ was reported as dead code with "nothing to
+    compare"; its reason now says it writes into `a`'s value, so every value after differs
+    (b's output SQNR, by hooks, is far below a's)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = _InPlaceRelu().eval()
+    data = [torch.randn(4, 8) for _ in range(2)]
+    prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("fbgemm"), (data[0],))
+    for x in data:
+        prepared(x)
+    q = convert_fx(prepared)
+    assert not any("relu" in str(n.target) for n in q.graph.nodes)  # dropped by torch
+    report = ns.compare(f, q, data, progress=False)
+    reasons = {node: why for node, side, why in report.unmatched if side == "float"}
+    assert "relu_" in reasons and "dead code" not in reasons["relu_"]
+    assert "writes into `a`" in reasons["relu_"]
+    with torch.no_grad():
+        out_b = float(sqnr(torch.cat([f(x) for x in data]), torch.cat([q(x) for x in data])))
+    assert report.row("b").output_sqnr == pytest.approx(out_b, abs=1e-3)
+    assert report.row("b").output_sqnr < report.row("a").output_sqnr - 10
