@@ -266,7 +266,12 @@ def _choose(fv: GraphView, qv: GraphView, q: fx.Node, candidates: list[fx.Node],
             return found, tried, []
         aligned.append(found)
     if not aligned:
-        return None, tried, []
+        # nothing after its input's counterpart computes it (the float model has an op there
+        # the quantized one lacks, `y * 0.5`): the float layer of its name, where its weights
+        # say it is its twin
+        found, _ = _by_name(fv, qv, q, tried, taken_f, taken_q, node_match, evidence,
+                            weighed=True)
+        return found, tried, []
     weighed = [(evidence.sqnr(*found), found) for found in aligned]
     twins = [(value, found) for value, found in weighed
              if value is not None and value >= TWIN_WEIGHT_SQNR_DB]
@@ -276,18 +281,29 @@ def _choose(fv: GraphView, qv: GraphView, q: fx.Node, candidates: list[fx.Node],
     if unread:
         return unread[0], tried, []
     rejected = [_Rejected(tuple(f_chain), q, value) for value, (f_chain, _) in weighed]
-    want = node_attrs(qv, q)
-    for f in fv.ops_named(qname):
+    found, refused = _by_name(fv, qv, q, tried, taken_f, taken_q, node_match, evidence)
+    return found, tried, rejected + refused
+
+
+def _by_name(fv: GraphView, qv: GraphView, q: fx.Node, tried: list[fx.Node], taken_f: set,
+             taken_q: set, node_match: NodeMatch, evidence: _WeightEvidence, *,
+             weighed: bool = False) -> tuple[Chains | None, list[_Rejected]]:
+    """The chains of the float op named as ``q`` is, wherever it sits, unless its weight
+    is not ``q``'s (and, ``weighed``, unless no weight says it is: a name alone places no
+    op found nowhere near its input, a module called at several places among them)."""
+    want, rejected = node_attrs(qv, q), []
+    for f in fv.ops_named(qv.name(q)):
         if f in taken_f or f in tried or not node_match(node_attrs(fv, f), want):
             continue
         found = _align(fv, qv, f, q, taken_f, taken_q)
         if found is None:
             continue
         value = evidence.sqnr(*found)
-        if value is None or value >= TWIN_WEIGHT_SQNR_DB:  # its name, and no weight against it
-            return found, tried, rejected
-        rejected.append(_Rejected(tuple(found[0]), q, value))
-    return None, tried, rejected
+        if value is None and not weighed or value is not None and value >= TWIN_WEIGHT_SQNR_DB:
+            return found, rejected  # its name, and no weight against it
+        if value is not None:
+            rejected.append(_Rejected(tuple(found[0]), q, value))
+    return None, rejected
 
 
 # Quantization never changes these: a float and a quantized module that differ in them are

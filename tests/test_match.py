@@ -577,3 +577,41 @@ def test_an_unused_in_place_op_the_quantized_graph_dropped_is_not_called_dead_co
         out_b = float(sqnr(torch.cat([f(x) for x in data]), torch.cat([q(x) for x in data])))
     assert report.row("b").output_sqnr == pytest.approx(out_b, abs=1e-3)
     assert report.row("b").output_sqnr < report.row("a").output_sqnr - 10
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.scale = scale
+
+    def forward(self, x):
+        y = torch.relu(self.fc1(x))
+        if self.scale is not None:
+            y = y * self.scale
+        return self.fc3(torch.relu(self.fc2(y)))
+
+
+def test_an_op_only_the_float_model_has_leaves_the_next_layer_paired():
+    """The float model scales fc2's input by 0.5; the quantized one does not. fc2 was looked
+    for only among the float consumers of the relu (the mul), and both fc2s were left
+    unpaired, as was every op reading them. It is now found by its name, its weights
+    agreeing, and its shadow reads what the quantized fc2 reads (forward hooks)."""
+    torch.manual_seed(0)
+    f = _Scaled(0.5).eval()
+    plain = _Scaled().eval()
+    plain.load_state_dict(f.state_dict())
+    q = torch.ao.quantization.quantize_dynamic(plain, {nn.Linear}, dtype=torch.qint8)
+    data = [torch.randn(4, 16) for _ in range(3)]
+    seen = []
+    handle = q.fc2.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    with torch.no_grad():
+        for x in data:
+            q(x)
+        handle.remove()
+        shadow = float(sqnr(torch.cat([f.fc2(i) for i, _ in seen]),
+                            torch.cat([o for _, o in seen])))
+    report = ns.compare(f, q, data, progress=False)
+    assert [r.name for r in report.rows] == ["fc1", "relu", "fc2", "relu_1", "fc3"]
+    assert [(node, side) for node, side, _ in report.unmatched] == [("mul", "float")]
+    assert report.row("fc2").shadow_sqnr == pytest.approx(shadow, abs=1e-3)
