@@ -888,8 +888,8 @@ def _output_part_note(plan: _Plan) -> tuple[str, ...]:
     if not part:
         return ()
     _, tensors = plan.output_part  # type: ignore[misc]
-    note = (f"model output: the metrics read `output{part}`, the first of the {tensors} tensors "
-            "the model returns; the rest are not compared")
+    note = (f"model output: the metrics read `output{part}`, one of the {tensors} tensors the "
+            "model returns (the first after a loss); the rest are not compared")
     if compares_detections(part):
         note += (" (detections, compared index by index: boxes that come in another order "
                  "among near-tied scores read as error no layer made)")

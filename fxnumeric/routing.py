@@ -24,7 +24,8 @@ A two-stage detector routes by boxes: torchvision's ``RoIHeads`` gets a list of 
 quantized backbone moves near-tied scores, the proposals come in another order, and row
 ``i`` is another region on each side (a box head's fc6 read 10.9 dB, 33.7 dB on the
 proposals alike on both sides). Such boxes count as routing too: a quantized call is
-misrouted unless each of its boxes lies nearest to the float box of the same index.
+misrouted where one of its boxes lies :data:`REORDER_RATIO` times farther from the float box
+of its index than from the nearest float box.
 """
 
 from __future__ import annotations
@@ -72,15 +73,25 @@ def _routing(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], list[torch.
     return list(_indices((args, kwargs))), list(_boxes((args, kwargs)))
 
 
+REORDER_RATIO = 4.0
+"""How many times farther than its nearest float box a quantized box must lie from the float
+box of its own index to be read as another box: a reorder moves a box to another one
+(pixels to tens of pixels away, against its twin's fraction of a pixel), where rounding
+moves it by its own error, which ties and near-duplicates share."""
+
+
 def _same_order(float_boxes: torch.Tensor, quant_boxes: torch.Tensor) -> bool:
-    """Whether each quantized box lies nearest to the float box of its own index."""
+    """Whether each quantized box lies near the float box of its own index: no nearer to
+    another by :data:`REORDER_RATIO` (equal boxes, padding rows among them, are alike)."""
     if float_boxes.shape != quant_boxes.shape:
         return False
-    if len(quant_boxes) < 2:
+    float_boxes = float_boxes.to(quant_boxes.device)
+    if len(quant_boxes) < 2 or torch.equal(float_boxes, quant_boxes):
         return True
-    nearest = torch.cdist(quant_boxes.double(), float_boxes.to(quant_boxes.device).double())
-    return bool(torch.equal(nearest.argmin(dim=1), torch.arange(len(quant_boxes),
-                                                                device=quant_boxes.device)))
+    distance = torch.cdist(quant_boxes.double(), float_boxes.double())
+    own = distance.diagonal()
+    nearest = distance.min(dim=1).values
+    return bool((own <= REORDER_RATIO * nearest + 1e-12).all())
 
 
 def _alike(theirs: tuple[list[torch.Tensor], list[torch.Tensor]],

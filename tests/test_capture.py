@@ -967,6 +967,39 @@ class _CachesOnFirstCall(nn.Module):
         return self.fc(x) * (self.width / 8)
 
 
+class _CachesInADict(nn.Module):
+    """Fills a cache it owns in place on its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.g = nn.Parameter(torch.ones(1))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        if "w" not in self.cache:
+            self.cache["w"] = torch.sigmoid(self.g)
+            self.calls.append(1)
+        return self.fc(x) * self.cache["w"]
+
+
+def test_tracing_leaves_a_cache_filled_in_place_as_it_was():
+    """The cache kept the trace's Proxy, and the user's models returned `Proxy(getattr_1)`
+    from then on, without an error. They return what a fresh copy of them returns."""
+    torch.manual_seed(0)
+    f = nn.Sequential(_CachesInADict()).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    fresh_f, fresh_q = copy.deepcopy(f), copy.deepcopy(q)
+    x = torch.randn(2, 8)
+    ns.compare(f, q, [x], progress=False)
+    ns.match(f, q)
+    for model, fresh in ((f, fresh_f), (q, fresh_q)):
+        assert model[0].cache == {} and model[0].calls == []
+        with torch.no_grad():
+            assert torch.equal(model(x), fresh(x))
+
+
 @pytest.mark.parametrize("call", ["match", "compare_model_outputs", "add_loggers"])
 def test_tracing_leaves_what_a_forward_caches_on_the_users_models(call):
     """Traced, the cache held a torch.fx Proxy, and every later forward of the user's

@@ -882,7 +882,7 @@ def test_detections_compared_index_by_index_are_not_read_as_accumulation():
     assert report.model_output["sqnr"] == pytest.approx(index_wise, abs=1e-4)
     assert unsorted - index_wise > 20  # the reorder, not the boxes' own error
     assert report.model_output_part == "[0]['boxes']"
-    assert any("the metrics read `output[0]['boxes']`, the first of the 2 tensors" in n
+    assert any("the metrics read `output[0]['boxes']`, one of the 2 tensors" in n
                and "index by index" in n for n in report.notes)
     assert "error accumulates" not in report.verdict.text
     assert "detections compared index by index" in report.verdict.text
@@ -911,7 +911,7 @@ def test_a_model_returning_several_tensors_says_which_it_compares():
         expected = _pooled_sqnr([(f(x)[0], q(x)[0]) for x in data])
     assert report.model_output["sqnr"] == pytest.approx(expected, abs=1e-4)
     assert report.model_output_part == "[0]"
-    assert any("`output[0]`, the first of the 2 tensors the model returns" in n
+    assert any("`output[0]`, one of the 2 tensors the model returns" in n
                for n in report.notes)
     single = ns.compare(nn.Sequential(f.fc1), nn.Sequential(q.fc1), data, progress=False)
     assert single.model_output_part == "" and not any("model output:" in n for n in single.notes)

@@ -153,19 +153,40 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
     A forward that caches on its first call writes what it computed into the module:
     torchvision's ``MultiScaleRoIAlign`` sets ``self.scales``, which, traced, is a torch.fx
     ``Proxy``; every later forward of the user's model then failed ("Proxy object cannot be
-    iterated"). torch.fx also leaves its tensor constants (``_tensor_constant0``) on the root.
-    The graph built in the block has what it needs by then."""
-    kept = [(m, dict(m.__dict__)) for m in model.modules()]
+    iterated"). A cache filled in place (``self.cache["w"] = ...``, a list appended to) is put
+    back too: its Proxy made the model return ``Proxy(getattr_1)`` afterwards. torch.fx also
+    leaves its tensor constants (``_tensor_constant0``) on the root. The graph built in the
+    block has what it needs by then."""
+    kept = [(m, dict(m.__dict__), {k: _held(v) for k, v in m.__dict__.items()
+                                   if isinstance(v, (dict, list, set))})
+            for m in model.modules()]
     try:
         yield
     finally:
-        for module, before in kept:
+        for module, before, containers in kept:
             now = module.__dict__
             for key in [k for k in now if k not in before]:
                 del now[key]
             for key, value in before.items():
                 if now.get(key, _MISSING) is not value:
                     now[key] = value
+            for key, (items, ids) in containers.items():  # filled in place: self.cache["w"]
+                container = before[key]
+                if _held(container)[1] != ids:
+                    container.clear()
+                    if isinstance(container, list):
+                        container.extend(items)
+                    else:
+                        container.update(items)
+
+
+def _held(container: dict | list | set) -> tuple[list, list]:
+    """What ``container`` holds (its items) and, to tell a change by, their identities."""
+    if isinstance(container, dict):
+        items = list(container.items())
+        return items, [(k, id(v)) for k, v in items]
+    items = list(container)
+    return items, [id(v) for v in items]
 
 
 _MISSING = object()
