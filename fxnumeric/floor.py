@@ -29,6 +29,7 @@ not describe it (its input is quantized per call all the same: :func:`fxnumeric.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -36,7 +37,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import flows, offload
 from ._tensors import stores_floats
@@ -385,15 +385,45 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 def _tap_energy(x: torch.Tensor, window: tuple[Any, ...]) -> tuple[float, int] | None:
     """``(Σ over output positions and taps of x², how many (position, channel, tap) terms)``
     of a conv's window over its (batched) input ``x``, the zero padding included; ``None``
-    where ``x`` is not a batched input of that rank."""
+    where ``x`` is not a batched input of that rank.
+
+    An input value is read by as many (output position, tap) pairs as windows cover it,
+    which depends on its position alone, one spatial dim at a time (:func:`_coverage`): one
+    pass over ``x`` (the energy at each position) and a weighted sum, not a window sum."""
     rank, kernel, stride, padding, dilation = window
     if x.dim() != rank + 2:
         return None
-    conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
-    power = x.double().square().sum(dim=1, keepdim=True)
-    ones = torch.ones((1, 1, *kernel), dtype=torch.float64, device=x.device)
-    read = conv(power, ones, stride=stride, padding=padding, dilation=dilation)
-    return float(read.sum()), read.numel() * x.shape[1] * math.prod(kernel)
+    covers = [_coverage(*spec) for spec in zip(x.shape[2:], kernel, stride, padding, dilation,
+                                                strict=True)]
+    if any(c is None for c in covers):
+        return None
+    power = x.float().square().sum(dim=(0, 1))  # the energy at each position
+    weight = covers[0][0]
+    for cover, _ in covers[1:]:
+        weight = weight.unsqueeze(-1) * cover
+    outputs = math.prod(count for _, count in covers)
+    return (float((power.double() * weight.to(power.device)).sum()),
+            x.shape[0] * outputs * x.shape[1] * math.prod(kernel))
+
+
+@functools.lru_cache(maxsize=256)
+def _coverage(length: int, kernel: int, stride: int, padding: Any, dilation: int,
+              ) -> tuple[torch.Tensor, int] | None:
+    """How many (output position, tap) pairs of a 1-D window read each of ``length`` input
+    positions (float64), and how many output positions there are; ``None`` for a padding
+    given by name."""
+    if not isinstance(padding, int):
+        return None
+    outputs = (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    if outputs <= 0:
+        return None
+    cover = torch.zeros(length, dtype=torch.float64)
+    starts = torch.arange(outputs) * stride - padding
+    for k in range(kernel):
+        index = starts + k * dilation
+        index = index[(index >= 0) & (index < length)]
+        cover.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+    return cover, outputs
 
 
 def _input_steps(x: torch.Tensor, granularity: str, levels: float) -> float:
