@@ -592,7 +592,8 @@ class _Scaled(nn.Module):
         return self.fc3(torch.relu(self.fc2(y)))
 
 
-def test_an_op_only_the_float_model_has_leaves_the_next_layer_paired():
+@pytest.mark.parametrize("flow", ["dynamic", "fx_static"])
+def test_an_op_only_the_float_model_has_leaves_the_next_layer_paired(flow):
     """The float model scales fc2's input by 0.5; the quantized one does not. fc2 was looked
     for only among the float consumers of the relu (the mul), and both fc2s were left
     unpaired, as was every op reading them. It is now found by its name, its weights
@@ -601,17 +602,28 @@ def test_an_op_only_the_float_model_has_leaves_the_next_layer_paired():
     f = _Scaled(0.5).eval()
     plain = _Scaled().eval()
     plain.load_state_dict(f.state_dict())
-    q = torch.ao.quantization.quantize_dynamic(plain, {nn.Linear}, dtype=torch.qint8)
     data = [torch.randn(4, 16) for _ in range(3)]
+    if flow == "dynamic":
+        q = torch.ao.quantization.quantize_dynamic(plain, {nn.Linear}, dtype=torch.qint8)
+    else:  # the relu's output quantize in front of fc2 is what the quantized fc2 reads
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        prepared = prepare_fx(plain, get_default_qconfig_mapping("fbgemm"), (data[0],))
+        for x in data:
+            prepared(x)
+        q = convert_fx(prepared)
     seen = []
     handle = q.fc2.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
     with torch.no_grad():
         for x in data:
             q(x)
         handle.remove()
+        seen = [(i.dequantize() if i.is_quantized else i, o.dequantize() if o.is_quantized
+                 else o) for i, o in seen]
         shadow = float(sqnr(torch.cat([f.fc2(i) for i, _ in seen]),
                             torch.cat([o for _, o in seen])))
     report = ns.compare(f, q, data, progress=False)
-    assert [r.name for r in report.rows] == ["fc1", "relu", "fc2", "relu_1", "fc3"]
+    assert [r.name for r in report.rows][-5:] == ["fc1", "relu", "fc2", "relu_1", "fc3"]
     assert [(node, side) for node, side, _ in report.unmatched] == [("mul", "float")]
     assert report.row("fc2").shadow_sqnr == pytest.approx(shadow, abs=1e-3)

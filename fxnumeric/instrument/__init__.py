@@ -44,7 +44,7 @@ from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
 from ..semantics import computes_alike
 from .assemble import Build, CallSites, assemble, captured_model
-from .graph import GraphCopy, float_subgraph, shadow_inputs, span_inputs
+from .graph import GraphCopy, behind_quantize, float_subgraph, shadow_inputs, span_inputs
 
 __all__ = [
     "instrument", "Instrumented", "add_loggers", "add_shadows", "loggers_of", "PairFilter",
@@ -272,11 +272,10 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
         producer = qv.producer(qv.node(q))
         if (producer is not None and qv.is_op(producer)
                 and region.float_counterpart(producer) is None):
-            while qv.op_class(producer).is_quantize and qv.inputs(producer):
-                producer = qv.inputs(producer)[0]  # the op whose value a pt2e quantize rounds
-            built.strays[pair.name] = (producer.name, f.name)
+            # the op whose value a pt2e quantize rounds
+            built.strays[pair.name] = (behind_quantize(qv, producer).name, f.name)
         elif producer is not None and _bypasses(region, producer, f):
-            built.bypassed[pair.name] = (producer.name, f.name)
+            built.bypassed[pair.name] = (behind_quantize(qv, producer).name, f.name)
     built.shadow_observers[pair.name] = observer = shadows(pair)
     if not getattr(observer, "takes_inputs", False) and computes_alike(region, pair):
         # a layer left float that computes what its twin computes: its shadow's output would

@@ -40,7 +40,7 @@ from ..semantics import (
 from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
-           "reads_at_call"]
+           "reads_at_call", "stray_reads", "behind_quantize"]
 
 
 @fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
@@ -203,11 +203,21 @@ def _skipped_read(region: Region, nodes: list[fx.Node], read: dict[fx.Node, fx.N
     outside = _outside_values(fv, nodes)
     unread = [f for f in outside if f not in read]
     spare = [f for f in read if f not in outside and f not in shaped
-             and (p := qv.producer(read[f])) is not None and region.pair_of(p) is not None]
+             and (p := behind_quantize(qv, qv.producer(read[f]))) is not None
+             and region.pair_of(p) is not None]
     if (not strays and len(unread) == 1 and len(spare) == 1 and fv.is_op(unread[0])
             and region.pair_of(unread[0]) is None):
         return {unread[0]: read[spare[0]]}
     return {}
+
+
+def behind_quantize(qv: GraphView, node: fx.Node | None) -> fx.Node | None:
+    """The op whose value ``node`` rounds, past the quantizes in front of its readers (an FX
+    graph quantizes a float relu's output for the Linear reading it); else ``node``."""
+    while (node is not None and (c := qv.op_class(node)) is not None and c.is_quantize
+           and qv.inputs(node)):
+        node = qv.inputs(node)[0]
+    return node
 
 
 def _stray_read(fv: GraphView, nodes: list[fx.Node], read: dict[fx.Node, fx.Node],
