@@ -277,3 +277,36 @@ def fp16_exact_pair(quantized: set[str] | None = None,
         warnings.simplefilter("ignore")
         q = quantize_dynamic(copy.deepcopy(f), quantized or {nn.Linear}, dtype=torch.float16)
     return f, q, [torch.randn(4, 8) for _ in range(3)]
+
+
+class Halved(nn.Module):
+    """Three Linear+ReLU and a head; with ``half``, the quantized side's ``y * 0.5`` after
+    ``fcs.1`` that the float model lacks."""
+
+    def __init__(self, half: bool = False) -> None:
+        super().__init__()
+        self.fcs = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.out = nn.Linear(16, 4)
+        self.half = half
+
+    def forward(self, x):
+        for i, fc in enumerate(self.fcs):
+            x = torch.relu(fc(x))
+            if self.half and i == 1:
+                x = x * 0.5
+        return self.out(x)
+
+
+class Scaled(nn.Module):
+    """Three Linears; with ``scale``, a ``y * scale`` after the relu (on one side only)."""
+
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.scale = scale
+
+    def forward(self, x):
+        y = torch.relu(self.fc1(x))
+        if self.scale is not None:
+            y = y * self.scale
+        return self.fc3(torch.relu(self.fc2(y)))

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from _models import UntracedGated, fp16_exact_pair
+from _models import Halved, UntracedGated, fp16_exact_pair
 from torch.ao.quantization import (
     DeQuantStub,
     QConfigMapping,
@@ -2989,24 +2989,6 @@ def test_layers_left_out_of_a_variant_search_are_listed_as_float() -> None:
 # ------------------------------------------- an op the float model lacks, before a swapped layer
 
 
-class _Halved(nn.Module):
-    """Three Linear+ReLU and a head; with ``half``, the quantized side's ``y * 0.5`` after
-    ``fcs.1`` that the float model lacks."""
-
-    def __init__(self, half: bool = False) -> None:
-        super().__init__()
-        self.fcs = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
-        self.out = nn.Linear(16, 4)
-        self.half = half
-
-    def forward(self, x):
-        for i, fc in enumerate(self.fcs):
-            x = torch.relu(fc(x))
-            if self.half and i == 1:
-                x = x * 0.5
-        return self.out(x)
-
-
 class _FloatIn(nn.Module):
     """A float layer put by hand into an FX-quantized graph: it reads the dequantized value
     and hands its output on float (the graph's next node dequantizes it: a no-op)."""
@@ -3040,8 +3022,8 @@ def test_a_layer_kept_float_reads_what_the_quantized_layer_reads_past_an_unpaire
     unswappable. Both hybrids of fcs.2, and advise's, are checked against models built by
     hand: float modules swapped into a copy of the quantized model, and the other way."""
     torch.manual_seed(0)
-    f = _Halved().eval()
-    halved = _Halved(half=True).eval()
+    f = Halved().eval()
+    halved = Halved(half=True).eval()
     halved.load_state_dict(f.state_dict())
     data = [torch.randn(8, 16) for _ in range(3)]
     if flow == "dynamic":
@@ -3147,8 +3129,8 @@ def test_a_pt2e_layer_past_an_unpaired_op_swaps_both_ways():
     )
 
     torch.manual_seed(0)
-    f = _Halved().eval()
-    halved = _Halved(half=True).eval()
+    f = Halved().eval()
+    halved = Halved(half=True).eval()
     halved.load_state_dict(f.state_dict())
     data = [torch.randn(8, 16) for _ in range(3)]
     exported = torch.export.export(f, (data[0],)).module()
@@ -3205,8 +3187,8 @@ def test_variants_computing_ops_the_float_model_lacks_are_refused() -> None:
     itself reads 20.8 (computed directly). Refused, with the one-model advise as the way,
     whose hybrids keep the op: its all-quantized value is the variant's own."""
     torch.manual_seed(0)
-    f = _Halved().eval()
-    halved = _Halved(half=True).eval()
+    f = Halved().eval()
+    halved = Halved(half=True).eval()
     halved.load_state_dict(f.state_dict())
     data = [torch.randn(8, 16) for _ in range(3)]
     q = quantize_dynamic(copy.deepcopy(halved), {nn.Linear})

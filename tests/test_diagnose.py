@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from _models import embedding_pair
+from _models import Halved, embedding_pair
 from torch.ao.quantization import QConfigMapping, default_qconfig, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -794,32 +794,14 @@ def test_each_op_of_a_module_computing_several_has_a_name_of_its_own():
     assert below.layer(below.first_below).cumulative_sqnr == first.cumulative_sqnr < threshold
 
 
-class _Halved(nn.Module):
-    """Three Linear+ReLU and a head; with ``half``, the quantized side's ``y * 0.5`` after
-    ``fcs.1`` that the float model lacks."""
-
-    def __init__(self, half: bool = False) -> None:
-        super().__init__()
-        self.fcs = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
-        self.out = nn.Linear(16, 4)
-        self.half = half
-
-    def forward(self, x):
-        for i, fc in enumerate(self.fcs):
-            x = torch.relu(fc(x))
-            if self.half and i == 1:
-                x = x * 0.5
-        return self.out(x)
-
-
 def test_an_op_reading_an_unpaired_op_is_not_said_to_amplify_what_its_twin_reads():
     """The quantized model halves fcs.2's input; the float model does not. fcs.2 was flagged
     as amplifying the error of fcs.1 (36 dB) 25 dB with cross-layer equalization as the fix,
     while it reads the unpaired `mul`, not fcs.1, and adds little error itself (hooks: 45
     dB). The flag now names the unpaired op as where the error may enter."""
     torch.manual_seed(0)
-    f = _Halved().eval()
-    halved = _Halved(half=True).eval()
+    f = Halved().eval()
+    halved = Halved(half=True).eval()
     halved.load_state_dict(f.state_dict())
     data = [torch.randn(8, 16) for _ in range(3)]
     prepared = prepare_fx(copy.deepcopy(halved), get_default_qconfig_mapping("fbgemm"),

@@ -13,6 +13,7 @@ import torch.ao.ns._numeric_suite as tns
 import torch.ao.quantization as tq
 import torch.fx as fx
 import torch.nn as nn
+from _models import Scaled
 
 import fxnumeric as ns
 from fxnumeric import sqnr
@@ -532,21 +533,6 @@ def test_a_logger_that_raises_is_named_not_the_input():
         q(x)
 
 
-class _Scaled(nn.Module):
-    """Three Linears; with ``scale``, the quantized side's ``y * scale`` the float one lacks."""
-
-    def __init__(self, scale: float | None = None) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
-        self.scale = scale
-
-    def forward(self, x):
-        y = torch.relu(self.fc1(x))
-        if self.scale is not None:
-            y = y * self.scale
-        return self.fc3(torch.relu(self.fc2(y)))
-
-
 class _Inputs(fx.Interpreter):
     """Runs a graph and keeps each ``aten.linear`` call's input and output."""
 
@@ -572,8 +558,8 @@ def test_a_shadow_reads_what_the_quantized_op_reads_past_an_unpaired_op(flow):
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.manual_seed(0)
-    f = _Scaled().eval()
-    scaled = _Scaled(0.5).eval()
+    f = Scaled().eval()
+    scaled = Scaled(0.5).eval()
     scaled.load_state_dict(f.state_dict())
     data = [torch.randn(4, 16) for _ in range(4)]
     float_fc2 = f.fc2

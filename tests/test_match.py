@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from _models import Scaled
 from torch.ao.quantization import DeQuantStub, QuantStub, default_eval_fn, default_qconfig, quantize
 
 import fxnumeric as ns
@@ -579,19 +580,6 @@ def test_an_unused_in_place_op_the_quantized_graph_dropped_is_not_called_dead_co
     assert report.row("b").output_sqnr < report.row("a").output_sqnr - 10
 
 
-class _Scaled(nn.Module):
-    def __init__(self, scale: float | None = None) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
-        self.scale = scale
-
-    def forward(self, x):
-        y = torch.relu(self.fc1(x))
-        if self.scale is not None:
-            y = y * self.scale
-        return self.fc3(torch.relu(self.fc2(y)))
-
-
 @pytest.mark.parametrize("flow", ["dynamic", "fx_static"])
 def test_an_op_only_the_float_model_has_leaves_the_next_layer_paired(flow):
     """The float model scales fc2's input by 0.5; the quantized one does not. fc2 was looked
@@ -599,8 +587,8 @@ def test_an_op_only_the_float_model_has_leaves_the_next_layer_paired(flow):
     unpaired, as was every op reading them. It is now found by its name, its weights
     agreeing, and its shadow reads what the quantized fc2 reads (forward hooks)."""
     torch.manual_seed(0)
-    f = _Scaled(0.5).eval()
-    plain = _Scaled().eval()
+    f = Scaled(0.5).eval()
+    plain = Scaled().eval()
     plain.load_state_dict(f.state_dict())
     data = [torch.randn(4, 16) for _ in range(3)]
     if flow == "dynamic":

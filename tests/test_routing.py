@@ -148,13 +148,10 @@ class _TwoStage(nn.Module):
         return self.heads([self.box(x)[order]])
 
 
-@pytest.mark.parametrize("reordered", [True, False])
-def test_a_box_head_is_compared_only_where_the_proposals_come_in_the_same_order(reordered):
-    """A quantized scorer reorders near-tied proposals: row i of the box head is another
-    region on each side, and its output SQNR read the reorder. Those batches are now left
-    out of its output comparison, as a misrouted expert's are; with the scorer float the
-    proposals come alike and the rows compare as forward hooks read them. The shadow reads
-    the quantized head's own rows either way (hooks: the float fc fed them)."""
+def _two_stage(reordered: bool):
+    """``(float, quantized, data, local SQNR, output SQNR)`` of :class:`_TwoStage`, the
+    scorer quantized too (``reordered``) or only the head; the SQNRs by forward hooks: the
+    float head's fc fed the quantized fc's input, and the two fcs' outputs row by row."""
     torch.manual_seed(0)
     f = _TwoStage().eval()
     q = copy.deepcopy(f)
@@ -172,9 +169,20 @@ def test_a_box_head_is_compared_only_where_the_proposals_come_in_the_same_order(
             f(x), q(x)
         for h in hooks:
             h.remove()
-        shadow = _pooled([(f.heads.fc(i), o) for i, o in seen["quant"]])
+        local = _pooled([(f.heads.fc(i), o) for i, o in seen["quant"]])
         output = _pooled([(fo, qo) for (_, fo), (_, qo) in zip(seen["float"], seen["quant"],
                                                                strict=True)])
+    return f, q, data, local, output
+
+
+@pytest.mark.parametrize("reordered", [True, False])
+def test_a_box_head_is_compared_only_where_the_proposals_come_in_the_same_order(reordered):
+    """A quantized scorer reorders near-tied proposals: row i of the box head is another
+    region on each side, and its output SQNR read the reorder. Those batches are now left
+    out of its output comparison, as a misrouted expert's are; with the scorer float the
+    proposals come alike and the rows compare as forward hooks read them. The shadow reads
+    the quantized head's own rows either way (hooks: the float fc fed them)."""
+    f, q, data, shadow, output = _two_stage(reordered)
     report = ns.compare(f, q, data, progress=False)
     row = report.row("heads.fc")
     assert row.shadow_sqnr == pytest.approx(shadow, abs=1e-4)
@@ -199,26 +207,7 @@ def test_diagnose_reads_no_cumulative_error_from_proposals_routed_otherwise(reor
     Faster R-CNN named its flatten the first op below the threshold, amplifying. Where the
     proposals come in another order it now reads no cumulative error there; where they come
     alike, the forward hooks' value. Its local error is the shadow's either way."""
-    torch.manual_seed(0)
-    f = _TwoStage().eval()
-    q = copy.deepcopy(f)
-    if reordered:
-        q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear})
-    else:
-        q.heads.fc = torch.ao.quantization.quantize_dynamic(nn.Sequential(q.heads.fc),
-                                                            {nn.Linear})[0]
-    data = [torch.randn(32, 8) for _ in range(3)]
-    seen: dict[str, list] = {"float": [], "quant": []}
-    hooks = [m.heads.fc.register_forward_hook(lambda _m, i, o, side=side: seen[side].append(
-        (i[0], o))) for m, side in ((f, "float"), (q, "quant"))]
-    with torch.no_grad():
-        for x in data:
-            f(x), q(x)
-        for h in hooks:
-            h.remove()
-        local = _pooled([(f.heads.fc(i), o) for i, o in seen["quant"]])
-        output = _pooled([(fo, qo) for (_, fo), (_, qo) in zip(seen["float"], seen["quant"],
-                                                               strict=True)])
+    f, q, data, local, output = _two_stage(reordered)
     d = ns.diagnose(f, q, data, progress=False, threshold_db=local - 5)
     fc = d.layer("heads.fc")
     assert fc.local_sqnr == pytest.approx(local, abs=1e-4)
