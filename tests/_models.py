@@ -310,3 +310,24 @@ class Scaled(nn.Module):
         if self.scale is not None:
             y = y * self.scale
         return self.fc3(torch.relu(self.fc2(y)))
+
+
+def halved_pair(flow: str) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """``(float Halved, Halved(half=True) quantized by flow, 3 batches)``: ``"dynamic"``
+    (quantize_dynamic) or ``"fx_static"`` (prepare_fx / convert_fx, fbgemm)."""
+    from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = Halved().eval()
+    halved = Halved(half=True).eval()
+    halved.load_state_dict(f.state_dict())
+    data = [torch.randn(8, 16) for _ in range(3)]
+    if flow == "dynamic":
+        return f, quantize_dynamic(copy.deepcopy(halved), {nn.Linear}, dtype=torch.qint8), data
+    prepared = prepare_fx(copy.deepcopy(halved), get_default_qconfig_mapping("fbgemm"),
+                          (data[0],))
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+    return f, convert_fx(prepared), data

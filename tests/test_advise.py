@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from _models import Halved, UntracedGated, fp16_exact_pair
+from _models import Halved, UntracedGated, fp16_exact_pair, halved_pair
 from torch.ao.quantization import (
     DeQuantStub,
     QConfigMapping,
@@ -3021,20 +3021,7 @@ def test_a_layer_kept_float_reads_what_the_quantized_layer_reads_past_an_unpaire
     hand, reads 20.56 (the quantized model: 20.55); and sensitivity left fcs.2 out as
     unswappable. Both hybrids of fcs.2, and advise's, are checked against models built by
     hand: float modules swapped into a copy of the quantized model, and the other way."""
-    torch.manual_seed(0)
-    f = Halved().eval()
-    halved = Halved(half=True).eval()
-    halved.load_state_dict(f.state_dict())
-    data = [torch.randn(8, 16) for _ in range(3)]
-    if flow == "dynamic":
-        q = quantize_dynamic(copy.deepcopy(halved), {nn.Linear}, dtype=torch.qint8)
-    else:
-        prepared = prepare_fx(copy.deepcopy(halved), get_default_qconfig_mapping("fbgemm"),
-                              (data[0],))
-        with torch.no_grad():
-            for x in data:
-                prepared(x)
-        q = convert_fx(prepared)
+    f, q, data = halved_pair(flow)
     read = []  # the qparams of what the quantized fcs.2 reads (static)
     handle = q.get_submodule("fcs.2").register_forward_pre_hook(lambda m, i: read.append(i[0]))
     with torch.no_grad():

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from _models import Halved, embedding_pair
+from _models import embedding_pair, halved_pair
 from torch.ao.quantization import QConfigMapping, default_qconfig, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -799,17 +799,7 @@ def test_an_op_reading_an_unpaired_op_is_not_said_to_amplify_what_its_twin_reads
     as amplifying the error of fcs.1 (36 dB) 25 dB with cross-layer equalization as the fix,
     while it reads the unpaired `mul`, not fcs.1, and adds little error itself (hooks: 45
     dB). The flag now names the unpaired op as where the error may enter."""
-    torch.manual_seed(0)
-    f = Halved().eval()
-    halved = Halved(half=True).eval()
-    halved.load_state_dict(f.state_dict())
-    data = [torch.randn(8, 16) for _ in range(3)]
-    prepared = prepare_fx(copy.deepcopy(halved), get_default_qconfig_mapping("fbgemm"),
-                          (data[0],))
-    with torch.no_grad():
-        for x in data:
-            prepared(x)
-    q = convert_fx(prepared)
+    f, q, data = halved_pair("fx_static")
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = q.get_submodule("fcs.2").register_forward_hook(
         lambda m, i, o: seen.append((i[0].dequantize(), o.dequantize())))

@@ -347,18 +347,15 @@ class _Walk:
         paired_q = {q for _, q, _ in aligned}
         counts = (f"the float `{fpath or '<root>'}` holds {len(f_children)} entries, the "
                   f"quantized `{qpath or '<root>'}` {len(q_children)}")
-        for name, child in f_children:
-            if name not in paired_f and classify_module(child).role != "plumbing":
-                self.orphans.append((_join(fpath, name), "float", (
-                    f"{counts}, and none of the quantized ones holds its weights (weight SQNR "
-                    f"below {TWIN_WEIGHT_SQNR_DB:g} dB against each, where quantizing a weight "
-                    "reads well above): the quantized model lacks it")))
-        for name, child in q_children:
-            if name not in paired_q and classify_module(child).role != "plumbing":
-                self.orphans.append((_join(qpath, name), "quantized", (
-                    f"{counts}, and none of the float ones holds its weights (weight SQNR "
-                    f"below {TWIN_WEIGHT_SQNR_DB:g} dB against each, where quantizing a weight "
-                    "reads well above): the float model lacks it")))
+        for side, other, children, paired, path in (
+                ("float", "quantized", f_children, paired_f, fpath),
+                ("quantized", "float", q_children, paired_q, qpath)):
+            for name, child in children:
+                if name not in paired and classify_module(child).role != "plumbing":
+                    self.orphans.append((_join(path, name), side, (
+                        f"{counts}, and none of the {other} ones holds its weights (weight "
+                        f"SQNR below {TWIN_WEIGHT_SQNR_DB:g} dB against each, where quantizing "
+                        f"a weight reads well above): the {other} model lacks it")))
         return [(f, q) for f, q, _ in aligned]
 
 
