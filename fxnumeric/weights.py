@@ -275,11 +275,17 @@ def module_weight(module: nn.Module, side: str) -> torch.Tensor | None:
     else:
         found = _quant_weights(module, "")
         weight = flows.comparable_weight(next(iter(found.values()))) if len(found) == 1 else None
-    if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.dim() < 2:
+    if not _a_matrix(weight):
         return None
     weight = weight.detach()
     weight = weight.dequantize() if weight.is_quantized else weight
     return weight.t() if _transposed_linear(module) else weight
+
+
+def _a_matrix(weight: Any) -> bool:
+    """Whether ``weight`` is a loaded tensor of two dims or more (not one offloaded to the
+    meta device, a bias, or no tensor at all)."""
+    return isinstance(weight, torch.Tensor) and not weight.is_meta and weight.dim() >= 2
 
 
 def op_weight(view: GraphView, chain: Sequence[fx.Node], side: str) -> torch.Tensor | None:
@@ -292,7 +298,7 @@ def op_weight(view: GraphView, chain: Sequence[fx.Node], side: str) -> torch.Ten
             parts = [m for n in chain if n.op == "call_module"
                      for m in _leaf_parts(view.modules[str(n.target)])]
             weight = _folded_weight(parts)
-            if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.dim() < 2:
+            if not _a_matrix(weight):
                 return None
             return weight.t() if _transposed_linear(view.modules[str(head.target)]) else weight
         return module_weight(view.modules[str(head.target)], side)
@@ -301,7 +307,7 @@ def op_weight(view: GraphView, chain: Sequence[fx.Node], side: str) -> torch.Ten
     else:
         found = _read_weight(view, chain)
         weight = found[1] if found is not None else None
-    if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.dim() < 2:
+    if not _a_matrix(weight):
         return None
     return weight.dequantize() if weight.is_quantized else weight
 

@@ -48,7 +48,7 @@ from .._tensors import dequantize_all
 from ..errors import InputError, InstrumentationError
 from ..flows.pt2e import annotated, input_wanted, output_wanted, pattern_anchor, quantized_edge
 from ..instrument.assemble import assemble, captured_model
-from ..instrument.graph import float_subgraph, stray_reads
+from ..instrument.graph import behind_quantize, float_subgraph, stray_reads
 from ..match import Matching, Pair, Region
 from ..offload import whole_modules
 from ..pairing import op_name
@@ -1119,10 +1119,7 @@ def _rounded_by_stray(view: Any, value: fx.Node) -> bool:
 def _stray_op(view: Any, value: fx.Node) -> fx.Node:
     """The op whose value quantized ``value`` carries, past a pt2e quantize (``mul ->
     quantize -> dequantize``: the ``mul``)."""
-    op = view.producer(value) or value
-    while view.op_class(op) is not None and view.op_class(op).is_quantize and view.inputs(op):
-        op = view.inputs(op)[0]
-    return op
+    return behind_quantize(view, view.producer(value) or value) or value
 
 
 def _own_edge(dequantize: fx.Node, readers: Iterable[fx.Node]) -> fx.Node:

@@ -122,8 +122,9 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     read, strays, shaped = _chain_reads(region, chain, carried)
     last = qv.position(chain[-1])
     inside = set(nodes)
-    read.update(_stray_read(fv, nodes, read, strays) or _skipped_read(region, nodes, read,
-                                                                      shaped, strays))
+    outside = _outside_values(fv, nodes)
+    read.update(_stray_read(outside, read, strays)
+                or _skipped_read(region, outside, read, shaped, strays))
     inputs: dict[fx.Node, str] = {}
     for n in nodes:
         if n.op == "placeholder":  # the input quantize: its float twin is the input itself
@@ -157,7 +158,7 @@ def stray_reads(region: Region, nodes: list[fx.Node], chain: list[fx.Node]
     counterpart (the relu), they skipped the unpaired op, and its error read as the layer's
     own (a shadow), or vanished (a hybrid)."""
     read, strays, _ = _chain_reads(region, chain)
-    return _stray_read(region.float_view, nodes, read, strays)
+    return _stray_read(_outside_values(region.float_view, nodes), read, strays)
 
 
 def _chain_reads(region: Region, chain: list[fx.Node], carried: bool = False
@@ -192,15 +193,15 @@ def _chain_reads(region: Region, chain: list[fx.Node], carried: bool = False
     return shapes | read, strays, set(shapes)
 
 
-def _skipped_read(region: Region, nodes: list[fx.Node], read: dict[fx.Node, fx.Node],
+def _skipped_read(region: Region, outside: list[fx.Node], read: dict[fx.Node, fx.Node],
                   shaped: set[fx.Node], strays: list[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """The other way round from :func:`_stray_read`: float ``nodes`` read the value of float
-    ops the quantized model lacks (a layer it skips; pairing found the twin by its weights),
-    the quantized chain the value of a paired op before them: the shadow reads that, what the
-    quantized op read. Held to that case: the value read is a paired op's (not one a quantize
-    no pair claims carries on from the model input), the float input an unpaired op's."""
+    """The other way round from :func:`_stray_read`: the float nodes read (``outside``, from
+    :func:`_outside_values`) the value of float ops the quantized model lacks (a layer it
+    skips; pairing found the twin by its weights), the quantized chain the value of a paired
+    op before them: the shadow reads that, what the quantized op read. Held to that case:
+    the value read is a paired op's (not one a quantize no pair claims carries on from the
+    model input), the float input an unpaired op's."""
     fv, qv = region.float_view, region.quant_view
-    outside = _outside_values(fv, nodes)
     unread = [f for f in outside if f not in read]
     spare = [f for f in read if f not in outside and f not in shaped
              and (p := behind_quantize(qv, qv.producer(read[f]))) is not None
@@ -220,9 +221,12 @@ def behind_quantize(qv: GraphView, node: fx.Node | None) -> fx.Node | None:
     return node
 
 
-def _stray_read(fv: GraphView, nodes: list[fx.Node], read: dict[fx.Node, fx.Node],
+def _stray_read(outside: list[fx.Node], read: dict[fx.Node, fx.Node],
                 strays: list[fx.Node]) -> dict[fx.Node, fx.Node]:
-    unread = [f for f in _outside_values(fv, nodes) if f not in read]
+    """The mapping of :func:`stray_reads`: of the float values read from ``outside``, the one
+    the chain does not read, to the one value it reads of an op with no float counterpart;
+    else ``{}``."""
+    unread = [f for f in outside if f not in read]
     if len(strays) == 1 and len(unread) == 1:
         # the quantized op reads the value of an op the float model does not have (`y * 0.5`
         # after a paired `relu`): the shadow reads what the quantized op read, as torch's
