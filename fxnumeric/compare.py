@@ -61,7 +61,7 @@ from .pairing import op_name
 from .progress import Progress, phase
 from .report import BlockRow, Report, ReportRow, WeightHistogram, activation_scale
 from .report.verdict import compares_detections
-from .routing import Routes, hook_calls, routed_containers
+from .routing import Routes, hook_calls, hook_watched, watch
 from .run import (
     as_batches,
     check_batch,
@@ -548,10 +548,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     float_twins: list[tuple[tuple[str, str, int], _FloatOutputs]] = []
     turn = _Turn()
     values = {p.name: _QuantValue(precision) for p in matching.pairs}
-    containers = routed_containers(matching) if "outputs" in wanted else {}
-    by_path = {path: Routes(path, turn) for path, (_, inside) in containers.items() if inside}
-    routes = {pair.name: by_path[path] for path, (_, inside) in containers.items()
-              for pair in inside}
+    routes, watched = watch(matching, turn) if "outputs" in wanted else ({}, [])
 
     def output_observers(pair: Pair) -> tuple[nn.Module | None, nn.Module]:
         twin = _FloatOutputs(turn)
@@ -589,11 +586,9 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         shadows=shadow_observer if "shadows" in wanted else None,
         blocks=[b for b, _, _ in blocks], block_observers=block_observers,
     )
-    for path, watched in by_path.items():
-        hook_calls(built.quant_model, matching.quant_model, containers[path][0], [watched],
-                   "quantized")
-        if not shared_float:  # else _float_groups hooks the shared float model
-            hook_calls(built.float_model, matching.float_model, path, [watched], "float")
+    # a shared float model: _float_groups hooks it
+    hook_watched(watched, None if shared_float else built.float_model, built.quant_model,
+                 matching)
     return _Plan(matching, wanted, names, built,
                  outputs if "outputs" in wanted else {}, shadows if "shadows" in wanted else {},
                  Accumulator(custom, precision=precision), twins, list(values.values()),

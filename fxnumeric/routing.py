@@ -38,7 +38,7 @@ from torch import nn
 
 from .match import Matching, Pair
 
-__all__ = ["Routes", "routed_containers", "hook_calls"]
+__all__ = ["Routes", "routed_containers", "hook_calls", "watch", "hook_watched", "Watched"]
 
 
 def _indices(value: Any) -> Iterator[torch.Tensor]:
@@ -163,6 +163,32 @@ def routed_containers(matching: Matching) -> dict[str, tuple[str, list[Pair]]]:
             entry = found.setdefault(float_path, (quant_path, []))
             entry[1].extend(region.pairs)
     return found
+
+
+Watched = list[tuple[str, str, "Routes"]]
+"""``(float path, quantized path, routes)`` of each module whose calls are watched."""
+
+
+def watch(matching: Matching, turn: Any) -> tuple[dict[str, Routes], Watched]:
+    """The :class:`Routes` of every module :func:`routed_containers` finds, by the name of
+    each pair inside, and each module's once (:func:`hook_watched` hooks them)."""
+    containers = routed_containers(matching)
+    watched = [(path, quant_path, Routes(path, turn))
+               for path, (quant_path, inside) in containers.items() if inside]
+    by_path = {path: routes for path, _, routes in watched}
+    return ({pair.name: by_path[path] for path, (_, inside) in containers.items()
+             for pair in inside}, watched)
+
+
+def hook_watched(watched: Watched, float_model: nn.Module | None, quant_model: nn.Module,
+                 matching: Matching) -> None:
+    """Hook the calls of each watched module in ``quant_model`` and, unless it is ``None``
+    (a float model shared by several variants, hooked where it is built), ``float_model``:
+    copies of ``matching``'s models, made for the comparison."""
+    for path, quant_path, routes in watched:
+        hook_calls(quant_model, matching.quant_model, quant_path, [routes], "quantized")
+        if float_model is not None:
+            hook_calls(float_model, matching.float_model, path, [routes], "float")
 
 
 def hook_calls(model: nn.Module, user_model: nn.Module | None, path: str,

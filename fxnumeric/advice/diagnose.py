@@ -66,7 +66,7 @@ from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
 from ..report.render import tabulate_format
-from ..routing import Routes, hook_calls, routed_containers
+from ..routing import Routes, hook_watched, watch
 from ..run import check_devices, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
@@ -749,16 +749,9 @@ def diagnose(
 
     # as compare's rows: the ops inside a module that routes rows (a mixture of experts, a
     # detector's box head) read no cumulative error from a call routed unlike the float one
-    containers = routed_containers(matching)
-    by_path = {path: Routes(path, _NO_TURN) for path, (_, inside) in containers.items()
-               if inside}
-    routes = {pair.name: by_path[path] for path, (_, inside) in containers.items()
-              for pair in inside}
+    routes, watched = watch(matching, _NO_TURN)
     built = instrument(matching, outputs=outputs, shadows=shadows)
-    for path, watched in by_path.items():
-        hook_calls(built.quant_model, matching.quant_model, containers[path][0], [watched],
-                   "quantized")
-        hook_calls(built.float_model, matching.float_model, path, [watched], "float")
+    hook_watched(watched, built.float_model, built.quant_model, matching)
     with Progress(len(batches), "diagnosing", progress) as bar:
         for batch in batches:
             run_model(built.float_model, batch, which="float")
@@ -768,8 +761,8 @@ def diagnose(
                     input_energy[place] += float(tensor.detach().double().square().sum())
             for twin in twins:
                 twin.pending.clear()
-            for watched in by_path.values():
-                watched.clear()
+            for _, _, watching in watched:
+                watching.clear()
             bar.update()
 
     # an op with several weight matrices (an LSTM's, per layer, direction and gate input)
