@@ -488,3 +488,47 @@ def test_the_summary_counts_every_layer_both_reports_hold_metrics_or_not():
     d = report.diff(report)
     assert d.summary().startswith("4 layers in both reports;")  # "2 layers" before
     assert d.layers == tuple(names)
+
+
+class _TwoOutputs(nn.Module):
+    """An MLP returning its logits and its hidden features, as a tuple or as a dict."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.as_dict = nn.Linear(16, 32), nn.Linear(32, 8), as_dict
+
+    def forward(self, x):
+        hidden = torch.relu(self.fc1(x))
+        logits = self.fc2(hidden)
+        return {"scores": logits, "hidden": hidden} if self.as_dict else (logits, hidden)
+
+
+def test_the_model_output_is_not_judged_across_different_parts_of_it():
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+
+    def report(as_dict: bool, coarsen: float) -> Report:
+        float_model = _TwoOutputs(as_dict).eval()
+        quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+        weight = quant.fc2.weight()
+        quant.fc2.set_weight_bias(torch.quantize_per_tensor(
+            weight.dequantize(), weight.q_scale() * coarsen, 0, torch.qint8), quant.fc2.bias())
+        return ns.compare(float_model, quant, data)
+
+    good, bad, bad_dict = report(False, 1), report(False, 64), report(True, 64)
+    assert (good.model_output_part, bad_dict.model_output_part) == ("[0]", "['scores']")
+    # the same part of the output: the coarser fc2 is a regression of the model output
+    same = good.diff(bad)
+    assert same.model_output_parts is None
+    assert same.change(None, "sqnr").regression
+    assert same.change(None, "sqnr").old == good.model_output["sqnr"]
+    # another part: the change is listed with both values, not judged, and the summary says why
+    other = good.diff(bad_dict)
+    assert other.model_output_parts == ("[0]", "['scores']")
+    change = other.change(None, "sqnr")
+    assert (change.old, change.new) == (good.model_output["sqnr"], bad_dict.model_output["sqnr"])
+    assert change.new < change.old - 10 and not change.regression
+    assert other.change("fc2", "shadow.sqnr").regression  # the layers are judged as before
+    assert ("model output not judged: the old report read `output[0]`, the new one "
+            "`output['scores']`") in other.summary()

@@ -24,7 +24,10 @@ scale is the model's. A value that becomes ``nan`` is a regression; one that lea
 (``kl`` before an LLM run added it, shadows turned off) is listed with ``None`` on the other
 side and never judged, and rows (layers or blocks) whose float signal collapsed
 (:attr:`ReportRow.degenerate`, :attr:`BlockRow.degenerate`) in either report are never judged
-either: their numbers measure nothing.
+either: their numbers measure nothing. Nor is the model output when the two reports read
+different parts of it (:attr:`Report.model_output_part`: a model that returns several tensors
+and changed which comes first): its changes are listed, and
+:attr:`ReportDiff.model_output_parts` says which parts were read.
 
 Reports of several quantized variants (:attr:`fxnumeric.Report.variants`) diff variant by
 variant: each variant both reports hold against itself, its changes carrying its name
@@ -157,6 +160,10 @@ class ReportDiff:
     """Blocks only the new report holds."""
     vanished_blocks: tuple[str, ...] = ()
     """Blocks only the old report holds."""
+    model_output_parts: tuple[str, str] | None = None
+    """``(old, new)`` :attr:`~fxnumeric.Report.model_output_part` when the two reports read
+    different parts of the model's output (``""``: its only tensor); the model output's
+    changes are then not judged: they compare two different tensors."""
 
     @property
     def regressions(self) -> tuple[MetricChange, ...]:
@@ -224,6 +231,11 @@ class ReportDiff:
                          f"tolerance: {listed}")
         else:
             parts.append("no regression beyond tolerance")
+        if self.model_output_parts is not None:
+            old, new = (f"`output{part}`" if part else "the model's only output"
+                        for part in self.model_output_parts)
+            parts.append(f"model output not judged: the old report read {old}, the new one "
+                         f"{new}")
         return "; ".join(parts)
 
     def table(self, tablefmt: str = "simple", *, changed_only: bool = True) -> str:
@@ -337,8 +349,10 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
                 tuple(r.name for r in news if r.name not in before),
                 tuple(r.name for r in olds if r.name not in after))
 
+    parts = (old.model_output_part, new.model_output_part)
     found = changes(None, old.model_output, new.model_output,
-                    judged=not (old.output_degenerate or new.output_degenerate))
+                    judged=not (old.output_degenerate or new.output_degenerate)
+                    and parts[0] == parts[1])
     layers, new_layers, vanished_layers = by_name(old.rows, new.rows, _row_metrics)
     blocks, new_blocks, vanished_blocks = by_name(old.blocks, new.blocks, _block_metrics,
                                                   block=True)
@@ -347,6 +361,7 @@ def diff_reports(old: Report, new: Report, *, tolerance_db: float = 0.5,
         tolerance_db=tolerance_db, tolerance_cosine=tolerance_cosine,
         tolerance_kl=tolerance_kl, tolerance_top1=tolerance_top1,
         layers=layers, blocks=blocks, new_blocks=new_blocks, vanished_blocks=vanished_blocks,
+        model_output_parts=parts if parts[0] != parts[1] else None,
     )
 
 
