@@ -508,3 +508,41 @@ def test_int4_leaves_float_the_linears_its_groups_of_32_do_not_divide():
     assert type(q[2].weight) is type(alone.weight) is not nn.Parameter
     assert torch.equal(q[2].weight.dequantize(), alone.weight.dequantize())
     assert type(f[2].weight) is nn.Parameter  # the float model is untouched
+
+
+def test_a_variant_that_quantized_nothing_is_not_ranked_but_a_fake_quant_one_is():
+    """A recipe that matches none of the model's layers leaves the float model: its KL is 0 /
+    its SQNR inf, and naming it best would send the user to an unquantized model."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    torch.manual_seed(0)
+    f = MLP().eval()
+    data = _vectors()
+    qat = prepare_qat_fx(copy.deepcopy(f).train(), get_default_qat_qconfig_mapping("x86"),
+                         (data[0],))
+    with torch.no_grad():
+        for batch in data:
+            qat(batch)  # observers see the data: the fake-quants round from here on
+    variants = {"none": torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Conv2d}),
+                "dynamic": _quantize(f, "dynamic", data), "qat": qat.eval()}
+    report = ns.compare(f, variants, data)
+    none = report.variants["none"]
+    assert none.model_output["sqnr"] == math.inf and not any(r.quantized for r in none.rows)
+    qat_report = report.variants["qat"]
+    assert not any(r.quantized for r in qat_report.rows)  # fake-quants: rounded, not quantized
+    # the ranking, by model output SQNR, of the variants that quantize something
+    sqnr = {n: report.variants[n].model_output["sqnr"] for n in ("dynamic", "qat")}
+    assert all(math.isfinite(v) for v in sqnr.values())
+    best = max(sqnr, key=sqnr.get)
+    assert report.best_variant == best
+    assert ns.report.variants.standings(report) == sorted(sqnr.items(), key=lambda kv: -kv[1])
+    assert "none quantized nothing, not ranked" in report.summary()
+    table = report.table()
+    rank_row = next(line for line in table.splitlines() if line.startswith("none "))
+    assert rank_row.rstrip().endswith("quantized nothing")
+    alone = ns.compare(f, {"none": variants["none"], "also": copy.deepcopy(f)}, data)
+    assert alone.best_variant is None
+    assert "no best variant: no variant quantized anything" in alone.summary()
+    page = alone._repr_html_()
+    assert "Best:" not in page and "No best variant: no variant quantized anything" in page

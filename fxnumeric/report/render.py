@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate, tabulate_formats
 
 from ..errors import InputError
-from .variants import AlignedLayer, aligned_layers, output_text, standings, where_it_loses
+from .variants import (
+    AlignedLayer,
+    aligned_layers,
+    no_best_text,
+    output_text,
+    quantized_nothing,
+    standings,
+    where_it_loses,
+)
 
 if TYPE_CHECKING:
     from ..advice.search import Sensitivity
@@ -596,7 +604,7 @@ def _model_output_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     headers = ["variant", *("output SQNR" if k == "sqnr" else k for k in keys), "rank"]
     rows = [[name, *(r.model_output.get(k) for k in keys),
              (f"{ranked.index(name) + 1}" + (" (best)" if ranked.index(name) == 0 else ""))
-             if name in ranked else "-"]
+             if name in ranked else "quantized nothing" if quantized_nothing(r) else "-"]
             for name, r in report.variants.items()]
     return headers, rows
 
@@ -690,8 +698,7 @@ def variants_chart(report: Report, attr: str = "shadow_sqnr", width: int = 1100,
 def _variants_verdict_html(report: Report) -> str:
     """The page's opening: the best variant, and where each variant loses."""
     ranked = standings(report)
-    headline = (f"Best: {ranked[0][0]}" if ranked
-                else "No best variant: no model output measured")
+    headline = f"Best: {ranked[0][0]}" if ranked else no_best_text(report).capitalize()
     items = "".join(f"<li><b>{html.escape(name)}</b> ({html.escape(output_text(r))}): "
                     f"{html.escape(where_it_loses(r))}</li>"
                     for name, r in report.variants.items())

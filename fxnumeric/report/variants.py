@@ -8,8 +8,9 @@ rendering of such a report asks (:mod:`fxnumeric.report.render` draws the answer
 * **the best variant** (:func:`best_variant`), judged by the model output, the measure the
   user's accuracy follows: the lowest mean per-token KL when every variant has one (a
   language model's logits), else the highest model output SQNR. A variant whose value is
-  ``nan``, or whose float output collapsed (its SQNR measures nothing), is never best; a tie
-  goes to the variant named first.
+  ``nan``, whose float output collapsed (its SQNR measures nothing), or that quantized nothing
+  (:func:`quantized_nothing`: its output is the float model's) is never best; a tie goes to
+  the variant named first.
 * **where a variant loses** (:func:`where_it_loses`): its culprit, or the layers that stand
   out together (:mod:`fxnumeric.report.verdict`); when none stands out, its three lowest shadow
   SQNRs (the error is spread); without shadows, its largest drop of output SQNR.
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from .data import Report, ReportRow
 
 __all__ = ["AlignedLayer", "aligned_layers", "best_variant", "ranking", "where_it_loses",
-           "output_text", "variants_summary"]
+           "output_text", "variants_summary", "quantized_nothing", "no_best_text"]
 
 _WORST_SHOWN = 3  # lowest shadow SQNRs named when a variant's error is spread
 
@@ -103,9 +104,34 @@ def ranking(report: Report) -> tuple[str, bool] | None:
 
 def _score(variant: Report, measure: str) -> float | None:
     value = variant.model_output.get(measure)
-    if value is None or math.isnan(value) or (measure == "sqnr" and variant.output_degenerate):
+    if (value is None or math.isnan(value) or (measure == "sqnr" and variant.output_degenerate)
+            or quantized_nothing(variant)):
         return None
     return value
+
+
+def quantized_nothing(variant: Report) -> bool:
+    """Whether a variant has no quantized layer and returns the float model's output
+    exactly (a recipe that matched none of the model's layers: torchao's ``quantize_`` on
+    GPT-2's ``Conv1D`` layers): it is the float model, not a quantized variant to rank. A
+    variant that only simulates quantization (fake-quants before ``convert``) has no quantized
+    layer either, but its output differs, and it is ranked."""
+    out = variant.model_output
+    identical = out.get("kl") == 0.0 if "kl" in out else out.get("sqnr") == math.inf
+    return identical and not any(row.quantized for row in variant.rows)
+
+
+def _unranked(report: Report, name: str) -> str:
+    """Why a variant has no rank, in a few words."""
+    return ("quantized nothing, not ranked" if quantized_nothing(report.variants[name])
+            else "not measured")
+
+
+def no_best_text(report: Report) -> str:
+    """Why a multi-variant report names no best variant."""
+    if ranking(report) is not None and all(map(quantized_nothing, report.variants.values())):
+        return "no best variant: no variant quantized anything"
+    return "no best variant: no model output measured"
 
 
 def standings(report: Report) -> list[tuple[str, float]]:
@@ -205,11 +231,12 @@ def variants_summary(report: Report, *, where: bool = True) -> str:
         others = ", ".join(f"{name} {v:.4g}{unit}" for name, v in ranked[1:])
         unranked = [n for n in names if n not in dict(ranked)]
         if unranked:
-            others += (", " if others else "") + ", ".join(f"{n} not measured" for n in unranked)
+            others += (", " if others else "") + ", ".join(f"{n} {_unranked(report, n)}"
+                                                            for n in unranked)
         parts.append(f"best: {best} ({label} {value:.4g}{unit}" + (f"; {others})" if others
                                                                    else ")"))
     else:
-        parts.append("no best variant: no model output measured")
+        parts.append(no_best_text(report))
     if where:
         parts += [f"{name} ({output_text(v)}): {where_it_loses(v)}{_extras(v)}"
                   for name, v in report.variants.items()]
