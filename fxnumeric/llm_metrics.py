@@ -10,7 +10,10 @@ llama.cpp's ``llama-perplexity --kl-divergence`` prints them:
   when the batch has labels (or, for a model known to predict the next token, input ids to
   shift: see :meth:`LogitsAccumulator.update_batch`).
 
-"Real tokens" are those where ``attention_mask`` is 1; padding never counts. A mask that is
+"Real tokens" are those where ``attention_mask`` is 1; padding never counts. A float mask
+holding negative values, or only zeros, is additive (0 for real tokens, a large negative
+number for padding, as a model that adds it to its attention scores takes it): real tokens are
+its zeros (:func:`real_tokens`). A mask that is
 not one per logit row (a speech model's mask of its audio samples, against logits per frame)
 is read through the model's own frame mask when it has one (:class:`LogitsReader`), else not
 at all: every position counts, and :attr:`LogitsAccumulator.unfit_masks` says so.
@@ -43,7 +46,7 @@ from .errors import InputError
 
 __all__ = ["LogitsAccumulator", "LogitsState", "LogitsReader", "logits_reader",
            "looks_like_logits", "single_logit", "token_fields", "predicts_next_token",
-           "is_encoder_decoder", "vocab_size", "LLM_METRICS", "IGNORE_INDEX"]
+           "is_encoder_decoder", "vocab_size", "real_tokens", "LLM_METRICS", "IGNORE_INDEX"]
 
 LLM_METRICS = ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized")
 """Every key :meth:`LogitsAccumulator.values` can return (the ``ppl_*`` ones with labels only)."""
@@ -459,7 +462,22 @@ def _mask(attention_mask: torch.Tensor | None, lead: torch.Size,
     if tuple(attention_mask.shape) != tuple(lead):
         raise InputError(f"attention_mask {tuple(attention_mask.shape)} does not match the "
                          f"logits' leading dims {tuple(lead)}")
-    return attention_mask.detach().to(device) != 0
+    return real_tokens(attention_mask.detach().to(device)) != 0
+
+
+def real_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as 1 (or ``True``) for real tokens: an additive float mask (negative values,
+    or only zeros: a batch without padding), whose zeros are the real tokens, as a boolean
+    mask; any other mask as it is.
+
+    Example:
+        >>> real_tokens(torch.tensor([[0.0, 0.0, -1e4]])), real_tokens(torch.tensor([[1, 0]]))
+        (tensor([[ True,  True, False]]), tensor([[1, 0]]))
+    """
+    if mask.is_floating_point() and mask.numel() and (
+            bool((mask < 0).any()) or not bool(mask.any())):
+        return mask == 0
+    return mask
 
 
 def _fitted_mask(mask: torch.Tensor | None, lead: tuple[int, ...], batch: Any,
@@ -610,7 +628,7 @@ def _decoder_fields(batch: Any, lead: tuple[int, ...]
         mask = labels != IGNORE_INDEX
     else:
         mask = tensor("attention_mask") if from_input_ids else None
-    return mask, targets, shift
+    return (None if mask is None else real_tokens(mask)), targets, shift
 
 
 def is_encoder_decoder(model: Any, *others: Any) -> bool:
@@ -657,7 +675,9 @@ def token_fields(batch: Any) -> dict[str, torch.Tensor]:
     for name, value in found.items():
         if not isinstance(value, torch.Tensor):
             continue
-        if name == "attention_mask" or _is_integer(value):  # a mask may be bool or float
+        if name == "attention_mask":  # a mask may be bool or float, and additive
+            fields[name] = real_tokens(value)
+        elif _is_integer(value):
             fields[name] = value
     return fields
 

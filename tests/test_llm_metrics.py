@@ -852,3 +852,41 @@ def test_a_wrapped_sequence_classifier_with_class_labels_gets_no_perplexity():
     _approx(report.model_output, expected, ("kl", "kl_max", "top1_agreement"), rel=1e-5)
     assert "ppl_float" not in report.model_output and "perplexity" not in report.summary()
     assert report.logits_per == "sample"
+
+
+class _AdditiveMaskLM(torch.nn.Module):
+    """A language model of one's own that adds its float mask to the attention scores (0 for
+    real tokens, a large negative number for padding)."""
+
+    def __init__(self, vocab: int = 1200, width: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mix = torch.nn.Embedding(vocab, width), torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        scores = h @ h.transpose(1, 2) / 6 + attention_mask[:, None, :]
+        return self.head(torch.relu(self.mix(torch.softmax(scores, -1) @ h))) * 3
+
+
+@pytest.mark.parametrize("padding", [-1e4, torch.finfo(torch.float32).min, None])
+def test_an_additive_float_mask_counts_its_zeros_as_the_real_tokens(padding):
+    import copy
+
+    import fxnumeric as ns
+
+    f = _AdditiveMaskLM().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    ids = torch.randint(0, 1200, (2, 10), generator=torch.Generator().manual_seed(1))
+    real = torch.ones(2, 10, dtype=torch.bool)
+    if padding is not None:  # None: a batch without padding, whose additive mask is all zeros
+        real[0, 6:], real[1, 3:] = False, False
+    additive = torch.where(real, 0.0, -1e4 if padding is None else padding)
+    report = ns.compare(f, q, [{"input_ids": ids, "attention_mask": additive}])
+    with torch.no_grad():
+        expected = _oracle(f(ids, additive), q(ids, additive), real.long())
+    assert report.model_output["kl"] == pytest.approx(expected["kl"], rel=1e-6)
+    assert report.model_output["top1_agreement"] == pytest.approx(expected["top1_agreement"])
+    # a 0/1 float mask is read as it is
+    assert token_fields({"attention_mask": real.float()})["attention_mask"].equal(real.float())
