@@ -509,7 +509,9 @@ class FloorVerdict:
 
 def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float = 0.0,
           offset_share: float = 0.0, coarse: str = "") -> FloorVerdict | None:
-    """Place a layer against its floor; ``None`` when either number is missing.
+    """Place a layer against its floor; ``None`` when either number is missing, NaN, or the
+    shadow SQNR is ``-inf`` (Inf in the quantized output, or no float signal: a gap from that
+    measures no scale, and the report says where NaN/Inf appears instead).
 
     Args:
         shadow_sqnr: the layer's measured local SQNR (dB).
@@ -525,7 +527,7 @@ def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float =
     >>> judge(39.0, 40.0).state, judge(39.0, 40.0, clip_share=0.8).cause
     ('at', 'clipping')
     """
-    if shadow_sqnr is None or floor is None or math.isnan(shadow_sqnr) or math.isnan(floor):
+    if shadow_sqnr is None or floor is None or math.isnan(floor) or not shadow_sqnr > -math.inf:
         return None
     gap = floor - shadow_sqnr
     if gap > FLOOR_MARGIN_DB:

@@ -397,3 +397,29 @@ def test_a_padded_conv_on_a_small_map_sits_at_its_floor():
     q = convert_fx(prepared)
     row = ns.compare(f, q, data, progress=False).row("2")  # 23.1 dB; the old floor 13.9
     assert abs(row.shadow_sqnr - row.floor_sqnr) < 3, (row.shadow_sqnr, row.floor_sqnr)
+
+
+def test_a_layer_that_makes_inf_is_not_called_below_its_floor():
+    """An Inf in a quantized bias makes the shadow SQNR -inf: no scale explains that gap, so
+    neither the row nor the summary calls it below its floor; the notes say where Inf is."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 4)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    weight, bias = q[2]._packed_params._weight_bias()
+    bias = bias.clone()
+    bias[0] = math.inf
+    q[2].set_weight_bias(weight, bias)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 16, generator=gen) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = ns.compare(f, q, data)
+    row = report.row("2")
+    with torch.no_grad():  # the oracle: the quantized layer's output holds Inf itself
+        assert not torch.isfinite(q[:3](data[0])).all() and torch.isfinite(f[:3](data[0])).all()
+    assert row.shadow_sqnr == -math.inf and row.floor_sqnr is not None
+    assert not row.below_floor and row.floor_cause == ""
+    assert "below floor" not in row.notes and "shadow: NaN/Inf in 3 batches" in row.notes
+    assert "below its floor" not in report.summary()
+    assert judge(-math.inf, 40.0) is None and judge(math.inf, 40.0).state == "above"

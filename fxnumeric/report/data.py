@@ -301,9 +301,11 @@ class ReportRow:
     @property
     def below_floor(self) -> bool:
         """Whether the shadow SQNR reads :data:`BELOW_FLOOR_DB` or more below ``floor_sqnr``
-        (``False`` when either is unknown)."""
+        (``False`` when either is unknown, and for a shadow SQNR of NaN or ``-inf``: Inf in the
+        quantized output, or no float signal, which its notes say instead; no scale explains
+        them)."""
         s = self.shadow_sqnr
-        return (self.floor_sqnr is not None and s is not None and not math.isnan(s)
+        return (self.floor_sqnr is not None and s is not None and s > -math.inf
                 and s < self.floor_sqnr - BELOW_FLOOR_DB)
 
     @property
