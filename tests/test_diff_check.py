@@ -532,3 +532,23 @@ def test_the_model_output_is_not_judged_across_different_parts_of_it():
     assert other.change("fc2", "shadow.sqnr").regression  # the layers are judged as before
     assert ("model output not judged: the old report read `output[0]`, the new one "
             "`output['scores']`") in other.summary()
+
+
+def test_worst_first_leads_with_the_layer_where_inf_starts():
+    # an Inf bias: its layer reads -inf and the layers after it NaN; table(top_k=2) listed two
+    # of those NaN rows and hid the layer where it starts (the layers after it stay float: a
+    # dynamic one would fail on the Inf)
+    f = _deep_mlp()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {"0", "2"})
+    weight, bias = q[2]._packed_params._weight_bias()
+    bias = bias.clone()
+    bias[3] = float("inf")
+    q[2]._packed_params.set_weight_bias(weight, bias)
+    gen = torch.Generator().manual_seed(0)
+    report = ns.compare(f, q, [torch.randn(16, 16, generator=gen) for _ in range(3)],
+                        progress=False)
+    poisoned = [r.name for r in report.rows
+                if r.shadow_sqnr is not None and not r.shadow_sqnr > -math.inf]
+    assert report.row("2").shadow_sqnr == -math.inf and len(poisoned) > 2
+    assert [r.name for r in report.sorted_rows(top_k=len(poisoned))] == poisoned  # graph order
+    assert report.table(top_k=1).splitlines()[2].split()[0] == "2"

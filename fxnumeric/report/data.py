@@ -364,10 +364,12 @@ def _some(names: list[str]) -> str:
 
 
 def _sort_value(x: float | None) -> tuple[int, float]:
-    """Worst first: NaN (a poisoned layer) before every number, a missing value after."""
+    """Worst first: NaN and ``-inf`` (a poisoned layer: Inf in a layer's output reads
+    ``-inf``, NaN in the layers after it) before every number, in graph order among
+    themselves, so the layer where Inf starts leads; a missing value after."""
     if x is None:
         return 2, 0.0
-    return (0, 0.0) if math.isnan(x) else (1, x)
+    return (0, 0.0) if math.isnan(x) or x == -math.inf else (1, x)
 
 
 def _upgrade_schema_1(data: dict[str, Any]) -> dict[str, Any]:
