@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # annotations only: pairing (under match) reads a layer's wei
     from .match import Matching, Pair, Region
 
 __all__ = ["extract_weights", "pair_weights", "rnn_cell_weights", "PairedWeight", "op_weight",
-           "module_weight"]
+           "module_weight", "transposed_linear"]
 
 _log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _leaf_parts(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
-def _transposed_linear(module: nn.Module) -> bool:
+def transposed_linear(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``."""
     weight = getattr(module, "weight", None)
     return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
@@ -279,7 +279,7 @@ def module_weight(module: nn.Module, side: str) -> torch.Tensor | None:
         return None
     weight = weight.detach()
     weight = weight.dequantize() if weight.is_quantized else weight
-    return weight.t() if _transposed_linear(module) else weight
+    return weight.t() if transposed_linear(module) else weight
 
 
 def _a_matrix(weight: Any) -> bool:
@@ -300,7 +300,7 @@ def op_weight(view: GraphView, chain: Sequence[fx.Node], side: str) -> torch.Ten
             weight = _folded_weight(parts)
             if not _a_matrix(weight):
                 return None
-            return weight.t() if _transposed_linear(view.modules[str(head.target)]) else weight
+            return weight.t() if transposed_linear(view.modules[str(head.target)]) else weight
         return module_weight(view.modules[str(head.target)], side)
     if side == "float":
         weight = _graph_float_weight(view, chain)
@@ -366,9 +366,9 @@ def _beside(pair: Pair, fweight: torch.Tensor, fmod: nn.Module | None, qmod: nn.
     """The float weight of module ``fmod`` beside each quantized weight of ``qmod`` (keyed as
     its state_dict), both as the ops compute with them when ``as_computed`` (a transposed
     Linear's weight transposed back)."""
-    if as_computed and fmod is not None and _transposed_linear(fmod):
+    if as_computed and fmod is not None and transposed_linear(fmod):
         fweight = fweight.t()
-    flip = as_computed and _transposed_linear(qmod)
+    flip = as_computed and transposed_linear(qmod)
     return [PairedWeight(pair, key, fweight, qw.t() if flip else qw, layer=layer)
             for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
 

@@ -504,3 +504,51 @@ def test_a_llama_missing_a_decoder_layer_pairs_each_layer_with_its_own_weights()
     assert min(r.weight_sqnr for r in report.rows if r.weight_sqnr is not None) > 30
     (missing,) = [u for u in report.unmatched if u[1] == "float"]
     assert missing[0] == "model.layers.1" and "the quantized model lacks it" in missing[2]
+
+
+def test_advice_on_gpt2_says_its_lines_apply_once_the_conv1d_layers_are_converted():
+    """GPT-2's Conv1D layers, converted to nn.Linear to be quantized: the advice's lines name
+    them, and on the float model itself quantize_dynamic leaves them float (the claimed SQNR
+    read inf there). Oracle: the line applied to a converted copy gives the claimed value."""
+    import warnings
+
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    from transformers.pytorch_utils import Conv1D
+
+    from fxnumeric.errors import FxNumericWarning
+
+    def converted(model: nn.Module) -> nn.Module:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    linear = nn.Linear(*child.weight.shape)
+                    linear.weight.data = child.weight.data.t().contiguous()
+                    linear.bias.data = child.bias.data.clone()
+                    setattr(parent, name, linear)
+        return model
+
+    torch.manual_seed(0)
+    f = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    q = quantize_dynamic(converted(copy.deepcopy(f)), {nn.Linear})
+    data = [{"input_ids": torch.randint(3, 256, (3, 12),
+                                        generator=torch.Generator().manual_seed(1))}]
+
+    def sqnr(model: nn.Module) -> float:
+        with torch.no_grad():
+            a, b = f(**data[0]).logits.double(), model(**data[0]).logits.double()
+        return 10 * math.log10(float((a ** 2).sum() / ((a - b) ** 2).sum()))
+
+    advice = ns.advise(f, q, data, metric="sqnr", target=sqnr(q) + 3, progress=False)
+    conv1d = tuple(n for n, m in f.named_modules() if isinstance(m, Conv1D))
+    assert advice.converted == conv1d and len(conv1d) == 8
+    with pytest.warns(FxNumericWarning, match=r"8 layers \(transformer\.h\.0\.attn\.c_attn, .*"
+                                              r"are transformers Conv1D in the float model"):
+        line = advice.dynamic_lines()
+    assert "note: 8 layers (transformer.h.0.attn.c_attn" in advice.summary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = eval(line, {"quantize_dynamic": quantize_dynamic,  # noqa: S307
+                            "default_dynamic_qconfig": default_dynamic_qconfig,
+                            "model": converted(copy.deepcopy(f))})
+    assert sqnr(built) == pytest.approx(advice.value, rel=1e-6)

@@ -62,7 +62,7 @@ from ..progress import Progress
 from ..report.render import tabulate_format
 from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
-from ..weights import weight_sqnrs
+from ..weights import transposed_linear, weight_sqnrs
 from .hybrid import (
     HybridFailure,
     HybridRunner,
@@ -934,6 +934,12 @@ class Advice:
     failed: tuple[tuple[str, str], ...] = ()
     """``(hybrid, reason)`` for the hybrids of the search an op failed in (see
     :attr:`Sensitivity.failed`): their metric read NaN, so the search did not keep them."""
+    converted: tuple[str, ...] = ()
+    """Module paths of the layers the float model holds as transformers ``Conv1D`` (GPT-2)
+    and the quantized model as ``nn.Linear``, converted to be quantized: the lines name them,
+    and torchao and ``quantize_dynamic`` quantize them only once so converted (on the float
+    model itself torchao's kernels fail on them and ``quantize_dynamic`` leaves them float).
+    :meth:`to_torchao` and the lines warn; :meth:`summary` says so."""
 
     def to_torchao(self, configs: Mapping[str, Any]) -> Any:
         """A torchao ``FqnToConfig`` that applies the assignment with ``quantize_``.
@@ -967,6 +973,7 @@ class Advice:
                 "Int8WeightOnlyConfig() or IntxWeightOnlyConfig(weight_dtype=torch.int4, "
                 "granularity=PerGroup(32)) (torchao.quantization)")
         self._warn_other_flow("this FqnToConfig", "torchao")
+        self._warn_converted("this FqnToConfig")
         return FqnToConfig({path: configs[choice] for path, choice in self.assignment.items()
                             if choice != "float"})
 
@@ -998,6 +1005,23 @@ class Advice:
             f"{self.metric} found here ({shown(self.value, self.target)}).\nFix: {fix}, or "
             f"compare that model (fxnumeric.compare) before relying on it"),
             stacklevel=3)
+
+    def _converted_text(self) -> str:
+        """What :attr:`converted` means for the lines, in one sentence (``""``: nothing)."""
+        if not self.converted:
+            return ""
+        some = ", ".join(self.converted[:3]) + (", ..." if len(self.converted) > 3 else "")
+        return (f"{len(self.converted)} layers ({some}) are transformers Conv1D in the float "
+                "model and nn.Linear in the quantized one: apply these lines to a copy of the "
+                "float model with those layers converted to nn.Linear, as the quantized model "
+                "was made (on the float model itself torchao fails on them and quantize_dynamic "
+                "leaves them float)")
+
+    def _warn_converted(self, what: str) -> None:
+        """Warn that ``what`` applies to the float model only once its Conv1D layers are
+        converted (:attr:`converted`)."""
+        if self.converted:
+            warnings.warn(FxNumericWarning(f"{what}: {self._converted_text()}"), stacklevel=3)
 
     def _targets(self) -> list[tuple[str, tuple[str, Any, int] | None]]:
         functions = self.functions or (None,) * len(self.keep_float)
@@ -1153,6 +1177,7 @@ class Advice:
         no module known, ``nn.Linear`` with the kept names mapped to ``None``."""
         self._one_variant("dynamic_lines")
         self._warn_other_flow("this line", "dynamic")
+        self._warn_converted("this line")
         if self.dynamic:
             spec = ", ".join(f"{path!r}: {qconfig}" for path, qconfig in self.dynamic
                              if not self._kept(path))
@@ -1169,6 +1194,7 @@ class Advice:
         ``nn.Linear`` but the kept and those inside them."""
         self._one_variant("torchao_keep_lines")
         self._warn_other_flow("this line", "torchao")
+        self._warn_converted("this line")
         if self.torchao_modules:
             names = ", ".join(repr(path) for path in self.torchao_modules
                               if not self._kept(path))
@@ -1184,6 +1210,8 @@ class Advice:
         """Message, curve and what to feed back to the quantization flow (the flow the
         quantized model came from, when known; every flow's otherwise)."""
         parts = [self.message, "", self.table()]
+        if self.converted:
+            parts += ["", f"note: {self._converted_text()}"]
         if self.variants and self.flow in ("torchao", ""):
             parts += ["", "torchao: quantize_(model, advice.to_torchao(configs), filter_fn=None) "
                       "with configs = {variant: its torchao config}, i.e.",
@@ -1303,6 +1331,19 @@ def _dynamic_qconfig_name(module: nn.Module) -> str:
     return "per_channel_dynamic_qconfig" if per_channel else "default_dynamic_qconfig"
 
 
+def converted_layers(float_model: nn.Module | None, quant_model: nn.Module | None
+                     ) -> tuple[str, ...]:
+    """Module paths the float model holds as transformers ``Conv1D`` and the quantized model,
+    at the same path, as a module of another type (an ``nn.Linear``, quantized or not): see
+    :attr:`Advice.converted`."""
+    if float_model is None or quant_model is None:
+        return ()
+    quant = dict(quant_model.named_modules())
+    return tuple(path for path, module in float_model.named_modules()
+                 if transposed_linear(module) and path in quant
+                 and not transposed_linear(quant[path]))
+
+
 def _unit(metric: str) -> str:
     """`` dB`` after an SQNR, `` nats`` after a KL, nothing after a ratio."""
     return {"sqnr": " dB", "kl": " nats"}.get(metric, "")
@@ -1326,7 +1367,9 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                            if len(search.runner.variants) == 1 else ()),
                   torchao_modules=(quantized_paths(search.matching.quant_model)
                                    if len(search.runner.variants) == 1 else ()),
-                  failed=tuple(search.failed.items()))
+                  failed=tuple(search.failed.items()),
+                  converted=converted_layers(search.matching.float_model,
+                                             search.matching.quant_model))
 
 
 def _whole_note(whole: tuple[tuple[str, str], ...]) -> str:
@@ -1541,4 +1584,6 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                   flow=flow_of(search.matching.quant_model),
                   dynamic=dynamic_spec(search.matching.quant_model),
                   torchao_modules=quantized_paths(search.matching.quant_model),
-                  failed=tuple(search.failed.items()))
+                  failed=tuple(search.failed.items()),
+                  converted=converted_layers(search.matching.float_model,
+                                             search.matching.quant_model))
