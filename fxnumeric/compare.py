@@ -857,7 +857,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
         notes=_nothing_quantized_note(matching)
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
         + _model_output_note(plan.model) + _output_part_note(plan) + _no_token_note(plan)
-        + _no_perplexity_note(plan) + _unfit_mask_note(plan)
+        + _no_perplexity_note(plan) + _no_target_note(plan) + _unfit_mask_note(plan)
         + _skipped_note(ran)
         + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ()),
         model_output_rms=_rms(plan.model),
@@ -932,6 +932,15 @@ def _no_perplexity_note(plan: _Plan) -> tuple[str, ...]:
             "no can_generate(), as a transformers model has), so its input_ids are not read "
             "as targets. Fix: put labels in the batch, or give a causal LM of your own a "
             "can_generate() method returning True",)
+
+
+def _no_target_note(plan: _Plan) -> tuple[str, ...]:
+    """A note when batches came with targets but none of their real tokens had one."""
+    if not plan.logits.labelled or plan.logits.targets or not plan.logits.tokens:
+        return ()
+    return ("no perplexity: the batches give targets, but none of their real tokens has one "
+            "(every label is -100, or each sequence is one token, with no next token to "
+            "score)",)
 
 
 def _unfit_mask_note(plan: _Plan) -> tuple[str, ...]:

@@ -86,6 +86,8 @@ class LogitsState:
     """The first such batch's mask shape and the logits' leading dims."""
     unfit_batch: int = -1
     """The index of the batch :attr:`unfit_shapes` was read from, -1 when not told."""
+    labelled: int = 0
+    """Batches that came with targets (labels, or input ids read as next tokens)."""
 
     def merged(self, other: LogitsState) -> LogitsState:
         """Both states' tokens: counts and sums add, the token KLs of ``other`` follow,
@@ -104,6 +106,7 @@ class LogitsState:
             torch.cat([self.token_kls, other.token_kls]), self.batches + other.batches,
             later.logits_per, later.logits_per_batch,
             self.unfit_masks + other.unfit_masks, first.unfit_shapes, first.unfit_batch,
+            self.labelled + other.labelled,
         )
 
 
@@ -193,6 +196,10 @@ class LogitsAccumulator:
         self.unfit_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         """The first such batch's mask shape and the logits' leading dims."""
         self.unfit_batch = -1  # that batch's index (update_batch(index)), for a merge
+        self.labelled = 0
+        """Batches that came with targets (``labels``, or ``input_ids`` read as next tokens):
+        with none of their real tokens scored (labels all -100, sequences of one token),
+        :attr:`targets` stays 0 and there is no perplexity."""
 
     def update(self, float_logits: torch.Tensor, quant_logits: torch.Tensor,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -219,6 +226,7 @@ class LogitsAccumulator:
             )
         lead, vocab = f.shape[:-1], f.shape[-1]
         mask = _mask(attention_mask, lead, f.device)
+        self.labelled += labels is not None or input_ids is not None
         targets = _targets(labels if labels is not None else input_ids, mask, lead, vocab,
                            shift=shift or labels is None)
         rows = mask.reshape(-1).nonzero().squeeze(1)  # real tokens only, as flat row indices
@@ -320,7 +328,7 @@ class LogitsAccumulator:
         return LogitsState(self.tokens, self.targets, self.kl_sum, self.top1_agree,
                            self.nll_float, self.nll_quant, self.token_kls(), self.batches,
                            self.logits_per, self.logits_per_batch, self.unfit_masks,
-                           self.unfit_shapes, self.unfit_batch)
+                           self.unfit_shapes, self.unfit_batch, self.labelled)
 
     def load(self, state: LogitsState) -> None:
         """Replace everything seen so far with ``state`` (:meth:`LogitsState.merged` of
@@ -332,7 +340,7 @@ class LogitsAccumulator:
         self.batches, self.logits_per = state.batches, state.logits_per
         self.logits_per_batch = state.logits_per_batch
         self.unfit_masks, self.unfit_shapes = state.unfit_masks, state.unfit_shapes
-        self.unfit_batch = state.unfit_batch
+        self.unfit_batch, self.labelled = state.unfit_batch, state.labelled
 
     def token_kls(self) -> torch.Tensor:
         """Every real token's KL so far, float32, in the order seen."""

@@ -348,3 +348,22 @@ def test_a_model_of_unknown_kind_says_why_it_has_no_perplexity():
     causal = ns.compare(_Causal(f), _Causal(q), data, progress=False)
     assert causal.model_output["ppl_float"] == pytest.approx(expected["ppl_float"], rel=1e-4)
     assert not any(n.startswith("no perplexity") for n in causal.notes)
+
+
+def test_labels_that_score_no_token_say_why_there_is_no_perplexity():
+    """Labels all -100 (a prompt-only batch): transformers' loss is NaN (nothing to score), the
+    perplexity keys are absent, and a note says why instead of dropping them silently."""
+    f = tiny_llama().eval()
+    q = _int4(f)
+    batch = tiny_llm_batches(vocab_size=256, n=1)[0]
+    ignored = {**batch, "labels": torch.full_like(batch["input_ids"], -100)}
+    report = ns.compare(f, q, [ignored], progress=False)
+    with torch.no_grad():
+        assert math.isnan(float(f(**ignored).loss))  # the oracle: no token has a target
+    assert "ppl_float" not in report.model_output and "kl" in report.model_output
+    note = ("no perplexity: the batches give targets, but none of their real tokens has one "
+            "(every label is -100")
+    assert any(n.startswith(note) for n in report.notes)
+    plain = ns.compare(f, q, [_with_labels(batch)], progress=False)  # some targets: no note
+    assert "ppl_float" in plain.model_output
+    assert not any(n.startswith("no perplexity") for n in plain.notes)
