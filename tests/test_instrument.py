@@ -547,6 +547,20 @@ class _Inputs(fx.Interpreter):
         return out
 
 
+def _quantized(model: nn.Module, flow: str, data: list[torch.Tensor]) -> nn.Module:
+    """``model`` quantized by ``flow``: ``"dynamic"`` (qint8 Linears) or ``"fx_static"``
+    (prepare_fx / convert_fx, fbgemm, calibrated on ``data``)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if flow == "dynamic":
+        return tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    prepared = prepare_fx(model, get_default_qconfig_mapping("fbgemm"), (data[0],))
+    for x in data:
+        prepared(x)
+    return convert_fx(prepared)
+
+
 @pytest.mark.parametrize("flow", ["dynamic", "fx_static", "pt2e"])
 def test_a_shadow_reads_what_the_quantized_op_reads_past_an_unpaired_op(flow):
     """The quantized model scales fc2's input by 0.5; the float model does not. fc2's shadow
@@ -554,9 +568,6 @@ def test_a_shadow_reads_what_the_quantized_op_reads_past_an_unpaired_op(flow):
     fc2's own error (7.30 dB) and the verdict named fc2 culprit. As torch's eager Shadow, it
     now reads what the quantized fc2 reads: the float fc2 fed the quantized fc2's own
     (dequantized) input, by forward hooks, is the oracle."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     torch.manual_seed(0)
     f = Scaled().eval()
     scaled = Scaled(0.5).eval()
@@ -583,13 +594,7 @@ def test_a_shadow_reads_what_the_quantized_op_reads_past_an_unpaired_op(flow):
                 run.run(x)
                 seen.append(run.seen[1])  # fc2's linear: what it reads, what it returns
     else:
-        if flow == "dynamic":
-            q = tq.quantize_dynamic(scaled, {nn.Linear}, dtype=torch.qint8)
-        else:
-            prepared = prepare_fx(scaled, get_default_qconfig_mapping("fbgemm"), (data[0],))
-            for x in data:
-                prepared(x)
-            q = convert_fx(prepared)
+        q = _quantized(scaled, flow, data)
         handle = q.fc2.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
         with torch.no_grad():
             for x in data:
@@ -609,3 +614,68 @@ def test_a_shadow_reads_what_the_quantized_op_reads_past_an_unpaired_op(flow):
     assert "reads quantized `mul" in fc2.note and "in no row" in fc2.note
     assert report.verdict.culprit != "fc2"
     assert "or enters at the unpaired node" in report.summary()
+
+
+class _Dropped(nn.Module):
+    """fc2 reads the relu through an eval-mode dropout and ``.contiguous()`` (plumbing); with
+    ``half``, a ``* 0.5`` before them."""
+
+    def __init__(self, half: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 8)
+        self.drop = nn.Dropout(0.1)
+        self.half = half
+
+    def forward(self, x):
+        y = torch.relu(self.fc1(x))
+        if self.half:
+            y = y * 0.5
+        return self.fc2(self.drop(y).contiguous())
+
+
+def _op_read(gm: fx.GraphModule, target: str) -> str:
+    """The op whose value the call of module ``target`` reads, past eval-mode dropouts and
+    ``.contiguous()``, read off the fx graph."""
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+    read = node.args[0]
+    while (read.op == "call_method" and read.target == "contiguous"
+           or read.op == "call_module" and isinstance(gm.get_submodule(read.target), nn.Dropout)):
+        read = read.args[0]
+    return read.name
+
+
+@pytest.mark.parametrize("flow", ["dynamic", "fx_static"])
+@pytest.mark.parametrize("side", ["quant", "float"])
+def test_an_unpaired_op_is_named_by_the_float_op_read_not_the_plumbing_after_it(flow, side):
+    """fc2 reads the relu (or, the other way round, the float model's `* 0.5`) through a
+    dropout and `.contiguous()`. Its note named the plumbing node its float input came
+    through: "where the float model reads `contiguous`", and for a `* 0.5` only the float
+    model has, "its float twin reads `contiguous`, from float ops the quantized model lacks",
+    a node that is in no row and not unpaired. The note names the op whose value is read
+    (the fx graph of the float model, walked past the plumbing), as the hybrid runner's
+    strays do: the two read one derivation (`instrument.graph.stand_ins`)."""
+    from fxnumeric.advice.hybrid import HybridRunner
+
+    torch.manual_seed(0)
+    f, other = _Dropped(half=side == "float").eval(), _Dropped(half=side == "quant").eval()
+    other.load_state_dict(f.state_dict())
+    data = [torch.randn(4, 16) for _ in range(3)]
+    q = _quantized(other, flow, data)
+    read = _op_read(fx.symbolic_trace(f), "fc2")
+    assert read == ("relu" if side == "quant" else "mul")
+    matching = ns.match(f, q, data[0])
+    built = ns.instrument(matching, shadows=lambda p: ns.ShadowLogger())
+    report = ns.compare(f, q, data, progress=False, matching=matching)
+    note = report.row("fc2").note
+    if side == "quant":  # only the quantized model has the mul
+        ((op, float_op),) = built.strays.values()
+        assert op.startswith("mul") and float_op == read and not built.bypassed
+        assert f"reads quantized `{op}`, which has no float counterpart, where the float model " \
+               f"reads `{read}`" in note
+        assert HybridRunner(matching).strays == {"fc2": (op,)}
+    else:
+        ((op, float_op),) = built.bypassed.values()
+        assert op == "relu" and float_op == read and not built.strays
+        assert f"its float twin reads `{read}`, from float ops the quantized model lacks" in note
+        assert (read, "float") in [(node, s) for node, s, _ in report.unmatched]
+        assert HybridRunner(matching).strays == {}

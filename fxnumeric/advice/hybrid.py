@@ -48,7 +48,7 @@ from .._tensors import dequantize_all
 from ..errors import InputError, InstrumentationError
 from ..flows.pt2e import annotated, input_wanted, output_wanted, pattern_anchor, quantized_edge
 from ..instrument.assemble import assemble, captured_model
-from ..instrument.graph import behind_quantize, float_subgraph, stray_reads
+from ..instrument.graph import carried_op, stand_ins
 from ..match import Matching, Pair, Region
 from ..offload import whole_modules
 from ..pairing import op_name
@@ -560,7 +560,7 @@ class HybridRunner:
         self.swappable = set(self.layers) | set(layer_names(self.matching, containers=True))
         self._swaps: dict[tuple[str, str, str], tuple[Swap, ...]] = {}
         # {layer: ops only the quantized model has whose values it reads}, of the layers
-        # swapped so far: every hybrid keeps those ops, and their error (stray_reads)
+        # swapped so far: every hybrid keeps those ops, and their error (StandIns.strays)
         self.strays: dict[str, tuple[str, ...]] = {}
         # of those, the layers whose input is rounded on the unpaired op's output grid: a
         # layer quantized alone in the float model reads its float input on that grid,
@@ -723,11 +723,11 @@ class HybridRunner:
         # the quantized layer reads the value of an op the float model does not have (a
         # `* 0.5` after a paired relu): the float layer swapped in reads it too, and the
         # quantized one swapped into the float model reads what its float twin reads
-        strays = stray_reads(region, float_subgraph(region, pair), region.chain(pair, "quant"))
+        strays = stand_ins(region, pair).strays
         if strays:
             qv = region.quant_view
             self.strays[op_name(pair.name)] = tuple(
-                _stray_op(qv, v).name for v in strays.values())
+                carried_op(qv, v).name for v in strays.values())
             if any(_rounded_by_stray(qv, v) for v in strays.values()):
                 self.stray_grids.add(op_name(pair.name))
         for ext in _external_inputs(other_inside):
@@ -1073,7 +1073,7 @@ def _provider(region: Region, other_node: fx.Node, base: str,
     pt2e value's dequantizes, the one the swapped layer's nodes ``replaced`` read
     (:func:`_own_edge`).
 
-    ``strays`` (:func:`fxnumeric.instrument.graph.stray_reads`): where the quantized layer
+    ``strays`` (:attr:`fxnumeric.instrument.graph.StandIns.strays`): where the quantized layer
     reads the value of an op the float model does not have in place of its float twin's
     input, a float layer swapped into the quantized model reads that value, as a layer
     swapped by hand into the quantized model does (fed the counterpart of its float input,
@@ -1100,7 +1100,7 @@ def _provider(region: Region, other_node: fx.Node, base: str,
     producer = qv.producer(other_node)
     for float_node, stray in strays.items():
         if producer is not None and producer in (stray, qv.producer(stray),
-                                                 _stray_op(qv, stray)):
+                                                 carried_op(qv, stray)):
             return float_node
     return region.float_counterpart(producer) if producer is not None else None
 
@@ -1112,14 +1112,8 @@ def _rounded_by_stray(view: Any, value: fx.Node) -> bool:
     cls = view.op_class(value)
     if cls is not None and cls.is_dequantize:
         return not any(view.is_dynamic_quantize(q) for q in value.all_input_nodes)
-    op = _stray_op(view, value)
+    op = carried_op(view, value)
     return view.op_class(op) is not None and view.op_class(op).quantized
-
-
-def _stray_op(view: Any, value: fx.Node) -> fx.Node:
-    """The op whose value quantized ``value`` carries, past a pt2e quantize (``mul ->
-    quantize -> dequantize``: the ``mul``)."""
-    return behind_quantize(view, view.producer(value) or value) or value
 
 
 def _own_edge(dequantize: fx.Node, readers: Iterable[fx.Node]) -> fx.Node:

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch.fx as fx
 from torch import nn
 
 from .._collector import defers_collection
@@ -44,7 +43,7 @@ from ..match import Matching, Pair, Region, match
 from ..pairing import op_name
 from ..semantics import computes_alike
 from .assemble import Build, CallSites, assemble, captured_model
-from .graph import GraphCopy, behind_quantize, float_subgraph, shadow_inputs, span_inputs
+from .graph import GraphCopy, carried_op, float_subgraph, shadow_inputs, span_inputs, stand_ins
 
 __all__ = [
     "instrument", "Instrumented", "add_loggers", "add_shadows", "loggers_of", "PairFilter",
@@ -97,12 +96,14 @@ class Instrumented:
         quant_observers: ``{pair name: observer}`` on the quantized outputs.
         shadow_observers: ``{pair name: observer}`` fed ``(quantized, float shadow)``.
         skipped: ``{pair (or block) name: reason}`` for what could not be shadowed.
-        strays: ``{pair name: (unpaired quantized node, float node)}`` where the quantized op
+        strays: ``{pair name: (unpaired quantized op, float op)}`` where the quantized op
             reads the value of an op the float model does not have, and its shadow reads it
-            too, in place of the float node's counterpart: that op's error is in no row.
-        bypassed: ``{pair name: (quantized node, float node)}`` where the float op reads the
-            value of float ops the quantized model lacks (unpaired), and its shadow reads the
-            quantized op's input in its place, whose float counterpart is another node.
+            too, in place of the float op's counterpart: that op's error is in no row
+            (:attr:`~fxnumeric.instrument.graph.StandIns.strays`).
+        bypassed: ``{pair name: (quantized op, float op)}`` where the float op reads the
+            value of a float op the quantized model lacks (unpaired), and its shadow reads the
+            quantized op's input in its place, whose float counterpart is another op
+            (:attr:`~fxnumeric.instrument.graph.StandIns.bypassed`).
         block_observers: ``{block name: (float, quantized, shadow observer)}``.
     """
 
@@ -267,15 +268,10 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
     if isinstance(inputs, str):
         built.skipped[pair.name] = inputs
         return
-    qv = region.quant_view
-    for f, q in inputs.items():
-        producer = qv.producer(qv.node(q))
-        if (producer is not None and qv.is_op(producer)
-                and region.float_counterpart(producer) is None):
-            # the op whose value a pt2e quantize rounds
-            built.strays[pair.name] = (behind_quantize(qv, producer).name, f.name)
-        elif producer is not None and _bypasses(region, producer, f):
-            built.bypassed[pair.name] = (behind_quantize(qv, producer).name, f.name)
+    found = stand_ins(region, pair)  # what the shadow reads where the models differ
+    for kept, read in ((built.strays, found.strays), (built.bypassed, found.bypassed)):
+        for float_op, value in read.items():
+            kept[pair.name] = (carried_op(region.quant_view, value).name, float_op.name)
     built.shadow_observers[pair.name] = observer = shadows(pair)
     if not getattr(observer, "takes_inputs", False) and computes_alike(region, pair):
         # a layer left float that computes what its twin computes: its shadow's output would
@@ -286,17 +282,6 @@ def _instrument_pair(region: Region, pair: Pair, float_copy: GraphCopy | None,
     inputs = {f: quant_copy.before_overwrite(q, chain) for f, q in inputs.items()}
     quant_copy.shadow(quant_out.name, region.float_view, float_subgraph(region, pair), inputs,
                       built.shadow_observers[pair.name], f"fxnumeric_shadow_{index}")
-
-
-def _bypasses(region: Region, producer: fx.Node, f: fx.Node) -> bool:
-    """Whether a shadow reads quantized ``producer`` in place of float ``f``, the value of an
-    unpaired float op (one the quantized model lacks), whose float counterpart is another."""
-    fv = region.float_view
-    read = fv.producer(f)
-    counterpart = region.float_counterpart(producer)
-    return (read is not None and counterpart is not None and counterpart is not read
-            and fv.is_op(read) and fv.op_class(read).role == "op"
-            and region.pair_of(read) is None)
 
 
 def observe_values(matching: Matching, side: str,

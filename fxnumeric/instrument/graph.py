@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from ..semantics import (
 from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
-           "reads_at_call", "stray_reads", "behind_quantize"]
+           "reads_at_call", "StandIns", "stand_ins", "behind_quantize", "carried_op"]
 
 
 @fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
@@ -119,12 +120,9 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     float residual carried an input rounding the quantized block does not have (a block
     that adds nothing read 43 dB against 79 dB)."""
     fv, qv = region.float_view, region.quant_view
-    read, strays, shaped = _chain_reads(region, chain, carried)
+    read, _ = _reads(region, nodes, chain, carried)
     last = qv.position(chain[-1])
     inside = set(nodes)
-    outside = _outside_values(fv, nodes)
-    read.update(_stray_read(outside, read, strays)
-                or _skipped_read(region, outside, read, shaped, strays))
     inputs: dict[fx.Node, str] = {}
     for n in nodes:
         if n.op == "placeholder":  # the input quantize: its float twin is the input itself
@@ -145,20 +143,55 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     return inputs
 
 
-def stray_reads(region: Region, nodes: list[fx.Node], chain: list[fx.Node]
-                ) -> dict[fx.Node, fx.Node]:
-    """``{float node: quantized node}`` where the quantized ``chain`` reads the value of an op
-    the float model does not have (``y * 0.5`` after a paired ``relu``) in place of the value
-    float ``nodes`` read from outside (the relu): the one value the chain reads of an op
-    with no float counterpart, for the one value of the float nodes whose counterpart the
-    chain does not read. Empty where there is no such pair of values.
+@dataclass(frozen=True)
+class StandIns:
+    """The quantized values a pair's shadow reads in place of the counterparts of its float
+    inputs, where the two models compute different things before the pair. Decided here,
+    once, for everything that feeds a float op from the quantized model: a pair's shadow
+    (:func:`fxnumeric.instrument.instrument`, whose ``Instrumented.strays`` and ``.bypassed``
+    these are) and a float layer swapped into a hybrid (:mod:`fxnumeric.advice.hybrid`).
 
-    A shadow, and a float layer swapped into the quantized model, read that value, as
-    torch's eager ``Shadow`` and a model edited by hand do; fed the float input's
-    counterpart (the relu), they skipped the unpaired op, and its error read as the layer's
-    own (a shadow), or vanished (a hybrid)."""
-    read, strays, _ = _chain_reads(region, chain)
-    return _stray_read(_outside_values(region.float_view, nodes), read, strays)
+    Attributes:
+        strays: ``{float op: quantized value}`` where the quantized chain reads the value of
+            an op the float model does not have (``y * 0.5`` after a paired ``relu``) in
+            place of the float op's (the relu). A shadow, and a float layer swapped into the
+            quantized model, read that value, as torch's eager ``Shadow`` and a model edited
+            by hand do; fed the relu's counterpart, they skipped the unpaired op, and its
+            error read as the layer's own (a shadow), or vanished (a hybrid).
+        bypassed: ``{float op: quantized value}`` the other way round: the float op read is
+            one the quantized model lacks (unpaired), and the quantized chain reads the value
+            of a paired op before it, which the shadow reads too.
+
+    Both hold at most one entry: the one value of the float ops read that the chain does not
+    read, for the one value the chain reads in its place.
+    """
+
+    strays: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    bypassed: dict[fx.Node, fx.Node] = field(default_factory=dict)
+
+
+def stand_ins(region: Region, pair: Pair) -> StandIns:
+    """What ``pair``'s shadow reads in place of its float inputs' counterparts (see
+    :class:`StandIns`); empty where the two models compute the same before the pair."""
+    return _reads(region, float_subgraph(region, pair), region.chain(pair, "quant"))[1]
+
+
+def carried_op(qv: GraphView, value: fx.Node) -> fx.Node:
+    """The op whose value quantized ``value`` carries, past a pt2e quantize (``mul ->
+    quantize -> dequantize``: the ``mul``): what a stand-in's error is named by."""
+    return behind_quantize(qv, qv.producer(value) or value) or value
+
+
+def _reads(region: Region, nodes: list[fx.Node], chain: list[fx.Node], carried: bool = False
+           ) -> tuple[dict[fx.Node, fx.Node], StandIns]:
+    """``({float node: quantized value a shadow of float nodes reads for it}, the stand-ins
+    among them)``: the values the quantized ``chain`` reads of float nodes' counterparts,
+    completed by the stand-ins (see :func:`span_inputs` for ``carried``)."""
+    read, strays, shaped = _chain_reads(region, chain, carried)
+    outside = _outside_values(region.float_view, nodes)
+    found = StandIns(_stray_read(outside, read, strays),
+                     _skipped_read(region, outside, read, shaped, strays))
+    return read | found.strays | found.bypassed, found
 
 
 def _chain_reads(region: Region, chain: list[fx.Node], carried: bool = False
@@ -195,7 +228,8 @@ def _chain_reads(region: Region, chain: list[fx.Node], carried: bool = False
 
 def _skipped_read(region: Region, outside: list[fx.Node], read: dict[fx.Node, fx.Node],
                   shaped: set[fx.Node], strays: list[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """The other way round from :func:`_stray_read`: the float nodes read (``outside``, from
+    """:attr:`StandIns.bypassed`, the other way round from :func:`_stray_read`: the float
+    nodes read (``outside``, from
     :func:`_outside_values`) the value of float ops the quantized model lacks (a layer it
     skips; pairing found the twin by its weights), the quantized chain the value of a paired
     op before them: the shadow reads that, what the quantized op read. Held to that case:
@@ -223,9 +257,9 @@ def behind_quantize(qv: GraphView, node: fx.Node | None) -> fx.Node | None:
 
 def _stray_read(outside: list[fx.Node], read: dict[fx.Node, fx.Node],
                 strays: list[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """The mapping of :func:`stray_reads`: of the float values read from ``outside``, the one
-    the chain does not read, to the one value it reads of an op with no float counterpart;
-    else ``{}``."""
+    """:attr:`StandIns.strays`: of the float values read from ``outside``, the one the chain
+    does not read, to the one value it reads of an op with no float counterpart; else
+    ``{}``."""
     unread = [f for f in outside if f not in read]
     if len(strays) == 1 and len(unread) == 1:
         # the quantized op reads the value of an op the float model does not have (`y * 0.5`
