@@ -559,13 +559,25 @@ class HybridRunner:
         # what a caller may name: the layers, and the modules kept whole around some of them
         self.swappable = set(self.layers) | set(layer_names(self.matching, containers=True))
         self._swaps: dict[tuple[str, str, str], tuple[Swap, ...]] = {}
-        # {layer: ops only the quantized model has whose values it reads}, of the layers
-        # swapped so far: every hybrid keeps those ops, and their error (StandIns.strays)
+        # what each pair of each variant reads where the models differ, as its shadow does
+        # (StandIns: one derivation for both)
+        self._stand_ins = {(region, pair): stand_ins(region, pair)
+                           for m in self.variants.values() for region in m.regions
+                           for pair in region.pairs}
+        # {op: ops only the quantized model has whose values it reads}, every variant's, in
+        # graph order: every hybrid keeps those ops, and their error
         self.strays: dict[str, tuple[str, ...]] = {}
-        # of those, the layers whose input is rounded on the unpaired op's output grid: a
-        # layer quantized alone in the float model reads its float input on that grid,
-        # calibrated for other values (a `* 0.5` halves the range: the relu clipped at half)
+        # of those, the ops whose input is rounded on the unpaired op's output grid: a layer
+        # quantized alone in the float model reads its float input on that grid, calibrated
+        # for other values (a `* 0.5` halves the range: the relu clipped at half)
         self.stray_grids: set[str] = set()
+        for (region, pair), found in self._stand_ins.items():
+            if found.strays:
+                qv = region.quant_view
+                self.strays[op_name(pair.name)] = tuple(
+                    carried_op(qv, v).name for v in found.strays.values())
+                if any(_rounded_by_stray(qv, v) for v in found.strays.values()):
+                    self.stray_grids.add(op_name(pair.name))
         self._held: dict[fx.Node, tuple[Any, ...]] = {}
         self._float_regions = {r.float_path: r for r in self.matching.regions}
         self._owner = {r: m for m in self.variants.values() for r in m.regions}
@@ -723,13 +735,7 @@ class HybridRunner:
         # the quantized layer reads the value of an op the float model does not have (a
         # `* 0.5` after a paired relu): the float layer swapped in reads it too, and the
         # quantized one swapped into the float model reads what its float twin reads
-        strays = stand_ins(region, pair).strays
-        if strays:
-            qv = region.quant_view
-            self.strays[op_name(pair.name)] = tuple(
-                carried_op(qv, v).name for v in strays.values())
-            if any(_rounded_by_stray(qv, v) for v in strays.values()):
-                self.stray_grids.add(op_name(pair.name))
+        strays = self._stand_ins[(region, pair)].strays
         for ext in _external_inputs(other_inside):
             provider = _provider(region, ext, base, base_inside, strays)
             if provider is None or base_v.position(provider) >= base_v.position(out):

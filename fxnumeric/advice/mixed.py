@@ -568,7 +568,7 @@ def _upgrade(lc: LayerChoices, choice: str) -> str | None:
 
 
 def _refuse_strays(strays: dict[str, tuple[str, ...]]) -> None:
-    """Refuse variants whose layers read ops the float model lacks (``{layer: ops}``).
+    """Refuse variants whose ops read ops the float model lacks (``{reader: ops}``).
 
     Every plan of several variants is built on the float model, which has no such op: the
     plan where every layer takes the variant would skip it and measure another model (a

@@ -1566,7 +1566,10 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
         if dropped:
             message += (f"; {dropped} more layer{'s' if dropped != 1 else ''} kept float after "
                         "those made it no better")
-        strays = {op: layer for layer, ops in search.runner.strays.items() for op in ops}
+        strays: dict[str, str] = {}  # each op by its first reader, in graph order
+        for layer, ops in search.runner.strays.items():
+            for op in ops:
+                strays.setdefault(op, layer)
         if strays:  # a `* 0.5` only the quantized model has: no layer kept float removes it
             message += ("; the quantized model computes ops the float model lacks, which every "
                         "hybrid keeps, and their error with them: "
