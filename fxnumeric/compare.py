@@ -74,7 +74,7 @@ from .run import (
     pick_inputs,
     run_model,
 )
-from .semantics import QuantGrid
+from .semantics import QuantGrid, output_bound
 from .weights import pair_weights
 
 __all__ = ["compare", "COMPARISONS"]
@@ -899,17 +899,48 @@ def _judged_against_upstream(rows: list[ReportRow], matching: Matching,
 
     Upstream only: SQNR is scale-invariant, so a layer's signal is tiny against the values
     it was computed from, not against a later layer with a gain of 1e8 or another branch.
+    And not past an op whose output is bounded whatever its input (a ``ReLU6``, a sigmoid:
+    :func:`~fxnumeric.semantics.output_bound`): inputs of RMS 1e7 leave a ``ReLU6``'s output
+    of RMS 4 computed, not collapsed, so the bounded op is judged against what is upstream of
+    it no larger than its bound, and its readers against its own reference.
     Carried by each row, so that ``ReportRow.degenerate`` reads the row alone.
     """
     rms_of: dict[str, list[float | None]] = {}  # an op's float RMS at each of its call sites
     for r in rows:
         rms_of.setdefault(op_name(r.name), []).append(r.float_rms)
-    upstream = upstream_ops(matching)
+    bound = _output_bounds(matching)
+    upstream = upstream_ops(matching, stop=bound)
+    reach: dict[str, float | None] = {}  # a bounded op's reference, as its readers see it
+
+    def above(op: str, seen: frozenset[str]) -> float | None:
+        """The largest activation upstream of ``op``, as much of it as reaches ``op``."""
+        scale = activation_scale(itertools.chain.from_iterable(
+            [through(up, seen | {op})] if up in bound else rms_of.get(up, ())
+            for up in upstream.get(op, ()) if up not in seen))
+        return scale if scale is None or op not in bound else min(scale, bound[op])
+
+    def through(op: str, seen: frozenset[str]) -> float | None:
+        if op not in reach:
+            reach[op] = activation_scale([*rms_of.get(op, ()), above(op, seen)])
+        return reach[op]
+
     return tuple(
         dataclasses.replace(r, reference_rms=activation_scale(
-            [r.float_rms, *itertools.chain.from_iterable(
-                rms_of.get(op, ()) for op in upstream.get(op_name(r.name), ()))]))
+            [r.float_rms, above(op_name(r.name), frozenset())]))
         for r in rows)
+
+
+def _output_bounds(matching: Matching) -> dict[str, float]:
+    """The ops (by :func:`op_name`) whose float output is bounded whatever their input, with
+    the bound (:func:`~fxnumeric.semantics.output_bound`), at every call site."""
+    bounds: dict[str, float | None] = {}
+    for pair in matching.pairs:
+        region = matching.region_of(pair)
+        bound = output_bound(region.float_view, region.chain(pair, "float")[-1])
+        name = op_name(pair.name)
+        known = bounds.get(name, bound)
+        bounds[name] = None if bound is None or known is None else max(bound, known)
+    return {name: bound for name, bound in bounds.items() if bound is not None}
 
 
 def _no_token_note(plan: _Plan) -> tuple[str, ...]:

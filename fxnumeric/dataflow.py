@@ -24,7 +24,7 @@ Without them (:func:`feeding_ops` with no sources), a region's inputs name no op
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,9 +281,12 @@ def feeding_ops(matching: Matching) -> dict[str, tuple[str, ...]]:
     return {name: tuple(ops) for name, ops in feeding.items()}
 
 
-def upstream_ops(matching: Matching) -> dict[str, frozenset[str]]:
+def upstream_ops(matching: Matching, stop: Collection[str] = (),
+                 ) -> dict[str, frozenset[str]]:
     """For each op, every op whose value reaches it (its transitive :func:`feeding_ops`), not
-    itself unless it reads its own earlier call.
+    itself unless it reads its own earlier call; not walked past the ops of ``stop``
+    (themselves included): what is upstream of a ``stop`` op is not upstream of its readers
+    through it.
 
     An op reading an input of a region (a model captured through its module tree) counts every
     op run before that region's call as upstream: the untraced code between regions could
@@ -300,6 +303,6 @@ def upstream_ops(matching: Matching) -> dict[str, frozenset[str]]:
         changed = False
         for name, ups in upstream.items():
             size = len(ups)
-            ups.update(*(upstream[op] for op in feeding[name]))
+            ups.update(*(upstream[op] for op in feeding[name] if op not in stop))
             changed = changed or len(ups) > size
     return {name: frozenset(ups) for name, ups in upstream.items()}

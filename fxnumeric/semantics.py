@@ -33,6 +33,7 @@ constants that feed it). They must agree on four questions, answered here:
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import weakref
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ __all__ = [
     "evaluate_constant", "shadow_copy", "QRANGE", "QuantGrid", "quantize_grid", "grid_before",
     "WeightGrid", "dequantize_grid",
     "computes_alike", "holds_quantized", "rounds_on_grid", "aliases_of", "written_into",
-    "with_values",
+    "with_values", "output_bound",
 ]
 
 QRANGE: dict[torch.dtype, tuple[int, int]] = {
@@ -500,6 +501,44 @@ def _clamp_bounds(view: GraphView, node: fx.Node, kind: str) -> tuple[Any, Any]:
                        else (("min", "max"), (None, None)))
     return tuple(node.kwargs.get(name, node.args[i + 1] if len(node.args) > i + 1 else default)
                  for i, (name, default) in enumerate(zip(names, defaults, strict=True)))
+
+
+_BOUNDED: dict[str, float] = {
+    "sigmoid": 1.0, "hardsigmoid": 1.0, "tanh": 1.0, "softmax": 1.0, "relu6": 6.0,
+}
+"""Op kinds whose output is bounded whatever their input, by this magnitude (the clamps of
+:data:`_CLAMPS` other than ``relu6`` by their own bounds, read from the node)."""
+
+
+def output_bound(view: GraphView, node: fx.Node) -> float | None:
+    """The largest magnitude ``node``'s output can take whatever its input, when its last op
+    bounds it (:data:`_BOUNDED`; ``hardtanh``, ``clamp`` or ``clip`` with two finite number
+    bounds): ``None`` for an unbounded op.
+
+    An activation after such an op is not computed at the scale of the values before it: a
+    ``ReLU6`` of inputs of RMS 1e7 outputs values up to 6 (see
+    :data:`fxnumeric.report.DEGENERATE_RMS_RATIO`).
+
+    Example:
+        >>> class M(nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.clamp(torch.sigmoid(x) * x, -3, 2.5)
+        >>> view = GraphView(fx.symbolic_trace(M()))
+        >>> [output_bound(view, n) for n in view.gm.graph.nodes]
+        [None, 1.0, None, 3.0, None]
+    """
+    cls = view.op_class(node)
+    if cls is None or cls.role != "op" or not cls.signature:
+        return None
+    kind = cls.signature[-1]
+    if kind in _BOUNDED:
+        return _BOUNDED[kind]
+    if kind not in _CLAMPS or len(cls.signature) != 1:
+        return None  # a fused clamp's bounds are not the arguments of its node
+    bounds = _clamp_bounds(view, node, kind)
+    if not all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds):
+        return None  # one side open, or a tensor bound read at run time
+    return float(max(abs(b) for b in bounds))
 
 
 def _grid_read(view: GraphView, node: fx.Node) -> tuple[float, int] | None:

@@ -805,6 +805,80 @@ def test_a_collapsed_output_is_no_accumulation():
     assert f"the output reads {output:.2f} dB, but its float signal collapsed" in text
 
 
+def _relu6_mlp_quantized(scale: float, keep_float: tuple[str, ...] = ()):
+    """``Linear -> ReLU6 -> Linear (one outlier weight) -> ReLU -> Linear``, calibrated and
+    compared on inputs of RMS ``scale``; ``keep_float``: modules left float."""
+    from torch.ao.quantization import QConfigMapping, default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU6(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        f[2].weight[0, 0] = 60.0
+    data = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) * scale
+            for i in range(4)]
+    qmap = QConfigMapping().set_global(default_qconfig)
+    for name in keep_float:
+        qmap.set_module_name(name, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare_fx(copy.deepcopy(f), qmap, (data[0],))
+        for x in data:
+            p(x)
+        return f, convert_fx(p), data
+
+
+def test_an_activation_after_a_bounded_op_is_not_collapsed_against_what_is_before_the_bound():
+    """Inputs of RMS 1e7: the ReLU6's float output (RMS 4.2) read "collapsed" against the
+    Linear before it (RMS 5.8e6), was left out of the verdict, and two layers after it were
+    named. Its quantized output shares its input's grid (step 3.7e5): all zeros, the real
+    fault. Oracle: forward hooks on both models, and the models re-quantized with layers
+    left float (what keeping the named layer float buys)."""
+    f, q, data = _relu6_mlp_quantized(1e7)
+    report = ns.compare(f, q, data, progress=False)
+
+    float_out: list[torch.Tensor] = []
+    quant_out: list[torch.Tensor] = []
+    hooks = [f[1].register_forward_hook(lambda m, a, o: float_out.append(o)),
+             q.get_submodule("1").register_forward_hook(lambda m, a, o: quant_out.append(o))]
+    with torch.no_grad():
+        for x in data:
+            f(x), q(x)
+    for h in hooks:
+        h.remove()
+    relu6_rms = math.sqrt(sum(float(t.double().square().sum()) for t in float_out)
+                          / sum(t.numel() for t in float_out))
+    assert all(not t.dequantize().any() for t in quant_out)  # all zeros
+
+    row = {r.name: r for r in report.rows}["1"]
+    assert row.float_rms == pytest.approx(relu6_rms, rel=1e-5)
+    assert row.reference_rms == 6.0  # its bound: what is before the ReLU6 is larger
+    assert not row.degenerate and not report.degenerate_rows
+    assert "collapsed" not in report.summary()
+    assert report.verdict.standouts[0] == "1"  # ranked first among the 0 dB layers
+
+    def output_sqnr(keep: tuple[str, ...]) -> float:
+        _, q2, _ = _relu6_mlp_quantized(1e7, keep)
+        with torch.no_grad():
+            ref = torch.cat([f(x) for x in data]).double()
+            out = torch.cat([q2(x) for x in data]).double()
+        return float(10 * torch.log10(ref.square().sum() / (ref - out).square().sum()))
+
+    # what the old verdict named buys nothing; the ReLU6 and its input grid left float do
+    assert output_sqnr(("2", "4")) < 1.0 and output_sqnr(("0", "1")) > 25.0
+
+
+def test_the_same_model_at_unit_scale_judges_every_row_as_before():
+    """The bound never makes a row collapsed that was not: at scale 1 the ReLU6 is judged
+    against its input (below the bound), and the outlier Linear is the culprit."""
+    f, q, data = _relu6_mlp_quantized(1.0)
+    report = ns.compare(f, q, data, progress=False)
+    rows = {r.name: r for r in report.rows}
+    assert rows["1"].reference_rms == pytest.approx(rows["input.quantize"].float_rms)
+    assert not report.degenerate_rows and report.culprit == "2"
+
+
 class _SeparateHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()

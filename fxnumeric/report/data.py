@@ -65,6 +65,10 @@ it, and judged against those a layer with a 14 dB SQNR read collapsed and was ne
 The largest upstream rather than the row's direct inputs, and rather than a median, which a
 collapse spreading through most layers drags down with it (a Linear whose weights are 1e-9
 shrinks every layer after it: each is judged against the activations before that Linear).
+Not past an op whose output is bounded whatever its input (a ``ReLU6``, a sigmoid:
+:func:`fxnumeric.semantics.output_bound`): its output is judged against what is upstream of it
+no larger than its bound, and its readers against that; a ``ReLU6`` of inputs of RMS 1e7
+outputs RMS 4, computed, not residue.
 A row with no known upstream row is judged against itself: collapsed only at exactly zero.
 Where the data flow is not traced (between the regions of a model captured through its
 module tree), every row run before counts as upstream (:func:`fxnumeric.dataflow.upstream_ops`)."""
