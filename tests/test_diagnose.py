@@ -335,6 +335,42 @@ def test_nan_made_by_a_quantized_layer_is_named_there_and_nothing_is_drawn_after
         copy.deepcopy(f), {nn.Linear}), data).nonfinite is None
 
 
+def test_nan_made_inside_that_crashes_a_later_dynamic_layer_is_not_blamed_on_the_input():
+    """A quantized bias holding NaN, read by a dynamic Linear that cannot quantize NaN
+    ("min should be less than or equal to max"): compare and diagnose said "the quantized
+    model failed on the input ... Check the input shape, dtype and device". Oracle: forward
+    hooks on the quantized model, the first module whose output is not finite."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 4)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    weight, bias = q[2]._packed_params._weight_bias()
+    bias = bias.clone()
+    bias[0] = float("nan")
+    q[2].set_weight_bias(weight, bias)
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    made: list[str] = []
+    hooks = [m.register_forward_hook(
+        lambda m, a, o, name=name: made.append(name) if not o.isfinite().all() else None)
+        for name, m in q.named_children()]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="min should be less than"):
+        q(data[0])
+    for h in hooks:
+        h.remove()
+    assert all(bool(x.isfinite().all()) for x in data) and made[0] == "2"
+
+    for call in (fxnumeric.compare, diagnose):
+        with pytest.raises(fxnumeric.InputError) as caught:
+            call(f, q, data, progress=False)
+        message = str(caught.value)
+        assert (f"failed on a finite input (RuntimeError: In ChooseQuantizationParams, min "
+                f"should be less than or equal to max) after NaN/Inf appeared inside it, first "
+                f"at {made[0]} (linear): the cause is inside the model") in message
+        assert "Check the input shape" not in message
+        assert isinstance(caught.value.__cause__, fxnumeric.InputError)  # the original kept
+
+
 def test_a_value_just_below_the_threshold_does_not_read_as_the_threshold():
     # "first layer where the cumulative SQNR (20.0 dB) is below 20 dB" for 19.988 dB
     from fxnumeric.advice.diagnose import _db_below

@@ -67,7 +67,7 @@ from ..progress import Progress
 from ..report import Report
 from ..report.render import tabulate_format
 from ..routing import Routes, hook_watched, watch
-from ..run import check_devices, keeps_buffers, model_batches, run_model
+from ..run import check_devices, failed_inside, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
 from .hybrid import called_whole, module_path
@@ -727,6 +727,7 @@ def diagnose(
     # quantized tensor, a grid's clipping) but computes in float all the same
     rounded_after = {p.name for p in matching.pairs if matching.region_of(p).hands_on_rounded(p)}
     sums = {name: _Sums() for name in layers}
+    kinds = {p.name: p.kind for p in reversed(matching.pairs)}
     twins: list[_FloatValues] = []
 
     def outputs(pair: Pair) -> tuple[nn.Module, nn.Module]:
@@ -755,7 +756,15 @@ def diagnose(
     with Progress(len(batches), "diagnosing", progress) as bar:
         for batch in batches:
             run_model(built.float_model, batch, which="float")
-            run_model(built.quant_model, batch, which="quantized")
+            try:
+                run_model(built.quant_model, batch, which="quantized")
+            except InputError as exc:  # NaN/Inf made inside? the sums say where, as below
+                at = next((name for name in layers if sums[name].quant_nonfinite), None)
+                inside = (None if at is None else
+                          failed_inside(exc, "quantized", at, kinds[at], batch))
+                if inside is None:
+                    raise
+                raise inside from exc
             for place, tensor in model_inputs(batch).items():
                 if place in input_energy:
                     input_energy[place] += float(tensor.detach().double().square().sum())
@@ -783,7 +792,6 @@ def diagnose(
     # as if its every layer were badly quantized
     foreign = warn_foreign_weights(sqnrs, "the quantized model's weights", "Every flag then "
                                    "describes two different models, not the quantization")
-    kinds = {p.name: p.kind for p in reversed(matching.pairs)}
     paths = {name: module_path(matching, op_name(name)) for name in layers}
     ops_at: dict[str, set[str]] = {}
     for name, path in paths.items():
