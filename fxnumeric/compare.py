@@ -839,7 +839,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
             shadow_shapes=sa.shape_mismatch if sa is not None else None,
         ))
     nonfinite = _first_nonfinite(plan)
-    judged = _judged_against_upstream(rows, matching)
+    judged, output_reference, upstream = _judged_against_upstream(rows, matching)
     # read from the rows' weight SQNR (comparisons with "weights"): the weights not read again
     foreign = warn_foreign_weights(
         ((r.name, r.weight_sqnr) for r in rows if r.weight_sqnr is not None),
@@ -862,9 +862,10 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
         + _skipped_note(ran)
         + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ()),
         model_output_rms=_rms(plan.model),
+        model_output_reference_rms=activation_scale([output_reference, _rms(plan.model)]),
         skipped_batches=ran.skipped,
         nonfinite=nonfinite,
-        blocks=_block_rows(plan, judged),
+        blocks=_block_rows(plan, judged, upstream),
         logits_per=plan.logits.logits_per,
         model_output_part=_compared_part(plan),
     )
@@ -893,10 +894,13 @@ def _output_part_note(plan: _Plan) -> tuple[str, ...]:
 
 
 def _judged_against_upstream(rows: list[ReportRow], matching: Matching,
-                             ) -> tuple[ReportRow, ...]:
+                             ) -> tuple[tuple[ReportRow, ...], float | None,
+                                        dict[str, frozenset[str]]]:
     """``rows``, each with the activation its float RMS is judged against
     (``reference_rms``, see :data:`~fxnumeric.report.DEGENERATE_RMS_RATIO`): the largest
-    float RMS among the row itself and the rows upstream of it (:func:`upstream_ops`).
+    float RMS among the row itself and the rows upstream of it (:func:`upstream_ops`); and
+    the largest activation reaching the model output, judged alike
+    (``Report.model_output_reference_rms``); and the ops upstream of each, as judged.
 
     Upstream only: SQNR is scale-invariant, so a layer's signal is tiny against the values
     it was computed from, not against a later layer with a gain of 1e8 or another branch.
@@ -925,10 +929,14 @@ def _judged_against_upstream(rows: list[ReportRow], matching: Matching,
             reach[op] = activation_scale([*rms_of.get(op, ()), above(op, seen)])
         return reach[op]
 
+    # the model output is read after the ops no other op reads (or by untraced code after
+    # them: judged against more, never less)
+    read = {up for op, ups in upstream.items() for up in ups if up != op}
+    last = [through(op, frozenset()) for op in upstream if op not in read]
     return tuple(
         dataclasses.replace(r, reference_rms=activation_scale(
             [r.float_rms, above(op_name(r.name), frozenset())]))
-        for r in rows)
+        for r in rows), activation_scale(last), upstream
 
 
 def _output_bounds(matching: Matching) -> dict[str, float]:
@@ -937,7 +945,8 @@ def _output_bounds(matching: Matching) -> dict[str, float]:
     bounds: dict[str, float | None] = {}
     for pair in matching.pairs:
         region = matching.region_of(pair)
-        bound = output_bound(region.float_view, region.chain(pair, "float")[-1])
+        chain = region.chain(pair, "float")
+        bound = output_bound(region.float_view, chain[-1]) if chain else None
         name = op_name(pair.name)
         known = bounds.get(name, bound)
         bounds[name] = None if bound is None or known is None else max(bound, known)
@@ -989,15 +998,18 @@ def _unfit_mask_note(plan: _Plan) -> tuple[str, ...]:
             "without padding",)
 
 
-def _block_rows(plan: _Plan, layer_rows: Iterable[ReportRow]) -> tuple[BlockRow, ...]:
+def _block_rows(plan: _Plan, layer_rows: Iterable[ReportRow],
+                upstream: Mapping[str, frozenset[str]]) -> tuple[BlockRow, ...]:
     """One row per block, with the output SQNR of the block that ran before it in its
     container (``layers.2`` before ``layers.3``, ResNet's ``layer1`` before ``layer2``) as
     what enters it; ``None`` for the first of each (a CLIP's vision tower does not read its
     text tower's last layer, nor a BART decoder's first layer the encoder's last).
 
     A block's float RMS is judged as a layer's is (``BlockRow.degenerate``), against the
-    largest activation upstream of it: its own output's and its layers' ``reference_rms``
-    (``layer_rows``, judged already), which hold everything upstream of each."""
+    largest activation upstream of it: its own output's and the ``reference_rms`` of its
+    layers that no other of its layers reads (``layer_rows``, judged already), which hold
+    everything upstream of each that reaches the block's output (``upstream``, as judged:
+    not past an op whose output is bounded, a ``ReLU6`` ending the block)."""
     reference = {r.name: r.reference_rms for r in layer_rows}
     rows: list[BlockRow] = []
     leaving: dict[str, BlockRow] = {}  # by container: the last block so far
@@ -1015,10 +1027,19 @@ def _block_rows(plan: _Plan, layer_rows: Iterable[ReportRow]) -> tuple[BlockRow,
             shadow.values(plan.metrics) if shadow.batches else {},
             before.output_sqnr if before is not None else None, note=note,
             float_rms=float_rms,
-            reference_rms=activation_scale(
-                [float_rms, *(reference.get(name) for name in block.layers)])))
+            reference_rms=activation_scale([float_rms, *_last_references(
+                block.layers, reference, upstream)])))
         leaving[container] = rows[-1]
     return tuple(rows)
+
+
+def _last_references(layers: Iterable[str], reference: Mapping[str, float | None],
+                     upstream: Mapping[str, frozenset[str]]) -> list[float | None]:
+    """The ``reference`` of each of ``layers`` that no other of them reads (``upstream``,
+    by op name): what reaches the output of the block they make up."""
+    ops = {name: op_name(name) for name in layers}
+    read = {up for op in ops.values() for up in upstream.get(op, ()) if up != op}
+    return [reference.get(name) for name, op in ops.items() if op not in read]
 
 
 def _floor(matching: Matching, pair: Pair, shadow: Accumulator | None,

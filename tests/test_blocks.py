@@ -718,3 +718,47 @@ def test_a_block_whose_float_signal_collapsed_is_flagged_as_its_layers_are(tmp_p
     saved = json.loads(report.to_json())
     assert [b["degenerate"] for b in saved["blocks"]] == collapsed
     assert ns.Report.from_json(report.to_json()) == report
+
+
+class _BoundedBlock(torch.nn.Module):
+    """Linear-ReLU6: its output is at most 6 whatever its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = torch.nn.Linear(16, 16), torch.nn.ReLU6()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def test_a_block_ending_in_a_bounded_op_is_judged_against_what_reaches_its_output():
+    """Inputs of RMS 1e8: each block ends in a ReLU6 (output RMS about 2.5), and every block
+    read "collapsed" against its Linear's 1e8-scale reference. Oracle: each block's float
+    output RMS by forward hooks, judged against the ReLU6's bound."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential()
+    f.blocks = torch.nn.Sequential(*(_BoundedBlock() for _ in range(3)))
+    f.eval()
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) * 1e8
+            for i in range(3)]
+    q = _fx_converted(f, data)
+    report = ns.compare(f, q, data, progress=False)
+
+    names = [f"blocks.{i}" for i in range(3)]
+    outs: dict[str, list[torch.Tensor]] = {b: [] for b in names}
+    hooks = [f.get_submodule(b).register_forward_hook(
+        lambda m, a, o, b=b: outs[b].append(o)) for b in names]
+    with torch.no_grad():
+        for x in data:
+            f(x)
+    for h in hooks:
+        h.remove()
+    rms = {b: (sum(float(t.double().square().sum()) for t in ts)
+               / sum(t.numel() for t in ts)) ** 0.5 for b, ts in outs.items()}
+    assert rms["blocks.0"] < ns.report.DEGENERATE_RMS_RATIO * 1e8  # collapsed by the old rule
+
+    assert [b.name for b in report.blocks] == names
+    for block in report.blocks:
+        assert block.float_rms == pytest.approx(rms[block.name], rel=1e-5)
+        assert block.reference_rms == 6.0 and not block.degenerate
+    assert "collapsed" not in report.block_table()

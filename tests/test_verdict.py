@@ -830,36 +830,45 @@ def _relu6_mlp_quantized(scale: float, keep_float: tuple[str, ...] = ()):
 
 
 def test_an_activation_after_a_bounded_op_is_not_collapsed_against_what_is_before_the_bound():
-    """Inputs of RMS 1e7: the ReLU6's float output (RMS 4.2) read "collapsed" against the
-    Linear before it (RMS 5.8e6), was left out of the verdict, and two layers after it were
-    named. Its quantized output shares its input's grid (step 3.7e5): all zeros, the real
-    fault. Oracle: forward hooks on both models, and the models re-quantized with layers
-    left float (what keeping the named layer float buys)."""
-    f, q, data = _relu6_mlp_quantized(1e7)
+    """Inputs of RMS 1e8: the ReLU6's float output (RMS 4.2) read "collapsed" against the
+    Linear before it (RMS 5.8e7), was left out of the verdict, and two layers after it were
+    named; the model output (RMS 26) read collapsed too. The ReLU6's quantized output shares
+    its input's grid: all zeros, the real fault. Oracle: forward hooks on both models, and
+    the models re-quantized with layers left float (what keeping a layer float buys)."""
+    f, q, data = _relu6_mlp_quantized(1e8)
     report = ns.compare(f, q, data, progress=False)
 
-    float_out: list[torch.Tensor] = []
+    float_out: dict[int, list[torch.Tensor]] = {1: [], 3: [], 4: []}
     quant_out: list[torch.Tensor] = []
-    hooks = [f[1].register_forward_hook(lambda m, a, o: float_out.append(o)),
+    hooks = [*(f[i].register_forward_hook(lambda m, a, o, i=i: float_out[i].append(o))
+               for i in float_out),
              q.get_submodule("1").register_forward_hook(lambda m, a, o: quant_out.append(o))]
     with torch.no_grad():
         for x in data:
             f(x), q(x)
     for h in hooks:
         h.remove()
-    relu6_rms = math.sqrt(sum(float(t.double().square().sum()) for t in float_out)
-                          / sum(t.numel() for t in float_out))
+
+    def rms(ts: list[torch.Tensor]) -> float:
+        return math.sqrt(sum(float(t.double().square().sum()) for t in ts)
+                         / sum(t.numel() for t in ts))
+
     assert all(not t.dequantize().any() for t in quant_out)  # all zeros
 
     row = {r.name: r for r in report.rows}["1"]
-    assert row.float_rms == pytest.approx(relu6_rms, rel=1e-5)
+    assert row.float_rms == pytest.approx(rms(float_out[1]), rel=1e-5)
     assert row.reference_rms == 6.0  # its bound: what is before the ReLU6 is larger
     assert not row.degenerate and not report.degenerate_rows
-    assert "collapsed" not in report.summary()
+    # the output: judged against what reaches it past the ReLU6 (the ReLU after Linear 2)
+    largest = max(r.float_rms for r in report.rows)
+    assert report.model_output_rms < ns.report.DEGENERATE_RMS_RATIO * largest  # the old rule
+    assert report.activation_rms == pytest.approx(
+        max(rms(float_out[3]), rms(float_out[4])), rel=1e-5)
+    assert not report.output_degenerate and "collapsed" not in report.summary()
     assert report.verdict.standouts[0] == "1"  # ranked first among the 0 dB layers
 
     def output_sqnr(keep: tuple[str, ...]) -> float:
-        _, q2, _ = _relu6_mlp_quantized(1e7, keep)
+        _, q2, _ = _relu6_mlp_quantized(1e8, keep)
         with torch.no_grad():
             ref = torch.cat([f(x) for x in data]).double()
             out = torch.cat([q2(x) for x in data]).double()

@@ -463,6 +463,12 @@ class Report:
     """Where the tensor ``model_output`` compares sits in what the model returns, when that
     holds more than one tensor (``"[0]['boxes']"``: a detector's boxes of the first image;
     see :func:`compares_detections`); ``""`` otherwise."""
+    model_output_reference_rms: float | None = field(default=None,
+                                                     metadata={"json_omit_default": True})
+    """What ``model_output_rms`` is judged against (:attr:`activation_rms`): the largest float
+    RMS among the output and the activations reaching it, not past an op whose output is
+    bounded (:data:`DEGENERATE_RMS_RATIO`; :func:`fxnumeric.compare` sets it). ``None``:
+    every row's and the output's (a report built by hand, or saved before it existed)."""
 
     _JSON_DERIVED: ClassVar[dict[str, Callable[[Report], Any]]] = {
         "summary": lambda r: r.summary(),
@@ -488,9 +494,12 @@ class Report:
 
     @property
     def activation_rms(self) -> float | None:
-        """The largest finite float RMS of the model's layers and its output
-        (:func:`activation_scale`): what its output, downstream of every layer, is judged
-        against (each row is judged against its own upstream, ``ReportRow.reference_rms``)."""
+        """What the model output is judged against: :attr:`model_output_reference_rms`, the
+        largest activation reaching it, where known; else the largest finite float RMS of the
+        model's layers and its output (:func:`activation_scale`). Each row is judged against
+        its own upstream, ``ReportRow.reference_rms``."""
+        if self.model_output_reference_rms is not None:
+            return self.model_output_reference_rms
         return activation_scale([*(r.float_rms for r in self.rows), self.model_output_rms])
 
     @property
@@ -589,7 +598,9 @@ class Report:
         elif overall is not None:
             parts.append(f"model output SQNR {overall:.2f} dB")
             if self.output_degenerate:
-                rule = _collapse_text(self.model_output_rms, self.activation_rms, _WHOLE_MODEL)
+                rule = _collapse_text(self.model_output_rms, self.activation_rms,
+                                      _UPSTREAM if self.model_output_reference_rms is not None
+                                      else _WHOLE_MODEL)
                 parts[-1] += f" (meaningless: float output collapsed, {rule})"
         llm = self.llm_summary()
         if llm:
