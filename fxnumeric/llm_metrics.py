@@ -476,14 +476,14 @@ def _mask(attention_mask: torch.Tensor | None, lead: torch.Size,
 def real_tokens(mask: torch.Tensor) -> torch.Tensor:
     """``mask`` as 1 (or ``True``) for real tokens: an additive float mask (negative values,
     or only zeros: a batch without padding), whose zeros are the real tokens, as a boolean
-    mask; any other mask as it is.
+    mask; any other mask (a sparse tensor read as one: a tuple batch's second input) as it is.
 
     Example:
         >>> real_tokens(torch.tensor([[0.0, 0.0, -1e4]])), real_tokens(torch.tensor([[1, 0]]))
         (tensor([[ True,  True, False]]), tensor([[1, 0]]))
     """
-    if mask.is_floating_point() and mask.numel() and (
-            bool((mask < 0).any()) or not bool(mask.any())):
+    if (mask.is_floating_point() and mask.layout == torch.strided and mask.numel()
+            and (bool((mask < 0).any()) or not bool(mask.any()))):
         return mask == 0
     return mask
 
