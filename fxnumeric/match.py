@@ -48,6 +48,7 @@ from .capture import (
     single_call_graph,
     trace,
 )
+from .capture.check import check_whole
 from .capture.export import (
     auto_exports_float,
     check_capture,
@@ -61,7 +62,7 @@ from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import whole_layers, whole_modules, whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
-from .run import as_call, check_model, keeps_buffers, run_model
+from .run import as_call, check_devices, check_model, keeps_buffers, run_model
 from .view import GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "Region", "match"]
@@ -719,6 +720,34 @@ def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,
                  concrete_args=_fixed_by(model, example_inputs))
 
 
+def _check_traced(root: Any, gm: fx.GraphModule, example_inputs: Any,
+                  which: str) -> tuple[str, ...]:
+    """``(which,)`` once ``gm``, traced from ``root`` by torch.fx, is checked to compute what
+    ``root`` computes on ``example_inputs`` (:func:`fxnumeric.capture.check.check_whole`);
+    ``()`` for a graph with nothing to check (none given; ``root`` read as it is, exported,
+    or called whole).
+
+    Raises:
+        TraceError: the graph computes differently, or fails where the model ran (the
+            caller captures both models through the module tree instead).
+    """
+    if (example_inputs is None or gm is root or not isinstance(root, nn.Module)
+            or is_export_graph(gm) or _calls_root_whole(gm)):
+        return ()
+    why = check_whole(root, gm, example_inputs, which=which, fix=(
+        "fxnumeric captures both models through the module tree instead, where each "
+        "module's graph is checked the same way"))
+    if why is not None:
+        raise TraceError(why)
+    return (which,)
+
+
+def _calls_root_whole(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is :func:`fxnumeric.capture.single_call_graph`'s: the model as one op."""
+    ops = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    return len(ops) == 1 and ops[0].op == "call_module" and ops[0].target == "root"
+
+
 def _fixed_by(model: nn.Module, example_inputs: Any) -> dict[str, Any] | None:
     """The arguments of ``model``'s forward that ``example_inputs`` leaves out or gives as
     None, fixed to those values when tracing (:func:`fxnumeric.capture.fixed_arguments`):
@@ -828,10 +857,15 @@ def match(
         quant_root, quant_note = export_side(quant_root, example_inputs, "quantized")
         notes += [(side, note) for side, note in (("float", float_note),
                                                   ("quantized", quant_note)) if note]
+    if example_inputs is not None and all(isinstance(m, nn.Module)
+                                          for m in (float_model, quant_model)):
+        check_devices(float_model, quant_model, example_inputs)  # before either runs on them
     try:
         float_gm = _float_graph(float_root, quant_root, example_inputs, leaf_modules, capture,
                                 notes)
         quant_gm = _as_graph_module(quant_root, leaf_modules, "quantized", example_inputs)
+        checked = (_check_traced(float_root, float_gm, example_inputs, "float")
+                   + _check_traced(quant_root, quant_gm, example_inputs, "quantized"))
     except TraceError as exc:
         return _with_whole_layers(_fall_back_to_tree(
             float_model, quant_model, example_inputs, leaf_modules, exc, notes, node_match))
@@ -841,8 +875,9 @@ def match(
     quant_view = GraphView(quant_gm, root=quant_root)
     check_pair(float_view, quant_view)  # swapped, unconverted or unquantized: fxnumeric.guards
     if example_inputs is not None and validate_inputs:
-        run_model(float_gm, example_inputs, which="float")
-        run_model(quant_gm, example_inputs, which="quantized")
+        for gm, which in ((float_gm, "float"), (quant_gm, "quantized")):
+            if which not in checked:  # a graph checked ran on them already
+                run_model(gm, example_inputs, which=which)
     region = pair_region(float_view, quant_view, node_match=node_match)
     return _with_whole_layers(Matching((region,), region.pairs, region.unmatched_float,
                                        region.unmatched_quant, float_model, quant_model,
@@ -945,7 +980,7 @@ def _fall_back_to_tree(float_model: nn.Module, quant_model: nn.Module, example_i
         notes.append(("both", "captured through the module tree: torch.fx could not trace a "
                       f"model whole ({_first_line(exc)}), and the tree pairs modules of both "
                       "models"))
-    return replace(found, capture_notes=tuple(notes)) if notes else found
+    return replace(found, capture_notes=(*notes, *found.capture_notes)) if notes else found
 
 
 
@@ -968,7 +1003,8 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
         float_calls = record_calls(float_model, example_inputs, which="float")
         quant_calls = record_calls(quant_model, example_inputs, which="quantized")
     tree = capture_tree(float_model, quant_model, leaf_modules=list(leaf_modules or ()),
-                        float_calls=float_calls, quant_calls=quant_calls)
+                        float_calls=float_calls, quant_calls=quant_calls,
+                        example_inputs=example_inputs)
     regions: list[Region] = []
     misses_f: list[Unmatched] = []
     misses_q: list[Unmatched] = []
@@ -1015,9 +1051,23 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
         tuple(u for r in regions for u in r.unmatched_float) + tuple(misses_f),
         tuple(u for r in regions for u in r.unmatched_quant) + tuple(misses_q),
         float_model, quant_model, untraced=tree.untraced,
+        capture_notes=_differed_notes(tree.differed),
         containers=container_pairs(regions),
     )
     return _recorded(found, quant_calls)
+
+
+def _differed_notes(differed: Iterable[tuple[str, str, str]]) -> tuple[tuple[str, str], ...]:
+    """One capture note per reason of :attr:`TreeCapture.differed`, naming its modules (every
+    decoder layer's feed-forward fails alike)."""
+    paths: dict[tuple[str, str], list[str]] = {}
+    for path, side, reason in differed:
+        paths.setdefault((side, reason), []).append(f"`{path or '<root>'}`")
+    notes = []
+    for (side, reason), names in paths.items():
+        more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+        notes.append((side, f"{', '.join(names[:4])}{more}: {reason}"))
+    return tuple(notes)
 
 
 def _recorded(found: Matching, quant_calls: Any) -> Matching:

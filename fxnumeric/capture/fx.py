@@ -32,7 +32,7 @@ from .clone import carry_hooks
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
     "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
-    "fixed_arguments",
+    "fixed_arguments", "attributes_kept",
 ]
 
 LeafSpec = type | str
@@ -147,7 +147,7 @@ class _Scope(fx.proxy.Scope):
 
 
 @contextlib.contextmanager
-def _attributes_kept(model: nn.Module) -> Iterator[None]:
+def attributes_kept(model: nn.Module) -> Iterator[None]:
     """Put back every attribute tracing set on ``model``'s modules.
 
     A forward that caches on its first call writes what it computed into the module:
@@ -370,7 +370,7 @@ def trace_submodule(
     """
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     tracer = _Tracer(leaf_types, leaf_names, path)
-    with _attributes_kept(module):
+    with attributes_kept(module):
         try:
             graph = tracer.trace(module, concrete_args=concrete_args)
         except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
@@ -486,7 +486,7 @@ def method_graph(model: nn.Module, path: str, method: str) -> tuple[fx.GraphModu
     """
     scope, _, name = path.rpartition(".")
     caller = _MethodCall(name, model.get_submodule(path), method)
-    with _attributes_kept(caller):
+    with attributes_kept(caller):
         graph = _Tracer().trace(caller)
         gm = graph_module(caller, graph, class_name=type(caller).__name__)
     return gm, scope
@@ -534,7 +534,7 @@ def trace(
     tracer = _Tracer(leaf_types, leaf_names)
     if "" in leaf_names or tracer.is_leaf_module(model, ""):
         return single_call_graph(model)
-    with _attributes_kept(model):
+    with attributes_kept(model):
         return _traced(model, tracer, which, concrete_args)
 
 

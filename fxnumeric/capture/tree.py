@@ -37,6 +37,7 @@ from ..metrics import TWIN_WEIGHT_SQNR_DB, sqnr
 from ..ops import classify_module
 from ..run import run_model
 from ..weights import module_weight
+from .check import check_regions
 from .clone import module_tree_copy
 from .fx import (
     FUNCTIONAL_METHODS,
@@ -90,12 +91,16 @@ class TreeCapture:
         orphans: ``(path, side, reason)`` of submodules with no counterpart on the other side.
         untraced: ``(float_path, reason)`` of modules kept whole whose own code is not
             compared (what they compute between their children has no logger).
+        differed: ``(float_path, side, reason)`` of the modules among ``untraced`` that
+            torch.fx traced, but whose ``side`` graph (``"float"``, ``"quantized"``) computed
+            differently from its forward on the example inputs (:mod:`fxnumeric.capture.check`).
     """
 
     regions: tuple[Region, ...]
     leaves: tuple[tuple[str, str], ...]
     orphans: tuple[tuple[str, str, str], ...]
     untraced: tuple[tuple[str, str], ...]
+    differed: tuple[tuple[str, str, str], ...] = ()
 
 
 def _join(path: str, name: str) -> str:
@@ -216,9 +221,15 @@ class _Walk:
         leaf_modules: list[LeafSpec],
         float_calls: CallSpecs | None,
         quant_calls: CallSpecs | None,
+        traced: dict[tuple[str, str], tuple[Region, list[str]] | str] | None = None,
+        differed: dict[str, str] | None = None,
     ) -> None:
         self.leaf_modules = leaf_modules
         self.calls = {"float": float_calls, "quantized": quant_calls}
+        # shared by the walks of one capture: each module pair is traced once, and a graph
+        # that computed differently from its module is not taken again
+        self.traced = {} if traced is None else traced
+        self.differed = {} if differed is None else differed
         self.regions: list[Region] = []
         self.leaves: list[tuple[str, str]] = []
         self.orphans: list[tuple[str, str, str]] = []
@@ -252,7 +263,11 @@ class _Walk:
             self.orphans += [(fpath, "float", reason), (qpath, "quantized", reason)]
             return
         if not _is_container(fm):
-            found = self.region(fm, qm, fpath, qpath)
+            found = self.differed.get(fpath)
+            if found is None:
+                if (fpath, qpath) not in self.traced:
+                    self.traced[fpath, qpath] = self.region(fm, qm, fpath, qpath)
+                found = self.traced[fpath, qpath]
             if isinstance(found, tuple):
                 region, kept_whole = found
                 self.regions.append(region)
@@ -418,8 +433,16 @@ def capture_tree(
     leaf_modules: list[LeafSpec] | None = None,
     float_calls: CallSpecs | None = None,
     quant_calls: CallSpecs | None = None,
+    example_inputs: Any = None,
 ) -> TreeCapture:
     """Walk both models together, capturing graphs where torch.fx can and leaves elsewhere.
+
+    With ``example_inputs`` (the batch the calls were recorded on), each region's graphs are
+    run on the calls their modules make on it (:func:`fxnumeric.capture.check.check_regions`,
+    one run of each model): a region whose float or quantized graph computes differently from
+    its module, or fails where the module ran, is not taken; its module is kept whole as one
+    torch.fx cannot trace, and its children are captured in turn (and checked, in one more
+    run, until every region taken computes what its module does).
 
     Args:
         float_model: the float model (not modified).
@@ -427,9 +450,45 @@ def capture_tree(
         leaf_modules: module types or qualified names to keep whole, as in :func:`trace`.
         float_calls: how each float module is called (:func:`record_calls`), or None.
         quant_calls: the same for the quantized model.
+        example_inputs: the batch ``float_calls`` and ``quant_calls`` were recorded on, to
+            check the regions on; None: they are not checked.
     """
-    walk = _Walk(list(leaf_modules or ()), float_calls, quant_calls)
-    walk.visit(float_model, quant_model, "", "")
+    traced: dict[tuple[str, str], tuple[Region, list[str]] | str] = {}
+    differed: dict[str, str] = {}
+    sides: dict[str, str] = {}
+    checked: set[str] = set()
+    while True:
+        walk = _Walk(list(leaf_modules or ()), float_calls, quant_calls, traced, differed)
+        walk.visit(float_model, quant_model, "", "")
+        unchecked = [r for r in walk.regions if r.float_path not in checked]
+        if example_inputs is None or float_calls is None or not unchecked:
+            break
+        checked.update(r.float_path for r in unchecked)
+        found = _check(float_model, quant_model, unchecked, example_inputs)
+        if not found:
+            break
+        differed |= {path: reason for path, (_, reason) in found.items()}
+        sides |= {path: side for path, (side, _) in found.items()}
     return TreeCapture(
-        tuple(walk.regions), tuple(walk.leaves), tuple(walk.orphans), tuple(walk.untraced)
+        tuple(walk.regions), tuple(walk.leaves), tuple(walk.orphans), tuple(walk.untraced),
+        tuple((path, sides[path], reason) for path, reason in walk.untraced if path in differed),
     )
+
+
+_KEPT_WHOLE_FIX = (
+    "Kept whole: its children are compared, the code of its own forward is not. To compare "
+    "that code too, make the test traceable (`mask is not None` rather than "
+    "`isinstance(mask, torch.Tensor)`)")
+
+
+def _check(float_model: nn.Module, quant_model: nn.Module, regions: list[Region],
+           example_inputs: Any) -> dict[str, tuple[str, str]]:
+    """``{float path: (side, why)}`` of the ``regions`` whose float or quantized graph is not
+    its module on ``example_inputs`` (the float side's reason first)."""
+    float_found = check_regions(float_model, {r.float_path: r.float_graph for r in regions},
+                                example_inputs, which="float", fix=_KEPT_WHOLE_FIX)
+    quant_found = check_regions(quant_model, {r.quant_path: r.quant_graph for r in regions},
+                                example_inputs, which="quantized", fix=_KEPT_WHOLE_FIX)
+    return {r.float_path: ("float", float_found[r.float_path]) if r.float_path in float_found
+            else ("quantized", quant_found[r.quant_path])
+            for r in regions if r.float_path in float_found or r.quant_path in quant_found}
