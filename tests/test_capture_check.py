@@ -148,3 +148,40 @@ def test_t5_fp16_feed_forward_compared_and_searchable(tmp_path):
     assert any(f"`{ff}`" in n and "fails where its forward ran" in n for n in report.notes)
     found = ns.sensitivity(f, q, data, progress=False)
     assert not found.failed
+
+
+
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.a(x))
+
+
+class _Branchy(nn.Module):
+    """Untraceable whole, holding a traceable :class:`_Plain`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = _Plain(), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        if h.sum() > -1e9:  # data-dependent: torch.fx cannot trace the root
+            h = h + 1
+        return self.out(h)
+
+
+def test_a_region_with_hooks_of_its_own_is_kept():
+    """The graph runs its module's own hooks (a pre-hook that scales the input): it is checked
+    on the inputs before that hook, so it computes as the module does and stays a region."""
+    torch.manual_seed(0)
+    f = _Branchy().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    for model in (f, q):
+        model.inner.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    m = ns.match(f, q, example_inputs=torch.randn(4, 16))
+    assert "inner" in {r.float_path for r in m.regions}
+    assert "inner" not in dict(m.untraced) and not m.capture_notes

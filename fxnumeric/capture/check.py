@@ -228,7 +228,9 @@ def check_regions(model: nn.Module, graphs: Mapping[str, fx.GraphModule], batch:
             if verdict is not None:
                 found[path] = _reason(verdict, m, which, fix)
 
-        module.register_forward_pre_hook(before, with_kwargs=True)
+        # the inputs before the module's own pre-hooks change them (its graph runs those
+        # hooks too), its output after its own hooks
+        module.register_forward_pre_hook(before, with_kwargs=True, prepend=True)
         module.register_forward_hook(after, with_kwargs=True)
     with attributes_kept(model):  # the copy's modules share their caches with the model's
         run_model(twin, batch, which=which)
