@@ -150,7 +150,6 @@ def test_t5_fp16_feed_forward_compared_and_searchable(tmp_path):
     assert not found.failed
 
 
-
 class _Plain(nn.Module):
     def __init__(self) -> None:
         super().__init__()
