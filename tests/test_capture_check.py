@@ -184,3 +184,25 @@ def test_a_region_with_hooks_of_its_own_is_kept():
     m = ns.match(f, q, example_inputs=torch.randn(4, 16))
     assert "inner" in {r.float_path for r in m.regions}
     assert "inner" not in dict(m.untraced) and not m.capture_notes
+
+
+class _MaskedIfGiven(_Masked):
+    """:class:`_Masked` with the traceable guard."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.a(x)
+        if mask is not None:
+            h = h * mask
+        return self.b(h)
+
+
+def test_quantized_graph_that_drops_a_branch_is_found_on_its_side():
+    f, _, data = _pair(_MaskedIfGiven())
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    q.__class__ = _Masked  # the same model, quantized from code with the isinstance guard
+    report = ns.compare(f, q, data, progress=False)
+    with torch.no_grad():
+        direct = _sqnr(torch.cat([f(**b) for b in data]), torch.cat([q(**b) for b in data]))
+    assert report.model_output["sqnr"] == pytest.approx(direct, abs=1e-4)
+    assert any(n.startswith("capture (quantized): `<root>`: the quantized _Masked's graph")
+               for n in report.notes), report.notes
