@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._tensors import copy_inputs
+from ..errors import InputError
 from ..run import run_model
 from .clone import module_tree_copy
 from .fx import attributes_kept
@@ -60,15 +61,17 @@ def difference(ref: Any, actual: Any, where: str = "output") -> tuple[str, float
 
     >>> difference((torch.ones(2), 3), (torch.ones(2), 3)) is None
     True
+    >>> difference({"logits": torch.ones(1)}, {"logits": torch.ones(1), "attentions": None})
     >>> difference(torch.ones(2), torch.tensor([1.0, 1.5]))
     ('output differs by up to 0.5 (largest |value| 1)', 0.5)
     """
     if isinstance(ref, torch.Tensor) or isinstance(actual, torch.Tensor):
         return _tensor_difference(ref, actual, where)
     if isinstance(ref, Mapping) and isinstance(actual, Mapping):
-        if list(ref) != list(actual):
-            return f"{where} has keys {list(actual)}, the module's {list(ref)}", float("inf")
-        return _largest(difference(ref[k], actual[k], f"{where}[{k!r}]") for k in ref)
+        # a key left out reads as None: a Hugging Face ModelOutput built in a graph keeps
+        # the fields its forward, run eagerly, leaves out for being None
+        keys = list(dict.fromkeys([*ref, *actual]))
+        return _largest(difference(ref.get(k), actual.get(k), f"{where}[{k!r}]") for k in keys)
     if isinstance(ref, (tuple, list)) and isinstance(actual, (tuple, list)):
         if len(ref) != len(actual):
             return (f"{where} holds {len(actual)} values, the module's {len(ref)}",
@@ -152,8 +155,8 @@ def check_whole(model: nn.Module, graph: fx.GraphModule, batch: Any, *,
                 which: str, fix: str) -> str | None:
     """Why ``graph`` (``model`` traced whole) is not ``model`` on ``batch``, or None.
 
-    Both run once on ``batch`` (with the same random numbers); the model failing is the
-    caller's :class:`~fxnumeric.errors.InputError`, as any run of it. What the model's
+    Both run once on ``batch`` (with the same random numbers); a model that fails on it is
+    not checked (the runs after it say where it fails, as before the check). What the model's
     forward writes into its modules (a cache filled on the first call) is put back after.
     """
     with attributes_kept(model):
@@ -163,8 +166,11 @@ def check_whole(model: nn.Module, graph: fx.GraphModule, batch: Any, *,
 def _check_whole(model: nn.Module, graph: fx.GraphModule, batch: Any, which: str,
                  fix: str) -> str | None:
     state = _seeded_state()
-    with _rng_at(state):
-        ref = run_model(model, batch, which=which)
+    try:
+        with _rng_at(state):
+            ref = run_model(model, batch, which=which)
+    except InputError:
+        return None  # nothing to hold the graph to: the runs after say where the model fails
     try:
         with _rng_at(state):
             actual = run_model(graph, batch, which=which)
