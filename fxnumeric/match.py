@@ -725,7 +725,7 @@ def _check_traced(root: Any, gm: fx.GraphModule, example_inputs: Any,
     """``(which,)`` once ``gm``, traced from ``root`` by torch.fx, is checked to compute what
     ``root`` computes on ``example_inputs`` (:func:`fxnumeric.capture.check.check_whole`);
     ``()`` for a graph with nothing to check (none given; ``root`` read as it is, exported,
-    or called whole).
+    or called whole; ``root`` fails on them).
 
     Raises:
         TraceError: the graph computes differently, or fails where the model ran (the
@@ -737,6 +737,8 @@ def _check_traced(root: Any, gm: fx.GraphModule, example_inputs: Any,
     why = check_whole(root, gm, example_inputs, which=which, fix=(
         "fxnumeric captures both models through the module tree instead, where each "
         "module's graph is checked the same way"))
+    if why is False:
+        return ()  # the model fails on them: validate_inputs' run of the graph says so
     if why is not None:
         raise TraceError(why)
     return (which,)

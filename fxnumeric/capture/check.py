@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -152,8 +152,9 @@ def _failed(exc: BaseException, module: nn.Module, which: str, fix: str) -> str:
 
 
 def check_whole(model: nn.Module, graph: fx.GraphModule, batch: Any, *,
-                which: str, fix: str) -> str | None:
-    """Why ``graph`` (``model`` traced whole) is not ``model`` on ``batch``, or None.
+                which: str, fix: str) -> str | None | Literal[False]:
+    """Why ``graph`` (``model`` traced whole) is not ``model`` on ``batch``; None when it is;
+    False when ``model`` itself fails on ``batch`` (nothing checked).
 
     Both run once on ``batch`` (with the same random numbers); a model that fails on it is
     not checked (the runs after it say where it fails, as before the check). What the model's
@@ -164,13 +165,13 @@ def check_whole(model: nn.Module, graph: fx.GraphModule, batch: Any, *,
 
 
 def _check_whole(model: nn.Module, graph: fx.GraphModule, batch: Any, which: str,
-                 fix: str) -> str | None:
+                 fix: str) -> str | None | Literal[False]:
     state = _seeded_state()
     try:
         with _rng_at(state):
             ref = run_model(model, batch, which=which)
     except InputError:
-        return None  # nothing to hold the graph to: the runs after say where the model fails
+        return False  # nothing to hold the graph to: the runs after say where the model fails
     try:
         with _rng_at(state):
             actual = run_model(graph, batch, which=which)
