@@ -11,7 +11,8 @@ import torch.nn as nn
 
 __all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair", "nan_in_layer1_norm_pair",
            "run_order_and_first_nonfinite", "QatFunctional", "qat_functional_pair",
-           "functional_values", "module_inputs", "ScaledLinear", "fp16_exact_pair"]
+           "functional_values", "module_inputs", "ScaledLinear", "fp16_exact_pair",
+           "conv1d_as_linear", "dynamic_mlp_with_bias"]
 
 
 class LSTMModel(nn.Module):
@@ -331,3 +332,33 @@ def halved_pair(flow: str) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
         for x in data:
             prepared(x)
     return f, convert_fx(prepared), data
+
+
+def conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place, and returned) with every transformers ``Conv1D`` (GPT-2's
+    layers, weight stored ``(in, out)``) replaced by the ``nn.Linear`` it computes, as a user
+    converts GPT-2 before torchao or ``quantize_dynamic``, which quantize ``nn.Linear`` only."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(*child.weight.shape)
+                linear.weight.data = child.weight.data.t().contiguous()
+                linear.bias.data = child.bias.data.clone()
+                setattr(parent, name, linear)
+    return model
+
+
+def dynamic_mlp_with_bias(value: float, index: int = 2) -> tuple[nn.Module, nn.Module]:
+    """A float MLP (Linear-ReLU-Linear-ReLU-Linear, 16 -> 4) and its ``quantize_dynamic``
+    copy whose Linear ``index`` holds ``value`` (NaN, Inf) in its first bias entry."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 4)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    weight, bias = q[index]._packed_params._weight_bias()
+    bias = bias.clone()
+    bias[0] = value
+    q[index].set_weight_bias(weight, bias)
+    return f, q

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from _models import embedding_pair, halved_pair
+from _models import dynamic_mlp_with_bias, embedding_pair, halved_pair
 from torch.ao.quantization import QConfigMapping, default_qconfig, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -340,14 +340,7 @@ def test_nan_made_inside_that_crashes_a_later_dynamic_layer_is_not_blamed_on_the
     ("min should be less than or equal to max"): compare and diagnose said "the quantized
     model failed on the input ... Check the input shape, dtype and device". Oracle: forward
     hooks on the quantized model, the first module whose output is not finite."""
-    torch.manual_seed(0)
-    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                      nn.Linear(32, 4)).eval()
-    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
-    weight, bias = q[2]._packed_params._weight_bias()
-    bias = bias.clone()
-    bias[0] = float("nan")
-    q[2].set_weight_bias(weight, bias)
+    f, q = dynamic_mlp_with_bias(float("nan"))
     data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
     made: list[str] = []

@@ -24,6 +24,7 @@ from fxnumeric.ops import dynamic_input
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _flow_pairs import FLOWS  # noqa: E402
+from _models import dynamic_mlp_with_bias  # noqa: E402
 from test_verdict import FAULTS, _data, _dynamic_pair, _eager_pair, _fx_pair  # noqa: E402
 
 
@@ -402,14 +403,7 @@ def test_a_padded_conv_on_a_small_map_sits_at_its_floor():
 def test_a_layer_that_makes_inf_is_not_called_below_its_floor():
     """An Inf in a quantized bias makes the shadow SQNR -inf: no scale explains that gap, so
     neither the row nor the summary calls it below its floor; the notes say where Inf is."""
-    torch.manual_seed(0)
-    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                      nn.Linear(32, 4)).eval()
-    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
-    weight, bias = q[2]._packed_params._weight_bias()
-    bias = bias.clone()
-    bias[0] = math.inf
-    q[2].set_weight_bias(weight, bias)
+    f, q = dynamic_mlp_with_bias(math.inf)
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(8, 16, generator=gen) for _ in range(3)]
     with warnings.catch_warnings():

@@ -512,20 +512,11 @@ def test_advice_on_gpt2_says_its_lines_apply_once_the_conv1d_layers_are_converte
     read inf there). Oracle: the line applied to a converted copy gives the claimed value."""
     import warnings
 
+    from _models import conv1d_as_linear as converted
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
     from transformers.pytorch_utils import Conv1D
 
     from fxnumeric.errors import FxNumericWarning
-
-    def converted(model: nn.Module) -> nn.Module:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Conv1D):
-                    linear = nn.Linear(*child.weight.shape)
-                    linear.weight.data = child.weight.data.t().contiguous()
-                    linear.bias.data = child.bias.data.clone()
-                    setattr(parent, name, linear)
-        return model
 
     torch.manual_seed(0)
     f = transformers.GPT2LMHeadModel(transformers.GPT2Config(

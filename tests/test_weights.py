@@ -13,9 +13,9 @@ import fxnumeric as ns
 from fxnumeric import sqnr
 
 try:  # tests/ on sys.path (pytest's default rootdir-based import mode)
-    from _models import ScaledLinear
+    from _models import ScaledLinear, conv1d_as_linear
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests._models import ScaledLinear
+    from tests._models import ScaledLinear, conv1d_as_linear
 
 
 def test_unfused_float_weights_are_bn_folded(make_resnet18_pair, make_resnet18_unfused_pair):
@@ -156,21 +156,11 @@ def test_gpt2_conv1d_weights_are_read_as_the_linear_they_became():
     quantizing, its weight SQNR compared the two layouts as they are: nan for c_attn (other
     shapes), -2.8 dB for the square c_proj. Oracle: the dequantized Linear weight."""
     transformers = pytest.importorskip("transformers")
-    from transformers.pytorch_utils import Conv1D
-
     config = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4,
                                      n_positions=32)
     torch.manual_seed(0)
     f = transformers.GPT2LMHeadModel(config).eval()
-    q = copy.deepcopy(f)
-    for parent in list(q.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                linear = nn.Linear(*child.weight.shape)
-                linear.weight.data = child.weight.data.t().contiguous()
-                linear.bias.data = child.bias.data.clone()
-                setattr(parent, name, linear)
-    q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear})
+    q = torch.ao.quantization.quantize_dynamic(conv1d_as_linear(copy.deepcopy(f)), {nn.Linear})
     ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(0))
     report = ns.compare(f, q, [{"input_ids": ids}], comparisons=("weights",), progress=False)
     for name in ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
