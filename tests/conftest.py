@@ -289,3 +289,17 @@ def smollm2_float():
     if not smollm2_available():
         pytest.skip("SmolLM2 needs transformers, gguf and accelerate: pip install 'fxnumeric[llm]'")
     return smollm2()
+
+
+@pytest.fixture
+def traced_graphs_unchecked(monkeypatch):
+    """compare without the check of its traced graphs against their modules
+    (:mod:`fxnumeric.capture.check`), which runs each model, and each traced graph, once more on
+    the first batch: for tests that count the forwards compare's batches make (its shadows, its
+    turns). tests/test_capture_check.py tests the check itself."""
+    import importlib
+
+    match_module = importlib.import_module("fxnumeric.match")
+    tree = importlib.import_module("fxnumeric.capture.tree")
+    monkeypatch.setattr(match_module, "check_whole", lambda *args, **kwargs: None)
+    monkeypatch.setattr(tree, "check_regions", lambda *args, **kwargs: {})

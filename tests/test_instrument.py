@@ -350,6 +350,7 @@ def test_a_write_after_the_dequantstub_leaves_the_float_value_logged():
     assert torch.equal(logged["quantized"][0].dequantize(), quant_fc.dequantize())
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
 def test_compare_copies_a_value_written_through_an_alias_up_front():
     """compare()'s float twins read version counters and ran the first batch again when a
     value they held was written into (the float model ran twice); the graph's own writes,

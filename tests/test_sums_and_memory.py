@@ -174,6 +174,7 @@ class _Chain(nn.Module):
         return x
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
 def test_a_batchs_quantized_outputs_are_freed_as_the_model_frees_them():
     # compare used to hold every layer's output to the end of the batch: 880 MiB on a
     # 512-token SmolLM2 sequence
@@ -202,6 +203,7 @@ def _partly_dynamic(seed: int = 0):
     return f, q
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
 def test_a_layer_left_float_that_computes_alike_is_not_run_again_by_its_shadow():
     f, q = _partly_dynamic()
     calls = []
@@ -230,6 +232,7 @@ class _Settings(nn.Module):
         return self.fc2(y.reshape((x.shape[0], -1)))
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
 def test_float_ops_whose_settings_are_tuples_compute_alike_and_are_not_shadowed():
     # a setting given as a tuple read as different, so such ops ran again in shadows
     torch.manual_seed(0)
@@ -346,6 +349,7 @@ _NOT_ON_THE_GRID = {  # what convert_fx does not leave as a float module on quan
 }
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
 @pytest.mark.parametrize("flow", ["eager", "fx"])
 @pytest.mark.parametrize("op", list(_ROUNDING) + list(_EXACT))
 def test_a_float_op_run_on_quantized_values_is_shadowed_unless_exact_on_the_grid(op, flow):
@@ -436,6 +440,7 @@ def tiny_budget(monkeypatch):
     monkeypatch.setattr(compare_module, "LOCKSTEP_SHARE", 1 << 40)
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
 def test_past_the_budget_the_float_model_runs_only_as_far_ahead_as_needed(tiny_budget):
     f, q, float_calls, seen = _counted_pair()
     batches = [torch.randn(32, 256) for _ in range(2)]
@@ -448,6 +453,7 @@ def test_past_the_budget_the_float_model_runs_only_as_far_ahead_as_needed(tiny_b
     assert len(float_calls) == 12 and report.batches == 2
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
 def test_within_the_budget_the_float_forward_runs_whole_first():
     f, q, float_calls, seen = _counted_pair()
     ns.compare(f, q, [torch.randn(32, 256) for _ in range(2)], comparisons=("outputs",),
