@@ -671,10 +671,11 @@ def _feed(data: Iterable[Any], step: Callable[[int, int, Any, Any], None],
         for index, batch in ranks.share(enumerate(wanted), mergeable, capture):
             model_inputs = pick_inputs(batch, inputs)  # a dict is passed as keyword inputs
             check_batch(model_inputs, index)
-            if nonfinite_inputs(model_inputs):
+            where = nonfinite_inputs(model_inputs)
+            if where:
                 skipped.append(index)
-                warnings.warn(f"batch {index} holds NaN/Inf: it is left out of every metric "
-                              "(Report.notes lists the batches left out)",
+                warnings.warn(f"batch {index} holds NaN/Inf (in {', '.join(where)}): it is left "
+                              "out of every metric (Report.notes lists the batches left out)",
                               FxNumericWarning, stacklevel=4)
                 bar.update()
                 continue

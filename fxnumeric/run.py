@@ -178,16 +178,16 @@ def check_batch(batch: Any, index: int) -> None:
                 f"nan); {_BATCH_IS}.\nFix: leave empty batches out of the data")
 
 
-def nonfinite_inputs(batch: Any) -> bool:
-    """Whether any floating-point tensor in ``batch`` holds NaN or Inf (of a sparse tensor,
-    its stored values).
+def nonfinite_inputs(batch: Any) -> list[str]:
+    """Where in ``batch`` a floating-point tensor holds NaN or Inf (of a sparse tensor, its
+    stored values), as :func:`batch_tensors` names it; empty (false) when nowhere.
 
     >>> nonfinite_inputs((torch.ones(2), torch.tensor([1.0, float("nan")])))
-    True
+    ['batch[1]']
     """
-    return any((t.is_floating_point() or t.is_complex()) and not t.is_meta  # meta: no values
-               and not bool(torch.isfinite(stored_tensors(t)[-1]).all())
-               for _, t in batch_tensors(batch))
+    return [where for where, t in batch_tensors(batch)
+            if (t.is_floating_point() or t.is_complex()) and not t.is_meta  # meta: no values
+            and not bool(torch.isfinite(stored_tensors(t)[-1]).all())]
 
 
 def as_args(batch: Any) -> tuple[Any, ...]:

@@ -125,8 +125,13 @@ def test_a_nan_batch_is_left_out_with_a_warning_naming_it():
     with pytest.warns(ns.FxNumericWarning) as caught:
         report = ns.compare(f, q, [good[0], nan, good[1], inf])
     assert [str(w.message) for w in caught if issubclass(w.category, ns.FxNumericWarning)] == [
-        f"batch {i} holds NaN/Inf: it is left out of every metric (Report.notes lists the "
-        "batches left out)" for i in (1, 3)]
+        f"batch {i} holds NaN/Inf (in batch): it is left out of every metric (Report.notes "
+        "lists the batches left out)" for i in (1, 3)]
+    # in a dict batch, the warning names the field that holds it (an additive mask's -inf)
+    from fxnumeric.run import nonfinite_inputs
+
+    ids = {"x": good[0], "mask": torch.tensor([0.0, float("-inf")])}
+    assert nonfinite_inputs(ids) == ["batch['mask']"]
     assert report.batches == 2 and report.skipped_batches == (1, 3)
     assert ns.Report.from_json(report.to_json()).skipped_batches == (1, 3)
     assert ("2 of 4 batches left out of every metric: their input holds NaN/Inf (batch 1, 3)"
