@@ -68,12 +68,12 @@ from .run import (
     check_data,
     check_devices,
     check_max_batches,
-    failed_inside,
     keeps_buffers,
     no_batches,
     nonfinite_inputs,
     pick_inputs,
     run_model,
+    run_naming_nonfinite,
 )
 from .semantics import QuantGrid, output_bound
 from .weights import pair_weights
@@ -932,8 +932,7 @@ def _judged_against_upstream(rows: list[ReportRow], matching: Matching,
 
     # the model output is read after the ops no other op reads (or by untraced code after
     # them: judged against more, never less)
-    read = {up for op, ups in upstream.items() for up in ups if up != op}
-    last = [through(op, frozenset()) for op in upstream if op not in read]
+    last = [through(op, frozenset()) for op in _unread(upstream, upstream)]
     return tuple(
         dataclasses.replace(r, reference_rms=activation_scale(
             [r.float_rms, above(op_name(r.name), frozenset())]))
@@ -1039,8 +1038,16 @@ def _last_references(layers: Iterable[str], reference: Mapping[str, float | None
     """The ``reference`` of each of ``layers`` that no other of them reads (``upstream``,
     by op name): what reaches the output of the block they make up."""
     ops = {name: op_name(name) for name in layers}
-    read = {up for op in ops.values() for up in upstream.get(op, ()) if up != op}
-    return [reference.get(name) for name, op in ops.items() if op not in read]
+    last = set(_unread(ops.values(), upstream))
+    return [reference.get(name) for name, op in ops.items() if op in last]
+
+
+def _unread(ops: Iterable[str], upstream: Mapping[str, frozenset[str]]) -> list[str]:
+    """Of ``ops`` (op names), those no other of them reads (``upstream``: the ops upstream of
+    each): the last ones, whose values reach what follows them."""
+    ops = list(ops)
+    read = {up for op in ops for up in upstream.get(op, ()) if up != op}
+    return [op for op in ops if op not in read]
 
 
 def _floor(matching: Matching, pair: Pair, shadow: Accumulator | None,
@@ -1438,26 +1445,19 @@ def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:
             appeared inside the quantized model before it failed, naming that op
             (:func:`_made_inside`) rather than the input.
     """
-    which = f"quantized ({name})" if name else "quantized"
-    try:
-        return run_model(plan.built.quant_model, model_inputs, which=which)
-    except InputError as exc:
-        inside = _made_inside(plan, which, model_inputs, exc)
-        if inside is None:
-            raise
-        raise inside from exc
+    return run_naming_nonfinite(plan.built.quant_model, model_inputs,
+                                f"quantized ({name})" if name else "quantized",
+                                lambda: _made_inside(plan))
 
 
-def _made_inside(plan: _Plan, which: str, model_inputs: Any,
-                 exc: InputError) -> InputError | None:
-    """:func:`~fxnumeric.run.failed_inside` with where NaN/Inf first appeared in the
-    quantized model, read as every report reads it (:func:`_first_nonfinite`: the comparisons
-    of the ops that ran before the failure)."""
+def _made_inside(plan: _Plan) -> tuple[str, str] | None:
+    """``(op, kind)`` where NaN/Inf first appeared in the quantized model, read as every
+    report reads it (:func:`_first_nonfinite`: the comparisons of the ops that ran before a
+    failure); ``None`` for nowhere inside it."""
     at = dict(_first_nonfinite(plan)).get("quantized")
     if at is None or at == "model output":
         return None
-    kind = next((p.kind for p in plan.matching.pairs if p.name == at), "")
-    return failed_inside(exc, which, at, kind, model_inputs)
+    return at, next((p.kind for p in plan.matching.pairs if p.name == at), "")
 
 
 def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,
