@@ -68,12 +68,12 @@ from .run import (
     check_data,
     check_devices,
     check_max_batches,
+    failed_inside,
     keeps_buffers,
     no_batches,
     nonfinite_inputs,
     pick_inputs,
     run_model,
-    run_naming_nonfinite,
 )
 from .semantics import QuantGrid, output_bound
 from .weights import pair_weights
@@ -1445,19 +1445,26 @@ def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:
             appeared inside the quantized model before it failed, naming that op
             (:func:`_made_inside`) rather than the input.
     """
-    return run_naming_nonfinite(plan.built.quant_model, model_inputs,
-                                f"quantized ({name})" if name else "quantized",
-                                lambda: _made_inside(plan))
+    which = f"quantized ({name})" if name else "quantized"
+    try:
+        return run_model(plan.built.quant_model, model_inputs, which=which)
+    except InputError as exc:
+        inside = _made_inside(plan, which, model_inputs, exc)
+        if inside is None:
+            raise
+        raise inside from exc
 
 
-def _made_inside(plan: _Plan) -> tuple[str, str] | None:
-    """``(op, kind)`` where NaN/Inf first appeared in the quantized model, read as every
-    report reads it (:func:`_first_nonfinite`: the comparisons of the ops that ran before a
-    failure); ``None`` for nowhere inside it."""
+def _made_inside(plan: _Plan, which: str, model_inputs: Any,
+                 exc: InputError) -> InputError | None:
+    """:func:`~fxnumeric.run.failed_inside` with where NaN/Inf first appeared in the
+    quantized model, read as every report reads it (:func:`_first_nonfinite`: the comparisons
+    of the ops that ran before the failure)."""
     at = dict(_first_nonfinite(plan)).get("quantized")
     if at is None or at == "model output":
         return None
-    return at, next((p.kind for p in plan.matching.pairs if p.name == at), "")
+    kind = next((p.kind for p in plan.matching.pairs if p.name == at), "")
+    return failed_inside(exc, which, at, kind, model_inputs)
 
 
 def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,

@@ -34,7 +34,7 @@ from .view import fixed_inputs
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
            "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "numbered_batches",
            "check_data", "check_batch", "nonfinite_inputs", "batch_tensors", "check_max_batches",
-           "failed_inside", "run_naming_nonfinite"]
+           "failed_inside"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -375,22 +375,6 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
             "several positional inputs, a dict as keyword inputs), and that the model runs on "
             f"it outside fxnumeric.{' ' + hint if hint else ''}"
         ) from exc
-
-
-def run_naming_nonfinite(model: nn.Module, batch: Any, which: str,
-                         first_nonfinite: Callable[[], tuple[str, str] | None]) -> Any:
-    """:func:`run_model`, and where the model fails on a finite input after NaN/Inf appeared
-    inside it, :func:`failed_inside`'s error instead of the generic one. ``first_nonfinite()``
-    gives ``(op, kind)`` where NaN/Inf first appeared, from the sums the caller keeps, or
-    ``None``: read only once the model has failed."""
-    try:
-        return run_model(model, batch, which=which)
-    except InputError as exc:
-        at = first_nonfinite()
-        inside = None if at is None else failed_inside(exc, which, *at, batch)
-        if inside is None:
-            raise
-        raise inside from exc
 
 
 def failed_inside(exc: InputError, which: str, at: str, kind: str,

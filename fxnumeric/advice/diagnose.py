@@ -67,7 +67,7 @@ from ..progress import Progress
 from ..report import Report
 from ..report.render import tabulate_format
 from ..routing import Routes, hook_watched, watch
-from ..run import check_devices, keeps_buffers, model_batches, run_model, run_naming_nonfinite
+from ..run import check_devices, failed_inside, keeps_buffers, model_batches, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
 from .hybrid import called_whole, module_path
@@ -756,9 +756,15 @@ def diagnose(
     with Progress(len(batches), "diagnosing", progress) as bar:
         for batch in batches:
             run_model(built.float_model, batch, which="float")
-            # NaN/Inf made inside, where the model fails? the sums say where, as below
-            run_naming_nonfinite(built.quant_model, batch, "quantized", lambda: next(
-                ((n, kinds[n]) for n in layers if sums[n].quant_nonfinite), None))
+            try:
+                run_model(built.quant_model, batch, which="quantized")
+            except InputError as exc:  # NaN/Inf made inside? the sums say where, as below
+                at = next((name for name in layers if sums[name].quant_nonfinite), None)
+                inside = (None if at is None else
+                          failed_inside(exc, "quantized", at, kinds[at], batch))
+                if inside is None:
+                    raise
+                raise inside from exc
             for place, tensor in model_inputs(batch).items():
                 if place in input_energy:
                     input_energy[place] += float(tensor.detach().double().square().sum())
