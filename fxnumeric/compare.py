@@ -68,11 +68,11 @@ from .run import (
     check_data,
     check_devices,
     check_max_batches,
-    failed_inside,
     keeps_buffers,
     no_batches,
     nonfinite_inputs,
     pick_inputs,
+    run_blaming_inside,
     run_model,
 )
 from .semantics import QuantGrid, output_bound
@@ -1442,29 +1442,18 @@ def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:
 
     Raises:
         InputError: the model failed on the batch; where its input is finite and NaN/Inf
-            appeared inside the quantized model before it failed, naming that op
-            (:func:`_made_inside`) rather than the input.
+            appeared inside the quantized model before it failed, naming that op, read as
+            every report reads it (:func:`_first_nonfinite`: the comparisons of the ops that
+            ran before the failure) rather than the input.
     """
-    which = f"quantized ({name})" if name else "quantized"
-    try:
-        return run_model(plan.built.quant_model, model_inputs, which=which)
-    except InputError as exc:
-        inside = _made_inside(plan, which, model_inputs, exc)
-        if inside is None:
-            raise
-        raise inside from exc
+    def made_inside() -> tuple[str, str] | None:
+        at = dict(_first_nonfinite(plan)).get("quantized")
+        if at is None or at == "model output":
+            return None
+        return at, next((p.kind for p in plan.matching.pairs if p.name == at), "")
 
-
-def _made_inside(plan: _Plan, which: str, model_inputs: Any,
-                 exc: InputError) -> InputError | None:
-    """:func:`~fxnumeric.run.failed_inside` with where NaN/Inf first appeared in the
-    quantized model, read as every report reads it (:func:`_first_nonfinite`: the comparisons
-    of the ops that ran before the failure)."""
-    at = dict(_first_nonfinite(plan)).get("quantized")
-    if at is None or at == "model output":
-        return None
-    kind = next((p.kind for p in plan.matching.pairs if p.name == at), "")
-    return failed_inside(exc, which, at, kind, model_inputs)
+    return run_blaming_inside(run_model, plan.built.quant_model, model_inputs,
+                              f"quantized ({name})" if name else "quantized", made_inside)
 
 
 def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,

@@ -34,7 +34,7 @@ from .view import fixed_inputs
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
            "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "numbered_batches",
            "check_data", "check_batch", "nonfinite_inputs", "batch_tensors", "check_max_batches",
-           "failed_inside"]
+           "run_blaming_inside"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -377,28 +377,38 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
         ) from exc
 
 
-def failed_inside(exc: InputError, which: str, at: str, kind: str,
-                  model_inputs: Any) -> InputError | None:
-    """The error to raise instead of ``exc`` (:func:`run_model`'s, the ``which`` model failed
-    on ``model_inputs``) when the input is finite and NaN/Inf appeared inside the model before
-    it failed, first at op ``at`` (of kind ``kind``): a NaN bias that a later dynamic layer
-    cannot quantize fails with torch's "min should be less than or equal to max", which the
-    generic message blames on the input's shape, dtype and device. ``None`` when the input
-    holds NaN/Inf itself (the generic message stands).
+def run_blaming_inside(run: Callable[..., Any], model: nn.Module, model_inputs: Any,
+                       which: str, first_nonfinite: Callable[[], tuple[str, str] | None]) -> Any:
+    """``run(model, model_inputs, which=which)`` (:func:`run_model`, or the caller's own
+    reference to it), raising a clearer error when the input is finite and NaN/Inf appeared
+    inside the model before it failed: a NaN bias that a later dynamic layer cannot quantize
+    fails with torch's "min should be less than or equal to max", which :func:`run_model`'s
+    generic message blames on the input's shape, dtype and device.
 
-    The caller says where NaN/Inf first appeared, from the sums it keeps of the ops that ran
-    (:func:`fxnumeric.compare`'s comparisons, :func:`fxnumeric.diagnose`'s): looked up only
-    once the model has failed."""
-    if nonfinite_inputs(model_inputs):
-        return None
-    cause = exc.__cause__ or exc
-    first = (str(cause).splitlines() or [""])[0]
-    return InputError(
-        f"the {which} model failed on a finite input ({type(cause).__name__}: {first}) after "
-        f"NaN/Inf appeared inside it, first at {at}{f' ({kind})' if kind else ''}: the cause "
-        f"is inside the model (a NaN/Inf weight, bias, scale or zero point of {at}), not the "
-        f"input.\nFix: check {at}'s parameters and quantization parameters with "
-        "torch.isfinite (a torch quantized module's weight(), bias(), scale and zero_point)")
+    ``first_nonfinite`` says where NaN/Inf first appeared, as ``(op, kind)``, from the sums
+    the caller keeps of the ops that ran (:func:`fxnumeric.compare`'s comparisons,
+    :func:`fxnumeric.diagnose`'s), or None; it is called only once the model has failed.
+
+    Raises:
+        InputError: the model failed on the input; naming the op where NaN/Inf first appeared
+            when the input is finite and such an op is known.
+    """
+    try:
+        return run(model, model_inputs, which=which)
+    except InputError as exc:
+        found = None if nonfinite_inputs(model_inputs) else first_nonfinite()
+        if found is None:
+            raise
+        at, kind = found
+        cause = exc.__cause__ or exc
+        first = (str(cause).splitlines() or [""])[0]
+        raise InputError(
+            f"the {which} model failed on a finite input ({type(cause).__name__}: {first}) "
+            f"after NaN/Inf appeared inside it, first at {at}{f' ({kind})' if kind else ''}: "
+            f"the cause is inside the model (a NaN/Inf weight, bias, scale or zero point of "
+            f"{at}), not the input.\nFix: check {at}'s parameters and quantization parameters "
+            "with torch.isfinite (a torch quantized module's weight(), bias(), scale and "
+            "zero_point)") from exc
 
 
 def _check_fixed(model: nn.Module, args: tuple, kwargs: dict, which: str) -> None:

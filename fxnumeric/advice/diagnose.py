@@ -67,7 +67,7 @@ from ..progress import Progress
 from ..report import Report
 from ..report.render import tabulate_format
 from ..routing import Routes, hook_watched, watch
-from ..run import check_devices, failed_inside, keeps_buffers, model_batches, run_model
+from ..run import check_devices, keeps_buffers, model_batches, run_blaming_inside, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
 from .hybrid import called_whole, module_path
@@ -756,15 +756,10 @@ def diagnose(
     with Progress(len(batches), "diagnosing", progress) as bar:
         for batch in batches:
             run_model(built.float_model, batch, which="float")
-            try:
-                run_model(built.quant_model, batch, which="quantized")
-            except InputError as exc:  # NaN/Inf made inside? the sums say where, as below
-                at = next((name for name in layers if sums[name].quant_nonfinite), None)
-                inside = (None if at is None else
-                          failed_inside(exc, "quantized", at, kinds[at], batch))
-                if inside is None:
-                    raise
-                raise inside from exc
+            # NaN/Inf made inside? the sums say where, as below
+            run_blaming_inside(run_model, built.quant_model, batch, "quantized",
+                               lambda: next(((name, kinds[name]) for name in layers
+                                             if sums[name].quant_nonfinite), None))
             for place, tensor in model_inputs(batch).items():
                 if place in input_energy:
                     input_energy[place] += float(tensor.detach().double().square().sum())
