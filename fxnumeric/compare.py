@@ -828,7 +828,9 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
             quant_nodes=p.quant_nodes,
             note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc,
                        plan.routes.get(p.name), unread.get(p.name), inside.get(p.name),
-                       plan.built.strays.get(p.name), plan.built.bypassed.get(p.name)),
+                       plan.built.strays.get(p.name), plan.built.bypassed.get(p.name),
+                       float_weight=(p.quantized and w_acc is not None
+                                     and w_acc.value("sqnr") == math.inf)),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -1222,8 +1224,12 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           weights: Accumulator | None = None, routes: Routes | None = None,
           unread_weight: str | None = None, inside: list[str] | None = None,
           stray: tuple[str, str] | None = None,
-          bypassed: tuple[str, str] | None = None) -> str:
+          bypassed: tuple[str, str] | None = None, float_weight: bool = False) -> str:
     notes = []
+    if float_weight:  # its weight SQNR reads inf, truly: say why rather than leave it unexplained
+        notes.append("weight not quantized: the quantized op computes with a weight equal to the "
+                     "float one (torchao's convert_pt2e leaves the weight of a module's second "
+                     "and later calls float), so only its activations are quantized")
     if stray is not None and sa is not None:
         notes.append(f"reads quantized `{stray[0]}`, which has no float counterpart, where the "
                      f"float model reads `{stray[1]}`; so does its shadow: the error "

@@ -1374,3 +1374,50 @@ def test_diagnose_measures_clipping_and_noise_at_a_pt2e_input_quantize():
     assert entry.clipped == pytest.approx(clipped) and clipped > 0.5
     assert entry.noise_steps == pytest.approx(noise_steps, rel=1e-6)
     assert {"clipping", "noise"} <= {flag.code for flag in entry.flags}
+
+
+class _ConvLoop(torch.nn.Module):
+    """A conv run three times in a loop: three call sites of one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for _ in range(3):
+            x = torch.relu(self.conv(x))
+        return x
+
+
+def test_a_call_whose_weight_convert_pt2e_left_float_says_so():
+    """torchao's convert_pt2e quantizes the weight of a conv's first call in a loop only: its
+    second and third calls read the float parameter. Their rows' weight SQNR of inf is true, but
+    read unexplained like a perfect quantization. Oracle: the weight each conv node of the pt2e
+    graph computes with (an fx Interpreter), compared with the float parameter."""
+    torch.manual_seed(0)
+    float_model = _ConvLoop().eval()
+    data = [torch.randn(2, 3, 12, 12) for _ in range(2)]
+    ep, quant = _xnnpack(float_model, data, is_per_channel=True)
+    read: dict[str, torch.Tensor] = {}
+
+    class Weights(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and "conv2d" in str(n.target):
+                read[n.name] = self.env[n.args[1]]
+            return out
+
+    with torch.no_grad():
+        Weights(quant).run(data[0])
+    report = fxn.compare(ep, quant, data, progress=False)
+    rows = {r.name: r for r in report.rows if r.kind == "conv2d"}
+    for name, node in zip(rows, ("conv2d", "conv2d_1", "conv2d_2", "conv2d_3"), strict=True):
+        param = float_model.stem.weight if name == "stem" else float_model.conv.weight
+        left_float = torch.equal(read[node], param)
+        assert left_float == (name in ("conv#2", "conv#3")), name  # torchao's, as read
+        assert ("weight not quantized" in rows[name].note) == (name == "conv#2"), name
+    assert rows["conv#2"].weight_sqnr == math.inf and rows["conv"].weight_sqnr < 60
+    # the third call quantizes nothing (no activation quantize either): a float layer, which
+    # shows no weight SQNR and needs no note
+    assert not rows["conv#3"].quantized and rows["conv#3"].weight_sqnr is None
