@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -998,6 +999,39 @@ def test_tracing_leaves_a_cache_filled_in_place_as_it_was():
         assert model[0].cache == {} and model[0].calls == []
         with torch.no_grad():
             assert torch.equal(model(x), fresh(x))
+
+
+def test_attributes_kept_puts_back_every_container_by_identity():
+    """Whatever a block writes into a module's containers, by key, index, order or member,
+    is put back: each attribute and each item the very object it was (a tensor is never
+    compared with ``==``, which would compare its elements)."""
+    from fxnumeric.capture.fx import attributes_kept
+
+    m = nn.Linear(2, 2)
+    t, u = torch.zeros(3), torch.zeros(3)  # equal, not identical
+    m.d, m.l, m.s, m.o = {"a": t, "b": 1}, [t, 2], {1, 2}, OrderedDict(x=t, y=u)
+    containers = (m.d, m.l, m.s, m.o, m._parameters, m._forward_hooks)
+    before = [(c, list(c.items()) if isinstance(c, dict) else list(c)) for c in containers]
+    attrs = dict(m.__dict__)
+    with attributes_kept(m):
+        m.d["a"] = u  # an equal tensor in an item's place
+        m.l.reverse()
+        m.s.add(3)
+        m.o.move_to_end("x")  # the same items in another order
+        m._parameters["extra"] = nn.Parameter(torch.ones(1))
+        m.register_forward_hook(lambda *a: None)
+        m.l2 = []  # a new attribute, and one replaced
+        m.d = {}
+    assert m.__dict__.keys() == attrs.keys()
+    assert all(m.__dict__[k] is v for k, v in attrs.items())
+    for container, items in before:
+        now = list(container.items()) if isinstance(container, dict) else list(container)
+        assert len(now) == len(items)
+        if isinstance(container, set):
+            assert container == set(items)
+        else:
+            assert all(a[0] is b[0] and a[1] is b[1] if isinstance(a, tuple) else a is b
+                       for a, b in zip(now, items, strict=True))
 
 
 @pytest.mark.parametrize("call", ["match", "compare_model_outputs", "add_loggers"])
