@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import uuid
 import warnings
 import weakref
@@ -30,7 +31,6 @@ import torch.ao.nn.quantized as nnq
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.fx as fx
 from torch import nn
-from torch.ao.ns import _numeric_suite as torch_ns
 
 from . import flows
 from ._collector import defers_collection
@@ -756,11 +756,21 @@ def _logger_dict(prepared: _Prepared, prefix: str, under: str = "") -> dict[str,
             for name in prepared.ordered(loggers) if name.startswith(within)}
 
 
-def _logger_dict_helper(mod: nn.Module, target: dict[str, dict], prefix: str) -> None:
+def _logger_types() -> tuple[type, ...]:
+    """fxnumeric's Logger, and torch's eager suite's where it was imported: a model holding
+    torch's loggers was prepared by it. fxnumeric itself never imports ``torch.ao.ns``, which
+    torch deprecated and will remove."""
+    torch_ns = sys.modules.get("torch.ao.ns._numeric_suite")
+    return (Logger,) if torch_ns is None else (Logger, torch_ns.Logger)
+
+
+def _logger_dict_helper(mod: nn.Module, target: dict[str, dict], prefix: str,
+                        loggers: tuple[type, ...] | None = None) -> None:
+    loggers = _logger_types() if loggers is None else loggers
     lead = f"{prefix}." if prefix else ""
     for child in mod.children():
-        if isinstance(child, (Logger, torch_ns.Logger)):
+        if isinstance(child, loggers):
             target[f"{lead}stats"] = child.stats
             break
     for name, child in mod.named_children():
-        _logger_dict_helper(child, target, f"{lead}{name}")
+        _logger_dict_helper(child, target, f"{lead}{name}", loggers)
