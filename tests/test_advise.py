@@ -809,7 +809,8 @@ def test_the_dynamic_line_keeps_each_recurrent_layers_qconfig(qconfigs) -> None:
     namespace = {"quantize_dynamic": quantize_dynamic, "model": copy.deepcopy(f),
                  **{f"{qc}_dynamic_qconfig": getattr(quantization, f"{qc}_dynamic_qconfig")
                     for qc in ("default", "per_channel", "float16")}}
-    rebuilt = eval(advice.dynamic_lines(), namespace)
+    exec(advice.dynamic_lines(), namespace)  # a statement: model = quantize_dynamic(model, ...)
+    rebuilt = namespace["model"]
     assert type(rebuilt.inp) is nn.Linear
     for name in names[1:]:
         mine, theirs = _dynamic_weights(getattr(rebuilt, name)), _dynamic_weights(getattr(q, name))
@@ -1980,7 +1981,7 @@ def test_max_float_layers_holds_over_variants_and_candidates_is_refused() -> Non
             lines()
     kept = next(path for path, choice in capped.assignment.items() if choice == "float")
     assert capped.dynamic_lines() == (  # one variant: its float-fallback lines stand
-        f"quantize_dynamic(model, {{{next(repr(p) for p in ('fc2', 'fc3') if p != kept)}: "
+        f"model = quantize_dynamic(model, {{{next(repr(p) for p in ('fc2', 'fc3') if p != kept)}: "
         "default_dynamic_qconfig})")
     with pytest.raises(InputError, match="candidates applies to one quantized model"):
         advise(float_model, {"int8": part}, data, metric="sqnr", target=60, candidates=4)
@@ -2312,7 +2313,8 @@ def _rebuilt(line: str, f: nn.Module) -> nn.Module:
     namespace = {"quantize_dynamic": quantize_dynamic, "model": copy.deepcopy(f),
                  **{name: getattr(quantization, name) for name in dir(quantization)
                     if name.endswith("qconfig") or name.endswith("qconfig_4bit")}}
-    return eval(line, namespace)
+    exec(line, namespace)  # model = quantize_dynamic(model, ...): a copy, assigned
+    return namespace["model"]
 
 
 @pytest.mark.parametrize("bag,qconfig", [  # torch's 4-bit Embedding (not Bag) computes wrong
@@ -2343,7 +2345,8 @@ def test_the_dynamic_line_quantizes_the_embedding_as_the_quantized_model(bag, qc
     assert advice.dynamic == (("emb", qconfig), ("lstm", "default_dynamic_qconfig"),
                               ("fc", "default_dynamic_qconfig"))
     line = advice.dynamic_lines()
-    assert line == f"quantize_dynamic(model, {{'emb': {qconfig}, 'lstm': default_dynamic_qconfig}})"
+    assert line == (f"model = quantize_dynamic(model, {{'emb': {qconfig}, "
+                    "'lstm': default_dynamic_qconfig})")
     rebuilt = _rebuilt(line, f)
     assert _same_weight(rebuilt.emb.weight(), q.emb.weight())
     with torch.no_grad():
@@ -2390,8 +2393,8 @@ def test_the_dynamic_line_keeps_float_every_module_inside_a_kept_one(kept) -> No
     advice = advise(f, q, data, metric="sqnr", target=math.inf, layers=kept, progress=False)
     assert set(advice.keep_float) == set(kept)
     line = advice.dynamic_lines()
-    assert line == ("quantize_dynamic(model, {'head': default_dynamic_qconfig})"
-                    if "head" not in kept else "quantize_dynamic(model, {})")
+    assert line == ("model = quantize_dynamic(model, {'head': default_dynamic_qconfig})"
+                    if "head" not in kept else "model = quantize_dynamic(model, {})")
     rebuilt = _rebuilt(line, f)
     by_hand = quantize_dynamic(copy.deepcopy(f), {"head": default_dynamic_qconfig}
                                if "head" not in kept else {})

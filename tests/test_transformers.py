@@ -539,7 +539,9 @@ def test_advice_on_gpt2_says_its_lines_apply_once_the_conv1d_layers_are_converte
     assert "note: 8 layers (transformer.h.0.attn.c_attn" in advice.summary()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        built = eval(line, {"quantize_dynamic": quantize_dynamic,  # noqa: S307
-                            "default_dynamic_qconfig": default_dynamic_qconfig,
-                            "model": converted(copy.deepcopy(f))})
+        namespace = {"quantize_dynamic": quantize_dynamic,
+                     "default_dynamic_qconfig": default_dynamic_qconfig,
+                     "model": converted(copy.deepcopy(f))}
+        exec(line, namespace)  # noqa: S102
+        built = namespace["model"]
     assert sqnr(built) == pytest.approx(advice.value, rel=1e-6)

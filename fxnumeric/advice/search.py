@@ -1174,17 +1174,23 @@ class Advice:
         quantized, each with the qconfig of its dtype (int8, per channel, float16; an
         Embedding's weight-only one), less those kept and the modules inside them (a spec of
         module names rebuilds the advised model, whatever spec made the quantized one); with
-        no module known, ``nn.Linear`` with the kept names mapped to ``None``."""
+        no module known, ``nn.Linear`` with the kept names mapped to ``None``.
+
+        ``quantize_dynamic`` returns a quantized copy: the line assigns it to ``model`` when
+        that is a name (``model = quantize_dynamic(model, {...})``; pasted bare, the call left
+        the model float), else it is the call alone, an expression (``"copy.deepcopy(f)"``)."""
         self._one_variant("dynamic_lines")
         self._warn_other_flow("this line", "dynamic")
         self._warn_converted("this line")
         if self.dynamic:
             spec = ", ".join(f"{path!r}: {qconfig}" for path, qconfig in self.dynamic
                              if not self._kept(path))
-            return f"quantize_dynamic({model}, {{{spec}}})"
-        names = ", ".join(f"{name!r}: None" for name, _ in self._targets())
-        return (f"quantize_dynamic({model}, {{torch.nn.Linear: default_dynamic_qconfig, "
-                f"{names}}})")
+            call = f"quantize_dynamic({model}, {{{spec}}})"
+        else:
+            names = ", ".join(f"{name!r}: None" for name, _ in self._targets())
+            call = (f"quantize_dynamic({model}, {{torch.nn.Linear: default_dynamic_qconfig, "
+                    f"{names}}})")
+        return f"{model} = {call}" if model.isidentifier() else call
 
     def torchao_keep_lines(self, model: str = "model", config: str = "config") -> str:
         """torchao's ``quantize_`` with a filter that leaves the layers float: it names the
