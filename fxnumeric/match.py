@@ -56,7 +56,7 @@ from .capture.export import (
     export_side,
     is_export_graph,
 )
-from .capture.tree import capture_tree, record_calls
+from .capture.tree import CallSpecs, capture_tree, record_calls
 from .errors import InputError, MatchError, TraceError
 from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import whole_layers, whole_modules, whole_paths
@@ -1028,7 +1028,8 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
         methods = tuple(c.methods.get(p, "") if c is not None else None
                         for c, p in ((float_calls, float_path), (quant_calls, quant_path)))
         leaf = _leaf_region(float_model, quant_model, float_path, quant_path, node_match,
-                            calls(float_path, quant_path), methods)
+                            calls(float_path, quant_path), methods,
+                            _passed_through(float_calls, quant_calls, float_path, quant_path))
         if isinstance(leaf, Region):
             regions.append(leaf)
         elif leaf is not None:
@@ -1057,6 +1058,16 @@ def _match_tree(float_model: nn.Module, quant_model: nn.Module, example_inputs: 
         containers=container_pairs(regions),
     )
     return _recorded(found, quant_calls)
+
+
+def _passed_through(float_calls: CallSpecs | None, quant_calls: CallSpecs | None,
+                    float_path: str, quant_path: str) -> tuple[str, ...]:
+    """The keyword arguments the ``**kwargs`` of the modules at ``float_path`` and
+    ``quant_path`` took in the recorded runs (either side's: a shadow calls the float module
+    as the quantized one was called), in call order."""
+    names = [name for calls, path in ((quant_calls, quant_path), (float_calls, float_path))
+             if calls is not None for name in calls.extra_kwargs.get(path, ())]
+    return tuple(dict.fromkeys(names))
 
 
 def _differed_notes(differed: Iterable[tuple[str, str, str]]) -> tuple[tuple[str, str], ...]:
@@ -1107,9 +1118,39 @@ def in_run_order(matching: Matching, example_inputs: Any) -> Matching:
     model = matching.quant_model
     assert model is not None  # a matching of several regions was captured from the modules
     quant_calls = record_calls(model, example_inputs, which="quantized")
+    matching = _taking_kwargs(matching, quant_calls.extra_kwargs)
     if any(quant_calls.counts.get(r.quant_path, 1) > r.call_sites for r in matching.regions):
         return matching
     return _recorded(matching, quant_calls)
+
+
+def _taking_kwargs(matching: Matching, extra_kwargs: dict[str, tuple[str, ...]]) -> Matching:
+    """``matching`` whose one-op graphs of modules kept whole take the keyword arguments
+    their ``**kwargs`` took in a recorded run (``extra_kwargs``, by quantized path), as
+    :func:`match` builds them when given example inputs: a matching made without them has
+    graphs that reject the ``position_ids`` transformers' BERT encoder passes each layer.
+
+    The graphs gain placeholders only; pairs and node names stay as they were.
+    """
+    regions = []
+    for region in matching.regions:
+        taken = {n.target for n in region.quant_view.nodes if n.op == "placeholder"}
+        extra = extra_kwargs.get(region.quant_path, ())
+        if not region.whole_module or region.method or not region.quant_path or (
+                set(extra) <= taken):
+            regions.append(region)
+            continue
+        views = []
+        for model, path, view in ((matching.float_model, region.float_path, region.float_view),
+                                  (matching.quant_model, region.quant_path, region.quant_view)):
+            assert model is not None  # a module kept whole was captured from the modules
+            views.append(GraphView(leaf_graph(model, path, extra)[0], root=view.root))
+        added = {name: name for name in extra if name not in taken}  # same names both sides
+        regions.append(replace(region, float_view=views[0], quant_view=views[1],
+                               quant_to_float={**region.quant_to_float, **added}))
+    if regions == list(matching.regions):
+        return matching
+    return replace(matching, regions=tuple(regions))
 
 
 def container_pairs(regions: Iterable[Region]) -> frozenset[str]:
@@ -1136,11 +1177,14 @@ def container_pairs(regions: Iterable[Region]) -> frozenset[str]:
 def _leaf_region(float_model: nn.Module, quant_model: nn.Module, float_path: str,
                  quant_path: str, node_match: NodeMatch, call_sites: int = 1,
                  methods: tuple[str | None, str | None] = (None, None),
+                 extra_kwargs: tuple[str, ...] = (),
                  ) -> Region | tuple[Unmatched, Unmatched] | None:
     """Two leaf modules at the same place of the module tree, as a region of one-op graphs;
     the misses if they compute different ops; ``None`` for plumbing (dropout, identity).
     ``methods``: what each functional module was called through in the recorded run
-    (:attr:`fxnumeric.capture.tree.CallSpecs.methods`; None: nothing was run)."""
+    (:attr:`fxnumeric.capture.tree.CallSpecs.methods`; None: nothing was run);
+    ``extra_kwargs``: the keyword arguments their ``**kwargs`` took there, which the one-op
+    graphs must take too (transformers' BERT encoder passes ``position_ids`` to each layer so)."""
     f_module = float_model.get_submodule(float_path)
     q_module = quant_model.get_submodule(quant_path)
     if is_functional(f_module) and is_functional(q_module):
@@ -1155,8 +1199,8 @@ def _leaf_region(float_model: nn.Module, quant_model: nn.Module, float_path: str
                   "different ops")
         return (Unmatched(float_path, f_cls.kind, reason, False, None),
                 Unmatched(quant_path, q_cls.kind, reason, q_cls.quantized, None))
-    float_graph, float_scope = leaf_graph(float_model, float_path)
-    quant_graph, quant_scope = leaf_graph(quant_model, quant_path)
+    float_graph, float_scope = leaf_graph(float_model, float_path, extra_kwargs)
+    quant_graph, quant_scope = leaf_graph(quant_model, quant_path, extra_kwargs)
     return pair_region(
         GraphView(float_graph, root=_parent(float_model, float_path)),
         GraphView(quant_graph, root=_parent(quant_model, quant_path)),

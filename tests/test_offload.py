@@ -12,6 +12,7 @@ all (their state dict holds dtypes and packed weights): those stay in memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -107,6 +108,46 @@ def test_disk_offloaded_float_model_compares_as_in_memory(dynamic_llama, batches
     assert any(r.weight_sqnr is not None for r in report.rows)  # weights read through the hooks
     assert any(r.output and r.shadow for r in report.rows if r.quantized)
     assert _parameters_on_meta(offloaded) == len(list(offloaded.parameters()))  # still offloaded
+
+
+def test_a_preloaded_bert_layer_takes_the_position_ids_its_kwargs_took(tmp_path):
+    """transformers 5's BERT encoder passes each BertLayer ``position_ids`` through its
+    ``**kwargs``; preloaded, the layer is called whole, and its one-op graph refused them:
+    compare raised "the float model failed on the input ... unexpected keyword argument
+    'position_ids'". Oracle: the in-memory model with its layers kept whole by
+    ``leaf_modules``, which the preload is equivalent to, and the offloaded model's own
+    forward."""
+    import transformers
+
+    def bert():
+        cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=37,
+                                      max_position_embeddings=32)
+        torch.manual_seed(0)
+        return transformers.BertForMaskedLM(cfg).eval()
+
+    ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        q = quantize_dynamic(bert(), {nn.Linear})
+    f = bert()
+    layer = type(f.bert.encoder.layer[0])
+    in_memory = ns.compare(f, q, data, leaf_modules=[layer], progress=False)
+    offloaded = accelerate.disk_offload(bert(), tmp_path, execution_device="cpu",
+                                        preload_module_classes=[layer.__name__])
+    report = ns.compare(offloaded, q, data, progress=False)
+    # the layers' own Linears are listed unpaired, with the preload as the reason
+    assert {path for path, _, _ in report.unmatched} == {
+        path for path, m in f.named_modules() if path.startswith("bert.encoder.layer.")
+        and isinstance(m, (nn.Linear, nn.LayerNorm))}
+    assert all("preload_module_classes" in reason for _, _, reason in report.unmatched)
+    _same(dataclasses.replace(report, unmatched=()), in_memory)
+    assert report.row("bert.encoder.layer.1").output_sqnr is not None
+    with torch.no_grad():
+        ref, out = f(**data[0]).logits.double(), q(**data[0]).logits.double()
+    assert report.model_output["sqnr"] == pytest.approx(
+        float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())), rel=1e-6)
 
 
 def test_device_map_with_disk_and_a_cpu_offloaded_torchao_model(batches, tmp_path):

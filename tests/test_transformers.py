@@ -545,3 +545,58 @@ def test_advice_on_gpt2_says_its_lines_apply_once_the_conv1d_layers_are_converte
         exec(line, namespace)  # noqa: S102
         built = namespace["model"]
     assert sqnr(built) == pytest.approx(advice.value, rel=1e-6)
+
+
+def _layer_outputs(model: nn.Module, layers: list[nn.Module], batches) -> tuple[list, torch.Tensor]:
+    """Each layer's output tensor per batch, read by forward hooks on a plain forward of
+    ``model``, and the model's output on the last batch."""
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.register_forward_hook(
+        lambda m, args, out, i=i: seen[i].append(out[0] if isinstance(out, tuple) else out))
+        for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            outputs = [model(**batch)[0] for batch in batches]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen, outputs
+
+
+def _sqnr_over(refs: list[torch.Tensor], outs: list[torch.Tensor]) -> float:
+    """SQNR of every batch's values together (signal and noise summed over batches)."""
+    signal = sum(r.double().pow(2).sum() for r in refs)
+    noise = sum((r.double() - o.double()).pow(2).sum() for r, o in zip(refs, outs, strict=True))
+    return float(10 * torch.log10(signal / noise))
+
+
+@pytest.mark.parametrize("with_inputs", [True, False], ids=["match-on-inputs", "match-alone"])
+def test_a_bert_layer_kept_whole_takes_what_its_kwargs_took(with_inputs):
+    """transformers 5's BERT encoder passes each BertLayer ``position_ids`` through its
+    ``**kwargs``. Kept whole (``leaf_modules``, or accelerate's ``preload_module_classes``),
+    the layer's one-op graph did not take it, and compare blamed the input: "the float model
+    failed on the input ... unexpected keyword argument 'position_ids'". A matching made
+    without example inputs learns the names on compare's first batch. Oracle: each layer's
+    output read by forward hooks on the plain models, and the model output."""
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37,
+                                  max_position_embeddings=32)
+    torch.manual_seed(0)
+    f = transformers.BertForMaskedLM(cfg).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1:, SEQ // 2:] = 0
+    batches = [{"input_ids": _ids(), "attention_mask": mask},
+               {"input_ids": _ids().flip(0), "attention_mask": mask}]
+    layer = type(f.bert.encoder.layer[0])
+    matching = ns.match(f, q, leaf_modules=[layer],
+                        example_inputs=batches[0] if with_inputs else None)
+    report = ns.compare(f, q, batches, matching=matching, progress=False)
+    float_seen, float_out = _layer_outputs(f, list(f.bert.encoder.layer), batches)
+    quant_seen, quant_out = _layer_outputs(q, list(q.bert.encoder.layer), batches)
+    for i in range(2):
+        row = report.row(f"bert.encoder.layer.{i}")
+        assert row.output_sqnr == pytest.approx(_sqnr_over(float_seen[i], quant_seen[i]),
+                                                rel=1e-6)
+    assert report.model_output["sqnr"] == pytest.approx(_sqnr_over(float_out, quant_out),
+                                                        rel=1e-6)
