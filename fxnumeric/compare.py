@@ -482,6 +482,36 @@ def compare(
 
 
 @dataclass
+class _FirstPart:
+    """Where the compared model output sits in what the float model returns, and how many
+    tensors that holds (:func:`~fxnumeric._tensors.output_part`; ``None`` before a batch ran),
+    read on the batch of the lowest index compared. Its own merged state
+    (:meth:`fxnumeric.distributed.Ranks.reduce`): a rank that ran no batch (its one batch held
+    NaN) reports what the others read, as one process over every batch would."""
+
+    index: int | None = None
+    part: tuple[str, int] | None = None
+
+    def see(self, index: int, float_out: Any) -> None:
+        """Read ``float_out``, what the float model returned on batch ``index``, if it is the
+        first batch."""
+        if self.part is None:
+            self.index, self.part = index, output_part(float_out)
+
+    def state(self) -> _FirstPart:
+        return _FirstPart(self.index, self.part)
+
+    def load(self, state: _FirstPart) -> None:
+        self.index, self.part = state.index, state.part
+
+    def merged(self, other: _FirstPart) -> _FirstPart:
+        """The part read on the earlier batch of the two."""
+        if self.index is None or (other.index is not None and other.index < self.index):
+            return other
+        return self
+
+
+@dataclass
 class _Plan:
     """Everything :func:`compare` decided before the first batch."""
 
@@ -511,9 +541,9 @@ class _Plan:
     (:func:`_lockstep_budget`)."""
     routes: dict[str, Routes] = field(default_factory=dict)
     """The routes watched (:mod:`fxnumeric.routing`), by the name of each pair inside."""
-    output_part: tuple[str, int] | None = None
+    output_part: _FirstPart = field(default_factory=_FirstPart)
     """Where the compared model output sits in what the float model returns, and how many
-    tensors that holds (:func:`~fxnumeric._tensors.output_part`), read on the first batch."""
+    tensors that holds, read on the first batch compared."""
 
     @property
     def watched(self) -> list[Routes]:
@@ -651,7 +681,7 @@ def _accumulators(plan: _Plan) -> list[Accumulator]:
 
 def _mergeable(plan: _Plan) -> list[Any]:
     """Every sum over batches a plan holds, which ranks merge (:meth:`Ranks.reduce`)."""
-    return [*_accumulators(plan), plan.logits, *plan.floors.values()]
+    return [*_accumulators(plan), plan.logits, *plan.floors.values(), plan.output_part]
 
 
 def _feed(data: Iterable[Any], step: Callable[[int, int, Any, Any], None],
@@ -877,7 +907,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
 def _compared_part(plan: _Plan) -> str:
     """:attr:`Report.model_output_part`: where the compared tensor sits, when the model
     returns more than one."""
-    path, tensors = plan.output_part or ("", 1)
+    path, tensors = plan.output_part.part or ("", 1)
     return path if tensors > 1 else ""
 
 
@@ -887,7 +917,7 @@ def _output_part_note(plan: _Plan) -> tuple[str, ...]:
     part = _compared_part(plan)
     if not part:
         return ()
-    _, tensors = plan.output_part  # type: ignore[misc]
+    _, tensors = plan.output_part.part  # type: ignore[misc]
     note = (f"model output: the metrics read `output{part}`, one of the {tensors} tensors the "
             "model returns (the first after a loss); the rest are not compared")
     if compares_detections(part):
@@ -1467,8 +1497,7 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,
     """The batch's model-output sums, and every accumulator's batch closed (batch ``index``
     of the data)."""
     plan.model.update(model_output(float_out), model_output(quant_out))
-    if plan.output_part is None:
-        plan.output_part = output_part(float_out)
+    plan.output_part.see(index, float_out)
     _llm_update(plan, float_out, quant_out, model_inputs, index)
     for twin in plan.twins:
         twin.clear()

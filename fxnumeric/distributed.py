@@ -11,8 +11,9 @@ token's KL, 4 bytes a token, so that the p99 is exact) and merges them in rank o
 rank ends with the same sums and returns the same :class:`~fxnumeric.Report`, equal to a
 one-process run over all batches up to the order of float64 additions (relative 1e-16):
 batches, skipped batches (by their global index), NaN/Inf origins, spread and custom metrics
-included, and what one process keeps from its last batch (a shape mismatch, the logits' rows)
-from the batch of the highest index. Weights are compared on every rank (they do not depend
+included, what one process keeps from its last batch (a shape mismatch, the logits' rows)
+from the batch of the highest index, and what it reads on its first (which of the tensors the
+model returns is compared) from the lowest. Weights are compared on every rank (they do not depend
 on the data; leave ``"weights"`` out of ``comparisons`` on ranks other than 0 to save that
 time).
 

@@ -173,6 +173,27 @@ def test_merged_unfit_mask_is_the_first_batchs():
     assert fed([1, 3]).merged(fed([])).unfit_shapes == ((2, 6), (2, 3))
 
 
+def test_merged_output_part_is_the_first_batchs():
+    """Where the compared model output sits is read on the first batch compared, as one
+    process reads it: a rank that ran no batch takes it from the others, and rank order does
+    not pick it."""
+    from fxnumeric.compare import _FirstPart
+
+    def fed(indices):
+        part = _FirstPart()
+        for i in indices:  # batch i returns i + 2 tensors
+            part.see(i, tuple(torch.zeros(1) for _ in range(i + 2)))
+        return part.state()
+
+    first = ("[0]", 3)  # batch 1's, batch 0 holding NaN
+    assert fed([1, 2, 3]).part == first
+    assert fed([]).merged(fed([1, 3])).part == first
+    assert fed([3]).merged(fed([1, 2])).merged(fed([])).part == first
+    merged = _FirstPart()
+    merged.load(pickle.loads(pickle.dumps(fed([2]).merged(fed([1])))))
+    assert (merged.index, merged.part) == (1, first)
+
+
 def test_merged_floor_offsets_are_what_one_process_keeps():
     """A floor's per-channel error sums merge to what one process keeps, in any share of the
     batches: added when every batch has the same channels, none when their count differs (a
@@ -341,6 +362,34 @@ class _SparseGraph(nn.Module):
         return torch.sparse.mm(adj, self.fc(x))
 
 
+class _TwoOutputs(nn.Module):
+    """Returns ``(out, hidden)``: the metrics read ``output[0]``, and a note says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        hidden = self.fc1(x)
+        return self.fc2(torch.relu(hidden)), hidden
+
+
+def _two_outputs_cases() -> dict:
+    """Where the compared output sits, read on the first batch one process runs: batch 0 of
+    two holds NaN, so rank 0 runs none; one batch, so rank 1 runs none. Such a rank returned
+    no ``model_output_part`` and no note on it."""
+    torch.manual_seed(1)
+    f = _TwoOutputs().eval()
+    q = _quantized(f)
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    data[0][0, 0] = math.nan
+    return {"two_outputs_nan_first": ns.compare(f, q, data),
+            "two_outputs_one_batch": ns.compare(f, q, data[1:]),
+            "two_outputs_variants": ns.compare(f, {"int8": q}, data)}
+
+
 def _quantized(f: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
@@ -432,6 +481,7 @@ def _reports() -> tuple[dict, list[int]]:
                                                       "max_abs_error", _mean_abs])}
         out["mlp_two_batches"] = ns.compare(f, q, data, max_batches=2)
         out.update(_logits_cases())
+        out.update(_two_outputs_cases())
         out["shape_note"] = ns.compare(*_shape_case())
         out["unfit_mask"] = ns.compare(*_unfit_mask_case())
         out["sparse"] = ns.compare(*_sparse_case())
@@ -549,6 +599,10 @@ def test_the_oracle_has_what_must_survive_the_merge(one_process):
     assert any("attention_mask [2, 8] does not fit the logits' positions [2, 4] (2 of 3 "
                "batches)" in n for n in oracle["unfit_mask"].notes)
     assert oracle["sparse"].batches == 3 and oracle["sparse"].rows[0].output
+    for name in ("two_outputs_nan_first", "two_outputs_one_batch", "two_outputs_variants"):
+        assert oracle[name].model_output_part == "[0]"
+        assert any("the metrics read `output[0]`, one of the 2 tensors" in n
+                   for n in oracle[name].notes)
     if "llama" in oracle:
         assert any(row.weight_sqnr is not None for row in oracle["llama"].rows)
         # merged: the token KLs (their p99) and the blocks' sums; variants each their own
