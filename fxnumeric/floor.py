@@ -224,6 +224,12 @@ class FloorState:
     """Batches gave outputs of different channel counts: no per-channel offset is measured
     (:meth:`FloorSums.update`)."""
 
+    def __post_init__(self) -> None:
+        # on the CPU whatever device the layer ran on: a pickled CUDA tensor comes back on
+        # the device it left, and rank 0 of eight GPUs would add those of cuda:0 to cuda:7
+        if self.channel_error is not None:
+            object.__setattr__(self, "channel_error", self.channel_error.cpu())
+
     def merged(self, other: FloorState) -> FloorState:
         """Both states' batches: sums added, per-channel errors too; none once the two
         (or any batch of either) had other channel counts, as one process keeps them, in
@@ -327,7 +333,7 @@ class FloorSums:
             if self.channel_error is None:
                 self.channel_error = sums
             else:
-                self.channel_error += sums
+                self.channel_error += sums.to(self.channel_error.device)  # loaded: CPU
             self.channel_count += ref.numel() // ref.shape[channel]
 
     def state(self) -> FloorState:

@@ -62,7 +62,9 @@ _MIN_GUESSED_VOCAB = 1000
 @dataclass(frozen=True)
 class LogitsState:
     """What a :class:`LogitsAccumulator` has summed, picklable: counts, float64 sums and every
-    real token's KL (float32, for the exact p99 after merging the states of several processes).
+    real token's KL (float32, for the exact p99 after merging the states of several processes;
+    on the CPU, whatever device the logits were on: a pickled CUDA tensor comes back on the
+    device it left, and rank 0 of eight GPUs would concatenate tensors of cuda:0 to cuda:7).
     """
 
     tokens: int = 0
@@ -88,6 +90,9 @@ class LogitsState:
     """The index of the batch :attr:`unfit_shapes` was read from, -1 when not told."""
     labelled: int = 0
     """Batches that came with targets (labels, or input ids read as next tokens)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token_kls", self.token_kls.cpu())
 
     def merged(self, other: LogitsState) -> LogitsState:
         """Both states' tokens: counts and sums add, the token KLs of ``other`` follow,
@@ -255,7 +260,8 @@ class LogitsAccumulator:
         # the batch counts whole or not at all
         if kls:
             batch_kls = torch.cat(kls)
-            self._token_kls.append(batch_kls.float())  # 4 bytes a token, for the p99
+            # 4 bytes a token, for the p99; on the CPU, where states merge (LogitsState)
+            self._token_kls.append(batch_kls.float().cpu())
             self.kl_sum += float(batch_kls.sum())
         self.tokens += rows.numel()
         self.top1_agree += agree

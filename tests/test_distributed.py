@@ -223,6 +223,30 @@ def test_merged_floor_offsets_are_what_one_process_keeps():
                 torch.testing.assert_close(merged.channel_error, one.channel_error)
 
 
+def test_gathered_states_hold_cpu_tensors_whatever_device_their_values_were_on():
+    """The states ranks gather kept their tensors where they were summed: a pickled CUDA
+    tensor comes back on the device it left, so with one rank per GPU, rank 0 concatenated
+    the token KLs of cuda:0 and cuda:1 and failed (added floor channel errors alike). Fake
+    tensors stand in for two GPUs: their devices are checked as real ones, and no GPU is
+    needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxnumeric.floor import FloorState
+    from fxnumeric.llm_metrics import LogitsState
+
+    with FakeTensorMode():
+        kls = [torch.zeros(n, device=f"cuda:{i}") for i, n in enumerate((2, 3))]
+        channels = [torch.zeros(4, device=f"cuda:{i}") for i in range(2)]
+    logits = [LogitsState(tokens=len(k), token_kls=k, batches=1) for k in kls]
+    floors = [FloorState(channel_error=c, channel_count=4) for c in channels]
+    assert {s.token_kls.device.type for s in logits} == {"cpu"}
+    assert {s.channel_error.device.type for s in floors} == {"cpu"}
+    merged = logits[0].merged(logits[1])
+    assert merged.token_kls.device.type == "cpu" and merged.token_kls.shape == (5,)
+    merged = floors[0].merged(floors[1])
+    assert merged.channel_error.device.type == "cpu" and merged.channel_count == 8
+
+
 def test_sparse_batches_are_compared_and_fingerprinted_by_their_values():
     f, q, data = _sparse_case()
     with warnings.catch_warnings():
