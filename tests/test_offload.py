@@ -418,3 +418,29 @@ def test_layers_inside_a_preloaded_module_are_listed_unpaired_with_the_reason(
         row = report.row(f"model.layers.{i}")
         assert len(row.weight_keys) == 7
         assert row.weight_sqnr == pytest.approx(10 * torch.log10(signal / noise).item(), rel=1e-9)
+
+
+def test_an_offloaded_model_not_exported_says_accelerates_hooks_are_why(tmp_path):
+    """``capture="export"`` of a disk-offloaded float model: torch.export's fake tensors meet
+    the hooks that load its weights, and the note read "TypeError: FakeTensor.__new__()
+    missing required argument: 'fake_mode'", naming no cause. It names the hooks and their
+    modules; the model is traced by torch.fx as in memory. Oracle: the in-memory model's
+    report with ``capture="fx"``."""
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+    q = quantize_dynamic(mlp(), {nn.Linear})
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    in_memory = ns.compare(mlp(), q, data, capture="fx", progress=False)
+    offloaded = accelerate.disk_offload(mlp(), tmp_path, execution_device="cpu")
+    report = ns.compare(offloaded, q, data, capture="export", progress=False)
+    (note,) = [n for n in report.notes if n.startswith("capture (float)")]
+    assert ("torch.export could not capture the float model (Sequential): accelerate's "
+            "offload hooks (on `0`, `2`) load its weights at each call, which torch.export "
+            "cannot run through (") in note
+    assert note.endswith("a model loaded in memory can be exported; traced with torch.fx "
+                         "instead")
+    _same(report.rows, in_memory.rows)
+    _same(report.model_output, in_memory.model_output)

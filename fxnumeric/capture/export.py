@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import InputError
+from ..offload import offloaded_names
 from .fx import fixed_arguments
 
 __all__ = [
@@ -87,9 +88,16 @@ def export_module(model: nn.Module, example_inputs: Any,
         exported = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # torch.export raises many types; all mean "cannot export"
         first = str(exc).splitlines()[0] if str(exc) else ""
+        error = f"{type(exc).__name__}: {first}"
+        hooked = [path or "<root>" for path, m in model.named_modules() if offloaded_names(m)]
+        if hooked:  # its fake tensors meet the hooks' weights: "FakeTensor.__new__() missing"
+            more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
+            error = (f"accelerate's offload hooks (on `{'`, `'.join(hooked[:3])}`{more}) load "
+                     "its weights at each call, which torch.export cannot run through "
+                     f"({error}); a model loaded in memory can be exported")
         return ExportFailure(which, (
             f"torch.export could not capture the {which} model ({type(model).__name__}): "
-            f"{type(exc).__name__}: {first}"
+            f"{error}"
         ))
     return exported.module()
 
