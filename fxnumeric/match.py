@@ -43,6 +43,7 @@ from .capture import (
     LeafSpec,
     fixed_arguments,
     is_functional,
+    kwargs_only,
     leaf_graph,
     method_graph,
     single_call_graph,
@@ -716,8 +717,12 @@ def _as_graph_module(model: nn.Module, leaf_modules: Iterable[LeafSpec] | None,
         # (torch.export, pt2e) has no module to keep whole; re-tracing it would only lose its
         # node metadata (nn_module_stack).
         return model
-    return trace(model, leaf_modules=leaf_modules, which=which,
-                 concrete_args=_fixed_by(model, example_inputs))
+    gm = trace(model, leaf_modules=leaf_modules, which=which,
+               concrete_args=_fixed_by(model, example_inputs))
+    extra = kwargs_only(model, as_call(example_inputs)[1]) if example_inputs is not None else ()
+    if extra and _calls_root_whole(gm):  # a root kept whole takes what its **kwargs is given
+        return single_call_graph(model, extra)
+    return gm
 
 
 def _check_traced(root: Any, gm: fx.GraphModule, example_inputs: Any,

@@ -615,3 +615,34 @@ def test_an_op_only_the_float_model_has_leaves_the_next_layer_paired(flow):
     assert [r.name for r in report.rows][-5:] == ["fc1", "relu", "fc2", "relu_1", "fc3"]
     assert [(node, side) for node, side, _ in report.unmatched] == [("mul", "float")]
     assert report.row("fc2").shadow_sqnr == pytest.approx(shadow, abs=1e-3)
+
+
+class _ScaledByKwargs(nn.Module):
+    """A forward whose ``scale`` comes through ``**kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, **kwargs):
+        return self.fc(x) * kwargs["scale"]
+
+
+def test_a_root_kept_whole_takes_what_its_kwargs_is_given():
+    """A model kept whole (``leaf_modules=[its type]``) whose forward takes ``**kwargs``: the
+    one-op graph calling it took its named arguments only, and compare refused the batch
+    ("cannot be called with these inputs: unexpected keyword input 'scale'. Its forward takes
+    (x)"), which the model runs on. Oracle: the model outputs of plain forwards."""
+    torch.manual_seed(0)
+    f = _ScaledByKwargs().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    gen = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(2, 8, generator=gen), "scale": torch.tensor(2.0 + i)}
+            for i in range(2)]
+    report = ns.compare(f, q, data, leaf_modules=[_ScaledByKwargs], progress=False)
+    with torch.no_grad():
+        ref = torch.cat([f(**batch) for batch in data])
+        out = torch.cat([q(**batch) for batch in data])
+    assert [r.name for r in report.rows] == ["root"]
+    assert report.row("root").output_sqnr == pytest.approx(sqnr(ref, out), rel=1e-6)
+    assert report.model_output["sqnr"] == pytest.approx(sqnr(ref, out), rel=1e-6)

@@ -20,6 +20,7 @@ from .fx import (
     graph_module,
     is_functional,
     is_leaf,
+    kwargs_only,
     leaf_graph,
     method_graph,
     single_call_graph,
@@ -30,5 +31,5 @@ from .fx import (
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
     "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
-    "fixed_arguments",
+    "fixed_arguments", "kwargs_only",
 ]

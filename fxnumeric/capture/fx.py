@@ -33,7 +33,7 @@ from .clone import carry_hooks
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
     "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
-    "fixed_arguments", "attributes_kept",
+    "fixed_arguments", "attributes_kept", "kwargs_only",
 ]
 
 LeafSpec = type | str
@@ -431,10 +431,30 @@ def _call_graph(module: nn.Module, target: str,
     return graph_module({target: module}, graph, class_name=type(module).__name__)
 
 
-def single_call_graph(model: nn.Module) -> fx.GraphModule:
+def single_call_graph(model: nn.Module, extra_kwargs: tuple[str, ...] = ()) -> fx.GraphModule:
     """A graph that calls ``model`` whole (as submodule ``root``): for a root that is itself a
-    leaf."""
-    return _call_graph(model, "root")
+    leaf; it takes ``extra_kwargs`` too, the keyword arguments the batches give its
+    ``**kwargs`` (:func:`kwargs_only`)."""
+    return _call_graph(model, "root", extra_kwargs)
+
+
+def kwargs_only(module: nn.Module, kwargs: dict) -> tuple[str, ...]:
+    """The keyword arguments of a call that only ``**kwargs`` takes, in the call's order:
+    what a graph calling ``module`` whole must take besides its named arguments.
+
+    Example:
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, x, mask=None, **kwargs):
+        ...         return x
+        >>> kwargs_only(M(), {"mask": None, "position_ids": None})
+        ('position_ids',)
+    """
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return ()
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return tuple(k for k in kwargs if k not in named)
 
 
 def leaf_graph(model: nn.Module, path: str,
@@ -454,7 +474,7 @@ def leaf_graph(model: nn.Module, path: str,
         ('0', ['0'])
     """
     if not path:
-        return single_call_graph(model), ""
+        return single_call_graph(model, extra_kwargs), ""
     scope, _, name = path.rpartition(".")
     return _call_graph(model.get_submodule(path), name, extra_kwargs), scope
 

@@ -46,6 +46,7 @@ from .fx import (
     fixed_arguments,
     is_functional,
     is_leaf,
+    kwargs_only,
     trace_submodule,
 )
 
@@ -143,7 +144,7 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
         by_module[key] = spec
         sequence.append((key, counts.get(key, 0)))
         counts[key] = counts.get(key, 0) + 1
-        extras.setdefault(key, _extra_kwargs(module, kwargs))
+        extras.setdefault(key, kwargs_only(module, kwargs))
 
     methods: dict[int, list[str]] = {}
 
@@ -180,16 +181,6 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
     specs.methods = {path: ", ".join(names) for key, names in methods.items()
                      for path in paths.get(key, ())}
     return specs
-
-
-def _extra_kwargs(module: nn.Module, kwargs: dict) -> tuple[str, ...]:
-    """The keyword arguments of a call that only ``**kwargs`` takes, in the call's order."""
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return ()
-    named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    return tuple(k for k in kwargs if k not in named)
 
 
 def _compatible(float_module: nn.Module, quant_module: nn.Module) -> bool:
