@@ -28,6 +28,7 @@ whose views answer every question about its nodes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -1127,6 +1128,34 @@ def in_run_order(matching: Matching, example_inputs: Any) -> Matching:
     if any(quant_calls.counts.get(r.quant_path, 1) > r.call_sites for r in matching.regions):
         return matching
     return _recorded(matching, quant_calls)
+
+
+def taking_recorded_kwargs(matching: Matching, example_inputs: Any) -> Matching:
+    """``matching`` whose one-op graphs of modules kept whole take the keyword arguments their
+    ``**kwargs`` takes on ``example_inputs`` (:func:`_taking_kwargs`), for a matching made
+    without example inputs and given to :func:`fxnumeric.compare`, ``diagnose``,
+    ``sensitivity`` or ``advise`` with their batches.
+
+    Runs the quantized model on ``example_inputs`` only for such a matching (it recorded no
+    calls) that keeps whole a module whose forward takes ``**kwargs``; returned as it is
+    otherwise.
+    """
+    if example_inputs is None or matching.call_order or matching.quant_model is None:
+        return matching
+    if not any(_takes_var_kwargs(matching.quant_model.get_submodule(r.quant_path))
+               for r in matching.regions
+               if r.whole_module and not r.method and r.quant_path):
+        return matching
+    quant_calls = record_calls(matching.quant_model, example_inputs, which="quantized")
+    return _taking_kwargs(matching, quant_calls.extra_kwargs)
+
+
+def _takes_var_kwargs(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _taking_kwargs(matching: Matching, extra_kwargs: dict[str, tuple[str, ...]]) -> Matching:

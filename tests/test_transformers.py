@@ -576,8 +576,9 @@ def test_a_bert_layer_kept_whole_takes_what_its_kwargs_took(with_inputs):
     ``**kwargs``. Kept whole (``leaf_modules``, or accelerate's ``preload_module_classes``),
     the layer's one-op graph did not take it, and compare blamed the input: "the float model
     failed on the input ... unexpected keyword argument 'position_ids'". A matching made
-    without example inputs learns the names on compare's first batch. Oracle: each layer's
-    output read by forward hooks on the plain models, and the model output."""
+    without example inputs learns the names on the first batch of compare, diagnose and
+    sensitivity. Oracle: each layer's output read by forward hooks on the plain models, and
+    the model output."""
     cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=37,
                                   max_position_embeddings=32)
@@ -600,3 +601,9 @@ def test_a_bert_layer_kept_whole_takes_what_its_kwargs_took(with_inputs):
                                                 rel=1e-6)
     assert report.model_output["sqnr"] == pytest.approx(_sqnr_over(float_out, quant_out),
                                                         rel=1e-6)
+    # diagnose and sensitivity run the same matching (they had no first batch to learn from)
+    diagnosis = ns.diagnose(f, q, batches, matching=matching, progress=False)
+    assert diagnosis.layer("bert.encoder.layer.1").cumulative_sqnr == pytest.approx(
+        _sqnr_over(float_seen[1], quant_seen[1]), rel=1e-6)
+    s = ns.sensitivity(f, q, batches, matching=matching, metric="sqnr", progress=False)
+    assert s.quantized == pytest.approx(_sqnr_over(float_out, quant_out), rel=1e-6)

@@ -39,7 +39,7 @@ from ..capture import LeafSpec
 from ..errors import InstrumentationError
 from ..guards import check_eval_mode, check_graph_training
 from ..loggers import OutputLogger, ShadowLogger
-from ..match import Matching, Pair, Region, match
+from ..match import Matching, Pair, Region, match, taking_recorded_kwargs
 from ..pairing import op_name
 from ..semantics import computes_alike
 from .assemble import Build, CallSites, assemble, captured_model
@@ -357,7 +357,9 @@ def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | Non
                      example_inputs: Any = None, validate: bool = True) -> Matching:
     """``matching``, checked against the models passed beside it, or a new :func:`match`
     (``validate``: see its ``validate_inputs``). Models in training mode are refused
-    (:func:`fxnumeric.guards.check_eval_mode`)."""
+    (:func:`fxnumeric.guards.check_eval_mode`). A matching made without example inputs
+    learns on ``example_inputs`` what the ``**kwargs`` of the modules it keeps whole take
+    (:func:`fxnumeric.match.taking_recorded_kwargs`)."""
     for side, given, matched in (("float", float_model, "float_model"),
                                  ("quantized", quant_model, "quant_model")):
         check_eval_mode(given if given is not None or matching is None
@@ -378,7 +380,7 @@ def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | Non
                 "models that fxnumeric.match was called with, or only the matching "
                 "(float_model=None, quant_model=None)"
             )
-    return matching
+    return taking_recorded_kwargs(matching, example_inputs)
 
 
 def add_loggers(
