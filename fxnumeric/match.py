@@ -1124,7 +1124,6 @@ def in_run_order(matching: Matching, example_inputs: Any) -> Matching:
     model = matching.quant_model
     assert model is not None  # a matching of several regions was captured from the modules
     quant_calls = record_calls(model, example_inputs, which="quantized")
-    matching = _taking_kwargs(matching, quant_calls.extra_kwargs)
     if any(quant_calls.counts.get(r.quant_path, 1) > r.call_sites for r in matching.regions):
         return matching
     return _recorded(matching, quant_calls)
