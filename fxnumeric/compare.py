@@ -870,6 +870,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
                else _floor(matching, p, sa, plan.floors.get(p.name))),
             block=block_by_layer.get(p.name, ""),
             shadow_shapes=sa.shape_mismatch if sa is not None else None,
+            rounded_for=tuple(r.name for r in matching.region_of(p).rounded_for(p)),
         ))
     nonfinite = _first_nonfinite(plan)
     judged, output_reference, upstream = _judged_against_upstream(rows, matching)

@@ -279,6 +279,59 @@ class Region:
         return not pair.quantized and self.output_nodes(pair)[1] is not self.quant_node(
             pair.quant_nodes[-1])
 
+    def rounded_for(self, pair: Pair) -> tuple[Pair, ...]:
+        """The pairs whose input quantize is all the error ``pair``'s own row holds, ``()``
+        for any other pair.
+
+        A pair's value is read after the quantize in front of its quantized readers
+        (:meth:`output_nodes`), so its row holds that rounding. Where ``pair`` computes what
+        its float twin computes and that quantize is its readers' request, not its own, the
+        row measures the readers' input quantization: an op left in float
+        (:meth:`hands_on_rounded`: a GELU in front of an FX-quantized Linear), or a pt2e op
+        without a weight whose output its quantizer left alone while its reader asked for its
+        input (X86InductorQuantizer's Linear: :func:`fxnumeric.flows.rounding_owner`; a fused
+        pattern's first op stands for the pattern). Kept float by name, the readers lose that
+        rounding; ``pair`` kept float keeps it. ``()`` as well where any reader is not a pair
+        (the model's output) or the graph does not say whose the quantize is.
+        """
+        if pair.kind == "quantize":
+            return ()
+        view = self.quant_view
+        chain = self.chain(pair, "quant")
+        out = self.output_nodes(pair)[1]
+        quantize, node = None, out
+        while node is not chain[-1]:  # the chain output_nodes crossed, back to the op
+            cls = view.op_class(node)
+            if cls is not None and cls.is_quantize:
+                quantize = node
+            if not node.args or not isinstance(node.args[0], fx.Node):
+                return ()
+            node = node.args[0]
+        if quantize is None:
+            return ()
+        readers: list[fx.Node] = []
+        todo = list(quantize.users)
+        while todo:
+            user = todo.pop(0)
+            cls = view.op_class(user)
+            if cls is not None and cls.role == "plumbing":
+                todo.extend(user.users)
+            else:
+                readers.append(user)
+        if pair.quantized:
+            if any(flows.weight_input(n, c.signature[0]) is not None
+                   for n in chain if (c := view.op_class(n)) is not None):
+                return ()  # its own weight's rounding is in the row too
+            owners = [flows.rounding_owner(chain[-1], r) for r in readers]
+        elif self.hands_on_rounded(pair):
+            owners = list(readers)
+        else:
+            return ()
+        found = [self.pair_of(o) if o is not None and o not in chain else None for o in owners]
+        if not found or None in found:
+            return ()
+        return tuple(dict.fromkeys(p for p in found if p is not None))
+
     def chain(self, pair: Pair, side: str) -> list[fx.Node]:
         """The nodes of ``pair`` on ``side`` (``"float"`` or ``"quant"``), in order."""
         if side == "float":

@@ -25,6 +25,7 @@ hook                        called by                           answers
 ``comparable_weight``       :mod:`fxnumeric.weights`            a plain float tensor for a weight
 ``computed_weight``         :mod:`fxnumeric.weights`            the weight a module computes with
 ``export_loses``            ``match(..., capture="export")``    why torch.export would lose a model
+``rounding_owner``          ``match.Region.rounded_for``        whose request a quantize is
 ==========================  ==================================  ===============================
 
 Flows shipped: :mod:`fxnumeric.flows.pt2e` (``torch.export`` graphs, ``prepare_pt2e`` /
@@ -52,7 +53,7 @@ __all__ = [
     "module_type", "weight_input", "recurrent_weight_inputs",
     "weight_scale",
     "batch_norm_params", "comparable_weight", "computed_weight", "export_loses",
-    "fake_quant_enabled", "fake_quantizes",
+    "fake_quant_enabled", "fake_quantizes", "rounding_owner",
 ]
 
 
@@ -168,6 +169,16 @@ class Flow:
         it): its exported graph would hold this flow's modules as arithmetic that no float op
         pairs with, where torch.fx keeps them whole. A note for the report (ending in what is
         done instead: both models are traced with torch.fx), or ``None``."""
+        return None
+
+    def rounding_owner(self, value: fx.Node, reader: fx.Node) -> fx.Node | None:
+        """The op whose request the quantize between the op ``value`` and its ``reader`` is
+        (``value -> quantize -> dequantize -> reader``): ``value`` when its op asked for its
+        output to be quantized; ``reader``, or the first op of the fused pattern ``reader``
+        belongs to, when only the reader asked for its input to be (re-quantized with that op
+        left float, the edge goes; with ``value``'s op left float, it stays). ``None``: the
+        graph does not say (a flow whose quantized ops quantize their own outputs, as
+        ``convert_fx``'s do, and whose quantizes carry no annotation)."""
         return None
 
 
@@ -322,3 +333,9 @@ def computed_weight(module: nn.Module) -> torch.Tensor | None:
     """The first flow's answer to the weight ``module`` computes with, when that is not its
     stored ``weight``; ``None`` when it computes with the stored one."""
     return _first("computed_weight", module)
+
+
+def rounding_owner(value: fx.Node, reader: fx.Node) -> fx.Node | None:
+    """The op whose request the quantize between ``value`` and ``reader`` is
+    (:meth:`Flow.rounding_owner`); ``None`` when no flow can tell."""
+    return _first("rounding_owner", value, reader)

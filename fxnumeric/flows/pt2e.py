@@ -342,6 +342,7 @@ class Pt2eFlow(Flow):
     def __init__(self) -> None:
         # per-node answers of _is_constant; weak, so graphs are not kept alive
         self._constant: weakref.WeakKeyDictionary[fx.Node, bool] = weakref.WeakKeyDictionary()
+        self._annotated: weakref.WeakKeyDictionary[fx.Graph, bool] = weakref.WeakKeyDictionary()
 
     def normalise_model(self, model: Any, which: str) -> nn.Module | None:
         """An ``ExportedProgram`` is read as its ``.module()`` (a new GraphModule)."""
@@ -405,6 +406,20 @@ class Pt2eFlow(Flow):
         if known is None:
             known = self._constant[node] = _computes_constant(node, self, modules)
         return known
+
+    def rounding_owner(self, value: fx.Node, reader: fx.Node) -> fx.Node | None:
+        """Read from the quantizer's annotations a ``convert_pt2e`` graph keeps
+        (:func:`output_wanted`, :func:`input_wanted`, :func:`pattern_anchor`): X86's Linear
+        asks for its input to be quantized, so the quantize after a GELU in front of it is the
+        Linear's. ``None`` for a graph without annotations, or an edge no annotation explains."""
+        graph = value.graph
+        if graph not in self._annotated:
+            self._annotated[graph] = annotated(graph)
+        if not self._annotated[graph]:
+            return None
+        if output_wanted(value):
+            return pattern_anchor(value)
+        return pattern_anchor(reader) if input_wanted(reader, value) else None
 
     def is_quantized(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         """An op that reads a dequantized value (or, before convert, an observed one), or

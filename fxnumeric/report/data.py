@@ -289,6 +289,13 @@ class ReportRow:
         default=None, metadata={"json_omit_default": True})
     """``(float twin's, quantized layer's)`` output shapes when they differ: fed the same
     input, the two compute different things, so no shadow was compared (``None`` otherwise)."""
+    rounded_for: tuple[str, ...] = field(default=(), metadata={"json_omit_default": True})
+    """The layers whose input quantize is all the error this row's shadow SQNR measures
+    (:meth:`fxnumeric.match.Region.rounded_for`): this op computes what its float twin
+    computes and hands its value on through a quantize its readers asked for (X86's Linear
+    after a GELU). Kept float, those readers lose that rounding; this layer kept float keeps
+    it. The verdict blames them, not this row. ``()``: the row's error is its own, or the
+    graph does not say whose the quantize is."""
     legacy_degenerate: bool | None = field(default=None, repr=False,
                                            metadata={"json_omit_default": True})
     """Whether the float signal collapsed, as the report file this row was loaded from says:
@@ -346,6 +353,11 @@ class ReportRow:
         """``note`` plus what the row's numbers cannot tell (a collapsed signal) or say
         beyond themselves (below its floor)."""
         parts = [n for n in (self.note, _collapse_note(self), suspect_pairing(self)) if n]
+        if self.rounded_for:
+            asks = "it asks" if len(self.rounded_for) == 1 else "they ask"
+            parts.append(f"its shadow SQNR is the input quantize of "
+                         f"{_some(list(self.rounded_for))}, which {asks} for (this op computes "
+                         "in float)")
         why = _FLOOR_CAUSES.get(self.floor_cause, "")
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "

@@ -24,6 +24,13 @@ when it is separated from every other layer by more than two things:
 A spread was chosen over a bootstrap interval because it streams (four floats per row, flat
 memory over any number of batches) and needs no stored per-batch values.
 
+A quantize is its reader's: a row that holds only the rounding its readers asked for (an op
+computing in float whose value they read quantized, :attr:`ReportRow.rounded_for`) is ranked
+as those readers' error, and they are named; keeping the op that row belongs to float would
+not remove the rounding (an X86 GELU in front of a Linear with an outlier input channel named
+the GELU, where keeping it float left the output at 19.69 dB and keeping the Linear float gave
+39.98 dB). A layer read from several rows (its own, its input quantize's) stands at the lowest.
+
 When no single layer stands out, the lowest two or three may stand out *together* (two faulty
 layers): they are named as a group, with no single culprit. Otherwise the error is spread: the
 verdict says over how many layers, in what range, which layers are within noise of the lowest,
@@ -239,6 +246,60 @@ def _outside(report: Report) -> str:
             else " (code inside a module compared whole, or an op no row holds)")
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """A layer the verdict can blame, read from the lowest row that measures its error: its
+    own row, or the row of an op whose value is handed on through the input quantize the
+    layer asked for (:attr:`ReportRow.rounded_for`: keeping that op float leaves the
+    rounding; keeping the layer float removes it). Quacks like a row for :func:`_separated`.
+    """
+
+    row: ReportRow
+    names: tuple[str, ...]
+
+    @property
+    def shadow_sqnr(self) -> float | None:
+        return self.row.shadow_sqnr
+
+    @property
+    def spread(self) -> dict:
+        return self.row.spread
+
+    @property
+    def name(self) -> str:
+        return _names(self.names)
+
+
+def _layers(ranked: list[ReportRow]) -> list[_Layer]:
+    """``ranked`` (lowest shadow SQNR first) as the layers to blame, lowest first: a row
+    holding its readers' input quantize (``rounded_for``) stands for those readers, and a
+    layer measured by several rows (its own, its input quantize's) by the lowest."""
+    found: dict[tuple[str, ...], ReportRow] = {}
+    for row in ranked:
+        found.setdefault(row.rounded_for or (row.name,), row)
+    return [_Layer(row, names) for names, row in found.items()]
+
+
+def _handed(layer: _Layer) -> str:
+    """Where the error of readers blamed for their input quantize was measured; ``""`` for a
+    layer read from its own row."""
+    row = layer.row
+    if not row.rounded_for:
+        return ""
+    return (f"{'its' if len(layer.names) == 1 else 'their'} input quantize, measured in the row "
+            f"of {row.name} ({row.kind}), which computes in float and hands on the rounding "
+            f"{layer.name} asked for: keeping {row.name} float would not remove it")
+
+
+def _who(layer: _Layer, kinds: dict[str, str]) -> str:
+    """``name (kind, shadow SQNR x dB``, the open parenthesis the verdict's text goes on in."""
+    low = layer.shadow_sqnr
+    if not layer.row.rounded_for:
+        return f"{layer.name} ({layer.row.kind}, shadow SQNR {low:.2f} dB"
+    kind = "/".join(dict.fromkeys(kinds.get(n, "?") for n in layer.names))
+    return f"{layer.name} ({kind}, shadow SQNR {low:.2f} dB of {_handed(layer)}"
+
+
 def verdict(report: Report) -> Verdict:
     """Apply the rule of this module to ``report`` (see the module docstring)."""
     live = [r for r in report.rows if not r.degenerate]
@@ -291,57 +352,72 @@ def verdict(report: Report) -> Verdict:
                        + exact)
     low, high = ranked[0].shadow_sqnr, ranked[-1].shadow_sqnr
     assert low is not None and high is not None
+    rows = ranked
+    kinds = {r.name: r.kind for r in report.rows}
+    # a row holding its readers' input quantize blames them (ReportRow.rounded_for)
+    ranked = _layers(rows)  # type: ignore[assignment]
     first = ranked[0]
-    if len(ranked) == 1:
+    if len(ranked) == 1 and len(first.names) == 1:
         unpaired = len(report.unmatched)
         only = ("only layer that adds error of its own" if not unpaired else
                 "only compared layer that adds error of its own; no row compares the "
                 f"{'unpaired node' if unpaired == 1 else f'{unpaired} unpaired nodes'} "
                 "(report.unmatched)")
-        return Verdict("culprit", first.name, (first.name,), (), 1, low, high, None, None,
-                       f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB), the "
-                       f"{only}" + _suspects([first]) + _accumulation(report, low))
+        return Verdict("culprit", first.names[0], first.names, (), 1, low, high, None, None,
+                       f"culprit: {_who(first, kinds)}), the "
+                       f"{only}" + _suspects([first.row]) + _accumulation(report, low))
     for k in range(1, min(MAX_GROUP, len(ranked) - 1) + 1):
-        apart, gap, noise = _separated(ranked[k - 1], ranked[k])
+        apart, gap, noise = _separated(ranked[k - 1], ranked[k])  # type: ignore[arg-type]
         if not apart:
             continue
         nxt = ranked[k]
-        if k == 1:
-            unknown = (f"; {_noise_unknown(report, ranked[:2])}: the batch noise is unknown"
-                       if noise is None else "")
+        if k == 1 and len(first.names) == 1:
+            unknown = (f"; {_noise_unknown(report, [first.row, nxt.row])}: the batch noise "
+                       "is unknown" if noise is None else "")
             return Verdict(
-                "culprit", first.name, (first.name,), (), len(ranked), low, high, gap, noise,
-                f"culprit: {first.name} ({first.kind}, shadow SQNR {low:.2f} dB, {gap:.2f} dB "
+                "culprit", first.names[0], first.names, (), len(ranked), low, high, gap, noise,
+                f"culprit: {_who(first, kinds)}{'; ' if first.row.rounded_for else ', '}"
+                f"{gap:.2f} dB "
                 f"below any other layer; next {nxt.name} at {nxt.shadow_sqnr:.2f} dB{unknown})"
-                + _suspects([first]) + _accumulation(report, low))
+                + _suspects([first.row]) + _accumulation(report, low))
         group = ranked[:k]
-        names = tuple(r.name for r in group)
-        ties = tuple(r.name for r in group
-                     if r is first or (n := _noise(first, r)) is not None
-                     and r.shadow_sqnr - low <= n)  # type: ignore[operator]
+        names = tuple(dict.fromkeys(n for g in group for n in g.names))
+        ties = tuple(dict.fromkeys(n for g in group
+                                   if g is first or (d := _noise(first, g)) is not None  # type: ignore[arg-type]
+                                   and g.shadow_sqnr - low <= d  # type: ignore[operator]
+                                   for n in g.names))
         within = (f"; {_names(list(ties))} are within noise of each other"
                   if len(ties) > 1 else "")
+        where = "".join(f"; {g.name}: {g.shadow_sqnr:.2f} dB is {_handed(g)}"
+                        for g in group if g.row.rounded_for)
         return Verdict(
             "group", None, names, ties if len(ties) > 1 else (), len(ranked), low, high, gap,
             noise,
             f"no single culprit: {_names(list(names))} stand out together (shadow SQNR "
             f"{low:.2f}-{group[-1].shadow_sqnr:.2f} dB; the rest from {nxt.shadow_sqnr:.2f} dB)"
-            f"{within}" + _suspects(group) + _accumulation(report, low))
-    _, gap, noise = _separated(first, ranked[1])
+            f"{within}{where}" + _suspects([g.row for g in group]) + _accumulation(report, low))
+    if len(ranked) == 1:  # one rounding, several readers: nothing else to hold it against
+        return Verdict(
+            "group", None, first.names, (), 1, low, high, None, None,
+            f"no single culprit: {first.name} stand out together ({_who(first, kinds)})"
+            + _suspects([first.row]) + _accumulation(report, low))
+    _, gap, noise = _separated(first, ranked[1])  # type: ignore[arg-type]
     why = (f"within batch noise of ±{noise:.2f} dB (its per-batch values)"
            if noise is not None and gap >= CULPRIT_MARGIN_DB else
            f"a culprit needs a gap of {CULPRIT_MARGIN_DB:g} dB, and more than the batch noise")
     ties: tuple[str, ...] = ()
     if noise is not None:
-        ties = tuple(r.name for r in ranked if r is first or (
-            (n := _noise(first, r)) is not None and r.shadow_sqnr - low <= n))  # type: ignore
+        ties = tuple(dict.fromkeys(n for g in ranked if g is first or (
+            (d := _noise(first, g)) is not None and g.shadow_sqnr - low <= d)  # type: ignore
+            for n in g.names))
     tie_text = ""
     if len(ties) > 1:
         tie_text = f"; {_names(list(ties))} are within noise"
     elif noise is None:
-        tie_text = f"; {_noise_unknown(report, ranked)}: no spread across batches to tell near ties"
+        tie_text = f"; {_noise_unknown(report, rows)}: no spread across batches to tell near ties"
     return Verdict(
         "spread", None, (), ties if len(ties) > 1 else (), len(ranked), low, high, gap, noise,
         f"no layer stands out: error is spread over {len(ranked)} layers, shadow SQNR "
         f"{low:.2f}-{high:.2f} dB (the lowest, {first.name}, is {gap:.2f} dB below the next; "
-        f"{why}){tie_text}" + _accumulation(report, low))
+        f"{why}){tie_text}" + (f"; {first.name}'s is {_handed(first)}" if first.row.rounded_for
+                               else "") + _accumulation(report, low))
