@@ -6,13 +6,15 @@ import copy
 import warnings
 from typing import Any
 
+import pytest
 import torch
 import torch.nn as nn
 
 __all__ = ["LSTMModel", "CallsTwice", "Bags", "embedding_pair", "nan_in_layer1_norm_pair",
            "run_order_and_first_nonfinite", "QatFunctional", "qat_functional_pair",
            "functional_values", "module_inputs", "ScaledLinear", "fp16_exact_pair",
-           "conv1d_as_linear", "dynamic_mlp_with_bias"]
+           "conv1d_as_linear", "dynamic_mlp_with_bias", "OutlierMLP", "outlier_mlp", "x86_pt2e",
+           "x86_fx"]
 
 
 class LSTMModel(nn.Module):
@@ -362,3 +364,66 @@ def dynamic_mlp_with_bias(value: float, index: int = 2) -> tuple[nn.Module, nn.M
     bias[0] = value
     q[index].set_weight_bias(weight, bias)
     return f, q
+
+
+class OutlierMLP(nn.Module):
+    """fc0 -> fc1 -> GELU -> fc2 -> fc3; fc1's output channel 7 is 40x the rest (fc2's
+    matching input column /40, so the float model is unchanged in kind): a per-tensor input
+    quantize in front of fc2 rounds every other channel coarsely."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(32, 32), nn.Linear(32, 128)
+        self.act = nn.GELU()
+        self.fc2, self.fc3 = nn.Linear(128, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc3(self.fc2(self.act(self.fc1(self.fc0(x)))))
+
+
+def outlier_mlp():
+    torch.manual_seed(0)
+    model = OutlierMLP().eval()
+    with torch.no_grad():
+        model.fc1.weight[7] *= 40
+        model.fc1.bias[7] *= 40
+        model.fc2.weight[:, 7] /= 40
+    g = torch.Generator().manual_seed(1)
+    return model, [torch.randn(16, 32, generator=g) for _ in range(4)]
+
+
+def x86_pt2e(model, data, keep_float=()):
+    """X86InductorQuantizer, with the modules ``keep_float`` left out by name."""
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    for name in keep_float:
+        quantizer.set_module_name_qconfig(name, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(copy.deepcopy(model), (data[0],)).module()
+        prepared = prepare_pt2e(exported, quantizer)
+        for x in data:
+            prepared(x)
+        return convert_pt2e(prepared)
+
+
+def x86_fx(model, data, keep_float=()):
+    """convert_fx with torch's x86 qconfig mapping, ``keep_float`` set to None by name."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    mapping = get_default_qconfig_mapping("x86")
+    for name in keep_float:
+        mapping = mapping.set_module_name(name, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model), mapping, (data[0],))
+        for x in data:
+            prepared(x)
+        return convert_fx(prepared)

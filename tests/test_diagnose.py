@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from _models import dynamic_mlp_with_bias, embedding_pair, halved_pair
+from _models import dynamic_mlp_with_bias, embedding_pair, halved_pair, outlier_mlp, x86_pt2e
 from torch.ao.quantization import QConfigMapping, default_qconfig, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -853,3 +853,20 @@ def test_an_op_reading_an_unpaired_op_is_not_said_to_amplify_what_its_twin_reads
     (flag,) = [flag for flag in d.flags if flag.code == "amplification"]
     assert "amplifies" not in flag.text and "equalization" not in flag.fix
     assert "it reads `mul_1`" in flag.text and "`mul_1`" in flag.fix
+
+
+def test_a_layer_whose_input_quantize_another_row_holds_is_told_the_error_it_reads_is_its_own():
+    # X86 pt2e: fc2 asks for its input quantized; the float GELU's row holds that rounding
+    # (an outlier channel makes it coarse). diagnose said fc2 "adds little error of its own:
+    # it amplifies the error it reads", pointing before it, where keeping act float changes
+    # nothing (tests/test_verdict.py re-quantizes it so)
+    model, data = outlier_mlp()
+    quant = x86_pt2e(model, data)
+    diagnosis = diagnose(model, quant, data)
+    fc2 = diagnosis.layer("fc2")
+    local = {r.name: r.shadow_sqnr for r in fxnumeric.compare(model, quant, data).rows}
+    assert fc2.input_quantize == (("act", pytest.approx(local["act"], abs=0.01)),)
+    (flag,) = [f for f in fc2.flags if f.code == "amplification"]
+    assert "its own input quantize" in flag.text
+    assert "Keeping `fc2` float removes it; keeping `act` float does not" in flag.text
+    assert diagnosis.layer("fc1").input_quantize == ()

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from _models import embedding_pair, fp16_exact_pair
+from _models import embedding_pair, fp16_exact_pair, outlier_mlp, x86_fx, x86_pt2e
 from torch.ao.quantization import DeQuantStub, QuantStub
 
 import fxnumeric as ns
@@ -1031,69 +1031,6 @@ def test_a_culprit_whose_weights_are_not_its_twins_is_named_with_the_pairing_sus
 # ---------------------------------------------------------------- a quantize is its reader's
 
 
-class _OutlierMLP(nn.Module):
-    """fc0 -> fc1 -> GELU -> fc2 -> fc3; fc1's output channel 7 is 40x the rest (fc2's
-    matching input column /40, so the float model is unchanged in kind): a per-tensor input
-    quantize in front of fc2 rounds every other channel coarsely."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc0, self.fc1 = nn.Linear(32, 32), nn.Linear(32, 128)
-        self.act = nn.GELU()
-        self.fc2, self.fc3 = nn.Linear(128, 32), nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc3(self.fc2(self.act(self.fc1(self.fc0(x)))))
-
-
-def _outlier_mlp():
-    torch.manual_seed(0)
-    model = _OutlierMLP().eval()
-    with torch.no_grad():
-        model.fc1.weight[7] *= 40
-        model.fc1.bias[7] *= 40
-        model.fc2.weight[:, 7] /= 40
-    g = torch.Generator().manual_seed(1)
-    return model, [torch.randn(16, 32, generator=g) for _ in range(4)]
-
-
-def _x86_pt2e(model, data, keep_float=()):
-    """X86InductorQuantizer, with the modules ``keep_float`` left out by name."""
-    pytest.importorskip("torchao")
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    for name in keep_float:
-        quantizer.set_module_name_qconfig(name, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exported = torch.export.export(copy.deepcopy(model), (data[0],)).module()
-        prepared = prepare_pt2e(exported, quantizer)
-        for x in data:
-            prepared(x)
-        return convert_pt2e(prepared)
-
-
-def _x86_fx(model, data, keep_float=()):
-    """convert_fx with torch's x86 qconfig mapping, ``keep_float`` set to None by name."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    mapping = get_default_qconfig_mapping("x86")
-    for name in keep_float:
-        mapping = mapping.set_module_name(name, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model), mapping, (data[0],))
-        for x in data:
-            prepared(x)
-        return convert_fx(prepared)
-
-
 def _output_sqnr(model, quant, data) -> float:
     """The quantized model's output SQNR over every batch, computed directly."""
     with torch.no_grad():
@@ -1103,13 +1040,13 @@ def _output_sqnr(model, quant, data) -> float:
     return 10 * math.log10(signal / noise)
 
 
-@pytest.mark.parametrize("build", [_x86_pt2e, _x86_fx], ids=["pt2e-x86", "fx-x86"])
+@pytest.mark.parametrize("build", [x86_pt2e, x86_fx], ids=["pt2e-x86", "fx-x86"])
 def test_the_layers_named_kept_float_recover_the_output_where_the_op_holding_their_quantize_does_not(
         build):
     # the GELU computes in float in both models; its row holds the input quantize fc2 asks
     # for (read after it, as fc2 reads it). Named by that row, `act` was the culprit (pt2e)
     # or stood out with fc1 (FX), and re-quantized with it float the output did not move
-    model, data = _outlier_mlp()
+    model, data = outlier_mlp()
     quant = build(model, data)
     report = ns.compare(model, quant, data)
     rows = {r.name: r for r in report.rows}
@@ -1124,7 +1061,7 @@ def test_the_layers_named_kept_float_recover_the_output_where_the_op_holding_the
     act_float = _output_sqnr(model, build(model, data, keep_float=("act",)), data)
     assert abs(act_float - before) < 0.1  # keeping the op holding the quantize float: nothing
     assert named_float - before > 15.0  # keeping what the verdict names float: most of it
-    if build is _x86_pt2e:  # one layer stands out: fc2 alone recovers it (19.7 -> 40.0 dB)
+    if build is x86_pt2e:  # one layer stands out: fc2 alone recovers it (19.7 -> 40.0 dB)
         assert report.verdict.kind == "culprit" and report.verdict.culprit == "fc2"
         assert rows["act"].shadow_sqnr < rows["fc2"].shadow_sqnr  # the rows as measured
         assert "keeping act float would not remove it" in report.verdict.text
@@ -1132,15 +1069,15 @@ def test_the_layers_named_kept_float_recover_the_output_where_the_op_holding_the
         assert report.verdict.kind == "group" and set(named) == {"fc1", "fc2"}
 
 
-def test_a_producer_with_a_fault_of_its_own_stays_the_culprit_in_an_x86_pt2e_model():
+def test_a_producer_with_a_fault_of_its_own_stays_the_culprit_in_anx86_pt2e_model():
     # fc1 (a weight of its own) losing its bias is its own fault, though the quantize after
     # it is fc2's request under X86: its row names it, not its reader
-    model, data = _outlier_mlp()
+    model, data = outlier_mlp()
     with torch.no_grad():  # no outlier: the quantize in front of fc2 reads well
         model.fc1.weight[7] /= 40
         model.fc1.bias[7] /= 40
         model.fc2.weight[:, 7] *= 40
-    quant = _x86_pt2e(model, data)
+    quant = x86_pt2e(model, data)
     assert ns.compare(model, quant, data).verdict.culprit is None
     _pt2e_lose_bias(quant, _pt2e_op(quant, "linear", 1))
     quant.recompile()

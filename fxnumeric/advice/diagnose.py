@@ -176,6 +176,11 @@ class LayerDiagnosis:
     computes ``y * 0.5``): the op and its shadow read it (:attr:`fxnumeric.instrument.
     Instrumented.strays`). ``input_sqnr`` is then ``None``: the float ``inputs`` are not what
     it reads, and no row measures the error that op adds."""
+    input_quantize: tuple[tuple[str, float], ...] = ()
+    """``(op, local SQNR dB)`` for each op among ``inputs`` whose row holds this op's own input
+    quantize (:meth:`fxnumeric.match.Region.rounded_for`: a float GELU's value rounded for the
+    X86 Linear reading it): that op's local error is this op's input rounding, which keeping
+    this op float removes."""
     site: str = field(default="", repr=False)
     """:attr:`call_site` as :func:`diagnose` named it (``""``: from ``module`` and ``name``)."""
 
@@ -571,6 +576,8 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
     elif read is not None and expected is not None and expected - cumulative > _AMPLIFIED_DB:
         own = ("computes in float in both models and adds " if not d.quantized else "adds ")
         own += f"{'no' if math.isinf(local) else 'little'} error of its own"
+        if d.input_quantize:  # the error it reads is its own input rounding, in another row
+            own += " past its input quantize"
         why = (f": it falls there from {read:.1f} dB in the values it reads ({inputs}), yet "
                f"`{d.call_site}` {own} (local SQNR {local:.1f} dB): it amplifies the error it "
                f"reads {expected - cumulative:.1f} dB"
@@ -586,6 +593,13 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
                "What it reads is computed by code fxnumeric does not trace (between the "
                "captured regions), whose error no row measures: whether the error grows "
                "across it, or before it, is not known")
+    if d.input_quantize and read is not None:
+        ops = " and ".join(f"`{op}`" for op, _ in d.input_quantize)
+        held = ", ".join(f"`{op}` {sqnr:.1f} dB" for op, sqnr in d.input_quantize)
+        why += (f". The values it reads carry its own input quantize: the local error of {ops} "
+                f"(local SQNR {held}) is that rounding, {ops} computing in float and "
+                f"`{d.call_site}` asking to read the value quantized. Keeping `{d.call_site}` "
+                f"float removes it; keeping {ops} float does not")
     if d.stray is not None and amp is not None and amp > _AMPLIFIED_DB:
         fix = (f"check `{d.stray}`, which only the quantized model computes (report.unmatched, "
                "Matching.explain): the drop may be its, which keeping layers float does not "
@@ -726,6 +740,11 @@ def diagnose(
     # an op left in float hands on the quantize in front of its quantized readers (a
     # quantized tensor, a grid's clipping) but computes in float all the same
     rounded_after = {p.name for p in matching.pairs if matching.region_of(p).hands_on_rounded(p)}
+    # the ops whose rows hold a layer's own input quantize (its request), by that layer
+    rounded_for: dict[str, set[str]] = {}
+    for p in matching.pairs:
+        for reader in matching.region_of(p).rounded_for(p):
+            rounded_for.setdefault(reader.name, set()).add(p.name)
     sums = {name: _Sums() for name in layers}
     kinds = {p.name: p.kind for p in reversed(matching.pairs)}
     twins: list[_FloatValues] = []
@@ -828,6 +847,9 @@ def diagnose(
             inputs=tuple(sites[n] for n in read.ops),
             input_sqnr=input_sqnr,
             stray=stray[0] if stray is not None else None,
+            input_quantize=tuple((sites[n], db(sums[n].local_signal, sums[n].local_noise))
+                                 for n in read.ops
+                                 if n in rounded_for.get(name, ()) and sums[n].count),
             expected_sqnr=(_product_sqnr(read_sums, complete)
                            if kinds[name] in _PRODUCTS and input_sqnr is not None
                            else input_sqnr),
