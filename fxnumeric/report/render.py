@@ -400,9 +400,11 @@ def next_step(report: Report) -> tuple[str, str]:
                 "nodes, or compare the modules compared whole layer by layer.",
                 "fxnumeric.match(float_model, quant_model).table()")
     if v.kind == "spread":
-        return ("No single fix: the error accumulates over many layers. Keep the few layers "
-                f"that matter most in float until the output reaches a target ({target} dB "
-                "here).", advise)
+        return ("No layer stands out by the error it adds itself: the error accumulates over "
+                "many layers, or one layer's is amplified downstream, which quantizing each "
+                "layer alone tells apart (sensitivity). Keep the few layers that matter most "
+                f"in float until the output reaches a target ({target} dB here).",
+                f"fxnumeric.sensitivity({call}, metric='sqnr').table()\n{advise}")
     return ("Nothing to fix at the layer level.", f"print(fxnumeric.compare({call}))")
 
 
