@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,7 @@ from .storage import dynamic_weight_dtype, is_dynamic_module
 __all__ = [
     "OpClass", "classify", "classify_module", "register_op", "unregister_op", "BN_FOLDING_KINDS",
     "is_quantized_module", "in_quantized_package", "is_pure", "PLUMBING", "QUANTIZE",
-    "DEQUANTIZE", "dynamic_input",
+    "DEQUANTIZE", "dynamic_input", "index_of",
 ]
 
 
@@ -138,6 +139,8 @@ _NAME_ALIASES: dict[str, tuple[str, ...]] = {
     "view": ("reshape",),
     "matmul": ("matmul",), "bmm": ("matmul",),
     "max_pool2d_with_indices": ("max_pool2d",),
+    # `x.select(1, 0)` is `x[:, 0]`, as torch.export writes `x[:, 0]` (:func:`index_of`)
+    "select": ("getitem",),
 }
 _PLUMBING_NAMES = frozenset(
     {"contiguous", "detach", "to", "float", "dropout", "dropout1d", "dropout2d",
@@ -386,6 +389,95 @@ def _method_class(name: str) -> OpClass:
     if name == "dequantize":
         return DEQUANTIZE
     return OpClass(_normalise_name(name))
+
+
+# Indexing ops written other than `x[...]`, by name: their arguments after the tensor, with
+# their defaults (torch's schemas `select(self, int dim, SymInt index)` and `slice.Tensor(self,
+# int dim=0, SymInt? start=None, SymInt? end=None, SymInt step=1)`). torch.export writes
+# `x[:, 0]` as `aten.select.int(x, 1, 0)` and `x[:, 1:]` as `aten.slice.Tensor(x, 1, 1,
+# 9223372036854775807)`, where torch.fx keeps the one `getitem`.
+_REQUIRED = object()
+_INDEXING_ARGS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "select": (("dim", _REQUIRED), ("index", _REQUIRED)),
+    "slice": (("dim", 0), ("start", None), ("end", None), ("step", 1)),
+}
+_NODE_INDEX = "<tensor index>"
+
+
+def index_of(node: fx.Node) -> tuple[Any, ...]:
+    """The index an indexing node takes, as ``x[...]`` writes it, in one form however the
+    graph wrote it: ``(index,)``, or ``()`` for a node that is no indexing op.
+
+    ``getitem(x, (slice(None), 0))`` (torch.fx's ``x[:, 0]``), ``x.select(1, 0)`` and
+    ``aten.select.int(x, 1, 0)`` (torch.export's) all take ``(slice(None), 0)``; ``x[0]`` and
+    ``aten.select.int(x, 0, 0)`` take ``0``; ``aten.slice.Tensor(x, 1, 0, 2)`` takes
+    ``x[:, :2]``'s index. A slice's start 0, step 1 and an end of ``sys.maxsize`` (torch.export's
+    open end) are left out, as are trailing ``:`` and ``...``, which select everything.
+    A node in the index (a tensor index, ``y[y > t]``, or a size computed in the graph) is
+    written ``"<tensor index>"``: a node of one graph is never equal to one of another, and
+    the values it carries are paired before the indexing op is.
+
+    An index counting dimensions from the end (``x[..., 0]``) is not compared with the
+    dimension torch.export counts from the front (``select(x, 2, 0)``): the float graph
+    traced by torch.fx does not know the tensor's rank.
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(lambda x: x[:, 0] + x.select(1, 0) + x[0, :])
+        >>> [index_of(n) for n in gm.graph.nodes if n.op != "placeholder"]
+        [((slice(None, None, None), 0),), ((slice(None, None, None), 0),), (), (0,), (), ()]
+    """
+    if node.op == "call_function" and node.target is operator.getitem:
+        return (_canonical_index(fx.node.map_arg(node.args[1], lambda _: _NODE_INDEX)),)
+    name = _indexing_name(node)
+    if name is None:
+        return ()
+    values: list[Any] = []
+    for i, (arg, default) in enumerate(_INDEXING_ARGS[name], start=1):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg, default)
+        if value is _REQUIRED:
+            return ()
+        values.append(fx.node.map_arg(value, lambda _: _NODE_INDEX))
+    dim, rest = values[0], values[1:]
+    if not isinstance(dim, int):
+        return ()
+    item = rest[0] if name == "select" else slice(*rest)
+    before = ((slice(None),) * dim if dim >= 0
+              else (Ellipsis,) + (slice(None),) * (-dim - 1))  # x.select(-1, 0) is x[..., 0]
+    return (_canonical_index((*before, item)),)
+
+
+def _indexing_name(node: fx.Node) -> str | None:
+    """``"select"`` or ``"slice"`` for those ops (``torch.select``, ``Tensor.select``,
+    ``aten.select`` and ``aten.slice``), else ``None``."""
+    if node.op == "call_method":
+        return "select" if node.target == "select" else None
+    if node.op != "call_function":
+        return None
+    if node.target is torch.select:
+        return "select"
+    op = flows.op_name(node.target)
+    return op[1] if op is not None and op[0] == "aten" and op[1] in _INDEXING_ARGS else None
+
+
+def _canonical_index(index: Any) -> Any:
+    """``index`` with every way of writing the same selection written one way
+    (:func:`index_of`)."""
+    parts = list(index) if isinstance(index, tuple) else [index]
+    parts = [_canonical_slice(p) if isinstance(p, slice) else p for p in parts]
+    while parts and (parts[-1] is Ellipsis
+                     or isinstance(parts[-1], slice) and parts[-1] == slice(None)):
+        parts.pop()
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _canonical_slice(s: slice) -> slice:
+    step = None if s.step == 1 else s.step
+    if step is not None and not (isinstance(step, int) and step > 0):
+        return slice(s.start, s.stop, step)  # a backward slice's 0 and end mean other things
+    start = None if s.start == 0 else s.start
+    stop = None if isinstance(s.stop, int) and s.stop >= sys.maxsize else s.stop
+    return slice(start, stop, step)
 
 
 def classify_module(module: nn.Module) -> OpClass:

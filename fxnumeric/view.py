@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from .ops import OpClass, classify
+from .ops import OpClass, classify, index_of
 from .optypes import PLUMBING
 
 __all__ = ["GraphView", "MODULE_ATTRS"]
@@ -349,8 +349,9 @@ class GraphView:
         return None
 
     def attrs(self, n: fx.Node) -> tuple[Any, ...]:
-        """The module attributes in :data:`MODULE_ATTRS` (None where absent); for a
-        ``getitem`` its index; ``()`` for other functions."""
+        """The module attributes in :data:`MODULE_ATTRS` (None where absent); for an
+        indexing op (``getitem``, ``select``, ``slice``) its index, in one form
+        (:func:`fxnumeric.ops.index_of`); ``()`` for other functions."""
         cached = self._attrs.get(n)
         if cached is None:
             cached = self._attrs[n] = self._compute_attrs(n)
@@ -364,13 +365,10 @@ class GraphView:
                 mod = mod[0]  # a fused float module: its first part is the conv/linear
             return tuple(getattr(mod, a, None) for a in MODULE_ATTRS)
         if self._cls[n].signature == ("getitem",):
-            # a tensor index (`y[y > t]`, `x[rows, cols]`) is a node of this graph: compared
-            # across graphs as "a tensor" (both sides' inputs pair before it does)
-            return (fx.node.map_arg(n.args[1], lambda _: _TENSOR_INDEX),)
+            # `x[:, 0]`, `x.select(1, 0)` and torch.export's `aten.select.int(x, 1, 0)` alike
+            return index_of(n)
         return ()
 
-
-_TENSOR_INDEX = "<tensor index>"
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections import Counter
 
 import pytest
@@ -1421,3 +1422,105 @@ def test_a_call_whose_weight_convert_pt2e_left_float_says_so():
     # the third call quantizes nothing (no activation quantize either): a float layer, which
     # shows no weight SQNR and needs no note
     assert not rows["conv#3"].quantized and rows["conv#3"].weight_sqnr is None
+
+
+class _Indexing(torch.nn.Module):
+    """``y[:, 0]``, ``y[0]`` and ``y[:, 1:]`` before Linears: torch.export writes them as
+    ``aten.select.int(y, 1, 0)``, ``aten.select.int(y, 0, 0)`` and ``aten.slice.Tensor(y, 1,
+    1, 9223372036854775807)``, torch.fx as three ``getitem``s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = torch.nn.Linear(8, 8)
+        self.fc = torch.nn.Linear(8, 4)
+        self.fc_first = torch.nn.Linear(8, 4)
+        self.fc_rest = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc0(x)
+        return self.fc(y[:, 0]) + self.fc_first(y[0]) + self.fc_rest(y[:, 1:].mean(1))
+
+
+def _indexing_pair():
+    torch.manual_seed(0)
+    float_model = _Indexing().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, 4, 8, generator=g) for _ in range(3)]
+    _, quant = _xnnpack(float_model, data)
+    return float_model, data, quant
+
+
+def test_an_exported_select_and_slice_pair_with_the_float_getitems_they_index_alike():
+    # `y[:, 0]` is getitem(y, (slice(None), 0)) in the float model traced by torch.fx and
+    # aten.select.int(y, 1, 0) in the pt2e model: the two kinds never paired, both were listed
+    # unpaired and fc's row noted that the error of the select "is in no row"
+    float_model, data, quant = _indexing_pair()
+    m = fxn.match(float_model, quant, data[0])
+    assert not m.unmatched_float and not m.unmatched_quant
+    indexing = {p.quant_nodes: (p.kind, p.float_nodes) for p in m.pairs
+                if p.float_nodes[0].startswith("getitem")}
+    assert indexing == {("select",): ("getitem", ("getitem",)),
+                        ("select_1",): ("getitem", ("getitem_1",)),
+                        ("slice_1",): ("getitem", ("getitem_2",))}
+    # the select's row reads its value as the Linear after it reads it (its own quantize on
+    # the way, XNNPACK's), and its shadow the error that quantize adds. Oracle: the float value
+    # computed directly, the quantized ones read by an fx Interpreter
+    handed_on = _handed_on(quant, data)
+    with torch.no_grad():
+        float_values = [float_model.fc0(x)[:, 0] for x in data]
+    (select_node, *_) = quant.graph.find_nodes(op="call_function",
+                                               target=torch.ops.aten.select.int)
+    assert "quantize_per_tensor" in str(next(iter(select_node.users)).target)
+    report = fxn.compare(float_model, quant, data, progress=False)
+    (select,) = [p for p in m.pairs if p.quant_nodes == ("select",)]
+    row = report.row(select.name)
+    assert row.output_sqnr == pytest.approx(_sqnr_db(float_values, handed_on["select"]), abs=1e-4)
+    fed = [v[:, 0] for v in handed_on["linear"]]  # fc0's dequantized output, indexed in float
+    assert row.shadow_sqnr == pytest.approx(_sqnr_db(fed, handed_on["select"]), abs=1e-4)
+    assert math.isfinite(row.shadow_sqnr) and not row.note
+
+
+def test_sensitivity_measures_the_linear_reading_an_exported_select_alone():
+    # before, "only fc quantized" was NaN: fc reads the output of `select`, "which the float
+    # model does not compute" (it does: y[:, 0]). Oracle: the model quantized by XNNPACK with
+    # fc alone annotated, calibrated on the same data, measured directly
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    float_model, data, quant = _indexing_pair()
+    prepared = prepare_pt2e(
+        torch.export.export(copy.deepcopy(float_model), (data[0],)).module(),
+        XNNPACKQuantizer().set_module_name("fc", get_symmetric_quantization_config()))
+    with torch.no_grad():
+        for x in data:
+            prepared(x)
+    only_fc = convert_pt2e(prepared)
+    with torch.no_grad():
+        only = _sqnr_db([float_model(x) for x in data], [only_fc(x) for x in data])
+    layer = fxn.sensitivity(float_model, quant, data, "sqnr", layers="fc",
+                            progress=False).layer("fc")
+    assert layer.only == pytest.approx(only, abs=1e-4)
+
+
+@pytest.mark.parametrize("index", ["[:, 0]", "[0]", "[0, :]", "[:, -1]", "[:, 1:3]", "[:, 1:]",
+                                   "[:, :2]", "[:, ::2]", "[:, -2:]", "[:, :-1]", "[1:]",
+                                   "[:, :, 1:20]", ".select(1, 0)", ".select(0, 2)"])
+def test_an_index_reads_the_same_traced_by_torch_fx_and_exported(index):
+    # oracle: the node torch.export makes of the expression against torch.fx's
+    from fxnumeric.ops import index_of
+
+    class Index(torch.nn.Module):
+        def forward(self, x):
+            return eval("x" + index) * 2  # noqa: S307 (the expression under test)
+
+    x = torch.randn(4, 5, 6)
+    traced = [n for n in torch.fx.symbolic_trace(Index()).graph.nodes
+              if n.op in ("call_function", "call_method") and n.target is not operator.mul]
+    exported = [n for n in torch.export.export(Index(), (x,)).module().graph.nodes
+                if n.op == "call_function" and n.target in (torch.ops.aten.select.int,
+                                                            torch.ops.aten.slice.Tensor)]
+    assert len(traced) == len(exported) == 1
+    assert index_of(traced[0]) == index_of(exported[0]) != ()

@@ -80,6 +80,10 @@ ATEN_KINDS: dict[str, tuple[str, ...]] = {
     "div": ("div",),
     "sub": ("sub",),
     "concat": ("cat",),
+    # `x[:, 0]` and `x[:, 1:]` as torch.export writes them: the float model's getitem, indexed
+    # alike (:func:`fxnumeric.ops.index_of`)
+    "select": ("getitem",),
+    "slice": ("getitem",),
 }
 # ATen ops that only move, copy or check a value: transparent.
 ATEN_PLUMBING = frozenset(
