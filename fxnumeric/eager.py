@@ -495,6 +495,8 @@ def _output_loggers(float_model: nn.Module, q_model: nn.Module, logger_cls: type
                     ) -> tuple[fx.GraphModule, fx.GraphModule, dict[str, str]]:
     """Logged copies of both models, on the pairs whose quantized module is allowed, and
     the keys their loggers go by (:func:`_eager_names`)."""
+    if allow_list is not None:
+        allow_list = set(_module_types(allow_list, "allow_list", float_model))
     matching = _eager_match(float_model, q_model, example_inputs, leaf_modules, capture)
     # one logger per module, logged once per call, as in torch's eager suite
     return (*add_loggers(float_model, q_model, logger_cls, select=_output_selector(allow_list),
@@ -656,13 +658,39 @@ def _stub_selector(module_swap_list: Iterable[type]):
     return select
 
 
+def _module_types(value: Any, name: str, model: nn.Module) -> tuple[type, ...]:
+    """``value`` (``module_swap_list``, ``allow_list``) read once as the module types it
+    lists (a generator serves every later choice), refused unless it is a collection of
+    types: a module path (``["fc"]``) would select nothing, as in torch's suite, without a
+    word. A path of ``model`` is answered with its module's type."""
+    example = "e.g. [nn.Linear, nn.Conv2d]"
+    if isinstance(value, (str, bytes, type, Mapping, nn.Module)) or not isinstance(
+            value, Iterable):
+        raise InputError(f"{name} is a {type(value).__name__}: pass a list (or set) of "
+                         f"module types, {example}")
+    types = tuple(value)
+    for item in types:
+        if isinstance(item, type):
+            continue
+        try:
+            found = type(model.get_submodule(item)) if isinstance(item, str) and item else None
+        except AttributeError:
+            found = None
+        at, fix = "", "list the types of the modules to select"
+        if found is not None:
+            at = f"; `{item}` is a {found.__name__} of the float model"
+            fix = (f"pass [{found.__name__}], which selects every {found.__name__} (as in "
+                   "torch's suite, selection is by type)")
+        raise InputError(f"{name} holds {item!r}, which is not a module type: {name} takes "
+                         f"module types, {example}, not module names or modules{at}.\n"
+                         f"Fix: {fix}")
+    return types
+
+
 def _stub_graph(float_model: nn.Module, q_model: nn.Module, module_swap_list: Iterable[type],
                 logger_cls: type, leaf_modules: Iterable[LeafSpec] | None,
                 capture: str = "auto", example_inputs: Any = None) -> fx.GraphModule:
-    if isinstance(module_swap_list, (str, type)) or not isinstance(module_swap_list, Iterable):
-        raise InputError(f"module_swap_list is a {type(module_swap_list).__name__}: pass a list "
-                         "of float module types to shadow, e.g. [nn.Linear, nn.Conv2d]")
-    swap = tuple(module_swap_list)  # read once: a generator serves the leaves and the selector
+    swap = _module_types(module_swap_list, "module_swap_list", float_model)
     matching = _eager_match(float_model, q_model, example_inputs,
                             [*swap, *(leaf_modules or ())], capture)
     quant_gm, skipped = add_shadows(

@@ -1187,6 +1187,54 @@ def test_get_matching_activations_before_forward_raises(core_case: Case) -> None
         ns.get_matching_activations(float_model, qmodel)
 
 
+def _dynamic_linear_pair() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    return float_model, qmodel, torch.randn(3, 4)
+
+
+def test_module_names_as_the_swap_list_are_refused_naming_their_type() -> None:
+    """torch's suite selects by type: module names select nothing (``{}``). fxnumeric refused
+    them talking of ``leaf_modules`` (an argument not passed) and returned ``[]`` for
+    ``["0"]``; it now says the list takes types, and which type ``0`` is."""
+    float_model, qmodel, x = _dynamic_linear_pair()
+    assert tns.compare_model_stub(copy.deepcopy(float_model), copy.deepcopy(qmodel), ["0"],
+                                  x) == {}
+    eager = tns.compare_model_stub(copy.deepcopy(float_model), copy.deepcopy(qmodel),
+                                   [nn.Linear], x)
+    with pytest.raises(ns.InputError, match=r"(?s)module_swap_list holds '0', which is not a "
+                       r"module type.*`0` is a Linear of the float model.*Fix: pass \[Linear\]"):
+        ns.compare_model_stub(float_model, qmodel, ["0"], x)
+    for swap in (["fc"], {"linear": [nn.Linear]}):
+        with pytest.raises(ns.InputError, match="module_swap_list (holds 'fc'|is a dict)") as info:
+            ns.compare_model_stub(float_model, qmodel, swap, x)
+        assert "leaf_modules" not in str(info.value)
+    with pytest.raises(ns.InputError, match="module_swap_list holds 'fc'"):
+        ns.prepare_model_with_stubs(float_model, qmodel, ["fc"], ns.ShadowLogger)
+    # the type the message names selects what torch's suite selects
+    assert list(ns.compare_model_stub(float_model, qmodel, [nn.Linear], x)) == list(eager)
+
+
+@pytest.mark.parametrize("allow_list", [nn.Linear, "0", ["0"], nn.Linear(4, 4), 3])
+@pytest.mark.parametrize("api", ["compare_model_outputs", "prepare_model_outputs"])
+def test_an_allow_list_that_is_no_collection_of_types_is_an_input_error(allow_list,
+                                                                         api: str) -> None:
+    """A single type (``allow_list=nn.Linear``) raised a bare ``TypeError: 'type' object is
+    not iterable``, outside fxnumeric's exception family."""
+    float_model, qmodel, x = _dynamic_linear_pair()
+    with pytest.raises(ns.InputError, match="allow_list (is a|holds)"):
+        if api == "compare_model_outputs":
+            ns.compare_model_outputs(float_model, qmodel, x, allow_list=allow_list)
+        else:
+            ns.prepare_model_outputs(float_model, qmodel, ns.OutputLogger, allow_list)
+    eager = tns.compare_model_outputs(copy.deepcopy(float_model), copy.deepcopy(qmodel), x,
+                                      allow_list={nn.Linear, type(qmodel[0])})
+    ours = ns.compare_model_outputs(float_model, qmodel, x,
+                                    allow_list=[nn.Linear, type(qmodel[0])])
+    assert list(ours) == list(eager) == ["0.stats", "2.stats"]
+
+
 # --------------------------------------------------------------------------------------------
 # (g) an unfused float model pairs by graph with the quantized model of its fused copy
 # --------------------------------------------------------------------------------------------
