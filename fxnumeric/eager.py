@@ -561,7 +561,28 @@ def get_matching_activations(float_module: nn.Module,
             f"{float_inst.call}, q_module by {quant_inst.call}), so their loggers do not "
             f"pair: call fxnumeric.prepare_model_outputs(float_model, q_model) again, then run "
             f"both models")
+    _check_both_ran(float_inst.prepared, quant_inst.prepared)
     return _activations(float_inst.prepared, quant_inst.prepared)
+
+
+def _check_both_ran(float_prep: _Prepared, quant_prep: _Prepared) -> None:
+    """Refuse prepared models of which one logged and the other did not: the entries would
+    be empty lists or missing (torch's suite returns ``{}`` when only the float model ran, and
+    empty float lists when only the quantized one did). Loggers that keep no ``tensor_val``
+    cannot tell."""
+    unlogged = {}
+    for which, prepared in (("float", float_prep), ("quantized", quant_prep)):
+        kept = [lg.stats["tensor_val"] for lg in prepared.loggers.values()
+                if "tensor_val" in lg.stats]
+        unlogged[which] = bool(kept) and not any(kept)
+    if unlogged["float"] != unlogged["quantized"]:
+        which = "float" if unlogged["float"] else "quantized"
+        other, call = (("quantized", "float_model(x)") if which == "float"
+                       else ("float", "q_model(x)"))
+        raise InstrumentationError(
+            f"the prepared {which} model was not run: its loggers hold nothing, while the "
+            f"{other} model's logged activations. Run it on the same input ({call}) before "
+            "get_matching_activations")
 
 
 def _activations(float_prep: _Prepared, quant_prep: _Prepared) -> dict[str, dict[str, Any]]:

@@ -1194,6 +1194,35 @@ def _dynamic_linear_pair() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return float_model, qmodel, torch.randn(3, 4)
 
 
+@pytest.mark.parametrize("ran", ["float", "quantized"])
+def test_get_matching_activations_after_one_model_ran_names_the_other(ran: str) -> None:
+    """torch's suite gives ``{}`` when only the float model ran and entries with empty float
+    lists when only the quantized one did; fxnumeric names the model that was not run."""
+    float_model, qmodel, x = _dynamic_linear_pair()
+    tns.prepare_model_outputs(float_model, qmodel)
+    (float_model if ran == "float" else qmodel)(x)
+    eager = tns.get_matching_activations(float_model, qmodel)
+    assert all(not entry["float"] for entry in eager.values())  # nothing to compare
+
+    float_model, qmodel, x = _dynamic_linear_pair()
+    ns.prepare_model_outputs(float_model, qmodel)
+    (float_model if ran == "float" else qmodel)(x)
+    missing = "quantized" if ran == "float" else "float"
+    with pytest.raises(ns.InstrumentationError,
+                       match=f"the prepared {missing} model was not run"):
+        ns.get_matching_activations(float_model, qmodel)
+    (qmodel if ran == "float" else float_model)(x)  # now both ran: read as torch's
+    float_model2, qmodel2, _ = _dynamic_linear_pair()
+    tns.prepare_model_outputs(float_model2, qmodel2)
+    float_model2(x), qmodel2(x)
+    eager = tns.get_matching_activations(float_model2, qmodel2)
+    ours = ns.get_matching_activations(float_model, qmodel)
+    assert list(ours) == list(eager) == ["0.stats", "2.stats"]
+    for key, entry in eager.items():
+        for side in ("float", "quantized"):
+            assert torch.equal(ours[key][side][0], entry[side][0])
+
+
 def test_module_names_as_the_swap_list_are_refused_naming_their_type() -> None:
     """torch's suite selects by type: module names select nothing (``{}``). fxnumeric refused
     them talking of ``leaf_modules`` (an argument not passed) and returned ``[]`` for
