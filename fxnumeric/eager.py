@@ -637,7 +637,7 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
                                                 leaf_modules, capture, data)
     check_devices(float_model, q_model, data)
     run_model(float_gm, data, which="float")
-    run_model(quant_gm, data, which="quantized")
+    run_model(quant_gm, data, which="quantized", ran="float")
     if not loggers_of(quant_gm):
         return {}
     return _activations(_Prepared.of(float_model, float_gm, names),

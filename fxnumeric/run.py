@@ -19,6 +19,7 @@ import operator
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
@@ -34,7 +35,7 @@ from .view import fixed_inputs
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
            "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "numbered_batches",
            "check_data", "check_batch", "nonfinite_inputs", "batch_tensors", "check_max_batches",
-           "run_blaming_inside"]
+           "run_blaming_inside", "failure_site", "module_frames"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor")
@@ -319,7 +320,8 @@ def _check_signature(model: nn.Module, args: tuple, kwargs: dict, which: str) ->
         ) from exc
 
 
-def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool = False) -> Any:
+def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool = False,
+              ran: str = "") -> Any:
     """Call ``model`` on one batch under ``torch.no_grad()``.
 
     The model is handed copies of the batch's tensors (:func:`fxnumeric._tensors.copy_inputs`):
@@ -336,9 +338,13 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
     batch is one forward, whose logits a cache does not change, and a layer and its float twin
     fed the same call would both write into the one cache the model made.
 
+    ``ran``: the model (``"float"``) that ran on this same batch before, named in the error
+    when this one fails on it (the input is then not the likely cause).
+
     Raises:
-        InputError: when the model rejects the batch (shape, dtype, device, arity), naming
-            the model side and the shapes that were passed.
+        InputError: when the model fails on the batch (shape, dtype, device, arity, or its
+            own code), naming the model side, the shapes that were passed and where in the
+            model it failed (:func:`failure_site`).
     """
     args, kwargs = as_call(batch) if own else copy_inputs(as_call(batch))
     signature = _signature(model)
@@ -353,7 +359,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
     _check_fixed(model, args, kwargs, which)
     try:
         with torch.no_grad():
-            return model(*args, **kwargs)
+            return _call(model, args, kwargs)
     except FxNumericError:
         raise  # raised on purpose by fxnumeric's observers (a custom metric that failed)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError,
@@ -368,13 +374,103 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
         hint = _left_out_hint(model, args, kwargs) or flows.failure_hint(exc)
+        site = failure_site(model, exc)
+        where = f" {site}" if site else ""
+        if ran:
+            check = (f"The {ran} model ran on this same input, so the cause is in the {which} "
+                     f"model{where} rather than in the input: check that the {which} model "
+                     "runs on it outside fxnumeric")
+        else:
+            check = ("Check the input shape, dtype and device (a batch that is a tuple is "
+                     "passed as several positional inputs, a dict as keyword inputs), and that "
+                     "the model runs on it outside fxnumeric")
         raise InputError(
-            f"the {which} model failed on the input ({shapes}): {type(exc).__name__}: "
-            f"{first}\n"
-            "Check the input shape, dtype and device (a batch that is a tuple is passed as "
-            "several positional inputs, a dict as keyword inputs), and that the model runs on "
-            f"it outside fxnumeric.{' ' + hint if hint else ''}"
+            f"the {which} model failed on the input ({shapes}){where}: {type(exc).__name__}: "
+            f"{first}\n{check}.{' ' + hint if hint else ''}"
         ) from exc
+
+
+def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``model(*args, **kwargs)``; a GraphModule called past torch.fx's wrapper of its
+    ``__call__``, which, when an op of the generated code raises, prints the code to stderr
+    and drops the exception's traceback: the frame :func:`failure_site` reads the node from.
+    Only where the wrapper would call ``nn.Module.__call__`` itself (the class defines no
+    ``__call__`` of its own), after the lazy code is generated (``code``)."""
+    if not isinstance(model, fx.GraphModule):
+        return model(*args, **kwargs)
+    model.code  # noqa: B018 - generates a lazy GraphModule's code (and wrapper)
+    wrapped = vars(type(model)).get("_wrapped_call")
+    if wrapped is None or getattr(wrapped, "cls_call", True) is not None:
+        return model(*args, **kwargs)
+    return nn.Module.__call__(model, *args, **kwargs)
+
+
+def failure_site(model: nn.Module, exc: BaseException) -> str:
+    """Where in ``model`` ``exc`` was raised, as a message puts it: ``in module `norm`
+    (LayerNorm)`` for the innermost of ``model``'s modules whose code was running; for a
+    GraphModule running its generated code, the node at the failing line, ``at node `matmul`
+    (torch.matmul)``, with the module of the user's model it came from (``nn_module_stack``)
+    when known. Empty when no frame of ``model``'s modules is in the traceback (the call was
+    refused before any ran). Read off ``exc``'s traceback, on the error path only."""
+    frames = module_frames(model, exc)
+    if not frames:
+        return ""
+    path, module, tb = frames[-1]
+    node = _node_at(module, tb)
+    if node is not None:
+        scope = flows.scope(node)
+        of = f" of module `{scope}`" if scope else ""
+        inside = f" inside `{path}`" if path and path != scope else ""
+        return f"at node `{node.name}` ({_target(node)}){of}{inside}"
+    return f"in module `{path}` ({type(module).__name__})" if path else ""
+
+
+def module_frames(model: nn.Module, exc: BaseException | None
+                  ) -> list[tuple[str, nn.Module, TracebackType]]:
+    """``(path, module, traceback entry)`` for each frame of ``exc``'s traceback whose
+    ``self`` is one of ``model``'s modules (its ``forward``, its ``_call_impl``), outermost
+    first; the path of a module registered twice is its first. Read on the error path only:
+    a module-tree model's modules run as its own code calls them, with no interpreter to
+    say which was running."""
+    paths: dict[int, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), path)
+    frames = []
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if id(module) in paths and isinstance(module, nn.Module):
+            frames.append((paths[id(module)], module, tb))
+        tb = tb.tb_next
+    return frames
+
+
+def _node_at(module: nn.Module, tb: TracebackType) -> fx.Node | None:
+    """The node of GraphModule ``module`` whose line of the generated ``forward`` traceback
+    entry ``tb`` is at (torch.fx maps lines past the prologue to node indices), or None."""
+    lines = getattr(module, "_lineno_map", None)
+    forward = getattr(type(module), "forward", None)
+    if (not isinstance(module, fx.GraphModule) or not lines
+            or tb.tb_frame.f_code is not getattr(forward, "__code__", None)):
+        return None
+    index = lines.get(tb.tb_lineno - getattr(module, "_prologue_start", 0))
+    nodes = list(module.graph.nodes)
+    return nodes[index] if index is not None and 0 <= index < len(nodes) else None
+
+
+def _target(node: fx.Node) -> str:
+    """What ``node`` calls, for a message: ``torch.matmul``, ``.view()``, ``module `fc```."""
+    if node.op == "call_module":
+        return f"module `{node.target}`"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op != "call_function":
+        return node.op
+    try:
+        name = fx.node._get_qualified_name(node.target)  # torch.matmul, _operator.add
+    except (AttributeError, RuntimeError, TypeError):
+        return str(node.target)  # an OpOverload: aten.mm.default
+    return name[1:] if name.startswith("_operator.") else name  # operator.add, as imported
 
 
 def run_blaming_inside(run: Callable[..., Any], model: nn.Module, model_inputs: Any,

@@ -374,3 +374,155 @@ def test_traced_nodes_keep_torchs_module_stack():
     theirs = {n.name: n.meta.get("nn_module_stack") for n in reference.graph.nodes}
     assert ours == theirs and any(ours.values())
     assert all(type(s) is type(theirs[n]) for n, s in ours.items())
+
+
+# ------------------------------------------------------------- where a model failed
+
+
+def _raising_module_by_hooks(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Module]:
+    """The oracle: the innermost module entered (a forward pre-hook) and not left (a forward
+    hook) when ``model(x)`` raised, on the plain model."""
+    entered: list[tuple[str, nn.Module]] = []
+    handles = []
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, path=path: entered.append((path, m))))
+        handles.append(module.register_forward_hook(
+            lambda m, a, out: entered.pop() and None))  # None: the output is kept
+    try:
+        with pytest.raises(Exception):  # noqa: B017, PT011 - any failure of the model
+            with torch.no_grad():
+                model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return entered[-1]
+
+
+def _failing_node_by_interpreter(model: nn.Module, x: torch.Tensor) -> torch.fx.Node:
+    """The oracle for a graph: the node an fx Interpreter was running when it raised."""
+    failed: list[torch.fx.Node] = []
+
+    class Recording(torch.fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception:
+                failed.append(n)
+                raise
+
+    with pytest.raises(Exception):  # noqa: B017, PT011
+        Recording(torch.fx.symbolic_trace(model)).run(x)
+    return failed[0]
+
+
+def _shape_bug_pair():
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(12, 2)).eval()  # 16 features into a Linear of 12
+    return f, torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+
+
+@pytest.mark.parametrize("api", ["compare", "compare_model_outputs"])
+def test_a_float_model_failing_inside_names_the_module_that_raised(api):
+    f, q = _shape_bug_pair()
+    x = torch.randn(3, 8)
+    path, module = _raising_module_by_hooks(f, x)
+    assert path == "4"
+    with pytest.raises(ns.InputError) as info:
+        if api == "compare":
+            ns.compare(f, q, [x], progress=False)
+        else:
+            ns.compare_model_outputs(f, q, x)
+    message = str(info.value)
+    # what callers read stays: which model, the input, the torch error on the first line
+    assert message.startswith(f"the float model failed on the input (Tensor[3, 8] float32 on "
+                              f"cpu) in module `{path}` ({type(module).__name__}): "
+                              "RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    assert "Check the input shape" in message  # no other model ran on it before
+
+
+class _MissingDeQuantStub(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.LayerNorm([4, 6, 6])  # left float, fed the quantized conv's output
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.norm(self.conv(self.quant(x))))
+
+
+def test_a_quantized_model_failing_inside_names_the_module_not_the_input():
+    """The classic missing DeQuantStub: the quantized model cannot run, and fxnumeric said
+    "the quantized model failed on the input ... Check the input shape, dtype and device"."""
+    torch.backends.quantized.engine = "fbgemm"
+    torch.manual_seed(0)
+    f = _MissingDeQuantStub().eval()
+    f.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    f.norm.qconfig = None
+    prepared = torch.ao.quantization.prepare(copy.deepcopy(f))
+    prepared(torch.rand(2, 3, 8, 8))
+    q = torch.ao.quantization.convert(prepared)
+    x = torch.rand(2, 3, 8, 8)
+    path, module = _raising_module_by_hooks(q, x)
+    assert path == "norm"
+    where = f"failed on the input (Tensor[2, 3, 8, 8] float32 on cpu) in module `{path}` " \
+            f"({type(module).__name__}): NotImplementedError"
+    with pytest.raises(ns.InputError) as info:
+        ns.compare_model_outputs(f, q, x)
+    assert f"the quantized model {where}" in str(info.value)
+    assert (f"The float model ran on this same input, so the cause is in the quantized model "
+            f"in module `{path}`") in str(info.value)
+    assert "Check the input shape" not in str(info.value)
+    with pytest.raises(ns.InputError) as info:  # the float model does not run there
+        ns.compare_model_stub(f, q, [nn.Conv2d], x)
+    assert f"the quantized model {where}" in str(info.value)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(6, 6))  # 8 features into a 6x6 matmul
+
+    def forward(self, x):
+        return torch.matmul(self.q(x), self.w)
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Sequential(nn.Linear(8, 8), _Attention()),
+                                    nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@pytest.mark.parametrize("api", ["compare", "compare_model_outputs", "compare_model_stub"])
+def test_a_functional_op_failing_in_the_graph_names_its_node_and_module(api, capfd):
+    """A function (not a module) raising in the traced graph: its node, what it calls and the
+    module of the user's model whose forward holds it. The generated code's line is mapped to
+    the node (torch.fx's line map), which torch.fx's wrapper of a GraphModule's call used to
+    drop with the traceback."""
+    torch.manual_seed(0)
+    f = _Blocks().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    x = torch.randn(2, 8)
+    path, module = _raising_module_by_hooks(f, x)
+    node = _failing_node_by_interpreter(f, x)
+    assert (path, type(module), node.target) == ("layers.0.1", _Attention, torch.matmul)
+    with pytest.raises(ns.InputError) as info:
+        if api == "compare":
+            ns.compare(f, q, [x], progress=False)
+        elif api == "compare_model_outputs":
+            ns.compare_model_outputs(f, q, x)
+        else:
+            ns.compare_model_stub(f, q, [nn.Linear], x)
+    message = str(info.value)
+    assert re.search(r"failed on the input \(Tensor\[2, 8\] float32 on cpu\) at node `\w+` "
+                     rf"\(torch\.matmul\) of module `{re.escape(path)}`: RuntimeError", message)
+    # torch.fx's wrapper printed the generated code to stderr; the library prints nothing
+    assert "FX-traced Module" not in capfd.readouterr().err

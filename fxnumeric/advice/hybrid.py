@@ -52,7 +52,7 @@ from ..instrument.graph import carried_op, stand_ins
 from ..match import Matching, Pair, Region
 from ..offload import whole_modules
 from ..pairing import op_name
-from ..run import graph_signature, run_model
+from ..run import graph_signature, module_frames, run_model
 from ..semantics import fetch_attr, is_dequantize, with_values, writes_first_input
 
 __all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "whole_of", "called_whole",
@@ -340,17 +340,12 @@ def _raising_module(model: nn.Module, exc: BaseException | None
     called with held NaN/Inf; ``None`` when no module of ``model`` was (the call itself was
     refused). Read off the traceback's frames: a module-tree model's modules run as its own
     code calls them, with no interpreter to say which node was running."""
-    paths = {id(m): path for path, m in model.named_modules()}
     found: tuple[str, bool] | None = None
-    tb = exc.__traceback__ if exc is not None else None
-    while tb is not None:
-        frame = tb.tb_frame
-        path = paths.get(id(frame.f_locals.get("self")))
-        if path is not None and frame.f_code.co_name == "forward":
-            code = frame.f_code
-            called = [frame.f_locals.get(a) for a in code.co_varnames[1:code.co_argcount]]
+    for path, _, tb in module_frames(model, exc):
+        code = tb.tb_frame.f_code
+        if code.co_name == "forward":
+            called = [tb.tb_frame.f_locals.get(a) for a in code.co_varnames[1:code.co_argcount]]
             found = (path or "<root>", _holds_nonfinite(called))
-        tb = tb.tb_next
     return found
 
 
