@@ -614,7 +614,7 @@ def test_a_shadow_reads_what_the_quantized_op_reads_past_an_unpaired_op(flow):
     assert fc2.shadow_sqnr > 35  # 7.3 dB before: the scaling's error
     assert "reads quantized `mul" in fc2.note and "in no row" in fc2.note
     assert report.verdict.culprit != "fc2"
-    assert "or enters at the unpaired node" in report.summary()
+    assert "or it enters at the unpaired node" in report.summary()
 
 
 class _Dropped(nn.Module):
