@@ -314,6 +314,17 @@ def _who(layer: _Layer, kinds: dict[str, str]) -> str:
     return f"{layer.name} ({kind}, shadow SQNR {low:.2f} dB of {_handed(layer)}"
 
 
+def _within_noise(first: _Layer, layers: list[_Layer]) -> tuple[str, ...]:
+    """The names of ``layers`` whose shadow SQNR is within the batch noise of ``first``'s,
+    the lowest (``first`` among them)."""
+    low = first.shadow_sqnr
+    return tuple(dict.fromkeys(
+        n for g in layers
+        if g is first or (d := _noise(first, g)) is not None  # type: ignore[arg-type]
+        and g.shadow_sqnr - low <= d  # type: ignore[operator]
+        for n in g.names))
+
+
 def verdict(report: Report) -> Verdict:
     """Apply the rule of this module to ``report`` (see the module docstring)."""
     live = [r for r in report.rows if not r.degenerate]
@@ -366,12 +377,11 @@ def verdict(report: Report) -> Verdict:
                        + exact)
     low, high = ranked[0].shadow_sqnr, ranked[-1].shadow_sqnr
     assert low is not None and high is not None
-    rows = ranked
     kinds = {r.name: r.kind for r in report.rows}
     # a row holding its readers' input quantize blames them (ReportRow.rounded_for)
-    ranked = _layers(rows)  # type: ignore[assignment]
-    first = ranked[0]
-    if len(ranked) == 1 and len(first.names) == 1:
+    layers = _layers(ranked)
+    first = layers[0]
+    if len(layers) == 1 and len(first.names) == 1:
         unpaired = len(report.unmatched)
         only = ("only layer that adds error of its own" if not unpaired else
                 "only compared layer that adds error of its own; no row compares the "
@@ -380,58 +390,53 @@ def verdict(report: Report) -> Verdict:
         return Verdict("culprit", first.names[0], first.names, (), 1, low, high, None, None,
                        f"culprit: {_who(first, kinds)}), the "
                        f"{only}" + _suspects([first.row]) + _accumulation(report, low))
-    for k in range(1, min(MAX_GROUP, len(ranked) - 1) + 1):
-        apart, gap, noise = _separated(ranked[k - 1], ranked[k])  # type: ignore[arg-type]
+    for k in range(1, min(MAX_GROUP, len(layers) - 1) + 1):
+        apart, gap, noise = _separated(layers[k - 1], layers[k])  # type: ignore[arg-type]
         if not apart:
             continue
-        nxt = ranked[k]
+        nxt = layers[k]
         if k == 1 and len(first.names) == 1:
             unknown = (f"; {_noise_unknown(report, [first.row, nxt.row])}: the batch noise "
                        "is unknown" if noise is None else "")
             return Verdict(
-                "culprit", first.names[0], first.names, (), len(ranked), low, high, gap, noise,
+                "culprit", first.names[0], first.names, (), len(layers), low, high, gap, noise,
                 f"culprit: {_who(first, kinds)}{'; ' if first.row.rounded_for else ', '}"
                 f"{gap:.2f} dB "
                 f"below any other layer; next {nxt.name} at {nxt.shadow_sqnr:.2f} dB{unknown})"
                 + _suspects([first.row]) + _accumulation(report, low))
-        group = ranked[:k]
+        group = layers[:k]
         names = tuple(dict.fromkeys(n for g in group for n in g.names))
-        ties = tuple(dict.fromkeys(n for g in group
-                                   if g is first or (d := _noise(first, g)) is not None  # type: ignore[arg-type]
-                                   and g.shadow_sqnr - low <= d  # type: ignore[operator]
-                                   for n in g.names))
+        ties = _within_noise(first, group)
         within = (f"; {_names(list(ties))} are within noise of each other"
                   if len(ties) > 1 else "")
         where = "".join(f"; {g.name}: {g.shadow_sqnr:.2f} dB is {_handed(g)}"
                         for g in group if g.row.rounded_for)
         return Verdict(
-            "group", None, names, ties if len(ties) > 1 else (), len(ranked), low, high, gap,
+            "group", None, names, ties if len(ties) > 1 else (), len(layers), low, high, gap,
             noise,
             f"no single culprit: {_names(list(names))} stand out together (shadow SQNR "
             f"{low:.2f}-{group[-1].shadow_sqnr:.2f} dB; the rest from {nxt.shadow_sqnr:.2f} dB)"
             f"{within}{where}" + _suspects([g.row for g in group]) + _accumulation(report, low))
-    if len(ranked) == 1:  # one rounding, several readers: nothing else to hold it against
+    if len(layers) == 1:  # one rounding, several readers: nothing else to hold it against
         return Verdict(
             "group", None, first.names, (), 1, low, high, None, None,
             f"no single culprit: {first.name} stand out together ({_who(first, kinds)})"
             + _suspects([first.row]) + _accumulation(report, low))
-    _, gap, noise = _separated(first, ranked[1])  # type: ignore[arg-type]
+    _, gap, noise = _separated(first, layers[1])  # type: ignore[arg-type]
     why = (f"within batch noise of ±{noise:.2f} dB (its per-batch values)"
            if noise is not None and gap >= CULPRIT_MARGIN_DB else
            f"a culprit needs a gap of {CULPRIT_MARGIN_DB:g} dB, and more than the batch noise")
     ties: tuple[str, ...] = ()
     if noise is not None:
-        ties = tuple(dict.fromkeys(n for g in ranked if g is first or (
-            (d := _noise(first, g)) is not None and g.shadow_sqnr - low <= d)  # type: ignore
-            for n in g.names))
+        ties = _within_noise(first, layers)
     tie_text = ""
     if len(ties) > 1:
         tie_text = f"; {_names(list(ties))} are within noise"
     elif noise is None:
-        tie_text = f"; {_noise_unknown(report, rows)}: no spread across batches to tell near ties"
+        tie_text = f"; {_noise_unknown(report, ranked)}: no spread across batches to tell near ties"
     return Verdict(
-        "spread", None, (), ties if len(ties) > 1 else (), len(ranked), low, high, gap, noise,
-        f"no layer stands out: error is spread over {len(ranked)} layers, shadow SQNR "
+        "spread", None, (), ties if len(ties) > 1 else (), len(layers), low, high, gap, noise,
+        f"no layer stands out: error is spread over {len(layers)} layers, shadow SQNR "
         f"{low:.2f}-{high:.2f} dB (the lowest, {first.name}, is {gap:.2f} dB below the next; "
         f"{why}){tie_text}" + (f"; {first.name}'s is {_handed(first)}" if first.row.rounded_for
                                else "") + _accumulation(report, low))
