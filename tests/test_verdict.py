@@ -1054,6 +1054,7 @@ def test_the_layers_named_kept_float_recover_the_output_where_the_op_holding_the
     assert "fc2" in rows["act"].notes
     named = report.verdict.standouts
     assert "act" not in named and "fc2" in named
+    assert report.worst_layer.name in named  # blamed as the verdict blames, never act
     again = Report.from_json(report.to_json())  # a saved report blames the same layers
     assert again.row("act").rounded_for == ("fc2",) and again.verdict == report.verdict
     before = _output_sqnr(model, quant, data)
@@ -1063,6 +1064,7 @@ def test_the_layers_named_kept_float_recover_the_output_where_the_op_holding_the
     assert named_float - before > 15.0  # keeping what the verdict names float: most of it
     if build is x86_pt2e:  # one layer stands out: fc2 alone recovers it (19.7 -> 40.0 dB)
         assert report.verdict.kind == "culprit" and report.verdict.culprit == "fc2"
+        assert report.worst_layer is rows["fc2"]
         assert rows["act"].shadow_sqnr < rows["fc2"].shadow_sqnr  # the rows as measured
         assert "keeping act float would not remove it" in report.verdict.text
     else:  # fc1's own output quantize and fc2's input quantize (10.2 -> 33.7 dB)

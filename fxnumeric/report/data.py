@@ -539,19 +539,26 @@ class Report:
 
     @property
     def worst_layer(self) -> ReportRow | None:
-        """The lowest shadow SQNR, else the largest output-SQNR drop, whether or not it
-        stands out (:attr:`culprit` says whether it does).
+        """The layer with the lowest shadow SQNR, else the largest output-SQNR drop, whether
+        or not it stands out (:attr:`culprit` says whether it does).
 
-        Rows with a collapsed float signal are never chosen, nor a layer that adds no error
-        at all (shadow SQNR ``inf``, or at float32's rounding:
-        :func:`fxnumeric.report.verdict.adds_error`), nor an output-SQNR drop to such a value.
+        A quantize is its reader's, as in the verdict: when the lowest row holds only the
+        input rounding its readers asked for (:attr:`ReportRow.rounded_for`, an op computing
+        in float in front of them), the worst layer is its first reader's row, the layer
+        whose float copy removes that error. Rows with a collapsed float signal are never
+        chosen, nor a layer that adds no error at all (shadow SQNR ``inf``, or at float32's
+        rounding: :func:`fxnumeric.report.verdict.adds_error`), nor an output-SQNR drop to
+        such a value.
         """
         live = [r for r in self.rows if not r.degenerate]
         with_shadow = [r for r in live
                        if r.shadow_sqnr is not None and not math.isnan(r.shadow_sqnr)]
         if with_shadow:
             worst = min(with_shadow, key=lambda r: r.shadow_sqnr)
-            return worst if adds_error(worst.shadow_sqnr) else None
+            if not adds_error(worst.shadow_sqnr):
+                return None
+            by_name = {r.name: r for r in live}
+            return next((by_name[n] for n in worst.rounded_for if n in by_name), worst)
         best, prev = None, None
         drop_best = 0.0
         for r in live:
