@@ -8,6 +8,7 @@ resnet18 (lowest shadow SQNR 0.6 dB below the next of 30 layers), get no culprit
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import warnings
@@ -1144,3 +1145,15 @@ def test_one_layers_error_amplified_downstream_is_not_called_accumulation():
     assert "accumulates" not in text
     assert ("the error grows past what any layer adds, accumulated over many layers or one "
             "layer's amplified downstream") in text and "fxnumeric.sensitivity" in text
+
+
+def test_a_variant_whose_error_is_spread_names_the_readers_of_a_quantize_not_the_op_holding_it():
+    # a multi-variant summary lists the lowest layers of a spread variant: the GELU row holds
+    # fc2's input quantize, so it reads as fc2's (once, at the lower of fc2's two rows)
+    from fxnumeric.report.variants import where_it_loses
+    act = dataclasses.replace(_row("act", 27.0, 0.5), kind="gelu", rounded_for=("fc2",))
+    report = _report(_row("fc1", 31.0, 0.5), act, _row("fc2", 30.0, 0.5))
+    assert report.verdict.kind == "spread" and report.verdict.layers == 2
+    assert where_it_loses(report) == ("error spread over 2 layers, lowest shadow SQNR at "
+                                      "fc2 (27.00 dB), fc1 (31.00 dB)")
+    assert report.worst_layer.name == "fc2"

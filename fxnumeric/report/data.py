@@ -31,7 +31,14 @@ from .render import (
     report_table,
 )
 from .variants import best_variant, variants_summary
-from .verdict import Verdict, adds_error, compares_detections, suspect_pairing, verdict
+from .verdict import (
+    Verdict,
+    adds_error,
+    blamed,
+    compares_detections,
+    suspect_pairing,
+    verdict,
+)
 
 if TYPE_CHECKING:
     from .diff import ReportDiff
@@ -554,11 +561,11 @@ class Report:
         with_shadow = [r for r in live
                        if r.shadow_sqnr is not None and not math.isnan(r.shadow_sqnr)]
         if with_shadow:
-            worst = min(with_shadow, key=lambda r: r.shadow_sqnr)
-            if not adds_error(worst.shadow_sqnr):
+            layers = blamed(live)
+            if not layers:
                 return None
             by_name = {r.name: r for r in live}
-            return next((by_name[n] for n in worst.rounded_for if n in by_name), worst)
+            return by_name.get(layers[0].names[0], layers[0].row)
         best, prev = None, None
         drop_best = 0.0
         for r in live:

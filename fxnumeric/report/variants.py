@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .verdict import adds_error
+from .verdict import blamed
 
 if TYPE_CHECKING:
     from .data import Report, ReportRow
@@ -187,10 +187,8 @@ def where_it_loses(variant: Report) -> str:
         return (f"{_names(v.standouts)} stand out together (shadow SQNR {v.low:.2f}-"
                 f"{_db(high)})")
     if v.kind == "spread":
-        ranked = sorted((r for r in variant.rows if not r.degenerate
-                         and adds_error(r.shadow_sqnr)),
-                        key=lambda r: r.shadow_sqnr)  # type: ignore[arg-type, return-value]
-        worst = ", ".join(f"{r.name} ({_db(r.shadow_sqnr)})" for r in ranked[:_WORST_SHOWN])
+        worst = ", ".join(f"{g.name} ({_db(g.shadow_sqnr)})"
+                          for g in blamed(variant.rows)[:_WORST_SHOWN])
         return f"error spread over {v.layers} layers, lowest shadow SQNR at {worst}"
     if v.kind == "no shadows":
         worst_row = variant.worst_layer

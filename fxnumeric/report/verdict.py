@@ -62,6 +62,7 @@ against its own twin.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,7 @@ from ..metrics import ROUNDING_SQNR_DB, TWIN_WEIGHT_SQNR_DB
 if TYPE_CHECKING:
     from .data import Report, ReportRow
 
-__all__ = ["Verdict", "verdict", "adds_error", "compares_detections", "suspect_pairing",
+__all__ = ["Verdict", "verdict", "adds_error", "blamed", "compares_detections", "suspect_pairing",
            "CULPRIT_MARGIN_DB", "NOISE_SIGMAS", "MAX_GROUP", "ACCUMULATION_DB"]
 
 CULPRIT_MARGIN_DB = 6.0
@@ -284,12 +285,19 @@ class _Layer:
         return _names(self.names)
 
 
-def _layers(ranked: list[ReportRow]) -> list[_Layer]:
-    """``ranked`` (lowest shadow SQNR first) as the layers to blame, lowest first: a row
-    holding its readers' input quantize (``rounded_for``) stands for those readers, and a
-    layer measured by several rows (its own, its input quantize's) by the lowest."""
+def _ranked(rows: Iterable[ReportRow]) -> list[ReportRow]:
+    """The live rows that add measurable error of their own, lowest shadow SQNR first."""
+    return sorted((r for r in rows if not r.degenerate and adds_error(r.shadow_sqnr)),
+                  key=lambda r: r.shadow_sqnr)  # type: ignore[arg-type, return-value]
+
+
+def blamed(rows: Iterable[ReportRow]) -> list[_Layer]:
+    """The layers to blame among ``rows``, lowest shadow SQNR first: each measured by the
+    lowest row that holds its error, a row holding its readers' input quantize
+    (``rounded_for``) standing for those readers; rows adding no measurable error and
+    collapsed rows left out. ``.name`` and ``.shadow_sqnr`` read as a row's."""
     found: dict[tuple[str, ...], ReportRow] = {}
-    for row in ranked:
+    for row in _ranked(rows):
         found.setdefault(row.rounded_for or (row.name,), row)
     return [_Layer(row, names) for names, row in found.items()]
 
@@ -355,8 +363,7 @@ def verdict(report: Report) -> Verdict:
         return Verdict("no shadows", None, (), (), 0, None, None, None, None,
                        "no culprit named: the error each layer adds was not measured "
                        f"({why}){hint}")
-    ranked = sorted((r for r in live if adds_error(r.shadow_sqnr)),
-                    key=lambda r: r.shadow_sqnr)  # type: ignore[arg-type, return-value]
+    ranked = _ranked(live)
     rounding = [r.name for r in live if r.shadow_sqnr is not None
                 and math.isfinite(r.shadow_sqnr) and not adds_error(r.shadow_sqnr)]
     output = report.model_output.get("sqnr")
@@ -379,7 +386,7 @@ def verdict(report: Report) -> Verdict:
     assert low is not None and high is not None
     kinds = {r.name: r.kind for r in report.rows}
     # a row holding its readers' input quantize blames them (ReportRow.rounded_for)
-    layers = _layers(ranked)
+    layers = blamed(ranked)
     first = layers[0]
     if len(layers) == 1 and len(first.names) == 1:
         unpaired = len(report.unmatched)
