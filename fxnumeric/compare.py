@@ -47,7 +47,7 @@ from .llm_metrics import (
 )
 from .lockstep import Lockstep
 from .loggers import Logger
-from .match import Matching, Pair, in_run_order
+from .match import Matching, Pair
 from .metrics import (
     BUILTIN_METRICS,
     Accumulator,
@@ -388,7 +388,7 @@ def compare(
             some or all of them). One made without example inputs of a model captured
             through the module tree (``match(f, q)`` of a Hugging Face model) is put in the
             order the quantized model runs its pairs on the first batch, so the rows are in
-            run order either way (:func:`fxnumeric.match.in_run_order`).
+            run order either way (:func:`fxnumeric.match.with_recorded_run`).
         leaf_modules: module types or names to keep whole when tracing.
         progress: show progress on stderr: tracing and pairing, the batches, the weight
             comparison (default: when stderr is a terminal or in a Jupyter notebook).
@@ -568,8 +568,6 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
         matching = resolve_matching(float_model, quant_model, matching, leaf_modules,
                                     capture=capture, example_inputs=example_inputs,
                                     validate=False)
-        # a matching given without example inputs: its rows still in the order they run
-        matching = in_run_order(matching, example_inputs)
     check_pairable(matching)
     outputs = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}
     shadows = {p.name: Accumulator(custom, keep, precision) for p in matching.pairs}

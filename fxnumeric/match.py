@@ -28,7 +28,6 @@ whose views answer every question about its nodes.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -48,6 +47,7 @@ from .capture import (
     leaf_graph,
     method_graph,
     single_call_graph,
+    takes_var_kwargs,
     trace,
 )
 from .capture.check import check_whole
@@ -1156,58 +1156,43 @@ def _recorded(found: Matching, quant_calls: Any) -> Matching:
     return replace(found, pairs=tuple(p for _, p in ordered))
 
 
-def in_run_order(matching: Matching, example_inputs: Any) -> Matching:
-    """``matching`` with its pairs in the order the quantized model runs them on
-    ``example_inputs``, as if :func:`match` had been given them.
+def with_recorded_run(matching: Matching, example_inputs: Any) -> Matching:
+    """``matching`` as if :func:`match` had been given ``example_inputs``, for a matching made
+    without them and given to :func:`fxnumeric.compare`, ``diagnose``, ``sensitivity`` or
+    ``advise`` with their batches: one run of the quantized model records its calls, and
 
-    A model captured through the module tree (torch.fx cannot trace it whole: Hugging Face
-    models) lists its pairs in run order only when :func:`match` ran it on example inputs;
-    ``match(f, q)`` without them lists them region by region in module registration order (a
-    Llama layer's projections before the norm that feeds them), and the report's rows, and the
-    layer it names where NaN/Inf first appears, would follow. :func:`compare` runs its first
-    batch here, so its rows are in run order whichever matching it is given.
+    * the one-op graphs of modules kept whole take the keyword arguments their ``**kwargs``
+      takes (:func:`_taking_kwargs`: transformers' BERT encoder passes each layer
+      ``position_ids``, which a graph made without them rejects);
+    * the pairs are in the order the model runs them. A model captured through the module
+      tree (torch.fx cannot trace it whole: Hugging Face models) lists its pairs in run order
+      only when :func:`match` ran it; ``match(f, q)`` without example inputs lists them region
+      by region in module registration order (a Llama layer's projections before the norm
+      that feeds them), and the report's rows, and the layer it names where NaN/Inf first
+      appears, would follow. Not for a matching whose regions the run calls more often than it
+      counted (a layer shared by a ModuleList, matched without example inputs: its calls were
+      not counted, so each is observed at every call, as the eager API logs them).
 
-    Returned as it is: a matching captured whole (graph order is run order), one that
-    recorded its calls already, and one whose regions the run calls more often than the
-    matching counted (a layer shared by a ModuleList, matched without example inputs: its
-    calls were not counted, so each is observed at every call, as the eager API logs them).
-    """
-    if example_inputs is None or matching.call_order or len(matching.regions) <= 1:
-        return matching
-    model = matching.quant_model
-    assert model is not None  # a matching of several regions was captured from the modules
-    quant_calls = record_calls(model, example_inputs, which="quantized")
-    if any(quant_calls.counts.get(r.quant_path, 1) > r.call_sites for r in matching.regions):
-        return matching
-    return _recorded(matching, quant_calls)
-
-
-def taking_recorded_kwargs(matching: Matching, example_inputs: Any) -> Matching:
-    """``matching`` whose one-op graphs of modules kept whole take the keyword arguments their
-    ``**kwargs`` takes on ``example_inputs`` (:func:`_taking_kwargs`), for a matching made
-    without example inputs and given to :func:`fxnumeric.compare`, ``diagnose``,
-    ``sensitivity`` or ``advise`` with their batches.
-
-    Runs the quantized model on ``example_inputs`` only for such a matching (it recorded no
-    calls) that keeps whole a module whose forward takes ``**kwargs``; returned as it is
-    otherwise.
+    Returned as it is, without running anything, when neither applies: a matching captured
+    whole (graph order is run order, no module kept whole) and one that recorded its calls
+    already.
     """
     if example_inputs is None or matching.call_order or matching.quant_model is None:
         return matching
-    if not any(_takes_var_kwargs(matching.quant_model.get_submodule(r.quant_path))
-               for r in matching.regions
-               if r.whole_module and not r.method and r.quant_path):
+    model = matching.quant_model
+    takes_kwargs = any(takes_var_kwargs(model.get_submodule(r.quant_path))
+                       for r in matching.regions
+                       if r.whole_module and not r.method and r.quant_path)
+    ordered = len(matching.regions) > 1
+    if not takes_kwargs and not ordered:
         return matching
-    quant_calls = record_calls(matching.quant_model, example_inputs, which="quantized")
-    return _taking_kwargs(matching, quant_calls.extra_kwargs)
-
-
-def _takes_var_kwargs(module: nn.Module) -> bool:
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind is p.VAR_KEYWORD for p in params)
+    quant_calls = record_calls(model, example_inputs, which="quantized")
+    if takes_kwargs:
+        matching = _taking_kwargs(matching, quant_calls.extra_kwargs)
+    if ordered and not any(quant_calls.counts.get(r.quant_path, 1) > r.call_sites
+                           for r in matching.regions):
+        matching = _recorded(matching, quant_calls)
+    return matching
 
 
 def _taking_kwargs(matching: Matching, extra_kwargs: dict[str, tuple[str, ...]]) -> Matching:

@@ -12,6 +12,7 @@ eager Numeric Suite (the oracle) and by fxnumeric, on fresh copies:
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -571,7 +572,7 @@ def _sqnr_over(refs: list[torch.Tensor], outs: list[torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("with_inputs", [True, False], ids=["match-on-inputs", "match-alone"])
-def test_a_bert_layer_kept_whole_takes_what_its_kwargs_took(with_inputs):
+def test_a_bert_layer_kept_whole_takes_what_its_kwargs_took(with_inputs, monkeypatch):
     """transformers 5's BERT encoder passes each BertLayer ``position_ids`` through its
     ``**kwargs``. Kept whole (``leaf_modules``, or accelerate's ``preload_module_classes``),
     the layer's one-op graph did not take it, and compare blamed the input: "the float model
@@ -592,7 +593,14 @@ def test_a_bert_layer_kept_whole_takes_what_its_kwargs_took(with_inputs):
     layer = type(f.bert.encoder.layer[0])
     matching = ns.match(f, q, leaf_modules=[layer],
                         example_inputs=batches[0] if with_inputs else None)
+    recorded = []
+    match_module = importlib.import_module("fxnumeric.match")  # ns.match is the function
+    record_calls = match_module.record_calls
+    monkeypatch.setattr(match_module, "record_calls",
+                        lambda *a, **k: recorded.append(k["which"]) or record_calls(*a, **k))
     report = ns.compare(f, q, batches, matching=matching, progress=False)
+    # one run records both the kwargs and the run order (it took two), none when match had it
+    assert recorded == ([] if with_inputs else ["quantized"])
     float_seen, float_out = _layer_outputs(f, list(f.bert.encoder.layer), batches)
     quant_seen, quant_out = _layer_outputs(q, list(q.bert.encoder.layer), batches)
     for i in range(2):

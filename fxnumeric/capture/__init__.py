@@ -24,6 +24,7 @@ from .fx import (
     leaf_graph,
     method_graph,
     single_call_graph,
+    takes_var_kwargs,
     trace,
     trace_submodule,
 )
@@ -31,5 +32,5 @@ from .fx import (
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
     "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
-    "fixed_arguments", "kwargs_only",
+    "fixed_arguments", "kwargs_only", "takes_var_kwargs",
 ]

@@ -16,7 +16,7 @@ import operator
 import os
 import traceback
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,12 +449,23 @@ def kwargs_only(module: nn.Module, kwargs: dict) -> tuple[str, ...]:
         >>> kwargs_only(M(), {"mask": None, "position_ids": None})
         ('position_ids',)
     """
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return ()
+    params = _forward_params(module)
     named = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     return tuple(k for k in kwargs if k not in named)
+
+
+def takes_var_kwargs(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes ``**kwargs`` (calls may pass it arguments that
+    :func:`kwargs_only` names)."""
+    return any(p.kind is p.VAR_KEYWORD for p in _forward_params(module).values())
+
+
+def _forward_params(module: nn.Module) -> Mapping[str, inspect.Parameter]:
+    """The parameters of ``module.forward``; none when Python cannot read its signature."""
+    try:
+        return inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return {}
 
 
 def leaf_graph(model: nn.Module, path: str,

@@ -39,7 +39,7 @@ from ..capture import LeafSpec
 from ..errors import InstrumentationError
 from ..guards import check_eval_mode, check_graph_training
 from ..loggers import OutputLogger, ShadowLogger
-from ..match import Matching, Pair, Region, match, taking_recorded_kwargs
+from ..match import Matching, Pair, Region, match, with_recorded_run
 from ..pairing import op_name
 from ..semantics import computes_alike
 from .assemble import Build, CallSites, assemble, captured_model
@@ -358,8 +358,8 @@ def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | Non
     """``matching``, checked against the models passed beside it, or a new :func:`match`
     (``validate``: see its ``validate_inputs``). Models in training mode are refused
     (:func:`fxnumeric.guards.check_eval_mode`). A matching made without example inputs
-    learns on ``example_inputs`` what the ``**kwargs`` of the modules it keeps whole take
-    (:func:`fxnumeric.match.taking_recorded_kwargs`)."""
+    learns on ``example_inputs``, in one run, what the ``**kwargs`` of the modules it keeps
+    whole take and the order its pairs run in (:func:`fxnumeric.match.with_recorded_run`)."""
     for side, given, matched in (("float", float_model, "float_model"),
                                  ("quantized", quant_model, "quant_model")):
         check_eval_mode(given if given is not None or matching is None
@@ -380,7 +380,7 @@ def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | Non
                 "models that fxnumeric.match was called with, or only the matching "
                 "(float_model=None, quant_model=None)"
             )
-    return taking_recorded_kwargs(matching, example_inputs)
+    return with_recorded_run(matching, example_inputs)
 
 
 def add_loggers(
