@@ -495,3 +495,33 @@ def test_histogram_layers_that_would_draw_the_wrong_thing_are_refused(with_varia
     assert heading not in page
     page = report.to_html(path, histogram_layers=["2"]).read_text()
     assert page.count(f"{heading}2 (weight SQNR") == (2 if with_variants else 1)
+
+
+def test_layer_names_that_read_as_numbers_are_shown_as_written_in_every_table():
+    # the layers of nested nn.Sequentials are "0.0" ... "0.10": tabulate parsed the name
+    # column as numbers and showed "0.0" as "0" and "0.10" as "0.1", another layer's name
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(*[nn.Linear(8, 8) for _ in range(11)]),
+                          nn.Linear(8, 2)).eval()
+    quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    data = [torch.randn(4, 8) for _ in range(2)]
+    report = ns.compare(model, quant, data, progress=False)
+    names = [r.name for r in report.rows]
+    assert {"0.0", "0.1", "0.10", "1"} <= set(names)
+
+    def first_column(table: str) -> list[str]:  # the cells below the header's rule
+        lines = table.splitlines()
+        rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+        return [line.split()[0] for line in lines[rule + 1:] if line.strip()]
+
+    assert first_column(report.table())[:len(names)] == names
+    twice = ns.compare(model, {"a": quant, "b": quant}, data, progress=False)
+    assert first_column(twice.table())[:len(names)] == names
+    diffed = [c for c in first_column(report.diff(report).table(changed_only=False))
+              if c in names]  # one line per metric of a layer
+    assert list(dict.fromkeys(diffed)) == names
+    sensitivity = ns.sensitivity(model, quant, data, progress=False)
+    assert sorted(first_column(sensitivity.table())[:len(names)]) == sorted(names)
+    diagnosis = ns.diagnose(model, quant, data, progress=False)
+    assert first_column(diagnosis.table())[:len(names)] == names
+    assert "0.10" in first_column(ns.match(model, quant).table())

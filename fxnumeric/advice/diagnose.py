@@ -49,7 +49,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 from .._collector import defers_collection
@@ -65,7 +64,7 @@ from ..metrics import db, sqnr
 from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
-from ..report.render import tabulate_format
+from ..report.render import text_table
 from ..routing import Routes, hook_watched, watch
 from ..run import check_devices, keeps_buffers, model_batches, run_blaming_inside, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
@@ -283,8 +282,7 @@ class Diagnosis:
         headers = ("layer", "kind", "weights", "w util", "ch max/med", "clipped",
                    "err rms/step", "local SQNR", "floor SQNR", "input SQNR", "cum. SQNR",
                    "flags")
-        return tabulate(rows, headers=headers, tablefmt=tabulate_format(tablefmt), floatfmt=".3g",
-                        missingval="-")
+        return text_table(rows, headers, tablefmt, floatfmt=".3g", missingval="-")
 
 
 def _pc(per_channel: bool | None) -> str | None:

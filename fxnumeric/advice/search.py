@@ -59,7 +59,7 @@ from ..metrics import ROUNDING_SQNR_DB, cosine, sqnr
 from ..ops import is_quantized_module
 from ..pairing import op_name
 from ..progress import Progress
-from ..report.render import tabulate_format
+from ..report.render import tabulate_format, text_table
 from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
 from ..weights import transposed_linear, weight_sqnrs
@@ -750,8 +750,7 @@ class Sensitivity:
         failed = "".join(f"\nnan: {hybrid} " + ("not measured" if why.startswith("not measured")
                                                    else "failed in an op") + " (see .failed)"
                          for hybrid, why in self.failed)
-        return tabulate(table, headers=headers, tablefmt=tabulate_format(tablefmt),
-                        floatfmt=".4g") + (
+        return text_table(table, headers, tablefmt, floatfmt=".4g") + (
             f"\nquantized model: {self.metric} {shown(self.quantized)}") + failed
 
 

@@ -74,6 +74,21 @@ TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 (``tabulate.tabulate_formats``: ``rst``, ``latex``, ``html`` ...)."""
 
 
+def text_table(rows: Iterable[Sequence[Any]], headers: Sequence[str], tablefmt: str = "simple",
+               **options: Any) -> str:
+    """``tabulate(rows, headers, ...)`` in ``tablefmt`` (:func:`tabulate_format`), where a
+    column of text stays as written: tabulate reads strings that look like numbers as numbers
+    and rewrites them, and the layers of an ``nn.Sequential`` read ``0.0``, ``0.10`` (shown
+    ``0`` and ``0.1``, the name of another layer). Values are handed over as numbers, so only
+    the columns holding nothing but text are kept from its parsing."""
+    rows = [list(r) for r in rows]
+    columns = len(rows[0]) if rows else 0
+    text = [i for i in range(columns)
+            if all(r[i] is None or isinstance(r[i], str) for r in rows)]
+    return tabulate(rows, headers=headers, tablefmt=tabulate_format(tablefmt),
+                    disable_numparse=text, **options)
+
+
 def tabulate_format(tablefmt: str) -> str:
     """The tabulate name of ``tablefmt`` (``markdown`` is tabulate's ``pipe``).
 
@@ -146,8 +161,8 @@ def report_table(report: Report, tablefmt: str = "simple", *, sort: str | None =
     _, fallback = report.sort_key(sort, top_k)
     cols = report_columns(report)
     rows = [[fn(r) for _, fn, _ in cols] for r in report.sorted_rows(sort, top_k)]
-    lines = [tabulate(rows, headers=[c for c, _, _ in cols], tablefmt=tablefmt, floatfmt=".4g",
-                      missingval="-")]
+    lines = [text_table(rows, [c for c, _, _ in cols], tablefmt, floatfmt=".4g",
+                        missingval="-")]
     lines += [f"note: {n}" for n in (*report.notes, *([fallback] if fallback else []))]
     lines.append(report.summary())
     return "\n".join(lines)
@@ -168,8 +183,8 @@ def block_table(report: Report, tablefmt: str = "simple") -> str:
     tablefmt = tabulate_format(tablefmt)  # refused even when there is nothing to draw
     if not report.blocks:
         return ""
-    return tabulate([_block_cells(b) for b in report.blocks], headers=_BLOCK_HEADERS,
-                    tablefmt=tablefmt, floatfmt=".4g", missingval="-")
+    return text_table([_block_cells(b) for b in report.blocks], _BLOCK_HEADERS, tablefmt,
+                      floatfmt=".4g", missingval="-")
 
 
 def _blocks_html(report: Report) -> str:
@@ -628,10 +643,9 @@ def variants_table(report: Report, tablefmt: str = "simple", *, sort: str | None
              *(layer.value(v, attr) for v in report.variants for attr, _ in metrics),
              _layer_note(layer)] for layer in layers]
     out_headers, out_rows = _model_output_table(report)
-    lines = [tabulate(rows, headers=headers, tablefmt=tablefmt, floatfmt=".4g", missingval="-"),
+    lines = [text_table(rows, headers, tablefmt, floatfmt=".4g", missingval="-"),
              "", "model output:",
-             tabulate(out_rows, headers=out_headers, tablefmt=tablefmt, floatfmt=".4g",
-                      missingval="-")]
+             text_table(out_rows, out_headers, tablefmt, floatfmt=".4g", missingval="-")]
     lines += [f"note: {n}" for n in (*_variant_notes(report), *([fallback] if fallback else []))]
     lines.append(report.summary())
     return "\n".join(lines)
@@ -893,7 +907,7 @@ def matching_summary(m: Matching) -> str:
 def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool = False) -> str:
     """Pairs and misses as a tabulate table, the summary line, and optionally explanations."""
     tablefmt = tabulate_format(tablefmt)
-    text = tabulate(_matching_rows(m), headers=_matching_headers(m), tablefmt=tablefmt)
+    text = text_table(_matching_rows(m), _matching_headers(m), tablefmt)
     text += "\n" + matching_summary(m)
     if m.untraced:
         text += "\n" + _kept_whole_text(m)
@@ -907,8 +921,7 @@ def matching_table(m: Matching, tablefmt: str = "simple", *, around_misses: bool
 
 def explain_table(rows: Sequence[tuple[str, str, str, str]], tablefmt: str = "simple") -> str:
     """The rows of :meth:`Matching.explain` (float nodes, kind, quantized nodes, note)."""
-    return tabulate(rows, headers=("float", "kind", "quantized", ""),
-                    tablefmt=tabulate_format(tablefmt))
+    return text_table(rows, ("float", "kind", "quantized", ""), tablefmt)
 
 
 def matching_fragment(m: Matching) -> str:
@@ -1421,8 +1434,8 @@ def diff_table(diff: ReportDiff, tablefmt: str = "simple", *, changed_only: bool
     tablefmt = tabulate_format(tablefmt)
     shown, hidden = _diff_rows(diff, changed_only)
     headers, _, variants = _diff_headers(diff)
-    lines = [tabulate([_diff_cells(c, variants) for c in shown], headers=headers,
-                      tablefmt=tablefmt, floatfmt=".4g", missingval="-")] if shown else []
+    lines = [text_table([_diff_cells(c, variants) for c in shown], headers, tablefmt,
+                        floatfmt=".4g", missingval="-")] if shown else []
     if hidden:
         lines.append(f"{hidden} metrics unchanged" + (" (not shown)" if shown else ""))
     lines += _diff_layer_lines(diff)
