@@ -1211,7 +1211,7 @@ def test_variants_from_other_flows_are_not_told_to_use_torchao() -> None:
 
 def test_values_near_one_are_shown_with_the_digits_that_tell_them_apart() -> None:
     # "cosine=1, target=1" hid a cosine of 0.999993 against its target of 0.99999
-    from fxnumeric.advice.numbers import shown
+    from fxnumeric.numbers import shown
 
     float_model, q, data = _fx_pair()
     advice = advise(float_model, q, data, metric="cosine", target=0.99995)
@@ -2583,7 +2583,7 @@ def test_the_message_cheapest_plan_is_the_front_first_point_when_variants_cost_t
     """A per-tensor FX Linear and a dynamic one cost the same bits: of the plans at the fewest
     bits, the message named the one it started from (8.07 bits, 31.75 dB) and the front's first
     row the best verified (8.066 -> 33.77)."""
-    from fxnumeric.advice.numbers import shown
+    from fxnumeric.numbers import shown
 
     f, data = _pool_net()
     variants = {"pt": _fx_plan(f, data, {}),

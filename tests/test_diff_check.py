@@ -552,3 +552,25 @@ def test_worst_first_leads_with_the_layer_where_inf_starts():
     assert report.row("2").shadow_sqnr == -math.inf and len(poisoned) > 2
     assert [r.name for r in report.sorted_rows(top_k=len(poisoned))] == poisoned  # graph order
     assert report.table(top_k=1).splitlines()[2].split()[0] == "2"
+
+
+def test_a_failure_line_shows_the_digits_that_tell_the_value_from_its_limit():
+    # 29.9996 dB against min_sqnr = 30 read "model output SQNR 30 dB < 30 dB"
+    row = ReportRow("fc", "linear", True, 39.9996, {"sqnr": 34.9998}, {"sqnr": 34.99996},
+                    float_rms=1.0, reference_rms=1.0)
+    report = Report((row,), ("sqnr",), ("weights", "outputs", "shadows"), 2,
+                    {"sqnr": 29.9996, "cosine": 0.99896, "kl": 0.10004,
+                     "top1_agreement": 0.89996}, model_output_rms=1.0)
+    lines = check_report(report, min_output_sqnr=30, min_output_cosine=0.999, max_kl=0.1,
+                         min_top1_agreement=0.9, min_shadow_sqnr=35,
+                         min_weight_sqnr=40).text().splitlines()
+    assert lines[:6] == [
+        "FAIL [model_output] min_sqnr = 30: model output SQNR 29.9996 dB < 30 dB",
+        "FAIL [model_output] min_cosine = 0.999: model output cosine 0.99896 < 0.999",
+        "FAIL [model_output] max_kl = 0.1: model output kl 0.10004 nats > 0.1 nats",
+        "FAIL [model_output] min_top1_agreement = 0.9: model output top1_agreement 0.89996 < 0.9",
+        "FAIL [layers] min_shadow_sqnr = 35: fc shadow SQNR 34.99996 dB < 35 dB",
+        "FAIL [layers] min_weight_sqnr = 40: fc weight SQNR 39.9996 dB < 40 dB"]
+    # each shown value still reads as the value it is, to 4 digits where nothing is near
+    far = check_report(report, min_output_sqnr=31.5).text().splitlines()[0]
+    assert far.endswith("model output SQNR 30 dB < 31.5 dB")

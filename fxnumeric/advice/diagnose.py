@@ -61,6 +61,7 @@ from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
 from ..match import Matching, Pair
 from ..metrics import db, sqnr
+from ..numbers import a_number
 from ..pairing import op_name
 from ..progress import Progress
 from ..report import Report
@@ -70,7 +71,6 @@ from ..run import check_devices, keeps_buffers, model_batches, run_blaming_insid
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
 from ..weights import pair_weights
 from .hybrid import called_whole, module_path
-from .numbers import a_number
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "Flag", "annotate", "WHITE_NOISE_STEPS"]
 

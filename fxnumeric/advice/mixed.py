@@ -51,12 +51,12 @@ from .. import flows
 from ..errors import FxNumericWarning, InputError, InstrumentationError
 from ..flows.fx import weight_owner
 from ..guards import warn_foreign_weights
+from ..numbers import shown
 from ..pairing import op_name
 from ..semantics import evaluate_constant, is_dequantize
 from ..storage import module_weights, tensor_storage_bits, weight_storage_bits
 from ..weights import weight_sqnrs
 from .hybrid import Swap, module_path, op_names
-from .numbers import shown
 
 __all__ = ["LayerChoices", "advise_variants", "check_variant", "FLOAT"]
 

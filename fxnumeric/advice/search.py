@@ -56,6 +56,7 @@ from ..llm_metrics import (
 )
 from ..match import Matching
 from ..metrics import ROUNDING_SQNR_DB, cosine, sqnr
+from ..numbers import a_count, a_number, shown, shown_apart
 from ..ops import is_quantized_module
 from ..pairing import op_name
 from ..progress import Progress
@@ -74,7 +75,6 @@ from .hybrid import (
     whole_of,
 )
 from .mixed import FLOAT, advise_variants, check_variant
-from .numbers import a_count, a_number, shown, shown_apart
 from .replay import BlockReplay
 
 __all__ = ["sensitivity", "advise", "Sensitivity", "LayerSensitivity", "Advice", "END_METRICS"]

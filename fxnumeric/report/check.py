@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..numbers import shown
 from .data import Report, ReportRow
 
 __all__ = ["Thresholds", "CheckFailure", "CheckResult", "check_report", "LAYER_THRESHOLDS",
@@ -242,14 +243,18 @@ class CheckFailure:
             return f"{where}: {self.reason}"
         subject = "model output" if self.layer is None else self.layer
         op = "<" if self.key.startswith("min_") else ">"
-        return (f"{where}: {subject} {self.what} {_value(self.value)}{self.unit} {op} "
-                f"{self.limit:g}{self.unit}")
+        return (f"{where}: {subject} {self.what} {_value(self.value, self.limit)}{self.unit} "
+                f"{op} {self.limit:g}{self.unit}")
 
 
-def _value(v: float | None) -> str:
+def _value(v: float | None, limit: float | None) -> str:
+    """``v`` with the digits it takes not to read as ``limit`` (29.9996 against 30 read
+    "30 dB < 30 dB")."""
     if v is None:
         return "-"
-    return f"{v:.4g}" if math.isfinite(v) else str(v)
+    if not math.isfinite(v):
+        return str(v)
+    return shown(v) if limit is None else shown(v, limit)
 
 
 @dataclass(frozen=True)
@@ -314,7 +319,7 @@ def check(report: Report, thresholds: Thresholds) -> CheckResult:
             failures.append(CheckFailure("model_output", key, limit, reason=(
                 f"model output {metric} not measured in this report (it holds {held})")))
         elif _fails(key, value, limit):
-            unit = " dB" if metric == "sqnr" else ""
+            unit = " dB" if metric == "sqnr" else " nats" if metric.startswith("kl") else ""
             what = "SQNR" if metric == "sqnr" else metric
             failures.append(CheckFailure("model_output", key, limit, None, value, what, unit))
     skipped: dict[str, None] = {}

@@ -1,4 +1,5 @@
-"""How the advice shows a metric's value, and checks the numbers it is given."""
+"""How fxnumeric shows a metric's value (the advice, the checks), and checks the numbers it is
+given."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import InputError
+from .errors import InputError
 
 __all__ = ["shown", "shown_apart", "a_number", "a_count"]
 
