@@ -546,3 +546,28 @@ def test_a_variant_that_quantized_nothing_is_not_ranked_but_a_fake_quant_one_is(
     assert "no best variant: no variant quantized anything" in alone.summary()
     page = alone._repr_html_()
     assert "Best:" not in page and "No best variant: no variant quantized anything" in page
+
+
+def test_a_poisoned_layer_leads_a_multi_variant_table_worst_first_as_in_one_report():
+    # NaN is the worst value a row can hold: one report's rows put it first, the variants'
+    # table put it last (behind every number), so top_k hid the layer that was poisoned
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)]).eval()
+    quant = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear})
+    data = [torch.randn(4, 8) for _ in range(2)]
+    report = ns.compare(model, {"a": quant, "b": copy.deepcopy(quant)}, data, progress=False)
+
+    def poisoned(r):  # NaN in layer 3's shadow SQNR of variant a only
+        return dataclasses.replace(r, rows=tuple(
+            dataclasses.replace(x, shadow={**x.shadow, "sqnr": math.nan}) if x.name == "3"
+            else x for x in r.rows))
+
+    variants = {"a": poisoned(report.variants["a"]), "b": report.variants["b"]}
+    both = dataclasses.replace(report, variants=variants)
+    assert variants["a"].sorted_rows(top_k=2)[0].name == "3"  # one report: NaN first
+    lines = both.table(top_k=2).splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    assert lines[rule + 1].split()[0] == "3"
+    others = [r.name for r in report.variants["b"].rows if r.name != "3"]
+    assert lines[rule + 2].split()[0] == min(others, key=lambda n: min(
+        v.row(n).shadow_sqnr for v in report.variants.values()))  # then the lowest number

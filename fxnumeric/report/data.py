@@ -29,6 +29,7 @@ from .render import (
     report_fragment,
     report_page,
     report_table,
+    worst_first_key,
 )
 from .variants import best_variant, variants_summary
 from .verdict import (
@@ -386,15 +387,6 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _sort_value(x: float | None) -> tuple[int, float]:
-    """Worst first: NaN and ``-inf`` (a poisoned layer: Inf in a layer's output reads
-    ``-inf``, NaN in the layers after it) before every number, in graph order among
-    themselves, so the layer where Inf starts leads; a missing value after."""
-    if x is None:
-        return 2, 0.0
-    return (0, 0.0) if math.isnan(x) or x == -math.inf else (1, x)
-
-
 def _upgrade_schema_1(data: dict[str, Any]) -> dict[str, Any]:
     """A report file of schema 1 in schema 2's layout (a new dict; ``data`` is left as is).
 
@@ -682,7 +674,7 @@ class Report:
         key, _ = self.sort_key(sort, top_k)
         rows = list(self.rows)
         if key != "graph":
-            rows.sort(key=lambda r: (r.degenerate, _sort_value(getattr(r, key))))
+            rows.sort(key=lambda r: (r.degenerate, worst_first_key(getattr(r, key))))
         return rows[:top_k] if top_k is not None else rows
 
     def diff(self, new: Report, *, tolerance_db: float = 0.5, tolerance_cosine: float = 1e-3,

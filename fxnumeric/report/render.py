@@ -571,19 +571,26 @@ def _variant_metrics(report: Report) -> list[tuple[str, str]]:
             if comparison in report.comparisons]
 
 
+def worst_first_key(x: float | None) -> tuple[int, float]:
+    """The sort key of a value, worst first: NaN and ``-inf`` (a poisoned layer: Inf in a
+    layer's output reads ``-inf``, NaN in the layers after it) before every number, in graph
+    order among themselves, so the layer where Inf starts leads; a missing value after."""
+    if x is None:
+        return 2, 0.0
+    return (0, 0.0) if math.isnan(x) or x == -math.inf else (1, x)
+
+
 def _variant_layers(report: Report, sort: str | None = None,
                     top_k: int | None = None) -> tuple[list[AlignedLayer], str]:
-    """The aligned layers in graph order, or worst first by the lowest value any variant
-    has there (the column as :meth:`Report.sort_key` picks it); layers whose float signal
-    collapsed last."""
+    """The aligned layers in graph order, or worst first by the worst value any variant
+    has there (the column as :meth:`Report.sort_key` picks it, NaN and ``-inf`` first as in
+    one report's rows: :func:`worst_first_key`); layers whose float signal collapsed last."""
     key, fallback = report.sort_key(sort, top_k)
     layers = aligned_layers(report)
     if key != "graph":
-        def worst(layer: AlignedLayer) -> tuple[bool, float]:
-            found = [v for row in layer.rows.values()
-                     if (v := getattr(row, key)) is not None and not math.isnan(v)]
+        def worst(layer: AlignedLayer) -> tuple[bool, tuple[int, float]]:
             return (all(r.degenerate for r in layer.rows.values()),
-                    min(found) if found else math.inf)
+                    min(worst_first_key(getattr(row, key)) for row in layer.rows.values()))
 
         layers.sort(key=worst)
     return (layers[:top_k] if top_k is not None else layers), fallback
