@@ -762,3 +762,26 @@ def test_a_block_ending_in_a_bounded_op_is_judged_against_what_reaches_its_outpu
         assert block.float_rms == pytest.approx(rms[block.name], rel=1e-5)
         assert block.reference_rms == 6.0 and not block.degenerate
     assert "collapsed" not in report.block_table()
+
+
+def test_every_variant_shows_its_blocks_in_text_and_html(tmp_path):
+    # a multi-variant report printed the first variant's block table alone, under no name,
+    # and its HTML page had no blocks at all
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    f = tiny_llama().eval()
+    q8 = copy.deepcopy(f)
+    quantize_(q8, Int8DynamicActivationInt8WeightConfig())
+    qd = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear})
+    data = tiny_llm_batches(vocab_size=256, n=2)
+    report = ns.compare(f, {"int8": q8, "dynamic": qd}, data, progress=False)
+    names = ["model.layers.0", "model.layers.1"]
+    text = str(report)
+    for variant, quant in (("int8", q8), ("dynamic", qd)):
+        own = report.variants[variant]
+        assert f"blocks of {variant}:\n{own.block_table()}" in text
+        outputs, _ = _read_blocks(f, quant, names, data, lambda m, b: m(**b, use_cache=False))
+        assert [b.output_sqnr for b in own.blocks] == pytest.approx(
+            [outputs[n] for n in names], abs=1e-3)  # each variant's own blocks
+    page = report.to_html(tmp_path / "r.html").read_text()
+    assert page.count("<h2>Blocks</h2>") == 2

@@ -719,7 +719,8 @@ class Report:
 
     def block_table(self, tablefmt: str = "simple") -> str:
         """The blocks (decoder layers, BERT layers, ResNet stages) as a table: the error
-        entering, added in and leaving each; ``""`` when the model has none."""
+        entering, added in and leaving each; ``""`` when the model has none. With variants,
+        each variant's table under its name."""
         return block_table(self, tablefmt)
 
     def to_dict(self) -> dict[str, Any]:

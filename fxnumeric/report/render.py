@@ -179,8 +179,12 @@ def _block_cells(b: Any) -> list[Any]:
 def block_table(report: Report, tablefmt: str = "simple") -> str:
     """The report's blocks as a table: the error entering each (the block before it leaves
     it), what the block adds by itself (its float twin fed its quantized input), and what
-    leaves it. Empty when the model has no repeated blocks."""
+    leaves it. Empty when the model has no repeated blocks. With variants, each variant's
+    table under its name."""
     tablefmt = tabulate_format(tablefmt)  # refused even when there is nothing to draw
+    if report.variants:
+        return "\n\n".join(f"blocks of {name}:\n{table}" for name, v in report.variants.items()
+                           if (table := block_table(v, tablefmt)))
     if not report.blocks:
         return ""
     return text_table([_block_cells(b) for b in report.blocks], _BLOCK_HEADERS, tablefmt,
@@ -814,7 +818,7 @@ def variants_page(report: Report, *, histogram_layers: list[str] | int = 3,
     """The self-contained HTML page of a multi-variant report: the best variant and where each
     loses, notes, the model output per variant, a chart per SQNR with a line per variant, the
     aligned table (a column group per variant), then each variant's own report (verdict,
-    chart, weight histograms, table), each opening on a click."""
+    chart, weight histograms, blocks, table), each opening on a click."""
     _check_histogram_layers(histogram_layers, list(report.variants.values()))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fxnumeric report</title>",
@@ -839,8 +843,8 @@ def variants_page(report: Report, *, histogram_layers: list[str] | int = 3,
             f"<details><summary><b>{html.escape(name)}</b>: {html.escape(_headline(r))}"
             f"</summary>{verdict_html(r)}<p>{html.escape(r.summary(verdict=False))}</p>"
             f"{_legend(r.rows)}<div class='fxn-chart'>{sqnr_chart(r.rows)}</div>"
-            f"{_variant_histograms(r, histogram_layers)}{_report_html_table(r, r.rows)}"
-            "</details>")
+            f"{_variant_histograms(r, histogram_layers)}{_blocks_html(r)}"
+            f"{_report_html_table(r, r.rows)}</details>")
     parts += [SORT_SCRIPT, "</body></html>"]
     return "\n".join(parts)
 
