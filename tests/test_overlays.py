@@ -79,3 +79,23 @@ def test_cli_writes_model_explorer_overlays(tmp_path, capsys):
     assert code == 0 and "shadow_sqnr.json" in capsys.readouterr().out
     results = json.loads((tmp_path / "overlays" / "output_sqnr.json").read_text())["graph"]
     assert "conv2d" in results["results"]
+
+
+def test_a_row_whose_float_signal_collapsed_is_left_uncoloured():
+    # its 0 dB measures nothing; coloured, it read as the worst layer, and -inf elsewhere
+    # mapped onto that same 0 dB
+    from fxnumeric.report import Report, ReportRow
+
+    def row(name, output, shadow, float_rms=1.0):
+        return ReportRow(name, "linear", True, 40.0, {"sqnr": output}, {"sqnr": shadow},
+                         float_nodes=(name,), float_rms=float_rms, reference_rms=1.0)
+
+    report = Report((row("a", 35.0, 35.0), row("dead", 0.0, 0.0, float_rms=1e-12),
+                     row("b", -math.inf, math.inf), row("c", 30.0, 30.0)),
+                    ("sqnr",), ("weights", "outputs", "shadows"), 2, {"sqnr": 30.0},
+                    model_output_rms=1.0)
+    assert [r.degenerate for r in report.rows] == [False, True, False, False]
+    outputs = node_data(report, "output_sqnr")["graph"]["results"]
+    assert outputs == {"a": {"value": 35.0}, "b": {"value": 30.0}, "c": {"value": 30.0}}
+    shadows = node_data(report, "shadow_sqnr")["graph"]["results"]
+    assert shadows == {"a": {"value": 35.0}, "b": {"value": 35.0}, "c": {"value": 30.0}}

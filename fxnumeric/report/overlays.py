@@ -19,7 +19,8 @@ each listing its own nodes, so both call sites are coloured with their own value
 
 Values Model Explorer cannot show are mapped, not dropped: ``inf`` (an exact match) becomes
 the overlay's largest finite value, ``-inf`` its smallest; rows whose value is ``nan`` or
-absent (a pair without a shadow) get no entry, so those nodes stay uncoloured.
+absent (a pair without a shadow), and rows whose float signal collapsed (their SQNR measures
+nothing, :attr:`ReportRow.degenerate`), get no entry, so those nodes stay uncoloured.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def node_data(report: Report, overlay: str, *, graph_id: str = "graph") -> dict:
 
 
 def _value(row: ReportRow, overlay: str) -> float | None:
+    """The row's value to colour its nodes with; ``None`` where it measures nothing (``nan``,
+    absent, or a row whose float signal collapsed: its 0 dB would read as the worst layer)."""
     value = getattr(row, overlay)
-    return None if value is None or math.isnan(value) else float(value)
+    return None if value is None or math.isnan(value) or row.degenerate else float(value)
 
 
 def write_model_explorer(report: Report, directory: str | Path, *,
