@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["shown", "shown_apart", "a_number", "a_count"]
+__all__ = ["shown", "shown_apart", "fixed", "a_number", "a_count"]
 
 
 def a_number(value: Any, name: str, fix: str) -> float:
@@ -53,6 +53,20 @@ def shown(value: float, *near: float) -> str:
         if all(value == other or text != f"{other:.{digits}g}" for other in (1.0, *near)):
             return text
     return f"{value:.12g}"
+
+
+def fixed(value: float, places: int = 3) -> str:
+    """``value`` to ``places`` decimals, or with the digits :func:`shown` gives it when that
+    would read as 1 while it is not: a top-1 agreement of 0.9996 read "1.000".
+
+    Example:
+        >>> fixed(0.6634), fixed(0.9996), fixed(1.0)
+        ('0.663', '0.9996', '1.000')
+    """
+    text = f"{value:.{places}f}"
+    if value != 1.0 and text == f"{1.0:.{places}f}":
+        return shown(value)
+    return text
 
 
 def shown_apart(values: Sequence[float], *near: float) -> list[str]:

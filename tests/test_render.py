@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -525,3 +526,25 @@ def test_layer_names_that_read_as_numbers_are_shown_as_written_in_every_table():
     diagnosis = ns.diagnose(model, quant, data, progress=False)
     assert first_column(diagnosis.table())[:len(names)] == names
     assert "0.10" in first_column(ns.match(model, quant).table())
+
+
+def test_a_value_near_1_is_never_shown_as_1():
+    # a cosine of 0.99996 read "1" in the table and a top-1 agreement of 0.9996 "1.000" in
+    # the summary, as if exact
+    rows = (ReportRow("fc1", "linear", True, 48.0, {"sqnr": 41.0, "cosine": 0.99996},
+                      {"sqnr": 41.0}, float_rms=1.0, reference_rms=1.0),
+            ReportRow("fc2", "linear", True, 48.0, {"sqnr": 35.0, "cosine": 0.9871},
+                      {"sqnr": 36.0}, float_rms=1.0, reference_rms=1.0),
+            ReportRow("fc3", "linear", True, 48.0, {"sqnr": 35.0, "cosine": 1.0},
+                      {"sqnr": 36.0}, float_rms=1.0, reference_rms=1.0))
+    report = Report(rows, ("sqnr", "cosine"), ("weights", "outputs", "shadows"), 2,
+                    {"sqnr": 30.0, "kl": 0.01, "kl_p99": 0.02, "kl_max": 0.05,
+                     "top1_agreement": 0.9996}, model_output_rms=1.0)
+    lines = report.table().splitlines()
+    cosine = lines[0].split().index("cosine") - 2  # "weight SQNR", "output SQNR": 2 words
+    cells = {line.split()[0]: line.split()[cosine] for line in lines[2:5]}
+    assert cells == {"fc1": "0.99996", "fc2": "0.9871", "fc3": "1"}
+    assert "top-1 agreement 0.9996" in report.summary()
+    exact = dataclasses.replace(report, model_output={**report.model_output,
+                                                      "top1_agreement": 1.0})
+    assert "top-1 agreement 1.000" in exact.summary()

@@ -21,6 +21,7 @@ import torch
 from ..errors import InputError
 from ..floor import FLOOR_MARGIN_DB
 from ..metrics import Spread
+from ..numbers import fixed
 from . import persist
 from .render import (
     TABLE_FORMATS,
@@ -592,7 +593,7 @@ class Report:
             return ""
         text = (f"{self.kl_label} {out['kl']:.4g} nats (p99 {out.get('kl_p99', math.nan):.3g}, "
                 f"max {out.get('kl_max', math.nan):.3g}), top-1 agreement "
-                f"{out.get('top1_agreement', math.nan):.3f}")
+                f"{fixed(out.get('top1_agreement', math.nan))}")
         if "ppl_float" in out:
             text += (f", perplexity {out['ppl_float']:.3f} float -> "
                      f"{out.get('ppl_quantized', math.nan):.3f} quantized")

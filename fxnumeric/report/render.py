@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate, tabulate_formats
 
 from ..errors import InputError
+from ..numbers import shown
 from .variants import (
     AlignedLayer,
     aligned_layers,
@@ -80,13 +81,24 @@ def text_table(rows: Iterable[Sequence[Any]], headers: Sequence[str], tablefmt: 
     column of text stays as written: tabulate reads strings that look like numbers as numbers
     and rewrites them, and the layers of an ``nn.Sequential`` read ``0.0``, ``0.10`` (shown
     ``0`` and ``0.1``, the name of another layer). Values are handed over as numbers, so only
-    the columns holding nothing but text are kept from its parsing."""
+    the columns holding nothing but text are kept from its parsing. A column where a value
+    would read as 1 at ``floatfmt`` while it is not (a cosine of 0.99996 read "1", as if
+    exact) shows its values with the digits that tell them from 1 (:func:`shown`)."""
     rows = [list(r) for r in rows]
     columns = len(rows[0]) if rows else 0
+    fmt = options.get("floatfmt", "g")
+    aligned: list[str] = ["global"] * columns
+    for i in range(columns):
+        if any(isinstance(r[i], float) and r[i] != 1.0 and format(r[i], fmt) == "1"
+               for r in rows):
+            for r in rows:
+                if isinstance(r[i], float):
+                    r[i] = shown(r[i]) if math.isfinite(r[i]) else str(r[i])
+            aligned[i] = "decimal"
     text = [i for i in range(columns)
             if all(r[i] is None or isinstance(r[i], str) for r in rows)]
     return tabulate(rows, headers=headers, tablefmt=tabulate_format(tablefmt),
-                    disable_numparse=text, **options)
+                    disable_numparse=text, colalign=aligned, **options)
 
 
 def tabulate_format(tablefmt: str) -> str:

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..numbers import fixed
 from .verdict import blamed
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ def output_text(variant: Report) -> str:
     out = variant.model_output
     if "kl" in out:
         return (f"{variant.kl_label} {out['kl']:.4g} nats, top-1 agreement "
-                f"{out.get('top1_agreement', math.nan):.3f}")
+                f"{fixed(out.get('top1_agreement', math.nan))}")
     sqnr = out.get("sqnr")
     if sqnr is None:
         return "model output not compared"
