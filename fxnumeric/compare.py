@@ -857,8 +857,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
             note=_note(oa, sa, plan.built.skipped.get(p.name), w_acc,
                        plan.routes.get(p.name), unread.get(p.name), inside.get(p.name),
                        plan.built.strays.get(p.name), plan.built.bypassed.get(p.name),
-                       float_weight=(p.quantized and w_acc is not None
-                                     and w_acc.value("sqnr") == math.inf)),
+                       float_weight=(_float_weight(p) if p.quantized and w_acc is not None
+                                     and w_acc.value("sqnr") == math.inf else "")),
             weight_histogram=hist,
             activations=tuple(oa.kept) if oa is not None and oa.kept is not None else None,
             float_rms=_rms(oa if oa and oa.batches else sa),
@@ -1249,16 +1249,28 @@ def _differ(acc: Accumulator | None) -> str:
             f"({100 * acc.discrete_differ / acc.discrete_values:.1f}%)")
 
 
+def _float_weight(pair: Pair) -> str:
+    """Why a quantized op computes with its float twin's weight, as far as its kind and call
+    site tell: a quantized norm takes its weight in float (FX, eager); a later call of a
+    module (``conv#2``) is one whose weight torchao's convert_pt2e leaves float; otherwise the
+    quantizer did not quantize it (XNNPACKQuantizer annotates no ConvTranspose weight)."""
+    if "norm" in pair.kind:
+        return f"torch's quantized {pair.kind} takes its weight in float"
+    if "#" in pair.name:
+        return ("torchao's convert_pt2e leaves the weight of a module's second and later calls "
+                "float")
+    return "its quantizer left the weight float"
+
+
 def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
           weights: Accumulator | None = None, routes: Routes | None = None,
           unread_weight: str | None = None, inside: list[str] | None = None,
           stray: tuple[str, str] | None = None,
-          bypassed: tuple[str, str] | None = None, float_weight: bool = False) -> str:
+          bypassed: tuple[str, str] | None = None, float_weight: str = "") -> str:
     notes = []
     if float_weight:  # its weight SQNR reads inf, truly: say why rather than leave it unexplained
         notes.append("weight not quantized: the quantized op computes with a weight equal to the "
-                     "float one (torchao's convert_pt2e leaves the weight of a module's second "
-                     "and later calls float), so only its activations are quantized")
+                     f"float one ({float_weight}), so only its activations are quantized")
     if stray is not None and sa is not None:
         notes.append(f"reads quantized `{stray[0]}`, which has no float counterpart, where the "
                      f"float model reads `{stray[1]}`; so does its shadow: the error "

@@ -1524,3 +1524,36 @@ def test_an_index_reads_the_same_traced_by_torch_fx_and_exported(index):
                                                             torch.ops.aten.slice.Tensor)]
     assert len(traced) == len(exported) == 1
     assert index_of(traced[0]) == index_of(exported[0]) != ()
+
+
+def test_a_weight_left_float_is_explained_by_what_left_it_float():
+    # the note blamed torchao's convert_pt2e looping on every weight left float: on an
+    # XNNPACK ConvTranspose2d called once (its quantizer annotates no conv_transpose weight)
+    # and on FX's quantized LayerNorm (torch's kernel takes a float weight). Oracle: the
+    # weight each quantized op computes with, read from the quantized model
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    upsample = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3),
+                                   torch.nn.ConvTranspose2d(8, 4, 2, stride=2)).eval()
+    ep, quant = _xnnpack(upsample, data)
+    (node,) = [n for n in quant.graph.nodes
+               if n.target == torch.ops.aten.conv_transpose2d.input]
+    assert node.args[1].op == "get_attr"  # read straight from the float parameter
+    row = fxn.compare(ep, quant, data, progress=False).row("1")
+    assert row.weight_sqnr == math.inf
+    assert "(its quantizer left the weight float)" in row.note
+    assert "convert_pt2e" not in row.note
+
+    normed = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.LayerNorm([8, 6, 6]),
+                                 torch.nn.Conv2d(8, 4, 1)).eval()
+    prepared = prepare_fx(copy.deepcopy(normed), get_default_qconfig_mapping("x86"), (data[0],))
+    for x in data:
+        prepared(x)
+    fx_quant = convert_fx(prepared)
+    assert fx_quant.get_submodule("1").weight.dtype == torch.float32  # torch's kernel's
+    row = fxn.compare(normed, fx_quant, data, progress=False).row("1")
+    assert row.weight_sqnr == math.inf
+    assert "(torch's quantized layer_norm takes its weight in float)" in row.note
