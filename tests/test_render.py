@@ -548,3 +548,16 @@ def test_a_value_near_1_is_never_shown_as_1():
     exact = dataclasses.replace(report, model_output={**report.model_output,
                                                       "top1_agreement": 1.0})
     assert "top-1 agreement 1.000" in exact.summary()
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 2.5, True])
+def test_top_k_is_a_count_of_at_least_one(top_k):
+    # -1 silently dropped the last row, 0 drew an empty table, 2.5 raised a bare TypeError
+    rows = tuple(ReportRow(f"fc{i}", "linear", True, 48.0, {"sqnr": 30.0 + i},
+                           {"sqnr": 31.0 + i}) for i in range(3))
+    report = Report(rows, ("sqnr",), ("weights", "outputs", "shadows"), 2, {"sqnr": 30.0})
+    with pytest.raises(ns.InputError, match="top_k must be a whole number >= 1"):
+        report.table(top_k=top_k)
+    with pytest.raises(ns.InputError, match="top_k must be a whole number >= 1"):
+        report.sorted_rows(top_k=top_k)
+    assert [r.name for r in report.sorted_rows(top_k=2)] == ["fc0", "fc1"]

@@ -740,6 +740,8 @@ class Sensitivity:
               top_k: int | None = None) -> str:
         """The layers as a table, most sensitive first (``sort=False``: graph order)."""
         rows = [self.layer(n) for n in self.ranking()] if sort else list(self.layers)
+        if top_k is not None:  # -1 dropped the last layer, 0 showed them all
+            a_count(top_k, "top_k", 1)
         rows = rows[:top_k] if top_k else rows
         headers = ["layer", "kind", f"only this quantized ({self.metric})",
                    f"all but this quantized ({self.metric})"]

@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..floor import FLOOR_MARGIN_DB
 from ..metrics import Spread
-from ..numbers import fixed
+from ..numbers import a_count, fixed
 from . import persist
 from .render import (
     TABLE_FORMATS,
@@ -656,6 +656,8 @@ class Report:
             from ..errors import InputError
 
             raise InputError(f"sort must be one of {', '.join(_SORT_KEYS)}, got {sort!r}")
+        if top_k is not None:  # -1 dropped the last row, 0 drew an empty table
+            a_count(top_k, "top_k", 1)
         if sort is None:
             sort = "graph" if top_k is None else "worst"
         if sort == "graph":
