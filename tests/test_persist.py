@@ -315,6 +315,9 @@ def test_missing_and_binary_files(tmp_path):
     (tmp_path / "r.bin").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(InputError, match=r"r\.bin is not a report: not UTF-8 text"):
         Report.from_json(tmp_path / "r.bin")
+    for empty in ("", "  "):  # read as the directory "." ("Is a directory")
+        with pytest.raises(InputError, match="no report given: an empty string is neither"):
+            Report.from_json(empty)
 
 
 def test_docstring_examples_run():

@@ -334,6 +334,8 @@ def _read(source: str | Path) -> tuple[str, str]:
     """(text, name for messages) of JSON text or a path to a file holding it."""
     if isinstance(source, str) and source.lstrip().startswith("{"):
         return source, "report"
+    if isinstance(source, str) and not source.strip():  # Path("") is "." (a directory)
+        raise InputError(f"no report given: an empty string is neither JSON nor a path. {_FIX}")
     path = Path(source)
     try:
         return path.read_text(encoding="utf-8"), str(path)
