@@ -917,8 +917,10 @@ def _output_part_note(plan: _Plan) -> tuple[str, ...]:
     if not part:
         return ()
     _, tensors = plan.output_part.part  # type: ignore[misc]
+    first = ("the first after the scalar loss it returns first" if part.startswith("[1]")
+             else "the first")  # a leading loss is skipped (_tensors.after_loss)
     note = (f"model output: the metrics read `output{part}`, one of the {tensors} tensors the "
-            "model returns (the first after a loss); the rest are not compared")
+            f"model returns ({first}); the rest are not compared")
     if compares_detections(part):
         note += (" (detections, compared index by index: boxes that come in another order "
                  "among near-tied scores read as error no layer made)")

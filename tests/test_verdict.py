@@ -995,8 +995,25 @@ def test_a_model_returning_several_tensors_says_which_it_compares():
         expected = _pooled_sqnr([(f(x)[0], q(x)[0]) for x in data])
     assert report.model_output["sqnr"] == pytest.approx(expected, abs=1e-4)
     assert report.model_output_part == "[0]"
-    assert any("`output[0]`, one of the 2 tensors the model returns" in n
+    assert any("`output[0]`, one of the 2 tensors the model returns (the first);" in n
                for n in report.notes)
+
+    class LossFirst(nn.Module):  # (loss, logits, hidden): a model called with labels
+        def __init__(self, steps):
+            super().__init__()
+            self.steps = steps
+
+        def forward(self, x):
+            first, second = self.steps(x)
+            return second.square().mean(), second, first
+
+    lossy = ns.compare(LossFirst(f), LossFirst(q), data, progress=False)
+    with torch.no_grad():
+        expected = _pooled_sqnr([(f(x)[1], q(x)[1]) for x in data])
+    assert lossy.model_output["sqnr"] == pytest.approx(expected, abs=1e-4)
+    assert lossy.model_output_part == "[1]"
+    assert any("`output[1]`, one of the 3 tensors the model returns (the first after the "
+               "scalar loss it returns first);" in n for n in lossy.notes)
     single = ns.compare(nn.Sequential(f.fc1), nn.Sequential(q.fc1), data, progress=False)
     assert single.model_output_part == "" and not any("model output:" in n for n in single.notes)
 
