@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["shown", "shown_apart", "fixed", "a_number", "a_count"]
+__all__ = ["shown", "shown_apart", "fixed", "unit", "a_number", "a_count"]
 
 
 def a_number(value: Any, name: str, fix: str) -> float:
@@ -67,6 +67,18 @@ def fixed(value: float, places: int = 3) -> str:
     if value != 1.0 and text == f"{1.0:.{places}f}":
         return shown(value)
     return text
+
+
+def unit(metric: str) -> str:
+    """The unit written after a value of ``metric``: `` dB`` after an SQNR, `` nats`` after
+    a KL (``kl``, ``kl_p99``, ``kl_max``), nothing after a ratio.
+
+    >>> unit("sqnr"), unit("kl_p99"), unit("cosine")
+    (' dB', ' nats', '')
+    """
+    if metric == "sqnr" or metric.endswith("_sqnr"):
+        return " dB"
+    return " nats" if metric == "kl" or metric.startswith("kl_") else ""
 
 
 def shown_apart(values: Sequence[float], *near: float) -> list[str]:

@@ -2592,7 +2592,8 @@ def test_the_message_cheapest_plan_is_the_front_first_point_when_variants_cost_t
     (bits, value), second = advice.front[:2]
     assert advice.curve == tuple(v for _, v in advice.front)
     assert value > _output_sqnr(f, variants["pt"], data) + 0.5  # not the all-pt plan's
-    assert f"(cheapest plan: {bits:.2f} bits, {shown(value, 35.0)})" in advice.message
+    assert f"(cheapest plan: {bits:.2f} bits, {shown(value, 35.0)} dB)" in advice.message
+    assert " dB >= 35 dB (cheapest plan" in advice.message  # in dB, as one variant's advice
     assert f"{bits:.3f}" in advice.table().splitlines()[2]
 
 

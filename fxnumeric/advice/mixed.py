@@ -51,7 +51,7 @@ from .. import flows
 from ..errors import FxNumericWarning, InputError, InstrumentationError
 from ..flows.fx import weight_owner
 from ..guards import warn_foreign_weights
-from ..numbers import shown
+from ..numbers import shown, unit
 from ..pairing import op_name
 from ..semantics import evaluate_constant, is_dequantize
 from ..storage import module_weights, tensor_storage_bits, weight_storage_bits
@@ -672,16 +672,18 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         counts[choice] = counts.get(choice, 0) + 1
     mix = ", ".join(f"{counts[c]} {c}" for c in sorted(counts, key=lambda c: -counts[c]))
     cmp = ">=" if metric.higher_is_better else "<="
+    units = unit(metric.name)
     front = plans.front()
     if reached:
         # the front's first point: of the plans at the fewest bits (variants of equal cost
         # make several), the best verified, as advice.table() shows it
         message = (f"{len(found)} layers at {bits:.2f} average weight bits ({mix}) reach "
-                   f"{metric.name} {shown(value, target)} {cmp} {target:g} (cheapest plan: "
-                   f"{front[0][0]:.2f} bits, {shown(front[0][1], target)})")
+                   f"{metric.name} {shown(value, target)}{units} {cmp} {target:g}{units} "
+                   f"(cheapest plan: {front[0][0]:.2f} bits, "
+                   f"{shown(front[0][1], target)}{units})")
     else:
-        message = (f"target {metric.name} {cmp} {target:g} NOT reached: best found "
-                   f"{shown(value, target)} "
+        message = (f"target {metric.name} {cmp} {target:g}{units} NOT reached: best found "
+                   f"{shown(value, target)}{units} "
                    f"at {bits:.2f} average weight bits ({mix}), "
                    + ("even with every layer at its dearest choice"
                       if max_float is None or max_float >= len(found)

@@ -56,7 +56,7 @@ from ..llm_metrics import (
 )
 from ..match import Matching
 from ..metrics import ROUNDING_SQNR_DB, cosine, sqnr
-from ..numbers import a_count, a_number, shown, shown_apart
+from ..numbers import a_count, a_number, shown, shown_apart, unit
 from ..ops import is_quantized_module
 from ..pairing import op_name
 from ..progress import Progress
@@ -1351,11 +1351,6 @@ def converted_layers(float_model: nn.Module | None, quant_model: nn.Module | Non
                  and not transposed_linear(quant[path]))
 
 
-def _unit(metric: str) -> str:
-    """`` dB`` after an SQNR, `` nats`` after a KL, nothing after a ratio."""
-    return {"sqnr": " dB", "kl": " nats"}.get(metric, "")
-
-
 def _advise_variants(search: _Search, target: float, layers: Iterable[str] | None, prune: bool,
                      bits: str, started: float, flow: str, max_float: int | None) -> Advice:
     """:func:`advise` over several quantized variants (see :mod:`fxnumeric.advice.mixed`)."""
@@ -1554,22 +1549,22 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
     paths = tuple(module_path(search.matching, n) for n in chosen)
     functions = tuple(function_target(search.matching, n) for n in chosen)
     calls = tuple(module_calls(search.matching, n) for n in chosen)
-    unit = _unit(search.metric_name)
+    units = unit(search.metric_name)
     kept = f"{len(chosen)} of {len(names)} layer{'s' if len(names) != 1 else ''}"
     if reached and not chosen:
         message = (f"the quantized model already reaches {search.metric_name} "
-                   f"{shown(value, target)}{unit} {cmp} {target:g}{unit}")
+                   f"{shown(value, target)}{units} {cmp} {target:g}{units}")
     elif reached:
-        message = (f"keep {kept} float to reach {search.metric_name} {shown(value, target)}{unit} "
-                   f"{cmp} {target:g}{unit} (quantized: {shown(quantized, target)}{unit})")
+        message = (f"keep {kept} float to reach {search.metric_name} {shown(value, target)}{units} "
+                   f"{cmp} {target:g}{units} (quantized: {shown(quantized, target)}{units})")
     else:
         # the search stopped at the limit or after every layer: what ``chosen`` was cut back
         # to (the best point of the curve) says neither
         why = (f"max_float_layers={max_float_layers} reached" if limit < len(names)
                else f"even with all {len(names)} layers float")
-        message = (f"target {search.metric_name} {cmp} {target:g}{unit} NOT reached ({why}): "
-                   f"best found {shown(value, target)}{unit} with {kept} float "
-                   f"(quantized: {shown(quantized, target)}{unit})")
+        message = (f"target {search.metric_name} {cmp} {target:g}{units} NOT reached ({why}): "
+                   f"best found {shown(value, target)}{units} with {kept} float "
+                   f"(quantized: {shown(quantized, target)}{units})")
         if dropped:
             message += (f"; {dropped} more layer{'s' if dropped != 1 else ''} kept float after "
                         "those made it no better")

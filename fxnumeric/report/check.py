@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..numbers import shown
+from ..numbers import shown, unit
 from .data import Report, ReportRow
 
 __all__ = ["Thresholds", "CheckFailure", "CheckResult", "check_report", "LAYER_THRESHOLDS",
@@ -319,9 +319,9 @@ def check(report: Report, thresholds: Thresholds) -> CheckResult:
             failures.append(CheckFailure("model_output", key, limit, reason=(
                 f"model output {metric} not measured in this report (it holds {held})")))
         elif _fails(key, value, limit):
-            unit = " dB" if metric == "sqnr" else " nats" if metric.startswith("kl") else ""
             what = "SQNR" if metric == "sqnr" else metric
-            failures.append(CheckFailure("model_output", key, limit, None, value, what, unit))
+            failures.append(CheckFailure("model_output", key, limit, None, value, what,
+                                         unit(metric)))
     skipped: dict[str, None] = {}
     for pattern, limits in thresholds.layers.items():
         section = _section(pattern)
@@ -334,7 +334,7 @@ def check(report: Report, thresholds: Thresholds) -> CheckResult:
             continue
         skipped.update((r.name, None) for r in rows if r.degenerate)
         for key, limit in limits.items():
-            what, read, unit = LAYER_THRESHOLDS[key]
+            what, read, units = LAYER_THRESHOLDS[key]
             measured = [(r, read(r)) for r in rows if not r.degenerate]
             measured = [(r, v) for r, v in measured if v is not None]
             if not measured:
@@ -347,7 +347,7 @@ def check(report: Report, thresholds: Thresholds) -> CheckResult:
                 checks += 1
                 if _fails(key, value, limit):
                     failures.append(CheckFailure(section, key, limit, row.name, value, what,
-                                                 unit))
+                                                 units))
     return CheckResult(checks, tuple(failures), tuple(skipped))
 
 
