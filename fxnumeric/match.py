@@ -64,7 +64,15 @@ from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import whole_layers, whole_modules, whole_paths
 from .ops import classify, classify_module
 from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
-from .run import as_call, check_devices, check_model, keeps_buffers, run_model
+from .run import (
+    as_call,
+    check_devices,
+    check_model,
+    keeps_buffers,
+    put_back,
+    run_model,
+    saved_buffers,
+)
 from .view import GraphView
 
 __all__ = ["Pair", "Unmatched", "Matching", "Region", "match"]
@@ -938,7 +946,11 @@ def match(
     if example_inputs is not None and validate_inputs:
         for gm, which in ((float_gm, "float"), (quant_gm, "quantized")):
             if which not in checked:  # a graph checked ran on them already
-                run_model(gm, example_inputs, which=which)
+                kept = saved_buffers(gm)  # the model's own: compare's first batch reads them
+                try:
+                    run_model(gm, example_inputs, which=which)
+                finally:
+                    put_back(kept)
     region = pair_region(float_view, quant_view, node_match=node_match)
     return _with_whole_layers(Matching((region,), region.pairs, region.unmatched_float,
                                        region.unmatched_quant, float_model, quant_model,

@@ -33,8 +33,9 @@ from .offload import devices
 from .view import fixed_inputs
 
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
-           "pick_inputs", "buffers_kept", "keeps_buffers", "model_batches", "numbered_batches",
-           "check_data", "check_batch", "nonfinite_inputs", "batch_tensors", "check_max_batches",
+           "pick_inputs", "buffers_kept", "saved_buffers", "put_back", "keeps_buffers",
+           "model_batches", "numbered_batches", "check_data", "check_batch", "nonfinite_inputs",
+           "batch_tensors", "check_max_batches",
            "run_blaming_inside", "failure_site", "module_frames"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
@@ -659,7 +660,7 @@ def buffers_kept(*models: Any) -> Iterator[None]:
     ``ExportedProgram``'s buffers are the tensors its ``.module()`` runs with. A model an
     enclosing call keeps already is left to it.
     """
-    saved: list[tuple[dict[str, Any], str, torch.Tensor, int, torch.Tensor]] = []
+    saved: list[_SavedBuffer] = []
     roots: list[int] = []
     try:
         for model in models:
@@ -670,25 +671,48 @@ def buffers_kept(*models: Any) -> Iterator[None]:
                 _KEPT.add(id(root))
                 roots.append(id(root))
                 for held, names, module in _buffer_holders(root):
-                    for name in names:
-                        buffer = held[name]
-                        if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
-                            saved.append((held, name, buffer, buffer._version, buffer.clone()))
+                    saved += _saved(held, names)
                     if (module is not None and "observer_enabled" in held
                             and hasattr(module, "disable_observer")):
                         module.disable_observer()  # its observer_enabled buffer is put back
         yield
     finally:
         _KEPT.difference_update(roots)
-        for held, name, buffer, version, value in saved:
-            current = held.get(name)
-            if current is buffer and buffer._version == version and _same_values(buffer, value):
-                continue
-            if current is buffer and buffer.shape == value.shape:
-                with torch.no_grad():
-                    buffer.copy_(value)
-            else:  # replaced or resized (a histogram observer's)
-                held[name] = value
+        put_back(saved)
+
+
+_SavedBuffer = tuple[dict[str, Any], str, torch.Tensor, int, torch.Tensor]
+"""``(dict holding it, its name there, the buffer, its version counter, a copy of it)``."""
+
+
+def _saved(held: dict[str, Any], names: Iterable[str]) -> list[_SavedBuffer]:
+    return [(held, name, held[name], held[name]._version, held[name].clone())
+            for name in names
+            if isinstance(held[name], torch.Tensor) and not held[name].is_meta]
+
+
+def saved_buffers(*models: nn.Module) -> list[_SavedBuffer]:
+    """A copy of every buffer of ``models`` (each module's ``_buffers``), for
+    :func:`put_back`. Unlike :func:`buffers_kept`, also inside an enclosing one: a forward
+    that updates a buffer in place (a running average, ``self.ema.mul_(0.9)``) run again on
+    one batch (to check a traced graph, to run a batch again) must start from the state the
+    first run started from."""
+    return [entry for model in models for module in model.modules() if module._buffers
+            for entry in _saved(module._buffers, list(module._buffers))]
+
+
+def put_back(saved: Iterable[_SavedBuffer]) -> None:
+    """Put every buffer :func:`saved_buffers` copied back as it was (one a forward did not
+    write is left alone)."""
+    for held, name, buffer, version, value in saved:
+        current = held.get(name)
+        if current is buffer and buffer._version == version and _same_values(buffer, value):
+            continue
+        if current is buffer and buffer.shape == value.shape:
+            with torch.no_grad():
+                buffer.copy_(value)
+        else:  # replaced or resized (a histogram observer's)
+            held[name] = value
 
 
 def _buffer_holders(root: Any

@@ -27,6 +27,7 @@ from torch import nn
 from .. import flows
 from ..errors import TraceError
 from ..offload import held, hooks_of, keeps_whole
+from ..run import put_back, saved_buffers
 from ..view import fixed_inputs
 from .clone import carry_hooks
 
@@ -157,7 +158,9 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
     iterated"). A cache filled in place (``self.cache["w"] = ...``, a list appended to) is put
     back too: its Proxy made the model return ``Proxy(getattr_1)`` afterwards. torch.fx also
     leaves its tensor constants (``_tensor_constant0``) on the root. The graph built in the
-    block has what it needs by then."""
+    block has what it needs by then. So are the buffers' values: torch.fx runs an in-place
+    op on a buffer that no Proxy enters (``self.ema.mul_(0.9)``) on the buffer itself while
+    tracing, and a check of a graph runs the model (a running average updated in place)."""
     # copies in C (dict(), list(), set()), compared on the way out by identity, also in C:
     # every module holds about fifteen containers of torch's own (_parameters, hooks), and
     # reading each item in Python cost 6-9 ms per model of mobilenet_v2's size, a sixth of
@@ -165,6 +168,7 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
     kept = [(m.__dict__, dict(m.__dict__), [(v, _copied(v)) for v in m.__dict__.values()
                                             if isinstance(v, (dict, list, set))])
             for m in model.modules()]
+    buffers = saved_buffers(model)
     try:
         yield
     finally:
@@ -182,6 +186,7 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
                         container.extend(items)
                     else:
                         container.update(items)
+        put_back(buffers)
 
 
 def _copied(container: dict | list | set) -> dict | list | set:
@@ -364,10 +369,13 @@ class TraceFailure:
         scope: path, relative to the traced module, of the innermost submodule being traced
             when it failed; ``""`` when the module's own ``forward`` failed.
         reason: the exception, one line, with the user's source line.
+        differs: the trace succeeded but computes differently from the forward (a buffer
+            written while tracing), rather than failing.
     """
 
     scope: str
     reason: str
+    differs: bool = False
 
 
 def trace_submodule(
@@ -386,6 +394,7 @@ def trace_submodule(
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     tracer = _Tracer(leaf_types, leaf_names, path)
     with attributes_kept(module):
+        versions = _buffer_versions(module)
         try:
             graph = tracer.trace(module, concrete_args=concrete_args)
         except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
@@ -393,6 +402,12 @@ def trace_submodule(
             scope = tracer.scope_path[-1] if tracer.scope_path else ""
             return TraceFailure(scope,
                                 f"{type(exc).__name__}: {first_line} (at {_user_frame(exc)})")
+        written = _written_while_tracing(versions, graph)
+        if written:
+            return TraceFailure("", f"{written}. Kept whole: its children are compared, the "
+                                "code of its own forward is not; to compare it too, write the "
+                                "update from a traced value (`self.ema.lerp_(h.mean(0), 0.1)`)",
+                                differs=True)
         _named_as_arguments(graph, concrete_args)
         gm = graph_module(module, graph, class_name=type(module).__name__)
     return carry_hooks(gm, module)
@@ -587,6 +602,7 @@ def trace(
 def _traced(model: nn.Module, tracer: _Tracer, which: str,
             concrete_args: dict[str, Any] | None) -> fx.GraphModule:
     """:func:`trace`'s GraphModule of ``model`` by ``tracer``."""
+    versions = _buffer_versions(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # torch.fx raises many types; all mean "cannot trace"
@@ -607,6 +623,40 @@ def _traced(model: nn.Module, tracer: _Tracer, which: str,
             f"Fix: keep that module whole by passing {hint}, or make its forward traceable "
             f"(no data-dependent `if`, no len()/assert on tensor shapes)."
         ) from exc
+    written = _written_while_tracing(versions, graph)
+    if written:
+        raise TraceError(
+            f"torch.fx cannot trace the {which} {type(model).__name__} as it runs: {written}.\n"
+            "Fix: keep the module whose forward updates the buffer whole (leaf_modules=[...]), "
+            "capture=\"auto\" (the module tree, which keeps such a forward whole), or write "
+            "the update from a traced value (`self.ema.lerp_(h.mean(0), 0.1)`)")
     _named_as_arguments(graph, concrete_args)
     name = type(model).__name__
     return carry_hooks(graph_module(model, graph, class_name=name), model)
+
+
+def _buffer_versions(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each buffer of ``module`` by its path, with its version counter."""
+    return {name: (buffer, buffer._version) for name, buffer in module.named_buffers()}
+
+
+def _written_while_tracing(versions: dict[str, tuple[torch.Tensor, int]],
+                           graph: fx.Graph) -> str:
+    """Why ``graph`` computes a buffer differently from the forward traced, or ``""``.
+
+    torch.fx records an op only where a traced value (a Proxy) enters it. An in-place op on
+    a buffer that none enters (``self.ema.mul_(0.9).add_(0.1 * h.mean(0))``: the ``mul_``)
+    runs on the buffer itself while tracing, once, and is not in the graph, which then reads
+    the buffer (``ema.add_(...)``) without that write: the first batch computes what the
+    forward does from zeros, and every later one drifts from it. A buffer written while
+    tracing that the graph never reads (a call counter, ``self.calls += 1``) changes
+    nothing the graph computes (:func:`attributes_kept` puts its value back)."""
+    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    written = [name for name, (buffer, version) in versions.items()
+               if buffer._version != version and name in read]
+    if not written:
+        return ""
+    names = ", ".join(f"`{name}`" for name in written)
+    return (f"its forward writes in place into buffer {names} with an op no traced value "
+            "enters (as `self.ema.mul_(0.9)`), which torch.fx ran once while tracing instead of "
+            "recording it: the graph reads the buffer without that write")

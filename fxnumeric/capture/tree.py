@@ -35,7 +35,7 @@ from torch import nn
 
 from ..metrics import TWIN_WEIGHT_SQNR_DB, sqnr
 from ..ops import classify_module
-from ..run import run_model
+from ..run import put_back, run_model, saved_buffers
 from ..weights import module_weight
 from .check import check_regions
 from .clone import module_tree_copy
@@ -94,7 +94,8 @@ class TreeCapture:
             compared (what they compute between their children has no logger).
         differed: ``(float_path, side, reason)`` of the modules among ``untraced`` that
             torch.fx traced, but whose ``side`` graph (``"float"``, ``"quantized"``) computed
-            differently from its forward on the example inputs (:mod:`fxnumeric.capture.check`).
+            differently from its forward on the example inputs (:mod:`fxnumeric.capture.check`),
+            or wrote into a buffer while tracing, which its graph then lacks.
     """
 
     regions: tuple[Region, ...]
@@ -168,7 +169,11 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
         if is_functional(module):
             for method in (*FUNCTIONAL_METHODS, "add_scalar", "mul_scalar", "cat"):
                 object.__setattr__(module, method, method_call(module, method))
-    run_model(twin, batch, which=which)
+    kept = saved_buffers(model)  # shared with the copy: a running average moves once a batch
+    try:
+        run_model(twin, batch, which=which)
+    finally:
+        put_back(kept)
     paths: dict[int, list[str]] = {}
     for path, module in twin.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(path)
@@ -225,6 +230,7 @@ class _Walk:
         self.leaves: list[tuple[str, str]] = []
         self.orphans: list[tuple[str, str, str]] = []
         self.untraced: list[tuple[str, str]] = []
+        self.written: dict[str, str] = {}  # float path: the side whose trace wrote a buffer
 
     def spec(self, module: nn.Module, path: str, side: str) -> dict[str, Any] | None:
         calls = self.calls[side]
@@ -298,6 +304,9 @@ class _Walk:
             if failure is None:
                 assert isinstance(f_graph, fx.GraphModule) and isinstance(q_graph, fx.GraphModule)
                 return Region(fpath, qpath, f_graph, q_graph), kept
+            if failure.differs:  # a graph that would compute something else: noted
+                self.written[fpath] = "float" if failure is f_graph else "quantized"
+                return failure.reason
             scope = failure.scope
             paired = _has(fm, scope) and _has(qm, scope)
             if scope == "" or scope in kept or not paired:
@@ -462,7 +471,8 @@ def capture_tree(
         sides |= {path: side for path, (side, _) in found.items()}
     return TreeCapture(
         tuple(walk.regions), tuple(walk.leaves), tuple(walk.orphans), tuple(walk.untraced),
-        tuple((path, sides[path], reason) for path, reason in walk.untraced if path in differed),
+        tuple((path, sides.get(path) or walk.written[path], reason)
+              for path, reason in walk.untraced if path in differed or path in walk.written),
     )
 
 
