@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,7 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
     last = qv.position(chain[-1])
     inside = set(nodes)
     inputs: dict[fx.Node, str] = {}
+    state = written_attributes(fv)
     for n in nodes:
         if n.op == "placeholder":  # the input quantize: its float twin is the input itself
             q = region.quant_counterpart(n)
@@ -132,6 +134,15 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
             inputs[n] = q.name
             continue
         for e in n.all_input_nodes:
+            if e.op == "get_attr" and str(e.target) in state and e not in inputs:
+                # model state (a running average the forward updates in place): what the
+                # quantized op read is the quantized model's own, as it is when the op runs
+                q = _attribute_read(qv, str(e.target))
+                if q is None:
+                    return (f"it reads buffer `{e.target}`, which the float model updates in "
+                            "place, and the quantized graph holds no buffer of that name")
+                inputs[e] = q.name
+                continue
             if e in inside or e.op == "get_attr" or e in inputs:
                 continue
             f = fv.producer(e)
@@ -141,6 +152,51 @@ def span_inputs(region: Region, nodes: list[fx.Node], chain: list[fx.Node], *,
                 return f"float input `{carrier}` of the shadow has no quantized counterpart"
             inputs[e] = q.name
     return inputs
+
+
+_WRITTEN: weakref.WeakKeyDictionary[GraphView, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def written_attributes(view: GraphView) -> frozenset[str]:
+    """The targets of ``view``'s ``get_attr`` nodes that its graph writes into in place
+    (through the node or an alias of it): a buffer the forward updates at every call
+    (``self.ema.add_(0.1 * (m - self.ema))``), model state rather than a constant.
+
+    A shadow reads such a buffer as the quantized op read it, the quantized model's own
+    state (:func:`span_inputs`), never the float model's: a copy of the float op writing
+    into the float buffer made the float model's running average move twice per batch, and
+    read as an error of 30 dB on a layer that has none."""
+    found = _WRITTEN.get(view)
+    if found is None:
+        tensors = {n: value for n in view.gm.graph.nodes if n.op == "get_attr"
+                   for value in [_attribute(view, n)] if isinstance(value, torch.Tensor)}
+        memory = {_memory(value) for n, value in tensors.items() if written_into(view, n)}
+        # and what shares its memory: torch.fx keeps a view of a buffer taken outside any
+        # traced value (`self.ema.unsqueeze(0)`) as a constant of its own (_tensor_constant0)
+        found = _WRITTEN[view] = frozenset(
+            str(n.target) for n, value in tensors.items() if _memory(value) in memory)
+    return found
+
+
+def _memory(tensor: torch.Tensor) -> tuple[str, int]:
+    """Where ``tensor``'s elements are kept: views of one tensor share it."""
+    if (tensor.is_quantized or tensor.layout != torch.strided
+            or tensor.untyped_storage().nbytes() == 0):
+        return ("", id(tensor))
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+
+
+def _attribute(view: GraphView, node: fx.Node) -> Any:
+    try:
+        return fetch_attr(view.gm, str(node.target))
+    except AttributeError:
+        return None
+
+
+def _attribute_read(view: GraphView, target: str) -> fx.Node | None:
+    """A ``get_attr`` node of ``view`` reading ``target``, if any."""
+    return next((n for n in view.gm.graph.nodes if n.op == "get_attr" and n.target == target),
+                None)
 
 
 @dataclass(frozen=True)
@@ -387,6 +443,19 @@ class GraphCopy:
         # read on the source graph, whose node names the copy keeps: a write through an
         # alias of the value (`x.contiguous().add_(1)`) writes into it too
         view = self.view
+        if node.op == "get_attr":
+            # a buffer is one tensor however many nodes read it (`ema` read by a sub,
+            # `ema_1` by the add_ after it): its value as the chain's first op found it
+            reads = [view.node(n.name) for n in self.graph.nodes
+                     if n.op == "get_attr" and n.target == node.target and view.has_node(n.name)]
+            among = {view.node(n) for n in chain}
+            if not any(written_into(view, n, among) for n in reads):
+                return node_name
+            with self.graph.inserting_before(ops[0]):
+                fresh = self.graph.get_attr(str(node.target))
+                copied = self.graph.call_method("clone", (fresh,))
+            self.nodes[copied.name] = copied
+            return copied.name
         if view.has_node(node_name):
             written = written_into(view, view.node(node_name), {view.node(n) for n in chain})
         else:  # a node this copy added (a snapshot): its own users only
