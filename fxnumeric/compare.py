@@ -72,8 +72,10 @@ from .run import (
     no_batches,
     nonfinite_inputs,
     pick_inputs,
+    put_back,
     run_blaming_inside,
     run_model,
+    saved_buffers,
 )
 from .semantics import QuantGrid, output_bound
 from .weights import pair_weights
@@ -729,6 +731,8 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
     float_gm, quant_gm = plan.built.float_model, plan.built.quant_model
 
     def step(done: int, index: int, model_inputs: Any, batch: Any) -> None:
+        # the models' state as the first batch found it, for its run again
+        kept = saved_buffers(float_gm, quant_gm) if done == 0 else []
         if done == 0:
             check_devices(plan.matching.float_model or float_gm,
                           plan.matching.quant_model or quant_gm, model_inputs)
@@ -748,6 +752,7 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             plan.turn.lockstep = None
         _end_batch(plan, float_out, quant_out, model_inputs, index)
         if _copy_overwritten([plan], first=done == 0):
+            put_back(kept)  # a running average updated in place moves once per batch
             step(done, index, model_inputs, batch)
 
     return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks,
@@ -1462,6 +1467,8 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
     merged under torch.distributed)."""
 
     def step(done: int, index: int, model_inputs: Any, batch: Any) -> None:
+        kept = saved_buffers(*(g.model for g in groups if g.model is not None),
+                             *(p.built.quant_model for p in plans.values())) if done == 0 else []
         for group in groups:
             assert group.model is not None
             if done == 0:
@@ -1477,6 +1484,7 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
                 _end_batch(plan, float_out, _quant_run(plan, name, model_inputs), model_inputs,
                            index)
         if _copy_overwritten(plans.values(), first=done == 0):
+            put_back(kept)
             step(done, index, model_inputs, batch)
 
     mergeable = [acc for plan in plans.values() for acc in _mergeable(plan)]
