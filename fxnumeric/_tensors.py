@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import copy
 import sys
+import types
+import weakref
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["first_output", "model_output", "output_part", "after_loss", "detach", "copy_values",
-           "dequantize_all", "stores_floats", "copy_cache", "copy_inputs", "version"]
+           "dequantize_all", "stores_floats", "copy_cache", "copy_inputs", "object_attributes",
+           "version"]
 
 
 def first_output(x: Any) -> Any:
@@ -110,29 +115,43 @@ def copy_cache(x: Any) -> Any:
 
 def copy_inputs(x: Any) -> Any:
     """``x`` (a model's inputs) as one run's own: every tensor copied, the tuples, lists and
-    dicts holding them rebuilt, each key/value cache copied (:func:`copy_cache`); other
-    objects are passed as they are.
+    dicts holding them rebuilt, each key/value cache copied (:func:`copy_cache`), and each
+    other object with attributes (a dataclass, a graph library's ``Batch``, a cache of the
+    model's own) copied (:func:`copy.copy`), its attributes copied alike. Modules, classes,
+    functions and objects without attributes (a NumPy array, a ``torch.device``) are passed
+    as they are.
 
-    A model may write into its inputs (``x.mul_(2)``, a mask converted in place): each run
-    given a copy sees the inputs as the caller gave them, whatever a run before it wrote, and
-    the caller's own tensors are never written into. A copy keeps the tensor's strides where
-    a dense copy can (a channels-last batch stays channels-last), and an expanded tensor
-    (stride 0) stays expanded: only its distinct values are copied. A tensor found twice in
-    ``x`` is copied once, so the two stay one tensor.
+    A model may write into its inputs (``x.mul_(2)``, ``batch.x.mul_(2)``, a mask converted in
+    place, keys appended to ``cache.k``): each run given a copy sees the inputs as the caller
+    gave them, whatever a run before it wrote, and the caller's own tensors and objects are
+    never written into. A copy keeps the tensor's strides where a dense copy can (a
+    channels-last batch stays channels-last), and an expanded tensor (stride 0) stays
+    expanded: only its distinct values are copied. A tensor or object found twice in ``x`` is
+    copied once, so the two stay one.
 
     >>> x = torch.ones(2)
     >>> copied = copy_inputs({"x": x, "again": x, "n": 3})
     >>> copied["x"].mul_(2); x.tolist(), copied["again"] is copied["x"], copied["n"]
     tensor([2., 2.])
     ([1.0, 1.0], True, 3)
+
+    Raises:
+        InputError: an object holding tensors that :func:`copy.copy` cannot copy.
     """
     return _copy_inputs(x, {})
 
 
-def _copy_inputs(x: Any, copies: dict[int, torch.Tensor]) -> Any:
+_PASSED_AS_IS = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                 types.ModuleType, torch.nn.Module, weakref.ReferenceType)
+"""Objects an input copy never copies: classes, functions, Python modules and torch modules
+(a model may be handed a module; its parameters are not the batch), weak references."""
+
+
+def _copy_inputs(x: Any, copies: dict[int, Any]) -> Any:
+    if id(x) in copies:
+        return copies[id(x)]
     if isinstance(x, torch.Tensor):
-        if id(x) not in copies:
-            copies[id(x)] = _copy_tensor(x)
+        copies[id(x)] = _copy_tensor(x)
         return copies[id(x)]
     if isinstance(x, (tuple, list)):
         return _each(lambda v: _copy_inputs(v, copies), x)
@@ -141,7 +160,68 @@ def _copy_inputs(x: Any, copies: dict[int, torch.Tensor]) -> Any:
         for key, value in x.items():
             copied[key] = _copy_inputs(value, copies)
         return copied
-    return copy_cache(x)
+    cached = copy_cache(x)
+    if cached is not x or isinstance(x, _PASSED_AS_IS):
+        return cached
+    return _copy_object(x, copies)
+
+
+def object_attributes(x: Any) -> dict[str, Any]:
+    """The attributes through which an input object holds data, as :func:`copy_inputs` copies
+    them: its ``__dict__`` and its ``__slots__`` that are set; none for a tensor, a tuple,
+    list or dict, and for what is passed as it is (a module, a class, a function).
+
+    >>> import dataclasses
+    >>> Pair = dataclasses.make_dataclass("Pair", ["x", "n"])
+    >>> object_attributes(Pair(torch.ones(1), 3))
+    {'x': tensor([1.]), 'n': 3}
+    """
+    if isinstance(x, (torch.Tensor, tuple, list, Mapping, *_PASSED_AS_IS)):
+        return {}
+    found = dict(vars(x)) if hasattr(x, "__dict__") else {}
+    for cls in type(x).__mro__:
+        slots = vars(cls).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(x, name):
+                found[name] = getattr(x, name)
+    return found
+
+
+def _copy_object(x: Any, copies: dict[int, Any]) -> Any:
+    """A shallow copy of ``x`` whose attributes are input copies (:func:`_copy_inputs`: an
+    empty list a model appends to is copied, as a tensor it writes into); ``x`` itself when
+    it has no attributes."""
+    attributes = object_attributes(x)
+    if not attributes:
+        return x
+    copies[id(x)] = x  # while its attributes are copied: a cycle back to it keeps x
+    copied = {name: _copy_inputs(value, copies) for name, value in attributes.items()}
+    try:
+        duplicate = copy.copy(x)
+        for name, value in copied.items():
+            if value is not attributes[name]:
+                object.__setattr__(duplicate, name, value)  # a frozen dataclass too
+    except Exception as exc:  # whatever its __copy__ / __reduce_ex__ raises
+        tensors = [name for name, value in copied.items() if _holds_tensor(value)]
+        if not tensors:
+            return x  # nothing of the batch's data in it: passed as it is
+        raise InputError(
+            f"an input of type {type(x).__name__} holds tensors ({', '.join(tensors)}) but "
+            f"cannot be copied: {type(exc).__name__}: {exc}. Each run of a model gets its own "
+            "copy of the batch, so that what one run writes into it is not what the next "
+            "reads.\nFix: make the object copyable (copy.copy), or pass its tensors in a "
+            "tuple or dict") from exc
+    copies[id(x)] = duplicate
+    return duplicate
+
+
+def _holds_tensor(x: Any) -> bool:
+    """Whether ``x`` is a tensor or a tuple, list or dict holding one (an input copy's)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, Mapping):
+        return any(_holds_tensor(v) for v in x.values())
+    return isinstance(x, (tuple, list)) and any(_holds_tensor(v) for v in x)
 
 
 def _copy_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from ._tensors import copy_inputs
+from ._tensors import copy_inputs, object_attributes
 from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
 from .view import fixed_inputs
@@ -39,7 +39,8 @@ __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "chec
            "run_blaming_inside", "failure_site", "module_frames"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
-             "keyword inputs, holding at least one non-empty tensor")
+             "keyword inputs, holding at least one non-empty tensor (one in an object's "
+             "attributes counts: a dataclass)")
 
 
 def check_data(data: Any) -> None:
@@ -100,15 +101,33 @@ def no_batches(data: Any = None) -> InputError:
     return InputError(text)
 
 
-def batch_tensors(x: Any, where: str = "batch") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in a batch, with where it sits (``batch[1][0]``, ``batch['mask']``)."""
+def batch_tensors(x: Any, where: str = "batch", *, objects: bool = True,
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a batch, with where it sits (``batch[1][0]``, ``batch['mask']``, and,
+    with ``objects``, in an object's attributes: ``batch[0].x`` of a dataclass or a graph
+    library's ``Batch``, as :func:`~fxnumeric._tensors.copy_inputs` copies them).
+
+    >>> import dataclasses
+    >>> Graph = dataclasses.make_dataclass("Graph", ["x", "edges"])
+    >>> [where for where, _ in batch_tensors((Graph(torch.ones(2), [torch.zeros(2)]),))]
+    ['batch[0].x', 'batch[0].edges[0]']
+    """
+    return _tensors_at(x, where, objects, set())
+
+
+def _tensors_at(x: Any, where: str, objects: bool, seen: set[int],
+                ) -> list[tuple[str, torch.Tensor]]:
     if isinstance(x, torch.Tensor):
         return [(where, x)]
     if isinstance(x, (tuple, list)):
-        return [t for i, v in enumerate(x) for t in batch_tensors(v, f"{where}[{i}]")]
+        return [t for i, v in enumerate(x) for t in _tensors_at(v, f"{where}[{i}]", objects, seen)]
     if isinstance(x, Mapping):
-        return [t for k, v in x.items() for t in batch_tensors(v, f"{where}[{k!r}]")]
-    return []
+        return [t for k, v in x.items() for t in _tensors_at(v, f"{where}[{k!r}]", objects, seen)]
+    if not objects or id(x) in seen:  # an object met again (a cycle): its tensors are listed
+        return []
+    seen.add(id(x))
+    return [t for name, v in object_attributes(x).items()
+            for t in _tensors_at(v, f"{where}.{name}", objects, seen)]
 
 
 _SPARSE_PARTS = {
@@ -143,8 +162,11 @@ def _a(noun: str) -> str:
 def check_batch(batch: Any, index: int) -> None:
     """Raise :class:`InputError` when ``batch`` (the ``index``-th of the data) cannot be one.
 
-    Refused: ``None``, strings, numbers, containers without a tensor (a list of strings), and
-    empty tensors (a dimension of size 0). Other objects pass: a model may take them.
+    Refused: ``None``, strings, numbers, containers without a tensor (a list of strings; a
+    tensor in an object's attributes counts: a dataclass or a graph library's ``Batch``,
+    :func:`batch_tensors`), and empty tensors (a dimension of size 0) in the batch's tuples,
+    lists and dicts (not in an object's attributes: a cache may start empty). Other objects
+    pass: a model may take them.
 
     Args:
         batch: what the models are given (after ``inputs=`` picked it from the data).
@@ -172,7 +194,7 @@ def check_batch(batch: Any, index: int) -> None:
                                                     else batch)}) or ["nothing"]
         raise InputError(f"batch {index} is {_a(type(batch).__name__)} of {', '.join(kinds)} "
                          f"with no tensor: {_BATCH_IS}.\n{fix}")
-    for where, t in found:
+    for where, t in batch_tensors(batch, objects=False):  # an object's (a cache's) may be empty
         if t.numel() == 0:
             raise InputError(
                 f"batch {index} holds an empty tensor ({where if where != 'batch' else 'the batch'}"
@@ -325,8 +347,9 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
               ran: str = "") -> Any:
     """Call ``model`` on one batch under ``torch.no_grad()``.
 
-    The model is handed copies of the batch's tensors (:func:`fxnumeric._tensors.copy_inputs`):
-    a model that writes into its input (``x.mul_(2)``, an attention mask converted in place)
+    The model is handed copies of the batch's tensors, and of the objects holding them
+    (:func:`fxnumeric._tensors.copy_inputs`): a model that writes into its input (``x.mul_(2)``,
+    ``batch.x.mul_(2)``, an attention mask converted in place, keys appended to a cache)
     sees the batch as the user gave it at every run (float, quantized, each hybrid), and the
     user's batch is never written into. A copy of the batch is small next to the activations
     the forward computes: on a resnet18 batch of 8 images at 224x224, 0.2-0.6% of its time
