@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import types
 import weakref
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -15,58 +16,92 @@ from .errors import InputError
 
 __all__ = ["first_output", "model_output", "output_part", "after_loss", "detach", "copy_values",
            "dequantize_all", "stores_floats", "copy_cache", "copy_inputs", "object_attributes",
-           "version"]
+           "output_tensors", "version"]
 
 
 def first_output(x: Any) -> Any:
     """The tensor a logger records for an output: element 0 of a tuple/list, the first value
-    of a dict (a Hugging Face ``ModelOutput`` is one), else ``x``."""
-    while isinstance(x, (tuple, list, Mapping)) and len(x):
-        x = next(iter(x.values())) if isinstance(x, Mapping) else x[0]
-    return x
+    of a dict (a Hugging Face ``ModelOutput`` is one), the first field of a dataclass, else
+    ``x``."""
+    while True:
+        if isinstance(x, (tuple, list, Mapping)) and len(x):
+            x = next(iter(x.values())) if isinstance(x, Mapping) else x[0]
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type) and dataclasses.fields(x):
+            x = getattr(x, dataclasses.fields(x)[0].name)
+        else:
+            return x
 
 
 def model_output(output: Any) -> Any:
     """The model output a report compares and an end metric reads: a model's logits (listed
-    after the loss when the batch has labels), else its first output after a loss."""
+    after the loss when the batch has labels), else the first tensor its output holds after
+    a loss (:func:`output_tensors`: in a tuple whose first item is ``None``, a dataclass),
+    else :func:`first_output` (no tensor: nothing to compare).
+
+    >>> model_output((None, torch.ones(1)))
+    tensor([1.])
+    """
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
-    return logits if isinstance(logits, torch.Tensor) else first_output(after_loss(output))
+    if isinstance(logits, torch.Tensor):
+        return logits
+    rest = after_loss(output)
+    found = next(output_tensors(rest), None)
+    return found[1] if found is not None else first_output(rest)
 
 
 def output_part(output: Any) -> tuple[str, int]:
-    """Where :func:`model_output` takes the tensor it compares from in a list, tuple or dict
-    ``output`` (``"[0]['boxes']"``), and how many tensors ``output`` holds; ``("", 1)`` for
-    a tensor, and for an output object or dict with ``logits`` (what a language model's
-    user reads).
+    """Where :func:`model_output` takes the tensor it compares from in ``output``
+    (``"[0]['boxes']"``, ``".h"`` of a dataclass), and how many tensors ``output`` holds;
+    ``("", 1)`` for a tensor, and for an output object or dict with ``logits`` (what a
+    language model's user reads); ``("", 0)`` when it holds no tensor.
 
     >>> output_part([{"boxes": torch.zeros(1), "scores": torch.zeros(1)}, {"boxes": None}])
     ("[0]['boxes']", 2)
+    >>> output_part((None, torch.zeros(1)))
+    ('[1]', 1)
     """
-    if not isinstance(output, (tuple, list, Mapping)) or hasattr(output, "logits") or (
+    if isinstance(output, torch.Tensor) or hasattr(output, "logits") or (
             isinstance(output, Mapping) and "logits" in output):
         return "", 1
-    x, path = output, ""
-    if after_loss(output) is not output:
-        x, path = output[1:], "[1:]"
-    while isinstance(x, (tuple, list, Mapping)) and len(x):
-        if isinstance(x, Mapping):
-            key = next(iter(x))
-            x, path = x[key], f"{path}[{key!r}]"
-        else:
-            x, path = x[0], f"{path}[0]"
-    return path.replace("[1:][0]", "[1]", 1), _tensors_in(output)
+    every = list(output_tensors(output))
+    if not every:
+        return "", 0
+    rest = after_loss(output)
+    if rest is output:
+        return every[0][0], len(every)
+    path, _ = next(output_tensors(rest))  # in output[1:]: its index is one past
+    index, _, tail = path[1:].partition("]")
+    return f"[{int(index) + 1}]{tail}", len(every)
 
 
-def _tensors_in(x: Any) -> int:
+def output_tensors(x: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor ``x`` holds, depth first, with where it sits (``[1]``, ``['boxes']``,
+    ``.h``): in tuples, lists, dicts, and objects' attributes (a dataclass's fields, in
+    order; :func:`object_attributes`), each object once.
+
+    >>> [where for where, _ in output_tensors({"a": None, "b": [1, torch.ones(1)]})]
+    ["['b'][1]"]
+    """
+    return _output_tensors(x, path, set())
+
+
+def _output_tensors(x: Any, path: str, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(x, torch.Tensor):
-        return 1
-    if isinstance(x, Mapping):
-        return sum(_tensors_in(v) for v in x.values())
+        yield path, x
+        return
     if isinstance(x, (tuple, list)):
-        return sum(_tensors_in(v) for v in x)
-    return 0
+        parts: Iterable[tuple[str, Any]] = ((f"[{i}]", v) for i, v in enumerate(x))
+    elif isinstance(x, Mapping):
+        parts = ((f"[{k!r}]", v) for k, v in x.items())
+    else:
+        if id(x) in seen:  # an object met again (a cycle)
+            return
+        seen.add(id(x))
+        parts = ((f".{name}", v) for name, v in object_attributes(x).items())
+    for where, value in parts:
+        yield from _output_tensors(value, path + where, seen)
 
 
 def after_loss(output: Any) -> Any:

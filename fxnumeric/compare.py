@@ -493,18 +493,22 @@ class _FirstPart:
 
     index: int | None = None
     part: tuple[str, int] | None = None
+    returned: str = ""
+    """The type of what the float model returned (``"tuple"``), for a note when it holds no
+    tensor."""
 
     def see(self, index: int, float_out: Any) -> None:
         """Read ``float_out``, what the float model returned on batch ``index``, if it is the
         first batch."""
         if self.part is None:
             self.index, self.part = index, output_part(float_out)
+            self.returned = type(float_out).__name__
 
     def state(self) -> _FirstPart:
-        return _FirstPart(self.index, self.part)
+        return _FirstPart(self.index, self.part, self.returned)
 
     def load(self, state: _FirstPart) -> None:
-        self.index, self.part = state.index, state.part
+        self.index, self.part, self.returned = state.index, state.part, state.returned
 
     def merged(self, other: _FirstPart) -> _FirstPart:
         """The part read on the earlier batch of the two."""
@@ -894,7 +898,7 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
         torch_version=torch.__version__,
         notes=_nothing_quantized_note(matching)
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
-        + _model_output_note(plan.model) + _output_part_note(plan) + _no_token_note(plan)
+        + _model_output_note(plan) + _output_part_note(plan) + _no_token_note(plan)
         + _no_perplexity_note(plan) + _no_target_note(plan) + _unfit_mask_note(plan)
         + _skipped_note(ran)
         + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ()),
@@ -1163,10 +1167,20 @@ def _nonfinite_note(nonfinite: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
     return (f"NaN/Inf first appears {where}: the metrics after it are poisoned",)
 
 
-def _model_output_note(acc: Accumulator) -> tuple[str, ...]:
+def _model_output_note(plan: _Plan) -> tuple[str, ...]:
     """Why the model output was not compared, in some batches or all: its shapes differed
-    (a detector keeping a different number of boxes), or it held no values."""
+    (a detector keeping a different number of boxes), it held no values, or no tensor (of
+    the float model's output, or of the quantized one's where the float one has it)."""
+    acc = plan.model
     notes = []
+    path, tensors = plan.output_part.part or ("", 1)
+    if not tensors:
+        notes.append(f"the model output is not compared: what the float model returns (a "
+                     f"{plan.output_part.returned}) holds no tensor")
+    elif (plan.output_part.part is not None and not acc.batches and not acc.discrete
+          and not acc.shape_mismatch):
+        notes.append(f"the model output is not compared: the quantized model returns no tensor "
+                     f"where the float model returns one (`output{path}`)")
     if acc.shape_mismatch:
         float_shape, quant_shape = acc.shape_mismatch
         notes.append(f"model output shapes differ (float {float_shape} vs quantized "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 
@@ -319,3 +320,79 @@ def test_hooks_on_the_model_itself_shape_rows_hybrids_and_diagnosis():
         ns.sqnr(f[2](quant_hidden), q[2](quant_hidden)), abs=1e-3)
     assert diagnosis["2"].cumulative_sqnr == pytest.approx(
         ns.sqnr(f[2](float_hidden), q[2](quant_hidden)), abs=1e-3)
+
+
+@dataclasses.dataclass
+class _HY:
+    h: torch.Tensor
+    y: torch.Tensor
+
+
+class _Out:
+    """An output object that is no dataclass: its tensors in attributes."""
+
+    def __init__(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        self.h, self.y = h, y
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self, returns) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.returns = returns
+
+    def forward(self, x: torch.Tensor):
+        h = self.a(x)
+        return self.returns(h, self.b(h))
+
+
+def _pooled_sqnr(pairs) -> float:
+    """Oracle: SQNR of float64 sums over every (float, quantized) pair."""
+    signal = sum(float(f.double().pow(2).sum()) for f, _ in pairs)
+    noise = sum(float((f.double() - q.double()).pow(2).sum()) for f, q in pairs)
+    return 10 * math.log10(signal / noise)
+
+
+_OUTPUTS = {  # what forward returns, the tensor the oracle reads, model_output_part
+    "dataclass": (lambda h, y: _HY(h, y), lambda o: o.h, ".h"),
+    "object": (lambda h, y: _Out(h, y), lambda o: o.h, ".h"),
+    "None first": (lambda h, y: (None, y), lambda o: o[1], ""),  # the one tensor: no part
+    "dict of None first": (lambda h, y: {"aux": None, "out": [y, h]}, lambda o: o["out"][0],
+                           "['out'][0]"),
+}
+
+
+@pytest.mark.parametrize("case", list(_OUTPUTS))
+def test_the_model_output_is_the_first_tensor_the_output_holds(case):
+    returns, pick, part = _OUTPUTS[case]
+    torch.manual_seed(0)
+    f = _TwoHeads(returns).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(4, 8) for _ in range(3)]
+    with torch.no_grad():
+        oracle = _pooled_sqnr([(pick(f(x)), pick(q(x))) for x in data])  # 40.31 / 38.17 dB
+    report = ns.compare(f, q, data)
+    # before: nan, "model output not compared (see notes)" and no note
+    assert report.model_output["sqnr"] == pytest.approx(oracle, abs=1e-4)
+    assert report.model_output_part == part
+    assert not any("never ran" in r.note for r in report.rows)  # the dataclass row: it ran
+    assert ns.advise(f, q, data, metric="sqnr", target=0).value == pytest.approx(oracle, abs=1e-4)
+
+
+def test_a_model_output_holding_no_tensor_says_so():
+    class Nothing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor):
+            self.a(x)
+            return {"n": 3, "names": ["x"]}
+
+    f = Nothing().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    report = ns.compare(f, q, [torch.randn(2, 8)])
+    assert "model output not compared (see notes)" in report.summary()
+    assert "the model output is not compared: what the float model returns (a dict) holds no " \
+           "tensor" in report.notes  # before: no note
+

@@ -291,7 +291,8 @@ def _as_output(value: Any) -> torch.Tensor:
     out = dequantize_all(model_output(value))
     if not isinstance(out, torch.Tensor):
         raise InputError(f"the model output is a {type(out).__name__}, not a tensor; the end "
-                         "metric needs the model to return a tensor (or a tuple starting with one)")
+                         "metric needs the model to return a tensor (or a tuple, dict or dataclass "
+                         "holding one)")
     return out.detach()
 
 
