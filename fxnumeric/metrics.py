@@ -37,17 +37,32 @@ __all__ = [
 ]
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
-"""A user metric, called as ``fn(ref, actual)`` with float64 tensors; returns a float."""
+"""A user metric, called as ``fn(ref, actual)`` with float64 tensors; returns a float. A
+complex value comes as its (real, imaginary) pairs (:func:`torch.view_as_real`: a last
+dimension of 2)."""
 
 BUILTIN_METRICS = ("sqnr", "cosine", "mse", "max_abs_error")
 
 
 def _as_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` dequantized and, if it is not already, in ``dtype`` (layout kept: no copy)."""
+    """``x`` dequantized and, if it is not already, in ``dtype`` (layout kept: no copy). A
+    complex tensor is read as its (real, imaginary) pairs (:func:`torch.view_as_real`, a last
+    dimension of 2): its energy is ``sum(|z|^2)``, no part dropped."""
     if x.is_quantized:
         x = x.dequantize()
     x = x.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x.resolve_conj())
     return x if x.dtype == dtype else x.to(dtype)
+
+
+def _both_complex(ref: torch.Tensor, actual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ref`` and ``actual``, complex both when either is (a real one's imaginary part 0)."""
+    if ref.is_complex() == actual.is_complex():
+        return ref, actual
+    real, other = (actual, ref) if ref.is_complex() else (ref, actual)
+    real = (real.dequantize() if real.is_quantized else real).detach().to(other.dtype)
+    return (other, real) if ref.is_complex() else (real, other)
 
 
 _ROW = 4096
@@ -136,7 +151,10 @@ def _chunks(x: torch.Tensor, precision: torch.dtype) -> Iterator[torch.Tensor]:
     per-thread heap kept each chunk's pages, so that one comparison of a 512-token
     SmolLM2's bfloat16 logits added 112 MiB to compare's peak.
     """
-    flat = x.detach().reshape(-1)
+    flat = x.detach()
+    if flat.is_complex():  # (real, imaginary) pairs, as _as_float reads it
+        flat = torch.view_as_real(flat.resolve_conj())
+    flat = flat.reshape(-1)
     buffer: torch.Tensor | None = None
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start:start + _CHUNK]
@@ -157,6 +175,8 @@ def prepare_actual(actual: torch.Tensor, precision: torch.dtype) -> tuple[torch.
     chunks."""
     if _discrete(actual):
         return actual.detach(), 0.0  # a mask: Accumulator.update leaves it out
+    if actual.is_complex():  # kept complex: Accumulator.update reads it by (real, imaginary)
+        return actual.detach(), energy(_as_float(actual, precision))
     if _chunked(actual):
         return actual.detach(), math.fsum(energy(c) for c in _chunks(actual, precision))
     a = _as_float(actual, precision)
@@ -589,10 +609,11 @@ class Accumulator:
             self.shape_mismatch = (tuple(ref.shape), tuple(actual.shape))
             self._batch_mismatch = True
             return
+        ref, actual = _both_complex(ref, actual)
         if self.kept is not None:
             self.kept.append((ref.detach(), actual.detach()))
         self.batches += 1
-        if _chunked(ref) and _chunked(actual):
+        if _chunked(ref) and _chunked(actual) and not ref.is_complex():
             signal, noise, own_energy, low, high = self._chunk_sums(
                 ref, actual, actual_energy is None)
         else:
@@ -600,6 +621,8 @@ class Accumulator:
             err = r - a
             signal, noise = energy(r), energy(err)
             own_energy = energy(a) if actual_energy is None else actual_energy
+            if ref.is_complex():  # the error's modulus |z - w|, not a part's
+                err = torch.linalg.vector_norm(err, dim=-1)
             low, high = aminmax(err) if err.numel() else (0.0, 0.0)  # in memory order
         if actual_energy is None:
             actual_energy = own_energy
