@@ -16,7 +16,7 @@ from .errors import InputError
 
 __all__ = ["first_output", "model_output", "output_part", "after_loss", "detach", "copy_values",
            "dequantize_all", "stores_floats", "copy_cache", "copy_inputs", "object_attributes",
-           "output_tensors", "version"]
+           "held_tensors", "version"]
 
 
 def first_output(x: Any) -> Any:
@@ -35,7 +35,7 @@ def first_output(x: Any) -> Any:
 def model_output(output: Any) -> Any:
     """The model output a report compares and an end metric reads: a model's logits (listed
     after the loss when the batch has labels), else the first tensor its output holds after
-    a loss (:func:`output_tensors`: in a tuple whose first item is ``None``, a dataclass),
+    a loss (:func:`held_tensors`: in a tuple whose first item is ``None``, a dataclass),
     else :func:`first_output` (no tensor: nothing to compare).
 
     >>> model_output((None, torch.ones(1)))
@@ -47,7 +47,7 @@ def model_output(output: Any) -> Any:
     if isinstance(logits, torch.Tensor):
         return logits
     rest = after_loss(output)
-    found = next(output_tensors(rest), None)
+    found = next(held_tensors(rest), None)
     return found[1] if found is not None else first_output(rest)
 
 
@@ -65,29 +65,31 @@ def output_part(output: Any) -> tuple[str, int]:
     if isinstance(output, torch.Tensor) or hasattr(output, "logits") or (
             isinstance(output, Mapping) and "logits" in output):
         return "", 1
-    every = list(output_tensors(output))
+    every = list(held_tensors(output))
     if not every:
         return "", 0
     rest = after_loss(output)
     if rest is output:
         return every[0][0], len(every)
-    path, _ = next(output_tensors(rest))  # in output[1:]: its index is one past
+    path, _ = next(held_tensors(rest))  # in output[1:]: its index is one past
     index, _, tail = path[1:].partition("]")
     return f"[{int(index) + 1}]{tail}", len(every)
 
 
-def output_tensors(x: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def held_tensors(x: Any, path: str = "", *, objects: bool = True,
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor ``x`` holds, depth first, with where it sits (``[1]``, ``['boxes']``,
-    ``.h``): in tuples, lists, dicts, and objects' attributes (a dataclass's fields, in
-    order; :func:`object_attributes`), each object once.
+    ``.h``): in tuples, lists, dicts and, with ``objects``, objects' attributes (a
+    dataclass's fields, in order; :func:`object_attributes`), each object once.
 
-    >>> [where for where, _ in output_tensors({"a": None, "b": [1, torch.ones(1)]})]
+    >>> [where for where, _ in held_tensors({"a": None, "b": [1, torch.ones(1)]})]
     ["['b'][1]"]
     """
-    return _output_tensors(x, path, set())
+    return _held_tensors(x, path, objects, set())
 
 
-def _output_tensors(x: Any, path: str, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
+def _held_tensors(x: Any, path: str, objects: bool, seen: set[int],
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(x, torch.Tensor):
         yield path, x
         return
@@ -96,12 +98,12 @@ def _output_tensors(x: Any, path: str, seen: set[int]) -> Iterator[tuple[str, to
     elif isinstance(x, Mapping):
         parts = ((f"[{k!r}]", v) for k, v in x.items())
     else:
-        if id(x) in seen:  # an object met again (a cycle)
+        if not objects or id(x) in seen:  # an object met again (a cycle): its tensors listed
             return
         seen.add(id(x))
         parts = ((f".{name}", v) for name, v in object_attributes(x).items())
     for where, value in parts:
-        yield from _output_tensors(value, path + where, seen)
+        yield from _held_tensors(value, path + where, objects, seen)
 
 
 def after_loss(output: Any) -> Any:

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import flows
-from ._tensors import copy_inputs, object_attributes
+from ._tensors import copy_inputs, held_tensors
 from .errors import FxNumericError, FxNumericWarning, InputError, InternalError
 from .offload import devices
 from .view import fixed_inputs
@@ -112,22 +112,7 @@ def batch_tensors(x: Any, where: str = "batch", *, objects: bool = True,
     >>> [where for where, _ in batch_tensors((Graph(torch.ones(2), [torch.zeros(2)]),))]
     ['batch[0].x', 'batch[0].edges[0]']
     """
-    return _tensors_at(x, where, objects, set())
-
-
-def _tensors_at(x: Any, where: str, objects: bool, seen: set[int],
-                ) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(x, torch.Tensor):
-        return [(where, x)]
-    if isinstance(x, (tuple, list)):
-        return [t for i, v in enumerate(x) for t in _tensors_at(v, f"{where}[{i}]", objects, seen)]
-    if isinstance(x, Mapping):
-        return [t for k, v in x.items() for t in _tensors_at(v, f"{where}[{k!r}]", objects, seen)]
-    if not objects or id(x) in seen:  # an object met again (a cycle): its tensors are listed
-        return []
-    seen.add(id(x))
-    return [t for name, v in object_attributes(x).items()
-            for t in _tensors_at(v, f"{where}.{name}", objects, seen)]
+    return list(held_tensors(x, where, objects=objects))
 
 
 _SPARSE_PARTS = {
