@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from ._collector import defers_collection
-from ._tensors import copy_values, detach, first_output, model_output, output_part, version
+from ._tensors import (
+    after_loss,
+    copy_values,
+    detach,
+    first_output,
+    model_output,
+    output_part,
+    version,
+)
 from .blocks import Block, find_blocks
 from .capture import LeafSpec
 from .dataflow import upstream_ops
@@ -496,6 +504,8 @@ class _FirstPart:
     returned: str = ""
     """The type of what the float model returned (``"tuple"``), for a note when it holds no
     tensor."""
+    loss: bool = False
+    """Whether it returned a scalar loss first, which the part read skips."""
 
     def see(self, index: int, float_out: Any) -> None:
         """Read ``float_out``, what the float model returned on batch ``index``, if it is the
@@ -503,12 +513,14 @@ class _FirstPart:
         if self.part is None:
             self.index, self.part = index, output_part(float_out)
             self.returned = type(float_out).__name__
+            self.loss = after_loss(float_out) is not float_out
 
     def state(self) -> _FirstPart:
-        return _FirstPart(self.index, self.part, self.returned)
+        return _FirstPart(self.index, self.part, self.returned, self.loss)
 
     def load(self, state: _FirstPart) -> None:
         self.index, self.part, self.returned = state.index, state.part, state.returned
+        self.loss = state.loss
 
     def merged(self, other: _FirstPart) -> _FirstPart:
         """The part read on the earlier batch of the two."""
@@ -926,7 +938,7 @@ def _output_part_note(plan: _Plan) -> tuple[str, ...]:
     if not part:
         return ()
     _, tensors = plan.output_part.part  # type: ignore[misc]
-    first = ("the first after the scalar loss it returns first" if part.startswith("[1]")
+    first = ("the first after the scalar loss it returns first" if plan.output_part.loss
              else "the first")  # a leading loss is skipped (_tensors.after_loss)
     note = (f"model output: the metrics read `output{part}`, one of the {tensors} tensors the "
             f"model returns ({first}); the rest are not compared")

@@ -1014,6 +1014,15 @@ def test_a_model_returning_several_tensors_says_which_it_compares():
     assert lossy.model_output_part == "[1]"
     assert any("`output[1]`, one of the 3 tensors the model returns (the first after the "
                "scalar loss it returns first);" in n for n in lossy.notes)
+
+    class NoneFirst(LossFirst):  # (None, logits, hidden): no loss, though it reads output[1]
+        def forward(self, x):
+            return None, *super().forward(x)[1:]
+
+    unlossy = ns.compare(NoneFirst(f), NoneFirst(q), data, progress=False)
+    assert unlossy.model_output["sqnr"] == pytest.approx(expected, abs=1e-4)
+    assert any("`output[1]`, one of the 2 tensors the model returns (the first);" in n
+               for n in unlossy.notes)
     single = ns.compare(nn.Sequential(f.fc1), nn.Sequential(q.fc1), data, progress=False)
     assert single.model_output_part == "" and not any("model output:" in n for n in single.notes)
 
