@@ -341,6 +341,13 @@ def _report(args: argparse.Namespace) -> int:
         raise InputError(f"--format {args.format} writes a file: add -o FILE")
     if args.sensitivity and args.format != "html":
         raise InputError("--sensitivity draws a chart in the HTML page: add --format html -o FILE")
+    if args.format != "table" and (args.sort is not None or args.top_k is not None):
+        given = " and ".join(flag for flag, value in (("--sort", args.sort),
+                                                      ("--top-k", args.top_k))
+                             if value is not None)
+        raise InputError(f"{given} order the rows of --format table; --format {args.format} "
+                         "holds every row in graph order (the HTML table sorts on a click): "
+                         f"drop {given}, or use --format table")
     made = _variants_report(args) if "," in args.quant else _single_report(args)
     if made is None:
         return EXIT_OK  # under torchrun every rank holds the same report: rank 0 writes it

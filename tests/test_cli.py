@@ -94,6 +94,10 @@ def test_match_command_prints_pairs(capsys):
     (["report", "--model", "torchvision:resnet18", "--input-shape", "1,3,64", "--batches", "1"],
      "calibration) model failed on the input (Tensor[1, 3, 64]"),
     (["report", "--model", "torchvision:resnet18", "--format", "html"], "add -o FILE"),
+    (["report", "--model", "torchvision:resnet18", "--format", "json", "--top-k", "3"],
+     "--top-k order the rows of --format table; --format json holds every row"),
+    (["report", "--model", "torchvision:resnet18", "--format", "csv", "-o", "r.csv", "--sort",
+      "weight_sqnr", "--top-k", "2"], "--sort and --top-k order the rows of --format table"),
     (["report", "--model", "torchvision:vgg11"], "no quantizable 'vgg11'"),
     (["report", "--model", "resnet18"], "must look like torchvision:resnet18"),
 ])
