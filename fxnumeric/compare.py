@@ -625,8 +625,8 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
 
     # each batch runs each model once: the quantized graph holds the output comparators, the
     # shadows and the blocks' observers
-    model = float_model if float_model is not None else matching.float_model
-    quant = quant_model if quant_model is not None else matching.quant_model
+    # the models as matched (torch.compile's and DataParallel's wrappers taken off)
+    model, quant = matching.float_model, matching.quant_model
     built = instrument(
         matching,
         outputs=output_observers if "outputs" in wanted else None,
@@ -750,8 +750,8 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
         # the models' state as the first batch found it, for its run again
         kept = saved_buffers(float_gm, quant_gm) if done == 0 else []
         if done == 0:
-            check_devices(plan.matching.float_model or float_gm,
-                          plan.matching.quant_model or quant_gm, model_inputs)
+            check_devices(_or_graph(plan.matching.float_model, float_gm),
+                          _or_graph(plan.matching.quant_model, quant_gm), model_inputs)
         # past a budget of float values held, the quantized model runs in turns with the
         # float one (fxnumeric.lockstep), each value held until its comparator reads it
         lockstep = Lockstep(lambda: _quant_run(plan, "", model_inputs), plan.lockstep_budget)
@@ -773,6 +773,13 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
 
     return _feed(data, step, _mergeable(plan), progress, max_batches, inputs, total, ranks,
                  _capture_lines(plan) if ranks.parallel else [])
+
+
+def _or_graph(model: nn.Module | None, graph: nn.Module) -> nn.Module:
+    """``model``, or the graph run for it when the matching holds none. Not ``model or
+    graph``: a module's truth is its ``len()`` where it defines one (torch.compile's wrapper
+    forwards ``len()`` to a model without it, which raises)."""
+    return graph if model is None else model
 
 
 def _capture_lines(plan: _Plan, variant: str = "") -> list[str]:
@@ -1499,9 +1506,9 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
             assert group.model is not None
             if done == 0:
                 for name in group.names:
-                    check_devices(plans[name].matching.float_model or group.model,
-                                  plans[name].matching.quant_model
-                                  or plans[name].built.quant_model, model_inputs)
+                    check_devices(_or_graph(plans[name].matching.float_model, group.model),
+                                  _or_graph(plans[name].matching.quant_model,
+                                            plans[name].built.quant_model), model_inputs)
                 float_out = _first_run(group.model, model_inputs, batch, inputs)
             else:
                 float_out = run_model(group.model, model_inputs, which="float")

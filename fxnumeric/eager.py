@@ -34,7 +34,7 @@ from torch import nn
 
 from . import flows
 from ._collector import defers_collection
-from .capture import LeafSpec, is_functional
+from .capture import LeafSpec, is_functional, unwrap, wrapped_at
 from .capture.export import capture_example
 from .errors import FxNumericWarning, InputError, InstrumentationError
 from .flows.fx import packed_linear_weight
@@ -358,6 +358,14 @@ def _check_in_place(model: Any, which: str) -> None:
     """Refuse what the in-place calls cannot instrument: a non-model, or an ExportedProgram
     (it has no forward to route through loggers)."""
     check_model(model, which)
+    inside = wrapped_at(model)
+    if inside is not None:
+        raise InputError(
+            f"{which} is a {type(model).__name__}, which wraps the model to instrument: the "
+            "prepare_* calls instrument a model in place, through its forward, and the "
+            "wrapper's forward (compiled code, or a scatter over devices) would not run the "
+            f"instrumented one.\nFix: pass `{which}.{inside}` here and run that; "
+            "compare_model_outputs and compare_model_stub take the wrapper as it is")
     if isinstance(model, torch.export.ExportedProgram):
         raise InputError(f"{which} is an ExportedProgram: the prepare_* functions instrument a "
                          "model in place and it has no forward of its own. Pass its .module() "
@@ -631,8 +639,9 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
         (['0.stats'], torch.Size([2, 4]))
     """
     data = _batch(data)
-    float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram's module
-    q_model = flows.normalise_model(q_model, "quantized")
+    # an ExportedProgram's module; the module a torch.compile or DataParallel wrapper holds
+    float_model = flows.normalise_model(unwrap(float_model, "float")[0], "float")
+    q_model = flows.normalise_model(unwrap(q_model, "quantized")[0], "quantized")
     float_gm, quant_gm, names = _output_loggers(float_model, q_model, logger_cls, allow_list,
                                                 leaf_modules, capture, data)
     check_devices(float_model, q_model, data)
@@ -766,8 +775,8 @@ def compare_model_stub(
     :func:`fxnumeric.match`'s (``"export"`` exports on ``data``).
     """
     data = _batch(data)
-    float_model = flows.normalise_model(float_model, "float")
-    q_model = flows.normalise_model(q_model, "quantized")
+    float_model = flows.normalise_model(unwrap(float_model, "float")[0], "float")
+    q_model = flows.normalise_model(unwrap(q_model, "quantized")[0], "quantized")
     quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules,
                            capture, data)
     check_devices(float_model, q_model, data)

@@ -348,8 +348,12 @@ def check_pairable(matching: Any) -> None:
     a float model that quantizes too."""
     # the input's quantize pairs with the input of any model: it says nothing about the pair
     if all(p.kind in ("quantize", "dequantize") for p in matching.pairs):
-        float_name = type(matching.float_model).__name__ if matching.float_model else "float"
-        quant_name = type(matching.quant_model).__name__ if matching.quant_model else "quantized"
+        # `is not None`: a module's truth is its len() where it defines one (torch.compile's
+        # OptimizedModule forwards len() to a model that has none, and raises)
+        float_name = ("float" if matching.float_model is None
+                      else type(matching.float_model).__name__)
+        quant_name = ("quantized" if matching.quant_model is None
+                      else type(matching.quant_model).__name__)
         notes = getattr(matching, "capture_notes", ())
         if notes:  # how a side was captured can be the cause (capture="fx" against pt2e)
             raise InputError(

@@ -59,6 +59,7 @@ from .capture.export import (
     is_export_graph,
 )
 from .capture.tree import CallSpecs, capture_tree, record_calls
+from .capture.wrappers import unwrap
 from .errors import InputError, MatchError, TraceError
 from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import whole_layers, whole_modules, whole_paths
@@ -908,6 +909,9 @@ def match(
     check_capture(capture, example_inputs)
     check_model(float_model, "float_model")
     check_model(quant_model, "quant_model")
+    # torch.compile / DataParallel wrap the model compared: the Matching holds the inner one
+    float_model, float_wrapped = unwrap(float_model, "float")
+    quant_model, quant_wrapped = unwrap(quant_model, "quantized")
     _check_leaf_names(leaf_modules, float_model, quant_model)
     # a module whose own weights accelerate offloaded is called whole (its hook loads them):
     # keep its path whole on both sides, so that it pairs with its in-memory counterpart
@@ -917,6 +921,8 @@ def match(
     # what a flow reads differently (an ExportedProgram is traced as its .module())
     float_root = flows.normalise_model(float_model, "float")
     quant_root = flows.normalise_model(quant_model, "quantized")
+    wrapped = tuple((side, note) for side, note in (("float", float_wrapped),
+                                                    ("quantized", quant_wrapped)) if note)
     notes: list[tuple[str, str]] = []
     lost = _export_loses(float_root, quant_root) if capture == "export" else None
     if lost is not None:
@@ -936,8 +942,9 @@ def match(
         checked = (_check_traced(float_root, float_gm, example_inputs, "float")
                    + _check_traced(quant_root, quant_gm, example_inputs, "quantized"))
     except TraceError as exc:
-        return _with_whole_layers(_fall_back_to_tree(
-            float_model, quant_model, example_inputs, leaf_modules, exc, notes, node_match))
+        found = _fall_back_to_tree(float_model, quant_model, example_inputs, leaf_modules,
+                                   exc, notes, node_match)
+        return _with_whole_layers(replace(found, capture_notes=wrapped + found.capture_notes))
     if is_export_graph(float_gm) and not is_export_graph(float_root):
         float_root = float_gm  # exported by capture="auto": its nodes name no module of it
     float_view = GraphView(float_gm, root=float_root)
@@ -954,7 +961,7 @@ def match(
     region = pair_region(float_view, quant_view, node_match=node_match)
     return _with_whole_layers(Matching((region,), region.pairs, region.unmatched_float,
                                        region.unmatched_quant, float_model, quant_model,
-                                       capture_notes=tuple(notes)))
+                                       capture_notes=wrapped + tuple(notes)))
 
 
 def _export_loses(float_root: Any, quant_root: Any) -> tuple[str, str] | None:

@@ -37,6 +37,7 @@ from torch.ao.quantization.quantization_mappings import (
 from .. import flows
 from .._tensors import dequantize_all, model_output
 from ..capture.export import is_export_graph
+from ..capture.wrappers import unwrap
 from ..errors import (
     FxNumericError,
     FxNumericWarning,
@@ -312,9 +313,11 @@ class _Search:
                  data: Iterable[Any], metric: str | EndMetric, matching: Matching | None,
                  progress: bool | None, inputs: int | Callable[[Any], Any] | None = None,
                  capture: str = "auto") -> None:
-        float_model = flows.normalise_model(float_model, "float")  # an ExportedProgram: its module
-        variants = {name: flows.normalise_model(model, "quantized") for name, model in (
-            quant_model.items() if isinstance(quant_model, Mapping) else [(None, quant_model)])}
+        # an ExportedProgram: its module; torch.compile's or DataParallel's: the one it wraps
+        float_model = flows.normalise_model(unwrap(float_model, "float")[0], "float")
+        variants = {name: flows.normalise_model(unwrap(model, "quantized")[0], "quantized")
+                    for name, model in (quant_model.items() if isinstance(quant_model, Mapping)
+                                        else [(None, quant_model)])}
         if isinstance(quant_model, Mapping):  # as compare's: names, models
             check_variants(float_model, variants)
         self.metric = _resolve_metric(metric, float_model, variants.values())

@@ -28,9 +28,10 @@ from .fx import (
     trace,
     trace_submodule,
 )
+from .wrappers import unwrap, wrapped_at
 
 __all__ = [
     "trace", "LeafSpec", "TraceFailure", "is_leaf", "trace_submodule", "single_call_graph",
     "leaf_graph", "graph_module", "FUNCTIONAL_METHODS", "is_functional", "method_graph",
-    "fixed_arguments", "kwargs_only", "takes_var_kwargs",
+    "fixed_arguments", "kwargs_only", "takes_var_kwargs", "unwrap", "wrapped_at",
 ]

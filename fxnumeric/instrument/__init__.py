@@ -35,7 +35,7 @@ from torch import nn
 
 from .._collector import defers_collection
 from ..blocks import Block
-from ..capture import LeafSpec
+from ..capture import LeafSpec, unwrap
 from ..errors import InstrumentationError
 from ..guards import check_eval_mode, check_graph_training
 from ..loggers import OutputLogger, ShadowLogger
@@ -374,7 +374,8 @@ def resolve_matching(float_model: nn.Module | None, quant_model: nn.Module | Non
     check_graph_training(matching)
     for side, given, used in (("float", float_model, matching.float_model),
                               ("quantized", quant_model, matching.quant_model)):
-        if given is not None and given is not used:
+        # match() keeps the model a torch.compile or DataParallel wrapper holds
+        if given is not None and given is not used and unwrap(given, side)[0] is not used:
             raise InstrumentationError(
                 f"the {side} model passed is not the one `matching` was built from; pass the "
                 "models that fxnumeric.match was called with, or only the matching "
