@@ -122,20 +122,29 @@ def _packed_weight(float_dict: Mapping[str, Any], key: str, value: Any,
 def _compare_state_dicts(float_dict: dict[str, Any],
                          quantized_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
     weight_dict: dict[str, dict[str, Any]] = {}
+    # (quantized key, float key) paired by name whose tensors differ in shape: left out
+    mismatched: list[tuple[str, str]] = []
+
+    def pair(key: str, float_key: str, quantized: Any) -> None:
+        float_weight = float_dict[float_key]
+        if _shape(float_weight) != _shape(quantized):
+            mismatched.append((key, float_key))
+            return
+        weight_dict[key] = {"float": float_weight, "quantized": quantized}
+
     for key, value in quantized_dict.items():
         packed = _packed_weight(float_dict, key, value)
         if packed is not None:
-            weight_dict[key] = {"float": float_dict[packed[0]], "quantized": packed[1]}
+            pair(key, packed[0], packed[1])
             continue
         match_key = _find_match(float_dict, key, "weight")
         if match_key is not None:
             # a torchao tensor subclass is dequantized (ordinary tensors pass unchanged)
-            weight_dict[key] = {"float": float_dict[match_key],
-                                "quantized": flows.comparable_weight(value)}
+            pair(key, match_key, flows.comparable_weight(value))
             continue
         match_key = _find_match(float_dict, key, "_packed_params")
         if match_key is not None:
-            weight_dict[key] = {"float": float_dict[match_key], "quantized": value[0]}
+            pair(key, match_key, value[0])
         parts = key.split(".")
         if len(parts) >= 3 and parts[-1] == "param" and parts[-3] == "_all_weight_values":
             cell, module = int(parts[-2]), ".".join(parts[:-3])
@@ -147,8 +156,42 @@ def _compare_state_dicts(float_dict: dict[str, Any],
                 q_ih, q_hh = rnn_cell_weights(value)
                 weight_dict[f"{key}.weight_ih"] = {"float": float_dict[ih], "quantized": q_ih}
                 weight_dict[f"{key}.weight_hh"] = {"float": float_dict[hh], "quantized": q_hh}
-    _warn_unpaired(quantized_dict, weight_dict)
+    _warn_mismatched(float_dict, quantized_dict, mismatched)
+    _warn_unpaired(quantized_dict, {**weight_dict, **dict.fromkeys(k for k, _ in mismatched)})
     return weight_dict
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _warn_mismatched(float_dict: Mapping[str, Any], quantized_dict: Mapping[str, Any],
+                     mismatched: list[tuple[str, str]]) -> None:
+    """Say which quantized weights the name matching paired with a float tensor of another
+    shape (torch's suite pairs them: a parametrized Linear's float ``bias`` with its quantized
+    weight), left out instead."""
+    if not mismatched:
+        return
+    key, float_key = mismatched[0]
+    quantized = quantized_dict[key]
+    quantized = quantized[0] if isinstance(quantized, tuple) else quantized
+    # the module's path: what precedes `_packed_params...` or the weight's own name
+    module = (key.partition("._packed_params")[0] if "._packed_params" in key[1:]
+              else key.rpartition(".")[0])
+    prefix = f"{module}.parametrizations." if module else "parametrizations."
+    parametrized = [k for k in float_dict if k.startswith(prefix)]
+    why = (f" The float state dict holds `{module or 'the model'}`'s weight parametrized "
+           f"(`{parametrized[0]}`: weight_norm, spectral_norm, orthogonal): the weight the layer "
+           "computes with is not in it." if parametrized else "")
+    many = len(mismatched) > 1
+    warnings.warn(
+        f"compare_weights: {len(mismatched)} quantized weight{'s' if many else ''} of the "
+        f"quantized state dict {'are' if many else 'is'} left out: the float entry of its name "
+        f"has another shape (`{key}` {list(_shape(quantized) or ())} against float "
+        f"`{float_key}` {list(_shape(float_dict[float_key]) or ())}"
+        f"{', ...' if many else ''}).{why} Fix: compare the two models "
+        "(compare_weights(float_model, quant_model)), which pairs weights through the graph "
+        "and reads the weight each float layer computes with", FxNumericWarning, stacklevel=5)
 
 
 def _warn_unpaired(quantized_dict: Mapping[str, Any], weight_dict: Mapping[str, Any]) -> None:

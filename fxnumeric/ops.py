@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from . import flows
 from .errors import InputError
@@ -308,7 +309,9 @@ def _holds_quantized(module: nn.Module) -> bool:
 
 
 def _module_class(module: nn.Module) -> OpClass:
-    cls = type(module)
+    # a parametrized layer (weight_norm, spectral_norm, orthogonal) is an instance of a class
+    # made for it (ParametrizedLinear) and computes its own op with the parametrized weight
+    cls = type_before_parametrizations(module)
     for klass in cls.__mro__:
         if klass in _REGISTERED:
             return _REGISTERED[klass]
