@@ -6,12 +6,12 @@ directly, and torch's eager suite."""
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from _hooked import hooked_sqnr, pooled_sqnr
 from torch.ao.ns import _numeric_suite as torch_ns
 from torch.ao.quantization import quantize_dynamic
 from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
@@ -42,25 +42,6 @@ def _data():
     return [torch.randn(4, 8, generator=gen) for _ in range(3)]
 
 
-def _sqnr(pairs) -> float:
-    signal = sum(float((a.double() ** 2).sum()) for a, _ in pairs)
-    noise = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in pairs)
-    return 10 * math.log10(signal / noise)
-
-
-def _hooked(f: nn.Module, q: nn.Module, name: str) -> float:
-    got: dict[str, list[torch.Tensor]] = {"f": [], "q": []}
-    handles = [m.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out, side=side: got[side].append(out.detach()))
-        for side, m in (("f", f), ("q", q))]
-    with torch.no_grad():
-        for x in _data():
-            f(x), q(x)
-    for h in handles:
-        h.remove()
-    return _sqnr(list(zip(got["f"], got["q"], strict=True)))
-
-
 @pytest.mark.parametrize("how", list(_PARAMETRIZE))
 def test_parametrized_linear_pairs_as_a_linear_with_its_effective_weight(how):
     f, q = _pair(how)
@@ -71,11 +52,12 @@ def test_parametrized_linear_pairs_as_a_linear_with_its_effective_weight(how):
     report = ns.compare(f, q, _data())
     rows = {r.name: r for r in report.rows}
     assert list(rows) == ["0", "1", "2"]
-    effective = _sqnr([(f[0].weight.detach(), q[0].weight().dequantize())])
+    effective = pooled_sqnr([(f[0].weight.detach(), q[0].weight().dequantize())])
     assert rows["0"].weight_sqnr == pytest.approx(effective, abs=1e-6)
     # the first layer reads the model input: its output and shadow SQNR are one number
-    assert rows["0"].output["sqnr"] == pytest.approx(_hooked(f, q, "0"), abs=1e-5)
-    assert rows["0"].shadow["sqnr"] == pytest.approx(_hooked(f, q, "0"), abs=1e-5)
+    hooked = hooked_sqnr(f, q, "0", _data())
+    assert rows["0"].output["sqnr"] == pytest.approx(hooked, abs=1e-5)
+    assert rows["0"].shadow["sqnr"] == pytest.approx(hooked, abs=1e-5)
     weights = ns.compare_weights(f, q)["0._packed_params._packed_params"]
     assert torch.equal(weights["float"], f[0].weight.detach())
     assert len(ns.sensitivity(f, q, _data()).layers) == 2

@@ -5,12 +5,12 @@ the fix."""
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from _hooked import hooked_sqnr
 from torch.ao.ns import _numeric_suite as torch_ns
 from torch.ao.quantization import quantize_dynamic
 
@@ -37,23 +37,6 @@ def _data():
     return [torch.randn(4, 8, generator=gen) for _ in range(3)]
 
 
-def _hooked_sqnr(f: nn.Module, q: nn.Module, name: str) -> float:
-    """Pooled SQNR of ``name``'s output over _data(), read by forward hooks on the plain
-    models: the oracle."""
-    got: dict[str, list[torch.Tensor]] = {"f": [], "q": []}
-    handles = [m.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out, side=side: got[side].append(out.detach().double()))
-        for side, m in (("f", f), ("q", q))]
-    with torch.no_grad():
-        for x in _data():
-            f(x), q(x)
-    for h in handles:
-        h.remove()
-    signal = sum(float((a ** 2).sum()) for a in got["f"])
-    noise = sum(float(((a - b) ** 2).sum()) for a, b in zip(got["f"], got["q"], strict=True))
-    return 10 * math.log10(signal / noise)
-
-
 def _compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model)  # not run: fxnumeric reads the module it wraps
 
@@ -78,7 +61,8 @@ def test_compare_reads_the_wrapped_module(case):
     rows = {r.name: r for r in report.rows}
     assert [r for r in rows if r.startswith("fc")] == ["fc1", "fc2"]
     for name in ("fc1", "fc2"):
-        assert rows[name].output["sqnr"] == pytest.approx(_hooked_sqnr(f, q, name), abs=1e-5)
+        want = hooked_sqnr(f, q, name, _data())
+        assert rows[name].output["sqnr"] == pytest.approx(want, abs=1e-5)
     wrapped = [n for n in report.notes if "compared the module it wraps" in n]
     assert [n.split(")")[0] for n in wrapped] == [f"capture ({s}" for s in sides]
     path = "module._orig_mod" if "of compiled" in case else (
@@ -92,7 +76,8 @@ def test_matching_of_a_wrapper_is_reused_and_holds_the_inner_module():
     matching = ns.match(cf, q)
     assert matching.float_model is f
     report = ns.compare(cf, q, _data(), matching=matching)
-    assert report.rows[0].output["sqnr"] == pytest.approx(_hooked_sqnr(f, q, "fc1"), abs=1e-5)
+    want = hooked_sqnr(f, q, "fc1", _data())
+    assert report.rows[0].output["sqnr"] == pytest.approx(want, abs=1e-5)
 
 
 def test_sensitivity_advise_and_diagnose_take_a_compiled_model():
