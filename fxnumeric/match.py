@@ -64,7 +64,7 @@ from .errors import InputError, MatchError, TraceError
 from .guards import check_pair, contents, nothing_quantized, warn_unquantized
 from .offload import whole_layers, whole_modules, whole_paths
 from .ops import classify, classify_module
-from .pairing import NodeMatch, call_site_name, op_name, pair_views, same_op
+from .pairing import NodeMatch, call_site_name, constant_inputs, op_name, pair_views, same_op
 from .run import (
     as_call,
     check_devices,
@@ -883,7 +883,10 @@ def match(
             ``"auto"`` (default) is ``"fx"``, except that a float model torch.fx cannot
             trace whole is exported when the quantized model is a ``torch.export`` graph
             (pt2e) and ``example_inputs`` are given: the module tree cannot walk a pt2e
-            model (its modules are gone), so ``"fx"`` pairs nothing there.
+            model (its modules are gone), so ``"fx"`` pairs nothing there. So is a float
+            model whose torch.fx graph reads a non-tensor argument the pt2e model computes
+            without (torch.export made a constant of it:
+            :func:`fxnumeric.pairing.constant_inputs`).
         node_match: which float ops may pair with a quantized op, called as
             ``node_match(float_attrs, quant_attrs)`` on the attribute dicts of
             :func:`fxnumeric.pairing.node_attrs` (default :func:`fxnumeric.pairing.same_op`:
@@ -949,6 +952,13 @@ def match(
         float_root = float_gm  # exported by capture="auto": its nodes name no module of it
     float_view = GraphView(float_gm, root=float_root)
     quant_view = GraphView(quant_gm, root=quant_root)
+    constant = constant_inputs(float_view, quant_view)
+    if constant and not is_export_graph(float_gm):
+        exported = _export_as_quantized(float_root, quant_root, example_inputs, capture,
+                                        constant, notes)
+        if exported is not None:
+            float_gm = float_root = exported
+            float_view = GraphView(float_gm, root=float_root)
     check_pair(float_view, quant_view)  # swapped, unconverted or unquantized: fxnumeric.guards
     if example_inputs is not None and validate_inputs:
         for gm, which in ((float_gm, "float"), (quant_gm, "quantized")):
@@ -1030,6 +1040,27 @@ def _float_graph(float_root: Any, quant_root: Any, example_inputs: Any,
         notes.append(("float", "captured with torch.export (capture='auto'): torch.fx could "
                       f"not trace it whole ({_first_line(exc)})"))
         return exported
+
+
+def _export_as_quantized(float_root: Any, quant_root: Any, example_inputs: Any, capture: str,
+                         constant: list[str], notes: list[tuple[str, str]]
+                         ) -> fx.GraphModule | None:
+    """``capture="auto"`` against a pt2e model that made constants of the non-tensor inputs
+    ``constant`` (:func:`fxnumeric.pairing.constant_inputs`): the float model exported on
+    ``example_inputs`` as the quantized one was, noted in ``notes``; ``None`` where it is not
+    exported (the pairing then says why it cannot pair)."""
+    if not auto_exports_float(capture, example_inputs, quant_root):
+        return None
+    exported = export_module(float_root, example_inputs, "float")
+    if not isinstance(exported, fx.GraphModule):
+        notes.append(("float", exported.reason))
+        return None
+    listed = ", ".join(f"`{name}`" for name in constant)
+    notes.append(("float", "captured with torch.export (capture='auto'): the quantized model, a "
+                  f"torch.export graph, computes with the value of {listed} it was exported "
+                  "with (torch.export makes a constant of a non-tensor input), and so does the "
+                  "float model exported on the first batch"))
+    return exported
 
 
 def _first_line(exc: BaseException) -> str:

@@ -463,6 +463,32 @@ def _refuse_fixed_on_one_side(fv: GraphView, qv: GraphView) -> None:
                 f"the model without {listed})")
 
 
+def constant_inputs(fv: GraphView, qv: GraphView) -> list[str]:
+    """The inputs the float graph reads that the quantized graph takes but computes without:
+    ``torch.export`` makes a constant of a non-tensor argument (``forward(x, n)`` exported
+    with ``n=3``), so a pt2e model keeps the argument but computes with the value it was
+    exported with."""
+    taken = {str(n.target) for n in qv.gm.graph.nodes if n.op == "placeholder"}
+    unread = taken - {str(n.target) for n in qv.placeholders}
+    return [str(n.target) for n in fv.placeholders if str(n.target) in unread]
+
+
+def _refuse_constant_on_one_side(fv: GraphView, qv: GraphView) -> None:
+    """Refuse, with the reason, a quantized graph that made a constant of an input the float
+    graph reads (:func:`constant_inputs`)."""
+    constant = constant_inputs(fv, qv)
+    if constant:
+        listed = ", ".join(f"`{name}`" for name in constant)
+        raise MatchError(
+            f"the float model reads {listed}, which the quantized model takes but computes "
+            "without: torch.export made a constant of it (a non-tensor argument is "
+            "specialised to the value it was exported with), so the quantized graph has no "
+            "op reading it for the float one's to pair with.\nFix: pass example_inputs with "
+            f"that value of {listed} (compare, advise, diagnose and sensitivity pass their "
+            "first batch), so that the float model is exported the same way "
+            "(capture='auto' or 'export')")
+
+
 def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
                ) -> tuple[list[LocalPair], list[LocalMiss], list[LocalMiss], dict]:
     """Pair the ops of two views.
@@ -478,6 +504,7 @@ def pair_views(fv: GraphView, qv: GraphView, node_match: NodeMatch = same_op,
     """
     if len(fv.placeholders) != len(qv.placeholders):
         _refuse_fixed_on_one_side(fv, qv)
+        _refuse_constant_on_one_side(fv, qv)
         raise MatchError(
             f"the float model takes {len(fv.placeholders)} inputs "
             f"({', '.join(p.name for p in fv.placeholders)}) but the quantized model takes "

@@ -1557,3 +1557,56 @@ def test_a_weight_left_float_is_explained_by_what_left_it_float():
     row = fxn.compare(normed, fx_quant, data, progress=False).row("1")
     assert row.weight_sqnr == math.inf
     assert "(torch's quantized layer_norm takes its weight in float)" in row.note
+
+
+class _Scaled(torch.nn.Module):
+    """Two inputs and a non-tensor argument, which torch.export makes a constant of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, y, n):
+        return self.b(self.a(x + y).relu()) * n
+
+
+def _scaled_pair():
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    f = _Scaled().eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen), 3)
+            for _ in range(3)]
+    ep = torch.export.export(copy.deepcopy(f), data[0])
+    prepared = prepare_pt2e(ep.module(),
+                            XNNPACKQuantizer().set_global(get_symmetric_quantization_config()))
+    for batch in data:
+        prepared(*batch)
+    return f, convert_pt2e(prepared), data
+
+
+def test_a_non_tensor_argument_made_constant_by_export_pairs_under_auto_as_under_export():
+    f, q, data = _scaled_pair()
+    with torch.no_grad():  # the oracle: the model outputs, read directly
+        pairs = [(f(*b), q(*b)) for b in data]
+    signal = sum(float((a.double() ** 2).sum()) for a, _ in pairs)
+    noise = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in pairs)
+    auto = fxn.compare(f, q, data)
+    assert auto.model_output["sqnr"] == pytest.approx(10 * math.log10(signal / noise),
+                                                      abs=1e-5)
+    exported = fxn.compare(f, q, data, capture="export")
+    assert [(r.name, r.output["sqnr"]) for r in auto.rows] == [
+        (r.name, r.output["sqnr"]) for r in exported.rows]
+    assert {"a", "b", "mul"} <= {r.name for r in auto.rows}
+    assert any("computes with the value of `n` it was exported with" in note
+               for note in auto.notes)
+    # without example inputs nothing can be exported: the pairing says why, truthfully
+    with pytest.raises(fxn.MatchError, match=r"the float model reads `n`, which the quantized "
+                                             r"model takes but computes without: torch\.export "
+                                             r"made a constant of it.*\nFix: pass example_inputs"):
+        fxn.match(f, q)
