@@ -1279,6 +1279,21 @@ def _first_run(float_gm: nn.Module, model_inputs: Any, batch: Any, inputs: Any) 
         raise
 
 
+_PYTHON_VALUES = frozenset({"NoneType", "bool", "int", "float", "complex", "str", "list",
+                            "tuple", "dict", "slice", "ellipsis", "device", "dtype", "Size"})
+"""Types of the values an op on Python values (not on activations) computes."""
+
+
+def _non_tensor_note(name: str) -> str:
+    """The note of a row whose values were never tensors: of type ``name`` (the first seen)."""
+    if name not in _PYTHON_VALUES:
+        return f"its value is a {name}, not a tensor: nothing to compare"
+    what = "None" if name == "NoneType" else f"a Python {name}"
+    return (f"computes {what}, not a tensor: nothing to compare (an op on Python values, such "
+            "as a scalar read from a dict, arithmetic on an int argument or a list's append, "
+            "not on activations)")
+
+
 def _differ(acc: Accumulator | None) -> str:
     """How many of the integer values compared differ (a router's picks), if any were."""
     if acc is None or not acc.discrete_values:
@@ -1324,8 +1339,10 @@ def _note(oa: Accumulator | None, sa: Accumulator | None, skipped: str | None,
                      "here, their outputs not one by one")
     if unread_weight:
         notes.append(f"weights not compared: {unread_weight}")
-    if (oa is not None and not oa.batches and not (sa is not None and sa.batches)
-            and not (oa.discrete or oa.shape_mismatch or oa.misrouted or oa.overwritten)):
+    ran = oa is not None and not oa.batches and not (sa is not None and sa.batches)
+    if ran and oa.non_tensor and not oa.discrete:
+        notes.append(_non_tensor_note(oa.non_tensor))
+    elif ran and not (oa.discrete or oa.shape_mismatch or oa.misrouted or oa.overwritten):
         notes.append("never ran on the data: nothing to compare (a module the model holds but "
                      "does not call, such as a tied embedding it runs under another name)")
     if any(acc is not None and acc.discrete and not acc.batches for acc in (oa, sa)):

@@ -483,6 +483,9 @@ class AccumulatorState:
     misrouted: int = 0
     discrete_values: int = 0
     discrete_differ: int = 0
+    non_tensor: str = ""
+    """The type of a value seen that is not a tensor on one side or both (``"float"``,
+    ``"NoneType"``): an op on Python values, ``""`` when none was seen."""
 
     def merged(self, other: AccumulatorState) -> AccumulatorState:
         """The sums over both states' batches: totals add, ``max_abs`` is the larger (NaN if
@@ -521,6 +524,7 @@ class AccumulatorState:
             misrouted=self.misrouted + other.misrouted,
             discrete_values=self.discrete_values + other.discrete_values,
             discrete_differ=self.discrete_differ + other.discrete_differ,
+            non_tensor=self.non_tensor or other.non_tensor,
         )
 
 
@@ -559,7 +563,8 @@ class Accumulator:
     counts the batches a caller left out because the reference was written into before it was
     compared (see :class:`fxnumeric.compare`'s float twins), ``misrouted`` those left out
     because the module running the layer routed its rows unlike the float model
-    (:mod:`fxnumeric.routing`).
+    (:mod:`fxnumeric.routing`). ``non_tensor`` names the type of a value that was not a tensor
+    (an op on Python values: a config scalar, ``8 - k``, ``list.append``), left uncompared.
     """
 
     def __init__(self, custom: dict[str, MetricFn] | None = None, keep: bool = False,
@@ -590,14 +595,18 @@ class Accumulator:
         self.misrouted = 0
         self.discrete_values = 0
         self.discrete_differ = 0
+        self.non_tensor = ""
 
     def update(self, ref: Any, actual: Any, *, actual_energy: float | None = None) -> None:
-        """Add one batch; non-tensor values are ignored.
+        """Add one batch; non-tensor values are not compared (``non_tensor`` names their
+        type).
 
         ``actual_energy``, when given, is ``sum(actual**2)`` already computed by
         :func:`prepare_actual` for an ``actual`` that several accumulators share.
         """
         if not isinstance(ref, torch.Tensor) or not isinstance(actual, torch.Tensor):
+            self.non_tensor = self.non_tensor or type(
+                actual if isinstance(ref, torch.Tensor) else ref).__name__
             return
         if _discrete(ref) and _discrete(actual):
             self.discrete = True  # a mask: no rounding error to measure (its SQNR read inf)
@@ -707,6 +716,7 @@ class Accumulator:
             shape_mismatch_batch=self.shape_mismatch_batch,
             discrete=self.discrete, overwritten=self.overwritten, misrouted=self.misrouted,
             discrete_values=self.discrete_values, discrete_differ=self.discrete_differ,
+            non_tensor=self.non_tensor,
         )
 
     def load(self, state: AccumulatorState) -> None:
@@ -724,6 +734,7 @@ class Accumulator:
         self.discrete, self.overwritten = state.discrete, state.overwritten
         self.misrouted = state.misrouted
         self.discrete_values, self.discrete_differ = state.discrete_values, state.discrete_differ
+        self.non_tensor = state.non_tensor
         self._batch_signal = self._batch_noise = 0.0
         self._batch_updates = 0
 

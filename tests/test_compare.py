@@ -423,3 +423,44 @@ def test_complex_values_are_compared_whole_not_by_their_real_part():
     # a real actual against a complex reference: its imaginary part is 0
     assert ns.sqnr(ref, actual.real) == pytest.approx(
         _pooled_sqnr([(ref, actual.real.to(torch.complex64))]), abs=1e-9)
+
+
+class _PythonValues(nn.Module):
+    """Ops on Python values beside the activations: a scalar read from a dict, ``8 - k`` on
+    an int argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(6, 4)
+
+    def forward(self, d, k):
+        h = self.a(d["x"]) * d["scale"]
+        return self.b(h[:, : 8 - k])
+
+
+def test_ops_on_python_values_say_what_they_computed_not_that_they_never_ran():
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.manual_seed(0)
+    f = _PythonValues().eval()
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    gen = torch.Generator().manual_seed(1)
+    data = [({"x": torch.randn(4, 8, generator=gen), "scale": 2.0}, 2) for _ in range(2)]
+    # the oracle: what each node of the float graph computes, read by torch.fx's Interpreter
+    values: dict[str, object] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = out = super().run_node(n)
+            return out
+
+    Recorder(ns.trace(f, which="float")).run(*data[0])
+    report = ns.compare(f, q, data)
+    python = {r.name: r.note for r in report.rows
+              if r.name in values and not isinstance(values[r.name], torch.Tensor)}
+    assert {name: type(values[name]).__name__ for name in python} == {
+        "getitem_1": "float", "sub": "int"}
+    assert python["getitem_1"].startswith("computes a Python float, not a tensor: nothing to "
+                                          "compare (an op on Python values")
+    assert python["sub"].startswith("computes a Python int, not a tensor")
+    assert not any("never ran" in r.note for r in report.rows)
