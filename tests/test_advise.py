@@ -3211,3 +3211,15 @@ def test_variants_computing_ops_the_float_model_lacks_are_refused(model, reads) 
     with torch.no_grad():
         assert not one.keep_float and one.value == pytest.approx(
             _sqnr64([f(x) for x in data], [q(x) for x in data]), abs=1e-3)
+
+
+def test_a_sensitivity_table_shows_the_digits_that_tell_its_layers_apart():
+    # cosines 0.99984 and 0.99982 both read 0.9998: the ranking looked arbitrary
+    layers = (_entry("a", 0.99984, 0.99982), _entry("b", 0.99987, 0.9998),
+              _entry("c", 0.99991, 0.99971))
+    s = fxnumeric.Sensitivity("cosine", 0.9997, layers, 2)
+    lines = s.table(sort=False).splitlines()
+    cells = [line.split()[2:4] for line in lines[2:5]]
+    assert cells == [["0.9998", "0.99982"], ["0.99987", "0.9998"], ["0.99991", "0.9997"]]
+    for column in zip(*cells, strict=True):  # distinct values read as distinct numbers
+        assert len(set(column)) == 3

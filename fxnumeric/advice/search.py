@@ -756,7 +756,7 @@ class Sensitivity:
         failed = "".join(f"\nnan: {hybrid} " + ("not measured" if why.startswith("not measured")
                                                    else "failed in an op") + " (see .failed)"
                          for hybrid, why in self.failed)
-        return text_table(table, headers, tablefmt, floatfmt=".4g") + (
+        return text_table(table, headers, tablefmt, apart=True, floatfmt=".4g") + (
             f"\nquantized model: {self.metric} {shown(self.quantized)}") + failed
 
 

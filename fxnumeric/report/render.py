@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate, tabulate_formats
 
 from ..errors import InputError
-from ..numbers import shown
+from ..numbers import shown, shown_apart
 from .variants import (
     AlignedLayer,
     aligned_layers,
@@ -76,25 +76,32 @@ TABLE_FORMATS = ("simple", "plain", "github", "markdown", "grid", "pipe")
 
 
 def text_table(rows: Iterable[Sequence[Any]], headers: Sequence[str], tablefmt: str = "simple",
-               **options: Any) -> str:
+               *, apart: bool = False, **options: Any) -> str:
     """``tabulate(rows, headers, ...)`` in ``tablefmt`` (:func:`tabulate_format`), where a
     column of text stays as written: tabulate reads strings that look like numbers as numbers
     and rewrites them, and the layers of an ``nn.Sequential`` read ``0.0``, ``0.10`` (shown
     ``0`` and ``0.1``, the name of another layer). Values are handed over as numbers, so only
     the columns holding nothing but text are kept from its parsing. A column where a value
     would read as 1 at ``floatfmt`` while it is not (a cosine of 0.99996 read "1", as if
-    exact) shows its values with the digits that tell them from 1 (:func:`shown`)."""
+    exact) shows its values with the digits that tell them from 1 (:func:`shown`); with
+    ``apart``, every column of numbers shows them with the digits that tell them from each
+    other (:func:`shown_apart`: a ranking of cosines 0.99984 and 0.99982 read 0.9998 twice)."""
     rows = [list(r) for r in rows]
     columns = len(rows[0]) if rows else 0
     fmt = options.get("floatfmt", "g")
     aligned: list[str] = ["global"] * columns
     for i in range(columns):
-        if any(isinstance(r[i], float) and r[i] != 1.0 and format(r[i], fmt) == "1"
-               for r in rows):
-            for r in rows:
-                if isinstance(r[i], float):
-                    r[i] = shown(r[i]) if math.isfinite(r[i]) else str(r[i])
-            aligned[i] = "decimal"
+        values = [r[i] for r in rows if isinstance(r[i], float) and math.isfinite(r[i])]
+        if apart and values:
+            shown_as = dict(zip(values, shown_apart(values), strict=True))
+        elif any(v != 1.0 and format(v, fmt) == "1" for v in values):
+            shown_as = {v: shown(v) for v in values}
+        else:
+            continue
+        for r in rows:
+            if isinstance(r[i], float):
+                r[i] = shown_as.get(r[i], str(r[i]))  # nan, inf as Python writes them
+        aligned[i] = "decimal"
     text = [i for i in range(columns)
             if all(r[i] is None or isinstance(r[i], str) for r in rows)]
     return tabulate(rows, headers=headers, tablefmt=tabulate_format(tablefmt),
