@@ -273,7 +273,8 @@ def report_csv(report: Report) -> str:
     empty cells where nothing was measured, ``inf``/``nan`` as Python writes them. A last row,
     ``(model output)``, holds the model output's metrics: its ``output_<metric>`` cells, and
     the columns only it has (a language model's ``kl``, ``kl_p99``, ``kl_max``,
-    ``top1_agreement``, ``ppl_float``, ``ppl_quantized``). With variants: :func:`variants_csv`."""
+    ``top1_agreement``, ``ppl_float``, ``ppl_quantized``). Rows only: the report's own notes
+    are in the table, the HTML page and the JSON. With variants: :func:`variants_csv`."""
     if report.variants:
         return variants_csv(report)
     cols = csv_columns(report)
