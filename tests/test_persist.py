@@ -290,6 +290,8 @@ def _edited(edit) -> str:
      r"string \(\"abc\"\)\. Fix:"),
     (_edited(lambda d: d["layers"][0].update(quantized=1)), r"layers\[0\]\.quantized: expected bool"),
     (_edited(lambda d: d.pop("batches")), r"batches: missing \(a Report needs it\)"),
+    (_edited(lambda d: d.update(batches=-3)),  # loaded before, and read "-3 batches"
+     r"batches: expected a count of at least 0, got -3\. Fix:"),
     (_edited(lambda d: d["layers"][0].update(bogus=1)),
      r"layers\[0\]: unknown key 'bogus' for a ReportRow"),
     (_edited(lambda d: d.update(unmatched=[{"node": "x"}])),

@@ -441,7 +441,7 @@ class Report:
     rows: tuple[ReportRow, ...] = field(metadata={"json": "layers"})
     metrics: tuple[str, ...]
     comparisons: tuple[str, ...]
-    batches: int
+    batches: int = field(metadata={"json_min": 0})
     model_output: dict[str, float]
     unmatched: tuple[tuple[str, str, str], ...] = field(
         default=(), metadata={"json_items": ("node", "side", "reason")})

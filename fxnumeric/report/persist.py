@@ -21,7 +21,8 @@ Field ``metadata`` adjusts a field: ``{"json": False}`` leaves it out (a default
 loading: ``ReportRow.activations`` holds raw tensors), ``{"json": "layers"}`` renames its key,
 ``{"json_items": ("node", "side", "reason")}`` writes each fixed-length tuple of a
 sequence as an object with those keys, ``{"json_choices": (...)}`` refuses to load any
-other value (``Report.logits_per``), ``{"json_omit_default": True}`` leaves the key out while
+other value (``Report.logits_per``), ``{"json_min": 0}`` any number below it
+(``Report.batches``), ``{"json_omit_default": True}`` leaves the key out while
 the field holds its default (``Report.variants``: a report of one quantized model is saved as
 it was before variants existed). A class's ``_JSON_DERIVED`` (``{key: function}``) adds
 read-only keys for people and scripts (``summary``, ``degenerate``); loading ignores them, and
@@ -277,6 +278,9 @@ def _decode_dataclass(cls: type, data: Any, where: str) -> Any:
         if choices is not None and kwargs[f.name] not in choices:
             raise _fail(path, f"expected one of {', '.join(map(repr, choices))}, got "
                         f"{_kind(value)}")
+        least = f.metadata.get("json_min")
+        if least is not None and kwargs[f.name] < least:
+            raise _fail(path, f"expected a count of at least {least}, got {value!r}")
     return cls(**kwargs)
 
 
