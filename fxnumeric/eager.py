@@ -157,7 +157,8 @@ def _compare_state_dicts(float_dict: dict[str, Any],
                 weight_dict[f"{key}.weight_ih"] = {"float": float_dict[ih], "quantized": q_ih}
                 weight_dict[f"{key}.weight_hh"] = {"float": float_dict[hh], "quantized": q_hh}
     _warn_mismatched(float_dict, quantized_dict, mismatched)
-    _warn_unpaired(quantized_dict, {**weight_dict, **dict.fromkeys(k for k, _ in mismatched)})
+    _warn_unpaired(quantized_dict, {**weight_dict, **dict.fromkeys(k for k, _ in mismatched)},
+                   float_dict)
     return weight_dict
 
 
@@ -194,9 +195,20 @@ def _warn_mismatched(float_dict: Mapping[str, Any], quantized_dict: Mapping[str,
         "and reads the weight each float layer computes with", FxNumericWarning, stacklevel=5)
 
 
-def _warn_unpaired(quantized_dict: Mapping[str, Any], weight_dict: Mapping[str, Any]) -> None:
+def _wrapped_keys(state_dict: Mapping[str, Any]) -> str:
+    """The prefix every key of ``state_dict`` has when it is a wrapper's (``module.`` of
+    DataParallel and DistributedDataParallel, ``_orig_mod.`` of torch.compile), else ``""``."""
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(str(key).startswith(prefix) for key in state_dict):
+            return prefix
+    return ""
+
+
+def _warn_unpaired(quantized_dict: Mapping[str, Any], weight_dict: Mapping[str, Any],
+                   float_dict: Mapping[str, Any] | None = None) -> None:
     """Say which quantized weights of the state dict no float weight was found for (torch's
-    suite leaves them out without a word)."""
+    suite leaves them out without a word), and, where one state dict is a wrapper's
+    (``module.`` keys), which to pass instead."""
     paired = {key.rsplit(".", 1)[0] for key in weight_dict} | set(weight_dict)
     unpaired = [key for key, value in quantized_dict.items() if key not in paired and (
         isinstance(value, torch.ScriptObject) or key.endswith("_packed_params._packed_params")
@@ -211,7 +223,22 @@ def _warn_unpaired(quantized_dict: Mapping[str, Any], weight_dict: Mapping[str, 
             f"dict: {'they are' if many else 'it is'} left out. Fix: compare the two models "
             "(compare_weights(float_model, quant_model)), which pairs weights through the "
             "graph whatever their names, and says why of any it cannot read (a static "
-            "quantized LSTM's)", FxNumericWarning, stacklevel=5)
+            "quantized LSTM's)" + _wrapper_fix(float_dict or {}, quantized_dict),
+            FxNumericWarning, stacklevel=5)
+
+
+def _wrapper_fix(float_dict: Mapping[str, Any], quantized_dict: Mapping[str, Any]) -> str:
+    """What to pass when one state dict's keys carry a wrapper's prefix the other's lack."""
+    for side, state, other in (("float", float_dict, quantized_dict),
+                               ("quantized", quantized_dict, float_dict)):
+        prefix = _wrapped_keys(state)
+        if prefix and _wrapped_keys(other) != prefix:
+            holder = "torch.compile" if prefix == "_orig_mod." else "DataParallel/DDP"
+            attr = prefix.rstrip(".")
+            return (f"; every key of the {side} state dict starts with `{prefix}` (a "
+                    f"{holder} wrapper's): pass the wrapped module's, "
+                    f"{side}_model.{attr}.state_dict()")
+    return ""
 
 
 @defers_collection

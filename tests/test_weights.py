@@ -367,3 +367,21 @@ def test_a_leaf_module_holding_a_quantized_linear_compares_its_weight():
     assert row.weight_keys == tuple(f"{p}._packed_params._packed_params" for p in inner)
     assert "called whole: the weights of its layers 1.0.fc.0.fc, 1.2.fc compare here" in row.note
     assert not report.unmatched  # the user chose to keep it whole
+
+
+def test_a_state_dict_of_a_data_parallel_model_is_named_with_the_one_to_pass():
+    # every key of nn.DataParallel's state dict starts with `module.`: nothing paired, and the
+    # warning sent the user to compare the models without saying why the names differ
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    wrapped = nn.DataParallel(f).state_dict()
+    with pytest.warns(ns.FxNumericWarning, match=r"every key of the float state dict starts "
+                      r"with `module\.` \(a DataParallel/DDP wrapper's\): pass the wrapped "
+                      r"module's, float_model\.module\.state_dict\(\)"):
+        assert ns.compare_weights(wrapped, q.state_dict()) == {}
+    plain = ns.compare_weights(f.state_dict(), q.state_dict())  # the fix pairs both
+    assert set(plain) == {"0._packed_params._packed_params", "2._packed_params._packed_params"}
+    for key, pair in plain.items():
+        layer = f.get_submodule(key.split(".")[0])
+        assert torch.equal(pair["float"], layer.weight)
