@@ -35,6 +35,18 @@ form:
   one float run (:func:`fxnumeric.dataflow.value_sources`); a value the untraced code
   computed (a decoder layer's residual add) has no row, and the op reading it no input SQNR.
 
+A quantize is its reader's. Where an op computes in float and its row holds only the input
+quantize its readers asked for (X86InductorQuantizer's Linear quantizes its input: the row of a
+``cat`` or GELU in front of it is read after that quantize; :attr:`LayerDiagnosis.rounded_for`),
+what the row measures is the readers' input rounding: its clipping, noise and floor flags go on
+the readers' entries, saying where they were measured, with keeping the readers float as the
+fix, and so does the amplification flag where that rounding is what puts the op first below
+the threshold. The op itself is told that keeping it float would not remove the error
+(``readers_quantize``), as the report's verdict blames those readers. Under X86 QAT, a ``cat``
+in front of ``l1`` clipping 8.3% of l1's input was told "keep the layer float" and "keep this
+layer or the ones before it float": re-quantized, l1 float takes the output from 20.44 to
+45.30 dB, the layers before the ``cat`` float leave it at 20.44 dB.
+
 Each flag names the usual fix: per-channel weights, a histogram observer, recalibration,
 keeping the layer float (:func:`fxnumeric.advise`), cross-layer equalization.
 """
@@ -119,7 +131,9 @@ class LayerDiagnosis:
             quantize, an op handing on quantized tensors (a quantized ``max_pool2d``). False
             for an op computing in float in both models (a ``sub`` or ``add`` under dynamic
             quantization or between dequantized values, an ``nn.Embedding`` left float),
-            which carries only the amplification and NaN/Inf flags.
+            which carries only the amplification and NaN/Inf flags; and for an op whose
+            output's quantize is only its readers' request (:attr:`rounded_for`: an X86
+            pt2e ``cat`` or GELU in front of a Linear), which computes in float too.
         inputs: the ops (:attr:`call_site`) whose values this op reads, in order: on a model
             captured through its module tree too, where a value crosses from one region into
             another (:func:`fxnumeric.dataflow.value_sources`).
@@ -180,6 +194,15 @@ class LayerDiagnosis:
     quantize (:meth:`fxnumeric.match.Region.rounded_for`: a float GELU's value rounded for the
     X86 Linear reading it): that op's local error is this op's input rounding, which keeping
     this op float removes."""
+    rounded_for: tuple[str, ...] = ()
+    """The ops (:attr:`call_site`) whose own input quantize this op's row holds
+    (:meth:`fxnumeric.match.Region.rounded_for`, the report's ``row.rounded_for``: a float
+    GELU's or ``cat``'s value rounded for the X86 Linear reading it). This op then computes in
+    float (``quantized`` is False) and its local error is their input rounding: the clipping,
+    noise and floor flags measured in its row, and the amplification flag where that rounding
+    is what puts it first below the threshold, are on their entries, saying where they were
+    measured, with keeping them float as the fix; this op's flag (``readers_quantize``) says
+    keeping it float would not remove that error, as the report's verdict blames them."""
     site: str = field(default="", repr=False)
     """:attr:`call_site` as :func:`diagnose` named it (``""``: from ``module`` and ``name``)."""
 
@@ -468,22 +491,35 @@ def _db_below(value: float, threshold: float) -> str:
 
 def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
     """The causes of a quantized layer, then the amplification flag if ``d`` is the first op
-    below the threshold (an op left in float, too)."""
+    below the threshold (an op left in float, too). An op holding its readers' input
+    quantize is flagged by :func:`_holder_flags` instead."""
     flags = _layer_flags(d) if d.quantized else []
     if first_below and d.cumulative_sqnr is not None:
         flags.append(_amplification_flag(d, d.cumulative_sqnr, threshold_db))
     return tuple(flags)
 
 
-def _layer_flags(d: LayerDiagnosis) -> list[Flag]:
-    """What the layer's own quantization does wrong: its floor, weights, clipping, noise."""
+def _layer_flags(d: LayerDiagnosis, reader: str | None = None) -> list[Flag]:
+    """What the layer's own quantization does wrong: its floor, weights, clipping, noise.
+
+    ``reader``: ``d`` is an op whose row holds the input quantize of the layer ``reader``
+    (:attr:`LayerDiagnosis.rounded_for`), and the flags are ``reader``'s, for its entry: each
+    says where it was measured, and that keeping ``reader`` float is the fix."""
     flags: list[Flag] = []
+    layer, outputs, grid = "the layer", "the layer's outputs", "its quantized range"
+    at, step = "", "output step"
+    if reader is not None:
+        layer, outputs = f"`{reader}`", f"the values `{reader}` reads"
+        grid, step = "its input quantize's range", "input step"
+        at = (f"at its input quantize (measured in the row of `{d.call_site}`, which computes "
+              f"in float and hands on its value rounded for `{reader}`): ")
     verdict = d.floor
     if verdict is not None and verdict.state == "below":
         flags.append(Flag(
             f"below_floor_{verdict.cause}",
-            f"local SQNR {d.local_sqnr:.1f} dB, its own grids allow {d.floor_sqnr:.1f} dB: "
+            f"{at}local SQNR {d.local_sqnr:.1f} dB, its own grids allow {d.floor_sqnr:.1f} dB: "
             + verdict.text,
+            "recalibrate its input quantize" if reader is not None else
             {"offset": "restore the bias (or zero point) the quantized layer lost; compare its "
                        "bias with the float one",
              "scale": "requantize with qparams that fit its values (recalibrate; per-channel "
@@ -511,32 +547,92 @@ def _layer_flags(d: LayerDiagnosis) -> list[Flag]:
     if d.clipped is not None and d.clipped > 1e-3:
         flags.append(Flag(
             "clipping",
-            f"{_pct(d.clipped)} of the layer's outputs fall outside its quantized range and are "
-            "clipped",
+            f"{at}{_pct(d.clipped)} of {outputs} fall outside {grid} and are clipped",
             "recalibrate on data covering this range (a histogram observer if the tail is rare), "
-            "or keep the layer float",
+            f"or keep {layer} float",
         ))
     weighted = d.weight_exact is False  # weights whose quantization changes them
     if d.noise_steps is not None and d.noise_steps > 1.0:
         flags.append(Flag(
             "noise",
-            f"local error rms is {d.noise_steps:.2f} output steps, far above rounding noise "
+            f"{at}local error rms is {d.noise_steps:.2f} {step}s, far above rounding noise "
             f"({WHITE_NOISE_STEPS:.2f}): "
             + ("clipping or the weights' quantization" if weighted else "clipping")
-            + ", not the output step",
+            + f", not the {step}",
             ("per-channel weights or recalibration" if weighted and not d.per_channel else
-             "recalibration on representative data") + "; keep the layer float if it persists",
+             "recalibration on representative data") + f"; keep {layer} float if it persists",
         ))
     elif (d.noise_steps is not None and d.noise_steps < 0.6 and d.local_sqnr is not None
           and d.local_sqnr < 20):
         flags.append(Flag(
             "coarse_step",
-            f"the error is rounding noise ({d.noise_steps:.2f} steps) but the step is coarse for "
+            f"{at}the error is rounding noise ({d.noise_steps:.2f} steps) but the step is coarse "
+            "for "
             f"the signal (local SQNR {d.local_sqnr:.1f} dB): a few outliers set the range",
             "a histogram observer if the layer has a MinMax one (the x86/fbgemm defaults "
-            "already use it); else keep the layer float, or equalization to spread the outliers",
+            f"already use it); else keep {layer} float, or equalization to spread the outliers",
         ))
     return flags
+
+
+def _holder_flags(d: LayerDiagnosis, first_below: bool, threshold_db: float,
+                  ) -> tuple[list[Flag], list[tuple[str, Flag]]]:
+    """The flags of an op whose row holds its readers' input quantize
+    (:attr:`LayerDiagnosis.rounded_for`: it computes in float, and what its row measures is
+    the rounding they asked for), as ``(its own, [(reader, flag), ...])``: the clipping,
+    noise and floor flags of that rounding go to each reader, as does the amplification flag
+    where that rounding is what puts the op first below ``threshold_db``; the op itself is
+    told that keeping it float would not remove them. As the report's verdict blames those
+    readers (:func:`fxnumeric.report.verdict.blamed`)."""
+    readers = d.rounded_for
+    theirs = [(r, f) for r in readers for f in _layer_flags(d, reader=r)]
+    own: list[Flag] = []
+    cumulative, amp = d.cumulative_sqnr, d.amplification
+    if first_below and cumulative is not None:
+        if amp is None or d.local_sqnr is None or amp <= _AMPLIFIED_DB:  # the rounding's
+            theirs += [(r, _rounding_amplification_flag(d, r, cumulative, threshold_db))
+                       for r in readers]
+        else:  # from before it, or grown across it: its own message (it computes in float)
+            own.append(_amplification_flag(d, cumulative, threshold_db))
+    if theirs:
+        names = " and ".join(f"`{r}`" for r in readers)
+        one = len(readers) == 1
+        measured = (f"local SQNR {d.local_sqnr:.1f} dB" if d.local_sqnr is not None
+                    else "its error")
+        if d.clipped:
+            measured += f", {_pct(d.clipped)} clipped"
+        own.insert(0, Flag(
+            "readers_quantize",
+            f"its row holds the input quantize {names} asked for: `{d.call_site}` computes in "
+            f"float and hands on its value rounded for {'it' if one else 'them'}, so the error "
+            f"measured here ({measured}) is {names}'s input rounding, flagged on "
+            f"{'its' if one else 'their'} entr{'y' if one else 'ies'}; keeping "
+            f"`{d.call_site}` float would not remove it",
+            f"keep {names} float (fxnumeric.advise), or recalibrate "
+            f"{'its' if one else 'their'} input quantize",
+        ))
+    return own, theirs
+
+
+def _rounding_amplification_flag(d: LayerDiagnosis, reader: str, cumulative: float,
+                                 threshold_db: float) -> Flag:
+    """The amplification flag of ``reader`` whose input quantize, held in the row of ``d``,
+    is where the cumulative SQNR first falls below ``threshold_db`` (``cumulative``)."""
+    local = d.local_sqnr
+    assert local is not None
+    read = (f"; the values `{d.call_site}` reads are at {d.input_sqnr:.1f} dB, and that "
+            f"rounding (local SQNR {local:.1f} dB) takes them there"
+            if d.input_sqnr is not None else f"; that rounding's local SQNR is {local:.1f} dB")
+    return Flag(
+        "amplification",
+        f"`{reader}`'s input quantize is where the cumulative SQNR first falls below "
+        f"{threshold_db:g} dB ({_db_below(cumulative, threshold_db)} dB, measured in the row "
+        f"of `{d.call_site}`, which computes in float and hands on its value rounded for "
+        f"`{reader}`){read}",
+        f"keep `{reader}` float (fxnumeric.advise), or recalibrate its input quantize on data "
+        f"covering its range; keeping `{d.call_site}` or the layers before it float would not "
+        "remove that rounding",
+    )
 
 
 _CANCELLING = ("add", "sub")
@@ -739,10 +835,14 @@ def diagnose(
     # quantized tensor, a grid's clipping) but computes in float all the same
     rounded_after = {p.name for p in matching.pairs if matching.region_of(p).hands_on_rounded(p)}
     # the ops whose rows hold a layer's own input quantize (its request), by that layer
+    # and the other way: the readers whose input quantize an op's row holds, by that op
     rounded_for: dict[str, set[str]] = {}
+    holds: dict[str, list[str]] = {}
     for p in matching.pairs:
         for reader in matching.region_of(p).rounded_for(p):
             rounded_for.setdefault(reader.name, set()).add(p.name)
+            if reader.name not in holds.setdefault(p.name, []):
+                holds[p.name].append(reader.name)
     sums = {name: _Sums() for name in layers}
     kinds = {p.name: p.kind for p in reversed(matching.pairs)}
     twins: list[_FloatValues] = []
@@ -812,6 +912,8 @@ def diagnose(
              for name, path in paths.items()}  # LayerDiagnosis.call_site
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
+    handed: dict[str, list[Flag]] = {}  # by reader: the flags its input quantize's row gave
+    clean: set[str] = set()  # the entries before any NaN/Inf
     for name in layers:
         s = sums[name]
         stats, matrix = weights.get(name, (_WeightStats(), ""))
@@ -840,8 +942,12 @@ def diagnose(
             local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,
             cumulative_sqnr=db(s.cum_signal, s.cum_noise) if s.cum_calls else None,
             floor_sqnr=floor, floor=floor_verdict,
-            quantized=(name in quantized or kinds[name] == "quantize"
-                       or (s.quantized and name not in rounded_after)),
+            # an op whose row holds its readers' input quantize computes in float: that
+            # rounding is theirs (flagged on them), not its own
+            quantized=name not in holds and (
+                name in quantized or kinds[name] == "quantize"
+                or (s.quantized and name not in rounded_after)),
+            rounded_for=tuple(sites[n] for n in holds.get(name, ())),
             inputs=tuple(sites[n] for n in read.ops),
             input_sqnr=input_sqnr,
             stray=stray[0] if stray is not None else None,
@@ -864,7 +970,18 @@ def diagnose(
                     and d.cumulative_sqnr < threshold_db)
         if is_first:
             first_below = d.call_site
-        diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
+        if d.rounded_for:  # what its row measures is its readers' input quantize: theirs
+            own, theirs = _holder_flags(d, is_first, threshold_db)
+            for reader, flag in theirs:
+                handed.setdefault(reader, []).append(flag)
+            diagnosed.append(dataclasses.replace(d, flags=tuple(own)))
+        else:
+            diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
+        clean.add(d.call_site)
+    # the flags measured in the row holding a reader's input quantize go on the reader's entry
+    # (a reader after the first NaN/Inf is left unflagged, as every layer there is)
+    diagnosed = [dataclasses.replace(d, flags=(*handed[d.call_site], *d.flags))
+                 if d.call_site in handed and d.call_site in clean else d for d in diagnosed]
     return Diagnosis(tuple(diagnosed), threshold_db, first_below, len(batches), nonfinite,
                      foreign.partition("\n")[0], called_whole(matching, layers))
 
