@@ -968,3 +968,63 @@ def test_the_input_quantize_a_float_op_holds_is_flagged_on_its_reader_whom_keepi
     for held_float in ("act", "fc0"):
         again = x86_pt2e(model, calibration, keep_float=(held_float,))
         assert abs(_output_sqnr(model, again, data) - before) < 0.1
+
+
+class _ConvT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.t1 = nn.Conv1d(3, 8, 3), nn.ConvTranspose1d(8, 4, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.t1(torch.relu(self.c1(x)))
+
+
+def test_a_layer_below_its_floor_with_sound_weights_is_not_told_of_scales_or_per_channel_weights(
+        ) -> None:
+    # torch's x86 quantized ConvTranspose1d computes something else than F.conv_transpose1d
+    # on its own dequantized input and weight. Its weights read 47.9 dB and its grids allow
+    # 35.9 dB, yet diagnose said "a wrong scale, for the output or the weights. Fix: ...
+    # per-channel weights" and "clipping or the weights' quantization"
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    model = _ConvT().eval()
+    data = [torch.randn(2, 3, 16) for _ in range(3)]
+
+    def build(keep_float: tuple[str, ...] = ()) -> nn.Module:
+        mapping = get_default_qconfig_mapping("x86")
+        for name in keep_float:
+            mapping = mapping.set_module_name(name, None)
+        prepared = prepare_fx(copy.deepcopy(model), mapping, (data[0],))
+        with torch.no_grad():
+            for x in data:
+                prepared(x)
+        return convert_fx(prepared)
+
+    quant = build()
+    # the oracle: the quantized module against its float op on its own dequantized values
+    with torch.no_grad():
+        x = torch.quantize_per_tensor(torch.relu(model.c1(data[0])), 0.02, 0, torch.quint8)
+        weight = quant.t1.weight().dequantize()
+        ref = F.conv_transpose1d(x.dequantize(), weight, quant.t1.bias(), stride=2)
+        kernel = 10 * math.log10(float(ref.double().square().sum())
+                                 / float((quant.t1(x).dequantize() - ref).double().square().sum()))
+    if kernel > 20:
+        pytest.skip(f"this torch's x86 quantized ConvTranspose1d computes right ({kernel:.1f} dB)")
+    t1 = diagnose(model, quant, data).layer("t1")
+    w = model.t1.weight.detach().double()
+    direct = 10 * math.log10(float(w.square().sum())
+                             / float((weight.double() - w).square().sum()))
+    assert t1.weight_sqnr == pytest.approx(direct, abs=1e-6) and direct > 40
+    assert t1.floor is not None and t1.floor.state == "below" and t1.floor_sqnr > 30
+    codes = [f.code for f in t1.flags]
+    assert "below_floor_unexplained" in codes and "below_floor_scale" not in codes
+    assert "noise" not in codes  # it blamed clipping or the weights: the floor holds both
+    (flag,) = [f for f in t1.flags if f.code == "below_floor_unexplained"]
+    assert f"read {direct:.1f} dB against the float ones" in flag.text
+    assert all("per-channel" not in f.fix and "wrong scale" not in f.text for f in t1.flags)
+    # the fix it gives, the layer float, recovers the output (the rest reads 35.3 dB)
+    def output_sqnr(q: nn.Module) -> float:
+        return _output_sqnr(model, q, data)
+
+    assert output_sqnr(quant) < 0 and output_sqnr(build(("t1",))) > 30

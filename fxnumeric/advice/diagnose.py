@@ -67,7 +67,14 @@ from .._collector import defers_collection
 from .._tensors import detach, first_output
 from ..dataflow import model_inputs, op_reads, value_sources
 from ..errors import InputError
-from ..floor import FloorSums, FloorVerdict, floor_sums, functional_weight_grid, layer_floor
+from ..floor import (
+    FLOOR_MARGIN_DB,
+    FloorSums,
+    FloorVerdict,
+    floor_sums,
+    functional_weight_grid,
+    layer_floor,
+)
 from ..guards import check_pairable, warn_foreign_weights
 from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
@@ -172,6 +179,9 @@ class LayerDiagnosis:
     ``weight_channels``; left out of the utilisation and the outlier ratio."""
     weight_channels: int | None = None
     """How many output channels that weight has."""
+    weight_sqnr: float | None = None
+    """dB, the dequantized weight against the float one, of the matrix the weight figures are
+    of (:attr:`weight_matrix`); ``None`` without weights."""
     weight_exact: bool | None = None
     """Whether the quantized weights dequantize to exactly the float ones (their quantization
     adds no error, and no weight fix is given); ``None`` without weights."""
@@ -514,7 +524,22 @@ def _layer_flags(d: LayerDiagnosis, reader: str | None = None) -> list[Flag]:
         at = (f"at its input quantize (measured in the row of `{d.call_site}`, which computes "
               f"in float and hands on its value rounded for `{reader}`): ")
     verdict = d.floor
-    if verdict is not None and verdict.state == "below":
+    unexplained = _unexplained(d)
+    if unexplained:
+        flags.append(Flag(
+            "below_floor_unexplained",
+            f"local SQNR {d.local_sqnr:.1f} dB, its own grids allow {d.floor_sqnr:.1f} dB "
+            f"(its output and weight steps, with its clipping), and its dequantized "
+            f"weights{_in_matrix(d)} read {d.weight_sqnr:.1f} dB against the float ones: "
+            "neither its scales nor its "
+            "weights explain the error, so the quantized op computes something other than its "
+            "float twin on its own input and weights (a kernel fault, or a scale or zero point "
+            "applied inside the op that its qparams do not show)",
+            "compare the quantized op with its float twin run on its dequantized input and "
+            "weight, under another quantized engine too (torch.backends.quantized.engine); "
+            "keep the layer float (fxnumeric.advise)",
+        ))
+    elif verdict is not None and verdict.state == "below":
         flags.append(Flag(
             f"below_floor_{verdict.cause}",
             f"{at}local SQNR {d.local_sqnr:.1f} dB, its own grids allow {d.floor_sqnr:.1f} dB: "
@@ -552,7 +577,8 @@ def _layer_flags(d: LayerDiagnosis, reader: str | None = None) -> list[Flag]:
             f"or keep {layer} float",
         ))
     weighted = d.weight_exact is False  # weights whose quantization changes them
-    if d.noise_steps is not None and d.noise_steps > 1.0:
+    if d.noise_steps is not None and d.noise_steps > 1.0 and not unexplained:
+        # (below a floor that holds its clipping and weights: neither is the cause)
         flags.append(Flag(
             "noise",
             f"{at}local error rms is {d.noise_steps:.2f} {step}s, far above rounding noise "
@@ -633,6 +659,21 @@ def _rounding_amplification_flag(d: LayerDiagnosis, reader: str, cumulative: flo
         f"covering its range; keeping `{d.call_site}` or the layers before it float would not "
         "remove that rounding",
     )
+
+
+def _unexplained(d: LayerDiagnosis) -> bool:
+    """Whether ``d`` is below its floor (:mod:`fxnumeric.floor`: the error its output and
+    weight grids and its clipping allow) without an offset, while its weights dequantize
+    more than the floor's margin above the error it adds: its weights do not explain the
+    gap, nor do its scales, which the floor is computed from. x86's quantized
+    ``ConvTranspose1d`` reads -2.5 dB against a floor of 35.9 dB with weights at 47.9 dB (the
+    module against ``F.conv_transpose1d`` on its own dequantized input and weight: -2.3 dB),
+    and was said to have "a wrong scale, for the output or the weights. Fix: ... per-channel
+    weights"."""
+    verdict, weight, local = d.floor, d.weight_sqnr, d.local_sqnr
+    return (verdict is not None and verdict.state == "below" and verdict.cause == "scale"
+            and weight is not None and local is not None
+            and weight - local > FLOOR_MARGIN_DB)
 
 
 _CANCELLING = ("add", "sub")
@@ -937,6 +978,7 @@ def diagnose(
             channel_outlier_ratio=stats.outliers, weight_matrix=matrix or None,
             zero_channels=stats.zero_channels, weight_channels=stats.channels,
             weight_exact=stats.exact, float_weight_nonfinite=stats.nonfinite,
+            weight_sqnr=stats.sqnr,
             clipped=s.clipped / s.count if s.quantized and s.count else None,
             noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,
             local_sqnr=db(s.local_signal, s.local_noise) if s.count else None,
