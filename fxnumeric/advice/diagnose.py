@@ -243,7 +243,10 @@ class Diagnosis:
         layers: the quantized layers and the ops left in float, in graph order.
         threshold_db: the cumulative-SQNR threshold used for the amplification flag.
         first_below: the first op (:attr:`LayerDiagnosis.call_site`) whose cumulative SQNR
-            is below ``threshold_db``, an op left in float included.
+            is below ``threshold_db``, an op left in float included: where its value is
+            measured. An op whose row holds its readers' input quantize
+            (:attr:`LayerDiagnosis.rounded_for`) and gets there by that rounding leaves the
+            amplification flag to those readers.
         batches: how many batches were run.
     """
 
