@@ -56,7 +56,7 @@ from .semantics import (
 __all__ = ["FLOOR_MARGIN_DB", "AT_FLOOR_DB", "floor_sqnr", "floor_noise", "output_rounding",
            "weight_steps", "FloorVerdict", "judge", "FloorSums", "layer_weight_steps",
            "layer_module", "layer_floor", "floor_sums", "functional_weight_grid",
-           "output_channel_dim"]
+           "output_channel_dim", "unexplained"]
 
 FLOOR_MARGIN_DB = 6.0
 """How far (dB) below its floor a layer's shadow SQNR must be to count as broken: the noise
@@ -558,6 +558,20 @@ def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float =
         return FloorVerdict("at", "", "at its floor: as good as its grids allow (more bits, "
                                       "not a fix, would help)")
     return FloorVerdict(state)
+
+
+def unexplained(cause: str, weight_sqnr: float | None, local_sqnr: float | None) -> bool:
+    """Whether a layer below its floor for no offset (``cause`` ``"scale"``, :func:`judge`)
+    has weights that dequantize more than :data:`FLOOR_MARGIN_DB` above the error it adds: its
+    weights do not explain the gap, nor do its scales, which the floor is computed from; the
+    quantized op computes something other than its float twin (torch's x86 quantized
+    ``ConvTranspose1d``: -2.5 dB against a floor of 35.9 dB, weights at 47.9 dB).
+
+    >>> unexplained("scale", 47.9, -2.5), unexplained("scale", 30.0, 28.0)
+    (True, False)
+    """
+    return (cause == "scale" and weight_sqnr is not None and local_sqnr is not None
+            and weight_sqnr - local_sqnr > FLOOR_MARGIN_DB)
 
 
 def floor_sums(region: Any, pair: Any) -> FloorSums:

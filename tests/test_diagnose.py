@@ -1023,6 +1023,9 @@ def test_a_layer_below_its_floor_with_sound_weights_is_not_told_of_scales_or_per
     (flag,) = [f for f in t1.flags if f.code == "below_floor_unexplained"]
     assert f"read {direct:.1f} dB against the float ones" in flag.text
     assert all("per-channel" not in f.fix and "wrong scale" not in f.text for f in t1.flags)
+    row = fxnumeric.compare(model, quant, data, progress=False).row("t1")  # the report too
+    assert row.below_floor and "wrong output or weight scale" not in row.notes
+    assert f"neither its steps nor its weights, which read {direct:.2f} dB" in row.notes
     # the fix it gives, the layer float, recovers the output (the rest reads 35.3 dB)
     def output_sqnr(q: nn.Module) -> float:
         return _output_sqnr(model, q, data)

@@ -68,12 +68,12 @@ from .._tensors import detach, first_output
 from ..dataflow import model_inputs, op_reads, value_sources
 from ..errors import InputError
 from ..floor import (
-    FLOOR_MARGIN_DB,
     FloorSums,
     FloorVerdict,
     floor_sums,
     functional_weight_grid,
     layer_floor,
+    unexplained,
 )
 from ..guards import check_pairable, warn_foreign_weights
 from ..instrument import instrument, resolve_matching
@@ -673,10 +673,9 @@ def _unexplained(d: LayerDiagnosis) -> bool:
     module against ``F.conv_transpose1d`` on its own dequantized input and weight: -2.3 dB),
     and was said to have "a wrong scale, for the output or the weights. Fix: ... per-channel
     weights"."""
-    verdict, weight, local = d.floor, d.weight_sqnr, d.local_sqnr
-    return (verdict is not None and verdict.state == "below" and verdict.cause == "scale"
-            and weight is not None and local is not None
-            and weight - local > FLOOR_MARGIN_DB)
+    verdict = d.floor
+    return (verdict is not None and verdict.state == "below"
+            and unexplained(verdict.cause, d.weight_sqnr, d.local_sqnr))
 
 
 _CANCELLING = ("add", "sub")

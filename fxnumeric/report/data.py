@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..errors import InputError
-from ..floor import FLOOR_MARGIN_DB
+from ..floor import FLOOR_MARGIN_DB, unexplained
 from ..metrics import Spread
 from ..numbers import a_count, fixed
 from . import persist
@@ -368,6 +368,11 @@ class ReportRow:
                          f"{_some(list(self.rounded_for))}, which {asks} for (this op computes "
                          "in float)")
         why = _FLOOR_CAUSES.get(self.floor_cause, "")
+        if unexplained(self.floor_cause, self.weight_sqnr, self.shadow_sqnr):
+            why = (f"neither its steps nor its weights, which read {self.weight_sqnr:.2f} dB, "
+                   "explain it: the quantized op computes something other than its float twin "
+                   "on the same values (a kernel fault, or a scale applied inside the op; "
+                   "fxnumeric.diagnose)")
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
                          f"allow {self.floor_sqnr:.2f} dB" + (f" ({why})" if why else ""))
