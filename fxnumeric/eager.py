@@ -34,8 +34,9 @@ from torch import nn
 
 from . import flows
 from ._collector import defers_collection
-from .capture import LeafSpec, is_functional, unwrap, wrapped_at
+from .capture import LeafSpec, is_functional, wrapped_at
 from .capture.export import capture_example
+from .capture.wrappers import model_to_compare
 from .errors import FxNumericWarning, InputError, InstrumentationError
 from .flows.fx import packed_linear_weight
 from .guards import check_float_not_quantized, check_state_dicts
@@ -710,8 +711,8 @@ def compare_model_outputs(float_model: nn.Module, q_model: nn.Module, *data: Any
     """
     data = _batch(data)
     # an ExportedProgram's module; the module a torch.compile or DataParallel wrapper holds
-    float_model = flows.normalise_model(unwrap(float_model, "float")[0], "float")
-    q_model = flows.normalise_model(unwrap(q_model, "quantized")[0], "quantized")
+    float_model = model_to_compare(float_model, "float")
+    q_model = model_to_compare(q_model, "quantized")
     float_gm, quant_gm, names = _output_loggers(float_model, q_model, logger_cls, allow_list,
                                                 leaf_modules, capture, data)
     check_devices(float_model, q_model, data)
@@ -845,8 +846,8 @@ def compare_model_stub(
     :func:`fxnumeric.match`'s (``"export"`` exports on ``data``).
     """
     data = _batch(data)
-    float_model = flows.normalise_model(unwrap(float_model, "float")[0], "float")
-    q_model = flows.normalise_model(unwrap(q_model, "quantized")[0], "quantized")
+    float_model = model_to_compare(float_model, "float")
+    q_model = model_to_compare(q_model, "quantized")
     quant_gm = _stub_graph(float_model, q_model, module_swap_list, logger_cls, leaf_modules,
                            capture, data)
     check_devices(float_model, q_model, data)

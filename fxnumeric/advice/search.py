@@ -37,7 +37,7 @@ from torch.ao.quantization.quantization_mappings import (
 from .. import flows
 from .._tensors import dequantize_all, model_output
 from ..capture.export import is_export_graph
-from ..capture.wrappers import unwrap
+from ..capture.wrappers import model_to_compare
 from ..errors import (
     FxNumericError,
     FxNumericWarning,
@@ -314,8 +314,8 @@ class _Search:
                  progress: bool | None, inputs: int | Callable[[Any], Any] | None = None,
                  capture: str = "auto") -> None:
         # an ExportedProgram: its module; torch.compile's or DataParallel's: the one it wraps
-        float_model = flows.normalise_model(unwrap(float_model, "float")[0], "float")
-        variants = {name: flows.normalise_model(unwrap(model, "quantized")[0], "quantized")
+        float_model = model_to_compare(float_model, "float")
+        variants = {name: model_to_compare(model, "quantized")
                     for name, model in (quant_model.items() if isinstance(quant_model, Mapping)
                                         else [(None, quant_model)])}
         if isinstance(quant_model, Mapping):  # as compare's: names, models

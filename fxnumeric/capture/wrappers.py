@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import flows
 from ..errors import InputError
 
-__all__ = ["unwrap", "wrapped_at"]
+__all__ = ["unwrap", "wrapped_at", "model_to_compare"]
 
 
 def _compiled_type() -> type | None:
@@ -93,3 +94,11 @@ def unwrap(model: Any, which: str) -> tuple[Any, str | None]:
     path = ".".join(attr for _, attr in taken)
     return model, (f"wrapped in {what}: compared the module it wraps (`model.{path}`), "
                    "whose parameters it shares")
+
+
+def model_to_compare(model: Any, which: str) -> Any:
+    """The model compared for ``model`` when no wrapper note is wanted: the module a wrapper
+    holds (:func:`unwrap`), as its flow normalises it (an ``ExportedProgram``'s module,
+    :func:`fxnumeric.flows.normalise_model`)."""
+    return flows.normalise_model(unwrap(model, which)[0], which)
+
