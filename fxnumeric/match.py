@@ -67,12 +67,11 @@ from .ops import classify, classify_module
 from .pairing import NodeMatch, call_site_name, constant_inputs, op_name, pair_views, same_op
 from .run import (
     as_call,
+    buffers_put_back,
     check_devices,
     check_model,
     keeps_buffers,
-    put_back,
     run_model,
-    saved_buffers,
 )
 from .view import GraphView
 
@@ -963,11 +962,8 @@ def match(
     if example_inputs is not None and validate_inputs:
         for gm, which in ((float_gm, "float"), (quant_gm, "quantized")):
             if which not in checked:  # a graph checked ran on them already
-                kept = saved_buffers(gm)  # the model's own: compare's first batch reads them
-                try:
+                with buffers_put_back(gm):  # the model's own: compare's first batch reads them
                     run_model(gm, example_inputs, which=which)
-                finally:
-                    put_back(kept)
     region = pair_region(float_view, quant_view, node_match=node_match)
     return _with_whole_layers(Matching((region,), region.pairs, region.unmatched_float,
                                        region.unmatched_quant, float_model, quant_model,

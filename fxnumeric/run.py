@@ -33,7 +33,8 @@ from .offload import devices
 from .view import fixed_inputs
 
 __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "check_devices",
-           "pick_inputs", "buffers_kept", "saved_buffers", "put_back", "keeps_buffers",
+           "pick_inputs", "buffers_kept", "buffers_put_back", "saved_buffers", "put_back",
+           "keeps_buffers",
            "model_batches", "numbered_batches", "check_data", "check_batch", "nonfinite_inputs",
            "batch_tensors", "check_max_batches",
            "run_blaming_inside", "failure_site", "module_frames"]
@@ -707,6 +708,18 @@ def saved_buffers(*models: nn.Module) -> list[_SavedBuffer]:
     first run started from."""
     return [entry for model in models for module in model.modules() if module._buffers
             for entry in _saved(module._buffers, list(module._buffers))]
+
+
+@contextlib.contextmanager
+def buffers_put_back(*models: nn.Module) -> Iterator[None]:
+    """Run with every buffer of ``models`` put back as it was after (:func:`saved_buffers`,
+    :func:`put_back`): a run of a model that only checks or records must leave the state the
+    next run starts from (a running average updated in place) as it found it."""
+    saved = saved_buffers(*models)
+    try:
+        yield
+    finally:
+        put_back(saved)
 
 
 def put_back(saved: Iterable[_SavedBuffer]) -> None:

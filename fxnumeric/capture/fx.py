@@ -27,7 +27,7 @@ from torch import nn
 from .. import flows
 from ..errors import TraceError
 from ..offload import held, hooks_of, keeps_whole
-from ..run import put_back, saved_buffers
+from ..run import buffers_put_back
 from ..view import fixed_inputs
 from .clone import carry_hooks
 
@@ -168,25 +168,31 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
     kept = [(m.__dict__, dict(m.__dict__), [(v, _copied(v)) for v in m.__dict__.values()
                                             if isinstance(v, (dict, list, set))])
             for m in model.modules()]
-    buffers = saved_buffers(model)
-    try:
-        yield
-    finally:
-        for now, before, containers in kept:
-            if _changed(now, before):
-                for key in [k for k in now if k not in before]:
-                    del now[key]
-                for key, value in before.items():
-                    if now.get(key, _MISSING) is not value:
-                        now[key] = value
-            for container, items in containers:  # filled in place: self.cache["w"]
-                if _changed(container, items):
-                    container.clear()
-                    if isinstance(container, list):
-                        container.extend(items)
-                    else:
-                        container.update(items)
-        put_back(buffers)
+    with buffers_put_back(model):
+        try:
+            yield
+        finally:
+            _restore(kept)
+
+
+def _restore(kept: list[tuple[dict[str, Any], dict[str, Any], list[tuple[Any, Any]]]]
+             ) -> None:
+    """Put each module's attributes, and the containers it holds, back as
+    :func:`attributes_kept` copied them."""
+    for now, before, containers in kept:
+        if _changed(now, before):
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+        for container, items in containers:  # filled in place: self.cache["w"]
+            if _changed(container, items):
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(items)
+                else:
+                    container.update(items)
 
 
 def _copied(container: dict | list | set) -> dict | list | set:

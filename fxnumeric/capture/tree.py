@@ -35,7 +35,7 @@ from torch import nn
 
 from ..metrics import TWIN_WEIGHT_SQNR_DB, sqnr
 from ..ops import classify_module
-from ..run import put_back, run_model, saved_buffers
+from ..run import buffers_put_back, run_model
 from ..weights import module_weight
 from .check import check_regions
 from .clone import module_tree_copy
@@ -169,11 +169,8 @@ def record_calls(model: nn.Module, batch: Any, *, which: str = "model") -> CallS
         if is_functional(module):
             for method in (*FUNCTIONAL_METHODS, "add_scalar", "mul_scalar", "cat"):
                 object.__setattr__(module, method, method_call(module, method))
-    kept = saved_buffers(model)  # shared with the copy: a running average moves once a batch
-    try:
+    with buffers_put_back(model):  # shared with the copy: a running average moves once a batch
         run_model(twin, batch, which=which)
-    finally:
-        put_back(kept)
     paths: dict[int, list[str]] = {}
     for path, module in twin.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(path)
