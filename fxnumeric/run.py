@@ -408,11 +408,29 @@ def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     ``__call__`` of its own), after the lazy code is generated (``code``)."""
     if not isinstance(model, fx.GraphModule):
         return model(*args, **kwargs)
+    args, kwargs = _as_exported(model, args, kwargs)
     model.code  # noqa: B018 - generates a lazy GraphModule's code (and wrapper)
     wrapped = vars(type(model)).get("_wrapped_call")
     if wrapped is None or getattr(wrapped, "cls_call", True) is not None:
         return model(*args, **kwargs)
     return nn.Module.__call__(model, *args, **kwargs)
+
+
+def _as_exported(model: fx.GraphModule, args: tuple, kwargs: dict
+                 ) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` as a torch.export graph takes them: it checks its inputs against the
+    tree it was exported with, so an input exported as positional but given by name (a dict
+    batch for ``forward(x, *, scale)``, which can pass ``scale`` only by name) is moved to its
+    place. Other graphs' inputs are returned as they are."""
+    info = getattr(model.graph._codegen, "pytree_info", None)
+    specs = info.in_spec.children_specs if info is not None and info.in_spec is not None else []
+    if not kwargs or len(specs) != 2:
+        return args, kwargs
+    named = info.orig_args[len(args):specs[0].num_children]
+    if not named or not all(name in kwargs for name in named):
+        return args, kwargs
+    kwargs = dict(kwargs)
+    return args + tuple(kwargs.pop(name) for name in named), kwargs
 
 
 def failure_site(model: nn.Module, exc: BaseException) -> str:

@@ -401,3 +401,30 @@ def test_capture_export_of_an_eager_qat_model_traces_both_with_torch_fx_and_says
         assert report.row(name).output_sqnr == pytest.approx(want, abs=1e-6), name
     assert any(n.startswith("capture (float): torch.export traces torch.ao's fake-quants")
                for n in report.notes)
+
+
+def test_an_exported_program_with_a_keyword_only_input_runs_on_a_dict_batch():
+    """``forward(x, *, scale)`` exported takes ``x`` by position and ``scale`` only by name: a
+    dict batch naming both gives ``x`` its place (torch's check of the exported input tree
+    refused ``x`` by name, and no batch could pass both)."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, *, scale):
+            return self.fc(x) * scale
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    x, scale = torch.randn(4, 8), torch.tensor(3.0)
+    exported = torch.export.export(model, (x,), {"scale": scale})
+    quant = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    report = fxn.compare(exported, quant, [{"x": x, "scale": scale}], progress=False)
+    with torch.no_grad():
+        ref = exported.module()(x, scale=scale).double()
+        err = ref - quant(x, scale=scale).double()
+    want = 10 * math.log10(float(ref.square().sum() / err.square().sum()))
+    assert report.model_output["sqnr"] == pytest.approx(want, rel=1e-6)
+    assert [row.name for row in report.rows] == ["fc", "mul"]
