@@ -3223,3 +3223,25 @@ def test_a_sensitivity_table_shows_the_digits_that_tell_its_layers_apart():
     assert cells == [["0.9998", "0.99982"], ["0.99987", "0.9998"], ["0.99991", "0.9997"]]
     for column in zip(*cells, strict=True):  # distinct values read as distinct numbers
         assert len(set(column)) == 3
+
+
+def test_the_message_shows_the_values_with_the_digits_of_the_curve_table():
+    """The message's values read as the table's rows read them: a quantized cosine of 0.99985
+    against a target of 0.99995 read "(quantized: 0.9999)" where the table said 0.99985."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        quantized_out = q(x)
+
+    def score(ref: torch.Tensor, out: torch.Tensor) -> float:  # by how many layers are float
+        if torch.equal(out, quantized_out):
+            return 0.99985
+        return 0.999951 if torch.equal(out, ref) else 0.99989
+
+    advice = advise(f, q, [x], metric=score, target=0.99995, progress=False)
+    assert advice.curve == (0.99985, 0.99989, 0.999951)
+    rows = advice.table().splitlines()[2:]
+    assert [row.split()[-1] for row in rows] == ["0.99985", "0.99989", "0.999951"]
+    assert advice.message.endswith("score 0.999951 >= 0.99995 (quantized: 0.99985)")

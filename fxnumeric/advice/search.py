@@ -1555,20 +1555,22 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
     calls = tuple(module_calls(search.matching, n) for n in chosen)
     units = unit(search.metric_name)
     kept = f"{len(chosen)} of {len(names)} layer{'s' if len(names) != 1 else ''}"
+    # with the digits the curve's table shows them (0.99985, not 0.9999 against 0.99995)
+    texts = shown_apart(curve, target)
     if reached and not chosen:
         message = (f"the quantized model already reaches {search.metric_name} "
-                   f"{shown(value, target)}{units} {cmp} {target:g}{units}")
+                   f"{texts[-1]}{units} {cmp} {target:g}{units}")
     elif reached:
-        message = (f"keep {kept} float to reach {search.metric_name} {shown(value, target)}{units} "
-                   f"{cmp} {target:g}{units} (quantized: {shown(quantized, target)}{units})")
+        message = (f"keep {kept} float to reach {search.metric_name} {texts[-1]}{units} "
+                   f"{cmp} {target:g}{units} (quantized: {texts[0]}{units})")
     else:
         # the search stopped at the limit or after every layer: what ``chosen`` was cut back
         # to (the best point of the curve) says neither
         why = (f"max_float_layers={max_float_layers} reached" if limit < len(names)
                else f"even with all {len(names)} layers float")
         message = (f"target {search.metric_name} {cmp} {target:g}{units} NOT reached ({why}): "
-                   f"best found {shown(value, target)}{units} with {kept} float "
-                   f"(quantized: {shown(quantized, target)}{units})")
+                   f"best found {texts[-1]}{units} with {kept} float "
+                   f"(quantized: {texts[0]}{units})")
         if dropped:
             message += (f"; {dropped} more layer{'s' if dropped != 1 else ''} kept float after "
                         "those made it no better")
