@@ -105,8 +105,16 @@ def load_float_model(spec: str, quant: str, *,
     pair = isinstance(made, (tuple, list)) and len(made) == 2
     if pair and all(isinstance(m, nn.Module) for m in made):
         return _inference(made[0]), _inference(made[1])
-    raise InputError(f"{spec} returned {type(made).__name__}; it must return a model or a "
-                     "(float, quantized) pair")
+    if isinstance(made, (tuple, list)):  # what it holds, and which of it is no model
+        held = ", ".join(type(m).__name__ for m in made)
+        why = (f"{type(made).__name__} of {len(made)} ({held})" + (
+            f": its item {next(i for i, m in enumerate(made) if not isinstance(m, nn.Module))}"
+            " is not an nn.Module" if pair else ""))
+    else:
+        why = type(made).__name__
+    raise InputError(f"{spec} returned a {why}; it must return a model or a (float, "
+                     "quantized) pair of models. Fix: a factory of your own returning the "
+                     "model alone (a (model, tokenizer) pair's model)")
 
 
 def _inference(model: nn.Module) -> nn.Module:

@@ -644,3 +644,20 @@ def test_advise_table_tells_the_steps_apart(user_module, capsys):
     assert len(set(shown)) == 3
     for text, value in zip(shown, advice.curve, strict=True):
         assert abs(float(text) - value) <= 0.5 * 10 ** -len(text.partition(".")[2])
+
+
+def make_model_and_tokenizer():
+    """A factory returning what transformers loaders do: (model, tokenizer)."""
+    return torch.nn.Linear(2, 2), "a tokenizer"
+
+
+def test_a_factory_returning_a_model_and_its_tokenizer_is_told_which_item_is_no_model():
+    """A (model, tokenizer) pair read "returned tuple; it must return a model or a
+    (float, quantized) pair", which a pair is."""
+    from fxnumeric.models import load_float_model
+
+    with pytest.raises(ns.InputError) as info:
+        load_float_model("test_cli:make_model_and_tokenizer", "dynamic")
+    message = str(info.value)
+    assert "returned a tuple of 2 (Linear, str): its item 1 is not an nn.Module" in message
+    assert "(float, quantized) pair of models" in message
