@@ -918,7 +918,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
         notes=_nothing_quantized_note(matching)
         + tuple(f"capture ({side}): {note}" for side, note in matching.capture_notes)
         + _model_output_note(plan) + _output_part_note(plan) + _no_token_note(plan)
-        + _no_perplexity_note(plan) + _no_target_note(plan) + _unfit_mask_note(plan)
+        + _no_perplexity_note(plan) + _no_target_note(plan) + _unplaced_target_note(plan)
+        + _unfit_mask_note(plan)
         + _skipped_note(ran)
         + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ()),
         model_output_rms=_rms(plan.model),
@@ -1043,6 +1044,19 @@ def _no_target_note(plan: _Plan) -> tuple[str, ...]:
     return ("no perplexity: the batches give targets, but none of their real tokens has one "
             "(every label is -100, or each sequence is one token, with no next token to "
             "score)",)
+
+
+def _unplaced_target_note(plan: _Plan) -> tuple[str, ...]:
+    """A note when a batch's targets could not be lined up with its logits, which leaves
+    the report without perplexity (:attr:`fxnumeric.llm_metrics.LogitsAccumulator.unplaced`)."""
+    unplaced = plan.logits.unplaced
+    if not unplaced:
+        return ()
+    return (f"no perplexity: {unplaced} batch{'es' if unplaced != 1 else ''} gave targets "
+            "that cannot be lined up with the logits' positions (labels of another length, or a "
+            "logits_to_keep of positions that do not run in a row), and a perplexity of the "
+            "other batches alone would read other tokens than the KL. Fix: labels as long as "
+            "input_ids, logits_to_keep as an int, or no logits_to_keep",)
 
 
 def _unfit_mask_note(plan: _Plan) -> tuple[str, ...]:

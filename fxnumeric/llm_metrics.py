@@ -90,6 +90,9 @@ class LogitsState:
     """The index of the batch :attr:`unfit_shapes` was read from, -1 when not told."""
     labelled: int = 0
     """Batches that came with targets (labels, or input ids read as next tokens)."""
+    unplaced: int = 0
+    """Batches whose targets could not be lined up with their logits' positions
+    (:attr:`LogitsAccumulator.unplaced`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "token_kls", self.token_kls.cpu())
@@ -111,7 +114,7 @@ class LogitsState:
             torch.cat([self.token_kls, other.token_kls]), self.batches + other.batches,
             later.logits_per, later.logits_per_batch,
             self.unfit_masks + other.unfit_masks, first.unfit_shapes, first.unfit_batch,
-            self.labelled + other.labelled,
+            self.labelled + other.labelled, self.unplaced + other.unplaced,
         )
 
 
@@ -205,6 +208,10 @@ class LogitsAccumulator:
         """Batches that came with targets (``labels``, or ``input_ids`` read as next tokens):
         with none of their real tokens scored (labels all -100, sequences of one token),
         :attr:`targets` stays 0 and there is no perplexity."""
+        self.unplaced = 0
+        """Batches whose targets could not be lined up with their logits' positions (labels
+        of another length, a ``logits_to_keep`` of scattered indices): with any, :meth:`values`
+        gives no perplexity, which would read the other batches' tokens only."""
 
     def update(self, float_logits: torch.Tensor, quant_logits: torch.Tensor,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -316,9 +323,12 @@ class LogitsAccumulator:
             self.unfit_masks += 1  # padding that cannot be placed: say so, never guess
             if self.unfit_shapes is None:
                 self.unfit_shapes, self.unfit_batch = (tuple(mask.shape), lead), index
-        if (next_token is False or len(lead) < 2
-                or (targets is not None and tuple(targets.shape) != lead)):
-            targets = None  # not next tokens, no sequence, or not one per logit row: no ppl
+        if targets is not None and len(lead) > 1 and tuple(targets.shape) != lead:
+            placed = _kept_targets(batch, targets, lead, reader)  # the logits' positions'
+            self.unplaced += placed is None and next_token is not False
+            targets = placed
+        if next_token is False or len(lead) < 2:
+            targets = None  # not next tokens, or no sequence: no ppl
         self.update(float_logits, quant_logits, attention_mask=fitted, labels=targets,
                     shift=shift)
         self.batches += 1
@@ -334,7 +344,7 @@ class LogitsAccumulator:
         return LogitsState(self.tokens, self.targets, self.kl_sum, self.top1_agree,
                            self.nll_float, self.nll_quant, self.token_kls(), self.batches,
                            self.logits_per, self.logits_per_batch, self.unfit_masks,
-                           self.unfit_shapes, self.unfit_batch, self.labelled)
+                           self.unfit_shapes, self.unfit_batch, self.labelled, self.unplaced)
 
     def load(self, state: LogitsState) -> None:
         """Replace everything seen so far with ``state`` (:meth:`LogitsState.merged` of
@@ -347,6 +357,7 @@ class LogitsAccumulator:
         self.logits_per_batch = state.logits_per_batch
         self.unfit_masks, self.unfit_shapes = state.unfit_masks, state.unfit_shapes
         self.unfit_batch, self.labelled = state.unfit_batch, state.labelled
+        self.unplaced = state.unplaced
 
     def token_kls(self) -> torch.Tensor:
         """Every real token's KL so far, float32, in the order seen."""
@@ -356,7 +367,8 @@ class LogitsAccumulator:
 
     def values(self) -> dict[str, float]:
         """The metrics over every real token so far (``nan`` before any); ``ppl_float`` and
-        ``ppl_quantized`` only once some token had a target."""
+        ``ppl_quantized`` only once some token had a target, and every batch's targets
+        could be lined up with its logits (:attr:`unplaced`)."""
         if self.tokens == 0:
             out = {name: math.nan for name in LLM_METRICS[:4]}
         else:
@@ -367,7 +379,7 @@ class LogitsAccumulator:
                 "kl_max": float(kls.max()),
                 "top1_agreement": self.top1_agree / self.tokens,
             }
-        if self.targets:
+        if self.targets and not self.unplaced:
             out["ppl_float"] = _exp(self.nll_float / self.targets)
             out["ppl_quantized"] = _exp(self.nll_quant / self.targets)
         return out
@@ -521,6 +533,26 @@ def _fitted_mask(mask: torch.Tensor | None, lead: tuple[int, ...], batch: Any,
             return frames
     if reader.next_token and mask.shape[-1] > lead[-1]:
         return mask[..., -lead[-1]:]  # a causal LM's logits of its last positions
+    return None
+
+
+def _kept_targets(batch: Any, targets: torch.Tensor, lead: tuple[int, ...],
+                  reader: LogitsReader) -> torch.Tensor | None:
+    """``targets`` (one per input position) cut to the positions of the logits, as
+    :func:`_fitted_mask` cuts the mask: the batch's ``logits_to_keep``, where its positions
+    run in a row (position ``t`` is scored on the target after it, which a scattered index's
+    next kept position is not), else a causal LM's last positions; ``None`` when they cannot
+    be lined up."""
+    if targets.dim() != len(lead) or tuple(targets.shape[:-1]) != lead[:-1]:
+        return None
+    kept = _logits_to_keep(batch, targets, lead[-1])
+    if kept is not None:
+        keep = batch.get("logits_to_keep", batch.get("num_logits_to_keep"))
+        scattered = (isinstance(keep, torch.Tensor) and keep.dim() == 1
+                     and not bool((keep.diff() == 1).all()))
+        return None if scattered else kept
+    if reader.next_token and targets.shape[-1] > lead[-1]:
+        return targets[..., -lead[-1]:]  # a causal LM's logits of its last positions
     return None
 
 

@@ -383,7 +383,8 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
             ) from exc
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
-        hint = _left_out_hint(model, args, kwargs) or flows.failure_hint(exc)
+        hint = (_left_out_hint(model, args, kwargs) or flows.failure_hint(exc)
+                or _precision_hint(model, exc))
         site = failure_site(model, exc)
         where = f" {site}" if site else ""
         if ran:
@@ -414,6 +415,20 @@ def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     if wrapped is None or getattr(wrapped, "cls_call", True) is not None:
         return model(*args, **kwargs)
     return nn.Module.__call__(model, *args, **kwargs)
+
+
+def _precision_hint(model: nn.Module, exc: BaseException) -> str | None:
+    """Why a module of torch's own quantization (``quantize_dynamic``'s, eager's, FX's)
+    rejected half-precision values, or ``None``: its kernels take float32 alone."""
+    message = str(exc)
+    if "BFloat16" not in message and "Half" not in message:
+        return None
+    frames = module_frames(model, exc)
+    if not frames or not type(frames[-1][1]).__module__.startswith("torch.ao.nn.quantized"):
+        return None
+    return ("torch's quantized modules (quantize_dynamic's, eager's and FX's) compute in "
+            "float32 alone: quantize a float32 copy of the model (model.float()) and compare "
+            "it with that copy; torchao's quantize_ keeps a bfloat16 model in bfloat16.")
 
 
 def _as_exported(model: fx.GraphModule, args: tuple, kwargs: dict

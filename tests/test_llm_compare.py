@@ -367,3 +367,52 @@ def test_labels_that_score_no_token_say_why_there_is_no_perplexity():
     plain = ns.compare(f, q, [_with_labels(batch)], progress=False)  # some targets: no note
     assert "ppl_float" in plain.model_output
     assert not any(n.startswith("no perplexity") for n in plain.notes)
+
+
+def test_a_batch_with_logits_to_keep_counts_in_the_perplexity():
+    """A batch asking for its last positions' logits (logits_to_keep=4) is scored on those
+    positions' next tokens: its targets were dropped, and the perplexity read the other
+    batch alone with no note. Kept positions that do not run in a row give no perplexity,
+    and a note says why."""
+    f = tiny_llama().eval()
+    q = _int4(f)
+    first, second = tiny_llm_batches(vocab_size=256, n=2)
+    kept = {**second, "logits_to_keep": 4}
+    report = ns.compare(f, q, [first, kept], progress=False, comparisons=("outputs",))
+    # the oracle: the kept positions' log-probabilities, scored on the next real token
+    nll_f = nll_q = 0.0
+    targets = 0
+    with torch.no_grad():
+        for b in (first, kept):
+            lf = F.log_softmax(f(**b).logits.double(), -1)
+            lq = F.log_softmax(q(**b).logits.double(), -1)
+            k = lf.shape[1]
+            ids, mask = b["input_ids"][:, -k:], b["attention_mask"][:, -k:].bool()
+            valid = mask[:, 1:] & mask[:, :-1]
+            nxt = ids[:, 1:, None]
+            nll_f -= float(lf[:, :-1].gather(-1, nxt)[..., 0][valid].sum())
+            nll_q -= float(lq[:, :-1].gather(-1, nxt)[..., 0][valid].sum())
+            targets += int(valid.sum())
+    assert report.model_output["ppl_float"] == pytest.approx(math.exp(nll_f / targets), rel=1e-5)
+    assert report.model_output["ppl_quantized"] == pytest.approx(math.exp(nll_q / targets),
+                                                                 rel=1e-5)
+    scattered = {**second, "logits_to_keep": torch.tensor([0, 2, 3])}
+    report = ns.compare(f, q, [first, scattered], progress=False, comparisons=("outputs",))
+    assert "ppl_float" not in report.model_output and "kl" in report.model_output
+    assert any(n.startswith("no perplexity: 1 batch gave targets that cannot be lined up")
+               for n in report.notes)
+
+
+def test_a_bfloat16_model_quantized_by_quantize_dynamic_is_told_to_use_float32():
+    """torch's dynamic Linear takes float32 alone: the error named the module and torch's
+    "expected scalar type Float but found BFloat16", not what to do."""
+    f = tiny_llama().eval().to(torch.bfloat16)
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {torch.nn.Linear},
+                                               dtype=torch.qint8)
+    data = tiny_llm_batches(vocab_size=256, n=1)
+    with pytest.raises(RuntimeError, match="BFloat16"):  # the oracle: torch's own refusal
+        with torch.no_grad():
+            q(**data[0])
+    with pytest.raises(ns.InputError, match=r"(?s)self_attn\.q_proj.*compute in float32 alone: "
+                                            r"quantize a float32 copy of the model"):
+        ns.compare(f, q, data, progress=False)

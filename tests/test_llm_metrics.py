@@ -269,18 +269,17 @@ def test_nothing_seen_is_nan_and_no_perplexity():
 def test_logits_of_the_last_positions_read_the_last_positions_of_the_mask():
     # logits_to_keep=1 (generate's prefill): the (3, 16) input_ids raised "do not match the
     # logits' leading dims" and the mask was dropped
+    # ... and its next tokens are those of the last positions too
     f, q = _pair((3, 2, 50))
     mask = _mask(3, 6, [6, 5, 3])
-    ids = torch.zeros(3, 6, dtype=torch.long)
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(3))
     acc = LogitsAccumulator()
     acc.update_batch(f, q, {"input_ids": ids, "attention_mask": mask},
                        llm_metrics.LogitsReader(next_token=True))
     got = acc.values()
-    expected = _oracle(f, q, mask[:, -2:])
-    assert acc.tokens == int(mask[:, -2:].sum()) == 3
-    for key in ("kl", "kl_max", "top1_agreement"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
-    assert "ppl_float" not in got  # targets are not one per logit row
+    expected = _oracle(f, q, mask[:, -2:], labels=ids[:, -2:])
+    assert acc.tokens == int(mask[:, -2:].sum()) == 3 and acc.targets == 1
+    _approx(got, expected, ("kl", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized"))
 
 
 def test_token_kls_are_float32_one_per_real_token():
@@ -890,3 +889,47 @@ def test_an_additive_float_mask_counts_its_zeros_as_the_real_tokens(padding):
     assert report.model_output["top1_agreement"] == pytest.approx(expected["top1_agreement"])
     # a 0/1 float mask is read as it is
     assert token_fields({"attention_mask": real.float()})["attention_mask"].equal(real.float())
+
+
+def test_logits_to_keep_lines_up_the_targets_or_gives_no_perplexity():
+    """A batch with logits_to_keep scores its kept positions on their next tokens (its
+    targets were dropped, so the report's perplexity read the other batches alone, with no
+    note); positions that do not run in a row cannot be lined up with their next tokens, and
+    the report then gives no perplexity rather than one of the other batches."""
+    f, q = _pair((3, 6, 50))
+    mask = _mask(3, 6, [6, 5, 3])
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(4))
+    kept_f, kept_q = _pair((3, 3, 50), seed=7)
+    whole = {"input_ids": ids, "attention_mask": mask}
+    kept = {**whole, "logits_to_keep": 3}
+    causal = llm_metrics.LogitsReader(next_token=True)
+    both = LogitsAccumulator()
+    both.update_batch(f, q, whole, causal)
+    both.update_batch(kept_f, kept_q, kept, causal)
+    # the oracle: both batches' real tokens and targets in one float64 computation
+    f64 = torch.cat([f, kept_f], dim=1).double()
+    q64 = torch.cat([q, kept_q], dim=1).double()
+    nll = {"ppl_float": 0.0, "ppl_quantized": 0.0}
+    count = 0
+    for logits_f, logits_q, columns in ((f64[:, :6], q64[:, :6], slice(0, 6)),
+                                        (f64[:, 6:], q64[:, 6:], slice(3, 6))):
+        target = ids[:, columns].clone()
+        target[mask[:, columns] == 0] = -100
+        target = target[:, 1:].reshape(-1)
+        count += int((target != -100).sum())
+        for name, logits in (("ppl_float", logits_f), ("ppl_quantized", logits_q)):
+            nll[name] += float(F.cross_entropy(logits[:, :-1].reshape(-1, 50), target,
+                                               ignore_index=-100, reduction="sum"))
+    assert both.targets == count == 5 + 4 + 2 + 2 + 1
+    got = both.values()
+    for name, total in nll.items():
+        assert got[name] == pytest.approx(math.exp(total / count), rel=1e-6), name
+    scattered = LogitsAccumulator()
+    scattered.update_batch(f, q, whole, causal)
+    scattered.update_batch(kept_f, kept_q, {**whole, "logits_to_keep": torch.tensor([0, 2, 5])},
+                           causal)
+    assert scattered.unplaced == 1 and "ppl_float" not in scattered.values()
+    assert scattered.tokens == 14 + int(mask[:, [0, 2, 5]].sum())  # the KL reads both
+    merged = LogitsAccumulator()
+    merged.merge(scattered)
+    assert merged.unplaced == 1 and "ppl_float" not in merged.values()
