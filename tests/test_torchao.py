@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 
 import pytest
 import torch
@@ -813,11 +814,14 @@ def test_the_torchao_keep_line_keeps_float_every_module_inside_a_kept_one():
             return torch.cat([model(x) for x in data]).double()
 
     ref = output(f)
-    # the line naming what quantize_ quantized, and the one with no module known
+    # the line naming what quantize_ quantized (by weight, or by module alone), and the one
+    # with no module known
     lines = [advice.torchao_keep_lines() for advice in (
-        measured, whole, dataclasses.replace(whole, torchao_modules=()))]
-    assert lines[0] == lines[1] == "quantize_(model, config, filter_fn=lambda m, fqn: fqn in {'head'})"
-    assert lines[2] == ("quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, "
+        measured, whole, dataclasses.replace(whole, torchao_weights=()),
+        dataclasses.replace(whole, torchao_modules=(), torchao_weights=()))]
+    assert lines[0] == lines[1] == lines[2] == (
+        "quantize_(model, config, filter_fn=lambda m, fqn: fqn in {'head'})")
+    assert lines[3] == ("quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, "
                         "torch.nn.Linear) and not (fqn + '.').startswith(('enc.',)))")
     for line in lines:
         rebuilt = copy.deepcopy(f)
@@ -826,6 +830,175 @@ def test_the_torchao_keep_line_keeps_float_every_module_inside_a_kept_one():
                 if is_torchao_tensor(getattr(m, "weight", None))] == ["head"], line
         assert torch.equal(output(rebuilt), output(by_hand))
         assert _sqnr_by_hand(ref, output(rebuilt)) == pytest.approx(measured.value, abs=1e-6)
+
+
+def _apply_keep_line(line: str, model: nn.Module, configs: dict[str, object]) -> None:
+    """Run ``line`` on ``model`` as docs/advise.md tells a user to: each config variable the
+    line's comments name (``# config_1: the config '0' was quantized with ...``) bound to the
+    config that layer was made with, ``config`` to the one config when there is one."""
+    import re
+
+    from torchao.quantization import FqnToConfig, quantize_
+
+    names = {"quantize_": quantize_, "FqnToConfig": FqnToConfig, "torch": torch, "model": model}
+    named = re.findall(r"^# (config_\d+): the config '([^']*)' was quantized with", line, re.M)
+    names.update({variable: configs[layer] for variable, layer in named})
+    if not named:
+        names["config"] = next(iter(configs.values()))
+    exec(line, names)
+
+
+def _output(model: nn.Module, data: list) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x) for x in data]).double()
+
+
+class _FunctionalAttention(nn.Module):
+    """``qkv``'s weight read functionally, as torchvision's Swin and ViT read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+        return self.proj(torch.relu(q) * v + k)
+
+
+class _FunctionalNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.head = _FunctionalAttention(), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x))
+
+
+def test_the_torchao_keep_line_leaves_float_a_layer_whose_weight_is_read_functionally():
+    """``attn.qkv`` kept float, read through ``F.linear(x, self.qkv.weight, ...)``: a function
+    op, and ``Advice._kept`` counted only modules kept, so the line still quantized it and
+    built the quantized model (6.391 dB where the advice claimed 7.667)."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    torch.manual_seed(0)
+    f = _FunctionalNet().eval()
+    config = IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(16))
+    q = copy.deepcopy(f)
+    quantize_(q, config)
+    data = [torch.randn(4, 32) for _ in range(3)]
+    ref = _output(f, data)
+    quantized = _sqnr_by_hand(ref, _output(q, data))
+    advice = fxn.advise(f, q, data, metric="sqnr", target=quantized + 1, progress=False)
+    assert advice.reached and advice.keep_float == ("attn.qkv",)
+    assert advice.functions[0][:2] == ("attn", nn.functional.linear)  # a function op
+    line = advice.torchao_keep_lines()
+    assert line in advice.summary()
+    rebuilt = copy.deepcopy(f)
+    _apply_keep_line(line, rebuilt, {"all": config})
+    assert _sqnr_by_hand(ref, _output(rebuilt, data)) == pytest.approx(advice.value, abs=1e-6)
+    assert not is_torchao_tensor(rebuilt.attn.qkv.weight)
+    assert advice.value > quantized + 1
+    assert line == "quantize_(model, config, filter_fn=lambda m, fqn: fqn in {'attn.proj', 'head'})"
+
+
+def test_the_torchao_keep_line_of_a_mixed_fqn_to_config_model_names_one_config_per_kind():
+    """Made with an ``FqnToConfig`` of three configs, the model got one ``quantize_(model,
+    config, ...)`` line: whichever config the user took, it built another model (45.44, 7.09
+    or 29.44 dB where the advice claimed 32.32). The line now names a config per kind of
+    weight, each tied to a layer made with it; bound so, it builds the advised model."""
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        FqnToConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        PerGroup,
+        quantize_,
+    )
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(),
+                      nn.Linear(128, 32)).eval()
+    configs = {"0": Int8WeightOnlyConfig(),
+               "2": IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(16)),
+               "4": Float8WeightOnlyConfig()}
+    q = copy.deepcopy(f)
+    quantize_(q, FqnToConfig(configs), filter_fn=None)
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 64, generator=gen) for _ in range(3)]
+    ref = _output(f, data)
+    advice = fxn.advise(f, q, data, metric="sqnr", target=20.0, progress=False)
+    assert advice.reached and advice.keep_float == ("2",)
+    line = advice.torchao_keep_lines()
+    rebuilt = copy.deepcopy(f)
+    _apply_keep_line(line, rebuilt, configs)
+    assert _sqnr_by_hand(ref, _output(rebuilt, data)) == pytest.approx(advice.value, abs=1e-6)
+    assert [type(rebuilt[i].weight).__name__ for i in (0, 2, 4)] == [
+        "Int8Tensor", "Parameter", "Float8Tensor"]
+    assert dict(advice.torchao_weights) == {
+        "0.weight": "Int8Tensor int8, per row",
+        "2.weight": "IntxUnpackedToInt8Tensor int2, groups of 16",
+        "4.weight": "Float8Tensor float8_e4m3fn, per row"}
+    assert textwrap.indent(line, "    ") in advice.summary()
+    assert line.splitlines() == [
+        "# in the quantized model these layers hold 2 kinds of torchao weight, made by 2 "
+        "configs: one config cannot rebuild them",
+        "# config_1: the config '0' was quantized with (Int8Tensor int8, per row)",
+        "# config_2: the config '4' was quantized with (Float8Tensor float8_e4m3fn, per row)",
+        "quantize_(model, FqnToConfig({'0': config_1, '4': config_2}), filter_fn=None)"]
+
+
+class _RawWeights(nn.Module):
+    """Weights that are no module's ``weight``, quantized by parameter path in FqnToConfig."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(64, 32) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(16, 64) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.relu(nn.functional.linear(x, self.w_in)), self.w_out)
+
+
+class _RawNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.proj = nn.Linear(32, 32), _RawWeights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.fc(x)))
+
+
+def test_the_torchao_keep_line_names_a_weight_of_no_module_by_its_parameter_path():
+    """``proj.w_in`` and ``proj.w_out``, quantized through ``FqnToConfig`` parameter keys: the
+    line named module ``proj`` in a ``filter_fn``, and torchao failed on it ("requires module
+    to have weight attribute"); kept float, ``proj`` (a function op) was still named."""
+    from torchao.quantization import (
+        FqnToConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        PerAxis,
+        PerGroup,
+        quantize_,
+    )
+
+    torch.manual_seed(0)
+    f = _RawNet().eval()
+    configs = {"proj.w_in": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0)),
+               "proj.w_out": Int8WeightOnlyConfig(),
+               "fc": IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(16))}
+    q = copy.deepcopy(f)
+    quantize_(q, FqnToConfig(configs), filter_fn=None)
+    data = [torch.randn(4, 32) for _ in range(3)]
+    ref = _output(f, data)
+    for target, kept in ((15.0, ("fc",)), (40.0, ("fc", "proj"))):
+        advice = fxn.advise(f, q, data, metric="sqnr", target=target, progress=False)
+        assert advice.reached and advice.keep_float == kept
+        line = advice.torchao_keep_lines()
+        rebuilt = copy.deepcopy(f)
+        _apply_keep_line(line, rebuilt, configs)
+        assert _sqnr_by_hand(ref, _output(rebuilt, data)) == pytest.approx(advice.value, abs=1e-6)
+    assert line == "# every module quantize_ quantized is kept float: leave model float"
+    assert advice.value == math.inf
 
 
 # --- what a plan over several variants costs: the bits the model it makes stores

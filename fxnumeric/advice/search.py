@@ -45,7 +45,7 @@ from ..errors import (
     InstrumentationError,
     about_variant,
 )
-from ..flows.torchao import quantized_paths
+from ..flows.torchao import quantized_paths, quantized_weights
 from ..guards import check_pairable, check_variants, warn_foreign_weights
 from ..instrument import resolve_matching
 from ..llm_metrics import (
@@ -936,6 +936,11 @@ class Advice:
     torchao_modules: tuple[str, ...] = ()
     """Module paths of every module ``quantize_`` quantized in the quantized model (a torchao
     model): what :meth:`torchao_keep_lines` quantizes again, less the layers kept float."""
+    torchao_weights: tuple[tuple[str, str], ...] = ()
+    """``(parameter path, kind)`` of every weight ``quantize_`` quantized in the quantized model
+    (a torchao model), ``kind`` how it was quantized, as read from the weight
+    (:func:`fxnumeric.flows.torchao.quantized_weights`): weights of several kinds came from
+    several configs, and :meth:`torchao_keep_lines` names one config per kind."""
     failed: tuple[tuple[str, str], ...] = ()
     """``(hybrid, reason)`` for the hybrids of the search an op failed in (see
     :attr:`Sensitivity.failed`): their metric read NaN, so the search did not keep them."""
@@ -1035,8 +1040,11 @@ class Advice:
     def _kept(self, path: str) -> bool:
         """Whether module ``path`` stays float in the advised model: it or a module holding it
         is kept. A module torch.fx cannot trace is one layer (``enc``), and the hybrid that
-        kept it float ran every module inside it (``enc.lstm``) float too."""
-        return any(function is None and (path == name or path.startswith(f"{name}."))
+        kept it float ran every module inside it (``enc.lstm``) float too. A function op kept
+        float is named after the module whose weight it reads (torchao's ``F.linear(x,
+        self.qkv.weight)`` is ``attn.qkv``): that module's weight is float, not the modules
+        inside it."""
+        return any(path == name or (function is None and path.startswith(f"{name}."))
                    for name, function in self._targets())
 
     def __repr__(self) -> str:
@@ -1198,24 +1206,55 @@ class Advice:
         return f"{model} = {call}" if model.isidentifier() else call
 
     def torchao_keep_lines(self, model: str = "model", config: str = "config") -> str:
-        """torchao's ``quantize_`` with a filter that leaves the layers float: it names the
-        modules the quantized model has quantized, less those kept and the modules inside
-        them, so it rebuilds the advised model whatever ``filter_fn`` made the quantized one (a
-        Linear it left float, as a tied ``lm_head``, stays float); with no module known, every
-        ``nn.Linear`` but the kept and those inside them."""
+        """torchao's ``quantize_`` leaving the layers float: it names the weights the quantized
+        model has quantized (:attr:`torchao_weights`), less those of the layers kept (a
+        function op's included: ``F.linear(x, self.qkv.weight)`` kept float is ``attn.qkv``)
+        and of the modules inside them, so it rebuilds the advised model whatever
+        ``filter_fn`` made the quantized one (a Linear it left float, as a tied ``lm_head``,
+        stays float).
+
+        With every weight of one kind and each a module's ``weight``, one ``quantize_(model,
+        config, filter_fn=...)``. Otherwise an ``FqnToConfig`` keyed by path, with ``filter_fn=
+        None``: weights of several kinds (a model made with an ``FqnToConfig`` mixing
+        configs) need one config each, ``config_1``, ``config_2`` ..., which comment lines
+        tie to a layer quantized with it and to the kind read from its weight (one config
+        rebuilt another model: 7.09 dB where the advice measured 32.32); a weight that is no
+        module's ``weight`` (``proj.w_in``) is named by its parameter path (a filter naming
+        its module fails in torchao). With no weight known, every ``nn.Linear`` but the
+        kept and those inside them."""
         self._one_variant("torchao_keep_lines")
         self._warn_other_flow("this line", "torchao")
         self._warn_converted("this line")
-        if self.torchao_modules:
-            names = ", ".join(repr(path) for path in self.torchao_modules
-                              if not self._kept(path))
-            return (f"quantize_({model}, {config}, filter_fn=lambda m, fqn: "
-                    f"fqn in {{{names}}})" if names else
-                    f"# every module quantize_ quantized is kept float: leave {model} float")
-        # "enc." starts "enc.proj.": a kept module's own and its submodules' names
-        kept = tuple(f"{name}." for name, function in self._targets() if function is None)
-        return (f"quantize_({model}, {config}, filter_fn=lambda m, fqn: "
-                f"isinstance(m, torch.nn.Linear) and not (fqn + '.').startswith({kept!r}))")
+        weights = self.torchao_weights or tuple((f"{path}.weight" if path else "weight", "")
+                                                for path in self.torchao_modules)
+        if not weights:
+            # "enc." starts "enc.proj.": a kept module's own and its submodules' names
+            kept = tuple(f"{name}." for name, _ in self._targets())
+            return (f"quantize_({model}, {config}, filter_fn=lambda m, fqn: isinstance(m, "
+                    f"torch.nn.Linear) and not (fqn + '.').startswith({kept!r}))")
+        rest = [(param.rpartition(".")[0], param.rpartition(".")[2], kind)
+                for param, kind in weights if not self._kept(param.rpartition(".")[0])]
+        if not rest:
+            return f"# every module quantize_ quantized is kept float: leave {model} float"
+        kinds = list(dict.fromkeys(kind for *_, kind in rest))
+        if len(kinds) == 1 and all(attribute == "weight" for _, attribute, _ in rest):
+            names = ", ".join(repr(path) for path in dict.fromkeys(p for p, *_ in rest))
+            return f"quantize_({model}, {config}, filter_fn=lambda m, fqn: fqn in {{{names}}})"
+        names = {kind: config if len(kinds) == 1 else f"{config}_{i}"
+                 for i, kind in enumerate(kinds, 1)}
+        keys = {path if attribute == "weight" else f"{path}.{attribute}": kind
+                for path, attribute, kind in rest}
+        lines = []
+        if len(kinds) > 1:
+            lines.append(f"# in the quantized model these layers hold {len(kinds)} kinds of "
+                         f"torchao weight, made by {len(kinds)} configs: one config cannot "
+                         "rebuild them")
+        for kind, name in names.items():
+            first = next(key for key, k in keys.items() if k == kind)
+            lines.append(f"# {name}: the config {first!r} was quantized with ({kind})")
+        entries = ", ".join(f"{key!r}: {names[kind]}" for key, kind in keys.items())
+        lines.append(f"quantize_({model}, FqnToConfig({{{entries}}}), filter_fn=None)")
+        return "\n".join(lines)
 
     def summary(self) -> str:
         """Message, curve and what to feed back to the quantization flow (the flow the
@@ -1372,6 +1411,8 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                   dynamic=(dynamic_spec(search.matching.quant_model)
                            if len(search.runner.variants) == 1 else ()),
                   torchao_modules=(quantized_paths(search.matching.quant_model)
+                                   if len(search.runner.variants) == 1 else ()),
+                  torchao_weights=(quantized_weights(search.matching.quant_model)
                                    if len(search.runner.variants) == 1 else ()),
                   failed=tuple(search.failed.items()),
                   converted=converted_layers(search.matching.float_model,
@@ -1595,6 +1636,7 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                   flow=flow_of(search.matching.quant_model),
                   dynamic=dynamic_spec(search.matching.quant_model),
                   torchao_modules=quantized_paths(search.matching.quant_model),
+                  torchao_weights=quantized_weights(search.matching.quant_model),
                   failed=tuple(search.failed.items()),
                   converted=converted_layers(search.matching.float_model,
                                              search.matching.quant_model))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import sys
 from typing import Any
 
@@ -44,7 +45,7 @@ from . import Flow
 from .fx import functional_weight, weight_owner
 
 __all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors", "is_qat_layer",
-           "export_loses", "quantized_paths"]
+           "export_loses", "quantized_paths", "quantized_weights"]
 
 # torchao's QAT layers, by the module that defines them; the legacy quantizers' layers
 # (Int8DynActInt4WeightQATLinear, Int4WeightOnlyQATEmbedding ...) subclass them
@@ -180,3 +181,122 @@ def quantized_paths(model: Any) -> tuple[str, ...]:
     flow = TorchaoFlow()
     return tuple(path for path, module in model.named_modules()
                  if flow.is_quantized_module(module))
+
+
+def quantized_weights(model: Any) -> tuple[tuple[str, str], ...]:
+    """``(parameter path, kind)`` of every weight ``quantize_`` quantized in ``model`` (a QAT
+    layer's ``weight``, which it fake-quantizes), in module order.
+
+    ``kind`` says how the weight was quantized, as read from it: its tensor type, element
+    type, blocks and activation scheme (``"Int8Tensor int8, per row"``,
+    ``"IntxUnpackedToInt8Tensor int2, groups of 16"``). Weights one config made share one kind;
+    weights of different kinds came from different configs (an ``FqnToConfig`` mixing them),
+    so one ``config`` cannot rebuild them. A block covering a whole dimension (per row) counts
+    as any block of that size, so one ``PerGroup(32)`` config reads the same on a layer 32
+    wide (its block the whole row) and one 64 wide.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+        return ()
+    found: list[tuple[str, tuple[Any, ...], tuple[tuple[int, bool], ...], Any]] = []
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if is_qat_layer(module):
+            if TorchaoFlow().is_quantized_module(module):
+                key = tuple(_no_address(repr(getattr(module, name, None)))
+                            if _acts(getattr(module, name, None)) else None
+                            for name in ("activation_fake_quantizer", "weight_fake_quantizer"))
+                found.append((f"{prefix}weight", ("qat", key), (), module))
+            continue
+        for name, weight in module.named_parameters(recurse=False):
+            if is_torchao_tensor(weight):
+                found.append((f"{prefix}{name}", _weight_key(weight), _blocks(weight), weight))
+    groups: list[list[int]] = []  # indices into found, one list per kind
+    for i, (_, key, blocks, _) in enumerate(found):
+        for group in groups:
+            if all(found[j][1] == key and _same_blocks(found[j][2], blocks) for j in group):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    kinds: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for group in groups:
+        text = _describe([found[j] for j in group])
+        seen[text] = seen.get(text, 0) + 1
+        text += f" (kind {seen[text]})" if seen[text] > 1 else ""
+        kinds.update((j, text) for j in group)
+    return tuple((path, kinds[i]) for i, (path, *_) in enumerate(found))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _no_address(text: str) -> str:
+    """``text`` without object addresses, which differ between layers of one config."""
+    return _ADDRESS.sub("", text)
+
+
+def _weight_key(weight: Any) -> tuple[Any, ...]:
+    """What a torchao weight's config decides, but its blocks: its type, the element types of
+    its tensors (which it holds: a zero point, a static activation scale), its attributes."""
+    cls = type(weight)
+    tensors = (*getattr(cls, "tensor_data_names", ()),
+               *(getattr(cls, "optional_tensor_data_names", None) or ()))
+    attributes = (*getattr(cls, "tensor_attribute_names", ()),
+                  *(getattr(cls, "optional_tensor_attribute_names", None) or ()))
+    return (cls.__name__,
+            tuple((name, getattr(getattr(weight, name, None), "dtype", None)) for name in tensors),
+            tuple((name, _no_address(repr(getattr(weight, name, None))))
+                  for name in attributes if name != "block_size"))
+
+
+def _blocks(weight: Any) -> tuple[tuple[int, bool], ...]:
+    """``(block size, whether it is the whole dimension)`` per dimension of ``weight``."""
+    block = getattr(weight, "block_size", None)
+    if block is None:
+        return ()
+    return tuple((int(b), int(b) == int(s)) for b, s in zip(block, weight.shape, strict=False))
+
+
+def _same_blocks(a: tuple[tuple[int, bool], ...], b: tuple[tuple[int, bool], ...]) -> bool:
+    """Whether one granularity makes both blocks: the same size, or both whole dimensions."""
+    return len(a) == len(b) and all(sa == sb or (wa and wb)
+                                    for (sa, wa), (sb, wb) in zip(a, b, strict=True))
+
+
+def _describe(members: list[tuple[str, Any, tuple[tuple[int, bool], ...], Any]]) -> str:
+    """One kind of weight in words: ``"Int8Tensor int8, per row, dynamic activations"``."""
+    _, key, _, first = members[0]
+    if key[0] == "qat":
+        quantizers = [f"{role} {_quantizer_text(q)}"
+                      for role, q in (("activation", first.activation_fake_quantizer),
+                                      ("weight", first.weight_fake_quantizer)) if _acts(q)]
+        return f"{type(first).__name__}: " + "; ".join(quantizers)
+    element = getattr(first, "target_dtype", None) or getattr(getattr(first, "qdata", None),
+                                                              "dtype", None)
+    text = f"{type(first).__name__} {str(element).removeprefix('torch.')}"
+    dims = [None if all(m[2][d][1] for m in members) else members[0][2][d][0]
+            for d in range(len(members[0][2]))]
+    if dims:
+        text += {(1, None): ", per row", (None, None): ", per tensor"}.get(
+            tuple(dims), f", groups of {dims[-1]}" if dims[0] == 1 and len(dims) == 2
+            else f", blocks {tuple('all' if d is None else d for d in dims)}")
+    if getattr(first, "act_pre_scale", None) is not None:
+        text += ", input pre-scaled per channel (calibrated: SmoothQuant/AWQ)"
+    if getattr(first, "act_quant_scale", None) is not None:
+        text += ", static activation scale"
+    elif getattr(first, "act_quant_kwargs", None) is not None:
+        text += ", dynamic activations"
+    if getattr(first, "activation_quantization", None):
+        text += f", activations {first.activation_quantization}"
+    return text
+
+
+def _quantizer_text(quantizer: nn.Module) -> str:
+    """A QAT fake-quantizer's config in short (``"int4 PerGroup(group_size=32)"``), or in full
+    when it has no element type and granularity."""
+    config = getattr(quantizer, "config", quantizer)
+    dtype, granularity = getattr(config, "dtype", None), getattr(config, "granularity", None)
+    if dtype is None or granularity is None:
+        return _no_address(repr(config))
+    return f"{str(dtype).removeprefix('torch.')} {granularity!r}"
