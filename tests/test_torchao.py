@@ -777,13 +777,17 @@ class _Gated(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-class _WithGated(nn.Module):
-    def __init__(self) -> None:
+class _Headed(nn.Module):
+    """``body`` as module ``name``, then a Linear ``head`` reading its ``width`` features."""
+
+    def __init__(self, name: str, body: nn.Module, width: int, out: int) -> None:
         super().__init__()
-        self.enc, self.head = _Gated(), nn.Linear(64, 16)
+        self.body_name = name
+        self.add_module(name, body)
+        self.head = nn.Linear(width, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(x))
+        return self.head(getattr(self, self.body_name)(x))
 
 
 def test_the_torchao_keep_line_keeps_float_every_module_inside_a_kept_one():
@@ -796,7 +800,7 @@ def test_the_torchao_keep_line_keeps_float_every_module_inside_a_kept_one():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     torch.manual_seed(0)
-    f = _WithGated().eval()
+    f = _Headed("enc", _Gated(), 64, 16).eval()
     q = copy.deepcopy(f)
     config = Int8WeightOnlyConfig()
     quantize_(q, config)
@@ -865,15 +869,6 @@ class _FunctionalAttention(nn.Module):
         return self.proj(torch.relu(q) * v + k)
 
 
-class _FunctionalNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn, self.head = _FunctionalAttention(), nn.Linear(32, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.attn(x))
-
-
 def test_the_torchao_keep_line_leaves_float_a_layer_whose_weight_is_read_functionally():
     """``attn.qkv`` kept float, read through ``F.linear(x, self.qkv.weight, ...)``: a function
     op, and ``Advice._kept`` counted only modules kept, so the line still quantized it and
@@ -881,7 +876,7 @@ def test_the_torchao_keep_line_leaves_float_a_layer_whose_weight_is_read_functio
     from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
 
     torch.manual_seed(0)
-    f = _FunctionalNet().eval()
+    f = _Headed("attn", _FunctionalAttention(), 32, 8).eval()
     config = IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(16))
     q = copy.deepcopy(f)
     quantize_(q, config)
@@ -906,23 +901,16 @@ def test_the_torchao_keep_line_of_a_mixed_fqn_to_config_model_names_one_config_p
     config, ...)`` line: whichever config the user took, it built another model (45.44, 7.09
     or 29.44 dB where the advice claimed 32.32). The line now names a config per kind of
     weight, each tied to a layer made with it; bound so, it builds the advised model."""
-    from torchao.quantization import (
-        Float8WeightOnlyConfig,
-        FqnToConfig,
-        Int8WeightOnlyConfig,
-        IntxWeightOnlyConfig,
-        PerGroup,
-        quantize_,
-    )
+    from torchao import quantization as ao
 
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(),
                       nn.Linear(128, 32)).eval()
-    configs = {"0": Int8WeightOnlyConfig(),
-               "2": IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(16)),
-               "4": Float8WeightOnlyConfig()}
+    configs = {"0": ao.Int8WeightOnlyConfig(),
+               "2": ao.IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=ao.PerGroup(16)),
+               "4": ao.Float8WeightOnlyConfig()}
     q = copy.deepcopy(f)
-    quantize_(q, FqnToConfig(configs), filter_fn=None)
+    ao.quantize_(q, ao.FqnToConfig(configs), filter_fn=None)
     gen = torch.Generator().manual_seed(1)
     data = [torch.randn(8, 64, generator=gen) for _ in range(3)]
     ref = _output(f, data)
@@ -972,22 +960,16 @@ def test_the_torchao_keep_line_names_a_weight_of_no_module_by_its_parameter_path
     """``proj.w_in`` and ``proj.w_out``, quantized through ``FqnToConfig`` parameter keys: the
     line named module ``proj`` in a ``filter_fn``, and torchao failed on it ("requires module
     to have weight attribute"); kept float, ``proj`` (a function op) was still named."""
-    from torchao.quantization import (
-        FqnToConfig,
-        Int8WeightOnlyConfig,
-        IntxWeightOnlyConfig,
-        PerAxis,
-        PerGroup,
-        quantize_,
-    )
+    from torchao import quantization as ao
 
     torch.manual_seed(0)
     f = _RawNet().eval()
-    configs = {"proj.w_in": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0)),
-               "proj.w_out": Int8WeightOnlyConfig(),
-               "fc": IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(16))}
+    int_x = ao.IntxWeightOnlyConfig
+    configs = {"proj.w_in": int_x(weight_dtype=torch.int4, granularity=ao.PerAxis(0)),
+               "proj.w_out": ao.Int8WeightOnlyConfig(),
+               "fc": int_x(weight_dtype=torch.int2, granularity=ao.PerGroup(16))}
     q = copy.deepcopy(f)
-    quantize_(q, FqnToConfig(configs), filter_fn=None)
+    ao.quantize_(q, ao.FqnToConfig(configs), filter_fn=None)
     data = [torch.randn(4, 32) for _ in range(3)]
     ref = _output(f, data)
     for target, kept in ((15.0, ("fc",)), (40.0, ("fc", "proj"))):
