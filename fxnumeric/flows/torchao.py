@@ -269,7 +269,8 @@ def _describe(members: list[tuple[str, Any, tuple[tuple[int, bool], ...], Any]])
     _, key, _, first = members[0]
     if key[0] == "qat":
         quantizers = [f"{role} {_quantizer_text(q)}"
-                      for role, q in (("activation", first.activation_fake_quantizer),
+                      for role, q in (("activation", getattr(first, "activation_fake_quantizer",
+                                                             None)),  # none on an Embedding
                                       ("weight", first.weight_fake_quantizer)) if _acts(q)]
         return f"{type(first).__name__}: " + "; ".join(quantizers)
     element = getattr(first, "target_dtype", None) or getattr(getattr(first, "qdata", None),
