@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from . import flows, offload
-from ._tensors import stores_floats
 from .errors import InputError
 from .metrics import aminmax, db, energy
 from .ops import dynamic_input
@@ -70,9 +69,10 @@ def weight_steps(weight: Any) -> torch.Tensor | None:
     """The squared steps of a quantized weight, one value per output channel (the mean over
     its groups for group-wise scales); ``None`` for a float weight.
 
-    Reads torch quantized tensors (per-tensor and per-channel) and tensor subclasses with a
-    ``scale`` attribute (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``); ``None``
-    for one that stores floating-point values (``Float8Tensor``: no uniform grid).
+    Reads torch quantized tensors (per-tensor and per-channel) and a flow's own weight types
+    through their grid (:func:`fxnumeric.flows.weight_grid`: torchao's ``Int8Tensor``,
+    ``IntxUnpackedToInt8Tensor``); ``None`` for one that stores floating-point values
+    (``Float8Tensor``: no uniform grid).
 
     >>> w = torch.quantize_per_tensor(torch.randn(4, 3), 0.5, 0, torch.qint8)
     >>> weight_steps(w).tolist()
@@ -86,15 +86,13 @@ def weight_steps(weight: Any) -> torch.Tensor | None:
         steps = weight.q_per_channel_scales().double() ** 2
         return steps if axis == 0 else torch.full((channels,), float(steps.mean()),
                                                   dtype=torch.float64)
-    scale = getattr(weight, "scale", None)
-    if stores_floats(weight):  # float8: no uniform grid, so no floor rather than a wrong one
+    grid = flows.weight_grid(weight)  # float8: no uniform grid, so no floor, not a wrong one
+    if grid is None:
         return None
-    if isinstance(scale, torch.Tensor) and type(weight) is not torch.Tensor and weight.dim():
-        squared = scale.detach().double().reshape(scale.shape[0], -1) ** 2
-        if squared.shape[0] == weight.shape[0]:
-            return squared.mean(dim=1)
-        return torch.full((weight.shape[0],), float(squared.mean()), dtype=torch.float64)
-    return None
+    squared = grid.scales ** 2
+    if grid.axis is None:
+        return torch.full((weight.shape[0],), float(squared[0]), dtype=torch.float64)
+    return squared.reshape(weight.shape[0], -1).mean(dim=1)
 
 
 def layer_module(region: Any, pair: Any) -> Any:

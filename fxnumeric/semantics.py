@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .flows import WeightGrid
 from .ops import is_inference_only, is_pure
 from .view import GraphView
 
@@ -139,18 +140,6 @@ def quantize_grid(node: fx.Node, view: GraphView) -> QuantGrid | None:
     if len(args) >= 6 and isinstance(args[3], int) and isinstance(args[4], int):
         qmin, qmax = args[3], args[4]  # pt2e: the range is explicit
     return QuantGrid(scale, int(zp), qmin, qmax)
-
-
-@dataclass(frozen=True)
-class WeightGrid:
-    """The grid a weight held in a graph was quantized on: its steps (one for the tensor, or
-    one per channel along ``axis``) and its integer range."""
-
-    scales: torch.Tensor
-    qmin: int
-    qmax: int
-    axis: int | None = None
-    """The axis of the channels, ``None`` for one scale for the whole tensor."""
 
 
 def dequantize_grid(node: fx.Node, view: GraphView) -> WeightGrid | None:

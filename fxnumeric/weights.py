@@ -56,6 +56,10 @@ class PairedWeight(NamedTuple):
         layer: for an op that is a module called whole holding quantized layers (a custom
             module kept whole), the quantized model's path of the layer this weight is
             (``block.fc``); empty for an op's own weight.
+        grid: the grid of a weight a flow stores in its own form, read before
+            ``quant_weight`` was dequantized from it (:func:`fxnumeric.flows.weight_grid`: a
+            torchao ``Int8Tensor``'s per-tensor, per-row or per-group scales); ``None`` for
+            any other weight (torch's quantized tensors carry their own grid).
     """
 
     pair: Pair
@@ -64,6 +68,7 @@ class PairedWeight(NamedTuple):
     quant_weight: torch.Tensor
     matrix: str = ""
     layer: str = ""
+    grid: flows.WeightGrid | None = None
 
 
 def _leaf_parts(module: nn.Module) -> list[nn.Module]:
@@ -369,8 +374,11 @@ def _beside(pair: Pair, fweight: torch.Tensor, fmod: nn.Module | None, qmod: nn.
     if as_computed and fmod is not None and transposed_linear(fmod):
         fweight = fweight.t()
     flip = as_computed and transposed_linear(qmod)
-    return [PairedWeight(pair, key, fweight, qw.t() if flip else qw, layer=layer)
-            for key, qw in ((k, flows.comparable_weight(w)) for k, w in qweights.items())]
+    # a transposed weight's channels are not the rows its grid was read along
+    return [PairedWeight(pair, key, fweight, flows.comparable_weight(w).t() if flip
+                         else flows.comparable_weight(w), layer=layer,
+                         grid=None if flip else flows.weight_grid(w))
+            for key, w in qweights.items()]
 
 
 def _quantized_layers(module: nn.Module, path: str,

@@ -66,6 +66,67 @@ def test_per_tensor_weights_with_an_outlier_channel_are_flagged() -> None:
     assert "fc2 (linear):" in d.text() and "Fix: per-channel weights" in d.text()
 
 
+def _outlier_mlp() -> MLP:
+    """The MLP with fc2's output channel 3 40x wider than the rest."""
+    float_model = _mlp()
+    with torch.no_grad():
+        float_model.fc2.weight[3] *= 40
+    return float_model
+
+
+def _torchao(model: nn.Module, config: Any) -> nn.Module:
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+
+    quant = copy.deepcopy(model)
+    quantize_(quant, config)
+    return quant
+
+
+@pytest.mark.parametrize("granularity", ["PerTensor", "PerRow", "PerGroup"])
+def test_torchao_weights_are_read_from_their_own_scales(granularity: str) -> None:
+    # a torchao Int8Tensor is no torch quantized tensor and carries no graph dequantize:
+    # diagnose read no grid of it, so per_channel and the utilisation were None and no weight
+    # flag was ever raised on a torchao model (MiniLM's output.dense under PerTensor: weight
+    # SQNR 8.1 dB, channels 23x apart, no flag; through quantize_dynamic: weight_outliers)
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
+
+    float_model = _outlier_mlp()
+    config = {"PerTensor": Int8DynamicActivationInt8WeightConfig(granularity=PerTensor()),
+              "PerRow": Int8DynamicActivationInt8WeightConfig(granularity=PerRow()),
+              "PerGroup": Int8WeightOnlyConfig(granularity=PerGroup(16))}[granularity]
+    q = _torchao(float_model, config)
+    d = diagnose(float_model, q, _data(), progress=False)
+    fc2 = d.layer("fc2")
+    # the oracle: the tensor's own integers and scales, qdata * scale being its values
+    tensor = q.fc2.weight
+    qdata, scale = tensor.qdata.double(), tensor.scale.detach().double()
+    rows = scale.reshape(scale.shape[0], -1)
+    groups = rows.shape[1]
+    assert torch.allclose(qdata.reshape(32, groups, -1) * rows.reshape(-1, groups, 1),
+                          tensor.dequantize().double().reshape(32, groups, -1))
+    w = float_model.fc2.weight.detach().double()
+    ranges = w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)
+    if granularity == "PerTensor":
+        assert scale.numel() == 1 and fc2.per_channel is False
+        assert fc2.weight_utilisation == pytest.approx(float((ranges / (scale * 255)).median()))
+        assert [f.code for f in fc2.flags][:1] == ["weight_outliers"]
+        # the same weights through quantize_dynamic (per-tensor) get the same flag
+        twin = diagnose(float_model, _dynamic(float_model), _data(), progress=False)
+        assert [f.code for f in twin.layer("fc2").flags][:1] == ["weight_outliers"]
+    elif granularity == "PerRow":
+        assert rows.shape == (32, 1) and fc2.per_channel is True
+        assert fc2.weight_utilisation == pytest.approx(
+            float((ranges / (rows[:, 0] * 255)).median()))
+        assert not {"weight_outliers", "weight_range"} & {f.code for f in fc2.flags}
+    else:  # group steps: per channel and finer, no one step a channel is measured against
+        assert rows.shape == (32, 2) and fc2.per_channel is True
+        assert fc2.weight_utilisation is None
+    assert fc2.channel_outlier_ratio == pytest.approx(float(ranges.max() / ranges.median()))
+
+
 def test_embeddings_with_float_zero_points_are_read_per_channel() -> None:
     # a quantized Embedding's weight is per_channel_affine_float_qparams: diagnose raised
     # torch's "Expected quantizer->qscheme() == kPerTensorAffine" reading it per tensor

@@ -453,7 +453,9 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor, grid: WeightGrid | None = 
     """Range use and channel outliers of ``qw`` against the float weight ``fw``, over the
     output channels whose weights are not all zero: a pruned row is exact under any scale,
     and its zero range made the median range 0 and the outlier ratio ``inf``. ``grid``: the
-    grid of a ``qw`` that arrives dequantized (a pt2e graph's weight), read from the graph."""
+    grid of a ``qw`` that arrives dequantized: a pt2e graph's weight, read from the graph; a
+    torchao weight, read from its tensor's scale (per tensor, per row, or per group: then
+    per-channel without a utilisation, as any scales not one per output channel)."""
     w = fw.detach().double()
     w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
     ranges = w.amax(dim=1).clamp(min=0) - w.amin(dim=1).clamp(max=0)
@@ -935,9 +937,10 @@ def diagnose(
     weights: dict[str, tuple[_WeightStats, str]] = {}
     sqnrs: list[tuple[str, float]] = []
     for w in pair_weights(matching, as_computed=True):
-        # a weight held in a graph (pt2e) arrives dequantized: its grid is its dequantize's
+        # a weight held in a graph (pt2e) arrives dequantized: its grid is its dequantize's;
+        # a torchao one too: its grid is the tensor's scale, read before it was dequantized
         grid = (None if w.quant_weight.is_quantized
-                else functional_weight_grid(matching.region_of(w.pair), w.pair))
+                else w.grid or functional_weight_grid(matching.region_of(w.pair), w.pair))
         name, stats = w.pair.name, _weight_stats(w.float_weight, w.quant_weight, grid)
         if name not in weights or _worse(stats, weights[name][0]):
             weights[name] = (stats, w.matrix)

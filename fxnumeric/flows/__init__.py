@@ -23,6 +23,7 @@ hook                        called by                           answers
 ``weight_scale``            :mod:`fxnumeric.weights`            a scale folded into that weight
 ``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
 ``comparable_weight``       :mod:`fxnumeric.weights`            a plain float tensor for a weight
+``weight_grid``             :mod:`fxnumeric.weights`, ``floor``  the grid of a weight in its form
 ``computed_weight``         :mod:`fxnumeric.weights`            the weight a module computes with
 ``export_loses``            ``match(..., capture="export")``    why torch.export would lose a model
 ``rounding_owner``          ``match.Region.rounded_for``        whose request a quantize is
@@ -52,7 +53,8 @@ __all__ = [
     "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
     "module_type", "weight_input", "recurrent_weight_inputs",
     "weight_scale",
-    "batch_norm_params", "comparable_weight", "computed_weight", "export_loses",
+    "batch_norm_params", "comparable_weight", "weight_grid", "WeightGrid", "computed_weight",
+    "export_loses",
     "fake_quant_enabled", "fake_quantizes", "rounding_owner",
 ]
 
@@ -66,6 +68,26 @@ class BatchNormParams:
     running_mean: torch.Tensor
     running_var: torch.Tensor
     eps: float
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    """The grid a quantized weight was quantized on: its steps and its integer range.
+
+    ``scales`` holds one step for the whole tensor (``axis`` ``None``), one per channel along
+    ``axis``, or, for group-wise scales, one row of group steps per channel along ``axis``
+    (shape ``(channels, groups)``: torchao's ``PerGroup``)."""
+
+    scales: torch.Tensor
+    qmin: int
+    qmax: int
+    axis: int | None = None
+    """The axis of the channels, ``None`` for one scale for the whole tensor."""
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether the steps differ by channel (per channel or per group), not one for all."""
+        return self.axis is not None
 
 
 class Flow:
@@ -156,6 +178,12 @@ class Flow:
 
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
         """A plain float tensor for a weight this flow stores in its own form, or ``None``."""
+        return None
+
+    def weight_grid(self, weight: Any) -> WeightGrid | None:
+        """The grid of a weight this flow stores in its own form (a torchao ``Int8Tensor``:
+        its ``scale``, per tensor, per row or per group, and its integer range), or ``None``
+        (not this flow's, or no uniform integer grid: float8 values)."""
         return None
 
     def computed_weight(self, module: nn.Module) -> torch.Tensor | None:
@@ -322,6 +350,12 @@ def comparable_weight(weight: Any) -> Any:
     """
     found = _first("comparable_weight", weight)
     return weight if found is None else found
+
+
+def weight_grid(weight: Any) -> WeightGrid | None:
+    """The first flow's grid of ``weight``, a weight stored in a flow's own form (a torchao
+    tensor subclass), or ``None`` (torch's quantized tensors carry theirs: ``q_scale``)."""
+    return _first("weight_grid", weight)
 
 
 def export_loses(model: Any) -> str | None:

@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._tensors import stores_floats
-from . import Flow
+from . import Flow, WeightGrid
 from .fx import functional_weight, weight_owner
 
 __all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors", "is_qat_layer",
@@ -150,6 +150,29 @@ class TorchaoFlow(Flow):
         granularity = type(getattr(kwargs, "granularity", None)).__name__
         return ("token" if granularity == "PerRow" else "tensor", 255.0)
 
+    def weight_grid(self, weight: Any) -> WeightGrid | None:
+        """The grid of a torchao weight, from its ``scale``: one step (``[1, 1]``,
+        ``PerTensor``), one per row (``[N, 1]``, ``PerRow``) or a row of group steps per row
+        (``[N, K / group]``, ``PerGroup``); its integer range from ``target_dtype``
+        (``IntxUnpackedToInt8Tensor``'s ``torch.int4``), else from ``qdata``'s dtype where it
+        holds one integer per weight (``Int8Tensor``), else 4 bits for the packed ``Int4*``
+        tensors. ``None`` for float8 values or a tensor of no such ``scale``."""
+        if not is_torchao_tensor(weight) or stores_floats(weight) or weight.dim() < 1:
+            return None
+        scale, bits = getattr(weight, "scale", None), _bits(weight)
+        if not isinstance(scale, torch.Tensor) or bits is None:
+            return None
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1  # only their span is used
+        scales, channels = scale.detach().double(), weight.shape[0]
+        if scales.numel() == 1:
+            return WeightGrid(scales.reshape(1), qmin, qmax)
+        if scales.dim() == 2 and scales.shape[0] != channels and scales.shape[1] == channels:
+            scales = scales.t()  # kept (groups, rows)
+        if scales.shape[0] != channels:
+            return None
+        scales = scales.reshape(channels, -1)
+        return WeightGrid(scales[:, 0] if scales.shape[1] == 1 else scales, qmin, qmax, axis=0)
+
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
         if not is_torchao_tensor(weight):
             return None
@@ -159,6 +182,18 @@ class TorchaoFlow(Flow):
         if "output_dtype" in inspect.signature(weight.dequantize).parameters:
             return weight.dequantize(output_dtype=torch.float32).detach()
         return weight.dequantize().detach().float()
+
+
+def _bits(weight: Any) -> int | None:
+    """How many bits a torchao weight's integers have (see :meth:`TorchaoFlow.weight_grid`)."""
+    stored = getattr(weight, "qdata", None)
+    dtype = getattr(weight, "target_dtype", None)
+    if dtype is None and isinstance(stored, torch.Tensor) and stored.numel() == weight.numel():
+        dtype = stored.dtype  # one integer per weight, not packed
+    found = re.fullmatch(r"torch\.u?int(\d+)", str(dtype))
+    if found:
+        return int(found[1])
+    return 4 if type(weight).__name__.startswith("Int4") else None
 
 
 def _attribute(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
