@@ -127,6 +127,45 @@ def test_torchao_weights_are_read_from_their_own_scales(granularity: str) -> Non
     assert fc2.channel_outlier_ratio == pytest.approx(float(ranges.max() / ranges.median()))
 
 
+def test_a_weight_flag_names_the_per_channel_setting_of_the_models_flow() -> None:
+    # the fix said "per_channel_weight_observer; the x86/fbgemm default" for every flow:
+    # quantize_dynamic's default is per-tensor and its setting per_channel_dynamic_qconfig,
+    # torchao's the config's granularity. Each setting named is applied here, and the flag
+    # must go
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    from torchao.quantization.granularity import PerRow, PerTensor
+
+    float_model, data = _outlier_mlp(), _data()
+    fixes = {}
+    for flow, quant in (
+            ("fx", _fx(float_model, QConfigMapping().set_global(default_qconfig))),
+            ("dynamic", _dynamic(float_model)),
+            ("torchao", _torchao(float_model, Int8DynamicActivationInt8WeightConfig(
+                granularity=PerTensor()))),
+            ("torchao-weight-only", _torchao(float_model, Int8WeightOnlyConfig(
+                granularity=PerTensor())))):
+        fc2 = diagnose(float_model, quant, data, progress=False).layer("fc2")
+        assert fc2.flags[0].code == "weight_outliers", flow
+        fixes[flow] = fc2.flags[0].fix
+        assert fixes[flow].startswith(f"per-channel weights: {fc2.weight_setting}")
+    assert "per_channel_weight_observer" in fixes["fx"]
+    assert "torch.ao.quantization.per_channel_dynamic_qconfig" in fixes["dynamic"]
+    assert "default_dynamic_qconfig, is per-tensor" in fixes["dynamic"]
+    assert "Int8DynamicActivationInt8WeightConfig(granularity=PerRow())" in fixes["torchao"]
+    assert "Int8WeightOnlyConfig(granularity=PerRow())" in fixes["torchao-weight-only"]
+    assert not any("per_channel_weight_observer" in fixes[f]
+                   for f in ("dynamic", "torchao", "torchao-weight-only"))
+    # the settings named, applied: per-channel weights, and no weight flag
+    per_channel = torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(float_model), {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig})
+    per_row = _torchao(float_model, Int8DynamicActivationInt8WeightConfig(granularity=PerRow()))
+    for quant in (per_channel, per_row):
+        fc2 = diagnose(float_model, quant, data, progress=False).layer("fc2")
+        assert fc2.per_channel is True
+        assert not {"weight_outliers", "weight_range"} & {f.code for f in fc2.flags}
+
+
 def test_embeddings_with_float_zero_points_are_read_per_channel() -> None:
     # a quantized Embedding's weight is per_channel_affine_float_qparams: diagnose raised
     # torch's "Expected quantizer->qscheme() == kPerTensorAffine" reading it per tensor

@@ -73,8 +73,10 @@ from ..floor import (
     floor_sums,
     functional_weight_grid,
     layer_floor,
+    layer_module,
     unexplained,
 )
+from ..flows.torchao import is_torchao_tensor, per_row_setting
 from ..guards import check_pairable, warn_foreign_weights
 from ..instrument import instrument, resolve_matching
 from ..loggers import Logger
@@ -88,6 +90,7 @@ from ..report.render import text_table
 from ..routing import Routes, hook_watched, watch
 from ..run import check_devices, keeps_buffers, model_batches, run_blaming_inside, run_model
 from ..semantics import QRANGE, QuantGrid, WeightGrid, grid_before
+from ..storage import is_dynamic_module
 from ..weights import pair_weights
 from .hybrid import called_whole, module_path
 
@@ -185,6 +188,12 @@ class LayerDiagnosis:
     weight_exact: bool | None = None
     """Whether the quantized weights dequantize to exactly the float ones (their quantization
     adds no error, and no weight fix is given); ``None`` without weights."""
+    weight_setting: str | None = None
+    """The setting of the flow the op came from that quantizes its weights per channel, which
+    the weight flags' fix names: ``per_channel_dynamic_qconfig`` for ``quantize_dynamic``
+    (whose default is per-tensor), the config's ``granularity=PerRow()`` for torchao's
+    ``quantize_``, a per-channel weight spec for a pt2e quantizer, ``per_channel_weight_observer``
+    for the static eager and FX flows; ``None`` without quantized weights."""
     float_weight_nonfinite: bool = False
     """Whether a float weight of the op holds NaN/Inf (the float model's own, not an
     overflow)."""
@@ -489,6 +498,31 @@ def _weight_stats(fw: torch.Tensor, qw: torch.Tensor, grid: WeightGrid | None = 
         util.median()) if len(util) else None)
 
 
+_STATIC_PER_CHANNEL = "per_channel_weight_observer (the x86/fbgemm default qconfig's)"
+"""The per-channel setting of torch's static flows (eager ``convert``, ``convert_fx``)."""
+
+_DYNAMIC_PER_CHANNEL = (
+    "quantize_dynamic(model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}) "
+    "(its default, default_dynamic_qconfig, is per-tensor)")
+"""The per-channel setting of ``quantize_dynamic`` (its Linear, LSTM, GRU ...)."""
+
+_PT2E_PER_CHANNEL = (
+    "a weight QuantizationSpec with qscheme=torch.per_channel_symmetric and ch_axis=0 in the "
+    "quantizer's config (X86InductorQuantizer's default config has it)")
+"""The per-channel setting of a pt2e quantizer (a functional op's weight in the graph)."""
+
+
+def _per_channel_setting(module: Any) -> str:
+    """What quantizes the weights of the quantized ``module`` per channel in the flow it came
+    from (``None``: a functional op of an exported graph, pt2e)."""
+    if module is None:
+        return _PT2E_PER_CHANNEL
+    weight = getattr(module, "weight", None)
+    if is_torchao_tensor(weight):
+        return per_row_setting(weight)
+    return _DYNAMIC_PER_CHANNEL if is_dynamic_module(module) else _STATIC_PER_CHANNEL
+
+
 def _in_matrix(d: LayerDiagnosis) -> str:
     """Which matrix the weight figures come from, for an op with several; else empty."""
     return f" in `{d.weight_matrix}`" if d.weight_matrix else ""
@@ -565,14 +599,14 @@ def _layer_flags(d: LayerDiagnosis, reader: str | None = None) -> list[Flag]:
             f"weight channel ranges differ {d.channel_outlier_ratio:.0f}x under one per-tensor "
             f"scale{_in_matrix(d)}: a typical channel spans {_pct(d.weight_utilisation)} of the "
             f"integer grid{zeros}",
-            "per-channel weights (per_channel_weight_observer; the x86/fbgemm default)",
+            f"per-channel weights: {d.weight_setting or _STATIC_PER_CHANNEL}",
         ))
     elif rounded and d.weight_utilisation is not None and d.weight_utilisation < 0.1:
         flags.append(Flag(
             "weight_range",
             f"a typical weight channel{_in_matrix(d)} spans only {_pct(d.weight_utilisation)} of "
             f"the integer grid{zeros}",
-            "per-channel weights",
+            f"per-channel weights: {d.weight_setting or _STATIC_PER_CHANNEL}",
         ))
     if d.clipped is not None and d.clipped > 1e-3:
         flags.append(Flag(
@@ -935,8 +969,12 @@ def diagnose(
     # is judged by its worst one: one outlier row in one of them costs the whole layer. The
     # weights are the module's, shared by its call sites
     weights: dict[str, tuple[_WeightStats, str]] = {}
+    settings: dict[str, str] = {}
     sqnrs: list[tuple[str, float]] = []
     for w in pair_weights(matching, as_computed=True):
+        if w.pair.name not in settings:
+            settings[w.pair.name] = _per_channel_setting(
+                layer_module(matching.region_of(w.pair), w.pair))
         # a weight held in a graph (pt2e) arrives dequantized: its grid is its dequantize's;
         # a torchao one too: its grid is the tensor's scale, read before it was dequantized
         grid = (None if w.quant_weight.is_quantized
@@ -983,6 +1021,7 @@ def diagnose(
             channel_outlier_ratio=stats.outliers, weight_matrix=matrix or None,
             zero_channels=stats.zero_channels, weight_channels=stats.channels,
             weight_exact=stats.exact, float_weight_nonfinite=stats.nonfinite,
+            weight_setting=settings.get(name) if stats.per_channel is not None else None,
             weight_sqnr=stats.sqnr,
             clipped=s.clipped / s.count if s.quantized and s.count else None,
             noise_steps=math.sqrt(s.local_noise / s.count) / step if step and s.count else None,

@@ -45,7 +45,7 @@ from . import Flow, WeightGrid
 from .fx import functional_weight, weight_owner
 
 __all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors", "is_qat_layer",
-           "export_loses", "quantized_paths", "quantized_weights"]
+           "export_loses", "quantized_paths", "quantized_weights", "per_row_setting"]
 
 # torchao's QAT layers, by the module that defines them; the legacy quantizers' layers
 # (Int8DynActInt4WeightQATLinear, Int4WeightOnlyQATEmbedding ...) subclass them
@@ -194,6 +194,21 @@ def _bits(weight: Any) -> int | None:
     if found:
         return int(found[1])
     return 4 if type(weight).__name__.startswith("Int4") else None
+
+
+def per_row_setting(weight: Any) -> str:
+    """The ``quantize_`` config that quantizes a weight like ``weight`` (a torchao tensor) per
+    row, as a line: ``Int8DynamicActivationInt8WeightConfig(granularity=PerRow())`` for an
+    ``Int8Tensor`` that quantizes its input too, ``Int8WeightOnlyConfig(...)`` for one that
+    does not; the config's ``granularity`` in general."""
+    if type(weight).__name__ == "Int8Tensor":
+        config = ("Int8DynamicActivationInt8WeightConfig"
+                  if getattr(weight, "act_quant_kwargs", None) is not None
+                  else "Int8WeightOnlyConfig")
+        return (f"{config}(granularity=PerRow()), the config's default (PerRow from "
+                "torchao.quantization.granularity)")
+    return ("the config's granularity=PerRow() or PerGroup(group_size) in place of PerTensor() "
+            "(torchao.quantization.granularity)")
 
 
 def _attribute(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
