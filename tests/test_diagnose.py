@@ -384,6 +384,140 @@ def test_amplification_is_flagged_at_the_float_sub_that_cancels_the_branches(qua
         == ["sub"]
 
 
+class ResidualBranch(nn.Module):
+    """fc_in -> (branch) -> add -> LayerNorm -> head: a residual stream whose channel 0 is
+    large and which the LayerNorm scales down (gamma 0.01), as BERT's outlier dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(16, 32)
+        self.branch = nn.Linear(32, 32)
+        self.ln = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)
+        return self.head(self.ln(h + self.branch(h)))
+
+
+def test_amplification_is_flagged_where_the_stream_falls_not_on_a_branch_its_add_restores():
+    """MiniLM under quantize_dynamic: the only location flag was on the first op below 20 dB,
+    ``attention.output.dense`` (19.4 dB), whose residual add brings the stream back to 29.5
+    dB (kept float, the model output went from 8.38 to 8.33 dB), while the float output
+    LayerNorms that take the stream from 22.6 to 10.8 dB were never flagged. Here the branch
+    is below the threshold, the add restores the stream, and the LayerNorm drops it 18 dB:
+    the LayerNorm is named, with the drop read by hooks."""
+    torch.manual_seed(0)
+    float_model = ResidualBranch().eval()
+    with torch.no_grad():
+        float_model.fc_in.weight[0] *= 50
+        float_model.fc_in.bias[0] = 20
+        float_model.branch.weight[:, 0] *= 0.01
+        float_model.ln.weight[0] = 0.01
+    quant_model = _dynamic(float_model)
+    data = _data()
+    values: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for side, model in (("float", float_model), ("quant", quant_model)):
+        seen = values[side] = {}
+        handles = [model.branch.register_forward_hook(
+                       lambda m, a, out, seen=seen: seen.setdefault("branch", []).append(
+                           out.detach().double())),
+                   model.ln.register_forward_pre_hook(
+                       lambda m, a, seen=seen: seen.setdefault("add", []).append(
+                           a[0].detach().double())),
+                   model.ln.register_forward_hook(
+                       lambda m, a, out, seen=seen: seen.setdefault("ln", []).append(
+                           out.detach().double()))]
+        with torch.no_grad():
+            for x in data:
+                model(x)
+        for handle in handles:
+            handle.remove()
+    hooked = {name: _sqnr_of(values["float"][name], values["quant"][name])
+              for name in ("branch", "add", "ln")}
+    # the oracle: below 20 dB on the branch, back above at the add, far below at the LayerNorm
+    assert hooked["branch"] < 20 < hooked["add"] and hooked["ln"] < hooked["add"] - 10
+    d = diagnose(float_model, quant_model, data, progress=False)
+    assert d.layer("add").cumulative_sqnr == pytest.approx(hooked["add"], abs=1e-3)
+    ln = d.layer("ln")
+    assert ln.input_sqnr == pytest.approx(hooked["add"], abs=1e-3)
+    assert ln.cumulative_sqnr == pytest.approx(hooked["ln"], abs=1e-3)
+    assert d.first_below == "ln"  # not the branch the add restores
+    assert "amplification" not in [f.code for f in d.layer("branch").flags]
+    flag = next(f for f in ln.flags if f.code == "amplification")
+    drop = hooked["add"] - hooked["ln"]
+    assert f"it amplifies the error it reads {drop:.1f} dB" in str(flag)
+    # the layers before it, named: the quantized ones it reads through the float add
+    assert flag.fix.startswith("keep the layers before it float, `fc_in`, `branch` (")
+    assert d.amplified() == [("ln", pytest.approx(drop, abs=1e-3))]
+
+
+class TwoCancels(nn.Module):
+    """Cancel twice: ``l3(l1(x) - l2(x))``, then ``l4(m1(y) - m2(y))`` on that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.l3 = Cancel(torch.sub), nn.Linear(8, 16)
+        self.m1, self.m2, self.l4 = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            self.m2.weight.copy_(self.m1.weight + 3e-2 * torch.randn_like(self.m1.weight))
+            self.m2.bias.copy_(self.m1.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.l3(self.first(x))
+        return self.l4(torch.sub(self.m1(y), self.m2(y)))
+
+
+def test_amplification_is_flagged_at_every_op_below_the_threshold_that_amplifies():
+    """Two float ``sub``s each cancelling their branches, both below the threshold: only the
+    first was flagged, the second's drop went unsaid. Both drops read by hooks."""
+    torch.manual_seed(0)
+    float_model = TwoCancels().eval()
+    quant_model = _dynamic(float_model)
+    data = _data()
+    values: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for side, model in (("float", float_model), ("quant", quant_model)):
+        seen = values[side] = {}
+
+        def keep(name: str, seen: dict = seen) -> Callable[..., None]:
+            return lambda m, a, out: seen.setdefault(name, []).append(out.detach().double())
+
+        def read(name: str, seen: dict = seen) -> Callable[..., None]:
+            return lambda m, a: seen.setdefault(name, []).append(a[0].detach().double())
+
+        handles = [model.first.l1.register_forward_hook(keep("l1")),
+                   model.first.l2.register_forward_hook(keep("l2")),
+                   model.first.l3.register_forward_pre_hook(read("sub")),
+                   model.m1.register_forward_hook(keep("m1")),
+                   model.m2.register_forward_hook(keep("m2")),
+                   model.l4.register_forward_pre_hook(read("sub_1"))]
+        with torch.no_grad():
+            for x in data:
+                model(x)
+        for handle in handles:
+            handle.remove()
+
+    def sqnr(*names: str) -> float:
+        return _sqnr_of([r for n in names for r in values["float"][n]],
+                        [a for n in names for a in values["quant"][n]])
+
+    drops = {"sub": sqnr("l1", "l2") - sqnr("sub"), "sub_1": sqnr("m1", "m2") - sqnr("sub_1")}
+    threshold = max(sqnr("sub"), sqnr("sub_1")) + 1
+    assert min(drops.values()) > 3  # the oracle: the stream falls at both
+    d = diagnose(float_model, quant_model, data, progress=False, threshold_db=threshold)
+    subs = [x for x in d.layers if x.kind == "sub"]
+    assert [x.cumulative_sqnr for x in subs] == [pytest.approx(sqnr("sub"), abs=1e-3),
+                                                 pytest.approx(sqnr("sub_1"), abs=1e-3)]
+    assert d.first_below == subs[0].call_site
+    for sub, name in zip(subs, ("sub", "sub_1"), strict=True):
+        flag = next(f for f in sub.flags if f.code == "amplification")
+        assert f"it amplifies the error it reads {drops[name]:.1f} dB" in str(flag)
+    assert str(subs[1].flags[0]).startswith(f"`{subs[1].call_site}` is below {threshold:g} dB")
+    assert sorted(d.amplified(), key=lambda item: item[0]) == [
+        (sub.call_site, pytest.approx(drops[name], abs=1e-3))
+        for sub, name in zip(subs, ("sub", "sub_1"), strict=True)]
+
+
 def test_annotate_puts_flags_in_the_report() -> None:
     float_model = _mlp()
     with torch.no_grad():

@@ -34,6 +34,12 @@ form:
   module tree, the values crossing into a region are traced to the op that computed them by
   one float run (:func:`fxnumeric.dataflow.value_sources`); a value the untraced code
   computed (a decoder layer's residual add) has no row, and the op reading it no input SQNR.
+  A residual branch whose ``add`` dilutes its error is not that first op (keeping MiniLM's
+  first ``attention.output.dense``, at 19.4 dB under its add's 29.5, float took the output
+  from 8.38 to 8.33 dB). Every other op that amplifies the error it reads more than 3 dB is
+  flagged too, below the threshold, or above it once the model falls below it somewhere
+  (MiniLM's float output LayerNorms, 22.6 -> 10.8 dB): :meth:`Diagnosis.amplified` ranks
+  them.
 
 A quantize is its reader's. Where an op computes in float and its row holds only the input
 quantize its readers asked for (X86InductorQuantizer's Linear quantizes its input: the row of a
@@ -255,7 +261,9 @@ class Diagnosis:
             is below ``threshold_db``, an op left in float included: where its value is
             measured. An op whose row holds its readers' input quantize
             (:attr:`LayerDiagnosis.rounded_for`) and gets there by that rounding leaves the
-            amplification flag to those readers.
+            amplification flag to those readers. A residual branch whose ``add`` dilutes its
+            error (every reader an ``add`` more than 3 dB above it, whose other input is at
+            the add's SQNR or above) is passed over: the stream does not fall there.
         batches: how many batches were run.
     """
 
@@ -299,6 +307,17 @@ class Diagnosis:
                 return d
         raise InputError(f"no layer {name!r} in this diagnosis")
 
+    def amplified(self) -> list[tuple[str, float]]:
+        """``(call_site, dB)`` of the ops flagged for making the error they read larger,
+        largest first: by how many dB their cumulative SQNR falls below what the values they
+        read carry through them (:attr:`LayerDiagnosis.expected_sqnr` - ``cumulative_sqnr``).
+        On a residual encoder these are the float LayerNorms and activations the stream
+        crosses (MiniLM under quantize_dynamic: its first output LayerNorm, 11.8 dB)."""
+        found = [(d.call_site, d.expected_sqnr - d.cumulative_sqnr) for d in self.layers
+                 if any(f.code == "amplification" for f in d.flags) and _amplifies(d)
+                 and d.expected_sqnr is not None and d.cumulative_sqnr is not None]
+        return sorted(found, key=lambda item: -item[1])
+
     def call_sites(self, module: str) -> list[LayerDiagnosis]:
         """The entries of module path ``module``, in graph order: one per call site, or
         per op of a module that computes several itself."""
@@ -312,6 +331,12 @@ class Diagnosis:
             return notes + "no layer flagged"
         head = (f"NaN/Inf first appears at {self.nonfinite}: the layers after it read poisoned "
                 "values, so none of them is flagged\n" if self.nonfinite else "")
+        amplified = self.amplified()
+        if len(amplified) > 1:
+            head += ("the error grows most at (dB the cumulative SQNR falls beyond what the "
+                     "values read carry): " + ", ".join(f"{site} {drop:.1f}"
+                                                       for site, drop in amplified[:5])
+                     + (" ..." if len(amplified) > 5 else "") + "\n")
         return notes + head + "\n".join(
             f"{d.call_site} ({d.kind}):\n" + "\n".join(f"  - {f}" for f in d.flags)
             for d in self.flagged()
@@ -538,14 +563,77 @@ def _db_below(value: float, threshold: float) -> str:
     return f"{value:.7g}"
 
 
-def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float) -> tuple[Flag, ...]:
+def _flags(d: LayerDiagnosis, first_below: bool, threshold_db: float,
+           stays: bool = True, falls: bool = False, before: tuple[str, ...] = (),
+           ) -> tuple[Flag, ...]:
     """The causes of a quantized layer, then the amplification flag if ``d`` is the first op
-    below the threshold (an op left in float, too). An op holding its readers' input
-    quantize is flagged by :func:`_holder_flags` instead."""
+    below the threshold (an op left in float, too), or another op that amplifies the error
+    it reads (:func:`_amplifies`), not a residual branch its add dilutes (``stays``): below
+    the threshold, or above it in a model whose stream ``falls`` below it somewhere. An op
+    holding its readers' input quantize is flagged by :func:`_holder_flags` instead."""
     flags = _layer_flags(d) if d.quantized else []
-    if first_below and d.cumulative_sqnr is not None:
-        flags.append(_amplification_flag(d, d.cumulative_sqnr, threshold_db))
+    cumulative = d.cumulative_sqnr
+    if cumulative is not None and (first_below or (
+            stays and (cumulative < threshold_db or falls) and _amplifies(d))):
+        flags.append(_amplification_flag(d, cumulative, threshold_db, first_below, before))
     return tuple(flags)
+
+
+def _quantized_before(name: str, reads: dict[str, Any], quantized: Callable[[str], bool],
+                      ) -> list[str]:
+    """The quantized ops whose values the op ``name`` reads directly or through one op left
+    in float, in reading order: what keeping "the layers before it" float means for an op
+    that computes in float (MiniLM's output LayerNorm reads ``output.dense`` through the
+    residual ``add``; kept float, the model output goes from 8.38 to 9.88 dB under
+    quantize_dynamic, 15.07 to 22.54 dB under torchao)."""
+    found: list[str] = []
+    for source in reads[name].ops:
+        step = [source] if quantized(source) else [
+            n for n in reads[source].ops if quantized(n)]
+        found += [n for n in step if n not in found]
+    return found
+
+
+def _amplifies(d: LayerDiagnosis) -> bool:
+    """Whether ``d`` makes the error it reads larger relative to its output by more than
+    :data:`_AMPLIFIED_DB`, beyond what it costs by nature (:attr:`LayerDiagnosis.
+    expected_sqnr`) and beyond its own error: a float LayerNorm taking MiniLM's residual
+    stream from 22.6 to 10.8 dB."""
+    amp, cumulative, expected = d.amplification, d.cumulative_sqnr, d.expected_sqnr
+    return (amp is not None and amp > _AMPLIFIED_DB and d.stray is None
+            and d.input_sqnr is not None and expected is not None and cumulative is not None
+            and expected - cumulative > _AMPLIFIED_DB)
+
+
+def _restored_branches(layers: list[str], reads: dict[str, Any], sums: dict[str, _Sums],
+                       kinds: dict[str, str]) -> set[str]:
+    """The ops on a residual branch whose add dilutes their error: every op reading their
+    value is an ``add`` more than :data:`_AMPLIFIED_DB` above them whose other input (the
+    residual stream: another op, or a model input) is at the add's cumulative SQNR or above.
+    Such an op is not where the stream falls (MiniLM under quantize_dynamic: its first
+    ``attention.output.dense`` at 19.4 dB, its add at 29.5; kept float, the model output goes
+    from 8.38 to 8.33 dB; under torchao, ``layer.3.attention.output.dense`` at 13.8 dB, its
+    add at 19.8, kept float 15.07 -> 15.05 dB): the add is. Two branches added (neither of
+    them the stream) are not."""
+    def cumulative(name: str) -> float | None:
+        s = sums[name]
+        return db(s.cum_signal, s.cum_noise) if s.cum_calls else None
+
+    def dilutes(add: str, branch: float, name: str) -> bool:
+        at = cumulative(add)
+        if kinds[add] != "add" or at is None or at - branch <= _AMPLIFIED_DB:
+            return False
+        return bool(reads[add].model_inputs) or any(
+            (c := cumulative(other)) is not None and c >= at
+            for other in reads[add].ops if other != name)
+
+    readers: dict[str, list[str]] = {}
+    for name in layers:
+        for source in reads[name].ops:
+            readers.setdefault(source, []).append(name)
+    return {name for name, by in readers.items()
+            if (branch := cumulative(name)) is not None
+            and all(dilutes(add, branch, name) for add in by)}
 
 
 def _layer_flags(d: LayerDiagnosis, reader: str | None = None) -> list[Flag]:
@@ -726,11 +814,23 @@ _PRODUCTS = ("mul", "matmul", "div")
 """Op kinds whose output's relative error is the sum of their inputs' (to first order)."""
 
 
-def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: float) -> Flag:
+def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: float,
+                        first: bool = True, before: tuple[str, ...] = ()) -> Flag:
     """Why the first op below the threshold (``cumulative``: its cumulative SQNR) is there:
-    its own error, or the error it reads made larger relative to its output."""
-    head = (f"`{d.call_site}` is the first op where the cumulative SQNR "
-            f"({_db_below(cumulative, threshold_db)} dB) is below {threshold_db:g} dB")
+    its own error, or the error it reads made larger relative to its output; for another op
+    below it (not ``first``), that it makes the error it reads larger (:func:`_amplifies`).
+    ``before``: the quantized layers an op left in float reads through at most one float op
+    (:func:`_quantized_before`), named in its fix."""
+    if first:
+        head = (f"`{d.call_site}` is the first op where the cumulative SQNR "
+                f"({_db_below(cumulative, threshold_db)} dB) is below {threshold_db:g} dB")
+    elif cumulative < threshold_db:
+        head = (f"`{d.call_site}` is below {threshold_db:g} dB (cumulative SQNR "
+                f"{_db_below(cumulative, threshold_db)} dB)")
+    else:  # on the way to the first op below the threshold: its drop is carried there
+        head = (f"`{d.call_site}` is above {threshold_db:g} dB (cumulative SQNR "
+                f"{cumulative:.1f} dB), but the error it makes larger here is carried to "
+                f"where the model falls below {threshold_db:g} dB")
     amp, local, read, expected = d.amplification, d.local_sqnr, d.input_sqnr, d.expected_sqnr
     inputs = ", ".join(d.inputs)
     product = ""
@@ -781,8 +881,11 @@ def _amplification_flag(d: LayerDiagnosis, cumulative: float, threshold_db: floa
         fix = ("keep this layer or the ones before it float (fxnumeric.advise), or cross-layer "
                "equalization")
     else:
-        fix = (f"keep the layers before it float (fxnumeric.advise; `{d.call_site}` computes in "
-               "float already), so that the values it reads carry less error"
+        named = (", " + ", ".join(f"`{n}`" for n in before) + " (the quantized layers it "
+                 "reads through at most one float op; fxnumeric.advise measures which help; "
+                 if before else " (fxnumeric.advise; ")
+        fix = (f"keep the layers before it float{named}`{d.call_site}` computes in float "
+               "already), so that the values it reads carry less error"
                + ("; or rewrite the model so that it does not subtract nearly equal quantized "
                   "values" if d.kind in _CANCELLING else ""))
     return Flag("amplification", head + why, fix)
@@ -994,6 +1097,13 @@ def diagnose(
         ops_at.setdefault(path, set()).add(op_name(name))
     sites = {name: name if len(ops_at[path]) > 1 else path + name[len(op_name(name)):]
              for name, path in paths.items()}  # LayerDiagnosis.call_site
+    restored = _restored_branches(layers, reads, sums, kinds)
+    # once the stream falls below the threshold somewhere, every op on the way that made the
+    # error it reads larger is flagged too, above the threshold as well: each such drop is
+    # carried to the output (torchao MiniLM: its output LayerNorms lose 6.6, 4.7 and 8.2 dB
+    # at 31-37 dB, and its first output.dense kept float lifts the output 15.1 -> 22.5 dB)
+    falls = any(n not in restored and sums[n].cum_calls
+                and db(sums[n].cum_signal, sums[n].cum_noise) < threshold_db for n in layers)
     diagnosed: list[LayerDiagnosis] = []
     first_below = nonfinite = None
     handed: dict[str, list[Flag]] = {}  # by reader: the flags its input quantize's row gave
@@ -1052,8 +1162,11 @@ def diagnose(
             nonfinite = d.call_site
             diagnosed.append(dataclasses.replace(d, flags=(poisoned,)))
             continue
+        # a residual branch whose add dilutes its error is not where the model's values fall
+        # below the threshold (MiniLM's attention.output.dense at 19.4 dB, its add at 29.5
+        # dB: keeping it float took the output from 8.38 to 8.33 dB); its add is
         is_first = (first_below is None and d.cumulative_sqnr is not None
-                    and d.cumulative_sqnr < threshold_db)
+                    and d.cumulative_sqnr < threshold_db and name not in restored)
         if is_first:
             first_below = d.call_site
         if d.rounded_for:  # what its row measures is its readers' input quantize: theirs
@@ -1062,7 +1175,9 @@ def diagnose(
                 handed.setdefault(reader, []).append(flag)
             diagnosed.append(dataclasses.replace(d, flags=tuple(own)))
         else:
-            diagnosed.append(dataclasses.replace(d, flags=_flags(d, is_first, threshold_db)))
+            diagnosed.append(dataclasses.replace(
+                d, flags=_flags(d, is_first, threshold_db, name not in restored, falls, tuple(
+                    sites[n] for n in _quantized_before(name, reads, quantized.__contains__)))))
         clean.add(d.call_site)
     # the flags measured in the row holding a reader's input quantize go on the reader's entry
     # (a reader after the first NaN/Inf is left unflagged, as every layer there is)
