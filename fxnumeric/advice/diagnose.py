@@ -539,7 +539,7 @@ _PT2E_PER_CHANNEL = (
 
 def _per_channel_setting(module: Any) -> str:
     """What quantizes the weights of the quantized ``module`` per channel in the flow it came
-    from (``None``: a functional op of an exported graph, pt2e)."""
+    from; ``module`` ``None``: a functional op of an exported graph (pt2e)."""
     if module is None:
         return _PT2E_PER_CHANNEL
     weight = getattr(module, "weight", None)
