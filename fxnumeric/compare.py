@@ -20,7 +20,7 @@ import itertools
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,6 +242,9 @@ class _ShadowMetrics(Logger):
         self.floor = floor
         self.takes_inputs = floor is not None  # the shadow hands over what it read
         self.reads_at_call = acc.kept is None
+        # a large Linear's shadow may come a block of rows at a time (RowShadow): sums add
+        # up over rows; kept tensors and custom metrics (a mean per call) do not
+        self.takes_rows = acc.additive and (floor is None or floor.adds_over_rows)
 
     def forward(self, x: Any, y: Any, *inputs: Any) -> None:  # type: ignore[override]
         quant, ref = first_output(x), first_output(y)
@@ -253,6 +256,29 @@ class _ShadowMetrics(Logger):
             if floor.grid is None and isinstance(quant, torch.Tensor) and quant.is_quantized:
                 floor.grid = QuantGrid.of(quant)  # the output step the op itself produced
             floor.update(actual, ref, inputs)
+
+    def observe_rows(self, x: torch.Tensor, blocks: Iterator[tuple[int, torch.Tensor]],
+                     *inputs: Any) -> None:
+        """Compare quantized output ``x`` with its float twin given a block of rows at a time
+        (:class:`fxnumeric.instrument.graph.RowShadow`): one batch of the accumulator, the
+        floor's input read once, its output sums added block by block."""
+        actual, energy = self.value.get(x)
+        floor = self.floor
+        if floor is not None:
+            if floor.grid is None and x.is_quantized:
+                floor.grid = QuantGrid.of(x)
+            floor.update_input(inputs)
+        rows = actual.flatten(0, -2)
+
+        def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for start, ref in blocks:
+                part = rows[start:start + ref.shape[0]]
+                if floor is not None:
+                    floor.update_output(part, ref)
+                yield ref, part
+                del ref, part  # before the next block is computed
+
+        self.acc.update_rows(pairs(), actual_energy=energy)
 
 
 MetricSpec = Iterable[str | MetricFn] | dict[str, MetricFn] | None

@@ -289,18 +289,26 @@ class FloorSums:
     live tap of nine, and its weight noise read 9 times too much (floor 31.7 dB against 35.2
     measured)."""
 
+    @property
+    def adds_over_rows(self) -> bool:
+        """Whether an output's sums may be taken a block of rows at a time
+        (:meth:`update_output`): its channels are its last dim at any rank (a linear's), so
+        the rows (the leading dims, flattened) are what the per-channel error sums over."""
+        return all(output_channel_dim(self.kind, n) == n - 1 for n in range(2, 6))
+
     def update(self, quant: torch.Tensor, ref: torch.Tensor, inputs: tuple[Any, ...]) -> None:
         """Add one call: ``quant`` (dequantized, as the shadow metrics read it) against the
         float twin ``ref``; ``inputs[0]`` is the activation the layer read."""
+        self.update_input(inputs)
+        self.update_output(quant, ref)
+
+    def update_input(self, inputs: tuple[Any, ...]) -> None:
+        """Add the input of one call (``inputs[0]``, the activation the layer read): its
+        energy, and the steps a per-call quantize of it took. Read on the whole input: a
+        per-tensor dynamic step is the range of the whole."""
         # read in the values' own precision, summed as metrics sum (fxnumeric.metrics.energy):
         # float64 copies of the output, its twin and their error (and of the input) made
         # this a third of compare on mobilenet_v2
-        if self.grid is not None:
-            low, high = self.grid.bounds()
-            lo, hi = aminmax(ref)
-            if lo < low or hi > high:
-                wide = _wide(ref)
-                self.clip_noise += energy(wide - wide.clamp(low, high))
         if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
             x = inputs[0].detach()
             taps = _tap_energy(x, self.window) if self.window is not None else None
@@ -312,6 +320,19 @@ class FloorSums:
                 self.input_count += x.numel()
             if self.dynamic is not None and x.numel():
                 self.input_steps += _input_steps(x, *self.dynamic)
+
+    def update_output(self, quant: torch.Tensor, ref: torch.Tensor) -> None:
+        """Add the output of one call, or of a block of its rows (a Linear's shadow computed
+        a block at a time, :class:`fxnumeric.instrument.graph.RowShadow`): every sum here is
+        over output values (the clipping's noise), or over the dims other than the channel's
+        (the signed error per channel, the last dim of a linear's), so the blocks' sums are
+        the whole's, up to the order of additions."""
+        if self.grid is not None:
+            low, high = self.grid.bounds()
+            lo, hi = aminmax(ref)
+            if lo < low or hi > high:
+                wide = _wide(ref)
+                self.clip_noise += energy(wide - wide.clamp(low, high))
         if quant.shape == ref.shape and ref.dim() >= 2 and not self.channels_differ:
             # a signed sum per output channel over the other dims (torch sums float32
             # pairwise: relative 1e-8 here)

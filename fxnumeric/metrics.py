@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError, InternalError
+
 __all__ = [
     "sqnr", "cosine", "mse", "max_abs_error", "MetricFn", "Accumulator", "BUILTIN_METRICS",
     "prepare_actual", "Spread", "AccumulatorState", "WelfordState", "aminmax",
@@ -544,6 +546,28 @@ def _discrete(x: torch.Tensor) -> bool:
     return not (x.is_floating_point() or x.is_complex() or x.is_quantized)
 
 
+@dataclass(frozen=True)
+class _Sums:
+    """One update's sums (:meth:`Accumulator.update`): every field but the error's range
+    is a sum over the values, so the sums of blocks of a tensor add up to the whole's."""
+
+    signal: float
+    noise: float
+    actual_energy: float
+    dot: float
+    count: int
+    low: float
+    """The smallest error (``ref - actual``), the largest below: ``max_abs`` reads both."""
+    high: float
+
+    def plus(self, other: _Sums) -> _Sums:
+        """Both blocks' sums (NaN wins the range, as ``max_abs`` keeps it)."""
+        return _Sums(self.signal + other.signal, self.noise + other.noise,
+                     self.actual_energy + other.actual_energy, self.dot + other.dot,
+                     self.count + other.count, _min_nan(self.low, other.low),
+                     _max_nan(self.high, other.high))
+
+
 class Accumulator:
     """Running sums for the built-in metrics plus per-batch means of user metrics.
 
@@ -621,7 +645,58 @@ class Accumulator:
         ref, actual = _both_complex(ref, actual)
         if self.kept is not None:
             self.kept.append((ref.detach(), actual.detach()))
-        self.batches += 1
+        self._add(self._sums(ref, actual, actual_energy))
+        for name, fn in self.custom.items():
+            try:
+                self.custom_sums[name] += float(fn(_as_float(ref, torch.float64),
+                                                   _as_float(actual, torch.float64)))
+            except Exception as exc:
+                raise InputError(
+                    f"custom metric {name!r} failed: {type(exc).__name__}: {exc}; a metric is "
+                    "called as fn(ref, actual) with float64 tensors and returns a float"
+                ) from exc
+
+    @property
+    def additive(self) -> bool:
+        """Whether one batch's sums can be taken a block of values at a time
+        (:meth:`update_rows`): no custom metric (its value is a mean of per-update values, not
+        a sum) and no kept tensors (a block is not the value a caller keeps)."""
+        return not self.custom and self.kept is None
+
+    def update_rows(self, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                    actual_energy: float | None = None) -> None:
+        """Add one batch given as ``(ref, actual)`` blocks of its values: the rows of a large
+        Linear's output, its float twin computed a block of rows at a time (no float output
+        the size of the whole is ever made, :class:`fxnumeric.instrument.graph.RowShadow`).
+
+        The batch counts once, as one :meth:`update` of the whole would; its sums are the
+        blocks' sums added (energies, the dot product, the value count: sums over values),
+        its largest error the blocks' largest, equal to the whole's up to the order of float64
+        additions. Each block is read before the next is asked for. ``actual_energy``: the
+        whole actual tensor's, when :func:`prepare_actual` summed it already. Only for an
+        :attr:`additive` accumulator, on floating blocks of one shape per pair.
+        """
+        if not self.additive:
+            raise InternalError("update_rows sums blocks: an accumulator with custom metrics "
+                                "or kept tensors needs the whole tensors (update)")
+        total: _Sums | None = None
+        for ref, actual in blocks:
+            if ref.shape != actual.shape or _discrete(ref) or _discrete(actual):
+                raise InternalError(f"update_rows reads floating blocks of one shape, got "
+                                    f"{tuple(ref.shape)} and {tuple(actual.shape)}")
+            sums = self._sums(ref, actual, None)
+            total = sums if total is None else total.plus(sums)
+            del ref, actual, sums  # the block's values go before the next block is made
+        if total is None:
+            return
+        if actual_energy is not None:
+            total = _Sums(total.signal, total.noise, actual_energy, total.dot, total.count,
+                          total.low, total.high)
+        self._add(total)
+
+    def _sums(self, ref: torch.Tensor, actual: torch.Tensor, actual_energy: float | None
+              ) -> _Sums:
+        """The sums of one ``(ref, actual)`` pair of one shape, as :meth:`update` adds them."""
         if _chunked(ref) and _chunked(actual) and not ref.is_complex():
             signal, noise, own_energy, low, high = self._chunk_sums(
                 ref, actual, actual_energy is None)
@@ -634,7 +709,14 @@ class Accumulator:
                 err = torch.linalg.vector_norm(err, dim=-1)
             low, high = aminmax(err) if err.numel() else (0.0, 0.0)  # in memory order
         if actual_energy is None:
-            actual_energy = own_energy
+            actual_energy = own_energy if own_energy is not None else 0.0  # summed when asked
+        dot = _dot(ref, actual, signal, actual_energy, noise, self.precision)
+        return _Sums(signal, noise, actual_energy, dot, ref.numel(), low, high)
+
+    def _add(self, sums: _Sums) -> None:
+        """Add one update's sums (a batch, or a call of a module called several times in it)."""
+        self.batches += 1
+        signal, noise, actual_energy = sums.signal, sums.noise, sums.actual_energy
         if not all(math.isfinite(v) for v in (signal, noise, actual_energy)):
             self.nonfinite_batches += 1  # NaN/Inf propagate into the sums: the metrics say so
             self.ref_nonfinite += not math.isfinite(signal)
@@ -644,24 +726,14 @@ class Accumulator:
         self._batch_updates += 1
         self.signal += signal
         self.noise += noise
-        self.dot += _dot(ref, actual, signal, actual_energy, noise, self.precision)
+        self.dot += sums.dot
         self.actual_energy += actual_energy
-        self.count += ref.numel()
-        if ref.numel():
+        self.count += sums.count
+        if sums.count:
+            low, high = sums.low, sums.high
             batch_max = math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
             nan = math.isnan(batch_max) or math.isnan(self.max_abs)
             self.max_abs = math.nan if nan else max(self.max_abs, batch_max)
-        for name, fn in self.custom.items():
-            try:
-                self.custom_sums[name] += float(fn(_as_float(ref, torch.float64),
-                                                   _as_float(actual, torch.float64)))
-            except Exception as exc:
-                from .errors import InputError
-
-                raise InputError(
-                    f"custom metric {name!r} failed: {type(exc).__name__}: {exc}; a metric is "
-                    "called as fn(ref, actual) with float64 tensors and returns a float"
-                ) from exc
 
     def _chunk_sums(self, ref: torch.Tensor, actual: torch.Tensor, actual_energy: bool
                     ) -> tuple[float, float, float | None, float, float]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,8 @@ from ..semantics import (
 from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
-           "reads_at_call", "StandIns", "stand_ins", "behind_quantize", "carried_op"]
+           "reads_at_call", "StandIns", "stand_ins", "behind_quantize", "carried_op",
+           "RowShadow", "ROW_BLOCK"]
 
 
 @fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
@@ -502,6 +503,9 @@ class GraphCopy:
                 # the copy writes into its input, which may be the quantized graph's own tensor
                 env[float_node] = emit(lambda d=env[float_node]: graph.call_method("clone", (d,)))
         copied: dict[str, str] = {}
+        # a large Linear's output, for an observer that sums it by rows: a block at a time
+        by_rows = (_row_linear(float_view, [n for n in nodes if n not in env])
+                   if getattr(observer, "takes_rows", False) else None)
         for n in nodes:
             if n in env:  # a model input, read as the quantized graph has it
                 continue
@@ -522,20 +526,116 @@ class GraphCopy:
                 if local is None:
                     local = copied[str(n.target)] = f"m{len(copied)}"
                     holder.add_module(local, shadow_copy(float_view.modules[n.target]))
+                if n is by_rows:  # run by the observer's call below
+                    holder.add_module("rows", RowShadow(observer, holder.get_submodule(local)))
+                    continue
                 env[n] = emit(lambda n=n, local=local: graph.create_node(
                     "call_module", f"{prefix}.{local}",
                     fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)))
+            elif n is by_rows:
+                holder.add_module("rows", RowShadow(observer, n.target))
             else:
                 env[n] = emit(lambda n=n: graph.node_copy(n, env.__getitem__))
         logged = anchor
         if self._overwritten(anchor, observer):
             logged = emit(lambda: graph.call_function(copy_values, (anchor,)))
         holder.add_module("logger", observer)
-        logger = emit(lambda: graph.get_attr(f"{prefix}.logger"))
         # an observer that asks for them also gets the (dequantized) values the shadow read
         extra = tuple(env[f] for f in inputs) if getattr(observer, "takes_inputs", False) else ()
-        emit(lambda: graph.call_function(observe_call, (logger, logged, env[nodes[-1]], *extra),
+        if by_rows is None:  # observer(quantized output, float output, *inputs)
+            called, values = "logger", (env[nodes[-1]],)
+        else:  # the RowShadow runs the Linear on the arguments it reads (its input first)
+            called = "rows"
+            values = (fx.map_arg(by_rows.args, env.__getitem__),
+                      fx.map_arg(by_rows.kwargs, env.__getitem__))
+        target = emit(lambda: graph.get_attr(f"{prefix}.{called}"))
+        emit(lambda: graph.call_function(observe_call, (target, logged, *values, *extra),
                                          {"where": f"the shadow of {self._where(anchor)}"}))
+
+
+ROW_BLOCK = 1 << 22
+"""Values of a one-Linear shadow's output past which it is computed a block of rows at a time
+(:class:`RowShadow`; as many values per block at most, one row at least): 16 MiB in float32,
+as :mod:`fxnumeric.metrics` sums a large tensor a chunk at a time."""
+
+_LINEAR_FUNCTIONS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
+def _row_linear(view: GraphView, ops: list[fx.Node]) -> fx.Node | None:
+    """The one node of a shadow (``ops``: its nodes but the inputs it reads) if it is a
+    Linear reading its input positionally (``nn.Linear``'s own forward, ``F.linear``, ATen's
+    ``linear``): each row of its output reads the same row of its input alone, so its output
+    can be computed a block of rows at a time; else ``None``."""
+    ops = [n for n in ops if n.op != "get_attr"]
+    if len(ops) != 1 or not ops[0].args:
+        return None
+    node = ops[0]
+    if node.op == "call_module":
+        module = view.modules.get(str(node.target))
+        linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    else:
+        linear = node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+    return node if linear else None
+
+
+class RowShadow(nn.Module):
+    """A one-Linear shadow that computes its float output a block of rows at a time, for an
+    observer whose sums add up over blocks of rows (:meth:`GraphCopy.shadow`).
+
+    The float twin of a quantized ``lm_head`` otherwise makes a third logits-sized tensor
+    (512 tokens x 49152 words: 96 MiB in float32; 1 GiB for Llama-3's 128256 words x 2048
+    tokens) while the float and quantized logits are alive: the peak of compare on an LLM.
+    Past :data:`ROW_BLOCK` values, the input's leading dims are read as rows and the Linear
+    runs on :data:`ROW_BLOCK` values' worth of them at a time; each block of output goes to
+    the observer and is dropped before the next is computed.
+
+    Called (by :func:`observe_call`) as ``rows(quantized_output, linear_args, linear_kwargs,
+    *inputs)``. The observer, which must have a true ``takes_rows`` attribute, is then called
+    as ``observer.observe_rows(quantized_output, blocks, *inputs)``, ``blocks`` yielding
+    ``(first row, float output block)`` in order, its rows those of
+    ``quantized_output.flatten(0, -2)`` from that row on; below the bound (or when the
+    quantized output's rows are not the input's) as any shadow observer,
+    ``observer(quantized_output, float_output, *inputs)``.
+    """
+
+    def __init__(self, observer: nn.Module, linear: Callable[..., Any]) -> None:
+        super().__init__()
+        self.observer = observer
+        self.linear = linear  # an nn.Linear (a submodule), or F.linear / aten.linear
+
+    def forward(self, quant: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                *inputs: Any) -> None:
+        rows = _block_rows(quant, args, self._out_features(args, kwargs))
+        if not rows:
+            self.observer(quant, self.linear(*args, **kwargs), *inputs)
+            return
+        self.observer.observe_rows(quant, self._blocks(rows, args, kwargs), *inputs)
+
+    def _out_features(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        weight = (self.linear.weight if isinstance(self.linear, nn.Module)
+                  else args[1] if len(args) > 1 else kwargs.get("weight"))
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+            else None
+
+    def _blocks(self, rows: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+        x, rest = args[0], args[1:]
+        flat = x.reshape(-1, x.shape[-1])
+        for start in range(0, flat.shape[0], rows):
+            yield start, self.linear(flat[start:start + rows], *rest, **kwargs)
+
+
+def _block_rows(quant: Any, args: tuple[Any, ...], out_features: int | None) -> int:
+    """Rows per block of a Linear's output past :data:`ROW_BLOCK` values; 0 to compute it
+    whole: a small output, or a quantized output whose rows are not its input's (the
+    observer then reads a shape mismatch, as it would unchunked)."""
+    x = args[0] if args else None
+    if (not isinstance(quant, torch.Tensor) or not isinstance(x, torch.Tensor)
+            or not (quant.is_floating_point() or quant.is_quantized)
+            or quant.numel() <= ROW_BLOCK or x.dim() < 2 or quant.shape[:-1] != x.shape[:-1]
+            or out_features != quant.shape[-1]):
+        return 0
+    return max(1, ROW_BLOCK // out_features)
 
 
 def _returned(output: fx.Node, values: list[fx.Node]) -> bool:
