@@ -67,7 +67,10 @@ ShadowObserver = Callable[[Pair], nn.Module]
 """Called once per pair name as ``make(pair)``; the observer is then called as
 ``observer(quantized_output, float_shadow_output)``, or, if it has a true ``takes_inputs``
 attribute, ``observer(quantized_output, float_shadow_output, *inputs)`` with the dequantized
-values the shadow read (a layer's activation first)."""
+values the shadow read (a layer's activation first). One with a true ``takes_rows`` attribute
+may instead be called as ``observer.observe_rows(quantized_output, blocks, *inputs)`` when the
+shadow is one large Linear, computed a block of rows at a time
+(:class:`~fxnumeric.instrument.graph.RowShadow`)."""
 
 # Each instrumented GraphModule's loggers by pair name, for loggers_of (weak: the registry
 # never keeps a model alive, and nothing is stored on the model itself).

@@ -600,16 +600,17 @@ class RowShadow(nn.Module):
 
     def __init__(self, observer: nn.Module, linear: Callable[..., Any]) -> None:
         super().__init__()
-        self.observer = observer
+        self.observers = [observer]  # a list: held as the shadow's `logger`, not twice
         self.linear = linear  # an nn.Linear (a submodule), or F.linear / aten.linear
 
     def forward(self, quant: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 *inputs: Any) -> None:
         rows = _block_rows(quant, args, self._out_features(args, kwargs))
+        observer = self.observers[0]
         if not rows:
-            self.observer(quant, self.linear(*args, **kwargs), *inputs)
+            observer(quant, self.linear(*args, **kwargs), *inputs)
             return
-        self.observer.observe_rows(quant, self._blocks(rows, args, kwargs), *inputs)
+        observer.observe_rows(quant, self._blocks(rows, args, kwargs), *inputs)
 
     def _out_features(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         weight = (self.linear.weight if isinstance(self.linear, nn.Module)
