@@ -20,7 +20,15 @@ comes from clipping says which way.
 
 A layer that quantizes its float input inside the op, per call (torch's int8 dynamic modules:
 the whole input over 127 steps; torchao's dynamic-activation configs: each token over 255) adds
-the input's rounding through its weights: ``Σ_calls Σ_tokens Δ_x² / 12 · ‖W‖²``.
+the input's rounding through its weights: ``Σ_calls Σ_tokens Δ_x² / 12 · ‖W‖²``. One that rounds
+it on a grid fixed at conversion (torchao's ``Int8StaticActivationInt8WeightConfig``) adds each
+input value's own error on that grid (rounding, and clipping beyond it), ``Σ e²``, through the
+weights' mean column energy ``‖W‖² / fan_in``.
+
+A layer that multiplies its input by a factor per input channel inside the op, its stored weight
+divided by it (torchao's ``act_pre_scale``: SmoothQuant, AWQ), is a layer whose quantized op
+reads that scaled input with that stored weight: its floor is computed in that frame (the
+input's energy and rounding read on the scaled input; the weight's energy on the stored one).
 
 A recurrent layer (torch's dynamic LSTM, GRU or a cell) has no floor: its output is a
 nonlinear recurrence of its gates, not a linear map of its weights, so this noise model does
@@ -158,6 +166,10 @@ def layer_weight_steps(region: Any, pair: Any, read: torch.Tensor | None = None,
                 same = read is not None and read.shape == weight.shape
                 values = read if same else flows.comparable_weight(weight)
                 values = values.dequantize() if values.is_quantized else values
+                scale = flows.input_scale(module)
+                if scale is not None:  # the weight the op stores: the one it reads, unscaled
+                    values = values / scale.reshape(1, -1, *([1] * (values.dim() - 2))) \
+                        if scale.numel() > 1 else values / scale.reshape(())
                 fan_in = math.prod(weight.shape[1:])  # subclasses index no row (torchao)
                 return float(steps.mean()), fan_in, _energy64(values)
     return _functional_steps(region, pair)
@@ -221,6 +233,8 @@ class FloorState:
     channels_differ: bool = False
     """Batches gave outputs of different channel counts: no per-channel offset is measured
     (:meth:`FloorSums.update`)."""
+    ranged_steps: float = 0.0
+    """:attr:`FloorSums.ranged_steps`."""
 
     def __post_init__(self) -> None:
         # on the CPU whatever device the layer ran on: a pickled CUDA tensor comes back on
@@ -246,7 +260,8 @@ class FloorState:
         return FloorState(self.clip_noise + other.clip_noise,
                           self.input_energy + other.input_energy,
                           self.input_count + other.input_count,
-                          self.input_steps + other.input_steps, error, count, differ)
+                          self.input_steps + other.input_steps, error, count, differ,
+                          ranged_steps=self.ranged_steps + other.ranged_steps)
 
 
 _CHUNK = 1 << 20
@@ -270,13 +285,20 @@ class FloorSums:
     """
 
     grid: QuantGrid | None = None
-    dynamic: tuple[str, float] | None = None
-    """How the layer quantizes its input per call (:func:`fxnumeric.ops.dynamic_input`)."""
+    dynamic: tuple[Any, ...] | None = None
+    """How the layer rounds its input inside the op (:func:`fxnumeric.ops.dynamic_input`)."""
+    input_scale: torch.Tensor | None = None
+    """A factor per input channel the layer multiplies its input by before its quantized op
+    (:func:`fxnumeric.flows.input_scale`): the input the sums read is scaled by it."""
     clip_noise: float = 0.0
     input_energy: float = 0.0
     input_count: int = 0
     input_steps: float = 0.0
     """Σ over calls and tokens of the squared step the input was quantized with."""
+    ranged_steps: float = 0.0
+    """For an input rounded on a fixed grid: what ``input_steps`` would be on a grid of as
+    many steps over each call's own range (``±max|x|``), to tell a fixed scale that fits
+    the values from one that does not."""
     channel_error: torch.Tensor | None = None
     channel_count: int = 0
     channels_differ: bool = False
@@ -310,7 +332,7 @@ class FloorSums:
         # float64 copies of the output, its twin and their error (and of the input) made
         # this a third of compare on mobilenet_v2
         if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
-            x = inputs[0].detach()
+            x = _scaled(inputs[0].detach(), self.input_scale)
             taps = _tap_energy(x, self.window) if self.window is not None else None
             if taps is not None:
                 self.input_energy += taps[0]
@@ -320,6 +342,10 @@ class FloorSums:
                 self.input_count += x.numel()
             if self.dynamic is not None and x.numel():
                 self.input_steps += _input_steps(x, *self.dynamic)
+                if self.dynamic[0] == "fixed":
+                    low, high = self.dynamic[2:]
+                    levels = (high - low) / self.dynamic[1] - 1
+                    self.ranged_steps += _input_steps(x, "tensor-symmetric", levels)
 
     def update_output(self, quant: torch.Tensor, ref: torch.Tensor) -> None:
         """Add the output of one call, or of a block of its rows (a Linear's shadow computed
@@ -365,7 +391,7 @@ class FloorSums:
             setattr(self, f.name, getattr(state, f.name))
 
     def input_noise(self, weight_energy: float | None) -> float:
-        """The output noise of the input's own per-call quantization, through the weights."""
+        """The output noise of the input's own rounding inside the op, through the weights."""
         if not self.input_steps or weight_energy is None:
             return 0.0
         return self.input_steps * weight_energy / 12
@@ -451,14 +477,38 @@ def _coverage(length: int, kernel: int, stride: int, padding: Any, dilation: int
     return cover, outputs
 
 
-def _input_steps(x: torch.Tensor, granularity: str, levels: float) -> float:
-    """Σ over the tokens of ``x`` of the squared step it is quantized with (the maxima read
-    in ``x``'s dtype, exactly; the steps in float64)."""
+def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x`` times a factor per channel of its last dim (or one factor), as a linear's op
+    scales its input (torchao's ``act_pre_scale``); ``x`` when ``scale`` fits no such dim."""
+    if scale is None or (scale.numel() != 1 and scale.numel() != x.shape[-1]):
+        return x
+    return x * scale.to(device=x.device, dtype=x.dtype).reshape(-1)
+
+
+def _input_steps(x: torch.Tensor, granularity: str, levels: float, *fixed: float) -> float:
+    """Σ over the tokens of ``x`` of the squared step it is rounded with (the maxima read
+    in ``x``'s dtype, exactly; the steps in float64), for a granularity of
+    :func:`fxnumeric.ops.dynamic_input`. On a fixed grid (``("fixed", step, low, high)``:
+    ``levels`` is the step) each value's own rounding and clipping error ``e`` is known, and
+    counts as ``12 e² / fan_in`` (the term is read through the weight's energy over 12,
+    :meth:`FloorSums.input_noise`: ``‖W‖² / fan_in`` is its mean column's)."""
+    rows = x.reshape(-1, x.shape[-1])
     if granularity == "token":
-        rows = x.reshape(-1, x.shape[-1])
         return float(((2 * rows.abs().amax(dim=1).double()) / levels).square().sum())
+    if granularity == "token-range":
+        low = rows.amin(dim=1).clamp(max=0).double()
+        high = rows.amax(dim=1).clamp(min=0).double()
+        return float(((high - low) / levels).square().sum())
+    if granularity == "fixed":  # the grid is known: each value's own error, exactly
+        low, high = fixed
+        wide = _wide(rows)
+        integers = (wide / levels).round().clamp(round(low / levels + 0.5),
+                                                 round(high / levels - 0.5))
+        return 12 * energy(wide - integers * levels) / x.shape[-1]
+    tokens = rows.shape[0]
+    if granularity == "tensor-symmetric":
+        return tokens * (2 * float(x.abs().max()) / levels) ** 2
     low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    tokens = x.numel() // x.shape[-1]
     return tokens * ((high - low) / levels) ** 2
 
 
@@ -522,7 +572,9 @@ class FloorVerdict:
             otherwise: its error exceeds what its steps allow), ``"clipping"`` (not below,
             but most of what its floor allows is clipping: its output range is too narrow) or
             ``"coarse"`` (not below: its output step is coarser than its values, which round
-            to zero or near it);
+            to zero or near it) or ``"input"`` (not below, but most of what its floor allows is
+            its input's rounding and clipping on a grid fixed at conversion: a static
+            activation scale, too coarse or too narrow for the values);
             ``""`` when its floor is rounding (more bits, not a fix, would help).
         text: one sentence for a person.
     """
@@ -533,7 +585,8 @@ class FloorVerdict:
 
 
 def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float = 0.0,
-          offset_share: float = 0.0, coarse: str = "") -> FloorVerdict | None:
+          offset_share: float = 0.0, coarse: str = "", fixed_input: str = "",
+          ) -> FloorVerdict | None:
     """Place a layer against its floor; ``None`` when either number is missing, NaN, or the
     shadow SQNR is ``-inf`` (Inf in the quantized output, or no float signal: a gap from that
     measures no scale, and the report says where NaN/Inf appears instead).
@@ -546,6 +599,8 @@ def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float =
             channel explains.
         coarse: when its output step is too coarse for its values (its rounding is capped at
             their energy, :func:`output_rounding`), the step against their RMS, for the text.
+        fixed_input: when most of its floor's noise is its input's rounding on a grid fixed
+            at conversion (a static activation scale), that grid's step and share, for the text.
 
     >>> judge(20.0, 40.0, offset_share=0.9).cause
     'offset'
@@ -569,6 +624,12 @@ def judge(shadow_sqnr: float | None, floor: float | None, *, clip_share: float =
             f"its output step is too coarse for its values ({coarse}): it rounds them to zero "
             "or near it (a scale held up by a lower bound, as an observer's eps, or "
             "calibrated on larger values)"))
+    if fixed_input:
+        return FloorVerdict(state, "input", (
+            f"its input is rounded on a grid fixed at conversion ({fixed_input}), and most of "
+            "what its floor allows is that rounding and its clipping: a static activation "
+            "scale too coarse or too narrow for its values (recalibrate it on representative "
+            "data)"))
     if clip_share > 0.5:
         return FloorVerdict(state, "clipping", (
             f"{100 * clip_share:.0f}% of what its floor allows is clipping: its output range is "
@@ -601,7 +662,8 @@ def floor_sums(region: Any, pair: Any) -> FloorSums:
     dynamic = dynamic_input(module) if module is not None else None
     return FloorSums(grid_before(region.quant_view, region.output_nodes(pair)[1]),
                      dynamic or _graph_dynamic_input(region, pair), kind=pair.kind,
-                     window=_window(module) if module is not None else None)
+                     window=_window(module) if module is not None else None,
+                     input_scale=flows.input_scale(module) if module is not None else None)
 
 
 def _graph_dynamic_input(region: Any, pair: Any) -> tuple[str, float] | None:
@@ -652,6 +714,13 @@ def layer_floor(region: Any, pair: Any, sums: FloorSums, *, signal: float, noise
     grid = sums.grid
     coarse = (f"step {grid.scale:.3g} against an RMS of {math.sqrt(signal / count):.3g}"
               if grid is not None and output_rounding(count, grid) >= signal else "")
+    fixed = ""
+    if sums.dynamic is not None and sums.dynamic[0] == "fixed" and allowed:
+        share = grids["input_noise"] / allowed
+        # a fixed scale costing 6 dB more than each call's own range would: it does not fit
+        if share > 0.5 and sums.input_steps > 4 * sums.ranged_steps:
+            fixed = f"step {sums.dynamic[1]:.3g}, {100 * share:.0f}% of its floor's noise"
     verdict = judge(local, floor, clip_share=sums.clip_noise / allowed if allowed else 0.0,
-                    offset_share=sums.offset_noise() / noise if noise else 0.0, coarse=coarse)
+                    offset_share=sums.offset_noise() / noise if noise else 0.0, coarse=coarse,
+                    fixed_input=fixed)
     return floor, verdict

@@ -235,9 +235,10 @@ def is_quantized_module(module: nn.Module) -> bool:
     return flows.is_quantized_module(module)
 
 
-def dynamic_input(module: nn.Module) -> tuple[str, float] | None:
-    """How ``module`` quantizes its float input inside the op, per call: ``("tensor" | "token",
-    steps over the range)``, or ``None``.
+def dynamic_input(module: nn.Module) -> tuple[Any, ...] | None:
+    """How ``module`` rounds its float input inside the op: per call, ``(granularity, steps
+    over the range)``, or on a fixed grid, ``("fixed", step, low, high)``; or ``None``
+    (the forms: :meth:`fxnumeric.flows.Flow.dynamic_input`).
 
     torch's dynamic int8 modules quantize the whole input per call to quint8 with
     ``reduce_range`` (127 steps over ``[min(x, 0), max(x, 0)]``): the Linear, and the
@@ -245,7 +246,7 @@ def dynamic_input(module: nn.Module) -> tuple[str, float] | None:
     input batch; each also its hidden state, per step, which this does not count). Their
     float16 forms compute in float on float16-rounded weights: no input step. The weight
     dtype is read where each kind keeps it (:func:`fxnumeric.storage.dynamic_weight_dtype`).
-    A flow answers for its own (torchao's dynamic-activation configs,
+    A flow answers for its own (torchao's dynamic and static activation configs,
     :func:`fxnumeric.flows.dynamic_input`).
     """
     if is_dynamic_module(module):

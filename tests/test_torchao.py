@@ -1099,3 +1099,240 @@ def test_the_weight_sqnr_of_a_bfloat16_model_reads_the_weight_the_kernel_scales(
     report = fxn.compare(f, q, [torch.randn(8, 64, dtype=torch.bfloat16)], progress=False)
     assert report.rows[0].weight_sqnr == pytest.approx(by_hand, abs=1e-4)
     assert by_hand - fxn.sqnr(f[0].weight.double(), weight.dequantize().double()) > 0.3
+
+
+# --- what fxnumeric reads of a torchao weight: the weight the op multiplies its input by -------
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(),
+                         nn.Linear(128, 32)).eval()
+
+
+def _outlier_batches(channels: slice = slice(0, 4), value: float | None = None,
+                     factor: float = 20.0) -> list[torch.Tensor]:
+    """Batches whose first input channels are outliers (what SmoothQuant is for)."""
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(8, 64, generator=gen)
+        if value is not None:
+            x[:, channels] = value
+        else:
+            x[:, channels] *= factor
+        batches.append(x)
+    return batches
+
+
+def _smoothed(config_name: str, f: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """``f`` through torchao's SmoothQuant (int8 dynamic) or AWQ (int8 weight-only) flow."""
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    if config_name == "smoothquant":
+        from torchao.prototype.smoothquant import SmoothQuantConfig
+
+        def make(step):
+            return SmoothQuantConfig(Int8DynamicActivationInt8WeightConfig(), step=step,
+                                     alpha=0.5)
+    else:
+        from torchao.prototype.awq import AWQConfig
+
+        def make(step):
+            return AWQConfig(Int8WeightOnlyConfig(), step=step)
+    q = copy.deepcopy(f)
+    quantize_(q, make("prepare"))
+    with torch.no_grad():
+        for x in batches:
+            q(x)
+    quantize_(q, make("convert"))
+    return q
+
+
+def _hooked(f: nn.Module, q: nn.Module, batches: list[torch.Tensor], path: str,
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The inputs the quantized module at ``path`` read, and the float module's outputs on
+    them (its shadow), captured by forward hooks."""
+    inputs, outputs = [], []
+    fmod = copy.deepcopy(f.get_submodule(path)).double()
+
+    def hook(module, args, out):
+        inputs.append(args[0].detach().double())
+        outputs.append(fmod(args[0].double()).detach())
+
+    handle = q.get_submodule(path).register_forward_hook(hook)
+    with torch.no_grad():
+        for x in batches:
+            q(x)
+    handle.remove()
+    return inputs, outputs
+
+
+def _db(signal: float, noise: float) -> float:
+    return 10 * math.log10(signal / noise)
+
+
+@pytest.mark.parametrize("config_name", ["smoothquant", "awq"])
+def test_the_weight_of_a_smoothquant_or_awq_layer_is_the_one_it_multiplies_the_input_by(
+        config_name):
+    """SmoothQuant and AWQ store ``W / act_pre_scale`` and scale the input by
+    ``act_pre_scale`` inside the op: the weight compared is the stored one times
+    ``act_pre_scale`` per input channel (SmoothQuant's layer ``0`` read -14.6 dB from the raw
+    ``dequantize()`` where its effective weight reads 37.5, and the report said its weights
+    looked made from another checkpoint). Oracle: ``qdata * scale * act_pre_scale`` in float64
+    from the tensor's fields; that it is the weight the op computes with is checked on AWQ's
+    weight-only layer, whose output is ``x @ W_eff.T + b`` exactly."""
+    f = _mlp()
+    batches = _outlier_batches()
+    q = _smoothed(config_name, f, batches)
+    report = fxn.compare(f, q, batches, progress=False)
+    eager = fxn.compare_weights(f.state_dict(), q.state_dict())
+    scaled = []
+    for path in ("0", "2", "4"):
+        weight = q.get_submodule(path).weight
+        assert weight.act_pre_scale is not None
+        effective = (weight.qdata.double() * weight.scale.double().reshape(-1, 1)
+                     * weight.act_pre_scale.double().reshape(1, -1))
+        float_weight = f.get_submodule(path).weight.double()
+        by_hand = fxn.sqnr(float_weight, effective)
+        raw = fxn.sqnr(float_weight, weight.qdata.double() * weight.scale.double().reshape(-1, 1))
+        assert report.row(path).weight_sqnr == pytest.approx(by_hand, abs=1e-3)
+        assert fxn.sqnr(eager[f"{path}.weight"]["float"].double(),
+                        eager[f"{path}.weight"]["quantized"].double()) == pytest.approx(
+            by_hand, abs=1e-3)
+        assert by_hand > 35
+        scaled.append(by_hand - raw)
+        if config_name == "awq":
+            x = batches[0] if path == "0" else torch.randn(8, weight.shape[1])
+            with torch.no_grad():
+                out = q.get_submodule(path)(x).double()
+            expected = x.double() @ effective.T + q.get_submodule(path).bias.double()
+            assert torch.allclose(out, expected, atol=1e-4)
+    assert max(scaled) > 10  # the pre-scale is not a no-op on these layers
+    assert not any("another seed or checkpoint" in note for note in report.notes)
+
+
+def test_a_smoothquant_layers_floor_reads_its_scaled_input_and_stored_weight():
+    """The floor of a SmoothQuant layer is that of its quantized op: the input scaled by
+    ``act_pre_scale``, rounded per token (int8 symmetric, 255 steps), times the stored int8
+    weight (per-row steps). Read as the effective weight with the unscaled input, it read
+    19.9 dB against a shadow SQNR of 42.9. Oracle: the noise model of :mod:`fxnumeric.floor`
+    summed by hand in float64 from ``qdata``, ``scale``, ``act_pre_scale`` and the inputs a
+    forward hook captured; and the floor sits near the shadow SQNR the hooks measure."""
+    f = _mlp()
+    batches = _outlier_batches()
+    q = _smoothed("smoothquant", f, batches)
+    report = fxn.compare(f, q, batches, progress=False)
+    for path in ("0", "2"):
+        weight = q.get_submodule(path).weight
+        stored = weight.qdata.double() * weight.scale.double().reshape(-1, 1)
+        pre = weight.act_pre_scale.double().reshape(-1)
+        inputs, shadows = _hooked(f, q, batches, path)
+        with torch.no_grad():
+            outs = [q.get_submodule(path)(x.float()).double() for x in inputs]
+        scaled = [x * pre for x in inputs]
+        count = sum(o.numel() for o in shadows)
+        fan_in = weight.shape[1]
+        mean_square = sum(float(x.square().sum()) for x in scaled) / sum(x.numel() for x in scaled)
+        weight_noise = count * fan_in * mean_square * float(weight.scale.double().square().mean()) / 12
+        steps = sum(float((2 * x.abs().amax(dim=1) / 255).square().sum()) for x in scaled)
+        input_noise = steps * float(stored.square().sum()) / 12
+        signal = sum(float(o.square().sum()) for o in shadows)
+        floor = _db(signal, weight_noise + input_noise)
+        shadow = _db(signal, sum(float((o - s).square().sum()) for o, s in zip(outs, shadows, strict=True)))
+        row = report.row(path)
+        assert row.shadow_sqnr == pytest.approx(shadow, abs=1e-2)
+        assert row.floor_sqnr == pytest.approx(floor, abs=1e-2)
+        assert abs(row.floor_sqnr - row.shadow_sqnr) < 3
+        assert not row.below_floor
+
+
+def test_the_floor_of_an_int8_dynamic_activation_intx_layer_counts_its_input_rounding():
+    """``Int8DynamicActivationIntxWeightConfig`` keeps its activation scheme in the weight's
+    ``activation_quantization`` (``int8_asym_per_token``: each token over 255 steps of
+    ``[min(x, 0), max(x, 0)]``), not ``act_quant_kwargs``: the floor left it out and read
+    48.6 dB for a layer at 40.3, flagged below its floor as a kernel fault. Oracle: the floor's
+    noise model summed by hand in float64 from ``qdata``, ``scale`` and the hooked inputs; and
+    the SQNR of the float layer on its input rounded that way, by hand, is no better than it."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, quantize_
+
+    f = _mlp()
+    batches = _outlier_batches(slice(0, 1), value=60.0)
+    q = copy.deepcopy(f)
+    quantize_(q, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+                                                       weight_granularity=PerAxis(0)))
+    report = fxn.compare(f, q, batches, progress=False)
+    weight = q[0].weight
+    stored = (weight.qdata.double() - weight.zero_point.double().reshape(-1, 1)) \
+        * weight.scale.double().reshape(-1, 1)
+    inputs, shadows = _hooked(f, q, batches, "0")
+    count = sum(o.numel() for o in shadows)
+    mean_square = sum(float(x.square().sum()) for x in inputs) / sum(x.numel() for x in inputs)
+    weight_noise = count * 64 * mean_square * float(weight.scale.double().square().mean()) / 12
+    steps = sum(float(((x.amax(dim=1).clamp(min=0) - x.amin(dim=1).clamp(max=0)) / 255)
+                      .square().sum()) for x in inputs)
+    signal = sum(float(o.square().sum()) for o in shadows)
+    floor = _db(signal, weight_noise + steps * float(stored.square().sum()) / 12)
+    rounded_noise = 0.0
+    float_layer = copy.deepcopy(f[0]).double()
+    for x, shadow in zip(inputs, shadows, strict=True):
+        low, high = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+        step = (high - low) / 255
+        zero = (-low / step).round() - 128
+        xq = ((x / step).round() + zero).clamp(-128, 127).sub(zero).mul(step)
+        with torch.no_grad():
+            rounded_noise += float((float_layer(xq) - shadow).square().sum())
+    row = report.row("0")
+    assert row.floor_sqnr == pytest.approx(floor, abs=1e-2)
+    assert row.floor_sqnr < _db(signal, rounded_noise) + 0.5  # the input alone: 41.0 dB
+    assert not row.below_floor and "kernel" not in row.note
+
+
+@pytest.mark.parametrize("factor", [1.0, 8.0, 0.25])
+def test_the_floor_of_a_static_activation_layer_reads_its_fixed_input_grid(factor):
+    """``Int8StaticActivationInt8WeightConfig`` rounds the input on a grid fixed at conversion
+    (``act_quant_scale``), clipping what lies beyond it; the floor assumed a scale chosen per
+    call: a scale 8x too coarse read "its qparams allow 42.0 dB", a kernel fault, where they
+    allow 23.2. Oracle: the float layer on its input (hooked) rounded and clipped onto that
+    grid by hand, in float64; a scale that does not fit (too coarse, or clipping) is named."""
+    from torchao.quantization import Int8StaticActivationInt8WeightConfig, PerTensor, quantize_
+
+    f = _mlp()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 64, generator=gen) for _ in range(3)]
+    peak = {}
+    hooks = [f.get_submodule(p).register_forward_hook(
+        lambda m, args, out, p=p: peak.__setitem__(p, max(peak.get(p, 0.0),
+                                                          float(args[0].abs().max()))))
+        for p in ("0", "2", "4")]
+    with torch.no_grad():
+        for x in batches:
+            f(x)
+    for hook in hooks:
+        hook.remove()
+    q = copy.deepcopy(f)
+    for path in ("0", "2", "4"):
+        scale = torch.tensor([[peak[path] * factor / 127.0]])
+        quantize_(q, Int8StaticActivationInt8WeightConfig(act_quant_scale=scale,
+                                                          granularity=PerTensor()),
+                  filter_fn=lambda m, fqn, path=path: fqn == path)
+    report = fxn.compare(f, q, batches, progress=False)
+    for path in ("0", "2", "4"):
+        step = float(q.get_submodule(path).weight.act_quant_scale)
+        inputs, shadows = _hooked(f, q, batches, path)
+        float_layer = copy.deepcopy(f.get_submodule(path)).double()
+        with torch.no_grad():
+            rounded = [float_layer((x / step).round().clamp(-128, 127) * step) for x in inputs]
+        signal = sum(float(s.square().sum()) for s in shadows)
+        alone = _db(signal, sum(float((r - s).square().sum())
+                                for r, s in zip(rounded, shadows, strict=True)))
+        row = report.row(path)
+        assert row.floor_sqnr < alone + 1.0  # the input's grid alone allows no more (a model)
+        assert abs(row.floor_sqnr - row.shadow_sqnr) < 3
+        assert not row.below_floor and "kernel" not in row.notes
+        assert (row.floor_cause == "input") == (factor != 1.0)
+        if factor != 1.0:
+            assert "act_quant_scale" in row.notes

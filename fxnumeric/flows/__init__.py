@@ -17,6 +17,7 @@ hook                        called by                           answers
 ``scope``                   advice (what a flow configures)     the module path an op ran in
 ``failure_hint``            :mod:`fxnumeric.run`                why a model rejected a batch
 ``dynamic_input``           :mod:`fxnumeric.floor`              how an op quantizes its input
+``input_scale``             :mod:`fxnumeric.floor`              a factor on the input before it
 ``module_type``             the eager layer (stub selection)    the module class an op came from
 ``traced_type``             :mod:`fxnumeric.llm_metrics`        the class a graph was traced from
 ``weight_input``            :mod:`fxnumeric.weights`            the node feeding an op's weight
@@ -51,6 +52,7 @@ __all__ = [
     "Flow", "BatchNormParams", "FLOWS", "normalise_model", "is_leaf_module", "classify",
     "is_quantized", "is_quantized_module",
     "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
+    "input_scale",
     "module_type", "weight_input", "recurrent_weight_inputs",
     "weight_scale",
     "batch_norm_params", "comparable_weight", "weight_grid", "WeightGrid", "computed_weight",
@@ -141,9 +143,19 @@ class Flow:
         """A sentence on why a model of this flow rejected a batch with ``exc``, or ``None``."""
         return None
 
-    def dynamic_input(self, module: nn.Module) -> tuple[str, float] | None:
-        """How ``module`` quantizes its float input inside the op, per call: ``("tensor" |
-        "token", levels)`` (the input's range over that many steps), or ``None``."""
+    def dynamic_input(self, module: nn.Module) -> tuple[Any, ...] | None:
+        """How ``module`` rounds its float input inside the op: per call, ``(granularity,
+        levels)``, the input's range over that many steps, where ``granularity`` is
+        ``"tensor"`` (the whole input, ``[min(x, 0), max(x, 0)]``), ``"tensor-symmetric"``
+        (``±max|x|``), ``"token"`` (each token, ``±max|x|``) or ``"token-range"`` (each
+        token, ``[min(x, 0), max(x, 0)]``); or on a grid fixed when it was quantized,
+        ``("fixed", step, low, high)`` (values outside ``[low, high]`` clip); else ``None``."""
+        return None
+
+    def input_scale(self, module: nn.Module) -> torch.Tensor | None:
+        """A factor (flat: one per input channel, or one value) that ``module`` multiplies its
+        input by inside the op, before rounding it, its stored weight divided by it
+        (torchao's ``act_pre_scale``: SmoothQuant, AWQ), or ``None``."""
         return None
 
     def module_type(self, node: fx.Node) -> type | None:
@@ -306,9 +318,16 @@ def failure_hint(exc: BaseException) -> str | None:
     return _first("failure_hint", exc)
 
 
-def dynamic_input(module: nn.Module) -> tuple[str, float] | None:
-    """The first flow's answer to how ``module`` quantizes its input per call, or ``None``."""
+def dynamic_input(module: nn.Module) -> tuple[Any, ...] | None:
+    """The first flow's answer to how ``module`` rounds its input inside the op, or ``None``
+    (:meth:`Flow.dynamic_input`)."""
     return _first("dynamic_input", module)
+
+
+def input_scale(module: nn.Module) -> torch.Tensor | None:
+    """The first flow's factor on ``module``'s input inside the op, or ``None``
+    (:meth:`Flow.input_scale`)."""
+    return _first("input_scale", module)
 
 
 def module_type(node: fx.Node) -> type | None:

@@ -62,7 +62,8 @@ def is_torchao_tensor(value: Any) -> bool:
 
 def holds_torchao_tensors(model: Any) -> bool:
     """Whether ``model`` (an ``nn.Module``) has a parameter that is a torchao tensor."""
-    return isinstance(model, nn.Module) and any(is_torchao_tensor(p) for p in model.parameters())
+    return isinstance(model, nn.Module) and any(is_torchao_tensor(_inner(p))
+                                                for p in model.parameters())
 
 
 def is_qat_layer(module: Any) -> bool:
@@ -112,7 +113,7 @@ class TorchaoFlow(Flow):
         if is_qat_layer(module):
             return (_acts(getattr(module, "activation_fake_quantizer", None))
                     or _acts(getattr(module, "weight_fake_quantizer", None)))
-        return any(is_torchao_tensor(p) for p in module.parameters(recurse=False))
+        return any(is_torchao_tensor(_inner(p)) for p in module.parameters(recurse=False))
 
     def computed_weight(self, module: nn.Module) -> torch.Tensor | None:
         """A QAT layer's fake-quantized weight, ``weight_fake_quantizer(weight)``, computed by
@@ -127,7 +128,7 @@ class TorchaoFlow(Flow):
         """A functional op that reads a torchao weight through a ``get_attr``."""
         if node.op != "call_function" or "torchao.utils" not in sys.modules:
             return False
-        return any(is_torchao_tensor(_attribute(i, modules))
+        return any(is_torchao_tensor(_inner(_attribute(i, modules)))
                    for i in node.all_input_nodes if i.op == "get_attr")
 
     def layer_name(self, node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -136,19 +137,58 @@ class TorchaoFlow(Flow):
         quantized and an ``FqnToConfig`` names, not the node's ``linear``. Its nodes keep
         their own names, which the float graph shares, for pairing."""
         weight = functional_weight(node) if "torchao.utils" in sys.modules else None
-        if weight is None or not is_torchao_tensor(_attribute(weight, modules)):
+        if weight is None or not is_torchao_tensor(_inner(_attribute(weight, modules))):
             return None
         return weight_owner(node)
 
-    def dynamic_input(self, module: nn.Module) -> tuple[str, float] | None:
-        """``Int8DynamicActivationInt8WeightConfig``: each token (row) of the input quantized
-        symmetric int8 (255 steps over ``±max|x|``), or the whole tensor per call."""
-        weight = getattr(module, "weight", None)
-        kwargs = getattr(weight, "act_quant_kwargs", None) if is_torchao_tensor(weight) else None
-        if kwargs is None or stores_floats(weight):
+    def dynamic_input(self, module: nn.Module) -> tuple[Any, ...] | None:
+        """How a torchao layer rounds its input inside the op, read from its weight tensor.
+
+        * ``Int8Tensor`` with ``act_quant_kwargs`` (``Int8DynamicActivationInt8WeightConfig``):
+          per call, each token (``PerRow``) or the whole tensor symmetric int8: ``("token",
+          255)`` / ``("tensor-symmetric", 255)``, 255 steps over ``±max|x|``; asymmetric:
+          ``("token-range", 255)`` / ``("tensor", 255)``, over ``[min(x, 0), max(x, 0)]``.
+        * the same with ``act_quant_scale`` set (``Int8StaticActivationInt8WeightConfig``): a
+          fixed grid, ``("fixed", step, low, high)`` (values outside ``[low, high]`` clip);
+          ``None`` for a scale per row (no one grid to read).
+        * ``IntxUnpackedToInt8Tensor`` with ``activation_quantization`` ``int8_asym_per_token``
+          (``Int8DynamicActivationIntxWeightConfig``): ``("token-range", 255)``.
+
+        What is rounded is the input times the weight's ``act_pre_scale`` (SmoothQuant, AWQ:
+        :meth:`input_scale`)."""
+        weight = _inner(getattr(module, "weight", None))
+        if not is_torchao_tensor(weight) or stores_floats(weight):
             return None  # float8 activations (with float8 weights) are no uniform grid either
-        granularity = type(getattr(kwargs, "granularity", None)).__name__
-        return ("token" if granularity == "PerRow" else "tensor", 255.0)
+        scheme = getattr(weight, "activation_quantization", None)
+        if scheme is not None:
+            if str(getattr(scheme, "value", scheme)) == "int8_asym_per_token":
+                return ("token-range", 255.0)
+            return None  # a scheme this does not know: no input term, not a wrong one
+        kwargs = getattr(weight, "act_quant_kwargs", None)
+        if kwargs is None:
+            return None
+        mapping = getattr(getattr(kwargs, "mapping_type", None), "name", "SYMMETRIC")
+        symmetric = mapping == "SYMMETRIC"
+        levels = 127.0 if getattr(kwargs, "reduce_range", False) else 255.0
+        static = getattr(weight, "act_quant_scale", None)
+        if isinstance(static, torch.Tensor):
+            if static.numel() != 1:
+                return None
+            step = float(static)
+            zero = getattr(weight, "act_quant_zero_point", None)
+            zero = int(zero) if isinstance(zero, torch.Tensor) and zero.numel() == 1 else 0
+            qmin, qmax = (-64, 63) if levels == 127.0 else (-128, 127)
+            return ("fixed", step, (qmin - zero - 0.5) * step, (qmax - zero + 0.5) * step)
+        per_token = type(getattr(kwargs, "granularity", None)).__name__ == "PerRow"
+        if symmetric:
+            return ("token" if per_token else "tensor-symmetric", levels)
+        return ("token-range" if per_token else "tensor", levels)
+
+    def input_scale(self, module: nn.Module) -> torch.Tensor | None:
+        """The weight's ``act_pre_scale`` (SmoothQuant, AWQ), flat, per input channel (or one
+        value): the op multiplies its input by it before rounding it, its stored weight holds
+        the float weight divided by it."""
+        return _pre_scale(_inner(getattr(module, "weight", None)))
 
     def weight_grid(self, weight: Any) -> WeightGrid | None:
         """The grid of a torchao weight, from its ``scale``: one step (``[1, 1]``,
@@ -174,14 +214,54 @@ class TorchaoFlow(Flow):
         return WeightGrid(scales[:, 0] if scales.shape[1] == 1 else scales, qmin, qmax, axis=0)
 
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
-        if not is_torchao_tensor(weight):
-            return None
+        """The weight the op multiplies its (unscaled) input by, in float: the dequantized
+        tensor times its ``act_pre_scale`` per input channel (SmoothQuant and AWQ store
+        ``W / act_pre_scale``, then scale the input: their raw ``dequantize()`` read -14.6 dB
+        against the float weight on a layer whose effective weight reads 37.5 dB). A wrapper
+        (torchao's activation logger, ``ActivationLoggingTensor``) is read through to the
+        tensor it wraps."""
+        inner = _inner(weight)
+        if not is_torchao_tensor(inner):
+            # a wrapper around a plain tensor: that tensor (the logger's ops unwrap it anyway)
+            return inner.detach() if inner is not weight and isinstance(inner, torch.Tensor) \
+                else None
         # in float32 where the tensor can: int8 kernels scale in the output (mm(x, qdata) *
         # scale), so rounding each weight to a bfloat16 model's dtype first reads an error
         # the model never makes (0.8 dB lower weight SQNR on int8 per-row weights)
-        if "output_dtype" in inspect.signature(weight.dequantize).parameters:
-            return weight.dequantize(output_dtype=torch.float32).detach()
-        return weight.dequantize().detach().float()
+        if "output_dtype" in inspect.signature(inner.dequantize).parameters:
+            values = inner.dequantize(output_dtype=torch.float32).detach()
+        else:
+            values = inner.dequantize().detach().float()
+        pre = _pre_scale(inner)
+        return values if pre is None else values * _per_input(pre, values)
+
+
+_WRAPPED = "original_weight_tensor"
+"""Where a wrapper tensor keeps the weight it wraps (torchao's ``ActivationLoggingTensor``)."""
+
+
+def _inner(weight: Any) -> Any:
+    """The tensor a wrapper tensor wraps (through several), else ``weight``."""
+    for _ in range(8):  # a wrapper of a wrapper ...; a cycle would be a bug, not a loop
+        inner = getattr(weight, _WRAPPED, None) if type(weight) not in (torch.Tensor,
+                                                                        nn.Parameter) else None
+        if not isinstance(inner, torch.Tensor):
+            return weight
+        weight = inner
+    return weight
+
+
+def _pre_scale(weight: Any) -> torch.Tensor | None:
+    """A torchao weight's ``act_pre_scale``, flat in float32, or ``None``."""
+    scale = getattr(weight, "act_pre_scale", None) if is_torchao_tensor(weight) else None
+    return scale.detach().reshape(-1).float() if isinstance(scale, torch.Tensor) else None
+
+
+def _per_input(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``scale`` (flat) shaped to multiply ``weight`` (out, in, ...) per input channel."""
+    if scale.numel() == 1:
+        return scale.reshape(())
+    return scale.reshape(1, -1, *([1] * (weight.dim() - 2))).to(weight.device)
 
 
 def _bits(weight: Any) -> int | None:

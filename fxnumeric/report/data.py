@@ -145,6 +145,8 @@ _FLOOR_CAUSES = {
     "offset": "a constant error per output channel: a lost bias or a wrong zero point",
     "scale": "its error exceeds what its steps allow: a wrong output or weight scale",
     "coarse": "an output step coarser than its values, which round to zero or near it",
+    "input": ("its input's rounding on an activation scale fixed at conversion (a static "
+              "scale, torchao's act_quant_scale): recalibrate it on representative data"),
 }
 
 
@@ -288,7 +290,9 @@ class ReportRow:
     floor_cause: str = ""
     """What the floor says is wrong: ``"offset"`` (below its floor; a constant error per output
     channel: a lost bias, a wrong zero point), ``"scale"`` (below its floor otherwise),
-    ``"clipping"`` (most of what its floor allows is clipping); ``""`` for nothing wrong
+    ``"clipping"`` (most of what its floor allows is clipping), ``"coarse"`` (an output step
+    coarser than its values), ``"input"`` (most of what its floor allows is its input's
+    rounding on a static activation scale); ``""`` for nothing wrong
     (:func:`fxnumeric.floor.judge`)."""
     spread: dict[str, Spread] = field(default_factory=dict, repr=False)
     """How ``output_sqnr`` and ``shadow_sqnr`` vary from batch to batch (see the class doc)."""
@@ -376,7 +380,7 @@ class ReportRow:
         if self.below_floor:
             parts.append(f"below floor: shadow SQNR {self.shadow_sqnr:.2f} dB, its qparams "
                          f"allow {self.floor_sqnr:.2f} dB" + (f" ({why})" if why else ""))
-        elif self.floor_cause in ("clipping", "coarse"):
+        elif self.floor_cause in ("clipping", "coarse", "input"):
             parts.append(f"its floor is {self.floor_sqnr:.2f} dB because of {why}")
         return "; ".join(parts)
 
