@@ -159,6 +159,7 @@ def layer_weight_steps(region: Any, pair: Any, read: torch.Tensor | None = None,
         elif callable(weight) and not isinstance(weight, torch.Tensor):
             # torch's quantized modules unpack their weight; read already: its quantized form
             weight = read if _same_read(read) else weight()
+        weight = flows.stored_weight(weight)  # through a wrapper (torchao's logger)
         if isinstance(weight, torch.Tensor) and weight.dim() > 1:
             steps = weight_steps(weight)
             if steps is not None:

@@ -363,22 +363,52 @@ def _module_weights(
     if fweight is None:
         unread(pair, f"the float op paired with `{qpath}` holds no weight fxnumeric reads")
         return []
-    return _beside(pair, fweight, fmod, qmod, qweights, as_computed)
+    return _beside(pair, fweight, fmod, qmod, qweights, as_computed, unread)
 
 
 def _beside(pair: Pair, fweight: torch.Tensor, fmod: nn.Module | None, qmod: nn.Module,
-            qweights: dict[str, Any], as_computed: bool, layer: str = "") -> list[PairedWeight]:
+            qweights: dict[str, Any], as_computed: bool, unread: Unread, layer: str = "",
+            ) -> list[PairedWeight]:
     """The float weight of module ``fmod`` beside each quantized weight of ``qmod`` (keyed as
     its state_dict), both as the ops compute with them when ``as_computed`` (a transposed
-    Linear's weight transposed back)."""
+    Linear's weight transposed back). None when one cannot be read, named in ``unread``."""
     if as_computed and fmod is not None and transposed_linear(fmod):
         fweight = fweight.t()
     flip = as_computed and transposed_linear(qmod)
+    quant = _readable(pair, qweights, unread)
     # a transposed weight's channels are not the rows its grid was read along
-    return [PairedWeight(pair, key, fweight, flows.comparable_weight(w).t() if flip
-                         else flows.comparable_weight(w), layer=layer,
-                         grid=None if flip else flows.weight_grid(w))
-            for key, w in qweights.items()]
+    return [PairedWeight(pair, key, fweight, qw.t() if flip else qw, layer=layer,
+                         grid=None if flip else flows.weight_grid(qweights[key]))
+            for key, qw in quant]
+
+
+def _readable(pair: Pair, qweights: dict[str, Any], unread: Unread,
+              ) -> list[tuple[str, Any]]:
+    """``qweights`` as the metrics read them (:func:`fxnumeric.flows.comparable_weight`),
+    or none, named in ``unread``, when one is a tensor subclass whose values no torch op
+    reads (a wrapper around a torchao weight that no flow unwraps raised
+    ``NotImplementedError: aten.view`` in the histogram, after every batch had run)."""
+    quant = [(key, flows.comparable_weight(w)) for key, w in qweights.items()]
+    for key, weight in quant:
+        why = _unreadable(weight)
+        if why:
+            unread(pair, f"its weight `{key}` is a `{type(weight).__name__}` whose values "
+                         f"torch cannot read ({why}); compare the model without the wrapper "
+                         "or tensor subclass that holds it")
+            return []
+    return quant
+
+
+def _unreadable(weight: Any) -> str:
+    """Why reading ``weight``'s values fails (a tensor subclass with no such op), or ``""``."""
+    if (not isinstance(weight, torch.Tensor) or type(weight) in (torch.Tensor, nn.Parameter)
+            or weight.is_quantized):
+        return ""
+    try:
+        weight.detach().reshape(-1)[:1].float().sum()
+    except (NotImplementedError, RuntimeError, TypeError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return ""
 
 
 def _quantized_layers(module: nn.Module, path: str,
@@ -432,7 +462,8 @@ def _inner_weights(pair: Pair, fmod: nn.Module, qmod: nn.Module, qpath: str, as_
         if fweight is None:
             missing.append(rel)
             continue
-        found += _beside(pair, fweight, flayer, qlayer, qweights, as_computed, layer=path)
+        found += _beside(pair, fweight, flayer, qlayer, qweights, as_computed, unread,
+                         layer=path)
     if missing:
         shown = ", ".join(f"`{_prefixed(qpath, rel)}`" for rel in missing)
         unread(pair, f"the quantized {shown} inside it have no float layer with a weight at "
@@ -452,7 +483,9 @@ def _paired_matrices(pair: Pair, matrices: dict[str, torch.Tensor], qmod: nn.Mod
         unread(pair, "the float op reads its weight matrices from values that are not graph "
                      "constants fxnumeric can evaluate")
         return []
-    quant = [(key, flows.comparable_weight(w)) for key, w in qweights.items()]
+    quant = _readable(pair, qweights, unread)
+    if not quant:
+        return []
     float_list = list(matrices.items())
     alike = len(float_list) == len(quant) and all(
         name.startswith(key.rpartition(".")[2]) and tuple(fw.shape) == tuple(qw.shape)

@@ -1336,3 +1336,92 @@ def test_the_floor_of_a_static_activation_layer_reads_its_fixed_input_grid(facto
         assert (row.floor_cause == "input") == (factor != 1.0)
         if factor != 1.0:
             assert "act_quant_scale" in row.notes
+
+
+def _intx_by_hand(weight) -> torch.Tensor:
+    """An ``IntxUnpackedToInt8Tensor``'s values from its fields, in float64."""
+    groups = weight.qdata.shape[1] // weight.scale.shape[1]
+    scale = weight.scale.double().repeat_interleave(groups, dim=1)
+    zero = weight.zero_point.double().repeat_interleave(groups, dim=1)
+    return (weight.qdata.double() - zero) * scale
+
+
+def test_a_model_with_torchaos_activation_logger_attached_compares_its_wrapped_weights(capsys):
+    """torchao's ``add_activation_loggers`` wraps each weight in an ``ActivationLoggingTensor``
+    (``original_weight_tensor``): compare ran every batch, then died in the weight histogram
+    (``NotImplementedError: aten.view``). The wrapper is read through: the layers count as
+    quantized, their weight SQNRs and floors are those of the same model without loggers.
+    Oracle: ``(qdata - zero_point) * scale`` in float64 from the wrapped tensor's fields."""
+    from torchao.prototype.quant_logger import add_activation_loggers
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    f = _mlp()
+    q = copy.deepcopy(f)
+    quantize_(q, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    logged = copy.deepcopy(q)
+    add_activation_loggers(logged)
+    assert type(logged[0].weight).__name__ == "ActivationLoggingTensor"
+    batches = _outlier_batches(factor=1.0)
+    report = fxn.compare(f, logged, batches, progress=False)
+    plain = fxn.compare(f, q, batches, progress=False)
+    capsys.readouterr()  # the logger prints each activation
+    for path in ("0", "2", "4"):
+        inner = logged.get_submodule(path).weight.original_weight_tensor
+        by_hand = fxn.sqnr(f.get_submodule(path).weight.double(), _intx_by_hand(inner))
+        row = report.row(path)
+        assert row.quantized
+        assert row.weight_sqnr == pytest.approx(by_hand, abs=1e-3)
+        assert row.floor_sqnr is not None
+        assert row.floor_sqnr == pytest.approx(plain.row(path).floor_sqnr, abs=1e-9)
+
+
+class _OpaqueWeight(torch.Tensor):
+    """A wrapper weight that computes ``F.linear`` and nothing else: no flow unwraps it."""
+
+    @staticmethod
+    def __new__(cls, held: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, held.shape, dtype=held.dtype,
+                                                   device=held.device)
+
+    def __init__(self, held: torch.Tensor) -> None:
+        self._held = held
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.linear:
+            return func(args[0], args[1]._held, *args[2:], **kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args, kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return _OpaqueWeight(args[0]._held)
+        raise NotImplementedError(f"_OpaqueWeight: no {func}")
+
+    def __deepcopy__(self, memo):
+        return _OpaqueWeight(copy.deepcopy(self._held, memo))
+
+
+def test_a_weight_no_torch_op_reads_is_named_not_the_end_of_the_run():
+    """A layer whose weight is a tensor subclass whose values no op reads (a wrapper no flow
+    unwraps, here around a torchao weight) has its weights left out, with a note naming the
+    weight and why; the run and every other row survive. Oracle: the other layers' weight
+    SQNRs from their tensors' fields in float64."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    f = _mlp()
+    q = copy.deepcopy(f)
+    quantize_(q, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    q[2].weight = nn.Parameter(_OpaqueWeight(q[2].weight.detach()), requires_grad=False)
+    batches = _outlier_batches(factor=1.0)
+    report = fxn.compare(f, q, batches, progress=False)
+    note = report.row("2").note
+    assert "weights not compared" in note and "`2.weight`" in note and "_OpaqueWeight" in note
+    assert "NotImplementedError" in note
+    assert math.isfinite(report.row("2").output_sqnr)
+    for path in ("0", "4"):
+        by_hand = fxn.sqnr(f.get_submodule(path).weight.double(),
+                           _intx_by_hand(q.get_submodule(path).weight))
+        assert report.row(path).weight_sqnr == pytest.approx(by_hand, abs=1e-3)

@@ -25,6 +25,7 @@ hook                        called by                           answers
 ``batch_norm_params``       :mod:`fxnumeric.weights`            a BatchNorm node's constants
 ``comparable_weight``       :mod:`fxnumeric.weights`            a plain float tensor for a weight
 ``weight_grid``             :mod:`fxnumeric.weights`, ``floor``  the grid of a weight in its form
+``stored_weight``           :mod:`fxnumeric.floor`              the tensor a wrapper weight wraps
 ``computed_weight``         :mod:`fxnumeric.weights`            the weight a module computes with
 ``export_loses``            ``match(..., capture="export")``    why torch.export would lose a model
 ``rounding_owner``          ``match.Region.rounded_for``        whose request a quantize is
@@ -55,7 +56,8 @@ __all__ = [
     "input_scale",
     "module_type", "weight_input", "recurrent_weight_inputs",
     "weight_scale",
-    "batch_norm_params", "comparable_weight", "weight_grid", "WeightGrid", "computed_weight",
+    "batch_norm_params", "comparable_weight", "weight_grid", "WeightGrid",
+    "stored_weight", "computed_weight",
     "export_loses",
     "fake_quant_enabled", "fake_quantizes", "rounding_owner",
 ]
@@ -196,6 +198,11 @@ class Flow:
         """The grid of a weight this flow stores in its own form (a torchao ``Int8Tensor``:
         its ``scale``, per tensor, per row or per group, and its integer range), or ``None``
         (not this flow's, or no uniform integer grid: float8 values)."""
+        return None
+
+    def stored_weight(self, weight: Any) -> Any:
+        """The tensor holding ``weight``'s quantized form (its scales) when ``weight`` wraps
+        it (torchao's activation logger, ``ActivationLoggingTensor``), or ``None``."""
         return None
 
     def computed_weight(self, module: nn.Module) -> torch.Tensor | None:
@@ -375,6 +382,13 @@ def weight_grid(weight: Any) -> WeightGrid | None:
     """The first flow's grid of ``weight``, a weight stored in a flow's own form (a torchao
     tensor subclass), or ``None`` (torch's quantized tensors carry theirs: ``q_scale``)."""
     return _first("weight_grid", weight)
+
+
+def stored_weight(weight: Any) -> Any:
+    """The tensor holding ``weight``'s quantized form: the one a wrapper tensor wraps
+    (:meth:`Flow.stored_weight`), else ``weight``."""
+    found = _first("stored_weight", weight)
+    return weight if found is None else found
 
 
 def export_loses(model: Any) -> str | None:

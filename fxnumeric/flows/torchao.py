@@ -197,6 +197,7 @@ class TorchaoFlow(Flow):
         (``IntxUnpackedToInt8Tensor``'s ``torch.int4``), else from ``qdata``'s dtype where it
         holds one integer per weight (``Int8Tensor``), else 4 bits for the packed ``Int4*``
         tensors. ``None`` for float8 values or a tensor of no such ``scale``."""
+        weight = _inner(weight)  # through torchao's activation logger
         if not is_torchao_tensor(weight) or stores_floats(weight) or weight.dim() < 1:
             return None
         scale, bits = getattr(weight, "scale", None), _bits(weight)
@@ -212,6 +213,10 @@ class TorchaoFlow(Flow):
             return None
         scales = scales.reshape(channels, -1)
         return WeightGrid(scales[:, 0] if scales.shape[1] == 1 else scales, qmin, qmax, axis=0)
+
+    def stored_weight(self, weight: Any) -> Any:
+        inner = _inner(weight)
+        return inner if inner is not weight else None
 
     def comparable_weight(self, weight: Any) -> torch.Tensor | None:
         """The weight the op multiplies its (unscaled) input by, in float: the dequantized
