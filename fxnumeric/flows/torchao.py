@@ -343,6 +343,7 @@ def quantized_weights(model: Any) -> tuple[tuple[str, str], ...]:
                 found.append((f"{prefix}weight", ("qat", key), (), module))
             continue
         for name, weight in module.named_parameters(recurse=False):
+            weight = _inner(weight)  # through torchao's activation logger
             if is_torchao_tensor(weight):
                 found.append((f"{prefix}{name}", _weight_key(weight), _blocks(weight), weight))
     groups: list[list[int]] = []  # indices into found, one list per kind
