@@ -52,6 +52,7 @@ from .llm_metrics import (
     LogitsState,
     logits_reader,
     looks_like_logits,
+    output_mask,
 )
 from .lockstep import Lockstep
 from .loggers import Logger
@@ -556,6 +557,61 @@ class _FirstPart:
 
 
 @dataclass
+class _Padding:
+    """The padding the model output's metrics left out: the batch's ``attention_mask``, where
+    it fits the output's rows (:func:`~fxnumeric.llm_metrics.output_mask`), so that the
+    model output (hidden states or logits) is read over real tokens only, as the LLM metrics
+    are. Its own merged state (:meth:`fxnumeric.distributed.Ranks.reduce`)."""
+
+    positions: int = 0
+    """Rows of the model output whose batch's mask fit them."""
+    padded: int = 0
+    """Of those, the padding, left out."""
+    unfit: int = 0
+    """Batches whose mask held padding and did not fit: every position read."""
+    unfit_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    """The first such batch's mask shape and the output's rows."""
+    unfit_batch: int = -1
+
+    def see(self, float_value: Any, quant_value: Any, batch: Any, reader: LogitsReader,
+            index: int) -> torch.Tensor | None:
+        """The real tokens of the model output of batch ``index`` (``None``: every position
+        counts), as :meth:`Accumulator.update` takes them (``rows``)."""
+        if not (_real_values(float_value) and _real_values(quant_value)
+                and float_value.shape == quant_value.shape and float_value.dim() >= 2):
+            return None
+        real, unfit = output_mask(float_value, batch, reader)
+        if unfit is not None:
+            self.unfit += 1
+            if self.unfit_shapes is None:
+                self.unfit_shapes = (tuple(unfit.shape), tuple(float_value.shape[:-1]))
+                self.unfit_batch = index
+        if real is None:
+            return None
+        self.positions += real.numel()
+        self.padded += real.numel() - int(real.sum())
+        return real
+
+    def state(self) -> _Padding:
+        return dataclasses.replace(self)
+
+    def load(self, state: _Padding) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(state, f.name))
+
+    def merged(self, other: _Padding) -> _Padding:
+        """Counts added; the unfit shapes of the earlier batch."""
+        first = (other if other.unfit_shapes is not None and (
+            self.unfit_shapes is None or 0 <= other.unfit_batch < self.unfit_batch) else self)
+        return _Padding(self.positions + other.positions, self.padded + other.padded,
+                        self.unfit + other.unfit, first.unfit_shapes, first.unfit_batch)
+
+
+def _real_values(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_quantized)
+
+
+@dataclass
 class _Plan:
     """Everything :func:`compare` decided before the first batch."""
 
@@ -588,6 +644,8 @@ class _Plan:
     output_part: _FirstPart = field(default_factory=_FirstPart)
     """Where the compared model output sits in what the float model returns, and how many
     tensors that holds, read on the first batch compared."""
+    padding: _Padding = field(default_factory=_Padding)
+    """The padded positions the model output's metrics left out."""
 
     @property
     def watched(self) -> list[Routes]:
@@ -723,7 +781,8 @@ def _accumulators(plan: _Plan) -> list[Accumulator]:
 
 def _mergeable(plan: _Plan) -> list[Any]:
     """Every sum over batches a plan holds, which ranks merge (:meth:`Ranks.reduce`)."""
-    return [*_accumulators(plan), plan.logits, *plan.floors.values(), plan.output_part]
+    return [*_accumulators(plan), plan.logits, *plan.floors.values(), plan.output_part,
+            plan.padding]
 
 
 def _feed(data: Iterable[Any], step: Callable[[int, int, Any, Any], None],
@@ -839,6 +898,7 @@ def _copy_overwritten(plans: Iterable[_Plan], first: bool) -> bool:
                 if acc.kept is not None:
                     acc.kept.clear()
             plan.logits.load(LogitsState())
+            plan.padding.load(_Padding())
             for sums in plan.floors.values():
                 sums.load(FloorState())
     return seen and first
@@ -947,7 +1007,8 @@ def _collect(plan: _Plan, ran: _Ran, progress: bool | None = None, stacklevel: i
         + _no_perplexity_note(plan) + _no_target_note(plan) + _unplaced_target_note(plan)
         + _unfit_mask_note(plan)
         + _skipped_note(ran)
-        + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ()),
+        + _nonfinite_note(nonfinite) + ((foreign.partition("\n")[0],) if foreign else ())
+        + _padding_note(plan),
         model_output_rms=_rms(plan.model),
         model_output_reference_rms=activation_scale([output_reference, _rms(plan.model)]),
         skipped_batches=ran.skipped,
@@ -1046,8 +1107,7 @@ def _no_token_note(plan: _Plan) -> tuple[str, ...]:
     if not plan.logits.batches or plan.logits.tokens:
         return ()
     return ("the model returns logits, but no batch holds a real token (every attention_mask "
-            "is all 0): no per-token KL, top-1 agreement or perplexity, and the model output's "
-            "SQNR reads padding positions",)
+            "is all 0): no per-token KL, top-1 agreement or perplexity",)
 
 
 def _no_perplexity_note(plan: _Plan) -> tuple[str, ...]:
@@ -1086,17 +1146,40 @@ def _unplaced_target_note(plan: _Plan) -> tuple[str, ...]:
 
 
 def _unfit_mask_note(plan: _Plan) -> tuple[str, ...]:
-    """A note when a batch's attention_mask held padding and did not fit the logits'
-    positions (:attr:`fxnumeric.llm_metrics.LogitsAccumulator.unfit_masks`)."""
-    if not plan.logits.unfit_masks or plan.logits.unfit_shapes is None:
+    """A note when a batch's attention_mask held padding and did not fit the positions of
+    the logits (:attr:`fxnumeric.llm_metrics.LogitsAccumulator.unfit_masks`) or of the model
+    output (:attr:`_Padding.unfit`)."""
+    padding = plan.padding
+    if plan.logits.unfit_masks and plan.logits.unfit_shapes is not None:
+        (mask, lead), unfit, what = (plan.logits.unfit_shapes, plan.logits.unfit_masks,
+                                     "the logits'")
+        batches = plan.logits.batches
+        read = ("the model output's metrics, the per-token KL and top-1 agreement"
+                if padding.unfit else "the per-token KL and top-1 agreement")
+    elif padding.unfit and padding.unfit_shapes is not None:
+        (mask, lead), unfit, what = padding.unfit_shapes, padding.unfit, "the model output's"
+        batches = plan.model.batches
+        read = "the model output's metrics"
+    else:
         return ()
-    mask, lead = plan.logits.unfit_shapes
-    return (f"attention_mask {list(mask)} does not fit the logits' positions {list(lead)} "
-            f"({plan.logits.unfit_masks} of {plan.logits.batches} batches) and the model "
+    return (f"attention_mask {list(mask)} does not fit {what} positions {list(lead)} "
+            f"({unfit} of {batches} batches) and the model "
             "gives no mask of its own for them (as a Hugging Face speech model's "
-            "_get_feature_vector_attention_mask does): it was not used, so the per-token KL "
-            "and top-1 agreement read every position, padding included. Fix: batches "
-            "without padding",)
+            f"_get_feature_vector_attention_mask does): it was not used, so {read} read "
+            "every position, padding included. Fix: batches without padding",)
+
+
+def _padding_note(plan: _Plan) -> tuple[str, ...]:
+    """A note when the model output's metrics left padding out (:class:`_Padding`): the
+    layer rows read every position."""
+    padding = plan.padding
+    if not padding.padded:
+        return ()
+    share = padding.padded / padding.positions
+    return (f"model output: its metrics read real tokens only (attention_mask): "
+            f"{padding.padded} of its {padding.positions} positions ({share:.0%}) are padding, "
+            "left out; the layer and block rows read every position, padding included, so "
+            "the model output's values are not the last layer's",)
 
 
 def _block_rows(plan: _Plan, layer_rows: Iterable[ReportRow],
@@ -1244,7 +1327,10 @@ def _model_output_note(plan: _Plan) -> tuple[str, ...]:
         float_shape, quant_shape = acc.shape_mismatch
         notes.append(f"model output shapes differ (float {float_shape} vs quantized "
                      f"{quant_shape}): the batches where they do are not compared")
-    if acc.batches and not acc.count:
+    if acc.batches and not acc.count and plan.padding.padded == plan.padding.positions > 0:
+        notes.append("the model output has no real token to read: every position is padding "
+                     "(attention_mask all 0), so its metrics are NaN")
+    elif acc.batches and not acc.count:
         notes.append("the model output held no values (empty tensors): nothing to compare")
     if acc.discrete and not acc.batches:
         notes.append("the model output is boolean or integer values: nothing to compare")
@@ -1607,7 +1693,10 @@ def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,
                index: int) -> None:
     """The batch's model-output sums, and every accumulator's batch closed (batch ``index``
     of the data)."""
-    plan.model.update(model_output(float_out), model_output(quant_out))
+    float_value, quant_value = model_output(float_out), model_output(quant_out)
+    # real tokens only, where the batch's attention_mask fits the output's rows
+    rows = plan.padding.see(float_value, quant_value, model_inputs, plan.reader, index)
+    plan.model.update(float_value, quant_value, rows=rows)
     plan.output_part.see(index, float_out)
     _llm_update(plan, float_out, quant_out, model_inputs, index)
     for twin in plan.twins:

@@ -46,7 +46,8 @@ from .errors import InputError
 
 __all__ = ["LogitsAccumulator", "LogitsState", "LogitsReader", "logits_reader",
            "looks_like_logits", "single_logit", "token_fields", "predicts_next_token",
-           "is_encoder_decoder", "vocab_size", "real_tokens", "LLM_METRICS", "IGNORE_INDEX"]
+           "is_encoder_decoder", "vocab_size", "real_tokens", "output_mask", "LLM_METRICS",
+           "IGNORE_INDEX"]
 
 LLM_METRICS = ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized")
 """Every key :meth:`LogitsAccumulator.values` can return (the ``ppl_*`` ones with labels only)."""
@@ -319,7 +320,7 @@ class LogitsAccumulator:
                   and not _token_ids(targets, float_logits.shape[-1])):
                 targets = None  # unknown kind: labels that are no token ids are no next tokens
         fitted = _fitted_mask(mask, lead, batch, reader)
-        if fitted is None and mask is not None and len(lead) > 1 and bool((mask == 0).any()):
+        if _unfit(fitted, mask, lead):
             self.unfit_masks += 1  # padding that cannot be placed: say so, never guess
             if self.unfit_shapes is None:
                 self.unfit_shapes, self.unfit_batch = (tuple(mask.shape), lead), index
@@ -554,6 +555,45 @@ def _kept_targets(batch: Any, targets: torch.Tensor, lead: tuple[int, ...],
     if reader.next_token and targets.shape[-1] > lead[-1]:
         return targets[..., -lead[-1]:]  # a causal LM's logits of its last positions
     return None
+
+
+def _unfit(fitted: torch.Tensor | None, mask: torch.Tensor | None,
+           lead: tuple[int, ...]) -> bool:
+    """Whether ``mask`` holds padding that could not be placed on rows ``lead`` (``fitted``
+    is ``None``): outputs with a sequence dim only, a classifier's rows have no positions."""
+    return fitted is None and mask is not None and len(lead) > 1 and bool((mask == 0).any())
+
+
+def output_mask(output: torch.Tensor, batch: Any, reader: LogitsReader
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(real, unfit)`` for a model output that is not read as logits (hidden states):
+    ``real``, a boolean mask of its rows (its leading dims but the last) that are real
+    tokens, by the rule :meth:`LogitsAccumulator.update_batch` reads a batch's
+    ``attention_mask`` with (:func:`_fitted_mask`; an encoder-decoder's output is its
+    decoder's: :func:`_decoder_fields`), or ``None`` when the batch has no mask or it does
+    not fit; ``unfit``, the batch's mask when it holds padding and does not fit.
+
+    A tuple batch's second item is read as a mask only after integer ``input_ids``: a model
+    of your own taking two float tensors is given no mask.
+
+    Example:
+        >>> hidden = torch.zeros(2, 3, 4)
+        >>> real, unfit = output_mask(hidden, {"attention_mask": torch.tensor([[1, 1, 0],
+        ...                                    [1, 1, 1]])}, LogitsReader())
+        >>> real.tolist(), unfit
+        ([[True, True, False], [True, True, True]], None)
+    """
+    lead = tuple(output.shape[:-1])
+    if reader.encoder_decoder:
+        mask = _decoder_fields(batch, lead)[0]
+    else:
+        fields = token_fields(batch)
+        tokens = isinstance(batch, Mapping) or "input_ids" in fields
+        mask = fields.get("attention_mask") if tokens else None
+    fitted = _fitted_mask(mask, lead, batch, reader)
+    if fitted is None:
+        return None, (mask if _unfit(fitted, mask, lead) else None)
+    return real_tokens(fitted.detach()).to(output.device) != 0, None
 
 
 def _logits_to_keep(batch: Any, mask: torch.Tensor, positions: int) -> torch.Tensor | None:

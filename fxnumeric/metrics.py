@@ -621,12 +621,17 @@ class Accumulator:
         self.discrete_differ = 0
         self.non_tensor = ""
 
-    def update(self, ref: Any, actual: Any, *, actual_energy: float | None = None) -> None:
+    def update(self, ref: Any, actual: Any, *, actual_energy: float | None = None,
+               rows: torch.Tensor | None = None) -> None:
         """Add one batch; non-tensor values are not compared (``non_tensor`` names their
         type).
 
         ``actual_energy``, when given, is ``sum(actual**2)`` already computed by
         :func:`prepare_actual` for an ``actual`` that several accumulators share.
+
+        ``rows``, a boolean mask of the leading dims of two real tensors (``ref.shape[:k]``):
+        only the rows where it is True count (a language model's real tokens, padding left
+        out), every sum and metric read over them alone (:meth:`_add_rows`).
         """
         if not isinstance(ref, torch.Tensor) or not isinstance(actual, torch.Tensor):
             self.non_tensor = self.non_tensor or type(
@@ -643,9 +648,16 @@ class Accumulator:
             self._batch_mismatch = True
             return
         ref, actual = _both_complex(ref, actual)
+        if rows is not None and not ref.is_complex() and not bool(rows.all()):
+            self._add_rows(ref, actual, rows)
+            return
         if self.kept is not None:
             self.kept.append((ref.detach(), actual.detach()))
         self._add(self._sums(ref, actual, actual_energy))
+        self._add_custom(ref, actual)
+
+    def _add_custom(self, ref: torch.Tensor, actual: torch.Tensor) -> None:
+        """Add each custom metric's value of one update."""
         for name, fn in self.custom.items():
             try:
                 self.custom_sums[name] += float(fn(_as_float(ref, torch.float64),
@@ -655,6 +667,38 @@ class Accumulator:
                     f"custom metric {name!r} failed: {type(exc).__name__}: {exc}; a metric is "
                     "called as fn(ref, actual) with float64 tensors and returns a float"
                 ) from exc
+
+    def _add_rows(self, ref: torch.Tensor, actual: torch.Tensor, rows: torch.Tensor) -> None:
+        """:meth:`update` over the rows of ``ref`` and ``actual`` where ``rows`` (a boolean
+        mask of their leading dims) is True: their sums a chunk of at most :data:`_CHUNK`
+        values at a time (a view of the chunk's rows where they are consecutive, no padding
+        among them; else a copy of that chunk's alone), never a copy of the whole tensors (a
+        512-token LLM's logits are 96 MiB in float32). A custom metric, or raw tensors kept,
+        read the real rows whole: a copy of them, ``(rows, width)``."""
+        ref = ref.dequantize() if ref.is_quantized else ref
+        actual = actual.dequantize() if actual.is_quantized else actual
+        width = math.prod(ref.shape[rows.dim():])
+        flat_ref, flat_actual = ref.reshape(-1, width), actual.reshape(-1, width)
+        index = rows.reshape(-1).nonzero().squeeze(1).to(flat_ref.device)
+        step = max(1, _CHUNK // max(width, 1))
+        total = _Sums(0.0, 0.0, 0.0, 0.0, 0, math.inf, -math.inf)
+        for start in range(0, index.numel(), step):
+            chunk = index[start:start + step]
+            first, last = int(chunk[0]), int(chunk[-1])
+            if last - first + 1 == chunk.numel():
+                r_rows, a_rows = flat_ref[first:last + 1], flat_actual[first:last + 1]
+            else:
+                r_rows, a_rows = flat_ref[chunk], flat_actual[chunk]
+            total = total.plus(self._sums(r_rows, a_rows, None))
+        if not total.count:
+            total = _Sums(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
+        whole = ((flat_ref[index], flat_actual[index]) if self.custom or self.kept is not None
+                 else None)
+        if self.kept is not None and whole is not None:
+            self.kept.append((whole[0].detach(), whole[1].detach()))
+        self._add(total)
+        if whole is not None:
+            self._add_custom(*whole)
 
     @property
     def additive(self) -> bool:

@@ -91,9 +91,10 @@ def test_labels_give_the_perplexity_of_the_labels():
         loss_q = float(q(**with_labels).loss)
     assert report.model_output["ppl_float"] == pytest.approx(math.exp(loss_f), rel=1e-4)
     assert report.model_output["ppl_quantized"] == pytest.approx(math.exp(loss_q), rel=1e-4)
-    # the output compared is the logits, not the loss listed first
+    # the output compared is the logits, not the loss listed first; of real tokens only
+    real = batch["attention_mask"].bool()
     assert report.model_output["sqnr"] == pytest.approx(
-        ns.sqnr(f(**batch).logits.detach(), q(**batch).logits.detach()), abs=1e-4)
+        ns.sqnr(f(**batch).logits.detach()[real], q(**batch).logits.detach()[real]), abs=1e-4)
 
 
 def test_a_tokenizers_batch_encoding_is_keyword_inputs_and_a_tuple_output_skips_its_loss():
@@ -153,9 +154,14 @@ def test_batches_of_padding_alone_say_so():
     assert not set(LLM_METRICS) & set(report.model_output)
     assert any("no batch holds a real token" in note for note in report.notes)
     assert "no batch holds a real token" in report.table()
+    # nor has the model output: its metrics are NaN, not read off the padding
+    assert math.isnan(report.model_output["sqnr"])
+    assert any("no real token to read: every position is padding" in n for n in report.notes)
     with pytest.raises(ns.InputError, match="metric 'kl' is read over real tokens, and no batch"):
         ns.advise(f, q, [padding], metric="kl", target=0.1, progress=False)
-    assert not ns.compare(f, q, [batch], progress=False).notes
+    notes = ns.compare(f, q, [batch], progress=False).notes
+    assert len(notes) == 1
+    assert notes[0].startswith("model output: its metrics read real tokens only (attention_mask)")
 
 
 def test_a_model_without_logits_has_no_llm_metrics():
@@ -323,8 +329,9 @@ def test_a_custom_metric_named_like_an_llm_metric_is_refused():
             ns.compare(f, q, data, metrics={name: mean_abs}, progress=False)
     report = ns.compare(f, q, data, metrics={"mean_abs": mean_abs}, progress=False)
     assert report.model_output["kl"] == pytest.approx(_direct(f, q, data)["kl"], rel=1e-4)
+    real = data[0]["attention_mask"].bool()  # the model output reads real tokens only
     assert report.model_output["mean_abs"] == pytest.approx(
-        float((f(**data[0]).logits - q(**data[0]).logits).abs().mean()), rel=1e-5)
+        float((f(**data[0]).logits - q(**data[0]).logits)[real].abs().mean()), rel=1e-5)
 
 
 class _Causal(_Wrapper):

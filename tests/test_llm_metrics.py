@@ -731,7 +731,11 @@ def test_a_ctc_models_sample_mask_is_read_through_its_own_frame_mask():
     report = ns.compare(f, q, [batch], progress=False, comparisons=["outputs"])
     _approx(report.model_output, expected, ("kl", "kl_max", "top1_agreement"))
     assert "ppl_float" not in report.model_output
-    assert not [n for n in report.notes if "attention_mask" in n]
+    assert not [n for n in report.notes if "does not fit" in n]
+    # the model output's SQNR reads the same real frames (40 of 158 padding)
+    assert any("40 of its 158 positions" in n for n in report.notes)
+    real = frames.bool()
+    assert report.model_output["sqnr"] == pytest.approx(ns.sqnr(fl[real], ql[real]), abs=1e-4)
     sens = ns.sensitivity(f, q, [batch], metric="kl", progress=False, layers="lm_head")
     _approx({"kl": sens.quantized}, expected, ("kl",))
     sens = ns.sensitivity(f, q, [batch], metric="top1_agreement", progress=False,

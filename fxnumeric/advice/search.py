@@ -53,6 +53,7 @@ from ..llm_metrics import (
     LogitsReader,
     logits_reader,
     looks_like_logits,
+    output_mask,
     single_logit,
 )
 from ..match import Matching
@@ -147,12 +148,12 @@ class _Metric:
     name: str
     higher_is_better: bool
     fn: EndMetric | None = None  # on the outputs of all batches, concatenated
-    reader: LogitsReader = LogitsReader()  # for the LLM metrics: how logits fit the batch
+    reader: LogitsReader = LogitsReader()  # how the output's positions fit the batch
 
     def reference(self, output: Any, batch: Any) -> Any:
         """What of the float model's output the metric keeps for the comparisons."""
         if self.fn is not None:
-            return _as_output(output)
+            return self.read(output, batch)
         logits = looks_like_logits(output, batch, self.reader.vocab_size)
         if logits is not None:
             return logits.detach()
@@ -172,6 +173,22 @@ class _Metric:
             "output with .logits, or a tensor whose last dim is the vocabulary); use "
             "'sqnr' or 'cosine' for other models"
         )
+
+    def read(self, output: Any, batch: Any) -> torch.Tensor:
+        """What a metric function reads of a model's ``output`` on ``batch``: for a built-in
+        one, its padded positions zeroed where the batch's ``attention_mask`` fits its rows
+        (:func:`~fxnumeric.llm_metrics.output_mask`, as compare's model output reads real
+        tokens only): a zero in both outputs adds nothing to an SQNR, a cosine or a sample's
+        cosine, which then read real tokens alone (NaN a model leaves at padding included).
+        A function of your own gets the output as it is. Zeroing twice changes nothing."""
+        out = _as_output(output)
+        if self.fn not in END_METRICS.values() or out.dim() < 2:
+            return out
+        real = output_mask(out, batch, self.reader)[0]
+        if real is None or bool(real.all()):
+            return out
+        return out.masked_fill(~real.reshape(*real.shape, *(1,) * (out.dim() - real.dim())),
+                               0)
 
     def start(self) -> _MetricRun:
         return _MetricRun(self)
@@ -216,7 +233,7 @@ class _MetricRun:
     def add(self, reference: Any, output: Any, batch: Any) -> None:
         if self.logits is None:
             self.refs.append(reference)
-            self.outputs.append(_as_output(output))
+            self.outputs.append(self.metric.read(output, batch))
             return
         candidate = looks_like_logits(output, batch, self.metric.reader.vocab_size)
         if candidate is None:
@@ -271,7 +288,7 @@ def _resolve_metric(metric: str | EndMetric, model: Any = None,
                 f"{', '.join([*END_METRICS, *LLM_END_METRICS])}, or pass a function "
                 "(float_output, candidate_output) -> float, higher is better"
             )
-        return _Metric(metric, True, END_METRICS[metric])
+        return _Metric(metric, True, END_METRICS[metric], logits_reader(model, *others))
     if callable(metric):
         return _Metric(getattr(metric, "__name__", "metric"), True, metric)
     raise InputError(f"metric must be a name or a function, got {metric!r}")
