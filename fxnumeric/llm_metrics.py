@@ -566,7 +566,8 @@ def _unfit(fitted: torch.Tensor | None, mask: torch.Tensor | None,
 
 def output_mask(output: torch.Tensor, batch: Any, reader: LogitsReader
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(real, unfit)`` for a model output that is not read as logits (hidden states):
+    """``(real, unfit)`` for a model output, hidden states or logits, that compare's
+    model-output metrics and the built-in end metrics of sensitivity and advise read:
     ``real``, a boolean mask of its rows (its leading dims but the last) that are real
     tokens, by the rule :meth:`LogitsAccumulator.update_batch` reads a batch's
     ``attention_mask`` with (:func:`_fitted_mask`; an encoder-decoder's output is its

@@ -452,6 +452,9 @@ class Report:
     comparisons: tuple[str, ...]
     batches: int = field(metadata={"json_min": 0})
     model_output: dict[str, float]
+    """The metrics of the model output (its logits, else its first tensor), over the real
+    tokens alone where the batch's ``attention_mask`` holds padding and fits the output's rows
+    (a note then says how much was padding; the rows read every position)."""
     unmatched: tuple[tuple[str, str, str], ...] = field(
         default=(), metadata={"json_items": ("node", "side", "reason")})
     torch_version: str = ""
