@@ -193,7 +193,8 @@ def _sqnr(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def _logits(model: nn.Module, data) -> list[torch.Tensor]:
-    return [model(**b).logits for b in data]
+    """Each batch's logits of its real tokens (the end metric leaves padding out)."""
+    return [model(**b).logits[b["attention_mask"].bool()] for b in data]
 
 
 def _same_as_by_hand(f: nn.Module, q: nn.Module, monkeypatch, run_float: nn.Module | None = None,
