@@ -47,6 +47,10 @@ def _direct_sqnr(pair) -> float:
         ref = first_output(_call(pair.float_model, batch)).double()
         actual = first_output(_call(pair.quant_model, batch))
         actual = (actual.dequantize() if actual.is_quantized else actual).double()
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if mask is not None and tuple(ref.shape[:2]) == tuple(mask.shape) and ref.dim() > 2:
+            real = mask.bool()  # the model output reads real tokens only
+            ref, actual = ref[real], actual[real]
         signal += float(ref.square().sum())
         noise += float((ref - actual).square().sum())
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
