@@ -584,7 +584,8 @@ class RowShadow(nn.Module):
 
     The float twin of a quantized ``lm_head`` otherwise makes a third logits-sized tensor
     (512 tokens x 49152 words: 96 MiB in float32; 1 GiB for Llama-3's 128256 words x 2048
-    tokens) while the float and quantized logits are alive: the peak of compare on an LLM.
+    tokens) while the float and quantized logits are alive: compare's peak on an LLM whose
+    head is quantized (``quantize_dynamic``'s; a tied head torchao leaves float has no shadow).
     Past :data:`ROW_BLOCK` values, the input's leading dims are read as rows and the Linear
     runs on :data:`ROW_BLOCK` values' worth of them at a time; each block of output goes to
     the observer and is dropped before the next is computed.
