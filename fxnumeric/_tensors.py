@@ -16,7 +16,7 @@ from .errors import InputError
 
 __all__ = ["first_output", "model_output", "output_part", "after_loss", "detach", "copy_values",
            "dequantize_all", "stores_floats", "copy_cache", "copy_inputs", "object_attributes",
-           "held_tensors", "version"]
+           "held_tensors", "version", "part_note"]
 
 
 def first_output(x: Any) -> Any:
@@ -74,6 +74,21 @@ def output_part(output: Any) -> tuple[str, int]:
     path, _ = next(held_tensors(rest))  # in output[1:]: its index is one past
     index, _, tail = path[1:].partition("]")
     return f"[{int(index) + 1}]{tail}", len(every)
+
+
+def part_note(part: str, tensors: int, loss: bool, reads: str) -> str:
+    """A note saying which of a model's ``tensors`` returned tensors is read (``reads``:
+    ``"the metrics read"``), the one at ``part`` (:func:`output_part`), when it returned more
+    than one, else ``""``; ``loss``: it returned a scalar loss first, which is skipped.
+
+    >>> part_note("['last_hidden_state']", 2, False, "the end metric reads")[:64]
+    "model output: the end metric reads `output['last_hidden_state']`"
+    """
+    if tensors < 2 or not part:
+        return ""
+    first = "the first after the scalar loss it returns first" if loss else "the first"
+    return (f"model output: {reads} `output{part}`, one of the {tensors} tensors the model "
+            f"returns ({first}); the rest are not compared")
 
 
 def held_tensors(x: Any, path: str = "", *, objects: bool = True,

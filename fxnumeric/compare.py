@@ -35,6 +35,7 @@ from ._tensors import (
     first_output,
     model_output,
     output_part,
+    part_note,
     version,
 )
 from .blocks import Block, find_blocks
@@ -1033,10 +1034,7 @@ def _output_part_note(plan: _Plan) -> tuple[str, ...]:
     if not part:
         return ()
     _, tensors = plan.output_part.part  # type: ignore[misc]
-    first = ("the first after the scalar loss it returns first" if plan.output_part.loss
-             else "the first")  # a leading loss is skipped (_tensors.after_loss)
-    note = (f"model output: the metrics read `output{part}`, one of the {tensors} tensors the "
-            f"model returns ({first}); the rest are not compared")
+    note = part_note(part, tensors, plan.output_part.loss, "the metrics read")
     if compares_detections(part):
         note += (" (detections, compared index by index: boxes that come in another order "
                  "among near-tied scores read as error no layer made)")

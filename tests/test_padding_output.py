@@ -210,3 +210,33 @@ def test_accumulator_rows_against_float64(left):
     assert acc.value("max_abs_error") == pytest.approx(float((f - q).abs().max()), rel=1e-6)
     cosine = float((f * q).sum() / (f.norm() * q.norm()))
     assert acc.value("cosine") == pytest.approx(cosine, abs=1e-7)
+
+
+def test_sensitivity_and_advise_say_what_of_the_output_the_end_metric_reads():
+    """The end metric reads one of the tensors a BertModel returns (last_hidden_state, not
+    pooler_output) and its real tokens only: Sensitivity and Advice said neither, where
+    compare's report does."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, initializer_range=0.2)
+    f = transformers.BertModel(config).eval()  # with its pooler: two tensors returned
+    q = _quantized(f)
+    data = _batches()
+    with torch.no_grad():
+        returned = [k for k, v in f(**data[0]).items() if isinstance(v, torch.Tensor)]
+    assert returned == ["last_hidden_state", "pooler_output"]  # the oracle: what it returns
+    masks = torch.cat([b["attention_mask"] for b in data])
+    padded, positions = int((masks == 0).sum()), masks.numel()
+    want = (f"model output: the end metric reads `output['last_hidden_state']`, one of the 2 "
+            "tensors the model returns (the first); the rest are not compared",
+            f"model output: the end metric reads real tokens only (attention_mask): {padded} "
+            f"of its {positions} positions ({padded / positions:.0%}) are padding, left out")
+    sens = ns.sensitivity(f, q, data, progress=False)
+    assert sens.notes == want
+    assert sens.table().splitlines()[-2:] == [f"note: {n}" for n in want]
+    advice = ns.advise(f, q, data, metric="sqnr", target=sens.quantized - 1, progress=False)
+    assert advice.notes == want and all(f"note: {n}" in advice.summary() for n in want)
+    report = ns.compare(f, q, data, progress=False)  # compare's own note, the same words
+    assert any(n.startswith("model output: the metrics read `output['last_hidden_state']`")
+               for n in report.notes)

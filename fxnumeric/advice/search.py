@@ -35,7 +35,7 @@ from torch.ao.quantization.quantization_mappings import (
 )
 
 from .. import flows
-from .._tensors import dequantize_all, model_output
+from .._tensors import after_loss, dequantize_all, model_output, output_part, part_note
 from ..capture.export import is_export_graph
 from ..capture.wrappers import model_to_compare
 from ..errors import (
@@ -294,6 +294,14 @@ def _resolve_metric(metric: str | EndMetric, model: Any = None,
     raise InputError(f"metric must be a name or a function, got {metric!r}")
 
 
+def _padding_note(padded: int, positions: int) -> str:
+    """What a built-in end metric left out of the model output (:meth:`_Metric.read`)."""
+    if not padded:
+        return ""
+    return (f"model output: the end metric reads real tokens only (attention_mask): {padded} "
+            f"of its {positions} positions ({padded / positions:.0%}) are padding, left out")
+
+
 def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([o.reshape(-1) for o in outputs])
 
@@ -366,6 +374,9 @@ class _Search:
         self.evaluations = 0
         self.failed: dict[str, str] = {}  # {hybrid: why}: hybrids an op of failed in
         self._references: list[Any] | None = None
+        self.notes: tuple[str, ...] = ()
+        """What the end metric reads of the model output, read with the references
+        (:meth:`references`): one of several tensors it returns, its real tokens only."""
         self._bar: Progress | None = None  # one bar for the whole search, its total grows
         regions = {path for m in matchings.values() for r in m.regions
                    for path in (r.float_path, r.quant_path)}
@@ -383,8 +394,24 @@ class _Search:
         """The float model's outputs, as the metric keeps them, per batch (computed once)."""
         if self._references is None:
             model = self.runner.captured("float")
-            self._references = [self.metric.reference(self.runner.run(model, b, "float"), b)
-                                for b in self.batches]
+            references, padded, positions = [], 0, 0
+            for index, batch in enumerate(self.batches):
+                output = self.runner.run(model, batch, "float")
+                if index == 0:
+                    part, tensors = output_part(output)
+                    first = part_note(part, tensors, after_loss(output) is not output,
+                                      "the end metric reads")
+                if self.metric.fn in END_METRICS.values():  # read over real tokens (read)
+                    value = _as_output(output)
+                    real = output_mask(value, batch, self.metric.reader)[0] \
+                        if value.dim() >= 2 else None
+                    if real is not None:
+                        positions += real.numel()
+                        padded += real.numel() - int(real.sum())
+                references.append(self.metric.reference(output, batch))
+            self._references = references
+            self.notes = tuple(note for note in (first, _padding_note(padded, positions))
+                               if note)
             self._check_references(self._references)
             self.runner.probe(self.batches[0])  # the qparams crossing into quantized graphs
         return self._references
@@ -672,6 +699,10 @@ class Sensitivity:
     layers (a decoder layer dispatched by accelerate with ``preload_module_classes``): its
     quantized layers are one entry of :attr:`layers`, swapped together
     (:func:`fxnumeric.advice.hybrid.called_whole`)."""
+    notes: tuple[str, ...] = ()
+    """What the end metric reads of the model output, where that is not all of it: one of
+    several tensors the model returns (a ``BertModel``'s ``last_hidden_state``, not its
+    ``pooler_output``), its real tokens only (padding left out); :meth:`table` shows them."""
 
     def __repr__(self) -> str:
         named, why = self._most_sensitive()
@@ -774,7 +805,8 @@ class Sensitivity:
                                                    else "failed in an op") + " (see .failed)"
                          for hybrid, why in self.failed)
         return text_table(table, headers, tablefmt, apart=True, floatfmt=".4g") + (
-            f"\nquantized model: {self.metric} {shown(self.quantized)}") + failed
+            f"\nquantized model: {self.metric} {shown(self.quantized)}") + failed + "".join(
+            f"\nnote: {note}" for note in self.notes)
 
 
 def _finite(x: float) -> float:
@@ -879,7 +911,8 @@ def sensitivity(
     )
     return Sensitivity(search.metric_name, values[0], entries, len(search.batches), skipped,
                        search.metric.higher_is_better, tuple(search.failed.items()),
-                       search.float_value(), called_whole(search.matching, names))
+                       search.float_value(), called_whole(search.matching, names),
+                       search.notes)
 
 
 @dataclass(frozen=True)
@@ -961,6 +994,9 @@ class Advice:
     failed: tuple[tuple[str, str], ...] = ()
     """``(hybrid, reason)`` for the hybrids of the search an op failed in (see
     :attr:`Sensitivity.failed`): their metric read NaN, so the search did not keep them."""
+    notes: tuple[str, ...] = ()
+    """What the end metric reads of the model output, where that is not all of it
+    (:attr:`Sensitivity.notes`); :meth:`summary` shows them."""
     converted: tuple[str, ...] = ()
     """Module paths of the layers the float model holds as transformers ``Conv1D`` (GPT-2)
     and the quantized model as ``nn.Linear``, converted to be quantized: the lines name them,
@@ -1279,6 +1315,7 @@ class Advice:
         parts = [self.message, "", self.table()]
         if self.converted:
             parts += ["", f"note: {self._converted_text()}"]
+        parts += [f"note: {note}" for note in self.notes]
         if self.variants and self.flow in ("torchao", ""):
             parts += ["", "torchao: quantize_(model, advice.to_torchao(configs), filter_fn=None) "
                       "with configs = {variant: its torchao config}, i.e.",
@@ -1431,7 +1468,7 @@ def _advise_variants(search: _Search, target: float, layers: Iterable[str] | Non
                                    if len(search.runner.variants) == 1 else ()),
                   torchao_weights=(quantized_weights(search.matching.quant_model)
                                    if len(search.runner.variants) == 1 else ()),
-                  failed=tuple(search.failed.items()),
+                  failed=tuple(search.failed.items()), notes=search.notes,
                   converted=converted_layers(search.matching.float_model,
                                              search.matching.quant_model))
 
@@ -1654,6 +1691,6 @@ def _advise_float(search: _Search, target: float, max_float_layers: int | None,
                   dynamic=dynamic_spec(search.matching.quant_model),
                   torchao_modules=quantized_paths(search.matching.quant_model),
                   torchao_weights=quantized_weights(search.matching.quant_model),
-                  failed=tuple(search.failed.items()),
+                  failed=tuple(search.failed.items()), notes=search.notes,
                   converted=converted_layers(search.matching.float_model,
                                              search.matching.quant_model))
