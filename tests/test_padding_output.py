@@ -228,7 +228,7 @@ def test_sensitivity_and_advise_say_what_of_the_output_the_end_metric_reads():
     assert returned == ["last_hidden_state", "pooler_output"]  # the oracle: what it returns
     masks = torch.cat([b["attention_mask"] for b in data])
     padded, positions = int((masks == 0).sum()), masks.numel()
-    want = (f"model output: the end metric reads `output['last_hidden_state']`, one of the 2 "
+    want = ("model output: the end metric reads `output['last_hidden_state']`, one of the 2 "
             "tensors the model returns (the first); the rest are not compared",
             f"model output: the end metric reads real tokens only (attention_mask): {padded} "
             f"of its {positions} positions ({padded / positions:.0%}) are padding, left out")
