@@ -169,8 +169,7 @@ def layer_weight_steps(region: Any, pair: Any, read: torch.Tensor | None = None,
                 values = values.dequantize() if values.is_quantized else values
                 scale = flows.input_scale(module)
                 if scale is not None:  # the weight the op stores: the one it reads, unscaled
-                    values = values / scale.reshape(1, -1, *([1] * (values.dim() - 2))) \
-                        if scale.numel() > 1 else values / scale.reshape(())
+                    values = values / flows.per_input_channel(scale, values)
                 fan_in = math.prod(weight.shape[1:])  # subclasses index no row (torchao)
                 return float(steps.mean()), fan_in, _energy64(values)
     return _functional_steps(region, pair)

@@ -546,6 +546,32 @@ def _discrete(x: torch.Tensor) -> bool:
     return not (x.is_floating_point() or x.is_complex() or x.is_quantized)
 
 
+def _checked(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``blocks``, each refused unless both are floating and of one shape."""
+    for ref, actual in blocks:
+        if ref.shape != actual.shape or _discrete(ref) or _discrete(actual):
+            raise InternalError(f"update_rows reads floating blocks of one shape, got "
+                                f"{tuple(ref.shape)} and {tuple(actual.shape)}")
+        yield ref, actual
+        del ref, actual  # before the next block is made
+
+
+def _row_chunks(ref: torch.Tensor, actual: torch.Tensor, index: torch.Tensor
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows ``index`` of two ``(rows, width)`` tensors, a chunk of at most :data:`_CHUNK`
+    values at a time: a view where the chunk's rows are consecutive, else a copy of that
+    chunk's rows alone."""
+    step = max(1, _CHUNK // max(ref.shape[1], 1))
+    for start in range(0, index.numel(), step):
+        chunk = index[start:start + step]
+        first, last = int(chunk[0]), int(chunk[-1])
+        if last - first + 1 == chunk.numel():
+            yield ref[first:last + 1], actual[first:last + 1]
+        else:
+            yield ref[chunk], actual[chunk]
+
+
 @dataclass(frozen=True)
 class _Sums:
     """One update's sums (:meth:`Accumulator.update`): every field but the error's range
@@ -680,23 +706,12 @@ class Accumulator:
         width = math.prod(ref.shape[rows.dim():])
         flat_ref, flat_actual = ref.reshape(-1, width), actual.reshape(-1, width)
         index = rows.reshape(-1).nonzero().squeeze(1).to(flat_ref.device)
-        step = max(1, _CHUNK // max(width, 1))
-        total = _Sums(0.0, 0.0, 0.0, 0.0, 0, math.inf, -math.inf)
-        for start in range(0, index.numel(), step):
-            chunk = index[start:start + step]
-            first, last = int(chunk[0]), int(chunk[-1])
-            if last - first + 1 == chunk.numel():
-                r_rows, a_rows = flat_ref[first:last + 1], flat_actual[first:last + 1]
-            else:
-                r_rows, a_rows = flat_ref[chunk], flat_actual[chunk]
-            total = total.plus(self._sums(r_rows, a_rows, None))
-        if not total.count:
-            total = _Sums(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
+        total = self._total(_row_chunks(flat_ref, flat_actual, index))
         whole = ((flat_ref[index], flat_actual[index]) if self.custom or self.kept is not None
                  else None)
         if self.kept is not None and whole is not None:
             self.kept.append((whole[0].detach(), whole[1].detach()))
-        self._add(total)
+        self._add(total if total is not None else _Sums(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0))
         if whole is not None:
             self._add_custom(*whole)
 
@@ -723,20 +738,23 @@ class Accumulator:
         if not self.additive:
             raise InternalError("update_rows sums blocks: an accumulator with custom metrics "
                                 "or kept tensors needs the whole tensors (update)")
-        total: _Sums | None = None
-        for ref, actual in blocks:
-            if ref.shape != actual.shape or _discrete(ref) or _discrete(actual):
-                raise InternalError(f"update_rows reads floating blocks of one shape, got "
-                                    f"{tuple(ref.shape)} and {tuple(actual.shape)}")
-            sums = self._sums(ref, actual, None)
-            total = sums if total is None else total.plus(sums)
-            del ref, actual, sums  # the block's values go before the next block is made
+        total = self._total(_checked(blocks))
         if total is None:
             return
         if actual_energy is not None:
             total = _Sums(total.signal, total.noise, actual_energy, total.dot, total.count,
                           total.low, total.high)
         self._add(total)
+
+    def _total(self, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> _Sums | None:
+        """The sums of ``(ref, actual)`` blocks of one update's values, added (``None`` for
+        no block); each block is read before the next is asked for."""
+        total: _Sums | None = None
+        for ref, actual in blocks:
+            sums = self._sums(ref, actual, None)
+            total = sums if total is None else total.plus(sums)
+            del ref, actual, sums  # the block's values go before the next block is made
+        return total
 
     def _sums(self, ref: torch.Tensor, actual: torch.Tensor, actual_energy: float | None
               ) -> _Sums:

@@ -182,13 +182,18 @@ class _Metric:
         cosine, which then read real tokens alone (NaN a model leaves at padding included).
         A function of your own gets the output as it is. Zeroing twice changes nothing."""
         out = _as_output(output)
-        if self.fn not in END_METRICS.values() or out.dim() < 2:
-            return out
-        real = output_mask(out, batch, self.reader)[0]
+        real = self.real_rows(out, batch)
         if real is None or bool(real.all()):
             return out
         return out.masked_fill(~real.reshape(*real.shape, *(1,) * (out.dim() - real.dim())),
                                0)
+
+    def real_rows(self, out: torch.Tensor, batch: Any) -> torch.Tensor | None:
+        """The rows of model output ``out`` a built-in metric reads (:meth:`read`): its real
+        tokens, where the batch's ``attention_mask`` fits them; ``None``: every row."""
+        if self.fn not in END_METRICS.values() or out.dim() < 2:
+            return None
+        return output_mask(out, batch, self.reader)[0]
 
     def start(self) -> _MetricRun:
         return _MetricRun(self)
@@ -401,13 +406,11 @@ class _Search:
                     part, tensors = output_part(output)
                     first = part_note(part, tensors, after_loss(output) is not output,
                                       "the end metric reads")
-                if self.metric.fn in END_METRICS.values():  # read over real tokens (read)
-                    value = _as_output(output)
-                    real = output_mask(value, batch, self.metric.reader)[0] \
-                        if value.dim() >= 2 else None
-                    if real is not None:
-                        positions += real.numel()
-                        padded += real.numel() - int(real.sum())
+                real = (self.metric.real_rows(_as_output(output), batch)
+                        if self.metric.fn is not None else None)
+                if real is not None:
+                    positions += real.numel()
+                    padded += real.numel() - int(real.sum())
                 references.append(self.metric.reference(output, batch))
             self._references = references
             self.notes = tuple(note for note in (first, _padding_note(padded, positions))

@@ -53,7 +53,7 @@ __all__ = [
     "Flow", "BatchNormParams", "FLOWS", "normalise_model", "is_leaf_module", "classify",
     "is_quantized", "is_quantized_module",
     "pair_name", "layer_name", "op_name", "scope", "failure_hint", "dynamic_input",
-    "input_scale",
+    "input_scale", "per_input_channel",
     "module_type", "weight_input", "recurrent_weight_inputs",
     "weight_scale",
     "batch_norm_params", "comparable_weight", "weight_grid", "WeightGrid",
@@ -255,6 +255,14 @@ def fake_quant_enabled(module: nn.Module) -> bool:
     the flag always quantizes). Switched off, it passes its input through, as an observer."""
     enabled = getattr(module, "fake_quant_enabled", None)
     return enabled is None or bool(enabled[0])
+
+
+def per_input_channel(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An :func:`input_scale` (flat, or one value) shaped to multiply ``weight`` (out, in,
+    ...) per input channel."""
+    if scale.numel() == 1:
+        return scale.reshape(())
+    return scale.reshape(1, -1, *([1] * (weight.dim() - 2))).to(weight.device)
 
 
 def _flows() -> tuple[Flow, ...]:

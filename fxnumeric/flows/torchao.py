@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._tensors import stores_floats
-from . import Flow, WeightGrid
+from . import Flow, WeightGrid, per_input_channel
 from .fx import functional_weight, weight_owner
 
 __all__ = ["TorchaoFlow", "is_torchao_tensor", "holds_torchao_tensors", "is_qat_layer",
@@ -238,7 +238,7 @@ class TorchaoFlow(Flow):
         else:
             values = inner.dequantize().detach().float()
         pre = _pre_scale(inner)
-        return values if pre is None else values * _per_input(pre, values)
+        return values if pre is None else values * per_input_channel(pre, values)
 
 
 _WRAPPED = "original_weight_tensor"
@@ -260,13 +260,6 @@ def _pre_scale(weight: Any) -> torch.Tensor | None:
     """A torchao weight's ``act_pre_scale``, flat in float32, or ``None``."""
     scale = getattr(weight, "act_pre_scale", None) if is_torchao_tensor(weight) else None
     return scale.detach().reshape(-1).float() if isinstance(scale, torch.Tensor) else None
-
-
-def _per_input(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``scale`` (flat) shaped to multiply ``weight`` (out, in, ...) per input channel."""
-    if scale.numel() == 1:
-        return scale.reshape(())
-    return scale.reshape(1, -1, *([1] * (weight.dim() - 2))).to(weight.device)
 
 
 def _bits(weight: Any) -> int | None:
