@@ -20,6 +20,16 @@ op, against the other thread's work, and a model forward in a second thread ran 
 on two cores (SmolLM2, bfloat16). A batch whose float values fit in the budget runs as before,
 in one thread.
 
+Memory. Each thread allocates from a glibc heap of its own, and glibc keeps what a thread frees
+for that thread's later allocations: in turns, the process would hold the free pages of two
+heaps beside the values alive. Every time the turn passes (and when turns start and end), the
+free pages of every heap go back to the system (``malloc_trim(0)``, where the C library has it;
+values alive are untouched). Measured as the peak RSS above the live memory before the call
+(``benchmarks/README.md``): a 512-token SmolLM2 sequence, float32 under int8 weight-only, went
+from 470-478 MiB to 317-318 MiB in the same time (other configurations read the same before and
+after: their peak is elsewhere); a torchvision resnet18 batch of 16 images, which takes turns
+too, peaks 100-180 MiB lower for 5-9% more CPU time (pages faulted in again).
+
 Errors keep the order of a sequential run: the float model's error wins (it runs first); the
 quantized model's error is raised once the float forward has ended.
 """
@@ -27,6 +37,8 @@ quantized model's error is raised once the float forward has ended.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +99,7 @@ class Lockstep:
                 self._turn.notify_all()
 
     def _hand_over(self, to: str, me: str) -> None:
+        return_free_pages()  # what ``me`` freed since it last held the turn goes back
         with self._turn:
             self._holder = to
             self._turn.notify_all()
@@ -95,6 +108,7 @@ class Lockstep:
     def _resume_quant(self) -> None:
         """Caller's thread: the quantized side runs until it waits or ends."""
         if self._helper is None:
+            return_free_pages()  # turns start: what the caller's heap keeps free goes back
             self._helper = threading.Thread(target=self._quant_side, name="fxnumeric-quant",
                                             daemon=True)
             with self._turn:
@@ -138,6 +152,7 @@ class Lockstep:
         while not self.quant_done:
             self._hand_over(_QUANT, _FLOAT)
         self._helper.join()
+        return_free_pages()  # what the helper's heap keeps free is not the next batch's
         if self._error is not None:
             raise self._error
         return self._result
@@ -151,6 +166,24 @@ class Lockstep:
         while not self.quant_done:
             self._hand_over(_QUANT, _FLOAT)
         self._helper.join()
+
+
+def return_free_pages() -> None:
+    """Give the free pages of every glibc heap back to the system; nothing where the C library
+    has no ``malloc_trim`` (musl, macOS, Windows)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # no such symbol; no process handle (Windows)
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def _nbytes(value: Any) -> int:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import pathlib
+import platform
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -482,6 +486,73 @@ def test_turns_change_no_value(tiny_budget, monkeypatch):
     assert [b.name for b in turns.blocks] == [b.name for b in whole.blocks]
     for a, b in zip(turns.blocks, whole.blocks, strict=True):
         assert a.output == b.output and a.shadow == b.shadow, a.name
+
+
+def test_turns_give_free_pages_back_at_every_switch(tiny_budget, monkeypatch):
+    lockstep = __import__("importlib").import_module("fxnumeric.lockstep")
+    trims, switches = [], []
+    monkeypatch.setattr(lockstep, "return_free_pages", lambda: trims.append(1))
+    hand_over = lockstep.Lockstep._hand_over
+    monkeypatch.setattr(lockstep.Lockstep, "_hand_over",
+                        lambda self, to, me: switches.append(to) or hand_over(self, to, me))
+    f, q, _, _ = _counted_pair()
+    ns.compare(f, q, [torch.randn(32, 256) for _ in range(3)], comparisons=("outputs",),
+               progress=False)
+    # per batch: when turns start and end, and each time the turn passes
+    assert len(switches) >= 3 and len(trims) == len(switches) + 2 * 3
+    trims.clear()
+    compare_module = __import__("importlib").import_module("fxnumeric.compare")
+    monkeypatch.setattr(compare_module, "LOCKSTEP_MIN", 1 << 60)
+    ns.compare(f, q, [torch.randn(32, 256) for _ in range(3)], comparisons=("outputs",),
+               progress=False)
+    assert trims == []  # a batch within the budget runs in one thread, and keeps its heap
+
+
+_HEAP_LEFT_FREE = """
+import copy, importlib, os, sys
+import torch, torch.nn as nn
+import fxnumeric as ns
+
+sys.path.insert(0, {tests!r})
+from test_sums_and_memory import _Chain
+
+torch.set_num_threads(1)
+compare = importlib.import_module("fxnumeric.compare")
+compare.LOCKSTEP_MIN, compare.LOCKSTEP_SHARE = 1, 1 << 40  # every batch takes turns
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+torch.manual_seed(0)
+f = _Chain(256).eval()
+q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {{nn.Linear}})
+batches = [torch.randn(32, 256)]
+ns.compare(f, q, batches, comparisons=("outputs",), progress=False)  # warm
+# glibc raises its mmap threshold past a freed 8 MiB block: the 1 MiB blocks below then come
+# from the heap, and once freed under a block still alive they stay resident there
+del_me = torch.empty(8 << 20, dtype=torch.uint8).fill_(1)
+del del_me
+left = [torch.empty(1 << 20, dtype=torch.uint8).fill_(1) for _ in range(128)]
+pin = torch.empty(1 << 20, dtype=torch.uint8).fill_(1)
+del left
+before = rss()
+ns.compare(f, q, batches, comparisons=("outputs",), progress=False)
+print((before - rss()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's heaps and /proc/self/statm")
+def test_turns_leave_no_free_heap_resident():
+    # the memory compare's own two threads and the caller's earlier calls leave free in glibc's
+    # heaps goes back to the system: read as the process's resident set, in a fresh process
+    # whose heap holds 128 MiB freed before compare starts
+    script = _HEAP_LEFT_FREE.format(tests=str(pathlib.Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                         text=True, check=True, timeout=300)
+    released_mib = float(out.stdout.split()[-1])
+    assert released_mib > 100, out.stdout
 
 
 class _FailsOnce(nn.Module):
