@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Lockstep"]
+__all__ = ["Lockstep", "return_free_pages"]
 
 _FLOAT, _QUANT = "float", "quantized"
 
