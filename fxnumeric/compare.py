@@ -64,6 +64,7 @@ from .metrics import (
     AccumulatorState,
     MetricFn,
     aminmax,
+    check_precision,
     histogram_counts,
     prepare_actual,
 )
@@ -431,9 +432,11 @@ def compare(
         progress: show progress on stderr: tracing and pairing, the batches, the weight
             comparison (default: when stderr is a terminal or in a Jupyter notebook).
         max_batches: stop after this many batches (a positive int; None: every batch).
-        precision: dtype of the per-batch reductions; sums over batches are always float64
-            (see :mod:`fxnumeric.metrics`). ``torch.float64`` is exact and about six times
-            slower per activation.
+        precision: dtype of the per-batch reductions, ``torch.float32`` or ``torch.float64``
+            (:data:`fxnumeric.metrics.PRECISIONS`; not the models' dtype: half-precision
+            activations are read in float32); sums over batches are always float64 (see
+            :mod:`fxnumeric.metrics`). ``torch.float64`` is exact and about six times slower
+            per activation.
         inputs: what of each batch the models take: an index (``inputs=0`` feeds
             ``batch[0]``, dropping the labels of a ``(x, label)`` loader) or a function
             ``inputs(batch)`` returning the input or a tuple of inputs. Default: the whole
@@ -471,7 +474,8 @@ def compare(
 
     Raises:
         InputError: before any batch runs, when ``data`` is not an iterable of batches, a
-            batch is ``None``, a string, a number or empty, the models have no op in common
+            batch is ``None``, a string, a number or empty, ``precision`` is neither
+            ``torch.float32`` nor ``torch.float64``, the models have no op in common
             (nothing paired) or the "float" model is quantized too (the quantized model
             passed twice). A batch holding NaN/Inf (of a sparse tensor, in its stored
             values) is not an error: it is left out of every
@@ -491,6 +495,7 @@ def compare(
     """
     check_data(data)
     check_max_batches(max_batches)
+    check_precision(precision)
     data = as_batches(data)  # one tensor, or one dict of keyword inputs, is one batch
     ranks = data_parallel(distributed, data)
     if ranks.rank:

@@ -464,3 +464,33 @@ def test_ops_on_python_values_say_what_they_computed_not_that_they_never_ran():
                                           "compare (an op on Python values")
     assert python["sub"].startswith("computes a Python int, not a tensor")
     assert not any("never ran" in r.note for r in report.rows)
+
+
+def test_precision_is_float32_or_float64_and_both_read_the_oracle():
+    """precision is the dtype of the reductions: float32 and float64 read the float64 hook
+    oracle; bfloat16 / float16 (both activations rounded before their difference: a 73.6 dB
+    shadow read 60.6 dB) and an integer dtype (which failed inside the instrumented forward
+    as 'a bug in fxnumeric') are refused before any batch runs, naming what to pass."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear}, dtype=torch.float16)
+    batches = [torch.randn(8, 64) for _ in range(3)]
+    seen: dict[str, list[torch.Tensor]] = {"f": [], "q": []}
+    hooks = [f[2].register_forward_hook(lambda m, i, o: seen["f"].append(o.double())),
+             q[2].register_forward_hook(lambda m, i, o: seen["q"].append(o.double()))]
+    with torch.no_grad():
+        for x in batches:
+            f(x), q(x)
+    for h in hooks:
+        h.remove()
+    ref, act = torch.cat(seen["f"]), torch.cat(seen["q"])
+    oracle = 10 * math.log10(float((ref ** 2).sum() / ((act - ref) ** 2).sum()))
+    assert oracle > 60  # float16 weights: an error bfloat16's rounding would swamp
+    for precision in (torch.float32, torch.float64):
+        report = ns.compare(f, q, batches, comparisons=["outputs"], precision=precision)
+        assert report.row("2").output_sqnr == pytest.approx(oracle, rel=1e-6), precision
+    for precision, shown in ((torch.bfloat16, "torch.bfloat16"), (torch.float16, "torch.float16"),
+                             (torch.int8, "torch.int8"), ("float64", "'float64'")):
+        with pytest.raises(ns.InputError, match=rf"precision={shown}: pass torch\.float32 "
+                                                 r"\(the default; .*\) or torch\.float64"):
+            ns.compare(f, q, batches, precision=precision)
