@@ -37,7 +37,7 @@ __all__ = ["run_model", "as_batches", "as_args", "as_call", "check_model", "chec
            "keeps_buffers",
            "model_batches", "numbered_batches", "check_data", "check_batch", "nonfinite_inputs",
            "batch_tensors", "check_max_batches",
-           "run_blaming_inside", "failure_site", "module_frames"]
+           "run_blaming_inside", "failure_site", "node_site", "module_frames", "precision_hint"]
 
 _BATCH_IS = ("a batch must be a tensor, a tuple or list of positional inputs, or a dict of "
              "keyword inputs, holding at least one non-empty tensor (one in an object's "
@@ -384,7 +384,7 @@ def run_model(model: nn.Module, batch: Any, *, which: str = "model", own: bool =
         shapes = ", ".join([_describe(a) for a in args]
                            + [f"{k}={_describe(v)}" for k, v in kwargs.items()])
         hint = (_left_out_hint(model, args, kwargs) or flows.failure_hint(exc)
-                or _precision_hint(model, exc))
+                or precision_hint(exc))
         site = failure_site(model, exc)
         where = f" {site}" if site else ""
         if ran:
@@ -417,14 +417,24 @@ def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     return nn.Module.__call__(model, *args, **kwargs)
 
 
-def _precision_hint(model: nn.Module, exc: BaseException) -> str | None:
+def precision_hint(exc: BaseException | None) -> str | None:
     """Why a module of torch's own quantization (``quantize_dynamic``'s, eager's, FX's)
-    rejected half-precision values, or ``None``: its kernels take float32 alone."""
-    message = str(exc)
+    rejected half-precision values, or ``None``: its kernels take float32 alone. Read off
+    the innermost module running in ``exc``'s traceback, whoever called it (the user's model,
+    or a hybrid's interpreter). The one wording of every message about it: compare's
+    (:func:`run_model`), and sensitivity's and advise's
+    (:meth:`fxnumeric.advice.hybrid.HybridRunner.run`)."""
+    message = str(exc) if exc is not None else ""
     if "BFloat16" not in message and "Half" not in message:
         return None
-    frames = module_frames(model, exc)
-    if not frames or not type(frames[-1][1]).__module__.startswith("torch.ao.nn.quantized"):
+    innermost = None
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if isinstance(module, nn.Module):
+            innermost = module
+        tb = tb.tb_next
+    if innermost is None or not type(innermost).__module__.startswith("torch.ao.nn.quantized"):
         return None
     return ("torch's quantized modules (quantize_dynamic's, eager's and FX's) compute in "
             "float32 alone: quantize a float32 copy of the model (model.float()) and compare "
@@ -461,11 +471,19 @@ def failure_site(model: nn.Module, exc: BaseException) -> str:
     path, module, tb = frames[-1]
     node = _node_at(module, tb)
     if node is not None:
-        scope = flows.scope(node)
-        of = f" of module `{scope}`" if scope else ""
-        inside = f" inside `{path}`" if path and path != scope else ""
-        return f"at node `{node.name}` ({_target(node)}){of}{inside}"
+        return f"at {node_site(node, path)}"
     return f"in module `{path}` ({type(module).__name__})" if path else ""
+
+
+def node_site(node: fx.Node, path: str = "") -> str:
+    """``node`` as a message names it: ``node `matmul` (torch.matmul)``, with the module of
+    the user's model it came from (``nn_module_stack``) when known, and ``path``, the module
+    whose graph it is in, when that is another."""
+    scope = flows.scope(node)
+    called = node.op == "call_module" and scope == node.target  # `fc` (module `fc`)
+    of = f" of module `{scope}`" if scope and not called else ""
+    inside = f" inside `{path}`" if path and path != scope else ""
+    return f"node `{node.name}` ({_target(node)}){of}{inside}"
 
 
 def module_frames(model: nn.Module, exc: BaseException | None

@@ -1461,6 +1461,31 @@ def test_a_quantized_model_that_fails_by_itself_is_not_blamed_on_a_hybrid() -> N
             call()
 
 
+
+def test_a_bfloat16_model_quantized_by_quantize_dynamic_is_told_to_use_float32() -> None:
+    # sensitivity/advise printed the raw FX node (`%0 : [num_users=1] = call_module[...]`)
+    # and lacked compare's hint: torch's dynamic Linear computes in float32 alone
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval().to(torch.bfloat16)
+    q = quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    data = [torch.randn(4, 16, dtype=torch.bfloat16) for _ in range(2)]
+    with pytest.raises(RuntimeError, match="BFloat16"):  # the oracle: torch's own refusal
+        with torch.no_grad():
+            q(data[0])
+    with pytest.raises(InputError) as compared:
+        fxnumeric.compare(f, q, data, progress=False)
+    hint = compared.value.args[0].rpartition("outside fxnumeric. ")[2]
+    assert hint.startswith("torch's quantized modules (quantize_dynamic's, eager's and FX's) "
+                           "compute in float32 alone: quantize a float32 copy of the model")
+    for call in (lambda: sensitivity(f, q, data, "sqnr", progress=False),
+                 lambda: advise(f, q, data, metric="sqnr", target=20, progress=False)):
+        with pytest.raises(InputError) as raised:
+            call()
+        message = raised.value.args[0]
+        assert message.startswith("the quantized model failed on the input at node `_0` "
+                                  "(module `0`): RuntimeError: ")
+        assert "BFloat16" in message and "%" not in message and message.endswith(hint)
+
 class _StaticLstm(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -52,7 +52,7 @@ from ..instrument.graph import carried_op, stand_ins
 from ..match import Matching, Pair, Region
 from ..offload import whole_modules
 from ..pairing import op_name
-from ..run import graph_signature, module_frames, run_model
+from ..run import graph_signature, module_frames, node_site, precision_hint, run_model
 from ..semantics import fetch_attr, is_dequantize, with_values, writes_first_input
 
 __all__ = ["Swap", "HybridRunner", "HybridFailure", "layer_names", "whole_of", "called_whole",
@@ -291,14 +291,17 @@ class HybridFailure(InstrumentationError):
     hybrid's metric as NaN (:meth:`fxnumeric.advice.search._Search.evaluate`).
 
     Attributes:
-        op: the op that raised: ``node `...``` (``format_node``) or ``module `path```.
+        op: the op that raised: ``node `fc` (module `fc`)`` (:func:`fxnumeric.run.node_site`)
+            or ``module `path```.
         error: the op's exception, its type and first line.
         nonfinite: whether the op's input held NaN/Inf.
         why: what that means and what to do.
+        hint: what to do where a module of torch's own quantization refused half-precision
+            values (:func:`fxnumeric.run.precision_hint`), or ``None``.
     """
 
-    def __init__(self, op: str, error: str, nonfinite: bool) -> None:
-        self.op, self.error, self.nonfinite = op, error, nonfinite
+    def __init__(self, op: str, error: str, nonfinite: bool, hint: str | None = None) -> None:
+        self.op, self.error, self.nonfinite, self.hint = op, error, nonfinite, hint
         self.why = (
             "its input holds NaN/Inf in this hybrid: a layer swapped (or kept quantized next "
             "to it) makes them, and this op refuses them (fxnumeric.diagnose names the layer "
@@ -830,15 +833,16 @@ class HybridRunner:
         try:
             return run_model(model, batch, which=which)
         except _NodeFailure as failure:
+            hint = precision_hint(failure.__cause__)
             if which in ("float", "quantized"):  # nothing swapped: the model itself failed
                 raise InputError(
-                    f"the {which} model failed on the input at node "
-                    f"`{failure.node.format_node()}`: {failure.message}\nCheck that the model "
-                    "runs on this batch outside fxnumeric (its weights, its input shape and "
-                    "dtype): no layer was swapped"
+                    f"the {which} model failed on the input at {node_site(failure.node)}: "
+                    f"{failure.message}\nCheck that the model runs on this batch outside "
+                    "fxnumeric (its weights, its input shape and dtype): no layer was swapped."
+                    + (f" {hint}" if hint else "")
                 ) from failure.__cause__
-            raise HybridFailure(f"node `{failure.node.format_node()}`", failure.message,
-                                failure.nonfinite) from failure.__cause__
+            raise HybridFailure(node_site(failure.node), failure.message,
+                                failure.nonfinite, hint) from failure.__cause__
         except InputError as error:
             # a module the model's own code calls raised (a module-tree capture: no
             # interpreter runs it), which run_model reads as the input's fault; the float

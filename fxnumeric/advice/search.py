@@ -571,7 +571,8 @@ class _Search:
                 f"the {'float' if base == 'float' else 'quantized'} model failed on batch "
                 f"{number} of data in {failure.op}: {failure.error}\nCheck that the model "
                 "runs on this batch outside fxnumeric (its weights, its input shape and "
-                "dtype): no layer was swapped") from failure
+                "dtype): no layer was swapped." + (f" {failure.hint}" if failure.hint else "")
+            ) from failure
         paths = list(dict.fromkeys(module_path(self.matching, s.name) for s in swaps))
         shown_paths = ", ".join(f"`{p}`" for p in paths)
         hybrid = (f"the float model with {shown_paths} quantized" if base == "float"
