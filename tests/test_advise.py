@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import re
 import warnings
 
 import pytest
@@ -3270,3 +3271,64 @@ def test_the_message_shows_the_values_with_the_digits_of_the_curve_table():
     rows = advice.table().splitlines()[2:]
     assert [row.split()[-1] for row in rows] == ["0.99985", "0.99989", "0.999951"]
     assert advice.message.endswith("score 0.999951 >= 0.99995 (quantized: 0.99985)")
+
+
+class _OverflowNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.r, self.c2 = nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)
+        self.fc1, self.fc2 = nn.Linear(8 * 12 * 12, 64), nn.Linear(64, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.r(self.c2(self.r(self.c1(x)))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.r(self.fc1(self.features(x))))
+
+
+def test_a_float16_quantized_layer_that_overflows_is_named_in_sensitivity_and_advise() -> None:
+    # sensitivity read nan / -inf with no note and an empty `failed`, and advise kept every
+    # layer float without a reason, where compare and diagnose named fc1 (sweepAV finding 3)
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    from fxnumeric.advice.diagnose import MAKES_NONFINITE, MAKES_NONFINITE_FIX
+
+    torch.manual_seed(0)
+    f = _OverflowNet().eval().to(torch.float16)
+    q = copy.deepcopy(f)
+    quantize_(q, Int8DynamicActivationInt8WeightConfig())
+    data = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)).half()
+            for i in range(5)]
+    data[3] = data[3] * 3000  # finite, and the float model stays finite on it
+    # the oracle, read off the layers directly: on batch 3 alone, torchao's fc1 in the
+    # quantized model and its fc2 fed the float model's values output Inf from finite input
+    with torch.no_grad():
+        assert all(bool(torch.isfinite(f(x)).all()) for x in data)
+        into_fc1 = q.features(data[3])
+        into_fc2 = f.r(f.fc1(f.features(data[3])))
+        assert bool(torch.isfinite(into_fc1).all()) and bool(torch.isfinite(into_fc2).all())
+        assert not bool(torch.isfinite(q.fc1(into_fc1)).all())
+        assert not bool(torch.isfinite(q.fc2(into_fc2)).all())
+        assert bool(torch.isfinite(f.fc2(into_fc2)).all())
+        only_fc2 = copy.deepcopy(f)  # the hybrid by hand: the float model with fc2 quantized
+        only_fc2.fc2 = q.fc2
+        assert [bool(torch.isfinite(only_fc2(x)).all()) for x in data] == [True] * 3 + [False, True]
+    named = (r"the quantized output of `fc1` \(batch 3 of data\), `fc2` \(batch 3 of data\) "
+             r"holds NaN/Inf from finite input, where the float model's output is finite: ")
+    s = sensitivity(f, q, data, "sqnr", progress=False)
+    assert math.isnan(s.quantized) and s.failed == ()
+    a = advise(f, q, data, metric="sqnr", target=30, progress=False)
+    for notes in (s.notes, a.notes):
+        (note,) = [n for n in notes if "NaN/Inf" in n]
+        assert re.match(named, note), note
+        assert MAKES_NONFINITE in note and note.endswith(f"Fix, for each: {MAKES_NONFINITE_FIX}")
+        assert "compute in float32" in note
+    assert "note: the quantized output of `fc1`" in a.summary()
+    # diagnose's flag on fc1 says it in the same words
+    flags = [flag for layer in fxnumeric.diagnose(f, q, data, progress=False).layers
+             for flag in layer.flags if flag.code == "nonfinite"]
+    assert MAKES_NONFINITE in flags[0].text and flags[0].fix == MAKES_NONFINITE_FIX
+    # on finite outputs no such note
+    finite = [x for i, x in enumerate(data) if i != 3]
+    assert not any("NaN/Inf" in n for n in sensitivity(f, q, finite, "sqnr", progress=False).notes)

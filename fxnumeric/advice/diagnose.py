@@ -898,6 +898,18 @@ def _own_error(local: float) -> str:
     return f"little (local SQNR {local:.1f} dB)"
 
 
+MAKES_NONFINITE = "the quantized layer makes them"
+"""What a quantized layer whose output holds NaN/Inf from finite input is told (its float
+twin's stays finite): diagnose's flag and sensitivity's and advise's note say it alike."""
+
+MAKES_NONFINITE_FIX = (
+    "check its quantized weight, bias and scales for NaN/Inf or a zero scale; in float16 (or "
+    "bfloat16) its quantized kernel may overflow where the float layer does not (float16 ends "
+    "at 65504): keep it float, or compute in float32 (quantize a float32 copy of the model, "
+    "model.float()); or requantize it")
+"""What to do about such a layer (:data:`MAKES_NONFINITE`)."""
+
+
 def _nonfinite_flag(s: _Sums, float_weight: bool = False) -> Flag | None:
     """Where a layer's values hold NaN/Inf, and from which side, if they do
     (``float_weight``: the layer's float weight holds NaN/Inf itself)."""
@@ -907,10 +919,8 @@ def _nonfinite_flag(s: _Sums, float_weight: bool = False) -> Flag | None:
     if s.quant_nonfinite and not s.local_nonfinite:
         return Flag("nonfinite",
                     f"the quantized layer's output holds NaN/Inf in {s.quant_nonfinite} {of} "
-                    "while its float twin, fed the same input, stays finite: the quantized layer "
-                    "makes them",
-                    "check its quantized weight, bias and scales for NaN/Inf or a zero scale; "
-                    "requantize it, or keep it float")
+                    f"while its float twin, fed the same input, stays finite: {MAKES_NONFINITE}",
+                    MAKES_NONFINITE_FIX)
     if s.local_nonfinite and s.quant_nonfinite:
         return Flag("nonfinite",
                     f"the values this layer reads already hold NaN/Inf ({s.quant_nonfinite} "

@@ -506,7 +506,10 @@ class _SwapInterpreter(_RegionInterpreter):
             return None
         if n in self.dropped:
             return self.env[self.dropped[n]]  # an edge only float layers asked to quantize
-        return super().run_node(n)
+        value = super().run_node(n)
+        if self.runner.watch is not None:
+            self.runner._watched(n, value, self.env)
+        return value
 
 
 def _modules_called(gm: fx.GraphModule, calls: nn.Module | None) -> dict[str, nn.Module] | None:
@@ -584,6 +587,10 @@ class HybridRunner:
         # modules and graph, a third of advise's time on inception_v3 when made per swap
         self._swap_runners: dict[fx.GraphModule, _RegionInterpreter] = {}
         self._owned: dict[Region, bool] = {}
+        # while a :meth:`watched` model runs: the layers (module paths) whose quantized op
+        # made NaN/Inf from finite inputs, in the order met; None: nothing is watched
+        self.watch: dict[str, None] | None = None
+        self._quant_layers: dict[fx.Node, str] | None = None
 
     def layer_of(self, name: str, variant: str) -> str | None:
         """Variant ``variant``'s name for layer ``name`` (the one computing the same float
@@ -778,6 +785,47 @@ class HybridRunner:
             for region, found in by_region.items()
         })
 
+    def made_nonfinite(self, base: str, swaps: Iterable[Swap], batch: Any) -> list[str]:
+        """The layers (module paths) whose quantized ops, in the ``base`` model with ``swaps``
+        applied, output NaN/Inf on ``batch`` from finite inputs, in the order they run.
+
+        Every region runs on an interpreter that checks each quantized op's output (and, where
+        it is not finite, its inputs): the error path of a search whose hybrid gave NaN/Inf
+        where the float model did not, not the hybrids' own runs.
+        """
+        swaps = tuple(swaps)
+        by_region: dict[Region, list[Swap]] = {}
+        for swap in swaps:
+            by_region.setdefault(swap.base_graph, []).append(swap)
+        owner = (self._owner[next(iter(by_region))] if by_region and base == "quant"
+                 else self.matching)
+        model = assemble(owner, base, {
+            region: self._build(region, base, tuple(by_region.get(region, ())))
+            for region in owner.regions})
+        self.watch = {}
+        try:
+            self.run(model, batch)
+        except HybridFailure:
+            pass  # an op refused the NaN/Inf: what ran before it was watched
+        finally:
+            found, self.watch = list(self.watch), None
+        return found
+
+    def _watched(self, node: fx.Node, value: Any, env: dict[fx.Node, Any]) -> None:
+        """Note the layer of quantized op ``node`` if its output ``value`` holds NaN/Inf
+        and the inputs it read (in ``env``) do not."""
+        if self._quant_layers is None:
+            self._quant_layers = {
+                n: module_path(m, op_name(pair.name))
+                for m in self.variants.values() for region in m.regions
+                for pair in region.pairs for n in region.chain(pair, "quant")}
+        layer = self._quant_layers.get(node)
+        if (layer is None or self.watch is None or layer in self.watch
+                or not _holds_nonfinite([value])):
+            return
+        if not _holds_nonfinite(env.get(i) for i in node.all_input_nodes):
+            self.watch[layer] = None
+
     def _build(self, region: Region, base: str, swaps: tuple[Swap, ...]) -> Any:
         gm = region.view(base).gm
         if base == "quant":
@@ -879,6 +927,8 @@ class HybridRunner:
         for node in swap.nodes:
             runner.env[node] = (runner.env[dropped[node]] if node in dropped
                                 else runner.run_node(node))
+            if self.watch is not None and node not in dropped:
+                self._watched(node, runner.env[node], runner.env)
         # float on either base: into a quantized base, the quantized readers requantize it
         # as they read it (:class:`_SwapInterpreter`), the float ones read it as it is
         value = dequantize_all(runner.env[swap.other_out])

@@ -66,6 +66,7 @@ from ..report.render import tabulate_format, text_table
 from ..run import check_devices, keeps_buffers, numbered_batches
 from ..storage import dynamic_weight_dtype, is_dynamic_module, module_weights
 from ..weights import transposed_linear, weight_sqnrs
+from .diagnose import MAKES_NONFINITE, MAKES_NONFINITE_FIX
 from .hybrid import (
     HybridFailure,
     HybridRunner,
@@ -235,11 +236,12 @@ class _MetricRun:
         self.refs: list[torch.Tensor] = []
         self.logits = LogitsAccumulator() if metric.fn is None else None
 
-    def add(self, reference: Any, output: Any, batch: Any) -> None:
+    def add(self, reference: Any, output: Any, batch: Any) -> torch.Tensor:
+        """Add a candidate's ``output`` on ``batch``; return what the metric read of it."""
         if self.logits is None:
             self.refs.append(reference)
             self.outputs.append(self.metric.read(output, batch))
-            return
+            return self.outputs[-1]
         candidate = looks_like_logits(output, batch, self.metric.reader.vocab_size)
         if candidate is None:
             candidate = _as_output(output)
@@ -253,6 +255,7 @@ class _MetricRun:
                 "Hugging Face speech model's _get_feature_vector_attention_mask does): the "
                 "metric would read padding as if it were real.\nFix: batches without padding, "
                 "or metric='sqnr'")
+        return candidate
 
     def value(self) -> float:
         if self.logits is not None:
@@ -297,6 +300,45 @@ def _resolve_metric(metric: str | EndMetric, model: Any = None,
     if callable(metric):
         return _Metric(getattr(metric, "__name__", "metric"), True, metric)
     raise InputError(f"metric must be a name or a function, got {metric!r}")
+
+
+def _made_nonfinite(reference: Any, read: Any) -> bool:
+    """Whether ``read`` (what the metric read of a hybrid's output) holds NaN/Inf where
+    ``reference`` (the float model's, as the metric keeps it) is finite; -inf logits both
+    hold (a masked token) are not made by the hybrid."""
+    if not isinstance(read, torch.Tensor) or not (read.is_floating_point() or read.is_complex()):
+        return False
+    if bool(torch.isfinite(read).all()):
+        return False
+    if isinstance(reference, torch.Tensor) and reference.shape == read.shape:
+        return bool((torch.isfinite(reference) & ~torch.isfinite(read)).any())
+    return True
+
+
+def _nonfinite_note(found: Mapping[str, int]) -> tuple[str, ...]:
+    """The note on the quantized layers ``found`` (``{module path: batch number}``) that made
+    NaN/Inf from finite input where the float model's output is finite, in diagnose's words
+    (:data:`~fxnumeric.advice.diagnose.MAKES_NONFINITE`); ``""`` stands for batches where no
+    quantized layer was seen making them."""
+    layers = {layer: number for layer, number in found.items() if layer}
+    notes = []
+    if layers:
+        listed = ", ".join(f"`{layer}` (batch {number} of data)"
+                           for layer, number in list(layers.items())[:5])
+        more = f" and {len(layers) - 5} more" if len(layers) > 5 else ""
+        one = len(layers) == 1
+        notes.append(
+            f"the quantized output of {listed}{more} holds NaN/Inf from finite input, where the "
+            f"float model's output is finite: {MAKES_NONFINITE}, so every model that quantizes "
+            f"{'it' if one else 'one of them'} reads a NaN or infinite metric. "
+            f"Fix{'' if one else ', for each'}: {MAKES_NONFINITE_FIX}")
+    if "" in found:
+        notes.append(
+            f"a hybrid's output holds NaN/Inf on batch {found['']} of data where the float "
+            "model's is finite, and no quantized layer was seen making them from finite input "
+            "(a float op fed a quantized layer's error, or an op that is not paired): "
+            "fxnumeric.compare names where NaN/Inf first appears")
+    return tuple(notes)
 
 
 def _padding_note(padded: int, positions: int) -> str:
@@ -379,9 +421,12 @@ class _Search:
         self.evaluations = 0
         self.failed: dict[str, str] = {}  # {hybrid: why}: hybrids an op of failed in
         self._references: list[Any] | None = None
-        self.notes: tuple[str, ...] = ()
-        """What the end metric reads of the model output, read with the references
-        (:meth:`references`): one of several tensors it returns, its real tokens only."""
+        self._read_notes: tuple[str, ...] = ()
+        # {layer (module path): batch number}: quantized layers whose output held NaN/Inf
+        # from finite inputs in a hybrid whose output held them where the float model's did
+        # not; a batch listed under "" is one where no quantized layer was seen making them
+        self._nonfinite: dict[str, int] = {}
+        self._watched: set[Hybrid] = set()
         self._bar: Progress | None = None  # one bar for the whole search, its total grows
         regions = {path for m in matchings.values() for r in m.regions
                    for path in (r.float_path, r.quant_path)}
@@ -413,11 +458,29 @@ class _Search:
                     padded += real.numel() - int(real.sum())
                 references.append(self.metric.reference(output, batch))
             self._references = references
-            self.notes = tuple(note for note in (first, _padding_note(padded, positions))
-                               if note)
+            self._read_notes = tuple(note for note in (first, _padding_note(padded, positions))
+                                     if note)
             self._check_references(self._references)
             self.runner.probe(self.batches[0])  # the qparams crossing into quantized graphs
         return self._references
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the end metric reads of the model output, read with the references
+        (:meth:`references`): one of several tensors it returns, its real tokens only; and
+        which quantized layers made NaN/Inf where the float model's output is finite."""
+        return self._read_notes + _nonfinite_note(self._nonfinite)
+
+    def _watch(self, hybrid: Hybrid, index: int) -> None:
+        """Find the quantized layers that make ``hybrid``'s output hold NaN/Inf on batch
+        ``index`` (the float model's is finite there), once per hybrid."""
+        if hybrid in self._watched:
+            return
+        self._watched.add(hybrid)
+        number = self.batch_numbers[index]
+        found = self.runner.made_nonfinite(*hybrid, self.batches[index])
+        for layer in found or [""]:
+            self._nonfinite.setdefault(layer, number)
 
     def float_value(self) -> float:
         """The metric of the float model against itself (its outputs, read as a hybrid's)."""
@@ -522,6 +585,7 @@ class _Search:
         where = [[(s, self.replay.block(s.base_graph.float_path)) for s in swaps]
                  for _, swaps in hybrids]
         failed: set[int] = set()
+        nonfinite: dict[int, int] = {}  # {hybrid: first batch its output held NaN/Inf on}
         for i, (batch, reference) in enumerate(zip(self.batches, references, strict=True)):
             for k, (model, run, (base, swaps), placed) in enumerate(
                     zip(models, runs, hybrids, where, strict=True)):
@@ -535,8 +599,12 @@ class _Search:
                     self._failed(base, swaps, self.batch_numbers[i], failure)
                     failed.add(k)
                     continue
-                run.add(reference, output, batch)
+                read = run.add(reference, output, batch)
+                if k not in nonfinite and _made_nonfinite(reference, read):
+                    nonfinite[k] = i
         self.evaluations += len(hybrids)
+        for k, i in nonfinite.items():  # the error path: which quantized layers made them
+            self._watch(hybrids[k], i)
         values = [math.nan if k in failed else run.value() for k, run in enumerate(runs)]
         everything = all(math.isnan(v) for v in values)
         for (base, swaps), value in zip(hybrids, values, strict=True):
@@ -706,7 +774,10 @@ class Sensitivity:
     notes: tuple[str, ...] = ()
     """What the end metric reads of the model output, where that is not all of it: one of
     several tensors the model returns (a ``BertModel``'s ``last_hidden_state``, not its
-    ``pooler_output``), its real tokens only (padding left out); :meth:`table` shows them."""
+    ``pooler_output``), its real tokens only (padding left out); and the quantized layers
+    whose output held NaN/Inf from finite input where the float model's output is finite
+    (a float16 kernel's overflow), in :func:`fxnumeric.diagnose`'s words, with the batch;
+    :meth:`table` shows them."""
 
     def __repr__(self) -> str:
         named, why = self._most_sensitive()
@@ -999,8 +1070,9 @@ class Advice:
     """``(hybrid, reason)`` for the hybrids of the search an op failed in (see
     :attr:`Sensitivity.failed`): their metric read NaN, so the search did not keep them."""
     notes: tuple[str, ...] = ()
-    """What the end metric reads of the model output, where that is not all of it
-    (:attr:`Sensitivity.notes`); :meth:`summary` shows them."""
+    """What the end metric reads of the model output, where that is not all of it, and the
+    quantized layers that made NaN/Inf (:attr:`Sensitivity.notes`); :meth:`summary` shows
+    them."""
     converted: tuple[str, ...] = ()
     """Module paths of the layers the float model holds as transformers ``Conv1D`` (GPT-2)
     and the quantized model as ``nn.Linear``, converted to be quantized: the lines name them,
