@@ -2233,12 +2233,16 @@ def test_a_hybrid_failing_on_nan_reads_nan_and_the_other_layers_keep_their_value
         quantized = sqnr_of(q)
     with pytest.warns(fxnumeric.FxNumericWarning,
                       match=r"(?s)the quantized model with `down` float failed in (module `head`|"
-                            r"node `%head .*`) on batch 0 of data: RuntimeError: In Choose.*"
+                            r"node `head` \(module `head`\)) on batch 0 of data: RuntimeError: "
+                            r"In Choose.*"
                             r"its input holds NaN/Inf.*reads NaN: it ranks last"):
         s = sensitivity(f, q, data, "sqnr", progress=False)
     assert math.isnan(s.layer("down").all_but) and s.ranking()[-1] == "down"
     assert [hybrid for hybrid, _ in s.failed] == ["the quantized model with `down` float"]
     assert "\nnan: the quantized model with `down` float failed in an op" in s.table()
+    # up quantized alone outputs the NaN of its bias: the quantized layer makes them
+    assert any(n.startswith("the quantized output of `up` (batch 0 of data) holds NaN/Inf")
+               for n in s.notes), s.notes
     assert s.quantized == pytest.approx(quantized, abs=1e-4)
     for name, (only, all_but) in hand.items():
         assert s.layer(name).only == pytest.approx(only, abs=1e-4, nan_ok=True)

@@ -805,7 +805,7 @@ class HybridRunner:
         self.watch = {}
         try:
             self.run(model, batch)
-        except HybridFailure:
+        except (HybridFailure, InputError):
             pass  # an op refused the NaN/Inf: what ran before it was watched
         finally:
             found, self.watch = list(self.watch), None
