@@ -82,14 +82,12 @@ def _dead(ledger: dict, key: int) -> None:
 
 
 def _plain(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding ``t``'s data (a torchao tensor's inner tensors)."""
-    if type(t) in (torch.Tensor, torch.nn.Parameter) and not hasattr(t, "__tensor_flatten__"):
+    """The plain tensors holding ``t``'s data: a tensor subclass's inner tensors (torchao's),
+    read through ``__tensor_flatten__`` as ``fxnumeric.storage`` reads them."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(type(t), "__tensor_flatten__"):
         return [t]
-    inner = t.data if isinstance(t, torch.nn.Parameter) else t
-    if type(inner) is torch.Tensor:
-        return [inner]
-    names = inner.__tensor_flatten__()[0] if hasattr(inner, "__tensor_flatten__") else []
-    return [x for name in names for x in _plain(getattr(inner, name))]
+    inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
+    return [x for tensor in inner if isinstance(tensor, torch.Tensor) for x in _plain(tensor)]
 
 
 def main() -> None:

@@ -427,14 +427,8 @@ def precision_hint(exc: BaseException | None) -> str | None:
     message = str(exc) if exc is not None else ""
     if "BFloat16" not in message and "Half" not in message:
         return None
-    innermost = None
-    tb = exc.__traceback__ if exc is not None else None
-    while tb is not None:
-        module = tb.tb_frame.f_locals.get("self")
-        if isinstance(module, nn.Module):
-            innermost = module
-        tb = tb.tb_next
-    if innermost is None or not type(innermost).__module__.startswith("torch.ao.nn.quantized"):
+    running = [module for module, _ in _running_modules(exc)]
+    if not running or not type(running[-1]).__module__.startswith("torch.ao.nn.quantized"):
         return None
     return ("torch's quantized modules (quantize_dynamic's, eager's and FX's) compute in "
             "float32 alone: quantize a float32 copy of the model (model.float()) and compare "
@@ -496,14 +490,19 @@ def module_frames(model: nn.Module, exc: BaseException | None
     paths: dict[int, str] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), path)
-    frames = []
+    return [(paths[id(module)], module, tb) for module, tb in _running_modules(exc)
+            if id(module) in paths]
+
+
+def _running_modules(exc: BaseException | None) -> Iterator[tuple[nn.Module, TracebackType]]:
+    """``(module, traceback entry)`` for each frame of ``exc``'s traceback whose ``self`` is a
+    module, outermost first."""
     tb = exc.__traceback__ if exc is not None else None
     while tb is not None:
         module = tb.tb_frame.f_locals.get("self")
-        if id(module) in paths and isinstance(module, nn.Module):
-            frames.append((paths[id(module)], module, tb))
+        if isinstance(module, nn.Module):
+            yield module, tb
         tb = tb.tb_next
-    return frames
 
 
 def _node_at(module: nn.Module, tb: TracebackType) -> fx.Node | None:
