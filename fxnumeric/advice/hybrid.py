@@ -765,10 +765,12 @@ class HybridRunner:
                     pattern_edges=tuple(pattern_edges))
 
     # ------------------------------------------------------------------ models
-    def model(self, base: str, swaps: Iterable[Swap]) -> nn.Module:
+    def model(self, base: str, swaps: Iterable[Swap], every_region: bool = False
+              ) -> nn.Module:
         """The ``base`` model (``"float"`` or ``"quant"``) with ``swaps`` applied.
 
-        Regions without a swap run as the model's own modules; the others on an
+        Regions without a swap run as the model's own modules (or, with ``every_region``, on
+        an interpreter too: :meth:`made_nonfinite` watches each op); the others on an
         interpreter. Build it once, run it on every batch (after :meth:`probe` of that
         batch when a swap crosses into the quantized graph).
         """
@@ -781,8 +783,8 @@ class HybridRunner:
                                        "from that variant's own matching")
         matching = owners.pop() if owners else self.matching
         return assemble(matching, base, {
-            region: self._build(region, base, tuple(found))
-            for region, found in by_region.items()
+            region: self._build(region, base, tuple(by_region.get(region, ())))
+            for region in (matching.regions if every_region else by_region)
         })
 
     def made_nonfinite(self, base: str, swaps: Iterable[Swap], batch: Any) -> list[str]:
@@ -793,15 +795,7 @@ class HybridRunner:
         it is not finite, its inputs): the error path of a search whose hybrid gave NaN/Inf
         where the float model did not, not the hybrids' own runs.
         """
-        swaps = tuple(swaps)
-        by_region: dict[Region, list[Swap]] = {}
-        for swap in swaps:
-            by_region.setdefault(swap.base_graph, []).append(swap)
-        owner = (self._owner[next(iter(by_region))] if by_region and base == "quant"
-                 else self.matching)
-        model = assemble(owner, base, {
-            region: self._build(region, base, tuple(by_region.get(region, ())))
-            for region in owner.regions})
+        model = self.model(base, swaps, every_region=True)
         self.watch = {}
         try:
             self.run(model, batch)
