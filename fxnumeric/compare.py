@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._collector import defers_collection
@@ -73,6 +74,7 @@ from .progress import Progress, phase
 from .report import BlockRow, Report, ReportRow, WeightHistogram, activation_scale
 from .report.verdict import compares_detections
 from .routing import Routes, hook_calls, hook_watched, watch
+from .rows import LinearRows
 from .run import (
     as_batches,
     check_batch,
@@ -143,9 +145,13 @@ class _FloatOutputs(Logger):
     """
 
     checks_overwrites = True  # instrument.graph: no copy of a value the region returns
+    takes_linear = True  # instrument.graph: a Linear's output comes with its call
 
-    def __init__(self, turn: _Turn | None = None) -> None:
+    def __init__(self, turn: _Turn | None = None, by_rows: bool = False) -> None:
         super().__init__()
+        self.by_rows = by_rows
+        """Whether a large Linear's output is kept as its rows (:class:`LinearRows`): its
+        comparator's sums add up over rows (no custom metric, no kept tensors)."""
         self.pending: list[Any] = []
         self.versions: list[int | None] = []
         self.copies = False
@@ -155,8 +161,17 @@ class _FloatOutputs(Logger):
         and quantized calls after it are out of step too, so the batch's are left out."""
         self.turn = turn if turn is not None else _Turn()
 
-    def forward(self, x: Any) -> None:
-        self.add(detach(first_output(x)))
+    def forward(self, x: Any, *call: Any) -> None:
+        value = detach(first_output(x))
+        if call and self.by_rows:  # (linear module or None for F.linear, args, kwargs)
+            linear, args, kwargs = call
+            # of the output itself (not the detached alias), which the model may return
+            rows = LinearRows.of(first_output(x), F.linear if linear is None else linear,
+                                 args, kwargs)
+            if rows is not None:
+                self.turn.as_rows.append(rows)
+                value = rows  # the output itself is not held: rows are computed when read
+        self.add(value)
 
     def add(self, value: Any) -> None:
         """Keep ``value``: a copy once values were seen overwritten, or when it keeps no
@@ -189,6 +204,11 @@ class _Turn:
     whole first, as several variants' shared float model does)."""
 
     lockstep: Lockstep | None = None
+    as_rows: list[LinearRows]
+    """The float values of the batch the twins keep as rows (large Linears' outputs)."""
+
+    def __init__(self) -> None:
+        self.as_rows = []
 
 
 class _CompareToFloat(Logger):
@@ -614,7 +634,8 @@ class _Padding:
 
 
 def _real_values(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_quantized)
+    return isinstance(x, LinearRows) or (isinstance(x, torch.Tensor)
+                                         and (x.is_floating_point() or x.is_quantized))
 
 
 @dataclass
@@ -688,7 +709,7 @@ def _plan(float_model: nn.Module, quant_model: nn.Module, comparisons: Iterable[
     routes, watched = watch(matching, turn) if "outputs" in wanted else ({}, [])
 
     def output_observers(pair: Pair) -> tuple[nn.Module | None, nn.Module]:
-        twin = _FloatOutputs(turn)
+        twin = _FloatOutputs(turn, by_rows=outputs[pair.name].additive)
         twins.append(twin)
         region = matching.region_of(pair)
         float_twins.append(((region.float_path, region.output_nodes(pair)[0].name,
@@ -751,10 +772,10 @@ def _lockstep_budget(model: nn.Module | None) -> int:
     return max(LOCKSTEP_MIN, params // LOCKSTEP_SHARE)
 
 
-def _llm_update(plan: _Plan, float_out: Any, quant_out: Any, batch: Any, index: int) -> None:
-    """Per-token KL, top-1 agreement and perplexity, when the model returns logits (batch
-    ``index`` of the data)."""
-    float_logits = looks_like_logits(float_out, batch, plan.reader.vocab_size)
+def _llm_update(plan: _Plan, float_logits: Any, quant_out: Any, batch: Any, index: int
+                ) -> None:
+    """Per-token KL, top-1 agreement and perplexity, when the float model returned logits
+    (``float_logits``, :func:`_float_end`; batch ``index`` of the data)."""
     if float_logits is None:
         return
     quant_logits = looks_like_logits(quant_out, batch, plan.reader.vocab_size)
@@ -851,13 +872,18 @@ def _run(plan: _Plan, data: Iterable[Any], progress: bool | None,
             try:
                 float_out = (_first_run(float_gm, model_inputs, batch, inputs) if done == 0
                              else run_model(float_gm, model_inputs, which="float"))
+                # what the model-output metrics read of it: its logits as rows where a twin
+                # holds them so, and the output itself dropped before the quantized forward
+                float_end = _float_end(plan, float_out, model_inputs, index, by_rows=True)
+                del float_out
             except BaseException:
                 lockstep.close()
                 raise
             quant_out = lockstep.finish()
         finally:
             plan.turn.lockstep = None
-        _end_batch(plan, float_out, quant_out, model_inputs, index)
+            plan.turn.as_rows.clear()
+        _end_batch(plan, float_end, quant_out, model_inputs, index)
         if _copy_overwritten([plan], first=done == 0):
             put_back(kept)  # a running average updated in place moves once per batch
             step(done, index, model_inputs, batch)
@@ -1660,8 +1686,8 @@ def _run_variants(plans: dict[str, _Plan], groups: list[_FloatGroup], data: Iter
                 float_out = run_model(group.model, model_inputs, which="float")
             for name in group.names:
                 plan = plans[name]
-                _end_batch(plan, float_out, _quant_run(plan, name, model_inputs), model_inputs,
-                           index)
+                _end_batch(plan, _float_end(plan, float_out, model_inputs, index),
+                           _quant_run(plan, name, model_inputs), model_inputs, index)
         if _copy_overwritten(plans.values(), first=done == 0):
             put_back(kept)
             step(done, index, model_inputs, batch)
@@ -1692,16 +1718,42 @@ def _quant_run(plan: _Plan, name: str, model_inputs: Any) -> Any:
                               f"quantized ({name})" if name else "quantized", made_inside)
 
 
-def _end_batch(plan: _Plan, float_out: Any, quant_out: Any, model_inputs: Any,
+@dataclass(frozen=True)
+class _FloatEnd:
+    """What the batch's model-output metrics read of the float model's output
+    (:func:`_float_end`): the value compared (:func:`model_output`) and the logits (``None``
+    when it holds none), each a tensor or :class:`LinearRows`."""
+
+    value: Any
+    logits: Any
+
+
+def _float_end(plan: _Plan, float_out: Any, batch: Any, index: int,
+               by_rows: bool = False) -> _FloatEnd:
+    """What :func:`_end_batch` reads of ``float_out``, what the float model returned on batch
+    ``index``. With ``by_rows``, a value a float twin keeps as rows (the logits a large
+    ``lm_head`` made) is read from those rows: the caller can then drop ``float_out`` before
+    the quantized forward, which otherwise ran with both models' logits alive (two 96 MiB
+    tensors for a 512-token SmolLM2 sequence in float32)."""
+    plan.output_part.see(index, float_out)
+    value = model_output(float_out)
+    logits = looks_like_logits(float_out, batch, plan.reader.vocab_size)
+    if by_rows and plan.model.additive:
+        for rows in plan.turn.as_rows:
+            value = rows if rows.stands_for(value) else value
+            logits = rows if rows.stands_for(logits) else logits
+    return _FloatEnd(value, logits)
+
+
+def _end_batch(plan: _Plan, float_end: _FloatEnd, quant_out: Any, model_inputs: Any,
                index: int) -> None:
     """The batch's model-output sums, and every accumulator's batch closed (batch ``index``
     of the data)."""
-    float_value, quant_value = model_output(float_out), model_output(quant_out)
+    float_value, quant_value = float_end.value, model_output(quant_out)
     # real tokens only, where the batch's attention_mask fits the output's rows
     rows = plan.padding.see(float_value, quant_value, model_inputs, plan.reader, index)
     plan.model.update(float_value, quant_value, rows=rows)
-    plan.output_part.see(index, float_out)
-    _llm_update(plan, float_out, quant_out, model_inputs, index)
+    _llm_update(plan, float_end.logits, quant_out, model_inputs, index)
     for twin in plan.twins:
         twin.clear()
     for value in plan.values:

@@ -43,6 +43,7 @@ import torch
 from . import flows
 from ._tensors import after_loss
 from .errors import InputError
+from .rows import LinearRows
 
 __all__ = ["LogitsAccumulator", "LogitsState", "LogitsReader", "logits_reader",
            "looks_like_logits", "single_logit", "token_fields", "predicts_next_token",
@@ -214,14 +215,16 @@ class LogitsAccumulator:
         of another length, a ``logits_to_keep`` of scattered indices): with any, :meth:`values`
         gives no perplexity, which would read the other batches' tokens only."""
 
-    def update(self, float_logits: torch.Tensor, quant_logits: torch.Tensor,
+    def update(self, float_logits: torch.Tensor | LinearRows, quant_logits: torch.Tensor,
                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                input_ids: torch.Tensor | None = None, *, shift: bool = True) -> None:
         """Add one batch.
 
         Args:
             float_logits, quant_logits: ``(..., vocab)``, typically ``(batch, seq, vocab)``,
-                any floating dtype; position ``t`` predicts token ``t + 1``.
+                any floating dtype; position ``t`` predicts token ``t + 1``. The float logits
+                may be held as rows of an ``lm_head`` (:class:`~fxnumeric.rows.LinearRows`),
+                computed a chunk at a time.
             attention_mask: ``logits.shape[:-1]``, 1 for real tokens; default all real.
             labels: ``logits.shape[:-1]`` token ids in the Hugging Face convention (aligned
                 with the inputs, shifted here: position ``t`` is scored on ``labels[t+1]``),
@@ -243,8 +246,9 @@ class LogitsAccumulator:
         targets = _targets(labels if labels is not None else input_ids, mask, lead, vocab,
                            shift=shift or labels is None)
         rows = mask.reshape(-1).nonzero().squeeze(1)  # real tokens only, as flat row indices
+        f2 = f if isinstance(f, LinearRows) else f.reshape(-1, vocab)
+        q2 = q.reshape(-1, vocab)
         flat_targets = targets.reshape(-1)[rows] if targets is not None else None
-        f2, q2 = f.reshape(-1, vocab), q.reshape(-1, vocab)
         step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
         shape = (min(step, rows.numel()), vocab)
         buffers = (torch.empty(shape, dtype=torch.float64, device=f.device),
@@ -386,13 +390,13 @@ class LogitsAccumulator:
         return out
 
 
-def _rows(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` of ``logits``: a view when they are consecutive (no padding in the
-    chunk), else a copy, in the logits' dtype. Never written to."""
+def _rows(logits: torch.Tensor | LinearRows, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``(rows, vocab)`` ``logits``: a view when they are consecutive
+    (no padding in the chunk), else a copy, in the logits' dtype (computed, for logits held as
+    :class:`LinearRows`). Never written to."""
     first, last = int(idx[0]), int(idx[-1])
-    if last - first + 1 == idx.numel():
-        return logits[first:last + 1]
-    return logits[idx]
+    pick = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
+    return logits.rows(pick) if isinstance(logits, LinearRows) else logits[pick]
 
 
 def _chunk(f_rows: torch.Tensor, q_rows: torch.Tensor, targets: torch.Tensor | None,
@@ -474,7 +478,9 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     return low + (high - low) * (pos - lo)
 
 
-def _as_logits(x: Any, which: str) -> torch.Tensor:
+def _as_logits(x: Any, which: str) -> torch.Tensor | LinearRows:
+    if isinstance(x, LinearRows):  # a large lm_head's float logits, computed when read
+        return x
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ""
         raise InputError(f"the {which} logits must be a floating tensor (..., vocab), got "

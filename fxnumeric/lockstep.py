@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from .rows import LinearRows
+
 __all__ = ["Lockstep", "return_free_pages"]
 
 _FLOAT, _QUANT = "float", "quantized"
@@ -187,4 +189,5 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def _nbytes(value: Any) -> int:
-    return value.nbytes if isinstance(value, torch.Tensor) else 0
+    """The bytes a float value held takes (a Linear's output held as rows: its input's)."""
+    return value.nbytes if isinstance(value, (torch.Tensor, LinearRows)) else 0

@@ -22,6 +22,7 @@ order of float64 additions (relative 1e-16).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from . import rows as linear_rows
 from .errors import InputError, InternalError
 
 __all__ = [
@@ -587,14 +589,17 @@ def _row_chunks(ref: torch.Tensor, actual: torch.Tensor, index: torch.Tensor
     """Rows ``index`` of two ``(rows, width)`` tensors, a chunk of at most :data:`_CHUNK`
     values at a time: a view where the chunk's rows are consecutive, else a copy of that
     chunk's rows alone."""
-    step = max(1, _CHUNK // max(ref.shape[1], 1))
+    for pick in _row_picks(index, max(1, _CHUNK // max(ref.shape[1], 1))):
+        yield ref[pick], actual[pick]
+
+
+def _row_picks(index: torch.Tensor, step: int) -> Iterator[slice | torch.Tensor]:
+    """Rows ``index`` (ascending), ``step`` of them at a time: a slice where they are
+    consecutive, else their indices."""
     for start in range(0, index.numel(), step):
         chunk = index[start:start + step]
         first, last = int(chunk[0]), int(chunk[-1])
-        if last - first + 1 == chunk.numel():
-            yield ref[first:last + 1], actual[first:last + 1]
-        else:
-            yield ref[chunk], actual[chunk]
+        yield slice(first, last + 1) if last - first + 1 == chunk.numel() else chunk
 
 
 @dataclass(frozen=True)
@@ -684,7 +689,14 @@ class Accumulator:
         ``rows``, a boolean mask of the leading dims of two real tensors (``ref.shape[:k]``):
         only the rows where it is True count (a language model's real tokens, padding left
         out), every sum and metric read over them alone (:meth:`_add_rows`).
+
+        ``ref`` may be a large Linear's output held as rows (:class:`fxnumeric.rows.LinearRows`):
+        its sums are then taken a block of rows at a time, never made whole
+        (:meth:`_update_by_rows`).
         """
+        if isinstance(ref, linear_rows.LinearRows):
+            self._update_by_rows(ref, actual, actual_energy, rows)
+            return
         if not isinstance(ref, torch.Tensor) or not isinstance(actual, torch.Tensor):
             self.non_tensor = self.non_tensor or type(
                 actual if isinstance(ref, torch.Tensor) else ref).__name__
@@ -707,6 +719,32 @@ class Accumulator:
             self.kept.append((ref.detach(), actual.detach()))
         self._add(self._sums(ref, actual, actual_energy))
         self._add_custom(ref, actual)
+
+    def _update_by_rows(self, ref: linear_rows.LinearRows, actual: Any, actual_energy: float | None,
+                        rows: torch.Tensor | None) -> None:
+        """:meth:`update` with a reference held as rows: the sums of each block of
+        :data:`fxnumeric.rows.ROW_BLOCK` values' worth of rows (real rows only, with
+        ``rows``) added, as :meth:`update_rows` adds them. Where the sums do not add up over
+        rows (custom metrics, kept tensors), or ``actual`` is no floating tensor of the
+        reference's shape, the reference is made whole and read as any other."""
+        if (not self.additive or not isinstance(actual, torch.Tensor) or _discrete(actual)
+                or actual.is_complex() or tuple(actual.shape) != tuple(ref.shape)):
+            self.update(ref.rows(slice(None)).reshape(ref.shape), actual,
+                        actual_energy=actual_energy, rows=rows)
+            return
+        actual = actual.dequantize() if actual.is_quantized else actual
+        flat = actual.reshape(-1, ref.shape[-1])
+        real = rows is not None and not bool(rows.all())
+        index = (rows.reshape(-1).nonzero().squeeze(1) if real and rows is not None
+                 else torch.arange(flat.shape[0]))
+        per_block = max(1, linear_rows.ROW_BLOCK // max(ref.shape[-1], 1))
+        total = self._total((ref.rows(pick), flat[pick])
+                            for pick in _row_picks(index, per_block))
+        if total is None:
+            total = _Sums(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
+        elif actual_energy is not None and not real:  # the whole's, summed already
+            total = dataclasses.replace(total, actual_energy=actual_energy)
+        self._add(total)
 
     def _add_custom(self, ref: torch.Tensor, actual: torch.Tensor) -> None:
         """Add each custom metric's value of one update."""

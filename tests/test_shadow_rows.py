@@ -1,12 +1,15 @@
-"""A large Linear's shadow computed a block of rows at a time (:class:`RowShadow`): the same
-sums as the whole output's, read against an oracle summed in float64 from forward hooks on
-both models, and no shadow output the size of the whole ever made."""
+"""A large Linear's output read a block of rows at a time: its shadow (:class:`RowShadow`),
+and the float model's own output held as the Linear and its input (:class:`LinearRows`, an
+LLM's float logits). The same sums as the whole output's, read against oracles summed in
+float64 from forward hooks on both models or from the models' outputs; no shadow output the
+size of the whole ever made, and the float logits gone before the quantized head runs."""
 
 from __future__ import annotations
 
 import copy
 import importlib
 import math
+import weakref
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from fxnumeric.errors import InternalError
 from fxnumeric.metrics import Accumulator, db
 
 graph = importlib.import_module("fxnumeric.instrument.graph")  # `ns.instrument` is a function
+rows = importlib.import_module("fxnumeric.rows")
 compare_module = importlib.import_module("fxnumeric.compare")
 metrics = importlib.import_module("fxnumeric.metrics")
 
@@ -28,7 +32,7 @@ VOCAB, TOKENS = 300, 64  # the last Linear's output: 19200 values, past the boun
 
 @pytest.fixture
 def low_bound(monkeypatch):
-    monkeypatch.setattr(graph, "ROW_BLOCK", BOUND)
+    monkeypatch.setattr(rows, "ROW_BLOCK", BOUND)
 
 
 @pytest.fixture
@@ -133,14 +137,14 @@ def test_a_wide_linears_shadow_in_row_blocks_reads_the_whole_outputs_sums(flow, 
     whole = _compare(f, q, batches)
     whole_floors = dict(floors)
     blocks.clear()
-    monkeypatch.setattr(graph, "ROW_BLOCK", BOUND)
-    rows = _compare(f, q, batches)
+    monkeypatch.setattr(rows, "ROW_BLOCK", BOUND)
+    by_rows = _compare(f, q, batches)
     # the float model's own call, then the shadow's blocks of 13 rows
     assert blocks == [TOKENS * VOCAB, *[13 * VOCAB] * 4, 12 * VOCAB] * 2
     head = "head"
     q_head = q.get_submodule(head)
     want = _oracle(f.head, _hooked(q, q_head, batches))
-    row, before = rows.row(head), whole.row(head)
+    row, before = by_rows.row(head), whole.row(head)
     for name in ("sqnr", "cosine", "mse", "max_abs_error"):
         assert row.shadow[name] == pytest.approx(want[name], rel=1e-6), name
         assert row.shadow[name] == pytest.approx(before.shadow[name], rel=1e-6), name
@@ -213,9 +217,9 @@ def test_a_functional_linears_shadow_in_row_blocks_reads_an_interpreters_oracle(
     batches = [torch.randn(2, TOKENS // 2, 32) for _ in range(2)]
     q = x86_pt2e(f, [0.5 * b for b in batches])
     whole = _compare(f, q, batches)
-    monkeypatch.setattr(graph, "ROW_BLOCK", BOUND)
+    monkeypatch.setattr(rows, "ROW_BLOCK", BOUND)
     with _Allocations(1) as seen:
-        rows = _compare(f, q, batches)
+        by_rows = _compare(f, q, batches)
     assert seen.shapes.count((13, VOCAB)) >= 8  # the shadow's blocks (4 of 13 rows per batch)
     calls = []
     for b in batches:
@@ -223,11 +227,11 @@ def test_a_functional_linears_shadow_in_row_blocks_reads_an_interpreters_oracle(
         interpreter.run(b)
         calls.append(interpreter.last)
     want = _oracle(lambda x: F.linear(x, f.head.weight, f.head.bias), calls)
-    name = rows.rows[-1].name
-    assert rows.rows[-1].kind == "linear"
+    name = by_rows.rows[-1].name
+    assert by_rows.rows[-1].kind == "linear"
     for metric in ("sqnr", "cosine", "mse", "max_abs_error"):
-        assert rows.row(name).shadow[metric] == pytest.approx(want[metric], rel=1e-6), metric
-        assert rows.row(name).shadow[metric] == pytest.approx(whole.row(name).shadow[metric],
+        assert by_rows.row(name).shadow[metric] == pytest.approx(want[metric], rel=1e-6), metric
+        assert by_rows.row(name).shadow[metric] == pytest.approx(whole.row(name).shadow[metric],
                                                               rel=1e-6), metric
 
 
@@ -348,3 +352,146 @@ def test_no_shadow_output_the_size_of_the_whole_is_made(monkeypatch):
     # per batch: the float head's matmul and the quantized head's own output, nothing else
     assert sorted(seen.made) == sorted(["aten.addmm.default",
                                         "quantized.linear_dynamic.default"] * 2)
+
+
+# ------------------------------------------- the float model's large Linear outputs as rows
+
+
+def _llm_pair(head: str):
+    """A tiny Llama and its dynamic-quantized copy, its head quantized or left float (as
+    torchao leaves a tied lm_head)."""
+    pytest.importorskip("transformers")
+    from fxnumeric.zoo_llm import tiny_llama
+
+    f = tiny_llama(vocab_size=VOCAB, tie_word_embeddings=False)
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    if head == "float":
+        q.lm_head = copy.deepcopy(f.lm_head)
+    return f, q
+
+
+def _padded_batches() -> list[dict[str, torch.Tensor]]:
+    from fxnumeric.zoo_llm import tiny_llm_batches
+
+    # 48 rows of logits: not the size of the head's weight (300 x 64), which is no logits
+    return tiny_llm_batches(vocab_size=VOCAB, n=2, batch_size=3, seq_len=16)
+
+
+def _direct(f, q, batches) -> dict[str, float]:
+    """The model output's metrics and the head's output SQNR, read straight off both models'
+    outputs: KL and top-1 by ``LogitsAccumulator`` fed whole logits, the SQNRs in float64
+    (the model output's over real tokens, the head's over every position)."""
+    from fxnumeric.llm_metrics import LogitsAccumulator
+
+    acc = LogitsAccumulator()
+    out = {"signal": 0.0, "noise": 0.0, "head_signal": 0.0, "head_noise": 0.0}
+    with torch.no_grad():
+        for b in batches:
+            fl, ql = f(**b).logits.double(), q(**b).logits.double()
+            acc.update(fl, ql, attention_mask=b["attention_mask"], input_ids=b["input_ids"])
+            real = b["attention_mask"].bool()
+            out["signal"] += float(fl[real].square().sum())
+            out["noise"] += float((fl - ql)[real].square().sum())
+            out["head_signal"] += float(fl.square().sum())
+            out["head_noise"] += float((fl - ql).square().sum())
+    return {**acc.values(), "sqnr": db(out["signal"], out["noise"]),
+            "head_sqnr": db(out["head_signal"], out["head_noise"])}
+
+
+class _LogitsAlive(TorchDispatchMode):
+    """The most float32 tensors of ``numel`` values (logits) alive at once, counted by
+    storage each time an op returns one."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.alive, self.most = numel, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                    and t.numel() == self.numel):
+                key = t.untyped_storage().data_ptr()
+                self.alive[key] = self.alive.get(key, 0) + 1
+                weakref.finalize(t, self._dead, key)
+                self.most = max(self.most, len(self.alive))
+        return out
+
+    def _dead(self, key: int) -> None:
+        self.alive[key] -= 1
+        if not self.alive[key]:
+            del self.alive[key]
+
+
+@pytest.mark.usefixtures("low_bound")
+@pytest.mark.parametrize("head", ["quantized", "float"])
+def test_an_llms_float_logits_are_freed_before_the_quantized_logits_are_made(head,
+                                                                            monkeypatch):
+    # every whole-tensor sum a chunk at a time, as logits-sized tensors are
+    monkeypatch.setattr(metrics, "_UPDATE_CHUNK", BOUND)
+    monkeypatch.setattr(metrics, "_CHUNK", 1024)
+    f, q = _llm_pair(head)
+    batches = _padded_batches()
+    matching = ns.match(f, q)
+    with _LogitsAlive(batches[0]["input_ids"].numel() * VOCAB) as logits:
+        report = ns.compare(f, q, batches, matching=matching, progress=False)
+    # held as the head's input (rows computed when read), the float logits die with the
+    # float forward, before the quantized model makes its own
+    assert logits.most == 1
+    want = _direct(f, q, batches)
+    got = report.model_output
+    for name in ("kl", "kl_p99", "kl_max", "top1_agreement", "ppl_float", "ppl_quantized",
+                 "sqnr"):
+        assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-9), name
+    assert report.row("lm_head").output["sqnr"] == pytest.approx(want["head_sqnr"], rel=1e-5)
+
+
+@pytest.mark.usefixtures("low_bound")
+def test_an_accumulator_reads_a_linear_held_as_rows_as_its_whole_output():
+    torch.manual_seed(0)
+    fc = nn.Linear(16, VOCAB)
+    x = torch.randn(2, 40, 16)
+    with torch.no_grad():
+        out = fc(x)
+    actual = out + 0.01 * torch.randn_like(out)
+    held = rows.LinearRows.of(out, fc, (x,), {})
+    assert held is not None and held.nbytes == x.nbytes
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 25:] = False
+    for real in (None, mask):
+        by_rows, whole = Accumulator(), Accumulator()
+        by_rows.update(held, actual, rows=real)
+        whole.update(out, actual, rows=real)
+        picked = (slice(None),) if real is None else (real,)
+        r, a = out[picked].double(), actual[picked].double()
+        assert by_rows.count == whole.count == r.numel()
+        assert by_rows.value("sqnr") == pytest.approx(
+            db(float(r.square().sum()), float((r - a).square().sum())), rel=1e-6)
+        for name in ("sqnr", "cosine", "mse", "max_abs_error"):
+            assert by_rows.value(name) == pytest.approx(whole.value(name), rel=1e-6), name
+
+
+@pytest.mark.usefixtures("low_bound")
+def test_only_a_plain_large_linear_output_is_held_as_rows():
+    fc = nn.Linear(16, VOCAB)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        out = fc(x)
+    assert rows.LinearRows.of(out, fc, (x,), {}) is not None
+    by_function = rows.LinearRows.of(out, F.linear, (x, fc.weight), {"bias": fc.bias})
+    assert by_function is not None
+    assert torch.allclose(by_function.rows(slice(3, 9)), out[3:9], rtol=0, atol=1e-6)
+    assert by_function.rows(torch.tensor([0, 7, 39])).shape == (3, VOCAB)
+    small = x[:4]
+    with torch.no_grad():
+        assert rows.LinearRows.of(fc(small), fc, (small,), {}) is None  # within the bound
+    hooked = copy.deepcopy(fc)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)  # its output is not F.linear's
+    assert rows.LinearRows.of(out, hooked, (x,), {}) is None
+    wide_input = torch.randn(40, 200)  # no smaller than a quarter of the output: kept whole
+    wide = nn.Linear(200, VOCAB)
+    with torch.no_grad():
+        assert rows.LinearRows.of(wide(wide_input), wide, (wide_input,), {}) is None
+    with torch.device("meta"):
+        offloaded = nn.Linear(16, VOCAB)  # accelerate's offloaded weights sit on meta
+    assert rows.LinearRows.of(out, offloaded, (x,), {}) is None

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import rows as linear_rows
 from .._tensors import copy_cache, copy_values, dequantize_all
 from ..capture import graph_module
 from ..errors import FxNumericError, InstrumentationError
@@ -43,7 +44,7 @@ from ..view import GraphView
 
 __all__ = ["GraphCopy", "shadow_inputs", "span_inputs", "float_subgraph", "observe_call",
            "reads_at_call", "StandIns", "stand_ins", "behind_quantize", "carried_op",
-           "RowShadow", "ROW_BLOCK"]
+           "RowShadow"]
 
 
 @fx.node.has_side_effect  # torch.fx's registry: graph.eliminate_dead_code() keeps the call
@@ -395,7 +396,13 @@ class GraphCopy:
                 twice: bool = False) -> None:
         """Call ``observer(value of node)`` right after the node (``observer(value, value)``
         with ``twice``: a shadow observer of a pair whose shadow would compute the value
-        again, :func:`fxnumeric.semantics.computes_alike`)."""
+        again, :func:`fxnumeric.semantics.computes_alike`).
+
+        An observer with a true ``takes_linear`` attribute, of a node that is a Linear
+        reading its input positionally (``nn.Linear``'s own forward, ``F.linear``), is called
+        as ``observer(value, linear, args, kwargs)``: ``linear`` the module (``None`` for the
+        function), ``args`` and ``kwargs`` what it was called with, so that it may hold the
+        value as the Linear and its input (:class:`fxnumeric.rows.LinearRows`)."""
         self.gm.add_submodule(target, observer)
         node = self.nodes[node_name]
         graph = self.graph
@@ -405,9 +412,23 @@ class GraphCopy:
                 logged = graph.call_function(copy_values, (node,))
             with graph.inserting_after(logged):
                 holder = graph.get_attr(target)
-            with graph.inserting_after(holder):
-                graph.call_function(observe_call, (holder, logged, logged) if twice
-                                    else (holder, logged), {"where": self._where(node)})
+            values: tuple[Any, ...] = (logged, logged) if twice else (logged,)
+            cursor = holder
+            if getattr(observer, "takes_linear", False) and self._is_row_linear(node):
+                linear = None
+                if node.op == "call_module":
+                    with graph.inserting_after(holder):
+                        cursor = linear = graph.get_attr(str(node.target))
+                values += (linear, node.args, node.kwargs)
+            with graph.inserting_after(cursor):
+                graph.call_function(observe_call, (holder, *values),
+                                    {"where": self._where(node)})
+
+    def _is_row_linear(self, node: fx.Node) -> bool:
+        """Whether ``node`` (of this copy) is a Linear of the source graph whose output rows
+        each read the same input row alone (:func:`_row_linear`)."""
+        view = self.view
+        return view.has_node(node.name) and _row_linear(view, [view.node(node.name)]) is not None
 
     def _overwritten(self, node: fx.Node, observer: nn.Module) -> bool:
         """Whether ``node``'s value may be overwritten in place while ``observer`` still
@@ -553,13 +574,6 @@ class GraphCopy:
                                          {"where": f"the shadow of {self._where(anchor)}"}))
 
 
-ROW_BLOCK = 1 << 22
-"""Values of a one-Linear shadow's output past which it is computed a block of rows at a time
-(:class:`RowShadow`; as many values per block at most, one row at least): 16 MiB in float32,
-as :mod:`fxnumeric.metrics` sums a large tensor a chunk at a time."""
-
-_LINEAR_FUNCTIONS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
-
 
 def _row_linear(view: GraphView, ops: list[fx.Node]) -> fx.Node | None:
     """The one node of a shadow (``ops``: its nodes but the inputs it reads) if it is a
@@ -574,7 +588,7 @@ def _row_linear(view: GraphView, ops: list[fx.Node]) -> fx.Node | None:
         module = view.modules.get(str(node.target))
         linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
     else:
-        linear = node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+        linear = node.op == "call_function" and node.target in linear_rows.LINEAR_FUNCTIONS
     return node if linear else None
 
 
@@ -586,8 +600,8 @@ class RowShadow(nn.Module):
     (512 tokens x 49152 words: 96 MiB in float32; 1 GiB for Llama-3's 128256 words x 2048
     tokens) while the float and quantized logits are alive: compare's peak on an LLM whose
     head is quantized (``quantize_dynamic``'s; a tied head torchao leaves float has no shadow).
-    Past :data:`ROW_BLOCK` values, the input's leading dims are read as rows and the Linear
-    runs on :data:`ROW_BLOCK` values' worth of them at a time; each block of output goes to
+    Past :data:`fxnumeric.rows.ROW_BLOCK` values, the input's leading dims are read as rows
+    and the Linear runs on that many values' worth of them at a time; each block of output goes to
     the observer and is dropped before the next is computed.
 
     Called (by :func:`observe_call`) as ``rows(quantized_output, linear_args, linear_kwargs,
@@ -628,16 +642,17 @@ class RowShadow(nn.Module):
 
 
 def _block_rows(quant: Any, args: tuple[Any, ...], out_features: int | None) -> int:
-    """Rows per block of a Linear's output past :data:`ROW_BLOCK` values; 0 to compute it
-    whole: a small output, or a quantized output whose rows are not its input's (the
+    """Rows per block of a Linear's output past :data:`fxnumeric.rows.ROW_BLOCK` values; 0 to
+    compute it whole: a small output, or a quantized output whose rows are not its input's (the
     observer then reads a shape mismatch, as it would unchunked)."""
     x = args[0] if args else None
     if (not isinstance(quant, torch.Tensor) or not isinstance(x, torch.Tensor)
             or not (quant.is_floating_point() or quant.is_quantized)
-            or quant.numel() <= ROW_BLOCK or x.dim() < 2 or quant.shape[:-1] != x.shape[:-1]
+            or quant.numel() <= linear_rows.ROW_BLOCK or x.dim() < 2
+            or quant.shape[:-1] != x.shape[:-1]
             or out_features != quant.shape[-1]):
         return 0
-    return max(1, ROW_BLOCK // out_features)
+    return max(1, linear_rows.ROW_BLOCK // out_features)
 
 
 def _returned(output: fx.Node, values: list[fx.Node]) -> bool:
