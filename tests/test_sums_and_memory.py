@@ -508,6 +508,44 @@ def test_turns_give_free_pages_back_at_every_switch(tiny_budget, monkeypatch):
     assert trims == []  # a batch within the budget runs in one thread, and keeps its heap
 
 
+@pytest.mark.usefixtures("traced_graphs_unchecked")
+def test_the_quantized_forwards_last_run_gives_free_pages_back_as_it_reads(monkeypatch):
+    lockstep = __import__("importlib").import_module("fxnumeric.lockstep")
+    compare_module = __import__("importlib").import_module("fxnumeric.compare")
+    value = 32 * 256 * 4  # bytes of one layer's output
+    # 7 of the 12 values held ahead: at the float forward's end 5 are left to read
+    monkeypatch.setattr(compare_module, "LOCKSTEP_MIN", 7 * value)
+    monkeypatch.setattr(compare_module, "LOCKSTEP_SHARE", 1 << 40)
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(lockstep, "return_free_pages", lambda: events.append(("trim", 0)))
+    consumed = lockstep.Lockstep.consumed
+
+    def watched(self, value):
+        events.append(("read after the float end" if self.float_done else "read",
+                       lockstep._nbytes(value)))
+        consumed(self, value)
+
+    monkeypatch.setattr(lockstep.Lockstep, "consumed", watched)
+    f, q, _, _ = _counted_pair()
+    ns.compare(f, q, [torch.randn(32, 256)], comparisons=("outputs",), progress=False)
+    # once the float forward has ended the quantized one reads the values held (up to the
+    # budget, made in the caller's heap) without handing the turn over: their pages go back
+    # each time a quarter of the budget was read since the last time (the values read
+    # before the current one are dropped by then)
+    first = next(i for i, (kind, _) in enumerate(events) if kind == "read after the float end")
+    tail = events[first:]
+    reads = [n for kind, n in tail if kind == "read after the float end"]
+    assert len(reads) >= 3 and sum(reads) >= 3 * value
+    since, trims = 0, 0
+    for kind, nbytes in tail[:-1]:  # the last trim: when turns end (Lockstep.finish)
+        if kind == "trim":
+            assert since >= 7 * value // 4  # a quarter of the budget
+            since, trims = 0, trims + 1
+        else:
+            since += nbytes
+    assert trims >= 2
+
+
 _HEAP_LEFT_FREE = """
 import copy, importlib, os, sys
 import torch, torch.nn as nn
