@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._tensors import version
+
 __all__ = ["LinearRows", "ROW_BLOCK", "LINEAR_FUNCTIONS", "linear_operands"]
 
 ROW_BLOCK = 1 << 22
@@ -90,7 +92,7 @@ class LinearRows:
         self.bias = bias.detach() if bias is not None else None
         self.shape, self.dtype, self.device = output.shape, output.dtype, output.device
         self._output = weakref.ref(output)
-        self._version = output._version
+        self._version = version(output)  # None: an inference tensor keeps none
 
     @classmethod
     def of(cls, output: Any, linear: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -127,8 +129,8 @@ class LinearRows:
     def stands_for(self, value: Any) -> bool:
         """Whether ``value`` is the very output these rows are of, as the Linear made it (not
         written into since: a model may scale its logits in place)."""
-        return (isinstance(value, torch.Tensor) and self._output() is value
-                and value._version == self._version)
+        return (self._version is not None and self._output() is value
+                and version(value) == self._version)
 
     def rows(self, pick: slice | torch.Tensor) -> torch.Tensor:
         """Rows ``pick`` (a slice, or indices) of the output read as ``(rows, width)``."""

@@ -495,3 +495,19 @@ def test_only_a_plain_large_linear_output_is_held_as_rows():
     with torch.device("meta"):
         offloaded = nn.Linear(16, VOCAB)  # accelerate's offloaded weights sit on meta
     assert rows.LinearRows.of(out, offloaded, (x,), {}) is None
+
+
+@pytest.mark.usefixtures("low_bound")
+def test_logits_held_as_rows_read_alike_under_inference_mode():
+    # inference tensors keep no version counter: the rows still serve the head's row, and
+    # the model output is read from the logits themselves
+    f, q = _llm_pair("quantized")
+    batches = _padded_batches()
+    plain = ns.compare(f, q, batches, progress=False)
+    with torch.inference_mode():
+        inferred = ns.compare(f, q, batches, progress=False)
+    want = _direct(f, q, batches)
+    for report in (plain, inferred):
+        assert report.model_output["kl"] == pytest.approx(want["kl"], rel=1e-5)
+        assert report.row("lm_head").output["sqnr"] == pytest.approx(want["head_sqnr"],
+                                                                     rel=1e-5)
