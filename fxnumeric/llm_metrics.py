@@ -43,7 +43,7 @@ import torch
 from . import flows
 from ._tensors import after_loss
 from .errors import InputError
-from .rows import LinearRows
+from .rows import LinearRows, row_pick
 
 __all__ = ["LogitsAccumulator", "LogitsState", "LogitsReader", "logits_reader",
            "looks_like_logits", "single_logit", "token_fields", "predicts_next_token",
@@ -246,10 +246,12 @@ class LogitsAccumulator:
         targets = _targets(labels if labels is not None else input_ids, mask, lead, vocab,
                            shift=shift or labels is None)
         rows = mask.reshape(-1).nonzero().squeeze(1)  # real tokens only, as flat row indices
-        f2 = f if isinstance(f, LinearRows) else f.reshape(-1, vocab)
         q2 = q.reshape(-1, vocab)
         flat_targets = targets.reshape(-1)[rows] if targets is not None else None
         step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+        # logits held as rows (LinearRows) are computed a block of chunks at a time
+        f_chunks = f.chunks(rows, step) if isinstance(f, LinearRows) else None
+        f2 = f.reshape(-1, vocab) if f_chunks is None else None
         shape = (min(step, rows.numel()), vocab)
         buffers = (torch.empty(shape, dtype=torch.float64, device=f.device),
                    torch.empty(shape, dtype=torch.float64, device=f.device),
@@ -261,7 +263,8 @@ class LogitsAccumulator:
                 if flat_targets is not None:
                     chunk_targets = flat_targets[start:start + step]
                 idx = rows[start:start + step]
-                fc, qc = _rows(f2, idx), _rows(q2, idx)
+                fc = next(f_chunks) if f_chunks is not None else _rows(f2, idx)
+                qc = _rows(q2, idx)
                 kl, chunk_agree, nll = _chunk(fc, qc, chunk_targets, buffers)
                 kls.append(kl)
                 agree += chunk_agree
@@ -390,13 +393,10 @@ class LogitsAccumulator:
         return out
 
 
-def _rows(logits: torch.Tensor | LinearRows, idx: torch.Tensor) -> torch.Tensor:
+def _rows(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx`` of ``(rows, vocab)`` ``logits``: a view when they are consecutive
-    (no padding in the chunk), else a copy, in the logits' dtype (computed, for logits held as
-    :class:`LinearRows`). Never written to."""
-    first, last = int(idx[0]), int(idx[-1])
-    pick = slice(first, last + 1) if last - first + 1 == idx.numel() else idx
-    return logits.rows(pick) if isinstance(logits, LinearRows) else logits[pick]
+    (no padding in the chunk), else a copy, in the logits' dtype. Never written to."""
+    return logits[row_pick(idx)]
 
 
 def _chunk(f_rows: torch.Tensor, q_rows: torch.Tensor, targets: torch.Tensor | None,

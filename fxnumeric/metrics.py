@@ -597,9 +597,7 @@ def _row_picks(index: torch.Tensor, step: int) -> Iterator[slice | torch.Tensor]
     """Rows ``index`` (ascending), ``step`` of them at a time: a slice where they are
     consecutive, else their indices."""
     for start in range(0, index.numel(), step):
-        chunk = index[start:start + step]
-        first, last = int(chunk[0]), int(chunk[-1])
-        yield slice(first, last + 1) if last - first + 1 == chunk.numel() else chunk
+        yield linear_rows.row_pick(index[start:start + step])
 
 
 @dataclass(frozen=True)
@@ -737,9 +735,8 @@ class Accumulator:
         real = rows is not None and not bool(rows.all())
         index = (rows.reshape(-1).nonzero().squeeze(1) if real and rows is not None
                  else torch.arange(flat.shape[0]))
-        per_block = max(1, linear_rows.ROW_BLOCK // max(ref.shape[-1], 1))
         total = self._total((ref.rows(pick), flat[pick])
-                            for pick in _row_picks(index, per_block))
+                            for pick in _row_picks(index, ref.block_rows))
         if total is None:
             total = _Sums(0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
         elif actual_energy is not None and not real:  # the whole's, summed already

@@ -7,7 +7,9 @@ tokens), made from 1.1 MiB of hidden states. :func:`fxnumeric.compare` compares 
 quantized model's, as a layer's output and as the model's output (KL, top-1 agreement), a
 block of rows at a time; held whole, the float logits stayed alive through the whole
 quantized forward, beside the quantized logits it makes. A :class:`LinearRows` holds the
-Linear's weight and a copy of its input instead, and computes the rows asked for.
+Linear's weight and a copy of its input instead, and computes the rows asked for: three more
+passes of the Linear (the layer's row, the model output's sums, its KL), which is why only an
+output past :data:`HELD_PAST` bytes is held so.
 
 Each row of a Linear's output reads the same row of its input alone, so a block of rows
 computed alone holds the values of those rows of the whole, up to the rounding of the matrix
@@ -27,13 +29,20 @@ from torch import nn
 
 from ._tensors import version
 
-__all__ = ["LinearRows", "ROW_BLOCK", "LINEAR_FUNCTIONS", "linear_operands"]
+__all__ = ["LinearRows", "ROW_BLOCK", "HELD_PAST", "LINEAR_FUNCTIONS", "linear_operands",
+           "row_pick"]
 
 ROW_BLOCK = 1 << 22
 """Values of a Linear's output past which it is read a block of rows at a time (as many
 values per block at most, one row at least): 16 MiB in float32, as :mod:`fxnumeric.metrics`
 sums a large tensor a chunk at a time. Read by :class:`LinearRows` and by a one-Linear shadow
 (:class:`fxnumeric.instrument.graph.RowShadow`)."""
+
+HELD_PAST = 32 << 20
+"""Bytes of a Linear's output past which :meth:`LinearRows.of` holds it as rows: below, the
+output costs little memory, and computing its rows again costs time (three more passes of the
+Linear: SmolLM2's logits of four 22-token sentences, 16 MiB, stay whole; of one 512-token
+sequence, 96 MiB, are held as rows)."""
 
 LINEAR_FUNCTIONS = (F.linear, torch.ops.aten.linear.default)
 """The functions that are a Linear: ``F.linear`` and ATen's ``linear``."""
@@ -98,9 +107,10 @@ class LinearRows:
     def of(cls, output: Any, linear: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
            ) -> LinearRows | None:
         """``output``, the value of ``linear(*args, **kwargs)``, held as rows when that is
-        worth it: a floating output past :data:`ROW_BLOCK` values, each row of which reads the
-        same row of the input, at least 4 times the input's size (logits against hidden
-        states), from real (not meta) tensors. ``None`` otherwise: hold the output itself."""
+        worth it: a floating output past :data:`HELD_PAST` bytes and :data:`ROW_BLOCK`
+        values, each row of which reads the same row of the input, at least 4 times the
+        input's size (logits against hidden states), from real (not meta) tensors. ``None``
+        otherwise: hold the output itself."""
         operands = linear_operands(linear, args, kwargs)
         if operands is None or not isinstance(output, torch.Tensor):
             return None
@@ -108,6 +118,7 @@ class LinearRows:
         tensors = (x, weight) if bias is None else (x, weight, bias)
         if (not all(isinstance(t, torch.Tensor) and not t.is_meta for t in tensors)
                 or not output.is_floating_point() or output.numel() <= ROW_BLOCK
+                or output.nbytes <= HELD_PAST
                 or weight.dim() != 2 or x.dim() < 1 or output.shape[:-1] != x.shape[:-1]
                 or output.shape[-1] != weight.shape[0] or x.numel() * 4 > output.numel()):
             return None
@@ -137,9 +148,23 @@ class LinearRows:
         with torch.no_grad():
             return F.linear(self.input[pick], self.weight, self.bias)
 
-    def blocks(self, per_block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first row, block)`` over every row in order, :data:`ROW_BLOCK` values' worth of
-        rows per block unless ``per_block`` says; each block made when asked for."""
-        step = per_block or max(1, ROW_BLOCK // max(self.shape[-1], 1))
-        for start in range(0, self.row_count, step):
-            yield start, self.rows(slice(start, start + step))
+    @property
+    def block_rows(self) -> int:
+        """Rows of :data:`ROW_BLOCK` values (one at least): what one product computes."""
+        return max(1, ROW_BLOCK // max(self.shape[-1], 1))
+
+    def chunks(self, index: torch.Tensor, step: int) -> Iterator[torch.Tensor]:
+        """Rows ``index`` (ascending), ``step`` of them at a time, each chunk a view of a block
+        of about :data:`ROW_BLOCK` values computed at once (a product of a few rows at a time
+        runs several times slower per row)."""
+        per_block = max(1, self.block_rows // step) * step
+        for start in range(0, index.numel(), per_block):
+            block = self.rows(row_pick(index[start:start + per_block]))
+            for first in range(0, block.shape[0], step):
+                yield block[first:first + step]
+
+
+def row_pick(index: torch.Tensor) -> slice | torch.Tensor:
+    """Rows ``index`` (ascending) as a slice where they are consecutive, else the indices."""
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == index.numel() else index

@@ -33,6 +33,7 @@ VOCAB, TOKENS = 300, 64  # the last Linear's output: 19200 values, past the boun
 @pytest.fixture
 def low_bound(monkeypatch):
     monkeypatch.setattr(rows, "ROW_BLOCK", BOUND)
+    monkeypatch.setattr(rows, "HELD_PAST", BOUND)  # bytes: a tiny model's logits are held as rows
 
 
 @pytest.fixture
@@ -472,12 +473,15 @@ def test_an_accumulator_reads_a_linear_held_as_rows_as_its_whole_output():
 
 
 @pytest.mark.usefixtures("low_bound")
-def test_only_a_plain_large_linear_output_is_held_as_rows():
+def test_only_a_plain_large_linear_output_is_held_as_rows(monkeypatch):
     fc = nn.Linear(16, VOCAB)
     x = torch.randn(40, 16)
     with torch.no_grad():
         out = fc(x)
     assert rows.LinearRows.of(out, fc, (x,), {}) is not None
+    with monkeypatch.context() as bytes_bound:
+        bytes_bound.setattr(rows, "HELD_PAST", out.nbytes)  # small: computing rows costs time
+        assert rows.LinearRows.of(out, fc, (x,), {}) is None
     by_function = rows.LinearRows.of(out, F.linear, (x, fc.weight), {"bias": fc.bias})
     assert by_function is not None
     assert torch.allclose(by_function.rows(slice(3, 9)), out[3:9], rtol=0, atol=1e-6)
