@@ -111,14 +111,16 @@ class LinearRows:
         values, each row of which reads the same row of the input, at least 4 times the
         input's size (logits against hidden states), from real (not meta) tensors. ``None``
         otherwise: hold the output itself."""
+        # the size first: compare asks this of every float Linear's output, every batch
+        if (not isinstance(output, torch.Tensor) or not output.is_floating_point()
+                or output.numel() <= ROW_BLOCK or output.nbytes <= HELD_PAST):
+            return None
         operands = linear_operands(linear, args, kwargs)
-        if operands is None or not isinstance(output, torch.Tensor):
+        if operands is None:
             return None
         x, weight, bias = operands
         tensors = (x, weight) if bias is None else (x, weight, bias)
         if (not all(isinstance(t, torch.Tensor) and not t.is_meta for t in tensors)
-                or not output.is_floating_point() or output.numel() <= ROW_BLOCK
-                or output.nbytes <= HELD_PAST
                 or weight.dim() != 2 or x.dim() < 1 or output.shape[:-1] != x.shape[:-1]
                 or output.shape[-1] != weight.shape[0] or x.numel() * 4 > output.numel()):
             return None
