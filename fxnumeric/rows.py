@@ -131,12 +131,8 @@ class LinearRows:
         """The bytes held: the input's copy (the weight is the model's own)."""
         return self.input.nbytes
 
-    @property
-    def row_count(self) -> int:
-        """Rows of the output read as ``(rows, width)``."""
-        return self.input.shape[0]
-
     def dim(self) -> int:
+        """The whole output's number of dims, as ``Tensor.dim()``."""
         return len(self.shape)
 
     def stands_for(self, value: Any) -> bool:
