@@ -162,12 +162,12 @@ class _FloatOutputs(Logger):
         self.turn = turn if turn is not None else _Turn()
 
     def forward(self, x: Any, *call: Any) -> None:
-        value = detach(first_output(x))
+        output = first_output(x)
+        value = detach(output)
         if call and self.by_rows:  # (linear module or None for F.linear, args, kwargs)
             linear, args, kwargs = call
             # of the output itself (not the detached alias), which the model may return
-            rows = LinearRows.of(first_output(x), F.linear if linear is None else linear,
-                                 args, kwargs)
+            rows = LinearRows.of(output, F.linear if linear is None else linear, args, kwargs)
             if rows is not None:
                 self.turn.as_rows.append(rows)
                 value = rows  # the output itself is not held: rows are computed when read

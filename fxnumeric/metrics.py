@@ -803,8 +803,7 @@ class Accumulator:
         if total is None:
             return
         if actual_energy is not None:
-            total = _Sums(total.signal, total.noise, actual_energy, total.dot, total.count,
-                          total.low, total.high)
+            total = dataclasses.replace(total, actual_energy=actual_energy)
         self._add(total)
 
     def _total(self, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> _Sums | None:

@@ -30,7 +30,7 @@ from torch import nn
 from ._tensors import version
 
 __all__ = ["LinearRows", "ROW_BLOCK", "HELD_PAST", "LINEAR_FUNCTIONS", "linear_operands",
-           "row_pick"]
+           "row_pick", "rows_per_block"]
 
 ROW_BLOCK = 1 << 22
 """Values of a Linear's output past which it is read a block of rows at a time (as many
@@ -148,8 +148,9 @@ class LinearRows:
 
     @property
     def block_rows(self) -> int:
-        """Rows of :data:`ROW_BLOCK` values (one at least): what one product computes."""
-        return max(1, ROW_BLOCK // max(self.shape[-1], 1))
+        """Rows of :data:`ROW_BLOCK` values (:func:`rows_per_block`): what one product
+        computes."""
+        return rows_per_block(self.shape[-1])
 
     def chunks(self, index: torch.Tensor, step: int) -> Iterator[torch.Tensor]:
         """Rows ``index`` (ascending), ``step`` of them at a time, each chunk a view of a block
@@ -160,6 +161,11 @@ class LinearRows:
             block = self.rows(row_pick(index[start:start + per_block]))
             for first in range(0, block.shape[0], step):
                 yield block[first:first + step]
+
+
+def rows_per_block(width: int) -> int:
+    """Rows of ``width`` values that make :data:`ROW_BLOCK` values, one at least."""
+    return max(1, ROW_BLOCK // max(width, 1))
 
 
 def row_pick(index: torch.Tensor) -> slice | torch.Tensor:

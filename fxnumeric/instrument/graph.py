@@ -628,8 +628,11 @@ class RowShadow(nn.Module):
         observer.observe_rows(quant, self._blocks(rows, args, kwargs), *inputs)
 
     def _out_features(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-        weight = (self.linear.weight if isinstance(self.linear, nn.Module)
-                  else args[1] if len(args) > 1 else kwargs.get("weight"))
+        if isinstance(self.linear, nn.Module):  # hooked or not: it is run as called
+            weight = self.linear.weight
+        else:
+            operands = linear_rows.linear_operands(self.linear, args, kwargs)
+            weight = operands[1] if operands is not None else None
         return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 \
             else None
 
@@ -652,7 +655,7 @@ def _block_rows(quant: Any, args: tuple[Any, ...], out_features: int | None) -> 
             or quant.shape[:-1] != x.shape[:-1]
             or out_features != quant.shape[-1]):
         return 0
-    return max(1, linear_rows.ROW_BLOCK // out_features)
+    return linear_rows.rows_per_block(out_features)
 
 
 def _returned(output: fx.Node, values: list[fx.Node]) -> bool:
