@@ -1025,6 +1025,52 @@ def test_a_second_variant_never_makes_the_advice_dearer() -> None:
     assert both.bits <= alone.bits < 32
 
 
+class _Branches(nn.Module):
+    """A large Linear beside four small ones whose outputs it adds to: quantizing each adds
+    its own error to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32, bias=False)
+        self.b = nn.ModuleList(nn.Linear(32, 8, bias=False) for _ in range(4))
+        with torch.no_grad():
+            self.a.weight.mul_(1.1)  # a little more error per weight than the small ones
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + torch.cat([b(x) for b in self.b], dim=-1)
+
+
+def test_the_search_trades_a_large_upgrade_for_cheaper_small_ones() -> None:
+    # the fill kept `a` float (1024 float weights, 20.1 bits) since it is the most efficient
+    # alone and meets the target alone; pruning cannot undo it alone, so the search stopped
+    # there, where three of the small layers float (768 weights) meet the target too
+    torch.manual_seed(0)
+    float_model = _Branches().eval()
+    data = [torch.randn(16, 32) for _ in range(2)]
+    names = ["a", "b.0", "b.1", "b.2", "b.3"]
+
+    def applied(float_layers) -> float:  # the plan built by quantize_dynamic, not a hybrid
+        quantized = {n for n in names if n not in float_layers}
+        q = quantize_dynamic(copy.deepcopy(float_model), quantized) if quantized else float_model
+        with torch.no_grad():
+            return fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),
+                                  torch.cat([q(x) for x in data]))
+
+    target = applied(()) + 1.5
+    sizes = {n: float_model.get_submodule(n).weight.numel() for n in names}
+    plans = [keep for r in range(len(names) + 1) for keep in itertools.combinations(names, r)]
+    cheapest = min((keep for keep in plans if applied(keep) >= target),
+                   key=lambda keep: sum(sizes[n] for n in keep))
+    assert "a" not in cheapest and len(cheapest) == 3  # the case the old search missed
+    q = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    advice = advise(float_model, {"dynamic": q}, data, metric="sqnr", target=target,
+                    progress=False)
+    kept = sorted(n for n, c in advice.assignment.items() if c == "float")
+    assert sum(sizes[n] for n in kept) == sum(sizes[n] for n in cheapest)
+    assert advice.value == pytest.approx(applied(kept), abs=1e-4) and advice.reached
+    assert advice.evaluations < len(plans)  # a search, not the enumeration above
+
+
 def test_a_float_layer_before_a_pool_reads_as_the_model_requantized_without_it() -> None:
     # the hybrid ran the pool after a kept-float conv in float; FX quantizes the pool's input
     # when its producer is float, so advise read 55.8 dB where the requantized model reads 30.5

@@ -619,6 +619,7 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     plan = {lc.name: lc.choices[0][0] for lc in found}
     (value,) = plans.measure([plan], "cheapest plan")
     upgraded: list[str] = []
+    offers: list[_Offer] = []  # the upgrades the last fill left out
     while not meets(value, target):
         # each layer alone one step dearer, from the current plan: the metric bought per bit
         room = _float_room(plan, max_float)
@@ -629,38 +630,33 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
         singles = [{**plan, n: c} for n, c in steps.items()]
         values = plans.measure(singles, f"upgrade each of {len(singles)} layers")
         base_u = u(value)
-        eff = {}
+        eff, gains, costs = {}, {}, {}
         for (n, c), v in zip(steps.items(), values, strict=True):
-            cost = plans.total * (plans.bits({**plan, n: c}) - plans.bits(plan))
-            gain = u(v) - base_u
+            costs[n] = cost = plans.total * (plans.bits({**plan, n: c}) - plans.bits(plan))
+            gains[n] = gain = u(v) - base_u
             eff[n] = gain / cost if cost > 0 else math.inf if gain > 0 else -math.inf
         order = [n for n in sorted(eff, key=lambda n: -eff[n]) if eff[n] > 0]
         if not order:
             order = sorted(eff, key=lambda n: -eff[n])  # nothing helps alone: all, best first
         floats = [n for n in order if steps[n] == FLOAT][room:] if room < len(order) else []
         order = [n for n in order if n not in floats]  # no more float layers than allowed
-        # bisect the fewest upgrades (in order of efficiency) that reach the target: the
-        # current plan plus order[:lo] does not, plus order[:hi] does
+        # the fewest upgrades, in order of efficiency, that reach the target
         full = {**plan, **{n: steps[n] for n in order}}
         (full_value,) = plans.measure([full], "all upgrades")
         if not meets(full_value, target):
             plan, value = full, full_value
             upgraded += order
             continue
-        lo, hi, best_value = 0, len(order), full_value
-        while lo + 1 < hi:
-            mid = (lo + hi) // 2
-            (v,) = plans.measure([{**plan, **{n: steps[n] for n in order[:mid]}}],
-                                 f"first {mid} upgrades")
-            if meets(v, target):
-                hi, best_value = mid, v
-            else:
-                lo = mid
+        hi, best_value = _fewest(plans, plan, [(n, steps[n]) for n in order], full_value,
+                                 target, "upgrades")
+        offers = [_Offer(n, plan[n], steps[n], gains[n], costs[n] / plans.total)
+                  for n in order[hi:] if gains[n] > 0]
         plan = {**plan, **{n: steps[n] for n in order[:hi]}}
         value = best_value
         upgraded += order[:hi]
     if prune and meets(value, target) and upgraded:
-        plan, value = _prune(plans, plan, value, target, upgraded, max_float)
+        plan, value, losses = _prune(plans, plan, value, target, upgraded, max_float)
+        plan, value = _exchange(plans, plan, value, target, losses, offers, max_float)
     if meets(value, target):  # a cheaper plan run on the way (bisection, pruning) may meet it
         plan, value = plans.cheapest_meeting(target, plan, value, max_float)
     else:  # the dearest plan may read worse than one run on the way
@@ -732,14 +728,16 @@ def _float_room(plan: Mapping[str, str], max_float: int | None) -> float:
 
 
 def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
-           upgraded: list[str], max_float: int | None) -> tuple[dict[str, str], float]:
+           upgraded: list[str], max_float: int | None
+           ) -> tuple[dict[str, str], float, dict[str, float]]:
     """Undo every upgrade the target does without, largest layer first, each verified: each
     upgraded layer takes the cheapest of its cheaper choices that still meets the target, not
     only the one below its own. A dearer choice is not always a better one (an FX variant with
     per-channel float64 scales costs more than a per-tensor pt2e one and may read worse), so
     the search can pass a cheap good choice on its way up."""
-    meets = plans.search.metric.meets
+    metric = plans.search.metric
     order = sorted(dict.fromkeys(upgraded), key=lambda n: -plans.by_name[n].numel)
+    losses: dict[str, float] = {}
     for name in order:
         lc = plans.by_name[name]
         names = [c for c, _ in lc.choices]
@@ -748,7 +746,87 @@ def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
             if _float_room(trial, max_float) < 0:
                 continue
             (v,) = plans.measure([trial], "pruning")
-            if meets(v, target):
+            if metric.meets(v, target):
                 plan, value = trial, v
                 break
+            if cheaper == names[names.index(plan[name]) - 1]:
+                losses[name] = metric.utility(value) - metric.utility(v)
+    return plan, value, losses
+
+
+@dataclass(frozen=True)
+class _Offer:
+    """An upgrade the fill left out: ``layer`` from ``start`` to ``to``, the metric it bought
+    alone (``gain``, as utility) and the average bits it adds to the plan (``bits``)."""
+
+    layer: str
+    start: str
+    to: str
+    gain: float
+    bits: float
+
+
+def _fewest(plans: _Plans, plan: dict[str, str], steps: list[tuple[str, str]], full: float,
+            target: float, label: str) -> tuple[int, float]:
+    """The fewest of ``steps`` (a prefix) that make ``plan`` meet ``target``, by bisection,
+    each probe a real hybrid, and the metric it reads; ``full``: the metric of ``plan`` with
+    all of them, which meets the target. ``plan`` itself is taken not to."""
+    meets = plans.search.metric.meets
+    lo, hi, best = 0, len(steps), full
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        (v,) = plans.measure([{**plan, **dict(steps[:mid])}], f"first {mid} {label}")
+        if meets(v, target):
+            hi, best = mid, v
+        else:
+            lo = mid
+    return hi, best
+
+
+def _exchange(plans: _Plans, plan: dict[str, str], value: float, target: float,
+              losses: Mapping[str, float], offers: list[_Offer],
+              max_float: int | None) -> tuple[dict[str, str], float]:
+    """Trade upgrades the target cannot do without, largest layer first, for cheaper ones of
+    other layers: undo one upgrade a step and take the fewest of the upgrades the fill left
+    out (``offers``: ``(layer, from, to, gain)``, most efficient first) that cost fewer bits
+    together and meet the target again, each trade a real hybrid, found by bisection.
+
+    Pruning undoes one upgrade at a time, so it keeps a large layer's upgrade whenever undoing
+    it alone misses the target, even when a few small layers' upgrades would make up for it
+    at fewer bits: the fill's order comes from each layer's gain alone, from the cheapest plan,
+    and its last upgrades may be large layers that overshoot. A trade is tried only when the
+    offers that fit in the bits it frees are expected to make up for the loss: the sum of their
+    gains (each measured alone, from the plan the fill started from) at least what undoing the
+    upgrade lost (measured by pruning) less the plan's margin over the target. The expectation
+    only chooses which trades to run; each one is kept only when its hybrid meets the target.
+    """
+    metric = plans.search.metric
+    u = metric.utility
+    taken: set[str] = set()
+    for name in sorted(losses, key=lambda n: -plans.by_name[n].numel):
+        names = [c for c, _ in plans.by_name[name].choices]
+        i = names.index(plan[name])
+        if i == 0:
+            continue
+        down = {**plan, name: names[i - 1]}
+        freed = plans.bits(plan) - plans.bits(down)
+        fits: list[tuple[str, str]] = []
+        spent = gain = 0.0
+        for offer in offers:
+            if offer.layer == name or offer.layer in taken or plan[offer.layer] != offer.start:
+                continue
+            trial = {**down, **dict(fits), offer.layer: offer.to}
+            if spent + offer.bits < freed and _float_room(trial, max_float) >= 0:
+                fits.append((offer.layer, offer.to))
+                spent += offer.bits
+                gain += offer.gain
+        if not fits or gain < losses[name] - (u(value) - u(target)):
+            continue
+        (full,) = plans.measure([{**down, **dict(fits)}], f"trade {name}")
+        if not metric.meets(full, target):
+            continue
+        hi, v = _fewest(plans, down, fits, full, target, "trades")
+        plan, value = {**down, **dict(fits[:hi])}, v
+        taken.update(layer for layer, _ in fits[:hi])
+        taken.add(name)
     return plan, value
