@@ -21,6 +21,15 @@ The search (closed loop):
 4. **Prune**: every upgrade the target can do without is undone again, largest layer first,
    each removal verified; an upgraded layer goes back to the cheapest choice that still meets
    the target, not only to the one below it (a dearer variant is not always a better one).
+5. **Trade**: pruning undoes one upgrade at a time, so a large layer's upgrade the target
+   cannot do without alone stays even when a few small layers' upgrades would make up for it
+   at fewer bits (the fill's order comes from each upgrade alone, and its last upgrade may be
+   a large layer that overshoots). So each remaining upgrade, largest layer first, is undone
+   a step and traded for the fewest of the upgrades the fill left out, most efficient first,
+   that cost fewer bits together and meet the target again (a bisection, each probe a real
+   hybrid). A trade is run only when their gains measured alone are expected to make up for
+   what undoing the upgrade lost (measured by pruning): the expectation chooses the trades to
+   try, the hybrids decide.
 
 Each verified assignment is a point ``(bits, metric)``; :attr:`~fxnumeric.Advice.front` keeps
 the Pareto front of them.
@@ -788,7 +797,7 @@ def _exchange(plans: _Plans, plan: dict[str, str], value: float, target: float,
               max_float: int | None) -> tuple[dict[str, str], float]:
     """Trade upgrades the target cannot do without, largest layer first, for cheaper ones of
     other layers: undo one upgrade a step and take the fewest of the upgrades the fill left
-    out (``offers``: ``(layer, from, to, gain)``, most efficient first) that cost fewer bits
+    out (``offers``, most efficient first) that cost fewer bits
     together and meet the target again, each trade a real hybrid, found by bisection.
 
     Pruning undoes one upgrade at a time, so it keeps a large layer's upgrade whenever undoing
@@ -815,8 +824,8 @@ def _exchange(plans: _Plans, plan: dict[str, str], value: float, target: float,
         for offer in offers:
             if offer.layer == name or offer.layer in taken or plan[offer.layer] != offer.start:
                 continue
-            trial = {**down, **dict(fits), offer.layer: offer.to}
-            if spent + offer.bits < freed and _float_room(trial, max_float) >= 0:
+            if spent + offer.bits < freed and (max_float is None or _float_room(
+                    {**down, **dict(fits), offer.layer: offer.to}, max_float) >= 0):
                 fits.append((offer.layer, offer.to))
                 spent += offer.bits
                 gain += offer.gain
