@@ -158,7 +158,7 @@ def _plan_metrics(float_model, configs, assignment, batches) -> dict[str, float]
     return llm_metrics(float_model, model, batches)
 
 
-def part_smollm2(target: float) -> None:
+def part_smollm2(target: float, dtype: torch.dtype = torch.bfloat16) -> None:
     from torchao.quantization import quantize_
 
     from fxnumeric.models import torchao_config, untied_linears
@@ -166,7 +166,7 @@ def part_smollm2(target: float) -> None:
     from fxnumeric.zoo_llm import LLM_HELDOUT_TEXTS, LLM_TEXTS, llm_batches, smollm2
 
     torch.set_num_threads(2)
-    model, tok = smollm2(dtype=torch.bfloat16)
+    model, tok = smollm2(dtype=dtype)
     model.eval()
     data, held = llm_batches(tok, LLM_TEXTS), llm_batches(tok, LLM_HELDOUT_TEXTS)
     modes = {"int4": "int4-weight-only", "int8": "int8-weight-only"}
@@ -211,10 +211,12 @@ def main() -> None:
     parser.add_argument("--part", choices=("minilm", "scaling", "smollm2"),
                         help="one part only (default: minilm and scaling)")
     parser.add_argument("--target", type=float, default=0.15, help="smollm2: the KL target")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="smollm2: the float model's dtype")
     args = parser.parse_args()
     if args.part == "smollm2":
-        print(f"torch {torch.__version__}")
-        part_smollm2(args.target)
+        print(f"torch {torch.__version__}, SmolLM2 in {args.dtype}")
+        part_smollm2(args.target, getattr(torch, args.dtype))
         return
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}\n")
