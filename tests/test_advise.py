@@ -1025,7 +1025,7 @@ def test_a_second_variant_never_makes_the_advice_dearer() -> None:
     assert both.bits <= alone.bits < 32
 
 
-class _Branches(nn.Module):
+class _LargeAndSmall(nn.Module):
     """A large Linear beside four small ones whose outputs it adds to: quantizing each adds
     its own error to the output."""
 
@@ -1045,7 +1045,7 @@ def test_the_search_trades_a_large_upgrade_for_cheaper_small_ones() -> None:
     # alone and meets the target alone; pruning cannot undo it alone, so the search stopped
     # there, where three of the small layers float (768 weights) meet the target too
     torch.manual_seed(0)
-    float_model = _Branches().eval()
+    float_model = _LargeAndSmall().eval()
     data = [torch.randn(16, 32) for _ in range(2)]
     names = ["a", "b.0", "b.1", "b.2", "b.3"]
 
@@ -1069,6 +1069,55 @@ def test_the_search_trades_a_large_upgrade_for_cheaper_small_ones() -> None:
     assert sum(sizes[n] for n in kept) == sum(sizes[n] for n in cheapest)
     assert advice.value == pytest.approx(applied(kept), abs=1e-4) and advice.reached
     assert advice.evaluations < len(plans)  # a search, not the enumeration above
+
+
+class _LargeSmallAndHead(_LargeAndSmall):
+    """_LargeAndSmall feeding a ReLU and a Linear head, each layer's weights scaled: the
+    layers' errors interact, so what keeping one float buys depends on the others."""
+
+    def __init__(self, scales: list[float]) -> None:
+        super().__init__()
+        self.c = nn.Linear(32, 16, bias=False)
+        with torch.no_grad():
+            for layer, scale in zip([self.a, *self.b, self.c], scales, strict=True):
+                layer.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(super().forward(x)))
+
+
+def test_the_search_measures_the_upgrades_left_out_again_from_the_pruned_plan() -> None:
+    # from the plan where every layer is quantized, keeping b.0 or b.3 float alone buys
+    # little, so the fill keeps `a` and `c` float (768 float weights); from the pruned plan
+    # they buy more, and a trade of `a` for them meets the target at 512 (the cheapest, by
+    # the exhaustive search over all 64 plans below). The search measured them only from
+    # the first plan and stopped at 768.
+    g = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    scales = (torch.rand(6, generator=g) * 1.0 + 0.6).tolist()
+    float_model = _LargeSmallAndHead(scales).eval()
+    data = [torch.randn(16, 32, generator=g) for _ in range(2)]
+    names = ["a", "b.0", "b.1", "b.2", "b.3", "c"]
+
+    def applied(float_layers) -> float:  # the plan built by quantize_dynamic, not a hybrid
+        quantized = {n for n in names if n not in float_layers}
+        q = quantize_dynamic(copy.deepcopy(float_model), quantized) if quantized else float_model
+        with torch.no_grad():
+            return fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),
+                                  torch.cat([q(x) for x in data]))
+
+    target = applied(()) + 2.0
+    sizes = {n: float_model.get_submodule(n).weight.numel() for n in names}
+    plans = [keep for r in range(len(names) + 1) for keep in itertools.combinations(names, r)]
+    cheapest = min(sum(sizes[n] for n in keep) for keep in plans if applied(keep) >= target)
+    assert cheapest == 512
+    q = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    advice = advise(float_model, {"dynamic": q}, data, metric="sqnr", target=target,
+                    progress=False)
+    kept = sorted(n for n, c in advice.assignment.items() if c == "float")
+    assert sum(sizes[n] for n in kept) == cheapest
+    assert advice.value == pytest.approx(applied(kept), abs=1e-4) and advice.reached
+    assert advice.evaluations < len(plans)
 
 
 def test_a_float_layer_before_a_pool_reads_as_the_model_requantized_without_it() -> None:

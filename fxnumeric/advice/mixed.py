@@ -24,12 +24,14 @@ The search (closed loop):
 5. **Trade**: pruning undoes one upgrade at a time, so a large layer's upgrade the target
    cannot do without alone stays even when a few small layers' upgrades would make up for it
    at fewer bits (the fill's order comes from each upgrade alone, and its last upgrade may be
-   a large layer that overshoots). So each remaining upgrade, largest layer first, is undone
-   a step and traded for the fewest of the upgrades the fill left out, most efficient first,
-   that cost fewer bits together and meet the target again (a bisection, each probe a real
-   hybrid). A trade is run only when their gains measured alone are expected to make up for
-   what undoing the upgrade lost (measured by pruning): the expectation chooses the trades to
-   try, the hybrids decide.
+   a large layer that overshoots). The upgrades the fill left out are measured again, each
+   alone from the pruned plan (what an upgrade buys depends on the rest of the plan: two
+   layers' errors may cancel). Then each remaining upgrade, largest layer first, is undone a
+   step and traded for the fewest of those, most efficient first, that cost fewer bits
+   together and meet the target again (a bisection, each probe a real hybrid). A trade is
+   run only when their gains are expected to make up for what undoing the upgrade lost
+   (measured by pruning): the expectation chooses the trades to try, the hybrids decide.
+   Pruning then runs once more, from the traded plan.
 
 Each verified assignment is a point ``(bits, metric)``; :attr:`~fxnumeric.Advice.front` keeps
 the Pareto front of them.
@@ -607,7 +609,7 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     """
     started = time.perf_counter()
     metric = search.metric
-    u, meets = metric.utility, metric.meets
+    meets = metric.meets
     found, unsearched = layer_choices(search.runner, nominal, layers)
     if max_float == 0:
         found = [replace(lc, choices=tuple(c for c in lc.choices if c[0] != FLOAT))
@@ -628,44 +630,31 @@ def advise_variants(search: Any, target: float, *, nominal: bool = True,
     plan = {lc.name: lc.choices[0][0] for lc in found}
     (value,) = plans.measure([plan], "cheapest plan")
     upgraded: list[str] = []
-    offers: list[_Offer] = []  # the upgrades the last fill left out
     while not meets(value, target):
         # each layer alone one step dearer, from the current plan: the metric bought per bit
-        room = _float_room(plan, max_float)
-        steps = {lc.name: _upgrade(lc, plan[lc.name]) for lc in found}
-        steps = {n: c for n, c in steps.items() if c is not None and (c != FLOAT or room > 0)}
-        if not steps:
+        offers = _offers(plans, plan, value, (lc.name for lc in found), max_float)
+        if not offers:
             break
-        singles = [{**plan, n: c} for n, c in steps.items()]
-        values = plans.measure(singles, f"upgrade each of {len(singles)} layers")
-        base_u = u(value)
-        eff, gains, costs = {}, {}, {}
-        for (n, c), v in zip(steps.items(), values, strict=True):
-            costs[n] = cost = plans.total * (plans.bits({**plan, n: c}) - plans.bits(plan))
-            gains[n] = gain = u(v) - base_u
-            eff[n] = gain / cost if cost > 0 else math.inf if gain > 0 else -math.inf
-        order = [n for n in sorted(eff, key=lambda n: -eff[n]) if eff[n] > 0]
+        order = [o for o in offers if o.efficiency > 0]
         if not order:
-            order = sorted(eff, key=lambda n: -eff[n])  # nothing helps alone: all, best first
-        floats = [n for n in order if steps[n] == FLOAT][room:] if room < len(order) else []
-        order = [n for n in order if n not in floats]  # no more float layers than allowed
+            order = offers  # nothing helps alone: all, best first
+        room = _float_room(plan, max_float)
+        floats = [o for o in order if o.to == FLOAT][room:] if room < len(order) else []
+        order = [o for o in order if o not in floats]  # no more float layers than allowed
         # the fewest upgrades, in order of efficiency, that reach the target
-        full = {**plan, **{n: steps[n] for n in order}}
+        steps = [(o.layer, o.to) for o in order]
+        full = {**plan, **dict(steps)}
         (full_value,) = plans.measure([full], "all upgrades")
         if not meets(full_value, target):
             plan, value = full, full_value
-            upgraded += order
+            upgraded += [o.layer for o in order]
             continue
-        hi, best_value = _fewest(plans, plan, [(n, steps[n]) for n in order], full_value,
-                                 target, "upgrades")
-        offers = [_Offer(n, plan[n], steps[n], gains[n], costs[n] / plans.total)
-                  for n in order[hi:] if gains[n] > 0]
-        plan = {**plan, **{n: steps[n] for n in order[:hi]}}
-        value = best_value
-        upgraded += order[:hi]
+        hi, value = _fewest(plans, plan, steps, full_value, target, "upgrades")
+        plan = {**plan, **dict(steps[:hi])}
+        upgraded += [o.layer for o in order[:hi]]
     if prune and meets(value, target) and upgraded:
         plan, value, losses = _prune(plans, plan, value, target, upgraded, max_float)
-        plan, value = _exchange(plans, plan, value, target, losses, offers, max_float)
+        plan, value = _exchange(plans, plan, value, target, losses, upgraded, max_float)
     if meets(value, target):  # a cheaper plan run on the way (bisection, pruning) may meet it
         plan, value = plans.cheapest_meeting(target, plan, value, max_float)
     else:  # the dearest plan may read worse than one run on the way
@@ -765,14 +754,37 @@ def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
 
 @dataclass(frozen=True)
 class _Offer:
-    """An upgrade the fill left out: ``layer`` from ``start`` to ``to``, the metric it bought
-    alone (``gain``, as utility) and the average bits it adds to the plan (``bits``)."""
+    """One upgrade measured alone from a plan: ``layer`` from ``start`` to ``to``, the metric it
+    bought (``gain``, as utility; negative where it cost) and the average bits it adds."""
 
     layer: str
     start: str
     to: str
     gain: float
     bits: float
+
+    @property
+    def efficiency(self) -> float:
+        """The metric bought per bit (a free upgrade that helps: infinite)."""
+        if self.bits > 0:
+            return self.gain / self.bits
+        return math.inf if self.gain > 0 else -math.inf
+
+
+def _offers(plans: _Plans, plan: dict[str, str], value: float, layers: Iterable[str],
+            max_float: int | None) -> list[_Offer]:
+    """Each of ``layers`` upgraded alone one step from ``plan`` (to float only while
+    ``max_float`` leaves room), each a real hybrid, most efficient first."""
+    u = plans.search.metric.utility
+    room = _float_room(plan, max_float)
+    steps = {n: _upgrade(plans.by_name[n], plan[n]) for n in layers}
+    steps = {n: c for n, c in steps.items() if c is not None and (c != FLOAT or room > 0)}
+    values = plans.measure([{**plan, n: c} for n, c in steps.items()],
+                           f"upgrade each of {len(steps)} layers")
+    bits = plans.bits(plan)
+    offers = [_Offer(n, plan[n], c, u(v) - u(value), plans.bits({**plan, n: c}) - bits)
+              for (n, c), v in zip(steps.items(), values, strict=True)]
+    return sorted(offers, key=lambda o: -o.efficiency)
 
 
 def _fewest(plans: _Plans, plan: dict[str, str], steps: list[tuple[str, str]], full: float,
@@ -793,24 +805,32 @@ def _fewest(plans: _Plans, plan: dict[str, str], steps: list[tuple[str, str]], f
 
 
 def _exchange(plans: _Plans, plan: dict[str, str], value: float, target: float,
-              losses: Mapping[str, float], offers: list[_Offer],
-              max_float: int | None) -> tuple[dict[str, str], float]:
+              losses: Mapping[str, float], upgraded: Iterable[str], max_float: int | None
+              ) -> tuple[dict[str, str], float]:
     """Trade upgrades the target cannot do without, largest layer first, for cheaper ones of
-    other layers: undo one upgrade a step and take the fewest of the upgrades the fill left
-    out (``offers``, most efficient first) that cost fewer bits
-    together and meet the target again, each trade a real hybrid, found by bisection.
+    other layers, then prune again: undo one upgrade a step and take the fewest of the other
+    layers' upgrades (most efficient first) that cost fewer bits together and meet the
+    target again, each trade a real hybrid, found by bisection.
 
     Pruning undoes one upgrade at a time, so it keeps a large layer's upgrade whenever undoing
     it alone misses the target, even when a few small layers' upgrades would make up for it
-    at fewer bits: the fill's order comes from each layer's gain alone, from the cheapest plan,
-    and its last upgrades may be large layers that overshoot. A trade is tried only when the
-    offers that fit in the bits it frees are expected to make up for the loss: the sum of their
-    gains (each measured alone, from the plan the fill started from) at least what undoing the
-    upgrade lost (measured by pruning) less the plan's margin over the target. The expectation
-    only chooses which trades to run; each one is kept only when its hybrid meets the target.
+    at fewer bits: the fill's order comes from each layer's gain alone from the plan it
+    started from, and its last upgrades may be large layers that overshoot. What an upgrade
+    buys depends on the rest of the plan (two layers' errors may cancel), so the upgrades left
+    out (``upgraded``: the layers the fill upgraded, pruned back or not, are not offered)
+    are measured again, each alone from the pruned plan. A trade is tried only when the
+    ones that fit in the bits it frees are expected to make up for the loss: the sum of their
+    gains at least what undoing the upgrade lost (measured by pruning) less the plan's margin
+    over the target. The expectation only chooses which trades to run; each one is kept only
+    when its hybrid meets the target. Pruning undid each upgrade in the plan of its turn,
+    and the trades change the plan further, so it runs once more over the upgrades left.
     """
     metric = plans.search.metric
     u = metric.utility
+    upgraded = set(upgraded)
+    offers = [o for o in _offers(plans, plan, value, (lc.name for lc in plans.layers
+                                                      if lc.name not in upgraded), max_float)
+              if o.gain > 0]
     taken: set[str] = set()
     for name in sorted(losses, key=lambda n: -plans.by_name[n].numel):
         names = [c for c, _ in plans.by_name[name].choices]
@@ -822,10 +842,10 @@ def _exchange(plans: _Plans, plan: dict[str, str], value: float, target: float,
         fits: list[tuple[str, str]] = []
         spent = gain = 0.0
         for offer in offers:
-            if offer.layer == name or offer.layer in taken or plan[offer.layer] != offer.start:
+            if offer.layer in taken:
                 continue
-            if spent + offer.bits < freed and (max_float is None or _float_room(
-                    {**down, **dict(fits), offer.layer: offer.to}, max_float) >= 0):
+            if spent + offer.bits < freed and _float_room(
+                    {**down, **dict(fits), offer.layer: offer.to}, max_float) >= 0:
                 fits.append((offer.layer, offer.to))
                 spent += offer.bits
                 gain += offer.gain
@@ -838,4 +858,6 @@ def _exchange(plans: _Plans, plan: dict[str, str], value: float, target: float,
         plan, value = {**down, **dict(fits[:hi])}, v
         taken.update(layer for layer, _ in fits[:hi])
         taken.add(name)
+    now = [lc.name for lc in plans.layers if plan[lc.name] != lc.choices[0][0]]
+    plan, value, _ = _prune(plans, plan, value, target, now, max_float)
     return plan, value
