@@ -198,8 +198,8 @@ def part_smollm2(target: float, dtype: torch.dtype = torch.bfloat16) -> None:
     rows = []
     for name, plan in plans.items():
         same, other = (_plan_metrics(model, configs, plan, b) for b in (data, held))
-        rows.append((name, f"{average(plan):.2f}", f"{same['kl']:.4f}",
-                     f"{same['top1_agreement']:.3f}", f"{other['kl']:.4f}",
+        rows.append((name, f"{average(plan):.2f}", f"{same['kl']:.5f}",
+                     f"{same['top1_agreement']:.3f}", f"{other['kl']:.5f}",
                      f"{other['top1_agreement']:.3f}"))
     print(tabulate(rows, headers=("plan (applied with FqnToConfig)", "avg weight bits",
                                   "KL", "top-1", "held-out KL", "held-out top-1")))

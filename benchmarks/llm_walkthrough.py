@@ -197,7 +197,7 @@ def main() -> None:
                                ("held-out (LLM_HELDOUT_TEXTS)", held_out)):
             for name, q in (("advised", applied), ("int4", q4), ("int8", q8)):
                 v = llm_metrics(model, q, batches)
-                rows.append((label, name, f"{v['kl']:.4f}", f"{v['top1_agreement']:.4f}",
+                rows.append((label, name, f"{v['kl']:.5f}", f"{v['top1_agreement']:.4f}",
                              f"{v['ppl_float']:.2f}", f"{v['ppl_quantized']:.2f}"))
     print(tabulate(rows, headers=("text", "model", "kl", "top1", "ppl float",
                                   "ppl quantized")))
