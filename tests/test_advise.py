@@ -1040,6 +1040,39 @@ class _LargeAndSmall(nn.Module):
         return self.a(x) + torch.cat([b(x) for b in self.b], dim=-1)
 
 
+def _applied_sqnr(float_model: nn.Module, data: list[torch.Tensor], float_layers) -> float:
+    """The output SQNR of the plan keeping ``float_layers`` float, built by quantize_dynamic
+    (not a hybrid)."""
+    quantized = {name for name, m in float_model.named_modules()
+                 if isinstance(m, nn.Linear) and name not in float_layers}
+    q = quantize_dynamic(copy.deepcopy(float_model), quantized) if quantized else float_model
+    with torch.no_grad():
+        return fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),
+                              torch.cat([q(x) for x in data]))
+
+
+def _advised_against_every_plan(float_model: nn.Module, data: list[torch.Tensor],
+                                gain: float) -> tuple[list[str], list[str], int]:
+    """advise over quantize_dynamic for ``gain`` dB above the quantized model's SQNR, checked
+    against the exhaustive search over all plans of the model's Linears: (the layers the advice
+    keeps float, the cheapest plan's, how many more weights the advice keeps float than the
+    cheapest plan). The advice's value must be the
+    applied plan's, reached in fewer hybrids than there are plans."""
+    names = [n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)]
+    target = _applied_sqnr(float_model, data, ()) + gain
+    sizes = {n: float_model.get_submodule(n).weight.numel() for n in names}
+    plans = [keep for r in range(len(names) + 1) for keep in itertools.combinations(names, r)]
+    cheapest = min((keep for keep in plans if _applied_sqnr(float_model, data, keep) >= target),
+                   key=lambda keep: sum(sizes[n] for n in keep))
+    q = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+    advice = advise(float_model, {"dynamic": q}, data, metric="sqnr", target=target,
+                    progress=False)
+    kept = sorted(n for n, c in advice.assignment.items() if c == "float")
+    assert advice.value == pytest.approx(_applied_sqnr(float_model, data, kept), abs=1e-4)
+    assert advice.reached and advice.evaluations < len(plans)  # a search, not an enumeration
+    return kept, list(cheapest), sum(sizes[n] for n in kept) - sum(sizes[n] for n in cheapest)
+
+
 def test_the_search_trades_a_large_upgrade_for_cheaper_small_ones() -> None:
     # the fill kept `a` float (1024 float weights, 20.1 bits) since it is the most efficient
     # alone and meets the target alone; pruning cannot undo it alone, so the search stopped
@@ -1047,28 +1080,9 @@ def test_the_search_trades_a_large_upgrade_for_cheaper_small_ones() -> None:
     torch.manual_seed(0)
     float_model = _LargeAndSmall().eval()
     data = [torch.randn(16, 32) for _ in range(2)]
-    names = ["a", "b.0", "b.1", "b.2", "b.3"]
-
-    def applied(float_layers) -> float:  # the plan built by quantize_dynamic, not a hybrid
-        quantized = {n for n in names if n not in float_layers}
-        q = quantize_dynamic(copy.deepcopy(float_model), quantized) if quantized else float_model
-        with torch.no_grad():
-            return fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),
-                                  torch.cat([q(x) for x in data]))
-
-    target = applied(()) + 1.5
-    sizes = {n: float_model.get_submodule(n).weight.numel() for n in names}
-    plans = [keep for r in range(len(names) + 1) for keep in itertools.combinations(names, r)]
-    cheapest = min((keep for keep in plans if applied(keep) >= target),
-                   key=lambda keep: sum(sizes[n] for n in keep))
+    kept, cheapest, excess = _advised_against_every_plan(float_model, data, 1.5)
     assert "a" not in cheapest and len(cheapest) == 3  # the case the old search missed
-    q = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
-    advice = advise(float_model, {"dynamic": q}, data, metric="sqnr", target=target,
-                    progress=False)
-    kept = sorted(n for n, c in advice.assignment.items() if c == "float")
-    assert sum(sizes[n] for n in kept) == sum(sizes[n] for n in cheapest)
-    assert advice.value == pytest.approx(applied(kept), abs=1e-4) and advice.reached
-    assert advice.evaluations < len(plans)  # a search, not the enumeration above
+    assert excess == 0
 
 
 class _LargeSmallAndHead(_LargeAndSmall):
@@ -1090,34 +1104,16 @@ def test_the_search_measures_the_upgrades_left_out_again_from_the_pruned_plan() 
     # from the plan where every layer is quantized, keeping b.0 or b.3 float alone buys
     # little, so the fill keeps `a` and `c` float (768 float weights); from the pruned plan
     # they buy more, and a trade of `a` for them meets the target at 512 (the cheapest, by
-    # the exhaustive search over all 64 plans below). The search measured them only from
-    # the first plan and stopped at 768.
+    # the exhaustive search over all 64 plans). The search measured them only from the first
+    # plan and stopped at 768.
     g = torch.Generator().manual_seed(13)
     torch.manual_seed(13)
     scales = (torch.rand(6, generator=g) * 1.0 + 0.6).tolist()
     float_model = _LargeSmallAndHead(scales).eval()
     data = [torch.randn(16, 32, generator=g) for _ in range(2)]
-    names = ["a", "b.0", "b.1", "b.2", "b.3", "c"]
-
-    def applied(float_layers) -> float:  # the plan built by quantize_dynamic, not a hybrid
-        quantized = {n for n in names if n not in float_layers}
-        q = quantize_dynamic(copy.deepcopy(float_model), quantized) if quantized else float_model
-        with torch.no_grad():
-            return fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),
-                                  torch.cat([q(x) for x in data]))
-
-    target = applied(()) + 2.0
-    sizes = {n: float_model.get_submodule(n).weight.numel() for n in names}
-    plans = [keep for r in range(len(names) + 1) for keep in itertools.combinations(names, r)]
-    cheapest = min(sum(sizes[n] for n in keep) for keep in plans if applied(keep) >= target)
-    assert cheapest == 512
-    q = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
-    advice = advise(float_model, {"dynamic": q}, data, metric="sqnr", target=target,
-                    progress=False)
-    kept = sorted(n for n, c in advice.assignment.items() if c == "float")
-    assert sum(sizes[n] for n in kept) == cheapest
-    assert advice.value == pytest.approx(applied(kept), abs=1e-4) and advice.reached
-    assert advice.evaluations < len(plans)
+    kept, cheapest, excess = _advised_against_every_plan(float_model, data, 2.0)
+    assert len(cheapest) == 2 and "a" not in cheapest
+    assert excess == 0
 
 
 def test_a_float_layer_before_a_pool_reads_as_the_model_requantized_without_it() -> None:
