@@ -17,11 +17,17 @@ torchao int4 g32 and int8 weight-only variants of its 210 decoder Linears; ``adv
 target=0.15)`` on ``LLM_TEXTS``, then the advice applied with its ``FqnToConfig`` and measured
 (KL, top-1 agreement, perplexities) on the same text and on held-out text, beside the fixed
 rules of the issue (all int4; int8 down_proj; int8 down, v, o; all int8) applied the same way.
-Two threads, as the bar asks.
+Two threads, as the bar asks. ``--dtype float32`` runs it on the float32 model.
+
+Part 4 (``--part exhaustive``): advise over ``quantize_dynamic`` on a toy of six Linears (a
+head over one large and four small branches, weights scaled per seed), 40 seeds, targets 1-3
+dB above the quantized model, against the exhaustive search over all 64 plans applied by
+``quantize_dynamic``: how often the search misses the cheapest plan.
 
     .venv/bin/python benchmarks/bench_advise.py                   # parts 1 and 2, ~1 min
     .venv/bin/python benchmarks/bench_advise.py --quick           # part 2 with N <= 16 only
-    .venv/bin/python benchmarks/bench_advise.py --part smollm2    # ~3 min on an idle machine
+    .venv/bin/python benchmarks/bench_advise.py --part smollm2    # ~9 min in bf16 on AVX2
+    .venv/bin/python benchmarks/bench_advise.py --part exhaustive # part 4, ~1 min
 """
 
 from __future__ import annotations
@@ -147,6 +153,63 @@ def part_scaling(sizes: list[int]) -> None:
                                   "x fwd pair", "x fwd pair / N")))
 
 
+class _Branches(nn.Module):
+    """A Linear head over one large and four small branch Linears, each layer's weights
+    scaled (``scales``): the model of test_advise's exhaustive-search checks."""
+
+    def __init__(self, scales: list[float]) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32, bias=False)
+        self.b = nn.ModuleList(nn.Linear(32, 8, bias=False) for _ in range(4))
+        self.c = nn.Linear(32, 16, bias=False)
+        with torch.no_grad():
+            for layer, scale in zip([self.a, *self.b, self.c], scales, strict=True):
+                layer.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = self.a(x) + torch.cat([b(x) for b in self.b], dim=-1)
+        return self.c(torch.relu(branches))
+
+
+def part_exhaustive(seeds: range) -> None:
+    """advise against the exhaustive search over all 64 plans of _Branches, per seed."""
+    import itertools
+
+    from torch.ao.quantization import quantize_dynamic
+
+    names = ["a", "b.0", "b.1", "b.2", "b.3", "c"]
+    plans = [k for r in range(len(names) + 1) for k in itertools.combinations(names, r)]
+    rows, missed = [], 0
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        float_model = _Branches((torch.rand(6, generator=g) + 0.6).tolist()).eval()
+        data = [torch.randn(16, 32, generator=g) for _ in range(2)]
+        sizes = {n: float_model.get_submodule(n).weight.numel() for n in names}
+
+        def applied(keep, float_model=float_model, data=data) -> float:
+            quantized = {n for n in names if n not in keep}
+            q = (quantize_dynamic(copy.deepcopy(float_model), quantized) if quantized
+                 else float_model)
+            with torch.no_grad():
+                return fxnumeric.sqnr(torch.cat([float_model(x) for x in data]),
+                                      torch.cat([q(x) for x in data]))
+
+        gain = (1.0, 2.0, 3.0)[seed % 3]
+        target = applied(()) + gain
+        cheapest = min(sum(sizes[n] for n in k) for k in plans if applied(k) >= target)
+        q = quantize_dynamic(copy.deepcopy(float_model), {nn.Linear})
+        advice = advise(float_model, {"dynamic": q}, data, metric="sqnr", target=target,
+                        progress=False)
+        kept = sum(sizes[n] for n, c in advice.assignment.items() if c == "float")
+        missed += kept > cheapest
+        rows.append((seed, gain, cheapest, kept, advice.evaluations))
+    print(tabulate(rows, headers=("seed", "target dB above", "cheapest float weights",
+                                  "advised float weights", "hybrids")))
+    print(f"\nthe advice kept more weights float than the cheapest plan in {missed} of "
+          f"{len(rows)} seeds")
+
+
 def _plan_metrics(float_model, configs, assignment, batches) -> dict[str, float]:
     """Quantize a copy of ``float_model`` layer by layer as ``assignment`` says (torchao
     ``FqnToConfig``) and read the LLM metrics of the result on ``batches``."""
@@ -208,7 +271,7 @@ def part_smollm2(target: float, dtype: torch.dtype = torch.bfloat16) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=("minilm", "scaling", "smollm2"),
+    parser.add_argument("--part", choices=("minilm", "scaling", "smollm2", "exhaustive"),
                         help="one part only (default: minilm and scaling)")
     parser.add_argument("--target", type=float, default=0.15, help="smollm2: the KL target")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -220,6 +283,9 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}\n")
+    if args.part == "exhaustive":
+        part_exhaustive(range(40))
+        return
     if not args.quick and args.part in (None, "minilm"):
         part_minilm()
         print()
