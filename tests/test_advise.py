@@ -1101,11 +1101,10 @@ class _LargeSmallAndHead(_LargeAndSmall):
 
 
 def test_the_search_measures_the_upgrades_left_out_again_from_the_pruned_plan() -> None:
-    # from the plan where every layer is quantized, keeping b.0 or b.3 float alone buys
-    # little, so the fill keeps `a` and `c` float (768 float weights); from the pruned plan
-    # they buy more, and a trade of `a` for them meets the target at 512 (the cheapest, by
-    # the exhaustive search over all 64 plans). The search measured them only from the first
-    # plan and stopped at 768.
+    # the search kept `c` and `b.1` float (768 float weights): the upgrades the fill left out,
+    # as measured from the plan where every layer is quantized, offered no trade for `c`.
+    # Measured again from the pruned plan, keeping `b.0` float instead of `c` meets the
+    # target at 512, the cheapest plan of the exhaustive search over all 64 plans
     g = torch.Generator().manual_seed(13)
     torch.manual_seed(13)
     scales = (torch.rand(6, generator=g) * 1.0 + 0.6).tolist()
