@@ -754,11 +754,10 @@ def _prune(plans: _Plans, plan: dict[str, str], value: float, target: float,
 
 @dataclass(frozen=True)
 class _Offer:
-    """One upgrade measured alone from a plan: ``layer`` from ``start`` to ``to``, the metric it
-    bought (``gain``, as utility; negative where it cost) and the average bits it adds."""
+    """One upgrade measured alone from a plan: ``layer`` to ``to``, the metric it bought
+    (``gain``, as utility; negative where it cost) and the average bits it adds."""
 
     layer: str
-    start: str
     to: str
     gain: float
     bits: float
@@ -782,7 +781,7 @@ def _offers(plans: _Plans, plan: dict[str, str], value: float, layers: Iterable[
     values = plans.measure([{**plan, n: c} for n, c in steps.items()],
                            f"upgrade each of {len(steps)} layers")
     bits = plans.bits(plan)
-    offers = [_Offer(n, plan[n], c, u(v) - u(value), plans.bits({**plan, n: c}) - bits)
+    offers = [_Offer(n, c, u(v) - u(value), plans.bits({**plan, n: c}) - bits)
               for (n, c), v in zip(steps.items(), values, strict=True)]
     return sorted(offers, key=lambda o: -o.efficiency)
 
@@ -844,8 +843,8 @@ def _exchange(plans: _Plans, plan: dict[str, str], value: float, target: float,
         for offer in offers:
             if offer.layer in taken:
                 continue
-            if spent + offer.bits < freed and _float_room(
-                    {**down, **dict(fits), offer.layer: offer.to}, max_float) >= 0:
+            if spent + offer.bits < freed and (max_float is None or _float_room(
+                    {**down, **dict(fits), offer.layer: offer.to}, max_float) >= 0):
                 fits.append((offer.layer, offer.to))
                 spent += offer.bits
                 gain += offer.gain
