@@ -235,6 +235,8 @@ class _CompareToFloat(Logger):
         if twin.pending:
             ref, fresh = twin.take()
             if fresh:
+                if lockstep is not None:
+                    lockstep.reading(ref)
                 actual, energy = self.value.get(first_output(x))
                 self.acc.update(ref, actual, actual_energy=energy)
             else:  # written into since the layer returned it: not what it computed

@@ -24,14 +24,17 @@ Memory. Each thread allocates from a glibc heap of its own, and glibc keeps what
 for that thread's later allocations: in turns, the process would hold the free pages of two
 heaps beside the values alive. Every time the turn passes (and when turns start and end), the
 free pages of every heap go back to the system (``malloc_trim(0)``, where the C library has it;
-values alive are untouched). Once the float forward has ended, the quantized one runs to its
-end reading the float values still held (up to the budget, made in the caller's heap) without
-the turn passing: their pages go back each time a quarter of the budget was read
-(:meth:`Lockstep.consumed`). Measured as the peak RSS above the live memory before the call
+values alive are untouched). A turn of the quantized side may be long (a 512-token SmolLM2
+sequence passes the turn 8 times), and once the float forward has ended the quantized one runs
+to its end without the turn passing: the pages also go back each time a quarter of the budget
+was read (:meth:`Lockstep.consumed`), and before a value of a quarter of the budget or more is
+read (:meth:`Lockstep.reading`). Measured as the peak RSS above the live memory before the call
 (``benchmarks/README.md``): a 512-token SmolLM2 sequence, float32 under int8 weight-only, went
-from 470-478 MiB to 317-318 MiB in the same time (other configurations read the same before and
-after: their peak is elsewhere); a torchvision resnet18 batch of 16 images, which takes turns
-too, peaks 100-180 MiB lower for 5-9% more CPU time (pages faulted in again).
+from 470-478 MiB to 317-318 MiB in the same time once the pages went back at every turn and
+after the float forward's end; a torchvision resnet18 batch of 16 images, which takes turns
+too, peaks 100-180 MiB lower for 5-9% more CPU time (pages faulted in again). In bfloat16 the
+same sequence read 209-212 MiB until the pages also went back within turns and before each
+block of rows of the logits (:meth:`fxnumeric.rows.LinearRows.rows`), 156-160 MiB since.
 
 Errors keep the order of a sequential run: the float model's error wins (it runs first); the
 quantized model's error is raised once the float forward has ended.
@@ -40,14 +43,14 @@ quantized model's error is raised once the float forward has ended.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ._heap import return_free_pages
 from .rows import LinearRows
 
 __all__ = ["Lockstep", "return_free_pages"]
@@ -106,6 +109,7 @@ class Lockstep:
 
     def _hand_over(self, to: str, me: str) -> None:
         return_free_pages()  # what ``me`` freed since it last held the turn goes back
+        self._freed = 0
         with self._turn:
             self._holder = to
             self._turn.notify_all()
@@ -145,16 +149,28 @@ class Lockstep:
                 raise _Stopped
         self._waiting = None
 
+    def reading(self, value: Any) -> None:
+        """Quantized side: a comparator is about to read ``value``. Before a large one (a
+        quarter of the budget or more, counted whole: a Linear's output held as rows is
+        computed a block at a time as it is read), the free pages of every heap go back: the
+        read's blocks of several MiB do not fit in the smaller pieces the layers before it
+        left free, so they would be touched on top of them."""
+        if self._helper is not None and _whole_nbytes(value) >= self.budget // 4:
+            return_free_pages()
+            self._freed = 0
+
     def consumed(self, value: Any) -> None:
         """Quantized side: a comparator has read ``value`` (and drops it).
 
-        Once the float forward has ended, the quantized one runs to its end without handing
-        the turn over, reading up to a budget of float values made in the caller's heap: each
-        time a quarter of the budget was read (and dropped) since, their free pages go back."""
+        With turns, each time a quarter of the budget was read (and dropped) since the free
+        pages last went back, they go back: a turn of the quantized side reads up to a budget
+        of float values made in the caller's heap while its own layers' passing values pile up
+        in its heap, and once the float forward has ended it runs to its end without the turn
+        passing."""
         nbytes = _nbytes(value)
         self.held -= nbytes
-        if self._helper is None or not self.float_done:
-            return  # one thread, or turns still passing: free pages go back at each
+        if self._helper is None:
+            return  # one thread: the batch fits in the budget
         if self._freed >= self.budget // 4:  # the values read before this one are gone now
             return_free_pages()
             self._freed = 0
@@ -185,24 +201,13 @@ class Lockstep:
         self._helper.join()
 
 
-def return_free_pages() -> None:
-    """Give the free pages of every glibc heap back to the system; nothing where the C library
-    has no ``malloc_trim`` (musl, macOS, Windows)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):  # no such symbol; no process handle (Windows)
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
 def _nbytes(value: Any) -> int:
     """The bytes a float value held takes (a Linear's output held as rows: its input's)."""
     return value.nbytes if isinstance(value, (torch.Tensor, LinearRows)) else 0
+
+
+def _whole_nbytes(value: Any) -> int:
+    """The bytes a float value takes when read: a Linear's output held as rows counted whole."""
+    if isinstance(value, LinearRows):
+        return math.prod(value.shape) * value.dtype.itemsize
+    return _nbytes(value)

@@ -495,10 +495,13 @@ def test_turns_give_free_pages_back_at_every_switch(tiny_budget, monkeypatch):
     hand_over = lockstep.Lockstep._hand_over
     monkeypatch.setattr(lockstep.Lockstep, "_hand_over",
                         lambda self, to, me: switches.append(to) or hand_over(self, to, me))
+    monkeypatch.setattr(lockstep.Lockstep, "consumed", _untrimmed_consumed(lockstep))
+    monkeypatch.setattr(lockstep.Lockstep, "reading", lambda self, value: None)
     f, q, _, _ = _counted_pair()
     ns.compare(f, q, [torch.randn(32, 256) for _ in range(3)], comparisons=("outputs",),
                progress=False)
-    # per batch: when turns start and end, and each time the turn passes
+    # per batch: when turns start and end, and each time the turn passes (the trims as
+    # values are read, left out here: the next tests)
     assert len(switches) >= 3 and len(trims) == len(switches) + 2 * 3
     trims.clear()
     compare_module = __import__("importlib").import_module("fxnumeric.compare")
@@ -508,8 +511,15 @@ def test_turns_give_free_pages_back_at_every_switch(tiny_budget, monkeypatch):
     assert trims == []  # a batch within the budget runs in one thread, and keeps its heap
 
 
+def _untrimmed_consumed(lockstep):
+    """``Lockstep.consumed`` without its trims: the held bytes counted, nothing else."""
+    def consumed(self, value):
+        self.held -= lockstep._nbytes(value)
+    return consumed
+
+
 @pytest.mark.usefixtures("traced_graphs_unchecked")
-def test_the_quantized_forwards_last_run_gives_free_pages_back_as_it_reads(monkeypatch):
+def test_the_quantized_side_gives_free_pages_back_as_it_reads(monkeypatch):
     lockstep = __import__("importlib").import_module("fxnumeric.lockstep")
     compare_module = __import__("importlib").import_module("fxnumeric.compare")
     value = 32 * 256 * 4  # bytes of one layer's output
@@ -528,22 +538,108 @@ def test_the_quantized_forwards_last_run_gives_free_pages_back_as_it_reads(monke
     monkeypatch.setattr(lockstep.Lockstep, "consumed", watched)
     f, q, _, _ = _counted_pair()
     ns.compare(f, q, [torch.randn(32, 256)], comparisons=("outputs",), progress=False)
-    # once the float forward has ended the quantized one reads the values held (up to the
-    # budget, made in the caller's heap) without handing the turn over: their pages go back
-    # each time a quarter of the budget was read since the last time (the values read
-    # before the current one are dropped by then)
-    first = next(i for i, (kind, _) in enumerate(events) if kind == "read after the float end")
+    # in turns the quantized side reads up to the budget's float values (made in the caller's
+    # heap) at a time, and once the float forward has ended it reads the values left without
+    # handing the turn over: the pages go back each time a quarter of the budget was read
+    # since the last time (the values read before the current one are dropped by then), as
+    # well as each time the turn passes
+    first = next(i for i, (kind, _) in enumerate(events) if kind == "trim")  # turns start
     tail = events[first:]
     reads = [n for kind, n in tail if kind == "read after the float end"]
     assert len(reads) >= 3 and sum(reads) >= 3 * value
-    since, trims = 0, 0
-    for kind, nbytes in tail[:-1]:  # the last trim: when turns end (Lockstep.finish)
+    quarter = 7 * value // 4
+    since, trims, by_reads = 0, 0, {"read": 0, "read after the float end": 0}
+    for kind, nbytes in tail:
         if kind == "trim":
-            assert since >= 7 * value // 4  # a quarter of the budget
             since, trims = 0, trims + 1
-        else:
-            since += nbytes
-    assert trims >= 2
+            continue
+        if since >= quarter:  # this read's consumed trims before counting it
+            by_reads[kind] += 1
+        assert since < quarter + value
+        since += nbytes
+    assert by_reads["read"] >= 1 and by_reads["read after the float end"] >= 1
+    assert trims >= 4
+
+
+class _Widening(nn.Module):
+    """Six Linear + ReLU layers of one width, then a Linear 8 times as wide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chain = _Chain(256)
+        self.head = nn.Linear(256, 2048)
+
+    def forward(self, x):
+        return self.head(self.chain(x))
+
+
+@pytest.mark.usefixtures("traced_graphs_unchecked")
+def test_the_free_pages_go_back_before_a_large_float_value_is_read(monkeypatch):
+    lockstep = __import__("importlib").import_module("fxnumeric.lockstep")
+    compare_module = __import__("importlib").import_module("fxnumeric.compare")
+    value = 32 * 256 * 4  # bytes of a chain layer's output; the head's is 8 times that
+    monkeypatch.setattr(compare_module, "LOCKSTEP_MIN", 7 * value)
+    monkeypatch.setattr(compare_module, "LOCKSTEP_SHARE", 1 << 40)
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(lockstep, "return_free_pages", lambda: events.append(("trim", 0)))
+    monkeypatch.setattr(lockstep.Lockstep, "consumed", _untrimmed_consumed(lockstep))
+    reading, hand_over = lockstep.Lockstep.reading, lockstep.Lockstep._hand_over
+    monkeypatch.setattr(lockstep.Lockstep, "reading", lambda self, v: (
+        events.append(("read", lockstep._nbytes(v))), reading(self, v))[-1])
+    monkeypatch.setattr(lockstep.Lockstep, "_hand_over", lambda self, to, me: (
+        events.append(("switch", 0)), hand_over(self, to, me))[-1])
+    torch.manual_seed(0)
+    f = _Widening().eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+    ns.compare(f, q, [torch.randn(32, 256)], comparisons=("outputs",), progress=False)
+    reads = [i for i, (kind, _) in enumerate(events) if kind == "read"]
+    # a quarter of the budget or more: its read is preceded by a trim; the others are not
+    wide = [i for i in reads if events[i][1] >= 7 * value // 4]
+    assert [events[i][1] for i in wide] == [8 * value]
+    assert events[wide[0] + 1] == ("trim", 0)
+    assert all(events[i + 1][0] != "trim" for i in reads if i not in wide)
+
+
+_ROWS_AFTER_FREES = """
+import os, torch, torch.nn as nn
+from fxnumeric.rows import LinearRows
+
+torch.set_num_threads(1)
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+torch.manual_seed(0)
+head = nn.Linear(64, 8192)
+x = torch.randn(1056, 64)  # 33 MiB of output: held as rows
+rows = LinearRows.of(head(x), head, (x,), {{}})
+assert rows is not None
+# as in _HEAP_LEFT_FREE: 128 MiB of 1 MiB blocks freed under a block still alive
+del_me = torch.empty(8 << 20, dtype=torch.uint8).fill_(1)
+del del_me
+left = [torch.empty(1 << 20, dtype=torch.uint8).fill_(1) for _ in range(128)]
+pin = torch.empty(1 << 20, dtype=torch.uint8).fill_(1)
+del left
+before = rss()
+block = rows.rows(slice(0, {rows}))
+assert torch.equal(block, head(x)[:{rows}])
+print((before - rss()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's heaps and /proc/self/statm")
+def test_a_block_of_rows_is_read_after_the_free_pages_went_back():
+    # a large Linear's output held as rows (the logits) is computed a block at a time as it is
+    # read; each block's tens of MiB do not fit in the smaller pieces the layers before it left
+    # free, which go back first: in a fresh process whose heap holds 128 MiB freed, reading a
+    # 16 MiB block leaves the resident set lower than before
+    script = _ROWS_AFTER_FREES.format(rows=512)
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                         text=True, check=True, timeout=300)
+    released_mib = float(out.stdout.split()[-1])
+    assert released_mib > 64, out.stdout
 
 
 _HEAP_LEFT_FREE = """
