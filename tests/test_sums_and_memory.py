@@ -600,69 +600,13 @@ def test_the_free_pages_go_back_before_a_large_float_value_is_read(monkeypatch):
     assert all(events[i + 1][0] != "trim" for i in reads if i not in wide)
 
 
-_ROWS_AFTER_FREES = """
-import os, torch, torch.nn as nn
-from fxnumeric.rows import LinearRows
-
-torch.set_num_threads(1)
-
+_RSS = """
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-torch.manual_seed(0)
-head = nn.Linear(64, 8192)
-x = torch.randn(1056, 64)  # 33 MiB of output: held as rows
-rows = LinearRows.of(head(x), head, (x,), {{}})
-assert rows is not None
-# as in _HEAP_LEFT_FREE: 128 MiB of 1 MiB blocks freed under a block still alive
-del_me = torch.empty(8 << 20, dtype=torch.uint8).fill_(1)
-del del_me
-left = [torch.empty(1 << 20, dtype=torch.uint8).fill_(1) for _ in range(128)]
-pin = torch.empty(1 << 20, dtype=torch.uint8).fill_(1)
-del left
-before = rss()
-block = rows.rows(slice(0, {rows}))
-assert torch.equal(block, head(x)[:{rows}])
-print((before - rss()) / 2**20)
 """
 
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="glibc's heaps and /proc/self/statm")
-def test_a_block_of_rows_is_read_after_the_free_pages_went_back():
-    # a large Linear's output held as rows (the logits) is computed a block at a time as it is
-    # read; each block's tens of MiB do not fit in the smaller pieces the layers before it left
-    # free, which go back first: in a fresh process whose heap holds 128 MiB freed, reading a
-    # 16 MiB block leaves the resident set lower than before
-    script = _ROWS_AFTER_FREES.format(rows=512)
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
-                         text=True, check=True, timeout=300)
-    released_mib = float(out.stdout.split()[-1])
-    assert released_mib > 64, out.stdout
-
-
-_HEAP_LEFT_FREE = """
-import copy, importlib, os, sys
-import torch, torch.nn as nn
-import fxnumeric as ns
-
-sys.path.insert(0, {tests!r})
-from test_sums_and_memory import _Chain
-
-torch.set_num_threads(1)
-compare = importlib.import_module("fxnumeric.compare")
-compare.LOCKSTEP_MIN, compare.LOCKSTEP_SHARE = 1, 1 << 40  # every batch takes turns
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-torch.manual_seed(0)
-f = _Chain(256).eval()
-q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {{nn.Linear}})
-batches = [torch.randn(32, 256)]
-ns.compare(f, q, batches, comparisons=("outputs",), progress=False)  # warm
+_LEAVE_128_MIB_FREE = """
 # glibc raises its mmap threshold past a freed 8 MiB block: the 1 MiB blocks below then come
 # from the heap, and once freed under a block still alive they stay resident there
 del_me = torch.empty(8 << 20, dtype=torch.uint8).fill_(1)
@@ -671,22 +615,68 @@ left = [torch.empty(1 << 20, dtype=torch.uint8).fill_(1) for _ in range(128)]
 pin = torch.empty(1 << 20, dtype=torch.uint8).fill_(1)
 del left
 before = rss()
-ns.compare(f, q, batches, comparisons=("outputs",), progress=False)
-print((before - rss()) / 2**20)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="glibc's heaps and /proc/self/statm")
+def _released_mib(script: str) -> float:
+    """MiB the resident set of a fresh process running ``script`` fell by: its last line."""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
+                         text=True, check=True, timeout=300)
+    return float(out.stdout.split()[-1])
+
+
+_glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's heaps and /proc/self/statm")
+
+
+@_glibc_only
+def test_a_block_of_rows_is_read_after_the_free_pages_went_back():
+    # a large Linear's output held as rows (the logits) is computed a block at a time as it is
+    # read; each block's tens of MiB do not fit in the smaller pieces the layers before it left
+    # free, which go back first: in a fresh process whose heap holds 128 MiB freed, reading a
+    # 16 MiB block leaves the resident set lower than before
+    script = ("import os, torch, torch.nn as nn\n"
+              "from fxnumeric.rows import LinearRows\n"
+              "torch.set_num_threads(1)\n" + _RSS + """
+torch.manual_seed(0)
+head = nn.Linear(64, 8192)
+x = torch.randn(1056, 64)  # 33 MiB of output: held as rows
+rows = LinearRows.of(head(x), head, (x,), {})
+assert rows is not None
+""" + _LEAVE_128_MIB_FREE + """
+block = rows.rows(slice(0, 512))
+assert torch.equal(block, head(x)[:512])
+print((before - rss()) / 2**20)
+""")
+    released = _released_mib(script)
+    assert released > 64, released
+
+
+@_glibc_only
 def test_turns_leave_no_free_heap_resident():
     # the memory compare's own two threads and the caller's earlier calls leave free in glibc's
     # heaps goes back to the system: read as the process's resident set, in a fresh process
     # whose heap holds 128 MiB freed before compare starts
-    script = _HEAP_LEFT_FREE.format(tests=str(pathlib.Path(__file__).parent))
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True,
-                         text=True, check=True, timeout=300)
-    released_mib = float(out.stdout.split()[-1])
-    assert released_mib > 100, out.stdout
+    script = ("import copy, importlib, os, sys\n"
+              "import torch, torch.nn as nn\n"
+              "import fxnumeric as ns\n"
+              f"sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+              "from test_sums_and_memory import _Chain\n"
+              "torch.set_num_threads(1)\n" + _RSS + """
+compare = importlib.import_module("fxnumeric.compare")
+compare.LOCKSTEP_MIN, compare.LOCKSTEP_SHARE = 1, 1 << 40  # every batch takes turns
+torch.manual_seed(0)
+f = _Chain(256).eval()
+q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(f), {nn.Linear})
+batches = [torch.randn(32, 256)]
+ns.compare(f, q, batches, comparisons=("outputs",), progress=False)  # warm
+""" + _LEAVE_128_MIB_FREE + """
+ns.compare(f, q, batches, comparisons=("outputs",), progress=False)
+print((before - rss()) / 2**20)
+""")
+    released = _released_mib(script)
+    assert released > 100, released
 
 
 class _FailsOnce(nn.Module):
