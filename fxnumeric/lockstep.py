@@ -26,15 +26,17 @@ heaps beside the values alive. Every time the turn passes (and when turns start 
 free pages of every heap go back to the system (``malloc_trim(0)``, where the C library has it;
 values alive are untouched). A turn of the quantized side may be long (a 512-token SmolLM2
 sequence passes the turn 8 times), and once the float forward has ended the quantized one runs
-to its end without the turn passing: the pages also go back each time a quarter of the budget
-was read (:meth:`Lockstep.consumed`), and before a value of a quarter of the budget or more is
-read (:meth:`Lockstep.reading`). Measured as the peak RSS above the live memory before the call
-(``benchmarks/README.md``): a 512-token SmolLM2 sequence, float32 under int8 weight-only, went
-from 470-478 MiB to 317-318 MiB in the same time once the pages went back at every turn and
-after the float forward's end; a torchvision resnet18 batch of 16 images, which takes turns
-too, peaks 100-180 MiB lower for 5-9% more CPU time (pages faulted in again). In bfloat16 the
-same sequence read 209-212 MiB until the pages also went back within turns and before each
-block of rows of the logits (:meth:`fxnumeric.rows.LinearRows.rows`), 156-160 MiB since.
+to its end without the turn passing: the pages also go back each time :data:`READ_PER_TRIM` of
+the budget was read (:meth:`Lockstep.consumed`), and before a value of a quarter of the budget
+or more is read (:meth:`Lockstep.reading`). Measured as the peak RSS above the live memory
+before the call (``benchmarks/README.md``): a 512-token SmolLM2 sequence, float32 under int8
+weight-only, went from 470-478 MiB to 317-318 MiB in the same time once the pages went back at
+every turn and after the float forward's end; a torchvision resnet18 batch of 16 images, which
+takes turns too, peaks 100-180 MiB lower for 5-9% more CPU time (pages faulted in again). In
+bfloat16 the same sequence read 209-212 MiB until the pages also went back within turns and
+before each block of rows of the logits (:meth:`fxnumeric.rows.LinearRows.rows`), 156-160 MiB
+after, 142-147 MiB once they went back every sixteenth of the budget read, not every quarter,
+and a bfloat16 block of rows was summed by chunks (:mod:`fxnumeric.metrics`).
 
 Errors keep the order of a sequential run: the float model's error wins (it runs first); the
 quantized model's error is raised once the float forward has ended.
@@ -56,6 +58,14 @@ from .rows import LinearRows
 __all__ = ["Lockstep", "return_free_pages"]
 
 _FLOAT, _QUANT = "float", "quantized"
+
+READ_PER_TRIM = 1 / 16
+"""Share of the budget read (and dropped) in turns between two returns of the free pages
+(:meth:`Lockstep.consumed`). The quantized side's own passing values pile up in its heap
+between them too: on a 512-token SmolLM2 sequence in bfloat16 (a 64 MiB budget), a quarter
+read 154-159 MiB of peak RSS added, a sixteenth 139-142 MiB, in the same time (a resnet18 batch
+of 16 images, which takes turns too, read the same CPU time; a malloc_trim with nothing to
+give back costs 0.3-0.7 ms)."""
 
 
 class _Stopped(BaseException):
@@ -162,16 +172,16 @@ class Lockstep:
     def consumed(self, value: Any) -> None:
         """Quantized side: a comparator has read ``value`` (and drops it).
 
-        With turns, each time a quarter of the budget was read (and dropped) since the free
-        pages last went back, they go back: a turn of the quantized side reads up to a budget
-        of float values made in the caller's heap while its own layers' passing values pile up
-        in its heap, and once the float forward has ended it runs to its end without the turn
-        passing."""
+        With turns, each time :data:`READ_PER_TRIM` of the budget was read (and dropped) since
+        the free pages last went back, they go back: a turn of the quantized side reads up to a
+        budget of float values made in the caller's heap while its own layers' passing values
+        pile up in its heap, and once the float forward has ended it runs to its end without
+        the turn passing."""
         nbytes = _nbytes(value)
         self.held -= nbytes
         if self._helper is None:
             return  # one thread: the batch fits in the budget
-        if self._freed >= self.budget // 4:  # the values read before this one are gone now
+        if self._freed >= self.budget * READ_PER_TRIM:  # those read before this one are gone
             return_free_pages()
             self._freed = 0
         self._freed += nbytes

@@ -171,6 +171,18 @@ def _chunked(x: torch.Tensor) -> bool:
     return x.numel() > _UPDATE_CHUNK and not x.is_quantized and x.is_contiguous()
 
 
+def _by_chunks(ref: torch.Tensor, actual: torch.Tensor, precision: torch.dtype) -> bool:
+    """Whether one update's sums are taken a chunk at a time: both large (:func:`_chunked`),
+    or both past :data:`_CHUNK` values where reading them whole would copy either into
+    ``precision`` (one block of the rows of a 512-token SmolLM2's bfloat16 logits, 4.2M
+    values, read whole made two float32 copies and their error: 48 MiB; by chunks, the RSS
+    while the logits are read went from 136-151 to 105-113 MiB above compare's start)."""
+    if _chunked(ref) and _chunked(actual):
+        return True
+    return (ref.numel() > _CHUNK and (ref.dtype != precision or actual.dtype != precision)
+            and all(not x.is_quantized and x.is_contiguous() for x in (ref, actual)))
+
+
 def _chunks(x: torch.Tensor, precision: torch.dtype) -> Iterator[torch.Tensor]:
     """``x``'s values in memory order, a chunk at a time, each in ``precision``.
 
@@ -819,7 +831,7 @@ class Accumulator:
     def _sums(self, ref: torch.Tensor, actual: torch.Tensor, actual_energy: float | None
               ) -> _Sums:
         """The sums of one ``(ref, actual)`` pair of one shape, as :meth:`update` adds them."""
-        if _chunked(ref) and _chunked(actual) and not ref.is_complex():
+        if _by_chunks(ref, actual, self.precision) and not ref.is_complex():
             signal, noise, own_energy, low, high = self._chunk_sums(
                 ref, actual, actual_energy is None)
         else:
