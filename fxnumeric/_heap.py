@@ -2,8 +2,9 @@
 
 glibc keeps what a thread frees in that thread's heap for its later allocations, and a large
 block asked for after many smaller ones were freed does not fit in their pieces: it is touched
-on top of them. :mod:`fxnumeric.lockstep` (each time the turn passes) and the row-wise read of
-a large Linear's output (:mod:`fxnumeric.metrics`) hand those pages back.
+on top of them. :mod:`fxnumeric.lockstep` (as the turn passes and as float values are read)
+and :meth:`fxnumeric.rows.LinearRows.rows` (before each block of a large Linear's output held as
+rows) hand those pages back.
 """
 
 from __future__ import annotations

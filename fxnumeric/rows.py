@@ -146,10 +146,10 @@ class LinearRows:
         """Rows ``pick`` (a slice, or indices) of the output read as ``(rows, width)``.
 
         Each call first gives the free pages of glibc's heaps back (:mod:`fxnumeric._heap`):
-        a block and the float32 copies its reader makes take tens of MiB, which the pieces
-        the layers before it (or the block before) left free do not fit, so they would be
-        touched on top of them. On a 512-token SmolLM2 sequence in bfloat16, a trim before
-        its logits were read took one compare's peak RSS added from 180 to 155 MiB."""
+        a block (:data:`ROW_BLOCK` values, 8-16 MiB) does not fit in the smaller pieces the
+        layers before it left free, so it would be touched on top of them. On a 512-token
+        SmolLM2 sequence in bfloat16, a trim before its logits were read took one compare's
+        peak RSS added from 180 to 155 MiB."""
         return_free_pages()
         with torch.no_grad():
             return F.linear(self.input[pick], self.weight, self.bias)

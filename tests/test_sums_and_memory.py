@@ -109,7 +109,7 @@ def test_a_half_precision_block_is_summed_by_chunks_without_a_whole_float_copy(
         dtype, monkeypatch):
     # a block of a large Linear's rows (85 rows of 49152 words: 4.2M values, just under the
     # size past which a tensor is read by chunks) was read whole: two float32 copies and their
-    # error, 48 MiB at compare's peak on a 512-token SmolLM2 in bfloat16
+    # error, 48 MiB while a 512-token SmolLM2 sequence's bfloat16 logits were read
     from fxnumeric import metrics
 
     torch.manual_seed(2)
@@ -656,7 +656,7 @@ _glibc_only = pytest.mark.skipif(
 @_glibc_only
 def test_a_block_of_rows_is_read_after_the_free_pages_went_back():
     # a large Linear's output held as rows (the logits) is computed a block at a time as it is
-    # read; each block's tens of MiB do not fit in the smaller pieces the layers before it left
+    # read; a block of 8-16 MiB does not fit in the smaller pieces the layers before it left
     # free, which go back first: in a fresh process whose heap holds 128 MiB freed, reading a
     # 16 MiB block leaves the resident set lower than before
     script = ("import os, torch, torch.nn as nn\n"
