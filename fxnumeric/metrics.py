@@ -203,7 +203,7 @@ def _chunks(x: torch.Tensor, precision: torch.dtype) -> Iterator[torch.Tensor]:
             yield chunk
             continue
         if buffer is None:
-            buffer = torch.empty(chunk.numel(), dtype=precision)
+            buffer = torch.empty(chunk.numel(), dtype=precision, device=chunk.device)
         out = buffer[:chunk.numel()]
         out.copy_(chunk)  # as chunk.to(precision)
         yield out
@@ -880,7 +880,7 @@ class Accumulator:
         for r, a in zip(_chunks(ref, self.precision), _chunks(actual, self.precision),
                         strict=True):
             if errors is None:
-                errors = torch.empty(r.numel(), dtype=r.dtype)
+                errors = torch.empty(r.numel(), dtype=r.dtype, device=r.device)
             err = torch.sub(r, a, out=errors[:r.numel()])
             signals.append(energy(r))
             noises.append(energy(err))
