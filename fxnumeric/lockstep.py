@@ -45,7 +45,6 @@ quantized model's error is raised once the float forward has ended.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -117,9 +116,13 @@ class Lockstep:
                 self._holder = _FLOAT
                 self._turn.notify_all()
 
-    def _hand_over(self, to: str, me: str) -> None:
-        return_free_pages()  # what ``me`` freed since it last held the turn goes back
+    def _give_back(self) -> None:
+        """The free pages of every heap go back; the reads since are counted from here."""
+        return_free_pages()
         self._freed = 0
+
+    def _hand_over(self, to: str, me: str) -> None:
+        self._give_back()  # what ``me`` freed since it last held the turn goes back
         with self._turn:
             self._holder = to
             self._turn.notify_all()
@@ -128,7 +131,7 @@ class Lockstep:
     def _resume_quant(self) -> None:
         """Caller's thread: the quantized side runs until it waits or ends."""
         if self._helper is None:
-            return_free_pages()  # turns start: what the caller's heap keeps free goes back
+            self._give_back()  # turns start: what the caller's heap keeps free goes back
             self._helper = threading.Thread(target=self._quant_side, name="fxnumeric-quant",
                                             daemon=True)
             with self._turn:
@@ -161,13 +164,13 @@ class Lockstep:
 
     def reading(self, value: Any) -> None:
         """Quantized side: a comparator is about to read ``value``. Before a large one (a
-        quarter of the budget or more, counted whole: a Linear's output held as rows is
-        computed a block at a time as it is read), the free pages of every heap go back: the
-        read's blocks of several MiB do not fit in the smaller pieces the layers before it
-        left free, so they would be touched on top of them."""
-        if self._helper is not None and _whole_nbytes(value) >= self.budget // 4:
-            return_free_pages()
-            self._freed = 0
+        quarter of the budget or more) the free pages of every heap go back: the read's
+        float copies of several MiB do not fit in the smaller pieces the layers before it left
+        free, so they would be touched on top of them. A Linear's output held as rows counts
+        as what it holds: its blocks give the pages back as they are computed
+        (:meth:`fxnumeric.rows.LinearRows.rows`)."""
+        if self._helper is not None and _nbytes(value) >= self.budget // 4:
+            self._give_back()
 
     def consumed(self, value: Any) -> None:
         """Quantized side: a comparator has read ``value`` (and drops it).
@@ -182,8 +185,7 @@ class Lockstep:
         if self._helper is None:
             return  # one thread: the batch fits in the budget
         if self._freed >= self.budget * READ_PER_TRIM:  # those read before this one are gone
-            return_free_pages()
-            self._freed = 0
+            self._give_back()
         self._freed += nbytes
 
     def finish(self) -> Any:
@@ -195,7 +197,7 @@ class Lockstep:
         while not self.quant_done:
             self._hand_over(_QUANT, _FLOAT)
         self._helper.join()
-        return_free_pages()  # what the helper's heap keeps free is not the next batch's
+        self._give_back()  # what the helper's heap keeps free is not the next batch's
         if self._error is not None:
             raise self._error
         return self._result
@@ -214,10 +216,3 @@ class Lockstep:
 def _nbytes(value: Any) -> int:
     """The bytes a float value held takes (a Linear's output held as rows: its input's)."""
     return value.nbytes if isinstance(value, (torch.Tensor, LinearRows)) else 0
-
-
-def _whole_nbytes(value: Any) -> int:
-    """The bytes a float value takes when read: a Linear's output held as rows counted whole."""
-    if isinstance(value, LinearRows):
-        return math.prod(value.shape) * value.dtype.itemsize
-    return _nbytes(value)

@@ -159,7 +159,7 @@ def _dot(ref: torch.Tensor, actual: torch.Tensor, signal: float, actual_energy: 
     dot = (signal + actual_energy - noise) / 2
     if not math.isfinite(total) or abs(dot) >= _CANCELLATION * total:
         return dot
-    if _chunked(ref) and _chunked(actual):
+    if _by_chunks(ref, actual, precision):
         pairs = zip(_chunks(ref, precision), _chunks(actual, precision), strict=True)
         return math.fsum(float(torch.dot(r.double(), a.double())) for r, a in pairs)
     r, a = _as_float(ref, torch.float64), _as_float(actual, torch.float64)
